@@ -1,0 +1,992 @@
+//! The wire protocol shared by the bridge, the relay and the app (see `docs/PROTOCOL.md`).
+//!
+//! Everything here is plain data: serde types for the QR payloads, the registry API and the
+//! WebSocket frames, the limits of PROTOCOL §6 and the pure validation rules that both the relay
+//! and the bridge apply. No I/O lives in this module.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Protocol version carried in the relay QR payload (`v`).
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// Header a bridge sends on `/ws/bridge` so that its own restart can take over its socket.
+pub const INSTANCE_HEADER: &str = "X-Hermes-Instance";
+
+/// Header the bridge adds to every local request so the backend knows which app asked.
+pub const CLIENT_HEADER: &str = "X-HermesChat-Client";
+
+/// Access codes live this long after issue.
+pub const ACCESS_CODE_TTL_MS: u64 = 600_000;
+
+/// Diagnostic (`--doctor`) client credentials live this long.
+pub const PROBE_CLIENT_TTL_MS: u64 = 300_000;
+
+/// Wrong access codes allowed for one bridge inside [`ACCESS_CODE_FAILURE_WINDOW_MS`].
+pub const ACCESS_CODE_MAX_FAILURES: u32 = 5;
+
+/// The window over which wrong access codes are counted.
+pub const ACCESS_CODE_FAILURE_WINDOW_MS: u64 = 600_000;
+
+/// The relay pings every socket this often.
+pub const RELAY_PING_INTERVAL_SECS: u64 = 20;
+
+/// A peer silent for this long is closed with [`close_code::IDLE`].
+pub const PEER_IDLE_TIMEOUT_SECS: u64 = 60;
+
+/// The bridge reconnects when a pong is this late.
+pub const BRIDGE_PONG_TIMEOUT_SECS: u64 = 45;
+
+/// WebSocket close codes used by the relay (PROTOCOL §4).
+pub mod close_code {
+    /// The bridge socket was replaced by a newer one of the same instance.
+    pub const REPLACED_BRIDGE: u16 = 4001;
+    /// The app socket was replaced by a newer one of the same client.
+    pub const REPLACED_APP: u16 = 4002;
+    /// The client was revoked or the bridge deleted.
+    pub const REVOKED: u16 = 4003;
+    /// Too many bad frames, or a size limit that cannot be answered per request.
+    pub const LIMIT: u16 = 4008;
+    /// The peer was silent past the idle timeout.
+    pub const IDLE: u16 = 4009;
+}
+
+/// Size and count limits of PROTOCOL §6. One value is shared by relay and bridge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest WebSocket message accepted, in bytes.
+    pub max_frame: usize,
+    /// Largest decoded request body, in bytes.
+    pub max_body: usize,
+    /// Open requests one app may have at once.
+    pub max_open_per_app: usize,
+    /// Open requests one bridge may have at once.
+    pub max_open_per_bridge: usize,
+    /// Headers per request.
+    pub max_headers: usize,
+    /// Bytes in one header value.
+    pub max_header_value: usize,
+    /// Bytes in a request path.
+    pub max_path: usize,
+    /// Outbound bytes queued for one socket before its sources are paused.
+    pub max_queued_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_frame: 16 << 20,
+            max_body: 12 << 20,
+            max_open_per_app: 32,
+            max_open_per_bridge: 256,
+            max_headers: 64,
+            max_header_value: 8 << 10,
+            max_path: 2 << 10,
+            max_queued_bytes: 32 << 20,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Identifiers
+
+/// True when `s` is `len` lowercase hex digits.
+fn is_lower_hex(s: &str, len: usize) -> bool {
+    s.len() == len
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// A bridgeId: 24 lowercase hex digits.
+pub fn is_bridge_id(s: &str) -> bool {
+    is_lower_hex(s, 24)
+}
+
+/// An access code: 32 lowercase hex digits.
+pub fn is_access_code(s: &str) -> bool {
+    is_lower_hex(s, 32)
+}
+
+/// A relaySecret: `hrs_` and 64 lowercase hex digits.
+pub fn is_relay_secret(s: &str) -> bool {
+    s.strip_prefix("hrs_").is_some_and(|h| is_lower_hex(h, 64))
+}
+
+/// A clientId: `hcl_` and 16 lowercase hex digits.
+pub fn is_client_id(s: &str) -> bool {
+    s.strip_prefix("hcl_").is_some_and(|h| is_lower_hex(h, 16))
+}
+
+/// A clientSecret: `hcs_` and 64 lowercase hex digits.
+pub fn is_client_secret(s: &str) -> bool {
+    s.strip_prefix("hcs_").is_some_and(|h| is_lower_hex(h, 64))
+}
+
+/// A request id: 1–64 characters of `[A-Za-z0-9._-]`.
+pub fn is_request_id(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+// ---------------------------------------------------------------------------------------------
+// QR payloads (PROTOCOL §2)
+
+/// The relay pairing QR: `{"v":2,"k":"hp","g","a","s","u","n"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayQr {
+    /// Protocol version, always [`PROTOCOL_VERSION`].
+    pub v: u32,
+    /// Kind, always `"hp"` (Hermes pairing).
+    pub k: String,
+    /// The bridgeId.
+    pub g: String,
+    /// The single-use access code.
+    pub a: String,
+    /// The registry's https URL.
+    pub s: String,
+    /// The app's relay WebSocket URL (`wss://…/ws/app`).
+    pub u: String,
+    /// The display name shown in the app.
+    pub n: String,
+}
+
+impl RelayQr {
+    /// Builds the payload for a bridge and a freshly issued access code.
+    pub fn new(
+        bridge_id: &str,
+        access_code: &str,
+        registry: &str,
+        app_url: &str,
+        name: &str,
+    ) -> Self {
+        RelayQr {
+            v: PROTOCOL_VERSION,
+            k: "hp".into(),
+            g: bridge_id.into(),
+            a: access_code.into(),
+            s: registry.into(),
+            u: app_url.into(),
+            n: name.into(),
+        }
+    }
+}
+
+/// The LAN pairing QR: `{"mode":"hermes-local","url","token","expiresAt"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalQr {
+    /// Always `"hermes-local"`.
+    pub mode: String,
+    /// `ws://<lan-ip>:<port>/ws/app`.
+    pub url: String,
+    /// The single-use pairing token.
+    pub token: String,
+    /// When the token expires, unix milliseconds.
+    pub expires_at: u64,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Registry API (PROTOCOL §3)
+
+/// Registry error codes (the `code` of an [`ApiError`]).
+pub mod api_code {
+    /// The request body or query is malformed.
+    pub const BAD_REQUEST: &str = "BAD_REQUEST";
+    /// Missing or wrong credentials.
+    pub const UNAUTHORIZED: &str = "UNAUTHORIZED";
+    /// No such route.
+    pub const NOT_FOUND: &str = "NOT_FOUND";
+    /// The bridgeId is not registered.
+    pub const BRIDGE_NOT_FOUND: &str = "BRIDGE_NOT_FOUND";
+    /// The clientId is not paired with this bridge.
+    pub const CLIENT_NOT_FOUND: &str = "CLIENT_NOT_FOUND";
+    /// The access code is wrong.
+    pub const ACCESS_CODE_INVALID: &str = "ACCESS_CODE_INVALID";
+    /// The access code was already used.
+    pub const ACCESS_CODE_USED: &str = "ACCESS_CODE_USED";
+    /// The access code expired.
+    pub const ACCESS_CODE_EXPIRED: &str = "ACCESS_CODE_EXPIRED";
+    /// Too many wrong access codes for this bridge; the current code is burned.
+    pub const TOO_MANY_ATTEMPTS: &str = "TOO_MANY_ATTEMPTS";
+    /// Per-IP rate limit hit.
+    pub const RATE_LIMITED: &str = "RATE_LIMITED";
+    /// Another bridge instance holds the bridge socket.
+    pub const BRIDGE_OWNED: &str = "BRIDGE_OWNED";
+    /// A WebSocket endpoint was called without an upgrade.
+    pub const UPGRADE_REQUIRED: &str = "UPGRADE_REQUIRED";
+    /// The request head or body is too large.
+    pub const TOO_LARGE: &str = "TOO_LARGE";
+    /// The method is not allowed on this route.
+    pub const METHOD_NOT_ALLOWED: &str = "METHOD_NOT_ALLOWED";
+    /// The relay failed internally (store error).
+    pub const INTERNAL: &str = "INTERNAL";
+    /// The relay is shutting down.
+    pub const UNAVAILABLE: &str = "UNAVAILABLE";
+}
+
+/// The error body of every failed registry call: `{"error":{"code","message"}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    /// The error itself.
+    pub error: ApiErrorBody,
+}
+
+/// The inner object of an [`ApiError`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiErrorBody {
+    /// An UPPER_SNAKE code from [`api_code`].
+    pub code: String,
+    /// A human sentence.
+    pub message: String,
+}
+
+impl ApiError {
+    /// Builds an error body.
+    pub fn new(code: &str, message: impl Into<String>) -> Self {
+        ApiError {
+            error: ApiErrorBody {
+                code: code.into(),
+                message: message.into(),
+            },
+        }
+    }
+}
+
+/// `GET /v1/health` response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthResponse {
+    /// Always true when the relay answers.
+    pub ok: bool,
+    /// The relay's version.
+    pub version: String,
+}
+
+/// `POST /v1/bridge/register` request.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegisterRequest {
+    /// The name the app shows for this bridge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+    /// The bridge software version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+}
+
+/// `POST /v1/bridge/register` response (201).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegisterResponse {
+    /// The new bridgeId.
+    pub bridge_id: String,
+    /// The bridge's secret; shown once.
+    pub relay_secret: String,
+    /// Where the bridge connects (`wss://…/ws/bridge`).
+    pub bridge_relay_url: String,
+    /// Where apps connect (`wss://…/ws/app`).
+    pub app_relay_url: String,
+}
+
+/// A request body naming only the bridge (`access-code`, `delete`, `probe-client`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BridgeRequest {
+    /// The bridgeId the caller authenticates for.
+    pub bridge_id: String,
+    /// A new display name (access-code only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+}
+
+/// `POST /v1/bridge/access-code` response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AccessCodeResponse {
+    /// The new single-use code.
+    pub access_code: String,
+    /// Unix milliseconds.
+    pub expires_at: u64,
+}
+
+/// One paired app in `GET /v1/bridge/clients`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientInfo {
+    /// The app's clientId.
+    pub client_id: String,
+    /// The name the app gave at pairing.
+    pub device_name: String,
+    /// Unix milliseconds.
+    pub paired_at: u64,
+    /// Unix milliseconds of the last connect or disconnect, if any.
+    pub last_seen_at: Option<u64>,
+    /// Whether its socket is attached now.
+    pub online: bool,
+}
+
+/// `GET /v1/bridge/clients` response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientsResponse {
+    /// Every paired app (diagnostic credentials excluded).
+    pub clients: Vec<ClientInfo>,
+}
+
+/// `POST /v1/bridge/clients/revoke` request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RevokeRequest {
+    /// The bridge.
+    pub bridge_id: String,
+    /// The app to cut off.
+    pub client_id: String,
+}
+
+/// `POST /v1/bridge/probe-client` response: a diagnostic app credential.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProbeClientResponse {
+    /// The temporary clientId.
+    pub client_id: String,
+    /// The temporary secret.
+    pub client_secret: String,
+    /// Unix milliseconds.
+    pub expires_at: u64,
+}
+
+/// `POST /v1/pair/verify` request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VerifyRequest {
+    /// The bridge from the QR.
+    pub bridge_id: String,
+    /// The access code from the QR.
+    pub access_code: String,
+    /// A name for this app install.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_name: Option<String>,
+}
+
+/// `POST /v1/pair/verify` response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VerifyResponse {
+    /// The new clientId.
+    pub client_id: String,
+    /// The app's long-term secret.
+    pub client_secret: String,
+    /// Where the app connects.
+    pub app_relay_url: String,
+    /// The bridge's display name.
+    pub bridge_name: String,
+}
+
+/// `GET /v1/internal/hermes/bridge-status` response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BridgeStatusResponse {
+    /// The bridge exists and the caller may see it.
+    pub has_bridge: bool,
+    /// Its socket is attached to the relay now.
+    pub online: bool,
+}
+
+/// Generic `{"ok":true}` body for calls with nothing else to say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OkResponse {
+    /// Always true.
+    pub ok: bool,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Frames (PROTOCOL §5)
+
+/// Headers as carried in frames: one value per lowercase-insensitive name.
+pub type Headers = BTreeMap<String, String>;
+
+/// Why a request failed (`response.error` codes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ErrorCode {
+    /// The backend refused the connection or broke it.
+    BackendUnreachable,
+    /// The backend did not answer in time.
+    BackendTimeout,
+    /// The frame's method, headers or body are unusable.
+    BadRequest,
+    /// The path is outside the allow-list or malformed.
+    ForbiddenPath,
+    /// A size limit was exceeded.
+    TooLarge,
+    /// The app cancelled the request.
+    Cancelled,
+    /// No bridge is attached to the relay.
+    BridgeOffline,
+    /// The bridge dropped while the request was open.
+    BridgeDisconnected,
+    /// Too many open requests.
+    Busy,
+    /// The bridge is stopping.
+    ShuttingDown,
+    /// A frame that is not valid JSON or has an unknown type (only in `error` frames).
+    BadFrame,
+}
+
+impl ErrorCode {
+    /// The wire spelling, e.g. `"BRIDGE_OFFLINE"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BackendUnreachable => "BACKEND_UNREACHABLE",
+            ErrorCode::BackendTimeout => "BACKEND_TIMEOUT",
+            ErrorCode::BadRequest => "BAD_REQUEST",
+            ErrorCode::ForbiddenPath => "FORBIDDEN_PATH",
+            ErrorCode::TooLarge => "TOO_LARGE",
+            ErrorCode::Cancelled => "CANCELLED",
+            ErrorCode::BridgeOffline => "BRIDGE_OFFLINE",
+            ErrorCode::BridgeDisconnected => "BRIDGE_DISCONNECTED",
+            ErrorCode::Busy => "BUSY",
+            ErrorCode::ShuttingDown => "SHUTTING_DOWN",
+            ErrorCode::BadFrame => "BAD_FRAME",
+        }
+    }
+}
+
+/// An HTTP request carried to the backend (`type: "request"`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestFrame {
+    /// Request id, unique among the app's open requests.
+    pub id: String,
+    /// Stamped by the relay with the sending app's clientId.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
+    /// HTTP method.
+    pub method: String,
+    /// Path and query, starting with `/`.
+    pub path: String,
+    /// Request headers.
+    #[serde(default)]
+    pub headers: Headers,
+    /// The body: UTF-8 text, or base64 when `body_base64`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    /// Whether `body` is base64.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub body_base64: bool,
+}
+
+/// A whole response in one frame (`type: "response"`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ResponseFrame {
+    /// The request id answered.
+    pub id: String,
+    /// The app the response is for (bridge → relay only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
+    /// HTTP status.
+    pub status: u16,
+    /// Response headers.
+    #[serde(default)]
+    pub headers: Headers,
+    /// The body: UTF-8 text, or base64 when `body_base64`.
+    #[serde(default)]
+    pub body: String,
+    /// Whether `body` is base64.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub body_base64: bool,
+}
+
+/// Every frame of PROTOCOL §5 and §8, tagged by `type`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum Frame {
+    /// App → bridge: an HTTP request.
+    #[serde(rename = "request")]
+    Request(RequestFrame),
+    /// App → bridge: abort a request.
+    #[serde(rename = "cancel")]
+    Cancel {
+        /// The request to abort.
+        id: String,
+        /// Stamped by the relay.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client: Option<String>,
+    },
+    /// Bridge → app: a whole response.
+    #[serde(rename = "response")]
+    Response(ResponseFrame),
+    /// Bridge → app: the head of a streamed response.
+    #[serde(rename = "response.start")]
+    ResponseStart {
+        /// The request id.
+        id: String,
+        /// The app (bridge → relay only).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client: Option<String>,
+        /// HTTP status.
+        status: u16,
+        /// Response headers.
+        #[serde(default)]
+        headers: Headers,
+    },
+    /// Bridge → app: one piece of a streamed body.
+    #[serde(rename = "response.chunk")]
+    ResponseChunk {
+        /// The request id.
+        id: String,
+        /// The app (bridge → relay only).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client: Option<String>,
+        /// The piece: UTF-8 text, or base64 when `body_base64`.
+        body: String,
+        /// Whether `body` is base64.
+        #[serde(default, rename = "bodyBase64", skip_serializing_if = "is_false")]
+        body_base64: bool,
+    },
+    /// Bridge → app: the end of a streamed response.
+    #[serde(rename = "response.end")]
+    ResponseEnd {
+        /// The request id.
+        id: String,
+        /// The app (bridge → relay only).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client: Option<String>,
+    },
+    /// Bridge or relay → app: the request failed.
+    #[serde(rename = "response.error")]
+    ResponseError {
+        /// The request id.
+        id: String,
+        /// The app (bridge → relay only).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client: Option<String>,
+        /// Why.
+        code: ErrorCode,
+        /// A human sentence.
+        message: String,
+    },
+    /// Relay → app: whether the bridge is attached.
+    #[serde(rename = "bridge.status")]
+    BridgeStatus {
+        /// True when the bridge socket is up.
+        online: bool,
+    },
+    /// Relay → bridge: an app attached.
+    #[serde(rename = "client.connected")]
+    ClientConnected {
+        /// Its clientId.
+        client: String,
+        /// Its name.
+        #[serde(rename = "deviceName")]
+        device_name: String,
+    },
+    /// Relay → bridge: an app detached; cancel its requests.
+    #[serde(rename = "client.disconnected")]
+    ClientDisconnected {
+        /// Its clientId.
+        client: String,
+    },
+    /// Relay or bridge → peer: a frame could not be used.
+    #[serde(rename = "error")]
+    Error {
+        /// `BAD_FRAME`.
+        code: ErrorCode,
+        /// What was wrong.
+        message: String,
+    },
+    /// LAN bridge → app: the pairing token was accepted; keep these credentials.
+    #[serde(rename = "paired")]
+    Paired {
+        /// The new clientId.
+        #[serde(rename = "clientId")]
+        client_id: String,
+        /// The app's secret for later connections.
+        #[serde(rename = "clientSecret")]
+        client_secret: String,
+    },
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+impl Frame {
+    /// The request id a frame refers to, if it is request-scoped.
+    pub fn request_id(&self) -> Option<&str> {
+        match self {
+            Frame::Request(r) => Some(&r.id),
+            Frame::Response(r) => Some(&r.id),
+            Frame::Cancel { id, .. }
+            | Frame::ResponseStart { id, .. }
+            | Frame::ResponseChunk { id, .. }
+            | Frame::ResponseEnd { id, .. }
+            | Frame::ResponseError { id, .. } => Some(id),
+            _ => None,
+        }
+    }
+
+    /// The `client` field of a request-scoped frame, for routing.
+    pub fn client_mut(&mut self) -> Option<&mut Option<String>> {
+        match self {
+            Frame::Request(r) => Some(&mut r.client),
+            Frame::Response(r) => Some(&mut r.client),
+            Frame::Cancel { client, .. }
+            | Frame::ResponseStart { client, .. }
+            | Frame::ResponseChunk { client, .. }
+            | Frame::ResponseEnd { client, .. }
+            | Frame::ResponseError { client, .. } => Some(client),
+            _ => None,
+        }
+    }
+
+    /// True for the frames that end a request: `response`, `response.end`, `response.error`.
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            Frame::Response(_) | Frame::ResponseEnd { .. } | Frame::ResponseError { .. }
+        )
+    }
+
+    /// True for the frames a bridge sends about a request.
+    pub fn is_response(&self) -> bool {
+        matches!(
+            self,
+            Frame::Response(_)
+                | Frame::ResponseStart { .. }
+                | Frame::ResponseChunk { .. }
+                | Frame::ResponseEnd { .. }
+                | Frame::ResponseError { .. }
+        )
+    }
+
+    /// A `response.error` frame.
+    pub fn error(
+        id: &str,
+        client: Option<&str>,
+        code: ErrorCode,
+        message: impl Into<String>,
+    ) -> Frame {
+        Frame::ResponseError {
+            id: id.to_owned(),
+            client: client.map(str::to_owned),
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// A `BAD_FRAME` error frame.
+    pub fn bad_frame(message: impl Into<String>) -> Frame {
+        Frame::Error {
+            code: ErrorCode::BadFrame,
+            message: message.into(),
+        }
+    }
+
+    /// Serialises the frame as JSON text.
+    pub fn to_json(&self) -> String {
+        // Serialising these types cannot fail: every map key is a string and no custom
+        // serialiser returns an error.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// Parses a text frame. Errors are worded for a `BAD_FRAME` message.
+pub fn parse_frame(text: &str) -> Result<Frame, String> {
+    serde_json::from_str(text).map_err(|e| {
+        let msg = e.to_string();
+        if msg.contains("unknown variant") {
+            format!("unknown frame type: {msg}")
+        } else {
+            format!("malformed frame: {msg}")
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Request checks shared by the relay (§6) and the bridge (§7)
+
+/// Checks a request frame against the limits of §6. Returns the error code and message for a
+/// `response.error` when it is over a limit or its id is out of spec.
+pub fn check_request_limits(
+    req: &RequestFrame,
+    limits: &Limits,
+) -> Result<(), (ErrorCode, String)> {
+    if !is_request_id(&req.id) {
+        return Err((
+            ErrorCode::BadRequest,
+            "request id must be 1-64 of [A-Za-z0-9._-]".into(),
+        ));
+    }
+    if req.path.len() > limits.max_path {
+        return Err((
+            ErrorCode::TooLarge,
+            format!("path longer than {} bytes", limits.max_path),
+        ));
+    }
+    if req.headers.len() > limits.max_headers {
+        return Err((
+            ErrorCode::TooLarge,
+            format!("more than {} headers", limits.max_headers),
+        ));
+    }
+    if req
+        .headers
+        .values()
+        .any(|v| v.len() > limits.max_header_value)
+    {
+        return Err((
+            ErrorCode::TooLarge,
+            format!(
+                "a header value is longer than {} bytes",
+                limits.max_header_value
+            ),
+        ));
+    }
+    let body_len = req.body.as_deref().map_or(0, |b| {
+        if req.body_base64 {
+            b.len() / 4 * 3
+        } else {
+            b.len()
+        }
+    });
+    if body_len > limits.max_body {
+        return Err((
+            ErrorCode::TooLarge,
+            format!("body larger than {} bytes", limits.max_body),
+        ));
+    }
+    Ok(())
+}
+
+/// The path prefixes the bridge forwards by default (PROTOCOL §7).
+pub const DEFAULT_ALLOWED_PREFIXES: &[&str] = &["/api/", "/v1/", "/health"];
+
+/// Checks a request path against the passthrough rules of §7: a single leading `/`, no scheme,
+/// no `..` segment, no CR/LF/NUL, and under one of `allowed` prefixes.
+pub fn check_path(path: &str, allowed: &[&str]) -> Result<(), String> {
+    if !path.starts_with('/') || path.starts_with("//") {
+        return Err("path must start with a single '/'".into());
+    }
+    if path
+        .bytes()
+        .any(|b| matches!(b, b'\r' | b'\n' | 0) || b == b'\\' || b.is_ascii_control())
+    {
+        return Err("path contains a control character or backslash".into());
+    }
+    if path.contains("://") {
+        return Err("path must not contain a scheme".into());
+    }
+    let route = path.split(['?', '#']).next().unwrap_or(path);
+    let decoded = percent_decode_lossy(route);
+    if decoded.split('/').any(|seg| seg == ".." || seg == ".") {
+        return Err("path must not contain '.' or '..' segments".into());
+    }
+    let allowed_prefix = |p: &&str| match p.strip_suffix('/') {
+        Some(dir) => route.starts_with(p) || route == dir,
+        None => {
+            route == *p
+                || route
+                    .strip_prefix(p)
+                    .is_some_and(|rest| rest.starts_with('/'))
+        }
+    };
+    if !allowed.iter().any(allowed_prefix) {
+        return Err(format!(
+            "path is outside the allowed prefixes ({})",
+            allowed.join(", ")
+        ));
+    }
+    Ok(())
+}
+
+/// Decodes `%xx` escapes so that `%2e%2e` cannot hide a `..` segment.
+fn percent_decode_lossy(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+            if let Some(v) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Hop-by-hop headers (and Host) that never cross the bridge.
+pub const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+];
+
+/// True when a header must not be forwarded (hop-by-hop, Host, or framing the bridge redoes).
+pub fn is_hop_by_hop(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    HOP_BY_HOP.contains(&lower.as_str()) || lower.starts_with("proxy-")
+}
+
+/// A header name is a non-empty HTTP token; a value has no CR, LF or NUL.
+pub fn check_header(name: &str, value: &str) -> Result<(), String> {
+    let token = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if !token {
+        return Err(format!("header name {name:?} is not a valid token"));
+    }
+    if value.bytes().any(|b| matches!(b, b'\r' | b'\n' | 0)) {
+        return Err(format!("header {name} contains CR, LF or NUL"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers() {
+        assert!(is_bridge_id("0123456789abcdef01234567"));
+        assert!(!is_bridge_id("0123456789ABCDEF01234567"));
+        assert!(!is_bridge_id("0123456789abcdef0123456"));
+        assert!(is_relay_secret(&format!("hrs_{}", "a".repeat(64))));
+        assert!(!is_relay_secret(&format!("hcs_{}", "a".repeat(64))));
+        assert!(is_client_id("hcl_0123456789abcdef"));
+        assert!(is_client_secret(&format!("hcs_{}", "0".repeat(64))));
+        assert!(is_request_id("a.b_c-1"));
+        assert!(!is_request_id(""));
+        assert!(!is_request_id(&"a".repeat(65)));
+        assert!(!is_request_id("a b"));
+        assert!(!is_request_id("é"));
+    }
+
+    #[test]
+    fn frames_round_trip_with_wire_names() {
+        let text = r#"{"type":"request","id":"1","method":"POST","path":"/api/x","headers":{"a":"b"},"body":"aGk=","bodyBase64":true}"#;
+        let frame = parse_frame(text).unwrap();
+        let Frame::Request(r) = &frame else {
+            panic!("not a request")
+        };
+        assert!(r.body_base64);
+        assert_eq!(r.body.as_deref(), Some("aGk="));
+        let back = frame.to_json();
+        assert!(back.contains(r#""bodyBase64":true"#));
+
+        let err = Frame::error(
+            "7",
+            Some("hcl_0123456789abcdef"),
+            ErrorCode::BridgeOffline,
+            "x",
+        );
+        let json = err.to_json();
+        assert!(json.contains(r#""type":"response.error""#));
+        assert!(json.contains(r#""code":"BRIDGE_OFFLINE""#));
+        assert_eq!(parse_frame(&json).unwrap(), err);
+
+        let chunk =
+            parse_frame(r#"{"type":"response.chunk","id":"1","body":"x","bodyBase64":true}"#)
+                .unwrap();
+        assert!(matches!(
+            chunk,
+            Frame::ResponseChunk {
+                body_base64: true,
+                ..
+            }
+        ));
+        assert!(
+            parse_frame(r#"{"type":"nope"}"#)
+                .unwrap_err()
+                .starts_with("unknown frame type")
+        );
+        assert!(parse_frame("{").unwrap_err().starts_with("malformed"));
+    }
+
+    #[test]
+    fn qr_payload_fields() {
+        let qr = RelayQr::new("b", "a", "https://r", "wss://r/ws/app", "n");
+        assert_eq!(
+            serde_json::to_string(&qr).unwrap(),
+            r#"{"v":2,"k":"hp","g":"b","a":"a","s":"https://r","u":"wss://r/ws/app","n":"n"}"#
+        );
+        let local = LocalQr {
+            mode: "hermes-local".into(),
+            url: "ws://x".into(),
+            token: "t".into(),
+            expires_at: 5,
+        };
+        assert_eq!(
+            serde_json::to_string(&local).unwrap(),
+            r#"{"mode":"hermes-local","url":"ws://x","token":"t","expiresAt":5}"#
+        );
+    }
+
+    #[test]
+    fn paths() {
+        let allowed = DEFAULT_ALLOWED_PREFIXES;
+        assert!(check_path("/api/health", allowed).is_ok());
+        assert!(check_path("/v1/chat/completions?x=1", allowed).is_ok());
+        assert!(check_path("/health", allowed).is_ok());
+        assert!(check_path("//evil.com/api/", allowed).is_err());
+        assert!(check_path("/api/../etc/passwd", allowed).is_err());
+        assert!(check_path("/api/%2e%2e/secret", allowed).is_err());
+        assert!(check_path("/api/x\r\nHost: y", allowed).is_err());
+        assert!(check_path("http://x/api/", allowed).is_err());
+        assert!(check_path("/admin", allowed).is_err());
+        assert!(check_path("/healthz", allowed).is_err());
+    }
+
+    #[test]
+    fn headers() {
+        assert!(check_header("X-Ok", "fine").is_ok());
+        assert!(check_header("Bad Name", "v").is_err());
+        assert!(check_header("X", "a\r\nInjected: 1").is_err());
+        assert!(is_hop_by_hop("Connection"));
+        assert!(is_hop_by_hop("Proxy-Anything"));
+        assert!(is_hop_by_hop("HOST"));
+        assert!(!is_hop_by_hop("content-type"));
+    }
+
+    #[test]
+    fn limits() {
+        let l = Limits::default();
+        let mut r = RequestFrame {
+            id: "1".into(),
+            client: None,
+            method: "GET".into(),
+            path: "/api/x".into(),
+            headers: Headers::new(),
+            body: None,
+            body_base64: false,
+        };
+        assert!(check_request_limits(&r, &l).is_ok());
+        r.body = Some("A".repeat(17 << 20));
+        r.body_base64 = true;
+        assert_eq!(
+            check_request_limits(&r, &l).unwrap_err().0,
+            ErrorCode::TooLarge
+        );
+        r.body = None;
+        r.id = "bad id".into();
+        assert_eq!(
+            check_request_limits(&r, &l).unwrap_err().0,
+            ErrorCode::BadRequest
+        );
+    }
+}
