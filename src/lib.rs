@@ -7,5 +7,9 @@
 //!
 //! [`protocol`] holds the wire contract both sides speak, as plain serde types.
 
+pub mod http;
 pub mod protocol;
+pub mod qr;
+pub mod relay;
 pub mod secret;
+pub mod state;

@@ -93,9 +93,7 @@ impl Default for Limits {
 
 /// True when `s` is `len` lowercase hex digits.
 fn is_lower_hex(s: &str, len: usize) -> bool {
-    s.len() == len
-        && s.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// A bridgeId: 24 lowercase hex digits.
@@ -126,8 +124,7 @@ pub fn is_client_secret(s: &str) -> bool {
 /// A request id: 1–64 characters of `[A-Za-z0-9._-]`.
 pub fn is_request_id(s: &str) -> bool {
     (1..=64).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -245,12 +242,7 @@ pub struct ApiErrorBody {
 impl ApiError {
     /// Builds an error body.
     pub fn new(code: &str, message: impl Into<String>) -> Self {
-        ApiError {
-            error: ApiErrorBody {
-                code: code.into(),
-                message: message.into(),
-            },
-        }
+        ApiError { error: ApiErrorBody { code: code.into(), message: message.into() } }
     }
 }
 
@@ -641,12 +633,27 @@ impl Frame {
         }
     }
 
+    /// The wire name of the frame's type, e.g. `"response.chunk"`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Frame::Request(_) => "request",
+            Frame::Cancel { .. } => "cancel",
+            Frame::Response(_) => "response",
+            Frame::ResponseStart { .. } => "response.start",
+            Frame::ResponseChunk { .. } => "response.chunk",
+            Frame::ResponseEnd { .. } => "response.end",
+            Frame::ResponseError { .. } => "response.error",
+            Frame::BridgeStatus { .. } => "bridge.status",
+            Frame::ClientConnected { .. } => "client.connected",
+            Frame::ClientDisconnected { .. } => "client.disconnected",
+            Frame::Error { .. } => "error",
+            Frame::Paired { .. } => "paired",
+        }
+    }
+
     /// True for the frames that end a request: `response`, `response.end`, `response.error`.
     pub fn is_terminal(&self) -> bool {
-        matches!(
-            self,
-            Frame::Response(_) | Frame::ResponseEnd { .. } | Frame::ResponseError { .. }
-        )
+        matches!(self, Frame::Response(_) | Frame::ResponseEnd { .. } | Frame::ResponseError { .. })
     }
 
     /// True for the frames a bridge sends about a request.
@@ -678,10 +685,7 @@ impl Frame {
 
     /// A `BAD_FRAME` error frame.
     pub fn bad_frame(message: impl Into<String>) -> Frame {
-        Frame::Error {
-            code: ErrorCode::BadFrame,
-            message: message.into(),
-        }
+        Frame::Error { code: ErrorCode::BadFrame, message: message.into() }
     }
 
     /// Serialises the frame as JSON text.
@@ -714,48 +718,24 @@ pub fn check_request_limits(
     limits: &Limits,
 ) -> Result<(), (ErrorCode, String)> {
     if !is_request_id(&req.id) {
-        return Err((
-            ErrorCode::BadRequest,
-            "request id must be 1-64 of [A-Za-z0-9._-]".into(),
-        ));
+        return Err((ErrorCode::BadRequest, "request id must be 1-64 of [A-Za-z0-9._-]".into()));
     }
     if req.path.len() > limits.max_path {
-        return Err((
-            ErrorCode::TooLarge,
-            format!("path longer than {} bytes", limits.max_path),
-        ));
+        return Err((ErrorCode::TooLarge, format!("path longer than {} bytes", limits.max_path)));
     }
     if req.headers.len() > limits.max_headers {
+        return Err((ErrorCode::TooLarge, format!("more than {} headers", limits.max_headers)));
+    }
+    if req.headers.values().any(|v| v.len() > limits.max_header_value) {
         return Err((
             ErrorCode::TooLarge,
-            format!("more than {} headers", limits.max_headers),
+            format!("a header value is longer than {} bytes", limits.max_header_value),
         ));
     }
-    if req
-        .headers
-        .values()
-        .any(|v| v.len() > limits.max_header_value)
-    {
-        return Err((
-            ErrorCode::TooLarge,
-            format!(
-                "a header value is longer than {} bytes",
-                limits.max_header_value
-            ),
-        ));
-    }
-    let body_len = req.body.as_deref().map_or(0, |b| {
-        if req.body_base64 {
-            b.len() / 4 * 3
-        } else {
-            b.len()
-        }
-    });
+    let body_len =
+        req.body.as_deref().map_or(0, |b| if req.body_base64 { b.len() / 4 * 3 } else { b.len() });
     if body_len > limits.max_body {
-        return Err((
-            ErrorCode::TooLarge,
-            format!("body larger than {} bytes", limits.max_body),
-        ));
+        return Err((ErrorCode::TooLarge, format!("body larger than {} bytes", limits.max_body)));
     }
     Ok(())
 }
@@ -769,10 +749,7 @@ pub fn check_path(path: &str, allowed: &[&str]) -> Result<(), String> {
     if !path.starts_with('/') || path.starts_with("//") {
         return Err("path must start with a single '/'".into());
     }
-    if path
-        .bytes()
-        .any(|b| matches!(b, b'\r' | b'\n' | 0) || b == b'\\' || b.is_ascii_control())
-    {
+    if path.bytes().any(|b| matches!(b, b'\r' | b'\n' | 0) || b == b'\\' || b.is_ascii_control()) {
         return Err("path contains a control character or backslash".into());
     }
     if path.contains("://") {
@@ -785,18 +762,10 @@ pub fn check_path(path: &str, allowed: &[&str]) -> Result<(), String> {
     }
     let allowed_prefix = |p: &&str| match p.strip_suffix('/') {
         Some(dir) => route.starts_with(p) || route == dir,
-        None => {
-            route == *p
-                || route
-                    .strip_prefix(p)
-                    .is_some_and(|rest| rest.starts_with('/'))
-        }
+        None => route == *p || route.strip_prefix(p).is_some_and(|rest| rest.starts_with('/')),
     };
     if !allowed.iter().any(allowed_prefix) {
-        return Err(format!(
-            "path is outside the allowed prefixes ({})",
-            allowed.join(", ")
-        ));
+        return Err(format!("path is outside the allowed prefixes ({})", allowed.join(", ")));
     }
     Ok(())
 }
@@ -845,9 +814,7 @@ pub fn is_hop_by_hop(name: &str) -> bool {
 /// A header name is a non-empty HTTP token; a value has no CR, LF or NUL.
 pub fn check_header(name: &str, value: &str) -> Result<(), String> {
     let token = !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
     if !token {
         return Err(format!("header name {name:?} is not a valid token"));
     }
@@ -881,20 +848,13 @@ mod tests {
     fn frames_round_trip_with_wire_names() {
         let text = r#"{"type":"request","id":"1","method":"POST","path":"/api/x","headers":{"a":"b"},"body":"aGk=","bodyBase64":true}"#;
         let frame = parse_frame(text).unwrap();
-        let Frame::Request(r) = &frame else {
-            panic!("not a request")
-        };
+        let Frame::Request(r) = &frame else { panic!("not a request") };
         assert!(r.body_base64);
         assert_eq!(r.body.as_deref(), Some("aGk="));
         let back = frame.to_json();
         assert!(back.contains(r#""bodyBase64":true"#));
 
-        let err = Frame::error(
-            "7",
-            Some("hcl_0123456789abcdef"),
-            ErrorCode::BridgeOffline,
-            "x",
-        );
+        let err = Frame::error("7", Some("hcl_0123456789abcdef"), ErrorCode::BridgeOffline, "x");
         let json = err.to_json();
         assert!(json.contains(r#""type":"response.error""#));
         assert!(json.contains(r#""code":"BRIDGE_OFFLINE""#));
@@ -903,18 +863,8 @@ mod tests {
         let chunk =
             parse_frame(r#"{"type":"response.chunk","id":"1","body":"x","bodyBase64":true}"#)
                 .unwrap();
-        assert!(matches!(
-            chunk,
-            Frame::ResponseChunk {
-                body_base64: true,
-                ..
-            }
-        ));
-        assert!(
-            parse_frame(r#"{"type":"nope"}"#)
-                .unwrap_err()
-                .starts_with("unknown frame type")
-        );
+        assert!(matches!(chunk, Frame::ResponseChunk { body_base64: true, .. }));
+        assert!(parse_frame(r#"{"type":"nope"}"#).unwrap_err().starts_with("unknown frame type"));
         assert!(parse_frame("{").unwrap_err().starts_with("malformed"));
     }
 
@@ -978,15 +928,9 @@ mod tests {
         assert!(check_request_limits(&r, &l).is_ok());
         r.body = Some("A".repeat(17 << 20));
         r.body_base64 = true;
-        assert_eq!(
-            check_request_limits(&r, &l).unwrap_err().0,
-            ErrorCode::TooLarge
-        );
+        assert_eq!(check_request_limits(&r, &l).unwrap_err().0, ErrorCode::TooLarge);
         r.body = None;
         r.id = "bad id".into();
-        assert_eq!(
-            check_request_limits(&r, &l).unwrap_err().0,
-            ErrorCode::BadRequest
-        );
+        assert_eq!(check_request_limits(&r, &l).unwrap_err().0, ErrorCode::BadRequest);
     }
 }

@@ -1,0 +1,229 @@
+//! Minimal HTTP/1.1 message handling for the crate's own servers: parse a request head out of a
+//! byte buffer (so non-blocking readers can call it again as bytes arrive) and build responses.
+//!
+//! Deliberately small: heads are parsed with `httparse`, bodies are `Content-Length` only.
+
+use std::fmt::Write as _;
+
+/// Largest request head accepted, in bytes.
+pub const MAX_HEAD: usize = 16 << 10;
+
+/// Most headers accepted in a request head.
+pub const MAX_HEADERS: usize = 64;
+
+/// A parsed request head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    /// The method, e.g. `GET`.
+    pub method: String,
+    /// The request target: path and query.
+    pub target: String,
+    /// Header names (as sent) and values (lossy UTF-8).
+    pub headers: Vec<(String, String)>,
+    /// Bytes the head occupied in the buffer.
+    pub len: usize,
+    /// HTTP minor version: 0 or 1.
+    pub minor_version: u8,
+}
+
+/// The outcome of [`parse_head`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parsed {
+    /// More bytes are needed.
+    Partial,
+    /// A complete head.
+    Complete(Head),
+    /// The head is unusable: answer with this status and message, then close.
+    Invalid(u16, &'static str),
+}
+
+/// Parses a request head from the start of `buf`.
+pub fn parse_head(buf: &[u8]) -> Parsed {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut slots);
+    match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => Parsed::Complete(Head {
+            method: req.method.unwrap_or_default().to_owned(),
+            target: req.path.unwrap_or_default().to_owned(),
+            headers: req
+                .headers
+                .iter()
+                .map(|h| (h.name.to_owned(), String::from_utf8_lossy(h.value).into_owned()))
+                .collect(),
+            len,
+            minor_version: req.version.unwrap_or(1),
+        }),
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
+            Parsed::Invalid(431, "request head too large")
+        }
+        Ok(httparse::Status::Partial) => Parsed::Partial,
+        Err(httparse::Error::TooManyHeaders) => Parsed::Invalid(431, "too many headers"),
+        Err(_) => Parsed::Invalid(400, "malformed request head"),
+    }
+}
+
+impl Head {
+    /// The first value of a header, by case-insensitive name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    /// True when a comma-separated header contains `token` (case-insensitive).
+    pub fn header_has_token(&self, name: &str, token: &str) -> bool {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .flat_map(|(_, v)| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    }
+
+    /// The path without the query.
+    pub fn path(&self) -> &str {
+        self.target.split('?').next().unwrap_or("")
+    }
+
+    /// A query parameter's value (percent-decoding is not needed for the ids used here).
+    pub fn query(&self, key: &str) -> Option<&str> {
+        let query = self.target.split_once('?')?.1;
+        query.split('&').find_map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (k == key).then_some(v)
+        })
+    }
+
+    /// The bearer token of the `Authorization` header.
+    pub fn bearer(&self) -> Option<&str> {
+        let value = self.header("authorization")?;
+        let (scheme, token) = value.trim().split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+    }
+
+    /// The declared body length. Chunked request bodies are refused (`Err`).
+    pub fn content_length(&self) -> Result<usize, &'static str> {
+        if self.header("transfer-encoding").is_some() {
+            return Err("chunked request bodies are not supported; send Content-Length");
+        }
+        match self.header("content-length") {
+            None => Ok(0),
+            Some(v) => v.trim().parse().map_err(|_| "invalid Content-Length"),
+        }
+    }
+
+    /// True when the client asked to close the connection after this exchange.
+    pub fn wants_close(&self) -> bool {
+        if self.minor_version == 0 {
+            !self.header_has_token("connection", "keep-alive")
+        } else {
+            self.header_has_token("connection", "close")
+        }
+    }
+
+    /// True for a WebSocket upgrade request.
+    pub fn is_websocket_upgrade(&self) -> bool {
+        self.method == "GET"
+            && self.header_has_token("connection", "upgrade")
+            && self.header_has_token("upgrade", "websocket")
+    }
+}
+
+/// The reason phrase for the status codes this crate sends.
+pub fn reason(status: u16) -> &'static str {
+    match status {
+        101 => "Switching Protocols",
+        200 => "OK",
+        201 => "Created",
+        204 => "No Content",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        409 => "Conflict",
+        410 => "Gone",
+        411 => "Length Required",
+        413 => "Content Too Large",
+        426 => "Upgrade Required",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Unknown",
+    }
+}
+
+/// Builds a complete response with a body.
+pub fn response(
+    status: u16,
+    content_type: &str,
+    body: &[u8],
+    extra: &[(&str, &str)],
+    close: bool,
+) -> Vec<u8> {
+    let mut head = format!("HTTP/1.1 {status} {}\r\n", reason(status));
+    if !content_type.is_empty() {
+        let _ = write!(head, "Content-Type: {content_type}\r\n");
+    }
+    let _ = write!(head, "Content-Length: {}\r\n", body.len());
+    for (name, value) in extra {
+        let _ = write!(head, "{name}: {value}\r\n");
+    }
+    if close {
+        head.push_str("Connection: close\r\n");
+    }
+    head.push_str("\r\n");
+    let mut out = head.into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+/// Builds a JSON response with `Cache-Control: no-store`.
+pub fn json_response(status: u16, body: &str, close: bool) -> Vec<u8> {
+    response(status, "application/json", body.as_bytes(), &[("Cache-Control", "no-store")], close)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_incrementally() {
+        let raw = b"GET /ws/app?bridgeId=abc HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer hcs_1\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\nrest";
+        assert_eq!(parse_head(&raw[..20]), Parsed::Partial);
+        let Parsed::Complete(head) = parse_head(raw) else { panic!("not complete") };
+        assert_eq!(head.len, raw.len() - 4);
+        assert_eq!(head.path(), "/ws/app");
+        assert_eq!(head.query("bridgeId"), Some("abc"));
+        assert_eq!(head.bearer(), Some("hcs_1"));
+        assert!(head.is_websocket_upgrade());
+        assert!(!head.wants_close());
+    }
+
+    #[test]
+    fn refuses_floods_and_garbage() {
+        let mut flood = b"GET / HTTP/1.1\r\n".to_vec();
+        for i in 0..100 {
+            flood.extend_from_slice(format!("X-{i}: y\r\n").as_bytes());
+        }
+        flood.extend_from_slice(b"\r\n");
+        assert_eq!(parse_head(&flood), Parsed::Invalid(431, "too many headers"));
+        assert!(matches!(parse_head(b"\x16\x03\x01garbage\r\n\r\n"), Parsed::Invalid(400, _)));
+        let big = vec![b'a'; MAX_HEAD + 1];
+        assert!(matches!(
+            parse_head(&[b"GET /".as_slice(), &big].concat()),
+            Parsed::Invalid(431, _)
+        ));
+    }
+
+    #[test]
+    fn builds_responses() {
+        let r = json_response(404, "{}", true);
+        let text = String::from_utf8(r).unwrap();
+        assert!(text.starts_with("HTTP/1.1 404 Not Found\r\n"));
+        assert!(text.contains("Content-Length: 2\r\n"));
+        assert!(text.contains("Cache-Control: no-store\r\n"));
+        assert!(text.ends_with("Connection: close\r\n\r\n{}"));
+    }
+}

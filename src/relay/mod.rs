@@ -1,0 +1,298 @@
+//! `hermeschat-relay`: the self-hosted registry + relay.
+//!
+//! Roles, one file each:
+//! - [`reactor`] — one thread that owns every socket: accepts, reads HTTP heads, completes
+//!   WebSocket upgrades and routes frames between apps and bridges, driven by readiness
+//!   (`polling`), never by sleeps or read timeouts;
+//! - [`registry`] — a small worker pool answering the registry API and authenticating upgrades
+//!   against the [`store`] (SQLite), so disk never stalls routing;
+//! - [`ratelimit`] — per-IP limits for the unauthenticated routes.
+
+pub mod ratelimit;
+pub mod reactor;
+pub mod registry;
+pub mod store;
+
+use std::collections::HashSet;
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use polling::Poller;
+
+use crate::protocol::Limits;
+use ratelimit::RateLimiter;
+
+/// Everything the relay is configured with (flags or environment variables).
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// The public base URL (`https://relay.example.com`); derived from `listen` when absent.
+    pub public_url: Option<String>,
+    /// Directory for the SQLite store.
+    pub data: PathBuf,
+    /// PEM certificate chain and PKCS#8 key for the built-in TLS listener.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Registrations per minute per IP.
+    pub rate_register: u32,
+    /// Verify attempts per minute per IP.
+    pub rate_verify: u32,
+    /// How long access codes live.
+    pub code_ttl: Duration,
+    /// Deadline for a connection to send a complete request head (and TLS handshake).
+    pub handshake_timeout: Duration,
+    /// Take the client address from `X-Forwarded-For` (behind Caddy or nginx).
+    pub trust_proxy: bool,
+    /// Registry worker threads.
+    pub workers: usize,
+    /// Open connections at most; more are closed at accept.
+    pub max_connections: usize,
+    /// Frame and queue limits.
+    pub limits: Limits,
+}
+
+impl RelayConfig {
+    /// Defaults for everything but the listen address and data directory.
+    pub fn new(listen: SocketAddr, data: PathBuf) -> Self {
+        RelayConfig {
+            listen,
+            public_url: None,
+            data,
+            tls: None,
+            rate_register: 20,
+            rate_verify: 30,
+            code_ttl: Duration::from_millis(crate::protocol::ACCESS_CODE_TTL_MS),
+            handshake_timeout: Duration::from_secs(10),
+            trust_proxy: false,
+            workers: 2,
+            max_connections: 20_000,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// A connection's identity inside the reactor (also its poller key).
+pub type ConnId = usize;
+
+/// Who an authenticated WebSocket belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peer {
+    /// A bridge daemon.
+    Bridge {
+        /// Its bridgeId.
+        bridge_id: String,
+        /// Its `X-Hermes-Instance`.
+        instance: String,
+    },
+    /// A paired app.
+    App {
+        /// The bridge it talks to.
+        bridge_id: String,
+        /// Its clientId.
+        client_id: String,
+        /// Its name.
+        device_name: String,
+    },
+}
+
+/// Messages to the reactor from other threads.
+pub enum ToReactor {
+    /// A worker finished an HTTP request.
+    Outcome(registry::Outcome),
+    /// Close sockets of a deleted bridge (all) or a revoked client (one) with 4003.
+    Kick {
+        /// The bridge.
+        bridge_id: String,
+        /// One client, or every socket of the bridge when `None`.
+        client_id: Option<String>,
+    },
+}
+
+/// Who is attached right now; read by workers for bridge-status and the clients list.
+#[derive(Debug, Default)]
+pub struct Presence {
+    /// bridgeIds with a bridge socket.
+    pub bridges: HashSet<String>,
+    /// clientIds with an app socket.
+    pub apps: HashSet<String>,
+}
+
+/// State shared between the reactor and the workers.
+pub struct Shared {
+    /// The configuration.
+    pub config: RelayConfig,
+    /// The public base URL, without a trailing slash.
+    pub public_url: String,
+    /// Limits `POST /v1/bridge/register`.
+    pub register_limit: RateLimiter,
+    /// Limits `POST /v1/pair/verify`.
+    pub verify_limit: RateLimiter,
+    presence: Mutex<Presence>,
+    to_reactor: Sender<ToReactor>,
+    poller: Arc<Poller>,
+}
+
+impl Shared {
+    /// Sends a message to the reactor and wakes it.
+    pub fn send(&self, msg: ToReactor) {
+        if self.to_reactor.send(msg).is_ok() {
+            let _ = self.poller.notify();
+        }
+    }
+
+    /// The live presence table.
+    pub fn presence(&self) -> MutexGuard<'_, Presence> {
+        self.presence.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The WebSocket URL of `path` under the public URL (`https` → `wss`, `http` → `ws`).
+    pub fn ws_url(&self, path: &str) -> String {
+        let base = &self.public_url;
+        let ws = if let Some(rest) = base.strip_prefix("https://") {
+            format!("wss://{rest}")
+        } else if let Some(rest) = base.strip_prefix("http://") {
+            format!("ws://{rest}")
+        } else {
+            base.clone()
+        };
+        format!("{ws}{path}")
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Writes one structured log line to stderr: `{"ts":…,"event":…, fields…}`. Callers never pass
+/// secrets; ids (bridgeId, clientId) are public by the protocol.
+pub fn log_event(event: &str, fields: &[(&str, &str)]) {
+    let mut line = serde_json::Map::new();
+    line.insert("ts".into(), serde_json::Value::from(now_ms()));
+    line.insert("event".into(), serde_json::Value::from(event));
+    for (k, v) in fields {
+        line.insert((*k).into(), serde_json::Value::from(*v));
+    }
+    eprintln!("{}", serde_json::Value::Object(line));
+}
+
+/// A bound relay, ready to run.
+pub struct Relay {
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    inbox: mpsc::Receiver<ToReactor>,
+    tls: Option<native_tls::TlsAcceptor>,
+}
+
+/// Stops a running relay from another thread (e.g. a signal handler).
+#[derive(Clone)]
+pub struct StopHandle {
+    stop: Arc<AtomicBool>,
+    poller: Arc<Poller>,
+}
+
+impl StopHandle {
+    /// Asks the relay to shut down cleanly.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.poller.notify();
+    }
+}
+
+impl Relay {
+    /// Binds the listener, opens the store and loads TLS material, so that every configuration
+    /// error surfaces before the relay reports itself ready.
+    pub fn bind(config: RelayConfig) -> io::Result<Relay> {
+        std::fs::create_dir_all(&config.data).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot create data dir {}: {e}", config.data.display()),
+            )
+        })?;
+        store::Store::open(&config.data).map_err(|e| io::Error::other(e.to_string()))?;
+        let tls = match &config.tls {
+            None => None,
+            Some((cert, key)) => Some(load_tls(cert, key)?),
+        };
+        let listener = TcpListener::bind(config.listen).map_err(|e| {
+            io::Error::new(e.kind(), format!("cannot listen on {}: {e}", config.listen))
+        })?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let public_url = config
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("{scheme}://{addr}"))
+            .trim_end_matches('/')
+            .to_owned();
+        let poller = Arc::new(Poller::new()?);
+        let (tx, inbox) = mpsc::channel();
+        let shared = Arc::new(Shared {
+            register_limit: RateLimiter::new(config.rate_register),
+            verify_limit: RateLimiter::new(config.rate_verify),
+            config,
+            public_url,
+            presence: Mutex::new(Presence::default()),
+            to_reactor: tx,
+            poller,
+        });
+        Ok(Relay { shared, listener, inbox, tls })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The public base URL in use.
+    pub fn public_url(&self) -> &str {
+        &self.shared.public_url
+    }
+
+    /// A handle that stops [`Relay::run`].
+    pub fn stop_handle(&self, stop: Arc<AtomicBool>) -> StopHandle {
+        StopHandle { stop, poller: self.shared.poller.clone() }
+    }
+
+    /// Runs until `stop` is set (see [`StopHandle`]). Spawns the worker threads, then runs the
+    /// reactor on the calling thread.
+    pub fn run(self, stop: Arc<AtomicBool>) -> io::Result<()> {
+        let (job_tx, job_rx) = mpsc::sync_channel(4096);
+        let job_rx = Arc::new(Mutex::new(job_rx));
+        let mut workers = Vec::new();
+        for i in 0..self.shared.config.workers.max(1) {
+            let (rx, shared) = (job_rx.clone(), self.shared.clone());
+            workers.push(
+                std::thread::Builder::new()
+                    .name(format!("registry-{i}"))
+                    .spawn(move || registry::worker(rx, shared))?,
+            );
+        }
+        let reactor =
+            reactor::Reactor::new(self.shared, self.listener, self.tls, job_tx, self.inbox, stop)?;
+        let result = reactor.run();
+        // The reactor dropped the job sender: workers finish their current job and exit.
+        for w in workers {
+            let _ = w.join();
+        }
+        result
+    }
+}
+
+fn load_tls(cert: &std::path::Path, key: &std::path::Path) -> io::Result<native_tls::TlsAcceptor> {
+    let read = |p: &std::path::Path| {
+        std::fs::read(p)
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot read {}: {e}", p.display())))
+    };
+    let identity = native_tls::Identity::from_pkcs8(&read(cert)?, &read(key)?).map_err(|e| {
+        io::Error::other(format!("invalid TLS certificate or key (PEM, PKCS#8 key expected): {e}"))
+    })?;
+    native_tls::TlsAcceptor::new(identity)
+        .map_err(|e| io::Error::other(format!("TLS setup failed: {e}")))
+}

@@ -1,0 +1,66 @@
+//! Per-IP token buckets for the unauthenticated registry routes (register, verify).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// Buckets tracked before idle ones are pruned; bounds memory under address floods.
+const MAX_TRACKED: usize = 50_000;
+
+/// A token bucket per source IP: `per_minute` requests a minute, bursting to `per_minute`.
+pub struct RateLimiter {
+    per_minute: f64,
+    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+}
+
+impl RateLimiter {
+    /// A limiter allowing `per_minute` requests a minute per IP (0 disables the limit).
+    pub fn new(per_minute: u32) -> Self {
+        RateLimiter { per_minute: per_minute as f64, buckets: Mutex::new(HashMap::new()) }
+    }
+
+    /// Takes one token for `ip`. `Err(seconds)` says how long until one is available.
+    pub fn check(&self, ip: IpAddr) -> Result<(), u64> {
+        if self.per_minute <= 0.0 {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if buckets.len() >= MAX_TRACKED {
+            let per_minute = self.per_minute;
+            buckets.retain(|_, (tokens, at)| {
+                *tokens + at.elapsed().as_secs_f64() * per_minute / 60.0 < per_minute
+            });
+        }
+        let (tokens, at) = buckets.entry(ip).or_insert((self.per_minute, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.per_minute / 60.0)
+            .min(self.per_minute);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(((1.0 - *tokens) * 60.0 / self.per_minute).ceil() as u64)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_per_ip() {
+        let l = RateLimiter::new(3);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        for _ in 0..3 {
+            assert!(l.check(a).is_ok());
+        }
+        let wait = l.check(a).unwrap_err();
+        assert!((1..=20).contains(&wait));
+        assert!(l.check(b).is_ok());
+        assert!(RateLimiter::new(0).check(a).is_ok());
+    }
+}

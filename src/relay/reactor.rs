@@ -1,0 +1,1199 @@
+//! The routing core: one thread, every socket non-blocking, driven by readiness.
+//!
+//! Why one thread: routing is cheap (parse a frame, stamp or strip `client`, queue it) and a
+//! single owner of all sockets needs no locks between the reading and the writing side, which
+//! blocking tungstenite cannot split anyway. Frames are written the moment they are routed; the
+//! poller's wait timeout only drives the once-a-second timers (pings, idle and handshake
+//! deadlines), never the delivery of a frame.
+//!
+//! Each connection moves through: (TLS handshake →) HTTP head → worker decision → either an
+//! HTTP response (keep-alive) or a 101 and a WebSocket. Output to every WebSocket is a bounded
+//! queue: when a destination holds more than `max_queued_bytes`, the socket feeding it is no
+//! longer read until the destination drains (TCP back-pressure reaches the sender).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Shutdown, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::time::{Duration, Instant};
+
+use polling::{Event, Events, PollMode, Poller};
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tungstenite::{Message, WebSocket};
+
+use super::registry::{Job, Outcome, access_log};
+use super::{ConnId, Peer, Shared, ToReactor, log_event};
+use crate::http::{self, Head, Parsed};
+use crate::protocol::{self as p, ErrorCode, Frame, close_code};
+
+/// Poller key of the listening socket.
+const LISTENER: usize = usize::MAX - 1;
+
+/// Largest registry request body.
+const MAX_HTTP_BODY: usize = 64 << 10;
+
+/// Messages read from one socket before others get a turn.
+const READ_BATCH: usize = 32;
+
+/// Bad frames tolerated on one socket before it is closed with 4008.
+const MAX_BAD_FRAMES: u32 = 32;
+
+/// How long a closing WebSocket may take to finish its close handshake.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// A plain or TLS byte stream.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<native_tls::TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(s) => s.get_ref(),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(s) => s.flush(),
+        }
+    }
+}
+
+/// What happens after an HTTP response is written.
+enum After {
+    KeepAlive,
+    Close,
+    Upgrade(Peer),
+}
+
+/// An HTTP/1.1 connection: reading a request, waiting for a worker, or writing a response.
+struct HttpConn {
+    stream: Stream,
+    inbuf: Vec<u8>,
+    out: Vec<u8>,
+    out_pos: usize,
+    /// Set while a worker holds the request, with the head for the access log of upgrades.
+    waiting: Option<(Head, Instant)>,
+    after: Option<After>,
+}
+
+/// An established WebSocket.
+struct WsConn {
+    ws: WebSocket<Stream>,
+    peer: Peer,
+    out: VecDeque<Message>,
+    out_bytes: usize,
+    /// tungstenite holds bytes the socket did not take; wait for writability.
+    write_blocked: bool,
+    last_rx: Instant,
+    last_ping: Instant,
+    /// Not read while a destination it feeds is over its queue limit.
+    paused: bool,
+    /// Sources paused because this socket's queue is full; resumed when it drains.
+    waiters: Vec<ConnId>,
+    bad_frames: u32,
+    /// No longer routed: frames from it are ignored and nothing is queued to it.
+    detached: bool,
+    /// A close frame was sent; the connection is dropped at this instant at the latest.
+    closing: Option<Instant>,
+}
+
+enum Io {
+    TlsHandshake(native_tls::MidHandshakeTlsStream<TcpStream>),
+    Http(HttpConn),
+    Ws(Box<WsConn>),
+}
+
+struct Conn {
+    io: Io,
+    ip: IpAddr,
+    deadline: Option<Instant>,
+    /// Interest currently registered: (readable, writable).
+    interest: (bool, bool),
+}
+
+/// A bridge's routing entry; kept while its socket or any of its apps is attached.
+#[derive(Default)]
+struct BridgeRoute {
+    conn: Option<ConnId>,
+    instance: String,
+    /// clientIds of attached apps.
+    apps: HashSet<String>,
+    /// Requests open through this bridge.
+    open: usize,
+}
+
+/// An attached app's routing entry.
+struct AppRoute {
+    conn: ConnId,
+    bridge_id: String,
+    device_name: String,
+    /// Request ids open from this app.
+    open: HashSet<String>,
+}
+
+/// The routing core.
+pub struct Reactor {
+    shared: Arc<Shared>,
+    poller: Arc<Poller>,
+    listener: TcpListener,
+    tls: Option<native_tls::TlsAcceptor>,
+    jobs: SyncSender<Job>,
+    inbox: Receiver<ToReactor>,
+    stop: Arc<AtomicBool>,
+    conns: HashMap<ConnId, Conn>,
+    next_id: ConnId,
+    bridges: HashMap<String, BridgeRoute>,
+    apps: HashMap<String, AppRoute>,
+    /// Connections with input already buffered in user space (TLS or tungstenite).
+    ready: Vec<ConnId>,
+    ws_config: WebSocketConfig,
+    dropped_frames: u64,
+}
+
+fn is_would_block(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted)
+}
+
+fn ws_would_block(e: &tungstenite::Error) -> bool {
+    matches!(e, tungstenite::Error::Io(io) if is_would_block(io))
+}
+
+impl Reactor {
+    /// Sets up the reactor; [`Reactor::run`] drives it.
+    pub fn new(
+        shared: Arc<Shared>,
+        listener: TcpListener,
+        tls: Option<native_tls::TlsAcceptor>,
+        jobs: SyncSender<Job>,
+        inbox: Receiver<ToReactor>,
+        stop: Arc<AtomicBool>,
+    ) -> io::Result<Reactor> {
+        let poller = shared.poller.clone();
+        // SAFETY: the listener is deleted from the poller in `run` before it is dropped.
+        unsafe { poller.add_with_mode(&listener, Event::readable(LISTENER), PollMode::Level)? };
+        let limits = shared.config.limits;
+        let ws_config = WebSocketConfig::default()
+            // Small eager read buffers keep thousands of idle sockets cheap; big messages grow
+            // the buffer as needed.
+            .read_buffer_size(16 << 10)
+            .write_buffer_size(64 << 10)
+            .max_message_size(Some(limits.max_frame))
+            .max_frame_size(Some(limits.max_frame));
+        Ok(Reactor {
+            shared,
+            poller,
+            listener,
+            tls,
+            jobs,
+            inbox,
+            stop,
+            conns: HashMap::new(),
+            next_id: 1,
+            bridges: HashMap::new(),
+            apps: HashMap::new(),
+            ready: Vec::new(),
+            ws_config,
+            dropped_frames: 0,
+        })
+    }
+
+    /// Runs until the stop flag is set, then shuts down cleanly.
+    pub fn run(mut self) -> io::Result<()> {
+        let addr = self.listener.local_addr()?;
+        log_event(
+            "listening",
+            &[
+                ("addr", &addr.to_string()),
+                ("publicUrl", &self.shared.public_url),
+                ("version", env!("CARGO_PKG_VERSION")),
+            ],
+        );
+        let mut events = Events::new();
+        let tick = Duration::from_secs(1);
+        let mut next_tick = Instant::now() + tick;
+        while !self.stop.load(Ordering::SeqCst) {
+            let timeout = if self.ready.is_empty() {
+                next_tick.saturating_duration_since(Instant::now())
+            } else {
+                Duration::ZERO
+            };
+            events.clear();
+            if let Err(e) = self.poller.wait(&mut events, Some(timeout))
+                && !is_would_block(&e)
+            {
+                return Err(e);
+            }
+            for ev in events.iter() {
+                if ev.key == LISTENER {
+                    self.accept();
+                } else {
+                    self.on_event(ev.key, ev.readable, ev.writable);
+                }
+            }
+            while let Ok(msg) = self.inbox.try_recv() {
+                self.on_message(msg);
+            }
+            for id in std::mem::take(&mut self.ready) {
+                self.on_event(id, true, false);
+            }
+            if Instant::now() >= next_tick {
+                self.timers();
+                next_tick = Instant::now() + tick;
+            }
+        }
+        self.shutdown();
+        let _ = self.poller.delete(&self.listener);
+        Ok(())
+    }
+
+    // -- connections ---------------------------------------------------------------------------
+
+    fn accept(&mut self) {
+        loop {
+            let (tcp, addr) = match self.listener.accept() {
+                Ok(c) => c,
+                Err(e) if is_would_block(&e) => return,
+                Err(e) => {
+                    // EMFILE and friends: log and retry on the next readiness event.
+                    log_event("accept.error", &[("message", &e.to_string())]);
+                    return;
+                }
+            };
+            if self.conns.len() >= self.shared.config.max_connections {
+                drop(tcp);
+                continue;
+            }
+            if tcp.set_nonblocking(true).is_err() {
+                continue;
+            }
+            let _ = tcp.set_nodelay(true);
+            let io = match &self.tls {
+                None => Io::Http(HttpConn::new(Stream::Plain(tcp))),
+                Some(acceptor) => match acceptor.accept(tcp) {
+                    Ok(s) => Io::Http(HttpConn::new(Stream::Tls(Box::new(s)))),
+                    Err(native_tls::HandshakeError::WouldBlock(mid)) => Io::TlsHandshake(mid),
+                    Err(native_tls::HandshakeError::Failure(_)) => continue,
+                },
+            };
+            let id = self.next_id;
+            self.next_id += 1;
+            let conn = Conn {
+                io,
+                ip: addr.ip(),
+                deadline: Some(Instant::now() + self.shared.config.handshake_timeout),
+                interest: (true, false),
+            };
+            let tcp = conn.tcp();
+            // SAFETY: every connection is deleted from the poller (in `remove`) before its
+            // socket is dropped, so the poller never refers to a closed or reused descriptor.
+            let added =
+                unsafe { self.poller.add_with_mode(tcp, Event::readable(id), PollMode::Level) };
+            if added.is_ok() {
+                self.conns.insert(id, conn);
+                // A TLS stream or a pipelined request may already hold bytes.
+                self.ready.push(id);
+            }
+        }
+    }
+
+    /// Removes a connection from the poller and the table; its socket closes when dropped.
+    fn remove(&mut self, id: ConnId) -> Option<Conn> {
+        let conn = self.conns.remove(&id)?;
+        let _ = self.poller.delete(conn.tcp());
+        Some(conn)
+    }
+
+    fn set_interest(&mut self, id: ConnId) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let want = match &conn.io {
+            Io::TlsHandshake(_) => (true, false),
+            Io::Http(h) => (h.waiting.is_none() && h.after.is_none(), h.out_pos < h.out.len()),
+            Io::Ws(w) => (!w.paused, w.write_blocked),
+        };
+        if want != conn.interest {
+            conn.interest = want;
+            let _ = self.poller.modify_with_mode(
+                conn.tcp(),
+                Event::new(id, want.0, want.1),
+                PollMode::Level,
+            );
+        }
+    }
+
+    fn on_event(&mut self, id: ConnId, readable: bool, writable: bool) {
+        let Some(conn) = self.conns.get(&id) else {
+            return;
+        };
+        match conn.io {
+            Io::TlsHandshake(_) => self.tls_handshake(id),
+            Io::Http(_) => {
+                if writable {
+                    self.http_write(id);
+                }
+                if readable {
+                    self.http_read(id);
+                }
+            }
+            Io::Ws(_) => {
+                if writable {
+                    self.ws_flush(id);
+                }
+                if readable {
+                    self.ws_read(id);
+                }
+            }
+        }
+    }
+
+    fn tls_handshake(&mut self, id: ConnId) {
+        let Some(mut conn) = self.remove(id) else {
+            return;
+        };
+        let Io::TlsHandshake(mid) = conn.io else {
+            return;
+        };
+        conn.io = match mid.handshake() {
+            Ok(s) => Io::Http(HttpConn::new(Stream::Tls(Box::new(s)))),
+            Err(native_tls::HandshakeError::WouldBlock(mid)) => Io::TlsHandshake(mid),
+            Err(native_tls::HandshakeError::Failure(_)) => return,
+        };
+        let ready = matches!(conn.io, Io::Http(_));
+        // SAFETY: as in `accept`: removed from the poller before the socket is dropped.
+        let added =
+            unsafe { self.poller.add_with_mode(conn.tcp(), Event::readable(id), PollMode::Level) };
+        conn.interest = (true, false);
+        if added.is_ok() {
+            self.conns.insert(id, conn);
+            if ready {
+                self.ready.push(id);
+            }
+        }
+    }
+
+    // -- HTTP ----------------------------------------------------------------------------------
+
+    fn http_read(&mut self, id: ConnId) {
+        let Some(Conn { io: Io::Http(h), ip, .. }) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let ip = *ip;
+        if h.waiting.is_some() || h.after.is_some() {
+            return;
+        }
+        let mut buf = [0u8; 8192];
+        let mut eof = false;
+        loop {
+            if h.inbuf.len() > http::MAX_HEAD + MAX_HTTP_BODY {
+                break;
+            }
+            match h.stream.read(&mut buf) {
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
+                Ok(n) => h.inbuf.extend_from_slice(&buf[..n]),
+                Err(e) if is_would_block(&e) => break,
+                Err(_) => {
+                    eof = true;
+                    break;
+                }
+            }
+        }
+        let head = match http::parse_head(&h.inbuf) {
+            Parsed::Partial if eof => {
+                self.remove(id);
+                return;
+            }
+            Parsed::Partial => return,
+            Parsed::Invalid(status, msg) => {
+                let body = serde_json::to_string(&p::ApiError::new(p::api_code::BAD_REQUEST, msg))
+                    .unwrap_or_default();
+                self.http_respond(id, http::json_response(status, &body, true), After::Close);
+                return;
+            }
+            Parsed::Complete(head) => head,
+        };
+        let refuse = |status, code, msg: &str| {
+            let body = serde_json::to_string(&p::ApiError::new(code, msg)).unwrap_or_default();
+            http::json_response(status, &body, true)
+        };
+        let body_len = match head.content_length() {
+            Ok(n) if n > MAX_HTTP_BODY => {
+                let r = refuse(413, p::api_code::TOO_LARGE, "request body too large");
+                self.http_respond(id, r, After::Close);
+                return;
+            }
+            Ok(n) => n,
+            Err(msg) => {
+                self.http_respond(id, refuse(411, p::api_code::BAD_REQUEST, msg), After::Close);
+                return;
+            }
+        };
+        if h.inbuf.len() < head.len + body_len {
+            if eof {
+                self.remove(id);
+            }
+            return;
+        }
+        let rest = h.inbuf.split_off(head.len + body_len);
+        let body = h.inbuf[head.len..].to_vec();
+        h.inbuf = rest;
+        let ip = self.client_ip(ip, &head);
+        let Some(Conn { io: Io::Http(h), .. }) = self.conns.get_mut(&id) else {
+            return;
+        };
+        h.waiting = Some((head.clone(), Instant::now()));
+        match self.jobs.try_send(Job::Http { conn: id, head, body, ip }) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                h.waiting = None;
+                let r =
+                    refuse(503, p::api_code::UNAVAILABLE, "the relay is overloaded; retry shortly");
+                self.http_respond(id, r, After::Close);
+                return;
+            }
+        }
+        self.set_interest(id);
+    }
+
+    /// The client address: the socket peer, or the last `X-Forwarded-For` hop when the relay
+    /// sits behind a trusted proxy.
+    fn client_ip(&self, peer: IpAddr, head: &Head) -> IpAddr {
+        if !self.shared.config.trust_proxy {
+            return peer;
+        }
+        head.header("x-forwarded-for")
+            .and_then(|v| v.rsplit(',').next())
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(peer)
+    }
+
+    fn http_respond(&mut self, id: ConnId, bytes: Vec<u8>, after: After) {
+        let Some(Conn { io: Io::Http(h), deadline, .. }) = self.conns.get_mut(&id) else {
+            return;
+        };
+        h.waiting = None;
+        h.out = bytes;
+        h.out_pos = 0;
+        h.after = Some(after);
+        // A response must be written within the handshake deadline too (slow readers).
+        *deadline = Some(Instant::now() + self.shared.config.handshake_timeout);
+        self.http_write(id);
+    }
+
+    fn http_write(&mut self, id: ConnId) {
+        let Some(Conn { io: Io::Http(h), .. }) = self.conns.get_mut(&id) else {
+            return;
+        };
+        while h.out_pos < h.out.len() {
+            match h.stream.write(&h.out[h.out_pos..]) {
+                Ok(0) => {
+                    self.remove(id);
+                    return;
+                }
+                Ok(n) => h.out_pos += n,
+                Err(e) if is_would_block(&e) => {
+                    self.set_interest(id);
+                    return;
+                }
+                Err(_) => {
+                    self.remove(id);
+                    return;
+                }
+            }
+        }
+        let _ = h.stream.flush();
+        match h.after.take() {
+            Some(After::Close) | None => {
+                if let Some(conn) = self.remove(id) {
+                    let _ = conn.tcp().shutdown(Shutdown::Write);
+                }
+            }
+            Some(After::KeepAlive) => {
+                h.out.clear();
+                h.out_pos = 0;
+                if let Some(c) = self.conns.get_mut(&id) {
+                    c.deadline = Some(Instant::now() + self.shared.config.handshake_timeout * 6);
+                }
+                self.set_interest(id);
+                // A pipelined request may already be buffered.
+                self.ready.push(id);
+            }
+            Some(After::Upgrade(peer)) => self.upgrade(id, peer),
+        }
+    }
+
+    fn on_message(&mut self, msg: ToReactor) {
+        match msg {
+            ToReactor::Outcome(Outcome::Respond { conn, bytes, close }) => {
+                let after = if close { After::Close } else { After::KeepAlive };
+                self.http_respond(conn, bytes, after);
+            }
+            ToReactor::Outcome(Outcome::Upgrade { conn, accept, peer }) => {
+                self.accept_upgrade(conn, accept, peer);
+            }
+            ToReactor::Kick { bridge_id, client_id } => self.kick(&bridge_id, client_id.as_deref()),
+        }
+    }
+
+    /// Completes an authenticated upgrade, unless another live instance owns the bridge.
+    fn accept_upgrade(&mut self, id: ConnId, accept: String, peer: Peer) {
+        let Some(Conn { io: Io::Http(h), ip, .. }) = self.conns.get(&id) else {
+            return;
+        };
+        let Some((head, started)) = h.waiting.clone() else {
+            return;
+        };
+        let ip = *ip;
+        if let Peer::Bridge { bridge_id, instance } = &peer {
+            let owner = self.bridges.get(bridge_id).and_then(|r| r.conn.map(|c| (c, &r.instance)));
+            if let Some((owner_conn, owner_instance)) = owner {
+                let alive = matches!(
+                    self.conns.get(&owner_conn).map(|c| &c.io),
+                    Some(Io::Ws(w)) if w.last_rx.elapsed() < Duration::from_secs(p::PEER_IDLE_TIMEOUT_SECS)
+                );
+                if alive && owner_instance != instance {
+                    let body = serde_json::to_string(&p::ApiError::new(
+                        p::api_code::BRIDGE_OWNED,
+                        "another bridge instance holds this bridge; stop it or run --reset",
+                    ))
+                    .unwrap_or_default();
+                    access_log(&head, 409, ip, started);
+                    self.http_respond(id, http::json_response(409, &body, true), After::Close);
+                    return;
+                }
+            }
+        }
+        access_log(&head, 101, ip, started);
+        let response = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+        );
+        self.http_respond(id, response.into_bytes(), After::Upgrade(peer));
+    }
+
+    /// Turns a connection whose 101 was written into a WebSocket and attaches it.
+    fn upgrade(&mut self, id: ConnId, peer: Peer) {
+        let Some(mut conn) = self.conns.remove(&id) else {
+            return;
+        };
+        let Io::Http(h) = conn.io else { return };
+        let now = Instant::now();
+        let ws =
+            WebSocket::from_partially_read(h.stream, h.inbuf, Role::Server, Some(self.ws_config));
+        conn.io = Io::Ws(Box::new(WsConn {
+            ws,
+            peer: peer.clone(),
+            out: VecDeque::new(),
+            out_bytes: 0,
+            write_blocked: false,
+            last_rx: now,
+            last_ping: now,
+            paused: false,
+            waiters: Vec::new(),
+            bad_frames: 0,
+            detached: false,
+            closing: None,
+        }));
+        conn.deadline = None;
+        self.conns.insert(id, conn);
+        match peer {
+            Peer::Bridge { bridge_id, instance } => self.attach_bridge(id, bridge_id, instance),
+            Peer::App { bridge_id, client_id, device_name } => {
+                self.attach_app(id, bridge_id, client_id, device_name)
+            }
+        }
+        self.set_interest(id);
+        self.ready.push(id);
+    }
+
+    // -- WebSocket I/O -------------------------------------------------------------------------
+
+    fn ws_read(&mut self, id: ConnId) {
+        let mut texts = Vec::new();
+        let mut gone = false;
+        let mut more = false;
+        {
+            let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) else {
+                return;
+            };
+            while !w.paused {
+                if texts.len() >= READ_BATCH {
+                    more = true;
+                    break;
+                }
+                match w.ws.read() {
+                    Ok(msg) => {
+                        w.last_rx = Instant::now();
+                        if w.detached {
+                            continue;
+                        }
+                        match msg {
+                            Message::Text(t) => texts.push(Ok(t)),
+                            Message::Binary(_) => texts.push(Err(())),
+                            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+                            Message::Close(_) => {}
+                        }
+                    }
+                    Err(e) if ws_would_block(&e) => break,
+                    Err(tungstenite::Error::Capacity(_)) => {
+                        // A message over the frame limit: the stream cannot be resynchronised.
+                        self.close_ws(id, close_code::LIMIT, "message too large");
+                        self.remove(id);
+                        return;
+                    }
+                    Err(_) => {
+                        gone = true;
+                        break;
+                    }
+                }
+            }
+        }
+        for t in texts {
+            match t {
+                Ok(text) => self.route_text(id, text.as_str()),
+                Err(()) => {
+                    self.bad_frame(id, "binary frames are not accepted; send JSON text frames")
+                }
+            }
+        }
+        if gone {
+            self.detach(id);
+            self.remove(id);
+            return;
+        }
+        // Automatic pong and close replies are queued inside tungstenite; push them out.
+        self.ws_flush(id);
+        if more {
+            self.ready.push(id);
+        }
+    }
+
+    /// Queues a frame for a WebSocket and writes what the socket takes now.
+    fn send_frame(&mut self, id: ConnId, frame: &Frame) {
+        self.send_text(id, frame.to_json());
+    }
+
+    fn send_text(&mut self, id: ConnId, text: String) {
+        let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) else {
+            return;
+        };
+        if w.detached {
+            return;
+        }
+        w.out_bytes += text.len();
+        w.out.push_back(Message::text(text));
+        self.ws_flush(id);
+    }
+
+    /// Writes queued messages until the socket would block. Resumes paused sources once the
+    /// queue is below half its limit.
+    fn ws_flush(&mut self, id: ConnId) {
+        let limit = self.shared.config.limits.max_queued_bytes;
+        let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let broken = loop {
+            if w.write_blocked {
+                match w.ws.flush() {
+                    Ok(()) => w.write_blocked = false,
+                    Err(e) if ws_would_block(&e) => break false,
+                    Err(_) => break true,
+                }
+            }
+            let Some(msg) = w.out.pop_front() else {
+                match w.ws.flush() {
+                    Ok(()) => break false,
+                    Err(e) if ws_would_block(&e) => {
+                        w.write_blocked = true;
+                        break false;
+                    }
+                    Err(_) => break true,
+                }
+            };
+            w.out_bytes = w.out_bytes.saturating_sub(msg.len());
+            match w.ws.write(msg) {
+                Ok(()) => {}
+                Err(e) if ws_would_block(&e) => {
+                    // The frame is buffered inside tungstenite.
+                    w.write_blocked = true;
+                    break false;
+                }
+                Err(tungstenite::Error::WriteBufferFull(msg)) => {
+                    w.out_bytes += msg.len();
+                    w.out.push_front(*msg);
+                    w.write_blocked = true;
+                    break false;
+                }
+                Err(_) => break true,
+            }
+        };
+        let resume =
+            if w.out_bytes <= limit / 2 { std::mem::take(&mut w.waiters) } else { Vec::new() };
+        if broken {
+            self.detach(id);
+            self.remove(id);
+        } else {
+            self.set_interest(id);
+        }
+        for src in resume {
+            if let Some(Conn { io: Io::Ws(s), .. }) = self.conns.get_mut(&src) {
+                s.paused = false;
+                self.set_interest(src);
+                self.ready.push(src);
+            }
+        }
+    }
+
+    /// Pauses `src` when `dst`'s queue is over the limit (back-pressure).
+    fn apply_backpressure(&mut self, src: ConnId, dst: ConnId) {
+        let limit = self.shared.config.limits.max_queued_bytes;
+        let over =
+            matches!(self.conns.get(&dst), Some(Conn { io: Io::Ws(w), .. }) if w.out_bytes > limit);
+        if !over {
+            return;
+        }
+        if let Some(Conn { io: Io::Ws(d), .. }) = self.conns.get_mut(&dst)
+            && !d.waiters.contains(&src)
+        {
+            d.waiters.push(src);
+        }
+        if let Some(Conn { io: Io::Ws(s), .. }) = self.conns.get_mut(&src) {
+            s.paused = true;
+        }
+        self.set_interest(src);
+    }
+
+    /// Starts a close handshake and detaches the socket from routing; the connection lingers
+    /// until the peer answers or [`CLOSE_GRACE`] passes.
+    fn close_ws(&mut self, id: ConnId, code: u16, reason: &str) {
+        match self.conns.get(&id) {
+            Some(Conn { io: Io::Ws(w), .. }) if w.closing.is_none() => {}
+            _ => return,
+        }
+        self.detach(id);
+        let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) else {
+            return;
+        };
+        w.closing = Some(Instant::now() + CLOSE_GRACE);
+        w.out.clear();
+        w.out_bytes = 0;
+        w.paused = false;
+        let frame = CloseFrame { code: CloseCode::from(code), reason: reason.to_owned().into() };
+        let _ = w.ws.close(Some(frame));
+        self.ws_flush(id);
+    }
+
+    // -- routing -------------------------------------------------------------------------------
+
+    fn peer_of(&self, id: ConnId) -> Option<Peer> {
+        match self.conns.get(&id) {
+            Some(Conn { io: Io::Ws(w), .. }) if !w.detached => Some(w.peer.clone()),
+            _ => None,
+        }
+    }
+
+    fn bad_frame(&mut self, id: ConnId, message: &str) {
+        let too_many = match self.conns.get_mut(&id) {
+            Some(Conn { io: Io::Ws(w), .. }) => {
+                w.bad_frames += 1;
+                w.bad_frames > MAX_BAD_FRAMES
+            }
+            _ => return,
+        };
+        if too_many {
+            self.close_ws(id, close_code::LIMIT, "too many bad frames");
+        } else {
+            self.send_frame(id, &Frame::bad_frame(message));
+        }
+    }
+
+    fn route_text(&mut self, id: ConnId, text: &str) {
+        let Some(peer) = self.peer_of(id) else { return };
+        let frame = match p::parse_frame(text) {
+            Ok(f) => f,
+            Err(msg) => return self.bad_frame(id, &msg),
+        };
+        match peer {
+            Peer::App { bridge_id, client_id, .. } => {
+                self.route_from_app(id, &bridge_id, &client_id, frame)
+            }
+            Peer::Bridge { bridge_id, .. } => self.route_from_bridge(id, &bridge_id, frame),
+        }
+    }
+
+    fn route_from_app(&mut self, id: ConnId, bridge_id: &str, client_id: &str, frame: Frame) {
+        let limits = self.shared.config.limits;
+        match frame {
+            Frame::Request(mut req) => {
+                if !p::is_request_id(&req.id) {
+                    return self.bad_frame(id, "request id must be 1-64 of [A-Za-z0-9._-]");
+                }
+                let reply = |code, msg: String| Frame::error(&req.id, None, code, msg);
+                if let Err((code, msg)) = p::check_request_limits(&req, &limits) {
+                    return self.send_frame(id, &reply(code, msg));
+                }
+                let Some(app) = self.apps.get(client_id) else {
+                    return;
+                };
+                if app.open.contains(&req.id) {
+                    return self.bad_frame(id, &format!("request id {} is already open", req.id));
+                }
+                if app.open.len() >= limits.max_open_per_app {
+                    let msg = format!("more than {} open requests", limits.max_open_per_app);
+                    return self.send_frame(id, &reply(ErrorCode::Busy, msg));
+                }
+                let route = self.bridges.get(bridge_id);
+                let Some(bridge_conn) = route.and_then(|r| r.conn) else {
+                    let msg = "the bridge is not connected to the relay".to_owned();
+                    return self.send_frame(id, &reply(ErrorCode::BridgeOffline, msg));
+                };
+                if route.is_some_and(|r| r.open >= limits.max_open_per_bridge) {
+                    let msg =
+                        format!("the bridge has {} open requests", limits.max_open_per_bridge);
+                    return self.send_frame(id, &reply(ErrorCode::Busy, msg));
+                }
+                if let Some(app) = self.apps.get_mut(client_id) {
+                    app.open.insert(req.id.clone());
+                }
+                if let Some(r) = self.bridges.get_mut(bridge_id) {
+                    r.open += 1;
+                }
+                req.client = Some(client_id.to_owned());
+                self.send_frame(bridge_conn, &Frame::Request(req));
+                self.apply_backpressure(id, bridge_conn);
+            }
+            Frame::Cancel { id: req_id, .. } => {
+                let open = self.apps.get(client_id).is_some_and(|a| a.open.contains(&req_id));
+                let bridge_conn = self.bridges.get(bridge_id).and_then(|r| r.conn);
+                if let (true, Some(bridge_conn)) = (open, bridge_conn) {
+                    let cancel = Frame::Cancel { id: req_id, client: Some(client_id.to_owned()) };
+                    self.send_frame(bridge_conn, &cancel);
+                }
+            }
+            other => {
+                let msg =
+                    format!("apps may send only request and cancel frames, not {}", other.kind());
+                self.bad_frame(id, &msg);
+            }
+        }
+    }
+
+    fn route_from_bridge(&mut self, id: ConnId, bridge_id: &str, mut frame: Frame) {
+        if let Frame::Error { message, .. } = &frame {
+            log_event("bridge.error_frame", &[("bridge", bridge_id), ("message", message)]);
+            return;
+        }
+        if !frame.is_response() {
+            return self.bad_frame(id, "bridges may send only response frames");
+        }
+        let Some(client) = frame.client_mut().and_then(Option::take) else {
+            return self.bad_frame(id, "response frames must carry the client they answer");
+        };
+        let req_id = frame.request_id().unwrap_or_default().to_owned();
+        let terminal = frame.is_terminal();
+        let app_conn = match self.apps.get_mut(&client) {
+            Some(app) if app.bridge_id == bridge_id && app.open.contains(&req_id) => {
+                if terminal {
+                    app.open.remove(&req_id);
+                }
+                app.conn
+            }
+            _ => {
+                // The app left or the request already ended: nobody to deliver to.
+                self.dropped_frames += 1;
+                return;
+            }
+        };
+        if terminal && let Some(r) = self.bridges.get_mut(bridge_id) {
+            r.open = r.open.saturating_sub(1);
+        }
+        self.send_frame(app_conn, &frame);
+        self.apply_backpressure(id, app_conn);
+    }
+
+    fn attach_bridge(&mut self, id: ConnId, bridge_id: String, instance: String) {
+        let old = self.bridges.get(&bridge_id).and_then(|r| r.conn);
+        if let Some(old) = old {
+            self.close_ws(
+                old,
+                close_code::REPLACED_BRIDGE,
+                "replaced by a newer bridge connection",
+            );
+        }
+        let route = self.bridges.entry(bridge_id.clone()).or_default();
+        route.conn = Some(id);
+        route.instance = instance;
+        let apps: Vec<String> = route.apps.iter().cloned().collect();
+        self.shared.presence().bridges.insert(bridge_id.clone());
+        log_event("ws.open", &[("role", "bridge"), ("bridge", &bridge_id)]);
+        for client in apps {
+            let Some(app) = self.apps.get(&client) else {
+                continue;
+            };
+            let (app_conn, device_name) = (app.conn, app.device_name.clone());
+            self.send_frame(app_conn, &Frame::BridgeStatus { online: true });
+            self.send_frame(id, &Frame::ClientConnected { client, device_name });
+        }
+    }
+
+    fn attach_app(
+        &mut self,
+        id: ConnId,
+        bridge_id: String,
+        client_id: String,
+        device_name: String,
+    ) {
+        if let Some(old) = self.apps.get(&client_id).map(|a| a.conn) {
+            self.close_ws(
+                old,
+                close_code::REPLACED_APP,
+                "replaced by a newer connection of this app",
+            );
+        }
+        let route = self.bridges.entry(bridge_id.clone()).or_default();
+        route.apps.insert(client_id.clone());
+        let bridge_conn = route.conn;
+        self.apps.insert(
+            client_id.clone(),
+            AppRoute {
+                conn: id,
+                bridge_id: bridge_id.clone(),
+                device_name: device_name.clone(),
+                open: HashSet::new(),
+            },
+        );
+        self.shared.presence().apps.insert(client_id.clone());
+        let _ = self.jobs.try_send(Job::Touch { client_id: client_id.clone() });
+        log_event("ws.open", &[("role", "app"), ("bridge", &bridge_id), ("client", &client_id)]);
+        self.send_frame(id, &Frame::BridgeStatus { online: bridge_conn.is_some() });
+        if let Some(bridge_conn) = bridge_conn {
+            self.send_frame(
+                bridge_conn,
+                &Frame::ClientConnected { client: client_id, device_name },
+            );
+        }
+    }
+
+    /// Detaches a socket from routing: a bridge's open requests end with
+    /// `BRIDGE_DISCONNECTED` and its apps hear `bridge.status` offline; an app's bridge hears
+    /// `client.disconnected`.
+    fn detach(&mut self, id: ConnId) {
+        let Some(peer) = self.peer_of(id) else { return };
+        // Mark the socket as leaving routing before notifying others.
+        if let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) {
+            w.detached = true;
+        }
+        match peer {
+            Peer::Bridge { bridge_id, .. } => {
+                let Some(route) = self.bridges.get_mut(&bridge_id) else {
+                    return;
+                };
+                if route.conn != Some(id) {
+                    return;
+                }
+                route.conn = None;
+                route.open = 0;
+                let apps: Vec<String> = route.apps.iter().cloned().collect();
+                self.shared.presence().bridges.remove(&bridge_id);
+                log_event("ws.close", &[("role", "bridge"), ("bridge", &bridge_id)]);
+                for client in apps {
+                    let Some(app) = self.apps.get_mut(&client) else {
+                        continue;
+                    };
+                    let open: Vec<String> = app.open.drain().collect();
+                    let app_conn = app.conn;
+                    for req_id in open {
+                        let msg = "the bridge disconnected before answering";
+                        self.send_frame(
+                            app_conn,
+                            &Frame::error(&req_id, None, ErrorCode::BridgeDisconnected, msg),
+                        );
+                    }
+                    self.send_frame(app_conn, &Frame::BridgeStatus { online: false });
+                }
+                self.gc_bridge(&bridge_id);
+            }
+            Peer::App { bridge_id, client_id, .. } => {
+                if self.apps.get(&client_id).map(|a| a.conn) != Some(id) {
+                    return;
+                }
+                let Some(app) = self.apps.remove(&client_id) else {
+                    return;
+                };
+                self.shared.presence().apps.remove(&client_id);
+                let _ = self.jobs.try_send(Job::Touch { client_id: client_id.clone() });
+                log_event(
+                    "ws.close",
+                    &[("role", "app"), ("bridge", &bridge_id), ("client", &client_id)],
+                );
+                let bridge_conn = self.bridges.get_mut(&bridge_id).and_then(|r| {
+                    r.apps.remove(&client_id);
+                    r.open = r.open.saturating_sub(app.open.len());
+                    r.conn
+                });
+                if let Some(bridge_conn) = bridge_conn {
+                    self.send_frame(bridge_conn, &Frame::ClientDisconnected { client: client_id });
+                }
+                self.gc_bridge(&bridge_id);
+            }
+        }
+    }
+
+    fn gc_bridge(&mut self, bridge_id: &str) {
+        if self.bridges.get(bridge_id).is_some_and(|r| r.conn.is_none() && r.apps.is_empty()) {
+            self.bridges.remove(bridge_id);
+        }
+    }
+
+    fn kick(&mut self, bridge_id: &str, client_id: Option<&str>) {
+        let targets: Vec<ConnId> = match client_id {
+            Some(c) => self
+                .apps
+                .get(c)
+                .filter(|a| a.bridge_id == bridge_id)
+                .map(|a| a.conn)
+                .into_iter()
+                .collect(),
+            None => {
+                let Some(route) = self.bridges.get(bridge_id) else {
+                    return;
+                };
+                let apps = route.apps.iter().filter_map(|c| self.apps.get(c).map(|a| a.conn));
+                route.conn.into_iter().chain(apps).collect()
+            }
+        };
+        for id in targets {
+            self.close_ws(id, close_code::REVOKED, "revoked");
+        }
+    }
+
+    // -- timers and shutdown -------------------------------------------------------------------
+
+    fn timers(&mut self) {
+        let now = Instant::now();
+        let idle = Duration::from_secs(p::PEER_IDLE_TIMEOUT_SECS);
+        let ping_every = Duration::from_secs(p::RELAY_PING_INTERVAL_SECS);
+        let mut expired = Vec::new();
+        let mut idle_socks = Vec::new();
+        let mut ping = Vec::new();
+        for (&id, conn) in &self.conns {
+            match &conn.io {
+                Io::Ws(w) => match w.closing {
+                    Some(until) if now >= until => expired.push(id),
+                    Some(_) => {}
+                    None if now.duration_since(w.last_rx) >= idle => idle_socks.push(id),
+                    None if now.duration_since(w.last_ping) >= ping_every => ping.push(id),
+                    None => {}
+                },
+                _ if conn.deadline.is_some_and(|d| now >= d) => expired.push(id),
+                _ => {}
+            }
+        }
+        for id in expired {
+            self.detach(id);
+            self.remove(id);
+        }
+        for id in idle_socks {
+            self.close_ws(id, close_code::IDLE, "no traffic for 60 s");
+        }
+        for id in ping {
+            if let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) {
+                w.last_ping = now;
+                w.out.push_back(Message::Ping(Default::default()));
+                self.ws_flush(id);
+            }
+        }
+    }
+
+    fn shutdown(&mut self) {
+        log_event("shutdown", &[("connections", &self.conns.len().to_string())]);
+        let ids: Vec<ConnId> = self.conns.keys().copied().collect();
+        // Apps first hear that their open requests end, then every socket closes 1001.
+        for (client, app) in std::mem::take(&mut self.apps) {
+            for req_id in &app.open {
+                let msg = "the relay is shutting down";
+                self.send_frame(
+                    app.conn,
+                    &Frame::error(req_id, None, ErrorCode::ShuttingDown, msg),
+                );
+            }
+            self.shared.presence().apps.remove(&client);
+        }
+        self.bridges.clear();
+        for &id in &ids {
+            if matches!(self.conns.get(&id).map(|c| &c.io), Some(Io::Ws(_))) {
+                self.close_ws(id, 1001, "relay shutting down");
+            }
+        }
+        // Give the close frames a moment to leave, without waiting on slow peers.
+        let deadline = Instant::now() + Duration::from_millis(500);
+        let mut events = Events::new();
+        while Instant::now() < deadline
+            && self.conns.values().any(|c| matches!(&c.io, Io::Ws(w) if w.write_blocked))
+        {
+            events.clear();
+            let _ = self.poller.wait(&mut events, Some(Duration::from_millis(50)));
+            for ev in events.iter() {
+                if ev.key != LISTENER && ev.writable {
+                    self.ws_flush(ev.key);
+                }
+            }
+        }
+        for id in ids {
+            self.remove(id);
+        }
+        if self.dropped_frames > 0 {
+            log_event("stats", &[("droppedFrames", &self.dropped_frames.to_string())]);
+        }
+    }
+}
+
+impl HttpConn {
+    fn new(stream: Stream) -> Self {
+        HttpConn {
+            stream,
+            inbuf: Vec::new(),
+            out: Vec::new(),
+            out_pos: 0,
+            waiting: None,
+            after: None,
+        }
+    }
+}
+
+impl Conn {
+    fn tcp(&self) -> &TcpStream {
+        match &self.io {
+            Io::TlsHandshake(mid) => mid.get_ref(),
+            Io::Http(h) => h.stream.tcp(),
+            Io::Ws(w) => w.ws.get_ref().tcp(),
+        }
+    }
+}

@@ -1,0 +1,454 @@
+//! The registry HTTP API (PROTOCOL §3) and WebSocket authentication (§4), run on a small pool
+//! of worker threads so that SQLite never blocks the routing core.
+//!
+//! The reactor hands each complete HTTP request to a worker as a [`Job`]; the worker answers
+//! with an [`Outcome`] (a response to write, or an authenticated upgrade).
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::mpsc::Receiver;
+use std::time::Instant;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::store::{Store, Verify};
+use super::{ConnId, Peer, Shared, ToReactor, log_event, now_ms};
+use crate::http::{Head, json_response};
+use crate::protocol::{self as p, ApiError, api_code};
+
+/// Work for a registry worker.
+pub enum Job {
+    /// A complete HTTP request read by the reactor.
+    Http {
+        /// The connection it came on.
+        conn: ConnId,
+        /// Its head.
+        head: Head,
+        /// Its body (Content-Length bytes).
+        body: Vec<u8>,
+        /// The client's address (after `--trust-proxy`).
+        ip: IpAddr,
+    },
+    /// Record that a client connected or disconnected.
+    Touch {
+        /// The clientId.
+        client_id: String,
+    },
+}
+
+/// A worker's answer to [`Job::Http`].
+pub enum Outcome {
+    /// Write these bytes; close afterwards when `close`.
+    Respond {
+        /// The connection.
+        conn: ConnId,
+        /// A whole HTTP response.
+        bytes: Vec<u8>,
+        /// Close after writing.
+        close: bool,
+    },
+    /// The upgrade is authenticated; the reactor completes it (or refuses with 409).
+    Upgrade {
+        /// The connection.
+        conn: ConnId,
+        /// `Sec-WebSocket-Accept` value.
+        accept: String,
+        /// Who is connecting.
+        peer: Peer,
+    },
+}
+
+/// Runs one worker until the job channel closes.
+pub fn worker(jobs: Arc<std::sync::Mutex<Receiver<Job>>>, shared: Arc<Shared>) {
+    let mut store = match Store::open(&shared.config.data) {
+        Ok(s) => s,
+        Err(e) => {
+            log_event("error", &[("message", &e.to_string())]);
+            return;
+        }
+    };
+    loop {
+        let job = {
+            let rx = jobs.lock().unwrap_or_else(|p| p.into_inner());
+            rx.recv()
+        };
+        let Ok(job) = job else { return };
+        match job {
+            Job::Touch { client_id } => {
+                if let Err(e) = store.touch_client(&client_id, now_ms()) {
+                    log_event("error", &[("message", &e.to_string())]);
+                }
+            }
+            Job::Http { conn, head, body, ip } => {
+                let started = Instant::now();
+                let (outcome, status) = handle(&mut store, &shared, conn, &head, &body, ip);
+                // Upgrades are logged by the reactor once it has decided.
+                if !matches!(outcome, Outcome::Upgrade { .. }) {
+                    access_log(&head, status, ip, started);
+                }
+                shared.send(ToReactor::Outcome(outcome));
+            }
+        }
+    }
+}
+
+/// Writes one access-log line. Paths are logged without their query; no header is logged.
+pub fn access_log(head: &Head, status: u16, ip: IpAddr, started: Instant) {
+    log_event(
+        "http",
+        &[
+            ("method", &head.method),
+            ("path", head.path()),
+            ("status", &status.to_string()),
+            ("ms", &format!("{:.2}", started.elapsed().as_secs_f64() * 1e3)),
+            ("ip", &ip.to_string()),
+        ],
+    );
+}
+
+/// A handler's reply: status and JSON body, or an authenticated upgrade.
+enum Reply {
+    Json(u16, String),
+    Upgrade(String, Peer),
+}
+
+fn ok<T: Serialize>(status: u16, body: &T) -> Reply {
+    Reply::Json(status, serde_json::to_string(body).unwrap_or_default())
+}
+
+fn err(status: u16, code: &str, message: impl Into<String>) -> Reply {
+    Reply::Json(status, serde_json::to_string(&ApiError::new(code, message)).unwrap_or_default())
+}
+
+fn handle(
+    store: &mut Store,
+    shared: &Shared,
+    conn: ConnId,
+    head: &Head,
+    body: &[u8],
+    ip: IpAddr,
+) -> (Outcome, u16) {
+    let reply = match route(store, shared, head, body, ip) {
+        Ok(r) => r,
+        Err(e) => {
+            log_event("error", &[("message", &e.to_string())]);
+            err(500, api_code::INTERNAL, "the relay's store failed; try again shortly")
+        }
+    };
+    let close = head.wants_close();
+    match reply {
+        Reply::Json(status, json) => {
+            // Refused upgrades close: the client expected a different protocol on this socket.
+            let close = close || head.path().starts_with("/ws/");
+            let mut bytes = json_response(status, &json, close);
+            if status == 426 {
+                bytes =
+                    json_response_with(status, &json, close, &[("Sec-WebSocket-Version", "13")]);
+            }
+            (Outcome::Respond { conn, bytes, close }, status)
+        }
+        Reply::Upgrade(accept, peer) => (Outcome::Upgrade { conn, accept, peer }, 101),
+    }
+}
+
+fn json_response_with(status: u16, body: &str, close: bool, extra: &[(&str, &str)]) -> Vec<u8> {
+    let mut headers = vec![("Cache-Control", "no-store")];
+    headers.extend_from_slice(extra);
+    crate::http::response(status, "application/json", body.as_bytes(), &headers, close)
+}
+
+type Handled = Result<Reply, super::store::StoreError>;
+
+fn route(store: &mut Store, shared: &Shared, head: &Head, body: &[u8], ip: IpAddr) -> Handled {
+    let method = head.method.as_str();
+    let path = head.path();
+    let expect = |m: &str| method == m;
+    Ok(match path {
+        "/v1/health" if expect("GET") => {
+            ok(200, &p::HealthResponse { ok: true, version: env!("CARGO_PKG_VERSION").into() })
+        }
+        "/v1/bridge/register" if expect("POST") => return register(store, shared, body, ip),
+        "/v1/bridge/access-code" if expect("POST") => {
+            return access_code(store, shared, head, body);
+        }
+        "/v1/bridge/delete" if expect("POST") => return delete(store, shared, head, body),
+        "/v1/bridge/clients" if expect("GET") => return clients(store, shared, head),
+        "/v1/bridge/clients/revoke" if expect("POST") => return revoke(store, shared, head, body),
+        "/v1/bridge/probe-client" if expect("POST") => return probe_client(store, head, body),
+        "/v1/pair/verify" if expect("POST") => return verify(store, shared, body, ip),
+        "/v1/internal/hermes/bridge-status" if expect("GET") => {
+            return bridge_status(store, shared, head);
+        }
+        "/ws/bridge" | "/ws/app" => return upgrade(store, head, path == "/ws/bridge"),
+        "/v1/health"
+        | "/v1/bridge/register"
+        | "/v1/bridge/access-code"
+        | "/v1/bridge/delete"
+        | "/v1/bridge/clients"
+        | "/v1/bridge/clients/revoke"
+        | "/v1/bridge/probe-client"
+        | "/v1/pair/verify"
+        | "/v1/internal/hermes/bridge-status" => {
+            err(405, api_code::METHOD_NOT_ALLOWED, format!("{method} is not allowed on {path}"))
+        }
+        _ => err(404, api_code::NOT_FOUND, format!("no route {path}")),
+    })
+}
+
+/// Parses a JSON body into `T`, or a 400 reply naming the problem.
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Reply> {
+    let body = if body.iter().all(u8::is_ascii_whitespace) { b"{}".as_slice() } else { body };
+    serde_json::from_slice(body)
+        .map_err(|e| err(400, api_code::BAD_REQUEST, format!("invalid JSON body: {e}")))
+}
+
+/// Checks an optional display or device name: at most 100 characters, no control characters.
+fn check_name(name: Option<&str>) -> Result<(), Reply> {
+    match name {
+        Some(n) if n.chars().count() > 100 || n.chars().any(char::is_control) => Err(err(
+            400,
+            api_code::BAD_REQUEST,
+            "names must be at most 100 characters without control characters",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Authenticates the bridge named in a request with the Bearer relaySecret.
+fn auth_bridge(
+    store: &Store,
+    head: &Head,
+    bridge_id: &str,
+) -> Result<Result<String, Reply>, super::store::StoreError> {
+    if !p::is_bridge_id(bridge_id) {
+        return Ok(Err(err(
+            400,
+            api_code::BAD_REQUEST,
+            "bridgeId must be 24 lowercase hex digits",
+        )));
+    }
+    let Some(token) = head.bearer() else {
+        return Ok(Err(err(
+            401,
+            api_code::UNAUTHORIZED,
+            "missing Authorization: Bearer <relaySecret>",
+        )));
+    };
+    if let Some(bridge) = store.auth_bridge(bridge_id, token)? {
+        return Ok(Ok(bridge.display_name));
+    }
+    Ok(Err(if store.bridge_exists(bridge_id)? {
+        err(401, api_code::UNAUTHORIZED, "the relaySecret does not match this bridge")
+    } else {
+        err(404, api_code::BRIDGE_NOT_FOUND, "this bridge is not registered here; register again")
+    }))
+}
+
+macro_rules! try_reply {
+    ($e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(reply) => return Ok(reply),
+        }
+    };
+}
+
+fn register(store: &mut Store, shared: &Shared, body: &[u8], ip: IpAddr) -> Handled {
+    if let Err(wait) = shared.register_limit.check(ip) {
+        return Ok(err(
+            429,
+            api_code::RATE_LIMITED,
+            format!("too many registrations; retry in {wait} s"),
+        ));
+    }
+    let req: p::RegisterRequest = try_reply!(parse(body));
+    try_reply!(check_name(req.display_name.as_deref()));
+    try_reply!(check_name(req.version.as_deref()));
+    let name = req.display_name.as_deref().filter(|n| !n.trim().is_empty()).unwrap_or("Hermes");
+    let (bridge_id, relay_secret) = store.register(name, req.version.as_deref(), now_ms())?;
+    log_event("bridge.registered", &[("bridge", &bridge_id)]);
+    Ok(ok(
+        201,
+        &p::RegisterResponse {
+            bridge_id,
+            relay_secret,
+            bridge_relay_url: shared.ws_url("/ws/bridge"),
+            app_relay_url: shared.ws_url("/ws/app"),
+        },
+    ))
+}
+
+fn access_code(store: &mut Store, shared: &Shared, head: &Head, body: &[u8]) -> Handled {
+    let req: p::BridgeRequest = try_reply!(parse(body));
+    try_reply!(check_name(req.display_name.as_deref()));
+    try_reply!(auth_bridge(store, head, &req.bridge_id)?);
+    let name = req.display_name.as_deref().filter(|n| !n.trim().is_empty());
+    let ttl = shared.config.code_ttl.as_millis() as u64;
+    let (access_code, expires_at) = store.issue_access_code(&req.bridge_id, name, now_ms(), ttl)?;
+    Ok(ok(200, &p::AccessCodeResponse { access_code, expires_at }))
+}
+
+fn delete(store: &mut Store, shared: &Shared, head: &Head, body: &[u8]) -> Handled {
+    let req: p::BridgeRequest = try_reply!(parse(body));
+    try_reply!(auth_bridge(store, head, &req.bridge_id)?);
+    store.delete_bridge(&req.bridge_id)?;
+    shared.send(ToReactor::Kick { bridge_id: req.bridge_id.clone(), client_id: None });
+    log_event("bridge.deleted", &[("bridge", &req.bridge_id)]);
+    Ok(ok(200, &p::OkResponse { ok: true }))
+}
+
+fn clients(store: &mut Store, shared: &Shared, head: &Head) -> Handled {
+    let bridge_id = head.query("bridgeId").unwrap_or_default();
+    try_reply!(auth_bridge(store, head, bridge_id)?);
+    let mut clients = store.list_clients(bridge_id)?;
+    let presence = shared.presence();
+    for c in &mut clients {
+        c.online = presence.apps.contains(&c.client_id);
+    }
+    Ok(ok(200, &p::ClientsResponse { clients }))
+}
+
+fn revoke(store: &mut Store, shared: &Shared, head: &Head, body: &[u8]) -> Handled {
+    let req: p::RevokeRequest = try_reply!(parse(body));
+    try_reply!(auth_bridge(store, head, &req.bridge_id)?);
+    if !store.revoke(&req.bridge_id, &req.client_id)? {
+        return Ok(err(
+            404,
+            api_code::CLIENT_NOT_FOUND,
+            "no such client is paired with this bridge",
+        ));
+    }
+    shared.send(ToReactor::Kick {
+        bridge_id: req.bridge_id.clone(),
+        client_id: Some(req.client_id.clone()),
+    });
+    log_event("client.revoked", &[("bridge", &req.bridge_id), ("client", &req.client_id)]);
+    Ok(ok(200, &p::OkResponse { ok: true }))
+}
+
+fn probe_client(store: &mut Store, head: &Head, body: &[u8]) -> Handled {
+    let req: p::BridgeRequest = try_reply!(parse(body));
+    try_reply!(auth_bridge(store, head, &req.bridge_id)?);
+    let (client_id, client_secret, expires_at) = store.probe_client(&req.bridge_id, now_ms())?;
+    Ok(ok(200, &p::ProbeClientResponse { client_id, client_secret, expires_at }))
+}
+
+fn verify(store: &mut Store, shared: &Shared, body: &[u8], ip: IpAddr) -> Handled {
+    if let Err(wait) = shared.verify_limit.check(ip) {
+        return Ok(err(
+            429,
+            api_code::RATE_LIMITED,
+            format!("too many pairing attempts; retry in {wait} s"),
+        ));
+    }
+    let req: p::VerifyRequest = try_reply!(parse(body));
+    try_reply!(check_name(req.device_name.as_deref()));
+    if !p::is_bridge_id(&req.bridge_id) {
+        return Ok(err(400, api_code::BAD_REQUEST, "bridgeId must be 24 lowercase hex digits"));
+    }
+    let device = req.device_name.as_deref().filter(|n| !n.trim().is_empty()).unwrap_or("iPhone");
+    Ok(match store.verify(&req.bridge_id, &req.access_code, device, now_ms())? {
+        Verify::Paired { client_id, client_secret, bridge_name } => {
+            log_event("client.paired", &[("bridge", &req.bridge_id), ("client", &client_id)]);
+            ok(
+                200,
+                &p::VerifyResponse {
+                    client_id,
+                    client_secret,
+                    app_relay_url: shared.ws_url("/ws/app"),
+                    bridge_name,
+                },
+            )
+        }
+        Verify::BridgeNotFound => {
+            err(404, api_code::BRIDGE_NOT_FOUND, "this QR's bridge is not registered here")
+        }
+        Verify::Invalid => err(401, api_code::ACCESS_CODE_INVALID, "the access code is wrong"),
+        Verify::Used => err(
+            409,
+            api_code::ACCESS_CODE_USED,
+            "this QR was already used; run hermeschat-pair --refresh-code",
+        ),
+        Verify::Expired => err(
+            410,
+            api_code::ACCESS_CODE_EXPIRED,
+            "this QR expired; run hermeschat-pair --refresh-code",
+        ),
+        Verify::TooManyAttempts => err(
+            429,
+            api_code::TOO_MANY_ATTEMPTS,
+            "too many wrong codes; the code is burned, run hermeschat-pair --refresh-code",
+        ),
+    })
+}
+
+fn bridge_status(store: &mut Store, shared: &Shared, head: &Head) -> Handled {
+    let bridge_id = head.query("bridgeId").unwrap_or_default();
+    let token = head.bearer().unwrap_or_default();
+    let authorised = p::is_bridge_id(bridge_id)
+        && if p::is_relay_secret(token) {
+            store.auth_bridge(bridge_id, token)?.is_some()
+        } else {
+            p::is_client_secret(token) && store.auth_client(bridge_id, token, now_ms())?.is_some()
+        };
+    // Unknown bridge and wrong token look the same: never an oracle.
+    let online = authorised && shared.presence().bridges.contains(bridge_id);
+    Ok(ok(200, &p::BridgeStatusResponse { has_bridge: authorised, online }))
+}
+
+/// Authenticates a WebSocket upgrade. Tokens are bound to their role by their form and by the
+/// table they are checked against: a clientSecret can never open `/ws/bridge`, nor a
+/// relaySecret `/ws/app`.
+fn upgrade(store: &mut Store, head: &Head, bridge_role: bool) -> Handled {
+    if !head.is_websocket_upgrade() {
+        return Ok(err(426, api_code::UPGRADE_REQUIRED, "this endpoint needs a WebSocket upgrade"));
+    }
+    if head.header("sec-websocket-version").map(str::trim) != Some("13") {
+        return Ok(err(426, api_code::UPGRADE_REQUIRED, "only WebSocket version 13 is supported"));
+    }
+    let Some(key) = head.header("sec-websocket-key") else {
+        return Ok(err(400, api_code::BAD_REQUEST, "missing Sec-WebSocket-Key"));
+    };
+    let accept = tungstenite::handshake::derive_accept_key(key.trim().as_bytes());
+    let bridge_id = head.query("bridgeId").unwrap_or_default();
+    if !p::is_bridge_id(bridge_id) {
+        return Ok(err(400, api_code::BAD_REQUEST, "bridgeId must be 24 lowercase hex digits"));
+    }
+    let token = head.bearer().unwrap_or_default();
+    let unauthorised =
+        || err(401, api_code::UNAUTHORIZED, "missing or wrong credentials for this endpoint");
+    if bridge_role {
+        if !p::is_relay_secret(token) {
+            return Ok(unauthorised());
+        }
+        let instance = head.header(p::INSTANCE_HEADER).unwrap_or("").trim();
+        if instance.is_empty() || instance.len() > 128 {
+            return Ok(err(400, api_code::BAD_REQUEST, "missing X-Hermes-Instance header"));
+        }
+        Ok(match store.auth_bridge(bridge_id, token)? {
+            Some(_) => Reply::Upgrade(
+                accept,
+                Peer::Bridge { bridge_id: bridge_id.into(), instance: instance.into() },
+            ),
+            None if !store.bridge_exists(bridge_id)? => {
+                err(404, api_code::BRIDGE_NOT_FOUND, "this bridge is not registered here")
+            }
+            None => unauthorised(),
+        })
+    } else {
+        if !p::is_client_secret(token) {
+            return Ok(unauthorised());
+        }
+        Ok(match store.auth_client(bridge_id, token, now_ms())? {
+            Some(c) => Reply::Upgrade(
+                accept,
+                Peer::App { bridge_id: c.bridge_id, client_id: c.id, device_name: c.device_name },
+            ),
+            None if !store.bridge_exists(bridge_id)? => {
+                err(404, api_code::BRIDGE_NOT_FOUND, "this bridge is not registered here")
+            }
+            None => unauthorised(),
+        })
+    }
+}

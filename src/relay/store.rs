@@ -1,0 +1,435 @@
+//! The relay's registry store: SQLite in WAL mode under `--data`.
+//!
+//! Only SHA-256 digests of secrets and access codes are stored; every comparison of a presented
+//! secret against a digest is constant time. Each worker thread opens its own connection; SQLite's
+//! locking (with `BEGIN IMMEDIATE` for read-modify-write) makes access-code consumption atomic
+//! across threads and processes.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+
+use crate::protocol::{
+    ACCESS_CODE_FAILURE_WINDOW_MS, ACCESS_CODE_MAX_FAILURES, ClientInfo, PROBE_CLIENT_TTL_MS,
+};
+use crate::secret;
+
+/// A store failure (disk, corruption, lock timeout). Shown to callers as 500 `INTERNAL`.
+#[derive(Debug)]
+pub struct StoreError(pub String);
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "relay store: {}", self.0)
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError(e.to_string())
+    }
+}
+
+/// Result alias for store calls.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A bridge record as the registry needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bridge {
+    /// The bridgeId.
+    pub id: String,
+    /// The name apps show.
+    pub display_name: String,
+}
+
+/// An authenticated app.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Client {
+    /// Its clientId.
+    pub id: String,
+    /// The bridge it belongs to.
+    pub bridge_id: String,
+    /// The name it gave at pairing.
+    pub device_name: String,
+}
+
+/// What a verify call concluded (PROTOCOL §3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verify {
+    /// Paired: the new credential and the bridge's name.
+    Paired {
+        /// The new clientId.
+        client_id: String,
+        /// The new clientSecret (returned once, stored as a digest).
+        client_secret: String,
+        /// The bridge's display name.
+        bridge_name: String,
+    },
+    /// No such bridge.
+    BridgeNotFound,
+    /// Wrong code.
+    Invalid,
+    /// The code was already used.
+    Used,
+    /// The code expired.
+    Expired,
+    /// Too many wrong codes; the current code is burned.
+    TooManyAttempts,
+}
+
+/// The SQLite-backed registry store. One per thread.
+pub struct Store {
+    conn: Connection,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS bridges (
+    id              TEXT PRIMARY KEY,
+    secret_hash     BLOB NOT NULL,
+    display_name    TEXT NOT NULL,
+    version         TEXT,
+    created_at      INTEGER NOT NULL,
+    code_hash       BLOB,
+    code_expires_at INTEGER,
+    code_used       INTEGER NOT NULL DEFAULT 0,
+    failures        INTEGER NOT NULL DEFAULT 0,
+    failures_since  INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS clients (
+    id               TEXT PRIMARY KEY,
+    bridge_id        TEXT NOT NULL REFERENCES bridges(id) ON DELETE CASCADE,
+    secret_hash      BLOB NOT NULL,
+    device_name      TEXT NOT NULL,
+    paired_at        INTEGER NOT NULL,
+    last_seen_at     INTEGER,
+    probe_expires_at INTEGER
+);
+CREATE INDEX IF NOT EXISTS clients_by_bridge ON clients(bridge_id);
+";
+
+impl Store {
+    /// Opens (creating if needed) `relay.db` in `dir`, in WAL mode.
+    pub fn open(dir: &Path) -> StoreResult<Store> {
+        let path = dir.join("relay.db");
+        let conn = Connection::open(&path)
+            .map_err(|e| StoreError(format!("cannot open {}: {e}", path.display())))?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // FULL syncs the WAL on every commit: a pairing confirmed to a caller survives a crash
+        // or power cut. Registry writes are rare, so the fsync costs nothing that matters.
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Store { conn })
+    }
+
+    /// Registers a new bridge and returns `(bridgeId, relaySecret)`.
+    pub fn register(
+        &self,
+        display_name: &str,
+        version: Option<&str>,
+        now_ms: u64,
+    ) -> StoreResult<(String, String)> {
+        let id = secret::new_bridge_id();
+        let relay_secret = secret::new_relay_secret();
+        self.conn.execute(
+            "INSERT INTO bridges (id, secret_hash, display_name, version, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![id, &secret::digest(&relay_secret)[..], display_name, version, now_ms as i64],
+        )?;
+        Ok((id, relay_secret))
+    }
+
+    /// Checks a relaySecret for a bridge. `Ok(None)` when the bridge is unknown or the secret
+    /// wrong (callers answer both the same way where the protocol asks for no oracle).
+    pub fn auth_bridge(&self, bridge_id: &str, relay_secret: &str) -> StoreResult<Option<Bridge>> {
+        let row: Option<(Vec<u8>, String)> = self
+            .conn
+            .query_row(
+                "SELECT secret_hash, display_name FROM bridges WHERE id = ?1",
+                params![bridge_id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        Ok(row.and_then(|(hash, name)| {
+            secret::matches(relay_secret, &hash)
+                .then(|| Bridge { id: bridge_id.to_owned(), display_name: name })
+        }))
+    }
+
+    /// True when the bridge exists.
+    pub fn bridge_exists(&self, bridge_id: &str) -> StoreResult<bool> {
+        Ok(self
+            .conn
+            .query_row("SELECT 1 FROM bridges WHERE id = ?1", params![bridge_id], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+
+    /// Issues a fresh access code for a bridge, replacing the old one and clearing the failure
+    /// count. Optionally renames the bridge. Returns `(code, expiresAt)`.
+    pub fn issue_access_code(
+        &self,
+        bridge_id: &str,
+        display_name: Option<&str>,
+        now_ms: u64,
+        ttl_ms: u64,
+    ) -> StoreResult<(String, u64)> {
+        let code = secret::new_access_code();
+        let expires = now_ms + ttl_ms;
+        self.conn.execute(
+            "UPDATE bridges SET code_hash = ?2, code_expires_at = ?3, code_used = 0,
+                 failures = 0, failures_since = 0,
+                 display_name = COALESCE(?4, display_name)
+             WHERE id = ?1",
+            params![bridge_id, &secret::digest(&code)[..], expires as i64, display_name],
+        )?;
+        Ok((code, expires))
+    }
+
+    /// Exchanges an access code for a client credential, atomically: of two concurrent calls
+    /// with the same code exactly one pairs.
+    pub fn verify(
+        &mut self,
+        bridge_id: &str,
+        access_code: &str,
+        device_name: &str,
+        now_ms: u64,
+    ) -> StoreResult<Verify> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        type Row = (String, Option<Vec<u8>>, Option<i64>, i64, i64, i64);
+        let row: Option<Row> = tx
+            .query_row(
+                "SELECT display_name, code_hash, code_expires_at, code_used, failures, failures_since
+                 FROM bridges WHERE id = ?1",
+                params![bridge_id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+            )
+            .optional()?;
+        let Some((bridge_name, code_hash, expires, used, failures, since)) = row else {
+            return Ok(Verify::BridgeNotFound);
+        };
+        let now = now_ms as i64;
+        let in_window = now - since < ACCESS_CODE_FAILURE_WINDOW_MS as i64;
+        let failures = if in_window { failures } else { 0 };
+        if failures >= ACCESS_CODE_MAX_FAILURES as i64 {
+            return Ok(Verify::TooManyAttempts);
+        }
+        let matches = code_hash.as_deref().is_some_and(|h| secret::matches(access_code, h));
+        if !matches {
+            let since = if in_window { since } else { now };
+            let failures = failures + 1;
+            let burned = failures >= ACCESS_CODE_MAX_FAILURES as i64;
+            tx.execute(
+                "UPDATE bridges SET failures = ?2, failures_since = ?3,
+                     code_hash = CASE WHEN ?4 THEN NULL ELSE code_hash END
+                 WHERE id = ?1",
+                params![bridge_id, failures, since, burned],
+            )?;
+            tx.commit()?;
+            return Ok(if burned { Verify::TooManyAttempts } else { Verify::Invalid });
+        }
+        if used != 0 {
+            return Ok(Verify::Used);
+        }
+        if expires.is_none_or(|e| now >= e) {
+            return Ok(Verify::Expired);
+        }
+        let client_id = secret::new_client_id();
+        let client_secret = secret::new_client_secret();
+        tx.execute("UPDATE bridges SET code_used = 1 WHERE id = ?1", params![bridge_id])?;
+        tx.execute(
+            "INSERT INTO clients (id, bridge_id, secret_hash, device_name, paired_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![client_id, bridge_id, &secret::digest(&client_secret)[..], device_name, now],
+        )?;
+        tx.commit()?;
+        Ok(Verify::Paired { client_id, client_secret, bridge_name })
+    }
+
+    /// Deletes a bridge with its clients and codes.
+    pub fn delete_bridge(&self, bridge_id: &str) -> StoreResult<bool> {
+        Ok(self.conn.execute("DELETE FROM bridges WHERE id = ?1", params![bridge_id])? > 0)
+    }
+
+    /// The paired apps of a bridge (diagnostic credentials excluded). `online` is left false;
+    /// the caller fills it from the live socket table.
+    pub fn list_clients(&self, bridge_id: &str) -> StoreResult<Vec<ClientInfo>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT id, device_name, paired_at, last_seen_at FROM clients
+             WHERE bridge_id = ?1 AND probe_expires_at IS NULL ORDER BY paired_at, id",
+        )?;
+        let rows = stmt.query_map(params![bridge_id], |r| {
+            Ok(ClientInfo {
+                client_id: r.get(0)?,
+                device_name: r.get(1)?,
+                paired_at: r.get::<_, i64>(2)? as u64,
+                last_seen_at: r.get::<_, Option<i64>>(3)?.map(|v| v as u64),
+                online: false,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Removes one client of a bridge. False when it was not paired with that bridge.
+    pub fn revoke(&self, bridge_id: &str, client_id: &str) -> StoreResult<bool> {
+        Ok(self.conn.execute(
+            "DELETE FROM clients WHERE id = ?1 AND bridge_id = ?2",
+            params![client_id, bridge_id],
+        )? > 0)
+    }
+
+    /// Creates a diagnostic client credential, valid [`PROBE_CLIENT_TTL_MS`]. Expired ones of
+    /// the same bridge are removed on the way. Returns `(clientId, clientSecret, expiresAt)`.
+    pub fn probe_client(&self, bridge_id: &str, now_ms: u64) -> StoreResult<(String, String, u64)> {
+        self.conn.execute(
+            "DELETE FROM clients WHERE bridge_id = ?1 AND probe_expires_at IS NOT NULL
+                 AND probe_expires_at <= ?2",
+            params![bridge_id, now_ms as i64],
+        )?;
+        let client_id = secret::new_client_id();
+        let client_secret = secret::new_client_secret();
+        let expires = now_ms + PROBE_CLIENT_TTL_MS;
+        self.conn.execute(
+            "INSERT INTO clients (id, bridge_id, secret_hash, device_name, paired_at, probe_expires_at)
+             VALUES (?1, ?2, ?3, 'hermeschat-pair --doctor', ?4, ?5)",
+            params![
+                client_id,
+                bridge_id,
+                &secret::digest(&client_secret)[..],
+                now_ms as i64,
+                expires as i64
+            ],
+        )?;
+        Ok((client_id, client_secret, expires))
+    }
+
+    /// Finds the client of `bridge_id` whose secret is `client_secret`. Every candidate digest of
+    /// that bridge is compared in constant time, so timing says nothing about the secret.
+    pub fn auth_client(
+        &self,
+        bridge_id: &str,
+        client_secret: &str,
+        now_ms: u64,
+    ) -> StoreResult<Option<Client>> {
+        let presented = secret::digest(client_secret);
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, secret_hash, device_name, probe_expires_at FROM clients WHERE bridge_id = ?1",
+        )?;
+        let mut rows = stmt.query(params![bridge_id])?;
+        let mut found = None;
+        while let Some(r) = rows.next()? {
+            let hash: Vec<u8> = r.get(1)?;
+            let probe_expires: Option<i64> = r.get(3)?;
+            let live = probe_expires.is_none_or(|e| (now_ms as i64) < e);
+            if secret::digests_equal(&presented, &hash) && live {
+                found = Some(Client {
+                    id: r.get(0)?,
+                    bridge_id: bridge_id.to_owned(),
+                    device_name: r.get(2)?,
+                });
+            }
+        }
+        Ok(found)
+    }
+
+    /// Records when a client was last seen (connect and disconnect).
+    pub fn touch_client(&self, client_id: &str, now_ms: u64) -> StoreResult<()> {
+        self.conn.execute(
+            "UPDATE clients SET last_seen_at = ?2 WHERE id = ?1",
+            params![client_id, now_ms as i64],
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_store(name: &str) -> (Store, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("hcp-store-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        (Store::open(&dir).unwrap(), dir)
+    }
+
+    #[test]
+    fn pairing_lifecycle() {
+        let (mut s, dir) = temp_store("life");
+        let (id, relay_secret) = s.register("mac", Some("1"), 1_000).unwrap();
+        assert!(s.auth_bridge(&id, &relay_secret).unwrap().is_some());
+        assert!(s.auth_bridge(&id, "hrs_wrong").unwrap().is_none());
+        let (code, exp) = s.issue_access_code(&id, Some("renamed"), 1_000, 600_000).unwrap();
+        assert_eq!(exp, 601_000);
+        let Verify::Paired { client_id, client_secret, bridge_name } =
+            s.verify(&id, &code, "phone", 2_000).unwrap()
+        else {
+            panic!("not paired")
+        };
+        assert_eq!(bridge_name, "renamed");
+        assert_eq!(s.verify(&id, &code, "phone", 2_000).unwrap(), Verify::Used);
+        let c = s.auth_client(&id, &client_secret, 3_000).unwrap().unwrap();
+        assert_eq!(c.id, client_id);
+        assert!(s.auth_client(&id, &relay_secret, 3_000).unwrap().is_none());
+        assert_eq!(s.list_clients(&id).unwrap().len(), 1);
+        assert!(s.revoke(&id, &client_id).unwrap());
+        assert!(s.auth_client(&id, &client_secret, 3_000).unwrap().is_none());
+        assert!(s.delete_bridge(&id).unwrap());
+        assert_eq!(s.verify(&id, &code, "p", 4_000).unwrap(), Verify::BridgeNotFound);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn expiry_and_lockout() {
+        let (mut s, dir) = temp_store("lock");
+        let (id, _) = s.register("mac", None, 0).unwrap();
+        let (code, _) = s.issue_access_code(&id, None, 0, 1_000).unwrap();
+        assert_eq!(s.verify(&id, &code, "p", 1_000).unwrap(), Verify::Expired);
+        let (code, _) = s.issue_access_code(&id, None, 0, 600_000).unwrap();
+        for _ in 0..4 {
+            assert_eq!(s.verify(&id, &"0".repeat(32), "p", 10).unwrap(), Verify::Invalid);
+        }
+        assert_eq!(s.verify(&id, &"0".repeat(32), "p", 10).unwrap(), Verify::TooManyAttempts);
+        // The right code is burned too.
+        assert_eq!(s.verify(&id, &code, "p", 10).unwrap(), Verify::TooManyAttempts);
+        // A fresh code works again.
+        let (code, _) = s.issue_access_code(&id, None, 20, 600_000).unwrap();
+        assert!(matches!(s.verify(&id, &code, "p", 30).unwrap(), Verify::Paired { .. }));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn probe_clients_expire_and_are_not_listed() {
+        let (s, dir) = temp_store("probe");
+        let (id, _) = s.register("mac", None, 0).unwrap();
+        let (cid, secret, exp) = s.probe_client(&id, 0).unwrap();
+        assert_eq!(s.auth_client(&id, &secret, 1).unwrap().unwrap().id, cid);
+        assert!(s.auth_client(&id, &secret, exp).unwrap().is_none());
+        assert!(s.list_clients(&id).unwrap().is_empty());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn only_digests_are_stored() {
+        let (mut s, dir) = temp_store("digest");
+        let (id, relay_secret) = s.register("mac", None, 0).unwrap();
+        let (code, _) = s.issue_access_code(&id, None, 0, 600_000).unwrap();
+        let Verify::Paired { client_secret, .. } = s.verify(&id, &code, "p", 1).unwrap() else {
+            panic!()
+        };
+        drop(s);
+        let mut raw = Vec::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            raw.extend(std::fs::read(entry.unwrap().path()).unwrap());
+        }
+        let raw = String::from_utf8_lossy(&raw);
+        for secret in [&relay_secret, &client_secret, &code] {
+            assert!(!raw.contains(secret.as_str()), "a secret is stored in clear");
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

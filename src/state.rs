@@ -1,0 +1,1092 @@
+//! The local state directory (`~/.hermeschat/`, ARCHITECTURE §5) and the files in it.
+//!
+//! Everything the bridge keeps on disk goes through this module so the rules hold in one
+//! place: the directory is 0700; every file is 0600 from the moment it exists (never created
+//! wider and chmod-ed later, which leaves a window for another user to open it); and a file is
+//! replaced by writing a temp file beside it, fsyncing and renaming, so a crash leaves the old
+//! content or the new, never half of one. A state file that cannot be used is moved aside, not
+//! deleted and not a panic, so the user loses nothing and the bridge re-registers by itself.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::{PROTOCOL_VERSION, RegisterResponse, is_bridge_id, is_relay_secret};
+
+/// Environment variable that overrides the state directory.
+pub const HOME_ENV: &str = "HERMESCHAT_HOME";
+
+/// The version written into [`BridgeIdentity::v`]; it follows the wire protocol's version
+/// because the identity only makes sense against a relay of that protocol.
+pub const STATE_VERSION: u32 = PROTOCOL_VERSION;
+
+/// Mode of the state directory: the owner only.
+const DIR_MODE: u32 = 0o700;
+
+/// Mode of every state file: the owner only, read and write.
+const FILE_MODE: u32 = 0o600;
+
+// ---------------------------------------------------------------------------------------------
+// The directory and its paths
+
+/// The state directory: `$HERMESCHAT_HOME` if set and non-empty, else `$HOME/.hermeschat`.
+///
+/// A relative override is made absolute here because the daemon changes its working
+/// directory when it detaches. Without any home directory at all (no `$HOME`, no passwd
+/// entry) it falls back to `.hermeschat` under the current directory rather than guessing a
+/// shared location such as `/tmp`.
+pub fn state_dir() -> PathBuf {
+    resolve_state_dir(std::env::var_os(HOME_ENV), std::env::var_os("HOME"), std::env::home_dir)
+}
+
+/// [`state_dir`] with its inputs passed in, so tests need not mutate the process environment.
+fn resolve_state_dir(
+    override_dir: Option<OsString>,
+    home: Option<OsString>,
+    passwd_home: impl FnOnce() -> Option<PathBuf>,
+) -> PathBuf {
+    let dir = match override_dir.filter(|d| !d.is_empty()) {
+        Some(dir) => PathBuf::from(dir),
+        None => home
+            .filter(|h| !h.is_empty())
+            .map(PathBuf::from)
+            .or_else(passwd_home)
+            .unwrap_or_default()
+            .join(".hermeschat"),
+    };
+    std::path::absolute(&dir).unwrap_or(dir)
+}
+
+/// `bridge.json`: the bridge's identity and relay secret.
+pub fn bridge_json(dir: &Path) -> PathBuf {
+    dir.join("bridge.json")
+}
+
+/// `config.json`: the user's settings.
+pub fn config_json(dir: &Path) -> PathBuf {
+    dir.join("config.json")
+}
+
+/// `bridge.pid`: the daemon's pid, flock-held while it lives.
+pub fn pid_file(dir: &Path) -> PathBuf {
+    dir.join("bridge.pid")
+}
+
+/// `status.json`: what the daemon sees now, for `--status`.
+pub fn status_json(dir: &Path) -> PathBuf {
+    dir.join("status.json")
+}
+
+/// `bridge.log`: the daemon's log.
+pub fn bridge_log(dir: &Path) -> PathBuf {
+    dir.join("bridge.log")
+}
+
+/// `server.log`: the built-in backend's log.
+pub fn server_log(dir: &Path) -> PathBuf {
+    dir.join("server.log")
+}
+
+/// `gateway.log`: output of a gateway we started.
+pub fn gateway_log(dir: &Path) -> PathBuf {
+    dir.join("gateway.log")
+}
+
+/// Creates `dir` (and any missing parents) with mode 0700, and tightens an existing
+/// directory to 0700 when its mode is anything else.
+///
+/// The mode is given to `mkdir` itself, so there is no moment where the directory exists
+/// with the umask's wider default.
+pub fn ensure_dir(dir: &Path) -> io::Result<()> {
+    ensure_dir_raw(dir).map_err(|e| with_path(dir, e))
+}
+
+/// [`ensure_dir`] without the path added to errors.
+fn ensure_dir_raw(dir: &Path) -> io::Result<()> {
+    fs::DirBuilder::new().recursive(true).mode(DIR_MODE).create(dir)?;
+    let meta = fs::metadata(dir)?;
+    if !meta.is_dir() {
+        return Err(io::Error::new(io::ErrorKind::AlreadyExists, "exists and is not a directory"));
+    }
+    if meta.permissions().mode() & 0o777 != DIR_MODE {
+        fs::set_permissions(dir, fs::Permissions::from_mode(DIR_MODE))?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Atomic writes
+
+/// Distinguishes temp files of concurrent writers inside one process.
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Replaces `path` with `bytes` atomically: a temp file in the same directory (created
+/// exclusively, mode 0600), written, fsynced, renamed over `path`, then the directory fsynced
+/// so the rename itself survives a crash.
+///
+/// On any error the temp file is removed and the old `path`, if any, is left as it was.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    write_atomic_raw(path, bytes).map_err(|e| with_path(path, e))
+}
+
+/// [`write_atomic`] without the path added to errors.
+fn write_atomic_raw(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the path has no file name"))?;
+    let dir = parent_dir(path);
+    let (tmp, file) = create_temp(dir, name)?;
+    if let Err(e) = fill_and_rename(file, &tmp, path, bytes) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    sync_dir(dir)
+}
+
+/// The directory holding `path`; `.` for a bare file name.
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Creates a fresh `.<name>.<pid>.<n>.tmp` in `dir` with `O_EXCL` and mode 0600.
+///
+/// `O_EXCL` also refuses a symlink planted at that name, so the write cannot be redirected.
+fn create_temp(dir: &Path, name: &std::ffi::OsStr) -> io::Result<(PathBuf, File)> {
+    let pid = std::process::id();
+    let mut last_err = None;
+    for _ in 0..16 {
+        let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let mut tmp_name = OsString::from(".");
+        tmp_name.push(name);
+        tmp_name.push(format!(".{pid}.{n}.tmp"));
+        let tmp = dir.join(tmp_name);
+        match OpenOptions::new().write(true).create_new(true).mode(FILE_MODE).open(&tmp) {
+            Ok(file) => return Ok((tmp, file)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last_err = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last_err
+        .unwrap_or_else(|| io::Error::new(io::ErrorKind::AlreadyExists, "no free temp name")))
+}
+
+/// Writes and fsyncs `file`, closes it, and renames `tmp` over `path`.
+fn fill_and_rename(mut file: File, tmp: &Path, path: &Path, bytes: &[u8]) -> io::Result<()> {
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    fs::rename(tmp, path)
+}
+
+/// Fsyncs a directory so a rename inside it is durable. Filesystems that cannot fsync a
+/// directory answer `EINVAL`; the data itself is already synced there, so that is not an error.
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    match File::open(dir).and_then(|d| d.sync_all()) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+        other => other,
+    }
+}
+
+/// Adds `path` to an I/O error's message; the OS message alone never says which file.
+fn with_path(path: &Path, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// JSON files
+
+/// Why a JSON state file could not be read or written.
+#[derive(Debug)]
+pub enum StateError {
+    /// The file could not be read or written.
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What the operating system said.
+        source: io::Error,
+    },
+    /// The file is not the JSON we expect, or the value could not be encoded.
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// serde_json's description, with anything shaped like a secret redacted.
+        message: String,
+    },
+}
+
+impl fmt::Display for StateError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StateError::Io { path, source } => write!(f, "{}: {source}", path.display()),
+            StateError::Json { path, message } => {
+                write!(f, "{}: not the expected JSON: {message}", path.display())
+            }
+        }
+    }
+}
+
+impl std::error::Error for StateError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            StateError::Io { source, .. } => Some(source),
+            StateError::Json { .. } => None,
+        }
+    }
+}
+
+/// Writes `value` to `path` as pretty JSON with a trailing newline, atomically, mode 0600.
+pub fn write_json<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<(), StateError> {
+    let mut bytes = serde_json::to_vec_pretty(value).map_err(|e| StateError::Json {
+        path: path.to_path_buf(),
+        message: redact_secrets(&e.to_string()),
+    })?;
+    bytes.push(b'\n');
+    write_atomic_raw(path, &bytes)
+        .map_err(|source| StateError::Io { path: path.to_path_buf(), source })
+}
+
+/// Reads `path` as JSON; `None` when the file does not exist.
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, StateError> {
+    let bytes = match fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(StateError::Io { path: path.to_path_buf(), source });
+        }
+    };
+    serde_json::from_slice(&bytes).map(Some).map_err(|e| StateError::Json {
+        path: path.to_path_buf(),
+        message: redact_secrets(&e.to_string()),
+    })
+}
+
+/// The outcome of [`load_or_move_aside`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Loaded<T> {
+    /// There is no file.
+    Missing,
+    /// The file parsed and passed validation.
+    Ok(T),
+    /// The file was unusable and now lives at `moved_to`, content untouched.
+    MovedAside {
+        /// Why it was unusable, fit for a status line (secrets redacted).
+        reason: String,
+        /// Where it went: `<name>.corrupt-<unix-secs>`, or `<name>.v<N>-<unix-secs>` for a
+        /// file written by another version.
+        moved_to: PathBuf,
+    },
+}
+
+/// Loads `path` as a `T`; if it does not parse, has the wrong shape, or `validate` rejects
+/// it, renames it aside and says so. Never panics on file content.
+///
+/// A file whose top-level `v` is a version other than [`STATE_VERSION`] (or an old v1 file
+/// carrying `bridgeSecret` and no `v`) is tagged `v<N>` rather than `corrupt`: it is not
+/// damaged, just old, and the name tells a user poking around what it was.
+///
+/// I/O errors (unreadable file, read-only directory) are returned, not moved aside: the file
+/// may be fine and the next run may read it.
+pub fn load_or_move_aside<T: DeserializeOwned>(
+    path: &Path,
+    validate: impl Fn(&T) -> Result<(), String>,
+) -> io::Result<Loaded<T>> {
+    let bytes = match fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Loaded::Missing),
+        Err(e) => return Err(with_path(path, e)),
+    };
+    let problem = match serde_json::from_slice::<T>(&bytes) {
+        Ok(value) => match validate(&value) {
+            Ok(()) => return Ok(Loaded::Ok(value)),
+            Err(why) => why,
+        },
+        Err(e) if e.is_data() => format!("unexpected content ({e})"),
+        Err(e) => format!("not valid JSON ({e})"),
+    };
+    let (tag, reason) = match other_version(&bytes) {
+        Some(n) => (
+            format!("v{n}"),
+            format!("written by an older format (v={n}); this version uses v={STATE_VERSION}"),
+        ),
+        None => ("corrupt".to_owned(), problem),
+    };
+    let moved_to = move_aside(path, &tag, unix_secs()).map_err(|e| with_path(path, e))?;
+    Ok(Loaded::MovedAside { reason: redact_secrets(&reason), moved_to })
+}
+
+/// The version of a state file from another format: its numeric top-level `v` when that is
+/// not [`STATE_VERSION`], or 1 for the npm tool's files that had `bridgeSecret` and no `v`.
+fn other_version(bytes: &[u8]) -> Option<u64> {
+    let value: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    let object = value.as_object()?;
+    match object.get("v") {
+        Some(v) => v.as_u64().filter(|&n| n != u64::from(STATE_VERSION)),
+        None => object.contains_key("bridgeSecret").then_some(1),
+    }
+}
+
+/// Renames `path` to `<name>.<tag>-<secs>`, adding `.1`, `.2`, … if that name is taken, so an
+/// earlier moved-aside file is never overwritten.
+fn move_aside(path: &Path, tag: &str, secs: u64) -> io::Result<PathBuf> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the path has no file name"))?
+        .to_string_lossy()
+        .into_owned();
+    let base = format!("{name}.{tag}-{secs}");
+    for n in 0..1000 {
+        let candidate = match n {
+            0 => path.with_file_name(&base),
+            n => path.with_file_name(format!("{base}.{n}")),
+        };
+        match fs::symlink_metadata(&candidate) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                fs::rename(path, &candidate)?;
+                return Ok(candidate);
+            }
+            Err(e) => return Err(e),
+            Ok(_) => continue,
+        }
+    }
+    Err(io::Error::new(io::ErrorKind::AlreadyExists, "too many moved-aside copies already"))
+}
+
+/// Seconds since the Unix epoch (0 if the clock is before it).
+fn unix_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Replaces anything shaped like one of our secrets (`hrs_`, `hcs_`, `hpt_` followed by hex)
+/// with `<redacted>`. serde_json quotes offending values in its messages, and those messages
+/// end up in logs and status lines.
+pub fn redact_secrets(text: &str) -> String {
+    const PREFIXES: [&str; 3] = ["hrs_", "hcs_", "hpt_"];
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = PREFIXES.iter().filter_map(|p| rest.find(p)).min() {
+        let after = &rest[start + 4..];
+        let hex_len = after.bytes().take_while(|b| b.is_ascii_hexdigit()).count();
+        out.push_str(&rest[..start]);
+        if hex_len > 0 {
+            out.push_str("<redacted>");
+        } else {
+            out.push_str(&rest[start..start + 4]);
+        }
+        rest = &after[hex_len..];
+    }
+    out.push_str(rest);
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// bridge.json and config.json
+
+/// `bridge.json`: who this bridge is to the relay. Written once at registration, replaced on
+/// `--reset` or when the registry changes. Unknown fields are tolerated (and dropped on the
+/// next write) so a newer version's file does not force a re-registration.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BridgeIdentity {
+    /// File format version, always [`STATE_VERSION`].
+    pub v: u32,
+    /// The bridgeId (24 lowercase hex).
+    pub bridge_id: String,
+    /// The relaySecret (`hrs_` + 64 hex). Never printed: [`fmt::Debug`] redacts it.
+    pub relay_secret: String,
+    /// Where the bridge connects (`wss://…/ws/bridge`).
+    pub bridge_relay_url: String,
+    /// Where apps connect (`wss://…/ws/app`), put in the QR.
+    pub app_relay_url: String,
+    /// This installation's id, sent as `X-Hermes-Instance` so a restart takes over its socket.
+    pub instance_id: String,
+    /// The registry this identity belongs to; a different registry means re-registering.
+    pub registry_url: String,
+    /// The name shown in the app.
+    pub display_name: String,
+    /// When the identity was registered, unix milliseconds.
+    pub created_at: u64,
+}
+
+impl BridgeIdentity {
+    /// Builds the identity from a registry's answer to `POST /v1/bridge/register`.
+    pub fn from_registration(
+        registration: RegisterResponse,
+        registry_url: &str,
+        instance_id: &str,
+        display_name: &str,
+        created_at: u64,
+    ) -> Self {
+        BridgeIdentity {
+            v: STATE_VERSION,
+            bridge_id: registration.bridge_id,
+            relay_secret: registration.relay_secret,
+            bridge_relay_url: registration.bridge_relay_url,
+            app_relay_url: registration.app_relay_url,
+            instance_id: instance_id.to_owned(),
+            registry_url: registry_url.to_owned(),
+            display_name: display_name.to_owned(),
+            created_at,
+        }
+    }
+
+    /// Checks the version and the forms of the ids, secret and URLs. The message never quotes
+    /// the secret.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.v != STATE_VERSION {
+            return Err(format!("version {} (expected {STATE_VERSION})", self.v));
+        }
+        if !is_bridge_id(&self.bridge_id) {
+            return Err("bridgeId is not 24 lowercase hex digits".into());
+        }
+        if !is_relay_secret(&self.relay_secret) {
+            return Err("relaySecret is not hrs_ followed by 64 lowercase hex digits".into());
+        }
+        let ws = |u: &str| u.starts_with("wss://") || u.starts_with("ws://");
+        if !ws(&self.bridge_relay_url) || !ws(&self.app_relay_url) {
+            return Err("a relay URL is not a ws:// or wss:// URL".into());
+        }
+        let http = |u: &str| u.starts_with("https://") || u.starts_with("http://");
+        if !http(&self.registry_url) {
+            return Err("registryUrl is not an http:// or https:// URL".into());
+        }
+        if self.instance_id.is_empty() {
+            return Err("instanceId is empty".into());
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for BridgeIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BridgeIdentity")
+            .field("v", &self.v)
+            .field("bridge_id", &self.bridge_id)
+            .field("relay_secret", &format_args!("<redacted>"))
+            .field("bridge_relay_url", &self.bridge_relay_url)
+            .field("app_relay_url", &self.app_relay_url)
+            .field("instance_id", &self.instance_id)
+            .field("registry_url", &self.registry_url)
+            .field("display_name", &self.display_name)
+            .field("created_at", &self.created_at)
+            .finish()
+    }
+}
+
+/// `config.json`: the user's saved settings. Every field is optional; unset fields are left
+/// out of the file so that a default changed in a later release still applies.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Config {
+    /// The registry URL (`--server`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub registry_url: Option<String>,
+    /// The backend port (`--port`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// The name shown in the app.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Logs
+
+/// A log file that rotates by size: `bridge.log` → `bridge.log.1` → … → `bridge.log.<keep-1>`,
+/// the oldest dropped. Files are created 0600.
+///
+/// A write goes whole into one file: when it would push the current file past `max_bytes`,
+/// the file is rotated first. So a file exceeds the limit only when one write alone is larger.
+/// One process should own a log; a second writer would not see the first one's size.
+#[derive(Debug)]
+pub struct RotatingLog {
+    /// The current file's path (`bridge.log`).
+    path: PathBuf,
+    /// The current file, opened for append.
+    file: File,
+    /// Bytes in the current file.
+    len: u64,
+    /// Rotate before a write would take the file past this.
+    max_bytes: u64,
+    /// Files kept, the current one included (at least 1).
+    keep: usize,
+}
+
+impl RotatingLog {
+    /// Default size limit per file: 5 MiB.
+    pub const DEFAULT_MAX_BYTES: u64 = 5 << 20;
+
+    /// Default files kept: `x.log`, `x.log.1`, `x.log.2`.
+    pub const DEFAULT_KEEP: usize = 3;
+
+    /// Opens (or creates) `path` with the default limits.
+    pub fn open(path: &Path) -> io::Result<Self> {
+        Self::with_limits(path, Self::DEFAULT_MAX_BYTES, Self::DEFAULT_KEEP)
+    }
+
+    /// Opens (or creates) `path`, rotating past `max_bytes` and keeping `keep` files
+    /// (a `keep` of 0 is taken as 1: the log is truncated instead of rotated).
+    pub fn with_limits(path: &Path, max_bytes: u64, keep: usize) -> io::Result<Self> {
+        let file = open_log(path, false).map_err(|e| with_path(path, e))?;
+        let len = file.metadata().map_err(|e| with_path(path, e))?.len();
+        Ok(RotatingLog { path: path.to_path_buf(), file, len, max_bytes, keep: keep.max(1) })
+    }
+
+    /// The current log file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Shifts every kept file up by one, dropping the oldest, and starts an empty file.
+    fn rotate(&mut self) -> io::Result<()> {
+        // Renaming over the next name replaces it atomically, so the oldest goes away by
+        // being overwritten, from the top down.
+        for i in (1..self.keep).rev() {
+            let from = numbered(&self.path, i - 1);
+            match fs::rename(&from, numbered(&self.path, i)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        self.file = open_log(&self.path, self.keep == 1)?;
+        self.len = 0;
+        Ok(())
+    }
+}
+
+/// `path` for generation 0, `path.<n>` after that.
+fn numbered(path: &Path, n: usize) -> PathBuf {
+    if n == 0 {
+        return path.to_path_buf();
+    }
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".{n}"));
+    PathBuf::from(name)
+}
+
+/// Opens a log for append, creating it 0600, tightening an existing file that is wider.
+fn open_log(path: &Path, truncate: bool) -> io::Result<File> {
+    let mut options = OpenOptions::new();
+    options.create(true).mode(FILE_MODE);
+    if truncate {
+        options.write(true).truncate(true);
+    } else {
+        options.append(true);
+    }
+    let file = options.open(path)?;
+    let mode = file.metadata()?.permissions().mode();
+    if mode & 0o077 != 0 {
+        file.set_permissions(fs::Permissions::from_mode(FILE_MODE))?;
+    }
+    Ok(file)
+}
+
+impl Write for RotatingLog {
+    /// Writes all of `buf` to one file, rotating first if it would not fit.
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let incoming = buf.len() as u64;
+        if self.len > 0 && self.len.saturating_add(incoming) > self.max_bytes {
+            self.rotate()?;
+        }
+        if let Err(e) = self.file.write_all(buf) {
+            // Part of `buf` may have landed; resynchronise the size from the file.
+            self.len = self.file.metadata().map_or(self.len, |m| m.len());
+            return Err(e);
+        }
+        self.len += incoming;
+        Ok(buf.len())
+    }
+
+    /// Nothing is buffered here; the file is written through.
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fresh directory under the system temp dir, removed on drop.
+    struct TestDir(PathBuf);
+
+    impl TestDir {
+        /// Creates `hermeschat-state-<tag>-<pid>-<nanos>`.
+        fn new(tag: &str) -> TestDir {
+            let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
+            let dir = std::env::temp_dir()
+                .join(format!("hermeschat-state-{tag}-{}-{nanos}", std::process::id()));
+            fs::create_dir_all(&dir).unwrap();
+            TestDir(dir)
+        }
+
+        /// A path inside the directory.
+        fn join(&self, name: &str) -> PathBuf {
+            self.0.join(name)
+        }
+
+        /// The names in the directory, sorted.
+        fn names(&self) -> Vec<String> {
+            names_in(&self.0)
+        }
+    }
+
+    impl Drop for TestDir {
+        fn drop(&mut self) {
+            let _ = fs::set_permissions(&self.0, fs::Permissions::from_mode(0o700));
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// The names in `dir`, sorted.
+    fn names_in(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// The permission bits of `path`.
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    /// A valid identity with a recognisable secret.
+    fn identity() -> BridgeIdentity {
+        BridgeIdentity::from_registration(
+            RegisterResponse {
+                bridge_id: "0123456789abcdef01234567".into(),
+                relay_secret: format!("hrs_{}", "5ec7".repeat(16)),
+                bridge_relay_url: "wss://relay.example.com/ws/bridge".into(),
+                app_relay_url: "wss://relay.example.com/ws/app".into(),
+            },
+            "https://relay.example.com",
+            "hin_00112233445566778899aabbccddeeff",
+            "my-macbook",
+            1_700_000_000_000,
+        )
+    }
+
+    #[test]
+    fn state_dir_prefers_the_override_then_home() {
+        let none = || None;
+        let passwd = || Some(PathBuf::from("/home/pw"));
+        assert_eq!(
+            resolve_state_dir(Some("/srv/hc".into()), Some("/home/u".into()), none),
+            PathBuf::from("/srv/hc")
+        );
+        assert_eq!(
+            resolve_state_dir(Some("".into()), Some("/home/u".into()), none),
+            PathBuf::from("/home/u/.hermeschat")
+        );
+        assert_eq!(
+            resolve_state_dir(None, Some("/home/u".into()), none),
+            PathBuf::from("/home/u/.hermeschat")
+        );
+        assert_eq!(
+            resolve_state_dir(None, Some("".into()), passwd),
+            PathBuf::from("/home/pw/.hermeschat")
+        );
+        let relative = resolve_state_dir(Some("rel/dir".into()), None, none);
+        assert!(relative.is_absolute(), "{relative:?}");
+        assert!(relative.ends_with("rel/dir"));
+        assert!(resolve_state_dir(None, None, none).is_absolute());
+    }
+
+    #[test]
+    fn ensure_dir_creates_0700_and_tightens() {
+        let t = TestDir::new("ensure");
+        let nested = t.join("a/b/state");
+        ensure_dir(&nested).unwrap();
+        assert_eq!(mode(&nested), 0o700);
+        assert_eq!(mode(&t.join("a")), 0o700, "created parents are private too");
+
+        let loose = t.join("loose");
+        fs::create_dir(&loose).unwrap();
+        fs::set_permissions(&loose, fs::Permissions::from_mode(0o755)).unwrap();
+        ensure_dir(&loose).unwrap();
+        assert_eq!(mode(&loose), 0o700);
+        ensure_dir(&loose).unwrap(); // idempotent
+
+        let file = t.join("file");
+        fs::write(&file, "x").unwrap();
+        let err = ensure_dir(&file).unwrap_err();
+        assert!(err.to_string().contains("file"), "{err}");
+    }
+
+    #[test]
+    fn write_atomic_creates_0600_and_replaces() {
+        let t = TestDir::new("atomic");
+        let path = t.join("status.json");
+        write_atomic(&path, b"one").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"one");
+        assert_eq!(mode(&path), 0o600);
+
+        // A pre-existing world-readable file is replaced by a private one.
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        write_atomic(&path, b"two").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"two");
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(t.names(), vec!["status.json"], "no temp file left behind");
+    }
+
+    #[test]
+    fn write_atomic_cleans_up_when_the_rename_fails() {
+        let t = TestDir::new("rename-fails");
+        // A directory in the way: the temp file is written, then the rename fails.
+        let target = t.join("bridge.json");
+        fs::create_dir(&target).unwrap();
+        fs::write(target.join("inside"), "keep").unwrap();
+        let err = write_atomic(&target, b"new").unwrap_err();
+        assert!(err.to_string().contains("bridge.json"), "{err}");
+        assert_eq!(t.names(), vec!["bridge.json"], "temp file removed");
+        assert_eq!(fs::read_to_string(target.join("inside")).unwrap(), "keep");
+    }
+
+    #[test]
+    fn write_atomic_keeps_the_old_file_in_a_read_only_dir() {
+        let t = TestDir::new("readonly");
+        let path = t.join("bridge.json");
+        write_atomic(&path, b"old").unwrap();
+        fs::set_permissions(&t.0, fs::Permissions::from_mode(0o500)).unwrap();
+
+        // Root (CAP_DAC_OVERRIDE) writes through 0500; probe before relying on it.
+        let probe = t.join("probe");
+        let enforced = fs::write(&probe, "p").is_err();
+        let _ = fs::remove_file(&probe);
+        let result = write_atomic(&path, b"new");
+        fs::set_permissions(&t.0, fs::Permissions::from_mode(0o700)).unwrap();
+
+        if enforced {
+            let err = result.unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
+            assert_eq!(fs::read(&path).unwrap(), b"old");
+            assert_eq!(t.names(), vec!["bridge.json"]);
+        } else {
+            eprintln!("note: running with permission override (root); read-only check skipped");
+            result.unwrap();
+        }
+    }
+
+    #[test]
+    fn write_atomic_fails_cleanly_without_a_directory() {
+        let t = TestDir::new("nodir");
+        let err = write_atomic(&t.join("missing/x.json"), b"x").unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        assert!(t.names().is_empty());
+        assert!(write_atomic(Path::new("/"), b"x").is_err(), "no file name");
+    }
+
+    #[test]
+    fn json_round_trip_pretty_with_newline() {
+        let t = TestDir::new("json");
+        let path = config_json(&t.0);
+        assert!(read_json::<Config>(&path).unwrap().is_none());
+        let config = Config {
+            registry_url: Some("https://relay.example.com".into()),
+            port: Some(8765),
+            display_name: None,
+        };
+        write_json(&path, &config).unwrap();
+        let text = fs::read_to_string(&path).unwrap();
+        assert!(text.ends_with("}\n"), "{text:?}");
+        assert!(text.contains("\n  \"registryUrl\": "), "pretty, camelCase: {text}");
+        assert!(!text.contains("displayName"), "unset fields are omitted");
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(read_json::<Config>(&path).unwrap(), Some(config));
+
+        fs::write(&path, "{\"port\": \"hrs_abcdef\"}").unwrap();
+        let err = read_json::<Config>(&path).unwrap_err();
+        let shown = err.to_string();
+        assert!(matches!(err, StateError::Json { .. }));
+        assert!(shown.contains("config.json"), "{shown}");
+        assert!(!shown.contains("hrs_abcdef"), "{shown}");
+    }
+
+    #[test]
+    fn config_tolerates_missing_and_unknown_fields() {
+        let c: Config = serde_json::from_str(r#"{"port":9000,"bridgeSecret":"x"}"#).unwrap();
+        assert_eq!(c.port, Some(9000));
+        assert_eq!(c.registry_url, None);
+        assert_eq!(serde_json::from_str::<Config>("{}").unwrap(), Config::default());
+        assert_eq!(serde_json::to_string(&Config::default()).unwrap(), "{}");
+    }
+
+    #[test]
+    fn identity_serde_and_validation() {
+        let id = identity();
+        id.validate().unwrap();
+        let json = serde_json::to_value(&id).unwrap();
+        for key in [
+            "v",
+            "bridgeId",
+            "relaySecret",
+            "bridgeRelayUrl",
+            "appRelayUrl",
+            "instanceId",
+            "registryUrl",
+            "displayName",
+            "createdAt",
+        ] {
+            assert!(json.get(key).is_some(), "missing {key}");
+        }
+        let mut with_extra = json.clone();
+        with_extra["futureField"] = serde_json::json!(true);
+        let back: BridgeIdentity = serde_json::from_value(with_extra).unwrap();
+        assert_eq!(back, id);
+
+        let bad = |f: fn(&mut BridgeIdentity)| {
+            let mut id = identity();
+            f(&mut id);
+            id.validate().unwrap_err()
+        };
+        assert!(bad(|i| i.v = 1).contains("version 1"));
+        assert!(bad(|i| i.bridge_id = "XYZ".into()).contains("bridgeId"));
+        let secret_err = bad(|i| i.relay_secret = "hrs_short".into());
+        assert!(secret_err.contains("relaySecret") && !secret_err.contains("short"));
+        assert!(bad(|i| i.app_relay_url = "https://x".into()).contains("relay URL"));
+        assert!(bad(|i| i.registry_url = "ftp://x".into()).contains("registryUrl"));
+        assert!(bad(|i| i.instance_id.clear()).contains("instanceId"));
+    }
+
+    #[test]
+    fn identity_debug_hides_the_secret() {
+        let id = identity();
+        for shown in [format!("{id:?}"), format!("{id:#?}")] {
+            assert!(!shown.contains(&id.relay_secret), "{shown}");
+            assert!(!shown.contains("5ec75ec7"), "{shown}");
+            assert!(shown.contains("<redacted>"));
+            assert!(shown.contains(&id.bridge_id));
+        }
+        let loaded = format!("{:?}", Loaded::Ok(id.clone()));
+        assert!(!loaded.contains(&id.relay_secret));
+    }
+
+    #[test]
+    fn load_reports_missing_and_ok() {
+        let t = TestDir::new("load-ok");
+        let path = bridge_json(&t.0);
+        let got = load_or_move_aside(&path, BridgeIdentity::validate).unwrap();
+        assert_eq!(got, Loaded::Missing);
+        write_json(&path, &identity()).unwrap();
+        let got = load_or_move_aside(&path, BridgeIdentity::validate).unwrap();
+        assert_eq!(got, Loaded::Ok(identity()));
+        assert_eq!(t.names(), vec!["bridge.json"]);
+    }
+
+    /// Asserts `name` is `<prefix><digits>`.
+    fn assert_suffixed(name: &str, prefix: &str) {
+        let digits = name
+            .strip_prefix(prefix)
+            .unwrap_or_else(|| panic!("{name} does not start with {prefix}"));
+        assert!(!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()), "{name}");
+    }
+
+    #[test]
+    fn unparseable_file_is_moved_aside_intact() {
+        let t = TestDir::new("corrupt");
+        let path = bridge_json(&t.0);
+        let garbage = b"{\"v\":2, \"bridgeId\": \x00 truncated";
+        fs::write(&path, garbage).unwrap();
+        let Loaded::MovedAside { reason, moved_to } =
+            load_or_move_aside(&path, BridgeIdentity::validate).unwrap()
+        else {
+            panic!("not moved aside")
+        };
+        assert!(reason.contains("not valid JSON"), "{reason}");
+        assert!(!path.exists());
+        assert_eq!(fs::read(&moved_to).unwrap(), garbage);
+        let name = moved_to.file_name().unwrap().to_str().unwrap();
+        assert_suffixed(name, "bridge.json.corrupt-");
+        assert_eq!(moved_to.parent(), Some(t.0.as_path()));
+    }
+
+    #[test]
+    fn wrong_shape_and_failed_validation_are_corrupt() {
+        let t = TestDir::new("shape");
+        let path = bridge_json(&t.0);
+
+        fs::write(&path, "[1, 2]").unwrap();
+        let got = load_or_move_aside(&path, BridgeIdentity::validate).unwrap();
+        let Loaded::MovedAside { reason, moved_to } = got else { panic!("not moved aside") };
+        assert!(reason.contains("unexpected content"), "{reason}");
+        assert_suffixed(moved_to.file_name().unwrap().to_str().unwrap(), "bridge.json.corrupt-");
+
+        let mut id = identity();
+        id.relay_secret = format!("hrs_{}", "ab".repeat(20)); // too short
+        write_json(&path, &id).unwrap();
+        let got = load_or_move_aside(&path, BridgeIdentity::validate).unwrap();
+        let Loaded::MovedAside { reason, moved_to } = got else { panic!("not moved aside") };
+        assert!(reason.contains("relaySecret"), "{reason}");
+        assert!(!reason.contains("abab"), "{reason}");
+        assert!(moved_to.to_string_lossy().contains(".corrupt-"));
+        assert_eq!(names_in(&t.0).len(), 2, "both copies kept");
+    }
+
+    #[test]
+    fn old_version_files_are_tagged_with_their_version() {
+        let t = TestDir::new("v1");
+        let path = bridge_json(&t.0);
+        let v1 = r#"{"v":1,"bridgeId":"abc","bridgeSecret":"s3cr3t"}"#;
+        fs::write(&path, v1).unwrap();
+        let Loaded::MovedAside { reason, moved_to } =
+            load_or_move_aside(&path, BridgeIdentity::validate).unwrap()
+        else {
+            panic!("not moved aside")
+        };
+        assert!(reason.contains("v=1"), "{reason}");
+        assert_suffixed(moved_to.file_name().unwrap().to_str().unwrap(), "bridge.json.v1-");
+        assert_eq!(fs::read_to_string(&moved_to).unwrap(), v1);
+
+        // The npm tool's files had no `v`, only a bridgeSecret.
+        fs::write(&path, r#"{"bridgeSecret":"s3cr3t","relayUrl":"wss://x"}"#).unwrap();
+        let got = load_or_move_aside(&path, BridgeIdentity::validate).unwrap();
+        let Loaded::MovedAside { moved_to, .. } = got else { panic!("not moved aside") };
+        assert!(moved_to.to_string_lossy().contains("bridge.json.v1-"));
+
+        // A current-version file that the caller's rule rejects is corrupt, not old.
+        write_json(&path, &identity()).unwrap();
+        let got = load_or_move_aside(&path, |_: &BridgeIdentity| Err("nope".into())).unwrap();
+        let Loaded::MovedAside { reason, moved_to } = got else { panic!("not moved aside") };
+        assert_eq!(reason, "nope");
+        assert!(moved_to.to_string_lossy().contains(".corrupt-"));
+    }
+
+    #[test]
+    fn move_aside_never_overwrites_an_earlier_copy() {
+        let t = TestDir::new("collide");
+        let path = t.join("bridge.json");
+        let mut moved = Vec::new();
+        for content in ["a", "b", "c"] {
+            fs::write(&path, content).unwrap();
+            moved.push(move_aside(&path, "corrupt", 42).unwrap());
+        }
+        assert_eq!(
+            t.names(),
+            vec!["bridge.json.corrupt-42", "bridge.json.corrupt-42.1", "bridge.json.corrupt-42.2",]
+        );
+        for (path, content) in moved.iter().zip(["a", "b", "c"]) {
+            assert_eq!(fs::read_to_string(path).unwrap(), content);
+        }
+    }
+
+    #[test]
+    fn unreadable_file_is_an_error_not_moved() {
+        let t = TestDir::new("unreadable");
+        let path = t.join("bridge.json");
+        fs::create_dir(&path).unwrap(); // reading a directory fails with an I/O error
+        assert!(load_or_move_aside(&path, BridgeIdentity::validate).is_err());
+        assert!(path.is_dir());
+    }
+
+    #[test]
+    fn secrets_are_redacted_from_messages() {
+        let s = format!("bad value \"hrs_{}\" and hcs_00ff, hpt_ alone", "a".repeat(64));
+        assert_eq!(redact_secrets(&s), "bad value \"<redacted>\" and <redacted>, hpt_ alone");
+        assert_eq!(redact_secrets("nothing here"), "nothing here");
+    }
+
+    #[test]
+    fn log_rotation_keeps_n_files_within_the_limit() {
+        let t = TestDir::new("rotate");
+        let path = bridge_log(&t.0);
+        let max = 100;
+        let mut log = RotatingLog::with_limits(&path, max, 3).unwrap();
+        let mut last = Vec::new();
+        for i in 0..200u32 {
+            // Writes of 1..=40 bytes, never split across files.
+            let line = format!("{i:04}{}\n", "x".repeat((i as usize * 7) % 36));
+            log.write_all(line.as_bytes()).unwrap();
+            let len = fs::metadata(&path).unwrap().len();
+            assert!(len <= max, "write {i}: {len} bytes in a {max}-byte log");
+            last = line.into_bytes();
+        }
+        log.flush().unwrap();
+        assert_eq!(t.names(), vec!["bridge.log", "bridge.log.1", "bridge.log.2"]);
+        for name in t.names() {
+            let p = t.join(&name);
+            assert_eq!(mode(&p), 0o600, "{name}");
+            assert!(fs::metadata(&p).unwrap().len() <= max, "{name}");
+        }
+        let current = fs::read(&path).unwrap();
+        assert!(current.ends_with(&last), "newest line is in the current file");
+        // Whole lines only: every file starts with a line number.
+        for name in t.names() {
+            let text = fs::read_to_string(t.join(&name)).unwrap();
+            assert!(text.lines().all(|l| l[..4].bytes().all(|b| b.is_ascii_digit())));
+        }
+        // The rotated files hold older lines than the current one.
+        let first_num =
+            |name: &str| -> u32 { fs::read_to_string(t.join(name)).unwrap()[..4].parse().unwrap() };
+        assert!(first_num("bridge.log.2") < first_num("bridge.log.1"));
+        assert!(first_num("bridge.log.1") < first_num("bridge.log"));
+    }
+
+    #[test]
+    fn oversized_write_exceeds_by_one_write_only() {
+        let t = TestDir::new("oversize");
+        let path = t.join("server.log");
+        let mut log = RotatingLog::with_limits(&path, 10, 2).unwrap();
+        log.write_all(b"abc").unwrap();
+        log.write_all(&[b'z'; 25]).unwrap(); // does not fit: rotate, then lands alone
+        assert_eq!(fs::read(t.join("server.log.1")).unwrap(), b"abc");
+        assert_eq!(fs::metadata(&path).unwrap().len(), 25);
+        log.write_all(b"next").unwrap(); // the big file rotates out at once
+        assert_eq!(fs::read(&path).unwrap(), b"next");
+        assert_eq!(fs::read(t.join("server.log.1")).unwrap(), [b'z'; 25]);
+        assert_eq!(t.names(), vec!["server.log", "server.log.1"]);
+
+        // An oversized first write into an empty log goes in without rotating an empty file.
+        let fresh = t.join("fresh.log");
+        let mut log = RotatingLog::with_limits(&fresh, 10, 2).unwrap();
+        log.write_all(&[b'y'; 25]).unwrap();
+        assert_eq!(fs::metadata(&fresh).unwrap().len(), 25);
+        assert!(!t.join("fresh.log.1").exists(), "no empty generation rotated out");
+    }
+
+    #[test]
+    fn log_reopen_counts_existing_bytes_and_keep_one_truncates() {
+        let t = TestDir::new("reopen");
+        let path = t.join("gateway.log");
+        fs::write(&path, [b'o'; 8]).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        let mut log = RotatingLog::with_limits(&path, 10, 1).unwrap();
+        assert_eq!(mode(&path), 0o600, "an existing wide log is tightened");
+        assert_eq!(log.path(), path.as_path());
+        log.write_all(b"12").unwrap(); // 8 + 2 fits exactly
+        assert_eq!(fs::read(&path).unwrap(), b"oooooooo12");
+        log.write_all(b"3").unwrap(); // 11 > 10: keep=1 truncates in place
+        assert_eq!(fs::read(&path).unwrap(), b"3");
+        assert_eq!(t.names(), vec!["gateway.log"]);
+
+        let default = RotatingLog::open(&t.join("bridge.log")).unwrap();
+        assert_eq!(default.max_bytes, 5 << 20);
+        assert_eq!(default.keep, 3);
+    }
+
+    #[test]
+    fn path_helpers_name_the_files() {
+        let d = Path::new("/s");
+        assert_eq!(bridge_json(d), Path::new("/s/bridge.json"));
+        assert_eq!(config_json(d), Path::new("/s/config.json"));
+        assert_eq!(pid_file(d), Path::new("/s/bridge.pid"));
+        assert_eq!(status_json(d), Path::new("/s/status.json"));
+        assert_eq!(bridge_log(d), Path::new("/s/bridge.log"));
+        assert_eq!(server_log(d), Path::new("/s/server.log"));
+        assert_eq!(gateway_log(d), Path::new("/s/gateway.log"));
+        assert_eq!(numbered(d, 0), Path::new("/s"));
+        assert_eq!(numbered(Path::new("/s/x.log"), 2), Path::new("/s/x.log.2"));
+    }
+}
