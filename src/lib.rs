@@ -2,14 +2,21 @@
 //! host yourself.
 //!
 //! The crate has two binaries sharing this library:
-//! - `hermeschat-pair` — the pairing CLI and the bridge daemon;
+//! - `hermeschat-pair` — the pairing CLI ([`cli`]) and the bridge daemon ([`bridge`],
+//!   [`daemon`]);
 //! - `hermeschat-relay` — the self-hosted registry + relay ([`relay`]).
 //!
-//! [`protocol`] holds the wire contract both sides speak, as plain serde types.
+//! [`protocol`] holds the wire contract both sides speak, as plain serde types; [`http`] the
+//! small HTTP/1.1 helpers the servers share; [`state`] the local state files; [`qr`] the QR
+//! codes; [`secret`] identifiers and secrets.
 
+pub mod bridge;
+pub mod cli;
+pub mod daemon;
 pub mod http;
 pub mod protocol;
 pub mod qr;
+pub mod registry_client;
 pub mod relay;
 pub mod secret;
 pub mod state;

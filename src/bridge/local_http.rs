@@ -1,0 +1,1364 @@
+//! A minimal HTTP/1.1 client for the bridge's one fixed local backend.
+//!
+//! Why not `ureq`: a cancel or an app disconnect must abort a blocked backend read at once, from
+//! another thread, and ureq has no per-request abort. Here every exchange registers a clone of
+//! its socket in an [`Abort`]; `abort()` shuts that socket down so the blocked read returns
+//! immediately. Sockets are blocking; the timeouts of PROTOCOL §7 are socket read timeouts.
+//!
+//! Bodies are read by `Content-Length`, chunked transfer-encoding or until close, and
+//! [`BodyReader::read`] hands out whatever arrived without waiting to fill the buffer, so a
+//! server-sent event leaves the bridge the moment it arrives. Finished keep-alive connections go
+//! back to a small idle pool.
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::protocol::{ErrorCode, check_header};
+
+/// Idle keep-alive connections kept for reuse.
+pub const MAX_IDLE: usize = 16;
+
+/// Largest response head accepted, in bytes.
+pub const MAX_HEAD: usize = 16 << 10;
+
+/// Most headers accepted in a response head.
+pub const MAX_HEADERS: usize = 64;
+
+/// Longest chunk-size or trailer line accepted, in bytes.
+const MAX_LINE: usize = 8 << 10;
+
+/// Size of the buffer framing bytes (head, chunk lines) are read into.
+const READ_BUF: usize = 16 << 10;
+
+/// Request bodies up to this size are written together with the head (one segment).
+const COALESCE_BODY: usize = 64 << 10;
+
+/// Locks a mutex, ignoring poisoning: every critical section here leaves consistent state.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The deadlines of PROTOCOL §7.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Establishing the TCP connection.
+    pub connect: Duration,
+    /// From the end of the request to the complete response head (also bounds request writes).
+    pub head: Duration,
+    /// Longest silence between two reads of the body.
+    pub body_gap: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(3),
+            head: Duration::from_secs(120),
+            body_gap: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Why an exchange with the backend failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalError {
+    /// The backend could not be reached (refused, unreachable, unresolvable).
+    Connect {
+        /// `host:port` of the backend.
+        addr: String,
+        /// What the OS said.
+        detail: String,
+    },
+    /// A deadline passed.
+    Timeout {
+        /// `host:port` of the backend.
+        addr: String,
+        /// Which phase timed out, e.g. "waiting for the response head".
+        phase: &'static str,
+        /// The deadline that passed.
+        after: Duration,
+    },
+    /// [`Abort::abort`] was called.
+    Aborted,
+    /// The backend answered something that is not usable HTTP/1.1.
+    Protocol {
+        /// `host:port` of the backend.
+        addr: String,
+        /// What was wrong.
+        detail: String,
+    },
+    /// The connection broke mid-exchange.
+    Io {
+        /// `host:port` of the backend.
+        addr: String,
+        /// What the OS said.
+        detail: String,
+    },
+}
+
+impl LocalError {
+    /// The `response.error` code this failure is reported with.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            LocalError::Timeout { .. } => ErrorCode::BackendTimeout,
+            LocalError::Aborted => ErrorCode::Cancelled,
+            LocalError::Connect { .. } | LocalError::Protocol { .. } | LocalError::Io { .. } => {
+                ErrorCode::BackendUnreachable
+            }
+        }
+    }
+
+    /// Recovers the error a [`BodyReader`] wrapped into an `io::Error`; any other I/O error
+    /// counts as a broken connection.
+    pub fn from_io(e: &io::Error, addr: &str) -> LocalError {
+        match e.get_ref().and_then(|inner| inner.downcast_ref::<LocalError>()) {
+            Some(inner) => inner.clone(),
+            None => LocalError::Io { addr: addr.to_owned(), detail: e.to_string() },
+        }
+    }
+
+    /// Wraps the error for `io::Read`, keeping a matching kind for callers that only look at
+    /// the kind.
+    fn into_io(self) -> io::Error {
+        let kind = match self {
+            LocalError::Timeout { .. } => io::ErrorKind::TimedOut,
+            LocalError::Aborted => io::ErrorKind::ConnectionAborted,
+            LocalError::Protocol { .. } => io::ErrorKind::InvalidData,
+            LocalError::Connect { .. } | LocalError::Io { .. } => io::ErrorKind::BrokenPipe,
+        };
+        io::Error::new(kind, self)
+    }
+}
+
+impl fmt::Display for LocalError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LocalError::Connect { addr, detail } => {
+                write!(f, "cannot connect to the backend at {addr}: {detail}")
+            }
+            LocalError::Timeout { addr, phase, after } => write!(
+                f,
+                "the backend at {addr} timed out {phase} (no answer within {} s)",
+                after.as_secs_f32()
+            ),
+            LocalError::Aborted => f.write_str("the request was cancelled"),
+            LocalError::Protocol { addr, detail } => {
+                write!(f, "the backend at {addr} sent an invalid response: {detail}")
+            }
+            LocalError::Io { addr, detail } => {
+                write!(f, "the connection to the backend at {addr} broke: {detail}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for LocalError {}
+
+/// A cancellation handle for one exchange. Clones share the same state.
+///
+/// The exchange registers a clone of its socket here; [`Abort::abort`] shuts that socket down,
+/// which makes a read or write blocked on another thread return at once.
+#[derive(Debug, Clone, Default)]
+pub struct Abort {
+    inner: Arc<AbortInner>,
+}
+
+/// Shared state of an [`Abort`].
+#[derive(Debug, Default)]
+struct AbortInner {
+    /// Set once, never cleared.
+    aborted: AtomicBool,
+    /// The in-flight socket, while an exchange owns one. Flag and socket change under this lock
+    /// so that an abort racing a connect is never lost.
+    socket: Mutex<Option<TcpStream>>,
+}
+
+impl Abort {
+    /// A fresh, not aborted handle.
+    pub fn new() -> Abort {
+        Abort::default()
+    }
+
+    /// Marks the exchange aborted and shuts its socket down (if it has one now).
+    pub fn abort(&self) {
+        let mut socket = lock(&self.inner.socket);
+        self.inner.aborted.store(true, Ordering::SeqCst);
+        if let Some(s) = socket.take() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// True once [`Abort::abort`] was called.
+    pub fn is_aborted(&self) -> bool {
+        self.inner.aborted.load(Ordering::SeqCst)
+    }
+
+    /// Registers the exchange's socket. Fails (and shuts the socket down) when the abort came
+    /// first, so an exchange never starts after its cancel.
+    fn register(&self, stream: &TcpStream) -> Result<(), LocalError> {
+        let mut socket = lock(&self.inner.socket);
+        if self.is_aborted() {
+            let _ = stream.shutdown(Shutdown::Both);
+            return Err(LocalError::Aborted);
+        }
+        let clone = stream.try_clone().map_err(|e| LocalError::Io {
+            addr: String::new(),
+            detail: format!("cannot clone the socket: {e}"),
+        })?;
+        *socket = Some(clone);
+        Ok(())
+    }
+
+    /// Forgets the socket (the exchange is over). True when not aborted, i.e. the socket was
+    /// not shut down and may be reused.
+    fn release(&self) -> bool {
+        let mut socket = lock(&self.inner.socket);
+        *socket = None;
+        !self.is_aborted()
+    }
+}
+
+/// A response whose head has been read; the body is read through [`Response::body`].
+#[derive(Debug)]
+pub struct Response {
+    /// HTTP status code.
+    pub status: u16,
+    /// Header names as sent and values (lossy UTF-8), in order.
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: BodyReader,
+}
+
+impl Response {
+    /// The first value of a header, by case-insensitive name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+/// The client. Cheap to share between threads (`&LocalClient` is enough to send).
+#[derive(Debug)]
+pub struct LocalClient {
+    /// Host name or address of the backend (from local configuration only).
+    host: String,
+    /// Backend port.
+    port: u16,
+    /// `host:port` for messages and the Host header.
+    authority: String,
+    /// Keep-alive connections ready for reuse; shared with live [`BodyReader`]s, which return
+    /// their socket when their body ends cleanly.
+    idle: Arc<Mutex<Vec<TcpStream>>>,
+    /// Deadlines.
+    timeouts: Timeouts,
+}
+
+impl LocalClient {
+    /// A client for `http://host:port` with the default timeouts.
+    pub fn new(host: &str, port: u16) -> LocalClient {
+        LocalClient::with_timeouts(host, port, Timeouts::default())
+    }
+
+    /// A client with explicit timeouts.
+    pub fn with_timeouts(host: &str, port: u16, timeouts: Timeouts) -> LocalClient {
+        let authority =
+            if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+        LocalClient {
+            host: host.to_owned(),
+            port,
+            authority,
+            idle: Arc::new(Mutex::new(Vec::new())),
+            timeouts,
+        }
+    }
+
+    /// `host:port` of the backend.
+    pub fn authority(&self) -> &str {
+        &self.authority
+    }
+
+    /// Idle pooled connections now (for tests and diagnostics).
+    pub fn idle_connections(&self) -> usize {
+        lock(&self.idle).len()
+    }
+
+    /// Sends one request and reads the response head. `headers` are sent as given (the caller
+    /// filtered them); `Host` and `Content-Length` are added here. The body is read from the
+    /// returned [`Response`]. `abort` interrupts the exchange from another thread at any point.
+    pub fn send(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(String, String)],
+        body: &[u8],
+        abort: &Abort,
+    ) -> Result<Response, LocalError> {
+        let request = self.build_request(method, path, headers, body)?;
+        let head_only = method.eq_ignore_ascii_case("HEAD");
+        // A pooled socket may have been closed by the backend while idle: if it fails before
+        // the first response byte, the request is sent once more on a fresh connection.
+        let mut pooled = self.take_idle();
+        loop {
+            if abort.is_aborted() {
+                return Err(LocalError::Aborted);
+            }
+            let reused = pooled.is_some();
+            let stream = match pooled.take() {
+                Some(s) => s,
+                None => self.connect()?,
+            };
+            abort.register(&stream).map_err(|e| self.fill_addr(e))?;
+            match self.exchange(stream, &request, body, head_only, abort) {
+                Ok(response) => return Ok(response),
+                Err(Attempt::Stale) if reused => {
+                    abort.release();
+                    continue;
+                }
+                Err(Attempt::Stale) => {
+                    abort.release();
+                    return Err(LocalError::Io {
+                        addr: self.authority.clone(),
+                        detail: "connection closed before a response".into(),
+                    });
+                }
+                Err(Attempt::Failed(e)) => {
+                    abort.release();
+                    // A shut-down socket looks like a broken one: report the abort instead.
+                    return Err(if abort.is_aborted() { LocalError::Aborted } else { e });
+                }
+            }
+        }
+    }
+
+    /// Puts the backend address into errors raised by helpers that do not know it.
+    fn fill_addr(&self, e: LocalError) -> LocalError {
+        match e {
+            LocalError::Io { addr, detail } if addr.is_empty() => {
+                LocalError::Io { addr: self.authority.clone(), detail }
+            }
+            other => other,
+        }
+    }
+
+    /// Serialises the request head (and a small body with it).
+    fn build_request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(String, String)],
+        body: &[u8],
+    ) -> Result<Vec<u8>, LocalError> {
+        let bad = |detail: String| LocalError::Protocol { addr: self.authority.clone(), detail };
+        // The worker validated all of this; re-checking here keeps the client safe on its own
+        // (nothing can smuggle a second request into the stream).
+        let token = !method.is_empty()
+            && method.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        if !token {
+            return Err(bad(format!("refusing to send method {method:?}")));
+        }
+        if !path.starts_with('/') || path.bytes().any(|b| b <= b' ' || b == 0x7f) {
+            return Err(bad(format!("refusing to send path {path:?}")));
+        }
+        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\n", self.authority);
+        for (name, value) in headers {
+            check_header(name, value).map_err(bad)?;
+            head.push_str(name);
+            head.push_str(": ");
+            head.push_str(value);
+            head.push_str("\r\n");
+        }
+        let needs_length = !body.is_empty()
+            || ["POST", "PUT", "PATCH"].iter().any(|m| method.eq_ignore_ascii_case(m));
+        if needs_length {
+            head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        }
+        head.push_str("\r\n");
+        let mut out = head.into_bytes();
+        if body.len() <= COALESCE_BODY {
+            out.extend_from_slice(body);
+        }
+        Ok(out)
+    }
+
+    /// A pooled connection that still looks open, if any.
+    fn take_idle(&self) -> Option<TcpStream> {
+        loop {
+            let stream = lock(&self.idle).pop()?;
+            if still_open(&stream) {
+                return Some(stream);
+            }
+        }
+    }
+
+    /// Opens a fresh connection (trying every resolved address within the connect timeout).
+    fn connect(&self) -> Result<TcpStream, LocalError> {
+        let addrs: Vec<SocketAddr> = (self.host.as_str(), self.port)
+            .to_socket_addrs()
+            .map_err(|e| LocalError::Connect {
+                addr: self.authority.clone(),
+                detail: format!("cannot resolve the host: {e}"),
+            })?
+            .collect();
+        let mut last = None;
+        for addr in &addrs {
+            match TcpStream::connect_timeout(addr, self.timeouts.connect) {
+                Ok(stream) => {
+                    // Small frames (SSE events, JSON) must not wait for Nagle.
+                    let _ = stream.set_nodelay(true);
+                    return Ok(stream);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(match last {
+            Some(e) if matches!(e.kind(), io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock) => {
+                LocalError::Timeout {
+                    addr: self.authority.clone(),
+                    phase: "connecting",
+                    after: self.timeouts.connect,
+                }
+            }
+            Some(e) => LocalError::Connect { addr: self.authority.clone(), detail: e.to_string() },
+            None => LocalError::Connect {
+                addr: self.authority.clone(),
+                detail: "the host resolved to no address".into(),
+            },
+        })
+    }
+
+    /// Writes the request and reads the head on one connection.
+    fn exchange(
+        &self,
+        mut stream: TcpStream,
+        request: &[u8],
+        body: &[u8],
+        head_only: bool,
+        abort: &Abort,
+    ) -> Result<Response, Attempt> {
+        let addr = &self.authority;
+        let io_err = |e: io::Error, phase: &'static str, after: Duration| -> Attempt {
+            if abort.is_aborted() {
+                return Attempt::Failed(LocalError::Aborted);
+            }
+            if is_timeout(&e) {
+                return Attempt::Failed(LocalError::Timeout { addr: addr.clone(), phase, after });
+            }
+            if is_stale(&e) {
+                return Attempt::Stale;
+            }
+            Attempt::Failed(LocalError::Io { addr: addr.clone(), detail: e.to_string() })
+        };
+        let _ = stream.set_write_timeout(Some(self.timeouts.head));
+        stream
+            .write_all(request)
+            .map_err(|e| io_err(e, "accepting the request", self.timeouts.head))?;
+        if body.len() > COALESCE_BODY {
+            stream
+                .write_all(body)
+                .map_err(|e| io_err(e, "accepting the request body", self.timeouts.head))?;
+        }
+
+        let deadline = Instant::now() + self.timeouts.head;
+        let mut buf = vec![0u8; READ_BUF];
+        let mut len = 0;
+        let mut received_any = false;
+        loop {
+            // Parse what is there first: the head may have arrived with a previous 1xx.
+            if len > 0 {
+                match parse_head(&buf[..len], addr).map_err(Attempt::Failed)? {
+                    Some((consumed, status, _, _)) if (100..200).contains(&status) => {
+                        if status == 101 {
+                            return Err(Attempt::Failed(LocalError::Protocol {
+                                addr: addr.clone(),
+                                detail: "unexpected 101 Switching Protocols".into(),
+                            }));
+                        }
+                        // Interim response (100 Continue, 103 Early Hints): skip it.
+                        buf.copy_within(consumed..len, 0);
+                        len -= consumed;
+                        continue;
+                    }
+                    Some((consumed, status, headers, minor)) => {
+                        buf.copy_within(consumed..len, 0);
+                        len -= consumed;
+                        buf.truncate(len);
+                        let rbuf = std::mem::take(&mut buf);
+                        return self
+                            .body_reader(stream, rbuf, status, &headers, minor, head_only, abort)
+                            .map(|body| Response { status, headers, body })
+                            .map_err(Attempt::Failed);
+                    }
+                    None if len >= MAX_HEAD => {
+                        return Err(Attempt::Failed(LocalError::Protocol {
+                            addr: addr.clone(),
+                            detail: format!("response head larger than {MAX_HEAD} bytes"),
+                        }));
+                    }
+                    None => {}
+                }
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(Attempt::Failed(LocalError::Timeout {
+                    addr: addr.clone(),
+                    phase: "waiting for the response head",
+                    after: self.timeouts.head,
+                }));
+            }
+            let _ = stream.set_read_timeout(Some(remaining));
+            if buf.len() < MAX_HEAD {
+                buf.resize(MAX_HEAD, 0);
+            }
+            match stream.read(&mut buf[len..MAX_HEAD]) {
+                Ok(0) if abort.is_aborted() => return Err(Attempt::Failed(LocalError::Aborted)),
+                Ok(0) if !received_any => return Err(Attempt::Stale),
+                Ok(0) => {
+                    return Err(Attempt::Failed(LocalError::Io {
+                        addr: addr.clone(),
+                        detail: "connection closed inside the response head".into(),
+                    }));
+                }
+                Ok(n) => {
+                    received_any = true;
+                    len += n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if received_any && is_stale(&e) => {
+                    return Err(Attempt::Failed(LocalError::Io {
+                        addr: addr.clone(),
+                        detail: e.to_string(),
+                    }));
+                }
+                Err(e) => {
+                    return Err(io_err(e, "waiting for the response head", self.timeouts.head));
+                }
+            }
+        }
+    }
+
+    /// Builds the body reader for a parsed head.
+    #[allow(clippy::too_many_arguments)]
+    fn body_reader(
+        &self,
+        stream: TcpStream,
+        rbuf: Vec<u8>,
+        status: u16,
+        headers: &[(String, String)],
+        minor: u8,
+        head_only: bool,
+        abort: &Abort,
+    ) -> Result<BodyReader, LocalError> {
+        let addr = self.authority.clone();
+        let has_token = |name: &str, token: &str| {
+            headers
+                .iter()
+                .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+                .flat_map(|(_, v)| v.split(','))
+                .any(|t| t.trim().eq_ignore_ascii_case(token))
+        };
+        let mut keep_alive = minor >= 1 && !has_token("connection", "close");
+        let te: Vec<&str> = headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case("transfer-encoding"))
+            .flat_map(|(_, v)| v.split(','))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .collect();
+        let lengths: Vec<&str> = headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+            .flat_map(|(_, v)| v.split(','))
+            .map(str::trim)
+            .collect();
+        let framing = if head_only || status == 204 || status == 304 {
+            Framing::Done
+        } else if !te.is_empty() {
+            // Transfer-Encoding wins over Content-Length (RFC 9112 §6.3).
+            if te.last().is_some_and(|t| t.eq_ignore_ascii_case("chunked")) {
+                Framing::Chunked(ChunkState::Size)
+            } else {
+                keep_alive = false;
+                Framing::Close
+            }
+        } else if let Some(first) = lengths.first() {
+            let n: u64 = first.parse().map_err(|_| LocalError::Protocol {
+                addr: addr.clone(),
+                detail: format!("invalid Content-Length {first:?}"),
+            })?;
+            if lengths.iter().any(|l| *l != *first) {
+                return Err(LocalError::Protocol {
+                    addr: addr.clone(),
+                    detail: "conflicting Content-Length headers".into(),
+                });
+            }
+            Framing::Length(n)
+        } else {
+            keep_alive = false;
+            Framing::Close
+        };
+        let len_hint = match framing {
+            Framing::Done => Some(0),
+            Framing::Length(n) => Some(n),
+            _ => None,
+        };
+        let _ = stream.set_read_timeout(Some(self.timeouts.body_gap));
+        let end = rbuf.len();
+        let mut reader = BodyReader {
+            stream: Some(stream),
+            rbuf,
+            start: 0,
+            end,
+            framing,
+            len_hint,
+            keep_alive,
+            idle: self.idle.clone(),
+            abort: abort.clone(),
+            addr,
+            gap: self.timeouts.body_gap,
+        };
+        if matches!(reader.framing, Framing::Done | Framing::Length(0)) {
+            reader.framing = Framing::Done;
+            reader.finish(true);
+        }
+        Ok(reader)
+    }
+}
+
+/// Outcome of one attempt on one connection.
+enum Attempt {
+    /// The connection died before any response byte: a pooled socket may be retried.
+    Stale,
+    /// A real failure.
+    Failed(LocalError),
+}
+
+/// A read timeout on a blocking socket shows up as `WouldBlock` (Unix) or `TimedOut`.
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+}
+
+/// Errors a connection closed by the peer while idle produces.
+fn is_stale(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::UnexpectedEof
+    )
+}
+
+/// True when an idle socket has neither been closed by the peer nor received stray bytes.
+fn still_open(stream: &TcpStream) -> bool {
+    if stream.set_nonblocking(true).is_err() {
+        return false;
+    }
+    let mut probe = [0u8; 1];
+    let open = matches!(stream.peek(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+    stream.set_nonblocking(false).is_ok() && open
+}
+
+/// A parsed head: bytes consumed, status, headers, HTTP minor version.
+type ParsedHead = (usize, u16, Vec<(String, String)>, u8);
+
+/// Parses a response head at the start of `buf`; `None` when more bytes are needed.
+fn parse_head(buf: &[u8], addr: &str) -> Result<Option<ParsedHead>, LocalError> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut slots);
+    match resp.parse(buf) {
+        Ok(httparse::Status::Complete(consumed)) => {
+            let headers = resp
+                .headers
+                .iter()
+                .map(|h| (h.name.to_owned(), String::from_utf8_lossy(h.value).into_owned()))
+                .collect();
+            Ok(Some((consumed, resp.code.unwrap_or(0), headers, resp.version.unwrap_or(1))))
+        }
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(e) => Err(LocalError::Protocol {
+            addr: addr.to_owned(),
+            detail: format!("malformed response head: {e}"),
+        }),
+    }
+}
+
+/// How the end of the body is found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// This many bytes remain.
+    Length(u64),
+    /// Chunked transfer-encoding.
+    Chunked(ChunkState),
+    /// Until the server closes the connection.
+    Close,
+    /// The body is complete.
+    Done,
+}
+
+/// Position inside a chunked body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    /// Expecting a chunk-size line.
+    Size,
+    /// Inside chunk data; this many bytes remain.
+    Data(u64),
+    /// Expecting the CRLF after chunk data.
+    DataEnd,
+    /// Inside the trailer section (after the last chunk).
+    Trailer,
+}
+
+/// Reads one response body. Dropping it before the end closes the connection.
+#[derive(Debug)]
+pub struct BodyReader {
+    /// The connection; `None` once the body is over.
+    stream: Option<TcpStream>,
+    /// Bytes read from the socket but not yet consumed (`start..end`).
+    rbuf: Vec<u8>,
+    /// First unconsumed byte in `rbuf`.
+    start: usize,
+    /// End of valid bytes in `rbuf`.
+    end: usize,
+    /// Where we are in the body.
+    framing: Framing,
+    /// The declared length, when known (`Some(0)` for no body).
+    len_hint: Option<u64>,
+    /// Whether the connection may be reused after a clean end.
+    keep_alive: bool,
+    /// The client's idle pool.
+    idle: Arc<Mutex<Vec<TcpStream>>>,
+    /// The exchange's abort handle.
+    abort: Abort,
+    /// `host:port`, for errors.
+    addr: String,
+    /// The read timeout between body reads, for errors.
+    gap: Duration,
+}
+
+impl BodyReader {
+    /// The body length when the head declared it (`Some(0)` for bodiless responses); `None`
+    /// for chunked or close-delimited bodies.
+    pub fn len_hint(&self) -> Option<u64> {
+        self.len_hint
+    }
+
+    /// True once the whole body has been read.
+    pub fn is_done(&self) -> bool {
+        self.framing == Framing::Done
+    }
+
+    /// Ends the body; a cleanly ended keep-alive connection goes back to the idle pool.
+    fn finish(&mut self, clean: bool) {
+        self.framing = Framing::Done;
+        let Some(stream) = self.stream.take() else { return };
+        // `release` must run either way so the abort handle stops holding the socket.
+        let not_aborted = self.abort.release();
+        if clean && not_aborted && self.keep_alive && self.start == self.end {
+            let mut idle = lock(&self.idle);
+            if idle.len() < MAX_IDLE {
+                idle.push(stream);
+            }
+        }
+    }
+
+    /// The error for a socket that ended early or failed.
+    fn broken(&self, e: Option<io::Error>) -> LocalError {
+        if self.abort.is_aborted() {
+            return LocalError::Aborted;
+        }
+        match e {
+            Some(e) if is_timeout(&e) => LocalError::Timeout {
+                addr: self.addr.clone(),
+                phase: "between two reads of the body",
+                after: self.gap,
+            },
+            Some(e) => LocalError::Io { addr: self.addr.clone(), detail: e.to_string() },
+            None => LocalError::Io {
+                addr: self.addr.clone(),
+                detail: "connection closed in the middle of the body".into(),
+            },
+        }
+    }
+
+    /// One socket read into `out`. `Ok(0)` is end of stream.
+    fn read_socket(&mut self, to_rbuf: bool, out: &mut [u8]) -> Result<usize, LocalError> {
+        let Some(stream) = self.stream.as_mut() else { return Ok(0) };
+        loop {
+            let r = if to_rbuf {
+                if self.start == self.end {
+                    self.start = 0;
+                    self.end = 0;
+                } else if self.start > 0 {
+                    self.rbuf.copy_within(self.start..self.end, 0);
+                    self.end -= self.start;
+                    self.start = 0;
+                }
+                if self.rbuf.len() < self.end + READ_BUF {
+                    self.rbuf.resize(self.end + READ_BUF, 0);
+                }
+                stream.read(&mut self.rbuf[self.end..])
+            } else {
+                stream.read(out)
+            };
+            match r {
+                Ok(n) => {
+                    if to_rbuf {
+                        self.end += n;
+                    }
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.broken(Some(e))),
+            }
+        }
+    }
+
+    /// Copies buffered bytes, or does one socket read straight into `out` (never waits for
+    /// more than the first bytes to arrive). Errors on end of stream.
+    fn read_data(&mut self, out: &mut [u8]) -> Result<usize, LocalError> {
+        if self.start < self.end {
+            let n = out.len().min(self.end - self.start);
+            out[..n].copy_from_slice(&self.rbuf[self.start..self.start + n]);
+            self.start += n;
+            return Ok(n);
+        }
+        match self.read_socket(false, out)? {
+            0 => Err(self.broken(None)),
+            n => Ok(n),
+        }
+    }
+
+    /// Reads one CRLF- (or LF-) terminated framing line, without the terminator.
+    fn read_line(&mut self) -> Result<String, LocalError> {
+        loop {
+            let avail = &self.rbuf[self.start..self.end];
+            if let Some(pos) = avail.iter().position(|&b| b == b'\n') {
+                let line = &avail[..pos];
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                let text = String::from_utf8_lossy(line).into_owned();
+                self.start += pos + 1;
+                return Ok(text);
+            }
+            if avail.len() > MAX_LINE {
+                return Err(LocalError::Protocol {
+                    addr: self.addr.clone(),
+                    detail: "chunk framing line too long".into(),
+                });
+            }
+            if self.read_socket(true, &mut [])? == 0 {
+                return Err(self.broken(None));
+            }
+        }
+    }
+
+    /// The body-reading core, with typed errors.
+    fn read_body(&mut self, out: &mut [u8]) -> Result<usize, LocalError> {
+        if out.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            match self.framing {
+                Framing::Done => return Ok(0),
+                Framing::Length(remaining) => {
+                    let want = out.len().min(usize::try_from(remaining).unwrap_or(usize::MAX));
+                    let n = self.read_data(&mut out[..want])?;
+                    let left = remaining - n as u64;
+                    self.framing = Framing::Length(left);
+                    if left == 0 {
+                        self.finish(true);
+                    }
+                    return Ok(n);
+                }
+                Framing::Close => {
+                    if self.start < self.end {
+                        return self.read_data(out);
+                    }
+                    let n = self.read_socket(false, out)?;
+                    if n == 0 {
+                        // End of stream is the end of the body, unless we caused it.
+                        if self.abort.is_aborted() {
+                            return Err(LocalError::Aborted);
+                        }
+                        self.finish(false);
+                    }
+                    return Ok(n);
+                }
+                Framing::Chunked(ChunkState::Size) => {
+                    let line = self.read_line()?;
+                    let size = line.split(';').next().unwrap_or("").trim();
+                    let size = u64::from_str_radix(size, 16).map_err(|_| LocalError::Protocol {
+                        addr: self.addr.clone(),
+                        detail: format!("invalid chunk size line {line:?}"),
+                    })?;
+                    self.framing = Framing::Chunked(if size == 0 {
+                        ChunkState::Trailer
+                    } else {
+                        ChunkState::Data(size)
+                    });
+                }
+                Framing::Chunked(ChunkState::Data(remaining)) => {
+                    let want = out.len().min(usize::try_from(remaining).unwrap_or(usize::MAX));
+                    let n = self.read_data(&mut out[..want])?;
+                    let left = remaining - n as u64;
+                    self.framing = Framing::Chunked(if left == 0 {
+                        ChunkState::DataEnd
+                    } else {
+                        ChunkState::Data(left)
+                    });
+                    return Ok(n);
+                }
+                Framing::Chunked(ChunkState::DataEnd) => {
+                    let line = self.read_line()?;
+                    if !line.is_empty() {
+                        return Err(LocalError::Protocol {
+                            addr: self.addr.clone(),
+                            detail: "missing CRLF after chunk data".into(),
+                        });
+                    }
+                    self.framing = Framing::Chunked(ChunkState::Size);
+                }
+                Framing::Chunked(ChunkState::Trailer) => {
+                    // Trailers are ignored; an empty line ends the message.
+                    if self.read_line()?.is_empty() {
+                        self.finish(true);
+                        return Ok(0);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Read for BodyReader {
+    /// Returns the body bytes available now (at least one, unless the body is over): it never
+    /// waits to fill `buf`. Errors wrap a [`LocalError`]; see [`LocalError::from_io`].
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.read_body(buf).map_err(LocalError::into_io)
+    }
+}
+
+impl Drop for BodyReader {
+    fn drop(&mut self) {
+        // An unfinished body leaves the connection in an unknown state: close it.
+        if self.stream.is_some() {
+            self.abort.release();
+            self.stream = None;
+        }
+    }
+}
+
+/// A tiny threaded HTTP/1.1 origin on 127.0.0.1 for the bridge tests (real sockets).
+#[cfg(test)]
+pub(crate) mod test_origin {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use crate::http::{Parsed, parse_head};
+
+    /// The text `/api/utf8` serves, written in pieces that split multi-byte characters.
+    pub const UTF8_TEXT: &str = "héllo wörld — 🎉 ünïcödé ✓";
+
+    /// Byte offsets where `/api/utf8` cuts its chunks (inside é, —, 🎉 and ✓).
+    pub const UTF8_CUTS: &[usize] = &[2, 10, 18, 20, 36];
+
+    /// A running origin.
+    pub struct Origin {
+        /// Its port on 127.0.0.1.
+        pub port: u16,
+        /// Connections accepted so far.
+        pub accepted: Arc<AtomicUsize>,
+        /// `/api/hang` requests received.
+        pub hangs: Arc<AtomicUsize>,
+        /// `/api/hang` connections the client closed.
+        pub hang_closed: Arc<AtomicUsize>,
+    }
+
+    impl Origin {
+        /// Waits (bounded) until `counter` reaches `n`.
+        pub fn wait_for(counter: &AtomicUsize, n: usize) {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while counter.load(Ordering::SeqCst) < n {
+                assert!(std::time::Instant::now() < deadline, "origin never reached {n}");
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    }
+
+    /// Starts an origin on an ephemeral port.
+    pub fn start() -> Origin {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let origin = Origin {
+            port,
+            accepted: Arc::default(),
+            hangs: Arc::default(),
+            hang_closed: Arc::default(),
+        };
+        let (accepted, hangs, closed) =
+            (origin.accepted.clone(), origin.hangs.clone(), origin.hang_closed.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                accepted.fetch_add(1, Ordering::SeqCst);
+                let (hangs, closed) = (hangs.clone(), closed.clone());
+                std::thread::spawn(move || serve(stream, &hangs, &closed));
+            }
+        });
+        origin
+    }
+
+    /// Deterministic pseudo-random bytes (xorshift), for binary bodies.
+    pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect()
+    }
+
+    fn write_chunk(s: &mut TcpStream, data: &[u8]) -> std::io::Result<()> {
+        s.write_all(format!("{:x}\r\n", data.len()).as_bytes())?;
+        s.write_all(data)?;
+        s.write_all(b"\r\n")?;
+        s.flush()
+    }
+
+    /// Serves one connection, keep-alive, until it closes.
+    fn serve(mut s: TcpStream, hangs: &AtomicUsize, closed: &AtomicUsize) {
+        let _ = s.set_nodelay(true);
+        let mut buf = Vec::new();
+        loop {
+            let head = loop {
+                match parse_head(&buf) {
+                    Parsed::Complete(h) => break h,
+                    Parsed::Invalid(..) => return,
+                    Parsed::Partial => {}
+                }
+                let mut tmp = [0u8; 16 << 10];
+                match s.read(&mut tmp) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                }
+            };
+            buf.drain(..head.len);
+            let len = head.content_length().unwrap_or(0);
+            while buf.len() < len {
+                let mut tmp = [0u8; 64 << 10];
+                match s.read(&mut tmp) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                }
+            }
+            let body: Vec<u8> = buf.drain(..len).collect();
+            let ok = match (head.method.as_str(), head.path()) {
+                ("GET" | "HEAD", "/api/health") => {
+                    let body = br#"{"ok":true}"#;
+                    let mut r = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                        body.len()
+                    )
+                    .into_bytes();
+                    if head.method == "GET" {
+                        r.extend_from_slice(body);
+                    }
+                    s.write_all(&r).is_ok()
+                }
+                ("POST", "/api/echo") => {
+                    let ct = head.header("content-type").unwrap_or("application/octet-stream");
+                    let client = head.header("x-hermeschat-client").unwrap_or("-");
+                    let mut r = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: {ct}\r\nX-Echo-Client: {client}\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\nContent-Length: {}\r\n\r\n",
+                        body.len()
+                    )
+                    .into_bytes();
+                    r.extend_from_slice(&body);
+                    s.write_all(&r).is_ok()
+                }
+                ("GET", "/api/headers") => {
+                    let map: serde_json::Map<String, serde_json::Value> = head
+                        .headers
+                        .iter()
+                        .map(|(n, v)| (n.to_ascii_lowercase(), v.clone().into()))
+                        .collect();
+                    let json = serde_json::Value::Object(map).to_string();
+                    s.write_all(&crate::http::json_response(200, &json, false)).is_ok()
+                }
+                ("GET", "/api/sse") => {
+                    let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n";
+                    let mut ok = s.write_all(head.as_bytes()).is_ok();
+                    for i in 0..5 {
+                        if i > 0 {
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                        let event = format!("event: tick\ndata: {{\"n\":{i}}}\n\n");
+                        ok = ok && write_chunk(&mut s, event.as_bytes()).is_ok();
+                    }
+                    ok && s.write_all(b"0\r\n\r\n").is_ok()
+                }
+                ("GET", "/api/utf8") => {
+                    let head = "HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\nTransfer-Encoding: chunked\r\n\r\n";
+                    let mut ok = s.write_all(head.as_bytes()).is_ok();
+                    let bytes = UTF8_TEXT.as_bytes();
+                    let mut from = 0;
+                    for &cut in UTF8_CUTS.iter().chain(std::iter::once(&bytes.len())) {
+                        ok = ok && write_chunk(&mut s, &bytes[from..cut]).is_ok();
+                        from = cut;
+                        std::thread::sleep(Duration::from_millis(40));
+                    }
+                    ok && s.write_all(b"0\r\nX-Trailer: t\r\n\r\n").is_ok()
+                }
+                ("GET", "/api/big") => {
+                    let body = noise(1 << 20, 7);
+                    let mut r = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+                        body.len()
+                    )
+                    .into_bytes();
+                    r.extend_from_slice(&body);
+                    s.write_all(&r).is_ok()
+                }
+                ("GET", "/api/eof") => {
+                    // Close-delimited body: no length, no chunking.
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\nuntil ");
+                    std::thread::sleep(Duration::from_millis(30));
+                    let _ = s.write_all(b"close");
+                    return;
+                }
+                ("GET", "/api/nocontent") => s
+                    .write_all(
+                        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\nX-A: 1\r\n\r\n",
+                    )
+                    .is_ok(),
+                ("GET", "/api/once") => {
+                    // Answers as keep-alive, then drops the idle connection.
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+                    std::thread::sleep(Duration::from_millis(20));
+                    return;
+                }
+                ("GET", "/api/hang") => {
+                    hangs.fetch_add(1, Ordering::SeqCst);
+                    // Never answers; notices when the client goes away.
+                    let mut tmp = [0u8; 256];
+                    while matches!(s.read(&mut tmp), Ok(n) if n > 0) {}
+                    closed.fetch_add(1, Ordering::SeqCst);
+                    return;
+                }
+                ("GET", "/api/close") => return,
+                _ => s.write_all(&crate::http::json_response(404, "{}", false)).is_ok(),
+            };
+            if !ok {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_origin::{self, Origin};
+    use super::*;
+    use std::net::TcpListener;
+    use std::sync::atomic::Ordering;
+
+    fn client(o: &Origin) -> LocalClient {
+        LocalClient::new("127.0.0.1", o.port)
+    }
+
+    fn get(c: &LocalClient, path: &str) -> Result<Response, LocalError> {
+        c.send("GET", path, &[], b"", &Abort::new())
+    }
+
+    fn body_of(r: &mut Response) -> Vec<u8> {
+        let mut v = Vec::new();
+        r.body.read_to_end(&mut v).unwrap();
+        v
+    }
+
+    #[test]
+    fn keep_alive_reuses_one_connection() {
+        let o = test_origin::start();
+        let c = client(&o);
+        for _ in 0..10 {
+            let mut r = get(&c, "/api/health").unwrap();
+            assert_eq!(r.status, 200);
+            assert_eq!(body_of(&mut r), br#"{"ok":true}"#);
+        }
+        assert_eq!(o.accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(c.idle_connections(), 1);
+    }
+
+    #[test]
+    fn chunked_reads_return_event_by_event() {
+        let o = test_origin::start();
+        let c = client(&o);
+        let mut r = get(&c, "/api/sse").unwrap();
+        assert_eq!(r.body.len_hint(), None);
+        let mut buf = vec![0u8; 1 << 16];
+        let mut reads = Vec::new();
+        loop {
+            let n = r.body.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            reads.push(String::from_utf8(buf[..n].to_vec()).unwrap());
+        }
+        assert_eq!(reads.len(), 5, "{reads:?}");
+        assert!(reads[0].starts_with("event: tick\ndata: {\"n\":0}"));
+        // The chunked body ended cleanly, so the connection is reusable.
+        assert_eq!(c.idle_connections(), 1);
+    }
+
+    #[test]
+    fn utf8_trailers_head_and_interim_responses() {
+        let o = test_origin::start();
+        let c = client(&o);
+        let mut r = get(&c, "/api/utf8").unwrap();
+        assert_eq!(String::from_utf8(body_of(&mut r)).unwrap(), test_origin::UTF8_TEXT);
+        let mut r = c.send("HEAD", "/api/health", &[], b"", &Abort::new()).unwrap();
+        assert_eq!(r.header("content-length"), Some("11"));
+        assert!(body_of(&mut r).is_empty());
+        let mut r = get(&c, "/api/nocontent").unwrap();
+        assert_eq!(r.status, 204);
+        assert_eq!(r.header("x-a"), Some("1"));
+        assert!(body_of(&mut r).is_empty());
+        let mut r = get(&c, "/api/health").unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(body_of(&mut r), br#"{"ok":true}"#);
+        assert_eq!(o.accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn close_delimited_body_and_stale_connections() {
+        let o = test_origin::start();
+        let c = client(&o);
+        let mut r = get(&c, "/api/eof").unwrap();
+        assert_eq!(r.body.len_hint(), None);
+        assert_eq!(body_of(&mut r), b"until close");
+        assert_eq!(c.idle_connections(), 0);
+        // The origin drops this connection after answering; the next request must not fail.
+        let mut r = get(&c, "/api/once").unwrap();
+        assert_eq!(body_of(&mut r), b"ok");
+        std::thread::sleep(Duration::from_millis(100));
+        let mut r = get(&c, "/api/health").unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(body_of(&mut r), br#"{"ok":true}"#);
+    }
+
+    #[test]
+    fn stale_pooled_socket_is_retried_on_a_fresh_connection() {
+        // A pooled socket whose peer vanished without the peek noticing yet: simulate it by
+        // pooling a connection to a listener that accepts then resets on first data.
+        let o = test_origin::start();
+        let c = client(&o);
+        let stale_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let stale = TcpStream::connect(stale_listener.local_addr().unwrap()).unwrap();
+        let (peer, _) = stale_listener.accept().unwrap();
+        std::thread::spawn(move || {
+            // Close as soon as the request arrives, without answering.
+            let mut peer = peer;
+            let mut b = [0u8; 1024];
+            let _ = peer.read(&mut b);
+        });
+        lock(&c.idle).push(stale);
+        let mut r = get(&c, "/api/health").unwrap();
+        assert_eq!(body_of(&mut r), br#"{"ok":true}"#);
+        assert_eq!(o.accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn abort_unblocks_a_hanging_read_at_once() {
+        let o = test_origin::start();
+        let c = Arc::new(client(&o));
+        let abort = Abort::new();
+        let (c2, a2) = (c.clone(), abort.clone());
+        let t = std::thread::spawn(move || get_with(&c2, "/api/hang", &a2));
+        Origin::wait_for(&o.hangs, 1);
+        let t0 = Instant::now();
+        abort.abort();
+        let result = t.join().unwrap();
+        assert!(t0.elapsed() < Duration::from_millis(100), "{:?}", t0.elapsed());
+        assert_eq!(result.unwrap_err(), LocalError::Aborted);
+        Origin::wait_for(&o.hang_closed, 1);
+        // Aborted before starting: no connection at all.
+        let before = o.accepted.load(Ordering::SeqCst);
+        assert_eq!(get_with(&c, "/api/health", &abort).unwrap_err(), LocalError::Aborted);
+        assert_eq!(o.accepted.load(Ordering::SeqCst), before);
+        assert_eq!(c.idle_connections(), 0);
+    }
+
+    fn get_with(c: &LocalClient, path: &str, abort: &Abort) -> Result<Response, LocalError> {
+        c.send("GET", path, &[], b"", abort)
+    }
+
+    #[test]
+    fn abort_mid_body_is_reported_as_aborted() {
+        let o = test_origin::start();
+        let c = client(&o);
+        let abort = Abort::new();
+        let mut r = get_with(&c, "/api/sse", &abort).unwrap();
+        let mut buf = [0u8; 1024];
+        assert!(r.body.read(&mut buf).unwrap() > 0);
+        abort.abort();
+        let err = r.body.read(&mut buf).unwrap_err();
+        assert_eq!(LocalError::from_io(&err, "x"), LocalError::Aborted);
+        drop(r);
+        assert_eq!(c.idle_connections(), 0);
+    }
+
+    #[test]
+    fn errors_are_classified() {
+        let o = test_origin::start();
+        let quick = Timeouts {
+            connect: Duration::from_secs(3),
+            head: Duration::from_millis(200),
+            body_gap: Duration::from_millis(200),
+        };
+        let c = LocalClient::with_timeouts("127.0.0.1", o.port, quick);
+        let t0 = Instant::now();
+        let e = get(&c, "/api/hang").unwrap_err();
+        assert!(matches!(e, LocalError::Timeout { .. }), "{e}");
+        assert_eq!(e.code(), ErrorCode::BackendTimeout);
+        assert!(t0.elapsed() < Duration::from_secs(2));
+        assert!(e.to_string().contains(&format!("127.0.0.1:{}", o.port)), "{e}");
+
+        let e = get(&c, "/api/close").unwrap_err();
+        assert_eq!(e.code(), ErrorCode::BackendUnreachable, "{e}");
+
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let e = get(&LocalClient::new("127.0.0.1", port), "/api/health").unwrap_err();
+        assert!(matches!(e, LocalError::Connect { .. }), "{e}");
+        assert_eq!(e.code(), ErrorCode::BackendUnreachable);
+        assert!(e.to_string().contains(&format!("127.0.0.1:{port}")), "{e}");
+
+        // Nothing can be smuggled through the request line or headers.
+        let bad = [("X-A".to_owned(), "1\r\nX-B: 2".to_owned())];
+        assert!(c.send("GET", "/api/health", &bad, b"", &Abort::new()).is_err());
+        assert!(c.send("GET", "/api/x HTTP/1.1\r\n", &[], b"", &Abort::new()).is_err());
+        assert!(c.send("GE T", "/api/x", &[], b"", &Abort::new()).is_err());
+    }
+
+    #[test]
+    fn post_bodies_and_content_length() {
+        let o = test_origin::start();
+        let c = client(&o);
+        let big = test_origin::noise(300 << 10, 3);
+        let headers = [("Content-Type".to_owned(), "application/octet-stream".to_owned())];
+        let mut r = c.send("POST", "/api/echo", &headers, &big, &Abort::new()).unwrap();
+        assert_eq!(r.body.len_hint(), Some(big.len() as u64));
+        assert_eq!(body_of(&mut r), big);
+        // POST without a body still says Content-Length: 0 (else the origin would wait).
+        let mut r = c.send("POST", "/api/echo", &[], b"", &Abort::new()).unwrap();
+        assert!(body_of(&mut r).is_empty());
+        assert_eq!(o.accepted.load(Ordering::SeqCst), 1);
+    }
+}

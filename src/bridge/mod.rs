@@ -1,0 +1,250 @@
+//! The bridge daemon: one process, a thread per role.
+//!
+//! - [`relay_io`] — owns the relay WebSocket: reads frames, hands requests to the pool, writes
+//!   what the workers produce, pings, reconnects with jittered backoff;
+//! - [`workers`] — a bounded pool; each worker runs one local HTTP exchange ([`local_http`])
+//!   and streams the response back as frames;
+//! - [`poller`] — keeps backend and gateway health current in `status.json`;
+//! - signals — `ctrlc`: stop, answer open requests `SHUTTING_DOWN`, close the socket 1001.
+
+pub mod local_http;
+pub mod poller;
+pub mod relay_io;
+pub mod workers;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{SendError, SyncSender};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use polling::Poller;
+use serde::{Deserialize, Serialize};
+
+use crate::state::{self, BridgeIdentity};
+
+/// Where workers put outgoing frames (ready JSON text) for the relay I/O thread. Bounded, so a
+/// slow relay socket slows the backend read instead of growing memory; every send wakes the
+/// I/O thread at once.
+#[derive(Clone)]
+pub struct Outbox {
+    tx: SyncSender<String>,
+    waker: Arc<Poller>,
+}
+
+impl Outbox {
+    /// An outbox feeding `tx`, waking `waker` on every frame.
+    pub fn new(tx: SyncSender<String>, waker: Arc<Poller>) -> Outbox {
+        Outbox { tx, waker }
+    }
+
+    /// Queues a frame, blocking while the queue is full. Fails when the connection that
+    /// carried the request is gone.
+    pub fn send(&self, text: String) -> Result<(), SendError<String>> {
+        self.tx.send(text)?;
+        let _ = self.waker.notify();
+        Ok(())
+    }
+}
+
+/// Backend or gateway health as last probed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Health {
+    /// Not probed yet.
+    #[default]
+    Unknown,
+    /// Answers its health route.
+    Ready,
+    /// Listens but its health route fails.
+    Unhealthy,
+    /// Nothing listens.
+    NotListening,
+}
+
+/// What the daemon sees now; written to `status.json` for `--status`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    /// The daemon's pid.
+    pub pid: u32,
+    /// Unix ms when the daemon started.
+    pub started_at: u64,
+    /// The bridge served.
+    pub bridge_id: String,
+    /// The relay socket URL.
+    pub relay_url: String,
+    /// The backend base URL.
+    pub backend_url: String,
+    /// Whether the relay socket is up.
+    pub relay_connected: bool,
+    /// Unix ms of the last relay state change.
+    pub relay_since: u64,
+    /// The last relay connection error, if any.
+    pub relay_error: Option<String>,
+    /// Backend health.
+    pub backend: Health,
+    /// Hermes gateway health.
+    pub gateway: Health,
+    /// clientIds of apps attached now.
+    pub apps_online: BTreeSet<String>,
+    /// Unix ms of the last update.
+    pub updated_at: u64,
+}
+
+/// The daemon's live status, shared by its threads and saved on every change.
+pub struct LiveStatus {
+    status: Mutex<Status>,
+    path: PathBuf,
+}
+
+impl LiveStatus {
+    /// Starts from `initial`, saving to `path`.
+    pub fn new(initial: Status, path: PathBuf) -> LiveStatus {
+        let live = LiveStatus { status: Mutex::new(initial), path };
+        live.update(|_| {});
+        live
+    }
+
+    /// Applies `f` and saves the result (only when it changed something).
+    pub fn update(&self, f: impl FnOnce(&mut Status)) {
+        let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        let before = serde_json::to_string(&*s).unwrap_or_default();
+        f(&mut s);
+        let after = serde_json::to_string(&*s).unwrap_or_default();
+        if before != after || s.updated_at == 0 {
+            s.updated_at = crate::relay::now_ms();
+            if let Err(e) = state::write_json(&self.path, &*s) {
+                log(&format!("cannot write {}: {e}", self.path.display()));
+            }
+        }
+    }
+
+    /// A copy of the current status.
+    pub fn get(&self) -> Status {
+        self.status.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// Everything the bridge runs with.
+pub struct BridgeOptions {
+    /// The identity from `bridge.json`.
+    pub identity: BridgeIdentity,
+    /// The fixed local target.
+    pub target: workers::Target,
+    /// The state directory.
+    pub state_dir: PathBuf,
+    /// Request workers.
+    pub workers: usize,
+}
+
+/// The daemon's log file, once [`log_to_file`] set it; stderr otherwise.
+static LOG_FILE: OnceLock<Mutex<state::RotatingLog>> = OnceLock::new();
+
+/// Sends [`log`] lines to a size-rotated file (the detached daemon's `bridge.log`).
+pub fn log_to_file(path: &std::path::Path) -> std::io::Result<()> {
+    let file = state::RotatingLog::open(path)?;
+    let _ = LOG_FILE.set(Mutex::new(file));
+    Ok(())
+}
+
+/// Writes one log line (stderr in the foreground, the rotating log in the daemon). Callers
+/// never pass secrets.
+pub fn log(message: &str) {
+    let line = format!("{} {message}\n", format_ts(crate::relay::now_ms()));
+    match LOG_FILE.get() {
+        Some(file) => {
+            let mut file = file.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = std::io::Write::write_all(&mut *file, line.as_bytes());
+        }
+        None => eprint!("{line}"),
+    }
+}
+
+/// `2026-11-24T21:30:00.123Z` for a unix-ms timestamp.
+pub fn format_ts(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
+/// Gregorian date from days since 1970-01-01 (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// Runs the bridge until `stop` is set: the pool, the health poller and the relay I/O loop
+/// (on the calling thread). `waker` must be the poller the signal handler notifies.
+pub fn run(
+    options: BridgeOptions,
+    stop: Arc<AtomicBool>,
+    waker: Arc<Poller>,
+) -> Result<(), String> {
+    let backend_url = format!("http://{}:{}", options.target.host, options.target.port);
+    let status = Arc::new(LiveStatus::new(
+        Status {
+            pid: std::process::id(),
+            started_at: crate::relay::now_ms(),
+            bridge_id: options.identity.bridge_id.clone(),
+            relay_url: options.identity.bridge_relay_url.clone(),
+            backend_url,
+            ..Status::default()
+        },
+        state::status_json(&options.state_dir),
+    ));
+    let pool = Arc::new(workers::Pool::new(
+        options.target.clone(),
+        options.workers,
+        crate::protocol::Limits::default(),
+    ));
+    let poller_thread = {
+        let (status, stop, target) = (status.clone(), stop.clone(), options.target.clone());
+        std::thread::Builder::new()
+            .name("health".into())
+            .spawn(move || poller::run(&target, &status, &stop))
+            .map_err(|e| format!("cannot start the health poller: {e}"))?
+    };
+    log(&format!(
+        "bridge {} starting: relay {}, backend http://{}:{}",
+        options.identity.bridge_id,
+        options.identity.bridge_relay_url,
+        options.target.host,
+        options.target.port
+    ));
+    let io =
+        relay_io::RelayIo::new(options.identity, pool.clone(), status.clone(), stop.clone(), waker);
+    io.run();
+    stop.store(true, Ordering::SeqCst);
+    pool.shutdown(crate::protocol::ErrorCode::ShuttingDown);
+    let _ = poller_thread.join();
+    status.update(|s| s.relay_connected = false);
+    log("bridge stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(format_ts(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(format_ts(1_795_555_732_093), "2026-11-24T21:28:52.093Z");
+        assert_eq!(format_ts(951_782_400_000), "2000-02-29T00:00:00.000Z");
+    }
+}

@@ -1,0 +1,110 @@
+//! The health poller: keeps backend and gateway health current in `status.json`, so that
+//! `--status` answers from what the daemon saw seconds ago.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use super::workers::Target;
+use super::{Health, LiveStatus};
+
+/// How often health is probed.
+const INTERVAL: Duration = Duration::from_secs(5);
+
+/// Deadline of one probe.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The Hermes gateway's API server.
+pub const GATEWAY_HOST: &str = "127.0.0.1";
+/// The Hermes gateway's port.
+pub const GATEWAY_PORT: u16 = 8642;
+
+/// Probes until `stop` is set.
+pub fn run(target: &Target, status: &LiveStatus, stop: &AtomicBool) {
+    while !stop.load(Ordering::SeqCst) {
+        let backend = probe(&target.host, target.port, "/api/health");
+        let gateway = probe(GATEWAY_HOST, GATEWAY_PORT, "/health");
+        status.update(|s| {
+            s.backend = backend;
+            s.gateway = gateway;
+        });
+        let until = Instant::now() + INTERVAL;
+        // Not a hot path: a coarse sleep only bounds how fast the thread notices a stop.
+        while Instant::now() < until && !stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Probes `GET http://host:port{path}`: 2xx is ready, any other answer unhealthy, a refused or
+/// silent port not listening / unhealthy. A plain HTTP/1.0 exchange keeps this independent of
+/// proxies and connection pools.
+pub fn probe(host: &str, port: u16, path: &str) -> Health {
+    let Some(addr) = (host, port).to_socket_addrs().ok().and_then(|mut a| a.next()) else {
+        return Health::NotListening;
+    };
+    probe_addr(addr, host, path)
+}
+
+fn probe_addr(addr: SocketAddr, host: &str, path: &str) -> Health {
+    let mut tcp = match TcpStream::connect_timeout(&addr, PROBE_TIMEOUT) {
+        Ok(t) => t,
+        Err(_) => return Health::NotListening,
+    };
+    let _ = tcp.set_read_timeout(Some(PROBE_TIMEOUT));
+    let _ = tcp.set_write_timeout(Some(PROBE_TIMEOUT));
+    let request =
+        format!("GET {path} HTTP/1.0\r\nHost: {host}\r\nAccept: application/json\r\n\r\n");
+    if tcp.write_all(request.as_bytes()).is_err() {
+        return Health::Unhealthy;
+    }
+    let mut head = [0u8; 64];
+    let mut got = 0;
+    while got < 12 {
+        match tcp.read(&mut head[got..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    let line = String::from_utf8_lossy(&head[..got]);
+    let status: Option<u16> = line
+        .strip_prefix("HTTP/1.")
+        .and_then(|rest| rest.get(2..5))
+        .and_then(|code| code.parse().ok());
+    match status {
+        Some(200..=299) => Health::Ready,
+        _ => Health::Unhealthy,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    fn serve_once(reply: &'static [u8]) -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            if let Ok((mut s, _)) = listener.accept() {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf);
+                let _ = s.write_all(reply);
+            }
+        });
+        port
+    }
+
+    #[test]
+    fn classifies_backends() {
+        let ok = serve_once(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}");
+        assert_eq!(probe("127.0.0.1", ok, "/api/health"), Health::Ready);
+        let bad = serve_once(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(probe("127.0.0.1", bad, "/api/health"), Health::Unhealthy);
+        let garbage = serve_once(b"SSH-2.0-OpenSSH_9.2\r\n");
+        assert_eq!(probe("127.0.0.1", garbage, "/api/health"), Health::Unhealthy);
+        let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        assert_eq!(probe("127.0.0.1", closed, "/api/health"), Health::NotListening);
+    }
+}

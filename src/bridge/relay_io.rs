@@ -1,0 +1,482 @@
+//! The relay I/O thread: owns the bridge's WebSocket to the relay.
+//!
+//! Blocking tungstenite cannot read and write from two threads, and a TLS stream cannot be
+//! cloned, so one thread does both, driven by readiness: the socket is non-blocking and
+//! registered with a `polling::Poller`; workers queue frames in the [`Outbox`] and notify the
+//! same poller. A queued frame is therefore written the moment it exists — no read-timeout
+//! loop adds latency. The poller's timeout only drives pings and the pong deadline.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, TryRecvError, sync_channel};
+use std::time::{Duration, Instant};
+
+use polling::{Event, Events, PollMode, Poller};
+use tungstenite::client::IntoClientRequest;
+use tungstenite::http::HeaderValue;
+use tungstenite::protocol::CloseFrame;
+use tungstenite::protocol::WebSocketConfig;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::stream::MaybeTlsStream;
+use tungstenite::{Message, WebSocket};
+
+use super::workers::Pool;
+use super::{LiveStatus, Outbox, log};
+use crate::protocol::{self as p, Frame};
+use crate::state::BridgeIdentity;
+
+/// Poller key of the relay socket.
+const SOCKET: usize = 1;
+
+/// Frames queued between the workers and the socket (each at most ~350 KiB of JSON).
+const OUTBOX_FRAMES: usize = 64;
+
+/// Deadline for TCP connect, TLS and the WebSocket handshake.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reconnect delays: full jitter between zero and `min(cap, base · 2^attempt)`.
+const BACKOFF_BASE: Duration = Duration::from_millis(500);
+const BACKOFF_CAP: Duration = Duration::from_secs(30);
+
+/// A connection that lived this long resets the backoff.
+const STABLE_AFTER: Duration = Duration::from_secs(60);
+
+type Ws = WebSocket<MaybeTlsStream<TcpStream>>;
+
+/// Why a connection attempt failed.
+#[derive(Debug)]
+pub enum ConnectError {
+    /// The relay refused the bridge (401, 404, 409): a message for the user.
+    Refused(u16, String),
+    /// Network, TLS or protocol failure.
+    Failed(String),
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectError::Refused(status, msg) => {
+                write!(f, "relay refused the bridge ({status}): {msg}")
+            }
+            ConnectError::Failed(msg) => f.write_str(msg),
+        }
+    }
+}
+
+/// Why a served connection ended.
+enum Ended {
+    Stopped,
+    Lost(String),
+}
+
+/// The relay connection role.
+pub struct RelayIo {
+    identity: BridgeIdentity,
+    pool: Arc<Pool>,
+    status: Arc<LiveStatus>,
+    stop: Arc<AtomicBool>,
+    poller: Arc<Poller>,
+}
+
+impl RelayIo {
+    /// Prepares the role; [`RelayIo::run`] drives it.
+    pub fn new(
+        identity: BridgeIdentity,
+        pool: Arc<Pool>,
+        status: Arc<LiveStatus>,
+        stop: Arc<AtomicBool>,
+        poller: Arc<Poller>,
+    ) -> RelayIo {
+        RelayIo { identity, pool, status, stop, poller }
+    }
+
+    /// Connects, serves and reconnects until the stop flag is set.
+    pub fn run(&self) {
+        let mut attempt: u32 = 0;
+        while !self.stop.load(Ordering::SeqCst) {
+            match connect(&self.identity) {
+                Ok(ws) => {
+                    let connected = Instant::now();
+                    log(&format!("relay connected: {}", self.identity.bridge_relay_url));
+                    self.status.update(|s| {
+                        s.relay_connected = true;
+                        s.relay_since = crate::relay::now_ms();
+                        s.relay_error = None;
+                    });
+                    let ended = self.serve(ws);
+                    self.pool.cancel_all();
+                    self.status.update(|s| {
+                        s.relay_connected = false;
+                        s.relay_since = crate::relay::now_ms();
+                        s.apps_online.clear();
+                    });
+                    match ended {
+                        Ended::Stopped => return,
+                        Ended::Lost(why) => {
+                            log(&format!("relay connection lost: {why}"));
+                            self.status.update(|s| s.relay_error = Some(why));
+                        }
+                    }
+                    if connected.elapsed() >= STABLE_AFTER {
+                        attempt = 0;
+                    }
+                }
+                Err(e) => {
+                    log(&format!("cannot connect to the relay: {e}"));
+                    let msg = e.to_string();
+                    self.status.update(|s| s.relay_error = Some(msg));
+                    if let ConnectError::Refused(..) = e {
+                        // Will not fix itself quickly (deleted bridge, another instance):
+                        // retry at the cap, the user is told by --status.
+                        attempt = attempt.max(16);
+                    }
+                }
+            }
+            let delay = backoff(attempt);
+            attempt = attempt.saturating_add(1);
+            self.wait(delay);
+        }
+    }
+
+    /// Sleeps for `delay` unless stopped first (the signal handler notifies the poller).
+    fn wait(&self, delay: Duration) {
+        let until = Instant::now() + delay;
+        let mut events = Events::new();
+        while !self.stop.load(Ordering::SeqCst) {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            events.clear();
+            let _ = self.poller.wait(&mut events, Some(left));
+        }
+    }
+
+    /// Serves one connection until it drops or the bridge stops.
+    fn serve(&self, mut ws: Ws) -> Ended {
+        let tcp = match tcp_of(&ws).try_clone() {
+            Ok(t) => t,
+            Err(e) => return Ended::Lost(format!("socket: {e}")),
+        };
+        if let Err(e) = tcp.set_nonblocking(true) {
+            return Ended::Lost(format!("socket: {e}"));
+        }
+        // SAFETY: `tcp` is a clone of the socket's descriptor and is deleted from the poller
+        // (end of this function) before it is dropped.
+        if let Err(e) =
+            unsafe { self.poller.add_with_mode(&tcp, Event::readable(SOCKET), PollMode::Level) }
+        {
+            return Ended::Lost(format!("poller: {e}"));
+        }
+        let (tx, rx) = sync_channel::<String>(OUTBOX_FRAMES);
+        let outbox = Outbox::new(tx, self.poller.clone());
+        let mut conn = Conn {
+            ws: &mut ws,
+            rx,
+            direct: VecDeque::new(),
+            write_blocked: false,
+            last_rx: Instant::now(),
+            last_ping: Instant::now(),
+            interest_writable: false,
+        };
+        let ended = self.serve_loop(&mut conn, &outbox, &tcp);
+        drop(outbox);
+        let _ = self.poller.delete(&tcp);
+        ended
+    }
+
+    fn serve_loop(&self, c: &mut Conn<'_>, outbox: &Outbox, tcp: &TcpStream) -> Ended {
+        let ping_every = Duration::from_secs(p::RELAY_PING_INTERVAL_SECS);
+        let pong_timeout = Duration::from_secs(p::BRIDGE_PONG_TIMEOUT_SECS);
+        let mut events = Events::new();
+        loop {
+            if self.stop.load(Ordering::SeqCst) {
+                return self.shut_down(c, tcp);
+            }
+            if let Err(e) = self.read_frames(c, outbox) {
+                return Ended::Lost(e);
+            }
+            if let Err(e) = c.write_pending() {
+                return Ended::Lost(e);
+            }
+            let now = Instant::now();
+            if now.duration_since(c.last_rx) >= pong_timeout {
+                return Ended::Lost(format!(
+                    "no traffic or pong from the relay for {} s",
+                    pong_timeout.as_secs()
+                ));
+            }
+            if now.duration_since(c.last_ping) >= ping_every {
+                c.last_ping = now;
+                c.direct.push_back(Message::Ping(Default::default()));
+                if let Err(e) = c.write_pending() {
+                    return Ended::Lost(e);
+                }
+            }
+            if c.write_blocked != c.interest_writable {
+                c.interest_writable = c.write_blocked;
+                let ev = Event::new(SOCKET, true, c.write_blocked);
+                let _ = self.poller.modify_with_mode(tcp, ev, PollMode::Level);
+            }
+            let next = (c.last_ping + ping_every).min(c.last_rx + pong_timeout);
+            events.clear();
+            let timeout = next.saturating_duration_since(Instant::now());
+            if let Err(e) = self.poller.wait(&mut events, Some(timeout))
+                && e.kind() != io::ErrorKind::Interrupted
+            {
+                return Ended::Lost(format!("poller: {e}"));
+            }
+        }
+    }
+
+    /// Reads every frame available now and dispatches it.
+    fn read_frames(&self, c: &mut Conn<'_>, outbox: &Outbox) -> Result<(), String> {
+        loop {
+            match c.ws.read() {
+                Ok(Message::Text(text)) => {
+                    c.last_rx = Instant::now();
+                    self.dispatch(c, outbox, text.as_str());
+                }
+                Ok(Message::Close(frame)) => {
+                    let why = frame.map_or("closed".to_owned(), |f| {
+                        format!("closed {} {}", u16::from(f.code), f.reason)
+                    });
+                    // tungstenite queued the close reply; push it out before leaving.
+                    let _ = c.ws.flush();
+                    return Err(why);
+                }
+                Ok(_) => c.last_rx = Instant::now(),
+                Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Ok(());
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+
+    fn dispatch(&self, c: &mut Conn<'_>, outbox: &Outbox, text: &str) {
+        let frame = match p::parse_frame(text) {
+            Ok(f) => f,
+            Err(msg) => {
+                log(&format!("ignoring a frame from the relay: {msg}"));
+                return;
+            }
+        };
+        match frame {
+            Frame::Request(req) => {
+                if let Err(busy) = self.pool.submit(req, outbox.clone()) {
+                    c.direct.push_back(Message::text(busy));
+                }
+            }
+            Frame::Cancel { id, client } => self.pool.cancel(client.as_deref(), &id),
+            Frame::ClientConnected { client, device_name } => {
+                log(&format!("app connected: {client} ({device_name})"));
+                self.status.update(|s| {
+                    s.apps_online.insert(client);
+                });
+            }
+            Frame::ClientDisconnected { client } => {
+                self.pool.cancel_client(&client);
+                log(&format!("app disconnected: {client}"));
+                self.status.update(|s| {
+                    s.apps_online.remove(&client);
+                });
+            }
+            Frame::Error { code, message } => {
+                log(&format!("relay says {}: {message}", code.as_str()));
+            }
+            other => log(&format!("ignoring an unexpected {} frame from the relay", other.kind())),
+        }
+    }
+
+    /// Answers open requests `SHUTTING_DOWN`, sends them, closes 1001.
+    fn shut_down(&self, c: &mut Conn<'_>, tcp: &TcpStream) -> Ended {
+        self.pool.shutdown(p::ErrorCode::ShuttingDown);
+        let _ = tcp.set_nonblocking(false);
+        let _ = tcp.set_write_timeout(Some(Duration::from_secs(2)));
+        c.write_blocked = false;
+        let _ = c.write_pending();
+        let close = CloseFrame { code: CloseCode::Away, reason: "bridge shutting down".into() };
+        let _ = c.ws.close(Some(close));
+        let _ = c.ws.flush();
+        Ended::Stopped
+    }
+}
+
+/// One live connection's I/O state.
+struct Conn<'a> {
+    ws: &'a mut Ws,
+    rx: Receiver<String>,
+    /// Frames of the I/O thread itself (pings, BUSY answers), sent before the outbox.
+    direct: VecDeque<Message>,
+    /// tungstenite holds bytes the socket did not take.
+    write_blocked: bool,
+    last_rx: Instant,
+    last_ping: Instant,
+    interest_writable: bool,
+}
+
+impl Conn<'_> {
+    /// Writes queued frames until the socket would block. While blocked, the outbox is not
+    /// drained, so workers wait (back-pressure) instead of frames piling up here.
+    fn write_pending(&mut self) -> Result<(), String> {
+        loop {
+            if self.write_blocked {
+                match self.ws.flush() {
+                    Ok(()) => self.write_blocked = false,
+                    Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                        return Ok(());
+                    }
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+            let msg = match self.direct.pop_front() {
+                Some(m) => m,
+                None => match self.rx.try_recv() {
+                    Ok(text) => Message::text(text),
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                },
+            };
+            match self.ws.write(msg) {
+                Ok(()) => {}
+                Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.write_blocked = true;
+                    return Ok(());
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        match self.ws.flush() {
+            Ok(()) => Ok(()),
+            Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.write_blocked = true;
+                Ok(())
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+fn tcp_of(ws: &Ws) -> &TcpStream {
+    match ws.get_ref() {
+        MaybeTlsStream::NativeTls(s) => s.get_ref(),
+        MaybeTlsStream::Plain(s) => s,
+        // Only the two variants above are ever constructed by `connect`.
+        _ => unreachable_stream(),
+    }
+}
+
+#[cold]
+fn unreachable_stream() -> ! {
+    // `connect` builds only Plain and NativeTls streams; reaching this is a programming error.
+    std::process::abort()
+}
+
+/// A full-jitter delay for the given attempt.
+fn backoff(attempt: u32) -> Duration {
+    let ceiling = BACKOFF_BASE.saturating_mul(1u32 << attempt.min(16)).min(BACKOFF_CAP);
+    let r = u64::from_le_bytes(crate::secret::random_bytes::<8>());
+    let ms = (ceiling.as_millis() as u64).max(1);
+    Duration::from_millis((r % ms).max(100))
+}
+
+/// Opens the bridge socket: TCP with `TCP_NODELAY`, the TLS handshake done here (so a stalled
+/// handshake is a clean timeout, not a tungstenite panic), then the WebSocket handshake with
+/// the relaySecret in the `Authorization` header, never in the URL.
+pub fn connect(identity: &BridgeIdentity) -> Result<Ws, ConnectError> {
+    let url = format!("{}?bridgeId={}", identity.bridge_relay_url, identity.bridge_id);
+    let mut request = url.as_str().into_client_request().map_err(|e| {
+        ConnectError::Failed(format!("bad relay URL {}: {e}", identity.bridge_relay_url))
+    })?;
+    let uri = request.uri().clone();
+    let host = uri.host().unwrap_or_default().trim_matches(['[', ']']).to_owned();
+    let tls = uri.scheme_str() == Some("wss");
+    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    let auth = HeaderValue::from_str(&format!("Bearer {}", identity.relay_secret))
+        .map_err(|_| ConnectError::Failed("the relaySecret in bridge.json is malformed".into()))?;
+    let instance = HeaderValue::from_str(&identity.instance_id)
+        .map_err(|_| ConnectError::Failed("the instance id in bridge.json is malformed".into()))?;
+    request.headers_mut().insert("Authorization", auth);
+    request.headers_mut().insert(p::INSTANCE_HEADER, instance);
+
+    let failed = |what: &str, e: &dyn std::fmt::Display| {
+        ConnectError::Failed(format!("{what} {host}:{port}: {e}"))
+    };
+    let addrs =
+        (host.as_str(), port).to_socket_addrs().map_err(|e| failed("cannot resolve", &e))?;
+    let mut last = None;
+    let mut tcp = None;
+    for addr in addrs {
+        match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+            Ok(s) => {
+                tcp = Some(s);
+                break;
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    let tcp = tcp.ok_or_else(|| match last {
+        Some(e) => failed("cannot connect to", &e),
+        None => failed("no address for", &"empty DNS answer"),
+    })?;
+    let _ = tcp.set_nodelay(true);
+    tcp.set_read_timeout(Some(CONNECT_TIMEOUT)).map_err(|e| failed("socket", &e))?;
+    tcp.set_write_timeout(Some(CONNECT_TIMEOUT)).map_err(|e| failed("socket", &e))?;
+    let stream = if tls {
+        let connector = native_tls::TlsConnector::new().map_err(|e| failed("TLS setup for", &e))?;
+        match connector.connect(&host, tcp) {
+            Ok(s) => MaybeTlsStream::NativeTls(s),
+            Err(native_tls::HandshakeError::WouldBlock(_)) => {
+                return Err(failed("TLS handshake timed out with", &"no answer"));
+            }
+            Err(native_tls::HandshakeError::Failure(e)) => {
+                return Err(failed("TLS handshake failed with", &e));
+            }
+        }
+    } else {
+        MaybeTlsStream::Plain(tcp)
+    };
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(p::Limits::default().max_frame))
+        .write_buffer_size(64 << 10);
+    let ws = match tungstenite::client::client_with_config(request, stream, Some(config)) {
+        Ok((ws, _response)) => ws,
+        Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(resp))) => {
+            let status = resp.status().as_u16();
+            let body = resp.body().as_deref().map(String::from_utf8_lossy).unwrap_or_default();
+            let message = serde_json::from_str::<p::ApiError>(&body)
+                .map(|e| e.error.message)
+                .unwrap_or_else(|_| format!("HTTP {status}"));
+            return Err(ConnectError::Refused(status, message));
+        }
+        Err(tungstenite::HandshakeError::Failure(e)) => {
+            return Err(failed("WebSocket handshake failed with", &e));
+        }
+        Err(tungstenite::HandshakeError::Interrupted(_)) => {
+            return Err(failed("WebSocket handshake timed out with", &"no answer"));
+        }
+    };
+    let tcp = tcp_of(&ws);
+    let _ = tcp.set_read_timeout(None);
+    let _ = tcp.set_write_timeout(None);
+    Ok(ws)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_jittered_and_capped() {
+        for attempt in 0..40 {
+            let d = backoff(attempt);
+            assert!(d >= Duration::from_millis(100));
+            assert!(d <= BACKOFF_CAP);
+        }
+        // Early attempts stay short.
+        assert!(backoff(0) <= BACKOFF_BASE.max(Duration::from_millis(100)));
+    }
+}

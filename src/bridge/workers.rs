@@ -1,0 +1,989 @@
+//! The bounded request worker pool: each worker runs one local HTTP exchange
+//! ([`super::local_http`]) and sends the response back as frames (PROTOCOL §5–§7).
+//!
+//! The relay I/O thread (or a LAN server) calls [`Pool::submit`] for every `request` frame and
+//! [`Pool::cancel`] / [`Pool::cancel_client`] / [`Pool::cancel_all`] for cancels and lost peers.
+//! Every accepted request gets exactly one terminal frame (`response`, `response.end` or
+//! `response.error`), sent by the thread that owns the request; a cancel only aborts the local
+//! exchange, which makes that thread answer `CANCELLED` at once.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io::Read;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STANDARD};
+use base64::engine::{DecodePaddingMode, general_purpose};
+
+use super::Outbox;
+use super::local_http::{Abort, LocalClient, LocalError};
+use crate::protocol::{
+    CLIENT_HEADER, DEFAULT_ALLOWED_PREFIXES, ErrorCode, Frame, Headers, Limits, RequestFrame,
+    ResponseFrame, check_header, check_path, check_request_limits, is_hop_by_hop,
+};
+
+/// Workers started when the configuration does not say otherwise.
+pub const DEFAULT_WORKERS: usize = 32;
+
+/// Requests waiting for a free worker before new ones are answered `BUSY`.
+pub const QUEUE_CAPACITY: usize = 64;
+
+/// Responses larger than this (or of unknown length, or SSE) are streamed (PROTOCOL §5).
+pub const STREAM_THRESHOLD: u64 = 256 << 10;
+
+/// Largest body piece in one `response.chunk`.
+pub const CHUNK_MAX: usize = 256 << 10;
+
+/// How long [`Pool::shutdown`] waits for open requests to be answered.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// Methods forwarded to the backend.
+const METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"];
+
+/// Base64 for request bodies: the standard alphabet; padding optional, since some encoders
+/// leave it out and it carries no information.
+const BASE64_LENIENT: GeneralPurpose = GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+
+/// Locks a mutex, ignoring poisoning: every critical section here leaves consistent state.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The fixed local backend. Comes from local configuration only; never chosen by a frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// Host of the backend, `127.0.0.1` by default.
+    pub host: String,
+    /// Port of the backend.
+    pub port: u16,
+    /// Path prefixes forwarded (PROTOCOL §7); anything else is `FORBIDDEN_PATH`.
+    pub allowed_prefixes: Vec<String>,
+}
+
+impl Target {
+    /// `host:port` with the default allowed prefixes.
+    pub fn new(host: &str, port: u16) -> Target {
+        Target {
+            host: host.to_owned(),
+            port,
+            allowed_prefixes: DEFAULT_ALLOWED_PREFIXES.iter().map(|p| (*p).to_owned()).collect(),
+        }
+    }
+}
+
+/// Identifies an open request: (client, id). `client` is `None` for LAN sockets.
+type Key = (Option<String>, String);
+
+/// An open request's cancellation state.
+struct Open {
+    /// Aborts the local exchange.
+    abort: Abort,
+    /// The code answered when the exchange ends because of the abort.
+    reason: ErrorCode,
+}
+
+/// A request waiting for (or being run by) a worker.
+struct Job {
+    /// The frame as received.
+    req: RequestFrame,
+    /// Where its frames go.
+    out: Outbox,
+    /// Its abort handle (also in the open map).
+    abort: Abort,
+}
+
+/// Open requests and the shutdown state, under one lock.
+struct OpenState {
+    /// Every accepted request that has not had its terminal frame sent yet.
+    map: HashMap<Key, Open>,
+    /// Set by [`Pool::shutdown`]: new requests are refused with this code.
+    closing: Option<ErrorCode>,
+}
+
+/// The work queues.
+struct Queue {
+    /// Requests waiting for a worker.
+    jobs: VecDeque<Job>,
+    /// Aborted requests pulled out of `jobs`: they only need their error frame, so they must
+    /// not wait behind long-running exchanges.
+    answers: VecDeque<Job>,
+    /// Threads exit once the queues are empty.
+    stopping: bool,
+}
+
+/// State shared by the pool handle and its threads.
+struct Shared {
+    /// The backend client (keep-alive pool inside).
+    client: LocalClient,
+    /// Allowed path prefixes.
+    allowed: Vec<String>,
+    /// Limits of PROTOCOL §6.
+    limits: Limits,
+    /// Worker threads actually running.
+    workers: usize,
+    /// Open requests. Lock order: `open` before `queue`.
+    open: Mutex<OpenState>,
+    /// Signalled when an open request is removed (for shutdown).
+    drained: Condvar,
+    /// Queued work.
+    queue: Mutex<Queue>,
+    /// Wakes workers: a job or an answer arrived, or the pool stops.
+    work: Condvar,
+    /// Wakes the answer thread.
+    answer: Condvar,
+}
+
+/// The bounded worker pool. Share it behind an `Arc`; every method takes `&self`.
+pub struct Pool {
+    /// Shared with the threads.
+    shared: Arc<Shared>,
+}
+
+impl Pool {
+    /// Starts `workers` threads (`worker-N`, at least one) and one `worker-answers` thread that
+    /// answers requests aborted while still queued.
+    pub fn new(target: Target, workers: usize, limits: Limits) -> Pool {
+        let mut shared = Shared {
+            client: LocalClient::new(&target.host, target.port),
+            allowed: target.allowed_prefixes,
+            limits,
+            workers: 0,
+            open: Mutex::new(OpenState { map: HashMap::new(), closing: None }),
+            drained: Condvar::new(),
+            queue: Mutex::new(Queue {
+                jobs: VecDeque::new(),
+                answers: VecDeque::new(),
+                stopping: false,
+            }),
+            work: Condvar::new(),
+            answer: Condvar::new(),
+        };
+        // Count threads before sharing: `submit` refuses work when none could start.
+        shared.workers = workers.max(1);
+        let shared = Arc::new(shared);
+        let mut started = 0;
+        for n in 0..workers.max(1) {
+            let s = shared.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("worker-{n}"))
+                .spawn(move || worker_loop(&s, false));
+            if spawned.is_ok() {
+                started += 1;
+            }
+        }
+        let s = shared.clone();
+        let _ = std::thread::Builder::new()
+            .name("worker-answers".into())
+            .spawn(move || worker_loop(&s, true));
+        if started == 0 {
+            // Nothing would ever run a queued job: refuse everything as BUSY instead.
+            lock(&shared.queue).stopping = true;
+        }
+        Pool { shared }
+    }
+
+    /// Queues a request. On refusal returns a ready frame (JSON text) for the caller to send
+    /// back on the same connection: `response.error` (`BUSY`, `SHUTTING_DOWN`, or a validation
+    /// code such as `FORBIDDEN_PATH`), or an `error` `BAD_FRAME` for a duplicate open id (which
+    /// must not terminate the request already open under that id).
+    pub fn submit(&self, req: RequestFrame, out: Outbox) -> Result<(), String> {
+        let shared = &self.shared;
+        let key: Key = (req.client.clone(), req.id.clone());
+        let refuse = |code: ErrorCode, message: String| {
+            Err(Frame::error(&req.id, req.client.as_deref(), code, message).to_json())
+        };
+        let mut open = lock(&shared.open);
+        if open.map.contains_key(&key) {
+            return Err(Frame::bad_frame(format!(
+                "request id {:?} is already open; the duplicate was dropped",
+                req.id
+            ))
+            .to_json());
+        }
+        if let Some(code) = open.closing {
+            return refuse(code, "the bridge is shutting down".into());
+        }
+        if let Err((code, message)) = validate(&req, &shared.allowed, &shared.limits) {
+            return refuse(code, message);
+        }
+        if open.map.len() >= shared.limits.max_open_per_bridge {
+            return refuse(ErrorCode::Busy, "too many open requests on this bridge".into());
+        }
+        let per_client = open.map.keys().filter(|(c, _)| *c == req.client).count();
+        if per_client >= shared.limits.max_open_per_app {
+            return refuse(ErrorCode::Busy, "too many open requests from this app".into());
+        }
+        let mut queue = lock(&shared.queue);
+        if queue.stopping || queue.jobs.len() >= QUEUE_CAPACITY {
+            return refuse(ErrorCode::Busy, "every bridge worker is busy; try again".into());
+        }
+        let abort = Abort::new();
+        open.map.insert(key, Open { abort: abort.clone(), reason: ErrorCode::Cancelled });
+        queue.jobs.push_back(Job { req, out, abort });
+        drop(queue);
+        drop(open);
+        shared.work.notify_one();
+        Ok(())
+    }
+
+    /// Aborts one request (`cancel` frame). It is answered `CANCELLED` unless its response
+    /// already ended. `client` is `None` for LAN sockets.
+    pub fn cancel(&self, client: Option<&str>, id: &str) {
+        self.abort_where(|(c, i)| c.as_deref() == client && i == id, ErrorCode::Cancelled);
+    }
+
+    /// Aborts every request of one app (`client.disconnected`).
+    pub fn cancel_client(&self, client: &str) {
+        self.abort_where(|(c, _)| c.as_deref() == Some(client), ErrorCode::Cancelled);
+    }
+
+    /// Aborts every open request (the relay socket was lost).
+    pub fn cancel_all(&self) {
+        self.abort_where(|_| true, ErrorCode::Cancelled);
+    }
+
+    /// Requests accepted and not yet answered with their terminal frame.
+    pub fn open_requests(&self) -> usize {
+        lock(&self.shared.open).map.len()
+    }
+
+    /// Refuses new requests, answers every open one `response.error` with `code` (normally
+    /// `SHUTTING_DOWN`; requests already cancelled keep `CANCELLED`) and lets the threads exit.
+    /// Waits up to [`SHUTDOWN_GRACE`] for those answers to be handed to their outboxes, so the
+    /// caller can flush them right after; never longer, since the caller may itself be the
+    /// thread that drains a full outbox. Idempotent.
+    pub fn shutdown(&self, code: ErrorCode) {
+        let shared = &self.shared;
+        {
+            let mut open = lock(&shared.open);
+            open.closing.get_or_insert(code);
+        }
+        self.abort_where(|_| true, code);
+        stop_threads(shared);
+        let deadline = Instant::now() + SHUTDOWN_GRACE;
+        let mut open = lock(&shared.open);
+        while !open.map.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            open = shared.drained.wait_timeout(open, left).map(|(g, _)| g).unwrap_or_else(|p| {
+                let (g, _) = p.into_inner();
+                g
+            });
+        }
+    }
+
+    /// Aborts the open requests whose key matches; requests still queued move to the answer
+    /// queue so they are answered at once instead of after a free worker.
+    fn abort_where(&self, matches: impl Fn(&Key) -> bool, reason: ErrorCode) {
+        let shared = &self.shared;
+        let open = lock(&shared.open);
+        let mut hit = false;
+        let mut open = open;
+        for (key, entry) in open.map.iter_mut() {
+            if matches(key) {
+                hit = true;
+                if !entry.abort.is_aborted() {
+                    entry.reason = reason;
+                }
+                entry.abort.abort();
+            }
+        }
+        if !hit {
+            return;
+        }
+        let mut queue = lock(&shared.queue);
+        let (pulled, kept): (VecDeque<Job>, VecDeque<Job>) =
+            queue.jobs.drain(..).partition(|j| j.abort.is_aborted());
+        queue.jobs = kept;
+        let any = !pulled.is_empty();
+        queue.answers.extend(pulled);
+        drop(queue);
+        drop(open);
+        if any {
+            shared.answer.notify_one();
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // The threads hold the shared state: without this they would wait for work forever.
+        self.abort_where(|_| true, ErrorCode::ShuttingDown);
+        stop_threads(&self.shared);
+    }
+}
+
+/// Tells every thread to exit once the queues are empty; queued jobs become answers.
+fn stop_threads(shared: &Shared) {
+    let mut queue = lock(&shared.queue);
+    queue.stopping = true;
+    let jobs: Vec<Job> = queue.jobs.drain(..).collect();
+    queue.answers.extend(jobs);
+    drop(queue);
+    shared.work.notify_all();
+    shared.answer.notify_all();
+}
+
+/// A thread's loop. Workers take answers first (they are instant), then jobs; the answer
+/// thread only takes answers.
+fn worker_loop(shared: &Shared, answers_only: bool) {
+    loop {
+        let job = {
+            let mut queue = lock(&shared.queue);
+            loop {
+                let next = match queue.answers.pop_front() {
+                    Some(j) => Some(j),
+                    None if answers_only => None,
+                    None => queue.jobs.pop_front(),
+                };
+                if let Some(j) = next {
+                    break j;
+                }
+                if queue.stopping {
+                    return;
+                }
+                let cv = if answers_only { &shared.answer } else { &shared.work };
+                queue = cv.wait(queue).unwrap_or_else(|p| p.into_inner());
+            }
+        };
+        run_job(shared, job);
+    }
+}
+
+/// Why an exchange did not end with a sent terminal frame.
+enum Fail {
+    /// The request itself is unusable.
+    Request(ErrorCode, String),
+    /// The backend exchange failed (or was aborted).
+    Local(LocalError),
+    /// The connection that carried the request is gone: nothing can be answered.
+    Gone,
+}
+
+/// Runs one request to its terminal frame, then forgets it.
+fn run_job(shared: &Shared, job: Job) {
+    let key: Key = (job.req.client.clone(), job.req.id.clone());
+    let result = if job.abort.is_aborted() {
+        Err(Fail::Local(LocalError::Aborted))
+    } else {
+        exchange(shared, &job.req, &job.out, &job.abort)
+    };
+    let failure = match result {
+        Ok(()) | Err(Fail::Gone) => None,
+        Err(Fail::Request(code, message)) => Some((code, message)),
+        Err(Fail::Local(LocalError::Aborted)) => {
+            let reason =
+                lock(&shared.open).map.get(&key).map_or(ErrorCode::Cancelled, |o| o.reason);
+            let message = match reason {
+                ErrorCode::Cancelled => "the request was cancelled",
+                ErrorCode::ShuttingDown => "the bridge is shutting down",
+                _ => "the request was aborted",
+            };
+            Some((reason, message.to_owned()))
+        }
+        Err(Fail::Local(e)) => Some((e.code(), e.to_string())),
+    };
+    if let Some((code, message)) = failure {
+        // A failed send means the connection is gone; there is nobody left to tell.
+        let _ = job
+            .out
+            .send(Frame::error(&job.req.id, job.req.client.as_deref(), code, message).to_json());
+    }
+    // Forget the request only after its terminal frame is queued, so a duplicate id cannot
+    // overtake it.
+    let mut open = lock(&shared.open);
+    open.map.remove(&key);
+    drop(open);
+    shared.drained.notify_all();
+}
+
+/// The cheap checks of PROTOCOL §6–§7, done before a request is queued.
+fn validate(
+    req: &RequestFrame,
+    allowed: &[String],
+    limits: &Limits,
+) -> Result<(), (ErrorCode, String)> {
+    check_request_limits(req, limits)?;
+    if !METHODS.contains(&req.method.as_str()) {
+        return Err((
+            ErrorCode::BadRequest,
+            format!("method {:?} is not forwarded (use one of {})", req.method, METHODS.join(", ")),
+        ));
+    }
+    let allowed: Vec<&str> = allowed.iter().map(String::as_str).collect();
+    check_path(&req.path, &allowed).map_err(|m| (ErrorCode::ForbiddenPath, m))?;
+    for (name, value) in &req.headers {
+        check_header(name, value).map_err(|m| (ErrorCode::BadRequest, m))?;
+    }
+    Ok(())
+}
+
+/// The request body as bytes.
+fn decode_body(req: &RequestFrame, limits: &Limits) -> Result<Vec<u8>, Fail> {
+    let body = match req.body.as_deref() {
+        None => Vec::new(),
+        Some(b) if req.body_base64 => BASE64_LENIENT.decode(b).map_err(|e| {
+            Fail::Request(ErrorCode::BadRequest, format!("body is not valid base64: {e}"))
+        })?,
+        Some(b) => b.as_bytes().to_vec(),
+    };
+    if body.len() > limits.max_body {
+        return Err(Fail::Request(
+            ErrorCode::TooLarge,
+            format!("body larger than {} bytes", limits.max_body),
+        ));
+    }
+    Ok(body)
+}
+
+/// The headers sent to the backend: hop-by-hop, Host, Content-Length and any client-supplied
+/// client header dropped (an app must not speak for another), ours added.
+fn backend_headers(req: &RequestFrame) -> Vec<(String, String)> {
+    let mut headers: Vec<(String, String)> = req
+        .headers
+        .iter()
+        .filter(|(name, _)| !is_hop_by_hop(name) && !name.eq_ignore_ascii_case(CLIENT_HEADER))
+        .map(|(n, v)| (n.clone(), v.clone()))
+        .collect();
+    if let Some(client) = &req.client {
+        headers.push((CLIENT_HEADER.to_owned(), client.clone()));
+    }
+    headers
+}
+
+/// Response headers for frames: hop-by-hop dropped; repeated names joined with ", " because
+/// frames carry one value per name (the first spelling of the name is kept).
+fn frame_headers(headers: &[(String, String)]) -> Headers {
+    let mut out: Headers = BTreeMap::new();
+    for (name, value) in headers {
+        if is_hop_by_hop(name) {
+            continue;
+        }
+        let existing = out.keys().find(|k| k.eq_ignore_ascii_case(name)).cloned();
+        match existing {
+            Some(k) => {
+                if let Some(v) = out.get_mut(&k) {
+                    v.push_str(", ");
+                    v.push_str(value);
+                }
+            }
+            None => {
+                out.insert(name.clone(), value.clone());
+            }
+        }
+    }
+    out
+}
+
+/// True for content types whose bodies are sent as text when they are valid UTF-8.
+fn is_textual(content_type: &str) -> bool {
+    let ct = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    ct.starts_with("text/")
+        || ct.contains("json")
+        || ct.contains("xml")
+        || ct.contains("javascript")
+        || ct.contains("event-stream")
+        || ct == "application/x-www-form-urlencoded"
+}
+
+/// Runs the local exchange and sends the response frames, terminal one included.
+fn exchange(shared: &Shared, req: &RequestFrame, out: &Outbox, abort: &Abort) -> Result<(), Fail> {
+    let body = decode_body(req, &shared.limits)?;
+    let headers = backend_headers(req);
+    let mut resp =
+        shared.client.send(&req.method, &req.path, &headers, &body, abort).map_err(Fail::Local)?;
+    drop(body);
+    let content_type = resp.header("content-type").unwrap_or("").to_owned();
+    let textual = is_textual(&content_type);
+    let sse = content_type.to_ascii_lowercase().contains("text/event-stream");
+    let id = req.id.clone();
+    let client = req.client.clone();
+    let send = |frame: Frame| out.send(frame.to_json()).map_err(|_| Fail::Gone);
+    let addr = shared.client.authority().to_owned();
+    let read_err = |e: std::io::Error| Fail::Local(LocalError::from_io(&e, &addr));
+
+    let streamed = sse || resp.body.len_hint().is_none_or(|n| n > STREAM_THRESHOLD);
+    if !streamed {
+        let mut bytes = Vec::new();
+        resp.body.read_to_end(&mut bytes).map_err(read_err)?;
+        let (body, body_base64) = match std::str::from_utf8(&bytes) {
+            Ok(text) if textual => (text.to_owned(), false),
+            _ => (STANDARD.encode(&bytes), true),
+        };
+        return send(Frame::Response(ResponseFrame {
+            id,
+            client,
+            status: resp.status,
+            headers: frame_headers(&resp.headers),
+            body,
+            body_base64,
+        }));
+    }
+
+    send(Frame::ResponseStart {
+        id: id.clone(),
+        client: client.clone(),
+        status: resp.status,
+        headers: frame_headers(&resp.headers),
+    })?;
+    let chunk = |body: String, body_base64: bool| Frame::ResponseChunk {
+        id: id.clone(),
+        client: client.clone(),
+        body,
+        body_base64,
+    };
+    let mut buf = vec![0u8; CHUNK_MAX];
+    // Bytes of a UTF-8 character split across two reads, kept at the front of `buf`.
+    let mut carry = 0;
+    loop {
+        let n = resp.body.read(&mut buf[carry..]).map_err(read_err)?;
+        if n == 0 {
+            if carry > 0 {
+                // The body ended inside a character: pass the bytes on untouched.
+                send(chunk(general_purpose::STANDARD.encode(&buf[..carry]), true))?;
+            }
+            break;
+        }
+        let pending = carry + n;
+        carry = 0;
+        if !textual {
+            send(chunk(STANDARD.encode(&buf[..pending]), true))?;
+            continue;
+        }
+        match std::str::from_utf8(&buf[..pending]) {
+            Ok(text) => send(chunk(text.to_owned(), false))?,
+            // Incomplete character at the end only: send the complete part now, keep the rest.
+            Err(e) if e.error_len().is_none() => {
+                let valid = e.valid_up_to();
+                if valid > 0 {
+                    let text = String::from_utf8_lossy(&buf[..valid]).into_owned();
+                    send(chunk(text, false))?;
+                }
+                buf.copy_within(valid..pending, 0);
+                carry = pending - valid;
+            }
+            // Not UTF-8 after all: this piece goes as base64, byte-exact.
+            Err(_) => send(chunk(STANDARD.encode(&buf[..pending]), true))?,
+        }
+    }
+    send(Frame::ResponseEnd { id: id.clone(), client: client.clone() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bridge::local_http::test_origin::{self, Origin};
+    use crate::protocol::parse_frame;
+    use std::net::TcpListener;
+    use std::sync::atomic::Ordering;
+    use std::sync::mpsc::{Receiver, sync_channel};
+
+    const CLIENT: &str = "hcl_0123456789abcdef";
+
+    fn outbox(cap: usize) -> (Outbox, Receiver<String>) {
+        let (tx, rx) = sync_channel(cap);
+        let waker = Arc::new(polling::Poller::new().unwrap());
+        (Outbox::new(tx, waker), rx)
+    }
+
+    fn pool(o: &Origin, workers: usize) -> Pool {
+        Pool::new(Target::new("127.0.0.1", o.port), workers, Limits::default())
+    }
+
+    fn req(id: &str, method: &str, path: &str) -> RequestFrame {
+        RequestFrame {
+            id: id.into(),
+            client: Some(CLIENT.into()),
+            method: method.into(),
+            path: path.into(),
+            headers: Headers::new(),
+            body: None,
+            body_base64: false,
+        }
+    }
+
+    /// Frames (with arrival times) up to and including the terminal one; hard 10 s limit.
+    fn collect(rx: &Receiver<String>) -> Vec<(Instant, Frame)> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut frames = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let text = rx.recv_timeout(left).expect("no terminal frame within 10 s");
+            let frame = parse_frame(&text).unwrap();
+            let terminal = frame.is_terminal();
+            frames.push((Instant::now(), frame));
+            if terminal {
+                return frames;
+            }
+        }
+    }
+
+    fn only(rx: &Receiver<String>) -> Frame {
+        let mut frames = collect(rx);
+        assert_eq!(frames.len(), 1, "{frames:?}");
+        frames.remove(0).1
+    }
+
+    fn error_code(frame: &Frame) -> ErrorCode {
+        match frame {
+            Frame::ResponseError { code, .. } => *code,
+            other => panic!("not an error: {other:?}"),
+        }
+    }
+
+    fn refused_code(text: &str) -> ErrorCode {
+        error_code(&parse_frame(text).unwrap())
+    }
+
+    /// The streamed body: (chunks as bytes, status).
+    fn streamed(frames: &[(Instant, Frame)]) -> (Vec<Vec<u8>>, u16) {
+        let Frame::ResponseStart { status, .. } = &frames[0].1 else {
+            panic!("not streamed: {:?}", frames[0].1)
+        };
+        assert!(matches!(frames.last().unwrap().1, Frame::ResponseEnd { .. }));
+        let chunks = frames[1..frames.len() - 1]
+            .iter()
+            .map(|(_, f)| match f {
+                Frame::ResponseChunk { body, body_base64: true, .. } => STANDARD.decode(body).unwrap(),
+                Frame::ResponseChunk { body, .. } => body.as_bytes().to_vec(),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        (chunks, *status)
+    }
+
+    fn wait_closed(p: &Pool) {
+        wait_open(p, 0);
+    }
+
+    /// Waits (bounded) until exactly `n` requests are open.
+    fn wait_open(p: &Pool, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while p.open_requests() != n {
+            assert!(Instant::now() < deadline, "requests still open");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    #[test]
+    fn text_round_trip_echoes_client() {
+        let o = test_origin::start();
+        let p = pool(&o, 4);
+        let (out, rx) = outbox(64);
+        let mut r = req("t1", "POST", "/api/echo");
+        r.headers.insert("Content-Type".into(), "application/json; charset=utf-8".into());
+        r.body = Some(r#"{"text":"grüß dich ✓"}"#.into());
+        p.submit(r, out).unwrap();
+        let Frame::Response(resp) = only(&rx) else { panic!("not a whole response") };
+        assert_eq!(resp.id, "t1");
+        assert_eq!(resp.client.as_deref(), Some(CLIENT));
+        assert_eq!(resp.status, 200);
+        assert!(!resp.body_base64);
+        assert_eq!(resp.body, r#"{"text":"grüß dich ✓"}"#);
+        assert_eq!(resp.headers.get("X-Echo-Client").map(String::as_str), Some(CLIENT));
+        assert_eq!(resp.headers.get("Set-Cookie").map(String::as_str), Some("a=1, b=2"));
+        assert!(!resp.headers.contains_key("Content-Length"));
+        // The request is forgotten right after its terminal frame was queued.
+        wait_closed(&p);
+
+        // LAN sockets: no client, no client header, nothing echoed.
+        let (out, rx) = outbox(64);
+        let mut r = req("t2", "POST", "/api/echo");
+        r.client = None;
+        r.body = Some("plain".into());
+        r.headers.insert("content-type".into(), "text/plain".into());
+        p.submit(r, out).unwrap();
+        let Frame::Response(resp) = only(&rx) else { panic!("not a whole response") };
+        assert_eq!(resp.client, None);
+        assert_eq!(resp.headers.get("X-Echo-Client").map(String::as_str), Some("-"));
+        assert_eq!(resp.body, "plain");
+    }
+
+    #[test]
+    fn binary_round_trip_is_byte_exact() {
+        let o = test_origin::start();
+        let p = pool(&o, 4);
+        let (out, rx) = outbox(64);
+        let data = test_origin::noise(3 << 20, 42);
+        let mut r = req("b1", "POST", "/api/echo");
+        r.headers.insert("Content-Type".into(), "application/octet-stream".into());
+        r.body = Some(STANDARD.encode(&data));
+        r.body_base64 = true;
+        p.submit(r, out).unwrap();
+        let frames = collect(&rx);
+        let (chunks, status) = streamed(&frames);
+        assert_eq!(status, 200);
+        assert!(chunks.iter().all(|c| !c.is_empty() && c.len() <= CHUNK_MAX));
+        assert_eq!(chunks.concat(), data);
+
+        // 1 MiB with Content-Length over the threshold is streamed as base64 too.
+        let (out, rx) = outbox(64);
+        p.submit(req("b2", "GET", "/api/big"), out).unwrap();
+        let (chunks, _) = streamed(&collect(&rx));
+        assert_eq!(chunks.concat(), test_origin::noise(1 << 20, 7));
+
+        // Invalid base64 is the request's fault.
+        let (out, rx) = outbox(64);
+        let mut r = req("b3", "POST", "/api/echo");
+        r.body = Some("not base64!".into());
+        r.body_base64 = true;
+        p.submit(r, out).unwrap();
+        assert_eq!(error_code(&only(&rx)), ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn sse_leaves_event_by_event() {
+        let o = test_origin::start();
+        let p = pool(&o, 4);
+        let (out, rx) = outbox(64);
+        let t0 = Instant::now();
+        p.submit(req("s1", "GET", "/api/sse"), out).unwrap();
+        let frames = collect(&rx);
+        let (chunks, _) = streamed(&frames);
+        assert!(chunks.len() >= 5, "{} chunks", chunks.len());
+        let text = String::from_utf8(chunks.concat()).unwrap();
+        for i in 0..5 {
+            assert!(text.contains(&format!("data: {{\"n\":{i}}}")));
+        }
+        // Not base64: event streams stay readable.
+        assert!(frames.iter().all(|(_, f)| !matches!(f, Frame::ResponseChunk { body_base64: true, .. })));
+        let first_chunk = frames[1].0;
+        let end = frames.last().unwrap().0;
+        assert!(end.duration_since(first_chunk) >= Duration::from_millis(300));
+        assert!(first_chunk.duration_since(t0) < Duration::from_millis(200));
+    }
+
+    #[test]
+    fn utf8_split_across_reads_survives() {
+        let o = test_origin::start();
+        let p = pool(&o, 2);
+        let (out, rx) = outbox(64);
+        p.submit(req("u1", "GET", "/api/utf8"), out).unwrap();
+        let frames = collect(&rx);
+        let (chunks, _) = streamed(&frames);
+        assert!(chunks.len() >= 3, "{chunks:?}");
+        assert!(frames.iter().all(|(_, f)| !matches!(f, Frame::ResponseChunk { body_base64: true, .. })));
+        assert_eq!(String::from_utf8(chunks.concat()).unwrap(), test_origin::UTF8_TEXT);
+    }
+
+    #[test]
+    fn forbidden_paths_and_bad_requests_are_refused_at_submit() {
+        let o = test_origin::start();
+        let p = pool(&o, 1);
+        for path in ["/admin", "/api/../x", "//x", "/api/%2e%2e/x", "http://evil/api/"] {
+            let (out, _rx) = outbox(4);
+            let refused = p.submit(req("f", "GET", path), out).unwrap_err();
+            assert_eq!(refused_code(&refused), ErrorCode::ForbiddenPath, "{path}");
+        }
+        let mut r = req("h1", "GET", "/api/health");
+        r.headers.insert("X-Evil".into(), "a\r\nHost: evil".into());
+        assert_eq!(refused_code(&p.submit(r, outbox(4).0).unwrap_err()), ErrorCode::BadRequest);
+        let mut r = req("h2", "GET", "/api/health");
+        r.headers.insert("Bad Name".into(), "v".into());
+        assert_eq!(refused_code(&p.submit(r, outbox(4).0).unwrap_err()), ErrorCode::BadRequest);
+        let r = req("h3", "CONNECT", "/api/health");
+        assert_eq!(refused_code(&p.submit(r, outbox(4).0).unwrap_err()), ErrorCode::BadRequest);
+        let mut r = req("h4", "POST", "/api/echo");
+        r.body = Some("x".repeat(Limits::default().max_body + 1));
+        assert_eq!(refused_code(&p.submit(r, outbox(4).0).unwrap_err()), ErrorCode::TooLarge);
+        assert_eq!(o.accepted.load(Ordering::SeqCst), 0);
+        assert_eq!(p.open_requests(), 0);
+    }
+
+    #[test]
+    fn hop_by_hop_and_host_are_dropped() {
+        let o = test_origin::start();
+        let p = pool(&o, 2);
+        let (out, rx) = outbox(16);
+        let mut r = req("hh", "GET", "/api/headers");
+        for (n, v) in [
+            ("Connection", "close, X-Custom"),
+            ("Keep-Alive", "timeout=5"),
+            ("Host", "evil.example"),
+            ("Transfer-Encoding", "chunked"),
+            ("Content-Length", "99"),
+            ("Proxy-Authorization", "Basic eA=="),
+            ("Upgrade", "websocket"),
+            ("TE", "trailers"),
+            ("X-HermesChat-Client", "hcl_ffffffffffffffff"),
+            ("X-Custom", "1"),
+            ("Authorization", "Bearer t"),
+        ] {
+            r.headers.insert(n.into(), v.into());
+        }
+        p.submit(r, out).unwrap();
+        let Frame::Response(resp) = only(&rx) else { panic!("not whole") };
+        let seen: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&resp.body).unwrap();
+        assert_eq!(seen["host"], format!("127.0.0.1:{}", o.port));
+        assert_eq!(seen["x-custom"], "1");
+        assert_eq!(seen["authorization"], "Bearer t");
+        assert_eq!(seen["x-hermeschat-client"], CLIENT);
+        for gone in ["connection", "keep-alive", "transfer-encoding", "content-length", "proxy-authorization", "upgrade", "te"] {
+            assert!(!seen.contains_key(gone), "{gone} was forwarded: {seen:?}");
+        }
+    }
+
+    #[test]
+    fn cancel_answers_at_once_and_closes_the_backend_socket() {
+        let o = test_origin::start();
+        let p = pool(&o, 1);
+        let (out, rx) = outbox(64);
+        p.submit(req("c1", "GET", "/api/hang"), out.clone()).unwrap();
+        Origin::wait_for(&o.hangs, 1);
+        // A queued request (the only worker is busy) is answered at once too.
+        p.submit(req("c2", "GET", "/api/health"), out.clone()).unwrap();
+        let t0 = Instant::now();
+        p.cancel(Some(CLIENT), "c2");
+        let f = only(&rx);
+        assert!(t0.elapsed() < Duration::from_millis(100), "{:?}", t0.elapsed());
+        assert_eq!((f.request_id(), error_code(&f)), (Some("c2"), ErrorCode::Cancelled));
+
+        // A duplicate id while open is a bad frame, and the open request is untouched.
+        let dup = p.submit(req("c1", "GET", "/api/health"), out.clone()).unwrap_err();
+        assert!(matches!(parse_frame(&dup).unwrap(), Frame::Error { code: ErrorCode::BadFrame, .. }));
+        wait_open(&p, 1);
+        // Cancelling another client's id does nothing.
+        p.cancel(Some("hcl_ffffffffffffffff"), "c1");
+        p.cancel(None, "c1");
+        assert!(rx.recv_timeout(Duration::from_millis(50)).is_err());
+
+        let t0 = Instant::now();
+        p.cancel(Some(CLIENT), "c1");
+        let f = only(&rx);
+        assert!(t0.elapsed() < Duration::from_millis(100), "{:?}", t0.elapsed());
+        assert_eq!((f.request_id(), error_code(&f)), (Some("c1"), ErrorCode::Cancelled));
+        Origin::wait_for(&o.hang_closed, 1);
+        wait_closed(&p);
+        // The id is free again.
+        p.submit(req("c1", "GET", "/api/health"), out).unwrap();
+        assert!(matches!(only(&rx), Frame::Response(_)));
+    }
+
+    #[test]
+    fn client_disconnect_and_relay_loss_cancel() {
+        let o = test_origin::start();
+        let p = pool(&o, 4);
+        let (out, rx) = outbox(64);
+        p.submit(req("a", "GET", "/api/hang"), out.clone()).unwrap();
+        let mut other = req("b", "GET", "/api/hang");
+        other.client = Some("hcl_ffffffffffffffff".into());
+        p.submit(other, out).unwrap();
+        Origin::wait_for(&o.hangs, 2);
+        p.cancel_client(CLIENT);
+        let f = only(&rx);
+        assert_eq!((f.request_id(), error_code(&f)), (Some("a"), ErrorCode::Cancelled));
+        wait_open(&p, 1);
+        p.cancel_all();
+        let f = only(&rx);
+        assert_eq!((f.request_id(), error_code(&f)), (Some("b"), ErrorCode::Cancelled));
+        Origin::wait_for(&o.hang_closed, 2);
+    }
+
+    #[test]
+    fn backend_down_or_broken_is_unreachable() {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let p = Pool::new(Target::new("127.0.0.1", port), 2, Limits::default());
+        let (out, rx) = outbox(8);
+        p.submit(req("d1", "GET", "/api/health"), out).unwrap();
+        let f = only(&rx);
+        assert_eq!(error_code(&f), ErrorCode::BackendUnreachable);
+        let Frame::ResponseError { message, client, .. } = f else { unreachable!() };
+        assert!(message.contains(&format!("127.0.0.1:{port}")), "{message}");
+        assert_eq!(client.as_deref(), Some(CLIENT));
+
+        let o = test_origin::start();
+        let p = pool(&o, 2);
+        let (out, rx) = outbox(8);
+        p.submit(req("d2", "GET", "/api/close"), out).unwrap();
+        assert_eq!(error_code(&only(&rx)), ErrorCode::BackendUnreachable);
+    }
+
+    #[test]
+    fn busy_when_workers_and_queue_are_full() {
+        let o = test_origin::start();
+        let limits = Limits { max_open_per_app: 1000, ..Limits::default() };
+        let p = Pool::new(Target::new("127.0.0.1", o.port), 1, limits);
+        let (out, rx) = outbox(1024);
+        p.submit(req("w", "GET", "/api/hang"), out.clone()).unwrap();
+        Origin::wait_for(&o.hangs, 1);
+        for i in 0..QUEUE_CAPACITY {
+            p.submit(req(&format!("q{i}"), "GET", "/api/health"), out.clone()).unwrap();
+        }
+        let busy = p.submit(req("over", "GET", "/api/health"), out.clone()).unwrap_err();
+        let f = parse_frame(&busy).unwrap();
+        assert_eq!((f.request_id(), error_code(&f)), (Some("over"), ErrorCode::Busy));
+        assert_eq!(p.open_requests(), QUEUE_CAPACITY + 1);
+        // Per-app limit.
+        let p2 = pool(&o, 1);
+        for i in 0..Limits::default().max_open_per_app {
+            p2.submit(req(&format!("p{i}"), "GET", "/api/hang"), out.clone()).unwrap();
+        }
+        let busy = p2.submit(req("p-over", "GET", "/api/hang"), out.clone()).unwrap_err();
+        assert_eq!(refused_code(&busy), ErrorCode::Busy);
+        p.cancel_all();
+        p2.cancel_all();
+        wait_closed(&p);
+        wait_closed(&p2);
+        drop(rx);
+    }
+
+    #[test]
+    fn keep_alive_reuses_one_backend_connection() {
+        let o = test_origin::start();
+        let p = pool(&o, 8);
+        let (out, rx) = outbox(8);
+        for i in 0..10 {
+            p.submit(req(&format!("k{i}"), "GET", "/api/health"), out.clone()).unwrap();
+            let Frame::Response(resp) = only(&rx) else { panic!("not whole") };
+            assert_eq!(resp.body, r#"{"ok":true}"#);
+        }
+        assert_eq!(o.accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn shutdown_answers_open_requests() {
+        let o = test_origin::start();
+        let p = pool(&o, 2);
+        let (out, rx) = outbox(64);
+        for id in ["x1", "x2", "x3", "x4"] {
+            p.submit(req(id, "GET", "/api/hang"), out.clone()).unwrap();
+        }
+        Origin::wait_for(&o.hangs, 2);
+        p.cancel(Some(CLIENT), "x1");
+        let f = only(&rx);
+        assert_eq!((f.request_id(), error_code(&f)), (Some("x1"), ErrorCode::Cancelled));
+        let t0 = Instant::now();
+        p.shutdown(ErrorCode::ShuttingDown);
+        assert!(t0.elapsed() < Duration::from_secs(1));
+        assert_eq!(p.open_requests(), 0);
+        let mut ids: Vec<String> = (0..3)
+            .map(|_| {
+                let f = parse_frame(&rx.recv_timeout(Duration::from_secs(5)).unwrap()).unwrap();
+                assert_eq!(error_code(&f), ErrorCode::ShuttingDown);
+                f.request_id().unwrap().to_owned()
+            })
+            .collect();
+        ids.sort();
+        assert_eq!(ids, ["x2", "x3", "x4"]);
+        assert!(rx.recv_timeout(Duration::from_millis(50)).is_err());
+        let refused = p.submit(req("late", "GET", "/api/health"), out).unwrap_err();
+        assert_eq!(refused_code(&refused), ErrorCode::ShuttingDown);
+        p.shutdown(ErrorCode::ShuttingDown);
+    }
+
+    #[test]
+    fn a_gone_connection_stops_the_exchange_quietly() {
+        let o = test_origin::start();
+        let p = pool(&o, 2);
+        let (out, rx) = outbox(1);
+        drop(rx);
+        p.submit(req("g1", "GET", "/api/sse"), out).unwrap();
+        wait_closed(&p);
+    }
+}

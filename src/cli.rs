@@ -1,0 +1,867 @@
+//! The `hermeschat-pair` command line: parsing, and one function per command.
+//!
+//! Exit codes: 0 success, 1 failure, 2 usage or configuration error. Every error says what
+//! happened and what to run next.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::bridge::{self, BridgeOptions, Health, Status, workers::Target};
+use crate::daemon::{self, PidLock, Readiness, Stopped};
+use crate::protocol::{DEFAULT_ALLOWED_PREFIXES, RelayQr};
+use crate::registry_client::{Registry, RegistryError};
+use crate::state::{self, BridgeIdentity, Config, Loaded};
+use crate::{qr, secret};
+
+/// The backend port when nothing else is configured.
+pub const DEFAULT_PORT: u16 = 8765;
+
+/// Ports where Hermes-compatible APIs commonly listen (the original tool's list).
+pub const COMMON_PORTS: &[u16] = &[8765, 8000, 7860, 3000, 8080, 11434];
+
+/// How long pairing waits for the registry to report the bridge online.
+const ONLINE_TIMEOUT: Duration = Duration::from_secs(20);
+
+const USAGE: &str = "\
+hermeschat-pair — pair the HermesChat iOS app with your own Hermes Agent
+
+USAGE:
+    hermeschat-pair [OPTIONS]
+
+With no command option: check the local backend, register with your registry, start the
+bridge daemon, and print a QR code to scan in the app (My tab → + → Scan QR).
+
+COMMANDS:
+    (none)               pair: QR code + bridge daemon
+    --status             is the daemon / backend / relay / gateway up? (with --json: machine-readable)
+    --stop               stop the bridge daemon (idempotent)
+    --refresh-code       new QR code; paired devices keep working, the daemon is untouched
+    --reset              new bridge identity: every paired app is cut off, then a fresh QR code
+    --foreground         run the bridge in this terminal (logs to stderr, Ctrl-C stops)
+    --json               print only the QR payload as JSON (after pairing) and exit
+
+OPTIONS:
+    --server URL         your registry, e.g. https://relay.yourdomain.com
+                         (else $HERMESCHAT_REGISTRY_URL, else the one saved at the last pairing)
+    --port N             the local Hermes API port (default 8765, or $HERMESCHAT_LOCAL_PORT)
+    --no-server          do not start a bundled backend; use a healthy API on --port or a common port
+    -h, --help           print this help
+    -V, --version        print the version
+
+ENVIRONMENT:
+    HERMESCHAT_REGISTRY_URL   registry URL (same as --server)
+    HERMESCHAT_HOME           state directory (default ~/.hermeschat)
+    HERMESCHAT_LOCAL_HOST     backend host (default 127.0.0.1)
+    HERMESCHAT_LOCAL_PORT     backend port (same as --port)
+    NO_COLOR                  no colours in the output
+
+FILES (in ~/.hermeschat): bridge.json (identity, 0600), config.json, bridge.pid, status.json,
+bridge.log. The QR image is written to ./hermeschat_pair.png.
+";
+
+/// What the user asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Pair: the default.
+    Pair,
+    /// `--status`.
+    Status,
+    /// `--stop`.
+    Stop,
+    /// `--refresh-code`.
+    RefreshCode,
+    /// `--reset`.
+    Reset,
+    /// `--foreground`.
+    Foreground,
+    /// `__bridge-run` (internal): the detached daemon.
+    BridgeRun {
+        /// The readiness pipe's descriptor.
+        ready_fd: Option<i32>,
+    },
+    /// `--help`.
+    Help,
+    /// `--version`.
+    Version,
+    /// A seed command that a later version implements.
+    NotYet(&'static str),
+}
+
+/// Parsed arguments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Args {
+    /// The command.
+    pub command: Command,
+    /// `--json`.
+    pub json: bool,
+    /// `--port`.
+    pub port: Option<u16>,
+    /// `--no-server`.
+    pub no_server: bool,
+    /// `--server`.
+    pub server: Option<String>,
+}
+
+/// A failed command: exit code and message.
+#[derive(Debug)]
+pub struct Exit {
+    /// 1 or 2.
+    pub code: u8,
+    /// What happened and what to do.
+    pub message: String,
+}
+
+fn fail(message: impl Into<String>) -> Exit {
+    Exit { code: 1, message: message.into() }
+}
+
+fn usage_error(message: impl Into<String>) -> Exit {
+    Exit { code: 2, message: message.into() }
+}
+
+/// Parses `args` (without the program name).
+pub fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Args, Exit> {
+    use lexopt::prelude::*;
+    let mut parsed =
+        Args { command: Command::Pair, json: false, port: None, no_server: false, server: None };
+    let mut commands = Vec::new();
+    let mut parser = lexopt::Parser::from_args(args);
+    let usage =
+        |e: lexopt::Error| usage_error(format!("{e}\nRun hermeschat-pair --help for usage."));
+    while let Some(arg) = parser.next().map_err(usage)? {
+        match arg {
+            Long("status") => commands.push(Command::Status),
+            Long("stop") => commands.push(Command::Stop),
+            Long("refresh-code") => commands.push(Command::RefreshCode),
+            Long("reset") => commands.push(Command::Reset),
+            Long("foreground") => commands.push(Command::Foreground),
+            Long("local") => commands.push(Command::NotYet("--local")),
+            Long("install") => commands.push(Command::NotYet("--install")),
+            Long("uninstall") => commands.push(Command::NotYet("--uninstall")),
+            Long("service-status") => commands.push(Command::NotYet("--service-status")),
+            Long("json") => parsed.json = true,
+            Long("no-server") => parsed.no_server = true,
+            Long("port") => {
+                let v = parser.value().map_err(usage)?;
+                let v = v.to_string_lossy();
+                let port: u16 = v.parse().ok().filter(|p| *p > 0).ok_or_else(|| {
+                    usage_error(format!("--port: {v:?} is not a port number (1-65535)"))
+                })?;
+                parsed.port = Some(port);
+            }
+            Long("server") => {
+                let v = parser.value().map_err(usage)?.to_string_lossy().into_owned();
+                parsed.server = Some(v);
+            }
+            Value(v) if v == "__bridge-run" => commands.push(Command::BridgeRun { ready_fd: None }),
+            Long("ready-fd") => {
+                let v = parser.value().map_err(usage)?;
+                let fd = v.to_string_lossy().parse().ok();
+                if let Some(Command::BridgeRun { ready_fd }) = commands.last_mut() {
+                    *ready_fd = fd;
+                }
+            }
+            Short('h') | Long("help") => commands.push(Command::Help),
+            Short('V') | Long("version") => commands.push(Command::Version),
+            other => return Err(usage(other.unexpected())),
+        }
+    }
+    commands.dedup();
+    match commands.len() {
+        0 => {}
+        1 => parsed.command = commands.remove(0),
+        _ if commands.contains(&Command::Help) => parsed.command = Command::Help,
+        _ => {
+            return Err(usage_error(
+                "give at most one command (--status, --stop, --refresh-code, --reset, --foreground)",
+            ));
+        }
+    }
+    Ok(parsed)
+}
+
+/// Runs a parsed command.
+pub fn run(args: Args) -> Result<(), Exit> {
+    match args.command.clone() {
+        Command::Help => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        Command::Version => {
+            println!("hermeschat-pair {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+        Command::NotYet(flag) => Err(usage_error(format!(
+            "{flag} is not available in this version yet; see the README's roadmap"
+        ))),
+        Command::Pair => pair(&args, PairMode::Pair),
+        Command::RefreshCode => pair(&args, PairMode::RefreshCode),
+        Command::Reset => pair(&args, PairMode::Reset),
+        Command::Status => status(&args),
+        Command::Stop => stop(),
+        Command::Foreground => foreground(&args),
+        Command::BridgeRun { ready_fd } => bridge_run(&args, ready_fd),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Output
+
+/// Status-line printer: ✓ / ⚠ / ✗ with colour only on a TTY and never with `NO_COLOR`.
+struct Out {
+    colour: bool,
+    quiet: bool,
+}
+
+impl Out {
+    fn new(quiet: bool) -> Out {
+        let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+        Out { colour, quiet }
+    }
+
+    fn line(&self, mark: &str, colour: &str, text: &str) {
+        if self.quiet {
+            return;
+        }
+        if self.colour {
+            println!("\x1b[{colour}m{mark}\x1b[0m {text}");
+        } else {
+            println!("{mark} {text}");
+        }
+    }
+
+    fn ok(&self, text: &str) {
+        self.line("✓", "32", text);
+    }
+
+    fn warn(&self, text: &str) {
+        self.line("⚠", "33", text);
+    }
+
+    fn info(&self, text: &str) {
+        if !self.quiet {
+            println!("  {text}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared steps
+
+fn state_dir() -> Result<PathBuf, Exit> {
+    let dir = state::state_dir();
+    state::ensure_dir(&dir).map_err(|e| fail(format!("cannot use the state directory: {e}")))?;
+    Ok(dir)
+}
+
+fn load_config(dir: &Path, out: &Out) -> Result<Config, Exit> {
+    match state::load_or_move_aside::<Config>(&state::config_json(dir), |_| Ok(())) {
+        Ok(Loaded::Ok(c)) => Ok(c),
+        Ok(Loaded::Missing) => Ok(Config::default()),
+        Ok(Loaded::MovedAside { reason, moved_to }) => {
+            out.warn(&format!(
+                "config.json was unusable ({reason}); kept it as {} and started fresh",
+                moved_to.display()
+            ));
+            Ok(Config::default())
+        }
+        Err(e) => Err(fail(format!("cannot read config.json: {e}"))),
+    }
+}
+
+fn load_identity(dir: &Path, out: &Out) -> Result<Option<BridgeIdentity>, Exit> {
+    match state::load_or_move_aside::<BridgeIdentity>(
+        &state::bridge_json(dir),
+        BridgeIdentity::validate,
+    ) {
+        Ok(Loaded::Ok(id)) => Ok(Some(id)),
+        Ok(Loaded::Missing) => Ok(None),
+        Ok(Loaded::MovedAside { reason, moved_to }) => {
+            out.warn(&format!(
+                "bridge.json was unusable ({reason}); kept it as {} and will register anew",
+                moved_to.display()
+            ));
+            Ok(None)
+        }
+        Err(e) => Err(fail(format!("cannot read bridge.json: {e}"))),
+    }
+}
+
+fn registry_url(args: &Args, config: &Config) -> Result<String, Exit> {
+    let env = std::env::var("HERMESCHAT_REGISTRY_URL").ok().filter(|v| !v.trim().is_empty());
+    let url = args.server.clone().or(env).or_else(|| config.registry_url.clone()).ok_or_else(|| {
+        usage_error(
+            "no registry configured. hermeschat-pair needs the registry + relay you host yourself:\n\
+             \n    export HERMESCHAT_REGISTRY_URL=https://relay.yourdomain.com\n    hermeschat-pair\n\
+             \nor pass --server https://relay.yourdomain.com. To host one, run hermeschat-relay \
+             (see the README, \"Self-hosting the relay\").",
+        )
+    })?;
+    let url = url.trim().trim_end_matches('/').to_owned();
+    if !(url.starts_with("https://") || url.starts_with("http://")) {
+        return Err(usage_error(format!(
+            "the registry URL {url:?} must start with https:// (http:// only for local testing)"
+        )));
+    }
+    Ok(url)
+}
+
+/// The backend host and the port to try first.
+fn backend_address(args: &Args, config: &Config) -> Result<(String, u16), Exit> {
+    let host = std::env::var("HERMESCHAT_LOCAL_HOST")
+        .ok()
+        .filter(|h| !h.trim().is_empty())
+        .unwrap_or_else(|| "127.0.0.1".into());
+    let env_port = match std::env::var("HERMESCHAT_LOCAL_PORT") {
+        Ok(v) if !v.trim().is_empty() => Some(v.trim().parse::<u16>().map_err(|_| {
+            usage_error(format!("HERMESCHAT_LOCAL_PORT={v:?} is not a port number"))
+        })?),
+        _ => None,
+    };
+    Ok((host, args.port.or(env_port).or(config.port).unwrap_or(DEFAULT_PORT)))
+}
+
+fn target(host: &str, port: u16) -> Target {
+    Target {
+        host: host.to_owned(),
+        port,
+        allowed_prefixes: DEFAULT_ALLOWED_PREFIXES.iter().map(|s| (*s).to_owned()).collect(),
+    }
+}
+
+/// The backend gate: no QR before a healthy Hermes-compatible API answers `/api/health`.
+fn backend_gate(args: &Args, config: &Config, out: &Out) -> Result<Target, Exit> {
+    let (host, port) = backend_address(args, config)?;
+    match bridge::poller::probe(&host, port, "/api/health") {
+        Health::Ready => {
+            out.ok(&format!("Local Hermes API ready (http://{host}:{port})"));
+            return Ok(target(&host, port));
+        }
+        Health::Unhealthy => {
+            return Err(fail(format!(
+                "port {port} on {host} is in use, but it does not answer GET /api/health like a \
+                 Hermes API.\n  Stop whatever holds port {port}, or point at your backend with \
+                 --port <its port>, then run hermeschat-pair again."
+            )));
+        }
+        Health::NotListening | Health::Unknown => {}
+    }
+    // Nothing on the port. This build has no bundled backend to start, so look for a healthy
+    // Hermes-compatible API on the common ports, as the original tool does with --no-server.
+    for &p in COMMON_PORTS.iter().filter(|&&p| p != port) {
+        if bridge::poller::probe(&host, p, "/api/health") == Health::Ready {
+            out.ok(&format!("Found a Hermes-compatible API on port {p} (http://{host}:{p})"));
+            return Ok(target(&host, p));
+        }
+    }
+    let tried: Vec<String> = std::iter::once(port)
+        .chain(COMMON_PORTS.iter().copied().filter(|&p| p != port))
+        .map(|p| p.to_string())
+        .collect();
+    let bundled = if args.no_server {
+        String::new()
+    } else {
+        "\n  This build has no bundled backend to start for you yet (--no-server is implied)."
+            .to_owned()
+    };
+    Err(fail(format!(
+        "no Hermes-compatible API answers /api/health on {host} (ports tried: {}).{bundled}\n  \
+         Start your Hermes backend (for example: cd <HermesChat repo> && python -m server.main), \
+         or pass --port <port> where it listens, then run hermeschat-pair again. No QR code was \
+         generated, so nothing will pair and then fail.",
+        tried.join(", ")
+    )))
+}
+
+fn display_name(config: &Config) -> String {
+    config.display_name.clone().filter(|n| !n.trim().is_empty()).unwrap_or_else(hostname)
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into the buffer we own.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    let name = String::from_utf8_lossy(&buf[..end]).trim().to_owned();
+    if rc != 0 || name.is_empty() { "Hermes".to_owned() } else { name }
+}
+
+fn register(
+    registry: &Registry,
+    dir: &Path,
+    name: &str,
+    out: &Out,
+) -> Result<BridgeIdentity, Exit> {
+    let reg = registry.register(name).map_err(|e| registry_failure(&e, registry))?;
+    let identity = BridgeIdentity::from_registration(
+        reg,
+        registry.base(),
+        &secret::new_instance_id(),
+        name,
+        crate::relay::now_ms(),
+    );
+    state::write_json(&state::bridge_json(dir), &identity)
+        .map_err(|e| fail(format!("cannot save the bridge identity: {e}")))?;
+    out.ok(&format!("Registered bridge {} with {}", identity.bridge_id, registry.base()));
+    Ok(identity)
+}
+
+fn registry_failure(e: &RegistryError, registry: &Registry) -> Exit {
+    match e {
+        RegistryError::Unreachable { .. } => fail(format!(
+            "{e}\n  Check the URL and that your relay is running (curl {}/v1/health), then run \
+             hermeschat-pair again. Nothing was changed.",
+            registry.base()
+        )),
+        _ => fail(format!("{e}\n  Nothing was changed locally.")),
+    }
+}
+
+/// Fetches an access code, re-registering when the registry no longer knows the bridge.
+fn access_code(
+    registry: &Registry,
+    dir: &Path,
+    identity: &mut BridgeIdentity,
+    name: &str,
+    fresh: bool,
+    out: &Out,
+) -> Result<(String, u64), Exit> {
+    match registry.access_code(&identity.bridge_id, &identity.relay_secret, Some(name)) {
+        Ok(c) => Ok((c.access_code, c.expires_at)),
+        Err(e) if !fresh && matches!(e.code(), Some("BRIDGE_NOT_FOUND" | "UNAUTHORIZED")) => {
+            out.warn(&format!(
+                "The registry does not recognise bridge {} ({e}); registering anew",
+                identity.bridge_id
+            ));
+            *identity = register(registry, dir, name, out)?;
+            access_code(registry, dir, identity, name, true, out)
+        }
+        Err(e) => Err(registry_failure(&e, registry)),
+    }
+}
+
+fn read_status(dir: &Path) -> Option<Status> {
+    state::read_json::<Status>(&state::status_json(dir)).ok().flatten()
+}
+
+/// Makes sure a daemon serves `identity` against `target`: reuses a matching one, replaces a
+/// stale one, starts one when none runs.
+fn ensure_daemon(
+    dir: &Path,
+    identity: &BridgeIdentity,
+    target: &Target,
+    out: &Out,
+) -> Result<u32, Exit> {
+    let backend_url = format!("http://{}:{}", target.host, target.port);
+    if let Some(pid) = daemon::running(dir) {
+        let current = read_status(dir);
+        let matches = current.as_ref().is_some_and(|s| {
+            s.bridge_id == identity.bridge_id
+                && s.backend_url == backend_url
+                && s.relay_url == identity.bridge_relay_url
+        });
+        if matches {
+            out.ok(&format!("Bridge daemon already running (pid {pid})"));
+            return Ok(pid);
+        }
+        out.warn("The running bridge daemon serves another identity or backend; restarting it");
+        daemon::stop(dir, Duration::from_secs(5)).map_err(fail)?;
+    }
+    let args = vec!["--port".to_owned(), target.port.to_string()];
+    let pid = daemon::spawn(dir, &args)
+        .map_err(|e| fail(format!("the bridge daemon did not start: {e}")))?;
+    out.ok(&format!("Bridge daemon started (pid {pid})"));
+    Ok(pid)
+}
+
+/// Polls bridge-status until the relay reports the bridge online.
+fn wait_online(
+    registry: &Registry,
+    identity: &BridgeIdentity,
+    dir: &Path,
+    quiet: bool,
+) -> Result<(), Exit> {
+    let spin = !quiet && std::io::stderr().is_terminal();
+    let frames = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
+    let started = Instant::now();
+    let mut last_error = String::new();
+    let mut i = 0;
+    loop {
+        match registry.bridge_status(&identity.bridge_id, &identity.relay_secret) {
+            Ok(s) if s.online => {
+                if spin {
+                    eprint!("\r\x1b[K");
+                }
+                return Ok(());
+            }
+            Ok(_) => last_error.clear(),
+            Err(e) => last_error = e.to_string(),
+        }
+        if started.elapsed() >= ONLINE_TIMEOUT {
+            if spin {
+                eprint!("\r\x1b[K");
+            }
+            let relay_error = read_status(dir).and_then(|s| s.relay_error).unwrap_or_default();
+            let detail = [relay_error, last_error]
+                .into_iter()
+                .filter(|s| !s.is_empty())
+                .collect::<Vec<_>>()
+                .join("; ");
+            return Err(fail(format!(
+                "the bridge did not come online at the relay within {} s{}.\n  See {} \
+                 (hermeschat-pair --status shows the relay connection).",
+                ONLINE_TIMEOUT.as_secs(),
+                if detail.is_empty() { String::new() } else { format!(" ({detail})") },
+                state::bridge_log(dir).display()
+            )));
+        }
+        if spin {
+            eprint!(
+                "\r{} Waiting for the bridge to come online at the relay…",
+                frames[i % frames.len()]
+            );
+            let _ = std::io::stderr().flush();
+            i += 1;
+        }
+        std::thread::sleep(Duration::from_millis(150));
+    }
+}
+
+/// `HH:MM` in local time, for the access-code expiry.
+fn local_time(ms: u64) -> String {
+    let secs = (ms / 1000) as libc::time_t;
+    // SAFETY: localtime_r reads `secs` and writes only into the `tm` we own; a zeroed tm is a
+    // valid initial value.
+    let tm = unsafe {
+        let mut tm: libc::tm = std::mem::zeroed();
+        if libc::localtime_r(&secs, &mut tm).is_null() {
+            return bridge::format_ts(ms);
+        }
+        tm
+    };
+    format!("{:02}:{:02}:{:02}", tm.tm_hour, tm.tm_min, tm.tm_sec)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PairMode {
+    Pair,
+    RefreshCode,
+    Reset,
+}
+
+fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
+    let out = Out::new(args.json);
+    let dir = state_dir()?;
+    let mut config = load_config(&dir, &out)?;
+    let url = registry_url(args, &config)?;
+    let target = backend_gate(args, &config, &out)?;
+    let registry = Registry::new(&url);
+    let name = display_name(&config);
+
+    let mut identity = load_identity(&dir, &out)?;
+    if let Some(id) = &identity
+        && id.registry_url.trim_end_matches('/') != url
+    {
+        out.warn(&format!("The registry changed ({} → {url}); registering anew", id.registry_url));
+        identity = None;
+    }
+    if mode == PairMode::Reset {
+        if let Some(old) = identity.take() {
+            match registry.delete(&old.bridge_id, &old.relay_secret) {
+                Ok(()) => out
+                    .ok(&format!("Deleted bridge {}: every paired app is cut off", old.bridge_id)),
+                Err(e) if matches!(e.code(), Some("BRIDGE_NOT_FOUND")) => {
+                    out.ok(&format!("Bridge {} was already gone at the registry", old.bridge_id));
+                }
+                Err(e) => return Err(registry_failure(&e, &registry)),
+            }
+            let _ = std::fs::remove_file(state::bridge_json(&dir));
+        }
+        if let Ok(Stopped::Terminated(pid) | Stopped::Killed(pid)) =
+            daemon::stop(&dir, Duration::from_secs(5))
+        {
+            out.ok(&format!("Stopped the old bridge daemon (pid {pid})"));
+        }
+    }
+    let fresh = identity.is_none();
+    let mut identity = match identity {
+        Some(id) => id,
+        None => register(&registry, &dir, &name, &out)?,
+    };
+    let (code, expires_at) = access_code(&registry, &dir, &mut identity, &name, fresh, &out)?;
+
+    let refresh_keeps_daemon = mode == PairMode::RefreshCode
+        && daemon::running(&dir).is_some()
+        && read_status(&dir).is_some_and(|s| s.bridge_id == identity.bridge_id);
+    if refresh_keeps_daemon {
+        out.ok("Bridge daemon untouched; paired devices keep working");
+    } else {
+        ensure_daemon(&dir, &identity, &target, &out)?;
+    }
+    wait_online(&registry, &identity, &dir, args.json)?;
+    out.ok(&format!("Bridge online at the relay ({})", identity.app_relay_url));
+
+    config.registry_url = Some(url.clone());
+    config.port = Some(target.port);
+    if let Err(e) = state::write_json(&state::config_json(&dir), &config) {
+        out.warn(&format!("cannot save config.json: {e}"));
+    }
+
+    let payload = RelayQr::new(&identity.bridge_id, &code, &url, &identity.app_relay_url, &name);
+    let json = serde_json::to_string(&payload).map_err(|e| fail(e.to_string()))?;
+    if args.json {
+        println!("{json}");
+        return Ok(());
+    }
+    print_qr(&json, &out);
+    println!();
+    out.info(&format!("Bridge ID : {}", identity.bridge_id));
+    out.info(&format!("Relay     : {}", identity.app_relay_url));
+    out.info(&format!(
+        "Expires   : {} (single use, {} min)",
+        local_time(expires_at),
+        expires_at.saturating_sub(crate::relay::now_ms()).div_ceil(60_000)
+    ));
+    out.info(&format!("Log       : {}", state::bridge_log(&dir).display()));
+    println!();
+    out.info("Open the HermesChat app → My tab → + → Scan QR.");
+    out.info("Next: hermeschat-pair --status · --refresh-code (new QR) · --stop");
+    Ok(())
+}
+
+fn print_qr(json: &str, out: &Out) {
+    match qr::render_terminal(json, out.colour) {
+        Ok(text) => println!("{text}"),
+        Err(e) => out.warn(&format!("cannot draw the QR code in the terminal: {e}")),
+    }
+    let png = Path::new("hermeschat_pair.png");
+    match qr::write_png(json, png) {
+        Ok(()) => out.ok(&format!(
+            "QR image: {}",
+            std::path::absolute(png).unwrap_or_else(|_| png.to_path_buf()).display()
+        )),
+        Err(e) => out.warn(&format!("cannot write hermeschat_pair.png here: {e}")),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// --status, --stop
+
+fn health_word(h: Health) -> &'static str {
+    match h {
+        Health::Ready => "ready",
+        Health::Unhealthy => "unhealthy",
+        Health::NotListening => "not listening",
+        Health::Unknown => "unknown",
+    }
+}
+
+fn status(args: &Args) -> Result<(), Exit> {
+    let out = Out::new(args.json);
+    let dir = state_dir()?;
+    let config = load_config(&dir, &out)?;
+    let identity = load_identity(&dir, &out)?;
+    let pid = daemon::running(&dir);
+    let saved = pid.and(read_status(&dir));
+    let backend_addr = match &saved {
+        Some(s) => s.backend_url.trim_start_matches("http://").to_owned(),
+        None => {
+            let (host, port) = backend_address(args, &config)?;
+            format!("{host}:{port}")
+        }
+    };
+    let (bhost, bport) = backend_addr
+        .rsplit_once(':')
+        .and_then(|(h, p)| p.parse().ok().map(|p| (h.to_owned(), p)))
+        .unwrap_or(("127.0.0.1".into(), DEFAULT_PORT));
+    let backend = bridge::poller::probe(&bhost, bport, "/api/health");
+    let gateway = bridge::poller::probe(
+        bridge::poller::GATEWAY_HOST,
+        bridge::poller::GATEWAY_PORT,
+        "/health",
+    );
+    let relay_connected = saved.as_ref().is_some_and(|s| s.relay_connected);
+    let devices = identity.as_ref().map(|id| {
+        Registry::new(&id.registry_url).clients(&id.bridge_id, &id.relay_secret).map(|c| c.len())
+    });
+    let healthy = pid.is_some() && relay_connected && backend == Health::Ready;
+
+    if args.json {
+        let value = serde_json::json!({
+            "daemon": { "running": pid.is_some(), "pid": pid },
+            "bridgeId": identity.as_ref().map(|i| &i.bridge_id),
+            "registryUrl": identity.as_ref().map(|i| &i.registry_url),
+            "relay": {
+                "url": identity.as_ref().map(|i| &i.bridge_relay_url),
+                "connected": relay_connected,
+                "since": saved.as_ref().map(|s| s.relay_since),
+                "error": saved.as_ref().and_then(|s| s.relay_error.clone()),
+            },
+            "backend": { "url": format!("http://{backend_addr}"), "state": backend },
+            "gateway": { "url": "http://127.0.0.1:8642", "state": if gateway == Health::Ready { "online" } else { "offline" } },
+            "appsOnline": saved.as_ref().map_or(0, |s| s.apps_online.len()),
+            "pairedDevices": devices.as_ref().and_then(|d| d.as_ref().ok()),
+            "healthy": healthy,
+        });
+        println!("{value}");
+    } else {
+        let line = |good: bool, text: String| if good { out.ok(&text) } else { out.warn(&text) };
+        match pid {
+            Some(pid) => out.ok(&format!("Bridge daemon running (pid {pid})")),
+            None => out.warn("Bridge daemon not running — start it with: hermeschat-pair"),
+        }
+        match &identity {
+            Some(id) => {
+                out.info(&format!("Bridge ID: {} · registry {}", id.bridge_id, id.registry_url))
+            }
+            None => out.info("No pairing yet — run: hermeschat-pair"),
+        }
+        if pid.is_some() {
+            let relay = match &saved {
+                Some(s) if s.relay_connected => {
+                    format!("Relay connected since {} ({})", local_time(s.relay_since), s.relay_url)
+                }
+                Some(s) => format!(
+                    "Relay disconnected{}",
+                    s.relay_error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
+                ),
+                None => "Relay state unknown (no status.json yet)".into(),
+            };
+            line(relay_connected, relay);
+        }
+        line(
+            backend == Health::Ready,
+            format!("Backend {} (http://{backend_addr}/api/health)", health_word(backend)),
+        );
+        line(
+            gateway == Health::Ready,
+            format!(
+                "Hermes Gateway {} (127.0.0.1:8642)",
+                if gateway == Health::Ready { "online" } else { "offline" }
+            ),
+        );
+        match devices {
+            Some(Ok(n)) => out.info(&format!(
+                "Paired devices: {n} ({} online now)",
+                saved.as_ref().map_or(0, |s| s.apps_online.len())
+            )),
+            Some(Err(e)) => out.info(&format!("Paired devices: unknown ({e})")),
+            None => {}
+        }
+        out.info(&format!("Log: {}", state::bridge_log(&dir).display()));
+    }
+    if healthy { Ok(()) } else { Err(Exit { code: 1, message: String::new() }) }
+}
+
+fn stop() -> Result<(), Exit> {
+    let out = Out::new(false);
+    let dir = state_dir()?;
+    match daemon::stop(&dir, Duration::from_secs(5)).map_err(fail)? {
+        Stopped::NotRunning => out.ok("No bridge daemon was running"),
+        Stopped::Terminated(pid) => out.ok(&format!("Stopped the bridge daemon (pid {pid})")),
+        Stopped::Killed(pid) => {
+            out.warn(&format!("The bridge daemon (pid {pid}) had to be killed"))
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The bridge itself: --foreground and the detached daemon
+
+fn foreground(args: &Args) -> Result<(), Exit> {
+    run_bridge(args, Readiness::none(), false)
+}
+
+fn bridge_run(args: &Args, ready_fd: Option<i32>) -> Result<(), Exit> {
+    let readiness = ready_fd.map_or_else(Readiness::none, Readiness::from_fd);
+    run_bridge(args, readiness, true)
+}
+
+/// Runs the bridge in this process. `detached`: log to `bridge.log` instead of stderr.
+fn run_bridge(args: &Args, mut ready: Readiness, detached: bool) -> Result<(), Exit> {
+    let started: Result<_, Exit> = (|| {
+        let dir = state_dir()?;
+        if detached {
+            bridge::log_to_file(&state::bridge_log(&dir)).map_err(|e| {
+                fail(format!("cannot open {}: {e}", state::bridge_log(&dir).display()))
+            })?;
+        }
+        let quiet = Out::new(true);
+        let config = load_config(&dir, &quiet)?;
+        let identity = load_identity(&dir, &quiet)?.ok_or_else(|| {
+            usage_error("no pairing yet (bridge.json is missing): run hermeschat-pair first")
+        })?;
+        let lock = PidLock::acquire(&dir).map_err(|e| fail(e.to_string()))?;
+        let (host, port) = backend_address(args, &config)?;
+        Ok((dir, identity, lock, target(&host, port)))
+    })();
+    let (dir, identity, lock, target) = match started {
+        Ok(v) => v,
+        Err(e) => {
+            ready.error(&e.message);
+            return Err(e);
+        }
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let waker = match polling::Poller::new() {
+        Ok(p) => Arc::new(p),
+        Err(e) => {
+            let msg = format!("cannot create a poller: {e}");
+            ready.error(&msg);
+            return Err(fail(msg));
+        }
+    };
+    {
+        let (stop, waker) = (stop.clone(), waker.clone());
+        if let Err(e) = ctrlc::set_handler(move || {
+            stop.store(true, Ordering::SeqCst);
+            let _ = waker.notify();
+        }) {
+            let msg = format!("cannot install the signal handler: {e}");
+            ready.error(&msg);
+            return Err(fail(msg));
+        }
+    }
+    ready.ok();
+    let options = BridgeOptions { identity, target, state_dir: dir, workers: 32 };
+    let result = bridge::run(options, stop, waker);
+    lock.release();
+    result.map_err(fail)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Result<Args, Exit> {
+        parse(list.iter().map(std::ffi::OsString::from))
+    }
+
+    #[test]
+    fn parses_commands_and_options() {
+        let a = args(&[]).unwrap();
+        assert_eq!(a.command, Command::Pair);
+        let a = args(&["--status", "--json"]).unwrap();
+        assert_eq!(a.command, Command::Status);
+        assert!(a.json);
+        let a = args(&["--port", "8000", "--no-server", "--server", "https://r.example"]).unwrap();
+        assert_eq!(a.port, Some(8000));
+        assert!(a.no_server);
+        assert_eq!(a.server.as_deref(), Some("https://r.example"));
+        let a = args(&["__bridge-run", "--port", "9", "--ready-fd", "3"]).unwrap();
+        assert_eq!(a.command, Command::BridgeRun { ready_fd: Some(3) });
+    }
+
+    #[test]
+    fn rejects_bad_usage_with_exit_2() {
+        assert_eq!(args(&["--port", "0"]).unwrap_err().code, 2);
+        assert_eq!(args(&["--port", "x"]).unwrap_err().code, 2);
+        assert_eq!(args(&["--bogus"]).unwrap_err().code, 2);
+        assert_eq!(args(&["--stop", "--reset"]).unwrap_err().code, 2);
+        assert_eq!(args(&["--stop", "--help"]).unwrap().command, Command::Help);
+    }
+}

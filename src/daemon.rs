@@ -1,0 +1,280 @@
+//! Starting, finding and stopping the bridge daemon.
+//!
+//! The daemon is this same binary re-executed (`hermeschat-pair __bridge-run`) in a new session
+//! with stdio detached. Re-executing instead of forking means the daemon starts as a fresh,
+//! single-threaded process however many threads the CLI had (forking a threaded process is
+//! unsound), so it "daemonizes before any thread starts" by construction. The CLI learns the
+//! daemon's real outcome through a pipe: the daemon writes `ok <pid>` only after it holds the
+//! pid lock and its threads run, or `error: …`; the CLI never reports success otherwise.
+//!
+//! One daemon per state directory: it holds an exclusive `flock` on `bridge.pid` for its whole
+//! life. A pid file whose lock is free is stale (the daemon died), whatever it contains.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::state;
+
+/// The descriptor number the readiness pipe gets in the daemon.
+const READY_FD: i32 = 3;
+
+/// How long the CLI waits for the daemon's readiness line.
+const READY_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The held pid lock; released when dropped (or when the process dies).
+pub struct PidLock {
+    file: File,
+    path: PathBuf,
+}
+
+impl PidLock {
+    /// Takes the lock on `bridge.pid` in `dir` and records this process's pid in it.
+    /// `Err(Some(pid))` when another daemon holds it.
+    pub fn acquire(dir: &Path) -> Result<PidLock, LockError> {
+        let path = state::pid_file(dir);
+        let mut file = open_pid_file(&path).map_err(|e| LockError::Io(path.clone(), e))?;
+        if !try_lock(&file) {
+            return Err(LockError::Held(read_pid(&mut file)));
+        }
+        file.set_len(0).map_err(|e| LockError::Io(path.clone(), e))?;
+        file.rewind().map_err(|e| LockError::Io(path.clone(), e))?;
+        writeln!(file, "{}", std::process::id()).map_err(|e| LockError::Io(path.clone(), e))?;
+        let _ = file.sync_all();
+        Ok(PidLock { file, path })
+    }
+
+    /// Removes the pid file on a clean exit (the lock goes with the descriptor).
+    pub fn release(self) {
+        let _ = self.file.set_len(0);
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Why the pid lock could not be taken.
+#[derive(Debug)]
+pub enum LockError {
+    /// Another daemon holds it (its pid, when readable).
+    Held(Option<u32>),
+    /// The pid file could not be opened.
+    Io(PathBuf, io::Error),
+}
+
+impl std::fmt::Display for LockError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LockError::Held(Some(pid)) => write!(
+                f,
+                "a bridge daemon is already running (pid {pid}); stop it with hermeschat-pair --stop"
+            ),
+            LockError::Held(None) => f.write_str(
+                "a bridge daemon is already running; stop it with hermeschat-pair --stop",
+            ),
+            LockError::Io(path, e) => write!(f, "cannot open {}: {e}", path.display()),
+        }
+    }
+}
+
+fn open_pid_file(path: &Path) -> io::Result<File> {
+    OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path)
+}
+
+fn try_lock(file: &File) -> bool {
+    // SAFETY: flock only takes a descriptor we own for the duration of the call.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
+fn read_pid(file: &mut File) -> Option<u32> {
+    let mut text = String::new();
+    file.rewind().ok()?;
+    file.read_to_string(&mut text).ok()?;
+    text.trim().parse().ok()
+}
+
+/// The pid of the running daemon, if one holds the lock.
+pub fn running(dir: &Path) -> Option<u32> {
+    let path = state::pid_file(dir);
+    if !path.exists() {
+        return None;
+    }
+    let mut file = open_pid_file(&path).ok()?;
+    if try_lock(&file) {
+        // Nobody holds it: a stale file from a daemon that died. Our lock ends with `file`.
+        return None;
+    }
+    // Held, but the pid may not be written yet in the instant after the lock was taken.
+    read_pid(&mut file).or(Some(0))
+}
+
+/// Starts the daemon detached and waits for its readiness line. `args` follow `__bridge-run`.
+pub fn spawn(dir: &Path, args: &[String]) -> Result<u32, String> {
+    let exe =
+        std::env::current_exe().map_err(|e| format!("cannot find this program's path: {e}"))?;
+    let (mut reader, writer) = io::pipe().map_err(|e| format!("cannot create a pipe: {e}"))?;
+    let writer_fd = writer.as_raw_fd();
+    let mut cmd = Command::new(exe);
+    cmd.arg("__bridge-run")
+        .args(args)
+        .arg("--ready-fd")
+        .arg(READY_FD.to_string())
+        .env(state::HOME_ENV, dir)
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: between fork and exec only async-signal-safe calls run: setsid (leave the
+    // terminal's session so closing it does not hang the daemon up), dup2 (give the pipe a
+    // fixed number; dup2 clears close-on-exec on the copy) and umask.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::setsid();
+            libc::umask(0o077);
+            if libc::dup2(writer_fd, READY_FD) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| format!("cannot start the daemon: {e}"))?;
+    drop(writer);
+    // Read the readiness line on a helper thread so a wedged daemon cannot hang the CLI.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = reader.read_to_string(&mut text);
+        let _ = tx.send(text);
+    });
+    let text = match rx.recv_timeout(READY_TIMEOUT) {
+        Ok(t) => t,
+        Err(_) => {
+            return Err(format!(
+                "the daemon did not report ready within {} s; see {}",
+                READY_TIMEOUT.as_secs(),
+                state::bridge_log(dir).display()
+            ));
+        }
+    };
+    let text = text.trim();
+    if let Some(pid) = text.strip_prefix("ok ") {
+        return pid.trim().parse().map_err(|_| format!("the daemon said {text:?}"));
+    }
+    let _ = child.try_wait();
+    if let Some(err) = text.strip_prefix("error: ") {
+        return Err(err.to_owned());
+    }
+    Err(format!("the daemon exited during startup; see {}", state::bridge_log(dir).display()))
+}
+
+/// The daemon's end of the readiness pipe.
+pub struct Readiness(Option<File>);
+
+impl Readiness {
+    /// Takes the descriptor named by `--ready-fd`, if it is open.
+    pub fn from_fd(fd: i32) -> Readiness {
+        // SAFETY: fcntl(F_GETFD) only inspects the descriptor table.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Readiness(None);
+        }
+        // SAFETY: the descriptor is open (checked above) and was handed to this process by
+        // `spawn` for this purpose alone; nothing else owns or closes it.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        Readiness(Some(File::from(owned)))
+    }
+
+    /// No readiness pipe (foreground or service mode).
+    pub fn none() -> Readiness {
+        Readiness(None)
+    }
+
+    /// Reports success.
+    pub fn ok(&mut self) {
+        if let Some(mut f) = self.0.take() {
+            let _ = writeln!(f, "ok {}", std::process::id());
+        }
+    }
+
+    /// Reports a startup failure.
+    pub fn error(&mut self, message: &str) {
+        if let Some(mut f) = self.0.take() {
+            let _ = writeln!(f, "error: {message}");
+        }
+    }
+}
+
+/// What `--stop` did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Stopped {
+    /// No daemon was running.
+    NotRunning,
+    /// The daemon exited after SIGTERM.
+    Terminated(u32),
+    /// It had to be killed.
+    Killed(u32),
+}
+
+/// Stops the daemon: SIGTERM, wait for the lock to be released, SIGKILL after `grace`.
+pub fn stop(dir: &Path, grace: Duration) -> Result<Stopped, String> {
+    let Some(pid) = running(dir) else {
+        let _ = std::fs::remove_file(state::pid_file(dir));
+        return Ok(Stopped::NotRunning);
+    };
+    if pid == 0 {
+        return Err("the daemon is starting; try again in a second".into());
+    }
+    let signal = |sig| {
+        // SAFETY: kill only sends a signal; the pid comes from the lock holder's pid file.
+        unsafe { libc::kill(pid as libc::pid_t, sig) }
+    };
+    if signal(libc::SIGTERM) != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ESRCH) {
+            return Err(format!("cannot signal the daemon (pid {pid}): {e}"));
+        }
+    }
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if running(dir).is_none() {
+            return Ok(Stopped::Terminated(pid));
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    signal(libc::SIGKILL);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        if running(dir).is_none() {
+            let _ = std::fs::remove_file(state::pid_file(dir));
+            return Ok(Stopped::Killed(pid));
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    Err(format!("the daemon (pid {pid}) does not exit; kill it by hand"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lock_is_exclusive_and_stale_files_are_ignored() {
+        let dir = std::env::temp_dir().join(format!("hcp-daemon-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        state::ensure_dir(&dir).unwrap();
+        // A stale pid file with garbage: nobody holds the lock.
+        std::fs::write(state::pid_file(&dir), "99999999\n").unwrap();
+        assert_eq!(running(&dir), None);
+        let lock = PidLock::acquire(&dir).unwrap();
+        // flock locks belong to the open file description, so a second open in the same
+        // process conflicts just as another process would.
+        assert_eq!(running(&dir), Some(std::process::id()));
+        assert!(matches!(PidLock::acquire(&dir), Err(LockError::Held(Some(_)))));
+        lock.release();
+        assert_eq!(running(&dir), None);
+        assert_eq!(stop(&dir, Duration::from_millis(10)).unwrap(), Stopped::NotRunning);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

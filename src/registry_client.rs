@@ -1,0 +1,239 @@
+//! The bridge's client for the registry API (PROTOCOL §3), over one `ureq` agent.
+//!
+//! The agent uses native-tls with the platform's roots, the same trust policy tungstenite's
+//! default connector uses for the relay socket, so registry and relay agree on what is trusted.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use ureq::Agent;
+use ureq::tls::{RootCerts, TlsConfig, TlsProvider};
+
+use crate::protocol::{self as p, ApiError};
+
+/// Why a registry call failed.
+#[derive(Debug)]
+pub enum RegistryError {
+    /// The registry could not be reached (DNS, refused, TLS, timeout).
+    Unreachable {
+        /// The URL called.
+        url: String,
+        /// What went wrong.
+        cause: String,
+    },
+    /// The registry answered with an error body.
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// `error.code`.
+        code: String,
+        /// `error.message`.
+        message: String,
+    },
+    /// The registry answered something that is not the protocol.
+    BadResponse {
+        /// The URL called.
+        url: String,
+        /// What was wrong.
+        cause: String,
+    },
+}
+
+impl RegistryError {
+    /// The API error code, if the registry answered with one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            RegistryError::Api { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for RegistryError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RegistryError::Unreachable { url, cause } => {
+                write!(f, "cannot reach the registry at {url}: {cause}")
+            }
+            RegistryError::Api { status, code, message } => {
+                write!(f, "the registry refused: {message} ({status} {code})")
+            }
+            RegistryError::BadResponse { url, cause } => {
+                write!(f, "{url} did not answer like a HermesChat registry: {cause}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for RegistryError {}
+
+/// Builds the crate's one HTTP agent: native-tls with platform roots, status codes returned as
+/// responses (error bodies carry the protocol's codes), and a global deadline per call.
+/// `local` agents ignore proxy settings from the environment (they only talk to loopback).
+pub fn agent(timeout: Duration, local: bool) -> Agent {
+    let tls = TlsConfig::builder()
+        .provider(TlsProvider::NativeTls)
+        .root_certs(RootCerts::PlatformVerifier)
+        .build();
+    let mut config = Agent::config_builder()
+        .tls_config(tls)
+        .http_status_as_error(false)
+        .timeout_global(Some(timeout))
+        .timeout_connect(Some(Duration::from_secs(5)));
+    if local {
+        config = config.proxy(None);
+    }
+    config.build().new_agent()
+}
+
+/// A registry at a base URL (`https://relay.example.com`).
+pub struct Registry {
+    base: String,
+    agent: Agent,
+}
+
+impl Registry {
+    /// A client for the registry at `base`.
+    pub fn new(base: &str) -> Registry {
+        Registry {
+            base: base.trim_end_matches('/').to_owned(),
+            agent: agent(Duration::from_secs(15), false),
+        }
+    }
+
+    /// The base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        bearer: Option<&str>,
+        body: Option<&B>,
+    ) -> Result<T, RegistryError> {
+        let url = format!("{}{path}", self.base);
+        // The query (ids only) is logged nowhere; secrets travel only in the header.
+        let shown = url.split('?').next().unwrap_or(&url).to_owned();
+        let auth = bearer.map(|s| format!("Bearer {s}"));
+        let result = if method == "GET" {
+            let mut req = self.agent.get(&url).header("Accept", "application/json");
+            if let Some(a) = &auth {
+                req = req.header("Authorization", a);
+            }
+            req.call()
+        } else {
+            let mut req = self.agent.post(&url).header("Accept", "application/json");
+            if let Some(a) = &auth {
+                req = req.header("Authorization", a);
+            }
+            match body {
+                Some(b) => req.send_json(b),
+                None => req.send_json(serde_json::json!({})),
+            }
+        };
+        let mut resp = result
+            .map_err(|e| RegistryError::Unreachable { url: shown.clone(), cause: e.to_string() })?;
+        let status = resp.status().as_u16();
+        let text =
+            resp.body_mut().with_config().limit(1 << 20).read_to_string().map_err(|e| {
+                RegistryError::Unreachable { url: shown.clone(), cause: e.to_string() }
+            })?;
+        if (200..300).contains(&status) {
+            return serde_json::from_str(&text).map_err(|e| RegistryError::BadResponse {
+                url: shown,
+                cause: format!("HTTP {status}: {e}"),
+            });
+        }
+        match serde_json::from_str::<ApiError>(&text) {
+            Ok(e) => {
+                Err(RegistryError::Api { status, code: e.error.code, message: e.error.message })
+            }
+            Err(_) => Err(RegistryError::BadResponse {
+                url: shown,
+                cause: format!("HTTP {status} without an error body"),
+            }),
+        }
+    }
+
+    /// `GET /v1/health`.
+    pub fn health(&self) -> Result<p::HealthResponse, RegistryError> {
+        self.call::<(), _>("GET", "/v1/health", None, None)
+    }
+
+    /// `POST /v1/bridge/register`.
+    pub fn register(&self, display_name: &str) -> Result<p::RegisterResponse, RegistryError> {
+        let body = p::RegisterRequest {
+            display_name: Some(display_name.to_owned()),
+            version: Some(env!("CARGO_PKG_VERSION").to_owned()),
+        };
+        self.call("POST", "/v1/bridge/register", None, Some(&body))
+    }
+
+    /// `POST /v1/bridge/access-code`.
+    pub fn access_code(
+        &self,
+        bridge_id: &str,
+        relay_secret: &str,
+        display_name: Option<&str>,
+    ) -> Result<p::AccessCodeResponse, RegistryError> {
+        let body = p::BridgeRequest {
+            bridge_id: bridge_id.to_owned(),
+            display_name: display_name.map(str::to_owned),
+        };
+        self.call("POST", "/v1/bridge/access-code", Some(relay_secret), Some(&body))
+    }
+
+    /// `POST /v1/bridge/delete`.
+    pub fn delete(&self, bridge_id: &str, relay_secret: &str) -> Result<(), RegistryError> {
+        let body = p::BridgeRequest { bridge_id: bridge_id.to_owned(), display_name: None };
+        self.call::<_, serde_json::Value>(
+            "POST",
+            "/v1/bridge/delete",
+            Some(relay_secret),
+            Some(&body),
+        )
+        .map(|_| ())
+    }
+
+    /// `GET /v1/bridge/clients`.
+    pub fn clients(
+        &self,
+        bridge_id: &str,
+        relay_secret: &str,
+    ) -> Result<Vec<p::ClientInfo>, RegistryError> {
+        let path = format!("/v1/bridge/clients?bridgeId={bridge_id}");
+        self.call::<(), p::ClientsResponse>("GET", &path, Some(relay_secret), None)
+            .map(|r| r.clients)
+    }
+
+    /// `POST /v1/bridge/clients/revoke`.
+    pub fn revoke(
+        &self,
+        bridge_id: &str,
+        relay_secret: &str,
+        client_id: &str,
+    ) -> Result<(), RegistryError> {
+        let body =
+            p::RevokeRequest { bridge_id: bridge_id.to_owned(), client_id: client_id.to_owned() };
+        self.call::<_, serde_json::Value>(
+            "POST",
+            "/v1/bridge/clients/revoke",
+            Some(relay_secret),
+            Some(&body),
+        )
+        .map(|_| ())
+    }
+
+    /// `GET /v1/internal/hermes/bridge-status`.
+    pub fn bridge_status(
+        &self,
+        bridge_id: &str,
+        secret: &str,
+    ) -> Result<p::BridgeStatusResponse, RegistryError> {
+        let path = format!("/v1/internal/hermes/bridge-status?bridgeId={bridge_id}");
+        self.call::<(), _>("GET", &path, Some(secret), None)
+    }
+}
