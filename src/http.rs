@@ -42,6 +42,9 @@ pub fn parse_head(buf: &[u8]) -> Parsed {
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut slots);
     match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) if len > MAX_HEAD => {
+            Parsed::Invalid(431, "request head too large")
+        }
         Ok(httparse::Status::Complete(len)) => Parsed::Complete(Head {
             method: req.method.unwrap_or_default().to_owned(),
             target: req.path.unwrap_or_default().to_owned(),

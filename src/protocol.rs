@@ -219,7 +219,7 @@ pub mod api_code {
     pub const METHOD_NOT_ALLOWED: &str = "METHOD_NOT_ALLOWED";
     /// The relay failed internally (store error).
     pub const INTERNAL: &str = "INTERNAL";
-    /// The relay is shutting down.
+    /// The relay is overloaded (its worker queue is full); retry shortly.
     pub const UNAVAILABLE: &str = "UNAVAILABLE";
 }
 
@@ -749,8 +749,10 @@ pub fn check_path(path: &str, allowed: &[&str]) -> Result<(), String> {
     if !path.starts_with('/') || path.starts_with("//") {
         return Err("path must start with a single '/'".into());
     }
-    if path.bytes().any(|b| matches!(b, b'\r' | b'\n' | 0) || b == b'\\' || b.is_ascii_control()) {
-        return Err("path contains a control character or backslash".into());
+    // Paths travel percent-encoded: a raw space, control byte, backslash or non-ASCII byte is
+    // refused here rather than failing later in the HTTP client.
+    if path.bytes().any(|b| b <= b' ' || b >= 0x7f || b == b'\\') {
+        return Err("path contains a space, control character, backslash or non-ASCII byte".into());
     }
     if path.contains("://") {
         return Err("path must not contain a scheme".into());
@@ -900,6 +902,8 @@ mod tests {
         assert!(check_path("http://x/api/", allowed).is_err());
         assert!(check_path("/admin", allowed).is_err());
         assert!(check_path("/healthz", allowed).is_err());
+        assert!(check_path("/api/a b", allowed).is_err());
+        assert!(check_path("/api/é", allowed).is_err());
     }
 
     #[test]

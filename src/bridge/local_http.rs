@@ -1026,6 +1026,7 @@ pub(crate) mod test_origin {
             .collect()
     }
 
+    /// Writes one chunk of a chunked body and flushes it.
     fn write_chunk(s: &mut TcpStream, data: &[u8]) -> std::io::Result<()> {
         s.write_all(format!("{:x}\r\n", data.len()).as_bytes())?;
         s.write_all(data)?;

@@ -13,8 +13,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use base64::engine::DecodePaddingMode;
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STANDARD};
-use base64::engine::{DecodePaddingMode, general_purpose};
 
 use super::Outbox;
 use super::local_http::{Abort, LocalClient, LocalError};
@@ -123,8 +123,6 @@ struct Shared {
     allowed: Vec<String>,
     /// Limits of PROTOCOL §6.
     limits: Limits,
-    /// Worker threads actually running.
-    workers: usize,
     /// Open requests. Lock order: `open` before `queue`.
     open: Mutex<OpenState>,
     /// Signalled when an open request is removed (for shutdown).
@@ -147,11 +145,10 @@ impl Pool {
     /// Starts `workers` threads (`worker-N`, at least one) and one `worker-answers` thread that
     /// answers requests aborted while still queued.
     pub fn new(target: Target, workers: usize, limits: Limits) -> Pool {
-        let mut shared = Shared {
+        let shared = Arc::new(Shared {
             client: LocalClient::new(&target.host, target.port),
             allowed: target.allowed_prefixes,
             limits,
-            workers: 0,
             open: Mutex::new(OpenState { map: HashMap::new(), closing: None }),
             drained: Condvar::new(),
             queue: Mutex::new(Queue {
@@ -161,10 +158,7 @@ impl Pool {
             }),
             work: Condvar::new(),
             answer: Condvar::new(),
-        };
-        // Count threads before sharing: `submit` refuses work when none could start.
-        shared.workers = workers.max(1);
-        let shared = Arc::new(shared);
+        });
         let mut started = 0;
         for n in 0..workers.max(1) {
             let s = shared.clone();
@@ -282,9 +276,8 @@ impl Pool {
     /// queue so they are answered at once instead of after a free worker.
     fn abort_where(&self, matches: impl Fn(&Key) -> bool, reason: ErrorCode) {
         let shared = &self.shared;
-        let open = lock(&shared.open);
+        let mut open = lock(&shared.open);
         let mut hit = false;
-        let mut open = open;
         for (key, entry) in open.map.iter_mut() {
             if matches(key) {
                 hit = true;
@@ -306,7 +299,9 @@ impl Pool {
         drop(queue);
         drop(open);
         if any {
+            // Idle workers help too, in case the answer thread waits on a full outbox.
             shared.answer.notify_one();
+            shared.work.notify_all();
         }
     }
 }
@@ -513,7 +508,8 @@ fn exchange(shared: &Shared, req: &RequestFrame, out: &Outbox, abort: &Abort) ->
         let mut bytes = Vec::new();
         resp.body.read_to_end(&mut bytes).map_err(read_err)?;
         let (body, body_base64) = match std::str::from_utf8(&bytes) {
-            Ok(text) if textual => (text.to_owned(), false),
+            // An empty body is plain "" whatever its type.
+            Ok(text) if textual || text.is_empty() => (text.to_owned(), false),
             _ => (STANDARD.encode(&bytes), true),
         };
         return send(Frame::Response(ResponseFrame {
@@ -546,7 +542,7 @@ fn exchange(shared: &Shared, req: &RequestFrame, out: &Outbox, abort: &Abort) ->
         if n == 0 {
             if carry > 0 {
                 // The body ended inside a character: pass the bytes on untouched.
-                send(chunk(general_purpose::STANDARD.encode(&buf[..carry]), true))?;
+                send(chunk(STANDARD.encode(&buf[..carry]), true))?;
             }
             break;
         }
@@ -650,7 +646,9 @@ mod tests {
         let chunks = frames[1..frames.len() - 1]
             .iter()
             .map(|(_, f)| match f {
-                Frame::ResponseChunk { body, body_base64: true, .. } => STANDARD.decode(body).unwrap(),
+                Frame::ResponseChunk { body, body_base64: true, .. } => {
+                    STANDARD.decode(body).unwrap()
+                }
                 Frame::ResponseChunk { body, .. } => body.as_bytes().to_vec(),
                 other => panic!("unexpected {other:?}"),
             })
@@ -752,7 +750,11 @@ mod tests {
             assert!(text.contains(&format!("data: {{\"n\":{i}}}")));
         }
         // Not base64: event streams stay readable.
-        assert!(frames.iter().all(|(_, f)| !matches!(f, Frame::ResponseChunk { body_base64: true, .. })));
+        assert!(
+            frames
+                .iter()
+                .all(|(_, f)| !matches!(f, Frame::ResponseChunk { body_base64: true, .. }))
+        );
         let first_chunk = frames[1].0;
         let end = frames.last().unwrap().0;
         assert!(end.duration_since(first_chunk) >= Duration::from_millis(300));
@@ -768,7 +770,11 @@ mod tests {
         let frames = collect(&rx);
         let (chunks, _) = streamed(&frames);
         assert!(chunks.len() >= 3, "{chunks:?}");
-        assert!(frames.iter().all(|(_, f)| !matches!(f, Frame::ResponseChunk { body_base64: true, .. })));
+        assert!(
+            frames
+                .iter()
+                .all(|(_, f)| !matches!(f, Frame::ResponseChunk { body_base64: true, .. }))
+        );
         assert_eq!(String::from_utf8(chunks.concat()).unwrap(), test_origin::UTF8_TEXT);
     }
 
@@ -819,12 +825,21 @@ mod tests {
         }
         p.submit(r, out).unwrap();
         let Frame::Response(resp) = only(&rx) else { panic!("not whole") };
-        let seen: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&resp.body).unwrap();
+        let seen: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(&resp.body).unwrap();
         assert_eq!(seen["host"], format!("127.0.0.1:{}", o.port));
         assert_eq!(seen["x-custom"], "1");
         assert_eq!(seen["authorization"], "Bearer t");
         assert_eq!(seen["x-hermeschat-client"], CLIENT);
-        for gone in ["connection", "keep-alive", "transfer-encoding", "content-length", "proxy-authorization", "upgrade", "te"] {
+        for gone in [
+            "connection",
+            "keep-alive",
+            "transfer-encoding",
+            "content-length",
+            "proxy-authorization",
+            "upgrade",
+            "te",
+        ] {
             assert!(!seen.contains_key(gone), "{gone} was forwarded: {seen:?}");
         }
     }
@@ -846,7 +861,10 @@ mod tests {
 
         // A duplicate id while open is a bad frame, and the open request is untouched.
         let dup = p.submit(req("c1", "GET", "/api/health"), out.clone()).unwrap_err();
-        assert!(matches!(parse_frame(&dup).unwrap(), Frame::Error { code: ErrorCode::BadFrame, .. }));
+        assert!(matches!(
+            parse_frame(&dup).unwrap(),
+            Frame::Error { code: ErrorCode::BadFrame, .. }
+        ));
         wait_open(&p, 1);
         // Cancelling another client's id does nothing.
         p.cancel(Some("hcl_ffffffffffffffff"), "c1");

@@ -32,6 +32,11 @@ impl RateLimiter {
             buckets.retain(|_, (tokens, at)| {
                 *tokens + at.elapsed().as_secs_f64() * per_minute / 60.0 < per_minute
             });
+            // A flood from more distinct addresses than we track: forget them all rather than
+            // grow without bound (the limit fails open for a moment, memory stays bounded).
+            if buckets.len() >= MAX_TRACKED {
+                buckets.clear();
+            }
         }
         let (tokens, at) = buckets.entry(ip).or_insert((self.per_minute, now));
         *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.per_minute / 60.0)

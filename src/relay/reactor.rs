@@ -433,8 +433,9 @@ impl Reactor {
             }
             Parsed::Partial => return,
             Parsed::Invalid(status, msg) => {
-                let body = serde_json::to_string(&p::ApiError::new(p::api_code::BAD_REQUEST, msg))
-                    .unwrap_or_default();
+                let code =
+                    if status == 431 { p::api_code::TOO_LARGE } else { p::api_code::BAD_REQUEST };
+                let body = serde_json::to_string(&p::ApiError::new(code, msg)).unwrap_or_default();
                 self.http_respond(id, http::json_response(status, &body, true), After::Close);
                 return;
             }
@@ -452,7 +453,9 @@ impl Reactor {
             }
             Ok(n) => n,
             Err(msg) => {
-                self.http_respond(id, refuse(411, p::api_code::BAD_REQUEST, msg), After::Close);
+                // Chunked bodies: 411 asks for a Content-Length; a malformed one is a 400.
+                let status = if head.header("transfer-encoding").is_some() { 411 } else { 400 };
+                self.http_respond(id, refuse(status, p::api_code::BAD_REQUEST, msg), After::Close);
                 return;
             }
         };
@@ -639,6 +642,7 @@ impl Reactor {
         let mut texts = Vec::new();
         let mut gone = false;
         let mut more = false;
+        let mut too_large = false;
         {
             let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) else {
                 return;
@@ -664,9 +668,8 @@ impl Reactor {
                     Err(e) if ws_would_block(&e) => break,
                     Err(tungstenite::Error::Capacity(_)) => {
                         // A message over the frame limit: the stream cannot be resynchronised.
-                        self.close_ws(id, close_code::LIMIT, "message too large");
-                        self.remove(id);
-                        return;
+                        too_large = true;
+                        break;
                     }
                     Err(_) => {
                         gone = true;
@@ -682,6 +685,11 @@ impl Reactor {
                     self.bad_frame(id, "binary frames are not accepted; send JSON text frames")
                 }
             }
+        }
+        if too_large {
+            self.close_ws(id, close_code::LIMIT, "message too large");
+            self.remove(id);
+            return;
         }
         if gone {
             self.detach(id);
@@ -765,6 +773,8 @@ impl Reactor {
         for src in resume {
             if let Some(Conn { io: Io::Ws(s), .. }) = self.conns.get_mut(&src) {
                 s.paused = false;
+                // It was silent because we stopped reading it.
+                s.last_rx = Instant::now();
                 self.set_interest(src);
                 self.ready.push(src);
             }
@@ -802,12 +812,14 @@ impl Reactor {
             return;
         };
         w.closing = Some(Instant::now() + CLOSE_GRACE);
-        w.out.clear();
-        w.out_bytes = 0;
+        // Keep reading: the peer's close reply ends the connection early.
         w.paused = false;
+        // Queued behind what is already waiting, so final frames (SHUTTING_DOWN,
+        // BRIDGE_DISCONNECTED) still leave before the close.
         let frame = CloseFrame { code: CloseCode::from(code), reason: reason.to_owned().into() };
-        let _ = w.ws.close(Some(frame));
+        w.out.push_back(Message::Close(Some(frame)));
         self.ws_flush(id);
+        self.set_interest(id);
     }
 
     // -- routing -------------------------------------------------------------------------------
@@ -1108,10 +1120,16 @@ impl Reactor {
                 Io::Ws(w) => match w.closing {
                     Some(until) if now >= until => expired.push(id),
                     Some(_) => {}
-                    None if now.duration_since(w.last_rx) >= idle => idle_socks.push(id),
+                    // A paused socket is silent because we stopped reading it, not because
+                    // the peer is gone.
+                    None if !w.paused && now.duration_since(w.last_rx) >= idle => {
+                        idle_socks.push(id)
+                    }
                     None if now.duration_since(w.last_ping) >= ping_every => ping.push(id),
                     None => {}
                 },
+                // A request held by a worker is the relay's time, not the client's.
+                Io::Http(h) if h.waiting.is_some() => {}
                 _ if conn.deadline.is_some_and(|d| now >= d) => expired.push(id),
                 _ => {}
             }

@@ -1,0 +1,195 @@
+//! The relay's own TLS listener (`--tls-cert/--tls-key`) and the bridge's native-tls path:
+//! registry over https and the bridge socket over wss, with a self-signed certificate that the
+//! `hermeschat-pair` process trusts through `SSL_CERT_FILE`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+fn fresh_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "hcp-tls-{tag}-{}-{}",
+        std::process::id(),
+        Instant::now().elapsed().as_nanos()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A self-signed certificate for 127.0.0.1 and localhost (PEM chain, PKCS#8 key).
+fn make_cert(dir: &Path) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let status = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl must be installed for the TLS tests");
+    assert!(status.success(), "openssl could not make a test certificate");
+    (cert, key)
+}
+
+/// A one-route backend: `GET /api/health` → 200.
+fn health_backend() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            thread::spawn(move || {
+                let mut s = stream;
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    let body = r#"{"status":"ok"}"#;
+                    let reply = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if s.write_all(reply.as_bytes()).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+struct Relay {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_tls_relay(dir: &Path, cert: &Path, key: &Path) -> Relay {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hermeschat-relay"))
+        .args(["--listen", "127.0.0.1:0", "--rate-register", "1000", "--rate-verify", "1000"])
+        .arg("--data")
+        .arg(dir.join("data"))
+        .arg("--tls-cert")
+        .arg(cert)
+        .arg("--tls-key")
+        .arg(key)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                && v["event"] == "listening"
+            {
+                let _ = tx.send(v["addr"].as_str().unwrap_or_default().to_owned());
+            }
+        }
+    });
+    let addr = rx.recv_timeout(Duration::from_secs(10)).expect("the TLS relay did not start");
+    Relay { child, addr }
+}
+
+#[test]
+fn relay_serves_https_and_wss_and_the_bridge_pairs_over_tls() {
+    let dir = fresh_dir("pair");
+    let (cert, key) = make_cert(&dir);
+    let relay = start_tls_relay(&dir, &cert, &key);
+    let url = format!("https://{}", relay.addr);
+    let backend = health_backend();
+    let home = dir.join("home");
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_hermeschat-pair"))
+            .args(args)
+            .env("HERMESCHAT_HOME", &home)
+            .env("SSL_CERT_FILE", &cert)
+            .env_remove("HERMESCHAT_REGISTRY_URL")
+            .env_remove("HERMESCHAT_LOCAL_PORT")
+            .current_dir(&dir)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--server", &url, "--port", &backend.to_string(), "--json"]);
+    let stopped = run(&["--stop"]);
+    assert!(
+        out.status.success(),
+        "pairing over TLS failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(home.join("bridge.log")).unwrap_or_default()
+    );
+    assert!(stopped.status.success());
+    let payload: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(payload["s"], url.as_str());
+    assert_eq!(payload["u"], format!("wss://{}/ws/app", relay.addr).as_str());
+    // The daemon really connected over wss (the registry said online before --json printed).
+    let log = std::fs::read_to_string(home.join("bridge.log")).unwrap();
+    assert!(log.contains(&format!("relay connected: wss://{}/ws/bridge", relay.addr)), "{log}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_untrusted_certificate_is_refused_with_a_clear_error() {
+    let dir = fresh_dir("untrusted");
+    let (cert, key) = make_cert(&dir);
+    let relay = start_tls_relay(&dir, &cert, &key);
+    let backend = health_backend();
+    let out = Command::new(env!("CARGO_BIN_EXE_hermeschat-pair"))
+        .args(["--server", &format!("https://{}", relay.addr), "--port", &backend.to_string()])
+        .env("HERMESCHAT_HOME", dir.join("home"))
+        .env_remove("SSL_CERT_FILE")
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot reach the registry"), "{err}");
+    assert!(!dir.join("hermeschat_pair.png").exists(), "no QR may be written on failure");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn plain_http_to_the_tls_port_does_not_break_the_relay() {
+    let dir = fresh_dir("plain");
+    let (cert, key) = make_cert(&dir);
+    let relay = start_tls_relay(&dir, &cert, &key);
+    // A plaintext request on the TLS port fails its handshake and is dropped...
+    let mut s = std::net::TcpStream::connect(&relay.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = s.write_all(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    assert!(!String::from_utf8_lossy(&buf).contains("\"ok\":true"));
+    // ...and a TLS client is still served.
+    let certs = vec![ureq::tls::Certificate::from_pem(&std::fs::read(&cert).unwrap()).unwrap()];
+    let tls = ureq::tls::TlsConfig::builder()
+        .provider(ureq::tls::TlsProvider::NativeTls)
+        .root_certs(ureq::tls::RootCerts::Specific(std::sync::Arc::new(certs)))
+        .build();
+    let agent = ureq::Agent::config_builder().tls_config(tls).build().new_agent();
+    let body = agent
+        .get(&format!("https://{}/v1/health", relay.addr))
+        .call()
+        .unwrap()
+        .into_body()
+        .read_to_string()
+        .unwrap();
+    assert!(body.contains("\"ok\":true"), "{body}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
