@@ -172,6 +172,8 @@ pub struct Abort {
 struct AbortInner {
     /// Set once, never cleared.
     aborted: AtomicBool,
+    /// Set when the requester is gone: nothing about this exchange may be sent any more.
+    silenced: AtomicBool,
     /// The in-flight socket, while an exchange owns one. Flag and socket change under this lock
     /// so that an abort racing a connect is never lost.
     socket: Mutex<Option<TcpStream>>,
@@ -195,6 +197,22 @@ impl Abort {
     /// True once [`Abort::abort`] was called.
     pub fn is_aborted(&self) -> bool {
         self.inner.aborted.load(Ordering::SeqCst)
+    }
+
+    /// Aborts because the requester is gone: no frame about this request may follow.
+    pub fn silence(&self) {
+        self.inner.silenced.store(true, Ordering::SeqCst);
+        self.abort();
+    }
+
+    /// True once [`Abort::silence`] was called.
+    pub fn is_silenced(&self) -> bool {
+        self.inner.silenced.load(Ordering::SeqCst)
+    }
+
+    /// True when both handles belong to the same exchange.
+    pub fn same(&self, other: &Abort) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
     }
 
     /// Registers the exchange's socket. Fails (and shuts the socket down) when the abort came
@@ -299,7 +317,11 @@ impl LocalClient {
         let request = self.build_request(method, path, headers, body)?;
         let head_only = method.eq_ignore_ascii_case("HEAD");
         // A pooled socket may have been closed by the backend while idle: if it fails before
-        // the first response byte, the request is sent once more on a fresh connection.
+        // the first response byte, an idempotent request is sent once more on a fresh
+        // connection. A POST or PATCH is not: the backend may have acted on it before closing.
+        let retry_safe = ["GET", "HEAD", "OPTIONS", "PUT", "DELETE"]
+            .iter()
+            .any(|m| method.eq_ignore_ascii_case(m));
         let mut pooled = self.take_idle();
         loop {
             if abort.is_aborted() {
@@ -313,7 +335,7 @@ impl LocalClient {
             abort.register(&stream).map_err(|e| self.fill_addr(e))?;
             match self.exchange(stream, &request, body, head_only, abort) {
                 Ok(response) => return Ok(response),
-                Err(Attempt::Stale) if reused => {
+                Err(Attempt::Stale) if reused && retry_safe => {
                     abort.release();
                     continue;
                 }

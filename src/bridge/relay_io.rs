@@ -292,13 +292,37 @@ impl RelayIo {
         }
     }
 
-    /// Answers open requests `SHUTTING_DOWN`, sends them, closes 1001.
+    /// Answers open requests `SHUTTING_DOWN`, sends them, closes 1001. The pool hands out its
+    /// answers on another thread while this one keeps draining the outbox, so any number of
+    /// open requests gets its answer within the grace period.
     fn shut_down(&self, c: &mut Conn<'_>, tcp: &TcpStream) -> Ended {
-        self.pool.shutdown(p::ErrorCode::ShuttingDown);
+        let _ = self.poller.delete(tcp);
         let _ = tcp.set_nonblocking(false);
         let _ = tcp.set_write_timeout(Some(Duration::from_secs(2)));
         c.write_blocked = false;
-        let _ = c.write_pending();
+        let done = Arc::new(AtomicBool::new(false));
+        let answering = {
+            let (pool, done, waker) = (self.pool.clone(), done.clone(), self.poller.clone());
+            std::thread::spawn(move || {
+                pool.shutdown(p::ErrorCode::ShuttingDown);
+                done.store(true, Ordering::SeqCst);
+                let _ = waker.notify();
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let mut events = Events::new();
+        while Instant::now() < deadline {
+            if c.write_pending().is_err() {
+                break;
+            }
+            if done.load(Ordering::SeqCst) {
+                let _ = c.write_pending();
+                break;
+            }
+            events.clear();
+            let _ = self.poller.wait(&mut events, Some(Duration::from_millis(50)));
+        }
+        let _ = answering.join();
         let close = CloseFrame { code: CloseCode::Away, reason: "bridge shutting down".into() };
         let _ = c.ws.close(Some(close));
         let _ = c.ws.flush();

@@ -230,14 +230,33 @@ impl Pool {
         self.abort_where(|(c, i)| c.as_deref() == client && i == id, ErrorCode::Cancelled);
     }
 
-    /// Aborts every request of one app (`client.disconnected`).
+    /// Drops every request of one app (`client.disconnected`): aborted at once and forgotten
+    /// without a frame, since nobody is left to answer — and so that the app, reconnected,
+    /// may reuse its request ids at once.
     pub fn cancel_client(&self, client: &str) {
-        self.abort_where(|(c, _)| c.as_deref() == Some(client), ErrorCode::Cancelled);
+        self.silence_where(|(c, _)| c.as_deref() == Some(client));
     }
 
-    /// Aborts every open request (the relay socket was lost).
+    /// Drops every open request (the relay socket was lost; the relay answered the apps).
     pub fn cancel_all(&self) {
-        self.abort_where(|_| true, ErrorCode::Cancelled);
+        self.silence_where(|_| true);
+    }
+
+    fn silence_where(&self, matches: impl Fn(&Key) -> bool) {
+        let shared = &self.shared;
+        let mut open = lock(&shared.open);
+        open.map.retain(|key, entry| {
+            if matches(key) {
+                entry.abort.silence();
+                false
+            } else {
+                true
+            }
+        });
+        // Queued jobs of those requests need no answer at all.
+        lock(&shared.queue).jobs.retain(|j| !j.abort.is_silenced());
+        drop(open);
+        shared.drained.notify_all();
     }
 
     /// Requests accepted and not yet answered with their terminal frame.
@@ -370,6 +389,7 @@ fn run_job(shared: &Shared, job: Job) {
         exchange(shared, &job.req, &job.out, &job.abort)
     };
     let failure = match result {
+        _ if job.abort.is_silenced() => None,
         Ok(()) | Err(Fail::Gone) => None,
         Err(Fail::Request(code, message)) => Some((code, message)),
         Err(Fail::Local(LocalError::Aborted)) => {
@@ -392,8 +412,11 @@ fn run_job(shared: &Shared, job: Job) {
     }
     // Forget the request only after its terminal frame is queued, so a duplicate id cannot
     // overtake it.
+    // A silenced request was already forgotten, and its id may belong to a new request now.
     let mut open = lock(&shared.open);
-    open.map.remove(&key);
+    if open.map.get(&key).is_some_and(|o| o.abort.same(&job.abort)) {
+        open.map.remove(&key);
+    }
     drop(open);
     shared.drained.notify_all();
 }
@@ -499,7 +522,12 @@ fn exchange(shared: &Shared, req: &RequestFrame, out: &Outbox, abort: &Abort) ->
     let sse = content_type.to_ascii_lowercase().contains("text/event-stream");
     let id = req.id.clone();
     let client = req.client.clone();
-    let send = |frame: Frame| out.send(frame.to_json()).map_err(|_| Fail::Gone);
+    let send = |frame: Frame| {
+        if abort.is_silenced() {
+            return Err(Fail::Gone);
+        }
+        out.send(frame.to_json()).map_err(|_| Fail::Gone)
+    };
     let addr = shared.client.authority().to_owned();
     let read_err = |e: std::io::Error| Fail::Local(LocalError::from_io(&e, &addr));
 
@@ -884,23 +912,28 @@ mod tests {
     }
 
     #[test]
-    fn client_disconnect_and_relay_loss_cancel() {
+    fn client_disconnect_and_relay_loss_drop_requests_silently() {
         let o = test_origin::start();
         let p = pool(&o, 4);
         let (out, rx) = outbox(64);
         p.submit(req("a", "GET", "/api/hang"), out.clone()).unwrap();
         let mut other = req("b", "GET", "/api/hang");
         other.client = Some("hcl_ffffffffffffffff".into());
-        p.submit(other, out).unwrap();
+        p.submit(other, out.clone()).unwrap();
         Origin::wait_for(&o.hangs, 2);
+        // The app left: its request is aborted and forgotten at once, without a frame...
         p.cancel_client(CLIENT);
+        assert_eq!(p.open_requests(), 1);
+        // ...so the reconnected app may reuse the id immediately and gets its own answer.
+        p.submit(req("a", "GET", "/api/health"), out.clone()).unwrap();
         let f = only(&rx);
-        assert_eq!((f.request_id(), error_code(&f)), (Some("a"), ErrorCode::Cancelled));
-        wait_open(&p, 1);
+        assert_eq!(f.request_id(), Some("a"));
+        assert!(matches!(f, Frame::Response(ResponseFrame { status: 200, .. })), "{f:?}");
+        // The relay socket was lost: everything else is dropped silently too.
         p.cancel_all();
-        let f = only(&rx);
-        assert_eq!((f.request_id(), error_code(&f)), (Some("b"), ErrorCode::Cancelled));
+        assert_eq!(p.open_requests(), 0);
         Origin::wait_for(&o.hang_closed, 2);
+        assert!(rx.recv_timeout(Duration::from_millis(300)).is_err(), "no frame may follow");
     }
 
     #[test]
