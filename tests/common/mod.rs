@@ -131,9 +131,10 @@ impl Relay {
         // caller overrides.
         for flag in ["--rate-register", "--rate-verify"] {
             if extra.contains(&flag)
-                && let Some(i) = all.iter().position(|a| a == flag) {
-                    all.drain(i..i + 2);
-                }
+                && let Some(i) = all.iter().position(|a| a == flag)
+            {
+                all.drain(i..i + 2);
+            }
         }
         all.extend(extra.iter().map(|s| s.to_string()));
         let mut relay = Relay {
@@ -177,13 +178,14 @@ impl Relay {
         loop {
             for line in &lines[first_line..] {
                 if let Ok(v) = serde_json::from_str::<Value>(line)
-                    && v["event"] == "listening" {
-                        let addr = v["addr"]
-                            .as_str()
-                            .unwrap_or_else(|| panic!("listening line has no string addr: {line}"));
-                        self.addr = addr.to_owned();
-                        return;
-                    }
+                    && v["event"] == "listening"
+                {
+                    let addr = v["addr"]
+                        .as_str()
+                        .unwrap_or_else(|| panic!("listening line has no string addr: {line}"));
+                    self.addr = addr.to_owned();
+                    return;
+                }
             }
             let now = Instant::now();
             let exited = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
