@@ -1,0 +1,1542 @@
+//! End-to-end tests of `hermeschat-pair`: the real CLI and its daemon, the real
+//! `hermeschat-relay`, and a FastAPI + uvicorn backend (`tests/fixtures/backend.py`), all on
+//! loopback, driven through an app test client.
+//!
+//! Every test has its own state directory (`HERMESCHAT_HOME`), working directory, relay and
+//! backend, and stops its daemon on the way out (also when it fails: see [`Env`]'s `Drop`).
+//! Needs `python3 -m pip install -r tests/fixtures/requirements.txt`.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::{
+    AppClient, ConnectError, Event, Registry, Relay, b64, fresh_dir, random_bytes, unb64, ws_read,
+};
+use hermeschat_pair::protocol::{ErrorCode, Frame, Headers, RelayQr, RequestFrame};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+/// The CLI under test.
+const PAIR_BIN: &str = env!("CARGO_BIN_EXE_hermeschat-pair");
+
+/// Deadline of one CLI run (pairing waits up to 20 s for the bridge to come online).
+const CMD_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a test waits for a backend-side effect (a cancel reaching the backend, …).
+const EFFECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+const MIB: usize = 1 << 20;
+
+// =============================================================================================
+// Running the CLI
+
+/// The outcome of one CLI run.
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    /// stdout and stderr together (where a message goes is not part of the contract).
+    fn all(&self) -> String {
+        format!("{}\n{}", self.stdout, self.stderr)
+    }
+
+    #[track_caller]
+    fn assert_code(&self, code: i32, what: &str) {
+        assert_eq!(
+            self.code,
+            Some(code),
+            "{what}: exit code\n--- stdout:\n{}\n--- stderr:\n{}",
+            self.stdout,
+            self.stderr
+        );
+    }
+}
+
+/// Reads `r` to the end on a thread; the text arrives on the returned channel.
+fn read_all<R: Read + Send + 'static>(mut r: R) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = r.read_to_end(&mut buf);
+        let _ = tx.send(String::from_utf8_lossy(&buf).into_owned());
+    });
+    rx
+}
+
+/// Runs `cmd` to completion (killing it after `timeout`) and collects its output.
+#[track_caller]
+fn run_cmd(cmd: Command, timeout: Duration) -> Run {
+    try_run(cmd, timeout).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`run_cmd`] without panicking (for `Drop`).
+fn try_run(mut cmd: Command, timeout: Duration) -> Result<Run, String> {
+    let shown = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {shown}: {e}"))?;
+    let out = read_all(child.stdout.take().unwrap());
+    let err = read_all(child.stderr.take().unwrap());
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Ok(Some(s)) = child.try_wait() {
+            break s;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stdout = out.recv_timeout(Duration::from_secs(2)).unwrap_or_default();
+            let stderr = err.recv_timeout(Duration::from_secs(2)).unwrap_or_default();
+            return Err(format!(
+                "{shown} did not finish within {timeout:?}\n--- stdout:\n{stdout}\n--- stderr:\n{stderr}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // The CLI has exited: its pipes must close now. If they stay open, the daemon it started
+    // inherited them (a daemon must detach from the terminal's stdio).
+    let stdout = out.recv_timeout(Duration::from_secs(5)).map_err(|_| {
+        format!("{shown} exited ({status}) but its stdout stayed open: the daemon holds it")
+    })?;
+    let stderr = err.recv_timeout(Duration::from_secs(5)).map_err(|_| {
+        format!("{shown} exited ({status}) but its stderr stayed open: the daemon holds it")
+    })?;
+    Ok(Run { code: status.code(), stdout, stderr })
+}
+
+/// A process is alive (and not a zombie).
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            let state = stat.rsplit_once(')').map(|(_, rest)| rest.trim_start().chars().next());
+            !matches!(state, Some(Some('Z' | 'X')) | None)
+        }
+        Err(_) => false,
+    }
+}
+
+/// One user's machine: a state directory and a current directory, and the CLI run in them.
+/// Dropping it stops the daemon (`--stop`, then SIGKILL by pid if it still holds the lock) and
+/// removes the directories.
+struct Env {
+    root: PathBuf,
+    home: PathBuf,
+    cwd: PathBuf,
+}
+
+impl Env {
+    fn new() -> Env {
+        let root = fresh_dir("pair");
+        let home = root.join("home");
+        let cwd = root.join("cwd");
+        std::fs::create_dir_all(&cwd).unwrap();
+        Env { root, home, cwd }
+    }
+
+    /// The CLI with a clean environment: only what the test passes configures it.
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(PAIR_BIN);
+        cmd.args(args)
+            .env("HERMESCHAT_HOME", &self.home)
+            .env("NO_COLOR", "1")
+            .env_remove("HERMESCHAT_REGISTRY_URL")
+            .env_remove("HERMESCHAT_LOCAL_HOST")
+            .env_remove("HERMESCHAT_LOCAL_PORT")
+            .current_dir(&self.cwd);
+        cmd
+    }
+
+    #[track_caller]
+    fn run(&self, args: &[&str]) -> Run {
+        run_cmd(self.cmd(args), CMD_TIMEOUT)
+    }
+
+    /// [`Env::run`] with extra environment variables.
+    #[track_caller]
+    fn run_env(&self, args: &[&str], vars: &[(&str, &str)]) -> Run {
+        let mut cmd = self.cmd(args);
+        cmd.envs(vars.iter().copied());
+        run_cmd(cmd, CMD_TIMEOUT)
+    }
+
+    /// `--json` pairing against `relay` and `backend`; asserts success and returns the payload.
+    #[track_caller]
+    fn pair_json(&self, relay: &Relay, backend: &Backend, extra: &[&str]) -> RelayQr {
+        let server = relay.url();
+        let port = backend.port.to_string();
+        let mut args = vec!["--json", "--server", &server, "--port", &port];
+        args.extend_from_slice(extra);
+        let run = self.run(&args);
+        run.assert_code(0, "hermeschat-pair --json");
+        parse_payload(&run.stdout, &server)
+    }
+
+    /// The pid recorded in `bridge.pid`.
+    fn pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.home.join("bridge.pid")).ok()?.trim().parse().ok()
+    }
+
+    #[track_caller]
+    fn daemon_pid(&self) -> u32 {
+        let pid = self.pid().expect("bridge.pid holds no pid while the daemon should run");
+        assert!(alive(pid), "daemon pid {pid} from bridge.pid is not alive");
+        pid
+    }
+
+    fn bridge_json(&self) -> Value {
+        let text = std::fs::read_to_string(self.home.join("bridge.json")).unwrap();
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("bridge.json {text}: {e}"))
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.home.join("bridge.log")).unwrap_or_default()
+    }
+
+    fn png(&self) -> PathBuf {
+        self.cwd.join("hermeschat_pair.png")
+    }
+
+    /// Whether some process holds the daemon's lock on `bridge.pid`.
+    fn lock_held(&self) -> bool {
+        let Ok(file) =
+            std::fs::OpenOptions::new().read(true).write(true).open(self.home.join("bridge.pid"))
+        else {
+            return false;
+        };
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a descriptor we own; our lock (if taken) ends when `file` drops.
+        unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) != 0 }
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if self.home.exists() {
+            let pid = self.pid();
+            let _ = try_run(self.cmd(&["--stop"]), Duration::from_secs(20));
+            if self.lock_held()
+                && let Some(pid) = pid.or(self.pid())
+            {
+                // SAFETY: sends a signal to the daemon this test started.
+                unsafe {
+                    libc::kill(pid as libc::pid_t, libc::SIGKILL);
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+/// Parses and checks `--json` output: exactly one line holding exactly the QR payload object.
+#[track_caller]
+fn parse_payload(stdout: &str, server: &str) -> RelayQr {
+    let lines: Vec<&str> = stdout.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "--json must print exactly one line, got:\n{stdout}");
+    let value: Value = serde_json::from_str(lines[0])
+        .unwrap_or_else(|e| panic!("--json output is not JSON ({e}): {stdout}"));
+    let keys: BTreeSet<&str> =
+        value.as_object().expect("payload object").keys().map(String::as_str).collect();
+    assert_eq!(keys, BTreeSet::from(["v", "k", "g", "a", "s", "u", "n"]), "payload keys: {value}");
+    assert_eq!(value["v"], 2, "{value}");
+    assert_eq!(value["k"], "hp", "{value}");
+    let qr: RelayQr = serde_json::from_value(value.clone()).unwrap();
+    assert!(is_hex(&qr.g, 24), "g is not a bridgeId: {value}");
+    assert!(is_hex(&qr.a, 32), "a is not an access code: {value}");
+    assert_eq!(qr.s, server, "s must be the registry URL: {value}");
+    let relay_host = server.trim_start_matches("http://");
+    assert_eq!(qr.u, format!("ws://{relay_host}/ws/app"), "u must be the app relay URL: {value}");
+    assert!(!qr.n.trim().is_empty(), "n (display name) is empty: {value}");
+    qr
+}
+
+fn is_hex(s: &str, len: usize) -> bool {
+    s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+// =============================================================================================
+// The FastAPI backend fixture
+
+/// `tests/fixtures/backend.py` running under uvicorn.
+struct Backend {
+    child: Option<Child>,
+    port: u16,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Backend {
+    /// Starts on a free port.
+    fn start() -> Backend {
+        let mut b = Backend { child: None, port: 0, stderr: Arc::default() };
+        b.spawn(0);
+        b
+    }
+
+    fn spawn(&mut self, port: u16) {
+        let python = std::env::var("HERMESCHAT_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/backend.py");
+        let mut child = Command::new(&python)
+            .arg(script)
+            .arg(port.to_string())
+            .env("PYTHONUNBUFFERED", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {python} {script}: {e}"));
+        let stderr = self.stderr.clone();
+        let mut err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                stderr.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let (tx, rx) = mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(p) = line.strip_prefix("READY ") {
+                        let got: u16 = p.trim().parse().unwrap();
+                        assert!(port == 0 || got == port, "backend asked for {port}, got {got}");
+                        self.port = got;
+                        return;
+                    }
+                }
+                Err(_) => {
+                    self.kill();
+                    panic!(
+                        "the FastAPI fixture did not print READY within 30 s (did you run \
+                         `python3 -m pip install -r tests/fixtures/requirements.txt`?)\n\
+                         stderr:\n{}",
+                        self.stderr.lock().unwrap()
+                    );
+                }
+            }
+        }
+    }
+
+    /// SIGKILL (a crashed backend).
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Kill, then start again on the same port.
+    fn restart(&mut self) {
+        let port = self.port;
+        self.kill();
+        self.spawn(port);
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// `GET path` straight at the backend (not through the bridge).
+    #[track_caller]
+    fn get(&self, path: &str) -> Value {
+        let (status, body) = Registry::new(&self.url()).call("GET", path, None, None);
+        assert_eq!(status, 200, "direct GET {path}: {body}");
+        body
+    }
+
+    /// Waits until `/api/cancelled`'s `field` reaches `want`.
+    #[track_caller]
+    fn wait_counter(&self, field: &str, want: u64) {
+        let deadline = Instant::now() + EFFECT_TIMEOUT;
+        loop {
+            let v = self.get("/api/cancelled");
+            if v[field].as_u64() == Some(want) {
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!("backend /api/cancelled {field} never reached {want}: {v}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+// =============================================================================================
+// Frames
+
+fn request(
+    id: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> Frame {
+    let headers: Headers =
+        headers.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+    Frame::Request(RequestFrame {
+        id: id.into(),
+        client: None,
+        method: method.into(),
+        path: path.into(),
+        headers,
+        body: body.map(str::to_owned),
+        body_base64: false,
+    })
+}
+
+fn request_b64(id: &str, path: &str, headers: &[(&str, &str)], bytes: &[u8]) -> Frame {
+    let Frame::Request(mut r) = request(id, "POST", path, headers, None) else { unreachable!() };
+    r.body = Some(b64(bytes));
+    r.body_base64 = true;
+    Frame::Request(r)
+}
+
+fn header<'a>(headers: &'a Headers, name: &str) -> Option<&'a str> {
+    headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+}
+
+/// A whole response, streamed or not.
+#[derive(Debug)]
+struct Whole {
+    status: u16,
+    headers: Headers,
+    body: Vec<u8>,
+    streamed: bool,
+}
+
+impl Whole {
+    #[track_caller]
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!("response body is not JSON ({e}): {}", String::from_utf8_lossy(&self.body))
+        })
+    }
+}
+
+/// Assembles the frames of one request into a [`Whole`]; panics on `response.error`.
+#[track_caller]
+fn assemble(frames: Vec<Frame>) -> Whole {
+    let body_bytes =
+        |body: &str, base64: bool| if base64 { unb64(body) } else { body.as_bytes().to_vec() };
+    match frames.first() {
+        Some(Frame::Response(r)) => {
+            assert_eq!(frames.len(), 1, "{frames:?}");
+            Whole {
+                status: r.status,
+                headers: r.headers.clone(),
+                body: body_bytes(&r.body, r.body_base64),
+                streamed: false,
+            }
+        }
+        Some(Frame::ResponseStart { status, headers, .. }) => {
+            let mut body = Vec::new();
+            let last = frames.len() - 1;
+            for (i, f) in frames.iter().enumerate().skip(1) {
+                match f {
+                    Frame::ResponseChunk { body: b, body_base64, .. } if i < last => {
+                        body.extend(body_bytes(b, *body_base64));
+                    }
+                    Frame::ResponseEnd { .. } if i == last => {}
+                    other => panic!("unexpected frame {i} of a streamed response: {other:?}"),
+                }
+            }
+            Whole { status: *status, headers: headers.clone(), body, streamed: true }
+        }
+        _ => panic!("expected a response, got {frames:?}"),
+    }
+}
+
+/// Sends `f` and returns its whole response.
+#[track_caller]
+fn fetch(app: &mut AppClient, f: &Frame) -> Whole {
+    let id = f.request_id().unwrap().to_owned();
+    app.send(f);
+    assemble(app.recv_until_terminal(&id))
+}
+
+/// Sends `f` and asserts its only frame is `response.error` with `code`.
+#[track_caller]
+fn expect_error(app: &mut AppClient, f: &Frame, code: ErrorCode) {
+    match app.request(f) {
+        Frame::ResponseError { code: got, message, .. } => {
+            assert_eq!(got, code, "{f:?} → {message}");
+            assert!(!message.is_empty(), "error without a message");
+        }
+        other => panic!("{f:?}: expected response.error {code:?}, got {other:?}"),
+    }
+}
+
+/// A JSON round trip through `/api/echo`; asserts the backend saw `client_id`.
+#[track_caller]
+fn assert_echo(app: &mut AppClient, id: &str, client_id: &str) {
+    let body = json!({"id": id, "text": "héllo ✓"}).to_string();
+    let w = fetch(
+        app,
+        &request(id, "POST", "/api/echo", &[("Content-Type", "application/json")], Some(&body)),
+    );
+    assert_eq!(w.status, 200, "{w:?}");
+    let v = w.json();
+    assert_eq!(v["body"], json!({"id": id, "text": "héllo ✓"}), "{v}");
+    assert_eq!(v["client"], client_id, "X-HermesChat-Client the backend saw: {v}");
+}
+
+/// Verifies the QR's access code at its registry (as the app does) and connects the app
+/// socket at the QR's relay URL; asserts `bridge.status` online. Returns (clientId,
+/// clientSecret, app).
+#[track_caller]
+fn connect_app(qr: &RelayQr, device: &str) -> (String, String, AppClient) {
+    let v = Registry::new(&qr.s).verify_ok(&qr.g, &qr.a, device);
+    assert_eq!(v.app_relay_url, qr.u, "verify's appRelayUrl must match the QR");
+    let mut app = AppClient::connect_url(&app_url(qr), &v.client_secret)
+        .unwrap_or_else(|e| panic!("app connect refused: {e:?}"));
+    app.expect_bridge_status(true);
+    (v.client_id, v.client_secret, app)
+}
+
+fn app_url(qr: &RelayQr) -> String {
+    format!("{}?bridgeId={}", qr.u, qr.g)
+}
+
+/// Reads app frames until `bridge.status` with `online == want` (other frames ignored).
+#[track_caller]
+fn wait_bridge_status(app: &mut AppClient, want: bool, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match app.next_event(left) {
+            Event::Frame(Frame::BridgeStatus { online }) if online == want => return,
+            Event::Frame(_) => {}
+            other => panic!("waiting for bridge.status online={want}: got {other:?}"),
+        }
+    }
+}
+
+fn sha_hex(bytes: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(bytes))
+}
+
+/// A port with nothing listening on it (bound, then released).
+fn closed_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The usual start of a test: relay, backend, a paired daemon, and one connected app.
+struct Setup {
+    env: Env,
+    backend: Backend,
+    relay: Relay,
+    qr: RelayQr,
+    client_id: String,
+    client_secret: String,
+    app: AppClient,
+}
+
+#[track_caller]
+fn setup() -> Setup {
+    let relay = Relay::new();
+    let backend = Backend::start();
+    let env = Env::new();
+    let qr = env.pair_json(&relay, &backend, &[]);
+    let (client_id, client_secret, app) = connect_app(&qr, "Test Phone");
+    Setup { env, backend, relay, qr, client_id, client_secret, app }
+}
+
+// Field order matters for Drop: `env` (stops the daemon) drops before the backend and relay.
+
+// =============================================================================================
+// Pairing and passthrough
+
+#[test]
+fn pairing_via_json_payload_gets_the_app_online() {
+    let s = setup();
+    let mut app = s.app;
+    // The registry sees the bridge online, for the app's own credential too.
+    let (status, v) = Registry::new(&s.qr.s).bridge_status(&s.qr.g, Some(&s.client_secret));
+    assert_eq!((status, &v), (200, &json!({"hasBridge": true, "online": true})));
+    // bridge.json holds the identity the QR names.
+    let id = s.env.bridge_json();
+    assert_eq!(id["bridgeId"], s.qr.g.as_str(), "{id}");
+    // The access code is single use.
+    let (status, v) = Registry::new(&s.qr.s).verify(&s.qr.g, &s.qr.a, Some("Second Phone"));
+    assert_eq!(status, 409, "reusing the QR's access code: {v}");
+    assert_echo(&mut app, "first", &s.client_id);
+}
+
+#[test]
+fn text_round_trip_reaches_backend_with_client_header() {
+    let s = setup();
+    let mut app = s.app;
+    // A plain GET.
+    let w = fetch(&mut app, &request("h1", "GET", "/api/health", &[], None));
+    assert_eq!((w.status, w.json()), (200, json!({"status": "ok"})));
+    // JSON through /api/echo, with headers an app must not be able to forge or smuggle.
+    let body = json!({"msg": "bonjour — 你好 ✓", "n": 42}).to_string();
+    let f = request(
+        "e1",
+        "POST",
+        "/api/echo",
+        &[
+            ("Content-Type", "application/json"),
+            ("X-Custom", "kept"),
+            ("X-HermesChat-Client", "hcl_0000000000000000"),
+            ("Host", "evil.example"),
+            ("Connection", "close"),
+        ],
+        Some(&body),
+    );
+    let w = fetch(&mut app, &f);
+    assert_eq!(w.status, 200, "{w:?}");
+    assert!(!w.streamed, "a small JSON answer comes whole: {w:?}");
+    let v = w.json();
+    assert_eq!(v["body"], json!({"msg": "bonjour — 你好 ✓", "n": 42}), "{v}");
+    assert_eq!(v["method"], "POST");
+    assert_eq!(v["custom"], "kept", "ordinary headers pass: {v}");
+    assert_eq!(v["contentType"], "application/json", "{v}");
+    assert_eq!(
+        v["clients"],
+        json!([s.client_id]),
+        "X-HermesChat-Client must be the real clientId only: {v}"
+    );
+    assert_eq!(
+        v["host"],
+        format!("127.0.0.1:{}", s.backend.port),
+        "the app's Host header must be dropped: {v}"
+    );
+    assert!(
+        header(&w.headers, "content-type").is_some_and(|c| c.contains("application/json")),
+        "{w:?}"
+    );
+    // Several in a row on the same connection.
+    for i in 0..5 {
+        assert_echo(&mut app, &format!("r{i}"), &s.client_id);
+    }
+    // Twenty at once: each answered exactly once, with its own body.
+    let ids: Vec<String> = (0..20).map(|i| format!("c{i}")).collect();
+    for id in &ids {
+        let body = json!({"id": id}).to_string();
+        app.send(&request(
+            id,
+            "POST",
+            "/api/echo",
+            &[("Content-Type", "application/json")],
+            Some(&body),
+        ));
+    }
+    for id in &ids {
+        let w = assemble(app.recv_until_terminal(id));
+        assert_eq!(w.json()["body"], json!({"id": id}), "concurrent {id}");
+    }
+    app.expect_silence(Duration::from_millis(200));
+}
+
+#[test]
+fn binary_8_mib_round_trips_byte_exact() {
+    let s = setup();
+    let mut app = s.app;
+    let data = random_bytes(8 * MIB);
+    let want = sha_hex(&data);
+
+    // Multipart upload (what the app does for files).
+    let boundary = "----hermeschat-test-boundary-7f3a";
+    let mut body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"blob.bin\"\r\n\
+         Content-Type: application/octet-stream\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(&data);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let ct = format!("multipart/form-data; boundary={boundary}");
+    let w = fetch(&mut app, &request_b64("up", "/api/upload", &[("Content-Type", &ct)], &body));
+    assert_eq!(w.status, 200, "{}", String::from_utf8_lossy(&w.body));
+    assert_eq!(w.json(), json!({"sha256": want, "size": 8 * MIB, "filename": "blob.bin"}));
+
+    // Raw body.
+    let w = fetch(
+        &mut app,
+        &request_b64("raw", "/api/raw", &[("Content-Type", "application/octet-stream")], &data),
+    );
+    assert_eq!(w.json(), json!({"sha256": want, "size": 8 * MIB}));
+
+    // Download: 8 MiB of binary (streamed: over 256 KiB), and a small one (sent whole).
+    for (id, size) in [("dl-big", 8 * MIB), ("dl-small", 1000)] {
+        app.send(&request(id, "GET", &format!("/api/binary?size={size}&seed=7"), &[], None));
+        let frames = app.recv_until_terminal(id);
+        for f in &frames {
+            if let Frame::ResponseChunk { body, body_base64, .. } = f {
+                let n = if *body_base64 { unb64(body).len() } else { body.len() };
+                assert!(n <= 256 << 10, "{id}: a chunk of {n} bytes (at most 256 KiB)");
+            }
+        }
+        let w = assemble(frames);
+        assert_eq!(w.status, 200);
+        assert_eq!(w.body.len(), size, "{id}: length");
+        let sent = header(&w.headers, "x-sha256").expect("x-sha256 header").to_owned();
+        assert_eq!(sha_hex(&w.body), sent, "{id}: bytes differ from what the backend sent");
+        assert_eq!(w.streamed, size > 256 << 10, "{id}: streamed");
+    }
+    assert_echo(&mut app, "after", &s.client_id);
+}
+
+#[test]
+fn sse_events_arrive_one_by_one() {
+    let s = setup();
+    let mut app = s.app;
+    const N: usize = 6;
+    const GAP_MS: u64 = 300;
+    let sent = Instant::now();
+    app.send(&request("sse", "GET", &format!("/api/sse?n={N}&gap_ms={GAP_MS}"), &[], None));
+    // (arrival since sent, wall-clock arrival in s, frame)
+    let mut frames: Vec<(Duration, f64, Frame)> = Vec::new();
+    let deadline = sent + Duration::from_secs(15);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match ws_read(&mut app.ws, left) {
+            Event::Frame(f) => {
+                let wall = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64();
+                let end = f.request_id() == Some("sse")
+                    && matches!(
+                        f,
+                        Frame::ResponseEnd { .. }
+                            | Frame::ResponseError { .. }
+                            | Frame::Response(_)
+                    );
+                frames.push((sent.elapsed(), wall, f));
+                if end {
+                    break;
+                }
+            }
+            other => panic!(
+                "SSE: got {other:?} after {:?}",
+                frames.iter().map(|f| &f.2).collect::<Vec<_>>()
+            ),
+        }
+    }
+    let Frame::ResponseStart { status, headers, .. } = &frames[0].2 else {
+        panic!("SSE must be streamed: first frame {:?}", frames[0].2);
+    };
+    assert_eq!(*status, 200);
+    assert!(
+        header(headers, "content-type").is_some_and(|c| c.starts_with("text/event-stream")),
+        "{headers:?}"
+    );
+    assert!(matches!(frames.last().unwrap().2, Frame::ResponseEnd { .. }), "{:?}", frames.last());
+    let chunks: Vec<(Duration, f64, String)> = frames[1..frames.len() - 1]
+        .iter()
+        .map(|(at, wall, f)| match f {
+            Frame::ResponseChunk { body, body_base64: false, .. } => (*at, *wall, body.clone()),
+            other => panic!("SSE: expected text chunks, got {other:?}"),
+        })
+        .collect();
+    assert!(chunks.len() >= 5, "SSE: {} chunks for {N} events, expected at least 5", chunks.len());
+    // The events, in order, complete.
+    let text: String = chunks.iter().map(|c| c.2.as_str()).collect();
+    let events: Vec<Value> = text
+        .split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .map(|e| {
+            let data = e
+                .lines()
+                .find_map(|l| l.strip_prefix("data: "))
+                .unwrap_or_else(|| panic!("event {e:?}"));
+            serde_json::from_str(data).unwrap()
+        })
+        .collect();
+    assert_eq!(events.len(), N, "{text}");
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(e["i"], i, "{text}");
+    }
+    // Each event reached the app soon after the backend emitted it (nothing held back).
+    for (i, e) in events.iter().enumerate() {
+        let marker = format!("\"i\": {i},");
+        let (_, wall, _) = chunks.iter().find(|c| c.2.contains(&marker)).unwrap();
+        let emitted = e["t"].as_f64().unwrap();
+        let latency = wall - emitted;
+        assert!(
+            latency < 0.25,
+            "SSE event {i} reached the app {latency:.3} s after the backend sent it"
+        );
+    }
+    let first = chunks[0].0;
+    let last = chunks.last().unwrap().0;
+    let stream = Duration::from_millis(GAP_MS * (N as u64 - 1));
+    assert!(first < stream / 2, "first SSE chunk after {first:?}; the stream lasts {stream:?}");
+    assert!(
+        last - first >= stream - Duration::from_millis(GAP_MS),
+        "SSE chunks bunched together: first at {first:?}, last at {last:?}"
+    );
+    assert_echo(&mut app, "after", &s.client_id);
+}
+
+#[test]
+fn cancel_stops_the_backend_request() {
+    let s = setup();
+    let mut app = s.app;
+    app.send(&request("slow-1", "GET", "/api/slow?secs=60", &[], None));
+    s.backend.wait_counter("started", 1);
+    let t = Instant::now();
+    app.send(&Frame::Cancel { id: "slow-1".into(), client: None });
+    let frames = app.recv_until_terminal("slow-1");
+    let took = t.elapsed();
+    assert!(
+        matches!(&frames[..], [Frame::ResponseError { code: ErrorCode::Cancelled, .. }]),
+        "cancel: {frames:?}"
+    );
+    assert!(took < Duration::from_secs(2), "CANCELLED came {took:?} after the cancel");
+    s.backend.wait_counter("cancelled", 1);
+    assert_eq!(s.backend.get("/api/cancelled")["completed"], 0);
+    assert_echo(&mut app, "after", &s.client_id);
+
+    // Cancel in the middle of a stream: the stream ends with CANCELLED, nothing after it.
+    app.send(&request("sse", "GET", "/api/sse?n=100&gap_ms=50", &[], None));
+    let mut chunks = 0;
+    while chunks < 2 {
+        match app.recv() {
+            Frame::ResponseStart { .. } => {}
+            Frame::ResponseChunk { .. } => chunks += 1,
+            other => panic!("SSE before the cancel: {other:?}"),
+        }
+    }
+    let t = Instant::now();
+    app.send(&Frame::Cancel { id: "sse".into(), client: None });
+    let frames = app.recv_until_terminal("sse");
+    assert!(
+        matches!(frames.last(), Some(Frame::ResponseError { code: ErrorCode::Cancelled, .. })),
+        "cancelled stream ended with {:?}",
+        frames.last()
+    );
+    assert!(
+        frames[..frames.len() - 1].iter().all(|f| matches!(f, Frame::ResponseChunk { .. })),
+        "{frames:?}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "CANCELLED came {:?} after the cancel",
+        t.elapsed()
+    );
+    app.expect_silence(Duration::from_millis(300));
+    assert_echo(&mut app, "after-sse", &s.client_id);
+}
+
+#[test]
+fn app_disconnect_aborts_the_backend_request() {
+    let s = setup();
+    let mut app = s.app;
+    app.send(&request("slow-1", "GET", "/api/slow?secs=60", &[], None));
+    s.backend.wait_counter("started", 1);
+    app.close();
+    // The relay tells the bridge `client.disconnected`; the bridge aborts the local request.
+    s.backend.wait_counter("cancelled", 1);
+    let mut app = AppClient::connect_url(&app_url(&s.qr), &s.client_secret).unwrap();
+    app.expect_bridge_status(true);
+    assert_echo(&mut app, "again", &s.client_id);
+}
+
+#[test]
+fn hanging_backend_blocks_nothing_and_cancel_is_prompt() {
+    let s = setup();
+    let mut app = s.app;
+    let ids = ["hang-1", "hang-2", "hang-3"];
+    for id in ids {
+        app.send(&request(id, "GET", "/api/slow?secs=120", &[], None));
+    }
+    s.backend.wait_counter("started", 3);
+    // Other requests go through while three hang.
+    for i in 0..3 {
+        let t = Instant::now();
+        assert_echo(&mut app, &format!("during-{i}"), &s.client_id);
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "an echo took {:?} beside hanging requests",
+            t.elapsed()
+        );
+    }
+    // Nothing has answered the hanging ones.
+    app.expect_silence(Duration::from_millis(300));
+    let t = Instant::now();
+    for id in ids {
+        app.send(&Frame::Cancel { id: id.into(), client: None });
+    }
+    for id in ids {
+        let frames = app.recv_until_terminal(id);
+        assert!(
+            matches!(&frames[..], [Frame::ResponseError { code: ErrorCode::Cancelled, .. }]),
+            "{id}: {frames:?}"
+        );
+    }
+    assert!(t.elapsed() < Duration::from_secs(2), "three cancels answered in {:?}", t.elapsed());
+    s.backend.wait_counter("cancelled", 3);
+    // A cancel for a finished or unknown request changes nothing.
+    app.send(&Frame::Cancel { id: "hang-1".into(), client: None });
+    assert_echo(&mut app, "after", &s.client_id);
+}
+
+#[test]
+fn forbidden_paths_and_header_injection_are_refused_and_the_connection_keeps_working() {
+    let s = setup();
+    let mut app = s.app;
+    let forbidden = [
+        "/admin",
+        "/api/../admin",
+        "/api/%2e%2e/admin",
+        "//evil.example/api/health",
+        "http://127.0.0.1:1/api/health",
+        "api/health",
+        "/etc/passwd",
+    ];
+    for (i, path) in forbidden.iter().enumerate() {
+        expect_error(
+            &mut app,
+            &request(&format!("fp-{i}"), "GET", path, &[], None),
+            ErrorCode::ForbiddenPath,
+        );
+        assert_echo(&mut app, &format!("fp-ok-{i}"), &s.client_id);
+    }
+    let injections: [(&str, &str); 4] = [
+        ("X-Custom", "a\r\nX-Injected: 1"),
+        ("X-Custom", "a\nX-Injected: 1"),
+        ("X-Custom\r\nX-Injected", "1"),
+        ("X-Custom", "a\rb"),
+    ];
+    for (i, (name, value)) in injections.iter().enumerate() {
+        let f = request(&format!("hi-{i}"), "POST", "/api/echo", &[(*name, *value)], Some("{}"));
+        expect_error(&mut app, &f, ErrorCode::BadRequest);
+        assert_echo(&mut app, &format!("hi-ok-{i}"), &s.client_id);
+    }
+    // A method that is not forwarded, and a body over the 12 MiB limit.
+    expect_error(&mut app, &request("m", "TRACE", "/api/echo", &[], None), ErrorCode::BadRequest);
+    let big = "x".repeat(12 * MIB + 1);
+    expect_error(
+        &mut app,
+        &request("big", "POST", "/api/echo", &[], Some(&big)),
+        ErrorCode::TooLarge,
+    );
+    // None of it reached the backend.
+    assert_eq!(s.backend.get("/api/stats")["admin"], 0, "a forbidden path reached the backend");
+    let echoes = s.backend.get("/api/stats")["echo"].as_u64().unwrap();
+    assert_eq!(
+        echoes,
+        (forbidden.len() + injections.len()) as u64,
+        "only the good echoes reached the backend"
+    );
+}
+
+// =============================================================================================
+// Commands
+
+#[test]
+fn stop_turns_bridge_status_offline_and_is_idempotent() {
+    let s = setup();
+    let mut app = s.app;
+    let pid = s.env.daemon_pid();
+    // A request still open when the daemon stops gets its one terminal frame.
+    app.send(&request("open", "GET", "/api/slow?secs=60", &[], None));
+    s.backend.wait_counter("started", 1);
+    let run = s.env.run(&["--stop"]);
+    run.assert_code(0, "--stop");
+    assert!(run.stdout.contains(&format!("pid {pid}")), "--stop names the pid: {}", run.all());
+    let frames = app.recv_until_terminal("open");
+    assert!(
+        matches!(&frames[..], [Frame::ResponseError { code: ErrorCode::ShuttingDown, .. }]),
+        "open request at --stop: {frames:?}"
+    );
+    s.backend.wait_counter("cancelled", 1);
+    wait_bridge_status(&mut app, false, Duration::from_secs(5));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while alive(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!alive(pid), "daemon {pid} still alive after --stop");
+    assert!(!s.env.lock_held(), "the pid lock is still held after --stop");
+    // The relay answers for the offline bridge at once.
+    expect_error(
+        &mut app,
+        &request("off", "GET", "/api/health", &[], None),
+        ErrorCode::BridgeOffline,
+    );
+    let (_, v) = Registry::new(&s.qr.s).bridge_status(&s.qr.g, Some(&s.client_secret));
+    assert_eq!(v, json!({"hasBridge": true, "online": false}));
+    // Idempotent.
+    let again = s.env.run(&["--stop"]);
+    again.assert_code(0, "second --stop");
+    assert!(again.stdout.contains("No bridge daemon was running"), "{}", again.all());
+}
+
+#[test]
+fn refresh_code_keeps_the_old_pairing_and_the_daemon() {
+    let s = setup();
+    let mut app = s.app;
+    let pid = s.env.daemon_pid();
+    let server = s.relay.url();
+    let port = s.backend.port.to_string();
+    let run = s.env.run(&["--refresh-code", "--json", "--server", &server, "--port", &port]);
+    run.assert_code(0, "--refresh-code --json");
+    let qr2 = parse_payload(&run.stdout, &server);
+    assert_eq!(qr2.g, s.qr.g, "--refresh-code keeps the bridge");
+    assert_ne!(qr2.a, s.qr.a, "--refresh-code issues a new access code");
+    assert_eq!(s.env.daemon_pid(), pid, "--refresh-code must not touch the daemon");
+    // The paired app never saw the bridge go away and still round-trips.
+    assert_echo(&mut app, "old-app", &s.client_id);
+    app.expect_silence(Duration::from_millis(200));
+    // The new code pairs a second app.
+    let (id2, _, mut app2) = connect_app(&qr2, "Second Phone");
+    assert_ne!(id2, s.client_id);
+    assert_echo(&mut app2, "new-app", &id2);
+    assert_echo(&mut app, "old-app-2", &s.client_id);
+}
+
+#[test]
+fn reset_cuts_off_the_old_app_and_makes_a_new_bridge() {
+    let s = setup();
+    let mut app = s.app;
+    let server = s.relay.url();
+    let port = s.backend.port.to_string();
+    let run = s.env.run(&["--reset", "--json", "--server", &server, "--port", &port]);
+    run.assert_code(0, "--reset --json");
+    let qr2 = parse_payload(&run.stdout, &server);
+    assert_ne!(qr2.g, s.qr.g, "--reset must make a new bridgeId");
+    assert_eq!(s.env.bridge_json()["bridgeId"], qr2.g.as_str());
+    // The old app is cut off: its socket is closed 4003…
+    let code = app.wait_close();
+    assert_eq!(code, Some(4003), "old app socket close code after --reset");
+    // …and it cannot come back.
+    match AppClient::connect_url(&app_url(&s.qr), &s.client_secret) {
+        Err(ConnectError::Http(status, body)) => {
+            assert!(status == 401 || status == 404, "old app reconnect: {status} {body}")
+        }
+        Err(e) => panic!("old app reconnect: {e:?}"),
+        Ok(_) => panic!("the old app reconnected after --reset"),
+    }
+    let (_, v) = Registry::new(&s.qr.s).bridge_status(&s.qr.g, Some(&s.client_secret));
+    assert_eq!(v, json!({"hasBridge": false, "online": false}));
+    // The new bridge pairs and works.
+    let (id2, _, mut app2) = connect_app(&qr2, "New Phone");
+    assert_echo(&mut app2, "new", &id2);
+}
+
+#[test]
+fn second_run_reuses_the_running_daemon() {
+    let s = setup();
+    let mut app = s.app;
+    let pid = s.env.daemon_pid();
+    let qr2 = s.env.pair_json(&s.relay, &s.backend, &[]);
+    assert_eq!(qr2.g, s.qr.g);
+    assert_ne!(qr2.a, s.qr.a);
+    assert_eq!(s.env.daemon_pid(), pid, "a second hermeschat-pair must reuse the daemon");
+    // The first app stayed connected throughout.
+    assert_echo(&mut app, "still", &s.client_id);
+    app.expect_silence(Duration::from_millis(200));
+    // Without --json, it says so.
+    let server = s.relay.url();
+    let port = s.backend.port.to_string();
+    let run = s.env.run(&["--server", &server, "--port", &port]);
+    run.assert_code(0, "third run");
+    assert!(run.stdout.contains(&format!("already running (pid {pid})")), "{}", run.all());
+    assert_eq!(s.env.daemon_pid(), pid);
+}
+
+#[test]
+fn status_json_reports_daemon_relay_and_backend() {
+    let s = setup();
+    let mut backend = s.backend;
+    let pid = s.env.daemon_pid();
+    // Files are private.
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&s.env.home), 0o700, "state dir mode");
+    for f in ["bridge.json", "bridge.log", "config.json", "status.json"] {
+        assert_eq!(mode(&s.env.home.join(f)), 0o600, "{f} mode");
+    }
+    let status = |want_code: i32| -> Value {
+        let run = s.env.run(&["--status", "--json"]);
+        run.assert_code(want_code, "--status --json");
+        serde_json::from_str(run.stdout.trim())
+            .unwrap_or_else(|e| panic!("--status --json ({e}): {}", run.all()))
+    };
+    // appsOnline follows client.connected; give the daemon a moment to record it.
+    let deadline = Instant::now() + EFFECT_TIMEOUT;
+    let v = loop {
+        let v = status(0);
+        if v["appsOnline"] == 1 || Instant::now() >= deadline {
+            break v;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(v["daemon"], json!({"running": true, "pid": pid}), "{v}");
+    assert_eq!(v["bridgeId"], s.qr.g.as_str(), "{v}");
+    assert_eq!(v["relay"]["connected"], true, "{v}");
+    assert_eq!(v["backend"]["state"], "ready", "{v}");
+    assert_eq!(v["backend"]["url"], backend.url(), "{v}");
+    assert_eq!(v["pairedDevices"], 1, "{v}");
+    assert_eq!(v["appsOnline"], 1, "{v}");
+    assert_eq!(v["healthy"], true, "{v}");
+    // Human form.
+    let run = s.env.run(&["--status"]);
+    run.assert_code(0, "--status");
+    assert!(run.stdout.contains(&format!("running (pid {pid})")), "{}", run.all());
+    // Backend down: reported, exit 1.
+    backend.kill();
+    let v = status(1);
+    assert_eq!(v["backend"]["state"], "not-listening", "{v}");
+    assert_eq!(v["healthy"], false, "{v}");
+    // Daemon stopped: reported, exit 1.
+    s.env.run(&["--stop"]).assert_code(0, "--stop");
+    let v = status(1);
+    assert_eq!(v["daemon"]["running"], false, "{v}");
+    assert_eq!(v["relay"]["connected"], false, "{v}");
+}
+
+// =============================================================================================
+// Surviving restarts
+
+#[test]
+fn relay_restart_is_survived() {
+    let mut s = setup();
+    let mut app = s.app;
+    assert_echo(&mut app, "before", &s.client_id);
+    let pid = s.env.daemon_pid();
+    s.relay.restart();
+    // The app's socket went with the old relay.
+    let code = app.wait_close();
+    assert!(code.is_none() || code == Some(1001) || code == Some(1006), "old app socket: {code:?}");
+    // Reconnect as the app would, polling; wait for the daemon to come back (its backoff).
+    let deadline = Instant::now() + Duration::from_secs(35);
+    let mut app = loop {
+        match AppClient::connect_url(&app_url(&s.qr), &s.client_secret) {
+            Ok(a) => break a,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("the app cannot reconnect to the restarted relay: {e:?}"),
+        }
+    };
+    wait_bridge_status(
+        &mut app,
+        true,
+        deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100)),
+    );
+    assert_echo(&mut app, "after", &s.client_id);
+    assert_eq!(s.env.daemon_pid(), pid, "the daemon survives a relay restart");
+}
+
+#[test]
+fn backend_restart_is_survived() {
+    let s = setup();
+    let mut app = s.app;
+    let mut backend = s.backend;
+    assert_echo(&mut app, "before", &s.client_id);
+    // Restarted between two requests: the bridge's kept-alive connection is now dead.
+    backend.restart();
+    let w = fetch(&mut app, &request("h-after-restart", "GET", "/api/health", &[], None));
+    assert_eq!(
+        (w.status, w.json()),
+        (200, json!({"status": "ok"})),
+        "first request after a backend restart"
+    );
+    assert_echo(&mut app, "after-restart", &s.client_id);
+    // Down: a clear error, at once.
+    backend.kill();
+    let t = Instant::now();
+    expect_error(
+        &mut app,
+        &request("down", "GET", "/api/health", &[], None),
+        ErrorCode::BackendUnreachable,
+    );
+    assert!(t.elapsed() < Duration::from_secs(4), "BACKEND_UNREACHABLE took {:?}", t.elapsed());
+    // Back: works again.
+    backend.spawn(backend.port);
+    assert_echo(&mut app, "back", &s.client_id);
+}
+
+// =============================================================================================
+// Bad input
+
+/// A port held by something that is not a Hermes API: it answers every connection with
+/// `answer` and closes.
+fn busy_port(answer: &'static [u8]) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let _ = conn.set_read_timeout(Some(Duration::from_millis(500)));
+            let mut buf = [0u8; 1024];
+            let _ = conn.read(&mut buf);
+            let _ = conn.write_all(answer);
+        }
+    });
+    port
+}
+
+#[test]
+fn busy_port_without_health_exits_1_and_prints_no_qr() {
+    let relay = Relay::new();
+    for answer in [
+        &b"SSH-2.0-OpenSSH_9.6\r\ngarbage garbage\r\n"[..],
+        &b"HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\nConnection: close\r\n\r\nnot found"[..],
+    ] {
+        let env = Env::new();
+        let port = busy_port(answer);
+        let port_s = port.to_string();
+        let run = env.run(&["--server", &relay.url(), "--port", &port_s]);
+        run.assert_code(1, "busy port");
+        let all = run.all();
+        assert!(all.contains(&format!("port {port}")), "the message must name the port: {all}");
+        assert!(all.contains("/api/health"), "the message must say what is missing: {all}");
+        assert!(
+            !all.contains("\"k\":\"hp\"") && !all.contains('█') && !all.contains('▀'),
+            "a QR was printed: {all}"
+        );
+        assert!(!env.png().exists(), "hermeschat_pair.png was written");
+        assert!(!env.lock_held(), "a daemon was started");
+        // --json too: nothing on stdout.
+        let run = env.run(&["--json", "--server", &relay.url(), "--port", &port_s]);
+        run.assert_code(1, "busy port --json");
+        assert!(run.stdout.trim().is_empty(), "--json printed on failure: {}", run.stdout);
+    }
+}
+
+#[test]
+fn no_backend_anywhere_exits_1_and_prints_no_qr() {
+    let relay = Relay::new();
+    let env = Env::new();
+    let port = closed_port();
+    let port_s = port.to_string();
+    let run = env.run(&["--server", &relay.url(), "--port", &port_s]);
+    run.assert_code(1, "no backend");
+    let all = run.all();
+    assert!(all.contains(&port_s) && all.contains("/api/health"), "{all}");
+    assert!(!all.contains("\"k\":\"hp\""), "a QR payload was printed: {all}");
+    assert!(!env.png().exists(), "hermeschat_pair.png was written");
+    assert!(!env.lock_held(), "a daemon was started");
+}
+
+#[test]
+fn unreachable_registry_exits_1() {
+    let backend = Backend::start();
+    let env = Env::new();
+    let server = format!("http://127.0.0.1:{}", closed_port());
+    let port = backend.port.to_string();
+    let run = env.run(&["--server", &server, "--port", &port]);
+    run.assert_code(1, "unreachable registry");
+    assert!(run.all().contains("cannot reach the registry"), "{}", run.all());
+    assert!(!env.png().exists());
+    assert!(!env.lock_held(), "a daemon was started");
+    assert!(!env.home.join("bridge.json").exists(), "nothing should change locally");
+}
+
+#[test]
+fn no_registry_configured_exits_2() {
+    let env = Env::new();
+    let port = closed_port().to_string();
+    let run = env.run(&["--port", &port]);
+    run.assert_code(2, "no registry");
+    assert!(
+        run.all().contains("HERMESCHAT_REGISTRY_URL"),
+        "the message must say how to configure: {}",
+        run.all()
+    );
+    assert!(!env.png().exists());
+}
+
+/// Decodes `hermeschat_pair.png` with a real QR decoder.
+fn decode_png(path: &Path) -> String {
+    let file = std::fs::File::open(path).unwrap();
+    let mut decoder = png::Decoder::new(std::io::BufReader::new(file));
+    decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    let (w, h) = (info.width as usize, info.height as usize);
+    let channels = info.color_type.samples();
+    let mut img =
+        rqrr::PreparedImage::prepare_from_greyscale(w, h, |x, y| buf[(y * w + x) * channels]);
+    let grids = img.detect_grids();
+    assert_eq!(grids.len(), 1, "QR codes found in the PNG");
+    grids[0].decode().unwrap().1
+}
+
+#[test]
+fn corrupt_bridge_json_is_moved_aside_and_pairing_succeeds() {
+    let relay = Relay::new();
+    let backend = Backend::start();
+    let env = Env::new();
+    std::fs::create_dir_all(&env.home).unwrap();
+    std::fs::set_permissions(&env.home, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let garbage = "{\"bridgeId\": \"abc\", \x00\x01 this is not json";
+    std::fs::write(env.home.join("bridge.json"), garbage).unwrap();
+    let server = relay.url();
+    let port = backend.port.to_string();
+    // The human form: the QR in the terminal and the PNG.
+    let run = env.run(&["--server", &server, "--port", &port]);
+    run.assert_code(0, "pairing over a corrupt bridge.json");
+    let aside: Vec<PathBuf> = std::fs::read_dir(&env.home)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("bridge.json.corrupt-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "one bridge.json.corrupt-* file: {aside:?}");
+    assert_eq!(std::fs::read_to_string(&aside[0]).unwrap(), garbage, "moved aside untouched");
+    assert!(
+        run.all().contains("bridge.json.corrupt-"),
+        "the user is told where it went: {}",
+        run.all()
+    );
+    let id = env.bridge_json();
+    let bridge_id = id["bridgeId"].as_str().unwrap().to_owned();
+    assert!(run.stdout.contains(&bridge_id), "the bridge id is printed: {}", run.stdout);
+    assert!(run.stdout.contains("hermeschat_pair.png"), "{}", run.stdout);
+    // The PNG decodes to a payload that pairs.
+    let text = decode_png(&env.png());
+    let qr = parse_payload(&text, &server);
+    assert_eq!(qr.g, bridge_id);
+    let (client_id, _, mut app) = connect_app(&qr, "Phone");
+    assert_echo(&mut app, "after-corrupt", &client_id);
+
+    // An old v1 file is kept aside under its own name, and pairing registers anew.
+    s_stop(&env);
+    std::fs::write(env.home.join("bridge.json"), r#"{"bridgeId":"abc","bridgeSecret":"s3cr3t"}"#)
+        .unwrap();
+    let qr2 = env.pair_json(&relay, &backend, &[]);
+    assert_ne!(qr2.g, bridge_id);
+    let v1: Vec<String> = std::fs::read_dir(&env.home)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("bridge.json.v1-"))
+        .collect();
+    assert_eq!(v1.len(), 1, "one bridge.json.v1-* file");
+}
+
+#[track_caller]
+fn s_stop(env: &Env) {
+    env.run(&["--stop"]).assert_code(0, "--stop");
+}
+
+// =============================================================================================
+// Secrets
+
+#[test]
+fn no_secret_in_relay_stderr_or_bridge_log() {
+    let s = setup();
+    let mut app = s.app;
+    let mut relay = s.relay;
+    assert_echo(&mut app, "one", &s.client_id);
+    let server = relay.url();
+    let port = s.backend.port.to_string();
+    let run = s.env.run(&["--refresh-code", "--json", "--server", &server, "--port", &port]);
+    run.assert_code(0, "--refresh-code");
+    let qr2 = parse_payload(&run.stdout, &server);
+    let (_, secret2, mut app2) = connect_app(&qr2, "Phone 2");
+    let _ = fetch(&mut app2, &request("x", "GET", "/api/health", &[], None));
+    let relay_secret = s.env.bridge_json()["relaySecret"].as_str().unwrap().to_owned();
+    assert!(relay_secret.starts_with("hrs_"), "relaySecret shape");
+    s_stop(&s.env);
+    let log = s.env.log();
+    assert!(log.contains(&s.qr.g), "bridge.log should say which bridge it served: {log}");
+    let secrets: [&str; 5] = [&relay_secret, &s.client_secret, &secret2, &s.qr.a, &qr2.a];
+    for secret in secrets {
+        let bare = secret.trim_start_matches("hrs_").trim_start_matches("hcs_");
+        assert!(!log.contains(bare), "bridge.log holds a secret ({}…):\n{log}", &secret[..8]);
+    }
+    drop(app);
+    drop(app2);
+    relay.stop_and_check_logs(&secrets);
+}
+
+// =============================================================================================
+// More commands and recoveries
+
+#[test]
+fn usage_help_version_and_unavailable_commands() {
+    let env = Env::new();
+    let run = env.run(&["--help"]);
+    run.assert_code(0, "--help");
+    for flag in [
+        "--status",
+        "--stop",
+        "--refresh-code",
+        "--reset",
+        "--foreground",
+        "--json",
+        "--server",
+        "--port",
+    ] {
+        assert!(run.stdout.contains(flag), "--help lacks {flag}");
+    }
+    let run = env.run(&["--version"]);
+    run.assert_code(0, "--version");
+    assert_eq!(run.stdout.trim(), format!("hermeschat-pair {}", env!("CARGO_PKG_VERSION")));
+    env.run(&["--bogus"]).assert_code(2, "--bogus");
+    env.run(&["--port", "70000"]).assert_code(2, "--port 70000");
+    env.run(&["--stop", "--reset"]).assert_code(2, "two commands");
+    for flag in ["--local", "--install", "--uninstall", "--service-status"] {
+        let run = env.run(&[flag]);
+        run.assert_code(2, flag);
+        assert!(run.all().contains(flag), "{flag}: {}", run.all());
+    }
+    // Nothing paired yet: --status says so and fails; --stop is fine.
+    let run = env.run(&["--status", "--json"]);
+    run.assert_code(1, "--status before pairing");
+    let v: Value = serde_json::from_str(run.stdout.trim()).unwrap();
+    assert_eq!(v["daemon"]["running"], false, "{v}");
+    env.run(&["--stop"]).assert_code(0, "--stop before pairing");
+}
+
+#[test]
+fn environment_and_saved_config_are_honoured() {
+    let relay = Relay::new();
+    let backend = Backend::start();
+    let env = Env::new();
+    let server = relay.url();
+    let port = backend.port.to_string();
+    let run = env.run_env(
+        &["--json"],
+        &[("HERMESCHAT_REGISTRY_URL", &server), ("HERMESCHAT_LOCAL_PORT", &port)],
+    );
+    run.assert_code(0, "pairing from the environment");
+    let qr = parse_payload(&run.stdout, &server);
+    let pid = env.daemon_pid();
+    // Nothing given: the saved registry and port are used, and the daemon is reused.
+    let run = env.run(&["--json"]);
+    run.assert_code(0, "pairing from config.json");
+    let qr2 = parse_payload(&run.stdout, &server);
+    assert_eq!(qr2.g, qr.g);
+    assert_eq!(env.daemon_pid(), pid);
+    let (client_id, _, mut app) = connect_app(&qr2, "Phone");
+    assert_echo(&mut app, "cfg", &client_id);
+}
+
+#[test]
+fn a_killed_daemon_is_replaced_by_the_next_run() {
+    let s = setup();
+    let mut app = s.app;
+    let pid = s.env.daemon_pid();
+    // SAFETY: SIGKILL to the daemon this test started (a crash).
+    unsafe {
+        libc::kill(pid as libc::pid_t, libc::SIGKILL);
+    }
+    wait_bridge_status(&mut app, false, Duration::from_secs(5));
+    let qr2 = s.env.pair_json(&s.relay, &s.backend, &[]);
+    assert_eq!(qr2.g, s.qr.g, "the identity survives a daemon crash");
+    let pid2 = s.env.daemon_pid();
+    assert_ne!(pid2, pid);
+    wait_bridge_status(&mut app, true, Duration::from_secs(5));
+    assert_echo(&mut app, "after-crash", &s.client_id);
+}
+
+#[test]
+fn a_bridge_deleted_at_the_registry_is_registered_anew() {
+    let s = setup();
+    let mut app = s.app;
+    let id = s.env.bridge_json();
+    let (status, v) = Registry::new(&s.qr.s).delete(&s.qr.g, id["relaySecret"].as_str().unwrap());
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(app.wait_close(), Some(4003));
+    let qr2 = s.env.pair_json(&s.relay, &s.backend, &[]);
+    assert_ne!(qr2.g, s.qr.g, "a new identity after BRIDGE_NOT_FOUND");
+    assert_eq!(s.env.bridge_json()["bridgeId"], qr2.g.as_str());
+    let (client_id, _, mut app2) = connect_app(&qr2, "Phone 2");
+    assert_echo(&mut app2, "anew", &client_id);
+}
+
+#[test]
+fn a_new_registry_gets_a_new_identity_and_daemon() {
+    let s = setup();
+    let mut app = s.app;
+    let pid = s.env.daemon_pid();
+    let relay_b = Relay::new();
+    let qr2 = s.env.pair_json(&relay_b, &s.backend, &[]);
+    assert_ne!(qr2.g, s.qr.g);
+    assert_eq!(qr2.s, relay_b.url());
+    let pid2 = s.env.daemon_pid();
+    assert_ne!(pid2, pid, "the daemon must be restarted to serve the new identity");
+    // The app of the old registry sees its bridge go offline; the new pairing works.
+    wait_bridge_status(&mut app, false, Duration::from_secs(5));
+    let (client_id, _, mut app2) = connect_app(&qr2, "Phone B");
+    assert_echo(&mut app2, "b", &client_id);
+    drop(app2);
+    drop(relay_b);
+}
+
+#[test]
+fn foreground_logs_to_stderr_and_stops_cleanly_on_ctrl_c() {
+    let s = setup();
+    let mut app = s.app;
+    s.env.run(&["--stop"]).assert_code(0, "--stop");
+    wait_bridge_status(&mut app, false, Duration::from_secs(5));
+    let port = s.backend.port.to_string();
+    let mut child = s
+        .env
+        .cmd(&["--foreground", "--port", &port])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = read_all(child.stdout.take().unwrap());
+    let err = read_all(child.stderr.take().unwrap());
+    let pid = child.id();
+    struct Reap(Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Reap(child);
+    wait_bridge_status(&mut app, true, Duration::from_secs(10));
+    assert_echo(&mut app, "fg", &s.client_id);
+    assert_eq!(s.env.pid(), Some(pid), "the foreground bridge holds bridge.pid");
+    // SAFETY: SIGINT (Ctrl-C) to the child this test started.
+    unsafe {
+        libc::kill(pid as libc::pid_t, libc::SIGINT);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        if let Some(st) = child.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "--foreground did not stop within 5 s of Ctrl-C");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stderr = err.recv_timeout(Duration::from_secs(5)).unwrap();
+    let stdout = out.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "--foreground exit on Ctrl-C\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(stderr.contains(&s.qr.g), "the foreground bridge logs to stderr: {stderr:?}");
+    wait_bridge_status(&mut app, false, Duration::from_secs(5));
+    assert!(!s.env.lock_held(), "bridge.pid still locked after Ctrl-C");
+}
