@@ -82,12 +82,24 @@ pub enum Command {
         /// The readiness pipe's descriptor.
         ready_fd: Option<i32>,
     },
+    /// `--install`: boot service.
+    Install,
+    /// `--uninstall`: remove the boot service.
+    Uninstall,
+    /// `--service-status`.
+    ServiceStatus,
+    /// `--doctor`: a real request along the whole path, hop by hop.
+    Doctor,
+    /// `--devices`: paired apps.
+    Devices,
+    /// `--revoke <clientId>`.
+    Revoke(String),
+    /// `--logs`.
+    Logs,
     /// `--help`.
     Help,
     /// `--version`.
     Version,
-    /// A seed command that a later version implements.
-    NotYet(&'static str),
 }
 
 /// Parsed arguments.
@@ -103,6 +115,16 @@ pub struct Args {
     pub no_server: bool,
     /// `--server`.
     pub server: Option<String>,
+    /// `--local`: LAN-only mode.
+    pub local: bool,
+    /// `--host`: the LAN address to serve and advertise.
+    pub host: Option<String>,
+    /// `--local-port`: the LAN server's port.
+    pub local_port: Option<u16>,
+    /// `--follow` (with `--logs`).
+    pub follow: bool,
+    /// `--lines N` (with `--logs`).
+    pub lines: Option<usize>,
 }
 
 /// A failed command: exit code and message.
@@ -114,19 +136,39 @@ pub struct Exit {
     pub message: String,
 }
 
-fn fail(message: impl Into<String>) -> Exit {
+/// A failure (exit 1).
+pub(crate) fn fail(message: impl Into<String>) -> Exit {
     Exit { code: 1, message: message.into() }
 }
 
-fn usage_error(message: impl Into<String>) -> Exit {
+/// A usage or configuration error (exit 2).
+pub(crate) fn usage_error(message: impl Into<String>) -> Exit {
     Exit { code: 2, message: message.into() }
+}
+
+/// Parses a port number for `flag`.
+fn parse_port(flag: &str, v: &str) -> Result<u16, Exit> {
+    v.parse()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| usage_error(format!("{flag}: {v:?} is not a port number (1-65535)")))
 }
 
 /// Parses `args` (without the program name).
 pub fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Args, Exit> {
     use lexopt::prelude::*;
-    let mut parsed =
-        Args { command: Command::Pair, json: false, port: None, no_server: false, server: None };
+    let mut parsed = Args {
+        command: Command::Pair,
+        json: false,
+        port: None,
+        no_server: false,
+        server: None,
+        local: false,
+        host: None,
+        local_port: None,
+        follow: false,
+        lines: None,
+    };
     let mut commands = Vec::new();
     let mut parser = lexopt::Parser::from_args(args);
     let usage =
@@ -138,19 +180,37 @@ pub fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Args,
             Long("refresh-code") => commands.push(Command::RefreshCode),
             Long("reset") => commands.push(Command::Reset),
             Long("foreground") => commands.push(Command::Foreground),
-            Long("local") => commands.push(Command::NotYet("--local")),
-            Long("install") => commands.push(Command::NotYet("--install")),
-            Long("uninstall") => commands.push(Command::NotYet("--uninstall")),
-            Long("service-status") => commands.push(Command::NotYet("--service-status")),
+            Long("install") => commands.push(Command::Install),
+            Long("uninstall") => commands.push(Command::Uninstall),
+            Long("service-status") => commands.push(Command::ServiceStatus),
+            Long("doctor") => commands.push(Command::Doctor),
+            Long("devices") => commands.push(Command::Devices),
+            Long("revoke") => {
+                let v = parser.value().map_err(usage)?.to_string_lossy().into_owned();
+                commands.push(Command::Revoke(v));
+            }
+            Long("logs") => commands.push(Command::Logs),
+            Long("follow") | Short('f') => parsed.follow = true,
+            Long("lines") | Short('n') => {
+                let v = parser.value().map_err(usage)?.to_string_lossy().into_owned();
+                let n = v
+                    .parse()
+                    .map_err(|_| usage_error(format!("--lines: {v:?} is not a number")))?;
+                parsed.lines = Some(n);
+            }
+            Long("local") => parsed.local = true,
+            Long("host") => {
+                parsed.host = Some(parser.value().map_err(usage)?.to_string_lossy().into_owned());
+            }
+            Long("local-port") => {
+                let v = parser.value().map_err(usage)?;
+                parsed.local_port = Some(parse_port("--local-port", &v.to_string_lossy())?);
+            }
             Long("json") => parsed.json = true,
             Long("no-server") => parsed.no_server = true,
             Long("port") => {
                 let v = parser.value().map_err(usage)?;
-                let v = v.to_string_lossy();
-                let port: u16 = v.parse().ok().filter(|p| *p > 0).ok_or_else(|| {
-                    usage_error(format!("--port: {v:?} is not a port number (1-65535)"))
-                })?;
-                parsed.port = Some(port);
+                parsed.port = Some(parse_port("--port", &v.to_string_lossy())?);
             }
             Long("server") => {
                 let v = parser.value().map_err(usage)?.to_string_lossy().into_owned();
@@ -176,7 +236,8 @@ pub fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Args,
         _ if commands.contains(&Command::Help) => parsed.command = Command::Help,
         _ => {
             return Err(usage_error(
-                "give at most one command (--status, --stop, --refresh-code, --reset, --foreground)",
+                "give at most one command (--status, --stop, --refresh-code, --reset, --foreground, \
+                 --install, --uninstall, --service-status, --doctor, --devices, --revoke, --logs)",
             ));
         }
     }
@@ -194,12 +255,19 @@ pub fn run(args: Args) -> Result<(), Exit> {
             println!("hermeschat-pair {}", env!("CARGO_PKG_VERSION"));
             Ok(())
         }
-        Command::NotYet(flag) => Err(usage_error(format!(
-            "{flag} is not available in this version yet; see the README's roadmap"
-        ))),
+        Command::Pair if args.local => crate::lan::pair(&args, PairMode::Pair),
+        Command::RefreshCode if args.local => crate::lan::pair(&args, PairMode::RefreshCode),
+        Command::Reset if args.local => crate::lan::pair(&args, PairMode::Reset),
         Command::Pair => pair(&args, PairMode::Pair),
         Command::RefreshCode => pair(&args, PairMode::RefreshCode),
         Command::Reset => pair(&args, PairMode::Reset),
+        Command::Install => crate::service::install(&args),
+        Command::Uninstall => crate::service::uninstall(&args),
+        Command::ServiceStatus => crate::service::status(&args),
+        Command::Doctor => crate::doctor::run(&args),
+        Command::Devices => crate::devices::list(&args),
+        Command::Revoke(client_id) => crate::devices::revoke(&args, &client_id),
+        Command::Logs => crate::logs::run(&args),
         Command::Status => status(&args),
         Command::Stop => stop(),
         Command::Foreground => foreground(&args),
@@ -211,18 +279,19 @@ pub fn run(args: Args) -> Result<(), Exit> {
 // Output
 
 /// Status-line printer: ✓ / ⚠ / ✗ with colour only on a TTY and never with `NO_COLOR`.
-struct Out {
-    colour: bool,
+pub struct Out {
+    /// Colours on (a TTY without `NO_COLOR`).
+    pub colour: bool,
     quiet: bool,
 }
 
 impl Out {
-    fn new(quiet: bool) -> Out {
+    pub fn new(quiet: bool) -> Out {
         let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
         Out { colour, quiet }
     }
 
-    fn line(&self, mark: &str, colour: &str, text: &str) {
+    pub fn line(&self, mark: &str, colour: &str, text: &str) {
         if self.quiet {
             return;
         }
@@ -233,15 +302,20 @@ impl Out {
         }
     }
 
-    fn ok(&self, text: &str) {
+    pub fn ok(&self, text: &str) {
         self.line("✓", "32", text);
     }
 
-    fn warn(&self, text: &str) {
+    pub fn warn(&self, text: &str) {
         self.line("⚠", "33", text);
     }
 
-    fn info(&self, text: &str) {
+    /// A failure line (✗), for reports that go on after a failed check.
+    pub fn bad(&self, text: &str) {
+        self.line("✗", "31", text);
+    }
+
+    pub fn info(&self, text: &str) {
         if !self.quiet {
             println!("  {text}");
         }
@@ -251,13 +325,13 @@ impl Out {
 // ---------------------------------------------------------------------------------------------
 // Shared steps
 
-fn state_dir() -> Result<PathBuf, Exit> {
+pub(crate) fn state_dir() -> Result<PathBuf, Exit> {
     let dir = state::state_dir();
     state::ensure_dir(&dir).map_err(|e| fail(format!("cannot use the state directory: {e}")))?;
     Ok(dir)
 }
 
-fn load_config(dir: &Path, out: &Out) -> Result<Config, Exit> {
+pub(crate) fn load_config(dir: &Path, out: &Out) -> Result<Config, Exit> {
     match state::load_or_move_aside::<Config>(&state::config_json(dir), |_| Ok(())) {
         Ok(Loaded::Ok(c)) => Ok(c),
         Ok(Loaded::Missing) => Ok(Config::default()),
@@ -272,7 +346,7 @@ fn load_config(dir: &Path, out: &Out) -> Result<Config, Exit> {
     }
 }
 
-fn load_identity(dir: &Path, out: &Out) -> Result<Option<BridgeIdentity>, Exit> {
+pub(crate) fn load_identity(dir: &Path, out: &Out) -> Result<Option<BridgeIdentity>, Exit> {
     match state::load_or_move_aside::<BridgeIdentity>(
         &state::bridge_json(dir),
         BridgeIdentity::validate,
@@ -290,7 +364,7 @@ fn load_identity(dir: &Path, out: &Out) -> Result<Option<BridgeIdentity>, Exit> 
     }
 }
 
-fn registry_url(args: &Args, config: &Config) -> Result<String, Exit> {
+pub(crate) fn registry_url(args: &Args, config: &Config) -> Result<String, Exit> {
     let env = std::env::var("HERMESCHAT_REGISTRY_URL").ok().filter(|v| !v.trim().is_empty());
     let url = args.server.clone().or(env).or_else(|| config.registry_url.clone()).ok_or_else(|| {
         usage_error(
@@ -310,7 +384,7 @@ fn registry_url(args: &Args, config: &Config) -> Result<String, Exit> {
 }
 
 /// The backend host and the port to try first.
-fn backend_address(args: &Args, config: &Config) -> Result<(String, u16), Exit> {
+pub(crate) fn backend_address(args: &Args, config: &Config) -> Result<(String, u16), Exit> {
     let host = std::env::var("HERMESCHAT_LOCAL_HOST")
         .ok()
         .filter(|h| !h.trim().is_empty())
@@ -324,7 +398,7 @@ fn backend_address(args: &Args, config: &Config) -> Result<(String, u16), Exit> 
     Ok((host, args.port.or(env_port).or(config.port).unwrap_or(DEFAULT_PORT)))
 }
 
-fn target(host: &str, port: u16) -> Target {
+pub(crate) fn target(host: &str, port: u16) -> Target {
     Target {
         host: host.to_owned(),
         port,
@@ -333,12 +407,23 @@ fn target(host: &str, port: u16) -> Target {
 }
 
 /// The backend gate: no QR before a healthy Hermes-compatible API answers `/api/health`.
-fn backend_gate(args: &Args, config: &Config, out: &Out) -> Result<Target, Exit> {
+/// The backend pairing will use.
+pub(crate) struct Backend {
+    /// Where the bridge sends requests.
+    pub(crate) target: Target,
+    /// The daemon starts the built-in backend on `target` (nothing listened there).
+    pub(crate) builtin: bool,
+}
+
+/// The backend gate: no QR before a healthy Hermes-compatible API answers `/api/health`, or
+/// the built-in backend is to be started on a free port.
+pub(crate) fn backend_gate(args: &Args, config: &Config, out: &Out) -> Result<Backend, Exit> {
+    let external = |target| Ok(Backend { target, builtin: false });
     let (host, port) = backend_address(args, config)?;
     match bridge::poller::probe(&host, port, "/api/health") {
         Health::Ready => {
             out.ok(&format!("Local Hermes API ready (http://{host}:{port})"));
-            return Ok(target(&host, port));
+            return external(target(&host, port));
         }
         Health::Unhealthy => {
             return Err(fail(format!(
@@ -349,12 +434,16 @@ fn backend_gate(args: &Args, config: &Config, out: &Out) -> Result<Target, Exit>
         }
         Health::NotListening | Health::Unknown => {}
     }
-    // Nothing on the port. This build has no bundled backend to start, so look for a healthy
-    // Hermes-compatible API on the common ports, as the original tool does with --no-server.
+    // Nothing on the port: the daemon starts the built-in backend there...
+    if !args.no_server && crate::backend::available() && is_loopback(&host) {
+        return Ok(Backend { target: target(&host, port), builtin: true });
+    }
+    // ...or, with --no-server (or no built-in backend), look for a healthy Hermes-compatible
+    // API on the common ports, as the original tool does.
     for &p in COMMON_PORTS.iter().filter(|&&p| p != port) {
         if bridge::poller::probe(&host, p, "/api/health") == Health::Ready {
             out.ok(&format!("Found a Hermes-compatible API on port {p} (http://{host}:{p})"));
-            return Ok(target(&host, p));
+            return external(target(&host, p));
         }
     }
     let tried: Vec<String> = std::iter::once(port)
@@ -376,7 +465,7 @@ fn backend_gate(args: &Args, config: &Config, out: &Out) -> Result<Target, Exit>
     )))
 }
 
-fn display_name(config: &Config) -> String {
+pub(crate) fn display_name(config: &Config) -> String {
     config.display_name.clone().filter(|n| !n.trim().is_empty()).unwrap_or_else(hostname)
 }
 
@@ -443,25 +532,25 @@ fn access_code(
     }
 }
 
-fn read_status(dir: &Path) -> Option<Status> {
+pub(crate) fn read_status(dir: &Path) -> Option<Status> {
     state::read_json::<Status>(&state::status_json(dir)).ok().flatten()
 }
 
 /// Makes sure a daemon serves `identity` against `target`: reuses a matching one, replaces a
 /// stale one, starts one when none runs.
-fn ensure_daemon(
+pub(crate) fn ensure_daemon(
     dir: &Path,
-    identity: &BridgeIdentity,
+    relay: Option<(&str, &str)>,
     target: &Target,
+    extra_args: &[String],
     out: &Out,
 ) -> Result<u32, Exit> {
     let backend_url = format!("http://{}:{}", target.host, target.port);
     if let Some(pid) = daemon::running(dir) {
         let current = read_status(dir);
+        let (bridge_id, relay_url) = relay.unwrap_or(("", ""));
         let matches = current.as_ref().is_some_and(|s| {
-            s.bridge_id == identity.bridge_id
-                && s.backend_url == backend_url
-                && s.relay_url == identity.bridge_relay_url
+            s.bridge_id == bridge_id && s.backend_url == backend_url && s.relay_url == relay_url
         });
         if matches {
             out.ok(&format!("Bridge daemon already running (pid {pid})"));
@@ -470,15 +559,42 @@ fn ensure_daemon(
         out.warn("The running bridge daemon serves another identity or backend; restarting it");
         daemon::stop(dir, Duration::from_secs(5)).map_err(fail)?;
     }
-    let args = vec!["--port".to_owned(), target.port.to_string()];
+    let mut args = vec!["--port".to_owned(), target.port.to_string()];
+    args.extend(extra_args.iter().cloned());
     let pid = daemon::spawn(dir, &args)
         .map_err(|e| fail(format!("the bridge daemon did not start: {e}")))?;
     out.ok(&format!("Bridge daemon started (pid {pid})"));
     Ok(pid)
 }
 
+/// Waits for the built-in backend (started by the daemon) to answer `/api/health`.
+pub(crate) fn wait_backend_ready(target: &Target, dir: &Path, out: &Out) -> Result<(), Exit> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match bridge::poller::probe(&target.host, target.port, "/api/health") {
+            Health::Ready => {
+                out.ok(&format!(
+                    "Built-in Hermes backend ready (http://{}:{})",
+                    target.host, target.port
+                ));
+                return Ok(());
+            }
+            _ if Instant::now() >= deadline => {
+                return Err(fail(format!(
+                    "the built-in backend did not answer /api/health on port {} within 10 s; see \
+                     {} and {}",
+                    target.port,
+                    state::server_log(dir).display(),
+                    state::bridge_log(dir).display()
+                )));
+            }
+            _ => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
 /// Polls bridge-status until the relay reports the bridge online.
-fn wait_online(
+pub(crate) fn wait_online(
     registry: &Registry,
     identity: &BridgeIdentity,
     dir: &Path,
@@ -531,7 +647,7 @@ fn wait_online(
 }
 
 /// `HH:MM` in local time, for the access-code expiry.
-fn local_time(ms: u64) -> String {
+pub(crate) fn local_time(ms: u64) -> String {
     let secs = (ms / 1000) as libc::time_t;
     // SAFETY: localtime_r reads `secs` and writes only into the `tm` we own; a zeroed tm is a
     // valid initial value.
@@ -545,10 +661,14 @@ fn local_time(ms: u64) -> String {
     format!("{:02}:{:02}:{:02}", tm.tm_hour, tm.tm_min, tm.tm_sec)
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum PairMode {
+/// Which pairing command runs.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum PairMode {
+    /// The default command.
     Pair,
+    /// `--refresh-code`.
     RefreshCode,
+    /// `--reset`.
     Reset,
 }
 
@@ -557,7 +677,9 @@ fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
     let dir = state_dir()?;
     let mut config = load_config(&dir, &out)?;
     let url = registry_url(args, &config)?;
-    let target = backend_gate(args, &config, &out)?;
+    let backend = backend_gate(args, &config, &out)?;
+    crate::gateway::ensure(&out);
+    let target = backend.target.clone();
     let registry = Registry::new(&url);
     let name = display_name(&config);
 
@@ -599,7 +721,11 @@ fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
     if refresh_keeps_daemon {
         out.ok("Bridge daemon untouched; paired devices keep working");
     } else {
-        ensure_daemon(&dir, &identity, &target, &out)?;
+        let relay = Some((identity.bridge_id.as_str(), identity.bridge_relay_url.as_str()));
+        ensure_daemon(&dir, relay, &target, &[], &out)?;
+    }
+    if backend.builtin {
+        wait_backend_ready(&target, &dir, &out)?;
     }
     wait_online(&registry, &identity, &dir, args.json)?;
     out.ok(&format!("Bridge online at the relay ({})", identity.app_relay_url));
@@ -632,7 +758,7 @@ fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
     Ok(())
 }
 
-fn print_qr(json: &str, out: &Out) {
+pub(crate) fn print_qr(json: &str, out: &Out) {
     match qr::render_terminal(json, out.colour) {
         Ok(text) => println!("{text}"),
         Err(e) => out.warn(&format!("cannot draw the QR code in the terminal: {e}")),
@@ -650,7 +776,7 @@ fn print_qr(json: &str, out: &Out) {
 // ---------------------------------------------------------------------------------------------
 // --status, --stop
 
-fn health_word(h: Health) -> &'static str {
+pub(crate) fn health_word(h: Health) -> &'static str {
     match h {
         Health::Ready => "ready",
         Health::Unhealthy => "unhealthy",
@@ -783,7 +909,7 @@ fn bridge_run(args: &Args, ready_fd: Option<i32>) -> Result<(), Exit> {
 
 /// Runs the bridge in this process. `detached`: log to `bridge.log` instead of stderr.
 fn run_bridge(args: &Args, mut ready: Readiness, detached: bool) -> Result<(), Exit> {
-    let started: Result<_, Exit> = (|| {
+    let prepared: Result<_, Exit> = (|| {
         let dir = state_dir()?;
         if detached {
             bridge::log_to_file(&state::bridge_log(&dir)).map_err(|e| {
@@ -792,14 +918,34 @@ fn run_bridge(args: &Args, mut ready: Readiness, detached: bool) -> Result<(), E
         }
         let quiet = Out::new(true);
         let config = load_config(&dir, &quiet)?;
-        let identity = load_identity(&dir, &quiet)?.ok_or_else(|| {
-            usage_error("no pairing yet (bridge.json is missing): run hermeschat-pair first")
-        })?;
+        let identity = load_identity(&dir, &quiet)?;
+        if identity.is_none() && !args.local {
+            return Err(usage_error(
+                "no pairing yet (bridge.json is missing): run hermeschat-pair first",
+            ));
+        }
         let lock = PidLock::acquire(&dir).map_err(|e| fail(e.to_string()))?;
         let (host, port) = backend_address(args, &config)?;
-        Ok((dir, identity, lock, target(&host, port)))
+        // The built-in backend runs when nothing serves the port (loopback only).
+        let builtin = !args.no_server
+            && crate::backend::available()
+            && is_loopback(&host)
+            && bridge::poller::probe(&host, port, "/api/health") == Health::NotListening;
+        let backend =
+            builtin.then(|| crate::backend::BackendConfig { port, state_dir: dir.clone() });
+        let lan =
+            if args.local { Some(crate::lan::LanConfig::from_args(args, &dir)?) } else { None };
+        let options = BridgeOptions {
+            identity,
+            target: target(&host, port),
+            state_dir: dir,
+            workers: bridge::workers::DEFAULT_WORKERS,
+            backend,
+            lan,
+        };
+        Ok((options, lock))
     })();
-    let (dir, identity, lock, target) = match started {
+    let (options, lock) = match prepared {
         Ok(v) => v,
         Err(e) => {
             ready.error(&e.message);
@@ -807,30 +953,40 @@ fn run_bridge(args: &Args, mut ready: Readiness, detached: bool) -> Result<(), E
         }
     };
     let stop = Arc::new(AtomicBool::new(false));
-    let waker = match polling::Poller::new() {
-        Ok(p) => Arc::new(p),
-        Err(e) => {
-            let msg = format!("cannot create a poller: {e}");
+    let started = polling::Poller::new()
+        .map(Arc::new)
+        .map_err(|e| format!("cannot create a poller: {e}"))
+        .and_then(|waker| {
+            let (stop, waker2) = (stop.clone(), waker.clone());
+            ctrlc::set_handler(move || {
+                stop.store(true, Ordering::SeqCst);
+                let _ = waker2.notify();
+            })
+            .map_err(|e| format!("cannot install the signal handler: {e}"))?;
+            Ok(waker)
+        })
+        .and_then(|waker| bridge::start(options, stop.clone(), waker));
+    let bridge = match started {
+        Ok(b) => b,
+        Err(msg) => {
             ready.error(&msg);
+            lock.release();
             return Err(fail(msg));
         }
     };
-    {
-        let (stop, waker) = (stop.clone(), waker.clone());
-        if let Err(e) = ctrlc::set_handler(move || {
-            stop.store(true, Ordering::SeqCst);
-            let _ = waker.notify();
-        }) {
-            let msg = format!("cannot install the signal handler: {e}");
-            ready.error(&msg);
-            return Err(fail(msg));
-        }
-    }
     ready.ok();
-    let options = BridgeOptions { identity, target, state_dir: dir, workers: 32 };
-    let result = bridge::run(options, stop, waker);
+    let result = bridge.run();
     lock.release();
     result.map_err(fail)
+}
+
+/// True for `127.0.0.1`, `::1`, `localhost` and the like.
+pub(crate) fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 #[cfg(test)]

@@ -10,13 +10,20 @@
 //! small HTTP/1.1 helpers the servers share; [`state`] the local state files; [`qr`] the QR
 //! codes; [`secret`] identifiers and secrets.
 
+pub mod backend;
 pub mod bridge;
 pub mod cli;
 pub mod daemon;
+pub mod devices;
+pub mod doctor;
+pub mod gateway;
 pub mod http;
+pub mod lan;
+pub mod logs;
 pub mod protocol;
 pub mod qr;
 pub mod registry_client;
 pub mod relay;
 pub mod secret;
+pub mod service;
 pub mod state;

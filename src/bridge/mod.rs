@@ -128,14 +128,18 @@ impl LiveStatus {
 
 /// Everything the bridge runs with.
 pub struct BridgeOptions {
-    /// The identity from `bridge.json`.
-    pub identity: BridgeIdentity,
+    /// The relay identity from `bridge.json`; `None` in LAN-only mode (no relay socket).
+    pub identity: Option<BridgeIdentity>,
     /// The fixed local target.
     pub target: workers::Target,
     /// The state directory.
     pub state_dir: PathBuf,
     /// Request workers.
     pub workers: usize,
+    /// The built-in backend to run inside the daemon, when nothing else serves the port.
+    pub backend: Option<crate::backend::BackendConfig>,
+    /// The LAN server (`--local`).
+    pub lan: Option<crate::lan::LanConfig>,
 }
 
 /// The daemon's log file, once [`log_to_file`] set it; stderr otherwise.
@@ -188,53 +192,109 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
-/// Runs the bridge until `stop` is set: the pool, the health poller and the relay I/O loop
-/// (on the calling thread). `waker` must be the poller the signal handler notifies.
-pub fn run(
+/// A started bridge: listeners bound and helper threads running; [`Bridge::run`] serves.
+pub struct Bridge {
+    identity: Option<BridgeIdentity>,
+    pool: Arc<workers::Pool>,
+    status: Arc<LiveStatus>,
+    stop: Arc<AtomicBool>,
+    waker: Arc<Poller>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// Starts the bridge's roles except the relay socket: the built-in backend and the LAN
+/// server bind here (so a busy port is an error the daemon reports before saying ready), then
+/// the pool and the health poller start. `waker` must be the poller the signal handler
+/// notifies.
+pub fn start(
     options: BridgeOptions,
     stop: Arc<AtomicBool>,
     waker: Arc<Poller>,
-) -> Result<(), String> {
-    let backend_url = format!("http://{}:{}", options.target.host, options.target.port);
+) -> Result<Bridge, String> {
+    let BridgeOptions { identity, target, state_dir, workers, backend, lan } = options;
+    let backend_url = format!("http://{}:{}", target.host, target.port);
     let status = Arc::new(LiveStatus::new(
         Status {
             pid: std::process::id(),
             started_at: crate::relay::now_ms(),
-            bridge_id: options.identity.bridge_id.clone(),
-            relay_url: options.identity.bridge_relay_url.clone(),
+            bridge_id: identity.as_ref().map(|i| i.bridge_id.clone()).unwrap_or_default(),
+            relay_url: identity.as_ref().map(|i| i.bridge_relay_url.clone()).unwrap_or_default(),
             backend_url,
             ..Status::default()
         },
-        state::status_json(&options.state_dir),
+        state::status_json(&state_dir),
     ));
-    let pool = Arc::new(workers::Pool::new(
-        options.target.clone(),
-        options.workers,
-        crate::protocol::Limits::default(),
-    ));
-    let poller_thread = {
-        let (status, stop, target) = (status.clone(), stop.clone(), options.target.clone());
-        std::thread::Builder::new()
-            .name("health".into())
-            .spawn(move || poller::run(&target, &status, &stop))
-            .map_err(|e| format!("cannot start the health poller: {e}"))?
-    };
-    log(&format!(
-        "bridge {} starting: relay {}, backend http://{}:{}",
-        options.identity.bridge_id,
-        options.identity.bridge_relay_url,
-        options.target.host,
-        options.target.port
-    ));
-    let io =
-        relay_io::RelayIo::new(options.identity, pool.clone(), status.clone(), stop.clone(), waker);
-    io.run();
-    stop.store(true, Ordering::SeqCst);
-    pool.shutdown(crate::protocol::ErrorCode::ShuttingDown);
-    let _ = poller_thread.join();
-    status.update(|s| s.relay_connected = false);
-    log("bridge stopped");
-    Ok(())
+    let mut threads = Vec::new();
+    if let Some(config) = &backend {
+        threads.push(
+            crate::backend::start(config, stop.clone())
+                .map_err(|e| format!("the built-in backend cannot start: {e}"))?,
+        );
+        log(&format!("built-in backend listening on http://127.0.0.1:{}", config.port));
+    }
+    let pool =
+        Arc::new(workers::Pool::new(target.clone(), workers, crate::protocol::Limits::default()));
+    if let Some(config) = lan {
+        threads.push(
+            crate::lan::start(config, pool.clone(), status.clone(), stop.clone())
+                .map_err(|e| format!("the LAN server cannot start: {e}"))?,
+        );
+    }
+    {
+        let (status, stop, target) = (status.clone(), stop.clone(), target.clone());
+        threads.push(
+            std::thread::Builder::new()
+                .name("health".into())
+                .spawn(move || poller::run(&target, &status, &stop))
+                .map_err(|e| format!("cannot start the health poller: {e}"))?,
+        );
+    }
+    match &identity {
+        Some(id) => log(&format!(
+            "bridge {} starting: relay {}, backend http://{}:{}",
+            id.bridge_id, id.bridge_relay_url, target.host, target.port
+        )),
+        None => log(&format!(
+            "bridge starting in LAN-only mode: backend http://{}:{}",
+            target.host, target.port
+        )),
+    }
+    Ok(Bridge { identity, pool, status, stop, waker, threads })
+}
+
+impl Bridge {
+    /// Serves until the stop flag is set: the relay I/O loop on this thread (or, in LAN-only
+    /// mode, a wait for the stop), then answers open requests `SHUTTING_DOWN` and joins.
+    pub fn run(self) -> Result<(), String> {
+        match self.identity {
+            Some(identity) => {
+                let io = relay_io::RelayIo::new(
+                    identity,
+                    self.pool.clone(),
+                    self.status.clone(),
+                    self.stop.clone(),
+                    self.waker.clone(),
+                );
+                io.run();
+            }
+            None => {
+                let mut events = polling::Events::new();
+                while !self.stop.load(Ordering::SeqCst) {
+                    events.clear();
+                    // Woken by the signal handler; the timeout is only a safety net.
+                    let _ = self.waker.wait(&mut events, Some(std::time::Duration::from_secs(1)));
+                }
+            }
+        }
+        self.stop.store(true, Ordering::SeqCst);
+        self.pool.shutdown(crate::protocol::ErrorCode::ShuttingDown);
+        for t in self.threads {
+            let _ = t.join();
+        }
+        self.status.update(|s| s.relay_connected = false);
+        log("bridge stopped");
+        Ok(())
+    }
 }
 
 #[cfg(test)]
