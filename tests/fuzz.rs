@@ -1,0 +1,292 @@
+//! A bounded, seeded mutation fuzzer over everything that parses untrusted input: frames, HTTP
+//! heads, registry request bodies, state files, QR payloads, and the passthrough checks.
+//!
+//! Why hand-written instead of cargo-fuzz: libFuzzer needs a nightly toolchain, which this
+//! project's CI does not have. Mutating valid seeds (bit flips, byte and token splices,
+//! truncation, repetition) with a fixed seed is reproducible and runs in every `cargo test`.
+//! Each target runs for a time budget (`HERMESCHAT_FUZZ_SECS`, default 2 s) and prints how many
+//! inputs it executed. A panic is a crash; the invariants below are checked on every input.
+
+use std::time::{Duration, Instant};
+
+use hermeschat_pair::http::{Parsed, parse_head};
+use hermeschat_pair::protocol::{self as p, Frame};
+use hermeschat_pair::state::{BridgeIdentity, Config};
+
+/// xorshift64*: tiny, deterministic, good enough to pick mutations.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+/// Tokens that tend to reach interesting parser states.
+const TOKENS: &[&[u8]] = &[
+    b"\"",
+    b"\\",
+    b"\\u0000",
+    b"\\ud800",
+    b"{",
+    b"}",
+    b"[",
+    b"]",
+    b",",
+    b":",
+    b"null",
+    b"true",
+    b"1e999",
+    b"-0",
+    b"\r\n",
+    b"\r\n\r\n",
+    b"\0",
+    b"..",
+    b"%2e%2e",
+    b"//",
+    b"\xff\xfe",
+    b"\xf0\x9f\x98\x80",
+    b"\"type\":\"request\"",
+    b"\"bodyBase64\":true",
+    b"Content-Length: ",
+    b"Transfer-Encoding: chunked",
+    b"Upgrade: websocket",
+    b"Connection: Upgrade",
+];
+
+fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
+    let mut data = seed.to_vec();
+    for _ in 0..1 + rng.below(4) {
+        let len = data.len();
+        match rng.below(7) {
+            0 if len > 0 => {
+                let i = rng.below(len);
+                data[i] ^= 1 << rng.below(8);
+            }
+            1 if len > 0 => {
+                let i = rng.below(len);
+                data[i] = rng.next() as u8;
+            }
+            2 => {
+                let t = TOKENS[rng.below(TOKENS.len())];
+                let i = rng.below(len + 1);
+                data.splice(i..i, t.iter().copied());
+            }
+            3 if len > 0 => data.truncate(rng.below(len)),
+            4 if len > 0 => {
+                let (a, b) = (rng.below(len), rng.below(len));
+                let (a, b) = (a.min(b), a.max(b));
+                let piece = data[a..b].to_vec();
+                for _ in 0..1 + rng.below(8) {
+                    data.extend_from_slice(&piece);
+                }
+            }
+            5 if len > 1 => {
+                let i = rng.below(len);
+                data.remove(i);
+            }
+            _ => {
+                let i = rng.below(len + 1);
+                data.insert(i, rng.next() as u8);
+            }
+        }
+    }
+    data
+}
+
+/// Runs `check` on mutations of `seeds` for the time budget; returns executions.
+fn fuzz(name: &str, seeds: &[&[u8]], mut check: impl FnMut(&[u8])) -> u64 {
+    let budget = std::env::var("HERMESCHAT_FUZZ_SECS")
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+        .unwrap_or(2.0);
+    let deadline = Instant::now() + Duration::from_secs_f64(budget);
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ name.len() as u64);
+    let mut runs = 0u64;
+    for seed in seeds {
+        check(seed);
+        runs += 1;
+    }
+    while Instant::now() < deadline {
+        for _ in 0..64 {
+            let seed = seeds[rng.below(seeds.len())];
+            let input = mutate(&mut rng, seed);
+            check(&input);
+            runs += 1;
+        }
+    }
+    eprintln!("fuzz {name}: {runs} inputs, 0 crashes");
+    runs
+}
+
+const FRAME_SEEDS: &[&[u8]] = &[
+    br#"{"type":"request","id":"r1","method":"POST","path":"/api/chat","headers":{"content-type":"application/json"},"body":"{\"a\":1}"}"#,
+    br#"{"type":"request","id":"r2","method":"POST","path":"/api/upload","headers":{},"body":"aGVsbG8=","bodyBase64":true,"client":"hcl_0123456789abcdef"}"#,
+    br#"{"type":"cancel","id":"r1"}"#,
+    br#"{"type":"response","id":"r1","client":"hcl_0123456789abcdef","status":200,"headers":{"a":"b"},"body":"x"}"#,
+    br#"{"type":"response.start","id":"r1","status":200,"headers":{"content-type":"text/event-stream"}}"#,
+    br#"{"type":"response.chunk","id":"r1","body":"data: x\n\n"}"#,
+    br#"{"type":"response.end","id":"r1"}"#,
+    br#"{"type":"response.error","id":"r1","code":"CANCELLED","message":"m"}"#,
+    br#"{"type":"bridge.status","online":true}"#,
+    br#"{"type":"client.connected","client":"hcl_0123456789abcdef","deviceName":"iPhone"}"#,
+    br#"{"type":"client.disconnected","client":"hcl_0123456789abcdef"}"#,
+    br#"{"type":"paired","clientId":"hcl_0123456789abcdef","clientSecret":"hcs_x"}"#,
+];
+
+#[test]
+fn fuzz_frames() {
+    let limits = p::Limits::default();
+    let runs = fuzz("frames", FRAME_SEEDS, |input| {
+        let Ok(text) = std::str::from_utf8(input) else { return };
+        match p::parse_frame(text) {
+            Ok(frame) => {
+                // Whatever parses re-serialises to something that parses to the same frame.
+                let again = p::parse_frame(&frame.to_json()).expect("round trip");
+                assert_eq!(again, frame);
+                if let Frame::Request(req) = &frame {
+                    let _ = p::check_request_limits(req, &limits);
+                    let _ = p::check_path(&req.path, p::DEFAULT_ALLOWED_PREFIXES);
+                    for (k, v) in &req.headers {
+                        let _ = p::check_header(k, v);
+                    }
+                }
+                let _ = (frame.kind(), frame.request_id(), frame.is_terminal());
+            }
+            Err(msg) => {
+                assert!(msg.starts_with("malformed") || msg.starts_with("unknown frame type"))
+            }
+        }
+    });
+    assert!(runs > 100);
+}
+
+#[test]
+fn fuzz_http_heads() {
+    let seeds: &[&[u8]] = &[
+        b"GET /ws/app?bridgeId=0123456789abcdef01234567 HTTP/1.1\r\nHost: r\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer hcs_x\r\n\r\n",
+        b"POST /v1/pair/verify HTTP/1.1\r\nHost: r\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+        b"GET /v1/health HTTP/1.0\r\n\r\n",
+    ];
+    let runs = fuzz("http heads", seeds, |input| match parse_head(input) {
+        Parsed::Complete(head) => {
+            assert!(head.len <= input.len());
+            assert!(head.len <= hermeschat_pair::http::MAX_HEAD);
+            let _ = (head.path(), head.query("bridgeId"), head.bearer(), head.wants_close());
+            let _ = (head.content_length(), head.is_websocket_upgrade());
+        }
+        Parsed::Partial => assert!(input.len() <= hermeschat_pair::http::MAX_HEAD),
+        Parsed::Invalid(status, _) => assert!(status == 400 || status == 431),
+    });
+    assert!(runs > 100);
+}
+
+#[test]
+fn fuzz_registry_bodies() {
+    let seeds: &[&[u8]] = &[
+        br#"{"displayName":"mac","version":"0.1.0"}"#,
+        br#"{"bridgeId":"0123456789abcdef01234567","accessCode":"0123456789abcdef0123456789abcdef","deviceName":"iPhone"}"#,
+        br#"{"bridgeId":"0123456789abcdef01234567","clientId":"hcl_0123456789abcdef"}"#,
+    ];
+    let runs = fuzz("registry bodies", seeds, |input| {
+        let _ = serde_json::from_slice::<p::RegisterRequest>(input);
+        let _ = serde_json::from_slice::<p::VerifyRequest>(input);
+        let _ = serde_json::from_slice::<p::BridgeRequest>(input);
+        let _ = serde_json::from_slice::<p::RevokeRequest>(input);
+        if let Ok(text) = std::str::from_utf8(input) {
+            for id in [p::is_bridge_id, p::is_access_code, p::is_client_id, p::is_request_id] {
+                let _ = id(text);
+            }
+        }
+    });
+    assert!(runs > 100);
+}
+
+#[test]
+fn fuzz_state_files_and_qr_payloads() {
+    let seeds: &[&[u8]] = &[
+        br#"{"v":2,"bridgeId":"0123456789abcdef01234567","relaySecret":"hrs_0000000000000000000000000000000000000000000000000000000000000000","bridgeRelayUrl":"wss://r/ws/bridge","appRelayUrl":"wss://r/ws/app","instanceId":"hin_1","registryUrl":"https://r","displayName":"mac","createdAt":1}"#,
+        br#"{"registryUrl":"https://r","port":8765}"#,
+        br#"{"v":2,"k":"hp","g":"0123456789abcdef01234567","a":"0123456789abcdef0123456789abcdef","s":"https://r","u":"wss://r/ws/app","n":"mac"}"#,
+        br#"{"mode":"hermes-local","url":"ws://192.168.1.2:8766/ws/app","token":"t","expiresAt":1}"#,
+    ];
+    let runs = fuzz("state files and QR payloads", seeds, |input| {
+        if let Ok(id) = serde_json::from_slice::<BridgeIdentity>(input) {
+            // Validation never panics, and Debug never prints the secret.
+            let _ = id.validate();
+            if id.relay_secret.len() >= 8 {
+                assert!(!format!("{id:?}").contains(&id.relay_secret));
+            }
+        }
+        let _ = serde_json::from_slice::<Config>(input);
+        let _ = serde_json::from_slice::<p::RelayQr>(input);
+        let _ = serde_json::from_slice::<p::LocalQr>(input);
+    });
+    assert!(runs > 100);
+}
+
+#[test]
+fn fuzz_passthrough_checks() {
+    let seeds: &[&[u8]] = &[
+        b"/api/chat",
+        b"/v1/chat/completions?stream=true",
+        b"/api/uploads/a%20b.png",
+        b"/health",
+        b"/api/sessions/abc/messages",
+    ];
+    let runs = fuzz("passthrough checks", seeds, |input| {
+        let Ok(path) = std::str::from_utf8(input) else { return };
+        if p::check_path(path, p::DEFAULT_ALLOWED_PREFIXES).is_ok() {
+            // Whatever passes can neither escape the prefixes nor smuggle a request line.
+            assert!(path.starts_with('/') && !path.starts_with("//"));
+            assert!(!path.bytes().any(|b| b <= b' ' || b >= 0x7f));
+            let route = path.split(['?', '#']).next().unwrap_or("");
+            // No segment is a dot segment, raw or percent-encoded (a backend decodes once).
+            let decoded = percent_decode(route);
+            assert!(!decoded.split('/').any(|s| s == ".." || s == "."), "{path:?}");
+            assert!(
+                route.starts_with("/api/")
+                    || route.starts_with("/v1/")
+                    || route == "/health"
+                    || route.starts_with("/health/")
+                    || route == "/api"
+                    || route == "/v1"
+            );
+        }
+        if p::check_header("X-Test", path).is_ok() {
+            assert!(!path.contains(['\r', '\n', '\0']));
+        }
+        if p::check_header(path, "v").is_ok() {
+            assert!(!path.is_empty() && !path.contains([' ', ':', '\r', '\n']));
+        }
+    });
+    assert!(runs > 100);
+}
+
+/// Decodes `%xx` escapes once, as a backend would.
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+        match (b[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(v)) => {
+                out.push(v);
+                i += 3;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
