@@ -6,6 +6,8 @@
 
 #![allow(dead_code)]
 
+pub mod session;
+
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream};
