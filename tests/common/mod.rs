@@ -269,6 +269,12 @@ impl Relay {
     }
 
     /// SIGKILL, then start again on the same data dir and the same port.
+    /// Restarts on the same port and data directory with `extra` flags added.
+    pub fn restart_with(&mut self, extra: &[&str]) {
+        self.extra.extend(extra.iter().map(|s| s.to_string()));
+        self.restart();
+    }
+
     pub fn restart(&mut self) {
         self.kill();
         let listen = self.addr.clone();

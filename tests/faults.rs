@@ -1,0 +1,296 @@
+//! Fault injection against the real processes: a relay killed mid-request, a daemon killed or
+//! paused (laptop sleep), a network partition that drops the relay socket without a FIN, and a
+//! state directory that refuses writes. Each test states its expectation at the top.
+//!
+//! Some of these wait for the protocol's own timers (45 s pong deadline, 60 s idle close), so
+//! they take a minute or two each; they run in parallel with the rest of the suite.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::session::*;
+use common::{AppClient, Event, Registry, Relay};
+use hermeschat_pair::protocol::{ErrorCode, Frame};
+
+/// Waits until `cond` holds, polling every 100 ms, or panics after `limit` with `what`.
+fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while !cond() {
+        assert!(started.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        thread::sleep(Duration::from_millis(100));
+    }
+    started.elapsed()
+}
+
+fn bridge_online(relay_url: &str, bridge_id: &str, secret: &str) -> bool {
+    let (status, v) = Registry::new(relay_url).bridge_status(bridge_id, Some(secret));
+    status == 200 && v["online"] == true
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill").args([sig, &pid.to_string()]).status().unwrap().success();
+    assert!(ok, "kill {sig} {pid} failed");
+}
+
+/// Reads frames until `want` matches or `limit` passes; returns the frames seen.
+fn read_until(app: &mut AppClient, limit: Duration, want: impl Fn(&Event) -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        let ev = app.next_event(Duration::from_millis(500));
+        if want(&ev) {
+            return true;
+        }
+        if matches!(ev, Event::Closed(_)) {
+            return false;
+        }
+    }
+    false
+}
+
+/// Expectation: the relay dies (SIGKILL) while a request is open at the backend. The daemon
+/// reconnects to the restarted relay within the backoff cap (30 s), the pairing and the device
+/// list survive, the app reconnects with its old secret, and the backend saw the interrupted
+/// request exactly once (nothing is replayed).
+#[test]
+fn relay_killed_mid_request_nothing_lost_nothing_duplicated() {
+    let mut s = setup();
+    let slow = request("slow-1", "GET", "/api/slow?secs=4", &[], None);
+    s.app.send(&slow);
+    s.backend.wait_counter("started", 1);
+    s.relay.kill();
+    s.relay.restart();
+    let took = wait_for(Duration::from_secs(35), "the daemon to reconnect", || {
+        bridge_online(&s.relay.url(), &s.qr.g, &s.client_secret)
+    });
+    eprintln!("daemon back online {took:?} after the relay restart");
+    let mut app = AppClient::connect_url(&app_url(&s.qr), &s.client_secret)
+        .unwrap_or_else(|e| panic!("the pairing did not survive the relay restart: {e:?}"));
+    app.expect_bridge_status(true);
+    let echo = fetch(&mut app, &request("after", "POST", "/api/echo", &[], Some("{}")));
+    assert_eq!(echo.status, 200);
+    // The device list is intact.
+    let (status, clients) = Registry::new(&s.relay.url()).clients(&s.qr.g, &bridge_secret(&s));
+    assert_eq!(status, 200);
+    assert_eq!(clients["clients"].as_array().map(Vec::len), Some(1), "{clients}");
+    // Let the interrupted request finish at the backend, then count: exactly one start.
+    thread::sleep(Duration::from_secs(4));
+    assert_eq!(s.backend.get("/api/cancelled")["started"], 1, "a request was replayed");
+}
+
+fn bridge_secret(s: &Setup) -> String {
+    s.env.bridge_json()["relaySecret"].as_str().unwrap().to_owned()
+}
+
+/// Expectation: a daemon killed with SIGKILL leaves a stale pid file; `--status` says "not
+/// running" (exit 1), and the next `hermeschat-pair` starts a new daemon with the same identity
+/// (same bridgeId), so the paired app keeps working.
+#[test]
+fn killed_daemon_is_reported_and_recovered_with_the_same_identity() {
+    let mut s = setup();
+    let pid = s.env.daemon_pid();
+    signal(pid, "-KILL");
+    wait_for(Duration::from_secs(5), "the daemon to die", || !alive(pid));
+    let status = s.env.run(&["--status", "--json"]);
+    if !status.stdout.contains("\"running\":false") {
+        let ps = Command::new("ps").args(["-eo", "pid,ppid,stat,args"]).output().unwrap();
+        eprintln!("killed {pid}; processes:\n{}", String::from_utf8_lossy(&ps.stdout));
+        eprintln!("log:\n{}", s.env.log());
+    }
+    status.assert_code(1, "--status after SIGKILL");
+    let v: serde_json::Value = serde_json::from_str(status.stdout.trim()).unwrap();
+    assert_eq!(v["daemon"]["running"], false, "{v}");
+    let qr = s.env.pair_json(&s.relay, &s.backend, &[]);
+    assert_eq!(qr.g, s.qr.g, "the identity must survive a killed daemon");
+    assert_ne!(s.env.daemon_pid(), pid);
+    assert!(read_until(&mut s.app, Duration::from_secs(10), |e| {
+        matches!(e, Event::Frame(Frame::BridgeStatus { online: true }))
+    }));
+    let echo = fetch(&mut s.app, &request("e", "POST", "/api/echo", &[], Some("{}")));
+    assert_eq!(echo.status, 200);
+}
+
+/// Expectation: the backend dies while a request is open: that request ends with one
+/// `response.error` (BACKEND_UNREACHABLE); once the backend is back, requests work again.
+#[test]
+fn backend_killed_mid_request_gets_one_terminal_error() {
+    let mut s = setup();
+    let slow = request("slow-2", "GET", "/api/slow?secs=20", &[], None);
+    s.app.send(&slow);
+    s.backend.wait_counter("started", 1);
+    s.backend.kill();
+    let frames = s.app.recv_until_terminal("slow-2");
+    let last = frames.last().unwrap();
+    assert!(
+        matches!(last, Frame::ResponseError { code: ErrorCode::BackendUnreachable, .. }),
+        "{frames:?}"
+    );
+    s.backend.restart();
+    let echo = fetch(&mut s.app, &request("e2", "POST", "/api/echo", &[], Some("{}")));
+    assert_eq!(echo.status, 200);
+}
+
+/// A loopback TCP proxy that can stop forwarding without closing anything, like a network
+/// that silently drops packets.
+struct Partition {
+    port: u16,
+    frozen: Arc<AtomicBool>,
+}
+
+impl Partition {
+    fn start(target: u16) -> Partition {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let frozen = Arc::new(AtomicBool::new(false));
+        let f = frozen.clone();
+        thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(upstream) = TcpStream::connect(("127.0.0.1", target)) else { continue };
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), upstream.try_clone().unwrap()),
+                    (upstream, client),
+                ] {
+                    let f = f.clone();
+                    thread::spawn(move || {
+                        let mut buf = [0u8; 16384];
+                        loop {
+                            let Ok(n) = from.read(&mut buf) else { break };
+                            if n == 0 {
+                                break;
+                            }
+                            // While frozen, bytes vanish: no FIN, no RST, just silence.
+                            if !f.load(Ordering::SeqCst) && to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(Shutdown::Write);
+                    });
+                }
+            }
+        });
+        Partition { port, frozen }
+    }
+}
+
+/// Expectation: the relay socket silently stops carrying bytes. The daemon detects it by its
+/// pong deadline (45 s) and reconnects; the relay closes the dead socket as idle (60 s); the
+/// app hears `bridge.status` offline, then online again once the path heals.
+#[test]
+fn silent_partition_is_detected_by_pings_and_healed() {
+    let relay = Relay::new();
+    let proxy = Partition::start(relay.port());
+    let public = format!("http://127.0.0.1:{}", proxy.port);
+    // The relay advertises the proxy, so the daemon's socket runs through it.
+    let mut relay = relay;
+    relay.restart_with(&["--public-url", &public]);
+    let backend = Backend::start();
+    let env = Env::new();
+    let run = env.run(&["--json", "--server", &public, "--port", &backend.port.to_string()]);
+    run.assert_code(0, "pairing through the proxy");
+    let qr = parse_payload(&run.stdout, &public);
+    // The app talks to the relay directly; only the bridge's path is cut.
+    let direct = format!("{}/ws/app?bridgeId={}", relay.url().replace("http://", "ws://"), qr.g);
+    let v = Registry::new(&relay.url()).verify_ok(&qr.g, &qr.a, "phone");
+    let mut app = AppClient::connect_url(&direct, &v.client_secret).unwrap();
+    app.expect_bridge_status(true);
+    let cut = Instant::now();
+    proxy.frozen.store(true, Ordering::SeqCst);
+    assert!(
+        read_until(&mut app, Duration::from_secs(75), |e| {
+            matches!(e, Event::Frame(Frame::BridgeStatus { online: false }))
+        }),
+        "the relay never noticed the dead bridge socket"
+    );
+    eprintln!("relay noticed the partition after {:?}", cut.elapsed());
+    // Heal: new connections pass; the daemon (which noticed by itself) reconnects.
+    proxy.frozen.store(false, Ordering::SeqCst);
+    assert!(
+        read_until(&mut app, Duration::from_secs(40), |e| {
+            matches!(e, Event::Frame(Frame::BridgeStatus { online: true }))
+        }),
+        "the daemon did not reconnect after the partition healed"
+    );
+    eprintln!("back online {:?} after the cut", cut.elapsed());
+    let log = env.log();
+    assert!(log.contains("no traffic or pong from the relay"), "{log}");
+    let echo = fetch(&mut app, &request("p", "POST", "/api/echo", &[], Some("{}")));
+    assert_eq!(echo.status, 200);
+}
+
+/// Expectation: a daemon paused for 90 s (SIGSTOP, as a sleeping laptop) and resumed recovers
+/// on its own: the relay drops it as idle meanwhile, and after SIGCONT it reconnects.
+#[test]
+fn daemon_paused_90s_recovers_on_its_own() {
+    let mut s = setup();
+    let pid = s.env.daemon_pid();
+    signal(pid, "-STOP");
+    assert!(
+        read_until(&mut s.app, Duration::from_secs(80), |e| {
+            matches!(e, Event::Frame(Frame::BridgeStatus { online: false }))
+        }),
+        "the relay kept a frozen bridge online"
+    );
+    // The relay noticed after about 60 s; stay paused for 90 s in all.
+    thread::sleep(Duration::from_secs(25));
+    signal(pid, "-CONT");
+    let resumed = Instant::now();
+    assert!(
+        read_until(&mut s.app, Duration::from_secs(45), |e| {
+            matches!(e, Event::Frame(Frame::BridgeStatus { online: true }))
+        }),
+        "the resumed daemon did not come back"
+    );
+    eprintln!("recovered {:?} after SIGCONT", resumed.elapsed());
+    assert_eq!(s.env.daemon_pid(), pid, "the same daemon recovered");
+    let echo = fetch(&mut s.app, &request("z", "POST", "/api/echo", &[], Some("{}")));
+    assert_eq!(echo.status, 200);
+}
+
+/// Runs `f` with `dir` made immutable (`chattr +i`: even root cannot create or rename files in
+/// it). Returns None, with a note, where the filesystem does not support it.
+fn with_immutable_dir<T>(dir: &Path, f: impl FnOnce() -> T) -> Option<T> {
+    let ok = Command::new("chattr").arg("+i").arg(dir).status().is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("note: chattr +i is not supported here; skipping the read-only state check");
+        return None;
+    }
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    let _ = Command::new("chattr").arg("-i").arg(dir).status();
+    Some(result.unwrap_or_else(|p| std::panic::resume_unwind(p)))
+}
+
+/// Expectation: when `bridge.json` cannot be written (read-only state directory), the command
+/// fails with a message naming the cause and the old file survives byte for byte.
+#[test]
+fn unwritable_state_dir_keeps_the_old_identity_intact() {
+    let relay = Relay::new();
+    let backend = Backend::start();
+    let env = Env::new();
+    env.pair_json(&relay, &backend, &[]);
+    env.run(&["--stop"]).assert_code(0, "--stop");
+    let before = std::fs::read(env.home.join("bridge.json")).unwrap();
+    // A different registry forces a new registration, which must write bridge.json.
+    let other = Relay::new();
+    let port = backend.port.to_string();
+    let run = with_immutable_dir(&env.home, || {
+        env.run(&["--json", "--server", &other.url(), "--port", &port])
+    });
+    let Some(run) = run else { return };
+    run.assert_code(1, "pairing with a read-only state directory");
+    assert!(run.all().contains("bridge"), "{}", run.all());
+    let after = std::fs::read(env.home.join("bridge.json")).unwrap();
+    assert_eq!(before, after, "the old bridge.json was damaged");
+    let leftovers: Vec<_> = std::fs::read_dir(&env.home)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files were left behind: {leftovers:?}");
+}
