@@ -160,8 +160,7 @@ impl Partition {
                     let f = f.clone();
                     thread::spawn(move || {
                         let mut buf = [0u8; 16384];
-                        loop {
-                            let Ok(n) = from.read(&mut buf) else { break };
+                        while let Ok(n) = from.read(&mut buf) {
                             if n == 0 {
                                 break;
                             }
