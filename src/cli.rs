@@ -42,12 +42,27 @@ COMMANDS:
     --reset              new bridge identity: every paired app is cut off, then a fresh QR code
     --foreground         run the bridge in this terminal (logs to stderr, Ctrl-C stops)
     --json               print only the QR payload as JSON (after pairing) and exit
+    --local              LAN-only mode: no registry, no relay; the phone connects over the same
+                         Wi-Fi (with --refresh-code: new LAN QR; with --reset: forget LAN devices)
+    --install            start the bridge at boot: launchd LaunchAgent (macOS), systemd user
+                         unit (Linux), else prints a cron @reboot line; needs a pairing first
+    --uninstall          stop and remove the boot service
+    --service-status     is the boot service installed and running? (with --json)
+    --doctor             a real request app → relay → bridge → backend → gateway, each hop timed,
+                         with the fix for what fails (with --json: machine-readable)
+    --devices            the paired apps: name, paired at, last seen, online (with --json)
+    --revoke CLIENT_ID   cut one paired app off at once (ids from --devices)
+    --logs               the daemon, server and gateway logs (last 30 lines each)
 
 OPTIONS:
     --server URL         your registry, e.g. https://relay.yourdomain.com
                          (else $HERMESCHAT_REGISTRY_URL, else the one saved at the last pairing)
     --port N             the local Hermes API port (default 8765, or $HERMESCHAT_LOCAL_PORT)
     --no-server          do not start a bundled backend; use a healthy API on --port or a common port
+    --host ADDR          with --local: the LAN address to serve and put in the QR (default: detected)
+    --local-port N       with --local: the LAN server's port (default 8766)
+    -f, --follow         with --logs: keep printing new lines (follows rotation; Ctrl-C stops)
+    -n, --lines N        with --logs: lines per log
     -h, --help           print this help
     -V, --version        print the version
 
@@ -56,10 +71,11 @@ ENVIRONMENT:
     HERMESCHAT_HOME           state directory (default ~/.hermeschat)
     HERMESCHAT_LOCAL_HOST     backend host (default 127.0.0.1)
     HERMESCHAT_LOCAL_PORT     backend port (same as --port)
+    HERMES_HOME               Hermes Agent's home (default ~/.hermes; --doctor reads its .env)
     NO_COLOR                  no colours in the output
 
 FILES (in ~/.hermeschat): bridge.json (identity, 0600), config.json, bridge.pid, status.json,
-bridge.log. The QR image is written to ./hermeschat_pair.png.
+bridge.log, lan.json (--local token and devices, digests only). The QR image is written to ./hermeschat_pair.png.
 ";
 
 /// What the user asked for.
@@ -648,7 +664,8 @@ pub(crate) fn wait_online(
 
 /// `HH:MM` in local time, for the access-code expiry.
 pub(crate) fn local_time(ms: u64) -> String {
-    let secs = (ms / 1000) as libc::time_t;
+    // `as _`: time_t is i64 everywhere we build, but its alias is deprecated on musl.
+    let secs: libc::time_t = (ms / 1000) as _;
     // SAFETY: localtime_r reads `secs` and writes only into the `tm` we own; a zeroed tm is a
     // valid initial value.
     let tm = unsafe {
@@ -804,16 +821,14 @@ fn status(args: &Args) -> Result<(), Exit> {
         .and_then(|(h, p)| p.parse().ok().map(|p| (h.to_owned(), p)))
         .unwrap_or(("127.0.0.1".into(), DEFAULT_PORT));
     let backend = bridge::poller::probe(&bhost, bport, "/api/health");
-    let gateway = bridge::poller::probe(
-        bridge::poller::GATEWAY_HOST,
-        bridge::poller::GATEWAY_PORT,
-        "/health",
-    );
+    let gateway_config = crate::gateway::HermesConfig::load();
+    let gateway = crate::gateway::probe(&gateway_config);
     let relay_connected = saved.as_ref().is_some_and(|s| s.relay_connected);
-    let devices = identity.as_ref().map(|id| {
+    let lan_mode = crate::lan::serving(saved.as_ref());
+    let devices = identity.as_ref().filter(|_| !lan_mode).map(|id| {
         Registry::new(&id.registry_url).clients(&id.bridge_id, &id.relay_secret).map(|c| c.len())
     });
-    let healthy = pid.is_some() && relay_connected && backend == Health::Ready;
+    let healthy = pid.is_some() && (relay_connected || lan_mode) && backend == Health::Ready;
 
     if args.json {
         let value = serde_json::json!({
@@ -827,9 +842,10 @@ fn status(args: &Args) -> Result<(), Exit> {
                 "error": saved.as_ref().and_then(|s| s.relay_error.clone()),
             },
             "backend": { "url": format!("http://{backend_addr}"), "state": backend },
-            "gateway": { "url": "http://127.0.0.1:8642", "state": if gateway == Health::Ready { "online" } else { "offline" } },
+            "gateway": { "url": gateway_config.url(), "state": if gateway == Health::Ready { "online" } else { "offline" } },
             "appsOnline": saved.as_ref().map_or(0, |s| s.apps_online.len()),
             "pairedDevices": devices.as_ref().and_then(|d| d.as_ref().ok()),
+            "lan": crate::lan::status_json(&dir, saved.as_ref()),
             "healthy": healthy,
         });
         println!("{value}");
@@ -843,9 +859,11 @@ fn status(args: &Args) -> Result<(), Exit> {
             Some(id) => {
                 out.info(&format!("Bridge ID: {} · registry {}", id.bridge_id, id.registry_url))
             }
-            None => out.info("No pairing yet — run: hermeschat-pair"),
+            None if !lan_mode => out.info("No pairing yet — run: hermeschat-pair"),
+            None => {}
         }
-        if pid.is_some() {
+        crate::lan::print_status(&dir, saved.as_ref(), &out);
+        if pid.is_some() && !lan_mode {
             let relay = match &saved {
                 Some(s) if s.relay_connected => {
                     format!("Relay connected since {} ({})", local_time(s.relay_since), s.relay_url)
@@ -865,8 +883,9 @@ fn status(args: &Args) -> Result<(), Exit> {
         line(
             gateway == Health::Ready,
             format!(
-                "Hermes Gateway {} (127.0.0.1:8642)",
-                if gateway == Health::Ready { "online" } else { "offline" }
+                "Hermes Gateway {} ({})",
+                if gateway == Health::Ready { "online" } else { "offline" },
+                gateway_config.addr()
             ),
         );
         match devices {
@@ -909,6 +928,7 @@ fn bridge_run(args: &Args, ready_fd: Option<i32>) -> Result<(), Exit> {
 
 /// Runs the bridge in this process. `detached`: log to `bridge.log` instead of stderr.
 fn run_bridge(args: &Args, mut ready: Readiness, detached: bool) -> Result<(), Exit> {
+    limit_allocator_retention();
     let prepared: Result<_, Exit> = (|| {
         let dir = state_dir()?;
         if detached {
@@ -918,7 +938,8 @@ fn run_bridge(args: &Args, mut ready: Readiness, detached: bool) -> Result<(), E
         }
         let quiet = Out::new(true);
         let config = load_config(&dir, &quiet)?;
-        let identity = load_identity(&dir, &quiet)?;
+        // One mode per daemon: a LAN-only daemon never opens the relay socket.
+        let identity = if args.local { None } else { load_identity(&dir, &quiet)? };
         if identity.is_none() && !args.local {
             return Err(usage_error(
                 "no pairing yet (bridge.json is missing): run hermeschat-pair first",
@@ -978,6 +999,19 @@ fn run_bridge(args: &Args, mut ready: Readiness, detached: bool) -> Result<(), E
     let result = bridge.run();
     lock.release();
     result.map_err(fail)
+}
+
+/// Keeps the daemon's memory near what it uses. glibc gives each busy thread its own arena
+/// and keeps freed blocks there: after one 12 MiB upload the worker pool held ~150 MiB for
+/// good. Two arenas and mmap for blocks over 128 KiB (returned to the system on free) bound
+/// that to the live data. musl's allocator already returns large blocks.
+fn limit_allocator_retention() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only adjusts allocator tunables; it is called before any thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10);
+    }
 }
 
 /// True for `127.0.0.1`, `::1`, `localhost` and the like.

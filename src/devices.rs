@@ -1,13 +1,212 @@
-//! `--devices` and `--revoke`: the paired apps at the registry. (Not implemented yet.)
+//! `--devices` and `--revoke <clientId>`: the apps paired with this bridge, as the registry
+//! knows them (diagnostic credentials of `--doctor` are never listed).
 
-use crate::cli::{Args, Exit, usage_error};
+use crate::cli::{Args, Exit, Out, fail, load_identity, state_dir, usage_error};
+use crate::protocol::{ClientInfo, is_client_id};
+use crate::registry_client::{Registry, RegistryError};
+use crate::state::BridgeIdentity;
+
+/// The identity, or exit 2 when nothing is paired yet.
+fn identity(out: &Out) -> Result<BridgeIdentity, Exit> {
+    let dir = state_dir()?;
+    load_identity(&dir, out)?.ok_or_else(|| {
+        usage_error("no pairing yet (bridge.json is missing), so no devices: run hermeschat-pair")
+    })
+}
+
+fn registry_error(e: &RegistryError, registry: &Registry) -> Exit {
+    match e {
+        RegistryError::Unreachable { .. } => fail(format!(
+            "{e}\n  Check that your relay runs (curl {}/v1/health), then try again.",
+            registry.base()
+        )),
+        RegistryError::Api { code, .. } if code == "UNAUTHORIZED" || code == "BRIDGE_NOT_FOUND" => {
+            fail(format!(
+                "{e}\n  The registry no longer knows this bridge; run hermeschat-pair to register \
+                 anew (apps must scan the new QR code)."
+            ))
+        }
+        _ => fail(e.to_string()),
+    }
+}
+
+/// `2026-11-24 21:30` in local time.
+pub(crate) fn local_date_time(ms: u64) -> String {
+    let secs = (ms / 1000) as i64;
+    // SAFETY: localtime_r reads `secs` and writes only into the `tm` we own; a zeroed tm is a
+    // valid initial value.
+    let tm = unsafe {
+        let t = secs as _;
+        let mut tm: libc::tm = std::mem::zeroed();
+        if libc::localtime_r(&t, &mut tm).is_null() {
+            return crate::bridge::format_ts(ms);
+        }
+        tm
+    };
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}",
+        tm.tm_year + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min
+    )
+}
+
+/// `just now`, `5 min ago`, `3 h ago`, `2 days ago`.
+fn ago(ms: u64, now: u64) -> String {
+    let secs = now.saturating_sub(ms) / 1000;
+    match secs {
+        0..60 => "just now".to_owned(),
+        60..3600 => format!("{} min ago", secs / 60),
+        3600..86_400 => format!("{} h ago", secs / 3600),
+        _ => format!("{} days ago", secs / 86_400),
+    }
+}
+
+/// The table of `--devices`.
+fn table(clients: &[ClientInfo], now: u64) -> String {
+    let rows: Vec<[String; 5]> = clients
+        .iter()
+        .map(|c| {
+            let seen = match (c.online, c.last_seen_at) {
+                (true, _) => "now".to_owned(),
+                (false, Some(t)) => format!("{} ({})", local_date_time(t), ago(t, now)),
+                (false, None) => "never".to_owned(),
+            };
+            [
+                c.client_id.clone(),
+                c.device_name.clone(),
+                local_date_time(c.paired_at),
+                seen,
+                if c.online { "online".to_owned() } else { "offline".to_owned() },
+            ]
+        })
+        .collect();
+    let head = ["CLIENT ID", "NAME", "PAIRED", "LAST SEEN", "STATE"];
+    let mut width = head.map(|h| h.chars().count());
+    for row in &rows {
+        for (w, cell) in width.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: [&str; 5]| {
+        let mut s = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(cell);
+            } else {
+                s.push_str(cell);
+                s.push_str(&" ".repeat(width[i] - cell.chars().count() + 2));
+            }
+        }
+        s
+    };
+    let mut text = line(head) + "\n";
+    for row in &rows {
+        text.push_str(&line([&row[0], &row[1], &row[2], &row[3], &row[4]]));
+        text.push('\n');
+    }
+    text
+}
 
 /// `--devices`.
-pub fn list(_args: &Args) -> Result<(), Exit> {
-    Err(usage_error("--devices is not available in this version yet; see the README"))
+pub fn list(args: &Args) -> Result<(), Exit> {
+    let out = Out::new(args.json);
+    let id = identity(&out)?;
+    let registry = Registry::new(&id.registry_url);
+    let clients = registry
+        .clients(&id.bridge_id, &id.relay_secret)
+        .map_err(|e| registry_error(&e, &registry))?;
+    if args.json {
+        let value = serde_json::json!({ "bridgeId": id.bridge_id, "devices": clients });
+        println!("{value}");
+        return Ok(());
+    }
+    if clients.is_empty() {
+        out.ok(&format!("No app is paired with bridge {} yet", id.bridge_id));
+        out.info("Pair one: hermeschat-pair --refresh-code, then scan the QR in the app.");
+        return Ok(());
+    }
+    let online = clients.iter().filter(|c| c.online).count();
+    out.ok(&format!(
+        "{} paired app{} ({online} online) · bridge {}",
+        clients.len(),
+        if clients.len() == 1 { "" } else { "s" },
+        id.bridge_id
+    ));
+    print!("{}", table(&clients, crate::relay::now_ms()));
+    out.info("Cut one off: hermeschat-pair --revoke <CLIENT ID>");
+    Ok(())
 }
 
 /// `--revoke <clientId>`.
-pub fn revoke(_args: &Args, _client_id: &str) -> Result<(), Exit> {
-    Err(usage_error("--revoke is not available in this version yet; see the README"))
+pub fn revoke(args: &Args, client_id: &str) -> Result<(), Exit> {
+    let out = Out::new(args.json);
+    let client_id = client_id.trim();
+    if !is_client_id(client_id) {
+        return Err(usage_error(format!(
+            "--revoke: {client_id:?} is not a client id (hcl_ followed by 16 hex digits); \
+             hermeschat-pair --devices lists them"
+        )));
+    }
+    let id = identity(&out)?;
+    let registry = Registry::new(&id.registry_url);
+    // The name, for the message (best effort: the revoke below is what counts).
+    let name = registry
+        .clients(&id.bridge_id, &id.relay_secret)
+        .ok()
+        .and_then(|cs| cs.into_iter().find(|c| c.client_id == client_id))
+        .map(|c| c.device_name);
+    match registry.revoke(&id.bridge_id, &id.relay_secret, client_id) {
+        Ok(()) => {}
+        Err(RegistryError::Api { code, .. }) if code == "CLIENT_NOT_FOUND" => {
+            return Err(fail(format!(
+                "no app {client_id} is paired with this bridge (already revoked?); \
+                 hermeschat-pair --devices lists the paired apps"
+            )));
+        }
+        Err(e) => return Err(registry_error(&e, &registry)),
+    }
+    if args.json {
+        println!("{}", serde_json::json!({ "revoked": client_id, "deviceName": name }));
+        return Ok(());
+    }
+    let who = name.map(|n| format!("{client_id} ({n})")).unwrap_or_else(|| client_id.to_owned());
+    out.ok(&format!("Revoked {who}: its connection is closed and its secret no longer works"));
+    out.info("To use the app again it must scan a new QR code (hermeschat-pair --refresh-code).");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_aligns_columns_and_words_times() {
+        let now = 10_000_000_000;
+        let clients = vec![
+            ClientInfo {
+                client_id: "hcl_0123456789abcdef".into(),
+                device_name: "iPhone".into(),
+                paired_at: now - 86_400_000,
+                last_seen_at: Some(now - 120_000),
+                online: false,
+            },
+            ClientInfo {
+                client_id: "hcl_fedcba9876543210".into(),
+                device_name: "Jo's iPad Pro".into(),
+                paired_at: now - 1000,
+                last_seen_at: None,
+                online: true,
+            },
+        ];
+        let t = table(&clients, now);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3, "{t}");
+        assert!(lines[0].starts_with("CLIENT ID             NAME           PAIRED"), "{t}");
+        assert!(lines[1].contains("(2 min ago)") && lines[1].ends_with("offline"), "{t}");
+        assert!(lines[2].contains(" now ") && lines[2].ends_with("online"), "{t}");
+        assert_eq!(ago(now - 3 * 86_400_000, now), "3 days ago");
+    }
 }

@@ -20,6 +20,7 @@ pub mod gateway;
 pub mod http;
 pub mod lan;
 pub mod logs;
+pub mod netif;
 pub mod protocol;
 pub mod qr;
 pub mod registry_client;

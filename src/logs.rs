@@ -1,8 +1,277 @@
-//! `--logs`: the daemon, server and gateway logs. (Not implemented yet.)
+//! `--logs [--follow] [--lines N]`: the daemon, server and gateway logs (and the boot
+//! service's), without the user hunting for paths.
+//!
+//! Each log's last N lines are printed under a `==> path <==` header, like `tail`. With
+//! `--follow` new lines are printed as they are written until Ctrl-C; a log that is rotated
+//! (renamed away and started anew) or truncated is followed into its new file.
 
-use crate::cli::{Args, Exit, usage_error};
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use crate::cli::{Args, Exit, fail, state_dir};
+use crate::state;
+
+/// Lines shown per log when `--lines` is not given.
+pub const DEFAULT_LINES: usize = 30;
+
+/// How often `--follow` looks for new lines.
+const POLL: Duration = Duration::from_millis(200);
+
+/// One log to show.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// What it is (`daemon`, `server`, …).
+    pub label: &'static str,
+    /// Its path.
+    pub path: PathBuf,
+    /// Shown even when missing (the optional ones only when they exist).
+    pub always: bool,
+}
+
+/// The logs of this installation.
+pub fn sources(dir: &Path) -> Vec<Source> {
+    let hermes_home = crate::gateway::hermes_home();
+    let mut list = vec![
+        Source { label: "daemon", path: state::bridge_log(dir), always: true },
+        Source { label: "server", path: state::server_log(dir), always: true },
+        Source { label: "gateway", path: state::gateway_log(dir), always: true },
+    ];
+    list.push(Source {
+        label: "hermes gateway",
+        path: hermes_home.join("logs/gateway.log"),
+        always: false,
+    });
+    list.push(Source { label: "service", path: dir.join("service.log"), always: false });
+    list.push(Source {
+        label: "service errors",
+        path: dir.join("service-error.log"),
+        always: false,
+    });
+    list
+}
+
+/// The last `n` lines of `file` before offset `len` (at most the last 4 MiB are read).
+pub fn tail(file: &mut File, n: usize, len: u64) -> io::Result<Vec<u8>> {
+    const BLOCK: u64 = 64 << 10;
+    const LIMIT: u64 = 4 << 20;
+    if n == 0 || len == 0 {
+        return Ok(Vec::new());
+    }
+    let mut buf: Vec<u8> = Vec::new();
+    let mut start = len;
+    loop {
+        let step = BLOCK.min(start);
+        start -= step;
+        let mut block = vec![0u8; step as usize];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(&mut block)?;
+        block.extend_from_slice(&buf);
+        buf = block;
+        // A trailing newline ends the last line; it does not start another.
+        let body = buf.strip_suffix(b"\n").unwrap_or(&buf);
+        let newlines = body.iter().filter(|&&b| b == b'\n').count();
+        if newlines >= n || start == 0 || len - start >= LIMIT {
+            let body_len = body.len();
+            let mut seen = 0;
+            let mut cut = 0;
+            for i in (0..body_len).rev() {
+                if buf[i] == b'\n' {
+                    seen += 1;
+                    if seen == n {
+                        cut = i + 1;
+                        break;
+                    }
+                }
+            }
+            return Ok(buf[cut..].to_vec());
+        }
+    }
+}
+
+/// Writes, turning a closed stdout (`| head`) into a quiet stop.
+fn emit(out: &mut impl Write, bytes: &[u8]) -> bool {
+    out.write_all(bytes).and_then(|()| out.flush()).is_ok()
+}
+
+fn header(s: &Source, note: &str) -> String {
+    format!("==> {} ({}){note} <==\n", s.path.display(), s.label)
+}
+
+/// A followed log: where we are in which file.
+struct Followed {
+    source: Source,
+    file: Option<File>,
+    ino: u64,
+    pos: u64,
+}
+
+impl Followed {
+    fn open(source: Source, at_end: bool) -> Followed {
+        let mut f = Followed { source, file: None, ino: 0, pos: 0 };
+        if let Ok(mut file) = File::open(&f.source.path)
+            && let Ok(meta) = file.metadata()
+        {
+            f.ino = meta.ino();
+            f.pos = if at_end { file.seek(SeekFrom::End(0)).unwrap_or(0) } else { 0 };
+            f.file = Some(file);
+        }
+        f
+    }
+
+    /// New bytes since the last call, following rotation and truncation.
+    fn poll(&mut self) -> Vec<u8> {
+        let mut fresh = Vec::new();
+        let current = std::fs::metadata(&self.source.path).ok();
+        let replaced = match (&self.file, &current) {
+            (Some(_), Some(m)) => m.ino() != self.ino,
+            (None, Some(_)) => true,
+            (_, None) => false,
+        };
+        if replaced {
+            // Finish the old file (lines written just before the rotation), then switch.
+            self.read_new(&mut fresh);
+            let next = Followed::open(self.source.clone(), false);
+            *self = next;
+        } else if let (Some(file), Some(m)) = (&mut self.file, &current)
+            && m.len() < self.pos
+        {
+            // Truncated in place: start over.
+            self.pos = 0;
+            let _ = file.seek(SeekFrom::Start(0));
+        }
+        self.read_new(&mut fresh);
+        fresh
+    }
+
+    fn read_new(&mut self, into: &mut Vec<u8>) {
+        let Some(file) = &mut self.file else { return };
+        if file.seek(SeekFrom::Start(self.pos)).is_err() {
+            return;
+        }
+        if let Ok(n) = file.read_to_end(into) {
+            self.pos += n as u64;
+        }
+    }
+}
 
 /// `--logs [--follow] [--lines N]`.
-pub fn run(_args: &Args) -> Result<(), Exit> {
-    Err(usage_error("--logs is not available in this version yet; see the README"))
+pub fn run(args: &Args) -> Result<(), Exit> {
+    let dir = state_dir()?;
+    let n = args.lines.unwrap_or(DEFAULT_LINES);
+    // Every log is opened once, up front: the tail ends where following starts, so no line
+    // written in between is lost or shown twice. Logs not written yet are followed too.
+    let mut followed: Vec<Followed> =
+        sources(&dir).into_iter().map(|s| Followed::open(s, true)).collect();
+    let stdout = io::stdout();
+    let mut out = stdout.lock();
+    let mut last = None;
+    for (i, f) in followed.iter_mut().enumerate() {
+        let s = &f.source;
+        if !s.always && f.file.is_none() {
+            continue;
+        }
+        let sep = if last.is_none() { "" } else { "\n" };
+        let mut text = match &mut f.file {
+            Some(file) => match tail(file, n, f.pos) {
+                Ok(t) => {
+                    format!("{sep}{}", header(s, "")).into_bytes().into_iter().chain(t).collect()
+                }
+                Err(e) => format!("{sep}{}  cannot read it: {e}\n", header(s, "")).into_bytes(),
+            },
+            None => match File::open(&s.path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    format!("{sep}{}  cannot open it: {e}\n", header(s, "")).into_bytes()
+                }
+                _ => format!("{sep}{}", header(s, ": not written yet")).into_bytes(),
+            },
+        };
+        if !text.ends_with(b"\n") {
+            text.push(b'\n');
+        }
+        if !emit(&mut out, &text) {
+            return Ok(());
+        }
+        last = Some(i);
+    }
+    if !args.follow {
+        return Ok(());
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))
+        .map_err(|e| fail(format!("cannot install the Ctrl-C handler: {e}")))?;
+    while !stop.load(Ordering::SeqCst) {
+        for (i, f) in followed.iter_mut().enumerate() {
+            let fresh = f.poll();
+            if fresh.is_empty() {
+                continue;
+            }
+            if last != Some(i) {
+                let head = format!("\n{}", header(&f.source, ""));
+                if !emit(&mut out, head.as_bytes()) {
+                    return Ok(());
+                }
+                last = Some(i);
+            }
+            if !emit(&mut out, &fresh) {
+                return Ok(());
+            }
+        }
+        std::thread::sleep(POLL);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp(name: &str, text: &str) -> (PathBuf, File) {
+        let dir = std::env::temp_dir().join(format!("hcp-logs-{}-{name}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("x.log");
+        std::fs::write(&path, text).unwrap();
+        let file = File::open(&path).unwrap();
+        (path, file)
+    }
+
+    #[test]
+    fn tail_takes_the_last_lines() {
+        let (_, mut f) = temp("a", "1\n2\n3\n4\n");
+        assert_eq!(tail(&mut f, 2, 8).unwrap(), b"3\n4\n");
+        assert_eq!(tail(&mut f, 10, 8).unwrap(), b"1\n2\n3\n4\n");
+        assert_eq!(tail(&mut f, 0, 8).unwrap(), b"");
+        assert_eq!(tail(&mut f, 1, 6).unwrap(), b"3\n", "only up to the offset");
+        let (_, mut f) = temp("b", "1\n2\nno newline");
+        assert_eq!(tail(&mut f, 1, 14).unwrap(), b"no newline");
+        let long: String = (0..50_000).map(|i| format!("line {i}\n")).collect();
+        let (_, mut f) = temp("c", &long);
+        let len = long.len() as u64;
+        assert_eq!(tail(&mut f, 2, len).unwrap(), b"line 49998\nline 49999\n");
+    }
+
+    #[test]
+    fn follow_survives_rotation_and_truncation() {
+        let (path, _) = temp("d", "old\n");
+        let source = Source { label: "t", path: path.clone(), always: true };
+        let mut f = Followed::open(source, true);
+        assert!(f.poll().is_empty());
+        std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(b"a\n").unwrap();
+        assert_eq!(f.poll(), b"a\n");
+        // Rotation: a last line lands in the old file, then a new file starts.
+        std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(b"b\n").unwrap();
+        std::fs::rename(&path, path.with_extension("log.1")).unwrap();
+        std::fs::write(&path, "c\n").unwrap();
+        assert_eq!(f.poll(), b"b\nc\n");
+        // Truncation in place.
+        std::fs::write(&path, "").unwrap();
+        assert!(f.poll().is_empty());
+        std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(b"d\n").unwrap();
+        assert_eq!(f.poll(), b"d\n");
+    }
 }

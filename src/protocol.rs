@@ -717,6 +717,17 @@ pub fn check_request_limits(
     req: &RequestFrame,
     limits: &Limits,
 ) -> Result<(), (ErrorCode, String)> {
+    let body_len = req.body.as_deref().map_or(0, str::len);
+    check_request_limits_sized(req, body_len, limits)
+}
+
+/// [`check_request_limits`] with the body's length (as carried: base64 or text) given apart,
+/// for callers that keep the body out of the frame (the relay forwards it untouched).
+pub fn check_request_limits_sized(
+    req: &RequestFrame,
+    body_len: usize,
+    limits: &Limits,
+) -> Result<(), (ErrorCode, String)> {
     if !is_request_id(&req.id) {
         return Err((ErrorCode::BadRequest, "request id must be 1-64 of [A-Za-z0-9._-]".into()));
     }
@@ -732,8 +743,7 @@ pub fn check_request_limits(
             format!("a header value is longer than {} bytes", limits.max_header_value),
         ));
     }
-    let body_len =
-        req.body.as_deref().map_or(0, |b| if req.body_base64 { b.len() / 4 * 3 } else { b.len() });
+    let body_len = if req.body_base64 { body_len / 4 * 3 } else { body_len };
     if body_len > limits.max_body {
         return Err((ErrorCode::TooLarge, format!("body larger than {} bytes", limits.max_body)));
     }

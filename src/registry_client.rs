@@ -227,6 +227,17 @@ impl Registry {
         .map(|_| ())
     }
 
+    /// `POST /v1/bridge/probe-client`: a diagnostic app credential for `--doctor` (valid a few
+    /// minutes, never listed as a device; no user's secret is ever borrowed).
+    pub fn probe_client(
+        &self,
+        bridge_id: &str,
+        relay_secret: &str,
+    ) -> Result<p::ProbeClientResponse, RegistryError> {
+        let body = p::BridgeRequest { bridge_id: bridge_id.to_owned(), display_name: None };
+        self.call("POST", "/v1/bridge/probe-client", Some(relay_secret), Some(&body))
+    }
+
     /// `GET /v1/internal/hermes/bridge-status`.
     pub fn bridge_status(
         &self,

@@ -1,23 +1,493 @@
-//! Boot services: a launchd LaunchAgent on macOS, a systemd user unit on Linux. (Not
-//! implemented yet.)
+//! Boot services: `--install`, `--uninstall`, `--service-status`.
+//!
+//! - macOS: a launchd LaunchAgent `ai.hermeschat.bridge` ([`launchd`]).
+//! - Linux with systemd: a user unit `hermeschat-bridge.service` ([`systemd`]).
+//! - Anywhere else: a cron `@reboot` line to add by hand ([`cron`]).
+//!
+//! Every file is generated here from a string template (never copied from disk), and the
+//! service always runs this binary's absolute path with `--foreground`: the bridge in the
+//! service manager's process, logging to `service.log` / `service-error.log` in the state dir.
+//!
+//! One daemon per state directory: the foreground bridge takes the same pid lock as the
+//! detached daemon, so `--install` stops a detached daemon before it starts the service (and
+//! says so); otherwise the service's bridge would exit at once on the held lock.
+//!
+//! The platform is detected (`HERMESCHAT_SERVICE_PLATFORM=macos|systemd|cron` overrides it;
+//! the tests use that to exercise the macOS path on Linux with a fake `launchctl`).
 
-use crate::cli::{Args, Exit, usage_error};
+mod cron;
+mod launchd;
+mod systemd;
 
-fn not_yet(flag: &str) -> Exit {
-    usage_error(format!("{flag} is not available in this version yet; see the README"))
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::cli::{Args, Exit, Out, fail, load_identity, state_dir, usage_error};
+use crate::daemon::{self, Stopped};
+use crate::state;
+
+/// The hidden override of the platform detection.
+pub const PLATFORM_ENV: &str = "HERMESCHAT_SERVICE_PLATFORM";
+
+/// Environment variables copied into the service when set here. Never a secret: service files
+/// are world-readable (the gateway key stays in `~/.hermes/.env`).
+const PASSED_ENV: &[&str] = &[
+    state::HOME_ENV,
+    "HERMESCHAT_REGISTRY_URL",
+    "HERMESCHAT_LOCAL_HOST",
+    "HERMESCHAT_LOCAL_PORT",
+    "HERMES_HOME",
+];
+
+/// How long `--install` waits to see the service's bridge take the pid lock.
+const START_WAIT: Duration = Duration::from_secs(3);
+
+/// Which service manager.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Platform {
+    /// launchd LaunchAgent.
+    Launchd,
+    /// systemd user unit.
+    Systemd,
+    /// No service manager we drive: a cron `@reboot` line.
+    Cron,
+}
+
+impl Platform {
+    /// The platform to use here: the override, else macOS → launchd, Linux booted with
+    /// systemd and `systemctl` on PATH → systemd, else cron.
+    pub fn detect() -> Result<Platform, Exit> {
+        match std::env::var(PLATFORM_ENV).ok().filter(|v| !v.is_empty()).as_deref() {
+            Some("macos" | "launchd") => return Ok(Platform::Launchd),
+            Some("linux" | "systemd") => return Ok(Platform::Systemd),
+            Some("cron" | "none") => return Ok(Platform::Cron),
+            Some(other) => {
+                return Err(usage_error(format!(
+                    "{PLATFORM_ENV}={other:?}: use macos, systemd or cron"
+                )));
+            }
+            None => {}
+        }
+        if cfg!(target_os = "macos") {
+            Ok(Platform::Launchd)
+        } else if Path::new("/run/systemd/system").is_dir() && on_path("systemctl") {
+            Ok(Platform::Systemd)
+        } else {
+            Ok(Platform::Cron)
+        }
+    }
+}
+
+/// What a service file needs to know.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    /// This binary, absolute.
+    pub exe: PathBuf,
+    /// Arguments after the binary (`--foreground`, …).
+    pub args: Vec<String>,
+    /// The state directory, absolute.
+    pub state_dir: PathBuf,
+    /// The user's home directory.
+    pub home: PathBuf,
+    /// Environment for the bridge.
+    pub env: Vec<(String, String)>,
+}
+
+impl Spec {
+    /// `service.log` (stdout).
+    pub fn out_log(&self) -> PathBuf {
+        self.state_dir.join("service.log")
+    }
+
+    /// `service-error.log` (stderr: the bridge's log lines).
+    pub fn err_log(&self) -> PathBuf {
+        self.state_dir.join("service-error.log")
+    }
+
+    /// Hermes Agent's home (the gateway the bridge may wake writes there).
+    pub fn hermes_home(&self) -> PathBuf {
+        self.env
+            .iter()
+            .find(|(k, _)| k == "HERMES_HOME")
+            .map(|(_, v)| PathBuf::from(v))
+            .unwrap_or_else(|| self.home.join(".hermes"))
+    }
+
+    /// Builds the spec for this process: this binary, the state dir, and the flags and
+    /// environment that shape the bridge.
+    fn current(args: &Args, dir: &Path) -> Result<Spec, Exit> {
+        let exe = std::env::current_exe()
+            .map_err(|e| fail(format!("cannot find this program's path: {e}")))?;
+        let exe = std::fs::canonicalize(&exe).unwrap_or(exe);
+        let mut bridge_args = vec!["--foreground".to_owned()];
+        if let Some(port) = args.port {
+            bridge_args.extend(["--port".to_owned(), port.to_string()]);
+        }
+        if args.no_server {
+            bridge_args.push("--no-server".to_owned());
+        }
+        let mut env = Vec::new();
+        for name in PASSED_ENV {
+            if let Some(v) = std::env::var(name).ok().filter(|v| !v.trim().is_empty()) {
+                // The state dir is passed absolute: the service does not start where we are.
+                let v = if *name == state::HOME_ENV { dir.display().to_string() } else { v };
+                env.push(((*name).to_owned(), v));
+            }
+        }
+        // The gateway wake-up looks for `hermes` on PATH; service managers start with a bare one.
+        if let Ok(path) = std::env::var("PATH")
+            && !path.is_empty()
+        {
+            env.push(("PATH".to_owned(), path));
+        }
+        let spec =
+            Spec { exe, args: bridge_args, state_dir: dir.to_path_buf(), home: home()?, env };
+        spec.check()?;
+        Ok(spec)
+    }
+
+    /// Refuses paths a service file cannot carry.
+    fn check(&self) -> Result<(), Exit> {
+        for p in [&self.exe, &self.state_dir, &self.home] {
+            if p.to_str().is_none_or(|s| s.chars().any(char::is_control)) {
+                return Err(usage_error(format!(
+                    "cannot write a service for the path {}: it is not plain UTF-8 text",
+                    p.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The user's home directory.
+fn home() -> Result<PathBuf, Exit> {
+    std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .map(PathBuf::from)
+        .or_else(std::env::home_dir)
+        .ok_or_else(|| usage_error("cannot tell your home directory: set HOME"))
+}
+
+/// `~/…` for paths under the home directory (display only).
+pub(crate) fn tilde(path: &Path, home: &Path) -> String {
+    match path.strip_prefix(home) {
+        Ok(rest) if !home.as_os_str().is_empty() => format!("~/{}", rest.display()),
+        _ => path.display().to_string(),
+    }
+}
+
+/// Whether `program` is an executable file in a PATH directory.
+pub(crate) fn on_path(program: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths).any(|d| {
+            std::fs::metadata(d.join(program))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    })
+}
+
+/// What one external command did.
+#[derive(Debug)]
+pub(crate) struct Ran {
+    /// Exited 0.
+    pub ok: bool,
+    /// stdout.
+    pub stdout: String,
+    /// stderr (or why it could not run).
+    pub stderr: String,
+}
+
+impl Ran {
+    /// A one-line reason for a failure.
+    pub fn why(&self) -> String {
+        let text = if self.stderr.trim().is_empty() { &self.stdout } else { &self.stderr };
+        let text = text.trim();
+        if text.is_empty() { "it failed without a message".to_owned() } else { text.to_owned() }
+    }
+}
+
+/// Runs `program args…` to completion, stdin closed, output captured.
+pub(crate) fn run<I, S>(program: &str, args: I) -> Ran
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    match Command::new(program).args(args).stdin(Stdio::null()).output() {
+        Ok(o) => Ran {
+            ok: o.status.success(),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        },
+        Err(e) => {
+            Ran { ok: false, stdout: String::new(), stderr: format!("cannot run {program}: {e}") }
+        }
+    }
+}
+
+/// Creates the service logs 0600 up front, so the service manager appends to private files.
+fn touch_logs(spec: &Spec) -> Result<(), Exit> {
+    use std::os::unix::fs::OpenOptionsExt;
+    for path in [spec.out_log(), spec.err_log()] {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| fail(format!("cannot create {}: {e}", path.display())))?;
+    }
+    Ok(())
+}
+
+/// Writes a service file (0644: service managers refuse group/world-writable files).
+fn write_file(path: &Path, text: &str) -> Result<(), Exit> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| fail(format!("cannot create {}: {e}", parent.display())))?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)))
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            fail(format!("cannot write {}: {e}", path.display()))
+        })
+}
+
+/// Stops a detached daemon (one daemon per state dir: the service's bridge needs the lock).
+fn stop_detached(dir: &Path, out: &Out) -> Result<(), Exit> {
+    match daemon::stop(dir, Duration::from_secs(5)).map_err(fail)? {
+        Stopped::NotRunning => {}
+        Stopped::Terminated(pid) | Stopped::Killed(pid) => out.ok(&format!(
+            "Stopped the running bridge daemon (pid {pid}); the service runs the bridge from now on"
+        )),
+    }
+    Ok(())
+}
+
+/// Waits briefly for the service's bridge to hold the pid lock.
+fn wait_started(dir: &Path) -> Option<u32> {
+    let deadline = Instant::now() + START_WAIT;
+    loop {
+        if let Some(pid) = daemon::running(dir).filter(|p| *p != 0) {
+            return Some(pid);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Reports whether the bridge came up after loading the service.
+fn report_started(spec: &Spec, out: &Out) {
+    match wait_started(&spec.state_dir) {
+        Some(pid) => out.ok(&format!("Bridge running under the service (pid {pid})")),
+        None => out.warn(&format!(
+            "The bridge is not running yet; check hermeschat-pair --service-status and {}",
+            tilde(&spec.err_log(), &spec.home)
+        )),
+    }
+}
+
+/// Warns when the service would run a build-tree binary that the next `cargo build` replaces.
+fn warn_build_tree(spec: &Spec, out: &Out) {
+    let s = spec.exe.to_string_lossy();
+    if s.contains("/target/debug/") || s.contains("/target/release/") {
+        out.warn(&format!(
+            "The service runs {s}, a build output; install the binary (cargo install --path . or \
+             the static release) and run --install again from there"
+        ));
+    }
+}
+
+/// The seed's rule: no service before a pairing exists.
+fn require_pairing(dir: &Path, out: &Out) -> Result<(), Exit> {
+    if load_identity(dir, out)?.is_some() {
+        return Ok(());
+    }
+    Err(usage_error(format!(
+        "--install needs a pairing first: {} is missing.\n  Without it the service's bridge \
+         exits at once for lack of credentials, and the service manager would restart it over \
+         and over (KeepAlive / Restart=).\n  Pair first: hermeschat-pair — then run \
+         hermeschat-pair --install.",
+        state::bridge_json(dir).display()
+    )))
 }
 
 /// `--install`.
-pub fn install(_args: &Args) -> Result<(), Exit> {
-    Err(not_yet("--install"))
+pub fn install(args: &Args) -> Result<(), Exit> {
+    let out = Out::new(false);
+    let platform = Platform::detect()?;
+    let dir = state_dir()?;
+    require_pairing(&dir, &out)?;
+    let spec = Spec::current(args, &dir)?;
+    match platform {
+        Platform::Launchd => launchd::install(&spec, &out),
+        Platform::Systemd => systemd::install(&spec, &out),
+        Platform::Cron => cron::install(&spec, &out),
+    }
 }
 
 /// `--uninstall`.
 pub fn uninstall(_args: &Args) -> Result<(), Exit> {
-    Err(not_yet("--uninstall"))
+    let out = Out::new(false);
+    let platform = Platform::detect()?;
+    let home = home()?;
+    match platform {
+        Platform::Launchd => launchd::uninstall(&home, &out),
+        Platform::Systemd => systemd::uninstall(&home, &out),
+        Platform::Cron => cron::uninstall(&out),
+    }
+}
+
+/// The state of the installed service, for `--service-status`.
+#[derive(Debug, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceState {
+    /// `launchd`, `systemd` or `cron`.
+    pub manager: &'static str,
+    /// The label or unit name.
+    pub name: String,
+    /// The service file.
+    pub file: Option<String>,
+    /// The service file exists (cron: the line is in the crontab).
+    pub installed: bool,
+    /// Loaded / enabled at boot.
+    pub enabled: bool,
+    /// The service's process runs.
+    pub running: bool,
+    /// Its pid.
+    pub pid: Option<u32>,
+    /// The manager's own words for the state (`running`, `inactive (dead)`, …).
+    pub detail: String,
 }
 
 /// `--service-status`.
-pub fn status(_args: &Args) -> Result<(), Exit> {
-    Err(not_yet("--service-status"))
+pub fn status(args: &Args) -> Result<(), Exit> {
+    let out = Out::new(args.json);
+    let platform = Platform::detect()?;
+    let dir = state_dir()?;
+    let home = home()?;
+    let state = match platform {
+        Platform::Launchd => launchd::state(&home),
+        Platform::Systemd => systemd::state(&home),
+        Platform::Cron => cron::state(&dir),
+    };
+    let daemon_pid = daemon::running(&dir).filter(|p| *p != 0);
+    if args.json {
+        let value = serde_json::json!({
+            "service": &state,
+            "bridgePid": daemon_pid,
+            "logs": [dir.join("service.log"), dir.join("service-error.log")],
+        });
+        println!("{value}");
+    } else {
+        let (dot, colour) = if state.running { ("●", "32") } else { ("○", "33") };
+        let headline = match (state.installed, state.running) {
+            (true, true) => format!(
+                "{} service running pid={}",
+                state.manager,
+                state.pid.map_or_else(|| "?".to_owned(), |p| p.to_string())
+            ),
+            (true, false) => {
+                format!("{} service installed, not running ({})", state.manager, state.detail)
+            }
+            (false, _) => format!(
+                "{} service not installed — install with: hermeschat-pair --install",
+                state.manager
+            ),
+        };
+        out.line(dot, colour, &headline);
+        let key = if platform == Platform::Launchd { "label" } else { "unit " };
+        if platform != Platform::Cron {
+            println!("{key} : {}", state.name);
+        }
+        if let Some(file) = &state.file {
+            let shown = tilde(Path::new(file), &home);
+            let key = if platform == Platform::Launchd { "plist" } else { "file " };
+            println!("{key} : {shown}");
+        }
+        println!(
+            "logs  : {}, {}",
+            tilde(&dir.join("service.log"), &home),
+            tilde(&dir.join("service-error.log"), &home)
+        );
+        match daemon_pid {
+            Some(pid) if state.pid != Some(pid) => out.info(&format!(
+                "A bridge runs outside the service (pid {pid}); --install hands it over to the service"
+            )),
+            _ => {}
+        }
+    }
+    if state.running { Ok(()) } else { Err(Exit { code: 1, message: String::new() }) }
+}
+
+/// XML text escaping for the plist.
+pub(crate) fn xml_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The user name, for the linger hint.
+pub(crate) fn user_name() -> String {
+    if let Some(u) = std::env::var("USER").ok().filter(|u| !u.is_empty()) {
+        return u;
+    }
+    // SAFETY: getpwuid returns a pointer into static storage or null; we copy the name out
+    // at once and this program calls no other getpw* function concurrently.
+    unsafe {
+        let pw = libc::getpwuid(libc::getuid());
+        if !pw.is_null() && !(*pw).pw_name.is_null() {
+            return std::ffi::CStr::from_ptr((*pw).pw_name).to_string_lossy().into_owned();
+        }
+    }
+    "$USER".to_owned()
+}
+
+/// The numeric user id.
+pub(crate) fn uid() -> u32 {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    unsafe { libc::getuid() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(super) fn spec() -> Spec {
+        Spec {
+            exe: PathBuf::from("/opt/hermes chat/bin/hermeschat-pair"),
+            args: vec!["--foreground".into(), "--port".into(), "8000".into()],
+            state_dir: PathBuf::from("/home/u/.hermeschat"),
+            home: PathBuf::from("/home/u"),
+            env: vec![
+                ("HERMESCHAT_REGISTRY_URL".into(), "https://relay.example.com/?a=1&b=<2>".into()),
+                ("PATH".into(), "/usr/bin:/bin".into()),
+            ],
+        }
+    }
+
+    #[test]
+    fn escapes_xml_and_abbreviates_home() {
+        assert_eq!(xml_escape("a&b<c>\"'"), "a&amp;b&lt;c&gt;&quot;&apos;");
+        assert_eq!(tilde(Path::new("/home/u/x/y"), Path::new("/home/u")), "~/x/y");
+        assert_eq!(tilde(Path::new("/etc/x"), Path::new("/home/u")), "/etc/x");
+        assert_eq!(spec().hermes_home(), PathBuf::from("/home/u/.hermes"));
+    }
 }

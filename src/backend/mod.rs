@@ -1,12 +1,39 @@
 //! The built-in backend: the job of the original tool's bundled Python server, inside the
-//! daemon, on `127.0.0.1:<port>` only. (Issue: "The built-in backend and the Hermes gateway
-//! wake-up" — not implemented yet; [`available`] is false until it is.)
+//! daemon, on `127.0.0.1:<port>` only (ARCHITECTURE §4).
+//!
+//! Threads: one acceptor, then one thread per connection up to [`Settings::max_connections`]
+//! (more are answered 503 and closed), plus a short-lived watcher per streamed upstream
+//! exchange. No async runtime. Modules, one concern each:
+//! - [`conn`] — reading requests and writing responses (fixed or chunked);
+//! - [`control`] — `/api/health`, `/api/gateway/health`, `/api/gateway/restart`;
+//! - [`chat`] — `POST /api/chat`: the gateway (or the direct provider), SSE relayed as it
+//!   arrives, errors as SSE events;
+//! - [`uploads`] — storing, listing and fetching uploaded files;
+//! - [`proxy`] — `/v1/*` and `/api/sessions*` passed to the gateway unchanged;
+//! - [`upstream`] — the gateway's address and key, and the direct provider.
+//!
+//! Logs go to `server.log` in the state directory (size-rotated); never secrets or bodies.
+
+pub mod chat;
+pub mod conn;
+pub mod control;
+pub mod proxy;
+pub mod uploads;
+pub mod upstream;
 
 use std::io;
+use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::bridge::local_http::Timeouts;
+use crate::http::Head;
+use crate::state::{self, RotatingLog};
+use conn::{Conn, Next};
+use upstream::{Direct, GatewaySource, Upstream};
 
 /// Where the built-in backend listens and keeps its files.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,14 +44,285 @@ pub struct BackendConfig {
     pub state_dir: PathBuf,
 }
 
+/// Everything the backend runs with. [`Settings::from_env`] gives the daemon's; tests build
+/// their own (a fixed gateway, short deadlines).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The loopback port (0: any free port; see [`Started::port`]).
+    pub port: u16,
+    /// The state directory (`uploads/`, `server.log`, `gateway.log`).
+    pub state_dir: PathBuf,
+    /// Where the gateway configuration comes from.
+    pub gateway: GatewaySource,
+    /// The direct provider, when `AI_API_KEY` is set.
+    pub direct: Option<Direct>,
+    /// Deadlines of gateway exchanges.
+    pub timeouts: Timeouts,
+    /// Connections served at once; more are answered 503.
+    pub max_connections: usize,
+    /// Largest request body for chat and proxied requests.
+    pub max_body: usize,
+    /// Largest stored upload.
+    pub max_upload: usize,
+    /// Deadline of one `POST /api/gateway/restart`.
+    pub restart_deadline: Duration,
+}
+
+impl Settings {
+    /// The daemon's settings: gateway discovered from the environment and `~/.hermes`, the
+    /// direct provider from `AI_API_KEY`/`AI_BASE_URL`/`AI_MODEL`.
+    pub fn from_env(config: &BackendConfig) -> Settings {
+        Settings {
+            port: config.port,
+            state_dir: config.state_dir.clone(),
+            gateway: GatewaySource::Discover,
+            direct: Direct::from_env(),
+            timeouts: Timeouts {
+                connect: Duration::from_secs(3),
+                // A streamed chat answers its head at once; a non-streamed one only when the
+                // agent has finished, which can take minutes.
+                head: Duration::from_secs(600),
+                // The gateway sends a keep-alive comment every 30 s while the agent works.
+                body_gap: Duration::from_secs(180),
+            },
+            max_connections: 64,
+            max_body: 16 << 20,
+            max_upload: 10 << 20,
+            restart_deadline: Duration::from_secs(30),
+        }
+    }
+}
+
+/// State shared by the connection threads.
+pub struct Shared {
+    /// The settings.
+    pub settings: Settings,
+    /// The gateway.
+    pub upstream: Upstream,
+    /// The upload store.
+    pub uploads: uploads::Store,
+    /// `server.log` (stderr when it cannot be opened).
+    log: Mutex<Option<RotatingLog>>,
+    /// Set when the backend stops.
+    pub stop: Arc<AtomicBool>,
+    /// Serialises gateway restarts.
+    pub restarting: Mutex<()>,
+    /// Connections open now.
+    active: AtomicUsize,
+}
+
+impl Shared {
+    /// Writes one line to `server.log`. Callers never pass secrets or bodies.
+    pub fn log(&self, message: &str) {
+        let line = format!("{} {message}\n", crate::bridge::format_ts(crate::relay::now_ms()));
+        let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        match log.as_mut() {
+            Some(f) => {
+                let _ = io::Write::write_all(f, line.as_bytes());
+            }
+            None => eprint!("{line}"),
+        }
+    }
+}
+
 /// Whether this build has a built-in backend to start.
 pub fn available() -> bool {
-    false
+    true
 }
 
 /// Binds `127.0.0.1:<port>` now (so a busy port is reported at once) and serves on a thread
 /// until `stop` is set.
 pub fn start(config: &BackendConfig, stop: Arc<AtomicBool>) -> io::Result<JoinHandle<()>> {
-    let _ = (config, stop);
-    Err(io::Error::new(io::ErrorKind::Unsupported, "this build has no built-in backend"))
+    start_with(Settings::from_env(config), stop).map(|s| s.thread)
+}
+
+/// A running backend.
+pub struct Started {
+    /// The port bound.
+    pub port: u16,
+    /// The acceptor thread; it ends (after a short drain) once `stop` is set.
+    pub thread: JoinHandle<()>,
+    /// The shared state (for tests and diagnostics).
+    pub shared: Arc<Shared>,
+}
+
+/// [`start`] with explicit settings.
+pub fn start_with(settings: Settings, stop: Arc<AtomicBool>) -> io::Result<Started> {
+    let listener = TcpListener::bind(("127.0.0.1", settings.port))?;
+    let port = listener.local_addr()?.port();
+    state::ensure_dir(&settings.state_dir)?;
+    let log = match RotatingLog::open(&state::server_log(&settings.state_dir)) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            eprintln!("cannot open server.log: {e}");
+            None
+        }
+    };
+    let uploads = uploads::Store::new(settings.state_dir.join("uploads"), settings.max_upload);
+    let upstream = Upstream::new(settings.gateway.clone(), settings.timeouts);
+    let shared = Arc::new(Shared {
+        settings,
+        upstream,
+        uploads,
+        log: Mutex::new(log),
+        stop: stop.clone(),
+        restarting: Mutex::new(()),
+        active: AtomicUsize::new(0),
+    });
+    let poller = polling::Poller::new()?;
+    // SAFETY: the listener outlives its registration: it is deleted from the poller before
+    // the acceptor thread drops either.
+    unsafe {
+        poller.add_with_mode(&listener, polling::Event::readable(0), polling::PollMode::Level)?
+    };
+    listener.set_nonblocking(true)?;
+    shared.log(&format!(
+        "built-in backend listening on http://127.0.0.1:{port} (gateway {}, direct fallback {})",
+        shared.upstream.config().addr(),
+        if shared.settings.direct.is_some() { "on" } else { "off" }
+    ));
+    let s2 = shared.clone();
+    let thread = std::thread::Builder::new()
+        .name("backend-accept".into())
+        .spawn(move || accept_loop(&listener, &poller, &s2))?;
+    Ok(Started { port, thread, shared })
+}
+
+/// Accepts until `stop`, then waits briefly for open connections to finish.
+fn accept_loop(listener: &TcpListener, poller: &polling::Poller, shared: &Arc<Shared>) {
+    let mut events = polling::Events::new();
+    while !shared.stop.load(Ordering::SeqCst) {
+        events.clear();
+        let _ = poller.wait(&mut events, Some(Duration::from_millis(200)));
+        loop {
+            match listener.accept() {
+                Ok((stream, _)) => spawn_connection(stream, shared),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    shared.log(&format!("accept failed: {e}"));
+                    std::thread::sleep(Duration::from_millis(50));
+                    break;
+                }
+            }
+        }
+    }
+    let _ = poller.delete(listener);
+    let until = Instant::now() + Duration::from_secs(2);
+    while shared.active.load(Ordering::SeqCst) > 0 && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    shared.log("built-in backend stopped");
+}
+
+/// Serves `stream` on its own thread, or answers 503 when at the connection cap.
+fn spawn_connection(stream: TcpStream, shared: &Arc<Shared>) {
+    let _ = stream.set_nonblocking(false);
+    if shared.active.fetch_add(1, Ordering::SeqCst) >= shared.settings.max_connections {
+        shared.active.fetch_sub(1, Ordering::SeqCst);
+        let mut c = Conn::new(stream);
+        let _ = c.error(503, "busy", "too many connections to the built-in backend", true);
+        return;
+    }
+    let s2 = shared.clone();
+    let spawned = std::thread::Builder::new().name("backend-conn".into()).spawn(move || {
+        serve_connection(Conn::new(stream), &s2);
+        s2.active.fetch_sub(1, Ordering::SeqCst);
+    });
+    if let Err(e) = spawned {
+        shared.active.fetch_sub(1, Ordering::SeqCst);
+        shared.log(&format!("cannot start a connection thread: {e}"));
+    }
+}
+
+/// The body cap for a request head.
+fn body_cap(shared: &Shared, head: &Head) -> usize {
+    if uploads::is_upload_route(head.path()) {
+        shared.settings.max_upload + (64 << 10)
+    } else {
+        shared.settings.max_body
+    }
+}
+
+/// Serves requests on one connection until it closes.
+fn serve_connection(mut c: Conn, shared: &Arc<Shared>) {
+    loop {
+        let req = match c.next(&shared.stop, |h| body_cap(shared, h)) {
+            Next::Request(r) => r,
+            Next::Closed => return,
+            Next::Refuse(status, msg) => {
+                let _ = c.error(status, "bad_request", &msg, true);
+                conn::close(&c.stream);
+                return;
+            }
+        };
+        let started = Instant::now();
+        let close = req.head.wants_close() || shared.stop.load(Ordering::SeqCst);
+        let outcome = route(shared, &req, &mut c, close);
+        shared.log(&format!(
+            "{} {} -> {} in {} ms",
+            req.head.method,
+            req.head.path(),
+            match &outcome {
+                Ok(s) => s.to_string(),
+                Err(e) => format!("aborted ({e})"),
+            },
+            started.elapsed().as_millis()
+        ));
+        if close || outcome.is_err() {
+            conn::close(&c.stream);
+            return;
+        }
+    }
+}
+
+/// True for a loopback host name, with or without a port.
+fn loopback_host(host: &str) -> bool {
+    let host = host.trim();
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => host
+            .rsplit_once(':')
+            .map_or(host, |(h, p)| if p.bytes().all(|b| b.is_ascii_digit()) { h } else { host }),
+    };
+    crate::cli::is_loopback(name)
+}
+
+/// True unless the request names a non-loopback `Host` or comes from a web page of another
+/// origin: browsers always send `Origin` on cross-origin requests; the app and the bridge
+/// send neither.
+fn local_origin(head: &Head) -> bool {
+    let host_ok = head.header("host").is_none_or(loopback_host);
+    let origin_ok = head.header("origin").is_none_or(|o| {
+        let rest = o.trim().strip_prefix("http://").or_else(|| o.trim().strip_prefix("https://"));
+        rest.is_some_and(|r| loopback_host(r.split('/').next().unwrap_or("")))
+    });
+    host_ok && origin_ok
+}
+
+/// Dispatches one request; `Ok(status)` when the connection may be reused.
+fn route(shared: &Arc<Shared>, req: &conn::Request, c: &mut Conn, close: bool) -> io::Result<u16> {
+    let path = req.head.path();
+    let method = req.head.method.as_str();
+    let reply = |c: &mut Conn, status: u16, code: &str, msg: &str| {
+        c.error(status, code, msg, close).map(|()| status)
+    };
+    if !local_origin(&req.head) {
+        // A web page (DNS rebinding, or a cross-site form) must not drive the agent.
+        return reply(c, 403, "forbidden", "only local clients may use the built-in backend");
+    }
+    match (method, path) {
+        ("GET" | "HEAD", "/api/health" | "/health") => control::health(shared, req, c, close),
+        ("GET", "/api/gateway/health") => control::gateway_health(shared, c, close),
+        ("POST", "/api/gateway/restart") => control::restart(shared, req, c, close),
+        ("POST", "/api/chat") => chat::handle(shared, req, c, close),
+        (_, "/api/gateway/health" | "/api/gateway/restart" | "/api/chat") => {
+            reply(c, 405, "method_not_allowed", "method not allowed here")
+        }
+        (_, p) if uploads::is_upload_route(p) || uploads::is_files_route(p) => {
+            uploads::handle(shared, req, c, close)
+        }
+        (_, p) if proxy::is_proxied(p) => proxy::forward(shared, req, c, close),
+        _ => reply(c, 404, "not_found", &format!("no route {method} {path}")),
+    }
 }

@@ -174,6 +174,8 @@ struct AbortInner {
     aborted: AtomicBool,
     /// Set when the requester is gone: nothing about this exchange may be sent any more.
     silenced: AtomicBool,
+    /// Set just before the terminal frame is sent: the request id is free again.
+    finishing: AtomicBool,
     /// The in-flight socket, while an exchange owns one. Flag and socket change under this lock
     /// so that an abort racing a connect is never lost.
     socket: Mutex<Option<TcpStream>>,
@@ -208,6 +210,18 @@ impl Abort {
     /// True once [`Abort::silence`] was called.
     pub fn is_silenced(&self) -> bool {
         self.inner.silenced.load(Ordering::SeqCst)
+    }
+
+    /// Marks the exchange as sending its terminal frame. From then on its request id may be
+    /// reused: the app reuses an id as soon as the terminal frame reaches it, which can be
+    /// before the worker thread gets to forget the request.
+    pub fn mark_finishing(&self) {
+        self.inner.finishing.store(true, Ordering::SeqCst);
+    }
+
+    /// True once [`Abort::mark_finishing`] was called.
+    pub fn is_finishing(&self) -> bool {
+        self.inner.finishing.load(Ordering::SeqCst)
     }
 
     /// True when both handles belong to the same exchange.

@@ -88,6 +88,9 @@ pub struct Status {
     pub gateway: Health,
     /// clientIds of apps attached now.
     pub apps_online: BTreeSet<String>,
+    /// The LAN server's app URL (`ws://<lan-ip>:<port>/ws/app`) in LAN-only mode (`--local`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lan_url: Option<String>,
     /// Unix ms of the last update.
     pub updated_at: u64,
 }

@@ -24,7 +24,8 @@ pub const GATEWAY_PORT: u16 = 8642;
 pub fn run(target: &Target, status: &LiveStatus, stop: &AtomicBool) {
     while !stop.load(Ordering::SeqCst) {
         let backend = probe(&target.host, target.port, "/api/health");
-        let gateway = probe(GATEWAY_HOST, GATEWAY_PORT, "/health");
+        // Re-read each round: the user may change API_SERVER_PORT or the key meanwhile.
+        let gateway = crate::gateway::probe(&crate::gateway::HermesConfig::load());
         status.update(|s| {
             s.backend = backend;
             s.gateway = gateway;

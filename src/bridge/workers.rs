@@ -191,6 +191,10 @@ impl Pool {
             Err(Frame::error(&req.id, req.client.as_deref(), code, message).to_json())
         };
         let mut open = lock(&shared.open);
+        // A request whose terminal frame is on its way no longer owns its id.
+        if open.map.get(&key).is_some_and(|o| o.abort.is_finishing()) {
+            open.map.remove(&key);
+        }
         if open.map.contains_key(&key) {
             return Err(Frame::bad_frame(format!(
                 "request id {:?} is already open; the duplicate was dropped",
@@ -406,6 +410,7 @@ fn run_job(shared: &Shared, job: Job) {
     };
     if let Some((code, message)) = failure {
         // A failed send means the connection is gone; there is nobody left to tell.
+        job.abort.mark_finishing();
         let _ = job
             .out
             .send(Frame::error(&job.req.id, job.req.client.as_deref(), code, message).to_json());
@@ -525,6 +530,9 @@ fn exchange(shared: &Shared, req: &RequestFrame, out: &Outbox, abort: &Abort) ->
     let send = |frame: Frame| {
         if abort.is_silenced() {
             return Err(Fail::Gone);
+        }
+        if frame.is_terminal() {
+            abort.mark_finishing();
         }
         out.send(frame.to_json()).map_err(|_| Fail::Gone)
     };
@@ -934,6 +942,36 @@ mod tests {
         assert_eq!(p.open_requests(), 0);
         Origin::wait_for(&o.hang_closed, 2);
         assert!(rx.recv_timeout(Duration::from_millis(300)).is_err(), "no frame may follow");
+    }
+
+    #[test]
+    fn an_id_is_reusable_as_soon_as_its_terminal_frame_arrives() {
+        // The app may reuse an id the moment the terminal frame reaches it, before the worker
+        // has forgotten the request: that must never look like a duplicate. Many apps at once
+        // widen the window (the benchmark that found this hung 7 of 16 apps).
+        let o = test_origin::start();
+        let p = Arc::new(pool(&o, 8));
+        let apps: Vec<_> = (0..8)
+            .map(|n| {
+                let p = p.clone();
+                std::thread::spawn(move || {
+                    let (out, rx) = outbox(64);
+                    for _ in 0..300 {
+                        let mut r = req("same", "GET", "/api/health");
+                        r.client = Some(format!("hcl_{n:016x}"));
+                        p.submit(r, out.clone()).unwrap();
+                        let f = only(&rx);
+                        assert!(
+                            matches!(f, Frame::Response(ResponseFrame { status: 200, .. })),
+                            "{f:?}"
+                        );
+                    }
+                })
+            })
+            .collect();
+        for a in apps {
+            a.join().unwrap();
+        }
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //! queue: when a destination holds more than `max_queued_bytes`, the socket feeding it is no
 //! longer read until the destination drains (TCP back-pressure reaches the sender).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, TcpListener, TcpStream};
 use std::sync::Arc;
@@ -20,6 +20,7 @@ use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::time::{Duration, Instant};
 
 use polling::{Event, Events, PollMode, Poller};
+use serde_json::value::RawValue;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
@@ -846,61 +847,106 @@ impl Reactor {
         }
     }
 
+    /// Routes one text frame. Request and response frames — the ones that carry bodies — are
+    /// read as a [`RawFrame`]: the few small fields routing needs are decoded, `client` is
+    /// stamped or stripped, and every other value (the body above all) is forwarded as the
+    /// exact JSON text it arrived as. A 16 MiB body is thus scanned once and copied once,
+    /// never decoded and re-encoded. Other frames are small and parsed as typed [`Frame`]s.
     fn route_text(&mut self, id: ConnId, text: &str) {
         let Some(peer) = self.peer_of(id) else { return };
-        let frame = match p::parse_frame(text) {
-            Ok(f) => f,
-            Err(msg) => return self.bad_frame(id, &msg),
+        let mut raw: RawFrame<'_> = match serde_json::from_str(text) {
+            Ok(m) => m,
+            Err(e) => return self.bad_frame(id, &format!("malformed frame: {e}")),
         };
-        match peer {
-            Peer::App { bridge_id, client_id, .. } => {
-                self.route_from_app(id, &bridge_id, &client_id, frame)
+        let kind: Option<String> = raw_field(&raw, "type").ok().flatten();
+        match (peer, kind.as_deref()) {
+            (Peer::App { bridge_id, client_id, .. }, Some("request")) => {
+                self.app_request(id, &bridge_id, &client_id, raw)
             }
-            Peer::Bridge { bridge_id, .. } => self.route_from_bridge(id, &bridge_id, frame),
+            (Peer::Bridge { bridge_id, .. }, Some(k)) if RESPONSE_KINDS.contains(&k) => {
+                let client: Option<String> = match raw_field(&raw, "client") {
+                    Ok(c) => c,
+                    Err(msg) => return self.bad_frame(id, &msg),
+                };
+                let Some(client) = client else {
+                    return self.bad_frame(id, "response frames must carry the client they answer");
+                };
+                let req_id: String = match raw_field(&raw, "id") {
+                    Ok(Some(r)) => r,
+                    Ok(None) => return self.bad_frame(id, "response frames need an id"),
+                    Err(msg) => return self.bad_frame(id, &msg),
+                };
+                raw.remove("client");
+                let terminal = TERMINAL_KINDS.contains(&k);
+                let Some(app_conn) =
+                    self.deliverable(bridge_id.as_str(), &client, &req_id, terminal)
+                else {
+                    return;
+                };
+                self.send_text(app_conn, serde_json::to_string(&raw).unwrap_or_default());
+                self.apply_backpressure(id, app_conn);
+            }
+            (peer, _) => {
+                let frame = match p::parse_frame(text) {
+                    Ok(f) => f,
+                    Err(msg) => return self.bad_frame(id, &msg),
+                };
+                match peer {
+                    Peer::App { bridge_id, client_id, .. } => {
+                        self.route_from_app(id, &bridge_id, &client_id, frame)
+                    }
+                    Peer::Bridge { bridge_id, .. } => self.route_from_bridge(id, &bridge_id, frame),
+                }
+            }
         }
     }
 
-    fn route_from_app(&mut self, id: ConnId, bridge_id: &str, client_id: &str, frame: Frame) {
+    /// An app's `request`: checked against the limits, admitted, stamped with the app's
+    /// clientId (whatever `client` it carried is replaced) and forwarded to its bridge.
+    fn app_request(&mut self, id: ConnId, bridge_id: &str, client_id: &str, mut raw: RawFrame<'_>) {
+        let (req, body_len) = match request_head(&raw) {
+            Ok(r) => r,
+            Err(msg) => return self.bad_frame(id, &msg),
+        };
         let limits = self.shared.config.limits;
+        if !p::is_request_id(&req.id) {
+            return self.bad_frame(id, "request id must be 1-64 of [A-Za-z0-9._-]");
+        }
+        let reply = |code, msg: String| Frame::error(&req.id, None, code, msg);
+        if let Err((code, msg)) = p::check_request_limits_sized(&req, body_len, &limits) {
+            return self.send_frame(id, &reply(code, msg));
+        }
+        let Some(app) = self.apps.get(client_id) else { return };
+        if app.open.contains(&req.id) {
+            return self.bad_frame(id, &format!("request id {} is already open", req.id));
+        }
+        if app.open.len() >= limits.max_open_per_app {
+            let msg = format!("more than {} open requests", limits.max_open_per_app);
+            return self.send_frame(id, &reply(ErrorCode::Busy, msg));
+        }
+        let route = self.bridges.get(bridge_id);
+        let Some(bridge_conn) = route.and_then(|r| r.conn) else {
+            let msg = "the bridge is not connected to the relay".to_owned();
+            return self.send_frame(id, &reply(ErrorCode::BridgeOffline, msg));
+        };
+        if route.is_some_and(|r| r.open >= limits.max_open_per_bridge) {
+            let msg = format!("the bridge has {} open requests", limits.max_open_per_bridge);
+            return self.send_frame(id, &reply(ErrorCode::Busy, msg));
+        }
+        if let Some(app) = self.apps.get_mut(client_id) {
+            app.open.insert(req.id.clone());
+        }
+        if let Some(r) = self.bridges.get_mut(bridge_id) {
+            r.open += 1;
+        }
+        raw.remove("client");
+        let stamped = Stamped { client: client_id, rest: &raw };
+        self.send_text(bridge_conn, serde_json::to_string(&stamped).unwrap_or_default());
+        self.apply_backpressure(id, bridge_conn);
+    }
+
+    fn route_from_app(&mut self, id: ConnId, bridge_id: &str, client_id: &str, frame: Frame) {
         match frame {
-            Frame::Request(mut req) => {
-                if !p::is_request_id(&req.id) {
-                    return self.bad_frame(id, "request id must be 1-64 of [A-Za-z0-9._-]");
-                }
-                let reply = |code, msg: String| Frame::error(&req.id, None, code, msg);
-                if let Err((code, msg)) = p::check_request_limits(&req, &limits) {
-                    return self.send_frame(id, &reply(code, msg));
-                }
-                let Some(app) = self.apps.get(client_id) else {
-                    return;
-                };
-                if app.open.contains(&req.id) {
-                    return self.bad_frame(id, &format!("request id {} is already open", req.id));
-                }
-                if app.open.len() >= limits.max_open_per_app {
-                    let msg = format!("more than {} open requests", limits.max_open_per_app);
-                    return self.send_frame(id, &reply(ErrorCode::Busy, msg));
-                }
-                let route = self.bridges.get(bridge_id);
-                let Some(bridge_conn) = route.and_then(|r| r.conn) else {
-                    let msg = "the bridge is not connected to the relay".to_owned();
-                    return self.send_frame(id, &reply(ErrorCode::BridgeOffline, msg));
-                };
-                if route.is_some_and(|r| r.open >= limits.max_open_per_bridge) {
-                    let msg =
-                        format!("the bridge has {} open requests", limits.max_open_per_bridge);
-                    return self.send_frame(id, &reply(ErrorCode::Busy, msg));
-                }
-                if let Some(app) = self.apps.get_mut(client_id) {
-                    app.open.insert(req.id.clone());
-                }
-                if let Some(r) = self.bridges.get_mut(bridge_id) {
-                    r.open += 1;
-                }
-                req.client = Some(client_id.to_owned());
-                self.send_frame(bridge_conn, &Frame::Request(req));
-                self.apply_backpressure(id, bridge_conn);
-            }
             Frame::Cancel { id: req_id, .. } => {
                 let open = self.apps.get(client_id).is_some_and(|a| a.open.contains(&req_id));
                 let bridge_conn = self.bridges.get(bridge_id).and_then(|r| r.conn);
@@ -917,37 +963,39 @@ impl Reactor {
         }
     }
 
-    fn route_from_bridge(&mut self, id: ConnId, bridge_id: &str, mut frame: Frame) {
+    fn route_from_bridge(&mut self, id: ConnId, bridge_id: &str, frame: Frame) {
         if let Frame::Error { message, .. } = &frame {
             log_event("bridge.error_frame", &[("bridge", bridge_id), ("message", message)]);
             return;
         }
-        if !frame.is_response() {
-            return self.bad_frame(id, "bridges may send only response frames");
-        }
-        let Some(client) = frame.client_mut().and_then(Option::take) else {
-            return self.bad_frame(id, "response frames must carry the client they answer");
-        };
-        let req_id = frame.request_id().unwrap_or_default().to_owned();
-        let terminal = frame.is_terminal();
-        let app_conn = match self.apps.get_mut(&client) {
-            Some(app) if app.bridge_id == bridge_id && app.open.contains(&req_id) => {
+        self.bad_frame(id, &format!("bridges may send only response frames, not {}", frame.kind()));
+    }
+
+    /// The app connection a bridge's response frame goes to, closing the request on its
+    /// terminal frame; `None` (counted) when the app left or the request already ended.
+    fn deliverable(
+        &mut self,
+        bridge_id: &str,
+        client: &str,
+        req_id: &str,
+        terminal: bool,
+    ) -> Option<ConnId> {
+        let app_conn = match self.apps.get_mut(client) {
+            Some(app) if app.bridge_id == bridge_id && app.open.contains(req_id) => {
                 if terminal {
-                    app.open.remove(&req_id);
+                    app.open.remove(req_id);
                 }
                 app.conn
             }
             _ => {
-                // The app left or the request already ended: nobody to deliver to.
                 self.dropped_frames += 1;
-                return;
+                return None;
             }
         };
         if terminal && let Some(r) = self.bridges.get_mut(bridge_id) {
             r.open = r.open.saturating_sub(1);
         }
-        self.send_frame(app_conn, &frame);
-        self.apply_backpressure(id, app_conn);
+        Some(app_conn)
     }
 
     fn attach_bridge(&mut self, id: ConnId, bridge_id: String, instance: String) {
@@ -1191,6 +1239,59 @@ impl Reactor {
             log_event("stats", &[("droppedFrames", &self.dropped_frames.to_string())]);
         }
     }
+}
+
+/// A frame's top level with each value kept as its raw JSON text (see `route_text`).
+type RawFrame<'a> = BTreeMap<String, &'a RawValue>;
+
+/// Frame types a bridge sends about a request.
+const RESPONSE_KINDS: &[&str] =
+    &["response", "response.start", "response.chunk", "response.end", "response.error"];
+
+/// Frame types that end a request.
+const TERMINAL_KINDS: &[&str] = &["response", "response.end", "response.error"];
+
+/// Decodes one small top-level field; `Ok(None)` when absent or null.
+fn raw_field<T: serde::de::DeserializeOwned>(
+    raw: &RawFrame<'_>,
+    name: &str,
+) -> Result<Option<T>, String> {
+    match raw.get(name) {
+        None => Ok(None),
+        Some(v) => serde_json::from_str::<Option<T>>(v.get())
+            .map_err(|e| format!("malformed frame: field {name}: {e}")),
+    }
+}
+
+/// A request's fields except the body, and the body's length as carried (its JSON text
+/// length, an upper bound when escapes are present): enough to check and route it.
+fn request_head(raw: &RawFrame<'_>) -> Result<(p::RequestFrame, usize), String> {
+    let required = |name: &str| -> Result<String, String> {
+        raw_field(raw, name)?.ok_or_else(|| format!("malformed frame: request needs {name}"))
+    };
+    let body_len = match raw.get("body").map(|v| v.get()) {
+        None | Some("null") => 0,
+        Some(text) if text.starts_with('"') => text.len().saturating_sub(2),
+        Some(_) => return Err("malformed frame: body must be a string".into()),
+    };
+    let head = p::RequestFrame {
+        id: required("id")?,
+        client: None,
+        method: required("method")?,
+        path: required("path")?,
+        headers: raw_field(raw, "headers")?.unwrap_or_default(),
+        body: None,
+        body_base64: raw_field(raw, "bodyBase64")?.unwrap_or(false),
+    };
+    Ok((head, body_len))
+}
+
+/// A request frame with `client` stamped first and every other field as it arrived.
+#[derive(serde::Serialize)]
+struct Stamped<'a> {
+    client: &'a str,
+    #[serde(flatten)]
+    rest: &'a RawFrame<'a>,
 }
 
 impl HttpConn {

@@ -1,0 +1,1065 @@
+//! The LAN server: `ws://<lan-ip>:<port>/ws/app`, speaking PROTOCOL §5 frames straight to the
+//! app (§8), bound to the chosen LAN address only.
+//!
+//! **Why one readiness-driven thread, not a thread per connection.** tungstenite's blocking
+//! `WebSocket` cannot be split into a reader and a writer, so a thread per socket would have to
+//! poll with read timeouts to interleave the frames the workers produce — exactly the delay on
+//! the hot path the design forbids. Here every socket is non-blocking and registered with one
+//! `polling::Poller`; each worker's [`Outbox`] send notifies that poller, so a response frame is
+//! written the moment it exists. The wait timeout (at most [`TICK`]) only drives the timers
+//! (pings, idle and handshake deadlines) and notices the stop flag; it never gates a frame.
+//! The work per event is small (parse a frame, hand it to the pool, copy a frame out), so one
+//! thread serves the handful of phones a LAN has with room to spare, and it owns every socket
+//! without locks. Connections are capped ([`MAX_CONNECTIONS`]).
+//!
+//! **Bounded queues.** Each socket has a bounded channel ([`OUTBOX_FRAMES`] frames) from the
+//! workers and an outgoing queue that is filled from it only while it holds less than
+//! `max_queued_bytes`; past that the channel fills and the worker blocks, which slows its
+//! backend read (TCP back-pressure end to end). TCP_NODELAY is set on every socket.
+//!
+//! **Authentication before the upgrade.** `GET /ws/app` must carry the pairing token or a
+//! device's clientSecret (`Authorization: Bearer …` or `?token=…`); anything else gets 401
+//! before any WebSocket exists, and is counted per source address: after
+//! [`MAX_FAILURES_PER_MINUTE`] failures an address gets 429 (with `Retry-After`) until its
+//! minute is over, whatever it presents.
+//!
+//! **Frames.** The socket is the client: requests are stamped with the device's clientId for
+//! the pool (so ids are per device and the backend gets `X-HermesChat-Client`), and `client` is
+//! stripped from every frame sent back. After the upgrade the app first gets `paired` (only
+//! when it presented the pairing token) and then `bridge.status` `online: true`, as a relay
+//! would send (the bridge *is* the peer, so it is always online).
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, TryRecvError, sync_channel};
+use std::time::{Duration, Instant};
+
+use polling::{Event, Events, PollMode, Poller};
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tungstenite::{Message, WebSocket};
+
+use super::store::{self, Authorized, Refused};
+use crate::bridge::workers::{Pool, SHUTDOWN_GRACE};
+use crate::bridge::{LiveStatus, Outbox, log};
+use crate::http::{self, Head, Parsed};
+use crate::protocol::{self as p, Frame, close_code};
+
+/// Poller key of the listening socket.
+const LISTENER: usize = usize::MAX - 1;
+
+/// Open connections at most (HTTP and WebSocket together); a LAN has a few phones.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// Frames a worker may queue for one socket before it blocks.
+pub const OUTBOX_FRAMES: usize = 64;
+
+/// Failed authentications from one address in a minute before it gets 429.
+pub const MAX_FAILURES_PER_MINUTE: u32 = 10;
+
+/// Addresses tracked by the failure counter before old entries are pruned.
+const MAX_TRACKED: usize = 4096;
+
+/// Deadline for a request head (and for writing the answer).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The poller's longest wait: bounds timer and stop latency only.
+const TICK: Duration = Duration::from_millis(250);
+
+/// Messages read from one socket before others get a turn.
+const READ_BATCH: usize = 32;
+
+/// Bad frames tolerated on one socket before it is closed with 4008.
+const MAX_BAD_FRAMES: u32 = 32;
+
+/// How long a closing WebSocket may take to finish its close handshake.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// The name a device gets when it does not say.
+const DEFAULT_DEVICE_NAME: &str = "iPhone";
+
+/// Who an upgraded socket is.
+struct Session {
+    client_id: String,
+    device_name: String,
+    /// The clientSecret to announce in `paired` (pairing-token connections only).
+    paired_secret: Option<String>,
+}
+
+/// What happens after an HTTP answer is written.
+enum After {
+    Close,
+    Upgrade(Session),
+}
+
+/// A connection still speaking HTTP.
+struct HttpConn {
+    stream: TcpStream,
+    inbuf: Vec<u8>,
+    out: Vec<u8>,
+    out_pos: usize,
+    after: Option<After>,
+}
+
+/// An established app socket.
+struct WsConn {
+    ws: WebSocket<TcpStream>,
+    client_id: String,
+    /// Frames from the workers (ready JSON, still carrying `client`).
+    rx: Receiver<String>,
+    /// The sending side handed to the pool with each request.
+    outbox: Outbox,
+    out: VecDeque<Message>,
+    out_bytes: usize,
+    write_blocked: bool,
+    last_rx: Instant,
+    last_ping: Instant,
+    bad_frames: u32,
+    /// Detached from routing (closing or replaced): nothing is read into the pool.
+    detached: bool,
+    /// A close frame was sent; dropped at this instant at the latest.
+    closing: Option<Instant>,
+}
+
+enum Io {
+    Http(HttpConn),
+    Ws(Box<WsConn>),
+}
+
+struct Conn {
+    io: Io,
+    ip: IpAddr,
+    deadline: Option<Instant>,
+    /// Interest registered now: (readable, writable).
+    interest: (bool, bool),
+}
+
+impl Conn {
+    fn tcp(&self) -> &TcpStream {
+        match &self.io {
+            Io::Http(h) => &h.stream,
+            Io::Ws(w) => w.ws.get_ref(),
+        }
+    }
+}
+
+/// Failed authentications per source address, in fixed one-minute windows.
+#[derive(Default)]
+pub struct Failures {
+    map: HashMap<IpAddr, (u32, Instant)>,
+}
+
+impl Failures {
+    const WINDOW: Duration = Duration::from_secs(60);
+
+    /// `Some(seconds to wait)` when `ip` failed too often in its current window.
+    pub fn blocked(&self, ip: IpAddr, now: Instant) -> Option<u64> {
+        let (count, start) = self.map.get(&ip)?;
+        let elapsed = now.duration_since(*start);
+        (*count >= MAX_FAILURES_PER_MINUTE && elapsed < Self::WINDOW)
+            .then(|| (Self::WINDOW - elapsed).as_secs().max(1))
+    }
+
+    /// Counts one failure.
+    pub fn fail(&mut self, ip: IpAddr, now: Instant) {
+        if self.map.len() >= MAX_TRACKED {
+            self.map.retain(|_, (_, start)| now.duration_since(*start) < Self::WINDOW);
+            if self.map.len() >= MAX_TRACKED {
+                // More distinct addresses than a LAN has: forget them rather than grow.
+                self.map.clear();
+            }
+        }
+        let entry = self.map.entry(ip).or_insert((0, now));
+        if now.duration_since(entry.1) >= Self::WINDOW {
+            *entry = (0, now);
+        }
+        entry.0 += 1;
+    }
+}
+
+/// Removes the `client` a worker stamped on a frame (PROTOCOL §8: the socket is the client).
+/// Frames are serialised `{"type":…,"id":…,"client":…,…}`; type and id never contain quotes, so
+/// the first occurrence within the head is the field itself, never body text.
+pub fn strip_client(mut text: String, client: &str) -> String {
+    let needle = format!(",\"client\":\"{client}\"");
+    let limit = text.len().min(needle.len() + 128);
+    let found = text.as_bytes()[..limit].windows(needle.len()).position(|w| w == needle.as_bytes());
+    if let Some(at) = found {
+        text.replace_range(at..at + needle.len(), "");
+    }
+    text
+}
+
+fn is_would_block(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted)
+}
+
+fn ws_would_block(e: &tungstenite::Error) -> bool {
+    matches!(e, tungstenite::Error::Io(io) if is_would_block(io))
+}
+
+/// A JSON error answer, then close.
+fn refuse(status: u16, code: &str, message: &str, extra: &[(&str, &str)]) -> Vec<u8> {
+    let body = serde_json::to_string(&p::ApiError::new(code, message)).unwrap_or_default();
+    let mut headers = vec![("Cache-Control", "no-store")];
+    headers.extend_from_slice(extra);
+    http::response(status, "application/json", body.as_bytes(), &headers, true)
+}
+
+/// A device name from the request (header `X-Device-Name` or `?deviceName=`), cleaned.
+fn device_name(head: &Head) -> String {
+    let raw = head
+        .header("x-device-name")
+        .map(str::to_owned)
+        .or_else(|| head.query("deviceName").map(percent_decode))
+        .unwrap_or_default();
+    let clean: String =
+        raw.chars().filter(|c| !c.is_control()).take(100).collect::<String>().trim().to_owned();
+    if clean.is_empty() { DEFAULT_DEVICE_NAME.to_owned() } else { clean }
+}
+
+/// `%XX` and `+` decoding for a query value (lossy UTF-8).
+fn percent_decode(s: &str) -> String {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push(h * 16 + l);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The LAN server, driven by [`Server::run`] on its own thread.
+pub struct Server {
+    poller: Arc<Poller>,
+    listener: Option<TcpListener>,
+    state_dir: PathBuf,
+    pool: Arc<Pool>,
+    status: Arc<LiveStatus>,
+    stop: Arc<AtomicBool>,
+    conns: HashMap<usize, Conn>,
+    next_id: usize,
+    /// clientId → its socket.
+    clients: HashMap<String, usize>,
+    /// Connections with input already buffered in user space (tungstenite, pipelining).
+    ready: Vec<usize>,
+    failures: Failures,
+    ws_config: WebSocketConfig,
+    max_queued: usize,
+    /// The stop flag was seen: sockets are no longer read.
+    draining: bool,
+}
+
+impl Server {
+    /// Registers `listener` (bound, non-blocking) with a fresh poller.
+    pub fn new(
+        listener: TcpListener,
+        state_dir: PathBuf,
+        pool: Arc<Pool>,
+        status: Arc<LiveStatus>,
+        stop: Arc<AtomicBool>,
+    ) -> io::Result<Server> {
+        let poller = Arc::new(Poller::new()?);
+        // SAFETY: the listener is deleted from the poller before it is dropped (`run`).
+        unsafe { poller.add_with_mode(&listener, Event::readable(LISTENER), PollMode::Level)? };
+        let limits = p::Limits::default();
+        let ws_config = WebSocketConfig::default()
+            .read_buffer_size(16 << 10)
+            .write_buffer_size(64 << 10)
+            .max_message_size(Some(limits.max_frame))
+            .max_frame_size(Some(limits.max_frame));
+        Ok(Server {
+            poller,
+            listener: Some(listener),
+            state_dir,
+            pool,
+            status,
+            stop,
+            conns: HashMap::new(),
+            next_id: 1,
+            clients: HashMap::new(),
+            ready: Vec::new(),
+            failures: Failures::default(),
+            ws_config,
+            max_queued: limits.max_queued_bytes,
+            draining: false,
+        })
+    }
+
+    /// Serves until the stop flag is set, then answers what is open and closes every socket.
+    pub fn run(mut self) {
+        let mut events = Events::new();
+        let tick = Duration::from_secs(1);
+        let mut next_tick = Instant::now() + tick;
+        while !self.stop.load(Ordering::SeqCst) {
+            let timeout = if self.ready.is_empty() {
+                next_tick.saturating_duration_since(Instant::now()).min(TICK)
+            } else {
+                Duration::ZERO
+            };
+            events.clear();
+            if let Err(e) = self.poller.wait(&mut events, Some(timeout))
+                && !is_would_block(&e)
+            {
+                log(&format!("lan: poller failed: {e}"));
+                break;
+            }
+            for ev in events.iter() {
+                if ev.key == LISTENER {
+                    self.accept();
+                } else {
+                    self.on_event(ev.key, ev.readable, ev.writable);
+                }
+            }
+            for id in std::mem::take(&mut self.ready) {
+                self.on_event(id, true, false);
+            }
+            self.pump();
+            if Instant::now() >= next_tick {
+                self.timers();
+                next_tick = Instant::now() + tick;
+            }
+        }
+        self.shutdown();
+    }
+
+    // -- connections ---------------------------------------------------------------------------
+
+    fn accept(&mut self) {
+        let Some(listener) = &self.listener else { return };
+        loop {
+            let (tcp, addr) = match listener.accept() {
+                Ok(c) => c,
+                Err(e) if is_would_block(&e) => return,
+                Err(e) => {
+                    log(&format!("lan: accept failed: {e}"));
+                    return;
+                }
+            };
+            if self.conns.len() >= MAX_CONNECTIONS || tcp.set_nonblocking(true).is_err() {
+                drop(tcp);
+                continue;
+            }
+            let _ = tcp.set_nodelay(true);
+            let id = self.next_id;
+            self.next_id += 1;
+            let conn = Conn {
+                io: Io::Http(HttpConn {
+                    stream: tcp,
+                    inbuf: Vec::new(),
+                    out: Vec::new(),
+                    out_pos: 0,
+                    after: None,
+                }),
+                ip: addr.ip(),
+                deadline: Some(Instant::now() + HANDSHAKE_TIMEOUT),
+                interest: (true, false),
+            };
+            // SAFETY: every connection is deleted from the poller (in `remove`) before its
+            // socket is dropped.
+            let added = unsafe {
+                self.poller.add_with_mode(conn.tcp(), Event::readable(id), PollMode::Level)
+            };
+            if added.is_ok() {
+                self.conns.insert(id, conn);
+            }
+        }
+    }
+
+    fn remove(&mut self, id: usize) -> Option<Conn> {
+        let conn = self.conns.remove(&id)?;
+        let _ = self.poller.delete(conn.tcp());
+        Some(conn)
+    }
+
+    fn set_interest(&mut self, id: usize) {
+        let draining = self.draining;
+        let Some(conn) = self.conns.get_mut(&id) else { return };
+        let want = match &conn.io {
+            Io::Http(h) => (h.after.is_none() && !draining, h.out_pos < h.out.len()),
+            Io::Ws(w) => (!draining || w.closing.is_some(), w.write_blocked),
+        };
+        if want != conn.interest {
+            conn.interest = want;
+            let _ = self.poller.modify_with_mode(
+                conn.tcp(),
+                Event::new(id, want.0, want.1),
+                PollMode::Level,
+            );
+        }
+    }
+
+    fn on_event(&mut self, id: usize, readable: bool, writable: bool) {
+        let Some(conn) = self.conns.get(&id) else { return };
+        match conn.io {
+            Io::Http(_) => {
+                if writable {
+                    self.http_write(id);
+                }
+                if readable {
+                    self.http_read(id);
+                }
+            }
+            Io::Ws(_) => {
+                if writable {
+                    self.ws_flush(id);
+                }
+                if readable {
+                    self.ws_read(id);
+                }
+            }
+        }
+    }
+
+    // -- HTTP: the upgrade and its authentication ----------------------------------------------
+
+    fn http_read(&mut self, id: usize) {
+        let Some(Conn { io: Io::Http(h), ip, .. }) = self.conns.get_mut(&id) else { return };
+        let ip = *ip;
+        if h.after.is_some() {
+            return;
+        }
+        let mut buf = [0u8; 4096];
+        let mut eof = false;
+        while h.inbuf.len() <= http::MAX_HEAD {
+            match h.stream.read(&mut buf) {
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
+                Ok(n) => h.inbuf.extend_from_slice(&buf[..n]),
+                Err(e) if is_would_block(&e) => break,
+                Err(_) => {
+                    eof = true;
+                    break;
+                }
+            }
+        }
+        let head = match http::parse_head(&h.inbuf) {
+            Parsed::Partial if eof => {
+                self.remove(id);
+                return;
+            }
+            Parsed::Partial => return,
+            Parsed::Invalid(status, msg) => {
+                let code =
+                    if status == 431 { p::api_code::TOO_LARGE } else { p::api_code::BAD_REQUEST };
+                self.respond(id, refuse(status, code, msg, &[]), After::Close);
+                return;
+            }
+            Parsed::Complete(head) => head,
+        };
+        let (bytes, after) = self.answer(&head, ip);
+        if let (After::Upgrade(_), Some(Conn { io: Io::Http(h), .. })) =
+            (&after, self.conns.get_mut(&id))
+        {
+            // Bytes after the head already belong to the WebSocket.
+            h.inbuf.drain(..head.len);
+        }
+        self.respond(id, bytes, after);
+    }
+
+    /// Decides what an HTTP request gets: 101 with a session, or an error answer.
+    fn answer(&mut self, head: &Head, ip: IpAddr) -> (Vec<u8>, After) {
+        let now = Instant::now();
+        let path = head.path();
+        if head.method == "GET" && (path == "/health" || path == "/v1/health") {
+            let body = serde_json::json!({ "ok": true, "mode": "hermes-local" }).to_string();
+            return (http::json_response(200, &body, true), After::Close);
+        }
+        if path != "/ws/app" {
+            return (refuse(404, p::api_code::NOT_FOUND, "no such route", &[]), After::Close);
+        }
+        if let Some(wait) = self.failures.blocked(ip, now) {
+            log(&format!("lan: 429 for {ip}: too many failed authentications"));
+            let wait = wait.to_string();
+            let r = refuse(
+                429,
+                p::api_code::RATE_LIMITED,
+                "too many failed attempts from this address; wait a minute",
+                &[("Retry-After", &wait)],
+            );
+            return (r, After::Close);
+        }
+        let unauthorized = |this: &mut Server, code: &str, message: &str, why: &str| {
+            this.failures.fail(ip, now);
+            log(&format!("lan: 401 for {ip}: {why}"));
+            (refuse(401, code, message, &[("WWW-Authenticate", "Bearer")]), After::Close)
+        };
+        let credential = head
+            .bearer()
+            .map(str::to_owned)
+            .or_else(|| head.query("token").map(percent_decode))
+            .filter(|c| !c.is_empty());
+        let Some(credential) = credential else {
+            return unauthorized(
+                self,
+                p::api_code::UNAUTHORIZED,
+                "present the pairing token or your clientSecret (Authorization: Bearer …)",
+                "no credential",
+            );
+        };
+        // Upgrade checks before the token is consumed, so a malformed request cannot burn it.
+        if !head.is_websocket_upgrade() {
+            let r = refuse(
+                426,
+                p::api_code::UPGRADE_REQUIRED,
+                "this route is a WebSocket",
+                &[("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13")],
+            );
+            return (r, After::Close);
+        }
+        if head.header("sec-websocket-version").map(str::trim) != Some("13") {
+            let r = refuse(
+                426,
+                p::api_code::UPGRADE_REQUIRED,
+                "WebSocket version 13 required",
+                &[("Sec-WebSocket-Version", "13")],
+            );
+            return (r, After::Close);
+        }
+        let Some(key) = head.header("sec-websocket-key").map(str::trim) else {
+            let r = refuse(400, p::api_code::BAD_REQUEST, "missing Sec-WebSocket-Key", &[]);
+            return (r, After::Close);
+        };
+        let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+        let name = device_name(head);
+        let result = store::authorize(&self.state_dir, &credential, &name, crate::relay::now_ms());
+        let session = match result {
+            Err(e) => {
+                log(&format!("lan: cannot read the LAN devices: {e}"));
+                let r = refuse(500, p::api_code::INTERNAL, "the bridge cannot read its state", &[]);
+                return (r, After::Close);
+            }
+            Ok((outcome, note)) => {
+                if let Some(note) = note {
+                    log(&format!("lan: {note}"));
+                }
+                match outcome {
+                    Ok(Authorized::Paired { client_id, client_secret, device_name }) => {
+                        Session { client_id, device_name, paired_secret: Some(client_secret) }
+                    }
+                    Ok(Authorized::Device { client_id, device_name }) => {
+                        Session { client_id, device_name, paired_secret: None }
+                    }
+                    Err(Refused::Expired) => {
+                        return unauthorized(
+                            self,
+                            "PAIRING_TOKEN_EXPIRED",
+                            "the pairing QR code expired; run hermeschat-pair --refresh-code --local",
+                            "expired pairing token",
+                        );
+                    }
+                    Err(Refused::Invalid) => {
+                        return unauthorized(
+                            self,
+                            p::api_code::UNAUTHORIZED,
+                            "unknown or already used credential; scan a fresh QR code \
+                             (hermeschat-pair --refresh-code --local)",
+                            "invalid credential",
+                        );
+                    }
+                }
+            }
+        };
+        let response = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+        );
+        (response.into_bytes(), After::Upgrade(session))
+    }
+
+    fn respond(&mut self, id: usize, bytes: Vec<u8>, after: After) {
+        let Some(Conn { io: Io::Http(h), deadline, .. }) = self.conns.get_mut(&id) else {
+            return;
+        };
+        h.out = bytes;
+        h.out_pos = 0;
+        h.after = Some(after);
+        *deadline = Some(Instant::now() + HANDSHAKE_TIMEOUT);
+        self.http_write(id);
+    }
+
+    fn http_write(&mut self, id: usize) {
+        let Some(Conn { io: Io::Http(h), .. }) = self.conns.get_mut(&id) else { return };
+        while h.out_pos < h.out.len() {
+            match h.stream.write(&h.out[h.out_pos..]) {
+                Ok(0) => {
+                    self.remove(id);
+                    return;
+                }
+                Ok(n) => h.out_pos += n,
+                Err(e) if is_would_block(&e) => {
+                    self.set_interest(id);
+                    return;
+                }
+                Err(_) => {
+                    self.remove(id);
+                    return;
+                }
+            }
+        }
+        match h.after.take() {
+            Some(After::Upgrade(session)) => self.upgrade(id, session),
+            Some(After::Close) | None => {
+                if let Some(conn) = self.remove(id) {
+                    let _ = conn.tcp().shutdown(Shutdown::Write);
+                }
+            }
+        }
+    }
+
+    /// Turns a connection whose 101 was written into an app socket.
+    fn upgrade(&mut self, id: usize, session: Session) {
+        let Some(mut conn) = self.conns.remove(&id) else { return };
+        let Io::Http(h) = conn.io else { return };
+        if let Some(old) = self.clients.get(&session.client_id).copied() {
+            self.close_ws(old, close_code::REPLACED_APP, "replaced by a newer connection");
+        }
+        let now = Instant::now();
+        let (tx, rx) = sync_channel(OUTBOX_FRAMES);
+        let ws =
+            WebSocket::from_partially_read(h.stream, h.inbuf, Role::Server, Some(self.ws_config));
+        let client_id = session.client_id.clone();
+        conn.io = Io::Ws(Box::new(WsConn {
+            ws,
+            client_id: client_id.clone(),
+            rx,
+            outbox: Outbox::new(tx, self.poller.clone()),
+            out: VecDeque::new(),
+            out_bytes: 0,
+            write_blocked: false,
+            last_rx: now,
+            last_ping: now,
+            bad_frames: 0,
+            detached: false,
+            closing: None,
+        }));
+        conn.deadline = None;
+        let ip = conn.ip;
+        self.conns.insert(id, conn);
+        self.clients.insert(client_id.clone(), id);
+        self.status.update(|s| {
+            s.apps_online.insert(client_id.clone());
+        });
+        log(&format!(
+            "lan: app {client_id} ({}) connected from {ip}{}",
+            session.device_name,
+            if session.paired_secret.is_some() { ", newly paired" } else { "" }
+        ));
+        if let Some(secret) = session.paired_secret {
+            let paired = Frame::Paired { client_id: client_id.clone(), client_secret: secret };
+            self.send_text(id, paired.to_json());
+        }
+        self.send_text(id, Frame::BridgeStatus { online: true }.to_json());
+        self.set_interest(id);
+        self.ready.push(id);
+    }
+
+    // -- WebSocket I/O -------------------------------------------------------------------------
+
+    fn ws_read(&mut self, id: usize) {
+        let mut texts = Vec::new();
+        let (mut gone, mut more, mut too_large) = (false, false, false);
+        {
+            let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) else { return };
+            loop {
+                if texts.len() >= READ_BATCH {
+                    more = true;
+                    break;
+                }
+                match w.ws.read() {
+                    Ok(msg) => {
+                        w.last_rx = Instant::now();
+                        if w.detached {
+                            continue;
+                        }
+                        match msg {
+                            Message::Text(t) => texts.push(Some(t)),
+                            Message::Binary(_) => texts.push(None),
+                            _ => {}
+                        }
+                    }
+                    Err(e) if ws_would_block(&e) => break,
+                    Err(tungstenite::Error::Capacity(_)) => {
+                        too_large = true;
+                        break;
+                    }
+                    Err(_) => {
+                        gone = true;
+                        break;
+                    }
+                }
+            }
+        }
+        for t in texts {
+            match t {
+                Some(text) => self.route(id, text.as_str()),
+                None => self.bad_frame(id, "binary frames are not accepted; send JSON text frames"),
+            }
+        }
+        if too_large {
+            self.close_ws(id, close_code::LIMIT, "message too large");
+            self.detach(id);
+            self.remove(id);
+            return;
+        }
+        if gone {
+            self.detach(id);
+            self.remove(id);
+            return;
+        }
+        // Automatic pongs and close replies are queued inside tungstenite.
+        self.ws_flush(id);
+        if more {
+            self.ready.push(id);
+        }
+    }
+
+    /// Handles one text frame from an app.
+    fn route(&mut self, id: usize, text: &str) {
+        let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get(&id) else { return };
+        if w.detached {
+            return;
+        }
+        let client = w.client_id.clone();
+        match p::parse_frame(text) {
+            Err(msg) => self.bad_frame(id, &msg),
+            Ok(Frame::Request(mut req)) => {
+                if !p::is_request_id(&req.id) {
+                    return self.bad_frame(id, "request id must be 1-64 of [A-Za-z0-9._-]");
+                }
+                // Per-device ids, and X-HermesChat-Client at the backend.
+                req.client = Some(client.clone());
+                let outbox = w.outbox.clone();
+                if let Err(reply) = self.pool.submit(req, outbox) {
+                    self.send_text(id, strip_client(reply, &client));
+                }
+            }
+            Ok(Frame::Cancel { id: req_id, .. }) => self.pool.cancel(Some(&client), &req_id),
+            Ok(other) => {
+                let msg =
+                    format!("apps may send only request and cancel frames, not {}", other.kind());
+                self.bad_frame(id, &msg);
+            }
+        }
+    }
+
+    fn bad_frame(&mut self, id: usize, message: &str) {
+        let too_many = match self.conns.get_mut(&id) {
+            Some(Conn { io: Io::Ws(w), .. }) => {
+                w.bad_frames += 1;
+                w.bad_frames > MAX_BAD_FRAMES
+            }
+            _ => return,
+        };
+        if too_many {
+            self.close_ws(id, close_code::LIMIT, "too many bad frames");
+        } else {
+            self.send_text(id, Frame::bad_frame(message).to_json());
+        }
+    }
+
+    /// Queues a ready frame (already without `client`) and writes what the socket takes.
+    fn send_text(&mut self, id: usize, text: String) {
+        let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) else { return };
+        if w.closing.is_some() {
+            return;
+        }
+        w.out_bytes += text.len();
+        w.out.push_back(Message::text(text));
+        self.ws_flush(id);
+    }
+
+    /// Moves the workers' frames into the sockets' queues (each up to its byte limit), then
+    /// writes them.
+    fn pump(&mut self) {
+        let limit = self.max_queued;
+        let mut touched = Vec::new();
+        for (&id, conn) in self.conns.iter_mut() {
+            let Io::Ws(w) = &mut conn.io else { continue };
+            let mut moved = false;
+            while w.out_bytes < limit {
+                match w.rx.try_recv() {
+                    Ok(text) => {
+                        if w.closing.is_some() {
+                            continue;
+                        }
+                        let text = strip_client(text, &w.client_id);
+                        w.out_bytes += text.len();
+                        w.out.push_back(Message::text(text));
+                        moved = true;
+                    }
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                }
+            }
+            if moved {
+                touched.push(id);
+            }
+        }
+        for id in touched {
+            self.ws_flush(id);
+        }
+    }
+
+    /// Writes queued messages until the socket would block.
+    fn ws_flush(&mut self, id: usize) {
+        let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) else { return };
+        let broken = loop {
+            if w.write_blocked {
+                match w.ws.flush() {
+                    Ok(()) => w.write_blocked = false,
+                    Err(e) if ws_would_block(&e) => break false,
+                    Err(_) => break true,
+                }
+            }
+            let Some(msg) = w.out.pop_front() else {
+                match w.ws.flush() {
+                    Ok(()) => break false,
+                    Err(e) if ws_would_block(&e) => {
+                        w.write_blocked = true;
+                        break false;
+                    }
+                    Err(_) => break true,
+                }
+            };
+            w.out_bytes = w.out_bytes.saturating_sub(msg.len());
+            match w.ws.write(msg) {
+                Ok(()) => {}
+                Err(e) if ws_would_block(&e) => {
+                    w.write_blocked = true;
+                    break false;
+                }
+                Err(tungstenite::Error::WriteBufferFull(msg)) => {
+                    w.out_bytes += msg.len();
+                    w.out.push_front(*msg);
+                    w.write_blocked = true;
+                    break false;
+                }
+                Err(_) => break true,
+            }
+        };
+        if broken {
+            self.detach(id);
+            self.remove(id);
+        } else {
+            self.set_interest(id);
+        }
+    }
+
+    /// Takes a socket out of routing: its device is offline and its open requests are dropped
+    /// (aborted at once, no frame: nobody is left to read it).
+    fn detach(&mut self, id: usize) {
+        let Some(Conn { io: Io::Ws(w), ip, .. }) = self.conns.get_mut(&id) else { return };
+        if w.detached {
+            return;
+        }
+        w.detached = true;
+        let (client, ip) = (w.client_id.clone(), *ip);
+        if self.clients.get(&client) == Some(&id) {
+            self.clients.remove(&client);
+            self.pool.cancel_client(&client);
+            self.status.update(|s| {
+                s.apps_online.remove(&client);
+            });
+            log(&format!("lan: app {client} disconnected ({ip})"));
+        }
+    }
+
+    /// Starts a close handshake; the connection lingers until the peer answers or
+    /// [`CLOSE_GRACE`] passes.
+    fn close_ws(&mut self, id: usize, code: u16, reason: &str) {
+        match self.conns.get(&id) {
+            Some(Conn { io: Io::Ws(w), .. }) if w.closing.is_none() => {}
+            _ => return,
+        }
+        self.detach(id);
+        let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) else { return };
+        // Queued after what is already waiting, so final frames leave first.
+        let frame = CloseFrame { code: CloseCode::from(code), reason: reason.to_owned().into() };
+        w.out.push_back(Message::Close(Some(frame)));
+        w.closing = Some(Instant::now() + CLOSE_GRACE);
+        self.ws_flush(id);
+        self.set_interest(id);
+    }
+
+    // -- timers and shutdown -------------------------------------------------------------------
+
+    fn timers(&mut self) {
+        let now = Instant::now();
+        let idle = Duration::from_secs(p::PEER_IDLE_TIMEOUT_SECS);
+        let ping_every = Duration::from_secs(p::RELAY_PING_INTERVAL_SECS);
+        let (mut expired, mut idle_socks, mut ping) = (Vec::new(), Vec::new(), Vec::new());
+        for (&id, conn) in &self.conns {
+            match &conn.io {
+                Io::Ws(w) => match w.closing {
+                    Some(until) if now >= until => expired.push(id),
+                    Some(_) => {}
+                    None if now.duration_since(w.last_rx) >= idle => idle_socks.push(id),
+                    None if now.duration_since(w.last_ping) >= ping_every => ping.push(id),
+                    None => {}
+                },
+                Io::Http(_) if conn.deadline.is_some_and(|d| now >= d) => expired.push(id),
+                Io::Http(_) => {}
+            }
+        }
+        for id in expired {
+            self.detach(id);
+            self.remove(id);
+        }
+        for id in idle_socks {
+            self.close_ws(id, close_code::IDLE, "no traffic for 60 s");
+        }
+        for id in ping {
+            if let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) {
+                w.last_ping = now;
+                w.out.push_back(Message::Ping(Default::default()));
+                self.ws_flush(id);
+            }
+        }
+    }
+
+    /// Stops accepting and reading; delivers the answers the pool gives open requests
+    /// (`SHUTTING_DOWN` once the bridge calls `Pool::shutdown`), then closes every socket
+    /// with 1001.
+    fn shutdown(&mut self) {
+        self.draining = true;
+        if let Some(listener) = self.listener.take() {
+            let _ = self.poller.delete(&listener);
+        }
+        let ids: Vec<usize> = self.conns.keys().copied().collect();
+        for &id in &ids {
+            if matches!(self.conns.get(&id).map(|c| &c.io), Some(Io::Http(_))) {
+                self.remove(id);
+            } else {
+                self.set_interest(id);
+            }
+        }
+        let mut events = Events::new();
+        let deadline = Instant::now() + SHUTDOWN_GRACE + Duration::from_secs(1);
+        loop {
+            self.pump();
+            let queued = self
+                .conns
+                .values()
+                .any(|c| matches!(&c.io, Io::Ws(w) if !w.out.is_empty() || w.write_blocked));
+            if (self.pool.open_requests() == 0 && !queued) || Instant::now() >= deadline {
+                break;
+            }
+            events.clear();
+            let _ = self.poller.wait(&mut events, Some(Duration::from_millis(50)));
+            for ev in events.iter() {
+                if ev.writable {
+                    self.ws_flush(ev.key);
+                }
+            }
+        }
+        self.pump();
+        let ids: Vec<usize> = self.conns.keys().copied().collect();
+        for &id in &ids {
+            self.close_ws(id, 1001, "bridge shutting down");
+        }
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < deadline
+            && self.conns.values().any(|c| matches!(&c.io, Io::Ws(w) if w.write_blocked))
+        {
+            events.clear();
+            let _ = self.poller.wait(&mut events, Some(Duration::from_millis(50)));
+            for ev in events.iter() {
+                if ev.writable {
+                    self.ws_flush(ev.key);
+                }
+            }
+        }
+        for id in ids {
+            self.remove(id);
+        }
+        self.status.update(|s| s.apps_online.clear());
+        log("lan: server stopped");
+    }
+}
+
+/// Binds `addr` and prepares the server; errors name the address and what to do.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let listener = TcpListener::bind(addr).map_err(|e| {
+        let hint = match e.kind() {
+            io::ErrorKind::AddrInUse => format!(
+                "port {} is in use on {}; free it or pick another with --local-port",
+                addr.port(),
+                addr.ip()
+            ),
+            io::ErrorKind::AddrNotAvailable => format!(
+                "{} is not an address of this machine; pass --host <one of its LAN addresses>",
+                addr.ip()
+            ),
+            _ => format!("cannot listen on {addr}"),
+        };
+        io::Error::new(e.kind(), format!("{hint} ({e})"))
+    })?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_only_the_client_field() {
+        let c = "hcl_0123456789abcdef";
+        let f = Frame::ResponseChunk {
+            id: "r1".into(),
+            client: Some(c.into()),
+            body: format!(",\"client\":\"{c}\""),
+            body_base64: false,
+        };
+        let out = strip_client(f.to_json(), c);
+        let back = p::parse_frame(&out).unwrap();
+        let Frame::ResponseChunk { client, body, .. } = back else { panic!("{out}") };
+        assert_eq!(client, None);
+        assert_eq!(body, format!(",\"client\":\"{c}\""));
+        let e = Frame::error("x", Some(c), p::ErrorCode::Busy, "busy").to_json();
+        assert!(!strip_client(e, c).contains(c));
+        // Another client's frame is left alone.
+        let other = Frame::ResponseEnd { id: "y".into(), client: Some(c.into()) }.to_json();
+        assert_eq!(strip_client(other.clone(), "hcl_ffffffffffffffff"), other);
+    }
+
+    #[test]
+    fn failures_block_after_the_limit_for_the_rest_of_the_minute() {
+        let mut f = Failures::default();
+        let ip: IpAddr = "192.168.1.50".parse().unwrap();
+        let other: IpAddr = "192.168.1.51".parse().unwrap();
+        let t0 = Instant::now();
+        for _ in 0..MAX_FAILURES_PER_MINUTE {
+            assert_eq!(f.blocked(ip, t0), None);
+            f.fail(ip, t0);
+        }
+        let wait = f.blocked(ip, t0).unwrap();
+        assert!((1..=60).contains(&wait));
+        assert_eq!(f.blocked(other, t0), None);
+        assert_eq!(f.blocked(ip, t0 + Duration::from_secs(61)), None);
+    }
+
+    #[test]
+    fn decodes_query_values() {
+        assert_eq!(percent_decode("Ada%27s+iPhone"), "Ada's iPhone");
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz"), "%zz");
+    }
+}

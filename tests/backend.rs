@@ -1,0 +1,743 @@
+//! Tests of the built-in backend (`src/backend/`) and the gateway wake chain
+//! (`src/gateway.rs`) against a stub gateway (`tests/fixtures/stub_gateway.py`):
+//! - in-process: the backend started with [`start_with`] on a free port, talking to the stub;
+//! - end to end: the real `hermeschat-pair` and its daemon in a throwaway `HOME` (fake
+//!   `~/.hermes`, fake commands on `PATH`), the real relay, and the app test client.
+//!
+//! The same path against the real Hermes Agent gateway is `tests/hermes_gateway.rs`.
+
+mod common;
+mod gatewaykit;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{Relay, fresh_dir};
+use gatewaykit::{
+    KEY, StubGateway, User, app_fetch, connect_app, free_port, header, http, request, sse_content,
+    sse_error,
+};
+use hermeschat_pair::backend::upstream::{Direct, GatewaySource};
+use hermeschat_pair::backend::{BackendConfig, Settings, start_with};
+use hermeschat_pair::bridge::local_http::{Abort, LocalClient, Timeouts};
+use hermeschat_pair::gateway::HermesConfig;
+use serde_json::{Value, json};
+
+// =============================================================================================
+// In-process backend
+
+/// A backend on a free port, stopped on drop.
+struct Backend {
+    port: u16,
+    stop: Arc<AtomicBool>,
+    dir: PathBuf,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Starts a backend whose gateway is `127.0.0.1:gw_port` with `key`.
+fn backend(gw_port: u16, key: &str, tweak: impl FnOnce(&mut Settings)) -> Backend {
+    let dir = fresh_dir("backend");
+    let config = HermesConfig {
+        home: dir.join("hermes"),
+        host: "127.0.0.1".into(),
+        port: gw_port,
+        key: Some(key.into()),
+        enabled: true,
+        installed: true,
+    };
+    let mut s = Settings::from_env(&BackendConfig { port: 0, state_dir: dir.clone() });
+    s.gateway = GatewaySource::Fixed(config);
+    s.direct = None;
+    s.timeouts = Timeouts {
+        connect: Duration::from_secs(2),
+        head: Duration::from_secs(20),
+        body_gap: Duration::from_secs(20),
+    };
+    tweak(&mut s);
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = start_with(s, stop.clone()).expect("backend start");
+    Backend { port: started.port, stop, dir }
+}
+
+/// A port where nothing listens.
+fn closed_port() -> u16 {
+    free_port()
+}
+
+fn chat_body(model: Option<&str>, text: &str) -> Vec<u8> {
+    let mut v = json!({"messages": [{"role": "user", "content": text}]});
+    if let Some(m) = model {
+        v["model"] = json!(m);
+    }
+    v.to_string().into_bytes()
+}
+
+/// Status, headers, and body pieces with their arrival times.
+type Pieces = (u16, Vec<(String, String)>, Vec<(Instant, String)>);
+
+/// `POST /api/chat` read piece by piece.
+fn chat_pieces(port: u16, body: &[u8], headers: &[(&str, &str)]) -> Pieces {
+    let c = LocalClient::new("127.0.0.1", port);
+    let mut h: Vec<(String, String)> =
+        headers.iter().map(|(a, b)| ((*a).to_owned(), (*b).to_owned())).collect();
+    h.push(("Content-Type".into(), "application/json".into()));
+    let mut r = c.send("POST", "/api/chat", &h, body, &Abort::new()).unwrap();
+    let mut pieces = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = r.body.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        pieces.push((Instant::now(), String::from_utf8_lossy(&buf[..n]).into_owned()));
+    }
+    (r.status, r.headers, pieces)
+}
+
+fn json_of(body: &[u8]) -> Value {
+    serde_json::from_slice(body)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)))
+}
+
+#[test]
+fn health_reports_gateway_online_offline_and_direct() {
+    let mut stub = StubGateway::start(0, KEY);
+    let b = backend(stub.port, KEY, |_| {});
+    let (s, h, body) = http(b.port, "GET", "/api/health", &[], b"");
+    assert_eq!(s, 200);
+    assert_eq!(header(&h, "content-type"), Some("application/json"));
+    let v = json_of(&body);
+    assert_eq!((v["status"].as_str(), v["gateway"].as_str()), (Some("ok"), Some("online")), "{v}");
+    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+    let v = json_of(&http(b.port, "GET", "/api/gateway/health", &[], b"").2);
+    assert_eq!(v["backend"], "gateway", "{v}");
+    assert_eq!(v["keyAccepted"], true, "{v}");
+    assert!(!v.to_string().contains(KEY), "the key leaked: {v}");
+
+    stub.kill();
+    let v = json_of(&http(b.port, "GET", "/api/health", &[], b"").2);
+    assert_eq!(v["gateway"], "offline", "{v}");
+    let v = json_of(&http(b.port, "GET", "/api/gateway/health", &[], b"").2);
+    assert_eq!(v["backend"], "none", "{v}");
+    assert!(v["reason"].as_str().unwrap().contains("offline"), "{v}");
+
+    let d = backend(closed_port(), KEY, |s| {
+        s.direct = Some(Direct {
+            base_url: "http://127.0.0.1:9/v1".into(),
+            key: "sk-direct-secret".into(),
+            model: None,
+        })
+    });
+    let v = json_of(&http(d.port, "GET", "/api/gateway/health", &[], b"").2);
+    assert_eq!(v["backend"], "direct", "{v}");
+    assert!(!v.to_string().contains("sk-direct-secret"), "{v}");
+}
+
+#[test]
+fn chat_streams_chunk_by_chunk_with_session_id_both_ways() {
+    let stub = StubGateway::start(0, KEY);
+    let b = backend(stub.port, KEY, |_| {});
+    let body = chat_body(None, "hi");
+    let (status, headers, pieces) = chat_pieces(
+        b.port,
+        &body,
+        &[("X-Hermes-Session-Id", "sess-42"), ("Authorization", "Bearer phone-token")],
+    );
+    assert_eq!(status, 200);
+    assert_eq!(header(&headers, "content-type"), Some("text/event-stream"));
+    assert_eq!(header(&headers, "x-hermes-session-id"), Some("sess-42"));
+    assert_eq!(header(&headers, "x-hermeschat-backend"), Some("gateway"));
+    let text: String = pieces.iter().map(|(_, t)| t.as_str()).collect();
+    assert_eq!(sse_content(&text), "Hello from the stub gateway.", "{text}");
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    // Relayed as it arrived: the stub spaces its 5 words 40 ms apart.
+    assert!(pieces.len() >= 5, "expected the events one by one, got {} pieces", pieces.len());
+    let span = pieces.last().unwrap().0 - pieces[0].0;
+    assert!(span >= Duration::from_millis(120), "all pieces arrived together ({span:?})");
+    let stats = stub.stats();
+    assert_eq!(stats["last_chat"]["stream"], true, "{stats}");
+    assert_eq!(stats["last_chat"]["model"], "hermes-agent", "{stats}");
+    assert_eq!(stats["last_headers"]["x-hermes-session-id"], "sess-42", "{stats}");
+    assert_eq!(stats["unauthorized"], 0, "the backend must send the gateway key: {stats}");
+    let log = std::fs::read_to_string(b.dir.join("server.log")).unwrap();
+    assert!(log.contains("POST /api/chat -> 200"), "{log}");
+    assert!(!log.contains(KEY) && !log.contains("phone-token"), "a secret in server.log: {log}");
+}
+
+#[test]
+fn gateway_down_is_an_sse_error_event_not_a_500() {
+    let b = backend(closed_port(), KEY, |_| {});
+    let (status, headers, body) = http(b.port, "POST", "/api/chat", &[], &chat_body(None, "hi"));
+    assert_eq!(status, 200);
+    assert_eq!(header(&headers, "content-type"), Some("text/event-stream"));
+    let text = String::from_utf8(body).unwrap();
+    assert!(text.starts_with("event: error\n"), "{text}");
+    let err = sse_error(&text).expect("an error event");
+    assert_eq!(err["code"], "gateway_offline", "{text}");
+    assert!(err["message"].as_str().unwrap().contains("hermes gateway start"), "{text}");
+    assert!(text.contains("data: [DONE]"), "{text}");
+}
+
+#[test]
+fn wrong_key_is_named_and_401_passes_through_the_proxy() {
+    let stub = StubGateway::start(0, KEY);
+    let b = backend(stub.port, "wrong-key-0123456789abcdef", |_| {});
+    let (status, _, body) = http(b.port, "POST", "/api/chat", &[], &chat_body(None, "hi"));
+    assert_eq!(status, 200);
+    let text = String::from_utf8(body).unwrap();
+    let err = sse_error(&text).expect("an error event");
+    assert_eq!(err["code"], "gateway_auth", "{text}");
+    assert!(err["message"].as_str().unwrap().contains("API_SERVER_KEY"), "{text}");
+    assert!(!text.contains("wrong-key"), "the key leaked: {text}");
+    let (status, _, _) = http(b.port, "GET", "/v1/models", &[], b"");
+    assert_eq!(status, 401);
+    let v = json_of(&http(b.port, "GET", "/api/gateway/health", &[], b"").2);
+    assert_eq!(v["backend"], "none", "{v}");
+    assert!(v["reason"].as_str().unwrap().contains("refuses the key"), "{v}");
+}
+
+#[test]
+fn rate_limit_and_gateway_errors() {
+    let stub = StubGateway::start(0, KEY);
+    let b = backend(stub.port, KEY, |_| {});
+    let (status, headers, body) =
+        http(b.port, "POST", "/api/chat", &[], &chat_body(Some("stub-429"), "hi"));
+    assert_eq!(status, 429, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(header(&headers, "retry-after"), Some("7"));
+    assert!(String::from_utf8_lossy(&body).contains("Too many concurrent runs"));
+    let (status, _, body) =
+        http(b.port, "POST", "/api/chat", &[], &chat_body(Some("stub-500"), "hi"));
+    assert_eq!(status, 200);
+    let text = String::from_utf8(body).unwrap();
+    assert_eq!(sse_error(&text).unwrap()["code"], "gateway_error", "{text}");
+    assert!(text.contains("stub exploded"), "{text}");
+}
+
+#[test]
+fn a_gateway_hanging_mid_stream_ends_with_an_error_event() {
+    let stub = StubGateway::start(0, KEY);
+    let b = backend(stub.port, KEY, |s| {
+        s.timeouts.body_gap = Duration::from_millis(600);
+    });
+    let t0 = Instant::now();
+    let (status, _, pieces) = chat_pieces(b.port, &chat_body(Some("stub-hang"), "hi"), &[]);
+    assert_eq!(status, 200);
+    let text: String = pieces.iter().map(|(_, t)| t.as_str()).collect();
+    assert!(text.contains("\"role\": \"assistant\""), "the first event must arrive: {text}");
+    assert_eq!(sse_error(&text).expect("error event")["code"], "gateway_timeout", "{text}");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    // The backend let go of the hung upstream.
+    stub.wait_stat("hang_closed", 1);
+
+    let (_, _, pieces) = chat_pieces(b.port, &chat_body(Some("stub-break"), "hi"), &[]);
+    let text: String = pieces.iter().map(|(_, t)| t.as_str()).collect();
+    assert_eq!(sse_error(&text).expect("error event")["code"], "gateway_error", "{text}");
+}
+
+#[test]
+fn a_client_leaving_mid_stream_releases_the_gateway() {
+    let stub = StubGateway::start(0, KEY);
+    let b = backend(stub.port, KEY, |_| {});
+    let mut s = TcpStream::connect(("127.0.0.1", b.port)).unwrap();
+    let body = chat_body(Some("stub-hang"), "hi");
+    let head = format!(
+        "POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(&body).unwrap();
+    let mut buf = [0u8; 4096];
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let n = s.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    stub.wait_stat("hang_started", 1);
+    let t0 = Instant::now();
+    drop(s);
+    stub.wait_stat("hang_closed", 1);
+    assert!(t0.elapsed() < Duration::from_secs(3), "upstream held for {:?}", t0.elapsed());
+}
+
+#[test]
+fn malformed_bodies_and_requests_are_refused_and_the_backend_keeps_serving() {
+    let stub = StubGateway::start(0, KEY);
+    let b = backend(stub.port, KEY, |s| s.max_body = 64 << 10);
+    let cases: &[&[u8]] = &[
+        b"",
+        b"not json",
+        b"[1,2]",
+        b"{}",
+        br#"{"messages": []}"#,
+        br#"{"messages": "hi"}"#,
+        br#"{"messages": [{"content": "no role"}]}"#,
+        br#"{"messages": [{"role": "user", "content": 42}]}"#,
+        br#"{"messages": [{"role": "user", "content": "x"}], "stream": 3}"#,
+        br#"{"messages": [{"role": "user", "content": "x"}], "attachments": "nope"}"#,
+        br#"{"messages": [{"role": "user", "content": "x"}], "attachments": ["0123456789abcdef0123456789abcdef"]}"#,
+        br#"{"messages": [{"role": "user", "content": "x"}], "attachments": ["../../etc/passwd"]}"#,
+    ];
+    for body in cases {
+        let (status, headers, resp) = http(b.port, "POST", "/api/chat", &[], body);
+        let shown = String::from_utf8_lossy(body);
+        assert_eq!(status, 400, "{shown} → {}", String::from_utf8_lossy(&resp));
+        assert_eq!(header(&headers, "content-type"), Some("application/json"), "{shown}");
+        assert!(json_of(&resp)["error"]["message"].is_string(), "{shown}");
+    }
+    assert_eq!(stub.stats()["chats"], 0, "a malformed body reached the gateway");
+    // Too large, chunked, garbage, wrong method, unknown route.
+    let big = vec![b'x'; 70 << 10];
+    assert_eq!(http(b.port, "POST", "/api/chat", &[], &big).0, 413);
+    let raw = |bytes: &[u8]| {
+        let mut s = TcpStream::connect(("127.0.0.1", b.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(bytes).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    let r =
+        raw(b"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n");
+    assert!(r.starts_with("HTTP/1.1 411"), "{r}");
+    let r = raw(b"\x16\x03\x01\x02\x00garbage\r\n\r\n");
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    assert_eq!(http(b.port, "GET", "/api/chat", &[], b"").0, 405);
+    // A web page (other Origin) or a rebound DNS name (other Host) is refused.
+    let r = raw(b"POST /api/chat HTTP/1.1\r\nHost: evil.example:8765\r\nContent-Length: 0\r\n\r\n");
+    assert!(r.starts_with("HTTP/1.1 403"), "{r}");
+    let chat = chat_body(None, "hi");
+    let (status, _, _) =
+        http(b.port, "POST", "/api/chat", &[("Origin", "https://evil.example")], &chat);
+    assert_eq!(status, 403);
+    assert_eq!(stub.stats()["chats"], 0, "a refused request reached the gateway");
+    assert_eq!(http(b.port, "GET", "/etc/passwd", &[], b"").0, 404);
+    assert_eq!(http(b.port, "POST", "/api/gateway/restart?action=explode", &[], b"").0, 400);
+    assert_eq!(http(b.port, "GET", "/api/health", &[], b"").0, 200);
+}
+
+/// A multipart body with one file part.
+fn multipart(name: &str, content_type: &str, data: &[u8]) -> (String, Vec<u8>) {
+    let boundary = "----hermeschat-test-boundary";
+    let mut body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\nContent-Type: {content_type}\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(data);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+const PNG: &[u8] =
+    b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x01\0\0\0\x01\x08\x06\0\0\0\x1f\x15\xc4\x89";
+
+#[test]
+fn uploads_multipart_and_raw_hostile_names_types_and_sizes() {
+    let stub = StubGateway::start(0, KEY);
+    let b = backend(stub.port, KEY, |s| s.max_upload = 64 << 10);
+    // Multipart, path traversal in the name.
+    let (ct, body) = multipart("../../../etc/passwd", "text/plain", b"root:x:0:0\n");
+    let (status, _, resp) = http(b.port, "POST", "/api/upload", &[("Content-Type", &ct)], &body);
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&resp));
+    let text_file = json_of(&resp);
+    assert_eq!(text_file["name"], "passwd");
+    assert_eq!(text_file["kind"], "text");
+    assert_eq!(text_file["files"].as_array().unwrap().len(), 1);
+    let uploads = b.dir.join("uploads");
+    for entry in std::fs::read_dir(&uploads).unwrap() {
+        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(name.len() >= 32 && !name.contains("passwd"), "stored as {name}");
+    }
+    assert!(!b.dir.join("etc").exists() && !b.dir.parent().unwrap().join("etc/passwd").exists());
+    // Raw PNG, declared right.
+    let (status, _, resp) = http(
+        b.port,
+        "POST",
+        "/api/upload?name=..%2F..%2Fpixel.png",
+        &[("Content-Type", "image/png")],
+        PNG,
+    );
+    assert_eq!(status, 201);
+    let png = json_of(&resp);
+    assert_eq!(
+        (png["name"].as_str(), png["contentType"].as_str()),
+        (Some("pixel.png"), Some("image/png"))
+    );
+    // Wrong content types: a script claiming to be a PNG, binary claiming to be text, a
+    // header-injection attempt.
+    let (_, _, resp) = http(
+        b.port,
+        "POST",
+        "/api/upload",
+        &[("Content-Type", "image/png")],
+        b"<script>alert(1)</script>",
+    );
+    let fake = json_of(&resp);
+    assert_eq!(fake["contentType"], "application/octet-stream", "{fake}");
+    assert_eq!(fake["declaredType"], "image/png", "{fake}");
+    let (_, _, resp) = http(
+        b.port,
+        "POST",
+        "/api/upload",
+        &[("Content-Type", "text/plain"), ("X-Filename", "bin.txt")],
+        &[0xff, 0xfe, 0x00, 0x80],
+    );
+    assert_eq!(json_of(&resp)["kind"], "binary");
+    let (_, _, resp) =
+        http(b.port, "POST", "/api/upload", &[("Content-Type", "text/html")], b"<html>hi</html>");
+    let html = json_of(&resp);
+    // Too large, empty, multipart without a file.
+    let big = vec![7u8; 65 << 10];
+    let (status, _, _) =
+        http(b.port, "POST", "/api/upload", &[("Content-Type", "application/octet-stream")], &big);
+    assert_eq!(status, 413);
+    let (status, _, _) = http(b.port, "POST", "/api/upload", &[], b"");
+    assert_eq!(status, 400);
+    let (status, _, _) = http(
+        b.port,
+        "POST",
+        "/api/upload",
+        &[("Content-Type", "multipart/form-data; boundary=zz")],
+        b"--zz\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nx\r\n--zz--\r\n",
+    );
+    assert_eq!(status, 400);
+    let (status, _, _) =
+        http(b.port, "POST", "/api/upload", &[("Content-Type", "multipart/form-data")], b"junk");
+    assert_eq!(status, 400);
+    // Listed and fetched back as stored.
+    let list = json_of(&http(b.port, "GET", "/api/uploads", &[], b"").2);
+    assert_eq!(list["files"].as_array().unwrap().len(), 5, "{list}");
+    let (status, h, bytes) = http(b.port, "GET", png["url"].as_str().unwrap(), &[], b"");
+    assert_eq!((status, bytes.as_slice()), (200, PNG));
+    assert_eq!(header(&h, "content-type"), Some("image/png"));
+    assert_eq!(header(&h, "x-content-type-options"), Some("nosniff"));
+    let (_, h, _) = http(b.port, "GET", html["url"].as_str().unwrap(), &[], b"");
+    assert!(header(&h, "content-disposition").unwrap().starts_with("attachment"), "{h:?}");
+    for bad in
+        ["/api/uploads/..%2F..%2Fetc%2Fpasswd", "/api/uploads/../server.log", "/api/uploads/ZZ"]
+    {
+        assert_eq!(http(b.port, "GET", bad, &[], b"").0, 404, "{bad}");
+    }
+    // Used from chat: the text inlined, the image as a data URL.
+    let chat = json!({
+        "messages": [{"role": "user", "content": "look"}],
+        "attachments": [text_file["id"], {"id": png["id"]}],
+    });
+    let (status, _, body) = http(b.port, "POST", "/api/chat", &[], chat.to_string().as_bytes());
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let sent = &stub.stats()["last_chat"]["messages"][0]["content"];
+    let parts = sent.as_array().unwrap_or_else(|| panic!("content parts expected: {sent}"));
+    assert_eq!(parts[0], json!({"type": "text", "text": "look"}));
+    assert!(parts[1]["text"].as_str().unwrap().contains("root:x:0:0"), "{sent}");
+    assert!(
+        parts[2]["image_url"]["url"].as_str().unwrap().starts_with("data:image/png;base64,iVBOR"),
+        "{sent}"
+    );
+    // A text-only attachment keeps a string content; a content part by file_id works too.
+    let chat = json!({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "see"}, {"type": "file", "file_id": text_file["id"]}]}]});
+    assert_eq!(http(b.port, "POST", "/api/chat", &[], chat.to_string().as_bytes()).0, 200);
+    let sent = &stub.stats()["last_chat"]["messages"][0]["content"];
+    assert!(sent[1]["text"].as_str().unwrap().contains("root:x:0:0"), "{sent}");
+    // Delete.
+    let url = fake["url"].as_str().unwrap();
+    assert_eq!(http(b.port, "DELETE", url, &[], b"").0, 200);
+    assert_eq!(http(b.port, "GET", url, &[], b"").0, 404);
+}
+
+#[test]
+fn v1_and_sessions_are_proxied_unchanged_with_the_key_added() {
+    let stub = StubGateway::start(0, KEY);
+    let b = backend(stub.port, KEY, |_| {});
+    let (status, _, body) =
+        http(b.port, "GET", "/v1/models", &[("Authorization", "Bearer phone")], b"");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(json_of(&body)["data"][0]["id"], "hermes-agent");
+    let (status, h, body) = http(
+        b.port,
+        "POST",
+        "/api/sessions/s1/chat?x=1&y=%20",
+        &[("Content-Type", "application/json"), ("X-HermesChat-Client", "hcl_x")],
+        br#"{"message":"hi"}"#,
+    );
+    assert_eq!(status, 200);
+    assert_eq!(header(&h, "x-stub-echo"), Some("1"));
+    let v = json_of(&body);
+    assert_eq!(v["path"], "/api/sessions/s1/chat?x=1&y=%20", "{v}");
+    assert_eq!(v["body"], r#"{"message":"hi"}"#, "{v}");
+    assert_eq!(v["method"], "POST");
+    let (status, _, body) = http(b.port, "DELETE", "/api/sessions/s1", &[], b"");
+    assert_eq!((status, json_of(&body)["method"].as_str()), (200, Some("DELETE")));
+    // Streaming passes through event by event.
+    let c = LocalClient::new("127.0.0.1", b.port);
+    let mut r = c.send("GET", "/v1/runs/r1/events", &[], b"", &Abort::new()).unwrap();
+    assert_eq!(r.header("content-type"), Some("text/event-stream"));
+    let mut buf = vec![0u8; 4096];
+    let mut reads = Vec::new();
+    loop {
+        let n = r.body.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        reads.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert_eq!(reads.len(), 3, "{reads:?}");
+    assert_eq!(stub.stats()["unauthorized"], 0);
+    // Gateway down: a JSON 502 here (not chat).
+    drop(stub);
+    let (status, _, body) = http(b.port, "GET", "/v1/models", &[], b"");
+    assert_eq!(status, 502);
+    assert_eq!(json_of(&body)["error"]["code"], "gateway_offline");
+}
+
+#[test]
+fn direct_fallback_when_the_gateway_is_down() {
+    // The stub doubles as the direct provider (an OpenAI-compatible API on /v1).
+    let provider = StubGateway::start(0, "sk-direct-provider-key");
+    let b = backend(closed_port(), KEY, |s| {
+        s.direct = Some(Direct {
+            base_url: format!("http://127.0.0.1:{}/v1", provider.port),
+            key: "sk-direct-provider-key".into(),
+            model: Some("direct-model".into()),
+        })
+    });
+    let (status, headers, pieces) = chat_pieces(b.port, &chat_body(None, "hi"), &[]);
+    assert_eq!(status, 200);
+    assert_eq!(header(&headers, "x-hermeschat-backend"), Some("direct"));
+    let text: String = pieces.iter().map(|(_, t)| t.as_str()).collect();
+    assert!(text.starts_with(": backend=direct"), "{text}");
+    assert_eq!(sse_content(&text), "Hello from the stub gateway.", "{text}");
+    assert!(pieces.len() >= 4, "direct output must stream too: {} pieces", pieces.len());
+    assert_eq!(provider.stats()["last_chat"]["model"], "direct-model");
+}
+
+#[test]
+fn connections_are_capped() {
+    let b = backend(closed_port(), KEY, |s| s.max_connections = 2);
+    let idle: Vec<TcpStream> =
+        (0..2).map(|_| TcpStream::connect(("127.0.0.1", b.port)).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut third = TcpStream::connect(("127.0.0.1", b.port)).unwrap();
+    third.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut out = String::new();
+    let _ = third.read_to_string(&mut out);
+    assert!(out.starts_with("HTTP/1.1 503"), "{out}");
+    drop(idle);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(http(b.port, "GET", "/api/health", &[], b"").0, 200);
+}
+
+// =============================================================================================
+// End to end: app → relay → daemon → built-in backend → (woken) stub gateway
+
+/// A user whose Hermes config points at a gateway on `port` and whose venv python is a fake
+/// running the stub gateway; `systemctl` is a fake that records its call and fails.
+fn stub_user(tag: &str, port: u16) -> User {
+    let u = User::new(tag);
+    u.write_dotenv(&format!(
+        "API_SERVER_ENABLED=true\nAPI_SERVER_KEY={KEY}\nAPI_SERVER_PORT={port}\n"
+    ));
+    u.fake_venv_with_stub();
+    let marker = u.root.join("systemctl.calls");
+    u.script(
+        &u.bin.join("systemctl"),
+        &format!(
+            "#!/bin/sh\necho \"$@\" >> {}\necho 'Failed to connect to bus: No medium found' >&2\nexit 1\n",
+            marker.display()
+        ),
+    );
+    u
+}
+
+#[test]
+fn e2e_pairing_wakes_the_gateway_chat_streams_and_restart_brings_it_back() {
+    let relay = Relay::new();
+    let gw_port = free_port();
+    let u = stub_user("e2e-wake", gw_port);
+    let (qr, run) = u.pair(&relay.url(), free_port());
+    assert!(
+        run.stdout.contains(&format!(
+            "Hermes Gateway started (via the Hermes venv) (127.0.0.1:{gw_port})"
+        )),
+        "{}",
+        run.stdout
+    );
+    assert!(run.stdout.contains("Built-in Hermes backend ready"), "{}", run.stdout);
+    let calls = std::fs::read_to_string(u.root.join("systemctl.calls")).unwrap_or_default();
+    assert!(calls.contains("--user start hermes-gateway"), "systemd was not tried first: {calls}");
+    let mut app = connect_app(&qr);
+
+    // Streaming chat through the whole path, chunk by chunk.
+    let body = String::from_utf8(chat_body(None, "hello")).unwrap();
+    let chat = |id: &str| {
+        request(id, "POST", "/api/chat", &[("Content-Type", "application/json")], Some(&body))
+    };
+    let r = app_fetch(&mut app, &chat("c1"), Duration::from_secs(20));
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("content-type"), Some("text/event-stream"));
+    assert_eq!(sse_content(&r.text()), "Hello from the stub gateway.", "{r:?}");
+    assert!(r.pieces.len() >= 5, "not chunk by chunk: {} pieces", r.pieces.len());
+    let span = r.pieces.last().unwrap().0 - r.pieces[0].0;
+    assert!(span >= Duration::from_millis(120), "pieces arrived together ({span:?})");
+
+    // Stop the gateway from the app: chat answers an SSE error event.
+    let r = app_fetch(
+        &mut app,
+        &request("s1", "POST", "/api/gateway/restart?action=stop", &[], None),
+        Duration::from_secs(40),
+    );
+    let v = r.json();
+    assert_eq!((v["ok"].as_bool(), v["gateway"].as_str()), (Some(true), Some("offline")), "{v}");
+    assert!(
+        v["attempted"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["name"] == "pid" && s["outcome"] == "ok"),
+        "{v}"
+    );
+    let r = app_fetch(&mut app, &chat("c2"), Duration::from_secs(20));
+    assert_eq!(r.status, 200);
+    assert_eq!(sse_error(&r.text()).expect("error event")["code"], "gateway_offline", "{r:?}");
+    let v = app_fetch(
+        &mut app,
+        &request("h1", "GET", "/api/gateway/health", &[], None),
+        Duration::from_secs(10),
+    )
+    .json();
+    assert_eq!(v["backend"], "none", "{v}");
+
+    // Start it again from the app.
+    let r = app_fetch(
+        &mut app,
+        &request("s2", "POST", "/api/gateway/restart?action=start", &[], None),
+        Duration::from_secs(40),
+    );
+    let v = r.json();
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["startedVia"], "venv", "{v}");
+    let steps: Vec<&str> =
+        v["attempted"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(steps, ["systemd", "venv"], "{v}");
+    assert!(v["log"].as_str().unwrap().contains("hermes_cli.main gateway run"), "{v}");
+    assert!(v["log"].as_str().unwrap().len() <= 4096);
+    let r = app_fetch(&mut app, &chat("c3"), Duration::from_secs(20));
+    assert_eq!(sse_content(&r.text()), "Hello from the stub gateway.", "{r:?}");
+
+    // Restart: stop then start.
+    let v = app_fetch(
+        &mut app,
+        &request("s3", "POST", "/api/gateway/restart?action=restart", &[], None),
+        Duration::from_secs(40),
+    )
+    .json();
+    assert_eq!((v["ok"].as_bool(), v["gateway"].as_str()), (Some(true), Some("online")), "{v}");
+    let log = u.server_log();
+    assert!(log.contains("POST /api/chat -> 200"), "{log}");
+    assert!(!log.contains(KEY) && !u.gateway_log().contains(KEY), "the key leaked into a log");
+}
+
+#[test]
+fn e2e_wake_failures_are_diagnosed_by_name_and_never_block_pairing() {
+    let relay = Relay::new();
+    // (setup, expected words in the "not running" line)
+    type Setup = Box<dyn Fn(&User, u16)>;
+    let cases: Vec<(&str, Setup, &str)> = vec![
+        (
+            "not-enabled",
+            Box::new(|u: &User, _| u.write_dotenv("# nothing here\n")),
+            "API server is not enabled",
+        ),
+        (
+            "short-key",
+            Box::new(|u: &User, p| {
+                u.write_dotenv(&format!(
+                    "API_SERVER_ENABLED=true\nAPI_SERVER_KEY=short\nAPI_SERVER_PORT={p}\n"
+                ))
+            }),
+            "API_SERVER_KEY is too short (5 characters",
+        ),
+        (
+            "no-key",
+            Box::new(|u: &User, p| {
+                u.write_dotenv(&format!("API_SERVER_ENABLED=true\nAPI_SERVER_PORT={p}\n"))
+            }),
+            "API_SERVER_KEY is missing",
+        ),
+        (
+            "no-aiohttp",
+            Box::new(|u: &User, p| {
+                u.write_dotenv(&format!("API_SERVER_KEY={KEY}\nAPI_SERVER_PORT={p}\n"));
+                u.script(&u.venv_python(), "#!/bin/sh\nexit 1\n");
+                let site = u.hermes().join("hermes-agent/venv/lib/python3.11/site-packages");
+                std::fs::create_dir_all(site.join("yaml")).unwrap();
+            }),
+            "aiohttp is missing",
+        ),
+        (
+            "aiohttp-at-runtime",
+            Box::new(|u: &User, p| {
+                u.write_dotenv(&format!("API_SERVER_KEY={KEY}\nAPI_SERVER_PORT={p}\n"));
+                u.script(
+                    &u.venv_python(),
+                    "#!/bin/sh\necho 'WARNING gateway.run: API Server: aiohttp not installed' >&2\nsleep 30\n",
+                );
+            }),
+            "aiohttp is missing",
+        ),
+    ];
+    for (tag, setup, words) in cases {
+        let port = free_port();
+        let u = User::new(tag);
+        setup(&u, port);
+        let t0 = Instant::now();
+        let (_, run) = u.pair(&relay.url(), free_port());
+        let took = t0.elapsed();
+        assert!(
+            run.stdout.contains("Hermes Gateway not running") && run.stdout.contains(words),
+            "{tag}: {}",
+            run.stdout
+        );
+        for cmd in [
+            "hermes gateway start",
+            "systemctl --user start hermes-gateway",
+            "-m hermes_cli.main gateway run",
+        ] {
+            assert!(
+                run.stdout.contains(cmd),
+                "{tag}: manual command {cmd:?} missing: {}",
+                run.stdout
+            );
+        }
+        assert!(took < Duration::from_secs(25), "{tag}: pairing took {took:?}");
+        u.kill_gateway();
+    }
+
+    // Port held by something that is not the gateway.
+    let squatter = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = squatter.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut c in squatter.incoming().flatten() {
+            let mut buf = [0u8; 1024];
+            let _ = c.read(&mut buf);
+            let _ = c.write_all(
+                b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            );
+        }
+    });
+    let u = stub_user("squatter", port);
+    let (_, run) = u.pair(&relay.url(), free_port());
+    assert!(
+        run.stdout.contains(&format!("port 127.0.0.1:{port} is held by something else")),
+        "{}",
+        run.stdout
+    );
+    assert!(run.stdout.contains("lsof -nP -iTCP:"), "{}", run.stdout);
+}

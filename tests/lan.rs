@@ -1,0 +1,906 @@
+//! End-to-end tests of `hermeschat-pair --local` (LAN-only direct mode, PROTOCOL §8): the real
+//! CLI and its daemon serving `ws://127.0.0.1:<port>/ws/app` (`--host 127.0.0.1`), the FastAPI
+//! backend fixture (`tests/fixtures/backend.py`), and an app test client speaking the frames
+//! straight to the daemon. No relay is involved except in the mode-switch test.
+//!
+//! Every test has its own state directory, working directory, ports and backend, and stops its
+//! daemon on the way out. Needs `python3 -m pip install -r tests/fixtures/requirements.txt`.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{ConnectError, Relay, Ws, b64, fresh_dir, random_bytes, unb64, ws_connect};
+use hermeschat_pair::protocol::{ErrorCode, Frame, Headers, RequestFrame};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tungstenite::Message;
+
+const PAIR_BIN: &str = env!("CARGO_BIN_EXE_hermeschat-pair");
+const CMD_TIMEOUT: Duration = Duration::from_secs(60);
+const RECV: Duration = Duration::from_secs(10);
+
+// =============================================================================================
+// The CLI
+
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn all(&self) -> String {
+        format!("{}\n{}", self.stdout, self.stderr)
+    }
+
+    #[track_caller]
+    fn assert_code(&self, code: i32, what: &str) {
+        assert_eq!(
+            self.code,
+            Some(code),
+            "{what}: exit code\n--- stdout:\n{}\n--- stderr:\n{}",
+            self.stdout,
+            self.stderr
+        );
+    }
+}
+
+fn read_all<R: Read + Send + 'static>(mut r: R) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = r.read_to_end(&mut buf);
+        let _ = tx.send(String::from_utf8_lossy(&buf).into_owned());
+    });
+    rx
+}
+
+fn try_run(mut cmd: Command, timeout: Duration) -> Result<Run, String> {
+    let shown = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {shown}: {e}"))?;
+    let out = read_all(child.stdout.take().unwrap());
+    let err = read_all(child.stderr.take().unwrap());
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Ok(Some(s)) = child.try_wait() {
+            break s;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("{shown} did not finish within {timeout:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stdout = out
+        .recv_timeout(Duration::from_secs(5))
+        .map_err(|_| format!("{shown}: stdout stayed open (the daemon holds it)"))?;
+    let stderr = err
+        .recv_timeout(Duration::from_secs(5))
+        .map_err(|_| format!("{shown}: stderr stayed open (the daemon holds it)"))?;
+    Ok(Run { code: status.code(), stdout, stderr })
+}
+
+/// A free loopback port (bound, then released).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// One user's machine: state directory, working directory, the LAN port it uses.
+struct Env {
+    root: PathBuf,
+    home: PathBuf,
+    cwd: PathBuf,
+    lan_port: u16,
+}
+
+impl Env {
+    fn new() -> Env {
+        let root = fresh_dir("lan");
+        let home = root.join("home");
+        let cwd = root.join("cwd");
+        std::fs::create_dir_all(&cwd).unwrap();
+        Env { root, home, cwd, lan_port: free_port() }
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(PAIR_BIN);
+        cmd.args(args)
+            .env("HERMESCHAT_HOME", &self.home)
+            .env("NO_COLOR", "1")
+            .env_remove("HERMESCHAT_REGISTRY_URL")
+            .env_remove("HERMESCHAT_LOCAL_HOST")
+            .env_remove("HERMESCHAT_LOCAL_PORT")
+            .env_remove("HERMESCHAT_LAN_TOKEN_TTL_SECS")
+            .current_dir(&self.cwd);
+        cmd
+    }
+
+    #[track_caller]
+    fn run(&self, args: &[&str]) -> Run {
+        self.run_env(args, &[])
+    }
+
+    #[track_caller]
+    fn run_env(&self, args: &[&str], vars: &[(&str, &str)]) -> Run {
+        let mut cmd = self.cmd(args);
+        cmd.envs(vars.iter().copied());
+        try_run(cmd, CMD_TIMEOUT).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// `args` plus `--local --host 127.0.0.1 --local-port <ours> --port <backend>`.
+    fn local_args<'a>(
+        &'a self,
+        backend_port: &'a str,
+        lan_port: &'a str,
+        extra: &[&'a str],
+    ) -> Vec<&'a str> {
+        let mut args = vec![
+            "--local",
+            "--host",
+            "127.0.0.1",
+            "--local-port",
+            lan_port,
+            "--port",
+            backend_port,
+        ];
+        args.extend_from_slice(extra);
+        args
+    }
+
+    /// `--local --json` (plus `extra`): asserts success and returns the QR payload.
+    #[track_caller]
+    fn pair_json(&self, backend: &Backend, extra: &[&str], vars: &[(&str, &str)]) -> LocalQr {
+        let (bp, lp) = (backend.port.to_string(), self.lan_port.to_string());
+        let mut args = self.local_args(&bp, &lp, &["--json"]);
+        args.extend_from_slice(extra);
+        let run = self.run_env(&args, vars);
+        run.assert_code(0, "hermeschat-pair --local --json");
+        parse_local_payload(&run.stdout)
+    }
+
+    fn url(&self) -> String {
+        format!("ws://127.0.0.1:{}/ws/app", self.lan_port)
+    }
+
+    fn pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.home.join("bridge.pid")).ok()?.trim().parse().ok()
+    }
+
+    fn lock_held(&self) -> bool {
+        let Ok(file) =
+            std::fs::OpenOptions::new().read(true).write(true).open(self.home.join("bridge.pid"))
+        else {
+            return false;
+        };
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a descriptor we own; our lock (if taken) ends when `file` drops.
+        unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) != 0 }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.home.join("bridge.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if self.home.exists() {
+            let pid = self.pid();
+            let _ = try_run(self.cmd(&["--stop"]), Duration::from_secs(20));
+            if self.lock_held()
+                && let Some(pid) = pid.or(self.pid())
+            {
+                // SAFETY: signals the daemon this test started.
+                unsafe {
+                    libc::kill(pid as libc::pid_t, libc::SIGKILL);
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+/// The LAN QR payload.
+#[derive(Debug, Clone)]
+struct LocalQr {
+    url: String,
+    token: String,
+    expires_at: u64,
+}
+
+/// Checks `--json` output: one line, exactly `{"mode":"hermes-local","url","token","expiresAt"}`.
+#[track_caller]
+fn parse_local_payload(stdout: &str) -> LocalQr {
+    let lines: Vec<&str> = stdout.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "--json must print exactly one line, got:\n{stdout}");
+    let v: Value = serde_json::from_str(lines[0]).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    let keys: BTreeSet<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(keys, BTreeSet::from(["mode", "url", "token", "expiresAt"]), "{v}");
+    assert_eq!(v["mode"], "hermes-local", "{v}");
+    let token = v["token"].as_str().unwrap().to_owned();
+    assert!(token.starts_with("hpt_") && token.len() == 68, "token form: {v}");
+    LocalQr {
+        url: v["url"].as_str().unwrap().to_owned(),
+        token,
+        expires_at: v["expiresAt"].as_u64().expect("expiresAt is unix ms"),
+    }
+}
+
+fn now_ms() -> u64 {
+    common::now_ms()
+}
+
+// =============================================================================================
+// The FastAPI backend fixture (as in tests/pair.rs)
+
+struct Backend {
+    child: Option<Child>,
+    port: u16,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Backend {
+    fn start() -> Backend {
+        let python = std::env::var("HERMESCHAT_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/backend.py");
+        let mut child = Command::new(&python)
+            .arg(script)
+            .arg("0")
+            .env("PYTHONUNBUFFERED", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {python} {script}: {e}"));
+        let stderr: Arc<Mutex<String>> = Arc::default();
+        let sink = stderr.clone();
+        let mut err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let (tx, rx) = mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        let mut b = Backend { child: Some(child), port: 0, stderr };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) => {
+                    if let Some(p) = line.strip_prefix("READY ") {
+                        b.port = p.trim().parse().unwrap();
+                        return b;
+                    }
+                }
+                Err(_) => {
+                    let stderr = b.stderr.lock().unwrap().clone();
+                    drop(b);
+                    panic!(
+                        "the FastAPI fixture did not print READY within 30 s (pip install -r \
+                         tests/fixtures/requirements.txt?)\n{stderr}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+// =============================================================================================
+// The app side of a LAN socket
+
+/// A LAN app socket that keeps the raw text of every frame (to check what is on the wire).
+struct LanApp {
+    ws: Ws,
+}
+
+/// One thing read from the socket.
+#[derive(Debug)]
+enum Got {
+    Text(String),
+    Closed(Option<u16>),
+    Timeout,
+}
+
+impl LanApp {
+    /// Connects with `Authorization: Bearer <credential>`.
+    fn connect(url: &str, credential: &str) -> Result<LanApp, ConnectError> {
+        let auth = format!("Bearer {credential}");
+        ws_connect(url, &[("Authorization", &auth)]).map(|ws| LanApp { ws })
+    }
+
+    #[track_caller]
+    fn connect_ok(url: &str, credential: &str) -> LanApp {
+        LanApp::connect(url, credential).unwrap_or_else(|e| panic!("LAN connect refused: {e:?}"))
+    }
+
+    fn next(&mut self, timeout: Duration) -> Got {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Got::Timeout;
+            }
+            let _ = self.ws.get_mut().set_read_timeout(Some(left));
+            match self.ws.read() {
+                Ok(Message::Text(t)) => return Got::Text(t.as_str().to_owned()),
+                Ok(Message::Close(cf)) => return Got::Closed(cf.map(|c| u16::from(c.code))),
+                Ok(_) => continue,
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Got::Timeout;
+                }
+                Err(_) => return Got::Closed(None),
+            }
+        }
+    }
+
+    /// The next frame; asserts no `client` field is on the wire (PROTOCOL §8).
+    #[track_caller]
+    fn recv(&mut self) -> Frame {
+        match self.next(RECV) {
+            Got::Text(t) => {
+                let raw: Value = serde_json::from_str(&t).unwrap_or_else(|e| panic!("{e}: {t}"));
+                assert!(raw.get("client").is_none(), "a LAN frame carries client: {t}");
+                serde_json::from_str(&t).unwrap_or_else(|e| panic!("not a frame ({e}): {t}"))
+            }
+            other => panic!("expected a frame, got {other:?}"),
+        }
+    }
+
+    fn send(&mut self, f: &Frame) {
+        self.ws.send(Message::text(f.to_json())).unwrap();
+    }
+
+    /// Frames of request `id` up to its terminal frame (nothing else may arrive meanwhile).
+    #[track_caller]
+    fn until_terminal(&mut self, id: &str) -> Vec<(Instant, Frame)> {
+        let mut out = Vec::new();
+        loop {
+            let f = self.recv();
+            assert_eq!(f.request_id(), Some(id), "unexpected frame {f:?}");
+            let end = f.is_terminal();
+            out.push((Instant::now(), f));
+            if end {
+                return out;
+            }
+        }
+    }
+
+    #[track_caller]
+    fn fetch(&mut self, f: &Frame) -> Whole {
+        let id = f.request_id().unwrap().to_owned();
+        self.send(f);
+        assemble(self.until_terminal(&id).into_iter().map(|(_, f)| f).collect())
+    }
+
+    #[track_caller]
+    fn wait_close(&mut self) -> Option<u16> {
+        let deadline = Instant::now() + RECV;
+        loop {
+            match self.next(deadline.saturating_duration_since(Instant::now())) {
+                Got::Closed(code) => return code,
+                Got::Timeout => panic!("socket not closed within {RECV:?}"),
+                Got::Text(_) => {}
+            }
+        }
+    }
+}
+
+/// Pairs with the token: asserts `paired` then `bridge.status` online; returns the credentials.
+#[track_caller]
+fn pair_app(url: &str, token: &str) -> (String, String, LanApp) {
+    let mut app = LanApp::connect_ok(url, token);
+    let Frame::Paired { client_id, client_secret } = app.recv() else {
+        panic!("the first frame after pairing must be paired")
+    };
+    assert!(client_id.starts_with("hcl_") && client_id.len() == 20, "{client_id}");
+    assert!(client_secret.starts_with("hcs_") && client_secret.len() == 68);
+    assert_eq!(app.recv(), Frame::BridgeStatus { online: true });
+    (client_id, client_secret, app)
+}
+
+/// Connects with a clientSecret: asserts `bridge.status` online first.
+#[track_caller]
+fn reconnect(url: &str, secret: &str) -> LanApp {
+    let mut app = LanApp::connect_ok(url, secret);
+    assert_eq!(app.recv(), Frame::BridgeStatus { online: true });
+    app
+}
+
+#[track_caller]
+fn refused(url: &str, credential: &str) -> (u16, Value) {
+    match LanApp::connect(url, credential) {
+        Ok(_) => panic!("the LAN server accepted a credential it must refuse"),
+        Err(ConnectError::Http(status, body)) => {
+            (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+        }
+        Err(e) => panic!("expected an HTTP refusal, got {e:?}"),
+    }
+}
+
+fn request(
+    id: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> Frame {
+    let headers: Headers =
+        headers.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+    Frame::Request(RequestFrame {
+        id: id.into(),
+        client: None,
+        method: method.into(),
+        path: path.into(),
+        headers,
+        body: body.map(str::to_owned),
+        body_base64: false,
+    })
+}
+
+#[derive(Debug)]
+struct Whole {
+    status: u16,
+    headers: Headers,
+    body: Vec<u8>,
+    streamed: bool,
+}
+
+#[track_caller]
+fn assemble(frames: Vec<Frame>) -> Whole {
+    let bytes = |b: &str, b64: bool| if b64 { unb64(b) } else { b.as_bytes().to_vec() };
+    match frames.first() {
+        Some(Frame::Response(r)) => Whole {
+            status: r.status,
+            headers: r.headers.clone(),
+            body: bytes(&r.body, r.body_base64),
+            streamed: false,
+        },
+        Some(Frame::ResponseStart { status, headers, .. }) => {
+            let mut body = Vec::new();
+            for f in &frames[1..frames.len() - 1] {
+                let Frame::ResponseChunk { body: b, body_base64, .. } = f else {
+                    panic!("unexpected {f:?}")
+                };
+                body.extend(bytes(b, *body_base64));
+            }
+            assert!(matches!(frames.last(), Some(Frame::ResponseEnd { .. })), "{frames:?}");
+            Whole { status: *status, headers: headers.clone(), body, streamed: true }
+        }
+        _ => panic!("expected a response, got {frames:?}"),
+    }
+}
+
+fn header<'a>(h: &'a Headers, name: &str) -> Option<&'a str> {
+    h.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+}
+
+/// Round trip through `/api/echo`: the backend saw the device's clientId.
+#[track_caller]
+fn assert_echo(app: &mut LanApp, id: &str, client_id: &str) {
+    let body = json!({"id": id, "text": "héllo ✓"}).to_string();
+    let w = app.fetch(&request(
+        id,
+        "POST",
+        "/api/echo",
+        &[("Content-Type", "application/json")],
+        Some(&body),
+    ));
+    assert_eq!(w.status, 200, "{w:?}");
+    let v: Value = serde_json::from_slice(&w.body).unwrap();
+    assert_eq!(v["body"], json!({"id": id, "text": "héllo ✓"}), "{v}");
+    assert_eq!(v["client"], client_id, "X-HermesChat-Client at the backend: {v}");
+}
+
+// =============================================================================================
+// Tests
+
+#[test]
+fn pair_with_the_token_then_reconnect_with_the_secret() {
+    let env = Env::new();
+    let backend = Backend::start();
+    let before = now_ms();
+    let qr = env.pair_json(&backend, &[], &[]);
+    assert_eq!(qr.url, env.url(), "QR url");
+    let ttl = qr.expires_at.saturating_sub(before);
+    assert!((590_000..=610_000).contains(&ttl), "token lives 10 minutes: {ttl} ms");
+
+    // No relay, no registry: LAN-only mode needs no bridge.json.
+    assert!(!env.home.join("bridge.json").exists());
+    let lan_json = env.home.join("lan.json");
+    let mode = std::fs::metadata(&lan_json).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "lan.json mode");
+
+    let (client_id, secret, mut app) = pair_app(&qr.url, &qr.token);
+    assert_echo(&mut app, "r1", &client_id);
+
+    // Single use: the token is refused from now on, before the upgrade.
+    let (status, body) = refused(&qr.url, &qr.token);
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(body["error"]["code"], "UNAUTHORIZED", "{body}");
+
+    // Only digests on disk.
+    let text = std::fs::read_to_string(&lan_json).unwrap();
+    assert!(!text.contains(&secret) && !text.contains(&qr.token), "{text}");
+    assert!(text.contains(&client_id), "{text}");
+
+    // The same device reconnects with its secret: the old socket is replaced (4002).
+    let mut again = reconnect(&qr.url, &secret);
+    assert_eq!(app.wait_close(), Some(4002));
+    assert_echo(&mut again, "r1", &client_id);
+
+    // ?token= works as well as the header.
+    drop(again);
+    let url = format!("{}?token={secret}", qr.url);
+    let mut q = LanApp { ws: ws_connect(&url, &[]).expect("?token= connect") };
+    assert_eq!(q.recv(), Frame::BridgeStatus { online: true });
+    assert_echo(&mut q, "r2", &client_id);
+
+    // --status shows LAN mode, the address and the device.
+    let run = env.run(&["--status", "--json", "--port", &backend.port.to_string()]);
+    run.assert_code(0, "--status --json in LAN mode");
+    let v: Value = serde_json::from_str(run.stdout.trim()).unwrap();
+    assert_eq!(v["healthy"], true, "{v}");
+    assert_eq!(v["lan"]["serving"], true, "{v}");
+    assert_eq!(v["lan"]["url"], qr.url, "{v}");
+    assert_eq!(v["lan"]["devices"][0]["clientId"], client_id, "{v}");
+    assert_eq!(v["lan"]["devices"][0]["online"], true, "{v}");
+    let run = env.run(&["--status", "--port", &backend.port.to_string()]);
+    run.assert_code(0, "--status in LAN mode");
+    assert!(run.stdout.contains("LAN mode: serving ws://127.0.0.1:"), "{}", run.stdout);
+    assert!(run.stdout.contains(&client_id), "{}", run.stdout);
+    assert!(!run.stdout.contains("Relay"), "{}", run.stdout);
+
+    // No secret in the daemon's log.
+    let log = env.log();
+    assert!(log.contains("LAN server listening"), "{log}");
+    for s in [&secret, &qr.token] {
+        assert!(!log.contains(s.as_str()), "secret in bridge.log:\n{log}");
+    }
+}
+
+#[test]
+fn expired_token_is_refused_and_refresh_code_gives_a_new_one() {
+    let env = Env::new();
+    let backend = Backend::start();
+    let qr = env.pair_json(&backend, &[], &[("HERMESCHAT_LAN_TOKEN_TTL_SECS", "1")]);
+    let pid = env.pid().unwrap();
+    std::thread::sleep(Duration::from_millis(1300));
+    let (status, body) = refused(&qr.url, &qr.token);
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(body["error"]["code"], "PAIRING_TOKEN_EXPIRED", "{body}");
+
+    // --refresh-code --local: a new token, the daemon untouched.
+    let fresh = env.pair_json(&backend, &["--refresh-code"], &[]);
+    assert_ne!(fresh.token, qr.token);
+    assert_eq!(env.pid(), Some(pid), "--refresh-code --local must keep the daemon");
+    let (client_id, _, mut app) = pair_app(&fresh.url, &fresh.token);
+    assert_echo(&mut app, "a", &client_id);
+    // The expired one stays refused (replaced now).
+    assert_eq!(refused(&qr.url, &qr.token).0, 401);
+    // Without --host/--local-port, --refresh-code keeps what the running daemon serves.
+    let bp = backend.port.to_string();
+    let run = env.run(&["--refresh-code", "--local", "--json", "--port", &bp]);
+    run.assert_code(0, "--refresh-code --local without --host");
+    assert_eq!(parse_local_payload(&run.stdout).url, qr.url);
+    assert_eq!(env.pid(), Some(pid), "--refresh-code --local must keep the daemon");
+    assert_echo(&mut app, "b", &client_id);
+}
+
+#[test]
+fn requests_and_streaming_are_byte_exact_through_the_direct_socket() {
+    let env = Env::new();
+    let backend = Backend::start();
+    let qr = env.pair_json(&backend, &[], &[]);
+    let (_, _, mut app) = pair_app(&qr.url, &qr.token);
+
+    // 3 MiB of binary from the backend: streamed, byte-exact.
+    let w = app.fetch(&request("bin", "GET", "/api/binary?size=3145728&seed=7", &[], None));
+    assert_eq!(w.status, 200);
+    assert!(w.streamed, "a 3 MiB response is streamed");
+    assert_eq!(w.body.len(), 3 << 20);
+    let want = header(&w.headers, "x-sha256").unwrap().to_owned();
+    assert_eq!(format!("{:x}", Sha256::digest(&w.body)), want);
+
+    // 2 MiB of random bytes up as base64: the backend hashes exactly what we sent.
+    let bytes = random_bytes(2 << 20);
+    let mut up =
+        request("up", "POST", "/api/raw", &[("Content-Type", "application/octet-stream")], None);
+    if let Frame::Request(r) = &mut up {
+        r.body = Some(b64(&bytes));
+        r.body_base64 = true;
+    }
+    let w = app.fetch(&up);
+    let v: Value = serde_json::from_slice(&w.body).unwrap();
+    assert_eq!(v["size"], bytes.len());
+    assert_eq!(v["sha256"], format!("{:x}", Sha256::digest(&bytes)));
+
+    // SSE: each event arrives on its own, as the backend flushes it (gap 300 ms).
+    app.send(&request("sse", "GET", "/api/sse?n=4&gap_ms=300", &[], None));
+    let frames = app.until_terminal("sse");
+    let Frame::ResponseStart { status, headers, .. } = &frames[0].1 else {
+        panic!("SSE must be streamed: {frames:?}")
+    };
+    assert_eq!(*status, 200);
+    assert!(header(headers, "content-type").unwrap().starts_with("text/event-stream"));
+    let chunks: Vec<(Instant, String)> = frames[1..frames.len() - 1]
+        .iter()
+        .map(|(t, f)| match f {
+            Frame::ResponseChunk { body, body_base64: false, .. } => (*t, body.clone()),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    let text: String = chunks.iter().map(|(_, b)| b.as_str()).collect();
+    assert_eq!(text.matches("event: tick").count(), 4, "{text}");
+    assert!(chunks.len() >= 4, "one chunk per event at least: {chunks:?}");
+    let spread = chunks.last().unwrap().0.duration_since(chunks[0].0);
+    assert!(spread >= Duration::from_millis(600), "events were held back: {spread:?}");
+
+    // Refusals still come back per request, without client.
+    app.send(&request("adm", "GET", "/admin", &[], None));
+    match app.recv() {
+        Frame::ResponseError { id, code, .. } => {
+            assert_eq!((id.as_str(), code), ("adm", ErrorCode::ForbiddenPath));
+        }
+        other => panic!("{other:?}"),
+    }
+    // A bad frame gets BAD_FRAME and the socket stays up.
+    app.ws.send(Message::text("{nope")).unwrap();
+    assert!(matches!(app.recv(), Frame::Error { code: ErrorCode::BadFrame, .. }));
+    let w = app.fetch(&request("ok", "GET", "/api/health", &[], None));
+    assert_eq!(w.status, 200);
+}
+
+#[test]
+fn stop_closes_the_lan_socket_and_the_port() {
+    let env = Env::new();
+    let backend = Backend::start();
+    let qr = env.pair_json(&backend, &[], &[]);
+    let (_, _, mut app) = pair_app(&qr.url, &qr.token);
+    let run = env.run(&["--stop"]);
+    run.assert_code(0, "--stop");
+    assert_eq!(app.wait_close(), Some(1001), "the app hears the bridge go away");
+    assert!(
+        TcpStream::connect(("127.0.0.1", env.lan_port)).is_err(),
+        "the LAN port still accepts after --stop"
+    );
+    env.run(&["--stop"]).assert_code(0, "--stop again");
+}
+
+#[test]
+fn reset_local_forgets_every_lan_device() {
+    let env = Env::new();
+    let backend = Backend::start();
+    let qr = env.pair_json(&backend, &[], &[]);
+    let (_, secret, mut app) = pair_app(&qr.url, &qr.token);
+    let (bp, lp) = (backend.port.to_string(), env.lan_port.to_string());
+    let run = env.run(&env.local_args(&bp, &lp, &["--reset"]));
+    run.assert_code(0, "--reset --local");
+    assert!(run.stdout.contains("Forgot 1 LAN device"), "{}", run.all());
+    assert!(std::path::Path::new(&env.cwd.join("hermeschat_pair.png")).exists(), "QR image");
+    assert!(matches!(app.wait_close(), Some(1001) | None));
+    assert_eq!(refused(&qr.url, &secret).0, 401, "a forgotten device must be refused");
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(env.home.join("lan.json")).unwrap()).unwrap();
+    assert_eq!(v["devices"].as_array().map(Vec::len), Some(0), "devices after --reset: {v}");
+    assert!(v["token"].is_object(), "a fresh token after --reset: {v}");
+}
+
+#[test]
+fn unauthenticated_attempts_get_401_and_then_429() {
+    let env = Env::new();
+    let backend = Backend::start();
+    let qr = env.pair_json(&backend, &[], &[]);
+    // No credential at all.
+    let no_auth = ws_connect(&qr.url, &[]).map(|_| ()).unwrap_err();
+    assert_eq!(no_auth.status(), Some(401));
+    // A well-formed but unknown secret, and garbage.
+    let fake = format!("hcs_{}", "0".repeat(64));
+    assert_eq!(refused(&qr.url, &fake).0, 401);
+    for _ in 0..8 {
+        assert_eq!(refused(&qr.url, "hpt_guess").0, 401);
+    }
+    // The 11th attempt inside the minute is slowed down, even with the right token.
+    match LanApp::connect(&qr.url, &qr.token) {
+        Err(ConnectError::Http(429, body)) => assert!(body.contains("RATE_LIMITED"), "{body}"),
+        other => panic!("expected 429, got {:?}", other.map(|_| ())),
+    }
+    // A plain HTTP request to the route (not an upgrade) is refused too, never served.
+    let mut s = TcpStream::connect(("127.0.0.1", env.lan_port)).unwrap();
+    s.write_all(b"GET /ws/app HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 429") || answer.starts_with("HTTP/1.1 401"), "{answer}");
+    let log = env.log();
+    assert!(log.contains("429"), "{log}");
+}
+
+#[test]
+fn bad_host_is_a_usage_error_and_no_qr_is_printed() {
+    let env = Env::new();
+    let backend = Backend::start();
+    let bp = backend.port.to_string();
+    let run = env.run(&["--local", "--host", "0.0.0.0", "--port", &bp]);
+    run.assert_code(2, "--host 0.0.0.0");
+    let run = env.run(&["--local", "--host", "not-an-ip", "--port", &bp]);
+    run.assert_code(2, "--host not-an-ip");
+    assert!(run.all().contains("--host"), "{}", run.all());
+    // An address that is not this machine's: the daemon cannot bind it; exit 1, no QR.
+    let run = env.run(&["--local", "--host", "192.0.2.1", "--port", &bp, "--local-port", "18766"]);
+    run.assert_code(1, "--host of another machine");
+    assert!(!run.stdout.contains("hermes-local"), "{}", run.stdout);
+    assert!(!env.cwd.join("hermeschat_pair.png").exists());
+}
+
+#[test]
+fn no_backend_means_no_qr() {
+    let env = Env::new();
+    let dead = free_port().to_string();
+    let lp = env.lan_port.to_string();
+    let run = env.run(&env.local_args(&dead, &lp, &["--no-server"]));
+    run.assert_code(1, "--local without a backend");
+    assert!(!run.stdout.contains("hermes-local"), "{}", run.stdout);
+    assert!(!env.cwd.join("hermeschat_pair.png").exists());
+    assert!(env.pid().is_none(), "no daemon without a backend");
+}
+
+#[test]
+fn local_restarts_a_relay_daemon_in_lan_mode_and_back() {
+    let env = Env::new();
+    let backend = Backend::start();
+    let relay = Relay::new();
+    let bp = backend.port.to_string();
+    let server = relay.url();
+    env.run(&["--json", "--server", &server, "--port", &bp]).assert_code(0, "relay pairing");
+    let relay_pid = env.pid().unwrap();
+
+    let (bp2, lp) = (bp.clone(), env.lan_port.to_string());
+    let run = env.run(&env.local_args(&bp2, &lp, &[]));
+    run.assert_code(0, "--local over a relay daemon");
+    assert!(run.all().contains("relay-mode bridge daemon"), "{}", run.all());
+    assert_ne!(env.pid(), Some(relay_pid), "the daemon must be restarted in LAN mode");
+    let status: Value =
+        serde_json::from_str(env.run(&["--status", "--json", "--port", &bp]).stdout.trim())
+            .unwrap();
+    assert_eq!(status["lan"]["serving"], true, "{status}");
+    assert_eq!(status["relay"]["connected"], false, "{status}");
+    assert!(env.home.join("bridge.json").exists(), "the relay identity is kept");
+
+    // And back: the plain command restarts it in relay mode.
+    env.run(&["--json", "--server", &server, "--port", &bp]).assert_code(0, "relay again");
+    // The registry may report the bridge online a moment before status.json says so.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        let run = env.run(&["--status", "--json", "--port", &bp]);
+        let status: Value = serde_json::from_str(run.stdout.trim()).unwrap();
+        if status["relay"]["connected"] == true || Instant::now() >= deadline {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_ne!(status["lan"]["serving"], true, "{status}");
+    assert_eq!(status["relay"]["connected"], true, "{status}");
+    assert!(TcpStream::connect(("127.0.0.1", env.lan_port)).is_err(), "LAN port still open");
+}
+
+/// A tiny backend that offers `POST /api/local-bridge/register-token`.
+fn token_backend() -> (u16, mpsc::Receiver<Value>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            let (head_end, len) = loop {
+                let Ok(n) = s.read(&mut chunk) else { break (0, 0) };
+                if n == 0 {
+                    break (0, 0);
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
+                    let len = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    break (i + 4, len);
+                }
+            };
+            if head_end == 0 {
+                continue;
+            }
+            while buf.len() < head_end + len {
+                match s.read(&mut chunk) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let first =
+                String::from_utf8_lossy(&buf[..head_end]).lines().next().unwrap_or("").to_owned();
+            let body = if first.starts_with("POST /api/local-bridge/register-token") {
+                let v: Value = serde_json::from_slice(&buf[head_end..]).unwrap_or(Value::Null);
+                let _ = tx.send(v);
+                r#"{"ok":true}"#
+            } else {
+                r#"{"status":"ok"}"#
+            };
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    (port, rx)
+}
+
+#[test]
+fn a_backend_with_register_token_serves_the_lan_itself() {
+    let env = Env::new();
+    let (port, registered) = token_backend();
+    let (bp, lp) = (port.to_string(), env.lan_port.to_string());
+    let run = env.run(&env.local_args(&bp, &lp, &["--json"]));
+    run.assert_code(0, "--local with a token-taking backend");
+    let qr = parse_local_payload(&run.stdout);
+    assert_eq!(qr.url, format!("ws://127.0.0.1:{port}/ws/app"), "the backend's LAN URL");
+    let got = registered.recv_timeout(Duration::from_secs(5)).expect("token registered");
+    assert_eq!(got["token"], qr.token, "{got}");
+    assert_eq!(got["expiresAt"], qr.expires_at, "{got}");
+    assert!(env.pid().is_none(), "no daemon is needed when the backend serves the LAN");
+}
+
+#[test]
+fn the_built_in_backend_is_served_over_the_lan() {
+    // Nothing listens on the backend port: the daemon starts the built-in backend there and
+    // serves the LAN (the zero-setup path of the README).
+    let env = Env::new();
+    let (bp, lp) = (free_port().to_string(), env.lan_port.to_string());
+    let run = env.run(&env.local_args(&bp, &lp, &["--json"]));
+    run.assert_code(0, "--local with the built-in backend");
+    let qr = parse_local_payload(&run.stdout);
+    let (_, _, mut app) = pair_app(&qr.url, &qr.token);
+    let w = app.fetch(&request("h", "GET", "/api/health", &[], None));
+    assert_eq!(w.status, 200, "{:?}", String::from_utf8_lossy(&w.body));
+}

@@ -1,0 +1,494 @@
+//! Boot services (`--install`, `--uninstall`, `--service-status`) and the relay's unit.
+//!
+//! The service managers are stood in for by fake `launchctl`, `systemctl` and `loginctl`
+//! scripts on PATH that record their arguments (macOS cannot run here, and a test must not
+//! touch the machine's real systemd). The platform is forced with the hidden
+//! `HERMESCHAT_SERVICE_PLATFORM`. Each test has a throwaway HOME and HERMESCHAT_HOME.
+//!
+//! What is checked for real: the plist parses as a property list (python3's `plistlib`) with
+//! the right keys, and the generated units pass `systemd-analyze verify` (CI installs it; a
+//! machine without it skips that part with a message).
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::fresh_dir;
+use hermeschat_pair::protocol::RegisterResponse;
+use hermeschat_pair::state::{self, BridgeIdentity};
+use serde_json::Value;
+
+const PAIR_BIN: &str = env!("CARGO_BIN_EXE_hermeschat-pair");
+const RELAY_BIN: &str = env!("CARGO_BIN_EXE_hermeschat-relay");
+
+/// The fake service managers: each appends `name args…` to `$FAKE_LOG`, fails when its
+/// subcommand is listed in `$FAKE_FAIL`, and prints `$FAKE_<NAME>_<SUBCOMMAND>` (if set).
+const FAKE: &str = r#"#!/bin/sh
+name=$(basename "$0")
+echo "$name $*" >> "$FAKE_LOG"
+sub=$1
+[ "$sub" = "--user" ] && sub=$2
+for f in $FAKE_FAIL; do
+  if [ "$f" = "$name:$sub" ]; then echo "$name $sub: failed (fake)" >&2; exit 1; fi
+done
+var=$(echo "FAKE_${name}_${sub}" | tr 'a-z-' 'A-Z_')
+eval "out=\${$var:-}"
+[ -n "$out" ] && printf '%s\n' "$out"
+exit 0
+"#;
+
+/// One user's machine: HOME, the state dir, a bin dir of fakes, and their log.
+struct Machine {
+    root: PathBuf,
+    home: PathBuf,
+    state: PathBuf,
+    fakes: PathBuf,
+    log: PathBuf,
+}
+
+impl Machine {
+    fn new() -> Machine {
+        let root = fresh_dir("service");
+        let home = root.join("home");
+        let state = home.join("state dir"); // a space: quoting is part of the contract
+        let fakes = root.join("bin");
+        std::fs::create_dir_all(&home).unwrap();
+        std::fs::create_dir_all(&fakes).unwrap();
+        for name in ["launchctl", "systemctl", "loginctl", "crontab"] {
+            let p = fakes.join(name);
+            std::fs::write(&p, FAKE).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let log = root.join("calls.log");
+        Machine { root, home, state, fakes, log }
+    }
+
+    /// Writes a valid `bridge.json` (a pairing exists).
+    fn paired(&self) -> &Self {
+        state::ensure_dir(&self.state).unwrap();
+        let reg = RegisterResponse {
+            bridge_id: "0123456789abcdef01234567".into(),
+            relay_secret: format!("hrs_{}", "a".repeat(64)),
+            bridge_relay_url: "ws://127.0.0.1:9/ws/bridge".into(),
+            app_relay_url: "ws://127.0.0.1:9/ws/app".into(),
+        };
+        let id = BridgeIdentity::from_registration(reg, "http://127.0.0.1:9", "inst", "Test", 1);
+        state::write_json(&state::bridge_json(&self.state), &id).unwrap();
+        self
+    }
+
+    fn cmd(&self, platform: &str, args: &[&str]) -> Command {
+        let mut cmd = Command::new(PAIR_BIN);
+        cmd.args(args)
+            .env_clear()
+            .env("HOME", &self.home)
+            .env("HERMESCHAT_HOME", &self.state)
+            .env("HERMESCHAT_REGISTRY_URL", "https://relay.example.com")
+            .env("HERMESCHAT_SERVICE_PLATFORM", platform)
+            .env("PATH", format!("{}:/usr/bin:/bin", self.fakes.display()))
+            .env("FAKE_LOG", &self.log)
+            .env("USER", "tester")
+            .env("NO_COLOR", "1")
+            .current_dir(&self.root)
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    fn run(&self, platform: &str, args: &[&str], vars: &[(&str, &str)]) -> Out {
+        let mut cmd = self.cmd(platform, args);
+        cmd.envs(vars.iter().copied());
+        Out(cmd.output().unwrap_or_else(|e| panic!("cannot run {PAIR_BIN}: {e}")))
+    }
+
+    /// The recorded calls, one per line.
+    fn calls(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.log).unwrap_or_default().lines().map(str::to_owned).collect()
+    }
+
+    fn clear_calls(&self) {
+        let _ = std::fs::remove_file(&self.log);
+    }
+
+    fn plist(&self) -> PathBuf {
+        self.home.join("Library/LaunchAgents/ai.hermeschat.bridge.plist")
+    }
+
+    fn unit(&self) -> PathBuf {
+        self.home.join(".config/systemd/user/hermeschat-bridge.service")
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+struct Out(Output);
+
+impl Out {
+    fn code(&self) -> Option<i32> {
+        self.0.status.code()
+    }
+    fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.0.stdout).into_owned()
+    }
+    fn all(&self) -> String {
+        format!("{}\n{}", self.stdout(), String::from_utf8_lossy(&self.0.stderr))
+    }
+    #[track_caller]
+    fn expect(&self, code: i32, what: &str) -> &Self {
+        assert_eq!(self.code(), Some(code), "{what}: exit code; output:\n{}", self.all());
+        self
+    }
+}
+
+fn uid() -> u32 {
+    // SAFETY: getuid has no preconditions.
+    unsafe { libc::getuid() }
+}
+
+/// The binary as the service must name it: absolute, symlinks resolved.
+fn exe() -> String {
+    std::fs::canonicalize(PAIR_BIN).unwrap().to_string_lossy().into_owned()
+}
+
+/// Parses a plist with python3's plistlib and returns it as JSON.
+fn parse_plist(path: &Path) -> Value {
+    let script = "import json, plistlib, sys\n\
+                  with open(sys.argv[1], 'rb') as f:\n    d = plistlib.load(f)\n\
+                  print(json.dumps(d))";
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(path)
+        .output()
+        .expect("python3 is needed to parse the plist (CI has it)");
+    assert!(
+        out.status.success(),
+        "plistlib cannot parse {}: {}\n{}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(path).unwrap_or_default()
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `systemd-analyze [--user] verify unit`: passes with no complaint at all, or the tool is
+/// absent (then says so and returns false).
+#[track_caller]
+fn assert_systemd_verifies(unit: &Path, user: bool, runtime: &Path) -> bool {
+    let which = Command::new("sh").arg("-c").arg("command -v systemd-analyze").output().unwrap();
+    if !which.status.success() {
+        eprintln!(
+            "SKIPPED: systemd-analyze is not installed here, so {} was not verified \
+             (CI installs it: apt-get install systemd)",
+            unit.display()
+        );
+        return false;
+    }
+    let mut cmd = Command::new("systemd-analyze");
+    if user {
+        cmd.arg("--user");
+    }
+    std::fs::create_dir_all(runtime).unwrap();
+    std::fs::set_permissions(runtime, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let out = cmd
+        .arg("verify")
+        .arg(unit)
+        .env("XDG_RUNTIME_DIR", runtime)
+        .env("SYSTEMD_LOG_LEVEL", "warning")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // verify reports problems as warnings on stderr and may still exit 0: any line fails.
+    let complaints: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(
+        out.status.success() && complaints.is_empty(),
+        "systemd-analyze verify {} failed ({}):\n{stderr}\n--- unit:\n{}",
+        unit.display(),
+        out.status,
+        std::fs::read_to_string(unit).unwrap_or_default()
+    );
+    true
+}
+
+// =============================================================================================
+
+#[test]
+fn install_is_refused_before_a_pairing_exists() {
+    for platform in ["macos", "systemd"] {
+        let m = Machine::new();
+        let run = m.run(platform, &["--install"], &[]);
+        run.expect(2, "--install before pairing");
+        let text = run.all();
+        assert!(text.contains("--install") && text.contains("bridge.json"), "{text}");
+        assert!(text.contains("hermeschat-pair"), "{text}");
+        assert!(m.calls().is_empty(), "no service manager call before pairing: {:?}", m.calls());
+        assert!(!m.plist().exists() && !m.unit().exists());
+    }
+}
+
+#[test]
+fn macos_install_writes_a_launch_agent_and_bootstraps_it() {
+    let m = Machine::new();
+    m.paired();
+    let run = m.run("macos", &["--install"], &[]);
+    run.expect(0, "--install (macOS)");
+    let plist = m.plist();
+    let calls = m.calls();
+    let domain = format!("gui/{}", uid());
+    assert!(
+        calls.contains(&format!("launchctl bootstrap {domain} {}", plist.display())),
+        "launchctl bootstrap gui/<uid> <plist> expected: {calls:?}"
+    );
+    assert!(!calls.iter().any(|c| c.contains("load -w")), "no fallback needed: {calls:?}");
+
+    let d = parse_plist(&plist);
+    assert_eq!(d["Label"], "ai.hermeschat.bridge", "{d}");
+    assert_eq!(d["ProgramArguments"], serde_json::json!([exe(), "--foreground"]), "{d}");
+    assert!(Path::new(d["ProgramArguments"][0].as_str().unwrap()).is_absolute());
+    assert_eq!(d["RunAtLoad"], true, "{d}");
+    assert!(d["KeepAlive"] == true || d["KeepAlive"].is_object(), "KeepAlive: {d}");
+    let state = m.state.to_string_lossy();
+    assert_eq!(d["StandardOutPath"], format!("{state}/service.log"), "{d}");
+    assert_eq!(d["StandardErrorPath"], format!("{state}/service-error.log"), "{d}");
+    assert_eq!(d["EnvironmentVariables"]["HERMESCHAT_HOME"], *state, "{d}");
+    assert_eq!(d["EnvironmentVariables"]["HERMESCHAT_REGISTRY_URL"], "https://relay.example.com");
+    // The logs exist, private, before launchd appends to them.
+    for log in ["service.log", "service-error.log"] {
+        let mode = std::fs::metadata(m.state.join(log)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{log} mode");
+    }
+    assert!(run.stdout().contains("ai.hermeschat.bridge"), "{}", run.all());
+}
+
+#[test]
+fn macos_bootstrap_failure_falls_back_to_load_w() {
+    let m = Machine::new();
+    m.paired();
+    let run =
+        m.run("macos", &["--install"], &[("FAKE_FAIL", "launchctl:bootstrap launchctl:print")]);
+    run.expect(0, "--install with a failing bootstrap");
+    let calls = m.calls();
+    assert!(
+        calls.contains(&format!("launchctl load -w {}", m.plist().display())),
+        "fallback to launchctl load -w expected: {calls:?}"
+    );
+    // Both failing: exit 1 with both reasons, and the plist stays for a manual load.
+    m.clear_calls();
+    let run = m.run(
+        "macos",
+        &["--install"],
+        &[("FAKE_FAIL", "launchctl:bootstrap launchctl:load launchctl:print")],
+    );
+    run.expect(1, "--install when launchctl fails");
+    assert!(run.all().contains("bootstrap") && run.all().contains("load -w"), "{}", run.all());
+}
+
+#[test]
+fn macos_service_status_and_uninstall() {
+    let m = Machine::new();
+    m.paired();
+    m.run("macos", &["--install"], &[]).expect(0, "--install");
+    let print =
+        "gui/501/ai.hermeschat.bridge = {\n\tactive count = 1\n\tstate = running\n\tpid = 4242\n}";
+    let run = m.run("macos", &["--service-status"], &[("FAKE_LAUNCHCTL_PRINT", print)]);
+    run.expect(0, "--service-status (running)");
+    let text = run.stdout();
+    assert!(text.contains("● launchd service running pid=4242"), "{text}");
+    assert!(text.contains("label : ai.hermeschat.bridge"), "{text}");
+    assert!(text.contains("plist : ~/Library/LaunchAgents/ai.hermeschat.bridge.plist"), "{text}");
+    let run = m.run("macos", &["--service-status", "--json"], &[("FAKE_LAUNCHCTL_PRINT", print)]);
+    let v: Value = serde_json::from_str(run.stdout().trim()).unwrap();
+    assert_eq!(v["service"]["pid"], 4242, "{v}");
+    assert_eq!(v["service"]["installed"], true, "{v}");
+
+    m.clear_calls();
+    m.run("macos", &["--uninstall"], &[]).expect(0, "--uninstall");
+    let calls = m.calls();
+    assert!(
+        calls.contains(&format!("launchctl bootout gui/{}/ai.hermeschat.bridge", uid())),
+        "bootout expected: {calls:?}"
+    );
+    assert!(!m.plist().exists(), "the plist must be removed");
+    let run =
+        m.run("macos", &["--service-status"], &[("FAKE_FAIL", "launchctl:print launchctl:list")]);
+    run.expect(1, "--service-status after uninstall");
+    assert!(run.stdout().contains("not installed"), "{}", run.all());
+    // Uninstalling twice is fine.
+    m.run("macos", &["--uninstall"], &[("FAKE_FAIL", "launchctl:print")]).expect(0, "again");
+}
+
+#[test]
+fn linux_install_writes_a_verified_unit_and_enables_it() {
+    let m = Machine::new();
+    m.paired();
+    let run = m.run("systemd", &["--install"], &[]);
+    run.expect(0, "--install (systemd)");
+    let calls = m.calls();
+    let expected = [
+        "systemctl --user daemon-reload",
+        "systemctl --user enable --now hermeschat-bridge.service",
+    ];
+    for e in expected {
+        assert!(calls.iter().any(|c| c == e), "{e} expected: {calls:?}");
+    }
+    let reload = calls.iter().position(|c| c.ends_with("daemon-reload")).unwrap();
+    let enable = calls.iter().position(|c| c.contains("enable --now")).unwrap();
+    assert!(reload < enable, "daemon-reload before enable: {calls:?}");
+    // No lingering reported: the hint for headless boxes.
+    assert!(run.all().contains("loginctl enable-linger tester"), "{}", run.all());
+
+    let unit = std::fs::read_to_string(m.unit()).unwrap();
+    for line in [
+        "Restart=on-failure",
+        "NoNewPrivileges=yes",
+        "PrivateTmp=yes",
+        "ProtectSystem=strict",
+        "WantedBy=default.target",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "unit lacks {line}:\n{unit}");
+    }
+    assert!(
+        unit.contains(&format!("ReadWritePaths=\"{}\"", m.state.display())),
+        "the state dir must be writable:\n{unit}"
+    );
+    assert!(unit.contains(&format!("ExecStart={} --foreground", exe())), "{unit}");
+    assert_systemd_verifies(&m.unit(), true, &m.root.join("runtime"));
+
+    // With lingering on, no hint.
+    let run = m.run("systemd", &["--install"], &[("FAKE_LOGINCTL_SHOW_USER", "yes")]);
+    run.expect(0, "reinstall");
+    assert!(!run.all().contains("sudo loginctl enable-linger"), "{}", run.all());
+}
+
+#[test]
+fn linux_reinstall_restarts_an_active_service() {
+    let m = Machine::new();
+    m.paired();
+    let run = m.run("systemd", &["--install"], &[("FAKE_SYSTEMCTL_IS_ACTIVE", "active")]);
+    run.expect(0, "--install over an active service");
+    let calls = m.calls();
+    assert!(
+        calls.contains(&"systemctl --user restart hermeschat-bridge.service".to_owned()),
+        "{calls:?}"
+    );
+}
+
+#[test]
+fn linux_without_a_user_manager_explains_and_offers_cron() {
+    let m = Machine::new();
+    m.paired();
+    let run = m.run("systemd", &["--install"], &[("FAKE_FAIL", "systemctl:daemon-reload")]);
+    run.expect(1, "--install without a user manager");
+    let text = run.all();
+    assert!(text.contains("enable-linger") && text.contains("@reboot"), "{text}");
+}
+
+#[test]
+fn linux_service_status_and_uninstall() {
+    let m = Machine::new();
+    m.paired();
+    m.run("systemd", &["--install"], &[]).expect(0, "--install");
+    let show = "LoadState=loaded\nActiveState=active\nSubState=running\nMainPID=4242\nUnitFileState=enabled\nResult=success";
+    let run = m.run("systemd", &["--service-status"], &[("FAKE_SYSTEMCTL_SHOW", show)]);
+    run.expect(0, "--service-status");
+    let text = run.stdout();
+    assert!(text.contains("● systemd service running pid=4242"), "{text}");
+    assert!(text.contains("hermeschat-bridge.service"), "{text}");
+    let dead = "ActiveState=inactive\nSubState=dead\nMainPID=0\nUnitFileState=enabled";
+    let run = m.run("systemd", &["--service-status"], &[("FAKE_SYSTEMCTL_SHOW", dead)]);
+    run.expect(1, "--service-status (stopped)");
+    assert!(run.stdout().contains("inactive (dead)"), "{}", run.all());
+
+    m.clear_calls();
+    m.run("systemd", &["--uninstall"], &[]).expect(0, "--uninstall");
+    let calls = m.calls();
+    assert!(
+        calls.contains(&"systemctl --user disable --now hermeschat-bridge.service".to_owned()),
+        "{calls:?}"
+    );
+    assert!(calls.last().is_some_and(|c| c.ends_with("daemon-reload")), "{calls:?}");
+    assert!(!m.unit().exists());
+    m.clear_calls();
+    m.run("systemd", &["--uninstall"], &[]).expect(0, "--uninstall again");
+    assert!(m.calls().is_empty(), "nothing installed: no calls: {:?}", m.calls());
+}
+
+#[test]
+fn install_hands_a_running_detached_daemon_over_to_the_service() {
+    let m = Machine::new();
+    m.paired();
+    // A bridge holding the state dir's pid lock (its relay and backend are unreachable; it
+    // keeps retrying, as a real daemon would).
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut bridge = m
+        .cmd("systemd", &["--foreground", "--no-server", "--port", &closed.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lock = m.state.join("bridge.pid");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(&lock).map_or(true, |s| s.trim() != bridge.id().to_string()) {
+        assert!(Instant::now() < deadline, "the foreground bridge never took the pid lock");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let run = m.run("systemd", &["--install"], &[]);
+    run.expect(0, "--install with a running daemon");
+    assert!(
+        run.all().contains(&format!("Stopped the running bridge daemon (pid {})", bridge.id())),
+        "{}",
+        run.all()
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(status) = bridge.try_wait().unwrap() {
+            assert!(status.success(), "the daemon should exit cleanly on SIGTERM: {status}");
+            break;
+        }
+        if Instant::now() >= deadline {
+            let _ = bridge.kill();
+            panic!("the detached daemon still runs after --install");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // It was stopped before the service was started.
+    let calls = m.calls();
+    assert!(calls.iter().any(|c| c.contains("enable --now")), "{calls:?}");
+}
+
+#[test]
+fn without_systemd_a_cron_line_is_printed() {
+    let m = Machine::new();
+    m.paired();
+    let run = m.run("cron", &["--install"], &[]);
+    run.expect(0, "--install (cron)");
+    let text = run.stdout();
+    let line = text.lines().find(|l| l.starts_with("@reboot")).unwrap_or_else(|| panic!("{text}"));
+    assert!(line.contains(&exe()) && line.contains("--foreground"), "{line}");
+    assert!(line.contains("service-error.log"), "{line}");
+    assert!(m.calls().is_empty(), "the crontab is never edited: {:?}", m.calls());
+    let crontab = format!("# m h dom mon dow command\n{line}");
+    let run = m.run("cron", &["--service-status", "--json"], &[("FAKE_CRONTAB__L", &crontab)]);
+    let v: Value = serde_json::from_str(run.stdout().trim()).unwrap();
+    assert_eq!(v["service"]["installed"], true, "{v}");
+}
+
+#[test]
+fn relay_unit_passes_systemd_analyze() {
+    let dir = fresh_dir("relay-unit");
+    let out = Command::new(RELAY_BIN)
+        .args(["--print-systemd-unit", "--public-url", "https://relay.example.com"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let unit = dir.join("hermeschat-relay.service");
+    std::fs::write(&unit, &out.stdout).unwrap();
+    assert_systemd_verifies(&unit, false, &dir.join("runtime"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
