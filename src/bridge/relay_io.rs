@@ -44,7 +44,8 @@ const BACKOFF_CAP: Duration = Duration::from_secs(30);
 /// A connection that lived this long resets the backoff.
 const STABLE_AFTER: Duration = Duration::from_secs(60);
 
-type Ws = WebSocket<MaybeTlsStream<TcpStream>>;
+/// A WebSocket to the relay, plain or TLS.
+pub type Ws = WebSocket<MaybeTlsStream<TcpStream>>;
 
 /// Why a connection attempt failed.
 #[derive(Debug)]
@@ -384,7 +385,8 @@ impl Conn<'_> {
     }
 }
 
-fn tcp_of(ws: &Ws) -> &TcpStream {
+/// The TCP socket under a relay WebSocket.
+pub fn tcp_of(ws: &Ws) -> &TcpStream {
     match ws.get_ref() {
         MaybeTlsStream::NativeTls(s) => s.get_ref(),
         MaybeTlsStream::Plain(s) => s,
@@ -407,24 +409,43 @@ fn backoff(attempt: u32) -> Duration {
     Duration::from_millis((r % ms).max(100))
 }
 
-/// Opens the bridge socket: TCP with `TCP_NODELAY`, the TLS handshake done here (so a stalled
-/// handshake is a clean timeout, not a tungstenite panic), then the WebSocket handshake with
-/// the relaySecret in the `Authorization` header, never in the URL.
+/// Opens the bridge socket (see [`open_socket`]) with the relaySecret and instance id, then
+/// clears the handshake timeouts: the I/O loop runs the socket non-blocking.
 pub fn connect(identity: &BridgeIdentity) -> Result<Ws, ConnectError> {
     let url = format!("{}?bridgeId={}", identity.bridge_relay_url, identity.bridge_id);
-    let mut request = url.as_str().into_client_request().map_err(|e| {
-        ConnectError::Failed(format!("bad relay URL {}: {e}", identity.bridge_relay_url))
-    })?;
+    let headers = [(p::INSTANCE_HEADER, identity.instance_id.as_str())];
+    let ws = open_socket(&url, &identity.relay_secret, &headers, CONNECT_TIMEOUT)?;
+    let tcp = tcp_of(&ws);
+    let _ = tcp.set_read_timeout(None);
+    let _ = tcp.set_write_timeout(None);
+    Ok(ws)
+}
+
+/// Opens a WebSocket to the relay as the bridge or an app does: TCP with `TCP_NODELAY`, the
+/// TLS handshake done here (so a stalled handshake is a clean timeout, not a tungstenite
+/// panic), then the WebSocket handshake with `bearer` in the `Authorization` header — never in
+/// the URL. The socket keeps `timeout` as its read and write timeouts.
+pub fn open_socket(
+    url: &str,
+    bearer: &str,
+    headers: &[(&'static str, &str)],
+    timeout: Duration,
+) -> Result<Ws, ConnectError> {
+    let mut request = url
+        .into_client_request()
+        .map_err(|e| ConnectError::Failed(format!("bad relay URL {url}: {e}")))?;
     let uri = request.uri().clone();
     let host = uri.host().unwrap_or_default().trim_matches(['[', ']']).to_owned();
     let tls = uri.scheme_str() == Some("wss");
     let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
-    let auth = HeaderValue::from_str(&format!("Bearer {}", identity.relay_secret))
-        .map_err(|_| ConnectError::Failed("the relaySecret in bridge.json is malformed".into()))?;
-    let instance = HeaderValue::from_str(&identity.instance_id)
-        .map_err(|_| ConnectError::Failed("the instance id in bridge.json is malformed".into()))?;
+    let malformed = |what: &str| ConnectError::Failed(format!("the {what} is malformed"));
+    let auth =
+        HeaderValue::from_str(&format!("Bearer {bearer}")).map_err(|_| malformed("secret"))?;
     request.headers_mut().insert("Authorization", auth);
-    request.headers_mut().insert(p::INSTANCE_HEADER, instance);
+    for (name, value) in headers {
+        let value = HeaderValue::from_str(value).map_err(|_| malformed(name))?;
+        request.headers_mut().insert(*name, value);
+    }
 
     let failed = |what: &str, e: &dyn std::fmt::Display| {
         ConnectError::Failed(format!("{what} {host}:{port}: {e}"))
@@ -434,7 +455,7 @@ pub fn connect(identity: &BridgeIdentity) -> Result<Ws, ConnectError> {
     let mut last = None;
     let mut tcp = None;
     for addr in addrs {
-        match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+        match TcpStream::connect_timeout(&addr, timeout) {
             Ok(s) => {
                 tcp = Some(s);
                 break;
@@ -447,8 +468,8 @@ pub fn connect(identity: &BridgeIdentity) -> Result<Ws, ConnectError> {
         None => failed("no address for", &"empty DNS answer"),
     })?;
     let _ = tcp.set_nodelay(true);
-    tcp.set_read_timeout(Some(CONNECT_TIMEOUT)).map_err(|e| failed("socket", &e))?;
-    tcp.set_write_timeout(Some(CONNECT_TIMEOUT)).map_err(|e| failed("socket", &e))?;
+    tcp.set_read_timeout(Some(timeout)).map_err(|e| failed("socket", &e))?;
+    tcp.set_write_timeout(Some(timeout)).map_err(|e| failed("socket", &e))?;
     let stream = if tls {
         let connector = native_tls::TlsConnector::new().map_err(|e| failed("TLS setup for", &e))?;
         match connector.connect(&host, tcp) {
@@ -466,27 +487,23 @@ pub fn connect(identity: &BridgeIdentity) -> Result<Ws, ConnectError> {
     let config = WebSocketConfig::default()
         .max_message_size(Some(p::Limits::default().max_frame))
         .write_buffer_size(64 << 10);
-    let ws = match tungstenite::client::client_with_config(request, stream, Some(config)) {
-        Ok((ws, _response)) => ws,
+    match tungstenite::client::client_with_config(request, stream, Some(config)) {
+        Ok((ws, _response)) => Ok(ws),
         Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(resp))) => {
             let status = resp.status().as_u16();
             let body = resp.body().as_deref().map(String::from_utf8_lossy).unwrap_or_default();
             let message = serde_json::from_str::<p::ApiError>(&body)
                 .map(|e| e.error.message)
                 .unwrap_or_else(|_| format!("HTTP {status}"));
-            return Err(ConnectError::Refused(status, message));
+            Err(ConnectError::Refused(status, message))
         }
         Err(tungstenite::HandshakeError::Failure(e)) => {
-            return Err(failed("WebSocket handshake failed with", &e));
+            Err(failed("WebSocket handshake failed with", &e))
         }
         Err(tungstenite::HandshakeError::Interrupted(_)) => {
-            return Err(failed("WebSocket handshake timed out with", &"no answer"));
+            Err(failed("WebSocket handshake timed out with", &"no answer"))
         }
-    };
-    let tcp = tcp_of(&ws);
-    let _ = tcp.set_read_timeout(None);
-    let _ = tcp.set_write_timeout(None);
-    Ok(ws)
+    }
 }
 
 #[cfg(test)]

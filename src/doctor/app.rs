@@ -1,17 +1,12 @@
 //! The doctor's side of the relay: what the phone does (`/ws/app`, request frames), with the
 //! doctor's own diagnostic credential.
 
-use std::net::{TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
-use tungstenite::client::IntoClientRequest;
-use tungstenite::http::HeaderValue;
-use tungstenite::stream::MaybeTlsStream;
-use tungstenite::{Message, WebSocket};
+use tungstenite::Message;
 
-use crate::protocol::{self as p, ErrorCode, Frame, RequestFrame};
-
-type Ws = WebSocket<MaybeTlsStream<TcpStream>>;
+use crate::bridge::relay_io::{self, Ws, tcp_of as tcp};
+use crate::protocol::{ErrorCode, Frame, RequestFrame};
 
 /// Why the app-side exchange failed.
 #[derive(Debug)]
@@ -56,15 +51,8 @@ pub struct Answer {
     pub body: String,
 }
 
-fn tcp(ws: &Ws) -> &TcpStream {
-    match ws.get_ref() {
-        MaybeTlsStream::Plain(s) => s,
-        MaybeTlsStream::NativeTls(s) => s.get_ref(),
-        _ => unreachable!("only plain and native-tls streams are built here"),
-    }
-}
-
-/// Connects to `app_relay_url?bridgeId=…` with `secret`, as the app does.
+/// Connects to `app_relay_url?bridgeId=…` with `secret`, as the app does (the bridge's own
+/// connect path, so the doctor exercises exactly the TLS and handshake code the bridge uses).
 pub fn connect(
     app_relay_url: &str,
     bridge_id: &str,
@@ -72,72 +60,12 @@ pub fn connect(
     timeout: Duration,
 ) -> Result<AppSocket, AppError> {
     let url = format!("{app_relay_url}?bridgeId={bridge_id}");
-    let mut request = url
-        .as_str()
-        .into_client_request()
-        .map_err(|e| AppError::Failed(format!("bad app relay URL {app_relay_url}: {e}")))?;
-    let uri = request.uri().clone();
-    let host = uri.host().unwrap_or_default().trim_matches(['[', ']']).to_owned();
-    let tls = uri.scheme_str() == Some("wss");
-    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
-    let auth = HeaderValue::from_str(&format!("Bearer {secret}"))
-        .map_err(|_| AppError::Failed("the diagnostic credential is malformed".into()))?;
-    request.headers_mut().insert("Authorization", auth);
-    let failed = |what: &str, e: &dyn std::fmt::Display| {
-        AppError::Failed(format!("{what} {host}:{port}: {e}"))
-    };
-    let addrs =
-        (host.as_str(), port).to_socket_addrs().map_err(|e| failed("cannot resolve", &e))?;
-    let mut last = None;
-    let mut stream = None;
-    for addr in addrs {
-        match TcpStream::connect_timeout(&addr, timeout) {
-            Ok(s) => {
-                stream = Some(s);
-                break;
-            }
-            Err(e) => last = Some(e),
-        }
-    }
-    let stream = stream.ok_or_else(|| match last {
-        Some(e) => failed("cannot connect to", &e),
-        None => failed("no address for", &"empty DNS answer"),
-    })?;
-    let _ = stream.set_nodelay(true);
-    stream.set_read_timeout(Some(timeout)).map_err(|e| failed("socket", &e))?;
-    stream.set_write_timeout(Some(timeout)).map_err(|e| failed("socket", &e))?;
-    // The TLS handshake is done here, not inside tungstenite (which panics when a handshake
-    // times out on a socket with a read timeout).
-    let stream = if tls {
-        let connector = native_tls::TlsConnector::new().map_err(|e| failed("TLS setup for", &e))?;
-        match connector.connect(&host, stream) {
-            Ok(s) => MaybeTlsStream::NativeTls(s),
-            Err(native_tls::HandshakeError::WouldBlock(_)) => {
-                return Err(failed("TLS handshake timed out with", &"no answer"));
-            }
-            Err(native_tls::HandshakeError::Failure(e)) => {
-                return Err(failed("TLS handshake failed with", &e));
-            }
-        }
-    } else {
-        MaybeTlsStream::Plain(stream)
-    };
-    match tungstenite::client::client(request, stream) {
-        Ok((ws, _)) => Ok(AppSocket { ws }),
-        Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(resp))) => {
-            let status = resp.status().as_u16();
-            let body = resp.body().as_deref().map(String::from_utf8_lossy).unwrap_or_default();
-            let message = serde_json::from_str::<p::ApiError>(&body)
-                .map(|e| e.error.message)
-                .unwrap_or_else(|_| format!("HTTP {status}"));
+    match relay_io::open_socket(&url, secret, &[], timeout) {
+        Ok(ws) => Ok(AppSocket { ws }),
+        Err(relay_io::ConnectError::Refused(status, message)) => {
             Err(AppError::Refused(status, message))
         }
-        Err(tungstenite::HandshakeError::Failure(e)) => {
-            Err(failed("WebSocket handshake failed with", &e))
-        }
-        Err(tungstenite::HandshakeError::Interrupted(_)) => {
-            Err(failed("WebSocket handshake timed out with", &"no answer"))
-        }
+        Err(relay_io::ConnectError::Failed(message)) => Err(AppError::Failed(message)),
     }
 }
 
