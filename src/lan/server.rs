@@ -29,7 +29,7 @@
 //! when it presented the pairing token) and then `bridge.status` `online: true`, as a relay
 //! would send (the bridge *is* the peer, so it is always online).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -42,6 +42,8 @@ use polling::{Event, Events, PollMode, Poller};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
+
+use crate::wsout::{WsOut, would_block, ws_would_block};
 
 use super::store::{self, Authorized, Refused};
 use crate::bridge::workers::{Pool, SHUTDOWN_GRACE};
@@ -113,9 +115,8 @@ struct WsConn {
     rx: Receiver<String>,
     /// The sending side handed to the pool with each request.
     outbox: Outbox,
-    out: VecDeque<Message>,
-    out_bytes: usize,
-    write_blocked: bool,
+    /// Messages waiting for the socket (bounded by back-pressure).
+    out: WsOut,
     last_rx: Instant,
     last_ping: Instant,
     bad_frames: u32,
@@ -192,14 +193,6 @@ pub fn strip_client(mut text: String, client: &str) -> String {
         text.replace_range(at..at + needle.len(), "");
     }
     text
-}
-
-fn is_would_block(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted)
-}
-
-fn ws_would_block(e: &tungstenite::Error) -> bool {
-    matches!(e, tungstenite::Error::Io(io) if is_would_block(io))
 }
 
 /// A JSON error answer, then close.
@@ -315,7 +308,7 @@ impl Server {
             };
             events.clear();
             if let Err(e) = self.poller.wait(&mut events, Some(timeout))
-                && !is_would_block(&e)
+                && !would_block(&e)
             {
                 log(&format!("lan: poller failed: {e}"));
                 break;
@@ -346,7 +339,7 @@ impl Server {
         loop {
             let (tcp, addr) = match listener.accept() {
                 Ok(c) => c,
-                Err(e) if is_would_block(&e) => return,
+                Err(e) if would_block(&e) => return,
                 Err(e) => {
                     log(&format!("lan: accept failed: {e}"));
                     return;
@@ -393,7 +386,7 @@ impl Server {
         let Some(conn) = self.conns.get_mut(&id) else { return };
         let want = match &conn.io {
             Io::Http(h) => (h.after.is_none() && !draining, h.out_pos < h.out.len()),
-            Io::Ws(w) => (!draining || w.closing.is_some(), w.write_blocked),
+            Io::Ws(w) => (!draining || w.closing.is_some(), w.out.blocked()),
         };
         if want != conn.interest {
             conn.interest = want;
@@ -444,7 +437,7 @@ impl Server {
                     break;
                 }
                 Ok(n) => h.inbuf.extend_from_slice(&buf[..n]),
-                Err(e) if is_would_block(&e) => break,
+                Err(e) if would_block(&e) => break,
                 Err(_) => {
                     eof = true;
                     break;
@@ -604,7 +597,7 @@ impl Server {
                     return;
                 }
                 Ok(n) => h.out_pos += n,
-                Err(e) if is_would_block(&e) => {
+                Err(e) if would_block(&e) => {
                     self.set_interest(id);
                     return;
                 }
@@ -641,9 +634,7 @@ impl Server {
             client_id: client_id.clone(),
             rx,
             outbox: Outbox::new(tx, self.poller.clone()),
-            out: VecDeque::new(),
-            out_bytes: 0,
-            write_blocked: false,
+            out: WsOut::default(),
             last_rx: now,
             last_ping: now,
             bad_frames: 0,
@@ -781,8 +772,7 @@ impl Server {
         if w.closing.is_some() {
             return;
         }
-        w.out_bytes += text.len();
-        w.out.push_back(Message::text(text));
+        w.out.push(Message::text(text));
         self.ws_flush(id);
     }
 
@@ -794,15 +784,14 @@ impl Server {
         for (&id, conn) in self.conns.iter_mut() {
             let Io::Ws(w) = &mut conn.io else { continue };
             let mut moved = false;
-            while w.out_bytes < limit {
+            while w.out.bytes() < limit {
                 match w.rx.try_recv() {
                     Ok(text) => {
                         if w.closing.is_some() {
                             continue;
                         }
                         let text = strip_client(text, &w.client_id);
-                        w.out_bytes += text.len();
-                        w.out.push_back(Message::text(text));
+                        w.out.push(Message::text(text));
                         moved = true;
                     }
                     Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
@@ -820,40 +809,7 @@ impl Server {
     /// Writes queued messages until the socket would block.
     fn ws_flush(&mut self, id: usize) {
         let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) else { return };
-        let broken = loop {
-            if w.write_blocked {
-                match w.ws.flush() {
-                    Ok(()) => w.write_blocked = false,
-                    Err(e) if ws_would_block(&e) => break false,
-                    Err(_) => break true,
-                }
-            }
-            let Some(msg) = w.out.pop_front() else {
-                match w.ws.flush() {
-                    Ok(()) => break false,
-                    Err(e) if ws_would_block(&e) => {
-                        w.write_blocked = true;
-                        break false;
-                    }
-                    Err(_) => break true,
-                }
-            };
-            w.out_bytes = w.out_bytes.saturating_sub(msg.len());
-            match w.ws.write(msg) {
-                Ok(()) => {}
-                Err(e) if ws_would_block(&e) => {
-                    w.write_blocked = true;
-                    break false;
-                }
-                Err(tungstenite::Error::WriteBufferFull(msg)) => {
-                    w.out_bytes += msg.len();
-                    w.out.push_front(*msg);
-                    w.write_blocked = true;
-                    break false;
-                }
-                Err(_) => break true,
-            }
-        };
+        let broken = w.out.flush(&mut w.ws).is_err();
         if broken {
             self.detach(id);
             self.remove(id);
@@ -892,7 +848,7 @@ impl Server {
         let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) else { return };
         // Queued after what is already waiting, so final frames leave first.
         let frame = CloseFrame { code: CloseCode::from(code), reason: reason.to_owned().into() };
-        w.out.push_back(Message::Close(Some(frame)));
+        w.out.push(Message::Close(Some(frame)));
         w.closing = Some(Instant::now() + CLOSE_GRACE);
         self.ws_flush(id);
         self.set_interest(id);
@@ -928,7 +884,7 @@ impl Server {
         for id in ping {
             if let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) {
                 w.last_ping = now;
-                w.out.push_back(Message::Ping(Default::default()));
+                w.out.push(Message::Ping(Default::default()));
                 self.ws_flush(id);
             }
         }
@@ -954,10 +910,8 @@ impl Server {
         let deadline = Instant::now() + SHUTDOWN_GRACE + Duration::from_secs(1);
         loop {
             self.pump();
-            let queued = self
-                .conns
-                .values()
-                .any(|c| matches!(&c.io, Io::Ws(w) if !w.out.is_empty() || w.write_blocked));
+            let queued =
+                self.conns.values().any(|c| matches!(&c.io, Io::Ws(w) if !w.out.is_idle()));
             if (self.pool.open_requests() == 0 && !queued) || Instant::now() >= deadline {
                 break;
             }
@@ -976,7 +930,7 @@ impl Server {
         }
         let deadline = Instant::now() + Duration::from_millis(500);
         while Instant::now() < deadline
-            && self.conns.values().any(|c| matches!(&c.io, Io::Ws(w) if w.write_blocked))
+            && self.conns.values().any(|c| matches!(&c.io, Io::Ws(w) if w.out.blocked()))
         {
             events.clear();
             let _ = self.poller.wait(&mut events, Some(Duration::from_millis(50)));

@@ -11,7 +11,7 @@
 //! queue: when a destination holds more than `max_queued_bytes`, the socket feeding it is no
 //! longer read until the destination drains (TCP back-pressure reaches the sender).
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, TcpListener, TcpStream};
 use std::sync::Arc;
@@ -24,6 +24,8 @@ use serde_json::value::RawValue;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
+
+use crate::wsout::{WsOut, would_block, ws_would_block};
 
 use super::registry::{Job, Outcome, access_log};
 use super::{ConnId, Peer, Shared, ToReactor, log_event};
@@ -106,10 +108,8 @@ struct HttpConn {
 struct WsConn {
     ws: WebSocket<Stream>,
     peer: Peer,
-    out: VecDeque<Message>,
-    out_bytes: usize,
-    /// tungstenite holds bytes the socket did not take; wait for writability.
-    write_blocked: bool,
+    /// Messages waiting for the socket (bounded by back-pressure).
+    out: WsOut,
     last_rx: Instant,
     last_ping: Instant,
     /// Not read while a destination it feeds is over its queue limit.
@@ -176,14 +176,6 @@ pub struct Reactor {
     dropped_frames: u64,
 }
 
-fn is_would_block(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted)
-}
-
-fn ws_would_block(e: &tungstenite::Error) -> bool {
-    matches!(e, tungstenite::Error::Io(io) if is_would_block(io))
-}
-
 impl Reactor {
     /// Sets up the reactor; [`Reactor::run`] drives it.
     pub fn new(
@@ -245,7 +237,7 @@ impl Reactor {
             };
             events.clear();
             if let Err(e) = self.poller.wait(&mut events, Some(timeout))
-                && !is_would_block(&e)
+                && !would_block(&e)
             {
                 return Err(e);
             }
@@ -278,7 +270,7 @@ impl Reactor {
         loop {
             let (tcp, addr) = match self.listener.accept() {
                 Ok(c) => c,
-                Err(e) if is_would_block(&e) => return,
+                Err(e) if would_block(&e) => return,
                 Err(e) => {
                     // EMFILE and friends: log and retry on the next readiness event.
                     log_event("accept.error", &[("message", &e.to_string())]);
@@ -336,7 +328,7 @@ impl Reactor {
         let want = match &conn.io {
             Io::TlsHandshake(_) => (true, false),
             Io::Http(h) => (h.waiting.is_none() && h.after.is_none(), h.out_pos < h.out.len()),
-            Io::Ws(w) => (!w.paused, w.write_blocked),
+            Io::Ws(w) => (!w.paused, w.out.blocked()),
         };
         if want != conn.interest {
             conn.interest = want;
@@ -420,7 +412,7 @@ impl Reactor {
                     break;
                 }
                 Ok(n) => h.inbuf.extend_from_slice(&buf[..n]),
-                Err(e) if is_would_block(&e) => break,
+                Err(e) if would_block(&e) => break,
                 Err(_) => {
                     eof = true;
                     break;
@@ -523,7 +515,7 @@ impl Reactor {
                     return;
                 }
                 Ok(n) => h.out_pos += n,
-                Err(e) if is_would_block(&e) => {
+                Err(e) if would_block(&e) => {
                     self.set_interest(id);
                     return;
                 }
@@ -614,9 +606,7 @@ impl Reactor {
         conn.io = Io::Ws(Box::new(WsConn {
             ws,
             peer: peer.clone(),
-            out: VecDeque::new(),
-            out_bytes: 0,
-            write_blocked: false,
+            out: WsOut::default(),
             last_rx: now,
             last_ping: now,
             paused: false,
@@ -716,8 +706,7 @@ impl Reactor {
         if w.detached {
             return;
         }
-        w.out_bytes += text.len();
-        w.out.push_back(Message::text(text));
+        w.out.push(Message::text(text));
         self.ws_flush(id);
     }
 
@@ -728,43 +717,9 @@ impl Reactor {
         let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) else {
             return;
         };
-        let broken = loop {
-            if w.write_blocked {
-                match w.ws.flush() {
-                    Ok(()) => w.write_blocked = false,
-                    Err(e) if ws_would_block(&e) => break false,
-                    Err(_) => break true,
-                }
-            }
-            let Some(msg) = w.out.pop_front() else {
-                match w.ws.flush() {
-                    Ok(()) => break false,
-                    Err(e) if ws_would_block(&e) => {
-                        w.write_blocked = true;
-                        break false;
-                    }
-                    Err(_) => break true,
-                }
-            };
-            w.out_bytes = w.out_bytes.saturating_sub(msg.len());
-            match w.ws.write(msg) {
-                Ok(()) => {}
-                Err(e) if ws_would_block(&e) => {
-                    // The frame is buffered inside tungstenite.
-                    w.write_blocked = true;
-                    break false;
-                }
-                Err(tungstenite::Error::WriteBufferFull(msg)) => {
-                    w.out_bytes += msg.len();
-                    w.out.push_front(*msg);
-                    w.write_blocked = true;
-                    break false;
-                }
-                Err(_) => break true,
-            }
-        };
+        let broken = w.out.flush(&mut w.ws).is_err();
         let resume =
-            if w.out_bytes <= limit / 2 { std::mem::take(&mut w.waiters) } else { Vec::new() };
+            if w.out.bytes() <= limit / 2 { std::mem::take(&mut w.waiters) } else { Vec::new() };
         if broken {
             self.detach(id);
             self.remove(id);
@@ -785,8 +740,7 @@ impl Reactor {
     /// Pauses `src` when `dst`'s queue is over the limit (back-pressure).
     fn apply_backpressure(&mut self, src: ConnId, dst: ConnId) {
         let limit = self.shared.config.limits.max_queued_bytes;
-        let over =
-            matches!(self.conns.get(&dst), Some(Conn { io: Io::Ws(w), .. }) if w.out_bytes > limit);
+        let over = matches!(self.conns.get(&dst), Some(Conn { io: Io::Ws(w), .. }) if w.out.bytes() > limit);
         if !over {
             return;
         }
@@ -818,7 +772,7 @@ impl Reactor {
         // Queued behind what is already waiting, so final frames (SHUTTING_DOWN,
         // BRIDGE_DISCONNECTED) still leave before the close.
         let frame = CloseFrame { code: CloseCode::from(code), reason: reason.to_owned().into() };
-        w.out.push_back(Message::Close(Some(frame)));
+        w.out.push(Message::Close(Some(frame)));
         self.ws_flush(id);
         self.set_interest(id);
     }
@@ -1192,7 +1146,7 @@ impl Reactor {
         for id in ping {
             if let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) {
                 w.last_ping = now;
-                w.out.push_back(Message::Ping(Default::default()));
+                w.out.push(Message::Ping(Default::default()));
                 self.ws_flush(id);
             }
         }
@@ -1222,7 +1176,7 @@ impl Reactor {
         let deadline = Instant::now() + Duration::from_millis(500);
         let mut events = Events::new();
         while Instant::now() < deadline
-            && self.conns.values().any(|c| matches!(&c.io, Io::Ws(w) if w.write_blocked))
+            && self.conns.values().any(|c| matches!(&c.io, Io::Ws(w) if w.out.blocked()))
         {
             events.clear();
             let _ = self.poller.wait(&mut events, Some(Duration::from_millis(50)));
