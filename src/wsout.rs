@@ -25,9 +25,9 @@ pub struct WsOut {
     blocked: bool,
 }
 
-/// The socket broke while writing; drop the connection.
+/// The socket broke while writing (the error, for logs); drop the connection.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Broken;
+pub struct Broken(pub String);
 
 impl WsOut {
     /// Queues a message (sent by the next [`WsOut::flush`]).
@@ -59,7 +59,7 @@ impl WsOut {
                 match ws.flush() {
                     Ok(()) => self.blocked = false,
                     Err(e) if ws_would_block(&e) => return Ok(()),
-                    Err(_) => return Err(Broken),
+                    Err(e) => return Err(Broken(e.to_string())),
                 }
             }
             let Some(msg) = self.queue.pop_front() else {
@@ -69,7 +69,7 @@ impl WsOut {
                         self.blocked = true;
                         Ok(())
                     }
-                    Err(_) => Err(Broken),
+                    Err(e) => Err(Broken(e.to_string())),
                 };
             };
             self.bytes = self.bytes.saturating_sub(msg.len());
@@ -86,7 +86,7 @@ impl WsOut {
                     self.blocked = true;
                     return Ok(());
                 }
-                Err(_) => return Err(Broken),
+                Err(e) => return Err(Broken(e.to_string())),
             }
         }
     }

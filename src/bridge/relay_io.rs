@@ -6,7 +6,6 @@
 //! same poller. A queued frame is therefore written the moment it exists — no read-timeout
 //! loop adds latency. The poller's timeout only drives pings and the pong deadline.
 
-use std::collections::VecDeque;
 use std::io;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Arc;
@@ -27,6 +26,7 @@ use super::workers::Pool;
 use super::{LiveStatus, Outbox, log};
 use crate::protocol::{self as p, Frame};
 use crate::state::BridgeIdentity;
+use crate::wsout::WsOut;
 
 /// Poller key of the relay socket.
 const SOCKET: usize = 1;
@@ -177,8 +177,7 @@ impl RelayIo {
         let mut conn = Conn {
             ws: &mut ws,
             rx,
-            direct: VecDeque::new(),
-            write_blocked: false,
+            out: WsOut::default(),
             last_rx: Instant::now(),
             last_ping: Instant::now(),
             interest_writable: false,
@@ -212,14 +211,14 @@ impl RelayIo {
             }
             if now.duration_since(c.last_ping) >= ping_every {
                 c.last_ping = now;
-                c.direct.push_back(Message::Ping(Default::default()));
+                c.out.push(Message::Ping(Default::default()));
                 if let Err(e) = c.write_pending() {
                     return Ended::Lost(e);
                 }
             }
-            if c.write_blocked != c.interest_writable {
-                c.interest_writable = c.write_blocked;
-                let ev = Event::new(SOCKET, true, c.write_blocked);
+            if c.out.blocked() != c.interest_writable {
+                c.interest_writable = c.out.blocked();
+                let ev = Event::new(SOCKET, true, c.out.blocked());
                 let _ = self.poller.modify_with_mode(tcp, ev, PollMode::Level);
             }
             let next = (c.last_ping + ping_every).min(c.last_rx + pong_timeout);
@@ -269,7 +268,7 @@ impl RelayIo {
         match frame {
             Frame::Request(req) => {
                 if let Err(busy) = self.pool.submit(req, outbox.clone()) {
-                    c.direct.push_back(Message::text(busy));
+                    c.out.push(Message::text(busy));
                 }
             }
             Frame::Cancel { id, client } => self.pool.cancel(client.as_deref(), &id),
@@ -300,7 +299,6 @@ impl RelayIo {
         let _ = self.poller.delete(tcp);
         let _ = tcp.set_nonblocking(false);
         let _ = tcp.set_write_timeout(Some(Duration::from_secs(2)));
-        c.write_blocked = false;
         let done = Arc::new(AtomicBool::new(false));
         let answering = {
             let (pool, done, waker) = (self.pool.clone(), done.clone(), self.poller.clone());
@@ -331,56 +329,39 @@ impl RelayIo {
     }
 }
 
+/// Bytes pulled from the outbox into the socket's queue at a time; past this the workers wait.
+const REFILL_BYTES: usize = 1 << 20;
+
 /// One live connection's I/O state.
 struct Conn<'a> {
     ws: &'a mut Ws,
     rx: Receiver<String>,
-    /// Frames of the I/O thread itself (pings, BUSY answers), sent before the outbox.
-    direct: VecDeque<Message>,
-    /// tungstenite holds bytes the socket did not take.
-    write_blocked: bool,
+    /// Frames on their way to the socket: the I/O thread's own (pings, BUSY answers) and what
+    /// it pulled from the outbox.
+    out: WsOut,
     last_rx: Instant,
     last_ping: Instant,
     interest_writable: bool,
 }
 
 impl Conn<'_> {
-    /// Writes queued frames until the socket would block. While blocked, the outbox is not
-    /// drained, so workers wait (back-pressure) instead of frames piling up here.
+    /// Writes queued frames until the socket would block. While it is blocked the outbox is
+    /// not drained, so workers wait (back-pressure) instead of frames piling up here.
     fn write_pending(&mut self) -> Result<(), String> {
         loop {
-            if self.write_blocked {
-                match self.ws.flush() {
-                    Ok(()) => self.write_blocked = false,
-                    Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                        return Ok(());
-                    }
-                    Err(e) => return Err(e.to_string()),
-                }
-            }
-            let msg = match self.direct.pop_front() {
-                Some(m) => m,
-                None => match self.rx.try_recv() {
-                    Ok(text) => Message::text(text),
+            while self.out.bytes() < REFILL_BYTES {
+                match self.rx.try_recv() {
+                    Ok(text) => self.out.push(Message::text(text)),
                     Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
-                },
-            };
-            match self.ws.write(msg) {
-                Ok(()) => {}
-                Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.write_blocked = true;
-                    return Ok(());
                 }
-                Err(e) => return Err(e.to_string()),
             }
-        }
-        match self.ws.flush() {
-            Ok(()) => Ok(()),
-            Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                self.write_blocked = true;
-                Ok(())
+            if self.out.is_idle() {
+                return Ok(());
             }
-            Err(e) => Err(e.to_string()),
+            self.out.flush(self.ws).map_err(|b| b.0)?;
+            if self.out.blocked() {
+                return Ok(());
+            }
         }
     }
 }
