@@ -17,6 +17,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/mod.rs"]
+mod support;
 
 use std::borrow::Cow;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -33,6 +35,7 @@ use serde::Deserialize;
 use tungstenite::{Message, Utf8Bytes};
 
 use common::{Registry, Ws, b64, random_bytes, ws_connect};
+use support::{bin_path, cpu_secs, loadavg, proc_status};
 
 const WARMUP: usize = 200;
 const SEQUENTIAL: usize = 2_000;
@@ -51,49 +54,6 @@ const MIB: f64 = 1024.0 * 1024.0;
 
 // =============================================================================================
 // Processes and /proc
-
-/// Where the release binaries are: `$HERMESCHAT_BENCH_BIN_DIR` (set by `scripts/bench`), else
-/// `$CARGO_TARGET_DIR/release`, else `<manifest>/target/release`.
-fn bin_path(name: &str) -> PathBuf {
-    let dir = std::env::var_os("HERMESCHAT_BENCH_BIN_DIR")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("CARGO_TARGET_DIR").map(|d| PathBuf::from(d).join("release")))
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release"));
-    let path = dir.join(name);
-    assert!(
-        path.is_file(),
-        "{} not found: run `cargo build --release` first (or ./scripts/bench)",
-        path.display()
-    );
-    path
-}
-
-/// A field of /proc/<pid>/status in KiB (`VmRSS`, `VmHWM`) or a count (`Threads`).
-fn proc_status(pid: u32, field: &str) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    text.lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-/// utime + stime of a process, in seconds.
-fn cpu_secs(pid: u32) -> f64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = text.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-    // SAFETY: sysconf only reads a configuration value.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    ticks as f64 / hz
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
 
 /// Samples VmRSS of `pid` every 10 ms until stopped; returns the largest value (KiB).
 struct RssSampler {

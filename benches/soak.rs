@@ -18,22 +18,19 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/mod.rs"]
+mod support;
 
-use std::borrow::Cow;
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use polling::{Event, Events, PollMode, Poller};
-use serde::{Deserialize, Serialize};
 use tungstenite::Message;
 
 use common::{Registry, Ws, ws_connect};
+use support::*;
 
 const BRIDGE_THREADS: usize = 2;
 const APP_THREADS: usize = 4;
@@ -43,171 +40,6 @@ const DRAIN_MAX: Duration = Duration::from_secs(15);
 
 // =============================================================================================
 // Processes and /proc (as in benches/relay.rs)
-
-fn bin_path(name: &str) -> PathBuf {
-    let dir = std::env::var_os("HERMESCHAT_BENCH_BIN_DIR")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("CARGO_TARGET_DIR").map(|d| PathBuf::from(d).join("release")))
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release"));
-    let path = dir.join(name);
-    assert!(
-        path.is_file(),
-        "{} not found: run `cargo build --release --bins` first",
-        path.display()
-    );
-    path
-}
-
-fn proc_status(pid: u32, field: &str) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    text.lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
-}
-
-fn cpu_secs(pid: u32) -> f64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = text.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-    // SAFETY: sysconf only reads a configuration value.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    ticks as f64 / hz
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
-
-static RELAY_PIDS: Mutex<Vec<(u32, PathBuf)>> = Mutex::new(Vec::new());
-
-fn install_panic_cleanup() {
-    let default = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        default(info);
-        kill_relays();
-        std::process::exit(101);
-    }));
-    let _ = ctrlc::set_handler(|| {
-        kill_relays();
-        std::process::exit(130);
-    });
-}
-
-fn kill_relays() {
-    for (pid, data) in RELAY_PIDS.lock().map(|g| g.clone()).unwrap_or_default() {
-        // SAFETY: kill only sends a signal to a relay process this bench started.
-        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-        let _ = std::fs::remove_dir_all(data);
-    }
-}
-
-struct RelayProc {
-    child: Child,
-    addr: String,
-    data: PathBuf,
-    _drain: JoinHandle<()>,
-}
-
-impl RelayProc {
-    fn start() -> RelayProc {
-        let data = common::fresh_dir("bench-soak");
-        let mut child = Command::new(bin_path("hermeschat-relay"))
-            .args(["--listen", "127.0.0.1:0", "--data"])
-            .arg(&data)
-            .args(["--rate-register", "1000000", "--rate-verify", "1000000"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn hermeschat-relay");
-        if let Ok(mut pids) = RELAY_PIDS.lock() {
-            pids.push((child.id(), data.clone()));
-        }
-        let mut lines = BufReader::new(child.stderr.take().unwrap());
-        let mut addr = None;
-        let mut line = String::new();
-        while addr.is_none() {
-            line.clear();
-            if lines.read_line(&mut line).unwrap_or(0) == 0 {
-                panic!("relay exited before listening");
-            }
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-                && v["event"] == "listening"
-            {
-                addr = v["addr"].as_str().map(str::to_owned);
-            }
-        }
-        let drain = std::thread::spawn(move || {
-            let mut sink = Vec::new();
-            while lines.read_until(b'\n', &mut sink).unwrap_or(0) > 0 {
-                sink.clear();
-            }
-        });
-        RelayProc { child, addr: addr.unwrap(), data, _drain: drain }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn ws(&self, role: &str, bridge_id: &str) -> String {
-        format!("ws://{}/ws/{role}?bridgeId={bridge_id}", self.addr)
-    }
-}
-
-impl Drop for RelayProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.data);
-    }
-}
-
-// =============================================================================================
-// Frames
-
-#[derive(Deserialize)]
-struct InFrame<'a> {
-    #[serde(rename = "type", borrow)]
-    kind: Cow<'a, str>,
-    #[serde(default, borrow)]
-    id: Cow<'a, str>,
-    #[serde(default, borrow)]
-    client: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    body: Option<Cow<'a, str>>,
-    #[serde(default, rename = "bodyBase64")]
-    body_base64: bool,
-    #[serde(default, borrow)]
-    code: Option<Cow<'a, str>>,
-}
-
-#[derive(Serialize)]
-struct OutResponse<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    id: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    client: Option<&'a str>,
-    status: u16,
-    headers: serde_json::Map<String, serde_json::Value>,
-    body: &'a str,
-    #[serde(rename = "bodyBase64", skip_serializing_if = "std::ops::Not::not")]
-    body_base64: bool,
-}
 
 fn would_block(e: &tungstenite::Error) -> bool {
     matches!(e, tungstenite::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock)
@@ -515,7 +347,7 @@ fn main() {
         loadavg()
     );
 
-    let relay = RelayProc::start();
+    let relay = RelayProc::start("bench-soak");
     let pid = relay.pid();
     let reg = Registry::new(&relay.url());
     let setup0 = Instant::now();

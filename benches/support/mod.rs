@@ -1,0 +1,193 @@
+//! Pieces the benches share: where the release binaries are, /proc readings, a release relay
+//! process that cannot outlive a failed run, and the frame shapes the minimal peers use.
+//! Each bench includes it with `#[path = "support/mod.rs"] mod support;` after `mod common;`.
+
+#![allow(dead_code)]
+
+use std::borrow::Cow;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::thread::JoinHandle;
+
+use serde::{Deserialize, Serialize};
+
+/// Where the release binaries are: `$HERMESCHAT_BENCH_BIN_DIR` (set by `scripts/bench`), else
+/// `$CARGO_TARGET_DIR/release`, else `<manifest>/target/release`.
+pub fn bin_path(name: &str) -> PathBuf {
+    let dir = std::env::var_os("HERMESCHAT_BENCH_BIN_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("CARGO_TARGET_DIR").map(|d| PathBuf::from(d).join("release")))
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release"));
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} not found: run `cargo build --release` first (or ./scripts/bench)",
+        path.display()
+    );
+    path
+}
+
+/// A field of /proc/<pid>/status in KiB (`VmRSS`, `VmHWM`) or a count (`Threads`).
+pub fn proc_status(pid: u32, field: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Open file descriptors of a process.
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// utime + stime of a process, in seconds.
+pub fn cpu_secs(pid: u32) -> f64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = text.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // After the command name: state is field 3, utime 14, stime 15 (1-based in proc(5)).
+    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ticks as f64 / hz
+}
+
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// Relays this bench started, killed by the panic hook so that none outlives a failed run.
+pub static RELAY_PIDS: std::sync::Mutex<Vec<(u32, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+
+/// On a panic anywhere (a worker thread included) or on Ctrl-C / SIGTERM, kill the relays and
+/// exit: a thread waiting on a barrier must not hang the bench.
+pub fn install_panic_cleanup() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        kill_relays();
+        std::process::exit(101);
+    }));
+    let _ = ctrlc::set_handler(|| {
+        kill_relays();
+        std::process::exit(130);
+    });
+}
+
+pub fn kill_relays() {
+    for (pid, data) in RELAY_PIDS.lock().map(|g| g.clone()).unwrap_or_default() {
+        // SAFETY: kill only sends a signal to a relay process this bench started.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        let _ = std::fs::remove_dir_all(data);
+    }
+}
+
+/// A release `hermeschat-relay` on 127.0.0.1 with a throwaway `--data` and high rate limits.
+pub struct RelayProc {
+    pub child: Child,
+    pub addr: String,
+    pub data: PathBuf,
+    pub _drain: JoinHandle<()>,
+}
+
+impl RelayProc {
+    pub fn start(tag: &str) -> RelayProc {
+        let data = super::common::fresh_dir(tag);
+        let mut child = Command::new(bin_path("hermeschat-relay"))
+            .args(["--listen", "127.0.0.1:0", "--data"])
+            .arg(&data)
+            .args(["--rate-register", "1000000", "--rate-verify", "1000000"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn hermeschat-relay");
+        if let Ok(mut pids) = RELAY_PIDS.lock() {
+            pids.push((child.id(), data.clone()));
+        }
+        let mut lines = BufReader::new(child.stderr.take().unwrap());
+        let mut addr = None;
+        let mut line = String::new();
+        while addr.is_none() {
+            line.clear();
+            if lines.read_line(&mut line).unwrap_or(0) == 0 {
+                panic!("relay exited before listening");
+            }
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                && v["event"] == "listening"
+            {
+                addr = v["addr"].as_str().map(str::to_owned);
+            }
+        }
+        // Keep draining the access log so the relay never blocks on a full pipe.
+        let drain = std::thread::spawn(move || {
+            let mut sink = Vec::new();
+            while lines.read_until(b'\n', &mut sink).unwrap_or(0) > 0 {
+                sink.clear();
+            }
+        });
+        RelayProc { child, addr: addr.unwrap(), data, _drain: drain }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn ws(&self, role: &str, bridge_id: &str) -> String {
+        format!("ws://{}/ws/{role}?bridgeId={bridge_id}", self.addr)
+    }
+}
+
+impl Drop for RelayProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.data);
+    }
+}
+
+// =============================================================================================
+// The minimal peer (bridge side) and the app client
+
+#[derive(Deserialize)]
+pub struct InFrame<'a> {
+    #[serde(rename = "type", borrow)]
+    pub kind: Cow<'a, str>,
+    #[serde(default, borrow)]
+    pub id: Cow<'a, str>,
+    #[serde(default, borrow)]
+    pub client: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pub path: Cow<'a, str>,
+    #[serde(default, borrow)]
+    pub body: Option<Cow<'a, str>>,
+    #[serde(default, rename = "bodyBase64")]
+    pub body_base64: bool,
+    #[serde(default)]
+    pub status: u16,
+    #[serde(default, borrow)]
+    pub code: Option<Cow<'a, str>>,
+}
+
+#[derive(Serialize)]
+pub struct OutResponse<'a> {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client: Option<&'a str>,
+    pub status: u16,
+    pub headers: serde_json::Map<String, serde_json::Value>,
+    pub body: &'a str,
+    #[serde(rename = "bodyBase64", skip_serializing_if = "std::ops::Not::not")]
+    pub body_base64: bool,
+}
