@@ -18,87 +18,14 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::session::{CMD_TIMEOUT, PAIR_BIN, Run, closed_port, try_run};
 use common::{ConnectError, Relay, Ws, b64, fresh_dir, random_bytes, unb64, ws_connect};
 use hermeschat_pair::protocol::{ErrorCode, Frame, Headers, RequestFrame};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tungstenite::Message;
 
-const PAIR_BIN: &str = env!("CARGO_BIN_EXE_hermeschat-pair");
-const CMD_TIMEOUT: Duration = Duration::from_secs(60);
 const RECV: Duration = Duration::from_secs(10);
-
-// =============================================================================================
-// The CLI
-
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn all(&self) -> String {
-        format!("{}\n{}", self.stdout, self.stderr)
-    }
-
-    #[track_caller]
-    fn assert_code(&self, code: i32, what: &str) {
-        assert_eq!(
-            self.code,
-            Some(code),
-            "{what}: exit code\n--- stdout:\n{}\n--- stderr:\n{}",
-            self.stdout,
-            self.stderr
-        );
-    }
-}
-
-fn read_all<R: Read + Send + 'static>(mut r: R) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = r.read_to_end(&mut buf);
-        let _ = tx.send(String::from_utf8_lossy(&buf).into_owned());
-    });
-    rx
-}
-
-fn try_run(mut cmd: Command, timeout: Duration) -> Result<Run, String> {
-    let shown = format!("{cmd:?}");
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run {shown}: {e}"))?;
-    let out = read_all(child.stdout.take().unwrap());
-    let err = read_all(child.stderr.take().unwrap());
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Ok(Some(s)) = child.try_wait() {
-            break s;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!("{shown} did not finish within {timeout:?}"));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let stdout = out
-        .recv_timeout(Duration::from_secs(5))
-        .map_err(|_| format!("{shown}: stdout stayed open (the daemon holds it)"))?;
-    let stderr = err
-        .recv_timeout(Duration::from_secs(5))
-        .map_err(|_| format!("{shown}: stderr stayed open (the daemon holds it)"))?;
-    Ok(Run { code: status.code(), stdout, stderr })
-}
-
-/// A free loopback port (bound, then released).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 /// One user's machine: state directory, working directory, the LAN port it uses.
 struct Env {
@@ -114,7 +41,7 @@ impl Env {
         let home = root.join("home");
         let cwd = root.join("cwd");
         std::fs::create_dir_all(&cwd).unwrap();
-        Env { root, home, cwd, lan_port: free_port() }
+        Env { root, home, cwd, lan_port: closed_port() }
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
@@ -773,7 +700,7 @@ fn bad_host_is_a_usage_error_and_no_qr_is_printed() {
 #[test]
 fn no_backend_means_no_qr() {
     let env = Env::new();
-    let dead = free_port().to_string();
+    let dead = closed_port().to_string();
     let lp = env.lan_port.to_string();
     let run = env.run(&env.local_args(&dead, &lp, &["--no-server"]));
     run.assert_code(1, "--local without a backend");
@@ -896,7 +823,7 @@ fn the_built_in_backend_is_served_over_the_lan() {
     // Nothing listens on the backend port: the daemon starts the built-in backend there and
     // serves the LAN (the zero-setup path of the README).
     let env = Env::new();
-    let (bp, lp) = (free_port().to_string(), env.lan_port.to_string());
+    let (bp, lp) = (closed_port().to_string(), env.lan_port.to_string());
     let run = env.run(&env.local_args(&bp, &lp, &["--json"]));
     run.assert_code(0, "--local with the built-in backend");
     let qr = parse_local_payload(&run.stdout);
