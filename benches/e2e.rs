@@ -20,7 +20,6 @@ mod common;
 #[path = "support/mod.rs"]
 mod support;
 
-use std::borrow::Cow;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -31,11 +30,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use hermeschat_pair::protocol::RelayQr;
-use serde::Deserialize;
 use tungstenite::{Message, Utf8Bytes};
 
 use common::{Registry, Ws, b64, random_bytes, ws_connect};
-use support::{bin_path, cpu_secs, loadavg, proc_status};
+use support::{InFrame, RelayProc, bin_path, cpu_secs, loadavg, proc_status};
 
 const WARMUP: usize = 200;
 const SEQUENTIAL: usize = 2_000;
@@ -55,20 +53,24 @@ const MIB: f64 = 1024.0 * 1024.0;
 // =============================================================================================
 // Processes and /proc
 
-/// Samples VmRSS of `pid` every 10 ms until stopped; returns the largest value (KiB).
+/// Samples VmRSS of some processes every 10 ms until stopped; returns the largest value of
+/// each (KiB).
 struct RssSampler {
     stop: Arc<AtomicBool>,
-    handle: JoinHandle<u64>,
+    handle: JoinHandle<Vec<u64>>,
 }
 
 impl RssSampler {
-    fn start(pid: u32) -> RssSampler {
+    fn start(pids: &[u32]) -> RssSampler {
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
+        let pids = pids.to_vec();
         let handle = std::thread::spawn(move || {
-            let mut peak = 0;
+            let mut peak = vec![0; pids.len()];
             loop {
-                peak = peak.max(proc_status(pid, "VmRSS"));
+                for (p, &pid) in peak.iter_mut().zip(&pids) {
+                    *p = (*p).max(proc_status(pid, "VmRSS"));
+                }
                 if s.load(Ordering::Relaxed) {
                     return peak;
                 }
@@ -78,65 +80,122 @@ impl RssSampler {
         RssSampler { stop, handle }
     }
 
-    fn finish(self) -> u64 {
+    fn finish(self) -> Vec<u64> {
         self.stop.store(true, Ordering::Relaxed);
         self.handle.join().unwrap()
     }
 }
 
-/// A release `hermeschat-relay` on 127.0.0.1 with a throwaway `--data` and high rate limits.
-struct RelayProc {
-    child: Child,
-    addr: String,
-    data: PathBuf,
+// =============================================================================================
+// bore, the peer tunnel of issue 7
+
+/// Where `bore` is: `$HERMESCHAT_BENCH_BORE`, else `target/bore/bin/bore` (where `scripts/bench`
+/// installs it), else `bore` on PATH.
+fn bore_path() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("HERMESCHAT_BENCH_BORE") {
+        return Some(PathBuf::from(p));
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
+    let local = target.join("bore/bin/bore");
+    if local.is_file() {
+        return Some(local);
+    }
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join("bore"))
+        .find(|p| p.is_file())
+}
+
+/// `bore server` (the far side, like our relay) and `bore local` (next to the origin, like our
+/// daemon), both on loopback with a shared secret. bore's control port is fixed at 7835.
+struct Bore {
+    server: Child,
+    local: Child,
+    /// The public port: a client connecting here reaches the origin.
+    port: u16,
     _drain: JoinHandle<()>,
 }
 
-impl RelayProc {
-    fn start() -> RelayProc {
-        let data = common::fresh_dir("bench-e2e-relay");
-        let mut child = Command::new(bin_path("hermeschat-relay"))
-            .args(["--listen", "127.0.0.1:0", "--data"])
-            .arg(&data)
-            .args(["--rate-register", "100000", "--rate-verify", "100000"])
+impl Bore {
+    fn start(bin: &Path, origin: u16) -> Result<Bore, String> {
+        let secret = b64(&random_bytes(24));
+        let mut server = Command::new(bin)
+            .args(["server", "--bind-addr", "127.0.0.1"])
+            .env("BORE_SECRET", &secret)
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(Stdio::null())
             .spawn()
-            .expect("spawn hermeschat-relay");
-        let mut lines = BufReader::new(child.stderr.take().unwrap());
-        let mut addr = None;
+            .map_err(|e| format!("{}: {e}", bin.display()))?;
+        support::stop_on_exit(server.id(), libc::SIGKILL, None);
+        let started = Instant::now();
+        while TcpStream::connect(("127.0.0.1", 7835)).is_err() {
+            if let Ok(Some(st)) = server.try_wait() {
+                return Err(format!("bore server exited ({st}); is port 7835 busy?"));
+            }
+            if started.elapsed() > Duration::from_secs(5) {
+                let _ = server.kill();
+                return Err("bore server did not listen on 127.0.0.1:7835 within 5 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if let Ok(Some(st)) = server.try_wait() {
+            return Err(format!("bore server exited ({st}); another one holds port 7835"));
+        }
+        let mut local = Command::new(bin)
+            .args(["local", &origin.to_string(), "--local-host", "127.0.0.1", "--to", "127.0.0.1"])
+            .env("BORE_SECRET", &secret)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("{}: {e}", bin.display()))?;
+        support::stop_on_exit(local.id(), libc::SIGKILL, None);
+        let mut lines = BufReader::new(local.stdout.take().ok_or("no stdout")?);
         let mut line = String::new();
-        while addr.is_none() {
+        let port = loop {
             line.clear();
             if lines.read_line(&mut line).unwrap_or(0) == 0 {
-                panic!("relay exited before listening");
+                let _ = server.kill();
+                return Err("bore local exited before listening".into());
             }
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-                && v["event"] == "listening"
-            {
-                addr = v["addr"].as_str().map(str::to_owned);
+            // "… listening at 127.0.0.1:20660" (tracing output, perhaps with ANSI colours).
+            if let Some(rest) = line.split("listening at 127.0.0.1:").nth(1) {
+                let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                if let Ok(p) = digits.parse() {
+                    break p;
+                }
             }
-        }
+        };
         let drain = std::thread::spawn(move || {
             let mut sink = Vec::new();
             while lines.read_until(b'\n', &mut sink).unwrap_or(0) > 0 {
                 sink.clear();
             }
         });
-        RelayProc { child, addr: addr.unwrap(), data, _drain: drain }
+        Ok(Bore { server, local, port, _drain: drain })
     }
 
-    fn pid(&self) -> u32 {
-        self.child.id()
+    fn version(bin: &Path) -> String {
+        Command::new(bin)
+            .arg("--version")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default()
     }
 }
 
-impl Drop for RelayProc {
+impl Drop for Bore {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.data);
+        for c in [&mut self.local, &mut self.server] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
@@ -368,22 +427,6 @@ impl Http {
 // =============================================================================================
 // Path client (app over the relay)
 
-#[derive(Deserialize)]
-struct InFrame<'a> {
-    #[serde(rename = "type", borrow)]
-    kind: Cow<'a, str>,
-    #[serde(default, borrow)]
-    id: Cow<'a, str>,
-    #[serde(default)]
-    status: u16,
-    #[serde(default, borrow)]
-    body: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    code: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    message: Option<Cow<'a, str>>,
-}
-
 fn request_frame(id: &str, method: &str, path: &str, body64: Option<&str>) -> Utf8Bytes {
     let mut v = serde_json::json!({
         "type": "request", "id": id, "method": method, "path": path, "headers": {},
@@ -511,30 +554,49 @@ fn sse_figures(arrivals: &[Duration]) -> (f64, f64, usize, f64) {
 // =============================================================================================
 // Measurements
 
+/// The three ways to reach the origin, measured in the same repetition.
+const DIRECT: usize = 0;
+const PATH: usize = 1;
+const BORE: usize = 2;
+const NAMES: [&str; 3] = ["direct", "hermeschat", "bore"];
+
+/// One target's figures in one repetition.
 #[derive(Default, Clone, Debug)]
 struct Rep {
     p50: f64,
     p99: f64,
     c16: f64,
     c16_p99: f64,
-    daemon_cpu_us: f64,
-    relay_cpu_us: f64,
+    /// CPU per request at c16 of the process next to the origin (daemon, `bore local`).
+    near_cpu_us: f64,
+    /// CPU per request at c16 of the far process (relay, `bore server`).
+    far_cpu_us: f64,
     upload16: f64,
     upload12: f64,
     ttfe: f64,
     max_gap: f64,
     events_min: usize,
     sse_total: f64,
-    peak_rss_kib: u64,
+    /// Peak VmRSS during the uploads, KiB: (near, far).
+    peak_kib: (u64, u64),
 }
 
+/// Our path: the paired app sockets and the two processes.
 struct PathSide {
     apps: Vec<App>,
     daemon_pid: u32,
     relay_pid: u32,
 }
 
-fn lat_direct(port: u16) -> (f64, f64) {
+/// Something plain HTTP reaches: the origin itself or bore's public port, with the processes
+/// in between (none for direct; `bore local`, `bore server` for bore).
+#[derive(Clone, Copy)]
+struct HttpSide {
+    port: u16,
+    pids: Option<(u32, u32)>,
+}
+
+fn lat_http(port: u16) -> (f64, f64) {
     let mut c = Http::connect(port);
     let mut v = Vec::with_capacity(SEQUENTIAL);
     for i in 0..WARMUP + SEQUENTIAL {
@@ -566,7 +628,8 @@ fn lat_path(p: &mut PathSide) -> (f64, f64) {
     (pct(&v, 50.0) as f64 / 1e3, pct(&v, 99.0) as f64 / 1e3)
 }
 
-/// Runs `CONCURRENCY` closed loops for C16_SECS; returns (req/s, p99 µs, sorted latencies len).
+/// Runs `CONCURRENCY` closed loops for C16_SECS; returns (req/s, p99 µs, CPU µs per request of
+/// each of `pids`, the connections).
 fn run_c16<C: Send + 'static>(
     conns: Vec<C>,
     one: fn(&mut C, usize) -> Duration,
@@ -611,18 +674,20 @@ fn run_c16<C: Send + 'static>(
     (n / secs, pct(&all, 99.0) as f64 / 1e3, cpu_us, back)
 }
 
-fn c16_direct(port: u16) -> (f64, f64) {
-    let conns: Vec<Http> = (0..CONCURRENCY).map(|_| Http::connect(port)).collect();
-    let (rate, p99, _, _) = run_c16(
+/// (req/s, p99 µs, near CPU µs/req, far CPU µs/req).
+fn c16_http(side: HttpSide) -> (f64, f64, f64, f64) {
+    let conns: Vec<Http> = (0..CONCURRENCY).map(|_| Http::connect(side.port)).collect();
+    let pids: Vec<u32> = side.pids.map(|(a, b)| vec![a, b]).unwrap_or_default();
+    let (rate, p99, cpu, _) = run_c16(
         conns,
         |c, _| {
             let t0 = Instant::now();
             c.request("GET", "/api/health", None);
             t0.elapsed()
         },
-        &[],
+        &pids,
     );
-    (rate, p99)
+    (rate, p99, cpu.first().copied().unwrap_or(f64::NAN), cpu.get(1).copied().unwrap_or(f64::NAN))
 }
 
 fn c16_path(p: &mut PathSide) -> (f64, f64, f64, f64) {
@@ -643,7 +708,8 @@ fn c16_path(p: &mut PathSide) -> (f64, f64, f64, f64) {
     (rate, p99, cpu[0], cpu[1])
 }
 
-fn upload_direct(port: u16, body: &[u8]) -> f64 {
+/// Uploads `body` with `POST /api/count` on one keep-alive connection; MiB/s.
+fn upload_http(port: u16, body: &[u8]) -> f64 {
     let mut c = Http::connect(port);
     let want = format!("{{\"bytes\":{}}}", body.len());
     let mut v = Vec::new();
@@ -659,10 +725,9 @@ fn upload_direct(port: u16, body: &[u8]) -> f64 {
     median(v)
 }
 
-/// (MiB/s, daemon peak VmRSS KiB sampled every 10 ms during the uploads).
-fn upload_path(p: &mut PathSide, body64: &str, decoded: usize) -> (f64, u64) {
+/// MiB/s of `POST /api/count` with the base64 body in one request frame.
+fn upload_path(p: &mut PathSide, body64: &str, decoded: usize) -> f64 {
     let want = format!("{{\"bytes\":{decoded}}}");
-    let sampler = RssSampler::start(p.daemon_pid);
     let mut v = Vec::new();
     for i in 0..=UPLOAD_RUNS {
         // Built before the clock starts: a 16 MiB copy per run, off the timed path.
@@ -674,7 +739,7 @@ fn upload_path(p: &mut PathSide, body64: &str, decoded: usize) -> (f64, u64) {
             v.push(decoded as f64 / MIB / dt.as_secs_f64());
         }
     }
-    (median(v), sampler.finish())
+    median(v)
 }
 
 fn sse_path(p: &mut PathSide) -> Vec<Duration> {
@@ -708,6 +773,37 @@ fn sse_agg(runs: &[Vec<Duration>]) -> (f64, f64, usize, f64) {
     )
 }
 
+/// Measures one target for one repetition.
+fn measure(t: usize, path: &mut PathSide, http: HttpSide, bodies: (&[u8], &[u8], &str)) -> Rep {
+    let (body16, body12, body64) = bodies;
+    let mut r = Rep::default();
+    let near_far = if t == PATH { Some((path.daemon_pid, path.relay_pid)) } else { http.pids };
+    progress(&format!("  {} latency", NAMES[t]));
+    (r.p50, r.p99) = if t == PATH { lat_path(path) } else { lat_http(http.port) };
+    progress(&format!("  {} c16", NAMES[t]));
+    (r.c16, r.c16_p99, r.near_cpu_us, r.far_cpu_us) =
+        if t == PATH { c16_path(path) } else { c16_http(http) };
+    progress(&format!("  {} uploads", NAMES[t]));
+    let sampler = near_far.map(|(a, b)| RssSampler::start(&[a, b]));
+    if t == PATH {
+        r.upload12 = upload_path(path, body64, body12.len());
+        r.upload16 = f64::NAN;
+    } else {
+        r.upload16 = upload_http(http.port, body16);
+        r.upload12 = upload_http(http.port, body12);
+    }
+    if let Some(s) = sampler {
+        let peak = s.finish();
+        r.peak_kib = (peak[0], peak[1]);
+    }
+    progress(&format!("  {} SSE", NAMES[t]));
+    let runs: Vec<Vec<Duration>> = (0..SSE_RUNS)
+        .map(|_| if t == PATH { sse_path(path) } else { Http::connect(http.port).sse() })
+        .collect();
+    (r.ttfe, r.max_gap, r.events_min, r.sse_total) = sse_agg(&runs);
+    r
+}
+
 /// With `HERMESCHAT_BENCH_VERBOSE=1`, says on stderr which phase starts.
 fn progress(what: &str) {
     if std::env::var_os("HERMESCHAT_BENCH_VERBOSE").is_some() {
@@ -715,39 +811,11 @@ fn progress(what: &str) {
     }
 }
 
-/// What a panic must clean up: the detached daemon (by its state dir) and the relay.
-#[allow(clippy::type_complexity)]
-static CLEANUP: std::sync::Mutex<(Option<PathBuf>, Option<(u32, PathBuf)>)> =
-    std::sync::Mutex::new((None, None));
-
-/// Stops the daemon (by its state dir) and kills the relay, if they were started.
-fn cleanup() {
-    let (home, relay) = CLEANUP.lock().map(|g| g.clone()).unwrap_or_default();
-    if let Some(home) = home {
-        let _ = pair_cmd(&home, &["--stop"]);
-        let _ = std::fs::remove_dir_all(&home);
-    }
-    if let Some((pid, data)) = relay {
-        // SAFETY: kill only sends a signal to the relay process this bench started.
-        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-        let _ = std::fs::remove_dir_all(data);
-    }
-}
-
-/// On a panic anywhere (a stuck or failed exchange in a worker thread included) or on Ctrl-C /
-/// SIGTERM, stop the daemon and the relay, then exit: a thread waiting on a barrier must not
-/// hang the bench, and the detached daemon must not outlive it.
-fn install_panic_cleanup() {
-    let default = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        default(info);
-        cleanup();
-        std::process::exit(101);
-    }));
-    let _ = ctrlc::set_handler(|| {
-        cleanup();
-        std::process::exit(130);
-    });
+/// Which way a figure is better, for the "vs bore" column.
+#[derive(Clone, Copy, PartialEq)]
+enum Better {
+    Lower,
+    Higher,
 }
 
 fn main() {
@@ -759,9 +827,9 @@ fn main() {
             reps = args.next().and_then(|v| v.parse().ok()).unwrap_or(reps);
         }
     }
-    install_panic_cleanup();
+    support::install_panic_cleanup();
     let started = Instant::now();
-    println!("# hermeschat-pair end-to-end benchmark");
+    println!("# hermeschat-pair end-to-end benchmark: direct loopback, our path, bore");
     println!(
         "binaries: {}, {}",
         bin_path("hermeschat-relay").display(),
@@ -771,25 +839,22 @@ fn main() {
 
     // ------------------------------------------------------------------ setup
     let origin = origin_server();
-    let relay = RelayProc::start();
-    let registry_url = format!("http://{}", relay.addr);
+    let relay = RelayProc::start("bench-e2e-relay");
     let home = common::fresh_dir("bench-e2e-home");
-    if let Ok(mut g) = CLEANUP.lock() {
-        *g = (Some(home.clone()), Some((relay.pid(), relay.data.clone())));
-    }
     let t0 = Instant::now();
     let port_s = origin.to_string();
     let (ok, stdout, stderr) =
-        pair_cmd(&home, &["--server", &registry_url, "--port", &port_s, "--json"]);
+        pair_cmd(&home, &["--server", &relay.url(), "--port", &port_s, "--json"]);
     let pair_secs = t0.elapsed().as_secs_f64();
-    assert!(ok, "hermeschat-pair --json failed:\n{stdout}\n{stderr}");
+    let daemon_pid: u32 = std::fs::read_to_string(home.join("bridge.pid"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    // SIGTERM is the daemon's clean stop; its state dir goes after it.
+    support::stop_on_exit(daemon_pid, libc::SIGTERM, Some(home.clone()));
+    assert!(ok && daemon_pid != 0, "hermeschat-pair --json failed:\n{stdout}\n{stderr}");
     let qr: RelayQr = serde_json::from_str(stdout.trim().lines().last().unwrap_or(""))
         .unwrap_or_else(|e| panic!("--json printed no QR payload ({e}): {stdout}"));
-    let daemon_pid: u32 = std::fs::read_to_string(home.join("bridge.pid"))
-        .expect("bridge.pid")
-        .trim()
-        .parse()
-        .expect("pid");
     println!("paired in {pair_secs:.2} s: bridge {} via {}; daemon pid {daemon_pid}", qr.g, qr.s);
     let reg = Registry::new(&qr.s);
     let app_url = format!("{}?bridgeId={}", qr.u, qr.g);
@@ -805,14 +870,41 @@ fn main() {
             .push(reg.verify_ok(&qr.g, &code.access_code, &format!("bench app {i}")).client_secret);
     }
     let apps: Vec<App> = secrets.iter().map(|s| App::connect(&app_url, s)).collect();
+
+    let bore = match bore_path() {
+        None => Err("not found: run ./scripts/bench (it installs bore-cli into target/bore) or \
+                     set HERMESCHAT_BENCH_BORE"
+            .to_owned()),
+        Some(bin) => {
+            println!("bore: {} ({})", bin.display(), Bore::version(&bin));
+            Bore::start(&bin, origin)
+        }
+    };
+    let bore = match bore {
+        Ok(b) => Some(b),
+        Err(e) => {
+            println!("bore: skipped — {e}");
+            None
+        }
+    };
     std::thread::sleep(Duration::from_secs(1));
-    let daemon_idle_kib = proc_status(daemon_pid, "VmRSS");
+    let idle_kib = |pid: u32| proc_status(pid, "VmRSS");
+    let idle = [
+        (0, 0),
+        (idle_kib(daemon_pid), idle_kib(relay.pid())),
+        bore.as_ref().map_or((0, 0), |b| (idle_kib(b.local.id()), idle_kib(b.server.id()))),
+    ];
     let daemon_threads = proc_status(daemon_pid, "Threads");
     let mut path = PathSide { apps, daemon_pid, relay_pid: relay.pid() };
+    let direct_side = HttpSide { port: origin, pids: None };
+    let bore_side =
+        bore.as_ref().map(|b| HttpSide { port: b.port, pids: Some((b.local.id(), b.server.id())) });
+    let targets: Vec<usize> =
+        if bore.is_some() { vec![DIRECT, PATH, BORE] } else { vec![DIRECT, PATH] };
 
-    let direct16: Vec<u8> = random_bytes(DIRECT_UPLOAD);
-    let direct12 = direct16[..PATH_UPLOAD].to_vec();
-    let body64 = b64(&direct12);
+    let body16: Vec<u8> = random_bytes(DIRECT_UPLOAD);
+    let body12 = body16[..PATH_UPLOAD].to_vec();
+    let body64 = b64(&body12);
     let frame_len = request_frame("up1", "POST", "/api/count", Some(&body64)).len();
     println!(
         "path upload: {PATH_UPLOAD} bytes decoded, request frame {frame_len} bytes (relay message limit {} bytes)",
@@ -820,72 +912,45 @@ fn main() {
     );
 
     // ------------------------------------------------------------------ repetitions
-    let mut results: Vec<(Rep, Rep)> = Vec::new();
+    let mut results: Vec<[Rep; 3]> = Vec::new();
     for rep in 0..reps {
-        let direct_first = rep % 2 == 0;
-        let (mut d, mut p) = (Rep::default(), Rep::default());
-        // Each measurement: direct and path back to back, order alternating per repetition.
-        macro_rules! both {
-            ($direct:block, $path:block) => {
-                if direct_first {
-                    progress("  direct");
-                    $direct;
-                    progress("  path");
-                    $path;
-                } else {
-                    progress("  path");
-                    $path;
-                    progress("  direct");
-                    $direct;
-                }
-            };
+        let mut r: [Rep; 3] = Default::default();
+        // The targets run back to back; the order rotates every repetition.
+        for k in 0..targets.len() {
+            let t = targets[(rep + k) % targets.len()];
+            let http = if t == BORE { bore_side.unwrap_or(direct_side) } else { direct_side };
+            r[t] = measure(t, &mut path, http, (&body16, &body12, &body64));
         }
-        progress("latency");
-        both!({ (d.p50, d.p99) = lat_direct(origin) }, { (p.p50, p.p99) = lat_path(&mut path) });
-        progress("c16");
-        both!({ (d.c16, d.c16_p99) = c16_direct(origin) }, {
-            (p.c16, p.c16_p99, p.daemon_cpu_us, p.relay_cpu_us) = c16_path(&mut path)
-        });
-        progress("upload");
-        both!(
-            {
-                d.upload16 = upload_direct(origin, &direct16);
-                d.upload12 = upload_direct(origin, &direct12);
-            },
-            { (p.upload12, p.peak_rss_kib) = upload_path(&mut path, &body64, PATH_UPLOAD) }
-        );
-        progress("sse");
-        let mut ds = Vec::new();
-        let mut ps = Vec::new();
-        for _ in 0..SSE_RUNS {
-            both!({ ds.push(Http::connect(origin).sse()) }, { ps.push(sse_path(&mut path)) });
-        }
-        (d.ttfe, d.max_gap, d.events_min, d.sse_total) = sse_agg(&ds);
-        (p.ttfe, p.max_gap, p.events_min, p.sse_total) = sse_agg(&ps);
+        let line = targets
+            .iter()
+            .map(|&t| {
+                format!(
+                    "{} p50 {:.1} µs c16 {:.0}/s up12 {:.0} MiB/s gap {:.1} ms",
+                    NAMES[t], r[t].p50, r[t].c16, r[t].upload12, r[t].max_gap
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" | ");
         println!(
-            "rep {}/{reps} ({:.0} s, load {}): direct p50 {:.1} µs c16 {:.0}/s up16 {:.0} MiB/s | \
-             path p50 {:.1} µs c16 {:.0}/s up12 {:.0} MiB/s gap {:.1} ms peak {:.1} MiB",
+            "rep {}/{reps} ({:.0} s, load {}): {line}",
             rep + 1,
             started.elapsed().as_secs_f64(),
-            loadavg(),
-            d.p50,
-            d.c16,
-            d.upload16,
-            p.p50,
-            p.c16,
-            p.upload12,
-            p.max_gap,
-            p.peak_rss_kib as f64 / 1024.0
+            loadavg()
         );
-        results.push((d, p));
+        results.push(r);
     }
     std::thread::sleep(Duration::from_secs(1));
     let daemon_after_kib = proc_status(daemon_pid, "VmRSS");
-    let daemon_hwm_kib = proc_status(daemon_pid, "VmHWM");
-    let relay_hwm_kib = proc_status(relay.pid(), "VmHWM");
+    let hwm = [
+        (0, 0),
+        (proc_status(daemon_pid, "VmHWM"), proc_status(relay.pid(), "VmHWM")),
+        bore.as_ref().map_or((0, 0), |b| {
+            (proc_status(b.local.id(), "VmHWM"), proc_status(b.server.id(), "VmHWM"))
+        }),
+    ];
 
     // ------------------------------------------------------------------ 16 MiB through the path
-    let big64 = b64(&direct16);
+    let big64 = b64(&body16);
     let big_frame = request_frame("big16", "POST", "/api/count", Some(&big64));
     let mut probe = App::connect(&app_url, &secrets[0]);
     let outcome = match probe.ws.send(Message::Text(big_frame.clone())) {
@@ -901,154 +966,173 @@ fn main() {
     };
     drop(probe);
 
-    // ------------------------------------------------------------------ stop the daemon
+    // ------------------------------------------------------------------ stop everything
     drop(path);
+    drop(bore);
     let (stopped, out, err) = pair_cmd(&home, &["--stop"]);
     let gone = proc_status(daemon_pid, "VmRSS") == 0;
     let _ = std::fs::remove_dir_all(&home);
     drop(relay);
 
-    // ------------------------------------------------------------------ tables
-    let md = |f: &dyn Fn(&Rep) -> f64, which: usize| -> f64 {
-        median(results.iter().map(|(d, p)| if which == 0 { f(d) } else { f(p) }).collect())
+    // ------------------------------------------------------------------ the table
+    let md = |t: usize, f: &dyn Fn(&Rep) -> f64| median(results.iter().map(|r| f(&r[t])).collect());
+    // Ratios are taken within each repetition (same minute, same load), then the median.
+    let ratio = |t: usize, base: usize, f: &dyn Fn(&Rep) -> f64| {
+        median(results.iter().map(|r| f(&r[t]) / f(&r[base])).collect())
     };
-    let ratio = |f: &dyn Fn(&Rep) -> f64| -> f64 {
-        median(results.iter().map(|(d, p)| f(p) / f(d)).collect())
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let has_bore = targets.contains(&BORE);
+    let verdict = |v: f64, better: Better| -> String {
+        if v.is_nan() {
+            "—".into()
+        } else {
+            let ok = if better == Better::Lower { v <= 1.0 } else { v >= 1.0 };
+            format!("{v:.2}× {}", if ok { "at least bore" } else { "**behind bore**" })
+        }
     };
-    let added = |f: &dyn Fn(&Rep) -> f64| -> f64 {
-        median(results.iter().map(|(d, p)| f(p) - f(d)).collect())
-    };
-    let p50 = |r: &Rep| r.p50;
-    let p99 = |r: &Rep| r.p99;
-    let c16 = |r: &Rep| r.c16;
-    let c16p99 = |r: &Rep| r.c16_p99;
-    let up16 = |r: &Rep| r.upload16;
-    let up12 = |r: &Rep| r.upload12;
-    let ttfe = |r: &Rep| r.ttfe;
-    let gap = |r: &Rep| r.max_gap;
-    let total = |r: &Rep| r.sse_total;
     println!();
     println!(
-        "## End to end: {reps} repetitions, medians; (×) = path / direct computed within each repetition"
+        "## Side by side: {reps} repetitions, medians; (×) = target / direct within each repetition"
     );
     println!();
     println!(
-        "| target | p50 µs | p99 µs | c16 req/s | c16 p99 µs | upload 16 MiB MiB/s | upload {:.2} MiB MiB/s | \
-         SSE TTFE ms (worst run) | SSE max gap ms (worst run) | SSE events (min) | SSE total ms |",
-        PATH_UPLOAD as f64 / MIB
+        "direct = HTTP straight to the origin; hermeschat = app WebSocket → hermeschat-relay → \
+         hermeschat-pair daemon → origin (JSON envelopes, base64 bodies); bore = HTTP → bore server \
+         → bore local → origin (raw TCP splice)."
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
-    let events = |w: usize| {
+    println!();
+    println!("| measure | direct | hermeschat | bore | hermeschat vs bore |");
+    println!("|---|---|---|---|---|");
+    let row = |name: &str, f: &dyn Fn(&Rep) -> f64, better: Better| {
+        let cell = |t: usize| {
+            if t == BORE && !has_bore {
+                "—".to_owned()
+            } else if t == DIRECT {
+                fmt_num(md(t, f))
+            } else {
+                format!("{} ({:.2}×)", fmt_num(md(t, f)), ratio(t, DIRECT, f))
+            }
+        };
+        let vs = if has_bore { verdict(ratio(PATH, BORE, f), better) } else { "—".into() };
+        println!("| {name} | {} | {} | {} | {vs} |", cell(DIRECT), cell(PATH), cell(BORE));
+    };
+    row("small request p50 µs", &|r| r.p50, Better::Lower);
+    row("small request p99 µs", &|r| r.p99, Better::Lower);
+    row(&format!("c16 req/s ({CONCURRENCY} connections, closed loop)"), &|r| r.c16, Better::Higher);
+    row("c16 p99 µs", &|r| r.c16_p99, Better::Lower);
+    row(
+        &format!("upload {:.2} MiB MiB/s", PATH_UPLOAD as f64 / MIB),
+        &|r| r.upload12,
+        Better::Higher,
+    );
+    println!(
+        "| upload 16 MiB MiB/s | {} | over the frame limit (below) | {} | — |",
+        fmt_num(md(DIRECT, &|r| r.upload16)),
+        if has_bore {
+            format!(
+                "{} ({:.2}×)",
+                fmt_num(md(BORE, &|r| r.upload16)),
+                ratio(BORE, DIRECT, &|r| r.upload16)
+            )
+        } else {
+            "—".into()
+        }
+    );
+    let sse_row = |name: &str, f: &dyn Fn(&Rep) -> f64| {
+        let cell = |t: usize| if t == BORE && !has_bore { "—".into() } else { fmt_num(md(t, f)) };
+        let vs = if has_bore { verdict(ratio(PATH, BORE, f), Better::Lower) } else { "—".into() };
+        println!("| {name} | {} | {} | {} | {vs} |", cell(DIRECT), cell(PATH), cell(BORE));
+    };
+    sse_row("SSE first event ms (worst of the runs)", &|r| r.ttfe);
+    sse_row("SSE largest gap between events ms (worst run)", &|r| r.max_gap);
+    let events = |t: usize| results.iter().map(|r| r[t].events_min).min().unwrap_or(0);
+    println!(
+        "| SSE events received (fewest) | {}/{SSE_EVENTS} | {}/{SSE_EVENTS} | {} | — |",
+        events(DIRECT),
+        events(PATH),
+        if has_bore { format!("{}/{SSE_EVENTS}", events(BORE)) } else { "—".into() }
+    );
+    let cpu_row = |name: &str, f: &dyn Fn(&Rep) -> f64| {
+        let b = if has_bore { fmt_num(md(BORE, f)) } else { "—".into() };
+        let vs = if has_bore { verdict(ratio(PATH, BORE, f), Better::Lower) } else { "—".into() };
+        println!("| {name} | — | {} | {b} | {vs} |", fmt_num(md(PATH, f)));
+    };
+    cpu_row("CPU µs per request at c16, next to the origin (daemon / bore local)", &|r| {
+        r.near_cpu_us
+    });
+    cpu_row("CPU µs per request at c16, far side (relay / bore server)", &|r| r.far_cpu_us);
+    let mem_row = |name: &str, ours: f64, theirs: f64| {
+        let (b, vs) = if has_bore {
+            (format!("{theirs:.1}"), verdict(ours / theirs, Better::Lower))
+        } else {
+            ("—".into(), "—".into())
+        };
+        println!("| {name} | — | {ours:.1} | {b} | {vs} |");
+    };
+    let peak = |t: usize, far: bool| {
         results
             .iter()
-            .map(|(d, p)| if w == 0 { d.events_min } else { p.events_min })
-            .min()
+            .map(|r| if far { r[t].peak_kib.1 } else { r[t].peak_kib.0 })
+            .max()
             .unwrap_or(0)
     };
-    println!(
-        "| direct | {} | {} | {} | {} | {} | {} | {} | {} | {}/{SSE_EVENTS} | {} |",
-        fmt_num(md(&p50, 0)),
-        fmt_num(md(&p99, 0)),
-        fmt_num(md(&c16, 0)),
-        fmt_num(md(&c16p99, 0)),
-        fmt_num(md(&up16, 0)),
-        fmt_num(md(&up12, 0)),
-        fmt_num(md(&ttfe, 0)),
-        fmt_num(md(&gap, 0)),
-        events(0),
-        fmt_num(md(&total, 0)),
+    mem_row("RSS MiB idle, next to the origin", mib(idle[PATH].0), mib(idle[BORE].0));
+    mem_row("RSS MiB idle, far side", mib(idle[PATH].1), mib(idle[BORE].1));
+    mem_row(
+        "RSS MiB peak during the uploads, next to the origin",
+        mib(peak(PATH, false)),
+        mib(peak(BORE, false)),
     );
-    let wr = |f: &dyn Fn(&Rep) -> f64| format!("{} ({:.2}×)", fmt_num(md(f, 1)), ratio(f));
-    println!(
-        "| path | {} | {} | {} | {} | not possible (see below) | {} | {} | {} | {}/{SSE_EVENTS} | {} |",
-        wr(&p50),
-        wr(&p99),
-        wr(&c16),
-        wr(&c16p99),
-        wr(&up12),
-        fmt_num(md(&ttfe, 1)),
-        fmt_num(md(&gap, 1)),
-        events(1),
-        fmt_num(md(&total, 1)),
+    mem_row(
+        "RSS MiB peak during the uploads, far side",
+        mib(peak(PATH, true)),
+        mib(peak(BORE, true)),
     );
+    mem_row("VmHWM MiB at the end, next to the origin", mib(hwm[PATH].0), mib(hwm[BORE].0));
+    mem_row("VmHWM MiB at the end, far side", mib(hwm[PATH].1), mib(hwm[BORE].1));
     println!();
-    println!(
-        "path added latency p50 (within each repetition): {:.1} µs; path CPU per request at c16: \
-         daemon {:.1} µs, relay {:.1} µs",
-        added(&p50),
-        md(&|r| r.daemon_cpu_us, 1),
-        md(&|r| r.relay_cpu_us, 1)
-    );
-    println!(
-        "path upload {:.2} MiB vs direct {:.2} MiB (same size): {:.2}×; worst SSE gap over all \
-         path runs: {:.1} ms; direct: {:.1} ms",
-        PATH_UPLOAD as f64 / MIB,
-        PATH_UPLOAD as f64 / MIB,
-        ratio(&up12),
-        results.iter().map(|(_, p)| p.max_gap).fold(0.0, f64::max),
-        results.iter().map(|(d, _)| d.max_gap).fold(0.0, f64::max),
-    );
-    for (i, (d, p)) in results.iter().enumerate() {
+    println!("Per repetition (direct / hermeschat / bore):");
+    for (i, r) in results.iter().enumerate() {
+        let f = |g: &dyn Fn(&Rep) -> f64| {
+            targets.iter().map(|&t| format!("{:.1}", g(&r[t]))).collect::<Vec<_>>().join("/")
+        };
         println!(
-            "  rep {}: p50 {:.1}/{:.1} µs, c16 {:.0}/{:.0} req/s, upload12 {:.0}/{:.0} MiB/s, \
-             TTFE {:.2}/{:.2} ms, gap {:.1}/{:.1} ms (direct/path)",
+            "  rep {}: p50 {} µs, c16 {} req/s, upload12 {} MiB/s, TTFE {} ms, gap {} ms",
             i + 1,
-            d.p50,
-            p.p50,
-            d.c16,
-            p.c16,
-            d.upload12,
-            p.upload12,
-            d.ttfe,
-            p.ttfe,
-            d.max_gap,
-            p.max_gap
+            f(&|r| r.p50),
+            f(&|r| r.c16),
+            f(&|r| r.upload12),
+            f(&|r| r.ttfe),
+            f(&|r| r.max_gap),
         );
     }
     println!();
     println!(
-        "16 MiB (decoded) in one request frame through the path: {} bytes of base64 → {outcome}",
+        "16 MiB (decoded) in one request frame through hermeschat: {} bytes of base64 → {outcome}",
         big64.len()
     );
     println!();
     println!(
-        "## Daemon memory (hermeschat-pair bridge daemon, pid {daemon_pid}, {daemon_threads} threads idle)"
+        "Daemon (pid {daemon_pid}, {daemon_threads} threads idle): VmRSS {:.1} MiB idle before any \
+         request, {:.1} MiB idle after all repetitions.",
+        mib(idle[PATH].0),
+        mib(daemon_after_kib)
     );
-    println!();
-    println!("| when | VmRSS MiB |");
-    println!("|---|---|");
-    println!(
-        "| idle, paired, {CONCURRENCY} apps attached, before any request | {:.1} |",
-        daemon_idle_kib as f64 / 1024.0
-    );
-    let peaks: Vec<f64> = results.iter().map(|(_, p)| p.peak_rss_kib as f64 / 1024.0).collect();
-    println!(
-        "| peak during the {:.2} MiB uploads (10 ms sampling; per repetition) | {} |",
-        PATH_UPLOAD as f64 / MIB,
-        peaks.iter().map(|v| format!("{v:.1}")).collect::<Vec<_>>().join(" / ")
-    );
-    println!(
-        "| idle again after all repetitions (1 s) | {:.1} |",
-        daemon_after_kib as f64 / 1024.0
-    );
-    println!("| VmHWM at the end | {:.1} |", daemon_hwm_kib as f64 / 1024.0);
-    println!();
-    println!("relay VmHWM at the end: {:.1} MiB", relay_hwm_kib as f64 / 1024.0);
     println!(
         "hermeschat-pair --stop: {} ({}); daemon gone: {gone}",
         if stopped { "exit 0" } else { "FAILED" },
         out.trim().lines().chain(err.trim().lines()).collect::<Vec<_>>().join(" / ")
     );
     println!();
-    println!("## Goals (issue 3)");
+    println!("## Goals of issue 3 (hermeschat against direct)");
     println!();
     let ok = |b: bool| if b { "met" } else { "MISSED" };
-    let r50 = ratio(&p50);
-    let rc16 = ratio(&c16);
-    let up = md(&up12, 1);
-    let worst_gap = results.iter().map(|(_, p)| p.max_gap).fold(0.0, f64::max);
-    let idle = daemon_idle_kib as f64 / 1024.0;
-    let peak = peaks.iter().copied().fold(0.0, f64::max).max(daemon_hwm_kib as f64 / 1024.0);
+    let r50 = ratio(PATH, DIRECT, &|r| r.p50);
+    let rc16 = ratio(PATH, DIRECT, &|r| r.c16);
+    let up = md(PATH, &|r| r.upload12);
+    let worst_gap = results.iter().map(|r| r[PATH].max_gap).fold(0.0, f64::max);
+    let idle_mib = mib(idle[PATH].0);
+    let peak_mib = mib(peak(PATH, false).max(hwm[PATH].0));
     println!("- p50 ≤ 2× direct: {r50:.2}× → {}", ok(r50 <= 2.0));
     println!("- c16 ≥ 0.35× direct: {rc16:.2}× → {}", ok(rc16 >= 0.35));
     println!(
@@ -1057,10 +1141,10 @@ fn main() {
         ok(up >= 300.0)
     );
     println!("- no SSE gap over 20 ms: worst {worst_gap:.1} ms → {}", ok(worst_gap <= 20.0));
-    println!("- daemon idle RSS ≤ 6 MiB: {idle:.1} MiB → {}", ok(idle <= 6.0));
+    println!("- daemon idle RSS ≤ 6 MiB: {idle_mib:.1} MiB → {}", ok(idle_mib <= 6.0));
     println!(
-        "- daemon peak RSS ≤ 64 MiB during the upload: {peak:.1} MiB (incl. VmHWM) → {}",
-        ok(peak <= 64.0)
+        "- daemon peak RSS ≤ 64 MiB during the upload: {peak_mib:.1} MiB (incl. VmHWM) → {}",
+        ok(peak_mib <= 64.0)
     );
     println!();
     println!("total {:.0} s; load average at end: {}", started.elapsed().as_secs_f64(), loadavg());

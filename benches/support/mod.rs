@@ -61,29 +61,51 @@ pub fn loadavg() -> String {
         .unwrap_or_default()
 }
 
-/// Relays this bench started, killed by the panic hook so that none outlives a failed run.
-pub static RELAY_PIDS: std::sync::Mutex<Vec<(u32, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+/// Processes this bench started, with the signal that stops each and a directory to remove:
+/// the panic hook stops them so that none outlives a failed run.
+pub static CLEANUP: std::sync::Mutex<Vec<(u32, i32, Option<PathBuf>)>> =
+    std::sync::Mutex::new(Vec::new());
 
-/// On a panic anywhere (a worker thread included) or on Ctrl-C / SIGTERM, kill the relays and
-/// exit: a thread waiting on a barrier must not hang the bench.
+/// Registers a process for [`cleanup`]: `signal` is sent to `pid`, then `dir` is removed.
+pub fn stop_on_exit(pid: u32, signal: i32, dir: Option<PathBuf>) {
+    if let Ok(mut list) = CLEANUP.lock() {
+        list.push((pid, signal, dir));
+    }
+}
+
+/// On a panic anywhere (a worker thread included) or on Ctrl-C / SIGTERM, stop the processes
+/// this bench started and exit: a thread waiting on a barrier must not hang the bench.
 pub fn install_panic_cleanup() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         default(info);
-        kill_relays();
+        cleanup();
         std::process::exit(101);
     }));
     let _ = ctrlc::set_handler(|| {
-        kill_relays();
+        cleanup();
         std::process::exit(130);
     });
 }
 
-pub fn kill_relays() {
-    for (pid, data) in RELAY_PIDS.lock().map(|g| g.clone()).unwrap_or_default() {
-        // SAFETY: kill only sends a signal to a relay process this bench started.
-        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-        let _ = std::fs::remove_dir_all(data);
+/// Stops every process registered with [`stop_on_exit`] and removes its directory.
+pub fn cleanup() {
+    let list = CLEANUP.lock().map(|g| g.clone()).unwrap_or_default();
+    for (pid, signal, _) in &list {
+        // SAFETY: kill only sends a signal to a process this bench started.
+        unsafe { libc::kill(*pid as libc::pid_t, *signal) };
+    }
+    for (pid, _, dir) in list {
+        if let Some(dir) = dir {
+            // A daemon removes its pid file on SIGTERM; give it a moment before the rmdir.
+            for _ in 0..50 {
+                if proc_status(pid, "VmRSS") == 0 {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
@@ -107,9 +129,7 @@ impl RelayProc {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn hermeschat-relay");
-        if let Ok(mut pids) = RELAY_PIDS.lock() {
-            pids.push((child.id(), data.clone()));
-        }
+        stop_on_exit(child.id(), libc::SIGKILL, Some(data.clone()));
         let mut lines = BufReader::new(child.stderr.take().unwrap());
         let mut addr = None;
         let mut line = String::new();
@@ -176,6 +196,8 @@ pub struct InFrame<'a> {
     pub status: u16,
     #[serde(default, borrow)]
     pub code: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pub message: Option<Cow<'a, str>>,
 }
 
 #[derive(Serialize)]
