@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use common::{Relay, fresh_dir};
 use gatewaykit::{
     KEY, StubGateway, User, app_fetch, connect_app, free_port, header, http, request, sse_content,
-    sse_error,
+    sse_error, stub_user,
 };
 use hermeschat_pair::backend::upstream::{Direct, GatewaySource};
 use hermeschat_pair::backend::{BackendConfig, Settings, start_with};
@@ -536,25 +536,6 @@ fn connections_are_capped() {
 
 // =============================================================================================
 // End to end: app → relay → daemon → built-in backend → (woken) stub gateway
-
-/// A user whose Hermes config points at a gateway on `port` and whose venv python is a fake
-/// running the stub gateway; `systemctl` is a fake that records its call and fails.
-fn stub_user(tag: &str, port: u16) -> User {
-    let u = User::new(tag);
-    u.write_dotenv(&format!(
-        "API_SERVER_ENABLED=true\nAPI_SERVER_KEY={KEY}\nAPI_SERVER_PORT={port}\n"
-    ));
-    u.fake_venv_with_stub();
-    let marker = u.root.join("systemctl.calls");
-    u.script(
-        &u.bin.join("systemctl"),
-        &format!(
-            "#!/bin/sh\necho \"$@\" >> {}\necho 'Failed to connect to bus: No medium found' >&2\nexit 1\n",
-            marker.display()
-        ),
-    );
-    u
-}
 
 #[test]
 fn e2e_pairing_wakes_the_gateway_chat_streams_and_restart_brings_it_back() {

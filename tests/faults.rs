@@ -1,11 +1,14 @@
 //! Fault injection against the real processes: a relay killed mid-request, a daemon killed or
-//! paused (laptop sleep), a network partition that drops the relay socket without a FIN, and a
-//! state directory that refuses writes. Each test states its expectation at the top.
+//! paused (laptop sleep), a network partition that drops the relay socket without a FIN, a
+//! state directory that refuses writes, and the Hermes gateway (the stub,
+//! `tests/fixtures/stub_gateway.py`, behind the built-in backend) killed mid-stream. Each test
+//! states its expectation at the top.
 //!
 //! Some of these wait for the protocol's own timers (45 s pong deadline, 60 s idle close), so
 //! they take a minute or two each; they run in parallel with the rest of the suite.
 
 mod common;
+mod gatewaykit;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -17,8 +20,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::session::*;
-use common::{AppClient, Event, Registry, Relay};
+use common::{AppClient, Event, Registry, Relay, unb64};
+use gatewaykit::{app_fetch, free_port, sse_content, sse_error, stub_user};
 use hermeschat_pair::protocol::{ErrorCode, Frame};
+use serde_json::{Value, json};
 
 /// Waits until `cond` holds, polling every 100 ms, or panics after `limit` with `what`.
 fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
@@ -292,4 +297,168 @@ fn unwritable_state_dir_keeps_the_old_identity_intact() {
         .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
         .collect();
     assert!(leftovers.is_empty(), "temporary files were left behind: {leftovers:?}");
+}
+
+// =============================================================================================
+// The Hermes gateway killed mid-stream (app → relay → daemon → built-in backend → stub gateway)
+
+/// A `POST /api/chat` frame (streaming) for `model` (None: the stub's normal 5-chunk answer).
+fn chat(id: &str, model: Option<&str>) -> Frame {
+    let mut body = json!({"messages": [{"role": "user", "content": "hi"}], "stream": true});
+    if let Some(m) = model {
+        body["model"] = json!(m);
+    }
+    request(
+        id,
+        "POST",
+        "/api/chat",
+        &[("Content-Type", "application/json")],
+        Some(&body.to_string()),
+    )
+}
+
+/// The text of a `response.chunk`.
+fn chunk_text(body: &str, body_base64: bool) -> String {
+    if body_base64 { String::from_utf8_lossy(&unb64(body)).into_owned() } else { body.to_owned() }
+}
+
+/// Expectation: the Hermes gateway dies (SIGKILL) while a chat is streaming through the
+/// built-in backend, after the first chunk has reached the app. The app gets exactly one
+/// terminal frame for that request within 10 s — `response.end` after an SSE `error` event, or
+/// `response.error` — and nothing for it afterwards; the daemon keeps running with the same pid
+/// and the app socket stays open; once the gateway is started again from the app
+/// (`/api/gateway/restart?action=start`), a new chat streams normally.
+#[test]
+fn gateway_killed_mid_stream_ends_the_chat_with_one_terminal_frame() {
+    let relay = Relay::new();
+    let gw_port = free_port();
+    let u = stub_user("fault-gw", gw_port);
+    let (qr, run) = u.pair(&relay.url(), free_port());
+    assert!(run.stdout.contains("Hermes Gateway started"), "{}", run.stdout);
+    let mut app = gatewaykit::connect_app(&qr);
+    let daemon_pid: u32 = std::fs::read_to_string(u.state.join("bridge.pid"))
+        .expect("bridge.pid")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(alive(daemon_pid));
+
+    // The whole path works before the fault.
+    let r = app_fetch(&mut app, &chat("c0", None), Duration::from_secs(20));
+    assert_eq!(sse_content(&r.text()), "Hello from the stub gateway.", "{r:?}");
+
+    let gw_pid = u.gateway_pid().expect("the wake chain recorded no gateway pid");
+    let cmdline = std::fs::read(format!("/proc/{gw_pid}/cmdline")).unwrap_or_default();
+    assert!(
+        String::from_utf8_lossy(&cmdline).contains("stub_gateway.py"),
+        "gateway.pid {gw_pid} is not the stub gateway"
+    );
+
+    // A stream that stays open: the stub sends the role chunk, then holds the socket.
+    app.send(&chat("k1", Some("stub-hang")));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut frames = Vec::new();
+    let mut body = String::new();
+    while !body.contains("\"role\": \"assistant\"") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "the first chunk never reached the app: {frames:?}");
+        match app.next_event(left) {
+            Event::Frame(f) if f.request_id() == Some("k1") => {
+                assert!(!f.is_terminal(), "k1 ended before the gateway was killed: {f:?}");
+                if let Frame::ResponseChunk { body: b, body_base64, .. } = &f {
+                    body.push_str(&chunk_text(b, *body_base64));
+                }
+                frames.push(f);
+            }
+            Event::Frame(_) | Event::Timeout => {}
+            other => panic!("waiting for the first chunk of k1: {other:?}"),
+        }
+    }
+    assert!(matches!(frames.first(), Some(Frame::ResponseStart { status: 200, .. })), "{frames:?}");
+    let (_, _, stats) = gatewaykit::http(gw_port, "GET", "/stub/stats", &[], b"");
+    let stats: Value = serde_json::from_slice(&stats).unwrap();
+    assert_eq!(stats["hang_started"], 1, "{stats}");
+
+    // Kill the gateway mid-stream.
+    let killed = Instant::now();
+    signal(gw_pid as u32, "-KILL");
+    let mut terminal = None;
+    while terminal.is_none() {
+        let left = Duration::from_secs(10).saturating_sub(killed.elapsed());
+        assert!(
+            !left.is_zero(),
+            "no terminal frame for k1 within 10 s of the kill: {frames:?}\nserver.log:\n{}",
+            u.server_log()
+        );
+        match app.next_event(left) {
+            Event::Frame(f) if f.request_id() == Some("k1") => {
+                if let Frame::ResponseChunk { body: b, body_base64, .. } = &f {
+                    body.push_str(&chunk_text(b, *body_base64));
+                }
+                if f.is_terminal() {
+                    terminal = Some((killed.elapsed(), f.clone()));
+                }
+                frames.push(f);
+            }
+            Event::Frame(_) | Event::Timeout => {}
+            other => panic!("app socket after the gateway kill: {other:?} (k1 so far {frames:?})"),
+        }
+    }
+    let (took, last) = terminal.unwrap();
+    let kind = match &last {
+        Frame::ResponseEnd { .. } => {
+            let err = sse_error(&body)
+                .unwrap_or_else(|| panic!("response.end without an SSE error event: {body:?}"));
+            format!("response.end after an SSE error event ({err})")
+        }
+        Frame::ResponseError { code, message, .. } => {
+            format!("response.error {code:?}: {message}")
+        }
+        other => panic!("k1 ended with {other:?}: {frames:?}"),
+    };
+    eprintln!("gateway SIGKILL -> terminal frame of the open chat in {took:?}: {kind}");
+    assert!(sse_content(&body).is_empty(), "the hung stream carried content: {body:?}");
+
+    // Nothing more for k1: no second terminal frame.
+    let quiet = Instant::now() + Duration::from_secs(2);
+    while let Some(left) = quiet.checked_duration_since(Instant::now()) {
+        match app.next_event(left) {
+            Event::Frame(f) if f.request_id() == Some("k1") => {
+                panic!("a frame for k1 after its terminal frame: {f:?} (before: {frames:?})")
+            }
+            Event::Frame(_) => {}
+            Event::Timeout => break,
+            other => panic!("app socket after the terminal frame: {other:?}"),
+        }
+    }
+
+    // The gateway is gone; the daemon is not.
+    wait_for(Duration::from_secs(5), "the gateway to die", || !alive(gw_pid as u32));
+    assert!(alive(daemon_pid), "the daemon died with the gateway\n{}", u.server_log());
+    let status = u.run(&["--status", "--json"]);
+    let v: Value = serde_json::from_str(status.stdout.trim())
+        .unwrap_or_else(|e| panic!("--status --json ({e}): {}{}", status.stdout, status.stderr));
+    assert_eq!(v["daemon"]["running"], true, "{v}");
+    assert_eq!(v["daemon"]["pid"], daemon_pid, "{v}");
+    assert_eq!(v["relay"]["connected"], true, "{v}");
+    assert_eq!(v["gateway"]["state"], "offline", "{v}");
+    // While it is down, a chat is an SSE error event at once, on the same app socket.
+    let r = app_fetch(&mut app, &chat("c1", None), Duration::from_secs(20));
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(sse_error(&r.text()).expect("error event")["code"], "gateway_offline", "{r:?}");
+
+    // Start it again from the app; chat streams normally.
+    let v = app_fetch(
+        &mut app,
+        &request("s1", "POST", "/api/gateway/restart?action=start", &[], None),
+        Duration::from_secs(40),
+    )
+    .json();
+    assert_eq!((v["ok"].as_bool(), v["gateway"].as_str()), (Some(true), Some("online")), "{v}");
+    let r = app_fetch(&mut app, &chat("c2", None), Duration::from_secs(20));
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(sse_content(&r.text()), "Hello from the stub gateway.", "{r:?}");
+    assert!(r.pieces.len() >= 5, "not chunk by chunk: {} pieces", r.pieces.len());
+    assert_ne!(u.gateway_pid(), Some(gw_pid), "the restart reused the killed pid");
+    assert!(alive(daemon_pid), "the daemon changed during the test");
 }

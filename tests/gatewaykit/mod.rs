@@ -497,3 +497,22 @@ pub fn app_fetch(app: &mut AppClient, f: &Frame, timeout: Duration) -> AppRespon
         }
     }
 }
+
+/// A user whose Hermes config points at a gateway on `port` and whose venv python is a fake
+/// running the stub gateway; `systemctl` is a fake that records its call and fails.
+pub fn stub_user(tag: &str, port: u16) -> User {
+    let u = User::new(tag);
+    u.write_dotenv(&format!(
+        "API_SERVER_ENABLED=true\nAPI_SERVER_KEY={KEY}\nAPI_SERVER_PORT={port}\n"
+    ));
+    u.fake_venv_with_stub();
+    let marker = u.root.join("systemctl.calls");
+    u.script(
+        &u.bin.join("systemctl"),
+        &format!(
+            "#!/bin/sh\necho \"$@\" >> {}\necho 'Failed to connect to bus: No medium found' >&2\nexit 1\n",
+            marker.display()
+        ),
+    );
+    u
+}
