@@ -288,7 +288,7 @@ pub fn probe(config: &HermesConfig) -> Health {
 pub fn probe_addr(host: &str, port: u16, deadline: Duration) -> Health {
     let timeouts =
         Timeouts { connect: Duration::from_millis(500), head: deadline, body_gap: deadline };
-    let client = LocalClient::with_timeouts(host, port, timeouts);
+    let client = LocalClient::with_timeouts(host, port, timeouts).named("Hermes gateway");
     let headers = [("Accept".to_owned(), "application/json".to_owned())];
     match client.send("GET", "/health", &headers, b"", &Abort::new()) {
         Ok(mut r) => {

@@ -417,6 +417,8 @@ fn gateway_killed_mid_stream_ends_the_chat_with_one_terminal_frame() {
         other => panic!("k1 ended with {other:?}: {frames:?}"),
     };
     eprintln!("gateway SIGKILL -> terminal frame of the open chat in {took:?}: {kind}");
+    // The message names the component that failed: the gateway, not the built-in backend.
+    assert!(kind.contains("Hermes gateway"), "the error does not name the gateway: {kind}");
     assert!(sse_content(&body).is_empty(), "the hung stream carried content: {body:?}");
 
     // Nothing more for k1: no second terminal frame.

@@ -303,7 +303,7 @@ fn stream(mut resp: Response, c: &mut Conn, close: bool, backend: &str) -> io::R
             }
             Ok(n) => w.chunk(&buf[..n])?,
             Err(e) => {
-                let e = LocalError::from_io(&e, "gateway");
+                let e = LocalError::from_io(&e, "the Hermes gateway");
                 if e == LocalError::Aborted {
                     return Err(io::Error::other("the client went away"));
                 }

@@ -115,7 +115,10 @@ impl Upstream {
         {
             return c.clone();
         }
-        let c = Arc::new(LocalClient::with_timeouts(&config.host, config.port, self.timeouts));
+        let c = Arc::new(
+            LocalClient::with_timeouts(&config.host, config.port, self.timeouts)
+                .named("Hermes gateway"),
+        );
         *slot = Some((addr, c.clone()));
         c
     }

@@ -68,14 +68,14 @@ impl Default for Timeouts {
 pub enum LocalError {
     /// The backend could not be reached (refused, unreachable, unresolvable).
     Connect {
-        /// `host:port` of the backend.
+        /// What was talked to: "the backend at host:port".
         addr: String,
         /// What the OS said.
         detail: String,
     },
     /// A deadline passed.
     Timeout {
-        /// `host:port` of the backend.
+        /// What was talked to: "the backend at host:port".
         addr: String,
         /// Which phase timed out, e.g. "waiting for the response head".
         phase: &'static str,
@@ -86,14 +86,14 @@ pub enum LocalError {
     Aborted,
     /// The backend answered something that is not usable HTTP/1.1.
     Protocol {
-        /// `host:port` of the backend.
+        /// What was talked to: "the backend at host:port".
         addr: String,
         /// What was wrong.
         detail: String,
     },
     /// The connection broke mid-exchange.
     Io {
-        /// `host:port` of the backend.
+        /// What was talked to: "the backend at host:port".
         addr: String,
         /// What the OS said.
         detail: String,
@@ -138,19 +138,17 @@ impl fmt::Display for LocalError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             LocalError::Connect { addr, detail } => {
-                write!(f, "cannot connect to the backend at {addr}: {detail}")
+                write!(f, "cannot connect to {addr}: {detail}")
             }
-            LocalError::Timeout { addr, phase, after } => write!(
-                f,
-                "the backend at {addr} timed out {phase} (no answer within {} s)",
-                after.as_secs_f32()
-            ),
+            LocalError::Timeout { addr, phase, after } => {
+                write!(f, "{addr} timed out {phase} (no answer within {} s)", after.as_secs_f32())
+            }
             LocalError::Aborted => f.write_str("the request was cancelled"),
             LocalError::Protocol { addr, detail } => {
-                write!(f, "the backend at {addr} sent an invalid response: {detail}")
+                write!(f, "{addr} sent an invalid response: {detail}")
             }
             LocalError::Io { addr, detail } => {
-                write!(f, "the connection to the backend at {addr} broke: {detail}")
+                write!(f, "the connection to {addr} broke: {detail}")
             }
         }
     }
@@ -279,8 +277,10 @@ pub struct LocalClient {
     host: String,
     /// Backend port.
     port: u16,
-    /// `host:port` for messages and the Host header.
+    /// `host:port` for the Host header.
     authority: String,
+    /// What this client talks to, for messages: "the backend at 127.0.0.1:8765".
+    peer: String,
     /// Keep-alive connections ready for reuse; shared with live [`BodyReader`]s, which return
     /// their socket when their body ends cleanly.
     idle: Arc<Mutex<Vec<TcpStream>>>,
@@ -301,15 +301,22 @@ impl LocalClient {
         LocalClient {
             host: host.to_owned(),
             port,
+            peer: format!("the backend at {authority}"),
             authority,
             idle: Arc::new(Mutex::new(Vec::new())),
             timeouts,
         }
     }
 
-    /// `host:port` of the backend.
-    pub fn authority(&self) -> &str {
-        &self.authority
+    /// Names what this client talks to in its errors ("Hermes gateway" instead of "backend").
+    pub fn named(mut self, name: &str) -> LocalClient {
+        self.peer = format!("the {name} at {}", self.authority);
+        self
+    }
+
+    /// What this client talks to, as its errors name it: "the backend at host:port".
+    pub fn peer(&self) -> &str {
+        &self.peer
     }
 
     /// Idle pooled connections now (for tests and diagnostics).
@@ -356,7 +363,7 @@ impl LocalClient {
                 Err(Attempt::Stale) => {
                     abort.release();
                     return Err(LocalError::Io {
-                        addr: self.authority.clone(),
+                        addr: self.peer.clone(),
                         detail: "connection closed before a response".into(),
                     });
                 }
@@ -373,7 +380,7 @@ impl LocalClient {
     fn fill_addr(&self, e: LocalError) -> LocalError {
         match e {
             LocalError::Io { addr, detail } if addr.is_empty() => {
-                LocalError::Io { addr: self.authority.clone(), detail }
+                LocalError::Io { addr: self.peer.clone(), detail }
             }
             other => other,
         }
@@ -387,7 +394,7 @@ impl LocalClient {
         headers: &[(String, String)],
         body: &[u8],
     ) -> Result<Vec<u8>, LocalError> {
-        let bad = |detail: String| LocalError::Protocol { addr: self.authority.clone(), detail };
+        let bad = |detail: String| LocalError::Protocol { addr: self.peer.clone(), detail };
         // The worker validated all of this; re-checking here keeps the client safe on its own
         // (nothing can smuggle a second request into the stream).
         let token = !method.is_empty()
@@ -434,7 +441,7 @@ impl LocalClient {
         let addrs: Vec<SocketAddr> = (self.host.as_str(), self.port)
             .to_socket_addrs()
             .map_err(|e| LocalError::Connect {
-                addr: self.authority.clone(),
+                addr: self.peer.clone(),
                 detail: format!("cannot resolve the host: {e}"),
             })?
             .collect();
@@ -452,14 +459,14 @@ impl LocalClient {
         Err(match last {
             Some(e) if matches!(e.kind(), io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock) => {
                 LocalError::Timeout {
-                    addr: self.authority.clone(),
+                    addr: self.peer.clone(),
                     phase: "connecting",
                     after: self.timeouts.connect,
                 }
             }
-            Some(e) => LocalError::Connect { addr: self.authority.clone(), detail: e.to_string() },
+            Some(e) => LocalError::Connect { addr: self.peer.clone(), detail: e.to_string() },
             None => LocalError::Connect {
-                addr: self.authority.clone(),
+                addr: self.peer.clone(),
                 detail: "the host resolved to no address".into(),
             },
         })
@@ -474,7 +481,7 @@ impl LocalClient {
         head_only: bool,
         abort: &Abort,
     ) -> Result<Response, Attempt> {
-        let addr = &self.authority;
+        let addr = &self.peer;
         let io_err = |e: io::Error, phase: &'static str, after: Duration| -> Attempt {
             if abort.is_aborted() {
                 return Attempt::Failed(LocalError::Aborted);
@@ -587,7 +594,7 @@ impl LocalClient {
         head_only: bool,
         abort: &Abort,
     ) -> Result<BodyReader, LocalError> {
-        let addr = self.authority.clone();
+        let addr = self.peer.clone();
         let has_token = |name: &str, token: &str| {
             headers
                 .iter()
@@ -768,7 +775,7 @@ pub struct BodyReader {
     idle: Arc<Mutex<Vec<TcpStream>>>,
     /// The exchange's abort handle.
     abort: Abort,
-    /// `host:port`, for errors.
+    /// What the client talks to ("the backend at host:port"), for errors.
     addr: String,
     /// The read timeout between body reads, for errors.
     gap: Duration,

@@ -536,8 +536,8 @@ fn exchange(shared: &Shared, req: &RequestFrame, out: &Outbox, abort: &Abort) ->
         }
         out.send(frame.to_json()).map_err(|_| Fail::Gone)
     };
-    let addr = shared.client.authority().to_owned();
-    let read_err = |e: std::io::Error| Fail::Local(LocalError::from_io(&e, &addr));
+    let peer = shared.client.peer().to_owned();
+    let read_err = |e: std::io::Error| Fail::Local(LocalError::from_io(&e, &peer));
 
     let streamed = sse || resp.body.len_hint().is_none_or(|n| n > STREAM_THRESHOLD);
     if !streamed {
