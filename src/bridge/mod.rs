@@ -1,7 +1,7 @@
 //! The bridge daemon: one process, a thread per role.
 //!
-//! - [`relay_io`] — owns the relay WebSocket: reads frames, hands requests to the pool, writes
-//!   what the workers produce, pings, reconnects with jittered backoff;
+//! - [`relay_io`] — owns the relay WebSocket: reads frames, hands requests to the pool, pings,
+//!   reconnects with jittered backoff; workers write their frames through it;
 //! - [`workers`] — a bounded pool; each worker runs one local HTTP exchange ([`local_http`])
 //!   and streams the response back as frames;
 //! - [`poller`] — keeps backend and gateway health current in `status.json`;
@@ -15,7 +15,7 @@ pub mod workers;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{SendError, SyncSender};
+use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use polling::Poller;
@@ -23,27 +23,53 @@ use serde::{Deserialize, Serialize};
 
 use crate::state::{self, BridgeIdentity};
 
-/// Where workers put outgoing frames (ready JSON text) for the relay I/O thread. Bounded, so a
-/// slow relay socket slows the backend read instead of growing memory; every send wakes the
-/// I/O thread at once.
+/// Where a worker's frames go: a bounded sink, so a slow socket slows the backend read instead
+/// of growing memory. Cloned into every job of one connection.
 #[derive(Clone)]
 pub struct Outbox {
+    sink: Arc<dyn FrameSink>,
+}
+
+/// The connection that carried the request is gone; stop producing frames for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gone;
+
+/// Something that takes a connection's outgoing frames (ready JSON text) in order.
+pub trait FrameSink: Send + Sync {
+    /// Queues or writes a frame, blocking while the connection's queue is full.
+    fn send(&self, text: String) -> Result<(), Gone>;
+}
+
+/// A bounded channel drained by a readiness-driven thread, which every frame wakes at once
+/// (the LAN server's sockets and the unit tests use this one).
+struct ChannelSink {
     tx: SyncSender<String>,
     waker: Arc<Poller>,
+}
+
+impl FrameSink for ChannelSink {
+    fn send(&self, text: String) -> Result<(), Gone> {
+        self.tx.send(text).map_err(|_| Gone)?;
+        let _ = self.waker.notify();
+        Ok(())
+    }
 }
 
 impl Outbox {
     /// An outbox feeding `tx`, waking `waker` on every frame.
     pub fn new(tx: SyncSender<String>, waker: Arc<Poller>) -> Outbox {
-        Outbox { tx, waker }
+        Outbox { sink: Arc::new(ChannelSink { tx, waker }) }
+    }
+
+    /// An outbox writing into `sink`.
+    pub fn with_sink(sink: Arc<dyn FrameSink>) -> Outbox {
+        Outbox { sink }
     }
 
     /// Queues a frame, blocking while the queue is full. Fails when the connection that
     /// carried the request is gone.
-    pub fn send(&self, text: String) -> Result<(), SendError<String>> {
-        self.tx.send(text)?;
-        let _ = self.waker.notify();
-        Ok(())
+    pub fn send(&self, text: String) -> Result<(), Gone> {
+        self.sink.send(text)
     }
 }
 

@@ -1,16 +1,18 @@
 //! The relay I/O thread: owns the bridge's WebSocket to the relay.
 //!
 //! Blocking tungstenite cannot read and write from two threads, and a TLS stream cannot be
-//! cloned, so one thread does both, driven by readiness: the socket is non-blocking and
-//! registered with a `polling::Poller`; workers queue frames in the [`Outbox`] and notify the
-//! same poller. A queued frame is therefore written the moment it exists — no read-timeout
-//! loop adds latency. The poller's timeout only drives pings and the pong deadline.
+//! cloned, so the socket lives in a [`Link`] behind one mutex. The I/O thread is driven by
+//! readiness: the socket is non-blocking and registered with a `polling::Poller`; it reads
+//! frames, hands requests to the pool and sends pings. A worker writes its response frames
+//! straight into the socket under the same mutex (no hand-off back to the I/O thread); only
+//! when the socket refuses bytes does it leave them queued and wake the I/O thread, which
+//! then waits for writability. No read-timeout loop adds latency: the poller's timeout only
+//! drives pings and the pong deadline.
 
 use std::io;
 use std::net::{TcpStream, ToSocketAddrs};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, TryRecvError, sync_channel};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use polling::{Event, Events, PollMode, Poller};
@@ -23,16 +25,13 @@ use tungstenite::stream::MaybeTlsStream;
 use tungstenite::{Message, WebSocket};
 
 use super::workers::Pool;
-use super::{LiveStatus, Outbox, log};
+use super::{FrameSink, Gone, LiveStatus, Outbox, log};
 use crate::protocol::{self as p, Frame};
 use crate::state::BridgeIdentity;
 use crate::wsout::WsOut;
 
 /// Poller key of the relay socket.
 const SOCKET: usize = 1;
-
-/// Frames queued between the workers and the socket (each at most ~350 KiB of JSON).
-const OUTBOX_FRAMES: usize = 64;
 
 /// Deadline for TCP connect, TLS and the WebSocket handshake.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -157,7 +156,7 @@ impl RelayIo {
     }
 
     /// Serves one connection until it drops or the bridge stops.
-    fn serve(&self, mut ws: Ws) -> Ended {
+    fn serve(&self, ws: Ws) -> Ended {
         let tcp = match tcp_of(&ws).try_clone() {
             Ok(t) => t,
             Err(e) => return Ended::Lost(format!("socket: {e}")),
@@ -172,56 +171,69 @@ impl RelayIo {
         {
             return Ended::Lost(format!("poller: {e}"));
         }
-        let (tx, rx) = sync_channel::<String>(OUTBOX_FRAMES);
-        let outbox = Outbox::new(tx, self.poller.clone());
-        let mut conn = Conn {
-            ws: &mut ws,
-            rx,
-            out: WsOut::default(),
-            last_rx: Instant::now(),
-            last_ping: Instant::now(),
-            interest_writable: false,
-        };
-        let ended = self.serve_loop(&mut conn, &outbox, &tcp);
-        drop(outbox);
+        let link = Arc::new(Link {
+            state: Mutex::new(LinkState {
+                ws: Some(ws),
+                out: WsOut::default(),
+                broken: None,
+                closed: false,
+                waiting: 0,
+            }),
+            space: Condvar::new(),
+            waker: self.poller.clone(),
+        });
+        let outbox = Outbox::with_sink(link.clone());
+        let mut timers = Timers { last_rx: Instant::now(), last_ping: Instant::now() };
+        let ended = self.serve_loop(&link, &mut timers, &outbox, &tcp);
         let _ = self.poller.delete(&tcp);
+        // Workers still holding this outbox get `Gone`; the socket closes now, not when the
+        // last of them lets go.
+        let mut st = link.lock();
+        st.closed = true;
+        st.ws = None;
+        link.space.notify_all();
         ended
     }
 
-    fn serve_loop(&self, c: &mut Conn<'_>, outbox: &Outbox, tcp: &TcpStream) -> Ended {
+    fn serve_loop(&self, link: &Link, t: &mut Timers, outbox: &Outbox, tcp: &TcpStream) -> Ended {
         let ping_every = Duration::from_secs(p::RELAY_PING_INTERVAL_SECS);
         let pong_timeout = Duration::from_secs(p::BRIDGE_PONG_TIMEOUT_SECS);
         let mut events = Events::new();
+        let mut interest_writable = false;
         loop {
             if self.stop.load(Ordering::SeqCst) {
-                return self.shut_down(c, tcp);
+                return self.shut_down(link, tcp);
             }
-            if let Err(e) = self.read_frames(c, outbox) {
-                return Ended::Lost(e);
-            }
-            if let Err(e) = c.write_pending() {
-                return Ended::Lost(e);
-            }
-            let now = Instant::now();
-            if now.duration_since(c.last_rx) >= pong_timeout {
+            let blocked = {
+                let mut st = link.lock();
+                let LinkState { ws: Some(ws), out, .. } = &mut *st else {
+                    return Ended::Lost("socket closed".into());
+                };
+                if let Err(e) = self.read_frames(ws, out, t, outbox) {
+                    return Ended::Lost(e);
+                }
+                let now = Instant::now();
+                if now.duration_since(t.last_ping) >= ping_every {
+                    t.last_ping = now;
+                    out.push(Message::Ping(Default::default()));
+                }
+                if let Err(e) = link.flush(&mut st) {
+                    return Ended::Lost(e);
+                }
+                st.out.blocked()
+            };
+            if Instant::now().duration_since(t.last_rx) >= pong_timeout {
                 return Ended::Lost(format!(
                     "no traffic or pong from the relay for {} s",
                     pong_timeout.as_secs()
                 ));
             }
-            if now.duration_since(c.last_ping) >= ping_every {
-                c.last_ping = now;
-                c.out.push(Message::Ping(Default::default()));
-                if let Err(e) = c.write_pending() {
-                    return Ended::Lost(e);
-                }
-            }
-            if c.out.blocked() != c.interest_writable {
-                c.interest_writable = c.out.blocked();
-                let ev = Event::new(SOCKET, true, c.out.blocked());
+            if blocked != interest_writable {
+                interest_writable = blocked;
+                let ev = Event::new(SOCKET, true, blocked);
                 let _ = self.poller.modify_with_mode(tcp, ev, PollMode::Level);
             }
-            let next = (c.last_ping + ping_every).min(c.last_rx + pong_timeout);
+            let next = (t.last_ping + ping_every).min(t.last_rx + pong_timeout);
             events.clear();
             let timeout = next.saturating_duration_since(Instant::now());
             if let Err(e) = self.poller.wait(&mut events, Some(timeout))
@@ -233,22 +245,28 @@ impl RelayIo {
     }
 
     /// Reads every frame available now and dispatches it.
-    fn read_frames(&self, c: &mut Conn<'_>, outbox: &Outbox) -> Result<(), String> {
+    fn read_frames(
+        &self,
+        ws: &mut Ws,
+        out: &mut WsOut,
+        t: &mut Timers,
+        outbox: &Outbox,
+    ) -> Result<(), String> {
         loop {
-            match c.ws.read() {
+            match ws.read() {
                 Ok(Message::Text(text)) => {
-                    c.last_rx = Instant::now();
-                    self.dispatch(c, outbox, text.as_str());
+                    t.last_rx = Instant::now();
+                    self.dispatch(out, outbox, text.as_str());
                 }
                 Ok(Message::Close(frame)) => {
                     let why = frame.map_or("closed".to_owned(), |f| {
                         format!("closed {} {}", u16::from(f.code), f.reason)
                     });
                     // tungstenite queued the close reply; push it out before leaving.
-                    let _ = c.ws.flush();
+                    let _ = ws.flush();
                     return Err(why);
                 }
-                Ok(_) => c.last_rx = Instant::now(),
+                Ok(_) => t.last_rx = Instant::now(),
                 Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
                     return Ok(());
                 }
@@ -257,7 +275,7 @@ impl RelayIo {
         }
     }
 
-    fn dispatch(&self, c: &mut Conn<'_>, outbox: &Outbox, text: &str) {
+    fn dispatch(&self, out: &mut WsOut, outbox: &Outbox, text: &str) {
         let frame = match p::parse_frame(text) {
             Ok(f) => f,
             Err(msg) => {
@@ -268,7 +286,7 @@ impl RelayIo {
         match frame {
             Frame::Request(req) => {
                 if let Err(busy) = self.pool.submit(req, outbox.clone()) {
-                    c.out.push(Message::text(busy));
+                    out.push(Message::text(busy));
                 }
             }
             Frame::Cancel { id, client } => self.pool.cancel(client.as_deref(), &id),
@@ -293,10 +311,11 @@ impl RelayIo {
     }
 
     /// Answers open requests `SHUTTING_DOWN`, sends them, closes 1001. The pool hands out its
-    /// answers on another thread while this one keeps draining the outbox, so any number of
-    /// open requests gets its answer within the grace period.
-    fn shut_down(&self, c: &mut Conn<'_>, tcp: &TcpStream) -> Ended {
+    /// answers on another thread (writing them through the link) while this one keeps
+    /// flushing, so any number of open requests gets its answer within the grace period.
+    fn shut_down(&self, link: &Link, tcp: &TcpStream) -> Ended {
         let _ = self.poller.delete(tcp);
+        // Blocking with a deadline from here on: the last frames and the close must go out.
         let _ = tcp.set_nonblocking(false);
         let _ = tcp.set_write_timeout(Some(Duration::from_secs(2)));
         let done = Arc::new(AtomicBool::new(false));
@@ -311,58 +330,103 @@ impl RelayIo {
         let deadline = Instant::now() + Duration::from_secs(3);
         let mut events = Events::new();
         while Instant::now() < deadline {
-            if c.write_pending().is_err() {
+            if link.flush(&mut link.lock()).is_err() {
                 break;
             }
             if done.load(Ordering::SeqCst) {
-                let _ = c.write_pending();
+                let _ = link.flush(&mut link.lock());
                 break;
             }
             events.clear();
             let _ = self.poller.wait(&mut events, Some(Duration::from_millis(50)));
         }
         let _ = answering.join();
-        let close = CloseFrame { code: CloseCode::Away, reason: "bridge shutting down".into() };
-        let _ = c.ws.close(Some(close));
-        let _ = c.ws.flush();
+        let mut st = link.lock();
+        if let Some(ws) = st.ws.as_mut() {
+            let close = CloseFrame { code: CloseCode::Away, reason: "bridge shutting down".into() };
+            let _ = ws.close(Some(close));
+            let _ = ws.flush();
+        }
         Ended::Stopped
     }
 }
 
-/// Bytes pulled from the outbox into the socket's queue at a time; past this the workers wait.
-const REFILL_BYTES: usize = 1 << 20;
+/// Queued outbound bytes past which workers wait for the socket (back-pressure).
+const OUT_LIMIT: usize = 4 << 20;
 
-/// One live connection's I/O state.
-struct Conn<'a> {
-    ws: &'a mut Ws,
-    rx: Receiver<String>,
-    /// Frames on their way to the socket: the I/O thread's own (pings, BUSY answers) and what
-    /// it pulled from the outbox.
-    out: WsOut,
+/// The ping and pong-deadline clocks of one connection.
+struct Timers {
     last_rx: Instant,
     last_ping: Instant,
-    interest_writable: bool,
 }
 
-impl Conn<'_> {
-    /// Writes queued frames until the socket would block. While it is blocked the outbox is
-    /// not drained, so workers wait (back-pressure) instead of frames piling up here.
-    fn write_pending(&mut self) -> Result<(), String> {
-        loop {
-            while self.out.bytes() < REFILL_BYTES {
-                match self.rx.try_recv() {
-                    Ok(text) => self.out.push(Message::text(text)),
-                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
-                }
-            }
-            if self.out.is_idle() {
-                return Ok(());
-            }
-            self.out.flush(self.ws).map_err(|b| b.0)?;
-            if self.out.blocked() {
-                return Ok(());
+/// One live relay connection, shared by the I/O thread and the workers that answer its
+/// requests. A worker writes its frame straight to the socket (write-through) unless the
+/// socket is backed up, so a response costs no hand-off to the I/O thread; the I/O thread
+/// reads, pings, and takes over writing only while the socket refuses bytes.
+struct Link {
+    state: Mutex<LinkState>,
+    /// Signalled when queued bytes drop under [`OUT_LIMIT`] or the link closes.
+    space: Condvar,
+    /// Wakes the I/O thread: the socket backed up (watch writability) or broke.
+    waker: Arc<Poller>,
+}
+
+struct LinkState {
+    /// `None` once the connection ended.
+    ws: Option<Ws>,
+    /// Frames not yet taken by the socket.
+    out: WsOut,
+    /// Set by a worker whose write found the socket broken; the I/O thread ends the link.
+    broken: Option<String>,
+    /// No more frames are accepted.
+    closed: bool,
+    /// Workers waiting on `space`.
+    waiting: usize,
+}
+
+impl Link {
+    fn lock(&self) -> MutexGuard<'_, LinkState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes queued frames until the socket would block, then lets waiting workers in.
+    fn flush(&self, st: &mut LinkState) -> Result<(), String> {
+        if let Some(why) = &st.broken {
+            return Err(why.clone());
+        }
+        let Some(ws) = st.ws.as_mut() else { return Err("socket closed".into()) };
+        if let Err(b) = st.out.flush(ws) {
+            st.broken = Some(b.0.clone());
+            return Err(b.0);
+        }
+        if st.waiting > 0 && st.out.bytes() < OUT_LIMIT {
+            self.space.notify_all();
+        }
+        Ok(())
+    }
+}
+
+impl FrameSink for Link {
+    fn send(&self, text: String) -> Result<(), Gone> {
+        let mut st = self.lock();
+        while !st.closed && st.broken.is_none() && st.out.bytes() >= OUT_LIMIT {
+            st.waiting += 1;
+            st = self.space.wait(st).unwrap_or_else(|p| p.into_inner());
+            st.waiting -= 1;
+        }
+        if st.closed || st.broken.is_some() {
+            return Err(Gone);
+        }
+        st.out.push(Message::text(text));
+        // While the socket is backed up the I/O thread watches writability and flushes.
+        if !st.out.blocked() {
+            let failed = self.flush(&mut st).is_err();
+            if failed || st.out.blocked() {
+                let _ = self.waker.notify();
             }
         }
+        Ok(())
     }
 }
 
