@@ -41,6 +41,10 @@ const MAX_HTTP_BODY: usize = 64 << 10;
 /// Messages read from one socket before others get a turn.
 const READ_BATCH: usize = 32;
 
+/// Bytes of messages read from one socket before they are routed: one 16 MiB frame is held at
+/// a time, never 32 of them.
+const READ_BATCH_BYTES: usize = 1 << 20;
+
 /// Bad frames tolerated on one socket before it is closed with 4008.
 const MAX_BAD_FRAMES: u32 = 32;
 
@@ -172,6 +176,9 @@ pub struct Reactor {
     apps: HashMap<String, AppRoute>,
     /// Connections with input already buffered in user space (TLS or tungstenite).
     ready: Vec<ConnId>,
+    /// Connections given a large frame whose write waits until the frame it was made from is
+    /// dropped (see [`DEFER_FLUSH_BYTES`]).
+    deferred: Vec<ConnId>,
     ws_config: WebSocketConfig,
     dropped_frames: u64,
 }
@@ -210,6 +217,7 @@ impl Reactor {
             bridges: HashMap::new(),
             apps: HashMap::new(),
             ready: Vec::new(),
+            deferred: Vec::new(),
             ws_config,
             dropped_frames: 0,
         })
@@ -254,6 +262,7 @@ impl Reactor {
             for id in std::mem::take(&mut self.ready) {
                 self.on_event(id, true, false);
             }
+            self.flush_deferred();
             if Instant::now() >= next_tick {
                 self.timers();
                 next_tick = Instant::now() + tick;
@@ -634,12 +643,13 @@ impl Reactor {
         let mut gone = false;
         let mut more = false;
         let mut too_large = false;
+        let mut batch_bytes = 0;
         {
             let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) else {
                 return;
             };
             while !w.paused {
-                if texts.len() >= READ_BATCH {
+                if texts.len() >= READ_BATCH || batch_bytes >= READ_BATCH_BYTES {
                     more = true;
                     break;
                 }
@@ -650,7 +660,10 @@ impl Reactor {
                             continue;
                         }
                         match msg {
-                            Message::Text(t) => texts.push(Ok(t)),
+                            Message::Text(t) => {
+                                batch_bytes += t.len();
+                                texts.push(Ok(t));
+                            }
                             Message::Binary(_) => texts.push(Err(())),
                             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
                             Message::Close(_) => {}
@@ -677,6 +690,8 @@ impl Reactor {
                 }
             }
         }
+        // The frames read are dropped now; large forwarded copies can go out.
+        self.flush_deferred();
         if too_large {
             self.close_ws(id, close_code::LIMIT, "message too large");
             self.remove(id);
@@ -706,8 +721,20 @@ impl Reactor {
         if w.detached {
             return;
         }
+        let large = text.len() >= DEFER_FLUSH_BYTES;
         w.out.push(Message::text(text));
-        self.ws_flush(id);
+        if large {
+            self.deferred.push(id);
+        } else {
+            self.ws_flush(id);
+        }
+    }
+
+    /// Writes what [`Reactor::send_text`] deferred.
+    fn flush_deferred(&mut self) {
+        for id in std::mem::take(&mut self.deferred) {
+            self.ws_flush(id);
+        }
     }
 
     /// Writes queued messages until the socket would block. Resumes paused sources once the
@@ -1194,6 +1221,11 @@ impl Reactor {
         }
     }
 }
+
+/// Forwarded frames at least this large are written only after the frame they were made from is
+/// dropped: tungstenite copies a message into its write buffer, so writing at once would hold
+/// three copies of a 16 MiB frame (received, forwarded, buffered) instead of two.
+const DEFER_FLUSH_BYTES: usize = 1 << 20;
 
 /// A frame's top level with each value kept as its raw JSON text (see `route_text`).
 type RawFrame<'a> = BTreeMap<String, &'a RawValue>;
