@@ -1,9 +1,11 @@
 //! A minimal HTTP/1.1 client for the bridge's one fixed local backend.
 //!
 //! Why not `ureq`: a cancel or an app disconnect must abort a blocked backend read at once, from
-//! another thread, and ureq has no per-request abort. Here every exchange registers a clone of
-//! its socket in an [`Abort`]; `abort()` shuts that socket down so the blocked read returns
-//! immediately. Sockets are blocking; the timeouts of PROTOCOL §7 are socket read timeouts.
+//! another thread, and ureq has no per-request abort. Here every exchange registers its socket
+//! (a shared `Arc<TcpStream>`, not a duplicated descriptor) in an [`Abort`]; `abort()` shuts that
+//! socket down so the blocked read returns immediately. Sockets are blocking; the timeouts of
+//! PROTOCOL §7 are socket read timeouts, which are only changed when they must be (see
+//! `Conn::read_by`), so a reused keep-alive connection costs no `setsockopt` per request.
 //!
 //! Bodies are read by `Content-Length`, chunked transfer-encoding or until close, and
 //! [`BodyReader::read`] hands out whatever arrived without waiting to fill the buffer, so a
@@ -13,6 +15,7 @@
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -36,6 +39,10 @@ const READ_BUF: usize = 16 << 10;
 
 /// Request bodies up to this size are written together with the head (one segment).
 const COALESCE_BODY: usize = 64 << 10;
+
+/// How much longer than the time left a socket read timeout may be and still be kept as it is
+/// (instead of one more `setsockopt`). Below the kernel's own timer granularity.
+const TIMEOUT_SLACK: Duration = Duration::from_millis(1);
 
 /// Locks a mutex, ignoring poisoning: every critical section here leaves consistent state.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -158,8 +165,9 @@ impl std::error::Error for LocalError {}
 
 /// A cancellation handle for one exchange. Clones share the same state.
 ///
-/// The exchange registers a clone of its socket here; [`Abort::abort`] shuts that socket down,
-/// which makes a read or write blocked on another thread return at once.
+/// The exchange registers its socket here (a shared handle, no duplicated descriptor);
+/// [`Abort::abort`] shuts that socket down, which makes a read or write blocked on another
+/// thread return at once.
 #[derive(Debug, Clone, Default)]
 pub struct Abort {
     inner: Arc<AbortInner>,
@@ -175,8 +183,9 @@ struct AbortInner {
     /// Set just before the terminal frame is sent: the request id is free again.
     finishing: AtomicBool,
     /// The in-flight socket, while an exchange owns one. Flag and socket change under this lock
-    /// so that an abort racing a connect is never lost.
-    socket: Mutex<Option<TcpStream>>,
+    /// so that an abort racing a connect is never lost. Holding the `Arc` keeps the descriptor
+    /// open, so a shutdown can never hit a descriptor number reused by another socket.
+    socket: Mutex<Option<Arc<TcpStream>>>,
 }
 
 impl Abort {
@@ -229,17 +238,13 @@ impl Abort {
 
     /// Registers the exchange's socket. Fails (and shuts the socket down) when the abort came
     /// first, so an exchange never starts after its cancel.
-    fn register(&self, stream: &TcpStream) -> Result<(), LocalError> {
+    fn register(&self, stream: &Arc<TcpStream>) -> Result<(), LocalError> {
         let mut socket = lock(&self.inner.socket);
         if self.is_aborted() {
             let _ = stream.shutdown(Shutdown::Both);
             return Err(LocalError::Aborted);
         }
-        let clone = stream.try_clone().map_err(|e| LocalError::Io {
-            addr: String::new(),
-            detail: format!("cannot clone the socket: {e}"),
-        })?;
-        *socket = Some(clone);
+        *socket = Some(Arc::clone(stream));
         Ok(())
     }
 
@@ -283,7 +288,7 @@ pub struct LocalClient {
     peer: String,
     /// Keep-alive connections ready for reuse; shared with live [`BodyReader`]s, which return
     /// their socket when their body ends cleanly.
-    idle: Arc<Mutex<Vec<TcpStream>>>,
+    idle: Arc<Mutex<Vec<Conn>>>,
     /// Deadlines.
     timeouts: Timeouts,
 }
@@ -349,12 +354,12 @@ impl LocalClient {
                 return Err(LocalError::Aborted);
             }
             let reused = pooled.is_some();
-            let stream = match pooled.take() {
-                Some(s) => s,
+            let conn = match pooled.take() {
+                Some(c) => c,
                 None => self.connect()?,
             };
-            abort.register(&stream).map_err(|e| self.fill_addr(e))?;
-            match self.exchange(stream, &request, body, head_only, abort) {
+            abort.register(&conn.stream)?;
+            match self.exchange(conn, &request, body, head_only, abort) {
                 Ok(response) => return Ok(response),
                 Err(Attempt::Stale) if reused && retry_safe => {
                     abort.release();
@@ -373,16 +378,6 @@ impl LocalClient {
                     return Err(if abort.is_aborted() { LocalError::Aborted } else { e });
                 }
             }
-        }
-    }
-
-    /// Puts the backend address into errors raised by helpers that do not know it.
-    fn fill_addr(&self, e: LocalError) -> LocalError {
-        match e {
-            LocalError::Io { addr, detail } if addr.is_empty() => {
-                LocalError::Io { addr: self.peer.clone(), detail }
-            }
-            other => other,
         }
     }
 
@@ -427,17 +422,17 @@ impl LocalClient {
     }
 
     /// A pooled connection that still looks open, if any.
-    fn take_idle(&self) -> Option<TcpStream> {
+    fn take_idle(&self) -> Option<Conn> {
         loop {
-            let stream = lock(&self.idle).pop()?;
-            if still_open(&stream) {
-                return Some(stream);
+            let conn = lock(&self.idle).pop()?;
+            if still_open(&conn.stream) {
+                return Some(conn);
             }
         }
     }
 
     /// Opens a fresh connection (trying every resolved address within the connect timeout).
-    fn connect(&self) -> Result<TcpStream, LocalError> {
+    fn connect(&self) -> Result<Conn, LocalError> {
         let addrs: Vec<SocketAddr> = (self.host.as_str(), self.port)
             .to_socket_addrs()
             .map_err(|e| LocalError::Connect {
@@ -449,9 +444,10 @@ impl LocalClient {
         for addr in &addrs {
             match TcpStream::connect_timeout(addr, self.timeouts.connect) {
                 Ok(stream) => {
-                    // Small frames (SSE events, JSON) must not wait for Nagle.
+                    // Small frames (SSE events, JSON) must not wait for Nagle. Set once: the
+                    // option stays with the socket across reuses.
                     let _ = stream.set_nodelay(true);
-                    return Ok(stream);
+                    return Ok(Conn::new(stream));
                 }
                 Err(e) => last = Some(e),
             }
@@ -475,7 +471,7 @@ impl LocalClient {
     /// Writes the request and reads the head on one connection.
     fn exchange(
         &self,
-        mut stream: TcpStream,
+        mut conn: Conn,
         request: &[u8],
         body: &[u8],
         head_only: bool,
@@ -494,17 +490,15 @@ impl LocalClient {
             }
             Attempt::Failed(LocalError::Io { addr: addr.clone(), detail: e.to_string() })
         };
-        let _ = stream.set_write_timeout(Some(self.timeouts.head));
-        stream
-            .write_all(request)
+        conn.set_write_timeout(self.timeouts.head);
+        conn.write_all(request)
             .map_err(|e| io_err(e, "accepting the request", self.timeouts.head))?;
         if body.len() > COALESCE_BODY {
-            stream
-                .write_all(body)
+            conn.write_all(body)
                 .map_err(|e| io_err(e, "accepting the request body", self.timeouts.head))?;
         }
 
-        let deadline = Instant::now() + self.timeouts.head;
+        let deadline = deadline_after(self.timeouts.head);
         let mut buf = vec![0u8; READ_BUF];
         let mut len = 0;
         let mut received_any = false;
@@ -530,7 +524,7 @@ impl LocalClient {
                         buf.truncate(len);
                         let rbuf = std::mem::take(&mut buf);
                         return self
-                            .body_reader(stream, rbuf, status, &headers, minor, head_only, abort)
+                            .body_reader(conn, rbuf, status, &headers, minor, head_only, abort)
                             .map(|body| Response { status, headers, body })
                             .map_err(Attempt::Failed);
                     }
@@ -543,19 +537,11 @@ impl LocalClient {
                     None => {}
                 }
             }
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
-                return Err(Attempt::Failed(LocalError::Timeout {
-                    addr: addr.clone(),
-                    phase: "waiting for the response head",
-                    after: self.timeouts.head,
-                }));
-            }
-            let _ = stream.set_read_timeout(Some(remaining));
             if buf.len() < MAX_HEAD {
                 buf.resize(MAX_HEAD, 0);
             }
-            match stream.read(&mut buf[len..MAX_HEAD]) {
+            // A passed deadline comes back as a `TimedOut` error.
+            match conn.read_by(&mut buf[len..MAX_HEAD], deadline) {
                 Ok(0) if abort.is_aborted() => return Err(Attempt::Failed(LocalError::Aborted)),
                 Ok(0) if !received_any => return Err(Attempt::Stale),
                 Ok(0) => {
@@ -568,7 +554,6 @@ impl LocalClient {
                     received_any = true;
                     len += n;
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if received_any && is_stale(&e) => {
                     return Err(Attempt::Failed(LocalError::Io {
                         addr: addr.clone(),
@@ -586,7 +571,7 @@ impl LocalClient {
     #[allow(clippy::too_many_arguments)]
     fn body_reader(
         &self,
-        stream: TcpStream,
+        conn: Conn,
         rbuf: Vec<u8>,
         status: u16,
         headers: &[(String, String)],
@@ -647,10 +632,9 @@ impl LocalClient {
             Framing::Length(n) => Some(n),
             _ => None,
         };
-        let _ = stream.set_read_timeout(Some(self.timeouts.body_gap));
         let end = rbuf.len();
         let mut reader = BodyReader {
-            stream: Some(stream),
+            conn: Some(conn),
             rbuf,
             start: 0,
             end,
@@ -694,14 +678,104 @@ fn is_stale(e: &io::Error) -> bool {
     )
 }
 
-/// True when an idle socket has neither been closed by the peer nor received stray bytes.
+/// True when an idle socket has neither been closed by the peer nor received stray bytes: a
+/// one-byte peek that would block. One `recv(MSG_PEEK | MSG_DONTWAIT)`, which leaves the
+/// socket blocking (no `set_nonblocking` round trip).
 fn still_open(stream: &TcpStream) -> bool {
-    if stream.set_nonblocking(true).is_err() {
-        return false;
-    }
     let mut probe = [0u8; 1];
-    let open = matches!(stream.peek(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock);
-    stream.set_nonblocking(false).is_ok() && open
+    loop {
+        // SAFETY: `stream` is borrowed for the whole call, so its descriptor stays open and
+        // refers to this socket; `probe` is a live, writable local buffer of exactly the 1 byte
+        // passed as the length, and `recv` writes at most that many bytes into it. MSG_PEEK
+        // consumes nothing and MSG_DONTWAIT applies to this call only, so neither the socket's
+        // data nor its flags change.
+        let n = unsafe {
+            libc::recv(
+                stream.as_raw_fd(),
+                probe.as_mut_ptr().cast(),
+                probe.len(),
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        if n >= 0 {
+            // 0: the peer closed it; more: stray bytes no request asked for. Stale either way.
+            return false;
+        }
+        match io::Error::last_os_error().kind() {
+            io::ErrorKind::WouldBlock => return true,
+            io::ErrorKind::Interrupted => {}
+            _ => return false,
+        }
+    }
+}
+
+/// The instant `after` from now; `None` (no deadline) when that is beyond what `Instant`
+/// represents.
+fn deadline_after(after: Duration) -> Option<Instant> {
+    Instant::now().checked_add(after)
+}
+
+/// A connection to the backend with the socket options it has now, so that an option is only
+/// set (one `setsockopt`) when it must change. TCP_NODELAY is set once, in
+/// [`LocalClient::connect`].
+#[derive(Debug)]
+struct Conn {
+    /// The socket; shared with the exchange's [`Abort`] while an exchange runs (`&TcpStream`
+    /// reads, writes and shuts down).
+    stream: Arc<TcpStream>,
+    /// The read timeout set on the socket (`None`: none, reads wait forever).
+    read_timeout: Option<Duration>,
+    /// The write timeout set on the socket (`None`: none).
+    write_timeout: Option<Duration>,
+}
+
+impl Conn {
+    /// Wraps a socket that has no read or write timeout yet (as `connect` returns it).
+    fn new(stream: TcpStream) -> Conn {
+        Conn { stream: Arc::new(stream), read_timeout: None, write_timeout: None }
+    }
+
+    /// Sets the write timeout unless the socket has it already. A failure is ignored (the
+    /// socket keeps its previous timeout), as before.
+    fn set_write_timeout(&mut self, timeout: Duration) {
+        if self.write_timeout != Some(timeout)
+            && self.stream.set_write_timeout(Some(timeout)).is_ok()
+        {
+            self.write_timeout = Some(timeout);
+        }
+    }
+
+    /// Writes all of `data` (each send bounded by the write timeout).
+    fn write_all(&self, data: &[u8]) -> io::Result<()> {
+        (&*self.stream).write_all(data)
+    }
+
+    /// One read of whatever has arrived, waiting until `deadline` at most (`None`: forever);
+    /// a passed deadline is a `TimedOut` error.
+    ///
+    /// The socket's read timeout is only lowered (one `setsockopt`) when it is longer than the
+    /// time left, give or take [`TIMEOUT_SLACK`]; a shorter one just makes the read wake up
+    /// early and wait again for the rest. So the timeout settles on the shortest limit the
+    /// client uses (head or body gap) and then stays: no `setsockopt` per request.
+    fn read_by(&mut self, buf: &mut [u8], deadline: Option<Instant>) -> io::Result<usize> {
+        loop {
+            if let Some(deadline) = deadline {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(io::ErrorKind::TimedOut.into());
+                }
+                if self.read_timeout.is_none_or(|t| t > left.saturating_add(TIMEOUT_SLACK)) {
+                    self.stream.set_read_timeout(Some(left))?;
+                    self.read_timeout = Some(left);
+                }
+            }
+            match (&*self.stream).read(buf) {
+                // A timeout shorter than the time left, or a signal: wait again.
+                Err(e) if is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => {}
+                other => return other,
+            }
+        }
+    }
 }
 
 /// A parsed head: bytes consumed, status, headers, HTTP minor version.
@@ -758,7 +832,7 @@ enum ChunkState {
 #[derive(Debug)]
 pub struct BodyReader {
     /// The connection; `None` once the body is over.
-    stream: Option<TcpStream>,
+    conn: Option<Conn>,
     /// Bytes read from the socket but not yet consumed (`start..end`).
     rbuf: Vec<u8>,
     /// First unconsumed byte in `rbuf`.
@@ -772,7 +846,7 @@ pub struct BodyReader {
     /// Whether the connection may be reused after a clean end.
     keep_alive: bool,
     /// The client's idle pool.
-    idle: Arc<Mutex<Vec<TcpStream>>>,
+    idle: Arc<Mutex<Vec<Conn>>>,
     /// The exchange's abort handle.
     abort: Abort,
     /// What the client talks to ("the backend at host:port"), for errors.
@@ -796,13 +870,14 @@ impl BodyReader {
     /// Ends the body; a cleanly ended keep-alive connection goes back to the idle pool.
     fn finish(&mut self, clean: bool) {
         self.framing = Framing::Done;
-        let Some(stream) = self.stream.take() else { return };
-        // `release` must run either way so the abort handle stops holding the socket.
+        let Some(conn) = self.conn.take() else { return };
+        // `release` must run either way so the abort handle stops holding the socket (a later
+        // abort must not shut down a pooled connection).
         let not_aborted = self.abort.release();
         if clean && not_aborted && self.keep_alive && self.start == self.end {
             let mut idle = lock(&self.idle);
             if idle.len() < MAX_IDLE {
-                idle.push(stream);
+                idle.push(conn);
             }
         }
     }
@@ -828,34 +903,33 @@ impl BodyReader {
 
     /// One socket read into `out`. `Ok(0)` is end of stream.
     fn read_socket(&mut self, to_rbuf: bool, out: &mut [u8]) -> Result<usize, LocalError> {
-        let Some(stream) = self.stream.as_mut() else { return Ok(0) };
-        loop {
-            let r = if to_rbuf {
-                if self.start == self.end {
-                    self.start = 0;
-                    self.end = 0;
-                } else if self.start > 0 {
-                    self.rbuf.copy_within(self.start..self.end, 0);
-                    self.end -= self.start;
-                    self.start = 0;
-                }
-                if self.rbuf.len() < self.end + READ_BUF {
-                    self.rbuf.resize(self.end + READ_BUF, 0);
-                }
-                stream.read(&mut self.rbuf[self.end..])
-            } else {
-                stream.read(out)
-            };
-            match r {
-                Ok(n) => {
-                    if to_rbuf {
-                        self.end += n;
-                    }
-                    return Ok(n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(self.broken(Some(e))),
+        let Some(conn) = self.conn.as_mut() else { return Ok(0) };
+        // The body gap bounds each read on its own.
+        let deadline = deadline_after(self.gap);
+        let r = if to_rbuf {
+            if self.start == self.end {
+                self.start = 0;
+                self.end = 0;
+            } else if self.start > 0 {
+                self.rbuf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
             }
+            if self.rbuf.len() < self.end + READ_BUF {
+                self.rbuf.resize(self.end + READ_BUF, 0);
+            }
+            conn.read_by(&mut self.rbuf[self.end..], deadline)
+        } else {
+            conn.read_by(out, deadline)
+        };
+        match r {
+            Ok(n) => {
+                if to_rbuf {
+                    self.end += n;
+                }
+                Ok(n)
+            }
+            Err(e) => Err(self.broken(Some(e))),
         }
     }
 
@@ -986,9 +1060,9 @@ impl Read for BodyReader {
 impl Drop for BodyReader {
     fn drop(&mut self) {
         // An unfinished body leaves the connection in an unknown state: close it.
-        if self.stream.is_some() {
+        if self.conn.is_some() {
             self.abort.release();
-            self.stream = None;
+            self.conn = None;
         }
     }
 }
@@ -1197,6 +1271,13 @@ pub(crate) mod test_origin {
                     closed.fetch_add(1, Ordering::SeqCst);
                     return;
                 }
+                ("GET", "/api/stall") => {
+                    // Two bytes of a ten-byte body, then silence until the client goes away.
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nab");
+                    let mut tmp = [0u8; 256];
+                    while matches!(s.read(&mut tmp), Ok(n) if n > 0) {}
+                    return;
+                }
                 ("GET", "/api/close") => return,
                 _ => s.write_all(&crate::http::json_response(404, "{}", false)).is_ok(),
             };
@@ -1313,7 +1394,7 @@ mod tests {
             let mut b = [0u8; 1024];
             let _ = peer.read(&mut b);
         });
-        lock(&c.idle).push(stale);
+        lock(&c.idle).push(Conn::new(stale));
         let mut r = get(&c, "/api/health").unwrap();
         assert_eq!(body_of(&mut r), br#"{"ok":true}"#);
         assert_eq!(o.accepted.load(Ordering::SeqCst), 1);
@@ -1389,6 +1470,81 @@ mod tests {
         assert!(c.send("GET", "/api/health", &bad, b"", &Abort::new()).is_err());
         assert!(c.send("GET", "/api/x HTTP/1.1\r\n", &[], b"", &Abort::new()).is_err());
         assert!(c.send("GE T", "/api/x", &[], b"", &Abort::new()).is_err());
+    }
+
+    #[test]
+    fn a_shorter_socket_timeout_never_cuts_a_longer_limit_short() {
+        // The socket keeps the shortest read timeout it was given; a phase with a longer limit
+        // must still wait its full limit (and no longer).
+        let o = test_origin::start();
+        let t = Timeouts {
+            connect: Duration::from_secs(3),
+            head: Duration::from_millis(600),
+            body_gap: Duration::from_millis(250),
+        };
+        let c = LocalClient::with_timeouts("127.0.0.1", o.port, t);
+        // Body reads (250 ms) lower the socket's timeout below the head limit (600 ms)...
+        let mut r = get(&c, "/api/sse").unwrap();
+        assert_eq!(body_of(&mut r).len(), 5 * "event: tick\ndata: {\"n\":0}\n\n".len());
+        assert_eq!(c.idle_connections(), 1);
+        // ...and the next head on that connection still gets its 600 ms.
+        let t0 = Instant::now();
+        let e = get(&c, "/api/hang").unwrap_err();
+        let waited = t0.elapsed();
+        assert!(
+            matches!(e, LocalError::Timeout { phase: "waiting for the response head", .. }),
+            "{e}"
+        );
+        assert!(waited >= Duration::from_millis(590), "{waited:?}");
+        assert!(waited < Duration::from_millis(1500), "{waited:?}");
+        assert_eq!(o.accepted.load(Ordering::SeqCst), 1);
+
+        // The other way round: a short head limit, then a longer body gap.
+        let t = Timeouts {
+            connect: Duration::from_secs(3),
+            head: Duration::from_millis(100),
+            body_gap: Duration::from_millis(400),
+        };
+        let c = LocalClient::with_timeouts("127.0.0.1", o.port, t);
+        assert_eq!(body_of(&mut get(&c, "/api/health").unwrap()), br#"{"ok":true}"#);
+        let mut r = get(&c, "/api/stall").unwrap();
+        let mut buf = [0u8; 16];
+        assert_eq!(r.body.read(&mut buf).unwrap(), 2);
+        let t0 = Instant::now();
+        let err = r.body.read(&mut buf).unwrap_err();
+        let waited = t0.elapsed();
+        let e = LocalError::from_io(&err, "x");
+        assert!(
+            matches!(e, LocalError::Timeout { phase: "between two reads of the body", .. }),
+            "{e}"
+        );
+        assert!(waited >= Duration::from_millis(390), "{waited:?}");
+        assert!(waited < Duration::from_millis(1300), "{waited:?}");
+    }
+
+    #[test]
+    fn liveness_peek_sees_eof_and_stray_bytes_and_leaves_the_socket_blocking() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let pair = || {
+            let a = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            (a, listener.accept().unwrap().0)
+        };
+        let (a, mut b) = pair();
+        assert!(still_open(&a));
+        // Still blocking: a read waits for its timeout instead of failing at once.
+        a.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let t0 = Instant::now();
+        assert!(is_timeout(&(&a).read(&mut [0u8; 1]).unwrap_err()));
+        assert!(t0.elapsed() >= Duration::from_millis(40));
+        b.write_all(b"x").unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!still_open(&a));
+        // The peek consumed nothing.
+        assert_eq!((&a).read(&mut [0u8; 4]).unwrap(), 1);
+        let (a, b) = pair();
+        drop(b);
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!still_open(&a));
     }
 
     #[test]
