@@ -928,7 +928,7 @@ fn bridge_run(args: &Args, ready_fd: Option<i32>) -> Result<(), Exit> {
 
 /// Runs the bridge in this process. `detached`: log to `bridge.log` instead of stderr.
 fn run_bridge(args: &Args, mut ready: Readiness, detached: bool) -> Result<(), Exit> {
-    limit_allocator_retention();
+    crate::limit_allocator_retention();
     let prepared: Result<_, Exit> = (|| {
         let dir = state_dir()?;
         if detached {
@@ -999,19 +999,6 @@ fn run_bridge(args: &Args, mut ready: Readiness, detached: bool) -> Result<(), E
     let result = bridge.run();
     lock.release();
     result.map_err(fail)
-}
-
-/// Keeps the daemon's memory near what it uses. glibc gives each busy thread its own arena
-/// and keeps freed blocks there: after one 12 MiB upload the worker pool held ~150 MiB for
-/// good. Two arenas and mmap for blocks over 128 KiB (returned to the system on free) bound
-/// that to the live data. musl's allocator already returns large blocks.
-fn limit_allocator_retention() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only adjusts allocator tunables; it is called before any thread exists.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10);
-    }
 }
 
 /// True for `127.0.0.1`, `::1`, `localhost` and the like.

@@ -224,6 +224,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     raise_fd_limit();
+    hermeschat_pair::limit_allocator_retention();
     let relay = match Relay::bind(options.config) {
         Ok(r) => r,
         Err(e) => {
