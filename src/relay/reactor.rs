@@ -176,9 +176,6 @@ pub struct Reactor {
     apps: HashMap<String, AppRoute>,
     /// Connections with input already buffered in user space (TLS or tungstenite).
     ready: Vec<ConnId>,
-    /// Connections given a large frame whose write waits until the frame it was made from is
-    /// dropped (see [`DEFER_FLUSH_BYTES`]).
-    deferred: Vec<ConnId>,
     ws_config: WebSocketConfig,
     dropped_frames: u64,
 }
@@ -217,7 +214,6 @@ impl Reactor {
             bridges: HashMap::new(),
             apps: HashMap::new(),
             ready: Vec::new(),
-            deferred: Vec::new(),
             ws_config,
             dropped_frames: 0,
         })
@@ -262,7 +258,6 @@ impl Reactor {
             for id in std::mem::take(&mut self.ready) {
                 self.on_event(id, true, false);
             }
-            self.flush_deferred();
             if Instant::now() >= next_tick {
                 self.timers();
                 next_tick = Instant::now() + tick;
@@ -690,8 +685,6 @@ impl Reactor {
                 }
             }
         }
-        // The frames read are dropped now; large forwarded copies can go out.
-        self.flush_deferred();
         if too_large {
             self.close_ws(id, close_code::LIMIT, "message too large");
             self.remove(id);
@@ -721,20 +714,8 @@ impl Reactor {
         if w.detached {
             return;
         }
-        let large = text.len() >= DEFER_FLUSH_BYTES;
         w.out.push(Message::text(text));
-        if large {
-            self.deferred.push(id);
-        } else {
-            self.ws_flush(id);
-        }
-    }
-
-    /// Writes what [`Reactor::send_text`] deferred.
-    fn flush_deferred(&mut self) {
-        for id in std::mem::take(&mut self.deferred) {
-            self.ws_flush(id);
-        }
+        self.ws_flush(id);
     }
 
     /// Writes queued messages until the socket would block. Resumes paused sources once the
@@ -1221,11 +1202,6 @@ impl Reactor {
         }
     }
 }
-
-/// Forwarded frames at least this large are written only after the frame they were made from is
-/// dropped: tungstenite copies a message into its write buffer, so writing at once would hold
-/// three copies of a 16 MiB frame (received, forwarded, buffered) instead of two.
-const DEFER_FLUSH_BYTES: usize = 1 << 20;
 
 /// A frame's top level with each value kept as its raw JSON text (see `route_text`).
 type RawFrame<'a> = BTreeMap<String, &'a RawValue>;
