@@ -1,8 +1,8 @@
 //! Boot services: `--install`, `--uninstall`, `--service-status`.
 //!
-//! - macOS: a launchd LaunchAgent `ai.hermeschat.bridge` ([`launchd`]).
-//! - Linux with systemd: a user unit `hermeschat-bridge.service` ([`systemd`]).
-//! - Anywhere else: a cron `@reboot` line to add by hand ([`cron`]).
+//! - macOS: a launchd LaunchAgent `ai.hermeschat.bridge` (`launchd`).
+//! - Linux with systemd: a user unit `hermeschat-bridge.service` (`systemd`).
+//! - Anywhere else: a cron `@reboot` line to add by hand (`cron`).
 //!
 //! Every file is generated here from a string template (never copied from disk), and the
 //! service always runs this binary's absolute path with `--foreground`: the bridge in the

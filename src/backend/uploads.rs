@@ -219,7 +219,7 @@ pub fn is_files_route(path: &str) -> bool {
 }
 
 /// A file name safe to show and to put in a header: the last path component, control and
-/// quote characters dropped, no leading dots, at most [`MAX_NAME`] characters.
+/// quote characters dropped, no leading dots, at most `MAX_NAME` characters.
 pub fn safe_name(raw: &str) -> String {
     let last = raw.rsplit(['/', '\\']).next().unwrap_or("");
     let cleaned: String = last

@@ -1,7 +1,7 @@
 //! The relay I/O thread: owns the bridge's WebSocket to the relay.
 //!
 //! Blocking tungstenite cannot read and write from two threads, and a TLS stream cannot be
-//! cloned, so the socket lives in a [`Link`] behind one mutex. The I/O thread is driven by
+//! cloned, so the socket lives in a `Link` behind one mutex. The I/O thread is driven by
 //! readiness: the socket is non-blocking and registered with a `polling::Poller`; it reads
 //! frames, hands requests to the pool and sends pings. A worker writes its response frames
 //! straight into the socket under the same mutex (no hand-off back to the I/O thread); only

@@ -1,6 +1,6 @@
 //! `--local`: LAN-only direct mode, no registry and no relay (PROTOCOL §8).
 //!
-//! - [`netif`](crate::netif) picks the LAN address (or `--host`);
+//! - [`crate::netif`] picks the LAN address (or `--host`);
 //! - [`store`] keeps `lan.json`: the pending pairing token and the LAN devices, as digests;
 //! - [`server`] is the daemon's `ws://<lan-ip>:<port>/ws/app` server;
 //! - [`pair`] is the CLI side: backend gate, token, daemon, QR.

@@ -6,7 +6,7 @@
 //! poll with read timeouts to interleave the frames the workers produce — exactly the delay on
 //! the hot path the design forbids. Here every socket is non-blocking and registered with one
 //! `polling::Poller`; each worker's [`Outbox`] send notifies that poller, so a response frame is
-//! written the moment it exists. The wait timeout (at most [`TICK`]) only drives the timers
+//! written the moment it exists. The wait timeout (at most `TICK`) only drives the timers
 //! (pings, idle and handshake deadlines) and notices the stop flag; it never gates a frame.
 //! The work per event is small (parse a frame, hand it to the pool, copy a frame out), so one
 //! thread serves the handful of phones a LAN has with room to spare, and it owns every socket
