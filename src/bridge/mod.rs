@@ -36,7 +36,9 @@ pub struct Gone;
 
 /// Something that takes a connection's outgoing frames (ready JSON text) in order.
 pub trait FrameSink: Send + Sync {
-    /// Queues or writes a frame, blocking while the connection's queue is full.
+    /// Queues or writes a frame, blocking while the connection's queue is full. `Ok` means
+    /// accepted, not delivered: a frame whose own write finds the socket broken is lost with
+    /// the connection, and the next send fails.
     fn send(&self, text: String) -> Result<(), Gone>;
 }
 

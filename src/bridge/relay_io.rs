@@ -191,6 +191,7 @@ impl RelayIo {
         let mut st = link.lock();
         st.closed = true;
         st.ws = None;
+        st.out = WsOut::default();
         link.space.notify_all();
         ended
     }
@@ -377,7 +378,7 @@ struct LinkState {
     ws: Option<Ws>,
     /// Frames not yet taken by the socket.
     out: WsOut,
-    /// Set by a worker whose write found the socket broken; the I/O thread ends the link.
+    /// Set by whichever thread's write found the socket broken; the I/O thread ends the link.
     broken: Option<String>,
     /// No more frames are accepted.
     closed: bool,
@@ -398,6 +399,8 @@ impl Link {
         let Some(ws) = st.ws.as_mut() else { return Err("socket closed".into()) };
         if let Err(b) = st.out.flush(ws) {
             st.broken = Some(b.0.clone());
+            // Workers waiting for room must learn now that there will be none.
+            self.space.notify_all();
             return Err(b.0);
         }
         if st.waiting > 0 && st.out.bytes() < OUT_LIMIT {
