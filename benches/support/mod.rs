@@ -213,3 +213,45 @@ pub struct OutResponse<'a> {
     #[serde(rename = "bodyBase64", skip_serializing_if = "std::ops::Not::not")]
     pub body_base64: bool,
 }
+
+// =============================================================================================
+// Statistics
+
+/// The `p`th percentile (nearest rank) of sorted samples.
+pub fn pct(sorted: &[u64], p: f64) -> u64 {
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// The median; NaN for no samples.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+/// A figure for a table: thousands separated, 3 significant digits below 10,000, "—" for NaN.
+pub fn fmt_num(v: f64) -> String {
+    if v.is_nan() {
+        "—".into()
+    } else if v >= 10_000.0 {
+        let s = format!("{v:.0}");
+        let mut out = String::new();
+        for (i, c) in s.chars().enumerate() {
+            if i > 0 && (s.len() - i) % 3 == 0 {
+                out.push(',');
+            }
+            out.push(c);
+        }
+        out
+    } else if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
