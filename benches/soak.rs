@@ -11,7 +11,7 @@
 //! - Every app sends one small request every `--interval-ms` (start offsets spread over the
 //!   interval), each with a fresh id, and counts terminal frames (`response`, `response.end`,
 //!   `response.error`, `error` with an id), duplicates and per-request latency.
-//! - A few threads own all the sockets (non-blocking, level-triggered `polling`): 2 for the
+//! - A few threads own all the sockets (non-blocking, level-triggered `hermeschat_pair::poll`): 2 for the
 //!   bridges, 4 for the apps.
 //! - Relay VmRSS and open fds are read from /proc once all sockets are connected, every 60 s,
 //!   and at the end (after the drain, all sockets still connected).
@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use polling::{Event, Events, PollMode, Poller};
+use hermeschat_pair::poll::{Event, Events, PollMode, Poller};
 use tungstenite::Message;
 
 use common::{Registry, Ws, ws_connect};

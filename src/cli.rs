@@ -974,7 +974,7 @@ fn run_bridge(args: &Args, mut ready: Readiness, detached: bool) -> Result<(), E
         }
     };
     let stop = Arc::new(AtomicBool::new(false));
-    let started = polling::Poller::new()
+    let started = crate::poll::Poller::new()
         .map(Arc::new)
         .map_err(|e| format!("cannot create a poller: {e}"))
         .and_then(|waker| {

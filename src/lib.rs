@@ -21,6 +21,7 @@ pub mod http;
 pub mod lan;
 pub mod logs;
 pub mod netif;
+pub mod poll;
 pub mod protocol;
 pub mod qr;
 pub mod registry_client;

@@ -3,7 +3,7 @@
 //! responses, fixed-length or chunked (so SSE leaves as it arrives).
 
 use std::fmt::Write as _;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -124,16 +124,9 @@ impl Conn {
     /// One read into `buf`, waiting at most `wait`.
     fn fill(&mut self, wait: Duration) -> Result<usize, Fill> {
         let _ = self.stream.set_read_timeout(Some(wait.max(Duration::from_millis(1))));
-        let start = self.buf.len();
-        self.buf.resize(start + READ_CHUNK, 0);
-        let r = self.stream.read(&mut self.buf[start..]);
-        match r {
-            Ok(n) => {
-                self.buf.truncate(start + n);
-                Ok(n)
-            }
+        match crate::http::recv_appending(&self.stream, &mut self.buf, READ_CHUNK) {
+            Ok(n) => Ok(n),
             Err(e) => {
-                self.buf.truncate(start);
                 match e.kind() {
                     io::ErrorKind::WouldBlock
                     | io::ErrorKind::TimedOut

@@ -169,11 +169,15 @@ pub fn start_with(settings: Settings, stop: Arc<AtomicBool>) -> io::Result<Start
         restarting: Mutex::new(()),
         active: AtomicUsize::new(0),
     });
-    let poller = polling::Poller::new()?;
+    let poller = crate::poll::Poller::new()?;
     // SAFETY: the listener outlives its registration: it is deleted from the poller before
     // the acceptor thread drops either.
     unsafe {
-        poller.add_with_mode(&listener, polling::Event::readable(0), polling::PollMode::Level)?
+        poller.add_with_mode(
+            &listener,
+            crate::poll::Event::readable(0),
+            crate::poll::PollMode::Level,
+        )?
     };
     listener.set_nonblocking(true)?;
     shared.log(&format!(
@@ -189,8 +193,8 @@ pub fn start_with(settings: Settings, stop: Arc<AtomicBool>) -> io::Result<Start
 }
 
 /// Accepts until `stop`, then waits briefly for open connections to finish.
-fn accept_loop(listener: &TcpListener, poller: &polling::Poller, shared: &Arc<Shared>) {
-    let mut events = polling::Events::new();
+fn accept_loop(listener: &TcpListener, poller: &crate::poll::Poller, shared: &Arc<Shared>) {
+    let mut events = crate::poll::Events::new();
     while !shared.stop.load(Ordering::SeqCst) {
         events.clear();
         let _ = poller.wait(&mut events, Some(Duration::from_millis(200)));

@@ -499,13 +499,12 @@ impl LocalClient {
         }
 
         let deadline = deadline_after(self.timeouts.head);
-        let mut buf = vec![0u8; READ_BUF];
-        let mut len = 0;
+        let mut buf = Vec::with_capacity(READ_BUF);
         let mut received_any = false;
         loop {
             // Parse what is there first: the head may have arrived with a previous 1xx.
-            if len > 0 {
-                match parse_head(&buf[..len], addr).map_err(Attempt::Failed)? {
+            if !buf.is_empty() {
+                match parse_head(&buf, addr).map_err(Attempt::Failed)? {
                     Some((consumed, status, _, _)) if (100..200).contains(&status) => {
                         if status == 101 {
                             return Err(Attempt::Failed(LocalError::Protocol {
@@ -514,21 +513,18 @@ impl LocalClient {
                             }));
                         }
                         // Interim response (100 Continue, 103 Early Hints): skip it.
-                        buf.copy_within(consumed..len, 0);
-                        len -= consumed;
+                        buf.drain(..consumed);
                         continue;
                     }
                     Some((consumed, status, headers, minor)) => {
-                        buf.copy_within(consumed..len, 0);
-                        len -= consumed;
-                        buf.truncate(len);
+                        buf.drain(..consumed);
                         let rbuf = std::mem::take(&mut buf);
                         return self
                             .body_reader(conn, rbuf, status, &headers, minor, head_only, abort)
                             .map(|body| Response { status, headers, body })
                             .map_err(Attempt::Failed);
                     }
-                    None if len >= MAX_HEAD => {
+                    None if buf.len() >= MAX_HEAD => {
                         return Err(Attempt::Failed(LocalError::Protocol {
                             addr: addr.clone(),
                             detail: format!("response head larger than {MAX_HEAD} bytes"),
@@ -537,11 +533,9 @@ impl LocalClient {
                     None => {}
                 }
             }
-            if buf.len() < MAX_HEAD {
-                buf.resize(MAX_HEAD, 0);
-            }
             // A passed deadline comes back as a `TimedOut` error.
-            match conn.read_by(&mut buf[len..MAX_HEAD], deadline) {
+            let room = MAX_HEAD - buf.len();
+            match conn.append_by(&mut buf, room, deadline) {
                 Ok(0) if abort.is_aborted() => return Err(Attempt::Failed(LocalError::Aborted)),
                 Ok(0) if !received_any => return Err(Attempt::Stale),
                 Ok(0) => {
@@ -550,10 +544,7 @@ impl LocalClient {
                         detail: "connection closed inside the response head".into(),
                     }));
                 }
-                Ok(n) => {
-                    received_any = true;
-                    len += n;
-                }
+                Ok(_) => received_any = true,
                 Err(e) if received_any && is_stale(&e) => {
                     return Err(Attempt::Failed(LocalError::Io {
                         addr: addr.clone(),
@@ -758,6 +749,25 @@ impl Conn {
     /// early and wait again for the rest. So the timeout settles on the shortest limit the
     /// client uses (head or body gap) and then stays: no `setsockopt` per request.
     fn read_by(&mut self, buf: &mut [u8], deadline: Option<Instant>) -> io::Result<usize> {
+        self.wait_by(deadline, |s| (&*s.stream).read(buf))
+    }
+
+    /// As [`Conn::read_by`], appending at most `max` bytes to `buf` without zero-filling it.
+    fn append_by(
+        &mut self,
+        buf: &mut Vec<u8>,
+        max: usize,
+        deadline: Option<Instant>,
+    ) -> io::Result<usize> {
+        self.wait_by(deadline, |s| crate::http::recv_appending(&s.stream, buf, max))
+    }
+
+    /// Runs one socket read `op`, within `deadline` (see [`Conn::read_by`]).
+    fn wait_by(
+        &mut self,
+        deadline: Option<Instant>,
+        mut op: impl FnMut(&Conn) -> io::Result<usize>,
+    ) -> io::Result<usize> {
         loop {
             if let Some(deadline) = deadline {
                 let left = deadline.saturating_duration_since(Instant::now());
@@ -769,7 +779,7 @@ impl Conn {
                     self.read_timeout = Some(left);
                 }
             }
-            match (&*self.stream).read(buf) {
+            match op(self) {
                 // A timeout shorter than the time left, or a signal: wait again.
                 Err(e) if is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => {}
                 other => return other,
@@ -907,18 +917,11 @@ impl BodyReader {
         // The body gap bounds each read on its own.
         let deadline = deadline_after(self.gap);
         let r = if to_rbuf {
-            if self.start == self.end {
-                self.start = 0;
-                self.end = 0;
-            } else if self.start > 0 {
-                self.rbuf.copy_within(self.start..self.end, 0);
-                self.end -= self.start;
-                self.start = 0;
-            }
-            if self.rbuf.len() < self.end + READ_BUF {
-                self.rbuf.resize(self.end + READ_BUF, 0);
-            }
-            conn.read_by(&mut self.rbuf[self.end..], deadline)
+            // Unconsumed bytes move to the front; `rbuf` ends where the valid bytes end.
+            self.rbuf.drain(..self.start);
+            self.end -= self.start;
+            self.start = 0;
+            conn.append_by(&mut self.rbuf, READ_BUF, deadline)
         } else {
             conn.read_by(out, deadline)
         };

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use polling::Poller;
+use crate::poll::Poller;
 use serde::{Deserialize, Serialize};
 
 use crate::state::{self, BridgeIdentity};
@@ -309,7 +309,7 @@ impl Bridge {
                 io.run();
             }
             None => {
-                let mut events = polling::Events::new();
+                let mut events = crate::poll::Events::new();
                 while !self.stop.load(Ordering::SeqCst) {
                     events.clear();
                     // Woken by the signal handler; the timeout is only a safety net.

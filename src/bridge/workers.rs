@@ -626,7 +626,7 @@ mod tests {
 
     fn outbox(cap: usize) -> (Outbox, Receiver<String>) {
         let (tx, rx) = sync_channel(cap);
-        let waker = Arc::new(polling::Poller::new().unwrap());
+        let waker = Arc::new(crate::poll::Poller::new().unwrap());
         (Outbox::new(tx, waker), rx)
     }
 

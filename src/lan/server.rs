@@ -5,7 +5,7 @@
 //! `WebSocket` cannot be split into a reader and a writer, so a thread per socket would have to
 //! poll with read timeouts to interleave the frames the workers produce — exactly the delay on
 //! the hot path the design forbids. Here every socket is non-blocking and registered with one
-//! `polling::Poller`; each worker's [`Outbox`] send notifies that poller, so a response frame is
+//! `crate::poll::Poller`; each worker's [`Outbox`] send notifies that poller, so a response frame is
 //! written the moment it exists. The wait timeout (at most `TICK`) only drives the timers
 //! (pings, idle and handshake deadlines) and notices the stop flag; it never gates a frame.
 //! The work per event is small (parse a frame, hand it to the pool, copy a frame out), so one
@@ -38,7 +38,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError, sync_channel};
 use std::time::{Duration, Instant};
 
-use polling::{Event, Events, PollMode, Poller};
+use crate::poll::{Event, Events, PollMode, Poller};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Message, WebSocket};

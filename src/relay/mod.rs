@@ -3,7 +3,7 @@
 //! Roles, one file each:
 //! - [`reactor`] — one thread that owns every socket: accepts, reads HTTP heads, completes
 //!   WebSocket upgrades and routes frames between apps and bridges, driven by readiness
-//!   (`polling`), never by sleeps or read timeouts;
+//!   ([`crate::poll`]), never by sleeps or read timeouts;
 //! - [`registry`] — a small worker pool answering the registry API and authenticating upgrades
 //!   against the [`store`] (SQLite), so disk never stalls routing;
 //! - [`ratelimit`] — per-IP limits for the unauthenticated routes.
@@ -22,7 +22,7 @@ use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use polling::Poller;
+use crate::poll::Poller;
 
 use crate::protocol::Limits;
 use ratelimit::RateLimiter;
