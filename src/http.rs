@@ -165,6 +165,21 @@ pub fn reason(status: u16) -> &'static str {
 /// before every read cost 16–128 KiB of writes per small message. Returns the bytes read
 /// (`0`: end of stream); the socket's read timeout applies (`WouldBlock` / `TimedOut`).
 pub fn recv_appending(stream: &TcpStream, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
+    recv_into_spare(stream, buf, max, 0)
+}
+
+/// As [`recv_appending`], but never waits: `WouldBlock` when nothing has arrived (the socket
+/// itself stays blocking).
+pub fn recv_appending_now(stream: &TcpStream, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
+    recv_into_spare(stream, buf, max, libc::MSG_DONTWAIT)
+}
+
+fn recv_into_spare(
+    stream: &TcpStream,
+    buf: &mut Vec<u8>,
+    max: usize,
+    flags: libc::c_int,
+) -> io::Result<usize> {
     buf.reserve(max);
     let len = buf.len();
     let room = (buf.capacity() - len).min(max);
@@ -172,7 +187,8 @@ pub fn recv_appending(stream: &TcpStream, buf: &mut Vec<u8>, max: usize) -> io::
     // `len`, which `recv` may write (any bytes are valid `u8`s); the descriptor belongs to
     // `stream`, borrowed for the whole call. `recv` writes at most `room` bytes and returns
     // how many, and only those are added to the length.
-    let n = unsafe { libc::recv(stream.as_raw_fd(), buf.as_mut_ptr().add(len).cast(), room, 0) };
+    let n =
+        unsafe { libc::recv(stream.as_raw_fd(), buf.as_mut_ptr().add(len).cast(), room, flags) };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -180,6 +196,29 @@ pub fn recv_appending(stream: &TcpStream, buf: &mut Vec<u8>, max: usize) -> io::
     // SAFETY: the `n` bytes after `len` were just written by `recv` (n <= room).
     unsafe { buf.set_len(len + n) };
     Ok(n)
+}
+
+/// `send` flag that turns SIGPIPE into an `EPIPE` error (elsewhere the Rust runtime already
+/// ignores SIGPIPE).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+const NO_SIGPIPE: libc::c_int = libc::MSG_NOSIGNAL;
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+const NO_SIGPIPE: libc::c_int = 0;
+
+/// One `send` of `data` that never waits: the bytes the socket took now (`WouldBlock` when it
+/// took none). No SIGPIPE on a closed peer: that is an `EPIPE` error.
+pub fn send_now(stream: &TcpStream, data: &[u8]) -> io::Result<usize> {
+    // SAFETY: `data` is a live slice of `data.len()` readable bytes and the descriptor belongs
+    // to `stream`, borrowed for the whole call; `send` only reads from the buffer.
+    let n = unsafe {
+        libc::send(
+            stream.as_raw_fd(),
+            data.as_ptr().cast(),
+            data.len(),
+            libc::MSG_DONTWAIT | NO_SIGPIPE,
+        )
+    };
+    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
 }
 
 /// Builds a complete response with a body.

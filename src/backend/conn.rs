@@ -126,14 +126,12 @@ impl Conn {
         let _ = self.stream.set_read_timeout(Some(wait.max(Duration::from_millis(1))));
         match crate::http::recv_appending(&self.stream, &mut self.buf, READ_CHUNK) {
             Ok(n) => Ok(n),
-            Err(e) => {
-                match e.kind() {
-                    io::ErrorKind::WouldBlock
-                    | io::ErrorKind::TimedOut
-                    | io::ErrorKind::Interrupted => Err(Fill::Timeout),
-                    _ => Err(Fill::Broken),
-                }
-            }
+            Err(e) => match e.kind() {
+                io::ErrorKind::WouldBlock
+                | io::ErrorKind::TimedOut
+                | io::ErrorKind::Interrupted => Err(Fill::Timeout),
+                _ => Err(Fill::Broken),
+            },
         }
     }
 

@@ -324,6 +324,12 @@ impl LocalClient {
         &self.peer
     }
 
+    /// Pools a connection as if a request had left it idle (tests: a stale pooled socket).
+    #[cfg(test)]
+    pub(crate) fn push_idle(&self, stream: TcpStream) {
+        lock(&self.idle).push(Conn::new(stream));
+    }
+
     /// Idle pooled connections now (for tests and diagnostics).
     pub fn idle_connections(&self) -> usize {
         lock(&self.idle).len()
@@ -345,9 +351,7 @@ impl LocalClient {
         // A pooled socket may have been closed by the backend while idle: if it fails before
         // the first response byte, an idempotent request is sent once more on a fresh
         // connection. A POST or PATCH is not: the backend may have acted on it before closing.
-        let retry_safe = ["GET", "HEAD", "OPTIONS", "PUT", "DELETE"]
-            .iter()
-            .any(|m| method.eq_ignore_ascii_case(m));
+        let retry_safe = is_retry_safe(method);
         let mut pooled = self.take_idle();
         loop {
             if abort.is_aborted() {
@@ -378,6 +382,52 @@ impl LocalClient {
                     return Err(if abort.is_aborted() { LocalError::Aborted } else { e });
                 }
             }
+        }
+    }
+
+    /// Starts a request without blocking, for a readiness-driven thread: on an idle pooled
+    /// keep-alive connection (none: `None`, and the caller runs [`LocalClient::send`] on a
+    /// worker instead), with the body (at most 64 KiB) written together with the head. The
+    /// caller registers [`Pending::socket`] for readiness and calls [`Pending::advance`] each
+    /// time it is ready. A response of at most `whole_limit` bytes that is not an event stream
+    /// is read whole; anything else is handed out once its head is read.
+    pub fn start(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(String, String)],
+        body: &[u8],
+        abort: &Abort,
+        whole_limit: u64,
+    ) -> Option<Pending> {
+        if body.len() > COALESCE_BODY {
+            return None;
+        }
+        let request = self.build_request(method, path, headers, body).ok()?;
+        let conn = self.take_idle()?;
+        // An abort that came first shuts the socket down; the worker path reports it.
+        abort.register(&conn.stream).ok()?;
+        Some(Pending {
+            socket: conn.stream.clone(),
+            conn: Some(conn),
+            request,
+            sent: 0,
+            buf: Vec::new(),
+            response: None,
+            head_only: method.eq_ignore_ascii_case("HEAD"),
+            abort: abort.clone(),
+            whole_limit,
+            received_any: false,
+            deadline: deadline_after(self.timeouts.head),
+        })
+    }
+
+    /// The error for an exchange whose response head did not arrive in time.
+    fn head_timeout(&self) -> LocalError {
+        LocalError::Timeout {
+            addr: self.peer.clone(),
+            phase: "waiting for the response head",
+            after: self.timeouts.head,
         }
     }
 
@@ -645,6 +695,210 @@ impl LocalClient {
     }
 }
 
+/// True for methods that may be sent once more after a pooled connection turned out to be
+/// closed before any response byte. A POST or PATCH is not: the backend may have acted on it
+/// before closing.
+pub fn is_retry_safe(method: &str) -> bool {
+    ["GET", "HEAD", "OPTIONS", "PUT", "DELETE"].iter().any(|m| method.eq_ignore_ascii_case(m))
+}
+
+/// A request started by [`LocalClient::start`]: written and read without blocking, as its
+/// socket becomes ready.
+#[derive(Debug)]
+pub struct Pending {
+    /// The socket, for readiness registration (shared with the connection).
+    socket: Arc<TcpStream>,
+    /// The connection until its head is read (then it lives in `response`).
+    conn: Option<Conn>,
+    /// The request bytes; freed once all are sent.
+    request: Vec<u8>,
+    /// Request bytes the socket has taken.
+    sent: usize,
+    /// Response head bytes read so far.
+    buf: Vec<u8>,
+    /// The response once its head is read; its body is buffered until whole.
+    response: Option<Response>,
+    /// HEAD requests have no response body.
+    head_only: bool,
+    /// The exchange's abort handle.
+    abort: Abort,
+    /// Largest body read whole.
+    whole_limit: u64,
+    /// Any response byte arrived.
+    received_any: bool,
+    /// When the response head must have arrived (`None`: never).
+    deadline: Option<Instant>,
+}
+
+/// What a [`Pending`] exchange needs or produced.
+#[derive(Debug)]
+pub enum Progress {
+    /// Call again when the socket is readable, or writable when `writable`.
+    Wait {
+        /// The request is not fully written yet.
+        writable: bool,
+    },
+    /// The head and the whole body are in memory: reading the body never blocks.
+    Whole(Response),
+    /// The head is read; the body continues on the socket (blocking reads, e.g. on a worker).
+    Streamed(Response),
+    /// The pooled connection was closed before any response byte: an idempotent request may
+    /// be sent again on another connection ([`is_retry_safe`]).
+    Stale,
+    /// The exchange failed.
+    Failed(LocalError),
+}
+
+impl Pending {
+    /// The socket to watch.
+    pub fn socket(&self) -> &Arc<TcpStream> {
+        &self.socket
+    }
+
+    /// When the response head must have arrived; past it, [`Pending::timed_out`] is the error.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// The error for a passed deadline. Ends the exchange (the connection is closed).
+    pub fn timed_out(self, client: &LocalClient) -> LocalError {
+        self.abort.release();
+        client.head_timeout()
+    }
+
+    /// Writes and reads what the socket allows now.
+    pub fn advance(&mut self, client: &LocalClient) -> Progress {
+        let progress = self.step(client);
+        if matches!(progress, Progress::Stale | Progress::Failed(_)) {
+            self.abort.release();
+            self.conn = None;
+        }
+        progress
+    }
+
+    fn step(&mut self, client: &LocalClient) -> Progress {
+        let addr = &client.peer;
+        let failed = |e: io::Error, abort: &Abort, received_any: bool| {
+            if abort.is_aborted() {
+                Progress::Failed(LocalError::Aborted)
+            } else if !received_any && is_stale(&e) {
+                Progress::Stale
+            } else {
+                Progress::Failed(LocalError::Io { addr: addr.clone(), detail: e.to_string() })
+            }
+        };
+        while self.sent < self.request.len() {
+            match crate::http::send_now(&self.socket, &self.request[self.sent..]) {
+                Ok(n) => self.sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Progress::Wait { writable: true };
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return failed(e, &self.abort, false),
+            }
+            if self.sent == self.request.len() {
+                self.request = Vec::new();
+                // The backend cannot have answered yet: no read that would only block.
+                return Progress::Wait { writable: false };
+            }
+        }
+        loop {
+            if let Some(response) = &mut self.response {
+                let sse = response
+                    .header("content-type")
+                    .is_some_and(|ct| ct.to_ascii_lowercase().contains("text/event-stream"));
+                let whole = match response.body.len_hint() {
+                    Some(n) if !sse && n <= self.whole_limit => n,
+                    _ => return Progress::Streamed(self.take_response()),
+                };
+                if response.body.buffered() as u64 >= whole {
+                    return Progress::Whole(self.take_response());
+                }
+                match response.body.fill_now() {
+                    Ok(0) => {
+                        return Progress::Failed(response.body.broken(None));
+                    }
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        return Progress::Wait { writable: false };
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Progress::Failed(response.body.broken(Some(e))),
+                }
+            }
+            // Parse what is there first: the head may have arrived with a previous 1xx.
+            if !self.buf.is_empty() {
+                match parse_head(&self.buf, addr) {
+                    Err(e) => return Progress::Failed(e),
+                    Ok(Some((_, 101, _, _))) => {
+                        return Progress::Failed(LocalError::Protocol {
+                            addr: addr.clone(),
+                            detail: "unexpected 101 Switching Protocols".into(),
+                        });
+                    }
+                    Ok(Some((consumed, status, _, _))) if (100..200).contains(&status) => {
+                        self.buf.drain(..consumed);
+                        continue;
+                    }
+                    Ok(Some((consumed, status, headers, minor))) => {
+                        self.buf.drain(..consumed);
+                        let Some(conn) = self.conn.take() else {
+                            return Progress::Failed(LocalError::Aborted);
+                        };
+                        let rbuf = std::mem::take(&mut self.buf);
+                        let (head_only, abort) = (self.head_only, &self.abort);
+                        match client
+                            .body_reader(conn, rbuf, status, &headers, minor, head_only, abort)
+                        {
+                            Ok(body) => self.response = Some(Response { status, headers, body }),
+                            Err(e) => return Progress::Failed(e),
+                        }
+                        continue;
+                    }
+                    Ok(None) if self.buf.len() >= MAX_HEAD => {
+                        return Progress::Failed(LocalError::Protocol {
+                            addr: addr.clone(),
+                            detail: format!("response head larger than {MAX_HEAD} bytes"),
+                        });
+                    }
+                    Ok(None) => {}
+                }
+            }
+            let room = MAX_HEAD - self.buf.len();
+            match crate::http::recv_appending_now(&self.socket, &mut self.buf, room) {
+                Ok(0) if self.abort.is_aborted() => return Progress::Failed(LocalError::Aborted),
+                Ok(0) if !self.received_any => return Progress::Stale,
+                Ok(0) => {
+                    return Progress::Failed(LocalError::Io {
+                        addr: addr.clone(),
+                        detail: "connection closed inside the response head".into(),
+                    });
+                }
+                Ok(_) => self.received_any = true,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Progress::Wait { writable: false };
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return failed(e, &self.abort, self.received_any),
+            }
+        }
+    }
+
+    /// Hands the response out (only called with one present).
+    fn take_response(&mut self) -> Response {
+        match self.response.take() {
+            Some(r) => r,
+            None => unreachable_response(),
+        }
+    }
+}
+
+#[cold]
+fn unreachable_response() -> ! {
+    // `take_response` is only called on the branch that found a response.
+    std::process::abort()
+}
+
 /// Outcome of one attempt on one connection.
 enum Attempt {
     /// The connection died before any response byte: a pooled socket may be retried.
@@ -870,6 +1124,23 @@ impl BodyReader {
     /// for chunked or close-delimited bodies.
     pub fn len_hint(&self) -> Option<u64> {
         self.len_hint
+    }
+
+    /// Body bytes already read from the socket and not yet handed out.
+    pub fn buffered(&self) -> usize {
+        self.end - self.start
+    }
+
+    /// Appends what has arrived to the buffer without waiting (`WouldBlock`: nothing yet;
+    /// `Ok(0)`: end of stream).
+    fn fill_now(&mut self) -> io::Result<usize> {
+        let Some(conn) = self.conn.as_ref() else { return Ok(0) };
+        self.rbuf.drain(..self.start);
+        self.end -= self.start;
+        self.start = 0;
+        let n = crate::http::recv_appending_now(&conn.stream, &mut self.rbuf, READ_BUF)?;
+        self.end += n;
+        Ok(n)
     }
 
     /// True once the whole body has been read.

@@ -24,7 +24,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::stream::MaybeTlsStream;
 use tungstenite::{Message, WebSocket};
 
-use super::workers::Pool;
+use super::workers::{Inline, Interest, Pool, Step};
 use super::{FrameSink, Gone, LiveStatus, Outbox, log};
 use crate::protocol::{self as p, Frame};
 use crate::state::BridgeIdentity;
@@ -32,6 +32,9 @@ use crate::wsout::WsOut;
 
 /// Poller key of the relay socket.
 const SOCKET: usize = 1;
+
+/// Poller keys of inline backend sockets start here: key − `INLINE_BASE` is the slot index.
+const INLINE_BASE: usize = 2;
 
 /// Deadline for TCP connect, TLS and the WebSocket handshake.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -184,8 +187,14 @@ impl RelayIo {
         });
         let outbox = Outbox::with_sink(link.clone());
         let mut timers = Timers { last_rx: Instant::now(), last_ping: Instant::now() };
-        let ended = self.serve_loop(&link, &mut timers, &outbox, &tcp);
+        let mut inlines = Inlines::default();
+        let ended = self.serve_loop(&link, &mut timers, &outbox, &tcp, &mut inlines);
         let _ = self.poller.delete(&tcp);
+        // Inline requests end with the link, silently: the relay answers the apps, and
+        // `cancel_all` forgets them.
+        for (inline, _) in inlines.take_all() {
+            let _ = self.poller.delete(&**inline.socket());
+        }
         // Workers still holding this outbox get `Gone`; the socket closes now, not when the
         // last of them lets go.
         let mut st = link.lock();
@@ -196,21 +205,36 @@ impl RelayIo {
         ended
     }
 
-    fn serve_loop(&self, link: &Link, t: &mut Timers, outbox: &Outbox, tcp: &TcpStream) -> Ended {
+    fn serve_loop(
+        &self,
+        link: &Link,
+        t: &mut Timers,
+        outbox: &Outbox,
+        tcp: &TcpStream,
+        inlines: &mut Inlines,
+    ) -> Ended {
         let ping_every = Duration::from_secs(p::RELAY_PING_INTERVAL_SECS);
         let pong_timeout = Duration::from_secs(p::BRIDGE_PONG_TIMEOUT_SECS);
         let mut events = Events::new();
         let mut interest_writable = false;
+        // Read the relay socket only when it was reported readable: `read_frames` reads until
+        // it would block, so nothing is left behind in between.
+        let mut relay_ready = true;
+        // Terminal frames of inline requests, sent with the next flush.
+        let mut answers: Vec<String> = Vec::new();
         loop {
             if self.stop.load(Ordering::SeqCst) {
-                return self.shut_down(link, tcp);
+                return self.shut_down(link, tcp, inlines);
             }
             let blocked = {
                 let mut st = link.lock();
                 let LinkState { ws: Some(ws), out, .. } = &mut *st else {
                     return Ended::Lost("socket closed".into());
                 };
-                if let Err(e) = self.read_frames(ws, out, t, outbox) {
+                for text in answers.drain(..) {
+                    out.push(Message::text(text));
+                }
+                if relay_ready && let Err(e) = self.read_frames(ws, out, t, outbox, inlines) {
                     return Ended::Lost(e);
                 }
                 let now = Instant::now();
@@ -234,7 +258,14 @@ impl RelayIo {
                 let ev = Event::new(SOCKET, true, blocked);
                 let _ = self.poller.modify_with_mode(tcp, ev, PollMode::Level);
             }
-            let next = (t.last_ping + ping_every).min(t.last_rx + pong_timeout);
+            let mut next = (t.last_ping + ping_every).min(t.last_rx + pong_timeout);
+            if let Some(deadline) = self.expire_inlines(inlines, &mut answers) {
+                next = next.min(deadline);
+            }
+            if !answers.is_empty() {
+                relay_ready = false;
+                continue;
+            }
             events.clear();
             let timeout = next.saturating_duration_since(Instant::now());
             if let Err(e) = self.poller.wait(&mut events, Some(timeout))
@@ -242,7 +273,76 @@ impl RelayIo {
             {
                 return Ended::Lost(format!("poller: {e}"));
             }
+            relay_ready = false;
+            for ev in events.iter() {
+                match ev.key {
+                    SOCKET => relay_ready |= ev.readable,
+                    key if key >= INLINE_BASE => {
+                        self.drive_inline(key - INLINE_BASE, inlines, &mut |text| {
+                            answers.push(text)
+                        });
+                    }
+                    _ => {}
+                }
+            }
         }
+    }
+
+    /// Starts watching a new inline request (after its first step, which wrote the request).
+    fn begin_inline(&self, inline: Inline, inlines: &mut Inlines, push: &mut dyn FnMut(String)) {
+        let Step::Wait(inline, interest) = self.pool.advance(inline, push) else { return };
+        let socket = inline.socket().clone();
+        let slot = inlines.insert(inline, interest);
+        let ev = Event::new(INLINE_BASE + slot, true, interest == Interest::Writable);
+        // SAFETY: the slot holds a handle to `socket`, so its descriptor stays open until it
+        // is deleted from the poller (`drive_inline`, `expire_inlines`, `serve`, `shut_down`).
+        if let Err(e) = unsafe { self.poller.add_with_mode(&*socket, ev, PollMode::Level) } {
+            log(&format!("cannot watch a backend socket: {e}"));
+            if let Some((inline, _)) = inlines.remove(slot) {
+                self.pool.end_inline(inline, p::ErrorCode::Busy, push);
+            }
+        }
+    }
+
+    /// Advances the inline request in `slot` after its socket was reported ready.
+    fn drive_inline(&self, slot: usize, inlines: &mut Inlines, push: &mut dyn FnMut(String)) {
+        let Some((inline, was)) = inlines.take(slot) else { return };
+        let socket = inline.socket().clone();
+        match self.pool.advance(inline, push) {
+            Step::Wait(inline, interest) => {
+                if interest != was {
+                    let ev = Event::new(INLINE_BASE + slot, true, interest == Interest::Writable);
+                    let _ = self.poller.modify_with_mode(&*socket, ev, PollMode::Level);
+                }
+                inlines.restore(slot, inline, interest);
+            }
+            Step::Done => {
+                let _ = self.poller.delete(&*socket);
+                inlines.release(slot);
+            }
+        }
+    }
+
+    /// Ends inline requests whose deadline passed; returns the earliest deadline left.
+    fn expire_inlines(&self, inlines: &mut Inlines, answers: &mut Vec<String>) -> Option<Instant> {
+        if inlines.live == 0 {
+            return None;
+        }
+        let now = Instant::now();
+        let mut earliest: Option<Instant> = None;
+        for slot in 0..inlines.slots.len() {
+            let Some(deadline) = inlines.slots[slot].as_ref().and_then(|(i, _)| i.deadline())
+            else {
+                continue;
+            };
+            if deadline > now {
+                earliest = Some(earliest.map_or(deadline, |e| e.min(deadline)));
+            } else if let Some((inline, _)) = inlines.remove(slot) {
+                let _ = self.poller.delete(&**inline.socket());
+                self.pool.expire(inline, &mut |text| answers.push(text));
+            }
+        }
+        earliest
     }
 
     /// Reads every frame available now and dispatches it.
@@ -252,12 +352,13 @@ impl RelayIo {
         out: &mut WsOut,
         t: &mut Timers,
         outbox: &Outbox,
+        inlines: &mut Inlines,
     ) -> Result<(), String> {
         loop {
             match ws.read() {
                 Ok(Message::Text(text)) => {
                     t.last_rx = Instant::now();
-                    self.dispatch(out, outbox, text.as_str());
+                    self.dispatch(out, outbox, inlines, text.as_str());
                 }
                 Ok(Message::Close(frame)) => {
                     let why = frame.map_or("closed".to_owned(), |f| {
@@ -276,7 +377,7 @@ impl RelayIo {
         }
     }
 
-    fn dispatch(&self, out: &mut WsOut, outbox: &Outbox, text: &str) {
+    fn dispatch(&self, out: &mut WsOut, outbox: &Outbox, inlines: &mut Inlines, text: &str) {
         let frame = match p::parse_frame(text) {
             Ok(f) => f,
             Err(msg) => {
@@ -286,8 +387,18 @@ impl RelayIo {
         };
         match frame {
             Frame::Request(req) => {
-                if let Err(busy) = self.pool.submit(req, outbox.clone()) {
-                    out.push(Message::text(busy));
+                // Inline answers are queued without waiting for room (this thread makes the
+                // room), so while the socket is backed up new requests go to workers, which
+                // wait for it.
+                let inline = out.bytes() < OUT_LIMIT;
+                match self.pool.submit_inline(req, outbox.clone(), inline) {
+                    Err(refused) => out.push(Message::text(refused)),
+                    Ok(None) => {}
+                    Ok(Some(inline)) => {
+                        self.begin_inline(inline, inlines, &mut |text| {
+                            out.push(Message::text(text))
+                        });
+                    }
                 }
             }
             Frame::Cancel { id, client } => self.pool.cancel(client.as_deref(), &id),
@@ -314,8 +425,20 @@ impl RelayIo {
     /// Answers open requests `SHUTTING_DOWN`, sends them, closes 1001. The pool hands out its
     /// answers on another thread (writing them through the link) while this one keeps
     /// flushing, so any number of open requests gets its answer within the grace period.
-    fn shut_down(&self, link: &Link, tcp: &TcpStream) -> Ended {
+    fn shut_down(&self, link: &Link, tcp: &TcpStream, inlines: &mut Inlines) -> Ended {
         let _ = self.poller.delete(tcp);
+        // Inline requests are this thread's to answer.
+        let mut answers = Vec::new();
+        for (inline, _) in inlines.take_all() {
+            let _ = self.poller.delete(&**inline.socket());
+            self.pool.end_inline(inline, p::ErrorCode::ShuttingDown, &mut |t| answers.push(t));
+        }
+        {
+            let mut st = link.lock();
+            for text in answers {
+                st.out.push(Message::text(text));
+            }
+        }
         // Blocking with a deadline from here on: the last frames and the close must go out.
         let _ = tcp.set_nonblocking(false);
         let _ = tcp.set_write_timeout(Some(Duration::from_secs(2)));
@@ -349,6 +472,66 @@ impl RelayIo {
             let _ = ws.flush();
         }
         Ended::Stopped
+    }
+}
+
+/// Inline requests in flight on the I/O thread, in reusable slots (the poller key is
+/// [`INLINE_BASE`] + slot).
+#[derive(Default)]
+struct Inlines {
+    /// Each slot: the request and the readiness it waits for.
+    slots: Vec<Option<(Inline, Interest)>>,
+    /// Empty slots.
+    free: Vec<usize>,
+    /// Occupied slots.
+    live: usize,
+}
+
+impl Inlines {
+    /// Stores a request in a free slot; returns the slot.
+    fn insert(&mut self, inline: Inline, interest: Interest) -> usize {
+        self.live += 1;
+        match self.free.pop() {
+            Some(slot) => {
+                self.slots[slot] = Some((inline, interest));
+                slot
+            }
+            None => {
+                self.slots.push(Some((inline, interest)));
+                self.slots.len() - 1
+            }
+        }
+    }
+
+    /// Takes the request out of `slot` for a moment: the slot stays reserved for
+    /// [`Inlines::restore`] until [`Inlines::release`].
+    fn take(&mut self, slot: usize) -> Option<(Inline, Interest)> {
+        self.slots.get_mut(slot)?.take()
+    }
+
+    /// Puts a taken request back.
+    fn restore(&mut self, slot: usize, inline: Inline, interest: Interest) {
+        self.slots[slot] = Some((inline, interest));
+    }
+
+    /// Frees a taken slot.
+    fn release(&mut self, slot: usize) {
+        self.live -= 1;
+        self.free.push(slot);
+    }
+
+    /// Takes the request out of `slot` and frees the slot.
+    fn remove(&mut self, slot: usize) -> Option<(Inline, Interest)> {
+        let taken = self.take(slot)?;
+        self.release(slot);
+        Some(taken)
+    }
+
+    /// Takes every request out.
+    fn take_all(&mut self) -> Vec<(Inline, Interest)> {
+        self.free.clear();
+        self.live = 0;
+        std::mem::take(&mut self.slots).into_iter().flatten().collect()
     }
 }
 

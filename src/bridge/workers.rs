@@ -16,8 +16,8 @@ use base64::Engine as _;
 use base64::engine::DecodePaddingMode;
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STANDARD};
 
-use super::Outbox;
-use super::local_http::{Abort, LocalClient, LocalError};
+use super::local_http::{self, Abort, LocalClient, LocalError, Pending, Progress, Response};
+use super::{Gone, Outbox};
 use crate::protocol::{
     CLIENT_HEADER, DEFAULT_ALLOWED_PREFIXES, ErrorCode, Frame, Headers, Limits, RequestFrame,
     ResponseFrame, check_header, check_path, check_request_limits, is_hop_by_hop,
@@ -34,6 +34,13 @@ pub const STREAM_THRESHOLD: u64 = 256 << 10;
 
 /// Largest body piece in one `response.chunk`.
 pub const CHUNK_MAX: usize = 256 << 10;
+
+/// Request bodies (as sent in the frame) up to this size may run inline ([`Pool::submit_inline`]).
+pub const INLINE_BODY_MAX: usize = 48 << 10;
+
+/// Responses up to this size are answered inline; larger, chunked or event-stream responses go
+/// to a worker once their head is read.
+pub const INLINE_RESPONSE_MAX: u64 = 64 << 10;
 
 /// How long [`Pool::shutdown`] waits for open requests to be answered.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
@@ -94,6 +101,53 @@ struct Job {
     out: Outbox,
     /// Its abort handle (also in the open map).
     abort: Abort,
+    /// The response, when the head was already read by an inline exchange.
+    response: Option<Response>,
+}
+
+/// A request run by the caller's own readiness-driven thread instead of a worker (see
+/// [`Pool::submit_inline`]): it writes the request and reads a small response without
+/// blocking, so a small exchange costs no thread hand-off. The caller watches
+/// [`Inline::socket`] and calls [`Pool::advance`] when it is ready, [`Pool::expire`] past
+/// [`Inline::deadline`], or [`Pool::end_inline`] when it stops.
+pub struct Inline {
+    /// The request; its body is kept for a resend on a fresh connection.
+    job: Job,
+    /// The exchange.
+    pending: Pending,
+}
+
+impl Inline {
+    /// The backend socket to watch (a shared handle: holding it keeps the descriptor open
+    /// until the caller has stopped watching it).
+    pub fn socket(&self) -> &Arc<std::net::TcpStream> {
+        self.pending.socket()
+    }
+
+    /// When the response head must have arrived (`None`: never).
+    pub fn deadline(&self) -> Option<Instant> {
+        self.pending.deadline()
+    }
+}
+
+/// What the caller does next with an [`Inline`] request.
+// The request moves through here once per readiness event; boxing it would cost an allocation
+// per request to save a copy of a few hundred bytes.
+#[allow(clippy::large_enum_variant)]
+pub enum Step {
+    /// Call [`Pool::advance`] again when the socket is readable (or writable when `writable`).
+    Wait(Inline, Interest),
+    /// Nothing more to do here: answered, or handed to a worker. Stop watching the socket.
+    Done,
+}
+
+/// The readiness an [`Inline`] request waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interest {
+    /// The response (or more of it).
+    Readable,
+    /// Room for the rest of the request.
+    Writable,
 }
 
 /// Open requests and the shutdown state, under one lock.
@@ -185,6 +239,18 @@ impl Pool {
     /// code such as `FORBIDDEN_PATH`), or an `error` `BAD_FRAME` for a duplicate open id (which
     /// must not terminate the request already open under that id).
     pub fn submit(&self, req: RequestFrame, out: Outbox) -> Result<(), String> {
+        self.submit_inline(req, out, false).map(|_| ())
+    }
+
+    /// As [`Pool::submit`]; when `inline` is allowed, the body is small and an idle keep-alive
+    /// backend connection is at hand, the request is started on it without blocking and
+    /// returned for the caller to drive (`Ok(Some)`), instead of being queued for a worker.
+    pub fn submit_inline(
+        &self,
+        req: RequestFrame,
+        out: Outbox,
+        inline: bool,
+    ) -> Result<Option<Inline>, String> {
         let shared = &self.shared;
         let key: Key = (req.client.clone(), req.id.clone());
         let refuse = |code: ErrorCode, message: String| {
@@ -221,11 +287,109 @@ impl Pool {
         }
         let abort = Abort::new();
         open.map.insert(key, Open { abort: abort.clone(), reason: ErrorCode::Cancelled });
-        queue.jobs.push_back(Job { req, out, abort });
+        let job = Job { req, out, abort, response: None };
+        if !inline || job.req.body.as_ref().is_some_and(|b| b.len() > INLINE_BODY_MAX) {
+            queue.jobs.push_back(job);
+            drop(queue);
+            drop(open);
+            shared.work.notify_one();
+            return Ok(None);
+        }
         drop(queue);
         drop(open);
-        shared.work.notify_one();
-        Ok(())
+        match start_inline(shared, job) {
+            Ok(inline) => Ok(Some(inline)),
+            Err(job) => {
+                self.enqueue(job);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Queues an accepted job for a worker; once the pool stops it is answered instead.
+    fn enqueue(&self, job: Job) {
+        let shared = &self.shared;
+        let mut queue = lock(&shared.queue);
+        if queue.stopping {
+            queue.answers.push_back(job);
+            drop(queue);
+            shared.answer.notify_one();
+        } else {
+            queue.jobs.push_back(job);
+            drop(queue);
+            shared.work.notify_one();
+        }
+    }
+
+    /// Drives an inline request as far as its socket allows; the terminal frame, if this
+    /// produces it, goes to `push` (the caller's own queue: it must not wait for room, since
+    /// the caller is the thread that makes room).
+    pub fn advance(&self, mut inline: Inline, push: &mut dyn FnMut(String)) -> Step {
+        let shared = &self.shared;
+        let progress = inline.pending.advance(&shared.client);
+        let Inline { job, pending } = inline;
+        let result = match progress {
+            Progress::Wait { writable } => {
+                let interest = if writable { Interest::Writable } else { Interest::Readable };
+                return Step::Wait(Inline { job, pending }, interest);
+            }
+            Progress::Whole(mut resp) => match whole_frame(shared, &job.req, &mut resp) {
+                Ok(frame) if !job.abort.is_silenced() => {
+                    job.abort.mark_finishing();
+                    push(frame.to_json());
+                    Ok(())
+                }
+                Ok(_) => Ok(()),
+                Err(fail) => Err(fail),
+            },
+            Progress::Streamed(resp) => {
+                self.enqueue(Job { response: Some(resp), ..job });
+                return Step::Done;
+            }
+            Progress::Stale if local_http::is_retry_safe(&job.req.method) => {
+                // The backend closed the pooled connection while it was idle: a worker sends
+                // the request again on another one.
+                self.enqueue(job);
+                return Step::Done;
+            }
+            Progress::Stale => Err(Fail::Local(LocalError::Io {
+                addr: shared.client.peer().to_owned(),
+                detail: "connection closed before a response".into(),
+            })),
+            Progress::Failed(e) => Err(Fail::Local(e)),
+        };
+        drop(pending);
+        conclude(shared, &job, result, &mut |text| {
+            push(text);
+            Ok(())
+        });
+        Step::Done
+    }
+
+    /// Ends an inline request whose deadline passed (`BACKEND_TIMEOUT`).
+    pub fn expire(&self, inline: Inline, push: &mut dyn FnMut(String)) {
+        let Inline { job, pending } = inline;
+        let e = pending.timed_out(&self.shared.client);
+        conclude(&self.shared, &job, Err(Fail::Local(e)), &mut |text| {
+            push(text);
+            Ok(())
+        });
+    }
+
+    /// Ends an inline request with `code` (the caller stops, e.g. `SHUTTING_DOWN`); its
+    /// backend connection is closed.
+    pub fn end_inline(&self, inline: Inline, code: ErrorCode, push: &mut dyn FnMut(String)) {
+        let Inline { job, pending } = inline;
+        job.abort.abort();
+        drop(pending);
+        let message = match code {
+            ErrorCode::ShuttingDown => "the bridge is shutting down",
+            _ => "the request was aborted",
+        };
+        conclude(&self.shared, &job, Err(Fail::Request(code, message.into())), &mut |text| {
+            push(text);
+            Ok(())
+        });
     }
 
     /// Aborts one request (`cancel` frame). It is answered `CANCELLED` unless its response
@@ -386,12 +550,24 @@ enum Fail {
 
 /// Runs one request to its terminal frame, then forgets it.
 fn run_job(shared: &Shared, mut job: Job) {
-    let key: Key = (job.req.client.clone(), job.req.id.clone());
     let result = if job.abort.is_aborted() {
         Err(Fail::Local(LocalError::Aborted))
     } else {
-        exchange(shared, &mut job.req, &job.out, &job.abort)
+        exchange(shared, &mut job)
     };
+    let out = job.out.clone();
+    conclude(shared, &job, result, &mut |text| out.send(text));
+}
+
+/// Ends a request: sends its error frame when `result` failed (the success path sent its own
+/// terminal frame), then forgets it.
+fn conclude(
+    shared: &Shared,
+    job: &Job,
+    result: Result<(), Fail>,
+    send: &mut dyn FnMut(String) -> Result<(), Gone>,
+) {
+    let key: Key = (job.req.client.clone(), job.req.id.clone());
     let failure = match result {
         _ if job.abort.is_silenced() => None,
         Ok(()) | Err(Fail::Gone) => None,
@@ -411,9 +587,7 @@ fn run_job(shared: &Shared, mut job: Job) {
     if let Some((code, message)) = failure {
         // A failed send means the connection is gone; there is nobody left to tell.
         job.abort.mark_finishing();
-        let _ = job
-            .out
-            .send(Frame::error(&job.req.id, job.req.client.as_deref(), code, message).to_json());
+        let _ = send(Frame::error(&job.req.id, job.req.client.as_deref(), code, message).to_json());
     }
     // Forget the request only after its terminal frame is queued, so a duplicate id cannot
     // overtake it.
@@ -424,6 +598,40 @@ fn run_job(shared: &Shared, mut job: Job) {
     }
     drop(open);
     shared.drained.notify_all();
+}
+
+/// Starts a request on an idle backend connection without blocking, or gives the job back for
+/// a worker (no idle connection, an aborted request, a body to be rejected by the worker).
+// The job moves either way (into the inline request or back to the caller); boxing it would
+// cost an allocation per request.
+#[allow(clippy::result_large_err)]
+fn start_inline(shared: &Shared, job: Job) -> Result<Inline, Job> {
+    let decoded;
+    let body: &[u8] = match &job.req.body {
+        None => &[],
+        Some(b) if job.req.body_base64 => match BASE64_LENIENT.decode(b) {
+            Ok(d) => {
+                decoded = d;
+                &decoded
+            }
+            // The worker reports it.
+            Err(_) => return Err(job),
+        },
+        Some(b) => b.as_bytes(),
+    };
+    let headers = backend_headers(&job.req);
+    let started = shared.client.start(
+        &job.req.method,
+        &job.req.path,
+        &headers,
+        body,
+        &job.abort,
+        INLINE_RESPONSE_MAX,
+    );
+    match started {
+        Some(pending) => Ok(Inline { job, pending }),
+        None => Err(job),
+    }
 }
 
 /// The cheap checks of PROTOCOL §6–§7, done before a request is queued.
@@ -516,18 +724,44 @@ fn is_textual(content_type: &str) -> bool {
         || ct == "application/x-www-form-urlencoded"
 }
 
-/// Runs the local exchange and sends the response frames, terminal one included.
-fn exchange(
-    shared: &Shared,
-    req: &mut RequestFrame,
-    out: &Outbox,
-    abort: &Abort,
-) -> Result<(), Fail> {
-    let body = decode_body(req, &shared.limits)?;
-    let headers = backend_headers(req);
-    let mut resp =
-        shared.client.send(&req.method, &req.path, &headers, &body, abort).map_err(Fail::Local)?;
-    drop(body);
+/// The `response` frame of a response whose body is read whole.
+fn whole_frame(shared: &Shared, req: &RequestFrame, resp: &mut Response) -> Result<Frame, Fail> {
+    let mut bytes = Vec::new();
+    resp.body
+        .read_to_end(&mut bytes)
+        .map_err(|e| Fail::Local(LocalError::from_io(&e, shared.client.peer())))?;
+    let textual = is_textual(resp.header("content-type").unwrap_or(""));
+    let (body, body_base64) = match String::from_utf8(bytes) {
+        // An empty body is plain "" whatever its type.
+        Ok(text) if textual || text.is_empty() => (text, false),
+        Ok(text) => (STANDARD.encode(text), true),
+        Err(e) => (STANDARD.encode(e.as_bytes()), true),
+    };
+    Ok(Frame::Response(ResponseFrame {
+        id: req.id.clone(),
+        client: req.client.clone(),
+        status: resp.status,
+        headers: frame_headers(&resp.headers),
+        body,
+        body_base64,
+    }))
+}
+
+/// Runs the local exchange (unless an inline exchange already read the head) and sends the
+/// response frames, terminal one included.
+fn exchange(shared: &Shared, job: &mut Job) -> Result<(), Fail> {
+    let Job { req, out, abort, response } = job;
+    let mut resp = match response.take() {
+        Some(resp) => resp,
+        None => {
+            let body = decode_body(req, &shared.limits)?;
+            let headers = backend_headers(req);
+            shared
+                .client
+                .send(&req.method, &req.path, &headers, &body, abort)
+                .map_err(Fail::Local)?
+        }
+    };
     let content_type = resp.header("content-type").unwrap_or("").to_owned();
     let textual = is_textual(&content_type);
     let sse = content_type.to_ascii_lowercase().contains("text/event-stream");
@@ -547,21 +781,8 @@ fn exchange(
 
     let streamed = sse || resp.body.len_hint().is_none_or(|n| n > STREAM_THRESHOLD);
     if !streamed {
-        let mut bytes = Vec::new();
-        resp.body.read_to_end(&mut bytes).map_err(read_err)?;
-        let (body, body_base64) = match std::str::from_utf8(&bytes) {
-            // An empty body is plain "" whatever its type.
-            Ok(text) if textual || text.is_empty() => (text.to_owned(), false),
-            _ => (STANDARD.encode(&bytes), true),
-        };
-        return send(Frame::Response(ResponseFrame {
-            id,
-            client,
-            status: resp.status,
-            headers: frame_headers(&resp.headers),
-            body,
-            body_base64,
-        }));
+        let frame = whole_frame(shared, req, &mut resp)?;
+        return send(frame);
     }
 
     send(Frame::ResponseStart {
@@ -1070,6 +1291,151 @@ mod tests {
         let refused = p.submit(req("late", "GET", "/api/health"), out).unwrap_err();
         assert_eq!(refused_code(&refused), ErrorCode::ShuttingDown);
         p.shutdown(ErrorCode::ShuttingDown);
+    }
+
+    /// Drives an inline request to its end on a poller of its own, as the relay I/O thread
+    /// does; returns the frames it pushed.
+    fn drive(p: &Pool, inline: Inline) -> Vec<Frame> {
+        drive_with(p, inline, || {})
+    }
+
+    /// As [`drive`], running `after_write` once the first step has written the request.
+    fn drive_with(p: &Pool, inline: Inline, after_write: impl FnOnce()) -> Vec<Frame> {
+        let poller = crate::poll::Poller::new().unwrap();
+        let mut pushed = Vec::new();
+        let mut step = p.advance(inline, &mut |t| pushed.push(t));
+        after_write();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Step::Wait(inline, interest) = step {
+            let socket = inline.socket().clone();
+            let ev = crate::poll::Event::new(0, true, interest == Interest::Writable);
+            // SAFETY: `socket` is held until it is deleted below.
+            unsafe { poller.add_with_mode(&*socket, ev, crate::poll::PollMode::Level) }.unwrap();
+            let mut events = crate::poll::Events::new();
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "inline request not done within 10 s");
+            poller.wait(&mut events, Some(left)).unwrap();
+            poller.delete(&*socket).unwrap();
+            step = p.advance(inline, &mut |t| pushed.push(t));
+        }
+        pushed.iter().map(|t| parse_frame(t).unwrap()).collect()
+    }
+
+    /// A pool whose backend connection is warm (one idle keep-alive connection).
+    fn warm_pool(o: &Origin) -> Pool {
+        let p = pool(o, 2);
+        let (out, rx) = outbox(8);
+        p.submit(req("warm", "GET", "/api/health"), out).unwrap();
+        assert!(matches!(only(&rx), Frame::Response(_)));
+        wait_closed(&p);
+        p
+    }
+
+    #[test]
+    fn inline_requests_answer_small_responses_and_hand_streams_to_workers() {
+        let o = test_origin::start();
+        let p = warm_pool(&o);
+        // A small response is answered by the caller's thread, on the pooled connection.
+        let (out, rx) = outbox(64);
+        let mut r = req("i1", "POST", "/api/echo");
+        r.headers.insert("Content-Type".into(), "text/plain".into());
+        r.body = Some("inline ✓".into());
+        let inline = p.submit_inline(r, out.clone(), true).unwrap().expect("an idle connection");
+        let frames = drive(&p, inline);
+        assert_eq!(frames.len(), 1, "{frames:?}");
+        let Frame::Response(resp) = &frames[0] else { panic!("not whole: {frames:?}") };
+        assert_eq!((resp.id.as_str(), resp.status, resp.body.as_str()), ("i1", 200, "inline ✓"));
+        assert_eq!(resp.headers.get("X-Echo-Client").map(String::as_str), Some(CLIENT));
+        assert!(rx.try_recv().is_err(), "a worker answered too");
+        wait_closed(&p);
+        // Binary bodies go base64 both ways, byte-exact.
+        let data = test_origin::noise(32 << 10, 3);
+        let mut r = req("i2", "POST", "/api/echo");
+        r.body = Some(STANDARD.encode(&data));
+        r.body_base64 = true;
+        let inline = p.submit_inline(r, out.clone(), true).unwrap().expect("idle");
+        let Frame::Response(resp) = &drive(&p, inline)[0] else { panic!("not whole") };
+        assert!(resp.body_base64);
+        assert_eq!(STANDARD.decode(&resp.body).unwrap(), data);
+        // An event stream is handed to a worker once its head is read; the worker sends every
+        // frame, the terminal one included.
+        let inline =
+            p.submit_inline(req("i3", "GET", "/api/sse"), out.clone(), true).unwrap().unwrap();
+        assert!(drive(&p, inline).is_empty());
+        let (chunks, status) = streamed(&collect(&rx));
+        assert_eq!(status, 200);
+        assert!(String::from_utf8(chunks.concat()).unwrap().contains("data: {\"n\":4}"));
+        // So is a response over the inline limit (1 MiB, streamed as base64).
+        let inline =
+            p.submit_inline(req("i4", "GET", "/api/big"), out.clone(), true).unwrap().unwrap();
+        assert!(drive(&p, inline).is_empty());
+        let (chunks, _) = streamed(&collect(&rx));
+        assert_eq!(chunks.concat(), test_origin::noise(1 << 20, 7));
+        wait_closed(&p);
+        // The one warm connection served everything.
+        assert_eq!(o.accepted.load(Ordering::SeqCst), 1);
+        // Not allowed, or no idle connection: queued for a worker as before.
+        assert!(p.submit_inline(req("i5", "GET", "/api/health"), out, false).unwrap().is_none());
+        assert!(matches!(only(&rx), Frame::Response(_)));
+    }
+
+    #[test]
+    fn inline_cancel_shutdown_and_stale_connections() {
+        let o = test_origin::start();
+        let p = warm_pool(&o);
+        let (out, rx) = outbox(64);
+        // A cancel shuts the backend socket down; the next step answers CANCELLED.
+        let inline =
+            p.submit_inline(req("h1", "GET", "/api/hang"), out.clone(), true).unwrap().unwrap();
+        let frames = drive_with(&p, inline, || {
+            Origin::wait_for(&o.hangs, 1);
+            p.cancel(Some(CLIENT), "h1");
+        });
+        assert_eq!(frames.len(), 1);
+        assert_eq!(
+            (frames[0].request_id(), error_code(&frames[0])),
+            (Some("h1"), ErrorCode::Cancelled)
+        );
+        Origin::wait_for(&o.hang_closed, 1);
+        wait_closed(&p);
+
+        // A pooled connection the backend closed while idle: a GET goes to a worker, which
+        // sends it again on a fresh connection...
+        let stale = || {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let s = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let (peer, _) = l.accept().unwrap();
+            std::thread::spawn(move || {
+                let mut peer = peer;
+                let mut b = [0u8; 1024];
+                let _ = std::io::Read::read(&mut peer, &mut b);
+            });
+            s
+        };
+        p.shared.client.push_idle(stale());
+        let inline =
+            p.submit_inline(req("s1", "GET", "/api/health"), out.clone(), true).unwrap().unwrap();
+        assert!(drive(&p, inline).is_empty());
+        assert!(matches!(only(&rx), Frame::Response(ResponseFrame { status: 200, .. })));
+        // ...but a POST is not sent twice: it fails BACKEND_UNREACHABLE.
+        p.shared.client.push_idle(stale());
+        let inline =
+            p.submit_inline(req("s2", "POST", "/api/echo"), out.clone(), true).unwrap().unwrap();
+        let frames = drive(&p, inline);
+        assert_eq!(error_code(&frames[0]), ErrorCode::BackendUnreachable);
+        wait_closed(&p);
+
+        // Shutdown: the caller ends its inline requests SHUTTING_DOWN.
+        let inline =
+            p.submit_inline(req("x1", "GET", "/api/hang"), out.clone(), true).unwrap().unwrap();
+        let mut pushed = Vec::new();
+        p.end_inline(inline, ErrorCode::ShuttingDown, &mut |t| pushed.push(t));
+        assert_eq!(pushed.len(), 1);
+        assert_eq!(refused_code(&pushed[0]), ErrorCode::ShuttingDown);
+        assert_eq!(p.open_requests(), 0);
+        // The id is free again at once.
+        p.submit(req("x1", "GET", "/api/health"), out).unwrap();
+        assert!(matches!(only(&rx), Frame::Response(_)));
     }
 
     #[test]
