@@ -29,6 +29,7 @@ pub mod relay;
 pub mod secret;
 pub mod service;
 pub mod state;
+pub mod stream;
 pub mod wsout;
 
 /// Keeps a long-running process's memory near what it uses; both binaries call it first thing

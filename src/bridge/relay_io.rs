@@ -21,13 +21,13 @@ use tungstenite::http::HeaderValue;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::WebSocketConfig;
 use tungstenite::protocol::frame::coding::CloseCode;
-use tungstenite::stream::MaybeTlsStream;
 use tungstenite::{Message, WebSocket};
 
 use super::workers::{Inline, Interest, Pool, Step};
 use super::{FrameSink, Gone, LiveStatus, Outbox, log};
 use crate::protocol::{self as p, Frame};
 use crate::state::BridgeIdentity;
+use crate::stream::Stream;
 use crate::wsout::WsOut;
 
 /// Poller key of the relay socket.
@@ -47,7 +47,7 @@ const BACKOFF_CAP: Duration = Duration::from_secs(30);
 const STABLE_AFTER: Duration = Duration::from_secs(60);
 
 /// A WebSocket to the relay, plain or TLS.
-pub type Ws = WebSocket<MaybeTlsStream<TcpStream>>;
+pub type Ws = WebSocket<Stream>;
 
 /// Why a connection attempt failed.
 #[derive(Debug)]
@@ -174,6 +174,9 @@ impl RelayIo {
         {
             return Ended::Lost(format!("poller: {e}"));
         }
+        // Non-blocking and polled from here on: short reads may mark it drained.
+        let mut ws = ws;
+        ws.get_mut().arm(true);
         let link = Arc::new(Link {
             state: Mutex::new(LinkState {
                 ws: Some(ws),
@@ -234,8 +237,11 @@ impl RelayIo {
                 for text in answers.drain(..) {
                     out.push(Message::text(text));
                 }
-                if relay_ready && let Err(e) = self.read_frames(ws, out, t, outbox, inlines) {
-                    return Ended::Lost(e);
+                if relay_ready {
+                    ws.get_mut().mark_ready();
+                    if let Err(e) = self.read_frames(ws, out, t, outbox, inlines) {
+                        return Ended::Lost(e);
+                    }
                 }
                 let now = Instant::now();
                 if now.duration_since(t.last_ping) >= ping_every {
@@ -442,6 +448,9 @@ impl RelayIo {
         // Blocking with a deadline from here on: the last frames and the close must go out.
         let _ = tcp.set_nonblocking(false);
         let _ = tcp.set_write_timeout(Some(Duration::from_secs(2)));
+        if let Some(ws) = link.lock().ws.as_mut() {
+            ws.get_mut().arm(false);
+        }
         let done = Arc::new(AtomicBool::new(false));
         let answering = {
             let (pool, done, waker) = (self.pool.clone(), done.clone(), self.poller.clone());
@@ -618,18 +627,7 @@ impl FrameSink for Link {
 
 /// The TCP socket under a relay WebSocket.
 pub fn tcp_of(ws: &Ws) -> &TcpStream {
-    match ws.get_ref() {
-        MaybeTlsStream::NativeTls(s) => s.get_ref(),
-        MaybeTlsStream::Plain(s) => s,
-        // Only the two variants above are ever constructed by `connect`.
-        _ => unreachable_stream(),
-    }
-}
-
-#[cold]
-fn unreachable_stream() -> ! {
-    // `connect` builds only Plain and NativeTls streams; reaching this is a programming error.
-    std::process::abort()
+    ws.get_ref().tcp()
 }
 
 /// A full-jitter delay for the given attempt.
@@ -704,7 +702,7 @@ pub fn open_socket(
     let stream = if tls {
         let connector = native_tls::TlsConnector::new().map_err(|e| failed("TLS setup for", &e))?;
         match connector.connect(&host, tcp) {
-            Ok(s) => MaybeTlsStream::NativeTls(s),
+            Ok(s) => Stream::tls(s),
             Err(native_tls::HandshakeError::WouldBlock(_)) => {
                 return Err(failed("TLS handshake timed out with", &"no answer"));
             }
@@ -713,7 +711,7 @@ pub fn open_socket(
             }
         }
     } else {
-        MaybeTlsStream::Plain(tcp)
+        Stream::plain(tcp)
     };
     // tungstenite zero-fills up to `read_buffer_size` bytes of its input buffer before every
     // read; its 128 KiB default made that the largest cost of a small frame. 16 KiB, as the

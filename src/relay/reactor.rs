@@ -25,6 +25,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
 
+use crate::stream::Stream;
 use crate::wsout::{WsOut, would_block, ws_would_block};
 
 use super::registry::{Job, Outcome, access_log};
@@ -50,45 +51,6 @@ const MAX_BAD_FRAMES: u32 = 32;
 
 /// How long a closing WebSocket may take to finish its close handshake.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
-
-/// A plain or TLS byte stream.
-enum Stream {
-    Plain(TcpStream),
-    Tls(Box<native_tls::TlsStream<TcpStream>>),
-}
-
-impl Stream {
-    fn tcp(&self) -> &TcpStream {
-        match self {
-            Stream::Plain(s) => s,
-            Stream::Tls(s) => s.get_ref(),
-        }
-    }
-}
-
-impl Read for Stream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Stream::Plain(s) => s.read(buf),
-            Stream::Tls(s) => s.read(buf),
-        }
-    }
-}
-
-impl Write for Stream {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Stream::Plain(s) => s.write(buf),
-            Stream::Tls(s) => s.write(buf),
-        }
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Stream::Plain(s) => s.flush(),
-            Stream::Tls(s) => s.flush(),
-        }
-    }
-}
 
 /// What happens after an HTTP response is written.
 enum After {
@@ -249,6 +211,9 @@ impl Reactor {
                 if ev.key == LISTENER {
                     self.accept();
                 } else {
+                    if ev.readable {
+                        self.mark_ready(ev.key);
+                    }
                     self.on_event(ev.key, ev.readable, ev.writable);
                 }
             }
@@ -290,9 +255,14 @@ impl Reactor {
             }
             let _ = tcp.set_nodelay(true);
             let io = match &self.tls {
-                None => Io::Http(HttpConn::new(Stream::Plain(tcp))),
+                None => {
+                    // Non-blocking and polled from here on: short reads may mark it drained.
+                    let mut stream = Stream::plain(tcp);
+                    stream.arm(true);
+                    Io::Http(HttpConn::new(stream))
+                }
                 Some(acceptor) => match acceptor.accept(tcp) {
-                    Ok(s) => Io::Http(HttpConn::new(Stream::Tls(Box::new(s)))),
+                    Ok(s) => Io::Http(HttpConn::new(Stream::tls(s))),
                     Err(native_tls::HandshakeError::WouldBlock(mid)) => Io::TlsHandshake(mid),
                     Err(native_tls::HandshakeError::Failure(_)) => continue,
                 },
@@ -344,6 +314,16 @@ impl Reactor {
         }
     }
 
+    /// The poller reported `id` readable: its next read goes to the socket (see
+    /// [`crate::stream`]).
+    fn mark_ready(&mut self, id: ConnId) {
+        match self.conns.get_mut(&id).map(|c| &mut c.io) {
+            Some(Io::Http(h)) => h.stream.mark_ready(),
+            Some(Io::Ws(w)) => w.ws.get_mut().mark_ready(),
+            _ => {}
+        }
+    }
+
     fn on_event(&mut self, id: ConnId, readable: bool, writable: bool) {
         let Some(conn) = self.conns.get(&id) else {
             return;
@@ -377,7 +357,7 @@ impl Reactor {
             return;
         };
         conn.io = match mid.handshake() {
-            Ok(s) => Io::Http(HttpConn::new(Stream::Tls(Box::new(s)))),
+            Ok(s) => Io::Http(HttpConn::new(Stream::tls(s))),
             Err(native_tls::HandshakeError::WouldBlock(mid)) => Io::TlsHandshake(mid),
             Err(native_tls::HandshakeError::Failure(_)) => return,
         };

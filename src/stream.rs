@@ -1,0 +1,144 @@
+//! The byte stream under a WebSocket on a readiness-driven thread (the relay's reactor, the
+//! bridge's relay socket): plain TCP or TLS, and for plain TCP a memory of having been read
+//! dry.
+//!
+//! tungstenite reads until the socket would block, so every message used to cost one more
+//! `recv` that returned `EAGAIN`. A read that returns fewer bytes than asked for has emptied a
+//! plain socket; the next read then answers `WouldBlock` without a syscall, until the owner
+//! reports readiness again ([`Stream::mark_ready`]). Level-triggered polling reports any byte
+//! that arrives later, so nothing is left unread. TLS streams are never marked: the TLS layer
+//! may hold decrypted bytes the socket no longer shows.
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+
+/// A plain or TLS byte stream.
+pub struct Stream {
+    inner: Inner,
+    /// Short reads mark the stream drained (only while the owner polls its readiness).
+    armed: bool,
+    /// The last read emptied the socket; cleared by [`Stream::mark_ready`].
+    drained: bool,
+}
+
+enum Inner {
+    Plain(TcpStream),
+    Tls(Box<native_tls::TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    /// A plain TCP stream, not armed.
+    pub fn plain(tcp: TcpStream) -> Stream {
+        Stream { inner: Inner::Plain(tcp), armed: false, drained: false }
+    }
+
+    /// A TLS stream.
+    pub fn tls(tls: native_tls::TlsStream<TcpStream>) -> Stream {
+        Stream { inner: Inner::Tls(Box::new(tls)), armed: false, drained: false }
+    }
+
+    /// The TCP socket underneath.
+    pub fn tcp(&self) -> &TcpStream {
+        match &self.inner {
+            Inner::Plain(s) => s,
+            Inner::Tls(s) => s.get_ref(),
+        }
+    }
+
+    /// True for a TLS stream.
+    pub fn is_tls(&self) -> bool {
+        matches!(self.inner, Inner::Tls(_))
+    }
+
+    /// Lets short reads mark the stream drained. Only for a non-blocking socket whose
+    /// readiness the caller polls (level-triggered) and reports through
+    /// [`Stream::mark_ready`]; `false` turns it off again (e.g. before blocking reads).
+    pub fn arm(&mut self, armed: bool) {
+        self.armed = armed;
+        self.drained = false;
+    }
+
+    /// The socket was reported readable: the next read goes to it.
+    pub fn mark_ready(&mut self) {
+        self.drained = false;
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.drained {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        match &mut self.inner {
+            Inner::Plain(s) => {
+                let n = s.read(buf)?;
+                self.drained = self.armed && n > 0 && n < buf.len();
+                Ok(n)
+            }
+            Inner::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match &mut self.inner {
+            Inner::Plain(s) => s.write(buf),
+            Inner::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match &mut self.inner {
+            Inner::Plain(s) => s.flush(),
+            Inner::Tls(s) => s.flush(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    #[test]
+    fn a_short_read_answers_would_block_until_marked_ready() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut peer = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (tcp, _) = l.accept().unwrap();
+        tcp.set_nonblocking(true).unwrap();
+        let mut s = Stream::plain(tcp);
+        let mut buf = [0u8; 64];
+
+        // Not armed: every read goes to the socket.
+        peer.write_all(b"one").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(s.read(&mut buf).unwrap(), 3);
+        assert_eq!(s.read(&mut buf).unwrap_err().kind(), io::ErrorKind::WouldBlock);
+
+        s.arm(true);
+        peer.write_all(b"two").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(s.read(&mut buf).unwrap(), 3);
+        // Drained: bytes that arrive now wait for the next readiness report.
+        peer.write_all(b"three").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(s.read(&mut buf).unwrap_err().kind(), io::ErrorKind::WouldBlock);
+        s.mark_ready();
+        assert_eq!(s.read(&mut buf).unwrap(), 5);
+        assert_eq!(&buf[..5], b"three");
+
+        // A full read says nothing about what is left: the next read still goes to the socket.
+        peer.write_all(&[7u8; 100]).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        s.mark_ready();
+        assert_eq!(s.read(&mut buf).unwrap(), 64);
+        assert_eq!(s.read(&mut buf).unwrap(), 36);
+        // End of stream is not "drained": it keeps reading as 0.
+        drop(peer);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        s.mark_ready();
+        assert_eq!(s.read(&mut buf).unwrap(), 0);
+        assert_eq!(s.read(&mut buf).unwrap(), 0);
+    }
+}
