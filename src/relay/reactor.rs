@@ -91,7 +91,7 @@ struct WsConn {
 
 enum Io {
     TlsHandshake(native_tls::MidHandshakeTlsStream<TcpStream>),
-    Http(HttpConn),
+    Http(Box<HttpConn>),
     Ws(Box<WsConn>),
 }
 
@@ -259,10 +259,10 @@ impl Reactor {
                     // Non-blocking and polled from here on: short reads may mark it drained.
                     let mut stream = Stream::plain(tcp);
                     stream.arm(true);
-                    Io::Http(HttpConn::new(stream))
+                    Io::Http(Box::new(HttpConn::new(stream)))
                 }
                 Some(acceptor) => match acceptor.accept(tcp) {
-                    Ok(s) => Io::Http(HttpConn::new(Stream::tls(s))),
+                    Ok(s) => Io::Http(Box::new(HttpConn::new(Stream::tls(s)))),
                     Err(native_tls::HandshakeError::WouldBlock(mid)) => Io::TlsHandshake(mid),
                     Err(native_tls::HandshakeError::Failure(_)) => continue,
                 },
@@ -357,7 +357,7 @@ impl Reactor {
             return;
         };
         conn.io = match mid.handshake() {
-            Ok(s) => Io::Http(HttpConn::new(Stream::tls(s))),
+            Ok(s) => Io::Http(Box::new(HttpConn::new(Stream::tls(s)))),
             Err(native_tls::HandshakeError::WouldBlock(mid)) => Io::TlsHandshake(mid),
             Err(native_tls::HandshakeError::Failure(_)) => return,
         };
@@ -584,6 +584,7 @@ impl Reactor {
             return;
         };
         let Io::Http(h) = conn.io else { return };
+        let h = *h;
         let now = Instant::now();
         let ws =
             WebSocket::from_partially_read(h.stream, h.inbuf, Role::Server, Some(self.ws_config));
