@@ -324,6 +324,14 @@ impl LocalClient {
         &self.peer
     }
 
+    /// Gives a parked connection to the shared idle pool (its owner keeps too many).
+    pub fn unpark(&self, parked: Parked) {
+        let mut idle = lock(&self.idle);
+        if idle.len() < MAX_IDLE {
+            idle.push(parked.conn);
+        }
+    }
+
     /// Pools a connection as if a request had left it idle (tests: a stale pooled socket).
     #[cfg(test)]
     pub(crate) fn push_idle(&self, stream: TcpStream) {
@@ -391,6 +399,10 @@ impl LocalClient {
     /// caller registers [`Pending::socket`] for readiness and calls [`Pending::advance`] each
     /// time it is ready. A response of at most `whole_limit` bytes that is not an event stream
     /// is read whole; anything else is handed out once its head is read.
+    ///
+    /// The caller's own parked connections (see [`Parked`]) come first: they need no liveness
+    /// check, since the caller's poller reports one that closes.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         &self,
         method: &str,
@@ -399,15 +411,20 @@ impl LocalClient {
         body: &[u8],
         abort: &Abort,
         whole_limit: u64,
+        parking: &mut Vec<Parked>,
     ) -> Option<Pending> {
         if body.len() > COALESCE_BODY {
             return None;
         }
         let request = self.build_request(method, path, headers, body).ok()?;
-        let conn = self.take_idle()?;
+        let (conn, tag) = match parking.pop() {
+            Some(Parked { conn, tag }) => (conn, Some(tag)),
+            None => (self.take_idle()?, None),
+        };
         // An abort that came first shuts the socket down; the worker path reports it.
         abort.register(&conn.stream).ok()?;
         Some(Pending {
+            tag,
             socket: conn.stream.clone(),
             conn: Some(conn),
             request,
@@ -686,6 +703,8 @@ impl LocalClient {
             abort: abort.clone(),
             addr,
             gap: self.timeouts.body_gap,
+            park: false,
+            parked: None,
         };
         if matches!(reader.framing, Framing::Done | Framing::Length(0)) {
             reader.framing = Framing::Done;
@@ -702,10 +721,30 @@ pub fn is_retry_safe(method: &str) -> bool {
     ["GET", "HEAD", "OPTIONS", "PUT", "DELETE"].iter().any(|m| method.eq_ignore_ascii_case(m))
 }
 
+/// An idle keep-alive connection kept by a readiness-driven thread after an exchange it ran
+/// itself ([`Pending`]): the socket stays registered with that thread's poller, so the next
+/// exchange needs no registration and no liveness check, and a backend that closes it is
+/// noticed as readiness. Other threads never see it.
+#[derive(Debug)]
+pub struct Parked {
+    conn: Conn,
+    /// The owner's name for it (e.g. its poller key).
+    pub tag: usize,
+}
+
+impl Parked {
+    /// The socket.
+    pub fn socket(&self) -> &Arc<TcpStream> {
+        &self.conn.stream
+    }
+}
+
 /// A request started by [`LocalClient::start`]: written and read without blocking, as its
 /// socket becomes ready.
 #[derive(Debug)]
 pub struct Pending {
+    /// The tag of the parked connection it runs on, if it runs on one.
+    tag: Option<usize>,
     /// The socket, for readiness registration (shared with the connection).
     socket: Arc<TcpStream>,
     /// The connection until its head is read (then it lives in `response`).
@@ -753,6 +792,11 @@ impl Pending {
     /// The socket to watch.
     pub fn socket(&self) -> &Arc<TcpStream> {
         &self.socket
+    }
+
+    /// The tag of the parked connection this exchange took, if it took one.
+    pub fn tag(&self) -> Option<usize> {
+        self.tag
     }
 
     /// When the response head must have arrived; past it, [`Pending::timed_out`] is the error.
@@ -812,6 +856,9 @@ impl Pending {
                     _ => return Progress::Streamed(self.take_response()),
                 };
                 if response.body.buffered() as u64 >= whole {
+                    // Reading it whole ends the body here: the connection is parked for the
+                    // caller, not pooled for the workers.
+                    response.body.park = true;
                     return Progress::Whole(self.take_response());
                 }
                 match response.body.fill_now() {
@@ -1117,6 +1164,10 @@ pub struct BodyReader {
     addr: String,
     /// The read timeout between body reads, for errors.
     gap: Duration,
+    /// A clean end keeps the connection in `parked` instead of the idle pool.
+    park: bool,
+    /// The connection, kept for [`BodyReader::take_parked`].
+    parked: Option<Conn>,
 }
 
 impl BodyReader {
@@ -1156,11 +1207,21 @@ impl BodyReader {
         // abort must not shut down a pooled connection).
         let not_aborted = self.abort.release();
         if clean && not_aborted && self.keep_alive && self.start == self.end {
+            if self.park {
+                self.parked = Some(conn);
+                return;
+            }
             let mut idle = lock(&self.idle);
             if idle.len() < MAX_IDLE {
                 idle.push(conn);
             }
         }
+    }
+
+    /// The connection of a body read whole by a [`Pending`] exchange, once it ended cleanly
+    /// and may be reused; the caller keeps it registered (see [`Parked`]).
+    pub fn take_parked(&mut self) -> Option<Parked> {
+        self.parked.take().map(|conn| Parked { conn, tag: 0 })
     }
 
     /// The error for a socket that ended early or failed.

@@ -23,6 +23,7 @@ use tungstenite::protocol::WebSocketConfig;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Message, WebSocket};
 
+use super::local_http::{self, Parked};
 use super::workers::{Inline, Interest, Pool, Step};
 use super::{FrameSink, Gone, LiveStatus, Outbox, log};
 use crate::protocol::{self as p, Frame};
@@ -195,8 +196,8 @@ impl RelayIo {
         let _ = self.poller.delete(&tcp);
         // Inline requests end with the link, silently: the relay answers the apps, and
         // `cancel_all` forgets them.
-        for (inline, _) in inlines.take_all() {
-            let _ = self.poller.delete(&**inline.socket());
+        for slot in inlines.take_all() {
+            let _ = self.poller.delete(&*slot.socket);
         }
         // Workers still holding this outbox get `Gone`; the socket closes now, not when the
         // last of them lets go.
@@ -294,57 +295,114 @@ impl RelayIo {
         }
     }
 
-    /// Starts watching a new inline request (after its first step, which wrote the request).
+    /// Runs the first step of a new inline request (it writes the request) and watches its
+    /// connection: a parked one is registered already, a pooled one is added.
     fn begin_inline(&self, inline: Inline, inlines: &mut Inlines, push: &mut dyn FnMut(String)) {
-        let Step::Wait(inline, interest) = self.pool.advance(inline, push) else { return };
-        let socket = inline.socket().clone();
-        let slot = inlines.insert(inline, interest);
-        let ev = Event::new(INLINE_BASE + slot, true, interest == Interest::Writable);
-        // SAFETY: the slot holds a handle to `socket`, so its descriptor stays open until it
-        // is deleted from the poller (`drive_inline`, `expire_inlines`, `serve`, `shut_down`).
-        if let Err(e) = unsafe { self.poller.add_with_mode(&*socket, ev, PollMode::Level) } {
-            log(&format!("cannot watch a backend socket: {e}"));
-            if let Some((inline, _)) = inlines.remove(slot) {
-                self.pool.end_inline(inline, p::ErrorCode::Busy, push);
+        let slot = match inline.tag() {
+            Some(slot) if inlines.holds(slot, inline.socket()) => slot,
+            _ => {
+                let socket = inline.socket().clone();
+                let slot = inlines.insert(Slot {
+                    socket: socket.clone(),
+                    interest: Interest::Readable,
+                    inline: None,
+                });
+                // SAFETY: the slot holds a handle to `socket`, so its descriptor stays open
+                // until it is deleted from the poller, which every path that empties the
+                // slot does first (`end_slot`, `serve`, `shut_down`).
+                let added = unsafe {
+                    self.poller.add_with_mode(
+                        &*socket,
+                        Event::readable(INLINE_BASE + slot),
+                        PollMode::Level,
+                    )
+                };
+                if let Err(e) = added {
+                    log(&format!("cannot watch a backend socket: {e}"));
+                    inlines.remove(slot);
+                    self.pool.end_inline(inline, p::ErrorCode::Busy, push);
+                    return;
+                }
+                slot
             }
+        };
+        let step = self.pool.advance(inline, push);
+        self.after_step(slot, step, inlines);
+    }
+
+    /// The connection in `slot` was reported ready: the request on it moves on; a parked
+    /// connection that turns readable was closed by the backend (or sent stray bytes) and is
+    /// dropped.
+    fn drive_inline(&self, slot: usize, inlines: &mut Inlines, push: &mut dyn FnMut(String)) {
+        let Some(inline) = inlines.take_inline(slot) else {
+            if inlines.slots.get(slot).is_some_and(Option::is_some) {
+                inlines.parking.retain(|parked| parked.tag != slot);
+                self.end_slot(slot, inlines);
+            }
+            return;
+        };
+        let step = self.pool.advance(inline, push);
+        self.after_step(slot, step, inlines);
+    }
+
+    /// Files the outcome of a step: the request waits again, its connection is parked for the
+    /// next request, or the slot ends.
+    fn after_step(&self, slot: usize, step: Step, inlines: &mut Inlines) {
+        let (inline, interest) = match step {
+            Step::Wait(inline, interest) => (Some(inline), interest),
+            Step::Done(Some(mut parked))
+                if inlines.holds(slot, parked.socket())
+                    && inlines.parking.len() < local_http::MAX_IDLE =>
+            {
+                parked.tag = slot;
+                inlines.parking.push(parked);
+                (None, Interest::Readable)
+            }
+            Step::Done(parked) => {
+                self.end_slot(slot, inlines);
+                if let Some(parked) = parked {
+                    // Enough are parked here: the workers may use it.
+                    self.pool.unpark(parked);
+                }
+                return;
+            }
+        };
+        let Some(Some(s)) = inlines.slots.get_mut(slot) else { return };
+        if s.interest != interest {
+            s.interest = interest;
+            let ev = Event::new(INLINE_BASE + slot, true, interest == Interest::Writable);
+            let _ = self.poller.modify_with_mode(&*s.socket, ev, PollMode::Level);
+        }
+        if let Some(inline) = inline {
+            s.inline = Some(inline);
+            inlines.busy += 1;
         }
     }
 
-    /// Advances the inline request in `slot` after its socket was reported ready.
-    fn drive_inline(&self, slot: usize, inlines: &mut Inlines, push: &mut dyn FnMut(String)) {
-        let Some((inline, was)) = inlines.take(slot) else { return };
-        let socket = inline.socket().clone();
-        match self.pool.advance(inline, push) {
-            Step::Wait(inline, interest) => {
-                if interest != was {
-                    let ev = Event::new(INLINE_BASE + slot, true, interest == Interest::Writable);
-                    let _ = self.poller.modify_with_mode(&*socket, ev, PollMode::Level);
-                }
-                inlines.restore(slot, inline, interest);
-            }
-            Step::Done => {
-                let _ = self.poller.delete(&*socket);
-                inlines.release(slot);
-            }
+    /// Stops watching the connection in `slot` and frees the slot.
+    fn end_slot(&self, slot: usize, inlines: &mut Inlines) {
+        if let Some(s) = inlines.remove(slot) {
+            let _ = self.poller.delete(&*s.socket);
         }
     }
 
     /// Ends inline requests whose deadline passed; returns the earliest deadline left.
     fn expire_inlines(&self, inlines: &mut Inlines, answers: &mut Vec<String>) -> Option<Instant> {
-        if inlines.live == 0 {
+        if inlines.busy == 0 {
             return None;
         }
         let now = Instant::now();
         let mut earliest: Option<Instant> = None;
         for slot in 0..inlines.slots.len() {
-            let Some(deadline) = inlines.slots[slot].as_ref().and_then(|(i, _)| i.deadline())
-            else {
-                continue;
-            };
+            let deadline = inlines.slots[slot]
+                .as_ref()
+                .and_then(|s| s.inline.as_ref())
+                .and_then(Inline::deadline);
+            let Some(deadline) = deadline else { continue };
             if deadline > now {
                 earliest = Some(earliest.map_or(deadline, |e| e.min(deadline)));
-            } else if let Some((inline, _)) = inlines.remove(slot) {
-                let _ = self.poller.delete(&**inline.socket());
+            } else if let Some(inline) = inlines.take_inline(slot) {
+                self.end_slot(slot, inlines);
                 self.pool.expire(inline, &mut |text| answers.push(text));
             }
         }
@@ -396,8 +454,8 @@ impl RelayIo {
                 // Inline answers are queued without waiting for room (this thread makes the
                 // room), so while the socket is backed up new requests go to workers, which
                 // wait for it.
-                let inline = out.bytes() < OUT_LIMIT;
-                match self.pool.submit_inline(req, outbox.clone(), inline) {
+                let parking = (out.bytes() < OUT_LIMIT).then_some(&mut inlines.parking);
+                match self.pool.submit_inline(req, outbox.clone(), parking) {
                     Err(refused) => out.push(Message::text(refused)),
                     Ok(None) => {}
                     Ok(Some(inline)) => {
@@ -435,9 +493,11 @@ impl RelayIo {
         let _ = self.poller.delete(tcp);
         // Inline requests are this thread's to answer.
         let mut answers = Vec::new();
-        for (inline, _) in inlines.take_all() {
-            let _ = self.poller.delete(&**inline.socket());
-            self.pool.end_inline(inline, p::ErrorCode::ShuttingDown, &mut |t| answers.push(t));
+        for slot in inlines.take_all() {
+            let _ = self.poller.delete(&*slot.socket);
+            if let Some(inline) = slot.inline {
+                self.pool.end_inline(inline, p::ErrorCode::ShuttingDown, &mut |t| answers.push(t));
+            }
         }
         {
             let mut st = link.lock();
@@ -484,62 +544,74 @@ impl RelayIo {
     }
 }
 
-/// Inline requests in flight on the I/O thread, in reusable slots (the poller key is
-/// [`INLINE_BASE`] + slot).
+/// One backend connection the I/O thread watches: running an inline request, or parked.
+struct Slot {
+    /// The socket; holding it keeps the descriptor open until it leaves the poller.
+    socket: Arc<TcpStream>,
+    /// The readiness registered for it now.
+    interest: Interest,
+    /// The request running on it; `None` while the connection is parked (in
+    /// [`Inlines::parking`], tagged with this slot).
+    inline: Option<Inline>,
+}
+
+/// The backend connections the I/O thread watches, in reusable slots (the poller key is
+/// [`INLINE_BASE`] + slot). A connection keeps its slot, and its registration, from one
+/// request to the next.
 #[derive(Default)]
 struct Inlines {
-    /// Each slot: the request and the readiness it waits for.
-    slots: Vec<Option<(Inline, Interest)>>,
+    /// The slots.
+    slots: Vec<Option<Slot>>,
     /// Empty slots.
     free: Vec<usize>,
-    /// Occupied slots.
-    live: usize,
+    /// Slots running a request.
+    busy: usize,
+    /// Parked connections, tagged with their slot; the last one parked is used first.
+    parking: Vec<Parked>,
 }
 
 impl Inlines {
-    /// Stores a request in a free slot; returns the slot.
-    fn insert(&mut self, inline: Inline, interest: Interest) -> usize {
-        self.live += 1;
+    /// Stores a connection in a free slot; returns the slot.
+    fn insert(&mut self, slot: Slot) -> usize {
         match self.free.pop() {
-            Some(slot) => {
-                self.slots[slot] = Some((inline, interest));
-                slot
+            Some(i) => {
+                self.slots[i] = Some(slot);
+                i
             }
             None => {
-                self.slots.push(Some((inline, interest)));
+                self.slots.push(Some(slot));
                 self.slots.len() - 1
             }
         }
     }
 
-    /// Takes the request out of `slot` for a moment: the slot stays reserved for
-    /// [`Inlines::restore`] until [`Inlines::release`].
-    fn take(&mut self, slot: usize) -> Option<(Inline, Interest)> {
-        self.slots.get_mut(slot)?.take()
+    /// True when `slot` watches `socket`.
+    fn holds(&self, slot: usize, socket: &Arc<TcpStream>) -> bool {
+        matches!(self.slots.get(slot), Some(Some(s)) if Arc::ptr_eq(&s.socket, socket))
     }
 
-    /// Puts a taken request back.
-    fn restore(&mut self, slot: usize, inline: Inline, interest: Interest) {
-        self.slots[slot] = Some((inline, interest));
+    /// Takes the request out of `slot` (the slot stays, as if parked).
+    fn take_inline(&mut self, slot: usize) -> Option<Inline> {
+        let inline = self.slots.get_mut(slot)?.as_mut()?.inline.take()?;
+        self.busy -= 1;
+        Some(inline)
     }
 
-    /// Frees a taken slot.
-    fn release(&mut self, slot: usize) {
-        self.live -= 1;
+    /// Empties `slot` and frees it.
+    fn remove(&mut self, slot: usize) -> Option<Slot> {
+        let taken = self.slots.get_mut(slot)?.take()?;
+        if taken.inline.is_some() {
+            self.busy -= 1;
+        }
         self.free.push(slot);
-    }
-
-    /// Takes the request out of `slot` and frees the slot.
-    fn remove(&mut self, slot: usize) -> Option<(Inline, Interest)> {
-        let taken = self.take(slot)?;
-        self.release(slot);
         Some(taken)
     }
 
-    /// Takes every request out.
-    fn take_all(&mut self) -> Vec<(Inline, Interest)> {
+    /// Empties every slot; parked connections are closed.
+    fn take_all(&mut self) -> Vec<Slot> {
         self.free.clear();
-        self.live = 0;
+        self.busy = 0;
+        self.parking.clear();
         std::mem::take(&mut self.slots).into_iter().flatten().collect()
     }
 }

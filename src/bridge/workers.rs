@@ -16,7 +16,9 @@ use base64::Engine as _;
 use base64::engine::DecodePaddingMode;
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STANDARD};
 
-use super::local_http::{self, Abort, LocalClient, LocalError, Pending, Progress, Response};
+use super::local_http::{
+    self, Abort, LocalClient, LocalError, Parked, Pending, Progress, Response,
+};
 use super::{Gone, Outbox};
 use crate::protocol::{
     CLIENT_HEADER, DEFAULT_ALLOWED_PREFIXES, ErrorCode, Frame, Headers, Limits, RequestFrame,
@@ -128,6 +130,11 @@ impl Inline {
     pub fn deadline(&self) -> Option<Instant> {
         self.pending.deadline()
     }
+
+    /// The tag of the caller's parked connection it runs on, if it took one.
+    pub fn tag(&self) -> Option<usize> {
+        self.pending.tag()
+    }
 }
 
 /// What the caller does next with an [`Inline`] request.
@@ -137,8 +144,9 @@ impl Inline {
 pub enum Step {
     /// Call [`Pool::advance`] again when the socket is readable (or writable when `writable`).
     Wait(Inline, Interest),
-    /// Nothing more to do here: answered, or handed to a worker. Stop watching the socket.
-    Done,
+    /// Nothing more to do here: answered, or handed to a worker. The connection, when it may
+    /// serve another request, is given back to park; otherwise stop watching the socket.
+    Done(Option<Parked>),
 }
 
 /// The readiness an [`Inline`] request waits for.
@@ -239,17 +247,18 @@ impl Pool {
     /// code such as `FORBIDDEN_PATH`), or an `error` `BAD_FRAME` for a duplicate open id (which
     /// must not terminate the request already open under that id).
     pub fn submit(&self, req: RequestFrame, out: Outbox) -> Result<(), String> {
-        self.submit_inline(req, out, false).map(|_| ())
+        self.submit_inline(req, out, None).map(|_| ())
     }
 
-    /// As [`Pool::submit`]; when `inline` is allowed, the body is small and an idle keep-alive
-    /// backend connection is at hand, the request is started on it without blocking and
-    /// returned for the caller to drive (`Ok(Some)`), instead of being queued for a worker.
+    /// As [`Pool::submit`]; when the caller can run requests itself (`parking`: its parked
+    /// connections), the body is small and a keep-alive backend connection is at hand (parked,
+    /// or idle in the pool), the request is started on it without blocking and returned for
+    /// the caller to drive (`Ok(Some)`), instead of being queued for a worker.
     pub fn submit_inline(
         &self,
         req: RequestFrame,
         out: Outbox,
-        inline: bool,
+        parking: Option<&mut Vec<Parked>>,
     ) -> Result<Option<Inline>, String> {
         let shared = &self.shared;
         let key: Key = (req.client.clone(), req.id.clone());
@@ -288,16 +297,19 @@ impl Pool {
         let abort = Abort::new();
         open.map.insert(key, Open { abort: abort.clone(), reason: ErrorCode::Cancelled });
         let job = Job { req, out, abort, response: None };
-        if !inline || job.req.body.as_ref().is_some_and(|b| b.len() > INLINE_BODY_MAX) {
-            queue.jobs.push_back(job);
-            drop(queue);
-            drop(open);
-            shared.work.notify_one();
-            return Ok(None);
-        }
+        let parking = match parking {
+            Some(p) if job.req.body.as_ref().is_none_or(|b| b.len() <= INLINE_BODY_MAX) => p,
+            _ => {
+                queue.jobs.push_back(job);
+                drop(queue);
+                drop(open);
+                shared.work.notify_one();
+                return Ok(None);
+            }
+        };
         drop(queue);
         drop(open);
-        match start_inline(shared, job) {
+        match start_inline(shared, job, parking) {
             Ok(inline) => Ok(Some(inline)),
             Err(job) => {
                 self.enqueue(job);
@@ -328,29 +340,34 @@ impl Pool {
         let shared = &self.shared;
         let progress = inline.pending.advance(&shared.client);
         let Inline { job, pending } = inline;
+        let mut parked = None;
         let result = match progress {
             Progress::Wait { writable } => {
                 let interest = if writable { Interest::Writable } else { Interest::Readable };
                 return Step::Wait(Inline { job, pending }, interest);
             }
-            Progress::Whole(mut resp) => match whole_frame(shared, &job.req, &mut resp) {
-                Ok(frame) if !job.abort.is_silenced() => {
-                    job.abort.mark_finishing();
-                    push(frame.to_json());
-                    Ok(())
-                }
-                Ok(_) => Ok(()),
-                Err(fail) => Err(fail),
-            },
+            Progress::Whole(mut resp) => {
+                let result = match whole_frame(shared, &job.req, &mut resp) {
+                    Ok(frame) if !job.abort.is_silenced() => {
+                        job.abort.mark_finishing();
+                        push(frame.to_json());
+                        Ok(())
+                    }
+                    Ok(_) => Ok(()),
+                    Err(fail) => Err(fail),
+                };
+                parked = resp.body.take_parked();
+                result
+            }
             Progress::Streamed(resp) => {
                 self.enqueue(Job { response: Some(resp), ..job });
-                return Step::Done;
+                return Step::Done(None);
             }
             Progress::Stale if local_http::is_retry_safe(&job.req.method) => {
                 // The backend closed the pooled connection while it was idle: a worker sends
                 // the request again on another one.
                 self.enqueue(job);
-                return Step::Done;
+                return Step::Done(None);
             }
             Progress::Stale => Err(Fail::Local(LocalError::Io {
                 addr: shared.client.peer().to_owned(),
@@ -363,7 +380,12 @@ impl Pool {
             push(text);
             Ok(())
         });
-        Step::Done
+        Step::Done(parked)
+    }
+
+    /// Gives a parked connection to the workers' idle pool.
+    pub fn unpark(&self, parked: Parked) {
+        self.shared.client.unpark(parked);
     }
 
     /// Ends an inline request whose deadline passed (`BACKEND_TIMEOUT`).
@@ -605,7 +627,7 @@ fn conclude(
 // The job moves either way (into the inline request or back to the caller); boxing it would
 // cost an allocation per request.
 #[allow(clippy::result_large_err)]
-fn start_inline(shared: &Shared, job: Job) -> Result<Inline, Job> {
+fn start_inline(shared: &Shared, job: Job, parking: &mut Vec<Parked>) -> Result<Inline, Job> {
     let decoded;
     let body: &[u8] = match &job.req.body {
         None => &[],
@@ -627,6 +649,7 @@ fn start_inline(shared: &Shared, job: Job) -> Result<Inline, Job> {
         body,
         &job.abort,
         INLINE_RESPONSE_MAX,
+        parking,
     );
     match started {
         Some(pending) => Ok(Inline { job, pending }),
@@ -1295,12 +1318,18 @@ mod tests {
 
     /// Drives an inline request to its end on a poller of its own, as the relay I/O thread
     /// does; returns the frames it pushed.
-    fn drive(p: &Pool, inline: Inline) -> Vec<Frame> {
-        drive_with(p, inline, || {})
+    fn drive(p: &Pool, inline: Inline, parking: &mut Vec<Parked>) -> Vec<Frame> {
+        drive_with(p, inline, parking, || {})
     }
 
-    /// As [`drive`], running `after_write` once the first step has written the request.
-    fn drive_with(p: &Pool, inline: Inline, after_write: impl FnOnce()) -> Vec<Frame> {
+    /// As [`drive`], running `after_write` once the first step has written the request. A
+    /// connection given back to park goes to `parking`.
+    fn drive_with(
+        p: &Pool,
+        inline: Inline,
+        parking: &mut Vec<Parked>,
+        after_write: impl FnOnce(),
+    ) -> Vec<Frame> {
         let poller = crate::poll::Poller::new().unwrap();
         let mut pushed = Vec::new();
         let mut step = p.advance(inline, &mut |t| pushed.push(t));
@@ -1317,6 +1346,9 @@ mod tests {
             poller.wait(&mut events, Some(left)).unwrap();
             poller.delete(&*socket).unwrap();
             step = p.advance(inline, &mut |t| pushed.push(t));
+        }
+        if let Step::Done(Some(parked)) = step {
+            parking.push(parked);
         }
         pushed.iter().map(|t| parse_frame(t).unwrap()).collect()
     }
@@ -1335,47 +1367,61 @@ mod tests {
     fn inline_requests_answer_small_responses_and_hand_streams_to_workers() {
         let o = test_origin::start();
         let p = warm_pool(&o);
+        let mut parking = Vec::new();
         // A small response is answered by the caller's thread, on the pooled connection.
         let (out, rx) = outbox(64);
         let mut r = req("i1", "POST", "/api/echo");
         r.headers.insert("Content-Type".into(), "text/plain".into());
         r.body = Some("inline ✓".into());
-        let inline = p.submit_inline(r, out.clone(), true).unwrap().expect("an idle connection");
-        let frames = drive(&p, inline);
+        let inline = p
+            .submit_inline(r, out.clone(), Some(&mut parking))
+            .unwrap()
+            .expect("an idle connection");
+        let frames = drive(&p, inline, &mut parking);
         assert_eq!(frames.len(), 1, "{frames:?}");
         let Frame::Response(resp) = &frames[0] else { panic!("not whole: {frames:?}") };
         assert_eq!((resp.id.as_str(), resp.status, resp.body.as_str()), ("i1", 200, "inline ✓"));
         assert_eq!(resp.headers.get("X-Echo-Client").map(String::as_str), Some(CLIENT));
         assert!(rx.try_recv().is_err(), "a worker answered too");
         wait_closed(&p);
+        // The connection is parked for the caller, not pooled for the workers...
+        assert_eq!((parking.len(), p.shared.client.idle_connections()), (1, 0));
         // Binary bodies go base64 both ways, byte-exact.
         let data = test_origin::noise(32 << 10, 3);
         let mut r = req("i2", "POST", "/api/echo");
         r.body = Some(STANDARD.encode(&data));
         r.body_base64 = true;
-        let inline = p.submit_inline(r, out.clone(), true).unwrap().expect("idle");
-        let Frame::Response(resp) = &drive(&p, inline)[0] else { panic!("not whole") };
+        let inline = p.submit_inline(r, out.clone(), Some(&mut parking)).unwrap().expect("idle");
+        // ...and the next inline request takes it from there.
+        assert!(inline.tag().is_some() && parking.is_empty());
+        let Frame::Response(resp) = &drive(&p, inline, &mut parking)[0] else {
+            panic!("not whole")
+        };
         assert!(resp.body_base64);
         assert_eq!(STANDARD.decode(&resp.body).unwrap(), data);
         // An event stream is handed to a worker once its head is read; the worker sends every
         // frame, the terminal one included.
-        let inline =
-            p.submit_inline(req("i3", "GET", "/api/sse"), out.clone(), true).unwrap().unwrap();
-        assert!(drive(&p, inline).is_empty());
+        let inline = p
+            .submit_inline(req("i3", "GET", "/api/sse"), out.clone(), Some(&mut parking))
+            .unwrap()
+            .unwrap();
+        assert!(drive(&p, inline, &mut parking).is_empty());
         let (chunks, status) = streamed(&collect(&rx));
         assert_eq!(status, 200);
         assert!(String::from_utf8(chunks.concat()).unwrap().contains("data: {\"n\":4}"));
         // So is a response over the inline limit (1 MiB, streamed as base64).
-        let inline =
-            p.submit_inline(req("i4", "GET", "/api/big"), out.clone(), true).unwrap().unwrap();
-        assert!(drive(&p, inline).is_empty());
+        let inline = p
+            .submit_inline(req("i4", "GET", "/api/big"), out.clone(), Some(&mut parking))
+            .unwrap()
+            .unwrap();
+        assert!(drive(&p, inline, &mut parking).is_empty());
         let (chunks, _) = streamed(&collect(&rx));
         assert_eq!(chunks.concat(), test_origin::noise(1 << 20, 7));
         wait_closed(&p);
         // The one warm connection served everything.
         assert_eq!(o.accepted.load(Ordering::SeqCst), 1);
         // Not allowed, or no idle connection: queued for a worker as before.
-        assert!(p.submit_inline(req("i5", "GET", "/api/health"), out, false).unwrap().is_none());
+        assert!(p.submit_inline(req("i5", "GET", "/api/health"), out, None).unwrap().is_none());
         assert!(matches!(only(&rx), Frame::Response(_)));
     }
 
@@ -1383,11 +1429,14 @@ mod tests {
     fn inline_cancel_shutdown_and_stale_connections() {
         let o = test_origin::start();
         let p = warm_pool(&o);
+        let mut parking = Vec::new();
         let (out, rx) = outbox(64);
         // A cancel shuts the backend socket down; the next step answers CANCELLED.
-        let inline =
-            p.submit_inline(req("h1", "GET", "/api/hang"), out.clone(), true).unwrap().unwrap();
-        let frames = drive_with(&p, inline, || {
+        let inline = p
+            .submit_inline(req("h1", "GET", "/api/hang"), out.clone(), Some(&mut parking))
+            .unwrap()
+            .unwrap();
+        let frames = drive_with(&p, inline, &mut parking, || {
             Origin::wait_for(&o.hangs, 1);
             p.cancel(Some(CLIENT), "h1");
         });
@@ -1413,21 +1462,27 @@ mod tests {
             s
         };
         p.shared.client.push_idle(stale());
-        let inline =
-            p.submit_inline(req("s1", "GET", "/api/health"), out.clone(), true).unwrap().unwrap();
-        assert!(drive(&p, inline).is_empty());
+        let inline = p
+            .submit_inline(req("s1", "GET", "/api/health"), out.clone(), Some(&mut parking))
+            .unwrap()
+            .unwrap();
+        assert!(drive(&p, inline, &mut parking).is_empty());
         assert!(matches!(only(&rx), Frame::Response(ResponseFrame { status: 200, .. })));
         // ...but a POST is not sent twice: it fails BACKEND_UNREACHABLE.
         p.shared.client.push_idle(stale());
-        let inline =
-            p.submit_inline(req("s2", "POST", "/api/echo"), out.clone(), true).unwrap().unwrap();
-        let frames = drive(&p, inline);
+        let inline = p
+            .submit_inline(req("s2", "POST", "/api/echo"), out.clone(), Some(&mut parking))
+            .unwrap()
+            .unwrap();
+        let frames = drive(&p, inline, &mut parking);
         assert_eq!(error_code(&frames[0]), ErrorCode::BackendUnreachable);
         wait_closed(&p);
 
         // Shutdown: the caller ends its inline requests SHUTTING_DOWN.
-        let inline =
-            p.submit_inline(req("x1", "GET", "/api/hang"), out.clone(), true).unwrap().unwrap();
+        let inline = p
+            .submit_inline(req("x1", "GET", "/api/hang"), out.clone(), Some(&mut parking))
+            .unwrap()
+            .unwrap();
         let mut pushed = Vec::new();
         p.end_inline(inline, ErrorCode::ShuttingDown, &mut |t| pushed.push(t));
         assert_eq!(pushed.len(), 1);
