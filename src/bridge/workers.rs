@@ -175,6 +175,10 @@ struct Queue {
     answers: VecDeque<Job>,
     /// Threads exit once the queues are empty.
     stopping: bool,
+    /// Workers started so far (they start on demand, up to `Shared::max_workers`).
+    started: usize,
+    /// Workers waiting for a job now.
+    waiting: usize,
 }
 
 /// State shared by the pool handle and its threads.
@@ -187,7 +191,8 @@ struct Shared {
     limits: Limits,
     /// Open requests. Lock order: `open` before `queue`.
     open: Mutex<OpenState>,
-    /// Signalled when an open request is removed (for shutdown).
+    /// Signalled when an open request is removed while the pool shuts down (the only time
+    /// anyone waits on it: a notify costs a syscall even without a waiter).
     drained: Condvar,
     /// Queued work.
     queue: Mutex<Queue>,
@@ -195,6 +200,8 @@ struct Shared {
     work: Condvar,
     /// Wakes the answer thread.
     answer: Condvar,
+    /// Most workers started.
+    max_workers: usize,
 }
 
 /// The bounded worker pool. Share it behind an `Arc`; every method takes `&self`.
@@ -204,8 +211,10 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// Starts `workers` threads (`worker-N`, at least one) and one `worker-answers` thread that
-    /// answers requests aborted while still queued.
+    /// Starts one worker thread and one `worker-answers` thread that answers requests aborted
+    /// while still queued. More workers (`worker-N`, up to `workers`) start when a job finds
+    /// none waiting: most requests run inline on the relay I/O thread, so an idle daemon keeps
+    /// few threads.
     pub fn new(target: Target, workers: usize, limits: Limits) -> Pool {
         let shared = Arc::new(Shared {
             client: LocalClient::new(&target.host, target.port),
@@ -217,29 +226,35 @@ impl Pool {
                 jobs: VecDeque::new(),
                 answers: VecDeque::new(),
                 stopping: false,
+                started: 1,
+                waiting: 0,
             }),
             work: Condvar::new(),
             answer: Condvar::new(),
+            max_workers: workers.max(1),
         });
-        let mut started = 0;
-        for n in 0..workers.max(1) {
-            let s = shared.clone();
-            let spawned = std::thread::Builder::new()
-                .name(format!("worker-{n}"))
-                .spawn(move || worker_loop(&s, false));
-            if spawned.is_ok() {
-                started += 1;
-            }
+        let pool = Pool { shared };
+        if !pool.spawn_worker(0) {
+            // Nothing would ever run a queued job: refuse everything as BUSY instead.
+            lock(&pool.shared.queue).stopping = true;
         }
-        let s = shared.clone();
+        let s = pool.shared.clone();
         let _ = std::thread::Builder::new()
             .name("worker-answers".into())
             .spawn(move || worker_loop(&s, true));
-        if started == 0 {
-            // Nothing would ever run a queued job: refuse everything as BUSY instead.
-            lock(&shared.queue).stopping = true;
+        pool
+    }
+
+    /// Starts worker `n`; false when the system refused the thread.
+    fn spawn_worker(&self, n: usize) -> bool {
+        let s = self.shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("worker-{n}"))
+            .spawn(move || worker_loop(&s, false));
+        if spawned.is_err() {
+            lock(&self.shared.queue).started -= 1;
         }
-        Pool { shared }
+        spawned.is_ok()
     }
 
     /// Queues a request. On refusal returns a ready frame (JSON text) for the caller to send
@@ -290,7 +305,7 @@ impl Pool {
         if per_client >= shared.limits.max_open_per_app {
             return refuse(ErrorCode::Busy, "too many open requests from this app".into());
         }
-        let mut queue = lock(&shared.queue);
+        let queue = lock(&shared.queue);
         if queue.stopping || queue.jobs.len() >= QUEUE_CAPACITY {
             return refuse(ErrorCode::Busy, "every bridge worker is busy; try again".into());
         }
@@ -300,10 +315,9 @@ impl Pool {
         let parking = match parking {
             Some(p) if job.req.body.as_ref().is_none_or(|b| b.len() <= INLINE_BODY_MAX) => p,
             _ => {
-                queue.jobs.push_back(job);
                 drop(queue);
                 drop(open);
-                shared.work.notify_one();
+                self.enqueue(job);
                 return Ok(None);
             }
         };
@@ -318,7 +332,8 @@ impl Pool {
         }
     }
 
-    /// Queues an accepted job for a worker; once the pool stops it is answered instead.
+    /// Queues an accepted job for a worker, starting one more when more jobs wait than
+    /// workers do; once the pool stops it is answered instead.
     fn enqueue(&self, job: Job) {
         let shared = &self.shared;
         let mut queue = lock(&shared.queue);
@@ -326,11 +341,20 @@ impl Pool {
             queue.answers.push_back(job);
             drop(queue);
             shared.answer.notify_one();
-        } else {
-            queue.jobs.push_back(job);
-            drop(queue);
-            shared.work.notify_one();
+            return;
         }
+        queue.jobs.push_back(job);
+        // A worker blocked on a full outbox or a slow backend is not waiting.
+        let spawn = queue.jobs.len() > queue.waiting && queue.started < shared.max_workers;
+        let n = queue.started;
+        if spawn {
+            queue.started += 1;
+        }
+        drop(queue);
+        if spawn {
+            self.spawn_worker(n);
+        }
+        shared.work.notify_one();
     }
 
     /// Drives an inline request as far as its socket allows; the terminal frame, if this
@@ -445,8 +469,16 @@ impl Pool {
         });
         // Queued jobs of those requests need no answer at all.
         lock(&shared.queue).jobs.retain(|j| !j.abort.is_silenced());
+        let waited_on = open.closing.is_some();
         drop(open);
-        shared.drained.notify_all();
+        if waited_on {
+            shared.drained.notify_all();
+        }
+    }
+
+    /// Worker threads started so far.
+    pub fn workers_started(&self) -> usize {
+        lock(&self.shared.queue).started
     }
 
     /// Requests accepted and not yet answered with their terminal frame.
@@ -553,7 +585,9 @@ fn worker_loop(shared: &Shared, answers_only: bool) {
                     return;
                 }
                 let cv = if answers_only { &shared.answer } else { &shared.work };
+                queue.waiting += usize::from(!answers_only);
                 queue = cv.wait(queue).unwrap_or_else(|p| p.into_inner());
+                queue.waiting -= usize::from(!answers_only);
             }
         };
         run_job(shared, job);
@@ -618,8 +652,12 @@ fn conclude(
     if open.map.get(&key).is_some_and(|o| o.abort.same(&job.abort)) {
         open.map.remove(&key);
     }
+    // `shutdown` sets `closing` before it waits, under this lock: no wake-up is lost.
+    let waited_on = open.closing.is_some();
     drop(open);
-    shared.drained.notify_all();
+    if waited_on {
+        shared.drained.notify_all();
+    }
 }
 
 /// Starts a request on an idle backend connection without blocking, or gives the job back for
@@ -1270,6 +1308,25 @@ mod tests {
         wait_closed(&p);
         wait_closed(&p2);
         drop(rx);
+    }
+
+    #[test]
+    fn workers_start_on_demand_up_to_the_limit() {
+        let o = test_origin::start();
+        let p = pool(&o, 3);
+        assert_eq!(p.workers_started(), 1);
+        let (out, _rx) = outbox(64);
+        for i in 0..5 {
+            p.submit(req(&format!("w{i}"), "GET", "/api/hang"), out.clone()).unwrap();
+        }
+        // Three run at once, on three workers; the other two wait for one.
+        Origin::wait_for(&o.hangs, 3);
+        assert_eq!(p.workers_started(), 3);
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(o.hangs.load(Ordering::SeqCst), 3);
+        assert_eq!(p.open_requests(), 5);
+        p.cancel_all();
+        wait_closed(&p);
     }
 
     #[test]
