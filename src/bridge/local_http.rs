@@ -587,7 +587,9 @@ impl LocalClient {
                         buf.drain(..consumed);
                         let rbuf = std::mem::take(&mut buf);
                         return self
-                            .body_reader(conn, rbuf, status, &headers, minor, head_only, abort)
+                            .body_reader(
+                                conn, rbuf, status, &headers, minor, head_only, abort, false,
+                            )
                             .map(|body| Response { status, headers, body })
                             .map_err(Attempt::Failed);
                     }
@@ -636,6 +638,7 @@ impl LocalClient {
         minor: u8,
         head_only: bool,
         abort: &Abort,
+        park: bool,
     ) -> Result<BodyReader, LocalError> {
         let addr = self.peer.clone();
         let has_token = |name: &str, token: &str| {
@@ -703,7 +706,7 @@ impl LocalClient {
             abort: abort.clone(),
             addr,
             gap: self.timeouts.body_gap,
-            park: false,
+            park,
             parked: None,
         };
         if matches!(reader.framing, Framing::Done | Framing::Length(0)) {
@@ -807,7 +810,10 @@ impl Pending {
     /// The error for a passed deadline. Ends the exchange (the connection is closed).
     pub fn timed_out(self, client: &LocalClient) -> LocalError {
         self.abort.release();
-        client.head_timeout()
+        match &self.response {
+            Some(response) => response.body.broken(Some(io::ErrorKind::TimedOut.into())),
+            None => client.head_timeout(),
+        }
     }
 
     /// Writes and reads what the socket allows now.
@@ -853,12 +859,13 @@ impl Pending {
                     .is_some_and(|ct| ct.to_ascii_lowercase().contains("text/event-stream"));
                 let whole = match response.body.len_hint() {
                     Some(n) if !sse && n <= self.whole_limit => n,
-                    _ => return Progress::Streamed(self.take_response()),
+                    _ => {
+                        // A worker reads it; its connection goes back to the shared pool.
+                        response.body.set_park(false);
+                        return Progress::Streamed(self.take_response());
+                    }
                 };
                 if response.body.buffered() as u64 >= whole {
-                    // Reading it whole ends the body here: the connection is parked for the
-                    // caller, not pooled for the workers.
-                    response.body.park = true;
                     return Progress::Whole(self.take_response());
                 }
                 match response.body.fill_now() {
@@ -894,12 +901,16 @@ impl Pending {
                         };
                         let rbuf = std::mem::take(&mut self.buf);
                         let (head_only, abort) = (self.head_only, &self.abort);
-                        match client
-                            .body_reader(conn, rbuf, status, &headers, minor, head_only, abort)
-                        {
+                        // Parked unless it turns out to be streamed (below): a body read whole
+                        // ends here, and its connection stays with the caller.
+                        match client.body_reader(
+                            conn, rbuf, status, &headers, minor, head_only, abort, true,
+                        ) {
                             Ok(body) => self.response = Some(Response { status, headers, body }),
                             Err(e) => return Progress::Failed(e),
                         }
+                        // From here on the deadline is the gap between body reads.
+                        self.deadline = deadline_after(client.timeouts.body_gap);
                         continue;
                     }
                     Ok(None) if self.buf.len() >= MAX_HEAD => {
@@ -1211,6 +1222,21 @@ impl BodyReader {
                 self.parked = Some(conn);
                 return;
             }
+            let mut idle = lock(&self.idle);
+            if idle.len() < MAX_IDLE {
+                idle.push(conn);
+            }
+        }
+    }
+
+    /// Whether a clean end keeps the connection for [`BodyReader::take_parked`]; turned off,
+    /// a connection kept already goes to the shared idle pool.
+    fn set_park(&mut self, park: bool) {
+        self.park = park;
+        if park {
+            return;
+        }
+        if let Some(conn) = self.parked.take() {
             let mut idle = lock(&self.idle);
             if idle.len() < MAX_IDLE {
                 idle.push(conn);

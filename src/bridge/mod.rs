@@ -1,9 +1,12 @@
 //! The bridge daemon: one process, a thread per role.
 //!
-//! - [`relay_io`] — owns the relay WebSocket: reads frames, hands requests to the pool, pings,
-//!   reconnects with jittered backoff; workers write their frames through it;
-//! - [`workers`] — a bounded pool; each worker runs one local HTTP exchange ([`local_http`])
-//!   and streams the response back as frames;
+//! - [`relay_io`] — owns the relay WebSocket: reads frames, pings, reconnects with jittered
+//!   backoff. A small request runs right there, without blocking, on a keep-alive backend
+//!   connection ("inline": written and read as the sockets become ready, so it costs no thread
+//!   hand-off); everything else goes to the pool, whose workers write their frames through it;
+//! - [`workers`] — a bounded pool, started on demand; each worker runs one local HTTP exchange
+//!   ([`local_http`]) and streams the response back as frames: uploads, event streams, large
+//!   or chunked responses, and requests that found no idle connection;
 //! - [`poller`] — keeps backend and gateway health current in `status.json`;
 //! - signals — `ctrlc`: stop, answer open requests `SHUTTING_DOWN`, close the socket 1001.
 

@@ -7,7 +7,13 @@
 //! straight into the socket under the same mutex (no hand-off back to the I/O thread); only
 //! when the socket refuses bytes does it leave them queued and wake the I/O thread, which
 //! then waits for writability. No read-timeout loop adds latency: the poller's timeout only
-//! drives pings and the pong deadline.
+//! drives pings, the pong deadline and the head deadline of inline requests.
+//!
+//! Inline requests: a request with a small body is written without blocking on a keep-alive
+//! backend connection, whose socket joins this thread's poller; a small whole response is
+//! answered from here, anything streamed is handed to a worker with its head read. After the
+//! exchange the connection stays registered ("parked") for the next request, so the common
+//! case costs no registration and no liveness check.
 
 use std::io;
 use std::net::{TcpStream, ToSocketAddrs};
@@ -228,7 +234,7 @@ impl RelayIo {
         let mut answers: Vec<String> = Vec::new();
         loop {
             if self.stop.load(Ordering::SeqCst) {
-                return self.shut_down(link, tcp, inlines);
+                return self.shut_down(link, tcp, inlines, answers);
             }
             let blocked = {
                 let mut st = link.lock();
@@ -370,7 +376,14 @@ impl RelayIo {
         let Some(Some(s)) = inlines.slots.get_mut(slot) else { return };
         if s.interest != interest {
             s.interest = interest;
-            let ev = Event::new(INLINE_BASE + slot, true, interest == Interest::Writable);
+            // One direction at a time: a backend that answers early and stops reading must
+            // not keep a half-written request's socket reported readable (a busy loop).
+            // Hang-ups are reported either way.
+            let ev = Event::new(
+                INLINE_BASE + slot,
+                interest == Interest::Readable,
+                interest == Interest::Writable,
+            );
             let _ = self.poller.modify_with_mode(&*s.socket, ev, PollMode::Level);
         }
         if let Some(inline) = inline {
@@ -489,10 +502,16 @@ impl RelayIo {
     /// Answers open requests `SHUTTING_DOWN`, sends them, closes 1001. The pool hands out its
     /// answers on another thread (writing them through the link) while this one keeps
     /// flushing, so any number of open requests gets its answer within the grace period.
-    fn shut_down(&self, link: &Link, tcp: &TcpStream, inlines: &mut Inlines) -> Ended {
+    fn shut_down(
+        &self,
+        link: &Link,
+        tcp: &TcpStream,
+        inlines: &mut Inlines,
+        mut answers: Vec<String>,
+    ) -> Ended {
         let _ = self.poller.delete(tcp);
-        // Inline requests are this thread's to answer.
-        let mut answers = Vec::new();
+        // Inline requests are this thread's to answer; `answers` holds those that ended just
+        // before the stop and are not sent yet.
         for slot in inlines.take_all() {
             let _ = self.poller.delete(&*slot.socket);
             if let Some(inline) = slot.inline {

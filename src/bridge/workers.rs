@@ -1,8 +1,10 @@
 //! The bounded request worker pool: each worker runs one local HTTP exchange
 //! ([`super::local_http`]) and sends the response back as frames (PROTOCOL §5–§7).
 //!
-//! The relay I/O thread (or a LAN server) calls [`Pool::submit`] for every `request` frame and
-//! [`Pool::cancel`] / [`Pool::cancel_client`] / [`Pool::cancel_all`] for cancels and lost peers.
+//! The relay I/O thread calls [`Pool::submit_inline`] (a LAN server [`Pool::submit`]) for every
+//! `request` frame and [`Pool::cancel`] / [`Pool::cancel_client`] / [`Pool::cancel_all`] for
+//! cancels and lost peers. An inline request ([`Inline`]) runs on the caller's thread until its
+//! response is whole, or until its head shows a stream, which a worker then forwards.
 //! Every accepted request gets exactly one terminal frame (`response`, `response.end` or
 //! `response.error`), sent by the thread that owns the request; a cancel only aborts the local
 //! exchange, which makes that thread answer `CANCELLED` at once.
@@ -19,7 +21,7 @@ use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STAN
 use super::local_http::{
     self, Abort, LocalClient, LocalError, Parked, Pending, Progress, Response,
 };
-use super::{Gone, Outbox};
+use super::{Gone, Outbox, log};
 use crate::protocol::{
     CLIENT_HEADER, DEFAULT_ALLOWED_PREFIXES, ErrorCode, Frame, Headers, Limits, RequestFrame,
     ResponseFrame, check_header, check_path, check_request_limits, is_hop_by_hop,
@@ -338,9 +340,17 @@ impl Pool {
         let shared = &self.shared;
         let mut queue = lock(&shared.queue);
         if queue.stopping {
-            queue.answers.push_back(job);
+            // The pool's threads may have left already (they exit once the queues are empty):
+            // a thread of its own answers this one. It was accepted before the shutdown
+            // began, so the shutdown aborted it: the answer is immediate.
             drop(queue);
-            shared.answer.notify_one();
+            let s = shared.clone();
+            let answered = std::thread::Builder::new()
+                .name("worker-late".into())
+                .spawn(move || run_job(&s, job));
+            if answered.is_err() {
+                log("cannot start a thread to answer a request that came in during shutdown");
+            }
             return;
         }
         queue.jobs.push_back(job);
@@ -412,10 +422,12 @@ impl Pool {
         self.shared.client.unpark(parked);
     }
 
-    /// Ends an inline request whose deadline passed (`BACKEND_TIMEOUT`).
+    /// Ends an inline request whose deadline passed (`BACKEND_TIMEOUT`; `CANCELLED` when a
+    /// cancel came first).
     pub fn expire(&self, inline: Inline, push: &mut dyn FnMut(String)) {
         let Inline { job, pending } = inline;
         let e = pending.timed_out(&self.shared.client);
+        let e = if job.abort.is_aborted() { LocalError::Aborted } else { e };
         conclude(&self.shared, &job, Err(Fail::Local(e)), &mut |text| {
             push(text);
             Ok(())
@@ -426,13 +438,19 @@ impl Pool {
     /// backend connection is closed.
     pub fn end_inline(&self, inline: Inline, code: ErrorCode, push: &mut dyn FnMut(String)) {
         let Inline { job, pending } = inline;
+        // A cancel that came first keeps its answer.
+        let fail = if job.abort.is_aborted() {
+            Fail::Local(LocalError::Aborted)
+        } else {
+            let message = match code {
+                ErrorCode::ShuttingDown => "the bridge is shutting down",
+                _ => "the request was aborted",
+            };
+            Fail::Request(code, message.into())
+        };
         job.abort.abort();
         drop(pending);
-        let message = match code {
-            ErrorCode::ShuttingDown => "the bridge is shutting down",
-            _ => "the request was aborted",
-        };
-        conclude(&self.shared, &job, Err(Fail::Request(code, message.into())), &mut |text| {
+        conclude(&self.shared, &job, Err(fail), &mut |text| {
             push(text);
             Ok(())
         });
@@ -1535,7 +1553,30 @@ mod tests {
         assert_eq!(error_code(&frames[0]), ErrorCode::BackendUnreachable);
         wait_closed(&p);
 
+        // A bodiless answer (204 after a 100 Continue) is whole at once, its connection
+        // parked like any other.
+        let inline = p
+            .submit_inline(req("n1", "GET", "/api/nocontent"), out.clone(), Some(&mut parking))
+            .unwrap()
+            .unwrap();
+        let frames = drive(&p, inline, &mut parking);
+        assert!(matches!(&frames[..], [Frame::Response(ResponseFrame { status: 204, .. })]));
+        assert_eq!(parking.len(), 1);
+
+        // A cancel that came first keeps its answer when the caller ends the request.
+        let inline = p
+            .submit_inline(req("c2", "GET", "/api/hang"), out.clone(), Some(&mut parking))
+            .unwrap()
+            .unwrap();
+        p.cancel(Some(CLIENT), "c2");
+        let mut pushed = Vec::new();
+        p.end_inline(inline, ErrorCode::ShuttingDown, &mut |t| pushed.push(t));
+        assert_eq!(refused_code(&pushed[0]), ErrorCode::Cancelled);
+
         // Shutdown: the caller ends its inline requests SHUTTING_DOWN.
+        p.submit(req("w2", "GET", "/api/health"), out.clone()).unwrap();
+        assert!(matches!(only(&rx), Frame::Response(_)));
+        wait_closed(&p);
         let inline = p
             .submit_inline(req("x1", "GET", "/api/hang"), out.clone(), Some(&mut parking))
             .unwrap()
@@ -1546,8 +1587,16 @@ mod tests {
         assert_eq!(refused_code(&pushed[0]), ErrorCode::ShuttingDown);
         assert_eq!(p.open_requests(), 0);
         // The id is free again at once.
-        p.submit(req("x1", "GET", "/api/health"), out).unwrap();
+        p.submit(req("x1", "GET", "/api/health"), out.clone()).unwrap();
         assert!(matches!(only(&rx), Frame::Response(_)));
+
+        // A job handed over after the pool's threads left (a stale connection's resend, a
+        // stream's hand-off) is still answered.
+        p.shutdown(ErrorCode::ShuttingDown);
+        let abort = Abort::new();
+        abort.abort();
+        p.enqueue(Job { req: req("late", "GET", "/api/health"), out, abort, response: None });
+        assert_eq!(error_code(&only(&rx)), ErrorCode::Cancelled);
     }
 
     #[test]
