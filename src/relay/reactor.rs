@@ -87,6 +87,8 @@ struct WsConn {
     detached: bool,
     /// A close frame was sent; the connection is dropped at this instant at the latest.
     closing: Option<Instant>,
+    /// Frames were queued since the last flush (listed in `Reactor::dirty`).
+    dirty: bool,
 }
 
 enum Io {
@@ -138,6 +140,10 @@ pub struct Reactor {
     apps: HashMap<String, AppRoute>,
     /// Connections with input already buffered in user space (TLS or tungstenite).
     ready: Vec<ConnId>,
+    /// WebSockets with routed frames queued during this turn of the loop; flushed once at its
+    /// end, so frames from many sources bound for one socket leave in one write (one wake-up
+    /// of the peer instead of one per frame).
+    dirty: Vec<ConnId>,
     ws_config: WebSocketConfig,
     dropped_frames: u64,
 }
@@ -176,6 +182,7 @@ impl Reactor {
             bridges: HashMap::new(),
             apps: HashMap::new(),
             ready: Vec::new(),
+            dirty: Vec::new(),
             ws_config,
             dropped_frames: 0,
         })
@@ -223,6 +230,7 @@ impl Reactor {
             for id in std::mem::take(&mut self.ready) {
                 self.on_event(id, true, false);
             }
+            self.flush_dirty();
             if Instant::now() >= next_tick {
                 self.timers();
                 next_tick = Instant::now() + tick;
@@ -599,6 +607,7 @@ impl Reactor {
             bad_frames: 0,
             detached: false,
             closing: None,
+            dirty: false,
         }));
         conn.deadline = None;
         self.conns.insert(id, conn);
@@ -683,11 +692,13 @@ impl Reactor {
         }
     }
 
-    /// Queues a frame for a WebSocket and writes what the socket takes now.
+    /// Queues a frame for a WebSocket (written at the end of this turn of the loop).
     fn send_frame(&mut self, id: ConnId, frame: &Frame) {
         self.send_text(id, frame.to_json());
     }
 
+    /// Queues a frame for a WebSocket; it is written at the end of this turn of the loop
+    /// ([`Reactor::flush_dirty`]).
     fn send_text(&mut self, id: ConnId, text: String) {
         let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) else {
             return;
@@ -696,7 +707,20 @@ impl Reactor {
             return;
         }
         w.out.push(Message::text(text));
-        self.ws_flush(id);
+        if !w.dirty {
+            w.dirty = true;
+            self.dirty.push(id);
+        }
+    }
+
+    /// Writes the frames queued during this turn of the loop.
+    fn flush_dirty(&mut self) {
+        for id in std::mem::take(&mut self.dirty) {
+            if let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) {
+                w.dirty = false;
+                self.ws_flush(id);
+            }
+        }
     }
 
     /// Writes queued messages until the socket would block. Resumes paused sources once the
@@ -1156,6 +1180,7 @@ impl Reactor {
             self.shared.presence().apps.remove(&client);
         }
         self.bridges.clear();
+        self.flush_dirty();
         for &id in &ids {
             if matches!(self.conns.get(&id).map(|c| &c.io), Some(Io::Ws(_))) {
                 self.close_ws(id, 1001, "relay shutting down");
