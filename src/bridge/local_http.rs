@@ -326,10 +326,7 @@ impl LocalClient {
 
     /// Gives a parked connection to the shared idle pool (its owner keeps too many).
     pub fn unpark(&self, parked: Parked) {
-        let mut idle = lock(&self.idle);
-        if idle.len() < MAX_IDLE {
-            idle.push(parked.conn);
-        }
+        pool_idle(&self.idle, parked.conn);
     }
 
     /// Pools a connection as if a request had left it idle (tests: a stale pooled socket).
@@ -714,6 +711,15 @@ impl LocalClient {
             reader.finish(true);
         }
         Ok(reader)
+    }
+}
+
+/// Puts a reusable connection into the idle pool, unless [`MAX_IDLE`] wait there already (then
+/// it is closed).
+fn pool_idle(idle: &Mutex<Vec<Conn>>, conn: Conn) {
+    let mut idle = lock(idle);
+    if idle.len() < MAX_IDLE {
+        idle.push(conn);
     }
 }
 
@@ -1222,10 +1228,7 @@ impl BodyReader {
                 self.parked = Some(conn);
                 return;
             }
-            let mut idle = lock(&self.idle);
-            if idle.len() < MAX_IDLE {
-                idle.push(conn);
-            }
+            pool_idle(&self.idle, conn);
         }
     }
 
@@ -1237,10 +1240,7 @@ impl BodyReader {
             return;
         }
         if let Some(conn) = self.parked.take() {
-            let mut idle = lock(&self.idle);
-            if idle.len() < MAX_IDLE {
-                idle.push(conn);
-            }
+            pool_idle(&self.idle, conn);
         }
     }
 
