@@ -79,7 +79,7 @@ mod linux {
     }
 
     impl Events {
-        /// Room for [`EVENTS_CAP`] events per wait.
+        /// Room for 256 events per wait.
         pub fn new() -> Events {
             Events { list: Vec::with_capacity(EVENTS_CAP) }
         }
