@@ -664,8 +664,9 @@ pub(crate) fn wait_online(
 
 /// `HH:MM` in local time, for the access-code expiry.
 pub(crate) fn local_time(ms: u64) -> String {
-    // `as _`: time_t is i64 everywhere we build, but its alias is deprecated on musl.
-    let secs: libc::time_t = (ms / 1000) as _;
+    // The type is inferred from `localtime_r` (time_t, i64 everywhere we build): naming the
+    // alias is deprecated on musl.
+    let secs = (ms / 1000) as _;
     // SAFETY: localtime_r reads `secs` and writes only into the `tm` we own; a zeroed tm is a
     // valid initial value.
     let tm = unsafe {
