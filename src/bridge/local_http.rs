@@ -414,9 +414,17 @@ impl LocalClient {
             return None;
         }
         let request = self.build_request(method, path, headers, body).ok()?;
-        let (conn, tag) = match parking.pop() {
-            Some(Parked { conn, tag }) => (conn, Some(tag)),
-            None => (self.take_idle()?, None),
+        let (conn, tag) = loop {
+            match parking.pop() {
+                // A request that cannot be sent twice gets the pool's liveness check: a close
+                // the caller's poller has not reported yet would fail it for good. A closed one
+                // is dropped here; its owner notices through its poller.
+                Some(Parked { conn, tag }) if is_retry_safe(method) || still_open(&conn.stream) => {
+                    break (conn, Some(tag));
+                }
+                Some(_) => {}
+                None => break (self.take_idle()?, None),
+            }
         };
         // An abort that came first shuts the socket down; the worker path reports it.
         abort.register(&conn.stream).ok()?;

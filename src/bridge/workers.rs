@@ -1553,6 +1553,40 @@ mod tests {
         assert_eq!(error_code(&frames[0]), ErrorCode::BackendUnreachable);
         wait_closed(&p);
 
+        // A parked connection the backend closed a moment ago, before the caller's poller
+        // said so: a POST checks it first and goes to a worker on a fresh connection, never
+        // failing...
+        let once = |parking: &mut Vec<Parked>| {
+            p.submit(req("w1", "GET", "/api/health"), out.clone()).unwrap();
+            assert!(matches!(only(&rx), Frame::Response(_)));
+            wait_closed(&p);
+            let inline = p
+                .submit_inline(req("o1", "GET", "/api/once"), out.clone(), Some(parking))
+                .unwrap()
+                .unwrap();
+            drive(&p, inline, parking);
+            assert_eq!(parking.len(), 1);
+            // `/api/once` drops the connection 20 ms after answering.
+            std::thread::sleep(Duration::from_millis(150));
+        };
+        once(&mut parking);
+        let mut r = req("p1", "POST", "/api/echo");
+        r.headers.insert("Content-Type".into(), "text/plain".into());
+        r.body = Some("once".into());
+        assert!(p.submit_inline(r, out.clone(), Some(&mut parking)).unwrap().is_none());
+        let Frame::Response(resp) = only(&rx) else { panic!("not whole") };
+        assert_eq!((resp.status, resp.body.as_str()), (200, "once"));
+        // ...and a GET, sent without the check, is resent by a worker.
+        parking.clear();
+        once(&mut parking);
+        let inline = p
+            .submit_inline(req("g1", "GET", "/api/health"), out.clone(), Some(&mut parking))
+            .unwrap()
+            .unwrap();
+        assert!(drive(&p, inline, &mut parking).is_empty());
+        assert!(matches!(only(&rx), Frame::Response(ResponseFrame { status: 200, .. })));
+        wait_closed(&p);
+
         // A bodiless answer (204 after a 100 Continue) is whole at once, its connection
         // parked like any other.
         let inline = p
