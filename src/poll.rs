@@ -101,16 +101,6 @@ mod linux {
                 }
             })
         }
-
-        /// How many events the last wait returned (the notifier's included).
-        pub fn len(&self) -> usize {
-            self.list.len()
-        }
-
-        /// True when the last wait returned nothing.
-        pub fn is_empty(&self) -> bool {
-            self.list.is_empty()
-        }
     }
 
     /// An epoll instance and its eventfd notifier. Share it behind an `Arc`: any thread may
