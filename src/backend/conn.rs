@@ -124,15 +124,14 @@ impl Conn {
     /// One read into `buf`, waiting at most `wait`.
     fn fill(&mut self, wait: Duration) -> Result<usize, Fill> {
         let _ = self.stream.set_read_timeout(Some(wait.max(Duration::from_millis(1))));
-        match crate::http::recv_appending(&self.stream, &mut self.buf, READ_CHUNK) {
-            Ok(n) => Ok(n),
-            Err(e) => match e.kind() {
+        crate::http::recv_appending(&self.stream, &mut self.buf, READ_CHUNK).map_err(|e| {
+            match e.kind() {
                 io::ErrorKind::WouldBlock
                 | io::ErrorKind::TimedOut
-                | io::ErrorKind::Interrupted => Err(Fill::Timeout),
-                _ => Err(Fill::Broken),
-            },
-        }
+                | io::ErrorKind::Interrupted => Fill::Timeout,
+                _ => Fill::Broken,
+            }
+        })
     }
 
     /// Writes a complete response.

@@ -273,6 +273,12 @@ impl Response {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
+
+    /// True for a server-sent event stream (always forwarded as it arrives).
+    pub fn is_event_stream(&self) -> bool {
+        self.header("content-type")
+            .is_some_and(|ct| ct.to_ascii_lowercase().contains("text/event-stream"))
+    }
 }
 
 /// The client. Cheap to share between threads (`&LocalClient` is enough to send).
@@ -574,38 +580,14 @@ impl LocalClient {
         let mut buf = Vec::with_capacity(READ_BUF);
         let mut received_any = false;
         loop {
-            // Parse what is there first: the head may have arrived with a previous 1xx.
-            if !buf.is_empty() {
-                match parse_head(&buf, addr).map_err(Attempt::Failed)? {
-                    Some((consumed, status, _, _)) if (100..200).contains(&status) => {
-                        if status == 101 {
-                            return Err(Attempt::Failed(LocalError::Protocol {
-                                addr: addr.clone(),
-                                detail: "unexpected 101 Switching Protocols".into(),
-                            }));
-                        }
-                        // Interim response (100 Continue, 103 Early Hints): skip it.
-                        buf.drain(..consumed);
-                        continue;
-                    }
-                    Some((consumed, status, headers, minor)) => {
-                        buf.drain(..consumed);
-                        let rbuf = std::mem::take(&mut buf);
-                        return self
-                            .body_reader(
-                                conn, rbuf, status, &headers, minor, head_only, abort, false,
-                            )
-                            .map(|body| Response { status, headers, body })
-                            .map_err(Attempt::Failed);
-                    }
-                    None if buf.len() >= MAX_HEAD => {
-                        return Err(Attempt::Failed(LocalError::Protocol {
-                            addr: addr.clone(),
-                            detail: format!("response head larger than {MAX_HEAD} bytes"),
-                        }));
-                    }
-                    None => {}
-                }
+            if let Some((status, headers, minor)) =
+                take_final_head(&mut buf, addr).map_err(Attempt::Failed)?
+            {
+                let rbuf = std::mem::take(&mut buf);
+                return self
+                    .body_reader(conn, rbuf, status, &headers, minor, head_only, abort, false)
+                    .map(|body| Response { status, headers, body })
+                    .map_err(Attempt::Failed);
             }
             // A passed deadline comes back as a `TimedOut` error.
             let room = MAX_HEAD - buf.len();
@@ -698,12 +680,10 @@ impl LocalClient {
             Framing::Length(n) => Some(n),
             _ => None,
         };
-        let end = rbuf.len();
         let mut reader = BodyReader {
             conn: Some(conn),
             rbuf,
             start: 0,
-            end,
             framing,
             len_hint,
             keep_alive,
@@ -868,11 +848,8 @@ impl Pending {
         }
         loop {
             if let Some(response) = &mut self.response {
-                let sse = response
-                    .header("content-type")
-                    .is_some_and(|ct| ct.to_ascii_lowercase().contains("text/event-stream"));
                 let whole = match response.body.len_hint() {
-                    Some(n) if !sse && n <= self.whole_limit => n,
+                    Some(n) if !response.is_event_stream() && n <= self.whole_limit => n,
                     _ => {
                         // A worker reads it; its connection goes back to the shared pool.
                         response.body.set_park(false);
@@ -894,47 +871,27 @@ impl Pending {
                     Err(e) => return Progress::Failed(response.body.broken(Some(e))),
                 }
             }
-            // Parse what is there first: the head may have arrived with a previous 1xx.
-            if !self.buf.is_empty() {
-                match parse_head(&self.buf, addr) {
-                    Err(e) => return Progress::Failed(e),
-                    Ok(Some((_, 101, _, _))) => {
-                        return Progress::Failed(LocalError::Protocol {
-                            addr: addr.clone(),
-                            detail: "unexpected 101 Switching Protocols".into(),
-                        });
+            match take_final_head(&mut self.buf, addr) {
+                Err(e) => return Progress::Failed(e),
+                Ok(Some((status, headers, minor))) => {
+                    let Some(conn) = self.conn.take() else {
+                        return Progress::Failed(LocalError::Aborted);
+                    };
+                    let rbuf = std::mem::take(&mut self.buf);
+                    let (head_only, abort) = (self.head_only, &self.abort);
+                    // Parked unless it turns out to be streamed (above): a body read whole
+                    // ends here, and its connection stays with the caller.
+                    match client
+                        .body_reader(conn, rbuf, status, &headers, minor, head_only, abort, true)
+                    {
+                        Ok(body) => self.response = Some(Response { status, headers, body }),
+                        Err(e) => return Progress::Failed(e),
                     }
-                    Ok(Some((consumed, status, _, _))) if (100..200).contains(&status) => {
-                        self.buf.drain(..consumed);
-                        continue;
-                    }
-                    Ok(Some((consumed, status, headers, minor))) => {
-                        self.buf.drain(..consumed);
-                        let Some(conn) = self.conn.take() else {
-                            return Progress::Failed(LocalError::Aborted);
-                        };
-                        let rbuf = std::mem::take(&mut self.buf);
-                        let (head_only, abort) = (self.head_only, &self.abort);
-                        // Parked unless it turns out to be streamed (below): a body read whole
-                        // ends here, and its connection stays with the caller.
-                        match client.body_reader(
-                            conn, rbuf, status, &headers, minor, head_only, abort, true,
-                        ) {
-                            Ok(body) => self.response = Some(Response { status, headers, body }),
-                            Err(e) => return Progress::Failed(e),
-                        }
-                        // From here on the deadline is the gap between body reads.
-                        self.deadline = deadline_after(client.timeouts.body_gap);
-                        continue;
-                    }
-                    Ok(None) if self.buf.len() >= MAX_HEAD => {
-                        return Progress::Failed(LocalError::Protocol {
-                            addr: addr.clone(),
-                            detail: format!("response head larger than {MAX_HEAD} bytes"),
-                        });
-                    }
-                    Ok(None) => {}
+                    // From here on the deadline is the gap between body reads.
+                    self.deadline = deadline_after(client.timeouts.body_gap);
+                    continue;
                 }
+                Ok(None) => {}
             }
             let room = MAX_HEAD - self.buf.len();
             match crate::http::recv_appending_now(&self.socket, &mut self.buf, room) {
@@ -1114,6 +1071,43 @@ impl Conn {
     }
 }
 
+/// Takes the final response head off the front of `buf`, skipping interim responses (100
+/// Continue, 103 Early Hints): its status, headers and HTTP minor version, with `buf` left
+/// holding the bytes after it; `None` while more bytes are needed. A 101 or a head over
+/// [`MAX_HEAD`] is an error.
+fn take_final_head(buf: &mut Vec<u8>, addr: &str) -> Result<Option<FinalHead>, LocalError> {
+    loop {
+        if buf.is_empty() {
+            return Ok(None);
+        }
+        match parse_head(buf, addr)? {
+            Some((_, 101, _, _)) => {
+                return Err(LocalError::Protocol {
+                    addr: addr.to_owned(),
+                    detail: "unexpected 101 Switching Protocols".into(),
+                });
+            }
+            Some((consumed, status, _, _)) if (100..200).contains(&status) => {
+                buf.drain(..consumed);
+            }
+            Some((consumed, status, headers, minor)) => {
+                buf.drain(..consumed);
+                return Ok(Some((status, headers, minor)));
+            }
+            None if buf.len() >= MAX_HEAD => {
+                return Err(LocalError::Protocol {
+                    addr: addr.to_owned(),
+                    detail: format!("response head larger than {MAX_HEAD} bytes"),
+                });
+            }
+            None => return Ok(None),
+        }
+    }
+}
+
+/// A final response head: status, headers, HTTP minor version.
+type FinalHead = (u16, Vec<(String, String)>, u8);
+
 /// A parsed head: bytes consumed, status, headers, HTTP minor version.
 type ParsedHead = (usize, u16, Vec<(String, String)>, u8);
 
@@ -1171,10 +1165,8 @@ pub struct BodyReader {
     conn: Option<Conn>,
     /// Bytes read from the socket but not yet consumed (`start..end`).
     rbuf: Vec<u8>,
-    /// First unconsumed byte in `rbuf`.
+    /// First unconsumed byte in `rbuf` (which ends where the valid bytes end).
     start: usize,
-    /// End of valid bytes in `rbuf`.
-    end: usize,
     /// Where we are in the body.
     framing: Framing,
     /// The declared length, when known (`Some(0)` for no body).
@@ -1204,19 +1196,21 @@ impl BodyReader {
 
     /// Body bytes already read from the socket and not yet handed out.
     pub fn buffered(&self) -> usize {
-        self.end - self.start
+        self.rbuf.len() - self.start
+    }
+
+    /// Moves the unconsumed bytes to the front of the buffer, before a read appends to it.
+    fn compact(&mut self) {
+        self.rbuf.drain(..self.start);
+        self.start = 0;
     }
 
     /// Appends what has arrived to the buffer without waiting (`WouldBlock`: nothing yet;
     /// `Ok(0)`: end of stream).
     fn fill_now(&mut self) -> io::Result<usize> {
+        self.compact();
         let Some(conn) = self.conn.as_ref() else { return Ok(0) };
-        self.rbuf.drain(..self.start);
-        self.end -= self.start;
-        self.start = 0;
-        let n = crate::http::recv_appending_now(&conn.stream, &mut self.rbuf, READ_BUF)?;
-        self.end += n;
-        Ok(n)
+        crate::http::recv_appending_now(&conn.stream, &mut self.rbuf, READ_BUF)
     }
 
     /// True once the whole body has been read.
@@ -1231,7 +1225,7 @@ impl BodyReader {
         // `release` must run either way so the abort handle stops holding the socket (a later
         // abort must not shut down a pooled connection).
         let not_aborted = self.abort.release();
-        if clean && not_aborted && self.keep_alive && self.start == self.end {
+        if clean && not_aborted && self.keep_alive && self.buffered() == 0 {
             if self.park {
                 self.parked = Some(conn);
                 return;
@@ -1279,34 +1273,25 @@ impl BodyReader {
 
     /// One socket read into `out`. `Ok(0)` is end of stream.
     fn read_socket(&mut self, to_rbuf: bool, out: &mut [u8]) -> Result<usize, LocalError> {
+        if to_rbuf {
+            self.compact();
+        }
         let Some(conn) = self.conn.as_mut() else { return Ok(0) };
         // The body gap bounds each read on its own.
         let deadline = deadline_after(self.gap);
         let r = if to_rbuf {
-            // Unconsumed bytes move to the front; `rbuf` ends where the valid bytes end.
-            self.rbuf.drain(..self.start);
-            self.end -= self.start;
-            self.start = 0;
             conn.append_by(&mut self.rbuf, READ_BUF, deadline)
         } else {
             conn.read_by(out, deadline)
         };
-        match r {
-            Ok(n) => {
-                if to_rbuf {
-                    self.end += n;
-                }
-                Ok(n)
-            }
-            Err(e) => Err(self.broken(Some(e))),
-        }
+        r.map_err(|e| self.broken(Some(e)))
     }
 
     /// Copies buffered bytes, or does one socket read straight into `out` (never waits for
     /// more than the first bytes to arrive). Errors on end of stream.
     fn read_data(&mut self, out: &mut [u8]) -> Result<usize, LocalError> {
-        if self.start < self.end {
-            let n = out.len().min(self.end - self.start);
+        if self.buffered() > 0 {
+            let n = out.len().min(self.buffered());
             out[..n].copy_from_slice(&self.rbuf[self.start..self.start + n]);
             self.start += n;
             return Ok(n);
@@ -1320,7 +1305,7 @@ impl BodyReader {
     /// Reads one CRLF- (or LF-) terminated framing line, without the terminator.
     fn read_line(&mut self) -> Result<String, LocalError> {
         loop {
-            let avail = &self.rbuf[self.start..self.end];
+            let avail = &self.rbuf[self.start..];
             if let Some(pos) = avail.iter().position(|&b| b == b'\n') {
                 let line = &avail[..pos];
                 let line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -1359,7 +1344,7 @@ impl BodyReader {
                     return Ok(n);
                 }
                 Framing::Close => {
-                    if self.start < self.end {
+                    if self.buffered() > 0 {
                         return self.read_data(out);
                     }
                     let n = self.read_socket(false, out)?;

@@ -841,9 +841,8 @@ fn exchange(shared: &Shared, job: &mut Job) -> Result<(), Fail> {
                 .map_err(Fail::Local)?
         }
     };
-    let content_type = resp.header("content-type").unwrap_or("").to_owned();
-    let textual = is_textual(&content_type);
-    let sse = content_type.to_ascii_lowercase().contains("text/event-stream");
+    let textual = is_textual(resp.header("content-type").unwrap_or(""));
+    let sse = resp.is_event_stream();
     let id = req.id.clone();
     let client = req.client.clone();
     let send = |frame: Frame| {
