@@ -21,7 +21,7 @@ use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STAN
 use super::local_http::{
     self, Abort, LocalClient, LocalError, Parked, Pending, Progress, Response,
 };
-use super::{Gone, Outbox, log};
+use super::{Outbox, log};
 use crate::protocol::{
     CLIENT_HEADER, DEFAULT_ALLOWED_PREFIXES, ErrorCode, Frame, Headers, Limits, RequestFrame,
     ResponseFrame, check_header, check_path, check_request_limits, is_hop_by_hop,
@@ -410,10 +410,7 @@ impl Pool {
             Progress::Failed(e) => Err(Fail::Local(e)),
         };
         drop(pending);
-        conclude(shared, &job, result, &mut |text| {
-            push(text);
-            Ok(())
-        });
+        conclude(shared, &job, result, push);
         Step::Done(parked)
     }
 
@@ -428,32 +425,19 @@ impl Pool {
         let Inline { job, pending } = inline;
         let e = pending.timed_out(&self.shared.client);
         let e = if job.abort.is_aborted() { LocalError::Aborted } else { e };
-        conclude(&self.shared, &job, Err(Fail::Local(e)), &mut |text| {
-            push(text);
-            Ok(())
-        });
+        conclude(&self.shared, &job, Err(Fail::Local(e)), push);
     }
 
     /// Ends an inline request with `code` (the caller stops, e.g. `SHUTTING_DOWN`); its
     /// backend connection is closed.
     pub fn end_inline(&self, inline: Inline, code: ErrorCode, push: &mut dyn FnMut(String)) {
         let Inline { job, pending } = inline;
-        // A cancel that came first keeps its answer.
-        let fail = if job.abort.is_aborted() {
-            Fail::Local(LocalError::Aborted)
-        } else {
-            let message = match code {
-                ErrorCode::ShuttingDown => "the bridge is shutting down",
-                _ => "the request was aborted",
-            };
-            Fail::Request(code, message.into())
-        };
-        job.abort.abort();
+        // The shared abort: it records `code` unless a cancel came first, which keeps its
+        // answer.
+        let (client, id) = (&job.req.client, &job.req.id);
+        self.abort_where(|(c, i)| c == client && i == id, code);
         drop(pending);
-        conclude(&self.shared, &job, Err(fail), &mut |text| {
-            push(text);
-            Ok(())
-        });
+        conclude(&self.shared, &job, Err(Fail::Local(LocalError::Aborted)), push);
     }
 
     /// Aborts one request (`cancel` frame). It is answered `CANCELLED` unless its response
@@ -630,17 +614,15 @@ fn run_job(shared: &Shared, mut job: Job) {
         exchange(shared, &mut job)
     };
     let out = job.out.clone();
-    conclude(shared, &job, result, &mut |text| out.send(text));
+    // A failed send means the connection is gone; there is nobody left to tell.
+    conclude(shared, &job, result, &mut |text| {
+        let _ = out.send(text);
+    });
 }
 
 /// Ends a request: sends its error frame when `result` failed (the success path sent its own
 /// terminal frame), then forgets it.
-fn conclude(
-    shared: &Shared,
-    job: &Job,
-    result: Result<(), Fail>,
-    send: &mut dyn FnMut(String) -> Result<(), Gone>,
-) {
+fn conclude(shared: &Shared, job: &Job, result: Result<(), Fail>, send: &mut dyn FnMut(String)) {
     let key: Key = (job.req.client.clone(), job.req.id.clone());
     let failure = match result {
         _ if job.abort.is_silenced() => None,
@@ -659,9 +641,8 @@ fn conclude(
         Err(Fail::Local(e)) => Some((e.code(), e.to_string())),
     };
     if let Some((code, message)) = failure {
-        // A failed send means the connection is gone; there is nobody left to tell.
         job.abort.mark_finishing();
-        let _ = send(Frame::error(&job.req.id, job.req.client.as_deref(), code, message).to_json());
+        send(Frame::error(&job.req.id, job.req.client.as_deref(), code, message).to_json());
     }
     // Forget the request only after its terminal frame is queued, so a duplicate id cannot
     // overtake it.
@@ -1427,6 +1408,16 @@ mod tests {
         pushed.iter().map(|t| parse_frame(t).unwrap()).collect()
     }
 
+    /// Submits a request that must start inline: a kept connection is at hand.
+    fn start_inline_on(
+        p: &Pool,
+        r: RequestFrame,
+        out: &Outbox,
+        parking: &mut Vec<Parked>,
+    ) -> Inline {
+        p.submit_inline(r, out.clone(), Some(parking)).unwrap().expect("started inline")
+    }
+
     /// A pool whose backend connection is warm (one idle keep-alive connection).
     fn warm_pool(o: &Origin) -> Pool {
         let p = pool(o, 2);
@@ -1447,10 +1438,7 @@ mod tests {
         let mut r = req("i1", "POST", "/api/echo");
         r.headers.insert("Content-Type".into(), "text/plain".into());
         r.body = Some("inline ✓".into());
-        let inline = p
-            .submit_inline(r, out.clone(), Some(&mut parking))
-            .unwrap()
-            .expect("an idle connection");
+        let inline = start_inline_on(&p, r, &out, &mut parking);
         let frames = drive(&p, inline, &mut parking);
         assert_eq!(frames.len(), 1, "{frames:?}");
         let Frame::Response(resp) = &frames[0] else { panic!("not whole: {frames:?}") };
@@ -1465,7 +1453,7 @@ mod tests {
         let mut r = req("i2", "POST", "/api/echo");
         r.body = Some(STANDARD.encode(&data));
         r.body_base64 = true;
-        let inline = p.submit_inline(r, out.clone(), Some(&mut parking)).unwrap().expect("idle");
+        let inline = start_inline_on(&p, r, &out, &mut parking);
         // ...and the next inline request takes it from there.
         assert!(inline.tag().is_some() && parking.is_empty());
         let Frame::Response(resp) = &drive(&p, inline, &mut parking)[0] else {
@@ -1475,19 +1463,13 @@ mod tests {
         assert_eq!(STANDARD.decode(&resp.body).unwrap(), data);
         // An event stream is handed to a worker once its head is read; the worker sends every
         // frame, the terminal one included.
-        let inline = p
-            .submit_inline(req("i3", "GET", "/api/sse"), out.clone(), Some(&mut parking))
-            .unwrap()
-            .unwrap();
+        let inline = start_inline_on(&p, req("i3", "GET", "/api/sse"), &out, &mut parking);
         assert!(drive(&p, inline, &mut parking).is_empty());
         let (chunks, status) = streamed(&collect(&rx));
         assert_eq!(status, 200);
         assert!(String::from_utf8(chunks.concat()).unwrap().contains("data: {\"n\":4}"));
         // So is a response over the inline limit (1 MiB, streamed as base64).
-        let inline = p
-            .submit_inline(req("i4", "GET", "/api/big"), out.clone(), Some(&mut parking))
-            .unwrap()
-            .unwrap();
+        let inline = start_inline_on(&p, req("i4", "GET", "/api/big"), &out, &mut parking);
         assert!(drive(&p, inline, &mut parking).is_empty());
         let (chunks, _) = streamed(&collect(&rx));
         assert_eq!(chunks.concat(), test_origin::noise(1 << 20, 7));
@@ -1506,10 +1488,7 @@ mod tests {
         let mut parking = Vec::new();
         let (out, rx) = outbox(64);
         // A cancel shuts the backend socket down; the next step answers CANCELLED.
-        let inline = p
-            .submit_inline(req("h1", "GET", "/api/hang"), out.clone(), Some(&mut parking))
-            .unwrap()
-            .unwrap();
+        let inline = start_inline_on(&p, req("h1", "GET", "/api/hang"), &out, &mut parking);
         let frames = drive_with(&p, inline, &mut parking, || {
             Origin::wait_for(&o.hangs, 1);
             p.cancel(Some(CLIENT), "h1");
@@ -1536,18 +1515,12 @@ mod tests {
             s
         };
         p.shared.client.push_idle(stale());
-        let inline = p
-            .submit_inline(req("s1", "GET", "/api/health"), out.clone(), Some(&mut parking))
-            .unwrap()
-            .unwrap();
+        let inline = start_inline_on(&p, req("s1", "GET", "/api/health"), &out, &mut parking);
         assert!(drive(&p, inline, &mut parking).is_empty());
         assert!(matches!(only(&rx), Frame::Response(ResponseFrame { status: 200, .. })));
         // ...but a POST is not sent twice: it fails BACKEND_UNREACHABLE.
         p.shared.client.push_idle(stale());
-        let inline = p
-            .submit_inline(req("s2", "POST", "/api/echo"), out.clone(), Some(&mut parking))
-            .unwrap()
-            .unwrap();
+        let inline = start_inline_on(&p, req("s2", "POST", "/api/echo"), &out, &mut parking);
         let frames = drive(&p, inline, &mut parking);
         assert_eq!(error_code(&frames[0]), ErrorCode::BackendUnreachable);
         wait_closed(&p);
@@ -1559,10 +1532,7 @@ mod tests {
             p.submit(req("w1", "GET", "/api/health"), out.clone()).unwrap();
             assert!(matches!(only(&rx), Frame::Response(_)));
             wait_closed(&p);
-            let inline = p
-                .submit_inline(req("o1", "GET", "/api/once"), out.clone(), Some(parking))
-                .unwrap()
-                .unwrap();
+            let inline = start_inline_on(&p, req("o1", "GET", "/api/once"), &out, parking);
             drive(&p, inline, parking);
             assert_eq!(parking.len(), 1);
             // `/api/once` drops the connection 20 ms after answering.
@@ -1578,29 +1548,20 @@ mod tests {
         // ...and a GET, sent without the check, is resent by a worker.
         parking.clear();
         once(&mut parking);
-        let inline = p
-            .submit_inline(req("g1", "GET", "/api/health"), out.clone(), Some(&mut parking))
-            .unwrap()
-            .unwrap();
+        let inline = start_inline_on(&p, req("g1", "GET", "/api/health"), &out, &mut parking);
         assert!(drive(&p, inline, &mut parking).is_empty());
         assert!(matches!(only(&rx), Frame::Response(ResponseFrame { status: 200, .. })));
         wait_closed(&p);
 
         // A bodiless answer (204 after a 100 Continue) is whole at once, its connection
         // parked like any other.
-        let inline = p
-            .submit_inline(req("n1", "GET", "/api/nocontent"), out.clone(), Some(&mut parking))
-            .unwrap()
-            .unwrap();
+        let inline = start_inline_on(&p, req("n1", "GET", "/api/nocontent"), &out, &mut parking);
         let frames = drive(&p, inline, &mut parking);
         assert!(matches!(&frames[..], [Frame::Response(ResponseFrame { status: 204, .. })]));
         assert_eq!(parking.len(), 1);
 
         // A cancel that came first keeps its answer when the caller ends the request.
-        let inline = p
-            .submit_inline(req("c2", "GET", "/api/hang"), out.clone(), Some(&mut parking))
-            .unwrap()
-            .unwrap();
+        let inline = start_inline_on(&p, req("c2", "GET", "/api/hang"), &out, &mut parking);
         p.cancel(Some(CLIENT), "c2");
         let mut pushed = Vec::new();
         p.end_inline(inline, ErrorCode::ShuttingDown, &mut |t| pushed.push(t));
@@ -1610,10 +1571,7 @@ mod tests {
         p.submit(req("w2", "GET", "/api/health"), out.clone()).unwrap();
         assert!(matches!(only(&rx), Frame::Response(_)));
         wait_closed(&p);
-        let inline = p
-            .submit_inline(req("x1", "GET", "/api/hang"), out.clone(), Some(&mut parking))
-            .unwrap()
-            .unwrap();
+        let inline = start_inline_on(&p, req("x1", "GET", "/api/hang"), &out, &mut parking);
         let mut pushed = Vec::new();
         p.end_inline(inline, ErrorCode::ShuttingDown, &mut |t| pushed.push(t));
         assert_eq!(pushed.len(), 1);
