@@ -19,6 +19,8 @@ pub struct Stream {
     armed: bool,
     /// The last read emptied the socket; cleared by [`Stream::mark_ready`].
     drained: bool,
+    /// Writes through [`Write`] answer `WouldBlock` (a frame is being written around them).
+    held: bool,
 }
 
 enum Inner {
@@ -29,12 +31,12 @@ enum Inner {
 impl Stream {
     /// A plain TCP stream, not armed.
     pub fn plain(tcp: TcpStream) -> Stream {
-        Stream { inner: Inner::Plain(tcp), armed: false, drained: false }
+        Stream { inner: Inner::Plain(tcp), armed: false, drained: false, held: false }
     }
 
     /// A TLS stream.
     pub fn tls(tls: native_tls::TlsStream<TcpStream>) -> Stream {
-        Stream { inner: Inner::Tls(Box::new(tls)), armed: false, drained: false }
+        Stream { inner: Inner::Tls(Box::new(tls)), armed: false, drained: false, held: false }
     }
 
     /// The TCP socket underneath.
@@ -62,6 +64,20 @@ impl Stream {
     pub fn mark_ready(&mut self) {
         self.drained = false;
     }
+
+    /// While held, writes through [`Write`] (tungstenite's) answer `WouldBlock`, so tungstenite
+    /// keeps its bytes; only [`Stream::write_vectored_held`] reaches the socket.
+    pub fn hold_writes(&mut self, held: bool) {
+        self.held = held;
+    }
+
+    /// A vectored write that goes to the socket even while writes are held.
+    pub fn write_vectored_held(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match &mut self.inner {
+            Inner::Plain(s) => s.write_vectored(bufs),
+            Inner::Tls(s) => s.write_vectored(bufs),
+        }
+    }
 }
 
 impl Read for Stream {
@@ -82,6 +98,9 @@ impl Read for Stream {
 
 impl Write for Stream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.held {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
         match &mut self.inner {
             Inner::Plain(s) => s.write(buf),
             Inner::Tls(s) => s.write(buf),

@@ -1,11 +1,21 @@
 //! The outbound side of a WebSocket on a non-blocking socket, shared by the crate's
-//! readiness-driven servers (the relay reactor and the LAN server): a queue of messages with a
-//! byte count (for back-pressure) and a flush that writes until the socket would block.
+//! readiness-driven threads (the relay reactor, the LAN server, the bridge's relay socket): a
+//! queue of messages with a byte count (for back-pressure) and a flush that writes until the
+//! socket would block.
+//!
+//! A server may also queue a text frame given as pieces ([`WsOut::push_pieces`]): the relay
+//! forwards a 16 MiB request as its own short prefix plus a slice of the message it received,
+//! and the frame is written from those pieces with vectored writes, never copied into one
+//! buffer (tungstenite would copy it whole into its write buffer). While such a frame is half
+//! written, the stream holds back tungstenite's own writes (pongs and close replies it sends
+//! from inside `read`), so they cannot land in the middle of it.
 
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice};
 
-use tungstenite::{Message, WebSocket};
+use tungstenite::{Bytes, Message, WebSocket};
+
+use crate::stream::Stream;
 
 /// True for the errors a non-blocking socket returns when it has nothing more to give or take.
 pub fn would_block(e: &io::Error) -> bool {
@@ -17,12 +27,39 @@ pub fn ws_would_block(e: &tungstenite::Error) -> bool {
     matches!(e, tungstenite::Error::Io(io) if would_block(io))
 }
 
-/// Messages waiting for a WebSocket, and whether tungstenite holds bytes the socket refused.
+/// A queued outbound message.
+enum Queued {
+    /// Framed and buffered by tungstenite.
+    Message(Message),
+    /// An unmasked text frame whose payload is these pieces in order (server side only).
+    Pieces(Vec<Bytes>),
+}
+
+impl Queued {
+    fn len(&self) -> usize {
+        match self {
+            Queued::Message(m) => m.len(),
+            Queued::Pieces(p) => p.iter().map(Bytes::len).sum(),
+        }
+    }
+}
+
+/// A frame written from pieces, part-way through.
+struct Vectored {
+    /// The frame header followed by the payload pieces.
+    pieces: Vec<Bytes>,
+    /// Bytes of `pieces` already written.
+    written: usize,
+}
+
+/// Messages waiting for a WebSocket, and whether bytes wait in tungstenite or in a
+/// half-written frame.
 #[derive(Default)]
 pub struct WsOut {
-    queue: VecDeque<Message>,
+    queue: VecDeque<Queued>,
     bytes: usize,
     blocked: bool,
+    vectored: Option<Vectored>,
 }
 
 /// The socket broke while writing (the error, for logs); drop the connection.
@@ -33,10 +70,19 @@ impl WsOut {
     /// Queues a message (sent by the next [`WsOut::flush`]).
     pub fn push(&mut self, msg: Message) {
         self.bytes += msg.len();
-        self.queue.push_back(msg);
+        self.queue.push_back(Queued::Message(msg));
     }
 
-    /// Bytes queued and not yet handed to tungstenite.
+    /// Queues a text frame whose payload is `pieces` joined, written without joining them.
+    /// The pieces must join into valid UTF-8. Only for the server side of a WebSocket: the
+    /// frame is sent unmasked.
+    pub fn push_pieces(&mut self, pieces: Vec<Bytes>) {
+        let queued = Queued::Pieces(pieces);
+        self.bytes += queued.len();
+        self.queue.push_back(queued);
+    }
+
+    /// Bytes queued and not yet handed to the socket or tungstenite.
     pub fn bytes(&self) -> usize {
         self.bytes
     }
@@ -46,48 +92,192 @@ impl WsOut {
         self.queue.is_empty() && !self.blocked
     }
 
-    /// True while tungstenite holds bytes the socket did not take: wait for writability.
+    /// True while bytes the socket did not take wait: wait for writability.
     pub fn blocked(&self) -> bool {
         self.blocked
     }
 
     /// Writes queued messages until the socket would block, then flushes. Only one message at
-    /// a time sits in tungstenite's buffer, so the queue stays the one place bytes wait.
-    pub fn flush<S: Read + Write>(&mut self, ws: &mut WebSocket<S>) -> Result<(), Broken> {
+    /// a time sits in tungstenite's buffer (or half-written from pieces), so the queue stays
+    /// the one place bytes wait.
+    pub fn flush(&mut self, ws: &mut WebSocket<Stream>) -> Result<(), Broken> {
         loop {
             if self.blocked {
-                match ws.flush() {
-                    Ok(()) => self.blocked = false,
-                    Err(e) if ws_would_block(&e) => return Ok(()),
-                    Err(e) => return Err(Broken(e.to_string())),
+                let done = match self.vectored.as_mut() {
+                    Some(v) => write_vectored(ws.get_mut(), v),
+                    None => flushed(ws.flush()),
+                };
+                match done {
+                    Ok(true) => {
+                        self.blocked = false;
+                        if self.vectored.take().is_some() {
+                            ws.get_mut().hold_writes(false);
+                        }
+                    }
+                    Ok(false) => return Ok(()),
+                    Err(e) => return Err(e),
                 }
             }
-            let Some(msg) = self.queue.pop_front() else {
-                return match ws.flush() {
-                    Ok(()) => Ok(()),
-                    Err(e) if ws_would_block(&e) => {
+            let Some(queued) = self.queue.pop_front() else {
+                return match flushed(ws.flush()) {
+                    Ok(true) => Ok(()),
+                    Ok(false) => {
                         self.blocked = true;
                         Ok(())
                     }
-                    Err(e) => Err(Broken(e.to_string())),
+                    Err(e) => Err(e),
                 };
             };
-            self.bytes = self.bytes.saturating_sub(msg.len());
-            match ws.write(msg) {
-                Ok(()) => {}
-                // The message is buffered inside tungstenite.
-                Err(e) if ws_would_block(&e) => {
+            self.bytes = self.bytes.saturating_sub(queued.len());
+            match queued {
+                Queued::Message(msg) => match ws.write(msg) {
+                    Ok(()) => {}
+                    // The message is buffered inside tungstenite.
+                    Err(e) if ws_would_block(&e) => {
+                        self.blocked = true;
+                        return Ok(());
+                    }
+                    Err(tungstenite::Error::WriteBufferFull(msg)) => {
+                        self.bytes += msg.len();
+                        self.queue.push_front(Queued::Message(*msg));
+                        self.blocked = true;
+                        return Ok(());
+                    }
+                    Err(e) => return Err(Broken(e.to_string())),
+                },
+                Queued::Pieces(payload) => {
+                    // What tungstenite buffered goes first.
+                    match flushed(ws.flush()) {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            self.bytes += payload.iter().map(Bytes::len).sum::<usize>();
+                            self.queue.push_front(Queued::Pieces(payload));
+                            self.blocked = true;
+                            return Ok(());
+                        }
+                        Err(e) => return Err(e),
+                    }
+                    let len = payload.iter().map(Bytes::len).sum();
+                    let mut pieces = Vec::with_capacity(payload.len() + 1);
+                    pieces.push(text_frame_header(len));
+                    pieces.extend(payload);
+                    ws.get_mut().hold_writes(true);
+                    self.vectored = Some(Vectored { pieces, written: 0 });
                     self.blocked = true;
-                    return Ok(());
                 }
-                Err(tungstenite::Error::WriteBufferFull(msg)) => {
-                    self.bytes += msg.len();
-                    self.queue.push_front(*msg);
-                    self.blocked = true;
-                    return Ok(());
-                }
-                Err(e) => return Err(Broken(e.to_string())),
             }
+        }
+    }
+}
+
+/// A tungstenite flush as `Ok(true)` when done, `Ok(false)` when the socket would block.
+fn flushed(r: tungstenite::Result<()>) -> Result<bool, Broken> {
+    match r {
+        Ok(()) => Ok(true),
+        Err(e) if ws_would_block(&e) => Ok(false),
+        Err(e) => Err(Broken(e.to_string())),
+    }
+}
+
+/// The header of a final, unmasked text frame with a payload of `len` bytes (RFC 6455 §5.2).
+fn text_frame_header(len: usize) -> Bytes {
+    let mut head = vec![0x81];
+    match len {
+        0..=125 => head.push(len as u8),
+        126..=0xFFFF => {
+            head.push(126);
+            head.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        _ => {
+            head.push(127);
+            head.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+    }
+    Bytes::from(head)
+}
+
+/// Writes the rest of a frame given as pieces until it is all written (`Ok(true)`) or the
+/// socket would block (`Ok(false)`).
+fn write_vectored(stream: &mut Stream, v: &mut Vectored) -> Result<bool, Broken> {
+    /// Pieces handed to one `writev`.
+    const SLICES: usize = 8;
+    loop {
+        let mut skip = v.written;
+        let mut slices = Vec::with_capacity(SLICES);
+        for piece in &v.pieces {
+            if skip >= piece.len() {
+                skip -= piece.len();
+                continue;
+            }
+            slices.push(IoSlice::new(&piece[skip..]));
+            skip = 0;
+            if slices.len() == SLICES {
+                break;
+            }
+        }
+        if slices.is_empty() {
+            return Ok(true);
+        }
+        match stream.write_vectored_held(&slices) {
+            Ok(0) => return Err(Broken("the socket accepted no bytes".into())),
+            Ok(n) => v.written += n,
+            Err(e) if would_block(&e) => return Ok(false),
+            Err(e) => return Err(Broken(e.to_string())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{TcpListener, TcpStream};
+    use tungstenite::protocol::Role;
+
+    /// Frames from pieces, of every header size and around a plain message, arrive whole and
+    /// in order at a real WebSocket client, however the socket splits the writes.
+    #[test]
+    fn frames_from_pieces_arrive_whole_and_in_order() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (tcp, _) = l.accept().unwrap();
+        tcp.set_nonblocking(true).unwrap();
+        let mut server = WebSocket::from_raw_socket(Stream::plain(tcp), Role::Server, None);
+        let lens = [0usize, 1, 125, 126, 65535, 65536, 3 << 20];
+        let reader = std::thread::spawn(move || {
+            let mut client = WebSocket::from_raw_socket(peer, Role::Client, None);
+            (0..lens.len() + 1).map(|_| client.read().unwrap()).collect::<Vec<_>>()
+        });
+
+        let mut out = WsOut::default();
+        for (i, len) in lens.iter().enumerate() {
+            let text: String = (0..*len).map(|j| (b'a' + ((i + j) % 26) as u8) as char).collect();
+            let cut = [len / 3, 2 * len / 3];
+            let bytes = Bytes::from(text);
+            out.push_pieces(vec![
+                bytes.slice(..cut[0]),
+                bytes.slice(cut[0]..cut[1]),
+                bytes.slice(cut[1]..),
+            ]);
+            if i == 3 {
+                out.push(Message::text("between"));
+            }
+        }
+        while !out.is_idle() {
+            out.flush(&mut server).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let got = reader.join().unwrap();
+        let mut want: Vec<String> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, len)| (0..*len).map(|j| (b'a' + ((i + j) % 26) as u8) as char).collect())
+            .collect();
+        want.insert(4, "between".into());
+        let got: Vec<String> =
+            got.into_iter().map(|m| m.into_text().unwrap().to_string()).collect();
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(&want) {
+            assert!(g == w, "a frame of {} bytes arrived as {} bytes", w.len(), g.len());
         }
     }
 }

@@ -1447,3 +1447,58 @@ fn sigterm_with_live_sockets_exits_zero() {
         }
     }
 }
+
+/// A large request is forwarded from pieces of the message it arrived in. While the bridge is
+/// not reading, the relay's write of it stops part-way; a ping the bridge sends meanwhile is
+/// answered after the request, never inside it, and a duplicate field is refused.
+#[test]
+fn a_pong_never_lands_inside_a_half_written_request() {
+    let relay = Relay::new();
+    let api = relay.registry();
+    let reg = api.register_ok("Test Bridge");
+    let code = api.access_code_ok(&reg.bridge_id, &reg.relay_secret);
+    let client = api.verify_ok(&reg.bridge_id, &code.access_code, "Test Phone");
+    let mut bridge = BridgePeer::connect_ok(&relay, &reg.bridge_id, &reg.relay_secret, "inst-1");
+    api.wait_bridge_online(&reg.bridge_id, &reg.relay_secret, true);
+    let mut app = AppClient::connect_ok(&relay, &reg.bridge_id, &client.client_secret, true);
+
+    // 12 MiB is more than loopback buffers hold while the bridge does not read.
+    let body = "b".repeat(12 << 20);
+    app.send(&req("big", "POST", "/api/echo", Some(&body)));
+    std::thread::sleep(Duration::from_millis(300));
+    bridge.ws.send(tungstenite::Message::Ping(b"mid-frame".to_vec().into())).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+
+    let mut request = None;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let _ = bridge.ws.get_mut().set_read_timeout(Some(Duration::from_secs(20)));
+    loop {
+        assert!(Instant::now() < deadline, "no pong after the request");
+        match bridge.ws.read().expect("the bridge socket must carry intact frames") {
+            tungstenite::Message::Text(t) => match protocol::parse_frame(t.as_str()).unwrap() {
+                Frame::Request(r) => request = Some(r),
+                Frame::ClientConnected { .. } => {}
+                other => panic!("unexpected {other:?}"),
+            },
+            tungstenite::Message::Pong(p) => {
+                assert_eq!(&p[..], b"mid-frame");
+                break;
+            }
+            _ => {}
+        }
+    }
+    let r = request.expect("the pong must come after the request it waited for");
+    assert_eq!(r.client.as_deref(), Some(client.client_id.as_str()));
+    assert_eq!((r.id.as_str(), r.body.as_deref().map(str::len)), ("big", Some(12 << 20)));
+    assert!(r.body.as_deref().is_some_and(|b| b.bytes().all(|c| c == b'b')));
+
+    // The relay forwards the text it received, so it refuses a field given twice rather than
+    // check one value while the bridge reads the other.
+    app.send_text(r#"{"type":"request","id":"dup","method":"GET","path":"/a","path":"/b"}"#);
+    match app.recv() {
+        Frame::Error { code: ErrorCode::BadFrame, message } => {
+            assert!(message.contains("duplicate field `path`"), "{message}")
+        }
+        other => panic!("expected a BAD_FRAME error, got {other:?}"),
+    }
+}

@@ -43,6 +43,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
 
+use crate::stream::Stream;
 use crate::wsout::{WsOut, would_block, ws_would_block};
 
 use super::store::{self, Authorized, Refused};
@@ -109,7 +110,7 @@ struct HttpConn {
 
 /// An established app socket.
 struct WsConn {
-    ws: WebSocket<TcpStream>,
+    ws: WebSocket<Stream>,
     client_id: String,
     /// Frames from the workers (ready JSON, still carrying `client`).
     rx: Receiver<String>,
@@ -143,7 +144,7 @@ impl Conn {
     fn tcp(&self) -> &TcpStream {
         match &self.io {
             Io::Http(h) => &h.stream,
-            Io::Ws(w) => w.ws.get_ref(),
+            Io::Ws(w) => w.ws.get_ref().tcp(),
         }
     }
 }
@@ -626,8 +627,12 @@ impl Server {
         }
         let now = Instant::now();
         let (tx, rx) = sync_channel(OUTBOX_FRAMES);
-        let ws =
-            WebSocket::from_partially_read(h.stream, h.inbuf, Role::Server, Some(self.ws_config));
+        let ws = WebSocket::from_partially_read(
+            Stream::plain(h.stream),
+            h.inbuf,
+            Role::Server,
+            Some(self.ws_config),
+        );
         let client_id = session.client_id.clone();
         conn.io = Io::Ws(Box::new(WsConn {
             ws,

@@ -23,7 +23,7 @@ use crate::poll::{Event, Events, PollMode, Poller};
 use serde_json::value::RawValue;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tungstenite::{Message, WebSocket};
+use tungstenite::{Bytes, Message, Utf8Bytes, WebSocket};
 
 use crate::stream::Stream;
 use crate::wsout::{WsOut, would_block, ws_would_block};
@@ -45,6 +45,10 @@ const READ_BATCH: usize = 32;
 /// Bytes of messages read from one socket before they are routed: one 16 MiB frame is held at
 /// a time, never 32 of them.
 const READ_BATCH_BYTES: usize = 1 << 20;
+
+/// Frames from this size up are forwarded as pieces of the message they arrived in, never
+/// copied (smaller ones are joined, so that many of them leave in one write).
+const PIECES_MIN: usize = 64 << 10;
 
 /// Bad frames tolerated on one socket before it is closed with 4008.
 const MAX_BAD_FRAMES: u32 = 32;
@@ -669,7 +673,7 @@ impl Reactor {
         }
         for t in texts {
             match t {
-                Ok(text) => self.route_text(id, text.as_str()),
+                Ok(text) => self.route_text(id, &text),
                 Err(()) => {
                     self.bad_frame(id, "binary frames are not accepted; send JSON text frames")
                 }
@@ -700,13 +704,18 @@ impl Reactor {
     /// Queues a frame for a WebSocket; it is written at the end of this turn of the loop
     /// ([`Reactor::flush_dirty`]).
     fn send_text(&mut self, id: ConnId, text: String) {
+        self.queue(id, |out| out.push(Message::text(text)));
+    }
+
+    /// Queues a message with `push` (unless the socket is detached) and marks the socket dirty.
+    fn queue(&mut self, id: ConnId, push: impl FnOnce(&mut WsOut)) {
         let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) else {
             return;
         };
         if w.detached {
             return;
         }
-        w.out.push(Message::text(text));
+        push(&mut w.out);
         if !w.dirty {
             w.dirty = true;
             self.dirty.push(id);
@@ -817,18 +826,20 @@ impl Reactor {
     /// Routes one text frame. Request and response frames — the ones that carry bodies — are
     /// read as a [`RawFrame`]: the few small fields routing needs are decoded, `client` is
     /// stamped or stripped, and every other value (the body above all) is forwarded as the
-    /// exact JSON text it arrived as. A 16 MiB body is thus scanned once and copied once,
-    /// never decoded and re-encoded. Other frames are small and parsed as typed [`Frame`]s.
-    fn route_text(&mut self, id: ConnId, text: &str) {
+    /// exact JSON text it arrived as. A 16 MiB body is thus scanned once and never decoded or
+    /// copied (see [`Reactor::app_request`]). Other frames are small and parsed as typed
+    /// [`Frame`]s.
+    fn route_text(&mut self, id: ConnId, message: &Utf8Bytes) {
         let Some(peer) = self.peer_of(id) else { return };
-        let mut raw: RawFrame<'_> = match serde_json::from_str(text) {
+        let text = message.as_str();
+        let mut raw = match parse_raw(text) {
             Ok(m) => m,
             Err(e) => return self.bad_frame(id, &format!("malformed frame: {e}")),
         };
         let kind: Option<String> = raw_field(&raw, "type").ok().flatten();
         match (peer, kind.as_deref()) {
             (Peer::App { bridge_id, client_id, .. }, Some("request")) => {
-                self.app_request(id, &bridge_id, &client_id, raw)
+                self.app_request(id, &bridge_id, &client_id, raw, message)
             }
             (Peer::Bridge { bridge_id, .. }, Some(k)) if RESPONSE_KINDS.contains(&k) => {
                 let client: Option<String> = match raw_field(&raw, "client") {
@@ -870,7 +881,14 @@ impl Reactor {
 
     /// An app's `request`: checked against the limits, admitted, stamped with the app's
     /// clientId (whatever `client` it carried is replaced) and forwarded to its bridge.
-    fn app_request(&mut self, id: ConnId, bridge_id: &str, client_id: &str, mut raw: RawFrame<'_>) {
+    fn app_request(
+        &mut self,
+        id: ConnId,
+        bridge_id: &str,
+        client_id: &str,
+        mut raw: RawFrame<'_>,
+        message: &Utf8Bytes,
+    ) {
         let (req, body_len) = match request_head(&raw) {
             Ok(r) => r,
             Err(msg) => return self.bad_frame(id, &msg),
@@ -906,9 +924,23 @@ impl Reactor {
         if let Some(r) = self.bridges.get_mut(bridge_id) {
             r.open += 1;
         }
-        raw.remove("client");
-        let stamped = Stamped { client: client_id, rest: &raw };
-        self.send_text(bridge_conn, serde_json::to_string(&stamped).unwrap_or_default());
+        if raw.remove("client").is_some() {
+            // The app named a client: the frame is written anew without it.
+            let stamped = Stamped { client: client_id, rest: &raw };
+            self.send_text(bridge_conn, serde_json::to_string(&stamped).unwrap_or_default());
+        } else {
+            // `{"client":"…",` and then the frame as it arrived, after its opening brace (the
+            // frame has fields, so a comma belongs there).
+            let text = message.as_str();
+            let rest = text.trim_start().get(1..).unwrap_or_default();
+            let prefix = format!("{{\"client\":{},", serde_json::Value::from(client_id));
+            if text.len() >= PIECES_MIN {
+                let rest = AsRef::<Bytes>::as_ref(message).slice_ref(rest.as_bytes());
+                self.queue(bridge_conn, |out| out.push_pieces(vec![Bytes::from(prefix), rest]));
+            } else {
+                self.send_text(bridge_conn, prefix + rest);
+            }
+        }
         self.apply_backpressure(id, bridge_conn);
     }
 
@@ -1211,6 +1243,36 @@ impl Reactor {
 
 /// A frame's top level with each value kept as its raw JSON text (see `route_text`).
 type RawFrame<'a> = BTreeMap<String, &'a RawValue>;
+
+/// Reads a frame's top level as a [`RawFrame`]. A field given twice is refused: the relay
+/// forwards a request as the text it arrived as, so it must not check one value of a field
+/// while the bridge reads another.
+fn parse_raw(text: &str) -> Result<RawFrame<'_>, serde_json::Error> {
+    struct Fields;
+    impl<'de> serde::de::Visitor<'de> for Fields {
+        type Value = RawFrame<'de>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut fields = RawFrame::new();
+            while let Some((name, value)) = map.next_entry::<String, &'de RawValue>()? {
+                if fields.contains_key(&name) {
+                    return Err(serde::de::Error::custom(format!("duplicate field `{name}`")));
+                }
+                fields.insert(name, value);
+            }
+            Ok(fields)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(text);
+    let fields = serde::Deserializer::deserialize_map(&mut de, Fields)?;
+    de.end()?;
+    Ok(fields)
+}
 
 /// Frame types a bridge sends about a request.
 const RESPONSE_KINDS: &[&str] =
