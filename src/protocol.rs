@@ -5,8 +5,12 @@
 //! and the bridge apply. No I/O lives in this module.
 
 use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Deref;
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use tungstenite::{Bytes, Utf8Bytes};
 
 /// Protocol version carried in the relay QR payload (`v`).
 pub const PROTOCOL_VERSION: u32 = 2;
@@ -462,7 +466,7 @@ pub struct RequestFrame {
     pub headers: Headers,
     /// The body: UTF-8 text, or base64 when `body_base64`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub body: Option<String>,
+    pub body: Option<SharedStr>,
     /// Whether `body` is base64.
     #[serde(default, skip_serializing_if = "is_false")]
     pub body_base64: bool,
@@ -694,6 +698,168 @@ impl Frame {
         // serialiser returns an error.
         serde_json::to_string(self).unwrap_or_default()
     }
+}
+
+/// A string that may share its memory with the WebSocket message it was read from: a request
+/// body of up to 16 MiB is never copied out of its frame ([`parse_message`]). It reads as a
+/// `&str` and serialises as a JSON string.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct SharedStr(
+    /// Always valid UTF-8: every constructor takes a `String`, a `&str` or a slice of a
+    /// [`Utf8Bytes`] cut at the bounds of a `&str` inside it.
+    Bytes,
+);
+
+impl SharedStr {
+    /// The part of `message` that `part` (a `&str` borrowed from it) covers, without a copy.
+    /// `None` when `part` does not lie inside `message`.
+    pub fn slice_of(message: &Utf8Bytes, part: &str) -> Option<SharedStr> {
+        let whole = message.as_str().as_bytes().as_ptr_range();
+        let range = part.as_bytes().as_ptr_range();
+        let inside = whole.start <= range.start && range.end <= whole.end;
+        inside.then(|| SharedStr(AsRef::<Bytes>::as_ref(message).slice_ref(part.as_bytes())))
+    }
+}
+
+impl Deref for SharedStr {
+    type Target = str;
+    fn deref(&self) -> &str {
+        // SAFETY: the bytes are valid UTF-8 (see the field's invariant): they come from a
+        // `String` or `&str`, or are the bytes of a `&str` inside a `Utf8Bytes` (whose
+        // contents are UTF-8), and a `&str`'s bounds are character boundaries.
+        unsafe { std::str::from_utf8_unchecked(&self.0) }
+    }
+}
+
+impl From<String> for SharedStr {
+    fn from(s: String) -> SharedStr {
+        SharedStr(Bytes::from(s))
+    }
+}
+
+impl From<&str> for SharedStr {
+    fn from(s: &str) -> SharedStr {
+        SharedStr(Bytes::copy_from_slice(s.as_bytes()))
+    }
+}
+
+impl fmt::Debug for SharedStr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&**self, f)
+    }
+}
+
+impl Serialize for SharedStr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for SharedStr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<SharedStr, D::Error> {
+        String::deserialize(d).map(SharedStr::from)
+    }
+}
+
+/// A frame's top level with each value kept as its raw JSON text: how the relay routes
+/// request and response frames without decoding their bodies.
+pub type RawFrame<'a> = BTreeMap<String, &'a RawValue>;
+
+/// Reads a frame's top level as a [`RawFrame`]. A field given twice is refused: the relay
+/// forwards a request as the text it arrived as, so it must not check one value of a field
+/// while the bridge reads another.
+pub fn parse_raw(text: &str) -> Result<RawFrame<'_>, serde_json::Error> {
+    struct Fields;
+    impl<'de> serde::de::Visitor<'de> for Fields {
+        type Value = RawFrame<'de>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut fields = RawFrame::new();
+            while let Some((name, value)) = map.next_entry::<String, &'de RawValue>()? {
+                if fields.contains_key(&name) {
+                    return Err(serde::de::Error::custom(format!("duplicate field `{name}`")));
+                }
+                fields.insert(name, value);
+            }
+            Ok(fields)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(text);
+    let fields = serde::Deserializer::deserialize_map(&mut de, Fields)?;
+    de.end()?;
+    Ok(fields)
+}
+
+/// Decodes one small top-level field of a [`RawFrame`]; `Ok(None)` when absent or null.
+pub fn raw_field<T: serde::de::DeserializeOwned>(
+    raw: &RawFrame<'_>,
+    name: &str,
+) -> Result<Option<T>, String> {
+    match raw.get(name) {
+        None => Ok(None),
+        Some(v) => serde_json::from_str::<Option<T>>(v.get())
+            .map_err(|e| format!("malformed frame: field {name}: {e}")),
+    }
+}
+
+/// A request's fields except the body, and the body's length as carried (its JSON text
+/// length, an upper bound when escapes are present): enough to check and route it.
+pub fn request_head(raw: &RawFrame<'_>) -> Result<(RequestFrame, usize), String> {
+    let required = |name: &str| -> Result<String, String> {
+        raw_field(raw, name)?.ok_or_else(|| format!("malformed frame: request needs {name}"))
+    };
+    let body_len = match raw.get("body").map(|v| v.get()) {
+        None | Some("null") => 0,
+        Some(text) if text.starts_with('"') => text.len().saturating_sub(2),
+        Some(_) => return Err("malformed frame: body must be a string".into()),
+    };
+    let head = RequestFrame {
+        id: required("id")?,
+        client: None,
+        method: required("method")?,
+        path: required("path")?,
+        headers: raw_field(raw, "headers")?.unwrap_or_default(),
+        body: None,
+        body_base64: raw_field(raw, "bodyBase64")?.unwrap_or(false),
+    };
+    Ok((head, body_len))
+}
+
+/// Frames from this size up are parsed by [`parse_message`] without copying their body.
+const SHARED_BODY_MIN: usize = 64 << 10;
+
+/// Parses a received text message like [`parse_frame`]; a large request's body is kept as a
+/// slice of the message ([`SharedStr`]) instead of being copied out of it.
+pub fn parse_message(message: &Utf8Bytes) -> Result<Frame, String> {
+    let text = message.as_str();
+    if text.len() < SHARED_BODY_MIN {
+        return parse_frame(text);
+    }
+    let raw = parse_raw(text).map_err(|e| format!("malformed frame: {e}"))?;
+    if raw_field::<String>(&raw, "type")?.as_deref() != Some("request") {
+        return parse_frame(text);
+    }
+    let (mut req, _) = request_head(&raw)?;
+    req.client = raw_field(&raw, "client")?;
+    req.body = match raw.get("body").map(|v| v.get()) {
+        None | Some("null") => None,
+        // Without escapes the JSON string's contents are the body itself.
+        Some(quoted) if !quoted.contains('\\') => {
+            let inner = quoted.get(1..quoted.len().saturating_sub(1)).unwrap_or_default();
+            SharedStr::slice_of(message, inner)
+        }
+        Some(quoted) => Some(
+            serde_json::from_str::<String>(quoted)
+                .map_err(|e| format!("malformed frame: field body: {e}"))?
+                .into(),
+        ),
+    };
+    Ok(Frame::Request(req))
 }
 
 /// Parses a text frame. Errors are worded for a `BAD_FRAME` message.
@@ -940,11 +1106,50 @@ mod tests {
             body_base64: false,
         };
         assert!(check_request_limits(&r, &l).is_ok());
-        r.body = Some("A".repeat(17 << 20));
+        r.body = Some("A".repeat(17 << 20).into());
         r.body_base64 = true;
         assert_eq!(check_request_limits(&r, &l).unwrap_err().0, ErrorCode::TooLarge);
         r.body = None;
         r.id = "bad id".into();
         assert_eq!(check_request_limits(&r, &l).unwrap_err().0, ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn a_large_request_keeps_its_body_inside_the_message() {
+        let body = "QUJD".repeat(50_000);
+        let text = format!(
+            r#"{{"type":"request","client":"c1","id":"u1","method":"POST","path":"/api/x","headers":{{"a":"b"}},"body":"{body}","bodyBase64":true}}"#
+        );
+        let message = Utf8Bytes::from(text.clone());
+        let Ok(Frame::Request(r)) = parse_message(&message) else { panic!("not a request") };
+        // Everything as the plain parse reads it...
+        assert_eq!(Ok(Frame::Request(r.clone())), parse_frame(&text));
+        // ...and the body is the message's own bytes, not a copy.
+        let inside = message.as_str().as_bytes().as_ptr_range();
+        let b = r.body.as_deref().unwrap().as_bytes().as_ptr_range();
+        assert!(inside.start <= b.start && b.end <= inside.end);
+
+        // Escapes are decoded (into a copy).
+        let escaped = format!(
+            r#"{{"type":"request","id":"u2","method":"POST","path":"/p","body":"\u0041{body}"}}"#
+        );
+        let Ok(Frame::Request(r)) = parse_message(&Utf8Bytes::from(escaped)) else { panic!() };
+        assert_eq!(r.body.as_deref(), Some(format!("A{body}").as_str()));
+
+        // Other large frames, malformed ones and a field given twice.
+        let chunk = format!(r#"{{"type":"response.chunk","id":"u3","body":"{body}"}}"#);
+        assert!(matches!(parse_message(&Utf8Bytes::from(chunk)), Ok(Frame::ResponseChunk { .. })));
+        let number = format!(
+            r#"{{"type":"request","id":"u4","method":"GET","path":"/","body":5,"x":"{body}"}}"#
+        );
+        assert!(
+            parse_message(&Utf8Bytes::from(number)).unwrap_err().contains("body must be a string")
+        );
+        let twice = format!(
+            r#"{{"type":"request","id":"u5","id":"u6","method":"GET","path":"/","x":"{body}"}}"#
+        );
+        assert!(
+            parse_message(&Utf8Bytes::from(twice)).unwrap_err().contains("duplicate field `id`")
+        );
     }
 }

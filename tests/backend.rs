@@ -23,7 +23,7 @@ use gatewaykit::{
 };
 use hermeschat_pair::backend::upstream::{Direct, GatewaySource};
 use hermeschat_pair::backend::{BackendConfig, Settings, start_with};
-use hermeschat_pair::bridge::local_http::{Abort, LocalClient, Timeouts};
+use hermeschat_pair::bridge::local_http::{Abort, Body, LocalClient, Timeouts};
 use hermeschat_pair::gateway::HermesConfig;
 use serde_json::{Value, json};
 
@@ -91,7 +91,7 @@ fn chat_pieces(port: u16, body: &[u8], headers: &[(&str, &str)]) -> Pieces {
     let mut h: Vec<(String, String)> =
         headers.iter().map(|(a, b)| ((*a).to_owned(), (*b).to_owned())).collect();
     h.push(("Content-Type".into(), "application/json".into()));
-    let mut r = c.send("POST", "/api/chat", &h, body, &Abort::new()).unwrap();
+    let mut r = c.send("POST", "/api/chat", &h, Body::Bytes(body), &Abort::new()).unwrap();
     let mut pieces = Vec::new();
     let mut buf = vec![0u8; 1 << 16];
     loop {
@@ -477,7 +477,7 @@ fn v1_and_sessions_are_proxied_unchanged_with_the_key_added() {
     assert_eq!((status, json_of(&body)["method"].as_str()), (200, Some("DELETE")));
     // Streaming passes through event by event.
     let c = LocalClient::new("127.0.0.1", b.port);
-    let mut r = c.send("GET", "/v1/runs/r1/events", &[], b"", &Abort::new()).unwrap();
+    let mut r = c.send("GET", "/v1/runs/r1/events", &[], Body::Bytes(b""), &Abort::new()).unwrap();
     assert_eq!(r.header("content-type"), Some("text/event-stream"));
     let mut buf = vec![0u8; 4096];
     let mut reads = Vec::new();

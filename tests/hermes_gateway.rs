@@ -21,7 +21,7 @@ use common::{AppClient, Event, Relay};
 use gatewaykit::{
     KEY, StubGateway, User, app_fetch, connect_app, free_port, request, sse_content, sse_error,
 };
-use hermeschat_pair::bridge::local_http::{Abort, LocalClient};
+use hermeschat_pair::bridge::local_http::{Abort, Body, LocalClient};
 use hermeschat_pair::protocol::Frame;
 use serde_json::json;
 
@@ -217,7 +217,9 @@ fn direct_ttfb(client: &LocalClient, body: &[u8]) -> Duration {
         ("Authorization".to_owned(), format!("Bearer {KEY}")),
     ];
     let t0 = Instant::now();
-    let mut r = client.send("POST", "/v1/chat/completions", &headers, body, &Abort::new()).unwrap();
+    let mut r = client
+        .send("POST", "/v1/chat/completions", &headers, Body::Bytes(body), &Abort::new())
+        .unwrap();
     let mut buf = [0u8; 16 << 10];
     let n = r.body.read(&mut buf).unwrap();
     let ttfb = t0.elapsed();

@@ -398,7 +398,7 @@ fn request(
         method: method.into(),
         path: path.into(),
         headers,
-        body: body.map(str::to_owned),
+        body: body.map(Into::into),
         body_base64: false,
     })
 }
@@ -572,7 +572,7 @@ fn requests_and_streaming_are_byte_exact_through_the_direct_socket() {
     let mut up =
         request("up", "POST", "/api/raw", &[("Content-Type", "application/octet-stream")], None);
     if let Frame::Request(r) = &mut up {
-        r.body = Some(b64(&bytes));
+        r.body = Some(b64(&bytes).into());
         r.body_base64 = true;
     }
     let w = app.fetch(&up);

@@ -1038,11 +1038,11 @@ fn request_limits_answer_per_request() {
 
     // body: exactly 12 MiB of text passes, one byte more is TOO_LARGE
     let mut at = base("body-at");
-    at.body = Some("a".repeat(12 << 20));
+    at.body = Some("a".repeat(12 << 20).into());
     let r = response(p.app.request(&Frame::Request(at)));
     assert_eq!(r.body.len(), 12 << 20);
     let mut over = base("body-over");
-    over.body = Some("a".repeat((12 << 20) + 1));
+    over.body = Some("a".repeat((12 << 20) + 1).into());
     let f = p.app.request(&Frame::Request(over));
     assert_response_error(&f, "body-over", ErrorCode::TooLarge);
     // base64 body decoding to more than 12 MiB (kept under the 16 MiB frame limit is

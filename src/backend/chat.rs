@@ -23,7 +23,7 @@ use super::Shared;
 use super::conn::{Conn, DisconnectWatch, Request};
 use super::proxy::{RELAY_CHUNK, downstream_headers, relay};
 use super::upstream::{DEFAULT_DIRECT_MODEL, Direct, Upstream};
-use crate::bridge::local_http::{Abort, LocalError, Response};
+use crate::bridge::local_http::{Abort, Body, LocalError, Response};
 
 /// The header naming which backend answered: `gateway`, `direct` or `none`.
 pub const BACKEND_HEADER: &str = "X-HermesChat-Backend";
@@ -211,7 +211,13 @@ pub fn handle(shared: &Arc<Shared>, req: &Request, c: &mut Conn, close: bool) ->
     }
     let abort = Abort::new();
     let watch = DisconnectWatch::start(&c.stream, &abort);
-    let failure = match client.send("POST", "/v1/chat/completions", &headers, &payload, &abort) {
+    let failure = match client.send(
+        "POST",
+        "/v1/chat/completions",
+        &headers,
+        Body::Bytes(&payload),
+        &abort,
+    ) {
         Ok(resp) if (200..300).contains(&resp.status) => {
             let r = stream(resp, c, close, "gateway");
             drop(watch);

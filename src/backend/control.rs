@@ -14,7 +14,7 @@ use super::Shared;
 use super::conn::{Conn, Request};
 use super::upstream::Upstream;
 use crate::bridge::Health;
-use crate::bridge::local_http::Abort;
+use crate::bridge::local_http::{Abort, Body};
 use crate::gateway::{self, Action, Chain, HermesConfig};
 
 /// Bytes of `gateway.log` returned by a restart.
@@ -66,7 +66,7 @@ fn key_refused(shared: &Shared, config: &HermesConfig) -> Option<u16> {
     let mut headers = vec![("Accept".to_owned(), "application/json".to_owned())];
     headers.extend(Upstream::auth_header(config));
     let client = shared.upstream.client(config);
-    let mut r = client.send("GET", "/v1/models", &headers, b"", &Abort::new()).ok()?;
+    let mut r = client.send("GET", "/v1/models", &headers, Body::Bytes(b""), &Abort::new()).ok()?;
     let mut sink = Vec::new();
     let _ = (&mut r.body).take(256 << 10).read_to_end(&mut sink);
     matches!(r.status, 401 | 403).then_some(r.status)

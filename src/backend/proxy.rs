@@ -8,7 +8,7 @@ use std::sync::Arc;
 use super::Shared;
 use super::conn::{Conn, DisconnectWatch, Request};
 use super::upstream::Upstream;
-use crate::bridge::local_http::{Abort, LocalError, Response};
+use crate::bridge::local_http::{Abort, Body, LocalError, Response};
 use crate::gateway::HermesConfig;
 use crate::http::Head;
 use crate::protocol::{CLIENT_HEADER, is_hop_by_hop};
@@ -65,7 +65,8 @@ pub fn forward(shared: &Arc<Shared>, req: &Request, c: &mut Conn, close: bool) -
     let headers = upstream_headers(&req.head, &config);
     let abort = Abort::new();
     let watch = DisconnectWatch::start(&c.stream, &abort);
-    let sent = client.send(&req.head.method, &req.head.target, &headers, &req.body, &abort);
+    let sent =
+        client.send(&req.head.method, &req.head.target, &headers, Body::Bytes(&req.body), &abort);
     let resp = match sent {
         Ok(r) => r,
         Err(LocalError::Aborted) => return Err(io::Error::other("the client went away")),

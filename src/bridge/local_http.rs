@@ -20,6 +20,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use base64::Engine;
+use base64::engine::DecodePaddingMode;
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
+
 use crate::protocol::{ErrorCode, check_header};
 
 /// Idle keep-alive connections kept for reuse.
@@ -105,6 +109,12 @@ pub enum LocalError {
         /// What the OS said.
         detail: String,
     },
+    /// The request's base64 body is not valid base64 (found while sending it: the connection
+    /// is dropped with the body unfinished, so the backend never acts on it).
+    BadBody {
+        /// What the decoder said.
+        detail: String,
+    },
 }
 
 impl LocalError {
@@ -116,6 +126,7 @@ impl LocalError {
             LocalError::Connect { .. } | LocalError::Protocol { .. } | LocalError::Io { .. } => {
                 ErrorCode::BackendUnreachable
             }
+            LocalError::BadBody { .. } => ErrorCode::BadRequest,
         }
     }
 
@@ -134,7 +145,7 @@ impl LocalError {
         let kind = match self {
             LocalError::Timeout { .. } => io::ErrorKind::TimedOut,
             LocalError::Aborted => io::ErrorKind::ConnectionAborted,
-            LocalError::Protocol { .. } => io::ErrorKind::InvalidData,
+            LocalError::Protocol { .. } | LocalError::BadBody { .. } => io::ErrorKind::InvalidData,
             LocalError::Connect { .. } | LocalError::Io { .. } => io::ErrorKind::BrokenPipe,
         };
         io::Error::new(kind, self)
@@ -157,11 +168,102 @@ impl fmt::Display for LocalError {
             LocalError::Io { addr, detail } => {
                 write!(f, "the connection to {addr} broke: {detail}")
             }
+            LocalError::BadBody { detail } => write!(f, "body is not valid base64: {detail}"),
         }
     }
 }
 
 impl std::error::Error for LocalError {}
+
+/// Base64 for request bodies: the standard alphabet; padding optional, since some encoders
+/// leave it out and it carries no information.
+pub const BASE64_LENIENT: GeneralPurpose = GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+
+/// Base64 text decoded per write of a streamed body (48 KiB of bytes).
+const BASE64_CHUNK: usize = 64 << 10;
+
+/// A request body as a frame carries it.
+#[derive(Debug, Clone, Copy)]
+pub enum Body<'a> {
+    /// Bytes sent as they are.
+    Bytes(&'a [u8]),
+    /// Base64 text ([`BASE64_LENIENT`]), decoded in bounded chunks as it is sent: a 12 MiB
+    /// upload is never held decoded, and the backend reads while the rest is decoded.
+    Base64 {
+        /// The text.
+        text: &'a str,
+        /// Its decoded length (the `Content-Length`).
+        len: usize,
+    },
+}
+
+impl<'a> Body<'a> {
+    /// A base64 body. Refuses text whose length no valid base64 has; anything else wrong
+    /// with it is found while it is decoded.
+    pub fn base64(text: &'a str) -> Result<Body<'a>, LocalError> {
+        let unpadded = text.trim_end_matches('=');
+        // At most two padding characters exist; more are decoded (and refused) as data.
+        let unpadded = &text[..unpadded.len().max(text.len().saturating_sub(2))];
+        let n = unpadded.len();
+        let tail = match n % 4 {
+            0 => 0,
+            2 => 1,
+            3 => 2,
+            _ => {
+                return Err(LocalError::BadBody {
+                    detail: format!("invalid length {}", text.len()),
+                });
+            }
+        };
+        Ok(Body::Base64 { text, len: n / 4 * 3 + tail })
+    }
+
+    /// The number of bytes sent.
+    pub fn len(&self) -> usize {
+        match self {
+            Body::Bytes(b) => b.len(),
+            Body::Base64 { len, .. } => *len,
+        }
+    }
+
+    /// True for an empty body.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Passes the bytes to `write` in order (base64 decoded chunk by chunk). A decoding
+    /// failure comes back as `Err(Ok(..))`, a failed write as `Err(Err(..))`.
+    fn write_with(
+        &self,
+        mut write: impl FnMut(&[u8]) -> io::Result<()>,
+    ) -> Result<(), Result<LocalError, io::Error>> {
+        let (text, len) = match *self {
+            Body::Bytes(b) => return write(b).map_err(Err),
+            Body::Base64 { text, len } => (text, len),
+        };
+        let bad = |detail: String| Err(Ok(LocalError::BadBody { detail }));
+        let mut buf = vec![0u8; BASE64_CHUNK / 4 * 3];
+        let mut sent = 0;
+        for chunk in text.as_bytes().chunks(BASE64_CHUNK) {
+            let n = match BASE64_LENIENT.decode_slice(chunk, &mut buf) {
+                Ok(n) => n,
+                Err(e) => return bad(e.to_string()),
+            };
+            sent += n;
+            if sent > len {
+                break;
+            }
+            write(&buf[..n]).map_err(Err)?;
+        }
+        if sent != len {
+            return bad(format!("it decodes to {sent} bytes, not {len}"));
+        }
+        Ok(())
+    }
+}
 
 /// A cancellation handle for one exchange. Clones share the same state.
 ///
@@ -354,7 +456,7 @@ impl LocalClient {
         method: &str,
         path: &str,
         headers: &[(String, String)],
-        body: &[u8],
+        body: Body<'_>,
         abort: &Abort,
     ) -> Result<Response, LocalError> {
         let request = self.build_request(method, path, headers, body)?;
@@ -411,7 +513,7 @@ impl LocalClient {
         method: &str,
         path: &str,
         headers: &[(String, String)],
-        body: &[u8],
+        body: Body<'_>,
         abort: &Abort,
         whole_limit: u64,
         parking: &mut Vec<Parked>,
@@ -465,7 +567,7 @@ impl LocalClient {
         method: &str,
         path: &str,
         headers: &[(String, String)],
-        body: &[u8],
+        body: Body<'_>,
     ) -> Result<Vec<u8>, LocalError> {
         let bad = |detail: String| LocalError::Protocol { addr: self.peer.clone(), detail };
         // The worker validated all of this; re-checking here keeps the client safe on its own
@@ -494,7 +596,17 @@ impl LocalClient {
         head.push_str("\r\n");
         let mut out = head.into_bytes();
         if body.len() <= COALESCE_BODY {
-            out.extend_from_slice(body);
+            out.reserve(body.len());
+            body.write_with(|b| {
+                out.extend_from_slice(b);
+                Ok(())
+            })
+            .map_err(|e| {
+                e.unwrap_or_else(|e| LocalError::Io {
+                    addr: self.peer.clone(),
+                    detail: e.to_string(),
+                })
+            })?;
         }
         Ok(out)
     }
@@ -551,7 +663,7 @@ impl LocalClient {
         &self,
         mut conn: Conn,
         request: &[u8],
-        body: &[u8],
+        body: Body<'_>,
         head_only: bool,
         abort: &Abort,
     ) -> Result<Response, Attempt> {
@@ -572,8 +684,11 @@ impl LocalClient {
         conn.write_all(request)
             .map_err(|e| io_err(e, "accepting the request", self.timeouts.head))?;
         if body.len() > COALESCE_BODY {
-            conn.write_all(body)
-                .map_err(|e| io_err(e, "accepting the request body", self.timeouts.head))?;
+            body.write_with(|b| conn.write_all(b)).map_err(|e| match e {
+                // The connection is dropped with the body unfinished.
+                Ok(bad) => Attempt::Failed(bad),
+                Err(e) => io_err(e, "accepting the request body", self.timeouts.head),
+            })?;
         }
 
         let deadline = deadline_after(self.timeouts.head);
@@ -1654,7 +1769,7 @@ mod tests {
     }
 
     fn get(c: &LocalClient, path: &str) -> Result<Response, LocalError> {
-        c.send("GET", path, &[], b"", &Abort::new())
+        c.send("GET", path, &[], Body::Bytes(b""), &Abort::new())
     }
 
     fn body_of(r: &mut Response) -> Vec<u8> {
@@ -1703,7 +1818,7 @@ mod tests {
         let c = client(&o);
         let mut r = get(&c, "/api/utf8").unwrap();
         assert_eq!(String::from_utf8(body_of(&mut r)).unwrap(), test_origin::UTF8_TEXT);
-        let mut r = c.send("HEAD", "/api/health", &[], b"", &Abort::new()).unwrap();
+        let mut r = c.send("HEAD", "/api/health", &[], Body::Bytes(b""), &Abort::new()).unwrap();
         assert_eq!(r.header("content-length"), Some("11"));
         assert!(body_of(&mut r).is_empty());
         let mut r = get(&c, "/api/nocontent").unwrap();
@@ -1776,7 +1891,7 @@ mod tests {
     }
 
     fn get_with(c: &LocalClient, path: &str, abort: &Abort) -> Result<Response, LocalError> {
-        c.send("GET", path, &[], b"", abort)
+        c.send("GET", path, &[], Body::Bytes(b""), abort)
     }
 
     #[test]
@@ -1821,9 +1936,11 @@ mod tests {
 
         // Nothing can be smuggled through the request line or headers.
         let bad = [("X-A".to_owned(), "1\r\nX-B: 2".to_owned())];
-        assert!(c.send("GET", "/api/health", &bad, b"", &Abort::new()).is_err());
-        assert!(c.send("GET", "/api/x HTTP/1.1\r\n", &[], b"", &Abort::new()).is_err());
-        assert!(c.send("GE T", "/api/x", &[], b"", &Abort::new()).is_err());
+        assert!(c.send("GET", "/api/health", &bad, Body::Bytes(b""), &Abort::new()).is_err());
+        assert!(
+            c.send("GET", "/api/x HTTP/1.1\r\n", &[], Body::Bytes(b""), &Abort::new()).is_err()
+        );
+        assert!(c.send("GE T", "/api/x", &[], Body::Bytes(b""), &Abort::new()).is_err());
     }
 
     #[test]
@@ -1907,12 +2024,56 @@ mod tests {
         let c = client(&o);
         let big = test_origin::noise(300 << 10, 3);
         let headers = [("Content-Type".to_owned(), "application/octet-stream".to_owned())];
-        let mut r = c.send("POST", "/api/echo", &headers, &big, &Abort::new()).unwrap();
+        let mut r =
+            c.send("POST", "/api/echo", &headers, Body::Bytes(&big), &Abort::new()).unwrap();
         assert_eq!(r.body.len_hint(), Some(big.len() as u64));
         assert_eq!(body_of(&mut r), big);
         // POST without a body still says Content-Length: 0 (else the origin would wait).
-        let mut r = c.send("POST", "/api/echo", &[], b"", &Abort::new()).unwrap();
+        let mut r = c.send("POST", "/api/echo", &[], Body::Bytes(b""), &Abort::new()).unwrap();
         assert!(body_of(&mut r).is_empty());
         assert_eq!(o.accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn base64_bodies_are_decoded_on_the_way_out() {
+        use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
+        let o = test_origin::start();
+        let c = client(&o);
+        // Sizes around the padding cases, the coalescing threshold and the decoding chunk.
+        for len in [0, 1, 2, 3, 1000, 64 << 10, (300 << 10) + 1] {
+            let data = test_origin::noise(len, len as u64);
+            for text in [STANDARD.encode(&data), STANDARD_NO_PAD.encode(&data)] {
+                let body = Body::base64(&text).unwrap();
+                assert_eq!(body.len(), len);
+                let mut r = c.send("POST", "/api/echo", &[], body, &Abort::new()).unwrap();
+                assert_eq!(r.body.len_hint(), Some(len as u64));
+                assert!(body_of(&mut r) == data, "{len} bytes changed on the way");
+            }
+        }
+        let reused = o.accepted.load(Ordering::SeqCst);
+
+        // A length no base64 has is refused before anything is sent.
+        assert!(matches!(Body::base64("QUFBQ"), Err(LocalError::BadBody { .. })));
+
+        // A bad character, or padding that ends a chunk in the middle of the text, is found
+        // while sending: the request fails BAD_REQUEST and its connection is not reused.
+        let mut bad_char = STANDARD.encode(test_origin::noise(300 << 10, 9));
+        bad_char.replace_range(200_000..200_001, "!");
+        let mut mid_pad = "A".repeat(BASE64_CHUNK - 4);
+        mid_pad.push_str("QQ==");
+        mid_pad.push_str(&"QUFB".repeat(20_000));
+        for text in [bad_char, mid_pad] {
+            let body = Body::base64(&text).unwrap();
+            let e = c.send("POST", "/api/echo", &[], body, &Abort::new()).unwrap_err();
+            assert!(matches!(e, LocalError::BadBody { .. }), "{e:?}");
+            assert_eq!(e.code(), ErrorCode::BadRequest);
+        }
+        let mut r = c.send("POST", "/api/echo", &[], Body::Bytes(b"ok"), &Abort::new()).unwrap();
+        assert_eq!(body_of(&mut r), b"ok");
+        assert_eq!(
+            o.accepted.load(Ordering::SeqCst),
+            reused + 2,
+            "a broken body's connection was reused"
+        );
     }
 }

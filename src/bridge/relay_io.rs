@@ -27,7 +27,7 @@ use tungstenite::http::HeaderValue;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::WebSocketConfig;
 use tungstenite::protocol::frame::coding::CloseCode;
-use tungstenite::{Message, WebSocket};
+use tungstenite::{Message, Utf8Bytes, WebSocket};
 
 use super::local_http::{self, Parked};
 use super::workers::{Inline, Interest, Pool, Step};
@@ -435,7 +435,7 @@ impl RelayIo {
             match ws.read() {
                 Ok(Message::Text(text)) => {
                     t.last_rx = Instant::now();
-                    self.dispatch(out, outbox, inlines, text.as_str());
+                    self.dispatch(out, outbox, inlines, &text);
                 }
                 Ok(Message::Close(frame)) => {
                     let why = frame.map_or("closed".to_owned(), |f| {
@@ -454,8 +454,8 @@ impl RelayIo {
         }
     }
 
-    fn dispatch(&self, out: &mut WsOut, outbox: &Outbox, inlines: &mut Inlines, text: &str) {
-        let frame = match p::parse_frame(text) {
+    fn dispatch(&self, out: &mut WsOut, outbox: &Outbox, inlines: &mut Inlines, text: &Utf8Bytes) {
+        let frame = match p::parse_message(text) {
             Ok(f) => f,
             Err(msg) => {
                 log(&format!("ignoring a frame from the relay: {msg}"));

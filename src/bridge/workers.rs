@@ -15,11 +15,10 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use base64::engine::DecodePaddingMode;
-use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STANDARD};
+use base64::engine::general_purpose::STANDARD;
 
 use super::local_http::{
-    self, Abort, LocalClient, LocalError, Parked, Pending, Progress, Response,
+    self, Abort, Body, LocalClient, LocalError, Parked, Pending, Progress, Response,
 };
 use super::{Outbox, log};
 use crate::protocol::{
@@ -51,13 +50,6 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// Methods forwarded to the backend.
 const METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"];
-
-/// Base64 for request bodies: the standard alphabet; padding optional, since some encoders
-/// leave it out and it carries no information.
-const BASE64_LENIENT: GeneralPurpose = GeneralPurpose::new(
-    &base64::alphabet::STANDARD,
-    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
-);
 
 /// Locks a mutex, ignoring poisoning: every critical section here leaves consistent state.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -665,18 +657,9 @@ fn conclude(shared: &Shared, job: &Job, result: Result<(), Fail>, send: &mut dyn
 // cost an allocation per request.
 #[allow(clippy::result_large_err)]
 fn start_inline(shared: &Shared, job: Job, parking: &mut Vec<Parked>) -> Result<Inline, Job> {
-    let decoded;
-    let body: &[u8] = match &job.req.body {
-        None => &[],
-        Some(b) if job.req.body_base64 => match BASE64_LENIENT.decode(b) {
-            Ok(d) => {
-                decoded = d;
-                &decoded
-            }
-            // The worker reports it.
-            Err(_) => return Err(job),
-        },
-        Some(b) => b.as_bytes(),
+    let Ok(body) = request_body(&job.req, &shared.limits) else {
+        // The worker reports it.
+        return Err(job);
     };
     let headers = backend_headers(&job.req);
     let started = shared.client.start(
@@ -715,15 +698,15 @@ fn validate(
     Ok(())
 }
 
-/// The request body as bytes, taken out of the frame: a 16 MiB base64 string is freed as soon
-/// as it is decoded, and a text body becomes the bytes without a copy.
-fn decode_body(req: &mut RequestFrame, limits: &Limits) -> Result<Vec<u8>, Fail> {
-    let body = match req.body.take() {
-        None => Vec::new(),
-        Some(b) if req.body_base64 => BASE64_LENIENT.decode(&b).map_err(|e| {
-            Fail::Request(ErrorCode::BadRequest, format!("body is not valid base64: {e}"))
-        })?,
-        Some(b) => b.into_bytes(),
+/// The request body as sent to the backend, read from the frame in place: base64 is decoded
+/// chunk by chunk while it is written (see [`Body`]), never held decoded whole.
+fn request_body<'a>(req: &'a RequestFrame, limits: &Limits) -> Result<Body<'a>, Fail> {
+    let body = match &req.body {
+        None => Body::Bytes(&[]),
+        Some(b) if req.body_base64 => {
+            Body::base64(b).map_err(|e| Fail::Request(e.code(), e.to_string()))?
+        }
+        Some(b) => Body::Bytes(b.as_bytes()),
     };
     if body.len() > limits.max_body {
         return Err(Fail::Request(
@@ -814,11 +797,11 @@ fn exchange(shared: &Shared, job: &mut Job) -> Result<(), Fail> {
     let mut resp = match response.take() {
         Some(resp) => resp,
         None => {
-            let body = decode_body(req, &shared.limits)?;
+            let body = request_body(req, &shared.limits)?;
             let headers = backend_headers(req);
             shared
                 .client
-                .send(&req.method, &req.path, &headers, &body, abort)
+                .send(&req.method, &req.path, &headers, body, abort)
                 .map_err(Fail::Local)?
         }
     };
@@ -1033,7 +1016,7 @@ mod tests {
         let data = test_origin::noise(3 << 20, 42);
         let mut r = req("b1", "POST", "/api/echo");
         r.headers.insert("Content-Type".into(), "application/octet-stream".into());
-        r.body = Some(STANDARD.encode(&data));
+        r.body = Some(STANDARD.encode(&data).into());
         r.body_base64 = true;
         p.submit(r, out).unwrap();
         let frames = collect(&rx);
@@ -1118,7 +1101,7 @@ mod tests {
         let r = req("h3", "CONNECT", "/api/health");
         assert_eq!(refused_code(&p.submit(r, outbox(4).0).unwrap_err()), ErrorCode::BadRequest);
         let mut r = req("h4", "POST", "/api/echo");
-        r.body = Some("x".repeat(Limits::default().max_body + 1));
+        r.body = Some("x".repeat(Limits::default().max_body + 1).into());
         assert_eq!(refused_code(&p.submit(r, outbox(4).0).unwrap_err()), ErrorCode::TooLarge);
         assert_eq!(o.accepted.load(Ordering::SeqCst), 0);
         assert_eq!(p.open_requests(), 0);
@@ -1451,7 +1434,7 @@ mod tests {
         // Binary bodies go base64 both ways, byte-exact.
         let data = test_origin::noise(32 << 10, 3);
         let mut r = req("i2", "POST", "/api/echo");
-        r.body = Some(STANDARD.encode(&data));
+        r.body = Some(STANDARD.encode(&data).into());
         r.body_base64 = true;
         let inline = start_inline_on(&p, r, &out, &mut parking);
         // ...and the next inline request takes it from there.

@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 use crate::poll::{Event, Events, PollMode, Poller};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tungstenite::{Message, WebSocket};
+use tungstenite::{Message, Utf8Bytes, WebSocket};
 
 use crate::stream::Stream;
 use crate::wsout::{WsOut, would_block, ws_would_block};
@@ -705,7 +705,7 @@ impl Server {
         }
         for t in texts {
             match t {
-                Some(text) => self.route(id, text.as_str()),
+                Some(text) => self.route(id, &text),
                 None => self.bad_frame(id, "binary frames are not accepted; send JSON text frames"),
             }
         }
@@ -728,13 +728,13 @@ impl Server {
     }
 
     /// Handles one text frame from an app.
-    fn route(&mut self, id: usize, text: &str) {
+    fn route(&mut self, id: usize, text: &Utf8Bytes) {
         let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get(&id) else { return };
         if w.detached {
             return;
         }
         let client = w.client_id.clone();
-        match p::parse_frame(text) {
+        match p::parse_message(text) {
             Err(msg) => self.bad_frame(id, &msg),
             Ok(Frame::Request(mut req)) => {
                 if !p::is_request_id(&req.id) {

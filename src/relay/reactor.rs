@@ -11,7 +11,7 @@
 //! queue: when a destination holds more than `max_queued_bytes`, the socket feeding it is no
 //! longer read until the destination drains (TCP back-pressure reaches the sender).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, TcpListener, TcpStream};
 use std::sync::Arc;
@@ -20,7 +20,6 @@ use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::time::{Duration, Instant};
 
 use crate::poll::{Event, Events, PollMode, Poller};
-use serde_json::value::RawValue;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Bytes, Message, Utf8Bytes, WebSocket};
@@ -31,7 +30,9 @@ use crate::wsout::{WsOut, would_block, ws_would_block};
 use super::registry::{Job, Outcome, access_log};
 use super::{ConnId, Peer, Shared, ToReactor, log_event};
 use crate::http::{self, Head, Parsed};
-use crate::protocol::{self as p, ErrorCode, Frame, close_code};
+use crate::protocol::{
+    self as p, ErrorCode, Frame, RawFrame, close_code, parse_raw, raw_field, request_head,
+};
 
 /// Poller key of the listening socket.
 const LISTENER: usize = usize::MAX - 1;
@@ -1241,80 +1242,12 @@ impl Reactor {
     }
 }
 
-/// A frame's top level with each value kept as its raw JSON text (see `route_text`).
-type RawFrame<'a> = BTreeMap<String, &'a RawValue>;
-
-/// Reads a frame's top level as a [`RawFrame`]. A field given twice is refused: the relay
-/// forwards a request as the text it arrived as, so it must not check one value of a field
-/// while the bridge reads another.
-fn parse_raw(text: &str) -> Result<RawFrame<'_>, serde_json::Error> {
-    struct Fields;
-    impl<'de> serde::de::Visitor<'de> for Fields {
-        type Value = RawFrame<'de>;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("a JSON object")
-        }
-        fn visit_map<A: serde::de::MapAccess<'de>>(
-            self,
-            mut map: A,
-        ) -> Result<Self::Value, A::Error> {
-            let mut fields = RawFrame::new();
-            while let Some((name, value)) = map.next_entry::<String, &'de RawValue>()? {
-                if fields.contains_key(&name) {
-                    return Err(serde::de::Error::custom(format!("duplicate field `{name}`")));
-                }
-                fields.insert(name, value);
-            }
-            Ok(fields)
-        }
-    }
-    let mut de = serde_json::Deserializer::from_str(text);
-    let fields = serde::Deserializer::deserialize_map(&mut de, Fields)?;
-    de.end()?;
-    Ok(fields)
-}
-
 /// Frame types a bridge sends about a request.
 const RESPONSE_KINDS: &[&str] =
     &["response", "response.start", "response.chunk", "response.end", "response.error"];
 
 /// Frame types that end a request.
 const TERMINAL_KINDS: &[&str] = &["response", "response.end", "response.error"];
-
-/// Decodes one small top-level field; `Ok(None)` when absent or null.
-fn raw_field<T: serde::de::DeserializeOwned>(
-    raw: &RawFrame<'_>,
-    name: &str,
-) -> Result<Option<T>, String> {
-    match raw.get(name) {
-        None => Ok(None),
-        Some(v) => serde_json::from_str::<Option<T>>(v.get())
-            .map_err(|e| format!("malformed frame: field {name}: {e}")),
-    }
-}
-
-/// A request's fields except the body, and the body's length as carried (its JSON text
-/// length, an upper bound when escapes are present): enough to check and route it.
-fn request_head(raw: &RawFrame<'_>) -> Result<(p::RequestFrame, usize), String> {
-    let required = |name: &str| -> Result<String, String> {
-        raw_field(raw, name)?.ok_or_else(|| format!("malformed frame: request needs {name}"))
-    };
-    let body_len = match raw.get("body").map(|v| v.get()) {
-        None | Some("null") => 0,
-        Some(text) if text.starts_with('"') => text.len().saturating_sub(2),
-        Some(_) => return Err("malformed frame: body must be a string".into()),
-    };
-    let head = p::RequestFrame {
-        id: required("id")?,
-        client: None,
-        method: required("method")?,
-        path: required("path")?,
-        headers: raw_field(raw, "headers")?.unwrap_or_default(),
-        body: None,
-        body_base64: raw_field(raw, "bodyBase64")?.unwrap_or(false),
-    };
-    Ok((head, body_len))
-}
 
 /// A request frame with `client` stamped first and every other field as it arrived.
 #[derive(serde::Serialize)]

@@ -719,7 +719,7 @@ pub fn req(id: &str, method: &str, path: &str, body: Option<&str>) -> Frame {
         method: method.into(),
         path: path.into(),
         headers: Headers::new(),
-        body: body.map(str::to_owned),
+        body: body.map(Into::into),
         body_base64: false,
     })
 }
@@ -732,7 +732,7 @@ pub fn req_b64(id: &str, path: &str, bytes: &[u8]) -> Frame {
         method: "POST".into(),
         path: path.into(),
         headers: Headers::new(),
-        body: Some(b64(bytes)),
+        body: Some(b64(bytes).into()),
         body_base64: true,
     })
 }
@@ -1045,7 +1045,7 @@ fn serve_one(r: RequestFrame, hanging: &mut Vec<(String, Option<String>)>) -> Ve
         client,
         status: 200,
         headers,
-        body: r.body.unwrap_or_default(),
+        body: r.body.as_deref().unwrap_or_default().to_owned(),
         body_base64: r.body_base64,
     })]
 }

@@ -403,14 +403,14 @@ pub fn request(
         method: method.into(),
         path: path.into(),
         headers,
-        body: body.map(str::to_owned),
+        body: body.map(Into::into),
         body_base64: false,
     })
 }
 
 pub fn request_b64(id: &str, path: &str, headers: &[(&str, &str)], bytes: &[u8]) -> Frame {
     let Frame::Request(mut r) = request(id, "POST", path, headers, None) else { unreachable!() };
-    r.body = Some(b64(bytes));
+    r.body = Some(b64(bytes).into());
     r.body_base64 = true;
     Frame::Request(r)
 }

@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use hermeschat_pair::bridge::local_http::{Abort, LocalClient, Timeouts};
+use hermeschat_pair::bridge::local_http::{Abort, Body, LocalClient, Timeouts};
 use hermeschat_pair::protocol::{Frame, Headers, RelayQr, RequestFrame};
 use serde_json::Value;
 
@@ -134,7 +134,7 @@ pub fn http(
     let headers: Vec<(String, String)> =
         headers.iter().map(|(a, b)| ((*a).to_owned(), (*b).to_owned())).collect();
     let mut r = c
-        .send(method, path, &headers, body, &Abort::new())
+        .send(method, path, &headers, Body::Bytes(body), &Abort::new())
         .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
     let mut out = Vec::new();
     r.body.read_to_end(&mut out).unwrap_or_else(|e| panic!("{method} {path} body: {e}"));
@@ -419,7 +419,7 @@ pub fn request(
         method: method.into(),
         path: path.into(),
         headers,
-        body: body.map(str::to_owned),
+        body: body.map(Into::into),
         body_base64: false,
     })
 }
