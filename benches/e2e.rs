@@ -535,6 +535,8 @@ struct Rep {
     near_cpu_us: f64,
     /// CPU per request at c16 of the far process (relay, `bore server`).
     far_cpu_us: f64,
+    /// CPU per sequential request (the latency phase): (near, far).
+    lat_cpu_us: (f64, f64),
     upload16: f64,
     upload12: f64,
     ttfe: f64,
@@ -743,7 +745,12 @@ fn measure(t: usize, path: &mut PathSide, http: HttpSide, bodies: (&[u8], &[u8],
     let mut r = Rep::default();
     let near_far = if t == PATH { Some((path.daemon_pid, path.relay_pid)) } else { http.pids };
     progress(&format!("  {} latency", NAMES[t]));
+    let cpu0 = near_far.map(|(a, b)| (cpu_secs(a), cpu_secs(b)));
     (r.p50, r.p99) = if t == PATH { lat_path(path) } else { lat_http(http.port) };
+    if let (Some((a, b)), Some((a0, b0))) = (near_far, cpu0) {
+        let per = 1e6 / (WARMUP + SEQUENTIAL) as f64;
+        r.lat_cpu_us = ((cpu_secs(a) - a0) * per, (cpu_secs(b) - b0) * per);
+    }
     progress(&format!("  {} c16", NAMES[t]));
     (r.c16, r.c16_p99, r.near_cpu_us, r.far_cpu_us) =
         if t == PATH { c16_path(path) } else { c16_http(http) };
@@ -1025,6 +1032,8 @@ fn main() {
         r.near_cpu_us
     });
     cpu_row("CPU µs per request at c16, far side (relay / bore server)", &|r| r.far_cpu_us);
+    cpu_row("CPU µs per sequential request, next to the origin", &|r| r.lat_cpu_us.0);
+    cpu_row("CPU µs per sequential request, far side", &|r| r.lat_cpu_us.1);
     let mem_row = |name: &str, ours: f64, theirs: f64| {
         let (b, vs) = if has_bore {
             (format!("{theirs:.1}"), verdict(ours / theirs, Better::Lower))
