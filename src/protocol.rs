@@ -807,6 +807,18 @@ pub fn raw_field<T: serde::de::DeserializeOwned>(
     }
 }
 
+/// [`raw_field`] for a field that may be absent but not null, as the typed [`Frame`] parse
+/// reads it: the relay must not pass on a frame the bridge would refuse.
+fn raw_field_not_null<T: serde::de::DeserializeOwned>(
+    raw: &RawFrame<'_>,
+    name: &str,
+) -> Result<Option<T>, String> {
+    raw.get(name)
+        .map(|v| serde_json::from_str::<T>(v.get()))
+        .transpose()
+        .map_err(|e| format!("malformed frame: field {name}: {e}"))
+}
+
 /// A request's fields except the body, and the body's length as carried (its JSON text
 /// length, an upper bound when escapes are present): enough to check and route it.
 pub fn request_head(raw: &RawFrame<'_>) -> Result<(RequestFrame, usize), String> {
@@ -823,9 +835,9 @@ pub fn request_head(raw: &RawFrame<'_>) -> Result<(RequestFrame, usize), String>
         client: None,
         method: required("method")?,
         path: required("path")?,
-        headers: raw_field(raw, "headers")?.unwrap_or_default(),
+        headers: raw_field_not_null(raw, "headers")?.unwrap_or_default(),
         body: None,
-        body_base64: raw_field(raw, "bodyBase64")?.unwrap_or(false),
+        body_base64: raw_field_not_null(raw, "bodyBase64")?.unwrap_or(false),
     };
     Ok((head, body_len))
 }
@@ -851,7 +863,8 @@ pub fn parse_message(message: &Utf8Bytes) -> Result<Frame, String> {
         // Without escapes the JSON string's contents are the body itself.
         Some(quoted) if !quoted.contains('\\') => {
             let inner = quoted.get(1..quoted.len().saturating_sub(1)).unwrap_or_default();
-            SharedStr::slice_of(message, inner)
+            // `raw` borrows from the message, so the slice is found; a copy otherwise.
+            SharedStr::slice_of(message, inner).or_else(|| Some(inner.into()))
         }
         Some(quoted) => Some(
             serde_json::from_str::<String>(quoted)
@@ -1151,5 +1164,16 @@ mod tests {
         assert!(
             parse_message(&Utf8Bytes::from(twice)).unwrap_err().contains("duplicate field `id`")
         );
+        // A null where the typed parse wants a map or a bool is refused by both parses, at any
+        // size, so the relay never passes on a request the bridge would drop.
+        for field in [r#""headers":null"#, r#""bodyBase64":null"#] {
+            let small =
+                format!(r#"{{"type":"request","id":"n","method":"GET","path":"/",{field}}}"#);
+            let large = format!(
+                r#"{{"type":"request","id":"n","method":"GET","path":"/",{field},"x":"{body}"}}"#
+            );
+            assert!(parse_frame(&small).is_err(), "{field}");
+            assert!(parse_message(&Utf8Bytes::from(large)).is_err(), "{field}");
+        }
     }
 }

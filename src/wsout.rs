@@ -115,7 +115,12 @@ impl WsOut {
                         }
                     }
                     Ok(false) => return Ok(()),
-                    Err(e) => return Err(e),
+                    Err(e) => {
+                        if self.vectored.take().is_some() {
+                            ws.get_mut().hold_writes(false);
+                        }
+                        return Err(e);
+                    }
                 }
             }
             let Some(queued) = self.queue.pop_front() else {
@@ -159,7 +164,20 @@ impl WsOut {
                     }
                     let len = payload.iter().map(Bytes::len).sum();
                     let mut pieces = Vec::with_capacity(payload.len() + 1);
-                    pieces.push(text_frame_header(len));
+                    let mut payload = payload.into_iter();
+                    // A short first piece (the relay's prefix) shares the header's buffer: one
+                    // slice and, on TLS, one record fewer.
+                    let mut head = text_frame_header(len);
+                    match payload.next() {
+                        Some(first) if first.len() <= 256 => {
+                            head.extend_from_slice(&first);
+                            pieces.push(Bytes::from(head));
+                        }
+                        first => {
+                            pieces.push(Bytes::from(head));
+                            pieces.extend(first);
+                        }
+                    }
                     pieces.extend(payload);
                     ws.get_mut().hold_writes(true);
                     self.vectored = Some(Vectored { pieces, written: 0 });
@@ -180,7 +198,7 @@ fn flushed(r: tungstenite::Result<()>) -> Result<bool, Broken> {
 }
 
 /// The header of a final, unmasked text frame with a payload of `len` bytes (RFC 6455 §5.2).
-fn text_frame_header(len: usize) -> Bytes {
+fn text_frame_header(len: usize) -> Vec<u8> {
     let mut head = vec![0x81];
     match len {
         0..=125 => head.push(len as u8),
@@ -193,7 +211,7 @@ fn text_frame_header(len: usize) -> Bytes {
             head.extend_from_slice(&(len as u64).to_be_bytes());
         }
     }
-    Bytes::from(head)
+    head
 }
 
 /// Writes the rest of a frame given as pieces until it is all written (`Ok(true)`) or the

@@ -201,23 +201,23 @@ pub enum Body<'a> {
 }
 
 impl<'a> Body<'a> {
-    /// A base64 body. Refuses text whose length no valid base64 has; anything else wrong
-    /// with it is found while it is decoded.
+    /// A base64 body. Refuses text whose length or padding no valid base64 has, so that the
+    /// last chunk always carries data: anything else wrong with the text is found while a
+    /// chunk is decoded, before that chunk is written, and leaves the body short.
     pub fn base64(text: &'a str) -> Result<Body<'a>, LocalError> {
-        let unpadded = text.trim_end_matches('=');
-        // At most two padding characters exist; more are decoded (and refused) as data.
-        let unpadded = &text[..unpadded.len().max(text.len().saturating_sub(2))];
-        let n = unpadded.len();
-        let tail = match n % 4 {
-            0 => 0,
-            2 => 1,
-            3 => 2,
-            _ => {
-                return Err(LocalError::BadBody {
-                    detail: format!("invalid length {}", text.len()),
-                });
-            }
+        let pad = text.len() - text.trim_end_matches('=').len();
+        let n = text.len() - pad;
+        // (bytes from the last 2 or 3 characters, padding allowed after them)
+        let (tail, max_pad) = match n % 4 {
+            0 => (0, 0),
+            2 => (1, 2),
+            3 => (2, 1),
+            _ => (0, usize::MAX),
         };
+        if max_pad == usize::MAX || pad > max_pad {
+            let detail = format!("invalid length {} with {pad} padding characters", text.len());
+            return Err(LocalError::BadBody { detail });
+        }
         Ok(Body::Base64 { text, len: n / 4 * 3 + tail })
     }
 
@@ -247,10 +247,10 @@ impl<'a> Body<'a> {
         let bad = |detail: String| Err(Ok(LocalError::BadBody { detail }));
         let mut buf = vec![0u8; BASE64_CHUNK / 4 * 3];
         let mut sent = 0;
-        for chunk in text.as_bytes().chunks(BASE64_CHUNK) {
+        for (i, chunk) in text.as_bytes().chunks(BASE64_CHUNK).enumerate() {
             let n = match BASE64_LENIENT.decode_slice(chunk, &mut buf) {
                 Ok(n) => n,
-                Err(e) => return bad(e.to_string()),
+                Err(e) => return bad(at_offset(e, i * BASE64_CHUNK)),
             };
             sent += n;
             if sent > len {
@@ -263,6 +263,23 @@ impl<'a> Body<'a> {
         }
         Ok(())
     }
+}
+
+/// A chunk's decoding error, with its offsets counted from the start of the whole text.
+fn at_offset(e: base64::DecodeSliceError, start: usize) -> String {
+    use base64::{DecodeError, DecodeSliceError};
+    let e = match e {
+        DecodeSliceError::DecodeError(DecodeError::InvalidByte(at, b)) => {
+            DecodeError::InvalidByte(at + start, b)
+        }
+        DecodeSliceError::DecodeError(DecodeError::InvalidLastSymbol(at, b)) => {
+            DecodeError::InvalidLastSymbol(at + start, b)
+        }
+        DecodeSliceError::DecodeError(e) => e,
+        // The buffer holds a whole chunk's bytes.
+        e @ DecodeSliceError::OutputSliceTooSmall => return e.to_string(),
+    };
+    e.to_string()
 }
 
 /// A cancellation handle for one exchange. Clones share the same state.
@@ -2068,11 +2085,30 @@ mod tests {
             assert!(matches!(e, LocalError::BadBody { .. }), "{e:?}");
             assert_eq!(e.code(), ErrorCode::BadRequest);
         }
+        // The offset of a bad character counts from the start of the text.
+        let mut late = "QUFB".repeat(BASE64_CHUNK / 2);
+        late.replace_range(BASE64_CHUNK + 5..BASE64_CHUNK + 6, "!");
+        let e = c.send("POST", "/api/echo", &[], Body::base64(&late).unwrap(), &Abort::new());
+        let e = e.unwrap_err().to_string();
+        assert!(e.contains(&format!("offset {}", BASE64_CHUNK + 5)), "{e}");
+        // Padding that no data needs (it would make a last chunk of padding alone, after
+        // the whole Content-Length was written) is refused before anything is sent.
+        let whole_chunks = "QUFB".repeat(BASE64_CHUNK / 2);
+        for text in [
+            format!("{whole_chunks}="),
+            format!("{whole_chunks}=="),
+            format!("{whole_chunks}QUI=="),
+        ] {
+            assert!(matches!(Body::base64(&text), Err(LocalError::BadBody { .. })), "{text:.8}");
+        }
+        for (text, len) in [("QQ", 1), ("QQ=", 1), ("QQ==", 1), ("QUI", 2), ("QUI=", 2)] {
+            assert_eq!(Body::base64(text).unwrap().len(), len, "{text}");
+        }
         let mut r = c.send("POST", "/api/echo", &[], Body::Bytes(b"ok"), &Abort::new()).unwrap();
         assert_eq!(body_of(&mut r), b"ok");
         assert_eq!(
             o.accepted.load(Ordering::SeqCst),
-            reused + 2,
+            reused + 3,
             "a broken body's connection was reused"
         );
     }

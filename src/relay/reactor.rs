@@ -827,9 +827,9 @@ impl Reactor {
     /// Routes one text frame. Request and response frames — the ones that carry bodies — are
     /// read as a [`RawFrame`]: the few small fields routing needs are decoded, `client` is
     /// stamped or stripped, and every other value (the body above all) is forwarded as the
-    /// exact JSON text it arrived as. A 16 MiB body is thus scanned once and never decoded or
-    /// copied (see [`Reactor::app_request`]). Other frames are small and parsed as typed
-    /// [`Frame`]s.
+    /// exact JSON text it arrived as. A 16 MiB body is thus scanned once and never decoded; a
+    /// request is not even copied (see [`Reactor::app_request`]), a response is copied once.
+    /// Other frames are small and parsed as typed [`Frame`]s.
     fn route_text(&mut self, id: ConnId, message: &Utf8Bytes) {
         let Some(peer) = self.peer_of(id) else { return };
         let text = message.as_str();
