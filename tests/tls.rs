@@ -193,3 +193,146 @@ fn plain_http_to_the_tls_port_does_not_break_the_relay() {
     assert!(body.contains("\"ok\":true"), "{body}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A backend that answers every POST with the size of its body and the wrapping sum of its
+/// bytes, as JSON.
+fn counting_backend() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            thread::spawn(move || {
+                let mut s = stream;
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 16 << 10];
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match s.read(&mut chunk) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    while buf.len() < end + 4 + len {
+                        match s.read(&mut chunk) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let body: Vec<u8> = buf.drain(..end + 4 + len).skip(end + 4).collect();
+                    let sum =
+                        body.iter().fold(0u64, |a, &b| a.wrapping_mul(31).wrapping_add(b as u64));
+                    let json = format!(r#"{{"size":{},"sum":{sum}}}"#, body.len());
+                    let reply = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{json}",
+                        json.len()
+                    );
+                    if s.write_all(reply.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// App traffic over TLS at both ends of the relay, with requests large enough (64 KiB and
+/// more) that the relay writes them to the bridge from pieces of the received message.
+#[test]
+fn large_requests_cross_a_tls_relay_intact() {
+    use base64::Engine as _;
+    let dir = fresh_dir("large");
+    let (cert, key) = make_cert(&dir);
+    let relay = start_tls_relay(&dir, &cert, &key);
+    let url = format!("https://{}", relay.addr);
+    let backend = counting_backend();
+    let home = dir.join("home");
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_hermeschat-pair"))
+            .args(args)
+            .env("HERMESCHAT_HOME", &home)
+            .env("SSL_CERT_FILE", &cert)
+            .env_remove("HERMESCHAT_REGISTRY_URL")
+            .env_remove("HERMESCHAT_LOCAL_PORT")
+            .current_dir(&dir)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--server", &url, "--port", &backend.to_string(), "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let qr: hermeschat_pair::protocol::RelayQr = serde_json::from_slice(&out.stdout).unwrap();
+
+    // The app trusts the test certificate, like the phone trusts a real one.
+    let pem = std::fs::read(&cert).unwrap();
+    let tls = native_tls::TlsConnector::builder()
+        .add_root_certificate(native_tls::Certificate::from_pem(&pem).unwrap())
+        .build()
+        .unwrap();
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .tls_config(
+            ureq::tls::TlsConfig::builder()
+                .provider(ureq::tls::TlsProvider::NativeTls)
+                .root_certs(ureq::tls::RootCerts::new_with_certs(&[
+                    ureq::tls::Certificate::from_pem(&pem).unwrap(),
+                ]))
+                .build(),
+        )
+        .build()
+        .into();
+    let verified: serde_json::Value = agent
+        .post(&format!("{url}/v1/pair/verify"))
+        .send_json(serde_json::json!({"bridgeId": qr.g, "accessCode": qr.a}))
+        .unwrap()
+        .body_mut()
+        .read_json()
+        .unwrap();
+    let secret = verified["clientSecret"].as_str().unwrap();
+    let mut req = tungstenite::client::IntoClientRequest::into_client_request(format!(
+        "{}?bridgeId={}",
+        qr.u, qr.g
+    ))
+    .unwrap();
+    req.headers_mut().insert("Authorization", format!("Bearer {secret}").parse().unwrap());
+    let tcp = std::net::TcpStream::connect(&relay.addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let (mut app, _) = tungstenite::client_tls_with_config(
+        req,
+        tcp,
+        None,
+        Some(tungstenite::Connector::NativeTls(tls)),
+    )
+    .unwrap();
+
+    for (i, len) in [100usize << 10, 3 << 20].into_iter().enumerate() {
+        let data: Vec<u8> = (0..len).map(|j| (j * 7 + i) as u8).collect();
+        let id = format!("big-{i}");
+        let frame = serde_json::json!({"type": "request", "id": id, "method": "POST",
+            "path": "/api/count", "headers": {"content-type": "application/octet-stream"},
+            "body": base64::engine::general_purpose::STANDARD.encode(&data), "bodyBase64": true});
+        app.send(tungstenite::Message::text(frame.to_string())).unwrap();
+        let answer = loop {
+            let msg = app.read().expect("the app socket over TLS must stay whole");
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(msg.to_text().unwrap_or(""))
+            else {
+                continue;
+            };
+            if v["id"] == id.as_str() {
+                break v;
+            }
+        };
+        assert_eq!(answer["type"], "response", "{answer}");
+        let sum = data.iter().fold(0u64, |a, &b| a.wrapping_mul(31).wrapping_add(b as u64));
+        let body: serde_json::Value =
+            serde_json::from_str(answer["body"].as_str().unwrap()).unwrap();
+        assert_eq!(body, serde_json::json!({"size": len, "sum": sum}));
+    }
+    assert!(run(&["--stop"]).status.success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
