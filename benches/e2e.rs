@@ -7,7 +7,8 @@
 //!
 //! - Origin: std threads (one per connection), keep-alive HTTP/1.1: `GET /api/health`,
 //!   `POST /api/echo`, `POST /api/count` (reads the body, answers `{"bytes":N}`),
-//!   `GET /api/stream` (SSE, chunked, 200 events 5 ms apart, the first at once).
+//!   `GET /api/stream` (SSE, chunked, 200 events 5 ms apart, the first at once),
+//!   `GET /api/blob` (12 MiB of binary, for the download row).
 //! - Direct: a minimal keep-alive HTTP/1.1 client over loopback.
 //! - Path: the daemon started by `hermeschat-pair --server <relay> --port <origin> --json` with a
 //!   throwaway `HERMESCHAT_HOME`; apps pair with the access code of that JSON payload (the first)
@@ -45,6 +46,9 @@ const DIRECT_UPLOAD: usize = 16 << 20;
 /// (12 MiB − 3 KiB; see PROTOCOL §6 and note 34). 16 MiB cannot travel in one request frame.
 const PATH_UPLOAD: usize = (12 << 20) - (3 << 10);
 const UPLOAD_RUNS: usize = 5;
+
+/// Bytes `GET /api/blob` answers: a download of the same size as the path's upload.
+const DOWNLOAD: usize = 12 << 20;
 const SSE_RUNS: usize = 2;
 const SSE_EVENTS: usize = 200;
 const SSE_GAP: Duration = Duration::from_millis(5);
@@ -235,6 +239,12 @@ fn origin_server() -> u16 {
     port
 }
 
+/// The bytes `GET /api/blob` serves (made once).
+fn download_blob() -> &'static [u8] {
+    static BLOB: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    BLOB.get_or_init(|| (0..DOWNLOAD).map(|i| (i * 31 + i / 4096) as u8).collect())
+}
+
 fn origin_conn(s: TcpStream) -> std::io::Result<()> {
     s.set_nodelay(true)?;
     let mut w = s.try_clone()?;
@@ -306,6 +316,16 @@ fn origin_conn(s: TcpStream) -> std::io::Result<()> {
                 .into_bytes();
                 out.extend_from_slice(&body);
                 w.write_all(&out)?;
+            }
+            ("GET", "/api/blob") => {
+                let blob = download_blob();
+                write!(
+                    w,
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n\
+                     Content-Length: {}\r\n\r\n",
+                    blob.len()
+                )?;
+                w.write_all(blob)?;
             }
             ("GET", "/api/stream") => {
                 w.write_all(
@@ -539,6 +559,7 @@ struct Rep {
     lat_cpu_us: (f64, f64),
     upload16: f64,
     upload12: f64,
+    download12: f64,
     ttfe: f64,
     max_gap: f64,
     events_min: usize,
@@ -691,6 +712,51 @@ fn upload_http(port: u16, body: &[u8]) -> f64 {
     median(v)
 }
 
+/// Downloads `GET /api/blob` on one keep-alive connection; MiB/s.
+fn download_http(port: u16) -> f64 {
+    let mut c = Http::connect(port);
+    let mut v = Vec::new();
+    for i in 0..=UPLOAD_RUNS {
+        let t0 = Instant::now();
+        let r = c.request("GET", "/api/blob", None);
+        let dt = t0.elapsed();
+        assert!(r == download_blob(), "the download changed on the way");
+        if i > 0 {
+            v.push(DOWNLOAD as f64 / MIB / dt.as_secs_f64());
+        }
+    }
+    median(v)
+}
+
+/// MiB/s of `GET /api/blob` through the path: `response.start`, base64 `response.chunk`s and
+/// `response.end`, timed until the end arrives and decoded after the clock stops.
+fn download_path(p: &mut PathSide) -> f64 {
+    use base64::Engine as _;
+    let mut v = Vec::new();
+    for i in 0..=UPLOAD_RUNS {
+        let id = p.apps[0].next_id("down");
+        let frame = request_frame(&id, "GET", "/api/blob", None);
+        let mut chunks: Vec<String> = Vec::new();
+        let mut end = Duration::ZERO;
+        p.apps[0].exchange(&frame, &id, |at, f| {
+            if f.kind == "response.chunk" {
+                assert!(f.body_base64);
+                chunks.push(f.body.as_deref().unwrap_or("").to_owned());
+            }
+            end = at;
+        });
+        let mut got = Vec::with_capacity(DOWNLOAD);
+        for c in &chunks {
+            got.extend(base64::engine::general_purpose::STANDARD.decode(c).expect("base64 chunk"));
+        }
+        assert!(got == download_blob(), "the download changed on the way");
+        if i > 0 {
+            v.push(DOWNLOAD as f64 / MIB / end.as_secs_f64());
+        }
+    }
+    median(v)
+}
+
 /// MiB/s of `POST /api/count` with the base64 body in one request frame.
 fn upload_path(p: &mut PathSide, body64: &str, decoded: usize) -> f64 {
     let want = format!("{{\"bytes\":{decoded}}}");
@@ -758,10 +824,12 @@ fn measure(t: usize, path: &mut PathSide, http: HttpSide, bodies: (&[u8], &[u8],
     let sampler = near_far.map(|(a, b)| RssSampler::start(&[a, b]));
     if t == PATH {
         r.upload12 = upload_path(path, body64, body12.len());
+        r.download12 = download_path(path);
         r.upload16 = f64::NAN;
     } else {
         r.upload16 = upload_http(http.port, body16);
         r.upload12 = upload_http(http.port, body12);
+        r.download12 = download_http(http.port);
     }
     if let Some(s) = sampler {
         let peak = s.finish();
@@ -996,6 +1064,7 @@ fn main() {
         &|r| r.upload12,
         Better::Higher,
     );
+    row("download 12 MiB MiB/s", &|r| r.download12, Better::Higher);
     println!(
         "| upload 16 MiB MiB/s | {} | over the frame limit (below) | {} | — |",
         fmt_num(md(DIRECT, &|r| r.upload16)),
