@@ -23,7 +23,8 @@ use super::local_http::{
 use super::{Outbox, log};
 use crate::protocol::{
     CLIENT_HEADER, DEFAULT_ALLOWED_PREFIXES, ErrorCode, Frame, Headers, Limits, RequestFrame,
-    ResponseFrame, check_header, check_path, check_request_limits, is_hop_by_hop,
+    ResponseFrame, base64_chunk_json, check_header, check_path, check_request_limits,
+    is_hop_by_hop,
 };
 
 /// Workers started when the configuration does not say otherwise.
@@ -809,15 +810,16 @@ fn exchange(shared: &Shared, job: &mut Job) -> Result<(), Fail> {
     let sse = resp.is_event_stream();
     let id = req.id.clone();
     let client = req.client.clone();
-    let send = |frame: Frame| {
+    let send_json = |json: String, terminal: bool| {
         if abort.is_silenced() {
             return Err(Fail::Gone);
         }
-        if frame.is_terminal() {
+        if terminal {
             abort.mark_finishing();
         }
-        out.send(frame.to_json()).map_err(|_| Fail::Gone)
+        out.send(json).map_err(|_| Fail::Gone)
     };
+    let send = |frame: Frame| send_json(frame.to_json(), frame.is_terminal());
     let peer = shared.client.peer().to_owned();
     let read_err = |e: std::io::Error| Fail::Local(LocalError::from_io(&e, &peer));
 
@@ -833,12 +835,13 @@ fn exchange(shared: &Shared, job: &mut Job) -> Result<(), Fail> {
         status: resp.status,
         headers: frame_headers(&resp.headers),
     })?;
-    let chunk = |body: String, body_base64: bool| Frame::ResponseChunk {
+    let text = |body: String| Frame::ResponseChunk {
         id: id.clone(),
         client: client.clone(),
         body,
-        body_base64,
+        body_base64: false,
     };
+    let binary = |bytes: &[u8]| send_json(base64_chunk_json(&id, client.as_deref(), bytes), false);
     let mut buf = vec![0u8; CHUNK_MAX];
     // Bytes of a UTF-8 character split across two reads, kept at the front of `buf`.
     let mut carry = 0;
@@ -847,30 +850,29 @@ fn exchange(shared: &Shared, job: &mut Job) -> Result<(), Fail> {
         if n == 0 {
             if carry > 0 {
                 // The body ended inside a character: pass the bytes on untouched.
-                send(chunk(STANDARD.encode(&buf[..carry]), true))?;
+                binary(&buf[..carry])?;
             }
             break;
         }
         let pending = carry + n;
         carry = 0;
         if !textual {
-            send(chunk(STANDARD.encode(&buf[..pending]), true))?;
+            binary(&buf[..pending])?;
             continue;
         }
         match std::str::from_utf8(&buf[..pending]) {
-            Ok(text) => send(chunk(text.to_owned(), false))?,
+            Ok(t) => send(text(t.to_owned()))?,
             // Incomplete character at the end only: send the complete part now, keep the rest.
             Err(e) if e.error_len().is_none() => {
                 let valid = e.valid_up_to();
                 if valid > 0 {
-                    let text = String::from_utf8_lossy(&buf[..valid]).into_owned();
-                    send(chunk(text, false))?;
+                    send(text(String::from_utf8_lossy(&buf[..valid]).into_owned()))?;
                 }
                 buf.copy_within(valid..pending, 0);
                 carry = pending - valid;
             }
             // Not UTF-8 after all: this piece goes as base64, byte-exact.
-            Err(_) => send(chunk(STANDARD.encode(&buf[..pending]), true))?,
+            Err(_) => binary(&buf[..pending])?,
         }
     }
     send(Frame::ResponseEnd { id: id.clone(), client: client.clone() })

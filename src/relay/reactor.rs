@@ -30,6 +30,8 @@ use crate::wsout::{WsOut, would_block, ws_would_block};
 use super::registry::{Job, Outcome, access_log};
 use super::{ConnId, Peer, Shared, ToReactor, log_event};
 use crate::http::{self, Head, Parsed};
+use serde_json::value::RawValue;
+
 use crate::protocol::{
     self as p, ErrorCode, Frame, RawFrame, close_code, parse_raw, raw_field, request_head,
 };
@@ -855,14 +857,28 @@ impl Reactor {
                     Ok(None) => return self.bad_frame(id, "response frames need an id"),
                     Err(msg) => return self.bad_frame(id, &msg),
                 };
-                raw.remove("client");
+                let client_value = raw.remove("client");
                 let terminal = TERMINAL_KINDS.contains(&k);
                 let Some(app_conn) =
                     self.deliverable(bridge_id.as_str(), &client, &req_id, terminal)
                 else {
                     return;
                 };
-                self.send_text(app_conn, serde_json::to_string(&raw).unwrap_or_default());
+                // A large frame goes on as the text around its `client` member, uncopied.
+                let around = client_value.filter(|_| text.len() >= PIECES_MIN);
+                match around.and_then(|v| without_member(text, "client", v)) {
+                    Some((before, after)) => {
+                        let bytes: &Bytes = message.as_ref();
+                        let pieces = vec![
+                            bytes.slice_ref(before.as_bytes()),
+                            bytes.slice_ref(after.as_bytes()),
+                        ];
+                        self.queue(app_conn, |out| out.push_pieces(pieces));
+                    }
+                    None => {
+                        self.send_text(app_conn, serde_json::to_string(&raw).unwrap_or_default())
+                    }
+                }
                 self.apply_backpressure(id, app_conn);
             }
             (peer, _) => {
@@ -1249,6 +1265,27 @@ const RESPONSE_KINDS: &[&str] =
 /// Frame types that end a request.
 const TERMINAL_KINDS: &[&str] = &["response", "response.end", "response.error"];
 
+/// `object` (a JSON object's text) without its top-level member `name`, whose value is `value`
+/// (a slice of `object`): the text before the member and the text after it, leaving valid
+/// JSON. `None` when the key is not written plainly (e.g. escaped); the caller then writes the
+/// object anew.
+fn without_member<'a>(object: &'a str, name: &str, value: &RawValue) -> Option<(&'a str, &'a str)> {
+    let start = (value.get().as_ptr() as usize).checked_sub(object.as_ptr() as usize)?;
+    let end = start + value.get().len();
+    let is_ws = |c: char| matches!(c, ' ' | '\t' | '\n' | '\r');
+    let key_end = object.get(..start)?.trim_end_matches(is_ws).strip_suffix(':')?;
+    let key_start = key_end.trim_end_matches(is_ws).strip_suffix(&format!("\"{name}\""))?;
+    let before = key_start.trim_end_matches(is_ws);
+    if let Some(kept) = before.strip_suffix(',') {
+        // `…, "name": value` → `…` and whatever follows the value.
+        return Some((kept, object.get(end..)?));
+    }
+    // The first member: drop it and the comma after it.
+    let after = object.get(end..)?.trim_start_matches(is_ws);
+    let after = after.strip_prefix(',').unwrap_or(after);
+    before.ends_with('{').then_some((before, after))
+}
+
 /// A request frame with `client` stamped first and every other field as it arrived.
 #[derive(serde::Serialize)]
 struct Stamped<'a> {
@@ -1277,5 +1314,39 @@ impl Conn {
             Io::Http(h) => h.stream.tcp(),
             Io::Ws(w) => w.ws.get_ref().tcp(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `without_member` leaves of `text` once `client` is cut out (None: not found).
+    fn cut(text: &str) -> Option<String> {
+        let raw = parse_raw(text).unwrap();
+        let (before, after) = without_member(text, "client", raw.get("client")?)?;
+        Some(format!("{before}{after}"))
+    }
+
+    #[test]
+    fn a_member_is_cut_out_leaving_valid_json() {
+        let cases = [
+            (r#"{"type":"x","client":"c","body":"b"}"#, r#"{"type":"x","body":"b"}"#),
+            (r#"{"client":"c","type":"x"}"#, r#"{"type":"x"}"#),
+            (r#"{"type":"x","client":"c"}"#, r#"{"type":"x"}"#),
+            (r#"{ "client" : "c" , "type":"x"}"#, r#"{ "type":"x"}"#),
+            (r#"{"type":"x" , "client":null}"#, r#"{"type":"x" }"#),
+            (r#"{"client":"c"}"#, r#"{}"#),
+            (r#"{"a":"\"client\":","client":"c","b":1}"#, r#"{"a":"\"client\":","b":1}"#),
+        ];
+        for (text, want) in cases {
+            let got = cut(text).unwrap_or_else(|| panic!("not cut: {text}"));
+            assert_eq!(got, want);
+            let back: serde_json::Value = serde_json::from_str(&got).unwrap();
+            assert!(back.get("client").is_none());
+        }
+        // A key written with an escape is left to the caller, which writes the frame anew.
+        assert_eq!(cut(r#"{"type":"x","\u0063lient":"c"}"#), None);
+        assert_eq!(cut(r#"{"type":"x"}"#), None);
     }
 }
