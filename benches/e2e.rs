@@ -824,17 +824,17 @@ fn measure(t: usize, path: &mut PathSide, http: HttpSide, bodies: (&[u8], &[u8],
     let sampler = near_far.map(|(a, b)| RssSampler::start(&[a, b]));
     if t == PATH {
         r.upload12 = upload_path(path, body64, body12.len());
-        r.download12 = download_path(path);
         r.upload16 = f64::NAN;
     } else {
         r.upload16 = upload_http(http.port, body16);
         r.upload12 = upload_http(http.port, body12);
-        r.download12 = download_http(http.port);
     }
     if let Some(s) = sampler {
         let peak = s.finish();
         r.peak_kib = (peak[0], peak[1]);
     }
+    progress(&format!("  {} download", NAMES[t]));
+    r.download12 = if t == PATH { download_path(path) } else { download_http(http.port) };
     progress(&format!("  {} SSE", NAMES[t]));
     let runs: Vec<Vec<Duration>> = (0..SSE_RUNS)
         .map(|_| if t == PATH { sse_path(path) } else { Http::connect(http.port).sse() })

@@ -4,8 +4,9 @@
 //! socket would block.
 //!
 //! A server may also queue a text frame given as pieces ([`WsOut::push_pieces`]): the relay
-//! forwards a 16 MiB request as its own short prefix plus a slice of the message it received,
-//! and the frame is written from those pieces with vectored writes, never copied into one
+//! forwards a 16 MiB request as its own short prefix plus a slice of the message it received
+//! (and a large response as the slices before and after its `client` member), and the frame
+//! is written from those pieces with vectored writes, never copied into one
 //! buffer (tungstenite would copy it whole into its write buffer). While such a frame is half
 //! written, the stream holds back tungstenite's own writes (pongs and close replies it sends
 //! from inside `read`), so they cannot land in the middle of it.

@@ -136,9 +136,11 @@ fn binary_8_mib_round_trips_byte_exact() {
         app.send(&request(id, "GET", &format!("/api/binary?size={size}&seed=7"), &[], None));
         let frames = app.recv_until_terminal(id);
         for f in &frames {
-            if let Frame::ResponseChunk { body, body_base64, .. } = f {
+            if let Frame::ResponseChunk { body, body_base64, client, .. } = f {
                 let n = if *body_base64 { unb64(body).len() } else { body.len() };
                 assert!(n <= 256 << 10, "{id}: a chunk of {n} bytes (at most 256 KiB)");
+                // Large chunks reach the app as the relay cut them: without `client`.
+                assert_eq!(*client, None, "{id}: the relay left client in a chunk");
             }
         }
         let w = assemble(frames);

@@ -830,7 +830,9 @@ impl Reactor {
     /// read as a [`RawFrame`]: the few small fields routing needs are decoded, `client` is
     /// stamped or stripped, and every other value (the body above all) is forwarded as the
     /// exact JSON text it arrived as. A 16 MiB body is thus scanned once and never decoded; a
-    /// request is not even copied (see [`Reactor::app_request`]), a response is copied once.
+    /// frame of [`PIECES_MIN`] or more is not even copied (it is forwarded from pieces of the
+    /// received message, see [`Reactor::app_request`] and [`without_member`]); a smaller one
+    /// is written anew once.
     /// Other frames are small and parsed as typed [`Frame`]s.
     fn route_text(&mut self, id: ConnId, message: &Utf8Bytes) {
         let Some(peer) = self.peer_of(id) else { return };
