@@ -964,8 +964,8 @@ fn main() {
             .iter()
             .map(|&t| {
                 format!(
-                    "{} p50 {:.1} µs c16 {:.0}/s up12 {:.0} MiB/s gap {:.1} ms",
-                    NAMES[t], r[t].p50, r[t].c16, r[t].upload12, r[t].max_gap
+                    "{} p50 {:.1} µs c16 {:.0}/s up12 {:.0} down12 {:.0} MiB/s gap {:.1} ms",
+                    NAMES[t], r[t].p50, r[t].c16, r[t].upload12, r[t].download12, r[t].max_gap
                 )
             })
             .collect::<Vec<_>>()
@@ -1139,11 +1139,12 @@ fn main() {
             targets.iter().map(|&t| format!("{:.1}", g(&r[t]))).collect::<Vec<_>>().join("/")
         };
         println!(
-            "  rep {}: p50 {} µs, c16 {} req/s, upload12 {} MiB/s, TTFE {} ms, gap {} ms",
+            "  rep {}: p50 {} µs, c16 {} req/s, upload12 {} MiB/s, download12 {} MiB/s, TTFE {} ms, gap {} ms",
             i + 1,
             f(&|r| r.p50),
             f(&|r| r.c16),
             f(&|r| r.upload12),
+            f(&|r| r.download12),
             f(&|r| r.ttfe),
             f(&|r| r.max_gap),
         );
