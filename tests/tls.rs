@@ -39,34 +39,6 @@ fn make_cert(dir: &Path) -> (PathBuf, PathBuf) {
     (cert, key)
 }
 
-/// A one-route backend: `GET /api/health` → 200.
-fn health_backend() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            thread::spawn(move || {
-                let mut s = stream;
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = s.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    let body = r#"{"status":"ok"}"#;
-                    let reply = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-                        body.len()
-                    );
-                    if s.write_all(reply.as_bytes()).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    port
-}
-
 struct Relay {
     child: Child,
     addr: String,
@@ -107,26 +79,45 @@ fn start_tls_relay(dir: &Path, cert: &Path, key: &Path) -> Relay {
     Relay { child, addr }
 }
 
-#[test]
-fn relay_serves_https_and_wss_and_the_bridge_pairs_over_tls() {
-    let dir = fresh_dir("pair");
+/// Runs `hermeschat-pair` with its state in `home`, trusting the test certificate.
+fn pair_run(home: &Path, cert: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_hermeschat-pair"))
+        .args(args)
+        .env("HERMESCHAT_HOME", home)
+        .env("SSL_CERT_FILE", cert)
+        .env_remove("HERMESCHAT_REGISTRY_URL")
+        .env_remove("HERMESCHAT_LOCAL_PORT")
+        .current_dir(home.parent().unwrap_or(home))
+        .output()
+        .unwrap()
+}
+
+/// A TLS relay with a fresh certificate and a daemon paired with it (`out`: what
+/// `hermeschat-pair --json` printed).
+struct Paired {
+    dir: PathBuf,
+    cert: PathBuf,
+    relay: Relay,
+    url: String,
+    home: PathBuf,
+    out: std::process::Output,
+}
+
+fn pair_over_tls(tag: &str) -> Paired {
+    let dir = fresh_dir(tag);
     let (cert, key) = make_cert(&dir);
     let relay = start_tls_relay(&dir, &cert, &key);
     let url = format!("https://{}", relay.addr);
-    let backend = health_backend();
     let home = dir.join("home");
-    let run = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_hermeschat-pair"))
-            .args(args)
-            .env("HERMESCHAT_HOME", &home)
-            .env("SSL_CERT_FILE", &cert)
-            .env_remove("HERMESCHAT_REGISTRY_URL")
-            .env_remove("HERMESCHAT_LOCAL_PORT")
-            .current_dir(&dir)
-            .output()
-            .unwrap()
-    };
-    let out = run(&["--server", &url, "--port", &backend.to_string(), "--json"]);
+    let port = counting_backend().to_string();
+    let out = pair_run(&home, &cert, &["--server", &url, "--port", &port, "--json"]);
+    Paired { dir, cert, relay, url, home, out }
+}
+
+#[test]
+fn relay_serves_https_and_wss_and_the_bridge_pairs_over_tls() {
+    let Paired { dir, cert, relay, url, home, out } = pair_over_tls("pair");
+    let run = |args: &[&str]| pair_run(&home, &cert, args);
     let stopped = run(&["--stop"]);
     assert!(
         out.status.success(),
@@ -149,7 +140,7 @@ fn an_untrusted_certificate_is_refused_with_a_clear_error() {
     let dir = fresh_dir("untrusted");
     let (cert, key) = make_cert(&dir);
     let relay = start_tls_relay(&dir, &cert, &key);
-    let backend = health_backend();
+    let backend = counting_backend();
     let out = Command::new(env!("CARGO_BIN_EXE_hermeschat-pair"))
         .args(["--server", &format!("https://{}", relay.addr), "--port", &backend.to_string()])
         .env("HERMESCHAT_HOME", dir.join("home"))
@@ -194,8 +185,8 @@ fn plain_http_to_the_tls_port_does_not_break_the_relay() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A backend that answers every POST with the size of its body and the wrapping sum of its
-/// bytes, as JSON.
+/// A backend that answers every request with 200 and, as JSON, the size of its body and the
+/// wrapping sum of its bytes.
 fn counting_backend() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -248,24 +239,8 @@ fn counting_backend() -> u16 {
 #[test]
 fn large_requests_cross_a_tls_relay_intact() {
     use base64::Engine as _;
-    let dir = fresh_dir("large");
-    let (cert, key) = make_cert(&dir);
-    let relay = start_tls_relay(&dir, &cert, &key);
-    let url = format!("https://{}", relay.addr);
-    let backend = counting_backend();
-    let home = dir.join("home");
-    let run = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_hermeschat-pair"))
-            .args(args)
-            .env("HERMESCHAT_HOME", &home)
-            .env("SSL_CERT_FILE", &cert)
-            .env_remove("HERMESCHAT_REGISTRY_URL")
-            .env_remove("HERMESCHAT_LOCAL_PORT")
-            .current_dir(&dir)
-            .output()
-            .unwrap()
-    };
-    let out = run(&["--server", &url, "--port", &backend.to_string(), "--json"]);
+    let Paired { dir, cert, relay, url, home, out } = pair_over_tls("large");
+    let run = |args: &[&str]| pair_run(&home, &cert, args);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let qr: hermeschat_pair::protocol::RelayQr = serde_json::from_slice(&out.stdout).unwrap();
 
