@@ -20,6 +20,7 @@ use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::time::{Duration, Instant};
 
 use crate::poll::{Event, Events, PollMode, Poller};
+use serde_json::value::RawValue;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Bytes, Message, Utf8Bytes, WebSocket};
@@ -30,8 +31,6 @@ use crate::wsout::{WsOut, would_block, ws_would_block};
 use super::registry::{Job, Outcome, access_log};
 use super::{ConnId, Peer, Shared, ToReactor, log_event};
 use crate::http::{self, Head, Parsed};
-use serde_json::value::RawValue;
-
 use crate::protocol::{
     self as p, ErrorCode, Frame, RawFrame, close_code, parse_raw, raw_field, request_head,
 };
@@ -831,9 +830,8 @@ impl Reactor {
     /// stamped or stripped, and every other value (the body above all) is forwarded as the
     /// exact JSON text it arrived as. A 16 MiB body is thus scanned once and never decoded; a
     /// frame of [`PIECES_MIN`] or more is not even copied (it is forwarded from pieces of the
-    /// received message, see [`Reactor::app_request`] and [`without_member`]); a smaller one
-    /// is written anew once.
-    /// Other frames are small and parsed as typed [`Frame`]s.
+    /// received message, see [`Reactor::app_request`] and [`without_member`]), and a smaller
+    /// one is written anew once. Other frames are small and parsed as typed [`Frame`]s.
     fn route_text(&mut self, id: ConnId, message: &Utf8Bytes) {
         let Some(peer) = self.peer_of(id) else { return };
         let text = message.as_str();
