@@ -245,7 +245,8 @@ impl<'a> Body<'a> {
             Body::Base64 { text, len } => (text, len),
         };
         let bad = |detail: String| Err(Ok(LocalError::BadBody { detail }));
-        let mut buf = vec![0u8; BASE64_CHUNK / 4 * 3];
+        // Room for one chunk's bytes (a small body gets a small buffer).
+        let mut buf = vec![0u8; text.len().min(BASE64_CHUNK).div_ceil(4) * 3];
         let mut sent = 0;
         for (i, chunk) in text.as_bytes().chunks(BASE64_CHUNK).enumerate() {
             let n = match BASE64_LENIENT.decode_slice(chunk, &mut buf) {
