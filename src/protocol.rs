@@ -731,6 +731,12 @@ impl Deref for SharedStr {
     }
 }
 
+impl From<SharedStr> for Bytes {
+    fn from(s: SharedStr) -> Bytes {
+        s.0
+    }
+}
+
 impl From<String> for SharedStr {
     fn from(s: String) -> SharedStr {
         SharedStr(Bytes::from(s))
@@ -842,14 +848,16 @@ pub fn request_head(raw: &RawFrame<'_>) -> Result<(RequestFrame, usize), String>
     Ok((head, body_len))
 }
 
-/// Frames from this size up are parsed by [`parse_message`] without copying their body.
-const SHARED_BODY_MIN: usize = 64 << 10;
+/// Frames from this size up are handled in place: the bridge parses a request's body as a
+/// slice of the message ([`parse_message`]) and the relay forwards the frame as slices of the
+/// message it arrived in; smaller frames are cheaper to copy.
+pub const LARGE_FRAME: usize = 64 << 10;
 
 /// Parses a received text message like [`parse_frame`]; a large request's body is kept as a
 /// slice of the message ([`SharedStr`]) instead of being copied out of it.
 pub fn parse_message(message: &Utf8Bytes) -> Result<Frame, String> {
     let text = message.as_str();
-    if text.len() < SHARED_BODY_MIN {
+    if text.len() < LARGE_FRAME {
         return parse_frame(text);
     }
     let raw = parse_raw(text).map_err(|e| format!("malformed frame: {e}"))?;

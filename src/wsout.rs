@@ -134,7 +134,8 @@ impl WsOut {
                     Err(e) => Err(e),
                 };
             };
-            self.bytes = self.bytes.saturating_sub(queued.len());
+            let size = queued.len();
+            self.bytes = self.bytes.saturating_sub(size);
             match queued {
                 Queued::Message(msg) => match ws.write(msg) {
                     Ok(()) => {}
@@ -156,19 +157,18 @@ impl WsOut {
                     match flushed(ws.flush()) {
                         Ok(true) => {}
                         Ok(false) => {
-                            self.bytes += payload.iter().map(Bytes::len).sum::<usize>();
+                            self.bytes += size;
                             self.queue.push_front(Queued::Pieces(payload));
                             self.blocked = true;
                             return Ok(());
                         }
                         Err(e) => return Err(e),
                     }
-                    let len = payload.iter().map(Bytes::len).sum();
                     let mut pieces = Vec::with_capacity(payload.len() + 1);
                     let mut payload = payload.into_iter();
                     // A short first piece (the relay's prefix) shares the header's buffer: one
                     // slice and, on TLS, one record fewer.
-                    let mut head = text_frame_header(len);
+                    let mut head = text_frame_header(size);
                     match payload.next() {
                         Some(first) if first.len() <= 256 => {
                             head.extend_from_slice(&first);

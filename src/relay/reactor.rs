@@ -32,7 +32,8 @@ use super::registry::{Job, Outcome, access_log};
 use super::{ConnId, Peer, Shared, ToReactor, log_event};
 use crate::http::{self, Head, Parsed};
 use crate::protocol::{
-    self as p, ErrorCode, Frame, RawFrame, close_code, parse_raw, raw_field, request_head,
+    self as p, ErrorCode, Frame, LARGE_FRAME, RawFrame, SharedStr, close_code, parse_raw,
+    raw_field, request_head,
 };
 
 /// Poller key of the listening socket.
@@ -47,10 +48,6 @@ const READ_BATCH: usize = 32;
 /// Bytes of messages read from one socket before they are routed: one 16 MiB frame is held at
 /// a time, never 32 of them.
 const READ_BATCH_BYTES: usize = 1 << 20;
-
-/// Frames from this size up are forwarded as pieces of the message they arrived in, never
-/// copied (smaller ones are joined, so that many of them leave in one write).
-const PIECES_MIN: usize = 64 << 10;
 
 /// Bad frames tolerated on one socket before it is closed with 4008.
 const MAX_BAD_FRAMES: u32 = 32;
@@ -829,7 +826,7 @@ impl Reactor {
     /// read as a [`RawFrame`]: the few small fields routing needs are decoded, `client` is
     /// stamped or stripped, and every other value (the body above all) is forwarded as the
     /// exact JSON text it arrived as. A 16 MiB body is thus scanned once and never decoded; a
-    /// frame of [`PIECES_MIN`] or more is not even copied (it is forwarded from pieces of the
+    /// frame of [`LARGE_FRAME`] or more is not even copied (it is forwarded from pieces of the
     /// received message, see [`Reactor::app_request`] and [`without_member`]), and a smaller
     /// one is written anew once. Other frames are small and parsed as typed [`Frame`]s.
     fn route_text(&mut self, id: ConnId, message: &Utf8Bytes) {
@@ -865,16 +862,13 @@ impl Reactor {
                     return;
                 };
                 // A large frame goes on as the text around its `client` member, uncopied.
-                let around = client_value.filter(|_| text.len() >= PIECES_MIN);
-                match around.and_then(|v| without_member(text, "client", v)) {
-                    Some((before, after)) => {
-                        let bytes: &Bytes = message.as_ref();
-                        let pieces = vec![
-                            bytes.slice_ref(before.as_bytes()),
-                            bytes.slice_ref(after.as_bytes()),
-                        ];
-                        self.queue(app_conn, |out| out.push_pieces(pieces));
-                    }
+                let slice = |part: &str| SharedStr::slice_of(message, part).map(Bytes::from);
+                let pieces = client_value
+                    .filter(|_| text.len() >= LARGE_FRAME)
+                    .and_then(|v| without_member(text, "client", v))
+                    .and_then(|(before, after)| Some(vec![slice(before)?, slice(after)?]));
+                match pieces {
+                    Some(pieces) => self.queue(app_conn, |out| out.push_pieces(pieces)),
                     None => {
                         self.send_text(app_conn, serde_json::to_string(&raw).unwrap_or_default())
                     }
@@ -951,9 +945,10 @@ impl Reactor {
             let text = message.as_str();
             let rest = text.trim_start().get(1..).unwrap_or_default();
             let prefix = format!("{{\"client\":{},", serde_json::Value::from(client_id));
-            if text.len() >= PIECES_MIN {
-                let rest = AsRef::<Bytes>::as_ref(message).slice_ref(rest.as_bytes());
-                self.queue(bridge_conn, |out| out.push_pieces(vec![Bytes::from(prefix), rest]));
+            let large = text.len() >= LARGE_FRAME;
+            if let Some(rest) = SharedStr::slice_of(message, rest).filter(|_| large) {
+                let pieces = vec![Bytes::from(prefix), Bytes::from(rest)];
+                self.queue(bridge_conn, |out| out.push_pieces(pieces));
             } else {
                 self.send_text(bridge_conn, prefix + rest);
             }
