@@ -557,6 +557,8 @@ struct Rep {
     far_cpu_us: f64,
     /// CPU per sequential request (the latency phase): (near, far).
     lat_cpu_us: (f64, f64),
+    /// CPU per 12 MiB download (warm-up included): (near, far).
+    down_cpu_ms: (f64, f64),
     upload16: f64,
     upload12: f64,
     download12: f64,
@@ -834,7 +836,12 @@ fn measure(t: usize, path: &mut PathSide, http: HttpSide, bodies: (&[u8], &[u8],
         r.peak_kib = (peak[0], peak[1]);
     }
     progress(&format!("  {} download", NAMES[t]));
+    let cpu0 = near_far.map(|(a, b)| (cpu_secs(a), cpu_secs(b)));
     r.download12 = if t == PATH { download_path(path) } else { download_http(http.port) };
+    if let (Some((a, b)), Some((a0, b0))) = (near_far, cpu0) {
+        let per = 1e3 / (UPLOAD_RUNS + 1) as f64;
+        r.down_cpu_ms = ((cpu_secs(a) - a0) * per, (cpu_secs(b) - b0) * per);
+    }
     progress(&format!("  {} SSE", NAMES[t]));
     let runs: Vec<Vec<Duration>> = (0..SSE_RUNS)
         .map(|_| if t == PATH { sse_path(path) } else { Http::connect(http.port).sse() })
@@ -843,10 +850,15 @@ fn measure(t: usize, path: &mut PathSide, http: HttpSide, bodies: (&[u8], &[u8],
     r
 }
 
-/// With `HERMESCHAT_BENCH_VERBOSE=1`, says on stderr which phase starts.
+/// With `HERMESCHAT_BENCH_VERBOSE=1`, says on stderr which phase starts, stamped with
+/// `CLOCK_MONOTONIC` seconds: the clock of `perf record -k CLOCK_MONOTONIC`, so a profile of
+/// the whole run can be cut to one phase with `perf report --time`.
 fn progress(what: &str) {
     if std::env::var_os("HERMESCHAT_BENCH_VERBOSE").is_some() {
-        eprintln!("[bench] {what}");
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        eprintln!("[bench {}.{:06}] {what}", ts.tv_sec, ts.tv_nsec / 1000);
     }
 }
 
@@ -1103,6 +1115,8 @@ fn main() {
     cpu_row("CPU µs per request at c16, far side (relay / bore server)", &|r| r.far_cpu_us);
     cpu_row("CPU µs per sequential request, next to the origin", &|r| r.lat_cpu_us.0);
     cpu_row("CPU µs per sequential request, far side", &|r| r.lat_cpu_us.1);
+    cpu_row("CPU ms per 12 MiB download, next to the origin", &|r| r.down_cpu_ms.0);
+    cpu_row("CPU ms per 12 MiB download, far side", &|r| r.down_cpu_ms.1);
     let mem_row = |name: &str, ours: f64, theirs: f64| {
         let (b, vs) = if has_bore {
             (format!("{theirs:.1}"), verdict(ours / theirs, Better::Lower))

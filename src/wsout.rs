@@ -3,13 +3,16 @@
 //! queue of messages with a byte count (for back-pressure) and a flush that writes until the
 //! socket would block.
 //!
-//! A server may also queue a text frame given as pieces ([`WsOut::push_pieces`]): the relay
-//! forwards a 16 MiB request as its own short prefix plus a slice of the message it received
-//! (and a large response as the slices before and after its `client` member), and the frame
-//! is written from those pieces with vectored writes, never copied into one
-//! buffer (tungstenite would copy it whole into its write buffer). While such a frame is half
-//! written, the stream holds back tungstenite's own writes (pongs and close replies it sends
-//! from inside `read`), so they cannot land in the middle of it.
+//! Large frames bypass tungstenite's write buffer, which would copy each one whole:
+//! - a server may queue a text frame given as pieces ([`WsOut::push_pieces`]): the relay
+//!   forwards a 16 MiB request as its own short prefix plus a slice of the message it received
+//!   (and a large response as the slices before and after its `client` member);
+//! - a client may queue a text frame it owns ([`WsOut::push_masked_text`]): the bridge's
+//!   256 KiB download chunks are masked in place.
+//!
+//! Such a frame is written with vectored writes. While it is half written, the stream holds
+//! back tungstenite's own writes (pongs and close replies it sends from inside `read`), so they
+//! cannot land in the middle of it.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
@@ -32,15 +35,21 @@ pub fn ws_would_block(e: &tungstenite::Error) -> bool {
 enum Queued {
     /// Framed and buffered by tungstenite.
     Message(Message),
-    /// An unmasked text frame whose payload is these pieces in order (server side only).
-    Pieces(Vec<Bytes>),
+    /// A whole frame written by [`write_vectored`]: its header, then its payload in pieces.
+    Frame {
+        /// The header first, then the payload.
+        pieces: Vec<Bytes>,
+        /// Bytes of payload (what the queue's byte count counts).
+        payload: usize,
+    },
 }
 
 impl Queued {
+    /// Bytes of payload.
     fn len(&self) -> usize {
         match self {
             Queued::Message(m) => m.len(),
-            Queued::Pieces(p) => p.iter().map(Bytes::len).sum(),
+            Queued::Frame { payload, .. } => *payload,
         }
     }
 }
@@ -77,10 +86,41 @@ impl WsOut {
     /// Queues a text frame whose payload is `pieces` joined, written without joining them.
     /// The pieces must join into valid UTF-8. Only for the server side of a WebSocket: the
     /// frame is sent unmasked.
-    pub fn push_pieces(&mut self, pieces: Vec<Bytes>) {
-        let queued = Queued::Pieces(pieces);
-        self.bytes += queued.len();
-        self.queue.push_back(queued);
+    pub fn push_pieces(&mut self, payload: Vec<Bytes>) {
+        let len = payload.iter().map(Bytes::len).sum();
+        let mut head = text_frame_header(len, None);
+        let mut pieces = Vec::with_capacity(payload.len() + 1);
+        let mut payload = payload.into_iter();
+        // A short first piece (the relay's prefix) shares the header's buffer: one slice and,
+        // on TLS, one record fewer.
+        match payload.next() {
+            Some(first) if first.len() <= 256 => {
+                head.extend_from_slice(&first);
+                pieces.push(Bytes::from(head));
+            }
+            first => {
+                pieces.push(Bytes::from(head));
+                pieces.extend(first);
+            }
+        }
+        pieces.extend(payload);
+        self.push_frame(pieces, len);
+    }
+
+    /// Queues `text` as a masked text frame, masking it in place instead of letting tungstenite
+    /// copy it into its write buffer to mask it there. For the client side of a WebSocket.
+    pub fn push_masked_text(&mut self, text: String) {
+        let key = crate::secret::random_bytes::<4>();
+        let mut payload = text.into_bytes();
+        apply_mask(&mut payload, key);
+        let head = text_frame_header(payload.len(), Some(key));
+        let len = payload.len();
+        self.push_frame(vec![Bytes::from(head), Bytes::from(payload)], len);
+    }
+
+    fn push_frame(&mut self, pieces: Vec<Bytes>, payload: usize) {
+        self.bytes += payload;
+        self.queue.push_back(Queued::Frame { pieces, payload });
     }
 
     /// Bytes queued and not yet handed to the socket or tungstenite.
@@ -152,34 +192,18 @@ impl WsOut {
                     }
                     Err(e) => return Err(Broken(e.to_string())),
                 },
-                Queued::Pieces(payload) => {
+                Queued::Frame { pieces, payload } => {
                     // What tungstenite buffered goes first.
                     match flushed(ws.flush()) {
                         Ok(true) => {}
                         Ok(false) => {
                             self.bytes += size;
-                            self.queue.push_front(Queued::Pieces(payload));
+                            self.queue.push_front(Queued::Frame { pieces, payload });
                             self.blocked = true;
                             return Ok(());
                         }
                         Err(e) => return Err(e),
                     }
-                    let mut pieces = Vec::with_capacity(payload.len() + 1);
-                    let mut payload = payload.into_iter();
-                    // A short first piece (the relay's prefix) shares the header's buffer: one
-                    // slice and, on TLS, one record fewer.
-                    let mut head = text_frame_header(size);
-                    match payload.next() {
-                        Some(first) if first.len() <= 256 => {
-                            head.extend_from_slice(&first);
-                            pieces.push(Bytes::from(head));
-                        }
-                        first => {
-                            pieces.push(Bytes::from(head));
-                            pieces.extend(first);
-                        }
-                    }
-                    pieces.extend(payload);
                     ws.get_mut().hold_writes(true);
                     self.vectored = Some(Vectored { pieces, written: 0 });
                     self.blocked = true;
@@ -198,21 +222,40 @@ fn flushed(r: tungstenite::Result<()>) -> Result<bool, Broken> {
     }
 }
 
-/// The header of a final, unmasked text frame with a payload of `len` bytes (RFC 6455 §5.2).
-fn text_frame_header(len: usize) -> Vec<u8> {
+/// The header of a final text frame with a payload of `len` bytes, masked with `mask` if
+/// given (RFC 6455 §5.2).
+fn text_frame_header(len: usize, mask: Option<[u8; 4]>) -> Vec<u8> {
+    let masked = if mask.is_some() { 0x80 } else { 0 };
     let mut head = vec![0x81];
     match len {
-        0..=125 => head.push(len as u8),
+        0..=125 => head.push(masked | len as u8),
         126..=0xFFFF => {
-            head.push(126);
+            head.push(masked | 126);
             head.extend_from_slice(&(len as u16).to_be_bytes());
         }
         _ => {
-            head.push(127);
+            head.push(masked | 127);
             head.extend_from_slice(&(len as u64).to_be_bytes());
         }
     }
+    head.extend(mask.iter().flatten());
     head
+}
+
+/// XORs `payload` with the masking key, byte `i` with `key[i % 4]` (RFC 6455 §5.3), eight
+/// bytes at a time.
+fn apply_mask(payload: &mut [u8], key: [u8; 4]) {
+    let word = u64::from_ne_bytes([key[0], key[1], key[2], key[3], key[0], key[1], key[2], key[3]]);
+    let mut words = payload.chunks_exact_mut(8);
+    for chunk in &mut words {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(chunk);
+        chunk.copy_from_slice(&(u64::from_ne_bytes(w) ^ word).to_ne_bytes());
+    }
+    // Whole words leave the tail starting at a multiple of 8, so its key index starts at 0.
+    for (b, k) in words.into_remainder().iter_mut().zip(key.iter().cycle()) {
+        *b ^= k;
+    }
 }
 
 /// Writes the rest of a frame given as pieces until it is all written (`Ok(true)`) or the
@@ -292,6 +335,47 @@ mod tests {
             .map(|(i, len)| (0..*len).map(|j| (b'a' + ((i + j) % 26) as u8) as char).collect())
             .collect();
         want.insert(4, "between".into());
+        let got: Vec<String> =
+            got.into_iter().map(|m| m.into_text().unwrap().to_string()).collect();
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(&want) {
+            assert!(g == w, "a frame of {} bytes arrived as {} bytes", w.len(), g.len());
+        }
+    }
+
+    /// Masked frames of every header size and of every length modulo 8, around a plain
+    /// message, arrive whole and in order at a real WebSocket server (which refuses an
+    /// unmasked frame from a client, and unmasks with the key in the header).
+    #[test]
+    fn masked_frames_arrive_whole_and_in_order() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let tcp = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (peer, _) = l.accept().unwrap();
+        tcp.set_nonblocking(true).unwrap();
+        let mut client = WebSocket::from_raw_socket(Stream::plain(tcp), Role::Client, None);
+        let lens = [0usize, 1, 7, 8, 9, 125, 126, 65535, 65536, (3 << 20) + 5];
+        let text = |i: usize, len: usize| -> String {
+            (0..len).map(|j| (b'a' + ((i * 7 + j) % 26) as u8) as char).collect()
+        };
+        let reader = std::thread::spawn(move || {
+            let mut server = WebSocket::from_raw_socket(peer, Role::Server, None);
+            (0..lens.len() + 1).map(|_| server.read().unwrap()).collect::<Vec<_>>()
+        });
+
+        let mut out = WsOut::default();
+        for (i, len) in lens.iter().enumerate() {
+            out.push_masked_text(text(i, *len));
+            if i == 4 {
+                out.push(Message::text("between"));
+            }
+        }
+        while !out.is_idle() {
+            out.flush(&mut client).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let got = reader.join().unwrap();
+        let mut want: Vec<String> = lens.iter().enumerate().map(|(i, len)| text(i, *len)).collect();
+        want.insert(5, "between".into());
         let got: Vec<String> =
             got.into_iter().map(|m| m.into_text().unwrap().to_string()).collect();
         assert_eq!(got.len(), want.len());

@@ -185,8 +185,8 @@ fn plain_http_to_the_tls_port_does_not_break_the_relay() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A backend that answers every request with 200 and, as JSON, the size of its body and the
-/// wrapping sum of its bytes.
+/// A backend that answers `GET /api/blob/N` with N bytes of [`blob`], and every other request
+/// with 200 and, as JSON, the size of its body and the wrapping sum of its bytes.
 fn counting_backend() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -217,6 +217,21 @@ fn counting_backend() -> u16 {
                         }
                     }
                     let body: Vec<u8> = buf.drain(..end + 4 + len).skip(end + 4).collect();
+                    if let Some(n) = head
+                        .strip_prefix("get /api/blob/")
+                        .and_then(|r| r.split(' ').next())
+                        .and_then(|n| n.parse().ok())
+                    {
+                        let data = blob(n);
+                        let reply = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {n}\r\n\r\n"
+                        );
+                        if s.write_all(reply.as_bytes()).and_then(|()| s.write_all(&data)).is_err()
+                        {
+                            return;
+                        }
+                        continue;
+                    }
                     let sum =
                         body.iter().fold(0u64, |a, &b| a.wrapping_mul(31).wrapping_add(b as u64));
                     let json = format!(r#"{{"size":{},"sum":{sum}}}"#, body.len());
@@ -234,8 +249,14 @@ fn counting_backend() -> u16 {
     port
 }
 
-/// App traffic over TLS at both ends of the relay, with requests large enough (64 KiB and
-/// more) that the relay writes them to the bridge from pieces of the received message.
+/// `n` bytes that are not UTF-8 (so the bridge sends them as base64 chunks).
+fn blob(n: usize) -> Vec<u8> {
+    (0..n).map(|j| (j * 13 % 251) as u8 | 0x80).collect()
+}
+
+/// App traffic over TLS at both ends of the relay, with frames large enough (64 KiB and more)
+/// to leave tungstenite's write buffer aside: requests the relay writes to the bridge from
+/// pieces of the received message, and download chunks the bridge masks in place.
 #[test]
 fn large_requests_cross_a_tls_relay_intact() {
     use base64::Engine as _;
@@ -308,6 +329,32 @@ fn large_requests_cross_a_tls_relay_intact() {
             serde_json::from_str(answer["body"].as_str().unwrap()).unwrap();
         assert_eq!(body, serde_json::json!({"size": len, "sum": sum}));
     }
+
+    let len = (3 << 20) + 7;
+    let frame = serde_json::json!({"type": "request", "id": "down", "method": "GET",
+        "path": format!("/api/blob/{len}"), "headers": {}});
+    app.send(tungstenite::Message::text(frame.to_string())).unwrap();
+    let mut got = Vec::new();
+    let mut largest = 0;
+    loop {
+        let msg = app.read().expect("the app socket over TLS must stay whole");
+        let text = msg.to_text().unwrap_or("");
+        let v: serde_json::Value = serde_json::from_str(text).unwrap();
+        assert_eq!(v["id"], "down", "{v}");
+        match v["type"].as_str() {
+            Some("response.start") => assert_eq!(v["status"], 200, "{v}"),
+            Some("response.chunk") => {
+                assert_eq!(v["bodyBase64"], true, "{v}");
+                largest = largest.max(text.len());
+                let chunk = v["body"].as_str().unwrap();
+                got.extend(base64::engine::general_purpose::STANDARD.decode(chunk).unwrap());
+            }
+            Some("response.end") => break,
+            _ => panic!("unexpected frame {v}"),
+        }
+    }
+    assert!(got == blob(len), "the download changed on the way ({} bytes)", got.len());
+    assert!(largest >= 64 << 10, "no chunk frame took the masked path: largest {largest} bytes");
     assert!(run(&["--stop"]).status.success());
     let _ = std::fs::remove_dir_all(&dir);
 }

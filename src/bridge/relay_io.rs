@@ -704,7 +704,11 @@ impl FrameSink for Link {
         if st.closed || st.broken.is_some() {
             return Err(Gone);
         }
-        st.out.push(Message::text(text));
+        if text.len() >= p::LARGE_FRAME {
+            st.out.push_masked_text(text);
+        } else {
+            st.out.push(Message::text(text));
+        }
         // While the socket is backed up the I/O thread watches writability and flushes.
         if !st.out.blocked() {
             let failed = self.flush(&mut st).is_err();
