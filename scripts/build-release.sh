@@ -59,6 +59,12 @@ report() {
 # goal. Set LIBSQLITE3_FLAGS yourself to override.
 export LIBSQLITE3_FLAGS="${LIBSQLITE3_FLAGS:--USQLITE_ENABLE_FTS3 -USQLITE_ENABLE_FTS3_PARENTHESIS -USQLITE_ENABLE_FTS5 -USQLITE_ENABLE_RTREE -USQLITE_ENABLE_DBSTAT_VTAB -USQLITE_ENABLE_STAT4 -USQLITE_SOUNDEX -DSQLITE_OMIT_JSON -DSQLITE_OMIT_DEPRECATED -DSQLITE_OMIT_SHARED_CACHE -DSQLITE_DEFAULT_MEMSTATUS=0}"
 
+# The static binaries without unwind tables (panic=abort never unwinds; C code included) and
+# with their relative relocations packed (DT_RELR, which the bundled musl start-up code
+# applies): about 1.1 MiB less per binary, which pays for this crate's opt-level 3 (Cargo.toml).
+export CFLAGS_x86_64_unknown_linux_musl="${CFLAGS_x86_64_unknown_linux_musl:--fno-asynchronous-unwind-tables -fno-unwind-tables}"
+export CARGO_TARGET_X86_64_UNKNOWN_LINUX_MUSL_RUSTFLAGS="${CARGO_TARGET_X86_64_UNKNOWN_LINUX_MUSL_RUSTFLAGS:--C force-unwind-tables=no -C link-arg=-Wl,-z,pack-relative-relocs}"
+
 t0=$(date +%s)
 if [ "$want_musl" = 1 ]; then
   echo "== static build ($MUSL, vendored OpenSSL)"
