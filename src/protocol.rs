@@ -887,10 +887,11 @@ pub fn parse_message(message: &Utf8Bytes) -> Result<Frame, String> {
 /// [`Frame::to_json`] gives. It is written in one pass: base64 needs no escaping, so a 256 KiB
 /// chunk is encoded straight into the frame instead of into a string that serialisation then
 /// scans for escapes and copies.
-pub fn base64_chunk_json(id: &str, client: Option<&str>, bytes: &[u8]) -> String {
+pub fn base64_chunk_json(mut out: String, id: &str, client: Option<&str>, bytes: &[u8]) -> String {
     use base64::Engine as _;
     let quoted = |s: &str| serde_json::Value::from(s).to_string();
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4 + 128);
+    out.clear();
+    out.reserve(bytes.len().div_ceil(3) * 4 + 128);
     out.push_str(r#"{"type":"response.chunk","id":"#);
     out.push_str(&quoted(id));
     if let Some(client) = client {
@@ -1169,7 +1170,10 @@ mod tests {
                 body: base64::engine::general_purpose::STANDARD.encode(bytes),
                 body_base64: true,
             };
-            assert_eq!(base64_chunk_json(id, client, bytes), frame.to_json());
+            assert_eq!(base64_chunk_json(String::new(), id, client, bytes), frame.to_json());
+            // A reused buffer's old contents are gone.
+            let reused = String::from("left over from the last chunk");
+            assert_eq!(base64_chunk_json(reused, id, client, bytes), frame.to_json());
         }
     }
 

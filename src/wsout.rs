@@ -41,6 +41,8 @@ enum Queued {
         pieces: Vec<Bytes>,
         /// Bytes of payload (what the queue's byte count counts).
         payload: usize,
+        /// Keep the payload's buffer for [`WsOut::take_spare`] once written.
+        recycle: bool,
     },
 }
 
@@ -60,7 +62,13 @@ struct Vectored {
     pieces: Vec<Bytes>,
     /// Bytes of `pieces` already written.
     written: usize,
+    /// Keep the last piece's buffer once written.
+    recycle: bool,
 }
+
+/// The largest buffer kept for reuse: a download chunk frame (341 KiB of base64) fits; a rare
+/// multi-MiB frame's buffer goes back to the system.
+const SPARE_MAX: usize = 1 << 20;
 
 /// Messages waiting for a WebSocket, and whether bytes wait in tungstenite or in a
 /// half-written frame.
@@ -70,6 +78,8 @@ pub struct WsOut {
     bytes: usize,
     blocked: bool,
     vectored: Option<Vectored>,
+    /// The emptied buffer of the last recycled frame ([`WsOut::take_spare`]).
+    spare: Option<Vec<u8>>,
 }
 
 /// The socket broke while writing (the error, for logs); drop the connection.
@@ -104,23 +114,49 @@ impl WsOut {
             }
         }
         pieces.extend(payload);
-        self.push_frame(pieces, len);
+        self.push_frame(pieces, len, false);
     }
 
     /// Queues `text` as a masked text frame, masking it in place instead of letting tungstenite
     /// copy it into its write buffer to mask it there. For the client side of a WebSocket.
-    pub fn push_masked_text(&mut self, text: String) {
+    /// With `recycle`, the buffer is kept once written, for [`WsOut::take_spare`].
+    pub fn push_masked_text(&mut self, text: String, recycle: bool) {
         let key = crate::secret::random_bytes::<4>();
         let mut payload = text.into_bytes();
         apply_mask(&mut payload, key);
         let head = text_frame_header(payload.len(), Some(key));
         let len = payload.len();
-        self.push_frame(vec![Bytes::from(head), Bytes::from(payload)], len);
+        self.push_frame(vec![Bytes::from(head), Bytes::from(payload)], len, recycle);
     }
 
-    fn push_frame(&mut self, pieces: Vec<Bytes>, payload: usize) {
+    fn push_frame(&mut self, pieces: Vec<Bytes>, payload: usize, recycle: bool) {
         self.bytes += payload;
-        self.queue.push_back(Queued::Frame { pieces, payload });
+        self.queue.push_back(Queued::Frame { pieces, payload, recycle });
+    }
+
+    /// The emptied buffer of the last frame queued with `recycle` and written since, if any:
+    /// a large frame built in it costs no fresh mapping and no page faults.
+    pub fn take_spare(&mut self) -> Option<Vec<u8>> {
+        self.spare.take()
+    }
+
+    /// Ends a half-written frame: the stream's writes flow again, and a recycled payload
+    /// buffer becomes the spare.
+    fn end_vectored(&mut self, ws: &mut WebSocket<Stream>, written: bool) {
+        let Some(v) = self.vectored.take() else { return };
+        ws.get_mut().hold_writes(false);
+        if !(written && v.recycle) {
+            return;
+        }
+        if let Some(payload) = v.pieces.into_iter().next_back()
+            && payload.is_unique()
+        {
+            let mut buf = Vec::from(payload);
+            if buf.capacity() <= SPARE_MAX {
+                buf.clear();
+                self.spare = Some(buf);
+            }
+        }
     }
 
     /// Bytes queued and not yet handed to the socket or tungstenite.
@@ -151,15 +187,11 @@ impl WsOut {
                 match done {
                     Ok(true) => {
                         self.blocked = false;
-                        if self.vectored.take().is_some() {
-                            ws.get_mut().hold_writes(false);
-                        }
+                        self.end_vectored(ws, true);
                     }
                     Ok(false) => return Ok(()),
                     Err(e) => {
-                        if self.vectored.take().is_some() {
-                            ws.get_mut().hold_writes(false);
-                        }
+                        self.end_vectored(ws, false);
                         return Err(e);
                     }
                 }
@@ -192,20 +224,20 @@ impl WsOut {
                     }
                     Err(e) => return Err(Broken(e.to_string())),
                 },
-                Queued::Frame { pieces, payload } => {
+                Queued::Frame { pieces, payload, recycle } => {
                     // What tungstenite buffered goes first.
                     match flushed(ws.flush()) {
                         Ok(true) => {}
                         Ok(false) => {
                             self.bytes += size;
-                            self.queue.push_front(Queued::Frame { pieces, payload });
+                            self.queue.push_front(Queued::Frame { pieces, payload, recycle });
                             self.blocked = true;
                             return Ok(());
                         }
                         Err(e) => return Err(e),
                     }
                     ws.get_mut().hold_writes(true);
-                    self.vectored = Some(Vectored { pieces, written: 0 });
+                    self.vectored = Some(Vectored { pieces, written: 0, recycle });
                     self.blocked = true;
                 }
             }
@@ -364,7 +396,7 @@ mod tests {
 
         let mut out = WsOut::default();
         for (i, len) in lens.iter().enumerate() {
-            out.push_masked_text(text(i, *len));
+            out.push_masked_text(text(i, *len), true);
             if i == 4 {
                 out.push(Message::text("between"));
             }
@@ -382,5 +414,16 @@ mod tests {
         for (g, w) in got.iter().zip(&want) {
             assert!(g == w, "a frame of {} bytes arrived as {} bytes", w.len(), g.len());
         }
+
+        // The 64 KiB frame's buffer was kept; the 3 MiB one's went back (over SPARE_MAX).
+        let spare = out.take_spare().expect("a written frame's buffer is kept");
+        assert!(spare.is_empty() && (65536..=SPARE_MAX).contains(&spare.capacity()));
+        assert!(out.take_spare().is_none());
+        // A frame queued without `recycle` leaves none.
+        out.push_masked_text("x".repeat(70_000), false);
+        while !out.is_idle() {
+            out.flush(&mut client).unwrap();
+        }
+        assert!(out.take_spare().is_none());
     }
 }

@@ -43,6 +43,13 @@ pub trait FrameSink: Send + Sync {
     /// accepted, not delivered: a frame whose own write finds the socket broken is lost with
     /// the connection, and the next send fails.
     fn send(&self, text: String) -> Result<(), Gone>;
+
+    /// An empty buffer with room for a large frame, left by one already written (see
+    /// [`crate::wsout::WsOut::take_spare`]), so a stream of large frames does not map and
+    /// fault in fresh memory for each one. `None` when there is none.
+    fn spare_buffer(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A bounded channel drained by a readiness-driven thread, which every frame wakes at once
@@ -75,6 +82,12 @@ impl Outbox {
     /// carried the request is gone.
     pub fn send(&self, text: String) -> Result<(), Gone> {
         self.sink.send(text)
+    }
+
+    /// An empty buffer to build the next large frame in ([`FrameSink::spare_buffer`]), or a
+    /// new one.
+    pub fn buffer(&self) -> String {
+        self.sink.spare_buffer().unwrap_or_default()
     }
 }
 

@@ -705,7 +705,7 @@ impl FrameSink for Link {
             return Err(Gone);
         }
         if text.len() >= p::LARGE_FRAME {
-            st.out.push_masked_text(text);
+            st.out.push_masked_text(text, true);
         } else {
             st.out.push(Message::text(text));
         }
@@ -717,6 +717,11 @@ impl FrameSink for Link {
             }
         }
         Ok(())
+    }
+
+    fn spare_buffer(&self) -> Option<String> {
+        // An emptied Vec is valid UTF-8.
+        self.lock().out.take_spare().and_then(|v| String::from_utf8(v).ok())
     }
 }
 

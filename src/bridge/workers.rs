@@ -841,7 +841,9 @@ fn exchange(shared: &Shared, job: &mut Job) -> Result<(), Fail> {
         body,
         body_base64: false,
     };
-    let binary = |bytes: &[u8]| send_json(base64_chunk_json(&id, client.as_deref(), bytes), false);
+    let binary = |bytes: &[u8]| {
+        send_json(base64_chunk_json(out.buffer(), &id, client.as_deref(), bytes), false)
+    };
     let mut buf = vec![0u8; CHUNK_MAX];
     // Bytes of a UTF-8 character split across two reads, kept at the front of `buf`.
     let mut carry = 0;
