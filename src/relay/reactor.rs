@@ -706,6 +706,16 @@ impl Reactor {
         self.queue(id, |out| out.push(Message::text(text)));
     }
 
+    /// Queues a large frame given as pieces of a received message and starts writing it at
+    /// once, not at the end of the turn. Once written, the message is freed before its
+    /// socket's next read, so tungstenite can reclaim that read buffer for the next message
+    /// instead of mapping (and faulting in) a fresh one for each: relay CPU per 12 MiB
+    /// download 21.7 → 16.7–18.3 ms.
+    fn send_pieces(&mut self, id: ConnId, pieces: Vec<Bytes>) {
+        self.queue(id, |out| out.push_pieces(pieces));
+        self.ws_flush(id);
+    }
+
     /// Queues a message with `push` (unless the socket is detached) and marks the socket dirty.
     fn queue(&mut self, id: ConnId, push: impl FnOnce(&mut WsOut)) {
         let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) else {
@@ -868,7 +878,7 @@ impl Reactor {
                     .and_then(|v| without_member(text, "client", v))
                     .and_then(|(before, after)| Some(vec![slice(before)?, slice(after)?]));
                 match pieces {
-                    Some(pieces) => self.queue(app_conn, |out| out.push_pieces(pieces)),
+                    Some(pieces) => self.send_pieces(app_conn, pieces),
                     None => {
                         self.send_text(app_conn, serde_json::to_string(&raw).unwrap_or_default())
                     }
@@ -948,7 +958,7 @@ impl Reactor {
             let large = text.len() >= LARGE_FRAME;
             if let Some(rest) = SharedStr::slice_of(message, rest).filter(|_| large) {
                 let pieces = vec![Bytes::from(prefix), Bytes::from(rest)];
-                self.queue(bridge_conn, |out| out.push_pieces(pieces));
+                self.send_pieces(bridge_conn, pieces);
             } else {
                 self.send_text(bridge_conn, prefix + rest);
             }
