@@ -21,6 +21,8 @@ pub struct Stream {
     drained: bool,
     /// Writes through [`Write`] answer `WouldBlock` (a frame is being written around them).
     held: bool,
+    /// Bytes handed out by [`Read`] so far.
+    read_total: u64,
 }
 
 enum Inner {
@@ -31,12 +33,24 @@ enum Inner {
 impl Stream {
     /// A plain TCP stream, not armed.
     pub fn plain(tcp: TcpStream) -> Stream {
-        Stream { inner: Inner::Plain(tcp), armed: false, drained: false, held: false }
+        Stream {
+            inner: Inner::Plain(tcp),
+            armed: false,
+            drained: false,
+            held: false,
+            read_total: 0,
+        }
     }
 
     /// A TLS stream.
     pub fn tls(tls: native_tls::TlsStream<TcpStream>) -> Stream {
-        Stream { inner: Inner::Tls(Box::new(tls)), armed: false, drained: false, held: false }
+        Stream {
+            inner: Inner::Tls(Box::new(tls)),
+            armed: false,
+            drained: false,
+            held: false,
+            read_total: 0,
+        }
     }
 
     /// The TCP socket underneath.
@@ -45,6 +59,11 @@ impl Stream {
             Inner::Plain(s) => s,
             Inner::Tls(s) => s.get_ref(),
         }
+    }
+
+    /// Bytes handed out by [`Read`] so far (decrypted bytes, for TLS).
+    pub fn bytes_read(&self) -> u64 {
+        self.read_total
     }
 
     /// True for a TLS stream.
@@ -85,14 +104,16 @@ impl Read for Stream {
         if self.drained {
             return Err(io::ErrorKind::WouldBlock.into());
         }
-        match &mut self.inner {
+        let n = match &mut self.inner {
             Inner::Plain(s) => {
                 let n = s.read(buf)?;
                 self.drained = self.armed && n > 0 && n < buf.len();
-                Ok(n)
+                n
             }
-            Inner::Tls(s) => s.read(buf),
-        }
+            Inner::Tls(s) => s.read(buf)?,
+        };
+        self.read_total += n as u64;
+        Ok(n)
     }
 }
 

@@ -1502,3 +1502,55 @@ fn a_pong_never_lands_inside_a_half_written_request() {
         other => panic!("expected a BAD_FRAME error, got {other:?}"),
     }
 }
+
+/// tungstenite keeps its read buffer at the size of the largest message a connection sent, for
+/// as long as it lives: four apps that each uploaded 12 MiB once held 49 MiB of relay memory.
+/// The relay renews that buffer once it holds nothing unread, and the connections go on
+/// working: a request sent right behind a large one, and later requests, arrive intact.
+#[test]
+fn large_uploads_do_not_pin_memory_per_app() {
+    let relay = Relay::new();
+    let api = relay.registry();
+    let reg = api.register_ok("Test Bridge");
+    let mut bridge = BridgePeer::connect_ok(&relay, &reg.bridge_id, &reg.relay_secret, "inst-1");
+    api.wait_bridge_online(&reg.bridge_id, &reg.relay_secret, true);
+    let _ = bridge.ws.get_mut().set_read_timeout(Some(Duration::from_secs(20)));
+    let mut next_request = || loop {
+        if let tungstenite::Message::Text(t) = bridge.ws.read().expect("bridge socket")
+            && let Ok(Frame::Request(r)) = protocol::parse_frame(t.as_str())
+        {
+            return r;
+        }
+    };
+    let rss_kib = |pid: u32| -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap().to_owned();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    let body = "b".repeat(12 << 20);
+    let mut apps = Vec::new();
+    let before = rss_kib(relay.pid());
+    for i in 0..4 {
+        let code = api.access_code_ok(&reg.bridge_id, &reg.relay_secret);
+        let client = api.verify_ok(&reg.bridge_id, &code.access_code, &format!("Phone {i}"));
+        let mut app = AppClient::connect_ok(&relay, &reg.bridge_id, &client.client_secret, true);
+        app.send(&req(&format!("big{i}"), "POST", "/api/echo", Some(&body)));
+        app.send(&req(&format!("small{i}"), "GET", "/api/health", None));
+        let big = next_request();
+        assert_eq!(
+            (big.id.as_str(), big.body.as_deref().map(str::len)),
+            (&*format!("big{i}"), Some(12 << 20))
+        );
+        assert_eq!(next_request().id, format!("small{i}"));
+        apps.push(app);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let grown = rss_kib(relay.pid()).saturating_sub(before);
+    assert!(grown < 24 << 10, "the relay holds {grown} KiB more after four 12 MiB uploads");
+    // Every socket still carries requests, large and small.
+    for (i, app) in apps.iter_mut().enumerate() {
+        app.send(&req(&format!("again{i}"), "POST", "/api/echo", Some(&body[..3 << 20])));
+        let r = next_request();
+        assert_eq!((r.id, r.body.map(|b| b.len())), (format!("again{i}"), Some(3 << 20)));
+    }
+}

@@ -92,6 +92,30 @@ struct WsConn {
     closing: Option<Instant>,
     /// Frames were queued since the last flush (listed in `Reactor::dirty`).
     dirty: bool,
+    /// What the frames tungstenite handed over took on the wire, counted as one masked frame
+    /// per message, plus what the stream gave before them (the HTTP upgrade request, less the
+    /// bytes read past it, which tungstenite was handed at the start; wrapping). Equal to the
+    /// stream's [`Stream::bytes_read`] exactly when tungstenite holds no unread byte; `None`
+    /// once a close frame arrived.
+    consumed: Option<u64>,
+    /// A message of [`RECLAIM_MIN`] bytes or more was read since tungstenite's read buffer was
+    /// last renewed ([`Reactor::reclaim_read_buffer`]).
+    large_read: bool,
+}
+
+/// Messages from this size up leave tungstenite's read buffer at their size for as long as the
+/// connection lives (tungstenite-rs #480): 12 MiB per app that ever uploaded 12 MiB. After
+/// one, the buffer is renewed as soon as it holds nothing unread.
+const RECLAIM_MIN: usize = 1 << 20;
+
+/// The bytes a message of `len` bytes took on the wire as one masked frame (RFC 6455 §5.2).
+fn masked_frame_len(len: usize) -> u64 {
+    let extended = match len {
+        0..=125 => 0,
+        126..=0xFFFF => 2,
+        _ => 8,
+    };
+    (2 + extended + 4 + len) as u64
 }
 
 enum Io {
@@ -597,6 +621,9 @@ impl Reactor {
         let Io::Http(h) = conn.io else { return };
         let h = *h;
         let now = Instant::now();
+        // The stream has also given the HTTP upgrade request, and tungstenite starts with the
+        // bytes read past it.
+        let consumed = Some(h.stream.bytes_read().wrapping_sub(h.inbuf.len() as u64));
         let ws =
             WebSocket::from_partially_read(h.stream, h.inbuf, Role::Server, Some(self.ws_config));
         conn.io = Io::Ws(Box::new(WsConn {
@@ -611,6 +638,8 @@ impl Reactor {
             detached: false,
             closing: None,
             dirty: false,
+            consumed,
+            large_read: false,
         }));
         conn.deadline = None;
         self.conns.insert(id, conn);
@@ -644,6 +673,11 @@ impl Reactor {
                 match w.ws.read() {
                     Ok(msg) => {
                         w.last_rx = Instant::now();
+                        w.large_read |= msg.len() >= RECLAIM_MIN;
+                        w.consumed = match msg {
+                            Message::Close(_) | Message::Frame(_) => None,
+                            _ => w.consumed.map(|c| c.wrapping_add(masked_frame_len(msg.len()))),
+                        };
                         if w.detached {
                             continue;
                         }
@@ -692,7 +726,37 @@ impl Reactor {
         self.ws_flush(id);
         if more {
             self.ready.push(id);
+        } else {
+            self.reclaim_read_buffer(id);
         }
+    }
+
+    /// After a large message, gives the connection a fresh tungstenite context (and so a
+    /// fresh, small read buffer) once that is lossless: tungstenite holds no unread byte (what
+    /// its frames took equals what the stream gave it, which a fragmented message or a partial
+    /// frame would break), and no unwritten one (nothing queued, its flush done).
+    fn reclaim_read_buffer(&mut self, id: ConnId) {
+        let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) else { return };
+        let read = w.ws.get_ref().bytes_read();
+        if !w.large_read
+            || w.detached
+            || w.closing.is_some()
+            || !w.out.is_idle()
+            || w.consumed != Some(read)
+            || w.ws.flush().is_err()
+        {
+            return;
+        }
+        let Some(mut conn) = self.conns.remove(&id) else { return };
+        if let Io::Ws(boxed) = conn.io {
+            let mut w = *boxed;
+            let stream = w.ws.into_inner();
+            w.ws = WebSocket::from_raw_socket(stream, Role::Server, Some(self.ws_config));
+            w.consumed = Some(read);
+            w.large_read = false;
+            conn.io = Io::Ws(Box::new(w));
+        }
+        self.conns.insert(id, conn);
     }
 
     /// Queues a frame for a WebSocket (written at the end of this turn of the loop).
