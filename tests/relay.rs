@@ -1505,8 +1505,9 @@ fn a_pong_never_lands_inside_a_half_written_request() {
 
 /// tungstenite keeps its read buffer at the size of the largest message a connection sent, for
 /// as long as it lives: four apps that each uploaded 12 MiB once held 49 MiB of relay memory.
-/// The relay renews that buffer once it holds nothing unread, and the connections go on
-/// working: a request sent right behind a large one, and later requests, arrive intact.
+/// The relay renews that buffer a while after the last large message, once it holds nothing
+/// unread, and the connections go on working: a request sent right behind a large one, and
+/// later requests, arrive intact.
 #[test]
 fn large_uploads_do_not_pin_memory_per_app() {
     let relay = Relay::new();
@@ -1544,7 +1545,8 @@ fn large_uploads_do_not_pin_memory_per_app() {
         assert_eq!(next_request().id, format!("small{i}"));
         apps.push(app);
     }
-    std::thread::sleep(Duration::from_millis(300));
+    // Renewed 2 s after the last large message, at the relay's next 1 s tick.
+    std::thread::sleep(Duration::from_millis(3500));
     let grown = rss_kib(relay.pid()).saturating_sub(before);
     assert!(grown < 24 << 10, "the relay holds {grown} KiB more after four 12 MiB uploads");
     // Every socket still carries requests, large and small.

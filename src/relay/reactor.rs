@@ -98,15 +98,18 @@ struct WsConn {
     /// stream's [`Stream::bytes_read`] exactly when tungstenite holds no unread byte; `None`
     /// once a close frame arrived.
     consumed: Option<u64>,
-    /// A message of [`RECLAIM_MIN`] bytes or more was read since tungstenite's read buffer was
-    /// last renewed ([`Reactor::reclaim_read_buffer`]).
-    large_read: bool,
+    /// When the last message of [`RECLAIM_MIN`] bytes or more was read, unless tungstenite's
+    /// read buffer was renewed since ([`Reactor::reclaim_read_buffer`]).
+    large_read: Option<Instant>,
 }
 
 /// Messages from this size up leave tungstenite's read buffer at their size for as long as the
-/// connection lives (tungstenite-rs #480): 12 MiB per app that ever uploaded 12 MiB. After
-/// one, the buffer is renewed as soon as it holds nothing unread.
+/// connection lives (tungstenite-rs #480): 12 MiB per app that ever uploaded 12 MiB.
 const RECLAIM_MIN: usize = 1 << 20;
+
+/// How long after its last large message a connection's read buffer is renewed. Back-to-back
+/// uploads keep reusing it (a fresh 16 MiB buffer costs each one ~4,000 page faults).
+const RECLAIM_AFTER: Duration = Duration::from_secs(2);
 
 /// The bytes a message of `len` bytes took on the wire as one masked frame (RFC 6455 §5.2).
 fn masked_frame_len(len: usize) -> u64 {
@@ -639,7 +642,7 @@ impl Reactor {
             closing: None,
             dirty: false,
             consumed,
-            large_read: false,
+            large_read: None,
         }));
         conn.deadline = None;
         self.conns.insert(id, conn);
@@ -673,7 +676,9 @@ impl Reactor {
                 match w.ws.read() {
                     Ok(msg) => {
                         w.last_rx = Instant::now();
-                        w.large_read |= msg.len() >= RECLAIM_MIN;
+                        if msg.len() >= RECLAIM_MIN {
+                            w.large_read = Some(w.last_rx);
+                        }
                         w.consumed = match msg {
                             Message::Close(_) | Message::Frame(_) => None,
                             _ => w.consumed.map(|c| c.wrapping_add(masked_frame_len(msg.len()))),
@@ -726,19 +731,18 @@ impl Reactor {
         self.ws_flush(id);
         if more {
             self.ready.push(id);
-        } else {
-            self.reclaim_read_buffer(id);
         }
     }
 
-    /// After a large message, gives the connection a fresh tungstenite context (and so a
-    /// fresh, small read buffer) once that is lossless: tungstenite holds no unread byte (what
-    /// its frames took equals what the stream gave it, which a fragmented message or a partial
-    /// frame would break), and no unwritten one (nothing queued, its flush done).
+    /// A while after a large message ([`RECLAIM_AFTER`]), gives the connection a fresh
+    /// tungstenite context (and so a fresh, small read buffer) if that is lossless now:
+    /// tungstenite holds no unread byte (what its frames took equals what the stream gave it,
+    /// which a fragmented message or a partial frame would break), and no unwritten one
+    /// (nothing queued, its flush done). Otherwise the next tick tries again.
     fn reclaim_read_buffer(&mut self, id: ConnId) {
         let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) else { return };
         let read = w.ws.get_ref().bytes_read();
-        if !w.large_read
+        if w.large_read.is_none()
             || w.detached
             || w.closing.is_some()
             || !w.out.is_idle()
@@ -753,7 +757,7 @@ impl Reactor {
             let stream = w.ws.into_inner();
             w.ws = WebSocket::from_raw_socket(stream, Role::Server, Some(self.ws_config));
             w.consumed = Some(read);
-            w.large_read = false;
+            w.large_read = None;
             conn.io = Io::Ws(Box::new(w));
         }
         self.conns.insert(id, conn);
@@ -1248,7 +1252,13 @@ impl Reactor {
         let mut expired = Vec::new();
         let mut idle_socks = Vec::new();
         let mut ping = Vec::new();
+        let mut reclaim = Vec::new();
         for (&id, conn) in &self.conns {
+            if let Io::Ws(w) = &conn.io
+                && w.large_read.is_some_and(|t| now.duration_since(t) >= RECLAIM_AFTER)
+            {
+                reclaim.push(id);
+            }
             match &conn.io {
                 Io::Ws(w) => match w.closing {
                     Some(until) if now >= until => expired.push(id),
@@ -1273,6 +1283,9 @@ impl Reactor {
         }
         for id in idle_socks {
             self.close_ws(id, close_code::IDLE, "no traffic for 60 s");
+        }
+        for id in reclaim {
+            self.reclaim_read_buffer(id);
         }
         for id in ping {
             if let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) {
