@@ -60,10 +60,17 @@ report() {
 export LIBSQLITE3_FLAGS="${LIBSQLITE3_FLAGS:--USQLITE_ENABLE_FTS3 -USQLITE_ENABLE_FTS3_PARENTHESIS -USQLITE_ENABLE_FTS5 -USQLITE_ENABLE_RTREE -USQLITE_ENABLE_DBSTAT_VTAB -USQLITE_ENABLE_STAT4 -USQLITE_SOUNDEX -DSQLITE_OMIT_JSON -DSQLITE_OMIT_DEPRECATED -DSQLITE_OMIT_SHARED_CACHE -DSQLITE_DEFAULT_MEMSTATUS=0}"
 
 # The static binaries without unwind tables (panic=abort never unwinds; C code included) and
-# with their relative relocations packed (DT_RELR, which the bundled musl start-up code
-# applies): about 1.1 MiB less per binary, which pays for this crate's opt-level 3 (Cargo.toml).
+# with their relative relocations packed (DT_RELR): about 1.1 MiB less per binary, which pays
+# for this crate's opt-level 3 (Cargo.toml). Packed relocations are applied by the musl
+# start-up code Rust bundles, which reads them from musl 1.2.4 on (bundled since Rust 1.93);
+# older toolchains get the unwind-table savings only. A RUSTFLAGS of your own replaces these.
+musl_rustflags="-C force-unwind-tables=no"
+rust_minor=$(rustc --version | sed -n 's/^rustc 1\.\([0-9]*\).*/\1/p')
+if [ "${rust_minor:-0}" -ge 93 ]; then
+  musl_rustflags="$musl_rustflags -C link-arg=-Wl,-z,pack-relative-relocs"
+fi
 export CFLAGS_x86_64_unknown_linux_musl="${CFLAGS_x86_64_unknown_linux_musl:--fno-asynchronous-unwind-tables -fno-unwind-tables}"
-export CARGO_TARGET_X86_64_UNKNOWN_LINUX_MUSL_RUSTFLAGS="${CARGO_TARGET_X86_64_UNKNOWN_LINUX_MUSL_RUSTFLAGS:--C force-unwind-tables=no -C link-arg=-Wl,-z,pack-relative-relocs}"
+export CARGO_TARGET_X86_64_UNKNOWN_LINUX_MUSL_RUSTFLAGS="${CARGO_TARGET_X86_64_UNKNOWN_LINUX_MUSL_RUSTFLAGS:-$musl_rustflags}"
 
 t0=$(date +%s)
 if [ "$want_musl" = 1 ]; then
@@ -82,6 +89,11 @@ for bin in "${BINS[@]}"; do
   if [ "$want_musl" = 1 ]; then
     strip_bin "$TARGET_DIR/$MUSL/release/$bin"
     report "$TARGET_DIR/$MUSL/release/$bin"
+    # A start-up that cannot apply the packed relocations would crash here, not on a server.
+    if ! env -i "$TARGET_DIR/$MUSL/release/$bin" --version >/dev/null; then
+      echo "✗ $TARGET_DIR/$MUSL/release/$bin does not start" >&2
+      exit 1
+    fi
   fi
   if [ "$want_host" = 1 ]; then
     strip_bin "$TARGET_DIR/release/$bin"

@@ -225,6 +225,11 @@ impl WsOut {
                     Err(e) => return Err(Broken(e.to_string())),
                 },
                 Queued::Frame { pieces, payload, recycle } => {
+                    // After a close frame nothing more may follow (tungstenite refuses a
+                    // plain message then too).
+                    if !ws.can_write() {
+                        return Err(Broken("the connection is closing".into()));
+                    }
                     // What tungstenite buffered goes first.
                     match flushed(ws.flush()) {
                         Ok(true) => {}
@@ -385,13 +390,14 @@ mod tests {
         let (peer, _) = l.accept().unwrap();
         tcp.set_nonblocking(true).unwrap();
         let mut client = WebSocket::from_raw_socket(Stream::plain(tcp), Role::Client, None);
-        let lens = [0usize, 1, 7, 8, 9, 125, 126, 65535, 65536, (3 << 20) + 5];
+        let lens = [0usize, 1, 7, 8, 9, 10, 11, 12, 125, 126, 65535, 65536, (3 << 20) + 5];
         let text = |i: usize, len: usize| -> String {
             (0..len).map(|j| (b'a' + ((i * 7 + j) % 26) as u8) as char).collect()
         };
+        // The plain message, and a last frame pushed after the spare is checked.
         let reader = std::thread::spawn(move || {
             let mut server = WebSocket::from_raw_socket(peer, Role::Server, None);
-            (0..lens.len() + 1).map(|_| server.read().unwrap()).collect::<Vec<_>>()
+            (0..lens.len() + 2).map(|_| server.read().unwrap()).collect::<Vec<_>>()
         });
 
         let mut out = WsOut::default();
@@ -401,29 +407,32 @@ mod tests {
                 out.push(Message::text("between"));
             }
         }
-        while !out.is_idle() {
-            out.flush(&mut client).unwrap();
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
+        let flush_all = |out: &mut WsOut, client: &mut WebSocket<Stream>| {
+            while !out.is_idle() {
+                out.flush(client).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        };
+        flush_all(&mut out, &mut client);
+        // The 64 KiB frame's buffer was kept; the 3 MiB one's went back (over SPARE_MAX).
+        let spare = out.take_spare().expect("a written frame's buffer is kept");
+        assert!(spare.is_empty() && (65536..=SPARE_MAX).contains(&spare.capacity()));
+        assert!(out.take_spare().is_none());
+        // A frame queued without `recycle` leaves none.
+        let last = "x".repeat(70_000);
+        out.push_masked_text(last.clone(), false);
+        flush_all(&mut out, &mut client);
+        assert!(out.take_spare().is_none());
+
         let got = reader.join().unwrap();
         let mut want: Vec<String> = lens.iter().enumerate().map(|(i, len)| text(i, *len)).collect();
         want.insert(5, "between".into());
+        want.push(last);
         let got: Vec<String> =
             got.into_iter().map(|m| m.into_text().unwrap().to_string()).collect();
         assert_eq!(got.len(), want.len());
         for (g, w) in got.iter().zip(&want) {
             assert!(g == w, "a frame of {} bytes arrived as {} bytes", w.len(), g.len());
         }
-
-        // The 64 KiB frame's buffer was kept; the 3 MiB one's went back (over SPARE_MAX).
-        let spare = out.take_spare().expect("a written frame's buffer is kept");
-        assert!(spare.is_empty() && (65536..=SPARE_MAX).contains(&spare.capacity()));
-        assert!(out.take_spare().is_none());
-        // A frame queued without `recycle` leaves none.
-        out.push_masked_text("x".repeat(70_000), false);
-        while !out.is_idle() {
-            out.flush(&mut client).unwrap();
-        }
-        assert!(out.take_spare().is_none());
     }
 }

@@ -22,8 +22,8 @@ use super::local_http::{
 };
 use super::{Outbox, log};
 use crate::protocol::{
-    CLIENT_HEADER, DEFAULT_ALLOWED_PREFIXES, ErrorCode, Frame, Headers, Limits, RequestFrame,
-    ResponseFrame, base64_chunk_json, check_header, check_path, check_request_limits,
+    CLIENT_HEADER, DEFAULT_ALLOWED_PREFIXES, ErrorCode, Frame, Headers, LARGE_FRAME, Limits,
+    RequestFrame, ResponseFrame, base64_chunk_json, check_header, check_path, check_request_limits,
     is_hop_by_hop,
 };
 
@@ -842,7 +842,10 @@ fn exchange(shared: &Shared, job: &mut Job) -> Result<(), Fail> {
         body_base64: false,
     };
     let binary = |bytes: &[u8]| {
-        send_json(base64_chunk_json(out.buffer(), &id, client.as_deref(), bytes), false)
+        // Only a frame large enough to be masked in place gives its buffer back.
+        let large = bytes.len() / 3 * 4 >= LARGE_FRAME;
+        let buf = if large { out.buffer() } else { String::new() };
+        send_json(base64_chunk_json(buf, &id, client.as_deref(), bytes), false)
     };
     let mut buf = vec![0u8; CHUNK_MAX];
     // Bytes of a UTF-8 character split across two reads, kept at the front of `buf`.

@@ -94,9 +94,11 @@ struct WsConn {
     dirty: bool,
     /// What the frames tungstenite handed over took on the wire, counted as one masked frame
     /// per message, plus what the stream gave before them (the HTTP upgrade request, less the
-    /// bytes read past it, which tungstenite was handed at the start; wrapping). Equal to the
-    /// stream's [`Stream::bytes_read`] exactly when tungstenite holds no unread byte; `None`
-    /// once a close frame arrived.
+    /// bytes read past it, which tungstenite was handed at the start; wrapping). A real frame
+    /// never takes fewer bytes than counted, so this equals the stream's
+    /// [`Stream::bytes_read`] only when tungstenite holds no unread byte; a fragmented message
+    /// or an over-long length encoding leaves it short for good, which only stops the
+    /// renewal. `None` once a close frame arrived.
     consumed: Option<u64>,
     /// When the last message of [`RECLAIM_MIN`] bytes or more was read, unless tungstenite's
     /// read buffer was renewed since ([`Reactor::reclaim_read_buffer`]).
@@ -736,9 +738,9 @@ impl Reactor {
 
     /// A while after a large message ([`RECLAIM_AFTER`]), gives the connection a fresh
     /// tungstenite context (and so a fresh, small read buffer) if that is lossless now:
-    /// tungstenite holds no unread byte (what its frames took equals what the stream gave it,
-    /// which a fragmented message or a partial frame would break), and no unwritten one
-    /// (nothing queued, its flush done). Otherwise the next tick tries again.
+    /// tungstenite holds no unread byte (what its frames took equals what the stream gave it;
+    /// see [`WsConn::consumed`]), and no unwritten one (nothing queued, its flush done).
+    /// Otherwise the next tick tries again.
     fn reclaim_read_buffer(&mut self, id: ConnId) {
         let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) else { return };
         let read = w.ws.get_ref().bytes_read();
