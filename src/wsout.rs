@@ -332,15 +332,21 @@ mod tests {
     use std::net::{TcpListener, TcpStream};
     use tungstenite::protocol::Role;
 
+    /// A connected loopback pair: ours non-blocking (as the reactors run it), and the peer.
+    fn socket_pair() -> (Stream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (ours, _) = l.accept().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        (Stream::plain(ours), peer)
+    }
+
     /// Frames from pieces, of every header size and around a plain message, arrive whole and
     /// in order at a real WebSocket client, however the socket splits the writes.
     #[test]
     fn frames_from_pieces_arrive_whole_and_in_order() {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let peer = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (tcp, _) = l.accept().unwrap();
-        tcp.set_nonblocking(true).unwrap();
-        let mut server = WebSocket::from_raw_socket(Stream::plain(tcp), Role::Server, None);
+        let (ours, peer) = socket_pair();
+        let mut server = WebSocket::from_raw_socket(ours, Role::Server, None);
         let lens = [0usize, 1, 125, 126, 65535, 65536, 3 << 20];
         let reader = std::thread::spawn(move || {
             let mut client = WebSocket::from_raw_socket(peer, Role::Client, None);
@@ -385,11 +391,8 @@ mod tests {
     /// unmasked frame from a client, and unmasks with the key in the header).
     #[test]
     fn masked_frames_arrive_whole_and_in_order() {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let tcp = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (peer, _) = l.accept().unwrap();
-        tcp.set_nonblocking(true).unwrap();
-        let mut client = WebSocket::from_raw_socket(Stream::plain(tcp), Role::Client, None);
+        let (ours, peer) = socket_pair();
+        let mut client = WebSocket::from_raw_socket(ours, Role::Client, None);
         let lens = [0usize, 1, 7, 8, 9, 10, 11, 12, 125, 126, 65535, 65536, (3 << 20) + 5];
         let text = |i: usize, len: usize| -> String {
             (0..len).map(|j| (b'a' + ((i * 7 + j) % 26) as u8) as char).collect()
