@@ -329,14 +329,12 @@ fn write_vectored(stream: &mut Stream, v: &mut Vectored) -> Result<bool, Broken>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::{TcpListener, TcpStream};
+    use std::net::TcpStream;
     use tungstenite::protocol::Role;
 
     /// A connected loopback pair: ours non-blocking (as the reactors run it), and the peer.
     fn socket_pair() -> (Stream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let peer = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (ours, _) = l.accept().unwrap();
+        let (ours, peer) = crate::poll::tests::pair();
         ours.set_nonblocking(true).unwrap();
         (Stream::plain(ours), peer)
     }

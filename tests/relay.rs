@@ -876,12 +876,9 @@ fn killed_bridge_yields_bridge_disconnected_for_every_open_request() {
 #[test]
 fn bridge_answers_are_routed_per_client_and_unknown_ids_dropped() {
     let relay = Relay::new();
-    let api = relay.registry();
-    let reg = api.register_ok("B");
+    let (reg, mut bridge) = registered_bridge(&relay);
     let c1 = pair_another(&relay, &reg, "one");
     let c2 = pair_another(&relay, &reg, "two");
-    let mut bridge = BridgePeer::connect_ok(&relay, &reg.bridge_id, &reg.relay_secret, "i");
-    api.wait_bridge_online(&reg.bridge_id, &reg.relay_secret, true);
     let mut a1 = AppClient::connect_ok(&relay, &reg.bridge_id, &c1.client_secret, true);
     let mut a2 = AppClient::connect_ok(&relay, &reg.bridge_id, &c2.client_secret, true);
     a1.send(&req("same", "GET", "/api/1", None));
@@ -995,11 +992,8 @@ fn bad_frames_get_bad_frame_and_socket_stays_open() {
 #[test]
 fn bad_frames_from_the_bridge_get_bad_frame() {
     let relay = Relay::new();
-    let api = relay.registry();
-    let reg = api.register_ok("B");
+    let (reg, mut bridge) = registered_bridge(&relay);
     let c = pair_another(&relay, &reg, "p");
-    let mut bridge = BridgePeer::connect_ok(&relay, &reg.bridge_id, &reg.relay_secret, "i");
-    api.wait_bridge_online(&reg.bridge_id, &reg.relay_secret, true);
     let mut app = AppClient::connect_ok(&relay, &reg.bridge_id, &c.client_secret, true);
     assert!(matches!(bridge.recv(), Frame::ClientConnected { .. }));
     bridge.ws.send(tungstenite::Message::text("{oops")).unwrap();
@@ -1454,12 +1448,8 @@ fn sigterm_with_live_sockets_exits_zero() {
 #[test]
 fn a_pong_never_lands_inside_a_half_written_request() {
     let relay = Relay::new();
-    let api = relay.registry();
-    let reg = api.register_ok("Test Bridge");
-    let code = api.access_code_ok(&reg.bridge_id, &reg.relay_secret);
-    let client = api.verify_ok(&reg.bridge_id, &code.access_code, "Test Phone");
-    let mut bridge = BridgePeer::connect_ok(&relay, &reg.bridge_id, &reg.relay_secret, "inst-1");
-    api.wait_bridge_online(&reg.bridge_id, &reg.relay_secret, true);
+    let (reg, mut bridge) = registered_bridge(&relay);
+    let client = pair_another(&relay, &reg, "Test Phone");
     let mut app = AppClient::connect_ok(&relay, &reg.bridge_id, &client.client_secret, true);
 
     // 12 MiB is more than loopback buffers hold while the bridge does not read.
@@ -1512,10 +1502,7 @@ fn a_pong_never_lands_inside_a_half_written_request() {
 #[test]
 fn large_uploads_do_not_pin_memory_per_app() {
     let relay = Relay::new();
-    let api = relay.registry();
-    let reg = api.register_ok("Test Bridge");
-    let mut bridge = BridgePeer::connect_ok(&relay, &reg.bridge_id, &reg.relay_secret, "inst-1");
-    api.wait_bridge_online(&reg.bridge_id, &reg.relay_secret, true);
+    let (reg, mut bridge) = registered_bridge(&relay);
     let _ = bridge.ws.get_mut().set_read_timeout(Some(Duration::from_secs(20)));
     let mut next_request = || loop {
         if let tungstenite::Message::Text(t) = bridge.ws.read().expect("bridge socket")
@@ -1533,8 +1520,7 @@ fn large_uploads_do_not_pin_memory_per_app() {
     let mut apps = Vec::new();
     let before = rss_kib(relay.pid());
     for i in 0..4 {
-        let code = api.access_code_ok(&reg.bridge_id, &reg.relay_secret);
-        let client = api.verify_ok(&reg.bridge_id, &code.access_code, &format!("Phone {i}"));
+        let client = pair_another(&relay, &reg, &format!("Phone {i}"));
         let mut app = AppClient::connect_ok(&relay, &reg.bridge_id, &client.client_secret, true);
         app.send(&req(&format!("big{i}"), "POST", "/api/echo", Some(&body)));
         app.send(&req(&format!("small{i}"), "GET", "/api/health", None));

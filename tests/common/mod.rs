@@ -1172,14 +1172,22 @@ pub struct Paired {
 /// Registers a bridge, pairs one app, attaches a serving bridge peer and the app.
 #[track_caller]
 pub fn pair(relay: &Relay) -> Paired {
-    let reg_api = relay.registry();
-    let reg = reg_api.register_ok("Test Bridge");
-    let code = reg_api.access_code_ok(&reg.bridge_id, &reg.relay_secret);
-    let client = reg_api.verify_ok(&reg.bridge_id, &code.access_code, "Test Phone");
-    let bridge = BridgePeer::connect_ok(relay, &reg.bridge_id, &reg.relay_secret, "inst-1").serve();
-    reg_api.wait_bridge_online(&reg.bridge_id, &reg.relay_secret, true);
+    let (reg, bridge) = registered_bridge(relay);
+    let bridge = bridge.serve();
+    let client = pair_another(relay, &reg, "Test Phone");
     let app = AppClient::connect_ok(relay, &reg.bridge_id, &client.client_secret, true);
     Paired { reg, client, bridge, app }
+}
+
+/// Registers a bridge and attaches a bridge peer that the test reads itself (not serving),
+/// once the relay reports it online.
+#[track_caller]
+pub fn registered_bridge(relay: &Relay) -> (RegisterResponse, BridgePeer) {
+    let api = relay.registry();
+    let reg = api.register_ok("Test Bridge");
+    let bridge = BridgePeer::connect_ok(relay, &reg.bridge_id, &reg.relay_secret, "inst-1");
+    api.wait_bridge_online(&reg.bridge_id, &reg.relay_secret, true);
+    (reg, bridge)
 }
 
 /// Pairs one more app with an existing bridge.
