@@ -555,6 +555,9 @@ struct Rep {
     near_cpu_us: f64,
     /// CPU per request at c16 of the far process (relay, `bore server`).
     far_cpu_us: f64,
+    /// CPU per request at c16 of the bench's own process: the clients (apps or HTTP) and the
+    /// origin, which share the machine's cores with the processes measured.
+    bench_cpu_us: f64,
     /// CPU per sequential request (the latency phase): (near, far).
     lat_cpu_us: (f64, f64),
     /// CPU per 12 MiB download (warm-up included): (near, far).
@@ -663,10 +666,11 @@ fn run_c16<C: Send + 'static>(
     (n / secs, pct(&all, 99.0) as f64 / 1e3, cpu_us, back)
 }
 
-/// (req/s, p99 µs, near CPU µs/req, far CPU µs/req).
-fn c16_http(side: HttpSide) -> (f64, f64, f64, f64) {
+/// (req/s, p99 µs, near, far and bench-process CPU µs/req); NaN for processes not there.
+fn c16_http(side: HttpSide) -> (f64, f64, f64, f64, f64) {
     let conns: Vec<Http> = (0..CONCURRENCY).map(|_| Http::connect(side.port)).collect();
-    let pids: Vec<u32> = side.pids.map(|(a, b)| vec![a, b]).unwrap_or_default();
+    let mut pids: Vec<u32> = side.pids.map(|(a, b)| vec![a, b]).unwrap_or_default();
+    pids.push(std::process::id());
     let (rate, p99, cpu, _) = run_c16(
         conns,
         |c, _| {
@@ -676,10 +680,14 @@ fn c16_http(side: HttpSide) -> (f64, f64, f64, f64) {
         },
         &pids,
     );
-    (rate, p99, cpu.first().copied().unwrap_or(f64::NAN), cpu.get(1).copied().unwrap_or(f64::NAN))
+    let own = cpu.last().copied().unwrap_or(f64::NAN);
+    match cpu.len() {
+        3 => (rate, p99, cpu[0], cpu[1], own),
+        _ => (rate, p99, f64::NAN, f64::NAN, own),
+    }
 }
 
-fn c16_path(p: &mut PathSide) -> (f64, f64, f64, f64) {
+fn c16_path(p: &mut PathSide) -> (f64, f64, f64, f64, f64) {
     let apps = std::mem::take(&mut p.apps);
     let (rate, p99, cpu, apps) = run_c16(
         apps,
@@ -691,10 +699,10 @@ fn c16_path(p: &mut PathSide) -> (f64, f64, f64, f64) {
             assert_eq!(status, 200);
             dt
         },
-        &[p.daemon_pid, p.relay_pid],
+        &[p.daemon_pid, p.relay_pid, std::process::id()],
     );
     p.apps = apps;
-    (rate, p99, cpu[0], cpu[1])
+    (rate, p99, cpu[0], cpu[1], cpu[2])
 }
 
 /// Uploads `body` with `POST /api/count` on one keep-alive connection; MiB/s.
@@ -820,7 +828,7 @@ fn measure(t: usize, path: &mut PathSide, http: HttpSide, bodies: (&[u8], &[u8],
         r.lat_cpu_us = ((cpu_secs(a) - a0) * per, (cpu_secs(b) - b0) * per);
     }
     progress(&format!("  {} c16", NAMES[t]));
-    (r.c16, r.c16_p99, r.near_cpu_us, r.far_cpu_us) =
+    (r.c16, r.c16_p99, r.near_cpu_us, r.far_cpu_us, r.bench_cpu_us) =
         if t == PATH { c16_path(path) } else { c16_http(http) };
     progress(&format!("  {} uploads", NAMES[t]));
     let sampler = near_far.map(|(a, b)| RssSampler::start(&[a, b]));
@@ -1113,6 +1121,13 @@ fn main() {
         r.near_cpu_us
     });
     cpu_row("CPU µs per request at c16, far side (relay / bore server)", &|r| r.far_cpu_us);
+    {
+        let name = "CPU µs per request at c16, the bench process (the clients and the origin)";
+        let f = &|r: &Rep| r.bench_cpu_us;
+        let b = if has_bore { fmt_num(md(BORE, f)) } else { "—".into() };
+        let vs = if has_bore { verdict(ratio(PATH, BORE, f), Better::Lower) } else { "—".into() };
+        println!("| {name} | {} | {} | {b} | {vs} |", fmt_num(md(DIRECT, f)), fmt_num(md(PATH, f)));
+    }
     cpu_row("CPU µs per sequential request, next to the origin", &|r| r.lat_cpu_us.0);
     cpu_row("CPU µs per sequential request, far side", &|r| r.lat_cpu_us.1);
     cpu_row("CPU ms per 12 MiB download, next to the origin", &|r| r.down_cpu_ms.0);

@@ -31,6 +31,7 @@ pub mod service;
 pub mod state;
 pub mod stream;
 pub mod wsout;
+pub mod wsread;
 
 /// Keeps a long-running process's memory near what it uses; both binaries call it first thing
 /// in their server role. glibc gives each busy thread its own arena and keeps freed blocks

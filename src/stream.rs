@@ -23,6 +23,19 @@ pub struct Stream {
     held: bool,
     /// Bytes handed out by [`Read`] so far.
     read_total: u64,
+    /// Where the first HTTP head read through this stream ends, once asked for.
+    head: HeadScan,
+}
+
+/// The search for the end of the first HTTP head (`\r\n\r\n`) in the bytes read.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum HeadScan {
+    /// Not asked for.
+    Off,
+    /// Searching; this many bytes of `\r\n\r\n` matched at the end of what was read.
+    Matched(u8),
+    /// The head ended after this many bytes read.
+    Ended(u64),
 }
 
 enum Inner {
@@ -39,6 +52,7 @@ impl Stream {
             drained: false,
             held: false,
             read_total: 0,
+            head: HeadScan::Off,
         }
     }
 
@@ -50,6 +64,7 @@ impl Stream {
             drained: false,
             held: false,
             read_total: 0,
+            head: HeadScan::Off,
         }
     }
 
@@ -64,6 +79,21 @@ impl Stream {
     /// Bytes handed out by [`Read`] so far (decrypted bytes, for TLS).
     pub fn bytes_read(&self) -> u64 {
         self.read_total
+    }
+
+    /// Starts looking for the end of the HTTP head that the next reads bring (a handshake's
+    /// response), so that [`Stream::head_end`] can tell where the bytes after it begin.
+    pub fn find_head_end(&mut self) {
+        self.head = HeadScan::Matched(0);
+    }
+
+    /// How many bytes [`Read`] had handed out when the head watched for by
+    /// [`Stream::find_head_end`] ended; `None` if it has not ended (or was not watched for).
+    pub fn head_end(&self) -> Option<u64> {
+        match self.head {
+            HeadScan::Ended(at) => Some(at),
+            _ => None,
+        }
     }
 
     /// True for a TLS stream.
@@ -112,6 +142,21 @@ impl Read for Stream {
             }
             Inner::Tls(s) => s.read(buf)?,
         };
+        if let HeadScan::Matched(mut matched) = self.head {
+            let mut end = None;
+            for (i, &b) in buf[..n].iter().enumerate() {
+                matched = match (matched, b) {
+                    (0 | 2, b'\r') | (1 | 3, b'\n') => matched + 1,
+                    (_, b'\r') => 1,
+                    _ => 0,
+                };
+                if matched == 4 {
+                    end = Some(self.read_total + i as u64 + 1);
+                    break;
+                }
+            }
+            self.head = end.map_or(HeadScan::Matched(matched), HeadScan::Ended);
+        }
         self.read_total += n as u64;
         Ok(n)
     }
@@ -180,5 +225,30 @@ mod tests {
         s.mark_ready();
         assert_eq!(s.read(&mut buf).unwrap(), 0);
         assert_eq!(s.read(&mut buf).unwrap(), 0);
+    }
+
+    #[test]
+    fn the_head_end_is_found_across_reads() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut peer = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (tcp, _) = l.accept().unwrap();
+        tcp.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+        let mut s = Stream::plain(tcp);
+        let mut buf = [0u8; 3];
+        peer.write_all(b"ab").unwrap();
+        s.read_exact(&mut buf[..2]).unwrap();
+        assert_eq!(s.head_end(), None, "not asked for");
+        // A stray CR restarts the match; the head ends after the first CR LF CR LF.
+        s.find_head_end();
+        peer.write_all(b"1\r\n\r\r\n\r\nframe\r\n\r\n").unwrap();
+        let mut read = 0;
+        while read < 17 {
+            read += s.read(&mut buf).unwrap();
+            if read < 8 {
+                assert_eq!(s.head_end(), None, "after {read} bytes");
+            }
+        }
+        assert_eq!(s.head_end(), Some(2 + 8));
+        assert_eq!(s.bytes_read(), 2 + 17);
     }
 }

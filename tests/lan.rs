@@ -19,7 +19,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::session::{CMD_TIMEOUT, PAIR_BIN, Run, closed_port, try_run};
-use common::{ConnectError, Relay, Ws, b64, fresh_dir, random_bytes, unb64, ws_connect};
+use common::{
+    ConnectError, Relay, Ws, b64, fresh_dir, random_bytes, rss_growth_settles, rss_kib, unb64,
+    ws_connect,
+};
 use hermeschat_pair::protocol::{ErrorCode, Frame, Headers, RequestFrame};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -403,6 +406,17 @@ fn request(
     })
 }
 
+/// `POST /api/raw` with `bytes` as a base64 body (the backend answers their size and hash).
+fn raw_upload(id: &str, bytes: &[u8]) -> Frame {
+    let mut up =
+        request(id, "POST", "/api/raw", &[("Content-Type", "application/octet-stream")], None);
+    if let Frame::Request(r) = &mut up {
+        r.body = Some(b64(bytes).into());
+        r.body_base64 = true;
+    }
+    up
+}
+
 #[derive(Debug)]
 struct Whole {
     status: u16,
@@ -569,12 +583,7 @@ fn requests_and_streaming_are_byte_exact_through_the_direct_socket() {
 
     // 2 MiB of random bytes up as base64: the backend hashes exactly what we sent.
     let bytes = random_bytes(2 << 20);
-    let mut up =
-        request("up", "POST", "/api/raw", &[("Content-Type", "application/octet-stream")], None);
-    if let Frame::Request(r) = &mut up {
-        r.body = Some(b64(&bytes).into());
-        r.body_base64 = true;
-    }
+    let up = raw_upload("up", &bytes);
     let w = app.fetch(&up);
     let v: Value = serde_json::from_slice(&w.body).unwrap();
     assert_eq!(v["size"], bytes.len());
@@ -614,6 +623,30 @@ fn requests_and_streaming_are_byte_exact_through_the_direct_socket() {
     assert!(matches!(app.recv(), Frame::Error { code: ErrorCode::BadFrame, .. }));
     let w = app.fetch(&request("ok", "GET", "/api/health", &[], None));
     assert_eq!(w.status, 200);
+}
+
+/// The LAN server renews an app socket's tungstenite context a while after a large request,
+/// so the socket stops holding a read buffer of that size (`wsread::Reclaim`).
+#[test]
+fn an_app_socket_gives_back_its_read_buffer_after_a_large_upload() {
+    let env = Env::new();
+    let backend = Backend::start();
+    let qr = env.pair_json(&backend, &[], &[]);
+    let (_, _, mut app) = pair_app(&qr.url, &qr.token);
+    let pid = env.pid().expect("bridge.pid");
+    let w = app.fetch(&request("warm", "GET", "/api/health", &[], None));
+    assert_eq!(w.status, 200);
+    let before = rss_kib(pid);
+    // The largest body whose request frame fits the 16 MiB message limit, about.
+    let bytes = random_bytes((12 << 20) - (64 << 10));
+    let up = raw_upload("up", &bytes);
+    let v: Value = serde_json::from_slice(&app.fetch(&up).body).unwrap();
+    assert_eq!(v["sha256"], format!("{:x}", Sha256::digest(&bytes)));
+    // Due 2 s after the request, at the LAN server's next 1 s tick.
+    let grown = rss_growth_settles(pid, before, 8 << 10);
+    assert!(grown < 8 << 10, "the daemon holds {grown} KiB more after a 12 MiB upload");
+    let v: Value = serde_json::from_slice(&app.fetch(&up).body).unwrap();
+    assert_eq!(v["size"], bytes.len(), "the renewed socket still carries large requests");
 }
 
 #[test]

@@ -16,7 +16,10 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::session::*;
-use common::{AppClient, ConnectError, Event, Registry, Relay, random_bytes, unb64, ws_read};
+use common::{
+    AppClient, ConnectError, Event, Registry, Relay, random_bytes, rss_growth_settles, rss_kib,
+    unb64, ws_read,
+};
 use hermeschat_pair::protocol::{ErrorCode, Frame};
 use serde_json::{Value, json};
 
@@ -151,6 +154,31 @@ fn binary_8_mib_round_trips_byte_exact() {
         assert_eq!(w.streamed, size > 256 << 10, "{id}: streamed");
     }
     assert_echo(&mut app, "after", &s.client_id);
+}
+
+/// tungstenite keeps its read buffer at the size of the largest message for as long as the
+/// connection lives; the daemon renews it a while after a large request (`wsread::Reclaim`).
+#[test]
+fn the_daemon_gives_back_its_read_buffer_after_a_large_upload() {
+    let s = setup();
+    let mut app = s.app;
+    let pid = s.env.daemon_pid();
+    assert_echo(&mut app, "warm", &s.client_id);
+    let before = rss_kib(pid);
+    let data = random_bytes(12 * MIB - (64 << 10));
+    let want = json!({"sha256": sha_hex(&data), "size": data.len()});
+    let raw = |id: &str| {
+        request_b64(id, "/api/raw", &[("Content-Type", "application/octet-stream")], &data)
+    };
+    for id in ["up1", "up2"] {
+        assert_eq!(fetch(&mut app, &raw(id)).json(), want, "{id}");
+    }
+    // Due 2 s after the last large request; the daemon wakes for it on its own.
+    let grown = rss_growth_settles(pid, before, 8 << 10);
+    assert!(grown < 8 << 10, "the daemon holds {grown} KiB more after two 12 MiB uploads");
+    // The renewed socket carries small and large requests as before.
+    assert_echo(&mut app, "after", &s.client_id);
+    assert_eq!(fetch(&mut app, &raw("up3")).json(), want, "after the renewal");
 }
 
 #[test]

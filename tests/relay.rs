@@ -1511,11 +1511,6 @@ fn large_uploads_do_not_pin_memory_per_app() {
             return r;
         }
     };
-    let rss_kib = |pid: u32| -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap().to_owned();
-        line.split_whitespace().nth(1).unwrap().parse().unwrap()
-    };
     let body = "b".repeat(12 << 20);
     let mut apps = Vec::new();
     let before = rss_kib(relay.pid());
@@ -1554,14 +1549,7 @@ fn large_uploads_do_not_pin_memory_per_app() {
     assert_eq!(next_request().id, "after-frag");
 
     // Renewed 2 s after the last large message, at the relay's next 1 s tick.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let grown = loop {
-        let grown = rss_kib(relay.pid()).saturating_sub(before);
-        if grown < 24 << 10 || Instant::now() > deadline {
-            break grown;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let grown = rss_growth_settles(relay.pid(), before, 24 << 10);
     assert!(grown < 24 << 10, "the relay holds {grown} KiB more after four 12 MiB uploads");
     // Every socket still carries requests, large and small.
     for (i, app) in apps.iter_mut().enumerate() {

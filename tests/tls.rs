@@ -2,6 +2,8 @@
 //! registry over https and the bridge socket over wss, with a self-signed certificate that the
 //! `hermeschat-pair` process trusts through `SSL_CERT_FILE`.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -10,16 +12,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-fn fresh_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "hcp-tls-{tag}-{}-{}",
-        std::process::id(),
-        Instant::now().elapsed().as_nanos()
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+use common::{fresh_dir, rss_kib};
 
 /// A self-signed certificate for 127.0.0.1 and localhost (PEM chain, PKCS#8 key).
 fn make_cert(dir: &Path) -> (PathBuf, PathBuf) {
@@ -329,6 +322,19 @@ fn large_requests_cross_a_tls_relay_intact() {
             serde_json::from_str(answer["body"].as_str().unwrap()).unwrap();
         assert_eq!(body, serde_json::json!({"size": len, "sum": sum}));
     }
+
+    // Over TLS too, the daemon renews its relay socket's read buffer 2 s after the 3 MiB
+    // request (the bytes tungstenite read are counted after decryption); the download below
+    // crosses the renewed socket.
+    let pid: u32 =
+        std::fs::read_to_string(home.join("bridge.pid")).unwrap().trim().parse().unwrap();
+    let high = rss_kib(pid);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rss_kib(pid) + (2 << 10) > high && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(100));
+    }
+    let low = rss_kib(pid);
+    assert!(low + (2 << 10) <= high, "the daemon kept its 4 MiB read buffer: {high} → {low} KiB");
 
     let len = (3 << 20) + 7;
     let frame = serde_json::json!({"type": "request", "id": "down", "method": "GET",

@@ -25,8 +25,8 @@ use crate::poll::{Event, Events, PollMode, Poller};
 use tungstenite::client::IntoClientRequest;
 use tungstenite::http::HeaderValue;
 use tungstenite::protocol::CloseFrame;
-use tungstenite::protocol::WebSocketConfig;
 use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Message, Utf8Bytes, WebSocket};
 
 use super::local_http::{self, Parked};
@@ -36,6 +36,7 @@ use crate::protocol::{self as p, Frame};
 use crate::state::BridgeIdentity;
 use crate::stream::Stream;
 use crate::wsout::WsOut;
+use crate::wsread::Reclaim;
 
 /// Poller key of the relay socket.
 const SOCKET: usize = 1;
@@ -184,6 +185,9 @@ impl RelayIo {
         // Non-blocking and polled from here on: short reads may mark it drained.
         let mut ws = ws;
         ws.get_mut().arm(true);
+        // The stream gave the handshake's response head before tungstenite's first frame byte
+        // (frame bytes read along with the head went to tungstenite).
+        let reclaim = Reclaim::new(Role::Client, ws.get_ref().head_end());
         let link = Arc::new(Link {
             state: Mutex::new(LinkState {
                 ws: Some(ws),
@@ -196,7 +200,7 @@ impl RelayIo {
             waker: self.poller.clone(),
         });
         let outbox = Outbox::with_sink(link.clone());
-        let mut timers = Timers { last_rx: Instant::now(), last_ping: Instant::now() };
+        let mut timers = Timers { last_rx: Instant::now(), last_ping: Instant::now(), reclaim };
         let mut inlines = Inlines::default();
         let ended = self.serve_loop(&link, &mut timers, &outbox, &tcp, &mut inlines);
         let _ = self.poller.delete(&tcp);
@@ -258,6 +262,10 @@ impl RelayIo {
                 if let Err(e) = link.flush(&mut st) {
                     return Ended::Lost(e);
                 }
+                let quiet = st.out.is_idle();
+                if let Some(ws) = st.ws.take() {
+                    st.ws = Some(t.reclaim.renew_if_due(ws, quiet, now));
+                }
                 st.out.blocked()
             };
             if Instant::now().duration_since(t.last_rx) >= pong_timeout {
@@ -272,6 +280,9 @@ impl RelayIo {
                 let _ = self.poller.modify_with_mode(tcp, ev, PollMode::Level);
             }
             let mut next = (t.last_ping + ping_every).min(t.last_rx + pong_timeout);
+            if let Some(due) = t.reclaim.due() {
+                next = next.min(due);
+            }
             if let Some(deadline) = self.expire_inlines(inlines, &mut answers) {
                 next = next.min(deadline);
             }
@@ -433,19 +444,22 @@ impl RelayIo {
     ) -> Result<(), String> {
         loop {
             match ws.read() {
-                Ok(Message::Text(text)) => {
+                Ok(msg) => {
                     t.last_rx = Instant::now();
-                    self.dispatch(out, outbox, inlines, &text);
+                    t.reclaim.on_message(&msg, t.last_rx);
+                    match msg {
+                        Message::Text(text) => self.dispatch(out, outbox, inlines, &text),
+                        Message::Close(frame) => {
+                            let why = frame.map_or("closed".to_owned(), |f| {
+                                format!("closed {} {}", u16::from(f.code), f.reason)
+                            });
+                            // tungstenite queued the close reply; push it out before leaving.
+                            let _ = ws.flush();
+                            return Err(why);
+                        }
+                        _ => {}
+                    }
                 }
-                Ok(Message::Close(frame)) => {
-                    let why = frame.map_or("closed".to_owned(), |f| {
-                        format!("closed {} {}", u16::from(f.code), f.reason)
-                    });
-                    // tungstenite queued the close reply; push it out before leaving.
-                    let _ = ws.flush();
-                    return Err(why);
-                }
-                Ok(_) => t.last_rx = Instant::now(),
                 Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
                     return Ok(());
                 }
@@ -638,10 +652,12 @@ impl Inlines {
 /// Queued outbound bytes past which workers wait for the socket (back-pressure).
 const OUT_LIMIT: usize = 4 << 20;
 
-/// The ping and pong-deadline clocks of one connection.
+/// The I/O thread's own state of one connection: its ping and pong-deadline clocks, and what
+/// tungstenite has read (to give back its read buffer after a large request).
 struct Timers {
     last_rx: Instant,
     last_ping: Instant,
+    reclaim: Reclaim,
 }
 
 /// One live relay connection, shared by the I/O thread and the workers that answer its
@@ -799,7 +815,7 @@ pub fn open_socket(
     let _ = tcp.set_nodelay(true);
     tcp.set_read_timeout(Some(timeout)).map_err(|e| failed("socket", &e))?;
     tcp.set_write_timeout(Some(timeout)).map_err(|e| failed("socket", &e))?;
-    let stream = if tls {
+    let mut stream = if tls {
         let connector = native_tls::TlsConnector::new().map_err(|e| failed("TLS setup for", &e))?;
         match connector.connect(&host, tcp) {
             Ok(s) => Stream::tls(s),
@@ -820,6 +836,8 @@ pub fn open_socket(
         .max_message_size(Some(p::Limits::default().max_frame))
         .read_buffer_size(16 << 10)
         .write_buffer_size(64 << 10);
+    // Where the response head ends tells later what tungstenite has read (`Reclaim`).
+    stream.find_head_end();
     match tungstenite::client::client_with_config(request, stream, Some(config)) {
         Ok((ws, _response)) => Ok(ws),
         Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(resp))) => {

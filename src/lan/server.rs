@@ -45,6 +45,7 @@ use tungstenite::{Message, Utf8Bytes, WebSocket};
 
 use crate::stream::Stream;
 use crate::wsout::{WsOut, would_block, ws_would_block};
+use crate::wsread::Reclaim;
 
 use super::store::{self, Authorized, Refused};
 use crate::bridge::workers::{Pool, SHUTDOWN_GRACE};
@@ -125,6 +126,8 @@ struct WsConn {
     detached: bool,
     /// A close frame was sent; dropped at this instant at the latest.
     closing: Option<Instant>,
+    /// What tungstenite has read, to give back its read buffer after a large request.
+    reclaim: Reclaim,
 }
 
 enum Io {
@@ -627,6 +630,8 @@ impl Server {
         }
         let now = Instant::now();
         let (tx, rx) = sync_channel(OUTBOX_FRAMES);
+        // A fresh stream: tungstenite's first bytes are those read past the upgrade request.
+        let reclaim = Reclaim::new(Role::Server, Some(0u64.wrapping_sub(h.inbuf.len() as u64)));
         let ws = WebSocket::from_partially_read(
             Stream::plain(h.stream),
             h.inbuf,
@@ -645,6 +650,7 @@ impl Server {
             bad_frames: 0,
             detached: false,
             closing: None,
+            reclaim,
         }));
         conn.deadline = None;
         let ip = conn.ip;
@@ -682,6 +688,7 @@ impl Server {
                 match w.ws.read() {
                     Ok(msg) => {
                         w.last_rx = Instant::now();
+                        w.reclaim.on_message(&msg, w.last_rx);
                         if w.detached {
                             continue;
                         }
@@ -866,6 +873,15 @@ impl Server {
         let idle = Duration::from_secs(p::PEER_IDLE_TIMEOUT_SECS);
         let ping_every = Duration::from_secs(p::RELAY_PING_INTERVAL_SECS);
         let (mut expired, mut idle_socks, mut ping) = (Vec::new(), Vec::new(), Vec::new());
+        let due: Vec<usize> = (self.conns.iter())
+            .filter(
+                |(_, c)| matches!(&c.io, Io::Ws(w) if w.reclaim.due().is_some_and(|d| now >= d)),
+            )
+            .map(|(&id, _)| id)
+            .collect();
+        for id in due {
+            self.reclaim_read_buffer(id, now);
+        }
         for (&id, conn) in &self.conns {
             match &conn.io {
                 Io::Ws(w) => match w.closing {
@@ -893,6 +909,19 @@ impl Server {
                 self.ws_flush(id);
             }
         }
+    }
+
+    /// Gives an app socket a fresh tungstenite context (and so a small read buffer) when a
+    /// renewal is due after a large request and loses nothing ([`Reclaim::renew_if_due`]).
+    fn reclaim_read_buffer(&mut self, id: usize, now: Instant) {
+        let Some(mut conn) = self.conns.remove(&id) else { return };
+        if let Io::Ws(boxed) = conn.io {
+            let mut w = *boxed;
+            let quiet = !w.detached && w.closing.is_none() && w.out.is_idle();
+            w.ws = w.reclaim.renew_if_due(w.ws, quiet, now);
+            conn.io = Io::Ws(Box::new(w));
+        }
+        self.conns.insert(id, conn);
     }
 
     /// Stops accepting and reading; delivers the answers the pool gives open requests

@@ -27,6 +27,7 @@ use tungstenite::{Bytes, Message, Utf8Bytes, WebSocket};
 
 use crate::stream::Stream;
 use crate::wsout::{WsOut, would_block, ws_would_block};
+use crate::wsread::Reclaim;
 
 use super::registry::{Job, Outcome, access_log};
 use super::{ConnId, Peer, Shared, ToReactor, log_event};
@@ -92,35 +93,8 @@ struct WsConn {
     closing: Option<Instant>,
     /// Frames were queued since the last flush (listed in `Reactor::dirty`).
     dirty: bool,
-    /// What the frames tungstenite handed over took on the wire, counted as one masked frame
-    /// per message, plus what the stream gave before them (the HTTP upgrade request, less the
-    /// bytes read past it, which tungstenite was handed at the start; wrapping). A real frame
-    /// never takes fewer bytes than counted, so this equals the stream's
-    /// [`Stream::bytes_read`] only when tungstenite holds no unread byte; a fragmented message
-    /// or an over-long length encoding leaves it short for good, which only stops the
-    /// renewal. `None` once a close frame arrived.
-    consumed: Option<u64>,
-    /// When the last message of [`RECLAIM_MIN`] bytes or more was read, unless tungstenite's
-    /// read buffer was renewed since ([`Reactor::reclaim_read_buffer`]).
-    large_read: Option<Instant>,
-}
-
-/// Messages from this size up leave tungstenite's read buffer at their size for as long as the
-/// connection lives (tungstenite-rs #480): 12 MiB per app that ever uploaded 12 MiB.
-const RECLAIM_MIN: usize = 1 << 20;
-
-/// How long after its last large message a connection's read buffer is renewed. Back-to-back
-/// uploads keep reusing it (a fresh 16 MiB buffer costs each one ~4,000 page faults).
-const RECLAIM_AFTER: Duration = Duration::from_secs(2);
-
-/// The bytes a message of `len` bytes took on the wire as one masked frame (RFC 6455 §5.2).
-fn masked_frame_len(len: usize) -> u64 {
-    let extended = match len {
-        0..=125 => 0,
-        126..=0xFFFF => 2,
-        _ => 8,
-    };
-    (2 + extended + 4 + len) as u64
+    /// What tungstenite has read, to give back its read buffer after a large message.
+    reclaim: Reclaim,
 }
 
 enum Io {
@@ -628,7 +602,7 @@ impl Reactor {
         let now = Instant::now();
         // The stream has also given the HTTP upgrade request, and tungstenite starts with the
         // bytes read past it.
-        let consumed = Some(h.stream.bytes_read().wrapping_sub(h.inbuf.len() as u64));
+        let before = h.stream.bytes_read().wrapping_sub(h.inbuf.len() as u64);
         let ws =
             WebSocket::from_partially_read(h.stream, h.inbuf, Role::Server, Some(self.ws_config));
         conn.io = Io::Ws(Box::new(WsConn {
@@ -643,8 +617,7 @@ impl Reactor {
             detached: false,
             closing: None,
             dirty: false,
-            consumed,
-            large_read: None,
+            reclaim: Reclaim::new(Role::Server, Some(before)),
         }));
         conn.deadline = None;
         self.conns.insert(id, conn);
@@ -678,13 +651,7 @@ impl Reactor {
                 match w.ws.read() {
                     Ok(msg) => {
                         w.last_rx = Instant::now();
-                        if msg.len() >= RECLAIM_MIN {
-                            w.large_read = Some(w.last_rx);
-                        }
-                        w.consumed = match msg {
-                            Message::Close(_) | Message::Frame(_) => None,
-                            _ => w.consumed.map(|c| c.wrapping_add(masked_frame_len(msg.len()))),
-                        };
+                        w.reclaim.on_message(&msg, w.last_rx);
                         if w.detached {
                             continue;
                         }
@@ -736,30 +703,14 @@ impl Reactor {
         }
     }
 
-    /// A while after a large message ([`RECLAIM_AFTER`]), gives the connection a fresh
-    /// tungstenite context (and so a fresh, small read buffer) if that is lossless now:
-    /// tungstenite holds no unread byte (what its frames took equals what the stream gave it;
-    /// see [`WsConn::consumed`]), and no unwritten one (nothing queued, its flush done).
-    /// Otherwise the next tick tries again.
-    fn reclaim_read_buffer(&mut self, id: ConnId) {
-        let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) else { return };
-        let read = w.ws.get_ref().bytes_read();
-        if w.large_read.is_none()
-            || w.detached
-            || w.closing.is_some()
-            || !w.out.is_idle()
-            || w.consumed != Some(read)
-            || w.ws.flush().is_err()
-        {
-            return;
-        }
+    /// Gives the connection a fresh tungstenite context (and so a small read buffer) when a
+    /// renewal is due after a large message and loses nothing ([`Reclaim::renew_if_due`]).
+    fn reclaim_read_buffer(&mut self, id: ConnId, now: Instant) {
         let Some(mut conn) = self.conns.remove(&id) else { return };
         if let Io::Ws(boxed) = conn.io {
             let mut w = *boxed;
-            let stream = w.ws.into_inner();
-            w.ws = WebSocket::from_raw_socket(stream, Role::Server, Some(self.ws_config));
-            w.consumed = Some(read);
-            w.large_read = None;
+            let quiet = !w.detached && w.closing.is_none() && w.out.is_idle();
+            w.ws = w.reclaim.renew_if_due(w.ws, quiet, now);
             conn.io = Io::Ws(Box::new(w));
         }
         self.conns.insert(id, conn);
@@ -1257,7 +1208,7 @@ impl Reactor {
         let mut reclaim = Vec::new();
         for (&id, conn) in &self.conns {
             if let Io::Ws(w) = &conn.io
-                && w.large_read.is_some_and(|t| now.duration_since(t) >= RECLAIM_AFTER)
+                && w.reclaim.due().is_some_and(|due| now >= due)
             {
                 reclaim.push(id);
             }
@@ -1287,7 +1238,7 @@ impl Reactor {
             self.close_ws(id, close_code::IDLE, "no traffic for 60 s");
         }
         for id in reclaim {
-            self.reclaim_read_buffer(id);
+            self.reclaim_read_buffer(id, now);
         }
         for id in ping {
             if let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) {

@@ -71,6 +71,26 @@ pub fn random_bytes(len: usize) -> Vec<u8> {
     out
 }
 
+/// A process's resident set (`VmRSS`), KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap().to_owned();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Polls `pid`'s resident set for up to 10 s until it is less than `limit_kib` above
+/// `before_kib`; returns the growth last seen (KiB).
+pub fn rss_growth_settles(pid: u32, before_kib: u64, limit_kib: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let grown = rss_kib(pid).saturating_sub(before_kib);
+        if grown < limit_kib || Instant::now() > deadline {
+            return grown;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 pub fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
