@@ -1112,22 +1112,21 @@ fn main() {
         events(PATH),
         if has_bore { format!("{}/{SSE_EVENTS}", events(BORE)) } else { "—".into() }
     );
+    // Direct has no processes in between: only the bench process's own row has a figure there.
     let cpu_row = |name: &str, f: &dyn Fn(&Rep) -> f64| {
+        let d = md(DIRECT, f);
+        let direct = if d > 0.0 { fmt_num(d) } else { "—".into() };
         let b = if has_bore { fmt_num(md(BORE, f)) } else { "—".into() };
         let vs = if has_bore { verdict(ratio(PATH, BORE, f), Better::Lower) } else { "—".into() };
-        println!("| {name} | — | {} | {b} | {vs} |", fmt_num(md(PATH, f)));
+        println!("| {name} | {direct} | {} | {b} | {vs} |", fmt_num(md(PATH, f)));
     };
     cpu_row("CPU µs per request at c16, next to the origin (daemon / bore local)", &|r| {
         r.near_cpu_us
     });
     cpu_row("CPU µs per request at c16, far side (relay / bore server)", &|r| r.far_cpu_us);
-    {
-        let name = "CPU µs per request at c16, the bench process (the clients and the origin)";
-        let f = &|r: &Rep| r.bench_cpu_us;
-        let b = if has_bore { fmt_num(md(BORE, f)) } else { "—".into() };
-        let vs = if has_bore { verdict(ratio(PATH, BORE, f), Better::Lower) } else { "—".into() };
-        println!("| {name} | {} | {} | {b} | {vs} |", fmt_num(md(DIRECT, f)), fmt_num(md(PATH, f)));
-    }
+    cpu_row("CPU µs per request at c16, the bench process (the clients and the origin)", &|r| {
+        r.bench_cpu_us
+    });
     cpu_row("CPU µs per sequential request, next to the origin", &|r| r.lat_cpu_us.0);
     cpu_row("CPU µs per sequential request, far side", &|r| r.lat_cpu_us.1);
     cpu_row("CPU ms per 12 MiB download, next to the origin", &|r| r.down_cpu_ms.0);

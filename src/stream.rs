@@ -12,6 +12,8 @@
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 
+use crate::wsread::FrameTracker;
+
 /// A plain or TLS byte stream.
 pub struct Stream {
     inner: Inner,
@@ -21,21 +23,21 @@ pub struct Stream {
     drained: bool,
     /// Writes through [`Write`] answer `WouldBlock` (a frame is being written around them).
     held: bool,
-    /// Bytes handed out by [`Read`] so far.
-    read_total: u64,
-    /// Where the first HTTP head read through this stream ends, once asked for.
-    head: HeadScan,
+    /// Follows the WebSocket frames in the bytes handed out, once asked to.
+    frames: FrameWatch,
 }
 
-/// The search for the end of the first HTTP head (`\r\n\r\n`) in the bytes read.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum HeadScan {
-    /// Not asked for.
+/// How far [`Stream`] follows the frames in what it reads ([`FrameTracker`]).
+#[derive(Debug)]
+enum FrameWatch {
+    /// Not asked to.
     Off,
-    /// Searching; this many bytes of `\r\n\r\n` matched at the end of what was read.
-    Matched(u8),
-    /// The head ended after this many bytes read.
-    Ended(u64),
+    /// Looking for the end of an HTTP head (a handshake's response); the frames start after it.
+    /// The state: `Some(0)` in a line, `Some(1)` after LF, `Some(2)` after LF CR; `None` before
+    /// the head's first byte (leading empty lines are skipped, as httparse skips them).
+    Head(Option<u8>),
+    /// Following the frames.
+    Frames(FrameTracker),
 }
 
 enum Inner {
@@ -51,8 +53,7 @@ impl Stream {
             armed: false,
             drained: false,
             held: false,
-            read_total: 0,
-            head: HeadScan::Off,
+            frames: FrameWatch::Off,
         }
     }
 
@@ -63,8 +64,7 @@ impl Stream {
             armed: false,
             drained: false,
             held: false,
-            read_total: 0,
-            head: HeadScan::Off,
+            frames: FrameWatch::Off,
         }
     }
 
@@ -76,22 +76,34 @@ impl Stream {
         }
     }
 
-    /// Bytes handed out by [`Read`] so far (decrypted bytes, for TLS).
-    pub fn bytes_read(&self) -> u64 {
-        self.read_total
+    /// Starts following the WebSocket frames in what this stream reads from now on, after
+    /// `already`: the bytes read past the HTTP upgrade request, which tungstenite is handed
+    /// first (a server's side).
+    pub fn track_frames(&mut self, already: &[u8]) {
+        let mut t = FrameTracker::default();
+        t.feed(already);
+        self.frames = FrameWatch::Frames(t);
     }
 
-    /// Starts looking for the end of the HTTP head that the next reads bring (a handshake's
-    /// response), so that [`Stream::head_end`] can tell where the bytes after it begin.
-    pub fn find_head_end(&mut self) {
-        self.head = HeadScan::Matched(0);
+    /// Follows the WebSocket frames that come after the HTTP head the next reads bring (a
+    /// client's side: the handshake's response, and frame bytes read along with it). Call
+    /// [`Stream::end_head_scan`] once the handshake is done.
+    pub fn track_frames_after_head(&mut self) {
+        self.frames = FrameWatch::Head(None);
     }
 
-    /// How many bytes [`Read`] had handed out when the head watched for by
-    /// [`Stream::find_head_end`] ended; `None` if it has not ended (or was not watched for).
-    pub fn head_end(&self) -> Option<u64> {
-        match self.head {
-            HeadScan::Ended(at) => Some(at),
+    /// Stops looking for the head if the handshake ended without it being found; nothing is
+    /// followed then.
+    pub fn end_head_scan(&mut self) {
+        if matches!(self.frames, FrameWatch::Head(_)) {
+            self.frames = FrameWatch::Off;
+        }
+    }
+
+    /// The frames followed so far, if they are followed.
+    pub fn frames(&self) -> Option<&FrameTracker> {
+        match &self.frames {
+            FrameWatch::Frames(t) => Some(t),
             _ => None,
         }
     }
@@ -142,22 +154,33 @@ impl Read for Stream {
             }
             Inner::Tls(s) => s.read(buf)?,
         };
-        if let HeadScan::Matched(mut matched) = self.head {
+        let mut read = &buf[..n];
+        if let FrameWatch::Head(mut state) = self.frames {
             let mut end = None;
-            for (i, &b) in buf[..n].iter().enumerate() {
-                matched = match (matched, b) {
-                    (0 | 2, b'\r') | (1 | 3, b'\n') => matched + 1,
-                    (_, b'\r') => 1,
-                    _ => 0,
+            for (i, &b) in read.iter().enumerate() {
+                // The head ends at LF LF or LF CR LF (httparse's rule; CR LF CR LF included).
+                state = match (state, b) {
+                    (None, b'\r' | b'\n') => None,
+                    (Some(1 | 2), b'\n') => {
+                        end = Some(i + 1);
+                        break;
+                    }
+                    (_, b'\n') => Some(1),
+                    (Some(1), b'\r') => Some(2),
+                    _ => Some(0),
                 };
-                if matched == 4 {
-                    end = Some(self.read_total + i as u64 + 1);
-                    break;
-                }
             }
-            self.head = end.map_or(HeadScan::Matched(matched), HeadScan::Ended);
+            match end {
+                Some(at) => {
+                    self.frames = FrameWatch::Frames(FrameTracker::default());
+                    read = &read[at..];
+                }
+                None => self.frames = FrameWatch::Head(state),
+            }
         }
-        self.read_total += n as u64;
+        if let FrameWatch::Frames(t) = &mut self.frames {
+            t.feed(read);
+        }
         Ok(n)
     }
 }
@@ -227,28 +250,54 @@ mod tests {
         assert_eq!(s.read(&mut buf).unwrap(), 0);
     }
 
+    /// Reads everything `peer` sent through `s`, `chunk` bytes at a time at most.
+    fn read_through(s: &mut Stream, chunk: usize, total: usize) {
+        let mut buf = vec![0u8; chunk];
+        let mut read = 0;
+        while read < total {
+            read += s.read(&mut buf).unwrap();
+        }
+    }
+
     #[test]
-    fn the_head_end_is_found_across_reads() {
+    fn frames_are_followed_from_the_end_of_the_head() {
+        // CR LF CR LF with a stray CR before it, and httparse's bare-LF ending after leading
+        // empty lines; each head is followed by a frame whose text looks like a head's end.
+        let frame = [&[0x81u8, 4][..], b"\r\n\r\n"].concat();
+        for head in
+            [&b"HTTP/1.1 101 Ok\r\nA: b\r\n\r\r\n\r\n"[..], b"\r\n\nHTTP/1.1 101 Ok\nA: b\n\n"]
+        {
+            for chunk in [1, 3, 64] {
+                let l = TcpListener::bind("127.0.0.1:0").unwrap();
+                let mut peer = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+                let (tcp, _) = l.accept().unwrap();
+                tcp.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+                let mut s = Stream::plain(tcp);
+                s.track_frames_after_head();
+                peer.write_all(head).unwrap();
+                read_through(&mut s, chunk, head.len());
+                assert!(s.frames().is_some(), "head ended ({chunk}-byte reads)");
+                assert_eq!(s.frames().unwrap().messages(), 0);
+                peer.write_all(&frame).unwrap();
+                read_through(&mut s, chunk, frame.len());
+                let f = s.frames().unwrap();
+                assert_eq!((f.messages(), f.at_message_end()), (1, true), "{chunk}-byte reads");
+            }
+        }
+    }
+
+    #[test]
+    fn a_handshake_without_a_head_end_follows_nothing() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let mut peer = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (tcp, _) = l.accept().unwrap();
-        tcp.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
         let mut s = Stream::plain(tcp);
-        let mut buf = [0u8; 3];
-        peer.write_all(b"ab").unwrap();
-        s.read_exact(&mut buf[..2]).unwrap();
-        assert_eq!(s.head_end(), None, "not asked for");
-        // A stray CR restarts the match; the head ends after the first CR LF CR LF.
-        s.find_head_end();
-        peer.write_all(b"1\r\n\r\r\n\r\nframe\r\n\r\n").unwrap();
-        let mut read = 0;
-        while read < 17 {
-            read += s.read(&mut buf).unwrap();
-            if read < 8 {
-                assert_eq!(s.head_end(), None, "after {read} bytes");
-            }
-        }
-        assert_eq!(s.head_end(), Some(2 + 8));
-        assert_eq!(s.bytes_read(), 2 + 17);
+        s.track_frames_after_head();
+        peer.write_all(b"HTTP/1.1 101 Ok\r\n").unwrap();
+        read_through(&mut s, 64, 17);
+        s.end_head_scan();
+        peer.write_all(b"\r\n\x81\x00").unwrap();
+        read_through(&mut s, 64, 4);
+        assert!(s.frames().is_none());
     }
 }

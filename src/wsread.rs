@@ -4,10 +4,11 @@
 //!
 //! tungstenite keeps its read buffer at the size of the largest message a connection sent,
 //! for as long as the connection lives (tungstenite-rs #480): 12 MiB for every peer that once
-//! sent a 12 MiB request, until it disconnects. [`Reclaim`] counts what the messages
-//! tungstenite returned took on the wire; a while after a large one, when that count equals
-//! what the stream handed tungstenite and nothing is left to write, the connection gets a
-//! fresh tungstenite context, and with it a small read buffer.
+//! sent a 12 MiB request, until it disconnects. The stream under the WebSocket follows the
+//! frames it hands tungstenite ([`FrameTracker`], headers only); a while after a large message,
+//! when those bytes end exactly at the end of a message that tungstenite has returned, and
+//! nothing is left to write, [`Reclaim`] gives the connection a fresh tungstenite context, and
+//! with it a small read buffer.
 
 use std::time::{Duration, Instant};
 
@@ -24,52 +25,133 @@ pub const RECLAIM_MIN: usize = 1 << 20;
 /// 16 MiB buffer is ~4,000 page faults).
 pub const RECLAIM_AFTER: Duration = Duration::from_secs(2);
 
-/// The bytes a message of `len` bytes took on the wire as one frame (RFC 6455 §5.2): frames
-/// from a client carry a 4-byte mask key, frames from a server none.
-fn frame_len(len: usize, masked: bool) -> u64 {
-    let extended = match len {
-        0..=125 => 0,
-        126..=0xFFFF => 2,
-        _ => 8,
-    };
-    (2 + extended + if masked { 4 } else { 0 } + len) as u64
+/// Follows WebSocket frames (RFC 6455 §5.2) in a byte stream: it reads each frame's header and
+/// skips its payload, counting the messages that end, the way tungstenite returns them (a data
+/// frame with FIN ends a message, each control frame is one).
+#[derive(Debug, Default)]
+pub struct FrameTracker {
+    /// Bytes fed so far.
+    fed: u64,
+    /// The current frame's header bytes so far.
+    header: [u8; 14],
+    header_len: usize,
+    /// Payload bytes of the current frame still to come, once its header is whole.
+    payload_left: Option<u64>,
+    /// A fragmented data message has begun and not ended.
+    fragmented: bool,
+    /// Messages ended so far.
+    messages: u64,
+    /// `fed` where the last message ended outside a fragmented one.
+    boundary: u64,
+}
+
+impl FrameTracker {
+    /// Follows `bytes`, the next ones of the stream.
+    pub fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            if let Some(left) = self.payload_left {
+                let n = left.min(bytes.len() as u64);
+                self.skip(&mut bytes, n as usize);
+                self.payload_left = Some(left - n);
+                if left == n {
+                    self.frame_ended();
+                }
+                continue;
+            }
+            let want = self.header_size();
+            let n = (want - self.header_len).min(bytes.len());
+            self.header[self.header_len..self.header_len + n].copy_from_slice(&bytes[..n]);
+            self.header_len += n;
+            self.skip(&mut bytes, n);
+            if self.header_len == self.header_size() {
+                let payload = match self.header[1] & 0x7F {
+                    126 => u64::from(u16::from_be_bytes([self.header[2], self.header[3]])),
+                    127 => u64::from_be_bytes(self.header[2..10].try_into().unwrap_or_default()),
+                    len => u64::from(len),
+                };
+                self.payload_left = Some(payload);
+                if payload == 0 {
+                    self.frame_ended();
+                }
+            }
+        }
+    }
+
+    /// Moves past `n` bytes of `bytes`.
+    fn skip(&mut self, bytes: &mut &[u8], n: usize) {
+        *bytes = &bytes[n..];
+        self.fed += n as u64;
+    }
+
+    /// The size of the current frame's header, as far as its bytes so far tell.
+    fn header_size(&self) -> usize {
+        if self.header_len < 2 {
+            return 2;
+        }
+        let extended = match self.header[1] & 0x7F {
+            126 => 2,
+            127 => 8,
+            _ => 0,
+        };
+        let mask = if self.header[1] & 0x80 != 0 { 4 } else { 0 };
+        2 + extended + mask
+    }
+
+    fn frame_ended(&mut self) {
+        let (fin, control) = (self.header[0] & 0x80 != 0, self.header[0] & 0x08 != 0);
+        if control || fin {
+            self.messages += 1;
+        }
+        if !control {
+            self.fragmented = !fin;
+        }
+        if !self.fragmented {
+            self.boundary = self.fed;
+        }
+        self.header_len = 0;
+        self.payload_left = None;
+    }
+
+    /// Messages ended so far.
+    pub fn messages(&self) -> u64 {
+        self.messages
+    }
+
+    /// True when the bytes fed end exactly where a message ended, outside a fragmented one.
+    pub fn at_message_end(&self) -> bool {
+        self.boundary == self.fed && !self.fragmented
+    }
 }
 
 /// The read-side bookkeeping of one WebSocket (see the module doc).
 #[derive(Debug)]
 pub struct Reclaim {
-    /// Our side of the connection: a server reads masked frames, a client unmasked ones.
+    /// Our side of the connection (a fresh context needs it).
     role: Role,
-    /// What the messages tungstenite returned took on the wire, counted as one frame per
-    /// message, plus what the stream gave before tungstenite's first byte (the HTTP
-    /// handshake; wrapping). A real frame never takes fewer bytes than counted, so this equals
-    /// [`Stream::bytes_read`] only when tungstenite holds no unread byte; a fragmented message
-    /// or an over-long length encoding leaves it short for good, which only stops the
-    /// renewal. `None` once a close frame arrived, or when the start was unknown.
-    consumed: Option<u64>,
+    /// Messages tungstenite returned.
+    returned: u64,
     /// When the last message of [`RECLAIM_MIN`] bytes or more was read, unless the context
-    /// was renewed since.
+    /// was renewed since; never set on a connection whose stream does not follow its frames.
     large_read: Option<Instant>,
+    /// The stream follows the frames ([`Stream::frames`]).
+    tracked: bool,
 }
 
 impl Reclaim {
-    /// Bookkeeping for a WebSocket on our `role`'s side whose stream had handed out `before`
-    /// bytes ahead of the first byte tungstenite reads as a frame (`None`: unknown; such a
-    /// connection is never renewed).
-    pub fn new(role: Role, before: Option<u64>) -> Reclaim {
-        Reclaim { role, consumed: before, large_read: None }
+    /// Bookkeeping for `ws`, a WebSocket on our `role`'s side; it can be renewed only if its
+    /// stream follows the frames from their first byte ([`Stream::track_frames`],
+    /// [`Stream::track_frames_after_head`]).
+    pub fn new(role: Role, ws: &WebSocket<Stream>) -> Reclaim {
+        let tracked = ws.get_ref().frames().is_some();
+        Reclaim { role, returned: 0, large_read: None, tracked }
     }
 
     /// Counts a message tungstenite returned at `now`.
     pub fn on_message(&mut self, msg: &Message, now: Instant) {
-        if msg.len() >= RECLAIM_MIN {
+        self.returned += 1;
+        if self.tracked && msg.len() >= RECLAIM_MIN {
             self.large_read = Some(now);
         }
-        let masked = self.role == Role::Server;
-        self.consumed = match msg {
-            Message::Close(_) | Message::Frame(_) => None,
-            _ => self.consumed.map(|c| c.wrapping_add(frame_len(msg.len(), masked))),
-        };
     }
 
     /// When the read buffer should be renewed: [`RECLAIM_AFTER`] after the last large message,
@@ -81,8 +163,9 @@ impl Reclaim {
     /// At `now`, if a renewal is due: gives `ws` a fresh tungstenite context over the same
     /// stream, with the same configuration, when `quiet` (the caller has nothing queued for
     /// it and is not closing it) and nothing else is lost: tungstenite holds no unread byte
-    /// (the count equals what the stream gave it) and no unwritten one (its flush completes),
-    /// and the connection is open both ways. Otherwise tries again [`RECLAIM_AFTER`] later.
+    /// (what the stream gave it ends where a message ended, and tungstenite returned that
+    /// message and every one before it) and no unwritten one (its flush completes), and the
+    /// connection is open both ways. Otherwise tries again [`RECLAIM_AFTER`] later.
     pub fn renew_if_due(
         &mut self,
         mut ws: WebSocket<Stream>,
@@ -92,50 +175,125 @@ impl Reclaim {
         if self.due().is_none_or(|due| now < due) {
             return ws;
         }
-        let lossless = quiet
-            && self.consumed == Some(ws.get_ref().bytes_read())
-            && ws.can_read()
-            && ws.can_write()
-            && ws.flush().is_ok();
+        let read_all = (ws.get_ref().frames())
+            .is_some_and(|f| f.at_message_end() && f.messages() == self.returned);
+        let lossless = quiet && read_all && ws.can_read() && ws.can_write() && ws.flush().is_ok();
         if !lossless {
             self.large_read = Some(now);
             return ws;
         }
         let config = *ws.get_config();
-        let stream = ws.into_inner();
-        self.consumed = Some(stream.bytes_read());
         self.large_read = None;
-        WebSocket::from_raw_socket(stream, self.role, Some(config))
+        WebSocket::from_raw_socket(ws.into_inner(), self.role, Some(config))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
+    use tungstenite::protocol::frame::Frame;
+    use tungstenite::protocol::frame::coding::{Data, OpCode};
 
-    #[test]
-    fn frame_lengths_follow_rfc_6455() {
-        assert_eq!(frame_len(0, true), 6);
-        assert_eq!(frame_len(125, false), 127);
-        assert_eq!(frame_len(126, true), 2 + 2 + 4 + 126);
-        assert_eq!(frame_len(0xFFFF, false), 2 + 2 + 0xFFFF);
-        assert_eq!(frame_len(0x1_0000, true), 2 + 8 + 4 + 0x1_0000);
+    /// A frame's bytes: `first` is FIN and opcode, `len` bytes of payload, masked or not.
+    fn frame(first: u8, len: usize, masked: bool) -> Vec<u8> {
+        let mask = if masked { 0x80 } else { 0 };
+        let mut out = vec![first];
+        match len {
+            0..=125 => out.push(mask | len as u8),
+            126..=0xFFFF => {
+                out.push(mask | 126);
+                out.extend((len as u16).to_be_bytes());
+            }
+            _ => {
+                out.push(mask | 127);
+                out.extend((len as u64).to_be_bytes());
+            }
+        }
+        if masked {
+            out.extend([1, 2, 3, 4]);
+        }
+        out.extend(std::iter::repeat_n(b'a', len));
+        out
     }
 
     #[test]
-    fn a_close_or_an_unknown_start_stops_renewal_for_good() {
-        let now = Instant::now();
-        let mut r = Reclaim::new(Role::Server, Some(10));
-        r.on_message(&Message::text("x".repeat(RECLAIM_MIN)), now);
-        assert_eq!(r.consumed, Some(10 + frame_len(RECLAIM_MIN, true)));
-        assert_eq!(r.due(), Some(now + RECLAIM_AFTER));
-        r.on_message(&Message::Close(None), now);
-        r.on_message(&Message::text("after"), now);
-        assert_eq!(r.consumed, None);
+    fn the_tracker_counts_messages_across_any_split() {
+        for masked in [false, true] {
+            // (bytes, messages ended after them, at a message end after them)
+            let steps = [
+                (frame(0x81, 200, masked), 1, true),
+                (frame(0x01, 100, masked), 1, false), // a fragmented message begins
+                (frame(0x89, 0, masked), 2, false),   // a ping inside it is a message
+                (frame(0x00, 65_500, masked), 2, false),
+                (frame(0x80, 70_000, masked), 3, true), // the last fragment ends it
+                (frame(0x82, 0, masked), 4, true),
+                (frame(0x81, 1 << 20, masked), 5, true),
+            ];
+            for chunk in [1, 7, 4096, usize::MAX] {
+                let mut t = FrameTracker::default();
+                for (bytes, messages, at_end) in &steps {
+                    for (i, piece) in bytes.chunks(chunk.min(bytes.len()).max(1)).enumerate() {
+                        if i > 0 {
+                            assert!(!t.at_message_end(), "inside a frame ({chunk})");
+                        }
+                        t.feed(piece);
+                    }
+                    assert_eq!((t.messages(), t.at_message_end()), (*messages, *at_end));
+                }
+            }
+        }
+    }
 
-        let mut unknown = Reclaim::new(Role::Client, None);
-        unknown.on_message(&Message::text("x"), now);
-        assert_eq!(unknown.consumed, None);
-        assert_eq!(unknown.due(), None, "only a large message makes a renewal due");
+    /// The daemon's side: unmasked frames from a server, read by a real tungstenite client.
+    /// A renewal happens only where nothing is unread: not with a partial frame waiting
+    /// (here right after a fragmented message, whose headers a one-frame count would get
+    /// wrong), and the message then arrives intact.
+    #[test]
+    fn renewal_waits_for_unread_bytes_and_loses_none() {
+        let (ours, mut peer) = crate::poll::tests::pair();
+        let mut stream = Stream::plain(ours);
+        stream.track_frames(&[]);
+        let mut ws = WebSocket::from_raw_socket(stream, Role::Client, None);
+        let mut reclaim = Reclaim::new(Role::Client, &ws);
+        let later = Instant::now() + Duration::from_secs(60);
+        let send = |f: Frame| {
+            let mut bytes = Vec::new();
+            f.format(&mut bytes).unwrap();
+            bytes
+        };
+        let big = send(Frame::message(vec![b'x'; RECLAIM_MIN], OpCode::Data(Data::Text), true));
+        let a = send(Frame::message(vec![b'y'; 100], OpCode::Data(Data::Text), false));
+        let b = send(Frame::message(vec![b'z'; 65_500], OpCode::Data(Data::Continue), true));
+        let next = send(Frame::message(b"after".to_vec(), OpCode::Data(Data::Text), true));
+        // Written from a thread: more than the socket buffers may hold.
+        let first = [big, a, b, next[..4].to_vec()].concat();
+        let mut writer = peer.try_clone().unwrap();
+        let wrote = std::thread::spawn(move || writer.write_all(&first));
+        let read = |ws: &mut WebSocket<Stream>, reclaim: &mut Reclaim| {
+            let msg = ws.read().unwrap();
+            reclaim.on_message(&msg, Instant::now());
+            msg
+        };
+        assert_eq!(read(&mut ws, &mut reclaim).len(), RECLAIM_MIN);
+        assert_eq!(read(&mut ws, &mut reclaim).len(), 65_600);
+        wrote.join().unwrap().unwrap();
+        // Four bytes of the next frame are in tungstenite's buffer: no renewal.
+        assert!(!ws.get_ref().frames().unwrap().at_message_end(), "read along with the last");
+        ws = reclaim.renew_if_due(ws, true, later);
+        assert_eq!(reclaim.due(), Some(later + RECLAIM_AFTER), "retried later, not renewed");
+        peer.write_all(&next[4..]).unwrap();
+        assert_eq!(read(&mut ws, &mut reclaim).into_text().unwrap().as_str(), "after");
+        // Now everything is read: renewed, and the fresh context reads on.
+        ws = reclaim.renew_if_due(ws, true, later + RECLAIM_AFTER);
+        assert_eq!(reclaim.due(), None, "renewed");
+        peer.write_all(&next).unwrap();
+        assert_eq!(read(&mut ws, &mut reclaim).into_text().unwrap().as_str(), "after");
+        // A caller with frames queued is never renewed under.
+        let big = send(Frame::message(vec![b'x'; RECLAIM_MIN], OpCode::Data(Data::Text), true));
+        peer.write_all(&big).unwrap();
+        read(&mut ws, &mut reclaim);
+        let _ = reclaim.renew_if_due(ws, false, later + 2 * RECLAIM_AFTER);
+        assert!(reclaim.due().is_some(), "not quiet: not renewed");
     }
 }

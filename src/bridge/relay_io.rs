@@ -185,9 +185,7 @@ impl RelayIo {
         // Non-blocking and polled from here on: short reads may mark it drained.
         let mut ws = ws;
         ws.get_mut().arm(true);
-        // The stream gave the handshake's response head before tungstenite's first frame byte
-        // (frame bytes read along with the head went to tungstenite).
-        let reclaim = Reclaim::new(Role::Client, ws.get_ref().head_end());
+        let reclaim = Reclaim::new(Role::Client, &ws);
         let link = Arc::new(Link {
             state: Mutex::new(LinkState {
                 ws: Some(ws),
@@ -200,9 +198,10 @@ impl RelayIo {
             waker: self.poller.clone(),
         });
         let outbox = Outbox::with_sink(link.clone());
-        let mut timers = Timers { last_rx: Instant::now(), last_ping: Instant::now(), reclaim };
+        let mut conn_state =
+            ConnState { last_rx: Instant::now(), last_ping: Instant::now(), reclaim };
         let mut inlines = Inlines::default();
-        let ended = self.serve_loop(&link, &mut timers, &outbox, &tcp, &mut inlines);
+        let ended = self.serve_loop(&link, &mut conn_state, &outbox, &tcp, &mut inlines);
         let _ = self.poller.delete(&tcp);
         // Inline requests end with the link, silently: the relay answers the apps, and
         // `cancel_all` forgets them.
@@ -222,7 +221,7 @@ impl RelayIo {
     fn serve_loop(
         &self,
         link: &Link,
-        t: &mut Timers,
+        t: &mut ConnState,
         outbox: &Outbox,
         tcp: &TcpStream,
         inlines: &mut Inlines,
@@ -438,7 +437,7 @@ impl RelayIo {
         &self,
         ws: &mut Ws,
         out: &mut WsOut,
-        t: &mut Timers,
+        t: &mut ConnState,
         outbox: &Outbox,
         inlines: &mut Inlines,
     ) -> Result<(), String> {
@@ -654,7 +653,7 @@ const OUT_LIMIT: usize = 4 << 20;
 
 /// The I/O thread's own state of one connection: its ping and pong-deadline clocks, and what
 /// tungstenite has read (to give back its read buffer after a large request).
-struct Timers {
+struct ConnState {
     last_rx: Instant,
     last_ping: Instant,
     reclaim: Reclaim,
@@ -836,10 +835,14 @@ pub fn open_socket(
         .max_message_size(Some(p::Limits::default().max_frame))
         .read_buffer_size(16 << 10)
         .write_buffer_size(64 << 10);
-    // Where the response head ends tells later what tungstenite has read (`Reclaim`).
-    stream.find_head_end();
+    // The frames after the response head are followed, to tell later what tungstenite has
+    // read (`Reclaim`).
+    stream.track_frames_after_head();
     match tungstenite::client::client_with_config(request, stream, Some(config)) {
-        Ok((ws, _response)) => Ok(ws),
+        Ok((mut ws, _response)) => {
+            ws.get_mut().end_head_scan();
+            Ok(ws)
+        }
         Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(resp))) => {
             let status = resp.status().as_u16();
             let body = resp.body().as_deref().map(String::from_utf8_lossy).unwrap_or_default();

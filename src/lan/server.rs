@@ -630,14 +630,12 @@ impl Server {
         }
         let now = Instant::now();
         let (tx, rx) = sync_channel(OUTBOX_FRAMES);
-        // A fresh stream: tungstenite's first bytes are those read past the upgrade request.
-        let reclaim = Reclaim::new(Role::Server, Some(0u64.wrapping_sub(h.inbuf.len() as u64)));
-        let ws = WebSocket::from_partially_read(
-            Stream::plain(h.stream),
-            h.inbuf,
-            Role::Server,
-            Some(self.ws_config),
-        );
+        // tungstenite starts with the bytes read past the upgrade request.
+        let mut stream = Stream::plain(h.stream);
+        stream.track_frames(&h.inbuf);
+        let ws =
+            WebSocket::from_partially_read(stream, h.inbuf, Role::Server, Some(self.ws_config));
+        let reclaim = Reclaim::new(Role::Server, &ws);
         let client_id = session.client_id.clone();
         conn.io = Io::Ws(Box::new(WsConn {
             ws,
@@ -873,7 +871,9 @@ impl Server {
         let idle = Duration::from_secs(p::PEER_IDLE_TIMEOUT_SECS);
         let ping_every = Duration::from_secs(p::RELAY_PING_INTERVAL_SECS);
         let (mut expired, mut idle_socks, mut ping) = (Vec::new(), Vec::new(), Vec::new());
-        let due: Vec<usize> = (self.conns.iter())
+        let due: Vec<usize> = self
+            .conns
+            .iter()
             .filter(
                 |(_, c)| matches!(&c.io, Io::Ws(w) if w.reclaim.due().is_some_and(|d| now >= d)),
             )

@@ -600,11 +600,12 @@ impl Reactor {
         let Io::Http(h) = conn.io else { return };
         let h = *h;
         let now = Instant::now();
-        // The stream has also given the HTTP upgrade request, and tungstenite starts with the
-        // bytes read past it.
-        let before = h.stream.bytes_read().wrapping_sub(h.inbuf.len() as u64);
+        // tungstenite starts with the bytes read past the upgrade request.
+        let mut stream = h.stream;
+        stream.track_frames(&h.inbuf);
         let ws =
-            WebSocket::from_partially_read(h.stream, h.inbuf, Role::Server, Some(self.ws_config));
+            WebSocket::from_partially_read(stream, h.inbuf, Role::Server, Some(self.ws_config));
+        let reclaim = Reclaim::new(Role::Server, &ws);
         conn.io = Io::Ws(Box::new(WsConn {
             ws,
             peer: peer.clone(),
@@ -617,7 +618,7 @@ impl Reactor {
             detached: false,
             closing: None,
             dirty: false,
-            reclaim: Reclaim::new(Role::Server, Some(before)),
+            reclaim,
         }));
         conn.deadline = None;
         self.conns.insert(id, conn);
