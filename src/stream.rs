@@ -261,8 +261,8 @@ mod tests {
 
     #[test]
     fn frames_are_followed_from_the_end_of_the_head() {
-        // CR LF CR LF with a stray CR before it, and httparse's bare-LF ending after leading
-        // empty lines; each head is followed by a frame whose text looks like a head's end.
+        // CR LF CR LF, and httparse's bare-LF ending after leading empty lines; each head is
+        // followed by a frame whose text looks like a head's end.
         let frame = [&[0x81u8, 4][..], b"\r\n\r\n"].concat();
         for head in
             [&b"HTTP/1.1 101 Ok\r\nA: b\r\n\r\r\n\r\n"[..], b"\r\n\nHTTP/1.1 101 Ok\nA: b\n\n"]

@@ -241,6 +241,13 @@ mod tests {
                     }
                     assert_eq!((t.messages(), t.at_message_end()), (*messages, *at_end));
                 }
+                // The same bytes in pieces that cross frame boundaries.
+                let all: Vec<u8> = steps.iter().flat_map(|(b, _, _)| b.clone()).collect();
+                let mut t = FrameTracker::default();
+                for piece in all.chunks(chunk.min(all.len())) {
+                    t.feed(piece);
+                }
+                assert_eq!((t.messages(), t.at_message_end()), (5, true), "{chunk}");
             }
         }
     }
@@ -252,6 +259,8 @@ mod tests {
     #[test]
     fn renewal_waits_for_unread_bytes_and_loses_none() {
         let (ours, mut peer) = crate::poll::tests::pair();
+        // A regression fails the test instead of hanging it.
+        ours.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut stream = Stream::plain(ours);
         stream.track_frames(&[]);
         let mut ws = WebSocket::from_raw_socket(stream, Role::Client, None);
