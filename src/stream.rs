@@ -1,6 +1,7 @@
 //! The byte stream under a WebSocket on a readiness-driven thread (the relay's reactor, the
-//! bridge's relay socket): plain TCP or TLS, and for plain TCP a memory of having been read
-//! dry.
+//! bridge's relay socket, the LAN server): plain TCP or TLS, for plain TCP a memory of having
+//! been read dry, and, once asked, a follower of the frames it hands tungstenite
+//! ([`crate::wsread::FrameTracker`]), which tells when tungstenite holds no unread byte.
 //!
 //! tungstenite reads until the socket would block, so every message used to cost one more
 //! `recv` that returned `EAGAIN`. A read that returns fewer bytes than asked for has emptied a
