@@ -4,6 +4,7 @@
 //! WebSocket frames, the limits of PROTOCOL §6 and the pure validation rules that both the relay
 //! and the bridge apply. No I/O lives in this module.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Deref;
@@ -694,9 +695,24 @@ impl Frame {
 
     /// Serialises the frame as JSON text.
     pub fn to_json(&self) -> String {
+        // Room for the whole frame unless its body needs escapes: one allocation, not a
+        // string doubled and copied as it grows.
+        let room = 160
+            + match self {
+                Frame::Response(r) => {
+                    r.body.len()
+                        + r.headers.iter().map(|(n, v)| n.len() + v.len() + 6).sum::<usize>()
+                }
+                Frame::ResponseChunk { body, .. } => body.len(),
+                _ => 0,
+            };
+        let mut out = Vec::with_capacity(room);
         // Serialising these types cannot fail: every map key is a string and no custom
-        // serialiser returns an error.
-        serde_json::to_string(self).unwrap_or_default()
+        // serialiser returns an error; serde_json writes only UTF-8.
+        match serde_json::to_writer(&mut out, self) {
+            Ok(()) => String::from_utf8(out).unwrap_or_default(),
+            Err(_) => String::new(),
+        }
     }
 }
 
@@ -768,8 +784,67 @@ impl<'de> Deserialize<'de> for SharedStr {
 }
 
 /// A frame's top level with each value kept as its raw JSON text: how the relay routes
-/// request and response frames without decoding their bodies.
-pub type RawFrame<'a> = BTreeMap<String, &'a RawValue>;
+/// request and response frames without decoding their bodies. Names are borrowed from the
+/// frame unless written with escapes, and fields keep their order, so reading a frame costs
+/// one allocation, not two per field.
+#[derive(Debug, Default)]
+pub struct RawFrame<'a> {
+    fields: Vec<(Cow<'a, str>, &'a RawValue)>,
+}
+
+impl<'a> RawFrame<'a> {
+    /// The raw value of the field `name`.
+    pub fn get(&self, name: &str) -> Option<&'a RawValue> {
+        self.fields.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
+    }
+
+    /// Takes the field `name` out of the frame, giving its raw value.
+    pub fn remove(&mut self, name: &str) -> Option<&'a RawValue> {
+        let at = self.fields.iter().position(|(n, _)| n == name)?;
+        Some(self.fields.remove(at).1)
+    }
+
+    /// The first name given twice, if any. Frames have a handful of fields, compared pairwise;
+    /// a hostile frame with thousands is sorted instead, so the check stays O(n log n).
+    fn duplicate(&self) -> Option<&str> {
+        let fields = &self.fields;
+        if fields.len() <= 16 {
+            let mut named = fields.iter().enumerate().map(|(i, (n, _))| (i, n.as_ref()));
+            return named.find_map(|(i, n)| fields[..i].iter().any(|(m, _)| m == n).then_some(n));
+        }
+        let mut sorted: Vec<&str> = fields.iter().map(|(n, _)| n.as_ref()).collect();
+        sorted.sort_unstable();
+        sorted.windows(2).find(|w| w[0] == w[1]).map(|w| w[0])
+    }
+}
+
+impl Serialize for RawFrame<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.fields.iter().map(|(n, v)| (n.as_ref(), *v)))
+    }
+}
+
+/// A JSON string borrowed from the text it was read from when it has no escapes.
+struct JsonStr<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for JsonStr<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = JsonStr<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, s: &'de str) -> Result<JsonStr<'de>, E> {
+                Ok(JsonStr(Cow::Borrowed(s)))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<JsonStr<'de>, E> {
+                Ok(JsonStr(Cow::Owned(s.to_owned())))
+            }
+        }
+        d.deserialize_str(Visit)
+    }
+}
 
 /// Reads a frame's top level as a [`RawFrame`]. A field given twice is refused: the relay
 /// forwards a request as the text it arrived as, so it must not check one value of a field
@@ -785,14 +860,14 @@ pub fn parse_raw(text: &str) -> Result<RawFrame<'_>, serde_json::Error> {
             self,
             mut map: A,
         ) -> Result<Self::Value, A::Error> {
-            let mut fields = RawFrame::new();
-            while let Some((name, value)) = map.next_entry::<String, &'de RawValue>()? {
-                if fields.contains_key(&name) {
-                    return Err(serde::de::Error::custom(format!("duplicate field `{name}`")));
-                }
-                fields.insert(name, value);
+            let mut frame = RawFrame { fields: Vec::with_capacity(8) };
+            while let Some((JsonStr(name), value)) = map.next_entry::<JsonStr, &RawValue>()? {
+                frame.fields.push((name, value));
             }
-            Ok(fields)
+            if let Some(name) = frame.duplicate() {
+                return Err(serde::de::Error::custom(format!("duplicate field `{name}`")));
+            }
+            Ok(frame)
         }
     }
     let mut de = serde_json::Deserializer::from_str(text);
@@ -813,6 +888,16 @@ pub fn raw_field<T: serde::de::DeserializeOwned>(
     }
 }
 
+/// [`raw_field`] for a string, borrowed from the frame unless it has escapes.
+pub fn raw_str<'a>(raw: &RawFrame<'a>, name: &str) -> Result<Option<Cow<'a, str>>, String> {
+    match raw.get(name) {
+        None => Ok(None),
+        Some(v) => serde_json::from_str::<Option<JsonStr<'a>>>(v.get())
+            .map(|s| s.map(|JsonStr(s)| s))
+            .map_err(|e| format!("malformed frame: field {name}: {e}")),
+    }
+}
+
 /// [`raw_field`] for a field that may be absent but not null, as the typed [`Frame`] parse
 /// reads it: the relay must not pass on a frame the bridge would refuse.
 fn raw_field_not_null<T: serde::de::DeserializeOwned>(
@@ -829,7 +914,8 @@ fn raw_field_not_null<T: serde::de::DeserializeOwned>(
 /// length, an upper bound when escapes are present): enough to check and route it.
 pub fn request_head(raw: &RawFrame<'_>) -> Result<(RequestFrame, usize), String> {
     let required = |name: &str| -> Result<String, String> {
-        raw_field(raw, name)?.ok_or_else(|| format!("malformed frame: request needs {name}"))
+        let value = raw_str(raw, name)?;
+        value.map(Cow::into_owned).ok_or_else(|| format!("malformed frame: request needs {name}"))
     };
     let body_len = match raw.get("body").map(|v| v.get()) {
         None | Some("null") => 0,
@@ -861,7 +947,7 @@ pub fn parse_message(message: &Utf8Bytes) -> Result<Frame, String> {
         return parse_frame(text);
     }
     let raw = parse_raw(text).map_err(|e| format!("malformed frame: {e}"))?;
-    if raw_field::<String>(&raw, "type")?.as_deref() != Some("request") {
+    if raw_str(&raw, "type")?.as_deref() != Some("request") {
         return parse_frame(text);
     }
     let (mut req, _) = request_head(&raw)?;
@@ -963,7 +1049,7 @@ pub const DEFAULT_ALLOWED_PREFIXES: &[&str] = &["/api/", "/v1/", "/health"];
 
 /// Checks a request path against the passthrough rules of §7: a single leading `/`, no scheme,
 /// no `..` segment, no CR/LF/NUL, and under one of `allowed` prefixes.
-pub fn check_path(path: &str, allowed: &[&str]) -> Result<(), String> {
+pub fn check_path<S: AsRef<str>>(path: &str, allowed: &[S]) -> Result<(), String> {
     if !path.starts_with('/') || path.starts_with("//") {
         return Err("path must start with a single '/'".into());
     }
@@ -980,18 +1066,22 @@ pub fn check_path(path: &str, allowed: &[&str]) -> Result<(), String> {
     if decoded.split('/').any(|seg| seg == ".." || seg == ".") {
         return Err("path must not contain '.' or '..' segments".into());
     }
-    let allowed_prefix = |p: &&str| match p.strip_suffix('/') {
+    let allowed_prefix = |p: &str| match p.strip_suffix('/') {
         Some(dir) => route.starts_with(p) || route == dir,
-        None => route == *p || route.strip_prefix(p).is_some_and(|rest| rest.starts_with('/')),
+        None => route == p || route.strip_prefix(p).is_some_and(|rest| rest.starts_with('/')),
     };
-    if !allowed.iter().any(allowed_prefix) {
-        return Err(format!("path is outside the allowed prefixes ({})", allowed.join(", ")));
+    if !allowed.iter().any(|p| allowed_prefix(p.as_ref())) {
+        let list: Vec<&str> = allowed.iter().map(AsRef::as_ref).collect();
+        return Err(format!("path is outside the allowed prefixes ({})", list.join(", ")));
     }
     Ok(())
 }
 
 /// Decodes `%xx` escapes so that `%2e%2e` cannot hide a `..` segment.
-fn percent_decode_lossy(s: &str) -> String {
+fn percent_decode_lossy(s: &str) -> Cow<'_, str> {
+    if !s.contains('%') {
+        return Cow::Borrowed(s);
+    }
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -1007,7 +1097,7 @@ fn percent_decode_lossy(s: &str) -> String {
         out.push(bytes[i]);
         i += 1;
     }
-    String::from_utf8_lossy(&out).into_owned()
+    Cow::Owned(String::from_utf8_lossy(&out).into_owned())
 }
 
 /// Hop-by-hop headers (and Host) that never cross the bridge.
@@ -1047,6 +1137,32 @@ pub fn check_header(name: &str, value: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn raw_frames_borrow_names_keep_order_and_refuse_a_name_given_twice() {
+        let text = r#"{"type":"response","\u0069d":"a\"b","client":"c","status":200}"#;
+        let mut raw = parse_raw(text).unwrap();
+        assert!(matches!(raw_str(&raw, "type"), Ok(Some(Cow::Borrowed("response")))));
+        // An escaped name or value is decoded into an owned string.
+        assert!(matches!(raw_str(&raw, "id"), Ok(Some(Cow::Owned(s))) if s == "a\"b"));
+        assert!(raw_str(&raw, "status").unwrap_err().contains("field status"));
+        assert_eq!(raw_str(&raw, "none"), Ok(None));
+        assert_eq!(raw.remove("client").map(RawValue::get), Some(r#""c""#));
+        assert!(raw.remove("client").is_none());
+        let back = serde_json::to_string(&raw).unwrap();
+        assert_eq!(back, r#"{"type":"response","id":"a\"b","status":200}"#);
+
+        // A name given twice is found among a few fields and among many (sorted, not pairwise).
+        for n in [2, 16, 17, 5000] {
+            let mut fields: Vec<String> = (0..n).map(|i| format!(r#""f{i}":{i}"#)).collect();
+            assert!(parse_raw(&format!("{{{}}}", fields.join(","))).is_ok(), "{n}");
+            fields.push(r#""f1":"again""#.into());
+            let err = parse_raw(&format!("{{{}}}", fields.join(","))).unwrap_err();
+            assert!(err.to_string().contains("duplicate field `f1`"), "{n}: {err}");
+        }
+        // An escaped spelling of a name is the same name.
+        assert!(parse_raw(r#"{"id":"a","\u0069d":"b"}"#).is_err());
+    }
 
     #[test]
     fn identifiers() {

@@ -122,6 +122,12 @@ impl Stream {
         self.drained = false;
     }
 
+    /// True when a short read found the socket drained and it has not been reported readable
+    /// since: reads answer `WouldBlock` without a system call.
+    pub fn is_drained(&self) -> bool {
+        self.drained
+    }
+
     /// The socket was reported readable: the next read goes to it.
     pub fn mark_ready(&mut self) {
         self.drained = false;

@@ -154,6 +154,18 @@ impl Reclaim {
         }
     }
 
+    /// True when reading `ws` now could only find the socket drained: the stream waits for the
+    /// poller to report it again ([`Stream::is_drained`]), tungstenite returned every message
+    /// the stream gave it, and the connection is open for reading (so no error is due either).
+    /// The caller skips that read: tungstenite zero-fills its whole read size before each
+    /// read, even one that finds nothing (16 KiB a time here).
+    pub fn nothing_to_read(&self, ws: &WebSocket<Stream>) -> bool {
+        let stream = ws.get_ref();
+        stream.is_drained()
+            && ws.can_read()
+            && stream.frames().is_some_and(|f| f.messages() == self.returned)
+    }
+
     /// When the read buffer should be renewed: [`RECLAIM_AFTER`] after the last large message,
     /// if one came since the last renewal.
     pub fn due(&self) -> Option<Instant> {
@@ -304,5 +316,44 @@ mod tests {
         read(&mut ws, &mut reclaim);
         let _ = reclaim.renew_if_due(ws, false, later + 2 * RECLAIM_AFTER);
         assert!(reclaim.due().is_some(), "not quiet: not renewed");
+    }
+
+    #[test]
+    fn a_read_is_skipped_only_when_it_could_find_nothing() {
+        let (ours, mut peer) = crate::poll::tests::pair();
+        ours.set_nonblocking(true).unwrap();
+        let mut stream = Stream::plain(ours);
+        stream.arm(true);
+        stream.track_frames(&[]);
+        let mut ws = WebSocket::from_raw_socket(stream, Role::Server, None);
+        let mut reclaim = Reclaim::new(Role::Server, &ws);
+        let wait_readable = |ws: &WebSocket<Stream>| {
+            let mut byte = [0u8; 1];
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while ws.get_ref().tcp().peek(&mut byte).is_err() {
+                assert!(Instant::now() < deadline, "the peer's bytes never arrived");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        // Two messages in one write: one short read takes both and drains the socket.
+        peer.write_all(&[frame(0x81, 3, true), frame(0x81, 5, true)].concat()).unwrap();
+        wait_readable(&ws);
+        assert!(!reclaim.nothing_to_read(&ws), "not drained before the first read");
+        let msg = ws.read().unwrap();
+        reclaim.on_message(&msg, Instant::now());
+        assert!(ws.get_ref().is_drained());
+        assert!(!reclaim.nothing_to_read(&ws), "the second message waits in tungstenite");
+        let msg = ws.read().unwrap();
+        reclaim.on_message(&msg, Instant::now());
+        assert_eq!(msg.len(), 5);
+        assert!(reclaim.nothing_to_read(&ws), "everything returned, the socket drained");
+        // A close: after tungstenite returns it, the read that reports the end is not skipped.
+        peer.write_all(&frame(0x88, 0, true)).unwrap();
+        wait_readable(&ws);
+        ws.get_mut().mark_ready();
+        let msg = ws.read().unwrap();
+        reclaim.on_message(&msg, Instant::now());
+        assert!(msg.is_close());
+        assert!(!reclaim.nothing_to_read(&ws), "closed by the peer: the next read must report it");
     }
 }

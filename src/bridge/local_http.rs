@@ -598,7 +598,14 @@ impl LocalClient {
         if !path.starts_with('/') || path.bytes().any(|b| b <= b' ' || b == 0x7f) {
             return Err(bad(format!("refusing to send path {path:?}")));
         }
-        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\n", self.authority);
+        let coalesce = body.len() <= COALESCE_BODY;
+        // One allocation for the head and a small body.
+        let header_bytes: usize = headers.iter().map(|(n, v)| n.len() + v.len() + 4).sum();
+        let room = method.len() + path.len() + self.authority.len() + header_bytes + 64;
+        let mut head = String::with_capacity(room + if coalesce { body.len() } else { 0 });
+        let authority = &self.authority;
+        let line = format_args!("{method} {path} HTTP/1.1\r\nHost: {authority}\r\n");
+        let _ = fmt::Write::write_fmt(&mut head, line);
         for (name, value) in headers {
             check_header(name, value).map_err(bad)?;
             head.push_str(name);
@@ -609,12 +616,14 @@ impl LocalClient {
         let needs_length = !body.is_empty()
             || ["POST", "PUT", "PATCH"].iter().any(|m| method.eq_ignore_ascii_case(m));
         if needs_length {
-            head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+            let _ = fmt::Write::write_fmt(
+                &mut head,
+                format_args!("Content-Length: {}\r\n", body.len()),
+            );
         }
         head.push_str("\r\n");
         let mut out = head.into_bytes();
-        if body.len() <= COALESCE_BODY {
-            out.reserve(body.len());
+        if coalesce {
             body.write_with(|b| {
                 out.extend_from_slice(b);
                 Ok(())

@@ -442,6 +442,9 @@ impl RelayIo {
         inlines: &mut Inlines,
     ) -> Result<(), String> {
         loop {
+            if t.reclaim.nothing_to_read(ws) {
+                return Ok(());
+            }
             match ws.read() {
                 Ok(msg) => {
                     t.last_rx = Instant::now();

@@ -691,8 +691,7 @@ fn validate(
             format!("method {:?} is not forwarded (use one of {})", req.method, METHODS.join(", ")),
         ));
     }
-    let allowed: Vec<&str> = allowed.iter().map(String::as_str).collect();
-    check_path(&req.path, &allowed).map_err(|m| (ErrorCode::ForbiddenPath, m))?;
+    check_path(&req.path, allowed).map_err(|m| (ErrorCode::ForbiddenPath, m))?;
     for (name, value) in &req.headers {
         check_header(name, value).map_err(|m| (ErrorCode::BadRequest, m))?;
     }
@@ -733,24 +732,22 @@ fn backend_headers(req: &RequestFrame) -> Vec<(String, String)> {
     headers
 }
 
-/// Response headers for frames: hop-by-hop dropped; repeated names joined with ", " because
-/// frames carry one value per name (the first spelling of the name is kept).
-fn frame_headers(headers: &[(String, String)]) -> Headers {
+/// Response headers for frames, taken from the response (moved, not copied): hop-by-hop
+/// dropped; repeated names joined with ", " because frames carry one value per name (the first
+/// spelling of the name is kept).
+fn frame_headers(headers: Vec<(String, String)>) -> Headers {
     let mut out: Headers = BTreeMap::new();
     for (name, value) in headers {
-        if is_hop_by_hop(name) {
+        if is_hop_by_hop(&name) {
             continue;
         }
-        let existing = out.keys().find(|k| k.eq_ignore_ascii_case(name)).cloned();
-        match existing {
-            Some(k) => {
-                if let Some(v) = out.get_mut(&k) {
-                    v.push_str(", ");
-                    v.push_str(value);
-                }
+        match out.iter_mut().find(|(k, _)| k.eq_ignore_ascii_case(&name)) {
+            Some((_, v)) => {
+                v.push_str(", ");
+                v.push_str(&value);
             }
             None => {
-                out.insert(name.clone(), value.clone());
+                out.insert(name, value);
             }
         }
     }
@@ -770,7 +767,8 @@ fn is_textual(content_type: &str) -> bool {
 
 /// The `response` frame of a response whose body is read whole.
 fn whole_frame(shared: &Shared, req: &RequestFrame, resp: &mut Response) -> Result<Frame, Fail> {
-    let mut bytes = Vec::new();
+    let hint = resp.body.len_hint().unwrap_or(0).min(STREAM_THRESHOLD);
+    let mut bytes = Vec::with_capacity(usize::try_from(hint).unwrap_or(0));
     resp.body
         .read_to_end(&mut bytes)
         .map_err(|e| Fail::Local(LocalError::from_io(&e, shared.client.peer())))?;
@@ -785,7 +783,7 @@ fn whole_frame(shared: &Shared, req: &RequestFrame, resp: &mut Response) -> Resu
         id: req.id.clone(),
         client: req.client.clone(),
         status: resp.status,
-        headers: frame_headers(&resp.headers),
+        headers: frame_headers(std::mem::take(&mut resp.headers)),
         body,
         body_base64,
     }))
@@ -833,7 +831,7 @@ fn exchange(shared: &Shared, job: &mut Job) -> Result<(), Fail> {
         id: id.clone(),
         client: client.clone(),
         status: resp.status,
-        headers: frame_headers(&resp.headers),
+        headers: frame_headers(std::mem::take(&mut resp.headers)),
     })?;
     let text = |body: String| Frame::ResponseChunk {
         id: id.clone(),

@@ -33,8 +33,8 @@ use super::registry::{Job, Outcome, access_log};
 use super::{ConnId, Peer, Shared, ToReactor, log_event};
 use crate::http::{self, Head, Parsed};
 use crate::protocol::{
-    self as p, ErrorCode, Frame, LARGE_FRAME, RawFrame, SharedStr, close_code, parse_raw,
-    raw_field, request_head,
+    self as p, ErrorCode, Frame, LARGE_FRAME, RawFrame, SharedStr, close_code, parse_raw, raw_str,
+    request_head,
 };
 
 /// Poller key of the listening socket.
@@ -150,6 +150,8 @@ pub struct Reactor {
     /// end, so frames from many sources bound for one socket leave in one write (one wake-up
     /// of the peer instead of one per frame).
     dirty: Vec<ConnId>,
+    /// The messages of one [`Reactor::ws_read`] (kept to reuse its allocation).
+    read_texts: Vec<Result<Utf8Bytes, ()>>,
     ws_config: WebSocketConfig,
     dropped_frames: u64,
 }
@@ -189,6 +191,7 @@ impl Reactor {
             apps: HashMap::new(),
             ready: Vec::new(),
             dirty: Vec::new(),
+            read_texts: Vec::new(),
             ws_config,
             dropped_frames: 0,
         })
@@ -635,7 +638,7 @@ impl Reactor {
     // -- WebSocket I/O -------------------------------------------------------------------------
 
     fn ws_read(&mut self, id: ConnId) {
-        let mut texts = Vec::new();
+        let mut texts = std::mem::take(&mut self.read_texts);
         let mut gone = false;
         let mut more = false;
         let mut too_large = false;
@@ -647,6 +650,9 @@ impl Reactor {
             while !w.paused {
                 if texts.len() >= READ_BATCH || batch_bytes >= READ_BATCH_BYTES {
                     more = true;
+                    break;
+                }
+                if w.reclaim.nothing_to_read(&w.ws) {
                     break;
                 }
                 match w.ws.read() {
@@ -679,7 +685,7 @@ impl Reactor {
                 }
             }
         }
-        for t in texts {
+        for t in texts.drain(..) {
             match t {
                 Ok(text) => self.route_text(id, &text),
                 Err(()) => {
@@ -687,6 +693,7 @@ impl Reactor {
                 }
             }
         }
+        self.read_texts = texts;
         if too_large {
             self.close_ws(id, close_code::LIMIT, "message too large");
             self.remove(id);
@@ -755,11 +762,17 @@ impl Reactor {
 
     /// Writes the frames queued during this turn of the loop.
     fn flush_dirty(&mut self) {
-        for id in std::mem::take(&mut self.dirty) {
+        let mut dirty = std::mem::take(&mut self.dirty);
+        for &id in &dirty {
             if let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) {
                 w.dirty = false;
                 self.ws_flush(id);
             }
+        }
+        // The list keeps its allocation from turn to turn.
+        dirty.clear();
+        if self.dirty.is_empty() {
+            self.dirty = dirty;
         }
     }
 
@@ -868,20 +881,21 @@ impl Reactor {
             Ok(m) => m,
             Err(e) => return self.bad_frame(id, &format!("malformed frame: {e}")),
         };
-        let kind: Option<String> = raw_field(&raw, "type").ok().flatten();
+        let kind = raw_str(&raw, "type").ok().flatten();
         match (peer, kind.as_deref()) {
             (Peer::App { bridge_id, client_id, .. }, Some("request")) => {
                 self.app_request(id, &bridge_id, &client_id, raw, message)
             }
             (Peer::Bridge { bridge_id, .. }, Some(k)) if RESPONSE_KINDS.contains(&k) => {
-                let client: Option<String> = match raw_field(&raw, "client") {
-                    Ok(c) => c,
+                let client = match raw_str(&raw, "client") {
+                    Ok(Some(c)) => c,
+                    Ok(None) => {
+                        return self
+                            .bad_frame(id, "response frames must carry the client they answer");
+                    }
                     Err(msg) => return self.bad_frame(id, &msg),
                 };
-                let Some(client) = client else {
-                    return self.bad_frame(id, "response frames must carry the client they answer");
-                };
-                let req_id: String = match raw_field(&raw, "id") {
+                let req_id = match raw_str(&raw, "id") {
                     Ok(Some(r)) => r,
                     Ok(None) => return self.bad_frame(id, "response frames need an id"),
                     Err(msg) => return self.bad_frame(id, &msg),
@@ -893,14 +907,18 @@ impl Reactor {
                 else {
                     return;
                 };
-                // A large frame goes on as the text around its `client` member, uncopied.
-                let slice = |part: &str| SharedStr::slice_of(message, part).map(Bytes::from);
-                let pieces = client_value
-                    .filter(|_| text.len() >= LARGE_FRAME)
-                    .and_then(|v| without_member(text, "client", v))
-                    .and_then(|(before, after)| Some(vec![slice(before)?, slice(after)?]));
-                match pieces {
-                    Some(pieces) => self.send_pieces(app_conn, pieces),
+                // The frame goes on as the text around its `client` member: a large frame
+                // as pieces of the received message, uncopied; a small one copied once.
+                match client_value.and_then(|v| without_member(text, "client", v)) {
+                    Some((before, after)) if text.len() >= LARGE_FRAME => {
+                        let slice =
+                            |part: &str| SharedStr::slice_of(message, part).map(Bytes::from);
+                        match (slice(before), slice(after)) {
+                            (Some(b), Some(a)) => self.send_pieces(app_conn, vec![b, a]),
+                            _ => self.send_text(app_conn, [before, after].concat()),
+                        }
+                    }
+                    Some((before, after)) => self.send_text(app_conn, [before, after].concat()),
                     None => {
                         self.send_text(app_conn, serde_json::to_string(&raw).unwrap_or_default())
                     }
@@ -976,13 +994,14 @@ impl Reactor {
             // frame has fields, so a comma belongs there).
             let text = message.as_str();
             let rest = text.trim_start().get(1..).unwrap_or_default();
-            let prefix = format!("{{\"client\":{},", serde_json::Value::from(client_id));
             let large = text.len() >= LARGE_FRAME;
             if let Some(rest) = SharedStr::slice_of(message, rest).filter(|_| large) {
-                let pieces = vec![Bytes::from(prefix), Bytes::from(rest)];
+                let pieces = vec![Bytes::from(client_prefix(client_id, 0)), Bytes::from(rest)];
                 self.send_pieces(bridge_conn, pieces);
             } else {
-                self.send_text(bridge_conn, prefix + rest);
+                let mut frame = client_prefix(client_id, rest.len());
+                frame.push_str(rest);
+                self.send_text(bridge_conn, frame);
             }
         }
         self.apply_backpressure(id, bridge_conn);
@@ -1310,7 +1329,8 @@ fn without_member<'a>(object: &'a str, name: &str, value: &RawValue) -> Option<(
     let end = start + value.get().len();
     let is_ws = |c: char| matches!(c, ' ' | '\t' | '\n' | '\r');
     let key_end = object.get(..start)?.trim_end_matches(is_ws).strip_suffix(':')?;
-    let key_start = key_end.trim_end_matches(is_ws).strip_suffix(&format!("\"{name}\""))?;
+    let key = key_end.trim_end_matches(is_ws).strip_suffix('"')?.strip_suffix(name)?;
+    let key_start = key.strip_suffix('"')?;
     let before = key_start.trim_end_matches(is_ws);
     if let Some(kept) = before.strip_suffix(',') {
         // `…, "name": value` → `…` and whatever follows the value.
@@ -1320,6 +1340,30 @@ fn without_member<'a>(object: &'a str, name: &str, value: &RawValue) -> Option<(
     let after = object.get(end..)?.trim_start_matches(is_ws);
     let after = after.strip_prefix(',').unwrap_or(after);
     before.ends_with('{').then_some((before, after))
+}
+
+/// `{"client":"…",`, how a request frame forwarded to its bridge begins, in a string with room
+/// for `rest` more bytes.
+fn client_prefix(client_id: &str, rest: usize) -> String {
+    let quoted = if client_id.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\') {
+        None
+    } else {
+        Some(serde_json::Value::from(client_id).to_string())
+    };
+    let quoted_len = quoted.as_ref().map_or(client_id.len() + 2, String::len);
+    // Exactly the frame's length: the message made of it then needs no allocation of its own.
+    let mut out = String::with_capacity(r#"{"client":,"#.len() + quoted_len + rest);
+    out.push_str(r#"{"client":"#);
+    match &quoted {
+        Some(q) => out.push_str(q),
+        None => {
+            out.push('"');
+            out.push_str(client_id);
+            out.push('"');
+        }
+    }
+    out.push(',');
+    out
 }
 
 /// A request frame with `client` stamped first and every other field as it arrived.
