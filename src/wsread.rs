@@ -155,15 +155,17 @@ impl Reclaim {
     }
 
     /// True when reading `ws` now could only find the socket drained: the stream waits for the
-    /// poller to report it again ([`Stream::is_drained`]), tungstenite returned every message
-    /// the stream gave it, and the connection is open for reading (so no error is due either).
+    /// poller to report it again ([`Stream::is_drained`]), what it gave tungstenite ends where
+    /// a message ended and tungstenite returned every message up to there, and the connection
+    /// is open for reading. So no message and no error is due: a bad header tungstenite would
+    /// refuse leaves the bytes short of a message's end, and the read goes ahead.
     /// The caller skips that read: tungstenite zero-fills its whole read size before each
     /// read, even one that finds nothing (16 KiB a time here).
     pub fn nothing_to_read(&self, ws: &WebSocket<Stream>) -> bool {
         let stream = ws.get_ref();
         stream.is_drained()
             && ws.can_read()
-            && stream.frames().is_some_and(|f| f.messages() == self.returned)
+            && stream.frames().is_some_and(|f| f.at_message_end() && f.messages() == self.returned)
     }
 
     /// When the read buffer should be renewed: [`RECLAIM_AFTER`] after the last large message,
@@ -355,5 +357,23 @@ mod tests {
         reclaim.on_message(&msg, Instant::now());
         assert!(msg.is_close());
         assert!(!reclaim.nothing_to_read(&ws), "closed by the peer: the next read must report it");
+    }
+
+    #[test]
+    fn a_bad_frame_behind_a_good_one_is_read_not_skipped() {
+        let (ours, mut peer) = crate::poll::tests::pair();
+        ours.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut stream = Stream::plain(ours);
+        stream.arm(true);
+        stream.track_frames(&[]);
+        let mut ws = WebSocket::from_raw_socket(stream, Role::Server, None);
+        let mut reclaim = Reclaim::new(Role::Server, &ws);
+        // A good message, then a frame with a reserved bit set, in one short read.
+        peer.write_all(&[frame(0x81, 3, true), frame(0x41, 3, true)].concat()).unwrap();
+        let msg = ws.read().unwrap();
+        reclaim.on_message(&msg, Instant::now());
+        assert!(ws.get_ref().is_drained(), "one short read took both");
+        assert!(!reclaim.nothing_to_read(&ws), "the bad frame's bytes wait in tungstenite");
+        assert!(ws.read().is_err(), "and the read reports them");
     }
 }

@@ -1444,7 +1444,8 @@ fn sigterm_with_live_sockets_exits_zero() {
 
 /// A large request is forwarded from pieces of the message it arrived in. While the bridge is
 /// not reading, the relay's write of it stops part-way; a ping the bridge sends meanwhile is
-/// answered after the request, never inside it, and a duplicate field is refused.
+/// answered after the request, never inside it, and a duplicate field or a frame of more than
+/// 64 fields is refused.
 #[test]
 fn a_pong_never_lands_inside_a_half_written_request() {
     let relay = Relay::new();
@@ -1488,6 +1489,18 @@ fn a_pong_never_lands_inside_a_half_written_request() {
     match app.recv() {
         Frame::Error { code: ErrorCode::BadFrame, message } => {
             assert!(message.contains("duplicate field `path`"), "{message}")
+        }
+        other => panic!("expected a BAD_FRAME error, got {other:?}"),
+    }
+    // So is a frame of more than 64 top-level fields, which would cost the relay a list of
+    // millions in a 16 MiB frame.
+    let extra: Vec<String> = (0..61).map(|i| format!(r#""x{i}":0"#)).collect();
+    let wide =
+        format!(r#"{{"type":"request","id":"w","method":"GET","path":"/a",{}}}"#, extra.join(","));
+    app.send_text(&wide);
+    match app.recv() {
+        Frame::Error { code: ErrorCode::BadFrame, message } => {
+            assert!(message.contains("more than 64 top-level fields"), "{message}")
         }
         other => panic!("expected a BAD_FRAME error, got {other:?}"),
     }

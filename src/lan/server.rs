@@ -683,9 +683,6 @@ impl Server {
                     more = true;
                     break;
                 }
-                if w.reclaim.nothing_to_read(&w.ws) {
-                    break;
-                }
                 match w.ws.read() {
                     Ok(msg) => {
                         w.last_rx = Instant::now();

@@ -873,7 +873,7 @@ impl Reactor {
     /// exact JSON text it arrived as. A 16 MiB body is thus scanned once and never decoded; a
     /// frame of [`LARGE_FRAME`] or more is not even copied (it is forwarded from pieces of the
     /// received message, see [`Reactor::app_request`] and [`without_member`]), and a smaller
-    /// one is written anew once. Other frames are small and parsed as typed [`Frame`]s.
+    /// one is copied once. Other frames are small and parsed as typed [`Frame`]s.
     fn route_text(&mut self, id: ConnId, message: &Utf8Bytes) {
         let Some(peer) = self.peer_of(id) else { return };
         let text = message.as_str();
