@@ -477,7 +477,9 @@ fn v1_and_sessions_are_proxied_unchanged_with_the_key_added() {
     assert_eq!((status, json_of(&body)["method"].as_str()), (200, Some("DELETE")));
     // Streaming passes through event by event.
     let c = LocalClient::new("127.0.0.1", b.port);
-    let mut r = c.send("GET", "/v1/runs/r1/events", &[], Body::Bytes(b""), &Abort::new()).unwrap();
+    let mut r = c
+        .send("GET", "/v1/runs/r1/events", &[] as &[(&str, &str)], Body::Bytes(b""), &Abort::new())
+        .unwrap();
     assert_eq!(r.header("content-type"), Some("text/event-stream"));
     let mut buf = vec![0u8; 4096];
     let mut reads = Vec::new();

@@ -469,11 +469,11 @@ impl LocalClient {
     /// Sends one request and reads the response head. `headers` are sent as given (the caller
     /// filtered them); `Host` and `Content-Length` are added here. The body is read from the
     /// returned [`Response`]. `abort` interrupts the exchange from another thread at any point.
-    pub fn send(
+    pub fn send<N: AsRef<str>, V: AsRef<str>>(
         &self,
         method: &str,
         path: &str,
-        headers: &[(String, String)],
+        headers: &[(N, V)],
         body: Body<'_>,
         abort: &Abort,
     ) -> Result<Response, LocalError> {
@@ -526,11 +526,11 @@ impl LocalClient {
     /// The caller's own parked connections (see [`Parked`]) come first: they need no liveness
     /// check, since the caller's poller reports one that closes.
     #[allow(clippy::too_many_arguments)]
-    pub fn start(
+    pub fn start<N: AsRef<str>, V: AsRef<str>>(
         &self,
         method: &str,
         path: &str,
-        headers: &[(String, String)],
+        headers: &[(N, V)],
         body: Body<'_>,
         abort: &Abort,
         whole_limit: u64,
@@ -580,11 +580,11 @@ impl LocalClient {
     }
 
     /// Serialises the request head (and a small body with it).
-    fn build_request(
+    fn build_request<N: AsRef<str>, V: AsRef<str>>(
         &self,
         method: &str,
         path: &str,
-        headers: &[(String, String)],
+        headers: &[(N, V)],
         body: Body<'_>,
     ) -> Result<Vec<u8>, LocalError> {
         let bad = |detail: String| LocalError::Protocol { addr: self.peer.clone(), detail };
@@ -600,13 +600,15 @@ impl LocalClient {
         }
         let coalesce = body.len() <= COALESCE_BODY;
         // One allocation for the head and a small body.
-        let header_bytes: usize = headers.iter().map(|(n, v)| n.len() + v.len() + 4).sum();
+        let header_bytes: usize =
+            headers.iter().map(|(n, v)| n.as_ref().len() + v.as_ref().len() + 4).sum();
         let room = method.len() + path.len() + self.authority.len() + header_bytes + 64;
         let mut head = String::with_capacity(room + if coalesce { body.len() } else { 0 });
         let authority = &self.authority;
         let line = format_args!("{method} {path} HTTP/1.1\r\nHost: {authority}\r\n");
         let _ = fmt::Write::write_fmt(&mut head, line);
         for (name, value) in headers {
+            let (name, value) = (name.as_ref(), value.as_ref());
             check_header(name, value).map_err(bad)?;
             head.push_str(name);
             head.push_str(": ");
@@ -1788,6 +1790,9 @@ pub(crate) mod test_origin {
 mod tests {
     use super::test_origin::{self, Origin};
     use super::*;
+
+    /// No request headers (the header list is generic over its string types).
+    const NO_HEADERS: &[(&str, &str)] = &[];
     use std::net::TcpListener;
     use std::sync::atomic::Ordering;
 
@@ -1796,7 +1801,7 @@ mod tests {
     }
 
     fn get(c: &LocalClient, path: &str) -> Result<Response, LocalError> {
-        c.send("GET", path, &[], Body::Bytes(b""), &Abort::new())
+        c.send("GET", path, NO_HEADERS, Body::Bytes(b""), &Abort::new())
     }
 
     fn body_of(r: &mut Response) -> Vec<u8> {
@@ -1845,7 +1850,8 @@ mod tests {
         let c = client(&o);
         let mut r = get(&c, "/api/utf8").unwrap();
         assert_eq!(String::from_utf8(body_of(&mut r)).unwrap(), test_origin::UTF8_TEXT);
-        let mut r = c.send("HEAD", "/api/health", &[], Body::Bytes(b""), &Abort::new()).unwrap();
+        let mut r =
+            c.send("HEAD", "/api/health", NO_HEADERS, Body::Bytes(b""), &Abort::new()).unwrap();
         assert_eq!(r.header("content-length"), Some("11"));
         assert!(body_of(&mut r).is_empty());
         let mut r = get(&c, "/api/nocontent").unwrap();
@@ -1918,7 +1924,7 @@ mod tests {
     }
 
     fn get_with(c: &LocalClient, path: &str, abort: &Abort) -> Result<Response, LocalError> {
-        c.send("GET", path, &[], Body::Bytes(b""), abort)
+        c.send("GET", path, NO_HEADERS, Body::Bytes(b""), abort)
     }
 
     #[test]
@@ -1962,12 +1968,13 @@ mod tests {
         assert!(e.to_string().contains(&format!("127.0.0.1:{port}")), "{e}");
 
         // Nothing can be smuggled through the request line or headers.
-        let bad = [("X-A".to_owned(), "1\r\nX-B: 2".to_owned())];
+        let bad = [("X-A", "1\r\nX-B: 2")];
         assert!(c.send("GET", "/api/health", &bad, Body::Bytes(b""), &Abort::new()).is_err());
         assert!(
-            c.send("GET", "/api/x HTTP/1.1\r\n", &[], Body::Bytes(b""), &Abort::new()).is_err()
+            c.send("GET", "/api/x HTTP/1.1\r\n", NO_HEADERS, Body::Bytes(b""), &Abort::new())
+                .is_err()
         );
-        assert!(c.send("GE T", "/api/x", &[], Body::Bytes(b""), &Abort::new()).is_err());
+        assert!(c.send("GE T", "/api/x", NO_HEADERS, Body::Bytes(b""), &Abort::new()).is_err());
     }
 
     #[test]
@@ -2050,13 +2057,14 @@ mod tests {
         let o = test_origin::start();
         let c = client(&o);
         let big = test_origin::noise(300 << 10, 3);
-        let headers = [("Content-Type".to_owned(), "application/octet-stream".to_owned())];
+        let headers = [("Content-Type", "application/octet-stream")];
         let mut r =
             c.send("POST", "/api/echo", &headers, Body::Bytes(&big), &Abort::new()).unwrap();
         assert_eq!(r.body.len_hint(), Some(big.len() as u64));
         assert_eq!(body_of(&mut r), big);
         // POST without a body still says Content-Length: 0 (else the origin would wait).
-        let mut r = c.send("POST", "/api/echo", &[], Body::Bytes(b""), &Abort::new()).unwrap();
+        let mut r =
+            c.send("POST", "/api/echo", NO_HEADERS, Body::Bytes(b""), &Abort::new()).unwrap();
         assert!(body_of(&mut r).is_empty());
         assert_eq!(o.accepted.load(Ordering::SeqCst), 1);
     }
@@ -2072,7 +2080,7 @@ mod tests {
             for text in [STANDARD.encode(&data), STANDARD_NO_PAD.encode(&data)] {
                 let body = Body::base64(&text).unwrap();
                 assert_eq!(body.len(), len);
-                let mut r = c.send("POST", "/api/echo", &[], body, &Abort::new()).unwrap();
+                let mut r = c.send("POST", "/api/echo", NO_HEADERS, body, &Abort::new()).unwrap();
                 assert_eq!(r.body.len_hint(), Some(len as u64));
                 assert!(body_of(&mut r) == data, "{len} bytes changed on the way");
             }
@@ -2091,14 +2099,15 @@ mod tests {
         mid_pad.push_str(&"QUFB".repeat(20_000));
         for text in [bad_char, mid_pad] {
             let body = Body::base64(&text).unwrap();
-            let e = c.send("POST", "/api/echo", &[], body, &Abort::new()).unwrap_err();
+            let e = c.send("POST", "/api/echo", NO_HEADERS, body, &Abort::new()).unwrap_err();
             assert!(matches!(e, LocalError::BadBody { .. }), "{e:?}");
             assert_eq!(e.code(), ErrorCode::BadRequest);
         }
         // The offset of a bad character counts from the start of the text.
         let mut late = "QUFB".repeat(BASE64_CHUNK / 2);
         late.replace_range(BASE64_CHUNK + 5..BASE64_CHUNK + 6, "!");
-        let e = c.send("POST", "/api/echo", &[], Body::base64(&late).unwrap(), &Abort::new());
+        let e =
+            c.send("POST", "/api/echo", NO_HEADERS, Body::base64(&late).unwrap(), &Abort::new());
         let e = e.unwrap_err().to_string();
         assert!(e.contains(&format!("offset {}", BASE64_CHUNK + 5)), "{e}");
         // Padding that no data needs (it would make a last chunk of padding alone, after
@@ -2114,7 +2123,8 @@ mod tests {
         for (text, len) in [("QQ", 1), ("QQ=", 1), ("QQ==", 1), ("QUI", 2), ("QUI=", 2)] {
             assert_eq!(Body::base64(text).unwrap().len(), len, "{text}");
         }
-        let mut r = c.send("POST", "/api/echo", &[], Body::Bytes(b"ok"), &Abort::new()).unwrap();
+        let mut r =
+            c.send("POST", "/api/echo", NO_HEADERS, Body::Bytes(b"ok"), &Abort::new()).unwrap();
         assert_eq!(body_of(&mut r), b"ok");
         assert_eq!(
             o.accepted.load(Ordering::SeqCst),

@@ -719,15 +719,14 @@ fn request_body<'a>(req: &'a RequestFrame, limits: &Limits) -> Result<Body<'a>, 
 
 /// The headers sent to the backend: hop-by-hop, Host, Content-Length and any client-supplied
 /// client header dropped (an app must not speak for another), ours added.
-fn backend_headers(req: &RequestFrame) -> Vec<(String, String)> {
-    let mut headers: Vec<(String, String)> = req
-        .headers
-        .iter()
-        .filter(|(name, _)| !is_hop_by_hop(name) && !name.eq_ignore_ascii_case(CLIENT_HEADER))
-        .map(|(n, v)| (n.clone(), v.clone()))
-        .collect();
+fn backend_headers(req: &RequestFrame) -> Vec<(&str, &str)> {
+    let mut headers: Vec<(&str, &str)> = Vec::with_capacity(req.headers.len() + 1);
+    let passed = req.headers.iter().map(|(n, v)| (n.as_str(), v.as_str()));
+    headers.extend(
+        passed.filter(|(n, _)| !is_hop_by_hop(n) && !n.eq_ignore_ascii_case(CLIENT_HEADER)),
+    );
     if let Some(client) = &req.client {
-        headers.push((CLIENT_HEADER.to_owned(), client.clone()));
+        headers.push((CLIENT_HEADER, client));
     }
     headers
 }
