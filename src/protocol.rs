@@ -1279,6 +1279,10 @@ mod tests {
             ("r1", None, &b""[..]),
             ("r\"2", Some("hcl_0123"), &b"\x00\xff\x10abc"[..]),
             ("r3", Some("c\u{e9}"), &[7u8; 1000][..]),
+            // Every padding case, and a whole 256 KiB chunk of every byte value.
+            ("r4", None, &[1u8][..]),
+            ("r5", None, &[1u8, 2][..]),
+            ("r6", None, &(0..256 << 10).map(|i| (i * 7 % 251) as u8).collect::<Vec<u8>>()[..]),
         ] {
             let frame = Frame::ResponseChunk {
                 id: id.into(),
