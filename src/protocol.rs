@@ -76,7 +76,13 @@ pub struct Limits {
     pub max_path: usize,
     /// Outbound bytes queued for one socket before its sources are paused.
     pub max_queued_bytes: usize,
+    /// Largest body of a `request.start` (sent in `request.chunk` frames), in bytes.
+    pub max_upload: u64,
 }
+
+/// Body bytes an app may send in `request.chunk` frames beyond what the bridge last
+/// acknowledged with `request.ack`: what one upload may hold in the bridge's memory.
+pub const UPLOAD_WINDOW: u64 = 1 << 20;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -89,6 +95,7 @@ impl Default for Limits {
             max_header_value: 8 << 10,
             max_path: 2 << 10,
             max_queued_bytes: 32 << 20,
+            max_upload: 1 << 30,
         }
     }
 }
@@ -471,6 +478,9 @@ pub struct RequestFrame {
     /// Whether `body` is base64.
     #[serde(default, skip_serializing_if = "is_false")]
     pub body_base64: bool,
+    /// `request.start` only: the length of the body that follows in `request.chunk` frames.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub length: Option<u64>,
 }
 
 /// A whole response in one frame (`type: "response"`).
@@ -502,6 +512,37 @@ pub enum Frame {
     /// App → bridge: an HTTP request.
     #[serde(rename = "request")]
     Request(RequestFrame),
+    /// App → bridge: the head of a request whose body follows in `request.chunk` frames
+    /// (`length` bytes in all, at most [`UPLOAD_WINDOW`] of them sent ahead of the bridge's
+    /// `request.ack`).
+    #[serde(rename = "request.start")]
+    RequestStart(RequestFrame),
+    /// App → bridge: the next piece of a `request.start`'s body.
+    #[serde(rename = "request.chunk")]
+    RequestChunk {
+        /// The request id.
+        id: String,
+        /// Stamped by the relay.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client: Option<String>,
+        /// The piece: UTF-8 text, or base64 when `body_base64`.
+        body: SharedStr,
+        /// Whether `body` is base64.
+        #[serde(default, rename = "bodyBase64", skip_serializing_if = "is_false")]
+        body_base64: bool,
+    },
+    /// Bridge → app: the backend has taken `bytes` bytes of a `request.start`'s body in all;
+    /// the app may send up to [`UPLOAD_WINDOW`] bytes beyond that.
+    #[serde(rename = "request.ack")]
+    RequestAck {
+        /// The request id.
+        id: String,
+        /// The app (bridge → relay only).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client: Option<String>,
+        /// Body bytes taken so far.
+        bytes: u64,
+    },
     /// App → bridge: abort a request.
     #[serde(rename = "cancel")]
     Cancel {
@@ -613,9 +654,11 @@ impl Frame {
     /// The request id a frame refers to, if it is request-scoped.
     pub fn request_id(&self) -> Option<&str> {
         match self {
-            Frame::Request(r) => Some(&r.id),
+            Frame::Request(r) | Frame::RequestStart(r) => Some(&r.id),
             Frame::Response(r) => Some(&r.id),
             Frame::Cancel { id, .. }
+            | Frame::RequestChunk { id, .. }
+            | Frame::RequestAck { id, .. }
             | Frame::ResponseStart { id, .. }
             | Frame::ResponseChunk { id, .. }
             | Frame::ResponseEnd { id, .. }
@@ -627,9 +670,11 @@ impl Frame {
     /// The `client` field of a request-scoped frame, for routing.
     pub fn client_mut(&mut self) -> Option<&mut Option<String>> {
         match self {
-            Frame::Request(r) => Some(&mut r.client),
+            Frame::Request(r) | Frame::RequestStart(r) => Some(&mut r.client),
             Frame::Response(r) => Some(&mut r.client),
             Frame::Cancel { client, .. }
+            | Frame::RequestChunk { client, .. }
+            | Frame::RequestAck { client, .. }
             | Frame::ResponseStart { client, .. }
             | Frame::ResponseChunk { client, .. }
             | Frame::ResponseEnd { client, .. }
@@ -642,6 +687,9 @@ impl Frame {
     pub fn kind(&self) -> &'static str {
         match self {
             Frame::Request(_) => "request",
+            Frame::RequestStart(_) => "request.start",
+            Frame::RequestChunk { .. } => "request.chunk",
+            Frame::RequestAck { .. } => "request.ack",
             Frame::Cancel { .. } => "cancel",
             Frame::Response(_) => "response",
             Frame::ResponseStart { .. } => "response.start",
@@ -666,6 +714,7 @@ impl Frame {
         matches!(
             self,
             Frame::Response(_)
+                | Frame::RequestAck { .. }
                 | Frame::ResponseStart { .. }
                 | Frame::ResponseChunk { .. }
                 | Frame::ResponseEnd { .. }
@@ -926,6 +975,7 @@ pub fn request_head(raw: &RawFrame<'_>) -> Result<(RequestFrame, usize), String>
         headers: raw_field_not_null(raw, "headers")?.unwrap_or_default(),
         body: None,
         body_base64: raw_field_not_null(raw, "bodyBase64")?.unwrap_or(false),
+        length: raw_field_not_null(raw, "length")?,
     };
     Ok((head, body_len))
 }
@@ -943,26 +993,37 @@ pub fn parse_message(message: &Utf8Bytes) -> Result<Frame, String> {
         return parse_frame(text);
     }
     let raw = parse_raw(text).map_err(|e| format!("malformed frame: {e}"))?;
-    if raw_str(&raw, "type")?.as_deref() != Some("request") {
-        return parse_frame(text);
-    }
-    let (mut req, _) = request_head(&raw)?;
-    req.client = raw_field(&raw, "client")?;
-    req.body = match raw.get("body").map(|v| v.get()) {
-        None | Some("null") => None,
-        // Without escapes the JSON string's contents are the body itself.
-        Some(quoted) if !quoted.contains('\\') => {
-            let inner = quoted.get(1..quoted.len().saturating_sub(1)).unwrap_or_default();
-            // `raw` borrows from the message, so the slice is found; a copy otherwise.
-            SharedStr::slice_of(message, inner).or_else(|| Some(inner.into()))
-        }
-        Some(quoted) => Some(
-            serde_json::from_str::<String>(quoted)
-                .map_err(|e| format!("malformed frame: field body: {e}"))?
-                .into(),
-        ),
+    let body = || -> Result<Option<SharedStr>, String> {
+        Ok(match raw.get("body").map(|v| v.get()) {
+            None | Some("null") => None,
+            // Without escapes the JSON string's contents are the body itself.
+            Some(quoted) if quoted.starts_with('"') && !quoted.contains('\\') => {
+                let inner = quoted.get(1..quoted.len().saturating_sub(1)).unwrap_or_default();
+                // `raw` borrows from the message, so the slice is found; a copy otherwise.
+                SharedStr::slice_of(message, inner).or_else(|| Some(inner.into()))
+            }
+            Some(quoted) => Some(
+                serde_json::from_str::<String>(quoted)
+                    .map_err(|e| format!("malformed frame: field body: {e}"))?
+                    .into(),
+            ),
+        })
     };
-    Ok(Frame::Request(req))
+    match raw_str(&raw, "type")?.as_deref() {
+        Some("request") => {
+            let (mut req, _) = request_head(&raw)?;
+            req.client = raw_field(&raw, "client")?;
+            req.body = body()?;
+            Ok(Frame::Request(req))
+        }
+        Some("request.chunk") => Ok(Frame::RequestChunk {
+            id: raw_str(&raw, "id")?.ok_or("malformed frame: request.chunk needs id")?.into_owned(),
+            client: raw_field(&raw, "client")?,
+            body: body()?.ok_or("malformed frame: request.chunk needs body")?,
+            body_base64: raw_field_not_null(&raw, "bodyBase64")?.unwrap_or(false),
+        }),
+        _ => parse_frame(text),
+    }
 }
 
 /// The JSON of a `response.chunk` frame whose body is `bytes` in base64, the same text as
@@ -1262,6 +1323,7 @@ mod tests {
             headers: Headers::new(),
             body: None,
             body_base64: false,
+            length: None,
         };
         assert!(check_request_limits(&r, &l).is_ok());
         r.body = Some("A".repeat(17 << 20).into());

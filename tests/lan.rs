@@ -18,7 +18,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::session::{CMD_TIMEOUT, PAIR_BIN, Run, closed_port, try_run};
+use common::session::{CMD_TIMEOUT, FrameIo, PAIR_BIN, Run, closed_port, stream_upload, try_run};
 use common::{
     ConnectError, Relay, Ws, b64, fresh_dir, random_bytes, rss_growth_settles, rss_kib, unb64,
     ws_connect,
@@ -354,6 +354,16 @@ impl LanApp {
     }
 }
 
+impl FrameIo for LanApp {
+    fn send_frame(&mut self, f: &Frame) {
+        self.send(f);
+    }
+    #[track_caller]
+    fn recv_frame(&mut self) -> Frame {
+        self.recv()
+    }
+}
+
 /// Pairs with the token: asserts `paired` then `bridge.status` online; returns the credentials.
 #[track_caller]
 fn pair_app(url: &str, token: &str) -> (String, String, LanApp) {
@@ -403,6 +413,7 @@ fn request(
         headers,
         body: body.map(Into::into),
         body_base64: false,
+        length: None,
     })
 }
 
@@ -586,6 +597,17 @@ fn requests_and_streaming_are_byte_exact_through_the_direct_socket() {
     let up = raw_upload("up", &bytes);
     let w = app.fetch(&up);
     let v: Value = serde_json::from_slice(&w.body).unwrap();
+    assert_eq!(v["size"], bytes.len());
+    assert_eq!(v["sha256"], format!("{:x}", Sha256::digest(&bytes)));
+
+    // 3 MiB streamed up (request.start + request.chunk): acknowledged piece by piece, without
+    // client on the acks (LanApp::recv checks), and byte-exact at the backend.
+    let bytes = random_bytes(3 << 20);
+    let Frame::Request(head) = raw_upload("streamed", &[]) else { unreachable!() };
+    let head = RequestFrame { body: None, body_base64: false, ..head };
+    let up = stream_upload(&mut app, head, &bytes, 256 << 10);
+    assert_eq!(up.acks.len(), 12, "{:?}", up.acks);
+    let v: Value = serde_json::from_slice(&assemble(up.frames).body).unwrap();
     assert_eq!(v["size"], bytes.len());
     assert_eq!(v["sha256"], format!("{:x}", Sha256::digest(&bytes)));
 

@@ -17,10 +17,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::session::*;
 use common::{
-    AppClient, ConnectError, Event, Registry, Relay, random_bytes, rss_growth_settles, rss_kib,
-    unb64, ws_read,
+    AppClient, ConnectError, Event, Registry, Relay, b64, hwm_kib, random_bytes,
+    rss_growth_settles, rss_kib, unb64, ws_read,
 };
-use hermeschat_pair::protocol::{ErrorCode, Frame};
+use hermeschat_pair::protocol::{ErrorCode, Frame, RequestFrame};
 use serde_json::{Value, json};
 
 #[test]
@@ -422,6 +422,102 @@ fn forbidden_paths_and_header_injection_are_refused_and_the_connection_keeps_wor
         (forbidden.len() + injections.len()) as u64,
         "only the good echoes reached the backend"
     );
+}
+
+// =============================================================================================
+// Streamed uploads (request.start + request.chunk)
+
+/// The head of an upload to `/api/raw` (which answers the body's sha256 and size).
+fn raw_upload(id: &str) -> RequestFrame {
+    let f = request(id, "POST", "/api/raw", &[("Content-Type", "application/octet-stream")], None);
+    let Frame::Request(r) = f else { unreachable!() };
+    r
+}
+
+/// A body larger than one frame may carry travels as `request.start` and `request.chunk`
+/// frames: it reaches the backend byte-exact, every piece is acknowledged in order, and neither
+/// the daemon nor the relay ever holds it whole.
+#[test]
+fn a_streamed_40_mib_upload_arrives_byte_exact_and_is_never_held_whole() {
+    let s = setup();
+    let mut app = s.app;
+    assert_echo(&mut app, "warm", &s.client_id);
+    let (daemon, relay) = (s.env.daemon_pid(), s.relay.pid());
+    let (daemon_before, relay_before) = (rss_kib(daemon), rss_kib(relay));
+    let data = random_bytes(40 * MIB);
+    let up = stream_upload(&mut app, raw_upload("big"), &data, 256 << 10);
+    let w = assemble(up.frames);
+    assert_eq!(w.json(), json!({"sha256": sha_hex(&data), "size": data.len()}));
+    // One acknowledgement per chunk, the last one for the whole body.
+    assert_eq!(up.acks.len(), 160, "{:?}", up.acks);
+    assert_eq!(up.acks.last(), Some(&(data.len() as u64)));
+    // 40 MiB is 53 MiB of base64: holding it would show many times over.
+    for (who, pid, before) in [("daemon", daemon, daemon_before), ("relay", relay, relay_before)] {
+        let grown = hwm_kib(pid).saturating_sub(before);
+        assert!(grown < 16 << 10, "the {who}'s peak grew by {grown} KiB during the upload");
+    }
+    assert_echo(&mut app, "after", &s.client_id);
+}
+
+/// An upload that breaks its rules gets one `response.error` and leaves the socket usable;
+/// a cancel ends one mid-body; chunks for a request that ended are dropped.
+#[test]
+fn streamed_uploads_that_break_the_rules_are_refused_and_cancels_end_them() {
+    let s = setup();
+    let mut app = s.app;
+    let start = |id: &str, length: Option<u64>| {
+        Frame::RequestStart(RequestFrame { length, ..raw_upload(id) })
+    };
+    let chunk = |id: &str, body: String| Frame::RequestChunk {
+        id: id.into(),
+        client: None,
+        body: body.into(),
+        body_base64: true,
+    };
+    // Refused at the start: no length, a length over the 1 GiB limit, a body of its own.
+    expect_error(&mut app, &start("no-len", None), ErrorCode::BadRequest);
+    expect_error(&mut app, &start("huge", Some((1 << 30) + 1)), ErrorCode::TooLarge);
+    let Frame::RequestStart(with_body) = start("own-body", Some(2)) else { unreachable!() };
+    let with_body = RequestFrame { body: Some("ab".into()), ..with_body };
+    expect_error(&mut app, &Frame::RequestStart(with_body), ErrorCode::BadRequest);
+
+    // Broken while the body arrives: more than the window at once, more than the length,
+    // base64 that is not.
+    let cases = [
+        ("ahead", 4 * MIB as u64, b64(&vec![7u8; MIB + 1]), "request.ack"),
+        ("over", 10, b64(b"eleven byte"), "more than the 10 bytes"),
+        ("not-b64", 10, "!!!!".to_owned(), "not valid base64"),
+    ];
+    for (id, length, body, why) in cases {
+        app.send(&start(id, Some(length)));
+        app.send(&chunk(id, body));
+        match app.recv_until_terminal(id).as_slice() {
+            [Frame::ResponseError { code: ErrorCode::BadRequest, message, .. }] => {
+                assert!(message.contains(why), "{id}: {message}");
+            }
+            other => panic!("{id}: expected one BAD_REQUEST, got {other:?}"),
+        }
+        assert_echo(&mut app, &format!("{id}-ok"), &s.client_id);
+    }
+
+    // Cancelled after its first piece was taken: CANCELLED, and a late chunk is dropped.
+    app.send(&start("cut", Some(MIB as u64)));
+    app.send(&chunk("cut", b64(&[1u8; 1000])));
+    assert_eq!(
+        app.recv(),
+        Frame::RequestAck { id: "cut".into(), client: None, bytes: 1000 },
+        "the first piece is acknowledged"
+    );
+    app.send(&Frame::Cancel { id: "cut".into(), client: None });
+    match app.recv_until_terminal("cut").as_slice() {
+        [Frame::ResponseError { code: ErrorCode::Cancelled, .. }] => {}
+        other => panic!("expected one CANCELLED, got {other:?}"),
+    }
+    app.send(&chunk("cut", b64(&[2u8; 1000])));
+    app.expect_silence(Duration::from_millis(300));
+    // The backend saw none of these bodies complete.
+    assert_eq!(s.backend.get("/api/stats")["raw"], 0, "a broken upload reached the handler");
+    assert_echo(&mut app, "after", &s.client_id);
 }
 
 // =============================================================================================

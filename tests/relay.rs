@@ -147,6 +147,7 @@ fn full_flow_round_trip_clean_shutdown_and_no_secret_in_logs() {
         headers: headers.clone(),
         body: Some("héllo wörld ✓".into()),
         body_base64: false,
+        length: None,
     };
     app.send(&Frame::Request(sent.clone()));
     let got = match bridge.recv_request_scoped() {
@@ -188,6 +189,40 @@ fn full_flow_round_trip_clean_shutdown_and_no_secret_in_logs() {
     bridge.send(&Frame::error("req-2", Some(&client.client_id), ErrorCode::BackendTimeout, "slow"));
     let f = app.recv();
     assert_response_error(&f, "req-2", ErrorCode::BackendTimeout);
+
+    // a streamed upload: request.start and request.chunk are stamped like a request (the
+    // spoofed client overwritten), request.ack reaches the app without client and ends nothing
+    let spoof = Some("hcl_00000000000000ff".to_owned());
+    let Frame::Request(head) = req("up-1", "POST", "/api/raw", None) else { unreachable!() };
+    let head = RequestFrame { client: spoof.clone(), length: Some(6), ..head };
+    app.send(&Frame::RequestStart(head.clone()));
+    let stamped = Some(client.client_id.clone());
+    let want = RequestFrame { client: stamped.clone(), ..head };
+    assert_eq!(bridge.recv_request_scoped(), Frame::RequestStart(want));
+    let chunk_of = |id: &str, client: Option<String>| Frame::RequestChunk {
+        id: id.into(),
+        client,
+        body: "abcdef".into(),
+        body_base64: false,
+    };
+    let chunk = |client| chunk_of("up-1", client);
+    app.send(&chunk(spoof.clone()));
+    assert_eq!(bridge.recv_request_scoped(), chunk(stamped.clone()));
+    bridge.send(&Frame::RequestAck { id: "up-1".into(), client: stamped.clone(), bytes: 6 });
+    assert_eq!(app.recv(), Frame::RequestAck { id: "up-1".into(), client: None, bytes: 6 });
+    bridge.send(&Frame::ResponseEnd { id: "up-1".into(), client: stamped.clone() });
+    assert_eq!(app.recv(), Frame::ResponseEnd { id: "up-1".into(), client: None });
+    // a chunk for a request that ended (or never began) is dropped: the next request is the
+    // next thing the bridge sees
+    app.send(&chunk(None));
+    app.send(&chunk_of("never", None));
+    app.send(&req("req-3", "GET", "/api/x", None));
+    match bridge.recv_request_scoped() {
+        Frame::Request(r) => assert_eq!(r.id, "req-3"),
+        other => panic!("a chunk of no open request reached the bridge: {other:?}"),
+    }
+    bridge.send(&Frame::error("req-3", stamped.as_deref(), ErrorCode::BackendTimeout, "slow"));
+    assert_response_error(&app.recv(), "req-3", ErrorCode::BackendTimeout);
 
     // app leaves → client.disconnected
     app.close();
@@ -1028,6 +1063,7 @@ fn request_limits_answer_per_request() {
         headers: Headers::new(),
         body: None,
         body_base64: false,
+        length: None,
     };
 
     // body: exactly 12 MiB of text passes, one byte more is TOO_LARGE

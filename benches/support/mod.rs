@@ -205,6 +205,9 @@ pub struct InFrame<'a> {
     pub body_base64: bool,
     #[serde(default)]
     pub status: u16,
+    /// `request.ack`: body bytes the backend has taken.
+    #[serde(default)]
+    pub bytes: u64,
     #[serde(default, borrow)]
     pub code: Option<Cow<'a, str>>,
     #[serde(default, borrow)]

@@ -185,6 +185,17 @@ pub const BASE64_LENIENT: GeneralPurpose = GeneralPurpose::new(
 /// Base64 text decoded per write of a streamed body (48 KiB of bytes).
 const BASE64_CHUNK: usize = 64 << 10;
 
+/// A request body whose pieces arrive while it is being sent (a `request.start` upload).
+pub trait BodySource: fmt::Debug {
+    /// Passes every piece to `write` in order, waiting for pieces still to come. A piece that
+    /// cannot be used (or a body given up) comes back as `Err(Ok(..))`, a failed write as
+    /// `Err(Err(..))`.
+    fn pour(
+        &self,
+        write: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+    ) -> Result<(), Result<LocalError, io::Error>>;
+}
+
 /// A request body as a frame carries it.
 #[derive(Debug, Clone, Copy)]
 pub enum Body<'a> {
@@ -196,6 +207,14 @@ pub enum Body<'a> {
         /// The text.
         text: &'a str,
         /// Its decoded length (the `Content-Length`).
+        len: usize,
+    },
+    /// Pieces still arriving, `len` bytes in all; written as they come, never held whole,
+    /// and never sent twice (a stale connection fails the request instead of retrying it).
+    Stream {
+        /// Where the pieces come from.
+        source: &'a dyn BodySource,
+        /// The total (the `Content-Length`).
         len: usize,
     },
 }
@@ -225,8 +244,13 @@ impl<'a> Body<'a> {
     pub fn len(&self) -> usize {
         match self {
             Body::Bytes(b) => b.len(),
-            Body::Base64 { len, .. } => *len,
+            Body::Base64 { len, .. } | Body::Stream { len, .. } => *len,
         }
+    }
+
+    /// True when the body goes in the same write as the request head (small and at hand).
+    fn coalesced(&self) -> bool {
+        !matches!(self, Body::Stream { .. }) && self.len() <= COALESCE_BODY
     }
 
     /// True for an empty body.
@@ -236,12 +260,13 @@ impl<'a> Body<'a> {
 
     /// Passes the bytes to `write` in order (base64 decoded chunk by chunk). A decoding
     /// failure comes back as `Err(Ok(..))`, a failed write as `Err(Err(..))`.
-    fn write_with(
+    pub(crate) fn write_with(
         &self,
         mut write: impl FnMut(&[u8]) -> io::Result<()>,
     ) -> Result<(), Result<LocalError, io::Error>> {
         let (text, len) = match *self {
             Body::Bytes(b) => return write(b).map_err(Err),
+            Body::Stream { source, .. } => return source.pour(&mut write),
             Body::Base64 { text, len } => (text, len),
         };
         let bad = |detail: String| Err(Ok(LocalError::BadBody { detail }));
@@ -450,6 +475,11 @@ impl LocalClient {
         &self.peer
     }
 
+    /// Its deadlines.
+    pub fn timeouts(&self) -> Timeouts {
+        self.timeouts
+    }
+
     /// Gives a parked connection to the shared idle pool (its owner keeps too many).
     pub fn unpark(&self, parked: Parked) {
         pool_idle(&self.idle, parked.conn);
@@ -482,7 +512,7 @@ impl LocalClient {
         // A pooled socket may have been closed by the backend while idle: if it fails before
         // the first response byte, an idempotent request is sent once more on a fresh
         // connection. A POST or PATCH is not: the backend may have acted on it before closing.
-        let retry_safe = is_retry_safe(method);
+        let retry_safe = is_retry_safe(method) && !matches!(body, Body::Stream { .. });
         let mut pooled = self.take_idle();
         loop {
             if abort.is_aborted() {
@@ -536,7 +566,7 @@ impl LocalClient {
         whole_limit: u64,
         parking: &mut Vec<Parked>,
     ) -> Option<Pending> {
-        if body.len() > COALESCE_BODY {
+        if !body.coalesced() {
             return None;
         }
         let request = self.build_request(method, path, headers, body).ok()?;
@@ -598,7 +628,7 @@ impl LocalClient {
         if !path.starts_with('/') || path.bytes().any(|b| b <= b' ' || b == 0x7f) {
             return Err(bad(format!("refusing to send path {path:?}")));
         }
-        let coalesce = body.len() <= COALESCE_BODY;
+        let coalesce = body.coalesced();
         // One allocation for the head and a small body.
         let header_bytes: usize =
             headers.iter().map(|(n, v)| n.as_ref().len() + v.as_ref().len() + 4).sum();
@@ -712,7 +742,7 @@ impl LocalClient {
         conn.set_write_timeout(self.timeouts.head);
         conn.write_all(request)
             .map_err(|e| io_err(e, "accepting the request", self.timeouts.head))?;
-        if body.len() > COALESCE_BODY {
+        if !body.coalesced() {
             body.write_with(|b| conn.write_all(b)).map_err(|e| match e {
                 // The connection is dropped with the body unfinished.
                 Ok(bad) => Attempt::Failed(bad),

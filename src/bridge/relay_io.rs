@@ -494,6 +494,14 @@ impl RelayIo {
                     }
                 }
             }
+            Frame::RequestStart(req) => {
+                if let Err(refused) = self.pool.submit_upload(req, outbox.clone()) {
+                    out.push(Message::text(refused));
+                }
+            }
+            Frame::RequestChunk { id, client, body, body_base64 } => {
+                self.pool.upload_chunk(client.as_deref(), &id, body, body_base64);
+            }
             Frame::Cancel { id, client } => self.pool.cancel(client.as_deref(), &id),
             Frame::ClientConnected { client, device_name } => {
                 log(&format!("app connected: {client} ({device_name})"));

@@ -18,13 +18,13 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 
 use super::local_http::{
-    self, Abort, Body, LocalClient, LocalError, Parked, Pending, Progress, Response,
+    self, Abort, Body, BodySource, LocalClient, LocalError, Parked, Pending, Progress, Response,
 };
 use super::{Outbox, log};
 use crate::protocol::{
     CLIENT_HEADER, DEFAULT_ALLOWED_PREFIXES, ErrorCode, Frame, Headers, LARGE_FRAME, Limits,
-    RequestFrame, ResponseFrame, base64_chunk_json, check_header, check_path, check_request_limits,
-    is_hop_by_hop,
+    RequestFrame, ResponseFrame, SharedStr, UPLOAD_WINDOW, base64_chunk_json, check_header,
+    check_path, check_request_limits, is_hop_by_hop,
 };
 
 /// Workers started when the configuration does not say otherwise.
@@ -88,6 +88,151 @@ struct Open {
     abort: Abort,
     /// The code answered when the exchange ends because of the abort.
     reason: ErrorCode,
+    /// The body still arriving, for a `request.start`.
+    upload: Option<Arc<Upload>>,
+}
+
+/// The body of a `request.start` while its `request.chunk` frames arrive: filled by the thread
+/// that reads frames ([`Pool::upload_chunk`]), which must never wait, and poured into the
+/// backend by the worker that runs the request, which acknowledges every piece with a
+/// `request.ack`. The app keeps at most [`UPLOAD_WINDOW`] bytes unacknowledged, so an upload
+/// holds at most that much here.
+#[derive(Debug)]
+pub struct Upload {
+    /// The pieces and the counts.
+    state: Mutex<UploadState>,
+    /// Signalled when a piece arrives or the upload ends.
+    arrived: Condvar,
+    /// The body's length, from `request.start`.
+    len: u64,
+}
+
+/// What an [`Upload`] holds now.
+#[derive(Debug, Default)]
+struct UploadState {
+    /// Pieces not poured yet, with their decoded length and whether they are base64.
+    pieces: VecDeque<(SharedStr, u64, bool)>,
+    /// Bytes received in all (decoded).
+    received: u64,
+    /// Bytes the backend has taken (the last `request.ack`).
+    taken: u64,
+    /// Why the body cannot be completed (a piece broke the rules): the worker fails the
+    /// request with it.
+    broken: Option<String>,
+    /// The request was aborted: stop waiting for pieces.
+    ended: bool,
+}
+
+impl Upload {
+    /// Ends the upload: a worker waiting for a piece returns.
+    fn end(&self) {
+        lock(&self.state).ended = true;
+        self.arrived.notify_all();
+    }
+
+    /// Takes one arrived piece, or records why the body is broken. Never waits.
+    fn push(&self, body: SharedStr, base64: bool) {
+        let len = if base64 {
+            Body::base64(&body).map(|b| b.len() as u64).map_err(|e| e.to_string())
+        } else {
+            Ok(body.len() as u64)
+        };
+        let mut state = lock(&self.state);
+        if state.broken.is_some() || state.ended {
+            return;
+        }
+        let problem = match len {
+            Err(e) => Some(format!("a request.chunk is not valid base64: {e}")),
+            Ok(n) if state.received + n > self.len => Some(format!(
+                "the request.chunk frames carry more than the {} bytes request.start announced",
+                self.len
+            )),
+            Ok(n) if state.received + n - state.taken > UPLOAD_WINDOW => {
+                Some(format!("more than {UPLOAD_WINDOW} body bytes were sent ahead of request.ack"))
+            }
+            Ok(n) => {
+                state.received += n;
+                state.pieces.push_back((body, n, base64));
+                None
+            }
+        };
+        state.broken = problem;
+        drop(state);
+        self.arrived.notify_all();
+    }
+}
+
+/// The body source of one running upload: pours its pieces and acknowledges each.
+struct Pouring<'a> {
+    /// The pieces.
+    upload: &'a Upload,
+    /// The request, for its `request.ack` frames.
+    id: &'a str,
+    /// The app, for its `request.ack` frames.
+    client: Option<&'a str>,
+    /// Where the `request.ack` frames go.
+    out: &'a Outbox,
+    /// Longest wait for the next piece.
+    gap: Duration,
+}
+
+impl std::fmt::Debug for Pouring<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pouring").field("id", &self.id).field("upload", self.upload).finish()
+    }
+}
+
+impl BodySource for Pouring<'_> {
+    fn pour(
+        &self,
+        write: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
+    ) -> Result<(), Result<LocalError, std::io::Error>> {
+        let upload = self.upload;
+        let bad = |detail: String| Err(Ok(LocalError::BadBody { detail }));
+        let mut taken = 0;
+        while taken < upload.len {
+            let (piece, n, base64) = {
+                let mut state = lock(&upload.state);
+                loop {
+                    if state.ended {
+                        return Err(Ok(LocalError::Aborted));
+                    }
+                    if let Some(why) = state.broken.take() {
+                        return bad(why);
+                    }
+                    if let Some(piece) = state.pieces.pop_front() {
+                        break piece;
+                    }
+                    let (next, waited) = upload
+                        .arrived
+                        .wait_timeout(state, self.gap)
+                        .unwrap_or_else(|p| p.into_inner());
+                    state = next;
+                    if waited.timed_out() && state.pieces.is_empty() && !state.ended {
+                        let secs = self.gap.as_secs();
+                        return bad(format!("no request.chunk arrived for {secs} s"));
+                    }
+                }
+            };
+            if base64 {
+                // Checked when it arrived: it decodes to `n` bytes.
+                let body = Body::base64(&piece).map_err(Ok)?;
+                body.write_with(&mut *write)?;
+            } else {
+                write(piece.as_bytes()).map_err(Err)?;
+            }
+            taken += n;
+            lock(&upload.state).taken = taken;
+            let ack = Frame::RequestAck {
+                id: self.id.to_owned(),
+                client: self.client.map(str::to_owned),
+                bytes: taken,
+            };
+            // A lost connection silences the request; the next wait sees it ended.
+            let _ = self.out.send(ack.to_json());
+        }
+        Ok(())
+    }
 }
 
 /// A request waiting for (or being run by) a worker.
@@ -100,6 +245,8 @@ struct Job {
     abort: Abort,
     /// The response, when the head was already read by an inline exchange.
     response: Option<Response>,
+    /// The body still arriving, for a `request.start`.
+    upload: Option<Arc<Upload>>,
 }
 
 /// A request run by the caller's own readiness-driven thread instead of a worker (see
@@ -271,6 +418,71 @@ impl Pool {
         parking: Option<&mut Vec<Parked>>,
     ) -> Result<Option<Inline>, String> {
         let shared = &self.shared;
+        let job = self.admit(req, out, None)?;
+        let parking = match parking {
+            Some(p) if job.req.body.as_ref().is_none_or(|b| b.len() <= INLINE_BODY_MAX) => p,
+            _ => {
+                self.enqueue(job);
+                return Ok(None);
+            }
+        };
+        match start_inline(shared, job, parking) {
+            Ok(inline) => Ok(Some(inline)),
+            Err(job) => {
+                self.enqueue(job);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Queues a `request.start` for a worker, which sends the head to the backend at once and
+    /// then the body as its `request.chunk` frames arrive ([`Pool::upload_chunk`]). Refusals
+    /// as for [`Pool::submit`].
+    pub fn submit_upload(&self, req: RequestFrame, out: Outbox) -> Result<(), String> {
+        let refuse = |code: ErrorCode, message: String| {
+            Err(Frame::error(&req.id, req.client.as_deref(), code, message).to_json())
+        };
+        let Some(len) = req.length else {
+            return refuse(ErrorCode::BadRequest, "request.start needs the body's length".into());
+        };
+        if req.body.is_some() {
+            let message = "request.start carries no body: send it in request.chunk frames";
+            return refuse(ErrorCode::BadRequest, message.into());
+        }
+        let max = self.shared.limits.max_upload;
+        if len > max || usize::try_from(len).is_err() {
+            return refuse(ErrorCode::TooLarge, format!("body larger than {max} bytes"));
+        }
+        let upload = Upload { state: Mutex::default(), arrived: Condvar::new(), len };
+        let job = self.admit(req, out, Some(Arc::new(upload)))?;
+        self.enqueue(job);
+        Ok(())
+    }
+
+    /// Hands a `request.chunk` to its upload. A chunk that breaks the rules (more than the
+    /// announced length, more than [`UPLOAD_WINDOW`] ahead of `request.ack`, bad base64) fails
+    /// the request with `BAD_REQUEST`; one for a request that is not an open upload (it ended
+    /// already, say) is dropped. Never waits.
+    pub fn upload_chunk(&self, client: Option<&str>, id: &str, body: SharedStr, base64: bool) {
+        let upload = {
+            let open = lock(&self.shared.open);
+            let key: Key = (client.map(str::to_owned), id.to_owned());
+            match open.map.get(&key).and_then(|o| o.upload.clone()) {
+                Some(upload) => upload,
+                None => return,
+            }
+        };
+        upload.push(body, base64);
+    }
+
+    /// Admits a request into the open map (ids, limits, validation, shutdown), as a job.
+    fn admit(
+        &self,
+        req: RequestFrame,
+        out: Outbox,
+        upload: Option<Arc<Upload>>,
+    ) -> Result<Job, String> {
+        let shared = &self.shared;
         let key: Key = (req.client.clone(), req.id.clone());
         let refuse = |code: ErrorCode, message: String| {
             Err(Frame::error(&req.id, req.client.as_deref(), code, message).to_json())
@@ -305,26 +517,10 @@ impl Pool {
             return refuse(ErrorCode::Busy, "every bridge worker is busy; try again".into());
         }
         let abort = Abort::new();
-        open.map.insert(key, Open { abort: abort.clone(), reason: ErrorCode::Cancelled });
-        let job = Job { req, out, abort, response: None };
-        let parking = match parking {
-            Some(p) if job.req.body.as_ref().is_none_or(|b| b.len() <= INLINE_BODY_MAX) => p,
-            _ => {
-                drop(queue);
-                drop(open);
-                self.enqueue(job);
-                return Ok(None);
-            }
-        };
-        drop(queue);
-        drop(open);
-        match start_inline(shared, job, parking) {
-            Ok(inline) => Ok(Some(inline)),
-            Err(job) => {
-                self.enqueue(job);
-                Ok(None)
-            }
-        }
+        let entry =
+            Open { abort: abort.clone(), reason: ErrorCode::Cancelled, upload: upload.clone() };
+        open.map.insert(key, entry);
+        Ok(Job { req, out, abort, response: None, upload })
     }
 
     /// Queues an accepted job for a worker, starting one more when more jobs wait than
@@ -457,6 +653,9 @@ impl Pool {
         open.map.retain(|key, entry| {
             if matches(key) {
                 entry.abort.silence();
+                if let Some(upload) = &entry.upload {
+                    upload.end();
+                }
                 false
             } else {
                 true
@@ -521,6 +720,9 @@ impl Pool {
                     entry.reason = reason;
                 }
                 entry.abort.abort();
+                if let Some(upload) = &entry.upload {
+                    upload.end();
+                }
             }
         }
         if !hit {
@@ -791,11 +993,26 @@ fn whole_frame(shared: &Shared, req: &RequestFrame, resp: &mut Response) -> Resu
 /// Runs the local exchange (unless an inline exchange already read the head) and sends the
 /// response frames, terminal one included.
 fn exchange(shared: &Shared, job: &mut Job) -> Result<(), Fail> {
-    let Job { req, out, abort, response } = job;
+    let Job { req, out, abort, response, upload } = job;
     let mut resp = match response.take() {
         Some(resp) => resp,
         None => {
-            let body = request_body(req, &shared.limits)?;
+            let pouring;
+            let body = match upload {
+                Some(upload) => {
+                    pouring = Pouring {
+                        upload,
+                        id: &req.id,
+                        client: req.client.as_deref(),
+                        out,
+                        gap: shared.client.timeouts().body_gap,
+                    };
+                    // `submit_upload` checked that the length fits.
+                    let len = usize::try_from(upload.len).unwrap_or(usize::MAX);
+                    Body::Stream { source: &pouring, len }
+                }
+                None => request_body(req, &shared.limits)?,
+            };
             let headers = backend_headers(req);
             shared
                 .client
@@ -910,6 +1127,7 @@ mod tests {
             headers: Headers::new(),
             body: None,
             body_base64: false,
+            length: None,
         }
     }
 
@@ -1573,7 +1791,13 @@ mod tests {
         p.shutdown(ErrorCode::ShuttingDown);
         let abort = Abort::new();
         abort.abort();
-        p.enqueue(Job { req: req("late", "GET", "/api/health"), out, abort, response: None });
+        p.enqueue(Job {
+            req: req("late", "GET", "/api/health"),
+            out,
+            abort,
+            response: None,
+            upload: None,
+        });
         assert_eq!(error_code(&only(&rx)), ErrorCode::Cancelled);
     }
 

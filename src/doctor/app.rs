@@ -125,6 +125,7 @@ impl AppSocket {
             headers: [("accept".to_owned(), "application/json".to_owned())].into_iter().collect(),
             body: None,
             body_base64: false,
+            length: None,
         });
         let text = serde_json::to_string(&frame).map_err(|e| AppError::Failed(e.to_string()))?;
         self.ws

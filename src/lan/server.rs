@@ -739,23 +739,38 @@ impl Server {
             return;
         }
         let client = w.client_id.clone();
-        match p::parse_message(text) {
-            Err(msg) => self.bad_frame(id, &msg),
-            Ok(Frame::Request(mut req)) => {
+        let frame = match p::parse_message(text) {
+            Ok(frame) => frame,
+            Err(msg) => return self.bad_frame(id, &msg),
+        };
+        let upload = matches!(frame, Frame::RequestStart(_));
+        match frame {
+            Frame::Request(mut req) | Frame::RequestStart(mut req) => {
                 if !p::is_request_id(&req.id) {
                     return self.bad_frame(id, "request id must be 1-64 of [A-Za-z0-9._-]");
                 }
                 // Per-device ids, and X-HermesChat-Client at the backend.
                 req.client = Some(client.clone());
                 let outbox = w.outbox.clone();
-                if let Err(reply) = self.pool.submit(req, outbox) {
+                let submitted = if upload {
+                    self.pool.submit_upload(req, outbox)
+                } else {
+                    self.pool.submit(req, outbox)
+                };
+                if let Err(reply) = submitted {
                     self.send_text(id, strip_client(reply, &client));
                 }
             }
-            Ok(Frame::Cancel { id: req_id, .. }) => self.pool.cancel(Some(&client), &req_id),
-            Ok(other) => {
-                let msg =
-                    format!("apps may send only request and cancel frames, not {}", other.kind());
+            Frame::RequestChunk { id: req_id, body, body_base64, .. } => {
+                self.pool.upload_chunk(Some(&client), &req_id, body, body_base64);
+            }
+            Frame::Cancel { id: req_id, .. } => self.pool.cancel(Some(&client), &req_id),
+            other => {
+                let msg = format!(
+                    "apps may send only request, request.start, request.chunk and cancel \
+                     frames, not {}",
+                    other.kind()
+                );
                 self.bad_frame(id, &msg);
             }
         }

@@ -883,8 +883,11 @@ impl Reactor {
         };
         let kind = raw_str(&raw, "type").ok().flatten();
         match (peer, kind.as_deref()) {
-            (Peer::App { bridge_id, client_id, .. }, Some("request")) => {
+            (Peer::App { bridge_id, client_id, .. }, Some("request" | "request.start")) => {
                 self.app_request(id, &bridge_id, &client_id, raw, message)
+            }
+            (Peer::App { bridge_id, client_id, .. }, Some("request.chunk")) => {
+                self.app_request_chunk(id, &bridge_id, &client_id, raw, message)
             }
             (Peer::Bridge { bridge_id, .. }, Some(k)) if RESPONSE_KINDS.contains(&k) => {
                 let client = match raw_str(&raw, "client") {
@@ -947,7 +950,7 @@ impl Reactor {
         id: ConnId,
         bridge_id: &str,
         client_id: &str,
-        mut raw: RawFrame<'_>,
+        raw: RawFrame<'_>,
         message: &Utf8Bytes,
     ) {
         let (req, body_len) = match request_head(&raw) {
@@ -985,6 +988,44 @@ impl Reactor {
         if let Some(r) = self.bridges.get_mut(bridge_id) {
             r.open += 1;
         }
+        self.forward_stamped(id, bridge_conn, client_id, raw, message);
+    }
+
+    /// An app's `request.chunk`: forwarded like its `request.start` while that request is
+    /// open; dropped (and counted) once it has ended, or when the bridge is gone (which
+    /// answered the request already).
+    fn app_request_chunk(
+        &mut self,
+        id: ConnId,
+        bridge_id: &str,
+        client_id: &str,
+        raw: RawFrame<'_>,
+        message: &Utf8Bytes,
+    ) {
+        let req_id = match raw_str(&raw, "id") {
+            Ok(Some(r)) => r,
+            Ok(None) => return self.bad_frame(id, "request.chunk frames need an id"),
+            Err(msg) => return self.bad_frame(id, &msg),
+        };
+        let open = self.apps.get(client_id).is_some_and(|a| a.open.contains(req_id.as_ref()));
+        match self.bridges.get(bridge_id).and_then(|r| r.conn) {
+            Some(bridge_conn) if open => {
+                self.forward_stamped(id, bridge_conn, client_id, raw, message)
+            }
+            _ => self.dropped_frames += 1,
+        }
+    }
+
+    /// Sends an app's frame to its bridge stamped with the app's clientId (whatever `client`
+    /// it carried is replaced), then applies back-pressure to the app.
+    fn forward_stamped(
+        &mut self,
+        id: ConnId,
+        bridge_conn: ConnId,
+        client_id: &str,
+        mut raw: RawFrame<'_>,
+        message: &Utf8Bytes,
+    ) {
         if raw.remove("client").is_some() {
             // The app named a client: the frame is written anew without it.
             let stamped = Stamped { client: client_id, rest: &raw };
@@ -1018,8 +1059,11 @@ impl Reactor {
                 }
             }
             other => {
-                let msg =
-                    format!("apps may send only request and cancel frames, not {}", other.kind());
+                let msg = format!(
+                    "apps may send only request, request.start, request.chunk and cancel \
+                     frames, not {}",
+                    other.kind()
+                );
                 self.bad_frame(id, &msg);
             }
         }
@@ -1030,7 +1074,10 @@ impl Reactor {
             log_event("bridge.error_frame", &[("bridge", bridge_id), ("message", message)]);
             return;
         }
-        self.bad_frame(id, &format!("bridges may send only response frames, not {}", frame.kind()));
+        self.bad_frame(
+            id,
+            &format!("bridges may send only response and request.ack frames, not {}", frame.kind()),
+        );
     }
 
     /// The app connection a bridge's response frame goes to, closing the request on its
@@ -1314,8 +1361,14 @@ impl Reactor {
 }
 
 /// Frame types a bridge sends about a request.
-const RESPONSE_KINDS: &[&str] =
-    &["response", "response.start", "response.chunk", "response.end", "response.error"];
+const RESPONSE_KINDS: &[&str] = &[
+    "response",
+    "response.start",
+    "response.chunk",
+    "response.end",
+    "response.error",
+    "request.ack",
+];
 
 /// Frame types that end a request.
 const TERMINAL_KINDS: &[&str] = &["response", "response.end", "response.error"];

@@ -78,6 +78,13 @@ pub fn rss_kib(pid: u32) -> u64 {
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
+/// A process's peak resident set so far (`VmHWM`), KiB.
+pub fn hwm_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap().to_owned();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
 /// Polls `pid`'s resident set for up to 10 s until it is less than `limit_kib` above
 /// `before_kib`; returns the growth last seen (KiB).
 pub fn rss_growth_settles(pid: u32, before_kib: u64, limit_kib: u64) -> u64 {
@@ -741,6 +748,7 @@ pub fn req(id: &str, method: &str, path: &str, body: Option<&str>) -> Frame {
         headers: Headers::new(),
         body: body.map(Into::into),
         body_base64: false,
+        length: None,
     })
 }
 
@@ -754,6 +762,7 @@ pub fn req_b64(id: &str, path: &str, bytes: &[u8]) -> Frame {
         headers: Headers::new(),
         body: Some(b64(bytes).into()),
         body_base64: true,
+        length: None,
     })
 }
 

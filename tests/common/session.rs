@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{AppClient, Event, Registry, Relay, b64, fresh_dir, unb64};
-use hermeschat_pair::protocol::{ErrorCode, Frame, Headers, RelayQr, RequestFrame};
+use hermeschat_pair::protocol::{ErrorCode, Frame, Headers, RelayQr, RequestFrame, UPLOAD_WINDOW};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
@@ -405,6 +405,7 @@ pub fn request(
         headers,
         body: body.map(Into::into),
         body_base64: false,
+        length: None,
     })
 }
 
@@ -413,6 +414,82 @@ pub fn request_b64(id: &str, path: &str, headers: &[(&str, &str)], bytes: &[u8])
     r.body = Some(b64(bytes).into());
     r.body_base64 = true;
     Frame::Request(r)
+}
+
+/// An app's socket, relayed or LAN.
+pub trait FrameIo {
+    /// Sends a frame.
+    fn send_frame(&mut self, f: &Frame);
+    /// The next frame.
+    fn recv_frame(&mut self) -> Frame;
+}
+
+impl FrameIo for AppClient {
+    fn send_frame(&mut self, f: &Frame) {
+        self.send(f);
+    }
+    #[track_caller]
+    fn recv_frame(&mut self) -> Frame {
+        self.recv()
+    }
+}
+
+/// The frames an app sees for a streamed upload ([`stream_upload`]).
+#[derive(Debug)]
+pub struct Uploaded {
+    /// The totals of the `request.ack` frames, in order.
+    pub acks: Vec<u64>,
+    /// The response frames, terminal one last.
+    pub frames: Vec<Frame>,
+    /// Body bytes sent in `request.chunk` frames.
+    pub sent: usize,
+}
+
+/// Sends `data` as a streamed upload the way an app does (PROTOCOL §5): `start` as a
+/// `request.start` announcing the length, then `request.chunk` frames of `chunk` bytes in
+/// base64, never more than [`UPLOAD_WINDOW`] bytes ahead of the last `request.ack`. Reads
+/// frames of this request only (through `recv`) until its terminal frame.
+#[track_caller]
+pub fn stream_upload(
+    app: &mut impl FrameIo,
+    mut start: RequestFrame,
+    data: &[u8],
+    chunk: usize,
+) -> Uploaded {
+    let id = start.id.clone();
+    start.length = Some(data.len() as u64);
+    app.send_frame(&Frame::RequestStart(start));
+    let mut up = Uploaded { acks: Vec::new(), frames: Vec::new(), sent: 0 };
+    loop {
+        let acked = up.acks.last().copied().unwrap_or(0);
+        while up.sent < data.len() {
+            let n = chunk.min(data.len() - up.sent);
+            if (up.sent + n) as u64 - acked > UPLOAD_WINDOW {
+                break;
+            }
+            app.send_frame(&Frame::RequestChunk {
+                id: id.clone(),
+                client: None,
+                body: b64(&data[up.sent..up.sent + n]).into(),
+                body_base64: true,
+            });
+            up.sent += n;
+        }
+        let f = app.recv_frame();
+        assert_eq!(f.request_id(), Some(id.as_str()), "a frame of another request: {f:?}");
+        match f {
+            Frame::RequestAck { bytes, client, .. } => {
+                assert_eq!(client, None, "request.ack reached the app with client");
+                assert!(bytes > acked && bytes <= up.sent as u64, "ack {bytes} after {acked}");
+                up.acks.push(bytes);
+            }
+            f if f.is_terminal() => {
+                up.frames.push(f);
+                return up;
+            }
+            f => up.frames.push(f),
+        }
+    }
 }
 
 pub fn header<'a>(headers: &'a Headers, name: &str) -> Option<&'a str> {

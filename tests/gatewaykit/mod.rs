@@ -421,6 +421,7 @@ pub fn request(
         headers,
         body: body.map(Into::into),
         body_base64: false,
+        length: None,
     })
 }
 
