@@ -129,6 +129,9 @@ fn fuzz(name: &str, seeds: &[&[u8]], mut check: impl FnMut(&[u8])) -> u64 {
 const FRAME_SEEDS: &[&[u8]] = &[
     br#"{"type":"request","id":"r1","method":"POST","path":"/api/chat","headers":{"content-type":"application/json"},"body":"{\"a\":1}"}"#,
     br#"{"type":"request","id":"r2","method":"POST","path":"/api/upload","headers":{},"body":"aGVsbG8=","bodyBase64":true,"client":"hcl_0123456789abcdef"}"#,
+    br#"{"type":"request.start","id":"u1","method":"PUT","path":"/api/upload","headers":{"content-type":"image/png"},"length":1048576}"#,
+    br#"{"type":"request.chunk","id":"u1","client":"hcl_0123456789abcdef","body":"aGVsbG8=","bodyBase64":true}"#,
+    br#"{"type":"request.ack","id":"u1","bytes":262144}"#,
     br#"{"type":"cancel","id":"r1"}"#,
     br#"{"type":"response","id":"r1","client":"hcl_0123456789abcdef","status":200,"headers":{"a":"b"},"body":"x"}"#,
     br#"{"type":"response.start","id":"r1","status":200,"headers":{"content-type":"text/event-stream"}}"#,
@@ -151,7 +154,7 @@ fn fuzz_frames() {
                 // Whatever parses re-serialises to something that parses to the same frame.
                 let again = p::parse_frame(&frame.to_json()).expect("round trip");
                 assert_eq!(again, frame);
-                if let Frame::Request(req) = &frame {
+                if let Frame::Request(req) | Frame::RequestStart(req) = &frame {
                     let _ = p::check_request_limits(req, &limits);
                     let _ = p::check_path(&req.path, p::DEFAULT_ALLOWED_PREFIXES);
                     for (k, v) in &req.headers {
