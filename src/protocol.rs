@@ -84,6 +84,10 @@ pub struct Limits {
 /// acknowledged with `request.ack`: what one upload may hold in the bridge's memory.
 pub const UPLOAD_WINDOW: u64 = 1 << 20;
 
+/// Body bytes every `request.chunk` but the last carries at least, so that an upload's window
+/// holds a few dozen pieces, not a million.
+pub const UPLOAD_MIN_CHUNK: u64 = 16 << 10;
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -999,8 +1003,12 @@ pub fn parse_message(message: &Utf8Bytes) -> Result<Frame, String> {
             // Without escapes the JSON string's contents are the body itself.
             Some(quoted) if quoted.starts_with('"') && !quoted.contains('\\') => {
                 let inner = quoted.get(1..quoted.len().saturating_sub(1)).unwrap_or_default();
-                // `raw` borrows from the message, so the slice is found; a copy otherwise.
-                SharedStr::slice_of(message, inner).or_else(|| Some(inner.into()))
+                // `raw` borrows from the message, so the slice is found; a copy otherwise, and
+                // also when the body is the smaller part of the message: a slice keeps the
+                // whole message alive, and an upload's window counts only body bytes.
+                SharedStr::slice_of(message, inner)
+                    .filter(|_| inner.len() >= text.len() / 2)
+                    .or_else(|| Some(inner.into()))
             }
             Some(quoted) => Some(
                 serde_json::from_str::<String>(quoted)

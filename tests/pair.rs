@@ -486,7 +486,9 @@ fn streamed_uploads_that_break_the_rules_are_refused_and_cancels_end_them() {
     let cases = [
         ("ahead", 4 * MIB as u64, b64(&vec![7u8; MIB + 1]), "request.ack"),
         ("over", 10, b64(b"eleven byte"), "more than the 10 bytes"),
-        ("not-b64", 10, "!!!!".to_owned(), "not valid base64"),
+        ("not-b64", 3, "!!!!".to_owned(), "not valid base64"),
+        ("empty", 10, String::new(), "no bytes"),
+        ("tiny", MIB as u64, b64(&[3u8; 100]), "at least"),
     ];
     for (id, length, body, why) in cases {
         app.send(&start(id, Some(length)));
@@ -502,10 +504,10 @@ fn streamed_uploads_that_break_the_rules_are_refused_and_cancels_end_them() {
 
     // Cancelled after its first piece was taken: CANCELLED, and a late chunk is dropped.
     app.send(&start("cut", Some(MIB as u64)));
-    app.send(&chunk("cut", b64(&[1u8; 1000])));
+    app.send(&chunk("cut", b64(&[1u8; 16 << 10])));
     assert_eq!(
         app.recv(),
-        Frame::RequestAck { id: "cut".into(), client: None, bytes: 1000 },
+        Frame::RequestAck { id: "cut".into(), client: None, bytes: 16 << 10 },
         "the first piece is acknowledged"
     );
     app.send(&Frame::Cancel { id: "cut".into(), client: None });
@@ -513,7 +515,7 @@ fn streamed_uploads_that_break_the_rules_are_refused_and_cancels_end_them() {
         [Frame::ResponseError { code: ErrorCode::Cancelled, .. }] => {}
         other => panic!("expected one CANCELLED, got {other:?}"),
     }
-    app.send(&chunk("cut", b64(&[2u8; 1000])));
+    app.send(&chunk("cut", b64(&[2u8; 16 << 10])));
     app.expect_silence(Duration::from_millis(300));
     // The backend saw none of these bodies complete.
     assert_eq!(s.backend.get("/api/stats")["raw"], 0, "a broken upload reached the handler");

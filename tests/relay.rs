@@ -223,6 +223,11 @@ fn full_flow_round_trip_clean_shutdown_and_no_secret_in_logs() {
     }
     bridge.send(&Frame::error("req-3", stamped.as_deref(), ErrorCode::BackendTimeout, "slow"));
     assert_response_error(&app.recv(), "req-3", ErrorCode::BackendTimeout);
+    // a chunk the bridge could not read is a bad frame at the relay
+    app.send_text(r#"{"type":"request.chunk","id":"up-1","body":5}"#);
+    assert_bad_frame(&app.recv());
+    app.send_text(r#"{"type":"request.chunk","id":"up-1","body":"","bodyBase64":"yes"}"#);
+    assert_bad_frame(&app.recv());
 
     // app leaves → client.disconnected
     app.close();

@@ -182,6 +182,10 @@ pub const BASE64_LENIENT: GeneralPurpose = GeneralPurpose::new(
     GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
 );
 
+/// How long a backend that stopped taking the request body has to answer before the failed
+/// write is reported instead.
+const EARLY_ANSWER_WAIT: Duration = Duration::from_secs(2);
+
 /// Base64 text decoded per write of a streamed body (48 KiB of bytes).
 const BASE64_CHUNK: usize = 64 << 10;
 
@@ -513,7 +517,10 @@ impl LocalClient {
         // the first response byte, an idempotent request is sent once more on a fresh
         // connection. A POST or PATCH is not: the backend may have acted on it before closing.
         let retry_safe = is_retry_safe(method) && !matches!(body, Body::Stream { .. });
-        let mut pooled = self.take_idle();
+        // An upload starts on a fresh connection: a pooled one the backend closes as the body
+        // begins could not be retried, since the pieces sent are gone.
+        let streamed = matches!(body, Body::Stream { .. });
+        let mut pooled = if streamed { None } else { self.take_idle() };
         loop {
             if abort.is_aborted() {
                 return Err(LocalError::Aborted);
@@ -742,15 +749,34 @@ impl LocalClient {
         conn.set_write_timeout(self.timeouts.head);
         conn.write_all(request)
             .map_err(|e| io_err(e, "accepting the request", self.timeouts.head))?;
+        // A backend may answer before it has read the whole body (a 401 or a 413) and close:
+        // when writing the body fails, that answer is still looked for, briefly, and the
+        // write's failure reported only without one.
+        let mut unsent = None;
         if !body.coalesced() {
-            body.write_with(|b| conn.write_all(b)).map_err(|e| match e {
+            match body.write_with(|b| conn.write_all(b)) {
+                Ok(()) => {}
                 // The connection is dropped with the body unfinished.
-                Ok(bad) => Attempt::Failed(bad),
-                Err(e) => io_err(e, "accepting the request body", self.timeouts.head),
-            })?;
+                Err(Ok(bad)) => return Err(Attempt::Failed(bad)),
+                Err(Err(e)) if abort.is_aborted() || is_timeout(&e) => {
+                    return Err(io_err(e, "accepting the request body", self.timeouts.head));
+                }
+                Err(Err(e)) => unsent = Some(e),
+            }
         }
+        let write_failure = |unsent: io::Error| {
+            // Never a stale connection to retry on: the backend has seen the request.
+            match io_err(unsent, "accepting the request body", self.timeouts.head) {
+                Attempt::Stale => Attempt::Failed(LocalError::Io {
+                    addr: addr.clone(),
+                    detail: "the backend closed the connection while the body was sent".into(),
+                }),
+                other => other,
+            }
+        };
 
-        let deadline = deadline_after(self.timeouts.head);
+        let wait = if unsent.is_some() { EARLY_ANSWER_WAIT } else { self.timeouts.head };
+        let deadline = deadline_after(wait);
         let mut buf = Vec::with_capacity(READ_BUF);
         let mut received_any = false;
         loop {
@@ -765,7 +791,11 @@ impl LocalClient {
             }
             // A passed deadline comes back as a `TimedOut` error.
             let room = MAX_HEAD - buf.len();
-            match conn.append_by(&mut buf, room, deadline) {
+            let read = conn.append_by(&mut buf, room, deadline);
+            if let Some(e) = unsent.take_if(|_| !matches!(read, Ok(n) if n > 0)) {
+                return Err(write_failure(e));
+            }
+            match read {
                 Ok(0) if abort.is_aborted() => return Err(Attempt::Failed(LocalError::Aborted)),
                 Ok(0) if !received_any => return Err(Attempt::Stale),
                 Ok(0) => {
@@ -2080,6 +2110,29 @@ mod tests {
         drop(b);
         std::thread::sleep(Duration::from_millis(20));
         assert!(!still_open(&a));
+    }
+
+    /// A backend that answers before it has read the body, then closes: its answer reaches
+    /// the caller instead of the failed write.
+    #[test]
+    fn an_answer_given_before_the_body_was_read_is_kept() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut head = [0u8; 256];
+            let _ = s.read(&mut head);
+            let answer = "HTTP/1.1 413 Payload Too Large\r\nContent-Length: 4\r\nConnection: close\r\n\r\nbig!";
+            s.write_all(answer.as_bytes()).unwrap();
+            // Closed with the body unread: the client's next writes fail.
+        });
+        let big = vec![b'x'; 32 << 20];
+        let c = LocalClient::new("127.0.0.1", port);
+        let mut r = c
+            .send("POST", "/api/upload", NO_HEADERS, Body::Bytes(&big), &Abort::new())
+            .expect("the early answer");
+        assert_eq!(r.status, 413);
+        assert_eq!(body_of(&mut r), b"big!");
     }
 
     #[test]

@@ -23,8 +23,8 @@ use super::local_http::{
 use super::{Outbox, log};
 use crate::protocol::{
     CLIENT_HEADER, DEFAULT_ALLOWED_PREFIXES, ErrorCode, Frame, Headers, LARGE_FRAME, Limits,
-    RequestFrame, ResponseFrame, SharedStr, UPLOAD_WINDOW, base64_chunk_json, check_header,
-    check_path, check_request_limits, is_hop_by_hop,
+    RequestFrame, ResponseFrame, SharedStr, UPLOAD_MIN_CHUNK, UPLOAD_WINDOW, base64_chunk_json,
+    check_header, check_path, check_request_limits, is_hop_by_hop,
 };
 
 /// Workers started when the configuration does not say otherwise.
@@ -45,6 +45,11 @@ pub const INLINE_BODY_MAX: usize = 48 << 10;
 /// Responses up to this size are answered inline; larger, chunked or event-stream responses go
 /// to a worker once their head is read.
 pub const INLINE_RESPONSE_MAX: u64 = 64 << 10;
+
+/// Uploads (`request.start`) running at once on one bridge, and from one app: each holds a
+/// worker for as long as its body arrives, so they may take only part of the pool (a busy
+/// moment's streams and large requests need the rest).
+pub const MAX_UPLOADS: (usize, usize) = (16, 8);
 
 /// How long [`Pool::shutdown`] waits for open requests to be answered.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
@@ -130,8 +135,9 @@ impl Upload {
         self.arrived.notify_all();
     }
 
-    /// Takes one arrived piece, or records why the body is broken. Never waits.
-    fn push(&self, body: SharedStr, base64: bool) {
+    /// Takes one arrived piece, or records why the body is broken (false: it broke now).
+    /// Never waits.
+    fn push(&self, body: SharedStr, base64: bool) -> bool {
         let len = if base64 {
             Body::base64(&body).map(|b| b.len() as u64).map_err(|e| e.to_string())
         } else {
@@ -139,13 +145,19 @@ impl Upload {
         };
         let mut state = lock(&self.state);
         if state.broken.is_some() || state.ended {
-            return;
+            return true;
         }
         let problem = match len {
             Err(e) => Some(format!("a request.chunk is not valid base64: {e}")),
+            Ok(0) => Some("a request.chunk carries no bytes".to_owned()),
             Ok(n) if state.received + n > self.len => Some(format!(
                 "the request.chunk frames carry more than the {} bytes request.start announced",
                 self.len
+            )),
+            // Tiny pieces would cost far more to hold and to pass on than the bytes they carry.
+            Ok(n) if n < UPLOAD_MIN_CHUNK && state.received + n != self.len => Some(format!(
+                "a request.chunk carries {n} bytes: each but the last must carry at least \
+                 {UPLOAD_MIN_CHUNK}"
             )),
             Ok(n) if state.received + n - state.taken > UPLOAD_WINDOW => {
                 Some(format!("more than {UPLOAD_WINDOW} body bytes were sent ahead of request.ack"))
@@ -156,9 +168,16 @@ impl Upload {
                 None
             }
         };
+        let broke = problem.is_some();
         state.broken = problem;
         drop(state);
         self.arrived.notify_all();
+        !broke
+    }
+
+    /// Why the body broke, if it did.
+    fn broken(&self) -> Option<String> {
+        lock(&self.state).broken.clone()
     }
 }
 
@@ -172,6 +191,8 @@ struct Pouring<'a> {
     client: Option<&'a str>,
     /// Where the `request.ack` frames go.
     out: &'a Outbox,
+    /// The request's abort: no `request.ack` once it is silenced or aborted.
+    abort: &'a Abort,
     /// Longest wait for the next piece.
     gap: Duration,
 }
@@ -188,7 +209,6 @@ impl BodySource for Pouring<'_> {
         write: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
     ) -> Result<(), Result<LocalError, std::io::Error>> {
         let upload = self.upload;
-        let bad = |detail: String| Err(Ok(LocalError::BadBody { detail }));
         let mut taken = 0;
         while taken < upload.len {
             let (piece, n, base64) = {
@@ -197,8 +217,9 @@ impl BodySource for Pouring<'_> {
                     if state.ended {
                         return Err(Ok(LocalError::Aborted));
                     }
-                    if let Some(why) = state.broken.take() {
-                        return bad(why);
+                    if state.broken.is_some() {
+                        // `conclude` answers with the reason.
+                        return Err(Ok(LocalError::Aborted));
                     }
                     if let Some(piece) = state.pieces.pop_front() {
                         break piece;
@@ -210,7 +231,8 @@ impl BodySource for Pouring<'_> {
                     state = next;
                     if waited.timed_out() && state.pieces.is_empty() && !state.ended {
                         let secs = self.gap.as_secs();
-                        return bad(format!("no request.chunk arrived for {secs} s"));
+                        state.broken = Some(format!("no request.chunk arrived for {secs} s"));
+                        return Err(Ok(LocalError::Aborted));
                     }
                 }
             };
@@ -228,6 +250,10 @@ impl BodySource for Pouring<'_> {
                 client: self.client.map(str::to_owned),
                 bytes: taken,
             };
+            if self.abort.is_aborted() || self.abort.is_silenced() {
+                // The app may have gone and reused the id: this ack is not for it.
+                continue;
+            }
             // A lost connection silences the request; the next wait sees it ended.
             let _ = self.out.send(ack.to_json());
         }
@@ -418,7 +444,7 @@ impl Pool {
         parking: Option<&mut Vec<Parked>>,
     ) -> Result<Option<Inline>, String> {
         let shared = &self.shared;
-        let job = self.admit(req, out, None)?;
+        let job = self.admit(req, out, false)?;
         let parking = match parking {
             Some(p) if job.req.body.as_ref().is_none_or(|b| b.len() <= INLINE_BODY_MAX) => p,
             _ => {
@@ -439,22 +465,7 @@ impl Pool {
     /// then the body as its `request.chunk` frames arrive ([`Pool::upload_chunk`]). Refusals
     /// as for [`Pool::submit`].
     pub fn submit_upload(&self, req: RequestFrame, out: Outbox) -> Result<(), String> {
-        let refuse = |code: ErrorCode, message: String| {
-            Err(Frame::error(&req.id, req.client.as_deref(), code, message).to_json())
-        };
-        let Some(len) = req.length else {
-            return refuse(ErrorCode::BadRequest, "request.start needs the body's length".into());
-        };
-        if req.body.is_some() {
-            let message = "request.start carries no body: send it in request.chunk frames";
-            return refuse(ErrorCode::BadRequest, message.into());
-        }
-        let max = self.shared.limits.max_upload;
-        if len > max || usize::try_from(len).is_err() {
-            return refuse(ErrorCode::TooLarge, format!("body larger than {max} bytes"));
-        }
-        let upload = Upload { state: Mutex::default(), arrived: Condvar::new(), len };
-        let job = self.admit(req, out, Some(Arc::new(upload)))?;
+        let job = self.admit(req, out, true)?;
         self.enqueue(job);
         Ok(())
     }
@@ -472,16 +483,14 @@ impl Pool {
                 None => return,
             }
         };
-        upload.push(body, base64);
+        if !upload.push(body, base64) {
+            // Answered at once, also while the job still waits for a worker.
+            self.abort_where(|(c, i)| c.as_deref() == client && i == id, ErrorCode::BadRequest);
+        }
     }
 
     /// Admits a request into the open map (ids, limits, validation, shutdown), as a job.
-    fn admit(
-        &self,
-        req: RequestFrame,
-        out: Outbox,
-        upload: Option<Arc<Upload>>,
-    ) -> Result<Job, String> {
+    fn admit(&self, req: RequestFrame, out: Outbox, upload: bool) -> Result<Job, String> {
         let shared = &self.shared;
         let key: Key = (req.client.clone(), req.id.clone());
         let refuse = |code: ErrorCode, message: String| {
@@ -502,7 +511,7 @@ impl Pool {
         if let Some(code) = open.closing {
             return refuse(code, "the bridge is shutting down".into());
         }
-        if let Err((code, message)) = validate(&req, &shared.allowed, &shared.limits) {
+        if let Err((code, message)) = validate(&req, upload, &shared.allowed, &shared.limits) {
             return refuse(code, message);
         }
         if open.map.len() >= shared.limits.max_open_per_bridge {
@@ -512,11 +521,28 @@ impl Pool {
         if per_client >= shared.limits.max_open_per_app {
             return refuse(ErrorCode::Busy, "too many open requests from this app".into());
         }
+        if upload {
+            let uploads = open.map.iter().filter(|(_, o)| o.upload.is_some());
+            let (all, mine) = uploads.fold((0, 0), |(all, mine), ((c, _), _)| {
+                (all + 1, mine + usize::from(*c == req.client))
+            });
+            if all >= MAX_UPLOADS.0 || mine >= MAX_UPLOADS.1 {
+                let (bridge, app) = MAX_UPLOADS;
+                let message = format!(
+                    "too many uploads at once (at most {bridge} on the bridge, {app} from one app)"
+                );
+                return refuse(ErrorCode::Busy, message);
+            }
+        }
         let queue = lock(&shared.queue);
         if queue.stopping || queue.jobs.len() >= QUEUE_CAPACITY {
             return refuse(ErrorCode::Busy, "every bridge worker is busy; try again".into());
         }
         let abort = Abort::new();
+        let upload = upload.then(|| {
+            let len = req.length.unwrap_or(0);
+            Arc::new(Upload { state: Mutex::default(), arrived: Condvar::new(), len })
+        });
         let entry =
             Open { abort: abort.clone(), reason: ErrorCode::Cancelled, upload: upload.clone() };
         open.map.insert(key, entry);
@@ -824,14 +850,21 @@ fn conclude(shared: &Shared, job: &Job, result: Result<(), Fail>, send: &mut dyn
         Ok(()) | Err(Fail::Gone) => None,
         Err(Fail::Request(code, message)) => Some((code, message)),
         Err(Fail::Local(LocalError::Aborted)) => {
-            let reason =
-                lock(&shared.open).map.get(&key).map_or(ErrorCode::Cancelled, |o| o.reason);
-            let message = match reason {
-                ErrorCode::Cancelled => "the request was cancelled",
-                ErrorCode::ShuttingDown => "the bridge is shutting down",
-                _ => "the request was aborted",
-            };
-            Some((reason, message.to_owned()))
+            // An upload whose piece broke the rules is aborted for it (a cancel or a stop
+            // that came first leaves the upload ended, never broken).
+            match job.upload.as_ref().and_then(|u| u.broken()) {
+                Some(why) => Some((ErrorCode::BadRequest, why)),
+                None => {
+                    let open = lock(&shared.open);
+                    let reason = open.map.get(&key).map_or(ErrorCode::Cancelled, |o| o.reason);
+                    let message = match reason {
+                        ErrorCode::Cancelled => "the request was cancelled",
+                        ErrorCode::ShuttingDown => "the bridge is shutting down",
+                        _ => "the request was aborted",
+                    };
+                    Some((reason, message.to_owned()))
+                }
+            }
         }
         Err(Fail::Local(e)) => Some((e.code(), e.to_string())),
     };
@@ -883,10 +916,24 @@ fn start_inline(shared: &Shared, job: Job, parking: &mut Vec<Parked>) -> Result<
 /// The cheap checks of PROTOCOL §6–§7, done before a request is queued.
 fn validate(
     req: &RequestFrame,
+    upload: bool,
     allowed: &[String],
     limits: &Limits,
 ) -> Result<(), (ErrorCode, String)> {
     check_request_limits(req, limits)?;
+    let bad = |message: &str| Err((ErrorCode::BadRequest, message.to_owned()));
+    match (upload, req.length) {
+        (false, Some(_)) => return bad("length belongs to request.start, not request"),
+        (true, None) => return bad("request.start needs the body's length"),
+        (true, Some(_)) if req.body.is_some() => {
+            return bad("request.start carries no body: send it in request.chunk frames");
+        }
+        (true, Some(len)) if len > limits.max_upload || usize::try_from(len).is_err() => {
+            let message = format!("body larger than {} bytes", limits.max_upload);
+            return Err((ErrorCode::TooLarge, message));
+        }
+        _ => {}
+    }
     if !METHODS.contains(&req.method.as_str()) {
         return Err((
             ErrorCode::BadRequest,
@@ -1005,6 +1052,7 @@ fn exchange(shared: &Shared, job: &mut Job) -> Result<(), Fail> {
                         id: &req.id,
                         client: req.client.as_deref(),
                         out,
+                        abort,
                         gap: shared.client.timeouts().body_gap,
                     };
                     // `submit_upload` checked that the length fits.
@@ -1194,6 +1242,88 @@ mod tests {
             assert!(Instant::now() < deadline, "requests still open");
             std::thread::sleep(Duration::from_millis(2));
         }
+    }
+
+    /// The rules a `request.chunk` must keep, piece by piece (PROTOCOL §5.2).
+    #[test]
+    fn upload_pieces_keep_to_the_length_the_window_and_the_smallest_chunk() {
+        let len = 3 * UPLOAD_WINDOW;
+        let fresh = || Upload { state: Mutex::default(), arrived: Condvar::new(), len };
+        let text = |n: u64| SharedStr::from("x".repeat(n as usize));
+        let broken = |u: &Upload| u.broken().unwrap_or_default();
+        let min = UPLOAD_MIN_CHUNK;
+
+        // Up to the window, in pieces of the smallest size, is taken as it comes.
+        let u = fresh();
+        for _ in 0..UPLOAD_WINDOW / min {
+            assert!(u.push(text(min), false), "{}", broken(&u));
+        }
+        assert_eq!(lock(&u.state).pieces.len() as u64, UPLOAD_WINDOW / min);
+        // One byte more than the window is not, until the backend has taken some.
+        assert!(!u.push(text(min), false));
+        assert!(broken(&u).contains("ahead of request.ack"), "{}", broken(&u));
+        // Once broken, later pieces are ignored (the request is being answered).
+        assert!(u.push(text(min), false));
+        let u = fresh();
+        for _ in 0..UPLOAD_WINDOW / min {
+            assert!(u.push(text(min), false));
+        }
+        lock(&u.state).taken = min;
+        assert!(u.push(text(min), false), "{}", broken(&u));
+        assert!(!u.push(text(min), false), "the window counts from what was taken");
+
+        // Empty and tiny pieces are refused, except a small last one.
+        let u = fresh();
+        assert!(!u.push(text(0), false));
+        assert!(broken(&u).contains("no bytes"), "{}", broken(&u));
+        let u = fresh();
+        assert!(!u.push(text(min - 1), false));
+        assert!(broken(&u).contains("at least"), "{}", broken(&u));
+        let u = Upload { len: min + 5, ..fresh() };
+        assert!(u.push(text(min), false));
+        assert!(u.push(text(5), false), "a small last piece: {}", broken(&u));
+        // Nothing past the length, not even one byte.
+        assert!(!u.push(text(1), false));
+        assert!(broken(&u).contains("more than the"), "{}", broken(&u));
+
+        // Base64 counts decoded bytes; text that is not base64 is refused.
+        let u = Upload { len: 3 * min, ..fresh() };
+        assert!(u.push(STANDARD.encode(vec![1u8; 3 * min as usize]).into(), true));
+        assert_eq!(lock(&u.state).received, 3 * min);
+        let u = fresh();
+        assert!(!u.push("Q".into(), true));
+        assert!(broken(&u).contains("base64"), "{}", broken(&u));
+    }
+
+    /// A `request.start` is refused like a `request`: a duplicate id gets `BAD_FRAME` and
+    /// leaves the open upload alone; uploads beyond [`MAX_UPLOADS`] get `BUSY`.
+    #[test]
+    fn upload_starts_are_refused_like_requests_and_capped() {
+        let o = test_origin::start();
+        let p = pool(&o, 4);
+        let (out, rx) = outbox(64);
+        let start =
+            |id: &str| RequestFrame { length: Some(1 << 20), ..req(id, "POST", "/api/echo") };
+        for i in 0..MAX_UPLOADS.1 {
+            p.submit_upload(start(&format!("u{i}")), out.clone()).unwrap();
+        }
+        let dup = p.submit_upload(start("u0"), out.clone()).unwrap_err();
+        assert!(dup.contains("BAD_FRAME"), "{dup}");
+        let over = p.submit_upload(start("u-extra"), out.clone()).unwrap_err();
+        assert_eq!(refused_code(&over), ErrorCode::Busy, "{over}");
+        // Checks that need the request open come after the duplicate check.
+        let no_len = RequestFrame { length: None, ..start("u1") };
+        assert!(p.submit_upload(no_len, out.clone()).unwrap_err().contains("BAD_FRAME"));
+        // `length` on a plain request is refused.
+        let plain = RequestFrame { length: Some(3), ..req("plain", "GET", "/api/health") };
+        assert_eq!(refused_code(&p.submit(plain, out.clone()).unwrap_err()), ErrorCode::BadRequest);
+        assert_eq!(p.open_requests(), MAX_UPLOADS.1, "the refusals left the open uploads alone");
+        // A piece that breaks the rules answers its upload at once, queued or running.
+        p.upload_chunk(Some(CLIENT), "u3", "".into(), false);
+        let f = only(&rx);
+        assert_eq!((f.request_id(), error_code(&f)), (Some("u3"), ErrorCode::BadRequest), "{f:?}");
+        p.cancel_client(CLIENT);
+        wait_closed(&p);
     }
 
     #[test]

@@ -1007,6 +1007,13 @@ impl Reactor {
             Ok(None) => return self.bad_frame(id, "request.chunk frames need an id"),
             Err(msg) => return self.bad_frame(id, &msg),
         };
+        // The shape the bridge reads, so that nothing it would have to drop travels there.
+        if !raw.get("body").is_some_and(|b| b.get().starts_with('"')) {
+            return self.bad_frame(id, "request.chunk frames need a string body");
+        }
+        if let Err(msg) = p::raw_field::<bool>(&raw, "bodyBase64") {
+            return self.bad_frame(id, &msg);
+        }
         let open = self.apps.get(client_id).is_some_and(|a| a.open.contains(req_id.as_ref()));
         match self.bridges.get(bridge_id).and_then(|r| r.conn) {
             Some(bridge_conn) if open => {
