@@ -20,6 +20,7 @@ pub mod gateway;
 pub mod http;
 pub mod lan;
 pub mod logs;
+pub mod memory;
 pub mod netif;
 pub mod poll;
 pub mod protocol;
@@ -33,18 +34,4 @@ pub mod stream;
 pub mod wsout;
 pub mod wsread;
 
-/// Keeps a long-running process's memory near what it uses; both binaries call it first thing
-/// in their server role. glibc gives each busy thread its own arena and keeps freed blocks
-/// there, and after one large free it raises its mmap threshold so later large blocks come
-/// from the heap and stay resident: after one 12 MiB upload the daemon's worker pool held
-/// ~150 MiB for good, and the relay ~32 MiB of heap. Two arenas and a fixed mmap threshold of
-/// 128 KiB (larger blocks go back to the system on free) bound that to the live data. musl's
-/// allocator already returns large blocks.
-pub fn limit_allocator_retention() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only adjusts allocator tunables; callers run it before starting threads.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10);
-    }
-}
+pub use memory::limit_allocator_retention;

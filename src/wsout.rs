@@ -130,6 +130,9 @@ impl WsOut {
     }
 
     fn push_frame(&mut self, pieces: Vec<Bytes>, payload: usize, recycle: bool) {
+        if payload >= crate::protocol::LARGE_FRAME {
+            crate::memory::note_large_transfer();
+        }
         self.bytes += payload;
         self.queue.push_back(Queued::Frame { pieces, payload, recycle });
     }

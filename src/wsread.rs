@@ -149,6 +149,9 @@ impl Reclaim {
     /// Counts a message tungstenite returned at `now`.
     pub fn on_message(&mut self, msg: &Message, now: Instant) {
         self.returned += 1;
+        if msg.len() >= crate::protocol::LARGE_FRAME {
+            crate::memory::note_large_transfer();
+        }
         if self.tracked && msg.len() >= RECLAIM_MIN {
             self.large_read = Some(now);
         }

@@ -14,9 +14,6 @@ use std::io::Read;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD;
-
 use super::local_http::{
     self, Abort, Body, BodySource, LocalClient, LocalError, Parked, Pending, Progress, Response,
 };
@@ -1024,8 +1021,8 @@ fn whole_frame(shared: &Shared, req: &RequestFrame, resp: &mut Response) -> Resu
     let (body, body_base64) = match String::from_utf8(bytes) {
         // An empty body is plain "" whatever its type.
         Ok(text) if textual || text.is_empty() => (text, false),
-        Ok(text) => (STANDARD.encode(text), true),
-        Err(e) => (STANDARD.encode(e.as_bytes()), true),
+        Ok(text) => (base64_simd::STANDARD.encode_to_string(text), true),
+        Err(e) => (base64_simd::STANDARD.encode_to_string(e.as_bytes()), true),
     };
     Ok(Frame::Response(ResponseFrame {
         id: req.id.clone(),
@@ -1150,6 +1147,8 @@ mod tests {
     use super::*;
     use crate::bridge::local_http::test_origin::{self, Origin};
     use crate::protocol::parse_frame;
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
     use std::net::TcpListener;
     use std::sync::atomic::Ordering;
     use std::sync::mpsc::{Receiver, sync_channel};
