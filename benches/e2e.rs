@@ -488,8 +488,14 @@ impl App {
         format!("{prefix}{}", self.seq)
     }
 
-    /// Sends `frame`; calls `each(elapsed, frame)` for every frame of `id` until the terminal one.
-    fn exchange(&mut self, frame: &Utf8Bytes, id: &str, mut each: impl FnMut(Duration, &InFrame)) {
+    /// Sends `frame`; calls `each(elapsed, frame, message)` for every frame of `id` until the
+    /// terminal one.
+    fn exchange(
+        &mut self,
+        frame: &Utf8Bytes,
+        id: &str,
+        mut each: impl FnMut(Duration, &InFrame, &Utf8Bytes),
+    ) {
         let t0 = Instant::now();
         self.ws.send(Message::Text(frame.clone())).expect("send");
         loop {
@@ -504,10 +510,10 @@ impl App {
             let at = t0.elapsed();
             match f.kind.as_ref() {
                 "response" | "response.end" => {
-                    each(at, &f);
+                    each(at, &f, &t);
                     return;
                 }
-                "response.start" | "response.chunk" => each(at, &f),
+                "response.start" | "response.chunk" => each(at, &f, &t),
                 other => panic!("request {id}: {other} {:?} {:?}", f.code, f.message),
             }
         }
@@ -516,7 +522,7 @@ impl App {
     /// A whole-response exchange; returns (elapsed, status, body).
     fn request(&mut self, frame: &Utf8Bytes, id: &str) -> (Duration, u16, String) {
         let mut out = (Duration::ZERO, 0, String::new());
-        self.exchange(frame, id, |at, f| {
+        self.exchange(frame, id, |at, f, _| {
             out = (at, f.status, f.body.as_deref().unwrap_or("").to_owned());
         });
         out
@@ -751,18 +757,24 @@ fn download_path(p: &mut PathSide) -> f64 {
     for i in 0..=UPLOAD_RUNS {
         let id = p.apps[0].next_id("down");
         let frame = request_frame(&id, "GET", "/api/blob", None);
-        let mut chunks: Vec<String> = Vec::new();
+        // The chunk messages are kept as received (shared, not copied) and their bodies read
+        // after the clock stops: like the HTTP clients' one copy of the body, no more.
+        let mut chunks: Vec<Utf8Bytes> = Vec::new();
         let mut end = Duration::ZERO;
-        p.apps[0].exchange(&frame, &id, |at, f| {
+        p.apps[0].exchange(&frame, &id, |at, f, message| {
             if f.kind == "response.chunk" {
                 assert!(f.body_base64);
-                chunks.push(f.body.as_deref().unwrap_or("").to_owned());
+                chunks.push(message.clone());
             }
             end = at;
         });
         let mut got = Vec::with_capacity(DOWNLOAD);
         for c in &chunks {
-            got.extend(base64::engine::general_purpose::STANDARD.decode(c).expect("base64 chunk"));
+            let f: InFrame = serde_json::from_str(c.as_str()).expect("frame json");
+            let body = f.body.as_deref().unwrap_or("");
+            got.extend(
+                base64::engine::general_purpose::STANDARD.decode(body).expect("base64 chunk"),
+            );
         }
         assert!(got == download_blob(), "the download changed on the way");
         if i > 0 {
@@ -851,7 +863,7 @@ fn sse_path(p: &mut PathSide) -> Vec<Duration> {
     let frame = request_frame(&id, "GET", "/api/stream", None);
     let mut arrivals = Vec::new();
     let mut started = false;
-    p.apps[0].exchange(&frame, &id, |at, f| match f.kind.as_ref() {
+    p.apps[0].exchange(&frame, &id, |at, f, _| match f.kind.as_ref() {
         "response.start" => {
             assert_eq!(f.status, 200);
             started = true;
