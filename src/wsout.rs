@@ -89,6 +89,7 @@ pub struct Broken(pub String);
 impl WsOut {
     /// Queues a message (sent by the next [`WsOut::flush`]).
     pub fn push(&mut self, msg: Message) {
+        note_if_large(msg.len());
         self.bytes += msg.len();
         self.queue.push_back(Queued::Message(msg));
     }
@@ -130,9 +131,7 @@ impl WsOut {
     }
 
     fn push_frame(&mut self, pieces: Vec<Bytes>, payload: usize, recycle: bool) {
-        if payload >= crate::protocol::LARGE_FRAME {
-            crate::memory::note_large_transfer();
-        }
+        note_if_large(payload);
         self.bytes += payload;
         self.queue.push_back(Queued::Frame { pieces, payload, recycle });
     }
@@ -210,6 +209,9 @@ impl WsOut {
                 };
             };
             let size = queued.len();
+            // Queued large frames are freed as they are written, which a slow reader can
+            // spread over seconds: the heap is trimmed only after the last one.
+            note_if_large(size);
             self.bytes = self.bytes.saturating_sub(size);
             match queued {
                 Queued::Message(msg) => match ws.write(msg) {
@@ -250,6 +252,14 @@ impl WsOut {
                 }
             }
         }
+    }
+}
+
+/// Tells the allocator policy that a large frame is queued or being written
+/// ([`crate::memory::note_large_transfer`]).
+fn note_if_large(len: usize) {
+    if len >= crate::protocol::LARGE_FRAME {
+        crate::memory::note_large_transfer();
     }
 }
 

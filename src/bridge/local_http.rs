@@ -2169,6 +2169,34 @@ mod tests {
             seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             (seed >> 33) % n
         };
+        let check = |text: &str| {
+            let want = BASE64_LENIENT.decode(text).ok();
+            let got = Body::base64(text).ok().and_then(|body| {
+                let mut out = Vec::new();
+                body.write_with(|b| {
+                    out.extend_from_slice(b);
+                    Ok(())
+                })
+                .ok()
+                .map(|()| out)
+            });
+            assert_eq!(got, want, "{:?}… ({} bytes)", &text[..text.len().min(8)], text.len());
+        };
+        // At the 64 KiB chunk edge: lengths around it, padding before and after it, a bad
+        // symbol on either side of it.
+        let whole = "QUJD".repeat(BASE64_CHUNK / 4 + 2);
+        for len in BASE64_CHUNK - 4..BASE64_CHUNK + 6 {
+            check(&whole[..len]);
+            check(&format!("{}==", &whole[..len]));
+            check(&format!("{}=", &whole[..len]));
+        }
+        for at in [BASE64_CHUNK - 2, BASE64_CHUNK - 1, BASE64_CHUNK, BASE64_CHUNK + 1] {
+            for bad in ["=", "!", "\n"] {
+                let mut text = whole.clone();
+                text.replace_range(at..at + 1, bad);
+                check(&text);
+            }
+        }
         for round in 0..4000 {
             let len =
                 if round % 50 == 0 { BASE64_CHUNK + next(300) as usize } else { next(40) as usize };
@@ -2182,18 +2210,7 @@ mod tests {
                 }
                 _ => {}
             }
-            let text = String::from_utf8(text).unwrap();
-            let want = BASE64_LENIENT.decode(&text).ok();
-            let got = Body::base64(&text).ok().and_then(|body| {
-                let mut out = Vec::new();
-                body.write_with(|b| {
-                    out.extend_from_slice(b);
-                    Ok(())
-                })
-                .ok()
-                .map(|()| out)
-            });
-            assert_eq!(got, want, "{text:?}");
+            check(&String::from_utf8(text).unwrap());
         }
     }
 
