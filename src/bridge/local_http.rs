@@ -523,10 +523,10 @@ impl LocalClient {
         // A pooled socket may have been closed by the backend while idle: if it fails before
         // the first response byte, an idempotent request is sent once more on a fresh
         // connection. A POST or PATCH is not: the backend may have acted on it before closing.
-        let retry_safe = is_retry_safe(method) && !matches!(body, Body::Stream { .. });
-        // An upload starts on a fresh connection: a pooled one the backend closes as the body
-        // begins could not be retried, since the pieces sent are gone.
+        // An upload starts on a fresh connection and is never retried: a pooled one the backend
+        // closes as the body begins could not be sent again, since the pieces sent are gone.
         let streamed = matches!(body, Body::Stream { .. });
+        let retry_safe = is_retry_safe(method) && !streamed;
         let mut pooled = if streamed { None } else { self.take_idle() };
         loop {
             if abort.is_aborted() {

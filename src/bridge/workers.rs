@@ -94,6 +94,15 @@ struct Open {
     upload: Option<Arc<Upload>>,
 }
 
+impl Open {
+    /// Wakes the worker of an upload that waits for a piece: the request is being stopped.
+    fn end_upload(&self) {
+        if let Some(upload) = &self.upload {
+            upload.end();
+        }
+    }
+}
+
 /// The body of a `request.start` while its `request.chunk` frames arrive: filled by the thread
 /// that reads frames ([`Pool::upload_chunk`]), which must never wait, and poured into the
 /// backend by the worker that runs the request, which acknowledges every piece with a
@@ -211,10 +220,7 @@ impl BodySource for Pouring<'_> {
             let (piece, n, base64) = {
                 let mut state = lock(&upload.state);
                 loop {
-                    if state.ended {
-                        return Err(Ok(LocalError::Aborted));
-                    }
-                    if state.broken.is_some() {
+                    if state.ended || state.broken.is_some() {
                         // `conclude` answers with the reason.
                         return Err(Ok(LocalError::Aborted));
                     }
@@ -242,15 +248,15 @@ impl BodySource for Pouring<'_> {
             }
             taken += n;
             lock(&upload.state).taken = taken;
+            if self.abort.is_aborted() || self.abort.is_silenced() {
+                // The app may have gone and reused the id: this ack is not for it.
+                continue;
+            }
             let ack = Frame::RequestAck {
                 id: self.id.to_owned(),
                 client: self.client.map(str::to_owned),
                 bytes: taken,
             };
-            if self.abort.is_aborted() || self.abort.is_silenced() {
-                // The app may have gone and reused the id: this ack is not for it.
-                continue;
-            }
             // A lost connection silences the request; the next wait sees it ended.
             let _ = self.out.send(ack.to_json());
         }
@@ -676,9 +682,7 @@ impl Pool {
         open.map.retain(|key, entry| {
             if matches(key) {
                 entry.abort.silence();
-                if let Some(upload) = &entry.upload {
-                    upload.end();
-                }
+                entry.end_upload();
                 false
             } else {
                 true
@@ -743,9 +747,7 @@ impl Pool {
                     entry.reason = reason;
                 }
                 entry.abort.abort();
-                if let Some(upload) = &entry.upload {
-                    upload.end();
-                }
+                entry.end_upload();
             }
         }
         if !hit {
