@@ -450,16 +450,36 @@ impl Http {
 // =============================================================================================
 // Path client (app over the relay)
 
+/// A request frame as an app sends it (PROTOCOL §5), serialised from a plain struct: the
+/// clients share the cores with the path under test, so they do no more work than an app must.
 fn request_frame(id: &str, method: &str, path: &str, body64: Option<&str>) -> Utf8Bytes {
-    let mut v = serde_json::json!({
-        "type": "request", "id": id, "method": method, "path": path, "headers": {},
-    });
-    if let Some(b) = body64 {
-        v["body"] = serde_json::Value::String(b.to_owned());
-        v["bodyBase64"] = serde_json::Value::Bool(true);
-        v["headers"]["content-type"] = "application/octet-stream".into();
+    #[derive(serde::Serialize)]
+    struct Request<'a> {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        id: &'a str,
+        method: &'a str,
+        path: &'a str,
+        headers: std::collections::BTreeMap<&'static str, &'static str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        body: Option<&'a str>,
+        #[serde(rename = "bodyBase64", skip_serializing_if = "std::ops::Not::not")]
+        body_base64: bool,
     }
-    Utf8Bytes::from(serde_json::to_string(&v).unwrap())
+    let mut headers = std::collections::BTreeMap::new();
+    if body64.is_some() {
+        headers.insert("content-type", "application/octet-stream");
+    }
+    let frame = Request {
+        kind: "request",
+        id,
+        method,
+        path,
+        headers,
+        body: body64,
+        body_base64: body64.is_some(),
+    };
+    Utf8Bytes::from(serde_json::to_string(&frame).expect("a request frame serialises"))
 }
 
 /// An app socket. Every request gets a fresh id: reusing an id the moment its terminal frame

@@ -659,7 +659,11 @@ pub fn ws_connect(url: &str, headers: &[(&str, &str)]) -> Result<Ws, ConnectErro
     stream.set_nodelay(true).unwrap();
     stream.set_read_timeout(Some(RECV_TIMEOUT)).unwrap();
     stream.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
-    match tungstenite::client::client(req, stream) {
+    // tungstenite zero-fills `read_buffer_size` bytes (128 KiB by default) before every read;
+    // at 16 KiB, as the relay and the daemon use, a test or bench client costs the shared cores
+    // about 4 µs less per frame it receives (docs/PERFORMANCE.md, stop 17).
+    let config = tungstenite::protocol::WebSocketConfig::default().read_buffer_size(16 << 10);
+    match tungstenite::client::client_with_config(req, stream, Some(config)) {
         Ok((ws, _resp)) => Ok(ws),
         Err(HandshakeError::Failure(tungstenite::Error::Http(resp))) => {
             let body = resp
