@@ -18,6 +18,7 @@ pub mod devices;
 pub mod doctor;
 pub mod gateway;
 pub mod http;
+pub mod jsonscan;
 pub mod lan;
 pub mod logs;
 pub mod memory;

@@ -10,7 +10,6 @@ use std::fmt;
 use std::ops::Deref;
 
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 use tungstenite::{Bytes, Utf8Bytes};
 
 /// Protocol version carried in the relay QR payload (`v`).
@@ -842,25 +841,45 @@ impl<'de> Deserialize<'de> for SharedStr {
 /// one allocation, not two per field.
 #[derive(Debug, Default)]
 pub struct RawFrame<'a> {
-    fields: Vec<(Cow<'a, str>, &'a RawValue)>,
+    fields: Vec<(Cow<'a, str>, &'a str)>,
 }
 
 impl<'a> RawFrame<'a> {
-    /// The raw value of the field `name`.
-    pub fn get(&self, name: &str) -> Option<&'a RawValue> {
+    /// The raw JSON text of the field `name`.
+    pub fn get(&self, name: &str) -> Option<&'a str> {
         self.fields.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
     }
 
-    /// Takes the field `name` out of the frame, giving its raw value.
-    pub fn remove(&mut self, name: &str) -> Option<&'a RawValue> {
+    /// Takes the field `name` out of the frame, giving its raw JSON text.
+    pub fn remove(&mut self, name: &str) -> Option<&'a str> {
         let at = self.fields.iter().position(|(n, _)| n == name)?;
         Some(self.fields.remove(at).1)
     }
-}
 
-impl Serialize for RawFrame<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_map(self.fields.iter().map(|(n, v)| (n.as_ref(), *v)))
+    /// The fields in the order they arrived: each name (decoded) and its raw JSON text.
+    pub fn fields(&self) -> impl Iterator<Item = (&str, &'a str)> {
+        self.fields.iter().map(|(n, v)| (n.as_ref(), *v))
+    }
+
+    /// The frame written anew, with `client` (when given) as its first field and every other
+    /// field as it arrived.
+    pub fn to_json(&self, client: Option<&str>) -> String {
+        let quote = |s: &str| serde_json::Value::from(s).to_string();
+        let mut out = String::from("{");
+        if let Some(client) = client {
+            out.push_str("\"client\":");
+            out.push_str(&quote(client));
+        }
+        for (name, value) in self.fields() {
+            if out.len() > 1 {
+                out.push(',');
+            }
+            out.push_str(&quote(name));
+            out.push(':');
+            out.push_str(value);
+        }
+        out.push('}');
+        out
     }
 }
 
@@ -891,38 +910,23 @@ impl<'de> Deserialize<'de> for JsonStr<'de> {
 /// millions (and the duplicate check below from costing it their square).
 pub const MAX_FIELDS: usize = 64;
 
-/// Reads a frame's top level as a [`RawFrame`]. A field given twice is refused (the relay
-/// forwards a request as the text it arrived as, so it must not check one value of a field
-/// while the bridge reads another), and so is a frame of more than [`MAX_FIELDS`] fields.
-pub fn parse_raw(text: &str) -> Result<RawFrame<'_>, serde_json::Error> {
-    struct Fields;
-    impl<'de> serde::de::Visitor<'de> for Fields {
-        type Value = RawFrame<'de>;
-        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            f.write_str("a JSON object")
+/// Reads a frame's top level as a [`RawFrame`] ([`crate::jsonscan`]). A field given twice is
+/// refused (the relay forwards a request as the text it arrived as, so it must not check one
+/// value of a field while the bridge reads another), and so is a frame of more than
+/// [`MAX_FIELDS`] fields.
+pub fn parse_raw(text: &str) -> Result<RawFrame<'_>, String> {
+    let mut frame = RawFrame { fields: Vec::with_capacity(8) };
+    crate::jsonscan::members(text, |name, value| {
+        if frame.fields.iter().any(|(n, _)| *n == name) {
+            return Err(format!("duplicate field `{name}`"));
         }
-        fn visit_map<A: serde::de::MapAccess<'de>>(
-            self,
-            mut map: A,
-        ) -> Result<Self::Value, A::Error> {
-            let mut frame = RawFrame { fields: Vec::with_capacity(8) };
-            while let Some((JsonStr(name), value)) = map.next_entry::<JsonStr, &RawValue>()? {
-                if frame.fields.iter().any(|(n, _)| *n == name) {
-                    return Err(serde::de::Error::custom(format!("duplicate field `{name}`")));
-                }
-                if frame.fields.len() == MAX_FIELDS {
-                    let msg = format!("more than {MAX_FIELDS} top-level fields");
-                    return Err(serde::de::Error::custom(msg));
-                }
-                frame.fields.push((name, value));
-            }
-            Ok(frame)
+        if frame.fields.len() == MAX_FIELDS {
+            return Err(format!("more than {MAX_FIELDS} top-level fields"));
         }
-    }
-    let mut de = serde_json::Deserializer::from_str(text);
-    let fields = serde::Deserializer::deserialize_map(&mut de, Fields)?;
-    de.end()?;
-    Ok(fields)
+        frame.fields.push((name, value));
+        Ok(())
+    })?;
+    Ok(frame)
 }
 
 /// Decodes one small top-level field of a [`RawFrame`]; `Ok(None)` when absent or null.
@@ -932,7 +936,7 @@ pub fn raw_field<T: serde::de::DeserializeOwned>(
 ) -> Result<Option<T>, String> {
     match raw.get(name) {
         None => Ok(None),
-        Some(v) => serde_json::from_str::<Option<T>>(v.get())
+        Some(v) => serde_json::from_str::<Option<T>>(v)
             .map_err(|e| format!("malformed frame: field {name}: {e}")),
     }
 }
@@ -941,7 +945,7 @@ pub fn raw_field<T: serde::de::DeserializeOwned>(
 pub fn raw_str<'a>(raw: &RawFrame<'a>, name: &str) -> Result<Option<Cow<'a, str>>, String> {
     match raw.get(name) {
         None => Ok(None),
-        Some(v) => serde_json::from_str::<Option<JsonStr<'a>>>(v.get())
+        Some(v) => serde_json::from_str::<Option<JsonStr<'a>>>(v)
             .map(|s| s.map(|JsonStr(s)| s))
             .map_err(|e| format!("malformed frame: field {name}: {e}")),
     }
@@ -954,7 +958,7 @@ fn raw_field_not_null<T: serde::de::DeserializeOwned>(
     name: &str,
 ) -> Result<Option<T>, String> {
     raw.get(name)
-        .map(|v| serde_json::from_str::<T>(v.get()))
+        .map(|v| serde_json::from_str::<T>(v))
         .transpose()
         .map_err(|e| format!("malformed frame: field {name}: {e}"))
 }
@@ -966,7 +970,7 @@ pub fn request_head(raw: &RawFrame<'_>) -> Result<(RequestFrame, usize), String>
         let value = raw_str(raw, name)?;
         value.map(Cow::into_owned).ok_or_else(|| format!("malformed frame: request needs {name}"))
     };
-    let body_len = match raw.get("body").map(|v| v.get()) {
+    let body_len = match raw.get("body") {
         None | Some("null") => 0,
         Some(text) if text.starts_with('"') => text.len().saturating_sub(2),
         Some(_) => return Err("malformed frame: body must be a string".into()),
@@ -998,7 +1002,7 @@ pub fn parse_message(message: &Utf8Bytes) -> Result<Frame, String> {
     }
     let raw = parse_raw(text).map_err(|e| format!("malformed frame: {e}"))?;
     let body = || -> Result<Option<SharedStr>, String> {
-        Ok(match raw.get("body").map(|v| v.get()) {
+        Ok(match raw.get("body") {
             None | Some("null") => None,
             // Without escapes the JSON string's contents are the body itself.
             Some(quoted) if quoted.starts_with('"') && !quoted.contains('\\') => {
@@ -1211,10 +1215,12 @@ mod tests {
         assert!(matches!(raw_str(&raw, "id"), Ok(Some(Cow::Owned(s))) if s == "a\"b"));
         assert!(raw_str(&raw, "status").unwrap_err().contains("field status"));
         assert_eq!(raw_str(&raw, "none"), Ok(None));
-        assert_eq!(raw.remove("client").map(RawValue::get), Some(r#""c""#));
+        assert_eq!(raw.remove("client"), Some(r#""c""#));
         assert!(raw.remove("client").is_none());
-        let back = serde_json::to_string(&raw).unwrap();
-        assert_eq!(back, r#"{"type":"response","id":"a\"b","status":200}"#);
+        assert_eq!(raw.to_json(None), r#"{"type":"response","id":"a\"b","status":200}"#);
+        let stamped = r#"{"client":"x\ny","type":"response","id":"a\"b","status":200}"#;
+        assert_eq!(raw.to_json(Some("x\ny")), stamped);
+        assert_eq!(parse_raw("{}").unwrap().to_json(Some("c")), r#"{"client":"c"}"#);
 
         // A name given twice is refused, and so are more than MAX_FIELDS fields.
         let fields = |n: usize| (0..n).map(|i| format!(r#""f{i}":{i}"#)).collect::<Vec<_>>();

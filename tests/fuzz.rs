@@ -201,6 +201,67 @@ fn fuzz_large_frames() {
     assert!(runs > 100 && parsed >= FRAME_SEEDS.len() as u64);
 }
 
+/// The relay's scan of a frame's top level (`jsonscan`, `parse_raw`) against `serde_json`
+/// reading the same text as a map of raw values and, to check every value as a decoder does
+/// (paired surrogates, numbers in range), as a `Value`: both accept or both refuse, and what
+/// is accepted splits into the same names and the same raw value texts. Mutated seeds run as
+/// they are and with their strings grown past the scan's 64-byte blocks.
+#[test]
+fn fuzz_raw_frames_against_serde_json() {
+    use serde_json::value::RawValue;
+    /// `serde_json`'s reading: each name decoded, each value's raw text; `None` if refused
+    /// (a name given twice or more than `MAX_FIELDS` fields included).
+    fn reference(text: &str) -> Option<Vec<(String, &str)>> {
+        struct Fields;
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = Vec<(String, &'de str)>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut out: Vec<(String, &'de str)> = Vec::new();
+                while let Some((name, value)) = map.next_entry::<String, &'de RawValue>()? {
+                    if out.iter().any(|(n, _)| *n == name) || out.len() == p::MAX_FIELDS {
+                        return Err(serde::de::Error::custom("refused"));
+                    }
+                    out.push((name, value.get()));
+                }
+                Ok(out)
+            }
+        }
+        let mut de = serde_json::Deserializer::from_str(text);
+        let fields = serde::Deserializer::deserialize_map(&mut de, Fields).ok()?;
+        de.end().ok()?;
+        serde_json::from_str::<serde_json::Value>(text).ok()?;
+        Some(fields)
+    }
+    let mut accepted = 0u64;
+    let mut check = |text: &str| {
+        let ours = p::parse_raw(text)
+            .ok()
+            .map(|raw| raw.fields().map(|(n, v)| (n.to_owned(), v)).collect::<Vec<_>>());
+        match (reference(text), ours) {
+            (Some(want), Some(got)) => {
+                assert_eq!(got, want, "{text}");
+                accepted += 1;
+            }
+            (None, None) => {}
+            (want, got) => panic!("{text}: serde_json {want:?}, parse_raw {got:?}"),
+        }
+    };
+    let long = "QUFB".repeat(40);
+    let runs = fuzz("raw frames", FRAME_SEEDS, |input| {
+        let Ok(text) = std::str::from_utf8(input) else { return };
+        check(text);
+        check(&text.replace(r#"":""#, &format!(r#"":"{long}"#)));
+    });
+    eprintln!("fuzz raw frames: {accepted} accepted");
+    assert!(runs > 100 && accepted >= FRAME_SEEDS.len() as u64);
+}
+
 #[test]
 fn fuzz_http_heads() {
     let seeds: &[&[u8]] = &[

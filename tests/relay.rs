@@ -1004,6 +1004,23 @@ fn bad_frames_get_bad_frame_and_socket_stays_open() {
     assert_bad_frame(&p.app.recv());
     p.app.send_binary(&[0, 1, 2, 3, 0xff]);
     assert_bad_frame(&p.app.recv());
+    // Values the relay forwards without decoding them are still checked as a decoder would:
+    // a lone surrogate in a body or in an unknown field, a number out of range, a long body
+    // with a control character in it.
+    let request = |extra: &str| {
+        format!(
+            r#"{{"type":"request","id":"r","method":"GET","path":"/api/x","headers":{{}}{extra}}}"#
+        )
+    };
+    for extra in [
+        r#","body":"a\ud800b""#,
+        r#","note":{"a":["\udc00"]}"#,
+        r#","note":1e999"#,
+        &format!(",\"body\":\"{}\u{1}\"", "QUFB".repeat(40)),
+    ] {
+        p.app.send_text(&request(extra));
+        assert_bad_frame(&p.app.recv());
+    }
     // a frame type the app may not send (a response) is not forwarded
     p.app.send(&Frame::Response(ResponseFrame {
         id: "x".into(),

@@ -20,7 +20,6 @@ use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::time::{Duration, Instant};
 
 use crate::poll::{Event, Events, PollMode, Poller};
-use serde_json::value::RawValue;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Bytes, Message, Utf8Bytes, WebSocket};
@@ -922,9 +921,7 @@ impl Reactor {
                         }
                     }
                     Some((before, after)) => self.send_text(app_conn, [before, after].concat()),
-                    None => {
-                        self.send_text(app_conn, serde_json::to_string(&raw).unwrap_or_default())
-                    }
+                    None => self.send_text(app_conn, raw.to_json(None)),
                 }
                 self.apply_backpressure(id, app_conn);
             }
@@ -1008,7 +1005,7 @@ impl Reactor {
             Err(msg) => return self.bad_frame(id, &msg),
         };
         // The shape the bridge reads, so that nothing it would have to drop travels there.
-        if !raw.get("body").is_some_and(|b| b.get().starts_with('"')) {
+        if !raw.get("body").is_some_and(|b| b.starts_with('"')) {
             return self.bad_frame(id, "request.chunk frames need a string body");
         }
         if let Err(msg) = p::raw_field::<bool>(&raw, "bodyBase64") {
@@ -1035,8 +1032,7 @@ impl Reactor {
     ) {
         if raw.remove("client").is_some() {
             // The app named a client: the frame is written anew without it.
-            let stamped = Stamped { client: client_id, rest: &raw };
-            self.send_text(bridge_conn, serde_json::to_string(&stamped).unwrap_or_default());
+            self.send_text(bridge_conn, raw.to_json(Some(client_id)));
         } else {
             // `{"client":"…",` and then the frame as it arrived, after its opening brace (the
             // frame has fields, so a comma belongs there).
@@ -1384,9 +1380,9 @@ const TERMINAL_KINDS: &[&str] = &["response", "response.end", "response.error"];
 /// (a slice of `object`): the text before the member and the text after it, leaving valid
 /// JSON. `None` when the key is not written plainly (e.g. escaped); the caller then writes the
 /// object anew.
-fn without_member<'a>(object: &'a str, name: &str, value: &RawValue) -> Option<(&'a str, &'a str)> {
-    let start = (value.get().as_ptr() as usize).checked_sub(object.as_ptr() as usize)?;
-    let end = start + value.get().len();
+fn without_member<'a>(object: &'a str, name: &str, value: &str) -> Option<(&'a str, &'a str)> {
+    let start = (value.as_ptr() as usize).checked_sub(object.as_ptr() as usize)?;
+    let end = start + value.len();
     let is_ws = |c: char| matches!(c, ' ' | '\t' | '\n' | '\r');
     let key_end = object.get(..start)?.trim_end_matches(is_ws).strip_suffix(':')?;
     let key = key_end.trim_end_matches(is_ws).strip_suffix('"')?.strip_suffix(name)?;
@@ -1424,14 +1420,6 @@ fn client_prefix(client_id: &str, rest: usize) -> String {
     }
     out.push(',');
     out
-}
-
-/// A request frame with `client` stamped first and every other field as it arrived.
-#[derive(serde::Serialize)]
-struct Stamped<'a> {
-    client: &'a str,
-    #[serde(flatten)]
-    rest: &'a RawFrame<'a>,
 }
 
 impl HttpConn {
