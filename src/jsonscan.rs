@@ -7,7 +7,8 @@
 //! (docs/PERFORMANCE.md, stop 17), and needs no parser state per member. Strings are scanned
 //! here; any other value (an object of headers, a number, `true`) is small and handed to
 //! `serde_json` to check and measure. What is accepted is exactly what `serde_json` accepts
-//! (`tests/fuzz.rs` compares the two on mutated frames).
+//! when it decodes the whole object, its nesting limit included (`tests/fuzz.rs` compares the
+//! two on mutated frames).
 
 use std::borrow::Cow;
 
@@ -34,7 +35,7 @@ pub fn members<'a>(
         let (name_end, escaped) = string_end(b, at)?;
         let name = if escaped {
             let decoded = serde_json::from_str::<String>(&text[at..name_end])
-                .map_err(|e| format!("field name at byte {at}: {e}"))?;
+                .map_err(|e| format!("field name: {}", located(&e, text, at)))?;
             Cow::Owned(decoded)
         } else {
             Cow::Borrowed(&text[at + 1..name_end - 1])
@@ -148,30 +149,86 @@ fn string_stop(b: &[u8], mut at: usize) -> Option<usize> {
 
 /// The end of the non-string value starting at `at` (an object, an array, a number or a
 /// literal), read by `serde_json` as a decoder reads it: numbers in range, strings with paired
-/// surrogates. So a frame that one of our parsers decodes whole and another only scans is
-/// accepted by both or by neither.
+/// surrogates, at most [`MAX_NESTING`] arrays and objects deep. So a frame that one of our
+/// parsers decodes whole and another only scans is accepted by both or by neither.
 fn other_value_end(text: &str, at: usize, name: &str) -> Result<usize, String> {
     let mut values = serde_json::Deserializer::from_str(&text[at..]).into_iter::<Checked>();
     match values.next() {
         Some(Ok(Checked)) => Ok(at + values.byte_offset()),
-        Some(Err(e)) => Err(format!("field {name}: {e}")),
+        Some(Err(e)) => Err(format!("field {}: {}", shown_name(name), located(&e, text, at))),
         None => Err(END.into()),
     }
 }
 
+/// How many arrays and objects deep a member's value may go: `serde_json` refuses a document
+/// nested 128 deep, and the frame's own object is one of those.
+pub const MAX_NESTING: usize = 126;
+
+/// `e`, from reading the value at `at` of `text`, with its position given as a byte of `text`
+/// (`serde_json` counts lines and columns from the start of the value).
+fn located(e: &serde_json::Error, text: &str, at: usize) -> String {
+    let message = e.to_string();
+    let message = match message.rsplit_once(" at line ") {
+        Some((m, _)) => m.to_owned(),
+        None => return message,
+    };
+    let value = &text[at..];
+    let line_start = match e.line() {
+        0 | 1 => Some(0),
+        n => value.match_indices('\n').nth(n - 2).map(|(i, _)| i + 1),
+    };
+    match line_start {
+        Some(start) => format!("{message} at byte {}", at + start + e.column().saturating_sub(1)),
+        None => message,
+    }
+}
+
+/// A field name as error messages show it: in backticks, cut to 64 bytes (a name can be as
+/// long as the frame, and the message goes back to the sender).
+pub fn shown_name(name: &str) -> String {
+    const SHOWN: usize = 64;
+    if name.len() <= SHOWN {
+        return format!("`{name}`");
+    }
+    let cut = (0..=SHOWN).rev().find(|&i| name.is_char_boundary(i)).unwrap_or(0);
+    format!("`{}…` ({} bytes)", &name[..cut], name.len())
+}
+
 /// Any JSON value, checked and thrown away. Unlike [`serde::de::IgnoredAny`], which `serde_json`
 /// skips without decoding, it asks for every value as it is (`deserialize_any`): strings are
-/// decoded (borrowed when they have no escapes) and numbers parsed.
+/// decoded (borrowed when they have no escapes), numbers parsed, and the nesting counted.
 struct Checked;
 
 impl<'de> serde::Deserialize<'de> for Checked {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Checked, D::Error> {
-        d.deserialize_any(CheckedVisitor)
+        d.deserialize_any(CheckedVisitor { open: 0 })
     }
 }
 
-/// The visitor of [`Checked`]: accepts every kind of value, descending into arrays and objects.
-struct CheckedVisitor;
+/// A value inside `open` arrays and objects, checked as [`Checked`] is.
+#[derive(Clone, Copy)]
+struct CheckedVisitor {
+    open: usize,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for CheckedVisitor {
+    type Value = Checked;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Checked, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl CheckedVisitor {
+    /// The visitor for the values of an array or object opened inside this one.
+    fn inner<E: serde::de::Error>(self) -> Result<CheckedVisitor, E> {
+        let open = self.open + 1;
+        if open > MAX_NESTING {
+            return Err(E::custom(format!("nested more than {MAX_NESTING} deep")));
+        }
+        Ok(CheckedVisitor { open })
+    }
+}
 
 impl<'de> serde::de::Visitor<'de> for CheckedVisitor {
     type Value = Checked;
@@ -198,11 +255,13 @@ impl<'de> serde::de::Visitor<'de> for CheckedVisitor {
         Ok(Checked)
     }
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Checked, A::Error> {
-        while seq.next_element::<Checked>()?.is_some() {}
+        let inner = self.inner()?;
+        while seq.next_element_seed(inner)?.is_some() {}
         Ok(Checked)
     }
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Checked, A::Error> {
-        while map.next_entry::<Checked, Checked>()?.is_some() {}
+        let inner = self.inner()?;
+        while map.next_entry_seed(inner, inner)?.is_some() {}
         Ok(Checked)
     }
 }
@@ -273,27 +332,50 @@ mod tests {
             ("{,}", "expected a field name at byte 1"),
             (r#"{"a":1,}"#, "expected a field name at byte 7"),
             (r#"{"a" 1}"#, "expected `:` at byte 5"),
-            (r#"{"a":}"#, "field a: expected value"),
+            (r#"{"a":}"#, "field `a`: expected value at byte 5"),
             (r#"{"a":1 "b":2}"#, "expected `,` or `}` at byte 7"),
             (r#"{"a":1}x"#, "trailing characters at byte 7"),
             (r#"{"a":"\x"}"#, "invalid escape at byte 6"),
             (r#"{"a":"\u12g4"}"#, "invalid escape at byte 6"),
             (r#"{"a":"\u12"#, END),
-            (r#"{"a":tru}"#, "field a: expected ident"),
-            (r#"{"a":1.}"#, "field a: invalid number"),
+            (r#"{"a":tru}"#, "field `a`: expected ident at byte 8"),
+            (r#"{"a":1.}"#, "field `a`: invalid number at byte 7"),
+            ("{\"a\":{\n\"b\":\n tru}}", "field `a`: expected ident at byte 16"),
             (r#"{"\ud800":1}"#, "unpaired UTF-16 surrogate escape at byte 2"),
             (r#"{"a":"\udc00"}"#, "unpaired UTF-16 surrogate escape at byte 6"),
             (r#"{"a":"\ud800\n"}"#, "unpaired UTF-16 surrogate escape at byte 6"),
             (r#"{"a":"\ud800\ud800"}"#, "unpaired UTF-16 surrogate escape at byte 6"),
             (r#"{"a":"\ud800"#, END),
-            (r#"{"a":1e999}"#, "field a: number out of range"),
-            (r#"{"a":{"b":"\ud800"}}"#, "field a: "),
-            (r#"{"a":[1e999]}"#, "field a: number out of range"),
+            (r#"{"a":1e999}"#, "field `a`: number out of range at byte 9"),
+            (r#"{"a":{"b":"\ud800"}}"#, "field `a`: unexpected end of hex escape at byte 17"),
+            (r#"{"a":[1e999]}"#, "field `a`: number out of range at byte 10"),
         ];
         for (text, want) in cases {
             let err = scan(text).unwrap_err();
             assert!(err.starts_with(want), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn nesting_is_limited_as_serde_json_limits_a_whole_object() {
+        for depth in MAX_NESTING - 1..=MAX_NESTING + 2 {
+            for (open, close) in [("[", "]"), ("{\"k\":", "}")] {
+                let text = format!("{{\"a\":{}1{}}}", open.repeat(depth), close.repeat(depth));
+                let whole = serde_json::from_str::<serde_json::Value>(&text);
+                assert_eq!(scan(&text).is_ok(), whole.is_ok(), "{depth} {open}");
+                assert_eq!(whole.is_ok(), depth <= MAX_NESTING, "{depth} {open}");
+            }
+        }
+        let deep = format!("{{\"a\":{}", "[".repeat(MAX_NESTING + 1));
+        assert!(scan(&deep).unwrap_err().contains("nested more than 126 deep"));
+    }
+
+    #[test]
+    fn long_names_are_cut_in_messages() {
+        let name = "é".repeat(100);
+        let err = scan(&format!("{{\"{name}\":tru}}")).unwrap_err();
+        assert!(err.starts_with(&format!("field `{}…` (200 bytes): ", "é".repeat(32))), "{err}");
+        assert!(err.len() < 150, "{err}");
     }
 
     #[test]

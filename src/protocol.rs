@@ -918,7 +918,7 @@ pub fn parse_raw(text: &str) -> Result<RawFrame<'_>, String> {
     let mut frame = RawFrame { fields: Vec::with_capacity(8) };
     crate::jsonscan::members(text, |name, value| {
         if frame.fields.iter().any(|(n, _)| *n == name) {
-            return Err(format!("duplicate field `{name}`"));
+            return Err(format!("duplicate field {}", crate::jsonscan::shown_name(&name)));
         }
         if frame.fields.len() == MAX_FIELDS {
             return Err(format!("more than {MAX_FIELDS} top-level fields"));

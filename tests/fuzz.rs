@@ -253,7 +253,14 @@ fn fuzz_raw_frames_against_serde_json() {
         }
     };
     let long = "QUFB".repeat(40);
-    let runs = fuzz("raw frames", FRAME_SEEDS, |input| {
+    // Frames nested at and just past the nesting limit (126 inside the frame's object).
+    let deep = |n: usize| {
+        format!(r#"{{"type":"cancel","id":"r1","x":{}1{}}}"#, "[".repeat(n), "]".repeat(n))
+    };
+    let (deep126, deep127) = (deep(126), deep(127));
+    let mut seeds = FRAME_SEEDS.to_vec();
+    seeds.extend([deep126.as_bytes(), deep127.as_bytes()]);
+    let runs = fuzz("raw frames", &seeds, |input| {
         let Ok(text) = std::str::from_utf8(input) else { return };
         check(text);
         check(&text.replace(r#"":""#, &format!(r#"":"{long}"#)));
