@@ -48,7 +48,7 @@ impl Env {
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(PAIR_BIN);
+        let mut cmd = Command::new(&*PAIR_BIN);
         cmd.args(args)
             .env("HERMESCHAT_HOME", &self.home)
             .env("NO_COLOR", "1")

@@ -128,8 +128,26 @@ pub struct Relay {
     readers: Vec<JoinHandle<()>>,
 }
 
+/// The relay under test.
 pub fn bin_path() -> &'static str {
-    env!("CARGO_BIN_EXE_hermeschat-relay")
+    static RELAY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        our_binary("hermeschat-relay", env!("CARGO_BIN_EXE_hermeschat-relay"))
+    });
+    &RELAY
+}
+
+/// One of our binaries: `$HERMESCHAT_TEST_BIN_DIR/<name>` when that is set (CI runs the tests
+/// of large transfers on the static build this way: its allocator is its own, see
+/// `src/memory.rs`), else `built`, the one Cargo built for the tests.
+pub fn our_binary(name: &str, built: &str) -> String {
+    match std::env::var_os("HERMESCHAT_TEST_BIN_DIR") {
+        Some(dir) => {
+            let path = PathBuf::from(dir).join(name);
+            assert!(path.is_file(), "HERMESCHAT_TEST_BIN_DIR has no {name}: {}", path.display());
+            path.to_string_lossy().into_owned()
+        }
+        None => built.to_owned(),
+    }
 }
 
 fn drain<R: Read + Send + 'static>(r: R, lines: Lines) -> JoinHandle<()> {

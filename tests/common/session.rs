@@ -17,8 +17,10 @@ use hermeschat_pair::protocol::{ErrorCode, Frame, Headers, RelayQr, RequestFrame
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-/// The CLI under test.
-pub const PAIR_BIN: &str = env!("CARGO_BIN_EXE_hermeschat-pair");
+/// The CLI under test (see [`super::our_binary`]).
+pub static PAIR_BIN: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    super::our_binary("hermeschat-pair", env!("CARGO_BIN_EXE_hermeschat-pair"))
+});
 
 /// Deadline of one CLI run (pairing waits up to 20 s for the bridge to come online).
 pub const CMD_TIMEOUT: Duration = Duration::from_secs(60);
@@ -142,7 +144,7 @@ impl Env {
 
     /// The CLI with a clean environment: only what the test passes configures it.
     pub fn cmd(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(PAIR_BIN);
+        let mut cmd = Command::new(&*PAIR_BIN);
         cmd.args(args)
             .env("HERMESCHAT_HOME", &self.home)
             .env("NO_COLOR", "1")
