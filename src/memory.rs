@@ -56,18 +56,19 @@ pub fn note_large_transfer() {
 static ALLOCATOR: BlockCache = BlockCache::new();
 
 /// Smallest block a [`BlockCache`] keeps: musl maps blocks from about this size up.
-const CACHED_MIN: usize = 128 << 10;
+pub const CACHED_MIN: usize = 128 << 10;
 /// Largest block a [`BlockCache`] keeps: a chunk frame is 350 KiB; a 16 MiB frame is rare and
 /// better mapped and unmapped.
-const CACHED_MAX: usize = 1 << 20;
+pub const CACHED_MAX: usize = 1 << 20;
 /// Cached sizes are rounded up to a multiple of this, so that the blocks of frames of nearly
 /// the same size fit one another.
-const CACHED_STEP: usize = 64 << 10;
-/// Blocks kept at most, and their bytes at most.
-const CACHED_SLOTS: usize = 8;
-const CACHED_BYTES: usize = 4 << 20;
+pub const CACHED_STEP: usize = 64 << 10;
+/// Blocks a [`BlockCache`] keeps at most.
+pub const CACHED_SLOTS: usize = 8;
+/// Bytes a [`BlockCache`] keeps at most.
+pub const CACHED_BYTES: usize = 4 << 20;
 /// The alignment of cached blocks: what `malloc` gives on 64-bit targets.
-const CACHED_ALIGN: usize = 16;
+pub const CACHED_ALIGN: usize = 16;
 
 /// A global allocator over the system's that keeps a few freed large blocks for reuse.
 ///
