@@ -283,7 +283,12 @@ struct Job {
 /// blocking, so a small exchange costs no thread hand-off. The caller watches
 /// [`Inline::socket`] and calls [`Pool::advance`] when it is ready, [`Pool::expire`] past
 /// [`Inline::deadline`], or [`Pool::end_inline`] when it stops.
-pub struct Inline {
+pub struct Inline(Box<Running>);
+
+/// The parts of an [`Inline`] request, boxed: the request moves between the I/O loop and the
+/// pool several times per readiness event, and as a pointer that costs nothing, where the
+/// parts (about 850 bytes) were copied each time (docs/PERFORMANCE.md, stop 18).
+struct Running {
     /// The request; its body is kept for a resend on a fresh connection.
     job: Job,
     /// The exchange.
@@ -294,24 +299,21 @@ impl Inline {
     /// The backend socket to watch (a shared handle: holding it keeps the descriptor open
     /// until the caller has stopped watching it).
     pub fn socket(&self) -> &Arc<std::net::TcpStream> {
-        self.pending.socket()
+        self.0.pending.socket()
     }
 
     /// When the response head must have arrived (`None`: never).
     pub fn deadline(&self) -> Option<Instant> {
-        self.pending.deadline()
+        self.0.pending.deadline()
     }
 
     /// The tag of the caller's parked connection it runs on, if it took one.
     pub fn tag(&self) -> Option<usize> {
-        self.pending.tag()
+        self.0.pending.tag()
     }
 }
 
 /// What the caller does next with an [`Inline`] request.
-// The request moves through here once per readiness event; boxing it would cost an allocation
-// per request to save a copy of a few hundred bytes.
-#[allow(clippy::large_enum_variant)]
 pub enum Step {
     /// Call [`Pool::advance`] again when the socket is readable (or writable when `writable`).
     Wait(Inline, Interest),
@@ -590,13 +592,14 @@ impl Pool {
     /// the caller is the thread that makes room).
     pub fn advance(&self, mut inline: Inline, push: &mut dyn FnMut(String)) -> Step {
         let shared = &self.shared;
-        let progress = inline.pending.advance(&shared.client);
-        let Inline { job, pending } = inline;
+        let progress = inline.0.pending.advance(&shared.client);
+        let Inline(running) = inline;
+        let job = &running.job;
         let mut parked = None;
         let result = match progress {
             Progress::Wait { writable } => {
                 let interest = if writable { Interest::Writable } else { Interest::Readable };
-                return Step::Wait(Inline { job, pending }, interest);
+                return Step::Wait(Inline(running), interest);
             }
             Progress::Whole(mut resp) => {
                 let result = match whole_frame(shared, &job.req, &mut resp) {
@@ -612,13 +615,13 @@ impl Pool {
                 result
             }
             Progress::Streamed(resp) => {
-                self.enqueue(Job { response: Some(resp), ..job });
+                self.enqueue(Job { response: Some(resp), ..running.job });
                 return Step::Done(None);
             }
             Progress::Stale if local_http::is_retry_safe(&job.req.method) => {
                 // The backend closed the pooled connection while it was idle: a worker sends
                 // the request again on another one.
-                self.enqueue(job);
+                self.enqueue(running.job);
                 return Step::Done(None);
             }
             Progress::Stale => Err(Fail::Local(LocalError::Io {
@@ -627,6 +630,7 @@ impl Pool {
             })),
             Progress::Failed(e) => Err(Fail::Local(e)),
         };
+        let Running { job, pending } = *running;
         drop(pending);
         conclude(shared, &job, result, push);
         Step::Done(parked)
@@ -640,7 +644,7 @@ impl Pool {
     /// Ends an inline request whose deadline passed (`BACKEND_TIMEOUT`; `CANCELLED` when a
     /// cancel came first).
     pub fn expire(&self, inline: Inline, push: &mut dyn FnMut(String)) {
-        let Inline { job, pending } = inline;
+        let Running { job, pending } = *inline.0;
         let e = pending.timed_out(&self.shared.client);
         let e = if job.abort.is_aborted() { LocalError::Aborted } else { e };
         conclude(&self.shared, &job, Err(Fail::Local(e)), push);
@@ -649,7 +653,7 @@ impl Pool {
     /// Ends an inline request with `code` (the caller stops, e.g. `SHUTTING_DOWN`); its
     /// backend connection is closed.
     pub fn end_inline(&self, inline: Inline, code: ErrorCode, push: &mut dyn FnMut(String)) {
-        let Inline { job, pending } = inline;
+        let Running { job, pending } = *inline.0;
         // The shared abort: it records `code` unless a cancel came first, which keeps its
         // answer.
         let (client, id) = (&job.req.client, &job.req.id);
@@ -888,8 +892,7 @@ fn conclude(shared: &Shared, job: &Job, result: Result<(), Fail>, send: &mut dyn
 
 /// Starts a request on an idle backend connection without blocking, or gives the job back for
 /// a worker (no idle connection, an aborted request, a body to be rejected by the worker).
-// The job moves either way (into the inline request or back to the caller); boxing it would
-// cost an allocation per request.
+// A refused job goes back to the caller, which queues it: a move, on the rarer path.
 #[allow(clippy::result_large_err)]
 fn start_inline(shared: &Shared, job: Job, parking: &mut Vec<Parked>) -> Result<Inline, Job> {
     let Ok(body) = request_body(&job.req, &shared.limits) else {
@@ -907,7 +910,7 @@ fn start_inline(shared: &Shared, job: Job, parking: &mut Vec<Parked>) -> Result<
         parking,
     );
     match started {
-        Some(pending) => Ok(Inline { job, pending }),
+        Some(pending) => Ok(Inline(Box::new(Running { job, pending }))),
         None => Err(job),
     }
 }

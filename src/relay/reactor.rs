@@ -12,6 +12,7 @@
 //! longer read until the destination drains (TCP back-pressure reaches the sender).
 
 use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, TcpListener, TcpStream};
 use std::sync::Arc;
@@ -130,6 +131,31 @@ struct AppRoute {
     open: HashSet<String>,
 }
 
+/// Hashes the relay's own connection numbers, which every event and routed frame looks up:
+/// a multiply, where SipHash (which defends maps against keys an attacker chooses) took 7% of
+/// the relay's user time on small requests. The relay counts these numbers up itself, so no
+/// peer can choose them.
+#[derive(Default)]
+struct ConnIdHasher(u64);
+
+impl Hasher for ConnIdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        // Fibonacci hashing: the table takes its index from the low bits and its tag from the
+        // top seven; the odd multiplier spreads consecutive numbers over both.
+        self.0 = (n as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
 /// The routing core.
 pub struct Reactor {
     shared: Arc<Shared>,
@@ -139,7 +165,7 @@ pub struct Reactor {
     jobs: SyncSender<Job>,
     inbox: Receiver<ToReactor>,
     stop: Arc<AtomicBool>,
-    conns: HashMap<ConnId, Conn>,
+    conns: HashMap<ConnId, Conn, BuildHasherDefault<ConnIdHasher>>,
     next_id: ConnId,
     bridges: HashMap<String, BridgeRoute>,
     apps: HashMap<String, AppRoute>,
@@ -184,7 +210,7 @@ impl Reactor {
             jobs,
             inbox,
             stop,
-            conns: HashMap::new(),
+            conns: HashMap::default(),
             next_id: 1,
             bridges: HashMap::new(),
             apps: HashMap::new(),
