@@ -983,23 +983,25 @@ pub fn request_head(raw: &RawFrame<'_>) -> Result<(RequestFrame, usize), String>
         headers: raw_field_not_null(raw, "headers")?.unwrap_or_default(),
         body: None,
         body_base64: raw_field_not_null(raw, "bodyBase64")?.unwrap_or(false),
-        length: raw_field_not_null(raw, "length")?,
+        // `Option<u64>`: `null` is no length, as the typed parse reads it.
+        length: raw_field(raw, "length")?,
     };
     Ok((head, body_len))
 }
 
-/// Frames from this size up are handled in place: the bridge parses a request's body as a
+/// Frames from this size up are handled in place: the bridge keeps a request's body as a
 /// slice of the message ([`parse_message`]) and the relay forwards the frame as slices of the
 /// message it arrived in; smaller frames are cheaper to copy.
 pub const LARGE_FRAME: usize = 64 << 10;
 
-/// Parses a received text message like [`parse_frame`]; a large request's body is kept as a
-/// slice of the message ([`SharedStr`]) instead of being copied out of it.
+/// Parses a received text message like [`parse_frame`] (the same frames are accepted and
+/// refused, except that more than [`MAX_FIELDS`] top-level fields are refused, as the relay
+/// refuses them; `tests/fuzz.rs` checks it). Requests and their chunks, most of what a bridge
+/// reads, are read from the frame's members ([`parse_raw`]) at any size: the typed parse of an
+/// internally tagged enum first copies every member into a buffer of its own. A large body is
+/// kept as a slice of the message ([`SharedStr`]) instead of being copied out of it.
 pub fn parse_message(message: &Utf8Bytes) -> Result<Frame, String> {
     let text = message.as_str();
-    if text.len() < LARGE_FRAME {
-        return parse_frame(text);
-    }
     let raw = parse_raw(text).map_err(|e| format!("malformed frame: {e}"))?;
     let body = || -> Result<Option<SharedStr>, String> {
         Ok(match raw.get("body") {
@@ -1420,5 +1422,46 @@ mod tests {
             assert!(parse_frame(&small).is_err(), "{field}");
             assert!(parse_message(&Utf8Bytes::from(large)).is_err(), "{field}");
         }
+    }
+
+    #[test]
+    fn the_bridge_reader_agrees_with_the_typed_parse_on_edge_cases() {
+        let r = r#""type":"request","id":"a","method":"GET","path":"/api/x""#;
+        let cases = [
+            format!("{{{r}}}"),
+            format!(r#"{{{r},"id":"b"}}"#),
+            format!(r#"{{{r},"headers":null}}"#),
+            format!(r#"{{{r},"headers":{{"a":"b","a":"c"}}}}"#),
+            format!(r#"{{{r},"headers":{{"a":1}}}}"#),
+            format!(r#"{{{r},"bodyBase64":null}}"#),
+            format!(r#"{{{r},"length":null}}"#),
+            format!(r#"{{{r},"length":-1}}"#),
+            format!(r#"{{{r},"client":null,"body":null}}"#),
+            format!(r#"{{{r},"body":"x","body":"y"}}"#),
+            format!(r#"{{{r},"body":"\ud800"}}"#),
+            format!(r#"{{{r},"x":{{"y":[1,2,{{"z":null}}]}}}}"#),
+            format!(r#" {{{r}}} "#),
+            r#"{"type":"request","\u0069d":"a","method":"GET","path":"/api/x"}"#.to_owned(),
+            r#"{"type":"request","id":1,"method":"GET","path":"/api/x"}"#.to_owned(),
+            r#"{"type":"request.chunk","id":"a","body":"QQ==","bodyBase64":true}"#.to_owned(),
+            r#"{"type":"request.chunk","id":"a","body":null}"#.to_owned(),
+            r#"{"type":"request.chunk","id":"a"}"#.to_owned(),
+            r#"{"type":"cancel","id":"a"}"#.to_owned(),
+            r#"{"type":"nope","id":"a"}"#.to_owned(),
+        ];
+        for text in cases {
+            let (ours, typed) = (parse_message(&Utf8Bytes::from(text.clone())), parse_frame(&text));
+            match (&ours, &typed) {
+                (Ok(a), Ok(b)) => assert_eq!(a, b, "{text}"),
+                (Err(_), Err(_)) => {}
+                _ => panic!("{text}: {ours:?} against {typed:?}"),
+            }
+        }
+        // The one difference: like the relay, the bridge refuses a frame of too many fields.
+        let many: String = (0..MAX_FIELDS).map(|i| format!(r#","x{i}":1"#)).collect();
+        let text = format!("{{{r}{many}}}");
+        assert!(parse_frame(&text).is_ok());
+        let refused = parse_message(&Utf8Bytes::from(text)).unwrap_err();
+        assert!(refused.contains("top-level fields"), "{refused}");
     }
 }
