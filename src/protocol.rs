@@ -768,8 +768,8 @@ impl Frame {
     }
 }
 
-/// A string that may share its memory with the WebSocket message it was read from: a request
-/// body of up to 16 MiB is never copied out of its frame ([`parse_message`]). It reads as a
+/// A string that may share its memory with the WebSocket message it was read from: the body of
+/// a request frame of 64 KiB to 16 MiB is not copied out of its frame ([`parse_message`]). It reads as a
 /// `&str` and serialises as a JSON string.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct SharedStr(
@@ -994,12 +994,15 @@ pub fn request_head(raw: &RawFrame<'_>) -> Result<(RequestFrame, usize), String>
 /// message it arrived in; smaller frames are cheaper to copy.
 pub const LARGE_FRAME: usize = 64 << 10;
 
-/// Parses a received text message like [`parse_frame`] (the same frames are accepted and
-/// refused, except that more than [`MAX_FIELDS`] top-level fields are refused, as the relay
-/// refuses them; `tests/fuzz.rs` checks it). Requests and their chunks, most of what a bridge
-/// reads, are read from the frame's members ([`parse_raw`]) at any size: the typed parse of an
-/// internally tagged enum first copies every member into a buffer of its own. A large body is
-/// kept as a slice of the message ([`SharedStr`]) instead of being copied out of it.
+/// Parses a received text message like [`parse_frame`]: what both accept reads the same, and
+/// what [`parse_frame`] refuses is refused; `tests/fuzz.rs` checks it. Every frame is first
+/// read as its members ([`parse_raw`]), so, as at the relay, a frame that is not a JSON
+/// object, gives a top-level field twice or has more than [`MAX_FIELDS`] of them is refused
+/// here even where the typed parse would take it. Requests and their chunks, most of what a
+/// bridge reads, are built from those members at any size (the typed parse of an internally
+/// tagged enum first copies every member into a buffer of its own); other frames are parsed
+/// again by [`parse_frame`]. The body of a frame of [`LARGE_FRAME`] or more is kept as a
+/// slice of the message ([`SharedStr`]) instead of being copied out of it.
 pub fn parse_message(message: &Utf8Bytes) -> Result<Frame, String> {
     let text = message.as_str();
     let raw = parse_raw(text).map_err(|e| format!("malformed frame: {e}"))?;
@@ -1009,11 +1012,12 @@ pub fn parse_message(message: &Utf8Bytes) -> Result<Frame, String> {
             // Without escapes the JSON string's contents are the body itself.
             Some(quoted) if quoted.starts_with('"') && !quoted.contains('\\') => {
                 let inner = quoted.get(1..quoted.len().saturating_sub(1)).unwrap_or_default();
-                // `raw` borrows from the message, so the slice is found; a copy otherwise, and
-                // also when the body is the smaller part of the message: a slice keeps the
-                // whole message alive, and an upload's window counts only body bytes.
+                // `raw` borrows from the message, so the slice is found. A copy when the frame
+                // is small or the body the smaller part of it: a slice keeps alive the whole
+                // message, and with it the read buffer it was cut from (as large as the
+                // largest message lately), and an upload's window counts only body bytes.
                 SharedStr::slice_of(message, inner)
-                    .filter(|_| inner.len() >= text.len() / 2)
+                    .filter(|_| text.len() >= LARGE_FRAME && inner.len() >= text.len() / 2)
                     .or_else(|| Some(inner.into()))
             }
             Some(quoted) => Some(
@@ -1457,11 +1461,41 @@ mod tests {
                 _ => panic!("{text}: {ours:?} against {typed:?}"),
             }
         }
-        // The one difference: like the relay, the bridge refuses a frame of too many fields.
+        // The differences: like the relay, the bridge refuses a frame of too many fields, an
+        // unknown field given twice and the array form of a frame.
         let many: String = (0..MAX_FIELDS).map(|i| format!(r#","x{i}":1"#)).collect();
-        let text = format!("{{{r}{many}}}");
-        assert!(parse_frame(&text).is_ok());
-        let refused = parse_message(&Utf8Bytes::from(text)).unwrap_err();
-        assert!(refused.contains("top-level fields"), "{refused}");
+        for (text, why) in [
+            (format!("{{{r}{many}}}"), "top-level fields"),
+            (format!(r#"{{{r},"x":1,"x":2}}"#), "duplicate field"),
+            (r#"{"type":"cancel","id":"a","x":1,"x":2}"#.to_owned(), "duplicate field"),
+            (r#"["request","a",null,"GET","/api/x"]"#.to_owned(), "JSON object"),
+            (r#"["cancel","a"]"#.to_owned(), "JSON object"),
+        ] {
+            assert!(parse_frame(&text).is_ok(), "{text}");
+            let refused = parse_message(&Utf8Bytes::from(text)).unwrap_err();
+            assert!(refused.contains(why), "{refused}");
+        }
+    }
+
+    #[test]
+    fn only_the_body_of_a_large_frame_stays_inside_its_message() {
+        // tungstenite cuts each message out of its read buffer, which keeps the size of the
+        // largest message lately: a small body kept as a slice would keep all of it alive.
+        let body = |len: usize| "QUFB".repeat(len / 4);
+        for (len, shared) in [(200, false), (LARGE_FRAME, true)] {
+            let frame = format!(
+                r#"{{"type":"request","id":"a","method":"POST","path":"/api/x","body":"{}","bodyBase64":true}}"#,
+                body(len)
+            );
+            let mut buffer = frame.clone().into_bytes();
+            buffer.resize(4 << 20, b' ');
+            let buffer = Bytes::from(buffer);
+            let message = Utf8Bytes::try_from(buffer.slice(..frame.len())).unwrap();
+            let Ok(Frame::Request(req)) = parse_message(&message) else { panic!("{frame}") };
+            let kept = req.body.unwrap();
+            assert_eq!(&*kept, body(len));
+            let inside = buffer.as_ptr_range().contains(&kept.as_ptr());
+            assert_eq!(inside, shared, "body of {len} bytes");
+        }
     }
 }

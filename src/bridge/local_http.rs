@@ -1200,6 +1200,16 @@ fn deadline_after(after: Duration) -> Option<Instant> {
     Instant::now().checked_add(after)
 }
 
+/// How much one read may append to a body's read buffer: what is left of [`READ_BUF`], so a
+/// few bytes carried over from the last read do not double the buffer (and keep
+/// [`Conn::keep_rbuf`] from keeping it), and a whole [`READ_BUF`] once it is half full.
+fn read_room(rbuf: &[u8]) -> usize {
+    match READ_BUF - rbuf.len().min(READ_BUF) {
+        room if room >= READ_BUF / 2 => room,
+        _ => READ_BUF,
+    }
+}
+
 /// A connection to the backend with the socket options it has now, so that an option is only
 /// set (one `setsockopt`) when it must change. TCP_NODELAY is set once, in
 /// [`LocalClient::connect`].
@@ -1438,7 +1448,8 @@ impl BodyReader {
     fn fill_now(&mut self) -> io::Result<usize> {
         self.compact();
         let Some(conn) = self.conn.as_ref() else { return Ok(0) };
-        crate::http::recv_appending_now(&conn.stream, &mut self.rbuf, READ_BUF)
+        let room = read_room(&self.rbuf);
+        crate::http::recv_appending_now(&conn.stream, &mut self.rbuf, room)
     }
 
     /// True once the whole body has been read.
@@ -1510,7 +1521,8 @@ impl BodyReader {
         // The body gap bounds each read on its own.
         let deadline = deadline_after(self.gap);
         let r = if to_rbuf {
-            conn.append_by(&mut self.rbuf, READ_BUF, deadline)
+            let room = read_room(&self.rbuf);
+            conn.append_by(&mut self.rbuf, room, deadline)
         } else {
             conn.read_by(out, deadline)
         };
@@ -1930,6 +1942,19 @@ mod tests {
         assert_eq!(o.accepted.load(Ordering::SeqCst), 1);
         let conn = c.take_idle().expect("the connection went back to the pool");
         assert!(conn.rbuf.is_empty() && conn.rbuf.capacity() <= READ_BUF);
+    }
+
+    #[test]
+    fn a_read_fills_the_buffer_up_to_its_size_before_it_grows() {
+        assert_eq!(read_room(&[]), READ_BUF);
+        assert_eq!(read_room(&[0; 100]), READ_BUF - 100);
+        let mut buf = vec![0u8; 100];
+        buf.reserve_exact(READ_BUF - 100);
+        buf.reserve(read_room(&buf));
+        assert_eq!(buf.capacity(), READ_BUF, "carried-over bytes must not double the buffer");
+        // Half full and more: a whole READ_BUF more (a body read whole grows as it must).
+        assert_eq!(read_room(&vec![0; READ_BUF / 2 + 1]), READ_BUF);
+        assert_eq!(read_room(&vec![0; 3 * READ_BUF]), READ_BUF);
     }
 
     #[test]
