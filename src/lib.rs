@@ -16,6 +16,7 @@ pub mod cli;
 pub mod daemon;
 pub mod devices;
 pub mod doctor;
+pub mod fasthash;
 pub mod gateway;
 pub mod http;
 pub mod jsonscan;

@@ -9,7 +9,9 @@
 //! `response.error`), sent by the thread that owns the request; a cancel only aborts the local
 //! exchange, which makes that thread answer `CANCELLED` at once.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
+
+use crate::fasthash::FastMap;
 use std::io::Read;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -334,7 +336,7 @@ pub enum Interest {
 /// Open requests and the shutdown state, under one lock.
 struct OpenState {
     /// Every accepted request that has not had its terminal frame sent yet.
-    map: HashMap<Key, Open>,
+    map: FastMap<Key, Open>,
     /// Set by [`Pool::shutdown`]: new requests are refused with this code.
     closing: Option<ErrorCode>,
 }
@@ -393,7 +395,7 @@ impl Pool {
             client: LocalClient::new(&target.host, target.port),
             allowed: target.allowed_prefixes,
             limits,
-            open: Mutex::new(OpenState { map: HashMap::new(), closing: None }),
+            open: Mutex::new(OpenState { map: FastMap::default(), closing: None }),
             drained: Condvar::new(),
             queue: Mutex::new(Queue {
                 jobs: VecDeque::new(),

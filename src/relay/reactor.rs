@@ -11,8 +11,7 @@
 //! queue: when a destination holds more than `max_queued_bytes`, the socket feeding it is no
 //! longer read until the destination drains (TCP back-pressure reaches the sender).
 
-use std::collections::{HashMap, HashSet};
-use std::hash::{BuildHasherDefault, Hasher};
+use crate::fasthash::{FastMap, FastSet};
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, TcpListener, TcpStream};
 use std::sync::Arc;
@@ -117,7 +116,7 @@ struct BridgeRoute {
     conn: Option<ConnId>,
     instance: String,
     /// clientIds of attached apps.
-    apps: HashSet<String>,
+    apps: FastSet<String>,
     /// Requests open through this bridge.
     open: usize,
 }
@@ -128,32 +127,7 @@ struct AppRoute {
     bridge_id: String,
     device_name: String,
     /// Request ids open from this app.
-    open: HashSet<String>,
-}
-
-/// Hashes the relay's own connection numbers, which every event and routed frame looks up:
-/// a multiply, where SipHash (which defends maps against keys an attacker chooses) took 7% of
-/// the relay's user time on small requests. The relay counts these numbers up itself, so no
-/// peer can choose them.
-#[derive(Default)]
-struct ConnIdHasher(u64);
-
-impl Hasher for ConnIdHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-
-    fn write_usize(&mut self, n: usize) {
-        // Fibonacci hashing: the table takes its index from the low bits and its tag from the
-        // top seven; the odd multiplier spreads consecutive numbers over both.
-        self.0 = (n as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
+    open: FastSet<String>,
 }
 
 /// The routing core.
@@ -165,10 +139,10 @@ pub struct Reactor {
     jobs: SyncSender<Job>,
     inbox: Receiver<ToReactor>,
     stop: Arc<AtomicBool>,
-    conns: HashMap<ConnId, Conn, BuildHasherDefault<ConnIdHasher>>,
+    conns: FastMap<ConnId, Conn>,
     next_id: ConnId,
-    bridges: HashMap<String, BridgeRoute>,
-    apps: HashMap<String, AppRoute>,
+    bridges: FastMap<String, BridgeRoute>,
+    apps: FastMap<String, AppRoute>,
     /// Connections with input already buffered in user space (TLS or tungstenite).
     ready: Vec<ConnId>,
     /// WebSockets with routed frames queued during this turn of the loop; flushed once at its
@@ -210,10 +184,10 @@ impl Reactor {
             jobs,
             inbox,
             stop,
-            conns: HashMap::default(),
+            conns: FastMap::default(),
             next_id: 1,
-            bridges: HashMap::new(),
-            apps: HashMap::new(),
+            bridges: FastMap::default(),
+            apps: FastMap::default(),
             ready: Vec::new(),
             dirty: Vec::new(),
             read_texts: Vec::new(),
@@ -1184,7 +1158,7 @@ impl Reactor {
                 conn: id,
                 bridge_id: bridge_id.clone(),
                 device_name: device_name.clone(),
-                open: HashSet::new(),
+                open: FastSet::default(),
             },
         );
         self.shared.presence().apps.insert(client_id.clone());
