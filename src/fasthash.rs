@@ -2,12 +2,12 @@
 //! the bridge's open requests.
 //!
 //! std's `HashMap` hashes with SipHash-1-3, which keeps a map fast even when an attacker
-//! chooses its keys. It took 7% of the relay's user time per small request and 5% of the
+//! chooses its keys. It took 7% of the relay's user time per small request and 4% of the
 //! bridge's at c16 (docs/PERFORMANCE.md, stop 18). The maps that use [`FastMap`] and
 //! [`FastSet`] do not need that defence: their keys are numbers and ids that the relay or the
 //! registry hands out, or request ids an app chooses among its own open requests, of which
-//! there are at most 32 per app (256 per bridge): colliding ids would only slow that one app's
-//! own lookups, within that bound.
+//! there are at most 32 per app (256 per bridge): ids made to collide cost a lookup at most a
+//! scan of that many entries.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};

@@ -1,6 +1,6 @@
 //! A JSON object's top level split into its members, each value kept as its raw text.
 //!
-//! How the relay reads every request and response frame, and the bridge a large one: routing
+//! How the relay reads every request and response frame, and the bridge every frame: routing
 //! needs a few small fields, while the body (up to 16 MiB of base64 in one string) is only
 //! checked and passed on. `serde_json` checks a string 8 bytes per step; the scan here checks
 //! it 64 bytes per step in a loop the compiler vectorises, about 3× faster on 16 MiB

@@ -184,8 +184,8 @@ fn fuzz_frames() {
     assert!(runs > 100);
 }
 
-/// Frames of 64 KiB or more go through `parse_message`, which keeps a request's body inside
-/// the message: whatever it accepts, the plain parse reads the same way.
+/// In frames of 64 KiB or more `parse_message` keeps a request's body inside the message:
+/// whatever it accepts, the plain parse reads the same way.
 #[test]
 fn fuzz_large_frames() {
     let pad = "QUFB".repeat(16 << 10);
