@@ -769,8 +769,8 @@ impl Frame {
 }
 
 /// A string that may share its memory with the WebSocket message it was read from: the body of
-/// a request frame of 64 KiB to 16 MiB is not copied out of its frame ([`parse_message`]). It reads as a
-/// `&str` and serialises as a JSON string.
+/// a request frame of 64 KiB to 16 MiB is not copied out of its frame ([`parse_message`]). It
+/// reads as a `&str` and serialises as a JSON string.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct SharedStr(
     /// Always valid UTF-8: every constructor takes a `String`, a `&str` or a slice of a
