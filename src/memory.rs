@@ -139,8 +139,8 @@ impl BlockCache {
         };
         for &(Block(ptr), class) in &blocks[..len] {
             // SAFETY: each kept block came from `System.alloc` or `System.alloc_zeroed` with
-            // this layout (see `alloc`) and is owned by the cache alone; it was just removed from the list, so it is freed
-            // once.
+            // this layout (see `alloc`) and is owned by the cache alone; it was just removed
+            // from the list, so it is freed once.
             unsafe { System.dealloc(ptr, class_layout(class)) };
         }
     }

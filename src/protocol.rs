@@ -864,17 +864,16 @@ impl<'a> RawFrame<'a> {
     /// The frame written anew, with `client` (when given) as its first field and every other
     /// field as it arrived.
     pub fn to_json(&self, client: Option<&str>) -> String {
-        let quote = |s: &str| serde_json::Value::from(s).to_string();
         let mut out = String::from("{");
         if let Some(client) = client {
             out.push_str("\"client\":");
-            out.push_str(&quote(client));
+            out.push_str(&json_string(client));
         }
         for (name, value) in self.fields() {
             if out.len() > 1 {
                 out.push(',');
             }
-            out.push_str(&quote(name));
+            out.push_str(&json_string(name));
             out.push(':');
             out.push_str(value);
         }
@@ -1044,19 +1043,24 @@ pub fn parse_message(message: &Utf8Bytes) -> Result<Frame, String> {
     }
 }
 
+/// `s` as a JSON string: quoted, and escaped as `serde_json` escapes it.
+pub fn json_string(s: &str) -> String {
+    // Serialising a `str` cannot fail (no map keys, no I/O).
+    serde_json::to_string(s).unwrap_or_default()
+}
+
 /// The JSON of a `response.chunk` frame whose body is `bytes` in base64, the same text as
 /// [`Frame::to_json`] gives. It is written in one pass: base64 needs no escaping, so a 256 KiB
 /// chunk is encoded straight into the frame (with SIMD where the CPU has it) instead of into a
 /// string that serialisation then scans for escapes and copies.
 pub fn base64_chunk_json(mut out: String, id: &str, client: Option<&str>, bytes: &[u8]) -> String {
-    let quoted = |s: &str| serde_json::Value::from(s).to_string();
     out.clear();
     out.reserve(bytes.len().div_ceil(3) * 4 + 128);
     out.push_str(r#"{"type":"response.chunk","id":"#);
-    out.push_str(&quoted(id));
+    out.push_str(&json_string(id));
     if let Some(client) = client {
         out.push_str(r#","client":"#);
-        out.push_str(&quoted(client));
+        out.push_str(&json_string(client));
     }
     out.push_str(r#","body":""#);
     base64_simd::STANDARD.encode_append(bytes, &mut out);

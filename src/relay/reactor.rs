@@ -1404,7 +1404,7 @@ fn client_prefix(client_id: &str, rest: usize) -> String {
     let quoted = if client_id.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\') {
         None
     } else {
-        Some(serde_json::Value::from(client_id).to_string())
+        Some(p::json_string(client_id))
     };
     let quoted_len = quoted.as_ref().map_or(client_id.len() + 2, String::len);
     // Exactly the frame's length: the message made of it then needs no allocation of its own.
