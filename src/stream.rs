@@ -1,9 +1,9 @@
 //! The byte stream under a WebSocket on a readiness-driven thread (the relay's reactor, the
 //! bridge's relay socket, the LAN server): plain TCP or TLS, for plain TCP a memory of having
-//! been read dry, and, once asked, a follower of the frames it hands tungstenite
-//! ([`crate::wsread::FrameTracker`]), which tells when tungstenite holds no unread byte.
+//! been read dry, and, for a client's handshake, a keeper of the bytes read past the
+//! response's head (the first frames, which [`crate::wsread::WsReader`] then reads).
 //!
-//! tungstenite reads until the socket would block, so every message used to cost one more
+//! A reader reads until the socket would block, so every message used to cost one more
 //! `recv` that returned `EAGAIN`. A read that returns fewer bytes than asked for has emptied a
 //! plain socket; the next read then answers `WouldBlock` without a syscall, until the owner
 //! reports readiness again ([`Stream::mark_ready`]). Level-triggered polling reports any byte
@@ -12,8 +12,6 @@
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
-
-use crate::wsread::FrameTracker;
 
 /// A plain or TLS byte stream.
 pub struct Stream {
@@ -24,21 +22,22 @@ pub struct Stream {
     drained: bool,
     /// Writes through [`Write`] answer `WouldBlock` (a frame is being written around them).
     held: bool,
-    /// Follows the WebSocket frames in the bytes handed out, once asked to.
-    frames: FrameWatch,
+    /// Keeps the bytes read past an HTTP head, once asked to.
+    head: HeadScan,
 }
 
-/// How far [`Stream`] follows the frames in what it reads ([`FrameTracker`]).
+/// Where [`Stream`] is in finding the end of an HTTP head (a handshake's response) in what
+/// it reads, to keep what follows it.
 #[derive(Debug)]
-enum FrameWatch {
+enum HeadScan {
     /// Not asked to.
     Off,
-    /// Looking for the end of an HTTP head (a handshake's response); the frames start after it.
-    /// The state: `Some(0)` in a line, `Some(1)` after LF, `Some(2)` after LF CR; `None` before
-    /// the head's first byte (leading empty lines are skipped, as httparse skips them).
-    Head(Option<u8>),
-    /// Following the frames.
-    Frames(FrameTracker),
+    /// Looking for the end. The state: `Some(0)` in a line, `Some(1)` after LF, `Some(2)`
+    /// after LF CR; `None` before the head's first byte (leading empty lines are skipped, as
+    /// httparse skips them).
+    Looking(Option<u8>),
+    /// Found: the bytes read after it.
+    After(Vec<u8>),
 }
 
 enum Inner {
@@ -54,7 +53,7 @@ impl Stream {
             armed: false,
             drained: false,
             held: false,
-            frames: FrameWatch::Off,
+            head: HeadScan::Off,
         }
     }
 
@@ -65,7 +64,7 @@ impl Stream {
             armed: false,
             drained: false,
             held: false,
-            frames: FrameWatch::Off,
+            head: HeadScan::Off,
         }
     }
 
@@ -77,35 +76,19 @@ impl Stream {
         }
     }
 
-    /// Starts following the WebSocket frames in what this stream reads from now on, after
-    /// `already`: the bytes read past the HTTP upgrade request, which tungstenite is handed
-    /// first (a server's side).
-    pub fn track_frames(&mut self, already: &[u8]) {
-        let mut t = FrameTracker::default();
-        t.feed(already);
-        self.frames = FrameWatch::Frames(t);
+    /// Keeps the bytes that the next reads bring after an HTTP head (a client's side: the
+    /// handshake's response, and frames read along with it). Call [`Stream::end_head_scan`]
+    /// once the handshake is done.
+    pub fn keep_after_head(&mut self) {
+        self.head = HeadScan::Looking(None);
     }
 
-    /// Follows the WebSocket frames that come after the HTTP head the next reads bring (a
-    /// client's side: the handshake's response, and frame bytes read along with it). Call
-    /// [`Stream::end_head_scan`] once the handshake is done.
-    pub fn track_frames_after_head(&mut self) {
-        self.frames = FrameWatch::Head(None);
-    }
-
-    /// Stops looking for the head if the handshake ended without it being found; nothing is
-    /// followed then.
-    pub fn end_head_scan(&mut self) {
-        if matches!(self.frames, FrameWatch::Head(_)) {
-            self.frames = FrameWatch::Off;
-        }
-    }
-
-    /// The frames followed so far, if they are followed.
-    pub fn frames(&self) -> Option<&FrameTracker> {
-        match &self.frames {
-            FrameWatch::Frames(t) => Some(t),
-            _ => None,
+    /// Stops looking for the head: the bytes read after it (none if it was not found), which
+    /// were handed to the handshake but belong to the frames.
+    pub fn end_head_scan(&mut self) -> Vec<u8> {
+        match std::mem::replace(&mut self.head, HeadScan::Off) {
+            HeadScan::After(bytes) => bytes,
+            _ => Vec::new(),
         }
     }
 
@@ -161,32 +144,28 @@ impl Read for Stream {
             }
             Inner::Tls(s) => s.read(buf)?,
         };
-        let mut read = &buf[..n];
-        if let FrameWatch::Head(mut state) = self.frames {
-            let mut end = None;
-            for (i, &b) in read.iter().enumerate() {
-                // The head ends at LF LF or LF CR LF (httparse's rule; CR LF CR LF included).
-                state = match (state, b) {
-                    (None, b'\r' | b'\n') => None,
-                    (Some(1 | 2), b'\n') => {
-                        end = Some(i + 1);
-                        break;
-                    }
-                    (_, b'\n') => Some(1),
-                    (Some(1), b'\r') => Some(2),
-                    _ => Some(0),
-                };
-            }
-            match end {
-                Some(at) => {
-                    self.frames = FrameWatch::Frames(FrameTracker::default());
-                    read = &read[at..];
+        let mut end = None;
+        match &mut self.head {
+            HeadScan::Off => {}
+            HeadScan::After(kept) => kept.extend_from_slice(&buf[..n]),
+            HeadScan::Looking(state) => {
+                for (i, &b) in buf[..n].iter().enumerate() {
+                    // The head ends at LF LF or LF CR LF (httparse's rule; CR LF CR LF included).
+                    *state = match (*state, b) {
+                        (None, b'\r' | b'\n') => None,
+                        (Some(1 | 2), b'\n') => {
+                            end = Some(i + 1);
+                            break;
+                        }
+                        (_, b'\n') => Some(1),
+                        (Some(1), b'\r') => Some(2),
+                        _ => Some(0),
+                    };
                 }
-                None => self.frames = FrameWatch::Head(state),
             }
         }
-        if let FrameWatch::Frames(t) = &mut self.frames {
-            t.feed(read);
+        if let Some(at) = end {
+            self.head = HeadScan::After(buf[at..n].to_vec());
         }
         Ok(n)
     }
@@ -267,7 +246,7 @@ mod tests {
     }
 
     #[test]
-    fn frames_are_followed_from_the_end_of_the_head() {
+    fn the_bytes_after_the_head_are_kept() {
         // CR LF CR LF, and httparse's bare-LF ending after leading empty lines; each head is
         // followed by a frame whose text looks like a head's end.
         let frame = [&[0x81u8, 4][..], b"\r\n\r\n"].concat();
@@ -280,31 +259,27 @@ mod tests {
                 let (tcp, _) = l.accept().unwrap();
                 tcp.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
                 let mut s = Stream::plain(tcp);
-                s.track_frames_after_head();
-                peer.write_all(head).unwrap();
-                read_through(&mut s, chunk, head.len());
-                assert!(s.frames().is_some(), "head ended ({chunk}-byte reads)");
-                assert_eq!(s.frames().unwrap().messages(), 0);
-                peer.write_all(&frame).unwrap();
-                read_through(&mut s, chunk, frame.len());
-                let f = s.frames().unwrap();
-                assert_eq!((f.messages(), f.at_message_end()), (1, true), "{chunk}-byte reads");
+                s.keep_after_head();
+                peer.write_all(&[head, &frame].concat()).unwrap();
+                read_through(&mut s, chunk, head.len() + frame.len());
+                assert_eq!(s.end_head_scan(), frame, "{chunk}-byte reads");
+                // Later reads are not kept.
+                peer.write_all(b"more").unwrap();
+                read_through(&mut s, chunk, 4);
+                assert_eq!(s.end_head_scan(), b"");
             }
         }
     }
 
     #[test]
-    fn a_handshake_without_a_head_end_follows_nothing() {
+    fn a_handshake_without_a_head_end_keeps_nothing() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let mut peer = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (tcp, _) = l.accept().unwrap();
         let mut s = Stream::plain(tcp);
-        s.track_frames_after_head();
+        s.keep_after_head();
         peer.write_all(b"HTTP/1.1 101 Ok\r\n").unwrap();
         read_through(&mut s, 64, 17);
-        s.end_head_scan();
-        peer.write_all(b"\r\n\x81\x00").unwrap();
-        read_through(&mut s, 64, 4);
-        assert!(s.frames().is_none());
+        assert_eq!(s.end_head_scan(), b"");
     }
 }

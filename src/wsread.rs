@@ -1,382 +1,565 @@
-//! Giving back tungstenite's read buffer after a large message, on the readiness-driven
-//! threads that keep WebSockets open for months (the relay's reactor, the bridge's relay
-//! socket, the LAN server).
+//! Reading WebSocket messages (RFC 6455 §5) on the readiness-driven threads that keep
+//! WebSockets open for months: the relay's reactor, the bridge's relay socket, the LAN server.
+//! tungstenite still does the handshakes and the writing; this is its read side, for three
+//! reasons it could not serve:
+//! - tungstenite zero-fills its whole read size (16 KiB here) before every read, even one that
+//!   brings a 200-byte frame or nothing at all: about a tenth of the relay's user time at c16.
+//!   [`WsReader`] zero-fills its small buffer once, when it is first needed, and reads a large
+//!   frame's payload straight into a buffer of that frame's size.
+//! - tungstenite keeps its read buffer at the size of the largest message for as long as the
+//!   connection lives (tungstenite-rs #480): 12 MiB for every peer that once sent a 12 MiB
+//!   request. Here a large payload's buffer is the message itself, freed with it.
+//! - the rules for what a peer may send are ours to state (PROTOCOL §6): one limit for frames
+//!   and messages, masking by role, no extensions.
 //!
-//! tungstenite keeps its read buffer at the size of the largest message a connection sent,
-//! for as long as the connection lives (tungstenite-rs #480): 12 MiB for every peer that once
-//! sent a 12 MiB request, until it disconnects. The stream under the WebSocket follows the
-//! frames it hands tungstenite ([`FrameTracker`], headers only); a while after a large message,
-//! when those bytes end exactly at the end of a message that tungstenite has returned, and
-//! nothing is left to write, [`Reclaim`] gives the connection a fresh tungstenite context, and
-//! with it a small read buffer.
+//! Control frames are returned to the caller, who answers them: a ping with a pong, a close
+//! with a close ([`close_reply`]).
 
-use std::time::{Duration, Instant};
+use std::io::{self, Read};
 
 use tungstenite::protocol::Role;
-use tungstenite::{Message, WebSocket};
+use tungstenite::protocol::frame::CloseFrame;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::{Bytes, Utf8Bytes};
 
-use crate::stream::Stream;
+/// The small-frame buffer: frames up to this size (header included) are read into it with
+/// as few reads as the socket allows; larger payloads get a buffer of their own.
+pub const READ_SIZE: usize = 16 << 10;
 
-/// Messages from this size up leave a read buffer worth giving back.
-pub const RECLAIM_MIN: usize = 1 << 20;
-
-/// How long after its last large message a connection's read buffer is renewed. Back-to-back
-/// uploads keep reusing it: renewing it after each one cost about 15% of upload speed (a fresh
-/// 16 MiB buffer is ~4,000 page faults).
-pub const RECLAIM_AFTER: Duration = Duration::from_secs(2);
-
-/// Follows WebSocket frames (RFC 6455 §5.2) in a byte stream: it reads each frame's header and
-/// skips its payload, counting the messages that end, the way tungstenite returns them (a data
-/// frame with FIN ends a message, each control frame is one).
-#[derive(Debug, Default)]
-pub struct FrameTracker {
-    /// Bytes fed so far.
-    fed: u64,
-    /// The current frame's header bytes so far.
-    header: [u8; 14],
-    header_len: usize,
-    /// Payload bytes of the current frame still to come, once its header is whole.
-    payload_left: Option<u64>,
-    /// A fragmented data message has begun and not ended.
-    fragmented: bool,
-    /// Messages ended so far.
-    messages: u64,
-    /// `fed` where the last message ended outside a fragmented one.
-    boundary: u64,
+/// A message read from a WebSocket.
+#[derive(Debug)]
+pub enum Incoming {
+    /// A text message (UTF-8, checked).
+    Text(Utf8Bytes),
+    /// A binary message.
+    Binary(Bytes),
+    /// A ping; answer it with a pong carrying the same payload.
+    Ping(Bytes),
+    /// A pong.
+    Pong(Bytes),
+    /// The peer's close frame; answer it with [`close_reply`], then close the socket.
+    Close(Option<CloseFrame>),
 }
 
-impl FrameTracker {
-    /// Follows `bytes`, the next ones of the stream.
-    pub fn feed(&mut self, mut bytes: &[u8]) {
-        while !bytes.is_empty() {
-            if let Some(left) = self.payload_left {
-                let n = left.min(bytes.len() as u64);
-                self.skip(&mut bytes, n as usize);
-                self.payload_left = Some(left - n);
-                if left == n {
-                    self.frame_ended();
-                }
-                continue;
-            }
-            let want = self.header_size();
-            let n = (want - self.header_len).min(bytes.len());
-            self.header[self.header_len..self.header_len + n].copy_from_slice(&bytes[..n]);
-            self.header_len += n;
-            self.skip(&mut bytes, n);
-            if self.header_len == self.header_size() {
-                let payload = match self.header[1] & 0x7F {
-                    126 => u64::from(u16::from_be_bytes([self.header[2], self.header[3]])),
-                    127 => u64::from_be_bytes(self.header[2..10].try_into().unwrap_or_default()),
-                    len => u64::from(len),
-                };
-                self.payload_left = Some(payload);
-                if payload == 0 {
-                    self.frame_ended();
-                }
-            }
+impl Incoming {
+    /// Payload bytes.
+    pub fn len(&self) -> usize {
+        match self {
+            Incoming::Text(t) => t.len(),
+            Incoming::Binary(b) | Incoming::Ping(b) | Incoming::Pong(b) => b.len(),
+            Incoming::Close(f) => f.as_ref().map_or(0, |f| 2 + f.reason.len()),
         }
     }
 
-    /// Moves past `n` bytes of `bytes`.
-    fn skip(&mut self, bytes: &mut &[u8], n: usize) {
-        *bytes = &bytes[n..];
-        self.fed += n as u64;
+    /// True for an empty payload.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Why a read returned no message.
+#[derive(Debug)]
+pub enum ReadError {
+    /// Nothing more can be read now; wait for readiness.
+    WouldBlock,
+    /// A frame or message over the limit: the stream cannot be resynchronised. Close with
+    /// code 1009.
+    TooLarge {
+        /// The size announced (a frame) or reached (a fragmented message).
+        size: u64,
+        /// The limit.
+        max: usize,
+    },
+    /// The peer broke RFC 6455; the connection is unusable.
+    Protocol(&'static str),
+    /// The peer closed the connection without a close frame.
+    Eof,
+    /// The socket failed.
+    Io(io::Error),
+}
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadError::WouldBlock => f.write_str("nothing to read yet"),
+            ReadError::TooLarge { size, max } => {
+                write!(f, "a message of {size} bytes is over the {max}-byte limit")
+            }
+            ReadError::Protocol(what) => write!(f, "WebSocket protocol error: {what}"),
+            ReadError::Eof => f.write_str("the connection closed without a close frame"),
+            ReadError::Io(e) => write!(f, "socket: {e}"),
+        }
+    }
+}
+
+/// Why a socket's reading ended.
+#[derive(Debug)]
+pub enum Ended {
+    /// The peer sent a close frame.
+    Closed(Option<CloseFrame>),
+    /// The stream ended or broke, or the peer broke the rules.
+    Failed(ReadError),
+}
+
+/// A frame header, checked.
+#[derive(Debug, Clone, Copy)]
+struct Header {
+    fin: bool,
+    opcode: u8,
+    mask: Option<[u8; 4]>,
+    len: usize,
+}
+
+/// A frame whose payload is read straight into its own buffer.
+struct LargeFrame {
+    header: Header,
+    payload: Vec<u8>,
+    filled: usize,
+}
+
+/// Reads messages from one WebSocket's byte stream (see the module doc).
+pub struct WsReader {
+    /// Our side: a server requires masked frames, a client unmasked ones.
+    role: Role,
+    /// The largest frame and the largest message.
+    max: usize,
+    /// The small-frame buffer ([`READ_SIZE`], allocated at the first read); unread bytes are
+    /// `buf[start..end]`.
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// A frame too large for `buf`, part-way read.
+    large: Option<LargeFrame>,
+    /// A fragmented data message so far: its opcode and payload.
+    fragments: Option<(u8, Vec<u8>)>,
+}
+
+impl WsReader {
+    /// A reader for our `role`'s side of a connection, refusing frames and messages over
+    /// `max` bytes, that reads `already` (bytes read past the handshake) first.
+    pub fn new(role: Role, max: usize, already: &[u8]) -> WsReader {
+        let mut r =
+            WsReader { role, max, buf: Vec::new(), start: 0, end: 0, large: None, fragments: None };
+        if !already.is_empty() {
+            r.buf = already.to_vec();
+            r.buf.resize(already.len().max(READ_SIZE), 0);
+            r.end = already.len();
+        }
+        r
     }
 
-    /// The size of the current frame's header, as far as its bytes so far tell.
-    fn header_size(&self) -> usize {
-        if self.header_len < 2 {
-            return 2;
+    /// The next message: from what was read before if it holds one, else from `stream`, read
+    /// until a message is whole or the stream would block ([`ReadError::WouldBlock`]).
+    pub fn read(&mut self, stream: &mut impl Read) -> Result<Incoming, ReadError> {
+        loop {
+            if let Some(msg) = self.next_buffered()? {
+                if msg.len() >= crate::protocol::LARGE_FRAME {
+                    crate::memory::note_large_transfer();
+                }
+                return Ok(msg);
+            }
+            self.fill(stream)?;
         }
-        let extended = match self.header[1] & 0x7F {
+    }
+
+    /// The next message among the bytes read so far, if they hold one.
+    fn next_buffered(&mut self) -> Result<Option<Incoming>, ReadError> {
+        loop {
+            if let Some(large) = self.large.take() {
+                if large.filled < large.payload.len() {
+                    self.large = Some(large);
+                    return Ok(None);
+                }
+                match self.frame_done(large.header, large.payload)? {
+                    Some(msg) => return Ok(Some(msg)),
+                    None => continue,
+                }
+            }
+            let unread = &self.buf[self.start..self.end];
+            let Some((header, header_len)) = self.parse_header(unread)? else {
+                return Ok(None);
+            };
+            let have = unread.len() - header_len;
+            let at = self.start + header_len;
+            if have >= header.len {
+                let payload = self.buf[at..at + header.len].to_vec();
+                self.start = at + header.len;
+                if self.start == self.end {
+                    (self.start, self.end) = (0, 0);
+                }
+                match self.frame_done(header, payload)? {
+                    Some(msg) => return Ok(Some(msg)),
+                    None => continue,
+                }
+            }
+            if header_len + header.len <= READ_SIZE {
+                // The rest of a small frame comes into `buf` ([`WsReader::fill`] makes room).
+                return Ok(None);
+            }
+            let mut payload = vec![0; header.len];
+            payload[..have].copy_from_slice(&self.buf[at..self.end]);
+            (self.start, self.end) = (0, 0);
+            self.large = Some(LargeFrame { header, payload, filled: have });
+        }
+    }
+
+    /// Reads once from `stream`: into the large frame's payload if one is part-way, else into
+    /// `buf` after what is unread there (moved to its front first).
+    fn fill(&mut self, stream: &mut impl Read) -> Result<(), ReadError> {
+        if let Some(large) = &mut self.large {
+            large.filled += read_some(stream, &mut large.payload[large.filled..])?;
+            return Ok(());
+        }
+        if self.buf.len() < READ_SIZE {
+            self.buf.resize(READ_SIZE, 0);
+        }
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            (self.start, self.end) = (0, self.end - self.start);
+        }
+        self.end += read_some(stream, &mut self.buf[self.end..])?;
+        Ok(())
+    }
+
+    /// The header at the front of `bytes` and its length, once it is whole; an error for a
+    /// header the rules refuse.
+    fn parse_header(&self, bytes: &[u8]) -> Result<Option<(Header, usize)>, ReadError> {
+        let [first, second, ..] = *bytes else { return Ok(None) };
+        if first & 0x70 != 0 {
+            return Err(ReadError::Protocol("a reserved bit is set (no extension was agreed)"));
+        }
+        let opcode = first & 0x0F;
+        if !matches!(opcode, 0 | 1 | 2 | 8 | 9 | 10) {
+            return Err(ReadError::Protocol("an unknown opcode"));
+        }
+        let masked = second & 0x80 != 0;
+        match self.role {
+            Role::Server if !masked => {
+                return Err(ReadError::Protocol("an unmasked frame from a client"));
+            }
+            Role::Client if masked => {
+                return Err(ReadError::Protocol("a masked frame from a server"));
+            }
+            _ => {}
+        }
+        let extended = match second & 0x7F {
             126 => 2,
             127 => 8,
             _ => 0,
         };
-        let mask = if self.header[1] & 0x80 != 0 { 4 } else { 0 };
-        2 + extended + mask
-    }
-
-    fn frame_ended(&mut self) {
-        let (fin, control) = (self.header[0] & 0x80 != 0, self.header[0] & 0x08 != 0);
-        if control || fin {
-            self.messages += 1;
+        let header_len = 2 + extended + if masked { 4 } else { 0 };
+        if bytes.len() < header_len {
+            return Ok(None);
         }
-        if !control {
-            self.fragmented = !fin;
+        let len = match extended {
+            2 => u64::from(u16::from_be_bytes([bytes[2], bytes[3]])),
+            8 => bytes[2..10].iter().fold(0u64, |n, &b| n << 8 | u64::from(b)),
+            _ => u64::from(second & 0x7F),
+        };
+        let fin = first & 0x80 != 0;
+        if opcode >= 8 {
+            if !fin {
+                return Err(ReadError::Protocol("a fragmented control frame"));
+            }
+            if len > 125 {
+                return Err(ReadError::Protocol("a control frame over 125 bytes"));
+            }
         }
-        if !self.fragmented {
-            self.boundary = self.fed;
+        // A data frame counts towards its message.
+        let so_far = match (&self.fragments, opcode) {
+            (Some((_, parts)), 0) => parts.len() as u64,
+            _ => 0,
+        };
+        if len.saturating_add(so_far) > self.max as u64 {
+            return Err(ReadError::TooLarge { size: len.saturating_add(so_far), max: self.max });
         }
-        self.header_len = 0;
-        self.payload_left = None;
+        let mask = masked.then(|| {
+            let m = &bytes[header_len - 4..header_len];
+            [m[0], m[1], m[2], m[3]]
+        });
+        // `len` is at most `max`, a `usize`.
+        Ok(Some((Header { fin, opcode, mask, len: len as usize }, header_len)))
     }
 
-    /// Messages ended so far.
-    pub fn messages(&self) -> u64 {
-        self.messages
-    }
-
-    /// True when the bytes fed end exactly where a message ended, outside a fragmented one.
-    pub fn at_message_end(&self) -> bool {
-        self.boundary == self.fed && !self.fragmented
-    }
-}
-
-/// The read-side bookkeeping of one WebSocket (see the module doc).
-#[derive(Debug)]
-pub struct Reclaim {
-    /// Our side of the connection (a fresh context needs it).
-    role: Role,
-    /// Messages tungstenite returned.
-    returned: u64,
-    /// When the last message of [`RECLAIM_MIN`] bytes or more was read, unless the context
-    /// was renewed since; never set on a connection whose stream does not follow its frames.
-    large_read: Option<Instant>,
-    /// The stream follows the frames ([`Stream::frames`]).
-    tracked: bool,
-}
-
-impl Reclaim {
-    /// Bookkeeping for `ws`, a WebSocket on our `role`'s side; it can be renewed only if its
-    /// stream follows the frames from their first byte ([`Stream::track_frames`],
-    /// [`Stream::track_frames_after_head`]).
-    pub fn new(role: Role, ws: &WebSocket<Stream>) -> Reclaim {
-        let tracked = ws.get_ref().frames().is_some();
-        Reclaim { role, returned: 0, large_read: None, tracked }
-    }
-
-    /// Counts a message tungstenite returned at `now`.
-    pub fn on_message(&mut self, msg: &Message, now: Instant) {
-        self.returned += 1;
-        if msg.len() >= crate::protocol::LARGE_FRAME {
-            crate::memory::note_large_transfer();
-        }
-        if self.tracked && msg.len() >= RECLAIM_MIN {
-            self.large_read = Some(now);
-        }
-    }
-
-    /// True when reading `ws` now could only find the socket drained: the stream waits for the
-    /// poller to report it again ([`Stream::is_drained`]), what it gave tungstenite ends where
-    /// a message ended and tungstenite returned every message up to there, and the connection
-    /// is open for reading. So no message and no error is due: a bad header tungstenite would
-    /// refuse leaves the bytes short of a message's end, and the read goes ahead.
-    /// The caller skips that read: tungstenite zero-fills its whole read size before each
-    /// read, even one that finds nothing (16 KiB a time here).
-    pub fn nothing_to_read(&self, ws: &WebSocket<Stream>) -> bool {
-        let stream = ws.get_ref();
-        stream.is_drained()
-            && ws.can_read()
-            && stream.frames().is_some_and(|f| f.at_message_end() && f.messages() == self.returned)
-    }
-
-    /// When the read buffer should be renewed: [`RECLAIM_AFTER`] after the last large message,
-    /// if one came since the last renewal.
-    pub fn due(&self) -> Option<Instant> {
-        self.large_read.map(|t| t + RECLAIM_AFTER)
-    }
-
-    /// At `now`, if a renewal is due: gives `ws` a fresh tungstenite context over the same
-    /// stream, with the same configuration, when `quiet` (the caller has nothing queued for
-    /// it and is not closing it) and nothing else is lost: tungstenite holds no unread byte
-    /// (what the stream gave it ends where a message ended, and tungstenite returned that
-    /// message and every one before it) and no unwritten one (its flush completes), and the
-    /// connection is open both ways. Otherwise tries again [`RECLAIM_AFTER`] later.
-    pub fn renew_if_due(
+    /// A whole frame: a message, or a part of one (then `None`).
+    fn frame_done(
         &mut self,
-        mut ws: WebSocket<Stream>,
-        quiet: bool,
-        now: Instant,
-    ) -> WebSocket<Stream> {
-        if self.due().is_none_or(|due| now < due) {
-            return ws;
+        header: Header,
+        mut payload: Vec<u8>,
+    ) -> Result<Option<Incoming>, ReadError> {
+        if let Some(mask) = header.mask {
+            unmask(&mut payload, mask);
         }
-        let read_all = (ws.get_ref().frames())
-            .is_some_and(|f| f.at_message_end() && f.messages() == self.returned);
-        let lossless = quiet && read_all && ws.can_read() && ws.can_write() && ws.flush().is_ok();
-        if !lossless {
-            self.large_read = Some(now);
-            return ws;
+        match header.opcode {
+            9 => Ok(Some(Incoming::Ping(payload.into()))),
+            10 => Ok(Some(Incoming::Pong(payload.into()))),
+            8 => close_frame(&payload).map(|f| Some(Incoming::Close(f))),
+            0 => {
+                let Some((opcode, mut parts)) = self.fragments.take() else {
+                    return Err(ReadError::Protocol("a continuation frame outside a message"));
+                };
+                parts.extend_from_slice(&payload);
+                if header.fin {
+                    return message(opcode, parts).map(Some);
+                }
+                self.fragments = Some((opcode, parts));
+                Ok(None)
+            }
+            _ if self.fragments.is_some() => {
+                Err(ReadError::Protocol("a new message inside a fragmented one"))
+            }
+            opcode if header.fin => message(opcode, payload).map(Some),
+            opcode => {
+                self.fragments = Some((opcode, payload));
+                Ok(None)
+            }
         }
-        let config = *ws.get_config();
-        self.large_read = None;
-        WebSocket::from_raw_socket(ws.into_inner(), self.role, Some(config))
+    }
+}
+
+/// One read into `buf` (never empty): the bytes read, or why there are none.
+fn read_some(stream: &mut impl Read, buf: &mut [u8]) -> Result<usize, ReadError> {
+    loop {
+        match stream.read(buf) {
+            Ok(0) => return Err(ReadError::Eof),
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(ReadError::WouldBlock),
+            Err(e) => return Err(ReadError::Io(e)),
+        }
+    }
+}
+
+/// A whole data message.
+fn message(opcode: u8, payload: Vec<u8>) -> Result<Incoming, ReadError> {
+    if opcode == 2 {
+        return Ok(Incoming::Binary(payload.into()));
+    }
+    match String::from_utf8(payload) {
+        Ok(text) => Ok(Incoming::Text(text.into())),
+        Err(_) => Err(ReadError::Protocol("a text message that is not UTF-8")),
+    }
+}
+
+/// A close frame's payload: empty, or a code and a UTF-8 reason (RFC 6455 §5.5.1).
+fn close_frame(payload: &[u8]) -> Result<Option<CloseFrame>, ReadError> {
+    match payload {
+        [] => Ok(None),
+        [_] => Err(ReadError::Protocol("a close frame with a one-byte payload")),
+        [hi, lo, reason @ ..] => {
+            let Ok(reason) = std::str::from_utf8(reason) else {
+                return Err(ReadError::Protocol("a close reason that is not UTF-8"));
+            };
+            let code = CloseCode::from(u16::from_be_bytes([*hi, *lo]));
+            Ok(Some(CloseFrame { code, reason: reason.into() }))
+        }
+    }
+}
+
+/// The close frame that answers the peer's `received` one: its code echoed when it is one a
+/// peer may send, else 1000 (normal), without a reason.
+pub fn close_reply(received: &Option<CloseFrame>) -> Option<CloseFrame> {
+    let code = received.as_ref()?.code;
+    let code = if code.is_allowed() { code } else { CloseCode::Normal };
+    Some(CloseFrame { code, reason: "".into() })
+}
+
+/// Unmasks a payload (RFC 6455 §5.3), eight bytes at a time.
+fn unmask(payload: &mut [u8], mask: [u8; 4]) {
+    let wide = u64::from_ne_bytes([
+        mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3],
+    ]);
+    let mut words = payload.chunks_exact_mut(8);
+    for word in &mut words {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(word);
+        word.copy_from_slice(&(u64::from_ne_bytes(w) ^ wide).to_ne_bytes());
+    }
+    for (i, b) in words.into_remainder().iter_mut().enumerate() {
+        *b ^= mask[i & 3];
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
-    use tungstenite::protocol::frame::Frame;
-    use tungstenite::protocol::frame::coding::{Data, OpCode};
 
-    /// A frame's bytes: `first` is FIN and opcode, `len` bytes of payload, masked or not.
-    fn frame(first: u8, len: usize, masked: bool) -> Vec<u8> {
-        let mask = if masked { 0x80 } else { 0 };
+    /// A frame's bytes: `first` is FIN and opcode; masked with `[1, 2, 3, 4]` or not.
+    pub(crate) fn frame(first: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+        let bit = if masked { 0x80 } else { 0 };
         let mut out = vec![first];
-        match len {
-            0..=125 => out.push(mask | len as u8),
-            126..=0xFFFF => {
-                out.push(mask | 126);
+        match payload.len() {
+            len @ 0..=125 => out.push(bit | len as u8),
+            len @ 126..=0xFFFF => {
+                out.push(bit | 126);
                 out.extend((len as u16).to_be_bytes());
             }
-            _ => {
-                out.push(mask | 127);
+            len => {
+                out.push(bit | 127);
                 out.extend((len as u64).to_be_bytes());
             }
         }
+        let mask = [1u8, 2, 3, 4];
         if masked {
-            out.extend([1, 2, 3, 4]);
+            out.extend(mask);
+            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
+        } else {
+            out.extend(payload);
         }
-        out.extend(std::iter::repeat_n(b'a', len));
         out
     }
 
-    #[test]
-    fn the_tracker_counts_messages_across_any_split() {
-        for masked in [false, true] {
-            // (bytes, messages ended after them, at a message end after them)
-            let steps = [
-                (frame(0x81, 200, masked), 1, true),
-                (frame(0x01, 100, masked), 1, false), // a fragmented message begins
-                (frame(0x89, 0, masked), 2, false),   // a ping inside it is a message
-                (frame(0x00, 65_500, masked), 2, false),
-                (frame(0x80, 70_000, masked), 3, true), // the last fragment ends it
-                (frame(0x82, 0, masked), 4, true),
-                (frame(0x81, 1 << 20, masked), 5, true),
-            ];
-            for chunk in [1, 7, 4096, usize::MAX] {
-                let mut t = FrameTracker::default();
-                for (bytes, messages, at_end) in &steps {
-                    for (i, piece) in bytes.chunks(chunk.min(bytes.len()).max(1)).enumerate() {
-                        if i > 0 {
-                            assert!(!t.at_message_end(), "inside a frame ({chunk})");
-                        }
-                        t.feed(piece);
-                    }
-                    assert_eq!((t.messages(), t.at_message_end()), (*messages, *at_end));
-                }
-                // The same bytes in pieces that cross frame boundaries.
-                let all: Vec<u8> = steps.iter().flat_map(|(b, _, _)| b.clone()).collect();
-                let mut t = FrameTracker::default();
-                for piece in all.chunks(chunk.min(all.len())) {
-                    t.feed(piece);
-                }
-                assert_eq!((t.messages(), t.at_message_end()), (5, true), "{chunk}");
+    /// Hands out `bytes` at most `chunk` at a time, then answers `WouldBlock`.
+    struct Trickle<'a> {
+        bytes: &'a [u8],
+        chunk: usize,
+    }
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.bytes.is_empty() {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = self.chunk.min(buf.len()).min(self.bytes.len());
+            buf[..n].copy_from_slice(&self.bytes[..n]);
+            self.bytes = &self.bytes[n..];
+            Ok(n)
+        }
+    }
+
+    /// Every message in `bytes`, read `chunk` bytes at a time, and how reading ended.
+    fn read_all(role: Role, bytes: &[u8], chunk: usize) -> (Vec<String>, ReadError) {
+        let mut reader = WsReader::new(role, 1 << 20, &[]);
+        let mut stream = Trickle { bytes, chunk };
+        let mut got = Vec::new();
+        loop {
+            match reader.read(&mut stream) {
+                Ok(Incoming::Text(t)) => got.push(format!("text {}", t.len())),
+                Ok(Incoming::Binary(b)) => got.push(format!("binary {}", b.len())),
+                Ok(Incoming::Ping(b)) => got.push(format!("ping {:?}", &b[..])),
+                Ok(Incoming::Pong(b)) => got.push(format!("pong {}", b.len())),
+                Ok(Incoming::Close(f)) => got.push(format!(
+                    "close {:?}",
+                    f.map(|f| (u16::from(f.code), f.reason.to_string()))
+                )),
+                Err(ReadError::WouldBlock) if !stream.bytes.is_empty() => {}
+                Err(e) => return (got, e),
             }
         }
     }
 
-    /// The daemon's side: unmasked frames from a server, read by a real tungstenite client.
-    /// A renewal happens only where nothing is unread: not with a partial frame waiting
-    /// (here right after a fragmented message, whose headers a one-frame count would get
-    /// wrong), and the message then arrives intact.
     #[test]
-    fn renewal_waits_for_unread_bytes_and_loses_none() {
-        let (ours, mut peer) = crate::poll::tests::pair();
-        // A regression fails the test instead of hanging it.
-        ours.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut stream = Stream::plain(ours);
-        stream.track_frames(&[]);
-        let mut ws = WebSocket::from_raw_socket(stream, Role::Client, None);
-        let mut reclaim = Reclaim::new(Role::Client, &ws);
-        let later = Instant::now() + Duration::from_secs(60);
-        let send = |f: Frame| {
-            let mut bytes = Vec::new();
-            f.format(&mut bytes).unwrap();
-            bytes
-        };
-        let big = send(Frame::message(vec![b'x'; RECLAIM_MIN], OpCode::Data(Data::Text), true));
-        let a = send(Frame::message(vec![b'y'; 100], OpCode::Data(Data::Text), false));
-        let b = send(Frame::message(vec![b'z'; 65_500], OpCode::Data(Data::Continue), true));
-        let next = send(Frame::message(b"after".to_vec(), OpCode::Data(Data::Text), true));
-        // Written from a thread: more than the socket buffers may hold.
-        let first = [big, a, b, next[..4].to_vec()].concat();
-        let mut writer = peer.try_clone().unwrap();
-        let wrote = std::thread::spawn(move || writer.write_all(&first));
-        let read = |ws: &mut WebSocket<Stream>, reclaim: &mut Reclaim| {
-            let msg = ws.read().unwrap();
-            reclaim.on_message(&msg, Instant::now());
-            msg
-        };
-        assert_eq!(read(&mut ws, &mut reclaim).len(), RECLAIM_MIN);
-        assert_eq!(read(&mut ws, &mut reclaim).len(), 65_600);
-        wrote.join().unwrap().unwrap();
-        // Four bytes of the next frame are in tungstenite's buffer: no renewal.
-        assert!(!ws.get_ref().frames().unwrap().at_message_end(), "read along with the last");
-        ws = reclaim.renew_if_due(ws, true, later);
-        assert_eq!(reclaim.due(), Some(later + RECLAIM_AFTER), "retried later, not renewed");
-        peer.write_all(&next[4..]).unwrap();
-        assert_eq!(read(&mut ws, &mut reclaim).into_text().unwrap().as_str(), "after");
-        // Now everything is read: renewed, and the fresh context reads on.
-        ws = reclaim.renew_if_due(ws, true, later + RECLAIM_AFTER);
-        assert_eq!(reclaim.due(), None, "renewed");
-        peer.write_all(&next).unwrap();
-        assert_eq!(read(&mut ws, &mut reclaim).into_text().unwrap().as_str(), "after");
-        // A caller with frames queued is never renewed under.
-        let big = send(Frame::message(vec![b'x'; RECLAIM_MIN], OpCode::Data(Data::Text), true));
-        peer.write_all(&big).unwrap();
-        read(&mut ws, &mut reclaim);
-        let _ = reclaim.renew_if_due(ws, false, later + 2 * RECLAIM_AFTER);
-        assert!(reclaim.due().is_some(), "not quiet: not renewed");
+    fn messages_arrive_whole_across_any_split() {
+        let big = vec![b'x'; 70_000];
+        let bytes = [
+            frame(0x81, b"hello", true),
+            frame(0x01, &big[..100], true), // a fragmented message begins
+            frame(0x89, b"hi", true),       // a ping inside it
+            frame(0x00, &big[..65_500], true),
+            frame(0x80, &big, true), // the last fragment ends it
+            frame(0x82, &[], true),
+            frame(0x81, &big, true), // a frame larger than the buffer
+            frame(0x8A, &[], true),
+            frame(0x88, &[0x03, 0xE8, b'o', b'k'], true),
+        ]
+        .concat();
+        let want = [
+            "text 5",
+            "ping [104, 105]",
+            "text 135600",
+            "binary 0",
+            "text 70000",
+            "pong 0",
+            "close Some((1000, \"ok\"))",
+        ];
+        for chunk in [1, 7, 4096, READ_SIZE, usize::MAX] {
+            let (got, end) = read_all(Role::Server, &bytes, chunk);
+            assert_eq!(got, want, "{chunk}-byte reads");
+            assert!(matches!(end, ReadError::WouldBlock), "{chunk}: {end}");
+        }
     }
 
     #[test]
-    fn a_read_is_skipped_only_when_it_could_find_nothing() {
-        let (ours, mut peer) = crate::poll::tests::pair();
-        ours.set_nonblocking(true).unwrap();
-        let mut stream = Stream::plain(ours);
-        stream.arm(true);
-        stream.track_frames(&[]);
-        let mut ws = WebSocket::from_raw_socket(stream, Role::Server, None);
-        let mut reclaim = Reclaim::new(Role::Server, &ws);
-        let wait_readable = |ws: &WebSocket<Stream>| {
-            let mut byte = [0u8; 1];
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while ws.get_ref().tcp().peek(&mut byte).is_err() {
-                assert!(Instant::now() < deadline, "the peer's bytes never arrived");
-                std::thread::sleep(Duration::from_millis(1));
+    fn payloads_are_unmasked_and_text_is_checked() {
+        let text = "héllo, wörld: an odd length";
+        let mut reader = WsReader::new(Role::Server, 1 << 20, &frame(0x81, text.as_bytes(), true));
+        let mut nothing = Trickle { bytes: &[], chunk: 1 };
+        match reader.read(&mut nothing) {
+            Ok(Incoming::Text(t)) => assert_eq!(t.as_str(), text),
+            other => panic!("{other:?}"),
+        }
+        let bad = frame(0x81, &[0xFF, 0xFE], true);
+        let (_, end) = read_all(Role::Server, &bad, 64);
+        assert!(matches!(end, ReadError::Protocol(m) if m.contains("UTF-8")), "{end}");
+    }
+
+    #[test]
+    fn the_rules_refuse_what_a_peer_may_not_send() {
+        let cases: [(Role, Vec<u8>, &str); 9] = [
+            (Role::Server, frame(0x81, b"a", false), "unmasked"),
+            (Role::Client, frame(0x81, b"a", true), "masked frame from a server"),
+            (Role::Server, frame(0xC1, b"a", true), "reserved bit"),
+            (Role::Server, frame(0x83, b"a", true), "unknown opcode"),
+            (Role::Server, frame(0x09, b"a", true), "fragmented control"),
+            (Role::Server, frame(0x89, &[0; 126], true), "over 125"),
+            (Role::Server, frame(0x80, b"a", true), "continuation frame outside"),
+            (Role::Server, [frame(0x01, b"a", true), frame(0x81, b"b", true)].concat(), "inside"),
+            (Role::Server, frame(0x88, &[3], true), "one-byte"),
+        ];
+        for (role, bytes, want) in cases {
+            let (_, end) = read_all(role, &bytes, 64);
+            assert!(matches!(end, ReadError::Protocol(m) if m.contains(want)), "{want}: {end}");
+        }
+        // Over the limit, announced by one frame or reached by fragments: refused from the
+        // header, before the payload is read.
+        let limit = 1 << 20;
+        let over = frame(0x81, &vec![b'a'; limit + 1], true);
+        let (_, end) = read_all(Role::Server, &over[..14], 64);
+        assert!(matches!(end, ReadError::TooLarge { size, .. } if size == limit as u64 + 1));
+        let half = vec![b'a'; limit / 2 + 1];
+        let parts = [frame(0x01, &half, true), frame(0x80, &half, true)].concat();
+        let (_, end) = read_all(Role::Server, &parts, 4096);
+        assert!(matches!(end, ReadError::TooLarge { .. }), "{end}");
+        // A 64-bit length with its top bit set is over any limit, not a wrap.
+        let huge = [0x81, 0xFF, 0x80, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4];
+        let (_, end) = read_all(Role::Server, &huge, 64);
+        assert!(matches!(end, ReadError::TooLarge { .. }), "{end}");
+    }
+
+    #[test]
+    fn the_end_of_the_stream_is_reported() {
+        struct Closed;
+        impl Read for Closed {
+            fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+                Ok(0)
             }
-        };
-        // Two messages in one write: one short read takes both and drains the socket.
-        peer.write_all(&[frame(0x81, 3, true), frame(0x81, 5, true)].concat()).unwrap();
-        wait_readable(&ws);
-        assert!(!reclaim.nothing_to_read(&ws), "not drained before the first read");
-        let msg = ws.read().unwrap();
-        reclaim.on_message(&msg, Instant::now());
-        assert!(ws.get_ref().is_drained());
-        assert!(!reclaim.nothing_to_read(&ws), "the second message waits in tungstenite");
-        let msg = ws.read().unwrap();
-        reclaim.on_message(&msg, Instant::now());
-        assert_eq!(msg.len(), 5);
-        assert!(reclaim.nothing_to_read(&ws), "everything returned, the socket drained");
-        // A close: after tungstenite returns it, the read that reports the end is not skipped.
-        peer.write_all(&frame(0x88, 0, true)).unwrap();
-        wait_readable(&ws);
-        ws.get_mut().mark_ready();
-        let msg = ws.read().unwrap();
-        reclaim.on_message(&msg, Instant::now());
-        assert!(msg.is_close());
-        assert!(!reclaim.nothing_to_read(&ws), "closed by the peer: the next read must report it");
+        }
+        let mut reader = WsReader::new(Role::Client, 1 << 20, &frame(0x81, b"last", false));
+        assert!(matches!(reader.read(&mut Closed), Ok(Incoming::Text(_))));
+        assert!(matches!(reader.read(&mut Closed), Err(ReadError::Eof)));
     }
 
     #[test]
-    fn a_bad_frame_behind_a_good_one_is_read_not_skipped() {
-        let (ours, mut peer) = crate::poll::tests::pair();
-        ours.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut stream = Stream::plain(ours);
-        stream.arm(true);
-        stream.track_frames(&[]);
-        let mut ws = WebSocket::from_raw_socket(stream, Role::Server, None);
-        let mut reclaim = Reclaim::new(Role::Server, &ws);
-        // A good message, then a frame with a reserved bit set, in one short read.
-        peer.write_all(&[frame(0x81, 3, true), frame(0x41, 3, true)].concat()).unwrap();
-        let msg = ws.read().unwrap();
-        reclaim.on_message(&msg, Instant::now());
-        assert!(ws.get_ref().is_drained(), "one short read took both");
-        assert!(!reclaim.nothing_to_read(&ws), "the bad frame's bytes wait in tungstenite");
-        assert!(ws.read().is_err(), "and the read reports them");
+    fn a_close_is_answered_with_its_code_when_a_peer_may_send_it() {
+        let reply = |code: u16| {
+            let f = CloseFrame { code: CloseCode::from(code), reason: "why".into() };
+            close_reply(&Some(f)).map(|f| (u16::from(f.code), f.reason.to_string()))
+        };
+        assert_eq!(reply(1001), Some((1001, String::new())));
+        assert_eq!(reply(4000), Some((4000, String::new())));
+        assert_eq!(reply(1005), Some((1000, String::new())), "1005 is never sent");
+        assert_eq!(close_reply(&None), None);
+    }
+
+    #[test]
+    fn unmasking_matches_the_definition_at_every_length_and_offset() {
+        let mask = [0x12, 0x34, 0x56, 0x78];
+        for len in 0..40 {
+            let plain: Vec<u8> = (0..len as u8).collect();
+            let mut masked: Vec<u8> =
+                plain.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]).collect();
+            unmask(&mut masked, mask);
+            assert_eq!(masked, plain, "{len}");
+        }
     }
 }

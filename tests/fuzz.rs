@@ -214,6 +214,188 @@ fn fuzz_large_frames() {
     assert!(runs > 100 && parsed >= FRAME_SEEDS.len() as u64);
 }
 
+/// A WebSocket frame's bytes: `first` is FIN and opcode; masked (with a key that changes the
+/// bytes) or not.
+fn ws_frame(first: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+    let bit = if masked { 0x80 } else { 0 };
+    let mut out = vec![first];
+    match payload.len() {
+        len @ 0..=125 => out.push(bit | len as u8),
+        len @ 126..=0xFFFF => {
+            out.push(bit | 126);
+            out.extend((len as u16).to_be_bytes());
+        }
+        len => {
+            out.push(bit | 127);
+            out.extend((len as u64).to_be_bytes());
+        }
+    }
+    let key = [0x5a, 0x01, 0xc3, 0x7e];
+    if masked {
+        out.extend(key);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    } else {
+        out.extend(payload);
+    }
+    out
+}
+
+/// Hands out its bytes `chunk` at a time, then answers `WouldBlock`; swallows writes (the
+/// pongs and close replies tungstenite sends).
+struct Feed<'a> {
+    bytes: &'a [u8],
+    chunk: usize,
+}
+
+impl std::io::Read for Feed<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.bytes.is_empty() {
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
+        let n = self.chunk.min(buf.len()).min(self.bytes.len());
+        buf[..n].copy_from_slice(&self.bytes[..n]);
+        self.bytes = &self.bytes[n..];
+        Ok(n)
+    }
+}
+
+impl std::io::Write for Feed<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// How reading a byte stream ended.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum WsEnd {
+    /// Everything was read; more bytes could still complete a message.
+    Pending,
+    /// The bytes broke a rule or a limit.
+    Refused,
+    /// A text message was refused for its UTF-8 (tungstenite checks each fragment as it
+    /// comes).
+    BadUtf8,
+    /// A close frame was read.
+    Closed,
+}
+
+/// Our reader ([`hermeschat_pair::wsread::WsReader`]) against tungstenite's, on the same
+/// bytes, for both roles: the same messages in the same order, ending the same way. Where
+/// they may differ, by design: ours refuses a header from its first two bytes (reserved
+/// bits, opcode, masking, a control frame's size), tungstenite once the header is whole, so
+/// on bytes that end inside such a header ours has refused and tungstenite still waits; and
+/// tungstenite refuses a fragmented text message's bad UTF-8 at the fragment, ours when the
+/// message is whole (reading the control frames in between).
+#[test]
+fn fuzz_ws_reader_against_tungstenite() {
+    use hermeschat_pair::wsread::{Incoming, ReadError, WsReader};
+    use tungstenite::protocol::{Role, WebSocket, WebSocketConfig};
+    use tungstenite::{Error, Message};
+    const LIMIT: usize = 300;
+
+    fn ours(role: Role, bytes: &[u8], chunk: usize) -> (Vec<String>, WsEnd) {
+        let mut reader = WsReader::new(role, LIMIT, &[]);
+        let mut feed = Feed { bytes, chunk };
+        let mut got = Vec::new();
+        loop {
+            let msg = match reader.read(&mut feed) {
+                Ok(Incoming::Text(t)) => format!("text {:?}", t.as_str()),
+                Ok(Incoming::Binary(b)) => format!("binary {:?}", &b[..]),
+                Ok(Incoming::Ping(b)) => format!("ping {:?}", &b[..]),
+                Ok(Incoming::Pong(b)) => format!("pong {:?}", &b[..]),
+                Ok(Incoming::Close(f)) => {
+                    // tungstenite reports a code no peer may send as its own 1002 reply.
+                    let f = f.map(|f| match f.code.is_allowed() {
+                        true => (u16::from(f.code), f.reason.to_string()),
+                        false => (1002, "Protocol violation".into()),
+                    });
+                    got.push(format!("close {f:?}"));
+                    return (got, WsEnd::Closed);
+                }
+                Err(ReadError::WouldBlock) if feed.bytes.is_empty() => {
+                    return (got, WsEnd::Pending);
+                }
+                Err(ReadError::WouldBlock) => continue,
+                Err(ReadError::Protocol(m)) if m.contains("UTF-8") => {
+                    return (got, WsEnd::BadUtf8);
+                }
+                Err(_) => return (got, WsEnd::Refused),
+            };
+            got.push(msg);
+        }
+    }
+
+    fn theirs(role: Role, bytes: &[u8], chunk: usize) -> (Vec<String>, WsEnd) {
+        let config = WebSocketConfig::default()
+            .read_buffer_size(64)
+            .max_message_size(Some(LIMIT))
+            .max_frame_size(Some(LIMIT));
+        let mut ws = WebSocket::from_raw_socket(Feed { bytes, chunk }, role, Some(config));
+        let mut got = Vec::new();
+        loop {
+            let msg = match ws.read() {
+                Ok(Message::Text(t)) => format!("text {:?}", t.as_str()),
+                Ok(Message::Binary(b)) => format!("binary {:?}", &b[..]),
+                Ok(Message::Ping(b)) => format!("ping {:?}", &b[..]),
+                Ok(Message::Pong(b)) => format!("pong {:?}", &b[..]),
+                Ok(Message::Close(f)) => {
+                    let f = f.map(|f| (u16::from(f.code), f.reason.to_string()));
+                    got.push(format!("close {f:?}"));
+                    return (got, WsEnd::Closed);
+                }
+                Ok(Message::Frame(_)) => unreachable!("read never returns a raw frame"),
+                Err(Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if ws.get_ref().bytes.is_empty() {
+                        return (got, WsEnd::Pending);
+                    }
+                    continue;
+                }
+                Err(Error::Utf8(_)) => return (got, WsEnd::BadUtf8),
+                Err(_) => return (got, WsEnd::Refused),
+            };
+            got.push(msg);
+        }
+    }
+
+    let frames = |masked: bool| -> Vec<Vec<u8>> {
+        let f = |first, payload: &[u8]| ws_frame(first, payload, masked);
+        vec![
+            f(0x81, br#"{"type":"request","id":"r1"}"#),
+            [f(0x01, b"{\"a\":"), f(0x89, b"hi"), f(0x00, b"\"\xc3"), f(0x80, b"\xa9\"}")].concat(),
+            [f(0x82, &[0, 1, 2, 255]), f(0x8A, b""), f(0x81, &[b'x'; 200])].concat(),
+            [f(0x01, &[b'y'; 150]), f(0x80, &[b'z'; 140])].concat(),
+            [f(0x81, b"a"), f(0x88, &[0x03, 0xe8, b'b', b'y', b'e'])].concat(),
+            [f(0x88, &[0x03, 0xed]), f(0x81, b"after close")].concat(),
+            f(0x81, &[b'w'; 126]),
+        ]
+    };
+    let (masked, unmasked) = (frames(true), frames(false));
+    let seeds: Vec<&[u8]> = masked.iter().chain(&unmasked).map(Vec::as_slice).collect();
+    let (mut messages, mut refused) = (0usize, 0usize);
+    let runs = fuzz("WebSocket reader", &seeds, |input| {
+        for role in [Role::Server, Role::Client] {
+            for chunk in [1, 5, input.len().max(1)] {
+                let (a, b) = (ours(role, input, chunk), theirs(role, input, chunk));
+                // After tungstenite refused a fragment's UTF-8, ours may read on through
+                // control frames until the message ends (refused) or the bytes do.
+                let early_utf8 = b.1 == WsEnd::BadUtf8
+                    && a.0.starts_with(&b.0)
+                    && a.0[b.0.len()..].iter().all(|m| !m.starts_with("text"));
+                let ok = early_utf8
+                    || a.0 == b.0 && (a.1 == b.1 || (a.1, b.1) == (WsEnd::Refused, WsEnd::Pending));
+                assert!(ok, "{role:?}, {chunk}-byte reads of {input:?}:\nours {a:?}\ntheirs {b:?}");
+                messages += a.0.len();
+                refused += usize::from(a.1 == WsEnd::Refused);
+            }
+        }
+    });
+    eprintln!("fuzz WebSocket reader: {messages} messages read, {refused} streams refused");
+    assert!(runs > 100 && messages > 0 && refused > 0);
+}
+
 /// The relay's scan of a frame's top level (`jsonscan`, `parse_raw`) against `serde_json`
 /// reading the same text as a map of raw values and, to check every value as a decoder does
 /// (paired surrogates, numbers in range), as a `Value`: both accept or both refuse, and what

@@ -1389,6 +1389,35 @@ fn open_requests_per_bridge_capped_at_256() {
     drop(api);
 }
 
+/// The relay answers an app's ping with its payload, and its close frame with the same code;
+/// the bridge then hears the app left.
+#[test]
+fn an_app_ping_and_close_are_answered() {
+    use tungstenite::Message;
+    use tungstenite::protocol::frame::{CloseFrame, coding::CloseCode};
+    let relay = Relay::new();
+    let mut p = pair(&relay);
+    p.app.ws.send(Message::Ping(b"are you there".to_vec().into())).unwrap();
+    let deadline = Instant::now() + RECV_TIMEOUT;
+    loop {
+        match p.app.ws.read().expect("app socket") {
+            Message::Pong(payload) => {
+                assert_eq!(&payload[..], b"are you there");
+                break;
+            }
+            other => assert!(Instant::now() < deadline, "no pong; got {other:?}"),
+        }
+    }
+    let close = CloseFrame { code: CloseCode::from(4000), reason: "bye".into() };
+    p.app.ws.close(Some(close)).unwrap();
+    let (code, _) = ws_wait_close(&mut p.app.ws, RECV_TIMEOUT);
+    assert_eq!(code, Some(4000), "the close reply echoes the app's code");
+    let client_id = p.client.client_id.clone();
+    p.bridge.wait_for("client.disconnected", |f| {
+        *f == Frame::ClientDisconnected { client: client_id.clone() }
+    });
+}
+
 #[test]
 fn app_disconnect_notifies_bridge_and_frees_its_slots() {
     let relay = Relay::new();

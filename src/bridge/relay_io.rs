@@ -36,7 +36,7 @@ use crate::protocol::{self as p, Frame};
 use crate::state::BridgeIdentity;
 use crate::stream::Stream;
 use crate::wsout::WsOut;
-use crate::wsread::Reclaim;
+use crate::wsread::{Incoming, ReadError, WsReader, close_reply};
 
 /// Poller key of the relay socket.
 const SOCKET: usize = 1;
@@ -109,7 +109,7 @@ impl RelayIo {
         let mut attempt: u32 = 0;
         while !self.stop.load(Ordering::SeqCst) {
             match connect(&self.identity) {
-                Ok(ws) => {
+                Ok((ws, already)) => {
                     let connected = Instant::now();
                     log(&format!("relay connected: {}", self.identity.bridge_relay_url));
                     self.status.update(|s| {
@@ -117,7 +117,7 @@ impl RelayIo {
                         s.relay_since = crate::relay::now_ms();
                         s.relay_error = None;
                     });
-                    let ended = self.serve(ws);
+                    let ended = self.serve(ws, &already);
                     self.pool.cancel_all();
                     self.status.update(|s| {
                         s.relay_connected = false;
@@ -166,8 +166,9 @@ impl RelayIo {
         }
     }
 
-    /// Serves one connection until it drops or the bridge stops.
-    fn serve(&self, ws: Ws) -> Ended {
+    /// Serves one connection, whose first bytes past the handshake are `already`, until it
+    /// drops or the bridge stops.
+    fn serve(&self, ws: Ws, already: &[u8]) -> Ended {
         let tcp = match tcp_of(&ws).try_clone() {
             Ok(t) => t,
             Err(e) => return Ended::Lost(format!("socket: {e}")),
@@ -185,7 +186,7 @@ impl RelayIo {
         // Non-blocking and polled from here on: short reads may mark it drained.
         let mut ws = ws;
         ws.get_mut().arm(true);
-        let reclaim = Reclaim::new(Role::Client, &ws);
+        let reader = WsReader::new(Role::Client, p::Limits::default().max_frame, already);
         let link = Arc::new(Link {
             state: Mutex::new(LinkState {
                 ws: Some(ws),
@@ -199,7 +200,7 @@ impl RelayIo {
         });
         let outbox = Outbox::with_sink(link.clone());
         let mut conn_state =
-            ConnState { last_rx: Instant::now(), last_ping: Instant::now(), reclaim };
+            ConnState { last_rx: Instant::now(), last_ping: Instant::now(), reader };
         let mut inlines = Inlines::default();
         let ended = self.serve_loop(&link, &mut conn_state, &outbox, &tcp, &mut inlines);
         let _ = self.poller.delete(&tcp);
@@ -261,10 +262,6 @@ impl RelayIo {
                 if let Err(e) = link.flush(&mut st) {
                     return Ended::Lost(e);
                 }
-                let quiet = st.out.is_idle();
-                if let Some(ws) = st.ws.take() {
-                    st.ws = Some(t.reclaim.renew_if_due(ws, quiet, now));
-                }
                 st.out.blocked()
             };
             if Instant::now().duration_since(t.last_rx) >= pong_timeout {
@@ -279,9 +276,6 @@ impl RelayIo {
                 let _ = self.poller.modify_with_mode(tcp, ev, PollMode::Level);
             }
             let mut next = (t.last_ping + ping_every).min(t.last_rx + pong_timeout);
-            if let Some(due) = t.reclaim.due() {
-                next = next.min(due);
-            }
             if let Some(deadline) = self.expire_inlines(inlines, &mut answers) {
                 next = next.min(deadline);
             }
@@ -442,29 +436,25 @@ impl RelayIo {
         inlines: &mut Inlines,
     ) -> Result<(), String> {
         loop {
-            if t.reclaim.nothing_to_read(ws) {
-                return Ok(());
-            }
-            match ws.read() {
+            match t.reader.read(ws.get_mut()) {
                 Ok(msg) => {
                     t.last_rx = Instant::now();
-                    t.reclaim.on_message(&msg, t.last_rx);
                     match msg {
-                        Message::Text(text) => self.dispatch(out, outbox, inlines, &text),
-                        Message::Close(frame) => {
-                            let why = frame.map_or("closed".to_owned(), |f| {
+                        Incoming::Text(text) => self.dispatch(out, outbox, inlines, &text),
+                        Incoming::Ping(payload) => out.push(Message::Pong(payload)),
+                        Incoming::Close(frame) => {
+                            let why = frame.as_ref().map_or("closed".to_owned(), |f| {
                                 format!("closed {} {}", u16::from(f.code), f.reason)
                             });
-                            // tungstenite queued the close reply; push it out before leaving.
+                            // Answered before leaving, as far as the socket takes it now.
+                            let _ = ws.close(close_reply(&frame));
                             let _ = ws.flush();
                             return Err(why);
                         }
-                        _ => {}
+                        Incoming::Binary(_) | Incoming::Pong(_) => {}
                     }
                 }
-                Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                    return Ok(());
-                }
+                Err(ReadError::WouldBlock) => return Ok(()),
                 Err(e) => return Err(e.to_string()),
             }
         }
@@ -662,12 +652,12 @@ impl Inlines {
 /// Queued outbound bytes past which workers wait for the socket (back-pressure).
 const OUT_LIMIT: usize = 4 << 20;
 
-/// The I/O thread's own state of one connection: its ping and pong-deadline clocks, and what
-/// tungstenite has read (to give back its read buffer after a large request).
+/// The I/O thread's own state of one connection: its ping and pong-deadline clocks, and its
+/// reader.
 struct ConnState {
     last_rx: Instant,
     last_ping: Instant,
-    reclaim: Reclaim,
+    reader: WsReader,
 }
 
 /// One live relay connection, shared by the I/O thread and the workers that answer its
@@ -766,26 +756,30 @@ fn backoff(attempt: u32) -> Duration {
 
 /// Opens the bridge socket (see [`open_socket`]) with the relaySecret and instance id, then
 /// clears the handshake timeouts: the I/O loop runs the socket non-blocking.
-pub fn connect(identity: &BridgeIdentity) -> Result<Ws, ConnectError> {
+pub fn connect(identity: &BridgeIdentity) -> Result<(Ws, Vec<u8>), ConnectError> {
     let url = format!("{}?bridgeId={}", identity.bridge_relay_url, identity.bridge_id);
     let headers = [(p::INSTANCE_HEADER, identity.instance_id.as_str())];
-    let ws = open_socket(&url, &identity.relay_secret, &headers, CONNECT_TIMEOUT)?;
+    let (ws, already) = open_socket(&url, &identity.relay_secret, &headers, CONNECT_TIMEOUT)?;
     let tcp = tcp_of(&ws);
     let _ = tcp.set_read_timeout(None);
     let _ = tcp.set_write_timeout(None);
-    Ok(ws)
+    Ok((ws, already))
 }
 
 /// Opens a WebSocket to the relay as the bridge or an app does: TCP with `TCP_NODELAY`, the
 /// TLS handshake done here (so a stalled handshake is a clean timeout, not a tungstenite
 /// panic), then the WebSocket handshake with `bearer` in the `Authorization` header — never in
 /// the URL. The socket keeps `timeout` as its read and write timeouts.
+///
+/// Also returns the bytes read past the handshake's response: the first frames, if the relay
+/// sent any at once. tungstenite holds them too, for a caller that reads with it; a
+/// [`WsReader`] starts with them.
 pub fn open_socket(
     url: &str,
     bearer: &str,
     headers: &[(&'static str, &str)],
     timeout: Duration,
-) -> Result<Ws, ConnectError> {
+) -> Result<(Ws, Vec<u8>), ConnectError> {
     let mut request = url
         .into_client_request()
         .map_err(|e| ConnectError::Failed(format!("bad relay URL {url}: {e}")))?;
@@ -839,20 +833,17 @@ pub fn open_socket(
     } else {
         Stream::plain(tcp)
     };
-    // tungstenite zero-fills up to `read_buffer_size` bytes of its input buffer before every
-    // read; its 128 KiB default made that the largest cost of a small frame. 16 KiB, as the
-    // relay uses, bounds it while large frames still arrive in a few hundred reads.
+    // For a caller that reads with tungstenite (`doctor`): it zero-fills up to
+    // `read_buffer_size` bytes before every read, 128 KiB by default.
     let config = WebSocketConfig::default()
         .max_message_size(Some(p::Limits::default().max_frame))
         .read_buffer_size(16 << 10)
         .write_buffer_size(64 << 10);
-    // The frames after the response head are followed, to tell later what tungstenite has
-    // read (`Reclaim`).
-    stream.track_frames_after_head();
+    stream.keep_after_head();
     match tungstenite::client::client_with_config(request, stream, Some(config)) {
         Ok((mut ws, _response)) => {
-            ws.get_mut().end_head_scan();
-            Ok(ws)
+            let already = ws.get_mut().end_head_scan();
+            Ok((ws, already))
         }
         Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(resp))) => {
             let status = resp.status().as_u16();

@@ -61,7 +61,7 @@ pub fn connect(
 ) -> Result<AppSocket, AppError> {
     let url = format!("{app_relay_url}?bridgeId={bridge_id}");
     match relay_io::open_socket(&url, secret, &[], timeout) {
-        Ok(ws) => Ok(AppSocket { ws }),
+        Ok((ws, _)) => Ok(AppSocket { ws }),
         Err(relay_io::ConnectError::Refused(status, message)) => {
             Err(AppError::Refused(status, message))
         }

@@ -44,8 +44,8 @@ use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Message, Utf8Bytes, WebSocket};
 
 use crate::stream::Stream;
-use crate::wsout::{WsOut, would_block, ws_would_block};
-use crate::wsread::Reclaim;
+use crate::wsout::{WsOut, would_block};
+use crate::wsread::{Ended, Incoming, ReadError, WsReader, close_reply};
 
 use super::store::{self, Authorized, Refused};
 use crate::bridge::workers::{Pool, SHUTDOWN_GRACE};
@@ -126,8 +126,8 @@ struct WsConn {
     detached: bool,
     /// A close frame was sent; dropped at this instant at the latest.
     closing: Option<Instant>,
-    /// What tungstenite has read, to give back its read buffer after a large request.
-    reclaim: Reclaim,
+    /// Reads its messages (tungstenite only writes).
+    reader: WsReader,
 }
 
 enum Io {
@@ -276,11 +276,8 @@ impl Server {
         // SAFETY: the listener is deleted from the poller before it is dropped (`run`).
         unsafe { poller.add_with_mode(&listener, Event::readable(LISTENER), PollMode::Level)? };
         let limits = p::Limits::default();
-        let ws_config = WebSocketConfig::default()
-            .read_buffer_size(16 << 10)
-            .write_buffer_size(64 << 10)
-            .max_message_size(Some(limits.max_frame))
-            .max_frame_size(Some(limits.max_frame));
+        // tungstenite only writes these sockets (`WsReader` reads them): no read buffer.
+        let ws_config = WebSocketConfig::default().read_buffer_size(0).write_buffer_size(64 << 10);
         Ok(Server {
             poller,
             listener: Some(listener),
@@ -630,12 +627,10 @@ impl Server {
         }
         let now = Instant::now();
         let (tx, rx) = sync_channel(OUTBOX_FRAMES);
-        // tungstenite starts with the bytes read past the upgrade request.
-        let mut stream = Stream::plain(h.stream);
-        stream.track_frames(&h.inbuf);
+        // The reader starts with the bytes read past the upgrade request.
+        let reader = WsReader::new(Role::Server, p::Limits::default().max_frame, &h.inbuf);
         let ws =
-            WebSocket::from_partially_read(stream, h.inbuf, Role::Server, Some(self.ws_config));
-        let reclaim = Reclaim::new(Role::Server, &ws);
+            WebSocket::from_raw_socket(Stream::plain(h.stream), Role::Server, Some(self.ws_config));
         let client_id = session.client_id.clone();
         conn.io = Io::Ws(Box::new(WsConn {
             ws,
@@ -648,7 +643,7 @@ impl Server {
             bad_frames: 0,
             detached: false,
             closing: None,
-            reclaim,
+            reader,
         }));
         conn.deadline = None;
         let ip = conn.ip;
@@ -675,7 +670,7 @@ impl Server {
 
     fn ws_read(&mut self, id: usize) {
         let mut texts = Vec::new();
-        let (mut gone, mut more, mut too_large) = (false, false, false);
+        let (mut ended, mut more) = (None, false);
         {
             let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) else { return };
             loop {
@@ -683,26 +678,24 @@ impl Server {
                     more = true;
                     break;
                 }
-                match w.ws.read() {
+                match w.reader.read(w.ws.get_mut()) {
                     Ok(msg) => {
                         w.last_rx = Instant::now();
-                        w.reclaim.on_message(&msg, w.last_rx);
-                        if w.detached {
-                            continue;
-                        }
                         match msg {
-                            Message::Text(t) => texts.push(Some(t)),
-                            Message::Binary(_) => texts.push(None),
-                            _ => {}
+                            _ if w.detached && !matches!(msg, Incoming::Close(_)) => {}
+                            Incoming::Text(t) => texts.push(Some(t)),
+                            Incoming::Binary(_) => texts.push(None),
+                            Incoming::Ping(payload) => w.out.push(Message::Pong(payload)),
+                            Incoming::Pong(_) => {}
+                            Incoming::Close(frame) => {
+                                ended = Some(Ended::Closed(frame));
+                                break;
+                            }
                         }
                     }
-                    Err(e) if ws_would_block(&e) => break,
-                    Err(tungstenite::Error::Capacity(_)) => {
-                        too_large = true;
-                        break;
-                    }
-                    Err(_) => {
-                        gone = true;
+                    Err(ReadError::WouldBlock) => break,
+                    Err(e) => {
+                        ended = Some(Ended::Failed(e));
                         break;
                     }
                 }
@@ -714,18 +707,33 @@ impl Server {
                 None => self.bad_frame(id, "binary frames are not accepted; send JSON text frames"),
             }
         }
-        if too_large {
-            self.close_ws(id, close_code::LIMIT, "message too large");
-            self.detach(id);
-            self.remove(id);
-            return;
+        match ended {
+            Some(Ended::Failed(ReadError::TooLarge { .. })) => {
+                self.close_ws(id, close_code::LIMIT, "message too large");
+                self.detach(id);
+                self.remove(id);
+                return;
+            }
+            Some(Ended::Failed(_)) => {
+                self.detach(id);
+                self.remove(id);
+                return;
+            }
+            // The app's close: answered (unless it answers ours), then the socket is dropped.
+            Some(Ended::Closed(frame)) => {
+                self.detach(id);
+                if let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id)
+                    && w.closing.is_none()
+                {
+                    w.out.push(Message::Close(close_reply(&frame)));
+                }
+                self.ws_flush(id);
+                self.remove(id);
+                return;
+            }
+            None => {}
         }
-        if gone {
-            self.detach(id);
-            self.remove(id);
-            return;
-        }
-        // Automatic pongs and close replies are queued inside tungstenite.
+        // Pongs are queued; push them out.
         self.ws_flush(id);
         if more {
             self.ready.push(id);
@@ -886,17 +894,6 @@ impl Server {
         let idle = Duration::from_secs(p::PEER_IDLE_TIMEOUT_SECS);
         let ping_every = Duration::from_secs(p::RELAY_PING_INTERVAL_SECS);
         let (mut expired, mut idle_socks, mut ping) = (Vec::new(), Vec::new(), Vec::new());
-        let due: Vec<usize> = self
-            .conns
-            .iter()
-            .filter(
-                |(_, c)| matches!(&c.io, Io::Ws(w) if w.reclaim.due().is_some_and(|d| now >= d)),
-            )
-            .map(|(&id, _)| id)
-            .collect();
-        for id in due {
-            self.reclaim_read_buffer(id, now);
-        }
         for (&id, conn) in &self.conns {
             match &conn.io {
                 Io::Ws(w) => match w.closing {
@@ -924,19 +921,6 @@ impl Server {
                 self.ws_flush(id);
             }
         }
-    }
-
-    /// Gives an app socket a fresh tungstenite context (and so a small read buffer) when a
-    /// renewal is due after a large request and loses nothing ([`Reclaim::renew_if_due`]).
-    fn reclaim_read_buffer(&mut self, id: usize, now: Instant) {
-        let Some(mut conn) = self.conns.remove(&id) else { return };
-        if let Io::Ws(boxed) = conn.io {
-            let mut w = *boxed;
-            let quiet = !w.detached && w.closing.is_none() && w.out.is_idle();
-            w.ws = w.reclaim.renew_if_due(w.ws, quiet, now);
-            conn.io = Io::Ws(Box::new(w));
-        }
-        self.conns.insert(id, conn);
     }
 
     /// Stops accepting and reading; delivers the answers the pool gives open requests

@@ -25,8 +25,8 @@ use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Bytes, Message, Utf8Bytes, WebSocket};
 
 use crate::stream::Stream;
-use crate::wsout::{WsOut, would_block, ws_would_block};
-use crate::wsread::Reclaim;
+use crate::wsout::{WsOut, would_block};
+use crate::wsread::{Ended, Incoming, ReadError, WsReader, close_reply};
 
 use super::registry::{Job, Outcome, access_log};
 use super::{ConnId, Peer, Shared, ToReactor, log_event};
@@ -92,8 +92,8 @@ struct WsConn {
     closing: Option<Instant>,
     /// Frames were queued since the last flush (listed in `Reactor::dirty`).
     dirty: bool,
-    /// What tungstenite has read, to give back its read buffer after a large message.
-    reclaim: Reclaim,
+    /// Reads its messages (tungstenite only writes).
+    reader: WsReader,
 }
 
 enum Io {
@@ -168,14 +168,10 @@ impl Reactor {
         let poller = shared.poller.clone();
         // SAFETY: the listener is deleted from the poller in `run` before it is dropped.
         unsafe { poller.add_with_mode(&listener, Event::readable(LISTENER), PollMode::Level)? };
-        let limits = shared.config.limits;
         let ws_config = WebSocketConfig::default()
-            // Small eager read buffers keep thousands of idle sockets cheap; big messages grow
-            // the buffer as needed.
-            .read_buffer_size(16 << 10)
-            .write_buffer_size(64 << 10)
-            .max_message_size(Some(limits.max_frame))
-            .max_frame_size(Some(limits.max_frame));
+            // tungstenite only writes these sockets (`WsReader` reads them): no read buffer.
+            .read_buffer_size(0)
+            .write_buffer_size(64 << 10);
         Ok(Reactor {
             shared,
             poller,
@@ -602,12 +598,9 @@ impl Reactor {
         let Io::Http(h) = conn.io else { return };
         let h = *h;
         let now = Instant::now();
-        // tungstenite starts with the bytes read past the upgrade request.
-        let mut stream = h.stream;
-        stream.track_frames(&h.inbuf);
-        let ws =
-            WebSocket::from_partially_read(stream, h.inbuf, Role::Server, Some(self.ws_config));
-        let reclaim = Reclaim::new(Role::Server, &ws);
+        // The reader starts with the bytes read past the upgrade request.
+        let reader = WsReader::new(Role::Server, self.shared.config.limits.max_frame, &h.inbuf);
+        let ws = WebSocket::from_raw_socket(h.stream, Role::Server, Some(self.ws_config));
         conn.io = Io::Ws(Box::new(WsConn {
             ws,
             peer: peer.clone(),
@@ -620,7 +613,7 @@ impl Reactor {
             detached: false,
             closing: None,
             dirty: false,
-            reclaim,
+            reader,
         }));
         conn.deadline = None;
         self.conns.insert(id, conn);
@@ -638,9 +631,8 @@ impl Reactor {
 
     fn ws_read(&mut self, id: ConnId) {
         let mut texts = std::mem::take(&mut self.read_texts);
-        let mut gone = false;
+        let mut ended = None;
         let mut more = false;
-        let mut too_large = false;
         let mut batch_bytes = 0;
         {
             let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) else {
@@ -651,34 +643,27 @@ impl Reactor {
                     more = true;
                     break;
                 }
-                if w.reclaim.nothing_to_read(&w.ws) {
-                    break;
-                }
-                match w.ws.read() {
+                match w.reader.read(w.ws.get_mut()) {
                     Ok(msg) => {
                         w.last_rx = Instant::now();
-                        w.reclaim.on_message(&msg, w.last_rx);
-                        if w.detached {
-                            continue;
-                        }
                         match msg {
-                            Message::Text(t) => {
+                            _ if w.detached && !matches!(msg, Incoming::Close(_)) => {}
+                            Incoming::Text(t) => {
                                 batch_bytes += t.len();
                                 texts.push(Ok(t));
                             }
-                            Message::Binary(_) => texts.push(Err(())),
-                            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
-                            Message::Close(_) => {}
+                            Incoming::Binary(_) => texts.push(Err(())),
+                            Incoming::Ping(payload) => w.out.push(Message::Pong(payload)),
+                            Incoming::Pong(_) => {}
+                            Incoming::Close(frame) => {
+                                ended = Some(Ended::Closed(frame));
+                                break;
+                            }
                         }
                     }
-                    Err(e) if ws_would_block(&e) => break,
-                    Err(tungstenite::Error::Capacity(_)) => {
-                        // A message over the frame limit: the stream cannot be resynchronised.
-                        too_large = true;
-                        break;
-                    }
-                    Err(_) => {
-                        gone = true;
+                    Err(ReadError::WouldBlock) => break,
+                    Err(e) => {
+                        ended = Some(Ended::Failed(e));
                         break;
                     }
                 }
@@ -693,34 +678,37 @@ impl Reactor {
             }
         }
         self.read_texts = texts;
-        if too_large {
-            self.close_ws(id, close_code::LIMIT, "message too large");
-            self.remove(id);
-            return;
+        match ended {
+            // A message over the frame limit: the stream cannot be resynchronised.
+            Some(Ended::Failed(ReadError::TooLarge { .. })) => {
+                self.close_ws(id, close_code::LIMIT, "message too large");
+                self.remove(id);
+                return;
+            }
+            Some(Ended::Failed(_)) => {
+                self.detach(id);
+                self.remove(id);
+                return;
+            }
+            // The peer's close: answered (unless it answers ours), then the socket is dropped.
+            Some(Ended::Closed(frame)) => {
+                self.detach(id);
+                if let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id)
+                    && w.closing.is_none()
+                {
+                    w.out.push(Message::Close(close_reply(&frame)));
+                }
+                self.ws_flush(id);
+                self.remove(id);
+                return;
+            }
+            None => {}
         }
-        if gone {
-            self.detach(id);
-            self.remove(id);
-            return;
-        }
-        // Automatic pong and close replies are queued inside tungstenite; push them out.
+        // Pongs are queued; push them out.
         self.ws_flush(id);
         if more {
             self.ready.push(id);
         }
-    }
-
-    /// Gives the connection a fresh tungstenite context (and so a small read buffer) when a
-    /// renewal is due after a large message and loses nothing ([`Reclaim::renew_if_due`]).
-    fn reclaim_read_buffer(&mut self, id: ConnId, now: Instant) {
-        let Some(mut conn) = self.conns.remove(&id) else { return };
-        if let Io::Ws(boxed) = conn.io {
-            let mut w = *boxed;
-            let quiet = !w.detached && w.closing.is_none() && w.out.is_idle();
-            w.ws = w.reclaim.renew_if_due(w.ws, quiet, now);
-            conn.io = Io::Ws(Box::new(w));
-        }
-        self.conns.insert(id, conn);
     }
 
     /// Queues a frame for a WebSocket (written at the end of this turn of the loop).
@@ -1275,13 +1263,7 @@ impl Reactor {
         let mut expired = Vec::new();
         let mut idle_socks = Vec::new();
         let mut ping = Vec::new();
-        let mut reclaim = Vec::new();
         for (&id, conn) in &self.conns {
-            if let Io::Ws(w) = &conn.io
-                && w.reclaim.due().is_some_and(|due| now >= due)
-            {
-                reclaim.push(id);
-            }
             match &conn.io {
                 Io::Ws(w) => match w.closing {
                     Some(until) if now >= until => expired.push(id),
@@ -1306,9 +1288,6 @@ impl Reactor {
         }
         for id in idle_socks {
             self.close_ws(id, close_code::IDLE, "no traffic for 60 s");
-        }
-        for id in reclaim {
-            self.reclaim_read_buffer(id, now);
         }
         for id in ping {
             if let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) {
