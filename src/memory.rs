@@ -6,7 +6,7 @@
 //! resident: after one 12 MiB upload the daemon's worker pool held ~150 MiB for good, and the
 //! relay ~32 MiB of heap. So [`limit_allocator_retention`] fixes two arenas and a 512 KiB mmap
 //! threshold: a 12 MiB frame is mapped and goes back to the system on free, while the blocks
-//! of a download or a streamed upload (frames of up to 350 KiB, tungstenite's read buffers)
+//! of a download or a streamed upload (frames of up to 350 KiB, each read into its own buffer)
 //! are reused from the heap instead of being mapped, zero-filled and faulted in page by page
 //! for every frame (half of the relay's CPU per download before stop 16). Up to 4 MiB free at
 //! the top of a heap stays there while frames flow: with glibc's default of 1 MiB the relay's

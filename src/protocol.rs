@@ -1013,8 +1013,8 @@ pub fn parse_message(message: &Utf8Bytes) -> Result<Frame, String> {
                 let inner = quoted.get(1..quoted.len().saturating_sub(1)).unwrap_or_default();
                 // `raw` borrows from the message, so the slice is found. A copy when the frame
                 // is small or the body the smaller part of it: a slice keeps alive the whole
-                // message, and with it the read buffer it was cut from (as large as the
-                // largest message lately), and an upload's window counts only body bytes.
+                // buffer the message was read into, and an upload's window counts only body
+                // bytes.
                 SharedStr::slice_of(message, inner)
                     .filter(|_| text.len() >= LARGE_FRAME && inner.len() >= text.len() / 2)
                     .or_else(|| Some(inner.into()))
@@ -1483,8 +1483,8 @@ mod tests {
 
     #[test]
     fn only_the_body_of_a_large_frame_stays_inside_its_message() {
-        // tungstenite cuts each message out of its read buffer, which keeps the size of the
-        // largest message lately: a small body kept as a slice would keep all of it alive.
+        // A message may be a piece of a larger buffer (tungstenite cuts each message out of
+        // its read buffer): a small body kept as a slice would keep all of it alive.
         let body = |len: usize| "QUFB".repeat(len / 4);
         for (len, shared) in [(200, false), (LARGE_FRAME, true)] {
             let frame = format!(

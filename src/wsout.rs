@@ -11,8 +11,9 @@
 //!   256 KiB download chunks are masked in place.
 //!
 //! Such a frame is written with vectored writes. While it is half written, the stream holds
-//! back tungstenite's own writes (pongs and close replies it sends from inside `read`), so they
-//! cannot land in the middle of it.
+//! back writes through tungstenite (a close the bridge sends straight through it on the way
+//! out), so they cannot land in the middle of it. Pongs wait here, one at most
+//! ([`WsOut::push_pong`]), and go out between frames.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
@@ -80,6 +81,8 @@ pub struct WsOut {
     vectored: Option<Vectored>,
     /// The emptied buffer of the last recycled frame ([`WsOut::take_spare`]).
     spare: Option<Vec<u8>>,
+    /// The pong that answers the latest ping, not yet handed to tungstenite.
+    pong: Option<Bytes>,
 }
 
 /// The socket broke while writing (the error, for logs); drop the connection.
@@ -92,6 +95,13 @@ impl WsOut {
         note_if_large(msg.len());
         self.bytes += msg.len();
         self.queue.push_back(Queued::Message(msg));
+    }
+
+    /// Answers a ping: a pong with its payload goes out before the next queued message. Only
+    /// the latest ping is answered (RFC 6455 §5.5.3 allows it), so a peer that floods pings
+    /// and reads nothing makes at most one pong wait here and one in tungstenite.
+    pub fn push_pong(&mut self, payload: Bytes) {
+        self.pong = Some(payload);
     }
 
     /// Queues a text frame whose payload is `pieces` joined, written without joining them.
@@ -168,7 +178,7 @@ impl WsOut {
 
     /// True when nothing is queued and nothing is held back.
     pub fn is_idle(&self) -> bool {
-        self.queue.is_empty() && !self.blocked
+        self.queue.is_empty() && !self.blocked && self.pong.is_none()
     }
 
     /// True while bytes the socket did not take wait: wait for writability.
@@ -196,6 +206,24 @@ impl WsOut {
                         self.end_vectored(ws, false);
                         return Err(e);
                     }
+                }
+            }
+            if let Some(payload) = self.pong.take() {
+                match ws.write(Message::Pong(payload)) {
+                    Ok(()) => {}
+                    // The pong is buffered inside tungstenite.
+                    Err(e) if ws_would_block(&e) => {
+                        self.blocked = true;
+                        return Ok(());
+                    }
+                    Err(tungstenite::Error::WriteBufferFull(msg)) => {
+                        if let Message::Pong(payload) = *msg {
+                            self.pong = Some(payload);
+                        }
+                        self.blocked = true;
+                        return Ok(());
+                    }
+                    Err(e) => return Err(Broken(e.to_string())),
                 }
             }
             let Some(queued) = self.queue.pop_front() else {
@@ -294,7 +322,7 @@ fn text_frame_header(len: usize, mask: Option<[u8; 4]>) -> Vec<u8> {
 
 /// XORs `payload` with the masking key, byte `i` with `key[i % 4]` (RFC 6455 §5.3), eight
 /// bytes at a time.
-fn apply_mask(payload: &mut [u8], key: [u8; 4]) {
+pub fn apply_mask(payload: &mut [u8], key: [u8; 4]) {
     let word = u64::from_ne_bytes([key[0], key[1], key[2], key[3], key[0], key[1], key[2], key[3]]);
     let mut words = payload.chunks_exact_mut(8);
     for chunk in &mut words {
@@ -350,6 +378,24 @@ mod tests {
         let (ours, peer) = crate::poll::tests::pair();
         ours.set_nonblocking(true).unwrap();
         (Stream::plain(ours), peer)
+    }
+
+    #[test]
+    fn only_the_latest_ping_is_answered_and_before_what_is_queued() {
+        let (ours, peer) = socket_pair();
+        peer.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+        let mut server = WebSocket::from_raw_socket(ours, Role::Server, None);
+        let mut out = WsOut::default();
+        out.push(Message::text("queued"));
+        for n in 0..1000 {
+            out.push_pong(Bytes::from(format!("ping {n}")));
+        }
+        assert!(!out.is_idle());
+        out.flush(&mut server).unwrap();
+        assert!(out.is_idle());
+        let mut client = WebSocket::from_raw_socket(peer, Role::Client, None);
+        assert_eq!(client.read().unwrap(), Message::Pong(Bytes::from_static(b"ping 999")));
+        assert_eq!(client.read().unwrap(), Message::text("queued"));
     }
 
     /// Frames from pieces, of every header size and around a plain message, arrive whole and

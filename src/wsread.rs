@@ -5,17 +5,22 @@
 //! - tungstenite zero-fills its whole read size (16 KiB here) before every read, even one that
 //!   brings a 200-byte frame or nothing at all: about a tenth of the relay's user time at c16.
 //!   [`WsReader`] zero-fills its small buffer once, when it is first needed, and reads a large
-//!   frame's payload straight into a buffer of that frame's size.
+//!   frame's payload straight into a zeroed buffer of that frame's size (zeroed once, as
+//!   tungstenite's were; a fresh mapping is zero already).
 //! - tungstenite keeps its read buffer at the size of the largest message for as long as the
 //!   connection lives (tungstenite-rs #480): 12 MiB for every peer that once sent a 12 MiB
-//!   request. Here a large payload's buffer is the message itself, freed with it.
-//! - the rules for what a peer may send are ours to state (PROTOCOL §6): one limit for frames
-//!   and messages, masking by role, no extensions.
+//!   request. Here a large payload's buffer is the message itself. The buffer of a message of
+//!   [`KEEP_MIN`] or more is kept for the next large frame until [`KEEP_FOR`] passes without
+//!   one ([`WsReader::release_kept`]): back-to-back 12 MiB uploads reuse it instead of mapping
+//!   and faulting in 16 MiB for each (about a quarter of their speed).
+//! - the rules for what a peer may send are ours to state (PROTOCOL §4.4): one limit for
+//!   frames and messages, checked from a frame's header, masking by role, no extensions.
 //!
 //! Control frames are returned to the caller, who answers them: a ping with a pong, a close
 //! with a close ([`close_reply`]).
 
 use std::io::{self, Read};
+use std::time::{Duration, Instant};
 
 use tungstenite::protocol::Role;
 use tungstenite::protocol::frame::CloseFrame;
@@ -25,6 +30,13 @@ use tungstenite::{Bytes, Utf8Bytes};
 /// The small-frame buffer: frames up to this size (header included) are read into it with
 /// as few reads as the socket allows; larger payloads get a buffer of their own.
 pub const READ_SIZE: usize = 16 << 10;
+
+/// Messages from this size up leave their buffer kept for the next large frame. Smaller
+/// buffers come from the allocator's free lists (`memory.rs`) without being mapped afresh.
+pub const KEEP_MIN: usize = 1 << 20;
+
+/// How long a kept buffer waits for the next large frame.
+pub const KEEP_FOR: Duration = Duration::from_secs(2);
 
 /// A message read from a WebSocket.
 #[derive(Debug)]
@@ -62,8 +74,8 @@ impl Incoming {
 pub enum ReadError {
     /// Nothing more can be read now; wait for readiness.
     WouldBlock,
-    /// A frame or message over the limit: the stream cannot be resynchronised. Close with
-    /// code 1009.
+    /// A frame or message over the limit: the stream cannot be resynchronised. The relay and
+    /// the LAN server close with 4008 (PROTOCOL §4.4).
     TooLarge {
         /// The size announced (a frame) or reached (a fragmented message).
         size: u64,
@@ -123,7 +135,9 @@ pub struct WsReader {
     role: Role,
     /// The largest frame and the largest message.
     max: usize,
-    /// The small-frame buffer ([`READ_SIZE`], allocated at the first read); unread bytes are
+    /// The size of the small-frame buffer: [`READ_SIZE`].
+    read_size: usize,
+    /// The small-frame buffer (`read_size`, allocated at the first read); unread bytes are
     /// `buf[start..end]`.
     buf: Vec<u8>,
     start: usize,
@@ -132,14 +146,26 @@ pub struct WsReader {
     large: Option<LargeFrame>,
     /// A fragmented data message so far: its opcode and payload.
     fragments: Option<(u8, Vec<u8>)>,
+    /// The buffer of the last message of [`KEEP_MIN`] or more (shared with the message while
+    /// that lives), and when it was read.
+    kept: Option<(Bytes, Instant)>,
 }
 
 impl WsReader {
     /// A reader for our `role`'s side of a connection, refusing frames and messages over
     /// `max` bytes, that reads `already` (bytes read past the handshake) first.
     pub fn new(role: Role, max: usize, already: &[u8]) -> WsReader {
-        let mut r =
-            WsReader { role, max, buf: Vec::new(), start: 0, end: 0, large: None, fragments: None };
+        let mut r = WsReader {
+            role,
+            max,
+            read_size: READ_SIZE,
+            buf: Vec::new(),
+            start: 0,
+            end: 0,
+            large: None,
+            fragments: None,
+            kept: None,
+        };
         if !already.is_empty() {
             r.buf = already.to_vec();
             r.buf.resize(already.len().max(READ_SIZE), 0);
@@ -160,6 +186,42 @@ impl WsReader {
             }
             self.fill(stream)?;
         }
+    }
+
+    /// This reader with a small-frame buffer of `size` bytes (at least a header's 14) instead
+    /// of [`READ_SIZE`]: for tests that reach the large-frame path with small inputs.
+    #[doc(hidden)]
+    pub fn with_read_size(mut self, size: usize) -> WsReader {
+        self.read_size = size.max(14);
+        self
+    }
+
+    /// When the kept buffer is due to be released ([`WsReader::release_kept`]).
+    pub fn kept_due(&self) -> Option<Instant> {
+        self.kept.as_ref().map(|(_, at)| *at + KEEP_FOR)
+    }
+
+    /// Releases the kept buffer if it is due at `now`.
+    pub fn release_kept(&mut self, now: Instant) {
+        if self.kept_due().is_some_and(|due| now >= due) {
+            self.kept = None;
+        }
+    }
+
+    /// A zeroed buffer of `len` bytes for a large frame's payload: the kept one when its
+    /// message is gone and it fits without being more than twice the size, else a fresh one.
+    fn large_buffer(&mut self, len: usize) -> Vec<u8> {
+        if let Some((bytes, _)) = self.kept.take()
+            && bytes.is_unique()
+        {
+            let mut buf = Vec::from(bytes);
+            if (len..=len.saturating_mul(2)).contains(&buf.capacity()) {
+                buf.clear();
+                buf.resize(len, 0);
+                return buf;
+            }
+        }
+        vec![0; len]
     }
 
     /// The next message among the bytes read so far, if they hold one.
@@ -192,11 +254,11 @@ impl WsReader {
                     None => continue,
                 }
             }
-            if header_len + header.len <= READ_SIZE {
+            if header_len + header.len <= self.read_size {
                 // The rest of a small frame comes into `buf` ([`WsReader::fill`] makes room).
                 return Ok(None);
             }
-            let mut payload = vec![0; header.len];
+            let mut payload = self.large_buffer(header.len);
             payload[..have].copy_from_slice(&self.buf[at..self.end]);
             (self.start, self.end) = (0, 0);
             self.large = Some(LargeFrame { header, payload, filled: have });
@@ -210,8 +272,13 @@ impl WsReader {
             large.filled += read_some(stream, &mut large.payload[large.filled..])?;
             return Ok(());
         }
-        if self.buf.len() < READ_SIZE {
-            self.buf.resize(READ_SIZE, 0);
+        if self.start == self.end && self.buf.len() > self.read_size {
+            // A long handshake tail was read; keep no more than the usual size.
+            self.buf.truncate(self.read_size);
+            self.buf.shrink_to_fit();
+        }
+        if self.buf.len() < self.read_size {
+            self.buf.resize(self.read_size, 0);
         }
         if self.start > 0 {
             self.buf.copy_within(self.start..self.end, 0);
@@ -265,9 +332,16 @@ impl WsReader {
                 return Err(ReadError::Protocol("a control frame over 125 bytes"));
             }
         }
-        // A data frame counts towards its message.
+        // Known from the header, before the payload is read: a data frame's place in its
+        // message, and what it adds to it.
         let so_far = match (&self.fragments, opcode) {
             (Some((_, parts)), 0) => parts.len() as u64,
+            (None, 0) => {
+                return Err(ReadError::Protocol("a continuation frame outside a message"));
+            }
+            (Some(_), 1 | 2) => {
+                return Err(ReadError::Protocol("a new message inside a fragmented one"));
+            }
             _ => 0,
         };
         if len.saturating_add(so_far) > self.max as u64 {
@@ -288,7 +362,7 @@ impl WsReader {
         mut payload: Vec<u8>,
     ) -> Result<Option<Incoming>, ReadError> {
         if let Some(mask) = header.mask {
-            unmask(&mut payload, mask);
+            crate::wsout::apply_mask(&mut payload, mask);
         }
         match header.opcode {
             9 => Ok(Some(Incoming::Ping(payload.into()))),
@@ -298,9 +372,10 @@ impl WsReader {
                 let Some((opcode, mut parts)) = self.fragments.take() else {
                     return Err(ReadError::Protocol("a continuation frame outside a message"));
                 };
+                parts.reserve_exact(payload.len());
                 parts.extend_from_slice(&payload);
                 if header.fin {
-                    return message(opcode, parts).map(Some);
+                    return self.message(opcode, parts).map(Some);
                 }
                 self.fragments = Some((opcode, parts));
                 Ok(None)
@@ -308,11 +383,28 @@ impl WsReader {
             _ if self.fragments.is_some() => {
                 Err(ReadError::Protocol("a new message inside a fragmented one"))
             }
-            opcode if header.fin => message(opcode, payload).map(Some),
+            opcode if header.fin => self.message(opcode, payload).map(Some),
             opcode => {
                 self.fragments = Some((opcode, payload));
                 Ok(None)
             }
+        }
+    }
+}
+
+impl WsReader {
+    /// A whole data message; a large one's buffer is kept.
+    fn message(&mut self, opcode: u8, payload: Vec<u8>) -> Result<Incoming, ReadError> {
+        let bytes = Bytes::from(payload);
+        if bytes.len() >= KEEP_MIN {
+            self.kept = Some((bytes.clone(), Instant::now()));
+        }
+        if opcode == 2 {
+            return Ok(Incoming::Binary(bytes));
+        }
+        match Utf8Bytes::try_from(bytes) {
+            Ok(text) => Ok(Incoming::Text(text)),
+            Err(_) => Err(ReadError::Protocol("a text message that is not UTF-8")),
         }
     }
 }
@@ -327,17 +419,6 @@ fn read_some(stream: &mut impl Read, buf: &mut [u8]) -> Result<usize, ReadError>
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(ReadError::WouldBlock),
             Err(e) => return Err(ReadError::Io(e)),
         }
-    }
-}
-
-/// A whole data message.
-fn message(opcode: u8, payload: Vec<u8>) -> Result<Incoming, ReadError> {
-    if opcode == 2 {
-        return Ok(Incoming::Binary(payload.into()));
-    }
-    match String::from_utf8(payload) {
-        Ok(text) => Ok(Incoming::Text(text.into())),
-        Err(_) => Err(ReadError::Protocol("a text message that is not UTF-8")),
     }
 }
 
@@ -357,27 +438,11 @@ fn close_frame(payload: &[u8]) -> Result<Option<CloseFrame>, ReadError> {
 }
 
 /// The close frame that answers the peer's `received` one: its code echoed when it is one a
-/// peer may send, else 1000 (normal), without a reason.
+/// peer may send, else 1002 (a protocol error, RFC 6455 §7.4), without a reason.
 pub fn close_reply(received: &Option<CloseFrame>) -> Option<CloseFrame> {
     let code = received.as_ref()?.code;
-    let code = if code.is_allowed() { code } else { CloseCode::Normal };
+    let code = if code.is_allowed() { code } else { CloseCode::Protocol };
     Some(CloseFrame { code, reason: "".into() })
-}
-
-/// Unmasks a payload (RFC 6455 §5.3), eight bytes at a time.
-fn unmask(payload: &mut [u8], mask: [u8; 4]) {
-    let wide = u64::from_ne_bytes([
-        mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3],
-    ]);
-    let mut words = payload.chunks_exact_mut(8);
-    for word in &mut words {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(word);
-        word.copy_from_slice(&(u64::from_ne_bytes(w) ^ wide).to_ne_bytes());
-    }
-    for (i, b) in words.into_remainder().iter_mut().enumerate() {
-        *b ^= mask[i & 3];
-    }
 }
 
 #[cfg(test)]
@@ -540,6 +605,56 @@ mod tests {
     }
 
     #[test]
+    fn a_large_buffer_is_reused_once_its_message_is_gone_and_released_when_quiet() {
+        let payload = vec![b'k'; KEEP_MIN];
+        let bytes = [frame(0x81, &payload, true), frame(0x81, &payload, true)].concat();
+        let mut stream = Trickle { bytes: &bytes, chunk: 64 << 10 };
+        let mut reader = WsReader::new(Role::Server, 2 << 20, &[]);
+        let mut next = |reader: &mut WsReader| loop {
+            match reader.read(&mut stream) {
+                Ok(Incoming::Text(t)) => return t,
+                Err(ReadError::WouldBlock) => {}
+                other => panic!("{other:?}"),
+            }
+        };
+        let first = next(&mut reader);
+        let at = first.as_ptr();
+        assert!(reader.kept_due().is_some());
+        drop(first);
+        let second = next(&mut reader);
+        assert_eq!(second.as_ptr(), at, "the first message's buffer was reused");
+        assert_eq!(second.as_str(), std::str::from_utf8(&payload).unwrap());
+        // Released once due, not before.
+        let due = reader.kept_due().unwrap();
+        reader.release_kept(due - Duration::from_millis(1));
+        assert!(reader.kept.is_some());
+        reader.release_kept(due);
+        assert!(reader.kept.is_none() && reader.kept_due().is_none());
+        // While a message still holds it, a fresh buffer is used.
+        let bytes = frame(0x81, &payload, true);
+        let mut reader = WsReader::new(Role::Server, 2 << 20, &bytes);
+        let held = match reader.read(&mut Trickle { bytes: &[], chunk: 1 }) {
+            Ok(Incoming::Text(t)) => t,
+            other => panic!("{other:?}"),
+        };
+        let mut again = WsReader::new(Role::Server, 2 << 20, &[]);
+        again.kept = reader.kept.take();
+        let fresh = again.large_buffer(KEEP_MIN);
+        assert_ne!(fresh.as_ptr(), held.as_ptr());
+    }
+
+    #[test]
+    fn a_long_handshake_tail_leaves_no_large_buffer_behind() {
+        let tail = [frame(0x81, &[b'a'; 30_000], true), frame(0x81, b"b", true)].concat();
+        let mut reader = WsReader::new(Role::Server, 1 << 20, &tail);
+        let mut nothing = Trickle { bytes: &[], chunk: 1 };
+        assert!(matches!(reader.read(&mut nothing), Ok(Incoming::Text(t)) if t.len() == 30_000));
+        assert!(matches!(reader.read(&mut nothing), Ok(Incoming::Text(t)) if t.as_str() == "b"));
+        assert!(matches!(reader.read(&mut nothing), Err(ReadError::WouldBlock)));
+        assert_eq!(reader.buf.capacity(), READ_SIZE);
+    }
+
+    #[test]
     fn a_close_is_answered_with_its_code_when_a_peer_may_send_it() {
         let reply = |code: u16| {
             let f = CloseFrame { code: CloseCode::from(code), reason: "why".into() };
@@ -547,19 +662,7 @@ mod tests {
         };
         assert_eq!(reply(1001), Some((1001, String::new())));
         assert_eq!(reply(4000), Some((4000, String::new())));
-        assert_eq!(reply(1005), Some((1000, String::new())), "1005 is never sent");
+        assert_eq!(reply(1005), Some((1002, String::new())), "1005 is never sent");
         assert_eq!(close_reply(&None), None);
-    }
-
-    #[test]
-    fn unmasking_matches_the_definition_at_every_length_and_offset() {
-        let mask = [0x12, 0x34, 0x56, 0x78];
-        for len in 0..40 {
-            let plain: Vec<u8> = (0..len as u8).collect();
-            let mut masked: Vec<u8> =
-                plain.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]).collect();
-            unmask(&mut masked, mask);
-            assert_eq!(masked, plain, "{len}");
-        }
     }
 }

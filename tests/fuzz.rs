@@ -283,12 +283,15 @@ enum WsEnd {
 }
 
 /// Our reader ([`hermeschat_pair::wsread::WsReader`]) against tungstenite's, on the same
-/// bytes, for both roles: the same messages in the same order, ending the same way. Where
-/// they may differ, by design: ours refuses a header from its first two bytes (reserved
-/// bits, opcode, masking, a control frame's size), tungstenite once the header is whole, so
-/// on bytes that end inside such a header ours has refused and tungstenite still waits; and
-/// tungstenite refuses a fragmented text message's bad UTF-8 at the fragment, ours when the
-/// message is whole (reading the control frames in between).
+/// bytes, for both roles, read in pieces of several sizes, part handed over at the start, and
+/// with small-frame buffers small enough to send most frames down the large-frame path: the
+/// same messages in the same order, ending the same way. Where they may differ, by design:
+/// ours refuses a frame from its header (reserved bits, opcode, masking, a control frame's
+/// size, a continuation out of place), tungstenite once the whole frame has arrived, so on
+/// bytes that end inside such a frame ours has refused while tungstenite waits; then
+/// tungstenite must refuse it once the frame is completed. And tungstenite refuses a
+/// fragmented text message's bad UTF-8 at the fragment, ours when the message is whole
+/// (reading the control frames in between).
 #[test]
 fn fuzz_ws_reader_against_tungstenite() {
     use hermeschat_pair::wsread::{Incoming, ReadError, WsReader};
@@ -296,8 +299,17 @@ fn fuzz_ws_reader_against_tungstenite() {
     use tungstenite::{Error, Message};
     const LIMIT: usize = 300;
 
-    fn ours(role: Role, bytes: &[u8], chunk: usize) -> (Vec<String>, WsEnd) {
-        let mut reader = WsReader::new(role, LIMIT, &[]);
+    /// `already` bytes are handed to the reader at its start, the rest read; `read_size` is
+    /// its small-frame buffer's.
+    fn ours(
+        role: Role,
+        bytes: &[u8],
+        chunk: usize,
+        already: usize,
+        read_size: usize,
+    ) -> (Vec<String>, WsEnd) {
+        let (already, bytes) = bytes.split_at(already.min(bytes.len()));
+        let mut reader = WsReader::new(role, LIMIT, already).with_read_size(read_size);
         let mut feed = Feed { bytes, chunk };
         let mut got = Vec::new();
         loop {
@@ -360,6 +372,51 @@ fn fuzz_ws_reader_against_tungstenite() {
         }
     }
 
+    /// The bytes that complete the frame `bytes` end inside, if they end inside one: the
+    /// rest of its header (a zero length, a zero key), then payload bytes that unmask to
+    /// ASCII. Empty when they end where a frame ends.
+    fn completion(role: Role, bytes: &[u8]) -> Vec<u8> {
+        let mut pos = 0;
+        loop {
+            let rest = &bytes[pos..];
+            match rest.len() {
+                0 => return Vec::new(),
+                1 if role == Role::Server => return vec![0x80, 0, 0, 0, 0],
+                1 => return vec![0],
+                _ => {}
+            }
+            let masked = rest[1] & 0x80 != 0;
+            let extended = match rest[1] & 0x7F {
+                126 => 2,
+                127 => 8,
+                _ => 0,
+            };
+            let header_len = 2 + extended + if masked { 4 } else { 0 };
+            let mut header = rest[..header_len.min(rest.len())].to_vec();
+            let mut pad = Vec::new();
+            while header.len() < header_len {
+                header.push(0);
+                pad.push(0);
+            }
+            let len = match extended {
+                0 => u64::from(header[1] & 0x7F),
+                _ => header[2..2 + extended].iter().fold(0, |n, &b| n << 8 | u64::from(b)),
+            };
+            if len > LIMIT as u64 {
+                return pad;
+            }
+            let len = len as usize;
+            let have = rest.len().saturating_sub(header_len);
+            if have >= len && pad.is_empty() {
+                pos += header_len + len;
+                continue;
+            }
+            let key = if masked { &header[header_len - 4..] } else { &[0u8; 4][..] };
+            pad.extend((have..len).map(|i| b'a' ^ key[i % 4]));
+            return pad;
+        }
+    }
+
     let frames = |masked: bool| -> Vec<Vec<u8>> {
         let f = |first, payload: &[u8]| ws_frame(first, payload, masked);
         vec![
@@ -377,16 +434,34 @@ fn fuzz_ws_reader_against_tungstenite() {
     let (mut messages, mut refused) = (0usize, 0usize);
     let runs = fuzz("WebSocket reader", &seeds, |input| {
         for role in [Role::Server, Role::Client] {
-            for chunk in [1, 5, input.len().max(1)] {
-                let (a, b) = (ours(role, input, chunk), theirs(role, input, chunk));
+            // (bytes per read, bytes handed over at the start, small-frame buffer): the last
+            // two send most frames down the large-frame path.
+            let n = input.len();
+            for (chunk, already, read_size) in [(1, 0, 16 << 10), (5, n / 3, 14), (n.max(1), 0, 40)]
+            {
+                let a = ours(role, input, chunk, already, read_size);
+                let b = theirs(role, input, chunk);
+                let why = format!(
+                    "{role:?}, {chunk}-byte reads after {already}, {read_size}-byte buffer, \
+                     of {input:?}:\nours {a:?}\ntheirs {b:?}"
+                );
                 // After tungstenite refused a fragment's UTF-8, ours may read on through
                 // control frames until the message ends (refused) or the bytes do.
                 let early_utf8 = b.1 == WsEnd::BadUtf8
                     && a.0.starts_with(&b.0)
                     && a.0[b.0.len()..].iter().all(|m| !m.starts_with("text"));
-                let ok = early_utf8
-                    || a.0 == b.0 && (a.1 == b.1 || (a.1, b.1) == (WsEnd::Refused, WsEnd::Pending));
-                assert!(ok, "{role:?}, {chunk}-byte reads of {input:?}:\nours {a:?}\ntheirs {b:?}");
+                if !early_utf8 {
+                    assert_eq!(a.0, b.0, "{why}");
+                }
+                if (a.1, b.1) == (WsEnd::Refused, WsEnd::Pending) {
+                    // Ours refused from a header: tungstenite refuses the same frame once the
+                    // rest of it arrives.
+                    let whole = [input, &completion(role, input)].concat();
+                    let c = theirs(role, &whole, whole.len().max(1));
+                    assert_eq!(c, (a.0.clone(), WsEnd::Refused), "completed: {whole:?}\n{why}");
+                } else if !early_utf8 {
+                    assert_eq!(a.1, b.1, "{why}");
+                }
                 messages += a.0.len();
                 refused += usize::from(a.1 == WsEnd::Refused);
             }

@@ -647,8 +647,9 @@ fn requests_and_streaming_are_byte_exact_through_the_direct_socket() {
     assert_eq!(w.status, 200);
 }
 
-/// The LAN server renews an app socket's tungstenite context a while after a large request,
-/// so the socket stops holding a read buffer of that size (`wsread::Reclaim`).
+/// A large request's buffer is freed with it (`wsread::WsReader` reads a large frame into a
+/// buffer of its own) and the heap handed back after a quiet spell: the socket does not keep
+/// the memory of its largest request.
 #[test]
 fn an_app_socket_gives_back_its_read_buffer_after_a_large_upload() {
     let env = Env::new();
@@ -664,11 +665,11 @@ fn an_app_socket_gives_back_its_read_buffer_after_a_large_upload() {
     let up = raw_upload("up", &bytes);
     let v: Value = serde_json::from_slice(&app.fetch(&up).body).unwrap();
     assert_eq!(v["sha256"], format!("{:x}", Sha256::digest(&bytes)));
-    // Due 2 s after the request, at the LAN server's next 1 s tick.
+    // The heap is trimmed a while after the last large frame (`memory::TRIM_WHEN_QUIET`).
     let grown = rss_growth_settles(pid, before, 8 << 10);
     assert!(grown < 8 << 10, "the daemon holds {grown} KiB more after a 12 MiB upload");
     let v: Value = serde_json::from_slice(&app.fetch(&up).body).unwrap();
-    assert_eq!(v["size"], bytes.len(), "the renewed socket still carries large requests");
+    assert_eq!(v["size"], bytes.len(), "the socket still carries large requests");
 }
 
 #[test]

@@ -156,8 +156,9 @@ fn binary_8_mib_round_trips_byte_exact() {
     assert_echo(&mut app, "after", &s.client_id);
 }
 
-/// tungstenite keeps its read buffer at the size of the largest message for as long as the
-/// connection lives; the daemon renews it a while after a large request (`wsread::Reclaim`).
+/// The daemon's relay socket does not keep the memory of its largest request: a large frame
+/// is read into a buffer of its own, freed with it (`wsread::WsReader`), and the heap is
+/// handed back after a quiet spell.
 #[test]
 fn the_daemon_gives_back_its_read_buffer_after_a_large_upload() {
     let s = setup();
@@ -173,12 +174,12 @@ fn the_daemon_gives_back_its_read_buffer_after_a_large_upload() {
     for id in ["up1", "up2"] {
         assert_eq!(fetch(&mut app, &raw(id)).json(), want, "{id}");
     }
-    // Due 2 s after the last large request; the daemon wakes for it on its own.
+    // The heap is trimmed a while after the last large frame (`memory::TRIM_WHEN_QUIET`).
     let grown = rss_growth_settles(pid, before, 8 << 10);
     assert!(grown < 8 << 10, "the daemon holds {grown} KiB more after two 12 MiB uploads");
-    // The renewed socket carries small and large requests as before.
+    // The socket carries small and large requests as before.
     assert_echo(&mut app, "after", &s.client_id);
-    assert_eq!(fetch(&mut app, &raw("up3")).json(), want, "after the renewal");
+    assert_eq!(fetch(&mut app, &raw("up3")).json(), want, "after the trim");
 }
 
 #[test]

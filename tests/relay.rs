@@ -1593,12 +1593,12 @@ fn a_pong_never_lands_inside_a_half_written_request() {
     }
 }
 
-/// tungstenite keeps its read buffer at the size of the largest message a connection sent, for
-/// as long as it lives: four apps that each uploaded 12 MiB once held 49 MiB of relay memory.
-/// The relay renews that buffer a while after the last large message, once it holds nothing
-/// unread, and the connections go on working: a request sent right behind a large one, and
-/// later requests, arrive intact. A large message sent in fragments (whose headers the relay's
-/// count cannot see) arrives intact too, as does everything after it on that socket.
+/// tungstenite kept its read buffer at the size of the largest message a connection sent, for
+/// as long as it lived: four apps that each uploaded 12 MiB once held 49 MiB of relay memory.
+/// Now a large message is read into a buffer of its own, freed with it, and the connections
+/// go on working: a request sent right behind a large one, and later requests, arrive intact.
+/// A large message sent in fragments arrives intact too, as does everything after it on that
+/// socket.
 #[test]
 fn large_uploads_do_not_pin_memory_per_app() {
     let relay = Relay::new();
@@ -1648,7 +1648,7 @@ fn large_uploads_do_not_pin_memory_per_app() {
     assert_eq!((r.id.as_str(), r.body.map(|b| b.len())), ("frag", Some(2 << 20)));
     assert_eq!(next_request().id, "after-frag");
 
-    // Renewed 2 s after the last large message, at the relay's next 1 s tick.
+    // The heap is trimmed a while after the last large frame (`memory::TRIM_WHEN_QUIET`).
     let grown = rss_growth_settles(relay.pid(), before, 24 << 10);
     assert!(grown < 24 << 10, "the relay holds {grown} KiB more after four 12 MiB uploads");
     // Every socket still carries requests, large and small.

@@ -326,9 +326,8 @@ fn large_requests_cross_a_tls_relay_intact() {
         assert_eq!(body, serde_json::json!({"size": len, "sum": sum}));
     }
 
-    // Over TLS too, the daemon renews its relay socket's read buffer 2 s after the 3 MiB
-    // request (the frames are followed after decryption); the download below crosses the
-    // renewed socket.
+    // Over TLS too, the daemon does not keep the 3 MiB request's memory; the download below
+    // crosses the same socket.
     let grown = rss_growth_settles(pid, before, 3 << 10);
     assert!(grown < 3 << 10, "the daemon kept its 4 MiB read buffer: {grown} KiB more");
 

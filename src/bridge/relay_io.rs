@@ -255,6 +255,7 @@ impl RelayIo {
                     }
                 }
                 let now = Instant::now();
+                t.reader.release_kept(now);
                 if now.duration_since(t.last_ping) >= ping_every {
                     t.last_ping = now;
                     out.push(Message::Ping(Default::default()));
@@ -276,6 +277,9 @@ impl RelayIo {
                 let _ = self.poller.modify_with_mode(tcp, ev, PollMode::Level);
             }
             let mut next = (t.last_ping + ping_every).min(t.last_rx + pong_timeout);
+            if let Some(due) = t.reader.kept_due() {
+                next = next.min(due);
+            }
             if let Some(deadline) = self.expire_inlines(inlines, &mut answers) {
                 next = next.min(deadline);
             }
@@ -441,7 +445,7 @@ impl RelayIo {
                     t.last_rx = Instant::now();
                     match msg {
                         Incoming::Text(text) => self.dispatch(out, outbox, inlines, &text),
-                        Incoming::Ping(payload) => out.push(Message::Pong(payload)),
+                        Incoming::Ping(payload) => out.push_pong(payload),
                         Incoming::Close(frame) => {
                             let why = frame.as_ref().map_or("closed".to_owned(), |f| {
                                 format!("closed {} {}", u16::from(f.code), f.reason)

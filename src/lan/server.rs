@@ -670,22 +670,23 @@ impl Server {
 
     fn ws_read(&mut self, id: usize) {
         let mut texts = Vec::new();
-        let (mut ended, mut more) = (None, false);
+        let (mut ended, mut more, mut batch) = (None, false, 0);
         {
             let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) else { return };
             loop {
-                if texts.len() >= READ_BATCH {
+                if batch >= READ_BATCH {
                     more = true;
                     break;
                 }
                 match w.reader.read(w.ws.get_mut()) {
                     Ok(msg) => {
                         w.last_rx = Instant::now();
+                        batch += 1;
                         match msg {
                             _ if w.detached && !matches!(msg, Incoming::Close(_)) => {}
                             Incoming::Text(t) => texts.push(Some(t)),
                             Incoming::Binary(_) => texts.push(None),
-                            Incoming::Ping(payload) => w.out.push(Message::Pong(payload)),
+                            Incoming::Ping(payload) => w.out.push_pong(payload),
                             Incoming::Pong(_) => {}
                             Incoming::Close(frame) => {
                                 ended = Some(Ended::Closed(frame));
@@ -894,6 +895,11 @@ impl Server {
         let idle = Duration::from_secs(p::PEER_IDLE_TIMEOUT_SECS);
         let ping_every = Duration::from_secs(p::RELAY_PING_INTERVAL_SECS);
         let (mut expired, mut idle_socks, mut ping) = (Vec::new(), Vec::new(), Vec::new());
+        for conn in self.conns.values_mut() {
+            if let Io::Ws(w) = &mut conn.io {
+                w.reader.release_kept(now);
+            }
+        }
         for (&id, conn) in &self.conns {
             match &conn.io {
                 Io::Ws(w) => match w.closing {
