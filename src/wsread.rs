@@ -4,9 +4,10 @@
 //! reasons it could not serve:
 //! - tungstenite zero-fills its whole read size (16 KiB here) before every read, even one that
 //!   brings a 200-byte frame or nothing at all: about a tenth of the relay's user time at c16.
-//!   [`WsReader`] zero-fills its small buffer once, when it is first needed, and reads a large
-//!   frame's payload straight into a zeroed buffer of that frame's size (zeroed once, as
-//!   tungstenite's were; a fresh mapping is zero already).
+//!   [`WsReader`] reads small frames into a buffer that is zeroed once per [`READ_SIZE`] bytes
+//!   read, not per read, and hands each message out as a slice of it (no copy, no
+//!   allocation); it reads a large frame's payload straight into a zeroed buffer of that
+//!   frame's size (zeroed once, as tungstenite's were; a fresh mapping is zero already).
 //! - tungstenite keeps its read buffer at the size of the largest message for as long as the
 //!   connection lives (tungstenite-rs #480): 12 MiB for every peer that once sent a 12 MiB
 //!   request. Here a large payload's buffer is the message itself. The buffer of a message of
@@ -22,6 +23,7 @@
 use std::io::{self, Read};
 use std::time::{Duration, Instant};
 
+use bytes::{Buf, BytesMut};
 use tungstenite::protocol::Role;
 use tungstenite::protocol::frame::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
@@ -31,12 +33,19 @@ use tungstenite::{Bytes, Utf8Bytes};
 /// as few reads as the socket allows; larger payloads get a buffer of their own.
 pub const READ_SIZE: usize = 16 << 10;
 
+/// Room under which the small-frame buffer is renewed before a read: its unread bytes move
+/// to the front of a buffer of [`READ_SIZE`] (the same one once no message holds it).
+const MIN_ROOM: usize = 4 << 10;
+
 /// Messages from this size up leave their buffer kept for the next large frame. Smaller
 /// buffers come from the allocator's free lists (`memory.rs`) without being mapped afresh.
 pub const KEEP_MIN: usize = 1 << 20;
 
 /// How long a kept buffer waits for the next large frame.
 pub const KEEP_FOR: Duration = Duration::from_secs(2);
+
+/// The largest frame header: 2 bytes, an 8-byte length and a 4-byte mask.
+const MAX_HEADER: usize = 14;
 
 /// A message read from a WebSocket.
 #[derive(Debug)]
@@ -137,11 +146,18 @@ pub struct WsReader {
     max: usize,
     /// The size of the small-frame buffer: [`READ_SIZE`].
     read_size: usize,
-    /// The small-frame buffer (`read_size`, allocated at the first read); unread bytes are
-    /// `buf[start..end]`.
-    buf: Vec<u8>,
-    start: usize,
+    /// The small-frame buffer (allocated at the first read): unread bytes are `buf[..end]`,
+    /// room to read into is `buf[end..]` (zeroed or read before: initialized). Each small
+    /// message is split off its front and shares its allocation until dropped.
+    buf: BytesMut,
     end: usize,
+    /// Bytes split off `buf` since it was last renewed: it can be renewed in place when that
+    /// is at least the unread bytes it moves.
+    consumed: usize,
+    /// Bytes the frame at the front of `buf` needs in all, when that is known and it is small.
+    want: usize,
+    /// `buf` came from a long handshake tail: renew it at its own size next time.
+    oversized: bool,
     /// A frame too large for `buf`, part-way read.
     large: Option<LargeFrame>,
     /// A fragmented data message so far: its opcode and payload.
@@ -159,16 +175,17 @@ impl WsReader {
             role,
             max,
             read_size: READ_SIZE,
-            buf: Vec::new(),
-            start: 0,
+            buf: BytesMut::new(),
             end: 0,
+            consumed: 0,
+            want: 0,
+            oversized: already.len() > READ_SIZE,
             large: None,
             fragments: None,
             kept: None,
         };
         if !already.is_empty() {
-            r.buf = already.to_vec();
-            r.buf.resize(already.len().max(READ_SIZE), 0);
+            r.buf = BytesMut::from(already);
             r.end = already.len();
         }
         r
@@ -227,65 +244,82 @@ impl WsReader {
     /// The next message among the bytes read so far, if they hold one.
     fn next_buffered(&mut self) -> Result<Option<Incoming>, ReadError> {
         loop {
-            if let Some(large) = self.large.take() {
+            if let Some(mut large) = self.large.take() {
                 if large.filled < large.payload.len() {
                     self.large = Some(large);
                     return Ok(None);
                 }
-                match self.frame_done(large.header, large.payload)? {
+                if let Some(mask) = large.header.mask {
+                    crate::wsout::apply_mask(&mut large.payload, mask);
+                }
+                match self.frame_done(large.header, Bytes::from(large.payload))? {
                     Some(msg) => return Ok(Some(msg)),
                     None => continue,
                 }
             }
-            let unread = &self.buf[self.start..self.end];
+            let unread = &self.buf[..self.end];
+            self.want = MAX_HEADER;
             let Some((header, header_len)) = self.parse_header(unread)? else {
                 return Ok(None);
             };
             let have = unread.len() - header_len;
-            let at = self.start + header_len;
+            let total = header_len + header.len;
             if have >= header.len {
-                let payload = self.buf[at..at + header.len].to_vec();
-                self.start = at + header.len;
-                if self.start == self.end {
-                    (self.start, self.end) = (0, 0);
+                let mut frame = self.buf.split_to(total);
+                (self.end, self.consumed) = (self.end - total, self.consumed + total);
+                frame.advance(header_len);
+                if let Some(mask) = header.mask {
+                    crate::wsout::apply_mask(&mut frame, mask);
                 }
-                match self.frame_done(header, payload)? {
+                match self.frame_done(header, frame.freeze())? {
                     Some(msg) => return Ok(Some(msg)),
                     None => continue,
                 }
             }
-            if header_len + header.len <= self.read_size {
+            if total <= self.read_size {
                 // The rest of a small frame comes into `buf` ([`WsReader::fill`] makes room).
+                self.want = total;
                 return Ok(None);
             }
             let mut payload = self.large_buffer(header.len);
-            payload[..have].copy_from_slice(&self.buf[at..self.end]);
-            (self.start, self.end) = (0, 0);
+            payload[..have].copy_from_slice(&self.buf[header_len..self.end]);
+            drop(self.buf.split_to(self.end));
+            (self.end, self.consumed) = (0, self.consumed + self.end);
             self.large = Some(LargeFrame { header, payload, filled: have });
         }
     }
 
     /// Reads once from `stream`: into the large frame's payload if one is part-way, else into
-    /// `buf` after what is unread there (moved to its front first).
+    /// `buf` after what is unread there, first renewing `buf` when its room is short.
     fn fill(&mut self, stream: &mut impl Read) -> Result<(), ReadError> {
         if let Some(large) = &mut self.large {
             large.filled += read_some(stream, &mut large.payload[large.filled..])?;
             return Ok(());
         }
-        if self.start == self.end && self.buf.len() > self.read_size {
-            // A long handshake tail was read; keep no more than the usual size.
-            self.buf.truncate(self.read_size);
-            self.buf.shrink_to_fit();
-        }
-        if self.buf.len() < self.read_size {
-            self.buf.resize(self.read_size, 0);
-        }
-        if self.start > 0 {
-            self.buf.copy_within(self.start..self.end, 0);
-            (self.start, self.end) = (0, self.end - self.start);
+        let room = self.buf.len() - self.end;
+        if room < MIN_ROOM.min(self.read_size / 2) || self.buf.len() < self.want {
+            self.renew_buffer();
         }
         self.end += read_some(stream, &mut self.buf[self.end..])?;
         Ok(())
+    }
+
+    /// Moves the unread bytes to the front of a buffer of `read_size`, zeroed after them:
+    /// the same allocation when no message holds it any more and the move fits in what was
+    /// consumed, else a fresh one.
+    fn renew_buffer(&mut self) {
+        if self.oversized || self.consumed < self.end {
+            let mut fresh = BytesMut::zeroed(self.read_size);
+            fresh[..self.end].copy_from_slice(&self.buf[..self.end]);
+            self.buf = fresh;
+            self.oversized = false;
+        } else {
+            self.buf.truncate(self.end);
+            // In place when unique; else a new buffer of the original size.
+            self.buf.reserve(self.read_size - self.end);
+            self.buf.resize(self.read_size, 0);
+        }
+        self.consumed = 0;
     }
 
     /// The header at the front of `bytes` and its length, once it is whole; an error for a
@@ -359,14 +393,11 @@ impl WsReader {
     fn frame_done(
         &mut self,
         header: Header,
-        mut payload: Vec<u8>,
+        payload: Bytes,
     ) -> Result<Option<Incoming>, ReadError> {
-        if let Some(mask) = header.mask {
-            crate::wsout::apply_mask(&mut payload, mask);
-        }
         match header.opcode {
-            9 => Ok(Some(Incoming::Ping(payload.into()))),
-            10 => Ok(Some(Incoming::Pong(payload.into()))),
+            9 => Ok(Some(Incoming::Ping(payload))),
+            10 => Ok(Some(Incoming::Pong(payload))),
             8 => close_frame(&payload).map(|f| Some(Incoming::Close(f))),
             0 => {
                 let Some((opcode, mut parts)) = self.fragments.take() else {
@@ -375,7 +406,7 @@ impl WsReader {
                 parts.reserve_exact(payload.len());
                 parts.extend_from_slice(&payload);
                 if header.fin {
-                    return self.message(opcode, parts).map(Some);
+                    return self.message(opcode, Bytes::from(parts)).map(Some);
                 }
                 self.fragments = Some((opcode, parts));
                 Ok(None)
@@ -385,7 +416,7 @@ impl WsReader {
             }
             opcode if header.fin => self.message(opcode, payload).map(Some),
             opcode => {
-                self.fragments = Some((opcode, payload));
+                self.fragments = Some((opcode, Vec::from(payload)));
                 Ok(None)
             }
         }
@@ -394,8 +425,7 @@ impl WsReader {
 
 impl WsReader {
     /// A whole data message; a large one's buffer is kept.
-    fn message(&mut self, opcode: u8, payload: Vec<u8>) -> Result<Incoming, ReadError> {
-        let bytes = Bytes::from(payload);
+    fn message(&mut self, opcode: u8, bytes: Bytes) -> Result<Incoming, ReadError> {
         if bytes.len() >= KEEP_MIN {
             self.kept = Some((bytes.clone(), Instant::now()));
         }
@@ -602,6 +632,42 @@ mod tests {
         let mut reader = WsReader::new(Role::Client, 1 << 20, &frame(0x81, b"last", false));
         assert!(matches!(reader.read(&mut Closed), Ok(Incoming::Text(_))));
         assert!(matches!(reader.read(&mut Closed), Err(ReadError::Eof)));
+    }
+
+    #[test]
+    fn small_messages_share_one_buffer_that_is_renewed_in_place_only_when_free() {
+        let texts: Vec<String> =
+            (0..400).map(|i| format!("message {i:03} {}", "x".repeat(i))).collect();
+        let bytes: Vec<u8> = texts.iter().flat_map(|t| frame(0x81, t.as_bytes(), true)).collect();
+        let read = |held: bool| {
+            let mut reader = WsReader::new(Role::Server, 1 << 20, &[]);
+            let mut stream = Trickle { bytes: &bytes, chunk: 1000 };
+            let (mut got, mut bases) = (Vec::new(), std::collections::HashSet::new());
+            while got.len() < texts.len() {
+                match reader.read(&mut stream) {
+                    Ok(Incoming::Text(t)) => {
+                        // The buffer a message lies in, by its 16 KiB-aligned neighbourhood.
+                        bases.insert(t.as_ptr() as usize / READ_SIZE);
+                        if held {
+                            got.push(t);
+                        } else {
+                            assert_eq!(t.as_str(), texts[got.len()]);
+                            got.push("".into());
+                        }
+                    }
+                    Err(ReadError::WouldBlock) => {}
+                    other => panic!("{other:?}"),
+                }
+            }
+            (got, bases.len())
+        };
+        // Held messages keep their bytes while later ones are read into fresh buffers.
+        let (got, held_buffers) = read(true);
+        assert_eq!(got.iter().map(|t| t.as_str()).collect::<Vec<_>>(), texts);
+        // Dropped at once, they leave the buffer free to be renewed in place.
+        let (_, buffers) = read(false);
+        assert!(bytes.len() > 4 * READ_SIZE && held_buffers > 4, "{held_buffers}");
+        assert!(buffers <= 2, "{buffers} buffers for messages dropped at once");
     }
 
     #[test]
