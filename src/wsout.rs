@@ -160,9 +160,12 @@ impl WsOut {
         if !(written && v.recycle) {
             return;
         }
-        if let Some(payload) = v.pieces.into_iter().next_back()
+        if let Some(mut payload) = v.pieces.into_iter().next_back()
             && payload.is_unique()
         {
+            // Only its allocation is wanted: one byte moves, not the frame (musl's `memmove`
+            // copies even onto itself).
+            payload.truncate(1);
             let mut buf = Vec::from(payload);
             if buf.capacity() <= SPARE_MAX {
                 buf.clear();

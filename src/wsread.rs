@@ -6,8 +6,8 @@
 //!   brings a 200-byte frame or nothing at all: about a tenth of the relay's user time at c16.
 //!   [`WsReader`] reads small frames into a buffer that is zeroed once per [`READ_SIZE`] bytes
 //!   read, not per read, and hands each message out as a slice of it (no copy, no
-//!   allocation); it reads a large frame's payload straight into a zeroed buffer of that
-//!   frame's size (zeroed once, as tungstenite's were; a fresh mapping is zero already).
+//!   allocation); it reads a large frame's payload straight into a buffer of that frame's
+//!   size, zeroed a step ahead of the reads (as tungstenite zeroes ahead of each of its own).
 //! - tungstenite keeps its read buffer at the size of the largest message for as long as the
 //!   connection lives (tungstenite-rs #480): 12 MiB for every peer that once sent a 12 MiB
 //!   request. Here a large payload's buffer is the message itself. The buffer of a message of
@@ -43,6 +43,9 @@ pub const KEEP_MIN: usize = 1 << 20;
 
 /// How long a kept buffer waits for the next large frame.
 pub const KEEP_FOR: Duration = Duration::from_secs(2);
+
+/// How much of a large frame's buffer is zeroed ahead of each read into it.
+const LARGE_STEP: usize = 256 << 10;
 
 /// The largest frame header: 2 bytes, an 8-byte length and a 4-byte mask.
 const MAX_HEADER: usize = 14;
@@ -134,7 +137,9 @@ struct Header {
 /// A frame whose payload is read straight into its own buffer.
 struct LargeFrame {
     header: Header,
+    /// Its capacity holds the whole payload; its length is the part zeroed or read so far.
     payload: Vec<u8>,
+    /// Payload bytes read so far.
     filled: usize,
 }
 
@@ -225,27 +230,31 @@ impl WsReader {
         }
     }
 
-    /// A zeroed buffer of `len` bytes for a large frame's payload: the kept one when its
+    /// An empty buffer with room for a large frame's `len` bytes: the kept one when its
     /// message is gone and it fits without being more than twice the size, else a fresh one.
+    /// It is zeroed [`LARGE_STEP`] at a time just before each read ([`WsReader::fill`]), so
+    /// the zeroing and the read that overwrites it meet the same bytes in cache.
     fn large_buffer(&mut self, len: usize) -> Vec<u8> {
-        if let Some((bytes, _)) = self.kept.take()
+        if let Some((mut bytes, _)) = self.kept.take()
             && bytes.is_unique()
         {
+            // Only its allocation is wanted: one byte moves, not the message (musl's
+            // `memmove` copies even onto itself; glibc's returns at once).
+            bytes.truncate(1);
             let mut buf = Vec::from(bytes);
             if (len..=len.saturating_mul(2)).contains(&buf.capacity()) {
                 buf.clear();
-                buf.resize(len, 0);
                 return buf;
             }
         }
-        vec![0; len]
+        Vec::with_capacity(len)
     }
 
     /// The next message among the bytes read so far, if they hold one.
     fn next_buffered(&mut self) -> Result<Option<Incoming>, ReadError> {
         loop {
             if let Some(mut large) = self.large.take() {
-                if large.filled < large.payload.len() {
+                if large.filled < large.header.len {
                     self.large = Some(large);
                     return Ok(None);
                 }
@@ -282,7 +291,7 @@ impl WsReader {
                 return Ok(None);
             }
             let mut payload = self.large_buffer(header.len);
-            payload[..have].copy_from_slice(&self.buf[header_len..self.end]);
+            payload.extend_from_slice(&self.buf[header_len..self.end]);
             drop(self.buf.split_to(self.end));
             (self.end, self.consumed) = (0, self.consumed + self.end);
             self.large = Some(LargeFrame { header, payload, filled: have });
@@ -293,6 +302,10 @@ impl WsReader {
     /// `buf` after what is unread there, first renewing `buf` when its room is short.
     fn fill(&mut self, stream: &mut impl Read) -> Result<(), ReadError> {
         if let Some(large) = &mut self.large {
+            if large.payload.len() == large.filled {
+                let step = (large.header.len - large.filled).min(LARGE_STEP);
+                large.payload.resize(large.filled + step, 0);
+            }
             large.filled += read_some(stream, &mut large.payload[large.filled..])?;
             return Ok(());
         }
