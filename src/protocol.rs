@@ -1015,8 +1015,10 @@ pub fn parse_message(message: &Utf8Bytes) -> Result<Frame, String> {
                 // is small or the body the smaller part of it: a slice keeps alive the whole
                 // buffer the message was read into, and an upload's window counts only body
                 // bytes.
-                SharedStr::slice_of(message, inner)
-                    .filter(|_| text.len() >= LARGE_FRAME && inner.len() >= text.len() / 2)
+                let large = text.len() >= LARGE_FRAME && inner.len() >= text.len() / 2;
+                large
+                    .then(|| SharedStr::slice_of(message, inner))
+                    .flatten()
                     .or_else(|| Some(inner.into()))
             }
             Some(quoted) => Some(

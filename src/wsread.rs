@@ -4,9 +4,9 @@
 //! reasons it could not serve:
 //! - tungstenite zero-fills its whole read size (16 KiB here) before every read, even one that
 //!   brings a 200-byte frame or nothing at all: about a tenth of the relay's user time at c16.
-//!   [`WsReader`] reads small frames into a buffer that is zeroed once per [`READ_SIZE`] bytes
-//!   read, not per read, and hands each message out as a slice of it (no copy, no
-//!   allocation); it reads a large frame's payload straight into a buffer of that frame's
+//!   [`WsReader`] reads small frames into a buffer that is zeroed when it is renewed (once
+//!   per 12–16 KiB read on a busy connection), not per read, and hands each message out as a
+//!   slice of it (no copy, no allocation); it reads a large frame's payload straight into a buffer of that frame's
 //!   size, zeroed a step ahead of the reads (as tungstenite zeroes ahead of each of its own).
 //! - tungstenite keeps its read buffer at the size of the largest message for as long as the
 //!   connection lives (tungstenite-rs #480): 12 MiB for every peer that once sent a 12 MiB
@@ -33,8 +33,9 @@ use tungstenite::{Bytes, Utf8Bytes};
 /// as few reads as the socket allows; larger payloads get a buffer of their own.
 pub const READ_SIZE: usize = 16 << 10;
 
-/// Room under which the small-frame buffer is renewed before a read: its unread bytes move
-/// to the front of a buffer of its size (the same one once no message holds it).
+/// Room under which the small-frame buffer is renewed before a read (half its size while it
+/// is smaller than 8 KiB, or what the frame at its front needs): its unread bytes move to
+/// the front of a buffer of its size (the same one once no message holds it).
 const MIN_ROOM: usize = 4 << 10;
 
 /// The small-frame buffer's first size ([`WsReader::fill`] grows it).
@@ -154,8 +155,10 @@ pub struct WsReader {
     max: usize,
     /// The largest size of the small-frame buffer: [`READ_SIZE`].
     read_size: usize,
-    /// Its size now: it starts at [`FIRST_SIZE`] and doubles, up to `read_size`, when a read
-    /// fills it or a frame needs more, so an idle connection holds 2 KiB, a busy one 16 KiB.
+    /// Its size now: it starts at [`FIRST_SIZE`] and grows, up to `read_size`, when a read
+    /// fills it (doubled) or a frame needs more (to the frame's size rounded up to a power of
+    /// two). It never shrinks: a connection that never got busy holds 2 KiB, one that did
+    /// 16 KiB.
     size: usize,
     /// The small-frame buffer (allocated at the first read): unread bytes are `buf[..end]`,
     /// room to read into is `buf[end..]` (zeroed or read before: initialized). Each small
@@ -167,7 +170,8 @@ pub struct WsReader {
     consumed: usize,
     /// Bytes the frame at the front of `buf` needs in all, when that is known and it is small.
     want: usize,
-    /// `buf` came from a long handshake tail: renew it at its own size next time.
+    /// `buf` came from a long handshake tail: its next renewal is a fresh buffer of `size`, so
+    /// the tail's allocation goes.
     oversized: bool,
     /// A frame too large for `buf`, part-way read.
     large: Option<LargeFrame>,
@@ -331,20 +335,21 @@ impl WsReader {
         Ok(())
     }
 
-    /// Moves the unread bytes to the front of a buffer of `size`, zeroed after them:
-    /// the same allocation when no message holds it any more and the move fits in what was
-    /// consumed, else a fresh one.
+    /// Moves the unread bytes to the front of a buffer of `size`, zeroed after them: the
+    /// same allocation when no message holds it any more and it has the room without growing,
+    /// else a fresh one of exactly `size` (growing in place would keep the dead front part).
     fn renew_buffer(&mut self) {
-        if self.oversized || self.consumed < self.end {
+        self.buf.truncate(self.end);
+        let in_place = !self.oversized
+            && self.consumed >= self.end
+            && self.buf.try_reclaim(self.size - self.end);
+        if in_place {
+            self.buf.resize(self.size, 0);
+        } else {
             let mut fresh = BytesMut::zeroed(self.size);
             fresh[..self.end].copy_from_slice(&self.buf[..self.end]);
             self.buf = fresh;
             self.oversized = false;
-        } else {
-            self.buf.truncate(self.end);
-            // In place when unique; else a new buffer of the original size.
-            self.buf.reserve(self.size - self.end);
-            self.buf.resize(self.size, 0);
         }
         self.consumed = 0;
     }
@@ -423,8 +428,9 @@ impl WsReader {
         payload: Bytes,
     ) -> Result<Option<Incoming>, ReadError> {
         match header.opcode {
-            9 => Ok(Some(Incoming::Ping(payload))),
-            10 => Ok(Some(Incoming::Pong(payload))),
+            // Copied (at most 125 bytes): a pong waiting to be sent must not pin the buffer.
+            9 => Ok(Some(Incoming::Ping(Bytes::copy_from_slice(&payload)))),
+            10 => Ok(Some(Incoming::Pong(Bytes::copy_from_slice(&payload)))),
             8 => close_frame(&payload).map(|f| Some(Incoming::Close(f))),
             0 => {
                 let Some((opcode, mut parts)) = self.fragments.take() else {
@@ -673,6 +679,8 @@ mod tests {
             while got.len() < texts.len() {
                 match reader.read(&mut stream) {
                     Ok(Incoming::Text(t)) => {
+                        // Grown in place or not, the buffer is never larger than its size.
+                        assert!(reader.buf.capacity() <= READ_SIZE, "{}", reader.buf.capacity());
                         // The buffer a message lies in, by its 16 KiB-aligned neighbourhood.
                         bases.insert(t.as_ptr() as usize / READ_SIZE);
                         if held {
@@ -710,6 +718,26 @@ mod tests {
             assert!(matches!(reader.read(&mut stream), Ok(Incoming::Text(t)) if t.len() == 100));
         }
         assert_eq!(reader.size, READ_SIZE, "reads that fill it double it");
+    }
+
+    #[test]
+    fn a_growing_buffer_is_never_larger_than_its_size() {
+        // Reads that fill the buffer grow it while the messages are dropped at once, so its
+        // renewals may be in place: growing one in place would keep its dead front part.
+        let frames: Vec<u8> =
+            (0..3000).flat_map(|i| frame(0x81, &vec![b'x'; 50 + i % 700], true)).collect();
+        let mut reader = WsReader::new(Role::Server, 1 << 20, &[]);
+        let mut stream = Trickle { bytes: &frames, chunk: usize::MAX };
+        let mut read = 0;
+        loop {
+            match reader.read(&mut stream) {
+                Ok(Incoming::Text(_)) => read += 1,
+                Err(ReadError::WouldBlock) => break,
+                other => panic!("{other:?}"),
+            }
+            assert!(reader.buf.capacity() <= READ_SIZE, "{}", reader.buf.capacity());
+        }
+        assert_eq!(read, 3000);
     }
 
     #[test]

@@ -1028,7 +1028,7 @@ impl Reactor {
             let text = message.as_str();
             let rest = text.trim_start().get(1..).unwrap_or_default();
             let large = text.len() >= LARGE_FRAME;
-            if let Some(rest) = SharedStr::slice_of(message, rest).filter(|_| large) {
+            if let Some(rest) = large.then(|| SharedStr::slice_of(message, rest)).flatten() {
                 let pieces = vec![Bytes::from(client_prefix(client_id, 0)), Bytes::from(rest)];
                 self.send_pieces(bridge_conn, pieces);
             } else {
