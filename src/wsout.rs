@@ -109,7 +109,7 @@ impl WsOut {
     /// frame is sent unmasked.
     pub fn push_pieces(&mut self, payload: Vec<Bytes>) {
         let len = payload.iter().map(Bytes::len).sum();
-        let mut head = text_frame_header(len, None);
+        let mut head = frame_header(0x81, len, None);
         let mut pieces = Vec::with_capacity(payload.len() + 1);
         let mut payload = payload.into_iter();
         // A short first piece (the relay's prefix) shares the header's buffer: one slice and,
@@ -135,7 +135,7 @@ impl WsOut {
         let key = crate::secret::random_bytes::<4>();
         let mut payload = text.into_bytes();
         apply_mask(&mut payload, key);
-        let head = text_frame_header(payload.len(), Some(key));
+        let head = frame_header(0x81, payload.len(), Some(key));
         let len = payload.len();
         self.push_frame(vec![Bytes::from(head), Bytes::from(payload)], len, recycle);
     }
@@ -303,11 +303,12 @@ fn flushed(r: tungstenite::Result<()>) -> Result<bool, Broken> {
     }
 }
 
-/// The header of a final text frame with a payload of `len` bytes, masked with `mask` if
-/// given (RFC 6455 §5.2).
-fn text_frame_header(len: usize, mask: Option<[u8; 4]>) -> Vec<u8> {
+/// The header of a frame whose first byte (FIN, opcode) is `first`, with a payload of `len`
+/// bytes, masked with `mask` if given (RFC 6455 §5.2). Our frames are final text frames
+/// (`0x81`); the reader's tests build every other kind with it too.
+pub fn frame_header(first: u8, len: usize, mask: Option<[u8; 4]>) -> Vec<u8> {
     let masked = if mask.is_some() { 0x80 } else { 0 };
-    let mut head = vec![0x81];
+    let mut head = vec![first];
     match len {
         0..=125 => head.push(masked | len as u8),
         126..=0xFFFF => {

@@ -514,27 +514,12 @@ mod tests {
 
     /// A frame's bytes: `first` is FIN and opcode; masked with `[1, 2, 3, 4]` or not.
     pub(crate) fn frame(first: u8, payload: &[u8], masked: bool) -> Vec<u8> {
-        let bit = if masked { 0x80 } else { 0 };
-        let mut out = vec![first];
-        match payload.len() {
-            len @ 0..=125 => out.push(bit | len as u8),
-            len @ 126..=0xFFFF => {
-                out.push(bit | 126);
-                out.extend((len as u16).to_be_bytes());
-            }
-            len => {
-                out.push(bit | 127);
-                out.extend((len as u64).to_be_bytes());
-            }
+        let mask = masked.then_some([1u8, 2, 3, 4]);
+        let mut body = payload.to_vec();
+        if let Some(key) = mask {
+            crate::wsout::apply_mask(&mut body, key);
         }
-        let mask = [1u8, 2, 3, 4];
-        if masked {
-            out.extend(mask);
-            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
-        } else {
-            out.extend(payload);
-        }
-        out
+        [crate::wsout::frame_header(first, payload.len(), mask), body].concat()
     }
 
     /// Hands out `bytes` at most `chunk` at a time, then answers `WouldBlock`.

@@ -217,27 +217,13 @@ fn fuzz_large_frames() {
 /// A WebSocket frame's bytes: `first` is FIN and opcode; masked (with a key that changes the
 /// bytes) or not.
 fn ws_frame(first: u8, payload: &[u8], masked: bool) -> Vec<u8> {
-    let bit = if masked { 0x80 } else { 0 };
-    let mut out = vec![first];
-    match payload.len() {
-        len @ 0..=125 => out.push(bit | len as u8),
-        len @ 126..=0xFFFF => {
-            out.push(bit | 126);
-            out.extend((len as u16).to_be_bytes());
-        }
-        len => {
-            out.push(bit | 127);
-            out.extend((len as u64).to_be_bytes());
-        }
+    use hermeschat_pair::wsout::{apply_mask, frame_header};
+    let mask = masked.then_some([0x5a, 0x01, 0xc3, 0x7e]);
+    let mut body = payload.to_vec();
+    if let Some(key) = mask {
+        apply_mask(&mut body, key);
     }
-    let key = [0x5a, 0x01, 0xc3, 0x7e];
-    if masked {
-        out.extend(key);
-        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
-    } else {
-        out.extend(payload);
-    }
-    out
+    [frame_header(first, payload.len(), mask), body].concat()
 }
 
 /// Hands out its bytes `chunk` at a time, then answers `WouldBlock`; swallows writes (the
