@@ -263,8 +263,7 @@ impl Relay {
     /// Runs until `stop` is set (see [`StopHandle`]). Spawns the worker threads, then runs the
     /// reactor on the calling thread.
     pub fn run(self, stop: Arc<AtomicBool>) -> io::Result<()> {
-        let (job_tx, job_rx) = mpsc::sync_channel(4096);
-        let job_rx = Arc::new(Mutex::new(job_rx));
+        let (job_tx, job_rx) = registry::job_queue();
         let mut workers = Vec::new();
         for i in 0..self.shared.config.workers.max(1) {
             let (rx, shared) = (job_rx.clone(), self.shared.clone());

@@ -16,7 +16,7 @@ use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use crate::poll::{Event, Events, PollMode, Poller};
@@ -28,7 +28,7 @@ use crate::stream::Stream;
 use crate::wsout::{WsOut, would_block};
 use crate::wsread::{Ended, Incoming, ReadError, WsReader, close_reply};
 
-use super::registry::{Job, Outcome, access_log};
+use super::registry::{Job, JobSender, Outcome, access_log};
 use super::{ConnId, Peer, Shared, ToReactor, log_event};
 use crate::http::{self, Head, Parsed};
 use crate::protocol::{
@@ -136,7 +136,7 @@ pub struct Reactor {
     poller: Arc<Poller>,
     listener: TcpListener,
     tls: Option<native_tls::TlsAcceptor>,
-    jobs: SyncSender<Job>,
+    jobs: JobSender,
     inbox: Receiver<ToReactor>,
     stop: Arc<AtomicBool>,
     conns: FastMap<ConnId, Conn>,
@@ -161,7 +161,7 @@ impl Reactor {
         shared: Arc<Shared>,
         listener: TcpListener,
         tls: Option<native_tls::TlsAcceptor>,
-        jobs: SyncSender<Job>,
+        jobs: JobSender,
         inbox: Receiver<ToReactor>,
         stop: Arc<AtomicBool>,
     ) -> io::Result<Reactor> {
@@ -462,15 +462,11 @@ impl Reactor {
             return;
         };
         h.waiting = Some((head.clone(), Instant::now()));
-        match self.jobs.try_send(Job::Http { conn: id, head, body, ip }) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                h.waiting = None;
-                let r =
-                    refuse(503, p::api_code::UNAVAILABLE, "the relay is overloaded; retry shortly");
-                self.http_respond(id, r, After::Close);
-                return;
-            }
+        if !self.jobs.try_send(Job::Http { conn: id, head, body, ip }) {
+            h.waiting = None;
+            let r = refuse(503, p::api_code::UNAVAILABLE, "the relay is overloaded; retry shortly");
+            self.http_respond(id, r, After::Close);
+            return;
         }
         self.set_interest(id);
     }

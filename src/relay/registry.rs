@@ -5,8 +5,9 @@
 //! with an [`Outcome`] (a response to write, or an authenticated upgrade).
 
 use std::net::IpAddr;
-use std::sync::Arc;
-use std::sync::mpsc::Receiver;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde::Serialize;
@@ -37,6 +38,58 @@ pub enum Job {
     },
 }
 
+/// How many jobs may wait for a worker; past that the reactor answers 503.
+pub const JOB_QUEUE: usize = 4096;
+
+/// The reactor's end of the job queue: bounded at [`JOB_QUEUE`] waiting jobs.
+///
+/// Not `mpsc::sync_channel`: that allocates and writes every slot up front (4096 jobs were 612
+/// KiB of an idle relay's memory). This channel grows in small blocks as jobs arrive and frees
+/// them as workers take them; the count of waiting jobs keeps the bound.
+pub struct JobSender {
+    tx: Sender<Job>,
+    waiting: Arc<AtomicUsize>,
+}
+
+/// The workers' end of the job queue, shared by all of them.
+pub struct JobReceiver {
+    rx: Mutex<Receiver<Job>>,
+    waiting: Arc<AtomicUsize>,
+}
+
+/// A bounded job queue: the sender for the reactor, the receiver for the workers. Dropping the
+/// sender ends the workers once the queue is empty.
+pub fn job_queue() -> (JobSender, Arc<JobReceiver>) {
+    let (tx, rx) = mpsc::channel();
+    let waiting = Arc::new(AtomicUsize::new(0));
+    (
+        JobSender { tx, waiting: waiting.clone() },
+        Arc::new(JobReceiver { rx: Mutex::new(rx), waiting }),
+    )
+}
+
+impl JobSender {
+    /// Queues `job`; false (the job dropped) when [`JOB_QUEUE`] jobs are waiting or no worker
+    /// is left.
+    #[must_use]
+    pub fn try_send(&self, job: Job) -> bool {
+        if self.waiting.fetch_add(1, Ordering::AcqRel) >= JOB_QUEUE || self.tx.send(job).is_err() {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+}
+
+impl JobReceiver {
+    /// The next job, waiting for one; `None` once the sender is gone and the queue is empty.
+    fn recv(&self) -> Option<Job> {
+        let job = self.rx.lock().unwrap_or_else(|p| p.into_inner()).recv().ok()?;
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        Some(job)
+    }
+}
+
 /// A worker's answer to [`Job::Http`].
 pub enum Outcome {
     /// Write these bytes; close afterwards when `close`.
@@ -60,7 +113,7 @@ pub enum Outcome {
 }
 
 /// Runs one worker until the job channel closes.
-pub fn worker(jobs: Arc<std::sync::Mutex<Receiver<Job>>>, shared: Arc<Shared>) {
+pub fn worker(jobs: Arc<JobReceiver>, shared: Arc<Shared>) {
     let mut store = match Store::open(&shared.config.data) {
         Ok(s) => s,
         Err(e) => {
@@ -68,12 +121,7 @@ pub fn worker(jobs: Arc<std::sync::Mutex<Receiver<Job>>>, shared: Arc<Shared>) {
             return;
         }
     };
-    loop {
-        let job = {
-            let rx = jobs.lock().unwrap_or_else(|p| p.into_inner());
-            rx.recv()
-        };
-        let Ok(job) = job else { return };
+    while let Some(job) = jobs.recv() {
         match job {
             Job::Touch { client_id } => {
                 if let Err(e) = store.touch_client(&client_id, now_ms()) {
@@ -450,5 +498,41 @@ fn upgrade(store: &mut Store, head: &Head, bridge_role: bool) -> Handled {
             }
             None => unauthorised(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn touch(n: usize) -> Job {
+        Job::Touch { client_id: n.to_string() }
+    }
+
+    #[test]
+    fn the_job_queue_holds_at_most_its_bound_and_frees_a_place_per_job_taken() {
+        let (tx, rx) = job_queue();
+        for n in 0..JOB_QUEUE {
+            assert!(tx.try_send(touch(n)), "job {n} refused below the bound");
+        }
+        assert!(!tx.try_send(touch(JOB_QUEUE)), "a job past the bound was queued");
+        let Some(Job::Touch { client_id }) = rx.recv() else { panic!("no job") };
+        assert_eq!(client_id, "0", "jobs leave in order");
+        assert!(tx.try_send(touch(JOB_QUEUE)), "a taken job freed no place");
+        assert!(!tx.try_send(touch(JOB_QUEUE + 1)));
+        drop(tx);
+        let mut left = 0;
+        while rx.recv().is_some() {
+            left += 1;
+        }
+        assert_eq!(left, JOB_QUEUE, "the queued jobs are still delivered after the sender left");
+    }
+
+    #[test]
+    fn a_queue_without_workers_refuses_jobs() {
+        let (tx, rx) = job_queue();
+        drop(rx);
+        assert!(!tx.try_send(touch(0)));
+        assert_eq!(tx.waiting.load(Ordering::Acquire), 0, "a refused job still counts as waiting");
     }
 }
