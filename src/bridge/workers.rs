@@ -10,6 +10,7 @@
 //! exchange, which makes that thread answer `CANCELLED` at once.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::mem::MaybeUninit;
 
 use crate::fasthash::FastMap;
 use std::io::Read;
@@ -297,6 +298,50 @@ struct Running {
     pending: Pending,
 }
 
+/// Freed boxes of `T`, kept for the next values (at most [`SPARE_BOXES`]); for [`Running`].
+///
+/// musl's allocator maps a fresh page for each group of a few blocks of `Running`'s size and
+/// unmaps it as soon as the group is free again: with 16 requests in flight the static daemon
+/// mapped and unmapped a page about every seventh request, about a tenth of its CPU at c16
+/// (docs/PERFORMANCE.md, stop 20). A box reused costs a lock.
+// The boxes are the point: each is an allocation kept for reuse.
+#[allow(clippy::vec_box)]
+struct SpareBoxes<T>(Mutex<Vec<Box<MaybeUninit<T>>>>);
+
+/// Boxes a [`SpareBoxes`] keeps: one per inline request in flight on a busy connection.
+const SPARE_BOXES: usize = 32;
+
+impl<T> SpareBoxes<T> {
+    fn new() -> SpareBoxes<T> {
+        SpareBoxes(Mutex::new(Vec::new()))
+    }
+
+    /// `value` in a box: a spare one if there is one.
+    fn boxed(&self, value: T) -> Box<T> {
+        match lock(&self.0).pop() {
+            Some(spare) => Box::write(spare, value),
+            None => Box::new(value),
+        }
+    }
+
+    /// The value of `boxed`, its box kept for the next one.
+    fn unboxed(&self, boxed: Box<T>) -> T {
+        let raw = Box::into_raw(boxed);
+        // SAFETY: `raw` comes from `Box::into_raw`: valid, aligned and initialised. It is read
+        // once; from here on the allocation is only used as `MaybeUninit<T>`, so the value
+        // moved out is never dropped twice.
+        let value = unsafe { raw.read() };
+        // SAFETY: `MaybeUninit<T>` has the layout of `T`, so the allocation is a valid box of
+        // it (and freed with the same layout if it is not kept).
+        let spare = unsafe { Box::from_raw(raw.cast::<MaybeUninit<T>>()) };
+        let mut spares = lock(&self.0);
+        if spares.len() < SPARE_BOXES {
+            spares.push(spare);
+        }
+        value
+    }
+}
+
 impl Inline {
     /// The backend socket to watch (a shared handle: holding it keeps the descriptor open
     /// until the caller has stopped watching it).
@@ -377,6 +422,8 @@ struct Shared {
     answer: Condvar,
     /// Most workers started.
     max_workers: usize,
+    /// Boxes for inline requests.
+    boxes: SpareBoxes<Running>,
 }
 
 /// The bounded worker pool. Share it behind an `Arc`; every method takes `&self`.
@@ -407,6 +454,7 @@ impl Pool {
             work: Condvar::new(),
             answer: Condvar::new(),
             max_workers: workers.max(1),
+            boxes: SpareBoxes::new(),
         });
         let pool = Pool { shared };
         if !pool.spawn_worker(0) {
@@ -595,13 +643,12 @@ impl Pool {
     pub fn advance(&self, mut inline: Inline, push: &mut dyn FnMut(String)) -> Step {
         let shared = &self.shared;
         let progress = inline.0.pending.advance(&shared.client);
-        let Inline(running) = inline;
-        let job = &running.job;
+        let job = &inline.0.job;
         let mut parked = None;
         let result = match progress {
             Progress::Wait { writable } => {
                 let interest = if writable { Interest::Writable } else { Interest::Readable };
-                return Step::Wait(Inline(running), interest);
+                return Step::Wait(inline, interest);
             }
             Progress::Whole(mut resp) => {
                 let result = match whole_frame(shared, &job.req, &mut resp) {
@@ -617,13 +664,14 @@ impl Pool {
                 result
             }
             Progress::Streamed(resp) => {
-                self.enqueue(Job { response: Some(resp), ..running.job });
+                let job = shared.boxes.unboxed(inline.0).job;
+                self.enqueue(Job { response: Some(resp), ..job });
                 return Step::Done(None);
             }
             Progress::Stale if local_http::is_retry_safe(&job.req.method) => {
                 // The backend closed the pooled connection while it was idle: a worker sends
                 // the request again on another one.
-                self.enqueue(running.job);
+                self.enqueue(shared.boxes.unboxed(inline.0).job);
                 return Step::Done(None);
             }
             Progress::Stale => Err(Fail::Local(LocalError::Io {
@@ -632,7 +680,7 @@ impl Pool {
             })),
             Progress::Failed(e) => Err(Fail::Local(e)),
         };
-        let Running { job, pending } = *running;
+        let Running { job, pending } = shared.boxes.unboxed(inline.0);
         drop(pending);
         conclude(shared, &job, result, push);
         Step::Done(parked)
@@ -646,7 +694,7 @@ impl Pool {
     /// Ends an inline request whose deadline passed (`BACKEND_TIMEOUT`; `CANCELLED` when a
     /// cancel came first).
     pub fn expire(&self, inline: Inline, push: &mut dyn FnMut(String)) {
-        let Running { job, pending } = *inline.0;
+        let Running { job, pending } = self.shared.boxes.unboxed(inline.0);
         let e = pending.timed_out(&self.shared.client);
         let e = if job.abort.is_aborted() { LocalError::Aborted } else { e };
         conclude(&self.shared, &job, Err(Fail::Local(e)), push);
@@ -655,7 +703,7 @@ impl Pool {
     /// Ends an inline request with `code` (the caller stops, e.g. `SHUTTING_DOWN`); its
     /// backend connection is closed.
     pub fn end_inline(&self, inline: Inline, code: ErrorCode, push: &mut dyn FnMut(String)) {
-        let Running { job, pending } = *inline.0;
+        let Running { job, pending } = self.shared.boxes.unboxed(inline.0);
         // The shared abort: it records `code` unless a cancel came first, which keeps its
         // answer.
         let (client, id) = (&job.req.client, &job.req.id);
@@ -912,7 +960,7 @@ fn start_inline(shared: &Shared, job: Job, parking: &mut Vec<Parked>) -> Result<
         parking,
     );
     match started {
-        Some(pending) => Ok(Inline(Box::new(Running { job, pending }))),
+        Some(pending) => Ok(Inline(shared.boxes.boxed(Running { job, pending }))),
         None => Err(job),
     }
 }
@@ -1161,6 +1209,23 @@ mod tests {
     use std::sync::mpsc::{Receiver, sync_channel};
 
     const CLIENT: &str = "hcl_0123456789abcdef";
+
+    #[test]
+    fn spare_boxes_are_reused_and_bounded() {
+        let spares = SpareBoxes::new();
+        let first = spares.boxed(String::from("one"));
+        let at = std::ptr::from_ref::<String>(&first);
+        assert_eq!(spares.unboxed(first), "one");
+        let second = spares.boxed(String::from("two"));
+        assert_eq!(std::ptr::from_ref::<String>(&second), at, "the freed box was not reused");
+        assert_eq!(*second, "two");
+        let many: Vec<_> = (0..SPARE_BOXES + 5).map(|i| spares.boxed(i.to_string())).collect();
+        for (i, b) in many.into_iter().enumerate() {
+            assert_eq!(spares.unboxed(b), i.to_string());
+        }
+        assert_eq!(lock(&spares.0).len(), SPARE_BOXES, "more boxes kept than the bound");
+        drop(second);
+    }
 
     fn outbox(cap: usize) -> (Outbox, Receiver<String>) {
         let (tx, rx) = sync_channel(cap);
