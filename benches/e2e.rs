@@ -1199,8 +1199,8 @@ fn main() {
         let vs = if has_bore { verdict(ratio(PATH, BORE, f), Better::Lower) } else { "—".into() };
         println!("| {name} | {} | {} | {} | {vs} |", cell(DIRECT), cell(PATH), cell(BORE));
     };
-    sse_row("SSE first event ms (worst of the runs)", &|r| r.ttfe);
-    sse_row("SSE largest gap between events ms (worst run)", &|r| r.max_gap);
+    sse_row("SSE first event ms (each repetition's worst stream)", &|r| r.ttfe);
+    sse_row("SSE largest gap between events ms (each repetition's worst stream)", &|r| r.max_gap);
     let events = |t: usize| results.iter().map(|r| r[t].events_min).min().unwrap_or(0);
     println!(
         "| SSE events received (fewest) | {}/{SSE_EVENTS} | {}/{SSE_EVENTS} | {} | — |",

@@ -290,7 +290,7 @@ pub struct Inline(Box<Running>);
 
 /// The parts of an [`Inline`] request, boxed: the request moves between the I/O loop and the
 /// pool several times per readiness event, and as a pointer that costs nothing, where the
-/// parts (about 850 bytes) were copied each time (docs/PERFORMANCE.md, stop 18).
+/// parts (968 bytes) were copied each time (docs/PERFORMANCE.md, stop 18).
 struct Running {
     /// The request; its body is kept for a resend on a fresh connection.
     job: Job,
@@ -300,10 +300,11 @@ struct Running {
 
 /// Freed boxes of `T`, kept for the next values (at most [`SPARE_BOXES`]); for [`Running`].
 ///
-/// musl's allocator maps a fresh page for each group of a few blocks of `Running`'s size and
-/// unmaps it as soon as the group is free again: with 16 requests in flight the static daemon
-/// mapped and unmapped a page about every seventh request, about a tenth of its CPU at c16
-/// (docs/PERFORMANCE.md, stop 20). A box reused costs a lock.
+/// musl's allocator maps a fresh page for each group of a few blocks of `Running`'s size (968
+/// bytes) and unmaps it as soon as the group is free again: with 16 requests in flight the
+/// static daemon mapped and unmapped a page about every seventh request, up to a tenth of its
+/// CPU at c16 by the profile (docs/PERFORMANCE.md, stop 20). A box reused costs an uncontended
+/// lock on each side (only the relay I/O thread runs inline requests).
 // The boxes are the point: each is an allocation kept for reuse.
 #[allow(clippy::vec_box)]
 struct SpareBoxes<T>(Mutex<Vec<Box<MaybeUninit<T>>>>);
@@ -1225,6 +1226,16 @@ mod tests {
         }
         assert_eq!(lock(&spares.0).len(), SPARE_BOXES, "more boxes kept than the bound");
         drop(second);
+
+        // Each value is dropped exactly once: by its taker, never by the kept box.
+        let live = std::rc::Rc::new(());
+        let spares = SpareBoxes::new();
+        let taken = spares.unboxed(spares.boxed(live.clone()));
+        assert_eq!(std::rc::Rc::strong_count(&live), 2, "the value was dropped with its box");
+        drop(taken);
+        assert_eq!(std::rc::Rc::strong_count(&live), 1);
+        drop(spares.boxed(live.clone()));
+        assert_eq!(std::rc::Rc::strong_count(&live), 1, "a value in a reused box leaked");
     }
 
     fn outbox(cap: usize) -> (Outbox, Receiver<String>) {

@@ -273,10 +273,13 @@ impl Relay {
                     .spawn(move || registry::worker(rx, shared))?,
             );
         }
+        // Only the workers hold the receiver: should they all exit (their store cannot be
+        // opened), requests are answered 503 at once instead of waiting for ever.
+        drop(job_rx);
         let reactor =
             reactor::Reactor::new(self.shared, self.listener, self.tls, job_tx, self.inbox, stop)?;
         let result = reactor.run();
-        // The reactor dropped the job sender: workers finish their current job and exit.
+        // The reactor dropped the job sender: workers finish the queued jobs and exit.
         for w in workers {
             let _ = w.join();
         }

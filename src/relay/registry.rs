@@ -69,8 +69,8 @@ pub fn job_queue() -> (JobSender, Arc<JobReceiver>) {
 }
 
 impl JobSender {
-    /// Queues `job`; false (the job dropped) when [`JOB_QUEUE`] jobs are waiting or no worker
-    /// is left.
+    /// Queues `job`; false (the job dropped) when [`JOB_QUEUE`] jobs are waiting or the
+    /// receiver is gone (every worker exited).
     #[must_use]
     pub fn try_send(&self, job: Job) -> bool {
         if self.waiting.fetch_add(1, Ordering::AcqRel) >= JOB_QUEUE || self.tx.send(job).is_err() {
