@@ -28,7 +28,7 @@ use crate::stream::Stream;
 use crate::wsout::{WsOut, would_block};
 use crate::wsread::{Ended, Incoming, ReadError, WsReader, close_reply};
 
-use super::registry::{Job, JobSender, Outcome, access_log};
+use super::registry::{Job, JobSender, Outcome, Refused, access_log};
 use super::{ConnId, Peer, Shared, ToReactor, log_event};
 use crate::http::{self, Head, Parsed};
 use crate::protocol::{
@@ -462,9 +462,15 @@ impl Reactor {
             return;
         };
         h.waiting = Some((head.clone(), Instant::now()));
-        if !self.jobs.try_send(Job::Http { conn: id, head, body, ip }) {
+        if let Err(why) = self.jobs.try_send(Job::Http { conn: id, head, body, ip }) {
             h.waiting = None;
-            let r = refuse(503, p::api_code::UNAVAILABLE, "the relay is overloaded; retry shortly");
+            let message = match why {
+                Refused::Full => "the relay is overloaded; retry shortly",
+                Refused::NoWorkers => {
+                    "the relay's registry workers stopped (its log says why); restart the relay"
+                }
+            };
+            let r = refuse(503, p::api_code::UNAVAILABLE, message);
             self.http_respond(id, r, After::Close);
             return;
         }

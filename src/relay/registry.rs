@@ -68,16 +68,26 @@ pub fn job_queue() -> (JobSender, Arc<JobReceiver>) {
     )
 }
 
+/// Why [`JobSender::try_send`] dropped a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// [`JOB_QUEUE`] jobs are waiting.
+    Full,
+    /// No worker is left (each logged why it stopped).
+    NoWorkers,
+}
+
 impl JobSender {
-    /// Queues `job`; false (the job dropped) when [`JOB_QUEUE`] jobs are waiting or the
-    /// receiver is gone (every worker exited).
-    #[must_use]
-    pub fn try_send(&self, job: Job) -> bool {
-        if self.waiting.fetch_add(1, Ordering::AcqRel) >= JOB_QUEUE || self.tx.send(job).is_err() {
+    /// Queues `job`, or drops it and says why.
+    pub fn try_send(&self, job: Job) -> Result<(), Refused> {
+        if self.waiting.fetch_add(1, Ordering::AcqRel) >= JOB_QUEUE {
             self.waiting.fetch_sub(1, Ordering::AcqRel);
-            return false;
+            return Err(Refused::Full);
         }
-        true
+        self.tx.send(job).map_err(|_| {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            Refused::NoWorkers
+        })
     }
 }
 
@@ -513,13 +523,13 @@ mod tests {
     fn the_job_queue_holds_at_most_its_bound_and_frees_a_place_per_job_taken() {
         let (tx, rx) = job_queue();
         for n in 0..JOB_QUEUE {
-            assert!(tx.try_send(touch(n)), "job {n} refused below the bound");
+            assert_eq!(tx.try_send(touch(n)), Ok(()), "job {n} refused below the bound");
         }
-        assert!(!tx.try_send(touch(JOB_QUEUE)), "a job past the bound was queued");
+        assert_eq!(tx.try_send(touch(JOB_QUEUE)), Err(Refused::Full), "a job past the bound");
         let Some(Job::Touch { client_id }) = rx.recv() else { panic!("no job") };
         assert_eq!(client_id, "0", "jobs leave in order");
-        assert!(tx.try_send(touch(JOB_QUEUE)), "a taken job freed no place");
-        assert!(!tx.try_send(touch(JOB_QUEUE + 1)));
+        assert_eq!(tx.try_send(touch(JOB_QUEUE)), Ok(()), "a taken job freed no place");
+        assert_eq!(tx.try_send(touch(JOB_QUEUE + 1)), Err(Refused::Full));
         drop(tx);
         let mut left = 0;
         while rx.recv().is_some() {
@@ -532,7 +542,7 @@ mod tests {
     fn a_queue_without_workers_refuses_jobs() {
         let (tx, rx) = job_queue();
         drop(rx);
-        assert!(!tx.try_send(touch(0)));
+        assert_eq!(tx.try_send(touch(0)), Err(Refused::NoWorkers));
         assert_eq!(tx.waiting.load(Ordering::Acquire), 0, "a refused job still counts as waiting");
     }
 }
