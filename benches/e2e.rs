@@ -22,7 +22,7 @@ mod common;
 mod support;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,11 +30,14 @@ use std::sync::{Arc, Barrier};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use hermeschat_pair::protocol::{RelayQr, UPLOAD_WINDOW};
+use hermeschat_pair::protocol::UPLOAD_WINDOW;
 use tungstenite::{Message, Utf8Bytes};
 
-use common::{Registry, Ws, b64, random_bytes, ws_connect};
-use support::{InFrame, RelayProc, bin_path, cpu_secs, fmt_num, loadavg, median, pct, proc_status};
+use common::{Ws, b64, random_bytes, ws_connect};
+use support::{
+    DOWNLOAD, Daemon, InFrame, RelayProc, SSE_EVENTS, bin_path, cpu_secs, download_blob, fmt_num,
+    loadavg, median, origin_server, pct, proc_status,
+};
 
 const WARMUP: usize = 200;
 const SEQUENTIAL: usize = 2_000;
@@ -50,11 +53,7 @@ const STREAM_CHUNK: usize = 256 << 10;
 const PATH_UPLOAD: usize = (12 << 20) - (3 << 10);
 const UPLOAD_RUNS: usize = 5;
 
-/// Bytes `GET /api/blob` answers: a download of the same size as the path's upload.
-const DOWNLOAD: usize = 12 << 20;
 const SSE_RUNS: usize = 2;
-const SSE_EVENTS: usize = 200;
-const SSE_GAP: Duration = Duration::from_millis(5);
 const MIB: f64 = 1024.0 * 1024.0;
 
 // =============================================================================================
@@ -202,154 +201,6 @@ impl Drop for Bore {
         for c in [&mut self.local, &mut self.server] {
             let _ = c.kill();
             let _ = c.wait();
-        }
-    }
-}
-
-/// Runs `hermeschat-pair` with a throwaway state directory; returns (exit ok, stdout, stderr).
-fn pair_cmd(home: &Path, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(bin_path("hermeschat-pair"))
-        .args(args)
-        .current_dir(home)
-        .env("HERMESCHAT_HOME", home)
-        .env("NO_COLOR", "1")
-        .env_remove("HERMESCHAT_REGISTRY_URL")
-        .env_remove("HERMESCHAT_LOCAL_HOST")
-        .env_remove("HERMESCHAT_LOCAL_PORT")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run hermeschat-pair");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-// =============================================================================================
-// Origin
-
-fn origin_server() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            std::thread::spawn(move || {
-                let _ = origin_conn(s);
-            });
-        }
-    });
-    port
-}
-
-/// The bytes `GET /api/blob` serves (made once).
-fn download_blob() -> &'static [u8] {
-    static BLOB: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
-    BLOB.get_or_init(|| (0..DOWNLOAD).map(|i| (i * 31 + i / 4096) as u8).collect())
-}
-
-fn origin_conn(s: TcpStream) -> std::io::Result<()> {
-    s.set_nodelay(true)?;
-    let mut w = s.try_clone()?;
-    let mut r = BufReader::with_capacity(64 << 10, s);
-    let mut line = String::new();
-    let mut body = Vec::new();
-    loop {
-        line.clear();
-        if r.read_line(&mut line)? == 0 {
-            return Ok(());
-        }
-        let mut parts = line.split_whitespace();
-        let method = parts.next().unwrap_or("").to_owned();
-        let path = parts.next().unwrap_or("").to_owned();
-        let mut len = 0usize;
-        let mut ctype = String::from("application/octet-stream");
-        loop {
-            line.clear();
-            if r.read_line(&mut line)? == 0 {
-                return Ok(());
-            }
-            let l = line.trim_end();
-            if l.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = l.split_once(':') {
-                if k.eq_ignore_ascii_case("content-length") {
-                    len = v.trim().parse().unwrap_or(0);
-                } else if k.eq_ignore_ascii_case("content-type") {
-                    ctype = v.trim().to_owned();
-                }
-            }
-        }
-        let path = path.split('?').next().unwrap_or("");
-        match (method.as_str(), path) {
-            ("GET", "/api/health") => {
-                w.write_all(
-                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
-                      Content-Length: 11\r\n\r\n{\"ok\":true}",
-                )?;
-            }
-            ("POST", "/api/count") => {
-                let mut left = len;
-                while left > 0 {
-                    let n = {
-                        let buf = r.fill_buf()?;
-                        if buf.is_empty() {
-                            return Ok(());
-                        }
-                        buf.len().min(left)
-                    };
-                    r.consume(n);
-                    left -= n;
-                }
-                let b = format!("{{\"bytes\":{len}}}");
-                write!(
-                    w,
-                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
-                     Content-Length: {}\r\n\r\n{b}",
-                    b.len()
-                )?;
-            }
-            ("POST", "/api/echo") => {
-                body.resize(len, 0);
-                r.read_exact(&mut body)?;
-                let mut out = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: {ctype}\r\nContent-Length: {len}\r\n\r\n"
-                )
-                .into_bytes();
-                out.extend_from_slice(&body);
-                w.write_all(&out)?;
-            }
-            ("GET", "/api/blob") => {
-                let blob = download_blob();
-                write!(
-                    w,
-                    "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n\
-                     Content-Length: {}\r\n\r\n",
-                    blob.len()
-                )?;
-                w.write_all(blob)?;
-            }
-            ("GET", "/api/stream") => {
-                w.write_all(
-                    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\
-                      Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n",
-                )?;
-                let t0 = Instant::now();
-                for i in 0..SSE_EVENTS {
-                    let due = t0 + SSE_GAP * i as u32;
-                    let now = Instant::now();
-                    if due > now {
-                        std::thread::sleep(due - now);
-                    }
-                    let ev = format!("data: {{\"n\":{i}}}\n\n");
-                    write!(w, "{:x}\r\n{ev}\r\n", ev.len())?;
-                }
-                w.write_all(b"0\r\n\r\n")?;
-            }
-            _ => {
-                w.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")?;
-            }
         }
     }
 }
@@ -998,35 +849,14 @@ fn main() {
     // ------------------------------------------------------------------ setup
     let origin = origin_server();
     let relay = RelayProc::start("bench-e2e-relay");
-    let home = common::fresh_dir("bench-e2e-home");
-    let t0 = Instant::now();
-    let port_s = origin.to_string();
-    let (ok, stdout, stderr) =
-        pair_cmd(&home, &["--server", &relay.url(), "--port", &port_s, "--json"]);
-    let pair_secs = t0.elapsed().as_secs_f64();
-    let daemon_pid: u32 = std::fs::read_to_string(home.join("bridge.pid"))
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0);
-    // SIGTERM is the daemon's clean stop; its state dir goes after it.
-    support::stop_on_exit(daemon_pid, libc::SIGTERM, Some(home.clone()));
-    assert!(ok && daemon_pid != 0, "hermeschat-pair --json failed:\n{stdout}\n{stderr}");
-    let qr: RelayQr = serde_json::from_str(stdout.trim().lines().last().unwrap_or(""))
-        .unwrap_or_else(|e| panic!("--json printed no QR payload ({e}): {stdout}"));
-    println!("paired in {pair_secs:.2} s: bridge {} via {}; daemon pid {daemon_pid}", qr.g, qr.s);
-    let reg = Registry::new(&qr.s);
-    let app_url = format!("{}?bridgeId={}", qr.u, qr.g);
-    // App 0 verifies the access code from the JSON payload; the others get fresh codes.
-    let first = reg.verify_ok(&qr.g, &qr.a, "bench app 0");
-    let identity: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(home.join("bridge.json")).unwrap()).unwrap();
-    let relay_secret = identity["relaySecret"].as_str().expect("relaySecret").to_owned();
-    let mut secrets = vec![first.client_secret];
-    for i in 1..CONCURRENCY {
-        let code = reg.access_code_ok(&qr.g, &relay_secret);
-        secrets
-            .push(reg.verify_ok(&qr.g, &code.access_code, &format!("bench app {i}")).client_secret);
-    }
+    let daemon = Daemon::start(&relay.url(), origin, "bench-e2e-home");
+    let daemon_pid = daemon.pid;
+    println!(
+        "paired in {:.2} s: bridge {} via {}; daemon pid {daemon_pid}",
+        daemon.pair_secs, daemon.qr.g, daemon.qr.s
+    );
+    let app_url = daemon.app_url();
+    let secrets = daemon.pair_apps(CONCURRENCY, "bench app");
     let apps: Vec<App> = secrets.iter().map(|s| App::connect(&app_url, s)).collect();
 
     let bore = match bore_path() {
@@ -1133,9 +963,9 @@ fn main() {
     // ------------------------------------------------------------------ stop everything
     drop(path);
     drop(bore);
-    let (stopped, out, err) = pair_cmd(&home, &["--stop"]);
+    let (stopped, out, err) = daemon.stop();
     let gone = proc_status(daemon_pid, "VmRSS") == 0;
-    let _ = std::fs::remove_dir_all(&home);
+    let _ = std::fs::remove_dir_all(&daemon.home);
     drop(relay);
 
     // ------------------------------------------------------------------ the table

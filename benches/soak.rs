@@ -3,7 +3,8 @@
 //! machine is not saturated.
 //!
 //! Run with `cargo build --release --bins && cargo bench --bench soak -- --secs 600`.
-//! Options: `--secs N`, `--interval-ms N` (per app, default 100), `--bridges N` (default 200).
+//! Options: `--secs N`, `--interval-ms N` (per app, default 100), `--bridges N` (default 200),
+//! `--daemon-apps N` (default 20; 0 leaves the daemon out).
 //! Figures are printed, never asserted.
 //!
 //! - Every bridge socket has a minimal peer that answers each `request` at once with one
@@ -13,23 +14,35 @@
 //!   `response.error`, `error` with an id), duplicates and per-request latency.
 //! - A few threads own all the sockets (non-blocking, level-triggered `hermeschat_pair::poll`): 2 for the
 //!   bridges, 4 for the apps.
-//! - Relay VmRSS and open fds are read from /proc once all sockets are connected, every 60 s,
-//!   and at the end (after the drain, all sockets still connected).
+//! - A real `hermeschat-pair` daemon (release build, throwaway `HERMESCHAT_HOME`) is one more
+//!   bridge, in front of the benches' origin (`support::origin_server`), with `--daemon-apps`
+//!   apps of its own (default 20) at the same pace. Their requests mix what the daemon does:
+//!   mostly `GET /api/health` (answered inline), every 10th a `POST /api/echo` of 256 KiB in
+//!   base64 (its pool, a response in chunks), every 100th a `GET /api/stream` (an SSE stream
+//!   of about a second). Every response body is compared with what the origin sent; latency
+//!   is counted for the health requests.
+//! - VmRSS, open fds and threads of the relay and of the daemon are read from /proc once all
+//!   sockets are connected, every 60 s, at the end (after the drain, all sockets still
+//!   connected), and with the daemon once more after its idle workers have left.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 #[path = "support/mod.rs"]
 mod support;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use hermeschat_pair::bridge::workers::WORKER_IDLE;
 use hermeschat_pair::poll::{Event, Events, PollMode, Poller};
 use tungstenite::Message;
 
-use common::{Registry, Ws, ws_connect};
+use common::{Registry, Ws, b64, random_bytes, ws_connect};
 use support::*;
 
 const BRIDGE_THREADS: usize = 2;
@@ -37,6 +50,8 @@ const APP_THREADS: usize = 4;
 const APPS_PER_BRIDGE: usize = 2;
 const REPORT_EVERY: Duration = Duration::from_secs(60);
 const DRAIN_MAX: Duration = Duration::from_secs(15);
+/// Body bytes of a daemon app's `POST /api/echo`.
+const ECHO_BYTES: usize = 256 << 10;
 
 // =============================================================================================
 // Processes and /proc (as in benches/relay.rs)
@@ -58,6 +73,9 @@ struct Counters {
     ok: AtomicU64,
     errors: AtomicU64,
     duplicates: AtomicU64,
+    /// Terminal frames of a request whose status was not 200 or whose body differed from the
+    /// one sent (counted in `ok`/`errors` too).
+    mismatched: AtomicU64,
     unknown: AtomicU64,
     bridge_requests: AtomicU64,
     socket_failures: AtomicU64,
@@ -144,15 +162,119 @@ fn bridge_thread(mut socks: Vec<Ws>, c: Arc<Counters>) {
 // =============================================================================================
 // App threads: paced requests, terminal frames, latency
 
+/// What an app sends.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Load {
+    /// `POST /api/echo` with a short text body, to a simulated bridge that echoes it.
+    Echo,
+    /// The daemon's mix (see the header).
+    Daemon,
+}
+
+/// A daemon app's `POST /api/echo` body, and its base64 (made once).
+fn echo_body() -> &'static (Vec<u8>, String) {
+    static BODY: std::sync::OnceLock<(Vec<u8>, String)> = std::sync::OnceLock::new();
+    BODY.get_or_init(|| {
+        let bytes = random_bytes(ECHO_BYTES);
+        let text = b64(&bytes);
+        (bytes, text)
+    })
+}
+
+/// The whole body of `GET /api/stream` (made once).
+fn stream_body() -> &'static [u8] {
+    static BODY: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    BODY.get_or_init(|| (0..SSE_EVENTS).flat_map(|i| sse_event(i).into_bytes()).collect())
+}
+
+/// Request `seq` of an app: its frame, the body the answer must carry, and whether its
+/// latency is counted.
+fn request_for(load: Load, seq: u64) -> (String, Cow<'static, [u8]>, bool) {
+    match load {
+        Load::Echo => {
+            let body = format!("ping {seq}");
+            let frame = format!(
+                r#"{{"type":"request","id":"r{seq}","method":"POST","path":"/api/echo","headers":{{}},"body":"{body}"}}"#
+            );
+            (frame, Cow::Owned(body.into_bytes()), true)
+        }
+        Load::Daemon if seq % 100 == 99 => {
+            let frame = format!(
+                r#"{{"type":"request","id":"r{seq}","method":"GET","path":"/api/stream","headers":{{}}}}"#
+            );
+            (frame, Cow::Borrowed(stream_body()), false)
+        }
+        Load::Daemon if seq % 10 == 9 => {
+            let (bytes, text) = echo_body();
+            let frame = format!(
+                r#"{{"type":"request","id":"r{seq}","method":"POST","path":"/api/echo","headers":{{"content-type":"application/octet-stream"}},"body":"{text}","bodyBase64":true}}"#
+            );
+            (frame, Cow::Borrowed(bytes.as_slice()), false)
+        }
+        Load::Daemon => {
+            let frame = format!(
+                r#"{{"type":"request","id":"r{seq}","method":"GET","path":"/api/health","headers":{{}}}}"#
+            );
+            (frame, Cow::Borrowed(HEALTH_BODY), true)
+        }
+    }
+}
+
+/// A request awaiting its terminal frame.
+struct Pending {
+    sent: Instant,
+    /// Whether its latency is counted.
+    timed: bool,
+    /// The body its answer must carry, and how much of it has arrived so far.
+    expect: Cow<'static, [u8]>,
+    got: usize,
+    /// False once a status other than 200 or a byte that differs has arrived.
+    intact: bool,
+}
+
+impl Pending {
+    /// Checks the status and the body piece of a `response`, `response.start` or
+    /// `response.chunk` frame against what is expected.
+    fn take(&mut self, f: &InFrame) {
+        if matches!(f.kind.as_ref(), "response" | "response.start") && f.status != 200 {
+            self.intact = false;
+        }
+        let Some(body) = f.body.as_deref() else { return };
+        let piece: Cow<[u8]> = if f.body_base64 {
+            match STANDARD.decode(body) {
+                Ok(b) => Cow::Owned(b),
+                Err(_) => {
+                    self.intact = false;
+                    return;
+                }
+            }
+        } else {
+            Cow::Borrowed(body.as_bytes())
+        };
+        let end = self.got + piece.len();
+        if self.expect.get(self.got..end) != Some(&piece[..]) {
+            self.intact = false;
+        }
+        self.got = end;
+    }
+}
+
 struct AppSock {
     ws: Ws,
+    load: Load,
+    /// Where its tallies go: the simulated bridges' apps and the daemon's count apart.
+    c: Arc<Counters>,
     next_seq: u64,
     next_send: Instant,
-    pending: HashMap<u64, Instant>,
+    pending: HashMap<u64, Pending>,
+    /// Latencies (µs) not yet handed to `c`.
+    lat: Vec<u32>,
     dead: bool,
 }
 
-fn app_thread(mut apps: Vec<AppSock>, interval: Duration, c: Arc<Counters>) {
+/// Drives `apps` until `phase` says stop: sends what is due while it says run, and reads
+/// every answer.
+fn app_thread(mut apps: Vec<AppSock>, interval: Duration, phase: Arc<Counters>) {
     let poller = Poller::new().unwrap();
     for (k, a) in apps.iter().enumerate() {
         a.ws.get_ref().set_nonblocking(true).unwrap();
@@ -161,10 +283,9 @@ fn app_thread(mut apps: Vec<AppSock>, interval: Duration, c: Arc<Counters>) {
             .unwrap();
     }
     let mut events = Events::new();
-    let mut lat: Vec<u32> = Vec::new();
     let mut last_flush = Instant::now();
     loop {
-        let phase = c.phase.load(Ordering::Relaxed);
+        let phase = phase.phase.load(Ordering::Relaxed);
         if phase == STOP {
             break;
         }
@@ -174,17 +295,16 @@ fn app_thread(mut apps: Vec<AppSock>, interval: Duration, c: Arc<Counters>) {
             for a in apps.iter_mut().filter(|a| !a.dead && a.next_send <= now) {
                 let seq = a.next_seq;
                 a.next_seq += 1;
-                let frame = format!(
-                    r#"{{"type":"request","id":"r{seq}","method":"POST","path":"/api/echo","headers":{{}},"body":"ping {seq}"}}"#
-                );
-                a.pending.insert(seq, Instant::now());
-                c.sent.fetch_add(1, Ordering::Relaxed);
+                let (frame, expect, timed) = request_for(a.load, seq);
+                let p = Pending { sent: Instant::now(), timed, expect, got: 0, intact: true };
+                a.pending.insert(seq, p);
+                a.c.sent.fetch_add(1, Ordering::Relaxed);
                 match a.ws.send(Message::text(frame)) {
                     Ok(()) => {}
                     Err(e) if would_block(&e) => {}
                     Err(_) => {
                         a.dead = true;
-                        c.socket_failures.fetch_add(1, Ordering::Relaxed);
+                        a.c.socket_failures.fetch_add(1, Ordering::Relaxed);
                         let _ = poller.delete(a.ws.get_ref());
                     }
                 }
@@ -219,45 +339,62 @@ fn app_thread(mut apps: Vec<AppSock>, interval: Duration, c: Arc<Counters>) {
                     Err(e) if would_block(&e) => break,
                     Err(_) => {
                         a.dead = true;
-                        c.socket_failures.fetch_add(1, Ordering::Relaxed);
+                        a.c.socket_failures.fetch_add(1, Ordering::Relaxed);
                         let _ = poller.delete(a.ws.get_ref());
                         break;
                     }
                 };
                 let t1 = Instant::now();
                 let Ok(f) = serde_json::from_str::<InFrame>(text.as_str()) else {
-                    c.unknown.fetch_add(1, Ordering::Relaxed);
+                    a.c.unknown.fetch_add(1, Ordering::Relaxed);
                     continue;
                 };
+                let seq = f.id.strip_prefix('r').and_then(|s| s.parse::<u64>().ok());
                 let terminal = match f.kind.as_ref() {
                     "response" => Some(true),
                     "response.end" | "response.error" => Some(false),
                     "error" if !f.id.is_empty() => Some(false),
+                    "response.start" | "response.chunk" => {
+                        match seq.and_then(|s| a.pending.get_mut(&s)) {
+                            Some(p) => p.take(&f),
+                            None => {
+                                a.c.unknown.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        continue;
+                    }
                     _ => None,
                 };
-                let Some(is_ok) = terminal else {
+                let Some(one_frame) = terminal else {
                     if f.kind == "error" {
-                        c.unknown.fetch_add(1, Ordering::Relaxed);
+                        a.c.unknown.fetch_add(1, Ordering::Relaxed);
                     }
                     continue;
                 };
-                let seq = f.id.strip_prefix('r').and_then(|s| s.parse::<u64>().ok());
                 match seq.and_then(|s| a.pending.remove(&s)) {
-                    Some(t0) => {
-                        lat.push((t1 - t0).as_micros().min(u32::MAX as u128) as u32);
-                        if is_ok {
-                            c.ok.fetch_add(1, Ordering::Relaxed);
+                    Some(mut p) => {
+                        if p.timed {
+                            a.lat.push((t1 - p.sent).as_micros().min(u32::MAX as u128) as u32);
+                        }
+                        if f.kind == "response" || f.kind == "response.end" {
+                            if one_frame {
+                                p.take(&f);
+                            }
+                            a.c.ok.fetch_add(1, Ordering::Relaxed);
+                            if !p.intact || p.got != p.expect.len() {
+                                a.c.mismatched.fetch_add(1, Ordering::Relaxed);
+                            }
                         } else {
-                            c.errors.fetch_add(1, Ordering::Relaxed);
+                            a.c.errors.fetch_add(1, Ordering::Relaxed);
                             let code = f.code.as_deref().unwrap_or(&f.kind).to_owned();
-                            *c.error_codes.lock().unwrap().entry(code).or_default() += 1;
+                            *a.c.error_codes.lock().unwrap().entry(code).or_default() += 1;
                         }
                     }
                     None if seq.is_some_and(|s| s < a.next_seq) => {
-                        c.duplicates.fetch_add(1, Ordering::Relaxed);
+                        a.c.duplicates.fetch_add(1, Ordering::Relaxed);
                     }
                     None => {
-                        c.unknown.fetch_add(1, Ordering::Relaxed);
+                        a.c.unknown.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }
@@ -268,13 +405,17 @@ fn app_thread(mut apps: Vec<AppSock>, interval: Duration, c: Arc<Counters>) {
             }
             last_flush = Instant::now();
         }
-        if lat.len() >= 256 || (!lat.is_empty() && phase != RUN) {
-            c.lat.lock().unwrap().append(&mut lat);
+        for a in apps.iter_mut() {
+            if a.lat.len() >= 64 || (!a.lat.is_empty() && phase != RUN) {
+                a.c.lat.lock().unwrap().append(&mut a.lat);
+            }
         }
     }
-    c.lat.lock().unwrap().append(&mut lat);
-    for a in apps.iter().filter(|a| !a.dead) {
-        let _ = poller.delete(a.ws.get_ref());
+    for a in apps.iter_mut() {
+        a.c.lat.lock().unwrap().append(&mut a.lat);
+        if !a.dead {
+            let _ = poller.delete(a.ws.get_ref());
+        }
     }
 }
 
@@ -319,11 +460,164 @@ fn print_row(r: &Row) {
     );
 }
 
+/// One process watched (the relay or the daemon) and the apps whose requests it is counted
+/// with: its table rows and the running figures between them.
+struct Watched {
+    name: &'static str,
+    pid: u32,
+    c: Arc<Counters>,
+    rows: Vec<Row>,
+    all_lat: Vec<u32>,
+    /// Time, terminal frames and CPU seconds at the last row.
+    last: (Instant, u64, f64),
+}
+
+impl Watched {
+    /// Starts watching `pid`: the first row, all sockets connected and idle.
+    fn new(name: &'static str, pid: u32, c: Arc<Counters>) -> Watched {
+        let start = Row {
+            label: "start (all connected, idle)".into(),
+            sent: 0,
+            received: 0,
+            rate: 0.0,
+            p50: f64::NAN,
+            p99: f64::NAN,
+            rss_kib: proc_status(pid, "VmRSS"),
+            fds: open_fds(pid),
+            threads: proc_status(pid, "Threads"),
+            cpu_pct: 0.0,
+        };
+        let last = (Instant::now(), 0, cpu_secs(pid));
+        Watched { name, pid, c, rows: vec![start], all_lat: Vec::new(), last }
+    }
+
+    /// Adds a row: requests and latency since the last one, and the process's figures now.
+    fn snapshot(&mut self, label: &str) {
+        let c = &self.c;
+        let mut lat = std::mem::take(&mut *c.lat.lock().unwrap());
+        lat.sort_unstable();
+        let received = c.ok.load(Ordering::Relaxed) + c.errors.load(Ordering::Relaxed);
+        let now = Instant::now();
+        let cpu = cpu_secs(self.pid);
+        let dt = (now - self.last.0).as_secs_f64().max(1e-9);
+        let row = Row {
+            label: label.to_owned(),
+            sent: c.sent.load(Ordering::Relaxed),
+            received,
+            rate: (received - self.last.1) as f64 / dt,
+            p50: pct(&lat, 50.0),
+            p99: pct(&lat, 99.0),
+            rss_kib: proc_status(self.pid, "VmRSS"),
+            fds: open_fds(self.pid),
+            threads: proc_status(self.pid, "Threads"),
+            cpu_pct: (cpu - self.last.2) * 100.0 / dt,
+        };
+        self.last = (now, received, cpu);
+        eprintln!(
+            "[{} {}] sent {} received {} {:.0}/s p50 {:.2} ms p99 {:.2} ms rss {:.1} MiB fds {} \
+             load {}",
+            self.name,
+            row.label,
+            row.sent,
+            row.received,
+            row.rate,
+            row.p50,
+            row.p99,
+            row.rss_kib as f64 / 1024.0,
+            row.fds,
+            loadavg()
+        );
+        self.all_lat.extend_from_slice(&lat);
+        self.rows.push(row);
+    }
+
+    /// True once every request sent has its terminal frame.
+    fn drained(&self) -> bool {
+        let c = &self.c;
+        c.ok.load(Ordering::Relaxed) + c.errors.load(Ordering::Relaxed)
+            >= c.sent.load(Ordering::Relaxed)
+    }
+
+    /// The table of rows and the totals.
+    fn print(&mut self, title: &str, seen_by_peers: Option<u64>) {
+        let (name, c) = (self.name, &self.c);
+        println!();
+        println!("## {title}");
+        println!();
+        println!(
+            "| at | requests sent | terminal frames | frames/s (interval) | p50 ms (interval) | \
+             p99 ms (interval) | {name} VmRSS MiB | {name} fds | {name} threads | {name} CPU % |"
+        );
+        println!("|---|---|---|---|---|---|---|---|---|---|");
+        for r in &self.rows {
+            print_row(r);
+        }
+        println!();
+        let sent = c.sent.load(Ordering::Relaxed);
+        let ok = c.ok.load(Ordering::Relaxed);
+        let errors = c.errors.load(Ordering::Relaxed);
+        let received = ok + errors;
+        self.all_lat.sort_unstable();
+        let (start, end) = (&self.rows[0], &self.rows[self.rows.len() - 1]);
+        println!("| total | value |");
+        println!("|---|---|");
+        println!("| requests sent | {sent} |");
+        if let Some(seen) = seen_by_peers {
+            println!("| requests seen by bridge peers | {seen} |");
+        }
+        println!("| terminal frames received | {received} ({ok} response, {errors} error) |");
+        println!("| lost (sent − received after drain) | {} |", sent.saturating_sub(received));
+        println!("| duplicates | {} |", c.duplicates.load(Ordering::Relaxed));
+        println!(
+            "| answers with another status or body than sent | {} |",
+            c.mismatched.load(Ordering::Relaxed)
+        );
+        println!("| unknown / unmatched frames | {} |", c.unknown.load(Ordering::Relaxed));
+        println!("| sockets failed | {} |", c.socket_failures.load(Ordering::Relaxed));
+        println!(
+            "| latency p50 / p99 / max ms (all {} timed requests) | {:.2} / {:.2} / {:.2} |",
+            self.all_lat.len(),
+            pct(&self.all_lat, 50.0),
+            pct(&self.all_lat, 99.0),
+            self.all_lat.last().map_or(f64::NAN, |&v| v as f64 / 1e3)
+        );
+        let mib = |kib: u64| kib as f64 / 1024.0;
+        println!(
+            "| {name} VmRSS start → end MiB | {:.1} → {:.1} ({:+.1}); VmHWM {:.1} |",
+            mib(start.rss_kib),
+            mib(end.rss_kib),
+            mib(end.rss_kib) - mib(start.rss_kib),
+            mib(proc_status(self.pid, "VmHWM"))
+        );
+        if let Some(first) = self.rows.get(1).filter(|_| self.rows.len() > 3) {
+            println!(
+                "| {name} VmRSS at {} → end MiB | {:.1} → {:.1} ({:+.1}) |",
+                first.label,
+                mib(first.rss_kib),
+                mib(end.rss_kib),
+                mib(end.rss_kib) - mib(first.rss_kib)
+            );
+        }
+        println!(
+            "| {name} fds start → end | {} → {} ({:+}) |",
+            start.fds,
+            end.fds,
+            end.fds as i64 - start.fds as i64
+        );
+        println!("| {name} threads start → end | {} → {} |", start.threads, end.threads);
+        let codes = c.error_codes.lock().unwrap();
+        if !codes.is_empty() {
+            println!("| error codes | {codes:?} |");
+        }
+    }
+}
+
 fn main() {
     install_panic_cleanup();
     let mut secs: u64 = 600;
     let mut interval_ms: u64 = 100;
     let mut n_bridges: usize = 200;
+    let mut daemon_apps: usize = 20;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         // `cargo bench` passes `--bench`; anything unknown is ignored.
@@ -332,23 +626,30 @@ fn main() {
             "--secs" => secs = val().unwrap_or(secs),
             "--interval-ms" => interval_ms = val().unwrap_or(interval_ms).max(1),
             "--bridges" => n_bridges = val().map_or(n_bridges, |v| v as usize).max(1),
+            "--daemon-apps" => daemon_apps = val().map_or(daemon_apps, |v| v as usize),
             _ => {}
         }
     }
     let n_apps = n_bridges * APPS_PER_BRIDGE;
     let interval = Duration::from_millis(interval_ms);
-    println!("# hermeschat-relay soak (issue 7, Load)");
-    println!("relay binary: {}", bin_path("hermeschat-relay").display());
+    let per_sec = |apps: usize| apps as f64 * 1000.0 / interval_ms as f64;
+    println!("# hermeschat-relay and hermeschat-pair soak (issue 7, Load)");
     println!(
-        "{n_bridges} bridges, {n_apps} apps ({APPS_PER_BRIDGE} per bridge), 1 request per app every \
-         {interval_ms} ms (offered {:.0} req/s), {secs} s; {} cores; load average at start: {}",
-        n_apps as f64 * 1000.0 / interval_ms as f64,
+        "binaries: {}, {}",
+        bin_path("hermeschat-relay").display(),
+        bin_path("hermeschat-pair").display()
+    );
+    println!(
+        "{n_bridges} simulated bridges with {n_apps} apps ({APPS_PER_BRIDGE} each), and the daemon \
+         with {daemon_apps} apps; 1 request per app every {interval_ms} ms (offered {:.0} + {:.0} \
+         req/s), {secs} s; {} cores; load average at start: {}",
+        per_sec(n_apps),
+        per_sec(daemon_apps),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         loadavg()
     );
 
     let relay = RelayProc::start("bench-soak");
-    let pid = relay.pid();
     let reg = Registry::new(&relay.url());
     let setup0 = Instant::now();
     let bridges: Vec<_> =
@@ -358,9 +659,17 @@ fn main() {
         for j in 0..APPS_PER_BRIDGE {
             let code = reg.access_code_ok(&b.bridge_id, &b.relay_secret);
             let v = reg.verify_ok(&b.bridge_id, &code.access_code, &format!("soak app {i}.{j}"));
-            app_secrets.push((i, v.client_secret));
+            app_secrets.push((relay.ws("app", &b.bridge_id), v.client_secret, Load::Echo));
         }
     }
+    let daemon = (daemon_apps > 0).then(|| {
+        let daemon = Daemon::start(&relay.url(), origin_server(), "bench-soak-home");
+        let url = daemon.app_url();
+        for secret in daemon.pair_apps(daemon_apps, "soak daemon app") {
+            app_secrets.push((url.clone(), secret, Load::Daemon));
+        }
+        daemon
+    });
     let mut bridge_socks: Vec<Vec<Ws>> = (0..BRIDGE_THREADS).map(|_| Vec::new()).collect();
     for (i, b) in bridges.iter().enumerate() {
         let auth = format!("Bearer {}", b.relay_secret);
@@ -375,7 +684,9 @@ fn main() {
     for b in &bridges {
         reg.wait_bridge_online(&b.bridge_id, &b.relay_secret, true);
     }
+    // `c` counts the simulated bridges' apps (and says the phase); `dc` the daemon's.
     let c = Arc::new(Counters::default());
+    let dc = Arc::new(Counters::default());
     let mut handles = Vec::new();
     for socks in bridge_socks {
         let c = c.clone();
@@ -383,171 +694,100 @@ fn main() {
     }
     let mut app_socks: Vec<Vec<AppSock>> = (0..APP_THREADS).map(|_| Vec::new()).collect();
     let start_at = Instant::now() + Duration::from_secs(1);
-    for (k, (bi, secret)) in app_secrets.iter().enumerate() {
+    let total_apps = app_secrets.len();
+    for (k, (url, secret, load)) in app_secrets.into_iter().enumerate() {
         let auth = format!("Bearer {secret}");
-        let mut ws =
-            ws_connect(&relay.ws("app", &bridges[*bi].bridge_id), &[("Authorization", &auth)])
-                .unwrap_or_else(|e| panic!("app {k}: {e:?}"));
+        let mut ws = ws_connect(&url, &[("Authorization", &auth)])
+            .unwrap_or_else(|e| panic!("app {k}: {e:?}"));
         let first = ws.read().expect("bridge.status");
-        assert!(first.to_text().unwrap_or("").contains("bridge.status"), "{first:?}");
+        assert!(first.to_text().unwrap_or("").contains("\"online\":true"), "{first:?}");
         // Start offsets spread evenly over one interval.
-        let offset = interval.mul_f64(k as f64 / n_apps as f64);
+        let offset = interval.mul_f64(k as f64 / total_apps as f64);
         app_socks[k % APP_THREADS].push(AppSock {
             ws,
+            load,
+            c: if load == Load::Daemon { dc.clone() } else { c.clone() },
             next_seq: 0,
             next_send: start_at + offset,
             pending: HashMap::new(),
+            lat: Vec::new(),
             dead: false,
         });
     }
     let setup_secs = setup0.elapsed().as_secs_f64();
     // All connected: the start figures.
     std::thread::sleep(Duration::from_millis(500));
-    let rss_start = proc_status(pid, "VmRSS");
-    let fds_start = open_fds(pid);
-    let threads_start = proc_status(pid, "Threads");
-    println!("setup (register, pair, connect {} sockets): {setup_secs:.1} s", n_bridges + n_apps);
+    let mut watched = vec![Watched::new("relay", relay.pid(), c.clone())];
+    if let Some(d) = &daemon {
+        watched.push(Watched::new("daemon", d.pid, dc.clone()));
+    }
+    println!("setup (register, pair, connect {} sockets): {setup_secs:.1} s", n_bridges + total_apps);
     for apps in app_socks {
         let c = c.clone();
         handles.push(std::thread::spawn(move || app_thread(apps, interval, c)));
     }
 
-    let mut rows = vec![Row {
-        label: "start (all connected, idle)".into(),
-        sent: 0,
-        received: 0,
-        rate: 0.0,
-        p50: f64::NAN,
-        p99: f64::NAN,
-        rss_kib: rss_start,
-        fds: fds_start,
-        threads: threads_start,
-        cpu_pct: 0.0,
-    }];
-    let mut all_lat: Vec<u32> = Vec::new();
     let t0 = Instant::now();
     let run = Duration::from_secs(secs);
-    let mut last = (Instant::now(), 0u64, cpu_secs(pid));
-    let mut snapshot =
-        |label: String, c: &Counters, all_lat: &mut Vec<u32>, rows: &mut Vec<Row>| {
-            let mut lat = std::mem::take(&mut *c.lat.lock().unwrap());
-            lat.sort_unstable();
-            let received = c.ok.load(Ordering::Relaxed) + c.errors.load(Ordering::Relaxed);
-            let now = Instant::now();
-            let cpu = cpu_secs(pid);
-            let dt = (now - last.0).as_secs_f64().max(1e-9);
-            let row = Row {
-                label,
-                sent: c.sent.load(Ordering::Relaxed),
-                received,
-                rate: (received - last.1) as f64 / dt,
-                p50: pct(&lat, 50.0),
-                p99: pct(&lat, 99.0),
-                rss_kib: proc_status(pid, "VmRSS"),
-                fds: open_fds(pid),
-                threads: proc_status(pid, "Threads"),
-                cpu_pct: (cpu - last.2) * 100.0 / dt,
-            };
-            last = (now, received, cpu);
-            eprintln!(
-                "[{}] sent {} received {} {:.0}/s p50 {:.2} ms p99 {:.2} ms rss {:.1} MiB fds {} \
-             load {}",
-                row.label,
-                row.sent,
-                row.received,
-                row.rate,
-                row.p50,
-                row.p99,
-                row.rss_kib as f64 / 1024.0,
-                row.fds,
-                loadavg()
-            );
-            all_lat.extend_from_slice(&lat);
-            rows.push(row);
-        };
     let mut next_report = REPORT_EVERY;
     while t0.elapsed() < run {
         let until = next_report.min(run);
         std::thread::sleep(until.saturating_sub(t0.elapsed()).min(Duration::from_millis(500)));
         if t0.elapsed() >= next_report && next_report < run {
-            snapshot(format!("{} s", next_report.as_secs()), &c, &mut all_lat, &mut rows);
+            let label = format!("{} s", next_report.as_secs());
+            watched.iter_mut().for_each(|w| w.snapshot(&label));
             next_report += REPORT_EVERY;
         }
     }
-    snapshot(format!("{secs} s (sending stops)"), &c, &mut all_lat, &mut rows);
+    let label = format!("{secs} s (sending stops)");
+    watched.iter_mut().for_each(|w| w.snapshot(&label));
     c.phase.store(DRAIN, Ordering::Relaxed);
     let d0 = Instant::now();
-    while d0.elapsed() < DRAIN_MAX {
-        let done = c.ok.load(Ordering::Relaxed) + c.errors.load(Ordering::Relaxed);
-        if done >= c.sent.load(Ordering::Relaxed) {
-            break;
-        }
+    while d0.elapsed() < DRAIN_MAX && !watched.iter().all(Watched::drained) {
         std::thread::sleep(Duration::from_millis(50));
     }
     let drain_secs = d0.elapsed().as_secs_f64();
-    // Let the relay settle (idle, all sockets still connected) before the end figures.
+    // Let the processes settle (idle, all sockets still connected) before the end figures.
     std::thread::sleep(Duration::from_secs(2));
-    snapshot(format!("end (drained {drain_secs:.1} s + 2 s idle)"), &c, &mut all_lat, &mut rows);
-    let hwm = proc_status(pid, "VmHWM");
+    let label = format!("end (drained {drain_secs:.1} s + 2 s idle)");
+    watched.iter_mut().for_each(|w| w.snapshot(&label));
+    if daemon.is_some() {
+        // The daemon's idle workers leave, and its idle backend connections close, after
+        // `WORKER_IDLE` without a job.
+        let idle = WORKER_IDLE + Duration::from_secs(5);
+        std::thread::sleep(idle - Duration::from_secs(2));
+        let label = format!("{} s idle", idle.as_secs());
+        watched.iter_mut().for_each(|w| w.snapshot(&label));
+    }
     c.phase.store(STOP, Ordering::Relaxed);
     for h in handles {
         h.join().unwrap();
     }
 
-    // ------------------------------------------------------------------------- table
-    let sent = c.sent.load(Ordering::Relaxed);
-    let ok = c.ok.load(Ordering::Relaxed);
-    let errors = c.errors.load(Ordering::Relaxed);
-    let received = ok + errors;
-    all_lat.sort_unstable();
-    println!();
-    println!(
-        "## Soak: {n_bridges} bridges, {n_apps} apps, {secs} s, 1 request/app every {interval_ms} ms"
+    // ------------------------------------------------------------------------- tables
+    let seen = c.bridge_requests.load(Ordering::Relaxed);
+    let relay_title = format!(
+        "Relay: {n_bridges} simulated bridges, {n_apps} apps, {secs} s, 1 request/app every \
+         {interval_ms} ms"
     );
-    println!();
-    println!(
-        "| at | requests sent | terminal frames | frames/s (interval) | p50 ms (interval) | \
-         p99 ms (interval) | relay VmRSS MiB | relay fds | relay threads | relay CPU % |"
-    );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
-    for r in &rows {
-        print_row(r);
+    watched[0].print(&relay_title, Some(seen));
+    if let Some(w) = watched.get_mut(1) {
+        let title = format!(
+            "Daemon: {daemon_apps} apps through the relay, {secs} s, 1 request/app every \
+             {interval_ms} ms (health; every 10th a 256 KiB echo; every 100th an SSE stream)"
+        );
+        w.print(&title, None);
     }
     println!();
-    let end = rows.last().unwrap();
-    println!("| total | value |");
-    println!("|---|---|");
-    println!("| requests sent | {sent} |");
-    println!("| requests seen by bridge peers | {} |", c.bridge_requests.load(Ordering::Relaxed));
-    println!("| terminal frames received | {received} ({ok} response, {errors} error) |");
-    println!("| lost (sent − received after drain) | {} |", sent.saturating_sub(received));
-    println!("| duplicates | {} |", c.duplicates.load(Ordering::Relaxed));
-    println!("| unknown / unmatched frames | {} |", c.unknown.load(Ordering::Relaxed));
-    println!("| sockets failed | {} |", c.socket_failures.load(Ordering::Relaxed));
-    println!(
-        "| latency p50 / p99 / max ms (all {} requests) | {:.2} / {:.2} / {:.2} |",
-        all_lat.len(),
-        pct(&all_lat, 50.0),
-        pct(&all_lat, 99.0),
-        all_lat.last().map_or(f64::NAN, |&v| v as f64 / 1e3)
-    );
-    println!(
-        "| relay VmRSS start → end MiB | {:.1} → {:.1} ({:+.1}); VmHWM {:.1} |",
-        rss_start as f64 / 1024.0,
-        end.rss_kib as f64 / 1024.0,
-        (end.rss_kib as f64 - rss_start as f64) / 1024.0,
-        hwm as f64 / 1024.0
-    );
-    println!(
-        "| relay fds start → end | {fds_start} → {} ({:+}) |",
-        end.fds,
-        end.fds as i64 - fds_start as i64
-    );
-    let codes = c.error_codes.lock().unwrap();
-    if !codes.is_empty() {
-        println!("| error codes | {codes:?} |");
+    if let Some(d) = &daemon {
+        let (stopped, out, err) = d.stop();
+        let gone = proc_status(d.pid, "VmRSS") == 0;
+        println!("hermeschat-pair --stop: {} ({}); daemon gone: {gone}", stopped, out.trim());
+        if !stopped {
+            eprintln!("{err}");
+        }
+        let _ = std::fs::remove_dir_all(&d.home);
     }
-    println!();
     println!("total {:.0} s; load average at end: {}", t0.elapsed().as_secs_f64(), loadavg());
     drop(relay);
 }

@@ -1,14 +1,19 @@
 //! Pieces the benches share: where the release binaries are, /proc readings, a release relay
-//! process that cannot outlive a failed run, and the frame shapes the minimal peers use.
+//! and a paired daemon that cannot outlive a failed run, the origin behind the daemon, and the
+//! frame shapes the minimal peers use.
 //! Each bench includes it with `#[path = "support/mod.rs"] mod support;` after `mod common;`.
 
 #![allow(dead_code)]
 
 use std::borrow::Cow;
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use hermeschat_pair::protocol::RelayQr;
 
 use serde::{Deserialize, Serialize};
 
@@ -183,6 +188,248 @@ impl Drop for RelayProc {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.data);
+    }
+}
+
+// =============================================================================================
+// Origin
+
+/// Bytes `GET /api/blob` answers: a download of the same size as the e2e bench's one-frame
+/// upload.
+pub const DOWNLOAD: usize = 12 << 20;
+/// Events `GET /api/stream` sends.
+pub const SSE_EVENTS: usize = 200;
+/// The time between two of its events (the first goes at once).
+pub const SSE_GAP: Duration = Duration::from_millis(5);
+
+/// The body `GET /api/health` answers.
+pub const HEALTH_BODY: &[u8] = b"{\"ok\":true}";
+
+/// The text of `GET /api/stream`'s event `i`.
+pub fn sse_event(i: usize) -> String {
+    format!("data: {{\"n\":{i}}}\n\n")
+}
+
+/// Starts the origin on a loopback port (a thread per connection, keep-alive HTTP/1.1) and
+/// returns the port. It serves `GET /api/health`, `POST /api/echo` (the body back, with its
+/// content type), `POST /api/count` (reads the body, answers `{"bytes":N}`), `GET /api/blob`
+/// ([`DOWNLOAD`] bytes of binary) and `GET /api/stream` (SSE, chunked: [`SSE_EVENTS`] events
+/// [`SSE_GAP`] apart, the first at once).
+pub fn origin_server() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let _ = origin_conn(s);
+            });
+        }
+    });
+    port
+}
+
+/// The bytes `GET /api/blob` serves (made once).
+pub fn download_blob() -> &'static [u8] {
+    static BLOB: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    BLOB.get_or_init(|| (0..DOWNLOAD).map(|i| (i * 31 + i / 4096) as u8).collect())
+}
+
+fn origin_conn(s: TcpStream) -> std::io::Result<()> {
+    s.set_nodelay(true)?;
+    let mut w = s.try_clone()?;
+    let mut r = BufReader::with_capacity(64 << 10, s);
+    let mut line = String::new();
+    let mut body = Vec::new();
+    loop {
+        line.clear();
+        if r.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let mut parts = line.split_whitespace();
+        let method = parts.next().unwrap_or("").to_owned();
+        let path = parts.next().unwrap_or("").to_owned();
+        let mut len = 0usize;
+        let mut ctype = String::from("application/octet-stream");
+        loop {
+            line.clear();
+            if r.read_line(&mut line)? == 0 {
+                return Ok(());
+            }
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = l.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    len = v.trim().parse().unwrap_or(0);
+                } else if k.eq_ignore_ascii_case("content-type") {
+                    ctype = v.trim().to_owned();
+                }
+            }
+        }
+        let path = path.split('?').next().unwrap_or("");
+        match (method.as_str(), path) {
+            ("GET", "/api/health") => {
+                write!(
+                    w,
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
+                     Content-Length: {}\r\n\r\n",
+                    HEALTH_BODY.len()
+                )?;
+                w.write_all(HEALTH_BODY)?;
+            }
+            ("POST", "/api/count") => {
+                let mut left = len;
+                while left > 0 {
+                    let n = {
+                        let buf = r.fill_buf()?;
+                        if buf.is_empty() {
+                            return Ok(());
+                        }
+                        buf.len().min(left)
+                    };
+                    r.consume(n);
+                    left -= n;
+                }
+                let b = format!("{{\"bytes\":{len}}}");
+                write!(
+                    w,
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
+                     Content-Length: {}\r\n\r\n{b}",
+                    b.len()
+                )?;
+            }
+            ("POST", "/api/echo") => {
+                body.resize(len, 0);
+                r.read_exact(&mut body)?;
+                let mut out = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: {ctype}\r\nContent-Length: {len}\r\n\r\n"
+                )
+                .into_bytes();
+                out.extend_from_slice(&body);
+                w.write_all(&out)?;
+            }
+            ("GET", "/api/blob") => {
+                let blob = download_blob();
+                write!(
+                    w,
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n\
+                     Content-Length: {}\r\n\r\n",
+                    blob.len()
+                )?;
+                w.write_all(blob)?;
+            }
+            ("GET", "/api/stream") => {
+                w.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\
+                      Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n",
+                )?;
+                let t0 = Instant::now();
+                for i in 0..SSE_EVENTS {
+                    let due = t0 + SSE_GAP * i as u32;
+                    let now = Instant::now();
+                    if due > now {
+                        std::thread::sleep(due - now);
+                    }
+                    let ev = sse_event(i);
+                    write!(w, "{:x}\r\n{ev}\r\n", ev.len())?;
+                }
+                w.write_all(b"0\r\n\r\n")?;
+            }
+            _ => {
+                w.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")?;
+            }
+        }
+    }
+}
+
+
+// =============================================================================================
+// The daemon
+
+/// Runs `hermeschat-pair` with a throwaway state directory; returns (exit ok, stdout, stderr).
+pub fn pair_cmd(home: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(bin_path("hermeschat-pair"))
+        .args(args)
+        .current_dir(home)
+        .env("HERMESCHAT_HOME", home)
+        .env("NO_COLOR", "1")
+        .env_remove("HERMESCHAT_REGISTRY_URL")
+        .env_remove("HERMESCHAT_LOCAL_HOST")
+        .env_remove("HERMESCHAT_LOCAL_PORT")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run hermeschat-pair");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A release `hermeschat-pair` daemon paired with a relay through a throwaway
+/// `HERMESCHAT_HOME`, in front of a loopback origin; stopped with SIGTERM if the bench fails.
+pub struct Daemon {
+    /// Its state directory.
+    pub home: PathBuf,
+    /// Its process id (from `bridge.pid`).
+    pub pid: u32,
+    /// The pairing payload `--json` printed.
+    pub qr: RelayQr,
+    /// Seconds `hermeschat-pair` took to register, pair and start the daemon.
+    pub pair_secs: f64,
+}
+
+impl Daemon {
+    /// Runs `hermeschat-pair --server <relay_url> --port <origin> --json`; panics with its
+    /// output if it fails.
+    pub fn start(relay_url: &str, origin: u16, tag: &str) -> Daemon {
+        let home = super::common::fresh_dir(tag);
+        let t0 = Instant::now();
+        let port = origin.to_string();
+        let (ok, stdout, stderr) =
+            pair_cmd(&home, &["--server", relay_url, "--port", &port, "--json"]);
+        let pair_secs = t0.elapsed().as_secs_f64();
+        let pid: u32 = std::fs::read_to_string(home.join("bridge.pid"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        // SIGTERM is the daemon's clean stop; its state dir goes after it.
+        stop_on_exit(pid, libc::SIGTERM, Some(home.clone()));
+        assert!(ok && pid != 0, "hermeschat-pair --json failed:\n{stdout}\n{stderr}");
+        let qr: RelayQr = serde_json::from_str(stdout.trim().lines().last().unwrap_or(""))
+            .unwrap_or_else(|e| panic!("--json printed no QR payload ({e}): {stdout}"));
+        Daemon { home, pid, qr, pair_secs }
+    }
+
+    /// Pairs `n` apps; returns their client secrets. The first verifies the access code of
+    /// the JSON payload, the others fresh codes from the registry.
+    pub fn pair_apps(&self, n: usize, name: &str) -> Vec<String> {
+        let reg = super::common::Registry::new(&self.qr.s);
+        let identity: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(self.home.join("bridge.json")).unwrap())
+                .unwrap();
+        let relay_secret = identity["relaySecret"].as_str().expect("relaySecret").to_owned();
+        (0..n)
+            .map(|i| {
+                let code = if i == 0 {
+                    self.qr.a.clone()
+                } else {
+                    reg.access_code_ok(&self.qr.g, &relay_secret).access_code
+                };
+                reg.verify_ok(&self.qr.g, &code, &format!("{name} {i}")).client_secret
+            })
+            .collect()
+    }
+
+    /// The URL its apps connect to.
+    pub fn app_url(&self) -> String {
+        format!("{}?bridgeId={}", self.qr.u, self.qr.g)
+    }
+
+    /// `hermeschat-pair --stop`: (exit ok, stdout, stderr).
+    pub fn stop(&self) -> (bool, String, String) {
+        pair_cmd(&self.home, &["--stop"])
     }
 }
 

@@ -29,6 +29,11 @@ use crate::protocol::{ErrorCode, check_header};
 /// Idle keep-alive connections kept for reuse.
 pub const MAX_IDLE: usize = 16;
 
+/// A connection left idle this long is closed by [`LocalClient::close_idle`] when the pool's
+/// workers find nothing to do: servers close theirs sooner (uvicorn after 5 s), and a socket
+/// the backend closed is a descriptor held for nothing until the next request.
+pub const IDLE_FOR: Duration = Duration::from_secs(30);
+
 /// Largest response head accepted, in bytes.
 pub const MAX_HEAD: usize = 16 << 10;
 
@@ -448,9 +453,9 @@ pub struct LocalClient {
     authority: String,
     /// What this client talks to, for messages: "the backend at 127.0.0.1:8765".
     peer: String,
-    /// Keep-alive connections ready for reuse; shared with live [`BodyReader`]s, which return
-    /// their socket when their body ends cleanly.
-    idle: Arc<Mutex<Vec<Conn>>>,
+    /// Keep-alive connections ready for reuse, each with the time it went idle; shared with
+    /// live [`BodyReader`]s, which return their socket when their body ends cleanly.
+    idle: Arc<Mutex<IdlePool>>,
     /// Deadlines.
     timeouts: Timeouts,
 }
@@ -499,12 +504,21 @@ impl LocalClient {
     /// Pools a connection as if a request had left it idle (tests: a stale pooled socket).
     #[cfg(test)]
     pub(crate) fn push_idle(&self, stream: TcpStream) {
-        lock(&self.idle).push(Conn::new(stream));
+        lock(&self.idle).push((Conn::new(stream), Instant::now()));
     }
 
     /// Idle pooled connections now (for tests and diagnostics).
     pub fn idle_connections(&self) -> usize {
         lock(&self.idle).len()
+    }
+
+    /// Closes the pooled connections idle for `max_age` or more, and those the backend closed
+    /// (or sent stray bytes on); returns how many went.
+    pub fn close_idle(&self, max_age: Duration) -> usize {
+        let mut idle = lock(&self.idle);
+        let before = idle.len();
+        idle.retain(|(conn, since)| since.elapsed() < max_age && still_open(&conn.stream));
+        before - idle.len()
     }
 
     /// Sends one request and reads the response head. `headers` are sent as given (the caller
@@ -687,7 +701,7 @@ impl LocalClient {
     /// A pooled connection that still looks open, if any.
     fn take_idle(&self) -> Option<Conn> {
         loop {
-            let conn = lock(&self.idle).pop()?;
+            let (conn, _) = lock(&self.idle).pop()?;
             if still_open(&conn.stream) {
                 return Some(conn);
             }
@@ -915,12 +929,16 @@ impl LocalClient {
 
 /// Puts a reusable connection into the idle pool, unless [`MAX_IDLE`] wait there already (then
 /// it is closed).
-fn pool_idle(idle: &Mutex<Vec<Conn>>, conn: Conn) {
+fn pool_idle(idle: &Mutex<IdlePool>, conn: Conn) {
     let mut idle = lock(idle);
     if idle.len() < MAX_IDLE {
-        idle.push(conn);
+        idle.push((conn, Instant::now()));
     }
 }
+
+/// The idle pool: connections, each with the time it went idle; the last pooled is reused
+/// first, so the ones left unused sink to the front and age out ([`LocalClient::close_idle`]).
+type IdlePool = Vec<(Conn, Instant)>;
 
 /// True for methods that may be sent once more after a pooled connection turned out to be
 /// closed before any response byte. A POST or PATCH is not: the backend may have acted on it
@@ -1412,7 +1430,7 @@ pub struct BodyReader {
     /// Whether the connection may be reused after a clean end.
     keep_alive: bool,
     /// The client's idle pool.
-    idle: Arc<Mutex<Vec<Conn>>>,
+    idle: Arc<Mutex<IdlePool>>,
     /// The exchange's abort handle.
     abort: Abort,
     /// What the client talks to ("the backend at host:port"), for errors.
@@ -2030,7 +2048,7 @@ mod tests {
             let mut b = [0u8; 1024];
             let _ = peer.read(&mut b);
         });
-        lock(&c.idle).push(Conn::new(stale));
+        c.push_idle(stale);
         let mut r = get(&c, "/api/health").unwrap();
         assert_eq!(body_of(&mut r), br#"{"ok":true}"#);
         assert_eq!(o.accepted.load(Ordering::SeqCst), 1);

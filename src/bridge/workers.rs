@@ -30,6 +30,12 @@ use crate::protocol::{
 /// Workers started when the configuration does not say otherwise.
 pub const DEFAULT_WORKERS: usize = 32;
 
+/// A worker that finds no job for this long leaves, unless it is the last one: a burst of
+/// streams (each holds a worker while it lasts) does not leave its threads behind for the
+/// months a daemon runs. The wait also closes backend connections idle as long
+/// ([`LocalClient::close_idle`]).
+pub const WORKER_IDLE: Duration = local_http::IDLE_FOR;
+
 /// Requests waiting for a free worker before new ones are answered `BUSY`.
 pub const QUEUE_CAPACITY: usize = 64;
 
@@ -396,7 +402,8 @@ struct Queue {
     answers: VecDeque<Job>,
     /// Threads exit once the queues are empty.
     stopping: bool,
-    /// Workers started so far (they start on demand, up to `Shared::max_workers`).
+    /// Workers running (they start on demand, up to `Shared::max_workers`, and all but one
+    /// leave after `Shared::idle_for` without a job).
     started: usize,
     /// Workers waiting for a job now.
     waiting: usize,
@@ -423,6 +430,8 @@ struct Shared {
     answer: Condvar,
     /// Most workers started.
     max_workers: usize,
+    /// How long a worker waits for a job before it leaves ([`WORKER_IDLE`]).
+    idle_for: Duration,
     /// Boxes for inline requests.
     boxes: SpareBoxes<Running>,
 }
@@ -436,9 +445,14 @@ pub struct Pool {
 impl Pool {
     /// Starts one worker thread and one `worker-answers` thread that answers requests aborted
     /// while still queued. More workers (`worker-N`, up to `workers`) start when a job finds
-    /// none waiting: most requests run inline on the relay I/O thread, so an idle daemon keeps
-    /// few threads.
+    /// none waiting, and leave after [`WORKER_IDLE`] without one: most requests run inline on
+    /// the relay I/O thread, so an idle daemon keeps few threads.
     pub fn new(target: Target, workers: usize, limits: Limits) -> Pool {
+        Pool::with_idle(target, workers, limits, WORKER_IDLE)
+    }
+
+    /// As [`Pool::new`], with workers that leave after `idle_for` without a job.
+    pub fn with_idle(target: Target, workers: usize, limits: Limits, idle_for: Duration) -> Pool {
         let shared = Arc::new(Shared {
             client: LocalClient::new(&target.host, target.port),
             allowed: target.allowed_prefixes,
@@ -455,6 +469,7 @@ impl Pool {
             work: Condvar::new(),
             answer: Condvar::new(),
             max_workers: workers.max(1),
+            idle_for,
             boxes: SpareBoxes::new(),
         });
         let pool = Pool { shared };
@@ -752,7 +767,7 @@ impl Pool {
         }
     }
 
-    /// Worker threads started so far.
+    /// Worker threads running now (started on demand; idle ones leave).
     pub fn workers_started(&self) -> usize {
         lock(&self.shared.queue).started
     }
@@ -861,10 +876,31 @@ fn worker_loop(shared: &Shared, answers_only: bool) {
                 if queue.stopping {
                     return;
                 }
-                let cv = if answers_only { &shared.answer } else { &shared.work };
-                queue.waiting += usize::from(!answers_only);
-                queue = cv.wait(queue).unwrap_or_else(|p| p.into_inner());
-                queue.waiting -= usize::from(!answers_only);
+                if answers_only {
+                    queue = shared.answer.wait(queue).unwrap_or_else(|p| p.into_inner());
+                    continue;
+                }
+                queue.waiting += 1;
+                let (q, wait) = shared
+                    .work
+                    .wait_timeout(queue, shared.idle_for)
+                    .unwrap_or_else(|p| p.into_inner());
+                queue = q;
+                queue.waiting -= 1;
+                if wait.timed_out() && queue.jobs.is_empty() && queue.answers.is_empty() {
+                    // Idle for a while: the last worker stays, the others leave. Either way
+                    // the backend connections idle as long are closed (outside the lock).
+                    let leave = queue.started > 1;
+                    if leave {
+                        queue.started -= 1;
+                    }
+                    drop(queue);
+                    shared.client.close_idle(shared.idle_for);
+                    if leave {
+                        return;
+                    }
+                    queue = lock(&shared.queue);
+                }
             }
         };
         run_job(shared, job);
@@ -1740,6 +1776,46 @@ mod tests {
         std::thread::sleep(Duration::from_millis(100));
         assert_eq!(o.hangs.load(Ordering::SeqCst), 3);
         assert_eq!(p.open_requests(), 5);
+        p.cancel_all();
+        wait_closed(&p);
+    }
+
+    #[test]
+    fn idle_workers_leave_and_idle_connections_close() {
+        let o = test_origin::start();
+        let idle = Duration::from_millis(300);
+        let p = Pool::with_idle(Target::new("127.0.0.1", o.port), 4, Limits::default(), idle);
+        let (out, rx) = outbox(64);
+        for i in 0..3 {
+            p.submit(req(&format!("h{i}"), "GET", "/api/hang"), out.clone()).unwrap();
+        }
+        Origin::wait_for(&o.hangs, 3);
+        assert_eq!(p.workers_started(), 3);
+        p.cancel_all();
+        wait_closed(&p);
+        // One exchange that ends cleanly leaves its connection in the idle pool.
+        p.submit(req("k", "GET", "/api/health"), out.clone()).unwrap();
+        let f = (0..4).map(|_| only(&rx)).find(|f| matches!(f, Frame::Response(_)));
+        assert!(f.is_some(), "no response to k");
+        assert_eq!(p.shared.client.idle_connections(), 1);
+        let until = |what: &str, done: &dyn Fn() -> bool| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !done() {
+                assert!(Instant::now() < deadline, "{what}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        until("the idle workers did not leave", &|| p.workers_started() == 1);
+        until("the idle connection was not closed", &|| p.shared.client.idle_connections() == 0);
+        // The pool still serves, and grows again on demand.
+        p.submit(req("again", "GET", "/api/health"), out.clone()).unwrap();
+        let f = (0..4).map(|_| only(&rx)).find(|f| matches!(f, Frame::Response(_)));
+        assert!(f.is_some(), "no response after the workers left");
+        for i in 0..2 {
+            p.submit(req(&format!("g{i}"), "GET", "/api/hang"), out.clone()).unwrap();
+        }
+        Origin::wait_for(&o.hangs, 5);
+        assert!(p.workers_started() >= 2, "{} workers", p.workers_started());
         p.cancel_all();
         wait_closed(&p);
     }
