@@ -17,10 +17,10 @@
 //! - A real `hermeschat-pair` daemon (release build, throwaway `HERMESCHAT_HOME`) is one more
 //!   bridge, in front of the benches' origin (`support::origin_server`), with `--daemon-apps`
 //!   apps of its own (default 20) at the same pace. Their requests mix what the daemon does:
-//!   mostly `GET /api/health` (answered inline), every 10th a `POST /api/echo` of 256 KiB in
+//!   mostly `GET /api/health` (answered inline), every 10th a `POST /api/echo` of 320 KiB in
 //!   base64 (its pool, a response in chunks), every 100th a `GET /api/stream` (an SSE stream
-//!   of about a second). Every response body is compared with what the origin sent; latency
-//!   is counted for the health requests.
+//!   of about a second), staggered between the apps. Every response body is compared with
+//!   what the origin sent; latency is counted for the health requests.
 //! - VmRSS, open fds and threads of the relay and of the daemon are read from /proc once all
 //!   sockets are connected, every 60 s, at the end (after the drain, all sockets still
 //!   connected), and with the daemon once more after its idle workers have left.
@@ -50,8 +50,9 @@ const APP_THREADS: usize = 4;
 const APPS_PER_BRIDGE: usize = 2;
 const REPORT_EVERY: Duration = Duration::from_secs(60);
 const DRAIN_MAX: Duration = Duration::from_secs(15);
-/// Body bytes of a daemon app's `POST /api/echo`.
-const ECHO_BYTES: usize = 256 << 10;
+/// Body bytes of a daemon app's `POST /api/echo`: over the daemon's 256 KiB streaming
+/// threshold, so the echo comes back in `response.chunk` frames.
+const ECHO_BYTES: usize = 320 << 10;
 
 // =============================================================================================
 // Processes and /proc (as in benches/relay.rs)
@@ -73,8 +74,8 @@ struct Counters {
     ok: AtomicU64,
     errors: AtomicU64,
     duplicates: AtomicU64,
-    /// Terminal frames of a request whose status was not 200 or whose body differed from the
-    /// one sent (counted in `ok`/`errors` too).
+    /// Answers (`response` or `response.end`, counted in `ok` too) whose status was not 200
+    /// or whose body differed from the one expected.
     mismatched: AtomicU64,
     unknown: AtomicU64,
     bridge_requests: AtomicU64,
@@ -188,8 +189,10 @@ fn stream_body() -> &'static [u8] {
 }
 
 /// Request `seq` of an app: its frame, the body the answer must carry, and whether its
-/// latency is counted.
-fn request_for(load: Load, seq: u64) -> (String, Cow<'static, [u8]>, bool) {
+/// latency is counted. `shift` (the app's place in its group) staggers the daemon's mix, so
+/// that its apps' echoes and streams do not all fall in the same interval.
+fn request_for(load: Load, seq: u64, shift: u64) -> (String, Cow<'static, [u8]>, bool) {
+    let turn = seq + shift;
     match load {
         Load::Echo => {
             let body = format!("ping {seq}");
@@ -198,13 +201,13 @@ fn request_for(load: Load, seq: u64) -> (String, Cow<'static, [u8]>, bool) {
             );
             (frame, Cow::Owned(body.into_bytes()), true)
         }
-        Load::Daemon if seq % 100 == 99 => {
+        Load::Daemon if turn % 100 == 99 => {
             let frame = format!(
                 r#"{{"type":"request","id":"r{seq}","method":"GET","path":"/api/stream","headers":{{}}}}"#
             );
             (frame, Cow::Borrowed(stream_body()), false)
         }
-        Load::Daemon if seq % 10 == 9 => {
+        Load::Daemon if turn % 10 == 9 => {
             let (bytes, text) = echo_body();
             let frame = format!(
                 r#"{{"type":"request","id":"r{seq}","method":"POST","path":"/api/echo","headers":{{"content-type":"application/octet-stream"}},"body":"{text}","bodyBase64":true}}"#
@@ -262,6 +265,8 @@ impl Pending {
 struct AppSock {
     ws: Ws,
     load: Load,
+    /// Its place among the apps of its kind (see [`request_for`]).
+    shift: u64,
     /// Where its tallies go: the simulated bridges' apps and the daemon's count apart.
     c: Arc<Counters>,
     next_seq: u64,
@@ -295,7 +300,7 @@ fn app_thread(mut apps: Vec<AppSock>, interval: Duration, phase: Arc<Counters>) 
             for a in apps.iter_mut().filter(|a| !a.dead && a.next_send <= now) {
                 let seq = a.next_seq;
                 a.next_seq += 1;
-                let (frame, expect, timed) = request_for(a.load, seq);
+                let (frame, expect, timed) = request_for(a.load, seq, a.shift);
                 let p = Pending { sent: Instant::now(), timed, expect, got: 0, intact: true };
                 a.pending.insert(seq, p);
                 a.c.sent.fetch_add(1, Ordering::Relaxed);
@@ -470,6 +475,8 @@ struct Watched {
     all_lat: Vec<u32>,
     /// Time, terminal frames and CPU seconds at the last row.
     last: (Instant, u64, f64),
+    /// Requests without a terminal frame when the drain ended.
+    lost: u64,
 }
 
 impl Watched {
@@ -488,7 +495,7 @@ impl Watched {
             cpu_pct: 0.0,
         };
         let last = (Instant::now(), 0, cpu_secs(pid));
-        Watched { name, pid, c, rows: vec![start], all_lat: Vec::new(), last }
+        Watched { name, pid, c, rows: vec![start], all_lat: Vec::new(), last, lost: 0 }
     }
 
     /// Adds a row: requests and latency since the last one, and the process's figures now.
@@ -531,11 +538,14 @@ impl Watched {
         self.rows.push(row);
     }
 
+    /// Terminal frames received so far.
+    fn received(&self) -> u64 {
+        self.c.ok.load(Ordering::Relaxed) + self.c.errors.load(Ordering::Relaxed)
+    }
+
     /// True once every request sent has its terminal frame.
     fn drained(&self) -> bool {
-        let c = &self.c;
-        c.ok.load(Ordering::Relaxed) + c.errors.load(Ordering::Relaxed)
-            >= c.sent.load(Ordering::Relaxed)
+        self.received() >= self.c.sent.load(Ordering::Relaxed)
     }
 
     /// The table of rows and the totals.
@@ -566,7 +576,7 @@ impl Watched {
             println!("| requests seen by bridge peers | {seen} |");
         }
         println!("| terminal frames received | {received} ({ok} response, {errors} error) |");
-        println!("| lost (sent − received after drain) | {} |", sent.saturating_sub(received));
+        println!("| lost (sent − received when the drain ended) | {} |", self.lost);
         println!("| duplicates | {} |", c.duplicates.load(Ordering::Relaxed));
         println!(
             "| answers with another status or body than sent | {} |",
@@ -659,14 +669,19 @@ fn main() {
         for j in 0..APPS_PER_BRIDGE {
             let code = reg.access_code_ok(&b.bridge_id, &b.relay_secret);
             let v = reg.verify_ok(&b.bridge_id, &code.access_code, &format!("soak app {i}.{j}"));
-            app_secrets.push((relay.ws("app", &b.bridge_id), v.client_secret, Load::Echo));
+            let k = app_secrets.len();
+            let at = k as f64 / n_apps as f64;
+            app_secrets.push((relay.ws("app", &b.bridge_id), v.client_secret, Load::Echo, k, at));
         }
     }
     let daemon = (daemon_apps > 0).then(|| {
         let daemon = Daemon::start(&relay.url(), origin_server(), "bench-soak-home");
         let url = daemon.app_url();
-        for secret in daemon.pair_apps(daemon_apps, "soak daemon app") {
-            app_secrets.push((url.clone(), secret, Load::Daemon));
+        for (j, secret) in daemon.pair_apps(daemon_apps, "soak daemon app").into_iter().enumerate()
+        {
+            // Half a step off the other apps' start times.
+            let at = (j as f64 + 0.5) / daemon_apps as f64;
+            app_secrets.push((url.clone(), secret, Load::Daemon, j, at));
         }
         daemon
     });
@@ -695,17 +710,18 @@ fn main() {
     let mut app_socks: Vec<Vec<AppSock>> = (0..APP_THREADS).map(|_| Vec::new()).collect();
     let start_at = Instant::now() + Duration::from_secs(1);
     let total_apps = app_secrets.len();
-    for (k, (url, secret, load)) in app_secrets.into_iter().enumerate() {
+    for (k, (url, secret, load, shift, at)) in app_secrets.into_iter().enumerate() {
         let auth = format!("Bearer {secret}");
         let mut ws = ws_connect(&url, &[("Authorization", &auth)])
             .unwrap_or_else(|e| panic!("app {k}: {e:?}"));
         let first = ws.read().expect("bridge.status");
         assert!(first.to_text().unwrap_or("").contains("\"online\":true"), "{first:?}");
-        // Start offsets spread evenly over one interval.
-        let offset = interval.mul_f64(k as f64 / total_apps as f64);
+        // Start offsets spread evenly over one interval, each kind of app on its own.
+        let offset = interval.mul_f64(at);
         app_socks[k % APP_THREADS].push(AppSock {
             ws,
             load,
+            shift: shift as u64,
             c: if load == Load::Daemon { dc.clone() } else { c.clone() },
             next_seq: 0,
             next_send: start_at + offset,
@@ -721,7 +737,10 @@ fn main() {
     if let Some(d) = &daemon {
         watched.push(Watched::new("daemon", d.pid, dc.clone()));
     }
-    println!("setup (register, pair, connect {} sockets): {setup_secs:.1} s", n_bridges + total_apps);
+    println!(
+        "setup (register, pair, connect {} sockets): {setup_secs:.1} s",
+        n_bridges + total_apps
+    );
     for apps in app_socks {
         let c = c.clone();
         handles.push(std::thread::spawn(move || app_thread(apps, interval, c)));
@@ -747,17 +766,20 @@ fn main() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let drain_secs = d0.elapsed().as_secs_f64();
+    // Lost is what had no terminal frame when the drain ended.
+    for w in &mut watched {
+        w.lost = w.c.sent.load(Ordering::Relaxed).saturating_sub(w.received());
+    }
     // Let the processes settle (idle, all sockets still connected) before the end figures.
     std::thread::sleep(Duration::from_secs(2));
     let label = format!("end (drained {drain_secs:.1} s + 2 s idle)");
     watched.iter_mut().for_each(|w| w.snapshot(&label));
-    if daemon.is_some() {
-        // The daemon's idle workers leave, and its idle backend connections close, after
-        // `WORKER_IDLE` without a job.
-        let idle = WORKER_IDLE + Duration::from_secs(5);
+    if let Some(w) = watched.get_mut(1) {
+        // The daemon's idle workers leave after `WORKER_IDLE` without a job, and its backend
+        // connections close after one to two ping intervals (20–40 s) unused.
+        let idle = WORKER_IDLE.max(Duration::from_secs(40)) + Duration::from_secs(5);
         std::thread::sleep(idle - Duration::from_secs(2));
-        let label = format!("{} s idle", idle.as_secs());
-        watched.iter_mut().for_each(|w| w.snapshot(&label));
+        w.snapshot(&format!("{} s idle", idle.as_secs()));
     }
     c.phase.store(STOP, Ordering::Relaxed);
     for h in handles {
@@ -768,13 +790,18 @@ fn main() {
     let seen = c.bridge_requests.load(Ordering::Relaxed);
     let relay_title = format!(
         "Relay: {n_bridges} simulated bridges, {n_apps} apps, {secs} s, 1 request/app every \
-         {interval_ms} ms"
+         {interval_ms} ms{}",
+        if daemon.is_some() {
+            " (requests of these apps; the relay's figures include the daemon's traffic)"
+        } else {
+            ""
+        }
     );
     watched[0].print(&relay_title, Some(seen));
     if let Some(w) = watched.get_mut(1) {
         let title = format!(
             "Daemon: {daemon_apps} apps through the relay, {secs} s, 1 request/app every \
-             {interval_ms} ms (health; every 10th a 256 KiB echo; every 100th an SSE stream)"
+             {interval_ms} ms (health; every 10th a 320 KiB echo; every 100th an SSE stream)"
         );
         w.print(&title, None);
     }

@@ -270,13 +270,15 @@ fn origin_conn(s: TcpStream) -> std::io::Result<()> {
         let path = path.split('?').next().unwrap_or("");
         match (method.as_str(), path) {
             ("GET", "/api/health") => {
-                write!(
-                    w,
+                // One write, as a server answers a small request.
+                let mut out = format!(
                     "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
                      Content-Length: {}\r\n\r\n",
                     HEALTH_BODY.len()
-                )?;
-                w.write_all(HEALTH_BODY)?;
+                )
+                .into_bytes();
+                out.extend_from_slice(HEALTH_BODY);
+                w.write_all(&out)?;
             }
             ("POST", "/api/count") => {
                 let mut left = len;
@@ -343,7 +345,6 @@ fn origin_conn(s: TcpStream) -> std::io::Result<()> {
     }
 }
 
-
 // =============================================================================================
 // The daemon
 
@@ -394,8 +395,11 @@ impl Daemon {
             .ok()
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(0);
-        // SIGTERM is the daemon's clean stop; its state dir goes after it.
-        stop_on_exit(pid, libc::SIGTERM, Some(home.clone()));
+        // SIGTERM is the daemon's clean stop; its state dir goes after it. Never for pid 0:
+        // kill(0, ..) would signal the bench's whole process group.
+        if pid != 0 {
+            stop_on_exit(pid, libc::SIGTERM, Some(home.clone()));
+        }
         assert!(ok && pid != 0, "hermeschat-pair --json failed:\n{stdout}\n{stderr}");
         let qr: RelayQr = serde_json::from_str(stdout.trim().lines().last().unwrap_or(""))
             .unwrap_or_else(|e| panic!("--json printed no QR payload ({e}): {stdout}"));

@@ -29,9 +29,10 @@ use crate::protocol::{ErrorCode, check_header};
 /// Idle keep-alive connections kept for reuse.
 pub const MAX_IDLE: usize = 16;
 
-/// A connection left idle this long is closed by [`LocalClient::close_idle`] when the pool's
-/// workers find nothing to do: servers close theirs sooner (uvicorn after 5 s), and a socket
-/// the backend closed is a descriptor held for nothing until the next request.
+/// A pooled connection left idle this long is closed ([`LocalClient::close_idle`]), and so is
+/// one the backend closed: servers close theirs sooner (uvicorn after 5 s), and such a socket
+/// is a descriptor held for nothing until the next request. (The relay I/O thread ages its
+/// own parked connections on its ping ticks.)
 pub const IDLE_FOR: Duration = Duration::from_secs(30);
 
 /// Largest response head accepted, in bytes.
@@ -603,7 +604,9 @@ impl LocalClient {
                 // A request that cannot be sent twice gets the pool's liveness check: a close
                 // the caller's poller has not reported yet would fail it for good. A closed one
                 // is dropped here; its owner notices through its poller.
-                Some(Parked { conn, tag }) if is_retry_safe(method) || still_open(&conn.stream) => {
+                Some(Parked { conn, tag, .. })
+                    if is_retry_safe(method) || still_open(&conn.stream) =>
+                {
                     break (conn, Some(tag));
                 }
                 Some(_) => {}
@@ -956,6 +959,8 @@ pub struct Parked {
     conn: Conn,
     /// The owner's name for it (e.g. its poller key).
     pub tag: usize,
+    /// The owner's clock when it was parked (e.g. a count of ticks), to close it once idle.
+    pub epoch: u32,
 }
 
 impl Parked {
@@ -1508,7 +1513,7 @@ impl BodyReader {
     /// The connection of a body read whole by a [`Pending`] exchange, once it ended cleanly
     /// and may be reused; the caller keeps it registered (see [`Parked`]).
     pub fn take_parked(&mut self) -> Option<Parked> {
-        self.parked.take().map(|conn| Parked { conn, tag: 0 })
+        self.parked.take().map(|conn| Parked { conn, tag: 0, epoch: 0 })
     }
 
     /// The error for a socket that ended early or failed.

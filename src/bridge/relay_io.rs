@@ -240,7 +240,7 @@ impl RelayIo {
             if self.stop.load(Ordering::SeqCst) {
                 return self.shut_down(link, tcp, inlines, answers);
             }
-            let blocked = {
+            let (blocked, tick) = {
                 let mut st = link.lock();
                 let LinkState { ws: Some(ws), out, .. } = &mut *st else {
                     return Ended::Lost("socket closed".into());
@@ -256,15 +256,19 @@ impl RelayIo {
                 }
                 let now = Instant::now();
                 t.reader.release_kept(now);
-                if now.duration_since(t.last_ping) >= ping_every {
+                let tick = now.duration_since(t.last_ping) >= ping_every;
+                if tick {
                     t.last_ping = now;
                     out.push(Message::Ping(Default::default()));
                 }
                 if let Err(e) = link.flush(&mut st) {
                     return Ended::Lost(e);
                 }
-                st.out.blocked()
+                (st.out.blocked(), tick)
             };
+            if tick {
+                self.close_idle_parked(inlines);
+            }
             if Instant::now().duration_since(t.last_rx) >= pong_timeout {
                 return Ended::Lost(format!(
                     "no traffic or pong from the relay for {} s",
@@ -369,6 +373,7 @@ impl RelayIo {
                     && inlines.parking.len() < local_http::MAX_IDLE =>
             {
                 parked.tag = slot;
+                parked.epoch = inlines.epoch;
                 inlines.parking.push(parked);
                 (None, Interest::Readable)
             }
@@ -404,6 +409,25 @@ impl RelayIo {
     fn end_slot(&self, slot: usize, inlines: &mut Inlines) {
         if let Some(s) = inlines.remove(slot) {
             let _ = self.poller.delete(&*s.socket);
+        }
+    }
+
+    /// Closes the parked connections no request has used since the previous ping tick (idle
+    /// for one to two ping intervals, 20–40 s): an idle daemon holds no backend connections,
+    /// and a backend that never closes its idle ones does not keep up to [`MAX_IDLE`] of ours.
+    ///
+    /// [`MAX_IDLE`]: local_http::MAX_IDLE
+    fn close_idle_parked(&self, inlines: &mut Inlines) {
+        let epoch = inlines.epoch;
+        inlines.epoch = epoch.wrapping_add(1);
+        if inlines.parking.iter().all(|p| p.epoch == epoch) {
+            return;
+        }
+        let stale: Vec<usize> =
+            inlines.parking.iter().filter(|p| p.epoch != epoch).map(|p| p.tag).collect();
+        inlines.parking.retain(|p| p.epoch == epoch);
+        for slot in stale {
+            self.end_slot(slot, inlines);
         }
     }
 
@@ -603,8 +627,11 @@ struct Inlines {
     free: Vec<usize>,
     /// Slots running a request.
     busy: usize,
-    /// Parked connections, tagged with their slot; the last one parked is used first.
+    /// Parked connections, tagged with their slot and the ping tick they were parked in; the
+    /// last one parked is used first.
     parking: Vec<Parked>,
+    /// Ping ticks so far ([`RelayIo::close_idle_parked`]).
+    epoch: u32,
 }
 
 impl Inlines {
@@ -869,6 +896,104 @@ pub fn open_socket(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bridge::local_http::test_origin;
+    use crate::bridge::workers::Target;
+    use crate::protocol::{Headers, Limits, RequestFrame};
+    use std::sync::atomic::Ordering;
+
+    /// A relay I/O role with a real pool in front of `port`, never connected to a relay.
+    fn relay_io(port: u16, dir: &std::path::Path) -> RelayIo {
+        let identity = BridgeIdentity {
+            v: 1,
+            bridge_id: "0".repeat(24),
+            relay_secret: "hrs_test".into(),
+            bridge_relay_url: "ws://127.0.0.1:9/ws/bridge".into(),
+            app_relay_url: "ws://127.0.0.1:9/ws/app".into(),
+            instance_id: "test".into(),
+            registry_url: "http://127.0.0.1:9".into(),
+            display_name: "test".into(),
+            created_at: 0,
+        };
+        let pool = Arc::new(Pool::new(Target::new("127.0.0.1", port), 2, Limits::default()));
+        let status = Arc::new(LiveStatus::new(Default::default(), dir.join("status.json")));
+        let poller = Arc::new(Poller::new().unwrap());
+        RelayIo::new(identity, pool, status, Arc::default(), poller)
+    }
+
+    /// Runs `GET /api/health` inline to its answer; its connection is left parked.
+    fn health_inline(io: &RelayIo, inlines: &mut Inlines, id: &str) {
+        let req = RequestFrame {
+            id: id.into(),
+            client: Some("app".into()),
+            method: "GET".into(),
+            path: "/api/health".into(),
+            headers: Headers::new(),
+            body: None,
+            body_base64: false,
+            length: None,
+        };
+        let (tx, rx) = std::sync::mpsc::sync_channel(8);
+        let out = Outbox::new(tx, io.poller.clone());
+        // A request runs inline only on a keep-alive connection at hand: the first goes to a
+        // worker, whose connection is then pooled (the answer may come just before).
+        let mut tries = 0;
+        let inline = loop {
+            let mut req = req.clone();
+            req.id = format!("{id}{tries}");
+            match io.pool.submit_inline(req, out.clone(), Some(&mut inlines.parking)) {
+                Ok(Some(inline)) => break inline,
+                Ok(None) => {
+                    rx.recv_timeout(Duration::from_secs(10)).expect("a worker's answer");
+                    tries += 1;
+                    assert!(tries < 50, "never ran inline");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("refused: {e}"),
+            }
+        };
+        let mut answers = Vec::new();
+        io.begin_inline(inline, inlines, &mut |t| answers.push(t));
+        let mut events = Events::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while answers.is_empty() {
+            assert!(Instant::now() < deadline, "no answer to {id}");
+            events.clear();
+            io.poller.wait(&mut events, Some(Duration::from_millis(100))).unwrap();
+            for ev in events.iter().filter(|ev| ev.key >= INLINE_BASE) {
+                io.drive_inline(ev.key - INLINE_BASE, inlines, &mut |t| answers.push(t));
+            }
+        }
+        assert!(answers[0].contains(r#""status":200"#), "{answers:?}");
+    }
+
+    #[test]
+    fn parked_connections_unused_for_a_ping_interval_are_closed() {
+        let o = test_origin::start();
+        let dir = std::env::temp_dir().join(format!("hc-relay-io-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let io = relay_io(o.port, &dir);
+        let mut inlines = Inlines::default();
+        health_inline(&io, &mut inlines, "a");
+        let accepted = o.accepted.load(Ordering::SeqCst);
+        health_inline(&io, &mut inlines, "b");
+        // Both ran on one connection, which stays parked.
+        assert_eq!((inlines.parking.len(), o.accepted.load(Ordering::SeqCst)), (1, accepted));
+        // A tick right after it was used keeps it...
+        io.close_idle_parked(&mut inlines);
+        assert_eq!(inlines.parking.len(), 1);
+        // ...and so does a tick after a request used it again.
+        health_inline(&io, &mut inlines, "c");
+        io.close_idle_parked(&mut inlines);
+        assert_eq!((inlines.parking.len(), o.accepted.load(Ordering::SeqCst)), (1, accepted));
+        // A whole tick interval without a request closes it and frees its slot.
+        io.close_idle_parked(&mut inlines);
+        assert!(inlines.parking.is_empty());
+        assert!(inlines.slots.iter().all(Option::is_none));
+        // The next request cannot reuse it: it opens a fresh connection.
+        health_inline(&io, &mut inlines, "d");
+        assert!(o.accepted.load(Ordering::SeqCst) > accepted);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn backoff_is_jittered_and_capped() {

@@ -32,8 +32,8 @@ pub const DEFAULT_WORKERS: usize = 32;
 
 /// A worker that finds no job for this long leaves, unless it is the last one: a burst of
 /// streams (each holds a worker while it lasts) does not leave its threads behind for the
-/// months a daemon runs. The wait also closes backend connections idle as long
-/// ([`LocalClient::close_idle`]).
+/// months a daemon runs. The pool's backend connections idle as long are closed
+/// ([`LocalClient::close_idle`], by the `worker-answers` thread).
 pub const WORKER_IDLE: Duration = local_http::IDLE_FOR;
 
 /// Requests waiting for a free worker before new ones are answered `BUSY`.
@@ -405,6 +405,8 @@ struct Queue {
     /// Workers running (they start on demand, up to `Shared::max_workers`, and all but one
     /// leave after `Shared::idle_for` without a job).
     started: usize,
+    /// Workers ever started: the next one's name (`worker-N`).
+    spawned: usize,
     /// Workers waiting for a job now.
     waiting: usize,
 }
@@ -464,6 +466,7 @@ impl Pool {
                 answers: VecDeque::new(),
                 stopping: false,
                 started: 1,
+                spawned: 1,
                 waiting: 0,
             }),
             work: Condvar::new(),
@@ -642,9 +645,10 @@ impl Pool {
         queue.jobs.push_back(job);
         // A worker blocked on a full outbox or a slow backend is not waiting.
         let spawn = queue.jobs.len() > queue.waiting && queue.started < shared.max_workers;
-        let n = queue.started;
+        let n = queue.spawned;
         if spawn {
             queue.started += 1;
+            queue.spawned += 1;
         }
         drop(queue);
         if spawn {
@@ -768,7 +772,7 @@ impl Pool {
     }
 
     /// Worker threads running now (started on demand; idle ones leave).
-    pub fn workers_started(&self) -> usize {
+    pub fn workers_running(&self) -> usize {
         lock(&self.shared.queue).started
     }
 
@@ -877,7 +881,18 @@ fn worker_loop(shared: &Shared, answers_only: bool) {
                     return;
                 }
                 if answers_only {
-                    queue = shared.answer.wait(queue).unwrap_or_else(|p| p.into_inner());
+                    // This thread never leaves, so it is the one that closes the backend
+                    // connections left idle (a worker may be busy with a stream for hours).
+                    let (q, wait) = shared
+                        .answer
+                        .wait_timeout(queue, shared.idle_for)
+                        .unwrap_or_else(|p| p.into_inner());
+                    queue = q;
+                    if wait.timed_out() {
+                        drop(queue);
+                        shared.client.close_idle(shared.idle_for);
+                        queue = lock(&shared.queue);
+                    }
                     continue;
                 }
                 queue.waiting += 1;
@@ -887,19 +902,15 @@ fn worker_loop(shared: &Shared, answers_only: bool) {
                     .unwrap_or_else(|p| p.into_inner());
                 queue = q;
                 queue.waiting -= 1;
-                if wait.timed_out() && queue.jobs.is_empty() && queue.answers.is_empty() {
-                    // Idle for a while: the last worker stays, the others leave. Either way
-                    // the backend connections idle as long are closed (outside the lock).
-                    let leave = queue.started > 1;
-                    if leave {
-                        queue.started -= 1;
-                    }
-                    drop(queue);
-                    shared.client.close_idle(shared.idle_for);
-                    if leave {
-                        return;
-                    }
-                    queue = lock(&shared.queue);
+                // Idle for a while: the last worker stays, the others leave. A job queued
+                // meanwhile is taken first (the loop's top), so none is left without a worker.
+                if wait.timed_out()
+                    && queue.jobs.is_empty()
+                    && queue.answers.is_empty()
+                    && queue.started > 1
+                {
+                    queue.started -= 1;
+                    return;
                 }
             }
         };
@@ -1765,14 +1776,14 @@ mod tests {
     fn workers_start_on_demand_up_to_the_limit() {
         let o = test_origin::start();
         let p = pool(&o, 3);
-        assert_eq!(p.workers_started(), 1);
+        assert_eq!(p.workers_running(), 1);
         let (out, _rx) = outbox(64);
         for i in 0..5 {
             p.submit(req(&format!("w{i}"), "GET", "/api/hang"), out.clone()).unwrap();
         }
         // Three run at once, on three workers; the other two wait for one.
         Origin::wait_for(&o.hangs, 3);
-        assert_eq!(p.workers_started(), 3);
+        assert_eq!(p.workers_running(), 3);
         std::thread::sleep(Duration::from_millis(100));
         assert_eq!(o.hangs.load(Ordering::SeqCst), 3);
         assert_eq!(p.open_requests(), 5);
@@ -1783,14 +1794,15 @@ mod tests {
     #[test]
     fn idle_workers_leave_and_idle_connections_close() {
         let o = test_origin::start();
-        let idle = Duration::from_millis(300);
-        let p = Pool::with_idle(Target::new("127.0.0.1", o.port), 4, Limits::default(), idle);
+        let idle = Duration::from_millis(500);
+        // As many workers allowed as the test starts, so exactly that many run.
+        let p = Pool::with_idle(Target::new("127.0.0.1", o.port), 3, Limits::default(), idle);
         let (out, rx) = outbox(64);
         for i in 0..3 {
             p.submit(req(&format!("h{i}"), "GET", "/api/hang"), out.clone()).unwrap();
         }
         Origin::wait_for(&o.hangs, 3);
-        assert_eq!(p.workers_started(), 3);
+        assert_eq!(p.workers_running(), 3);
         p.cancel_all();
         wait_closed(&p);
         // One exchange that ends cleanly leaves its connection in the idle pool.
@@ -1805,8 +1817,11 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(20));
             }
         };
-        until("the idle workers did not leave", &|| p.workers_started() == 1);
+        until("the idle workers did not leave", &|| p.workers_running() == 1);
         until("the idle connection was not closed", &|| p.shared.client.idle_connections() == 0);
+        // The last worker stays.
+        std::thread::sleep(idle * 2);
+        assert_eq!(p.workers_running(), 1);
         // The pool still serves, and grows again on demand.
         p.submit(req("again", "GET", "/api/health"), out.clone()).unwrap();
         let f = (0..4).map(|_| only(&rx)).find(|f| matches!(f, Frame::Response(_)));
@@ -1815,7 +1830,7 @@ mod tests {
             p.submit(req(&format!("g{i}"), "GET", "/api/hang"), out.clone()).unwrap();
         }
         Origin::wait_for(&o.hangs, 5);
-        assert!(p.workers_started() >= 2, "{} workers", p.workers_started());
+        assert!(p.workers_running() >= 2, "{} workers", p.workers_running());
         p.cancel_all();
         wait_closed(&p);
     }
