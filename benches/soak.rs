@@ -775,9 +775,10 @@ fn main() {
     let label = format!("end (drained {drain_secs:.1} s + 2 s idle)");
     watched.iter_mut().for_each(|w| w.snapshot(&label));
     if let Some(w) = watched.get_mut(1) {
-        // The daemon's idle workers leave after `WORKER_IDLE` without a job, and its backend
-        // connections close after one to two ping intervals (20–40 s) unused.
-        let idle = WORKER_IDLE.max(Duration::from_secs(40)) + Duration::from_secs(5);
+        // The daemon's idle workers leave after `WORKER_IDLE` without a job; its backend
+        // connections close 20–40 s (parked on the relay I/O thread) or 30–60 s (pooled for
+        // the workers) after their last use.
+        let idle = WORKER_IDLE * 2 + Duration::from_secs(5);
         std::thread::sleep(idle - Duration::from_secs(2));
         w.snapshot(&format!("{} s idle", idle.as_secs()));
     }
