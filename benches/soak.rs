@@ -17,8 +17,8 @@
 //! - A real `hermeschat-pair` daemon (release build, throwaway `HERMESCHAT_HOME`) is one more
 //!   bridge, in front of the benches' origin (`support::origin_server`), with `--daemon-apps`
 //!   apps of its own (default 20) at the same pace. Their requests mix what the daemon does:
-//!   mostly `GET /api/health` (answered inline), every 10th a `POST /api/echo` of 320 KiB in
-//!   base64 (its pool, a response in chunks), every 100th a `GET /api/stream` (an SSE stream
+//!   mostly `GET /api/health` (answered inline), every 10th (but the 100th) a `POST /api/echo` of
+//!   320 KiB in base64 (its pool, a response in chunks), every 100th a `GET /api/stream` (an SSE stream
 //!   of about a second), staggered between the apps. Every response body is compared with
 //!   what the origin sent; latency is counted for the health requests.
 //! - VmRSS, open fds and threads of the relay and of the daemon are read from /proc once all
@@ -591,13 +591,17 @@ impl Watched {
             pct(&self.all_lat, 99.0),
             self.all_lat.last().map_or(f64::NAN, |&v| v as f64 / 1e3)
         );
-        let mib = |kib: u64| kib as f64 / 1024.0;
+        // MiB to one decimal, so that a difference printed agrees with the figures printed.
+        let mib = |kib: u64| (kib as f64 / 1024.0 * 10.0).round() / 10.0;
+        // The largest sample, not VmHWM: the kernel updates that lazily and it can read below
+        // a sample taken earlier.
+        let peak = self.rows.iter().map(|r| r.rss_kib).max().unwrap_or(0);
         println!(
-            "| {name} VmRSS start → end MiB | {:.1} → {:.1} ({:+.1}); VmHWM {:.1} |",
+            "| {name} VmRSS start → end MiB | {:.1} → {:.1} ({:+.1}); largest sample {:.1} |",
             mib(start.rss_kib),
             mib(end.rss_kib),
             mib(end.rss_kib) - mib(start.rss_kib),
-            mib(proc_status(self.pid, "VmHWM"))
+            mib(peak)
         );
         if let Some(first) = self.rows.get(1).filter(|_| self.rows.len() > 3) {
             println!(

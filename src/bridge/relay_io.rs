@@ -935,7 +935,7 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::sync_channel(8);
         let out = Outbox::new(tx, io.poller.clone());
         // A request runs inline only on a keep-alive connection at hand: the first goes to a
-        // worker, whose connection is then pooled (the answer may come just before).
+        // worker, which pools its connection before it answers.
         let mut tries = 0;
         let inline = loop {
             let mut req = req.clone();
@@ -985,10 +985,13 @@ mod tests {
         health_inline(&io, &mut inlines, "c");
         io.close_idle_parked(&mut inlines);
         assert_eq!((inlines.parking.len(), o.accepted.load(Ordering::SeqCst)), (1, accepted));
-        // A whole tick interval without a request closes it and frees its slot.
+        let socket = inlines.parking[0].socket().clone();
+        // A whole tick interval without a request closes it and frees its slot: nothing else
+        // holds the socket.
         io.close_idle_parked(&mut inlines);
         assert!(inlines.parking.is_empty());
         assert!(inlines.slots.iter().all(Option::is_none));
+        assert_eq!(Arc::strong_count(&socket), 1);
         // The next request cannot reuse it: it opens a fresh connection.
         health_inline(&io, &mut inlines, "d");
         assert!(o.accepted.load(Ordering::SeqCst) > accepted);

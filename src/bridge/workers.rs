@@ -865,6 +865,7 @@ fn stop_threads(shared: &Shared) {
 /// A thread's loop. Workers take answers first (they are instant), then jobs; the answer
 /// thread only takes answers.
 fn worker_loop(shared: &Shared, answers_only: bool) {
+    let mut next_sweep = Instant::now() + shared.idle_for;
     loop {
         let job = {
             let mut queue = lock(&shared.queue);
@@ -882,17 +883,21 @@ fn worker_loop(shared: &Shared, answers_only: bool) {
                 }
                 if answers_only {
                     // This thread never leaves, so it is the one that closes the backend
-                    // connections left idle (a worker may be busy with a stream for hours).
-                    let (q, wait) = shared
-                        .answer
-                        .wait_timeout(queue, shared.idle_for)
-                        .unwrap_or_else(|p| p.into_inner());
-                    queue = q;
-                    if wait.timed_out() {
+                    // connections left idle (a worker may be busy with a stream for hours),
+                    // every `idle_for`, however often answers wake it.
+                    let now = Instant::now();
+                    if now >= next_sweep {
                         drop(queue);
                         shared.client.close_idle(shared.idle_for);
+                        next_sweep = now + shared.idle_for;
                         queue = lock(&shared.queue);
+                        continue;
                     }
+                    queue = shared
+                        .answer
+                        .wait_timeout(queue, next_sweep - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
                     continue;
                 }
                 queue.waiting += 1;
