@@ -29,12 +29,6 @@ use crate::protocol::{ErrorCode, check_header};
 /// Idle keep-alive connections kept for reuse.
 pub const MAX_IDLE: usize = 16;
 
-/// A pooled connection left idle this long is closed ([`LocalClient::close_idle`]), and so is
-/// one the backend closed: servers close theirs sooner (uvicorn after 5 s), and such a socket
-/// is a descriptor held for nothing until the next request. (The relay I/O thread ages its
-/// own parked connections on its ping ticks.)
-pub const IDLE_FOR: Duration = Duration::from_secs(30);
-
 /// Largest response head accepted, in bytes.
 pub const MAX_HEAD: usize = 16 << 10;
 

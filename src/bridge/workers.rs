@@ -32,9 +32,12 @@ pub const DEFAULT_WORKERS: usize = 32;
 
 /// A worker that finds no job for this long leaves, unless it is the last one: a burst of
 /// streams (each holds a worker while it lasts) does not leave its threads behind for the
-/// months a daemon runs. The pool's backend connections idle as long are closed
-/// ([`LocalClient::close_idle`], by the `worker-answers` thread).
-pub const WORKER_IDLE: Duration = local_http::IDLE_FOR;
+/// months a daemon runs. The pool's backend connections unused as long, or closed by the
+/// backend, are closed too ([`LocalClient::close_idle`], by the `worker-answers` thread):
+/// servers close theirs sooner (uvicorn after 5 s), and such a socket is a descriptor held for
+/// nothing until the next request. (The relay I/O thread ages its own parked connections on
+/// its ping ticks.)
+pub const WORKER_IDLE: Duration = Duration::from_secs(30);
 
 /// Requests waiting for a free worker before new ones are answered `BUSY`.
 pub const QUEUE_CAPACITY: usize = 64;
@@ -404,7 +407,7 @@ struct Queue {
     stopping: bool,
     /// Workers running (they start on demand, up to `Shared::max_workers`, and all but one
     /// leave after `Shared::idle_for` without a job).
-    started: usize,
+    running: usize,
     /// Workers ever started: the next one's name (`worker-N`).
     spawned: usize,
     /// Workers waiting for a job now.
@@ -432,7 +435,8 @@ struct Shared {
     answer: Condvar,
     /// Most workers started.
     max_workers: usize,
-    /// How long a worker waits for a job before it leaves ([`WORKER_IDLE`]).
+    /// How long a worker waits for a job before it leaves, and a pooled backend connection
+    /// stays unused before it is closed ([`WORKER_IDLE`]).
     idle_for: Duration,
     /// Boxes for inline requests.
     boxes: SpareBoxes<Running>,
@@ -465,7 +469,7 @@ impl Pool {
                 jobs: VecDeque::new(),
                 answers: VecDeque::new(),
                 stopping: false,
-                started: 1,
+                running: 1,
                 spawned: 1,
                 waiting: 0,
             }),
@@ -494,7 +498,7 @@ impl Pool {
             .name(format!("worker-{n}"))
             .spawn(move || worker_loop(&s, false));
         if spawned.is_err() {
-            lock(&self.shared.queue).started -= 1;
+            lock(&self.shared.queue).running -= 1;
         }
         spawned.is_ok()
     }
@@ -644,10 +648,10 @@ impl Pool {
         }
         queue.jobs.push_back(job);
         // A worker blocked on a full outbox or a slow backend is not waiting.
-        let spawn = queue.jobs.len() > queue.waiting && queue.started < shared.max_workers;
+        let spawn = queue.jobs.len() > queue.waiting && queue.running < shared.max_workers;
         let n = queue.spawned;
         if spawn {
-            queue.started += 1;
+            queue.running += 1;
             queue.spawned += 1;
         }
         drop(queue);
@@ -773,7 +777,7 @@ impl Pool {
 
     /// Worker threads running now (started on demand; idle ones leave).
     pub fn workers_running(&self) -> usize {
-        lock(&self.shared.queue).started
+        lock(&self.shared.queue).running
     }
 
     /// Requests accepted and not yet answered with their terminal frame.
@@ -912,9 +916,9 @@ fn worker_loop(shared: &Shared, answers_only: bool) {
                 if wait.timed_out()
                     && queue.jobs.is_empty()
                     && queue.answers.is_empty()
-                    && queue.started > 1
+                    && queue.running > 1
                 {
-                    queue.started -= 1;
+                    queue.running -= 1;
                     return;
                 }
             }
