@@ -583,6 +583,16 @@ pub(crate) fn ensure_daemon(
     Ok(pid)
 }
 
+/// Records in config.json the backend a pairing chose (its port, and whether it is the user's
+/// own), before the daemon that reads it starts.
+pub(crate) fn save_backend_choice(dir: &Path, config: &mut Config, backend: &Backend, out: &Out) {
+    config.port = Some(backend.target.port);
+    config.external_backend = !backend.builtin;
+    if let Err(e) = state::write_json(&state::config_json(dir), config) {
+        out.warn(&format!("cannot save config.json: {e}"));
+    }
+}
+
 /// Waits for the built-in backend (started by the daemon) to answer `/api/health`.
 pub(crate) fn wait_backend_ready(target: &Target, dir: &Path, out: &Out) -> Result<(), Exit> {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -733,6 +743,10 @@ fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
     };
     let (code, expires_at) = access_code(&registry, &dir, &mut identity, &name, fresh, &out)?;
 
+    // Saved before the daemon starts: it reads which backend to serve from here.
+    config.registry_url = Some(url.clone());
+    save_backend_choice(&dir, &mut config, &backend, &out);
+
     let refresh_keeps_daemon = mode == PairMode::RefreshCode
         && daemon::running(&dir).is_some()
         && read_status(&dir).is_some_and(|s| s.bridge_id == identity.bridge_id);
@@ -747,12 +761,6 @@ fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
     }
     wait_online(&registry, &identity, &dir, args.json)?;
     out.ok(&format!("Bridge online at the relay ({})", identity.app_relay_url));
-
-    config.registry_url = Some(url.clone());
-    config.port = Some(target.port);
-    if let Err(e) = state::write_json(&state::config_json(&dir), &config) {
-        out.warn(&format!("cannot save config.json: {e}"));
-    }
 
     let payload = RelayQr::new(&identity.bridge_id, &code, &url, &identity.app_relay_url, &name);
     let json = serde_json::to_string(&payload).map_err(|e| fail(e.to_string()))?;
@@ -948,8 +956,10 @@ fn run_bridge(args: &Args, mut ready: Readiness, detached: bool) -> Result<(), E
         }
         let lock = PidLock::acquire(&dir).map_err(|e| fail(e.to_string()))?;
         let (host, port) = backend_address(args, &config)?;
-        // The built-in backend runs when nothing serves the port (loopback only).
+        // The built-in backend runs when nothing serves the port (loopback only), unless the
+        // pairing chose the user's own backend: that one may just not be up yet.
         let builtin = !args.no_server
+            && !config.external_backend
             && crate::backend::available()
             && is_loopback(&host)
             && bridge::poller::probe(&host, port, "/api/health") == Health::NotListening;

@@ -8,7 +8,10 @@
 //! pid lock and its threads run, or `error: …`; the CLI never reports success otherwise.
 //!
 //! One daemon per state directory: it holds an exclusive `flock` on `bridge.pid` for its whole
-//! life. A pid file whose lock is free is stale (the daemon died), whatever it contains.
+//! life. A pid file without an exclusive lock is stale (the daemon died), whatever it contains.
+//! Commands that only look ([`running`]) take a shared lock for an instant, never the
+//! exclusive one: two of them at once must not each see the other's probe as a daemon, read
+//! a stale pid and signal whatever process now has it.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, Write};
@@ -38,10 +41,24 @@ impl PidLock {
     /// `Err(Some(pid))` when another daemon holds it.
     pub fn acquire(dir: &Path) -> Result<PidLock, LockError> {
         let path = state::pid_file(dir);
-        let mut file = open_pid_file(&path).map_err(|e| LockError::Io(path.clone(), e))?;
-        if !try_lock(&file) {
-            return Err(LockError::Held(read_pid(&mut file)));
-        }
+        let mut attempts = 0;
+        let mut file = loop {
+            attempts += 1;
+            let mut file = open_pid_file(&path).map_err(|e| LockError::Io(path.clone(), e))?;
+            if try_flock(&file, libc::LOCK_EX) {
+                // A daemon that exited cleanly unlinks the file; if that happened after we
+                // opened it, our lock is on a file nobody else will look at: take the new one.
+                if same_file(&file, &path) {
+                    break file;
+                }
+            } else if !try_flock(&file, libc::LOCK_SH) || attempts >= LOCK_ATTEMPTS {
+                // An exclusive holder: a daemon.
+                return Err(LockError::Held(read_pid(&mut file)));
+            }
+            // Only commands probing with a shared lock, for an instant.
+            drop(file);
+            std::thread::sleep(Duration::from_millis(2));
+        };
         file.set_len(0).map_err(|e| LockError::Io(path.clone(), e))?;
         file.rewind().map_err(|e| LockError::Io(path.clone(), e))?;
         writeln!(file, "{}", std::process::id()).map_err(|e| LockError::Io(path.clone(), e))?;
@@ -84,9 +101,22 @@ fn open_pid_file(path: &Path) -> io::Result<File> {
     OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path)
 }
 
-fn try_lock(file: &File) -> bool {
+/// Tries of [`PidLock::acquire`] while only probes hold the file (each holds it for an instant).
+const LOCK_ATTEMPTS: u32 = 100;
+
+/// Takes (or converts to) a `flock` of kind `op` (`LOCK_EX` or `LOCK_SH`) without waiting.
+fn try_flock(file: &File, op: libc::c_int) -> bool {
     // SAFETY: flock only takes a descriptor we own for the duration of the call.
-    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+    unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) == 0 }
+}
+
+/// True when `path` still names the open `file` (same device and inode).
+fn same_file(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
 }
 
 fn read_pid(file: &mut File) -> Option<u32> {
@@ -103,8 +133,8 @@ pub fn running(dir: &Path) -> Option<u32> {
         return None;
     }
     let mut file = open_pid_file(&path).ok()?;
-    if try_lock(&file) {
-        // Nobody holds it: a stale file from a daemon that died. Our lock ends with `file`.
+    if try_flock(&file, libc::LOCK_SH) {
+        // No exclusive holder: a stale file from a daemon that died. Our lock ends with `file`.
         return None;
     }
     // Held, but the pid may not be written yet in the instant after the lock was taken.
@@ -219,8 +249,9 @@ pub enum Stopped {
 
 /// Stops the daemon: SIGTERM, wait for the lock to be released, SIGKILL after `grace`.
 pub fn stop(dir: &Path, grace: Duration) -> Result<Stopped, String> {
+    // A stale pid file stays: it is harmless, and unlinking it here could hide a daemon that
+    // took its lock since we looked.
     let Some(pid) = running(dir) else {
-        let _ = std::fs::remove_file(state::pid_file(dir));
         return Ok(Stopped::NotRunning);
     };
     if pid == 0 {
@@ -247,7 +278,6 @@ pub fn stop(dir: &Path, grace: Duration) -> Result<Stopped, String> {
     let deadline = Instant::now() + Duration::from_secs(2);
     while Instant::now() < deadline {
         if running(dir).is_none() {
-            let _ = std::fs::remove_file(state::pid_file(dir));
             return Ok(Stopped::Killed(pid));
         }
         std::thread::sleep(Duration::from_millis(25));
@@ -275,6 +305,43 @@ mod tests {
         lock.release();
         assert_eq!(running(&dir), None);
         assert_eq!(stop(&dir, Duration::from_millis(10)).unwrap(), Stopped::NotRunning);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn probes_at_once_never_take_a_stale_pid_for_a_daemon() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let dir = std::env::temp_dir().join(format!("hcp-probes-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        state::ensure_dir(&dir).unwrap();
+        // Four commands looking at once, as `--stop` and `--status` typed together do.
+        let probe = |stop: &Arc<AtomicBool>| {
+            let (dir, stop) = (dir.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut seen = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    seen += usize::from(running(&dir).is_some());
+                }
+                seen
+            })
+        };
+        // A stale file naming a live process that is not a daemon: this test itself.
+        std::fs::write(state::pid_file(&dir), format!("{}\n", std::process::id())).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let probes: Vec<_> = (0..4).map(|_| probe(&stop)).collect();
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::Relaxed);
+        let seen: usize = probes.into_iter().map(|p| p.join().unwrap()).sum();
+        assert_eq!(seen, 0, "a probe took another probe for a daemon and read the stale pid");
+        // A daemon starting meanwhile still gets the lock: probes hold it only for an instant.
+        let stop = Arc::new(AtomicBool::new(false));
+        let probes: Vec<_> = (0..4).map(|_| probe(&stop)).collect();
+        for _ in 0..200 {
+            PidLock::acquire(&dir).expect("a probe kept a daemon from starting").release();
+        }
+        stop.store(true, Ordering::Relaxed);
+        probes.into_iter().for_each(|p| drop(p.join()));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1197,8 +1197,14 @@ pub const HOP_BY_HOP: &[&str] = &[
 
 /// True when a header must not be forwarded (hop-by-hop, Host, or framing the bridge redoes).
 pub fn is_hop_by_hop(name: &str) -> bool {
-    let lower = name.to_ascii_lowercase();
-    HOP_BY_HOP.contains(&lower.as_str()) || lower.starts_with("proxy-")
+    HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
+        || name.get(..6).is_some_and(|p| p.eq_ignore_ascii_case("proxy-"))
+}
+
+/// True when `needle` (lowercase ASCII) occurs in `haystack`, ignoring ASCII case; for media
+/// types, checked on every response without a lowercased copy.
+pub fn contains_ignore_ascii_case(haystack: &str, needle: &str) -> bool {
+    haystack.as_bytes().windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
 }
 
 /// A header name is a non-empty HTTP token; a value has no CR, LF or NUL.

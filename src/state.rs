@@ -497,6 +497,11 @@ pub struct Config {
     /// The name shown in the app.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub display_name: Option<String>,
+    /// The last pairing chose the user's own backend (`--no-server`, or an API that already
+    /// answered on the port): the bridge never starts the built-in backend on its port, even
+    /// when it starts (at boot, say) before that backend does.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub external_backend: bool,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -798,11 +803,13 @@ mod tests {
             registry_url: Some("https://relay.example.com".into()),
             port: Some(8765),
             display_name: None,
+            external_backend: true,
         };
         write_json(&path, &config).unwrap();
         let text = fs::read_to_string(&path).unwrap();
         assert!(text.ends_with("}\n"), "{text:?}");
         assert!(text.contains("\n  \"registryUrl\": "), "pretty, camelCase: {text}");
+        assert!(text.contains("\"externalBackend\": true"), "{text}");
         assert!(!text.contains("displayName"), "unset fields are omitted");
         assert_eq!(mode(&path), 0o600);
         assert_eq!(read_json::<Config>(&path).unwrap(), Some(config));

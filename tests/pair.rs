@@ -1111,3 +1111,46 @@ fn foreground_logs_to_stderr_and_stops_cleanly_on_ctrl_c() {
     wait_bridge_status(&mut app, false, Duration::from_secs(5));
     assert!(!s.env.lock_held(), "bridge.pid still locked after Ctrl-C");
 }
+
+/// A pairing made with the user's own backend is remembered: a later start without flags (the
+/// boot service's `--foreground`), here before that backend is up, never puts the built-in
+/// backend on its port, and requests reach the user's backend once it is back.
+#[test]
+fn a_bridge_paired_with_an_external_backend_never_takes_its_port() {
+    let s = setup();
+    let mut app = s.app;
+    let mut backend = s.backend;
+    s.env.run(&["--stop"]).assert_code(0, "--stop");
+    wait_bridge_status(&mut app, false, Duration::from_secs(5));
+    backend.kill();
+    let mut child = s
+        .env
+        .cmd(&["--foreground"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = read_all(child.stderr.take().unwrap());
+    struct Reap(Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Reap(child);
+    wait_bridge_status(&mut app, true, Duration::from_secs(10));
+    // Online, and the port is still free for the user's backend.
+    expect_error(
+        &mut app,
+        &request("early", "GET", "/api/health", &[], None),
+        ErrorCode::BackendUnreachable,
+    );
+    backend.spawn(backend.port);
+    assert_echo(&mut app, "own-backend", &s.client_id);
+    let _ = child.0.kill();
+    let _ = child.0.wait();
+    let stderr = err.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert!(!stderr.contains("built-in backend"), "the built-in backend started: {stderr}");
+}

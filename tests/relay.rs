@@ -1658,3 +1658,121 @@ fn large_uploads_do_not_pin_memory_per_app() {
         assert_eq!((r.id, r.body.map(|b| b.len())), (format!("again{i}"), Some(3 << 20)));
     }
 }
+
+/// Writes `frames` (built once) to `ws` until a write has waited 2 s (the relay stopped reading
+/// it: back-pressure) or `limit` bytes went out. Returns the bytes written and whether the
+/// writes blocked. A blocked write keeps its bytes in tungstenite's buffer for a later flush.
+fn write_until_blocked(ws: &mut Ws, frame: &str, limit: usize) -> (usize, bool) {
+    ws.get_ref().set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut sent = 0;
+    while sent < limit {
+        match ws.send(tungstenite::Message::text(frame)) {
+            Ok(()) => sent += frame.len(),
+            Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return (sent, true);
+            }
+            Err(e) => panic!("write failed after {sent} bytes: {e}"),
+        }
+    }
+    (sent, false)
+}
+
+/// An app that sends without reading: the relay's answers to it (here `BRIDGE_OFFLINE` for
+/// every request) fill its queue, the relay stops reading it instead of growing that queue
+/// without bound (PROTOCOL §6), and after 60 s with the queue full and nothing written the
+/// socket is closed, its memory given back.
+#[test]
+fn an_app_that_never_reads_is_paused_then_closed() {
+    let relay = Relay::start(&[]);
+    let api = relay.registry();
+    let reg = api.register_ok("Offline Bridge");
+    let client = pair_another(&relay, &reg, "flooder");
+    let mut app = AppClient::connect_ok(&relay, &reg.bridge_id, &client.client_secret, false);
+    let rss_before = rss_kib(relay.pid());
+    let request = serde_json::to_string(&req("flood", "GET", "/api/health", None)).unwrap();
+    // Each ~90-byte request earns a ~150-byte answer: 400 MB of requests would queue ~650 MB.
+    let (sent, blocked) = write_until_blocked(&mut app.ws, &request, 400 << 20);
+    assert!(blocked, "the relay kept reading an app that never reads ({sent} bytes sent)");
+    let grown = rss_kib(relay.pid()).saturating_sub(rss_before);
+    // The 32 MiB queue and the messages of one read batch, not hundreds of MiB.
+    assert!(grown < 80 << 10, "relay RSS grew {grown} KiB for one app ({sent} bytes sent)");
+    // Others are still served meanwhile.
+    assert_eq!(api.health().0, 200);
+
+    // Still not reading: closed once the queue has been full for 60 s.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let stalled = loop {
+        if relay
+            .logs()
+            .iter()
+            .any(|l| l.contains("\"ws.stalled\"") && l.contains(&client.client_id))
+        {
+            break true;
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(stalled, "the stalled app was not closed: {:?}", relay.logs());
+    // What was queued is dropped with the socket: reading now ends in a close or a reset
+    // after at most what the kernel buffers held.
+    let (code, _) = ws_wait_close(&mut app.ws, Duration::from_secs(10));
+    assert!(code.is_none() || code == Some(protocol::close_code::LIMIT), "{code:?}");
+    assert_eq!(api.health().0, 200);
+}
+
+/// A bridge streaming to an app that does not read is paused (back-pressure). When that app
+/// goes away, the bridge is read again at once: its other apps are served, and its answers are
+/// not stuck behind the queue of a socket that no longer exists.
+#[test]
+fn a_bridge_paused_for_an_app_that_left_is_read_again() {
+    let relay = Relay::start(&[]);
+    let (reg, mut bridge) = registered_bridge(&relay);
+    let slow = pair_another(&relay, &reg, "slow");
+    let other = pair_another(&relay, &reg, "other");
+    let mut slow_app = AppClient::connect_ok(&relay, &reg.bridge_id, &slow.client_secret, true);
+    slow_app.send(&req("big", "GET", "/api/big", None));
+    assert!(matches!(bridge.recv_request_scoped(), Frame::Request(r) if r.id == "big"));
+    bridge.send(&Frame::ResponseStart {
+        id: "big".into(),
+        client: Some(slow.client_id.clone()),
+        status: 200,
+        headers: Default::default(),
+    });
+    let chunk = serde_json::to_string(&Frame::ResponseChunk {
+        id: "big".into(),
+        client: Some(slow.client_id.clone()),
+        body: "A".repeat(1 << 20),
+        body_base64: false,
+    })
+    .unwrap();
+    let (sent, blocked) = write_until_blocked(&mut bridge.ws, &chunk, 400 << 20);
+    assert!(blocked, "the relay kept reading a bridge whose app does not read ({sent} bytes)");
+
+    // The slow app vanishes without reading its download.
+    drop(slow_app);
+    let mut other_app = AppClient::connect_ok(&relay, &reg.bridge_id, &other.client_secret, true);
+    other_app.send(&req("q1", "GET", "/api/health", None));
+    // The bridge finishes its blocked write (the relay reads it again) and finds the request.
+    bridge.ws.get_ref().set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    bridge.ws.flush().expect("the relay never read the bridge again");
+    let request = loop {
+        match bridge.recv() {
+            Frame::Request(r) => break r,
+            Frame::ClientConnected { .. } | Frame::ClientDisconnected { .. } => {}
+            other => panic!("bridge got {other:?}"),
+        }
+    };
+    assert_eq!((request.id.as_str(), request.client.as_deref()), ("q1", Some(&*other.client_id)));
+    bridge.send(&Frame::Response(ResponseFrame {
+        id: "q1".into(),
+        client: Some(other.client_id.clone()),
+        status: 200,
+        headers: Default::default(),
+        body: "ok".into(),
+        body_base64: false,
+    }));
+    let answer = response(other_app.recv());
+    assert_eq!((answer.id.as_str(), answer.status, answer.body.as_str()), ("q1", 200, "ok"));
+}

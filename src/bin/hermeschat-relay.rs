@@ -56,6 +56,18 @@ fn parse_num<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, String>
     value.parse().map_err(|_| format!("{flag}: {value:?} is not a valid number"))
 }
 
+/// Longest duration a `--*-secs` option takes: one day. Larger values would make no sense and
+/// would overflow the clock arithmetic they feed.
+const MAX_SECS: u64 = 86_400;
+
+/// A `--*-secs` option: a whole number of seconds from 1 to [`MAX_SECS`].
+fn parse_secs(flag: &str, value: &str) -> Result<Duration, String> {
+    match parse_num::<u64>(flag, value)? {
+        n @ 1..=MAX_SECS => Ok(Duration::from_secs(n)),
+        _ => Err(format!("{flag}: {value:?} is out of range (1 to {MAX_SECS} seconds)")),
+    }
+}
+
 fn parse_args() -> Result<Options, String> {
     use lexopt::prelude::*;
     let mut listen = env("HERMESCHAT_RELAY_LISTEN");
@@ -129,11 +141,10 @@ fn parse_args() -> Result<Options, String> {
         config.rate_verify = parse_num("--rate-verify", &v)?;
     }
     if let Some(v) = code_ttl {
-        config.code_ttl = Duration::from_secs(parse_num("--code-ttl-secs", &v)?);
+        config.code_ttl = parse_secs("--code-ttl-secs", &v)?;
     }
     if let Some(v) = handshake {
-        config.handshake_timeout =
-            Duration::from_secs(parse_num::<u64>("--handshake-timeout-secs", &v)?.max(1));
+        config.handshake_timeout = parse_secs("--handshake-timeout-secs", &v)?;
     }
     if let Some(v) = max_conns {
         config.max_connections = parse_num("--max-connections", &v)?;

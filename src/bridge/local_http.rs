@@ -24,7 +24,7 @@ use base64::Engine;
 use base64::engine::DecodePaddingMode;
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
 
-use crate::protocol::{ErrorCode, check_header};
+use crate::protocol::{ErrorCode, check_header, contains_ignore_ascii_case};
 
 /// Idle keep-alive connections kept for reuse.
 pub const MAX_IDLE: usize = 16;
@@ -433,7 +433,7 @@ impl Response {
     /// True for a server-sent event stream (always forwarded as it arrives).
     pub fn is_event_stream(&self) -> bool {
         self.header("content-type")
-            .is_some_and(|ct| ct.to_ascii_lowercase().contains("text/event-stream"))
+            .is_some_and(|ct| contains_ignore_ascii_case(ct, "text/event-stream"))
     }
 }
 

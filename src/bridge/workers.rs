@@ -24,7 +24,7 @@ use super::{Outbox, log};
 use crate::protocol::{
     CLIENT_HEADER, DEFAULT_ALLOWED_PREFIXES, ErrorCode, Frame, Headers, LARGE_FRAME, Limits,
     RequestFrame, ResponseFrame, SharedStr, UPLOAD_MIN_CHUNK, UPLOAD_WINDOW, base64_chunk_json,
-    check_header, check_path, check_request_limits, is_hop_by_hop,
+    check_header, check_path, check_request_limits, contains_ignore_ascii_case, is_hop_by_hop,
 };
 
 /// Workers started when the configuration does not say otherwise.
@@ -1113,13 +1113,14 @@ fn frame_headers(headers: Vec<(String, String)>) -> Headers {
 
 /// True for content types whose bodies are sent as text when they are valid UTF-8.
 fn is_textual(content_type: &str) -> bool {
-    let ct = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-    ct.starts_with("text/")
-        || ct.contains("json")
-        || ct.contains("xml")
-        || ct.contains("javascript")
-        || ct.contains("event-stream")
-        || ct == "application/x-www-form-urlencoded"
+    let ct = content_type.split(';').next().unwrap_or("").trim();
+    let has = |part: &str| contains_ignore_ascii_case(ct, part);
+    ct.get(..5).is_some_and(|p| p.eq_ignore_ascii_case("text/"))
+        || has("json")
+        || has("xml")
+        || has("javascript")
+        || has("event-stream")
+        || ct.eq_ignore_ascii_case("application/x-www-form-urlencoded")
 }
 
 /// The `response` frame of a response whose body is read whole.

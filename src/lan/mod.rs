@@ -282,6 +282,9 @@ pub fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
         out.ok(&format!("Forgot {n} LAN device{}", if n == 1 { "" } else { "s" }));
     }
 
+    // Saved before the daemon starts: it reads which backend to serve from here.
+    cli::save_backend_choice(&dir, &mut config, &backend, &out);
+
     let ttl = store::token_ttl_secs();
     let now = crate::relay::now_ms();
     let token = crate::secret::new_pairing_token();
@@ -311,11 +314,6 @@ pub fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
             url
         }
     };
-
-    config.port = Some(target.port);
-    if let Err(e) = state::write_json(&state::config_json(&dir), &config) {
-        out.warn(&format!("cannot save config.json: {e}"));
-    }
 
     let payload = LocalQr { mode: "hermes-local".into(), url: url.clone(), token, expires_at };
     let json = serde_json::to_string(&payload).map_err(|e| fail(e.to_string()))?;

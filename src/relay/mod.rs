@@ -207,7 +207,8 @@ impl StopHandle {
 impl Relay {
     /// Binds the listener, opens the store and loads TLS material, so that every configuration
     /// error surfaces before the relay reports itself ready.
-    pub fn bind(config: RelayConfig) -> io::Result<Relay> {
+    pub fn bind(mut config: RelayConfig) -> io::Result<Relay> {
+        config.max_connections = fit_to_fd_limit(config.max_connections);
         std::fs::create_dir_all(&config.data).map_err(|e| {
             io::Error::new(
                 e.kind(),
@@ -285,6 +286,43 @@ impl Relay {
         }
         result
     }
+}
+
+/// Descriptors kept for what is not a client connection: the listener, the poller, SQLite,
+/// log and TLS files, worker threads' sockets.
+const FD_RESERVE: u64 = 64;
+
+/// Raises the soft open-file limit to the hard one (as Go's runtime does for servers) and
+/// lowers `max_connections` to what it allows, so that the connection cap, not `accept`
+/// failing for want of descriptors, is what turns clients away.
+fn fit_to_fd_limit(max_connections: usize) -> usize {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `lim` is a valid, writable rlimit for the duration of the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return max_connections;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+        // SAFETY: `raised` is a valid rlimit; raising the soft limit up to the hard one needs
+        // no privilege, and failure leaves the limit as it was.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim = raised;
+        }
+    }
+    let room = usize::try_from(lim.rlim_cur.saturating_sub(FD_RESERVE)).unwrap_or(usize::MAX);
+    if room >= max_connections {
+        return max_connections;
+    }
+    let fit = room.max(1);
+    log_event(
+        "config.max_connections",
+        &[
+            ("requested", &max_connections.to_string()),
+            ("used", &fit.to_string()),
+            ("why", "the open-file limit (ulimit -n) allows no more"),
+        ],
+    );
+    fit
 }
 
 fn load_tls(cert: &std::path::Path, key: &std::path::Path) -> io::Result<native_tls::TlsAcceptor> {

@@ -1,4 +1,6 @@
-//! Per-IP token buckets for the unauthenticated registry routes (register, verify).
+//! Per-IP token buckets for the unauthenticated registry routes (register, verify). An IPv6
+//! client is counted by its /64: one host usually holds a whole /64, so counting addresses
+//! would give it billions of buckets.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -38,7 +40,7 @@ impl RateLimiter {
                 buckets.clear();
             }
         }
-        let (tokens, at) = buckets.entry(ip).or_insert((self.per_minute, now));
+        let (tokens, at) = buckets.entry(source(ip)).or_insert((self.per_minute, now));
         *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.per_minute / 60.0)
             .min(self.per_minute);
         *at = now;
@@ -48,6 +50,18 @@ impl RateLimiter {
         } else {
             Err(((1.0 - *tokens) * 60.0 / self.per_minute).ceil() as u64)
         }
+    }
+}
+
+/// The unit a limit counts: an IPv4 address (also when written as IPv4-mapped IPv6), or the
+/// /64 network of an IPv6 address.
+fn source(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+        },
     }
 }
 
@@ -67,5 +81,24 @@ mod tests {
         assert!((1..=20).contains(&wait));
         assert!(l.check(b).is_ok());
         assert!(RateLimiter::new(0).check(a).is_ok());
+    }
+
+    #[test]
+    fn an_ipv6_network_is_one_source() {
+        let l = RateLimiter::new(2);
+        let first: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let same_64: IpAddr = "2001:db8:1:2:ffff:ffff:ffff:ffff".parse().unwrap();
+        let other_64: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert!(l.check(first).is_ok());
+        assert!(l.check(same_64).is_ok());
+        assert!(l.check(first).is_err());
+        assert!(l.check(same_64).is_err());
+        assert!(l.check(other_64).is_ok());
+        // An IPv4 address counts the same however it is written.
+        let v4: IpAddr = "10.0.0.9".parse().unwrap();
+        let mapped: IpAddr = "::ffff:10.0.0.9".parse().unwrap();
+        assert!(l.check(v4).is_ok());
+        assert!(l.check(mapped).is_ok());
+        assert!(l.check(v4).is_err());
     }
 }

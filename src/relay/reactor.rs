@@ -52,8 +52,21 @@ const READ_BATCH_BYTES: usize = 1 << 20;
 /// Bad frames tolerated on one socket before it is closed with 4008.
 const MAX_BAD_FRAMES: u32 = 32;
 
+/// Characters of a peer's message written to the log at most.
+const MAX_LOGGED_CHARS: usize = 200;
+
 /// How long a closing WebSocket may take to finish its close handshake.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// How long a WebSocket's queue may stay over its limit without a byte written before the
+/// socket is closed (4008): a peer that stopped reading must not hold its queue's memory, or
+/// keep paused the sockets that feed it, for ever.
+const STALL_LIMIT: Duration = Duration::from_secs(p::PEER_IDLE_TIMEOUT_SECS);
+
+/// How long the listener is left unwatched after `accept` fails for want of descriptors
+/// (EMFILE, ENFILE, ENOBUFS): the pending connection stays readable, so watching it at once
+/// would spin the loop and flood the log.
+const ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
 /// What happens after an HTTP response is written.
 enum After {
@@ -83,8 +96,13 @@ struct WsConn {
     last_ping: Instant,
     /// Not read while a destination it feeds is over its queue limit.
     paused: bool,
-    /// Sources paused because this socket's queue is full; resumed when it drains.
+    /// Sources paused because this socket's queue is full; resumed when it drains, or when
+    /// this socket leaves routing. Holds the socket itself when its own replies (pongs,
+    /// refusals) filled its queue.
     waiters: Vec<ConnId>,
+    /// Set while the queue is over its limit: when that began, or when a write last made
+    /// progress since. [`STALL_LIMIT`] after it the socket is closed.
+    stalled_since: Option<Instant>,
     bad_frames: u32,
     /// No longer routed: frames from it are ignored and nothing is queued to it.
     detached: bool,
@@ -151,6 +169,8 @@ pub struct Reactor {
     dirty: Vec<ConnId>,
     /// The messages of one [`Reactor::ws_read`] (kept to reuse its allocation).
     read_texts: Vec<Result<Utf8Bytes, ()>>,
+    /// Set while the listener is unwatched after an `accept` failure ([`ACCEPT_BACKOFF`]).
+    accept_paused_until: Option<Instant>,
     ws_config: WebSocketConfig,
     dropped_frames: u64,
 }
@@ -187,6 +207,7 @@ impl Reactor {
             ready: Vec::new(),
             dirty: Vec::new(),
             read_texts: Vec::new(),
+            accept_paused_until: None,
             ws_config,
             dropped_frames: 0,
         })
@@ -247,14 +268,32 @@ impl Reactor {
 
     // -- connections ---------------------------------------------------------------------------
 
+    /// Watches the listener for new connections, or stops watching it.
+    fn watch_listener(&self, on: bool) {
+        let ev = Event::new(LISTENER, on, false);
+        let _ = self.poller.modify_with_mode(&self.listener, ev, PollMode::Level);
+    }
+
     fn accept(&mut self) {
         loop {
             let (tcp, addr) = match self.listener.accept() {
                 Ok(c) => c,
                 Err(e) if would_block(&e) => return,
                 Err(e) => {
-                    // EMFILE and friends: log and retry on the next readiness event.
-                    log_event("accept.error", &[("message", &e.to_string())]);
+                    // EMFILE and friends: the connection stays pending, so the listener is
+                    // left unwatched for a while instead of waking the loop at once again.
+                    log_event(
+                        "accept.error",
+                        &[
+                            ("message", &e.to_string()),
+                            (
+                                "next",
+                                "retrying in 1 s; raise the open-file limit (ulimit -n) or lower --max-connections",
+                            ),
+                        ],
+                    );
+                    self.accept_paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
+                    self.watch_listener(false);
                     return;
                 }
             };
@@ -302,8 +341,11 @@ impl Reactor {
 
     /// Removes a connection from the poller and the table; its socket closes when dropped.
     fn remove(&mut self, id: ConnId) -> Option<Conn> {
-        let conn = self.conns.remove(&id)?;
+        let mut conn = self.conns.remove(&id)?;
         let _ = self.poller.delete(conn.tcp());
+        if let Io::Ws(w) = &mut conn.io {
+            self.resume(std::mem::take(&mut w.waiters));
+        }
         Some(conn)
     }
 
@@ -611,6 +653,7 @@ impl Reactor {
             last_ping: now,
             paused: false,
             waiters: Vec::new(),
+            stalled_since: None,
             bad_frames: 0,
             detached: false,
             closing: None,
@@ -709,6 +752,9 @@ impl Reactor {
         }
         // Pongs are queued; push them out.
         self.ws_flush(id);
+        // Replies to this socket (pongs, refusals, bad-frame errors) count against its own
+        // queue: a peer that sends without reading is not read further until it drains.
+        self.apply_backpressure(id, id);
         if more {
             self.ready.push(id);
         }
@@ -773,17 +819,30 @@ impl Reactor {
         let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) else {
             return;
         };
+        let before = w.out.bytes();
         let broken = w.out.flush(&mut w.ws).is_err();
-        let resume =
-            if w.out.bytes() <= limit / 2 { std::mem::take(&mut w.waiters) } else { Vec::new() };
+        let after = w.out.bytes();
+        if after <= limit {
+            w.stalled_since = None;
+        } else if after < before || w.stalled_since.is_none() {
+            w.stalled_since = Some(Instant::now());
+        }
+        let resume = if after <= limit / 2 { std::mem::take(&mut w.waiters) } else { Vec::new() };
         if broken {
             self.detach(id);
             self.remove(id);
         } else {
             self.set_interest(id);
         }
-        for src in resume {
-            if let Some(Conn { io: Io::Ws(s), .. }) = self.conns.get_mut(&src) {
+        self.resume(resume);
+    }
+
+    /// Reads again the sources that were paused for a destination which drained or left.
+    fn resume(&mut self, sources: Vec<ConnId>) {
+        for src in sources {
+            if let Some(Conn { io: Io::Ws(s), .. }) = self.conns.get_mut(&src)
+                && s.paused
+            {
                 s.paused = false;
                 // It was silent because we stopped reading it.
                 s.last_rx = Instant::now();
@@ -1065,7 +1124,9 @@ impl Reactor {
 
     fn route_from_bridge(&mut self, id: ConnId, bridge_id: &str, frame: Frame) {
         if let Frame::Error { message, .. } = &frame {
-            log_event("bridge.error_frame", &[("bridge", bridge_id), ("message", message)]);
+            // Cut: a frame may be 16 MiB, and this is the reactor thread writing a log line.
+            let shown: String = message.chars().take(MAX_LOGGED_CHARS).collect();
+            log_event("bridge.error_frame", &[("bridge", bridge_id), ("message", &shown)]);
             return;
         }
         self.bad_frame(
@@ -1169,9 +1230,12 @@ impl Reactor {
     /// `client.disconnected`.
     fn detach(&mut self, id: ConnId) {
         let Some(peer) = self.peer_of(id) else { return };
-        // Mark the socket as leaving routing before notifying others.
+        // Mark the socket as leaving routing before notifying others. Nothing is queued to it
+        // any more, so the sockets paused for its queue are read again.
         if let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) {
             w.detached = true;
+            let waiters = std::mem::take(&mut w.waiters);
+            self.resume(waiters);
         }
         match peer {
             Peer::Bridge { bridge_id, .. } => {
@@ -1261,10 +1325,15 @@ impl Reactor {
 
     fn timers(&mut self) {
         let now = Instant::now();
+        if self.accept_paused_until.is_some_and(|t| now >= t) {
+            self.accept_paused_until = None;
+            self.watch_listener(true);
+        }
         let idle = Duration::from_secs(p::PEER_IDLE_TIMEOUT_SECS);
         let ping_every = Duration::from_secs(p::RELAY_PING_INTERVAL_SECS);
         let mut expired = Vec::new();
         let mut idle_socks = Vec::new();
+        let mut stalled = Vec::new();
         let mut ping = Vec::new();
         for conn in self.conns.values_mut() {
             if let Io::Ws(w) = &mut conn.io {
@@ -1276,8 +1345,14 @@ impl Reactor {
                 Io::Ws(w) => match w.closing {
                     Some(until) if now >= until => expired.push(id),
                     Some(_) => {}
+                    None if w
+                        .stalled_since
+                        .is_some_and(|t| now.duration_since(t) >= STALL_LIMIT) =>
+                    {
+                        stalled.push(id)
+                    }
                     // A paused socket is silent because we stopped reading it, not because
-                    // the peer is gone.
+                    // the peer is gone (a destination that never drains is closed above).
                     None if !w.paused && now.duration_since(w.last_rx) >= idle => {
                         idle_socks.push(id)
                     }
@@ -1296,6 +1371,21 @@ impl Reactor {
         }
         for id in idle_socks {
             self.close_ws(id, close_code::IDLE, "no traffic for 60 s");
+        }
+        for id in stalled {
+            match self.peer_of(id) {
+                Some(Peer::Bridge { bridge_id, .. }) => {
+                    log_event("ws.stalled", &[("role", "bridge"), ("bridge", &bridge_id)])
+                }
+                Some(Peer::App { bridge_id, client_id, .. }) => log_event(
+                    "ws.stalled",
+                    &[("role", "app"), ("bridge", &bridge_id), ("client", &client_id)],
+                ),
+                None => {}
+            }
+            // Its queue is full, so the close frame likely never leaves: the socket goes when
+            // the close grace ends.
+            self.close_ws(id, close_code::LIMIT, "not reading: queue full for 60 s");
         }
         for id in ping {
             if let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) {

@@ -15,6 +15,10 @@ use crate::protocol::{
 };
 use crate::secret;
 
+/// Live diagnostic credentials kept per bridge ([`Store::probe_client`]): `--doctor` needs
+/// one at a time; more would only let a bridge's secret grow its client table.
+pub const MAX_LIVE_PROBES: usize = 8;
+
 /// A store failure (disk, corruption, lock timeout). Shown to callers as 500 `INTERNAL`.
 #[derive(Debug)]
 pub struct StoreError(pub String);
@@ -283,12 +287,22 @@ impl Store {
     }
 
     /// Creates a diagnostic client credential, valid [`PROBE_CLIENT_TTL_MS`]. Expired ones of
-    /// the same bridge are removed on the way. Returns `(clientId, clientSecret, expiresAt)`.
+    /// the same bridge are removed on the way, and the oldest live ones beyond
+    /// [`MAX_LIVE_PROBES`]. Returns `(clientId, clientSecret, expiresAt)`.
     pub fn probe_client(&self, bridge_id: &str, now_ms: u64) -> StoreResult<(String, String, u64)> {
         self.conn.execute(
             "DELETE FROM clients WHERE bridge_id = ?1 AND probe_expires_at IS NOT NULL
                  AND probe_expires_at <= ?2",
             params![bridge_id, now_ms as i64],
+        )?;
+        // A bridge's secret cannot grow its client table without bound (every app sign-in
+        // compares against each of its clients): only the newest live probes are kept.
+        self.conn.execute(
+            "DELETE FROM clients WHERE bridge_id = ?1 AND probe_expires_at IS NOT NULL
+                 AND id NOT IN (SELECT id FROM clients WHERE bridge_id = ?1
+                     AND probe_expires_at IS NOT NULL
+                     ORDER BY probe_expires_at DESC, rowid DESC LIMIT ?2)",
+            params![bridge_id, (MAX_LIVE_PROBES - 1) as i64],
         )?;
         let client_id = secret::new_client_id();
         let client_secret = secret::new_client_secret();
@@ -399,6 +413,23 @@ mod tests {
         // A fresh code works again.
         let (code, _) = s.issue_access_code(&id, None, 20, 600_000).unwrap();
         assert!(matches!(s.verify(&id, &code, "p", 30).unwrap(), Verify::Paired { .. }));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn live_probe_clients_are_capped_oldest_first() {
+        let (s, dir) = temp_store("probecap");
+        let (id, _) = s.register("mac", None, 0).unwrap();
+        let probes: Vec<_> =
+            (0..MAX_LIVE_PROBES + 3).map(|i| s.probe_client(&id, i as u64).unwrap()).collect();
+        let live = probes
+            .iter()
+            .filter(|(_, secret, _)| s.auth_client(&id, secret, 100).unwrap().is_some());
+        assert_eq!(live.count(), MAX_LIVE_PROBES);
+        // The newest are the ones kept.
+        for (_, secret, _) in &probes[3..] {
+            assert!(s.auth_client(&id, secret, 100).unwrap().is_some());
+        }
         std::fs::remove_dir_all(dir).unwrap();
     }
 
