@@ -437,6 +437,11 @@ pub(crate) fn backend_gate(args: &Args, config: &Config, out: &Out) -> Result<Ba
     let external = |target| Ok(Backend { target, builtin: false });
     let (host, port) = backend_address(args, config)?;
     match bridge::poller::probe(&host, port, "/api/health") {
+        // Our own daemon's built-in backend, from an earlier pairing: still the built-in one.
+        Health::Ready if !args.no_server && serves_builtin(&host, port) => {
+            out.ok(&format!("Built-in Hermes backend in use (http://{host}:{port})"));
+            return Ok(Backend { target: target(&host, port), builtin: true });
+        }
         Health::Ready => {
             out.ok(&format!("Local Hermes API ready (http://{host}:{port})"));
             return external(target(&host, port));
@@ -583,6 +588,14 @@ pub(crate) fn ensure_daemon(
     Ok(pid)
 }
 
+/// True when the running daemon serves its built-in backend at `host:port`.
+fn serves_builtin(host: &str, port: u16) -> bool {
+    let Ok(dir) = state_dir() else { return false };
+    daemon::running(&dir).is_some()
+        && read_status(&dir)
+            .is_some_and(|s| s.builtin_backend && s.backend_url == format!("http://{host}:{port}"))
+}
+
 /// Records in config.json the backend a pairing chose (its port, and whether it is the user's
 /// own), before the daemon that reads it starts.
 pub(crate) fn save_backend_choice(dir: &Path, config: &mut Config, backend: &Backend, out: &Out) {
@@ -718,6 +731,9 @@ fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
         out.warn(&format!("The registry changed ({} → {url}); registering anew", id.registry_url));
         identity = None;
     }
+    // Set once --reset has deleted the old bridge: a failure after that must not say that
+    // nothing changed.
+    let mut reset_done = false;
     if mode == PairMode::Reset {
         if let Some(old) = identity.take() {
             match registry.delete(&old.bridge_id, &old.relay_secret) {
@@ -729,6 +745,7 @@ fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
                 Err(e) => return Err(registry_failure(&e, &registry)),
             }
             let _ = std::fs::remove_file(state::bridge_json(&dir));
+            reset_done = true;
         }
         if let Ok(Stopped::Terminated(pid) | Stopped::Killed(pid)) =
             daemon::stop(&dir, Duration::from_secs(5))
@@ -739,7 +756,17 @@ fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
     let fresh = identity.is_none();
     let mut identity = match identity {
         Some(id) => id,
-        None => register(&registry, &dir, &name, &out)?,
+        None => register(&registry, &dir, &name, &out).map_err(|mut e| {
+            if reset_done {
+                let cause = e.message.split("\n  ").next().unwrap_or_default().to_owned();
+                e.message = format!(
+                    "{cause}\n  The old bridge is deleted and its daemon stopped; no new bridge \
+                     is registered yet. Run hermeschat-pair again once the registry answers, to \
+                     register a new one and get a QR code."
+                );
+            }
+            e
+        })?,
     };
     let (code, expires_at) = access_code(&registry, &dir, &mut identity, &name, fresh, &out)?;
 
@@ -1007,6 +1034,11 @@ fn run_bridge(args: &Args, mut ready: Readiness, detached: bool) -> Result<(), E
         }
     };
     ready.ok();
+    // The pairing command woke the gateway before it started a daemon (`detached`); a bridge
+    // started otherwise (the boot service, `--foreground`) does it here.
+    if !detached && let Ok(dir) = state_dir() {
+        crate::gateway::wake_in_background(dir);
+    }
     let result = bridge.run();
     lock.release();
     result.map_err(fail)

@@ -1128,6 +1128,41 @@ pub fn manual_commands(config: &HermesConfig, platform: Platform) -> Vec<String>
 }
 
 // ---------------------------------------------------------------------------------------------
+// The bridge's wake-up at start
+
+/// Runs the wake chain once in a background thread (bounded by [`ENSURE_DEADLINE`]) and logs
+/// its outcome with [`crate::bridge::log`]. For a bridge started without the pairing command
+/// (the boot service's `--foreground`): after a reboot nothing else would bring the gateway
+/// up, and chat would answer `gateway_offline` until the user ran `hermeschat-pair` again.
+pub fn wake_in_background(state_dir: PathBuf) {
+    let spawned = std::thread::Builder::new().name("gateway-wake".into()).spawn(move || {
+        let report = Chain::new(&state_dir, ENSURE_DEADLINE).run(Action::Start);
+        let addr = &report.addr;
+        let line = if report.was_online {
+            format!("Hermes gateway online ({addr})")
+        } else if report.online {
+            let via = report.started_via.as_deref().unwrap_or("the wake chain");
+            format!("Hermes gateway started via {via} ({addr})")
+        } else {
+            let problems: Vec<String> = report.problems.iter().map(|p| p.to_string()).collect();
+            let why = if problems.is_empty() {
+                "nothing could start it".into()
+            } else {
+                problems.join("; ")
+            };
+            format!(
+                "Hermes gateway not running ({addr}): {why}; chat needs it: run hermeschat-pair \
+                 --doctor, or start it by hand"
+            )
+        };
+        crate::bridge::log(&line);
+    });
+    if let Err(e) = spawned {
+        crate::bridge::log(&format!("cannot start the gateway wake-up: {e}"));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // The pairing command's line
 
 /// Makes sure the gateway runs, for pairing: probes, runs the wake chain when it is down

@@ -25,7 +25,9 @@ use hermeschat_pair::backend::upstream::{Direct, GatewaySource};
 use hermeschat_pair::backend::{BackendConfig, Settings, start_with};
 use hermeschat_pair::bridge::local_http::{Abort, Body, LocalClient, Timeouts};
 use hermeschat_pair::gateway::HermesConfig;
+use hermeschat_pair::protocol::Frame;
 use serde_json::{Value, json};
+use std::process::Stdio;
 
 // =============================================================================================
 // In-process backend
@@ -625,6 +627,41 @@ fn e2e_pairing_wakes_the_gateway_chat_streams_and_restart_brings_it_back() {
     let log = u.server_log();
     assert!(log.contains("POST /api/chat -> 200"), "{log}");
     assert!(!log.contains(KEY) && !u.gateway_log().contains(KEY), "the key leaked into a log");
+}
+
+/// After a reboot the boot service runs `hermeschat-pair --foreground`: that bridge wakes the
+/// gateway itself (nothing else would), so chat works without the pairing command.
+#[test]
+fn e2e_a_foreground_bridge_wakes_the_gateway() {
+    let relay = Relay::new();
+    let gw_port = free_port();
+    let u = stub_user("fg-wake", gw_port);
+    let (qr, _) = u.pair(&relay.url(), free_port());
+    let mut app = connect_app(&qr);
+    // As after a reboot: no daemon, no gateway.
+    u.run(&["--stop"]).assert_code(0, "--stop");
+    assert_eq!(app.recv(), Frame::BridgeStatus { online: false });
+    u.kill_gateway();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", gw_port)).is_ok() {
+        assert!(Instant::now() < deadline, "the stub gateway did not go away");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut bridge =
+        u.cmd(&["--foreground"]).stdin(Stdio::null()).stdout(Stdio::null()).spawn().unwrap();
+    assert_eq!(app.recv(), Frame::BridgeStatus { online: true });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", gw_port)).is_err() {
+        assert!(Instant::now() < deadline, "the foreground bridge did not wake the gateway");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let body = String::from_utf8(chat_body(None, "hello")).unwrap();
+    let chat =
+        request("c1", "POST", "/api/chat", &[("Content-Type", "application/json")], Some(&body));
+    let r = app_fetch(&mut app, &chat, Duration::from_secs(20));
+    assert_eq!(sse_content(&r.text()), "Hello from the stub gateway.", "{r:?}");
+    let _ = bridge.kill();
+    let _ = bridge.wait();
 }
 
 #[test]

@@ -587,6 +587,23 @@ fn refresh_code_keeps_the_old_pairing_and_the_daemon() {
     assert_echo(&mut app, "old-app-2", &s.client_id);
 }
 
+/// A `--reset` whose new registration the registry refuses: the old bridge is gone by then,
+/// and the message says so instead of claiming that nothing changed.
+#[test]
+fn a_reset_the_registry_refuses_says_what_it_already_did() {
+    let relay = Relay::start(&["--rate-register", "1"]);
+    let backend = Backend::start();
+    let env = Env::new();
+    env.pair_json(&relay, &backend, &[]);
+    let (server, port) = (relay.url(), backend.port.to_string());
+    let run = env.run(&["--reset", "--server", &server, "--port", &port]);
+    run.assert_code(1, "--reset with registrations refused");
+    let said = format!("{}{}", run.stdout, run.stderr);
+    assert!(said.contains("RATE_LIMITED"), "the cause is named: {said}");
+    assert!(said.contains("The old bridge is deleted and its daemon stopped"), "{said}");
+    assert!(!said.contains("Nothing was changed"), "{said}");
+}
+
 #[test]
 fn reset_cuts_off_the_old_app_and_makes_a_new_bridge() {
     let s = setup();

@@ -120,6 +120,10 @@ pub struct Status {
     pub relay_url: String,
     /// The backend base URL.
     pub backend_url: String,
+    /// The daemon itself serves the built-in backend there (so a pairing run that finds it
+    /// answering knows it is not the user's own).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub builtin_backend: bool,
     /// Whether the relay socket is up.
     pub relay_connected: bool,
     /// Unix ms of the last relay state change.
@@ -267,6 +271,7 @@ pub fn start(
             bridge_id: identity.as_ref().map(|i| i.bridge_id.clone()).unwrap_or_default(),
             relay_url: identity.as_ref().map(|i| i.bridge_relay_url.clone()).unwrap_or_default(),
             backend_url,
+            builtin_backend: backend.is_some(),
             ..Status::default()
         },
         state::status_json(&state_dir),
