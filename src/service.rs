@@ -128,6 +128,18 @@ impl Spec {
         if args.no_server {
             bridge_args.push("--no-server".to_owned());
         }
+        // LAN-only mode: the port the apps were paired with (given, else the running LAN
+        // daemon's); the address only when given, else the bridge detects it at each start.
+        if args.local {
+            bridge_args.push("--local".to_owned());
+            if let Some(host) = &args.host {
+                bridge_args.extend(["--host".to_owned(), host.clone()]);
+            }
+            let port = args.local_port.or_else(|| crate::lan::running_lan(dir).map(|(_, p)| p));
+            if let Some(port) = port {
+                bridge_args.extend(["--local-port".to_owned(), port.to_string()]);
+            }
+        }
         let mut env = Vec::new();
         for name in PASSED_ENV {
             if let Some(v) = std::env::var(name).ok().filter(|v| !v.trim().is_empty()) {
@@ -306,8 +318,18 @@ fn warn_build_tree(spec: &Spec, out: &Out) {
     }
 }
 
-/// The seed's rule: no service before a pairing exists.
-fn require_pairing(dir: &Path, out: &Out) -> Result<(), Exit> {
+/// The seed's rule: no service before a pairing exists (a LAN pairing for `--local`).
+fn require_pairing(args: &Args, dir: &Path, out: &Out) -> Result<(), Exit> {
+    if args.local {
+        if crate::lan::store::lan_json(dir).exists() {
+            return Ok(());
+        }
+        return Err(usage_error(format!(
+            "--install --local needs a LAN pairing first: {} is missing.\n  Pair first: \
+             hermeschat-pair --local — then run hermeschat-pair --install --local.",
+            crate::lan::store::lan_json(dir).display()
+        )));
+    }
     if load_identity(dir, out)?.is_some() {
         return Ok(());
     }
@@ -325,7 +347,7 @@ pub fn install(args: &Args) -> Result<(), Exit> {
     let out = Out::new(false);
     let platform = Platform::detect()?;
     let dir = state_dir()?;
-    require_pairing(&dir, &out)?;
+    require_pairing(args, &dir, &out)?;
     let spec = Spec::current(args, &dir)?;
     match platform {
         Platform::Launchd => launchd::install(&spec, &out),

@@ -492,3 +492,24 @@ fn relay_unit_passes_systemd_analyze() {
     assert_systemd_verifies(&unit, false, &dir.join("runtime"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--install --local` runs the LAN-only bridge at boot (with the given address and port), and
+/// asks for a LAN pairing, not a relay one, before it installs anything.
+#[test]
+fn install_local_runs_the_lan_bridge_and_needs_a_lan_pairing() {
+    let m = Machine::new();
+    // Only a relay pairing: not enough for a LAN service.
+    m.paired();
+    let args = ["--install", "--local", "--host", "192.168.1.20", "--local-port", "9000"];
+    let run = m.run("cron", &args, &[]);
+    run.expect(2, "--install --local without a LAN pairing");
+    let text = run.all();
+    assert!(text.contains("lan.json") && text.contains("hermeschat-pair --local"), "{text}");
+    // A LAN pairing (lan.json, as `hermeschat-pair --local` leaves it).
+    std::fs::write(m.state.join("lan.json"), "{}").unwrap();
+    let run = m.run("cron", &args, &[]);
+    run.expect(0, "--install --local (cron)");
+    let text = run.stdout();
+    let line = text.lines().find(|l| l.starts_with("@reboot")).unwrap_or_else(|| panic!("{text}"));
+    assert!(line.contains("--foreground --local --host 192.168.1.20 --local-port 9000"), "{line}");
+}

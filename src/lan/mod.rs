@@ -198,7 +198,7 @@ fn register_with_backend(
 }
 
 /// The address and port a running LAN-mode daemon serves, if one runs.
-fn running_lan(dir: &Path) -> Option<(IpAddr, u16)> {
+pub(crate) fn running_lan(dir: &Path) -> Option<(IpAddr, u16)> {
     daemon::running(dir)?;
     let status = cli::read_status(dir)?;
     let url = status.lan_url.filter(|_| status.bridge_id.is_empty())?;
