@@ -596,8 +596,30 @@ fn serves_builtin(host: &str, port: u16) -> bool {
             .is_some_and(|s| s.builtin_backend && s.backend_url == format!("http://{host}:{port}"))
 }
 
-/// Records in config.json the backend a pairing chose (its port, and whether it is the user's
-/// own), before the daemon that reads it starts.
+/// The arguments that tell a daemon the pairing starts which backend to serve: `--no-server`
+/// for the user's own. For the built-in one, an `externalBackend` left in config.json by an
+/// earlier pairing is cleared first, since the daemon reads it; everything else in config.json
+/// waits for the pairing to succeed ([`save_backend_choice`]).
+pub(crate) fn daemon_backend_args(
+    dir: &Path,
+    config: &mut Config,
+    backend: &Backend,
+    out: &Out,
+) -> Vec<String> {
+    if !backend.builtin {
+        return vec!["--no-server".to_owned()];
+    }
+    if config.external_backend {
+        config.external_backend = false;
+        if let Err(e) = state::write_json(&state::config_json(dir), config) {
+            out.warn(&format!("cannot save config.json: {e}"));
+        }
+    }
+    Vec::new()
+}
+
+/// Records in config.json the backend a successful pairing chose: its port, and whether it is
+/// the user's own (then no later start of the bridge puts the built-in one on its port).
 pub(crate) fn save_backend_choice(dir: &Path, config: &mut Config, backend: &Backend, out: &Out) {
     config.port = Some(backend.target.port);
     config.external_backend = !backend.builtin;
@@ -770,10 +792,7 @@ fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
     };
     let (code, expires_at) = access_code(&registry, &dir, &mut identity, &name, fresh, &out)?;
 
-    // Saved before the daemon starts: it reads which backend to serve from here.
-    config.registry_url = Some(url.clone());
-    save_backend_choice(&dir, &mut config, &backend, &out);
-
+    let daemon_args = daemon_backend_args(&dir, &mut config, &backend, &out);
     let refresh_keeps_daemon = mode == PairMode::RefreshCode
         && daemon::running(&dir).is_some()
         && read_status(&dir).is_some_and(|s| s.bridge_id == identity.bridge_id);
@@ -781,13 +800,16 @@ fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
         out.ok("Bridge daemon untouched; paired devices keep working");
     } else {
         let relay = Some((identity.bridge_id.as_str(), identity.bridge_relay_url.as_str()));
-        ensure_daemon(&dir, relay, &target, &[], &out)?;
+        ensure_daemon(&dir, relay, &target, &daemon_args, &out)?;
     }
     if backend.builtin {
         wait_backend_ready(&target, &dir, &out)?;
     }
     wait_online(&registry, &identity, &dir, args.json)?;
     out.ok(&format!("Bridge online at the relay ({})", identity.app_relay_url));
+
+    config.registry_url = Some(url.clone());
+    save_backend_choice(&dir, &mut config, &backend, &out);
 
     let payload = RelayQr::new(&identity.bridge_id, &code, &url, &identity.app_relay_url, &name);
     let json = serde_json::to_string(&payload).map_err(|e| fail(e.to_string()))?;

@@ -51,9 +51,11 @@ impl PidLock {
                 if same_file(&file, &path) {
                     break file;
                 }
-            } else if !try_flock(&file, libc::LOCK_SH) || attempts >= LOCK_ATTEMPTS {
+            } else if !try_flock(&file, libc::LOCK_SH) {
                 // An exclusive holder: a daemon.
                 return Err(LockError::Held(read_pid(&mut file)));
+            } else if attempts >= LOCK_ATTEMPTS {
+                return Err(LockError::Busy);
             }
             // Only commands probing with a shared lock, for an instant.
             drop(file);
@@ -78,6 +80,8 @@ impl PidLock {
 pub enum LockError {
     /// Another daemon holds it (its pid, when readable).
     Held(Option<u32>),
+    /// Other commands kept probing the file the whole time it was tried.
+    Busy,
     /// The pid file could not be opened.
     Io(PathBuf, io::Error),
 }
@@ -91,6 +95,10 @@ impl std::fmt::Display for LockError {
             ),
             LockError::Held(None) => f.write_str(
                 "a bridge daemon is already running; stop it with hermeschat-pair --stop",
+            ),
+            LockError::Busy => f.write_str(
+                "bridge.pid stayed busy (other hermeschat-pair commands are looking at it); \
+                 try again in a moment",
             ),
             LockError::Io(path, e) => write!(f, "cannot open {}: {e}", path.display()),
         }

@@ -1204,7 +1204,11 @@ pub fn is_hop_by_hop(name: &str) -> bool {
 /// True when `needle` (lowercase ASCII) occurs in `haystack`, ignoring ASCII case; for media
 /// types, checked on every response without a lowercased copy.
 pub fn contains_ignore_ascii_case(haystack: &str, needle: &str) -> bool {
-    haystack.as_bytes().windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
+    needle.is_empty()
+        || haystack
+            .as_bytes()
+            .windows(needle.len())
+            .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
 }
 
 /// A header name is a non-empty HTTP token; a value has no CR, LF or NUL.

@@ -24,6 +24,8 @@ pub struct Stream {
     held: bool,
     /// Keeps the bytes read past an HTTP head, once asked to.
     head: HeadScan,
+    /// Bytes the socket (or TLS) took so far: progress a slow reader makes inside one frame.
+    written: u64,
 }
 
 /// Where [`Stream`] is in finding the end of an HTTP head (a handshake's response) in what
@@ -54,6 +56,7 @@ impl Stream {
             drained: false,
             held: false,
             head: HeadScan::Off,
+            written: 0,
         }
     }
 
@@ -65,6 +68,7 @@ impl Stream {
             drained: false,
             held: false,
             head: HeadScan::Off,
+            written: 0,
         }
     }
 
@@ -124,10 +128,18 @@ impl Stream {
 
     /// A vectored write that goes to the socket even while writes are held.
     pub fn write_vectored_held(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        match &mut self.inner {
+        let n = match &mut self.inner {
             Inner::Plain(s) => s.write_vectored(bufs),
             Inner::Tls(s) => s.write_vectored(bufs),
-        }
+        }?;
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    /// Bytes written to the socket so far (through [`Write`] or
+    /// [`Stream::write_vectored_held`]).
+    pub fn written(&self) -> u64 {
+        self.written
     }
 }
 
@@ -176,10 +188,12 @@ impl Write for Stream {
         if self.held {
             return Err(io::ErrorKind::WouldBlock.into());
         }
-        match &mut self.inner {
+        let n = match &mut self.inner {
             Inner::Plain(s) => s.write(buf),
             Inner::Tls(s) => s.write(buf),
-        }
+        }?;
+        self.written += n as u64;
+        Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {

@@ -118,8 +118,10 @@ impl Env {
             return false;
         };
         use std::os::fd::AsRawFd;
+        // A shared lock, as the product probes: it fails only against the daemon's exclusive
+        // one, never against another probe.
         // SAFETY: flock on a descriptor we own; our lock (if taken) ends when `file` drops.
-        unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) != 0 }
+        unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) != 0 }
     }
 
     fn log(&self) -> String {

@@ -263,16 +263,19 @@ fn serve_connection(mut c: Conn, shared: &Arc<Shared>) {
         let started = Instant::now();
         let close = req.head.wants_close() || shared.stop.load(Ordering::SeqCst);
         let outcome = route(shared, &req, &mut c, close);
-        shared.log(&format!(
-            "{} {} -> {} in {} ms",
-            req.head.method,
-            req.head.path(),
-            match &outcome {
-                Ok(s) => s.to_string(),
-                Err(e) => format!("aborted ({e})"),
-            },
-            started.elapsed().as_millis()
-        ));
+        let probe = req.head.header(crate::bridge::poller::PROBE_HEADER).is_some();
+        if !(probe && matches!(outcome, Ok(200..=299))) {
+            shared.log(&format!(
+                "{} {} -> {} in {} ms",
+                req.head.method,
+                req.head.path(),
+                match &outcome {
+                    Ok(s) => s.to_string(),
+                    Err(e) => format!("aborted ({e})"),
+                },
+                started.elapsed().as_millis()
+            ));
+        }
         if close || outcome.is_err() {
             conn::close(&c.stream);
             return;

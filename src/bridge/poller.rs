@@ -41,6 +41,10 @@ pub fn run(target: &Target, status: &LiveStatus, stop: &AtomicBool) {
 /// Probes `GET http://host:port{path}`: 2xx is ready, any other answer unhealthy, a refused or
 /// silent port not listening / unhealthy. A plain HTTP/1.0 exchange keeps this independent of
 /// proxies and connection pools.
+/// Marks the bridge's own health probes (every few seconds, for months): the built-in backend
+/// leaves the successful ones out of `server.log`, where they would be nearly every line.
+pub const PROBE_HEADER: &str = "X-Hermeschat-Probe";
+
 pub fn probe(host: &str, port: u16, path: &str) -> Health {
     let Some(addr) = (host, port).to_socket_addrs().ok().and_then(|mut a| a.next()) else {
         return Health::NotListening;
@@ -55,8 +59,9 @@ fn probe_addr(addr: SocketAddr, host: &str, path: &str) -> Health {
     };
     let _ = tcp.set_read_timeout(Some(PROBE_TIMEOUT));
     let _ = tcp.set_write_timeout(Some(PROBE_TIMEOUT));
-    let request =
-        format!("GET {path} HTTP/1.0\r\nHost: {host}\r\nAccept: application/json\r\n\r\n");
+    let request = format!(
+        "GET {path} HTTP/1.0\r\nHost: {host}\r\nAccept: application/json\r\n{PROBE_HEADER}: 1\r\n\r\n"
+    );
     if tcp.write_all(request.as_bytes()).is_err() {
         return Health::Unhealthy;
     }

@@ -208,7 +208,13 @@ pub(crate) fn running_lan(dir: &Path) -> Option<(IpAddr, u16)> {
 
 /// Makes sure a LAN-mode daemon serves `lan` against `target`: keeps a matching one, restarts
 /// a relay-mode or differently configured one, starts one when none runs.
-fn ensure_lan_daemon(dir: &Path, lan: &LanConfig, target: &Target, out: &Out) -> Result<(), Exit> {
+fn ensure_lan_daemon(
+    dir: &Path,
+    lan: &LanConfig,
+    target: &Target,
+    backend_args: &[String],
+    out: &Out,
+) -> Result<(), Exit> {
     let url = lan.url();
     let backend_url = format!("http://{}:{}", target.host, target.port);
     if let Some(pid) = daemon::running(dir) {
@@ -236,13 +242,14 @@ fn ensure_lan_daemon(dir: &Path, lan: &LanConfig, target: &Target, out: &Out) ->
         }
         daemon::stop(dir, Duration::from_secs(5)).map_err(fail)?;
     }
-    let extra = [
+    let mut extra = vec![
         "--local".to_owned(),
         "--host".to_owned(),
         lan.host.to_string(),
         "--local-port".to_owned(),
         lan.port.to_string(),
     ];
+    extra.extend(backend_args.iter().cloned());
     cli::ensure_daemon(dir, None, target, &extra, out)?;
     Ok(())
 }
@@ -282,8 +289,7 @@ pub fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
         out.ok(&format!("Forgot {n} LAN device{}", if n == 1 { "" } else { "s" }));
     }
 
-    // Saved before the daemon starts: it reads which backend to serve from here.
-    cli::save_backend_choice(&dir, &mut config, &backend, &out);
+    let daemon_args = cli::daemon_backend_args(&dir, &mut config, &backend, &out);
 
     let ttl = store::token_ttl_secs();
     let now = crate::relay::now_ms();
@@ -305,7 +311,7 @@ pub fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
             if let Some(note) = note {
                 out.warn(&note);
             }
-            ensure_lan_daemon(&dir, &lan, &target, &out)?;
+            ensure_lan_daemon(&dir, &lan, &target, &daemon_args, &out)?;
             if backend.builtin {
                 cli::wait_backend_ready(&target, &dir, &out)?;
             }
@@ -314,6 +320,7 @@ pub fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
             url
         }
     };
+    cli::save_backend_choice(&dir, &mut config, &backend, &out);
 
     let payload = LocalQr { mode: "hermes-local".into(), url: url.clone(), token, expires_at };
     let json = serde_json::to_string(&payload).map_err(|e| fail(e.to_string()))?;

@@ -301,12 +301,18 @@ fn fit_to_fd_limit(max_connections: usize) -> usize {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         return max_connections;
     }
-    if lim.rlim_cur < lim.rlim_max {
-        let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+    // macOS reports an unlimited hard limit but refuses a soft one above OPEN_MAX (10240):
+    // that is tried next, as Go's runtime does.
+    for want in [lim.rlim_max, lim.rlim_max.min(10_240)] {
+        if lim.rlim_cur >= want {
+            break;
+        }
+        let raised = libc::rlimit { rlim_cur: want, rlim_max: lim.rlim_max };
         // SAFETY: `raised` is a valid rlimit; raising the soft limit up to the hard one needs
         // no privilege, and failure leaves the limit as it was.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
             lim = raised;
+            break;
         }
     }
     let room = usize::try_from(lim.rlim_cur.saturating_sub(FD_RESERVE)).unwrap_or(usize::MAX);

@@ -36,6 +36,13 @@ use crate::protocol::{
     request_head,
 };
 
+/// True for an `accept` error about one pending connection (it was reset or refused before we
+/// took it, or the call was interrupted): the next one may be fine. Anything else (out of
+/// descriptors, buffers or memory) backs off instead of retrying at once.
+fn one_connection_failed(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ECONNABORTED | libc::EINTR | libc::EPROTO | libc::EPERM))
+}
+
 /// Poller key of the listening socket.
 const LISTENER: usize = usize::MAX - 1;
 
@@ -100,9 +107,13 @@ struct WsConn {
     /// this socket leaves routing. Holds the socket itself when its own replies (pongs,
     /// refusals) filled its queue.
     waiters: Vec<ConnId>,
-    /// Set while the queue is over its limit: when that began, or when a write last made
-    /// progress since. [`STALL_LIMIT`] after it the socket is closed.
+    /// Set while the queue is over half its limit (where paused sources wait for it): when
+    /// that began, or when the socket last took a byte since. [`STALL_LIMIT`] after it the
+    /// socket is closed.
     stalled_since: Option<Instant>,
+    /// Bytes of the relay's own answers (refusals, errors) queued to this socket during the
+    /// current read of it.
+    replied: usize,
     bad_frames: u32,
     /// No longer routed: frames from it are ignored and nothing is queued to it.
     detached: bool,
@@ -171,6 +182,8 @@ pub struct Reactor {
     read_texts: Vec<Result<Utf8Bytes, ()>>,
     /// Set while the listener is unwatched after an `accept` failure ([`ACCEPT_BACKOFF`]).
     accept_paused_until: Option<Instant>,
+    /// The socket whose messages are being routed: what is queued to it now is an answer.
+    reading: Option<ConnId>,
     ws_config: WebSocketConfig,
     dropped_frames: u64,
 }
@@ -208,6 +221,7 @@ impl Reactor {
             dirty: Vec::new(),
             read_texts: Vec::new(),
             accept_paused_until: None,
+            reading: None,
             ws_config,
             dropped_frames: 0,
         })
@@ -242,6 +256,9 @@ impl Reactor {
             for ev in events.iter() {
                 if ev.key == LISTENER {
                     self.accept();
+                } else if ev.readable && self.unread_socket_hung_up(ev.key) {
+                    self.detach(ev.key);
+                    self.remove(ev.key);
                 } else {
                     if ev.readable {
                         self.mark_ready(ev.key);
@@ -279,9 +296,12 @@ impl Reactor {
             let (tcp, addr) = match self.listener.accept() {
                 Ok(c) => c,
                 Err(e) if would_block(&e) => return,
+                // That one connection failed (the peer gave up before we took it): next one.
+                Err(e) if one_connection_failed(&e) => continue,
                 Err(e) => {
                     // EMFILE and friends: the connection stays pending, so the listener is
-                    // left unwatched for a while instead of waking the loop at once again.
+                    // left unwatched for a while instead of waking the loop at once again
+                    // (and logging every time).
                     log_event(
                         "accept.error",
                         &[
@@ -366,6 +386,13 @@ impl Reactor {
                 PollMode::Level,
             );
         }
+    }
+
+    /// True when the poller reports a WebSocket readable that we do not read (paused): only a
+    /// hang-up or a socket error is reported then, and level-triggered it would be reported
+    /// on every turn of the loop until the pause ends. The peer is gone either way.
+    fn unread_socket_hung_up(&self, id: ConnId) -> bool {
+        matches!(self.conns.get(&id), Some(c @ Conn { io: Io::Ws(_), .. }) if !c.interest.0)
     }
 
     /// The poller reported `id` readable: its next read goes to the socket (see
@@ -654,6 +681,7 @@ impl Reactor {
             paused: false,
             waiters: Vec::new(),
             stalled_since: None,
+            replied: 0,
             bad_frames: 0,
             detached: false,
             closing: None,
@@ -715,6 +743,7 @@ impl Reactor {
                 }
             }
         }
+        self.reading = Some(id);
         for t in texts.drain(..) {
             match t {
                 Ok(text) => self.route_text(id, &text),
@@ -723,6 +752,7 @@ impl Reactor {
                 }
             }
         }
+        self.reading = None;
         self.read_texts = texts;
         match ended {
             // A message over the frame limit: the stream cannot be resynchronised.
@@ -752,9 +782,17 @@ impl Reactor {
         }
         // Pongs are queued; push them out.
         self.ws_flush(id);
-        // Replies to this socket (pongs, refusals, bad-frame errors) count against its own
-        // queue: a peer that sends without reading is not read further until it drains.
-        self.apply_backpressure(id, id);
+        // The relay's answers to what it read (refusals, bad-frame errors) count against the
+        // socket's own queue: a peer that sends without reading is not read further until it
+        // drains. Traffic from others filling it (a download) does not pause it: its cancels
+        // and pings are still read.
+        let replied = match self.conns.get_mut(&id) {
+            Some(Conn { io: Io::Ws(w), .. }) => std::mem::take(&mut w.replied),
+            _ => 0,
+        };
+        if replied > 0 {
+            self.apply_backpressure(id, id);
+        }
         if more {
             self.ready.push(id);
         }
@@ -768,6 +806,11 @@ impl Reactor {
     /// Queues a frame for a WebSocket; it is written at the end of this turn of the loop
     /// ([`Reactor::flush_dirty`]).
     fn send_text(&mut self, id: ConnId, text: String) {
+        if self.reading == Some(id)
+            && let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id)
+        {
+            w.replied += text.len();
+        }
         self.queue(id, |out| out.push(Message::text(text)));
     }
 
@@ -819,12 +862,14 @@ impl Reactor {
         let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) else {
             return;
         };
-        let before = w.out.bytes();
+        let before = w.ws.get_ref().written();
         let broken = w.out.flush(&mut w.ws).is_err();
         let after = w.out.bytes();
-        if after <= limit {
+        // The clock runs while sources may be paused for this queue (over half the limit) and
+        // restarts whenever the socket takes a byte, inside a frame too.
+        if after <= limit / 2 {
             w.stalled_since = None;
-        } else if after < before || w.stalled_since.is_none() {
+        } else if w.ws.get_ref().written() > before || w.stalled_since.is_none() {
             w.stalled_since = Some(Instant::now());
         }
         let resume = if after <= limit / 2 { std::mem::take(&mut w.waiters) } else { Vec::new() };
