@@ -19,7 +19,7 @@ use std::io;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::poll::{Event, Events, PollMode, Poller};
 use tungstenite::client::IntoClientRequest;
@@ -199,8 +199,12 @@ impl RelayIo {
             waker: self.poller.clone(),
         });
         let outbox = Outbox::with_sink(link.clone());
-        let mut conn_state =
-            ConnState { last_rx: Instant::now(), last_ping: Instant::now(), reader };
+        let mut conn_state = ConnState {
+            last_rx: Instant::now(),
+            last_ping: Instant::now(),
+            last_ping_wall: SystemTime::now(),
+            reader,
+        };
         let mut inlines = Inlines::default();
         let ended = self.serve_loop(&link, &mut conn_state, &outbox, &tcp, &mut inlines);
         let _ = self.poller.delete(&tcp);
@@ -258,7 +262,19 @@ impl RelayIo {
                 t.reader.release_kept(now);
                 let tick = now.duration_since(t.last_ping) >= ping_every;
                 if tick {
+                    let wall = SystemTime::now();
+                    let asleep = slept(
+                        wall.duration_since(t.last_ping_wall).ok(),
+                        now.duration_since(t.last_ping),
+                    );
+                    if asleep >= SLEEP_RECONNECT {
+                        return Ended::Lost(format!(
+                            "the machine slept about {} s; the relay has dropped this socket",
+                            asleep.as_secs()
+                        ));
+                    }
                     t.last_ping = now;
+                    t.last_ping_wall = wall;
                     out.push(Message::Ping(Default::default()));
                 }
                 if let Err(e) = link.flush(&mut st) {
@@ -688,7 +704,22 @@ const OUT_LIMIT: usize = 4 << 20;
 struct ConnState {
     last_rx: Instant,
     last_ping: Instant,
+    /// The wall clock at `last_ping`: how a sleep of the machine is noticed (below).
+    last_ping_wall: SystemTime,
     reader: WsReader,
+}
+
+/// A sleep of the machine this long ends the relay connection at the next ping tick: the relay
+/// drops a socket after 60 s without traffic, and the last ping may have left 20 s before the
+/// sleep. Without this a dead socket would be noticed only when the pong deadline (45 s of
+/// waking time, as `Instant` stops during sleep) passes, with `--status` saying connected.
+const SLEEP_RECONNECT: Duration = Duration::from_secs(30);
+
+/// How long the machine was suspended between two readings of both clocks: wall-clock time
+/// that passed while monotonic time (`Instant`, stopped during sleep on Linux and macOS) did
+/// not. A wall clock set backwards reads as no sleep.
+fn slept(wall_elapsed: Option<Duration>, mono_elapsed: Duration) -> Duration {
+    wall_elapsed.unwrap_or_default().saturating_sub(mono_elapsed)
 }
 
 /// One live relay connection, shared by the I/O thread and the workers that answer its
@@ -898,6 +929,20 @@ mod tests {
     use super::*;
     use crate::bridge::local_http::test_origin;
     use crate::bridge::workers::Target;
+
+    #[test]
+    fn a_sleep_is_wall_time_that_monotonic_time_did_not_see() {
+        let s = Duration::from_secs;
+        // Awake: both clocks agree (give or take).
+        assert_eq!(slept(Some(s(20)), s(20)), Duration::ZERO);
+        // Asleep for two minutes between two ticks 20 s of waking time apart.
+        let asleep = slept(Some(s(140)), s(20));
+        assert_eq!(asleep, s(120));
+        assert!(asleep >= SLEEP_RECONNECT);
+        // A short nap keeps the connection; a wall clock set backwards is no sleep.
+        assert!(slept(Some(s(40)), s(20)) < SLEEP_RECONNECT);
+        assert_eq!(slept(None, s(20)), Duration::ZERO);
+    }
     use crate::protocol::{Headers, Limits, RequestFrame};
     use std::sync::atomic::Ordering;
 
