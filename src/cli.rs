@@ -437,10 +437,13 @@ pub(crate) fn backend_gate(args: &Args, config: &Config, out: &Out) -> Result<Ba
     let external = |target| Ok(Backend { target, builtin: false });
     let (host, port) = backend_address(args, config)?;
     match bridge::poller::probe(&host, port, "/api/health") {
-        // Our own daemon's built-in backend, from an earlier pairing: still the built-in one.
-        Health::Ready if !args.no_server && serves_builtin(&host, port) => {
-            out.ok(&format!("Built-in Hermes backend in use (http://{host}:{port})"));
-            return Ok(Backend { target: target(&host, port), builtin: true });
+        // Our own daemon's built-in backend, from an earlier pairing: still the built-in one
+        // (with --no-server, the user's own API is looked for elsewhere, below).
+        Health::Ready if serves_builtin(&host, port) => {
+            if !args.no_server {
+                out.ok(&format!("Built-in Hermes backend in use (http://{host}:{port})"));
+                return Ok(Backend { target: target(&host, port), builtin: true });
+            }
         }
         Health::Ready => {
             out.ok(&format!("Local Hermes API ready (http://{host}:{port})"));
@@ -557,12 +560,15 @@ pub(crate) fn read_status(dir: &Path) -> Option<Status> {
     state::read_json::<Status>(&state::status_json(dir)).ok().flatten()
 }
 
-/// Makes sure a daemon serves `identity` against `target`: reuses a matching one, replaces a
-/// stale one, starts one when none runs.
+/// Makes sure a daemon serves `identity` against `target`, with the built-in backend there or
+/// not (`builtin`): reuses a matching one, replaces a stale one, starts one when none runs.
+/// The pairing's choice of backend is passed to a daemon it starts (`--no-server` for the
+/// user's own), which then does not go by config.json's `externalBackend`.
 pub(crate) fn ensure_daemon(
     dir: &Path,
     relay: Option<(&str, &str)>,
     target: &Target,
+    builtin: bool,
     extra_args: &[String],
     out: &Out,
 ) -> Result<u32, Exit> {
@@ -571,7 +577,10 @@ pub(crate) fn ensure_daemon(
         let current = read_status(dir);
         let (bridge_id, relay_url) = relay.unwrap_or(("", ""));
         let matches = current.as_ref().is_some_and(|s| {
-            s.bridge_id == bridge_id && s.backend_url == backend_url && s.relay_url == relay_url
+            s.bridge_id == bridge_id
+                && s.backend_url == backend_url
+                && s.relay_url == relay_url
+                && s.builtin_backend == builtin
         });
         if matches {
             out.ok(&format!("Bridge daemon already running (pid {pid})"));
@@ -582,6 +591,9 @@ pub(crate) fn ensure_daemon(
     }
     let mut args = vec!["--port".to_owned(), target.port.to_string()];
     args.extend(extra_args.iter().cloned());
+    if !builtin {
+        args.push("--no-server".to_owned());
+    }
     let pid = daemon::spawn(dir, &args)
         .map_err(|e| fail(format!("the bridge daemon did not start: {e}")))?;
     out.ok(&format!("Bridge daemon started (pid {pid})"));
@@ -596,33 +608,17 @@ fn serves_builtin(host: &str, port: u16) -> bool {
             .is_some_and(|s| s.builtin_backend && s.backend_url == format!("http://{host}:{port}"))
 }
 
-/// The arguments that tell a daemon the pairing starts which backend to serve: `--no-server`
-/// for the user's own. For the built-in one, an `externalBackend` left in config.json by an
-/// earlier pairing is cleared first, since the daemon reads it; everything else in config.json
-/// waits for the pairing to succeed ([`save_backend_choice`]).
-pub(crate) fn daemon_backend_args(
-    dir: &Path,
-    config: &mut Config,
-    backend: &Backend,
-    out: &Out,
-) -> Vec<String> {
-    if !backend.builtin {
-        return vec!["--no-server".to_owned()];
-    }
-    if config.external_backend {
-        config.external_backend = false;
-        if let Err(e) = state::write_json(&state::config_json(dir), config) {
-            out.warn(&format!("cannot save config.json: {e}"));
-        }
-    }
-    Vec::new()
-}
-
 /// Records in config.json the backend a successful pairing chose: its port, and whether it is
 /// the user's own (then no later start of the bridge puts the built-in one on its port).
-pub(crate) fn save_backend_choice(dir: &Path, config: &mut Config, backend: &Backend, out: &Out) {
-    config.port = Some(backend.target.port);
-    config.external_backend = !backend.builtin;
+pub(crate) fn save_backend_choice(
+    dir: &Path,
+    config: &mut Config,
+    port: u16,
+    builtin: bool,
+    out: &Out,
+) {
+    config.port = Some(port);
+    config.external_backend = !builtin;
     if let Err(e) = state::write_json(&state::config_json(dir), config) {
         out.warn(&format!("cannot save config.json: {e}"));
     }
@@ -782,9 +778,9 @@ fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
             if reset_done {
                 let cause = e.message.split("\n  ").next().unwrap_or_default().to_owned();
                 e.message = format!(
-                    "{cause}\n  The old bridge is deleted and its daemon stopped; no new bridge \
-                     is registered yet. Run hermeschat-pair again once the registry answers, to \
-                     register a new one and get a QR code."
+                    "{cause}\n  The old bridge is deleted at the registry (its apps are cut \
+                     off); no new bridge is registered yet. Run hermeschat-pair again once the \
+                     registry answers, to register a new one and get a QR code."
                 );
             }
             e
@@ -792,24 +788,28 @@ fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
     };
     let (code, expires_at) = access_code(&registry, &dir, &mut identity, &name, fresh, &out)?;
 
-    let daemon_args = daemon_backend_args(&dir, &mut config, &backend, &out);
-    let refresh_keeps_daemon = mode == PairMode::RefreshCode
-        && daemon::running(&dir).is_some()
-        && read_status(&dir).is_some_and(|s| s.bridge_id == identity.bridge_id);
-    if refresh_keeps_daemon {
+    let kept = match read_status(&dir) {
+        Some(s) if mode == PairMode::RefreshCode && s.bridge_id == identity.bridge_id => {
+            daemon::running(&dir).map(|_| s)
+        }
+        _ => None,
+    };
+    // --refresh-code leaves the daemon, and the backend it serves, as they are.
+    let builtin = kept.as_ref().map_or(backend.builtin, |s| s.builtin_backend);
+    if kept.is_some() {
         out.ok("Bridge daemon untouched; paired devices keep working");
     } else {
         let relay = Some((identity.bridge_id.as_str(), identity.bridge_relay_url.as_str()));
-        ensure_daemon(&dir, relay, &target, &daemon_args, &out)?;
+        ensure_daemon(&dir, relay, &target, builtin, &[], &out)?;
     }
-    if backend.builtin {
+    if builtin {
         wait_backend_ready(&target, &dir, &out)?;
     }
     wait_online(&registry, &identity, &dir, args.json)?;
     out.ok(&format!("Bridge online at the relay ({})", identity.app_relay_url));
 
     config.registry_url = Some(url.clone());
-    save_backend_choice(&dir, &mut config, &backend, &out);
+    save_backend_choice(&dir, &mut config, target.port, builtin, &out);
 
     let payload = RelayQr::new(&identity.bridge_id, &code, &url, &identity.app_relay_url, &name);
     let json = serde_json::to_string(&payload).map_err(|e| fail(e.to_string()))?;
@@ -1006,9 +1006,11 @@ fn run_bridge(args: &Args, mut ready: Readiness, detached: bool) -> Result<(), E
         let lock = PidLock::acquire(&dir).map_err(|e| fail(e.to_string()))?;
         let (host, port) = backend_address(args, &config)?;
         // The built-in backend runs when nothing serves the port (loopback only), unless the
-        // pairing chose the user's own backend: that one may just not be up yet.
+        // pairing chose the user's own backend: that one may just not be up yet. A daemon the
+        // pairing started (`detached`) was told its choice (`--no-server`); a bridge started
+        // otherwise (the boot service) reads it from config.json.
         let builtin = !args.no_server
-            && !config.external_backend
+            && (detached || !config.external_backend)
             && crate::backend::available()
             && is_loopback(&host)
             && bridge::poller::probe(&host, port, "/api/health") == Health::NotListening;

@@ -1130,13 +1130,25 @@ pub fn manual_commands(config: &HermesConfig, platform: Platform) -> Vec<String>
 // ---------------------------------------------------------------------------------------------
 // The bridge's wake-up at start
 
-/// Runs the wake chain once in a background thread (bounded by [`ENSURE_DEADLINE`]) and logs
+/// How long a bridge started at boot waits for the gateway to come up by itself before it runs
+/// the wake chain.
+const BOOT_GRACE: Duration = Duration::from_secs(10);
+
+/// Runs the wake chain once in a background thread (after [`BOOT_GRACE`], bounded by
+/// [`ENSURE_DEADLINE`]) and logs
 /// its outcome with [`crate::bridge::log`]. For a bridge started without the pairing command
 /// (the boot service's `--foreground`): after a reboot nothing else would bring the gateway
 /// up, and chat would answer `gateway_offline` until the user ran `hermeschat-pair` again.
 pub fn wake_in_background(state_dir: PathBuf) {
     let spawned = std::thread::Builder::new().name("gateway-wake".into()).spawn(move || {
-        let report = Chain::new(&state_dir, ENSURE_DEADLINE).run(Action::Start);
+        let chain = Chain::new(&state_dir, ENSURE_DEADLINE);
+        // At boot the gateway's own service may be starting too: give it a moment before
+        // starting (or, on macOS, kickstarting) anything.
+        let grace = Instant::now() + BOOT_GRACE;
+        while Instant::now() < grace && probe(&chain.config) != Health::Ready {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        let report = chain.run(Action::Start);
         let addr = &report.addr;
         let line = if report.was_online {
             format!("Hermes gateway online ({addr})")

@@ -150,11 +150,11 @@ impl Read for Stream {
         }
         let n = match &mut self.inner {
             Inner::Plain(s) => {
-                let n = s.read(buf)?;
+                let n = retry_interrupted(|| s.read(buf))?;
                 self.drained = self.armed && n > 0 && n < buf.len();
                 n
             }
-            Inner::Tls(s) => s.read(buf)?,
+            Inner::Tls(s) => retry_interrupted(|| s.read(buf))?,
         };
         let mut end = None;
         match &mut self.head {
@@ -183,14 +183,27 @@ impl Read for Stream {
     }
 }
 
+/// Runs a socket call again when a signal interrupted it. A blocking socket with a timeout
+/// (the handshakes) is never restarted by the kernel, even for a signal nobody handles: a
+/// SIGCHLD from a process the daemon started (the gateway wake-up) used to fail a relay
+/// handshake with EINTR. Non-blocking sockets never wait, so never see it.
+fn retry_interrupted<T>(mut call: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    loop {
+        match call() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            other => return other,
+        }
+    }
+}
+
 impl Write for Stream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if self.held {
             return Err(io::ErrorKind::WouldBlock.into());
         }
         let n = match &mut self.inner {
-            Inner::Plain(s) => s.write(buf),
-            Inner::Tls(s) => s.write(buf),
+            Inner::Plain(s) => retry_interrupted(|| s.write(buf)),
+            Inner::Tls(s) => retry_interrupted(|| s.write(buf)),
         }?;
         self.written += n as u64;
         Ok(n)

@@ -145,6 +145,35 @@ fn health_reports_gateway_online_offline_and_direct() {
     assert!(!v.to_string().contains("sk-direct-secret"), "{v}");
 }
 
+/// The bridge's own health probes (every few seconds, for months) stay out of `server.log`;
+/// any other request, a health check from an app too, is logged.
+#[test]
+fn the_bridges_health_probes_are_not_logged() {
+    let b = backend(closed_port(), KEY, |_| {});
+    for _ in 0..3 {
+        let health = hermeschat_pair::bridge::poller::probe("127.0.0.1", b.port, "/api/health");
+        assert_eq!(health, hermeschat_pair::bridge::Health::Ready);
+    }
+    assert_eq!(http(b.port, "GET", "/api/health", &[], b"").0, 200);
+    // The header does not hide anything but a health check.
+    let probe = [(hermeschat_pair::bridge::poller::PROBE_HEADER, "1")];
+    assert_eq!(http(b.port, "GET", "/api/gateway/health", &probe, b"").0, 200);
+    // A request is logged once answered: wait for the last two lines, then a little more for
+    // any probe line still on its way.
+    let read_log = || std::fs::read_to_string(b.dir.join("server.log")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(read_log().contains("GET /api/health -> 200")
+        && read_log().contains("GET /api/gateway/health -> 200"))
+    {
+        assert!(Instant::now() < deadline, "requests missing from server.log: {}", read_log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let log = read_log();
+    assert_eq!(log.matches("GET /api/health -> 200").count(), 1, "{log}");
+    assert_eq!(log.matches("GET /api/gateway/health -> 200").count(), 1, "{log}");
+}
+
 #[test]
 fn chat_streams_chunk_by_chunk_with_session_id_both_ways() {
     let stub = StubGateway::start(0, KEY);
@@ -650,7 +679,8 @@ fn e2e_a_foreground_bridge_wakes_the_gateway() {
     let mut bridge =
         u.cmd(&["--foreground"]).stdin(Stdio::null()).stdout(Stdio::null()).spawn().unwrap();
     assert_eq!(app.recv(), Frame::BridgeStatus { online: true });
-    let deadline = Instant::now() + Duration::from_secs(30);
+    // It waits 10 s for the gateway to come up by itself first.
+    let deadline = Instant::now() + Duration::from_secs(45);
     while TcpStream::connect(("127.0.0.1", gw_port)).is_err() {
         assert!(Instant::now() < deadline, "the foreground bridge did not wake the gateway");
         std::thread::sleep(Duration::from_millis(100));

@@ -600,7 +600,7 @@ fn a_reset_the_registry_refuses_says_what_it_already_did() {
     run.assert_code(1, "--reset with registrations refused");
     let said = format!("{}{}", run.stdout, run.stderr);
     assert!(said.contains("RATE_LIMITED"), "the cause is named: {said}");
-    assert!(said.contains("The old bridge is deleted and its daemon stopped"), "{said}");
+    assert!(said.contains("The old bridge is deleted at the registry"), "{said}");
     assert!(!said.contains("Nothing was changed"), "{said}");
 }
 
@@ -1170,4 +1170,26 @@ fn a_bridge_paired_with_an_external_backend_never_takes_its_port() {
     let _ = child.0.wait();
     let stderr = err.recv_timeout(Duration::from_secs(5)).unwrap();
     assert!(!stderr.contains("built-in backend"), "the built-in backend started: {stderr}");
+}
+
+/// Switching from your own backend to the built-in one, as the README says: stop yours and run
+/// `hermeschat-pair` again. The daemon that served your backend is replaced by one that runs
+/// the built-in backend, and config.json forgets the external choice.
+#[test]
+fn pairing_again_without_your_backend_switches_to_the_built_in_one() {
+    let s = setup();
+    let mut app = s.app;
+    let mut backend = s.backend;
+    let config = || std::fs::read_to_string(s.env.home.join("config.json")).unwrap();
+    assert!(config().contains("\"externalBackend\": true"), "{}", config());
+    backend.kill();
+    let port = backend.port.to_string();
+    let run = s.env.run(&["--server", &s.relay.url(), "--port", &port]);
+    run.assert_code(0, "hermeschat-pair with the user's backend stopped");
+    assert!(run.stdout.contains("Built-in Hermes backend ready"), "{}", run.stdout);
+    assert!(!config().contains("externalBackend"), "{}", config());
+    wait_bridge_status(&mut app, true, Duration::from_secs(10));
+    let w = fetch(&mut app, &request("h-builtin", "GET", "/api/health", &[], None));
+    assert_eq!(w.status, 200);
+    assert_eq!(w.json()["version"], env!("CARGO_PKG_VERSION"), "the built-in backend answers");
 }

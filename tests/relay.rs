@@ -1706,7 +1706,9 @@ fn an_app_that_never_reads_is_paused_then_closed() {
     app.ws.get_ref().set_write_timeout(Some(Duration::from_millis(50))).unwrap();
     app.ws.get_ref().set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut got = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
     while got < 12 << 20 {
+        assert!(Instant::now() < deadline, "only {got} bytes of answers in 60 s");
         match app.ws.read() {
             Ok(m) => got += m.len(),
             // The flush of the request left half-written above.

@@ -263,7 +263,11 @@ fn serve_connection(mut c: Conn, shared: &Arc<Shared>) {
         let started = Instant::now();
         let close = req.head.wants_close() || shared.stop.load(Ordering::SeqCst);
         let outcome = route(shared, &req, &mut c, close);
-        let probe = req.head.header(crate::bridge::poller::PROBE_HEADER).is_some();
+        // Only a health check can keep itself out of the log (the header passes through the
+        // bridge from apps like any other).
+        let probe = req.head.method == "GET"
+            && req.head.path() == "/api/health"
+            && req.head.header(crate::bridge::poller::PROBE_HEADER).is_some();
         if !(probe && matches!(outcome, Ok(200..=299))) {
             shared.log(&format!(
                 "{} {} -> {} in {} ms",

@@ -38,13 +38,13 @@ pub fn run(target: &Target, status: &LiveStatus, stop: &AtomicBool) {
     }
 }
 
-/// Probes `GET http://host:port{path}`: 2xx is ready, any other answer unhealthy, a refused or
-/// silent port not listening / unhealthy. A plain HTTP/1.0 exchange keeps this independent of
-/// proxies and connection pools.
 /// Marks the bridge's own health probes (every few seconds, for months): the built-in backend
 /// leaves the successful ones out of `server.log`, where they would be nearly every line.
 pub const PROBE_HEADER: &str = "X-Hermeschat-Probe";
 
+/// Probes `GET http://host:port{path}`: 2xx is ready, any other answer unhealthy, a refused or
+/// silent port not listening / unhealthy. A plain HTTP/1.0 exchange keeps this independent of
+/// proxies and connection pools.
 pub fn probe(host: &str, port: u16, path: &str) -> Health {
     let Some(addr) = (host, port).to_socket_addrs().ok().and_then(|mut a| a.next()) else {
         return Health::NotListening;

@@ -212,7 +212,7 @@ fn ensure_lan_daemon(
     dir: &Path,
     lan: &LanConfig,
     target: &Target,
-    backend_args: &[String],
+    builtin: bool,
     out: &Out,
 ) -> Result<(), Exit> {
     let url = lan.url();
@@ -223,6 +223,7 @@ fn ensure_lan_daemon(
             s.bridge_id.is_empty()
                 && s.lan_url.as_deref() == Some(url.as_str())
                 && s.backend_url == backend_url
+                && s.builtin_backend == builtin
         });
         if same {
             out.ok(&format!(
@@ -242,15 +243,14 @@ fn ensure_lan_daemon(
         }
         daemon::stop(dir, Duration::from_secs(5)).map_err(fail)?;
     }
-    let mut extra = vec![
+    let extra = [
         "--local".to_owned(),
         "--host".to_owned(),
         lan.host.to_string(),
         "--local-port".to_owned(),
         lan.port.to_string(),
     ];
-    extra.extend(backend_args.iter().cloned());
-    cli::ensure_daemon(dir, None, target, &extra, out)?;
+    cli::ensure_daemon(dir, None, target, builtin, &extra, out)?;
     Ok(())
 }
 
@@ -289,8 +289,6 @@ pub fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
         out.ok(&format!("Forgot {n} LAN device{}", if n == 1 { "" } else { "s" }));
     }
 
-    let daemon_args = cli::daemon_backend_args(&dir, &mut config, &backend, &out);
-
     let ttl = store::token_ttl_secs();
     let now = crate::relay::now_ms();
     let token = crate::secret::new_pairing_token();
@@ -311,7 +309,7 @@ pub fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
             if let Some(note) = note {
                 out.warn(&note);
             }
-            ensure_lan_daemon(&dir, &lan, &target, &daemon_args, &out)?;
+            ensure_lan_daemon(&dir, &lan, &target, backend.builtin, &out)?;
             if backend.builtin {
                 cli::wait_backend_ready(&target, &dir, &out)?;
             }
@@ -320,7 +318,7 @@ pub fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
             url
         }
     };
-    cli::save_backend_choice(&dir, &mut config, &backend, &out);
+    cli::save_backend_choice(&dir, &mut config, target.port, backend.builtin, &out);
 
     let payload = LocalQr { mode: "hermes-local".into(), url: url.clone(), token, expires_at };
     let json = serde_json::to_string(&payload).map_err(|e| fail(e.to_string()))?;

@@ -40,8 +40,26 @@ use crate::protocol::{
 /// took it, or the call was interrupted): the next one may be fine. Anything else (out of
 /// descriptors, buffers or memory) backs off instead of retrying at once.
 fn one_connection_failed(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::ECONNABORTED | libc::EINTR | libc::EPROTO | libc::EPERM))
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ECONNABORTED
+                | libc::EINTR
+                | libc::EPROTO
+                | libc::EPERM
+                | libc::ENETDOWN
+                | libc::ENOPROTOOPT
+                | libc::EHOSTDOWN
+                | libc::EHOSTUNREACH
+                | libc::EOPNOTSUPP
+                | libc::ENETUNREACH
+        )
+    )
 }
+
+/// Connections taken by one call of [`Reactor::accept`] at most: a flood (or an error that
+/// repeats without taking a connection off the queue) leaves the loop to the other sockets.
+const ACCEPT_BATCH: usize = 256;
 
 /// Poller key of the listening socket.
 const LISTENER: usize = usize::MAX - 1;
@@ -69,6 +87,11 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// socket is closed (4008): a peer that stopped reading must not hold its queue's memory, or
 /// keep paused the sockets that feed it, for ever.
 const STALL_LIMIT: Duration = Duration::from_secs(p::PEER_IDLE_TIMEOUT_SECS);
+
+/// Bytes of its own answers a socket may have queued (since its queue was last at half its
+/// limit) before a full queue pauses it: an app whose queue is full of a download and that gets
+/// a refusal or two is still read (its cancels, its pings), one that floods is not.
+const REPLY_BUDGET: usize = 1 << 20;
 
 /// How long the listener is left unwatched after `accept` fails for want of descriptors
 /// (EMFILE, ENFILE, ENOBUFS): the pending connection stays readable, so watching it at once
@@ -111,8 +134,8 @@ struct WsConn {
     /// that began, or when the socket last took a byte since. [`STALL_LIMIT`] after it the
     /// socket is closed.
     stalled_since: Option<Instant>,
-    /// Bytes of the relay's own answers (refusals, errors) queued to this socket during the
-    /// current read of it.
+    /// Bytes of the relay's own answers (refusals, errors) to this socket queued since its
+    /// queue was last at half its limit or below.
     replied: usize,
     bad_frames: u32,
     /// No longer routed: frames from it are ignored and nothing is queued to it.
@@ -292,7 +315,7 @@ impl Reactor {
     }
 
     fn accept(&mut self) {
-        loop {
+        for _ in 0..ACCEPT_BATCH {
             let (tcp, addr) = match self.listener.accept() {
                 Ok(c) => c,
                 Err(e) if would_block(&e) => return,
@@ -379,12 +402,15 @@ impl Reactor {
             Io::Ws(w) => (!w.paused, w.out.blocked()),
         };
         if want != conn.interest {
-            conn.interest = want;
-            let _ = self.poller.modify_with_mode(
+            let modified = self.poller.modify_with_mode(
                 conn.tcp(),
                 Event::new(id, want.0, want.1),
                 PollMode::Level,
             );
+            // What is recorded is what the poller watches (`unread_socket_hung_up` relies on it).
+            if modified.is_ok() {
+                conn.interest = want;
+            }
         }
     }
 
@@ -786,11 +812,11 @@ impl Reactor {
         // socket's own queue: a peer that sends without reading is not read further until it
         // drains. Traffic from others filling it (a download) does not pause it: its cancels
         // and pings are still read.
-        let replied = match self.conns.get_mut(&id) {
-            Some(Conn { io: Io::Ws(w), .. }) => std::mem::take(&mut w.replied),
+        let replied = match self.conns.get(&id) {
+            Some(Conn { io: Io::Ws(w), .. }) => w.replied,
             _ => 0,
         };
-        if replied > 0 {
+        if replied > REPLY_BUDGET {
             self.apply_backpressure(id, id);
         }
         if more {
@@ -869,6 +895,7 @@ impl Reactor {
         // restarts whenever the socket takes a byte, inside a frame too.
         if after <= limit / 2 {
             w.stalled_since = None;
+            w.replied = 0;
         } else if w.ws.get_ref().written() > before || w.stalled_since.is_none() {
             w.stalled_since = Some(Instant::now());
         }
@@ -1418,6 +1445,14 @@ impl Reactor {
             self.close_ws(id, close_code::IDLE, "no traffic for 60 s");
         }
         for id in stalled {
+            // The clock moves on writes: one more try first (a socket can take bytes without
+            // ever being reported writable again, when it drains less than the kernel waits for).
+            self.ws_flush(id);
+            let still = matches!(self.conns.get(&id), Some(Conn { io: Io::Ws(w), .. })
+                if w.stalled_since.is_some_and(|t| now.duration_since(t) >= STALL_LIMIT));
+            if !still {
+                continue;
+            }
             match self.peer_of(id) {
                 Some(Peer::Bridge { bridge_id, .. }) => {
                     log_event("ws.stalled", &[("role", "bridge"), ("bridge", &bridge_id)])

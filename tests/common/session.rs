@@ -147,6 +147,9 @@ impl Env {
         let mut cmd = Command::new(&*PAIR_BIN);
         cmd.args(args)
             .env("HERMESCHAT_HOME", &self.home)
+            // Pairing and a `--foreground` bridge wake the Hermes gateway: never the real one
+            // of the machine the tests run on.
+            .env("HERMES_HOME", self.root.join("hermes"))
             .env("NO_COLOR", "1")
             .env_remove("HERMESCHAT_REGISTRY_URL")
             .env_remove("HERMESCHAT_LOCAL_HOST")
