@@ -464,15 +464,21 @@ pub(crate) fn backend_gate(args: &Args, config: &Config, out: &Out) -> Result<Ba
     }
     // ...or, with --no-server (or no built-in backend), look for a healthy Hermes-compatible
     // API on the common ports, as the original tool does.
+    // Our own built-in backend is never "your API".
     for &p in COMMON_PORTS.iter().filter(|&&p| p != port) {
-        if bridge::poller::probe(&host, p, "/api/health") == Health::Ready {
+        if bridge::poller::probe(&host, p, "/api/health") == Health::Ready
+            && !serves_builtin(&host, p)
+        {
             out.ok(&format!("Found a Hermes-compatible API on port {p} (http://{host}:{p})"));
             return external(target(&host, p));
         }
     }
     let tried: Vec<String> = std::iter::once(port)
         .chain(COMMON_PORTS.iter().copied().filter(|&p| p != port))
-        .map(|p| p.to_string())
+        .map(|p| {
+            let ours = serves_builtin(&host, p);
+            if ours { format!("{p} (the built-in backend, not yours)") } else { p.to_string() }
+        })
         .collect();
     let bundled = if args.no_server {
         String::new()
@@ -580,7 +586,8 @@ pub(crate) fn ensure_daemon(
             s.bridge_id == bridge_id
                 && s.backend_url == backend_url
                 && s.relay_url == relay_url
-                && s.builtin_backend == builtin
+                && s.builtin_backend == Some(builtin)
+                && s.pid == pid
         });
         if matches {
             out.ok(&format!("Bridge daemon already running (pid {pid})"));
@@ -603,9 +610,33 @@ pub(crate) fn ensure_daemon(
 /// True when the running daemon serves its built-in backend at `host:port`.
 fn serves_builtin(host: &str, port: u16) -> bool {
     let Ok(dir) = state_dir() else { return false };
-    daemon::running(&dir).is_some()
-        && read_status(&dir)
-            .is_some_and(|s| s.builtin_backend && s.backend_url == format!("http://{host}:{port}"))
+    let Some(status) = read_status(&dir) else { return false };
+    if daemon::running(&dir) != Some(status.pid)
+        || status.backend_url != format!("http://{host}:{port}")
+    {
+        return false;
+    }
+    // A daemon from before status.json said it: ask the backend itself.
+    status.builtin_backend.unwrap_or_else(|| answers_as_builtin(host, port))
+}
+
+/// True when `/api/health` at `host:port` says it is our built-in backend
+/// (`"server":"hermeschat-pair"`).
+fn answers_as_builtin(host: &str, port: u16) -> bool {
+    use crate::bridge::local_http::{Abort, Body, LocalClient, Timeouts};
+    let wait = Duration::from_secs(2);
+    let timeouts = Timeouts { connect: wait, head: wait, body_gap: wait };
+    let client = LocalClient::with_timeouts(host, port, timeouts);
+    let Ok(mut resp) =
+        client.send::<&str, &str>("GET", "/api/health", &[], Body::Bytes(b""), &Abort::new())
+    else {
+        return false;
+    };
+    let mut body = Vec::new();
+    let _ =
+        std::io::Read::read_to_end(&mut std::io::Read::take(&mut resp.body, 64 << 10), &mut body);
+    serde_json::from_slice::<serde_json::Value>(&body)
+        .is_ok_and(|v| v["server"] == "hermeschat-pair")
 }
 
 /// Records in config.json the backend a successful pairing chose: its port, and whether it is
@@ -735,6 +766,12 @@ fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
     let out = Out::new(args.json);
     let dir = state_dir()?;
     let mut config = load_config(&dir, &out)?;
+    // A first pairing that registered but did not finish saved no registry URL in
+    // config.json; bridge.json has it.
+    if config.registry_url.is_none() {
+        let saved = state::read_json::<BridgeIdentity>(&state::bridge_json(&dir));
+        config.registry_url = saved.ok().flatten().map(|id| id.registry_url);
+    }
     let url = registry_url(args, &config)?;
     let backend = backend_gate(args, &config, &out)?;
     crate::gateway::ensure(&out);
@@ -788,14 +825,21 @@ fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
     };
     let (code, expires_at) = access_code(&registry, &dir, &mut identity, &name, fresh, &out)?;
 
+    // --refresh-code leaves the daemon, and the backend it serves, as they are, when it is the
+    // daemon status.json describes and serves the backend this run found.
+    let backend_url = format!("http://{}:{}", target.host, target.port);
     let kept = match read_status(&dir) {
-        Some(s) if mode == PairMode::RefreshCode && s.bridge_id == identity.bridge_id => {
-            daemon::running(&dir).map(|_| s)
+        Some(s)
+            if mode == PairMode::RefreshCode
+                && s.bridge_id == identity.bridge_id
+                && s.backend_url == backend_url
+                && daemon::running(&dir) == Some(s.pid) =>
+        {
+            Some(s)
         }
         _ => None,
     };
-    // --refresh-code leaves the daemon, and the backend it serves, as they are.
-    let builtin = kept.as_ref().map_or(backend.builtin, |s| s.builtin_backend);
+    let builtin = kept.as_ref().and_then(|s| s.builtin_backend).unwrap_or(backend.builtin);
     if kept.is_some() {
         out.ok("Bridge daemon untouched; paired devices keep working");
     } else {

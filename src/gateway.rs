@@ -1132,7 +1132,7 @@ pub fn manual_commands(config: &HermesConfig, platform: Platform) -> Vec<String>
 
 /// How long a bridge started at boot waits for the gateway to come up by itself before it runs
 /// the wake chain.
-const BOOT_GRACE: Duration = Duration::from_secs(10);
+pub const BOOT_GRACE: Duration = Duration::from_secs(10);
 
 /// Runs the wake chain once in a background thread (after [`BOOT_GRACE`], bounded by
 /// [`ENSURE_DEADLINE`]) and logs

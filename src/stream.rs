@@ -44,7 +44,33 @@ enum HeadScan {
 
 enum Inner {
     Plain(TcpStream),
-    Tls(Box<native_tls::TlsStream<TcpStream>>),
+    Tls(Box<native_tls::TlsStream<TlsSocket>>),
+}
+
+/// The TCP socket under TLS: OpenSSL's reads and writes of it run again when a signal
+/// interrupts them, so EINTR never reaches OpenSSL, which would fail
+/// the handshake or the connection for it.
+#[derive(Debug)]
+pub struct TlsSocket(pub TcpStream);
+
+impl Read for TlsSocket {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        retry_interrupted(|| self.0.read(buf))
+    }
+}
+
+impl Write for TlsSocket {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        retry_interrupted(|| self.0.write(buf))
+    }
+
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        retry_interrupted(|| self.0.write_vectored(bufs))
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
 }
 
 impl Stream {
@@ -61,7 +87,7 @@ impl Stream {
     }
 
     /// A TLS stream.
-    pub fn tls(tls: native_tls::TlsStream<TcpStream>) -> Stream {
+    pub fn tls(tls: native_tls::TlsStream<TlsSocket>) -> Stream {
         Stream {
             inner: Inner::Tls(Box::new(tls)),
             armed: false,
@@ -76,7 +102,7 @@ impl Stream {
     pub fn tcp(&self) -> &TcpStream {
         match &self.inner {
             Inner::Plain(s) => s,
-            Inner::Tls(s) => s.get_ref(),
+            Inner::Tls(s) => &s.get_ref().0,
         }
     }
 
@@ -129,7 +155,7 @@ impl Stream {
     /// A vectored write that goes to the socket even while writes are held.
     pub fn write_vectored_held(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
         let n = match &mut self.inner {
-            Inner::Plain(s) => s.write_vectored(bufs),
+            Inner::Plain(s) => retry_interrupted(|| s.write_vectored(bufs)),
             Inner::Tls(s) => s.write_vectored(bufs),
         }?;
         self.written += n as u64;
@@ -154,7 +180,7 @@ impl Read for Stream {
                 self.drained = self.armed && n > 0 && n < buf.len();
                 n
             }
-            Inner::Tls(s) => retry_interrupted(|| s.read(buf))?,
+            Inner::Tls(s) => s.read(buf)?,
         };
         let mut end = None;
         match &mut self.head {
@@ -186,7 +212,8 @@ impl Read for Stream {
 /// Runs a socket call again when a signal interrupted it. A blocking socket with a timeout
 /// (the handshakes) is never restarted by the kernel, even for a signal nobody handles: a
 /// SIGCHLD from a process the daemon started (the gateway wake-up) used to fail a relay
-/// handshake with EINTR. Non-blocking sockets never wait, so never see it.
+/// handshake with EINTR. Non-blocking sockets never wait, so never see it. TLS gets it from
+/// [`TlsSocket`], below OpenSSL.
 fn retry_interrupted<T>(mut call: impl FnMut() -> io::Result<T>) -> io::Result<T> {
     loop {
         match call() {
@@ -203,7 +230,7 @@ impl Write for Stream {
         }
         let n = match &mut self.inner {
             Inner::Plain(s) => retry_interrupted(|| s.write(buf)),
-            Inner::Tls(s) => retry_interrupted(|| s.write(buf)),
+            Inner::Tls(s) => s.write(buf),
         }?;
         self.written += n as u64;
         Ok(n)

@@ -1193,3 +1193,15 @@ fn pairing_again_without_your_backend_switches_to_the_built_in_one() {
     assert_eq!(w.status, 200);
     assert_eq!(w.json()["version"], env!("CARGO_PKG_VERSION"), "the built-in backend answers");
 }
+
+/// A first pairing that registered but did not finish (config.json without the registry URL)
+/// is completed by running `hermeschat-pair` again without `--server`: bridge.json knows it.
+#[test]
+fn the_registry_of_an_unfinished_first_pairing_comes_from_bridge_json() {
+    let s = setup();
+    std::fs::write(s.env.home.join("config.json"), "{}\n").unwrap();
+    let port = s.backend.port.to_string();
+    let run = s.env.run(&["--json", "--port", &port]);
+    run.assert_code(0, "hermeschat-pair without --server");
+    assert_eq!(parse_payload(&run.stdout, &s.relay.url()).g, s.qr.g, "the same bridge");
+}

@@ -121,9 +121,9 @@ pub struct Status {
     /// The backend base URL.
     pub backend_url: String,
     /// The daemon itself serves the built-in backend there (so a pairing run that finds it
-    /// answering knows it is not the user's own).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub builtin_backend: bool,
+    /// answering knows it is not the user's own). `None` from a daemon older than the field.
+    #[serde(default)]
+    pub builtin_backend: Option<bool>,
     /// Whether the relay socket is up.
     pub relay_connected: bool,
     /// Unix ms of the last relay state change.
@@ -271,7 +271,7 @@ pub fn start(
             bridge_id: identity.as_ref().map(|i| i.bridge_id.clone()).unwrap_or_default(),
             relay_url: identity.as_ref().map(|i| i.bridge_relay_url.clone()).unwrap_or_default(),
             backend_url,
-            builtin_backend: backend.is_some(),
+            builtin_backend: Some(backend.is_some()),
             ..Status::default()
         },
         state::status_json(&state_dir),

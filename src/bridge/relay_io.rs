@@ -883,7 +883,7 @@ pub fn open_socket(
     tcp.set_write_timeout(Some(timeout)).map_err(|e| failed("socket", &e))?;
     let mut stream = if tls {
         let connector = native_tls::TlsConnector::new().map_err(|e| failed("TLS setup for", &e))?;
-        match connector.connect(&host, tcp) {
+        match connector.connect(&host, crate::stream::TlsSocket(tcp)) {
             Ok(s) => Stream::tls(s),
             Err(native_tls::HandshakeError::WouldBlock(_)) => {
                 return Err(failed("TLS handshake timed out with", &"no answer"));

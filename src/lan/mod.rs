@@ -223,7 +223,7 @@ fn ensure_lan_daemon(
             s.bridge_id.is_empty()
                 && s.lan_url.as_deref() == Some(url.as_str())
                 && s.backend_url == backend_url
-                && s.builtin_backend == builtin
+                && s.builtin_backend == Some(builtin)
         });
         if same {
             out.ok(&format!(

@@ -24,7 +24,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Bytes, Message, Utf8Bytes, WebSocket};
 
-use crate::stream::Stream;
+use crate::stream::{Stream, TlsSocket};
 use crate::wsout::{WsOut, would_block};
 use crate::wsread::{Ended, Incoming, ReadError, WsReader, close_reply};
 
@@ -149,7 +149,7 @@ struct WsConn {
 }
 
 enum Io {
-    TlsHandshake(native_tls::MidHandshakeTlsStream<TcpStream>),
+    TlsHandshake(native_tls::MidHandshakeTlsStream<TlsSocket>),
     Http(Box<HttpConn>),
     Ws(Box<WsConn>),
 }
@@ -355,7 +355,7 @@ impl Reactor {
                     stream.arm(true);
                     Io::Http(Box::new(HttpConn::new(stream)))
                 }
-                Some(acceptor) => match acceptor.accept(tcp) {
+                Some(acceptor) => match acceptor.accept(TlsSocket(tcp)) {
                     Ok(s) => Io::Http(Box::new(HttpConn::new(Stream::tls(s)))),
                     Err(native_tls::HandshakeError::WouldBlock(mid)) => Io::TlsHandshake(mid),
                     Err(native_tls::HandshakeError::Failure(_)) => continue,
@@ -1595,7 +1595,7 @@ impl HttpConn {
 impl Conn {
     fn tcp(&self) -> &TcpStream {
         match &self.io {
-            Io::TlsHandshake(mid) => mid.get_ref(),
+            Io::TlsHandshake(mid) => &mid.get_ref().0,
             Io::Http(h) => h.stream.tcp(),
             Io::Ws(w) => w.ws.get_ref().tcp(),
         }
