@@ -1076,6 +1076,16 @@ fn a_new_registry_gets_a_new_identity_and_daemon() {
     drop(relay_b);
 }
 
+/// A child process killed and reaped when the test ends, failed or not.
+struct Reap(Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn foreground_logs_to_stderr_and_stops_cleanly_on_ctrl_c() {
     let s = setup();
@@ -1094,13 +1104,6 @@ fn foreground_logs_to_stderr_and_stops_cleanly_on_ctrl_c() {
     let out = read_all(child.stdout.take().unwrap());
     let err = read_all(child.stderr.take().unwrap());
     let pid = child.id();
-    struct Reap(Child);
-    impl Drop for Reap {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let mut child = Reap(child);
     wait_bridge_status(&mut app, true, Duration::from_secs(10));
     assert_echo(&mut app, "fg", &s.client_id);
@@ -1149,13 +1152,6 @@ fn a_bridge_paired_with_an_external_backend_never_takes_its_port() {
         .spawn()
         .unwrap();
     let err = read_all(child.stderr.take().unwrap());
-    struct Reap(Child);
-    impl Drop for Reap {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let mut child = Reap(child);
     wait_bridge_status(&mut app, true, Duration::from_secs(10));
     // Online, and the port is still free for the user's backend.
