@@ -586,8 +586,8 @@ pub(crate) fn ensure_daemon(
             s.bridge_id == bridge_id
                 && s.backend_url == backend_url
                 && s.relay_url == relay_url
-                && s.builtin_backend == Some(builtin)
                 && s.pid == pid
+                && status_builtin(s) == builtin
         });
         if matches {
             out.ok(&format!("Bridge daemon already running (pid {pid})"));
@@ -616,8 +616,32 @@ fn serves_builtin(host: &str, port: u16) -> bool {
     {
         return false;
     }
-    // A daemon from before status.json said it: ask the backend itself.
-    status.builtin_backend.unwrap_or_else(|| answers_as_builtin(host, port))
+    status_builtin(&status)
+}
+
+/// Whether the daemon `status` describes serves the built-in backend. A daemon older than
+/// `builtinBackend` is asked through its backend's `/api/health`.
+pub(crate) fn status_builtin(status: &Status) -> bool {
+    status.builtin_backend.unwrap_or_else(|| {
+        let authority = status.backend_url.trim_start_matches("http://");
+        authority
+            .rsplit_once(':')
+            .and_then(|(host, port)| Some((host, port.parse::<u16>().ok()?)))
+            .is_some_and(|(host, port)| answers_as_builtin(host, port))
+    })
+}
+
+/// Waits (up to 5 s) while a daemon is starting: its pid not yet in bridge.pid, or its
+/// status.json not yet written, so that what pairing reads of it is the running daemon's.
+pub(crate) fn settle_daemon(dir: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        match daemon::running(dir) {
+            None => return,
+            Some(pid) if pid != 0 && read_status(dir).is_some_and(|s| s.pid == pid) => return,
+            Some(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
 }
 
 /// True when `/api/health` at `host:port` says it is our built-in backend
@@ -627,8 +651,10 @@ fn answers_as_builtin(host: &str, port: u16) -> bool {
     let wait = Duration::from_secs(2);
     let timeouts = Timeouts { connect: wait, head: wait, body_gap: wait };
     let client = LocalClient::with_timeouts(host, port, timeouts);
+    // Kept out of server.log like the bridge's own health probes.
+    let probe_header = [(bridge::poller::PROBE_HEADER, "1")];
     let Ok(mut resp) =
-        client.send::<&str, &str>("GET", "/api/health", &[], Body::Bytes(b""), &Abort::new())
+        client.send("GET", "/api/health", &probe_header, Body::Bytes(b""), &Abort::new())
     else {
         return false;
     };
@@ -765,6 +791,7 @@ pub enum PairMode {
 fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
     let out = Out::new(args.json);
     let dir = state_dir()?;
+    settle_daemon(&dir);
     let mut config = load_config(&dir, &out)?;
     // A first pairing that registered but did not finish saved no registry URL in
     // config.json; bridge.json has it.
@@ -839,7 +866,7 @@ fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
         }
         _ => None,
     };
-    let builtin = kept.as_ref().and_then(|s| s.builtin_backend).unwrap_or(backend.builtin);
+    let builtin = kept.as_ref().map_or(backend.builtin, status_builtin);
     if kept.is_some() {
         out.ok("Bridge daemon untouched; paired devices keep working");
     } else {

@@ -199,8 +199,8 @@ fn register_with_backend(
 
 /// The address and port a running LAN-mode daemon serves, if one runs.
 pub(crate) fn running_lan(dir: &Path) -> Option<(IpAddr, u16)> {
-    daemon::running(dir)?;
-    let status = cli::read_status(dir)?;
+    let pid = daemon::running(dir)?;
+    let status = cli::read_status(dir).filter(|s| s.pid == pid)?;
     let url = status.lan_url.filter(|_| status.bridge_id.is_empty())?;
     let addr: SocketAddr = ws_authority(&url)?.parse().ok()?;
     Some((addr.ip(), addr.port()))
@@ -223,7 +223,8 @@ fn ensure_lan_daemon(
             s.bridge_id.is_empty()
                 && s.lan_url.as_deref() == Some(url.as_str())
                 && s.backend_url == backend_url
-                && s.builtin_backend == Some(builtin)
+                && s.pid == pid
+                && cli::status_builtin(s) == builtin
         });
         if same {
             out.ok(&format!(
@@ -258,6 +259,7 @@ fn ensure_lan_daemon(
 pub fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
     let out = Out::new(args.json);
     let dir = cli::state_dir()?;
+    cli::settle_daemon(&dir);
     let mut config = cli::load_config(&dir, &out)?;
     // A bad --host is a usage error, reported before anything runs.
     let host_override = args.host.as_deref().map(parse_host).transpose()?;
