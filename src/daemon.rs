@@ -265,6 +265,15 @@ pub fn stop(dir: &Path, grace: Duration) -> Result<Stopped, String> {
     if pid == 0 {
         return Err("the daemon is starting; try again in a second".into());
     }
+    // In the instant after a new daemon takes the lock, the file still names the one that
+    // died, a pid the system may have given to anything since.
+    if !same_program(pid) {
+        return Err(format!(
+            "bridge.pid names pid {pid}, which runs another program than this one: not \
+             signalling it. A daemon may be starting: try again in a second (if pid {pid} is a \
+             bridge daemon run from a renamed binary, stop it by hand)"
+        ));
+    }
     let signal = |sig| {
         // SAFETY: kill only sends a signal; the pid comes from the lock holder's pid file.
         unsafe { libc::kill(pid as libc::pid_t, sig) }
@@ -293,9 +302,40 @@ pub fn stop(dir: &Path, grace: Duration) -> Result<Stopped, String> {
     Err(format!("the daemon (pid {pid}) does not exit; kill it by hand"))
 }
 
+/// False when `pid` is known to run another program than this one (Linux: by its command
+/// name, which the daemon shares since it is this binary run again); true when it cannot be
+/// told.
+fn same_program(pid: u32) -> bool {
+    let comm = |who: &str| std::fs::read_to_string(format!("/proc/{who}/comm")).ok();
+    match (comm(&pid.to_string()), comm("self")) {
+        (Some(theirs), Some(ours)) => theirs == ours,
+        _ => true,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn stop_never_signals_a_process_that_is_not_a_bridge() {
+        let dir = std::env::temp_dir().join(format!("hcp-stale-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        state::ensure_dir(&dir).unwrap();
+        let mut other = Command::new("sleep").arg("30").spawn().unwrap();
+        // The lock is held (as by a daemon that just took it) while the file still names
+        // another process (as the one that died, its pid now reused).
+        let lock = PidLock::acquire(&dir).unwrap();
+        std::fs::write(state::pid_file(&dir), format!("{}\n", other.id())).unwrap();
+        let refused = stop(&dir, Duration::from_millis(100)).unwrap_err();
+        assert!(refused.contains("runs another program"), "{refused}");
+        assert!(other.try_wait().unwrap().is_none(), "the other process was signalled");
+        let _ = other.kill();
+        let _ = other.wait();
+        lock.release();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn lock_is_exclusive_and_stale_files_are_ignored() {
