@@ -627,7 +627,7 @@ pub(crate) fn status_builtin(status: &Status) -> bool {
         authority
             .rsplit_once(':')
             .and_then(|(host, port)| Some((host, port.parse::<u16>().ok()?)))
-            .is_some_and(|(host, port)| answers_as_builtin(host, port))
+            .is_some_and(|(host, port)| answers_as_builtin(host.trim_matches(['[', ']']), port))
     })
 }
 
@@ -638,7 +638,16 @@ pub(crate) fn settle_daemon(dir: &Path) {
     while Instant::now() < deadline {
         match daemon::running(dir) {
             None => return,
-            Some(pid) if pid != 0 && read_status(dir).is_some_and(|s| s.pid == pid) => return,
+            // Its status.json is its own once it names its pid, and complete once it names
+            // what it serves (a LAN daemon writes its address after binding).
+            Some(pid)
+                if pid != 0
+                    && read_status(dir).is_some_and(|s| {
+                        s.pid == pid && (!s.bridge_id.is_empty() || s.lan_url.is_some())
+                    }) =>
+            {
+                return;
+            }
             Some(_) => std::thread::sleep(Duration::from_millis(100)),
         }
     }
