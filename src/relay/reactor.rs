@@ -83,7 +83,7 @@ const MAX_LOGGED_CHARS: usize = 200;
 /// How long a closing WebSocket may take to finish its close handshake.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
-/// How long a WebSocket's queue may stay over its limit without a byte written before the
+/// How long a WebSocket's queue may stay over half its limit without a byte written before the
 /// socket is closed (4008): a peer that stopped reading must not hold its queue's memory, or
 /// keep paused the sockets that feed it, for ever.
 const STALL_LIMIT: Duration = Duration::from_secs(p::PEER_IDLE_TIMEOUT_SECS);
@@ -127,8 +127,8 @@ struct WsConn {
     /// Not read while a destination it feeds is over its queue limit.
     paused: bool,
     /// Sources paused because this socket's queue is full; resumed when it drains, or when
-    /// this socket leaves routing. Holds the socket itself when its own replies (pongs,
-    /// refusals) filled its queue.
+    /// this socket leaves routing. Holds the socket itself when the relay's own answers to it
+    /// (refusals, errors: [`REPLY_BUDGET`]) filled its queue.
     waiters: Vec<ConnId>,
     /// Set while the queue is over half its limit (where paused sources wait for it): when
     /// that began, or when the socket last took a byte since. [`STALL_LIMIT`] after it the
