@@ -436,10 +436,13 @@ pub(crate) struct Backend {
 pub(crate) fn backend_gate(args: &Args, config: &Config, out: &Out) -> Result<Backend, Exit> {
     let external = |target| Ok(Backend { target, builtin: false });
     let (host, port) = backend_address(args, config)?;
+    // The one port, if any, where our running daemon serves its built-in backend: never "your
+    // API".
+    let ours = builtin_port(&host);
     match bridge::poller::probe(&host, port, "/api/health") {
         // Our own daemon's built-in backend, from an earlier pairing: still the built-in one
         // (with --no-server, the user's own API is looked for elsewhere, below).
-        Health::Ready if serves_builtin(&host, port) => {
+        Health::Ready if ours == Some(port) => {
             if !args.no_server {
                 out.ok(&format!("Built-in Hermes backend in use (http://{host}:{port})"));
                 return Ok(Backend { target: target(&host, port), builtin: true });
@@ -464,11 +467,8 @@ pub(crate) fn backend_gate(args: &Args, config: &Config, out: &Out) -> Result<Ba
     }
     // ...or, with --no-server (or no built-in backend), look for a healthy Hermes-compatible
     // API on the common ports, as the original tool does.
-    // Our own built-in backend is never "your API".
-    for &p in COMMON_PORTS.iter().filter(|&&p| p != port) {
-        if bridge::poller::probe(&host, p, "/api/health") == Health::Ready
-            && !serves_builtin(&host, p)
-        {
+    for &p in COMMON_PORTS.iter().filter(|&&p| p != port && ours != Some(p)) {
+        if bridge::poller::probe(&host, p, "/api/health") == Health::Ready {
             out.ok(&format!("Found a Hermes-compatible API on port {p} (http://{host}:{p})"));
             return external(target(&host, p));
         }
@@ -476,8 +476,11 @@ pub(crate) fn backend_gate(args: &Args, config: &Config, out: &Out) -> Result<Ba
     let tried: Vec<String> = std::iter::once(port)
         .chain(COMMON_PORTS.iter().copied().filter(|&p| p != port))
         .map(|p| {
-            let ours = serves_builtin(&host, p);
-            if ours { format!("{p} (the built-in backend, not yours)") } else { p.to_string() }
+            if ours == Some(p) {
+                format!("{p} (the built-in backend, not yours)")
+            } else {
+                p.to_string()
+            }
         })
         .collect();
     let bundled = if args.no_server {
@@ -566,6 +569,13 @@ pub(crate) fn read_status(dir: &Path) -> Option<Status> {
     state::read_json::<Status>(&state::status_json(dir)).ok().flatten()
 }
 
+/// The status.json of the daemon running now: `None` when none runs, or when status.json is
+/// not (yet) its own (a dead daemon's, or not written yet by a starting one).
+pub(crate) fn running_status(dir: &Path) -> Option<Status> {
+    let pid = daemon::running(dir)?;
+    read_status(dir).filter(|s| s.pid == pid)
+}
+
 /// Makes sure a daemon serves `identity` against `target`, with the built-in backend there or
 /// not (`builtin`): reuses a matching one, replaces a stale one, starts one when none runs.
 /// The pairing's choice of backend is passed to a daemon it starts (`--no-server` for the
@@ -578,21 +588,18 @@ pub(crate) fn ensure_daemon(
     extra_args: &[String],
     out: &Out,
 ) -> Result<u32, Exit> {
-    let backend_url = format!("http://{}:{}", target.host, target.port);
-    if let Some(pid) = daemon::running(dir) {
-        let current = read_status(dir);
-        let (bridge_id, relay_url) = relay.unwrap_or(("", ""));
-        let matches = current.as_ref().is_some_and(|s| {
-            s.bridge_id == bridge_id
-                && s.backend_url == backend_url
-                && s.relay_url == relay_url
-                && s.pid == pid
-                && status_builtin(s) == builtin
-        });
-        if matches {
-            out.ok(&format!("Bridge daemon already running (pid {pid})"));
-            return Ok(pid);
-        }
+    let (bridge_id, relay_url) = relay.unwrap_or(("", ""));
+    let current = running_status(dir);
+    if let Some(s) = current.as_ref().filter(|s| {
+        s.bridge_id == bridge_id
+            && s.backend_url == target.url()
+            && s.relay_url == relay_url
+            && status_builtin(s) == builtin
+    }) {
+        out.ok(&format!("Bridge daemon already running (pid {})", s.pid));
+        return Ok(s.pid);
+    }
+    if daemon::running(dir).is_some() {
         out.warn("The running bridge daemon serves another identity or backend; restarting it");
         daemon::stop(dir, Duration::from_secs(5)).map_err(fail)?;
     }
@@ -607,27 +614,19 @@ pub(crate) fn ensure_daemon(
     Ok(pid)
 }
 
-/// True when the running daemon serves its built-in backend at `host:port`.
-fn serves_builtin(host: &str, port: u16) -> bool {
-    let Ok(dir) = state_dir() else { return false };
-    let Some(status) = read_status(&dir) else { return false };
-    if daemon::running(&dir) != Some(status.pid)
-        || status.backend_url != format!("http://{host}:{port}")
-    {
-        return false;
-    }
-    status_builtin(&status)
+/// The port on `host` where the running daemon serves its built-in backend, if it does.
+fn builtin_port(host: &str) -> Option<u16> {
+    let status = running_status(&state_dir().ok()?)?;
+    let (their_host, port) = Target::parse_url(&status.backend_url)?;
+    (their_host == host && status_builtin(&status)).then_some(port)
 }
 
 /// Whether the daemon `status` describes serves the built-in backend. A daemon older than
 /// `builtinBackend` is asked through its backend's `/api/health`.
 pub(crate) fn status_builtin(status: &Status) -> bool {
     status.builtin_backend.unwrap_or_else(|| {
-        let authority = status.backend_url.trim_start_matches("http://");
-        authority
-            .rsplit_once(':')
-            .and_then(|(host, port)| Some((host, port.parse::<u16>().ok()?)))
-            .is_some_and(|(host, port)| answers_as_builtin(host.trim_matches(['[', ']']), port))
+        Target::parse_url(&status.backend_url)
+            .is_some_and(|(host, port)| answers_as_builtin(&host, port))
     })
 }
 
@@ -656,22 +655,17 @@ pub(crate) fn settle_daemon(dir: &Path) {
 /// True when `/api/health` at `host:port` says it is our built-in backend
 /// (`"server":"hermeschat-pair"`).
 fn answers_as_builtin(host: &str, port: u16) -> bool {
-    use crate::bridge::local_http::{Abort, Body, LocalClient, Timeouts};
+    use crate::bridge::local_http::{LocalClient, Timeouts};
     let wait = Duration::from_secs(2);
     let timeouts = Timeouts { connect: wait, head: wait, body_gap: wait };
     let client = LocalClient::with_timeouts(host, port, timeouts);
     // Kept out of server.log like the bridge's own health probes.
-    let probe_header = [(bridge::poller::PROBE_HEADER, "1")];
-    let Ok(mut resp) =
-        client.send("GET", "/api/health", &probe_header, Body::Bytes(b""), &Abort::new())
-    else {
-        return false;
-    };
-    let mut body = Vec::new();
-    let _ =
-        std::io::Read::read_to_end(&mut std::io::Read::take(&mut resp.body, 64 << 10), &mut body);
-    serde_json::from_slice::<serde_json::Value>(&body)
-        .is_ok_and(|v| v["server"] == "hermeschat-pair")
+    client.get_small("/api/health", &[(bridge::poller::PROBE_HEADER, "1")]).is_ok_and(
+        |(_, body)| {
+            serde_json::from_slice::<serde_json::Value>(&body)
+                .is_ok_and(|v| v["server"] == "hermeschat-pair")
+        },
+    )
 }
 
 /// Records in config.json the backend a successful pairing chose: its port, and whether it is
@@ -863,18 +857,11 @@ fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
 
     // --refresh-code leaves the daemon, and the backend it serves, as they are, when it is the
     // daemon status.json describes and serves the backend this run found.
-    let backend_url = format!("http://{}:{}", target.host, target.port);
-    let kept = match read_status(&dir) {
-        Some(s)
-            if mode == PairMode::RefreshCode
-                && s.bridge_id == identity.bridge_id
-                && s.backend_url == backend_url
-                && daemon::running(&dir) == Some(s.pid) =>
-        {
-            Some(s)
-        }
-        _ => None,
-    };
+    let kept = running_status(&dir).filter(|s| {
+        mode == PairMode::RefreshCode
+            && s.bridge_id == identity.bridge_id
+            && s.backend_url == target.url()
+    });
     let builtin = kept.as_ref().map_or(backend.builtin, status_builtin);
     if kept.is_some() {
         out.ok("Bridge daemon untouched; paired devices keep working");
@@ -947,17 +934,12 @@ fn status(args: &Args) -> Result<(), Exit> {
     let identity = load_identity(&dir, &out)?;
     let pid = daemon::running(&dir);
     let saved = pid.and(read_status(&dir));
-    let backend_addr = match &saved {
-        Some(s) => s.backend_url.trim_start_matches("http://").to_owned(),
-        None => {
-            let (host, port) = backend_address(args, &config)?;
-            format!("{host}:{port}")
-        }
+    let (bhost, bport) = match saved.as_ref().and_then(|s| Target::parse_url(&s.backend_url)) {
+        Some(addr) => addr,
+        None => backend_address(args, &config)?,
     };
-    let (bhost, bport) = backend_addr
-        .rsplit_once(':')
-        .and_then(|(h, p)| p.parse().ok().map(|p| (h.to_owned(), p)))
-        .unwrap_or(("127.0.0.1".into(), DEFAULT_PORT));
+    let backend_addr =
+        if bhost.contains(':') { format!("[{bhost}]:{bport}") } else { format!("{bhost}:{bport}") };
     let backend = bridge::poller::probe(&bhost, bport, "/api/health");
     let gateway_config = crate::gateway::HermesConfig::load();
     let gateway = crate::gateway::probe(&gateway_config);
@@ -966,7 +948,8 @@ fn status(args: &Args) -> Result<(), Exit> {
     let devices = identity.as_ref().filter(|_| !lan_mode).map(|id| {
         Registry::new(&id.registry_url).clients(&id.bridge_id, &id.relay_secret).map(|c| c.len())
     });
-    let healthy = pid.is_some() && (relay_connected || lan_mode) && backend == Health::Ready;
+    let lan_ok = lan_mode && crate::lan::address_lost(saved.as_ref()).is_none();
+    let healthy = pid.is_some() && (relay_connected || lan_ok) && backend == Health::Ready;
 
     if args.json {
         let value = serde_json::json!({

@@ -26,7 +26,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::bridge::Health;
-use crate::bridge::local_http::{Abort, Body, LocalClient, Timeouts};
+use crate::bridge::local_http::{LocalClient, Timeouts};
 use crate::cli::Out;
 use crate::state;
 
@@ -289,13 +289,9 @@ pub fn probe_addr(host: &str, port: u16, deadline: Duration) -> Health {
     let timeouts =
         Timeouts { connect: Duration::from_millis(500), head: deadline, body_gap: deadline };
     let client = LocalClient::with_timeouts(host, port, timeouts).named("Hermes gateway");
-    let headers = [("Accept".to_owned(), "application/json".to_owned())];
-    match client.send("GET", "/health", &headers, Body::Bytes(b""), &Abort::new()) {
-        Ok(mut r) => {
-            let mut sink = Vec::new();
-            let _ = (&mut r.body).take(64 << 10).read_to_end(&mut sink);
-            if (200..300).contains(&r.status) { Health::Ready } else { Health::Unhealthy }
-        }
+    match client.get_small("/health", &[("Accept", "application/json")]) {
+        Ok((status, _)) if (200..300).contains(&status) => Health::Ready,
+        Ok(_) => Health::Unhealthy,
         Err(crate::bridge::local_http::LocalError::Connect { .. }) => Health::NotListening,
         Err(_) => Health::Unhealthy,
     }

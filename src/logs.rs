@@ -46,13 +46,49 @@ pub fn sources(dir: &Path) -> Vec<Source> {
         path: hermes_home.join("logs/gateway.log"),
         always: false,
     });
-    list.push(Source { label: "service", path: dir.join("service.log"), always: false });
+    list.push(Source { label: "service", path: state::service_log(dir), always: false });
     list.push(Source {
         label: "service errors",
-        path: dir.join("service-error.log"),
+        path: state::service_error_log(dir),
         always: false,
     });
     list
+}
+
+/// A trim failed already (and was logged).
+static TRIM_FAILED: AtomicBool = AtomicBool::new(false);
+
+/// The logs other processes write to, which the running bridge keeps within bounds: the
+/// started gateway's output and the boot service's two logs. (`bridge.log` and `server.log`
+/// rotate themselves; Hermes Agent's own log is not ours.) The boot service's stderr comes
+/// first: it is the bridge's own log there, so the lines telling of the other trims land in it
+/// after its own trim.
+pub fn written_by_others(dir: &Path) -> [PathBuf; 3] {
+    [state::service_error_log(dir), state::service_log(dir), state::gateway_log(dir)]
+}
+
+/// Trims each of [`written_by_others`] past [`state::RotatingLog::DEFAULT_MAX_BYTES`] in place,
+/// keeping as many copies as `bridge.log` does ([`state::trim_appended_log`]); says so in the
+/// bridge's log.
+pub fn trim_written_by_others(dir: &Path) {
+    use state::RotatingLog;
+    for path in written_by_others(dir) {
+        let max = RotatingLog::DEFAULT_MAX_BYTES;
+        match state::trim_appended_log(&path, max, RotatingLog::DEFAULT_KEEP) {
+            Ok(false) => {}
+            Ok(true) => crate::bridge::log(&format!(
+                "{} passed {} MiB: its lines so far moved to {}.1",
+                path.display(),
+                max >> 20,
+                path.display()
+            )),
+            // Said once per process: the next attempts (a minute apart) would only repeat it.
+            Err(e) if !TRIM_FAILED.swap(true, Ordering::Relaxed) => {
+                crate::bridge::log(&format!("cannot trim {}: {e}", path.display()))
+            }
+            Err(_) => {}
+        }
+    }
 }
 
 /// The last `n` lines of `file` before offset `len` (at most the last 4 MiB are read).

@@ -98,12 +98,12 @@ pub struct Spec {
 impl Spec {
     /// `service.log` (stdout).
     pub fn out_log(&self) -> PathBuf {
-        self.state_dir.join("service.log")
+        state::service_log(&self.state_dir)
     }
 
     /// `service-error.log` (stderr: the bridge's log lines).
     pub fn err_log(&self) -> PathBuf {
-        self.state_dir.join("service-error.log")
+        state::service_error_log(&self.state_dir)
     }
 
     /// Hermes Agent's home (the gateway the bridge may wake writes there).
@@ -406,7 +406,7 @@ pub fn status(args: &Args) -> Result<(), Exit> {
         let value = serde_json::json!({
             "service": &state,
             "bridgePid": daemon_pid,
-            "logs": [dir.join("service.log"), dir.join("service-error.log")],
+            "logs": [state::service_log(&dir), state::service_error_log(&dir)],
         });
         println!("{value}");
     } else {
@@ -437,8 +437,8 @@ pub fn status(args: &Args) -> Result<(), Exit> {
         }
         println!(
             "logs  : {}, {}",
-            tilde(&dir.join("service.log"), &home),
-            tilde(&dir.join("service-error.log"), &home)
+            tilde(&state::service_log(&dir), &home),
+            tilde(&state::service_error_log(&dir), &home)
         );
         match daemon_pid {
             Some(pid) if state.pid != Some(pid) => out.info(&format!(

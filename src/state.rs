@@ -100,6 +100,17 @@ pub fn gateway_log(dir: &Path) -> PathBuf {
     dir.join("gateway.log")
 }
 
+/// `service.log`: the boot service's stdout, appended to by the service manager.
+pub fn service_log(dir: &Path) -> PathBuf {
+    dir.join("service.log")
+}
+
+/// `service-error.log`: the boot service's stderr (the bridge's log lines), appended to by the
+/// service manager.
+pub fn service_error_log(dir: &Path) -> PathBuf {
+    dir.join("service-error.log")
+}
+
 /// Creates `dir` (and any missing parents) with mode 0700, and tightens an existing
 /// directory to 0700 when its mode is anything else.
 ///
@@ -554,19 +565,48 @@ impl RotatingLog {
 
     /// Shifts every kept file up by one, dropping the oldest, and starts an empty file.
     fn rotate(&mut self) -> io::Result<()> {
-        // Renaming over the next name replaces it atomically, so the oldest goes away by
-        // being overwritten, from the top down.
-        for i in (1..self.keep).rev() {
-            let from = numbered(&self.path, i - 1);
-            match fs::rename(&from, numbered(&self.path, i)) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-                _ => {}
-            }
-        }
+        shift_generations(&self.path, self.keep, 0)?;
         self.file = open_log(&self.path, self.keep == 1)?;
         self.len = 0;
         Ok(())
     }
+}
+
+/// Renames `path.<n>` to `path.<n+1>` for every n from `keep - 2` down to `from`, dropping
+/// `path.<keep-1>`. Renaming over the next name replaces it atomically, so the oldest goes away
+/// by being overwritten, from the top down.
+fn shift_generations(path: &Path, keep: usize, from: usize) -> io::Result<()> {
+    for i in (from + 1..keep).rev() {
+        match fs::rename(numbered(path, i - 1), numbered(path, i)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Keeps a log that another process appends to (the started gateway's output, the boot
+/// service's logs) under `max_bytes`: once past it, its content is copied to `path.1` (older
+/// copies shift up, `keep` files in all) and the file is truncated in place, so the writer's
+/// descriptor stays valid ("copytruncate"). The writer must append (`O_APPEND`, as `>>`,
+/// systemd's `append:` and launchd do): its next line then lands at the start. Lines written
+/// between the copy and the truncation are lost. Returns whether the log was trimmed.
+pub fn trim_appended_log(path: &Path, max_bytes: u64, keep: usize) -> io::Result<bool> {
+    let mut log = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(with_path(path, e)),
+    };
+    if log.metadata()?.len() <= max_bytes {
+        return Ok(false);
+    }
+    if keep > 1 {
+        shift_generations(path, keep, 1)?;
+        let mut copy = open_log(&numbered(path, 1), true)?;
+        io::copy(&mut log, &mut copy)?;
+    }
+    OpenOptions::new().write(true).open(path)?.set_len(0)?;
+    Ok(true)
 }
 
 /// `path` for generation 0, `path.<n>` after that.
@@ -1039,6 +1079,36 @@ mod tests {
             |name: &str| -> u32 { fs::read_to_string(t.join(name)).unwrap()[..4].parse().unwrap() };
         assert!(first_num("bridge.log.2") < first_num("bridge.log.1"));
         assert!(first_num("bridge.log.1") < first_num("bridge.log"));
+    }
+
+    #[test]
+    fn a_log_another_process_appends_to_is_trimmed_in_place() {
+        let t = TestDir::new("trim");
+        let path = t.join("service-error.log");
+        // The writer's descriptor, opened once as a service manager does (`append:`).
+        let mut writer = OpenOptions::new().create(true).append(true).open(&path).unwrap();
+        writer.write_all(b"first\n").unwrap();
+        assert!(!trim_appended_log(&path, 10, 3).unwrap(), "under the limit: left alone");
+        writer.write_all(b"second line\n").unwrap();
+        assert!(trim_appended_log(&path, 10, 3).unwrap());
+        assert_eq!(fs::read(t.join("service-error.log.1")).unwrap(), b"first\nsecond line\n");
+        assert_eq!(mode(&t.join("service-error.log.1")), 0o600);
+        // The writer goes on through the same descriptor, from the start of the file.
+        writer.write_all(b"third line!\n").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"third line!\n");
+        assert!(trim_appended_log(&path, 10, 3).unwrap());
+        writer.write_all(b"4\n").unwrap();
+        assert!(!trim_appended_log(&path, 10, 3).unwrap());
+        assert_eq!(fs::read(&path).unwrap(), b"4\n");
+        assert_eq!(fs::read(t.join("service-error.log.1")).unwrap(), b"third line!\n");
+        assert_eq!(fs::read(t.join("service-error.log.2")).unwrap(), b"first\nsecond line\n");
+        // The oldest copy is dropped: `keep` files in all.
+        writer.write_all(b"fifth line!\n").unwrap();
+        assert!(trim_appended_log(&path, 10, 3).unwrap());
+        assert_eq!(t.names(), ["service-error.log", "service-error.log.1", "service-error.log.2"]);
+        assert_eq!(fs::read(t.join("service-error.log.2")).unwrap(), b"third line!\n");
+        // A missing log is nothing to do.
+        assert!(!trim_appended_log(&t.join("none.log"), 10, 3).unwrap());
     }
 
     #[test]

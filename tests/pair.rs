@@ -1201,3 +1201,52 @@ fn the_registry_of_an_unfinished_first_pairing_comes_from_bridge_json() {
     run.assert_code(0, "hermeschat-pair without --server");
     assert_eq!(parse_payload(&run.stdout, &s.relay.url()).g, s.qr.g, "the same bridge");
 }
+
+/// A boot service's log (the service manager appends the foreground bridge's stderr to
+/// `service-error.log`, and the started gateway's output to `gateway.log`) is kept under 5 MiB
+/// by the running bridge: trimmed in place, its lines so far in `.1`, the writer going on from
+/// the start of the same file.
+#[test]
+fn logs_others_append_to_are_trimmed_in_place_by_the_running_bridge() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let s = setup();
+    let mut app = s.app;
+    s.env.run(&["--stop"]).assert_code(0, "--stop");
+    wait_bridge_status(&mut app, false, Duration::from_secs(5));
+    let errors = s.env.home.join("service-error.log");
+    let gateway = s.env.home.join("gateway.log");
+    let old_lines = "an old line of a bridge that ran for months\n".repeat(130_000);
+    assert!(old_lines.len() > 5 << 20);
+    std::fs::write(&errors, &old_lines).unwrap();
+    std::fs::write(&gateway, &old_lines).unwrap();
+    // As systemd's `StandardError=append:`: stderr opened once, O_APPEND.
+    let stderr = std::fs::OpenOptions::new().append(true).mode(0o600).open(&errors).unwrap();
+    let child = s
+        .env
+        .cmd(&["--foreground", "--port", &s.backend.port.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let _child = Reap(child);
+    wait_bridge_status(&mut app, true, Duration::from_secs(10));
+    assert_echo(&mut app, "trimmed", &s.client_id);
+    // Both trims are told in the bridge's log, its stderr: service-error.log itself.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let told = |what: &str| std::fs::read_to_string(&errors).unwrap().contains(what);
+    while !(told("service-error.log passed 5 MiB") && told("gateway.log passed 5 MiB")) {
+        assert!(Instant::now() < deadline, "{:?}", std::fs::read_to_string(&errors).unwrap());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(std::fs::metadata(&gateway).unwrap().len(), 0, "gateway.log was not trimmed");
+    for log in [&errors, &gateway] {
+        let copy = std::fs::read_to_string(log.with_extension("log.1")).unwrap();
+        assert!(copy.starts_with(&old_lines), "{}: the old lines are not in .1", log.display());
+    }
+    // The bridge went on writing its stderr through the same descriptor, from the start of the
+    // file: no hole of NUL bytes where the old lines were.
+    let now = std::fs::read_to_string(&errors).unwrap();
+    assert!(now.len() < 1 << 20, "service-error.log still holds {} bytes", now.len());
+    assert!(!now.contains('\0'), "service-error.log has a hole: {:?}", &now[..now.len().min(80)]);
+}

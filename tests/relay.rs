@@ -1855,3 +1855,66 @@ fn a_low_open_file_limit_lowers_the_connection_cap_instead_of_failing_accepts() 
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&data);
 }
+
+/// Sends `GET /v1/health` on `s` (keep-alive) and tells whether a `200` came back: the relay
+/// accepted the connection and serves it.
+fn serves_health(s: &mut TcpStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    if s.write_all(b"GET /v1/health HTTP/1.1\r\nHost: relay\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 512];
+    matches!(s.read(&mut buf), Ok(n) if n > 0 && buf[..n].starts_with(b"HTTP/1.1 200"))
+}
+
+#[test]
+fn one_address_holds_at_most_its_share_of_connections_and_loopback_is_not_counted() {
+    // A source that is not loopback: one of this machine's own addresses.
+    let ifaces = hermeschat_pair::netif::interfaces().unwrap_or_default();
+    let Some(ip) = ifaces.iter().map(|f| f.addr).find(|a| a.is_ipv4() && !a.is_loopback()) else {
+        eprintln!("skipped: this machine has no non-loopback address");
+        return;
+    };
+    let relay = Relay::start_on("0.0.0.0:0", &["--max-connections-per-ip", "3"]);
+    let port = relay.port();
+    let from_lan = || TcpStream::connect((ip, port)).unwrap();
+    let mut held: Vec<TcpStream> = (0..3).map(|_| from_lan()).collect();
+    for (i, s) in held.iter_mut().enumerate() {
+        assert!(serves_health(s), "connection {i} of 3 from {ip} was not served");
+    }
+    // The fourth from the same address is closed at accept.
+    let mut fourth = from_lan();
+    assert!(!serves_health(&mut fourth), "a fourth connection from {ip} was served");
+    // Loopback is not counted: a local proxy or a test harness is never capped.
+    let mut local: Vec<TcpStream> =
+        (0..5).map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
+    for (i, s) in local.iter_mut().enumerate() {
+        assert!(serves_health(s), "loopback connection {i} was not served");
+    }
+    // A closed connection gives its place back.
+    drop(held.pop());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut again = from_lan();
+        if serves_health(&mut again) {
+            held.push(again);
+            break;
+        }
+        assert!(Instant::now() < deadline, "the place of a closed connection was not given back");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The refusal is told in the log (once a minute at most, the first at the next tick).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let refused = relay.logs().iter().find_map(|l| {
+            serde_json::from_str::<Value>(l).ok().filter(|v| v["event"] == "accept.refused")
+        });
+        if let Some(line) = refused {
+            assert_eq!(line["over_max_connections_per_ip"], "1", "{line}");
+            assert_eq!(line["over_max_connections"], "0", "{line}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no accept.refused line: {:?}", relay.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

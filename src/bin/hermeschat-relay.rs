@@ -35,6 +35,10 @@ OPTIONS (each also as an environment variable):
     --handshake-timeout-secs N
                              deadline for a request head     [HERMESCHAT_RELAY_HANDSHAKE_TIMEOUT_SECS, default 10]
     --max-connections N      open connections at most        [HERMESCHAT_RELAY_MAX_CONNECTIONS, default 20000]
+    --max-connections-per-ip N
+                             open connections from one address (an IPv6 /64) at most; loopback
+                             and --trust-proxy are not counted, 0 is no cap
+                                                             [HERMESCHAT_RELAY_MAX_CONNECTIONS_PER_IP, default 256]
     --print-systemd-unit     print a hardened systemd unit for this binary and exit
     -h, --help               print this help
     -V, --version            print the version
@@ -81,6 +85,7 @@ fn parse_args() -> Result<Options, String> {
     let mut code_ttl = env("HERMESCHAT_RELAY_CODE_TTL_SECS");
     let mut handshake = env("HERMESCHAT_RELAY_HANDSHAKE_TIMEOUT_SECS");
     let mut max_conns = env("HERMESCHAT_RELAY_MAX_CONNECTIONS");
+    let mut max_per_ip = env("HERMESCHAT_RELAY_MAX_CONNECTIONS_PER_IP");
     let mut print_unit = false;
 
     let mut parser = lexopt::Parser::from_env();
@@ -100,6 +105,7 @@ fn parse_args() -> Result<Options, String> {
             Long("code-ttl-secs") => code_ttl = Some(value(&mut parser)?),
             Long("handshake-timeout-secs") => handshake = Some(value(&mut parser)?),
             Long("max-connections") => max_conns = Some(value(&mut parser)?),
+            Long("max-connections-per-ip") => max_per_ip = Some(value(&mut parser)?),
             Long("print-systemd-unit") => print_unit = true,
             Short('h') | Long("help") => {
                 print!("{USAGE}");
@@ -148,6 +154,9 @@ fn parse_args() -> Result<Options, String> {
     }
     if let Some(v) = max_conns {
         config.max_connections = parse_num("--max-connections", &v)?;
+    }
+    if let Some(v) = max_per_ip {
+        config.max_connections_per_ip = parse_num("--max-connections-per-ip", &v)?;
     }
     Ok(Options { config, print_unit })
 }

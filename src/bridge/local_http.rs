@@ -516,6 +516,20 @@ impl LocalClient {
         before - idle.len()
     }
 
+    /// GETs a small document (a health or status answer): its status code and at most 64 KiB
+    /// of its body.
+    pub fn get_small(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<(u16, Vec<u8>), LocalError> {
+        let mut response = self.send("GET", path, headers, Body::Bytes(b""), &Abort::new())?;
+        let mut body = Vec::new();
+        // What a probe needs is the status; a body cut short is judged as read.
+        let _ = (&mut response.body).take(64 << 10).read_to_end(&mut body);
+        Ok((response.status, body))
+    }
+
     /// Sends one request and reads the response head. `headers` are sent as given (the caller
     /// filtered them); `Host` and `Content-Length` are added here. The body is read from the
     /// returned [`Response`]. `abort` interrupts the exchange from another thread at any point.

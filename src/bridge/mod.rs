@@ -263,7 +263,7 @@ pub fn start(
     waker: Arc<Poller>,
 ) -> Result<Bridge, String> {
     let BridgeOptions { identity, target, state_dir, workers, backend, lan } = options;
-    let backend_url = format!("http://{}:{}", target.host, target.port);
+    let backend_url = target.url();
     let status = Arc::new(LiveStatus::new(
         Status {
             pid: std::process::id(),
@@ -294,10 +294,11 @@ pub fn start(
     }
     {
         let (status, stop, target) = (status.clone(), stop.clone(), target.clone());
+        let dir = state_dir.clone();
         threads.push(
             std::thread::Builder::new()
                 .name("health".into())
-                .spawn(move || poller::run(&target, &status, &stop))
+                .spawn(move || poller::run(&target, &status, &dir, &stop))
                 .map_err(|e| format!("cannot start the health poller: {e}"))?,
         );
     }

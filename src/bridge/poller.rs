@@ -1,8 +1,11 @@
 //! The health poller: keeps backend and gateway health current in `status.json`, so that
-//! `--status` answers from what the daemon saw seconds ago.
+//! `--status` answers from what the daemon saw seconds ago. Once a minute it also keeps the
+//! logs other processes write into the state directory within bounds
+//! ([`crate::logs::trim_written_by_others`]): a bridge runs for months.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -12,6 +15,9 @@ use super::{Health, LiveStatus};
 /// How often health is probed.
 const INTERVAL: Duration = Duration::from_secs(5);
 
+/// How often the logs others write are looked at, in probe rounds: once a minute.
+const TRIM_EVERY: u32 = 12;
+
 /// Deadline of one probe.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -20,9 +26,14 @@ pub const GATEWAY_HOST: &str = "127.0.0.1";
 /// The Hermes gateway's port.
 pub const GATEWAY_PORT: u16 = 8642;
 
-/// Probes until `stop` is set.
-pub fn run(target: &Target, status: &LiveStatus, stop: &AtomicBool) {
+/// Probes until `stop` is set; trims the logs in `state_dir` others write.
+pub fn run(target: &Target, status: &LiveStatus, state_dir: &Path, stop: &AtomicBool) {
+    let mut round = 0u32;
     while !stop.load(Ordering::SeqCst) {
+        if round.is_multiple_of(TRIM_EVERY) {
+            crate::logs::trim_written_by_others(state_dir);
+        }
+        round = round.wrapping_add(1);
         let backend = probe(&target.host, target.port, "/api/health");
         // Re-read each round: the user may change API_SERVER_PORT or the key meanwhile.
         let gateway = crate::gateway::probe(&crate::gateway::HermesConfig::load());

@@ -91,6 +91,18 @@ impl Target {
             allowed_prefixes: DEFAULT_ALLOWED_PREFIXES.iter().map(|p| (*p).to_owned()).collect(),
         }
     }
+
+    /// `http://host:port`, as status.json's `backendUrl` names the backend.
+    pub fn url(&self) -> String {
+        format!("http://{}:{}", self.host, self.port)
+    }
+
+    /// The host and port of a `backendUrl` (an IPv6 host bracketed or not; older daemons
+    /// bracketed it).
+    pub fn parse_url(url: &str) -> Option<(String, u16)> {
+        let (host, port) = url.trim_start_matches("http://").rsplit_once(':')?;
+        Some((host.trim_matches(['[', ']']).to_owned(), port.parse().ok()?))
+    }
 }
 
 /// Identifies an open request: (client, id). `client` is `None` for LAN sockets.

@@ -156,7 +156,7 @@ fn register_with_backend(
     out: &Out,
 ) -> Option<String> {
     let agent = crate::registry_client::agent(Duration::from_secs(5), true);
-    let endpoint = format!("http://{}:{}{REGISTER_TOKEN_PATH}", target.host, target.port);
+    let endpoint = format!("{}{REGISTER_TOKEN_PATH}", target.url());
     let body =
         serde_json::json!({ "token": token, "expiresAt": expires_at, "ttlSeconds": ttl_secs });
     let mut resp = match agent.post(&endpoint).header("Accept", "application/json").send_json(body)
@@ -199,8 +199,7 @@ fn register_with_backend(
 
 /// The address and port a running LAN-mode daemon serves, if one runs.
 pub(crate) fn running_lan(dir: &Path) -> Option<(IpAddr, u16)> {
-    let pid = daemon::running(dir)?;
-    let status = cli::read_status(dir).filter(|s| s.pid == pid)?;
+    let status = cli::running_status(dir)?;
     let url = status.lan_url.filter(|_| status.bridge_id.is_empty())?;
     let addr: SocketAddr = ws_authority(&url)?.parse().ok()?;
     Some((addr.ip(), addr.port()))
@@ -216,14 +215,12 @@ fn ensure_lan_daemon(
     out: &Out,
 ) -> Result<(), Exit> {
     let url = lan.url();
-    let backend_url = format!("http://{}:{}", target.host, target.port);
     if let Some(pid) = daemon::running(dir) {
-        let current = cli::read_status(dir);
+        let current = cli::running_status(dir);
         let same = current.as_ref().is_some_and(|s| {
             s.bridge_id.is_empty()
                 && s.lan_url.as_deref() == Some(url.as_str())
-                && s.backend_url == backend_url
-                && s.pid == pid
+                && s.backend_url == target.url()
                 && cli::status_builtin(s) == builtin
         });
         if same {
@@ -352,6 +349,16 @@ pub fn serving(saved: Option<&Status>) -> bool {
     saved.is_some_and(|s| s.lan_url.is_some())
 }
 
+/// The address the LAN daemon serves, when this machine no longer has it (the Wi-Fi changed,
+/// or DHCP gave another address): its socket still listens there, but no phone reaches it.
+pub fn address_lost(saved: Option<&Status>) -> Option<IpAddr> {
+    let url = saved?.lan_url.as_deref()?;
+    let ip = ws_authority(url)?.parse::<SocketAddr>().ok()?.ip();
+    let present =
+        ip.is_loopback() || netif::interfaces().is_ok_and(|list| list.iter().any(|f| f.addr == ip));
+    (!present).then_some(ip)
+}
+
 /// The `lan` object of `--status --json`: `null` when there is neither a LAN daemon nor a LAN
 /// device.
 pub fn status_json(dir: &Path, saved: Option<&Status>) -> serde_json::Value {
@@ -378,6 +385,7 @@ pub fn status_json(dir: &Path, saved: Option<&Status>) -> serde_json::Value {
     serde_json::json!({
         "serving": url.is_some(),
         "url": url,
+        "addressLost": address_lost(saved).is_some(),
         "devices": devices,
         "tokenExpiresAt": lan.token.as_ref().map(|t| t.expires_at),
     })
@@ -387,7 +395,14 @@ pub fn status_json(dir: &Path, saved: Option<&Status>) -> serde_json::Value {
 pub fn print_status(dir: &Path, saved: Option<&Status>, out: &Out) {
     let lan = store::read(dir).unwrap_or_default();
     match saved.and_then(|s| s.lan_url.as_deref()) {
-        Some(url) => out.ok(&format!("LAN mode: serving {url} (no relay)")),
+        Some(url) => match address_lost(saved) {
+            None => out.ok(&format!("LAN mode: serving {url} (no relay)")),
+            Some(ip) => out.warn(&format!(
+                "LAN mode: serving {url}, but this machine no longer has the address {ip} \
+                 (another network, or a new address from DHCP): phones cannot reach it. Run \
+                 hermeschat-pair --local to serve this machine's address now, and scan its QR"
+            )),
+        },
         None if lan.devices.is_empty() => return,
         None => out.info("LAN mode: not serving (start it with: hermeschat-pair --local)"),
     }
@@ -413,6 +428,26 @@ pub fn print_status(dir: &Path, saved: Option<&Status>, out: &Out) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_address_this_machine_no_longer_has_is_told_apart() {
+        let serving = |ip: IpAddr| Status { lan_url: Some(ws_url(ip, 8766)), ..Status::default() };
+        let ours = netif::interfaces().unwrap().into_iter().map(|f| f.addr).collect::<Vec<_>>();
+        for ip in &ours {
+            assert_eq!(address_lost(Some(&serving(*ip))), None, "{ip} is this machine's");
+        }
+        assert_eq!(address_lost(Some(&serving("127.0.0.1".parse().unwrap()))), None);
+        // An address from documentation ranges no machine here holds.
+        let gone: IpAddr = ["198.51.100.77", "203.0.113.77"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .find(|a| !ours.contains(a))
+            .unwrap();
+        assert_eq!(address_lost(Some(&serving(gone))), Some(gone));
+        // Not serving the LAN: nothing lost.
+        assert_eq!(address_lost(Some(&Status::default())), None);
+        assert_eq!(address_lost(None), None);
+    }
 
     #[test]
     fn hosts_and_urls() {

@@ -6,8 +6,10 @@
 //!   ([`crate::poll`]), never by sleeps or read timeouts;
 //! - [`registry`] — a small worker pool answering the registry API and authenticating upgrades
 //!   against the [`store`] (SQLite), so disk never stalls routing;
-//! - [`ratelimit`] — per-IP limits for the unauthenticated routes.
+//! - [`ratelimit`] — per-IP limits for the unauthenticated routes;
+//! - [`kicks`] — revocations remembered so that no upgrade checked before one attaches after it.
 
+pub mod kicks;
 pub mod ratelimit;
 pub mod reactor;
 pub mod registry;
@@ -17,7 +19,7 @@ use std::collections::HashSet;
 use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -52,6 +54,10 @@ pub struct RelayConfig {
     pub workers: usize,
     /// Open connections at most; more are closed at accept.
     pub max_connections: usize,
+    /// Open connections from one source (an IPv4 address, an IPv6 /64) at most; more are
+    /// closed at accept. Loopback sources are not counted, nor any with `trust_proxy` (every
+    /// connection then comes from the proxy). 0: no cap.
+    pub max_connections_per_ip: u32,
     /// Frame and queue limits.
     pub limits: Limits,
 }
@@ -71,6 +77,7 @@ impl RelayConfig {
             trust_proxy: false,
             workers: 2,
             max_connections: 20_000,
+            max_connections_per_ip: 256,
             limits: Limits::default(),
         }
     }
@@ -110,6 +117,8 @@ pub enum ToReactor {
         bridge_id: String,
         /// One client, or every socket of the bridge when `None`.
         client_id: Option<String>,
+        /// The revocation epoch after the commit ([`Shared::kick`]).
+        epoch: u64,
     },
 }
 
@@ -133,6 +142,8 @@ pub struct Shared {
     /// Limits `POST /v1/pair/verify`.
     pub verify_limit: RateLimiter,
     presence: Mutex<Presence>,
+    /// Revocations (revokes and bridge deletions) committed so far: see [`kicks`].
+    revocations: AtomicU64,
     to_reactor: Sender<ToReactor>,
     poller: Arc<Poller>,
 }
@@ -143,6 +154,19 @@ impl Shared {
         if self.to_reactor.send(msg).is_ok() {
             let _ = self.poller.notify();
         }
+    }
+
+    /// The revocation epoch, read before a credential is checked in the store.
+    pub fn epoch(&self) -> u64 {
+        self.revocations.load(Ordering::SeqCst)
+    }
+
+    /// Closes the sockets of a revocation just committed to the store: one client's, or
+    /// every socket of the bridge (`client_id` `None`); upgrades checked before it are refused.
+    pub fn kick(&self, bridge_id: &str, client_id: Option<&str>) {
+        let epoch = self.revocations.fetch_add(1, Ordering::SeqCst) + 1;
+        let (bridge_id, client_id) = (bridge_id.to_owned(), client_id.map(str::to_owned));
+        self.send(ToReactor::Kick { bridge_id, client_id, epoch });
     }
 
     /// The live presence table.
@@ -240,6 +264,7 @@ impl Relay {
             config,
             public_url,
             presence: Mutex::new(Presence::default()),
+            revocations: AtomicU64::new(0),
             to_reactor: tx,
             poller,
         });

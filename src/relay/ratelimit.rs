@@ -55,7 +55,7 @@ impl RateLimiter {
 
 /// The unit a limit counts: an IPv4 address (also when written as IPv4-mapped IPv6), or the
 /// /64 network of an IPv6 address.
-fn source(ip: IpAddr) -> IpAddr {
+pub(crate) fn source(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(_) => ip,
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {

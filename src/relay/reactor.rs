@@ -28,6 +28,8 @@ use crate::stream::{Stream, TlsSocket};
 use crate::wsout::{WsOut, would_block};
 use crate::wsread::{Ended, Incoming, ReadError, WsReader, close_reply};
 
+use super::kicks::Kicks;
+use super::ratelimit::source;
 use super::registry::{Job, JobSender, Outcome, Refused, access_log};
 use super::{ConnId, Peer, Shared, ToReactor, log_event};
 use crate::http::{self, Head, Parsed};
@@ -97,6 +99,9 @@ const REPLY_BUDGET: usize = 1 << 20;
 /// (EMFILE, ENFILE, ENOBUFS): the pending connection stays readable, so watching it at once
 /// would spin the loop and flood the log.
 const ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+
+/// How often at most an `accept.refused` line counts the connections closed at accept.
+const REFUSED_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// What happens after an HTTP response is written.
 enum After {
@@ -205,6 +210,15 @@ pub struct Reactor {
     read_texts: Vec<Result<Utf8Bytes, ()>>,
     /// Set while the listener is unwatched after an `accept` failure ([`ACCEPT_BACKOFF`]).
     accept_paused_until: Option<Instant>,
+    /// Recent revocations: upgrades checked before them are refused.
+    kicks: Kicks,
+    /// Open connections per counted source (`--max-connections-per-ip`).
+    per_source: FastMap<IpAddr, u32>,
+    /// Connections closed at accept since the last `accept.refused` line: over
+    /// `--max-connections`, over `--max-connections-per-ip`.
+    refused: (u64, u64),
+    /// When the last `accept.refused` line was written.
+    refused_logged: Option<Instant>,
     /// The socket whose messages are being routed: what is queued to it now is an answer.
     reading: Option<ConnId>,
     ws_config: WebSocketConfig,
@@ -244,6 +258,10 @@ impl Reactor {
             dirty: Vec::new(),
             read_texts: Vec::new(),
             accept_paused_until: None,
+            kicks: Kicks::default(),
+            per_source: FastMap::default(),
+            refused: (0, 0),
+            refused_logged: None,
             reading: None,
             ws_config,
             dropped_frames: 0,
@@ -341,7 +359,13 @@ impl Reactor {
                 }
             };
             if self.conns.len() >= self.shared.config.max_connections {
-                drop(tcp);
+                self.refused.0 += 1;
+                continue;
+            }
+            let cap = self.shared.config.max_connections_per_ip;
+            if self.counted_source(addr.ip()).is_some_and(|s| self.per_source.get(&s) >= Some(&cap))
+            {
+                self.refused.1 += 1;
                 continue;
             }
             if tcp.set_nonblocking(true).is_err() {
@@ -375,17 +399,40 @@ impl Reactor {
             let added =
                 unsafe { self.poller.add_with_mode(tcp, Event::readable(id), PollMode::Level) };
             if added.is_ok() {
-                self.conns.insert(id, conn);
+                self.insert(id, conn);
                 // A TLS stream or a pipelined request may already hold bytes.
                 self.ready.push(id);
             }
         }
     }
 
+    /// The source `--max-connections-per-ip` counts a connection from `ip` under, if any.
+    fn counted_source(&self, ip: IpAddr) -> Option<IpAddr> {
+        let config = &self.shared.config;
+        let counted = config.max_connections_per_ip > 0 && !config.trust_proxy;
+        (counted && !ip.to_canonical().is_loopback()).then(|| source(ip))
+    }
+
+    /// Adds a connection the poller watches to the table.
+    fn insert(&mut self, id: ConnId, conn: Conn) {
+        if let Some(s) = self.counted_source(conn.ip) {
+            *self.per_source.entry(s).or_default() += 1;
+        }
+        self.conns.insert(id, conn);
+    }
+
     /// Removes a connection from the poller and the table; its socket closes when dropped.
     fn remove(&mut self, id: ConnId) -> Option<Conn> {
         let mut conn = self.conns.remove(&id)?;
         let _ = self.poller.delete(conn.tcp());
+        if let Some(s) = self.counted_source(conn.ip)
+            && let Some(n) = self.per_source.get_mut(&s)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.per_source.remove(&s);
+            }
+        }
         if let Io::Ws(w) = &mut conn.io {
             self.resume(std::mem::take(&mut w.waiters));
         }
@@ -474,7 +521,7 @@ impl Reactor {
             unsafe { self.poller.add_with_mode(conn.tcp(), Event::readable(id), PollMode::Level) };
         conn.interest = (true, false);
         if added.is_ok() {
-            self.conns.insert(id, conn);
+            self.insert(id, conn);
             if ready {
                 self.ready.push(id);
             }
@@ -645,15 +692,19 @@ impl Reactor {
                 let after = if close { After::Close } else { After::KeepAlive };
                 self.http_respond(conn, bytes, after);
             }
-            ToReactor::Outcome(Outcome::Upgrade { conn, accept, peer }) => {
-                self.accept_upgrade(conn, accept, peer);
+            ToReactor::Outcome(Outcome::Upgrade { conn, accept, peer, epoch }) => {
+                self.accept_upgrade(conn, accept, peer, epoch);
             }
-            ToReactor::Kick { bridge_id, client_id } => self.kick(&bridge_id, client_id.as_deref()),
+            ToReactor::Kick { bridge_id, client_id, epoch } => {
+                self.kicks.record(&bridge_id, client_id.as_deref(), epoch, Instant::now());
+                self.kick(&bridge_id, client_id.as_deref());
+            }
         }
     }
 
-    /// Completes an authenticated upgrade, unless another live instance owns the bridge.
-    fn accept_upgrade(&mut self, id: ConnId, accept: String, peer: Peer) {
+    /// Completes an authenticated upgrade, unless its credential was revoked after the check
+    /// (401) or another live instance owns the bridge (409).
+    fn accept_upgrade(&mut self, id: ConnId, accept: String, peer: Peer, epoch: u64) {
         let Some(Conn { io: Io::Http(h), ip, .. }) = self.conns.get(&id) else {
             return;
         };
@@ -661,6 +712,16 @@ impl Reactor {
             return;
         };
         let ip = *ip;
+        if self.kicks.refuses(&peer, epoch) {
+            let body = serde_json::to_string(&p::ApiError::new(
+                p::api_code::UNAUTHORIZED,
+                "missing or wrong credentials for this endpoint",
+            ))
+            .unwrap_or_default();
+            access_log(&head, 401, ip, started);
+            self.http_respond(id, http::json_response(401, &body, true), After::Close);
+            return;
+        }
         if let Peer::Bridge { bridge_id, instance } = &peer {
             let owner = self.bridges.get(bridge_id).and_then(|r| r.conn.map(|c| (c, &r.instance)));
             if let Some((owner_conn, owner_instance)) = owner {
@@ -1391,12 +1452,50 @@ impl Reactor {
         for id in targets {
             self.close_ws(id, close_code::REVOKED, "revoked");
         }
+        // An upgrade accepted before the kick whose 101 is still being written: checked before
+        // the revocation committed (one checked after fails in the store), so it never attaches.
+        let revoked = |peer: &Peer| match peer {
+            Peer::Bridge { bridge_id: b, .. } => client_id.is_none() && b == bridge_id,
+            Peer::App { bridge_id: b, client_id: c, .. } => {
+                b == bridge_id && client_id.is_none_or(|k| k == c)
+            }
+        };
+        let pending: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                matches!(&c.io, Io::Http(h) if matches!(&h.after, Some(After::Upgrade(p)) if revoked(p)))
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for id in pending {
+            self.remove(id);
+        }
     }
 
     // -- timers and shutdown -------------------------------------------------------------------
 
     fn timers(&mut self) {
         let now = Instant::now();
+        self.kicks.prune(now);
+        // Refusals are counted, and told at most once a minute: a flood must not flood the log.
+        if self.refused != (0, 0)
+            && self.refused_logged.is_none_or(|t| now.duration_since(t) >= REFUSED_LOG_EVERY)
+        {
+            let (total, per_ip) = std::mem::take(&mut self.refused);
+            log_event(
+                "accept.refused",
+                &[
+                    ("over_max_connections", &total.to_string()),
+                    ("over_max_connections_per_ip", &per_ip.to_string()),
+                    (
+                        "next",
+                        "raise --max-connections or --max-connections-per-ip if these are your users",
+                    ),
+                ],
+            );
+            self.refused_logged = Some(now);
+        }
         if self.accept_paused_until.is_some_and(|t| now >= t) {
             self.accept_paused_until = None;
             self.watch_listener(true);

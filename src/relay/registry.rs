@@ -111,7 +111,8 @@ pub enum Outcome {
         /// Close after writing.
         close: bool,
     },
-    /// The upgrade is authenticated; the reactor completes it (or refuses with 409).
+    /// The upgrade is authenticated; the reactor completes it (or refuses with 409, or 401
+    /// when a revocation committed after the check).
     Upgrade {
         /// The connection.
         conn: ConnId,
@@ -119,6 +120,8 @@ pub enum Outcome {
         accept: String,
         /// Who is connecting.
         peer: Peer,
+        /// The revocation epoch read before the credential was checked ([`super::kicks`]).
+        epoch: u64,
     },
 }
 
@@ -168,7 +171,7 @@ pub fn access_log(head: &Head, status: u16, ip: IpAddr, started: Instant) {
 /// A handler's reply: status and JSON body, or an authenticated upgrade.
 enum Reply {
     Json(u16, String),
-    Upgrade(String, Peer),
+    Upgrade(String, Peer, u64),
 }
 
 fn ok<T: Serialize>(status: u16, body: &T) -> Reply {
@@ -206,7 +209,9 @@ fn handle(
             }
             (Outcome::Respond { conn, bytes, close }, status)
         }
-        Reply::Upgrade(accept, peer) => (Outcome::Upgrade { conn, accept, peer }, 101),
+        Reply::Upgrade(accept, peer, epoch) => {
+            (Outcome::Upgrade { conn, accept, peer, epoch }, 101)
+        }
     }
 }
 
@@ -238,7 +243,7 @@ fn route(store: &mut Store, shared: &Shared, head: &Head, body: &[u8], ip: IpAdd
         "/v1/internal/hermes/bridge-status" if expect("GET") => {
             return bridge_status(store, shared, head);
         }
-        "/ws/bridge" | "/ws/app" => return upgrade(store, head, path == "/ws/bridge"),
+        "/ws/bridge" | "/ws/app" => return upgrade(store, shared, head, path == "/ws/bridge"),
         "/v1/health"
         | "/v1/bridge/register"
         | "/v1/bridge/access-code"
@@ -351,7 +356,7 @@ fn delete(store: &mut Store, shared: &Shared, head: &Head, body: &[u8]) -> Handl
     let req: p::BridgeRequest = try_reply!(parse(body));
     try_reply!(auth_bridge(store, head, &req.bridge_id)?);
     store.delete_bridge(&req.bridge_id)?;
-    shared.send(ToReactor::Kick { bridge_id: req.bridge_id.clone(), client_id: None });
+    shared.kick(&req.bridge_id, None);
     log_event("bridge.deleted", &[("bridge", &req.bridge_id)]);
     Ok(ok(200, &p::OkResponse { ok: true }))
 }
@@ -377,10 +382,7 @@ fn revoke(store: &mut Store, shared: &Shared, head: &Head, body: &[u8]) -> Handl
             "no such client is paired with this bridge",
         ));
     }
-    shared.send(ToReactor::Kick {
-        bridge_id: req.bridge_id.clone(),
-        client_id: Some(req.client_id.clone()),
-    });
+    shared.kick(&req.bridge_id, Some(&req.client_id));
     log_event("client.revoked", &[("bridge", &req.bridge_id), ("client", &req.client_id)]);
     Ok(ok(200, &p::OkResponse { ok: true }))
 }
@@ -458,7 +460,7 @@ fn bridge_status(store: &mut Store, shared: &Shared, head: &Head) -> Handled {
 /// Authenticates a WebSocket upgrade. Tokens are bound to their role by their form and by the
 /// table they are checked against: a clientSecret can never open `/ws/bridge`, nor a
 /// relaySecret `/ws/app`.
-fn upgrade(store: &mut Store, head: &Head, bridge_role: bool) -> Handled {
+fn upgrade(store: &mut Store, shared: &Shared, head: &Head, bridge_role: bool) -> Handled {
     if !head.is_websocket_upgrade() {
         return Ok(err(426, api_code::UPGRADE_REQUIRED, "this endpoint needs a WebSocket upgrade"));
     }
@@ -474,6 +476,9 @@ fn upgrade(store: &mut Store, head: &Head, bridge_role: bool) -> Handled {
         return Ok(err(400, api_code::BAD_REQUEST, "bridgeId must be 24 lowercase hex digits"));
     }
     let token = head.bearer().unwrap_or_default();
+    // Read before the store is: a revocation that commits after this check is caught by the
+    // reactor (super::kicks).
+    let epoch = shared.epoch();
     let unauthorised =
         || err(401, api_code::UNAUTHORIZED, "missing or wrong credentials for this endpoint");
     if bridge_role {
@@ -488,6 +493,7 @@ fn upgrade(store: &mut Store, head: &Head, bridge_role: bool) -> Handled {
             Some(_) => Reply::Upgrade(
                 accept,
                 Peer::Bridge { bridge_id: bridge_id.into(), instance: instance.into() },
+                epoch,
             ),
             None if !store.bridge_exists(bridge_id)? => {
                 err(404, api_code::BRIDGE_NOT_FOUND, "this bridge is not registered here")
@@ -502,6 +508,7 @@ fn upgrade(store: &mut Store, head: &Head, bridge_role: bool) -> Handled {
             Some(c) => Reply::Upgrade(
                 accept,
                 Peer::App { bridge_id: c.bridge_id, client_id: c.id, device_name: c.device_name },
+                epoch,
             ),
             None if !store.bridge_exists(bridge_id)? => {
                 err(404, api_code::BRIDGE_NOT_FOUND, "this bridge is not registered here")

@@ -173,6 +173,11 @@ fn drain<R: Read + Send + 'static>(r: R, lines: Lines) -> JoinHandle<()> {
 impl Relay {
     /// Starts a relay on `127.0.0.1:0` with high rate limits and `extra` flags.
     pub fn start(extra: &[&str]) -> Relay {
+        Relay::start_on("127.0.0.1:0", extra)
+    }
+
+    /// Starts a relay listening on `listen` with high rate limits and `extra` flags.
+    pub fn start_on(listen: &str, extra: &[&str]) -> Relay {
         let mut all: Vec<String> = HIGH_RATES.iter().map(|s| s.to_string()).collect();
         // Later flags win for a typical CLI parser, but to be safe drop the defaults that the
         // caller overrides.
@@ -193,7 +198,7 @@ impl Relay {
             stdout: Arc::new((Mutex::new(Vec::new()), Condvar::new())),
             readers: Vec::new(),
         };
-        relay.spawn("127.0.0.1:0");
+        relay.spawn(listen);
         relay
     }
 
