@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::bridge::{self, BridgeOptions, Health, Status, workers::Target};
+use crate::bridge::workers::{Target, http_url};
+use crate::bridge::{self, BridgeOptions, Health, Status};
 use crate::daemon::{self, PidLock, Readiness, Stopped};
 use crate::protocol::{DEFAULT_ALLOWED_PREFIXES, RelayQr};
 use crate::registry_client::{Registry, RegistryError};
@@ -401,9 +402,11 @@ pub(crate) fn registry_url(args: &Args, config: &Config) -> Result<String, Exit>
 
 /// The backend host and the port to try first.
 pub(crate) fn backend_address(args: &Args, config: &Config) -> Result<(String, u16), Exit> {
+    // An IPv6 host may be written as in a URL (`[::1]`); it is kept bare (`::1`) everywhere.
     let host = std::env::var("HERMESCHAT_LOCAL_HOST")
         .ok()
-        .filter(|h| !h.trim().is_empty())
+        .map(|h| h.trim().trim_start_matches('[').trim_end_matches(']').to_owned())
+        .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "127.0.0.1".into());
     let env_port = match std::env::var("HERMESCHAT_LOCAL_PORT") {
         Ok(v) if !v.trim().is_empty() => Some(v.trim().parse::<u16>().map_err(|_| {
@@ -444,12 +447,12 @@ pub(crate) fn backend_gate(args: &Args, config: &Config, out: &Out) -> Result<Ba
         // (with --no-server, the user's own API is looked for elsewhere, below).
         Health::Ready if ours == Some(port) => {
             if !args.no_server {
-                out.ok(&format!("Built-in Hermes backend in use (http://{host}:{port})"));
+                out.ok(&format!("Built-in Hermes backend in use ({})", http_url(&host, port)));
                 return Ok(Backend { target: target(&host, port), builtin: true });
             }
         }
         Health::Ready => {
-            out.ok(&format!("Local Hermes API ready (http://{host}:{port})"));
+            out.ok(&format!("Local Hermes API ready ({})", http_url(&host, port)));
             return external(target(&host, port));
         }
         Health::Unhealthy => {
@@ -469,7 +472,7 @@ pub(crate) fn backend_gate(args: &Args, config: &Config, out: &Out) -> Result<Ba
     // API on the common ports, as the original tool does.
     for &p in COMMON_PORTS.iter().filter(|&&p| p != port && ours != Some(p)) {
         if bridge::poller::probe(&host, p, "/api/health") == Health::Ready {
-            out.ok(&format!("Found a Hermes-compatible API on port {p} (http://{host}:{p})"));
+            out.ok(&format!("Found a Hermes-compatible API on port {p} ({})", http_url(&host, p)));
             return external(target(&host, p));
         }
     }
@@ -690,10 +693,7 @@ pub(crate) fn wait_backend_ready(target: &Target, dir: &Path, out: &Out) -> Resu
     loop {
         match bridge::poller::probe(&target.host, target.port, "/api/health") {
             Health::Ready => {
-                out.ok(&format!(
-                    "Built-in Hermes backend ready (http://{}:{})",
-                    target.host, target.port
-                ));
+                out.ok(&format!("Built-in Hermes backend ready ({})", target.url()));
                 return Ok(());
             }
             _ if Instant::now() >= deadline => {
@@ -938,8 +938,7 @@ fn status(args: &Args) -> Result<(), Exit> {
         Some(addr) => addr,
         None => backend_address(args, &config)?,
     };
-    let backend_addr =
-        if bhost.contains(':') { format!("[{bhost}]:{bport}") } else { format!("{bhost}:{bport}") };
+    let backend_url = http_url(&bhost, bport);
     let backend = bridge::poller::probe(&bhost, bport, "/api/health");
     let gateway_config = crate::gateway::HermesConfig::load();
     let gateway = crate::gateway::probe(&gateway_config);
@@ -962,7 +961,7 @@ fn status(args: &Args) -> Result<(), Exit> {
                 "since": saved.as_ref().map(|s| s.relay_since),
                 "error": saved.as_ref().and_then(|s| s.relay_error.clone()),
             },
-            "backend": { "url": format!("http://{backend_addr}"), "state": backend },
+            "backend": { "url": backend_url, "state": backend },
             "gateway": { "url": gateway_config.url(), "state": if gateway == Health::Ready { "online" } else { "offline" } },
             "appsOnline": saved.as_ref().map_or(0, |s| s.apps_online.len()),
             "pairedDevices": devices.as_ref().and_then(|d| d.as_ref().ok()),
@@ -999,7 +998,7 @@ fn status(args: &Args) -> Result<(), Exit> {
         }
         line(
             backend == Health::Ready,
-            format!("Backend {} (http://{backend_addr}/api/health)", health_word(backend)),
+            format!("Backend {} ({backend_url}/api/health)", health_word(backend)),
         );
         line(
             gateway == Health::Ready,
@@ -1077,8 +1076,13 @@ fn run_bridge(args: &Args, mut ready: Readiness, detached: bool) -> Result<(), E
             && crate::backend::available()
             && is_loopback(&host)
             && bridge::poller::probe(&host, port, "/api/health") == Health::NotListening;
-        let backend =
-            builtin.then(|| crate::backend::BackendConfig { port, state_dir: dir.clone() });
+        // `localhost` (the only name `is_loopback` takes) is served on 127.0.0.1.
+        let loopback = host.parse().unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
+        let backend = builtin.then(|| crate::backend::BackendConfig {
+            host: loopback,
+            port,
+            state_dir: dir.clone(),
+        });
         let lan =
             if args.local { Some(crate::lan::LanConfig::from_args(args, &dir)?) } else { None };
         let options = BridgeOptions {

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::bridge::workers::{Target, http_url};
 use crate::bridge::{Health, Status};
 use crate::cli::{
     Args, Exit, Out, backend_address, load_config, load_identity, read_status, registry_url,
@@ -219,11 +220,12 @@ pub fn run(args: &Args) -> Result<(), Exit> {
     }
 
     // 5. The backend, directly.
-    let backend_url = match &status {
-        Some(s) if !s.backend_url.is_empty() => s.backend_url.clone(),
-        _ => {
+    // Written anew: an older daemon wrote an IPv6 host without brackets.
+    let backend_url = match status.as_ref().and_then(|s| Target::parse_url(&s.backend_url)) {
+        Some((host, port)) => http_url(&host, port),
+        None => {
             let (host, port) = backend_address(args, &config)?;
-            format!("http://{host}:{port}")
+            http_url(&host, port)
         }
     };
     report.add(check_backend(&backend_url, &dir));

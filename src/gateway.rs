@@ -636,6 +636,13 @@ impl Chain {
         self.state_dir.join("gateway.pid")
     }
 
+    /// `gateway.lock` in the state directory: held while a chain runs, so that two (a pairing
+    /// and a boot bridge, say) never start two gateways, which would both answer the user's
+    /// messaging platforms.
+    pub fn lock_path(&self) -> PathBuf {
+        self.state_dir.join("gateway.lock")
+    }
+
     /// The user id for `gui/<uid>`.
     fn uid() -> u32 {
         // SAFETY: getuid has no preconditions and cannot fail.
@@ -647,6 +654,15 @@ impl Chain {
     pub fn run(&self, action: Action) -> Report {
         let started = Instant::now();
         let until = started + self.deadline;
+        // One chain at a time; the next one starts from what the previous one left.
+        let lock = state::ensure_dir(&self.state_dir)
+            .and_then(|()| state::FileLock::acquire_until(&self.lock_path(), until));
+        let _lock = match lock {
+            Ok(Some(lock)) => Some(lock),
+            Ok(None) => return self.busy_report(action),
+            // No lock file (a read-only state directory): run unguarded rather than not at all.
+            Err(_) => None,
+        };
         let health = probe(&self.config);
         let was_online = health == Health::Ready;
         let mut report = Report {
@@ -686,6 +702,28 @@ impl Chain {
         }
         self.start_steps(&mut report, until);
         report
+    }
+
+    /// What a chain that waited its whole deadline for another one reports.
+    fn busy_report(&self, action: Action) -> Report {
+        let online = probe(&self.config) == Health::Ready;
+        Report {
+            action,
+            was_online: online,
+            online,
+            started_via: None,
+            steps: vec![Step {
+                name: "lock".into(),
+                command: String::new(),
+                outcome: "busy".into(),
+                detail: format!(
+                    "another wake-up of the gateway held {} for the whole deadline",
+                    self.lock_path().display()
+                ),
+            }],
+            problems: Vec::new(),
+            addr: self.config.addr(),
+        }
     }
 
     /// The start steps, in order, until `/health` answers.
@@ -1240,6 +1278,39 @@ mod tests {
             Some("9100")
         );
         assert_eq!(yaml_lookup(yaml, &["platforms", "other", "extra", "port"]), None);
+    }
+
+    #[test]
+    fn a_chain_waits_for_one_already_running_and_starts_nothing_meanwhile() {
+        let dir = std::env::temp_dir().join(format!("hc-gw-lock-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        // A port nothing listens on.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let config = HermesConfig::from_sources(&dir, |n| {
+            (n == URL_ENV).then(|| format!("http://{closed}"))
+        });
+        let chain = Chain {
+            platform: Platform::Other,
+            config,
+            state_dir: dir.clone(),
+            deadline: Duration::from_millis(300),
+        };
+        let held = state::FileLock::acquire(&chain.lock_path()).unwrap();
+        let started = Instant::now();
+        let report = chain.run(Action::Start);
+        assert!(started.elapsed() >= Duration::from_millis(300), "it did not wait");
+        assert_eq!(report.steps.len(), 1, "{:?}", report.steps);
+        assert_eq!(
+            (report.steps[0].name.as_str(), report.steps[0].outcome.as_str()),
+            ("lock", "busy")
+        );
+        assert!(!report.online);
+        assert!(!dir.join("gateway.pid").exists(), "a gateway was started meanwhile");
+        // Released: the next one takes it at once.
+        drop(held);
+        let lock = state::FileLock::acquire_until(&chain.lock_path(), Instant::now()).unwrap();
+        assert!(lock.is_some(), "the lock was not released");
+        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -516,6 +516,67 @@ pub struct Config {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Locks
+
+/// An exclusive `flock` on a lock file (created 0600), released when dropped: one process at a
+/// time runs what it guards (`lan.json` updates, a gateway wake-up).
+#[derive(Debug)]
+pub struct FileLock {
+    /// Held open for the lock's life: the lock ends when it is closed.
+    _file: File,
+}
+
+impl FileLock {
+    /// Waits for the lock as long as it takes.
+    pub fn acquire(path: &Path) -> io::Result<FileLock> {
+        Self::take(path, None)
+    }
+
+    /// Waits for the lock until `deadline`; `Ok(None)` when another holder kept it until then.
+    pub fn acquire_until(
+        path: &Path,
+        deadline: std::time::Instant,
+    ) -> io::Result<Option<FileLock>> {
+        match Self::take(path, Some(deadline)) {
+            Ok(lock) => Ok(Some(lock)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn take(path: &Path, deadline: Option<std::time::Instant>) -> io::Result<FileLock> {
+        use std::os::fd::AsRawFd;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(FILE_MODE)
+            .open(path)
+            .map_err(|e| with_path(path, e))?;
+        let op = if deadline.is_some() { libc::LOCK_EX | libc::LOCK_NB } else { libc::LOCK_EX };
+        loop {
+            // SAFETY: flock on a descriptor we own; the lock ends when `file` is closed.
+            if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+                return Ok(FileLock { _file: file });
+            }
+            let e = io::Error::last_os_error();
+            match deadline {
+                _ if e.kind() == io::ErrorKind::Interrupted => {}
+                Some(until) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if std::time::Instant::now() >= until {
+                        return Err(e);
+                    }
+                    // Not a hot path: a holder keeps it for seconds.
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                _ => return Err(with_path(path, e)),
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Logs
 
 /// A log file that rotates by size: `bridge.log` → `bridge.log.1` → … → `bridge.log.<keep-1>`,

@@ -57,7 +57,11 @@ fn backend(gw_port: u16, key: &str, tweak: impl FnOnce(&mut Settings)) -> Backen
         enabled: true,
         installed: true,
     };
-    let mut s = Settings::from_env(&BackendConfig { port: 0, state_dir: dir.clone() });
+    let mut s = Settings::from_env(&BackendConfig {
+        host: std::net::Ipv4Addr::LOCALHOST.into(),
+        port: 0,
+        state_dir: dir.clone(),
+    });
     s.gateway = GatewaySource::Fixed(config);
     s.direct = None;
     s.timeouts = Timeouts {

@@ -1250,3 +1250,36 @@ fn logs_others_append_to_are_trimmed_in_place_by_the_running_bridge() {
     assert!(now.len() < 1 << 20, "service-error.log still holds {} bytes", now.len());
     assert!(!now.contains('\0'), "service-error.log has a hole: {:?}", &now[..now.len().min(80)]);
 }
+
+/// An IPv6 backend host, written as in a URL (`HERMESCHAT_LOCAL_HOST=[::1]`): the built-in
+/// backend is started on `[::1]` and answers through the relay.
+#[test]
+fn a_bracketed_ipv6_backend_host_gets_the_built_in_backend_there() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("skipped: no IPv6 loopback here");
+        return;
+    }
+    let s = setup();
+    let mut app = s.app;
+    let port = std::net::TcpListener::bind("[::1]:0").unwrap().local_addr().unwrap().port();
+    let port = port.to_string();
+    let run = s.env.run_env(
+        &["--server", &s.relay.url(), "--port", &port],
+        &[("HERMESCHAT_LOCAL_HOST", "[::1]")],
+    );
+    run.assert_code(0, "hermeschat-pair with HERMESCHAT_LOCAL_HOST=[::1]");
+    assert!(run.stdout.contains("Built-in Hermes backend ready"), "{}", run.stdout);
+    assert!(
+        std::net::TcpStream::connect(format!("[::1]:{port}")).is_ok(),
+        "nothing listens on [::1]:{port}"
+    );
+    wait_bridge_status(&mut app, true, Duration::from_secs(10));
+    let w = fetch(&mut app, &request("h-v6", "GET", "/api/health", &[], None));
+    assert_eq!(w.status, 200);
+    assert_eq!(w.json()["version"], env!("CARGO_PKG_VERSION"), "the built-in backend answers");
+    // --status names it as a URL and finds it healthy (without the variable: status.json).
+    let status = s.env.run(&["--status", "--json"]);
+    status.assert_code(0, "--status");
+    let v: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    assert_eq!(v["backend"]["url"], format!("http://[::1]:{port}"), "{v}");
+}

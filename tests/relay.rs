@@ -1871,7 +1871,8 @@ fn serves_health(s: &mut TcpStream) -> bool {
 fn one_address_holds_at_most_its_share_of_connections_and_loopback_is_not_counted() {
     // A source that is not loopback: one of this machine's own addresses.
     let ifaces = hermeschat_pair::netif::interfaces().unwrap_or_default();
-    let Some(ip) = ifaces.iter().map(|f| f.addr).find(|a| a.is_ipv4() && !a.is_loopback()) else {
+    let usable = |f: &&hermeschat_pair::netif::Iface| f.up && f.addr.is_ipv4() && !f.loopback;
+    let Some(ip) = ifaces.iter().filter(usable).map(|f| f.addr).find(|a| !a.is_loopback()) else {
         eprintln!("skipped: this machine has no non-loopback address");
         return;
     };
@@ -1910,7 +1911,10 @@ fn one_address_holds_at_most_its_share_of_connections_and_loopback_is_not_counte
             serde_json::from_str::<Value>(l).ok().filter(|v| v["event"] == "accept.refused")
         });
         if let Some(line) = refused {
-            assert_eq!(line["over_max_connections_per_ip"], "1", "{line}");
+            // One, or more if a retry above came before the relay saw the close.
+            let refused: u64 =
+                line["over_max_connections_per_ip"].as_str().unwrap().parse().unwrap();
+            assert!(refused >= 1, "{line}");
             assert_eq!(line["over_max_connections"], "0", "{line}");
             break;
         }

@@ -1,5 +1,6 @@
 //! The built-in backend: the job of the original tool's bundled Python server, inside the
-//! daemon, on `127.0.0.1:<port>` only (ARCHITECTURE §4).
+//! daemon, on a loopback address only (`127.0.0.1:<port>`, or `[::1]:<port>` for an IPv6
+//! backend host; ARCHITECTURE §4).
 //!
 //! Threads: one acceptor, then one thread per connection up to [`Settings::max_connections`]
 //! (more are answered 503 and closed), plus a short-lived watcher per streamed upstream
@@ -22,7 +23,7 @@ pub mod uploads;
 pub mod upstream;
 
 use std::io;
-use std::net::{TcpListener, TcpStream};
+use std::net::{IpAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -38,6 +39,8 @@ use upstream::{Direct, GatewaySource, Upstream};
 /// Where the built-in backend listens and keeps its files.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendConfig {
+    /// The loopback address (`127.0.0.1`, or `::1` when the backend host is IPv6).
+    pub host: IpAddr,
     /// The loopback port.
     pub port: u16,
     /// The state directory (uploads, `server.log`).
@@ -48,6 +51,8 @@ pub struct BackendConfig {
 /// their own (a fixed gateway, short deadlines).
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// The loopback address it listens on.
+    pub host: IpAddr,
     /// The loopback port (0: any free port; see [`Started::port`]).
     pub port: u16,
     /// The state directory (`uploads/`, `server.log`, `gateway.log`).
@@ -73,6 +78,7 @@ impl Settings {
     /// direct provider from `AI_API_KEY`/`AI_BASE_URL`/`AI_MODEL`.
     pub fn from_env(config: &BackendConfig) -> Settings {
         Settings {
+            host: config.host,
             port: config.port,
             state_dir: config.state_dir.clone(),
             gateway: GatewaySource::Discover,
@@ -130,8 +136,8 @@ pub fn available() -> bool {
     true
 }
 
-/// Binds `127.0.0.1:<port>` now (so a busy port is reported at once) and serves on a thread
-/// until `stop` is set.
+/// Binds `<host>:<port>` (loopback) now, so a busy port is reported at once, and serves on a
+/// thread until `stop` is set.
 pub fn start(config: &BackendConfig, stop: Arc<AtomicBool>) -> io::Result<JoinHandle<()>> {
     start_with(Settings::from_env(config), stop).map(|s| s.thread)
 }
@@ -148,7 +154,7 @@ pub struct Started {
 
 /// [`start`] with explicit settings.
 pub fn start_with(settings: Settings, stop: Arc<AtomicBool>) -> io::Result<Started> {
-    let listener = TcpListener::bind(("127.0.0.1", settings.port))?;
+    let listener = TcpListener::bind((settings.host, settings.port))?;
     let port = listener.local_addr()?.port();
     state::ensure_dir(&settings.state_dir)?;
     let log = match RotatingLog::open(&state::server_log(&settings.state_dir)) {
@@ -181,7 +187,8 @@ pub fn start_with(settings: Settings, stop: Arc<AtomicBool>) -> io::Result<Start
     };
     listener.set_nonblocking(true)?;
     shared.log(&format!(
-        "built-in backend listening on http://127.0.0.1:{port} (gateway {}, direct fallback {})",
+        "built-in backend listening on http://{} (gateway {}, direct fallback {})",
+        std::net::SocketAddr::new(shared.settings.host, port),
         shared.upstream.config().addr(),
         if shared.settings.direct.is_some() { "on" } else { "off" }
     ));
@@ -287,9 +294,13 @@ fn serve_connection(mut c: Conn, shared: &Arc<Shared>) {
     }
 }
 
-/// True for a loopback host name, with or without a port.
+/// True for a loopback host name, with or without a port (an IPv6 literal bracketed, or bare
+/// without a port).
 fn loopback_host(host: &str) -> bool {
     let host = host.trim();
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return ip.is_loopback();
+    }
     let name = match host.strip_prefix('[') {
         Some(rest) => rest.split(']').next().unwrap_or(""),
         None => host
@@ -335,5 +346,22 @@ fn route(shared: &Arc<Shared>, req: &conn::Request, c: &mut Conn, close: bool) -
         }
         (_, p) if proxy::is_proxied(p) => proxy::forward(shared, req, c, close),
         _ => reply(c, 404, "not_found", &format!("no route {method} {path}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::loopback_host;
+
+    #[test]
+    fn loopback_hosts_with_and_without_ports() {
+        for host in ["127.0.0.1", "127.0.0.1:8765", "localhost:8765", "[::1]:8765", "[::1]", "::1"]
+        {
+            assert!(loopback_host(host), "{host} is loopback");
+        }
+        for host in ["192.168.1.5:8765", "evil.example:8765", "[fd00::1]:8765", "fd00::1", "", ":1"]
+        {
+            assert!(!loopback_host(host), "{host} is not loopback");
+        }
     }
 }

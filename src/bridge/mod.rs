@@ -282,7 +282,8 @@ pub fn start(
             crate::backend::start(config, stop.clone())
                 .map_err(|e| format!("the built-in backend cannot start: {e}"))?,
         );
-        log(&format!("built-in backend listening on http://127.0.0.1:{}", config.port));
+        let addr = std::net::SocketAddr::new(config.host, config.port);
+        log(&format!("built-in backend listening on http://{addr}"));
     }
     let pool =
         Arc::new(workers::Pool::new(target.clone(), workers, crate::protocol::Limits::default()));
@@ -304,13 +305,12 @@ pub fn start(
     }
     match &identity {
         Some(id) => log(&format!(
-            "bridge {} starting: relay {}, backend http://{}:{}",
-            id.bridge_id, id.bridge_relay_url, target.host, target.port
+            "bridge {} starting: relay {}, backend {}",
+            id.bridge_id,
+            id.bridge_relay_url,
+            target.url()
         )),
-        None => log(&format!(
-            "bridge starting in LAN-only mode: backend http://{}:{}",
-            target.host, target.port
-        )),
+        None => log(&format!("bridge starting in LAN-only mode: backend {}", target.url())),
     }
     Ok(Bridge { identity, pool, status, stop, waker, threads })
 }

@@ -60,10 +60,13 @@ pub fn probe(host: &str, port: u16, path: &str) -> Health {
     let Some(addr) = (host, port).to_socket_addrs().ok().and_then(|mut a| a.next()) else {
         return Health::NotListening;
     };
-    probe_addr(addr, host, path)
+    // The Host header as a URL writes it: an IPv6 literal in brackets.
+    let authority =
+        if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+    probe_addr(addr, &authority, path)
 }
 
-fn probe_addr(addr: SocketAddr, host: &str, path: &str) -> Health {
+fn probe_addr(addr: SocketAddr, authority: &str, path: &str) -> Health {
     let mut tcp = match TcpStream::connect_timeout(&addr, PROBE_TIMEOUT) {
         Ok(t) => t,
         Err(_) => return Health::NotListening,
@@ -71,7 +74,7 @@ fn probe_addr(addr: SocketAddr, host: &str, path: &str) -> Health {
     let _ = tcp.set_read_timeout(Some(PROBE_TIMEOUT));
     let _ = tcp.set_write_timeout(Some(PROBE_TIMEOUT));
     let request = format!(
-        "GET {path} HTTP/1.0\r\nHost: {host}\r\nAccept: application/json\r\n{PROBE_HEADER}: 1\r\n\r\n"
+        "GET {path} HTTP/1.0\r\nHost: {authority}\r\nAccept: application/json\r\n{PROBE_HEADER}: 1\r\n\r\n"
     );
     if tcp.write_all(request.as_bytes()).is_err() {
         return Health::Unhealthy;

@@ -92,16 +92,26 @@ impl Target {
         }
     }
 
-    /// `http://host:port`, as status.json's `backendUrl` names the backend.
+    /// `http://host:port` ([`http_url`]), as status.json's `backendUrl` names the backend.
     pub fn url(&self) -> String {
-        format!("http://{}:{}", self.host, self.port)
+        http_url(&self.host, self.port)
     }
 
-    /// The host and port of a `backendUrl` (an IPv6 host bracketed or not; older daemons
-    /// bracketed it).
+    /// The host (bare) and port of a `backendUrl`; an IPv6 host is bracketed, or bare as older
+    /// daemons wrote it.
     pub fn parse_url(url: &str) -> Option<(String, u16)> {
         let (host, port) = url.trim_start_matches("http://").rsplit_once(':')?;
         Some((host.trim_matches(['[', ']']).to_owned(), port.parse().ok()?))
+    }
+}
+
+/// `http://host:port` with an IPv6 host in brackets: the form of status.json's `backendUrl`
+/// and of every message naming a backend.
+pub fn http_url(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("http://[{host}]:{port}")
+    } else {
+        format!("http://{host}:{port}")
     }
 }
 

@@ -6,16 +6,13 @@
 //! a token is consumed exactly once even if the CLI refreshes it at the same instant, and the
 //! file itself is written atomically with mode 0600 ([`crate::state::write_json`]).
 
-use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::secret;
-use crate::state::{self, Loaded};
+use crate::state::{self, FileLock, Loaded};
 
 /// How long a pairing token lives unless `HERMESCHAT_LAN_TOKEN_TTL_SECS` says otherwise.
 pub const TOKEN_TTL_SECS: u64 = 600;
@@ -129,31 +126,6 @@ pub enum Refused {
     Expired,
 }
 
-/// The exclusive lock on `lan.lock`; released when dropped.
-struct Locked(#[allow(dead_code)] File);
-
-impl Locked {
-    fn acquire(dir: &Path) -> io::Result<Locked> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(lan_lock(dir))?;
-        loop {
-            // SAFETY: flock on a descriptor we own; the lock ends when `file` is closed.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
-                return Ok(Locked(file));
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-        }
-    }
-}
-
 /// Reads `lan.json` (empty when missing; an unusable file is moved aside and logged by the
 /// caller through the returned note).
 fn load(dir: &Path) -> io::Result<(LanState, Option<String>)> {
@@ -177,7 +149,7 @@ pub fn update<R>(
     dir: &Path,
     f: impl FnOnce(&mut LanState) -> (R, bool),
 ) -> io::Result<(R, Option<String>)> {
-    let _lock = Locked::acquire(dir)?;
+    let _lock = FileLock::acquire(&lan_lock(dir))?;
     let (mut s, note) = load(dir)?;
     let (value, changed) = f(&mut s);
     if changed {
@@ -191,7 +163,7 @@ pub fn read(dir: &Path) -> io::Result<LanState> {
     if !lan_json(dir).exists() {
         return Ok(LanState::default());
     }
-    let _lock = Locked::acquire(dir)?;
+    let _lock = FileLock::acquire(&lan_lock(dir))?;
     Ok(load(dir)?.0)
 }
 

@@ -1441,13 +1441,11 @@ impl Reactor {
                 .map(|a| a.conn)
                 .into_iter()
                 .collect(),
-            None => {
-                let Some(route) = self.bridges.get(bridge_id) else {
-                    return;
-                };
+            // No route: nothing of the bridge is attached, but an upgrade may be pending (below).
+            None => self.bridges.get(bridge_id).map_or_else(Vec::new, |route| {
                 let apps = route.apps.iter().filter_map(|c| self.apps.get(c).map(|a| a.conn));
                 route.conn.into_iter().chain(apps).collect()
-            }
+            }),
         };
         for id in targets {
             self.close_ws(id, close_code::REVOKED, "revoked");
