@@ -640,7 +640,7 @@ impl Chain {
     /// and a boot bridge, say) never start two gateways, which would both answer the user's
     /// messaging platforms.
     pub fn lock_path(&self) -> PathBuf {
-        self.state_dir.join("gateway.lock")
+        state::gateway_lock(&self.state_dir)
     }
 
     /// The user id for `gui/<uid>`.
@@ -652,17 +652,23 @@ impl Chain {
     /// Runs `action`: the applicable steps in order, each followed by a bounded wait for
     /// `/health`, until the aim is reached or the deadline passes.
     pub fn run(&self, action: Action) -> Report {
-        let started = Instant::now();
-        let until = started + self.deadline;
-        // One chain at a time; the next one starts from what the previous one left.
-        let lock = state::ensure_dir(&self.state_dir)
-            .and_then(|()| state::FileLock::acquire_until(&self.lock_path(), until));
-        let _lock = match lock {
-            Ok(Some(lock)) => Some(lock),
+        // One chain at a time; the next one starts from what the previous one left, with its
+        // whole deadline from then on.
+        let path = self.lock_path();
+        let lock = state::ensure_dir(&self.state_dir).and_then(|()| {
+            if let Some(lock) = state::FileLock::acquire_until(&path, Instant::now())? {
+                return Ok(Some((lock, false)));
+            }
+            let lock = state::FileLock::acquire_until(&path, Instant::now() + self.deadline)?;
+            Ok(lock.map(|lock| (lock, true)))
+        });
+        let (_lock, waited) = match lock {
+            Ok(Some((lock, waited))) => (Some(lock), waited),
             Ok(None) => return self.busy_report(action),
             // No lock file (a read-only state directory): run unguarded rather than not at all.
-            Err(_) => None,
+            Err(_) => (None, false),
         };
+        let until = Instant::now() + self.deadline;
         let health = probe(&self.config);
         let was_online = health == Health::Ready;
         let mut report = Report {
@@ -674,6 +680,11 @@ impl Chain {
             problems: Vec::new(),
             addr: self.config.addr(),
         };
+        // A restart asked for while another chain ran, which left the gateway up: that one
+        // started it just now; stopping it again would only risk leaving it down.
+        if waited && was_online && action == Action::Restart {
+            return report;
+        }
         if matches!(action, Action::Stop | Action::Restart) {
             self.stop_steps(&mut report, until);
             if action == Action::Stop {
@@ -1058,6 +1069,8 @@ impl Chain {
 /// Reads up to `max` bytes of `path` from byte `from` (lossy UTF-8; empty on any error).
 fn read_from(path: &Path, from: u64, max: u64) -> String {
     let Ok(mut f) = fs::File::open(path) else { return String::new() };
+    // Emptied since `from` was taken (trimmed in place): all of it is new.
+    let from = if f.metadata().is_ok_and(|m| m.len() < from) { 0 } else { from };
     if f.seek(SeekFrom::Start(from)).is_err() {
         return String::new();
     }
@@ -1191,7 +1204,12 @@ pub fn wake_in_background(state_dir: PathBuf) {
             format!("Hermes gateway started via {via} ({addr})")
         } else {
             let problems: Vec<String> = report.problems.iter().map(|p| p.to_string()).collect();
-            let why = if problems.is_empty() {
+            let busy = report.steps.iter().any(|s| s.name == "lock" && s.outcome == "busy");
+            let why = if busy {
+                "another wake-up of it (the pairing command's, or the built-in backend's) took \
+                 the whole time"
+                    .into()
+            } else if problems.is_empty() {
                 "nothing could start it".into()
             } else {
                 problems.join("; ")

@@ -10,8 +10,8 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::time::{Duration, Instant};
 
 use crate::cli::{Args, Exit, fail, state_dir};
 use crate::state;
@@ -55,8 +55,9 @@ pub fn sources(dir: &Path) -> Vec<Source> {
     list
 }
 
-/// A trim failed already (and was logged).
-static TRIM_FAILED: AtomicBool = AtomicBool::new(false);
+/// Which of [`written_by_others`] (bit `i` for the `i`th) failed to trim already, and was
+/// logged.
+static TRIM_FAILED: AtomicU8 = AtomicU8::new(0);
 
 /// The logs other processes write to, which the running bridge keeps within bounds: the
 /// started gateway's output and the boot service's two logs. (`bridge.log` and `server.log`
@@ -72,18 +73,29 @@ pub fn written_by_others(dir: &Path) -> [PathBuf; 3] {
 /// bridge's log.
 pub fn trim_written_by_others(dir: &Path) {
     use state::RotatingLog;
-    for path in written_by_others(dir) {
+    for (i, path) in written_by_others(dir).into_iter().enumerate() {
+        // A gateway wake-up reads gateway.log from an offset: not while one runs.
+        let _quiet = if path == state::gateway_log(dir) {
+            match state::FileLock::acquire_until(&state::gateway_lock(dir), Instant::now()) {
+                Ok(Some(lock)) => Some(lock),
+                _ => continue,
+            }
+        } else {
+            None
+        };
         let max = RotatingLog::DEFAULT_MAX_BYTES;
         match state::trim_appended_log(&path, max, RotatingLog::DEFAULT_KEEP) {
             Ok(false) => {}
             Ok(true) => crate::bridge::log(&format!(
-                "{} passed {} MiB: its lines so far moved to {}.1",
+                "{} passed {} MiB: its last {} MiB moved to {}.1",
                 path.display(),
+                max >> 20,
                 max >> 20,
                 path.display()
             )),
-            // Said once per process: the next attempts (a minute apart) would only repeat it.
-            Err(e) if !TRIM_FAILED.swap(true, Ordering::Relaxed) => {
+            // Said once per file and process: the next attempts (a minute apart) would only
+            // repeat it.
+            Err(e) if TRIM_FAILED.fetch_or(1 << i, Ordering::Relaxed) & (1 << i) == 0 => {
                 crate::bridge::log(&format!("cannot trim {}: {e}", path.display()))
             }
             Err(_) => {}

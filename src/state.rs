@@ -100,6 +100,11 @@ pub fn gateway_log(dir: &Path) -> PathBuf {
     dir.join("gateway.log")
 }
 
+/// `gateway.lock`: held while a gateway wake-up runs (one at a time).
+pub fn gateway_lock(dir: &Path) -> PathBuf {
+    dir.join("gateway.lock")
+}
+
 /// `service.log`: the boot service's stdout, appended to by the service manager.
 pub fn service_log(dir: &Path) -> PathBuf {
     dir.join("service.log")
@@ -647,26 +652,62 @@ fn shift_generations(path: &Path, keep: usize, from: usize) -> io::Result<()> {
 }
 
 /// Keeps a log that another process appends to (the started gateway's output, the boot
-/// service's logs) under `max_bytes`: once past it, its content is copied to `path.1` (older
-/// copies shift up, `keep` files in all) and the file is truncated in place, so the writer's
-/// descriptor stays valid ("copytruncate"). The writer must append (`O_APPEND`, as `>>`,
-/// systemd's `append:` and launchd do): its next line then lands at the start. Lines written
-/// between the copy and the truncation are lost. Returns whether the log was trimmed.
+/// service's logs) under `max_bytes`: once past it, its last `max_bytes` are copied to `path.1` (older copies shift up, `keep` files in all) and the file is
+/// truncated in place, so the writer's descriptor stays valid ("copytruncate"). The writer
+/// must append (`O_APPEND`, as `>>`, systemd's `append:` and launchd do): its next line then
+/// lands at the start. Lines written between the copy and the truncation are lost. Returns
+/// whether the log was trimmed.
+///
+/// Left alone, with an error: anything but a regular file (a symlink is not followed, a FIFO
+/// never opened), a file it cannot write, and a sparse one (its writer does not append, so a
+/// truncation would only leave a hole as large as the file). A failed copy changes nothing.
 pub fn trim_appended_log(path: &Path, max_bytes: u64, keep: usize) -> io::Result<bool> {
-    let mut log = match File::open(path) {
-        Ok(f) => f,
+    use std::io::{Read, Seek};
+    use std::os::unix::fs::MetadataExt;
+    let meta = match fs::symlink_metadata(path) {
+        Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(with_path(path, e)),
     };
-    if log.metadata()?.len() <= max_bytes {
+    if !meta.file_type().is_file() {
+        return Err(with_path(path, io::Error::other("not a regular file")));
+    }
+    if meta.len() <= max_bytes {
         return Ok(false);
     }
-    if keep > 1 {
-        shift_generations(path, keep, 1)?;
-        let mut copy = open_log(&numbered(path, 1), true)?;
-        io::copy(&mut log, &mut copy)?;
+    let log = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| with_path(path, e))?;
+    let meta = log.metadata()?;
+    if meta.blocks().saturating_mul(512) < meta.len() / 2 {
+        return Err(with_path(
+            path,
+            io::Error::other(
+                "sparse: its writer does not append, so it cannot be trimmed in place",
+            ),
+        ));
     }
-    OpenOptions::new().write(true).open(path)?.set_len(0)?;
+    if keep > 1 {
+        // The copy is made aside and put in place only once whole: a full disk loses no copy.
+        let aside = numbered(path, 1).with_extension("partial");
+        let copied = (|| -> io::Result<()> {
+            let mut from = &log;
+            from.seek(io::SeekFrom::Start(meta.len().saturating_sub(max_bytes)))?;
+            let mut copy = open_log(&aside, true)?;
+            io::copy(&mut from.take(max_bytes), &mut copy)?;
+            Ok(())
+        })();
+        if let Err(e) = copied {
+            let _ = fs::remove_file(&aside);
+            return Err(with_path(path, e));
+        }
+        shift_generations(path, keep, 1)?;
+        fs::rename(&aside, numbered(path, 1))?;
+    }
+    log.set_len(0)?;
     Ok(true)
 }
 
@@ -1146,30 +1187,57 @@ mod tests {
     fn a_log_another_process_appends_to_is_trimmed_in_place() {
         let t = TestDir::new("trim");
         let path = t.join("service-error.log");
+        let read = |name: &str| fs::read(t.join(name)).unwrap();
         // The writer's descriptor, opened once as a service manager does (`append:`).
         let mut writer = OpenOptions::new().create(true).append(true).open(&path).unwrap();
         writer.write_all(b"first\n").unwrap();
-        assert!(!trim_appended_log(&path, 10, 3).unwrap(), "under the limit: left alone");
+        assert!(!trim_appended_log(&path, 12, 3).unwrap(), "under the limit: left alone");
         writer.write_all(b"second line\n").unwrap();
-        assert!(trim_appended_log(&path, 10, 3).unwrap());
-        assert_eq!(fs::read(t.join("service-error.log.1")).unwrap(), b"first\nsecond line\n");
+        assert!(trim_appended_log(&path, 12, 3).unwrap());
+        assert_eq!(read("service-error.log.1"), b"second line\n", "the last 12 bytes");
         assert_eq!(mode(&t.join("service-error.log.1")), 0o600);
         // The writer goes on through the same descriptor, from the start of the file.
-        writer.write_all(b"third line!\n").unwrap();
-        assert_eq!(fs::read(&path).unwrap(), b"third line!\n");
-        assert!(trim_appended_log(&path, 10, 3).unwrap());
-        writer.write_all(b"4\n").unwrap();
-        assert!(!trim_appended_log(&path, 10, 3).unwrap());
-        assert_eq!(fs::read(&path).unwrap(), b"4\n");
-        assert_eq!(fs::read(t.join("service-error.log.1")).unwrap(), b"third line!\n");
-        assert_eq!(fs::read(t.join("service-error.log.2")).unwrap(), b"first\nsecond line\n");
+        writer.write_all(b"third!\n").unwrap();
+        assert_eq!(read("service-error.log"), b"third!\n");
+        writer.write_all(b"fourth line\n").unwrap();
+        assert!(trim_appended_log(&path, 12, 3).unwrap());
+        assert_eq!(read("service-error.log.1"), b"fourth line\n");
+        assert_eq!(read("service-error.log.2"), b"second line\n");
         // The oldest copy is dropped: `keep` files in all.
-        writer.write_all(b"fifth line!\n").unwrap();
-        assert!(trim_appended_log(&path, 10, 3).unwrap());
+        writer.write_all(&[b'x'; 13]).unwrap();
+        assert!(trim_appended_log(&path, 12, 3).unwrap());
         assert_eq!(t.names(), ["service-error.log", "service-error.log.1", "service-error.log.2"]);
-        assert_eq!(fs::read(t.join("service-error.log.2")).unwrap(), b"third line!\n");
+        assert_eq!(read("service-error.log.1"), [b'x'; 12]);
+        assert_eq!(read("service-error.log.2"), b"fourth line\n");
+        assert_eq!(read("service-error.log"), b"");
         // A missing log is nothing to do.
         assert!(!trim_appended_log(&t.join("none.log"), 10, 3).unwrap());
+    }
+
+    #[test]
+    fn only_regular_logs_written_by_appending_are_trimmed() {
+        let t = TestDir::new("trim-odd");
+        // A symlink (to a file outside the state directory, say) is not followed.
+        let outside = t.join("elsewhere");
+        fs::write(&outside, [b'o'; 40]).unwrap();
+        let link = t.join("gateway.log");
+        std::os::unix::fs::symlink(&outside, &link).unwrap();
+        assert!(trim_appended_log(&link, 10, 3).is_err());
+        assert_eq!(fs::metadata(&outside).unwrap().len(), 40, "the link's target was truncated");
+        // A FIFO is never opened (that would block until a writer came).
+        let fifo = t.join("service.log");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo with a valid, NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        assert!(trim_appended_log(&fifo, 0, 3).is_err());
+        // A sparse file (its writer seeks instead of appending) is left as it is.
+        let sparse = t.join("service-error.log");
+        let f = File::create(&sparse).unwrap();
+        f.set_len(64 << 20).unwrap();
+        let err = trim_appended_log(&sparse, 1 << 20, 3).unwrap_err();
+        assert!(err.to_string().contains("does not append"), "{err}");
+        assert_eq!(fs::metadata(&sparse).unwrap().len(), 64 << 20);
+        assert!(!t.join("service-error.log.1").exists());
     }
 
     #[test]

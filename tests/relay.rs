@@ -1922,3 +1922,37 @@ fn one_address_holds_at_most_its_share_of_connections_and_loopback_is_not_counte
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A registration whose bridge never connected, with no client, is deleted after a day (the
+/// sweep runs at start and then hourly); a bridge that connected once stays.
+#[test]
+fn unfinished_registrations_expire_after_a_day_and_the_rest_stay() {
+    let mut relay = Relay::new();
+    let api = relay.registry();
+    let unfinished = api.register_ok("never connected");
+    let (connected, bridge) = registered_bridge(&relay);
+    drop(bridge);
+    relay.kill();
+    // Registered two days ago, as far as the store knows.
+    let db = rusqlite::Connection::open(relay.data_dir.join("relay.db")).unwrap();
+    db.execute("UPDATE bridges SET created_at = created_at - 2 * 86400000", []).unwrap();
+    drop(db);
+    relay.restart();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let expired = loop {
+        let line = relay.logs().iter().find_map(|l| {
+            serde_json::from_str::<Value>(l).ok().filter(|v| v["event"] == "bridges.expired")
+        });
+        if let Some(line) = line {
+            break line;
+        }
+        assert!(Instant::now() < deadline, "no bridges.expired line: {:?}", relay.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(expired["unfinished"], "1", "{expired}");
+    let api = relay.registry();
+    let (status, body) = api.access_code(&unfinished.bridge_id, &unfinished.relay_secret);
+    assert_eq!(status, 404, "the unfinished registration is still there: {body}");
+    let (status, body) = api.access_code(&connected.bridge_id, &connected.relay_secret);
+    assert_eq!(status, 200, "the bridge that connected was expired: {body}");
+}

@@ -57,13 +57,18 @@ pub const PROBE_HEADER: &str = "X-Hermeschat-Probe";
 /// silent port not listening / unhealthy. A plain HTTP/1.0 exchange keeps this independent of
 /// proxies and connection pools.
 pub fn probe(host: &str, port: u16, path: &str) -> Health {
-    let Some(addr) = (host, port).to_socket_addrs().ok().and_then(|mut a| a.next()) else {
+    let Ok(addrs) = (host, port).to_socket_addrs() else {
         return Health::NotListening;
     };
     // The Host header as a URL writes it: an IPv6 literal in brackets.
     let authority =
         if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
-    probe_addr(addr, &authority, path)
+    // Each address of a name in turn (`localhost` may be `::1` first, and the built-in backend
+    // on 127.0.0.1), as a client connecting to it would.
+    addrs
+        .map(|addr| probe_addr(addr, &authority, path))
+        .find(|health| *health != Health::NotListening)
+        .unwrap_or(Health::NotListening)
 }
 
 fn probe_addr(addr: SocketAddr, authority: &str, path: &str) -> Health {

@@ -354,8 +354,9 @@ pub fn serving(saved: Option<&Status>) -> bool {
 pub fn address_lost(saved: Option<&Status>) -> Option<IpAddr> {
     let url = saved?.lan_url.as_deref()?;
     let ip = ws_authority(url)?.parse::<SocketAddr>().ok()?.ip();
-    let present =
-        ip.is_loopback() || netif::interfaces().is_ok_and(|list| list.iter().any(|f| f.addr == ip));
+    // Interfaces that cannot be listed say nothing either way.
+    let list = netif::interfaces().ok()?;
+    let present = ip.is_loopback() || list.iter().any(|f| f.up && f.addr == ip);
     (!present).then_some(ip)
 }
 

@@ -100,6 +100,10 @@ const REPLY_BUDGET: usize = 1 << 20;
 /// would spin the loop and flood the log.
 const ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
+/// How often the registry is swept of unfinished registrations ([`Job::Sweep`]); the first
+/// sweep runs at the first timer tick after start.
+const SWEEP_EVERY: Duration = Duration::from_secs(3600);
+
 /// How often at most an `accept.refused` line counts the connections closed at accept.
 const REFUSED_LOG_EVERY: Duration = Duration::from_secs(60);
 
@@ -219,6 +223,8 @@ pub struct Reactor {
     refused: (u64, u64),
     /// When the last `accept.refused` line was written.
     refused_logged: Option<Instant>,
+    /// When the next [`Job::Sweep`] is due.
+    next_sweep: Instant,
     /// The socket whose messages are being routed: what is queued to it now is an answer.
     reading: Option<ConnId>,
     ws_config: WebSocketConfig,
@@ -262,6 +268,7 @@ impl Reactor {
             per_source: FastMap::default(),
             refused: (0, 0),
             refused_logged: None,
+            next_sweep: Instant::now(),
             reading: None,
             ws_config,
             dropped_frames: 0,
@@ -1476,6 +1483,11 @@ impl Reactor {
     fn timers(&mut self) {
         let now = Instant::now();
         self.kicks.prune(now);
+        if now >= self.next_sweep {
+            // A full queue skips this sweep; the next one comes an hour later.
+            let _ = self.jobs.try_send(Job::Sweep);
+            self.next_sweep = now + SWEEP_EVERY;
+        }
         // Refusals are counted, and told at most once a minute: a flood must not flood the log.
         if self.refused != (0, 0)
             && self.refused_logged.is_none_or(|t| now.duration_since(t) >= REFUSED_LOG_EVERY)

@@ -36,7 +36,15 @@ pub enum Job {
         /// The clientId.
         client_id: String,
     },
+    /// Delete the unfinished registrations older than [`UNFINISHED_TTL_MS`]
+    /// ([`Store::expire_unfinished`]).
+    Sweep,
 }
+
+/// How long a registered bridge whose socket never connected, and that has no client, is
+/// kept: a pairing connects its bridge within seconds, so after a day it is an abandoned
+/// registration (its command registers anew if it ever comes back).
+pub const UNFINISHED_TTL_MS: u64 = 24 * 3600 * 1000;
 
 /// How many jobs may wait for a worker; past that the reactor answers 503.
 pub const JOB_QUEUE: usize = 4096;
@@ -139,6 +147,15 @@ pub fn worker(jobs: Arc<JobReceiver>, shared: Arc<Shared>) {
             Job::Touch { client_id } => {
                 if let Err(e) = store.touch_client(&client_id, now_ms()) {
                     log_event("error", &[("message", &e.to_string())]);
+                }
+            }
+            Job::Sweep => {
+                let cutoff = now_ms().saturating_sub(UNFINISHED_TTL_MS);
+                let attached = |id: &str| shared.presence().bridges.contains(id);
+                match store.expire_unfinished(cutoff, attached) {
+                    Ok(0) => {}
+                    Ok(n) => log_event("bridges.expired", &[("unfinished", &n.to_string())]),
+                    Err(e) => log_event("error", &[("message", &e.to_string())]),
                 }
             }
             Job::Http { conn, head, body, ip } => {
@@ -490,11 +507,15 @@ fn upgrade(store: &mut Store, shared: &Shared, head: &Head, bridge_role: bool) -
             return Ok(err(400, api_code::BAD_REQUEST, "missing X-Hermes-Instance header"));
         }
         Ok(match store.auth_bridge(bridge_id, token)? {
-            Some(_) => Reply::Upgrade(
-                accept,
-                Peer::Bridge { bridge_id: bridge_id.into(), instance: instance.into() },
-                epoch,
-            ),
+            Some(_) => {
+                // Its registration is finished: never expired as unfinished.
+                store.mark_connected(bridge_id, now_ms())?;
+                Reply::Upgrade(
+                    accept,
+                    Peer::Bridge { bridge_id: bridge_id.into(), instance: instance.into() },
+                    epoch,
+                )
+            }
             None if !store.bridge_exists(bridge_id)? => {
                 err(404, api_code::BRIDGE_NOT_FOUND, "this bridge is not registered here")
             }

@@ -84,6 +84,24 @@ pub enum Verify {
     TooManyAttempts,
 }
 
+/// Brings a store written by an older relay up to [`SCHEMA`]: `connected_at` came later; the
+/// bridges already there count as connected at their registration (none is taken for an
+/// unfinished one).
+fn migrate(conn: &Connection) -> StoreResult<()> {
+    let has_connected_at = conn
+        .prepare("SELECT 1 FROM pragma_table_info('bridges') WHERE name = 'connected_at'")?
+        .exists([])?;
+    if !has_connected_at {
+        conn.execute_batch(
+            "BEGIN IMMEDIATE;
+             ALTER TABLE bridges ADD COLUMN connected_at INTEGER;
+             UPDATE bridges SET connected_at = created_at;
+             COMMIT;",
+        )?;
+    }
+    Ok(())
+}
+
 /// The SQLite-backed registry store. One per thread.
 pub struct Store {
     conn: Connection,
@@ -100,7 +118,8 @@ CREATE TABLE IF NOT EXISTS bridges (
     code_expires_at INTEGER,
     code_used       INTEGER NOT NULL DEFAULT 0,
     failures        INTEGER NOT NULL DEFAULT 0,
-    failures_since  INTEGER NOT NULL DEFAULT 0
+    failures_since  INTEGER NOT NULL DEFAULT 0,
+    connected_at    INTEGER
 );
 CREATE TABLE IF NOT EXISTS clients (
     id               TEXT PRIMARY KEY,
@@ -127,7 +146,46 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
         Ok(Store { conn })
+    }
+
+    /// Records that the bridge's socket connected (the first time only: a later connect
+    /// changes nothing, so it writes nothing).
+    pub fn mark_connected(&self, bridge_id: &str, now_ms: u64) -> StoreResult<()> {
+        self.conn.execute(
+            "UPDATE bridges SET connected_at = ?2 WHERE id = ?1 AND connected_at IS NULL",
+            params![bridge_id, now_ms as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Deletes the unfinished registrations: bridges registered before `cutoff_ms` whose socket
+    /// never connected and that have no client, except those `attached` says are attached now.
+    /// A pairing connects its bridge within seconds, so these are pairings that failed
+    /// midway, or registrations nobody uses (the command registers anew when its bridge is
+    /// gone). Returns how many went.
+    pub fn expire_unfinished(
+        &self,
+        cutoff_ms: u64,
+        attached: impl Fn(&str) -> bool,
+    ) -> StoreResult<usize> {
+        let mut stmt = self.conn.prepare(
+            "SELECT id FROM bridges WHERE connected_at IS NULL AND created_at < ?1
+             AND NOT EXISTS (SELECT 1 FROM clients WHERE clients.bridge_id = bridges.id)",
+        )?;
+        let ids: Vec<String> =
+            stmt.query_map(params![cutoff_ms as i64], |r| r.get(0))?.collect::<Result<_, _>>()?;
+        let mut expired = 0;
+        for id in ids.iter().filter(|id| !attached(id)) {
+            // Checked again in the statement: a pairing may have finished meanwhile.
+            expired += self.conn.execute(
+                "DELETE FROM bridges WHERE id = ?1 AND connected_at IS NULL
+                 AND NOT EXISTS (SELECT 1 FROM clients WHERE clients.bridge_id = bridges.id)",
+                params![id],
+            )?;
+        }
+        Ok(expired)
     }
 
     /// Registers a new bridge and returns `(bridgeId, relaySecret)`.
@@ -394,6 +452,56 @@ mod tests {
         assert!(s.auth_client(&id, &client_secret, 3_000).unwrap().is_none());
         assert!(s.delete_bridge(&id).unwrap());
         assert_eq!(s.verify(&id, &code, "p", 4_000).unwrap(), Verify::BridgeNotFound);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn only_registrations_that_never_connected_and_have_no_client_expire() {
+        let (mut s, dir) = temp_store("unfinished");
+        let (never, _) = s.register("never", None, 1_000).unwrap();
+        let (connected, _) = s.register("connected", None, 1_000).unwrap();
+        let (paired, _) = s.register("paired", None, 1_000).unwrap();
+        let (attached, _) = s.register("attached", None, 1_000).unwrap();
+        let (young, _) = s.register("young", None, 50_000).unwrap();
+        s.mark_connected(&connected, 2_000).unwrap();
+        let (code, _) = s.issue_access_code(&paired, None, 1_000, 600_000).unwrap();
+        assert!(matches!(s.verify(&paired, &code, "phone", 2_000).unwrap(), Verify::Paired { .. }));
+        let expired = s.expire_unfinished(10_000, |id| id == attached).unwrap();
+        assert_eq!(expired, 1);
+        assert!(!s.bridge_exists(&never).unwrap(), "the unfinished registration is still there");
+        for id in [&connected, &paired, &attached, &young] {
+            assert!(s.bridge_exists(id).unwrap(), "{id} expired");
+        }
+        // A later connect does not move the first one.
+        s.mark_connected(&young, 60_000).unwrap();
+        s.mark_connected(&young, 70_000).unwrap();
+        let still_attached = |id: &str| id == attached;
+        assert_eq!(s.expire_unfinished(100_000, still_attached).unwrap(), 0, "a bridge expired");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_store_of_an_older_relay_keeps_its_bridges() {
+        let dir = std::env::temp_dir().join(format!("hcp-store-old-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        // The bridges table as relays before `connected_at` created it, with one bridge.
+        let old = Connection::open(dir.join("relay.db")).unwrap();
+        old.execute_batch(
+            "CREATE TABLE bridges (id TEXT PRIMARY KEY, secret_hash BLOB NOT NULL,
+             display_name TEXT NOT NULL, version TEXT, created_at INTEGER NOT NULL,
+             code_hash BLOB, code_expires_at INTEGER, code_used INTEGER NOT NULL DEFAULT 0,
+             failures INTEGER NOT NULL DEFAULT 0, failures_since INTEGER NOT NULL DEFAULT 0);
+             INSERT INTO bridges (id, secret_hash, display_name, created_at)
+             VALUES ('000000000000000000000001', x'00', 'old', 5);",
+        )
+        .unwrap();
+        drop(old);
+        let s = Store::open(&dir).unwrap();
+        // Opened twice: the migration runs once.
+        let s2 = Store::open(&dir).unwrap();
+        assert_eq!(s.expire_unfinished(u64::MAX >> 2, |_| false).unwrap(), 0);
+        assert!(s2.bridge_exists("000000000000000000000001").unwrap());
         std::fs::remove_dir_all(dir).unwrap();
     }
 
