@@ -1,18 +1,12 @@
 //! `--devices` and `--revoke <clientId>`: the apps paired with this bridge, as the registry
-//! knows them (diagnostic credentials of `--doctor` are never listed).
+//! knows them (diagnostic credentials of `--doctor` are never listed), and the LAN devices of
+//! `--local` (lan.json).
+
+use std::path::Path;
 
 use crate::cli::{Args, Exit, Out, fail, load_identity, state_dir, usage_error};
 use crate::protocol::{ClientInfo, is_client_id};
 use crate::registry_client::{Registry, RegistryError};
-use crate::state::BridgeIdentity;
-
-/// The identity, or exit 2 when nothing is paired yet.
-fn identity(out: &Out) -> Result<BridgeIdentity, Exit> {
-    let dir = state_dir()?;
-    load_identity(&dir, out)?.ok_or_else(|| {
-        usage_error("no pairing yet (bridge.json is missing), so no devices: run hermeschat-pair")
-    })
-}
 
 fn registry_error(e: &RegistryError, registry: &Registry) -> Exit {
     match e {
@@ -110,37 +104,103 @@ fn table(clients: &[ClientInfo], now: u64) -> String {
     text
 }
 
-/// `--devices`.
+/// The LAN devices (`--local`) as rows of the table; online when the running LAN daemon has
+/// their socket.
+fn lan_devices(dir: &Path) -> Result<Vec<ClientInfo>, Exit> {
+    let lan = crate::lan::store::read(dir)
+        .map_err(|e| fail(format!("cannot read the LAN devices (lan.json): {e}")))?;
+    let serving = crate::cli::running_status(dir).filter(|s| s.lan_url.is_some());
+    Ok(lan
+        .devices
+        .into_iter()
+        .map(|d| ClientInfo {
+            online: serving.as_ref().is_some_and(|s| s.apps_online.contains(&d.client_id)),
+            client_id: d.client_id,
+            device_name: d.device_name,
+            paired_at: d.paired_at,
+            last_seen_at: d.last_seen_at,
+        })
+        .collect())
+}
+
+/// `--devices`: the apps paired through the relay, then the LAN devices (`--local`).
 pub fn list(args: &Args) -> Result<(), Exit> {
     let out = Out::new(args.json);
-    let id = identity(&out)?;
+    let dir = state_dir()?;
+    let identity = load_identity(&dir, &out)?;
+    let lan = lan_devices(&dir)?;
+    let Some(id) = identity else {
+        if lan.is_empty() {
+            return Err(no_pairing());
+        }
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({ "bridgeId": null, "devices": [], "lanDevices": lan })
+            );
+            return Ok(());
+        }
+        print_lan(&lan, &out);
+        out.info("Cut one off: hermeschat-pair --revoke <CLIENT ID>");
+        return Ok(());
+    };
     let registry = Registry::new(&id.registry_url);
     let clients = registry
         .clients(&id.bridge_id, &id.relay_secret)
         .map_err(|e| registry_error(&e, &registry))?;
     if args.json {
-        let value = serde_json::json!({ "bridgeId": id.bridge_id, "devices": clients });
+        let value = serde_json::json!({
+            "bridgeId": id.bridge_id,
+            "devices": clients,
+            "lanDevices": lan,
+        });
         println!("{value}");
         return Ok(());
     }
     if clients.is_empty() {
         out.ok(&format!("No app is paired with bridge {} yet", id.bridge_id));
         out.info("Pair one: hermeschat-pair --refresh-code, then scan the QR in the app.");
-        return Ok(());
+        if lan.is_empty() {
+            return Ok(());
+        }
+    } else {
+        let online = clients.iter().filter(|c| c.online).count();
+        out.ok(&format!(
+            "{} paired app{} ({online} online) · bridge {}",
+            clients.len(),
+            if clients.len() == 1 { "" } else { "s" },
+            id.bridge_id
+        ));
+        print!("{}", table(&clients, crate::relay::now_ms()));
     }
-    let online = clients.iter().filter(|c| c.online).count();
-    out.ok(&format!(
-        "{} paired app{} ({online} online) · bridge {}",
-        clients.len(),
-        if clients.len() == 1 { "" } else { "s" },
-        id.bridge_id
-    ));
-    print!("{}", table(&clients, crate::relay::now_ms()));
+    if !lan.is_empty() {
+        print_lan(&lan, &out);
+    }
     out.info("Cut one off: hermeschat-pair --revoke <CLIENT ID>");
     Ok(())
 }
 
-/// `--revoke <clientId>`.
+/// The LAN section of `--devices`.
+fn print_lan(lan: &[ClientInfo], out: &Out) {
+    let online = lan.iter().filter(|c| c.online).count();
+    out.ok(&format!(
+        "{} LAN device{} ({online} online) · hermeschat-pair --local",
+        lan.len(),
+        if lan.len() == 1 { "" } else { "s" }
+    ));
+    print!("{}", table(lan, crate::relay::now_ms()));
+}
+
+/// Exit 2: nothing is paired, through the relay or on the LAN.
+fn no_pairing() -> Exit {
+    usage_error(
+        "no pairing yet (bridge.json is missing, and no LAN device), so no devices: run \
+         hermeschat-pair (or hermeschat-pair --local)",
+    )
+}
+
+/// `--revoke <clientId>`: a LAN device is forgotten (the running LAN server closes its socket
+/// within a second); any other is revoked at the registry.
 pub fn revoke(args: &Args, client_id: &str) -> Result<(), Exit> {
     let out = Out::new(args.json);
     let client_id = client_id.trim();
@@ -150,7 +210,33 @@ pub fn revoke(args: &Args, client_id: &str) -> Result<(), Exit> {
              hermeschat-pair --devices lists them"
         )));
     }
-    let id = identity(&out)?;
+    let dir = state_dir()?;
+    let forgotten = crate::lan::store::forget(&dir, client_id)
+        .map_err(|e| fail(format!("cannot update the LAN devices (lan.json): {e}")))?;
+    if let Some(device) = forgotten {
+        if args.json {
+            let value = serde_json::json!({
+                "revoked": client_id,
+                "deviceName": device.device_name,
+                "lan": true,
+            });
+            println!("{value}");
+            return Ok(());
+        }
+        out.ok(&format!(
+            "Revoked LAN device {client_id} ({}): its connection is closed and its secret no \
+             longer works",
+            device.device_name
+        ));
+        out.info("To use the app again it must scan a new QR code (hermeschat-pair --refresh-code --local).");
+        return Ok(());
+    }
+    let Some(id) = load_identity(&dir, &out)? else {
+        return Err(fail(format!(
+            "no app {client_id} is paired with this machine (already revoked?); \
+             hermeschat-pair --devices lists the paired apps"
+        )));
+    };
     let registry = Registry::new(&id.registry_url);
     // The name, for the message (best effort: the revoke below is what counts).
     let name = registry

@@ -109,10 +109,19 @@ impl Head {
         if self.header("transfer-encoding").is_some() {
             return Err("chunked request bodies are not supported; send Content-Length");
         }
-        match self.header("content-length") {
-            None => Ok(0),
-            Some(v) => v.trim().parse().map_err(|_| "invalid Content-Length"),
+        // One Content-Length of digits only (RFC 9112 §6.3): two of them, or a sign, could
+        // be read differently by another parser on the way, and leave a request behind.
+        let mut values =
+            self.headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case("content-length"));
+        let Some((_, value)) = values.next() else { return Ok(0) };
+        let value = value.trim();
+        if values.next().is_some() {
+            return Err("more than one Content-Length");
         }
+        if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+            return Err("invalid Content-Length");
+        }
+        value.parse().map_err(|_| "invalid Content-Length")
     }
 
     /// True when the client asked to close the connection after this exchange.
@@ -254,6 +263,24 @@ pub fn json_response(status: u16, body: &str, close: bool) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_content_length_of_digits_only() {
+        let len = |headers: &str| {
+            let raw = format!("POST / HTTP/1.1\r\nHost: x\r\n{headers}\r\n");
+            let Parsed::Complete(head) = parse_head(raw.as_bytes()) else { panic!("{raw}") };
+            head.content_length()
+        };
+        assert_eq!(len(""), Ok(0));
+        assert_eq!(len("Content-Length: 12\r\n"), Ok(12));
+        assert_eq!(len("content-length:  7 \r\n"), Ok(7));
+        assert!(len("Content-Length: 0\r\nContent-Length: 47\r\n").is_err(), "two lengths");
+        assert!(len("Content-Length: 5\r\nContent-Length: 5\r\n").is_err(), "repeated");
+        for bad in ["+2", "-1", "0x10", "", "1 2", "99999999999999999999999"] {
+            assert!(len(&format!("Content-Length: {bad}\r\n")).is_err(), "{bad:?}");
+        }
+        assert!(len("Transfer-Encoding: chunked\r\n").is_err());
+    }
 
     #[test]
     fn parses_incrementally() {

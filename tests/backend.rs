@@ -352,6 +352,17 @@ fn malformed_bodies_and_requests_are_refused_and_the_backend_keeps_serving() {
     let (status, _, _) =
         http(b.port, "POST", "/api/chat", &[("Origin", "https://evil.example")], &chat);
     assert_eq!(status, 403);
+    // Another site's page that sends no Origin (an `<img>` GET) is marked by the browser.
+    let (status, _, _) =
+        http(b.port, "GET", "/api/sessions", &[("Sec-Fetch-Site", "cross-site")], b"");
+    assert_eq!(status, 403, "a cross-site GET was served");
+    assert_eq!(http(b.port, "GET", "/api/health", &[("Sec-Fetch-Site", "none")], b"").0, 200);
+    // Two lengths (or a signed one) could leave a second request behind: refused whole.
+    let r = raw(
+        b"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nContent-Length: 38\r\n\r\nGET /api/health HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    assert_eq!(r.matches("HTTP/1.1 ").count(), 1, "a smuggled request was answered: {r}");
     assert_eq!(stub.stats()["chats"], 0, "a refused request reached the gateway");
     assert_eq!(http(b.port, "GET", "/etc/passwd", &[], b"").0, 404);
     assert_eq!(http(b.port, "POST", "/api/gateway/restart?action=explode", &[], b"").0, 400);

@@ -720,10 +720,21 @@ fn unauthenticated_attempts_get_401_and_then_429() {
     // A well-formed but unknown secret, and garbage.
     let fake = format!("hcs_{}", "0".repeat(64));
     assert_eq!(refused(&qr.url, &fake).0, 401);
+    // A web page the phone opens (its browser names the page's origin) guesses as it likes:
+    // refused, never counted against the address.
+    for _ in 0..20 {
+        let page = ws_connect(
+            &format!("{}?token=hpt_guess", qr.url),
+            &[("Origin", "http://attacker.example")],
+        );
+        assert_eq!(page.map(|_| ()).unwrap_err().status(), Some(401));
+    }
     for _ in 0..8 {
         assert_eq!(refused(&qr.url, "hpt_guess").0, 401);
     }
-    // The 11th attempt inside the minute is slowed down, even with the right token.
+    // The 10th guess from this address inside the minute is refused, and the next attempt is
+    // slowed down, even with the right token (the missing credential guessed nothing).
+    assert_eq!(refused(&qr.url, "hpt_guess").0, 401);
     match LanApp::connect(&qr.url, &qr.token) {
         Err(ConnectError::Http(429, body)) => assert!(body.contains("RATE_LIMITED"), "{body}"),
         other => panic!("expected 429, got {:?}", other.map(|_| ())),
@@ -735,7 +746,9 @@ fn unauthenticated_attempts_get_401_and_then_429() {
     let _ = s.read_to_string(&mut answer);
     assert!(answer.starts_with("HTTP/1.1 429") || answer.starts_with("HTTP/1.1 401"), "{answer}");
     let log = env.log();
-    assert!(log.contains("429"), "{log}");
+    assert!(log.contains("429 for 127.0.0.1"), "{log}");
+    // One line per address and kind a minute, however many attempts: 30 refusals above.
+    assert_eq!(log.matches("401 for 127.0.0.1").count(), 1, "{log}");
 }
 
 #[test]
@@ -888,4 +901,100 @@ fn the_built_in_backend_is_served_over_the_lan() {
     let (_, _, mut app) = pair_app(&qr.url, &qr.token);
     let w = app.fetch(&request("h", "GET", "/api/health", &[], None));
     assert_eq!(w.status, 200, "{:?}", String::from_utf8_lossy(&w.body));
+}
+
+/// A TCP connection to `127.0.0.1:port` from the loopback address `127.0.0.<n>`, as another
+/// host of the LAN would open one (each has its own address).
+fn connect_from(n: u8, port: u16) -> TcpStream {
+    use std::os::fd::FromRawFd;
+    let sockaddr = |a: [u8; 4], port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a) },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: a fresh socket, bound and connected with valid sockaddr_in values of `len`
+    // bytes; on success its descriptor is owned by the TcpStream alone.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let from = sockaddr([127, 0, 0, n], 0);
+        let to = sockaddr([127, 0, 0, 1], port);
+        assert_eq!(libc::bind(fd, (&from as *const libc::sockaddr_in).cast(), len), 0);
+        assert_eq!(libc::connect(fd, (&to as *const libc::sockaddr_in).cast(), len), 0);
+        TcpStream::from_raw_fd(fd)
+    }
+}
+
+/// True when the server closed `s` (read gives EOF or a reset) within a second.
+fn closed_by_server(s: &mut TcpStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let mut b = [0u8; 1];
+    match s.read(&mut b) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => {
+            !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
+        }
+    }
+}
+
+/// Idle sockets other hosts of the LAN open (each the most one address may hold, from as many
+/// addresses as it takes to fill every slot) never keep a paired phone out.
+#[test]
+fn idle_sockets_of_other_hosts_never_keep_a_paired_phone_out() {
+    let env = Env::new();
+    let backend = Backend::start();
+    let qr = env.pair_json(&backend, &[], &[]);
+    let (client_id, secret, app) = pair_app(&qr.url, &qr.token);
+    drop(app);
+    // One address holds 8 sockets that send nothing; its 9th is closed at once.
+    let mut held: Vec<TcpStream> = (0..8).map(|_| connect_from(2, env.lan_port)).collect();
+    let mut ninth = connect_from(2, env.lan_port);
+    assert!(closed_by_server(&mut ninth), "a 9th idle socket from one address was kept");
+    // Eight addresses fill all 64 slots.
+    for n in 3..10 {
+        held.extend((0..8).map(|_| connect_from(n, env.lan_port)));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    // The phone still gets in: the oldest idle socket makes room.
+    let mut app = reconnect(&qr.url, &secret);
+    assert_echo(&mut app, "after-flood", &client_id);
+    assert!(closed_by_server(&mut held[0]), "the oldest idle socket was not the one to go");
+    assert!(env.log().contains("connection refused for 127.0.0.2"), "{}", env.log());
+}
+
+/// A lost phone paired over the LAN is cut off on its own: `--devices` lists the LAN devices
+/// (no relay pairing needed), `--revoke` closes its socket (4003) and its secret stops working,
+/// and the other devices keep theirs.
+#[test]
+fn a_lan_device_is_listed_and_revoked_on_its_own() {
+    let env = Env::new();
+    let backend = Backend::start();
+    let qr = env.pair_json(&backend, &[], &[]);
+    let (lost_id, lost_secret, mut lost) = pair_app(&qr.url, &qr.token);
+    let token = env.pair_json(&backend, &["--refresh-code"], &[]).token;
+    let (kept_id, _, mut kept) = pair_app(&qr.url, &token);
+
+    let devices = env.run(&["--devices", "--json"]);
+    devices.assert_code(0, "--devices with LAN devices only");
+    let v: Value = serde_json::from_str(&devices.stdout).unwrap();
+    let listed: BTreeSet<&str> = v["lanDevices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["clientId"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, BTreeSet::from([lost_id.as_str(), kept_id.as_str()]), "{v}");
+    assert!(v["lanDevices"].as_array().unwrap().iter().all(|d| d["online"] == true), "{v}");
+
+    let run = env.run(&["--revoke", &lost_id]);
+    run.assert_code(0, "--revoke of a LAN device");
+    assert!(run.stdout.contains("Revoked LAN device"), "{}", run.stdout);
+    assert_eq!(lost.wait_close(), Some(4003), "the revoked device's socket");
+    assert_eq!(refused(&qr.url, &lost_secret).0, 401, "the revoked secret still works");
+    assert_echo(&mut kept, "still-here", &kept_id);
+    let again = env.run(&["--revoke", &lost_id]);
+    assert_eq!(again.code, Some(1), "a second revoke: {}", again.stdout);
 }

@@ -331,6 +331,10 @@ fn stream(mut resp: Response, c: &mut Conn, close: bool, backend: &str) -> io::R
     }
 }
 
+/// Longest a direct provider's answer may stream: far longer than any chat answer, and what
+/// bounds the thread a stalled one holds (the backend serves 64 connections at once).
+const DIRECT_ANSWER_LIMIT: Duration = Duration::from_secs(15 * 60);
+
 /// Sends the chat to the direct provider and relays its SSE, marked `backend: direct`.
 fn direct(
     shared: &Arc<Shared>,
@@ -352,7 +356,10 @@ fn direct(
         .http_status_as_error(false)
         .timeout_connect(Some(Duration::from_secs(10)))
         .timeout_recv_response(Some(Duration::from_secs(180)))
-        .timeout_recv_body(None)
+        // No read timeout between events can be set on ureq's stream: the whole answer is
+        // bounded instead, so a provider that stalls (or a connection lost without a reset)
+        // frees this connection's thread in the end.
+        .timeout_recv_body(Some(DIRECT_ANSWER_LIMIT))
         .build();
     let agent: ureq::Agent = config.into();
     let url = format!("{}/chat/completions", d.base_url);

@@ -94,7 +94,11 @@ impl Conn {
         self.buf.drain(..head.len);
         let len = match head.content_length() {
             Ok(n) => n,
-            Err(msg) => return Next::Refuse(411, msg.into()),
+            // Chunked bodies: 411 asks for a Content-Length; a malformed one is a 400.
+            Err(msg) if head.header("transfer-encoding").is_some() => {
+                return Next::Refuse(411, msg.into());
+            }
+            Err(msg) => return Next::Refuse(400, msg.into()),
         };
         let cap = max_body(&head);
         if len > cap {

@@ -311,15 +311,20 @@ fn loopback_host(host: &str) -> bool {
 }
 
 /// True unless the request names a non-loopback `Host` or comes from a web page of another
-/// origin: browsers always send `Origin` on cross-origin requests; the app and the bridge
-/// send neither.
+/// origin: browsers send `Origin` on cross-origin requests but a GET, and mark every request
+/// `Sec-Fetch-Site`; the app and the bridge send neither.
 fn local_origin(head: &Head) -> bool {
     let host_ok = head.header("host").is_none_or(loopback_host);
     let origin_ok = head.header("origin").is_none_or(|o| {
         let rest = o.trim().strip_prefix("http://").or_else(|| o.trim().strip_prefix("https://"));
         rest.is_some_and(|r| loopback_host(r.split('/').next().unwrap_or("")))
     });
-    host_ok && origin_ok
+    // What browsers mark a request with: anything but the page's own origin (or a typed URL)
+    // is another site's page, an `<img>` on it say, which sends no `Origin` with a GET.
+    let fetch_ok = head
+        .header("sec-fetch-site")
+        .is_none_or(|site| matches!(site.trim(), "same-origin" | "none"));
+    host_ok && origin_ok && fetch_ok
 }
 
 /// Dispatches one request; `Ok(status)` when the connection may be reused.

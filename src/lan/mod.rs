@@ -278,10 +278,12 @@ pub fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
     let target = backend.target.clone();
 
     if mode == PairMode::Reset {
-        if let Ok(Stopped::Terminated(pid) | Stopped::Killed(pid)) =
-            daemon::stop(&dir, Duration::from_secs(5))
-        {
-            out.ok(&format!("Stopped the bridge daemon (pid {pid}); every LAN socket is closed"));
+        match daemon::stop(&dir, Duration::from_secs(5)) {
+            Ok(Stopped::Terminated(pid) | Stopped::Killed(pid)) => out
+                .ok(&format!("Stopped the bridge daemon (pid {pid}); every LAN socket is closed")),
+            Ok(_) => {}
+            // A daemon still running sees the devices forgotten below and closes their sockets.
+            Err(e) => out.warn(&format!("cannot stop the bridge daemon: {e}")),
         }
         let n = store::forget_all(&dir)
             .map_err(|e| fail(format!("cannot reset the LAN devices: {e}")))?;

@@ -56,8 +56,16 @@ use crate::protocol::{self as p, Frame, close_code};
 /// Poller key of the listening socket.
 const LISTENER: usize = usize::MAX - 1;
 
-/// Open connections at most (HTTP and WebSocket together); a LAN has a few phones.
+/// Open connections at most (HTTP and WebSocket together); a LAN has a few phones. When it is
+/// reached, the oldest connection still sending its request head makes room for a new one:
+/// idle sockets opened by another host never keep a phone out.
 pub const MAX_CONNECTIONS: usize = 64;
+
+/// Connections from one address still sending their request head, at most.
+pub const MAX_UNAUTHENTICATED_PER_ADDRESS: usize = 8;
+
+/// How often at most one address's refusals are written to the log.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// Frames a worker may queue for one socket before it blocks.
 pub const OUTBOX_FRAMES: usize = 64;
@@ -156,6 +164,9 @@ impl Conn {
 #[derive(Default)]
 pub struct Failures {
     map: HashMap<IpAddr, (u32, Instant)>,
+    /// Per address and kind of refusal: when the last one was logged, and those not logged
+    /// since.
+    logged: HashMap<(IpAddr, &'static str), (Instant, u32)>,
 }
 
 impl Failures {
@@ -184,6 +195,48 @@ impl Failures {
         }
         entry.0 += 1;
     }
+
+    /// Whether a refusal of `ip` of this `kind` is to be logged now (one line per address and
+    /// kind a minute, so that no host floods the log), with those left out since the last line.
+    pub fn log_now(&mut self, ip: IpAddr, kind: &'static str, now: Instant) -> Option<u32> {
+        if self.logged.len() >= MAX_TRACKED {
+            self.logged.retain(|_, (at, _)| now.duration_since(*at) < REFUSAL_LOG_EVERY);
+            if self.logged.len() >= MAX_TRACKED {
+                self.logged.clear();
+            }
+        }
+        match self.logged.get_mut(&(ip, kind)) {
+            Some((at, skipped)) if now.duration_since(*at) < REFUSAL_LOG_EVERY => {
+                *skipped += 1;
+                None
+            }
+            Some((at, skipped)) => {
+                *at = now;
+                Some(std::mem::take(skipped))
+            }
+            None => {
+                self.logged.insert((ip, kind), (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
+/// True for a request a web browser sent on behalf of a page: browsers always name the page's
+/// origin on a WebSocket handshake (and mark fetches `Sec-Fetch-*`); the app sends neither, or
+/// names this server itself. Its wrong credentials are refused but never counted against the
+/// address: a page the phone opens must not lock the phone out.
+fn from_a_web_page(head: &Head, own: Option<SocketAddr>) -> bool {
+    if head.header("sec-fetch-site").is_some() || head.header("sec-fetch-mode").is_some() {
+        return true;
+    }
+    let Some(origin) = head.header("origin").map(str::trim) else { return false };
+    let authority = ["http://", "https://", "ws://", "wss://"]
+        .iter()
+        .find_map(|scheme| origin.strip_prefix(scheme))
+        .map(|rest| rest.trim_end_matches('/'));
+    let ours = authority.and_then(|a| a.parse::<SocketAddr>().ok());
+    own.is_none() || ours != own
 }
 
 /// Removes the `client` a worker stamped on a frame (PROTOCOL §8: the socket is the client).
@@ -257,6 +310,11 @@ pub struct Server {
     /// Connections with input already buffered in user space (tungstenite, pipelining).
     ready: Vec<usize>,
     failures: Failures,
+    /// The address the server listens on (what the app's own `Origin` would name).
+    own: Option<SocketAddr>,
+    /// lan.json's modification time when its devices were last compared with the sockets: a
+    /// device forgotten since (`--revoke`) has its socket closed.
+    devices_seen: Option<std::time::SystemTime>,
     ws_config: WebSocketConfig,
     max_queued: usize,
     /// The stop flag was seen: sockets are no longer read.
@@ -273,6 +331,7 @@ impl Server {
         stop: Arc<AtomicBool>,
     ) -> io::Result<Server> {
         let poller = Arc::new(Poller::new()?);
+        let own = listener.local_addr().ok();
         // SAFETY: the listener is deleted from the poller before it is dropped (`run`).
         unsafe { poller.add_with_mode(&listener, Event::readable(LISTENER), PollMode::Level)? };
         let limits = p::Limits::default();
@@ -290,6 +349,8 @@ impl Server {
             clients: HashMap::new(),
             ready: Vec::new(),
             failures: Failures::default(),
+            own,
+            devices_seen: None,
             ws_config,
             max_queued: limits.max_queued_bytes,
             draining: false,
@@ -336,8 +397,8 @@ impl Server {
     // -- connections ---------------------------------------------------------------------------
 
     fn accept(&mut self) {
-        let Some(listener) = &self.listener else { return };
         loop {
+            let Some(listener) = &self.listener else { return };
             let (tcp, addr) = match listener.accept() {
                 Ok(c) => c,
                 Err(e) if would_block(&e) => return,
@@ -346,8 +407,29 @@ impl Server {
                     return;
                 }
             };
-            if self.conns.len() >= MAX_CONNECTIONS || tcp.set_nonblocking(true).is_err() {
-                drop(tcp);
+            let unauthenticated = |c: &Conn| matches!(&c.io, Io::Http(h) if h.after.is_none());
+            let from_there =
+                self.conns.values().filter(|c| c.ip == addr.ip() && unauthenticated(c)).count();
+            if from_there >= MAX_UNAUTHENTICATED_PER_ADDRESS {
+                let why = "too many connections still sending their request";
+                self.refused(addr.ip(), "connection refused", why);
+                continue;
+            }
+            if self.conns.len() >= MAX_CONNECTIONS {
+                // The oldest connection still sending its head makes room; the sockets of
+                // paired devices (and answers being written) are never the ones to go.
+                let oldest =
+                    self.conns.iter().filter(|(_, c)| unauthenticated(c)).map(|(&id, _)| id).min();
+                match oldest {
+                    Some(id) => drop(self.remove(id)),
+                    None => {
+                        let why = "every connection is a paired device's";
+                        self.refused(addr.ip(), "connection refused", why);
+                        continue;
+                    }
+                }
+            }
+            if tcp.set_nonblocking(true).is_err() {
                 continue;
             }
             let _ = tcp.set_nodelay(true);
@@ -380,6 +462,19 @@ impl Server {
         let conn = self.conns.remove(&id)?;
         let _ = self.poller.delete(conn.tcp());
         Some(conn)
+    }
+
+    /// Logs a refusal of `ip` of this `kind` (at most one line per address and kind a minute,
+    /// with a count of those left out).
+    fn refused(&mut self, ip: IpAddr, kind: &'static str, why: &str) {
+        if let Some(skipped) = self.failures.log_now(ip, kind, Instant::now()) {
+            let more = if skipped > 0 {
+                format!(" ({skipped} more since the last line)")
+            } else {
+                String::new()
+            };
+            log(&format!("lan: {kind} for {ip}: {why}{more}"));
+        }
     }
 
     fn set_interest(&mut self, id: usize) {
@@ -481,7 +576,7 @@ impl Server {
             return (refuse(404, p::api_code::NOT_FOUND, "no such route", &[]), After::Close);
         }
         if let Some(wait) = self.failures.blocked(ip, now) {
-            log(&format!("lan: 429 for {ip}: too many failed authentications"));
+            self.refused(ip, "429", "too many failed authentications");
             let wait = wait.to_string();
             let r = refuse(
                 429,
@@ -491,9 +586,15 @@ impl Server {
             );
             return (r, After::Close);
         }
+        // A wrong credential counts against the address, unless a browser sent it for a page
+        // (that would let any page the phone opens lock the phone out); a missing one never
+        // does: it guesses nothing.
+        let counted = !from_a_web_page(head, self.own);
         let unauthorized = |this: &mut Server, code: &str, message: &str, why: &str| {
-            this.failures.fail(ip, now);
-            log(&format!("lan: 401 for {ip}: {why}"));
+            if counted && why != "no credential" {
+                this.failures.fail(ip, now);
+            }
+            this.refused(ip, "401", why);
             (refuse(401, code, message, &[("WWW-Authenticate", "Bearer")]), After::Close)
         };
         let credential = head
@@ -926,6 +1027,29 @@ impl Server {
                 w.out.push(Message::Ping(Default::default()));
                 self.ws_flush(id);
             }
+        }
+        self.close_forgotten();
+    }
+
+    /// Closes (4003) the sockets of devices no longer in lan.json: `--revoke` of a LAN device
+    /// (or `--reset --local` while this daemon runs). Looks only when the file changed.
+    fn close_forgotten(&mut self) {
+        let modified =
+            std::fs::metadata(store::lan_json(&self.state_dir)).and_then(|m| m.modified()).ok();
+        if modified == self.devices_seen || self.clients.is_empty() {
+            self.devices_seen = modified;
+            return;
+        }
+        let Ok(state) = store::read(&self.state_dir) else { return };
+        self.devices_seen = modified;
+        let forgotten: Vec<usize> = self
+            .clients
+            .iter()
+            .filter(|(client, _)| !state.devices.iter().any(|d| &d.client_id == *client))
+            .map(|(_, &id)| id)
+            .collect();
+        for id in forgotten {
+            self.close_ws(id, close_code::REVOKED, "revoked");
         }
     }
 

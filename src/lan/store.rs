@@ -196,6 +196,21 @@ pub fn forget_all(dir: &Path) -> io::Result<usize> {
     .map(|(n, _)| n)
 }
 
+/// Forgets one device: its secret stops working, and the running LAN server closes its socket
+/// (it watches lan.json). Returns the device when it was known.
+pub fn forget(dir: &Path, client_id: &str) -> io::Result<Option<LanDevice>> {
+    if !lan_json(dir).exists() {
+        return Ok(None);
+    }
+    update(dir, |s| {
+        let at = s.devices.iter().position(|d| d.client_id == client_id);
+        let gone = at.map(|i| s.devices.remove(i));
+        let changed = gone.is_some();
+        (gone, changed)
+    })
+    .map(|(gone, _)| gone)
+}
+
 /// Constant-time comparison of `credential`'s digest with a stored hex digest.
 fn matches_hex(credential: &str, stored_hex: &str) -> bool {
     let got = secret::hex(&secret::digest(credential));
