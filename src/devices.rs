@@ -105,13 +105,17 @@ fn table(clients: &[ClientInfo], now: u64) -> String {
 }
 
 /// The LAN devices (`--local`) as rows of the table; online when the running LAN daemon has
-/// their socket.
-fn lan_devices(dir: &Path) -> Result<Vec<ClientInfo>, Exit> {
-    let lan = crate::lan::store::read(dir)
-        .map_err(|e| fail(format!("cannot read the LAN devices (lan.json): {e}")))?;
+/// their socket. An unreadable lan.json is said, and lists none: the relay's apps still count.
+fn lan_devices(dir: &Path, out: &Out) -> Vec<ClientInfo> {
+    let lan = match crate::lan::store::read(dir) {
+        Ok(lan) => lan,
+        Err(e) => {
+            out.warn(&format!("cannot read the LAN devices (lan.json): {e}"));
+            return Vec::new();
+        }
+    };
     let serving = crate::cli::running_status(dir).filter(|s| s.lan_url.is_some());
-    Ok(lan
-        .devices
+    lan.devices
         .into_iter()
         .map(|d| ClientInfo {
             online: serving.as_ref().is_some_and(|s| s.apps_online.contains(&d.client_id)),
@@ -120,7 +124,7 @@ fn lan_devices(dir: &Path) -> Result<Vec<ClientInfo>, Exit> {
             paired_at: d.paired_at,
             last_seen_at: d.last_seen_at,
         })
-        .collect())
+        .collect()
 }
 
 /// `--devices`: the apps paired through the relay, then the LAN devices (`--local`).
@@ -128,7 +132,7 @@ pub fn list(args: &Args) -> Result<(), Exit> {
     let out = Out::new(args.json);
     let dir = state_dir()?;
     let identity = load_identity(&dir, &out)?;
-    let lan = lan_devices(&dir)?;
+    let lan = lan_devices(&dir, &out);
     let Some(id) = identity else {
         if lan.is_empty() {
             return Err(no_pairing());
@@ -211,8 +215,19 @@ pub fn revoke(args: &Args, client_id: &str) -> Result<(), Exit> {
         )));
     }
     let dir = state_dir()?;
-    let forgotten = crate::lan::store::forget(&dir, client_id)
-        .map_err(|e| fail(format!("cannot update the LAN devices (lan.json): {e}")))?;
+    // A LAN device is forgotten here; a lan.json problem never stops a revoke at the registry.
+    let forgotten = match crate::lan::store::forget(&dir, client_id) {
+        Ok((device, note)) => {
+            if let Some(note) = note {
+                out.warn(&note);
+            }
+            device
+        }
+        Err(e) => {
+            out.warn(&format!("cannot read the LAN devices (lan.json): {e}"));
+            None
+        }
+    };
     if let Some(device) = forgotten {
         if args.json {
             let value = serde_json::json!({

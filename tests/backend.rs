@@ -806,3 +806,46 @@ fn e2e_wake_failures_are_diagnosed_by_name_and_never_block_pairing() {
     );
     assert!(run.stdout.contains("lsof -nP -iTCP:"), "{}", run.stdout);
 }
+
+/// On a machine with several users, only the user running the bridge may use its built-in
+/// backend (which adds that user's gateway key): another account's connection gets 403 and
+/// nothing reaches the gateway. Needs root, to run the other account's client.
+#[test]
+fn another_user_of_the_machine_is_refused() {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !std::path::Path::new("/proc/net/tcp").exists() {
+        eprintln!("skipped: needs root (to act as another user) and /proc/net/tcp");
+        return;
+    }
+    let stub = StubGateway::start(0, KEY);
+    let b = backend(stub.port, KEY, |_| {});
+    let ask = |as_nobody: bool, path: &str| -> String {
+        let script = format!(
+            "import socket\ns = socket.create_connection(('127.0.0.1', {}))\n\
+             s.sendall(b'GET {path} HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\nConnection: close\\r\\n\\r\\n')\n\
+             out = b''\nwhile True:\n    d = s.recv(4096)\n    if not d: break\n    out += d\n\
+             print(out.split(b'\\r\\n')[0].decode())\n",
+            b.port
+        );
+        let mut cmd = std::process::Command::new("python3");
+        cmd.args(["-c", &script]).stdin(Stdio::null());
+        if as_nobody {
+            // SAFETY: only setgid/setuid (async-signal-safe) run between fork and exec.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let out = cmd.output().expect("python3");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert_eq!(ask(true, "/v1/models"), "HTTP/1.1 403 Forbidden", "another user was served");
+    assert_eq!(ask(false, "/v1/models"), "HTTP/1.1 200 OK", "the bridge's own user was refused");
+    // The health check stays open (`sudo hermeschat-pair --status` reads it).
+    assert_eq!(ask(true, "/api/health"), "HTTP/1.1 200 OK", "another user's health check");
+}

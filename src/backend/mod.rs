@@ -18,6 +18,7 @@
 pub mod chat;
 pub mod conn;
 pub mod control;
+pub mod peer;
 pub mod proxy;
 pub mod uploads;
 pub mod upstream;
@@ -237,7 +238,10 @@ fn spawn_connection(stream: TcpStream, shared: &Arc<Shared>) {
     }
     let s2 = shared.clone();
     let spawned = std::thread::Builder::new().name("backend-conn".into()).spawn(move || {
-        serve_connection(Conn::new(stream), &s2);
+        // Another account of this machine gets the health check only: the gateway key this
+        // backend adds is not its.
+        let stranger = peer::is_another_user(&stream);
+        serve_connection(Conn::new(stream), &s2, stranger);
         s2.active.fetch_sub(1, Ordering::SeqCst);
     });
     if let Err(e) = spawned {
@@ -256,7 +260,7 @@ fn body_cap(shared: &Shared, head: &Head) -> usize {
 }
 
 /// Serves requests on one connection until it closes.
-fn serve_connection(mut c: Conn, shared: &Arc<Shared>) {
+fn serve_connection(mut c: Conn, shared: &Arc<Shared>, stranger: bool) {
     loop {
         let req = match c.next(&shared.stop, |h| body_cap(shared, h)) {
             Next::Request(r) => r,
@@ -267,6 +271,14 @@ fn serve_connection(mut c: Conn, shared: &Arc<Shared>) {
                 return;
             }
         };
+        let health = matches!(req.head.path(), "/api/health" | "/health");
+        if stranger && !(health && matches!(req.head.method.as_str(), "GET" | "HEAD")) {
+            shared.log(&format!("{} {} -> 403 (another user)", req.head.method, req.head.path()));
+            let msg = "only the user running hermeschat-pair may use its built-in backend";
+            let _ = c.error(403, "forbidden", msg, true);
+            conn::close(&c.stream);
+            return;
+        }
         let started = Instant::now();
         let close = req.head.wants_close() || shared.stop.load(Ordering::SeqCst);
         let outcome = route(shared, &req, &mut c, close);
@@ -319,11 +331,13 @@ fn local_origin(head: &Head) -> bool {
         let rest = o.trim().strip_prefix("http://").or_else(|| o.trim().strip_prefix("https://"));
         rest.is_some_and(|r| loopback_host(r.split('/').next().unwrap_or("")))
     });
-    // What browsers mark a request with: anything but the page's own origin (or a typed URL)
-    // is another site's page, an `<img>` on it say, which sends no `Origin` with a GET.
-    let fetch_ok = head
-        .header("sec-fetch-site")
-        .is_none_or(|site| matches!(site.trim(), "same-origin" | "none"));
+    // What browsers mark a request with: a page of another site (an `<img>` on it, say, which
+    // sends no `Origin` with a GET). Pages of this machine (same-site, or a loopback `Origin`,
+    // which `origin_ok` took) are as local as the `Origin` rule makes them.
+    let fetch_ok = head.header("origin").is_some()
+        || head
+            .header("sec-fetch-site")
+            .is_none_or(|site| matches!(site.trim(), "same-origin" | "same-site" | "none"));
     host_ok && origin_ok && fetch_ok
 }
 

@@ -38,6 +38,10 @@ pub const MAX_INLINE_TEXT: usize = 256 << 10;
 /// Most files kept; the oldest are removed past this.
 const MAX_FILES: usize = 500;
 
+/// Most bytes kept in all; the oldest files are removed past this (500 files of the 10 MiB
+/// upload limit would be 5 GiB of the user's disk).
+const MAX_BYTES: u64 = 512 << 20;
+
 /// Metadata of a stored file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -69,6 +73,8 @@ pub struct Store {
     dir: PathBuf,
     /// Largest file accepted.
     max_bytes: usize,
+    /// Files and bytes kept at most ([`MAX_FILES`], [`MAX_BYTES`]).
+    keep: (usize, u64),
     /// Serialises writes and pruning.
     lock: Mutex<()>,
 }
@@ -80,7 +86,7 @@ pub struct Refused(pub u16, pub String);
 impl Store {
     /// A store in `dir` (created on first write) accepting files up to `max_bytes`.
     pub fn new(dir: PathBuf, max_bytes: usize) -> Store {
-        Store { dir, max_bytes, lock: Mutex::new(()) }
+        Store { dir, max_bytes, keep: (MAX_FILES, MAX_BYTES), lock: Mutex::new(()) }
     }
 
     /// Stores `bytes` under a fresh id.
@@ -162,12 +168,17 @@ impl Store {
         a || b
     }
 
-    /// Drops the oldest files past [`MAX_FILES`]. Called with the lock held.
+    /// Drops the oldest files past [`MAX_FILES`] or [`MAX_BYTES`] (the newest is always
+    /// kept). Called with the lock held.
     fn prune(&self) {
-        let all = self.list();
-        for old in all.iter().skip(MAX_FILES) {
-            let _ = fs::remove_file(self.dir.join(&old.id));
-            let _ = fs::remove_file(self.dir.join(format!("{}.json", old.id)));
+        let (max_files, max_bytes) = self.keep;
+        let mut total = 0u64;
+        for (i, meta) in self.list().iter().enumerate() {
+            total = total.saturating_add(meta.size);
+            if i > 0 && (i >= max_files || total > max_bytes) {
+                let _ = fs::remove_file(self.dir.join(&meta.id));
+                let _ = fs::remove_file(self.dir.join(format!("{}.json", meta.id)));
+            }
         }
     }
 
@@ -576,6 +587,26 @@ fn upload(shared: &Arc<Shared>, req: &Request, c: &mut Conn, close: bool) -> io:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_oldest_files_go_past_the_count_or_the_bytes_kept() {
+        let dir = std::env::temp_dir().join(format!("hcp-uploads-keep-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let mut store = Store::new(dir.clone(), 1 << 20);
+        store.keep = (3, 25);
+        let mut ids = Vec::new();
+        for n in 0..5 {
+            ids.push(store.put(&format!("f{n}.txt"), "text/plain", b"0123456789").unwrap().id);
+            // Distinct creation times: the order is by time.
+            std::thread::sleep(std::time::Duration::from_millis(3));
+        }
+        let kept: Vec<String> = store.list().into_iter().map(|m| m.id).collect();
+        assert_eq!(kept, vec![ids[4].clone(), ids[3].clone()], "the newest 20 of 25 bytes");
+        store.keep = (1, 0);
+        store.put("big.txt", "text/plain", &[b'x'; 40]).unwrap();
+        assert_eq!(store.list().len(), 1, "the newest file is kept whatever its size");
+        let _ = fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn names_types_and_multipart() {

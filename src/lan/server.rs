@@ -160,10 +160,11 @@ impl Conn {
     }
 }
 
-/// Failed authentications per source address, in fixed one-minute windows.
+/// Failed authentications per source address, in fixed one-minute windows, counted apart for
+/// requests a web page sent (see [`from_a_web_page`]) and the others.
 #[derive(Default)]
 pub struct Failures {
-    map: HashMap<IpAddr, (u32, Instant)>,
+    map: HashMap<(IpAddr, bool), (u32, Instant)>,
     /// Per address and kind of refusal: when the last one was logged, and those not logged
     /// since.
     logged: HashMap<(IpAddr, &'static str), (Instant, u32)>,
@@ -172,16 +173,17 @@ pub struct Failures {
 impl Failures {
     const WINDOW: Duration = Duration::from_secs(60);
 
-    /// `Some(seconds to wait)` when `ip` failed too often in its current window.
-    pub fn blocked(&self, ip: IpAddr, now: Instant) -> Option<u64> {
-        let (count, start) = self.map.get(&ip)?;
+    /// `Some(seconds to wait)` when `ip` failed too often in its current window, with
+    /// requests of web pages (`page`) or with the others.
+    pub fn blocked(&self, ip: IpAddr, page: bool, now: Instant) -> Option<u64> {
+        let (count, start) = self.map.get(&(ip, page))?;
         let elapsed = now.duration_since(*start);
         (*count >= MAX_FAILURES_PER_MINUTE && elapsed < Self::WINDOW)
             .then(|| (Self::WINDOW - elapsed).as_secs().max(1))
     }
 
-    /// Counts one failure.
-    pub fn fail(&mut self, ip: IpAddr, now: Instant) {
+    /// Counts one failure of `ip`, with a web page's request (`page`) or another.
+    pub fn fail(&mut self, ip: IpAddr, page: bool, now: Instant) {
         if self.map.len() >= MAX_TRACKED {
             self.map.retain(|_, (_, start)| now.duration_since(*start) < Self::WINDOW);
             if self.map.len() >= MAX_TRACKED {
@@ -189,7 +191,7 @@ impl Failures {
                 self.map.clear();
             }
         }
-        let entry = self.map.entry(ip).or_insert((0, now));
+        let entry = self.map.entry((ip, page)).or_insert((0, now));
         if now.duration_since(entry.1) >= Self::WINDOW {
             *entry = (0, now);
         }
@@ -223,13 +225,11 @@ impl Failures {
 }
 
 /// True for a request a web browser sent on behalf of a page: browsers always name the page's
-/// origin on a WebSocket handshake (and mark fetches `Sec-Fetch-*`); the app sends neither, or
-/// names this server itself. Its wrong credentials are refused but never counted against the
-/// address: a page the phone opens must not lock the phone out.
+/// origin on a WebSocket handshake; the app sends none, or names this server itself. Such
+/// failures are counted apart and block only such requests: a page the phone opens cannot
+/// lock the app out, and a script that names an origin to dodge the limit is limited all the
+/// same.
 fn from_a_web_page(head: &Head, own: Option<SocketAddr>) -> bool {
-    if head.header("sec-fetch-site").is_some() || head.header("sec-fetch-mode").is_some() {
-        return true;
-    }
     let Some(origin) = head.header("origin").map(str::trim) else { return false };
     let authority = ["http://", "https://", "ws://", "wss://"]
         .iter()
@@ -312,9 +312,11 @@ pub struct Server {
     failures: Failures,
     /// The address the server listens on (what the app's own `Origin` would name).
     own: Option<SocketAddr>,
-    /// lan.json's modification time when its devices were last compared with the sockets: a
-    /// device forgotten since (`--revoke`) has its socket closed.
-    devices_seen: Option<std::time::SystemTime>,
+    /// lan.json's (modification time, inode, length) when its devices were last compared with
+    /// the sockets: a device forgotten since (`--revoke`) has its socket closed. lan.json is
+    /// replaced whole on every write, so the inode tells writes apart where a coarse clock
+    /// would not.
+    devices_seen: Option<(std::time::SystemTime, u64, u64)>,
     ws_config: WebSocketConfig,
     max_queued: usize,
     /// The stop flag was seen: sockets are no longer read.
@@ -412,19 +414,29 @@ impl Server {
                 self.conns.values().filter(|c| c.ip == addr.ip() && unauthenticated(c)).count();
             if from_there >= MAX_UNAUTHENTICATED_PER_ADDRESS {
                 let why = "too many connections still sending their request";
-                self.refused(addr.ip(), "connection refused", why);
+                self.refused(addr.ip(), why, "connection refused");
                 continue;
             }
             if self.conns.len() >= MAX_CONNECTIONS {
-                // The oldest connection still sending its head makes room; the sockets of
-                // paired devices (and answers being written) are never the ones to go.
-                let oldest =
-                    self.conns.iter().filter(|(_, c)| unauthenticated(c)).map(|(&id, _)| id).min();
-                match oldest {
+                // A connection still sending its head makes room: the oldest of the address
+                // holding the most of them (a phone holds one). The sockets of paired devices
+                // (and answers being written) are never the ones to go.
+                let mut held: HashMap<IpAddr, usize> = HashMap::new();
+                for c in self.conns.values().filter(|c| unauthenticated(c)) {
+                    *held.entry(c.ip).or_default() += 1;
+                }
+                let victim = self
+                    .conns
+                    .iter()
+                    .filter(|(_, c)| unauthenticated(c))
+                    .map(|(&id, c)| (std::cmp::Reverse(held[&c.ip]), id))
+                    .min()
+                    .map(|(_, id)| id);
+                match victim {
                     Some(id) => drop(self.remove(id)),
                     None => {
                         let why = "every connection is a paired device's";
-                        self.refused(addr.ip(), "connection refused", why);
+                        self.refused(addr.ip(), why, "connection refused");
                         continue;
                     }
                 }
@@ -464,16 +476,16 @@ impl Server {
         Some(conn)
     }
 
-    /// Logs a refusal of `ip` of this `kind` (at most one line per address and kind a minute,
-    /// with a count of those left out).
-    fn refused(&mut self, ip: IpAddr, kind: &'static str, why: &str) {
-        if let Some(skipped) = self.failures.log_now(ip, kind, Instant::now()) {
+    /// Logs a refusal of `ip` for `reason`, answered `status` (at most one line per address
+    /// and reason a minute, with a count of those left out).
+    fn refused(&mut self, ip: IpAddr, reason: &'static str, status: &str) {
+        if let Some(skipped) = self.failures.log_now(ip, reason, Instant::now()) {
             let more = if skipped > 0 {
                 format!(" ({skipped} more since the last line)")
             } else {
                 String::new()
             };
-            log(&format!("lan: {kind} for {ip}: {why}{more}"));
+            log(&format!("lan: {status} for {ip}: {reason}{more}"));
         }
     }
 
@@ -575,8 +587,9 @@ impl Server {
         if path != "/ws/app" {
             return (refuse(404, p::api_code::NOT_FOUND, "no such route", &[]), After::Close);
         }
-        if let Some(wait) = self.failures.blocked(ip, now) {
-            self.refused(ip, "429", "too many failed authentications");
+        let page = from_a_web_page(head, self.own);
+        if let Some(wait) = self.failures.blocked(ip, page, now) {
+            self.refused(ip, "too many failed authentications", "429");
             let wait = wait.to_string();
             let r = refuse(
                 429,
@@ -586,15 +599,13 @@ impl Server {
             );
             return (r, After::Close);
         }
-        // A wrong credential counts against the address, unless a browser sent it for a page
-        // (that would let any page the phone opens lock the phone out); a missing one never
-        // does: it guesses nothing.
-        let counted = !from_a_web_page(head, self.own);
-        let unauthorized = |this: &mut Server, code: &str, message: &str, why: &str| {
-            if counted && why != "no credential" {
-                this.failures.fail(ip, now);
+        // A wrong credential counts against the address (a web page's apart); a missing one
+        // never does: it guesses nothing.
+        let unauthorized = |this: &mut Server, code: &str, message: &str, why: &'static str| {
+            if why != "no credential" {
+                this.failures.fail(ip, page, now);
             }
-            this.refused(ip, "401", why);
+            this.refused(ip, why, "401");
             (refuse(401, code, message, &[("WWW-Authenticate", "Bearer")]), After::Close)
         };
         let credential = head
@@ -1034,22 +1045,32 @@ impl Server {
     /// Closes (4003) the sockets of devices no longer in lan.json: `--revoke` of a LAN device
     /// (or `--reset --local` while this daemon runs). Looks only when the file changed.
     fn close_forgotten(&mut self) {
-        let modified =
-            std::fs::metadata(store::lan_json(&self.state_dir)).and_then(|m| m.modified()).ok();
-        if modified == self.devices_seen || self.clients.is_empty() {
-            self.devices_seen = modified;
+        use std::os::unix::fs::MetadataExt;
+        let seen = std::fs::metadata(store::lan_json(&self.state_dir))
+            .ok()
+            .and_then(|m| Some((m.modified().ok()?, m.ino(), m.len())));
+        if seen == self.devices_seen {
             return;
         }
         let Ok(state) = store::read(&self.state_dir) else { return };
-        self.devices_seen = modified;
-        let forgotten: Vec<usize> = self
-            .clients
-            .iter()
-            .filter(|(client, _)| !state.devices.iter().any(|d| &d.client_id == *client))
-            .map(|(_, &id)| id)
-            .collect();
+        self.devices_seen = seen;
+        let known = |client: &str| state.devices.iter().any(|d| d.client_id == client);
+        let forgotten: Vec<usize> =
+            self.clients.iter().filter(|(client, _)| !known(client)).map(|(_, &id)| id).collect();
         for id in forgotten {
             self.close_ws(id, close_code::REVOKED, "revoked");
+        }
+        // An upgrade whose 101 is still being written: not a client yet, never to be one.
+        let upgrading: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                matches!(&c.io, Io::Http(h) if matches!(&h.after, Some(After::Upgrade(s)) if !known(&s.client_id)))
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for id in upgrading {
+            self.remove(id);
         }
     }
 
@@ -1164,13 +1185,20 @@ mod tests {
         let other: IpAddr = "192.168.1.51".parse().unwrap();
         let t0 = Instant::now();
         for _ in 0..MAX_FAILURES_PER_MINUTE {
-            assert_eq!(f.blocked(ip, t0), None);
-            f.fail(ip, t0);
+            assert_eq!(f.blocked(ip, false, t0), None);
+            f.fail(ip, false, t0);
         }
-        let wait = f.blocked(ip, t0).unwrap();
+        let wait = f.blocked(ip, false, t0).unwrap();
         assert!((1..=60).contains(&wait));
-        assert_eq!(f.blocked(other, t0), None);
-        assert_eq!(f.blocked(ip, t0 + Duration::from_secs(61)), None);
+        assert_eq!(f.blocked(other, false, t0), None);
+        assert_eq!(f.blocked(ip, false, t0 + Duration::from_secs(61)), None);
+        // A web page's failures are counted apart: they block only its requests.
+        assert_eq!(f.blocked(ip, true, t0), None, "the app's failures blocked pages");
+        for _ in 0..MAX_FAILURES_PER_MINUTE {
+            f.fail(other, true, t0);
+        }
+        assert!(f.blocked(other, true, t0).is_some());
+        assert_eq!(f.blocked(other, false, t0), None, "a page's failures blocked the app");
     }
 
     #[test]

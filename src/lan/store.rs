@@ -197,10 +197,11 @@ pub fn forget_all(dir: &Path) -> io::Result<usize> {
 }
 
 /// Forgets one device: its secret stops working, and the running LAN server closes its socket
-/// (it watches lan.json). Returns the device when it was known.
-pub fn forget(dir: &Path, client_id: &str) -> io::Result<Option<LanDevice>> {
+/// (it watches lan.json). Returns the device when it was known, and a note about a moved-aside
+/// file, if any.
+pub fn forget(dir: &Path, client_id: &str) -> io::Result<(Option<LanDevice>, Option<String>)> {
     if !lan_json(dir).exists() {
-        return Ok(None);
+        return Ok((None, None));
     }
     update(dir, |s| {
         let at = s.devices.iter().position(|d| d.client_id == client_id);
@@ -208,7 +209,6 @@ pub fn forget(dir: &Path, client_id: &str) -> io::Result<Option<LanDevice>> {
         let changed = gone.is_some();
         (gone, changed)
     })
-    .map(|(gone, _)| gone)
 }
 
 /// Constant-time comparison of `credential`'s digest with a stored hex digest.
