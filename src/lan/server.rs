@@ -161,7 +161,7 @@ impl Conn {
 }
 
 /// Failed authentications per source address, in fixed one-minute windows, counted apart for
-/// requests a web page sent (see [`from_a_web_page`]) and the others.
+/// requests a web page sent (an `Origin` not this server's) and the others.
 #[derive(Default)]
 pub struct Failures {
     map: HashMap<(IpAddr, bool), (u32, Instant)>,
