@@ -105,17 +105,15 @@ fn table(clients: &[ClientInfo], now: u64) -> String {
 }
 
 /// The LAN devices (`--local`) as rows of the table; online when the running LAN daemon has
-/// their socket. An unreadable lan.json is said, and lists none: the relay's apps still count.
-fn lan_devices(dir: &Path, out: &Out) -> Vec<ClientInfo> {
+/// their socket. An unreadable lan.json lists none, with why (the relay's apps still count).
+fn lan_devices(dir: &Path) -> (Vec<ClientInfo>, Option<String>) {
     let lan = match crate::lan::store::read(dir) {
         Ok(lan) => lan,
-        Err(e) => {
-            out.warn(&format!("cannot read the LAN devices (lan.json): {e}"));
-            return Vec::new();
-        }
+        Err(e) => return (Vec::new(), Some(lan_error(&e))),
     };
     let serving = crate::cli::running_status(dir).filter(|s| s.lan_url.is_some());
-    lan.devices
+    let devices = lan
+        .devices
         .into_iter()
         .map(|d| ClientInfo {
             online: serving.as_ref().is_some_and(|s| s.apps_online.contains(&d.client_id)),
@@ -124,7 +122,13 @@ fn lan_devices(dir: &Path, out: &Out) -> Vec<ClientInfo> {
             paired_at: d.paired_at,
             last_seen_at: d.last_seen_at,
         })
-        .collect()
+        .collect();
+    (devices, None)
+}
+
+/// Why the LAN devices are unknown.
+fn lan_error(e: &std::io::Error) -> String {
+    format!("cannot read the LAN devices (lan.json): {e}")
 }
 
 /// `--devices`: the apps paired through the relay, then the LAN devices (`--local`).
@@ -132,8 +136,14 @@ pub fn list(args: &Args) -> Result<(), Exit> {
     let out = Out::new(args.json);
     let dir = state_dir()?;
     let identity = load_identity(&dir, &out)?;
-    let lan = lan_devices(&dir, &out);
+    let (lan, lan_error) = lan_devices(&dir);
+    if let Some(e) = &lan_error {
+        out.warn(e);
+    }
     let Some(id) = identity else {
+        if let (true, Some(e)) = (lan.is_empty(), &lan_error) {
+            return Err(fail(e.clone()));
+        }
         if lan.is_empty() {
             return Err(no_pairing());
         }
@@ -153,11 +163,14 @@ pub fn list(args: &Args) -> Result<(), Exit> {
         .clients(&id.bridge_id, &id.relay_secret)
         .map_err(|e| registry_error(&e, &registry))?;
     if args.json {
-        let value = serde_json::json!({
+        let mut value = serde_json::json!({
             "bridgeId": id.bridge_id,
             "devices": clients,
             "lanDevices": lan,
         });
+        if let Some(e) = lan_error {
+            value["lanError"] = e.into();
+        }
         println!("{value}");
         return Ok(());
     }
@@ -216,6 +229,7 @@ pub fn revoke(args: &Args, client_id: &str) -> Result<(), Exit> {
     }
     let dir = state_dir()?;
     // A LAN device is forgotten here; a lan.json problem never stops a revoke at the registry.
+    let mut lan_problem = None;
     let forgotten = match crate::lan::store::forget(&dir, client_id) {
         Ok((device, note)) => {
             if let Some(note) = note {
@@ -224,9 +238,21 @@ pub fn revoke(args: &Args, client_id: &str) -> Result<(), Exit> {
             device
         }
         Err(e) => {
-            out.warn(&format!("cannot read the LAN devices (lan.json): {e}"));
+            out.warn(&lan_error(&e));
+            lan_problem = Some(lan_error(&e));
             None
         }
+    };
+    // Not at the registry either: said with the LAN problem, since the device may be there.
+    let not_found = |what: &str| {
+        let lan = lan_problem
+            .as_ref()
+            .map(|e| format!("\n  {e}: a LAN device {client_id} may still be paired."))
+            .unwrap_or_default();
+        fail(format!(
+            "no app {client_id} is paired with {what} (already revoked?); hermeschat-pair \
+             --devices lists the paired apps{lan}"
+        ))
     };
     if let Some(device) = forgotten {
         if args.json {
@@ -247,10 +273,7 @@ pub fn revoke(args: &Args, client_id: &str) -> Result<(), Exit> {
         return Ok(());
     }
     let Some(id) = load_identity(&dir, &out)? else {
-        return Err(fail(format!(
-            "no app {client_id} is paired with this machine (already revoked?); \
-             hermeschat-pair --devices lists the paired apps"
-        )));
+        return Err(not_found("this machine"));
     };
     let registry = Registry::new(&id.registry_url);
     // The name, for the message (best effort: the revoke below is what counts).
@@ -262,10 +285,7 @@ pub fn revoke(args: &Args, client_id: &str) -> Result<(), Exit> {
     match registry.revoke(&id.bridge_id, &id.relay_secret, client_id) {
         Ok(()) => {}
         Err(RegistryError::Api { code, .. }) if code == "CLIENT_NOT_FOUND" => {
-            return Err(fail(format!(
-                "no app {client_id} is paired with this bridge (already revoked?); \
-                 hermeschat-pair --devices lists the paired apps"
-            )));
+            return Err(not_found("this bridge"));
         }
         Err(e) => return Err(registry_error(&e, &registry)),
     }

@@ -357,6 +357,12 @@ fn malformed_bodies_and_requests_are_refused_and_the_backend_keeps_serving() {
         http(b.port, "GET", "/api/sessions", &[("Sec-Fetch-Site", "cross-site")], b"");
     assert_eq!(status, 403, "a cross-site GET was served");
     assert_eq!(http(b.port, "GET", "/api/health", &[("Sec-Fetch-Site", "none")], b"").0, 200);
+    // A page of another loopback port (maybe another user's server) is another's page; only a
+    // page of this backend's own origin is not.
+    let page = |port: u16| format!("http://127.0.0.1:{port}");
+    let other = page(b.port.wrapping_add(1).max(1));
+    assert_eq!(http(b.port, "POST", "/api/chat", &[("Origin", &other)], &chat).0, 403);
+    assert_eq!(http(b.port, "GET", "/api/health", &[("Origin", &page(b.port))], b"").0, 200);
     // Two lengths (or a signed one) could leave a second request behind: refused whole.
     let r = raw(
         b"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nContent-Length: 38\r\n\r\nGET /api/health HTTP/1.1\r\nHost: x\r\n\r\n",
@@ -846,6 +852,6 @@ fn another_user_of_the_machine_is_refused() {
     };
     assert_eq!(ask(true, "/v1/models"), "HTTP/1.1 403 Forbidden", "another user was served");
     assert_eq!(ask(false, "/v1/models"), "HTTP/1.1 200 OK", "the bridge's own user was refused");
-    // The health check stays open (`sudo hermeschat-pair --status` reads it).
-    assert_eq!(ask(true, "/api/health"), "HTTP/1.1 200 OK", "another user's health check");
+    // Not even the health check: another user's pairing must not take this backend for its.
+    assert_eq!(ask(true, "/api/health"), "HTTP/1.1 403 Forbidden", "another user's health check");
 }

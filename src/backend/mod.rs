@@ -104,6 +104,8 @@ impl Settings {
 pub struct Shared {
     /// The settings.
     pub settings: Settings,
+    /// The port bound (the settings may say 0: any).
+    pub port: u16,
     /// The gateway.
     pub upstream: Upstream,
     /// The upload store.
@@ -169,6 +171,7 @@ pub fn start_with(settings: Settings, stop: Arc<AtomicBool>) -> io::Result<Start
     let upstream = Upstream::new(settings.gateway.clone(), settings.timeouts);
     let shared = Arc::new(Shared {
         settings,
+        port,
         upstream,
         uploads,
         log: Mutex::new(log),
@@ -208,7 +211,7 @@ fn accept_loop(listener: &TcpListener, poller: &crate::poll::Poller, shared: &Ar
         let _ = poller.wait(&mut events, Some(Duration::from_millis(200)));
         loop {
             match listener.accept() {
-                Ok((stream, _)) => spawn_connection(stream, shared),
+                Ok((stream, peer)) => spawn_connection(stream, peer, shared),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
@@ -228,7 +231,7 @@ fn accept_loop(listener: &TcpListener, poller: &crate::poll::Poller, shared: &Ar
 }
 
 /// Serves `stream` on its own thread, or answers 503 when at the connection cap.
-fn spawn_connection(stream: TcpStream, shared: &Arc<Shared>) {
+fn spawn_connection(stream: TcpStream, peer: std::net::SocketAddr, shared: &Arc<Shared>) {
     let _ = stream.set_nonblocking(false);
     if shared.active.fetch_add(1, Ordering::SeqCst) >= shared.settings.max_connections {
         shared.active.fetch_sub(1, Ordering::SeqCst);
@@ -238,9 +241,7 @@ fn spawn_connection(stream: TcpStream, shared: &Arc<Shared>) {
     }
     let s2 = shared.clone();
     let spawned = std::thread::Builder::new().name("backend-conn".into()).spawn(move || {
-        // Another account of this machine gets the health check only: the gateway key this
-        // backend adds is not its.
-        let stranger = peer::is_another_user(&stream);
+        let stranger = peer::is_another_user(&stream, peer);
         serve_connection(Conn::new(stream), &s2, stranger);
         s2.active.fetch_sub(1, Ordering::SeqCst);
     });
@@ -261,6 +262,18 @@ fn body_cap(shared: &Shared, head: &Head) -> usize {
 
 /// Serves requests on one connection until it closes.
 fn serve_connection(mut c: Conn, shared: &Arc<Shared>, stranger: bool) {
+    if stranger {
+        // Another account of this machine (or a client gone already): the gateway key this
+        // backend adds is not its, and its health check would make its own pairing take this
+        // backend for its own. Its head is read (not a body), so that it gets to read why.
+        let _ = c.next(&shared.stop, |_| 0);
+        shared.log("refused a connection of another user of this machine (403)");
+        let msg = "this is another user's built-in backend: only the user running that \
+                   hermeschat-pair may use it; pass --port <another port>";
+        let _ = c.error(403, "forbidden", msg, true);
+        conn::close(&c.stream);
+        return;
+    }
     loop {
         let req = match c.next(&shared.stop, |h| body_cap(shared, h)) {
             Next::Request(r) => r,
@@ -271,14 +284,6 @@ fn serve_connection(mut c: Conn, shared: &Arc<Shared>, stranger: bool) {
                 return;
             }
         };
-        let health = matches!(req.head.path(), "/api/health" | "/health");
-        if stranger && !(health && matches!(req.head.method.as_str(), "GET" | "HEAD")) {
-            shared.log(&format!("{} {} -> 403 (another user)", req.head.method, req.head.path()));
-            let msg = "only the user running hermeschat-pair may use its built-in backend";
-            let _ = c.error(403, "forbidden", msg, true);
-            conn::close(&c.stream);
-            return;
-        }
         let started = Instant::now();
         let close = req.head.wants_close() || shared.stop.load(Ordering::SeqCst);
         let outcome = route(shared, &req, &mut c, close);
@@ -322,22 +327,22 @@ fn loopback_host(host: &str) -> bool {
     crate::cli::is_loopback(name)
 }
 
-/// True unless the request names a non-loopback `Host` or comes from a web page of another
-/// origin: browsers send `Origin` on cross-origin requests but a GET, and mark every request
-/// `Sec-Fetch-Site`; the app and the bridge send neither.
-fn local_origin(head: &Head) -> bool {
+/// True unless the request names a non-loopback `Host` or comes from a web page: browsers
+/// send `Origin` on cross-origin requests but a GET, and mark every request `Sec-Fetch-Site`;
+/// the app and the bridge send neither. Only a page this backend served itself (an `Origin` of
+/// a loopback host and this `port`) is not another's: a page on another loopback port may be
+/// another user's of this machine, and a page's request is made by this user's browser.
+fn local_origin(head: &Head, port: u16) -> bool {
     let host_ok = head.header("host").is_none_or(loopback_host);
     let origin_ok = head.header("origin").is_none_or(|o| {
         let rest = o.trim().strip_prefix("http://").or_else(|| o.trim().strip_prefix("https://"));
-        rest.is_some_and(|r| loopback_host(r.split('/').next().unwrap_or("")))
+        let authority = rest.map(|r| r.split('/').next().unwrap_or(""));
+        let port_of = |a: &str| a.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok());
+        authority.is_some_and(|a| loopback_host(a) && port_of(a) == Some(port))
     });
-    // What browsers mark a request with: a page of another site (an `<img>` on it, say, which
-    // sends no `Origin` with a GET). Pages of this machine (same-site, or a loopback `Origin`,
-    // which `origin_ok` took) are as local as the `Origin` rule makes them.
-    let fetch_ok = head.header("origin").is_some()
-        || head
-            .header("sec-fetch-site")
-            .is_none_or(|site| matches!(site.trim(), "same-origin" | "same-site" | "none"));
+    let fetch_ok = head
+        .header("sec-fetch-site")
+        .is_none_or(|site| matches!(site.trim(), "same-origin" | "none"));
     host_ok && origin_ok && fetch_ok
 }
 
@@ -348,7 +353,7 @@ fn route(shared: &Arc<Shared>, req: &conn::Request, c: &mut Conn, close: bool) -
     let reply = |c: &mut Conn, status: u16, code: &str, msg: &str| {
         c.error(status, code, msg, close).map(|()| status)
     };
-    if !local_origin(&req.head) {
+    if !local_origin(&req.head, shared.port) {
         // A web page (DNS rebinding, or a cross-site form) must not drive the agent.
         return reply(c, 403, "forbidden", "only local clients may use the built-in backend");
     }

@@ -123,9 +123,13 @@ impl Store {
             |e: &dyn std::fmt::Display| Refused(500, format!("cannot store the file: {e}"));
         crate::state::ensure_dir(&self.dir).map_err(|e| io_err(&e))?;
         crate::state::write_atomic(&self.dir.join(&meta.id), bytes).map_err(|e| io_err(&e))?;
-        crate::state::write_json(&self.dir.join(format!("{}.json", meta.id)), &meta)
-            .map_err(|e| io_err(&e))?;
-        self.prune();
+        if let Err(e) = crate::state::write_json(&self.dir.join(format!("{}.json", meta.id)), &meta)
+        {
+            // Without its metadata the file would be listed nowhere and never pruned.
+            let _ = fs::remove_file(self.dir.join(&meta.id));
+            return Err(io_err(&e));
+        }
+        self.prune(&meta.id);
         Ok(meta)
     }
 
@@ -168,12 +172,18 @@ impl Store {
         a || b
     }
 
-    /// Drops the oldest files past [`MAX_FILES`] or [`MAX_BYTES`] (the newest is always
-    /// kept). Called with the lock held.
-    fn prune(&self) {
+    /// Drops the oldest files past [`MAX_FILES`] or [`MAX_BYTES`], never `just_stored` (the
+    /// file whose id the caller is about to answer, whatever the clock said). Called with the
+    /// lock held.
+    fn prune(&self, just_stored: &str) {
         let (max_files, max_bytes) = self.keep;
         let mut total = 0u64;
-        for (i, meta) in self.list().iter().enumerate() {
+        let all = self.list();
+        let newest_first = all
+            .iter()
+            .filter(|m| m.id == just_stored)
+            .chain(all.iter().filter(|m| m.id != just_stored));
+        for (i, meta) in newest_first.enumerate() {
             total = total.saturating_add(meta.size);
             if i > 0 && (i >= max_files || total > max_bytes) {
                 let _ = fs::remove_file(self.dir.join(&meta.id));
