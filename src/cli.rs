@@ -458,8 +458,9 @@ pub(crate) fn backend_gate(args: &Args, config: &Config, out: &Out) -> Result<Ba
         Health::Unhealthy => {
             return Err(fail(format!(
                 "port {port} on {host} is in use, but it does not answer GET /api/health like a \
-                 Hermes API.\n  Stop whatever holds port {port}, or point at your backend with \
-                 --port <its port>, then run hermeschat-pair again."
+                 Hermes API (another user's hermeschat-pair answers 403 there).\n  Stop \
+                 whatever holds port {port}, or point at your backend with --port <its port> \
+                 (or a free one, for the built-in backend), then run hermeschat-pair again."
             )));
         }
         Health::NotListening | Health::Unknown => {}

@@ -137,13 +137,13 @@ pub fn list(args: &Args) -> Result<(), Exit> {
     let dir = state_dir()?;
     let identity = load_identity(&dir, &out)?;
     let (lan, lan_error) = lan_devices(&dir);
+    if let (None, Some(e)) = (&identity, &lan_error) {
+        return Err(fail(e.clone()));
+    }
     if let Some(e) = &lan_error {
         out.warn(e);
     }
     let Some(id) = identity else {
-        if let (true, Some(e)) = (lan.is_empty(), &lan_error) {
-            return Err(fail(e.clone()));
-        }
         if lan.is_empty() {
             return Err(no_pairing());
         }

@@ -363,6 +363,10 @@ fn malformed_bodies_and_requests_are_refused_and_the_backend_keeps_serving() {
     let other = page(b.port.wrapping_add(1).max(1));
     assert_eq!(http(b.port, "POST", "/api/chat", &[("Origin", &other)], &chat).0, 403);
     assert_eq!(http(b.port, "GET", "/api/health", &[("Origin", &page(b.port))], b"").0, 200);
+    let localhost = format!("http://localhost:{}", b.port);
+    assert_eq!(http(b.port, "GET", "/api/health", &[("Origin", &localhost)], b"").0, 200);
+    let another_address = format!("http://127.0.0.2:{}", b.port);
+    assert_eq!(http(b.port, "POST", "/api/chat", &[("Origin", &another_address)], &chat).0, 403);
     // Two lengths (or a signed one) could leave a second request behind: refused whole.
     let r = raw(
         b"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nContent-Length: 38\r\n\r\nGET /api/health HTTP/1.1\r\nHost: x\r\n\r\n",

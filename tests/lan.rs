@@ -18,7 +18,9 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::session::{CMD_TIMEOUT, FrameIo, PAIR_BIN, Run, closed_port, stream_upload, try_run};
+use common::session::{
+    CMD_TIMEOUT, FrameIo, PAIR_BIN, Run, closed_port, listen_port, stream_upload, try_run,
+};
 use common::{
     ConnectError, Relay, Ws, b64, fresh_dir, random_bytes, rss_growth_settles, rss_kib, unb64,
     ws_connect,
@@ -44,7 +46,7 @@ impl Env {
         let home = root.join("home");
         let cwd = root.join("cwd");
         std::fs::create_dir_all(&cwd).unwrap();
-        Env { root, home, cwd, lan_port: closed_port() }
+        Env { root, home, cwd, lan_port: listen_port() }
     }
 
     fn cmd(&self, args: &[&str]) -> Command {

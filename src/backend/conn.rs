@@ -330,3 +330,22 @@ impl Drop for DisconnectWatch {
 pub fn close(stream: &TcpStream) {
     let _ = stream.shutdown(Shutdown::Both);
 }
+
+/// Ends the writing side after an answer and reads what the client still sends, for at most
+/// `limit`, then closes: closed with unread bytes, the connection would be reset, and the
+/// client could lose the answer.
+pub fn drain_and_close(stream: &TcpStream, limit: Duration) {
+    let _ = stream.shutdown(Shutdown::Write);
+    let until = std::time::Instant::now() + limit;
+    let mut sink = [0u8; 4096];
+    while let Some(left) = until.checked_duration_since(std::time::Instant::now()) {
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            break;
+        }
+        match std::io::Read::read(&mut &*stream, &mut sink) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    let _ = stream.shutdown(Shutdown::Both);
+}

@@ -265,13 +265,13 @@ fn serve_connection(mut c: Conn, shared: &Arc<Shared>, stranger: bool) {
     if stranger {
         // Another account of this machine (or a client gone already): the gateway key this
         // backend adds is not its, and its health check would make its own pairing take this
-        // backend for its own. Its head is read (not a body), so that it gets to read why.
-        let _ = c.next(&shared.stop, |_| 0);
+        // backend for its own. Answered at once (a silent one holds no slot), then its
+        // request is drained for a moment so that closing does not reset the answer away.
         shared.log("refused a connection of another user of this machine (403)");
         let msg = "this is another user's built-in backend: only the user running that \
                    hermeschat-pair may use it; pass --port <another port>";
         let _ = c.error(403, "forbidden", msg, true);
-        conn::close(&c.stream);
+        conn::drain_and_close(&c.stream, Duration::from_secs(1));
         return;
     }
     loop {
@@ -330,15 +330,17 @@ fn loopback_host(host: &str) -> bool {
 /// True unless the request names a non-loopback `Host` or comes from a web page: browsers
 /// send `Origin` on cross-origin requests but a GET, and mark every request `Sec-Fetch-Site`;
 /// the app and the bridge send neither. Only a page this backend served itself (an `Origin` of
-/// a loopback host and this `port`) is not another's: a page on another loopback port may be
-/// another user's of this machine, and a page's request is made by this user's browser.
-fn local_origin(head: &Head, port: u16) -> bool {
+/// this backend's address, or `localhost` and its port) is not another's: a page on another
+/// loopback address or port may be another user's of this machine, and a page's request is
+/// made by this user's browser.
+fn local_origin(head: &Head, bound: std::net::SocketAddr) -> bool {
     let host_ok = head.header("host").is_none_or(loopback_host);
     let origin_ok = head.header("origin").is_none_or(|o| {
         let rest = o.trim().strip_prefix("http://").or_else(|| o.trim().strip_prefix("https://"));
-        let authority = rest.map(|r| r.split('/').next().unwrap_or(""));
-        let port_of = |a: &str| a.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok());
-        authority.is_some_and(|a| loopback_host(a) && port_of(a) == Some(port))
+        let authority = rest.map(|r| r.split('/').next().unwrap_or("")).unwrap_or("");
+        let ours = authority.parse::<std::net::SocketAddr>().is_ok_and(|a| a == bound)
+            || authority == format!("localhost:{}", bound.port());
+        ours && loopback_host(authority)
     });
     let fetch_ok = head
         .header("sec-fetch-site")
@@ -353,7 +355,7 @@ fn route(shared: &Arc<Shared>, req: &conn::Request, c: &mut Conn, close: bool) -
     let reply = |c: &mut Conn, status: u16, code: &str, msg: &str| {
         c.error(status, code, msg, close).map(|()| status)
     };
-    if !local_origin(&req.head, shared.port) {
+    if !local_origin(&req.head, std::net::SocketAddr::new(shared.settings.host, shared.port)) {
         // A web page (DNS rebinding, or a cross-site form) must not drive the agent.
         return reply(c, 403, "forbidden", "only local clients may use the built-in backend");
     }

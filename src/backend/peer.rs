@@ -4,10 +4,11 @@
 //!
 //! Linux tells the owner of the client's socket: asked by its exact address pair through
 //! `NETLINK_SOCK_DIAG` (one lookup in the kernel's socket table), or, where netlink sockets
-//! are not allowed, found in `/proc/net/tcp{,6}`. A client whose socket cannot be found (it
-//! reset the connection already) or is only a TIME-WAIT remnant (which has no owner) is not
-//! taken for ours. Where the system tells nothing (macOS, no netlink and no `/proc`) nobody is
-//! refused.
+//! or TCP diag are missing, found in `/proc/net/tcp{,6}`. A client whose socket cannot be
+//! found (it reset the connection already) or is an orphan the kernel keeps after its owner
+//! closed it (FIN-WAIT-2, TIME-WAIT: no inode, uid 0) is not taken for ours. Where the system
+//! tells nothing (macOS; no netlink and no `/proc`; this process running as the overflow uid,
+//! which every unmapped user looks like) nobody is refused.
 
 use std::net::{SocketAddr, TcpStream};
 
@@ -16,11 +17,14 @@ use std::net::{SocketAddr, TcpStream};
 pub enum Client {
     /// Its socket is owned by this uid.
     Owner(u32),
-    /// The system was asked, and has no owner for it (gone, or only a TIME-WAIT remnant).
+    /// The system was asked, and has no owner for it (gone, or an orphan).
     Unknown,
     /// This system cannot tell.
     Unsupported,
 }
+
+/// The uid users outside this user namespace are shown as.
+const OVERFLOW_UID: u32 = 65534;
 
 /// The owner of the client end of the accepted `stream` from `peer`.
 pub fn client(stream: &TcpStream, peer: SocketAddr) -> Client {
@@ -35,6 +39,9 @@ pub fn client(stream: &TcpStream, peer: SocketAddr) -> Client {
 pub fn is_another_user(stream: &TcpStream, peer: SocketAddr) -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     let ours = unsafe { libc::geteuid() };
+    if ours == OVERFLOW_UID {
+        return false;
+    }
     match client(stream, peer) {
         Client::Owner(uid) => uid != ours,
         Client::Unknown => true,
@@ -45,9 +52,12 @@ pub fn is_another_user(stream: &TcpStream, peer: SocketAddr) -> bool {
 #[cfg(target_os = "linux")]
 fn owner(peer: SocketAddr, local: SocketAddr) -> Client {
     match diag::owner(peer, local) {
-        Ok(found) => found,
-        // No netlink here (a sandbox may forbid it): the table in /proc, if readable.
-        Err(_) => proc_owner(peer, local),
+        Ok(Some(found)) => found,
+        // Not found: gone, or no TCP diag in this kernel (it answers the same). Our own end
+        // of the connection exists, so asking for it tells which.
+        Ok(None) if matches!(diag::owner(local, peer), Ok(Some(_))) => Client::Unknown,
+        // No netlink here (a sandbox may forbid it), or no TCP diag: the table in /proc.
+        Ok(None) | Err(_) => proc_owner(peer, local),
     }
 }
 
@@ -55,10 +65,6 @@ fn owner(peer: SocketAddr, local: SocketAddr) -> Client {
 fn owner(_peer: SocketAddr, _local: SocketAddr) -> Client {
     Client::Unsupported
 }
-
-/// TCP states in the kernel's numbering (`include/net/tcp_states.h`).
-#[cfg(target_os = "linux")]
-const TCP_TIME_WAIT: u8 = 6;
 
 /// The client's line of `/proc/net/tcp{,6}`: local address our peer's, remote ours. The
 /// table is read twice before the socket is taken for gone: a read of a changing table may
@@ -70,18 +76,18 @@ fn proc_owner(peer: SocketAddr, local: SocketAddr) -> Client {
     for _ in 0..2 {
         let Ok(text) = std::fs::read_to_string(table) else { return Client::Unsupported };
         for line in text.lines().skip(1) {
-            // sl local_address rem_address st tx:rx tr:when retrnsmt uid ...
-            let mut fields = line.split_whitespace().skip(1);
-            let (Some(l), Some(r), Some(st)) = (fields.next(), fields.next(), fields.next()) else {
-                continue;
-            };
+            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+            let fields: Vec<&str> = line.split_whitespace().take(10).collect();
+            let (Some(l), Some(r)) = (fields.get(1), fields.get(2)) else { continue };
             if !(l.eq_ignore_ascii_case(&want_local) && r.eq_ignore_ascii_case(&want_remote)) {
                 continue;
             }
-            let uid = fields.nth(3).and_then(|u| u.parse().ok());
-            return match (u8::from_str_radix(st, 16), uid) {
-                (Ok(TCP_TIME_WAIT), _) | (_, None) => Client::Unknown,
-                (_, Some(uid)) => Client::Owner(uid),
+            let uid = fields.get(7).and_then(|u| u.parse::<u32>().ok());
+            let inode = fields.get(9).and_then(|i| i.parse::<u64>().ok());
+            // An orphan (closed by its owner) has inode 0.
+            return match (uid, inode) {
+                (Some(uid), Some(inode)) if inode != 0 => Client::Owner(uid),
+                _ => Client::Unknown,
             };
         }
     }
@@ -124,7 +130,7 @@ mod diag {
     use std::net::SocketAddr;
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-    use super::{Client, TCP_TIME_WAIT, ip_words};
+    use super::{Client, ip_words};
 
     const NETLINK_SOCK_DIAG: libc::c_int = 4;
     const SOCK_DIAG_BY_FAMILY: u16 = 20;
@@ -133,12 +139,13 @@ mod diag {
     const NLMSG_HDR: usize = 16;
     /// `sizeof(struct inet_diag_req_v2)`.
     const REQ_LEN: usize = 56;
-    /// Where `idiag_state` and `idiag_uid` sit in `struct inet_diag_msg`.
-    const MSG_STATE: usize = 1;
+    /// Where `idiag_uid` and `idiag_inode` sit in `struct inet_diag_msg`.
     const MSG_UID: usize = 64;
+    const MSG_INODE: usize = 68;
 
-    /// The owner of the TCP socket whose source is `src` and destination `dst`.
-    pub(super) fn owner(src: SocketAddr, dst: SocketAddr) -> io::Result<Client> {
+    /// The owner of the TCP socket whose source is `src` and destination `dst`: `None` when
+    /// the kernel has none (or no TCP diag at all: it answers the same).
+    pub(super) fn owner(src: SocketAddr, dst: SocketAddr) -> io::Result<Option<Client>> {
         // SAFETY: socket() with constant arguments; the descriptor is owned by `fd` at once.
         let fd = unsafe {
             let raw = libc::socket(
@@ -176,7 +183,7 @@ mod diag {
         if got < 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(parse(&answer[..got as usize]))
+        parse(&answer[..got as usize])
     }
 
     /// An `nlmsghdr` and an `inet_diag_req_v2` naming one TCP socket by its address pair.
@@ -204,15 +211,28 @@ mod diag {
         m
     }
 
-    /// The owner in the kernel's answer: an `inet_diag_msg`, or an error (no such socket).
-    fn parse(answer: &[u8]) -> Client {
+    /// The owner in the kernel's answer: an `inet_diag_msg` (an orphan's, inode 0, is
+    /// nobody's), `ENOENT` (none), or another error.
+    fn parse(answer: &[u8]) -> io::Result<Option<Client>> {
+        let word = |at: usize| {
+            answer.get(at..at + 4).map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+        };
         let kind = answer.get(4..6).map(|b| u16::from_ne_bytes([b[0], b[1]]));
-        let msg = &answer[NLMSG_HDR.min(answer.len())..];
-        match (kind, msg.get(MSG_STATE), msg.get(MSG_UID..MSG_UID + 4)) {
-            (Some(SOCK_DIAG_BY_FAMILY), Some(&state), Some(uid)) if state != TCP_TIME_WAIT => {
-                Client::Owner(u32::from_ne_bytes([uid[0], uid[1], uid[2], uid[3]]))
+        match kind {
+            Some(SOCK_DIAG_BY_FAMILY) => {
+                let (uid, inode) = (word(NLMSG_HDR + MSG_UID), word(NLMSG_HDR + MSG_INODE));
+                Ok(Some(match (uid, inode) {
+                    (Some(uid), Some(inode)) if inode != 0 => Client::Owner(uid),
+                    _ => Client::Unknown,
+                }))
             }
-            (Some(NLMSG_ERROR), _, _) | (Some(_), _, _) | (None, _, _) => Client::Unknown,
+            // struct nlmsgerr: a negative errno first.
+            Some(NLMSG_ERROR) => match word(NLMSG_HDR).map(|e| (e as i32).wrapping_neg()) {
+                Some(libc::ENOENT) => Ok(None),
+                Some(errno) => Err(io::Error::from_raw_os_error(errno)),
+                None => Err(io::Error::other("a short netlink error")),
+            },
+            _ => Err(io::Error::other("an unexpected netlink answer")),
         }
     }
 }
@@ -221,6 +241,7 @@ mod diag {
 mod tests {
     use super::*;
     use std::net::TcpListener;
+    use std::os::fd::AsRawFd;
 
     fn ours() -> u32 {
         // SAFETY: geteuid has no preconditions.
@@ -238,35 +259,69 @@ mod tests {
         }
     }
 
+    /// A connected pair on `bind`, when this machine has that address.
+    fn pair(bind: &str) -> Option<(TcpStream, TcpStream, SocketAddr)> {
+        let listener = TcpListener::bind(bind).ok()?;
+        let client = TcpStream::connect(listener.local_addr().ok()?).ok()?;
+        let (served, peer) = listener.accept().ok()?;
+        Some((client, served, peer))
+    }
+
     #[test]
     fn the_client_of_a_loopback_connection_is_this_user_by_either_lookup() {
         for bind in ["127.0.0.1:0", "[::1]:0"] {
-            let Ok(listener) = TcpListener::bind(bind) else { continue };
-            let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-            let (served, peer) = listener.accept().unwrap();
+            let Some((client, served, peer)) = pair(bind) else { continue };
             let local = served.local_addr().unwrap();
-            assert_eq!(diag::owner(peer, local).unwrap(), Client::Owner(ours()), "{bind} netlink");
+            // Each lookup where this system has it (a sandbox may bar netlink or /proc).
+            if let Ok(found) = diag::owner(peer, local) {
+                assert_eq!(found, Some(Client::Owner(ours())), "{bind} netlink");
+            }
             if std::path::Path::new("/proc/net/tcp").exists() {
                 assert_eq!(proc_owner(peer, local), Client::Owner(ours()), "{bind} /proc");
             }
             assert!(!is_another_user(&served, peer));
-            // A client gone (reset) is nobody's: not taken for ours.
-            let linger = libc::linger { l_onoff: 1, l_linger: 0 };
-            // SAFETY: setsockopt with a valid linger of its size on a socket we own.
-            unsafe {
-                libc::setsockopt(
-                    std::os::fd::AsRawFd::as_raw_fd(&client),
-                    libc::SOL_SOCKET,
-                    libc::SO_LINGER,
-                    (&linger as *const libc::linger).cast(),
-                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
-                );
+            drop(client);
+        }
+    }
+
+    #[test]
+    fn a_client_gone_or_closed_is_nobodys() {
+        let known = |c: Client| c != Client::Unsupported;
+        for reset in [true, false] {
+            let Some((client, served, peer)) = pair("127.0.0.1:0") else { return };
+            let local = served.local_addr().unwrap();
+            if reset {
+                // Reset: the client's socket is gone.
+                let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+                // SAFETY: setsockopt with a valid linger of its size on a socket we own.
+                unsafe {
+                    libc::setsockopt(
+                        client.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        libc::SO_LINGER,
+                        (&linger as *const libc::linger).cast(),
+                        std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                    );
+                }
             }
+            // Closed: an orphan in FIN-WAIT-2 the kernel keeps, inode 0, uid 0.
             drop(client);
             std::thread::sleep(std::time::Duration::from_millis(50));
-            assert_eq!(diag::owner(peer, local).unwrap(), Client::Unknown, "{bind} after reset");
-            assert_eq!(proc_owner(peer, local), Client::Unknown, "{bind} /proc after reset");
-            assert!(is_another_user(&served, peer), "{bind}: a reset client was taken for ours");
+            if let Ok(found) = diag::owner(peer, local) {
+                assert!(
+                    matches!(found, None | Some(Client::Unknown)),
+                    "reset {reset}: netlink {found:?}"
+                );
+            }
+            let proc = proc_owner(peer, local);
+            assert!(!known(proc) || proc == Client::Unknown, "reset {reset}: /proc {proc:?}");
+            if ours() != OVERFLOW_UID && known(client_of(&served, peer)) {
+                assert!(is_another_user(&served, peer), "reset {reset}: taken for ours");
+            }
         }
+    }
+
+    fn client_of(served: &TcpStream, peer: SocketAddr) -> Client {
+        client(served, peer)
     }
 }

@@ -628,6 +628,21 @@ pub fn closed_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// A port free now that a server of the test binds later: below Linux's ephemeral range
+/// (32768 and up), so that no outgoing connection of the tests running meanwhile takes it.
+pub fn listen_port() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    for _ in 0..200 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        let port = 20_000 + (h.finish() % 12_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    closed_port()
+}
+
 /// The usual start of a test: relay, backend, a paired daemon, and one connected app.
 pub struct Setup {
     pub env: Env,
