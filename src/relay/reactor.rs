@@ -719,34 +719,30 @@ impl Reactor {
             return;
         };
         let ip = *ip;
-        if self.kicks.refuses(&peer, epoch) {
-            let body = serde_json::to_string(&p::ApiError::new(
-                p::api_code::UNAUTHORIZED,
-                "missing or wrong credentials for this endpoint",
-            ))
-            .unwrap_or_default();
-            access_log(&head, 401, ip, started);
-            self.http_respond(id, http::json_response(401, &body, true), After::Close);
-            return;
-        }
-        if let Peer::Bridge { bridge_id, instance } = &peer {
+        let refusal = if self.kicks.refuses(&peer, epoch) {
+            Some((401, p::api_code::UNAUTHORIZED, "missing or wrong credentials for this endpoint"))
+        } else if let Peer::Bridge { bridge_id, instance } = &peer {
             let owner = self.bridges.get(bridge_id).and_then(|r| r.conn.map(|c| (c, &r.instance)));
-            if let Some((owner_conn, owner_instance)) = owner {
+            let owned_by_another = owner.is_some_and(|(owner_conn, owner_instance)| {
                 let alive = matches!(
                     self.conns.get(&owner_conn).map(|c| &c.io),
                     Some(Io::Ws(w)) if w.last_rx.elapsed() < Duration::from_secs(p::PEER_IDLE_TIMEOUT_SECS)
                 );
-                if alive && owner_instance != instance {
-                    let body = serde_json::to_string(&p::ApiError::new(
-                        p::api_code::BRIDGE_OWNED,
-                        "another bridge instance holds this bridge; stop it or run --reset",
-                    ))
-                    .unwrap_or_default();
-                    access_log(&head, 409, ip, started);
-                    self.http_respond(id, http::json_response(409, &body, true), After::Close);
-                    return;
-                }
-            }
+                alive && owner_instance != instance
+            });
+            owned_by_another.then_some((
+                409,
+                p::api_code::BRIDGE_OWNED,
+                "another bridge instance holds this bridge; stop it or run --reset",
+            ))
+        } else {
+            None
+        };
+        if let Some((status, code, message)) = refusal {
+            let body = serde_json::to_string(&p::ApiError::new(code, message)).unwrap_or_default();
+            access_log(&head, status, ip, started);
+            self.http_respond(id, http::json_response(status, &body, true), After::Close);
+            return;
         }
         access_log(&head, 101, ip, started);
         let response = format!(
