@@ -901,7 +901,7 @@ fn the_built_in_backend_is_served_over_the_lan() {
     // Nothing listens on the backend port: the daemon starts the built-in backend there and
     // serves the LAN (the zero-setup path of the README).
     let env = Env::new();
-    let (bp, lp) = (closed_port().to_string(), env.lan_port.to_string());
+    let (bp, lp) = (listen_port().to_string(), env.lan_port.to_string());
     let run = env.run(&env.local_args(&bp, &lp, &["--json"]));
     run.assert_code(0, "--local with the built-in backend");
     let qr = parse_local_payload(&run.stdout);

@@ -265,13 +265,13 @@ fn serve_connection(mut c: Conn, shared: &Arc<Shared>, stranger: bool) {
     if stranger {
         // Another account of this machine (or a client gone already): the gateway key this
         // backend adds is not its, and its health check would make its own pairing take this
-        // backend for its own. Answered at once (a silent one holds no slot), then its
-        // request is drained for a moment so that closing does not reset the answer away.
+        // backend for its own. Answered at once, then its request is drained for a moment
+        // (so that closing does not reset the answer away): a silent one holds a slot 0.2 s.
         shared.log("refused a connection of another user of this machine (403)");
         let msg = "this is another user's built-in backend: only the user running that \
                    hermeschat-pair may use it; pass --port <another port>";
         let _ = c.error(403, "forbidden", msg, true);
-        conn::drain_and_close(&c.stream, Duration::from_secs(1));
+        conn::drain_and_close(&c.stream, Duration::from_millis(200));
         return;
     }
     loop {
@@ -338,8 +338,10 @@ fn local_origin(head: &Head, bound: std::net::SocketAddr) -> bool {
     let origin_ok = head.header("origin").is_none_or(|o| {
         let rest = o.trim().strip_prefix("http://").or_else(|| o.trim().strip_prefix("https://"));
         let authority = rest.map(|r| r.split('/').next().unwrap_or("")).unwrap_or("");
+        // `localhost` names 127.0.0.1 and ::1: ours when bound to either.
+        let localhost = matches!(bound.ip().to_string().as_str(), "127.0.0.1" | "::1");
         let ours = authority.parse::<std::net::SocketAddr>().is_ok_and(|a| a == bound)
-            || authority == format!("localhost:{}", bound.port());
+            || (localhost && authority == format!("localhost:{}", bound.port()));
         ours && loopback_host(authority)
     });
     let fetch_ok = head

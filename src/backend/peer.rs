@@ -68,17 +68,22 @@ fn owner(_peer: SocketAddr, _local: SocketAddr) -> Client {
 
 /// The client's line of `/proc/net/tcp{,6}`: local address our peer's, remote ours. The
 /// table is read twice before the socket is taken for gone: a read of a changing table may
-/// skip lines.
+/// skip lines. A table without our own end of the connection either (WSL 1 keeps it empty)
+/// tells nothing.
 #[cfg(target_os = "linux")]
 fn proc_owner(peer: SocketAddr, local: SocketAddr) -> Client {
     let table = if peer.is_ipv4() { "/proc/net/tcp" } else { "/proc/net/tcp6" };
     let (want_local, want_remote) = (proc_addr(peer), proc_addr(local));
+    let mut ours_listed = false;
     for _ in 0..2 {
         let Ok(text) = std::fs::read_to_string(table) else { return Client::Unsupported };
         for line in text.lines().skip(1) {
             // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
             let fields: Vec<&str> = line.split_whitespace().take(10).collect();
             let (Some(l), Some(r)) = (fields.get(1), fields.get(2)) else { continue };
+            if l.eq_ignore_ascii_case(&want_remote) && r.eq_ignore_ascii_case(&want_local) {
+                ours_listed = true;
+            }
             if !(l.eq_ignore_ascii_case(&want_local) && r.eq_ignore_ascii_case(&want_remote)) {
                 continue;
             }
@@ -91,7 +96,7 @@ fn proc_owner(peer: SocketAddr, local: SocketAddr) -> Client {
             };
         }
     }
-    Client::Unknown
+    if ours_listed { Client::Unknown } else { Client::Unsupported }
 }
 
 /// An address as `/proc/net/tcp*` writes it: the address as 32-bit words in host byte order,

@@ -628,14 +628,31 @@ pub fn closed_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// A port free now that a server of the test binds later: below Linux's ephemeral range
-/// (32768 and up), so that no outgoing connection of the tests running meanwhile takes it.
+/// A port free now that a server of the test binds later: below the system's ephemeral range
+/// (from 32768 on Linux by default), so that no outgoing connection of the tests running
+/// meanwhile takes it, and never the same twice in one test process (a cursor from a random
+/// start).
 pub fn listen_port() -> u16 {
     use std::hash::{BuildHasher, Hasher};
-    for _ in 0..200 {
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u32(std::process::id());
-        let port = 20_000 + (h.finish() % 12_000) as u16;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static CURSOR: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_from = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let (low, high) = (10_000u32, ephemeral_from.max(12_000));
+    let _ = CURSOR.compare_exchange(
+        0,
+        {
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u32(std::process::id());
+            1 + (h.finish() % u64::from(high - low)) as u32
+        },
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..500 {
+        let port = (low + CURSOR.fetch_add(1, Ordering::SeqCst) % (high - low)) as u16;
         if TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
