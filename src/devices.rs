@@ -137,35 +137,26 @@ pub fn list(args: &Args) -> Result<(), Exit> {
     let dir = state_dir()?;
     let identity = load_identity(&dir, &out)?;
     let (lan, lan_error) = lan_devices(&dir);
-    if let (None, Some(e)) = (&identity, &lan_error) {
-        return Err(fail(e.clone()));
+    match (&identity, &lan_error) {
+        (None, Some(e)) => return Err(fail(e.clone())),
+        (None, None) if lan.is_empty() => return Err(no_pairing()),
+        (_, Some(e)) => out.warn(e),
+        _ => {}
     }
-    if let Some(e) = &lan_error {
-        out.warn(e);
-    }
-    let Some(id) = identity else {
-        if lan.is_empty() {
-            return Err(no_pairing());
+    let clients = match &identity {
+        Some(id) => {
+            let registry = Registry::new(&id.registry_url);
+            let clients = registry
+                .clients(&id.bridge_id, &id.relay_secret)
+                .map_err(|e| registry_error(&e, &registry))?;
+            Some((id, clients))
         }
-        if args.json {
-            println!(
-                "{}",
-                serde_json::json!({ "bridgeId": null, "devices": [], "lanDevices": lan })
-            );
-            return Ok(());
-        }
-        print_lan(&lan, &out);
-        out.info("Cut one off: hermeschat-pair --revoke <CLIENT ID>");
-        return Ok(());
+        None => None,
     };
-    let registry = Registry::new(&id.registry_url);
-    let clients = registry
-        .clients(&id.bridge_id, &id.relay_secret)
-        .map_err(|e| registry_error(&e, &registry))?;
     if args.json {
         let mut value = serde_json::json!({
-            "bridgeId": id.bridge_id,
-            "devices": clients,
+            "bridgeId": clients.as_ref().map(|(id, _)| &id.bridge_id),
+            "devices": clients.as_ref().map_or(&[][..], |(_, c)| c.as_slice()),
             "lanDevices": lan,
         });
         if let Some(e) = lan_error {
@@ -174,26 +165,29 @@ pub fn list(args: &Args) -> Result<(), Exit> {
         println!("{value}");
         return Ok(());
     }
-    if clients.is_empty() {
-        out.ok(&format!("No app is paired with bridge {} yet", id.bridge_id));
-        out.info("Pair one: hermeschat-pair --refresh-code, then scan the QR in the app.");
-        if lan.is_empty() {
-            return Ok(());
+    match &clients {
+        Some((id, clients)) if clients.is_empty() => {
+            out.ok(&format!("No app is paired with bridge {} yet", id.bridge_id));
+            out.info("Pair one: hermeschat-pair --refresh-code, then scan the QR in the app.");
         }
-    } else {
-        let online = clients.iter().filter(|c| c.online).count();
-        out.ok(&format!(
-            "{} paired app{} ({online} online) · bridge {}",
-            clients.len(),
-            if clients.len() == 1 { "" } else { "s" },
-            id.bridge_id
-        ));
-        print!("{}", table(&clients, crate::relay::now_ms()));
+        Some((id, clients)) => {
+            let online = clients.iter().filter(|c| c.online).count();
+            out.ok(&format!(
+                "{} paired app{} ({online} online) · bridge {}",
+                clients.len(),
+                if clients.len() == 1 { "" } else { "s" },
+                id.bridge_id
+            ));
+            print!("{}", table(clients, crate::relay::now_ms()));
+        }
+        None => {}
     }
     if !lan.is_empty() {
         print_lan(&lan, &out);
     }
-    out.info("Cut one off: hermeschat-pair --revoke <CLIENT ID>");
+    if !lan.is_empty() || clients.is_some_and(|(_, c)| !c.is_empty()) {
+        out.info("Cut one off: hermeschat-pair --revoke <CLIENT ID>");
+    }
     Ok(())
 }
 
@@ -238,8 +232,9 @@ pub fn revoke(args: &Args, client_id: &str) -> Result<(), Exit> {
             device
         }
         Err(e) => {
-            out.warn(&lan_error(&e));
-            lan_problem = Some(lan_error(&e));
+            let e = lan_error(&e);
+            out.warn(&e);
+            lan_problem = Some(e);
             None
         }
     };

@@ -236,11 +236,7 @@ impl HermesConfig {
 
     /// `http://host:port`.
     pub fn url(&self) -> String {
-        if self.host.contains(':') {
-            format!("http://[{}]:{}", self.host, self.port)
-        } else {
-            format!("http://{}:{}", self.host, self.port)
-        }
+        crate::bridge::workers::http_url(&self.host, self.port)
     }
 
     /// `host:port` for messages.

@@ -463,8 +463,7 @@ impl LocalClient {
 
     /// A client with explicit timeouts.
     pub fn with_timeouts(host: &str, port: u16, timeouts: Timeouts) -> LocalClient {
-        let authority =
-            if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+        let authority = super::workers::authority(host, port);
         LocalClient {
             host: host.to_owned(),
             port,

@@ -60,9 +60,7 @@ pub fn probe(host: &str, port: u16, path: &str) -> Health {
     let Ok(addrs) = (host, port).to_socket_addrs() else {
         return Health::NotListening;
     };
-    // The Host header as a URL writes it: an IPv6 literal in brackets.
-    let authority =
-        if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+    let authority = super::workers::authority(host, port);
     // Each address of a name in turn (`localhost` may be `::1` first, and the built-in backend
     // on 127.0.0.1), as a client connecting to it would.
     addrs

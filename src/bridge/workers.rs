@@ -105,14 +105,15 @@ impl Target {
     }
 }
 
-/// `http://host:port` with an IPv6 host in brackets: the form of status.json's `backendUrl`
-/// and of every message naming a backend.
+/// `host:port` as a URL or a `Host` header writes it: an IPv6 host in brackets.
+pub fn authority(host: &str, port: u16) -> String {
+    if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") }
+}
+
+/// `http://host:port` ([`authority`]): the form of status.json's `backendUrl` and of every
+/// message naming a backend.
 pub fn http_url(host: &str, port: u16) -> String {
-    if host.contains(':') {
-        format!("http://[{host}]:{port}")
-    } else {
-        format!("http://{host}:{port}")
-    }
+    format!("http://{}", authority(host, port))
 }
 
 /// Identifies an open request: (client, id). `client` is `None` for LAN sockets.

@@ -184,13 +184,7 @@ impl Failures {
 
     /// Counts one failure of `ip`, with a web page's request (`page`) or another.
     pub fn fail(&mut self, ip: IpAddr, page: bool, now: Instant) {
-        if self.map.len() >= MAX_TRACKED {
-            self.map.retain(|_, (_, start)| now.duration_since(*start) < Self::WINDOW);
-            if self.map.len() >= MAX_TRACKED {
-                // More distinct addresses than a LAN has: forget them rather than grow.
-                self.map.clear();
-            }
-        }
+        make_room(&mut self.map, |(_, start)| now.duration_since(*start) < Self::WINDOW);
         let entry = self.map.entry((ip, page)).or_insert((0, now));
         if now.duration_since(entry.1) >= Self::WINDOW {
             *entry = (0, now);
@@ -201,12 +195,7 @@ impl Failures {
     /// Whether a refusal of `ip` of this `kind` is to be logged now (one line per address and
     /// kind a minute, so that no host floods the log), with those left out since the last line.
     pub fn log_now(&mut self, ip: IpAddr, kind: &'static str, now: Instant) -> Option<u32> {
-        if self.logged.len() >= MAX_TRACKED {
-            self.logged.retain(|_, (at, _)| now.duration_since(*at) < REFUSAL_LOG_EVERY);
-            if self.logged.len() >= MAX_TRACKED {
-                self.logged.clear();
-            }
-        }
+        make_room(&mut self.logged, |(at, _)| now.duration_since(*at) < REFUSAL_LOG_EVERY);
         match self.logged.get_mut(&(ip, kind)) {
             Some((at, skipped)) if now.duration_since(*at) < REFUSAL_LOG_EVERY => {
                 *skipped += 1;
@@ -220,6 +209,21 @@ impl Failures {
                 self.logged.insert((ip, kind), (now, 0));
                 Some(0)
             }
+        }
+    }
+}
+
+/// Keeps a per-address table under [`MAX_TRACKED`] entries: when full, the entries `current`
+/// no longer takes go, and if that is not enough, all of them (more distinct addresses than a
+/// LAN has: forgotten rather than grown).
+fn make_room<K, V>(map: &mut HashMap<K, V>, current: impl Fn(&V) -> bool)
+where
+    K: std::hash::Hash + Eq,
+{
+    if map.len() >= MAX_TRACKED {
+        map.retain(|_, entry| current(entry));
+        if map.len() >= MAX_TRACKED {
+            map.clear();
         }
     }
 }
