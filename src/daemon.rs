@@ -114,8 +114,7 @@ const LOCK_ATTEMPTS: u32 = 100;
 
 /// Takes (or converts to) a `flock` of kind `op` (`LOCK_EX` or `LOCK_SH`) without waiting.
 fn try_flock(file: &File, op: libc::c_int) -> bool {
-    // SAFETY: flock only takes a descriptor we own for the duration of the call.
-    unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) == 0 }
+    state::flock(file, op | libc::LOCK_NB).is_ok()
 }
 
 /// True when `path` still names the open `file` (same device and inode).

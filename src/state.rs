@@ -550,7 +550,6 @@ impl FileLock {
     }
 
     fn take(path: &Path, deadline: Option<std::time::Instant>) -> io::Result<FileLock> {
-        use std::os::fd::AsRawFd;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -561,11 +560,9 @@ impl FileLock {
             .map_err(|e| with_path(path, e))?;
         let op = if deadline.is_some() { libc::LOCK_EX | libc::LOCK_NB } else { libc::LOCK_EX };
         loop {
-            // SAFETY: flock on a descriptor we own; the lock ends when `file` is closed.
-            if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+            let Err(e) = flock(&file, op) else {
                 return Ok(FileLock { _file: file });
-            }
-            let e = io::Error::last_os_error();
+            };
             match deadline {
                 _ if e.kind() == io::ErrorKind::Interrupted => {}
                 Some(until) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -578,6 +575,18 @@ impl FileLock {
                 _ => return Err(with_path(path, e)),
             }
         }
+    }
+}
+
+/// `flock(2)` on `file` with `op` (`LOCK_EX`/`LOCK_SH`, optionally `| LOCK_NB`). The lock
+/// belongs to the open file description: it ends when every descriptor of it is closed.
+pub fn flock(file: &File, op: libc::c_int) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock only reads a descriptor that `file` owns for the duration of the call.
+    if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 

@@ -378,6 +378,13 @@ fn pair_app(url: &str, token: &str) -> (String, String, LanApp) {
     assert!(client_id.starts_with("hcl_") && client_id.len() == 20, "{client_id}");
     assert!(client_secret.starts_with("hcs_") && client_secret.len() == 68);
     assert_eq!(app.recv(), Frame::BridgeStatus { online: true });
+    // A ping follows at once; the pong (sent by the flush) confirms the pairing, which would
+    // otherwise be taken back when this socket closes.
+    let _ = app.ws.get_mut().set_read_timeout(Some(RECV));
+    match app.ws.read() {
+        Ok(Message::Ping(_)) => app.ws.flush().expect("pong"),
+        other => panic!("a new pairing is pinged at once, got {other:?}"),
+    }
     (client_id, client_secret, app)
 }
 
@@ -1008,4 +1015,57 @@ fn a_lan_device_is_listed_and_revoked_on_its_own() {
     assert_echo(&mut kept, "still-here", &kept_id);
     let again = env.run(&["--revoke", &lost_id]);
     assert_eq!(again.code, Some(1), "a second revoke: {}", again.stdout);
+}
+
+/// A pairing whose app vanished before it sent anything (so `paired` may never have reached
+/// it) is taken back: the device is forgotten and the same QR code pairs again. One the app
+/// answered stays when its socket closes.
+#[test]
+fn a_pairing_the_app_never_answered_is_taken_back() {
+    let env = Env::new();
+    let backend = Backend::start();
+    let qr = env.pair_json(&backend, &[], &[]);
+    let addr = qr.url.trim_start_matches("ws://").split('/').next().unwrap().to_owned();
+    let lan_devices = || -> Vec<Value> {
+        let run = env.run(&["--devices", "--json"]);
+        let v: Value = serde_json::from_str(&run.stdout).unwrap_or(Value::Null);
+        v["lanDevices"].as_array().cloned().unwrap_or_default()
+    };
+
+    // The upgrade is answered (the token is used up), then the connection drops unanswered.
+    let mut raw = TcpStream::connect(&addr).unwrap();
+    let request = format!(
+        "GET /ws/app HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Authorization: Bearer {}\r\n\r\n",
+        qr.token
+    );
+    raw.write_all(request.as_bytes()).unwrap();
+    raw.set_read_timeout(Some(RECV)).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(8).any(|w| w == b"\"paired\"") {
+        let n = raw
+            .read(&mut buf)
+            .unwrap_or_else(|e| panic!("{e}: {:?}", String::from_utf8_lossy(&got)));
+        assert!(n > 0, "closed before paired: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(got.starts_with(b"HTTP/1.1 101 "), "{}", String::from_utf8_lossy(&got));
+    assert_eq!(lan_devices().len(), 1, "the device exists while its socket is open");
+    drop(raw);
+
+    let deadline = Instant::now() + RECV;
+    while !lan_devices().is_empty() {
+        assert!(Instant::now() < deadline, "the unanswered pairing stays: {:?}", lan_devices());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(env.log().contains("left before its pairing was confirmed"), "{}", env.log());
+
+    // The same token pairs again; this app answers, so its pairing outlives its socket.
+    let (client_id, secret, app) = pair_app(&qr.url, &qr.token);
+    drop(app);
+    let mut again = reconnect(&qr.url, &secret);
+    assert_echo(&mut again, "r1", &client_id);
+    assert_eq!(lan_devices().len(), 1);
 }

@@ -47,7 +47,7 @@ use crate::stream::Stream;
 use crate::wsout::{WsOut, would_block};
 use crate::wsread::{Ended, Incoming, ReadError, WsReader, close_reply};
 
-use super::store::{self, Authorized, Refused};
+use super::store::{self, Authorized, PendingToken, Refused};
 use crate::bridge::workers::{Pool, SHUTDOWN_GRACE};
 use crate::bridge::{LiveStatus, Outbox, log};
 use crate::http::{self, Head, Parsed};
@@ -98,8 +98,9 @@ const DEFAULT_DEVICE_NAME: &str = "iPhone";
 struct Session {
     client_id: String,
     device_name: String,
-    /// The clientSecret to announce in `paired` (pairing-token connections only).
-    paired_secret: Option<String>,
+    /// A pairing-token connection: the clientSecret to announce in `paired`, and the token it
+    /// used up, given back if the app never answers ([`store::undo_pairing`]).
+    pairing: Option<(String, PendingToken)>,
 }
 
 /// What happens after an HTTP answer is written.
@@ -136,6 +137,9 @@ struct WsConn {
     closing: Option<Instant>,
     /// Reads its messages (tungstenite only writes).
     reader: WsReader,
+    /// A new pairing until the app's first frame shows that `paired` reached it: the token it
+    /// used up, given back if the socket ends first ([`Server::remove`]).
+    unconfirmed: Option<PendingToken>,
 }
 
 enum Io {
@@ -474,10 +478,40 @@ impl Server {
         }
     }
 
+    /// Drops a connection. A pairing it may not have delivered (its 101 unwritten, or no
+    /// frame from the app yet) is taken back, so the QR code works again.
     fn remove(&mut self, id: usize) -> Option<Conn> {
-        let conn = self.conns.remove(&id)?;
+        let mut conn = self.conns.remove(&id)?;
         let _ = self.poller.delete(conn.tcp());
+        let undelivered = match &mut conn.io {
+            Io::Http(h) => match h.after.take() {
+                Some(After::Upgrade(Session { client_id, pairing: Some((_, token)), .. })) => {
+                    Some((client_id, token))
+                }
+                _ => None,
+            },
+            Io::Ws(w) => w.unconfirmed.take().map(|token| (w.client_id.clone(), token)),
+        };
+        if let Some((client_id, token)) = undelivered {
+            self.undo_pairing(&client_id, token);
+        }
         Some(conn)
+    }
+
+    /// Forgets a device whose pairing never reached the app, and gives its token back.
+    fn undo_pairing(&mut self, client_id: &str, token: PendingToken) {
+        match store::undo_pairing(&self.state_dir, client_id, token, crate::relay::now_ms()) {
+            // Already forgotten (revoked meanwhile).
+            Ok(None) => {}
+            Ok(Some(restored)) => log(&format!(
+                "lan: app {client_id} left before its pairing was confirmed; forgot it{}",
+                if restored { " (the same QR code can be scanned again)" } else { "" }
+            )),
+            Err(e) => log(&format!(
+                "lan: cannot forget app {client_id}, whose pairing was never confirmed: {e} \
+                 (remove it with hermeschat-pair --revoke {client_id})"
+            )),
+        }
     }
 
     /// Logs a refusal of `ip` for `reason`, answered `status` (at most one line per address
@@ -606,9 +640,6 @@ impl Server {
         // A wrong credential counts against the address (a web page's apart); a missing one
         // never does: it guesses nothing.
         let unauthorized = |this: &mut Server, code: &str, message: &str, why: &'static str| {
-            if why != "no credential" {
-                this.failures.fail(ip, page, now);
-            }
             this.refused(ip, why, "401");
             (refuse(401, code, message, &[("WWW-Authenticate", "Bearer")]), After::Close)
         };
@@ -662,13 +693,14 @@ impl Server {
                     log(&format!("lan: {note}"));
                 }
                 match outcome {
-                    Ok(Authorized::Paired { client_id, client_secret, device_name }) => {
-                        Session { client_id, device_name, paired_secret: Some(client_secret) }
+                    Ok(Authorized::Paired { client_id, client_secret, device_name, token }) => {
+                        Session { client_id, device_name, pairing: Some((client_secret, token)) }
                     }
                     Ok(Authorized::Device { client_id, device_name }) => {
-                        Session { client_id, device_name, paired_secret: None }
+                        Session { client_id, device_name, pairing: None }
                     }
                     Err(Refused::Expired) => {
+                        self.failures.fail(ip, page, now);
                         return unauthorized(
                             self,
                             "PAIRING_TOKEN_EXPIRED",
@@ -677,6 +709,7 @@ impl Server {
                         );
                     }
                     Err(Refused::Invalid) => {
+                        self.failures.fail(ip, page, now);
                         return unauthorized(
                             self,
                             p::api_code::UNAUTHORIZED,
@@ -739,6 +772,10 @@ impl Server {
         let Some(mut conn) = self.conns.remove(&id) else { return };
         let Io::Http(h) = conn.io else { return };
         if let Some(old) = self.clients.get(&session.client_id).copied() {
+            // This connection presented the device's secret: the old one's pairing arrived.
+            if let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&old) {
+                w.unconfirmed = None;
+            }
             self.close_ws(old, close_code::REPLACED_APP, "replaced by a newer connection");
         }
         let now = Instant::now();
@@ -760,6 +797,7 @@ impl Server {
             detached: false,
             closing: None,
             reader,
+            unconfirmed: session.pairing.as_ref().map(|(_, token)| token.clone()),
         }));
         conn.deadline = None;
         let ip = conn.ip;
@@ -771,13 +809,20 @@ impl Server {
         log(&format!(
             "lan: app {client_id} ({}) connected from {ip}{}",
             session.device_name,
-            if session.paired_secret.is_some() { ", newly paired" } else { "" }
+            if session.pairing.is_some() { ", newly paired" } else { "" }
         ));
-        if let Some(secret) = session.paired_secret {
+        if let Some((secret, _)) = session.pairing {
             let paired = Frame::Paired { client_id: client_id.clone(), client_secret: secret };
             self.send_text(id, paired.to_json());
         }
         self.send_text(id, Frame::BridgeStatus { online: true }.to_json());
+        if let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id)
+            && w.unconfirmed.is_some()
+        {
+            // The app's pong (any frame) tells that `paired` reached it: ask for one at once.
+            w.out.push(Message::Ping(Default::default()));
+            self.ws_flush(id);
+        }
         self.set_interest(id);
         self.ready.push(id);
     }
@@ -797,6 +842,7 @@ impl Server {
                 match w.reader.read(w.ws.get_mut()) {
                     Ok(msg) => {
                         w.last_rx = Instant::now();
+                        w.unconfirmed = None;
                         batch += 1;
                         match msg {
                             _ if w.detached && !matches!(msg, Incoming::Close(_)) => {}

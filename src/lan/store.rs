@@ -111,8 +111,9 @@ impl LanState {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Authorized {
     /// The pairing token was valid and is now used up: a new device, with its secret (to be
-    /// sent once in the `paired` frame, never stored).
-    Paired { client_id: String, client_secret: String, device_name: String },
+    /// sent once in the `paired` frame, never stored) and the token it used up (for
+    /// [`undo_pairing`]).
+    Paired { client_id: String, client_secret: String, device_name: String, token: PendingToken },
     /// A known device's clientSecret.
     Device { client_id: String, device_name: String },
 }
@@ -211,6 +212,31 @@ pub fn forget(dir: &Path, client_id: &str) -> io::Result<(Option<LanDevice>, Opt
     })
 }
 
+/// Takes back a pairing whose `paired` frame may never have reached the app: its socket ended
+/// before the app sent a single frame. The device is forgotten and `token` is pending again,
+/// so the same QR code can be scanned again, unless a newer token was issued since or it has
+/// expired. Returns whether the token is pending again, or `None` when the device was
+/// already gone (revoked meanwhile) and nothing changed.
+pub fn undo_pairing(
+    dir: &Path,
+    client_id: &str,
+    token: PendingToken,
+    now_ms: u64,
+) -> io::Result<Option<bool>> {
+    update(dir, |s| {
+        let Some(at) = s.devices.iter().position(|d| d.client_id == client_id) else {
+            return (None, false);
+        };
+        s.devices.remove(at);
+        let restored = s.token.is_none() && now_ms < token.expires_at;
+        if restored {
+            s.token = Some(token);
+        }
+        (Some(restored), true)
+    })
+    .map(|(restored, _)| restored)
+}
+
 /// Constant-time comparison of `credential`'s digest with a stored hex digest.
 fn matches_hex(credential: &str, stored_hex: &str) -> bool {
     let got = secret::hex(&secret::digest(credential));
@@ -227,15 +253,15 @@ pub fn authorize(
 ) -> io::Result<(Result<Authorized, Refused>, Option<String>)> {
     update(dir, |s| {
         if credential.starts_with("hpt_") {
-            let Some(token) = &s.token else { return (Err(Refused::Invalid), false) };
-            if !matches_hex(credential, &token.digest) {
+            let Some(pending) = &s.token else { return (Err(Refused::Invalid), false) };
+            if !matches_hex(credential, &pending.digest) {
                 return (Err(Refused::Invalid), false);
             }
-            if now_ms >= token.expires_at {
+            if now_ms >= pending.expires_at {
                 return (Err(Refused::Expired), false);
             }
             // Single use: gone before the device exists.
-            s.token = None;
+            let Some(token) = s.token.take() else { return (Err(Refused::Invalid), false) };
             let client_id = secret::new_client_id();
             let client_secret = secret::new_client_secret();
             s.devices.push(LanDevice {
@@ -249,6 +275,7 @@ pub fn authorize(
                 client_id,
                 client_secret,
                 device_name: device_name.to_owned(),
+                token,
             };
             return (Ok(ok), true);
         }
@@ -313,6 +340,41 @@ mod tests {
         assert_eq!(authorize(&d, &t2, "x", 11_000).unwrap().0, Err(Refused::Expired));
         assert_eq!(forget_all(&d).unwrap(), 1);
         assert_eq!(authorize(&d, &client_secret, "", 12_000).unwrap().0, Err(Refused::Invalid));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// Pairs with `token` (issued anew) and returns the device and the token it used up.
+    fn pair(d: &Path, token: &str, at: u64) -> (String, PendingToken) {
+        set_token(d, token, at, at + 600_000).unwrap();
+        match authorize(d, token, "Phone", at + 1).unwrap().0 {
+            Ok(Authorized::Paired { client_id, token, .. }) => (client_id, token),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_undone_pairing_gives_the_token_back_unless_a_newer_one_exists() {
+        let d = dir("undo");
+        let token = secret::new_pairing_token();
+        let (device, used) = pair(&d, &token, 1_000);
+        assert_eq!(undo_pairing(&d, &device, used.clone(), 2_000).unwrap(), Some(true));
+        assert!(read(&d).unwrap().devices.is_empty());
+        // Once: the device is gone, so a second undo changes nothing.
+        assert_eq!(undo_pairing(&d, &device, used, 2_001).unwrap(), None);
+        // The same token pairs again.
+        let (device, used) = match authorize(&d, &token, "Phone", 3_000).unwrap().0 {
+            Ok(Authorized::Paired { client_id, token, .. }) => (client_id, token),
+            other => panic!("{other:?}"),
+        };
+        // A newer token stays; the old one is not brought back.
+        set_token(&d, &secret::new_pairing_token(), 4_000, 604_000).unwrap();
+        assert_eq!(undo_pairing(&d, &device, used, 4_001).unwrap(), Some(false));
+        assert!(read(&d).unwrap().devices.is_empty());
+        assert_eq!(authorize(&d, &token, "Phone", 4_002).unwrap().0, Err(Refused::Invalid));
+        // An expired token is not brought back either.
+        let (device, used) = pair(&d, &token, 5_000);
+        assert_eq!(undo_pairing(&d, &device, used, 605_000).unwrap(), Some(false));
+        assert!(read(&d).unwrap().token.is_none());
         let _ = std::fs::remove_dir_all(&d);
     }
 }

@@ -17,6 +17,14 @@ use super::Peer;
 /// its answer reaching the reactor.
 pub const REMEMBER_FOR: Duration = Duration::from_secs(60);
 
+/// True when a kick of `bridge_id`'s client `client_id` (of the whole bridge when `None`)
+/// reaches `peer`: a bridge's kick reaches the bridge and every app of it, an app's kick that
+/// app alone.
+pub fn reaches(bridge_id: &str, client_id: Option<&str>, peer: &Peer) -> bool {
+    let (peer_bridge, peer_client) = peer.ids();
+    peer_bridge == bridge_id && (client_id.is_none() || client_id == peer_client)
+}
+
 /// Recent kicks: (bridgeId, clientId or `None` for the whole bridge) → (epoch, when).
 #[derive(Debug, Default)]
 pub struct Kicks {
@@ -32,20 +40,18 @@ impl Kicks {
         *entry = (entry.0.max(epoch), now);
     }
 
-    /// True when `peer`, authenticated at revocation `epoch`, was revoked after that check.
+    /// True when `peer`, authenticated at revocation `epoch`, was revoked after that check:
+    /// a kick that [`reaches`] it (its bridge's, or its own) came with a later epoch.
     pub fn refuses(&self, peer: &Peer, epoch: u64) -> bool {
         if self.recent.is_empty() {
             return false;
         }
-        let (bridge_id, client_id) = match peer {
-            Peer::Bridge { bridge_id, .. } => (bridge_id, None),
-            Peer::App { bridge_id, client_id, .. } => (bridge_id, Some(client_id)),
-        };
-        let kicked_after = |key: (String, Option<String>)| {
+        let (bridge_id, client_id) = peer.ids();
+        let kicked_after = |client: Option<&str>| {
+            let key = (bridge_id.to_owned(), client.map(str::to_owned));
             self.recent.get(&key).is_some_and(|&(kicked, _)| kicked > epoch)
         };
-        kicked_after((bridge_id.clone(), None))
-            || client_id.is_some_and(|c| kicked_after((bridge_id.clone(), Some(c.clone()))))
+        kicked_after(None) || (client_id.is_some() && kicked_after(client_id))
     }
 
     /// Forgets kicks older than [`REMEMBER_FOR`].
@@ -105,5 +111,16 @@ mod tests {
         assert!(kicks.refuses(&app("b", "c"), 6));
         kicks.prune(now + REMEMBER_FOR);
         assert!(!kicks.refuses(&app("b", "c"), 6));
+    }
+
+    #[test]
+    fn a_bridge_kick_reaches_the_bridge_and_its_apps_an_app_kick_that_app_alone() {
+        assert!(reaches("b", None, &bridge("b")));
+        assert!(reaches("b", None, &app("b", "c")));
+        assert!(reaches("b", Some("c"), &app("b", "c")));
+        assert!(!reaches("b", Some("c"), &app("b", "d")));
+        assert!(!reaches("b", Some("c"), &bridge("b")));
+        assert!(!reaches("b", None, &bridge("x")));
+        assert!(!reaches("b", None, &app("x", "c")));
     }
 }

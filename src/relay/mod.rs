@@ -107,6 +107,16 @@ pub enum Peer {
     },
 }
 
+impl Peer {
+    /// Its bridgeId, and its clientId when it is an app.
+    pub fn ids(&self) -> (&str, Option<&str>) {
+        match self {
+            Peer::Bridge { bridge_id, .. } => (bridge_id, None),
+            Peer::App { bridge_id, client_id, .. } => (bridge_id, Some(client_id)),
+        }
+    }
+}
+
 /// Messages to the reactor from other threads.
 pub enum ToReactor {
     /// A worker finished an HTTP request.

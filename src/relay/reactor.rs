@@ -28,7 +28,7 @@ use crate::stream::{Stream, TlsSocket};
 use crate::wsout::{WsOut, would_block};
 use crate::wsread::{Ended, Incoming, ReadError, WsReader, close_reply};
 
-use super::kicks::Kicks;
+use super::kicks::{self, Kicks};
 use super::ratelimit::source;
 use super::registry::{Job, JobSender, Outcome, Refused, access_log};
 use super::{ConnId, Peer, Shared, ToReactor, log_event};
@@ -1455,12 +1455,7 @@ impl Reactor {
         }
         // An upgrade accepted before the kick whose 101 is still being written: checked before
         // the revocation committed (one checked after fails in the store), so it never attaches.
-        let revoked = |peer: &Peer| match peer {
-            Peer::Bridge { bridge_id: b, .. } => client_id.is_none() && b == bridge_id,
-            Peer::App { bridge_id: b, client_id: c, .. } => {
-                b == bridge_id && client_id.is_none_or(|k| k == c)
-            }
-        };
+        let revoked = |peer: &Peer| kicks::reaches(bridge_id, client_id, peer);
         let pending: Vec<ConnId> = self
             .conns
             .iter()
