@@ -463,6 +463,16 @@ pub(crate) fn backend_gate(args: &Args, config: &Config, out: &Out) -> Result<Ba
                  (or a free one, for the built-in backend), then run hermeschat-pair again."
             )));
         }
+        Health::Foreign => {
+            let uid = crate::backend::peer::foreign_listener_at(&host, port)
+                .map_or_else(String::new, |uid| format!(" (uid {uid})"));
+            return Err(fail(format!(
+                "port {port} on {host} is held by another user's program{uid}, not yours; \
+                 nothing will be sent there.\n  Stop that program (lsof -nP -iTCP:{port} \
+                 -sTCP:LISTEN), or point at your backend with --port <its port> (or a free \
+                 one, for the built-in backend), then run hermeschat-pair again."
+            )));
+        }
         Health::NotListening | Health::Unknown => {}
     }
     // Nothing on the port: the daemon starts the built-in backend there...
@@ -925,6 +935,7 @@ pub(crate) fn health_word(h: Health) -> &'static str {
         Health::Unhealthy => "unhealthy",
         Health::NotListening => "not listening",
         Health::Unknown => "unknown",
+        Health::Foreign => "held by another user's program",
     }
 }
 
@@ -1043,6 +1054,7 @@ fn foreground(args: &Args) -> Result<(), Exit> {
 }
 
 fn bridge_run(args: &Args, ready_fd: Option<i32>) -> Result<(), Exit> {
+    crate::daemon::close_inherited_fds(ready_fd);
     let readiness = ready_fd.map_or_else(Readiness::none, Readiness::from_fd);
     run_bridge(args, readiness, true)
 }

@@ -207,6 +207,27 @@ pub fn spawn(dir: &Path, args: &[String]) -> Result<u32, String> {
     Err(format!("the daemon exited during startup; see {}", state::bridge_log(dir).display()))
 }
 
+/// Closes the descriptors a detached daemon inherited beyond stdio and `keep` (the readiness
+/// pipe): the files of whoever started `hermeschat-pair` (a terminal's, a tool's) must not
+/// stay open for months, nor pass on to the gateway the daemon starts. Runs first thing in
+/// the daemon, before it has a thread or a file of its own.
+pub fn close_inherited_fds(keep: Option<i32>) {
+    let listing = if cfg!(target_os = "linux") { "/proc/self/fd" } else { "/dev/fd" };
+    let Ok(entries) = std::fs::read_dir(listing) else { return };
+    // Collected first: the listing's own descriptor is closed when `entries` is dropped.
+    let fds: Vec<i32> =
+        entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect();
+    for fd in fds.into_iter().filter(|&fd| fd > 2 && Some(fd) != keep) {
+        // SAFETY: nothing in this process owns a descriptor above stdio yet (see above), so
+        // none is closed under an owner; fcntl skips the listing's own, already closed.
+        unsafe {
+            if libc::fcntl(fd, libc::F_GETFD) >= 0 {
+                libc::close(fd);
+            }
+        }
+    }
+}
+
 /// The daemon's end of the readiness pipe.
 pub struct Readiness(Option<File>);
 

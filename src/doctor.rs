@@ -608,7 +608,11 @@ fn check_gateway(gw: &HermesConfig) -> Hop {
     let (key, name) = GATEWAY;
     let t = Instant::now();
     let base = gw.url();
+    let foreign = crate::backend::peer::foreign_listener_at(&gw.host, gw.port);
     let (health, detail) = match local_get(&format!("{base}/health"), None) {
+        _ if let Some(uid) = foreign => {
+            (Health::Foreign, format!("{base} is served by another user's program (uid {uid})"))
+        }
         Ok((status, _)) if (200..300).contains(&status) => {
             return hop(key, name, HopState::Ok, Some(t), format!("{base} → {status}"));
         }
@@ -651,6 +655,11 @@ fn check_models(gw: &HermesConfig) -> Hop {
     };
     let t = Instant::now();
     let base = gw.url();
+    if let Some(uid) = crate::backend::peer::foreign_listener_at(&gw.host, gw.port) {
+        let problem = Problem::PortHeld { addr: gw.addr(), another_user: true };
+        let detail = format!("{base} is served by another user's program (uid {uid}): {problem}");
+        return failed(key, name, None, detail, problem.fix());
+    }
     match local_get(&format!("{base}/v1/models"), Some(api_key)) {
         Ok((status, body)) if (200..300).contains(&status) => {
             let models: Vec<String> = serde_json::from_str::<serde_json::Value>(&body)

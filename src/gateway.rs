@@ -187,6 +187,15 @@ impl fmt::Debug for HermesConfig {
 }
 
 impl HermesConfig {
+    /// `text` with the gateway key replaced by `<redacted>`: what the gateway prints goes into
+    /// reports, status lines and the app's answers, and the key must not.
+    pub fn redact(&self, text: &str) -> String {
+        match self.key.as_deref().map(str::trim) {
+            Some(key) if !key.is_empty() => text.replace(key, "<redacted>"),
+            _ => text.to_owned(),
+        }
+    }
+
     /// Reads the process environment, `~/.hermes/.env` and `~/.hermes/config.yaml`
     /// (environment first, as the gateway does), and `$HERMESCHAT_GATEWAY_URL`.
     pub fn load() -> HermesConfig {
@@ -289,6 +298,7 @@ pub fn probe_addr(host: &str, port: u16, deadline: Duration) -> Health {
         Ok((status, _)) if (200..300).contains(&status) => Health::Ready,
         Ok(_) => Health::Unhealthy,
         Err(crate::bridge::local_http::LocalError::Connect { .. }) => Health::NotListening,
+        Err(crate::bridge::local_http::LocalError::Foreign { .. }) => Health::Foreign,
         Err(_) => Health::Unhealthy,
     }
 }
@@ -315,6 +325,8 @@ pub enum Problem {
     PortHeld {
         /// `host:port`.
         addr: String,
+        /// It is another user's program: nothing, the key included, is sent to it.
+        another_user: bool,
     },
 }
 
@@ -349,7 +361,7 @@ impl Problem {
             Problem::AiohttpMissing { python } => {
                 format!("{} -m pip install aiohttp", python.display())
             }
-            Problem::PortHeld { addr } => {
+            Problem::PortHeld { addr, .. } => {
                 let port = addr.rsplit(':').next().unwrap_or("8642");
                 format!(
                     "find the process with: lsof -nP -iTCP:{port} -sTCP:LISTEN — stop it, or set \
@@ -377,9 +389,14 @@ impl fmt::Display for Problem {
             Problem::AiohttpMissing { .. } => {
                 f.write_str("aiohttp is missing, so the gateway's API server never binds")
             }
-            Problem::PortHeld { addr } => {
+            Problem::PortHeld { addr, another_user: false } => {
                 write!(f, "port {addr} is held by something else (it does not answer /health)")
             }
+            Problem::PortHeld { addr, another_user: true } => write!(
+                f,
+                "port {addr} is held by another user's program (nothing, your key included, is \
+                 sent to it)"
+            ),
         }
     }
 }
@@ -435,8 +452,9 @@ fn has_aiohttp(python: &Path) -> Option<bool> {
 /// install and the port (`health` from a fresh [`probe`]).
 pub fn diagnose(config: &HermesConfig, health: Health) -> Vec<Problem> {
     let mut problems = Vec::new();
-    if health == Health::Unhealthy {
-        problems.push(Problem::PortHeld { addr: config.addr() });
+    if matches!(health, Health::Unhealthy | Health::Foreign) {
+        let another_user = health == Health::Foreign;
+        problems.push(Problem::PortHeld { addr: config.addr(), another_user });
     }
     if health == Health::Ready {
         return problems;
@@ -476,7 +494,7 @@ fn problems_in_log(text: &str, config: &HermesConfig) -> Vec<Problem> {
         found.push(config.key_problem().unwrap_or(Problem::KeyTooShort(0)));
     }
     if text.contains("address already in use") || text.contains("Address already in use") {
-        found.push(Problem::PortHeld { addr: config.addr() });
+        found.push(Problem::PortHeld { addr: config.addr(), another_user: false });
     }
     found
 }
@@ -1056,9 +1074,14 @@ impl Chain {
         }
     }
 
-    /// `gateway.log` from byte `from` on (at most 64 KiB).
+    /// `gateway.log` from byte `from` on (at most 64 KiB), without the key.
     fn log_since(&self, from: u64) -> String {
-        read_from(&self.log_path(), from, 64 << 10)
+        self.config.redact(&read_from(&self.log_path(), from, 64 << 10))
+    }
+
+    /// The last `max` bytes of `gateway.log` ([`log_tail`]), without the key.
+    pub fn log_tail(&self, max: u64) -> String {
+        self.config.redact(&log_tail(&self.log_path(), max))
     }
 }
 
@@ -1076,7 +1099,7 @@ fn read_from(path: &Path, from: u64, max: u64) -> String {
 }
 
 /// The last `max` bytes of `path` (lossy UTF-8, starting at a line boundary when possible).
-pub fn log_tail(path: &Path, max: u64) -> String {
+fn log_tail(path: &Path, max: u64) -> String {
     let len = fs::metadata(path).map_or(0, |m| m.len());
     let text = read_from(path, len.saturating_sub(max), max);
     if len > max {
@@ -1292,6 +1315,21 @@ mod tests {
             Some("9100")
         );
         assert_eq!(yaml_lookup(yaml, &["platforms", "other", "extra", "port"]), None);
+    }
+
+    #[test]
+    fn the_key_is_redacted_from_what_the_gateway_printed() {
+        let dir = std::env::temp_dir();
+        let key = "k3y-0123456789abcdef";
+        let config = HermesConfig::from_sources(&dir, |n| {
+            (n == "API_SERVER_KEY").then(|| format!(" {key} "))
+        });
+        let text = format!("starting with API_SERVER_KEY={key}\nbind failed ({key})");
+        let clean = config.redact(&text);
+        assert!(!clean.contains(key), "{clean}");
+        assert_eq!(clean.matches("<redacted>").count(), 2, "{clean}");
+        let keyless = HermesConfig::from_sources(&dir, |_| None);
+        assert_eq!(keyless.redact("as it was"), "as it was");
     }
 
     #[test]

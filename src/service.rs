@@ -160,7 +160,9 @@ impl Spec {
         Ok(spec)
     }
 
-    /// Refuses paths a service file cannot carry.
+    /// Refuses what a service file cannot carry: paths that are not plain UTF-8, and control
+    /// characters anywhere (a newline in an environment value would start a line of its own in
+    /// a unit file or a crontab: a directive of its own).
     fn check(&self) -> Result<(), Exit> {
         for p in [&self.exe, &self.state_dir, &self.home] {
             if p.to_str().is_none_or(|s| s.chars().any(char::is_control)) {
@@ -169,6 +171,14 @@ impl Spec {
                     p.display()
                 )));
             }
+        }
+        let values = self.env.iter().flat_map(|(k, v)| [k, v]).chain(&self.args);
+        if let Some(bad) = values.into_iter().find(|v| v.chars().any(char::is_control)) {
+            let name = self.env.iter().find(|(_, v)| v == bad).map_or("an argument", |(k, _)| k);
+            return Err(usage_error(format!(
+                "cannot write a service with {name} = {bad:?}: it holds a control character \
+                 (a line break?); fix it and run --install again"
+            )));
         }
         Ok(())
     }
@@ -254,21 +264,36 @@ fn touch_logs(spec: &Spec) -> Result<(), Exit> {
     Ok(())
 }
 
-/// Writes a service file (0644: service managers refuse group/world-writable files).
-fn write_file(path: &Path, text: &str) -> Result<(), Exit> {
-    use std::os::unix::fs::PermissionsExt;
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| fail(format!("cannot create {}: {e}", parent.display())))?;
+/// Writes a service file atomically (a fresh temp file, never a planted one, renamed over
+/// it), mode 0644: service managers refuse group/world-writable files. Its directory, and
+/// every directory between it and `home`, must be the user's and writable by nobody else:
+/// anyone who can write there can replace the unit, and run what they like as the user.
+fn write_file(path: &Path, text: &str, home: &Path) -> Result<(), Exit> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let parent = path.parent().unwrap_or(Path::new("."));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(parent)
+        .map_err(|e| fail(format!("cannot create {}: {e}", parent.display())))?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let within_home = parent.ancestors().skip(1).take_while(|d| d.starts_with(home) && *d != home);
+    for dir in std::iter::once(parent).chain(within_home) {
+        let meta = std::fs::symlink_metadata(dir)
+            .map_err(|e| fail(format!("cannot check {}: {e}", dir.display())))?;
+        if meta.uid() != me || state::writable_by_others(&meta) {
+            return Err(fail(format!(
+                "{} is {}: anyone who can write there can replace the service. Check what is \
+                 in it, then run: chmod go-w {}; and run --install again",
+                dir.display(),
+                if meta.uid() != me { "not yours" } else { "writable by other users" },
+                dir.display()
+            )));
+        }
     }
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text)
-        .and_then(|()| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)))
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            fail(format!("cannot write {}: {e}", path.display()))
-        })
+    state::write_atomic_mode(path, text.as_bytes(), 0o644)
+        .map_err(|e| fail(format!("cannot write {}: {e}", path.display())))
 }
 
 /// Stops a detached daemon (one daemon per state dir: the service's bridge needs the lock).

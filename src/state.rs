@@ -120,22 +120,55 @@ pub fn service_error_log(dir: &Path) -> PathBuf {
 /// directory to 0700 when its mode is anything else.
 ///
 /// The mode is given to `mkdir` itself, so there is no moment where the directory exists
-/// with the umask's wider default.
+/// with the umask's wider default. An existing directory is refused (`PermissionDenied`)
+/// when it is another user's, or when other users could write to it: they could have put
+/// files there (a symlink where a state file goes, an identity of theirs), and tightening it
+/// now would not take those out.
 pub fn ensure_dir(dir: &Path) -> io::Result<()> {
     ensure_dir_raw(dir).map_err(|e| with_path(dir, e))
 }
 
 /// [`ensure_dir`] without the path added to errors.
 fn ensure_dir_raw(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
     fs::DirBuilder::new().recursive(true).mode(DIR_MODE).create(dir)?;
     let meta = fs::metadata(dir)?;
     if !meta.is_dir() {
         return Err(io::Error::new(io::ErrorKind::AlreadyExists, "exists and is not a directory"));
     }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "it belongs to uid {}, not to you (uid {me}): run hermeschat-pair as that user, \
+                 or set HERMESCHAT_HOME to a directory of yours",
+                meta.uid()
+            ),
+        ));
+    }
+    if writable_by_others(&meta) {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "other users can write to it, so they could have put files there: check what it \
+             holds, then chmod 700 it",
+        ));
+    }
     if meta.permissions().mode() & 0o777 != DIR_MODE {
         fs::set_permissions(dir, fs::Permissions::from_mode(DIR_MODE))?;
     }
     Ok(())
+}
+
+/// True when users other than the owner may write to the file or directory: anyone may, or
+/// its group may and that group is not this process's own (with a group per user and umask
+/// 002, the user's group is the user).
+pub fn writable_by_others(meta: &fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: getegid has no preconditions and cannot fail.
+    let my_group = unsafe { libc::getegid() };
+    meta.mode() & 0o002 != 0 || (meta.mode() & 0o020 != 0 && meta.gid() != my_group)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -150,16 +183,28 @@ static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 ///
 /// On any error the temp file is removed and the old `path`, if any, is left as it was.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    write_atomic_raw(path, bytes).map_err(|e| with_path(path, e))
+    write_atomic_raw(path, bytes, FILE_MODE).map_err(|e| with_path(path, e))
+}
+
+/// [`write_atomic`] for a file others may read (`mode`, whatever the umask: a service file is
+/// 0644).
+pub fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    write_atomic_raw(path, bytes, mode).map_err(|e| with_path(path, e))
 }
 
 /// [`write_atomic`] without the path added to errors.
-fn write_atomic_raw(path: &Path, bytes: &[u8]) -> io::Result<()> {
+fn write_atomic_raw(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the path has no file name"))?;
     let dir = parent_dir(path);
     let (tmp, file) = create_temp(dir, name)?;
+    if mode != FILE_MODE
+        && let Err(e) = file.set_permissions(fs::Permissions::from_mode(mode))
+    {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
     if let Err(e) = fill_and_rename(file, &tmp, path, bytes) {
         let _ = fs::remove_file(&tmp);
         return Err(e);
@@ -268,7 +313,7 @@ pub fn write_json<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<(), S
         message: redact_secrets(&e.to_string()),
     })?;
     bytes.push(b'\n');
-    write_atomic_raw(path, &bytes)
+    write_atomic_raw(path, &bytes, FILE_MODE)
         .map_err(|source| StateError::Io { path: path.to_path_buf(), source })
 }
 
@@ -880,6 +925,24 @@ mod tests {
         fs::write(&file, "x").unwrap();
         let err = ensure_dir(&file).unwrap_err();
         assert!(err.to_string().contains("file"), "{err}");
+
+        // Anyone could have planted files in it: refused, and left as it is.
+        let open = t.join("open");
+        fs::create_dir(&open).unwrap();
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).unwrap();
+        let err = ensure_dir(&open).unwrap_err();
+        assert!(err.to_string().contains("other users can write"), "{err}");
+        assert_eq!(mode(&open), 0o777);
+
+        // Another user's (root can make one): refused.
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            let theirs = t.join("theirs");
+            fs::create_dir(&theirs).unwrap();
+            std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+            let err = ensure_dir(&theirs).unwrap_err();
+            assert!(err.to_string().contains("belongs to uid 65534"), "{err}");
+        }
     }
 
     #[test]

@@ -859,3 +859,130 @@ fn another_user_of_the_machine_is_refused() {
     // Not even the health check: another user's pairing must not take this backend for its.
     assert_eq!(ask(true, "/api/health"), "HTTP/1.1 403 Forbidden", "another user's health check");
 }
+
+/// A program of another user (uid 65534) listening on 127.0.0.1: it answers every request 200
+/// `{}` and prints, one line each, what every connection sent it. Needs root.
+struct Squatter {
+    child: std::process::Child,
+    port: u16,
+    /// Its output, a line per connection.
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Squatter {
+    fn start() -> Squatter {
+        use std::io::BufRead;
+        use std::os::unix::process::CommandExt;
+        let script = "import socket, sys\n\
+            l = socket.socket(); l.bind(('127.0.0.1', 0)); l.listen(16)\n\
+            print('READY', l.getsockname()[1], flush=True)\n\
+            while True:\n\
+            \x20   c, _ = l.accept(); c.settimeout(1.0); got = b''\n\
+            \x20   try:\n\
+            \x20       while b'\\r\\n\\r\\n' not in got:\n\
+            \x20           d = c.recv(65536)\n\
+            \x20           if not d: break\n\
+            \x20           got += d\n\
+            \x20   except OSError: pass\n\
+            \x20   print(repr(got), flush=True)\n\
+            \x20   try: c.sendall(b'HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\nConnection: close\\r\\n\\r\\n{}')\n\
+            \x20   except OSError: pass\n\
+            \x20   c.close()\n";
+        let mut cmd = std::process::Command::new("python3");
+        cmd.args(["-c", script]).stdin(Stdio::null()).stdout(Stdio::piped());
+        // SAFETY: only setgid/setuid (async-signal-safe) run between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().expect("python3");
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let first = lines.next().and_then(Result::ok).unwrap_or_default();
+        let port = first.strip_prefix("READY ").and_then(|p| p.trim().parse().ok());
+        let port = port.unwrap_or_else(|| panic!("squatter did not start: {first:?}"));
+        // Keep its output for `received`.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Squatter { child, port, lines: rx }
+    }
+
+    /// What each connection sent it so far (Python `repr` of the bytes).
+    fn received(&self) -> Vec<String> {
+        // A connection is printed when it ends or after its 1 s read timeout.
+        std::thread::sleep(Duration::from_millis(1200));
+        self.lines.try_iter().collect()
+    }
+}
+
+impl Drop for Squatter {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn is_root_with_proc() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root || !std::path::Path::new("/proc/net/tcp").exists() {
+        eprintln!("skipped: needs root (to act as another user) and /proc/net/tcp");
+        return false;
+    }
+    true
+}
+
+/// Another user's program that took the gateway's port (the gateway is down) gets nothing
+/// from the built-in backend, the gateway key least of all: the app gets 502
+/// `gateway_port_held`, and `--doctor` names the squatter without sending the key.
+#[test]
+fn a_gateway_port_taken_by_another_user_gets_nothing() {
+    if !is_root_with_proc() {
+        return;
+    }
+    let squatter = Squatter::start();
+    let b = backend(squatter.port, KEY, |_| {});
+    let (status, _, body) = http(b.port, "GET", "/v1/models", &[], b"");
+    assert_eq!(status, 502, "{}", String::from_utf8_lossy(&body));
+    let v = json_of(&body);
+    assert!(v.to_string().contains("gateway_port_held"), "{v}");
+    let (status, _, body) = http(b.port, "GET", "/api/health", &[], b"");
+    assert_eq!(status, 200);
+    assert!(json_of(&body).to_string().contains("offline"), "{}", String::from_utf8_lossy(&body));
+
+    // --doctor: the gateway hop names the other user's program; the key is never sent.
+    let user = stub_user("squatted", squatter.port);
+    let run = user.run(&["--doctor", "--json"]);
+    assert!(run.stdout.contains("another user's program"), "{}\n{}", run.stdout, run.stderr);
+
+    let got = squatter.received();
+    assert!(got.iter().all(|line| !line.contains(KEY)), "the key reached the squatter: {got:?}");
+    // The backend's connections sent nothing at all; --doctor's health probe carries no key.
+    assert!(got.iter().all(|line| line == "b''" || line.contains("/health")), "{got:?}");
+}
+
+/// Pairing with another user's program on the backend port is refused: the app's traffic
+/// would go to it.
+#[test]
+fn a_backend_port_taken_by_another_user_is_refused_at_pairing() {
+    if !is_root_with_proc() {
+        return;
+    }
+    let squatter = Squatter::start();
+    let relay = Relay::start(&[]);
+    let user = stub_user("squatted-backend", free_port());
+    let port = squatter.port.to_string();
+    let run = user.run(&["--server", &relay.url(), "--port", &port]);
+    run.assert_code(1, "pairing with another user's program on the backend port");
+    assert!(run.stderr.contains("another user's program"), "{}", run.stderr);
+    assert!(!user.state.join("bridge.pid").exists(), "a daemon was started");
+    let got = squatter.received();
+    assert!(got.iter().all(|line| line == "b''"), "something was sent: {got:?}");
+}

@@ -1285,3 +1285,40 @@ fn a_bracketed_ipv6_backend_host_gets_the_built_in_backend_there() {
     let v: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
     assert_eq!(v["backend"]["url"], format!("http://[::1]:{port}"), "{v}");
 }
+
+/// The detached daemon keeps none of the files its caller left open without close-on-exec
+/// (a terminal's, a tool's): it would hold them for months and hand them to the gateway.
+#[test]
+fn the_daemon_closes_descriptors_its_caller_left_open() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let relay = Relay::start(&[]);
+    let backend = Backend::start();
+    let env = Env::new();
+    let marker = env.root.join("inherited-marker");
+    let file = std::fs::File::create(&marker).unwrap();
+    let fd = file.as_raw_fd();
+    let server = relay.url();
+    let port = backend.port.to_string();
+    let mut cmd = env.cmd(&["--json", "--server", &server, "--port", &port]);
+    // SAFETY: dup2 is async-signal-safe. The copy (without close-on-exec, as a shell's
+    // redirection leaves it) gets a number far from the daemon's own readiness descriptor.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd, 100) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let run = common::session::run_cmd(cmd, Duration::from_secs(60));
+    run.assert_code(0, "pairing with an inherited descriptor");
+    let pid = env.daemon_pid();
+    let open: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .map(|p| p.display().to_string())
+        .collect();
+    assert!(!open.iter().any(|p| p.contains("inherited-marker")), "{open:?}");
+    drop(file);
+}

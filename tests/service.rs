@@ -513,3 +513,50 @@ fn install_local_runs_the_lan_bridge_and_needs_a_lan_pairing() {
     let line = text.lines().find(|l| l.starts_with("@reboot")).unwrap_or_else(|| panic!("{text}"));
     assert!(line.contains("--foreground --local --host 192.168.1.20 --local-port 9000"), "{line}");
 }
+
+/// What would let someone else write the unit is refused: a line break in an environment
+/// value (a directive of its own), a unit directory other users can write to. The unit is
+/// written fresh, never through a file planted beside it, and 0644 whatever the umask.
+#[test]
+fn install_refuses_what_would_let_others_write_the_unit() {
+    use std::os::unix::process::CommandExt;
+    let m = Machine::new();
+    m.paired();
+    let injected = "https://relay.example.com\nExecStartPre=/bin/touch /tmp/injected\n#";
+    let run = m.run("systemd", &["--install"], &[("HERMESCHAT_REGISTRY_URL", injected)]);
+    run.expect(2, "a line break in an environment value");
+    assert!(run.all().contains("control character"), "{}", run.all());
+    assert!(!m.unit().exists(), "a unit was written");
+
+    let systemd_dir = m.home.join(".config/systemd");
+    std::fs::create_dir_all(&systemd_dir).unwrap();
+    std::fs::set_permissions(&systemd_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let run = m.run("systemd", &["--install"], &[]);
+    run.expect(1, "a world-writable ~/.config/systemd");
+    assert!(run.all().contains("writable by other users"), "{}", run.all());
+    assert!(!m.unit().exists(), "a unit was written");
+    std::fs::set_permissions(&systemd_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    // A symlink planted where the unit used to be staged, and a umask of 000.
+    let victim = m.root.join("victim.txt");
+    std::fs::write(&victim, "keep me").unwrap();
+    let unit_dir = m.unit().parent().unwrap().to_path_buf();
+    std::fs::create_dir_all(&unit_dir).unwrap();
+    std::os::unix::fs::symlink(&victim, unit_dir.join("hermeschat-bridge.tmp")).unwrap();
+    let mut cmd = m.cmd("systemd", &["--install"]);
+    // SAFETY: umask is async-signal-safe and cannot fail.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::umask(0);
+            Ok(())
+        });
+    }
+    Out(cmd.output().unwrap()).expect(0, "--install with umask 000");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep me");
+    let mode = std::fs::metadata(m.unit()).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o644, "unit mode");
+    for dir in [&unit_dir, &systemd_dir] {
+        let mode = std::fs::metadata(dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode & 0o022, 0, "{} is {mode:o}", dir.display());
+    }
+}

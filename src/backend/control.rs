@@ -154,7 +154,7 @@ pub fn restart(shared: &Arc<Shared>, req: &Request, c: &mut Conn, close: bool) -
             .join(", ")
     ));
     let mut body = report.to_json();
-    body["log"] = json!(gateway::log_tail(&chain.log_path(), LOG_TAIL));
+    body["log"] = json!(chain.log_tail(LOG_TAIL));
     c.json(200, &body, close)?;
     Ok(200)
 }

@@ -1,6 +1,8 @@
-//! Who is on the other end of a loopback connection: the built-in backend adds the gateway's
+//! Who is on the other end of a loopback connection. The built-in backend adds the gateway's
 //! key to what it forwards, so on a machine with several users it must serve only the user
-//! running it (anyone else could otherwise drive that user's agent through 127.0.0.1).
+//! running it (anyone else could otherwise drive that user's agent through 127.0.0.1); and the
+//! other way, the key and the app's traffic must go only to the user's own gateway and backend,
+//! not to another user's program that took their port ([`foreign_listener`]).
 //!
 //! Linux tells the owner of the client's socket: asked by its exact address pair through
 //! `NETLINK_SOCK_DIAG` (one lookup in the kernel's socket table), or, where netlink sockets
@@ -47,6 +49,74 @@ pub fn is_another_user(stream: &TcpStream, peer: SocketAddr) -> bool {
         Client::Unknown => true,
         Client::Unsupported => false,
     }
+}
+
+/// The uid of the program listening on `addr` when it is another user's: neither this
+/// process's user nor root (who can read this user's files anyway). A local user can take a
+/// port the gateway or the user's backend left free and wait for what we send there (the
+/// gateway's key, the app's traffic), so nothing is sent to such a listener. `None` when the
+/// listener is ours or root's, when nothing listens there, or when this system cannot tell.
+pub fn foreign_listener(addr: SocketAddr) -> Option<u32> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let ours = unsafe { libc::geteuid() };
+    if ours == OVERFLOW_UID {
+        return None;
+    }
+    listener_owners(addr).into_iter().find(|&uid| uid != ours && uid != 0)
+}
+
+/// [`foreign_listener`] for any address `host` resolves to.
+pub fn foreign_listener_at(host: &str, port: u16) -> Option<u32> {
+    use std::net::ToSocketAddrs;
+    (host, port).to_socket_addrs().ok()?.find_map(foreign_listener)
+}
+
+/// The owners of the sockets that would take a connection to `addr`, from `/proc/net/tcp{,6}`:
+/// those listening on `addr` itself if any, else on every address (the kernel prefers them in
+/// that order, and an IPv4 socket over an IPv6 one taking IPv4 too). Several sockets share a
+/// port only with `SO_REUSEPORT`, which the kernel allows within one user.
+#[cfg(target_os = "linux")]
+fn listener_owners(addr: SocketAddr) -> Vec<u32> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let port = addr.port();
+    let any6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port);
+    // Best first: the address itself, then every address of its family, then (IPv4) an IPv6
+    // socket that takes IPv4 as mapped addresses.
+    let ranked: Vec<String> = match addr {
+        SocketAddr::V4(a) => vec![
+            proc_addr(addr),
+            proc_addr(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port)),
+            proc_addr(SocketAddr::new(IpAddr::V6(a.ip().to_ipv6_mapped()), port)),
+            proc_addr(any6),
+        ],
+        SocketAddr::V6(_) => vec![proc_addr(addr), proc_addr(any6)],
+    };
+    let mut found: Vec<(usize, u32)> = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else { continue };
+        for line in text.lines().skip(1) {
+            // sl local_address rem_address st tx:rx tr:when retrnsmt uid
+            let fields: Vec<&str> = line.split_whitespace().take(8).collect();
+            // 0A: TCP_LISTEN.
+            if fields.get(3) != Some(&"0A") {
+                continue;
+            }
+            let Some(local) = fields.get(1) else { continue };
+            let Some(rank) = ranked.iter().position(|r| r.eq_ignore_ascii_case(local)) else {
+                continue;
+            };
+            if let Some(uid) = fields.get(7).and_then(|u| u.parse::<u32>().ok()) {
+                found.push((rank, uid));
+            }
+        }
+    }
+    let best = found.iter().map(|&(rank, _)| rank).min();
+    found.into_iter().filter(|&(rank, _)| Some(rank) == best).map(|(_, uid)| uid).collect()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn listener_owners(_addr: SocketAddr) -> Vec<u32> {
+    Vec::new()
 }
 
 #[cfg(target_os = "linux")]
@@ -323,6 +393,23 @@ mod tests {
             if ours() != OVERFLOW_UID && known(client_of(&served, peer)) {
                 assert!(is_another_user(&served, peer), "reset {reset}: taken for ours");
             }
+        }
+    }
+
+    #[test]
+    fn our_own_listener_is_found_and_not_foreign() {
+        for bind in ["127.0.0.1:0", "[::1]:0", "0.0.0.0:0"] {
+            let Ok(listener) = TcpListener::bind(bind) else { continue };
+            let port = listener.local_addr().unwrap().port();
+            let at: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+            let at =
+                if bind.starts_with('[') { format!("[::1]:{port}").parse().unwrap() } else { at };
+            if std::path::Path::new("/proc/net/tcp").exists() {
+                assert_eq!(listener_owners(at), vec![ours()], "{bind}");
+            }
+            assert_eq!(foreign_listener(at), None, "{bind}");
+            drop(listener);
+            assert!(listener_owners(at).is_empty(), "{bind}: closed");
         }
     }
 

@@ -54,6 +54,7 @@ pub fn failure_status(e: &LocalError) -> (u16, &'static str) {
     match e {
         LocalError::Timeout { .. } => (504, "gateway_timeout"),
         LocalError::Connect { .. } => (502, "gateway_offline"),
+        LocalError::Foreign { .. } => (502, "gateway_port_held"),
         _ => (502, "gateway_error"),
     }
 }

@@ -109,6 +109,14 @@ pub enum LocalError {
         /// What the OS said.
         detail: String,
     },
+    /// Another user's program listens where the backend (or gateway) should, maybe since
+    /// ours went down ([`crate::backend::peer::foreign_listener`]): nothing was sent to it.
+    Foreign {
+        /// What was to be talked to: "the backend at host:port".
+        addr: String,
+        /// Who listens there.
+        uid: u32,
+    },
     /// The request's base64 body is not valid base64 (found while sending it: the connection
     /// is dropped with the body unfinished, so the backend never acts on it).
     BadBody {
@@ -123,9 +131,10 @@ impl LocalError {
         match self {
             LocalError::Timeout { .. } => ErrorCode::BackendTimeout,
             LocalError::Aborted => ErrorCode::Cancelled,
-            LocalError::Connect { .. } | LocalError::Protocol { .. } | LocalError::Io { .. } => {
-                ErrorCode::BackendUnreachable
-            }
+            LocalError::Connect { .. }
+            | LocalError::Foreign { .. }
+            | LocalError::Protocol { .. }
+            | LocalError::Io { .. } => ErrorCode::BackendUnreachable,
             LocalError::BadBody { .. } => ErrorCode::BadRequest,
         }
     }
@@ -147,6 +156,7 @@ impl LocalError {
             LocalError::Aborted => io::ErrorKind::ConnectionAborted,
             LocalError::Protocol { .. } | LocalError::BadBody { .. } => io::ErrorKind::InvalidData,
             LocalError::Connect { .. } | LocalError::Io { .. } => io::ErrorKind::BrokenPipe,
+            LocalError::Foreign { .. } => io::ErrorKind::PermissionDenied,
         };
         io::Error::new(kind, self)
     }
@@ -168,6 +178,11 @@ impl fmt::Display for LocalError {
             LocalError::Io { addr, detail } => {
                 write!(f, "the connection to {addr} broke: {detail}")
             }
+            LocalError::Foreign { addr, uid } => write!(
+                f,
+                "{addr} is served by another user's program (uid {uid}), not yours, so nothing \
+                 was sent to it; stop that program, or move yours to a free port"
+            ),
             LocalError::BadBody { detail } => write!(f, "body is not valid base64: {detail}"),
         }
     }
@@ -730,6 +745,10 @@ impl LocalClient {
         let mut last = None;
         for addr in &addrs {
             match TcpStream::connect_timeout(addr, self.timeouts.connect) {
+                // Checked once per connection (they are pooled), before a byte is sent.
+                Ok(_) if let Some(uid) = crate::backend::peer::foreign_listener(*addr) => {
+                    return Err(LocalError::Foreign { addr: self.peer.clone(), uid });
+                }
                 Ok(stream) => {
                     // Small frames (SSE events, JSON) must not wait for Nagle. Set once: the
                     // option stays with the socket across reuses.

@@ -104,6 +104,9 @@ pub enum Health {
     Unhealthy,
     /// Nothing listens.
     NotListening,
+    /// Another user's program listens there: nothing is sent to it
+    /// ([`crate::backend::peer::foreign_listener`]).
+    Foreign,
 }
 
 /// What the daemon sees now; written to `status.json` for `--status`.

@@ -71,6 +71,7 @@ pub fn probe(host: &str, port: u16, path: &str) -> Health {
 
 fn probe_addr(addr: SocketAddr, authority: &str, path: &str) -> Health {
     let mut tcp = match TcpStream::connect_timeout(&addr, PROBE_TIMEOUT) {
+        Ok(_) if crate::backend::peer::foreign_listener(addr).is_some() => return Health::Foreign,
         Ok(t) => t,
         Err(_) => return Health::NotListening,
     };

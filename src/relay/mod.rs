@@ -243,12 +243,9 @@ impl Relay {
     /// error surfaces before the relay reports itself ready.
     pub fn bind(mut config: RelayConfig) -> io::Result<Relay> {
         config.max_connections = fit_to_fd_limit(config.max_connections);
-        std::fs::create_dir_all(&config.data).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("cannot create data dir {}: {e}", config.data.display()),
-            )
-        })?;
+        // 0700 and ours: whoever can write there can swap the store for one of their own.
+        crate::state::ensure_dir(&config.data)
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot use the data dir: {e}")))?;
         store::Store::open(&config.data).map_err(|e| io::Error::other(e.to_string()))?;
         let tls = match &config.tls {
             None => None,

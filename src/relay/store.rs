@@ -133,10 +133,30 @@ CREATE TABLE IF NOT EXISTS clients (
 CREATE INDEX IF NOT EXISTS clients_by_bridge ON clients(bridge_id);
 ";
 
+/// Creates `path` empty with mode 0600 (SQLite takes an empty file for a new database), or
+/// makes an existing one 0600: it holds digests and device names, and SQLite gives its WAL
+/// and shared-memory files the database's own mode.
+fn private_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let file = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o600)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(())
+}
+
 impl Store {
     /// Opens (creating if needed) `relay.db` in `dir`, in WAL mode.
     pub fn open(dir: &Path) -> StoreResult<Store> {
         let path = dir.join("relay.db");
+        private_file(&path)
+            .map_err(|e| StoreError(format!("cannot create {}: {e}", path.display())))?;
         let conn = Connection::open(&path)
             .map_err(|e| StoreError(format!("cannot open {}: {e}", path.display())))?;
         conn.busy_timeout(Duration::from_secs(5))?;
@@ -427,6 +447,25 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         (Store::open(&dir).unwrap(), dir)
+    }
+
+    #[test]
+    fn the_database_and_its_wal_are_private_even_if_it_was_not() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let (s, dir) = temp_store("mode");
+        s.register("mac", None, 1_000).unwrap();
+        for name in ["relay.db", "relay.db-wal"] {
+            assert_eq!(mode(&dir.join(name)), 0o600, "{name}");
+        }
+        drop(s);
+        // A store from a version that left it 0644.
+        std::fs::set_permissions(dir.join("relay.db"), std::fs::Permissions::from_mode(0o644))
+            .unwrap();
+        let s = Store::open(&dir).unwrap();
+        assert_eq!(mode(&dir.join("relay.db")), 0o600);
+        drop(s);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

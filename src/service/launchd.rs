@@ -95,7 +95,7 @@ pub fn install(spec: &Spec, out: &Out) -> Result<(), Exit> {
     if was_loaded {
         let _ = run("launchctl", ["bootout", &target()]);
     }
-    write_file(&path, &plist(spec))?;
+    write_file(&path, &plist(spec), &spec.home)?;
     out.ok(&format!("LaunchAgent written: {}", tilde(&path, &spec.home)));
     stop_detached(&spec.state_dir, out)?;
     let path_str = path.to_string_lossy();

@@ -124,7 +124,7 @@ pub fn install(spec: &Spec, out: &Out) -> Result<(), Exit> {
     let path = unit_path(&spec.home);
     warn_build_tree(spec, out);
     touch_logs(spec)?;
-    write_file(&path, &unit(spec))?;
+    write_file(&path, &unit(spec), &spec.home)?;
     out.ok(&format!("systemd user unit written: {}", tilde(&path, &spec.home)));
     let reload = systemctl(&["daemon-reload"]);
     if !reload.ok {
