@@ -39,7 +39,8 @@ COMMANDS:
     (none)               pair: QR code + bridge daemon
     --status             is the daemon / backend / relay / gateway up? (with --json: machine-readable)
     --stop               stop the bridge daemon (idempotent)
-    --refresh-code       new QR code; paired devices keep working, the daemon is untouched
+    --refresh-code       new QR code from the same registry; paired devices keep working, the
+                         daemon keeps running (restarted only to serve another backend)
     --reset              new bridge identity: every paired app is cut off, then a fresh QR code
     --foreground         run the bridge in this terminal (logs to stderr, Ctrl-C stops)
     --json               print only the QR payload as JSON (after pairing) and exit
@@ -63,7 +64,7 @@ OPTIONS:
     --host ADDR          with --local: the LAN address to serve and put in the QR (default: detected)
     --local-port N       with --local: the LAN server's port (default 8766)
     -f, --follow         with --logs: keep printing new lines (follows rotation; Ctrl-C stops)
-    -n, --lines N        with --logs: lines per log
+    -n, --lines N        with --logs: lines per log (default 30)
     -h, --help           print this help
     -V, --version        print the version
 
@@ -73,6 +74,10 @@ ENVIRONMENT:
     HERMESCHAT_LOCAL_HOST     backend host (default 127.0.0.1)
     HERMESCHAT_LOCAL_PORT     backend port (same as --port)
     HERMES_HOME               Hermes Agent's home (default ~/.hermes; --doctor reads its .env)
+    HERMESCHAT_GATEWAY_URL    the Hermes gateway's address (default from ~/.hermes, else
+                              http://127.0.0.1:8642)
+    AI_API_KEY, AI_BASE_URL, AI_MODEL
+                              the built-in backend's direct fallback when the gateway is down
     NO_COLOR                  no colours in the output
 
 FILES (in ~/.hermeschat): bridge.json (identity, 0600), config.json, bridge.pid, status.json,
@@ -258,7 +263,54 @@ pub fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Args,
             ));
         }
     }
+    check_combination(&parsed)?;
     Ok(parsed)
+}
+
+/// Refuses options the command would silently ignore: a user who typed one expects it to act.
+fn check_combination(a: &Args) -> Result<(), Exit> {
+    use Command::*;
+    let name = match &a.command {
+        Help | Version => return Ok(()),
+        Pair => "pairing",
+        Status => "--status",
+        Stop => "--stop",
+        RefreshCode => "--refresh-code",
+        Reset => "--reset",
+        Foreground => "--foreground",
+        Install => "--install",
+        Uninstall => "--uninstall",
+        ServiceStatus => "--service-status",
+        Doctor => "--doctor",
+        Devices => "--devices",
+        Revoke(_) => "--revoke",
+        Logs => "--logs",
+        BridgeRun { .. } => return Ok(()),
+    };
+    let refuse =
+        |what: &str| Err(usage_error(format!("{what}\nRun hermeschat-pair --help for usage.")));
+    if !a.local && (a.host.is_some() || a.local_port.is_some()) {
+        return refuse("--host and --local-port go with --local (LAN-only mode)");
+    }
+    if a.local && a.server.is_some() {
+        return refuse("--server names a relay; --local (LAN-only mode) uses none");
+    }
+    if a.command != Logs && (a.follow || a.lines.is_some()) {
+        return refuse("-f/--follow and -n/--lines go with --logs");
+    }
+    if a.json && matches!(a.command, Stop | Logs | Install | Uninstall | Foreground) {
+        return refuse(&format!("{name} has no --json output"));
+    }
+    let pairs = matches!(a.command, Pair | RefreshCode | Reset | Foreground | Install);
+    if a.no_server && !pairs {
+        return refuse(&format!(
+            "--no-server goes with pairing, --foreground and --install, not {name}"
+        ));
+    }
+    if a.server.is_some() && !matches!(a.command, Pair | RefreshCode | Reset | Doctor) {
+        return refuse(&format!("--server goes with pairing and --doctor, not {name}"));
+    }
+    Ok(())
 }
 
 /// Runs a parsed command.
@@ -349,7 +401,7 @@ pub(crate) fn state_dir() -> Result<PathBuf, Exit> {
 }
 
 pub(crate) fn load_config(dir: &Path, out: &Out) -> Result<Config, Exit> {
-    match state::load_or_move_aside::<Config>(&state::config_json(dir), |_| Ok(())) {
+    match state::load_or_move_aside::<Config>(&state::config_json(dir), None, |_| Ok(())) {
         Ok(Loaded::Ok(c)) => Ok(c),
         Ok(Loaded::Missing) => Ok(Config::default()),
         Ok(Loaded::MovedAside { reason, moved_to }) => {
@@ -363,9 +415,48 @@ pub(crate) fn load_config(dir: &Path, out: &Out) -> Result<Config, Exit> {
     }
 }
 
+/// How long a command waits for a running daemon to write a missing or damaged bridge.json
+/// again (it looks every few seconds: [`bridge::poller`]).
+const IDENTITY_REPAIR_WAIT: Duration = Duration::from_secs(8);
+
+/// Loads `bridge.json`. A damaged one is set aside (and pairing registers anew), unless a
+/// running daemon serves a bridge: that daemon holds the identity, the relay secret exists
+/// nowhere else, and it writes the file again itself, which is waited for.
 pub(crate) fn load_identity(dir: &Path, out: &Out) -> Result<Option<BridgeIdentity>, Exit> {
+    let path = state::bridge_json(dir);
+    let look = || state::peek(&path, Some(state::STATE_VERSION), BridgeIdentity::validate);
+    let serving = running_status(dir).map(|s| s.bridge_id).filter(|id| !id.is_empty());
+    if let Some(serving) = serving
+        && matches!(look(), Ok(Ok(None) | Err(_)))
+    {
+        out.warn(&format!(
+            "bridge.json is missing or damaged; the running bridge daemon (bridge {serving}) \
+             writes it again"
+        ));
+        let deadline = Instant::now() + IDENTITY_REPAIR_WAIT;
+        loop {
+            if let Ok(Ok(Some(id))) = look()
+                && id.bridge_id == serving
+            {
+                out.ok("bridge.json restored by the running daemon");
+                return Ok(Some(id));
+            }
+            if Instant::now() >= deadline {
+                return Err(fail(format!(
+                    "bridge.json is missing or damaged, and the running daemon (bridge \
+                     {serving}) did not write it again within {} s. Nothing was changed.\n  \
+                     See {}. To start over with a new bridge (your apps must then scan a new \
+                     QR code): hermeschat-pair --stop, then hermeschat-pair",
+                    IDENTITY_REPAIR_WAIT.as_secs(),
+                    state::bridge_log(dir).display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
     match state::load_or_move_aside::<BridgeIdentity>(
         &state::bridge_json(dir),
+        Some(state::STATE_VERSION),
         BridgeIdentity::validate,
     ) {
         Ok(Loaded::Ok(id)) => Ok(Some(id)),
@@ -391,13 +482,35 @@ pub(crate) fn registry_url(args: &Args, config: &Config) -> Result<String, Exit>
              (see the README, \"Self-hosting the relay\").",
         )
     })?;
-    let url = url.trim().trim_end_matches('/').to_owned();
-    if !(url.starts_with("https://") || url.starts_with("http://")) {
-        return Err(usage_error(format!(
-            "the registry URL {url:?} must start with https:// (http:// only for local testing)"
-        )));
+    normalized_registry_url(&url).map_err(usage_error)
+}
+
+/// A registry URL in one spelling: trimmed, without a trailing `/`, scheme and host in lower
+/// case (`HTTPS://Relay.Example.com/` is `https://relay.example.com`), so that a saved URL and
+/// a typed one compare equal when they name the same registry.
+pub(crate) fn normalized_registry_url(url: &str) -> Result<String, String> {
+    let url = url.trim();
+    if url.is_empty() {
+        return Err("the registry URL is empty: pass --server https://relay.yourdomain.com".into());
     }
-    Ok(url)
+    let must = || {
+        format!(
+            "the registry URL {url:?} must start with https:// (http:// only for local testing)"
+        )
+    };
+    let (scheme, rest) = url.split_once("://").ok_or_else(must)?;
+    let rest = rest.trim_end_matches('/');
+    let scheme = scheme.to_ascii_lowercase();
+    if scheme != "https" && scheme != "http" {
+        return Err(must());
+    }
+    let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    if host.is_empty() {
+        return Err(format!(
+            "the registry URL {url:?} names no host: https://relay.yourdomain.com"
+        ));
+    }
+    Ok(format!("{scheme}://{}{path}", host.to_ascii_lowercase()))
 }
 
 /// The backend host and the port to try first.
@@ -409,11 +522,15 @@ pub(crate) fn backend_address(args: &Args, config: &Config) -> Result<(String, u
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "127.0.0.1".into());
     let env_port = match std::env::var("HERMESCHAT_LOCAL_PORT") {
-        Ok(v) if !v.trim().is_empty() => Some(v.trim().parse::<u16>().map_err(|_| {
-            usage_error(format!("HERMESCHAT_LOCAL_PORT={v:?} is not a port number"))
-        })?),
+        Ok(v) if !v.trim().is_empty() => Some(parse_port("HERMESCHAT_LOCAL_PORT", v.trim())?),
         _ => None,
     };
+    if config.port == Some(0) {
+        return Err(usage_error(
+            "config.json says \"port\": 0, which is not a port number (1-65535): pass --port \
+             <your backend's port> (it is saved), or remove \"port\" from config.json",
+        ));
+    }
     Ok((host, args.port.or(env_port).or(config.port).unwrap_or(DEFAULT_PORT)))
 }
 
@@ -539,8 +656,24 @@ fn register(
         name,
         crate::relay::now_ms(),
     );
-    state::write_json(&state::bridge_json(dir), &identity)
-        .map_err(|e| fail(format!("cannot save the bridge identity: {e}")))?;
+    // An identity is never overwritten: the one replaced is kept beside it.
+    let path = state::bridge_json(dir);
+    match state::set_aside(&path, "replaced") {
+        Ok(Some(kept)) => out.info(&format!("The previous identity is kept as {}", kept.display())),
+        Ok(None) => {}
+        Err(e) => return Err(fail(format!("cannot keep the previous bridge identity: {e}"))),
+    }
+    state::write_json(&path, &identity).map_err(|e| {
+        let hint = match &e {
+            state::StateError::Io { source, .. } => state::write_hint(source),
+            state::StateError::Json { .. } => "",
+        };
+        fail(format!(
+            "cannot save the bridge identity: {e}{hint}. Bridge {} is registered but unsaved; \
+             run hermeschat-pair again once that is fixed",
+            identity.bridge_id
+        ))
+    })?;
     out.ok(&format!("Registered bridge {} with {}", identity.bridge_id, registry.base()));
     Ok(identity)
 }
@@ -567,7 +700,7 @@ fn access_code(
 ) -> Result<(String, u64), Exit> {
     match registry.access_code(&identity.bridge_id, &identity.relay_secret, Some(name)) {
         Ok(c) => Ok((c.access_code, c.expires_at)),
-        Err(e) if !fresh && matches!(e.code(), Some("BRIDGE_NOT_FOUND" | "UNAUTHORIZED")) => {
+        Err(e) if !fresh && e.code() == Some("BRIDGE_NOT_FOUND") => {
             out.warn(&format!(
                 "The registry does not recognise bridge {} ({e}); registering anew",
                 identity.bridge_id
@@ -575,6 +708,15 @@ fn access_code(
             *identity = register(registry, dir, name, out)?;
             access_code(registry, dir, identity, name, true, out)
         }
+        // The bridge exists there, but its secret was not taken: registering anew would strand
+        // every paired app. A proxy that drops the Authorization header does this.
+        Err(e) if e.code() == Some("UNAUTHORIZED") => Err(fail(format!(
+            "{e}\n  The registry knows bridge {} but did not accept its secret. If a proxy sits \
+             in front of the relay, make it pass the Authorization header on. Nothing was \
+             changed; hermeschat-pair --reset gives this machine a new bridge (your apps must \
+             then scan a new QR code).",
+            identity.bridge_id
+        ))),
         Err(e) => Err(registry_failure(&e, registry)),
     }
 }
@@ -805,6 +947,10 @@ pub enum PairMode {
 fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
     let out = Out::new(args.json);
     let dir = state_dir()?;
+    // Before the registry is asked for anything: what it answers must be saved.
+    state::check_writable(&dir).map_err(|e| {
+        fail(format!("cannot write in the state directory: {e}{}", state::write_hint(&e)))
+    })?;
     settle_daemon(&dir);
     let mut config = load_config(&dir, &out)?;
     // A first pairing that registered but did not finish saved no registry URL in
@@ -822,9 +968,21 @@ fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
 
     let mut identity = load_identity(&dir, &out)?;
     if let Some(id) = &identity
-        && id.registry_url.trim_end_matches('/') != url
+        && normalized_registry_url(&id.registry_url).as_deref() != Ok(url.as_str())
     {
-        out.warn(&format!("The registry changed ({} → {url}); registering anew", id.registry_url));
+        if mode == PairMode::RefreshCode {
+            return Err(usage_error(format!(
+                "this bridge is registered with {}, not {url}; --refresh-code asks that \
+                 registry for a new code. To move to {url} (your apps must then scan a new QR \
+                 code), run hermeschat-pair --server {url} without --refresh-code",
+                id.registry_url
+            )));
+        }
+        out.warn(&format!(
+            "The registry changed ({} → {url}); registering anew (apps paired through the old \
+             one must scan the new QR code)",
+            id.registry_url
+        ));
         identity = None;
     }
     // Set once --reset has deleted the old bridge: a failure after that must not say that
@@ -840,13 +998,16 @@ fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
                 }
                 Err(e) => return Err(registry_failure(&e, &registry)),
             }
-            let _ = std::fs::remove_file(state::bridge_json(&dir));
             reset_done = true;
         }
         if let Ok(Stopped::Terminated(pid) | Stopped::Killed(pid)) =
             daemon::stop(&dir, Duration::from_secs(5))
         {
             out.ok(&format!("Stopped the old bridge daemon (pid {pid})"));
+        }
+        // Only once the daemon is gone: while it runs, it writes a missing bridge.json again.
+        if reset_done {
+            let _ = std::fs::remove_file(state::bridge_json(&dir));
         }
     }
     let fresh = identity.is_none();
@@ -943,9 +1104,21 @@ fn status(args: &Args) -> Result<(), Exit> {
     let out = Out::new(args.json);
     let dir = state_dir()?;
     let config = load_config(&dir, &out)?;
-    let identity = load_identity(&dir, &out)?;
+    // Only a look: a damaged bridge.json stays where it is (a running daemon writes it again).
+    let path = state::bridge_json(&dir);
+    let identity = match state::peek(&path, Some(state::STATE_VERSION), BridgeIdentity::validate) {
+        Ok(Ok(identity)) => identity,
+        Ok(Err(reason)) => {
+            out.warn(&format!(
+                "bridge.json is damaged ({reason}); a running daemon writes it again within \
+                 seconds, else hermeschat-pair sets it aside and registers anew"
+            ));
+            None
+        }
+        Err(e) => return Err(fail(format!("cannot read bridge.json: {e}"))),
+    };
     let pid = daemon::running(&dir);
-    let saved = pid.and(read_status(&dir));
+    let saved = pid.and_then(|pid| read_status(&dir).filter(|s| s.pid == pid));
     let (bhost, bport) = match saved.as_ref().and_then(|s| Target::parse_url(&s.backend_url)) {
         Some(addr) => addr,
         None => backend_address(args, &config)?,
@@ -1066,7 +1239,7 @@ fn run_bridge(args: &Args, mut ready: Readiness, detached: bool) -> Result<(), E
         let dir = state_dir()?;
         if detached {
             bridge::log_to_file(&state::bridge_log(&dir)).map_err(|e| {
-                fail(format!("cannot open {}: {e}", state::bridge_log(&dir).display()))
+                fail(format!("cannot open the daemon's log: {e}{}", state::write_hint(&e)))
             })?;
         }
         let quiet = Out::new(true);
@@ -1178,6 +1351,45 @@ mod tests {
         assert_eq!(a.server.as_deref(), Some("https://r.example"));
         let a = args(&["__bridge-run", "--port", "9", "--ready-fd", "3"]).unwrap();
         assert_eq!(a.command, Command::BridgeRun { ready_fd: Some(3) });
+    }
+
+    #[test]
+    fn registry_urls_have_one_spelling() {
+        let n = |u: &str| normalized_registry_url(u);
+        assert_eq!(n(" HTTPS://Relay.Example.com/ ").as_deref(), Ok("https://relay.example.com"));
+        assert_eq!(n("http://127.0.0.1:8080/base/").as_deref(), Ok("http://127.0.0.1:8080/base"));
+        assert!(n("").unwrap_err().contains("empty"));
+        assert!(n("https://").unwrap_err().contains("no host"));
+        assert!(n("ftp://x").unwrap_err().contains("must start with https://"));
+        assert!(n("relay.example.com").unwrap_err().contains("must start with https://"));
+    }
+
+    #[test]
+    fn options_a_command_would_ignore_are_refused() {
+        for bad in [
+            &["--host", "192.168.1.2"][..],
+            &["--refresh-code", "--local-port", "9000"],
+            &["--local", "--server", "https://r.example.com"],
+            &["--status", "-f"],
+            &["--status", "--lines", "5"],
+            &["--stop", "--json"],
+            &["--logs", "--json"],
+            &["--status", "--no-server"],
+            &["--install", "--server", "https://r.example.com"],
+        ] {
+            let e = args(bad).unwrap_err();
+            assert_eq!(e.code, 2, "{bad:?}: {}", e.message);
+        }
+        for good in [
+            &["--local", "--host", "192.168.1.2", "--local-port", "9000"][..],
+            &["--logs", "-f", "-n", "5"],
+            &["--status", "--json"],
+            &["--no-server", "--port", "8000"],
+            &["--doctor", "--server", "https://r.example.com"],
+            &["--install", "--local", "--local-port", "9000"],
+        ] {
+            assert!(args(good).is_ok(), "{good:?}");
+        }
     }
 
     #[test]

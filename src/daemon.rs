@@ -100,7 +100,9 @@ impl std::fmt::Display for LockError {
                 "bridge.pid stayed busy (other hermeschat-pair commands are looking at it); \
                  try again in a moment",
             ),
-            LockError::Io(path, e) => write!(f, "cannot open {}: {e}", path.display()),
+            LockError::Io(path, e) => {
+                write!(f, "cannot open {}: {e}{}", path.display(), state::write_hint(e))
+            }
         }
     }
 }
@@ -144,8 +146,34 @@ pub fn running(dir: &Path) -> Option<u32> {
         // No exclusive holder: a stale file from a daemon that died. Our lock ends with `file`.
         return None;
     }
-    // Held, but the pid may not be written yet in the instant after the lock was taken.
-    read_pid(&mut file).or(Some(0))
+    // Held, but the pid may not be written yet in the instant after the lock was taken (or
+    // the file was damaged since): the kernel's lock table names the holder.
+    read_pid(&mut file).or_else(|| lock_holder(&file)).or(Some(0))
+}
+
+/// The pid holding an exclusive `flock` on `file`, from `/proc/locks` (Linux; `None`
+/// elsewhere or when not found). Its lines read `1: FLOCK ADVISORY WRITE <pid>
+/// <major>:<minor>:<inode> 0 EOF`, the device numbers in hex.
+#[cfg(target_os = "linux")]
+fn lock_holder(file: &File) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = file.metadata().ok()?;
+    let table = std::fs::read_to_string("/proc/locks").ok()?;
+    table.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [_, "FLOCK", _, "WRITE", pid, id, ..] = fields.as_slice() else { return None };
+        let mut parts = id.split(':');
+        let (major, minor, inode) = (parts.next()?, parts.next()?, parts.next()?);
+        let same = inode.parse::<u64>().ok()? == meta.ino()
+            && u64::from_str_radix(major, 16).ok()? == u64::from(libc::major(meta.dev()))
+            && u64::from_str_radix(minor, 16).ok()? == u64::from(libc::minor(meta.dev()));
+        if same { pid.parse().ok() } else { None }
+    })
+}
+
+#[cfg(not(target_os = "linux"))]
+fn lock_holder(_file: &File) -> Option<u32> {
+    None
 }
 
 /// Starts the daemon detached and waits for its readiness line. `args` follow `__bridge-run`.
@@ -283,7 +311,13 @@ pub fn stop(dir: &Path, grace: Duration) -> Result<Stopped, String> {
         return Ok(Stopped::NotRunning);
     };
     if pid == 0 {
-        return Err("the daemon is starting; try again in a second".into());
+        return Err(format!(
+            "a bridge daemon holds {} but it names no pid (it is starting, or the file was \
+             damaged): try again in a second; if this persists, find the daemon with: fuser {} \
+             (or lsof), and stop it with kill <pid>",
+            state::pid_file(dir).display(),
+            state::pid_file(dir).display()
+        ));
     }
     // In the instant after a new daemon takes the lock, the file still names the one that
     // died, a pid the system may have given to anything since.

@@ -1079,7 +1079,7 @@ impl Chain {
         self.config.redact(&read_from(&self.log_path(), from, 64 << 10))
     }
 
-    /// The last `max` bytes of `gateway.log` ([`log_tail`]), without the key.
+    /// The last `max` bytes of `gateway.log`, without the key.
     pub fn log_tail(&self, max: u64) -> String {
         self.config.redact(&log_tail(&self.log_path(), max))
     }

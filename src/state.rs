@@ -260,6 +260,29 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 /// Adds `path` to an I/O error's message; the OS message alone never says which file.
+/// Checks that files can be created in `dir` (a temp file, removed at once): a command that
+/// is about to change things elsewhere (register a bridge, issue a code) first makes sure it
+/// can save what it gets.
+pub fn check_writable(dir: &Path) -> io::Result<()> {
+    let (tmp, file) =
+        create_temp(dir, std::ffi::OsStr::new("write-check")).map_err(|e| with_path(dir, e))?;
+    drop(file);
+    fs::remove_file(&tmp).map_err(|e| with_path(&tmp, e))
+}
+
+/// The next step for a write into the state directory that failed with `e` (empty when its
+/// kind suggests none).
+pub fn write_hint(e: &io::Error) -> &'static str {
+    match e.kind() {
+        io::ErrorKind::ReadOnlyFilesystem | io::ErrorKind::PermissionDenied => {
+            " (the state directory must be writable by you: fix its permissions or mount, or \
+             set HERMESCHAT_HOME to a directory that is)"
+        }
+        io::ErrorKind::StorageFull => " (the disk is full: free some space and try again)",
+        _ => "",
+    }
+}
+
 fn with_path(path: &Path, e: io::Error) -> io::Error {
     io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }
@@ -352,49 +375,116 @@ pub enum Loaded<T> {
 /// Loads `path` as a `T`; if it does not parse, has the wrong shape, or `validate` rejects
 /// it, renames it aside and says so. Never panics on file content.
 ///
-/// A file whose top-level `v` is a version other than [`STATE_VERSION`] (or an old v1 file
-/// carrying `bridgeSecret` and no `v`) is tagged `v<N>` rather than `corrupt`: it is not
-/// damaged, just old, and the name tells a user poking around what it was.
+/// `version` is the file format's (its top-level `v`; `None` for a file without one). A file
+/// of an older version (or an old npm-tool file carrying `bridgeSecret` and no `v`) is tagged
+/// `v<N>` rather than `corrupt`: it is not damaged, just old, and the name tells a user
+/// poking around what it was. A file of a newer version is an error and stays where it is:
+/// a newer hermeschat-pair wrote it, and it is still good to that one.
 ///
 /// I/O errors (unreadable file, read-only directory) are returned, not moved aside: the file
 /// may be fine and the next run may read it.
 pub fn load_or_move_aside<T: DeserializeOwned>(
     path: &Path,
+    version: Option<u32>,
     validate: impl Fn(&T) -> Result<(), String>,
 ) -> io::Result<Loaded<T>> {
+    match check(path, version, validate)? {
+        Checked::Missing => Ok(Loaded::Missing),
+        Checked::Ok(value) => Ok(Loaded::Ok(value)),
+        Checked::Damaged { reason, tag } => {
+            let moved_to = move_aside(path, &tag, unix_secs()).map_err(|e| with_path(path, e))?;
+            Ok(Loaded::MovedAside { reason, moved_to })
+        }
+    }
+}
+
+/// [`load_or_move_aside`] for a command that only looks (`--status`): a damaged file stays
+/// where it is. `Ok(Err(reason))` when it is damaged, `Ok(Ok(None))` when there is none.
+pub fn peek<T: DeserializeOwned>(
+    path: &Path,
+    version: Option<u32>,
+    validate: impl Fn(&T) -> Result<(), String>,
+) -> io::Result<Result<Option<T>, String>> {
+    Ok(match check(path, version, validate)? {
+        Checked::Missing => Ok(None),
+        Checked::Ok(value) => Ok(Some(value)),
+        Checked::Damaged { reason, .. } => Err(reason),
+    })
+}
+
+/// What a state file holds.
+enum Checked<T> {
+    Missing,
+    Ok(T),
+    /// Unusable: why (secrets redacted), and the tag its set-aside copy gets.
+    Damaged {
+        reason: String,
+        tag: String,
+    },
+}
+
+/// Reads and judges `path` (see [`load_or_move_aside`]).
+fn check<T: DeserializeOwned>(
+    path: &Path,
+    version: Option<u32>,
+    validate: impl Fn(&T) -> Result<(), String>,
+) -> io::Result<Checked<T>> {
     let bytes = match fs::read(path) {
         Ok(bytes) => bytes,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Loaded::Missing),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Checked::Missing),
         Err(e) => return Err(with_path(path, e)),
     };
+    let written_by = version.and_then(|_| file_version(&bytes));
+    if let (Some(ours), Some(theirs)) = (version, written_by)
+        && theirs > u64::from(ours)
+    {
+        return Err(with_path(
+            path,
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "written by a newer hermeschat-pair (format v{theirs}; this one reads \
+                     v{ours}): upgrade hermeschat-pair. The file is left as it is"
+                ),
+            ),
+        ));
+    }
     let problem = match serde_json::from_slice::<T>(&bytes) {
         Ok(value) => match validate(&value) {
-            Ok(()) => return Ok(Loaded::Ok(value)),
+            Ok(()) => return Ok(Checked::Ok(value)),
             Err(why) => why,
         },
         Err(e) if e.is_data() => format!("unexpected content ({e})"),
         Err(e) => format!("not valid JSON ({e})"),
     };
-    let (tag, reason) = match other_version(&bytes) {
-        Some(n) => (
-            format!("v{n}"),
-            format!("written by an older format (v={n}); this version uses v={STATE_VERSION}"),
+    let (tag, reason) = match (version, written_by) {
+        (Some(ours), Some(old)) if old != u64::from(ours) => (
+            format!("v{old}"),
+            format!("written by an older format (v={old}); this version uses v={ours}"),
         ),
-        None => ("corrupt".to_owned(), problem),
+        _ => ("corrupt".to_owned(), problem),
     };
-    let moved_to = move_aside(path, &tag, unix_secs()).map_err(|e| with_path(path, e))?;
-    Ok(Loaded::MovedAside { reason: redact_secrets(&reason), moved_to })
+    Ok(Checked::Damaged { reason: redact_secrets(&reason), tag })
 }
 
-/// The version of a state file from another format: its numeric top-level `v` when that is
-/// not [`STATE_VERSION`], or 1 for the npm tool's files that had `bridgeSecret` and no `v`.
-fn other_version(bytes: &[u8]) -> Option<u64> {
+/// The format version a state file says it has: its numeric top-level `v`, or 1 for the npm
+/// tool's files that had `bridgeSecret` and no `v`.
+fn file_version(bytes: &[u8]) -> Option<u64> {
     let value: serde_json::Value = serde_json::from_slice(bytes).ok()?;
     let object = value.as_object()?;
     match object.get("v") {
-        Some(v) => v.as_u64().filter(|&n| n != u64::from(STATE_VERSION)),
+        Some(v) => v.as_u64(),
         None => object.contains_key("bridgeSecret").then_some(1),
     }
+}
+
+/// Moves `path` aside as `<name>.<tag>-<secs>` (never over an earlier copy): an identity that
+/// is about to be replaced is kept, not overwritten. `Ok(None)` when there is no file.
+pub fn set_aside(path: &Path, tag: &str) -> io::Result<Option<PathBuf>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    move_aside(path, tag, unix_secs()).map(Some).map_err(|e| with_path(path, e))
 }
 
 /// Renames `path` to `<name>.<tag>-<secs>`, adding `.1`, `.2`, … if that name is taken, so an
@@ -1099,10 +1189,10 @@ mod tests {
     fn load_reports_missing_and_ok() {
         let t = TestDir::new("load-ok");
         let path = bridge_json(&t.0);
-        let got = load_or_move_aside(&path, BridgeIdentity::validate).unwrap();
+        let got = load_or_move_aside(&path, Some(STATE_VERSION), BridgeIdentity::validate).unwrap();
         assert_eq!(got, Loaded::Missing);
         write_json(&path, &identity()).unwrap();
-        let got = load_or_move_aside(&path, BridgeIdentity::validate).unwrap();
+        let got = load_or_move_aside(&path, Some(STATE_VERSION), BridgeIdentity::validate).unwrap();
         assert_eq!(got, Loaded::Ok(identity()));
         assert_eq!(t.names(), vec!["bridge.json"]);
     }
@@ -1122,7 +1212,7 @@ mod tests {
         let garbage = b"{\"v\":2, \"bridgeId\": \x00 truncated";
         fs::write(&path, garbage).unwrap();
         let Loaded::MovedAside { reason, moved_to } =
-            load_or_move_aside(&path, BridgeIdentity::validate).unwrap()
+            load_or_move_aside(&path, Some(STATE_VERSION), BridgeIdentity::validate).unwrap()
         else {
             panic!("not moved aside")
         };
@@ -1140,7 +1230,7 @@ mod tests {
         let path = bridge_json(&t.0);
 
         fs::write(&path, "[1, 2]").unwrap();
-        let got = load_or_move_aside(&path, BridgeIdentity::validate).unwrap();
+        let got = load_or_move_aside(&path, Some(STATE_VERSION), BridgeIdentity::validate).unwrap();
         let Loaded::MovedAside { reason, moved_to } = got else { panic!("not moved aside") };
         assert!(reason.contains("unexpected content"), "{reason}");
         assert_suffixed(moved_to.file_name().unwrap().to_str().unwrap(), "bridge.json.corrupt-");
@@ -1148,7 +1238,7 @@ mod tests {
         let mut id = identity();
         id.relay_secret = format!("hrs_{}", "ab".repeat(20)); // too short
         write_json(&path, &id).unwrap();
-        let got = load_or_move_aside(&path, BridgeIdentity::validate).unwrap();
+        let got = load_or_move_aside(&path, Some(STATE_VERSION), BridgeIdentity::validate).unwrap();
         let Loaded::MovedAside { reason, moved_to } = got else { panic!("not moved aside") };
         assert!(reason.contains("relaySecret"), "{reason}");
         assert!(!reason.contains("abab"), "{reason}");
@@ -1163,7 +1253,7 @@ mod tests {
         let v1 = r#"{"v":1,"bridgeId":"abc","bridgeSecret":"s3cr3t"}"#;
         fs::write(&path, v1).unwrap();
         let Loaded::MovedAside { reason, moved_to } =
-            load_or_move_aside(&path, BridgeIdentity::validate).unwrap()
+            load_or_move_aside(&path, Some(STATE_VERSION), BridgeIdentity::validate).unwrap()
         else {
             panic!("not moved aside")
         };
@@ -1173,16 +1263,39 @@ mod tests {
 
         // The npm tool's files had no `v`, only a bridgeSecret.
         fs::write(&path, r#"{"bridgeSecret":"s3cr3t","relayUrl":"wss://x"}"#).unwrap();
-        let got = load_or_move_aside(&path, BridgeIdentity::validate).unwrap();
+        let got = load_or_move_aside(&path, Some(STATE_VERSION), BridgeIdentity::validate).unwrap();
         let Loaded::MovedAside { moved_to, .. } = got else { panic!("not moved aside") };
         assert!(moved_to.to_string_lossy().contains("bridge.json.v1-"));
 
         // A current-version file that the caller's rule rejects is corrupt, not old.
         write_json(&path, &identity()).unwrap();
-        let got = load_or_move_aside(&path, |_: &BridgeIdentity| Err("nope".into())).unwrap();
+        let got =
+            load_or_move_aside(&path, Some(STATE_VERSION), |_: &BridgeIdentity| Err("nope".into()))
+                .unwrap();
         let Loaded::MovedAside { reason, moved_to } = got else { panic!("not moved aside") };
         assert_eq!(reason, "nope");
         assert!(moved_to.to_string_lossy().contains(".corrupt-"));
+    }
+
+    #[test]
+    fn a_newer_file_is_an_error_and_a_look_moves_nothing() {
+        let t = TestDir::new("newer");
+        let path = bridge_json(&t.0);
+        let v3 = r#"{"v":3,"bridgeId":"abc","somethingNew":true}"#;
+        fs::write(&path, v3).unwrap();
+        let err =
+            load_or_move_aside(&path, Some(STATE_VERSION), BridgeIdentity::validate).unwrap_err();
+        assert!(err.to_string().contains("newer hermeschat-pair (format v3"), "{err}");
+        assert_eq!(fs::read_to_string(&path).unwrap(), v3, "left as it is");
+        assert!(peek(&path, Some(STATE_VERSION), BridgeIdentity::validate).is_err());
+
+        fs::write(&path, "{\"v\":2,").unwrap();
+        let looked = peek(&path, Some(STATE_VERSION), BridgeIdentity::validate).unwrap();
+        assert!(matches!(&looked, Err(reason) if reason.contains("not valid JSON")), "{looked:?}");
+        assert_eq!(names_in(&t.0).len(), 1, "peek moved the file");
+        write_json(&path, &identity()).unwrap();
+        let looked = peek(&path, Some(STATE_VERSION), BridgeIdentity::validate).unwrap();
+        assert_eq!(looked.map(|id| id.map(|i| i.bridge_id)), Ok(Some(identity().bridge_id)));
     }
 
     #[test]
@@ -1208,7 +1321,7 @@ mod tests {
         let t = TestDir::new("unreadable");
         let path = t.join("bridge.json");
         fs::create_dir(&path).unwrap(); // reading a directory fails with an I/O error
-        assert!(load_or_move_aside(&path, BridgeIdentity::validate).is_err());
+        assert!(load_or_move_aside(&path, Some(STATE_VERSION), BridgeIdentity::validate).is_err());
         assert!(path.is_dir());
     }
 

@@ -271,7 +271,8 @@ fn with_immutable_dir<T>(dir: &Path, f: impl FnOnce() -> T) -> Option<T> {
 }
 
 /// Expectation: when `bridge.json` cannot be written (read-only state directory), the command
-/// fails with a message naming the cause and the old file survives byte for byte.
+/// fails with a message naming the cause and the next step, before it registers anything, and
+/// the old file survives byte for byte.
 #[test]
 fn unwritable_state_dir_keeps_the_old_identity_intact() {
     let relay = Relay::new();
@@ -288,7 +289,8 @@ fn unwritable_state_dir_keeps_the_old_identity_intact() {
     });
     let Some(run) = run else { return };
     run.assert_code(1, "pairing with a read-only state directory");
-    assert!(run.all().contains("bridge"), "{}", run.all());
+    assert!(run.all().contains("cannot write in the state directory"), "{}", run.all());
+    assert!(run.all().contains("HERMESCHAT_HOME"), "no next step: {}", run.all());
     let after = std::fs::read(env.home.join("bridge.json")).unwrap();
     assert_eq!(before, after, "the old bridge.json was damaged");
     let leftovers: Vec<_> = std::fs::read_dir(&env.home)

@@ -1322,3 +1322,120 @@ fn the_daemon_closes_descriptors_its_caller_left_open() {
     assert!(!open.iter().any(|p| p.contains("inherited-marker")), "{open:?}");
     drop(file);
 }
+
+/// A bridge identity is never lost to a damaged file, another spelling of the registry, or a
+/// secret the registry refuses:
+/// - `bridge.json` damaged while the daemon runs: `--status` only looks (and says so), and the
+///   daemon writes the file again, so the next pairing keeps the bridge and its apps;
+/// - `--refresh-code` against another registry URL is refused (exit 2), file untouched;
+/// - a secret the registry refuses (401) is reported, never answered by registering anew;
+/// - a file from a newer version is an error and stays as it is;
+/// - pairing with another registry keeps the replaced identity beside the new one.
+#[test]
+fn the_bridge_identity_survives_damage_and_mistakes() {
+    let s = setup();
+    let env = &s.env;
+    let mut app = s.app;
+    let path = env.home.join("bridge.json");
+    let original = std::fs::read_to_string(&path).unwrap();
+    let bridge_id = s.qr.g.clone();
+    let server = s.relay.url();
+    let port = s.backend.port.to_string();
+    let files = || -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&env.home)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("bridge.json"))
+            .collect();
+        names.sort();
+        names
+    };
+
+    // Damaged while the daemon runs.
+    std::fs::write(&path, "{\"v\":2,").unwrap();
+    let run = env.run(&["--status"]);
+    assert!(run.all().contains("bridge.json is damaged"), "{}", run.all());
+    assert_eq!(files(), vec!["bridge.json"], "--status moved a file");
+    let run = env.run(&["--json", "--refresh-code", "--server", &server, "--port", &port]);
+    run.assert_code(0, "--refresh-code over a damaged bridge.json");
+    assert_eq!(parse_payload(&run.stdout, &server).g, bridge_id, "the bridge was replaced");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), original);
+    assert!(env.log().contains("wrote it again from the running bridge"), "{}", env.log());
+    assert_echo(&mut app, "still-paired", &s.client_id);
+
+    // Another spelling of the registry with --refresh-code.
+    let other = server.replace("127.0.0.1", "localhost");
+    let run = env.run(&["--refresh-code", "--server", &other, "--port", &port]);
+    run.assert_code(2, "--refresh-code against another registry");
+    assert!(run.stderr.contains("without --refresh-code"), "{}", run.stderr);
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), original);
+
+    // A secret the registry refuses.
+    let mut id: Value = serde_json::from_str(&original).unwrap();
+    id["relaySecret"] = json!(format!("hrs_{}", "0".repeat(64)));
+    std::fs::write(&path, serde_json::to_string_pretty(&id).unwrap()).unwrap();
+    let run = env.run(&["--refresh-code", "--server", &server, "--port", &port]);
+    run.assert_code(1, "a refused secret");
+    assert!(run.stderr.contains("did not accept its secret"), "{}", run.stderr);
+    assert_eq!(env.bridge_json()["bridgeId"], bridge_id.as_str(), "registered anew");
+    std::fs::write(&path, &original).unwrap();
+
+    // Written by a newer version.
+    let newer = original.replacen("\"v\": 2", "\"v\": 3", 1);
+    assert_ne!(newer, original);
+    std::fs::write(&path, &newer).unwrap();
+    let run = env.run(&["--refresh-code", "--server", &server, "--port", &port]);
+    run.assert_code(1, "a newer bridge.json");
+    assert!(run.stderr.contains("newer hermeschat-pair"), "{}", run.stderr);
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), newer, "left as it is");
+    std::fs::write(&path, &original).unwrap();
+
+    // Pairing with another registry: a new bridge, the old identity kept.
+    let run = env.run(&["--json", "--server", &other, "--port", &port]);
+    run.assert_code(0, "pairing with another registry");
+    assert_ne!(env.bridge_json()["bridgeId"], bridge_id.as_str());
+    let kept: Vec<String> =
+        files().into_iter().filter(|n| n.starts_with("bridge.json.replaced-")).collect();
+    assert_eq!(kept.len(), 1, "{:?}", files());
+    assert_eq!(std::fs::read_to_string(env.home.join(&kept[0])).unwrap(), original);
+}
+
+/// Output piped into a reader that goes away (`--status | head -1`) ends the command quietly,
+/// without a panic's message and exit code 101.
+#[test]
+fn a_closed_output_pipe_ends_a_command_quietly() {
+    let env = Env::new();
+    for args in [&["--status"][..], &["--help"]] {
+        let mut child = env
+            .cmd(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert_ne!(out.status.code(), Some(101), "{args:?}: {stderr}");
+    }
+}
+
+/// A damaged `bridge.pid` (the lock still held by the daemon) does not make the daemon
+/// unstoppable: the kernel's lock table names it.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_damaged_pid_file_does_not_hide_the_daemon() {
+    let s = setup();
+    let pid = s.env.daemon_pid();
+    std::fs::write(s.env.home.join("bridge.pid"), "garbage\n").unwrap();
+    let run = s.env.run(&["--status", "--json"]);
+    let v: Value = serde_json::from_str(run.stdout.trim()).unwrap();
+    assert_eq!(v["daemon"]["pid"], pid, "{v}");
+    s.env.run(&["--stop"]).assert_code(0, "--stop with a damaged bridge.pid");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(pid) {
+        assert!(Instant::now() < deadline, "the daemon is still running");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

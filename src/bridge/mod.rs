@@ -174,6 +174,20 @@ impl LiveStatus {
         }
     }
 
+    /// Writes `status.json` again when it no longer holds this status (damaged, deleted, or
+    /// a stale copy put back): it is otherwise written only on a change, and `--status` reads
+    /// it.
+    pub fn keep_on_disk(&self) {
+        let s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        let on_disk = state::read_json::<serde_json::Value>(&self.path).ok().flatten();
+        if on_disk.is_some() && on_disk == serde_json::to_value(&*s).ok() {
+            return;
+        }
+        if let Err(e) = state::write_json(&self.path, &*s) {
+            log(&format!("cannot write {}: {e}", self.path.display()));
+        }
+    }
+
     /// A copy of the current status.
     pub fn get(&self) -> Status {
         self.status.lock().unwrap_or_else(|p| p.into_inner()).clone()
@@ -298,11 +312,11 @@ pub fn start(
     }
     {
         let (status, stop, target) = (status.clone(), stop.clone(), target.clone());
-        let dir = state_dir.clone();
+        let (dir, identity) = (state_dir.clone(), identity.clone());
         threads.push(
             std::thread::Builder::new()
                 .name("health".into())
-                .spawn(move || poller::run(&target, &status, &dir, &stop))
+                .spawn(move || poller::run(&target, &status, &dir, identity.as_ref(), &stop))
                 .map_err(|e| format!("cannot start the health poller: {e}"))?,
         );
     }

@@ -1,7 +1,8 @@
 //! The health poller: keeps backend and gateway health current in `status.json`, so that
 //! `--status` answers from what the daemon saw seconds ago. Once a minute it also keeps the
 //! logs other processes write into the state directory within bounds
-//! ([`crate::logs::trim_written_by_others`]): a bridge runs for months.
+//! ([`crate::logs::trim_written_by_others`]): a bridge runs for months. And each round it
+//! writes `bridge.json` again if it went missing or was damaged ([`keep_identity`]).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -11,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use super::workers::Target;
 use super::{Health, LiveStatus};
+use crate::state::{self, BridgeIdentity, Loaded};
 
 /// How often health is probed.
 const INTERVAL: Duration = Duration::from_secs(5);
@@ -26,12 +28,22 @@ pub const GATEWAY_HOST: &str = "127.0.0.1";
 /// The Hermes gateway's port.
 pub const GATEWAY_PORT: u16 = 8642;
 
-/// Probes until `stop` is set; trims the logs in `state_dir` others write.
-pub fn run(target: &Target, status: &LiveStatus, state_dir: &Path, stop: &AtomicBool) {
+/// Probes until `stop` is set; trims the logs in `state_dir` others write, and keeps the
+/// running bridge's `identity` (relay mode) on disk.
+pub fn run(
+    target: &Target,
+    status: &LiveStatus,
+    state_dir: &Path,
+    identity: Option<&BridgeIdentity>,
+    stop: &AtomicBool,
+) {
     let mut round = 0u32;
     while !stop.load(Ordering::SeqCst) {
         if round.is_multiple_of(TRIM_EVERY) {
             crate::logs::trim_written_by_others(state_dir);
+        }
+        if let Some(identity) = identity {
+            keep_identity(state_dir, identity);
         }
         round = round.wrapping_add(1);
         let backend = probe(&target.host, target.port, "/api/health");
@@ -41,11 +53,35 @@ pub fn run(target: &Target, status: &LiveStatus, state_dir: &Path, stop: &Atomic
             s.backend = backend;
             s.gateway = gateway;
         });
+        status.keep_on_disk();
         let until = Instant::now() + INTERVAL;
         // Not a hot path: a coarse sleep only bounds how fast the thread notices a stop.
         while Instant::now() < until && !stop.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+}
+
+/// Writes `bridge.json` again from the running bridge's `identity` when the file is missing
+/// (deleted by hand) or damaged (set aside here first, for the user to look at): its relay
+/// secret exists nowhere else, and without it every paired app would have to pair again. A
+/// file that holds a valid identity, even another one (a pairing that registered anew and is
+/// about to restart this daemon), and one that cannot be read, are left alone.
+pub fn keep_identity(state_dir: &Path, identity: &BridgeIdentity) {
+    let path = state::bridge_json(state_dir);
+    let version = Some(state::STATE_VERSION);
+    let why = match state::load_or_move_aside(&path, version, BridgeIdentity::validate) {
+        Ok(Loaded::Ok(_)) | Err(_) => return,
+        Ok(Loaded::Missing) => "it was missing".to_owned(),
+        Ok(Loaded::MovedAside { reason, moved_to }) => {
+            format!("it was damaged ({reason}; kept as {})", moved_to.display())
+        }
+    };
+    match state::write_json(&path, identity) {
+        Ok(()) => {
+            super::log(&format!("bridge.json: {why}; wrote it again from the running bridge"))
+        }
+        Err(e) => super::log(&format!("bridge.json: {why}, and writing it again failed: {e}")),
     }
 }
 

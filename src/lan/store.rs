@@ -130,7 +130,11 @@ pub enum Refused {
 /// Reads `lan.json` (empty when missing; an unusable file is moved aside and logged by the
 /// caller through the returned note).
 fn load(dir: &Path) -> io::Result<(LanState, Option<String>)> {
-    match state::load_or_move_aside::<LanState>(&lan_json(dir), LanState::validate) {
+    match state::load_or_move_aside::<LanState>(
+        &lan_json(dir),
+        Some(LAN_STATE_VERSION),
+        LanState::validate,
+    ) {
         Ok(Loaded::Ok(s)) => Ok((s, None)),
         Ok(Loaded::Missing) => Ok((LanState::default(), None)),
         Ok(Loaded::MovedAside { reason, moved_to }) => Ok((
