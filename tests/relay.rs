@@ -1956,3 +1956,78 @@ fn unfinished_registrations_expire_after_a_day_and_the_rest_stay() {
     let (status, body) = api.access_code(&connected.bridge_id, &connected.relay_secret);
     assert_eq!(status, 200, "the bridge that connected was expired: {body}");
 }
+
+// =============================================================================================
+// Startup checks: settings that cannot work are refused before the relay serves anything.
+
+/// Runs the relay with `args` (after `--data` of a fresh directory) and `env`, and waits at
+/// most 5 s for it to exit: its exit code (`None` when it was still running, and was killed)
+/// and its stderr.
+fn run_relay(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let data = fresh_dir("data");
+    let (code, stderr) = run_relay_on(&data, args, env);
+    let _ = std::fs::remove_dir_all(&data);
+    (code, stderr)
+}
+
+/// [`run_relay`] on the data directory `data`.
+fn run_relay_on(
+    data: &std::path::Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (Option<i32>, String) {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(bin_path())
+        .arg("--data")
+        .arg(data)
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    (code, stderr)
+}
+
+/// A `relay.db` that is not a database stops the relay with the file's path and what to do
+/// (restore a backup, or move it aside to start empty); the file is left as it was.
+#[test]
+fn a_corrupt_store_is_named_with_the_way_out() {
+    let data = fresh_dir("corrupt");
+    let db = data.join("relay.db");
+    let junk = vec![b'x'; 8192];
+    std::fs::write(&db, &junk).unwrap();
+    let (code, stderr) = run_relay_on(&data, &["--listen", "127.0.0.1:0"], &[]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains(&db.display().to_string()), "no path: {stderr}");
+    assert!(stderr.contains("backup") && stderr.contains("move it aside"), "{stderr}");
+    assert!(stderr.contains("forgets every"), "{stderr}");
+    assert_eq!(std::fs::read(&db).unwrap(), junk, "relay.db was changed");
+    let _ = std::fs::remove_dir_all(&data);
+}
+
+/// A `--listen` address another process holds is named, with the two ways out.
+#[test]
+fn a_busy_listen_address_is_named_with_the_way_out() {
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = holder.local_addr().unwrap().to_string();
+    let (code, stderr) = run_relay(&["--listen", &addr], &[]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains(&addr), "{stderr}");
+    assert!(stderr.contains("another --listen") && stderr.contains("stop"), "{stderr}");
+}
