@@ -20,21 +20,27 @@ USAGE:
 
 OPTIONS (each also as an environment variable):
     --listen ADDR            address to listen on            [HERMESCHAT_RELAY_LISTEN, default 127.0.0.1:8787]
-    --public-url URL         public https URL apps and bridges use, e.g. https://relay.example.com
+    --public-url URL         public https URL apps and bridges use, e.g. https://relay.example.com;
+                             required with a wildcard --listen (0.0.0.0, [::])
                                                              [HERMESCHAT_RELAY_PUBLIC_URL, default http://<listen>]
     --data DIR               directory for the SQLite store  [HERMESCHAT_RELAY_DATA, default ./relay-data]
     --tls-cert FILE          PEM certificate chain: serve TLS directly (otherwise use a reverse proxy)
                                                              [HERMESCHAT_RELAY_TLS_CERT]
     --tls-key FILE           PEM PKCS#8 private key          [HERMESCHAT_RELAY_TLS_KEY]
     --trust-proxy            take client IPs from X-Forwarded-For (only behind your own proxy)
-                                                             [HERMESCHAT_RELAY_TRUST_PROXY=1]
-    --rate-register N        registrations per minute per IP [HERMESCHAT_RELAY_RATE_REGISTER, default 20]
-    --rate-verify N          pairing attempts per minute per IP
+                                                             [HERMESCHAT_RELAY_TRUST_PROXY=1/true/yes/on,
+                                                              0/false/no/off or unset: off]
+    --rate-register N        registrations per minute per IP, 0 is unlimited
+                                                             [HERMESCHAT_RELAY_RATE_REGISTER, default 20]
+    --rate-verify N          pairing attempts per minute per IP, 0 is unlimited
                                                              [HERMESCHAT_RELAY_RATE_VERIFY, default 30]
-    --code-ttl-secs N        access code lifetime            [HERMESCHAT_RELAY_CODE_TTL_SECS, default 600]
+    --code-ttl-secs N        access code lifetime, 1 to 86400
+                                                             [HERMESCHAT_RELAY_CODE_TTL_SECS, default 600]
     --handshake-timeout-secs N
-                             deadline for a request head     [HERMESCHAT_RELAY_HANDSHAKE_TIMEOUT_SECS, default 10]
-    --max-connections N      open connections at most        [HERMESCHAT_RELAY_MAX_CONNECTIONS, default 20000]
+                             deadline for a request head, 1 to 86400
+                                                             [HERMESCHAT_RELAY_HANDSHAKE_TIMEOUT_SECS, default 10]
+    --max-connections N      open connections at most, at least 1
+                                                             [HERMESCHAT_RELAY_MAX_CONNECTIONS, default 20000]
     --max-connections-per-ip N
                              open connections from one address (an IPv6 /64) at most; loopback
                              and --trust-proxy are not counted, 0 is no cap
@@ -46,18 +52,62 @@ OPTIONS (each also as an environment variable):
 Logs are JSON lines on stderr. SIGTERM or Ctrl-C shuts down cleanly.
 ";
 
-/// Options as parsed, before defaults.
+/// Options as parsed: the relay's configuration, and whether to print a unit instead.
 struct Options {
     config: RelayConfig,
     print_unit: bool,
 }
 
-fn env(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.is_empty())
+/// One setting's value as given, and where it came from (a flag or an environment variable),
+/// so that an error names what the user typed.
+struct Setting {
+    value: String,
+    from: String,
 }
 
-fn parse_num<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, String> {
-    value.parse().map_err(|_| format!("{flag}: {value:?} is not a valid number"))
+/// The settings given on the command line or in the environment (a flag wins), before
+/// defaults.
+struct Given {
+    listen: Option<Setting>,
+    public_url: Option<Setting>,
+    data: Option<Setting>,
+    cert: Option<Setting>,
+    key: Option<Setting>,
+    trust_proxy: bool,
+    rate_register: Option<Setting>,
+    rate_verify: Option<Setting>,
+    code_ttl: Option<Setting>,
+    handshake: Option<Setting>,
+    max_conns: Option<Setting>,
+    max_per_ip: Option<Setting>,
+}
+
+/// The environment variable `name`, when set and not empty.
+fn env(name: &str) -> Option<Setting> {
+    std::env::var(name)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .map(|value| Setting { value, from: name.to_owned() })
+}
+
+/// A yes/no environment variable: 1/true/yes/on or 0/false/no/off, in any case; unset or
+/// empty is no.
+fn env_bool(name: &str) -> Result<bool, String> {
+    let Some(s) = env(name) else { return Ok(false) };
+    match s.value.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(format!(
+            "{name}: {:?} is neither yes nor no: set it to 1, true, yes or on, or to 0, false, \
+             no or off (or unset it)",
+            s.value
+        )),
+    }
+}
+
+/// A number setting, or an error naming where it came from.
+fn parse_num<T: std::str::FromStr>(s: &Setting) -> Result<T, String> {
+    s.value.parse().map_err(|_| format!("{}: {:?} is not a valid number", s.from, s.value))
 }
 
 /// Longest duration a `--*-secs` option takes: one day. Larger values would make no sense and
@@ -65,47 +115,57 @@ fn parse_num<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, String>
 const MAX_SECS: u64 = 86_400;
 
 /// A `--*-secs` option: a whole number of seconds from 1 to [`MAX_SECS`].
-fn parse_secs(flag: &str, value: &str) -> Result<Duration, String> {
-    match parse_num::<u64>(flag, value)? {
+fn parse_secs(s: &Setting) -> Result<Duration, String> {
+    match parse_num::<u64>(s)? {
         n @ 1..=MAX_SECS => Ok(Duration::from_secs(n)),
-        _ => Err(format!("{flag}: {value:?} is out of range (1 to {MAX_SECS} seconds)")),
+        _ => Err(format!("{}: {:?} is out of range (1 to {MAX_SECS} seconds)", s.from, s.value)),
     }
 }
 
+/// The settings from the command line and the environment, checked.
 fn parse_args() -> Result<Options, String> {
     use lexopt::prelude::*;
-    let mut listen = env("HERMESCHAT_RELAY_LISTEN");
-    let mut public_url = env("HERMESCHAT_RELAY_PUBLIC_URL");
-    let mut data = env("HERMESCHAT_RELAY_DATA");
-    let mut cert = env("HERMESCHAT_RELAY_TLS_CERT");
-    let mut key = env("HERMESCHAT_RELAY_TLS_KEY");
-    let mut trust_proxy = env("HERMESCHAT_RELAY_TRUST_PROXY").is_some_and(|v| v != "0");
-    let mut rate_register = env("HERMESCHAT_RELAY_RATE_REGISTER");
-    let mut rate_verify = env("HERMESCHAT_RELAY_RATE_VERIFY");
-    let mut code_ttl = env("HERMESCHAT_RELAY_CODE_TTL_SECS");
-    let mut handshake = env("HERMESCHAT_RELAY_HANDSHAKE_TIMEOUT_SECS");
-    let mut max_conns = env("HERMESCHAT_RELAY_MAX_CONNECTIONS");
-    let mut max_per_ip = env("HERMESCHAT_RELAY_MAX_CONNECTIONS_PER_IP");
+    let mut given = Given {
+        listen: env("HERMESCHAT_RELAY_LISTEN"),
+        public_url: env("HERMESCHAT_RELAY_PUBLIC_URL"),
+        data: env("HERMESCHAT_RELAY_DATA"),
+        cert: env("HERMESCHAT_RELAY_TLS_CERT"),
+        key: env("HERMESCHAT_RELAY_TLS_KEY"),
+        trust_proxy: env_bool("HERMESCHAT_RELAY_TRUST_PROXY")?,
+        rate_register: env("HERMESCHAT_RELAY_RATE_REGISTER"),
+        rate_verify: env("HERMESCHAT_RELAY_RATE_VERIFY"),
+        code_ttl: env("HERMESCHAT_RELAY_CODE_TTL_SECS"),
+        handshake: env("HERMESCHAT_RELAY_HANDSHAKE_TIMEOUT_SECS"),
+        max_conns: env("HERMESCHAT_RELAY_MAX_CONNECTIONS"),
+        max_per_ip: env("HERMESCHAT_RELAY_MAX_CONNECTIONS_PER_IP"),
+    };
     let mut print_unit = false;
 
     let mut parser = lexopt::Parser::from_env();
-    let text =
-        |v: std::ffi::OsString| v.into_string().map_err(|_| "arguments must be UTF-8".to_owned());
     while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
-        let value = |p: &mut lexopt::Parser| p.value().map_err(|e| e.to_string()).and_then(text);
+        let value = |p: &mut lexopt::Parser, flag: &str| {
+            let v = p.value().map_err(|e| e.to_string())?;
+            let value =
+                v.into_string().map_err(|_| format!("--{flag}: the value must be UTF-8"))?;
+            Ok::<_, String>(Some(Setting { value, from: format!("--{flag}") }))
+        };
         match arg {
-            Long("listen") => listen = Some(value(&mut parser)?),
-            Long("public-url") => public_url = Some(value(&mut parser)?),
-            Long("data") => data = Some(value(&mut parser)?),
-            Long("tls-cert") => cert = Some(value(&mut parser)?),
-            Long("tls-key") => key = Some(value(&mut parser)?),
-            Long("trust-proxy") => trust_proxy = true,
-            Long("rate-register") => rate_register = Some(value(&mut parser)?),
-            Long("rate-verify") => rate_verify = Some(value(&mut parser)?),
-            Long("code-ttl-secs") => code_ttl = Some(value(&mut parser)?),
-            Long("handshake-timeout-secs") => handshake = Some(value(&mut parser)?),
-            Long("max-connections") => max_conns = Some(value(&mut parser)?),
-            Long("max-connections-per-ip") => max_per_ip = Some(value(&mut parser)?),
+            Long("listen") => given.listen = value(&mut parser, "listen")?,
+            Long("public-url") => given.public_url = value(&mut parser, "public-url")?,
+            Long("data") => given.data = value(&mut parser, "data")?,
+            Long("tls-cert") => given.cert = value(&mut parser, "tls-cert")?,
+            Long("tls-key") => given.key = value(&mut parser, "tls-key")?,
+            Long("trust-proxy") => given.trust_proxy = true,
+            Long("rate-register") => given.rate_register = value(&mut parser, "rate-register")?,
+            Long("rate-verify") => given.rate_verify = value(&mut parser, "rate-verify")?,
+            Long("code-ttl-secs") => given.code_ttl = value(&mut parser, "code-ttl-secs")?,
+            Long("handshake-timeout-secs") => {
+                given.handshake = value(&mut parser, "handshake-timeout-secs")?
+            }
+            Long("max-connections") => given.max_conns = value(&mut parser, "max-connections")?,
+            Long("max-connections-per-ip") => {
+                given.max_per_ip = value(&mut parser, "max-connections-per-ip")?
+            }
             Long("print-systemd-unit") => print_unit = true,
             Short('h') | Long("help") => {
                 print!("{USAGE}");
@@ -118,47 +178,70 @@ fn parse_args() -> Result<Options, String> {
             other => return Err(other.unexpected().to_string()),
         }
     }
-
-    let listen = listen.unwrap_or_else(|| "127.0.0.1:8787".into());
-    let listen: SocketAddr = listen
-        .parse()
-        .map_err(|_| format!("--listen: {listen:?} is not an address like 127.0.0.1:8787"))?;
-    let data = PathBuf::from(data.unwrap_or_else(|| "relay-data".into()));
-    let data = std::path::absolute(&data).unwrap_or(data);
-    let mut config = RelayConfig::new(listen, data);
-    if let Some(url) = public_url {
-        if !(url.starts_with("https://") || url.starts_with("http://")) {
-            return Err(format!(
-                "--public-url: {url:?} must start with https:// (or http:// for tests)"
-            ));
-        }
-        config.public_url = Some(url);
-    }
-    config.tls = match (cert, key) {
-        (Some(c), Some(k)) => Some((c.into(), k.into())),
-        (None, None) => None,
-        _ => return Err("--tls-cert and --tls-key go together".into()),
-    };
-    config.trust_proxy = trust_proxy;
-    if let Some(v) = rate_register {
-        config.rate_register = parse_num("--rate-register", &v)?;
-    }
-    if let Some(v) = rate_verify {
-        config.rate_verify = parse_num("--rate-verify", &v)?;
-    }
-    if let Some(v) = code_ttl {
-        config.code_ttl = parse_secs("--code-ttl-secs", &v)?;
-    }
-    if let Some(v) = handshake {
-        config.handshake_timeout = parse_secs("--handshake-timeout-secs", &v)?;
-    }
-    if let Some(v) = max_conns {
-        config.max_connections = parse_num("--max-connections", &v)?;
-    }
-    if let Some(v) = max_per_ip {
-        config.max_connections_per_ip = parse_num("--max-connections-per-ip", &v)?;
+    let config = config_from(&given)?;
+    if !print_unit && config.listen.ip().is_unspecified() && config.public_url.is_none() {
+        return Err(format!(
+            "--listen {}: apps cannot dial a wildcard address, and it is the one they would \
+             be handed: pass --public-url with the URL they reach this relay at (e.g. \
+             --public-url https://relay.example.com)",
+            config.listen
+        ));
     }
     Ok(Options { config, print_unit })
+}
+
+/// The relay's configuration from the settings given, checked.
+fn config_from(given: &Given) -> Result<RelayConfig, String> {
+    let listen: SocketAddr = match &given.listen {
+        None => SocketAddr::from(([127, 0, 0, 1], 8787)),
+        Some(s) => s.value.parse().map_err(|_| {
+            format!("{}: {:?} is not an address like 127.0.0.1:8787", s.from, s.value)
+        })?,
+    };
+    let data = PathBuf::from(given.data.as_ref().map_or("relay-data", |s| s.value.as_str()));
+    let data = std::path::absolute(&data).unwrap_or(data);
+    let mut config = RelayConfig::new(listen, data);
+    if let Some(s) = &given.public_url {
+        let url = &s.value;
+        if !(url.starts_with("https://") || url.starts_with("http://")) {
+            return Err(format!(
+                "{}: {url:?} must start with https:// (or http:// for tests)",
+                s.from
+            ));
+        }
+        config.public_url = Some(url.clone());
+    }
+    config.tls = match (&given.cert, &given.key) {
+        (Some(c), Some(k)) => Some((c.value.clone().into(), k.value.clone().into())),
+        (None, None) => None,
+        _ => return Err("--tls-cert and --tls-key go together: give both, or neither".into()),
+    };
+    config.trust_proxy = given.trust_proxy;
+    if let Some(s) = &given.rate_register {
+        config.rate_register = parse_num(s)?;
+    }
+    if let Some(s) = &given.rate_verify {
+        config.rate_verify = parse_num(s)?;
+    }
+    if let Some(s) = &given.code_ttl {
+        config.code_ttl = parse_secs(s)?;
+    }
+    if let Some(s) = &given.handshake {
+        config.handshake_timeout = parse_secs(s)?;
+    }
+    if let Some(s) = &given.max_conns {
+        config.max_connections = parse_num(s)?;
+        if config.max_connections == 0 {
+            return Err(format!(
+                "{}: 0 would refuse every connection: give at least 1 (the default is 20000)",
+                s.from
+            ));
+        }
+    }
+    if let Some(s) = &given.max_per_ip {
+        config.max_connections_per_ip = parse_num(s)?;
+    }
+    Ok(config)
 }
 
 /// A hardened systemd unit running this binary with the current settings.
@@ -231,6 +314,7 @@ fn raise_fd_limit() {
     }
 }
 
+/// Parses the settings, then runs the relay (or prints its unit).
 fn main() -> ExitCode {
     let options = match parse_args() {
         Ok(o) => o,
