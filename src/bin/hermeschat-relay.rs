@@ -4,7 +4,7 @@
 //! and runs the relay until SIGTERM or Ctrl-C.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -21,7 +21,8 @@ USAGE:
 OPTIONS (each also as an environment variable):
     --listen ADDR            address to listen on            [HERMESCHAT_RELAY_LISTEN, default 127.0.0.1:8787]
     --public-url URL         public https URL apps and bridges use, e.g. https://relay.example.com;
-                             required with a wildcard --listen (0.0.0.0, [::])
+                             required with a wildcard --listen (0.0.0.0, [::]) and with
+                             --print-systemd-unit
                                                              [HERMESCHAT_RELAY_PUBLIC_URL, default http://<listen>]
     --data DIR               directory for the SQLite store  [HERMESCHAT_RELAY_DATA, default ./relay-data]
     --tls-cert FILE          PEM certificate chain: serve TLS directly (otherwise use a reverse proxy)
@@ -45,7 +46,9 @@ OPTIONS (each also as an environment variable):
                              open connections from one address (an IPv6 /64) at most; loopback
                              and --trust-proxy are not counted, 0 is no cap
                                                              [HERMESCHAT_RELAY_MAX_CONNECTIONS_PER_IP, default 256]
-    --print-systemd-unit     print a hardened systemd unit for this binary and exit
+    --print-systemd-unit     print a hardened systemd unit running this binary with these settings
+                             (the store in /var/lib/hermeschat-relay, or --data /var/lib/NAME)
+                             and exit; run it from /usr/local/bin, not from a home directory
     -h, --help               print this help
     -V, --version            print the version
 
@@ -55,6 +58,8 @@ Logs are JSON lines on stderr. SIGTERM or Ctrl-C shuts down cleanly.
 /// Options as parsed: the relay's configuration, and whether to print a unit instead.
 struct Options {
     config: RelayConfig,
+    /// The settings as given (for `--print-systemd-unit`).
+    given: Given,
     print_unit: bool,
 }
 
@@ -187,7 +192,7 @@ fn parse_args() -> Result<Options, String> {
             config.listen
         ));
     }
-    Ok(Options { config, print_unit })
+    Ok(Options { config, given, print_unit })
 }
 
 /// The relay's configuration from the settings given, checked.
@@ -244,18 +249,119 @@ fn config_from(given: &Given) -> Result<RelayConfig, String> {
     Ok(config)
 }
 
-/// A hardened systemd unit running this binary with the current settings.
-fn systemd_unit(config: &RelayConfig) -> String {
-    let exe = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.to_str().map(str::to_owned))
-        .unwrap_or_else(|| "/usr/local/bin/hermeschat-relay".into());
-    let public = config.public_url.clone().unwrap_or_else(|| "https://relay.example.com".into());
-    let data = "/var/lib/hermeschat-relay";
-    format!(
+/// Where the unit keeps the store: systemd's `StateDirectory=` for the dynamic user.
+const UNIT_STATE_ROOT: &str = "/var/lib";
+
+/// The store directory the unit uses, as a `StateDirectory=` name: `hermeschat-relay`, or
+/// what `--data` names under `/var/lib` (the sandboxed service can write nowhere else).
+fn unit_state_dir(given: &Given, config: &RelayConfig) -> Result<String, String> {
+    let Some(s) = &given.data else { return Ok("hermeschat-relay".into()) };
+    let refuse = || {
+        format!(
+            "{}: {:?}: the unit keeps its store in a directory under {UNIT_STATE_ROOT} (its \
+             StateDirectory=, the only place the sandboxed service may write), named with \
+             letters, digits, '.', '_' and '-': pass --data {UNIT_STATE_ROOT}/NAME, or leave \
+             --data out for {UNIT_STATE_ROOT}/hermeschat-relay (copy an existing relay.db there \
+             before the first start)",
+            s.from, s.value
+        )
+    };
+    let rel = config.data.strip_prefix(UNIT_STATE_ROOT).map_err(|_| refuse())?;
+    let name = rel.to_str().ok_or_else(refuse)?;
+    let safe = |c: char| c.is_ascii_alphanumeric() || "._-/".contains(c);
+    let parts_ok = name.split('/').all(|p| !p.is_empty() && p != "." && p != "..");
+    if name.is_empty() || !name.chars().all(safe) || !parts_ok {
+        return Err(refuse());
+    }
+    Ok(name.to_owned())
+}
+
+/// Refuses a value with a control character: in a unit file a line break would start a
+/// directive of its own.
+fn no_control(what: &str, value: &str) -> Result<(), String> {
+    if value.chars().any(char::is_control) {
+        return Err(format!(
+            "{what}: {value:?} holds a control character, which would break the unit file: \
+             fix the value"
+        ));
+    }
+    Ok(())
+}
+
+/// One word of an `ExecStart=` line: `%` and `$` doubled (systemd expands specifiers and
+/// variables), double-quoted with `\` and `"` escaped unless it is plain.
+fn exec_word(what: &str, value: &str) -> Result<String, String> {
+    no_control(what, value)?;
+    let escaped = value.replace('%', "%%").replace('$', "$$");
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/._:,+@=-[]".contains(c);
+    if !escaped.is_empty() && escaped.chars().all(plain) {
+        return Ok(escaped);
+    }
+    Ok(format!("\"{}\"", escaped.replace('\\', "\\\\").replace('"', "\\\"")))
+}
+
+/// True when `exe` lies where the unit's sandbox cannot reach it: `ProtectHome=yes` hides
+/// `/home`, `/root` and `/run/user`, and the dynamic user could not read a home anyway.
+fn hidden_by_protect_home(exe: &Path) -> bool {
+    ["/home", "/root", "/run/user"].iter().any(|dir| exe.starts_with(dir))
+}
+
+/// A hardened systemd unit running this binary (`exe`) with every setting given.
+fn systemd_unit(given: &Given, config: &RelayConfig, exe: &Path) -> Result<String, String> {
+    let Some(public) = &config.public_url else {
+        return Err("--print-systemd-unit needs --public-url: the https URL apps and bridges \
+                    reach this relay at (e.g. --public-url https://relay.example.com)"
+            .into());
+    };
+    let exe = exe.to_str().ok_or("the path of this binary is not UTF-8: copy it to /usr/local/bin and run --print-systemd-unit from there")?;
+    let state = unit_state_dir(given, config)?;
+    let mut exec = vec![
+        exec_word("the path of this binary", exe)?,
+        "--listen".into(),
+        config.listen.to_string(),
+        "--public-url".into(),
+        exec_word("--public-url", public)?,
+        "--data".into(),
+        format!("{UNIT_STATE_ROOT}/{state}"),
+    ];
+    // The TLS files are read by systemd (as root, before the sandbox) and handed to the
+    // service in its credentials directory (%d): a root-only key, or one under a home, works.
+    let mut credentials = String::new();
+    if let Some((cert, key)) = &config.tls {
+        for (name, flag, path) in [("tls-cert", "--tls-cert", cert), ("tls-key", "--tls-key", key)]
+        {
+            let path = std::path::absolute(path).unwrap_or_else(|_| path.clone());
+            let path = path.to_str().ok_or(format!("{flag}: the path must be UTF-8"))?;
+            no_control(flag, path)?;
+            credentials.push_str(&format!("LoadCredential={name}:{}\n", path.replace('%', "%%")));
+            exec.extend([flag.to_owned(), format!("%d/{name}")]);
+        }
+    }
+    if config.trust_proxy {
+        exec.push("--trust-proxy".into());
+    }
+    let numbers = [
+        ("--rate-register", given.rate_register.is_some(), u64::from(config.rate_register)),
+        ("--rate-verify", given.rate_verify.is_some(), u64::from(config.rate_verify)),
+        ("--code-ttl-secs", given.code_ttl.is_some(), config.code_ttl.as_secs()),
+        ("--handshake-timeout-secs", given.handshake.is_some(), config.handshake_timeout.as_secs()),
+        ("--max-connections", given.max_conns.is_some(), config.max_connections as u64),
+        (
+            "--max-connections-per-ip",
+            given.max_per_ip.is_some(),
+            u64::from(config.max_connections_per_ip),
+        ),
+    ];
+    for (flag, _, n) in numbers.into_iter().filter(|(_, given, _)| *given) {
+        exec.extend([flag.to_owned(), n.to_string()]);
+    }
+    // Ports below 1024 need this one capability; everything else is dropped.
+    let caps = if config.listen.port() < 1024 { "CAP_NET_BIND_SERVICE" } else { "" };
+    Ok(format!(
         "# Install: save as /etc/systemd/system/hermeschat-relay.service, then
 #   systemctl daemon-reload && systemctl enable --now hermeschat-relay
-# Put Caddy or nginx in front for TLS (see the README), or add --tls-cert/--tls-key.
+# Put Caddy or nginx in front for TLS (see the README), or add --tls-cert/--tls-key
+# (systemd reads them at start: restart the service after renewing them).
 [Unit]
 Description=HermesChat registry + relay
 Documentation=https://github.com/hermeschat/hermeschat-pair
@@ -264,11 +370,11 @@ Wants=network-online.target
 
 [Service]
 Type=simple
-ExecStart={exe} --listen {listen} --public-url {public} --data {data}
-Restart=on-failure
+ExecStart={exec}
+{credentials}Restart=on-failure
 RestartSec=2
 DynamicUser=yes
-StateDirectory=hermeschat-relay
+StateDirectory={state}
 StateDirectoryMode=0700
 UMask=0077
 LimitNOFILE=65536
@@ -292,14 +398,14 @@ MemoryDenyWriteExecute=yes
 SystemCallArchitectures=native
 SystemCallFilter=@system-service
 SystemCallFilter=~@privileged @resources
-CapabilityBoundingSet=
-AmbientCapabilities=
+CapabilityBoundingSet={caps}
+AmbientCapabilities={caps}
 
 [Install]
 WantedBy=multi-user.target
 ",
-        listen = config.listen,
-    )
+        exec = exec.join(" "),
+    ))
 }
 
 /// Raises the soft open-file limit to the hard limit: each connection is a descriptor.
@@ -314,6 +420,34 @@ fn raise_fd_limit() {
     }
 }
 
+/// `--print-systemd-unit`: the unit on stdout, or why there is none (exit 2); a warning on
+/// stderr when the sandbox it sets up could not reach this binary.
+fn print_unit(options: &Options) -> ExitCode {
+    let exe = std::env::current_exe()
+        .unwrap_or_else(|_| PathBuf::from("/usr/local/bin/hermeschat-relay"));
+    match systemd_unit(&options.given, &options.config, &exe) {
+        Ok(unit) => {
+            if hidden_by_protect_home(&exe) {
+                eprintln!(
+                    "hermeschat-relay: warning: this binary is {}, under a home directory: the \
+                     unit's sandbox (ProtectHome=yes, DynamicUser=yes) cannot reach it, so the \
+                     service would fail to start. Copy it out and print the unit from there:\n  \
+                     sudo install -m 755 {} /usr/local/bin/\n  \
+                     /usr/local/bin/hermeschat-relay --print-systemd-unit …",
+                    exe.display(),
+                    exe.display()
+                );
+            }
+            print!("{unit}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("hermeschat-relay: {e}\nRun hermeschat-relay --help for usage.");
+            ExitCode::from(2)
+        }
+    }
+}
+
 /// Parses the settings, then runs the relay (or prints its unit).
 fn main() -> ExitCode {
     let options = match parse_args() {
@@ -324,8 +458,7 @@ fn main() -> ExitCode {
         }
     };
     if options.print_unit {
-        print!("{}", systemd_unit(&options.config));
-        return ExitCode::SUCCESS;
+        return print_unit(&options);
     }
     raise_fd_limit();
     hermeschat_pair::limit_allocator_retention();
@@ -352,5 +485,32 @@ fn main() -> ExitCode {
             log_event("fatal", &[("message", &e.to_string())]);
             ExitCode::from(1)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binaries_under_a_home_are_out_of_the_sandbox_reach() {
+        for hidden in
+            ["/home/ann/.cargo/bin/hermeschat-relay", "/root/.cargo/bin/x", "/run/user/1000/x"]
+        {
+            assert!(hidden_by_protect_home(Path::new(hidden)), "{hidden}");
+        }
+        for reachable in ["/usr/local/bin/hermeschat-relay", "/opt/x", "/homely/x", "/rooted/x"] {
+            assert!(!hidden_by_protect_home(Path::new(reachable)), "{reachable}");
+        }
+    }
+
+    #[test]
+    fn exec_words_are_quoted_as_systemd_reads_them() {
+        let word = |v: &str| exec_word("x", v).unwrap();
+        assert_eq!(word("/usr/local/bin/hermeschat-relay"), "/usr/local/bin/hermeschat-relay");
+        assert_eq!(word("/opt/my relay/bin"), "\"/opt/my relay/bin\"");
+        assert_eq!(word(r#"a"b\c"#), r#""a\"b\\c""#);
+        assert_eq!(word("https://x/%41$HOME"), "\"https://x/%%41$$HOME\"");
+        assert!(exec_word("--public-url", "https://x\nExecStartPre=/bin/sh").is_err());
     }
 }
