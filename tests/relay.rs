@@ -1876,7 +1876,10 @@ fn one_address_holds_at_most_its_share_of_connections_and_loopback_is_not_counte
         eprintln!("skipped: this machine has no non-loopback address");
         return;
     };
-    let relay = Relay::start_on("0.0.0.0:0", &["--max-connections-per-ip", "3"]);
+    let relay = Relay::start_on(
+        "0.0.0.0:0",
+        &["--max-connections-per-ip", "3", "--public-url", "https://relay.example.com"],
+    );
     let port = relay.port();
     let from_lan = || TcpStream::connect((ip, port)).unwrap();
     let mut held: Vec<TcpStream> = (0..3).map(|_| from_lan()).collect();
@@ -1955,4 +1958,175 @@ fn unfinished_registrations_expire_after_a_day_and_the_rest_stay() {
     assert_eq!(status, 404, "the unfinished registration is still there: {body}");
     let (status, body) = api.access_code(&connected.bridge_id, &connected.relay_secret);
     assert_eq!(status, 200, "the bridge that connected was expired: {body}");
+}
+
+// =============================================================================================
+// Startup checks: settings that cannot work are refused before the relay serves anything.
+
+/// Runs the relay with `args` (after `--data` of a fresh directory) and `env`, and waits at
+/// most 5 s for it to exit: its exit code (`None` when it was still running, and was killed)
+/// and its stderr.
+fn run_relay(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let data = fresh_dir("data");
+    let (code, stderr) = run_relay_on(&data, args, env);
+    let _ = std::fs::remove_dir_all(&data);
+    (code, stderr)
+}
+
+/// [`run_relay`] on the data directory `data`.
+fn run_relay_on(
+    data: &std::path::Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (Option<i32>, String) {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(bin_path())
+        .arg("--data")
+        .arg(data)
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    (code, stderr)
+}
+
+/// Registers twice from loopback, then once more claiming another client address in
+/// `X-Forwarded-For`, against a relay allowing 2 registrations a minute per address: the
+/// status of the third.
+fn third_registration_with_forwarded_for(relay: &Relay) -> u16 {
+    let api = relay.registry();
+    api.register_ok("1");
+    api.register_ok("2");
+    let r = api.call_with_headers(
+        "POST",
+        "/v1/bridge/register",
+        None,
+        &[("X-Forwarded-For", "203.0.113.9")],
+        Some(&json!({})),
+    );
+    r.status
+}
+
+/// `HERMESCHAT_RELAY_TRUST_PROXY` takes the usual words for yes and no, in any case: a "no"
+/// leaves `X-Forwarded-For` ignored (the per-IP limit holds), a "yes" trusts it (another
+/// address, another limit). Anything else is refused naming the variable.
+#[test]
+fn trust_proxy_variable_takes_yes_and_no_words() {
+    for no in ["0", "false", "FALSE", "no", "Off"] {
+        let env = [("HERMESCHAT_RELAY_TRUST_PROXY", no)];
+        let relay = Relay::start_env("127.0.0.1:0", &env, &["--rate-register", "2"]);
+        let status = third_registration_with_forwarded_for(&relay);
+        assert_eq!(status, 429, "HERMESCHAT_RELAY_TRUST_PROXY={no} trusted X-Forwarded-For");
+    }
+    for yes in ["1", "true", "Yes", "ON"] {
+        let env = [("HERMESCHAT_RELAY_TRUST_PROXY", yes)];
+        let relay = Relay::start_env("127.0.0.1:0", &env, &["--rate-register", "2"]);
+        let status = third_registration_with_forwarded_for(&relay);
+        assert_eq!(status, 201, "HERMESCHAT_RELAY_TRUST_PROXY={yes} ignored X-Forwarded-For");
+    }
+    for bad in ["maybe", "2", "enabled"] {
+        let env = [("HERMESCHAT_RELAY_TRUST_PROXY", bad)];
+        let (code, stderr) = run_relay(&["--listen", "127.0.0.1:0"], &env);
+        assert_eq!(code, Some(2), "HERMESCHAT_RELAY_TRUST_PROXY={bad}: {stderr}");
+        assert!(
+            stderr.contains("HERMESCHAT_RELAY_TRUST_PROXY") && stderr.contains(bad),
+            "{stderr}"
+        );
+        assert!(stderr.contains("true") && stderr.contains("false"), "{stderr}");
+    }
+}
+
+/// `--max-connections 0` would refuse every connection: it is refused at start (exit 2), from
+/// the flag and from the environment alike, each named.
+#[test]
+fn max_connections_zero_is_refused_at_start() {
+    let (code, stderr) = run_relay(&["--listen", "127.0.0.1:0", "--max-connections", "0"], &[]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("--max-connections") && stderr.contains("at least 1"), "{stderr}");
+    let env = [("HERMESCHAT_RELAY_MAX_CONNECTIONS", "0")];
+    let (code, stderr) = run_relay(&["--listen", "127.0.0.1:0"], &env);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("HERMESCHAT_RELAY_MAX_CONNECTIONS"), "{stderr}");
+    // 1 is served.
+    let relay = Relay::start(&["--max-connections", "1"]);
+    assert_eq!(relay.registry().health().0, 200);
+}
+
+/// A wildcard `--listen` without `--public-url` would hand apps `ws://0.0.0.0:PORT/…`: it is
+/// refused (exit 2) saying to pass `--public-url`; with one it starts and hands out that URL.
+#[test]
+fn wildcard_listen_needs_a_public_url() {
+    for listen in ["0.0.0.0:0", "[::]:0"] {
+        let (code, stderr) = run_relay(&["--listen", listen], &[]);
+        assert_eq!(code, Some(2), "--listen {listen}: {stderr}");
+        assert!(stderr.contains("--public-url") && stderr.contains(listen), "{stderr}");
+    }
+    let relay = Relay::start_on("0.0.0.0:0", &["--public-url", "https://relay.example.com"]);
+    let api = Registry::new(&format!("http://127.0.0.1:{}", relay.port()));
+    let reg = api.register_ok("wildcard");
+    for url in [&reg.bridge_relay_url, &reg.app_relay_url] {
+        assert!(url.starts_with("wss://relay.example.com/"), "handed out {url}");
+    }
+}
+
+/// A `relay.db` that is not a database stops the relay with the file's path and what to do
+/// (restore a backup, or move it aside to start empty); the file is left as it was.
+#[test]
+fn a_corrupt_store_is_named_with_the_way_out() {
+    let data = fresh_dir("corrupt");
+    let db = data.join("relay.db");
+    let junk = vec![b'x'; 8192];
+    std::fs::write(&db, &junk).unwrap();
+    let (code, stderr) = run_relay_on(&data, &["--listen", "127.0.0.1:0"], &[]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains(&db.display().to_string()), "no path: {stderr}");
+    assert!(stderr.contains("backup") && stderr.contains("move it aside"), "{stderr}");
+    assert!(stderr.contains("forgets every"), "{stderr}");
+    assert_eq!(std::fs::read(&db).unwrap(), junk, "relay.db was changed");
+    let _ = std::fs::remove_dir_all(&data);
+}
+
+/// A `--listen` address another process holds is named, with the two ways out.
+#[test]
+fn a_busy_listen_address_is_named_with_the_way_out() {
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = holder.local_addr().unwrap().to_string();
+    let (code, stderr) = run_relay(&["--listen", &addr], &[]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains(&addr), "{stderr}");
+    assert!(stderr.contains("another --listen") && stderr.contains("stop"), "{stderr}");
+}
+
+/// `--rate-register 0` is no limit at all (as `--help` says), not "nothing allowed".
+#[test]
+fn a_zero_rate_is_unlimited_as_help_says() {
+    let relay = Relay::start(&["--rate-register", "0"]);
+    let api = relay.registry();
+    for i in 0..40 {
+        api.register_ok(&format!("bridge {i}"));
+    }
+    let out = std::process::Command::new(bin_path()).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for line in ["--rate-register", "--rate-verify"] {
+        let text = help.lines().find(|l| l.contains(line)).unwrap_or_else(|| panic!("{help}"));
+        assert!(text.contains("0 is unlimited"), "{text}");
+    }
+    assert!(help.contains("0 is no cap"), "{help}");
 }

@@ -479,18 +479,221 @@ fn without_systemd_a_cron_line_is_printed() {
     assert_eq!(v["service"]["installed"], true, "{v}");
 }
 
+/// `hermeschat-relay --print-systemd-unit` with `args` and `env` (and no other
+/// `HERMESCHAT_RELAY_*` variable): exit code, stdout, stderr.
+fn relay_unit(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    let mut cmd = Command::new(RELAY_BIN);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("HERMESCHAT_RELAY_") {
+            cmd.env_remove(name);
+        }
+    }
+    let out =
+        cmd.arg("--print-systemd-unit").args(args).envs(env.iter().copied()).output().unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code(), text(&out.stdout), text(&out.stderr))
+}
+
+/// The words of the unit's `ExecStart=` line as systemd reads them: split at blanks outside
+/// double quotes, `\\` and `\"` unescaped, `%%` and `$$` made single (`%d` is kept).
+fn exec_start_words(unit: &str) -> Vec<String> {
+    let line = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .unwrap_or_else(|| panic!("no ExecStart= in:\n{unit}"));
+    let mut words = Vec::new();
+    let mut word: Option<String> = None;
+    let mut quoted = false;
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                word.get_or_insert_default();
+            }
+            '\\' => word.get_or_insert_default().extend(chars.next()),
+            '%' | '$' if chars.peek() == Some(&c) => {
+                chars.next();
+                word.get_or_insert_default().push(c);
+            }
+            ' ' if !quoted => words.extend(word.take()),
+            c => word.get_or_insert_default().push(c),
+        }
+    }
+    words.extend(word);
+    words
+}
+
 #[test]
 fn relay_unit_passes_systemd_analyze() {
     let dir = fresh_dir("relay-unit");
-    let out = Command::new(RELAY_BIN)
-        .args(["--print-systemd-unit", "--public-url", "https://relay.example.com"])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    let (code, unit_text, stderr) = relay_unit(&["--public-url", "https://relay.example.com"], &[]);
+    assert_eq!(code, Some(0), "{stderr}");
     let unit = dir.join("hermeschat-relay.service");
-    std::fs::write(&unit, &out.stdout).unwrap();
+    std::fs::write(&unit, &unit_text).unwrap();
     assert_systemd_verifies(&unit, false, &dir.join("runtime"));
+    let words = exec_start_words(&unit_text);
+    let want = [
+        RELAY_BIN,
+        "--listen",
+        "127.0.0.1:8787",
+        "--public-url",
+        "https://relay.example.com",
+        "--data",
+        "/var/lib/hermeschat-relay",
+    ];
+    assert_eq!(words, want, "{unit_text}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Every setting given to `--print-systemd-unit`, as a flag or as an environment variable,
+/// reaches the unit's command line; the TLS files are handed over by systemd (read as root at
+/// start, so a root-only key and a file under a home work); a port below 1024 gets the one
+/// capability it needs; the unit still passes `systemd-analyze verify`.
+#[test]
+fn relay_unit_keeps_every_setting() {
+    let dir = fresh_dir("relay-unit-all");
+    let cert = dir.join("fullchain.pem");
+    let key = dir.join("my key%1.pem");
+    std::fs::write(&cert, "cert").unwrap();
+    std::fs::write(&key, "key").unwrap();
+    let (cert_s, key_s) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let args = [
+        "--listen",
+        "0.0.0.0:443",
+        "--public-url",
+        "https://relay.example.com/a$b",
+        "--data",
+        "/var/lib/relay-two",
+        "--tls-cert",
+        cert_s,
+        "--tls-key",
+        key_s,
+        "--trust-proxy",
+        "--rate-register",
+        "0",
+        "--rate-verify",
+        "5",
+        "--code-ttl-secs",
+        "300",
+        "--handshake-timeout-secs",
+        "20",
+        "--max-connections",
+        "1000",
+        "--max-connections-per-ip",
+        "0",
+    ];
+    let (code, unit_text, stderr) = relay_unit(&args, &[]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let want = [
+        RELAY_BIN,
+        "--listen",
+        "0.0.0.0:443",
+        "--public-url",
+        "https://relay.example.com/a$b",
+        "--data",
+        "/var/lib/relay-two",
+        "--tls-cert",
+        "%d/tls-cert",
+        "--tls-key",
+        "%d/tls-key",
+        "--trust-proxy",
+        "--rate-register",
+        "0",
+        "--rate-verify",
+        "5",
+        "--code-ttl-secs",
+        "300",
+        "--handshake-timeout-secs",
+        "20",
+        "--max-connections",
+        "1000",
+        "--max-connections-per-ip",
+        "0",
+    ];
+    assert_eq!(exec_start_words(&unit_text), want, "{unit_text}");
+    let lines: Vec<&str> = unit_text.lines().collect();
+    for line in [
+        format!("LoadCredential=tls-cert:{cert_s}"),
+        format!("LoadCredential=tls-key:{}", key_s.replace('%', "%%")),
+        "StateDirectory=relay-two".to_owned(),
+        "AmbientCapabilities=CAP_NET_BIND_SERVICE".to_owned(),
+        "CapabilityBoundingSet=CAP_NET_BIND_SERVICE".to_owned(),
+    ] {
+        assert!(lines.contains(&line.as_str()), "no {line:?} in:\n{unit_text}");
+    }
+    let unit = dir.join("hermeschat-relay.service");
+    std::fs::write(&unit, &unit_text).unwrap();
+    assert_systemd_verifies(&unit, false, &dir.join("runtime"));
+
+    // The same from the environment.
+    let env = [
+        ("HERMESCHAT_RELAY_LISTEN", "127.0.0.1:9000"),
+        ("HERMESCHAT_RELAY_PUBLIC_URL", "https://relay.example.com"),
+        ("HERMESCHAT_RELAY_TLS_CERT", cert_s),
+        ("HERMESCHAT_RELAY_TLS_KEY", key_s),
+        ("HERMESCHAT_RELAY_TRUST_PROXY", "yes"),
+        ("HERMESCHAT_RELAY_RATE_REGISTER", "7"),
+        ("HERMESCHAT_RELAY_RATE_VERIFY", "8"),
+        ("HERMESCHAT_RELAY_CODE_TTL_SECS", "60"),
+        ("HERMESCHAT_RELAY_HANDSHAKE_TIMEOUT_SECS", "5"),
+        ("HERMESCHAT_RELAY_MAX_CONNECTIONS", "100"),
+        ("HERMESCHAT_RELAY_MAX_CONNECTIONS_PER_IP", "9"),
+    ];
+    let (code, unit_text, stderr) = relay_unit(&[], &env);
+    assert_eq!(code, Some(0), "{stderr}");
+    let want = [
+        RELAY_BIN,
+        "--listen",
+        "127.0.0.1:9000",
+        "--public-url",
+        "https://relay.example.com",
+        "--data",
+        "/var/lib/hermeschat-relay",
+        "--tls-cert",
+        "%d/tls-cert",
+        "--tls-key",
+        "%d/tls-key",
+        "--trust-proxy",
+        "--rate-register",
+        "7",
+        "--rate-verify",
+        "8",
+        "--code-ttl-secs",
+        "60",
+        "--handshake-timeout-secs",
+        "5",
+        "--max-connections",
+        "100",
+        "--max-connections-per-ip",
+        "9",
+    ];
+    assert_eq!(exec_start_words(&unit_text), want, "{unit_text}");
+    assert!(!unit_text.contains("CAP_NET_BIND_SERVICE"), "port 9000 needs no capability");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// What the unit cannot hold is refused (exit 2, nothing printed): a control character (it
+/// would start a directive of its own), no `--public-url` (apps would be handed a
+/// placeholder), a `--data` outside `/var/lib` (the sandboxed service can write nowhere else).
+#[test]
+fn relay_unit_refuses_what_it_cannot_hold() {
+    let injected = "https://relay.example.com\nExecStartPre=/bin/touch /tmp/injected";
+    let cases: [(&[&str], &str); 4] = [
+        (&["--public-url", injected], "control character"),
+        (&[], "--public-url"),
+        (&["--public-url", "https://r.example.com", "--data", "/srv/relay"], "/var/lib"),
+        (
+            &["--public-url", "https://r.example.com", "--tls-cert", "/a\tb", "--tls-key", "/k"],
+            "control character",
+        ),
+    ];
+    for (args, why) in cases {
+        let (code, stdout, stderr) = relay_unit(args, &[]);
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(why), "{args:?}: {stderr}");
+        assert!(stdout.is_empty(), "{args:?} printed a unit:\n{stdout}");
+    }
 }
 
 /// `--install --local` runs the LAN-only bridge at boot (with the given address and port), and

@@ -4,7 +4,7 @@
 //! and runs the relay until SIGTERM or Ctrl-C.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -20,44 +20,99 @@ USAGE:
 
 OPTIONS (each also as an environment variable):
     --listen ADDR            address to listen on            [HERMESCHAT_RELAY_LISTEN, default 127.0.0.1:8787]
-    --public-url URL         public https URL apps and bridges use, e.g. https://relay.example.com
+    --public-url URL         public https URL apps and bridges use, e.g. https://relay.example.com;
+                             required with a wildcard --listen (0.0.0.0, [::]) and with
+                             --print-systemd-unit
                                                              [HERMESCHAT_RELAY_PUBLIC_URL, default http://<listen>]
     --data DIR               directory for the SQLite store  [HERMESCHAT_RELAY_DATA, default ./relay-data]
     --tls-cert FILE          PEM certificate chain: serve TLS directly (otherwise use a reverse proxy)
                                                              [HERMESCHAT_RELAY_TLS_CERT]
     --tls-key FILE           PEM PKCS#8 private key          [HERMESCHAT_RELAY_TLS_KEY]
     --trust-proxy            take client IPs from X-Forwarded-For (only behind your own proxy)
-                                                             [HERMESCHAT_RELAY_TRUST_PROXY=1]
-    --rate-register N        registrations per minute per IP [HERMESCHAT_RELAY_RATE_REGISTER, default 20]
-    --rate-verify N          pairing attempts per minute per IP
+                                                             [HERMESCHAT_RELAY_TRUST_PROXY=1/true/yes/on,
+                                                              0/false/no/off or unset: off]
+    --rate-register N        registrations per minute per IP, 0 is unlimited
+                                                             [HERMESCHAT_RELAY_RATE_REGISTER, default 20]
+    --rate-verify N          pairing attempts per minute per IP, 0 is unlimited
                                                              [HERMESCHAT_RELAY_RATE_VERIFY, default 30]
-    --code-ttl-secs N        access code lifetime            [HERMESCHAT_RELAY_CODE_TTL_SECS, default 600]
+    --code-ttl-secs N        access code lifetime, 1 to 86400
+                                                             [HERMESCHAT_RELAY_CODE_TTL_SECS, default 600]
     --handshake-timeout-secs N
-                             deadline for a request head     [HERMESCHAT_RELAY_HANDSHAKE_TIMEOUT_SECS, default 10]
-    --max-connections N      open connections at most        [HERMESCHAT_RELAY_MAX_CONNECTIONS, default 20000]
+                             deadline for a request head, 1 to 86400
+                                                             [HERMESCHAT_RELAY_HANDSHAKE_TIMEOUT_SECS, default 10]
+    --max-connections N      open connections at most, at least 1
+                                                             [HERMESCHAT_RELAY_MAX_CONNECTIONS, default 20000]
     --max-connections-per-ip N
                              open connections from one address (an IPv6 /64) at most; loopback
                              and --trust-proxy are not counted, 0 is no cap
                                                              [HERMESCHAT_RELAY_MAX_CONNECTIONS_PER_IP, default 256]
-    --print-systemd-unit     print a hardened systemd unit for this binary and exit
+    --print-systemd-unit     print a hardened systemd unit running this binary with these settings
+                             (the store in /var/lib/hermeschat-relay, or --data /var/lib/NAME)
+                             and exit; run it from /usr/local/bin, not from a home directory
     -h, --help               print this help
     -V, --version            print the version
 
 Logs are JSON lines on stderr. SIGTERM or Ctrl-C shuts down cleanly.
 ";
 
-/// Options as parsed, before defaults.
+/// Options as parsed: the relay's configuration, and whether to print a unit instead.
 struct Options {
     config: RelayConfig,
+    /// The settings as given (for `--print-systemd-unit`).
+    given: Given,
     print_unit: bool,
 }
 
-fn env(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.is_empty())
+/// One setting's value as given, and where it came from (a flag or an environment variable),
+/// so that an error names what the user typed.
+struct Setting {
+    value: String,
+    from: String,
 }
 
-fn parse_num<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, String> {
-    value.parse().map_err(|_| format!("{flag}: {value:?} is not a valid number"))
+/// The settings given on the command line or in the environment (a flag wins), before
+/// defaults.
+struct Given {
+    listen: Option<Setting>,
+    public_url: Option<Setting>,
+    data: Option<Setting>,
+    cert: Option<Setting>,
+    key: Option<Setting>,
+    trust_proxy: bool,
+    rate_register: Option<Setting>,
+    rate_verify: Option<Setting>,
+    code_ttl: Option<Setting>,
+    handshake: Option<Setting>,
+    max_conns: Option<Setting>,
+    max_per_ip: Option<Setting>,
+}
+
+/// The environment variable `name`, when set and not empty.
+fn env(name: &str) -> Option<Setting> {
+    std::env::var(name)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .map(|value| Setting { value, from: name.to_owned() })
+}
+
+/// A yes/no environment variable: 1/true/yes/on or 0/false/no/off, in any case; unset or
+/// empty is no.
+fn env_bool(name: &str) -> Result<bool, String> {
+    let Some(s) = env(name) else { return Ok(false) };
+    match s.value.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(format!(
+            "{name}: {:?} is neither yes nor no: set it to 1, true, yes or on, or to 0, false, \
+             no or off (or unset it)",
+            s.value
+        )),
+    }
+}
+
+/// A number setting, or an error naming where it came from.
+fn parse_num<T: std::str::FromStr>(s: &Setting) -> Result<T, String> {
+    s.value.parse().map_err(|_| format!("{}: {:?} is not a valid number", s.from, s.value))
 }
 
 /// Longest duration a `--*-secs` option takes: one day. Larger values would make no sense and
@@ -65,47 +120,57 @@ fn parse_num<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, String>
 const MAX_SECS: u64 = 86_400;
 
 /// A `--*-secs` option: a whole number of seconds from 1 to [`MAX_SECS`].
-fn parse_secs(flag: &str, value: &str) -> Result<Duration, String> {
-    match parse_num::<u64>(flag, value)? {
+fn parse_secs(s: &Setting) -> Result<Duration, String> {
+    match parse_num::<u64>(s)? {
         n @ 1..=MAX_SECS => Ok(Duration::from_secs(n)),
-        _ => Err(format!("{flag}: {value:?} is out of range (1 to {MAX_SECS} seconds)")),
+        _ => Err(format!("{}: {:?} is out of range (1 to {MAX_SECS} seconds)", s.from, s.value)),
     }
 }
 
+/// The settings from the command line and the environment, checked.
 fn parse_args() -> Result<Options, String> {
     use lexopt::prelude::*;
-    let mut listen = env("HERMESCHAT_RELAY_LISTEN");
-    let mut public_url = env("HERMESCHAT_RELAY_PUBLIC_URL");
-    let mut data = env("HERMESCHAT_RELAY_DATA");
-    let mut cert = env("HERMESCHAT_RELAY_TLS_CERT");
-    let mut key = env("HERMESCHAT_RELAY_TLS_KEY");
-    let mut trust_proxy = env("HERMESCHAT_RELAY_TRUST_PROXY").is_some_and(|v| v != "0");
-    let mut rate_register = env("HERMESCHAT_RELAY_RATE_REGISTER");
-    let mut rate_verify = env("HERMESCHAT_RELAY_RATE_VERIFY");
-    let mut code_ttl = env("HERMESCHAT_RELAY_CODE_TTL_SECS");
-    let mut handshake = env("HERMESCHAT_RELAY_HANDSHAKE_TIMEOUT_SECS");
-    let mut max_conns = env("HERMESCHAT_RELAY_MAX_CONNECTIONS");
-    let mut max_per_ip = env("HERMESCHAT_RELAY_MAX_CONNECTIONS_PER_IP");
+    let mut given = Given {
+        listen: env("HERMESCHAT_RELAY_LISTEN"),
+        public_url: env("HERMESCHAT_RELAY_PUBLIC_URL"),
+        data: env("HERMESCHAT_RELAY_DATA"),
+        cert: env("HERMESCHAT_RELAY_TLS_CERT"),
+        key: env("HERMESCHAT_RELAY_TLS_KEY"),
+        trust_proxy: env_bool("HERMESCHAT_RELAY_TRUST_PROXY")?,
+        rate_register: env("HERMESCHAT_RELAY_RATE_REGISTER"),
+        rate_verify: env("HERMESCHAT_RELAY_RATE_VERIFY"),
+        code_ttl: env("HERMESCHAT_RELAY_CODE_TTL_SECS"),
+        handshake: env("HERMESCHAT_RELAY_HANDSHAKE_TIMEOUT_SECS"),
+        max_conns: env("HERMESCHAT_RELAY_MAX_CONNECTIONS"),
+        max_per_ip: env("HERMESCHAT_RELAY_MAX_CONNECTIONS_PER_IP"),
+    };
     let mut print_unit = false;
 
     let mut parser = lexopt::Parser::from_env();
-    let text =
-        |v: std::ffi::OsString| v.into_string().map_err(|_| "arguments must be UTF-8".to_owned());
     while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
-        let value = |p: &mut lexopt::Parser| p.value().map_err(|e| e.to_string()).and_then(text);
+        let value = |p: &mut lexopt::Parser, flag: &str| {
+            let v = p.value().map_err(|e| e.to_string())?;
+            let value =
+                v.into_string().map_err(|_| format!("--{flag}: the value must be UTF-8"))?;
+            Ok::<_, String>(Some(Setting { value, from: format!("--{flag}") }))
+        };
         match arg {
-            Long("listen") => listen = Some(value(&mut parser)?),
-            Long("public-url") => public_url = Some(value(&mut parser)?),
-            Long("data") => data = Some(value(&mut parser)?),
-            Long("tls-cert") => cert = Some(value(&mut parser)?),
-            Long("tls-key") => key = Some(value(&mut parser)?),
-            Long("trust-proxy") => trust_proxy = true,
-            Long("rate-register") => rate_register = Some(value(&mut parser)?),
-            Long("rate-verify") => rate_verify = Some(value(&mut parser)?),
-            Long("code-ttl-secs") => code_ttl = Some(value(&mut parser)?),
-            Long("handshake-timeout-secs") => handshake = Some(value(&mut parser)?),
-            Long("max-connections") => max_conns = Some(value(&mut parser)?),
-            Long("max-connections-per-ip") => max_per_ip = Some(value(&mut parser)?),
+            Long("listen") => given.listen = value(&mut parser, "listen")?,
+            Long("public-url") => given.public_url = value(&mut parser, "public-url")?,
+            Long("data") => given.data = value(&mut parser, "data")?,
+            Long("tls-cert") => given.cert = value(&mut parser, "tls-cert")?,
+            Long("tls-key") => given.key = value(&mut parser, "tls-key")?,
+            Long("trust-proxy") => given.trust_proxy = true,
+            Long("rate-register") => given.rate_register = value(&mut parser, "rate-register")?,
+            Long("rate-verify") => given.rate_verify = value(&mut parser, "rate-verify")?,
+            Long("code-ttl-secs") => given.code_ttl = value(&mut parser, "code-ttl-secs")?,
+            Long("handshake-timeout-secs") => {
+                given.handshake = value(&mut parser, "handshake-timeout-secs")?
+            }
+            Long("max-connections") => given.max_conns = value(&mut parser, "max-connections")?,
+            Long("max-connections-per-ip") => {
+                given.max_per_ip = value(&mut parser, "max-connections-per-ip")?
+            }
             Long("print-systemd-unit") => print_unit = true,
             Short('h') | Long("help") => {
                 print!("{USAGE}");
@@ -118,61 +183,185 @@ fn parse_args() -> Result<Options, String> {
             other => return Err(other.unexpected().to_string()),
         }
     }
-
-    let listen = listen.unwrap_or_else(|| "127.0.0.1:8787".into());
-    let listen: SocketAddr = listen
-        .parse()
-        .map_err(|_| format!("--listen: {listen:?} is not an address like 127.0.0.1:8787"))?;
-    let data = PathBuf::from(data.unwrap_or_else(|| "relay-data".into()));
-    let data = std::path::absolute(&data).unwrap_or(data);
-    let mut config = RelayConfig::new(listen, data);
-    if let Some(url) = public_url {
-        if !(url.starts_with("https://") || url.starts_with("http://")) {
-            return Err(format!(
-                "--public-url: {url:?} must start with https:// (or http:// for tests)"
-            ));
-        }
-        config.public_url = Some(url);
+    let config = config_from(&given)?;
+    if !print_unit && config.listen.ip().is_unspecified() && config.public_url.is_none() {
+        return Err(format!(
+            "--listen {}: apps cannot dial a wildcard address, and it is the one they would \
+             be handed: pass --public-url with the URL they reach this relay at (e.g. \
+             --public-url https://relay.example.com)",
+            config.listen
+        ));
     }
-    config.tls = match (cert, key) {
-        (Some(c), Some(k)) => Some((c.into(), k.into())),
-        (None, None) => None,
-        _ => return Err("--tls-cert and --tls-key go together".into()),
-    };
-    config.trust_proxy = trust_proxy;
-    if let Some(v) = rate_register {
-        config.rate_register = parse_num("--rate-register", &v)?;
-    }
-    if let Some(v) = rate_verify {
-        config.rate_verify = parse_num("--rate-verify", &v)?;
-    }
-    if let Some(v) = code_ttl {
-        config.code_ttl = parse_secs("--code-ttl-secs", &v)?;
-    }
-    if let Some(v) = handshake {
-        config.handshake_timeout = parse_secs("--handshake-timeout-secs", &v)?;
-    }
-    if let Some(v) = max_conns {
-        config.max_connections = parse_num("--max-connections", &v)?;
-    }
-    if let Some(v) = max_per_ip {
-        config.max_connections_per_ip = parse_num("--max-connections-per-ip", &v)?;
-    }
-    Ok(Options { config, print_unit })
+    Ok(Options { config, given, print_unit })
 }
 
-/// A hardened systemd unit running this binary with the current settings.
-fn systemd_unit(config: &RelayConfig) -> String {
-    let exe = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.to_str().map(str::to_owned))
-        .unwrap_or_else(|| "/usr/local/bin/hermeschat-relay".into());
-    let public = config.public_url.clone().unwrap_or_else(|| "https://relay.example.com".into());
-    let data = "/var/lib/hermeschat-relay";
-    format!(
+/// The relay's configuration from the settings given, checked.
+fn config_from(given: &Given) -> Result<RelayConfig, String> {
+    let listen: SocketAddr = match &given.listen {
+        None => SocketAddr::from(([127, 0, 0, 1], 8787)),
+        Some(s) => s.value.parse().map_err(|_| {
+            format!("{}: {:?} is not an address like 127.0.0.1:8787", s.from, s.value)
+        })?,
+    };
+    let data = PathBuf::from(given.data.as_ref().map_or("relay-data", |s| s.value.as_str()));
+    let data = std::path::absolute(&data).unwrap_or(data);
+    let mut config = RelayConfig::new(listen, data);
+    if let Some(s) = &given.public_url {
+        let url = &s.value;
+        if !(url.starts_with("https://") || url.starts_with("http://")) {
+            return Err(format!(
+                "{}: {url:?} must start with https:// (or http:// for tests)",
+                s.from
+            ));
+        }
+        config.public_url = Some(url.clone());
+    }
+    config.tls = match (&given.cert, &given.key) {
+        (Some(c), Some(k)) => Some((c.value.clone().into(), k.value.clone().into())),
+        (None, None) => None,
+        _ => return Err("--tls-cert and --tls-key go together: give both, or neither".into()),
+    };
+    config.trust_proxy = given.trust_proxy;
+    if let Some(s) = &given.rate_register {
+        config.rate_register = parse_num(s)?;
+    }
+    if let Some(s) = &given.rate_verify {
+        config.rate_verify = parse_num(s)?;
+    }
+    if let Some(s) = &given.code_ttl {
+        config.code_ttl = parse_secs(s)?;
+    }
+    if let Some(s) = &given.handshake {
+        config.handshake_timeout = parse_secs(s)?;
+    }
+    if let Some(s) = &given.max_conns {
+        config.max_connections = parse_num(s)?;
+        if config.max_connections == 0 {
+            return Err(format!(
+                "{}: 0 would refuse every connection: give at least 1 (the default is 20000)",
+                s.from
+            ));
+        }
+    }
+    if let Some(s) = &given.max_per_ip {
+        config.max_connections_per_ip = parse_num(s)?;
+    }
+    Ok(config)
+}
+
+/// Where the unit keeps the store: systemd's `StateDirectory=` for the dynamic user.
+const UNIT_STATE_ROOT: &str = "/var/lib";
+
+/// The store directory the unit uses, as a `StateDirectory=` name: `hermeschat-relay`, or
+/// what `--data` names under `/var/lib` (the sandboxed service can write nowhere else).
+fn unit_state_dir(given: &Given, config: &RelayConfig) -> Result<String, String> {
+    let Some(s) = &given.data else { return Ok("hermeschat-relay".into()) };
+    let refuse = || {
+        format!(
+            "{}: {:?}: the unit keeps its store in a directory under {UNIT_STATE_ROOT} (its \
+             StateDirectory=, the only place the sandboxed service may write), named with \
+             letters, digits, '.', '_' and '-': pass --data {UNIT_STATE_ROOT}/NAME, or leave \
+             --data out for {UNIT_STATE_ROOT}/hermeschat-relay (copy an existing relay.db there \
+             before the first start)",
+            s.from, s.value
+        )
+    };
+    let rel = config.data.strip_prefix(UNIT_STATE_ROOT).map_err(|_| refuse())?;
+    let name = rel.to_str().ok_or_else(refuse)?;
+    let safe = |c: char| c.is_ascii_alphanumeric() || "._-/".contains(c);
+    let parts_ok = name.split('/').all(|p| !p.is_empty() && p != "." && p != "..");
+    if name.is_empty() || !name.chars().all(safe) || !parts_ok {
+        return Err(refuse());
+    }
+    Ok(name.to_owned())
+}
+
+/// Refuses a value with a control character: in a unit file a line break would start a
+/// directive of its own.
+fn no_control(what: &str, value: &str) -> Result<(), String> {
+    if value.chars().any(char::is_control) {
+        return Err(format!(
+            "{what}: {value:?} holds a control character, which would break the unit file: \
+             fix the value"
+        ));
+    }
+    Ok(())
+}
+
+/// One word of an `ExecStart=` line: `%` and `$` doubled (systemd expands specifiers and
+/// variables), double-quoted with `\` and `"` escaped unless it is plain.
+fn exec_word(what: &str, value: &str) -> Result<String, String> {
+    no_control(what, value)?;
+    let escaped = value.replace('%', "%%").replace('$', "$$");
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/._:,+@=-[]".contains(c);
+    if !escaped.is_empty() && escaped.chars().all(plain) {
+        return Ok(escaped);
+    }
+    Ok(format!("\"{}\"", escaped.replace('\\', "\\\\").replace('"', "\\\"")))
+}
+
+/// True when `exe` lies where the unit's sandbox cannot reach it: `ProtectHome=yes` hides
+/// `/home`, `/root` and `/run/user`, and the dynamic user could not read a home anyway.
+fn hidden_by_protect_home(exe: &Path) -> bool {
+    ["/home", "/root", "/run/user"].iter().any(|dir| exe.starts_with(dir))
+}
+
+/// A hardened systemd unit running this binary (`exe`) with every setting given.
+fn systemd_unit(given: &Given, config: &RelayConfig, exe: &Path) -> Result<String, String> {
+    let Some(public) = &config.public_url else {
+        return Err("--print-systemd-unit needs --public-url: the https URL apps and bridges \
+                    reach this relay at (e.g. --public-url https://relay.example.com)"
+            .into());
+    };
+    let exe = exe.to_str().ok_or("the path of this binary is not UTF-8: copy it to /usr/local/bin and run --print-systemd-unit from there")?;
+    let state = unit_state_dir(given, config)?;
+    let mut exec = vec![
+        exec_word("the path of this binary", exe)?,
+        "--listen".into(),
+        config.listen.to_string(),
+        "--public-url".into(),
+        exec_word("--public-url", public)?,
+        "--data".into(),
+        format!("{UNIT_STATE_ROOT}/{state}"),
+    ];
+    // The TLS files are read by systemd (as root, before the sandbox) and handed to the
+    // service in its credentials directory (%d): a root-only key, or one under a home, works.
+    let mut credentials = String::new();
+    if let Some((cert, key)) = &config.tls {
+        for (name, flag, path) in [("tls-cert", "--tls-cert", cert), ("tls-key", "--tls-key", key)]
+        {
+            let path = std::path::absolute(path).unwrap_or_else(|_| path.clone());
+            let path = path.to_str().ok_or(format!("{flag}: the path must be UTF-8"))?;
+            no_control(flag, path)?;
+            credentials.push_str(&format!("LoadCredential={name}:{}\n", path.replace('%', "%%")));
+            exec.extend([flag.to_owned(), format!("%d/{name}")]);
+        }
+    }
+    if config.trust_proxy {
+        exec.push("--trust-proxy".into());
+    }
+    let numbers = [
+        ("--rate-register", given.rate_register.is_some(), u64::from(config.rate_register)),
+        ("--rate-verify", given.rate_verify.is_some(), u64::from(config.rate_verify)),
+        ("--code-ttl-secs", given.code_ttl.is_some(), config.code_ttl.as_secs()),
+        ("--handshake-timeout-secs", given.handshake.is_some(), config.handshake_timeout.as_secs()),
+        ("--max-connections", given.max_conns.is_some(), config.max_connections as u64),
+        (
+            "--max-connections-per-ip",
+            given.max_per_ip.is_some(),
+            u64::from(config.max_connections_per_ip),
+        ),
+    ];
+    for (flag, _, n) in numbers.into_iter().filter(|(_, given, _)| *given) {
+        exec.extend([flag.to_owned(), n.to_string()]);
+    }
+    // Ports below 1024 need this one capability; everything else is dropped.
+    let caps = if config.listen.port() < 1024 { "CAP_NET_BIND_SERVICE" } else { "" };
+    Ok(format!(
         "# Install: save as /etc/systemd/system/hermeschat-relay.service, then
 #   systemctl daemon-reload && systemctl enable --now hermeschat-relay
-# Put Caddy or nginx in front for TLS (see the README), or add --tls-cert/--tls-key.
+# Put Caddy or nginx in front for TLS (see the README), or add --tls-cert/--tls-key
+# (systemd reads them at start: restart the service after renewing them).
 [Unit]
 Description=HermesChat registry + relay
 Documentation=https://github.com/hermeschat/hermeschat-pair
@@ -181,11 +370,11 @@ Wants=network-online.target
 
 [Service]
 Type=simple
-ExecStart={exe} --listen {listen} --public-url {public} --data {data}
-Restart=on-failure
+ExecStart={exec}
+{credentials}Restart=on-failure
 RestartSec=2
 DynamicUser=yes
-StateDirectory=hermeschat-relay
+StateDirectory={state}
 StateDirectoryMode=0700
 UMask=0077
 LimitNOFILE=65536
@@ -209,14 +398,14 @@ MemoryDenyWriteExecute=yes
 SystemCallArchitectures=native
 SystemCallFilter=@system-service
 SystemCallFilter=~@privileged @resources
-CapabilityBoundingSet=
-AmbientCapabilities=
+CapabilityBoundingSet={caps}
+AmbientCapabilities={caps}
 
 [Install]
 WantedBy=multi-user.target
 ",
-        listen = config.listen,
-    )
+        exec = exec.join(" "),
+    ))
 }
 
 /// Raises the soft open-file limit to the hard limit: each connection is a descriptor.
@@ -231,6 +420,35 @@ fn raise_fd_limit() {
     }
 }
 
+/// `--print-systemd-unit`: the unit on stdout, or why there is none (exit 2); a warning on
+/// stderr when the sandbox it sets up could not reach this binary.
+fn print_unit(options: &Options) -> ExitCode {
+    let exe = std::env::current_exe()
+        .unwrap_or_else(|_| PathBuf::from("/usr/local/bin/hermeschat-relay"));
+    match systemd_unit(&options.given, &options.config, &exe) {
+        Ok(unit) => {
+            if hidden_by_protect_home(&exe) {
+                eprintln!(
+                    "hermeschat-relay: warning: this binary is {}, under a home directory: the \
+                     unit's sandbox (ProtectHome=yes, DynamicUser=yes) cannot reach it, so the \
+                     service would fail to start. Copy it out and print the unit from there:\n  \
+                     sudo install -m 755 {} /usr/local/bin/\n  \
+                     /usr/local/bin/hermeschat-relay --print-systemd-unit …",
+                    exe.display(),
+                    exe.display()
+                );
+            }
+            print!("{unit}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("hermeschat-relay: {e}\nRun hermeschat-relay --help for usage.");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Parses the settings, then runs the relay (or prints its unit).
 fn main() -> ExitCode {
     let options = match parse_args() {
         Ok(o) => o,
@@ -240,8 +458,7 @@ fn main() -> ExitCode {
         }
     };
     if options.print_unit {
-        print!("{}", systemd_unit(&options.config));
-        return ExitCode::SUCCESS;
+        return print_unit(&options);
     }
     raise_fd_limit();
     hermeschat_pair::limit_allocator_retention();
@@ -268,5 +485,32 @@ fn main() -> ExitCode {
             log_event("fatal", &[("message", &e.to_string())]);
             ExitCode::from(1)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binaries_under_a_home_are_out_of_the_sandbox_reach() {
+        for hidden in
+            ["/home/ann/.cargo/bin/hermeschat-relay", "/root/.cargo/bin/x", "/run/user/1000/x"]
+        {
+            assert!(hidden_by_protect_home(Path::new(hidden)), "{hidden}");
+        }
+        for reachable in ["/usr/local/bin/hermeschat-relay", "/opt/x", "/homely/x", "/rooted/x"] {
+            assert!(!hidden_by_protect_home(Path::new(reachable)), "{reachable}");
+        }
+    }
+
+    #[test]
+    fn exec_words_are_quoted_as_systemd_reads_them() {
+        let word = |v: &str| exec_word("x", v).unwrap();
+        assert_eq!(word("/usr/local/bin/hermeschat-relay"), "/usr/local/bin/hermeschat-relay");
+        assert_eq!(word("/opt/my relay/bin"), "\"/opt/my relay/bin\"");
+        assert_eq!(word(r#"a"b\c"#), r#""a\"b\\c""#);
+        assert_eq!(word("https://x/%41$HOME"), "\"https://x/%%41$$HOME\"");
+        assert!(exec_word("--public-url", "https://x\nExecStartPre=/bin/sh").is_err());
     }
 }

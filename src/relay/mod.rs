@@ -251,9 +251,8 @@ impl Relay {
             None => None,
             Some((cert, key)) => Some(load_tls(cert, key)?),
         };
-        let listener = TcpListener::bind(config.listen).map_err(|e| {
-            io::Error::new(e.kind(), format!("cannot listen on {}: {e}", config.listen))
-        })?;
+        let listener =
+            TcpListener::bind(config.listen).map_err(|e| listen_error(config.listen, e))?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let scheme = if tls.is_some() { "https" } else { "http" };
@@ -361,6 +360,27 @@ fn fit_to_fd_limit(max_connections: usize) -> usize {
         ],
     );
     fit
+}
+
+/// Why `--listen addr` cannot be bound, and what to do about it.
+fn listen_error(addr: SocketAddr, e: io::Error) -> io::Error {
+    let next = match e.kind() {
+        io::ErrorKind::AddrInUse => {
+            "another program (or another relay) already listens there: pass another --listen \
+             address, or stop the other process (`ss -ltnp` or `lsof -nP -iTCP -sTCP:LISTEN` \
+             shows which)"
+        }
+        io::ErrorKind::AddrNotAvailable => {
+            "this machine has no such address: pass one of its own, 127.0.0.1, or 0.0.0.0 \
+             with --public-url"
+        }
+        io::ErrorKind::PermissionDenied if addr.port() < 1024 => {
+            "ports below 1024 need root or CAP_NET_BIND_SERVICE: listen on a higher port behind \
+             a proxy, or run the unit --print-systemd-unit prints (it grants the capability)"
+        }
+        _ => "pass another --listen address",
+    };
+    io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}: {next}"))
 }
 
 fn load_tls(cert: &std::path::Path, key: &std::path::Path) -> io::Result<native_tls::TlsAcceptor> {

@@ -87,7 +87,7 @@ pub enum Verify {
 /// Brings a store written by an older relay up to [`SCHEMA`]: `connected_at` came later; the
 /// bridges already there count as connected at their registration (none is taken for an
 /// unfinished one).
-fn migrate(conn: &Connection) -> StoreResult<()> {
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     let has_connected_at = conn
         .prepare("SELECT 1 FROM pragma_table_info('bridges') WHERE name = 'connected_at'")?
         .exists([])?;
@@ -151,6 +151,22 @@ fn private_file(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// A failure to set up the store at `path`, with the path, and for a damaged file what to do
+/// (it is never moved or deleted here: what it holds is every pairing).
+fn open_error(path: &Path, e: rusqlite::Error) -> StoreError {
+    use rusqlite::ErrorCode::{DatabaseCorrupt, NotADatabase};
+    let p = path.display();
+    if !matches!(e.sqlite_error_code(), Some(NotADatabase | DatabaseCorrupt)) {
+        return StoreError(format!("{p}: {e}"));
+    }
+    StoreError(format!(
+        "{p} is not a usable SQLite database ({e}); it was left as it is. Restore it from a \
+         backup, or move it aside to start with an empty store, which forgets every registered \
+         bridge and paired app (each machine then runs hermeschat-pair again): \
+         mv {p} {p}.broken (and {p}-wal and {p}-shm, if they exist)"
+    ))
+}
+
 impl Store {
     /// Opens (creating if needed) `relay.db` in `dir`, in WAL mode.
     pub fn open(dir: &Path) -> StoreResult<Store> {
@@ -159,14 +175,18 @@ impl Store {
             .map_err(|e| StoreError(format!("cannot create {}: {e}", path.display())))?;
         let conn = Connection::open(&path)
             .map_err(|e| StoreError(format!("cannot open {}: {e}", path.display())))?;
-        conn.busy_timeout(Duration::from_secs(5))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        // FULL syncs the WAL on every commit: a pairing confirmed to a caller survives a crash
-        // or power cut. Registry writes are rare, so the fsync costs nothing that matters.
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.execute_batch(SCHEMA)?;
-        migrate(&conn)?;
+        let setup = || -> rusqlite::Result<()> {
+            conn.busy_timeout(Duration::from_secs(5))?;
+            conn.pragma_update(None, "journal_mode", "WAL")?;
+            // FULL syncs the WAL on every commit: a pairing confirmed to a caller survives a
+            // crash or power cut. Registry writes are rare, so the fsync costs nothing that
+            // matters.
+            conn.pragma_update(None, "synchronous", "FULL")?;
+            conn.pragma_update(None, "foreign_keys", "ON")?;
+            conn.execute_batch(SCHEMA)?;
+            migrate(&conn)
+        };
+        setup().map_err(|e| open_error(&path, e))?;
         Ok(Store { conn })
     }
 

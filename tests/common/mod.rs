@@ -121,6 +121,8 @@ pub struct Relay {
     /// `127.0.0.1:PORT` as logged in the `listening` line.
     pub addr: String,
     extra: Vec<String>,
+    /// Environment variables set for the relay (on top of the test's own).
+    env: Vec<(String, String)>,
     /// stderr lines of every incarnation of this relay (restarts append).
     logs: Lines,
     /// stdout lines (the relay must print nothing there).
@@ -178,6 +180,12 @@ impl Relay {
 
     /// Starts a relay listening on `listen` with high rate limits and `extra` flags.
     pub fn start_on(listen: &str, extra: &[&str]) -> Relay {
+        Relay::start_env(listen, &[], extra)
+    }
+
+    /// Starts a relay listening on `listen` with the environment variables `env` set, high
+    /// rate limits and `extra` flags.
+    pub fn start_env(listen: &str, env: &[(&str, &str)], extra: &[&str]) -> Relay {
         let mut all: Vec<String> = HIGH_RATES.iter().map(|s| s.to_string()).collect();
         // Later flags win for a typical CLI parser, but to be safe drop the defaults that the
         // caller overrides.
@@ -194,6 +202,7 @@ impl Relay {
             data_dir: fresh_dir("data"),
             addr: String::new(),
             extra: all,
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             logs: Arc::new((Mutex::new(Vec::new()), Condvar::new())),
             stdout: Arc::new((Mutex::new(Vec::new()), Condvar::new())),
             readers: Vec::new(),
@@ -215,6 +224,7 @@ impl Relay {
             .arg("--data")
             .arg(&self.data_dir)
             .args(&self.extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
