@@ -285,8 +285,11 @@ pub fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
             // A daemon still running sees the devices forgotten below and closes their sockets.
             Err(e) => out.warn(&format!("cannot stop the bridge daemon: {e}")),
         }
-        let n = store::forget_all(&dir)
+        let (n, note) = store::forget_all(&dir)
             .map_err(|e| fail(format!("cannot reset the LAN devices: {e}")))?;
+        if let Some(note) = note {
+            out.warn(&note);
+        }
         out.ok(&format!("Forgot {n} LAN device{}", if n == 1 { "" } else { "s" }));
     }
 
@@ -362,12 +365,21 @@ pub fn address_lost(saved: Option<&Status>) -> Option<IpAddr> {
     (!present).then_some(ip)
 }
 
+/// lan.json for `--status`, and the warning to show with it: a damaged file set aside (now or
+/// earlier), or lan.json that cannot be read at all.
+fn status_devices(dir: &Path) -> (store::LanState, Option<String>) {
+    match store::read(dir) {
+        Ok((lan, note)) => (lan, store::warning(dir, note)),
+        Err(e) => (store::LanState::default(), Some(e.to_string())),
+    }
+}
+
 /// The `lan` object of `--status --json`: `null` when there is neither a LAN daemon nor a LAN
-/// device.
+/// device nor a warning about lan.json.
 pub fn status_json(dir: &Path, saved: Option<&Status>) -> serde_json::Value {
-    let lan = store::read(dir).unwrap_or_default();
+    let (lan, warning) = status_devices(dir);
     let url = saved.and_then(|s| s.lan_url.clone());
-    if url.is_none() && lan.devices.is_empty() {
+    if url.is_none() && lan.devices.is_empty() && warning.is_none() {
         return serde_json::Value::Null;
     }
     let online =
@@ -391,12 +403,16 @@ pub fn status_json(dir: &Path, saved: Option<&Status>) -> serde_json::Value {
         "addressLost": address_lost(saved).is_some(),
         "devices": devices,
         "tokenExpiresAt": lan.token.as_ref().map(|t| t.expires_at),
+        "warning": warning,
     })
 }
 
 /// The LAN lines of `--status`.
 pub fn print_status(dir: &Path, saved: Option<&Status>, out: &Out) {
-    let lan = store::read(dir).unwrap_or_default();
+    let (lan, warning) = status_devices(dir);
+    if let Some(w) = &warning {
+        out.warn(w);
+    }
     match saved.and_then(|s| s.lan_url.as_deref()) {
         Some(url) => match address_lost(saved) {
             None => out.ok(&format!("LAN mode: serving {url} (no relay)")),
