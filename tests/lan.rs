@@ -1236,3 +1236,59 @@ fn a_revoke_that_cannot_be_saved_says_so() {
     env.run(&["--revoke", &client_id]).assert_code(0, "--revoke once writes work");
 }
 
+/// A wrong `--host` or a busy `--local-port` is found out before the working LAN daemon is
+/// stopped (or its devices forgotten, or its QR replaced): exit 1 naming the cause, and the
+/// daemon, its devices and the pending QR are as they were. `--refresh-code --local` refuses
+/// to move the running daemon (exit 2).
+#[test]
+fn a_bad_host_or_busy_port_leaves_the_running_daemon_alone() {
+    let env = Env::new();
+    let backend = Backend::start();
+    let (bp, lp) = (backend.port.to_string(), env.lan_port.to_string());
+    let first = env.pair_json(&backend, &[], &[]);
+    let (client_id, _, mut app) = pair_app(&first.url, &first.token);
+    let qr = env.pair_json(&backend, &["--refresh-code"], &[]);
+    let pid = env.pid().expect("a daemon");
+    let busy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy_port = busy.local_addr().unwrap().port().to_string();
+    let other_port = listen_port().to_string();
+
+    let cases: [(&[&str], i32, &str); 6] = [
+        (&["--local", "--host", "192.0.2.1"], 1, "192.0.2.1 is not an address of this machine"),
+        (&["--local", "--host", "127.0.0.1", "--local-port", &busy_port], 1, "is in use"),
+        (&["--reset", "--local", "--host", "192.0.2.1"], 1, "not an address of this machine"),
+        (&["--refresh-code", "--local", "--host", "192.0.2.1"], 2, "keeps what the running"),
+        (&["--refresh-code", "--local", "--local-port", &other_port], 2, "keeps what the running"),
+        (&["--refresh-code", "--local", "--local-port", &busy_port], 2, "keeps what the running"),
+    ];
+    for (args, code, why) in cases {
+        let mut args = args.to_vec();
+        args.extend(["--port", &bp]);
+        let run = env.run(&args);
+        run.assert_code(code, &args.join(" "));
+        assert!(run.all().contains(why), "{args:?}: {}", run.all());
+        assert!(!run.stdout.contains("hermes-local"), "{args:?}: {}", run.stdout);
+        assert_eq!(env.pid(), Some(pid), "{args:?} stopped the daemon");
+        assert!(env.lock_held(), "{args:?}: the daemon is gone");
+        assert_echo(&mut app, "still-served", &client_id);
+    }
+    // The pending QR from before is still the one that pairs.
+    let (second_id, _, _) = pair_app(&qr.url, &qr.token);
+    assert_ne!(second_id, client_id);
+    // The running daemon's own address and port, given again: fine, and it is kept.
+    let run = env.run(&[
+        "--refresh-code",
+        "--local",
+        "--host",
+        "127.0.0.1",
+        "--local-port",
+        &lp,
+        "--port",
+        &bp,
+        "--json",
+    ]);
+    run.assert_code(0, "--refresh-code --local with the running daemon's address");
+    assert_eq!(parse_local_payload(&run.stdout).url, qr.url);
+    assert_eq!(env.pid(), Some(pid));
+    drop(busy);
+}
