@@ -365,9 +365,10 @@ pub fn set_aside_warning(dir: &Path) -> Option<String> {
         n => format!(" (and {} older cop{})", n - 1, if n == 2 { "y" } else { "ies" }),
     };
     Some(format!(
-        "a damaged lan.json was set aside as {}{more} (bridge.log says why): LAN devices it \
-         held that are not listed here are cut off. Pair them again (hermeschat-pair \
-         --refresh-code --local), then delete that file to clear this warning",
+        "a damaged lan.json was set aside as {}{more}: LAN devices it held that are not \
+         listed here are cut off (why: bridge.log, or the command that found it). Pair them \
+         again (hermeschat-pair --refresh-code --local), then delete that file to clear this \
+         warning",
         newest.display()
     ))
 }
