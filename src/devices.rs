@@ -5,22 +5,38 @@
 use std::path::Path;
 
 use crate::cli::{Args, Exit, Out, fail, load_identity, state_dir, usage_error};
+use crate::lan::store::StoreError;
 use crate::protocol::{ClientInfo, is_client_id};
 use crate::registry_client::{Registry, RegistryError};
 
-fn registry_error(e: &RegistryError, registry: &Registry) -> Exit {
+/// What to do about a registry error: the next step, for the error or the warning line.
+fn registry_hint(e: &RegistryError, registry: &Registry) -> Option<String> {
     match e {
-        RegistryError::Unreachable { .. } => fail(format!(
-            "{e}\n  Check that your relay runs (curl {}/v1/health), then try again.",
+        RegistryError::Unreachable { .. } => Some(format!(
+            "check that your relay runs (curl {}/v1/health), then try again",
             registry.base()
         )),
         RegistryError::Api { code, .. } if code == "UNAUTHORIZED" || code == "BRIDGE_NOT_FOUND" => {
-            fail(format!(
-                "{e}\n  The registry no longer knows this bridge; run hermeschat-pair to register \
-                 anew (apps must scan the new QR code)."
-            ))
+            Some(
+                "the registry no longer knows this bridge; run hermeschat-pair to register anew \
+                 (apps must scan the new QR code)"
+                    .to_owned(),
+            )
         }
-        _ => fail(e.to_string()),
+        _ => None,
+    }
+}
+
+fn registry_error(e: &RegistryError, registry: &Registry) -> Exit {
+    match registry_hint(e, registry) {
+        Some(hint) => {
+            let mut hint = hint;
+            if let Some(first) = hint.get_mut(..1) {
+                first.make_ascii_uppercase();
+            }
+            fail(format!("{e}\n  {hint}."))
+        }
+        None => fail(e.to_string()),
     }
 }
 
@@ -104,12 +120,23 @@ fn table(clients: &[ClientInfo], now: u64) -> String {
     text
 }
 
-/// The LAN devices (`--local`) as rows of the table; online when the running LAN daemon has
-/// their socket. An unreadable lan.json lists none, with why (the relay's apps still count).
-fn lan_devices(dir: &Path) -> (Vec<ClientInfo>, Option<String>) {
-    let lan = match crate::lan::store::read(dir) {
-        Ok(lan) => lan,
-        Err(e) => return (Vec::new(), Some(lan_error(&e))),
+/// The LAN devices of `--devices`.
+struct LanList {
+    /// The devices as rows of the table; online when the running LAN daemon has their socket.
+    devices: Vec<ClientInfo>,
+    /// Why they are unknown: lan.json cannot be read (the relay's apps still count).
+    error: Option<String>,
+    /// A damaged lan.json was set aside (now or earlier): some devices may be missing.
+    warning: Option<String>,
+}
+
+/// The LAN devices (`--local`), from lan.json.
+fn lan_devices(dir: &Path) -> LanList {
+    let (lan, note) = match crate::lan::store::read(dir) {
+        Ok(read) => read,
+        Err(e) => {
+            return LanList { devices: Vec::new(), error: Some(e.to_string()), warning: None };
+        }
     };
     let serving = crate::cli::running_status(dir).filter(|s| s.lan_url.is_some());
     let devices = lan
@@ -123,44 +150,71 @@ fn lan_devices(dir: &Path) -> (Vec<ClientInfo>, Option<String>) {
             last_seen_at: d.last_seen_at,
         })
         .collect();
-    (devices, None)
-}
-
-/// Why the LAN devices are unknown.
-fn lan_error(e: &std::io::Error) -> String {
-    format!("cannot read the LAN devices (lan.json): {e}")
+    LanList { devices, error: None, warning: crate::lan::store::warning(dir, note) }
 }
 
 /// `--devices`: the apps paired through the relay, then the LAN devices (`--local`).
+///
+/// The LAN list is local, so it is printed even when the registry cannot be asked: then the
+/// relay part is one warning line (`relayError` and `"devices": null` with `--json`) and the
+/// exit code is 0, as when lan.json cannot be read and the relay's apps are listed. When
+/// neither part can be listed, the registry's error is the answer (exit 1).
 pub fn list(args: &Args) -> Result<(), Exit> {
     let out = Out::new(args.json);
     let dir = state_dir()?;
     let identity = load_identity(&dir, &out)?;
-    let (lan, lan_error) = lan_devices(&dir);
-    match (&identity, &lan_error) {
+    let lan = lan_devices(&dir);
+    if let Some(w) = &lan.warning {
+        out.warn(w);
+    }
+    match (&identity, &lan.error) {
         (None, Some(e)) => return Err(fail(e.clone())),
-        (None, None) if lan.is_empty() => return Err(no_pairing()),
-        (_, Some(e)) => out.warn(e),
+        (None, None) if lan.devices.is_empty() => return Err(no_pairing()),
         _ => {}
     }
-    let clients = match &identity {
-        Some(id) => {
-            let registry = Registry::new(&id.registry_url);
-            let clients = registry
-                .clients(&id.bridge_id, &id.relay_secret)
-                .map_err(|e| registry_error(&e, &registry))?;
-            Some((id, clients))
+    let relay = identity.as_ref().map(|id| {
+        let registry = Registry::new(&id.registry_url);
+        let clients = registry.clients(&id.bridge_id, &id.relay_secret);
+        (id, clients.map_err(|e| (e, registry)))
+    });
+    let mut relay_error = None;
+    let clients = match relay {
+        Some((id, Ok(clients))) => Some((id, clients)),
+        Some((_, Err((e, registry)))) => {
+            if lan.devices.is_empty() {
+                if let Some(lan_error) = &lan.error {
+                    out.warn(lan_error);
+                }
+                return Err(registry_error(&e, &registry));
+            }
+            let hint = registry_hint(&e, &registry).map(|h| format!("; {h}")).unwrap_or_default();
+            relay_error = Some(e.to_string());
+            out.warn(&format!("the apps paired through the relay are unknown: {e}{hint}"));
+            None
         }
         None => None,
     };
+    if let Some(e) = &lan.error {
+        out.warn(e);
+    }
     if args.json {
         let mut value = serde_json::json!({
-            "bridgeId": clients.as_ref().map(|(id, _)| &id.bridge_id),
-            "devices": clients.as_ref().map_or(&[][..], |(_, c)| c.as_slice()),
-            "lanDevices": lan,
+            "bridgeId": identity.as_ref().map(|id| &id.bridge_id),
+            "devices": match (&clients, &relay_error) {
+                (_, Some(_)) => serde_json::Value::Null,
+                (Some((_, c)), None) => serde_json::json!(c),
+                (None, None) => serde_json::json!([]),
+            },
+            "lanDevices": lan.devices,
         });
-        if let Some(e) = lan_error {
+        if let Some(e) = relay_error {
+            value["relayError"] = e.into();
+        }
+        if let Some(e) = lan.error {
             value["lanError"] = e.into();
+        }
+        if let Some(w) = lan.warning {
+            value["lanWarning"] = w.into();
         }
         println!("{value}");
         return Ok(());
@@ -182,10 +236,10 @@ pub fn list(args: &Args) -> Result<(), Exit> {
         }
         None => {}
     }
-    if !lan.is_empty() {
-        print_lan(&lan, &out);
+    if !lan.devices.is_empty() {
+        print_lan(&lan.devices, &out);
     }
-    if !lan.is_empty() || clients.is_some_and(|(_, c)| !c.is_empty()) {
+    if !lan.devices.is_empty() || clients.is_some_and(|(_, c)| !c.is_empty()) {
         out.info("Cut one off: hermeschat-pair --revoke <CLIENT ID>");
     }
     Ok(())
@@ -224,6 +278,7 @@ pub fn revoke(args: &Args, client_id: &str) -> Result<(), Exit> {
     let dir = state_dir()?;
     // A LAN device is forgotten here; a lan.json problem never stops a revoke at the registry.
     let mut lan_problem = None;
+    let mut lan_unsaved = None;
     let forgotten = match crate::lan::store::forget(&dir, client_id) {
         Ok((device, note)) => {
             if let Some(note) = note {
@@ -231,15 +286,31 @@ pub fn revoke(args: &Args, client_id: &str) -> Result<(), Exit> {
             }
             device
         }
+        // Nothing changed on disk: said as a write failure, never as "not paired".
+        Err(e @ StoreError::Write(_)) => {
+            lan_unsaved = Some(e.to_string());
+            None
+        }
         Err(e) => {
-            let e = lan_error(&e);
+            let e = e.to_string();
             out.warn(&e);
             lan_problem = Some(e);
             None
         }
     };
+    let unsaved = |e: &str| {
+        fail(format!(
+            "cannot revoke {client_id}: {e}\n  Nothing was changed in lan.json: a LAN device \
+             {client_id} stays paired and keeps working. Free some disk space (or fix what refuses writes) \
+             in {}, then run hermeschat-pair --revoke {client_id} again.",
+            dir.display()
+        ))
+    };
     // Not at the registry either: said with the LAN problem, since the device may be there.
     let not_found = |what: &str| {
+        if let Some(e) = &lan_unsaved {
+            return unsaved(e);
+        }
         let lan = lan_problem
             .as_ref()
             .map(|e| format!("\n  {e}: a LAN device {client_id} may still be paired."))
@@ -278,11 +349,21 @@ pub fn revoke(args: &Args, client_id: &str) -> Result<(), Exit> {
         .and_then(|cs| cs.into_iter().find(|c| c.client_id == client_id))
         .map(|c| c.device_name);
     match registry.revoke(&id.bridge_id, &id.relay_secret, client_id) {
-        Ok(()) => {}
+        // It was the relay's; the LAN list, which could not be saved, is as it was.
+        Ok(()) => {
+            if let Some(unsaved) = &lan_unsaved {
+                out.warn(&format!("LAN devices unchanged: {unsaved}"));
+            }
+        }
         Err(RegistryError::Api { code, .. }) if code == "CLIENT_NOT_FOUND" => {
             return Err(not_found("this bridge"));
         }
-        Err(e) => return Err(registry_error(&e, &registry)),
+        Err(e) => {
+            if let Some(unsaved) = &lan_unsaved {
+                out.warn(&format!("LAN devices unchanged: {unsaved}"));
+            }
+            return Err(registry_error(&e, &registry));
+        }
     }
     if args.json {
         println!("{}", serde_json::json!({ "revoked": client_id, "deviceName": name }));

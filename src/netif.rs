@@ -8,7 +8,10 @@
 //!   Prefixes, not substrings: Clawket's substring test skips `wlo1` (contains `lo`), a common
 //!   Linux Wi-Fi name;
 //! - private RFC 1918 addresses first, then carrier-grade NAT 100.64/10 (some ISPs' and
-//!   routers' LANs); anything else (public addresses) is never guessed — `--host` picks it;
+//!   routers' LANs) on an Ethernet/Wi-Fi interface only: 100.64/10 is also what Tailscale,
+//!   NetBird and other overlay VPNs use, and a phone on the same Wi-Fi cannot reach an
+//!   overlay address, so on any other interface name it is never guessed; anything else
+//!   (public addresses) is never guessed either — `--host` picks it;
 //! - within a class, Ethernet/Wi-Fi names (`en*`, `eth*`, `wlan*`, `wl*`, `wifi*`) first, then
 //!   the order the system lists the interfaces in (stable, so repeated runs agree).
 //!
@@ -125,7 +128,7 @@ fn rank(iface: &Iface) -> Option<u8> {
     }
     let class = if is_rfc1918(ip) {
         0
-    } else if is_cgnat(ip) {
+    } else if is_cgnat(ip) && is_preferred_name(&iface.name) {
         2
     } else {
         return None;
@@ -200,9 +203,10 @@ pub fn detect() -> Result<IpAddr, String> {
             .map(|f| format!("{} {}", f.name, f.addr))
             .collect();
         format!(
-            "no usable LAN address found (need a private 10.x / 172.16-31.x / 192.168.x or \
-             100.64/10 IPv4 address on a non-VPN, non-container interface; saw: {}).\n  Join \
-             the same Wi-Fi as your phone, or pass --host <this machine's LAN IP>.",
+            "no usable LAN address found (need a private 10.x / 172.16-31.x / 192.168.x IPv4 \
+             address on an interface that is not a VPN, tunnel, container or VM, or a 100.64/10 \
+             one on an Ethernet/Wi-Fi interface; saw: {}).\n  Join the same Wi-Fi as your \
+             phone, or pass --host <this machine's LAN IP>.",
             if seen.is_empty() { "none".to_owned() } else { seen.join(", ") }
         )
     })
@@ -267,6 +271,12 @@ mod tests {
         let list = [Iface::new("en0", "100.72.1.2"), Iface::new("bond0", "192.168.1.9")];
         assert_eq!(pick(&list).as_deref(), Some("192.168.1.9"));
         assert_eq!(pick(&list[..1]).as_deref(), Some("100.72.1.2"));
+        // 100.64/10 elsewhere is an overlay VPN's (NetBird's wt0, a renamed WireGuard link),
+        // which the phone cannot reach; RFC 1918 on such a name is still taken.
+        assert_eq!(pick(&[Iface::new("wt0", "100.70.1.2")]), None);
+        assert_eq!(pick(&[Iface::new("home", "100.101.102.103")]), None);
+        assert_eq!(pick(&[Iface::new("bond0", "100.72.1.2")]), None);
+        assert_eq!(pick(&[Iface::new("wlan0", "100.72.1.2")]).as_deref(), Some("100.72.1.2"));
         // 100.128/9 is outside 100.64/10: public.
         assert_eq!(pick(&[Iface::new("en0", "100.128.0.1")]), None);
         assert_eq!(pick(&[Iface::new("eth0", "203.0.113.7")]), None);

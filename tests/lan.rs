@@ -1069,3 +1069,226 @@ fn a_pairing_the_app_never_answered_is_taken_back() {
     assert_echo(&mut again, "r1", &client_id);
     assert_eq!(lan_devices().len(), 1);
 }
+
+/// Replaces `path` with `text` the way a program would (a new file renamed over it).
+fn replace_file(path: &std::path::Path, text: &str) {
+    let tmp = path.with_extension("test-tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// The copies of a damaged lan.json kept in the state directory.
+fn lan_json_copies(env: &Env) -> Vec<PathBuf> {
+    let mut copies: Vec<PathBuf> = std::fs::read_dir(&env.home)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("lan.json.corrupt-"))
+        .map(|e| e.path())
+        .collect();
+    copies.sort();
+    copies
+}
+
+/// Waits (10 s at most) until bridge.log holds `what`.
+#[track_caller]
+fn wait_log(env: &Env, what: &str) {
+    let deadline = Instant::now() + RECV;
+    while !env.log().contains(what) {
+        assert!(Instant::now() < deadline, "bridge.log never said {what:?}:\n{}", env.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// lan.json damaged under a running daemon: one bad field of one device drops that device
+/// only (its socket closes 4003; the others keep working), a file that is not JSON at all is
+/// moved aside; each time bridge.log says what happened, `--status` and `--devices` warn, and
+/// the damaged original is kept byte for byte.
+#[test]
+fn a_damaged_lan_json_is_told_and_its_valid_devices_kept() {
+    let env = Env::new();
+    let backend = Backend::start();
+    let bp = backend.port.to_string();
+    let qr = env.pair_json(&backend, &[], &[]);
+    let (good_id, _, mut good) = pair_app(&qr.url, &qr.token);
+    let token = env.pair_json(&backend, &["--refresh-code"], &[]).token;
+    let (bad_id, _, mut bad) = pair_app(&qr.url, &token);
+
+    // One field of one device goes bad.
+    let path = env.home.join("lan.json");
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    for d in v["devices"].as_array_mut().unwrap() {
+        if d["clientId"] == bad_id.as_str() {
+            d["lastSeenAt"] = json!("yesterday");
+        }
+    }
+    let damaged = serde_json::to_string_pretty(&v).unwrap();
+    replace_file(&path, &damaged);
+    assert_eq!(bad.wait_close(), Some(4003), "the dropped device's socket");
+    wait_log(&env, &format!("{bad_id} (invalid type: string \"yesterday\""));
+    assert!(env.log().contains("kept the 1 valid device"), "{}", env.log());
+    assert_echo(&mut good, "kept", &good_id);
+    let copies = lan_json_copies(&env);
+    assert_eq!(copies.len(), 1, "{copies:?}");
+    assert_eq!(std::fs::read_to_string(&copies[0]).unwrap(), damaged, "the original is kept");
+
+    let run = env.run(&["--status", "--port", &bp]);
+    run.assert_code(0, "--status after a device was dropped");
+    assert!(run.stdout.contains("LAN devices: 1 (1 online now)"), "{}", run.stdout);
+    assert!(run.stdout.contains("⚠ a damaged lan.json was set aside as"), "{}", run.stdout);
+    let status: Value =
+        serde_json::from_str(env.run(&["--status", "--json", "--port", &bp]).stdout.trim())
+            .unwrap();
+    let warning = status["lan"]["warning"].as_str().unwrap_or_default();
+    assert!(warning.contains(&copies[0].display().to_string()), "{status}");
+    let run = env.run(&["--devices", "--json"]);
+    run.assert_code(0, "--devices --json after a device was dropped");
+    let devices: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(devices["lanDevices"].as_array().map(Vec::len), Some(1), "{devices}");
+    assert_eq!(devices["lanDevices"][0]["clientId"], good_id.as_str(), "{devices}");
+    assert!(devices["lanWarning"].as_str().is_some_and(|w| w.contains("set aside")), "{devices}");
+    let run = env.run(&["--devices"]);
+    assert!(run.stdout.contains("⚠ a damaged lan.json was set aside"), "{}", run.stdout);
+
+    // Not JSON at all: moved aside whole, and said.
+    replace_file(&path, "{\"v\": 1, \"devices\": [");
+    assert_eq!(good.wait_close(), Some(4003), "a device of the unusable file");
+    wait_log(&env, "lan.json was unusable (not valid JSON");
+    let run = env.run(&["--status", "--port", &bp]);
+    assert!(run.stdout.contains("LAN devices: 0"), "{}", run.stdout);
+    assert!(run.stdout.contains("⚠ a damaged lan.json was set aside"), "{}", run.stdout);
+    assert_eq!(lan_json_copies(&env).len(), 2);
+}
+
+/// `--devices` with the relay down: the LAN devices are local, so they are listed (exit 0)
+/// with one warning line for the relay's apps (`relayError`, `"devices": null` in JSON).
+#[test]
+fn devices_lists_the_lan_devices_when_the_relay_is_down() {
+    let env = Env::new();
+    let backend = Backend::start();
+    let mut relay = Relay::new();
+    let bp = backend.port.to_string();
+    env.run(&["--json", "--server", &relay.url(), "--port", &bp]).assert_code(0, "relay pairing");
+    let qr = env.pair_json(&backend, &[], &[]);
+    let (client_id, _, _app) = pair_app(&qr.url, &qr.token);
+    relay.kill();
+
+    for extra in [&[][..], &["--local"][..]] {
+        let mut args = vec!["--devices"];
+        args.extend_from_slice(extra);
+        let run = env.run(&args);
+        run.assert_code(0, "--devices with the relay down");
+        assert!(run.stdout.contains(&client_id), "{}", run.all());
+        let warnings: Vec<&str> = run.stdout.lines().filter(|l| l.starts_with('⚠')).collect();
+        assert_eq!(warnings.len(), 1, "{}", run.stdout);
+        assert!(warnings[0].contains("paired through the relay are unknown"), "{}", run.stdout);
+        assert!(warnings[0].contains("/v1/health"), "the next step: {}", run.stdout);
+
+        args.push("--json");
+        let run = env.run(&args);
+        run.assert_code(0, "--devices --json with the relay down");
+        let v: Value = serde_json::from_str(&run.stdout).unwrap();
+        assert_eq!(v["devices"], Value::Null, "unknown, not empty: {v}");
+        assert!(v["relayError"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
+        assert_eq!(v["lanDevices"][0]["clientId"], client_id.as_str(), "{v}");
+    }
+}
+
+/// Makes `dir` immutable (`chattr +i`: even root cannot create or rename files in it, as with
+/// a full disk) until dropped. `None` where the filesystem does not support it.
+struct Immutable(PathBuf);
+
+impl Immutable {
+    fn new(dir: &std::path::Path) -> Option<Immutable> {
+        let ok = Command::new("chattr").arg("+i").arg(dir).status().is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("note: chattr +i is not supported here; skipping the unwritable check");
+        }
+        ok.then(|| Immutable(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
+    }
+}
+
+/// `--revoke` of a LAN device when lan.json cannot be written: a write failure, said as one,
+/// with nothing changed (no "cannot read", no "already revoked?"); it works once writes do.
+#[test]
+fn a_revoke_that_cannot_be_saved_says_so() {
+    let env = Env::new();
+    let backend = Backend::start();
+    let qr = env.pair_json(&backend, &[], &[]);
+    let (client_id, secret, app) = pair_app(&qr.url, &qr.token);
+    drop(app);
+    let before = std::fs::read(env.home.join("lan.json")).unwrap();
+    let Some(guard) = Immutable::new(&env.home) else { return };
+    let run = env.run(&["--revoke", &client_id]);
+    drop(guard);
+    run.assert_code(1, "--revoke with an unwritable lan.json");
+    let all = run.all();
+    assert!(all.contains("cannot save the LAN devices (lan.json)"), "{all}");
+    assert!(all.contains("Nothing was changed"), "{all}");
+    assert!(!all.contains("cannot read") && !all.contains("already revoked"), "{all}");
+    assert_eq!(std::fs::read(env.home.join("lan.json")).unwrap(), before);
+    reconnect(&qr.url, &secret);
+    env.run(&["--revoke", &client_id]).assert_code(0, "--revoke once writes work");
+}
+
+/// A wrong `--host` or a busy `--local-port` is found out before the working LAN daemon is
+/// stopped (or its devices forgotten, or its QR replaced): exit 1 naming the cause, and the
+/// daemon, its devices and the pending QR are as they were. `--refresh-code --local` refuses
+/// to move the running daemon (exit 2).
+#[test]
+fn a_bad_host_or_busy_port_leaves_the_running_daemon_alone() {
+    let env = Env::new();
+    let backend = Backend::start();
+    let (bp, lp) = (backend.port.to_string(), env.lan_port.to_string());
+    let first = env.pair_json(&backend, &[], &[]);
+    let (client_id, _, mut app) = pair_app(&first.url, &first.token);
+    let qr = env.pair_json(&backend, &["--refresh-code"], &[]);
+    let pid = env.pid().expect("a daemon");
+    let busy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy_port = busy.local_addr().unwrap().port().to_string();
+    let other_port = listen_port().to_string();
+
+    let cases: [(&[&str], i32, &str); 6] = [
+        (&["--local", "--host", "192.0.2.1"], 1, "192.0.2.1 is not an address of this machine"),
+        (&["--local", "--host", "127.0.0.1", "--local-port", &busy_port], 1, "is in use"),
+        (&["--reset", "--local", "--host", "192.0.2.1"], 1, "not an address of this machine"),
+        (&["--refresh-code", "--local", "--host", "192.0.2.1"], 2, "keeps what the running"),
+        (&["--refresh-code", "--local", "--local-port", &other_port], 2, "keeps what the running"),
+        (&["--refresh-code", "--local", "--local-port", &busy_port], 2, "keeps what the running"),
+    ];
+    for (args, code, why) in cases {
+        let mut args = args.to_vec();
+        args.extend(["--port", &bp]);
+        let run = env.run(&args);
+        run.assert_code(code, &args.join(" "));
+        assert!(run.all().contains(why), "{args:?}: {}", run.all());
+        assert!(!run.stdout.contains("hermes-local"), "{args:?}: {}", run.stdout);
+        assert_eq!(env.pid(), Some(pid), "{args:?} stopped the daemon");
+        assert!(env.lock_held(), "{args:?}: the daemon is gone");
+        assert_echo(&mut app, "still-served", &client_id);
+    }
+    // The pending QR from before is still the one that pairs.
+    let (second_id, _, _) = pair_app(&qr.url, &qr.token);
+    assert_ne!(second_id, client_id);
+    // The running daemon's own address and port, given again: fine, and it is kept.
+    let run = env.run(&[
+        "--refresh-code",
+        "--local",
+        "--host",
+        "127.0.0.1",
+        "--local-port",
+        &lp,
+        "--port",
+        &bp,
+        "--json",
+    ]);
+    run.assert_code(0, "--refresh-code --local with the running daemon's address");
+    assert_eq!(parse_local_payload(&run.stdout).url, qr.url);
+    assert_eq!(env.pid(), Some(pid));
+    drop(busy);
+}

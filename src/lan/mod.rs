@@ -205,6 +205,54 @@ pub(crate) fn running_lan(dir: &Path) -> Option<(IpAddr, u16)> {
     Some((addr.ip(), addr.port()))
 }
 
+/// `--refresh-code --local` while a LAN daemon runs: a new QR for what it serves. Another
+/// `--host` or `--local-port` is refused (exit 2) rather than restarting it: the LAN devices
+/// keep the address they scanned, so moving the server is `hermeschat-pair --local`'s job.
+fn refresh_keeps(
+    host: IpAddr,
+    port: u16,
+    host_arg: Option<IpAddr>,
+    port_arg: Option<u16>,
+) -> Result<(), Exit> {
+    if host_arg.is_none_or(|h| h == host) && port_arg.is_none_or(|p| p == port) {
+        return Ok(());
+    }
+    let wanted = ws_url(host_arg.unwrap_or(host), port_arg.unwrap_or(port));
+    Err(usage_error(format!(
+        "--refresh-code --local keeps what the running LAN daemon serves ({}), so it cannot move \
+         to {wanted}; nothing was changed.\n  Run hermeschat-pair --refresh-code --local without \
+         --host/--local-port for a new QR, or hermeschat-pair --local with them to restart the \
+         daemon there (LAN devices paired with the old address must then scan the new QR).",
+        ws_url(host, port)
+    )))
+}
+
+/// Checks, before a running daemon is stopped, that `lan`'s address is this machine's and its
+/// port free: binds it and lets it go. Skipped when the running LAN daemon already serves that
+/// very address and port (it holds them, and keeps serving them).
+fn check_servable(dir: &Path, lan: &LanConfig) -> Result<(), Exit> {
+    if running_lan(dir) == Some((lan.host, lan.port)) {
+        return Ok(());
+    }
+    match server::bind(SocketAddr::new(lan.host, lan.port)) {
+        Ok(probe) => {
+            drop(probe);
+            Ok(())
+        }
+        Err(e) => {
+            let kept = match daemon::running(dir) {
+                Some(pid) => format!("the running bridge daemon (pid {pid}) is untouched"),
+                None => "no daemon was started".to_owned(),
+            };
+            Err(fail(format!(
+                "cannot serve the LAN on {}: {e}\n  Nothing was changed: {kept}, and the last \
+                 QR code is still the one that pairs.",
+                lan.url()
+            )))
+        }
+    }
+}
+
 /// Makes sure a LAN-mode daemon serves `lan` against `target`: keeps a matching one, restarts
 /// a relay-mode or differently configured one, starts one when none runs.
 fn ensure_lan_daemon(
@@ -260,10 +308,13 @@ pub fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
     let mut config = cli::load_config(&dir, &out)?;
     // A bad --host is a usage error, reported before anything runs.
     let host_override = args.host.as_deref().map(parse_host).transpose()?;
+    // --refresh-code keeps what the running LAN daemon serves, and nothing else.
+    let running = if mode == PairMode::RefreshCode { running_lan(&dir) } else { None };
+    if let Some((h, p)) = running {
+        refresh_keeps(h, p, host_override, args.local_port)?;
+    }
     let backend = cli::backend_gate(args, &config, &out)?;
     crate::gateway::ensure(&out);
-    // --refresh-code keeps what the running LAN daemon serves unless told otherwise.
-    let running = if mode == PairMode::RefreshCode { running_lan(&dir) } else { None };
     let (host, how) = match (host_override, running) {
         (Some(h), _) => (h, " (--host)"),
         (None, Some((h, _))) => (h, " (as the running daemon)"),
@@ -278,6 +329,8 @@ pub fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
     let target = backend.target.clone();
 
     if mode == PairMode::Reset {
+        // Nothing is stopped or forgotten for an address or port that cannot be served.
+        check_servable(&dir, &lan)?;
         match daemon::stop(&dir, Duration::from_secs(5)) {
             Ok(Stopped::Terminated(pid) | Stopped::Killed(pid)) => out
                 .ok(&format!("Stopped the bridge daemon (pid {pid}); every LAN socket is closed")),
@@ -285,8 +338,11 @@ pub fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
             // A daemon still running sees the devices forgotten below and closes their sockets.
             Err(e) => out.warn(&format!("cannot stop the bridge daemon: {e}")),
         }
-        let n = store::forget_all(&dir)
+        let (n, note) = store::forget_all(&dir)
             .map_err(|e| fail(format!("cannot reset the LAN devices: {e}")))?;
+        if let Some(note) = note {
+            out.warn(&note);
+        }
         out.ok(&format!("Forgot {n} LAN device{}", if n == 1 { "" } else { "s" }));
     }
 
@@ -305,6 +361,9 @@ pub fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
             url
         }
         None => {
+            // Checked before the running daemon is stopped and the pending token replaced, so
+            // a wrong --host or a busy --local-port leaves both as they were.
+            check_servable(&dir, &lan)?;
             let note = store::set_token(&dir, &token, now, expires_at)
                 .map_err(|e| fail(format!("cannot save the LAN pairing token: {e}")))?;
             if let Some(note) = note {
@@ -362,12 +421,21 @@ pub fn address_lost(saved: Option<&Status>) -> Option<IpAddr> {
     (!present).then_some(ip)
 }
 
+/// lan.json for `--status`, and the warning to show with it: a damaged file set aside (now or
+/// earlier), or lan.json that cannot be read at all.
+fn status_devices(dir: &Path) -> (store::LanState, Option<String>) {
+    match store::read(dir) {
+        Ok((lan, note)) => (lan, store::warning(dir, note)),
+        Err(e) => (store::LanState::default(), Some(e.to_string())),
+    }
+}
+
 /// The `lan` object of `--status --json`: `null` when there is neither a LAN daemon nor a LAN
-/// device.
+/// device nor a warning about lan.json.
 pub fn status_json(dir: &Path, saved: Option<&Status>) -> serde_json::Value {
-    let lan = store::read(dir).unwrap_or_default();
+    let (lan, warning) = status_devices(dir);
     let url = saved.and_then(|s| s.lan_url.clone());
-    if url.is_none() && lan.devices.is_empty() {
+    if url.is_none() && lan.devices.is_empty() && warning.is_none() {
         return serde_json::Value::Null;
     }
     let online =
@@ -391,12 +459,16 @@ pub fn status_json(dir: &Path, saved: Option<&Status>) -> serde_json::Value {
         "addressLost": address_lost(saved).is_some(),
         "devices": devices,
         "tokenExpiresAt": lan.token.as_ref().map(|t| t.expires_at),
+        "warning": warning,
     })
 }
 
 /// The LAN lines of `--status`.
 pub fn print_status(dir: &Path, saved: Option<&Status>, out: &Out) {
-    let lan = store::read(dir).unwrap_or_default();
+    let (lan, warning) = status_devices(dir);
+    if let Some(w) = &warning {
+        out.warn(w);
+    }
     match saved.and_then(|s| s.lan_url.as_deref()) {
         Some(url) => match address_lost(saved) {
             None => out.ok(&format!("LAN mode: serving {url} (no relay)")),

@@ -325,6 +325,8 @@ pub struct Server {
     /// replaced whole on every write, so the inode tells writes apart where a coarse clock
     /// would not.
     devices_seen: Option<(std::time::SystemTime, u64, u64)>,
+    /// The last error reading lan.json that was logged (retried every second, logged once).
+    devices_error: Option<String>,
     ws_config: WebSocketConfig,
     max_queued: usize,
     /// The stop flag was seen: sockets are no longer read.
@@ -361,6 +363,7 @@ impl Server {
             failures: Failures::default(),
             own,
             devices_seen: None,
+            devices_error: None,
             ws_config,
             max_queued: limits.max_queued_bytes,
             draining: false,
@@ -502,11 +505,14 @@ impl Server {
     fn undo_pairing(&mut self, client_id: &str, token: PendingToken) {
         match store::undo_pairing(&self.state_dir, client_id, token, crate::relay::now_ms()) {
             // Already forgotten (revoked meanwhile).
-            Ok(None) => {}
-            Ok(Some(restored)) => log(&format!(
-                "lan: app {client_id} left before its pairing was confirmed; forgot it{}",
-                if restored { " (the same QR code can be scanned again)" } else { "" }
-            )),
+            Ok((None, note)) => log_note(note),
+            Ok((Some(restored), note)) => {
+                log_note(note);
+                log(&format!(
+                    "lan: app {client_id} left before its pairing was confirmed; forgot it{}",
+                    if restored { " (the same QR code can be scanned again)" } else { "" }
+                ));
+            }
             Err(e) => log(&format!(
                 "lan: cannot forget app {client_id}, whose pairing was never confirmed: {e} \
                  (remove it with hermeschat-pair --revoke {client_id})"
@@ -684,7 +690,7 @@ impl Server {
         let result = store::authorize(&self.state_dir, &credential, &name, crate::relay::now_ms());
         let session = match result {
             Err(e) => {
-                log(&format!("lan: cannot read the LAN devices: {e}"));
+                log(&format!("lan: {e}"));
                 let r = refuse(500, p::api_code::INTERNAL, "the bridge cannot read its state", &[]);
                 return (r, After::Close);
             }
@@ -1102,7 +1108,22 @@ impl Server {
         if seen == self.devices_seen {
             return;
         }
-        let Ok(state) = store::read(&self.state_dir) else { return };
+        let state = match store::read(&self.state_dir) {
+            Ok((state, note)) => {
+                log_note(note);
+                self.devices_error = None;
+                state
+            }
+            Err(e) => {
+                // Tried again in a second; said once while it lasts.
+                let e = e.to_string();
+                if self.devices_error.as_ref() != Some(&e) {
+                    log(&format!("lan: {e}; a device revoked meanwhile keeps its socket for now"));
+                    self.devices_error = Some(e);
+                }
+                return;
+            }
+        };
         self.devices_seen = seen;
         let known = |client: &str| state.devices.iter().any(|d| d.client_id == client);
         let forgotten: Vec<usize> =
@@ -1179,6 +1200,13 @@ impl Server {
         }
         self.status.update(|s| s.apps_online.clear());
         log("lan: server stopped");
+    }
+}
+
+/// Logs what [`store`] says about a damaged lan.json it set aside (the only trace of it then).
+fn log_note(note: Option<String>) {
+    if let Some(note) = note {
+        log(&format!("lan: {note}"));
     }
 }
 

@@ -127,49 +127,262 @@ pub enum Refused {
     Expired,
 }
 
-/// Reads `lan.json` (empty when missing; an unusable file is moved aside and logged by the
-/// caller through the returned note).
-fn load(dir: &Path) -> io::Result<(LanState, Option<String>)> {
-    match state::load_or_move_aside::<LanState>(
-        &lan_json(dir),
-        Some(LAN_STATE_VERSION),
-        LanState::validate,
-    ) {
-        Ok(Loaded::Ok(s)) => Ok((s, None)),
-        Ok(Loaded::Missing) => Ok((LanState::default(), None)),
-        Ok(Loaded::MovedAside { reason, moved_to }) => Ok((
-            LanState::default(),
-            Some(format!(
-                "lan.json was unusable ({reason}); kept it as {} and started fresh",
-                moved_to.display()
-            )),
-        )),
-        Err(e) => Err(io::Error::other(e.to_string())),
+/// Why `lan.json` could not be used: reading (the lock, the file) and writing are told apart,
+/// so a full disk during a change is never reported as an unreadable file.
+#[derive(Debug)]
+pub enum StoreError {
+    /// `lan.lock` or `lan.json` could not be opened or read; nothing was changed.
+    Read(io::Error),
+    /// A change could not be saved; `lan.json` is as it was before.
+    Write(io::Error),
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::Read(e) => write!(f, "cannot read the LAN devices (lan.json): {e}"),
+            StoreError::Write(e) => write!(f, "cannot save the LAN devices (lan.json): {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            StoreError::Read(e) | StoreError::Write(e) => Some(e),
+        }
+    }
+}
+
+/// What [`salvage`] made of the bytes of `lan.json`.
+enum Salvaged {
+    /// Everything in it is valid.
+    Whole(LanState),
+    /// A version-1 file some entries of which are unusable: the valid rest, and what was
+    /// dropped (one line each, for the log).
+    Partly(LanState, Vec<String>),
+    /// Not a version-1 `lan.json` at all (not JSON, not an object, another version).
+    Unusable,
+}
+
+/// Reads a version-1 `lan.json` entry by entry: every device (and the token) that parses and
+/// passes the checks is kept, each other one is named in the list of what was dropped, so one
+/// damaged field of one device never cuts the others off.
+fn salvage(bytes: &[u8]) -> Salvaged {
+    use serde_json::Value;
+    let Ok(Value::Object(mut top)) = serde_json::from_slice::<Value>(bytes) else {
+        return Salvaged::Unusable;
+    };
+    if top.get("v").and_then(Value::as_u64) != Some(u64::from(LAN_STATE_VERSION)) {
+        return Salvaged::Unusable;
+    }
+    let hex64 = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let why = |e: serde_json::Error| state::redact_secrets(&e.to_string());
+    let mut dropped = Vec::new();
+    let token = match top.remove("token") {
+        None | Some(Value::Null) => None,
+        Some(v) => match serde_json::from_value::<PendingToken>(v) {
+            Ok(t) if hex64(&t.digest) => Some(t),
+            Ok(_) => {
+                dropped.push("the pending pairing token (malformed digest)".to_owned());
+                None
+            }
+            Err(e) => {
+                dropped.push(format!("the pending pairing token ({})", why(e)));
+                None
+            }
+        },
+    };
+    let entries = match top.remove("devices") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(list)) => list,
+        Some(_) => {
+            dropped.push("the device list (\"devices\" is not a list)".to_owned());
+            Vec::new()
+        }
+    };
+    let mut devices = Vec::with_capacity(entries.len());
+    for (i, entry) in entries.into_iter().enumerate() {
+        let id = entry
+            .get("clientId")
+            .and_then(Value::as_str)
+            .filter(|id| crate::protocol::is_client_id(id))
+            .map(|id| format!(" {id}"))
+            .unwrap_or_default();
+        match serde_json::from_value::<LanDevice>(entry) {
+            Ok(d) if hex64(&d.secret_digest) => devices.push(d),
+            Ok(_) => dropped.push(format!("device #{}{id} (malformed secretDigest)", i + 1)),
+            Err(e) => dropped.push(format!("device #{}{id} ({})", i + 1, why(e))),
+        }
+    }
+    let s = LanState { v: LAN_STATE_VERSION, token, devices };
+    if dropped.is_empty() { Salvaged::Whole(s) } else { Salvaged::Partly(s, dropped) }
+}
+
+/// Writes a copy of `bytes` (the damaged `lan.json`) next to it as `lan.json.corrupt-<secs>`
+/// (`.1`, `.2`, … when taken; mode 0600, never overwriting anything). Returns its path.
+fn keep_copy(path: &Path, bytes: &[u8]) -> io::Result<PathBuf> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let base = format!("lan.json.corrupt-{secs}");
+    for n in 0..1000 {
+        let name = if n == 0 { base.clone() } else { format!("{base}.{n}") };
+        let copy = path.with_file_name(name);
+        let file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&copy);
+        match file {
+            Ok(mut f) => {
+                let written = f.write_all(bytes).and_then(|()| f.sync_all());
+                if let Err(e) = written {
+                    let _ = std::fs::remove_file(&copy);
+                    return Err(io::Error::new(e.kind(), format!("{}: {e}", copy.display())));
+                }
+                return Ok(copy);
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", copy.display()))),
+        }
+    }
+    Err(io::Error::new(io::ErrorKind::AlreadyExists, "too many copies of lan.json already"))
+}
+
+/// Reads `lan.json` (empty when missing). Devices and a token that are unusable are dropped
+/// and the rest kept (the original is first copied aside); a file that is not a version-1
+/// `lan.json` at all is moved aside whole. Either way the returned note says what happened,
+/// for the caller to log or print: the note is the only trace of it at that moment.
+fn load(dir: &Path) -> Result<(LanState, Option<String>), StoreError> {
+    let path = lan_json(dir);
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((LanState::default(), None)),
+        Err(e) => {
+            return Err(StoreError::Read(io::Error::new(
+                e.kind(),
+                format!("{}: {e}", path.display()),
+            )));
+        }
+    };
+    match salvage(&bytes) {
+        Salvaged::Whole(s) => Ok((s, None)),
+        Salvaged::Partly(s, dropped) => {
+            // Nothing is lost: the original is kept before the cleaned file replaces it, and
+            // when it cannot be kept nothing is changed.
+            let copy = keep_copy(&path, &bytes).map_err(StoreError::Write)?;
+            state::write_json(&path, &s)
+                .map_err(|e| StoreError::Write(io::Error::other(e.to_string())))?;
+            let n = s.devices.len();
+            Ok((
+                s,
+                Some(format!(
+                    "lan.json had unusable entries, dropped: {}; kept the {n} valid device{} \
+                     (the original is kept as {}; a dropped device must pair again: \
+                     hermeschat-pair --refresh-code --local)",
+                    dropped.join("; "),
+                    if n == 1 { "" } else { "s" },
+                    copy.display()
+                )),
+            ))
+        }
+        Salvaged::Unusable => {
+            match state::load_or_move_aside::<LanState>(
+                &path,
+                Some(LAN_STATE_VERSION),
+                LanState::validate,
+            ) {
+                Ok(Loaded::Ok(s)) => Ok((s, None)),
+                Ok(Loaded::Missing) => Ok((LanState::default(), None)),
+                Ok(Loaded::MovedAside { reason, moved_to }) => Ok((
+                    LanState::default(),
+                    Some(format!(
+                        "lan.json was unusable ({reason}); kept it as {} and started with no LAN \
+                         devices: they are cut off until they pair again (hermeschat-pair \
+                         --refresh-code --local)",
+                        moved_to.display()
+                    )),
+                )),
+                // Written by a newer version: left as it is.
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => Err(StoreError::Read(e)),
+                Err(e) => Err(StoreError::Write(e)),
+            }
+        }
     }
 }
 
 /// Runs `f` on the state under the lock and saves the result when `f` says it changed.
-/// Returns `f`'s value and a note about a moved-aside file, if any.
+/// Returns `f`'s value and a note about a damaged file set aside, if any.
 pub fn update<R>(
     dir: &Path,
     f: impl FnOnce(&mut LanState) -> (R, bool),
-) -> io::Result<(R, Option<String>)> {
-    let _lock = FileLock::acquire(&lan_lock(dir))?;
+) -> Result<(R, Option<String>), StoreError> {
+    let _lock = FileLock::acquire(&lan_lock(dir)).map_err(StoreError::Read)?;
     let (mut s, note) = load(dir)?;
     let (value, changed) = f(&mut s);
     if changed {
-        state::write_json(&lan_json(dir), &s).map_err(|e| io::Error::other(e.to_string()))?;
+        state::write_json(&lan_json(dir), &s)
+            .map_err(|e| StoreError::Write(io::Error::other(e.to_string())))?;
     }
     Ok((value, note))
 }
 
-/// A read-only snapshot (empty, and no lock file created, when `--local` was never used).
-pub fn read(dir: &Path) -> io::Result<LanState> {
+/// A read-only snapshot (empty, and no lock file created, when `--local` was never used), and
+/// a note when a damaged `lan.json` was set aside just now (log or print it: nothing else
+/// tells of it at the time; [`set_aside_warning`] tells of it later).
+pub fn read(dir: &Path) -> Result<(LanState, Option<String>), StoreError> {
     if !lan_json(dir).exists() {
-        return Ok(LanState::default());
+        return Ok((LanState::default(), None));
     }
-    let _lock = FileLock::acquire(&lan_lock(dir))?;
-    Ok(load(dir)?.0)
+    let _lock = FileLock::acquire(&lan_lock(dir)).map_err(StoreError::Read)?;
+    load(dir)
+}
+
+/// The copies of a damaged `lan.json` kept in `dir` (`lan.json.corrupt-<secs>`,
+/// `lan.json.v<n>-<secs>`, with an optional `.<n>`), newest first.
+pub fn set_aside_copies(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut found: Vec<(std::time::SystemTime, PathBuf)> = entries
+        .filter_map(Result::ok)
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.strip_prefix("lan.json.").is_some_and(|rest| {
+                rest.starts_with("corrupt-")
+                    || (rest.starts_with('v')
+                        && rest[1..].starts_with(|c: char| c.is_ascii_digit()))
+            })
+        })
+        .map(|e| {
+            let at = e.metadata().and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH);
+            (at, e.path())
+        })
+        .collect();
+    found.sort_by(|a, b| b.cmp(a));
+    found.into_iter().map(|(_, p)| p).collect()
+}
+
+/// The warning `--status` and `--devices` print while a damaged `lan.json` is kept aside
+/// (whoever set it aside, whenever): LAN devices may be missing. `None` when there is none.
+pub fn set_aside_warning(dir: &Path) -> Option<String> {
+    let copies = set_aside_copies(dir);
+    let newest = copies.first()?;
+    let more = match copies.len() {
+        1 => String::new(),
+        n => format!(" (and {} older cop{})", n - 1, if n == 2 { "y" } else { "ies" }),
+    };
+    Some(format!(
+        "a damaged lan.json was set aside as {}{more}: LAN devices it held that are not \
+         listed here are cut off (why: bridge.log, or the command that found it). Pair them \
+         again (hermeschat-pair --refresh-code --local), then delete that file to clear this \
+         warning",
+        newest.display()
+    ))
+}
+
+/// What to tell the user about lan.json after a load: the note of what happened just now,
+/// else the standing warning about a copy kept aside.
+pub fn warning(dir: &Path, note: Option<String>) -> Option<String> {
+    note.or_else(|| set_aside_warning(dir))
 }
 
 /// Makes `token` the pending pairing token (replacing any previous one), valid until
@@ -179,7 +392,7 @@ pub fn set_token(
     token: &str,
     now_ms: u64,
     expires_at: u64,
-) -> io::Result<Option<String>> {
+) -> Result<Option<String>, StoreError> {
     let pending =
         PendingToken { digest: secret::hex(&secret::digest(token)), issued_at: now_ms, expires_at };
     update(dir, |s| {
@@ -189,8 +402,9 @@ pub fn set_token(
     .map(|((), note)| note)
 }
 
-/// Forgets every device and the pending token. Returns how many devices there were.
-pub fn forget_all(dir: &Path) -> io::Result<usize> {
+/// Forgets every device and the pending token. Returns how many devices there were, and a
+/// note about a damaged file set aside, if any.
+pub fn forget_all(dir: &Path) -> Result<(usize, Option<String>), StoreError> {
     update(dir, |s| {
         let n = s.devices.len();
         let changed = n > 0 || s.token.is_some();
@@ -198,13 +412,15 @@ pub fn forget_all(dir: &Path) -> io::Result<usize> {
         s.token = None;
         (n, changed)
     })
-    .map(|(n, _)| n)
 }
 
 /// Forgets one device: its secret stops working, and the running LAN server closes its socket
 /// (it watches lan.json). Returns the device when it was known, and a note about a moved-aside
 /// file, if any.
-pub fn forget(dir: &Path, client_id: &str) -> io::Result<(Option<LanDevice>, Option<String>)> {
+pub fn forget(
+    dir: &Path,
+    client_id: &str,
+) -> Result<(Option<LanDevice>, Option<String>), StoreError> {
     if !lan_json(dir).exists() {
         return Ok((None, None));
     }
@@ -220,13 +436,14 @@ pub fn forget(dir: &Path, client_id: &str) -> io::Result<(Option<LanDevice>, Opt
 /// before the app sent a single frame. The device is forgotten and `token` is pending again,
 /// so the same QR code can be scanned again, unless a newer token was issued since or it has
 /// expired. Returns whether the token is pending again, or `None` when the device was
-/// already gone (revoked meanwhile) and nothing changed.
+/// already gone (revoked meanwhile) and nothing changed; and a note about a damaged file set
+/// aside, if any.
 pub fn undo_pairing(
     dir: &Path,
     client_id: &str,
     token: PendingToken,
     now_ms: u64,
-) -> io::Result<Option<bool>> {
+) -> Result<(Option<bool>, Option<String>), StoreError> {
     update(dir, |s| {
         let Some(at) = s.devices.iter().position(|d| d.client_id == client_id) else {
             return (None, false);
@@ -238,7 +455,6 @@ pub fn undo_pairing(
         }
         (Some(restored), true)
     })
-    .map(|(restored, _)| restored)
 }
 
 /// Constant-time comparison of `credential`'s digest with a stored hex digest.
@@ -254,7 +470,7 @@ pub fn authorize(
     credential: &str,
     device_name: &str,
     now_ms: u64,
-) -> io::Result<(Result<Authorized, Refused>, Option<String>)> {
+) -> Result<(Result<Authorized, Refused>, Option<String>), StoreError> {
     update(dir, |s| {
         if credential.starts_with("hpt_") {
             let Some(pending) = &s.token else { return (Err(Refused::Invalid), false) };
@@ -342,7 +558,7 @@ mod tests {
         let t2 = secret::new_pairing_token();
         set_token(&d, &t2, 10_000, 11_000).unwrap();
         assert_eq!(authorize(&d, &t2, "x", 11_000).unwrap().0, Err(Refused::Expired));
-        assert_eq!(forget_all(&d).unwrap(), 1);
+        assert_eq!(forget_all(&d).unwrap().0, 1);
         assert_eq!(authorize(&d, &client_secret, "", 12_000).unwrap().0, Err(Refused::Invalid));
         let _ = std::fs::remove_dir_all(&d);
     }
@@ -361,10 +577,10 @@ mod tests {
         let d = dir("undo");
         let token = secret::new_pairing_token();
         let (device, used) = pair(&d, &token, 1_000);
-        assert_eq!(undo_pairing(&d, &device, used.clone(), 2_000).unwrap(), Some(true));
-        assert!(read(&d).unwrap().devices.is_empty());
+        assert_eq!(undo_pairing(&d, &device, used.clone(), 2_000).unwrap().0, Some(true));
+        assert!(read(&d).unwrap().0.devices.is_empty());
         // Once: the device is gone, so a second undo changes nothing.
-        assert_eq!(undo_pairing(&d, &device, used, 2_001).unwrap(), None);
+        assert_eq!(undo_pairing(&d, &device, used, 2_001).unwrap().0, None);
         // The same token pairs again.
         let (device, used) = match authorize(&d, &token, "Phone", 3_000).unwrap().0 {
             Ok(Authorized::Paired { client_id, token, .. }) => (client_id, token),
@@ -372,13 +588,70 @@ mod tests {
         };
         // A newer token stays; the old one is not brought back.
         set_token(&d, &secret::new_pairing_token(), 4_000, 604_000).unwrap();
-        assert_eq!(undo_pairing(&d, &device, used, 4_001).unwrap(), Some(false));
-        assert!(read(&d).unwrap().devices.is_empty());
+        assert_eq!(undo_pairing(&d, &device, used, 4_001).unwrap().0, Some(false));
+        assert!(read(&d).unwrap().0.devices.is_empty());
         assert_eq!(authorize(&d, &token, "Phone", 4_002).unwrap().0, Err(Refused::Invalid));
         // An expired token is not brought back either.
         let (device, used) = pair(&d, &token, 5_000);
-        assert_eq!(undo_pairing(&d, &device, used, 605_000).unwrap(), Some(false));
-        assert!(read(&d).unwrap().token.is_none());
+        assert_eq!(undo_pairing(&d, &device, used, 605_000).unwrap().0, Some(false));
+        assert!(read(&d).unwrap().0.token.is_none());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// A device as lan.json holds it.
+    fn device_json(id: &str, seen: serde_json::Value) -> serde_json::Value {
+        serde_json::json!({
+            "clientId": id,
+            "secretDigest": "ab".repeat(32),
+            "deviceName": "Phone",
+            "pairedAt": 1_000,
+            "lastSeenAt": seen,
+        })
+    }
+
+    #[test]
+    fn one_bad_device_is_dropped_and_the_others_kept_with_the_original_aside() {
+        let d = dir("salvage");
+        let (a, b, c) = ("hcl_000000000000000a", "hcl_000000000000000b", "hcl_000000000000000c");
+        let text = serde_json::json!({
+            "v": 1,
+            "token": {"digest": "nothex", "issuedAt": 1, "expiresAt": 2},
+            "devices": [
+                device_json(a, 5_000.into()),
+                device_json(b, "yesterday".into()),
+                device_json(c, serde_json::Value::Null),
+            ],
+        })
+        .to_string();
+        std::fs::write(lan_json(&d), &text).unwrap();
+        let (s, note) = read(&d).unwrap();
+        let ids: Vec<&str> = s.devices.iter().map(|x| x.client_id.as_str()).collect();
+        assert_eq!(ids, [a, c]);
+        assert!(s.token.is_none());
+        let note = note.expect("a note says what was dropped");
+        assert!(note.contains(&format!("device #2 {b}")) && note.contains("token"), "{note}");
+        assert!(note.contains("kept the 2 valid devices"), "{note}");
+        // The original is kept, byte for byte; the cleaned file reads whole from now on.
+        let copies = set_aside_copies(&d);
+        assert_eq!(copies.len(), 1, "{copies:?}");
+        assert_eq!(std::fs::read_to_string(&copies[0]).unwrap(), text);
+        assert!(note.contains(&copies[0].display().to_string()), "{note}");
+        assert_eq!(read(&d).unwrap(), (s, None));
+        assert!(set_aside_warning(&d).is_some_and(|w| w.contains("lan.json.corrupt-")));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_file_that_is_not_lan_json_is_moved_aside_with_a_note() {
+        let d = dir("unusable");
+        assert_eq!(set_aside_warning(&d), None);
+        std::fs::write(lan_json(&d), "{\"v\":1,\"devices\":[").unwrap();
+        let (s, note) = read(&d).unwrap();
+        assert!(s.devices.is_empty());
+        let note = note.expect("a note says it was moved aside");
+        assert!(note.contains("not valid JSON") && note.contains("cut off"), "{note}");
+        assert!(!lan_json(&d).exists());
+        assert_eq!(set_aside_copies(&d).len(), 1);
         let _ = std::fs::remove_dir_all(&d);
     }
 }
