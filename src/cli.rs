@@ -78,6 +78,8 @@ ENVIRONMENT:
                               http://127.0.0.1:8642)
     AI_API_KEY, AI_BASE_URL, AI_MODEL
                               the built-in backend's direct fallback when the gateway is down
+    HERMESCHAT_TRUSTED_UIDS   uids (comma-separated) whose gateway or backend you run on
+                              purpose; any other account's program on those ports gets nothing
     NO_COLOR                  no colours in the output
 
 FILES (in ~/.hermeschat): bridge.json (identity, 0600), config.json, bridge.pid, status.json,
@@ -396,7 +398,11 @@ impl Out {
 
 pub(crate) fn state_dir() -> Result<PathBuf, Exit> {
     let dir = state::state_dir();
-    state::ensure_dir(&dir).map_err(|e| fail(format!("cannot use the state directory: {e}")))?;
+    state::ensure_dir(&dir).map_err(|e| {
+        fail(format!(
+            "cannot use the state directory (HERMESCHAT_HOME, default ~/.hermeschat): {e}"
+        ))
+    })?;
     Ok(dir)
 }
 
@@ -417,7 +423,8 @@ pub(crate) fn load_config(dir: &Path, out: &Out) -> Result<Config, Exit> {
 
 /// How long a command waits for a running daemon to write a missing or damaged bridge.json
 /// again (it looks every few seconds: [`bridge::poller`]).
-const IDENTITY_REPAIR_WAIT: Duration = Duration::from_secs(8);
+/// A round is up to ~10 s of probes against a wedged backend and gateway, then 5 s of sleep.
+const IDENTITY_REPAIR_WAIT: Duration = Duration::from_secs(20);
 
 /// Loads `bridge.json`. A damaged one is set aside (and pairing registers anew), unless a
 /// running daemon serves a bridge: that daemon holds the identity, the relay secret exists
@@ -525,13 +532,14 @@ pub(crate) fn backend_address(args: &Args, config: &Config) -> Result<(String, u
         Ok(v) if !v.trim().is_empty() => Some(parse_port("HERMESCHAT_LOCAL_PORT", v.trim())?),
         _ => None,
     };
-    if config.port == Some(0) {
+    let given = args.port.or(env_port);
+    if given.is_none() && config.port == Some(0) {
         return Err(usage_error(
             "config.json says \"port\": 0, which is not a port number (1-65535): pass --port \
              <your backend's port> (it is saved), or remove \"port\" from config.json",
         ));
     }
-    Ok((host, args.port.or(env_port).or(config.port).unwrap_or(DEFAULT_PORT)))
+    Ok((host, given.or(config.port).unwrap_or(DEFAULT_PORT)))
 }
 
 pub(crate) fn target(host: &str, port: u16) -> Target {
@@ -1208,7 +1216,8 @@ fn status(args: &Args) -> Result<(), Exit> {
 
 fn stop() -> Result<(), Exit> {
     let out = Out::new(false);
-    let dir = state_dir()?;
+    // Not `state_dir()`: stopping must work even where the directory is refused for use.
+    let dir = state::state_dir();
     match daemon::stop(&dir, Duration::from_secs(5)).map_err(fail)? {
         Stopped::NotRunning => out.ok("No bridge daemon was running"),
         Stopped::Terminated(pid) => out.ok(&format!("Stopped the bridge daemon (pid {pid})")),

@@ -148,31 +148,36 @@ pub fn running(dir: &Path) -> Option<u32> {
     }
     // Held, but the pid may not be written yet in the instant after the lock was taken (or
     // the file was damaged since): the kernel's lock table names the holder.
-    read_pid(&mut file).or_else(|| lock_holder(&file)).or(Some(0))
+    read_pid(&mut file).or_else(|| lock_holder(&file, &path)).or(Some(0))
 }
 
-/// The pid holding an exclusive `flock` on `file`, from `/proc/locks` (Linux; `None`
-/// elsewhere or when not found). Its lines read `1: FLOCK ADVISORY WRITE <pid>
-/// <major>:<minor>:<inode> 0 EOF`, the device numbers in hex.
+/// The pid holding an exclusive `flock` on `path` (open as `file`), from `/proc/locks`
+/// (Linux; `None` elsewhere or when not found). Its lines read `1: FLOCK ADVISORY WRITE <pid>
+/// <major>:<minor>:<inode> 0 EOF`. Only the inode is compared (the device numbers there
+/// differ from `stat`'s on btrfs subvolumes and overlayfs); the holder is confirmed by an
+/// open descriptor of it naming `path`.
 #[cfg(target_os = "linux")]
-fn lock_holder(file: &File) -> Option<u32> {
+fn lock_holder(file: &File, path: &Path) -> Option<u32> {
     use std::os::unix::fs::MetadataExt;
-    let meta = file.metadata().ok()?;
+    let inode = file.metadata().ok()?.ino();
+    let path = std::fs::canonicalize(path).ok()?;
     let table = std::fs::read_to_string("/proc/locks").ok()?;
+    let holds = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+            fds.flatten().any(|fd| std::fs::read_link(fd.path()).is_ok_and(|p| p == path))
+        })
+    };
     table.lines().find_map(|line| {
         let fields: Vec<&str> = line.split_whitespace().collect();
         let [_, "FLOCK", _, "WRITE", pid, id, ..] = fields.as_slice() else { return None };
-        let mut parts = id.split(':');
-        let (major, minor, inode) = (parts.next()?, parts.next()?, parts.next()?);
-        let same = inode.parse::<u64>().ok()? == meta.ino()
-            && u64::from_str_radix(major, 16).ok()? == u64::from(libc::major(meta.dev()))
-            && u64::from_str_radix(minor, 16).ok()? == u64::from(libc::minor(meta.dev()));
-        if same { pid.parse().ok() } else { None }
+        let pid: u32 = pid.parse().ok()?;
+        let same_inode = id.rsplit(':').next()?.parse::<u64>().ok()? == inode;
+        (same_inode && holds(pid)).then_some(pid)
     })
 }
 
 #[cfg(not(target_os = "linux"))]
-fn lock_holder(_file: &File) -> Option<u32> {
+fn lock_holder(_file: &File, _path: &Path) -> Option<u32> {
     None
 }
 

@@ -608,17 +608,22 @@ fn check_gateway(gw: &HermesConfig) -> Hop {
     let (key, name) = GATEWAY;
     let t = Instant::now();
     let base = gw.url();
-    let foreign = crate::backend::peer::foreign_listener_at(&gw.host, gw.port);
-    let (health, detail) = match local_get(&format!("{base}/health"), None) {
-        _ if let Some(uid) = foreign => {
-            (Health::Foreign, format!("{base} is served by another user's program (uid {uid})"))
+    // Another user's program on the port gets nothing at all, not even the health check.
+    let (health, detail) = if let Some(uid) =
+        crate::backend::peer::foreign_listener_at(&gw.host, gw.port)
+    {
+        (Health::Foreign, format!("{base} is served by another user's program (uid {uid})"))
+    } else {
+        match local_get(&format!("{base}/health"), None) {
+            Ok((status, _)) if (200..300).contains(&status) => {
+                return hop(key, name, HopState::Ok, Some(t), format!("{base} → {status}"));
+            }
+            Ok((status, body)) => {
+                (Health::Unhealthy, format!("{base} → {status} {}", snippet(&body)))
+            }
+            Err(e) if refused(&e) => (Health::NotListening, format!("nothing listens on {base}")),
+            Err(e) => (Health::Unhealthy, format!("{base}: {e}")),
         }
-        Ok((status, _)) if (200..300).contains(&status) => {
-            return hop(key, name, HopState::Ok, Some(t), format!("{base} → {status}"));
-        }
-        Ok((status, body)) => (Health::Unhealthy, format!("{base} → {status} {}", snippet(&body))),
-        Err(e) if refused(&e) => (Health::NotListening, format!("nothing listens on {base}")),
-        Err(e) => (Health::Unhealthy, format!("{base}: {e}")),
     };
     let ms = elapsed_ms(t);
     // Name what stands in the way (key, API server disabled, aiohttp, a squatter on the port).

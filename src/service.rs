@@ -38,6 +38,8 @@ const PASSED_ENV: &[&str] = &[
     "HERMESCHAT_REGISTRY_URL",
     "HERMESCHAT_LOCAL_HOST",
     "HERMESCHAT_LOCAL_PORT",
+    "HERMESCHAT_GATEWAY_URL",
+    crate::backend::peer::TRUSTED_UIDS_ENV,
     "HERMES_HOME",
 ];
 
@@ -280,14 +282,18 @@ fn write_file(path: &Path, text: &str, home: &Path) -> Result<(), Exit> {
     let me = unsafe { libc::geteuid() };
     let within_home = parent.ancestors().skip(1).take_while(|d| d.starts_with(home) && *d != home);
     for dir in std::iter::once(parent).chain(within_home) {
-        let meta = std::fs::symlink_metadata(dir)
-            .map_err(|e| fail(format!("cannot check {}: {e}", dir.display())))?;
-        if meta.uid() != me || state::writable_by_others(&meta) {
+        let check = |e: std::io::Error| fail(format!("cannot check {}: {e}", dir.display()));
+        // A symlink (a dotfiles setup) is judged by its owner, then by the directory it names:
+        // its own mode bits are always 0777 and mean nothing.
+        let link = std::fs::symlink_metadata(dir).map_err(check)?;
+        let link_ok = !link.file_type().is_symlink() || link.uid() == me || link.uid() == 0;
+        let meta = std::fs::metadata(dir).map_err(check)?;
+        if !link_ok || meta.uid() != me || state::writable_by_others(&meta) {
             return Err(fail(format!(
                 "{} is {}: anyone who can write there can replace the service. Check what is \
                  in it, then run: chmod go-w {}; and run --install again",
                 dir.display(),
-                if meta.uid() != me { "not yours" } else { "writable by other users" },
+                if !link_ok || meta.uid() != me { "not yours" } else { "writable by other users" },
                 dir.display()
             )));
         }

@@ -142,8 +142,8 @@ fn ensure_dir_raw(dir: &Path) -> io::Result<()> {
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
             format!(
-                "it belongs to uid {}, not to you (uid {me}): run hermeschat-pair as that user, \
-                 or set HERMESCHAT_HOME to a directory of yours",
+                "it belongs to uid {}, not to you (uid {me}): run as that user, or choose a \
+                 directory of yours",
                 meta.uid()
             ),
         ));
@@ -338,6 +338,39 @@ pub fn write_json<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<(), S
     bytes.push(b'\n');
     write_atomic_raw(path, &bytes, FILE_MODE)
         .map_err(|source| StateError::Io { path: path.to_path_buf(), source })
+}
+
+/// [`write_json`] that never replaces a file: the finished temp file is hard-linked to `path`,
+/// which fails when the name is taken, so a writer racing with another (the daemon putting
+/// back an identity while a pairing writes a new one) never undoes the other's write.
+/// `Ok(false)` when `path` exists. Where hard links are not supported, it is renamed into
+/// place if the name is still free.
+pub fn write_json_new<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<bool, StateError> {
+    let io_err = |source| StateError::Io { path: path.to_path_buf(), source };
+    let mut bytes = serde_json::to_vec_pretty(value).map_err(|e| StateError::Json {
+        path: path.to_path_buf(),
+        message: redact_secrets(&e.to_string()),
+    })?;
+    bytes.push(b'\n');
+    let name = path.file_name().ok_or_else(|| {
+        io_err(io::Error::new(io::ErrorKind::InvalidInput, "the path has no file name"))
+    })?;
+    let dir = parent_dir(path);
+    let (tmp, mut file) = create_temp(dir, name).map_err(io_err)?;
+    let placed = file.write_all(&bytes).and_then(|()| file.sync_all()).and_then(|()| {
+        match fs::hard_link(&tmp, path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+            Err(_) if !path.exists() => fs::rename(&tmp, path).map(|()| true),
+            Err(_) => Ok(false),
+        }
+    });
+    let _ = fs::remove_file(&tmp);
+    let placed = placed.map_err(io_err)?;
+    if placed {
+        sync_dir(dir).map_err(io_err)?;
+    }
+    Ok(placed)
 }
 
 /// Reads `path` as JSON; `None` when the file does not exist.
@@ -1275,6 +1308,20 @@ mod tests {
         let Loaded::MovedAside { reason, moved_to } = got else { panic!("not moved aside") };
         assert_eq!(reason, "nope");
         assert!(moved_to.to_string_lossy().contains(".corrupt-"));
+    }
+
+    #[test]
+    fn write_json_new_never_replaces_a_file() {
+        let t = TestDir::new("new");
+        let path = bridge_json(&t.0);
+        assert!(write_json_new(&path, &identity()).unwrap());
+        assert_eq!(mode(&path), 0o600);
+        let mut other = identity();
+        other.bridge_id = "ffffffffffffffffffffffff".into();
+        assert!(!write_json_new(&path, &other).unwrap(), "replaced an existing file");
+        let kept: BridgeIdentity = read_json(&path).unwrap().unwrap();
+        assert_eq!(kept.bridge_id, identity().bridge_id);
+        assert_eq!(names_in(&t.0).len(), 1, "a temp file was left");
     }
 
     #[test]

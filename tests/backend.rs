@@ -964,8 +964,8 @@ fn a_gateway_port_taken_by_another_user_gets_nothing() {
 
     let got = squatter.received();
     assert!(got.iter().all(|line| !line.contains(KEY)), "the key reached the squatter: {got:?}");
-    // The backend's connections sent nothing at all; --doctor's health probe carries no key.
-    assert!(got.iter().all(|line| line == "b''" || line.contains("/health")), "{got:?}");
+    // Nothing at all was sent: the backend's connections, --doctor's checks.
+    assert!(got.iter().all(|line| line == "b''"), "{got:?}");
 }
 
 /// Pairing with another user's program on the backend port is refused: the app's traffic
@@ -985,4 +985,12 @@ fn a_backend_port_taken_by_another_user_is_refused_at_pairing() {
     assert!(!user.state.join("bridge.pid").exists(), "a daemon was started");
     let got = squatter.received();
     assert!(got.iter().all(|line| line == "b''"), "something was sent: {got:?}");
+
+    // An account the user trusts on purpose is used.
+    let mut user = user;
+    user.env.push(("HERMESCHAT_TRUSTED_UIDS".into(), "1234, 65534".into()));
+    let run = user.run(&["--json", "--server", &relay.url(), "--port", &port]);
+    run.assert_code(0, "pairing with a trusted account's backend");
+    let got = squatter.received();
+    assert!(got.iter().any(|line| line.contains("/api/health")), "{got:?}");
 }

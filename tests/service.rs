@@ -762,4 +762,13 @@ fn install_refuses_what_would_let_others_write_the_unit() {
         let mode = std::fs::metadata(dir).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode & 0o022, 0, "{} is {mode:o}", dir.display());
     }
+
+    // A dotfiles setup: ~/.config is a symlink of the user's to a directory of theirs.
+    let m = Machine::new();
+    m.paired();
+    let dotfiles = m.home.join("dotfiles/config");
+    std::fs::create_dir_all(&dotfiles).unwrap();
+    std::os::unix::fs::symlink(&dotfiles, m.home.join(".config")).unwrap();
+    m.run("systemd", &["--install"], &[]).expect(0, "--install with a symlinked ~/.config");
+    assert!(dotfiles.join("systemd/user/hermeschat-bridge.service").is_file());
 }

@@ -181,7 +181,8 @@ impl fmt::Display for LocalError {
             LocalError::Foreign { addr, uid } => write!(
                 f,
                 "{addr} is served by another user's program (uid {uid}), not yours, so nothing \
-                 was sent to it; stop that program, or move yours to a free port"
+                 was sent to it; stop that program, or move yours to a free port (a program \
+                 you run under that account on purpose: HERMESCHAT_TRUSTED_UIDS={uid})"
             ),
             LocalError::BadBody { detail } => write!(f, "body is not valid base64: {detail}"),
         }

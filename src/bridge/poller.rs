@@ -66,7 +66,8 @@ pub fn run(
 /// (deleted by hand) or damaged (set aside here first, for the user to look at): its relay
 /// secret exists nowhere else, and without it every paired app would have to pair again. A
 /// file that holds a valid identity, even another one (a pairing that registered anew and is
-/// about to restart this daemon), and one that cannot be read, are left alone.
+/// about to restart this daemon), and one that cannot be read, are left alone; so is one
+/// written while this runs ([`state::write_json_new`]).
 pub fn keep_identity(state_dir: &Path, identity: &BridgeIdentity) {
     let path = state::bridge_json(state_dir);
     let version = Some(state::STATE_VERSION);
@@ -77,10 +78,12 @@ pub fn keep_identity(state_dir: &Path, identity: &BridgeIdentity) {
             format!("it was damaged ({reason}; kept as {})", moved_to.display())
         }
     };
-    match state::write_json(&path, identity) {
-        Ok(()) => {
+    // Only into a free name: a pairing may have written a new identity meanwhile.
+    match state::write_json_new(&path, identity) {
+        Ok(true) => {
             super::log(&format!("bridge.json: {why}; wrote it again from the running bridge"))
         }
+        Ok(false) => {}
         Err(e) => super::log(&format!("bridge.json: {why}, and writing it again failed: {e}")),
     }
 }

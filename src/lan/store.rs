@@ -83,11 +83,20 @@ pub struct LanState {
     /// Paired devices.
     #[serde(default)]
     pub devices: Vec<LanDevice>,
+    /// When the newest pairing token was issued (unix ms), used or not: a pairing taken back
+    /// gives its token back only if no newer one was issued since ([`undo_pairing`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_token_issued_at: Option<u64>,
 }
 
 impl Default for LanState {
     fn default() -> Self {
-        LanState { v: LAN_STATE_VERSION, token: None, devices: Vec::new() }
+        LanState {
+            v: LAN_STATE_VERSION,
+            token: None,
+            devices: Vec::new(),
+            last_token_issued_at: None,
+        }
     }
 }
 
@@ -215,7 +224,8 @@ fn salvage(bytes: &[u8]) -> Salvaged {
             Err(e) => dropped.push(format!("device #{}{id} ({})", i + 1, why(e))),
         }
     }
-    let s = LanState { v: LAN_STATE_VERSION, token, devices };
+    let last_token_issued_at = top.get("lastTokenIssuedAt").and_then(Value::as_u64);
+    let s = LanState { v: LAN_STATE_VERSION, token, devices, last_token_issued_at };
     if dropped.is_empty() { Salvaged::Whole(s) } else { Salvaged::Partly(s, dropped) }
 }
 
@@ -396,6 +406,7 @@ pub fn set_token(
     let pending =
         PendingToken { digest: secret::hex(&secret::digest(token)), issued_at: now_ms, expires_at };
     update(dir, |s| {
+        s.last_token_issued_at = Some(pending.issued_at);
         s.token = Some(pending);
         ((), true)
     })
@@ -449,7 +460,11 @@ pub fn undo_pairing(
             return (None, false);
         };
         s.devices.remove(at);
-        let restored = s.token.is_none() && now_ms < token.expires_at;
+        // Not when another token was issued since, even one already used: the user asked for
+        // a new QR code, maybe because the old one was seen.
+        let restored = s.token.is_none()
+            && s.last_token_issued_at.is_none_or(|at| at == token.issued_at)
+            && now_ms < token.expires_at;
         if restored {
             s.token = Some(token);
         }
@@ -595,6 +610,13 @@ mod tests {
         let (device, used) = pair(&d, &token, 5_000);
         assert_eq!(undo_pairing(&d, &device, used, 605_000).unwrap().0, Some(false));
         assert!(read(&d).unwrap().0.token.is_none());
+        // Nor one replaced by a newer token that was used in turn (none pending now).
+        let (first, used) = pair(&d, &token, 700_000);
+        let newer = secret::new_pairing_token();
+        let (_second, _) = pair(&d, &newer, 700_010);
+        assert!(read(&d).unwrap().0.token.is_none());
+        assert_eq!(undo_pairing(&d, &first, used, 700_020).unwrap().0, Some(false));
+        assert_eq!(authorize(&d, &token, "Mallory", 700_030).unwrap().0, Err(Refused::Invalid));
         let _ = std::fs::remove_dir_all(&d);
     }
 

@@ -243,9 +243,19 @@ impl Relay {
     /// error surfaces before the relay reports itself ready.
     pub fn bind(mut config: RelayConfig) -> io::Result<Relay> {
         config.max_connections = fit_to_fd_limit(config.max_connections);
-        // 0700 and ours: whoever can write there can swap the store for one of their own.
-        crate::state::ensure_dir(&config.data)
-            .map_err(|e| io::Error::new(e.kind(), format!("cannot use the data dir: {e}")))?;
+        // 0700 and ours: whoever can write there can swap the store for one of their own. A
+        // directory a container or volume set up otherwise (another owner, a shared group)
+        // is used all the same, with a warning: refusing would take the relay down.
+        match crate::state::ensure_dir(&config.data) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied && config.data.is_dir() => {
+                let why = e.to_string();
+                log_event("data_dir.unsafe", &[("warning", &why)]);
+            }
+            Err(e) => {
+                return Err(io::Error::new(e.kind(), format!("cannot use the data dir: {e}")));
+            }
+        }
         store::Store::open(&config.data).map_err(|e| io::Error::other(e.to_string()))?;
         let tls = match &config.tls {
             None => None,
