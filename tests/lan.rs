@@ -1062,6 +1062,21 @@ fn a_pairing_the_app_never_answered_is_taken_back() {
     }
     assert!(env.log().contains("left before its pairing was confirmed"), "{}", env.log());
 
+    // An app that did read `paired` retries with its secret: refused, but never counted as a
+    // guess, so the address is not locked out (429) when the QR code is scanned again.
+    let text = String::from_utf8_lossy(&got);
+    let secret = text
+        .split("\"clientSecret\":\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("the paired frame's secret")
+        .to_owned();
+    for _ in 0..12 {
+        let (status, body) = refused(&qr.url, &secret);
+        assert_eq!(status, 401, "{body}");
+        assert!(body.to_string().contains("did not complete"), "{body}");
+    }
+
     // The same token pairs again; this app answers, so its pairing outlives its socket.
     let (client_id, secret, app) = pair_app(&qr.url, &qr.token);
     drop(app);

@@ -101,10 +101,12 @@ pub fn foreign_listener_at(host: &str, port: u16) -> Option<u32> {
     (host, port).to_socket_addrs().ok()?.find_map(foreign_listener)
 }
 
-/// The owners of the sockets that would take a connection to `addr`, from `/proc/net/tcp{,6}`:
-/// those listening on `addr` itself if any, else on every address (the kernel prefers them in
-/// that order, and an IPv4 socket over an IPv6 one taking IPv4 too). Several sockets share a
-/// port only with `SO_REUSEPORT`, which the kernel allows within one user.
+/// The owners of the sockets that would take a connection to `addr`: those listening on
+/// `addr` itself if any, else on every address (the kernel prefers them in that order, and an
+/// IPv4 socket over an IPv6 one taking IPv4 too). Several sockets share a port only with
+/// `SO_REUSEPORT`, which the kernel allows within one user. The listening sockets come from
+/// `NETLINK_SOCK_DIAG` (only those, however many connections the machine holds), else from
+/// `/proc/net/tcp{,6}`.
 #[cfg(target_os = "linux")]
 fn listener_owners(addr: SocketAddr) -> Vec<u32> {
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -112,16 +114,28 @@ fn listener_owners(addr: SocketAddr) -> Vec<u32> {
     let any6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port);
     // Best first: the address itself, then every address of its family, then (IPv4) an IPv6
     // socket that takes IPv4 as mapped addresses.
-    let ranked: Vec<String> = match addr {
+    let ranked: Vec<SocketAddr> = match addr {
         SocketAddr::V4(a) => vec![
-            proc_addr(addr),
-            proc_addr(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port)),
-            proc_addr(SocketAddr::new(IpAddr::V6(a.ip().to_ipv6_mapped()), port)),
-            proc_addr(any6),
+            addr,
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
+            SocketAddr::new(IpAddr::V6(a.ip().to_ipv6_mapped()), port),
+            any6,
         ],
-        SocketAddr::V6(_) => vec![proc_addr(addr), proc_addr(any6)],
+        SocketAddr::V6(_) => vec![addr, any6],
     };
-    let mut found: Vec<(usize, u32)> = Vec::new();
+    let listening = diag::listeners().unwrap_or_else(|_| proc_listeners());
+    let found: Vec<(usize, u32)> = listening
+        .into_iter()
+        .filter_map(|(at, uid)| ranked.iter().position(|r| *r == at).map(|rank| (rank, uid)))
+        .collect();
+    let best = found.iter().map(|&(rank, _)| rank).min();
+    found.into_iter().filter(|&(rank, _)| Some(rank) == best).map(|(_, uid)| uid).collect()
+}
+
+/// Every listening TCP socket in `/proc/net/tcp{,6}`: its address and owner.
+#[cfg(target_os = "linux")]
+fn proc_listeners() -> Vec<(SocketAddr, u32)> {
+    let mut found = Vec::new();
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
         let Ok(text) = std::fs::read_to_string(table) else { continue };
         for line in text.lines().skip(1) {
@@ -131,17 +145,38 @@ fn listener_owners(addr: SocketAddr) -> Vec<u32> {
             if fields.get(3) != Some(&"0A") {
                 continue;
             }
-            let Some(local) = fields.get(1) else { continue };
-            let Some(rank) = ranked.iter().position(|r| r.eq_ignore_ascii_case(local)) else {
-                continue;
-            };
-            if let Some(uid) = fields.get(7).and_then(|u| u.parse::<u32>().ok()) {
-                found.push((rank, uid));
+            let at = fields.get(1).and_then(|a| parse_proc_addr(a));
+            let uid = fields.get(7).and_then(|u| u.parse::<u32>().ok());
+            if let (Some(at), Some(uid)) = (at, uid) {
+                found.push((at, uid));
             }
         }
     }
-    let best = found.iter().map(|&(rank, _)| rank).min();
-    found.into_iter().filter(|&(rank, _)| Some(rank) == best).map(|(_, uid)| uid).collect()
+    found
+}
+
+/// The inverse of [`proc_addr`].
+#[cfg(target_os = "linux")]
+fn parse_proc_addr(text: &str) -> Option<SocketAddr> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let (ip, port) = text.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let word = |i: usize| {
+        let hex = ip.get(i * 8..i * 8 + 8)?;
+        u32::from_str_radix(hex, 16).ok().map(u32::to_ne_bytes)
+    };
+    let ip = match ip.len() {
+        8 => IpAddr::V4(Ipv4Addr::from(word(0)?)),
+        32 => {
+            let mut octets = [0u8; 16];
+            for i in 0..4 {
+                octets[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
+            }
+            IpAddr::V6(Ipv6Addr::from(octets))
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -240,6 +275,9 @@ mod diag {
     const NETLINK_SOCK_DIAG: libc::c_int = 4;
     const SOCK_DIAG_BY_FAMILY: u16 = 20;
     const NLMSG_ERROR: u16 = 2;
+    const NLMSG_DONE: u16 = 3;
+    /// `TCP_LISTEN` in the kernel's state numbering.
+    const TCP_LISTEN: u32 = 10;
     /// `sizeof(struct nlmsghdr)`.
     const NLMSG_HDR: usize = 16;
     /// `sizeof(struct inet_diag_req_v2)`.
@@ -270,6 +308,101 @@ mod diag {
         if sent != request.len() as isize {
             return Err(io::Error::last_os_error());
         }
+        set_timeout(&fd);
+        let mut answer = [0u8; 512];
+        // SAFETY: recv into a buffer we own, at most its length.
+        let got =
+            unsafe { libc::recv(fd.as_raw_fd(), answer.as_mut_ptr().cast(), answer.len(), 0) };
+        if got < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        parse(&answer[..got as usize])
+    }
+
+    /// Every listening TCP socket, IPv4 and IPv6: its address and owner (a dump filtered to
+    /// the LISTEN state by the kernel).
+    pub(super) fn listeners() -> io::Result<Vec<(SocketAddr, u32)>> {
+        let mut found = Vec::new();
+        for family in [libc::AF_INET, libc::AF_INET6] {
+            // SAFETY: socket() with constant arguments; the descriptor is owned at once.
+            let fd = unsafe {
+                let raw = libc::socket(
+                    libc::AF_NETLINK,
+                    libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+                    NETLINK_SOCK_DIAG,
+                );
+                if raw < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                OwnedFd::from_raw_fd(raw)
+            };
+            let mut m = Vec::with_capacity(NLMSG_HDR + REQ_LEN);
+            m.extend_from_slice(&((NLMSG_HDR + REQ_LEN) as u32).to_ne_bytes());
+            m.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+            m.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
+            m.extend_from_slice(&1u32.to_ne_bytes()); // sequence
+            m.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
+            m.push(family as u8);
+            m.push(libc::IPPROTO_TCP as u8);
+            m.push(0); // no extensions
+            m.push(0); // padding
+            m.extend_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
+            m.resize(NLMSG_HDR + REQ_LEN, 0); // any address, port, interface, cookie
+            // SAFETY: `m` is a valid buffer of its length; the kernel is the destination.
+            let sent = unsafe { libc::send(fd.as_raw_fd(), m.as_ptr().cast(), m.len(), 0) };
+            if sent != m.len() as isize {
+                return Err(io::Error::last_os_error());
+            }
+            set_timeout(&fd);
+            let mut buf = vec![0u8; 32 << 10];
+            'answers: loop {
+                // SAFETY: recv into a buffer we own, at most its length.
+                let got =
+                    unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+                if got <= 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                let mut rest = &buf[..got as usize];
+                while rest.len() >= NLMSG_HDR {
+                    let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+                    let kind = u16::from_ne_bytes([rest[4], rest[5]]);
+                    if len < NLMSG_HDR || len > rest.len() {
+                        return Err(io::Error::other("a malformed netlink answer"));
+                    }
+                    match kind {
+                        NLMSG_DONE => break 'answers,
+                        NLMSG_ERROR => return Err(io::Error::other("netlink refused the dump")),
+                        SOCK_DIAG_BY_FAMILY => {
+                            if let Some(one) = listener(&rest[NLMSG_HDR..len]) {
+                                found.push(one);
+                            }
+                        }
+                        _ => {}
+                    }
+                    rest = rest.get((len + 3) & !3..).unwrap_or_default();
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// The address and owner in one `inet_diag_msg`.
+    fn listener(msg: &[u8]) -> Option<(SocketAddr, u32)> {
+        use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+        let family = i32::from(*msg.first()?);
+        let port = u16::from_be_bytes([*msg.get(4)?, *msg.get(5)?]);
+        let src: [u8; 16] = msg.get(8..24)?.try_into().ok()?;
+        let uid = u32::from_ne_bytes(msg.get(MSG_UID..MSG_UID + 4)?.try_into().ok()?);
+        let ip = if family == libc::AF_INET {
+            IpAddr::V4(Ipv4Addr::new(src[0], src[1], src[2], src[3]))
+        } else {
+            IpAddr::V6(Ipv6Addr::from(src))
+        };
+        Some((SocketAddr::new(ip, port), uid))
+    }
+
+    /// A receive timeout of a second: the kernel answers at once, or not at all.
+    fn set_timeout(fd: &OwnedFd) {
         let timeout = libc::timeval { tv_sec: 1, tv_usec: 0 };
         // SAFETY: setsockopt with a valid timeval of its size.
         unsafe {
@@ -281,14 +414,6 @@ mod diag {
                 std::mem::size_of::<libc::timeval>() as libc::socklen_t,
             );
         }
-        let mut answer = [0u8; 512];
-        // SAFETY: recv into a buffer we own, at most its length.
-        let got =
-            unsafe { libc::recv(fd.as_raw_fd(), answer.as_mut_ptr().cast(), answer.len(), 0) };
-        if got < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        parse(&answer[..got as usize])
     }
 
     /// An `nlmsghdr` and an `inet_diag_req_v2` naming one TCP socket by its address pair.
@@ -424,6 +549,22 @@ mod tests {
                 assert!(is_another_user(&served, peer), "reset {reset}: taken for ours");
             }
         }
+    }
+
+    #[test]
+    fn netlink_and_proc_list_the_same_listeners() {
+        let Ok(listener) = TcpListener::bind("127.0.0.1:0") else { return };
+        let at = listener.local_addr().unwrap();
+        let mine = (at, ours());
+        if let Ok(found) = diag::listeners() {
+            assert!(found.contains(&mine), "netlink: {found:?}");
+        }
+        if std::path::Path::new("/proc/net/tcp").exists() {
+            assert!(proc_listeners().contains(&mine), "/proc");
+        }
+        assert_eq!(parse_proc_addr(&proc_addr(at)), Some(at));
+        let v6: SocketAddr = "[2001:db8::1]:8642".parse().unwrap();
+        assert_eq!(parse_proc_addr(&proc_addr(v6)), Some(v6));
     }
 
     #[test]

@@ -52,6 +52,7 @@ use crate::bridge::workers::{Pool, SHUTDOWN_GRACE};
 use crate::bridge::{LiveStatus, Outbox, log};
 use crate::http::{self, Head, Parsed};
 use crate::protocol::{self as p, Frame, close_code};
+use crate::secret;
 
 /// Poller key of the listening socket.
 const LISTENER: usize = usize::MAX - 1;
@@ -90,6 +91,12 @@ const MAX_BAD_FRAMES: u32 = 32;
 
 /// How long a closing WebSocket may take to finish its close handshake.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// How long the secret of a pairing taken back is told apart from a guess: the token's life.
+const UNDONE_REMEMBERED: Duration = Duration::from_secs(store::TOKEN_TTL_SECS);
+
+/// Pairings taken back remembered at most (each needs a scan of the QR code).
+const MAX_UNDONE_REMEMBERED: usize = 64;
 
 /// The name a device gets when it does not say.
 const DEFAULT_DEVICE_NAME: &str = "iPhone";
@@ -318,6 +325,10 @@ pub struct Server {
     /// Connections with input already buffered in user space (tungstenite, pipelining).
     ready: Vec<usize>,
     failures: Failures,
+    /// Secret digests of pairings taken back ([`Server::undo_pairing`]), and when: an app that
+    /// did get its `paired` frame retries with that secret, which is refused without counting
+    /// as a guess, so the address is not locked out just as the user scans the QR again.
+    undone: HashMap<String, Instant>,
     /// The address the server listens on (what the app's own `Origin` would name).
     own: Option<SocketAddr>,
     /// lan.json's (modification time, inode, length) when its devices were last compared with
@@ -361,6 +372,7 @@ impl Server {
             clients: HashMap::new(),
             ready: Vec::new(),
             failures: Failures::default(),
+            undone: HashMap::new(),
             own,
             devices_seen: None,
             devices_error: None,
@@ -506,8 +518,13 @@ impl Server {
         match store::undo_pairing(&self.state_dir, client_id, token, crate::relay::now_ms()) {
             // Already forgotten (revoked meanwhile).
             Ok((None, note)) => log_note(note),
-            Ok((Some(restored), note)) => {
+            Ok((Some((restored, secret_digest)), note)) => {
                 log_note(note);
+                let now = Instant::now();
+                self.undone.retain(|_, at| now.duration_since(*at) < UNDONE_REMEMBERED);
+                if self.undone.len() < MAX_UNDONE_REMEMBERED {
+                    self.undone.insert(secret_digest, now);
+                }
                 log(&format!(
                     "lan: app {client_id} left before its pairing was confirmed; forgot it{}",
                     if restored { " (the same QR code can be scanned again)" } else { "" }
@@ -712,6 +729,16 @@ impl Server {
                             "PAIRING_TOKEN_EXPIRED",
                             "the pairing QR code expired; run hermeschat-pair --refresh-code --local",
                             "expired pairing token",
+                        );
+                    }
+                    Err(Refused::Invalid)
+                        if self.undone.contains_key(&secret::hex(&secret::digest(&credential))) =>
+                    {
+                        return unauthorized(
+                            self,
+                            p::api_code::UNAUTHORIZED,
+                            "this device's pairing did not complete; scan the QR code again",
+                            "the secret of a pairing taken back",
                         );
                     }
                     Err(Refused::Invalid) => {

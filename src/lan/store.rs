@@ -443,23 +443,27 @@ pub fn forget(
     })
 }
 
+/// A pairing taken back: whether its token is pending again, and the forgotten device's
+/// secret digest.
+pub type Undone = (bool, String);
+
 /// Takes back a pairing whose `paired` frame may never have reached the app: its socket ended
 /// before the app sent a single frame. The device is forgotten and `token` is pending again,
 /// so the same QR code can be scanned again, unless a newer token was issued since or it has
-/// expired. Returns whether the token is pending again, or `None` when the device was
-/// already gone (revoked meanwhile) and nothing changed; and a note about a damaged file set
-/// aside, if any.
+/// expired. Returns whether the token is pending again and the forgotten device's secret
+/// digest, or `None` when the device was already gone (revoked meanwhile) and nothing
+/// changed; and a note about a damaged file set aside, if any.
 pub fn undo_pairing(
     dir: &Path,
     client_id: &str,
     token: PendingToken,
     now_ms: u64,
-) -> Result<(Option<bool>, Option<String>), StoreError> {
+) -> Result<(Option<Undone>, Option<String>), StoreError> {
     update(dir, |s| {
         let Some(at) = s.devices.iter().position(|d| d.client_id == client_id) else {
             return (None, false);
         };
-        s.devices.remove(at);
+        let gone = s.devices.remove(at);
         // Not when another token was issued since, even one already used: the user asked for
         // a new QR code, maybe because the old one was seen.
         let restored = s.token.is_none()
@@ -468,7 +472,7 @@ pub fn undo_pairing(
         if restored {
             s.token = Some(token);
         }
-        (Some(restored), true)
+        (Some((restored, gone.secret_digest)), true)
     })
 }
 
@@ -592,7 +596,10 @@ mod tests {
         let d = dir("undo");
         let token = secret::new_pairing_token();
         let (device, used) = pair(&d, &token, 1_000);
-        assert_eq!(undo_pairing(&d, &device, used.clone(), 2_000).unwrap().0, Some(true));
+        assert_eq!(
+            undo_pairing(&d, &device, used.clone(), 2_000).unwrap().0.map(|u| u.0),
+            Some(true)
+        );
         assert!(read(&d).unwrap().0.devices.is_empty());
         // Once: the device is gone, so a second undo changes nothing.
         assert_eq!(undo_pairing(&d, &device, used, 2_001).unwrap().0, None);
@@ -603,19 +610,19 @@ mod tests {
         };
         // A newer token stays; the old one is not brought back.
         set_token(&d, &secret::new_pairing_token(), 4_000, 604_000).unwrap();
-        assert_eq!(undo_pairing(&d, &device, used, 4_001).unwrap().0, Some(false));
+        assert_eq!(undo_pairing(&d, &device, used, 4_001).unwrap().0.map(|u| u.0), Some(false));
         assert!(read(&d).unwrap().0.devices.is_empty());
         assert_eq!(authorize(&d, &token, "Phone", 4_002).unwrap().0, Err(Refused::Invalid));
         // An expired token is not brought back either.
         let (device, used) = pair(&d, &token, 5_000);
-        assert_eq!(undo_pairing(&d, &device, used, 605_000).unwrap().0, Some(false));
+        assert_eq!(undo_pairing(&d, &device, used, 605_000).unwrap().0.map(|u| u.0), Some(false));
         assert!(read(&d).unwrap().0.token.is_none());
         // Nor one replaced by a newer token that was used in turn (none pending now).
         let (first, used) = pair(&d, &token, 700_000);
         let newer = secret::new_pairing_token();
         let (_second, _) = pair(&d, &newer, 700_010);
         assert!(read(&d).unwrap().0.token.is_none());
-        assert_eq!(undo_pairing(&d, &first, used, 700_020).unwrap().0, Some(false));
+        assert_eq!(undo_pairing(&d, &first, used, 700_020).unwrap().0.map(|u| u.0), Some(false));
         assert_eq!(authorize(&d, &token, "Mallory", 700_030).unwrap().0, Err(Refused::Invalid));
         let _ = std::fs::remove_dir_all(&d);
     }
