@@ -280,8 +280,19 @@ fn write_file(path: &Path, text: &str, home: &Path) -> Result<(), Exit> {
         .map_err(|e| fail(format!("cannot create {}: {e}", parent.display())))?;
     // SAFETY: geteuid has no preconditions and cannot fail.
     let me = unsafe { libc::geteuid() };
-    let within_home = parent.ancestors().skip(1).take_while(|d| d.starts_with(home) && *d != home);
-    for dir in std::iter::once(parent).chain(within_home) {
+    // The directories as named, and as they really are once symlinks are followed (a link's
+    // target's own parents could let someone else swap the target).
+    let chain = |parent: &Path, home: &Path| -> Vec<PathBuf> {
+        let within = parent.ancestors().skip(1).take_while(|d| d.starts_with(home) && *d != home);
+        std::iter::once(parent).chain(within).map(Path::to_path_buf).collect()
+    };
+    let mut dirs = chain(parent, home);
+    if let (Ok(real_parent), Ok(real_home)) =
+        (std::fs::canonicalize(parent), std::fs::canonicalize(home))
+    {
+        dirs.extend(chain(&real_parent, &real_home));
+    }
+    for dir in &dirs {
         let check = |e: std::io::Error| fail(format!("cannot check {}: {e}", dir.display()));
         // A symlink (a dotfiles setup) is judged by its owner, then by the directory it names:
         // its own mode bits are always 0777 and mean nothing.

@@ -343,8 +343,8 @@ pub fn write_json<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<(), S
 /// [`write_json`] that never replaces a file: the finished temp file is hard-linked to `path`,
 /// which fails when the name is taken, so a writer racing with another (the daemon putting
 /// back an identity while a pairing writes a new one) never undoes the other's write.
-/// `Ok(false)` when `path` exists. Where hard links are not supported, it is renamed into
-/// place if the name is still free.
+/// `Ok(false)` when `path` exists. Where hard links are not supported, the file is created
+/// exclusively and written in place.
 pub fn write_json_new<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<bool, StateError> {
     let io_err = |source| StateError::Io { path: path.to_path_buf(), source };
     let mut bytes = serde_json::to_vec_pretty(value).map_err(|e| StateError::Json {
@@ -361,8 +361,17 @@ pub fn write_json_new<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<b
         match fs::hard_link(&tmp, path) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
-            Err(_) if !path.exists() => fs::rename(&tmp, path).map(|()| true),
-            Err(_) => Ok(false),
+            // No hard links here (vfat, some FUSE mounts): a file created exclusively, which
+            // cannot replace one either (not atomic against a crash, but never over another).
+            Err(_) => {
+                let new =
+                    OpenOptions::new().write(true).create_new(true).mode(FILE_MODE).open(path);
+                match new {
+                    Ok(mut f) => f.write_all(&bytes).and_then(|()| f.sync_all()).map(|()| true),
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+                    Err(e) => Err(e),
+                }
+            }
         }
     });
     let _ = fs::remove_file(&tmp);
@@ -514,7 +523,8 @@ fn file_version(bytes: &[u8]) -> Option<u64> {
 /// Moves `path` aside as `<name>.<tag>-<secs>` (never over an earlier copy): an identity that
 /// is about to be replaced is kept, not overwritten. `Ok(None)` when there is no file.
 pub fn set_aside(path: &Path, tag: &str) -> io::Result<Option<PathBuf>> {
-    if !path.exists() {
+    // The name itself: a symlink to nothing is set aside too.
+    if fs::symlink_metadata(path).is_err() {
         return Ok(None);
     }
     move_aside(path, tag, unix_secs()).map(Some).map_err(|e| with_path(path, e))

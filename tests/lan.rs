@@ -1044,7 +1044,8 @@ fn a_pairing_the_app_never_answered_is_taken_back() {
     raw.set_read_timeout(Some(RECV)).unwrap();
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
-    while !got.windows(8).any(|w| w == b"\"paired\"") {
+    // `bridge.status` follows `paired`: the whole paired frame has arrived.
+    while !got.windows(15).any(|w| w == b"\"bridge.status\"") {
         let n = raw
             .read(&mut buf)
             .unwrap_or_else(|e| panic!("{e}: {:?}", String::from_utf8_lossy(&got)));

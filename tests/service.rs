@@ -771,4 +771,10 @@ fn install_refuses_what_would_let_others_write_the_unit() {
     std::os::unix::fs::symlink(&dotfiles, m.home.join(".config")).unwrap();
     m.run("systemd", &["--install"], &[]).expect(0, "--install with a symlinked ~/.config");
     assert!(dotfiles.join("systemd/user/hermeschat-bridge.service").is_file());
+    // The link's target is judged where it really is: a parent others can write is refused.
+    let repo = m.home.join("dotfiles");
+    std::fs::set_permissions(&repo, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let run = m.run("systemd", &["--install"], &[]);
+    run.expect(1, "a symlinked ~/.config inside a world-writable directory");
+    assert!(run.all().contains("writable by other users"), "{}", run.all());
 }

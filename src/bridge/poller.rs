@@ -73,6 +73,17 @@ pub fn keep_identity(state_dir: &Path, identity: &BridgeIdentity) {
     let version = Some(state::STATE_VERSION);
     let why = match state::load_or_move_aside(&path, version, BridgeIdentity::validate) {
         Ok(Loaded::Ok(_)) | Err(_) => return,
+        // A symlink to a file that is gone (a dotfiles setup) holds the name: set it aside.
+        Ok(Loaded::Missing) if path.is_symlink() => match state::set_aside(&path, "dangling") {
+            Ok(kept) => format!(
+                "it was a link to a file that is gone (kept as {})",
+                kept.map_or_else(String::new, |k| k.display().to_string())
+            ),
+            Err(e) => {
+                super::log(&format!("bridge.json: a link to a file that is gone: {e}"));
+                return;
+            }
+        },
         Ok(Loaded::Missing) => "it was missing".to_owned(),
         Ok(Loaded::MovedAside { reason, moved_to }) => {
             format!("it was damaged ({reason}; kept as {})", moved_to.display())
@@ -83,7 +94,9 @@ pub fn keep_identity(state_dir: &Path, identity: &BridgeIdentity) {
         Ok(true) => {
             super::log(&format!("bridge.json: {why}; wrote it again from the running bridge"))
         }
-        Ok(false) => {}
+        Ok(false) => super::log(&format!(
+            "bridge.json: {why}, but a new one appeared meanwhile (a pairing); left it alone"
+        )),
         Err(e) => super::log(&format!("bridge.json: {why}, and writing it again failed: {e}")),
     }
 }
@@ -157,6 +170,46 @@ mod tests {
             }
         });
         port
+    }
+
+    fn identity() -> BridgeIdentity {
+        let reg = crate::protocol::RegisterResponse {
+            bridge_id: "0123456789abcdef01234567".into(),
+            relay_secret: format!("hrs_{}", "a".repeat(64)),
+            bridge_relay_url: "ws://127.0.0.1:9/ws/bridge".into(),
+            app_relay_url: "ws://127.0.0.1:9/ws/app".into(),
+        };
+        BridgeIdentity::from_registration(reg, "http://127.0.0.1:9", "inst", "Test", 1)
+    }
+
+    #[test]
+    fn the_identity_is_put_back_when_missing_damaged_or_a_dangling_link() {
+        let dir = std::env::temp_dir().join(format!("hcp-keep-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        state::ensure_dir(&dir).unwrap();
+        let path = state::bridge_json(&dir);
+        let id = identity();
+        let restored = || -> String {
+            let got: BridgeIdentity = state::read_json(&path).unwrap().unwrap();
+            got.bridge_id
+        };
+        keep_identity(&dir, &id);
+        assert_eq!(restored(), id.bridge_id, "missing");
+        std::fs::write(&path, "{\"v\":2,").unwrap();
+        keep_identity(&dir, &id);
+        assert_eq!(restored(), id.bridge_id, "damaged");
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(dir.join("gone"), &path).unwrap();
+        keep_identity(&dir, &id);
+        assert!(!path.is_symlink(), "the dangling link is still there");
+        assert_eq!(restored(), id.bridge_id, "dangling link");
+        // Another valid identity (a pairing that registered anew) is left alone.
+        let mut other = identity();
+        other.bridge_id = "ffffffffffffffffffffffff".into();
+        state::write_json(&path, &other).unwrap();
+        keep_identity(&dir, &id);
+        assert_eq!(restored(), other.bridge_id);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

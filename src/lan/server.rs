@@ -92,8 +92,10 @@ const MAX_BAD_FRAMES: u32 = 32;
 /// How long a closing WebSocket may take to finish its close handshake.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
-/// How long the secret of a pairing taken back is told apart from a guess: the token's life.
-const UNDONE_REMEMBERED: Duration = Duration::from_secs(store::TOKEN_TTL_SECS);
+/// How long the secret of a pairing taken back is told apart from a guess: a token's life.
+fn undone_remembered() -> Duration {
+    Duration::from_secs(store::token_ttl_secs())
+}
 
 /// Pairings taken back remembered at most (each needs a scan of the QR code).
 const MAX_UNDONE_REMEMBERED: usize = 64;
@@ -521,7 +523,7 @@ impl Server {
             Ok((Some((restored, secret_digest)), note)) => {
                 log_note(note);
                 let now = Instant::now();
-                self.undone.retain(|_, at| now.duration_since(*at) < UNDONE_REMEMBERED);
+                self.undone.retain(|_, at| now.duration_since(*at) < undone_remembered());
                 if self.undone.len() < MAX_UNDONE_REMEMBERED {
                     self.undone.insert(secret_digest, now);
                 }
@@ -732,7 +734,10 @@ impl Server {
                         );
                     }
                     Err(Refused::Invalid)
-                        if self.undone.contains_key(&secret::hex(&secret::digest(&credential))) =>
+                        if self
+                            .undone
+                            .get(&secret::hex(&secret::digest(&credential)))
+                            .is_some_and(|at| now.duration_since(*at) < undone_remembered()) =>
                     {
                         return unauthorized(
                             self,
