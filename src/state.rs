@@ -533,17 +533,7 @@ pub fn set_aside(path: &Path, tag: &str) -> io::Result<Option<PathBuf>> {
 /// Renames `path` to `<name>.<tag>-<secs>`, adding `.1`, `.2`, … if that name is taken, so an
 /// earlier moved-aside file is never overwritten.
 fn move_aside(path: &Path, tag: &str, secs: u64) -> io::Result<PathBuf> {
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the path has no file name"))?
-        .to_string_lossy()
-        .into_owned();
-    let base = format!("{name}.{tag}-{secs}");
-    for n in 0..1000 {
-        let candidate = match n {
-            0 => path.with_file_name(&base),
-            n => path.with_file_name(format!("{base}.{n}")),
-        };
+    for candidate in aside_names(path, tag, secs)? {
         match fs::symlink_metadata(&candidate) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 fs::rename(path, &candidate)?;
@@ -554,6 +544,42 @@ fn move_aside(path: &Path, tag: &str, secs: u64) -> io::Result<PathBuf> {
         }
     }
     Err(io::Error::new(io::ErrorKind::AlreadyExists, "too many moved-aside copies already"))
+}
+
+/// Keeps `bytes` (what `path` held before a repair) beside it as `<name>.<tag>-<secs>`, named
+/// as [`move_aside`] names, mode 0600, never over an earlier copy. Returns its path.
+pub fn copy_aside(path: &Path, bytes: &[u8], tag: &str) -> io::Result<PathBuf> {
+    for candidate in aside_names(path, tag, unix_secs())? {
+        let created =
+            OpenOptions::new().write(true).create_new(true).mode(FILE_MODE).open(&candidate);
+        match created {
+            Ok(mut f) => {
+                if let Err(e) = f.write_all(bytes).and_then(|()| f.sync_all()) {
+                    let _ = fs::remove_file(&candidate);
+                    return Err(with_path(&candidate, e));
+                }
+                return Ok(candidate);
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(with_path(&candidate, e)),
+        }
+    }
+    Err(io::Error::new(io::ErrorKind::AlreadyExists, "too many copies kept aside already"))
+}
+
+/// `<name>.<tag>-<secs>`, then the same with `.1`, `.2`, … (a thousand names in all).
+fn aside_names(path: &Path, tag: &str, secs: u64) -> io::Result<impl Iterator<Item = PathBuf>> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the path has no file name"))?
+        .to_string_lossy()
+        .into_owned();
+    let base = format!("{name}.{tag}-{secs}");
+    let path = path.to_path_buf();
+    Ok((0..1000).map(move |n| match n {
+        0 => path.with_file_name(&base),
+        n => path.with_file_name(format!("{base}.{n}")),
+    }))
 }
 
 /// Seconds since the Unix epoch (0 if the clock is before it).

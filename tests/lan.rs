@@ -1307,4 +1307,9 @@ fn a_bad_host_or_busy_port_leaves_the_running_daemon_alone() {
     assert_eq!(parse_local_payload(&run.stdout).url, qr.url);
     assert_eq!(env.pid(), Some(pid));
     drop(busy);
+    // Moving it on purpose (plain --local) says that paired devices must scan again.
+    let run =
+        env.run(&["--local", "--host", "127.0.0.1", "--local-port", &other_port, "--port", &bp]);
+    run.assert_code(0, "--local on another port");
+    assert!(run.all().contains("must scan the new QR code"), "{}", run.all());
 }

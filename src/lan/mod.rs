@@ -283,9 +283,14 @@ fn ensure_lan_daemon(
                  mode (relay-paired apps reconnect after you run hermeschat-pair without --local)"
             ));
         } else {
-            out.warn(
-                "The running bridge daemon serves another address, port or backend; restarting it",
-            );
+            match current.as_ref().and_then(|s| s.lan_url.clone()).filter(|old| *old != url) {
+                // Devices paired with the old address cannot find the new one by themselves.
+                Some(old) => out.warn(&format!(
+                    "The LAN server moves from {old} to {url}; restarting it. Devices paired \
+                     with the old address must scan the new QR code"
+                )),
+                None => out.warn("The running bridge daemon serves another backend; restarting it"),
+            }
         }
         daemon::stop(dir, Duration::from_secs(5)).map_err(fail)?;
     }

@@ -229,35 +229,6 @@ fn salvage(bytes: &[u8]) -> Salvaged {
     if dropped.is_empty() { Salvaged::Whole(s) } else { Salvaged::Partly(s, dropped) }
 }
 
-/// Writes a copy of `bytes` (the damaged `lan.json`) next to it as `lan.json.corrupt-<secs>`
-/// (`.1`, `.2`, … when taken; mode 0600, never overwriting anything). Returns its path.
-fn keep_copy(path: &Path, bytes: &[u8]) -> io::Result<PathBuf> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let base = format!("lan.json.corrupt-{secs}");
-    for n in 0..1000 {
-        let name = if n == 0 { base.clone() } else { format!("{base}.{n}") };
-        let copy = path.with_file_name(name);
-        let file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&copy);
-        match file {
-            Ok(mut f) => {
-                let written = f.write_all(bytes).and_then(|()| f.sync_all());
-                if let Err(e) = written {
-                    let _ = std::fs::remove_file(&copy);
-                    return Err(io::Error::new(e.kind(), format!("{}: {e}", copy.display())));
-                }
-                return Ok(copy);
-            }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", copy.display()))),
-        }
-    }
-    Err(io::Error::new(io::ErrorKind::AlreadyExists, "too many copies of lan.json already"))
-}
-
 /// Reads `lan.json` (empty when missing). Devices and a token that are unusable are dropped
 /// and the rest kept (the original is first copied aside); a file that is not a version-1
 /// `lan.json` at all is moved aside whole. Either way the returned note says what happened,
@@ -279,7 +250,7 @@ fn load(dir: &Path) -> Result<(LanState, Option<String>), StoreError> {
         Salvaged::Partly(s, dropped) => {
             // Nothing is lost: the original is kept before the cleaned file replaces it, and
             // when it cannot be kept nothing is changed.
-            let copy = keep_copy(&path, &bytes).map_err(StoreError::Write)?;
+            let copy = state::copy_aside(&path, &bytes, "corrupt").map_err(StoreError::Write)?;
             state::write_json(&path, &s)
                 .map_err(|e| StoreError::Write(io::Error::other(e.to_string())))?;
             let n = s.devices.len();
