@@ -2130,3 +2130,39 @@ fn a_zero_rate_is_unlimited_as_help_says() {
     }
     assert!(help.contains("0 is no cap"), "{help}");
 }
+
+/// Behind a trusted proxy every connection comes from the proxy's address, so the per-source
+/// cap counts each WebSocket by its client (the last `X-Forwarded-For` hop) once it is
+/// upgraded: a third socket of one client is refused (429), another client is unaffected, and
+/// a closed socket gives its place back. Plain HTTP requests are not counted (a proxy carries
+/// several clients' requests on one connection).
+#[test]
+fn behind_a_trusted_proxy_websockets_are_capped_per_client() {
+    let relay = Relay::start(&["--trust-proxy", "--max-connections-per-ip", "2"]);
+    let (reg, _bridge) = registered_bridge(&relay);
+    // Three apps (one socket each) behind the same client address.
+    let secrets: Vec<String> =
+        (0..3).map(|i| pair_another(&relay, &reg, &format!("Phone {i}")).client_secret).collect();
+    let url = relay.app_ws_url(&reg.bridge_id);
+    let open = |secret: &str, from: &str| {
+        let auth = format!("Bearer {secret}");
+        ws_connect(&url, &[("Authorization", &auth), ("X-Forwarded-For", from)])
+    };
+    let first = open(&secrets[0], "198.51.100.7").expect("first socket");
+    let _second = open(&secrets[1], "10.0.0.1, 198.51.100.7").expect("second socket");
+    match open(&secrets[2], "198.51.100.7") {
+        Err(ConnectError::Http(429, body)) => assert!(body.contains("RATE_LIMITED"), "{body}"),
+        other => panic!("a third socket from one client address: {other:?}"),
+    }
+    let _other = open(&secrets[2], "198.51.100.8").expect("another client address");
+    // Registry requests through the proxy are not counted.
+    for _ in 0..5 {
+        assert_eq!(relay.registry().health().0, 200);
+    }
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while open(&secrets[0], "198.51.100.7").is_err() {
+        assert!(Instant::now() < deadline, "a closed socket did not give its place back");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

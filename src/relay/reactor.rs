@@ -166,6 +166,10 @@ enum Io {
 struct Conn {
     io: Io,
     ip: IpAddr,
+    /// The source this connection counts under for `--max-connections-per-ip`: its peer's
+    /// (from accept), or with `--trust-proxy` its client's once it is a WebSocket (the proxy
+    /// may carry several clients' requests on one connection before that).
+    counted: Option<IpAddr>,
     deadline: Option<Instant>,
     /// Interest currently registered: (readable, writable).
     interest: (bool, bool),
@@ -397,6 +401,7 @@ impl Reactor {
             let conn = Conn {
                 io,
                 ip: addr.ip(),
+                counted: self.counted_source(addr.ip()),
                 deadline: Some(Instant::now() + self.shared.config.handshake_timeout),
                 interest: (true, false),
             };
@@ -413,16 +418,22 @@ impl Reactor {
         }
     }
 
-    /// The source `--max-connections-per-ip` counts a connection from `ip` under, if any.
+    /// The source `--max-connections-per-ip` counts a connection accepted from `ip` under, if
+    /// any (none behind a trusted proxy: its WebSockets are counted by client, on upgrade).
     fn counted_source(&self, ip: IpAddr) -> Option<IpAddr> {
-        let config = &self.shared.config;
-        let counted = config.max_connections_per_ip > 0 && !config.trust_proxy;
+        (!self.shared.config.trust_proxy).then(|| self.per_ip_source(ip)).flatten()
+    }
+
+    /// The source a connection from client `ip` counts under: none for loopback, or with the
+    /// cap off.
+    fn per_ip_source(&self, ip: IpAddr) -> Option<IpAddr> {
+        let counted = self.shared.config.max_connections_per_ip > 0;
         (counted && !ip.to_canonical().is_loopback()).then(|| source(ip))
     }
 
     /// Adds a connection the poller watches to the table.
     fn insert(&mut self, id: ConnId, conn: Conn) {
-        if let Some(s) = self.counted_source(conn.ip) {
+        if let Some(s) = conn.counted {
             *self.per_source.entry(s).or_default() += 1;
         }
         self.conns.insert(id, conn);
@@ -432,7 +443,7 @@ impl Reactor {
     fn remove(&mut self, id: ConnId) -> Option<Conn> {
         let mut conn = self.conns.remove(&id)?;
         let _ = self.poller.delete(conn.tcp());
-        if let Some(s) = self.counted_source(conn.ip)
+        if let Some(s) = conn.counted
             && let Some(n) = self.per_source.get_mut(&s)
         {
             *n -= 1;
@@ -738,6 +749,22 @@ impl Reactor {
         } else {
             None
         };
+        // Behind a trusted proxy, WebSockets are counted by client from here on.
+        let client = (self.shared.config.trust_proxy && refusal.is_none())
+            .then(|| self.per_ip_source(self.client_ip(ip, &head)))
+            .flatten();
+        let cap = self.shared.config.max_connections_per_ip;
+        let refusal = match client {
+            Some(s) if self.per_source.get(&s).is_some_and(|&n| n >= cap) => {
+                self.refused.1 += 1;
+                Some((
+                    429,
+                    p::api_code::RATE_LIMITED,
+                    "too many open connections from your address; close some and retry",
+                ))
+            }
+            _ => refusal,
+        };
         if let Some((status, code, message)) = refusal {
             let body = serde_json::to_string(&p::ApiError::new(code, message)).unwrap_or_default();
             access_log(&head, status, ip, started);
@@ -745,6 +772,12 @@ impl Reactor {
             return;
         }
         access_log(&head, 101, ip, started);
+        if let Some(s) = client
+            && let Some(conn) = self.conns.get_mut(&id)
+        {
+            conn.counted = Some(s);
+            *self.per_source.entry(s).or_default() += 1;
+        }
         let response = format!(
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
         );
