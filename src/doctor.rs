@@ -161,60 +161,72 @@ pub fn run(args: &Args) -> Result<(), Exit> {
         println!("hermeschat-pair doctor: app → relay → bridge → backend → gateway");
     }
 
-    // 1. The registry.
-    let url = match &identity {
-        Some(id) => Ok(id.registry_url.trim_end_matches('/').to_owned()),
-        None => registry_url(args, &config),
-    };
-    let registry_ok = match &url {
-        Ok(url) => {
-            let r = check_registry(&Registry::new(url));
-            let ok = r.state == HopState::Ok;
-            report.add(r);
-            ok
-        }
-        Err(e) => {
-            let fix = e.message.trim_start_matches("no registry configured. ").to_owned();
-            report.add(failed(REGISTRY.0, REGISTRY.1, None, "no registry configured", fix));
-            false
-        }
-    };
-
-    // 2.-4. The bridge at the registry, the daemon, and a request through the relay.
     let pid = daemon::running(&dir).filter(|p| *p != 0);
     let status = pid.and_then(|_| settled_status(&dir));
-    match &identity {
-        None => {
-            report.add(failed(
-                BRIDGE.0,
-                BRIDGE.1,
-                None,
-                format!("no pairing yet ({} is missing)", state::bridge_json(&dir).display()),
-                "pair first: hermeschat-pair",
-            ));
-            report.add(check_daemon(pid, status.as_ref(), None, &dir));
-            report.add(skipped(RELAY.0, RELAY.1, "no pairing yet"));
+    // LAN-only mode has no relay: its hops are the daemon's LAN server, the backend and the
+    // gateway.
+    let lan = status.as_ref().filter(|s| crate::lan::serving(Some(s)));
+    if let Some(s) = lan {
+        for (id, name) in [REGISTRY, BRIDGE, RELAY] {
+            report.add(skipped(id, name, "LAN-only mode (--local): no relay"));
         }
-        Some(id) => {
-            let registry = Registry::new(&id.registry_url);
-            let online = if registry_ok {
-                let (h, online) = check_bridge(&registry, id, pid.is_some());
-                report.add(h);
-                online
-            } else {
-                report.add(skipped(BRIDGE.0, BRIDGE.1, "the registry is unreachable"));
+        report.add(check_lan_daemon(pid, s));
+    }
+
+    if lan.is_none() {
+        // 1. The registry.
+        let url = match &identity {
+            Some(id) => Ok(id.registry_url.trim_end_matches('/').to_owned()),
+            None => registry_url(args, &config),
+        };
+        let registry_ok = match &url {
+            Ok(url) => {
+                let r = check_registry(&Registry::new(url));
+                let ok = r.state == HopState::Ok;
+                report.add(r);
+                ok
+            }
+            Err(e) => {
+                let fix = e.message.trim_start_matches("no registry configured. ").to_owned();
+                report.add(failed(REGISTRY.0, REGISTRY.1, None, "no registry configured", fix));
                 false
-            };
-            report.add(check_daemon(pid, status.as_ref(), Some(id), &dir));
-            if online {
-                report.add(check_relay(&registry, id, &dir));
-            } else {
-                let why = if registry_ok {
-                    "the bridge is not online"
+            }
+        };
+
+        // 2.-4. The bridge at the registry, the daemon, and a request through the relay.
+        match &identity {
+            None => {
+                report.add(failed(
+                    BRIDGE.0,
+                    BRIDGE.1,
+                    None,
+                    format!("no pairing yet ({} is missing)", state::bridge_json(&dir).display()),
+                    "pair first: hermeschat-pair",
+                ));
+                report.add(check_daemon(pid, status.as_ref(), None, &dir));
+                report.add(skipped(RELAY.0, RELAY.1, "no pairing yet"));
+            }
+            Some(id) => {
+                let registry = Registry::new(&id.registry_url);
+                let online = if registry_ok {
+                    let (h, online) = check_bridge(&registry, id, pid.is_some());
+                    report.add(h);
+                    online
                 } else {
-                    "the registry is unreachable"
+                    report.add(skipped(BRIDGE.0, BRIDGE.1, "the registry is unreachable"));
+                    false
                 };
-                report.add(skipped(RELAY.0, RELAY.1, why));
+                report.add(check_daemon(pid, status.as_ref(), Some(id), &dir));
+                if online {
+                    report.add(check_relay(&registry, id, &dir));
+                } else {
+                    let why = if registry_ok {
+                        "the bridge is not online"
+                    } else {
+                        "the registry is unreachable"
+                    };
+                    report.add(skipped(RELAY.0, RELAY.1, why));
+                }
             }
         }
     }
@@ -425,6 +437,25 @@ fn check_daemon(
                 log.display()
             ),
         )
+    }
+}
+
+/// The daemon in LAN-only mode: running, serving its LAN address, and that address still
+/// this machine's.
+fn check_lan_daemon(pid: Option<u32>, s: &Status) -> Hop {
+    let (key, name) = DAEMON;
+    let t = Instant::now();
+    let pid = pid.unwrap_or(s.pid);
+    let url = s.lan_url.clone().unwrap_or_default();
+    match crate::lan::address_lost(Some(s)) {
+        Some(lost) => failed(
+            key,
+            name,
+            Some(t),
+            format!("pid {pid} serves {url}, but this machine no longer has {lost}"),
+            "run hermeschat-pair --local to serve this machine's address now, and scan its QR",
+        ),
+        None => hop(key, name, HopState::Ok, Some(t), format!("pid {pid}, LAN server at {url}")),
     }
 }
 

@@ -547,7 +547,7 @@ fn move_aside(path: &Path, tag: &str, secs: u64) -> io::Result<PathBuf> {
 }
 
 /// Keeps `bytes` (what `path` held before a repair) beside it as `<name>.<tag>-<secs>`, named
-/// as [`move_aside`] names, mode 0600, never over an earlier copy. Returns its path.
+/// as a file set aside is named, mode 0600, never over an earlier copy. Returns its path.
 pub fn copy_aside(path: &Path, bytes: &[u8], tag: &str) -> io::Result<PathBuf> {
     for candidate in aside_names(path, tag, unix_secs())? {
         let created =

@@ -515,6 +515,19 @@ fn pair_with_the_token_then_reconnect_with_the_secret() {
     let (client_id, secret, mut app) = pair_app(&qr.url, &qr.token);
     assert_echo(&mut app, "r1", &client_id);
 
+    // --doctor checks the LAN path: no relay hops, the daemon's LAN server, the backend.
+    let run = env.run(&["--doctor", "--json"]);
+    let v: Value = serde_json::from_str(run.stdout.trim()).unwrap_or(Value::Null);
+    let state = |id: &str| {
+        let hops = v["hops"].as_array().cloned().unwrap_or_default();
+        hops.iter().find(|h| h["id"] == id).map(|h| h["state"].clone()).unwrap_or(Value::Null)
+    };
+    for id in ["registry", "bridge", "relay"] {
+        assert_eq!(state(id), "skip", "{id}: {v}");
+    }
+    assert_eq!(state("daemon"), "ok", "{v}");
+    assert_eq!(state("backend"), "ok", "{v}");
+
     // Single use: the token is refused from now on, before the upgrade.
     let (status, body) = refused(&qr.url, &qr.token);
     assert_eq!(status, 401, "{body}");
