@@ -5,6 +5,7 @@
 //! `--follow` new lines are printed as they are written until Ctrl-C; a log that is rotated
 //! (renamed away and started anew) or truncated is followed into its new file.
 
+use std::borrow::Cow;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
@@ -143,7 +144,43 @@ pub fn tail(file: &mut File, n: usize, len: u64) -> io::Result<Vec<u8>> {
 
 /// Writes, turning a closed stdout (`| head`) into a quiet stop.
 fn emit(out: &mut impl Write, bytes: &[u8]) -> bool {
-    out.write_all(bytes).and_then(|()| out.flush()).is_ok()
+    out.write_all(&defanged(bytes)).and_then(|()| out.flush()).is_ok()
+}
+
+/// `bytes` fit for a terminal: control characters other than newline and tab are written
+/// escaped (`\x1b`), except colour sequences (`ESC [ digits;… m`), which a gateway's output
+/// may use. A log line can hold text others chose (a device name, a message a peer sent), and
+/// `--logs` must not let it move the cursor, retitle the window or clear the screen.
+fn defanged(bytes: &[u8]) -> Cow<'_, [u8]> {
+    let harmless = |b: u8| (b >= b' ' && b != 0x7f) || b == b'\n' || b == b'\t';
+    if bytes.iter().all(|&b| harmless(b)) {
+        return Cow::Borrowed(bytes);
+    }
+    let mut out = Vec::with_capacity(bytes.len() + 16);
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == 0x1b {
+            // ESC [ (digits or ;)* m: a colour.
+            let params = bytes[i + 1..]
+                .strip_prefix(b"[")
+                .map(|rest| rest.iter().take_while(|c| c.is_ascii_digit() || **c == b';').count());
+            if let Some(n) = params
+                && bytes.get(i + 2 + n) == Some(&b'm')
+            {
+                out.extend_from_slice(&bytes[i..i + 3 + n]);
+                i += 3 + n;
+                continue;
+            }
+        }
+        if harmless(b) {
+            out.push(b);
+        } else {
+            out.extend_from_slice(format!("\\x{b:02x}").as_bytes());
+        }
+        i += 1;
+    }
+    Cow::Owned(out)
 }
 
 fn header(s: &Source, note: &str) -> String {
@@ -277,6 +314,15 @@ pub fn run(args: &Args) -> Result<(), Exit> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn control_sequences_are_shown_escaped_and_colours_kept() {
+        let line = b"ok \x1b[32mgreen\x1b[0m \x1b]0;pwned\x07 \x1b[2J\tend\n";
+        let shown = String::from_utf8(defanged(line).into_owned()).unwrap();
+        assert_eq!(shown, "ok \x1b[32mgreen\x1b[0m \\x1b]0;pwned\\x07 \\x1b[2J\tend\n");
+        assert!(matches!(defanged(b"plain\tline\n"), Cow::Borrowed(_)));
+    }
+
     use super::*;
 
     fn temp(name: &str, text: &str) -> (PathBuf, File) {

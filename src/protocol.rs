@@ -1124,11 +1124,24 @@ pub fn check_request_limits_sized(
     Ok(())
 }
 
+/// `s` as it may appear in a log line or an error message when a peer chose it: control
+/// characters escaped (no forged lines, no terminal escapes) and cut to 80 characters.
+pub fn shown(s: &str) -> String {
+    const MAX: usize = 80;
+    let mut out: String = s.chars().take(MAX).flat_map(char::escape_debug).collect();
+    if s.chars().nth(MAX).is_some() {
+        out.push('…');
+    }
+    out
+}
+
 /// The path prefixes the bridge forwards by default (PROTOCOL §7).
 pub const DEFAULT_ALLOWED_PREFIXES: &[&str] = &["/api/", "/v1/", "/health"];
 
 /// Checks a request path against the passthrough rules of §7: a single leading `/`, no scheme,
-/// no `..` segment, no CR/LF/NUL, and under one of `allowed` prefixes.
+/// no fragment, no `;`, no `.`/`..` segment even percent-encoded, nothing that decodes to a
+/// control character, backslash, `%`, `?`, `#` or invalid UTF-8 (which some servers would
+/// decode again, cut, or turn into a separator), and under one of `allowed` prefixes.
 pub fn check_path<S: AsRef<str>>(path: &str, allowed: &[S]) -> Result<(), String> {
     if !path.starts_with('/') || path.starts_with("//") {
         return Err("path must start with a single '/'".into());
@@ -1141,8 +1154,25 @@ pub fn check_path<S: AsRef<str>>(path: &str, allowed: &[S]) -> Result<(), String
     if path.contains("://") {
         return Err("path must not contain a scheme".into());
     }
-    let route = path.split(['?', '#']).next().unwrap_or(path);
-    let decoded = percent_decode_lossy(route);
+    // A fragment is not part of a request target (RFC 9112), and servers read it differently.
+    if path.contains('#') {
+        return Err("path must not contain a fragment ('#')".into());
+    }
+    let route = path.split('?').next().unwrap_or(path);
+    // `;` starts path parameters, which some servers drop before resolving `..` (`/api/..;/x`).
+    if route.contains(';') {
+        return Err("path must not contain ';'".into());
+    }
+    let decoded = match percent_decode(route) {
+        Some(d) => d,
+        None => return Err("path decodes to invalid UTF-8".into()),
+    };
+    if decoded.chars().any(|c| c.is_control() || matches!(c, '\\' | '%' | '?' | '#')) {
+        return Err(
+            "path decodes to a control character, backslash, '%', '?' or '#' (encoded twice?)"
+                .into(),
+        );
+    }
     if decoded.split('/').any(|seg| seg == ".." || seg == ".") {
         return Err("path must not contain '.' or '..' segments".into());
     }
@@ -1157,10 +1187,11 @@ pub fn check_path<S: AsRef<str>>(path: &str, allowed: &[S]) -> Result<(), String
     Ok(())
 }
 
-/// Decodes `%xx` escapes so that `%2e%2e` cannot hide a `..` segment.
-fn percent_decode_lossy(s: &str) -> Cow<'_, str> {
+/// Decodes `%xx` escapes so that `%2e%2e` cannot hide a `..` segment; `None` when the result
+/// is not UTF-8 (an overlong `%c0%ae` among others).
+fn percent_decode(s: &str) -> Option<Cow<'_, str>> {
     if !s.contains('%') {
-        return Cow::Borrowed(s);
+        return Some(Cow::Borrowed(s));
     }
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -1177,7 +1208,7 @@ fn percent_decode_lossy(s: &str) -> Cow<'_, str> {
         out.push(bytes[i]);
         i += 1;
     }
-    Cow::Owned(String::from_utf8_lossy(&out).into_owned())
+    String::from_utf8(out).ok().map(Cow::Owned)
 }
 
 /// Hop-by-hop headers (and Host) that never cross the bridge.
@@ -1196,9 +1227,18 @@ pub const HOP_BY_HOP: &[&str] = &[
 ];
 
 /// True when a header must not be forwarded (hop-by-hop, Host, or framing the bridge redoes).
+/// `_` counts as `-`: some servers (CGI, WSGI) read `Content_Length` as `Content-Length`.
 pub fn is_hop_by_hop(name: &str) -> bool {
-    HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
-        || name.get(..6).is_some_and(|p| p.eq_ignore_ascii_case("proxy-"))
+    let same = |h: &str| {
+        h.len() == name.len()
+            && h.bytes()
+                .zip(name.bytes())
+                .all(|(h, n)| h.eq_ignore_ascii_case(&n) || (h == b'-' && n == b'_'))
+    };
+    HOP_BY_HOP.iter().any(|h| same(h))
+        || name
+            .get(..6)
+            .is_some_and(|p| p.eq_ignore_ascii_case("proxy-") || p.eq_ignore_ascii_case("proxy_"))
 }
 
 /// True when `needle` (lowercase ASCII) occurs in `haystack`, ignoring ASCII case; for media
@@ -1211,15 +1251,20 @@ pub fn contains_ignore_ascii_case(haystack: &str, needle: &str) -> bool {
             .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
 }
 
-/// A header name is a non-empty HTTP token; a value has no CR, LF or NUL.
+/// Longest header name forwarded.
+pub const MAX_HEADER_NAME: usize = 256;
+
+/// A header name is a non-empty HTTP token of at most [`MAX_HEADER_NAME`] bytes; a value has
+/// no control character but tab.
 pub fn check_header(name: &str, value: &str) -> Result<(), String> {
     let token = !name.is_empty()
+        && name.len() <= MAX_HEADER_NAME
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
     if !token {
-        return Err(format!("header name {name:?} is not a valid token"));
+        return Err(format!("header name {} is not a valid token", shown(name)));
     }
-    if value.bytes().any(|b| matches!(b, b'\r' | b'\n' | 0)) {
-        return Err(format!("header {name} contains CR, LF or NUL"));
+    if value.bytes().any(|b| (b < b' ' && b != b'\t') || b == 0x7f) {
+        return Err(format!("header {name} contains a control character"));
     }
     Ok(())
 }
@@ -1334,17 +1379,50 @@ mod tests {
         assert!(check_path("/healthz", allowed).is_err());
         assert!(check_path("/api/a b", allowed).is_err());
         assert!(check_path("/api/é", allowed).is_err());
+        // What some server would read as another path (a hostile relay's tries).
+        for odd in [
+            "/api/x#/../../admin",
+            "/api/..;/admin",
+            "/api/x;jsessionid=1",
+            "/api/..%5c..%5cadmin",
+            "/api/..%00/admin",
+            "/api/%252e%252e/admin",
+            "/api/%%32%65%%32%65/admin",
+            "/api/%2e%2e%3f/admin",
+            "/api/%c0%ae%c0%ae/admin",
+            "/api/%u002e%u002e/admin",
+            "/api/a%23b",
+        ] {
+            assert!(check_path(odd, allowed).is_err(), "{odd}");
+        }
+        // Encoded text that is none of those still passes.
+        assert!(check_path("/api/uploads/caf%C3%A9%20menu?q=%25&x=a;b", allowed).is_ok());
     }
 
     #[test]
     fn headers() {
         assert!(check_header("X-Ok", "fine").is_ok());
+        assert!(check_header("X-Ok", "tab\tfine").is_ok());
         assert!(check_header("Bad Name", "v").is_err());
         assert!(check_header("X", "a\r\nInjected: 1").is_err());
+        assert!(check_header("X", "a\x0bb").is_err());
+        assert!(check_header(&"X".repeat(MAX_HEADER_NAME + 1), "v").is_err());
         assert!(is_hop_by_hop("Connection"));
         assert!(is_hop_by_hop("Proxy-Anything"));
         assert!(is_hop_by_hop("HOST"));
+        assert!(is_hop_by_hop("Content_Length"));
+        assert!(is_hop_by_hop("transfer_encoding"));
+        assert!(is_hop_by_hop("proxy_authorization"));
         assert!(!is_hop_by_hop("content-type"));
+        assert!(!is_hop_by_hop("x_custom"));
+    }
+
+    #[test]
+    fn peer_chosen_text_is_shown_escaped_and_short() {
+        assert_eq!(shown("plain"), "plain");
+        assert_eq!(shown("a\nforged line\u{1b}[2J"), "a\\nforged line\\u{1b}[2J");
+        let long = "x".repeat(1000);
+        assert_eq!(shown(&long).chars().count(), 81);
     }
 
     #[test]

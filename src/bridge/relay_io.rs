@@ -234,7 +234,8 @@ impl RelayIo {
         let ping_every = Duration::from_secs(p::RELAY_PING_INTERVAL_SECS);
         let pong_timeout = Duration::from_secs(p::BRIDGE_PONG_TIMEOUT_SECS);
         let mut events = Events::new();
-        let mut interest_writable = false;
+        // Registered interest: (readable, writable).
+        let mut interest = (true, false);
         // Read the relay socket only when it was reported readable: `read_frames` reads until
         // it would block, so nothing is left behind in between.
         let mut relay_ready = true;
@@ -244,7 +245,7 @@ impl RelayIo {
             if self.stop.load(Ordering::SeqCst) {
                 return self.shut_down(link, tcp, inlines, answers);
             }
-            let (blocked, tick) = {
+            let (wanted, tick) = {
                 let mut st = link.lock();
                 let LinkState { ws: Some(ws), out, .. } = &mut *st else {
                     return Ended::Lost("socket closed".into());
@@ -280,7 +281,7 @@ impl RelayIo {
                 if let Err(e) = link.flush(&mut st) {
                     return Ended::Lost(e);
                 }
-                (st.out.blocked(), tick)
+                ((st.out.bytes() < READ_PAUSE, st.out.blocked()), tick)
             };
             if tick {
                 self.close_idle_parked(inlines);
@@ -291,9 +292,9 @@ impl RelayIo {
                     pong_timeout.as_secs()
                 ));
             }
-            if blocked != interest_writable {
-                interest_writable = blocked;
-                let ev = Event::new(SOCKET, true, blocked);
+            if wanted != interest {
+                interest = wanted;
+                let ev = Event::new(SOCKET, interest.0, interest.1);
                 let _ = self.poller.modify_with_mode(tcp, ev, PollMode::Level);
             }
             let mut next = (t.last_ping + ping_every).min(t.last_rx + pong_timeout);
@@ -480,6 +481,11 @@ impl RelayIo {
         inlines: &mut Inlines,
     ) -> Result<(), String> {
         loop {
+            // Answers the relay does not take (a relay that sends without reading) stop the
+            // reading here, so TCP pushes back on it instead of the queue growing for ever.
+            if out.bytes() >= READ_PAUSE {
+                return Ok(());
+            }
             match t.reader.read(ws.get_mut()) {
                 Ok(msg) => {
                     t.last_rx = Instant::now();
@@ -508,10 +514,33 @@ impl RelayIo {
         let frame = match p::parse_message(text) {
             Ok(f) => f,
             Err(msg) => {
-                log(&format!("ignoring a frame from the relay: {msg}"));
+                log(&format!("ignoring a frame from the relay: {}", p::shown(&msg)));
                 return;
             }
         };
+        // The relay stamps a valid clientId on every frame about an app. One without could
+        // not be answered anywhere, and a hostile relay could make each answer (which repeats
+        // it) or status.json as large as it likes.
+        let about_an_app = match &frame {
+            Frame::Request(r) | Frame::RequestStart(r) => Some(r.client.as_deref()),
+            Frame::RequestChunk { client, .. } | Frame::Cancel { client, .. } => {
+                Some(client.as_deref())
+            }
+            Frame::ClientConnected { client, .. } | Frame::ClientDisconnected { client } => {
+                Some(Some(client.as_str()))
+            }
+            _ => None,
+        };
+        if let Some(client) = about_an_app
+            && !client.is_some_and(p::is_client_id)
+        {
+            log(&format!(
+                "ignoring a {} frame from the relay: its client {} is not a clientId",
+                frame.kind(),
+                p::shown(client.unwrap_or("(none)"))
+            ));
+            return;
+        }
         match frame {
             Frame::Request(req) => {
                 // Inline answers are queued without waiting for room (this thread makes the
@@ -538,9 +567,11 @@ impl RelayIo {
             }
             Frame::Cancel { id, client } => self.pool.cancel(client.as_deref(), &id),
             Frame::ClientConnected { client, device_name } => {
-                log(&format!("app connected: {client} ({device_name})"));
+                log(&format!("app connected: {client} ({})", p::shown(&device_name)));
                 self.status.update(|s| {
-                    s.apps_online.insert(client);
+                    if s.apps_online.len() < MAX_APPS_SHOWN {
+                        s.apps_online.insert(client);
+                    }
                 });
             }
             Frame::ClientDisconnected { client } => {
@@ -551,7 +582,7 @@ impl RelayIo {
                 });
             }
             Frame::Error { code, message } => {
-                log(&format!("relay says {}: {message}", code.as_str()));
+                log(&format!("relay says {}: {}", code.as_str(), p::shown(&message)));
             }
             other => log(&format!("ignoring an unexpected {} frame from the relay", other.kind())),
         }
@@ -698,6 +729,14 @@ impl Inlines {
 
 /// Queued outbound bytes past which workers wait for the socket (back-pressure).
 const OUT_LIMIT: usize = 4 << 20;
+
+/// Bytes waiting for the relay socket past which it is not read any more until they drain:
+/// well above what the workers can queue (they wait at [`OUT_LIMIT`], one frame each past it),
+/// so only answers to a relay that sends without reading reach it.
+const READ_PAUSE: usize = 32 << 20;
+
+/// Apps listed online in `status.json` at most (the relay tells; a bridge has a handful).
+const MAX_APPS_SHOWN: usize = 1024;
 
 /// The I/O thread's own state of one connection: its ping and pong-deadline clocks, and its
 /// reader.

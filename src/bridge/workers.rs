@@ -1069,7 +1069,11 @@ fn validate(
     if !METHODS.contains(&req.method.as_str()) {
         return Err((
             ErrorCode::BadRequest,
-            format!("method {:?} is not forwarded (use one of {})", req.method, METHODS.join(", ")),
+            format!(
+                "method {} is not forwarded (use one of {})",
+                crate::protocol::shown(&req.method),
+                METHODS.join(", ")
+            ),
         ));
     }
     check_path(&req.path, allowed).map_err(|m| (ErrorCode::ForbiddenPath, m))?;

@@ -86,6 +86,11 @@ const TICK: Duration = Duration::from_millis(250);
 /// Messages read from one socket before others get a turn.
 const READ_BATCH: usize = 32;
 
+/// Bytes waiting for one app socket past which it is not read until they drain: above what
+/// the workers' frames fill it to (`max_queued_bytes`, 32 MiB, and one frame past it), so only
+/// the answers to an app that sends without reading reach it.
+const READ_PAUSE: usize = 48 << 20;
+
 /// Bad frames tolerated on one socket before it is closed with 4008.
 const MAX_BAD_FRAMES: u32 = 32;
 
@@ -557,7 +562,11 @@ impl Server {
         let Some(conn) = self.conns.get_mut(&id) else { return };
         let want = match &conn.io {
             Io::Http(h) => (h.after.is_none() && !draining, h.out_pos < h.out.len()),
-            Io::Ws(w) => (!draining || w.closing.is_some(), w.out.blocked()),
+            // Not read while answers it does not take pile up (an app sending without reading).
+            Io::Ws(w) => {
+                let reading = (!draining || w.closing.is_some()) && w.out.bytes() < READ_PAUSE;
+                (reading, w.out.blocked())
+            }
         };
         if want != conn.interest {
             conn.interest = want;
@@ -875,6 +884,9 @@ impl Server {
             loop {
                 if batch >= READ_BATCH {
                     more = true;
+                    break;
+                }
+                if w.out.bytes() >= READ_PAUSE {
                     break;
                 }
                 match w.reader.read(w.ws.get_mut()) {

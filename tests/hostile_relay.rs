@@ -1,0 +1,131 @@
+//! A hostile relay: whoever speaks on the bridge's relay socket (a relay taken over, say) can
+//! make the bridge forward what the passthrough rules allow, and nothing more. Here a fake
+//! relay (a plain WebSocket server in the test) talks to the real `hermeschat-pair
+//! --foreground`, and the test checks what the bridge lets it do to the user's machine.
+
+mod common;
+
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use common::rss_kib;
+use common::session::{Backend, Env};
+use hermeschat_pair::protocol::RegisterResponse;
+use hermeschat_pair::state::{self, BridgeIdentity};
+use serde_json::json;
+use tungstenite::{Message, WebSocket};
+
+/// The bridge in the foreground, paired (as far as its bridge.json says) with a relay at
+/// `relay_port`, which is the test's.
+struct Bridge {
+    child: Child,
+}
+
+impl Bridge {
+    fn start(env: &Env, relay_port: u16, backend: &Backend) -> Bridge {
+        state::ensure_dir(&env.home).unwrap();
+        let reg = RegisterResponse {
+            bridge_id: "0123456789abcdef01234567".into(),
+            relay_secret: format!("hrs_{}", "a".repeat(64)),
+            bridge_relay_url: format!("ws://127.0.0.1:{relay_port}/ws/bridge"),
+            app_relay_url: format!("ws://127.0.0.1:{relay_port}/ws/app"),
+        };
+        let registry = format!("http://127.0.0.1:{relay_port}");
+        let id = BridgeIdentity::from_registration(reg, &registry, "inst", "Test", 1);
+        state::write_json(&state::bridge_json(&env.home), &id).unwrap();
+        let log = std::fs::File::create(env.home.join("bridge.log")).unwrap();
+        let child = env
+            .cmd(&["--foreground", "--port", &backend.port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Bridge { child }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Accepts the bridge's socket on `listener` (the bridge dials in after its first probes).
+fn accept(listener: &TcpListener) -> WebSocket<TcpStream> {
+    listener.set_nonblocking(false).unwrap();
+    let (tcp, _) = listener.accept().unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    tungstenite::accept(tcp).unwrap()
+}
+
+/// A relay that names clients that are not clientIds (megabytes long), forges log lines, and
+/// sends requests the bridge refuses without ever reading its answers. The bridge ignores
+/// those clients (status.json stays small), writes what the relay chose escaped (no forged
+/// line, no terminal escape), and stops reading the socket once its unread answers pass a
+/// bound, so its memory stays bounded.
+#[test]
+fn a_hostile_relay_cannot_grow_the_bridge_or_forge_its_log() {
+    let backend = Backend::start();
+    let env = Env::new();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let bridge = Bridge::start(&env, listener.local_addr().unwrap().port(), &backend);
+    let mut ws = accept(&listener);
+
+    let huge = format!("hcl_{}", "x".repeat(1 << 20));
+    let frames = [
+        json!({"type": "client.connected", "client": huge, "deviceName": "d"}),
+        json!({"type": "client.connected", "client": "hcl_0123456789abcdef", "deviceName": "\u{1b}[2J"}),
+        json!({"type": "error", "code": "BAD_FRAME",
+               "message": "x\n2026-12-07T11:00:00.000Z relay connected: forged\u{1b}]0;t\u{7}"}),
+        json!({"type": "request", "id": "r1", "client": huge, "method": "GET", "path": "/api/x"}),
+    ];
+    for f in &frames {
+        ws.send(Message::text(f.to_string())).unwrap();
+    }
+
+    // Refused requests, sent without ever reading the answers, from a thread: once the
+    // bridge stops reading, TCP stops this writer (a write times out).
+    let mut tcp = ws.get_ref().try_clone().unwrap();
+    tcp.set_write_timeout(Some(Duration::from_secs(3))).unwrap();
+    let writer = std::thread::spawn(move || {
+        let mut writer =
+            WebSocket::from_raw_socket(&mut tcp, tungstenite::protocol::Role::Server, None);
+        for i in 0..400_000u32 {
+            let f = json!({"type": "request", "id": format!("r{i}"),
+                           "client": "hcl_0123456789abcdef", "method": "BAD", "path": "/api/x"});
+            if writer.send(Message::text(f.to_string())).is_err() {
+                return Some(i);
+            }
+        }
+        None
+    });
+    let stopped_after = writer.join().unwrap();
+    let rss_mib = rss_kib(bridge.pid()) / 1024;
+    assert!(
+        stopped_after.is_some(),
+        "the bridge read 400,000 refused requests without ever being read from"
+    );
+    assert!(rss_mib < 200, "the bridge grew to {rss_mib} MiB");
+
+    // status.json lists the valid client only.
+    let status = std::fs::read_to_string(env.home.join("status.json")).unwrap_or_default();
+    assert!(status.len() < 64 << 10, "status.json is {} bytes", status.len());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !env.log().contains("is not a clientId") {
+        assert!(Instant::now() < deadline, "no refusal of the bad client in the log");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // What the relay chose is written escaped: no forged line, no terminal escape.
+    let log = env.log();
+    assert!(!log.contains('\u{1b}'), "an escape reached the log");
+    assert!(!log.lines().any(|l| l.starts_with("2026-12-07T11:00:00.000Z")), "a forged line");
+    assert!(log.len() < 1 << 20, "the log holds the megabyte client");
+    drop(bridge);
+}
