@@ -114,6 +114,18 @@ fn a_hostile_relay_cannot_grow_the_bridge_or_forge_its_log() {
     );
     assert!(rss_mib < 200, "the bridge grew to {rss_mib} MiB");
 
+    // Once the relay reads its answers, the bridge reads on: the last request sent is answered.
+    let last = format!("r{}", stopped_after.unwrap_or(1) - 1);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(Instant::now() < deadline, "the bridge did not read on after its answers drained");
+        match ws.read() {
+            Ok(Message::Text(t)) if t.contains(&format!("\"id\":\"{last}\"")) => break,
+            Ok(_) => {}
+            Err(e) => panic!("reading the bridge's answers: {e}"),
+        }
+    }
+
     // status.json lists the valid client only.
     let status = std::fs::read_to_string(env.home.join("status.json")).unwrap_or_default();
     assert!(status.len() < 64 << 10, "status.json is {} bytes", status.len());

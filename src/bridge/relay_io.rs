@@ -293,9 +293,16 @@ impl RelayIo {
                 ));
             }
             if wanted != interest {
+                let resuming = wanted.0 && !interest.0;
                 interest = wanted;
                 let ev = Event::new(SOCKET, interest.0, interest.1);
                 let _ = self.poller.modify_with_mode(tcp, ev, PollMode::Level);
+                if resuming {
+                    // Reading stopped with frames maybe left in the reader's buffer, which no
+                    // readiness event announces: read now.
+                    relay_ready = true;
+                    continue;
+                }
             }
             let mut next = (t.last_ping + ping_every).min(t.last_rx + pong_timeout);
             if let Some(due) = t.reader.kept_due() {

@@ -154,6 +154,9 @@ struct WsConn {
     /// A new pairing until the app's first frame shows that `paired` reached it: the token it
     /// used up, given back if the socket ends first ([`Server::remove`]).
     unconfirmed: Option<PendingToken>,
+    /// Reading stopped at [`READ_PAUSE`]: read again once the queue drains (frames may wait in
+    /// the reader's buffer, which no readiness event announces).
+    paused: bool,
 }
 
 enum Io {
@@ -845,6 +848,7 @@ impl Server {
             closing: None,
             reader,
             unconfirmed: session.pairing.as_ref().map(|(_, token)| token.clone()),
+            paused: false,
         }));
         conn.deadline = None;
         let ip = conn.ip;
@@ -887,6 +891,7 @@ impl Server {
                     break;
                 }
                 if w.out.bytes() >= READ_PAUSE {
+                    w.paused = true;
                     break;
                 }
                 match w.reader.read(w.ws.get_mut()) {
@@ -1056,11 +1061,18 @@ impl Server {
     fn ws_flush(&mut self, id: usize) {
         let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) else { return };
         let broken = w.out.flush(&mut w.ws).is_err();
+        let resume = w.paused && w.out.bytes() < READ_PAUSE;
+        if resume {
+            w.paused = false;
+        }
         if broken {
             self.detach(id);
             self.remove(id);
         } else {
             self.set_interest(id);
+            if resume {
+                self.ready.push(id);
+            }
         }
     }
 
