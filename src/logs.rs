@@ -147,12 +147,12 @@ fn emit(out: &mut impl Write, bytes: &[u8]) -> bool {
     out.write_all(&defanged(bytes)).and_then(|()| out.flush()).is_ok()
 }
 
-/// `bytes` fit for a terminal: control characters other than newline and tab are written
-/// escaped (`\x1b`), except colour sequences (`ESC [ digits;… m`), which a gateway's output
-/// may use. A log line can hold text others chose (a device name, a message a peer sent), and
+/// `bytes` fit for a terminal: control characters other than newline and tab, C1 controls
+/// (U+0080–U+009F, which terminals obey too) included, are written escaped (`\x1b`), except
+/// colour sequences (`ESC [ digits;… m`), which a gateway's output may use. A log line can hold text others chose (a device name, a message a peer sent), and
 /// `--logs` must not let it move the cursor, retitle the window or clear the screen.
 fn defanged(bytes: &[u8]) -> Cow<'_, [u8]> {
-    let harmless = |b: u8| (b >= b' ' && b != 0x7f) || b == b'\n' || b == b'\t';
+    let harmless = |b: u8| (b >= b' ' && b != 0x7f && b != 0xc2) || b == b'\n' || b == b'\t';
     if bytes.iter().all(|&b| harmless(b)) {
         return Cow::Borrowed(bytes);
     }
@@ -173,7 +173,13 @@ fn defanged(bytes: &[u8]) -> Cow<'_, [u8]> {
                 continue;
             }
         }
-        if harmless(b) {
+        // U+0080..U+009F is C2 80..C2 9F in UTF-8.
+        if b == 0xc2 && bytes.get(i + 1).is_some_and(|c| (0x80..=0x9f).contains(c)) {
+            out.extend_from_slice(format!("\\u{{{:x}}}", bytes[i + 1]).as_bytes());
+            i += 2;
+            continue;
+        }
+        if harmless(b) || b == 0xc2 {
             out.push(b);
         } else {
             out.extend_from_slice(format!("\\x{b:02x}").as_bytes());
@@ -187,17 +193,39 @@ fn header(s: &Source, note: &str) -> String {
     format!("==> {} ({}){note} <==\n", s.path.display(), s.label)
 }
 
+/// Where the end of `bytes` may be the start of a sequence [`defanged`] judges whole (a
+/// colour cut short, the first byte of a C1 control): `--logs -f` holds that back for the
+/// next read rather than show it escaped by mistake.
+fn incomplete_tail(bytes: &[u8]) -> usize {
+    if bytes.last() == Some(&0xc2) {
+        return bytes.len() - 1;
+    }
+    let from = bytes.len().saturating_sub(32);
+    match bytes[from..].iter().rposition(|&b| b == 0x1b) {
+        Some(at) => {
+            let at = from + at;
+            let rest = &bytes[at + 1..];
+            let open = rest.is_empty()
+                || (rest[0] == b'[' && rest[1..].iter().all(|c| c.is_ascii_digit() || *c == b';'));
+            if open { at } else { bytes.len() }
+        }
+        None => bytes.len(),
+    }
+}
+
 /// A followed log: where we are in which file.
 struct Followed {
     source: Source,
     file: Option<File>,
     ino: u64,
     pos: u64,
+    /// The end of the last read held back ([`incomplete_tail`]).
+    carry: Vec<u8>,
 }
 
 impl Followed {
     fn open(source: Source, at_end: bool) -> Followed {
-        let mut f = Followed { source, file: None, ino: 0, pos: 0 };
+        let mut f = Followed { source, file: None, ino: 0, pos: 0, carry: Vec::new() };
         if let Ok(mut file) = File::open(&f.source.path)
             && let Ok(meta) = file.metadata()
         {
@@ -292,7 +320,9 @@ pub fn run(args: &Args) -> Result<(), Exit> {
         .map_err(|e| fail(format!("cannot install the Ctrl-C handler: {e}")))?;
     while !stop.load(Ordering::SeqCst) {
         for (i, f) in followed.iter_mut().enumerate() {
-            let fresh = f.poll();
+            let mut fresh = std::mem::take(&mut f.carry);
+            fresh.extend(f.poll());
+            f.carry = fresh.split_off(incomplete_tail(&fresh));
             if fresh.is_empty() {
                 continue;
             }
@@ -321,6 +351,20 @@ mod tests {
         let shown = String::from_utf8(defanged(line).into_owned()).unwrap();
         assert_eq!(shown, "ok \x1b[32mgreen\x1b[0m \\x1b]0;pwned\\x07 \\x1b[2J\tend\n");
         assert!(matches!(defanged(b"plain\tline\n"), Cow::Borrowed(_)));
+        // C1 controls (CSI, OSC, ST as UTF-8) are escaped; other text around them is kept.
+        let c1 = "a\u{9b}2J\u{9d}0;pwned\u{9c}b é\n";
+        let shown = String::from_utf8(defanged(c1.as_bytes()).into_owned()).unwrap();
+        assert_eq!(shown, "a\\u{9b}2J\\u{9d}0;pwned\\u{9c}b é\n");
+    }
+
+    #[test]
+    fn a_sequence_cut_by_a_read_is_held_for_the_next() {
+        assert_eq!(incomplete_tail(b"ok \x1b[3"), 3);
+        assert_eq!(incomplete_tail(b"ok \x1b"), 3);
+        assert_eq!(incomplete_tail(b"ok \xc2"), 3);
+        assert_eq!(incomplete_tail(b"ok \x1b[32mgreen"), 13);
+        assert_eq!(incomplete_tail(b"ok \x1b]0;t"), 8);
+        assert_eq!(incomplete_tail(b"plain"), 5);
     }
 
     use super::*;

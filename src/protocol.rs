@@ -1226,16 +1226,26 @@ pub const HOP_BY_HOP: &[&str] = &[
     "content-length",
 ];
 
-/// True when a header must not be forwarded (hop-by-hop, Host, or framing the bridge redoes).
-/// `_` counts as `-`: some servers (CGI, WSGI) read `Content_Length` as `Content-Length`.
+/// True when `name` is the header `canonical` as a server may read it: in any case, and with
+/// `_` for `-` (CGI and WSGI servers read `Content_Length` as `Content-Length`).
+pub fn same_header(name: &str, canonical: &str) -> bool {
+    name.len() == canonical.len()
+        && name
+            .bytes()
+            .zip(canonical.bytes())
+            .all(|(n, c)| n.eq_ignore_ascii_case(&c) || (n == b'_' && c == b'-'))
+}
+
+/// True for the client header ([`CLIENT_HEADER`]) in any spelling: an app must not speak for
+/// another.
+pub fn is_client_header(name: &str) -> bool {
+    same_header(name, CLIENT_HEADER)
+}
+
+/// True when a header must not be forwarded (hop-by-hop, Host, or framing the bridge redoes),
+/// in any spelling ([`same_header`]).
 pub fn is_hop_by_hop(name: &str) -> bool {
-    let same = |h: &str| {
-        h.len() == name.len()
-            && h.bytes()
-                .zip(name.bytes())
-                .all(|(h, n)| h.eq_ignore_ascii_case(&n) || (h == b'-' && n == b'_'))
-    };
-    HOP_BY_HOP.iter().any(|h| same(h))
+    HOP_BY_HOP.iter().any(|h| same_header(name, h))
         || name
             .get(..6)
             .is_some_and(|p| p.eq_ignore_ascii_case("proxy-") || p.eq_ignore_ascii_case("proxy_"))
@@ -1415,6 +1425,8 @@ mod tests {
         assert!(is_hop_by_hop("proxy_authorization"));
         assert!(!is_hop_by_hop("content-type"));
         assert!(!is_hop_by_hop("x_custom"));
+        assert!(is_client_header("x_hermeschat_client"));
+        assert!(!is_client_header("X-HermesChat-Clients"));
     }
 
     #[test]

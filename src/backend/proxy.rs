@@ -11,7 +11,7 @@ use super::upstream::Upstream;
 use crate::bridge::local_http::{Abort, Body, LocalError, Response};
 use crate::gateway::HermesConfig;
 use crate::http::Head;
-use crate::protocol::{CLIENT_HEADER, is_hop_by_hop};
+use crate::protocol::{is_client_header, is_hop_by_hop};
 
 /// Largest piece of an upstream body relayed at once.
 pub const RELAY_CHUNK: usize = 16 << 10;
@@ -33,9 +33,8 @@ pub fn upstream_headers(head: &Head, config: &HermesConfig) -> Vec<(String, Stri
         .iter()
         .filter(|(n, _)| {
             let replaced = auth.is_some() && n.eq_ignore_ascii_case("authorization");
-            let dropped = is_hop_by_hop(n)
-                || n.eq_ignore_ascii_case(CLIENT_HEADER)
-                || n.eq_ignore_ascii_case("expect");
+            let dropped =
+                is_hop_by_hop(n) || is_client_header(n) || n.eq_ignore_ascii_case("expect");
             !(replaced || dropped)
         })
         .cloned()

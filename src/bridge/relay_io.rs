@@ -239,6 +239,8 @@ impl RelayIo {
         // Read the relay socket only when it was reported readable: `read_frames` reads until
         // it would block, so nothing is left behind in between.
         let mut relay_ready = true;
+        // Reading stopped at the pause ([`READ_PAUSE`]) and is to go on once the queue drains.
+        let mut held = false;
         // Terminal frames of inline requests, sent with the next flush.
         let mut answers: Vec<String> = Vec::new();
         loop {
@@ -255,8 +257,9 @@ impl RelayIo {
                 }
                 if relay_ready {
                     ws.get_mut().mark_ready();
-                    if let Err(e) = self.read_frames(ws, out, t, outbox, inlines) {
-                        return Ended::Lost(e);
+                    match self.read_frames(ws, out, t, outbox, inlines) {
+                        Ok(paused) => held = paused,
+                        Err(e) => return Ended::Lost(e),
                     }
                 }
                 let now = Instant::now();
@@ -293,16 +296,16 @@ impl RelayIo {
                 ));
             }
             if wanted != interest {
-                let resuming = wanted.0 && !interest.0;
                 interest = wanted;
                 let ev = Event::new(SOCKET, interest.0, interest.1);
                 let _ = self.poller.modify_with_mode(tcp, ev, PollMode::Level);
-                if resuming {
-                    // Reading stopped with frames maybe left in the reader's buffer, which no
-                    // readiness event announces: read now.
-                    relay_ready = true;
-                    continue;
-                }
+            }
+            if held && wanted.0 {
+                // Reading stopped at the pause with frames maybe left in the reader's buffer,
+                // which no readiness event announces; the queue has drained since: read now.
+                held = false;
+                relay_ready = true;
+                continue;
             }
             let mut next = (t.last_ping + ping_every).min(t.last_rx + pong_timeout);
             if let Some(due) = t.reader.kept_due() {
@@ -478,7 +481,8 @@ impl RelayIo {
         earliest
     }
 
-    /// Reads every frame available now and dispatches it.
+    /// Reads every frame available now and dispatches it. `Ok(true)` when it stopped at
+    /// [`READ_PAUSE`] with frames maybe still in the reader's buffer.
     fn read_frames(
         &self,
         ws: &mut Ws,
@@ -486,12 +490,12 @@ impl RelayIo {
         t: &mut ConnState,
         outbox: &Outbox,
         inlines: &mut Inlines,
-    ) -> Result<(), String> {
+    ) -> Result<bool, String> {
         loop {
             // Answers the relay does not take (a relay that sends without reading) stop the
             // reading here, so TCP pushes back on it instead of the queue growing for ever.
             if out.bytes() >= READ_PAUSE {
-                return Ok(());
+                return Ok(true);
             }
             match t.reader.read(ws.get_mut()) {
                 Ok(msg) => {
@@ -511,7 +515,7 @@ impl RelayIo {
                         Incoming::Binary(_) | Incoming::Pong(_) => {}
                     }
                 }
-                Err(ReadError::WouldBlock) => return Ok(()),
+                Err(ReadError::WouldBlock) => return Ok(false),
                 Err(e) => return Err(e.to_string()),
             }
         }

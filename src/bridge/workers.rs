@@ -24,7 +24,8 @@ use super::{Outbox, log};
 use crate::protocol::{
     CLIENT_HEADER, DEFAULT_ALLOWED_PREFIXES, ErrorCode, Frame, Headers, LARGE_FRAME, Limits,
     RequestFrame, ResponseFrame, SharedStr, UPLOAD_MIN_CHUNK, UPLOAD_WINDOW, base64_chunk_json,
-    check_header, check_path, check_request_limits, contains_ignore_ascii_case, is_hop_by_hop,
+    check_header, check_path, check_request_limits, contains_ignore_ascii_case, is_client_header,
+    is_hop_by_hop,
 };
 
 /// Workers started when the configuration does not say otherwise.
@@ -1107,9 +1108,7 @@ fn request_body<'a>(req: &'a RequestFrame, limits: &Limits) -> Result<Body<'a>, 
 fn backend_headers(req: &RequestFrame) -> Vec<(&str, &str)> {
     let mut headers: Vec<(&str, &str)> = Vec::with_capacity(req.headers.len() + 1);
     let passed = req.headers.iter().map(|(n, v)| (n.as_str(), v.as_str()));
-    headers.extend(
-        passed.filter(|(n, _)| !is_hop_by_hop(n) && !n.eq_ignore_ascii_case(CLIENT_HEADER)),
-    );
+    headers.extend(passed.filter(|(n, _)| !is_hop_by_hop(n) && !is_client_header(n)));
     if let Some(client) = &req.client {
         headers.push((CLIENT_HEADER, client));
     }

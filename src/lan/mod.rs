@@ -283,13 +283,18 @@ fn ensure_lan_daemon(
                  mode (relay-paired apps reconnect after you run hermeschat-pair without --local)"
             ));
         } else {
-            match current.as_ref().and_then(|s| s.lan_url.clone()).filter(|old| *old != url) {
+            match current.as_ref().map(|s| s.lan_url.clone().filter(|old| *old != url)) {
                 // Devices paired with the old address cannot find the new one by themselves.
-                Some(old) => out.warn(&format!(
+                Some(Some(old)) => out.warn(&format!(
                     "The LAN server moves from {old} to {url}; restarting it. Devices paired \
                      with the old address must scan the new QR code"
                 )),
-                None => out.warn("The running bridge daemon serves another backend; restarting it"),
+                Some(None) => {
+                    out.warn("The running bridge daemon serves another backend; restarting it")
+                }
+                None => {
+                    out.warn("The running bridge daemon's status cannot be read; restarting it")
+                }
             }
         }
         daemon::stop(dir, Duration::from_secs(5)).map_err(fail)?;

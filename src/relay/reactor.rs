@@ -418,6 +418,13 @@ impl Reactor {
         }
     }
 
+    /// The client a proxy names: the last `X-Forwarded-For` hop, an address alone or with a port
+    /// (`198.51.100.7`, `198.51.100.7:4711`, `[2001:db8::1]:4711`).
+    fn forwarded_for(head: &Head) -> Option<IpAddr> {
+        let hop = head.header("x-forwarded-for")?.rsplit(',').next()?.trim();
+        hop.parse().ok().or_else(|| hop.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))
+    }
+
     /// The source `--max-connections-per-ip` counts a connection accepted from `ip` under, if
     /// any (none behind a trusted proxy: its WebSockets are counted by client, on upgrade).
     fn counted_source(&self, ip: IpAddr) -> Option<IpAddr> {
@@ -643,10 +650,7 @@ impl Reactor {
         if !self.shared.config.trust_proxy {
             return peer;
         }
-        head.header("x-forwarded-for")
-            .and_then(|v| v.rsplit(',').next())
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(peer)
+        Self::forwarded_for(head).unwrap_or(peer)
     }
 
     fn http_respond(&mut self, id: ConnId, bytes: Vec<u8>, after: After) {
@@ -749,9 +753,10 @@ impl Reactor {
         } else {
             None
         };
-        // Behind a trusted proxy, WebSockets are counted by client from here on.
+        // Behind a trusted proxy, WebSockets are counted by client from here on (not when the
+        // proxy named none: every such socket would count under the proxy's own address).
         let client = (self.shared.config.trust_proxy && refusal.is_none())
-            .then(|| self.per_ip_source(self.client_ip(ip, &head)))
+            .then(|| Self::forwarded_for(&head).and_then(|c| self.per_ip_source(c)))
             .flatten();
         let cap = self.shared.config.max_connections_per_ip;
         let refusal = match client {
