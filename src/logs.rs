@@ -320,9 +320,14 @@ pub fn run(args: &Args) -> Result<(), Exit> {
         .map_err(|e| fail(format!("cannot install the Ctrl-C handler: {e}")))?;
     while !stop.load(Ordering::SeqCst) {
         for (i, f) in followed.iter_mut().enumerate() {
+            let polled = f.poll();
+            let grew = !polled.is_empty();
             let mut fresh = std::mem::take(&mut f.carry);
-            fresh.extend(f.poll());
-            f.carry = fresh.split_off(incomplete_tail(&fresh));
+            fresh.extend(polled);
+            // Held back for one read only: a log that goes quiet shows its end all the same.
+            if grew {
+                f.carry = fresh.split_off(incomplete_tail(&fresh));
+            }
             if fresh.is_empty() {
                 continue;
             }

@@ -421,7 +421,10 @@ impl Reactor {
     /// The client a proxy names: the last `X-Forwarded-For` hop, an address alone or with a port
     /// (`198.51.100.7`, `198.51.100.7:4711`, `[2001:db8::1]:4711`).
     fn forwarded_for(head: &Head) -> Option<IpAddr> {
-        let hop = head.header("x-forwarded-for")?.rsplit(',').next()?.trim();
+        // The last line: a proxy that adds a line of its own (HAProxy) puts it after the client's.
+        let line =
+            head.headers.iter().rev().find(|(n, _)| n.eq_ignore_ascii_case("x-forwarded-for"));
+        let hop = line?.1.rsplit(',').next()?.trim();
         hop.parse().ok().or_else(|| hop.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))
     }
 
@@ -1749,6 +1752,27 @@ mod tests {
         let raw = parse_raw(text).unwrap();
         let (before, after) = without_member(text, "client", raw.get("client")?)?;
         Some(format!("{before}{after}"))
+    }
+
+    #[test]
+    fn the_client_is_the_last_hop_of_the_last_forwarded_for_line() {
+        let head = |lines: &[&str]| Head {
+            method: "GET".into(),
+            target: "/".into(),
+            headers: lines.iter().map(|v| ("X-Forwarded-For".into(), (*v).into())).collect(),
+            len: 0,
+            minor_version: 1,
+        };
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        // The client's own line first, the proxy's (HAProxy) after it.
+        assert_eq!(Reactor::forwarded_for(&head(&["127.0.0.1", "203.0.113.9"])), ip("203.0.113.9"));
+        assert_eq!(
+            Reactor::forwarded_for(&head(&["10.0.0.1, 198.51.100.7:4711"])),
+            ip("198.51.100.7")
+        );
+        assert_eq!(Reactor::forwarded_for(&head(&["[2001:db8::1]:443"])), ip("2001:db8::1"));
+        assert_eq!(Reactor::forwarded_for(&head(&["garbage"])), None);
+        assert_eq!(Reactor::forwarded_for(&head(&[])), None);
     }
 
     #[test]
