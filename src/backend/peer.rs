@@ -287,26 +287,7 @@ mod diag {
     /// The owner of the TCP socket whose source is `src` and destination `dst`: `None` when
     /// the kernel has none (or no TCP diag at all: it answers the same).
     pub(super) fn owner(src: SocketAddr, dst: SocketAddr) -> io::Result<Option<Client>> {
-        // SAFETY: socket() with constant arguments; the descriptor is owned by `fd` at once.
-        let fd = unsafe {
-            let raw = libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-                NETLINK_SOCK_DIAG,
-            );
-            if raw < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            OwnedFd::from_raw_fd(raw)
-        };
-        let request = request(src, dst);
-        // SAFETY: `request` is a valid buffer of its length; a netlink datagram socket sends
-        // to the kernel with no address.
-        let sent = unsafe { libc::send(fd.as_raw_fd(), request.as_ptr().cast(), request.len(), 0) };
-        if sent != request.len() as isize {
-            return Err(io::Error::last_os_error());
-        }
-        set_timeout(&fd);
+        let fd = ask(&request(src, dst))?;
         let mut answer = [0u8; 512];
         // SAFETY: recv into a buffer we own, at most its length.
         let got =
@@ -322,36 +303,10 @@ mod diag {
     pub(super) fn listeners() -> io::Result<Vec<(SocketAddr, u32)>> {
         let mut found = Vec::new();
         for family in [libc::AF_INET, libc::AF_INET6] {
-            // SAFETY: socket() with constant arguments; the descriptor is owned at once.
-            let fd = unsafe {
-                let raw = libc::socket(
-                    libc::AF_NETLINK,
-                    libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-                    NETLINK_SOCK_DIAG,
-                );
-                if raw < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                OwnedFd::from_raw_fd(raw)
-            };
-            let mut m = Vec::with_capacity(NLMSG_HDR + REQ_LEN);
-            m.extend_from_slice(&((NLMSG_HDR + REQ_LEN) as u32).to_ne_bytes());
-            m.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-            m.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
-            m.extend_from_slice(&1u32.to_ne_bytes()); // sequence
-            m.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
-            m.push(family as u8);
-            m.push(libc::IPPROTO_TCP as u8);
-            m.push(0); // no extensions
-            m.push(0); // padding
-            m.extend_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
+            let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
+            let mut m = request_head(flags, family, 1 << TCP_LISTEN);
             m.resize(NLMSG_HDR + REQ_LEN, 0); // any address, port, interface, cookie
-            // SAFETY: `m` is a valid buffer of its length; the kernel is the destination.
-            let sent = unsafe { libc::send(fd.as_raw_fd(), m.as_ptr().cast(), m.len(), 0) };
-            if sent != m.len() as isize {
-                return Err(io::Error::last_os_error());
-            }
-            set_timeout(&fd);
+            let fd = ask(&m)?;
             let mut buf = vec![0u8; 32 << 10];
             'answers: loop {
                 // SAFETY: recv into a buffer we own, at most its length.
@@ -399,7 +354,33 @@ mod diag {
         Some((SocketAddr::new(ip, port), uid))
     }
 
-    /// A receive timeout of a second: the kernel answers at once, or not at all.
+    /// Opens a `NETLINK_SOCK_DIAG` socket and sends it `request`; the answers are read from
+    /// the socket returned, with a receive timeout of a second (the kernel answers at once, or
+    /// not at all).
+    fn ask(request: &[u8]) -> io::Result<OwnedFd> {
+        // SAFETY: socket() with constant arguments; the descriptor is owned by `fd` at once.
+        let fd = unsafe {
+            let raw = libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+                NETLINK_SOCK_DIAG,
+            );
+            if raw < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            OwnedFd::from_raw_fd(raw)
+        };
+        // SAFETY: `request` is a valid buffer of its length; a netlink datagram socket sends
+        // to the kernel with no address.
+        let sent = unsafe { libc::send(fd.as_raw_fd(), request.as_ptr().cast(), request.len(), 0) };
+        if sent != request.len() as isize {
+            return Err(io::Error::last_os_error());
+        }
+        set_timeout(&fd);
+        Ok(fd)
+    }
+
+    /// A receive timeout of a second.
     fn set_timeout(fd: &OwnedFd) {
         let timeout = libc::timeval { tv_sec: 1, tv_usec: 0 };
         // SAFETY: setsockopt with a valid timeval of its size.
@@ -416,18 +397,8 @@ mod diag {
 
     /// An `nlmsghdr` and an `inet_diag_req_v2` naming one TCP socket by its address pair.
     fn request(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
-        let mut m = Vec::with_capacity(NLMSG_HDR + REQ_LEN);
-        m.extend_from_slice(&((NLMSG_HDR + REQ_LEN) as u32).to_ne_bytes());
-        m.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-        m.extend_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
-        m.extend_from_slice(&1u32.to_ne_bytes()); // sequence
-        m.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
         let family = if src.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
-        m.push(family as u8);
-        m.push(libc::IPPROTO_TCP as u8);
-        m.push(0); // no extensions
-        m.push(0); // padding
-        m.extend_from_slice(&u32::MAX.to_ne_bytes()); // every state
+        let mut m = request_head(libc::NLM_F_REQUEST as u16, family, u32::MAX); // every state
         m.extend_from_slice(&src.port().to_be_bytes());
         m.extend_from_slice(&dst.port().to_be_bytes());
         for word in ip_words(src).iter().chain(ip_words(dst).iter()) {
@@ -436,6 +407,23 @@ mod diag {
         m.extend_from_slice(&0u32.to_ne_bytes()); // any interface
         m.extend_from_slice(&u32::MAX.to_ne_bytes()); // no cookie
         m.extend_from_slice(&u32::MAX.to_ne_bytes());
+        m
+    }
+
+    /// An `nlmsghdr` with `flags`, then the start of an `inet_diag_req_v2` for TCP sockets of
+    /// `family` in `states` (a bit per state); the socket id follows.
+    fn request_head(flags: u16, family: libc::c_int, states: u32) -> Vec<u8> {
+        let mut m = Vec::with_capacity(NLMSG_HDR + REQ_LEN);
+        m.extend_from_slice(&((NLMSG_HDR + REQ_LEN) as u32).to_ne_bytes());
+        m.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+        m.extend_from_slice(&flags.to_ne_bytes());
+        m.extend_from_slice(&1u32.to_ne_bytes()); // sequence
+        m.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
+        m.push(family as u8);
+        m.push(libc::IPPROTO_TCP as u8);
+        m.push(0); // no extensions
+        m.push(0); // padding
+        m.extend_from_slice(&states.to_ne_bytes());
         m
     }
 
