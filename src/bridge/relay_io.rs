@@ -300,12 +300,11 @@ impl RelayIo {
                 let ev = Event::new(SOCKET, interest.0, interest.1);
                 let _ = self.poller.modify_with_mode(tcp, ev, PollMode::Level);
             }
-            if held && wanted.0 {
-                // Reading stopped at the pause with frames maybe left in the reader's buffer,
-                // which no readiness event announces; the queue has drained since: read now.
+            // Reading stopped at the pause with frames maybe left in the reader's buffer, which
+            // no readiness event announces; the queue has drained since: read again at once.
+            let resume = held && wanted.0;
+            if resume {
                 held = false;
-                relay_ready = true;
-                continue;
             }
             let mut next = (t.last_ping + ping_every).min(t.last_rx + pong_timeout);
             if let Some(due) = t.reader.kept_due() {
@@ -314,18 +313,21 @@ impl RelayIo {
             if let Some(deadline) = self.expire_inlines(inlines, &mut answers) {
                 next = next.min(deadline);
             }
-            if !answers.is_empty() {
-                relay_ready = false;
-                continue;
-            }
+            // Work is waiting (frames to read, answers to send): the wait only collects the
+            // backend sockets that are ready, so a relay that never lets the reading pause
+            // does not starve the inline requests.
+            let timeout = if resume || !answers.is_empty() {
+                Duration::ZERO
+            } else {
+                next.saturating_duration_since(Instant::now())
+            };
             events.clear();
-            let timeout = next.saturating_duration_since(Instant::now());
             if let Err(e) = self.poller.wait(&mut events, Some(timeout))
                 && e.kind() != io::ErrorKind::Interrupted
             {
                 return Ended::Lost(format!("poller: {e}"));
             }
-            relay_ready = false;
+            relay_ready = resume;
             for ev in events.iter() {
                 match ev.key {
                     SOCKET => relay_ready |= ev.readable,
