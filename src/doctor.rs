@@ -166,14 +166,25 @@ pub fn run(args: &Args) -> Result<(), Exit> {
     // LAN-only mode has no relay: its hops are the daemon's LAN server, the backend and the
     // gateway.
     let lan = status.as_ref().filter(|s| crate::lan::serving(Some(s)));
-    if let Some(s) = lan {
+    // A stopped daemon with LAN devices and no relay pairing was a LAN-only one: its hops are
+    // the same, the daemon is reported stopped.
+    let lan_stopped = pid.is_none() && identity.is_none() && has_lan_pairing(&dir);
+    if lan.is_some() || lan_stopped {
         for (id, name) in [REGISTRY, BRIDGE, RELAY] {
             report.add(skipped(id, name, "LAN-only mode (--local): no relay"));
         }
-        report.add(check_lan_daemon(pid, s));
-    }
-
-    if lan.is_none() {
+        report.add(match lan {
+            Some(s) => check_lan_daemon(pid, s),
+            None => failed(
+                DAEMON.0,
+                DAEMON.1,
+                None,
+                "the LAN-only daemon is not running",
+                "start it: hermeschat-pair --local (if you installed the boot service: \
+                 hermeschat-pair --service-status)",
+            ),
+        });
+    } else {
         // 1. The registry.
         let url = match &identity {
             Some(id) => Ok(id.registry_url.trim_end_matches('/').to_owned()),
@@ -438,6 +449,12 @@ fn check_daemon(
             ),
         )
     }
+}
+
+/// lan.json holds a LAN device or an unused pairing code (it cannot be read: no).
+fn has_lan_pairing(dir: &Path) -> bool {
+    crate::lan::store::read(dir)
+        .is_ok_and(|(lan, _)| !lan.devices.is_empty() || lan.token.is_some())
 }
 
 /// The daemon in LAN-only mode: running, serving its LAN address, and that address still

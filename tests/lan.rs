@@ -710,6 +710,19 @@ fn stop_closes_the_lan_socket_and_the_port() {
         "the LAN port still accepts after --stop"
     );
     env.run(&["--stop"]).assert_code(0, "--stop again");
+
+    // --doctor still checks the LAN path, and says the LAN daemon is stopped.
+    let run = env.run(&["--doctor", "--json"]);
+    let v: Value = serde_json::from_str(run.stdout.trim()).unwrap_or(Value::Null);
+    let hop = |id: &str| {
+        let hops = v["hops"].as_array().cloned().unwrap_or_default();
+        hops.into_iter().find(|h| h["id"] == id).unwrap_or(Value::Null)
+    };
+    for id in ["registry", "bridge", "relay"] {
+        assert_eq!(hop(id)["state"], "skip", "{id}: {v}");
+    }
+    assert_eq!(hop("daemon")["state"], "fail", "{v}");
+    assert!(hop("daemon")["fix"].as_str().is_some_and(|f| f.contains("--local")), "{v}");
 }
 
 #[test]
