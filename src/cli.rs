@@ -657,6 +657,12 @@ fn register(
     out: &Out,
 ) -> Result<BridgeIdentity, Exit> {
     let reg = registry.register(name).map_err(|e| registry_failure(&e, registry))?;
+    // Nothing is saved: the relay deletes a registration whose bridge never connected.
+    for url in [&reg.bridge_relay_url, &reg.app_relay_url] {
+        if let Some(why) = unreachable_relay_url(registry.base(), url) {
+            return Err(fail(format!("{why}. Nothing was saved; run hermeschat-pair again then")));
+        }
+    }
     let identity = BridgeIdentity::from_registration(
         reg,
         registry.base(),
@@ -897,6 +903,15 @@ pub(crate) fn wait_online(
         if started.elapsed() >= ONLINE_TIMEOUT {
             if spin {
                 eprint!("\r\x1b[K");
+            }
+            // A bridge registered before `register` checked this: the cause, and the way out.
+            if let Some(why) =
+                unreachable_relay_url(&identity.registry_url, &identity.bridge_relay_url)
+            {
+                return Err(fail(format!(
+                    "the bridge did not come online at the relay: {why}, then run \
+                     hermeschat-pair --reset (paired devices scan the new QR)"
+                )));
             }
             let relay_error = read_status(dir).and_then(|s| s.relay_error).unwrap_or_default();
             let detail = [relay_error, last_error]
@@ -1330,6 +1345,33 @@ fn run_bridge(args: &Args, mut ready: Readiness, detached: bool) -> Result<(), E
     result.map_err(fail)
 }
 
+/// Why `relay_url`, a socket URL the relay announced, cannot work when it was reached at
+/// `registry_url`: it names a loopback address while the registry is elsewhere. That is a
+/// relay behind a proxy started without `--public-url`; neither this bridge nor a phone can
+/// dial that address.
+pub(crate) fn unreachable_relay_url(registry_url: &str, relay_url: &str) -> Option<String> {
+    let host = |url: &str| {
+        let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+        let authority = rest.split(['/', '?']).next().unwrap_or_default();
+        let authority = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+        let host = match authority.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or_default(),
+            None => authority.split(':').next().unwrap_or_default(),
+        };
+        host.to_ascii_lowercase()
+    };
+    let announced = host(relay_url);
+    let unspecified = announced.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_unspecified());
+    ((is_loopback(&announced) || unspecified) && !is_loopback(&host(registry_url))).then(|| {
+        format!(
+            "the relay at {registry_url} announces its sockets at {relay_url}, an address only \
+             the relay's own machine can use: it runs without --public-url.\n  Restart \
+             hermeschat-relay with --public-url {registry_url} (or \
+             HERMESCHAT_RELAY_PUBLIC_URL)"
+        )
+    })
+}
+
 /// True for `127.0.0.1`, `::1`, `localhost` and the like.
 pub(crate) fn is_loopback(host: &str) -> bool {
     host == "localhost"
@@ -1342,6 +1384,19 @@ pub(crate) fn is_loopback(host: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_loopback_relay_url_is_refused_only_for_a_registry_elsewhere() {
+        let bad = |registry: &str, relay: &str| unreachable_relay_url(registry, relay).is_some();
+        assert!(bad("https://relay.example.com", "ws://127.0.0.1:8787/ws/bridge"));
+        assert!(bad("https://relay.example.com/", "ws://[::1]:8787/ws/app"));
+        assert!(bad("https://relay.example.com", "ws://0.0.0.0:8787/ws/app"));
+        assert!(bad("http://192.168.1.5:8787", "ws://LOCALHOST:8787/ws/app"));
+        assert!(!bad("http://127.0.0.1:8787", "ws://127.0.0.1:8787/ws/app"));
+        assert!(!bad("http://localhost:8787", "ws://[::1]:8787/ws/app"));
+        assert!(!bad("https://relay.example.com", "wss://relay.example.com/ws/bridge"));
+        assert!(!bad("https://relay.example.com", "wss://ws.example.com:443/ws/bridge"));
+    }
 
     fn args(list: &[&str]) -> Result<Args, Exit> {
         parse(list.iter().map(std::ffi::OsString::from))

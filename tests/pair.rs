@@ -604,6 +604,23 @@ fn a_reset_the_registry_refuses_says_what_it_already_did() {
     assert!(!said.contains("Nothing was changed"), "{said}");
 }
 
+/// A relay behind a proxy started without `--public-url` announces its loopback address: the
+/// pairing says so and saves nothing (no QR a phone could never use). `127.1` reaches the
+/// relay as `127.0.0.1` does, but is not the loopback address the relay announces.
+#[test]
+fn a_relay_that_announces_its_loopback_address_is_named_and_nothing_is_saved() {
+    let relay = Relay::start(&[]);
+    let backend = Backend::start();
+    let env = Env::new();
+    let server = relay.url().replace("127.0.0.1", "127.1");
+    let run = env.run(&["--json", "--server", &server, "--port", &backend.port.to_string()]);
+    run.assert_code(1, "pairing with a relay that announces a loopback address");
+    assert!(run.stderr.contains("--public-url"), "the fix is named: {}", run.stderr);
+    assert!(run.stderr.contains("Nothing was saved"), "{}", run.stderr);
+    assert!(run.stdout.trim().is_empty(), "no QR: {}", run.stdout);
+    assert!(!env.home.join("bridge.json").exists(), "an identity was saved");
+}
+
 #[test]
 fn reset_cuts_off_the_old_app_and_makes_a_new_bridge() {
     let s = setup();
