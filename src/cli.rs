@@ -73,7 +73,8 @@ ENVIRONMENT:
     HERMESCHAT_HOME           state directory (default ~/.hermeschat)
     HERMESCHAT_LOCAL_HOST     backend host (default 127.0.0.1)
     HERMESCHAT_LOCAL_PORT     backend port (same as --port)
-    HERMES_HOME               Hermes Agent's home (default ~/.hermes; --doctor reads its .env)
+    HERMES_HOME               Hermes Agent's home (default ~/.hermes; the built-in backend and
+                              --doctor read its .env and config.yaml)
     HERMESCHAT_GATEWAY_URL    the Hermes gateway's address (default from ~/.hermes, else
                               http://127.0.0.1:8642)
     AI_API_KEY, AI_BASE_URL, AI_MODEL
@@ -583,7 +584,7 @@ pub(crate) fn backend_gate(args: &Args, config: &Config, out: &Out) -> Result<Ba
         Health::Unhealthy => {
             return Err(fail(format!(
                 "port {port} on {host} is in use, but it does not answer GET /api/health like a \
-                 Hermes API (another user's hermeschat-pair answers 403 there).\n  Stop \
+                 Hermes API.\n  Stop \
                  whatever holds port {port}, or point at your backend with --port <its port> \
                  (or a free one, for the built-in backend), then run hermeschat-pair again."
             )));
@@ -1100,13 +1101,11 @@ pub(crate) fn print_qr(json: &str, out: &Out) {
         Ok(text) => println!("{text}"),
         Err(e) => out.warn(&format!("cannot draw the QR code in the terminal: {e}")),
     }
-    let png = Path::new("hermeschat_pair.png");
-    match qr::write_png(json, png) {
-        Ok(()) => out.ok(&format!(
-            "QR image: {}",
-            std::path::absolute(png).unwrap_or_else(|_| png.to_path_buf()).display()
-        )),
-        Err(e) => out.warn(&format!("cannot write hermeschat_pair.png here: {e}")),
+    let name = Path::new("hermeschat_pair.png");
+    let png = std::path::absolute(name).unwrap_or_else(|_| name.to_path_buf());
+    match qr::write_png(json, &png) {
+        Ok(()) => out.ok(&format!("QR image: {}", png.display())),
+        Err(e) => out.warn(&format!("no QR image: {e}; scan the QR above")),
     }
 }
 
@@ -1206,7 +1205,15 @@ fn status(args: &Args) -> Result<(), Exit> {
         }
         line(
             backend == Health::Ready,
-            format!("Backend {} ({backend_url}/api/health)", health_word(backend)),
+            format!(
+                "Backend {} ({backend_url}/api/health){}",
+                health_word(backend),
+                if backend == Health::Unhealthy {
+                    "; hermeschat-pair --doctor shows what it answers"
+                } else {
+                    ""
+                }
+            ),
         );
         line(
             gateway == Health::Ready,

@@ -59,9 +59,8 @@ impl fmt::Display for QrError {
                  ({MAX_PAYLOAD_BYTES} bytes at error correction M); use a shorter display name"
             ),
             QrError::Png(e) => write!(f, "could not encode the QR code as PNG: {e}"),
-            QrError::Io { path, source } => {
-                write!(f, "could not write {}: {source}", path.display())
-            }
+            // `source` names the path already (`state::write_atomic`).
+            QrError::Io { source, .. } => write!(f, "could not write {source}"),
         }
     }
 }

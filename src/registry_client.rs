@@ -68,6 +68,16 @@ impl std::fmt::Display for RegistryError {
 
 impl std::error::Error for RegistryError {}
 
+/// OpenSSL's words for an https:// URL whose server answers in plain HTTP ("wrong version
+/// number"), said plainly; other causes as they are.
+fn plain_cause(url: &str, cause: String) -> String {
+    if url.starts_with("https://") && cause.contains("wrong version number") {
+        "the server does not speak TLS there (is it http://?)".to_owned()
+    } else {
+        cause
+    }
+}
+
 /// Builds the crate's one HTTP agent: native-tls with platform roots, status codes returned as
 /// responses (error bodies carry the protocol's codes), and a global deadline per call.
 /// `local` agents ignore proxy settings from the environment (they only talk to loopback).
@@ -134,8 +144,10 @@ impl Registry {
                 None => req.send_json(serde_json::json!({})),
             }
         };
-        let mut resp = result
-            .map_err(|e| RegistryError::Unreachable { url: shown.clone(), cause: e.to_string() })?;
+        let mut resp = result.map_err(|e| RegistryError::Unreachable {
+            url: shown.clone(),
+            cause: plain_cause(&url, e.to_string()),
+        })?;
         let status = resp.status().as_u16();
         let text =
             resp.body_mut().with_config().limit(1 << 20).read_to_string().map_err(|e| {

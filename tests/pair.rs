@@ -859,6 +859,13 @@ fn unreachable_registry_exits_1() {
     assert!(!env.png().exists());
     assert!(!env.lock_held(), "a daemon was started");
     assert!(!env.home.join("bridge.json").exists(), "nothing should change locally");
+
+    // https:// to a relay that speaks plain HTTP is said plainly, not in OpenSSL's words.
+    let relay = Relay::start(&[]);
+    let server = relay.url().replace("http://", "https://");
+    let run = env.run(&["--server", &server, "--port", &port]);
+    run.assert_code(1, "https:// to a plain relay");
+    assert!(run.all().contains("does not speak TLS there (is it http://?)"), "{}", run.all());
 }
 
 #[test]
@@ -1067,6 +1074,16 @@ fn a_bridge_deleted_at_the_registry_is_registered_anew() {
     let (status, v) = Registry::new(&s.qr.s).delete(&s.qr.g, id["relaySecret"].as_str().unwrap());
     assert_eq!(status, 200, "{v}");
     assert_eq!(app.wait_close(), Some(4003));
+    // --status names the cause and the next step once the daemon has been refused.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let run = s.env.run(&["--status"]);
+        if run.stdout.contains("no longer knows this bridge; run hermeschat-pair to register") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "--status:\n{}", run.stdout);
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let qr2 = s.env.pair_json(&s.relay, &s.backend, &[]);
     assert_ne!(qr2.g, s.qr.g, "a new identity after BRIDGE_NOT_FOUND");
     assert_eq!(s.env.bridge_json()["bridgeId"], qr2.g.as_str());

@@ -962,9 +962,23 @@ pub fn open_socket(
         Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(resp))) => {
             let status = resp.status().as_u16();
             let body = resp.body().as_deref().map(String::from_utf8_lossy).unwrap_or_default();
-            let message = serde_json::from_str::<p::ApiError>(&body)
-                .map(|e| e.error.message)
-                .unwrap_or_else(|_| format!("HTTP {status}"));
+            let (code, message) = serde_json::from_str::<p::ApiError>(&body)
+                .map(|e| (e.error.code, e.error.message))
+                .unwrap_or_else(|_| (String::new(), format!("HTTP {status}")));
+            // The next step, for --status and the log.
+            let message = match code.as_str() {
+                "BRIDGE_NOT_FOUND" => "the relay no longer knows this bridge; run \
+                                       hermeschat-pair to register anew (phones then scan its \
+                                       new QR)"
+                    .to_owned(),
+                "BRIDGE_OWNED" => {
+                    format!("{message}; hermeschat-pair --reset gives this machine its own bridge")
+                }
+                _ if status == 401 => {
+                    format!("{message}; hermeschat-pair --reset registers this machine anew")
+                }
+                _ => message,
+            };
             Err(ConnectError::Refused(status, message))
         }
         Err(tungstenite::HandshakeError::Failure(e)) => {
