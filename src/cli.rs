@@ -573,7 +573,7 @@ pub(crate) fn backend_gate(args: &Args, config: &Config, out: &Out) -> Result<Ba
         // (with --no-server, the user's own API is looked for elsewhere, below).
         Health::Ready if ours == Some(port) => {
             if !args.no_server {
-                out.ok(&format!("Built-in Hermes backend in use ({})", http_url(&host, port)));
+                // Said once the daemon (kept or restarted) serves it: `wait_backend_ready`.
                 return Ok(Backend { target: target(&host, port), builtin: true });
             }
         }
