@@ -462,6 +462,9 @@ pub fn status(args: &Args) -> Result<(), Exit> {
             (true, false) => {
                 format!("{} service installed, not running ({})", state.manager, state.detail)
             }
+            (false, _) if platform == Platform::Cron => "cron: no @reboot hermeschat-pair \
+                line in the crontab — add the one hermeschat-pair --install prints (crontab -e)"
+                .to_owned(),
             (false, _) => format!(
                 "{} service not installed — install with: hermeschat-pair --install",
                 state.manager
@@ -483,9 +486,13 @@ pub fn status(args: &Args) -> Result<(), Exit> {
             tilde(&state::service_error_log(&dir), &home)
         );
         match daemon_pid {
-            Some(pid) if state.pid != Some(pid) => out.info(&format!(
-                "A bridge runs outside the service (pid {pid}); --install hands it over to the service"
-            )),
+            // cron only starts the bridge at boot: the one running now is simply the bridge.
+            Some(pid) if state.pid != Some(pid) && platform != Platform::Cron => {
+                out.info(&format!(
+                    "A bridge runs outside the service (pid {pid}); --install hands it over to \
+                     the service"
+                ))
+            }
             _ => {}
         }
     }

@@ -472,7 +472,17 @@ fn without_systemd_a_cron_line_is_printed() {
     let line = text.lines().find(|l| l.starts_with("@reboot")).unwrap_or_else(|| panic!("{text}"));
     assert!(line.contains(&exe()) && line.contains("--foreground"), "{line}");
     assert!(line.contains("service-error.log"), "{line}");
+    // cron's own PATH is bare: the gateway wake-up finds `hermes` through this one.
+    assert!(line.contains(&format!("PATH={}:/usr/bin:/bin", m.fakes.display())), "{line}");
     assert!(m.calls().is_empty(), "the crontab is never edited: {:?}", m.calls());
+    // Before the line is added, --service-status says what to do with it.
+    let run = m.run("cron", &["--service-status"], &[]);
+    assert!(
+        run.stdout().contains("add the one hermeschat-pair --install prints"),
+        "{}",
+        run.stdout()
+    );
+    assert!(!run.stdout().contains("install with"), "{}", run.stdout());
     let crontab = format!("# m h dom mon dow command\n{line}");
     let run = m.run("cron", &["--service-status", "--json"], &[("FAKE_CRONTAB__L", &crontab)]);
     let v: Value = serde_json::from_str(run.stdout().trim()).unwrap();

@@ -23,10 +23,15 @@ fn cron_escape(s: &str) -> String {
     s.replace('%', "\\%")
 }
 
-/// The crontab line: the foreground bridge at boot, output appended to the service logs.
+/// Longer crontab lines are cut or refused by some crons (Vixie cron and its descendants).
+const CRON_LINE_MAX: usize = 1000;
+
+/// The crontab line: the foreground bridge at boot, with the service's environment (`PATH`
+/// too: cron's own is bare, and the gateway wake-up looks for `hermes` there), output
+/// appended to the service logs.
 pub fn line(spec: &Spec) -> String {
     let mut words = Vec::new();
-    for (k, v) in spec.env.iter().filter(|(k, _)| k != "PATH") {
+    for (k, v) in &spec.env {
         words.push(format!("{k}={}", sh_quote(v)));
     }
     words.push(sh_quote(&spec.exe.to_string_lossy()));
@@ -42,9 +47,17 @@ pub fn install(spec: &Spec, out: &Out) -> Result<(), Exit> {
         "No systemd or launchd here: this system needs a cron entry to start the bridge at boot",
     );
     out.info("Add this line with crontab -e:");
+    let line = line(spec);
     println!();
-    println!("{}", line(spec));
+    println!("{line}");
     println!();
+    if line.len() > CRON_LINE_MAX {
+        out.warn(&format!(
+            "The line is {} characters; some crons cut lines past {CRON_LINE_MAX}: shorten its \
+             PATH=… if yours does",
+            line.len()
+        ));
+    }
     out.info("Until the next boot, the bridge started by hermeschat-pair keeps running as it is.");
     out.info("To remove it later: crontab -e and delete the line.");
     Ok(())
