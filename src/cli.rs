@@ -754,25 +754,36 @@ pub(crate) fn running_status(dir: &Path) -> Option<Status> {
 pub(crate) fn ensure_daemon(
     dir: &Path,
     relay: Option<(&str, &str)>,
+    lan_url: Option<&str>,
     target: &Target,
     builtin: bool,
     extra_args: &[String],
     out: &Out,
 ) -> Result<u32, Exit> {
     let (bridge_id, relay_url) = relay.unwrap_or(("", ""));
-    let current = running_status(dir);
-    if let Some(s) = current.as_ref().filter(|s| {
+    let fits = |s: &Status| {
         s.bridge_id == bridge_id
             && s.backend_url == target.url()
             && s.relay_url == relay_url
+            && s.lan_url.as_deref() == lan_url
             && status_builtin(s) == builtin
-    }) {
+    };
+    let current = running_status(dir);
+    if let Some(s) = current.as_ref().filter(|s| fits(s)) {
         out.ok(&format!("Bridge daemon already running (pid {})", s.pid));
         return Ok(s.pid);
     }
+    // A LAN pairing has said what changes already (`ensure_lan_daemon`).
+    if let Some(s) = current.as_ref().filter(|_| lan_url.is_none()) {
+        out.warn(&format!("The running bridge daemon {}; restarting it", differs(s, bridge_id)));
+    } else if lan_url.is_none() && daemon::running(dir).is_some() {
+        out.warn("The running bridge daemon's status cannot be read; restarting it");
+    }
     if daemon::running(dir).is_some() {
-        out.warn("The running bridge daemon serves another identity or backend; restarting it");
         daemon::stop(dir, Duration::from_secs(5)).map_err(fail)?;
+    }
+    if let Some(pid) = start_through_service(dir, &fits, out) {
+        return Ok(pid);
     }
     let mut args = vec!["--port".to_owned(), target.port.to_string()];
     args.extend(extra_args.iter().cloned());
@@ -783,6 +794,71 @@ pub(crate) fn ensure_daemon(
         .map_err(|e| fail(format!("the bridge daemon did not start: {e}")))?;
     out.ok(&format!("Bridge daemon started (pid {pid})"));
     Ok(pid)
+}
+
+/// What a running relay-mode pairing changes about the daemon `s`, said to the user before
+/// it is restarted (LAN devices lose their server; a new identity cuts off the old one's
+/// apps, which `--reset` says itself).
+fn differs(s: &Status, bridge_id: &str) -> &'static str {
+    if s.lan_url.is_some() {
+        "serves the LAN (--local); it goes back to the relay, and LAN devices are offline until \
+         you run hermeschat-pair --local again"
+    } else if s.bridge_id != bridge_id {
+        "serves another bridge identity"
+    } else {
+        "serves another backend"
+    }
+}
+
+/// How long pairing waits for the boot service's bridge to serve.
+const SERVICE_START_WAIT: Duration = Duration::from_secs(10);
+
+/// Starts the bridge through the boot service installed for `dir` (launchd or systemd), so
+/// that it keeps the service's restart on failure, and returns its pid once it serves what
+/// `fits` accepts. `None` (the caller starts the daemon itself): no such service, it could not
+/// start, or its bridge serves other settings (installed for another mode or port; it is
+/// stopped again, and the user told to install the service anew).
+pub(crate) fn start_through_service(
+    dir: &Path,
+    fits: &dyn Fn(&Status) -> bool,
+    out: &Out,
+) -> Option<u32> {
+    let platform = crate::service::installed_for(dir)?;
+    let manager = platform.manager();
+    if let Err(e) = crate::service::restart(platform) {
+        out.warn(&format!(
+            "The {manager} service did not start the bridge ({e}); starting it outside the service"
+        ));
+        return None;
+    }
+    let deadline = Instant::now() + SERVICE_START_WAIT;
+    loop {
+        settle_daemon(dir);
+        match running_status(dir) {
+            Some(s) if fits(&s) => {
+                out.ok(&format!("Bridge daemon started by the {manager} service (pid {})", s.pid));
+                return Some(s.pid);
+            }
+            Some(_) => {
+                out.warn(&format!(
+                    "The {manager} service runs the bridge with other settings than this \
+                     pairing's; running it outside the service instead (hermeschat-pair \
+                     --install makes the service start this one)"
+                ));
+                let _ = daemon::stop(dir, Duration::from_secs(5));
+                return None;
+            }
+            None if Instant::now() >= deadline => {
+                out.warn(&format!(
+                    "The {manager} service did not start the bridge within {} s (hermeschat-pair \
+                     --logs shows why); starting it outside the service",
+                    SERVICE_START_WAIT.as_secs()
+                ));
+                return None;
+            }
+            None => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
 }
 
 /// The port on `host` where the running daemon serves its built-in backend, if it does.
@@ -1063,7 +1139,7 @@ fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
         out.ok("Bridge daemon untouched; paired devices keep working");
     } else {
         let relay = Some((identity.bridge_id.as_str(), identity.bridge_relay_url.as_str()));
-        ensure_daemon(&dir, relay, &target, builtin, &[], &out)?;
+        ensure_daemon(&dir, relay, None, &target, builtin, &[], &out)?;
     }
     if builtin {
         wait_backend_ready(&target, &dir, &out)?;
@@ -1282,7 +1358,22 @@ fn run_bridge(args: &Args, mut ready: Readiness, detached: bool) -> Result<(), E
                 "no pairing yet (bridge.json is missing): run hermeschat-pair first",
             ));
         }
-        let lock = PidLock::acquire(&dir).map_err(|e| fail(e.to_string()))?;
+        let lock = PidLock::acquire(&dir).map_err(|e| match e {
+            // The boot service's bridge, with one started by hand running: it leaves cleanly,
+            // or the manager would restart it over and over.
+            daemon::LockError::Held(_)
+                if !detached && std::env::var_os(crate::service::SERVICE_ENV).is_some() =>
+            {
+                Exit {
+                    code: 0,
+                    message: format!(
+                        "{e}. The service leaves it running and stops; hermeschat-pair \
+                         --install hands the bridge over to the service"
+                    ),
+                }
+            }
+            e => fail(e.to_string()),
+        })?;
         let (host, port) = backend_address(args, &config)?;
         // The built-in backend runs when nothing serves the port (loopback only), unless the
         // pairing chose the user's own backend: that one may just not be up yet. A daemon the

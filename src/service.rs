@@ -43,6 +43,10 @@ const PASSED_ENV: &[&str] = &[
     "HERMES_HOME",
 ];
 
+/// Set in the service's environment: its bridge, finding another one running (started by
+/// hand), leaves with exit 0 instead of 1, so the manager does not restart it over and over.
+pub const SERVICE_ENV: &str = "HERMESCHAT_SERVICE";
+
 /// How long `--install` waits to see the service's bridge take the pid lock.
 const START_WAIT: Duration = Duration::from_secs(3);
 
@@ -150,6 +154,7 @@ impl Spec {
                 env.push(((*name).to_owned(), v));
             }
         }
+        env.push((SERVICE_ENV.to_owned(), "1".to_owned()));
         // The gateway wake-up looks for `hermes` on PATH; service managers start with a bare one.
         if let Ok(path) = std::env::var("PATH")
             && !path.is_empty()
@@ -382,6 +387,43 @@ fn require_pairing(args: &Args, dir: &Path, out: &Out) -> Result<(), Exit> {
          hermeschat-pair --install.",
         state::bridge_json(dir).display()
     )))
+}
+
+/// The boot service (launchd or systemd) installed for the state directory `dir`, if any:
+/// pairing starts the bridge through it, so the bridge keeps the service's restart on
+/// failure. (cron starts nothing on demand.) The service file names `dir` in its log paths.
+pub(crate) fn installed_for(dir: &Path) -> Option<Platform> {
+    let platform = Platform::detect().ok()?;
+    let home = home().ok()?;
+    let (path, marker) = match platform {
+        Platform::Launchd => (launchd::plist_path(&home), launchd::err_log_entry(dir)),
+        Platform::Systemd => (systemd::unit_path(&home), systemd::err_log_entry(dir)),
+        Platform::Cron => return None,
+    };
+    let text = std::fs::read_to_string(path).ok()?;
+    text.contains(&marker).then_some(platform)
+}
+
+/// Starts the installed service's bridge, or restarts it: `systemctl --user restart`,
+/// `launchctl kickstart -k`.
+pub(crate) fn restart(platform: Platform) -> Result<(), String> {
+    let ran = match platform {
+        Platform::Systemd => systemd::restart(),
+        Platform::Launchd => launchd::restart(),
+        Platform::Cron => return Err("cron starts the bridge at boot only".to_owned()),
+    };
+    if ran.ok { Ok(()) } else { Err(ran.why()) }
+}
+
+impl Platform {
+    /// The manager's name, for messages.
+    pub(crate) fn manager(self) -> &'static str {
+        match self {
+            Platform::Launchd => "launchd",
+            Platform::Systemd => "systemd",
+            Platform::Cron => "cron",
+        }
+    }
 }
 
 /// `--install`.

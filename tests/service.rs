@@ -34,6 +34,10 @@ sub=$1
 for f in $FAKE_FAIL; do
   if [ "$f" = "$name:$sub" ]; then echo "$name $sub: failed (fake)" >&2; exit 1; fi
 done
+# `restart`/`kickstart` start the service's bridge when the test says how ($FAKE_START).
+if [ -n "${FAKE_START:-}" ] && { [ "$sub" = restart ] || [ "$sub" = kickstart ]; }; then
+  sh -c "$FAKE_START" </dev/null >/dev/null 2>&1 &
+fi
 var=$(echo "FAKE_${name}_${sub}" | tr 'a-z-' 'A-Z_')
 eval "out=\${$var:-}"
 [ -n "$out" ] && printf '%s\n' "$out"
@@ -460,6 +464,61 @@ fn install_hands_a_running_detached_daemon_over_to_the_service() {
     // It was stopped before the service was started.
     let calls = m.calls();
     assert!(calls.iter().any(|c| c.contains("enable --now")), "{calls:?}");
+}
+
+/// A free loopback port.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// With the service installed, pairing starts the bridge through it (it keeps the service's
+/// restart on failure) when the service's bridge serves what the pairing needs; one that
+/// serves something else is stopped again and the bridge runs outside the service, with the
+/// fix said. A service's bridge finding one started by hand leaves with exit 0, so the
+/// manager does not restart it over and over.
+#[test]
+fn pairing_starts_the_bridge_through_the_installed_service() {
+    let m = Machine::new();
+    m.paired();
+    m.run("systemd", &["--install"], &[]).expect(0, "--install");
+    let unit = std::fs::read_to_string(m.unit()).unwrap();
+    assert!(unit.contains("Environment=\"HERMESCHAT_SERVICE=1\""), "{unit}");
+    std::fs::write(m.state.join("lan.json"), "{}").unwrap();
+    m.clear_calls();
+
+    let (backend, lan) = (free_port().to_string(), free_port().to_string());
+    let service_bridge = |lan_port: &str| {
+        format!(
+            "HERMESCHAT_SERVICE=1 '{PAIR_BIN}' --foreground --local --host 127.0.0.1 \
+             --local-port {lan_port} --port {backend}"
+        )
+    };
+    let pair = ["--local", "--host", "127.0.0.1", "--local-port", &lan, "--port", &backend];
+    let run = m.run("systemd", &pair, &[("FAKE_START", &service_bridge(&lan))]);
+    run.expect(0, "--local with the service installed");
+    let text = run.all();
+    assert!(text.contains("Bridge daemon started by the systemd service (pid"), "{text}");
+    assert!(
+        m.calls().iter().any(|c| c.contains("restart hermeschat-bridge.service")),
+        "{:?}",
+        m.calls()
+    );
+
+    // A second bridge, as the service would start one now: it leaves cleanly.
+    let again = m.run("systemd", &["--foreground", "--local"], &[("HERMESCHAT_SERVICE", "1")]);
+    again.expect(0, "the service's bridge with one already running");
+    assert!(again.all().contains("hands the bridge over to the service"), "{}", again.all());
+    m.run("systemd", &["--foreground", "--local"], &[]).expect(1, "a second bridge by hand");
+
+    // The service's bridge serves another LAN port than this pairing asks for.
+    let other = free_port().to_string();
+    let pair = ["--local", "--host", "127.0.0.1", "--local-port", &other, "--port", &backend];
+    let run = m.run("systemd", &pair, &[("FAKE_START", &service_bridge(&lan))]);
+    run.expect(0, "--local on another port with the service installed");
+    let text = run.all();
+    assert!(text.contains("runs the bridge with other settings"), "{text}");
+    assert!(text.contains("Bridge daemon started (pid"), "{text}");
+    m.run("systemd", &["--stop"], &[]).expect(0, "--stop");
 }
 
 #[test]

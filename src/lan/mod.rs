@@ -306,7 +306,7 @@ fn ensure_lan_daemon(
         "--local-port".to_owned(),
         lan.port.to_string(),
     ];
-    cli::ensure_daemon(dir, None, target, builtin, &extra, out)?;
+    cli::ensure_daemon(dir, None, Some(&url), target, builtin, &extra, out)?;
     Ok(())
 }
 

@@ -74,15 +74,28 @@ pub fn plist(spec: &Spec) -> String {
 	<string>Background</string>
 	<key>StandardOutPath</key>
 	<string>{out}</string>
-	<key>StandardErrorPath</key>
-	<string>{err}</string>
+	{err}
 </dict>
 </plist>
 "#,
         dir = xml_escape(&spec.state_dir.to_string_lossy()),
         out = xml_escape(&spec.out_log().to_string_lossy()),
-        err = xml_escape(&spec.err_log().to_string_lossy()),
+        err = err_log_entry(&spec.state_dir),
     )
+}
+
+/// The plist's entry for the bridge's log in the state directory `dir`: which state
+/// directory an installed LaunchAgent serves.
+pub fn err_log_entry(dir: &Path) -> String {
+    format!(
+        "<key>StandardErrorPath</key>\n\t<string>{}</string>",
+        xml_escape(&crate::state::service_error_log(dir).to_string_lossy())
+    )
+}
+
+/// `launchctl kickstart -k` of the job (kills a running one first, starts it either way).
+pub fn restart() -> super::Ran {
+    run("launchctl", ["kickstart", "-k", &target()])
 }
 
 /// `--install` on macOS.
@@ -122,11 +135,7 @@ pub fn install(spec: &Spec, out: &Out) -> Result<(), Exit> {
         tilde(&spec.out_log(), &spec.home),
         tilde(&spec.err_log(), &spec.home)
     ));
-    out.info(&format!(
-        "After hermeschat-pair --reset: launchctl kickstart -k {}. After upgrading the binary: \
-         hermeschat-pair --install again.",
-        target()
-    ));
+    out.info("After upgrading the binary: hermeschat-pair --install again.");
     Ok(())
 }
 

@@ -73,7 +73,7 @@ RestartSec=5
 # Exit 2 is a configuration error (no pairing): restarting cannot fix it.
 RestartPreventExitStatus=2
 StandardOutput=append:{out}
-StandardError=append:{err}
+{err}
 UMask=0077
 NoNewPrivileges=yes
 PrivateTmp=yes
@@ -93,7 +93,7 @@ SystemCallArchitectures=native
 WantedBy=default.target
 ",
         out = specifiers(&spec.out_log().to_string_lossy()),
-        err = specifiers(&spec.err_log().to_string_lossy()),
+        err = err_log_entry(&spec.state_dir),
         dir = word(&spec.state_dir.to_string_lossy()),
         hermes = word(&spec.hermes_home().to_string_lossy()),
     )
@@ -117,6 +117,20 @@ fn no_manager(what: &str, ran: &super::Ran, spec: &Spec) -> Exit {
         ran.why(),
         tilde(&unit_path(&spec.home), &spec.home)
     ))
+}
+
+/// The unit's line for the bridge's log in the state directory `dir`: which state directory
+/// an installed unit serves.
+pub fn err_log_entry(dir: &Path) -> String {
+    format!(
+        "StandardError=append:{}",
+        specifiers(&crate::state::service_error_log(dir).to_string_lossy())
+    )
+}
+
+/// `systemctl --user restart` of the unit (starts it when stopped).
+pub fn restart() -> super::Ran {
+    systemctl(&["restart", UNIT])
 }
 
 /// `--install` on Linux with systemd.
