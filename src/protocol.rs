@@ -79,6 +79,19 @@ pub struct Limits {
     pub max_upload: u64,
 }
 
+/// What the relay may add to an app's frame before the bridge reads it (the `client` stamp,
+/// about 40 bytes): a bridge accepts frames from the relay up to `max_frame` plus this, so an
+/// app frame at the limit, which the relay accepts, does not cost the bridge its socket.
+pub const RELAY_STAMP_ROOM: usize = 1 << 10;
+
+impl Limits {
+    /// The largest message a bridge reads from the relay: [`Limits::max_frame`] and
+    /// [`RELAY_STAMP_ROOM`].
+    pub fn max_frame_from_relay(&self) -> usize {
+        self.max_frame + RELAY_STAMP_ROOM
+    }
+}
+
 /// Body bytes an app may send in `request.chunk` frames beyond what the bridge last
 /// acknowledged with `request.ack`: what one upload may hold in the bridge's memory.
 pub const UPLOAD_WINDOW: u64 = 1 << 20;

@@ -134,6 +134,20 @@ fn binary_8_mib_round_trips_byte_exact() {
     );
     assert_eq!(w.json(), json!({"sha256": want, "size": 8 * MIB}));
 
+    // A frame of exactly the 16 MiB limit, which the relay accepts, still fits once the relay
+    // has stamped `client` on it: the bridge keeps its relay socket (every app's) and answers.
+    let data = random_bytes(12_000_000);
+    let mut frame = json!({"type": "request", "id": "edge", "method": "POST", "path": "/api/raw",
+        "headers": {"Content-Type": "application/octet-stream"}, "body": b64(&data),
+        "bodyBase64": true, "pad": ""})
+    .to_string();
+    let room = (16 << 20) - frame.len();
+    frame = frame.replace("\"pad\":\"\"", &format!("\"pad\":\"{}\"", "x".repeat(room)));
+    assert_eq!(frame.len(), 16 << 20);
+    app.send_text(&frame);
+    let w = assemble(app.recv_until_terminal("edge"));
+    assert_eq!(w.json(), json!({"sha256": sha_hex(&data), "size": 12_000_000}));
+
     // Download: 8 MiB of binary (streamed: over 256 KiB), and a small one (sent whole).
     for (id, size) in [("dl-big", 8 * MIB), ("dl-small", 1000)] {
         app.send(&request(id, "GET", &format!("/api/binary?size={size}&seed=7"), &[], None));

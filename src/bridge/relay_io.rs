@@ -186,7 +186,7 @@ impl RelayIo {
         // Non-blocking and polled from here on: short reads may mark it drained.
         let mut ws = ws;
         ws.get_mut().arm(true);
-        let reader = WsReader::new(Role::Client, p::Limits::default().max_frame, already);
+        let reader = WsReader::new(Role::Client, p::Limits::default().max_frame_from_relay(), already);
         let link = Arc::new(Link {
             state: Mutex::new(LinkState {
                 ws: Some(ws),
@@ -950,7 +950,7 @@ pub fn open_socket(
     // For a caller that reads with tungstenite (`doctor`): it zero-fills up to
     // `read_buffer_size` bytes before every read, 128 KiB by default.
     let config = WebSocketConfig::default()
-        .max_message_size(Some(p::Limits::default().max_frame))
+        .max_message_size(Some(p::Limits::default().max_frame_from_relay()))
         .read_buffer_size(16 << 10)
         .write_buffer_size(64 << 10);
     stream.keep_after_head();
