@@ -1108,6 +1108,43 @@ pub fn check_request_limits(
     check_request_limits_sized(req, body_len, limits)
 }
 
+/// The length of the request body in `raw` once its JSON escapes are decoded: what the limit
+/// is about. Only worth its scan for a body [`check_request_limits_sized`] refused by its
+/// carried length, an upper bound (`\"` is one byte, `\/` too, which some JSON encoders
+/// write for every `/`, base64's included).
+pub fn unescaped_body_len(raw: &RawFrame<'_>) -> usize {
+    let Some(text) = raw.get("body").and_then(|t| t.strip_prefix('"')?.strip_suffix('"')) else {
+        return 0;
+    };
+    let bytes = text.as_bytes();
+    let (mut len, mut i) = (0, 0);
+    while i < bytes.len() {
+        if bytes[i] != b'\\' {
+            len += 1;
+            i += 1;
+            continue;
+        }
+        match bytes.get(i + 1) {
+            Some(b'u') => {
+                // `\uXXXX`: the UTF-8 length of the code unit; a surrogate pair is two escapes
+                // for one 4-byte character (2 + 2 counted).
+                let unit = text.get(i + 2..i + 6).and_then(|h| u16::from_str_radix(h, 16).ok());
+                len += match unit {
+                    Some(0..=0x7f) => 1,
+                    Some(0x80..=0x7ff) | Some(0xd800..=0xdfff) => 2,
+                    _ => 3,
+                };
+                i += 6;
+            }
+            _ => {
+                len += 1;
+                i += 2;
+            }
+        }
+    }
+    len
+}
+
 /// [`check_request_limits`] with the body's length (as carried: base64 or text) given apart,
 /// for callers that keep the body out of the frame (the relay forwards it untouched).
 pub fn check_request_limits_sized(

@@ -1139,6 +1139,34 @@ fn request_limits_answer_per_request() {
     p.app.assert_round_trip("after-limits");
 }
 
+/// A request with a valid id but a missing or mistyped field gets its one terminal frame
+/// (`BAD_REQUEST`), so the app waiting on that id is answered; and a text body is measured
+/// decoded: escapes (`\"`, `\/`) do not count twice against the 12 MiB limit.
+#[test]
+fn malformed_requests_are_answered_and_bodies_measured_decoded() {
+    let relay = Relay::new();
+    let mut p = pair(&relay);
+    for (id, frame) in [
+        ("nometh", r#"{"type":"request","id":"nometh","path":"/api/x"}"#),
+        ("nopath", r#"{"type":"request","id":"nopath","method":"GET"}"#),
+        ("nullh", r#"{"type":"request","id":"nullh","method":"GET","path":"/a","headers":null}"#),
+    ] {
+        p.app.send_text(frame);
+        match p.app.recv() {
+            Frame::ResponseError { id: got, code, .. } => {
+                assert_eq!((got.as_str(), code), (id, ErrorCode::BadRequest))
+            }
+            other => panic!("{id}: expected response.error BAD_REQUEST, got {other:?}"),
+        }
+    }
+    // 6.5 MiB of `"`: 13 MiB as JSON text, 6.5 MiB decoded.
+    let quotes = "\"".repeat(13 << 19);
+    p.app.send(&req("quotes", "POST", "/api/raw", Some(&quotes)));
+    p.bridge.wait_requests(1);
+    let r = p.bridge.requests().into_iter().find(|r| r.id == "quotes").unwrap();
+    assert_eq!(r.body.as_deref().map(str::len), Some(13 << 19));
+}
+
 #[test]
 fn request_ids_out_of_spec_are_refused_and_socket_stays_usable() {
     let relay = Relay::new();

@@ -186,7 +186,8 @@ impl RelayIo {
         // Non-blocking and polled from here on: short reads may mark it drained.
         let mut ws = ws;
         ws.get_mut().arm(true);
-        let reader = WsReader::new(Role::Client, p::Limits::default().max_frame_from_relay(), already);
+        let reader =
+            WsReader::new(Role::Client, p::Limits::default().max_frame_from_relay(), already);
         let link = Arc::new(Link {
             state: Mutex::new(LinkState {
                 ws: Some(ws),

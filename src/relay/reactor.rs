@@ -1179,7 +1179,18 @@ impl Reactor {
     ) {
         let (req, body_len) = match request_head(&raw) {
             Ok(r) => r,
-            Err(msg) => return self.bad_frame(id, &msg),
+            // A request the app can be answered about (a valid id, not open already) gets its
+            // terminal frame; the others are bad frames.
+            Err(msg) => match p::raw_str(&raw, "id") {
+                Ok(Some(rid))
+                    if p::is_request_id(&rid)
+                        && self.apps.get(client_id).is_some_and(|a| !a.open.contains(&*rid)) =>
+                {
+                    let reply = Frame::error(&rid, None, ErrorCode::BadRequest, msg);
+                    return self.send_frame(id, &reply);
+                }
+                _ => return self.bad_frame(id, &msg),
+            },
         };
         let limits = self.shared.config.limits;
         if !p::is_request_id(&req.id) {
@@ -1187,7 +1198,14 @@ impl Reactor {
         }
         let reply = |code, msg: String| Frame::error(&req.id, None, code, msg);
         if let Err((code, msg)) = p::check_request_limits_sized(&req, body_len, &limits) {
-            return self.send_frame(id, &reply(code, msg));
+            // The carried length may count escapes: the decoded length decides.
+            let decoded = p::unescaped_body_len(&raw);
+            if code != ErrorCode::TooLarge
+                || decoded == body_len
+                || p::check_request_limits_sized(&req, decoded, &limits).is_err()
+            {
+                return self.send_frame(id, &reply(code, msg));
+            }
         }
         let Some(app) = self.apps.get(client_id) else { return };
         if app.open.contains(&req.id) {
