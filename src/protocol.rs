@@ -1331,6 +1331,18 @@ pub fn check_header(name: &str, value: &str) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn unescaped_body_len_counts_decoded_bytes() {
+        let len = |body: &str| {
+            let text = format!(r#"{{"type":"request","body":{body}}}"#);
+            super::unescaped_body_len(&super::parse_raw(&text).unwrap())
+        };
+        assert_eq!(len(r#""abc""#), 3);
+        assert_eq!(len(r#""a\"b\/c\n""#), 6);
+        assert_eq!(len(r#""\u0041\u00e9\u20ac""#), 1 + 2 + 3);
+        assert_eq!(len(r#""\ud83d\ude00""#), 4);
+        assert_eq!(len("null"), 0);
+    }
     use super::*;
 
     #[test]
