@@ -643,15 +643,6 @@ fn check_backend(base: &str, dir: &Path) -> Hop {
     }
 }
 
-/// Where the key came from, for the messages (never the key itself).
-fn key_source(gw: &HermesConfig) -> String {
-    if std::env::var("API_SERVER_KEY").is_ok_and(|k| !k.trim().is_empty()) {
-        "API_SERVER_KEY in the environment".to_owned()
-    } else {
-        format!("API_SERVER_KEY in {}", gw.home.join(".env").display())
-    }
-}
-
 fn check_gateway(gw: &HermesConfig) -> Hop {
     let (key, name) = GATEWAY;
     let t = Instant::now();
@@ -696,15 +687,8 @@ fn check_gateway(gw: &HermesConfig) -> Hop {
 
 fn check_models(gw: &HermesConfig) -> Hop {
     let (key, name) = MODELS;
-    let env_file = gw.home.join(".env");
     let Some(api_key) = gw.key.as_deref().filter(|k| !k.trim().is_empty()) else {
-        return failed(
-            key,
-            name,
-            None,
-            format!("no API_SERVER_KEY in the environment or {}", env_file.display()),
-            Problem::KeyMissing.fix(),
-        );
+        return failed(key, name, None, gw.key_origin(), Problem::KeyMissing.fix());
     };
     let t = Instant::now();
     let base = gw.url();
@@ -730,18 +714,18 @@ fn check_models(gw: &HermesConfig) -> Hop {
                 name,
                 HopState::Ok,
                 Some(t),
-                format!("{status}: {shown} (key from {})", key_source(gw)),
+                format!("{status}: {shown} (key from {})", gw.key_origin()),
             )
         }
         Ok((status @ (401 | 403), _)) => failed(
             key,
             name,
             Some(t),
-            format!("the gateway refused the key ({status}); key from {}", key_source(gw)),
+            format!("the gateway refused the key ({status}); key from {}", gw.key_origin()),
             format!(
-                "the gateway runs with another API_SERVER_KEY: make {} and the environment \
-                 agree, then restart the gateway (hermes gateway restart)",
-                env_file.display()
+                "the gateway runs with another key than {}: put the gateway's key there, or \
+                 restart the gateway so it reads this one (hermes gateway restart)",
+                gw.key_origin()
             ),
         ),
         Ok((status, body)) => failed(

@@ -156,6 +156,30 @@ fn truthy(v: &str) -> bool {
     matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on" | "y")
 }
 
+/// Where the gateway key was read from (never the key itself), for the messages that tell the
+/// user which file to fix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// `API_SERVER_KEY` in the process environment.
+    Environment,
+    /// `API_SERVER_KEY` in this `.env` file.
+    DotEnv(PathBuf),
+    /// `platforms.api_server.extra.key` in this `config.yaml`.
+    ConfigYaml(PathBuf),
+}
+
+impl fmt::Display for KeySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeySource::Environment => f.write_str("API_SERVER_KEY in the environment"),
+            KeySource::DotEnv(p) => write!(f, "API_SERVER_KEY in {}", p.display()),
+            KeySource::ConfigYaml(p) => {
+                write!(f, "platforms.api_server.extra.key in {}", p.display())
+            }
+        }
+    }
+}
+
 /// What the Hermes configuration says about the API server. `Debug` never shows the key.
 #[derive(Clone, PartialEq, Eq)]
 pub struct HermesConfig {
@@ -167,6 +191,8 @@ pub struct HermesConfig {
     pub port: u16,
     /// `API_SERVER_KEY` (environment, `.env`, or `config.yaml`).
     pub key: Option<String>,
+    /// Where `key` was found (`None` without a key).
+    pub key_source: Option<KeySource>,
     /// The API server is enabled (`API_SERVER_ENABLED`, a key, or `platforms.api_server`).
     pub enabled: bool,
     /// `~/.hermes` exists.
@@ -180,6 +206,7 @@ impl fmt::Debug for HermesConfig {
             .field("host", &self.host)
             .field("port", &self.port)
             .field("key", &self.key.as_ref().map(|k| format!("<{} chars>", k.chars().count())))
+            .field("key_source", &self.key_source)
             .field("enabled", &self.enabled)
             .field("installed", &self.installed)
             .finish()
@@ -215,7 +242,21 @@ impl HermesConfig {
             path.extend_from_slice(leaf);
             yaml_lookup(&yaml, &path).filter(|v| !v.is_empty())
         };
-        let key = get("API_SERVER_KEY").or_else(|| yaml_get(&["extra", "key"]));
+        // The same order as `get`, then the YAML, each remembered so messages name the place
+        // to fix: the gateway reads them in that order too (the environment, which its own
+        // `.env` loading fills, overrides `config.yaml`).
+        let env_path = home.join(".env");
+        let yaml_path = home.join("config.yaml");
+        let (key, key_source) = match env("API_SERVER_KEY") {
+            Some(k) => (Some(k), Some(KeySource::Environment)),
+            None => match dotenv.get("API_SERVER_KEY").filter(|v| !v.trim().is_empty()) {
+                Some(k) => (Some(k.clone()), Some(KeySource::DotEnv(env_path))),
+                None => match yaml_get(&["extra", "key"]) {
+                    Some(k) => (Some(k), Some(KeySource::ConfigYaml(yaml_path))),
+                    None => (None, None),
+                },
+            },
+        };
         let enabled = get("API_SERVER_ENABLED").is_some_and(|v| truthy(&v))
             || get("API_SERVER_KEY").is_some()
             || yaml_get(&["enabled"]).is_some_and(|v| truthy(&v));
@@ -238,6 +279,7 @@ impl HermesConfig {
             host,
             port,
             key,
+            key_source,
             enabled,
             installed: home.is_dir(),
         }
@@ -251,6 +293,20 @@ impl HermesConfig {
     /// `host:port` for messages.
     pub fn addr(&self) -> String {
         self.url().trim_start_matches("http://").to_owned()
+    }
+
+    /// Where the key comes from for messages: its source, or, without one, every place it is
+    /// looked for.
+    pub fn key_origin(&self) -> String {
+        match &self.key_source {
+            Some(source) => source.to_string(),
+            None => format!(
+                "no API_SERVER_KEY in the environment or {}, nor platforms.api_server.extra.key in \
+                 {}",
+                self.home.join(".env").display(),
+                self.home.join("config.yaml").display()
+            ),
+        }
     }
 
     /// The key problem, if the gateway would refuse this key.
@@ -1388,6 +1444,18 @@ mod tests {
         let c = HermesConfig::from_sources(&dir, |_| None);
         assert!(!c.enabled);
         assert_eq!(diagnose(&c, Health::NotListening)[0], Problem::NotEnabled);
+        assert_eq!(c.key_source, None);
+        fs::write(dir.join("config.yaml"), "platforms:\n  api_server:\n    extra:\n      key: k\n")
+            .unwrap();
+        let k = HermesConfig::from_sources(&dir, |_| None);
+        assert_eq!(k.key_source, Some(KeySource::ConfigYaml(dir.join("config.yaml"))));
+        fs::write(dir.join(".env"), "API_SERVER_KEY=from-dotenv\n").unwrap();
+        let k = HermesConfig::from_sources(&dir, |_| None);
+        assert_eq!(k.key_source, Some(KeySource::DotEnv(dir.join(".env"))));
+        let k = HermesConfig::from_sources(&dir, |n| (n == "API_SERVER_KEY").then(|| "e".into()));
+        assert_eq!((k.key.as_deref(), k.key_source), (Some("e"), Some(KeySource::Environment)));
+        fs::write(dir.join(".env"), "").unwrap();
+        fs::remove_file(dir.join("config.yaml")).unwrap();
         let _ = fs::remove_dir_all(&dir);
     }
 

@@ -54,6 +54,7 @@ fn backend(gw_port: u16, key: &str, tweak: impl FnOnce(&mut Settings)) -> Backen
         host: "127.0.0.1".into(),
         port: gw_port,
         key: Some(key.into()),
+        key_source: None,
         enabled: true,
         installed: true,
     };

@@ -472,3 +472,57 @@ fn logs_tail_and_follow_through_rotation() {
     };
     assert!(status.success(), "Ctrl-C ends --follow cleanly: {status}");
 }
+
+/// The gatewayModels hop names where the key really comes from: the environment, `.env`, or
+/// `platforms.api_server.extra.key` in `config.yaml` (a key there was reported as `.env`'s).
+#[test]
+fn doctor_names_the_real_source_of_the_gateway_key() {
+    let gateway = fake_gateway();
+    let m = Machine::new(gateway, GATEWAY_KEY);
+    let models = |report: &Value| hop(report, "gatewayModels").clone();
+    let yaml = m.hermes.join("config.yaml");
+    let key_in_yaml = |key: &str| {
+        std::fs::write(
+            &yaml,
+            format!("platforms:\n  api_server:\n    enabled: true\n    extra:\n      key: {key}\n"),
+        )
+        .unwrap();
+    };
+
+    // In config.yaml only (no pairing yet: the doctor exits 1, the gateway hops still run).
+    std::fs::write(m.hermes.join(".env"), format!("API_SERVER_PORT={gateway}\n")).unwrap();
+    key_in_yaml(GATEWAY_KEY);
+    let h = models(&m.doctor(1));
+    assert_eq!(h["state"], "ok", "{h}");
+    let want = format!("platforms.api_server.extra.key in {}", yaml.display());
+    assert!(h["detail"].as_str().unwrap().contains(&want), "{h}");
+    assert!(!h["detail"].as_str().unwrap().contains(".env"), "{h}");
+
+    // A wrong key there: the failure and its fix name config.yaml.
+    key_in_yaml("not-the-gateway-key-0000000000");
+    let h = models(&m.doctor(1));
+    assert_eq!(h["state"], "fail", "{h}");
+    assert!(h["detail"].as_str().unwrap().contains(&want), "{h}");
+    assert!(h["fix"].as_str().unwrap().contains(&want), "{h}");
+
+    // .env wins over config.yaml, as in the gateway.
+    m.write_env(gateway, GATEWAY_KEY);
+    let h = models(&m.doctor(1));
+    let env_file = format!("API_SERVER_KEY in {}", m.hermes.join(".env").display());
+    assert!(h["detail"].as_str().unwrap().contains(&env_file), "{h}");
+
+    // The environment wins over both.
+    let run =
+        Run(m.cmd(&["--doctor", "--json"]).env("API_SERVER_KEY", GATEWAY_KEY).output().unwrap());
+    let v: Value = serde_json::from_str(run.stdout().trim()).unwrap();
+    let h = models(&v);
+    assert!(h["detail"].as_str().unwrap().contains("API_SERVER_KEY in the environment"), "{h}");
+
+    // No key anywhere: every place it is looked for is named.
+    std::fs::write(m.hermes.join(".env"), format!("API_SERVER_PORT={gateway}\n")).unwrap();
+    std::fs::remove_file(&yaml).unwrap();
+    let h = models(&m.doctor(1));
+    assert_eq!(h["state"], "fail", "{h}");
+    let detail = h["detail"].as_str().unwrap();
+    assert!(detail.contains(".env") && detail.contains("config.yaml"), "{h}");
+}
