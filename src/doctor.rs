@@ -2,7 +2,8 @@
 //! it fails, the fix.
 //!
 //! ```text
-//! registry reachable → bridge registered and online → the daemon's relay socket alive
+//! registry reachable → bridge registered and online → the daemon's relay socket alive (in
+//! LAN-only mode: its LAN server)
 //!   → GET /api/health through the relay as the app sends it → backend /api/health
 //!   → gateway /health → gateway /v1/models with the key
 //! ```
@@ -145,6 +146,9 @@ fn skipped(id: &'static str, name: &'static str, why: &str) -> Hop {
 const REGISTRY: (&str, &str) = ("registry", "registry reachable");
 const BRIDGE: (&str, &str) = ("bridge", "bridge registered and online");
 const DAEMON: (&str, &str) = ("daemon", "daemon relay socket alive");
+/// The daemon hop in LAN-only mode: the same id (scripts key on it), a name that fits a daemon
+/// with no relay socket.
+const LAN_DAEMON: (&str, &str) = ("daemon", "daemon LAN server alive");
 const RELAY: (&str, &str) = ("relay", "request through the relay");
 const BACKEND: (&str, &str) = ("backend", "backend /api/health");
 const GATEWAY: (&str, &str) = ("gateway", "gateway /health");
@@ -176,8 +180,8 @@ pub fn run(args: &Args) -> Result<(), Exit> {
         report.add(match lan {
             Some(s) => check_lan_daemon(pid, s),
             None => failed(
-                DAEMON.0,
-                DAEMON.1,
+                LAN_DAEMON.0,
+                LAN_DAEMON.1,
                 None,
                 "the LAN-only daemon is not running",
                 "start it: hermeschat-pair --local (if you installed the boot service: \
@@ -460,7 +464,7 @@ fn has_lan_pairing(dir: &Path) -> bool {
 /// The daemon in LAN-only mode: running, serving its LAN address, and that address still
 /// this machine's.
 fn check_lan_daemon(pid: Option<u32>, s: &Status) -> Hop {
-    let (key, name) = DAEMON;
+    let (key, name) = LAN_DAEMON;
     let t = Instant::now();
     let pid = pid.unwrap_or(s.pid);
     let url = s.lan_url.clone().unwrap_or_default();
