@@ -30,7 +30,7 @@ use crate::cli::{
     state_dir,
 };
 use crate::daemon;
-use crate::gateway::{HermesConfig, Problem};
+use crate::gateway::{HermesConfig, Platform, Problem};
 use crate::protocol::ErrorCode;
 use crate::registry_client::{Registry, RegistryError};
 use crate::state::{self, BridgeIdentity};
@@ -678,9 +678,14 @@ fn check_gateway(gw: &HermesConfig) -> Hop {
         fix.push(p.fix());
     }
     if !problems.iter().any(|p| matches!(p, Problem::NotInstalled | Problem::PortHeld { .. })) {
-        fix.push(
-            "start it: hermes gateway start (hermeschat-pair also tries to wake it up)".into(),
-        );
+        // The same commands the pairing command prints: only those that exist here.
+        let cmds = crate::gateway::manual_commands(gw, Platform::current());
+        if cmds.is_empty() {
+            fix.push(crate::gateway::start_hint(gw, Platform::current()));
+        } else {
+            fix.push("start it (hermeschat-pair also tries to wake it up) with one of:".into());
+            fix.extend(cmds.iter().map(|c| format!("  {c}")));
+        }
     }
     fix.push(format!(
         "its log: {} (hermeschat-pair --logs)",

@@ -1235,18 +1235,81 @@ fn looks_like_hermes(pid: i32) -> bool {
     cmdline.contains("hermes")
 }
 
-/// The commands a user can run by hand, for this platform.
-pub fn manual_commands(config: &HermesConfig, platform: Platform) -> Vec<String> {
-    let mut cmds = vec!["hermes gateway start".to_owned()];
-    match platform {
-        Platform::MacOs => {
-            cmds.push(format!("launchctl kickstart -k gui/{}/{LAUNCHD_LABEL}", Chain::uid()))
+/// A command that starts the gateway by hand.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartCommand {
+    /// The command line, ready to paste.
+    pub command: String,
+    /// It runs the gateway in the foreground (no service manager needed; it lives as long as
+    /// the terminal).
+    pub foreground: bool,
+}
+
+impl fmt::Display for StartCommand {
+    /// The command, with a shell comment on the foreground ones (so the line stays pasteable).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.command)?;
+        if self.foreground {
+            f.write_str("  # in the foreground, no service needed (keep the terminal open)")?;
         }
-        Platform::Linux => cmds.push(format!("systemctl --user start {SYSTEMD_UNIT}")),
-        Platform::Other => {}
+        Ok(())
     }
-    cmds.push(format!("{} -m hermes_cli.main gateway run", venv_python(&config.home).display()));
+}
+
+/// The commands a user can run by hand to start the gateway here, only those whose program
+/// exists: the service manager's (with `hermes gateway start`, which uses it) when there is
+/// one, then `hermes gateway run` in the foreground (what Hermes itself suggests on machines
+/// without a service), else the venv's python when `hermes` is not on `PATH`. Empty when
+/// none of them exists. Serves the pairing line, `--doctor` and the chat error alike.
+pub fn manual_commands(config: &HermesConfig, platform: Platform) -> Vec<StartCommand> {
+    let service = match platform {
+        Platform::MacOs => which("launchctl")
+            .map(|_| format!("launchctl kickstart -k gui/{}/{LAUNCHD_LABEL}", Chain::uid())),
+        Platform::Linux => {
+            which("systemctl").map(|_| format!("systemctl --user start {SYSTEMD_UNIT}"))
+        }
+        Platform::Other => None,
+    };
+    let hermes = which("hermes").is_some();
+    let background = |command: String| StartCommand { command, foreground: false };
+    let mut cmds = Vec::new();
+    if let Some(service) = service {
+        if hermes {
+            cmds.push(background("hermes gateway start".into()));
+        }
+        cmds.push(background(service));
+    }
+    let venv = venv_python(&config.home);
+    if hermes {
+        cmds.push(StartCommand { command: "hermes gateway run".into(), foreground: true });
+    } else if is_executable(&venv) {
+        cmds.push(StartCommand {
+            command: format!("{} -m hermes_cli.main gateway run", venv.display()),
+            foreground: true,
+        });
+    }
     cmds
+}
+
+/// [`manual_commands`] as one sentence (for the chat error and the wake-up's log line), or,
+/// when none exists here, what is missing.
+pub fn start_hint(config: &HermesConfig, platform: Platform) -> String {
+    let cmds = manual_commands(config, platform);
+    if cmds.is_empty() {
+        return format!(
+            "nothing here can start it (no `hermes` on PATH, no {}): install Hermes Agent, then \
+             run `hermes gateway run`",
+            venv_python(&config.home).display()
+        );
+    }
+    let shown: Vec<String> = cmds
+        .iter()
+        .map(|c| {
+            let note = if c.foreground { " (in the foreground, no service needed)" } else { "" };
+            format!("`{}`{note}", c.command)
+        })
+        .collect();
+    format!("start it with {}", shown.join(" or "))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1291,7 +1354,8 @@ pub fn wake_in_background(state_dir: PathBuf) {
             };
             format!(
                 "Hermes gateway not running ({addr}): {why}; chat needs it: run hermeschat-pair \
-                 --doctor, or start it by hand"
+                 --doctor, or {}",
+                start_hint(&chain.config, chain.platform)
             )
         };
         crate::bridge::log(&line);
@@ -1341,9 +1405,14 @@ pub fn ensure(out: &Out) {
     for p in &report.problems {
         out.info(&format!("Fix: {}", p.fix()));
     }
-    out.info("Start it by hand with one of:");
-    for cmd in manual_commands(&chain.config, chain.platform) {
-        out.info(&format!("  {cmd}"));
+    let cmds = manual_commands(&chain.config, chain.platform);
+    if cmds.is_empty() {
+        out.info(&format!("Then: {}", start_hint(&chain.config, chain.platform)));
+    } else {
+        out.info("Start it by hand with one of:");
+        for cmd in cmds {
+            out.info(&format!("  {cmd}"));
+        }
     }
     out.info(&format!("Log: {}", chain.log_path().display()));
 }

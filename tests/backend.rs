@@ -24,7 +24,7 @@ use gatewaykit::{
 use hermeschat_pair::backend::upstream::{Direct, GatewaySource};
 use hermeschat_pair::backend::{BackendConfig, Settings, start_with};
 use hermeschat_pair::bridge::local_http::{Abort, Body, LocalClient, Timeouts};
-use hermeschat_pair::gateway::HermesConfig;
+use hermeschat_pair::gateway::{self, HermesConfig};
 use hermeschat_pair::protocol::Frame;
 use serde_json::{Value, json};
 use std::process::Stdio;
@@ -220,7 +220,16 @@ fn gateway_down_is_an_sse_error_event_not_a_500() {
     assert!(text.starts_with("event: error\n"), "{text}");
     let err = sse_error(&text).expect("an error event");
     assert_eq!(err["code"], "gateway_offline", "{text}");
-    assert!(err["message"].as_str().unwrap().contains("hermes gateway start"), "{text}");
+    // The hint is the one --doctor and pairing give (the backend runs in this process, with
+    // its PATH), and never names a program that is not there: this gateway has no venv.
+    let message = err["message"].as_str().unwrap();
+    let config = HermesConfig::from_sources(&b.dir.join("hermes"), |_| None);
+    let hint = gateway::start_hint(&config, gateway::Platform::current());
+    assert!(message.contains(&hint), "{message}\nwanted: {hint}");
+    assert!(!message.contains("venv/bin/python"), "{message}");
+    if gateway::which("hermes").is_none() {
+        assert!(!message.contains("hermes gateway"), "{message}");
+    }
     assert!(text.contains("data: [DONE]"), "{text}");
 }
 
@@ -769,6 +778,9 @@ fn e2e_wake_failures_are_diagnosed_by_name_and_never_block_pairing() {
             "aiohttp is missing",
         ),
     ];
+    // The system directories of the users' PATH: what the manual commands may find there.
+    let on_system_path =
+        |name: &str| ["/usr/local/bin", "/usr/bin", "/bin"].iter().any(|d| is_program(d, name));
     for (tag, setup, words) in cases {
         let port = free_port();
         let u = User::new(tag);
@@ -781,20 +793,49 @@ fn e2e_wake_failures_are_diagnosed_by_name_and_never_block_pairing() {
             "{tag}: {}",
             run.stdout
         );
-        for cmd in [
-            "hermes gateway start",
-            "systemctl --user start hermes-gateway",
-            "-m hermes_cli.main gateway run",
-        ] {
-            assert!(
-                run.stdout.contains(cmd),
-                "{tag}: manual command {cmd:?} missing: {}",
-                run.stdout
-            );
+        // Only the commands whose program exists are suggested: the venv's python where the
+        // case made one, systemctl where the system has it, never `hermes` (not installed).
+        let hints = manual_hints(&run.stdout);
+        let venv = u.venv_python().exists();
+        assert_eq!(hints.contains("-m hermes_cli.main gateway run"), venv, "{tag}: {hints}");
+        assert_eq!(
+            hints.contains("systemctl --user start hermes-gateway"),
+            on_system_path("systemctl"),
+            "{tag}: {hints}"
+        );
+        if !on_system_path("hermes") {
+            assert!(!hints.contains("hermes gateway"), "{tag}: {hints}");
         }
         assert!(took < Duration::from_secs(25), "{tag}: pairing took {took:?}");
         u.kill_gateway();
     }
+
+    // `hermes` on PATH and a service manager: the service commands, and `hermes gateway run`
+    // in the foreground for a machine without the service; no venv python (there is none).
+    let u = User::new("hermes-on-path");
+    u.write_dotenv("# nothing here\n");
+    u.script(&u.bin.join("hermes"), "#!/bin/sh\necho 'Not supported' >&2\nexit 1\n");
+    u.script(&u.bin.join("systemctl"), "#!/bin/sh\nexit 1\n");
+    u.script(&u.bin.join("launchctl"), "#!/bin/sh\nexit 1\n");
+    let (_, run) = u.pair(&relay.url(), free_port());
+    let hints = manual_hints(&run.stdout);
+    assert!(hints.contains("  hermes gateway start\n"), "{hints}");
+    assert!(hints.contains("hermes gateway run  # in the foreground"), "{hints}");
+    assert!(!hints.contains("venv"), "{hints}");
+
+    // Nothing that could start it (an empty PATH, no venv): no command is suggested, the line
+    // says what is missing.
+    let mut u = User::new("nothing-to-start");
+    let port = free_port();
+    u.write_dotenv(&format!("API_SERVER_KEY={KEY}\nAPI_SERVER_PORT={port}\n"));
+    u.env.push(("PATH".into(), u.bin.display().to_string()));
+    let (_, run) = u.pair(&relay.url(), free_port());
+    assert!(!run.stdout.contains("Start it by hand"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("nothing here can start it (no `hermes` on PATH"),
+        "{}",
+        run.stdout
+    );
 
     // Port held by something that is not the gateway.
     let squatter = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -816,6 +857,18 @@ fn e2e_wake_failures_are_diagnosed_by_name_and_never_block_pairing() {
         run.stdout
     );
     assert!(run.stdout.contains("lsof -nP -iTCP:"), "{}", run.stdout);
+}
+
+/// The pairing output from "Start it by hand" on (the manual commands), or "" without it.
+fn manual_hints(stdout: &str) -> String {
+    stdout.find("Start it by hand").map_or_else(String::new, |i| stdout[i..].to_owned())
+}
+
+/// True when `dir/name` is an executable file.
+fn is_program(dir: &str, name: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(std::path::Path::new(dir).join(name))
+        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 /// On a machine with several users, only the user running the bridge may use its built-in

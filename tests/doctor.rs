@@ -526,3 +526,35 @@ fn doctor_names_the_real_source_of_the_gateway_key() {
     let detail = h["detail"].as_str().unwrap();
     assert!(detail.contains(".env") && detail.contains("config.yaml"), "{h}");
 }
+
+/// With the gateway down, the fix names only commands that exist on this machine (the same
+/// list pairing prints): `hermes gateway run` with `hermes` on PATH, never a venv python that
+/// is not there, and what is missing when nothing could start it.
+#[test]
+fn doctor_suggests_only_start_commands_that_exist() {
+    let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let m = Machine::new(closed, GATEWAY_KEY);
+    let bin = m.root.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let doctor_with_path = || {
+        let out = m.cmd(&["--doctor", "--json"]).env("PATH", &bin).output().unwrap();
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let h = hop(&v, "gateway").clone();
+        assert_eq!(h["state"], "fail", "{h}");
+        h["fix"].as_str().unwrap().to_owned()
+    };
+
+    // Nothing on PATH, no venv: no command, the missing pieces named.
+    let fix = doctor_with_path();
+    assert!(fix.contains("nothing here can start it (no `hermes` on PATH"), "{fix}");
+    assert!(!fix.contains("hermes gateway start"), "{fix}");
+
+    // `hermes` on PATH (no service manager there): the foreground command.
+    let hermes = bin.join("hermes");
+    std::fs::write(&hermes, "#!/bin/sh\nexit 1\n").unwrap();
+    std::fs::set_permissions(&hermes, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let fix = doctor_with_path();
+    assert!(fix.contains("hermes gateway run  # in the foreground"), "{fix}");
+    assert!(!fix.contains("hermes gateway start"), "no service manager on PATH: {fix}");
+    assert!(!fix.contains("venv"), "{fix}");
+}

@@ -244,9 +244,10 @@ pub fn handle(shared: &Arc<Shared>, req: &Request, c: &mut Conn, close: bool) ->
             } else {
                 "gateway_offline"
             };
+            let hint = crate::gateway::start_hint(&config, crate::gateway::Platform::current());
             let msg = format!(
-                "The Hermes gateway ({addr}) is not reachable: {e}. Start it with `hermes gateway \
-                 start`, or restart it from the app."
+                "The Hermes gateway ({addr}) is not reachable: {e}. Restart it from the app, or \
+                 {hint}."
             );
             (code, msg, true)
         }
