@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::bridge::local_http::LocalError;
 use crate::bridge::workers::{Target, http_url};
 use crate::bridge::{Health, Status};
 use crate::cli::{
@@ -30,7 +31,7 @@ use crate::cli::{
     state_dir,
 };
 use crate::daemon;
-use crate::gateway::{HermesConfig, Platform, Problem};
+use crate::gateway::{HermesConfig, KeyCheck, Platform, Problem};
 use crate::protocol::ErrorCode;
 use crate::registry_client::{Registry, RegistryError};
 use crate::state::{self, BridgeIdentity};
@@ -694,58 +695,46 @@ fn check_gateway(gw: &HermesConfig) -> Hop {
     Hop { ms, ..failed(key, name, None, detail, fix.join("\n")) }
 }
 
+/// The gateway's answer to the key: [`crate::gateway::check_key`], the check pairing and
+/// `--status` make too, worded by [`crate::gateway::key_trouble`] like theirs.
 fn check_models(gw: &HermesConfig) -> Hop {
     let (key, name) = MODELS;
-    let Some(api_key) = gw.key.as_deref().filter(|k| !k.trim().is_empty()) else {
-        return failed(key, name, None, gw.key_origin(), Problem::KeyMissing.fix());
-    };
     let t = Instant::now();
-    let base = gw.url();
-    if let Some(uid) = crate::backend::peer::foreign_listener_at(&gw.host, gw.port) {
-        let problem = Problem::PortHeld { addr: gw.addr(), another_user: true };
-        let detail = format!("{base} is served by another user's program (uid {uid}): {problem}");
-        return failed(key, name, None, detail, problem.fix());
+    let check = crate::gateway::check_key(gw, LOCAL_TIMEOUT);
+    let t = (check != KeyCheck::Missing).then_some(t);
+    if let Some((what, fix)) = crate::gateway::key_trouble(gw, &check, Platform::current()) {
+        return failed(key, name, t, what, fix);
     }
-    match local_get(&format!("{base}/v1/models"), Some(api_key)) {
-        Ok((status, body)) if (200..300).contains(&status) => {
-            let models: Vec<String> = serde_json::from_str::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| {
-                    v["data"].as_array().map(|a| {
-                        a.iter().filter_map(|m| m["id"].as_str().map(str::to_owned)).collect()
-                    })
-                })
-                .unwrap_or_default();
+    match check {
+        KeyCheck::Accepted(models) => {
             let shown =
                 if models.is_empty() { "no models listed".to_owned() } else { models.join(", ") };
-            hop(
-                key,
-                name,
-                HopState::Ok,
-                Some(t),
-                format!("{status}: {shown} (key from {})", gw.key_origin()),
-            )
+            let detail = format!("{shown} (key accepted, from {})", gw.key_origin());
+            hop(key, name, HopState::Ok, t, detail)
         }
-        Ok((status @ (401 | 403), _)) => failed(
+        KeyCheck::Answered(status, body) => failed(
             key,
             name,
-            Some(t),
-            format!("the gateway refused the key ({status}); key from {}", gw.key_origin()),
-            format!(
-                "the gateway runs with another key than {}: put the gateway's key there, or \
-                 restart the gateway so it reads this one (hermes gateway restart)",
-                gw.key_origin()
-            ),
-        ),
-        Ok((status, body)) => failed(
-            key,
-            name,
-            Some(t),
+            t,
             format!("{status} {}", snippet(&body)),
             format!("see the gateway's log: {}", gw.home.join("logs/gateway.log").display()),
         ),
-        Err(e) => {
-            failed(key, name, Some(t), e, "the gateway stopped answering; hermes gateway restart")
+        KeyCheck::Failed(LocalError::Foreign { uid, .. }) => {
+            let problem = Problem::PortHeld { addr: gw.addr(), another_user: true };
+            let detail =
+                format!("{} is served by another user's program (uid {uid}): {problem}", gw.url());
+            failed(key, name, t, detail, problem.fix())
+        }
+        other => {
+            let detail = match other {
+                KeyCheck::Failed(e) => e.to_string(),
+                _ => "no answer".to_owned(),
+            };
+            let fix = format!(
+                "the gateway stopped answering; restart it: {}",
+                crate::gateway::restart_hint(Platform::current())
+            );
+            failed(key, name, t, detail, fix)
         }
     }
 }

@@ -298,9 +298,11 @@ impl HermesConfig {
     /// Where the key comes from for messages: its source, or, without one, every place it is
     /// looked for.
     pub fn key_origin(&self) -> String {
-        match &self.key_source {
-            Some(source) => source.to_string(),
-            None => format!(
+        match (&self.key_source, &self.key) {
+            (Some(source), _) => source.to_string(),
+            // Given directly (a configuration built by hand), not read from a file.
+            (None, Some(_)) => "the configured key".to_owned(),
+            (None, None) => format!(
                 "no API_SERVER_KEY in the environment or {}, nor platforms.api_server.extra.key in \
                  {}",
                 self.home.join(".env").display(),
@@ -356,6 +358,131 @@ pub fn probe_addr(host: &str, port: u16, deadline: Duration) -> Health {
         Err(crate::bridge::local_http::LocalError::Connect { .. }) => Health::NotListening,
         Err(crate::bridge::local_http::LocalError::Foreign { .. }) => Health::Foreign,
         Err(_) => Health::Unhealthy,
+    }
+}
+
+/// How long the pairing command and `--status` wait for the key check.
+pub const KEY_CHECK_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// What the gateway says to the key: one `GET /v1/models` with it, as `--doctor`'s
+/// gatewayModels hop, chat (`/v1/chat/completions`) and every `/v1` route need it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyCheck {
+    /// Accepted; the models it lists.
+    Accepted(Vec<String>),
+    /// No key is configured: nothing was sent.
+    Missing,
+    /// Refused with this status (401 or 403).
+    Refused(u16),
+    /// Another answer: its status and the start of its body. No verdict on the key.
+    Answered(u16, String),
+    /// No answer (nothing was sent to another user's program, [`LocalError::Foreign`]). No
+    /// verdict on the key.
+    ///
+    /// [`LocalError::Foreign`]: crate::bridge::local_http::LocalError::Foreign
+    Failed(crate::bridge::local_http::LocalError),
+}
+
+impl KeyCheck {
+    /// A short machine-readable word: `accepted`, `missing`, `refused` or `unknown`.
+    pub fn word(&self) -> &'static str {
+        match self {
+            KeyCheck::Accepted(_) => "accepted",
+            KeyCheck::Missing => "missing",
+            KeyCheck::Refused(_) => "refused",
+            KeyCheck::Answered(..) | KeyCheck::Failed(_) => "unknown",
+        }
+    }
+
+    /// Chat cannot work with this key: missing or refused.
+    pub fn is_bad(&self) -> bool {
+        matches!(self, KeyCheck::Missing | KeyCheck::Refused(_))
+    }
+}
+
+/// Checks the key against the gateway with [`KeyCheck`]'s one request, answered within
+/// `deadline`. The key goes only into the request's `Authorization` header, and never to
+/// another user's program on the port.
+pub fn check_key(config: &HermesConfig, deadline: Duration) -> KeyCheck {
+    let Some(key) = config.key.as_deref().map(str::trim).filter(|k| !k.is_empty()) else {
+        return KeyCheck::Missing;
+    };
+    let timeouts = Timeouts {
+        connect: Duration::from_millis(500).min(deadline),
+        head: deadline,
+        body_gap: deadline,
+    };
+    let client =
+        LocalClient::with_timeouts(&config.host, config.port, timeouts).named("Hermes gateway");
+    let bearer = format!("Bearer {key}");
+    let headers = [("Accept", "application/json"), ("Authorization", bearer.as_str())];
+    match client.get_small("/v1/models", &headers) {
+        Ok((status, body)) if (200..300).contains(&status) => {
+            let v: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
+            let models = v
+                .as_ref()
+                .and_then(|v| v["data"].as_array())
+                .map(|a| a.iter().filter_map(|m| m["id"].as_str().map(str::to_owned)).collect())
+                .unwrap_or_default();
+            KeyCheck::Accepted(models)
+        }
+        Ok((status @ (401 | 403), _)) => KeyCheck::Refused(status),
+        Ok((status, body)) => {
+            let text = String::from_utf8_lossy(&body);
+            KeyCheck::Answered(status, config.redact(&truncate_chars(text.trim(), 200)))
+        }
+        Err(e) => KeyCheck::Failed(e),
+    }
+}
+
+/// What is wrong with the key of a running gateway, and what to do, in words: `(what, fix)`
+/// for a missing or refused key, naming where the key is read from (the `HERMES_HOME`-aware
+/// paths); `None` otherwise. Serves the pairing line, `--status`, `--doctor`, the chat's
+/// `gateway_auth` error and `/api/gateway/health` alike.
+pub fn key_trouble(
+    config: &HermesConfig,
+    check: &KeyCheck,
+    platform: Platform,
+) -> Option<(String, String)> {
+    let restart = restart_hint(platform);
+    match check {
+        KeyCheck::Missing => Some((
+            format!("no key for it is configured ({})", config.key_origin()),
+            format!(
+                "put the key the gateway runs with in {} as API_SERVER_KEY=… (or a new one, \
+                 API_SERVER_KEY=$(openssl rand -hex 32), then restart the gateway: {restart})",
+                config.home.join(".env").display()
+            ),
+        )),
+        KeyCheck::Refused(status) => Some((
+            format!("it refuses the key (HTTP {status}) from {}", config.key_origin()),
+            format!(
+                "the gateway runs with another key: restart it so it reads this one \
+                 ({restart}), or set {} to the key it runs with",
+                config.key_origin()
+            ),
+        )),
+        _ => None,
+    }
+}
+
+/// How to restart a running gateway by hand: `hermes gateway restart` when `hermes` is on
+/// `PATH`, else the app's gateway restart (which runs the wake chain's stop and start).
+pub fn restart_hint(platform: Platform) -> String {
+    let service = match platform {
+        Platform::Linux => {
+            which("systemctl").map(|_| format!("systemctl --user restart {SYSTEMD_UNIT}"))
+        }
+        Platform::MacOs => which("launchctl")
+            .map(|_| format!("launchctl kickstart -k gui/{}/{LAUNCHD_LABEL}", Chain::uid())),
+        Platform::Other => None,
+    };
+    match (which("hermes"), service) {
+        (Some(_), _) => "`hermes gateway restart`, or the app's gateway restart".into(),
+        (None, Some(service)) => {
+            format!("`{service}` if it runs as a service, or the app's gateway restart")
+        }
+        (None, None) => "the app's gateway restart, or stop it and start it again".into(),
     }
 }
 
@@ -1376,19 +1503,22 @@ pub fn ensure(out: &Out) {
     let chain = Chain::new(&dir, ENSURE_DEADLINE);
     let report = chain.run(Action::Start);
     let addr = &report.addr;
-    if report.was_online {
-        out.ok(&format!("Hermes Gateway online ({addr})"));
-        return;
-    }
-    if report.online {
-        let via = match report.started_via.as_deref() {
-            Some("launchd") => "launchd",
-            Some("systemd") => "systemd",
-            Some("venv") => "the Hermes venv",
-            Some("hermes") => "hermes gateway start",
-            _ => "the wake chain",
+    if report.was_online || report.online {
+        let line = if report.was_online {
+            format!("Hermes Gateway online ({addr})")
+        } else {
+            let via = match report.started_via.as_deref() {
+                Some("launchd") => "launchd",
+                Some("systemd") => "systemd",
+                Some("venv") => "the Hermes venv",
+                Some("hermes") => "hermes gateway start",
+                _ => "the wake chain",
+            };
+            format!("Hermes Gateway started (via {via}) ({addr})")
         };
-        out.ok(&format!("Hermes Gateway started (via {via}) ({addr})"));
+        // Up is not enough: every chat fails when the gateway refuses the key.
+        let check = check_key(&chain.config, KEY_CHECK_TIMEOUT);
+        print_online(out, &chain.config, chain.platform, &line, &check);
         return;
     }
     let reason = if report.problems.is_empty() {
@@ -1415,6 +1545,25 @@ pub fn ensure(out: &Out) {
         }
     }
     out.info(&format!("Log: {}", chain.log_path().display()));
+}
+
+/// Prints the line of a gateway that is up: `✓ line` when it accepts the key (or the check
+/// could not tell), else `⚠ line, but …` with what is wrong with the key and the fix. For the
+/// pairing command and `--status`.
+pub fn print_online(
+    out: &Out,
+    config: &HermesConfig,
+    platform: Platform,
+    line: &str,
+    check: &KeyCheck,
+) {
+    match key_trouble(config, check, platform) {
+        None => out.ok(line),
+        Some((what, fix)) => {
+            out.warn(&format!("{line}, but {what}: every chat fails until this is fixed"));
+            out.info(&format!("Fix: {fix}"));
+        }
+    }
 }
 
 #[cfg(test)]

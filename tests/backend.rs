@@ -24,7 +24,7 @@ use gatewaykit::{
 use hermeschat_pair::backend::upstream::{Direct, GatewaySource};
 use hermeschat_pair::backend::{BackendConfig, Settings, start_with};
 use hermeschat_pair::bridge::local_http::{Abort, Body, LocalClient, Timeouts};
-use hermeschat_pair::gateway::{self, HermesConfig};
+use hermeschat_pair::gateway::{self, HermesConfig, KeySource};
 use hermeschat_pair::protocol::Frame;
 use serde_json::{Value, json};
 use std::process::Stdio;
@@ -54,7 +54,7 @@ fn backend(gw_port: u16, key: &str, tweak: impl FnOnce(&mut Settings)) -> Backen
         host: "127.0.0.1".into(),
         port: gw_port,
         key: Some(key.into()),
-        key_source: None,
+        key_source: Some(KeySource::DotEnv(dir.join("hermes/.env"))),
         enabled: true,
         installed: true,
     };
@@ -249,6 +249,75 @@ fn wrong_key_is_named_and_401_passes_through_the_proxy() {
     let v = json_of(&http(b.port, "GET", "/api/gateway/health", &[], b"").2);
     assert_eq!(v["backend"], "none", "{v}");
     assert!(v["reason"].as_str().unwrap().contains("refuses the key"), "{v}");
+}
+
+/// The chat error says what is wrong with the key: none configured (not "refused"), or
+/// refused, naming the file it is read from (the Hermes home in use, not `~/.hermes`). And
+/// `/api/health` agrees with `/api/gateway/health` that chat cannot use such a gateway, from
+/// the last verdict on the key (never a key check per `/api/health`).
+#[test]
+fn a_missing_or_refused_key_is_named_and_api_health_agrees() {
+    let mut stub = StubGateway::start(0, KEY);
+    let port = stub.port;
+    let health = |b: &Backend| json_of(&http(b.port, "GET", "/api/health", &[], b"").2);
+    let chat_error = |b: &Backend| {
+        let (status, _, body) = http(b.port, "POST", "/api/chat", &[], &chat_body(None, "hi"));
+        assert_eq!(status, 200);
+        let text = String::from_utf8(body).unwrap();
+        let err = sse_error(&text).unwrap_or_else(|| panic!("no error event: {text}"));
+        assert_eq!(err["code"], "gateway_auth", "{text}");
+        err["message"].as_str().unwrap().to_owned()
+    };
+
+    // No key at all: "missing", with every place it is looked for; chat is not the gateway's.
+    let keyless = backend(port, KEY, |s| {
+        if let GatewaySource::Fixed(c) = &mut s.gateway {
+            c.key = None;
+            c.key_source = None;
+        }
+    });
+    let v = health(&keyless);
+    assert_eq!((v["gateway"].as_str(), v["backend"].as_str()), (Some("online"), Some("none")));
+    let message = chat_error(&keyless);
+    let home = keyless.dir.join("hermes");
+    assert!(message.contains("no key for it is configured"), "{message}");
+    assert!(!message.contains("refuses the key"), "{message}");
+    assert!(message.contains(&home.join(".env").display().to_string()), "{message}");
+    assert!(message.contains(&home.join("config.yaml").display().to_string()), "{message}");
+    assert!(!message.contains("~/.hermes"), "{message}");
+    let v = json_of(&http(keyless.port, "GET", "/api/gateway/health", &[], b"").2);
+    assert_eq!((v["backend"].as_str(), v["keyAccepted"].as_bool()), (Some("none"), Some(false)));
+
+    // Another key than the gateway's: "refuses", naming the file it came from.
+    let wrong = "wrong-key-0123456789abcdef";
+    let b = backend(port, wrong, |_| {});
+    // No chat yet: the check /api/health started in the background gives the verdict.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while health(&b)["backend"] != "none" {
+        assert!(Instant::now() < deadline, "/api/health never noticed the refused key");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let v = json_of(&http(b.port, "GET", "/api/gateway/health", &[], b"").2);
+    assert_eq!((v["backend"].as_str(), v["keyAccepted"].as_bool()), (Some("none"), Some(false)));
+    let message = chat_error(&b);
+    let source = format!("API_SERVER_KEY in {}", b.dir.join("hermes/.env").display());
+    assert!(message.contains(&format!("refuses the key (HTTP 401) from {source}")), "{message}");
+    assert!(!message.contains(wrong) && !message.contains("~/.hermes"), "{message}");
+    assert_eq!(health(&b)["backend"], "none");
+
+    // The gateway comes back with this backend's key: /api/health follows (the verdict went
+    // with the gateway that refused it).
+    stub.kill();
+    assert_eq!(health(&b)["gateway"], "offline");
+    let _restarted = StubGateway::start(port, wrong);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while health(&b)["backend"] != "gateway" {
+        assert!(Instant::now() < deadline, "/api/health kept the old verdict");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_, _, body) = http(b.port, "POST", "/api/chat", &[], &chat_body(None, "hi"));
+    assert_eq!(sse_content(&String::from_utf8(body).unwrap()), "Hello from the stub gateway.");
+    assert!(!std::fs::read_to_string(b.dir.join("server.log")).unwrap().contains(wrong));
 }
 
 #[test]
@@ -727,6 +796,82 @@ fn e2e_a_foreground_bridge_wakes_the_gateway() {
     assert_eq!(sse_content(&r.text()), "Hello from the stub gateway.", "{r:?}");
     let _ = bridge.kill();
     let _ = bridge.wait();
+}
+
+/// A gateway that is up but refuses the key (the key changed in `.env` while it runs), or
+/// with no key configured here: pairing and `--status` say so with ⚠ (not "✓ online"), naming
+/// the file the key is read from (under `HERMES_HOME`) and the fix; the app's chat error too.
+#[test]
+fn e2e_pairing_and_status_warn_when_the_gateway_refuses_the_key() {
+    let relay = Relay::new();
+    let stub = StubGateway::start(0, KEY);
+    let mut u = User::new("key-refused");
+    let home = u.root.join("hermes-elsewhere");
+    std::fs::create_dir_all(&home).unwrap();
+    u.env.push(("HERMES_HOME".into(), home.display().to_string()));
+    let env_file = home.join(".env");
+    let changed = "changed-key-0123456789abcdef";
+    let write_env = |key: Option<&str>| {
+        let key = key.map(|k| format!("API_SERVER_KEY={k}\n")).unwrap_or_default();
+        std::fs::write(&env_file, format!("{key}API_SERVER_PORT={}\n", stub.port)).unwrap();
+    };
+    write_env(Some(changed));
+    let online = format!("Hermes Gateway online (127.0.0.1:{})", stub.port);
+    let refused = format!(
+        "⚠ {online}, but it refuses the key (HTTP 401) from API_SERVER_KEY in {}",
+        env_file.display()
+    );
+    let (qr, run) = u.pair(&relay.url(), free_port());
+    assert!(run.stdout.contains(&refused), "{}", run.stdout);
+    assert!(!run.stdout.contains(&format!("✓ {online}")), "{}", run.stdout);
+    assert!(run.stdout.contains("Fix: the gateway runs with another key"), "{}", run.stdout);
+
+    let status = |json: bool| {
+        let run = u.run(if json { &["--status", "--json"] } else { &["--status"] });
+        run.assert_code(0, "--status (the gateway is reported, never required)");
+        run
+    };
+    let run = status(false);
+    assert!(run.stdout.contains(&refused), "{}", run.stdout);
+    let v: Value = serde_json::from_str(status(true).stdout.trim()).unwrap();
+    assert_eq!(
+        (v["gateway"]["state"].as_str(), v["gateway"]["key"].as_str()),
+        (Some("online"), Some("refused")),
+        "{v}"
+    );
+
+    // The app's chat error names the same file.
+    let mut app = connect_app(&qr);
+    let body = String::from_utf8(chat_body(None, "hi")).unwrap();
+    let chat =
+        request("c1", "POST", "/api/chat", &[("Content-Type", "application/json")], Some(&body));
+    let r = app_fetch(&mut app, &chat, Duration::from_secs(20));
+    let err = sse_error(&r.text()).expect("an error event");
+    assert_eq!(err["code"], "gateway_auth", "{r:?}");
+    let source = format!("API_SERVER_KEY in {}", env_file.display());
+    assert!(err["message"].as_str().unwrap().contains(&source), "{err}");
+
+    // The key removed: "no key for it is configured", every place it is looked for named.
+    write_env(None);
+    let run = status(false);
+    let missing = format!(
+        "⚠ {online}, but no key for it is configured (no API_SERVER_KEY in the environment or {}",
+        env_file.display()
+    );
+    assert!(run.stdout.contains(&missing), "{}", run.stdout);
+    assert!(run.stdout.contains(&home.join("config.yaml").display().to_string()), "{}", run.stdout);
+    let v: Value = serde_json::from_str(status(true).stdout.trim()).unwrap();
+    assert_eq!(v["gateway"]["key"], "missing", "{v}");
+
+    // The gateway's key: ✓.
+    write_env(Some(KEY));
+    let run = status(false);
+    assert!(run.stdout.contains(&format!("✓ {online}")), "{}", run.stdout);
+    let v: Value = serde_json::from_str(status(true).stdout.trim()).unwrap();
+    assert_eq!(v["gateway"]["key"], "accepted", "{v}");
+
+    let everything = format!("{}{}{}", run.stdout, u.server_log(), u.gateway_log());
+    assert!(!everything.contains(changed) && !everything.contains(KEY), "a key leaked");
 }
 
 #[test]
