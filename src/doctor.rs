@@ -676,7 +676,7 @@ fn check_gateway(gw: &HermesConfig) -> Hop {
     let mut fix: Vec<String> = Vec::new();
     for p in &problems {
         detail.push_str(&format!("; {p}"));
-        fix.push(p.fix());
+        fix.push(p.fix(gw));
     }
     if !problems.iter().any(|p| matches!(p, Problem::NotInstalled | Problem::PortHeld { .. })) {
         // The same commands the pairing command prints: only those that exist here.
@@ -723,7 +723,7 @@ fn check_models(gw: &HermesConfig) -> Hop {
             let problem = Problem::PortHeld { addr: gw.addr(), another_user: true };
             let detail =
                 format!("{} is served by another user's program (uid {uid}): {problem}", gw.url());
-            failed(key, name, t, detail, problem.fix())
+            failed(key, name, t, detail, problem.fix(gw))
         }
         other => {
             let detail = match other {

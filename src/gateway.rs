@@ -528,18 +528,20 @@ impl Problem {
     }
 
     /// What to run or change to fix it.
-    pub fn fix(&self) -> String {
+    pub fn fix(&self, config: &HermesConfig) -> String {
+        // The `.env` of the Hermes home in use (`HERMES_HOME`), not always `~/.hermes`.
+        let env_file = config.home.join(".env");
+        let env_file = env_file.display();
         match self {
             Problem::NotInstalled => {
                 "install Hermes Agent (pip install hermes-agent aiohttp, or its installer)".into()
             }
-            Problem::NotEnabled | Problem::KeyMissing | Problem::KeyPlaceholder => {
-                "add to ~/.hermes/.env: API_SERVER_ENABLED=true and API_SERVER_KEY=$(openssl rand \
+            Problem::NotEnabled | Problem::KeyMissing | Problem::KeyPlaceholder => format!(
+                "add to {env_file}: API_SERVER_ENABLED=true and API_SERVER_KEY=$(openssl rand \
                  -hex 32), then start the gateway"
-                    .into()
-            }
+            ),
             Problem::KeyTooShort(_) => {
-                "set a longer key in ~/.hermes/.env: API_SERVER_KEY=$(openssl rand -hex 32)".into()
+                format!("set a longer key in {env_file}: API_SERVER_KEY=$(openssl rand -hex 32)")
             }
             Problem::AiohttpMissing { python } => {
                 format!("{} -m pip install aiohttp", python.display())
@@ -548,7 +550,7 @@ impl Problem {
                 let port = addr.rsplit(':').next().unwrap_or("8642");
                 format!(
                     "find the process with: lsof -nP -iTCP:{port} -sTCP:LISTEN — stop it, or set \
-                     API_SERVER_PORT in ~/.hermes/.env"
+                     API_SERVER_PORT in {env_file}"
                 )
             }
         }
@@ -782,8 +784,9 @@ impl Report {
         }
     }
 
-    /// The JSON the built-in backend answers with (`log` added by the caller).
-    pub fn to_json(&self) -> serde_json::Value {
+    /// The JSON the built-in backend answers with (`log` added by the caller); `config` is the
+    /// chain's, whose files the fixes name.
+    pub fn to_json(&self, config: &HermesConfig) -> serde_json::Value {
         serde_json::json!({
             "ok": self.ok(),
             "action": self.action.as_str(),
@@ -793,7 +796,7 @@ impl Report {
             "url": format!("http://{}", self.addr),
             "attempted": self.steps,
             "problems": self.problems.iter().map(|p| serde_json::json!({
-                "code": p.code(), "message": p.to_string(), "fix": p.fix(),
+                "code": p.code(), "message": p.to_string(), "fix": p.fix(config),
             })).collect::<Vec<_>>(),
         })
     }
@@ -1533,7 +1536,7 @@ pub fn ensure(out: &Out) {
          pairing continues."
     ));
     for p in &report.problems {
-        out.info(&format!("Fix: {}", p.fix()));
+        out.info(&format!("Fix: {}", p.fix(&chain.config)));
     }
     let cmds = manual_commands(&chain.config, chain.platform);
     if cmds.is_empty() {

@@ -938,6 +938,17 @@ fn e2e_wake_failures_are_diagnosed_by_name_and_never_block_pairing() {
             "{tag}: {}",
             run.stdout
         );
+        // The fixes name the Hermes home's own .env, not a literal ~/.hermes.
+        if tag == "not-enabled" || tag == "short-key" {
+            let env_file = u.hermes().join(".env").display().to_string();
+            assert!(
+                run.stdout.contains(&format!("Fix: add to {env_file}"))
+                    || run.stdout.contains(&format!("Fix: set a longer key in {env_file}")),
+                "{tag}: {}",
+                run.stdout
+            );
+            assert!(!run.stdout.contains("~/.hermes"), "{tag}: {}", run.stdout);
+        }
         // Only the commands whose program exists are suggested: the venv's python where the
         // case made one, systemctl where the system has it, never `hermes` (not installed).
         let hints = manual_hints(&run.stdout);

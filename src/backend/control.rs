@@ -153,7 +153,7 @@ pub fn gateway_health(shared: &Arc<Shared>, c: &mut Conn, close: bool) -> io::Re
         "keyAccepted": g == Health::Ready && !bad_key,
         "direct": shared.settings.direct.as_ref().map(|d| d.base_url.clone()),
         "problems": problems.iter().map(|p| json!({
-            "code": p.code(), "message": p.to_string(), "fix": p.fix(),
+            "code": p.code(), "message": p.to_string(), "fix": p.fix(&config),
         })).collect::<Vec<_>>(),
     });
     c.json(200, &body, close)?;
@@ -189,7 +189,7 @@ pub fn restart(shared: &Arc<Shared>, req: &Request, c: &mut Conn, close: bool) -
             .collect::<Vec<_>>()
             .join(", ")
     ));
-    let mut body = report.to_json();
+    let mut body = report.to_json(&chain.config);
     body["log"] = json!(chain.log_tail(LOG_TAIL));
     c.json(200, &body, close)?;
     Ok(200)
