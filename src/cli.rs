@@ -1225,6 +1225,10 @@ fn status(args: &Args) -> Result<(), Exit> {
     let backend = bridge::poller::probe(&bhost, bport, "/api/health");
     let gateway_config = crate::gateway::HermesConfig::load();
     let gateway = crate::gateway::probe(&gateway_config);
+    // The key too, as --doctor's gatewayModels hop checks it: a gateway that refuses it fails
+    // every chat. One request with a short deadline, only when the gateway is up.
+    let key_check = (gateway == Health::Ready)
+        .then(|| crate::gateway::check_key(&gateway_config, crate::gateway::KEY_CHECK_TIMEOUT));
     let relay_connected = saved.as_ref().is_some_and(|s| s.relay_connected);
     let lan_mode = crate::lan::serving(saved.as_ref());
     let devices = identity.as_ref().filter(|_| !lan_mode).map(|id| {
@@ -1245,7 +1249,11 @@ fn status(args: &Args) -> Result<(), Exit> {
                 "error": saved.as_ref().and_then(|s| s.relay_error.clone()),
             },
             "backend": { "url": backend_url, "state": backend },
-            "gateway": { "url": gateway_config.url(), "state": if gateway == Health::Ready { "online" } else { "offline" } },
+            "gateway": {
+                "url": gateway_config.url(),
+                "state": if gateway == Health::Ready { "online" } else { "offline" },
+                "key": key_check.as_ref().map(crate::gateway::KeyCheck::word),
+            },
             "appsOnline": saved.as_ref().map_or(0, |s| s.apps_online.len()),
             "pairedDevices": devices.as_ref().and_then(|d| d.as_ref().ok()),
             "lan": crate::lan::status_json(&dir, saved.as_ref()),
@@ -1291,14 +1299,16 @@ fn status(args: &Args) -> Result<(), Exit> {
                 }
             ),
         );
-        line(
-            gateway == Health::Ready,
-            format!(
-                "Hermes Gateway {} ({})",
-                if gateway == Health::Ready { "online" } else { "offline" },
-                gateway_config.addr()
+        match &key_check {
+            Some(check) => crate::gateway::print_online(
+                &out,
+                &gateway_config,
+                crate::gateway::Platform::current(),
+                &format!("Hermes Gateway online ({})", gateway_config.addr()),
+                check,
             ),
-        );
+            None => out.warn(&format!("Hermes Gateway offline ({})", gateway_config.addr())),
+        }
         match devices {
             Some(Ok(n)) => out.info(&format!(
                 "Paired devices: {n} ({} online now)",

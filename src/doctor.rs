@@ -2,7 +2,8 @@
 //! it fails, the fix.
 //!
 //! ```text
-//! registry reachable → bridge registered and online → the daemon's relay socket alive
+//! registry reachable → bridge registered and online → the daemon's relay socket alive (in
+//! LAN-only mode: its LAN server)
 //!   → GET /api/health through the relay as the app sends it → backend /api/health
 //!   → gateway /health → gateway /v1/models with the key
 //! ```
@@ -22,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::bridge::local_http::LocalError;
 use crate::bridge::workers::{Target, http_url};
 use crate::bridge::{Health, Status};
 use crate::cli::{
@@ -29,7 +31,7 @@ use crate::cli::{
     state_dir,
 };
 use crate::daemon;
-use crate::gateway::{HermesConfig, Problem};
+use crate::gateway::{HermesConfig, KeyCheck, Platform, Problem};
 use crate::protocol::ErrorCode;
 use crate::registry_client::{Registry, RegistryError};
 use crate::state::{self, BridgeIdentity};
@@ -145,6 +147,9 @@ fn skipped(id: &'static str, name: &'static str, why: &str) -> Hop {
 const REGISTRY: (&str, &str) = ("registry", "registry reachable");
 const BRIDGE: (&str, &str) = ("bridge", "bridge registered and online");
 const DAEMON: (&str, &str) = ("daemon", "daemon relay socket alive");
+/// The daemon hop in LAN-only mode: the same id (scripts key on it), a name that fits a daemon
+/// with no relay socket.
+const LAN_DAEMON: (&str, &str) = ("daemon", "daemon LAN server alive");
 const RELAY: (&str, &str) = ("relay", "request through the relay");
 const BACKEND: (&str, &str) = ("backend", "backend /api/health");
 const GATEWAY: (&str, &str) = ("gateway", "gateway /health");
@@ -176,8 +181,8 @@ pub fn run(args: &Args) -> Result<(), Exit> {
         report.add(match lan {
             Some(s) => check_lan_daemon(pid, s),
             None => failed(
-                DAEMON.0,
-                DAEMON.1,
+                LAN_DAEMON.0,
+                LAN_DAEMON.1,
                 None,
                 "the LAN-only daemon is not running",
                 "start it: hermeschat-pair --local (if you installed the boot service: \
@@ -460,7 +465,7 @@ fn has_lan_pairing(dir: &Path) -> bool {
 /// The daemon in LAN-only mode: running, serving its LAN address, and that address still
 /// this machine's.
 fn check_lan_daemon(pid: Option<u32>, s: &Status) -> Hop {
-    let (key, name) = DAEMON;
+    let (key, name) = LAN_DAEMON;
     let t = Instant::now();
     let pid = pid.unwrap_or(s.pid);
     let url = s.lan_url.clone().unwrap_or_default();
@@ -643,15 +648,6 @@ fn check_backend(base: &str, dir: &Path) -> Hop {
     }
 }
 
-/// Where the key came from, for the messages (never the key itself).
-fn key_source(gw: &HermesConfig) -> String {
-    if std::env::var("API_SERVER_KEY").is_ok_and(|k| !k.trim().is_empty()) {
-        "API_SERVER_KEY in the environment".to_owned()
-    } else {
-        format!("API_SERVER_KEY in {}", gw.home.join(".env").display())
-    }
-}
-
 fn check_gateway(gw: &HermesConfig) -> Hop {
     let (key, name) = GATEWAY;
     let t = Instant::now();
@@ -680,12 +676,17 @@ fn check_gateway(gw: &HermesConfig) -> Hop {
     let mut fix: Vec<String> = Vec::new();
     for p in &problems {
         detail.push_str(&format!("; {p}"));
-        fix.push(p.fix());
+        fix.push(p.fix(gw));
     }
     if !problems.iter().any(|p| matches!(p, Problem::NotInstalled | Problem::PortHeld { .. })) {
-        fix.push(
-            "start it: hermes gateway start (hermeschat-pair also tries to wake it up)".into(),
-        );
+        // The same commands the pairing command prints: only those that exist here.
+        let cmds = crate::gateway::manual_commands(gw, Platform::current());
+        if cmds.is_empty() {
+            fix.push(crate::gateway::start_hint(gw, Platform::current()));
+        } else {
+            fix.push("start it (hermeschat-pair also tries to wake it up) with one of:".into());
+            fix.extend(cmds.iter().map(|c| format!("  {c}")));
+        }
     }
     fix.push(format!(
         "its log: {} (hermeschat-pair --logs)",
@@ -694,65 +695,46 @@ fn check_gateway(gw: &HermesConfig) -> Hop {
     Hop { ms, ..failed(key, name, None, detail, fix.join("\n")) }
 }
 
+/// The gateway's answer to the key: [`crate::gateway::check_key`], the check pairing and
+/// `--status` make too, worded by [`crate::gateway::key_trouble`] like theirs.
 fn check_models(gw: &HermesConfig) -> Hop {
     let (key, name) = MODELS;
-    let env_file = gw.home.join(".env");
-    let Some(api_key) = gw.key.as_deref().filter(|k| !k.trim().is_empty()) else {
-        return failed(
-            key,
-            name,
-            None,
-            format!("no API_SERVER_KEY in the environment or {}", env_file.display()),
-            Problem::KeyMissing.fix(),
-        );
-    };
     let t = Instant::now();
-    let base = gw.url();
-    if let Some(uid) = crate::backend::peer::foreign_listener_at(&gw.host, gw.port) {
-        let problem = Problem::PortHeld { addr: gw.addr(), another_user: true };
-        let detail = format!("{base} is served by another user's program (uid {uid}): {problem}");
-        return failed(key, name, None, detail, problem.fix());
+    let check = crate::gateway::check_key(gw, LOCAL_TIMEOUT);
+    let t = (check != KeyCheck::Missing).then_some(t);
+    if let Some((what, fix)) = crate::gateway::key_trouble(gw, &check, Platform::current()) {
+        return failed(key, name, t, what, fix);
     }
-    match local_get(&format!("{base}/v1/models"), Some(api_key)) {
-        Ok((status, body)) if (200..300).contains(&status) => {
-            let models: Vec<String> = serde_json::from_str::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| {
-                    v["data"].as_array().map(|a| {
-                        a.iter().filter_map(|m| m["id"].as_str().map(str::to_owned)).collect()
-                    })
-                })
-                .unwrap_or_default();
+    match check {
+        KeyCheck::Accepted(models) => {
             let shown =
                 if models.is_empty() { "no models listed".to_owned() } else { models.join(", ") };
-            hop(
-                key,
-                name,
-                HopState::Ok,
-                Some(t),
-                format!("{status}: {shown} (key from {})", key_source(gw)),
-            )
+            let detail = format!("{shown} (key accepted, from {})", gw.key_origin());
+            hop(key, name, HopState::Ok, t, detail)
         }
-        Ok((status @ (401 | 403), _)) => failed(
+        KeyCheck::Answered(status, body) => failed(
             key,
             name,
-            Some(t),
-            format!("the gateway refused the key ({status}); key from {}", key_source(gw)),
-            format!(
-                "the gateway runs with another API_SERVER_KEY: make {} and the environment \
-                 agree, then restart the gateway (hermes gateway restart)",
-                env_file.display()
-            ),
-        ),
-        Ok((status, body)) => failed(
-            key,
-            name,
-            Some(t),
+            t,
             format!("{status} {}", snippet(&body)),
             format!("see the gateway's log: {}", gw.home.join("logs/gateway.log").display()),
         ),
-        Err(e) => {
-            failed(key, name, Some(t), e, "the gateway stopped answering; hermes gateway restart")
+        KeyCheck::Failed(LocalError::Foreign { uid, .. }) => {
+            let problem = Problem::PortHeld { addr: gw.addr(), another_user: true };
+            let detail =
+                format!("{} is served by another user's program (uid {uid}): {problem}", gw.url());
+            failed(key, name, t, detail, problem.fix(gw))
+        }
+        other => {
+            let detail = match other {
+                KeyCheck::Failed(e) => e.to_string(),
+                _ => "no answer".to_owned(),
+            };
+            let fix = format!(
+                "the gateway stopped answering; restart it: {}",
+                crate::gateway::restart_hint(Platform::current())
+            );
+            failed(key, name, t, detail, fix)
         }
     }
 }

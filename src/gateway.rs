@@ -156,6 +156,30 @@ fn truthy(v: &str) -> bool {
     matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on" | "y")
 }
 
+/// Where the gateway key was read from (never the key itself), for the messages that tell the
+/// user which file to fix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// `API_SERVER_KEY` in the process environment.
+    Environment,
+    /// `API_SERVER_KEY` in this `.env` file.
+    DotEnv(PathBuf),
+    /// `platforms.api_server.extra.key` in this `config.yaml`.
+    ConfigYaml(PathBuf),
+}
+
+impl fmt::Display for KeySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeySource::Environment => f.write_str("API_SERVER_KEY in the environment"),
+            KeySource::DotEnv(p) => write!(f, "API_SERVER_KEY in {}", p.display()),
+            KeySource::ConfigYaml(p) => {
+                write!(f, "platforms.api_server.extra.key in {}", p.display())
+            }
+        }
+    }
+}
+
 /// What the Hermes configuration says about the API server. `Debug` never shows the key.
 #[derive(Clone, PartialEq, Eq)]
 pub struct HermesConfig {
@@ -167,6 +191,8 @@ pub struct HermesConfig {
     pub port: u16,
     /// `API_SERVER_KEY` (environment, `.env`, or `config.yaml`).
     pub key: Option<String>,
+    /// Where `key` was found (`None` without a key).
+    pub key_source: Option<KeySource>,
     /// The API server is enabled (`API_SERVER_ENABLED`, a key, or `platforms.api_server`).
     pub enabled: bool,
     /// `~/.hermes` exists.
@@ -180,6 +206,7 @@ impl fmt::Debug for HermesConfig {
             .field("host", &self.host)
             .field("port", &self.port)
             .field("key", &self.key.as_ref().map(|k| format!("<{} chars>", k.chars().count())))
+            .field("key_source", &self.key_source)
             .field("enabled", &self.enabled)
             .field("installed", &self.installed)
             .finish()
@@ -215,7 +242,21 @@ impl HermesConfig {
             path.extend_from_slice(leaf);
             yaml_lookup(&yaml, &path).filter(|v| !v.is_empty())
         };
-        let key = get("API_SERVER_KEY").or_else(|| yaml_get(&["extra", "key"]));
+        // The same order as `get`, then the YAML, each remembered so messages name the place
+        // to fix: the gateway reads them in that order too (the environment, which its own
+        // `.env` loading fills, overrides `config.yaml`).
+        let env_path = home.join(".env");
+        let yaml_path = home.join("config.yaml");
+        let (key, key_source) = match env("API_SERVER_KEY") {
+            Some(k) => (Some(k), Some(KeySource::Environment)),
+            None => match dotenv.get("API_SERVER_KEY").filter(|v| !v.trim().is_empty()) {
+                Some(k) => (Some(k.clone()), Some(KeySource::DotEnv(env_path))),
+                None => match yaml_get(&["extra", "key"]) {
+                    Some(k) => (Some(k), Some(KeySource::ConfigYaml(yaml_path))),
+                    None => (None, None),
+                },
+            },
+        };
         let enabled = get("API_SERVER_ENABLED").is_some_and(|v| truthy(&v))
             || get("API_SERVER_KEY").is_some()
             || yaml_get(&["enabled"]).is_some_and(|v| truthy(&v));
@@ -238,6 +279,7 @@ impl HermesConfig {
             host,
             port,
             key,
+            key_source,
             enabled,
             installed: home.is_dir(),
         }
@@ -251,6 +293,22 @@ impl HermesConfig {
     /// `host:port` for messages.
     pub fn addr(&self) -> String {
         self.url().trim_start_matches("http://").to_owned()
+    }
+
+    /// Where the key comes from for messages: its source, or, without one, every place it is
+    /// looked for.
+    pub fn key_origin(&self) -> String {
+        match (&self.key_source, &self.key) {
+            (Some(source), _) => source.to_string(),
+            // Given directly (a configuration built by hand), not read from a file.
+            (None, Some(_)) => "the configured key".to_owned(),
+            (None, None) => format!(
+                "no API_SERVER_KEY in the environment or {}, nor platforms.api_server.extra.key in \
+                 {}",
+                self.home.join(".env").display(),
+                self.home.join("config.yaml").display()
+            ),
+        }
     }
 
     /// The key problem, if the gateway would refuse this key.
@@ -303,6 +361,131 @@ pub fn probe_addr(host: &str, port: u16, deadline: Duration) -> Health {
     }
 }
 
+/// How long the pairing command and `--status` wait for the key check.
+pub const KEY_CHECK_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// What the gateway says to the key: one `GET /v1/models` with it, as `--doctor`'s
+/// gatewayModels hop, chat (`/v1/chat/completions`) and every `/v1` route need it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyCheck {
+    /// Accepted; the models it lists.
+    Accepted(Vec<String>),
+    /// No key is configured: nothing was sent.
+    Missing,
+    /// Refused with this status (401 or 403).
+    Refused(u16),
+    /// Another answer: its status and the start of its body. No verdict on the key.
+    Answered(u16, String),
+    /// No answer (nothing was sent to another user's program, [`LocalError::Foreign`]). No
+    /// verdict on the key.
+    ///
+    /// [`LocalError::Foreign`]: crate::bridge::local_http::LocalError::Foreign
+    Failed(crate::bridge::local_http::LocalError),
+}
+
+impl KeyCheck {
+    /// A short machine-readable word: `accepted`, `missing`, `refused` or `unknown`.
+    pub fn word(&self) -> &'static str {
+        match self {
+            KeyCheck::Accepted(_) => "accepted",
+            KeyCheck::Missing => "missing",
+            KeyCheck::Refused(_) => "refused",
+            KeyCheck::Answered(..) | KeyCheck::Failed(_) => "unknown",
+        }
+    }
+
+    /// Chat cannot work with this key: missing or refused.
+    pub fn is_bad(&self) -> bool {
+        matches!(self, KeyCheck::Missing | KeyCheck::Refused(_))
+    }
+}
+
+/// Checks the key against the gateway with [`KeyCheck`]'s one request, answered within
+/// `deadline`. The key goes only into the request's `Authorization` header, and never to
+/// another user's program on the port.
+pub fn check_key(config: &HermesConfig, deadline: Duration) -> KeyCheck {
+    let Some(key) = config.key.as_deref().map(str::trim).filter(|k| !k.is_empty()) else {
+        return KeyCheck::Missing;
+    };
+    let timeouts = Timeouts {
+        connect: Duration::from_millis(500).min(deadline),
+        head: deadline,
+        body_gap: deadline,
+    };
+    let client =
+        LocalClient::with_timeouts(&config.host, config.port, timeouts).named("Hermes gateway");
+    let bearer = format!("Bearer {key}");
+    let headers = [("Accept", "application/json"), ("Authorization", bearer.as_str())];
+    match client.get_small("/v1/models", &headers) {
+        Ok((status, body)) if (200..300).contains(&status) => {
+            let v: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
+            let models = v
+                .as_ref()
+                .and_then(|v| v["data"].as_array())
+                .map(|a| a.iter().filter_map(|m| m["id"].as_str().map(str::to_owned)).collect())
+                .unwrap_or_default();
+            KeyCheck::Accepted(models)
+        }
+        Ok((status @ (401 | 403), _)) => KeyCheck::Refused(status),
+        Ok((status, body)) => {
+            let text = String::from_utf8_lossy(&body);
+            KeyCheck::Answered(status, config.redact(&truncate_chars(text.trim(), 200)))
+        }
+        Err(e) => KeyCheck::Failed(e),
+    }
+}
+
+/// What is wrong with the key of a running gateway, and what to do, in words: `(what, fix)`
+/// for a missing or refused key, naming where the key is read from (the `HERMES_HOME`-aware
+/// paths); `None` otherwise. Serves the pairing line, `--status`, `--doctor`, the chat's
+/// `gateway_auth` error and `/api/gateway/health` alike.
+pub fn key_trouble(
+    config: &HermesConfig,
+    check: &KeyCheck,
+    platform: Platform,
+) -> Option<(String, String)> {
+    let restart = restart_hint(platform);
+    match check {
+        KeyCheck::Missing => Some((
+            format!("no key for it is configured ({})", config.key_origin()),
+            format!(
+                "put the key the gateway runs with in {} as API_SERVER_KEY=… (or a new one, \
+                 API_SERVER_KEY=$(openssl rand -hex 32), then restart the gateway: {restart})",
+                config.home.join(".env").display()
+            ),
+        )),
+        KeyCheck::Refused(status) => Some((
+            format!("it refuses the key (HTTP {status}) from {}", config.key_origin()),
+            format!(
+                "the gateway runs with another key: restart it so it reads this one \
+                 ({restart}), or set {} to the key it runs with",
+                config.key_origin()
+            ),
+        )),
+        _ => None,
+    }
+}
+
+/// How to restart a running gateway by hand: `hermes gateway restart` when `hermes` is on
+/// `PATH`, else the app's gateway restart (which runs the wake chain's stop and start).
+pub fn restart_hint(platform: Platform) -> String {
+    let service = match platform {
+        Platform::Linux => {
+            which("systemctl").map(|_| format!("systemctl --user restart {SYSTEMD_UNIT}"))
+        }
+        Platform::MacOs => which("launchctl")
+            .map(|_| format!("launchctl kickstart -k gui/{}/{LAUNCHD_LABEL}", Chain::uid())),
+        Platform::Other => None,
+    };
+    match (which("hermes"), service) {
+        (Some(_), _) => "`hermes gateway restart`, or the app's gateway restart".into(),
+        (None, Some(service)) => {
+            format!("`{service}` if it runs as a service, or the app's gateway restart")
+        }
+        (None, None) => "the app's gateway restart, or stop it and start it again".into(),
+    }
+}
+
 /// A reason the gateway cannot serve chat, named the way users meet it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Problem {
@@ -345,18 +528,20 @@ impl Problem {
     }
 
     /// What to run or change to fix it.
-    pub fn fix(&self) -> String {
+    pub fn fix(&self, config: &HermesConfig) -> String {
+        // The `.env` of the Hermes home in use (`HERMES_HOME`), not always `~/.hermes`.
+        let env_file = config.home.join(".env");
+        let env_file = env_file.display();
         match self {
             Problem::NotInstalled => {
                 "install Hermes Agent (pip install hermes-agent aiohttp, or its installer)".into()
             }
-            Problem::NotEnabled | Problem::KeyMissing | Problem::KeyPlaceholder => {
-                "add to ~/.hermes/.env: API_SERVER_ENABLED=true and API_SERVER_KEY=$(openssl rand \
+            Problem::NotEnabled | Problem::KeyMissing | Problem::KeyPlaceholder => format!(
+                "add to {env_file}: API_SERVER_ENABLED=true and API_SERVER_KEY=$(openssl rand \
                  -hex 32), then start the gateway"
-                    .into()
-            }
+            ),
             Problem::KeyTooShort(_) => {
-                "set a longer key in ~/.hermes/.env: API_SERVER_KEY=$(openssl rand -hex 32)".into()
+                format!("set a longer key in {env_file}: API_SERVER_KEY=$(openssl rand -hex 32)")
             }
             Problem::AiohttpMissing { python } => {
                 format!("{} -m pip install aiohttp", python.display())
@@ -365,7 +550,7 @@ impl Problem {
                 let port = addr.rsplit(':').next().unwrap_or("8642");
                 format!(
                     "find the process with: lsof -nP -iTCP:{port} -sTCP:LISTEN — stop it, or set \
-                     API_SERVER_PORT in ~/.hermes/.env"
+                     API_SERVER_PORT in {env_file}"
                 )
             }
         }
@@ -599,8 +784,9 @@ impl Report {
         }
     }
 
-    /// The JSON the built-in backend answers with (`log` added by the caller).
-    pub fn to_json(&self) -> serde_json::Value {
+    /// The JSON the built-in backend answers with (`log` added by the caller); `config` is the
+    /// chain's, whose files the fixes name.
+    pub fn to_json(&self, config: &HermesConfig) -> serde_json::Value {
         serde_json::json!({
             "ok": self.ok(),
             "action": self.action.as_str(),
@@ -610,7 +796,7 @@ impl Report {
             "url": format!("http://{}", self.addr),
             "attempted": self.steps,
             "problems": self.problems.iter().map(|p| serde_json::json!({
-                "code": p.code(), "message": p.to_string(), "fix": p.fix(),
+                "code": p.code(), "message": p.to_string(), "fix": p.fix(config),
             })).collect::<Vec<_>>(),
         })
     }
@@ -1179,18 +1365,81 @@ fn looks_like_hermes(pid: i32) -> bool {
     cmdline.contains("hermes")
 }
 
-/// The commands a user can run by hand, for this platform.
-pub fn manual_commands(config: &HermesConfig, platform: Platform) -> Vec<String> {
-    let mut cmds = vec!["hermes gateway start".to_owned()];
-    match platform {
-        Platform::MacOs => {
-            cmds.push(format!("launchctl kickstart -k gui/{}/{LAUNCHD_LABEL}", Chain::uid()))
+/// A command that starts the gateway by hand.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartCommand {
+    /// The command line, ready to paste.
+    pub command: String,
+    /// It runs the gateway in the foreground (no service manager needed; it lives as long as
+    /// the terminal).
+    pub foreground: bool,
+}
+
+impl fmt::Display for StartCommand {
+    /// The command, with a shell comment on the foreground ones (so the line stays pasteable).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.command)?;
+        if self.foreground {
+            f.write_str("  # in the foreground, no service needed (keep the terminal open)")?;
         }
-        Platform::Linux => cmds.push(format!("systemctl --user start {SYSTEMD_UNIT}")),
-        Platform::Other => {}
+        Ok(())
     }
-    cmds.push(format!("{} -m hermes_cli.main gateway run", venv_python(&config.home).display()));
+}
+
+/// The commands a user can run by hand to start the gateway here, only those whose program
+/// exists: the service manager's (with `hermes gateway start`, which uses it) when there is
+/// one, then `hermes gateway run` in the foreground (what Hermes itself suggests on machines
+/// without a service), else the venv's python when `hermes` is not on `PATH`. Empty when
+/// none of them exists. Serves the pairing line, `--doctor` and the chat error alike.
+pub fn manual_commands(config: &HermesConfig, platform: Platform) -> Vec<StartCommand> {
+    let service = match platform {
+        Platform::MacOs => which("launchctl")
+            .map(|_| format!("launchctl kickstart -k gui/{}/{LAUNCHD_LABEL}", Chain::uid())),
+        Platform::Linux => {
+            which("systemctl").map(|_| format!("systemctl --user start {SYSTEMD_UNIT}"))
+        }
+        Platform::Other => None,
+    };
+    let hermes = which("hermes").is_some();
+    let background = |command: String| StartCommand { command, foreground: false };
+    let mut cmds = Vec::new();
+    if let Some(service) = service {
+        if hermes {
+            cmds.push(background("hermes gateway start".into()));
+        }
+        cmds.push(background(service));
+    }
+    let venv = venv_python(&config.home);
+    if hermes {
+        cmds.push(StartCommand { command: "hermes gateway run".into(), foreground: true });
+    } else if is_executable(&venv) {
+        cmds.push(StartCommand {
+            command: format!("{} -m hermes_cli.main gateway run", venv.display()),
+            foreground: true,
+        });
+    }
     cmds
+}
+
+/// [`manual_commands`] as one sentence (for the chat error and the wake-up's log line), or,
+/// when none exists here, what is missing.
+pub fn start_hint(config: &HermesConfig, platform: Platform) -> String {
+    let cmds = manual_commands(config, platform);
+    if cmds.is_empty() {
+        return format!(
+            "nothing here can start it (no `hermes` on PATH, no {}): install Hermes Agent, then \
+             run `hermes gateway run`",
+            venv_python(&config.home).display()
+        );
+    }
+    let shown: Vec<String> = cmds
+        .iter()
+        .map(|c| {
+            let note = if c.foreground { " (in the foreground, no service needed)" } else { "" };
+            format!("`{}`{note}", c.command)
+        })
+        .collect();
+    format!("start it with {}", shown.join(" or "))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1235,7 +1484,8 @@ pub fn wake_in_background(state_dir: PathBuf) {
             };
             format!(
                 "Hermes gateway not running ({addr}): {why}; chat needs it: run hermeschat-pair \
-                 --doctor, or start it by hand"
+                 --doctor, or {}",
+                start_hint(&chain.config, chain.platform)
             )
         };
         crate::bridge::log(&line);
@@ -1256,19 +1506,22 @@ pub fn ensure(out: &Out) {
     let chain = Chain::new(&dir, ENSURE_DEADLINE);
     let report = chain.run(Action::Start);
     let addr = &report.addr;
-    if report.was_online {
-        out.ok(&format!("Hermes Gateway online ({addr})"));
-        return;
-    }
-    if report.online {
-        let via = match report.started_via.as_deref() {
-            Some("launchd") => "launchd",
-            Some("systemd") => "systemd",
-            Some("venv") => "the Hermes venv",
-            Some("hermes") => "hermes gateway start",
-            _ => "the wake chain",
+    if report.was_online || report.online {
+        let line = if report.was_online {
+            format!("Hermes Gateway online ({addr})")
+        } else {
+            let via = match report.started_via.as_deref() {
+                Some("launchd") => "launchd",
+                Some("systemd") => "systemd",
+                Some("venv") => "the Hermes venv",
+                Some("hermes") => "hermes gateway start",
+                _ => "the wake chain",
+            };
+            format!("Hermes Gateway started (via {via}) ({addr})")
         };
-        out.ok(&format!("Hermes Gateway started (via {via}) ({addr})"));
+        // Up is not enough: every chat fails when the gateway refuses the key.
+        let check = check_key(&chain.config, KEY_CHECK_TIMEOUT);
+        print_online(out, &chain.config, chain.platform, &line, &check);
         return;
     }
     let reason = if report.problems.is_empty() {
@@ -1283,13 +1536,37 @@ pub fn ensure(out: &Out) {
          pairing continues."
     ));
     for p in &report.problems {
-        out.info(&format!("Fix: {}", p.fix()));
+        out.info(&format!("Fix: {}", p.fix(&chain.config)));
     }
-    out.info("Start it by hand with one of:");
-    for cmd in manual_commands(&chain.config, chain.platform) {
-        out.info(&format!("  {cmd}"));
+    let cmds = manual_commands(&chain.config, chain.platform);
+    if cmds.is_empty() {
+        out.info(&format!("Then: {}", start_hint(&chain.config, chain.platform)));
+    } else {
+        out.info("Start it by hand with one of:");
+        for cmd in cmds {
+            out.info(&format!("  {cmd}"));
+        }
     }
     out.info(&format!("Log: {}", chain.log_path().display()));
+}
+
+/// Prints the line of a gateway that is up: `✓ line` when it accepts the key (or the check
+/// could not tell), else `⚠ line, but …` with what is wrong with the key and the fix. For the
+/// pairing command and `--status`.
+pub fn print_online(
+    out: &Out,
+    config: &HermesConfig,
+    platform: Platform,
+    line: &str,
+    check: &KeyCheck,
+) {
+    match key_trouble(config, check, platform) {
+        None => out.ok(line),
+        Some((what, fix)) => {
+            out.warn(&format!("{line}, but {what}: every chat fails until this is fixed"));
+            out.info(&format!("Fix: {fix}"));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1388,6 +1665,18 @@ mod tests {
         let c = HermesConfig::from_sources(&dir, |_| None);
         assert!(!c.enabled);
         assert_eq!(diagnose(&c, Health::NotListening)[0], Problem::NotEnabled);
+        assert_eq!(c.key_source, None);
+        fs::write(dir.join("config.yaml"), "platforms:\n  api_server:\n    extra:\n      key: k\n")
+            .unwrap();
+        let k = HermesConfig::from_sources(&dir, |_| None);
+        assert_eq!(k.key_source, Some(KeySource::ConfigYaml(dir.join("config.yaml"))));
+        fs::write(dir.join(".env"), "API_SERVER_KEY=from-dotenv\n").unwrap();
+        let k = HermesConfig::from_sources(&dir, |_| None);
+        assert_eq!(k.key_source, Some(KeySource::DotEnv(dir.join(".env"))));
+        let k = HermesConfig::from_sources(&dir, |n| (n == "API_SERVER_KEY").then(|| "e".into()));
+        assert_eq!((k.key.as_deref(), k.key_source), (Some("e"), Some(KeySource::Environment)));
+        fs::write(dir.join(".env"), "").unwrap();
+        fs::remove_file(dir.join("config.yaml")).unwrap();
         let _ = fs::remove_dir_all(&dir);
     }
 

@@ -24,7 +24,7 @@ use gatewaykit::{
 use hermeschat_pair::backend::upstream::{Direct, GatewaySource};
 use hermeschat_pair::backend::{BackendConfig, Settings, start_with};
 use hermeschat_pair::bridge::local_http::{Abort, Body, LocalClient, Timeouts};
-use hermeschat_pair::gateway::HermesConfig;
+use hermeschat_pair::gateway::{self, HermesConfig, KeySource};
 use hermeschat_pair::protocol::Frame;
 use serde_json::{Value, json};
 use std::process::Stdio;
@@ -54,6 +54,7 @@ fn backend(gw_port: u16, key: &str, tweak: impl FnOnce(&mut Settings)) -> Backen
         host: "127.0.0.1".into(),
         port: gw_port,
         key: Some(key.into()),
+        key_source: Some(KeySource::DotEnv(dir.join("hermes/.env"))),
         enabled: true,
         installed: true,
     };
@@ -219,7 +220,16 @@ fn gateway_down_is_an_sse_error_event_not_a_500() {
     assert!(text.starts_with("event: error\n"), "{text}");
     let err = sse_error(&text).expect("an error event");
     assert_eq!(err["code"], "gateway_offline", "{text}");
-    assert!(err["message"].as_str().unwrap().contains("hermes gateway start"), "{text}");
+    // The hint is the one --doctor and pairing give (the backend runs in this process, with
+    // its PATH), and never names a program that is not there: this gateway has no venv.
+    let message = err["message"].as_str().unwrap();
+    let config = HermesConfig::from_sources(&b.dir.join("hermes"), |_| None);
+    let hint = gateway::start_hint(&config, gateway::Platform::current());
+    assert!(message.contains(&hint), "{message}\nwanted: {hint}");
+    assert!(!message.contains("venv/bin/python"), "{message}");
+    if gateway::which("hermes").is_none() {
+        assert!(!message.contains("hermes gateway"), "{message}");
+    }
     assert!(text.contains("data: [DONE]"), "{text}");
 }
 
@@ -239,6 +249,75 @@ fn wrong_key_is_named_and_401_passes_through_the_proxy() {
     let v = json_of(&http(b.port, "GET", "/api/gateway/health", &[], b"").2);
     assert_eq!(v["backend"], "none", "{v}");
     assert!(v["reason"].as_str().unwrap().contains("refuses the key"), "{v}");
+}
+
+/// The chat error says what is wrong with the key: none configured (not "refused"), or
+/// refused, naming the file it is read from (the Hermes home in use, not `~/.hermes`). And
+/// `/api/health` agrees with `/api/gateway/health` that chat cannot use such a gateway, from
+/// the last verdict on the key (never a key check per `/api/health`).
+#[test]
+fn a_missing_or_refused_key_is_named_and_api_health_agrees() {
+    let mut stub = StubGateway::start(0, KEY);
+    let port = stub.port;
+    let health = |b: &Backend| json_of(&http(b.port, "GET", "/api/health", &[], b"").2);
+    let chat_error = |b: &Backend| {
+        let (status, _, body) = http(b.port, "POST", "/api/chat", &[], &chat_body(None, "hi"));
+        assert_eq!(status, 200);
+        let text = String::from_utf8(body).unwrap();
+        let err = sse_error(&text).unwrap_or_else(|| panic!("no error event: {text}"));
+        assert_eq!(err["code"], "gateway_auth", "{text}");
+        err["message"].as_str().unwrap().to_owned()
+    };
+
+    // No key at all: "missing", with every place it is looked for; chat is not the gateway's.
+    let keyless = backend(port, KEY, |s| {
+        if let GatewaySource::Fixed(c) = &mut s.gateway {
+            c.key = None;
+            c.key_source = None;
+        }
+    });
+    let v = health(&keyless);
+    assert_eq!((v["gateway"].as_str(), v["backend"].as_str()), (Some("online"), Some("none")));
+    let message = chat_error(&keyless);
+    let home = keyless.dir.join("hermes");
+    assert!(message.contains("no key for it is configured"), "{message}");
+    assert!(!message.contains("refuses the key"), "{message}");
+    assert!(message.contains(&home.join(".env").display().to_string()), "{message}");
+    assert!(message.contains(&home.join("config.yaml").display().to_string()), "{message}");
+    assert!(!message.contains("~/.hermes"), "{message}");
+    let v = json_of(&http(keyless.port, "GET", "/api/gateway/health", &[], b"").2);
+    assert_eq!((v["backend"].as_str(), v["keyAccepted"].as_bool()), (Some("none"), Some(false)));
+
+    // Another key than the gateway's: "refuses", naming the file it came from.
+    let wrong = "wrong-key-0123456789abcdef";
+    let b = backend(port, wrong, |_| {});
+    // No chat yet: the check /api/health started in the background gives the verdict.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while health(&b)["backend"] != "none" {
+        assert!(Instant::now() < deadline, "/api/health never noticed the refused key");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let v = json_of(&http(b.port, "GET", "/api/gateway/health", &[], b"").2);
+    assert_eq!((v["backend"].as_str(), v["keyAccepted"].as_bool()), (Some("none"), Some(false)));
+    let message = chat_error(&b);
+    let source = format!("API_SERVER_KEY in {}", b.dir.join("hermes/.env").display());
+    assert!(message.contains(&format!("refuses the key (HTTP 401) from {source}")), "{message}");
+    assert!(!message.contains(wrong) && !message.contains("~/.hermes"), "{message}");
+    assert_eq!(health(&b)["backend"], "none");
+
+    // The gateway comes back with this backend's key: /api/health follows (the verdict went
+    // with the gateway that refused it).
+    stub.kill();
+    assert_eq!(health(&b)["gateway"], "offline");
+    let _restarted = StubGateway::start(port, wrong);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while health(&b)["backend"] != "gateway" {
+        assert!(Instant::now() < deadline, "/api/health kept the old verdict");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_, _, body) = http(b.port, "POST", "/api/chat", &[], &chat_body(None, "hi"));
+    assert_eq!(sse_content(&String::from_utf8(body).unwrap()), "Hello from the stub gateway.");
+    assert!(!std::fs::read_to_string(b.dir.join("server.log")).unwrap().contains(wrong));
 }
 
 #[test]
@@ -719,6 +798,82 @@ fn e2e_a_foreground_bridge_wakes_the_gateway() {
     let _ = bridge.wait();
 }
 
+/// A gateway that is up but refuses the key (the key changed in `.env` while it runs), or
+/// with no key configured here: pairing and `--status` say so with ⚠ (not "✓ online"), naming
+/// the file the key is read from (under `HERMES_HOME`) and the fix; the app's chat error too.
+#[test]
+fn e2e_pairing_and_status_warn_when_the_gateway_refuses_the_key() {
+    let relay = Relay::new();
+    let stub = StubGateway::start(0, KEY);
+    let mut u = User::new("key-refused");
+    let home = u.root.join("hermes-elsewhere");
+    std::fs::create_dir_all(&home).unwrap();
+    u.env.push(("HERMES_HOME".into(), home.display().to_string()));
+    let env_file = home.join(".env");
+    let changed = "changed-key-0123456789abcdef";
+    let write_env = |key: Option<&str>| {
+        let key = key.map(|k| format!("API_SERVER_KEY={k}\n")).unwrap_or_default();
+        std::fs::write(&env_file, format!("{key}API_SERVER_PORT={}\n", stub.port)).unwrap();
+    };
+    write_env(Some(changed));
+    let online = format!("Hermes Gateway online (127.0.0.1:{})", stub.port);
+    let refused = format!(
+        "⚠ {online}, but it refuses the key (HTTP 401) from API_SERVER_KEY in {}",
+        env_file.display()
+    );
+    let (qr, run) = u.pair(&relay.url(), free_port());
+    assert!(run.stdout.contains(&refused), "{}", run.stdout);
+    assert!(!run.stdout.contains(&format!("✓ {online}")), "{}", run.stdout);
+    assert!(run.stdout.contains("Fix: the gateway runs with another key"), "{}", run.stdout);
+
+    let status = |json: bool| {
+        let run = u.run(if json { &["--status", "--json"] } else { &["--status"] });
+        run.assert_code(0, "--status (the gateway is reported, never required)");
+        run
+    };
+    let run = status(false);
+    assert!(run.stdout.contains(&refused), "{}", run.stdout);
+    let v: Value = serde_json::from_str(status(true).stdout.trim()).unwrap();
+    assert_eq!(
+        (v["gateway"]["state"].as_str(), v["gateway"]["key"].as_str()),
+        (Some("online"), Some("refused")),
+        "{v}"
+    );
+
+    // The app's chat error names the same file.
+    let mut app = connect_app(&qr);
+    let body = String::from_utf8(chat_body(None, "hi")).unwrap();
+    let chat =
+        request("c1", "POST", "/api/chat", &[("Content-Type", "application/json")], Some(&body));
+    let r = app_fetch(&mut app, &chat, Duration::from_secs(20));
+    let err = sse_error(&r.text()).expect("an error event");
+    assert_eq!(err["code"], "gateway_auth", "{r:?}");
+    let source = format!("API_SERVER_KEY in {}", env_file.display());
+    assert!(err["message"].as_str().unwrap().contains(&source), "{err}");
+
+    // The key removed: "no key for it is configured", every place it is looked for named.
+    write_env(None);
+    let run = status(false);
+    let missing = format!(
+        "⚠ {online}, but no key for it is configured (no API_SERVER_KEY in the environment or {}",
+        env_file.display()
+    );
+    assert!(run.stdout.contains(&missing), "{}", run.stdout);
+    assert!(run.stdout.contains(&home.join("config.yaml").display().to_string()), "{}", run.stdout);
+    let v: Value = serde_json::from_str(status(true).stdout.trim()).unwrap();
+    assert_eq!(v["gateway"]["key"], "missing", "{v}");
+
+    // The gateway's key: ✓.
+    write_env(Some(KEY));
+    let run = status(false);
+    assert!(run.stdout.contains(&format!("✓ {online}")), "{}", run.stdout);
+    let v: Value = serde_json::from_str(status(true).stdout.trim()).unwrap();
+    assert_eq!(v["gateway"]["key"], "accepted", "{v}");
+
+    let everything = format!("{}{}{}", run.stdout, u.server_log(), u.gateway_log());
+    assert!(!everything.contains(changed) && !everything.contains(KEY), "a key leaked");
+}
+
 #[test]
 fn e2e_wake_failures_are_diagnosed_by_name_and_never_block_pairing() {
     let relay = Relay::new();
@@ -768,6 +923,9 @@ fn e2e_wake_failures_are_diagnosed_by_name_and_never_block_pairing() {
             "aiohttp is missing",
         ),
     ];
+    // The system directories of the users' PATH: what the manual commands may find there.
+    let on_system_path =
+        |name: &str| ["/usr/local/bin", "/usr/bin", "/bin"].iter().any(|d| is_program(d, name));
     for (tag, setup, words) in cases {
         let port = free_port();
         let u = User::new(tag);
@@ -780,20 +938,60 @@ fn e2e_wake_failures_are_diagnosed_by_name_and_never_block_pairing() {
             "{tag}: {}",
             run.stdout
         );
-        for cmd in [
-            "hermes gateway start",
-            "systemctl --user start hermes-gateway",
-            "-m hermes_cli.main gateway run",
-        ] {
+        // The fixes name the Hermes home's own .env, not a literal ~/.hermes.
+        if tag == "not-enabled" || tag == "short-key" {
+            let env_file = u.hermes().join(".env").display().to_string();
             assert!(
-                run.stdout.contains(cmd),
-                "{tag}: manual command {cmd:?} missing: {}",
+                run.stdout.contains(&format!("Fix: add to {env_file}"))
+                    || run.stdout.contains(&format!("Fix: set a longer key in {env_file}")),
+                "{tag}: {}",
                 run.stdout
             );
+            assert!(!run.stdout.contains("~/.hermes"), "{tag}: {}", run.stdout);
+        }
+        // Only the commands whose program exists are suggested: the venv's python where the
+        // case made one, systemctl where the system has it, never `hermes` (not installed).
+        let hints = manual_hints(&run.stdout);
+        let venv = u.venv_python().exists();
+        assert_eq!(hints.contains("-m hermes_cli.main gateway run"), venv, "{tag}: {hints}");
+        assert_eq!(
+            hints.contains("systemctl --user start hermes-gateway"),
+            on_system_path("systemctl"),
+            "{tag}: {hints}"
+        );
+        if !on_system_path("hermes") {
+            assert!(!hints.contains("hermes gateway"), "{tag}: {hints}");
         }
         assert!(took < Duration::from_secs(25), "{tag}: pairing took {took:?}");
         u.kill_gateway();
     }
+
+    // `hermes` on PATH and a service manager: the service commands, and `hermes gateway run`
+    // in the foreground for a machine without the service; no venv python (there is none).
+    let u = User::new("hermes-on-path");
+    u.write_dotenv("# nothing here\n");
+    u.script(&u.bin.join("hermes"), "#!/bin/sh\necho 'Not supported' >&2\nexit 1\n");
+    u.script(&u.bin.join("systemctl"), "#!/bin/sh\nexit 1\n");
+    u.script(&u.bin.join("launchctl"), "#!/bin/sh\nexit 1\n");
+    let (_, run) = u.pair(&relay.url(), free_port());
+    let hints = manual_hints(&run.stdout);
+    assert!(hints.contains("  hermes gateway start\n"), "{hints}");
+    assert!(hints.contains("hermes gateway run  # in the foreground"), "{hints}");
+    assert!(!hints.contains("venv"), "{hints}");
+
+    // Nothing that could start it (an empty PATH, no venv): no command is suggested, the line
+    // says what is missing.
+    let mut u = User::new("nothing-to-start");
+    let port = free_port();
+    u.write_dotenv(&format!("API_SERVER_KEY={KEY}\nAPI_SERVER_PORT={port}\n"));
+    u.env.push(("PATH".into(), u.bin.display().to_string()));
+    let (_, run) = u.pair(&relay.url(), free_port());
+    assert!(!run.stdout.contains("Start it by hand"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("nothing here can start it (no `hermes` on PATH"),
+        "{}",
+        run.stdout
+    );
 
     // Port held by something that is not the gateway.
     let squatter = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -815,6 +1013,18 @@ fn e2e_wake_failures_are_diagnosed_by_name_and_never_block_pairing() {
         run.stdout
     );
     assert!(run.stdout.contains("lsof -nP -iTCP:"), "{}", run.stdout);
+}
+
+/// The pairing output from "Start it by hand" on (the manual commands), or "" without it.
+fn manual_hints(stdout: &str) -> String {
+    stdout.find("Start it by hand").map_or_else(String::new, |i| stdout[i..].to_owned())
+}
+
+/// True when `dir/name` is an executable file.
+fn is_program(dir: &str, name: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(std::path::Path::new(dir).join(name))
+        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 /// On a machine with several users, only the user running the bridge may use its built-in

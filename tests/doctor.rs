@@ -472,3 +472,89 @@ fn logs_tail_and_follow_through_rotation() {
     };
     assert!(status.success(), "Ctrl-C ends --follow cleanly: {status}");
 }
+
+/// The gatewayModels hop names where the key really comes from: the environment, `.env`, or
+/// `platforms.api_server.extra.key` in `config.yaml` (a key there was reported as `.env`'s).
+#[test]
+fn doctor_names_the_real_source_of_the_gateway_key() {
+    let gateway = fake_gateway();
+    let m = Machine::new(gateway, GATEWAY_KEY);
+    let models = |report: &Value| hop(report, "gatewayModels").clone();
+    let yaml = m.hermes.join("config.yaml");
+    let key_in_yaml = |key: &str| {
+        std::fs::write(
+            &yaml,
+            format!("platforms:\n  api_server:\n    enabled: true\n    extra:\n      key: {key}\n"),
+        )
+        .unwrap();
+    };
+
+    // In config.yaml only (no pairing yet: the doctor exits 1, the gateway hops still run).
+    std::fs::write(m.hermes.join(".env"), format!("API_SERVER_PORT={gateway}\n")).unwrap();
+    key_in_yaml(GATEWAY_KEY);
+    let h = models(&m.doctor(1));
+    assert_eq!(h["state"], "ok", "{h}");
+    let want = format!("platforms.api_server.extra.key in {}", yaml.display());
+    assert!(h["detail"].as_str().unwrap().contains(&want), "{h}");
+    assert!(!h["detail"].as_str().unwrap().contains(".env"), "{h}");
+
+    // A wrong key there: the failure and its fix name config.yaml.
+    key_in_yaml("not-the-gateway-key-0000000000");
+    let h = models(&m.doctor(1));
+    assert_eq!(h["state"], "fail", "{h}");
+    assert!(h["detail"].as_str().unwrap().contains(&want), "{h}");
+    assert!(h["fix"].as_str().unwrap().contains(&want), "{h}");
+
+    // .env wins over config.yaml, as in the gateway.
+    m.write_env(gateway, GATEWAY_KEY);
+    let h = models(&m.doctor(1));
+    let env_file = format!("API_SERVER_KEY in {}", m.hermes.join(".env").display());
+    assert!(h["detail"].as_str().unwrap().contains(&env_file), "{h}");
+
+    // The environment wins over both.
+    let run =
+        Run(m.cmd(&["--doctor", "--json"]).env("API_SERVER_KEY", GATEWAY_KEY).output().unwrap());
+    let v: Value = serde_json::from_str(run.stdout().trim()).unwrap();
+    let h = models(&v);
+    assert!(h["detail"].as_str().unwrap().contains("API_SERVER_KEY in the environment"), "{h}");
+
+    // No key anywhere: every place it is looked for is named.
+    std::fs::write(m.hermes.join(".env"), format!("API_SERVER_PORT={gateway}\n")).unwrap();
+    std::fs::remove_file(&yaml).unwrap();
+    let h = models(&m.doctor(1));
+    assert_eq!(h["state"], "fail", "{h}");
+    let detail = h["detail"].as_str().unwrap();
+    assert!(detail.contains(".env") && detail.contains("config.yaml"), "{h}");
+}
+
+/// With the gateway down, the fix names only commands that exist on this machine (the same
+/// list pairing prints): `hermes gateway run` with `hermes` on PATH, never a venv python that
+/// is not there, and what is missing when nothing could start it.
+#[test]
+fn doctor_suggests_only_start_commands_that_exist() {
+    let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let m = Machine::new(closed, GATEWAY_KEY);
+    let bin = m.root.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let doctor_with_path = || {
+        let out = m.cmd(&["--doctor", "--json"]).env("PATH", &bin).output().unwrap();
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let h = hop(&v, "gateway").clone();
+        assert_eq!(h["state"], "fail", "{h}");
+        h["fix"].as_str().unwrap().to_owned()
+    };
+
+    // Nothing on PATH, no venv: no command, the missing pieces named.
+    let fix = doctor_with_path();
+    assert!(fix.contains("nothing here can start it (no `hermes` on PATH"), "{fix}");
+    assert!(!fix.contains("hermes gateway start"), "{fix}");
+
+    // `hermes` on PATH (no service manager there): the foreground command.
+    let hermes = bin.join("hermes");
+    std::fs::write(&hermes, "#!/bin/sh\nexit 1\n").unwrap();
+    std::fs::set_permissions(&hermes, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let fix = doctor_with_path();
+    assert!(fix.contains("hermes gateway run  # in the foreground"), "{fix}");
+    assert!(!fix.contains("hermes gateway start"), "no service manager on PATH: {fix}");
+    assert!(!fix.contains("venv"), "{fix}");
+}

@@ -197,6 +197,37 @@ fn real_gateway_is_woken_streams_through_the_whole_path_and_restarts() {
     let r = app_fetch(&mut app, &chat_frame("c3", "back?"), Duration::from_secs(60));
     assert_eq!(sse_content(&r.text()), REPLY, "{r:?}");
 
+    // The real gateway's answer to the key: --status says ✓ while it accepts it; with the key
+    // changed in .env while the gateway runs with the old one, ⚠ naming .env, and chat's
+    // gateway_auth error names it too.
+    let online = format!("Hermes Gateway online (127.0.0.1:{gw_port})");
+    let run = u.run(&["--status"]);
+    assert!(run.stdout.contains(&format!("✓ {online}")), "{}", run.stdout);
+    let env_file = u.hermes().join(".env");
+    let good = std::fs::read_to_string(&env_file).unwrap();
+    std::fs::write(&env_file, good.replace(KEY, "changed-key-0123456789abcdef")).unwrap();
+    let t = Instant::now();
+    let run = u.run(&["--status"]);
+    eprintln!("--status with the key check against the real gateway took {:?}", t.elapsed());
+    let refused = format!(
+        "⚠ {online}, but it refuses the key (HTTP 401) from API_SERVER_KEY in {}",
+        env_file.display()
+    );
+    assert!(run.stdout.contains(&refused), "{}", run.stdout);
+    // The backend re-reads the configuration every 2 s.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let err = loop {
+        let r = app_fetch(&mut app, &chat_frame("auth", "key?"), Duration::from_secs(30));
+        if let Some(err) = sse_error(&r.text()).filter(|e| e["code"] == "gateway_auth") {
+            break err;
+        }
+        assert!(Instant::now() < deadline, "chat never reported the refused key: {r:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let source = format!("API_SERVER_KEY in {}", env_file.display());
+    assert!(err["message"].as_str().unwrap().contains(&source), "{err}");
+    std::fs::write(&env_file, good).unwrap();
+
     let v = app_fetch(
         &mut app,
         &request("bye", "POST", "/api/gateway/restart?action=stop", &[], None),

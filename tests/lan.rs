@@ -527,6 +527,12 @@ fn pair_with_the_token_then_reconnect_with_the_secret() {
     }
     assert_eq!(state("daemon"), "ok", "{v}");
     assert_eq!(state("backend"), "ok", "{v}");
+    // A LAN daemon has no relay socket: its hop is named for what it checks.
+    let daemon = v["hops"].as_array().and_then(|h| h.iter().find(|h| h["id"] == "daemon"));
+    assert_eq!(daemon.map(|h| h["name"].clone()), Some(json!("daemon LAN server alive")), "{v}");
+    let text = env.run(&["--doctor"]).stdout;
+    assert!(text.contains("daemon LAN server alive"), "{text}");
+    assert!(!text.contains("relay socket"), "{text}");
 
     // Single use: the token is refused from now on, before the upgrade.
     let (status, body) = refused(&qr.url, &qr.token);
@@ -722,6 +728,7 @@ fn stop_closes_the_lan_socket_and_the_port() {
         assert_eq!(hop(id)["state"], "skip", "{id}: {v}");
     }
     assert_eq!(hop("daemon")["state"], "fail", "{v}");
+    assert_eq!(hop("daemon")["name"], "daemon LAN server alive", "{v}");
     assert!(hop("daemon")["fix"].as_str().is_some_and(|f| f.contains("--local")), "{v}");
 }
 

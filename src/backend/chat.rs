@@ -24,6 +24,7 @@ use super::conn::{Conn, DisconnectWatch, Request};
 use super::proxy::{RELAY_CHUNK, downstream_headers, relay};
 use super::upstream::{DEFAULT_DIRECT_MODEL, Direct, Upstream};
 use crate::bridge::local_http::{Abort, Body, LocalError, Response};
+use crate::gateway::{self, KeyCheck};
 
 /// The header naming which backend answered: `gateway`, `direct` or `none`.
 pub const BACKEND_HEADER: &str = "X-HermesChat-Backend";
@@ -219,6 +220,7 @@ pub fn handle(shared: &Arc<Shared>, req: &Request, c: &mut Conn, close: bool) ->
         &abort,
     ) {
         Ok(resp) if (200..300).contains(&resp.status) => {
+            shared.upstream.note_key(&config, false);
             let r = stream(resp, c, close, "gateway");
             drop(watch);
             return r;
@@ -244,20 +246,27 @@ pub fn handle(shared: &Arc<Shared>, req: &Request, c: &mut Conn, close: bool) ->
             } else {
                 "gateway_offline"
             };
+            let hint = gateway::start_hint(&config, gateway::Platform::current());
             let msg = format!(
-                "The Hermes gateway ({addr}) is not reachable: {e}. Start it with `hermes gateway \
-                 start`, or restart it from the app."
+                "The Hermes gateway ({addr}) is not reachable: {e}. Restart it from the app, or \
+                 {hint}."
             );
             (code, msg, true)
         }
-        Failure::Refused { status: 401 | 403, message } => (
-            "gateway_auth",
-            format!(
-                "The Hermes gateway ({addr}) refused the key ({message}). API_SERVER_KEY in \
-                 ~/.hermes/.env must match the gateway's; restart the gateway after changing it."
-            ),
-            true,
-        ),
+        Failure::Refused { status: status @ (401 | 403), message } => {
+            shared.upstream.note_key(&config, true);
+            // Named by what is really wrong (no key at all, or another key than the
+            // gateway's), with the files the key is read from.
+            let has_key = config.key.as_deref().is_some_and(|k| !k.trim().is_empty());
+            let check = if has_key { KeyCheck::Refused(*status) } else { KeyCheck::Missing };
+            let (what, fix) = gateway::key_trouble(&config, &check, gateway::Platform::current())
+                .unwrap_or_default();
+            let msg = format!(
+                "The Hermes gateway ({addr}) is up, but {what} (it said: {message}). To fix it: \
+                 {fix}."
+            );
+            ("gateway_auth", msg, true)
+        }
         Failure::Refused { status, message } => (
             "gateway_error",
             format!("The Hermes gateway ({addr}) answered HTTP {status}: {message}"),

@@ -4,7 +4,7 @@
 //! - `POST /api/gateway/restart?action=restart|start|stop` — the wake chain
 //!   ([`crate::gateway::Chain`]): steps attempted and the last 4 KiB of `gateway.log`.
 
-use std::io::{self, Read};
+use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,9 +12,7 @@ use serde_json::json;
 
 use super::Shared;
 use super::conn::{Conn, Request};
-use super::upstream::Upstream;
 use crate::bridge::Health;
-use crate::bridge::local_http::{Abort, Body};
 use crate::gateway::{self, Action, Chain, HermesConfig};
 
 /// Bytes of `gateway.log` returned by a restart.
@@ -34,16 +32,30 @@ pub fn backend_kind(shared: &Shared, gateway: Health) -> &'static str {
     }
 }
 
-/// `GET /api/health` (and `/health`).
+/// `GET /api/health` (and `/health`). `backend` agrees with `/api/gateway/health`: a gateway
+/// that is up but refuses the key (or has none) is not what chat uses. The verdict on the key
+/// is the last one known (chat's answers, `/api/gateway/health`, and a check in the background
+/// when it is older than [`super::upstream::KEY_VERDICT_TTL`]), so this answer never waits on
+/// an authenticated request.
 pub fn health(shared: &Arc<Shared>, req: &Request, c: &mut Conn, close: bool) -> io::Result<u16> {
     let config = shared.upstream.config();
     let g = gateway::probe_addr(&config.host, config.port, HEALTH_PROBE);
+    if g == Health::Ready {
+        check_key_in_background(shared, &config);
+    } else {
+        shared.upstream.forget_key();
+    }
+    let usable = if g == Health::Ready && shared.upstream.key_known_bad(&config) {
+        Health::Unhealthy
+    } else {
+        g
+    };
     let body = json!({
         "status": "ok",
         "version": env!("CARGO_PKG_VERSION"),
         "server": "hermeschat-pair",
         "gateway": if g == Health::Ready { "online" } else { "offline" },
-        "backend": backend_kind(shared, g),
+        "backend": backend_kind(shared, usable),
     })
     .to_string();
     if req.head.method == "HEAD" {
@@ -61,15 +73,34 @@ pub fn health(shared: &Arc<Shared>, req: &Request, c: &mut Conn, close: bool) ->
     Ok(200)
 }
 
-/// Checks the key against an authenticated route: `Some(status)` when the gateway refuses it.
-fn key_refused(shared: &Shared, config: &HermesConfig) -> Option<u16> {
-    let mut headers = vec![("Accept".to_owned(), "application/json".to_owned())];
-    headers.extend(Upstream::auth_header(config));
-    let client = shared.upstream.client(config);
-    let mut r = client.send("GET", "/v1/models", &headers, Body::Bytes(b""), &Abort::new()).ok()?;
-    let mut sink = Vec::new();
-    let _ = (&mut r.body).take(256 << 10).read_to_end(&mut sink);
-    matches!(r.status, 401 | 403).then_some(r.status)
+/// Checks the key in a thread of its own when its verdict is due ([`Upstream::claim_key_check`]):
+/// at most one check at a time, one per [`super::upstream::KEY_VERDICT_TTL`].
+///
+/// [`Upstream::claim_key_check`]: super::upstream::Upstream::claim_key_check
+fn check_key_in_background(shared: &Arc<Shared>, config: &HermesConfig) {
+    if !shared.upstream.claim_key_check(config) {
+        return;
+    }
+    let (shared2, config) = (shared.clone(), config.clone());
+    let spawned = std::thread::Builder::new().name("key-check".into()).spawn(move || {
+        note_key_check(&shared2, &config, &gateway::check_key(&config, KEY_CHECK));
+        shared2.upstream.key_check_done();
+    });
+    if spawned.is_err() {
+        shared.upstream.key_check_done();
+    }
+}
+
+/// Deadline of the key check of `/api/gateway/health` and of the background one.
+const KEY_CHECK: Duration = Duration::from_secs(3);
+
+/// Records a key check's verdict (no answer is no verdict: the last one stands).
+fn note_key_check(shared: &Shared, config: &HermesConfig, check: &gateway::KeyCheck) {
+    match check {
+        gateway::KeyCheck::Accepted(_) => shared.upstream.note_key(config, false),
+        gateway::KeyCheck::Refused(_) => shared.upstream.note_key(config, true),
+        _ => {}
+    }
 }
 
 /// `GET /api/gateway/health`.
@@ -77,9 +108,13 @@ pub fn gateway_health(shared: &Arc<Shared>, c: &mut Conn, close: bool) -> io::Re
     let config = shared.upstream.config();
     let g = gateway::probe(&config);
     let mut problems = gateway::diagnose(&config, g);
-    let refused = if g == Health::Ready { key_refused(shared, &config) } else { None };
-    let kind = match (g, refused) {
-        (Health::Ready, None) => "gateway",
+    let check = (g == Health::Ready).then(|| gateway::check_key(&config, KEY_CHECK));
+    if let Some(check) = &check {
+        note_key_check(shared, &config, check);
+    }
+    let bad_key = check.as_ref().is_some_and(gateway::KeyCheck::is_bad);
+    let kind = match (g, bad_key) {
+        (Health::Ready, false) => "gateway",
         _ if shared.settings.direct.is_some() => "direct",
         _ => "none",
     };
@@ -87,12 +122,13 @@ pub fn gateway_health(shared: &Arc<Shared>, c: &mut Conn, close: bool) -> io::Re
         problems.retain(|p| matches!(p, gateway::Problem::PortHeld { .. }));
     }
     let addr = config.addr();
-    let reason = match (g, refused) {
+    let trouble =
+        check.as_ref().and_then(|k| gateway::key_trouble(&config, k, gateway::Platform::current()));
+    let reason = match (g, trouble) {
         (Health::Ready, None) => format!("the Hermes gateway answers at {addr}"),
-        (Health::Ready, Some(s)) => format!(
-            "the Hermes gateway at {addr} refuses the key (HTTP {s}): API_SERVER_KEY here does \
-             not match the gateway's"
-        ),
+        (Health::Ready, Some((what, fix))) => {
+            format!("the Hermes gateway at {addr} is up, but {what}; fix: {fix}")
+        }
         _ => {
             let why = if problems.is_empty() {
                 "not running".to_owned()
@@ -114,10 +150,10 @@ pub fn gateway_health(shared: &Arc<Shared>, c: &mut Conn, close: bool) -> io::Re
         "gateway": if g == Health::Ready { "online" } else { "offline" },
         "url": config.url(),
         "keyConfigured": config.key.is_some(),
-        "keyAccepted": refused.is_none() && g == Health::Ready,
+        "keyAccepted": g == Health::Ready && !bad_key,
         "direct": shared.settings.direct.as_ref().map(|d| d.base_url.clone()),
         "problems": problems.iter().map(|p| json!({
-            "code": p.code(), "message": p.to_string(), "fix": p.fix(),
+            "code": p.code(), "message": p.to_string(), "fix": p.fix(&config),
         })).collect::<Vec<_>>(),
     });
     c.json(200, &body, close)?;
@@ -153,7 +189,7 @@ pub fn restart(shared: &Arc<Shared>, req: &Request, c: &mut Conn, close: bool) -
             .collect::<Vec<_>>()
             .join(", ")
     ));
-    let mut body = report.to_json();
+    let mut body = report.to_json(&chain.config);
     body["log"] = json!(chain.log_tail(LOG_TAIL));
     c.json(200, &body, close)?;
     Ok(200)

@@ -6,6 +6,7 @@
 //! logged, answered, or shown by `Debug`.
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -70,6 +71,27 @@ pub enum GatewaySource {
     Fixed(HermesConfig),
 }
 
+/// How long a verdict on the key stands before `/api/health` has it checked again (in the
+/// background: the answer never waits for it).
+pub const KEY_VERDICT_TTL: Duration = Duration::from_secs(30);
+
+/// The last verdict on the key: for which address and key (a hash, not the key), refused or
+/// not, and when.
+#[derive(Debug, Clone, Copy)]
+struct KeyVerdict {
+    fingerprint: u64,
+    refused: bool,
+    at: Instant,
+}
+
+/// A hash of the gateway's address and key: a verdict applies to that pair only.
+fn fingerprint(config: &HermesConfig) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (config.addr(), config.key.as_deref().map(str::trim)).hash(&mut h);
+    h.finish()
+}
+
 /// The gateway as the backend sees it now, with a shared keep-alive client.
 pub struct Upstream {
     /// Where the configuration comes from.
@@ -80,12 +102,64 @@ pub struct Upstream {
     cached: Mutex<Option<(Instant, HermesConfig)>>,
     /// The client for the current address.
     client: Mutex<Option<(String, Arc<LocalClient>)>>,
+    /// What the gateway last said to the key (chat, a key check): lets `/api/health` say
+    /// whether chat can use the gateway without asking the gateway each time.
+    verdict: Mutex<Option<KeyVerdict>>,
+    /// A background key check runs now.
+    checking: AtomicBool,
 }
 
 impl Upstream {
     /// An upstream reading its configuration from `source`.
     pub fn new(source: GatewaySource, timeouts: Timeouts) -> Upstream {
-        Upstream { source, timeouts, cached: Mutex::new(None), client: Mutex::new(None) }
+        Upstream {
+            source,
+            timeouts,
+            cached: Mutex::new(None),
+            client: Mutex::new(None),
+            verdict: Mutex::new(None),
+            checking: AtomicBool::new(false),
+        }
+    }
+
+    /// Records what the gateway said to `config`'s key (`refused`: 401/403).
+    pub fn note_key(&self, config: &HermesConfig, refused: bool) {
+        let verdict = KeyVerdict { fingerprint: fingerprint(config), refused, at: Instant::now() };
+        *lock(&self.verdict) = Some(verdict);
+    }
+
+    /// Forgets the verdict: the gateway went away, and the one that comes back may run with
+    /// another key.
+    pub fn forget_key(&self) {
+        *lock(&self.verdict) = None;
+    }
+
+    /// Chat cannot use the gateway with `config`'s key, as far as is known: there is none, or
+    /// the gateway last refused it.
+    pub fn key_known_bad(&self, config: &HermesConfig) -> bool {
+        if config.key.as_deref().is_none_or(|k| k.trim().is_empty()) {
+            return true;
+        }
+        let fp = fingerprint(config);
+        lock(&self.verdict).is_some_and(|v| v.fingerprint == fp && v.refused)
+    }
+
+    /// Takes the right to run a background key check for `config`: `true` when its verdict is
+    /// missing or older than [`KEY_VERDICT_TTL`] and no check runs; release with
+    /// [`Upstream::key_check_done`].
+    pub fn claim_key_check(&self, config: &HermesConfig) -> bool {
+        if config.key.is_none() {
+            return false;
+        }
+        let fp = fingerprint(config);
+        let due = lock(&self.verdict)
+            .is_none_or(|v| v.fingerprint != fp || v.at.elapsed() >= KEY_VERDICT_TTL);
+        due && !self.checking.swap(true, Ordering::SeqCst)
+    }
+
+    /// Ends a check [`Upstream::claim_key_check`] allowed.
+    pub fn key_check_done(&self) {
+        self.checking.store(false, Ordering::SeqCst);
     }
 
     /// The current gateway configuration.
