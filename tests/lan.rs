@@ -850,7 +850,9 @@ fn local_restarts_a_relay_daemon_in_lan_mode_and_back() {
     assert!(env.home.join("bridge.json").exists(), "the relay identity is kept");
 
     // And back: the plain command restarts it in relay mode.
-    env.run(&["--json", "--server", &server, "--port", &bp]).assert_code(0, "relay again");
+    let run = env.run(&["--server", &server, "--port", &bp]);
+    run.assert_code(0, "relay again");
+    assert!(run.all().contains("LAN devices are offline until you run"), "{}", run.all());
     // The registry may report the bridge online a moment before status.json says so.
     let deadline = Instant::now() + Duration::from_secs(5);
     let status = loop {

@@ -489,6 +489,11 @@ pub fn print_status(dir: &Path, saved: Option<&Status>, out: &Out) {
             )),
         },
         None if lan.devices.is_empty() => return,
+        // A relay-mode daemon runs: serving the LAN instead would cut its apps off.
+        None if saved.is_some_and(|s| !s.bridge_id.is_empty()) => out.info(
+            "LAN mode: not serving; the bridge runs in relay mode (hermeschat-pair --local would \
+             serve the LAN devices instead, and take the relay's apps offline)",
+        ),
         None => out.info("LAN mode: not serving (start it with: hermeschat-pair --local)"),
     }
     let online: Vec<&store::LanDevice> = lan
