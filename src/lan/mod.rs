@@ -341,7 +341,12 @@ pub fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
     if mode == PairMode::Reset {
         // Nothing is stopped or forgotten for an address or port that cannot be served.
         check_servable(&dir, &lan)?;
+        let relay_mode = cli::running_status(&dir).is_some_and(|s| !s.bridge_id.is_empty());
         match daemon::stop(&dir, Duration::from_secs(5)) {
+            Ok(Stopped::Terminated(pid) | Stopped::Killed(pid)) if relay_mode => out.warn(&format!(
+                "Stopped the relay-mode bridge daemon (pid {pid}): relay-paired apps are offline \
+                 until you run hermeschat-pair without --local"
+            )),
             Ok(Stopped::Terminated(pid) | Stopped::Killed(pid)) => out
                 .ok(&format!("Stopped the bridge daemon (pid {pid}); every LAN socket is closed")),
             Ok(_) => {}
