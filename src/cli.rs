@@ -1044,9 +1044,35 @@ pub enum PairMode {
     Reset,
 }
 
+/// How long a command waits for another one of the same state directory to finish.
+const COMMAND_LOCK_WAIT: Duration = Duration::from_secs(120);
+
+/// One command at a time per state directory for what registers, issues codes and starts or
+/// replaces the daemon (pairing in both modes, `--refresh-code`, `--reset`, `--install`): two
+/// run at once would replace each other's identity, code or daemon and print QR codes nothing
+/// serves. The lock (`command.lock`) ends with the process.
+pub(crate) fn command_lock(dir: &Path, out: &Out) -> Result<state::FileLock, Exit> {
+    let path = dir.join("command.lock");
+    let cannot = |e: std::io::Error| fail(format!("cannot take the command lock: {e}"));
+    if let Some(lock) = state::FileLock::acquire_until(&path, Instant::now()).map_err(cannot)? {
+        return Ok(lock);
+    }
+    out.info("Another hermeschat-pair command is running for this state directory; waiting for it");
+    state::FileLock::acquire_until(&path, Instant::now() + COMMAND_LOCK_WAIT)
+        .map_err(cannot)?
+        .ok_or_else(|| {
+            fail(format!(
+                "another hermeschat-pair command kept running for {} s (a suspended one? ps -ef \
+                 | grep hermeschat-pair); run this again once it has ended. Nothing was changed",
+                COMMAND_LOCK_WAIT.as_secs()
+            ))
+        })
+}
+
 fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
     let out = Out::new(args.json);
     let dir = state_dir()?;
+    let _lock = command_lock(&dir, &out)?;
     // Before the registry is asked for anything: what it answers must be saved.
     state::check_writable(&dir).map_err(|e| {
         fail(format!("cannot write in the state directory: {e}{}", state::write_hint(&e)))

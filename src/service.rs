@@ -431,6 +431,7 @@ pub fn install(args: &Args) -> Result<(), Exit> {
     let out = Out::new(false);
     let platform = Platform::detect()?;
     let dir = state_dir()?;
+    let _lock = crate::cli::command_lock(&dir, &out)?;
     require_pairing(args, &dir, &out)?;
     let spec = Spec::current(args, &dir)?;
     match platform {

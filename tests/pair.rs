@@ -618,6 +618,43 @@ fn a_reset_the_registry_refuses_says_what_it_already_did() {
     assert!(!said.contains("Nothing was changed"), "{said}");
 }
 
+/// Two pairings started at once in one state directory run one after the other: one identity,
+/// one daemon, both exit 0, and the code of the one that ran last pairs (a new code replaces
+/// the one before it).
+#[test]
+fn pairings_started_at_once_take_turns() {
+    let relay = Relay::start(&[]);
+    let backend = Backend::start();
+    let env = Env::new();
+    let (server, port) = (relay.url(), backend.port.to_string());
+    let args = ["--json", "--server", server.as_str(), "--port", port.as_str()];
+    let children: Vec<_> = (0..2)
+        .map(|_| env.cmd(&args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap())
+        .collect();
+    let qrs: Vec<_> = children
+        .into_iter()
+        .map(|c| {
+            let out = c.wait_with_output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "a pairing failed: {err}");
+            parse_payload(&String::from_utf8_lossy(&out.stdout), &server)
+        })
+        .collect();
+    assert_eq!(qrs[0].g, qrs[1].g, "two identities for one state directory");
+    assert_eq!(env.bridge_json()["bridgeId"], qrs[0].g.as_str());
+    let copies = std::fs::read_dir(&env.home)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().contains(".replaced-"))
+        .count();
+    assert_eq!(copies, 0, "an identity was replaced");
+    let registry = Registry::new(&server);
+    let valid: Vec<_> =
+        qrs.iter().filter(|qr| registry.verify(&qr.g, &qr.a, Some("Phone")).0 == 200).collect();
+    assert_eq!(valid.len(), 1, "exactly the last code printed pairs");
+    let secret = env.bridge_json()["relaySecret"].as_str().unwrap_or_default().to_owned();
+    registry.wait_bridge_online(&valid[0].g, &secret, true);
+}
+
 /// A relay behind a proxy started without `--public-url` announces its loopback address: the
 /// pairing says so and saves nothing (no QR a phone could never use). `127.1` reaches the
 /// relay as `127.0.0.1` does, but is not the loopback address the relay announces.

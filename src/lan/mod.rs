@@ -314,6 +314,7 @@ fn ensure_lan_daemon(
 pub fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
     let out = Out::new(args.json);
     let dir = cli::state_dir()?;
+    let _lock = cli::command_lock(&dir, &out)?;
     cli::settle_daemon(&dir);
     let mut config = cli::load_config(&dir, &out)?;
     // A bad --host is a usage error, reported before anything runs.
