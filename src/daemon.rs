@@ -343,17 +343,24 @@ pub fn stop(dir: &Path, grace: Duration) -> Result<Stopped, String> {
             return Err(format!("cannot signal the daemon (pid {pid}): {e}"));
         }
     }
+    // Gone once `pid` no longer holds the lock: another daemon (one a concurrent command
+    // started) may hold it by then, which is not this one failing to exit.
+    let released = || running(dir) != Some(pid);
     let deadline = Instant::now() + grace;
     while Instant::now() < deadline {
-        if running(dir).is_none() {
+        if released() {
             return Ok(Stopped::Terminated(pid));
         }
         std::thread::sleep(Duration::from_millis(25));
     }
+    // Checked again right before: a pid that exited meanwhile may be another program's now.
+    if released() || !same_program(pid) {
+        return Ok(Stopped::Terminated(pid));
+    }
     signal(libc::SIGKILL);
     let deadline = Instant::now() + Duration::from_secs(2);
     while Instant::now() < deadline {
-        if running(dir).is_none() {
+        if released() {
             return Ok(Stopped::Killed(pid));
         }
         std::thread::sleep(Duration::from_millis(25));
