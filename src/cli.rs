@@ -1261,11 +1261,14 @@ fn status(args: &Args) -> Result<(), Exit> {
         Registry::new(&id.registry_url).clients(&id.bridge_id, &id.relay_secret).map(|c| c.len())
     });
     let lan_ok = lan_mode && crate::lan::address_lost(saved.as_ref()).is_none();
-    let healthy = pid.is_some() && (relay_connected || lan_ok) && backend == Health::Ready;
+    // A suspended daemon (SIGSTOP, Ctrl-Z) still holds its lock and its last status.json.
+    let suspended = pid.is_some_and(|p| p != 0 && daemon::suspended(p));
+    let healthy =
+        pid.is_some() && !suspended && (relay_connected || lan_ok) && backend == Health::Ready;
 
     if args.json {
         let value = serde_json::json!({
-            "daemon": { "running": pid.is_some(), "pid": pid },
+            "daemon": { "running": pid.is_some(), "pid": pid, "suspended": suspended },
             "bridgeId": identity.as_ref().map(|i| &i.bridge_id),
             "registryUrl": identity.as_ref().map(|i| &i.registry_url),
             "relay": {
@@ -1289,6 +1292,11 @@ fn status(args: &Args) -> Result<(), Exit> {
     } else {
         let line = |good: bool, text: String| if good { out.ok(&text) } else { out.warn(&text) };
         match pid {
+            Some(pid) if suspended => out.warn(&format!(
+                "Bridge daemon suspended (pid {pid}; SIGSTOP or Ctrl-Z): it serves nothing and \
+                 what follows is its last word. Resume it: kill -CONT {pid} (or fg in its \
+                 terminal)"
+            )),
             Some(pid) => out.ok(&format!("Bridge daemon running (pid {pid})")),
             None => out.warn("Bridge daemon not running — start it with: hermeschat-pair"),
         }

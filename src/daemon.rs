@@ -151,6 +151,16 @@ pub fn running(dir: &Path) -> Option<u32> {
     read_pid(&mut file).or_else(|| lock_holder(&file, &path)).or(Some(0))
 }
 
+/// Whether process `pid` is stopped (SIGSTOP, Ctrl-Z) or held by a debugger: its state in
+/// `/proc/<pid>/stat` is `T` or `t` (Linux; `false` elsewhere).
+pub fn suspended(pid: u32) -> bool {
+    // The state follows the command name, which is in parentheses and may hold anything.
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| matches!(rest.trim_start().chars().next(), Some('T' | 't')))
+    })
+}
+
 /// The pid holding an exclusive `flock` on `path` (open as `file`), from `/proc/locks`
 /// (Linux; `None` elsewhere or when not found). Its lines read `1: FLOCK ADVISORY WRITE <pid>
 /// <major>:<minor>:<inode> 0 EOF`. Only the inode is compared (the device numbers there

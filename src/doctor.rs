@@ -411,6 +411,9 @@ fn check_daemon(
              --service-status)",
         );
     };
+    if let Some(hop) = suspended_daemon(key, name, t, pid) {
+        return hop;
+    }
     let Some(s) = status else {
         return failed(
             key,
@@ -464,10 +467,27 @@ fn has_lan_pairing(dir: &Path) -> bool {
 
 /// The daemon in LAN-only mode: running, serving its LAN address, and that address still
 /// this machine's.
+/// The failed daemon hop of a suspended daemon (SIGSTOP, Ctrl-Z): its lock and status.json
+/// look alive, but it serves nothing.
+fn suspended_daemon(key: &'static str, name: &'static str, t: Instant, pid: u32) -> Option<Hop> {
+    crate::daemon::suspended(pid).then(|| {
+        failed(
+            key,
+            name,
+            Some(t),
+            format!("daemon pid {pid} is suspended (SIGSTOP or Ctrl-Z): it serves nothing"),
+            format!("resume it: kill -CONT {pid} (or fg in its terminal)"),
+        )
+    })
+}
+
 fn check_lan_daemon(pid: Option<u32>, s: &Status) -> Hop {
     let (key, name) = LAN_DAEMON;
     let t = Instant::now();
     let pid = pid.unwrap_or(s.pid);
+    if let Some(hop) = suspended_daemon(key, name, t, pid) {
+        return hop;
+    }
     let url = s.lan_url.clone().unwrap_or_default();
     match crate::lan::address_lost(Some(s)) {
         Some(lost) => failed(

@@ -732,6 +732,34 @@ fn stop_closes_the_lan_socket_and_the_port() {
     assert!(hop("daemon")["fix"].as_str().is_some_and(|f| f.contains("--local")), "{v}");
 }
 
+/// A suspended daemon (SIGSTOP, Ctrl-Z) keeps its lock and its last status.json: --status and
+/// --doctor say it is suspended and how to resume it, not that it serves.
+#[test]
+fn a_suspended_daemon_is_not_reported_serving() {
+    let env = Env::new();
+    let backend = Backend::start();
+    env.pair_json(&backend, &[], &[]);
+    let pid = env.pid().unwrap();
+    let signal = |sig| {
+        // SAFETY: a signal to the daemon this test started.
+        unsafe { libc::kill(pid as libc::pid_t, sig) }
+    };
+    signal(libc::SIGSTOP);
+    let run = env.run(&["--status", "--port", &backend.port.to_string()]);
+    signal(libc::SIGCONT);
+    run.assert_code(1, "--status with the daemon suspended");
+    assert!(run.stdout.contains(&format!("kill -CONT {pid}")), "{}", run.stdout);
+    signal(libc::SIGSTOP);
+    let run = env.run(&["--doctor", "--json"]);
+    signal(libc::SIGCONT);
+    let v: Value = serde_json::from_str(run.stdout.trim()).unwrap_or(Value::Null);
+    let hops = v["hops"].as_array().cloned().unwrap_or_default();
+    let daemon = hops.iter().find(|h| h["id"] == "daemon").cloned().unwrap_or(Value::Null);
+    assert_eq!(daemon["state"], "fail", "{v}");
+    assert!(daemon["detail"].as_str().is_some_and(|d| d.contains("suspended")), "{v}");
+    env.run(&["--status", "--port", &backend.port.to_string()]).assert_code(0, "resumed");
+}
+
 #[test]
 fn reset_local_forgets_every_lan_device() {
     let env = Env::new();
