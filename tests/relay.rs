@@ -2173,4 +2173,19 @@ fn behind_a_trusted_proxy_websockets_are_capped_per_client() {
         assert!(Instant::now() < deadline, "a closed socket did not give its place back");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Upgrades are logged with the forwarded client, as registry requests are, never with the
+    // proxy's address: the 101s and the 429 of the cap alike.
+    let ws_line =
+        |status: &'static str| move |v: &Value| v["path"] == "/ws/app" && v["status"] == status;
+    let refused = relay.wait_event("http", "for the 429 upgrade", ws_line("429"));
+    assert_eq!(refused["ip"], "198.51.100.7", "{refused}");
+    relay.wait_event("http", "for the other client's 101", |v| {
+        ws_line("101")(v) && v["ip"] == "198.51.100.8"
+    });
+    let upgrades = relay.events("http");
+    let upgrades: Vec<&Value> = upgrades.iter().filter(|v| v["path"] == "/ws/app").collect();
+    assert!(upgrades.len() >= 5, "{upgrades:?}");
+    for line in upgrades {
+        assert!(line["ip"] == "198.51.100.7" || line["ip"] == "198.51.100.8", "{line}");
+    }
 }

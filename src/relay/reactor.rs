@@ -736,7 +736,8 @@ impl Reactor {
         let Some((head, started)) = h.waiting.clone() else {
             return;
         };
-        let ip = *ip;
+        // Logged as registry requests are: the forwarded client behind a trusted proxy.
+        let ip = self.client_ip(*ip, &head);
         let refusal = if self.kicks.refuses(&peer, epoch) {
             Some((401, p::api_code::UNAUTHORIZED, "missing or wrong credentials for this endpoint"))
         } else if let Peer::Bridge { bridge_id, instance } = &peer {
