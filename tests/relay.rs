@@ -829,6 +829,49 @@ fn second_app_socket_replaces_4002() {
     app2.assert_round_trip("replacement");
 }
 
+/// Each `ws.close` line says the close code and who closed: the relay (with its reason), the
+/// peer, or nobody (the connection dropped: 1006). A replaced socket, a revoked one, a peer's
+/// close and a crash no longer look alike.
+#[test]
+fn ws_close_lines_carry_the_code_and_who_closed() {
+    let relay = Relay::new();
+    let api = relay.registry();
+    let mut p = pair(&relay);
+    let closed = |client: &str, code: &'static str, by: &'static str| {
+        let client = client.to_owned();
+        relay.wait_event("ws.close", &format!("{code} by {by}"), move |v| {
+            v["client"] == client.as_str() && v["code"] == code && v["by"] == by
+        })
+    };
+    // Replaced by a newer socket of the same app: 4002, the relay closed it.
+    let app2 = AppClient::connect_ok(&relay, &p.reg.bridge_id, &p.client.client_secret, true);
+    assert_eq!(p.app.wait_close(), Some(4002));
+    let line = closed(&p.client.client_id, "4002", "relay");
+    assert_eq!(line["role"], "app", "{line}");
+    assert!(line["reason"].as_str().is_some_and(|r| r.contains("replaced")), "{line}");
+    // The app closes itself (a close frame without a code: 1005).
+    app2.close();
+    closed(&p.client.client_id, "1005", "peer");
+    // Revoked: 4003.
+    let other = pair_another(&relay, &p.reg, "Other Phone");
+    let mut app3 = AppClient::connect_ok(&relay, &p.reg.bridge_id, &other.client_secret, true);
+    assert_eq!(api.revoke(&p.reg.bridge_id, &p.reg.relay_secret, &other.client_id).0, 200);
+    assert_eq!(app3.wait_close(), Some(4003));
+    closed(&other.client_id, "4003", "relay");
+    // A bridge replaced by the same instance: 4001; the newer one crashes: 1006, nobody closed.
+    let newer =
+        BridgePeer::connect_ok(&relay, &p.reg.bridge_id, &p.reg.relay_secret, "inst-1").serve();
+    assert_eq!(p.bridge.wait_closed(), Some(4001));
+    let bridge = |code: &'static str, by: &'static str| {
+        relay.wait_event("ws.close", &format!("bridge {code} by {by}"), |v| {
+            v["role"] == "bridge" && v["code"] == code && v["by"] == by
+        })
+    };
+    bridge("4001", "relay");
+    newer.kill();
+    bridge("1006", "none");
+}
+
 #[test]
 fn ws_app_without_upgrade_is_426() {
     let relay = Relay::new();

@@ -107,6 +107,38 @@ const SWEEP_EVERY: Duration = Duration::from_secs(3600);
 /// How often at most an `accept.refused` line counts the connections closed at accept.
 const REFUSED_LOG_EVERY: Duration = Duration::from_secs(60);
 
+/// How a WebSocket left routing: told in its `ws.close` line, so that an operator can tell an
+/// idle timeout or a replacement from a dropped connection.
+enum Closed<'a> {
+    /// The relay sent a close frame with this code and reason.
+    ByRelay(u16, &'a str),
+    /// The peer sent a close frame, with a code or without one.
+    ByPeer(Option<u16>),
+    /// The connection ended with no close frame (reset, EOF, a failed write, a broken frame).
+    Dropped(&'a str),
+}
+
+impl Closed<'_> {
+    /// Writes the `ws.close` line of the socket `ids` name: its `code`, who closed it (`by`)
+    /// and, when the relay knows it, the `reason`. Without a close frame the codes RFC 6455
+    /// reserves for reporting stand in: 1005 (a close frame without a code), 1006 (none at
+    /// all). A peer's own reason is not logged: it is the peer's text, of any length.
+    fn log(&self, ids: &[(&str, &str)]) {
+        let (code, by, reason) = match *self {
+            Closed::ByRelay(code, reason) => (code, "relay", reason),
+            Closed::ByPeer(code) => (code.unwrap_or(1005), "peer", ""),
+            Closed::Dropped(why) => (1006, "none", why),
+        };
+        let code = code.to_string();
+        let mut fields = ids.to_vec();
+        fields.extend([("code", code.as_str()), ("by", by)]);
+        if !reason.is_empty() {
+            fields.push(("reason", reason));
+        }
+        log_event("ws.close", &fields);
+    }
+}
+
 /// What happens after an HTTP response is written.
 enum After {
     KeepAlive,
@@ -309,7 +341,7 @@ impl Reactor {
                 if ev.key == LISTENER {
                     self.accept();
                 } else if ev.readable && self.unread_socket_hung_up(ev.key) {
-                    self.detach(ev.key);
+                    self.detach(ev.key, Closed::Dropped("hung up while paused"));
                     self.remove(ev.key);
                 } else {
                     if ev.readable {
@@ -893,14 +925,14 @@ impl Reactor {
                 self.remove(id);
                 return;
             }
-            Some(Ended::Failed(_)) => {
-                self.detach(id);
+            Some(Ended::Failed(e)) => {
+                self.detach(id, Closed::Dropped(&e.to_string()));
                 self.remove(id);
                 return;
             }
             // The peer's close: answered (unless it answers ours), then the socket is dropped.
             Some(Ended::Closed(frame)) => {
-                self.detach(id);
+                self.detach(id, Closed::ByPeer(frame.as_ref().map(|f| u16::from(f.code))));
                 if let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id)
                     && w.closing.is_none()
                 {
@@ -1007,7 +1039,7 @@ impl Reactor {
         }
         let resume = if after <= limit / 2 { std::mem::take(&mut w.waiters) } else { Vec::new() };
         if broken {
-            self.detach(id);
+            self.detach(id, Closed::Dropped("writing to the socket failed"));
             self.remove(id);
         } else {
             self.set_interest(id);
@@ -1055,7 +1087,7 @@ impl Reactor {
             Some(Conn { io: Io::Ws(w), .. }) if w.closing.is_none() => {}
             _ => return,
         }
-        self.detach(id);
+        self.detach(id, Closed::ByRelay(code, reason));
         let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) else {
             return;
         };
@@ -1405,8 +1437,8 @@ impl Reactor {
 
     /// Detaches a socket from routing: a bridge's open requests end with
     /// `BRIDGE_DISCONNECTED` and its apps hear `bridge.status` offline; an app's bridge hears
-    /// `client.disconnected`.
-    fn detach(&mut self, id: ConnId) {
+    /// `client.disconnected`. `how` is told in the `ws.close` line.
+    fn detach(&mut self, id: ConnId, how: Closed<'_>) {
         let Some(peer) = self.peer_of(id) else { return };
         // Mark the socket as leaving routing before notifying others. Nothing is queued to it
         // any more, so the sockets paused for its queue are read again.
@@ -1427,7 +1459,7 @@ impl Reactor {
                 route.open = 0;
                 let apps: Vec<String> = route.apps.iter().cloned().collect();
                 self.shared.presence().bridges.remove(&bridge_id);
-                log_event("ws.close", &[("role", "bridge"), ("bridge", &bridge_id)]);
+                how.log(&[("role", "bridge"), ("bridge", &bridge_id)]);
                 for client in apps {
                     let Some(app) = self.apps.get_mut(&client) else {
                         continue;
@@ -1454,10 +1486,7 @@ impl Reactor {
                 };
                 self.shared.presence().apps.remove(&client_id);
                 let _ = self.jobs.try_send(Job::Touch { client_id: client_id.clone() });
-                log_event(
-                    "ws.close",
-                    &[("role", "app"), ("bridge", &bridge_id), ("client", &client_id)],
-                );
+                how.log(&[("role", "app"), ("bridge", &bridge_id), ("client", &client_id)]);
                 let bridge_conn = self.bridges.get_mut(&bridge_id).and_then(|r| {
                     r.apps.remove(&client_id);
                     r.open = r.open.saturating_sub(app.open.len());
@@ -1580,7 +1609,8 @@ impl Reactor {
             }
         }
         for id in expired {
-            self.detach(id);
+            // WebSockets here were detached when their close began (nothing is logged again).
+            self.detach(id, Closed::Dropped("deadline passed"));
             self.remove(id);
         }
         for id in idle_socks {
