@@ -765,6 +765,20 @@ fn ws_role_and_bridge_refusals() {
         &[401],
         "no token on /ws/bridge",
     );
+    // Each refusal's access line names the bridge the upgrade was for (never a token); a
+    // malformed bridgeId is not logged.
+    let refused = |status: &'static str, bridge: &str| {
+        let bridge = bridge.to_owned();
+        relay.wait_event("http", &format!("{status} for {bridge}"), move |v| {
+            v["status"] == status && v["bridge"] == bridge.as_str()
+        })
+    };
+    refused("401", &a.bridge_id);
+    refused("404", UNKNOWN_BRIDGE);
+    let garbled = format!("ws://{}/ws/app?bridgeId=zz{}", relay.addr, a.bridge_id);
+    expect_refused(ws_connect(&garbled, &[]), &[400], "a malformed bridgeId");
+    let line = relay.wait_event("http", "400 for the malformed bridgeId", |v| v["status"] == "400");
+    assert!(line.get("bridge").is_none(), "{line}");
     // the legitimate pair still works after all that
     let _bridge = BridgePeer::connect_ok(&relay, &a.bridge_id, &a.relay_secret, "i").serve();
     api.wait_bridge_online(&a.bridge_id, &a.relay_secret, true);

@@ -171,18 +171,22 @@ pub fn worker(jobs: Arc<JobReceiver>, shared: Arc<Shared>) {
     }
 }
 
-/// Writes one access-log line. Paths are logged without their query; no header is logged.
+/// Writes one access-log line. Paths are logged without their query; no header is logged. The
+/// query's `bridgeId` is, when it is well formed (an id, public by the protocol): a refused
+/// upgrade then names the bridge it was for.
 pub fn access_log(head: &Head, status: u16, ip: IpAddr, started: Instant) {
-    log_event(
-        "http",
-        &[
-            ("method", &head.method),
-            ("path", head.path()),
-            ("status", &status.to_string()),
-            ("ms", &format!("{:.2}", started.elapsed().as_secs_f64() * 1e3)),
-            ("ip", &ip.to_string()),
-        ],
+    let (status, ms, ip) = (
+        status.to_string(),
+        format!("{:.2}", started.elapsed().as_secs_f64() * 1e3),
+        ip.to_string(),
     );
+    let mut fields =
+        vec![("method", head.method.as_str()), ("path", head.path()), ("status", &status)];
+    if let Some(bridge) = head.query("bridgeId").filter(|id| p::is_bridge_id(id)) {
+        fields.push(("bridge", bridge));
+    }
+    fields.extend([("ms", ms.as_str()), ("ip", ip.as_str())]);
+    log_event("http", &fields);
 }
 
 /// A handler's reply: status and JSON body, or an authenticated upgrade.
