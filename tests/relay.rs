@@ -1976,6 +1976,7 @@ fn one_address_holds_at_most_its_share_of_connections_and_loopback_is_not_counte
                 line["over_max_connections_per_ip"].as_str().unwrap().parse().unwrap();
             assert!(refused >= 1, "{line}");
             assert_eq!(line["over_max_connections"], "0", "{line}");
+            assert_eq!(line["ip"], ip.to_string(), "the source is named: {line}");
             break;
         }
         assert!(Instant::now() < deadline, "no accept.refused line: {:?}", relay.logs());
@@ -2245,4 +2246,7 @@ fn behind_a_trusted_proxy_websockets_are_capped_per_client() {
     for line in upgrades {
         assert!(line["ip"] == "198.51.100.7" || line["ip"] == "198.51.100.8", "{line}");
     }
+    // The refusal is counted under the client it names.
+    let line = relay.wait_event("accept.refused", "for the capped client", |_| true);
+    assert_eq!((&line["ip"], &line["sources"]), (&json!("198.51.100.7"), &json!("1")), "{line}");
 }

@@ -29,7 +29,7 @@ use crate::wsout::{WsOut, would_block};
 use crate::wsread::{Ended, Incoming, ReadError, WsReader, close_reply};
 
 use super::kicks::{self, Kicks};
-use super::ratelimit::source;
+use super::ratelimit::{source, source_label};
 use super::registry::{Job, JobSender, Outcome, Refused, access_log};
 use super::{ConnId, Peer, Shared, ToReactor, log_event};
 use crate::http::{self, Head, Parsed};
@@ -106,6 +106,67 @@ const SWEEP_EVERY: Duration = Duration::from_secs(3600);
 
 /// How often at most an `accept.refused` line counts the connections closed at accept.
 const REFUSED_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Sources whose refusals an `accept.refused` line counts one by one, at most: bounds memory
+/// under a flood from many addresses (the totals still count them all).
+const REFUSED_SOURCES: usize = 1024;
+
+/// Connections closed at accept (and WebSockets refused 429 for their client's cap) since the
+/// last `accept.refused` line, by cap and by source.
+#[derive(Default)]
+struct AcceptRefusals {
+    /// Over `--max-connections`.
+    over_total: u64,
+    /// Over `--max-connections-per-ip`.
+    over_per_ip: u64,
+    /// Refusals per source (an IPv4 address, an IPv6 /64), of [`REFUSED_SOURCES`] at most.
+    by_source: FastMap<IpAddr, u64>,
+    /// Some refusals came from sources past [`REFUSED_SOURCES`].
+    more_sources: bool,
+}
+
+impl AcceptRefusals {
+    /// Counts one refusal of a connection from `ip`: over the per-source cap, or the total one.
+    fn count(&mut self, per_ip: bool, ip: IpAddr) {
+        if per_ip {
+            self.over_per_ip += 1;
+        } else {
+            self.over_total += 1;
+        }
+        let from = source(ip);
+        if let Some(n) = self.by_source.get_mut(&from) {
+            *n += 1;
+        } else if self.by_source.len() < REFUSED_SOURCES {
+            self.by_source.insert(from, 1);
+        } else {
+            self.more_sources = true;
+        }
+    }
+
+    /// Writes the `accept.refused` line (the source refused most named, so that an operator
+    /// sees whether one address or many hit the caps) and starts counting anew.
+    fn log(&mut self) {
+        let counted = std::mem::take(self);
+        let top = counted.by_source.iter().max_by_key(|&(_, n)| *n);
+        let (ip, ip_count) = top.map_or((String::new(), 0), |(s, n)| (source_label(*s), *n));
+        let sources = counted.by_source.len().to_string();
+        let sources = if counted.more_sources { format!("{sources}+") } else { sources };
+        log_event(
+            "accept.refused",
+            &[
+                ("over_max_connections", &counted.over_total.to_string()),
+                ("over_max_connections_per_ip", &counted.over_per_ip.to_string()),
+                ("ip", &ip),
+                ("ipCount", &ip_count.to_string()),
+                ("sources", &sources),
+                (
+                    "next",
+                    "raise --max-connections or --max-connections-per-ip if these are your users",
+                ),
+            ],
+        );
+    }
+}
 
 /// How a WebSocket left routing: told in its `ws.close` line, so that an operator can tell an
 /// idle timeout or a replacement from a dropped connection.
@@ -254,9 +315,8 @@ pub struct Reactor {
     kicks: Kicks,
     /// Open connections per counted source (`--max-connections-per-ip`).
     per_source: FastMap<IpAddr, u32>,
-    /// Connections closed at accept since the last `accept.refused` line: over
-    /// `--max-connections`, over `--max-connections-per-ip`.
-    refused: (u64, u64),
+    /// Connections closed at accept since the last `accept.refused` line.
+    refused: AcceptRefusals,
     /// When the last `accept.refused` line was written.
     refused_logged: Option<Instant>,
     /// When the next [`Job::Sweep`] is due.
@@ -302,7 +362,7 @@ impl Reactor {
             accept_paused_until: None,
             kicks: Kicks::default(),
             per_source: FastMap::default(),
-            refused: (0, 0),
+            refused: AcceptRefusals::default(),
             refused_logged: None,
             next_sweep: Instant::now(),
             reading: None,
@@ -402,13 +462,13 @@ impl Reactor {
                 }
             };
             if self.conns.len() >= self.shared.config.max_connections {
-                self.refused.0 += 1;
+                self.refused.count(false, addr.ip());
                 continue;
             }
             let cap = self.shared.config.max_connections_per_ip;
             if self.counted_source(addr.ip()).is_some_and(|s| self.per_source.get(&s) >= Some(&cap))
             {
-                self.refused.1 += 1;
+                self.refused.count(true, addr.ip());
                 continue;
             }
             if tcp.set_nonblocking(true).is_err() {
@@ -797,7 +857,7 @@ impl Reactor {
         let cap = self.shared.config.max_connections_per_ip;
         let refusal = match client {
             Some(s) if self.per_source.get(&s).is_some_and(|&n| n >= cap) => {
-                self.refused.1 += 1;
+                self.refused.count(true, s);
                 Some((
                     429,
                     p::api_code::RATE_LIMITED,
@@ -1551,21 +1611,10 @@ impl Reactor {
             self.next_sweep = now + SWEEP_EVERY;
         }
         // Refusals are counted, and told at most once a minute: a flood must not flood the log.
-        if self.refused != (0, 0)
+        if (self.refused.over_total, self.refused.over_per_ip) != (0, 0)
             && self.refused_logged.is_none_or(|t| now.duration_since(t) >= REFUSED_LOG_EVERY)
         {
-            let (total, per_ip) = std::mem::take(&mut self.refused);
-            log_event(
-                "accept.refused",
-                &[
-                    ("over_max_connections", &total.to_string()),
-                    ("over_max_connections_per_ip", &per_ip.to_string()),
-                    (
-                        "next",
-                        "raise --max-connections or --max-connections-per-ip if these are your users",
-                    ),
-                ],
-            );
+            self.refused.log();
             self.refused_logged = Some(now);
         }
         if self.accept_paused_until.is_some_and(|t| now >= t) {
