@@ -1984,6 +1984,28 @@ fn one_address_holds_at_most_its_share_of_connections_and_loopback_is_not_counte
     }
 }
 
+/// The `listening` line says what the relay runs with: its data directory, whether it trusts
+/// a proxy, its limits (no secret: the configuration holds none).
+#[test]
+fn the_listening_line_shows_the_settings_in_use() {
+    let relay = Relay::start(&["--trust-proxy", "--max-connections-per-ip", "7"]);
+    let line = relay.wait_event("listening", "", |_| true);
+    assert_eq!(line["data"], relay.data_dir.display().to_string(), "{line}");
+    let want = [
+        ("trustProxy", "true"),
+        ("tls", "false"),
+        ("maxConnectionsPerIp", "7"),
+        ("rateRegister", "10000"),
+        ("codeTtlSecs", "600"),
+        ("handshakeTimeoutSecs", "10"),
+    ];
+    for (field, value) in want {
+        assert_eq!(line[field], value, "{field}: {line}");
+    }
+    let max: u64 = line["maxConnections"].as_str().and_then(|n| n.parse().ok()).unwrap_or(0);
+    assert!(max >= 1, "{line}");
+}
+
 /// A registration whose bridge never connected, with no client, is deleted after a day (the
 /// sweep runs at start and then hourly); a bridge that connected once stays.
 #[test]

@@ -81,6 +81,23 @@ impl RelayConfig {
             limits: Limits::default(),
         }
     }
+
+    /// The settings the `listening` line reports, so that the log shows what a relay ran with
+    /// (never a secret: there is none in the configuration).
+    pub fn log_fields(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("data", self.data.display().to_string()),
+            ("tls", self.tls.is_some().to_string()),
+            ("trustProxy", self.trust_proxy.to_string()),
+            ("maxConnections", self.max_connections.to_string()),
+            ("maxConnectionsPerIp", self.max_connections_per_ip.to_string()),
+            ("rateRegister", self.rate_register.to_string()),
+            ("rateVerify", self.rate_verify.to_string()),
+            ("codeTtlSecs", self.code_ttl.as_secs().to_string()),
+            ("handshakeTimeoutSecs", self.handshake_timeout.as_secs().to_string()),
+            ("workers", self.workers.max(1).to_string()),
+        ]
+    }
 }
 
 /// A connection's identity inside the reactor (also its poller key).

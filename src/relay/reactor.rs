@@ -373,15 +373,15 @@ impl Reactor {
 
     /// Runs until the stop flag is set, then shuts down cleanly.
     pub fn run(mut self) -> io::Result<()> {
-        let addr = self.listener.local_addr()?;
-        log_event(
-            "listening",
-            &[
-                ("addr", &addr.to_string()),
-                ("publicUrl", &self.shared.public_url),
-                ("version", env!("CARGO_PKG_VERSION")),
-            ],
-        );
+        let addr = self.listener.local_addr()?.to_string();
+        let settings = self.shared.config.log_fields();
+        let mut fields = vec![
+            ("addr", addr.as_str()),
+            ("publicUrl", &self.shared.public_url),
+            ("version", env!("CARGO_PKG_VERSION")),
+        ];
+        fields.extend(settings.iter().map(|(k, v)| (*k, v.as_str())));
+        log_event("listening", &fields);
         let mut events = Events::new();
         let tick = Duration::from_secs(1);
         let mut next_tick = Instant::now() + tick;
