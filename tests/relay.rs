@@ -1854,12 +1854,15 @@ fn a_bridge_paused_for_an_app_that_left_is_read_again() {
 /// flood of idle connections is turned away by the cap, not by `accept` failing for want of
 /// descriptors (which, level-triggered, used to spin the loop and flood the log); once the
 /// flood goes, it serves again.
-#[test]
-fn a_low_open_file_limit_lowers_the_connection_cap_instead_of_failing_accepts() {
+/// A relay started with an open-file limit of 100 and `args`: the process, and its stderr
+/// lines as they come.
+fn relay_with_100_descriptors(
+    data: &std::path::Path,
+    args: &[&str],
+) -> (std::process::Child, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
     use std::os::unix::process::CommandExt;
-    let data = fresh_dir("fdlimit");
     let mut cmd = std::process::Command::new(bin_path());
-    cmd.args(["--listen", "127.0.0.1:0", "--data"]).arg(&data);
+    cmd.args(["--listen", "127.0.0.1:0", "--data"]).arg(data).args(args);
     cmd.stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
@@ -1883,21 +1886,35 @@ fn a_low_open_file_limit_lowers_the_connection_cap_instead_of_failing_accepts() 
             sink.lock().unwrap().push(line);
         }
     });
-    let find = |event: &str| -> Option<Value> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let found = lines.lock().unwrap().iter().find_map(|l| {
+    (child, lines)
+}
+
+/// The first line of `event` among `lines`, waiting at most 10 s for it.
+fn find_event(lines: &std::sync::Mutex<Vec<String>>, event: &str) -> Option<Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let found =
+            lines.lock().unwrap().iter().find_map(|l| {
                 serde_json::from_str::<Value>(l).ok().filter(|v| v["event"] == event)
             });
-            if found.is_some() || Instant::now() > deadline {
-                return found;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if found.is_some() || Instant::now() > deadline {
+            return found;
         }
-    };
-    let cap = find("config.max_connections").expect("no config.max_connections line");
-    assert_eq!(cap["used"], "36", "100 descriptors less the 64 kept back: {cap}");
-    let addr = find("listening").expect("not listening")["addr"].as_str().unwrap().to_owned();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_low_open_file_limit_lowers_the_connection_cap_instead_of_failing_accepts() {
+    let data = fresh_dir("fdlimit");
+    // The default cap is fitted to the limit without a warning (a default setup starts
+    // clean); the listening line shows the cap in use.
+    let (mut child, lines) = relay_with_100_descriptors(&data, &[]);
+    let listening = find_event(&lines, "listening").expect("not listening");
+    assert_eq!(listening["maxConnections"], "36", "100 descriptors less the 64 kept back");
+    let warned = lines.lock().unwrap().iter().any(|l| l.contains("config.max_connections"));
+    assert!(!warned, "the default cap was warned about: {:?}", lines.lock().unwrap());
+    let addr = listening["addr"].as_str().unwrap().to_owned();
     // More idle connections than descriptors.
     let flood: Vec<TcpStream> = (0..150).filter_map(|_| TcpStream::connect(&addr).ok()).collect();
     std::thread::sleep(Duration::from_millis(500));
@@ -1908,6 +1925,12 @@ fn a_low_open_file_limit_lowers_the_connection_cap_instead_of_failing_accepts() 
     // The closed connections are read as closed and dropped at once.
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(api.health().0, 200, "the relay does not serve after the flood");
+    let _ = child.kill();
+    let _ = child.wait();
+    // A cap the operator chose that the limit cannot meet is lowered with a warning.
+    let (mut child, lines) = relay_with_100_descriptors(&data, &["--max-connections", "50"]);
+    let cap = find_event(&lines, "config.max_connections").expect("no config.max_connections");
+    assert_eq!((&cap["requested"], &cap["used"]), (&json!("50"), &json!("36")), "{cap}");
     let _ = child.kill();
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&data);

@@ -237,6 +237,7 @@ fn config_from(given: &Given) -> Result<RelayConfig, String> {
     }
     if let Some(s) = &given.max_conns {
         config.max_connections = parse_num(s)?;
+        config.max_connections_set = true;
         if config.max_connections == 0 {
             return Err(format!(
                 "{}: 0 would refuse every connection: give at least 1 (the default is 20000)",

@@ -52,8 +52,12 @@ pub struct RelayConfig {
     pub trust_proxy: bool,
     /// Registry worker threads.
     pub workers: usize,
-    /// Open connections at most; more are closed at accept.
+    /// Open connections at most; more are closed at accept. Lowered to what the open-file
+    /// limit allows when the relay binds.
     pub max_connections: usize,
+    /// The operator chose `max_connections` (a flag or variable): only then is lowering it
+    /// worth a warning. The default is "as many as the open-file limit allows, up to 20 000".
+    pub max_connections_set: bool,
     /// Open connections from one source (an IPv4 address, an IPv6 /64) at most; more are
     /// closed at accept. Loopback sources are not counted, nor any with `trust_proxy` (every
     /// connection then comes from the proxy). 0: no cap.
@@ -77,6 +81,7 @@ impl RelayConfig {
             trust_proxy: false,
             workers: 2,
             max_connections: 20_000,
+            max_connections_set: false,
             max_connections_per_ip: 256,
             limits: Limits::default(),
         }
@@ -259,7 +264,8 @@ impl Relay {
     /// Binds the listener, opens the store and loads TLS material, so that every configuration
     /// error surfaces before the relay reports itself ready.
     pub fn bind(mut config: RelayConfig) -> io::Result<Relay> {
-        config.max_connections = fit_to_fd_limit(config.max_connections);
+        config.max_connections =
+            fit_to_fd_limit(config.max_connections, config.max_connections_set);
         // 0700 and ours: whoever can write there can swap the store for one of their own. A
         // directory a container or volume set up otherwise (another owner, a shared group)
         // is used all the same, with a warning: refusing would take the relay down.
@@ -352,8 +358,10 @@ const FD_RESERVE: u64 = 64;
 
 /// Raises the soft open-file limit to the hard one (as Go's runtime does for servers) and
 /// lowers `max_connections` to what it allows, so that the connection cap, not `accept`
-/// failing for want of descriptors, is what turns clients away.
-fn fit_to_fd_limit(max_connections: usize) -> usize {
+/// failing for want of descriptors, is what turns clients away. Lowering a cap the operator
+/// `set` is logged; lowering the default is not (a common `ulimit -n` of 20 000 is 64 short of
+/// it on every start), and the `listening` line shows the cap in use either way.
+fn fit_to_fd_limit(max_connections: usize, set: bool) -> usize {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: `lim` is a valid, writable rlimit for the duration of the call.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
@@ -378,6 +386,9 @@ fn fit_to_fd_limit(max_connections: usize) -> usize {
         return max_connections;
     }
     let fit = room.max(1);
+    if !set {
+        return fit;
+    }
     log_event(
         "config.max_connections",
         &[
