@@ -765,20 +765,6 @@ fn ws_role_and_bridge_refusals() {
         &[401],
         "no token on /ws/bridge",
     );
-    // Each refusal's access line names the bridge the upgrade was for (never a token); a
-    // malformed bridgeId is not logged.
-    let refused = |status: &'static str, bridge: &str| {
-        let bridge = bridge.to_owned();
-        relay.wait_event("http", &format!("{status} for {bridge}"), move |v| {
-            v["status"] == status && v["bridge"] == bridge.as_str()
-        })
-    };
-    refused("401", &a.bridge_id);
-    refused("404", UNKNOWN_BRIDGE);
-    let garbled = format!("ws://{}/ws/app?bridgeId=zz{}", relay.addr, a.bridge_id);
-    expect_refused(ws_connect(&garbled, &[]), &[400], "a malformed bridgeId");
-    let line = relay.wait_event("http", "400 for the malformed bridgeId", |v| v["status"] == "400");
-    assert!(line.get("bridge").is_none(), "{line}");
     // the legitimate pair still works after all that
     let _bridge = BridgePeer::connect_ok(&relay, &a.bridge_id, &a.relay_secret, "i").serve();
     api.wait_bridge_online(&a.bridge_id, &a.relay_secret, true);
@@ -790,6 +776,103 @@ fn ws_role_and_bridge_refusals() {
         &client_a.client_secret,
         &ca.access_code,
     ]);
+}
+
+/// A refused upgrade's access line names the bridge it was for (401, 404, 409; never a
+/// token); a malformed bridgeId is not logged.
+#[test]
+fn refused_upgrades_name_their_bridge_in_the_log() {
+    let relay = Relay::new();
+    let p = pair(&relay);
+    let refused = |status: &'static str, bridge: &str| {
+        let bridge = bridge.to_owned();
+        relay.wait_event("http", &format!("{status} for {bridge}"), move |v| {
+            v["status"] == status && v["bridge"] == bridge.as_str()
+        })
+    };
+    let wrong = format!("Bearer hcs_{}", "0".repeat(64));
+    let url = relay.app_ws_url(&p.reg.bridge_id);
+    expect_refused(ws_connect(&url, &[("Authorization", &wrong)]), &[401], "a wrong token");
+    refused("401", &p.reg.bridge_id);
+    expect_refused(
+        AppClient::connect(&relay, UNKNOWN_BRIDGE, &p.client.client_secret),
+        &[401, 404],
+        "unknown bridge on /ws/app",
+    );
+    refused("404", UNKNOWN_BRIDGE);
+    expect_refused(
+        BridgePeer::connect(&relay, &p.reg.bridge_id, &p.reg.relay_secret, "inst-2"),
+        &[409],
+        "second instance",
+    );
+    refused("409", &p.reg.bridge_id);
+    let garbled = format!("ws://{}/ws/app?bridgeId=zz{}", relay.addr, p.reg.bridge_id);
+    expect_refused(ws_connect(&garbled, &[]), &[400], "a malformed bridgeId");
+    let line = relay.wait_event("http", "400 for the malformed bridgeId", |v| v["status"] == "400");
+    assert!(line.get("bridge").is_none(), "{line}");
+    relay.assert_no_secret_in_logs(&[&p.client.client_secret, &p.reg.relay_secret, &wrong[7..]]);
+}
+
+/// Opens `/ws/app` of `bridge` with a wrong token (the `n`th) as the client `from` (behind a
+/// trusted proxy) over a raw connection, and returns the status the relay answered.
+fn wrong_token_upgrade(relay: &Relay, bridge: &str, from: &str, n: usize) -> String {
+    let request = format!(
+        "GET /ws/app?bridgeId={bridge} HTTP/1.1\r\nHost: relay\r\nConnection: Upgrade\r\n\
+         Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Authorization: Bearer hcs_{n:064x}\r\nX-Forwarded-For: {from}\r\n\r\n"
+    );
+    let answer = raw_exchange(&relay.addr, request.as_bytes(), RECV_TIMEOUT);
+    String::from_utf8_lossy(answer.get(9..12).unwrap_or_default()).into_owned()
+}
+
+/// A flood of refused upgrades from one client writes a few access lines, then only counts:
+/// one `http.suppressed` line a minute (here at shutdown, which tells what it left out). The
+/// client's successful requests, and another client's refusals, are still logged.
+#[test]
+fn a_refusal_flood_writes_a_few_lines_per_source_and_counts_the_rest() {
+    let mut relay = Relay::start(&["--trust-proxy"]);
+    let bridge = relay.registry().register_ok("flooded").bridge_id;
+    for n in 0..200 {
+        assert_eq!(wrong_token_upgrade(&relay, &bridge, "203.0.113.5", n), "401");
+    }
+    for n in 0..2 {
+        assert_eq!(wrong_token_upgrade(&relay, &bridge, "10.0.0.1, 198.51.100.7", n), "401");
+    }
+    let api = relay.registry();
+    let ok = api.call_with_headers(
+        "GET",
+        "/v1/health",
+        None,
+        &[("X-Forwarded-For", "203.0.113.5")],
+        None,
+    );
+    assert_eq!(ok.status, 200);
+    relay.wait_event("http", "for the health check", |v| v["path"] == "/v1/health");
+    relay.stop_and_check_logs(&[]);
+    let lines = relay.events("http");
+    let refused = |ip: &str| -> Vec<&Value> {
+        lines.iter().filter(|v| v["ip"] == ip && v["status"] == "401").collect()
+    };
+    let flooder = refused("203.0.113.5");
+    assert_eq!(
+        flooder.len(),
+        5,
+        "401 lines of the flooding client; the first: {:?}",
+        flooder.first()
+    );
+    assert!(
+        flooder[4]["more"].as_str().is_some_and(|m| m.contains("http.suppressed")),
+        "{}",
+        flooder[4]
+    );
+    assert_eq!(refused("198.51.100.7").len(), 2, "another client's refusals are its own");
+    let suppressed = relay.events("http.suppressed");
+    assert_eq!(suppressed.len(), 1, "{suppressed:?}");
+    let want = json!({"ip": "203.0.113.5", "suppressed": "195", "statuses": "401:195"});
+    for field in ["ip", "suppressed", "statuses"] {
+        assert_eq!(suppressed[0][field], want[field], "{}", suppressed[0]);
+    }
 }
 
 #[test]

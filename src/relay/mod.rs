@@ -7,11 +7,13 @@
 //! - [`registry`] — a small worker pool answering the registry API and authenticating upgrades
 //!   against the [`store`] (SQLite), so disk never stalls routing;
 //! - [`ratelimit`] — per-IP limits for the unauthenticated routes;
+//! - [`refusals`] — a bound on the log lines of refused requests;
 //! - [`kicks`] — revocations remembered so that no upgrade checked before one attaches after it.
 
 pub mod kicks;
 pub mod ratelimit;
 pub mod reactor;
+pub mod refusals;
 pub mod registry;
 pub mod store;
 
@@ -173,6 +175,8 @@ pub struct Shared {
     pub register_limit: RateLimiter,
     /// Limits `POST /v1/pair/verify`.
     pub verify_limit: RateLimiter,
+    /// Bounds the access lines of refused requests.
+    pub refusals: refusals::RefusalLog,
     presence: Mutex<Presence>,
     /// Revocations (revokes and bridge deletions) committed so far: see [`kicks`].
     revocations: AtomicU64,
@@ -300,6 +304,7 @@ impl Relay {
         let shared = Arc::new(Shared {
             register_limit: RateLimiter::new(config.rate_register),
             verify_limit: RateLimiter::new(config.rate_verify),
+            refusals: refusals::RefusalLog::default(),
             config,
             public_url,
             presence: Mutex::new(Presence::default()),

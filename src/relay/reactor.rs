@@ -868,11 +868,11 @@ impl Reactor {
         };
         if let Some((status, code, message)) = refusal {
             let body = serde_json::to_string(&p::ApiError::new(code, message)).unwrap_or_default();
-            access_log(&head, status, ip, started);
+            access_log(&self.shared, &head, status, ip, started);
             self.http_respond(id, http::json_response(status, &body, true), After::Close);
             return;
         }
-        access_log(&head, 101, ip, started);
+        access_log(&self.shared, &head, 101, ip, started);
         if let Some(s) = client
             && let Some(conn) = self.conns.get_mut(&id)
         {
@@ -1617,6 +1617,7 @@ impl Reactor {
             self.refused.log();
             self.refused_logged = Some(now);
         }
+        self.shared.refusals.flush(now);
         if self.accept_paused_until.is_some_and(|t| now >= t) {
             self.accept_paused_until = None;
             self.watch_listener(true);
