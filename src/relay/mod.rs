@@ -431,9 +431,78 @@ fn load_tls(cert: &std::path::Path, key: &std::path::Path) -> io::Result<native_
         std::fs::read(p)
             .map_err(|e| io::Error::new(e.kind(), format!("cannot read {}: {e}", p.display())))
     };
-    let identity = native_tls::Identity::from_pkcs8(&read(cert)?, &read(key)?).map_err(|e| {
-        io::Error::other(format!("invalid TLS certificate or key (PEM, PKCS#8 key expected): {e}"))
+    let key_pem = read(key)?;
+    // native-tls wants the key's PEM block first in the file: text before it (openssl's "Bag
+    // Attributes", an "EC PARAMETERS" block) is skipped rather than refused.
+    let pkcs8 = find(&key_pem, PKCS8_LABEL).map_or(&key_pem[..], |at| &key_pem[at..]);
+    let identity = native_tls::Identity::from_pkcs8(&read(cert)?, pkcs8).map_err(|e| {
+        io::Error::other(match key_form_hint(&key_pem, key) {
+            Some(hint) => hint,
+            None => format!("invalid TLS certificate or key (PEM, PKCS#8 key expected): {e}"),
+        })
     })?;
     native_tls::TlsAcceptor::new(identity)
         .map_err(|e| io::Error::other(format!("TLS setup failed: {e}")))
+}
+
+/// How a PKCS#8 PEM key begins, the only form native-tls loads.
+const PKCS8_LABEL: &[u8] = b"-----BEGIN PRIVATE KEY-----";
+
+/// Where `needle` first occurs in `haystack`.
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Why a key file native-tls refused is not PKCS#8, with the command that converts it, when
+/// its PEM label names another form (SEC1 and PKCS#1 are what `openssl ecparam`/`genrsa`
+/// and older tools write); `None` when the label says nothing useful.
+fn key_form_hint(pem: &[u8], path: &std::path::Path) -> Option<String> {
+    let shown = path.display().to_string();
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/._-+,:@".contains(c);
+    let quoted = if shown.chars().all(plain) {
+        shown.clone()
+    } else {
+        format!("'{}'", shown.replace('\'', r"'\''"))
+    };
+    let (form, command) = if find(pem, PKCS8_LABEL).is_some() {
+        return None;
+    } else if find(pem, b"-----BEGIN EC PRIVATE KEY-----").is_some() {
+        ("an EC key in SEC1 form (BEGIN EC PRIVATE KEY)", "openssl pkcs8 -topk8 -nocrypt")
+    } else if find(pem, b"-----BEGIN RSA PRIVATE KEY-----").is_some() {
+        ("an RSA key in PKCS#1 form (BEGIN RSA PRIVATE KEY)", "openssl pkcs8 -topk8 -nocrypt")
+    } else if find(pem, b"-----BEGIN ENCRYPTED PRIVATE KEY-----").is_some() {
+        ("an encrypted key (BEGIN ENCRYPTED PRIVATE KEY)", "openssl pkcs8")
+    } else {
+        return None;
+    };
+    Some(format!(
+        "--tls-key {shown} holds {form}, and the relay reads unencrypted PKCS#8 keys (BEGIN \
+         PRIVATE KEY): convert it with `{command} -in {quoted} -out key.pk8.pem` and pass \
+         --tls-key key.pk8.pem (convert it again whenever the key is renewed)"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_in_another_form_is_named_with_the_command_that_converts_it() {
+        let path = std::path::Path::new("/etc/ssl/my key.pem");
+        let hint = |pem: &str| key_form_hint(pem.as_bytes(), path);
+        let sec1 = hint("-----BEGIN EC PARAMETERS-----\nBggq\n-----END EC PARAMETERS-----\n-----BEGIN EC PRIVATE KEY-----\n").unwrap();
+        assert!(sec1.contains("SEC1"), "{sec1}");
+        assert!(
+            sec1.contains(
+                "openssl pkcs8 -topk8 -nocrypt -in '/etc/ssl/my key.pem' -out key.pk8.pem"
+            ),
+            "{sec1}"
+        );
+        let pkcs1 = hint("-----BEGIN RSA PRIVATE KEY-----\n").unwrap();
+        assert!(pkcs1.contains("PKCS#1") && pkcs1.contains("-topk8 -nocrypt"), "{pkcs1}");
+        let encrypted = hint("-----BEGIN ENCRYPTED PRIVATE KEY-----\n").unwrap();
+        assert!(encrypted.contains("`openssl pkcs8 -in '/etc/ssl/my key.pem'"), "{encrypted}");
+        assert_eq!(hint("-----BEGIN PRIVATE KEY-----\n"), None);
+        assert_eq!(hint("garbage"), None);
+    }
 }
