@@ -49,7 +49,7 @@ OPTIONS (each also as an environment variable):
                                                              [HERMESCHAT_RELAY_MAX_CONNECTIONS_PER_IP, default 256]
     --print-systemd-unit     print a hardened systemd unit running this binary with these settings
                              (the store in /var/lib/hermeschat-relay, or --data /var/lib/NAME)
-                             and exit; run it from /usr/local/bin, not from a home directory
+                             and exit; run it from /usr/local/bin, not from a home or /tmp
     -h, --help               print this help
     -V, --version            print the version
 
