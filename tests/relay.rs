@@ -778,6 +778,103 @@ fn ws_role_and_bridge_refusals() {
     ]);
 }
 
+/// A refused upgrade's access line names the bridge it was for (401, 404, 409; never a
+/// token); a malformed bridgeId is not logged.
+#[test]
+fn refused_upgrades_name_their_bridge_in_the_log() {
+    let relay = Relay::new();
+    let p = pair(&relay);
+    let refused = |status: &'static str, bridge: &str| {
+        let bridge = bridge.to_owned();
+        relay.wait_event("http", &format!("{status} for {bridge}"), move |v| {
+            v["status"] == status && v["bridge"] == bridge.as_str()
+        })
+    };
+    let wrong = format!("Bearer hcs_{}", "0".repeat(64));
+    let url = relay.app_ws_url(&p.reg.bridge_id);
+    expect_refused(ws_connect(&url, &[("Authorization", &wrong)]), &[401], "a wrong token");
+    refused("401", &p.reg.bridge_id);
+    expect_refused(
+        AppClient::connect(&relay, UNKNOWN_BRIDGE, &p.client.client_secret),
+        &[401, 404],
+        "unknown bridge on /ws/app",
+    );
+    refused("404", UNKNOWN_BRIDGE);
+    expect_refused(
+        BridgePeer::connect(&relay, &p.reg.bridge_id, &p.reg.relay_secret, "inst-2"),
+        &[409],
+        "second instance",
+    );
+    refused("409", &p.reg.bridge_id);
+    let garbled = format!("ws://{}/ws/app?bridgeId=zz{}", relay.addr, p.reg.bridge_id);
+    expect_refused(ws_connect(&garbled, &[]), &[400], "a malformed bridgeId");
+    let line = relay.wait_event("http", "400 for the malformed bridgeId", |v| v["status"] == "400");
+    assert!(line.get("bridge").is_none(), "{line}");
+    relay.assert_no_secret_in_logs(&[&p.client.client_secret, &p.reg.relay_secret, &wrong[7..]]);
+}
+
+/// Opens `/ws/app` of `bridge` with a wrong token (the `n`th) as the client `from` (behind a
+/// trusted proxy) over a raw connection, and returns the status the relay answered.
+fn wrong_token_upgrade(relay: &Relay, bridge: &str, from: &str, n: usize) -> String {
+    let request = format!(
+        "GET /ws/app?bridgeId={bridge} HTTP/1.1\r\nHost: relay\r\nConnection: Upgrade\r\n\
+         Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Authorization: Bearer hcs_{n:064x}\r\nX-Forwarded-For: {from}\r\n\r\n"
+    );
+    let answer = raw_exchange(&relay.addr, request.as_bytes(), RECV_TIMEOUT);
+    String::from_utf8_lossy(answer.get(9..12).unwrap_or_default()).into_owned()
+}
+
+/// A flood of refused upgrades from one client writes a few access lines, then only counts:
+/// one `http.suppressed` line a minute (here at shutdown, which tells what it left out). The
+/// client's successful requests, and another client's refusals, are still logged.
+#[test]
+fn a_refusal_flood_writes_a_few_lines_per_source_and_counts_the_rest() {
+    let mut relay = Relay::start(&["--trust-proxy"]);
+    let bridge = relay.registry().register_ok("flooded").bridge_id;
+    for n in 0..200 {
+        assert_eq!(wrong_token_upgrade(&relay, &bridge, "203.0.113.5", n), "401");
+    }
+    for n in 0..2 {
+        assert_eq!(wrong_token_upgrade(&relay, &bridge, "10.0.0.1, 198.51.100.7", n), "401");
+    }
+    let api = relay.registry();
+    let ok = api.call_with_headers(
+        "GET",
+        "/v1/health",
+        None,
+        &[("X-Forwarded-For", "203.0.113.5")],
+        None,
+    );
+    assert_eq!(ok.status, 200);
+    relay.wait_event("http", "for the health check", |v| v["path"] == "/v1/health");
+    relay.stop_and_check_logs(&[]);
+    let lines = relay.events("http");
+    let refused = |ip: &str| -> Vec<&Value> {
+        lines.iter().filter(|v| v["ip"] == ip && v["status"] == "401").collect()
+    };
+    let flooder = refused("203.0.113.5");
+    assert_eq!(
+        flooder.len(),
+        5,
+        "401 lines of the flooding client; the first: {:?}",
+        flooder.first()
+    );
+    assert!(
+        flooder[4]["more"].as_str().is_some_and(|m| m.contains("http.suppressed")),
+        "{}",
+        flooder[4]
+    );
+    assert_eq!(refused("198.51.100.7").len(), 2, "another client's refusals are its own");
+    let suppressed = relay.events("http.suppressed");
+    assert_eq!(suppressed.len(), 1, "{suppressed:?}");
+    let want = json!({"ip": "203.0.113.5", "suppressed": "195", "statuses": "401:195"});
+    for field in ["ip", "suppressed", "statuses"] {
+        assert_eq!(suppressed[0][field], want[field], "{}", suppressed[0]);
+    }
+}
+
 #[test]
 fn second_bridge_instance_409_same_instance_replaces_4001() {
     let relay = Relay::new();
@@ -827,6 +924,49 @@ fn second_app_socket_replaces_4002() {
     let (code, _) = ws_wait_close(&mut p.app.ws, RECV_TIMEOUT);
     assert_eq!(code, Some(4002), "replaced app close code");
     app2.assert_round_trip("replacement");
+}
+
+/// Each `ws.close` line says the close code and who closed: the relay (with its reason), the
+/// peer, or nobody (the connection dropped: 1006). A replaced socket, a revoked one, a peer's
+/// close and a crash no longer look alike.
+#[test]
+fn ws_close_lines_carry_the_code_and_who_closed() {
+    let relay = Relay::new();
+    let api = relay.registry();
+    let mut p = pair(&relay);
+    let closed = |client: &str, code: &'static str, by: &'static str| {
+        let client = client.to_owned();
+        relay.wait_event("ws.close", &format!("{code} by {by}"), move |v| {
+            v["client"] == client.as_str() && v["code"] == code && v["by"] == by
+        })
+    };
+    // Replaced by a newer socket of the same app: 4002, the relay closed it.
+    let app2 = AppClient::connect_ok(&relay, &p.reg.bridge_id, &p.client.client_secret, true);
+    assert_eq!(p.app.wait_close(), Some(4002));
+    let line = closed(&p.client.client_id, "4002", "relay");
+    assert_eq!(line["role"], "app", "{line}");
+    assert!(line["reason"].as_str().is_some_and(|r| r.contains("replaced")), "{line}");
+    // The app closes itself (a close frame without a code: 1005).
+    app2.close();
+    closed(&p.client.client_id, "1005", "peer");
+    // Revoked: 4003.
+    let other = pair_another(&relay, &p.reg, "Other Phone");
+    let mut app3 = AppClient::connect_ok(&relay, &p.reg.bridge_id, &other.client_secret, true);
+    assert_eq!(api.revoke(&p.reg.bridge_id, &p.reg.relay_secret, &other.client_id).0, 200);
+    assert_eq!(app3.wait_close(), Some(4003));
+    closed(&other.client_id, "4003", "relay");
+    // A bridge replaced by the same instance: 4001; the newer one crashes: 1006, nobody closed.
+    let newer =
+        BridgePeer::connect_ok(&relay, &p.reg.bridge_id, &p.reg.relay_secret, "inst-1").serve();
+    assert_eq!(p.bridge.wait_closed(), Some(4001));
+    let bridge = |code: &'static str, by: &'static str| {
+        relay.wait_event("ws.close", &format!("bridge {code} by {by}"), |v| {
+            v["role"] == "bridge" && v["code"] == code && v["by"] == by
+        })
+    };
+    bridge("4001", "relay");
+    newer.kill();
+    bridge("1006", "none");
 }
 
 #[test]
@@ -1825,12 +1965,15 @@ fn a_bridge_paused_for_an_app_that_left_is_read_again() {
 /// flood of idle connections is turned away by the cap, not by `accept` failing for want of
 /// descriptors (which, level-triggered, used to spin the loop and flood the log); once the
 /// flood goes, it serves again.
-#[test]
-fn a_low_open_file_limit_lowers_the_connection_cap_instead_of_failing_accepts() {
+/// A relay started with an open-file limit of 100 and `args`: the process, and its stderr
+/// lines as they come.
+fn relay_with_100_descriptors(
+    data: &std::path::Path,
+    args: &[&str],
+) -> (std::process::Child, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
     use std::os::unix::process::CommandExt;
-    let data = fresh_dir("fdlimit");
     let mut cmd = std::process::Command::new(bin_path());
-    cmd.args(["--listen", "127.0.0.1:0", "--data"]).arg(&data);
+    cmd.args(["--listen", "127.0.0.1:0", "--data"]).arg(data).args(args);
     cmd.stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
@@ -1854,21 +1997,35 @@ fn a_low_open_file_limit_lowers_the_connection_cap_instead_of_failing_accepts() 
             sink.lock().unwrap().push(line);
         }
     });
-    let find = |event: &str| -> Option<Value> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let found = lines.lock().unwrap().iter().find_map(|l| {
+    (child, lines)
+}
+
+/// The first line of `event` among `lines`, waiting at most 10 s for it.
+fn find_event(lines: &std::sync::Mutex<Vec<String>>, event: &str) -> Option<Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let found =
+            lines.lock().unwrap().iter().find_map(|l| {
                 serde_json::from_str::<Value>(l).ok().filter(|v| v["event"] == event)
             });
-            if found.is_some() || Instant::now() > deadline {
-                return found;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if found.is_some() || Instant::now() > deadline {
+            return found;
         }
-    };
-    let cap = find("config.max_connections").expect("no config.max_connections line");
-    assert_eq!(cap["used"], "36", "100 descriptors less the 64 kept back: {cap}");
-    let addr = find("listening").expect("not listening")["addr"].as_str().unwrap().to_owned();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_low_open_file_limit_lowers_the_connection_cap_instead_of_failing_accepts() {
+    let data = fresh_dir("fdlimit");
+    // The default cap is fitted to the limit without a warning (a default setup starts
+    // clean); the listening line shows the cap in use.
+    let (mut child, lines) = relay_with_100_descriptors(&data, &[]);
+    let listening = find_event(&lines, "listening").expect("not listening");
+    assert_eq!(listening["maxConnections"], "36", "100 descriptors less the 64 kept back");
+    let warned = lines.lock().unwrap().iter().any(|l| l.contains("config.max_connections"));
+    assert!(!warned, "the default cap was warned about: {:?}", lines.lock().unwrap());
+    let addr = listening["addr"].as_str().unwrap().to_owned();
     // More idle connections than descriptors.
     let flood: Vec<TcpStream> = (0..150).filter_map(|_| TcpStream::connect(&addr).ok()).collect();
     std::thread::sleep(Duration::from_millis(500));
@@ -1879,6 +2036,12 @@ fn a_low_open_file_limit_lowers_the_connection_cap_instead_of_failing_accepts() 
     // The closed connections are read as closed and dropped at once.
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(api.health().0, 200, "the relay does not serve after the flood");
+    let _ = child.kill();
+    let _ = child.wait();
+    // A cap the operator chose that the limit cannot meet is lowered with a warning.
+    let (mut child, lines) = relay_with_100_descriptors(&data, &["--max-connections", "50"]);
+    let cap = find_event(&lines, "config.max_connections").expect("no config.max_connections");
+    assert_eq!((&cap["requested"], &cap["used"]), (&json!("50"), &json!("36")), "{cap}");
     let _ = child.kill();
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&data);
@@ -1947,11 +2110,34 @@ fn one_address_holds_at_most_its_share_of_connections_and_loopback_is_not_counte
                 line["over_max_connections_per_ip"].as_str().unwrap().parse().unwrap();
             assert!(refused >= 1, "{line}");
             assert_eq!(line["over_max_connections"], "0", "{line}");
+            assert_eq!(line["ip"], ip.to_string(), "the source is named: {line}");
             break;
         }
         assert!(Instant::now() < deadline, "no accept.refused line: {:?}", relay.logs());
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The `listening` line says what the relay runs with: its data directory, whether it trusts
+/// a proxy, its limits (no secret: the configuration holds none).
+#[test]
+fn the_listening_line_shows_the_settings_in_use() {
+    let relay = Relay::start(&["--trust-proxy", "--max-connections-per-ip", "7"]);
+    let line = relay.wait_event("listening", "", |_| true);
+    assert_eq!(line["data"], relay.data_dir.display().to_string(), "{line}");
+    let want = [
+        ("trustProxy", "true"),
+        ("tls", "false"),
+        ("maxConnectionsPerIp", "7"),
+        ("rateRegister", "10000"),
+        ("codeTtlSecs", "600"),
+        ("handshakeTimeoutSecs", "10"),
+    ];
+    for (field, value) in want {
+        assert_eq!(line[field], value, "{field}: {line}");
+    }
+    let max: u64 = line["maxConnections"].as_str().and_then(|n| n.parse().ok()).unwrap_or(0);
+    assert!(max >= 1, "{line}");
 }
 
 /// A registration whose bridge never connected, with no client, is deleted after a day (the
@@ -2201,4 +2387,24 @@ fn behind_a_trusted_proxy_websockets_are_capped_per_client() {
         assert!(Instant::now() < deadline, "a closed socket did not give its place back");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Upgrades are logged with the forwarded client, as registry requests are, never with the
+    // proxy's address: the 101s and the 429 of the cap alike.
+    let ws_line =
+        |status: &'static str| move |v: &Value| v["path"] == "/ws/app" && v["status"] == status;
+    let refused = relay.wait_event("http", "for the 429 upgrade", ws_line("429"));
+    assert_eq!(refused["ip"], "198.51.100.7", "{refused}");
+    relay.wait_event("http", "for the other client's 101", |v| {
+        ws_line("101")(v) && v["ip"] == "198.51.100.8"
+    });
+    let upgrades = relay.events("http");
+    let upgrades: Vec<&Value> = upgrades.iter().filter(|v| v["path"] == "/ws/app").collect();
+    // Two 101s, the 429 and the other client's 101 at least (the reopened socket's line may
+    // still be on its way).
+    assert!(upgrades.len() >= 4, "{upgrades:?}");
+    for line in upgrades {
+        assert!(line["ip"] == "198.51.100.7" || line["ip"] == "198.51.100.8", "{line}");
+    }
+    // The refusal is counted under the client it names.
+    let line = relay.wait_event("accept.refused", "for the capped client", |_| true);
+    assert_eq!((&line["ip"], &line["sources"]), (&json!("198.51.100.7"), &json!("1")), "{line}");
 }

@@ -551,7 +551,12 @@ fn without_systemd_a_cron_line_is_printed() {
 /// `hermeschat-relay --print-systemd-unit` with `args` and `env` (and no other
 /// `HERMESCHAT_RELAY_*` variable): exit code, stdout, stderr.
 fn relay_unit(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
-    let mut cmd = Command::new(RELAY_BIN);
+    relay_unit_of(Path::new(RELAY_BIN), args, env)
+}
+
+/// [`relay_unit`] of the relay binary at `exe`.
+fn relay_unit_of(exe: &Path, args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    let mut cmd = Command::new(exe);
     for (name, _) in std::env::vars_os() {
         if name.to_string_lossy().starts_with("HERMESCHAT_RELAY_") {
             cmd.env_remove(name);
@@ -613,6 +618,30 @@ fn relay_unit_passes_systemd_analyze() {
     ];
     assert_eq!(words, want, "{unit_text}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A binary under `/tmp` would be hidden from the service by `PrivateTmp=yes` (systemd would
+/// fail with 203/EXEC): the unit is printed with a warning that says so and where to put it.
+#[test]
+fn relay_unit_warns_about_a_binary_in_a_temporary_directory() {
+    let dir = Path::new("/tmp").join(format!("hermeschat-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let exe = dir.join("hermeschat-relay");
+    // A hard link is free; a copy when /tmp is another file system.
+    if std::fs::hard_link(RELAY_BIN, &exe).is_err() {
+        std::fs::copy(RELAY_BIN, &exe).unwrap();
+    }
+    let args = ["--public-url", "https://relay.example.com"];
+    let run = std::panic::catch_unwind(|| relay_unit_of(&exe, &args, &[]));
+    let _ = std::fs::remove_dir_all(&dir);
+    let Ok((code, unit, stderr)) = run else {
+        eprintln!("SKIPPED: a binary under /tmp cannot run here (noexec?)");
+        return;
+    };
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(unit.contains(&format!("ExecStart={} ", exe.display())), "{unit}");
+    assert!(stderr.contains("warning") && stderr.contains("PrivateTmp=yes"), "{stderr}");
+    assert!(stderr.contains("/usr/local/bin"), "{stderr}");
 }
 
 /// Every setting given to `--print-systemd-unit`, as a flag or as an environment variable,

@@ -148,6 +148,41 @@ fn an_untrusted_certificate_is_refused_with_a_clear_error() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A key in SEC1 form (`BEGIN EC PRIVATE KEY`, what `openssl ecparam -genkey` and `openssl ec`
+/// write) is refused at start (exit 1) with the command that converts it; that command, run
+/// as given, yields a key the relay serves with.
+#[test]
+fn a_sec1_key_is_refused_with_the_command_that_converts_it() {
+    let dir = fresh_dir("sec1");
+    let (cert, _) = make_cert(&dir);
+    let status = Command::new("openssl")
+        .args(["ec", "-in", "key.pem", "-out", "sec1.pem"])
+        .current_dir(&dir)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "openssl ec failed");
+    let out = Command::new(env!("CARGO_BIN_EXE_hermeschat-relay"))
+        .args(["--listen", "127.0.0.1:0", "--tls-key", "sec1.pem"])
+        .arg("--data")
+        .arg(dir.join("data"))
+        .arg("--tls-cert")
+        .arg(&cert)
+        .current_dir(&dir)
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("SEC1"), "{err}");
+    let convert = "openssl pkcs8 -topk8 -nocrypt -in sec1.pem -out key.pk8.pem";
+    assert!(err.contains(convert), "{err}");
+    let status = Command::new("sh").args(["-c", convert]).current_dir(&dir).status().unwrap();
+    assert!(status.success(), "{convert} failed");
+    drop(start_tls_relay(&dir, &cert, &dir.join("key.pk8.pem")));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn plain_http_to_the_tls_port_does_not_break_the_relay() {
     let dir = fresh_dir("plain");

@@ -43,13 +43,13 @@ OPTIONS (each also as an environment variable):
     --max-connections N      open connections at most, at least 1
                                                              [HERMESCHAT_RELAY_MAX_CONNECTIONS, default 20000]
     --max-connections-per-ip N
-                             open connections from one address (an IPv6 /64) at most, 0 is no
-                             cap; loopback is not counted; with --trust-proxy, WebSockets count
-                             per forwarded client (429 past the cap)
+                             open connections from one address (an IPv6 /64) at most,
+                             0 is no cap; loopback is not counted; with --trust-proxy,
+                             WebSockets count per forwarded client (429 past the cap)
                                                              [HERMESCHAT_RELAY_MAX_CONNECTIONS_PER_IP, default 256]
     --print-systemd-unit     print a hardened systemd unit running this binary with these settings
                              (the store in /var/lib/hermeschat-relay, or --data /var/lib/NAME)
-                             and exit; run it from /usr/local/bin, not from a home directory
+                             and exit; run it from /usr/local/bin, not from a home or /tmp
     -h, --help               print this help
     -V, --version            print the version
 
@@ -237,6 +237,7 @@ fn config_from(given: &Given) -> Result<RelayConfig, String> {
     }
     if let Some(s) = &given.max_conns {
         config.max_connections = parse_num(s)?;
+        config.max_connections_set = true;
         if config.max_connections == 0 {
             return Err(format!(
                 "{}: 0 would refuse every connection: give at least 1 (the default is 20000)",
@@ -301,10 +302,24 @@ fn exec_word(what: &str, value: &str) -> Result<String, String> {
     Ok(format!("\"{}\"", escaped.replace('\\', "\\\\").replace('"', "\\\"")))
 }
 
-/// True when `exe` lies where the unit's sandbox cannot reach it: `ProtectHome=yes` hides
-/// `/home`, `/root` and `/run/user`, and the dynamic user could not read a home anyway.
-fn hidden_by_protect_home(exe: &Path) -> bool {
-    ["/home", "/root", "/run/user"].iter().any(|dir| exe.starts_with(dir))
+/// Where `exe` lies out of the unit's sandbox reach, if it does: what that place is and the
+/// setting that hides it. `ProtectHome=yes` hides `/home`, `/root` and `/run/user` (the
+/// dynamic user could not read a home anyway); `PrivateTmp=yes` gives the service empty
+/// `/tmp` and `/var/tmp` of its own, and `PrivateDevices=yes` an empty `/dev/shm`. systemd
+/// would then fail to start it (203/EXEC).
+fn hidden_from_the_unit(exe: &Path) -> Option<(&'static str, &'static str)> {
+    const HIDDEN: [(&str, &str, &str); 6] = [
+        ("/home", "under a home directory", "ProtectHome=yes"),
+        ("/root", "under a home directory", "ProtectHome=yes"),
+        ("/run/user", "under a home directory", "ProtectHome=yes"),
+        ("/tmp", "in a temporary directory", "PrivateTmp=yes"),
+        ("/var/tmp", "in a temporary directory", "PrivateTmp=yes"),
+        ("/dev/shm", "in shared memory", "PrivateDevices=yes"),
+    ];
+    HIDDEN
+        .iter()
+        .find(|(dir, ..)| exe.starts_with(dir))
+        .map(|&(_, place, setting)| (place, setting))
 }
 
 /// A hardened systemd unit running this binary (`exe`) with every setting given.
@@ -428,11 +443,11 @@ fn print_unit(options: &Options) -> ExitCode {
         .unwrap_or_else(|_| PathBuf::from("/usr/local/bin/hermeschat-relay"));
     match systemd_unit(&options.given, &options.config, &exe) {
         Ok(unit) => {
-            if hidden_by_protect_home(&exe) {
+            if let Some((place, setting)) = hidden_from_the_unit(&exe) {
                 eprintln!(
-                    "hermeschat-relay: warning: this binary is {}, under a home directory: the \
-                     unit's sandbox (ProtectHome=yes, DynamicUser=yes) cannot reach it, so the \
-                     service would fail to start. Copy it out and print the unit from there:\n  \
+                    "hermeschat-relay: warning: this binary is {}, {place}: the unit's sandbox \
+                     ({setting}, DynamicUser=yes) cannot reach it, so the service would fail to \
+                     start (203/EXEC). Copy it out and print the unit from there:\n  \
                      sudo install -m 755 {} /usr/local/bin/\n  \
                      /usr/local/bin/hermeschat-relay --print-systemd-unit …",
                     exe.display(),
@@ -494,14 +509,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn binaries_under_a_home_are_out_of_the_sandbox_reach() {
-        for hidden in
-            ["/home/ann/.cargo/bin/hermeschat-relay", "/root/.cargo/bin/x", "/run/user/1000/x"]
-        {
-            assert!(hidden_by_protect_home(Path::new(hidden)), "{hidden}");
+    fn binaries_under_a_home_or_a_temporary_directory_are_out_of_the_sandbox_reach() {
+        let hidden = [
+            ("/home/ann/.cargo/bin/hermeschat-relay", "ProtectHome=yes"),
+            ("/root/.cargo/bin/x", "ProtectHome=yes"),
+            ("/run/user/1000/x", "ProtectHome=yes"),
+            ("/tmp/hermeschat-relay", "PrivateTmp=yes"),
+            ("/var/tmp/build/x", "PrivateTmp=yes"),
+            ("/dev/shm/x", "PrivateDevices=yes"),
+        ];
+        for (exe, setting) in hidden {
+            assert_eq!(hidden_from_the_unit(Path::new(exe)).map(|h| h.1), Some(setting), "{exe}");
         }
-        for reachable in ["/usr/local/bin/hermeschat-relay", "/opt/x", "/homely/x", "/rooted/x"] {
-            assert!(!hidden_by_protect_home(Path::new(reachable)), "{reachable}");
+        for reachable in
+            ["/usr/local/bin/hermeschat-relay", "/opt/x", "/homely/x", "/rooted/x", "/tmpfs/x"]
+        {
+            assert_eq!(hidden_from_the_unit(Path::new(reachable)), None, "{reachable}");
         }
     }
 

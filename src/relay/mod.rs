@@ -7,11 +7,13 @@
 //! - [`registry`] — a small worker pool answering the registry API and authenticating upgrades
 //!   against the [`store`] (SQLite), so disk never stalls routing;
 //! - [`ratelimit`] — per-IP limits for the unauthenticated routes;
+//! - [`refusals`] — a bound on the log lines of refused requests;
 //! - [`kicks`] — revocations remembered so that no upgrade checked before one attaches after it.
 
 pub mod kicks;
 pub mod ratelimit;
 pub mod reactor;
+pub mod refusals;
 pub mod registry;
 pub mod store;
 
@@ -52,8 +54,12 @@ pub struct RelayConfig {
     pub trust_proxy: bool,
     /// Registry worker threads.
     pub workers: usize,
-    /// Open connections at most; more are closed at accept.
+    /// Open connections at most; more are closed at accept. Lowered to what the open-file
+    /// limit allows when the relay binds.
     pub max_connections: usize,
+    /// The operator chose `max_connections` (a flag or variable): only then is lowering it
+    /// worth a warning. The default is "as many as the open-file limit allows, up to 20 000".
+    pub max_connections_set: bool,
     /// Open connections from one source (an IPv4 address, an IPv6 /64) at most; more are
     /// closed at accept. Loopback sources are not counted, nor any with `trust_proxy` (every
     /// connection then comes from the proxy). 0: no cap.
@@ -77,9 +83,27 @@ impl RelayConfig {
             trust_proxy: false,
             workers: 2,
             max_connections: 20_000,
+            max_connections_set: false,
             max_connections_per_ip: 256,
             limits: Limits::default(),
         }
+    }
+
+    /// The settings the `listening` line reports, so that the log shows what a relay ran with
+    /// (never a secret: there is none in the configuration).
+    pub fn log_fields(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("data", self.data.display().to_string()),
+            ("tls", self.tls.is_some().to_string()),
+            ("trustProxy", self.trust_proxy.to_string()),
+            ("maxConnections", self.max_connections.to_string()),
+            ("maxConnectionsPerIp", self.max_connections_per_ip.to_string()),
+            ("rateRegister", self.rate_register.to_string()),
+            ("rateVerify", self.rate_verify.to_string()),
+            ("codeTtlSecs", self.code_ttl.as_secs().to_string()),
+            ("handshakeTimeoutSecs", self.handshake_timeout.as_secs().to_string()),
+            ("workers", self.workers.max(1).to_string()),
+        ]
     }
 }
 
@@ -151,6 +175,8 @@ pub struct Shared {
     pub register_limit: RateLimiter,
     /// Limits `POST /v1/pair/verify`.
     pub verify_limit: RateLimiter,
+    /// Bounds the access lines of refused requests.
+    pub refusals: refusals::RefusalLog,
     presence: Mutex<Presence>,
     /// Revocations (revokes and bridge deletions) committed so far: see [`kicks`].
     revocations: AtomicU64,
@@ -242,7 +268,8 @@ impl Relay {
     /// Binds the listener, opens the store and loads TLS material, so that every configuration
     /// error surfaces before the relay reports itself ready.
     pub fn bind(mut config: RelayConfig) -> io::Result<Relay> {
-        config.max_connections = fit_to_fd_limit(config.max_connections);
+        config.max_connections =
+            fit_to_fd_limit(config.max_connections, config.max_connections_set);
         // 0700 and ours: whoever can write there can swap the store for one of their own. A
         // directory a container or volume set up otherwise (another owner, a shared group)
         // is used all the same, with a warning: refusing would take the relay down.
@@ -277,6 +304,7 @@ impl Relay {
         let shared = Arc::new(Shared {
             register_limit: RateLimiter::new(config.rate_register),
             verify_limit: RateLimiter::new(config.rate_verify),
+            refusals: refusals::RefusalLog::default(),
             config,
             public_url,
             presence: Mutex::new(Presence::default()),
@@ -335,8 +363,10 @@ const FD_RESERVE: u64 = 64;
 
 /// Raises the soft open-file limit to the hard one (as Go's runtime does for servers) and
 /// lowers `max_connections` to what it allows, so that the connection cap, not `accept`
-/// failing for want of descriptors, is what turns clients away.
-fn fit_to_fd_limit(max_connections: usize) -> usize {
+/// failing for want of descriptors, is what turns clients away. Lowering a cap the operator
+/// `set` is logged; lowering the default is not (a common `ulimit -n` of 20 000 is 64 short of
+/// it on every start), and the `listening` line shows the cap in use either way.
+fn fit_to_fd_limit(max_connections: usize, set: bool) -> usize {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: `lim` is a valid, writable rlimit for the duration of the call.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
@@ -361,6 +391,9 @@ fn fit_to_fd_limit(max_connections: usize) -> usize {
         return max_connections;
     }
     let fit = room.max(1);
+    if !set {
+        return fit;
+    }
     log_event(
         "config.max_connections",
         &[
@@ -398,9 +431,78 @@ fn load_tls(cert: &std::path::Path, key: &std::path::Path) -> io::Result<native_
         std::fs::read(p)
             .map_err(|e| io::Error::new(e.kind(), format!("cannot read {}: {e}", p.display())))
     };
-    let identity = native_tls::Identity::from_pkcs8(&read(cert)?, &read(key)?).map_err(|e| {
-        io::Error::other(format!("invalid TLS certificate or key (PEM, PKCS#8 key expected): {e}"))
+    let key_pem = read(key)?;
+    // native-tls wants the key's PEM block first in the file: text before it (openssl's "Bag
+    // Attributes", an "EC PARAMETERS" block) is skipped rather than refused.
+    let pkcs8 = find(&key_pem, PKCS8_LABEL).map_or(&key_pem[..], |at| &key_pem[at..]);
+    let identity = native_tls::Identity::from_pkcs8(&read(cert)?, pkcs8).map_err(|e| {
+        io::Error::other(match key_form_hint(&key_pem, key) {
+            Some(hint) => hint,
+            None => format!("invalid TLS certificate or key (PEM, PKCS#8 key expected): {e}"),
+        })
     })?;
     native_tls::TlsAcceptor::new(identity)
         .map_err(|e| io::Error::other(format!("TLS setup failed: {e}")))
+}
+
+/// How a PKCS#8 PEM key begins, the only form native-tls loads.
+const PKCS8_LABEL: &[u8] = b"-----BEGIN PRIVATE KEY-----";
+
+/// Where `needle` first occurs in `haystack`.
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Why a key file native-tls refused is not PKCS#8, with the command that converts it, when
+/// its PEM label names another form (SEC1 and PKCS#1 are what `openssl ecparam`/`genrsa`
+/// and older tools write); `None` when the label says nothing useful.
+fn key_form_hint(pem: &[u8], path: &std::path::Path) -> Option<String> {
+    let shown = path.display().to_string();
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/._-+,:@".contains(c);
+    let quoted = if shown.chars().all(plain) {
+        shown.clone()
+    } else {
+        format!("'{}'", shown.replace('\'', r"'\''"))
+    };
+    let (form, command) = if find(pem, PKCS8_LABEL).is_some() {
+        return None;
+    } else if find(pem, b"-----BEGIN EC PRIVATE KEY-----").is_some() {
+        ("an EC key in SEC1 form (BEGIN EC PRIVATE KEY)", "openssl pkcs8 -topk8 -nocrypt")
+    } else if find(pem, b"-----BEGIN RSA PRIVATE KEY-----").is_some() {
+        ("an RSA key in PKCS#1 form (BEGIN RSA PRIVATE KEY)", "openssl pkcs8 -topk8 -nocrypt")
+    } else if find(pem, b"-----BEGIN ENCRYPTED PRIVATE KEY-----").is_some() {
+        ("an encrypted key (BEGIN ENCRYPTED PRIVATE KEY)", "openssl pkcs8")
+    } else {
+        return None;
+    };
+    Some(format!(
+        "--tls-key {shown} holds {form}, and the relay reads unencrypted PKCS#8 keys (BEGIN \
+         PRIVATE KEY): convert it with `{command} -in {quoted} -out key.pk8.pem` and pass \
+         --tls-key key.pk8.pem (convert it again whenever the key is renewed)"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_in_another_form_is_named_with_the_command_that_converts_it() {
+        let path = std::path::Path::new("/etc/ssl/my key.pem");
+        let hint = |pem: &str| key_form_hint(pem.as_bytes(), path);
+        let sec1 = hint("-----BEGIN EC PARAMETERS-----\nBggq\n-----END EC PARAMETERS-----\n-----BEGIN EC PRIVATE KEY-----\n").unwrap();
+        assert!(sec1.contains("SEC1"), "{sec1}");
+        assert!(
+            sec1.contains(
+                "openssl pkcs8 -topk8 -nocrypt -in '/etc/ssl/my key.pem' -out key.pk8.pem"
+            ),
+            "{sec1}"
+        );
+        let pkcs1 = hint("-----BEGIN RSA PRIVATE KEY-----\n").unwrap();
+        assert!(pkcs1.contains("PKCS#1") && pkcs1.contains("-topk8 -nocrypt"), "{pkcs1}");
+        let encrypted = hint("-----BEGIN ENCRYPTED PRIVATE KEY-----\n").unwrap();
+        assert!(encrypted.contains("`openssl pkcs8 -in '/etc/ssl/my key.pem'"), "{encrypted}");
+        assert_eq!(hint("-----BEGIN PRIVATE KEY-----\n"), None);
+        assert_eq!(hint("garbage"), None);
+    }
 }

@@ -65,6 +65,14 @@ pub(crate) fn source(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// A [`source`] as the log names it: an IPv4 address, or an IPv6 network as `2001:db8::/64`.
+pub(crate) fn source_label(source: IpAddr) -> String {
+    match source {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("{v6}/64"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,5 +108,13 @@ mod tests {
         assert!(l.check(v4).is_ok());
         assert!(l.check(mapped).is_ok());
         assert!(l.check(v4).is_err());
+    }
+
+    #[test]
+    fn a_source_is_labelled_as_what_it_counts() {
+        let label = |s: &str| source_label(source(s.parse().unwrap()));
+        assert_eq!(label("203.0.113.5"), "203.0.113.5");
+        assert_eq!(label("::ffff:203.0.113.5"), "203.0.113.5");
+        assert_eq!(label("2001:db8:1:2::99"), "2001:db8:1:2::/64");
     }
 }

@@ -29,7 +29,7 @@ use crate::wsout::{WsOut, would_block};
 use crate::wsread::{Ended, Incoming, ReadError, WsReader, close_reply};
 
 use super::kicks::{self, Kicks};
-use super::ratelimit::source;
+use super::ratelimit::{source, source_label};
 use super::registry::{Job, JobSender, Outcome, Refused, access_log};
 use super::{ConnId, Peer, Shared, ToReactor, log_event};
 use crate::http::{self, Head, Parsed};
@@ -106,6 +106,99 @@ const SWEEP_EVERY: Duration = Duration::from_secs(3600);
 
 /// How often at most an `accept.refused` line counts the connections closed at accept.
 const REFUSED_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Sources whose refusals an `accept.refused` line counts one by one, at most: bounds memory
+/// under a flood from many addresses (the totals still count them all).
+const REFUSED_SOURCES: usize = 1024;
+
+/// Connections closed at accept (and WebSockets refused 429 for their client's cap) since the
+/// last `accept.refused` line, by cap and by source.
+#[derive(Default)]
+struct AcceptRefusals {
+    /// Over `--max-connections`.
+    over_total: u64,
+    /// Over `--max-connections-per-ip`.
+    over_per_ip: u64,
+    /// Refusals per source (an IPv4 address, an IPv6 /64), of [`REFUSED_SOURCES`] at most.
+    by_source: FastMap<IpAddr, u64>,
+    /// Some refusals came from sources past [`REFUSED_SOURCES`].
+    more_sources: bool,
+}
+
+impl AcceptRefusals {
+    /// Counts one refusal of a connection from `ip`: over the per-source cap, or the total one.
+    fn count(&mut self, per_ip: bool, ip: IpAddr) {
+        if per_ip {
+            self.over_per_ip += 1;
+        } else {
+            self.over_total += 1;
+        }
+        let from = source(ip);
+        if let Some(n) = self.by_source.get_mut(&from) {
+            *n += 1;
+        } else if self.by_source.len() < REFUSED_SOURCES {
+            self.by_source.insert(from, 1);
+        } else {
+            self.more_sources = true;
+        }
+    }
+
+    /// Writes the `accept.refused` line (the source refused most named, so that an operator
+    /// sees whether one address or many hit the caps) and starts counting anew.
+    fn log(&mut self) {
+        let counted = std::mem::take(self);
+        let top = counted.by_source.iter().max_by_key(|&(_, n)| *n);
+        let (ip, ip_count) = top.map_or((String::new(), 0), |(s, n)| (source_label(*s), *n));
+        let sources = counted.by_source.len().to_string();
+        let sources = if counted.more_sources { format!("{sources}+") } else { sources };
+        log_event(
+            "accept.refused",
+            &[
+                ("over_max_connections", &counted.over_total.to_string()),
+                ("over_max_connections_per_ip", &counted.over_per_ip.to_string()),
+                ("ip", &ip),
+                ("ipCount", &ip_count.to_string()),
+                ("sources", &sources),
+                (
+                    "next",
+                    "raise --max-connections or --max-connections-per-ip if these are your users",
+                ),
+            ],
+        );
+    }
+}
+
+/// How a WebSocket left routing: told in its `ws.close` line, so that an operator can tell an
+/// idle timeout or a replacement from a dropped connection.
+enum Closed<'a> {
+    /// The relay sent a close frame with this code and reason.
+    ByRelay(u16, &'a str),
+    /// The peer sent a close frame, with a code or without one.
+    ByPeer(Option<u16>),
+    /// The connection ended with no close frame (reset, EOF, a failed write, a broken frame).
+    Dropped(&'a str),
+}
+
+impl Closed<'_> {
+    /// Writes the `ws.close` line of the socket `ids` name: its `code`, who closed it (`by`)
+    /// and, when the relay knows it, the `reason`. Without a close frame the codes RFC 6455
+    /// reserves for reporting stand in: 1005 (a close frame without a code), 1006 (none at
+    /// all). A peer's own reason is not logged: it is the peer's text, of any length.
+    fn log(&self, ids: &[(&str, &str)]) {
+        let (code, by, reason) = match *self {
+            Closed::ByRelay(code, reason) => (code, "relay", reason),
+            Closed::ByPeer(code) => (code.unwrap_or(1005), "peer", ""),
+            Closed::Dropped(why) => (1006, "none", why),
+        };
+        let code = code.to_string();
+        let mut fields = ids.to_vec();
+        fields.extend([("code", code.as_str()), ("by", by)]);
+        if !reason.is_empty() {
+            fields.push(("reason", reason));
+        }
+        log_event("ws.close", &fields);
+    }
+}
 
 /// What happens after an HTTP response is written.
 enum After {
@@ -222,9 +315,8 @@ pub struct Reactor {
     kicks: Kicks,
     /// Open connections per counted source (`--max-connections-per-ip`).
     per_source: FastMap<IpAddr, u32>,
-    /// Connections closed at accept since the last `accept.refused` line: over
-    /// `--max-connections`, over `--max-connections-per-ip`.
-    refused: (u64, u64),
+    /// Connections closed at accept since the last `accept.refused` line.
+    refused: AcceptRefusals,
     /// When the last `accept.refused` line was written.
     refused_logged: Option<Instant>,
     /// When the next [`Job::Sweep`] is due.
@@ -270,7 +362,7 @@ impl Reactor {
             accept_paused_until: None,
             kicks: Kicks::default(),
             per_source: FastMap::default(),
-            refused: (0, 0),
+            refused: AcceptRefusals::default(),
             refused_logged: None,
             next_sweep: Instant::now(),
             reading: None,
@@ -281,15 +373,15 @@ impl Reactor {
 
     /// Runs until the stop flag is set, then shuts down cleanly.
     pub fn run(mut self) -> io::Result<()> {
-        let addr = self.listener.local_addr()?;
-        log_event(
-            "listening",
-            &[
-                ("addr", &addr.to_string()),
-                ("publicUrl", &self.shared.public_url),
-                ("version", env!("CARGO_PKG_VERSION")),
-            ],
-        );
+        let addr = self.listener.local_addr()?.to_string();
+        let settings = self.shared.config.log_fields();
+        let mut fields = vec![
+            ("addr", addr.as_str()),
+            ("publicUrl", &self.shared.public_url),
+            ("version", env!("CARGO_PKG_VERSION")),
+        ];
+        fields.extend(settings.iter().map(|(k, v)| (*k, v.as_str())));
+        log_event("listening", &fields);
         let mut events = Events::new();
         let tick = Duration::from_secs(1);
         let mut next_tick = Instant::now() + tick;
@@ -309,7 +401,7 @@ impl Reactor {
                 if ev.key == LISTENER {
                     self.accept();
                 } else if ev.readable && self.unread_socket_hung_up(ev.key) {
-                    self.detach(ev.key);
+                    self.detach(ev.key, Closed::Dropped("hung up while paused"));
                     self.remove(ev.key);
                 } else {
                     if ev.readable {
@@ -370,13 +462,13 @@ impl Reactor {
                 }
             };
             if self.conns.len() >= self.shared.config.max_connections {
-                self.refused.0 += 1;
+                self.refused.count(false, addr.ip());
                 continue;
             }
             let cap = self.shared.config.max_connections_per_ip;
             if self.counted_source(addr.ip()).is_some_and(|s| self.per_source.get(&s) >= Some(&cap))
             {
-                self.refused.1 += 1;
+                self.refused.count(true, addr.ip());
                 continue;
             }
             if tcp.set_nonblocking(true).is_err() {
@@ -736,7 +828,8 @@ impl Reactor {
         let Some((head, started)) = h.waiting.clone() else {
             return;
         };
-        let ip = *ip;
+        // Logged as registry requests are: the forwarded client behind a trusted proxy.
+        let ip = self.client_ip(*ip, &head);
         let refusal = if self.kicks.refuses(&peer, epoch) {
             Some((401, p::api_code::UNAUTHORIZED, "missing or wrong credentials for this endpoint"))
         } else if let Peer::Bridge { bridge_id, instance } = &peer {
@@ -764,7 +857,7 @@ impl Reactor {
         let cap = self.shared.config.max_connections_per_ip;
         let refusal = match client {
             Some(s) if self.per_source.get(&s).is_some_and(|&n| n >= cap) => {
-                self.refused.1 += 1;
+                self.refused.count(true, s);
                 Some((
                     429,
                     p::api_code::RATE_LIMITED,
@@ -775,11 +868,11 @@ impl Reactor {
         };
         if let Some((status, code, message)) = refusal {
             let body = serde_json::to_string(&p::ApiError::new(code, message)).unwrap_or_default();
-            access_log(&head, status, ip, started);
+            access_log(&self.shared, &head, status, ip, started);
             self.http_respond(id, http::json_response(status, &body, true), After::Close);
             return;
         }
-        access_log(&head, 101, ip, started);
+        access_log(&self.shared, &head, 101, ip, started);
         if let Some(s) = client
             && let Some(conn) = self.conns.get_mut(&id)
         {
@@ -892,14 +985,14 @@ impl Reactor {
                 self.remove(id);
                 return;
             }
-            Some(Ended::Failed(_)) => {
-                self.detach(id);
+            Some(Ended::Failed(e)) => {
+                self.detach(id, Closed::Dropped(&e.to_string()));
                 self.remove(id);
                 return;
             }
             // The peer's close: answered (unless it answers ours), then the socket is dropped.
             Some(Ended::Closed(frame)) => {
-                self.detach(id);
+                self.detach(id, Closed::ByPeer(frame.as_ref().map(|f| u16::from(f.code))));
                 if let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id)
                     && w.closing.is_none()
                 {
@@ -1006,7 +1099,7 @@ impl Reactor {
         }
         let resume = if after <= limit / 2 { std::mem::take(&mut w.waiters) } else { Vec::new() };
         if broken {
-            self.detach(id);
+            self.detach(id, Closed::Dropped("writing to the socket failed"));
             self.remove(id);
         } else {
             self.set_interest(id);
@@ -1054,7 +1147,7 @@ impl Reactor {
             Some(Conn { io: Io::Ws(w), .. }) if w.closing.is_none() => {}
             _ => return,
         }
-        self.detach(id);
+        self.detach(id, Closed::ByRelay(code, reason));
         let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) else {
             return;
         };
@@ -1422,8 +1515,8 @@ impl Reactor {
 
     /// Detaches a socket from routing: a bridge's open requests end with
     /// `BRIDGE_DISCONNECTED` and its apps hear `bridge.status` offline; an app's bridge hears
-    /// `client.disconnected`.
-    fn detach(&mut self, id: ConnId) {
+    /// `client.disconnected`. `how` is told in the `ws.close` line.
+    fn detach(&mut self, id: ConnId, how: Closed<'_>) {
         let Some(peer) = self.peer_of(id) else { return };
         // Mark the socket as leaving routing before notifying others. Nothing is queued to it
         // any more, so the sockets paused for its queue are read again.
@@ -1444,7 +1537,7 @@ impl Reactor {
                 route.open = 0;
                 let apps: Vec<String> = route.apps.iter().cloned().collect();
                 self.shared.presence().bridges.remove(&bridge_id);
-                log_event("ws.close", &[("role", "bridge"), ("bridge", &bridge_id)]);
+                how.log(&[("role", "bridge"), ("bridge", &bridge_id)]);
                 for client in apps {
                     let Some(app) = self.apps.get_mut(&client) else {
                         continue;
@@ -1471,10 +1564,7 @@ impl Reactor {
                 };
                 self.shared.presence().apps.remove(&client_id);
                 let _ = self.jobs.try_send(Job::Touch { client_id: client_id.clone() });
-                log_event(
-                    "ws.close",
-                    &[("role", "app"), ("bridge", &bridge_id), ("client", &client_id)],
-                );
+                how.log(&[("role", "app"), ("bridge", &bridge_id), ("client", &client_id)]);
                 let bridge_conn = self.bridges.get_mut(&bridge_id).and_then(|r| {
                     r.apps.remove(&client_id);
                     r.open = r.open.saturating_sub(app.open.len());
@@ -1539,23 +1629,13 @@ impl Reactor {
             self.next_sweep = now + SWEEP_EVERY;
         }
         // Refusals are counted, and told at most once a minute: a flood must not flood the log.
-        if self.refused != (0, 0)
+        if (self.refused.over_total, self.refused.over_per_ip) != (0, 0)
             && self.refused_logged.is_none_or(|t| now.duration_since(t) >= REFUSED_LOG_EVERY)
         {
-            let (total, per_ip) = std::mem::take(&mut self.refused);
-            log_event(
-                "accept.refused",
-                &[
-                    ("over_max_connections", &total.to_string()),
-                    ("over_max_connections_per_ip", &per_ip.to_string()),
-                    (
-                        "next",
-                        "raise --max-connections or --max-connections-per-ip if these are your users",
-                    ),
-                ],
-            );
+            self.refused.log();
             self.refused_logged = Some(now);
         }
+        self.shared.refusals.flush(now);
         if self.accept_paused_until.is_some_and(|t| now >= t) {
             self.accept_paused_until = None;
             self.watch_listener(true);
@@ -1597,7 +1677,8 @@ impl Reactor {
             }
         }
         for id in expired {
-            self.detach(id);
+            // WebSockets here were detached when their close began (nothing is logged again).
+            self.detach(id, Closed::Dropped("deadline passed"));
             self.remove(id);
         }
         for id in idle_socks {

@@ -13,6 +13,7 @@ use std::time::Instant;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use super::refusals::Verdict;
 use super::store::{Store, Verify};
 use super::{ConnId, Peer, Shared, ToReactor, log_event, now_ms};
 use crate::http::{Head, json_response};
@@ -163,7 +164,7 @@ pub fn worker(jobs: Arc<JobReceiver>, shared: Arc<Shared>) {
                 let (outcome, status) = handle(&mut store, &shared, conn, &head, &body, ip);
                 // Upgrades are logged by the reactor once it has decided.
                 if !matches!(outcome, Outcome::Upgrade { .. }) {
-                    access_log(&head, status, ip, started);
+                    access_log(&shared, &head, status, ip, started);
                 }
                 shared.send(ToReactor::Outcome(outcome));
             }
@@ -171,18 +172,37 @@ pub fn worker(jobs: Arc<JobReceiver>, shared: Arc<Shared>) {
     }
 }
 
-/// Writes one access-log line. Paths are logged without their query; no header is logged.
-pub fn access_log(head: &Head, status: u16, ip: IpAddr, started: Instant) {
-    log_event(
-        "http",
-        &[
-            ("method", &head.method),
-            ("path", head.path()),
-            ("status", &status.to_string()),
-            ("ms", &format!("{:.2}", started.elapsed().as_secs_f64() * 1e3)),
-            ("ip", &ip.to_string()),
-        ],
+/// Writes one access-log line. Paths are logged without their query; no header is logged. The
+/// query's `bridgeId` is, when it is well formed (an id, public by the protocol): a refused
+/// upgrade then names the bridge it was for. Refusals (4xx) are bounded per source
+/// ([`super::refusals`]); other lines are always written.
+pub fn access_log(shared: &Shared, head: &Head, status: u16, ip: IpAddr, started: Instant) {
+    let verdict = if (400..500).contains(&status) {
+        shared.refusals.note(ip, status, Instant::now())
+    } else {
+        Verdict::Log
+    };
+    if verdict == Verdict::Suppress {
+        return;
+    }
+    let (status, ms, ip) = (
+        status.to_string(),
+        format!("{:.2}", started.elapsed().as_secs_f64() * 1e3),
+        ip.to_string(),
     );
+    let mut fields =
+        vec![("method", head.method.as_str()), ("path", head.path()), ("status", &status)];
+    if let Some(bridge) = head.query("bridgeId").filter(|id| p::is_bridge_id(id)) {
+        fields.push(("bridge", bridge));
+    }
+    fields.extend([("ms", ms.as_str()), ("ip", ip.as_str())]);
+    if verdict == Verdict::LogLast {
+        fields.push((
+            "more",
+            "further refusals from this address this minute are counted in one http.suppressed line",
+        ));
+    }
+    log_event("http", &fields);
 }
 
 /// A handler's reply: status and JSON body, or an authenticated upgrade.

@@ -355,6 +355,39 @@ impl Relay {
         self.logs.0.lock().unwrap().clone()
     }
 
+    /// The JSON log lines so far whose `event` is `event`.
+    pub fn events(&self, event: &str) -> Vec<Value> {
+        let lines = self.logs.0.lock().unwrap();
+        lines
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["event"] == event)
+            .collect()
+    }
+
+    /// Waits (at most 5 s) for a JSON log line with `event` for which `pred` holds, and
+    /// returns it; fails the test naming `what` otherwise.
+    #[track_caller]
+    pub fn wait_event(&self, event: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + RECV_TIMEOUT;
+        let (m, cv) = &*self.logs;
+        let mut lines = m.lock().unwrap();
+        loop {
+            let found = lines
+                .iter()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .find(|v| v["event"] == event && pred(v));
+            if let Some(v) = found {
+                return v;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                panic!("no {event} log line {what}; log:\n{}", lines.join("\n"));
+            }
+            lines = cv.wait_timeout(lines, deadline - now).unwrap().0;
+        }
+    }
+
     /// Every stdout line so far.
     pub fn stdout_lines(&self) -> Vec<String> {
         self.stdout.0.lock().unwrap().clone()
