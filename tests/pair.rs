@@ -1099,6 +1099,21 @@ fn environment_and_saved_config_are_honoured() {
     assert_echo(&mut app, "cfg", &client_id);
 }
 
+/// A daemon whose state directory is deleted under it can no longer be found or stopped by
+/// any command (its pid file is gone), and the next pairing would start a second one beside
+/// it: it notices within a poll round and stops by itself.
+#[test]
+fn a_daemon_whose_state_directory_is_deleted_stops() {
+    let s = setup();
+    let pid = s.env.daemon_pid();
+    std::fs::remove_dir_all(&s.env.home).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while alive(pid) {
+        assert!(Instant::now() < deadline, "the orphaned daemon {pid} still runs");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn a_killed_daemon_is_replaced_by_the_next_run() {
     let s = setup();

@@ -38,7 +38,23 @@ pub fn run(
     stop: &AtomicBool,
 ) {
     let mut round = 0u32;
+    // The pid file this bridge locked (it took the lock before this thread started).
+    let pid_file = pid_file_id(state_dir);
     while !stop.load(Ordering::SeqCst) {
+        if pid_file.is_some() && pid_file_id(state_dir) != pid_file {
+            // Commands find a daemon through its locked pid file: without it this one can be
+            // neither found nor stopped, and the next pairing would start a second one.
+            super::log(&format!(
+                "{} is gone or another file (the state directory deleted or moved?): stopping, \
+                 as no command can find this daemon any more",
+                state::pid_file(state_dir).display()
+            ));
+            // SAFETY: a signal to this process; its handler starts the clean shutdown.
+            unsafe {
+                libc::kill(libc::getpid(), libc::SIGTERM);
+            }
+            return;
+        }
         if round.is_multiple_of(TRIM_EVERY) {
             crate::logs::trim_written_by_others(state_dir);
         }
@@ -60,6 +76,12 @@ pub fn run(
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+/// `bridge.pid` in `state_dir` as (device, inode), when it exists.
+fn pid_file_id(state_dir: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(state::pid_file(state_dir)).ok().map(|m| (m.dev(), m.ino()))
 }
 
 /// Writes `bridge.json` again from the running bridge's `identity` when the file is missing
