@@ -760,6 +760,30 @@ fn a_suspended_daemon_is_not_reported_serving() {
     env.run(&["--status", "--port", &backend.port.to_string()]).assert_code(0, "resumed");
 }
 
+/// `lan.lock` held by a command that never lets go (suspended with Ctrl-Z) costs the LAN
+/// server and `--status` a bounded wait, then a clear refusal: nothing freezes.
+#[test]
+fn a_held_lan_lock_freezes_nothing() {
+    use std::os::fd::AsRawFd;
+    let env = Env::new();
+    let backend = Backend::start();
+    let qr = env.pair_json(&backend, &[], &[]);
+    let (client_id, secret, app) = pair_app(&qr.url, &qr.token);
+    drop(app);
+    let lock = std::fs::File::open(env.home.join("lan.lock")).unwrap();
+    // SAFETY: flock on a descriptor this test owns.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let started = Instant::now();
+    let (status, body) = refused(&qr.url, &secret);
+    assert_eq!(status, 500, "{body}");
+    assert!(started.elapsed() < Duration::from_secs(8), "waited {:?}", started.elapsed());
+    let run = env.run(&["--status", "--port", &backend.port.to_string()]);
+    assert!(run.all().contains("stayed locked"), "{}", run.all());
+    drop(lock);
+    let mut again = reconnect(&qr.url, &secret);
+    assert_echo(&mut again, "after-lock", &client_id);
+}
+
 #[test]
 fn reset_local_forgets_every_lan_device() {
     let env = Env::new();

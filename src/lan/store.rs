@@ -291,13 +291,35 @@ fn load(dir: &Path) -> Result<(LanState, Option<String>), StoreError> {
     }
 }
 
+/// How long `lan.lock` is waited for: its holders keep it for milliseconds, and the LAN
+/// server waits on its event thread (a command suspended with the lock, Ctrl-Z, must not
+/// freeze it).
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Takes `lan.lock`, waiting at most [`LOCK_WAIT`].
+fn lock(dir: &Path) -> Result<FileLock, StoreError> {
+    let path = lan_lock(dir);
+    FileLock::acquire_until(&path, std::time::Instant::now() + LOCK_WAIT)
+        .map_err(StoreError::Read)?
+        .ok_or_else(|| {
+            StoreError::Read(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!(
+                    "{} stayed locked for {} s (a hermeschat-pair command suspended with Ctrl-Z?)",
+                    path.display(),
+                    LOCK_WAIT.as_secs()
+                ),
+            ))
+        })
+}
+
 /// Runs `f` on the state under the lock and saves the result when `f` says it changed.
 /// Returns `f`'s value and a note about a damaged file set aside, if any.
 pub fn update<R>(
     dir: &Path,
     f: impl FnOnce(&mut LanState) -> (R, bool),
 ) -> Result<(R, Option<String>), StoreError> {
-    let _lock = FileLock::acquire(&lan_lock(dir)).map_err(StoreError::Read)?;
+    let _lock = lock(dir)?;
     let (mut s, note) = load(dir)?;
     let (value, changed) = f(&mut s);
     if changed {
@@ -314,7 +336,7 @@ pub fn read(dir: &Path) -> Result<(LanState, Option<String>), StoreError> {
     if !lan_json(dir).exists() {
         return Ok((LanState::default(), None));
     }
-    let _lock = FileLock::acquire(&lan_lock(dir)).map_err(StoreError::Read)?;
+    let _lock = lock(dir)?;
     load(dir)
 }
 
