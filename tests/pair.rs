@@ -1099,6 +1099,39 @@ fn environment_and_saved_config_are_honoured() {
     assert_echo(&mut app, "cfg", &client_id);
 }
 
+/// Two copies of one `bridge.json` (a copied state directory) take the relay connection from
+/// each other (4001): the one replaced says why and what to do, and does not take it back at
+/// once.
+#[test]
+fn a_copied_identity_is_named_when_it_takes_the_connection() {
+    let s = setup();
+    let copy = Env::new();
+    std::fs::create_dir_all(&copy.home).unwrap();
+    std::fs::set_permissions(&copy.home, std::fs::Permissions::from_mode(0o700)).unwrap();
+    for file in ["bridge.json", "config.json"] {
+        std::fs::copy(s.env.home.join(file), copy.home.join(file)).unwrap();
+    }
+    let port = s.backend.port.to_string();
+    let mut second = copy
+        .cmd(&["--foreground", "--no-server", "--port", &port])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let run = s.env.run(&["--status"]);
+        if run.stdout.contains("another copy of this bridge") {
+            assert!(run.stdout.contains("--reset"), "{}", run.stdout);
+            break;
+        }
+        assert!(Instant::now() < deadline, "--status never named the copy:\n{}", run.stdout);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = second.kill();
+    let _ = second.wait();
+}
+
 /// A daemon whose state directory is deleted under it can no longer be found or stopped by
 /// any command (its pid file is gone), and the next pairing would start a second one beside
 /// it: it notices within a poll round and stops by itself.

@@ -81,6 +81,9 @@ impl std::fmt::Display for ConnectError {
 enum Ended {
     Stopped,
     Lost(String),
+    /// The relay closed it with 4001 for a newer connection of this bridge: another process
+    /// with the same `bridge.json` (a copied state directory) serves it now.
+    Replaced(String),
 }
 
 /// The relay connection role.
@@ -129,6 +132,18 @@ impl RelayIo {
                         Ended::Lost(why) => {
                             log(&format!("relay connection lost: {why}"));
                             self.status.update(|s| s.relay_error = Some(why));
+                        }
+                        Ended::Replaced(why) => {
+                            let why = format!(
+                                "{why}: another copy of this bridge (the same bridge.json, on \
+                                 another machine or in another state directory) took the \
+                                 relay connection; the two take it from each other. Run \
+                                 hermeschat-pair --reset on one of them to give it its own"
+                            );
+                            log(&format!("relay connection lost: {why}"));
+                            self.status.update(|s| s.relay_error = Some(why));
+                            // Taking it back at once would only cut the other copy's apps off.
+                            attempt = attempt.max(16);
                         }
                     }
                     if connected.elapsed() >= STABLE_AFTER {
@@ -260,7 +275,7 @@ impl RelayIo {
                     ws.get_mut().mark_ready();
                     match self.read_frames(ws, out, t, outbox, inlines) {
                         Ok(paused) => held = paused,
-                        Err(e) => return Ended::Lost(e),
+                        Err(ended) => return ended,
                     }
                 }
                 let now = Instant::now();
@@ -493,7 +508,7 @@ impl RelayIo {
         t: &mut ConnState,
         outbox: &Outbox,
         inlines: &mut Inlines,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, Ended> {
         loop {
             // Answers the relay does not take (a relay that sends without reading) stop the
             // reading here, so TCP pushes back on it instead of the queue growing for ever.
@@ -513,13 +528,20 @@ impl RelayIo {
                             // Answered before leaving, as far as the socket takes it now.
                             let _ = ws.close(close_reply(&frame));
                             let _ = ws.flush();
-                            return Err(why);
+                            let replaced = frame.as_ref().is_some_and(|f| {
+                                u16::from(f.code) == p::close_code::REPLACED_BRIDGE
+                            });
+                            return Err(if replaced {
+                                Ended::Replaced(why)
+                            } else {
+                                Ended::Lost(why)
+                            });
                         }
                         Incoming::Binary(_) | Incoming::Pong(_) => {}
                     }
                 }
                 Err(ReadError::WouldBlock) => return Ok(false),
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(Ended::Lost(e.to_string())),
             }
         }
     }
