@@ -16,9 +16,10 @@ pub mod registry;
 pub mod store;
 
 use std::collections::HashSet;
-use std::io;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
 use std::net::{SocketAddr, TcpListener};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -221,6 +222,8 @@ pub struct Relay {
     listener: TcpListener,
     inbox: mpsc::Receiver<ToReactor>,
     tls: Option<native_tls::TlsAcceptor>,
+    /// The exclusive lock on `--data` ([`lock_data_dir`]), held until the relay is dropped.
+    data_lock: File,
 }
 
 /// Stops a running relay from another thread (e.g. a signal handler).
@@ -256,6 +259,8 @@ impl Relay {
                 return Err(io::Error::new(e.kind(), format!("cannot use the data dir: {e}")));
             }
         }
+        // Before the store is touched: a second relay must not open it at all.
+        let data_lock = lock_data_dir(&config.data)?;
         store::Store::open(&config.data).map_err(|e| io::Error::other(e.to_string()))?;
         let tls = match &config.tls {
             None => None,
@@ -284,7 +289,7 @@ impl Relay {
             to_reactor: tx,
             poller,
         });
-        Ok(Relay { shared, listener, inbox, tls })
+        Ok(Relay { shared, listener, inbox, tls, data_lock })
     }
 
     /// The bound address.
@@ -325,8 +330,56 @@ impl Relay {
         for w in workers {
             let _ = w.join();
         }
+        // Released only now that no worker can write to the store any more.
+        drop(self.data_lock);
         result
     }
+}
+
+/// The lock file in `--data` that one relay at a time holds.
+pub const LOCK_FILE: &str = "relay.lock";
+
+/// Takes an exclusive `flock` on [`LOCK_FILE`] in `dir` (created 0600) and writes our pid in
+/// it. Two relays on one store would each keep their own view of live sockets and
+/// revocations (one would never close an app revoked through the other), so a second one is
+/// refused, naming the first. The kernel releases the lock when the process ends, however it
+/// ends.
+fn lock_data_dir(dir: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(LOCK_FILE);
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot open {}: {e}", path.display())))?;
+    if let Err(e) = crate::state::flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(io::Error::new(e.kind(), format!("cannot lock {}: {e}", path.display())));
+        }
+        // The kernel's lock table names the holder; the pid it wrote is the fallback (off
+        // Linux, or when its /proc entry is not ours to read).
+        let written = || std::fs::read_to_string(&path).ok()?.trim().parse::<u32>().ok();
+        let holder = crate::daemon::lock_holder(&file, &path)
+            .or_else(written)
+            .map_or_else(String::new, |pid| format!(" (pid {pid})"));
+        return Err(io::Error::new(
+            io::ErrorKind::ResourceBusy,
+            format!(
+                "another hermeschat-relay{holder} is using the data directory {} (it holds \
+                 {}): stop it first, or give this relay a --data directory of its own (two \
+                 relays on one store would not see each other's revocations)",
+                dir.display(),
+                path.display()
+            ),
+        ));
+    }
+    // Best effort: only the refusal message above reads it.
+    let _ = file.set_len(0).and_then(|()| writeln!(file, "{}", std::process::id()));
+    Ok(file)
 }
 
 /// Descriptors kept for what is not a client connection: the listener, the poller, SQLite,
