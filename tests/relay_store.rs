@@ -61,3 +61,41 @@ fn a_second_relay_on_one_data_directory_is_refused() {
     first.restart();
     assert_eq!(first.registry().health().0, 200);
 }
+
+/// Counts the rows of `table` in a copy of `relay.db` alone (no `-wal`, no `-shm`): what a
+/// backup that copies only that file would hold.
+fn rows_in_db_file_alone(data: &Path, table: &str) -> i64 {
+    let copy = fresh_dir("db-alone");
+    std::fs::copy(data.join("relay.db"), copy.join("relay.db")).unwrap();
+    let db = rusqlite::Connection::open(copy.join("relay.db")).unwrap();
+    let n = db.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0)).unwrap();
+    drop(db);
+    let _ = std::fs::remove_dir_all(&copy);
+    n
+}
+
+/// After a clean stop `relay.db` alone holds every pairing (the WAL was folded in), even with
+/// another connection open on the store at that moment (an operator's `sqlite3`): SQLite's own
+/// fold at close is skipped whenever another connection is open, which is also what happened
+/// when the relay's two worker connections closed at the same instant.
+#[test]
+fn a_clean_stop_leaves_every_pairing_in_relay_db() {
+    let mut relay = Relay::new();
+    let other = rusqlite::Connection::open(relay.data_dir.join("relay.db")).unwrap();
+    let before: i64 = other.query_row("SELECT count(*) FROM bridges", [], |r| r.get(0)).unwrap();
+    assert_eq!(before, 0);
+    let api = relay.registry();
+    for i in 0..10 {
+        api.register_ok(&format!("bridge {i}"));
+    }
+    let reg = api.register_ok("paired");
+    pair_another(&relay, &reg, "phone");
+    let status = relay.terminate();
+    assert_eq!(status.code(), Some(0), "exit status on SIGTERM");
+    let wal = relay.data_dir.join("relay.db-wal");
+    let wal_len = std::fs::metadata(&wal).map_or(0, |m| m.len());
+    assert_eq!(wal_len, 0, "relay.db-wal still holds changes after a clean stop");
+    assert_eq!(rows_in_db_file_alone(&relay.data_dir, "bridges"), 11, "bridges in relay.db");
+    assert_eq!(rows_in_db_file_alone(&relay.data_dir, "clients"), 1, "clients in relay.db");
+    drop(other);
+}

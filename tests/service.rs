@@ -704,6 +704,10 @@ fn relay_unit_refuses_what_it_cannot_hold() {
         assert!(stderr.contains(why), "{args:?}: {stderr}");
         assert!(stdout.is_empty(), "{args:?} printed a unit:\n{stdout}");
     }
+    // Bringing an existing store: relay.db alone may lack what its WAL still holds.
+    let args = ["--public-url", "https://r.example.com", "--data", "/srv/relay"];
+    let (_, _, stderr) = relay_unit(&args, &[]);
+    assert!(stderr.contains("relay.db-wal") && stderr.contains("stop the old relay"), "{stderr}");
 }
 
 /// `--install --local` runs the LAN-only bridge at boot (with the given address and port), and

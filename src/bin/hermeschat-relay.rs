@@ -262,8 +262,9 @@ fn unit_state_dir(given: &Given, config: &RelayConfig) -> Result<String, String>
             "{}: {:?}: the unit keeps its store in a directory under {UNIT_STATE_ROOT} (its \
              StateDirectory=, the only place the sandboxed service may write), named with \
              letters, digits, '.', '_' and '-': pass --data {UNIT_STATE_ROOT}/NAME, or leave \
-             --data out for {UNIT_STATE_ROOT}/hermeschat-relay (copy an existing relay.db there \
-             before the first start)",
+             --data out for {UNIT_STATE_ROOT}/hermeschat-relay (to bring an existing store, \
+             stop the old relay and copy its relay.db there with relay.db-wal and relay.db-shm \
+             if they exist, before the first start)",
             s.from, s.value
         )
     };

@@ -327,8 +327,27 @@ impl Relay {
             reactor::Reactor::new(self.shared, self.listener, self.tls, job_tx, self.inbox, stop)?;
         let result = reactor.run();
         // The reactor dropped the job sender: workers finish the queued jobs and exit.
-        for w in workers {
-            let _ = w.join();
+        let mut stores: Vec<store::Store> =
+            workers.into_iter().filter_map(|w| w.join().ok().flatten()).collect();
+        // SQLite folds the WAL into relay.db when its last connection closes, but connections
+        // closing at the same instant each see the other open and none does it: relay.db alone
+        // would then lack recent pairings. So the others close first and one checkpoints.
+        let last = stores.pop();
+        drop(stores);
+        if let Some(store) = last
+            && let Err(e) = store.checkpoint()
+        {
+            log_event(
+                "checkpoint.failed",
+                &[
+                    ("message", &e.to_string()),
+                    (
+                        "next",
+                        "recent changes are in relay.db-wal, which the next start reads: keep it \
+                         with relay.db (copy relay.db, relay.db-wal and relay.db-shm together)",
+                    ),
+                ],
+            );
         }
         // Released only now that no worker can write to the store any more.
         drop(self.data_lock);

@@ -133,13 +133,14 @@ pub enum Outcome {
     },
 }
 
-/// Runs one worker until the job channel closes.
-pub fn worker(jobs: Arc<JobReceiver>, shared: Arc<Shared>) {
+/// Runs one worker until the job channel closes, and hands back its store connection (for the
+/// checkpoint at shutdown); `None` when the store could not be opened.
+pub fn worker(jobs: Arc<JobReceiver>, shared: Arc<Shared>) -> Option<Store> {
     let mut store = match Store::open(&shared.config.data) {
         Ok(s) => s,
         Err(e) => {
             log_event("error", &[("message", &e.to_string())]);
-            return;
+            return None;
         }
     };
     while let Some(job) = jobs.recv() {
@@ -169,6 +170,7 @@ pub fn worker(jobs: Arc<JobReceiver>, shared: Arc<Shared>) {
             }
         }
     }
+    Some(store)
 }
 
 /// Writes one access-log line. Paths are logged without their query; no header is logged.

@@ -190,6 +190,23 @@ impl Store {
         Ok(Store { conn })
     }
 
+    /// Copies every change in the WAL into `relay.db` and empties the WAL
+    /// (`wal_checkpoint(TRUNCATE)`), so that relay.db alone holds the whole store. Fails when
+    /// another connection keeps it from finishing.
+    pub fn checkpoint(&self) -> StoreResult<()> {
+        let (busy, log, done): (i64, i64, i64) =
+            self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?;
+        if busy != 0 {
+            return Err(StoreError(format!(
+                "checkpoint incomplete ({done} of {log} WAL pages copied): another connection \
+                 to relay.db is open"
+            )));
+        }
+        Ok(())
+    }
+
     /// Records that the bridge's socket connected (the first time only: a later connect
     /// changes nothing, so it writes nothing).
     pub fn mark_connected(&self, bridge_id: &str, now_ms: u64) -> StoreResult<()> {
