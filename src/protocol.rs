@@ -236,6 +236,8 @@ pub mod api_code {
     pub const INTERNAL: &str = "INTERNAL";
     /// The relay is overloaded (its worker queue is full); retry shortly.
     pub const UNAVAILABLE: &str = "UNAVAILABLE";
+    /// The relay is stopping and did not carry the request out; retry shortly.
+    pub const SHUTTING_DOWN: &str = "SHUTTING_DOWN";
 }
 
 /// The error body of every failed registry call: `{"error":{"code","message"}}`.

@@ -5,6 +5,7 @@
 mod common;
 
 use std::io::Read;
+use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -98,4 +99,147 @@ fn a_clean_stop_leaves_every_pairing_in_relay_db() {
     assert_eq!(rows_in_db_file_alone(&relay.data_dir, "bridges"), 11, "bridges in relay.db");
     assert_eq!(rows_in_db_file_alone(&relay.data_dir, "clients"), 1, "clients in relay.db");
     drop(other);
+}
+
+/// Sends one HTTP request on a fresh connection and reads until EOF (at most `timeout`): the
+/// status, or `None` when the connection ended (or could not be made) without an answer.
+fn one_request(addr: &str, method: &str, path: &str, body: &str, timeout: Duration) -> Answer {
+    send_request(addr, method, path, body).map_or_else(Answer::default, |s| read_answer(s, timeout))
+}
+
+/// Connects to `addr` and writes one request (`Connection: close`).
+fn send_request(addr: &str, method: &str, path: &str, body: &str) -> Option<TcpStream> {
+    use std::io::Write;
+    let mut s = TcpStream::connect(addr).ok()?;
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: \
+         application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).ok()?;
+    Some(s)
+}
+
+/// Reads an answer until EOF (at most `timeout`).
+fn read_answer(mut s: TcpStream, timeout: Duration) -> Answer {
+    s.set_read_timeout(Some(timeout)).unwrap();
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text.get(9..12).and_then(|c| c.parse().ok());
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Answer { status, body: serde_json::from_str(&body).unwrap_or_default() }
+}
+
+/// What [`one_request`] got.
+#[derive(Debug, Default)]
+struct Answer {
+    status: Option<u16>,
+    body: serde_json::Value,
+}
+
+/// Waits (at most 10 s) for a log line whose event is `event`.
+fn wait_for_event(relay: &Relay, event: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let line = relay.logs().iter().find_map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).ok().filter(|v| v["event"] == event)
+        });
+        if let Some(line) = line {
+            return line;
+        }
+        assert!(Instant::now() < deadline, "no {event} line: {:?}", relay.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// SIGTERM to the relay, without waiting for it to exit.
+fn sigterm(relay: &Relay) {
+    // SAFETY: signalling our own child by its pid.
+    unsafe { libc::kill(relay.pid() as libc::pid_t, libc::SIGTERM) };
+}
+
+/// A pairing a worker is carrying out when SIGTERM comes (its store is locked by someone
+/// else for a moment) is finished and answered before the relay exits: the app that sent
+/// it gets its credential, and never a disconnect for a pairing the store then commits.
+#[test]
+fn a_pairing_in_flight_at_sigterm_is_answered() {
+    let mut relay = Relay::new();
+    let api = relay.registry();
+    let reg = api.register_ok("locked");
+    let code = api.access_code_ok(&reg.bridge_id, &reg.relay_secret).access_code;
+    let lock = rusqlite::Connection::open(relay.data_dir.join("relay.db")).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let body = serde_json::json!({"bridgeId": reg.bridge_id, "accessCode": code}).to_string();
+    let sent = send_request(&relay.addr, "POST", "/v1/pair/verify", &body).unwrap();
+    let verify = std::thread::spawn(move || read_answer(sent, Duration::from_secs(20)));
+    // A request sent after it is answered: the verify was taken by a worker before it (the
+    // queue is first in, first out) and waits there for the lock.
+    assert_eq!(api.health().0, 200);
+    sigterm(&relay);
+    wait_for_event(&relay, "shutdown");
+    lock.execute_batch("COMMIT").unwrap();
+    let answer = verify.join().unwrap();
+    assert_eq!(relay.terminate().code(), Some(0));
+    let clients: i64 = lock.query_row("SELECT count(*) FROM clients", [], |r| r.get(0)).unwrap();
+    assert_eq!(answer.status, Some(200), "the pairing was not answered: {answer:?}");
+    assert_eq!(clients, 1, "answered 200, yet not stored");
+}
+
+/// Under a stream of registrations, SIGTERM: every registration the store holds afterwards
+/// was answered 201, and every one answered 201 is there. The others were refused (503) or
+/// cut off before being carried out.
+#[test]
+fn at_sigterm_every_stored_registration_was_answered() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    let mut relay = Relay::new();
+    let answered = Arc::new(Mutex::new(Vec::<String>::new()));
+    let count = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..32)
+        .map(|_| {
+            let (addr, answered, count) = (relay.addr.clone(), answered.clone(), count.clone());
+            std::thread::spawn(move || {
+                let body = r#"{"displayName":"flood"}"#;
+                loop {
+                    let a = one_request(
+                        &addr,
+                        "POST",
+                        "/v1/bridge/register",
+                        body,
+                        Duration::from_secs(20),
+                    );
+                    match a.status {
+                        Some(201) => {
+                            let id = a.body["bridgeId"].as_str().unwrap().to_owned();
+                            answered.lock().unwrap().push(id);
+                            count.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Some(503) => assert_eq!(a.body["error"]["code"], "SHUTTING_DOWN", "{a:?}"),
+                        Some(other) => panic!("registration answered {other}: {a:?}"),
+                        None => return,
+                    }
+                }
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while count.load(Ordering::SeqCst) < 100 {
+        assert!(Instant::now() < deadline, "registrations too slow");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    sigterm(&relay);
+    for c in clients {
+        c.join().unwrap();
+    }
+    assert_eq!(relay.terminate().code(), Some(0));
+    let db = rusqlite::Connection::open(relay.data_dir.join("relay.db")).unwrap();
+    let mut stmt = db.prepare("SELECT id FROM bridges").unwrap();
+    let mut stored: Vec<String> =
+        stmt.query_map([], |r| r.get(0)).unwrap().collect::<Result<_, _>>().unwrap();
+    let mut answered = answered.lock().unwrap().clone();
+    stored.sort();
+    answered.sort();
+    assert_eq!(stored.len(), answered.len(), "stored vs answered 201");
+    assert_eq!(stored, answered);
 }

@@ -20,7 +20,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -155,8 +155,24 @@ pub struct Shared {
     presence: Mutex<Presence>,
     /// Revocations (revokes and bridge deletions) committed so far: see [`kicks`].
     revocations: AtomicU64,
+    /// Registry requests running on workers, plus [`GATE_CLOSED`] once none may start any
+    /// more (see [`Shared::begin_request`]).
+    admission: AtomicUsize,
     to_reactor: Sender<ToReactor>,
     poller: Arc<Poller>,
+}
+
+/// The bit of [`Shared::admission`] that says the shutdown grace is over.
+const GATE_CLOSED: usize = 1 << (usize::BITS - 1);
+
+/// A registry request a worker is carrying out ([`Shared::begin_request`]); it counts as
+/// running until dropped, which the worker does once its answer is on its way.
+pub struct Running<'a>(&'a Shared);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.admission.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Shared {
@@ -178,6 +194,30 @@ impl Shared {
         let epoch = self.revocations.fetch_add(1, Ordering::SeqCst) + 1;
         let (bridge_id, client_id) = (bridge_id.to_owned(), client_id.map(str::to_owned));
         self.send(ToReactor::Kick { bridge_id, client_id, epoch });
+    }
+
+    /// Lets a worker start a registry request, or `None` once the shutdown grace is over
+    /// ([`Shared::close_gate`]): that request is then answered 503 without touching the store,
+    /// so none is carried out after its client can no longer hear the answer.
+    pub fn begin_request(&self) -> Option<Running<'_>> {
+        let open = |n: usize| (n & GATE_CLOSED == 0).then_some(n + 1);
+        self.admission.fetch_update(Ordering::SeqCst, Ordering::SeqCst, open).ok()?;
+        Some(Running(self))
+    }
+
+    /// Ends the shutdown grace: no registry request starts from now on.
+    pub fn close_gate(&self) {
+        self.admission.fetch_or(GATE_CLOSED, Ordering::SeqCst);
+    }
+
+    /// True once [`Shared::close_gate`] was called.
+    pub fn gate_closed(&self) -> bool {
+        self.admission.load(Ordering::SeqCst) & GATE_CLOSED != 0
+    }
+
+    /// Registry requests running now; each one's answer was sent before it stopped counting.
+    pub fn requests_running(&self) -> usize {
+        self.admission.load(Ordering::SeqCst) & !GATE_CLOSED
     }
 
     /// The live presence table.
@@ -286,6 +326,7 @@ impl Relay {
             public_url,
             presence: Mutex::new(Presence::default()),
             revocations: AtomicU64::new(0),
+            admission: AtomicUsize::new(0),
             to_reactor: tx,
             poller,
         });
@@ -323,9 +364,12 @@ impl Relay {
         // Only the workers hold the receiver: should they all exit (their store cannot be
         // opened), requests are answered 503 at once instead of waiting for ever.
         drop(job_rx);
+        let shared = self.shared.clone();
         let reactor =
             reactor::Reactor::new(self.shared, self.listener, self.tls, job_tx, self.inbox, stop)?;
         let result = reactor.run();
+        // Whatever is still queued was never answered (the reactor is gone): it must not run.
+        shared.close_gate();
         // The reactor dropped the job sender: workers finish the queued jobs and exit.
         let mut stores: Vec<store::Store> =
             workers.into_iter().filter_map(|w| w.join().ok().flatten()).collect();
@@ -475,4 +519,40 @@ fn load_tls(cert: &std::path::Path, key: &std::path::Path) -> io::Result<native_
     })?;
     native_tls::TlsAcceptor::new(identity)
         .map_err(|e| io::Error::other(format!("TLS setup failed: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared() -> Shared {
+        let config = RelayConfig::new(([127, 0, 0, 1], 0).into(), PathBuf::from("/nonexistent"));
+        Shared {
+            register_limit: RateLimiter::new(0),
+            verify_limit: RateLimiter::new(0),
+            config,
+            public_url: "http://127.0.0.1".into(),
+            presence: Mutex::new(Presence::default()),
+            revocations: AtomicU64::new(0),
+            admission: AtomicUsize::new(0),
+            to_reactor: mpsc::channel().0,
+            poller: Arc::new(Poller::new().unwrap()),
+        }
+    }
+
+    #[test]
+    fn no_request_starts_once_the_gate_is_closed_and_running_ones_are_counted() {
+        let s = shared();
+        let a = s.begin_request().unwrap();
+        let b = s.begin_request().unwrap();
+        assert_eq!(s.requests_running(), 2);
+        drop(b);
+        s.close_gate();
+        assert!(s.gate_closed());
+        assert!(s.begin_request().is_none(), "a request started after the grace");
+        assert_eq!(s.requests_running(), 1, "the one running is still counted");
+        drop(a);
+        assert_eq!(s.requests_running(), 0);
+        assert!(s.begin_request().is_none());
+    }
 }

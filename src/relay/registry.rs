@@ -161,6 +161,13 @@ pub fn worker(jobs: Arc<JobReceiver>, shared: Arc<Shared>) -> Option<Store> {
             }
             Job::Http { conn, head, body, ip } => {
                 let started = Instant::now();
+                // Counts as running until its answer is sent (end of this arm).
+                let Some(_running) = shared.begin_request() else {
+                    access_log(&head, 503, ip, started);
+                    let bytes = shutting_down_response();
+                    shared.send(ToReactor::Outcome(Outcome::Respond { conn, bytes, close: true }));
+                    continue;
+                };
                 let (outcome, status) = handle(&mut store, &shared, conn, &head, &body, ip);
                 // Upgrades are logged by the reactor once it has decided.
                 if !matches!(outcome, Outcome::Upgrade { .. }) {
@@ -185,6 +192,13 @@ pub fn access_log(head: &Head, status: u16, ip: IpAddr, started: Instant) {
             ("ip", &ip.to_string()),
         ],
     );
+}
+
+/// The answer to a request the relay will not carry out because it is stopping: 503
+/// `SHUTTING_DOWN`, closing the connection.
+pub fn shutting_down_response() -> Vec<u8> {
+    let body = ApiError::new(api_code::SHUTTING_DOWN, "the relay is shutting down; retry shortly");
+    json_response(503, &serde_json::to_string(&body).unwrap_or_default(), true)
 }
 
 /// A handler's reply: status and JSON body, or an authenticated upgrade.
