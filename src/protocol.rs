@@ -266,7 +266,7 @@ impl ApiError {
 /// `GET /v1/health` response.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HealthResponse {
-    /// Always true when the relay answers.
+    /// True, unless the relay's store is failing (then with status 503 and an `error`).
     pub ok: bool,
     /// The relay's version.
     pub version: String,

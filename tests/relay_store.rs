@@ -243,3 +243,32 @@ fn at_sigterm_every_stored_registration_was_answered() {
     assert_eq!(stored.len(), answered.len(), "stored vs answered 201");
     assert_eq!(stored, answered);
 }
+
+/// A store whose pages were overwritten (the header intact, so the relay starts): requests
+/// that reach it fail 500, and `/v1/health` says so (503, `ok:false`) instead of `ok:true`.
+#[test]
+fn health_reports_a_failing_store() {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut relay = Relay::new();
+    let api = relay.registry();
+    for i in 0..5 {
+        api.register_ok(&format!("bridge {i}"));
+    }
+    assert_eq!(relay.terminate().code(), Some(0));
+    // Everything past the first page (the schema) is garbage now.
+    let db = relay.data_dir.join("relay.db");
+    let len = std::fs::metadata(&db).unwrap().len();
+    assert!(len > 4096, "relay.db is only {len} bytes");
+    let mut f = std::fs::OpenOptions::new().write(true).open(&db).unwrap();
+    f.seek(SeekFrom::Start(4096)).unwrap();
+    f.write_all(&vec![0xa5; (len - 4096) as usize]).unwrap();
+    drop(f);
+    relay.restart();
+    let api = relay.registry();
+    let (status, body) = api.register(Some("after"));
+    assert_eq!(status, 500, "{body}");
+    let (status, body) = api.health();
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["ok"], false, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("store"), "{body}");
+}

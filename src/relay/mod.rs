@@ -158,6 +158,9 @@ pub struct Shared {
     /// Registry requests running on workers, plus [`GATE_CLOSED`] once none may start any
     /// more (see [`Shared::begin_request`]).
     admission: AtomicUsize,
+    /// A store call failed for a reason of the store's own (damaged, unreadable, unwritable,
+    /// full) and no write has committed since: `/v1/health` says so.
+    store_failing: AtomicBool,
     to_reactor: Sender<ToReactor>,
     poller: Arc<Poller>,
 }
@@ -218,6 +221,24 @@ impl Shared {
     /// Registry requests running now; each one's answer was sent before it stopped counting.
     pub fn requests_running(&self) -> usize {
         self.admission.load(Ordering::SeqCst) & !GATE_CLOSED
+    }
+
+    /// Records a store failure; one of the store's own ([`store::StoreError::fault`]) marks
+    /// the store failing until [`Shared::store_wrote`].
+    pub fn store_failed(&self, e: &store::StoreError) {
+        if e.fault {
+            self.store_failing.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Records that a write to the store committed: it is usable again.
+    pub fn store_wrote(&self) {
+        self.store_failing.store(false, Ordering::SeqCst);
+    }
+
+    /// True while the store is failing (see [`Shared::store_failed`]).
+    pub fn store_failing(&self) -> bool {
+        self.store_failing.load(Ordering::SeqCst)
     }
 
     /// The live presence table.
@@ -327,6 +348,7 @@ impl Relay {
             presence: Mutex::new(Presence::default()),
             revocations: AtomicU64::new(0),
             admission: AtomicUsize::new(0),
+            store_failing: AtomicBool::new(false),
             to_reactor: tx,
             poller,
         });
@@ -522,11 +544,12 @@ fn load_tls(cert: &std::path::Path, key: &std::path::Path) -> io::Result<native_
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn shared() -> Shared {
-        let config = RelayConfig::new(([127, 0, 0, 1], 0).into(), PathBuf::from("/nonexistent"));
+    /// A [`Shared`] with the store in `data`, whose messages to the reactor go nowhere.
+    pub(crate) fn shared_in(data: PathBuf) -> Shared {
+        let config = RelayConfig::new(([127, 0, 0, 1], 0).into(), data);
         Shared {
             register_limit: RateLimiter::new(0),
             verify_limit: RateLimiter::new(0),
@@ -535,6 +558,7 @@ mod tests {
             presence: Mutex::new(Presence::default()),
             revocations: AtomicU64::new(0),
             admission: AtomicUsize::new(0),
+            store_failing: AtomicBool::new(false),
             to_reactor: mpsc::channel().0,
             poller: Arc::new(Poller::new().unwrap()),
         }
@@ -542,7 +566,7 @@ mod tests {
 
     #[test]
     fn no_request_starts_once_the_gate_is_closed_and_running_ones_are_counted() {
-        let s = shared();
+        let s = shared_in(PathBuf::from("/nonexistent"));
         let a = s.begin_request().unwrap();
         let b = s.begin_request().unwrap();
         assert_eq!(s.requests_running(), 2);

@@ -21,11 +21,24 @@ pub const MAX_LIVE_PROBES: usize = 8;
 
 /// A store failure (disk, corruption, lock timeout). Shown to callers as 500 `INTERNAL`.
 #[derive(Debug)]
-pub struct StoreError(pub String);
+pub struct StoreError {
+    /// What failed, for the log.
+    pub message: String,
+    /// The store itself is failing (damaged, unreadable, unwritable, full), as opposed to a
+    /// lock held too long or a statement refused: `/v1/health` reports it.
+    pub fault: bool,
+}
+
+impl StoreError {
+    /// A failure that says nothing of the store's health.
+    fn new(message: String) -> Self {
+        StoreError { message, fault: false }
+    }
+}
 
 impl std::fmt::Display for StoreError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "relay store: {}", self.0)
+        write!(f, "relay store: {}", self.message)
     }
 }
 
@@ -33,7 +46,21 @@ impl std::error::Error for StoreError {}
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
-        StoreError(e.to_string())
+        use rusqlite::ErrorCode as C;
+        let fault = matches!(
+            e.sqlite_error_code(),
+            Some(
+                C::DatabaseCorrupt
+                    | C::NotADatabase
+                    | C::SystemIoFailure
+                    | C::DiskFull
+                    | C::CannotOpen
+                    | C::ReadOnly
+                    | C::PermissionDenied
+                    | C::NoLargeFileSupport
+            )
+        );
+        StoreError { message: e.to_string(), fault }
     }
 }
 
@@ -157,9 +184,9 @@ fn open_error(path: &Path, e: rusqlite::Error) -> StoreError {
     use rusqlite::ErrorCode::{DatabaseCorrupt, NotADatabase};
     let p = path.display();
     if !matches!(e.sqlite_error_code(), Some(NotADatabase | DatabaseCorrupt)) {
-        return StoreError(format!("{p}: {e}"));
+        return StoreError::new(format!("{p}: {e}"));
     }
-    StoreError(format!(
+    StoreError::new(format!(
         "{p} is not a usable SQLite database ({e}); it was left as it is. Restore it from a \
          backup, or move it aside to start with an empty store, which forgets every registered \
          bridge and paired app (each machine then runs hermeschat-pair again): \
@@ -172,9 +199,9 @@ impl Store {
     pub fn open(dir: &Path) -> StoreResult<Store> {
         let path = dir.join("relay.db");
         private_file(&path)
-            .map_err(|e| StoreError(format!("cannot create {}: {e}", path.display())))?;
+            .map_err(|e| StoreError::new(format!("cannot create {}: {e}", path.display())))?;
         let conn = Connection::open(&path)
-            .map_err(|e| StoreError(format!("cannot open {}: {e}", path.display())))?;
+            .map_err(|e| StoreError::new(format!("cannot open {}: {e}", path.display())))?;
         let setup = || -> rusqlite::Result<()> {
             conn.busy_timeout(Duration::from_secs(5))?;
             conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -199,11 +226,24 @@ impl Store {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?))
             })?;
         if busy != 0 {
-            return Err(StoreError(format!(
+            return Err(StoreError::new(format!(
                 "checkpoint incomplete ({done} of {log} WAL pages copied): another connection \
                  to relay.db is open"
             )));
         }
+        Ok(())
+    }
+
+    /// Rows inserted, updated or deleted through this connection so far: a call that
+    /// returned `Ok` and moved it committed a write.
+    pub fn total_changes(&self) -> u64 {
+        self.conn.total_changes()
+    }
+
+    /// A cheap read of the bridges table (its first row at most), for `/v1/health`.
+    pub fn probe(&self) -> StoreResult<()> {
+        self.conn
+            .query_row("SELECT count(*) FROM (SELECT 1 FROM bridges LIMIT 1)", [], |_| Ok(()))?;
         Ok(())
     }
 
