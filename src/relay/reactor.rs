@@ -105,9 +105,17 @@ const ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 /// `SHUTTING_DOWN` without being carried out; those already running are still waited for.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-/// How often the registry is swept of unfinished registrations ([`Job::Sweep`]); the first
-/// sweep runs at the first timer tick after start.
+/// How often the registry is swept of unfinished registrations ([`Job::Sweep`]).
 const SWEEP_EVERY: Duration = Duration::from_secs(3600);
+
+/// When the first sweep runs after start: once every bridge still running has had time to
+/// reconnect, since an attached bridge is never swept. A store written by an older relay (one
+/// that did not record connects) holds in use bridges that look unfinished until then.
+const FIRST_SWEEP_AFTER: Duration = Duration::from_secs(600);
+
+// Bridges retry at most this far apart: many times over before the first sweep.
+const _: () =
+    assert!(FIRST_SWEEP_AFTER.as_secs() >= 10 * crate::bridge::relay_io::BACKOFF_CAP.as_secs());
 
 /// How often at most an `accept.refused` line counts the connections closed at accept.
 const REFUSED_LOG_EVERY: Duration = Duration::from_secs(60);
@@ -277,7 +285,7 @@ impl Reactor {
             per_source: FastMap::default(),
             refused: (0, 0),
             refused_logged: None,
-            next_sweep: Instant::now(),
+            next_sweep: Instant::now() + FIRST_SWEEP_AFTER,
             reading: None,
             ws_config,
             dropped_frames: 0,

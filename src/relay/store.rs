@@ -258,17 +258,20 @@ impl Store {
     }
 
     /// Deletes the unfinished registrations: bridges registered before `cutoff_ms` whose socket
-    /// never connected and that have no client, except those `attached` says are attached now.
-    /// A pairing connects its bridge within seconds, so these are pairings that failed
-    /// midway, or registrations nobody uses (the command registers anew when its bridge is
-    /// gone). Returns how many went.
+    /// never connected, that have no client and whose access code was never redeemed, except
+    /// those `attached` says are attached now. A pairing connects its bridge within seconds,
+    /// so these are pairings that failed midway, or registrations nobody uses (the command
+    /// registers anew when its bridge is gone). Returns how many went.
     pub fn expire_unfinished(
         &self,
         cutoff_ms: u64,
         attached: impl Fn(&str) -> bool,
     ) -> StoreResult<usize> {
+        // A redeemed code is a pairing that finished, even if its app was revoked since (and
+        // its bridge's connects went unrecorded, under a relay older than `connected_at`).
         let mut stmt = self.conn.prepare(
             "SELECT id FROM bridges WHERE connected_at IS NULL AND created_at < ?1
+             AND code_used = 0
              AND NOT EXISTS (SELECT 1 FROM clients WHERE clients.bridge_id = bridges.id)",
         )?;
         let ids: Vec<String> =
@@ -277,7 +280,7 @@ impl Store {
         for id in ids.iter().filter(|id| !attached(id)) {
             // Checked again in the statement: a pairing may have finished meanwhile.
             expired += self.conn.execute(
-                "DELETE FROM bridges WHERE id = ?1 AND connected_at IS NULL
+                "DELETE FROM bridges WHERE id = ?1 AND connected_at IS NULL AND code_used = 0
                  AND NOT EXISTS (SELECT 1 FROM clients WHERE clients.bridge_id = bridges.id)",
                 params![id],
             )?;
@@ -579,13 +582,18 @@ mod tests {
         let (paired, _) = s.register("paired", None, 1_000).unwrap();
         let (attached, _) = s.register("attached", None, 1_000).unwrap();
         let (young, _) = s.register("young", None, 50_000).unwrap();
+        let (revoked, _) = s.register("paired, app revoked", None, 1_000).unwrap();
         s.mark_connected(&connected, 2_000).unwrap();
-        let (code, _) = s.issue_access_code(&paired, None, 1_000, 600_000).unwrap();
-        assert!(matches!(s.verify(&paired, &code, "phone", 2_000).unwrap(), Verify::Paired { .. }));
+        for id in [&paired, &revoked] {
+            let (code, _) = s.issue_access_code(id, None, 1_000, 600_000).unwrap();
+            assert!(matches!(s.verify(id, &code, "phone", 2_000).unwrap(), Verify::Paired { .. }));
+        }
+        let app = s.list_clients(&revoked).unwrap().remove(0).client_id;
+        assert!(s.revoke(&revoked, &app).unwrap());
         let expired = s.expire_unfinished(10_000, |id| id == attached).unwrap();
         assert_eq!(expired, 1);
         assert!(!s.bridge_exists(&never).unwrap(), "the unfinished registration is still there");
-        for id in [&connected, &paired, &attached, &young] {
+        for id in [&connected, &paired, &attached, &young, &revoked] {
             assert!(s.bridge_exists(id).unwrap(), "{id} expired");
         }
         // A later connect does not move the first one.
