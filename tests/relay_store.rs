@@ -15,15 +15,16 @@ use common::*;
 /// Runs the relay on `data` with `args` and waits at most 5 s for it to exit: its exit code
 /// (`None` when it was still running, and was killed) and its stderr.
 fn run_relay_on(data: &Path, args: &[&str]) -> (Option<i32>, String) {
-    let mut child = Command::new(bin_path())
-        .arg("--data")
-        .arg(data)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut cmd = Command::new(bin_path());
+    cmd.arg("--data").arg(data).args(args);
+    run_to_exit(&mut cmd)
+}
+
+/// Runs `cmd` (stdin and stdout closed) and waits at most 5 s for it to exit: its exit code
+/// (`None` when it was still running, and was killed) and its stderr.
+fn run_to_exit(cmd: &mut Command) -> (Option<i32>, String) {
+    let mut child =
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     let code = loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -271,4 +272,82 @@ fn health_reports_a_failing_store() {
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["ok"], false, "{body}");
     assert!(body["error"]["message"].as_str().unwrap().contains("store"), "{body}");
+}
+
+/// A `relay.db` the relay may not write (mode 0400; as root, owned by root with the relay run
+/// as nobody) is named as such, with its owner and the way out, not as a file it "cannot
+/// create".
+#[test]
+fn a_store_the_relay_may_not_write_is_named_with_its_owner() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let data = fresh_dir("readonly");
+    let db = data.join("relay.db");
+    std::fs::write(&db, b"").unwrap();
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o400)).unwrap();
+    let mut cmd = Command::new(bin_path());
+    cmd.args(["--listen", "127.0.0.1:0", "--data"]).arg(&data);
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root {
+        // Root may write any file: the relay runs as nobody, in a directory of its own.
+        std::os::unix::fs::chown(&data, Some(65534), Some(65534)).unwrap();
+        cmd.uid(65534).gid(65534);
+    }
+    let (code, stderr) = run_to_exit(&mut cmd);
+    assert_eq!(code, Some(1), "{stderr}");
+    let line = stderr.lines().find(|l| l.starts_with("hermeschat-relay:")).unwrap_or_default();
+    assert!(line.contains(&format!("cannot open {} for writing", db.display())), "{line}");
+    assert!(line.contains("mode 0400"), "{line}");
+    if root {
+        assert!(line.contains("belongs to uid 0") && line.contains("chown 65534"), "{line}");
+    } else {
+        assert!(line.contains("belongs to you") && line.contains("chmod 600"), "{line}");
+    }
+    let _ = std::fs::remove_dir_all(&data);
+}
+
+/// On a full disk the relay says so and how to get out, whether SQLite reports it as "full"
+/// or as a "disk I/O error" (with a little room left, creating its shared-memory file fails),
+/// and leaves no WAL or shared-memory file of its own behind. Runs the relay on a 64 KiB tmpfs
+/// in a user and mount namespace of its own (`unshare -rm`); skipped where there is none.
+#[test]
+fn a_full_disk_is_named_at_start_and_leaves_no_wal_behind() {
+    let probe = Command::new("unshare").args(["-rm", "true"]).stderr(Stdio::null()).status();
+    if !probe.is_ok_and(|s| s.success()) {
+        eprintln!("skipped: no user namespaces here (unshare -rm true failed)");
+        return;
+    }
+    let mnt = fresh_dir("full");
+    let script = r#"
+        mount -t tmpfs -o size=64k tmpfs "$1" || exit 99
+        for left in 4 12; do
+            rm -rf "$1/data" "$1/fill"; mkdir "$1/data"
+            head -c $(( (64 - left) * 1024 )) /dev/zero > "$1/fill" 2>/dev/null
+            timeout 5 "$2" --listen 127.0.0.1:0 --data "$1/data"
+            echo "exit=$? files=$(ls -A "$1/data" | tr '
+' ' ')"
+        done
+    "#;
+    let out = Command::new("unshare")
+        .args(["-rm", "sh", "-c", script, "sh"])
+        .arg(&mnt)
+        .arg(bin_path())
+        .output()
+        .unwrap();
+    let (stdout, stderr) =
+        (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let runs: Vec<&str> = stdout.lines().filter(|l| l.starts_with("exit=")).collect();
+    assert_eq!(runs.len(), 2, "stdout: {stdout}\nstderr: {stderr}");
+    for run in runs {
+        assert!(run.starts_with("exit=1 "), "{run}\nstderr: {stderr}");
+        assert!(!run.contains("relay.db-shm") && !run.contains("relay.db-wal"), "{run}");
+    }
+    let told: Vec<&str> =
+        stderr.lines().filter(|l| l.starts_with("hermeschat-relay: relay store:")).collect();
+    assert_eq!(told.len(), 2, "{stderr}");
+    for line in told {
+        assert!(line.contains("the disk is full") && line.contains("df -h"), "{line}");
+    }
+    let _ = std::fs::remove_dir_all(&mnt);
 }

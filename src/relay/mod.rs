@@ -322,7 +322,7 @@ impl Relay {
         }
         // Before the store is touched: a second relay must not open it at all.
         let data_lock = lock_data_dir(&config.data)?;
-        store::Store::open(&config.data).map_err(|e| io::Error::other(e.to_string()))?;
+        store::Store::open_first(&config.data).map_err(|e| io::Error::other(e.to_string()))?;
         let tls = match &config.tls {
             None => None,
             Some((cert, key)) => Some(load_tls(cert, key)?),

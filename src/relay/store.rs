@@ -179,10 +179,14 @@ fn private_file(path: &Path) -> std::io::Result<()> {
 }
 
 /// A failure to set up the store at `path`, with the path, and for a damaged file what to do
-/// (it is never moved or deleted here: what it holds is every pairing).
-fn open_error(path: &Path, e: rusqlite::Error) -> StoreError {
-    use rusqlite::ErrorCode::{DatabaseCorrupt, NotADatabase};
+/// (it is never moved or deleted here: what it holds is every pairing). `errno` is the
+/// system's error behind it, if any.
+fn open_error(path: &Path, e: rusqlite::Error, errno: i32) -> StoreError {
+    use rusqlite::ErrorCode::{DatabaseCorrupt, DiskFull, NotADatabase};
     let p = path.display();
+    if e.sqlite_error_code() == Some(DiskFull) || is_disk_full(errno) {
+        return StoreError::new(format!("{p}: {}", disk_full(path, &e)));
+    }
     if !matches!(e.sqlite_error_code(), Some(NotADatabase | DatabaseCorrupt)) {
         return StoreError::new(format!("{p}: {e}"));
     }
@@ -194,12 +198,71 @@ fn open_error(path: &Path, e: rusqlite::Error) -> StoreError {
     ))
 }
 
+/// True for the errors of a full disk or an exhausted quota.
+fn is_disk_full(errno: i32) -> bool {
+    errno == libc::ENOSPC || errno == libc::EDQUOT
+}
+
+/// "The disk is full" for `path`, with what the system said and the way out.
+fn disk_full(path: &Path, e: &dyn std::fmt::Display) -> String {
+    let dir = path.parent().unwrap_or(path).display();
+    format!(
+        "the disk is full ({e}): free some space there (df -h {dir} shows how much is left) and \
+         start the relay again"
+    )
+}
+
+/// Why `relay.db` could not be created or opened for writing ([`private_file`]): a full disk,
+/// or for a file that exists and that we may not write, who owns it and what to do.
+fn create_error(path: &Path, e: &std::io::Error) -> StoreError {
+    use std::os::unix::fs::MetadataExt;
+    let p = path.display();
+    if e.raw_os_error().is_some_and(is_disk_full) {
+        return StoreError::new(format!("cannot create {p}: {}", disk_full(path, e)));
+    }
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) if e.kind() == std::io::ErrorKind::PermissionDenied => m,
+        _ => return StoreError::new(format!("cannot create {p}: {e}")),
+    };
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let mode = meta.mode() & 0o7777;
+    let (owner, next) = if meta.uid() == me {
+        ("you".to_owned(), format!("make it writable: chmod 600 {p}"))
+    } else {
+        (
+            user_label(meta.uid()),
+            format!(
+                "run the relay as that user, or give the store to the user the relay runs as \
+                 ({}): chown {me} {p} (and {p}-wal and {p}-shm, if they exist)",
+                user_label(me)
+            ),
+        )
+    };
+    StoreError::new(format!(
+        "cannot open {p} for writing ({e}): it belongs to {owner}, mode {mode:04o}; {next}"
+    ))
+}
+
+/// `uid N (name)`, the name from /etc/passwd when it is there.
+fn user_label(uid: u32) -> String {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let name = passwd.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        (fields.nth(1)?.parse::<u32>().ok()? == uid).then(|| name.to_owned())
+    });
+    match name {
+        Some(name) => format!("uid {uid} ({name})"),
+        None => format!("uid {uid}"),
+    }
+}
+
 impl Store {
     /// Opens (creating if needed) `relay.db` in `dir`, in WAL mode.
     pub fn open(dir: &Path) -> StoreResult<Store> {
         let path = dir.join("relay.db");
-        private_file(&path)
-            .map_err(|e| StoreError::new(format!("cannot create {}: {e}", path.display())))?;
+        private_file(&path).map_err(|e| create_error(&path, &e))?;
         let conn = Connection::open(&path)
             .map_err(|e| StoreError::new(format!("cannot open {}: {e}", path.display())))?;
         let setup = || -> rusqlite::Result<()> {
@@ -213,8 +276,31 @@ impl Store {
             conn.execute_batch(SCHEMA)?;
             migrate(&conn)
         };
-        setup().map_err(|e| open_error(&path, e))?;
+        if let Err(e) = setup() {
+            // SAFETY: the handle is valid while `conn` lives; sqlite3_system_errno only reads
+            // the error number its last failed call recorded.
+            let errno = unsafe { rusqlite::ffi::sqlite3_system_errno(conn.handle()) };
+            return Err(open_error(&path, e, errno));
+        }
         Ok(Store { conn })
+    }
+
+    /// [`Store::open`] for the first connection of a process that holds the data directory's
+    /// lock: when it fails, the WAL (if empty) and shared-memory files it created are removed,
+    /// instead of being left behind by a start that never happened (on a full disk, a
+    /// partial `relay.db-shm`). No other connection can have them open: they did not exist,
+    /// and no other relay runs here. The next start makes them again.
+    pub fn open_first(dir: &Path) -> StoreResult<Store> {
+        let (wal, shm) = (dir.join("relay.db-wal"), dir.join("relay.db-shm"));
+        let had = (wal.exists(), shm.exists());
+        Store::open(dir).inspect_err(|_| {
+            if !had.0 && std::fs::metadata(&wal).is_ok_and(|m| m.len() == 0) {
+                let _ = std::fs::remove_file(&wal);
+            }
+            if !had.1 {
+                let _ = std::fs::remove_file(&shm);
+            }
+        })
     }
 
     /// Copies every change in the WAL into `relay.db` and empties the WAL
