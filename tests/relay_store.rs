@@ -351,3 +351,84 @@ fn a_full_disk_is_named_at_start_and_leaves_no_wal_behind() {
     }
     let _ = std::fs::remove_dir_all(&mnt);
 }
+
+/// Starts the relay on a fresh data directory with SIGHUP at its default disposition, or
+/// ignored as `nohup` leaves it: the child and its stderr lines as they come.
+fn spawn_with_sighup(ignored: bool) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let data = fresh_dir("sighup");
+    let mut cmd = Command::new(bin_path());
+    cmd.args(["--listen", "127.0.0.1:0", "--data"]).arg(&data);
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    let disposition = if ignored { libc::SIG_IGN } else { libc::SIG_DFL };
+    // SAFETY: signal() is async-signal-safe, as code between fork and exec must be.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::signal(libc::SIGHUP, disposition);
+            Ok(())
+        })
+    };
+    let mut child = cmd.spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    (child, lines)
+}
+
+/// The next stderr line (at most 10 s away) whose event is `event`; the lines passed on
+/// the way are added to `seen`.
+fn next_event(
+    lines: &std::sync::mpsc::Receiver<String>,
+    event: &str,
+    seen: &mut Vec<String>,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = lines.recv_timeout(left).unwrap_or_else(|_| panic!("no {event}: {seen:?}"));
+        seen.push(line.clone());
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+            && v["event"] == event
+        {
+            return v;
+        }
+    }
+}
+
+/// SIGHUP (a closing terminal) stops the relay cleanly, exit 0, as `--help` says, and the log
+/// names the signal; started under `nohup` (SIGHUP ignored) the relay keeps running.
+#[test]
+fn sighup_stops_the_relay_cleanly_unless_under_nohup() {
+    let signal = |child: &std::process::Child, sig| {
+        // SAFETY: signalling our own child by its pid.
+        unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+    };
+    let mut seen = Vec::new();
+    let (mut child, lines) = spawn_with_sighup(false);
+    next_event(&lines, "listening", &mut seen);
+    signal(&child, libc::SIGHUP);
+    let line = next_event(&lines, "signal", &mut seen);
+    assert_eq!(line["signal"], "SIGHUP", "{line}");
+    next_event(&lines, "stopped", &mut seen);
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+
+    let (mut child, lines) = spawn_with_sighup(true);
+    let listening = next_event(&lines, "listening", &mut seen);
+    signal(&child, libc::SIGHUP);
+    let addr = listening["addr"].as_str().unwrap();
+    let health = one_request(addr, "GET", "/v1/health", "", Duration::from_secs(5));
+    assert_eq!(health.status, Some(200), "not serving after SIGHUP under nohup");
+    signal(&child, libc::SIGTERM);
+    let line = next_event(&lines, "signal", &mut seen);
+    assert_eq!(line["signal"], "SIGTERM", "SIGHUP was not ignored: {line}");
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+
+    let help = Command::new(bin_path()).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("SIGHUP") && help.contains("exit status 0"), "{help}");
+}

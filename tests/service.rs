@@ -542,6 +542,8 @@ fn relay_unit_passes_systemd_analyze() {
     let unit = dir.join("hermeschat-relay.service");
     std::fs::write(&unit, &unit_text).unwrap();
     assert_systemd_verifies(&unit, false, &dir.join("runtime"));
+    // Invalid settings (exit 2) are not retried every 2 s.
+    assert!(unit_text.lines().any(|l| l == "RestartPreventExitStatus=2"), "{unit_text}");
     let words = exec_start_words(&unit_text);
     let want = [
         RELAY_BIN,
