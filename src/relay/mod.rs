@@ -392,7 +392,8 @@ impl Relay {
         let result = reactor.run();
         // Whatever is still queued was never answered (the reactor is gone): it must not run.
         shared.close_gate();
-        // The reactor dropped the job sender: workers finish the queued jobs and exit.
+        // The reactor dropped the job sender: workers finish the queued jobs (registry requests
+        // refused unstarted) and exit.
         let mut stores: Vec<store::Store> =
             workers.into_iter().filter_map(|w| w.join().ok().flatten()).collect();
         // SQLite folds the WAL into relay.db when its last connection closes, but connections
