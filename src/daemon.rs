@@ -167,7 +167,7 @@ pub fn suspended(pid: u32) -> bool {
 /// differ from `stat`'s on btrfs subvolumes and overlayfs); the holder is confirmed by an
 /// open descriptor of it naming `path`.
 #[cfg(target_os = "linux")]
-fn lock_holder(file: &File, path: &Path) -> Option<u32> {
+pub(crate) fn lock_holder(file: &File, path: &Path) -> Option<u32> {
     use std::os::unix::fs::MetadataExt;
     let inode = file.metadata().ok()?.ino();
     let path = std::fs::canonicalize(path).ok()?;
@@ -187,7 +187,7 @@ fn lock_holder(file: &File, path: &Path) -> Option<u32> {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn lock_holder(_file: &File, _path: &Path) -> Option<u32> {
+pub(crate) fn lock_holder(_file: &File, _path: &Path) -> Option<u32> {
     None
 }
 

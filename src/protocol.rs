@@ -249,6 +249,8 @@ pub mod api_code {
     pub const INTERNAL: &str = "INTERNAL";
     /// The relay is overloaded (its worker queue is full); retry shortly.
     pub const UNAVAILABLE: &str = "UNAVAILABLE";
+    /// The relay is stopping and did not carry the request out; retry shortly.
+    pub const SHUTTING_DOWN: &str = "SHUTTING_DOWN";
 }
 
 /// The error body of every failed registry call: `{"error":{"code","message"}}`.
@@ -277,7 +279,7 @@ impl ApiError {
 /// `GET /v1/health` response.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HealthResponse {
-    /// Always true when the relay answers.
+    /// True, unless the relay's store is failing (then with status 503 and an `error`).
     pub ok: bool,
     /// The relay's version.
     pub version: String,

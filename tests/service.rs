@@ -606,6 +606,8 @@ fn relay_unit_passes_systemd_analyze() {
     let unit = dir.join("hermeschat-relay.service");
     std::fs::write(&unit, &unit_text).unwrap();
     assert_systemd_verifies(&unit, false, &dir.join("runtime"));
+    // Invalid settings (exit 2) are not retried every 2 s.
+    assert!(unit_text.lines().any(|l| l == "RestartPreventExitStatus=2"), "{unit_text}");
     let words = exec_start_words(&unit_text);
     let want = [
         RELAY_BIN,
@@ -792,6 +794,10 @@ fn relay_unit_refuses_what_it_cannot_hold() {
         assert!(stderr.contains(why), "{args:?}: {stderr}");
         assert!(stdout.is_empty(), "{args:?} printed a unit:\n{stdout}");
     }
+    // Bringing an existing store: relay.db alone may lack what its WAL still holds.
+    let args = ["--public-url", "https://r.example.com", "--data", "/srv/relay"];
+    let (_, _, stderr) = relay_unit(&args, &[]);
+    assert!(stderr.contains("relay.db-wal") && stderr.contains("stop the old relay"), "{stderr}");
 }
 
 /// `--install --local` runs the LAN-only bridge at boot (with the given address and port), and

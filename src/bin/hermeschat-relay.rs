@@ -1,7 +1,7 @@
 //! `hermeschat-relay`: the self-hosted registry + relay for HermesChat.
 //!
 //! Parses flags (each also readable from a `HERMESCHAT_RELAY_*` environment variable), binds,
-//! and runs the relay until SIGTERM or Ctrl-C.
+//! and runs the relay until SIGTERM, SIGINT (Ctrl-C) or SIGHUP.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use hermeschat_pair::relay::{Relay, RelayConfig, log_event};
+use hermeschat_pair::relay::{Relay, RelayConfig, StopHandle, log_event};
 
 const USAGE: &str = "\
 hermeschat-relay — the self-hosted registry + relay for HermesChat
@@ -53,7 +53,11 @@ OPTIONS (each also as an environment variable):
     -h, --help               print this help
     -V, --version            print the version
 
-Logs are JSON lines on stderr. SIGTERM or Ctrl-C shuts down cleanly.
+Logs are JSON lines on stderr. SIGTERM, SIGINT (Ctrl-C) and SIGHUP (e.g. the terminal
+closing; not when started under nohup) each shut the relay down cleanly, with exit status 0;
+the log names the signal.
+Exit status 1: the relay could not start (the port is taken, another relay uses --data, the
+store is unusable: the message says which) or failed; 2: invalid settings.
 ";
 
 /// Options as parsed: the relay's configuration, and whether to print a unit instead.
@@ -263,8 +267,9 @@ fn unit_state_dir(given: &Given, config: &RelayConfig) -> Result<String, String>
             "{}: {:?}: the unit keeps its store in a directory under {UNIT_STATE_ROOT} (its \
              StateDirectory=, the only place the sandboxed service may write), named with \
              letters, digits, '.', '_' and '-': pass --data {UNIT_STATE_ROOT}/NAME, or leave \
-             --data out for {UNIT_STATE_ROOT}/hermeschat-relay (copy an existing relay.db there \
-             before the first start)",
+             --data out for {UNIT_STATE_ROOT}/hermeschat-relay (to bring an existing store, \
+             stop the old relay and copy its relay.db there with relay.db-wal and relay.db-shm \
+             if they exist, before the first start)",
             s.from, s.value
         )
     };
@@ -389,6 +394,7 @@ Type=simple
 ExecStart={exec}
 {credentials}Restart=on-failure
 RestartSec=2
+RestartPreventExitStatus=2
 DynamicUser=yes
 StateDirectory={state}
 StateDirectoryMode=0700
@@ -464,6 +470,64 @@ fn print_unit(options: &Options) -> ExitCode {
     }
 }
 
+/// The signals that stop the relay cleanly.
+const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+
+/// Blocks [`STOP_SIGNALS`] in the calling thread and every thread it starts afterwards, so
+/// that they wait for `sigwait` in [`spawn_signal_thread`]. Returns the set. SIGHUP stays
+/// ignored when it was on entry (`nohup`); SIGTERM and SIGINT are always taken (a shell
+/// script's `relay &` starts with SIGINT ignored).
+fn block_stop_signals() -> std::io::Result<libc::sigset_t> {
+    // SAFETY: sigset_t and sigaction are plain data: the set is initialised by sigemptyset
+    // before any other use, `old` is only written by sigaction. signal() and pthread_sigmask
+    // change this process's dispositions and this thread's mask, nothing else; no other
+    // thread runs yet.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in STOP_SIGNALS {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            libc::sigaction(sig, std::ptr::null(), &mut old);
+            if old.sa_sigaction == libc::SIG_IGN {
+                if sig == libc::SIGHUP {
+                    continue;
+                }
+                // An ignored signal is discarded, never left pending for sigwait.
+                libc::signal(sig, libc::SIG_DFL);
+            }
+            libc::sigaddset(&mut set, sig);
+        }
+        match libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) {
+            0 => Ok(set),
+            rc => Err(std::io::Error::from_raw_os_error(rc)),
+        }
+    }
+}
+
+/// Waits for the signals of `set` on a thread of its own; each is logged (which one stopped
+/// the relay) and stops the relay. Signals are not handled asynchronously at all, so nothing
+/// here needs to be async-signal-safe.
+fn spawn_signal_thread(set: libc::sigset_t, handle: StopHandle) -> std::io::Result<()> {
+    std::thread::Builder::new().name("signals".into()).spawn(move || {
+        loop {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: `set` is an initialised signal set and `sig` a valid place for the result.
+            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                continue;
+            }
+            let name = match sig {
+                libc::SIGTERM => "SIGTERM",
+                libc::SIGINT => "SIGINT",
+                libc::SIGHUP => "SIGHUP",
+                _ => "another signal",
+            };
+            log_event("signal", &[("signal", name), ("next", "shutting down cleanly")]);
+            handle.stop();
+        }
+    })?;
+    Ok(())
+}
+
 /// Parses the settings, then runs the relay (or prints its unit).
 fn main() -> ExitCode {
     let options = match parse_args() {
@@ -476,6 +540,15 @@ fn main() -> ExitCode {
     if options.print_unit {
         return print_unit(&options);
     }
+    // Before any thread starts (the allocator's trimmer is one): every thread inherits the
+    // mask, so the signal thread alone receives them (a signal during startup waits for it).
+    let signals = match block_stop_signals() {
+        Ok(set) => set,
+        Err(e) => {
+            eprintln!("hermeschat-relay: cannot set up signal handling: {e}");
+            return ExitCode::from(1);
+        }
+    };
     raise_fd_limit();
     hermeschat_pair::limit_allocator_retention();
     let relay = match Relay::bind(options.config) {
@@ -488,8 +561,8 @@ fn main() -> ExitCode {
     };
     let stop = Arc::new(AtomicBool::new(false));
     let handle = relay.stop_handle(stop.clone());
-    if let Err(e) = ctrlc::set_handler(move || handle.stop()) {
-        eprintln!("hermeschat-relay: cannot install the signal handler: {e}");
+    if let Err(e) = spawn_signal_thread(signals, handle) {
+        eprintln!("hermeschat-relay: cannot start the signal thread: {e}");
         return ExitCode::from(1);
     }
     match relay.run(stop) {

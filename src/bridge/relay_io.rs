@@ -49,7 +49,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Reconnect delays: full jitter between zero and `min(cap, base · 2^attempt)`.
 const BACKOFF_BASE: Duration = Duration::from_millis(500);
-const BACKOFF_CAP: Duration = Duration::from_secs(30);
+/// The longest reconnect delay (the relay's first sweep waits well past it).
+pub(crate) const BACKOFF_CAP: Duration = Duration::from_secs(30);
 
 /// A connection that lived this long resets the backoff.
 const STABLE_AFTER: Duration = Duration::from_secs(60);

@@ -18,10 +18,11 @@ pub mod registry;
 pub mod store;
 
 use std::collections::HashSet;
-use std::io;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
 use std::net::{SocketAddr, TcpListener};
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -180,8 +181,27 @@ pub struct Shared {
     presence: Mutex<Presence>,
     /// Revocations (revokes and bridge deletions) committed so far: see [`kicks`].
     revocations: AtomicU64,
+    /// Registry requests running on workers, plus [`GATE_CLOSED`] once none may start any
+    /// more (see [`Shared::begin_request`]).
+    admission: AtomicUsize,
+    /// A store call failed for a reason of the store's own (damaged, unreadable, unwritable,
+    /// full) and no write has committed since: `/v1/health` says so.
+    store_failing: AtomicBool,
     to_reactor: Sender<ToReactor>,
     poller: Arc<Poller>,
+}
+
+/// The bit of [`Shared::admission`] that says the shutdown grace is over.
+const GATE_CLOSED: usize = 1 << (usize::BITS - 1);
+
+/// A registry request a worker is carrying out ([`Shared::begin_request`]); it counts as
+/// running until dropped, which the worker does once its answer is on its way.
+pub struct Running<'a>(&'a Shared);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.admission.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Shared {
@@ -203,6 +223,48 @@ impl Shared {
         let epoch = self.revocations.fetch_add(1, Ordering::SeqCst) + 1;
         let (bridge_id, client_id) = (bridge_id.to_owned(), client_id.map(str::to_owned));
         self.send(ToReactor::Kick { bridge_id, client_id, epoch });
+    }
+
+    /// Lets a worker start a registry request, or `None` once the shutdown grace is over
+    /// ([`Shared::close_gate`]): that request is then answered 503 without touching the store,
+    /// so none is carried out after its client can no longer hear the answer.
+    pub fn begin_request(&self) -> Option<Running<'_>> {
+        let open = |n: usize| (n & GATE_CLOSED == 0).then_some(n + 1);
+        self.admission.fetch_update(Ordering::SeqCst, Ordering::SeqCst, open).ok()?;
+        Some(Running(self))
+    }
+
+    /// Ends the shutdown grace: no registry request starts from now on.
+    pub fn close_gate(&self) {
+        self.admission.fetch_or(GATE_CLOSED, Ordering::SeqCst);
+    }
+
+    /// True once [`Shared::close_gate`] was called.
+    pub fn gate_closed(&self) -> bool {
+        self.admission.load(Ordering::SeqCst) & GATE_CLOSED != 0
+    }
+
+    /// Registry requests running now; each one's answer was sent before it stopped counting.
+    pub fn requests_running(&self) -> usize {
+        self.admission.load(Ordering::SeqCst) & !GATE_CLOSED
+    }
+
+    /// Records a store failure; one of the store's own ([`store::StoreError::fault`]) marks
+    /// the store failing until [`Shared::store_wrote`].
+    pub fn store_failed(&self, e: &store::StoreError) {
+        if e.fault {
+            self.store_failing.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Records that a write to the store committed: it is usable again.
+    pub fn store_wrote(&self) {
+        self.store_failing.store(false, Ordering::SeqCst);
+    }
+
+    /// True while the store is failing (see [`Shared::store_failed`]).
+    pub fn store_failing(&self) -> bool {
+        self.store_failing.load(Ordering::SeqCst)
     }
 
     /// The live presence table.
@@ -247,6 +309,8 @@ pub struct Relay {
     listener: TcpListener,
     inbox: mpsc::Receiver<ToReactor>,
     tls: Option<native_tls::TlsAcceptor>,
+    /// The exclusive lock on `--data` ([`lock_data_dir`]), held until the relay is dropped.
+    data_lock: File,
 }
 
 /// Stops a running relay from another thread (e.g. a signal handler).
@@ -283,7 +347,9 @@ impl Relay {
                 return Err(io::Error::new(e.kind(), format!("cannot use the data dir: {e}")));
             }
         }
-        store::Store::open(&config.data).map_err(|e| io::Error::other(e.to_string()))?;
+        // Before the store is touched: a second relay must not open it at all.
+        let data_lock = lock_data_dir(&config.data)?;
+        store::Store::open_first(&config.data).map_err(|e| io::Error::other(e.to_string()))?;
         let tls = match &config.tls {
             None => None,
             Some((cert, key)) => Some(load_tls(cert, key)?),
@@ -309,10 +375,12 @@ impl Relay {
             public_url,
             presence: Mutex::new(Presence::default()),
             revocations: AtomicU64::new(0),
+            admission: AtomicUsize::new(0),
+            store_failing: AtomicBool::new(false),
             to_reactor: tx,
             poller,
         });
-        Ok(Relay { shared, listener, inbox, tls })
+        Ok(Relay { shared, listener, inbox, tls, data_lock })
     }
 
     /// The bound address.
@@ -346,15 +414,86 @@ impl Relay {
         // Only the workers hold the receiver: should they all exit (their store cannot be
         // opened), requests are answered 503 at once instead of waiting for ever.
         drop(job_rx);
+        let shared = self.shared.clone();
         let reactor =
             reactor::Reactor::new(self.shared, self.listener, self.tls, job_tx, self.inbox, stop)?;
         let result = reactor.run();
-        // The reactor dropped the job sender: workers finish the queued jobs and exit.
-        for w in workers {
-            let _ = w.join();
+        // Whatever is still queued was never answered (the reactor is gone): it must not run.
+        shared.close_gate();
+        // The reactor dropped the job sender: workers finish the queued jobs (registry requests
+        // refused unstarted) and exit.
+        let mut stores: Vec<store::Store> =
+            workers.into_iter().filter_map(|w| w.join().ok().flatten()).collect();
+        // SQLite folds the WAL into relay.db when its last connection closes, but connections
+        // closing at the same instant each see the other open and none does it: relay.db alone
+        // would then lack recent pairings. So the others close first and one checkpoints.
+        let last = stores.pop();
+        drop(stores);
+        if let Some(store) = last
+            && let Err(e) = store.checkpoint()
+        {
+            log_event(
+                "checkpoint.failed",
+                &[
+                    ("message", &e.to_string()),
+                    (
+                        "next",
+                        "recent changes are in relay.db-wal, which the next start reads: keep it \
+                         with relay.db (copy relay.db, relay.db-wal and relay.db-shm together)",
+                    ),
+                ],
+            );
         }
+        // Released only now that no worker can write to the store any more.
+        drop(self.data_lock);
         result
     }
+}
+
+/// The lock file in `--data` that one relay at a time holds.
+pub const LOCK_FILE: &str = "relay.lock";
+
+/// Takes an exclusive `flock` on [`LOCK_FILE`] in `dir` (created 0600) and writes our pid in
+/// it. Two relays on one store would each keep their own view of live sockets and
+/// revocations (one would never close an app revoked through the other), so a second one is
+/// refused, naming the first. The kernel releases the lock when the process ends, however it
+/// ends.
+fn lock_data_dir(dir: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(LOCK_FILE);
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot open {}: {e}", path.display())))?;
+    if let Err(e) = crate::state::flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(io::Error::new(e.kind(), format!("cannot lock {}: {e}", path.display())));
+        }
+        // The kernel's lock table names the holder; the pid it wrote is the fallback (off
+        // Linux, or when its /proc entry is not ours to read).
+        let written = || std::fs::read_to_string(&path).ok()?.trim().parse::<u32>().ok();
+        let holder = crate::daemon::lock_holder(&file, &path)
+            .or_else(written)
+            .map_or_else(String::new, |pid| format!(" (pid {pid})"));
+        return Err(io::Error::new(
+            io::ErrorKind::ResourceBusy,
+            format!(
+                "another hermeschat-relay{holder} is using the data directory {} (it holds \
+                 {}): stop it first, or give this relay a --data directory of its own (two \
+                 relays on one store would not see each other's revocations)",
+                dir.display(),
+                path.display()
+            ),
+        ));
+    }
+    // Best effort: only the refusal message above reads it.
+    let _ = file.set_len(0).and_then(|()| writeln!(file, "{}", std::process::id()));
+    Ok(file)
 }
 
 /// Descriptors kept for what is not a client connection: the listener, the poller, SQLite,
@@ -483,8 +622,42 @@ fn key_form_hint(pem: &[u8], path: &std::path::Path) -> Option<String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A [`Shared`] with the store in `data`, whose messages to the reactor go nowhere.
+    pub(crate) fn shared_in(data: PathBuf) -> Shared {
+        let config = RelayConfig::new(([127, 0, 0, 1], 0).into(), data);
+        Shared {
+            register_limit: RateLimiter::new(0),
+            verify_limit: RateLimiter::new(0),
+            config,
+            public_url: "http://127.0.0.1".into(),
+            presence: Mutex::new(Presence::default()),
+            revocations: AtomicU64::new(0),
+            admission: AtomicUsize::new(0),
+            store_failing: AtomicBool::new(false),
+            refusals: refusals::RefusalLog::default(),
+            to_reactor: mpsc::channel().0,
+            poller: Arc::new(Poller::new().unwrap()),
+        }
+    }
+
+    #[test]
+    fn no_request_starts_once_the_gate_is_closed_and_running_ones_are_counted() {
+        let s = shared_in(PathBuf::from("/nonexistent"));
+        let a = s.begin_request().unwrap();
+        let b = s.begin_request().unwrap();
+        assert_eq!(s.requests_running(), 2);
+        drop(b);
+        s.close_gate();
+        assert!(s.gate_closed());
+        assert!(s.begin_request().is_none(), "a request started after the grace");
+        assert_eq!(s.requests_running(), 1, "the one running is still counted");
+        drop(a);
+        assert_eq!(s.requests_running(), 0);
+        assert!(s.begin_request().is_none());
+    }
 
     #[test]
     fn a_key_in_another_form_is_named_with_the_command_that_converts_it() {

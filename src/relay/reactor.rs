@@ -30,7 +30,7 @@ use crate::wsread::{Ended, Incoming, ReadError, WsReader, close_reply};
 
 use super::kicks::{self, Kicks};
 use super::ratelimit::{source, source_label};
-use super::registry::{Job, JobSender, Outcome, Refused, access_log};
+use super::registry::{Job, JobSender, Outcome, Refused, access_log, shutting_down_response};
 use super::{ConnId, Peer, Shared, ToReactor, log_event};
 use crate::http::{self, Head, Parsed};
 use crate::protocol::{
@@ -100,9 +100,22 @@ const REPLY_BUDGET: usize = 1 << 20;
 /// would spin the loop and flood the log.
 const ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
-/// How often the registry is swept of unfinished registrations ([`Job::Sweep`]); the first
-/// sweep runs at the first timer tick after start.
+/// How long a stopping relay keeps starting the registry requests it has received (queued for
+/// a worker): they are carried out and answered. Past it the rest are answered 503
+/// `SHUTTING_DOWN` without being carried out; those already running are still waited for.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// How often the registry is swept of unfinished registrations ([`Job::Sweep`]).
 const SWEEP_EVERY: Duration = Duration::from_secs(3600);
+
+/// When the first sweep runs after start: once every bridge still running has had time to
+/// reconnect, since an attached bridge is never swept. A store written by an older relay (one
+/// that did not record connects) holds in use bridges that look unfinished until then.
+const FIRST_SWEEP_AFTER: Duration = Duration::from_secs(600);
+
+// Bridges retry at most this far apart: many times over before the first sweep.
+const _: () =
+    assert!(FIRST_SWEEP_AFTER.as_secs() >= 10 * crate::bridge::relay_io::BACKOFF_CAP.as_secs());
 
 /// How often at most an `accept.refused` line counts the connections closed at accept.
 const REFUSED_LOG_EVERY: Duration = Duration::from_secs(60);
@@ -364,7 +377,7 @@ impl Reactor {
             per_source: FastMap::default(),
             refused: AcceptRefusals::default(),
             refused_logged: None,
-            next_sweep: Instant::now(),
+            next_sweep: Instant::now() + FIRST_SWEEP_AFTER,
             reading: None,
             ws_config,
             dropped_frames: 0,
@@ -783,7 +796,8 @@ impl Reactor {
             }
         }
         let _ = h.stream.flush();
-        match h.after.take() {
+        // Stopping: the connection closes once its answer is written.
+        match h.after.take().filter(|_| !self.stop.load(Ordering::SeqCst)) {
             Some(After::Close) | None => {
                 if let Some(conn) = self.remove(id) {
                     let _ = conn.tcp().shutdown(Shutdown::Write);
@@ -805,9 +819,17 @@ impl Reactor {
 
     fn on_message(&mut self, msg: ToReactor) {
         match msg {
+            // Not waiting any more: answered 503 already, at the end of a shutdown.
+            ToReactor::Outcome(Outcome::Respond { conn, .. }) if !self.http_waiting(conn) => {}
             ToReactor::Outcome(Outcome::Respond { conn, bytes, close }) => {
                 let after = if close { After::Close } else { After::KeepAlive };
                 self.http_respond(conn, bytes, after);
+            }
+            // Stopping: nothing attaches any more.
+            ToReactor::Outcome(Outcome::Upgrade { conn, .. })
+                if self.stop.load(Ordering::SeqCst) =>
+            {
+                self.refuse_stopping(conn);
             }
             ToReactor::Outcome(Outcome::Upgrade { conn, accept, peer, epoch }) => {
                 self.accept_upgrade(conn, accept, peer, epoch);
@@ -817,6 +839,25 @@ impl Reactor {
                 self.kick(&bridge_id, client_id.as_deref());
             }
         }
+    }
+
+    /// True when a worker holds the request of HTTP connection `id`.
+    fn http_waiting(&self, id: ConnId) -> bool {
+        matches!(self.conns.get(&id), Some(Conn { io: Io::Http(h), .. }) if h.waiting.is_some())
+    }
+
+    /// Answers the request of HTTP connection `id`, held by a worker, 503 `SHUTTING_DOWN`
+    /// and closes: the relay is stopping and will neither carry it out nor attach it.
+    fn refuse_stopping(&mut self, id: ConnId) {
+        let Some(Conn { io: Io::Http(h), ip, .. }) = self.conns.get(&id) else {
+            return;
+        };
+        let Some((head, started)) = h.waiting.clone() else {
+            return;
+        };
+        let ip = self.client_ip(*ip, &head);
+        access_log(&self.shared, &head, 503, ip, started);
+        self.http_respond(id, shutting_down_response(), After::Close);
     }
 
     /// Completes an authenticated upgrade, unless its credential was revoked after the check
@@ -1716,8 +1757,13 @@ impl Reactor {
         }
     }
 
+    /// Stops cleanly: WebSockets hear `SHUTTING_DOWN` for their open requests and close 1001;
+    /// registry requests a worker holds are carried out and answered ([`SHUTDOWN_GRACE`]), so
+    /// none is committed after its client was cut off.
     fn shutdown(&mut self) {
         log_event("shutdown", &[("connections", &self.conns.len().to_string())]);
+        // Connections not accepted yet are reset when the listener closes.
+        self.watch_listener(false);
         let ids: Vec<ConnId> = self.conns.keys().copied().collect();
         // Apps first hear that their open requests end, then every socket closes 1001.
         for (client, app) in std::mem::take(&mut self.apps) {
@@ -1733,25 +1779,90 @@ impl Reactor {
         self.bridges.clear();
         self.flush_dirty();
         for &id in &ids {
-            if matches!(self.conns.get(&id).map(|c| &c.io), Some(Io::Ws(_))) {
-                self.close_ws(id, 1001, "relay shutting down");
-            }
-        }
-        // Give the close frames a moment to leave, without waiting on slow peers.
-        let deadline = Instant::now() + Duration::from_millis(500);
-        let mut events = Events::new();
-        while Instant::now() < deadline
-            && self.conns.values().any(|c| matches!(&c.io, Io::Ws(w) if w.out.blocked()))
-        {
-            events.clear();
-            let _ = self.poller.wait(&mut events, Some(Duration::from_millis(50)));
-            for ev in events.iter() {
-                if ev.key != LISTENER && ev.writable {
-                    self.ws_flush(ev.key);
+            match self.conns.get(&id).map(|c| &c.io) {
+                Some(Io::Ws(_)) => self.close_ws(id, 1001, "relay shutting down"),
+                // A request a worker holds, or an answer being written: kept until answered.
+                Some(Io::Http(h)) if h.waiting.is_some() || h.after.is_some() => {}
+                // Between requests, or midway through one: nothing of it was carried out.
+                _ => {
+                    self.remove(id);
                 }
             }
         }
-        for id in ids {
+        let start = Instant::now();
+        // Close frames get a moment to leave, without waiting on slow peers.
+        let ws_end = start + Duration::from_millis(500);
+        // Set once every request is answered or refused: the last writes may take this long.
+        let mut flush_end: Option<Instant> = None;
+        let mut events = Events::new();
+        loop {
+            while let Ok(msg) = self.inbox.try_recv() {
+                self.on_message(msg);
+            }
+            let now = Instant::now();
+            if now >= start + SHUTDOWN_GRACE {
+                self.shared.close_gate();
+            }
+            if flush_end.is_none()
+                && self.shared.gate_closed()
+                && self.shared.requests_running() == 0
+            {
+                // Every request a worker started has sent its answer; the ones still waiting
+                // can never start: refused here, whether or not a worker refuses them too.
+                while let Ok(msg) = self.inbox.try_recv() {
+                    self.on_message(msg);
+                }
+                let waiting: Vec<ConnId> =
+                    self.conns.keys().copied().filter(|&id| self.http_waiting(id)).collect();
+                for id in waiting {
+                    self.refuse_stopping(id);
+                }
+                flush_end = Some(now + CLOSE_GRACE);
+            }
+            if now >= ws_end {
+                let ws: Vec<ConnId> = self
+                    .conns
+                    .iter()
+                    .filter(|(_, c)| matches!(c.io, Io::Ws(_)))
+                    .map(|(&id, _)| id)
+                    .collect();
+                for id in ws {
+                    self.remove(id);
+                }
+            }
+            self.flush_dirty();
+            let busy = self.conns.values().any(|c| match &c.io {
+                Io::Http(_) => true,
+                Io::Ws(w) => w.out.blocked(),
+                Io::TlsHandshake(_) => false,
+            });
+            if !busy || flush_end.is_some_and(|t| now >= t) {
+                break;
+            }
+            let timeout =
+                if self.ready.is_empty() { Duration::from_millis(50) } else { Duration::ZERO };
+            events.clear();
+            let _ = self.poller.wait(&mut events, Some(timeout));
+            for ev in events.iter() {
+                if ev.key == LISTENER {
+                    continue;
+                }
+                // Reported readable while not read: hung up, nobody is left to answer.
+                if ev.readable && self.conns.get(&ev.key).is_some_and(|c| !c.interest.0) {
+                    self.remove(ev.key);
+                    continue;
+                }
+                if ev.readable {
+                    self.mark_ready(ev.key);
+                }
+                self.on_event(ev.key, ev.readable, ev.writable);
+            }
+            for id in std::mem::take(&mut self.ready) {
+                self.on_event(id, true, false);
+            }
+        }
+        let left: Vec<ConnId> = self.conns.keys().copied().collect();
+        for id in left {
             self.remove(id);
         }
         if self.dropped_frames > 0 {

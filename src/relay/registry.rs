@@ -134,20 +134,27 @@ pub enum Outcome {
     },
 }
 
-/// Runs one worker until the job channel closes.
-pub fn worker(jobs: Arc<JobReceiver>, shared: Arc<Shared>) {
+/// Runs one worker until the job channel closes, and hands back its store connection (for the
+/// checkpoint at shutdown); `None` when the store could not be opened.
+pub fn worker(jobs: Arc<JobReceiver>, shared: Arc<Shared>) -> Option<Store> {
     let mut store = match Store::open(&shared.config.data) {
         Ok(s) => s,
         Err(e) => {
             log_event("error", &[("message", &e.to_string())]);
-            return;
+            return None;
         }
     };
     while let Some(job) = jobs.recv() {
         match job {
             Job::Touch { client_id } => {
-                if let Err(e) = store.touch_client(&client_id, now_ms()) {
-                    log_event("error", &[("message", &e.to_string())]);
+                let changes = store.total_changes();
+                match store.touch_client(&client_id, now_ms()) {
+                    Ok(()) if store.total_changes() > changes => shared.store_wrote(),
+                    Ok(()) => {}
+                    Err(e) => {
+                        shared.store_failed(&e);
+                        log_event("error", &[("message", &e.to_string())]);
+                    }
                 }
             }
             Job::Sweep => {
@@ -156,11 +163,21 @@ pub fn worker(jobs: Arc<JobReceiver>, shared: Arc<Shared>) {
                 match store.expire_unfinished(cutoff, attached) {
                     Ok(0) => {}
                     Ok(n) => log_event("bridges.expired", &[("unfinished", &n.to_string())]),
-                    Err(e) => log_event("error", &[("message", &e.to_string())]),
+                    Err(e) => {
+                        shared.store_failed(&e);
+                        log_event("error", &[("message", &e.to_string())]);
+                    }
                 }
             }
             Job::Http { conn, head, body, ip } => {
                 let started = Instant::now();
+                // Counts as running until its answer is sent (end of this arm).
+                let Some(_running) = shared.begin_request() else {
+                    access_log(&shared, &head, 503, ip, started);
+                    let bytes = shutting_down_response();
+                    shared.send(ToReactor::Outcome(Outcome::Respond { conn, bytes, close: true }));
+                    continue;
+                };
                 let (outcome, status) = handle(&mut store, &shared, conn, &head, &body, ip);
                 // Upgrades are logged by the reactor once it has decided.
                 if !matches!(outcome, Outcome::Upgrade { .. }) {
@@ -170,6 +187,7 @@ pub fn worker(jobs: Arc<JobReceiver>, shared: Arc<Shared>) {
             }
         }
     }
+    Some(store)
 }
 
 /// Writes one access-log line. Paths are logged without their query; no header is logged. The
@@ -205,6 +223,13 @@ pub fn access_log(shared: &Shared, head: &Head, status: u16, ip: IpAddr, started
     log_event("http", &fields);
 }
 
+/// The answer to a request the relay will not carry out because it is stopping: 503
+/// `SHUTTING_DOWN`, closing the connection.
+pub fn shutting_down_response() -> Vec<u8> {
+    let body = ApiError::new(api_code::SHUTTING_DOWN, "the relay is shutting down; retry shortly");
+    json_response(503, &serde_json::to_string(&body).unwrap_or_default(), true)
+}
+
 /// A handler's reply: status and JSON body, or an authenticated upgrade.
 enum Reply {
     Json(u16, String),
@@ -227,9 +252,16 @@ fn handle(
     body: &[u8],
     ip: IpAddr,
 ) -> (Outcome, u16) {
+    let changes = store.total_changes();
     let reply = match route(store, shared, head, body, ip) {
-        Ok(r) => r,
+        Ok(r) => {
+            if store.total_changes() > changes {
+                shared.store_wrote();
+            }
+            r
+        }
         Err(e) => {
+            shared.store_failed(&e);
             log_event("error", &[("message", &e.to_string())]);
             err(500, api_code::INTERNAL, "the relay's store failed; try again shortly")
         }
@@ -265,9 +297,7 @@ fn route(store: &mut Store, shared: &Shared, head: &Head, body: &[u8], ip: IpAdd
     let path = head.path();
     let expect = |m: &str| method == m;
     Ok(match path {
-        "/v1/health" if expect("GET") => {
-            ok(200, &p::HealthResponse { ok: true, version: env!("CARGO_PKG_VERSION").into() })
-        }
+        "/v1/health" if expect("GET") => health(store, shared),
         "/v1/bridge/register" if expect("POST") => return register(store, shared, body, ip),
         "/v1/bridge/access-code" if expect("POST") => {
             return access_code(store, shared, head, body);
@@ -294,6 +324,30 @@ fn route(store: &mut Store, shared: &Shared, head: &Head, body: &[u8], ip: IpAdd
         }
         _ => err(404, api_code::NOT_FOUND, format!("no route {path}")),
     })
+}
+
+/// `GET /v1/health`: 200 `{"ok":true}`, or 503 `{"ok":false,…,"error":…}` while the store is
+/// failing ([`Shared::store_failing`]). A cheap read first, so that a store that became
+/// unreadable shows here even when nothing else is asking it.
+fn health(store: &Store, shared: &Shared) -> Reply {
+    if let Err(e) = store.probe()
+        && e.fault
+    {
+        shared.store_failed(&e);
+        log_event("error", &[("message", &e.to_string())]);
+    }
+    let version = env!("CARGO_PKG_VERSION");
+    if !shared.store_failing() {
+        return ok(200, &p::HealthResponse { ok: true, version: version.into() });
+    }
+    let message = "the relay's store is failing (the relay's log says why): registrations, \
+                   pairings and sign-ins fail until it is repaired";
+    let body = serde_json::json!({
+        "ok": false,
+        "version": version,
+        "error": { "code": api_code::UNAVAILABLE, "message": message },
+    });
+    Reply::Json(503, body.to_string())
 }
 
 /// Parses a JSON body into `T`, or a 400 reply naming the problem.
@@ -584,6 +638,47 @@ mod tests {
             left += 1;
         }
         assert_eq!(left, JOB_QUEUE, "the queued jobs are still delivered after the sender left");
+    }
+
+    /// Health follows the store: ok until a call fails for a reason of the store's own (not a
+    /// busy one), then 503 until a later write commits.
+    #[test]
+    fn health_is_503_from_a_store_fault_until_a_write_commits() {
+        let dir = std::env::temp_dir().join(format!("hcp-health-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let shared = super::super::tests::shared_in(dir.clone());
+        let mut store = Store::open(&dir).unwrap();
+        let ip = IpAddr::from([127, 0, 0, 1]);
+        let request = |method: &str, target: &str| Head {
+            method: method.into(),
+            target: target.into(),
+            headers: Vec::new(),
+            len: 0,
+            minor_version: 1,
+        };
+        let mut call = |method: &str, target: &str| {
+            let head = request(method, target);
+            handle(&mut store, &shared, 1, &head, b"{}", ip).1
+        };
+        assert_eq!(call("GET", "/v1/health"), 200);
+        let failure = |code| {
+            super::super::store::StoreError::from(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(code),
+                None,
+            ))
+        };
+        shared.store_failed(&failure(rusqlite::ffi::SQLITE_BUSY));
+        assert_eq!(call("GET", "/v1/health"), 200, "a busy store is not a failing one");
+        shared.store_failed(&failure(rusqlite::ffi::SQLITE_CORRUPT));
+        assert_eq!(call("GET", "/v1/health"), 503);
+        // A call that commits nothing leaves it failing; a committed write ends it.
+        assert_eq!(call("GET", "/v1/bridge/clients?bridgeId=000000000000000000000001"), 401);
+        assert_eq!(call("GET", "/v1/health"), 503);
+        assert_eq!(call("POST", "/v1/bridge/register"), 201);
+        assert_eq!(call("GET", "/v1/health"), 200);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -21,11 +21,24 @@ pub const MAX_LIVE_PROBES: usize = 8;
 
 /// A store failure (disk, corruption, lock timeout). Shown to callers as 500 `INTERNAL`.
 #[derive(Debug)]
-pub struct StoreError(pub String);
+pub struct StoreError {
+    /// What failed, for the log.
+    pub message: String,
+    /// The store itself is failing (damaged, unreadable, unwritable, full), as opposed to a
+    /// lock held too long or a statement refused: `/v1/health` reports it.
+    pub fault: bool,
+}
+
+impl StoreError {
+    /// A failure that says nothing of the store's health.
+    fn new(message: String) -> Self {
+        StoreError { message, fault: false }
+    }
+}
 
 impl std::fmt::Display for StoreError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "relay store: {}", self.0)
+        write!(f, "relay store: {}", self.message)
     }
 }
 
@@ -33,7 +46,21 @@ impl std::error::Error for StoreError {}
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
-        StoreError(e.to_string())
+        use rusqlite::ErrorCode as C;
+        let fault = matches!(
+            e.sqlite_error_code(),
+            Some(
+                C::DatabaseCorrupt
+                    | C::NotADatabase
+                    | C::SystemIoFailure
+                    | C::DiskFull
+                    | C::CannotOpen
+                    | C::ReadOnly
+                    | C::PermissionDenied
+                    | C::NoLargeFileSupport
+            )
+        );
+        StoreError { message: e.to_string(), fault }
     }
 }
 
@@ -152,14 +179,18 @@ fn private_file(path: &Path) -> std::io::Result<()> {
 }
 
 /// A failure to set up the store at `path`, with the path, and for a damaged file what to do
-/// (it is never moved or deleted here: what it holds is every pairing).
-fn open_error(path: &Path, e: rusqlite::Error) -> StoreError {
-    use rusqlite::ErrorCode::{DatabaseCorrupt, NotADatabase};
+/// (it is never moved or deleted here: what it holds is every pairing). `errno` is the
+/// system's error behind it, if any.
+fn open_error(path: &Path, e: rusqlite::Error, errno: i32) -> StoreError {
+    use rusqlite::ErrorCode::{DatabaseCorrupt, DiskFull, NotADatabase};
     let p = path.display();
-    if !matches!(e.sqlite_error_code(), Some(NotADatabase | DatabaseCorrupt)) {
-        return StoreError(format!("{p}: {e}"));
+    if e.sqlite_error_code() == Some(DiskFull) || is_disk_full(errno) {
+        return StoreError::new(format!("{p}: {}", disk_full(path, &e)));
     }
-    StoreError(format!(
+    if !matches!(e.sqlite_error_code(), Some(NotADatabase | DatabaseCorrupt)) {
+        return StoreError::new(format!("{p}: {e}"));
+    }
+    StoreError::new(format!(
         "{p} is not a usable SQLite database ({e}); it was left as it is. Restore it from a \
          backup, or move it aside to start with an empty store, which forgets every registered \
          bridge and paired app (each machine then runs hermeschat-pair again): \
@@ -167,14 +198,73 @@ fn open_error(path: &Path, e: rusqlite::Error) -> StoreError {
     ))
 }
 
+/// True for the errors of a full disk or an exhausted quota.
+fn is_disk_full(errno: i32) -> bool {
+    errno == libc::ENOSPC || errno == libc::EDQUOT
+}
+
+/// "The disk is full" for `path`, with what the system said and the way out.
+fn disk_full(path: &Path, e: &dyn std::fmt::Display) -> String {
+    let dir = path.parent().unwrap_or(path).display();
+    format!(
+        "the disk is full ({e}): free some space there (df -h {dir} shows how much is left) and \
+         start the relay again"
+    )
+}
+
+/// Why `relay.db` could not be created or opened for writing ([`private_file`]): a full disk,
+/// or for a file that exists and that we may not write, who owns it and what to do.
+fn create_error(path: &Path, e: &std::io::Error) -> StoreError {
+    use std::os::unix::fs::MetadataExt;
+    let p = path.display();
+    if e.raw_os_error().is_some_and(is_disk_full) {
+        return StoreError::new(format!("cannot create {p}: {}", disk_full(path, e)));
+    }
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) if e.kind() == std::io::ErrorKind::PermissionDenied => m,
+        _ => return StoreError::new(format!("cannot create {p}: {e}")),
+    };
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let mode = meta.mode() & 0o7777;
+    let (owner, next) = if meta.uid() == me {
+        ("you".to_owned(), format!("make it writable: chmod 600 {p}"))
+    } else {
+        (
+            user_label(meta.uid()),
+            format!(
+                "run the relay as that user, or give the store to the user the relay runs as \
+                 ({}): chown {me} {p} (and {p}-wal and {p}-shm, if they exist)",
+                user_label(me)
+            ),
+        )
+    };
+    StoreError::new(format!(
+        "cannot open {p} for writing ({e}): it belongs to {owner}, mode {mode:04o}; {next}"
+    ))
+}
+
+/// `uid N (name)`, the name from /etc/passwd when it is there.
+fn user_label(uid: u32) -> String {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let name = passwd.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        (fields.nth(1)?.parse::<u32>().ok()? == uid).then(|| name.to_owned())
+    });
+    match name {
+        Some(name) => format!("uid {uid} ({name})"),
+        None => format!("uid {uid}"),
+    }
+}
+
 impl Store {
     /// Opens (creating if needed) `relay.db` in `dir`, in WAL mode.
     pub fn open(dir: &Path) -> StoreResult<Store> {
         let path = dir.join("relay.db");
-        private_file(&path)
-            .map_err(|e| StoreError(format!("cannot create {}: {e}", path.display())))?;
+        private_file(&path).map_err(|e| create_error(&path, &e))?;
         let conn = Connection::open(&path)
-            .map_err(|e| StoreError(format!("cannot open {}: {e}", path.display())))?;
+            .map_err(|e| StoreError::new(format!("cannot open {}: {e}", path.display())))?;
         let setup = || -> rusqlite::Result<()> {
             conn.busy_timeout(Duration::from_secs(5))?;
             conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -186,8 +276,61 @@ impl Store {
             conn.execute_batch(SCHEMA)?;
             migrate(&conn)
         };
-        setup().map_err(|e| open_error(&path, e))?;
+        if let Err(e) = setup() {
+            // SAFETY: the handle is valid while `conn` lives; sqlite3_system_errno only reads
+            // the error number its last failed call recorded.
+            let errno = unsafe { rusqlite::ffi::sqlite3_system_errno(conn.handle()) };
+            return Err(open_error(&path, e, errno));
+        }
         Ok(Store { conn })
+    }
+
+    /// [`Store::open`] for the first connection of a process that holds the data directory's
+    /// lock: when it fails, the WAL (if empty) and shared-memory files it created are removed,
+    /// instead of being left behind by a start that never happened (on a full disk, a
+    /// partial `relay.db-shm`). No other connection can have them open: they did not exist,
+    /// and no other relay runs here. The next start makes them again.
+    pub fn open_first(dir: &Path) -> StoreResult<Store> {
+        let (wal, shm) = (dir.join("relay.db-wal"), dir.join("relay.db-shm"));
+        let had = (wal.exists(), shm.exists());
+        Store::open(dir).inspect_err(|_| {
+            if !had.0 && std::fs::metadata(&wal).is_ok_and(|m| m.len() == 0) {
+                let _ = std::fs::remove_file(&wal);
+            }
+            if !had.1 {
+                let _ = std::fs::remove_file(&shm);
+            }
+        })
+    }
+
+    /// Copies every change in the WAL into `relay.db` and empties the WAL
+    /// (`wal_checkpoint(TRUNCATE)`), so that relay.db alone holds the whole store. Fails when
+    /// another connection keeps it from finishing.
+    pub fn checkpoint(&self) -> StoreResult<()> {
+        let (busy, log, done): (i64, i64, i64) =
+            self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?;
+        if busy != 0 {
+            return Err(StoreError::new(format!(
+                "checkpoint incomplete ({done} of {log} WAL pages copied): another connection \
+                 to relay.db is open"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Rows inserted, updated or deleted through this connection so far: a call that
+    /// returned `Ok` and moved it committed a write.
+    pub fn total_changes(&self) -> u64 {
+        self.conn.total_changes()
+    }
+
+    /// A cheap read of the bridges table (its first row at most), for `/v1/health`.
+    pub fn probe(&self) -> StoreResult<()> {
+        self.conn
+            .query_row("SELECT count(*) FROM (SELECT 1 FROM bridges LIMIT 1)", [], |_| Ok(()))?;
+        Ok(())
     }
 
     /// Records that the bridge's socket connected (the first time only: a later connect
@@ -201,17 +344,20 @@ impl Store {
     }
 
     /// Deletes the unfinished registrations: bridges registered before `cutoff_ms` whose socket
-    /// never connected and that have no client, except those `attached` says are attached now.
-    /// A pairing connects its bridge within seconds, so these are pairings that failed
-    /// midway, or registrations nobody uses (the command registers anew when its bridge is
-    /// gone). Returns how many went.
+    /// never connected, that have no client and whose access code was never redeemed, except
+    /// those `attached` says are attached now. A pairing connects its bridge within seconds,
+    /// so these are pairings that failed midway, or registrations nobody uses (the command
+    /// registers anew when its bridge is gone). Returns how many went.
     pub fn expire_unfinished(
         &self,
         cutoff_ms: u64,
         attached: impl Fn(&str) -> bool,
     ) -> StoreResult<usize> {
+        // A redeemed code is a pairing that finished, even if its app was revoked since (and
+        // its bridge's connects went unrecorded, under a relay older than `connected_at`).
         let mut stmt = self.conn.prepare(
             "SELECT id FROM bridges WHERE connected_at IS NULL AND created_at < ?1
+             AND code_used = 0
              AND NOT EXISTS (SELECT 1 FROM clients WHERE clients.bridge_id = bridges.id)",
         )?;
         let ids: Vec<String> =
@@ -220,7 +366,7 @@ impl Store {
         for id in ids.iter().filter(|id| !attached(id)) {
             // Checked again in the statement: a pairing may have finished meanwhile.
             expired += self.conn.execute(
-                "DELETE FROM bridges WHERE id = ?1 AND connected_at IS NULL
+                "DELETE FROM bridges WHERE id = ?1 AND connected_at IS NULL AND code_used = 0
                  AND NOT EXISTS (SELECT 1 FROM clients WHERE clients.bridge_id = bridges.id)",
                 params![id],
             )?;
@@ -522,13 +668,18 @@ mod tests {
         let (paired, _) = s.register("paired", None, 1_000).unwrap();
         let (attached, _) = s.register("attached", None, 1_000).unwrap();
         let (young, _) = s.register("young", None, 50_000).unwrap();
+        let (revoked, _) = s.register("paired, app revoked", None, 1_000).unwrap();
         s.mark_connected(&connected, 2_000).unwrap();
-        let (code, _) = s.issue_access_code(&paired, None, 1_000, 600_000).unwrap();
-        assert!(matches!(s.verify(&paired, &code, "phone", 2_000).unwrap(), Verify::Paired { .. }));
+        for id in [&paired, &revoked] {
+            let (code, _) = s.issue_access_code(id, None, 1_000, 600_000).unwrap();
+            assert!(matches!(s.verify(id, &code, "phone", 2_000).unwrap(), Verify::Paired { .. }));
+        }
+        let app = s.list_clients(&revoked).unwrap().remove(0).client_id;
+        assert!(s.revoke(&revoked, &app).unwrap());
         let expired = s.expire_unfinished(10_000, |id| id == attached).unwrap();
         assert_eq!(expired, 1);
         assert!(!s.bridge_exists(&never).unwrap(), "the unfinished registration is still there");
-        for id in [&connected, &paired, &attached, &young] {
+        for id in [&connected, &paired, &attached, &young, &revoked] {
             assert!(s.bridge_exists(id).unwrap(), "{id} expired");
         }
         // A later connect does not move the first one.
