@@ -518,8 +518,9 @@ pub struct ResponseFrame {
     /// The body: UTF-8 text, or base64 when `body_base64`.
     #[serde(default)]
     pub body: String,
-    /// Whether `body` is base64.
-    #[serde(default, skip_serializing_if = "is_false")]
+    /// Whether `body` is base64. Always written, `false` too: the design spec shows it as a
+    /// field of every response, and an app may decode it as one that must be there.
+    #[serde(default)]
     pub body_base64: bool,
 }
 
@@ -597,8 +598,8 @@ pub enum Frame {
         client: Option<String>,
         /// The piece: UTF-8 text, or base64 when `body_base64`.
         body: String,
-        /// Whether `body` is base64.
-        #[serde(default, rename = "bodyBase64", skip_serializing_if = "is_false")]
+        /// Whether `body` is base64; always written, as in [`ResponseFrame`].
+        #[serde(default, rename = "bodyBase64")]
         body_base64: bool,
     },
     /// Bridge → app: the end of a streamed response.

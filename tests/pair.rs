@@ -104,6 +104,15 @@ fn text_round_trip_reaches_backend_with_client_header() {
         assert_eq!(w.json()["body"], json!({"id": id}), "concurrent {id}");
     }
     app.expect_silence(Duration::from_millis(200));
+
+    // A text response carries `"bodyBase64":false`, as the design spec shows it: an app may
+    // decode it as a field that must be there.
+    app.send(&request("raw-h", "GET", "/api/health", &[], None));
+    let text = match app.ws.read() {
+        Ok(tungstenite::Message::Text(t)) => t.as_str().to_owned(),
+        other => panic!("expected the response as text, got {other:?}"),
+    };
+    assert!(text.contains(r#""bodyBase64":false"#), "{text}");
 }
 
 #[test]
@@ -748,7 +757,7 @@ fn status_json_reports_daemon_relay_and_backend() {
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    assert_eq!(v["daemon"], json!({"running": true, "pid": pid}), "{v}");
+    assert_eq!(v["daemon"], json!({"running": true, "pid": pid, "suspended": false}), "{v}");
     assert_eq!(v["bridgeId"], s.qr.g.as_str(), "{v}");
     assert_eq!(v["relay"]["connected"], true, "{v}");
     assert_eq!(v["backend"]["state"], "ready", "{v}");
@@ -1139,7 +1148,13 @@ fn a_copied_identity_is_named_when_it_takes_the_connection() {
 fn a_daemon_whose_state_directory_is_deleted_stops() {
     let s = setup();
     let pid = s.env.daemon_pid();
-    std::fs::remove_dir_all(&s.env.home).unwrap();
+    // The daemon may write a file in the middle of the deletion: delete until it is gone.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while let Err(e) = std::fs::remove_dir_all(&s.env.home)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        assert!(Instant::now() < deadline, "cannot delete the state directory: {e}");
+    }
     let deadline = Instant::now() + Duration::from_secs(20);
     while alive(pid) {
         assert!(Instant::now() < deadline, "the orphaned daemon {pid} still runs");
