@@ -1640,8 +1640,10 @@ impl Reactor {
                 route.conn.into_iter().chain(apps).collect()
             }),
         };
+        // One client: revoked; the whole bridge: deleted (`--reset`, `/v1/bridge/delete`).
+        let why = if client_id.is_some() { "revoked" } else { "the bridge was deleted" };
         for id in targets {
-            self.close_ws(id, close_code::REVOKED, "revoked");
+            self.close_ws(id, close_code::REVOKED, why);
         }
         // An upgrade accepted before the kick whose 101 is still being written: checked before
         // the revocation committed (one checked after fails in the store), so it never attaches.
