@@ -2200,32 +2200,9 @@ fn run_relay_on(
     args: &[&str],
     env: &[(&str, &str)],
 ) -> (Option<i32>, String) {
-    use std::process::{Command, Stdio};
-    let mut child = Command::new(bin_path())
-        .arg("--data")
-        .arg(data)
-        .args(args)
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let code = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status.code();
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut stderr = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
-    (code, stderr)
+    let mut cmd = std::process::Command::new(bin_path());
+    cmd.arg("--data").arg(data).args(args).envs(env.iter().copied());
+    run_to_exit(&mut cmd)
 }
 
 /// Registers twice from loopback, then once more claiming another client address in

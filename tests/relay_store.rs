@@ -20,28 +20,6 @@ fn run_relay_on(data: &Path, args: &[&str]) -> (Option<i32>, String) {
     run_to_exit(&mut cmd)
 }
 
-/// Runs `cmd` (stdin and stdout closed) and waits at most 5 s for it to exit: its exit code
-/// (`None` when it was still running, and was killed) and its stderr.
-fn run_to_exit(cmd: &mut Command) -> (Option<i32>, String) {
-    let mut child =
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let code = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status.code();
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut stderr = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
-    (code, stderr)
-}
-
 /// A second relay on a data directory in use is refused (exit 1) naming the first one's pid
 /// and the way out, and never touches the store; once the first is gone, it starts.
 #[test]

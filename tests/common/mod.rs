@@ -1315,3 +1315,25 @@ pub fn raw_exchange(addr: &str, bytes: &[u8], timeout: Duration) -> Vec<u8> {
     }
     out
 }
+
+/// Runs `cmd` (stdin and stdout closed) and waits at most 5 s for it to exit: its exit code
+/// (`None` when it was still running, and was killed) and its stderr.
+pub fn run_to_exit(cmd: &mut Command) -> (Option<i32>, String) {
+    let mut child =
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    (code, stderr)
+}
