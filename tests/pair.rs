@@ -279,7 +279,7 @@ fn cancel_stops_the_backend_request() {
     app.send(&request("slow-1", "GET", "/api/slow?secs=60", &[], None));
     s.backend.wait_counter("started", 1);
     let t = Instant::now();
-    app.send(&Frame::Cancel { id: "slow-1".into(), client: None });
+    app.send(&Frame::Cancel { id: "slow-1".into(), client: None, conn: None });
     let frames = app.recv_until_terminal("slow-1");
     let took = t.elapsed();
     assert!(
@@ -302,7 +302,7 @@ fn cancel_stops_the_backend_request() {
         }
     }
     let t = Instant::now();
-    app.send(&Frame::Cancel { id: "sse".into(), client: None });
+    app.send(&Frame::Cancel { id: "sse".into(), client: None, conn: None });
     let frames = app.recv_until_terminal("sse");
     assert!(
         matches!(frames.last(), Some(Frame::ResponseError { code: ErrorCode::Cancelled, .. })),
@@ -359,7 +359,7 @@ fn hanging_backend_blocks_nothing_and_cancel_is_prompt() {
     app.expect_silence(Duration::from_millis(300));
     let t = Instant::now();
     for id in ids {
-        app.send(&Frame::Cancel { id: id.into(), client: None });
+        app.send(&Frame::Cancel { id: id.into(), client: None, conn: None });
     }
     for id in ids {
         let frames = app.recv_until_terminal(id);
@@ -371,7 +371,7 @@ fn hanging_backend_blocks_nothing_and_cancel_is_prompt() {
     assert!(t.elapsed() < Duration::from_secs(2), "three cancels answered in {:?}", t.elapsed());
     s.backend.wait_counter("cancelled", 3);
     // A cancel for a finished or unknown request changes nothing.
-    app.send(&Frame::Cancel { id: "hang-1".into(), client: None });
+    app.send(&Frame::Cancel { id: "hang-1".into(), client: None, conn: None });
     assert_echo(&mut app, "after", &s.client_id);
 }
 
@@ -472,6 +472,7 @@ fn streamed_uploads_that_break_the_rules_are_refused_and_cancels_end_them() {
     let chunk = |id: &str, body: String| Frame::RequestChunk {
         id: id.into(),
         client: None,
+        conn: None,
         body: body.into(),
         body_base64: true,
     };
@@ -508,10 +509,10 @@ fn streamed_uploads_that_break_the_rules_are_refused_and_cancels_end_them() {
     app.send(&chunk("cut", b64(&[1u8; 16 << 10])));
     assert_eq!(
         app.recv(),
-        Frame::RequestAck { id: "cut".into(), client: None, bytes: 16 << 10 },
+        Frame::RequestAck { id: "cut".into(), client: None, conn: None, bytes: 16 << 10 },
         "the first piece is acknowledged"
     );
-    app.send(&Frame::Cancel { id: "cut".into(), client: None });
+    app.send(&Frame::Cancel { id: "cut".into(), client: None, conn: None });
     match app.recv_until_terminal("cut").as_slice() {
         [Frame::ResponseError { code: ErrorCode::Cancelled, .. }] => {}
         other => panic!("expected one CANCELLED, got {other:?}"),
