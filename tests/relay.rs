@@ -932,6 +932,101 @@ fn killed_bridge_yields_bridge_disconnected_for_every_open_request() {
     p.app.assert_round_trip("back");
 }
 
+/// A socket that replaced another of the same app (4002) and reuses one of its request ids
+/// gets only its own request's frames: the bridge's late frames for the old request carry the
+/// old socket's `conn` and are dropped, a terminal one without closing the new request. A
+/// frame without `conn` (an older bridge) is still routed by client and id.
+#[test]
+fn late_answers_for_a_replaced_socket_never_reach_the_new_one() {
+    let relay = Relay::new();
+    let (reg, mut bridge) = registered_bridge(&relay);
+    let c = pair_another(&relay, &reg, "phone");
+    let mut old = AppClient::connect_ok(&relay, &reg.bridge_id, &c.client_secret, true);
+    assert!(matches!(bridge.recv(), Frame::ClientConnected { .. }));
+    old.send(&req("R", "POST", "/api/echo", Some(r#"{"old":1}"#)));
+    let Frame::Request(first) = bridge.recv_request_scoped() else { panic!("request expected") };
+
+    let mut new = AppClient::connect_ok(&relay, &reg.bridge_id, &c.client_secret, true);
+    assert_eq!(old.wait_close(), Some(protocol::close_code::REPLACED_APP));
+    assert_eq!(bridge.recv(), Frame::ClientDisconnected { client: c.client_id.clone() });
+    assert!(matches!(bridge.recv(), Frame::ClientConnected { .. }));
+    new.send(&req("R", "GET", "/api/health", None));
+    let Frame::Request(second) = bridge.recv_request_scoped() else { panic!("request expected") };
+    assert_eq!(
+        (first.client.as_ref(), second.client.as_ref()),
+        (Some(&c.client_id), Some(&c.client_id))
+    );
+    assert!(first.conn.is_some() && second.conn.is_some() && first.conn != second.conn);
+
+    // What the bridge had queued for the old R before it heard `client.disconnected`.
+    let (client, conn) = (Some(c.client_id.clone()), first.conn);
+    let id = || "R".to_owned();
+    for f in [
+        Frame::ResponseStart {
+            id: id(),
+            client: client.clone(),
+            conn,
+            status: 200,
+            headers: Headers::new(),
+        },
+        Frame::ResponseChunk {
+            id: id(),
+            client: client.clone(),
+            conn,
+            body: "old".into(),
+            body_base64: false,
+        },
+        Frame::ResponseEnd { id: id(), client: client.clone(), conn },
+        Frame::ResponseError {
+            id: id(),
+            client: client.clone(),
+            conn,
+            code: ErrorCode::Cancelled,
+            message: "x".into(),
+        },
+    ] {
+        bridge.send(&f);
+    }
+    // Dropped, and the new R is still open: a duplicate is refused, nothing else arrives.
+    new.send(&req("R", "GET", "/api/health", None));
+    assert_bad_frame(&new.recv());
+    new.expect_silence(Duration::from_millis(200));
+
+    // The new R's own answer arrives, stripped of client and conn, and closes it.
+    let answer = |conn| {
+        Frame::Response(ResponseFrame {
+            id: "R".into(),
+            client: client.clone(),
+            conn,
+            status: 200,
+            headers: Headers::new(),
+            body: r#"{"status":"ok"}"#.into(),
+            body_base64: false,
+        })
+    };
+    bridge.send(&answer(second.conn));
+    let got = response(new.recv());
+    assert_eq!((got.body.as_str(), &got.client, got.conn), (r#"{"status":"ok"}"#, &None, None));
+    bridge.send(&answer(second.conn));
+    new.expect_silence(Duration::from_millis(200));
+
+    // An older bridge (no `conn`) is routed by client and id, as before.
+    new.send(&req("R", "GET", "/api/health", None));
+    let Frame::Request(third) = bridge.recv_request_scoped() else { panic!("request expected") };
+    assert_eq!(third.conn, second.conn, "one number per socket");
+    bridge.send(&answer(None));
+    assert_eq!(response(new.recv()).body, r#"{"status":"ok"}"#);
+    // A malformed `conn` from a bridge is a bad frame.
+    bridge
+        .ws
+        .send(tungstenite::Message::text(format!(
+            r#"{{"type":"response.end","id":"R","client":"{}","conn":"1"}}"#,
+            c.client_id
+        )))
+        .unwrap();
+    assert_bad_frame(&bridge.recv());
+}
+
 #[test]
 fn bridge_answers_are_routed_per_client_and_unknown_ids_dropped() {
     let relay = Relay::new();
