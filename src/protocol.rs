@@ -7,6 +7,7 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
+use std::fmt::Write as _;
 use std::ops::Deref;
 
 use serde::{Deserialize, Serialize};
@@ -483,6 +484,13 @@ pub struct RequestFrame {
     /// Stamped by the relay with the sending app's clientId.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client: Option<String>,
+    /// Stamped by the relay with its number for the app socket the request came on (a
+    /// relay-wide counter), and written back on every answer right after `client`: the relay
+    /// drops answers whose number is not that of the app's current socket, so a replaced
+    /// socket's late answers never reach a new one that reuses the request id. Relay ↔ bridge
+    /// only; absent on older relays and in LAN mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conn: Option<u64>,
     /// HTTP method.
     pub method: String,
     /// Path and query, starting with `/`.
@@ -510,6 +518,9 @@ pub struct ResponseFrame {
     /// The app the response is for (bridge → relay only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client: Option<String>,
+    /// The app socket's number (relay ↔ bridge only; see [`RequestFrame::conn`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conn: Option<u64>,
     /// HTTP status.
     pub status: u16,
     /// Response headers.
@@ -544,6 +555,9 @@ pub enum Frame {
         /// Stamped by the relay.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         client: Option<String>,
+        /// The app socket's number (relay ↔ bridge only; see [`RequestFrame::conn`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        conn: Option<u64>,
         /// The piece: UTF-8 text, or base64 when `body_base64`.
         body: SharedStr,
         /// Whether `body` is base64.
@@ -559,6 +573,9 @@ pub enum Frame {
         /// The app (bridge → relay only).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         client: Option<String>,
+        /// The app socket's number (relay ↔ bridge only; see [`RequestFrame::conn`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        conn: Option<u64>,
         /// Body bytes taken so far.
         bytes: u64,
     },
@@ -570,6 +587,9 @@ pub enum Frame {
         /// Stamped by the relay.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         client: Option<String>,
+        /// The app socket's number (relay ↔ bridge only; see [`RequestFrame::conn`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        conn: Option<u64>,
     },
     /// Bridge → app: a whole response.
     #[serde(rename = "response")]
@@ -582,6 +602,9 @@ pub enum Frame {
         /// The app (bridge → relay only).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         client: Option<String>,
+        /// The app socket's number (relay ↔ bridge only; see [`RequestFrame::conn`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        conn: Option<u64>,
         /// HTTP status.
         status: u16,
         /// Response headers.
@@ -596,6 +619,9 @@ pub enum Frame {
         /// The app (bridge → relay only).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         client: Option<String>,
+        /// The app socket's number (relay ↔ bridge only; see [`RequestFrame::conn`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        conn: Option<u64>,
         /// The piece: UTF-8 text, or base64 when `body_base64`.
         body: String,
         /// Whether `body` is base64; always written, as in [`ResponseFrame`].
@@ -610,6 +636,9 @@ pub enum Frame {
         /// The app (bridge → relay only).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         client: Option<String>,
+        /// The app socket's number (relay ↔ bridge only; see [`RequestFrame::conn`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        conn: Option<u64>,
     },
     /// Bridge or relay → app: the request failed.
     #[serde(rename = "response.error")]
@@ -619,6 +648,9 @@ pub enum Frame {
         /// The app (bridge → relay only).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         client: Option<String>,
+        /// The app socket's number (relay ↔ bridge only; see [`RequestFrame::conn`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        conn: Option<u64>,
         /// Why.
         code: ErrorCode,
         /// A human sentence.
@@ -751,6 +783,18 @@ impl Frame {
         Frame::ResponseError {
             id: id.to_owned(),
             client: client.map(str::to_owned),
+            conn: None,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// A `response.error` frame answering `req`: its id, `client` and `conn`.
+    pub fn error_for(req: &RequestFrame, code: ErrorCode, message: impl Into<String>) -> Frame {
+        Frame::ResponseError {
+            id: req.id.clone(),
+            client: req.client.clone(),
+            conn: req.conn,
             code,
             message: message.into(),
         }
@@ -877,13 +921,20 @@ impl<'a> RawFrame<'a> {
         self.fields.iter().map(|(n, v)| (n.as_ref(), *v))
     }
 
-    /// The frame written anew, with `client` (when given) as its first field and every other
-    /// field as it arrived.
-    pub fn to_json(&self, client: Option<&str>) -> String {
+    /// The frame written anew, with `client` and `conn` (when given) as its first fields and
+    /// every other field as it arrived.
+    pub fn to_json(&self, client: Option<&str>, conn: Option<u64>) -> String {
         let mut out = String::from("{");
         if let Some(client) = client {
             out.push_str("\"client\":");
             out.push_str(&json_string(client));
+        }
+        if let Some(conn) = conn {
+            if out.len() > 1 {
+                out.push(',');
+            }
+            // Writing to a `String` cannot fail.
+            let _ = write!(out, "\"conn\":{conn}");
         }
         for (name, value) in self.fields() {
             if out.len() > 1 {
@@ -956,6 +1007,21 @@ pub fn raw_field<T: serde::de::DeserializeOwned>(
     }
 }
 
+/// The `conn` field of a [`RawFrame`] (`Ok(None)` when absent or null), read without a JSON
+/// decoder: it is on every frame the relay routes. `parse_raw` checked that the value is valid
+/// JSON, so plain digits are a JSON integer; anything else (a string, `-1`, `1e3`, a number
+/// past `u64`) is refused, as the typed parse refuses it.
+pub fn raw_conn(raw: &RawFrame<'_>) -> Result<Option<u64>, String> {
+    match raw.get("conn") {
+        None | Some("null") => Ok(None),
+        Some(v) if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) => v
+            .parse()
+            .map(Some)
+            .map_err(|_| "malformed frame: field conn: number too large".to_owned()),
+        Some(_) => Err("malformed frame: field conn: expected an unsigned integer".to_owned()),
+    }
+}
+
 /// [`raw_field`] for a string, borrowed from the frame unless it has escapes.
 pub fn raw_str<'a>(raw: &RawFrame<'a>, name: &str) -> Result<Option<Cow<'a, str>>, String> {
     match raw.get(name) {
@@ -993,6 +1059,7 @@ pub fn request_head(raw: &RawFrame<'_>) -> Result<(RequestFrame, usize), String>
     let head = RequestFrame {
         id: required("id")?,
         client: None,
+        conn: None,
         method: required("method")?,
         path: required("path")?,
         headers: raw_field_not_null(raw, "headers")?.unwrap_or_default(),
@@ -1048,12 +1115,14 @@ pub fn parse_message(message: &Utf8Bytes) -> Result<Frame, String> {
         Some("request") => {
             let (mut req, _) = request_head(&raw)?;
             req.client = raw_field(&raw, "client")?;
+            req.conn = raw_field(&raw, "conn")?;
             req.body = body()?;
             Ok(Frame::Request(req))
         }
         Some("request.chunk") => Ok(Frame::RequestChunk {
             id: raw_str(&raw, "id")?.ok_or("malformed frame: request.chunk needs id")?.into_owned(),
             client: raw_field(&raw, "client")?,
+            conn: raw_field(&raw, "conn")?,
             body: body()?.ok_or("malformed frame: request.chunk needs body")?,
             body_base64: raw_field_not_null(&raw, "bodyBase64")?.unwrap_or(false),
         }),
@@ -1071,7 +1140,13 @@ pub fn json_string(s: &str) -> String {
 /// [`Frame::to_json`] gives. It is written in one pass: base64 needs no escaping, so a 256 KiB
 /// chunk is encoded straight into the frame (with SIMD where the CPU has it) instead of into a
 /// string that serialisation then scans for escapes and copies.
-pub fn base64_chunk_json(mut out: String, id: &str, client: Option<&str>, bytes: &[u8]) -> String {
+pub fn base64_chunk_json(
+    mut out: String,
+    id: &str,
+    client: Option<&str>,
+    conn: Option<u64>,
+    bytes: &[u8],
+) -> String {
     out.clear();
     out.reserve(bytes.len().div_ceil(3) * 4 + 128);
     out.push_str(r#"{"type":"response.chunk","id":"#);
@@ -1079,6 +1154,10 @@ pub fn base64_chunk_json(mut out: String, id: &str, client: Option<&str>, bytes:
     if let Some(client) = client {
         out.push_str(r#","client":"#);
         out.push_str(&json_string(client));
+    }
+    if let Some(conn) = conn {
+        // Writing to a `String` cannot fail.
+        let _ = write!(out, r#","conn":{conn}"#);
     }
     out.push_str(r#","body":""#);
     base64_simd::STANDARD.encode_append(bytes, &mut out);
@@ -1359,10 +1438,13 @@ mod tests {
         assert_eq!(raw_str(&raw, "none"), Ok(None));
         assert_eq!(raw.remove("client"), Some(r#""c""#));
         assert!(raw.remove("client").is_none());
-        assert_eq!(raw.to_json(None), r#"{"type":"response","id":"a\"b","status":200}"#);
+        assert_eq!(raw.to_json(None, None), r#"{"type":"response","id":"a\"b","status":200}"#);
         let stamped = r#"{"client":"x\ny","type":"response","id":"a\"b","status":200}"#;
-        assert_eq!(raw.to_json(Some("x\ny")), stamped);
-        assert_eq!(parse_raw("{}").unwrap().to_json(Some("c")), r#"{"client":"c"}"#);
+        assert_eq!(raw.to_json(Some("x\ny"), None), stamped);
+        let stamped = r#"{"client":"x\ny","conn":7,"type":"response","id":"a\"b","status":200}"#;
+        assert_eq!(raw.to_json(Some("x\ny"), Some(7)), stamped);
+        assert_eq!(parse_raw("{}").unwrap().to_json(Some("c"), None), r#"{"client":"c"}"#);
+        assert_eq!(parse_raw("{}").unwrap().to_json(None, Some(0)), r#"{"conn":0}"#);
 
         // A name given twice is refused, and so are more than MAX_FIELDS fields.
         let fields = |n: usize| (0..n).map(|i| format!(r#""f{i}":{i}"#)).collect::<Vec<_>>();
@@ -1503,11 +1585,37 @@ mod tests {
     }
 
     #[test]
+    fn conn_is_read_as_the_typed_parse_reads_it() {
+        for (value, want) in [
+            ("0", Ok(Some(0))),
+            ("18446744073709551615", Ok(Some(u64::MAX))),
+            ("null", Ok(None)),
+            ("18446744073709551616", Err(())),
+            ("-1", Err(())),
+            ("1.0", Err(())),
+            ("1e3", Err(())),
+            ("\"1\"", Err(())),
+            ("true", Err(())),
+        ] {
+            let text = format!(r#"{{"type":"response.end","id":"a","client":"c","conn":{value}}}"#);
+            let got = raw_conn(&parse_raw(&text).unwrap()).map_err(|_| ());
+            assert_eq!(got, want, "{value}");
+            let typed = parse_frame(&text).map(|f| match f {
+                Frame::ResponseEnd { conn, .. } => conn,
+                _ => unreachable!(),
+            });
+            assert_eq!(typed.map_err(|_| ()), want, "{value}");
+        }
+        assert_eq!(raw_conn(&parse_raw(r#"{"type":"x"}"#).unwrap()), Ok(None));
+    }
+
+    #[test]
     fn limits() {
         let l = Limits::default();
         let mut r = RequestFrame {
             id: "1".into(),
             client: None,
+            conn: None,
             method: "GET".into(),
             path: "/api/x".into(),
             headers: Headers::new(),
@@ -1527,25 +1635,31 @@ mod tests {
     #[test]
     fn a_base64_chunk_is_written_as_serialisation_would() {
         use base64::Engine as _;
-        for (id, client, bytes) in [
-            ("r1", None, &b""[..]),
-            ("r\"2", Some("hcl_0123"), &b"\x00\xff\x10abc"[..]),
-            ("r3", Some("c\u{e9}"), &[7u8; 1000][..]),
+        for (id, client, conn, bytes) in [
+            ("r1", None, None, &b""[..]),
+            ("r\"2", Some("hcl_0123"), Some(0), &b"\x00\xff\x10abc"[..]),
+            ("r3", Some("c\u{e9}"), Some(u64::MAX), &[7u8; 1000][..]),
             // Every padding case, and a whole 256 KiB chunk of every byte value.
-            ("r4", None, &[1u8][..]),
-            ("r5", None, &[1u8, 2][..]),
-            ("r6", None, &(0..256 << 10).map(|i| (i * 7 % 251) as u8).collect::<Vec<u8>>()[..]),
+            ("r4", None, None, &[1u8][..]),
+            ("r5", Some("c"), Some(12), &[1u8, 2][..]),
+            (
+                "r6",
+                None,
+                None,
+                &(0..256 << 10).map(|i| (i * 7 % 251) as u8).collect::<Vec<u8>>()[..],
+            ),
         ] {
             let frame = Frame::ResponseChunk {
                 id: id.into(),
                 client: client.map(Into::into),
+                conn,
                 body: base64::engine::general_purpose::STANDARD.encode(bytes),
                 body_base64: true,
             };
-            assert_eq!(base64_chunk_json(String::new(), id, client, bytes), frame.to_json());
+            assert_eq!(base64_chunk_json(String::new(), id, client, conn, bytes), frame.to_json());
             // A reused buffer's old contents are gone.
             let reused = String::from("left over from the last chunk");
-            assert_eq!(base64_chunk_json(reused, id, client, bytes), frame.to_json());
+            assert_eq!(base64_chunk_json(reused, id, client, conn, bytes), frame.to_json());
         }
     }
 
@@ -1612,6 +1726,15 @@ mod tests {
             format!(r#"{{{r},"length":null}}"#),
             format!(r#"{{{r},"length":-1}}"#),
             format!(r#"{{{r},"client":null,"body":null}}"#),
+            format!(r#"{{{r},"client":"hcl_1","conn":18446744073709551615}}"#),
+            format!(r#"{{{r},"conn":null}}"#),
+            format!(r#"{{{r},"conn":18446744073709551616}}"#),
+            format!(r#"{{{r},"conn":-1}}"#),
+            format!(r#"{{{r},"conn":"1"}}"#),
+            format!(r#"{{{r},"conn":1.5}}"#),
+            r#"{"type":"request.chunk","id":"a","conn":3,"body":"QQ=="}"#.to_owned(),
+            r#"{"type":"request.chunk","id":"a","conn":"3","body":"QQ=="}"#.to_owned(),
+            r#"{"type":"cancel","id":"a","client":"hcl_1","conn":3}"#.to_owned(),
             format!(r#"{{{r},"body":"x","body":"y"}}"#),
             format!(r#"{{{r},"body":"\ud800"}}"#),
             format!(r#"{{{r},"x":{{"y":[1,2,{{"z":null}}]}}}}"#),
@@ -1639,7 +1762,7 @@ mod tests {
             (format!("{{{r}{many}}}"), "top-level fields"),
             (format!(r#"{{{r},"x":1,"x":2}}"#), "duplicate field"),
             (r#"{"type":"cancel","id":"a","x":1,"x":2}"#.to_owned(), "duplicate field"),
-            (r#"["request","a",null,"GET","/api/x"]"#.to_owned(), "JSON object"),
+            (r#"["request","a",null,null,"GET","/api/x"]"#.to_owned(), "JSON object"),
             (r#"["cancel","a"]"#.to_owned(), "JSON object"),
         ] {
             assert!(parse_frame(&text).is_ok(), "{text}");

@@ -419,6 +419,7 @@ fn request(
     Frame::Request(RequestFrame {
         id: id.into(),
         client: None,
+        conn: None,
         method: method.into(),
         path: path.into(),
         headers,

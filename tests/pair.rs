@@ -302,7 +302,7 @@ fn cancel_stops_the_backend_request() {
     app.send(&request("slow-1", "GET", "/api/slow?secs=60", &[], None));
     s.backend.wait_counter("started", 1);
     let t = Instant::now();
-    app.send(&Frame::Cancel { id: "slow-1".into(), client: None });
+    app.send(&Frame::Cancel { id: "slow-1".into(), client: None, conn: None });
     let frames = app.recv_until_terminal("slow-1");
     let took = t.elapsed();
     assert!(
@@ -325,7 +325,7 @@ fn cancel_stops_the_backend_request() {
         }
     }
     let t = Instant::now();
-    app.send(&Frame::Cancel { id: "sse".into(), client: None });
+    app.send(&Frame::Cancel { id: "sse".into(), client: None, conn: None });
     let frames = app.recv_until_terminal("sse");
     assert!(
         matches!(frames.last(), Some(Frame::ResponseError { code: ErrorCode::Cancelled, .. })),
@@ -359,6 +359,61 @@ fn app_disconnect_aborts_the_backend_request() {
     assert_echo(&mut app, "again", &s.client_id);
 }
 
+/// An app that numbers its requests per connection reuses an id as soon as it reconnects
+/// (PROTOCOL §5.3): the new request gets its own answer and nothing of the old one's.
+///
+/// Built so that a frame of the old request reaches the relay while the new one is open there.
+/// Another app starts a large download and reads none of it, so the relay stops reading the
+/// bridge and the bridge's queue fills. The old request (a download too) then waits in a
+/// worker with its `response.start` in hand for room in that queue. The app reconnects,
+/// replacing its socket (4002), and sends a slow request under the same id; when the other app
+/// leaves, the bridge is read again and the old request's frame goes out ahead of the new
+/// request's answer.
+#[test]
+fn a_reconnected_app_that_reuses_an_id_gets_only_its_own_answer() {
+    let s = setup();
+    let mut old = s.app;
+    let (server, port) = (s.relay.url(), s.backend.port.to_string());
+    let run = s.env.run(&["--refresh-code", "--json", "--server", &server, "--port", &port]);
+    run.assert_code(0, "--refresh-code --json");
+    let (_, _, mut holder) = connect_app(&parse_payload(&run.stdout, &server), "Holder");
+    // More than the relay queues for one app (32 MiB) and the socket buffers hold.
+    let download = |mib: usize| format!("/api/binary?size={}", mib << 20);
+    holder.send(&request("H", "GET", &download(96), &[], None));
+    assert!(matches!(holder.recv(), Frame::ResponseStart { ref id, .. } if id == "H"));
+    std::thread::sleep(Duration::from_millis(1000));
+    old.send(&request("R", "GET", &download(8), &[], None));
+    // Time for the bridge to take it and its worker to block on the full queue.
+    std::thread::sleep(Duration::from_millis(300));
+
+    let mut new = AppClient::connect_url(&app_url(&s.qr), &s.client_secret).unwrap();
+    new.expect_bridge_status(true);
+    new.send(&request("R", "GET", "/api/slow?secs=1", &[], None));
+    // Open at the relay and the bridge once the backend has it.
+    s.backend.wait_counter("started", 1);
+    holder.close();
+
+    let frames = new.recv_until_terminal("R");
+    let kinds: Vec<&str> = frames.iter().map(Frame::kind).collect();
+    match &frames[..] {
+        [Frame::Response(r)] => {
+            assert_eq!((r.status, r.body.as_str()), (200, r#"{"slept":1.0}"#), "{r:?}");
+            assert_eq!((&r.client, r.conn), (&None, None), "{r:?}");
+        }
+        _ => panic!("the new R got {} frames {kinds:?}, not only its own answer", kinds.len()),
+    }
+    // Nothing more for R: no late chunk, no second terminal frame.
+    match new.next_event(Duration::from_millis(500)) {
+        Event::Timeout => {}
+        other => panic!("after its answer the new R got {other:?}"),
+    }
+    let (code, _) = common::ws_wait_close(&mut old.ws, Duration::from_secs(30));
+    assert_eq!(code, Some(4002), "the old socket is closed as replaced");
+    // R was closed once, at the relay and at the bridge: it is free again.
+    assert_eq!(fetch(&mut new, &request("R", "GET", "/api/health", &[], None)).status, 200);
+    assert_echo(&mut new, "after", &s.client_id);
+}
+
 #[test]
 fn hanging_backend_blocks_nothing_and_cancel_is_prompt() {
     let s = setup();
@@ -382,7 +437,7 @@ fn hanging_backend_blocks_nothing_and_cancel_is_prompt() {
     app.expect_silence(Duration::from_millis(300));
     let t = Instant::now();
     for id in ids {
-        app.send(&Frame::Cancel { id: id.into(), client: None });
+        app.send(&Frame::Cancel { id: id.into(), client: None, conn: None });
     }
     for id in ids {
         let frames = app.recv_until_terminal(id);
@@ -394,7 +449,7 @@ fn hanging_backend_blocks_nothing_and_cancel_is_prompt() {
     assert!(t.elapsed() < Duration::from_secs(2), "three cancels answered in {:?}", t.elapsed());
     s.backend.wait_counter("cancelled", 3);
     // A cancel for a finished or unknown request changes nothing.
-    app.send(&Frame::Cancel { id: "hang-1".into(), client: None });
+    app.send(&Frame::Cancel { id: "hang-1".into(), client: None, conn: None });
     assert_echo(&mut app, "after", &s.client_id);
 }
 
@@ -495,6 +550,7 @@ fn streamed_uploads_that_break_the_rules_are_refused_and_cancels_end_them() {
     let chunk = |id: &str, body: String| Frame::RequestChunk {
         id: id.into(),
         client: None,
+        conn: None,
         body: body.into(),
         body_base64: true,
     };
@@ -531,10 +587,10 @@ fn streamed_uploads_that_break_the_rules_are_refused_and_cancels_end_them() {
     app.send(&chunk("cut", b64(&[1u8; 16 << 10])));
     assert_eq!(
         app.recv(),
-        Frame::RequestAck { id: "cut".into(), client: None, bytes: 16 << 10 },
+        Frame::RequestAck { id: "cut".into(), client: None, conn: None, bytes: 16 << 10 },
         "the first piece is acknowledged"
     );
-    app.send(&Frame::Cancel { id: "cut".into(), client: None });
+    app.send(&Frame::Cancel { id: "cut".into(), client: None, conn: None });
     match app.recv_until_terminal("cut").as_slice() {
         [Frame::ResponseError { code: ErrorCode::Cancelled, .. }] => {}
         other => panic!("expected one CANCELLED, got {other:?}"),

@@ -30,9 +30,10 @@ fn response(f: Frame) -> ResponseFrame {
 #[track_caller]
 fn assert_response_error(f: &Frame, id: &str, code: ErrorCode) {
     match f {
-        Frame::ResponseError { id: got, client, code: c, message } => {
+        Frame::ResponseError { id: got, client, conn, code: c, message } => {
             assert_eq!((got.as_str(), *c), (id, code), "{f:?}");
             assert_eq!(*client, None, "relay must not leak client to the app: {f:?}");
+            assert_eq!(*conn, None, "relay must not leak conn to the app: {f:?}");
             assert!(!message.is_empty(), "{f:?}");
         }
         other => panic!("expected response.error {code:?} for {id}, got {other:?}"),
@@ -135,13 +136,14 @@ fn full_flow_round_trip_clean_shutdown_and_no_secret_in_logs() {
         }
     );
 
-    // text round trip; the app tries to spoof `client`, the relay overwrites it
+    // text round trip; the app tries to spoof `client` and `conn`, the relay overwrites them
     let mut headers = Headers::new();
     headers.insert("content-type".into(), "text/plain; charset=utf-8".into());
     headers.insert("x-test".into(), "yes".into());
     let sent = RequestFrame {
         id: "req-1".into(),
         client: Some("hcl_00000000000000ff".into()),
+        conn: Some(u64::MAX),
         method: "POST".into(),
         path: "/api/chat?x=1".into(),
         headers: headers.clone(),
@@ -154,16 +156,20 @@ fn full_flow_round_trip_clean_shutdown_and_no_secret_in_logs() {
         Frame::Request(r) => r,
         other => panic!("bridge expected the request, got {other:?}"),
     };
+    // The app socket's number: relay-wide, so not known here, but never the app's own.
+    let conn = got.conn;
+    assert!(conn.is_some_and(|n| n != u64::MAX), "{got:?}");
     assert_eq!(
         got,
-        RequestFrame { client: Some(client.client_id.clone()), ..sent },
-        "the bridge must get the request unchanged except client stamped"
+        RequestFrame { client: Some(client.client_id.clone()), conn, ..sent },
+        "the bridge must get the request unchanged except client and conn stamped"
     );
     let mut resp_headers = Headers::new();
     resp_headers.insert("content-type".into(), "application/json".into());
     bridge.send(&Frame::Response(ResponseFrame {
         id: "req-1".into(),
         client: Some(client.client_id.clone()),
+        conn,
         status: 201,
         headers: resp_headers.clone(),
         body: r#"{"answer":"ok ✓"}"#.into(),
@@ -175,6 +181,7 @@ fn full_flow_round_trip_clean_shutdown_and_no_secret_in_logs() {
         vec![Frame::Response(ResponseFrame {
             id: "req-1".into(),
             client: None,
+            conn: None,
             status: 201,
             headers: resp_headers,
             body: r#"{"answer":"ok ✓"}"#.into(),
@@ -182,10 +189,12 @@ fn full_flow_round_trip_clean_shutdown_and_no_secret_in_logs() {
         })]
     );
 
-    // a response.error from the bridge reaches the app with the client stripped
+    // a response.error from the bridge reaches the app with the client stripped; one without
+    // `conn` (an older bridge) is routed by client and id alone
     app.send(&req("req-2", "GET", "/api/x", None));
     let Frame::Request(r2) = bridge.recv_request_scoped() else { panic!("expected request") };
     assert_eq!(r2.client.as_deref(), Some(client.client_id.as_str()));
+    assert_eq!(r2.conn, conn, "one number per socket");
     bridge.send(&Frame::error("req-2", Some(&client.client_id), ErrorCode::BackendTimeout, "slow"));
     let f = app.recv();
     assert_response_error(&f, "req-2", ErrorCode::BackendTimeout);
@@ -197,25 +206,29 @@ fn full_flow_round_trip_clean_shutdown_and_no_secret_in_logs() {
     let head = RequestFrame { client: spoof.clone(), length: Some(6), ..head };
     app.send(&Frame::RequestStart(head.clone()));
     let stamped = Some(client.client_id.clone());
-    let want = RequestFrame { client: stamped.clone(), ..head };
+    let want = RequestFrame { client: stamped.clone(), conn, ..head };
     assert_eq!(bridge.recv_request_scoped(), Frame::RequestStart(want));
-    let chunk_of = |id: &str, client: Option<String>| Frame::RequestChunk {
+    let chunk_of = |id: &str, client: Option<String>, conn| Frame::RequestChunk {
         id: id.into(),
         client,
+        conn,
         body: "abcdef".into(),
         body_base64: false,
     };
-    let chunk = |client| chunk_of("up-1", client);
-    app.send(&chunk(spoof.clone()));
-    assert_eq!(bridge.recv_request_scoped(), chunk(stamped.clone()));
-    bridge.send(&Frame::RequestAck { id: "up-1".into(), client: stamped.clone(), bytes: 6 });
-    assert_eq!(app.recv(), Frame::RequestAck { id: "up-1".into(), client: None, bytes: 6 });
-    bridge.send(&Frame::ResponseEnd { id: "up-1".into(), client: stamped.clone() });
-    assert_eq!(app.recv(), Frame::ResponseEnd { id: "up-1".into(), client: None });
+    let chunk = |client, conn| chunk_of("up-1", client, conn);
+    app.send(&chunk(spoof.clone(), Some(0)));
+    assert_eq!(bridge.recv_request_scoped(), chunk(stamped.clone(), conn));
+    bridge.send(&Frame::RequestAck { id: "up-1".into(), client: stamped.clone(), conn, bytes: 6 });
+    assert_eq!(
+        app.recv(),
+        Frame::RequestAck { id: "up-1".into(), client: None, conn: None, bytes: 6 }
+    );
+    bridge.send(&Frame::ResponseEnd { id: "up-1".into(), client: stamped.clone(), conn });
+    assert_eq!(app.recv(), Frame::ResponseEnd { id: "up-1".into(), client: None, conn: None });
     // a chunk for a request that ended (or never began) is dropped: the next request is the
     // next thing the bridge sees
-    app.send(&chunk(None));
-    app.send(&chunk_of("never", None));
+    app.send(&chunk(None, None));
+    app.send(&chunk_of("never", None, None));
     app.send(&req("req-3", "GET", "/api/x", None));
     match bridge.recv_request_scoped() {
         Frame::Request(r) => assert_eq!(r.id, "req-3"),
@@ -287,8 +300,8 @@ fn streamed_chunks_arrive_in_order() {
     let frames = p.app.recv_until_terminal("s1");
     assert_eq!(frames.len(), 202, "start + 200 chunks + end");
     match &frames[0] {
-        Frame::ResponseStart { id, client, status, headers } => {
-            assert_eq!((id.as_str(), *status, client), ("s1", 200, &None));
+        Frame::ResponseStart { id, client, conn, status, headers } => {
+            assert_eq!((id.as_str(), *status, client, conn), ("s1", 200, &None, &None));
             assert_eq!(headers["content-type"], "text/event-stream");
         }
         other => panic!("first frame {other:?}"),
@@ -296,8 +309,8 @@ fn streamed_chunks_arrive_in_order() {
     let mut body = String::new();
     for f in &frames[1..201] {
         match f {
-            Frame::ResponseChunk { id, client, body: b, .. } => {
-                assert_eq!((id.as_str(), client), ("s1", &None));
+            Frame::ResponseChunk { id, client, conn, body: b, .. } => {
+                assert_eq!((id.as_str(), client, conn), ("s1", &None, &None));
                 body.push_str(b);
             }
             other => panic!("expected chunk, got {other:?}"),
@@ -305,7 +318,7 @@ fn streamed_chunks_arrive_in_order() {
     }
     let want: String = (0..200).map(|i| format!("chunk-{i};")).collect();
     assert_eq!(body, want, "chunks out of order or lost");
-    assert_eq!(frames[201], Frame::ResponseEnd { id: "s1".into(), client: None });
+    assert_eq!(frames[201], Frame::ResponseEnd { id: "s1".into(), client: None, conn: None });
 }
 
 #[test]
@@ -327,10 +340,16 @@ fn cancel_reaches_bridge_with_client_stamped() {
     let mut p = pair(&relay);
     p.app.send(&req("c1", "GET", "/api/hang", None));
     p.bridge.wait_requests(1);
-    // The app may try to spoof `client` on a cancel too.
-    p.app.send(&Frame::Cancel { id: "c1".into(), client: Some("hcl_00000000000000ff".into()) });
+    // The app may try to spoof `client` and `conn` on a cancel too.
+    let spoof = Some("hcl_00000000000000ff".to_owned());
+    p.app.send(&Frame::Cancel { id: "c1".into(), client: spoof, conn: Some(u64::MAX) });
+    let Frame::Request(r) = p.bridge.wait_for("request", |f| matches!(f, Frame::Request(_))) else {
+        unreachable!()
+    };
     let cancel = p.bridge.wait_for("cancel", |f| matches!(f, Frame::Cancel { .. }));
-    assert_eq!(cancel, Frame::Cancel { id: "c1".into(), client: Some(p.client.client_id.clone()) });
+    let client = Some(p.client.client_id.clone());
+    assert!(r.conn.is_some_and(|n| n != u64::MAX), "{r:?}");
+    assert_eq!(cancel, Frame::Cancel { id: "c1".into(), client, conn: r.conn });
     let f = p.app.recv();
     assert_response_error(&f, "c1", ErrorCode::Cancelled);
     p.app.assert_round_trip("after-cancel");
@@ -1053,6 +1072,101 @@ fn killed_bridge_yields_bridge_disconnected_for_every_open_request() {
     p.app.assert_round_trip("back");
 }
 
+/// A socket that replaced another of the same app (4002) and reuses one of its request ids
+/// gets only its own request's frames: the bridge's late frames for the old request carry the
+/// old socket's `conn` and are dropped, a terminal one without closing the new request. A
+/// frame without `conn` (an older bridge) is still routed by client and id.
+#[test]
+fn late_answers_for_a_replaced_socket_never_reach_the_new_one() {
+    let relay = Relay::new();
+    let (reg, mut bridge) = registered_bridge(&relay);
+    let c = pair_another(&relay, &reg, "phone");
+    let mut old = AppClient::connect_ok(&relay, &reg.bridge_id, &c.client_secret, true);
+    assert!(matches!(bridge.recv(), Frame::ClientConnected { .. }));
+    old.send(&req("R", "POST", "/api/echo", Some(r#"{"old":1}"#)));
+    let Frame::Request(first) = bridge.recv_request_scoped() else { panic!("request expected") };
+
+    let mut new = AppClient::connect_ok(&relay, &reg.bridge_id, &c.client_secret, true);
+    assert_eq!(old.wait_close(), Some(protocol::close_code::REPLACED_APP));
+    assert_eq!(bridge.recv(), Frame::ClientDisconnected { client: c.client_id.clone() });
+    assert!(matches!(bridge.recv(), Frame::ClientConnected { .. }));
+    new.send(&req("R", "GET", "/api/health", None));
+    let Frame::Request(second) = bridge.recv_request_scoped() else { panic!("request expected") };
+    assert_eq!(
+        (first.client.as_ref(), second.client.as_ref()),
+        (Some(&c.client_id), Some(&c.client_id))
+    );
+    assert!(first.conn.is_some() && second.conn.is_some() && first.conn != second.conn);
+
+    // What the bridge had queued for the old R before it heard `client.disconnected`.
+    let (client, conn) = (Some(c.client_id.clone()), first.conn);
+    let id = || "R".to_owned();
+    for f in [
+        Frame::ResponseStart {
+            id: id(),
+            client: client.clone(),
+            conn,
+            status: 200,
+            headers: Headers::new(),
+        },
+        Frame::ResponseChunk {
+            id: id(),
+            client: client.clone(),
+            conn,
+            body: "old".into(),
+            body_base64: false,
+        },
+        Frame::ResponseEnd { id: id(), client: client.clone(), conn },
+        Frame::ResponseError {
+            id: id(),
+            client: client.clone(),
+            conn,
+            code: ErrorCode::Cancelled,
+            message: "x".into(),
+        },
+    ] {
+        bridge.send(&f);
+    }
+    // Dropped, and the new R is still open: a duplicate is refused, nothing else arrives.
+    new.send(&req("R", "GET", "/api/health", None));
+    assert_bad_frame(&new.recv());
+    new.expect_silence(Duration::from_millis(200));
+
+    // The new R's own answer arrives, stripped of client and conn, and closes it.
+    let answer = |conn| {
+        Frame::Response(ResponseFrame {
+            id: "R".into(),
+            client: client.clone(),
+            conn,
+            status: 200,
+            headers: Headers::new(),
+            body: r#"{"status":"ok"}"#.into(),
+            body_base64: false,
+        })
+    };
+    bridge.send(&answer(second.conn));
+    let got = response(new.recv());
+    assert_eq!((got.body.as_str(), &got.client, got.conn), (r#"{"status":"ok"}"#, &None, None));
+    bridge.send(&answer(second.conn));
+    new.expect_silence(Duration::from_millis(200));
+
+    // An older bridge (no `conn`) is routed by client and id, as before.
+    new.send(&req("R", "GET", "/api/health", None));
+    let Frame::Request(third) = bridge.recv_request_scoped() else { panic!("request expected") };
+    assert_eq!(third.conn, second.conn, "one number per socket");
+    bridge.send(&answer(None));
+    assert_eq!(response(new.recv()).body, r#"{"status":"ok"}"#);
+    // A malformed `conn` from a bridge is a bad frame.
+    bridge
+        .ws
+        .send(tungstenite::Message::text(format!(
+            r#"{{"type":"response.end","id":"R","client":"{}","conn":"1"}}"#,
+            c.client_id
+        )))
+        .unwrap();
+    assert_bad_frame(&bridge.recv());
+}
+
 #[test]
 fn bridge_answers_are_routed_per_client_and_unknown_ids_dropped() {
     let relay = Relay::new();
@@ -1077,6 +1191,7 @@ fn bridge_answers_are_routed_per_client_and_unknown_ids_dropped() {
         Frame::Response(ResponseFrame {
             id: "same".into(),
             client: Some(client.into()),
+            conn: None,
             status: 200,
             headers: Headers::new(),
             body: body.into(),
@@ -1115,7 +1230,7 @@ fn busy_after_32_open_requests() {
     assert_eq!(p.bridge.requests().len(), 32, "the BUSY request must not reach the bridge");
 
     // finishing one frees a slot
-    p.app.send(&Frame::Cancel { id: "b0".into(), client: None });
+    p.app.send(&Frame::Cancel { id: "b0".into(), client: None, conn: None });
     let f = p.app.recv();
     assert_response_error(&f, "b0", ErrorCode::Cancelled);
     p.app.send(&req("b33", "GET", "/api/hang", None));
@@ -1165,6 +1280,7 @@ fn bad_frames_get_bad_frame_and_socket_stays_open() {
     p.app.send(&Frame::Response(ResponseFrame {
         id: "x".into(),
         client: None,
+        conn: None,
         status: 200,
         headers: Headers::new(),
         body: String::new(),
@@ -1205,6 +1321,7 @@ fn bad_frames_from_the_bridge_get_bad_frame() {
     bridge.send(&Frame::Response(ResponseFrame {
         id: "r".into(),
         client: r.client.clone(),
+        conn: r.conn,
         status: 204,
         headers: Headers::new(),
         body: String::new(),
@@ -1220,6 +1337,7 @@ fn request_limits_answer_per_request() {
     let base = |id: &str| RequestFrame {
         id: id.into(),
         client: None,
+        conn: None,
         method: "POST".into(),
         path: "/api/echo".into(),
         headers: Headers::new(),
@@ -1921,12 +2039,14 @@ fn a_bridge_paused_for_an_app_that_left_is_read_again() {
     bridge.send(&Frame::ResponseStart {
         id: "big".into(),
         client: Some(slow.client_id.clone()),
+        conn: None,
         status: 200,
         headers: Default::default(),
     });
     let chunk = serde_json::to_string(&Frame::ResponseChunk {
         id: "big".into(),
         client: Some(slow.client_id.clone()),
+        conn: None,
         body: "A".repeat(1 << 20),
         body_base64: false,
     })
@@ -1952,6 +2072,7 @@ fn a_bridge_paused_for_an_app_that_left_is_read_again() {
     bridge.send(&Frame::Response(ResponseFrame {
         id: "q1".into(),
         client: Some(other.client_id.clone()),
+        conn: request.conn,
         status: 200,
         headers: Default::default(),
         body: "ok".into(),

@@ -599,10 +599,10 @@ impl RelayIo {
                     out.push(Message::text(refused));
                 }
             }
-            Frame::RequestChunk { id, client, body, body_base64 } => {
+            Frame::RequestChunk { id, client, body, body_base64, .. } => {
                 self.pool.upload_chunk(client.as_deref(), &id, body, body_base64);
             }
-            Frame::Cancel { id, client } => self.pool.cancel(client.as_deref(), &id),
+            Frame::Cancel { id, client, .. } => self.pool.cancel(client.as_deref(), &id),
             Frame::ClientConnected { client, device_name } => {
                 log(&format!("app connected: {client} ({})", p::shown(&device_name)));
                 self.status.update(|s| {
@@ -1060,6 +1060,7 @@ mod tests {
         let req = RequestFrame {
             id: id.into(),
             client: Some("app".into()),
+            conn: None,
             method: "GET".into(),
             path: "/api/health".into(),
             headers: Headers::new(),

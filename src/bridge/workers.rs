@@ -231,6 +231,8 @@ struct Pouring<'a> {
     id: &'a str,
     /// The app, for its `request.ack` frames.
     client: Option<&'a str>,
+    /// The app socket's number, for its `request.ack` frames.
+    conn: Option<u64>,
     /// Where the `request.ack` frames go.
     out: &'a Outbox,
     /// The request's abort: no `request.ack` once it is silenced or aborted.
@@ -291,6 +293,7 @@ impl BodySource for Pouring<'_> {
             let ack = Frame::RequestAck {
                 id: self.id.to_owned(),
                 client: self.client.map(str::to_owned),
+                conn: self.conn,
                 bytes: taken,
             };
             // A lost connection silences the request; the next wait sees it ended.
@@ -595,9 +598,8 @@ impl Pool {
     fn admit(&self, req: RequestFrame, out: Outbox, upload: bool) -> Result<Job, String> {
         let shared = &self.shared;
         let key: Key = (req.client.clone(), req.id.clone());
-        let refuse = |code: ErrorCode, message: String| {
-            Err(Frame::error(&req.id, req.client.as_deref(), code, message).to_json())
-        };
+        let refuse =
+            |code: ErrorCode, message: String| Err(Frame::error_for(&req, code, message).to_json());
         let mut open = lock(&shared.open);
         // A request whose terminal frame is on its way no longer owns its id.
         if open.map.get(&key).is_some_and(|o| o.abort.is_finishing()) {
@@ -1004,7 +1006,7 @@ fn conclude(shared: &Shared, job: &Job, result: Result<(), Fail>, send: &mut dyn
     };
     if let Some((code, message)) = failure {
         job.abort.mark_finishing();
-        send(Frame::error(&job.req.id, job.req.client.as_deref(), code, message).to_json());
+        send(Frame::error_for(&job.req, code, message).to_json());
     }
     // Forget the request only after its terminal frame is queued, so a duplicate id cannot
     // overtake it.
@@ -1166,6 +1168,7 @@ fn whole_frame(shared: &Shared, req: &RequestFrame, resp: &mut Response) -> Resu
     Ok(Frame::Response(ResponseFrame {
         id: req.id.clone(),
         client: req.client.clone(),
+        conn: req.conn,
         status: resp.status,
         headers: frame_headers(std::mem::take(&mut resp.headers)),
         body,
@@ -1187,6 +1190,7 @@ fn exchange(shared: &Shared, job: &mut Job) -> Result<(), Fail> {
                         upload,
                         id: &req.id,
                         client: req.client.as_deref(),
+                        conn: req.conn,
                         out,
                         abort,
                         gap: shared.client.timeouts().body_gap,
@@ -1208,6 +1212,7 @@ fn exchange(shared: &Shared, job: &mut Job) -> Result<(), Fail> {
     let sse = resp.is_event_stream();
     let id = req.id.clone();
     let client = req.client.clone();
+    let conn = req.conn;
     let send_json = |json: String, terminal: bool| {
         if abort.is_silenced() {
             return Err(Fail::Gone);
@@ -1230,12 +1235,14 @@ fn exchange(shared: &Shared, job: &mut Job) -> Result<(), Fail> {
     send(Frame::ResponseStart {
         id: id.clone(),
         client: client.clone(),
+        conn,
         status: resp.status,
         headers: frame_headers(std::mem::take(&mut resp.headers)),
     })?;
     let text = |body: String| Frame::ResponseChunk {
         id: id.clone(),
         client: client.clone(),
+        conn,
         body,
         body_base64: false,
     };
@@ -1243,7 +1250,7 @@ fn exchange(shared: &Shared, job: &mut Job) -> Result<(), Fail> {
         // Only a frame large enough to be masked in place gives its buffer back.
         let large = bytes.len() / 3 * 4 >= LARGE_FRAME;
         let buf = if large { out.buffer() } else { String::new() };
-        send_json(base64_chunk_json(buf, &id, client.as_deref(), bytes), false)
+        send_json(base64_chunk_json(buf, &id, client.as_deref(), conn, bytes), false)
     };
     let mut buf = vec![0u8; CHUNK_MAX];
     // Bytes of a UTF-8 character split across two reads, kept at the front of `buf`.
@@ -1278,7 +1285,7 @@ fn exchange(shared: &Shared, job: &mut Job) -> Result<(), Fail> {
             Err(_) => binary(&buf[..pending])?,
         }
     }
-    send(Frame::ResponseEnd { id: id.clone(), client: client.clone() })
+    send(Frame::ResponseEnd { id: id.clone(), client: client.clone(), conn })
 }
 
 #[cfg(test)]
@@ -1293,6 +1300,8 @@ mod tests {
     use std::sync::mpsc::{Receiver, sync_channel};
 
     const CLIENT: &str = "hcl_0123456789abcdef";
+    /// The app socket number of [`req`]'s requests, echoed on every answer.
+    const CONN: u64 = 1 << 40;
 
     #[test]
     fn spare_boxes_are_reused_and_bounded() {
@@ -1335,6 +1344,7 @@ mod tests {
         RequestFrame {
             id: id.into(),
             client: Some(CLIENT.into()),
+            conn: Some(CONN),
             method: method.into(),
             path: path.into(),
             headers: Headers::new(),
@@ -1352,6 +1362,7 @@ mod tests {
             let left = deadline.saturating_duration_since(Instant::now());
             let text = rx.recv_timeout(left).expect("no terminal frame within 10 s");
             let frame = parse_frame(&text).unwrap();
+            carries_conn_back(&frame);
             let terminal = frame.is_terminal();
             frames.push((Instant::now(), frame));
             if terminal {
@@ -1374,7 +1385,30 @@ mod tests {
     }
 
     fn refused_code(text: &str) -> ErrorCode {
-        error_code(&parse_frame(text).unwrap())
+        let frame = parse_frame(text).unwrap();
+        carries_conn_back(&frame);
+        error_code(&frame)
+    }
+
+    /// Asserts that an answer carries its request's `conn` right after `client` (both absent
+    /// for LAN requests): the relay routes by it.
+    fn carries_conn_back(frame: &Frame) {
+        let (client, conn) = match frame {
+            Frame::Response(r) => (&r.client, r.conn),
+            Frame::RequestAck { client, conn, .. }
+            | Frame::ResponseStart { client, conn, .. }
+            | Frame::ResponseChunk { client, conn, .. }
+            | Frame::ResponseEnd { client, conn, .. }
+            | Frame::ResponseError { client, conn, .. } => (client, *conn),
+            _ => return,
+        };
+        assert_eq!(conn, client.as_ref().map(|_| CONN), "{frame:?}");
+        if let Some(client) = client {
+            let text = frame.to_json();
+            let stamp = format!(r#""client":"{client}","conn":{CONN}"#);
+            let after = text.find(&stamp).map(|at| &text[at + stamp.len()..]);
+            assert!(after.is_some_and(|a| a.starts_with([',', '}'])), "{text}");
+        }
     }
 
     /// The streamed body: (chunks as bytes, status).
@@ -1502,7 +1536,7 @@ mod tests {
         p.submit(r, out).unwrap();
         let Frame::Response(resp) = only(&rx) else { panic!("not a whole response") };
         assert_eq!(resp.id, "t1");
-        assert_eq!(resp.client.as_deref(), Some(CLIENT));
+        assert_eq!((resp.client.as_deref(), resp.conn), (Some(CLIENT), Some(CONN)));
         assert_eq!(resp.status, 200);
         assert!(!resp.body_base64);
         assert_eq!(resp.body, r#"{"text":"grüß dich ✓"}"#);
@@ -1515,7 +1549,7 @@ mod tests {
         // LAN sockets: no client, no client header, nothing echoed.
         let (out, rx) = outbox(64);
         let mut r = req("t2", "POST", "/api/echo");
-        r.client = None;
+        (r.client, r.conn) = (None, None);
         r.body = Some("plain".into());
         r.headers.insert("content-type".into(), "text/plain".into());
         p.submit(r, out).unwrap();
@@ -1949,7 +1983,9 @@ mod tests {
         if let Step::Done(Some(parked)) = step {
             parking.push(parked);
         }
-        pushed.iter().map(|t| parse_frame(t).unwrap()).collect()
+        let frames: Vec<Frame> = pushed.iter().map(|t| parse_frame(t).unwrap()).collect();
+        frames.iter().for_each(carries_conn_back);
+        frames
     }
 
     /// Submits a request that must start inline: a kept connection is at hand.

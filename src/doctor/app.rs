@@ -120,6 +120,7 @@ impl AppSocket {
         let frame = Frame::Request(RequestFrame {
             id: id.to_owned(),
             client: None,
+            conn: None,
             method: "GET".to_owned(),
             path: path.to_owned(),
             headers: [("accept".to_owned(), "application/json".to_owned())].into_iter().collect(),

@@ -977,6 +977,8 @@ impl Server {
                 }
                 // Per-device ids, and X-HermesChat-Client at the backend.
                 req.client = Some(client.clone());
+                // No relay here: a `conn` the app made up would be echoed back to it.
+                req.conn = None;
                 let outbox = w.outbox.clone();
                 let submitted = if upload {
                     self.pool.submit_upload(req, outbox)
@@ -1297,6 +1299,7 @@ mod tests {
         let f = Frame::ResponseChunk {
             id: "r1".into(),
             client: Some(c.into()),
+            conn: None,
             body: format!(",\"client\":\"{c}\""),
             body_base64: false,
         };
@@ -1308,7 +1311,8 @@ mod tests {
         let e = Frame::error("x", Some(c), p::ErrorCode::Busy, "busy").to_json();
         assert!(!strip_client(e, c).contains(c));
         // Another client's frame is left alone.
-        let other = Frame::ResponseEnd { id: "y".into(), client: Some(c.into()) }.to_json();
+        let other =
+            Frame::ResponseEnd { id: "y".into(), client: Some(c.into()), conn: None }.to_json();
         assert_eq!(strip_client(other.clone(), "hcl_ffffffffffffffff"), other);
     }
 

@@ -299,6 +299,9 @@ struct AppRoute {
     device_name: String,
     /// Request ids open from this app.
     open: FastSet<String>,
+    /// This socket's number, stamped as `conn` on its requests: the bridge's answers that carry
+    /// another one are for a socket it replaced (PROTOCOL §5.3).
+    number: u64,
 }
 
 /// The routing core.
@@ -314,6 +317,9 @@ pub struct Reactor {
     next_id: ConnId,
     bridges: FastMap<String, BridgeRoute>,
     apps: FastMap<String, AppRoute>,
+    /// The last [`AppRoute::number`] given; never reused, so no late answer can match a newer
+    /// socket.
+    app_numbers: u64,
     /// Connections with input already buffered in user space (TLS or tungstenite).
     ready: Vec<ConnId>,
     /// WebSockets with routed frames queued during this turn of the loop; flushed once at its
@@ -369,6 +375,7 @@ impl Reactor {
             next_id: 1,
             bridges: FastMap::default(),
             apps: FastMap::default(),
+            app_numbers: 0,
             ready: Vec::new(),
             dirty: Vec::new(),
             read_texts: Vec::new(),
@@ -1263,16 +1270,22 @@ impl Reactor {
                     Ok(None) => return self.bad_frame(id, "response frames need an id"),
                     Err(msg) => return self.bad_frame(id, &msg),
                 };
+                let conn = match p::raw_conn(&raw) {
+                    Ok(n) => n,
+                    Err(msg) => return self.bad_frame(id, &msg),
+                };
                 let client_value = raw.remove("client");
+                let conn_value = raw.remove("conn");
                 let terminal = TERMINAL_KINDS.contains(&k);
                 let Some(app_conn) =
-                    self.deliverable(bridge_id.as_str(), &client, &req_id, terminal)
+                    self.deliverable(bridge_id.as_str(), &client, conn, &req_id, terminal)
                 else {
                     return;
                 };
-                // The frame goes on as the text around its `client` member: a large frame
-                // as pieces of the received message, uncopied; a small one copied once.
-                match client_value.and_then(|v| without_member(text, "client", v)) {
+                // The frame goes on as the text around its `client` (and `conn`) members: a
+                // large frame as pieces of the received message, uncopied; a small one copied
+                // once.
+                match client_value.and_then(|v| without_stamp(text, v, conn_value)) {
                     Some((before, after)) if text.len() >= LARGE_FRAME => {
                         let slice =
                             |part: &str| SharedStr::slice_of(message, part).map(Bytes::from);
@@ -1282,7 +1295,7 @@ impl Reactor {
                         }
                     }
                     Some((before, after)) => self.send_text(app_conn, [before, after].concat()),
-                    None => self.send_text(app_conn, raw.to_json(None)),
+                    None => self.send_text(app_conn, raw.to_json(None, None)),
                 }
                 self.apply_backpressure(id, app_conn);
             }
@@ -1342,6 +1355,7 @@ impl Reactor {
             }
         }
         let Some(app) = self.apps.get(client_id) else { return };
+        let number = app.number;
         if app.open.contains(&req.id) {
             return self.bad_frame(id, &format!("request id {} is already open", req.id));
         }
@@ -1364,7 +1378,7 @@ impl Reactor {
         if let Some(r) = self.bridges.get_mut(bridge_id) {
             r.open += 1;
         }
-        self.forward_stamped(id, bridge_conn, client_id, raw, message);
+        self.forward_stamped(id, bridge_conn, (client_id, number), raw, message);
     }
 
     /// An app's `request.chunk`: forwarded like its `request.start` while that request is
@@ -1390,28 +1404,32 @@ impl Reactor {
         if let Err(msg) = p::raw_field::<bool>(&raw, "bodyBase64") {
             return self.bad_frame(id, &msg);
         }
-        let open = self.apps.get(client_id).is_some_and(|a| a.open.contains(req_id.as_ref()));
-        match self.bridges.get(bridge_id).and_then(|r| r.conn) {
-            Some(bridge_conn) if open => {
-                self.forward_stamped(id, bridge_conn, client_id, raw, message)
+        let app = self.apps.get(client_id).filter(|a| a.open.contains(req_id.as_ref()));
+        let number = app.map(|a| a.number);
+        match (self.bridges.get(bridge_id).and_then(|r| r.conn), number) {
+            (Some(bridge_conn), Some(number)) => {
+                self.forward_stamped(id, bridge_conn, (client_id, number), raw, message)
             }
             _ => self.dropped_frames += 1,
         }
     }
 
-    /// Sends an app's frame to its bridge stamped with the app's clientId (whatever `client`
-    /// it carried is replaced), then applies back-pressure to the app.
+    /// Sends an app's frame to its bridge stamped with the app's clientId and socket number
+    /// (`stamp`; whatever `client` or `conn` it carried is replaced), then applies
+    /// back-pressure to the app.
     fn forward_stamped(
         &mut self,
         id: ConnId,
         bridge_conn: ConnId,
-        client_id: &str,
+        stamp: (&str, u64),
         mut raw: RawFrame<'_>,
         message: &Utf8Bytes,
     ) {
-        if raw.remove("client").is_some() {
-            // The app named a client: the frame is written anew without it.
-            self.send_text(bridge_conn, raw.to_json(Some(client_id)));
+        let (client_id, number) = stamp;
+        // `|`, not `||`: both must go.
+        if raw.remove("client").is_some() | raw.remove("conn").is_some() {
+            // The app named a client or a number: the frame is written anew without them.
+            self.send_text(bridge_conn, raw.to_json(Some(client_id), Some(number)));
         } else {
             // `{"client":"…",` and then the frame as it arrived, after its opening brace (the
             // frame has fields, so a comma belongs there).
@@ -1419,10 +1437,11 @@ impl Reactor {
             let rest = text.trim_start().get(1..).unwrap_or_default();
             let large = text.len() >= LARGE_FRAME;
             if let Some(rest) = large.then(|| SharedStr::slice_of(message, rest)).flatten() {
-                let pieces = vec![Bytes::from(client_prefix(client_id, 0)), Bytes::from(rest)];
+                let prefix = client_prefix(client_id, number, 0);
+                let pieces = vec![Bytes::from(prefix), Bytes::from(rest)];
                 self.send_pieces(bridge_conn, pieces);
             } else {
-                let mut frame = client_prefix(client_id, rest.len());
+                let mut frame = client_prefix(client_id, number, rest.len());
                 frame.push_str(rest);
                 self.send_text(bridge_conn, frame);
             }
@@ -1433,10 +1452,12 @@ impl Reactor {
     fn route_from_app(&mut self, id: ConnId, bridge_id: &str, client_id: &str, frame: Frame) {
         match frame {
             Frame::Cancel { id: req_id, .. } => {
-                let open = self.apps.get(client_id).is_some_and(|a| a.open.contains(&req_id));
+                let app = self.apps.get(client_id).filter(|a| a.open.contains(&req_id));
+                let number = app.map(|a| a.number);
                 let bridge_conn = self.bridges.get(bridge_id).and_then(|r| r.conn);
-                if let (true, Some(bridge_conn)) = (open, bridge_conn) {
-                    let cancel = Frame::Cancel { id: req_id, client: Some(client_id.to_owned()) };
+                if let (Some(number), Some(bridge_conn)) = (number, bridge_conn) {
+                    let client = Some(client_id.to_owned());
+                    let cancel = Frame::Cancel { id: req_id, client, conn: Some(number) };
                     self.send_frame(bridge_conn, &cancel);
                 }
             }
@@ -1465,16 +1486,23 @@ impl Reactor {
     }
 
     /// The app connection a bridge's response frame goes to, closing the request on its
-    /// terminal frame; `None` (counted) when the app left or the request already ended.
+    /// terminal frame; `None` (counted) when the app left, the request already ended, or the
+    /// frame answers a socket of this app that was replaced (`conn`, when the bridge sends it:
+    /// the new socket may have reused the id, and that request's accounting is not touched).
     fn deliverable(
         &mut self,
         bridge_id: &str,
         client: &str,
+        conn: Option<u64>,
         req_id: &str,
         terminal: bool,
     ) -> Option<ConnId> {
         let app_conn = match self.apps.get_mut(client) {
-            Some(app) if app.bridge_id == bridge_id && app.open.contains(req_id) => {
+            Some(app)
+                if app.bridge_id == bridge_id
+                    && conn.is_none_or(|n| n == app.number)
+                    && app.open.contains(req_id) =>
+            {
                 if terminal {
                     app.open.remove(req_id);
                 }
@@ -1533,6 +1561,7 @@ impl Reactor {
         let route = self.bridges.entry(bridge_id.clone()).or_default();
         route.apps.insert(client_id.clone());
         let bridge_conn = route.conn;
+        self.app_numbers += 1;
         self.apps.insert(
             client_id.clone(),
             AppRoute {
@@ -1540,6 +1569,7 @@ impl Reactor {
                 bridge_id: bridge_id.clone(),
                 device_name: device_name.clone(),
                 open: FastSet::default(),
+                number: self.app_numbers,
             },
         );
         self.shared.presence().apps.insert(client_id.clone());
@@ -1908,17 +1938,45 @@ fn without_member<'a>(object: &'a str, name: &str, value: &str) -> Option<(&'a s
     before.ends_with('{').then_some((before, after))
 }
 
-/// `{"client":"…",`, how a request frame forwarded to its bridge begins, in a string with room
-/// for `rest` more bytes.
-fn client_prefix(client_id: &str, rest: usize) -> String {
+/// `object` without its `client` member (whose value is `client`, a slice of `object`) and,
+/// when given, its `conn` member, which bridges write right after `client`: the text before and
+/// after them (see [`without_member`]). `None` when either key is not written plainly or `conn`
+/// does not follow `client`; the caller then writes the object anew.
+fn without_stamp<'a>(
+    object: &'a str,
+    client: &str,
+    conn: Option<&str>,
+) -> Option<(&'a str, &'a str)> {
+    let (before, after) = without_member(object, "client", client)?;
+    let Some(conn) = conn else { return Some((before, after)) };
+    let (between, rest) = without_member(object, "conn", conn)?;
+    // Adjacent: what precedes `conn`'s member ends where the `client` value does.
+    let between = between.trim_end_matches([' ', '\t', '\n', '\r']);
+    if between.as_bytes().as_ptr_range().end != client.as_bytes().as_ptr_range().end {
+        return None;
+    }
+    if before.ends_with('{') {
+        // `client` was the first member: the comma after `conn` goes too.
+        let rest = rest.trim_start_matches([' ', '\t', '\n', '\r']);
+        return Some((before, rest.strip_prefix(',').unwrap_or(rest)));
+    }
+    Some((before, rest))
+}
+
+/// `{"client":"…","conn":N,`, how a request frame forwarded to its bridge begins, in a string
+/// with room for `rest` more bytes.
+fn client_prefix(client_id: &str, number: u64, rest: usize) -> String {
+    use std::fmt::Write as _;
     let quoted = if client_id.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\') {
         None
     } else {
         Some(p::json_string(client_id))
     };
     let quoted_len = quoted.as_ref().map_or(client_id.len() + 2, String::len);
+    let digits = number.checked_ilog10().map_or(1, |d| d as usize + 1);
     // Exactly the frame's length: the message made of it then needs no allocation of its own.
-    let mut out = String::with_capacity(r#"{"client":,"#.len() + quoted_len + rest);
+    let stamp_len = r#"{"client":,"conn":,"#.len() + quoted_len + digits;
+    let mut out = String::with_capacity(stamp_len + rest);
     out.push_str(r#"{"client":"#);
     match &quoted {
         Some(q) => out.push_str(q),
@@ -1928,7 +1986,8 @@ fn client_prefix(client_id: &str, rest: usize) -> String {
             out.push('"');
         }
     }
-    out.push(',');
+    // Writing to a `String` cannot fail; it has room for the digits.
+    let _ = write!(out, r#","conn":{number},"#);
     out
 }
 
@@ -2007,5 +2066,59 @@ mod tests {
         // A key written with an escape is left to the caller, which writes the frame anew.
         assert_eq!(cut(r#"{"type":"x","\u0063lient":"c"}"#), None);
         assert_eq!(cut(r#"{"type":"x"}"#), None);
+    }
+
+    /// What `without_stamp` leaves of `text` once `client` and `conn` are cut out.
+    fn unstamped(text: &str) -> Option<String> {
+        let raw = parse_raw(text).unwrap();
+        let (before, after) = without_stamp(text, raw.get("client")?, raw.get("conn"))?;
+        Some(format!("{before}{after}"))
+    }
+
+    #[test]
+    fn the_stamp_is_cut_out_in_one_piece_where_bridges_write_it() {
+        let cases = [
+            (
+                r#"{"type":"x","id":"a","client":"c","conn":7,"body":"b"}"#,
+                r#"{"type":"x","id":"a","body":"b"}"#,
+            ),
+            (r#"{"type":"x","id":"a","client":"c","conn":7}"#, r#"{"type":"x","id":"a"}"#),
+            (r#"{"client":"c","conn":7,"type":"x"}"#, r#"{"type":"x"}"#),
+            (r#"{ "client":"c" , "conn" : 18446744073709551615 , "type":"x"}"#, r#"{ "type":"x"}"#),
+            (r#"{"client":"c","conn":7}"#, r#"{}"#),
+            // An older bridge: no `conn`.
+            (r#"{"type":"x","client":"c","body":"b"}"#, r#"{"type":"x","body":"b"}"#),
+            // Body text that looks like the stamp is left alone.
+            (
+                r#"{"type":"x","body":",\"conn\":7","client":"c","conn":7}"#,
+                r#"{"type":"x","body":",\"conn\":7"}"#,
+            ),
+        ];
+        for (text, want) in cases {
+            let got = unstamped(text).unwrap_or_else(|| panic!("not cut: {text}"));
+            assert_eq!(got, want);
+            let back: serde_json::Value = serde_json::from_str(&got).unwrap();
+            assert!(back.get("client").is_none() && back.get("conn").is_none(), "{got}");
+        }
+        // `conn` elsewhere, or escaped: the caller writes the frame anew.
+        assert_eq!(unstamped(r#"{"type":"x","client":"c","id":"a","conn":7}"#), None);
+        assert_eq!(unstamped(r#"{"conn":7,"client":"c","type":"x"}"#), None);
+        assert_eq!(unstamped(r#"{"type":"x","client":"c","\u0063onn":7}"#), None);
+    }
+
+    #[test]
+    fn the_stamp_prefix_is_exactly_its_length_and_reads_back() {
+        for (client, number) in
+            [("hcl_0123456789abcdef", 0), ("hcl_0123456789abcdef", 10), ("a\"b", u64::MAX)]
+        {
+            let rest = r#""type":"cancel","id":"r"}"#;
+            let mut frame = client_prefix(client, number, rest.len());
+            assert_eq!(frame.capacity(), frame.len() + rest.len(), "{frame}");
+            frame.push_str(rest);
+            let Frame::Cancel { client: c, conn, .. } = p::parse_frame(&frame).unwrap() else {
+                panic!("{frame}")
+            };
+            assert_eq!((c.as_deref(), conn), (Some(client), Some(number)));
+        }
     }
 }

@@ -813,6 +813,7 @@ pub fn req(id: &str, method: &str, path: &str, body: Option<&str>) -> Frame {
     Frame::Request(RequestFrame {
         id: id.into(),
         client: None,
+        conn: None,
         method: method.into(),
         path: path.into(),
         headers: Headers::new(),
@@ -827,6 +828,7 @@ pub fn req_b64(id: &str, path: &str, bytes: &[u8]) -> Frame {
     Frame::Request(RequestFrame {
         id: id.into(),
         client: None,
+        conn: None,
         method: "POST".into(),
         path: path.into(),
         headers: Headers::new(),
@@ -1056,7 +1058,7 @@ impl BridgePeer {
         let (seen2, closed2) = (seen.clone(), closed.clone());
         let mut ws = self.ws;
         let handle = std::thread::spawn(move || {
-            let mut hanging: Vec<(String, Option<String>)> = Vec::new();
+            let mut hanging: Vec<(String, Option<String>, Option<u64>)> = Vec::new();
             loop {
                 let ev = ws_read(&mut ws, Duration::from_secs(3600));
                 let f = match ev {
@@ -1075,16 +1077,18 @@ impl BridgePeer {
                 }
                 let out: Vec<Frame> = match f {
                     Frame::Request(r) => serve_one(r, &mut hanging),
-                    Frame::Cancel { id, client } => {
-                        if let Some(i) = hanging.iter().position(|(h, c)| *h == id && *c == client)
+                    Frame::Cancel { id, client, conn } => {
+                        if let Some(i) =
+                            hanging.iter().position(|(h, c, _)| *h == id && *c == client)
                         {
                             hanging.remove(i);
-                            vec![Frame::error(
-                                &id,
-                                client.as_deref(),
-                                ErrorCode::Cancelled,
-                                "cancelled",
-                            )]
+                            vec![Frame::ResponseError {
+                                id,
+                                client,
+                                conn,
+                                code: ErrorCode::Cancelled,
+                                message: "cancelled".into(),
+                            }]
                         } else {
                             vec![]
                         }
@@ -1102,10 +1106,14 @@ impl BridgePeer {
     }
 }
 
-fn serve_one(r: RequestFrame, hanging: &mut Vec<(String, Option<String>)>) -> Vec<Frame> {
-    let client = r.client.clone();
+/// Answers like a current bridge: `client` and `conn` echoed on every answer.
+fn serve_one(
+    r: RequestFrame,
+    hanging: &mut Vec<(String, Option<String>, Option<u64>)>,
+) -> Vec<Frame> {
+    let (client, conn) = (r.client.clone(), r.conn);
     if r.path.starts_with("/api/hang") {
-        hanging.push((r.id, client));
+        hanging.push((r.id, client, conn));
         return vec![];
     }
     if let Some(n) = r.path.strip_prefix("/api/stream?n=") {
@@ -1113,6 +1121,7 @@ fn serve_one(r: RequestFrame, hanging: &mut Vec<(String, Option<String>)>) -> Ve
         let mut out = vec![Frame::ResponseStart {
             id: r.id.clone(),
             client: client.clone(),
+            conn,
             status: 200,
             headers: [("content-type".to_owned(), "text/event-stream".to_owned())].into(),
         }];
@@ -1120,20 +1129,16 @@ fn serve_one(r: RequestFrame, hanging: &mut Vec<(String, Option<String>)>) -> Ve
             out.push(Frame::ResponseChunk {
                 id: r.id.clone(),
                 client: client.clone(),
+                conn,
                 body: format!("chunk-{i};"),
                 body_base64: false,
             });
         }
-        out.push(Frame::ResponseEnd { id: r.id, client });
+        out.push(Frame::ResponseEnd { id: r.id, client, conn });
         return out;
     }
     if r.path == "/api/error" {
-        return vec![Frame::error(
-            &r.id,
-            client.as_deref(),
-            ErrorCode::BackendUnreachable,
-            "backend down",
-        )];
+        return vec![Frame::error_for(&r, ErrorCode::BackendUnreachable, "backend down")];
     }
     let mut headers = Headers::new();
     headers.insert("x-echo-method".into(), r.method.clone());
@@ -1142,6 +1147,7 @@ fn serve_one(r: RequestFrame, hanging: &mut Vec<(String, Option<String>)>) -> Ve
     vec![Frame::Response(ResponseFrame {
         id: r.id,
         client,
+        conn,
         status: 200,
         headers,
         body: r.body.as_deref().unwrap_or_default().to_owned(),

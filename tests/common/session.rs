@@ -407,6 +407,7 @@ pub fn request(
     Frame::Request(RequestFrame {
         id: id.into(),
         client: None,
+        conn: None,
         method: method.into(),
         path: path.into(),
         headers,
@@ -477,6 +478,7 @@ pub fn stream_upload(
             app.send_frame(&Frame::RequestChunk {
                 id: id.clone(),
                 client: None,
+                conn: None,
                 body: b64(&data[up.sent..up.sent + n]).into(),
                 body_base64: true,
             });

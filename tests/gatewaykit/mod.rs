@@ -416,6 +416,7 @@ pub fn request(
     Frame::Request(RequestFrame {
         id: id.into(),
         client: None,
+        conn: None,
         method: method.into(),
         path: path.into(),
         headers,
