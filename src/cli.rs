@@ -1161,6 +1161,9 @@ fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
             && s.backend_url == target.url()
     });
     let builtin = kept.as_ref().map_or(backend.builtin, status_builtin);
+    // Saved before the daemon starts: a boot service's bridge reads the backend choice from
+    // config.json, and is started through the service below.
+    save_backend_choice(&dir, &mut config, target.port, builtin, &out);
     if kept.is_some() {
         out.ok("Bridge daemon untouched; paired devices keep working");
     } else {
@@ -1174,7 +1177,9 @@ fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
     out.ok(&format!("Bridge online at the relay ({})", identity.app_relay_url));
 
     config.registry_url = Some(url.clone());
-    save_backend_choice(&dir, &mut config, target.port, builtin, &out);
+    if let Err(e) = state::write_json(&state::config_json(&dir), &config) {
+        out.warn(&format!("cannot save config.json: {e}"));
+    }
 
     let payload = RelayQr::new(&identity.bridge_id, &code, &url, &identity.app_relay_url, &name);
     let json = serde_json::to_string(&payload).map_err(|e| fail(e.to_string()))?;

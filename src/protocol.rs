@@ -981,13 +981,22 @@ pub const MAX_FIELDS: usize = 64;
 /// value of a field while the bridge reads another), and so is a frame of more than
 /// [`MAX_FIELDS`] fields.
 pub fn parse_raw(text: &str) -> Result<RawFrame<'_>, String> {
+    parse_raw_max(text, MAX_FIELDS)
+}
+
+/// Fields the relay adds to an app's frame (`client`, `conn`): a frame it accepted with
+/// [`MAX_FIELDS`] fields reaches the bridge with this many more.
+const STAMP_FIELDS: usize = 2;
+
+/// [`parse_raw`] with at most `max` fields.
+fn parse_raw_max(text: &str, max: usize) -> Result<RawFrame<'_>, String> {
     let mut frame = RawFrame { fields: Vec::with_capacity(8) };
     crate::jsonscan::members(text, |name, value| {
         if frame.fields.iter().any(|(n, _)| *n == name) {
             return Err(format!("duplicate field {}", crate::jsonscan::shown_name(&name)));
         }
-        if frame.fields.len() == MAX_FIELDS {
-            return Err(format!("more than {MAX_FIELDS} top-level fields"));
+        if frame.fields.len() == max {
+            return Err(format!("more than {max} top-level fields"));
         }
         frame.fields.push((name, value));
         Ok(())
@@ -1079,15 +1088,17 @@ pub const LARGE_FRAME: usize = 64 << 10;
 /// Parses a received text message like [`parse_frame`]: what both accept reads the same, and
 /// what [`parse_frame`] refuses is refused; `tests/fuzz.rs` checks it. Every frame is first
 /// read as its members ([`parse_raw`]), so, as at the relay, a frame that is not a JSON
-/// object, gives a top-level field twice or has more than [`MAX_FIELDS`] of them is refused
-/// here even where the typed parse would take it. Requests and their chunks, most of what a
+/// object, gives a top-level field twice or has more than [`MAX_FIELDS`] of them (and the
+/// relay's two-field stamp) is refused here even where the typed parse would take it. Requests and their chunks, most of what a
 /// bridge reads, are built from those members at any size (the typed parse of an internally
 /// tagged enum first copies every member into a buffer of its own); other frames are parsed
 /// again by [`parse_frame`]. The body of a frame of [`LARGE_FRAME`] or more is kept as a
 /// slice of the message ([`SharedStr`]) instead of being copied out of it.
 pub fn parse_message(message: &Utf8Bytes) -> Result<Frame, String> {
     let text = message.as_str();
-    let raw = parse_raw(text).map_err(|e| format!("malformed frame: {e}"))?;
+    // Room for the relay's stamp on an app frame at the limit.
+    let raw = parse_raw_max(text, MAX_FIELDS + STAMP_FIELDS)
+        .map_err(|e| format!("malformed frame: {e}"))?;
     let body = || -> Result<Option<SharedStr>, String> {
         Ok(match raw.get("body") {
             None | Some("null") => None,

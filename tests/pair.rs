@@ -113,6 +113,16 @@ fn text_round_trip_reaches_backend_with_client_header() {
         other => panic!("expected the response as text, got {other:?}"),
     };
     assert!(text.contains(r#""bodyBase64":false"#), "{text}");
+
+    // A request of 64 top-level fields, the most the relay takes, is still read by the bridge
+    // once the relay has stamped `client` and `conn` on it.
+    let extra: Vec<String> = (0..60).map(|i| format!(r#""x{i}":0"#)).collect();
+    app.send_text(&format!(
+        r#"{{"type":"request","id":"wide","method":"GET","path":"/api/health",{}}}"#,
+        extra.join(",")
+    ));
+    let w = assemble(app.recv_until_terminal("wide"));
+    assert_eq!(w.status, 200, "{w:?}");
 }
 
 #[test]

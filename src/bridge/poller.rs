@@ -39,9 +39,18 @@ pub fn run(
 ) {
     let mut round = 0u32;
     // The pid file this bridge locked (it took the lock before this thread started).
-    let pid_file = pid_file_id(state_dir);
+    let pid_file = pid_file_id(state_dir).ok().flatten();
+    // Rounds in a row that found it gone or another file: two, so that one look in the middle
+    // of something odd (a restore of the directory, say) does not stop the bridge.
+    let mut lost = 0;
     while !stop.load(Ordering::SeqCst) {
-        if pid_file.is_some() && pid_file_id(state_dir) != pid_file {
+        lost = match pid_file_id(state_dir) {
+            // A stat that fails otherwise (EIO, ESTALE on a network home) proves nothing.
+            Err(_) => lost,
+            Ok(now) if pid_file.is_some() && now != pid_file => lost + 1,
+            Ok(_) => 0,
+        };
+        if lost >= 2 {
             // Commands find a daemon through its locked pid file: without it this one can be
             // neither found nor stopped, and the next pairing would start a second one.
             super::log(&format!(
@@ -78,10 +87,14 @@ pub fn run(
     }
 }
 
-/// `bridge.pid` in `state_dir` as (device, inode), when it exists.
-fn pid_file_id(state_dir: &Path) -> Option<(u64, u64)> {
+/// `bridge.pid` in `state_dir` as (device, inode); `Ok(None)` when it does not exist.
+fn pid_file_id(state_dir: &Path) -> std::io::Result<Option<(u64, u64)>> {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(state::pid_file(state_dir)).ok().map(|m| (m.dev(), m.ino()))
+    match std::fs::metadata(state::pid_file(state_dir)) {
+        Ok(m) => Ok(Some((m.dev(), m.ino()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// Writes `bridge.json` again from the running bridge's `identity` when the file is missing

@@ -128,6 +128,11 @@ impl RelayIo {
                         s.relay_since = crate::relay::now_ms();
                         s.apps_online.clear();
                     });
+                    // A connection that lasted starts the backoff over (a 4001 below sets
+                    // its own).
+                    if connected.elapsed() >= STABLE_AFTER {
+                        attempt = 0;
+                    }
                     match ended {
                         Ended::Stopped => return,
                         Ended::Lost(why) => {
@@ -146,9 +151,6 @@ impl RelayIo {
                             // Taking it back at once would only cut the other copy's apps off.
                             attempt = attempt.max(16);
                         }
-                    }
-                    if connected.elapsed() >= STABLE_AFTER {
-                        attempt = 0;
                     }
                 }
                 Err(e) => {

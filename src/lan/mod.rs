@@ -366,6 +366,9 @@ pub fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
     let now = crate::relay::now_ms();
     let token = crate::secret::new_pairing_token();
     let expires_at = now + ttl * 1000;
+    // Saved before the daemon starts: a boot service's bridge reads the backend choice from
+    // config.json, and is started through the service.
+    cli::save_backend_choice(&dir, &mut config, target.port, backend.builtin, &out);
     let served_by_backend = if backend.builtin {
         None
     } else {
@@ -394,7 +397,6 @@ pub fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
             url
         }
     };
-    cli::save_backend_choice(&dir, &mut config, target.port, backend.builtin, &out);
 
     let payload = LocalQr { mode: "hermes-local".into(), url: url.clone(), token, expires_at };
     let json = serde_json::to_string(&payload).map_err(|e| fail(e.to_string()))?;

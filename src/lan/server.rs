@@ -1166,7 +1166,7 @@ impl Server {
         if seen == self.devices_seen {
             return;
         }
-        let state = match store::read(&self.state_dir) {
+        let state = match store::try_read(&self.state_dir) {
             Ok((state, note)) => {
                 log_note(note);
                 self.devices_error = None;

@@ -298,8 +298,13 @@ const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Takes `lan.lock`, waiting at most [`LOCK_WAIT`].
 fn lock(dir: &Path) -> Result<FileLock, StoreError> {
+    lock_within(dir, LOCK_WAIT)
+}
+
+/// Takes `lan.lock`, waiting at most `wait`.
+fn lock_within(dir: &Path, wait: std::time::Duration) -> Result<FileLock, StoreError> {
     let path = lan_lock(dir);
-    FileLock::acquire_until(&path, std::time::Instant::now() + LOCK_WAIT)
+    FileLock::acquire_until(&path, std::time::Instant::now() + wait)
         .map_err(StoreError::Read)?
         .ok_or_else(|| {
             StoreError::Read(io::Error::new(
@@ -307,7 +312,7 @@ fn lock(dir: &Path) -> Result<FileLock, StoreError> {
                 format!(
                     "{} stayed locked for {} s (a hermeschat-pair command suspended with Ctrl-Z?)",
                     path.display(),
-                    LOCK_WAIT.as_secs()
+                    wait.as_secs()
                 ),
             ))
         })
@@ -333,10 +338,23 @@ pub fn update<R>(
 /// a note when a damaged `lan.json` was set aside just now (log or print it: nothing else
 /// tells of it at the time; [`set_aside_warning`] tells of it later).
 pub fn read(dir: &Path) -> Result<(LanState, Option<String>), StoreError> {
+    read_within(dir, LOCK_WAIT)
+}
+
+/// [`read`] without waiting for the lock: for a caller that looks again soon anyway (the LAN
+/// server's timer), and must not block its thread meanwhile.
+pub fn try_read(dir: &Path) -> Result<(LanState, Option<String>), StoreError> {
+    read_within(dir, std::time::Duration::ZERO)
+}
+
+fn read_within(
+    dir: &Path,
+    wait: std::time::Duration,
+) -> Result<(LanState, Option<String>), StoreError> {
     if !lan_json(dir).exists() {
         return Ok((LanState::default(), None));
     }
-    let _lock = lock(dir)?;
+    let _lock = lock_within(dir, wait)?;
     load(dir)
 }
 

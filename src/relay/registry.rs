@@ -173,7 +173,8 @@ pub fn worker(jobs: Arc<JobReceiver>, shared: Arc<Shared>) -> Option<Store> {
                 let started = Instant::now();
                 // Counts as running until its answer is sent (end of this arm).
                 let Some(_running) = shared.begin_request() else {
-                    access_log(&shared, &head, 503, ip, started);
+                    // Not logged here: the reactor answered and logged this request when it
+                    // closed the gate (`refuse_stopping`).
                     let bytes = shutting_down_response();
                     shared.send(ToReactor::Outcome(Outcome::Respond { conn, bytes, close: true }));
                     continue;
