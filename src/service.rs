@@ -404,6 +404,20 @@ pub(crate) fn installed_for(dir: &Path) -> Option<Platform> {
     text.contains(&marker).then_some(platform)
 }
 
+/// Whether the service installed for `platform` runs this very binary (its unit or plist
+/// names this executable first): one installed from an older copy keeps running that copy.
+pub(crate) fn runs_this_binary(platform: Platform) -> bool {
+    let Ok(home) = home() else { return true };
+    let exe = std::env::current_exe().ok().map(|e| std::fs::canonicalize(&e).unwrap_or(e));
+    let Some(exe) = exe.and_then(|e| e.to_str().map(str::to_owned)) else { return true };
+    let (path, entry) = match platform {
+        Platform::Launchd => (launchd::plist_path(&home), launchd::program_entry(&exe)),
+        Platform::Systemd => (systemd::unit_path(&home), systemd::program_entry(&exe)),
+        Platform::Cron => return true,
+    };
+    std::fs::read_to_string(path).is_ok_and(|text| text.contains(&entry))
+}
+
 /// Starts the installed service's bridge, or restarts it: `systemctl --user restart`,
 /// `launchctl kickstart -k`.
 pub(crate) fn restart(platform: Platform) -> Result<(), String> {

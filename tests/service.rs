@@ -498,6 +498,7 @@ fn pairing_starts_the_bridge_through_the_installed_service() {
     run.expect(0, "--local with the service installed");
     let text = run.all();
     assert!(text.contains("Bridge daemon started by the systemd service (pid"), "{text}");
+    assert!(!text.contains("another copy"), "{text}");
     assert!(
         m.calls().iter().any(|c| c.contains("restart hermeschat-bridge.service")),
         "{:?}",
@@ -510,13 +511,17 @@ fn pairing_starts_the_bridge_through_the_installed_service() {
     assert!(again.all().contains("hands the bridge over to the service"), "{}", again.all());
     m.run("systemd", &["--foreground", "--local"], &[]).expect(1, "a second bridge by hand");
 
-    // The service's bridge serves another LAN port than this pairing asks for.
+    // The service's bridge serves another LAN port than this pairing asks for; and its unit
+    // names another copy of the program (an older install), which is said.
+    let unit = std::fs::read_to_string(m.unit()).unwrap();
+    std::fs::write(m.unit(), unit.replace(&exe(), "/opt/old/hermeschat-pair")).unwrap();
     let other = free_port().to_string();
     let pair = ["--local", "--host", "127.0.0.1", "--local-port", &other, "--port", &backend];
     let run = m.run("systemd", &pair, &[("FAKE_START", &service_bridge(&lan))]);
     run.expect(0, "--local on another port with the service installed");
     let text = run.all();
     assert!(text.contains("runs the bridge with other settings"), "{text}");
+    assert!(text.contains("runs another copy of hermeschat-pair"), "{text}");
     assert!(text.contains("Bridge daemon started (pid"), "{text}");
     m.run("systemd", &["--stop"], &[]).expect(0, "--stop");
 }

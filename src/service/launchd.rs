@@ -93,6 +93,11 @@ pub fn err_log_entry(dir: &Path) -> String {
     )
 }
 
+/// The plist's first program argument, `exe`: which binary an installed LaunchAgent runs.
+pub fn program_entry(exe: &str) -> String {
+    format!("<array>\n\t\t<string>{}</string>", xml_escape(exe))
+}
+
 /// `launchctl kickstart -k` of the job (kills a running one first, starts it either way).
 pub fn restart() -> super::Ran {
     run("launchctl", ["kickstart", "-k", &target()])

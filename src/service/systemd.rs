@@ -128,6 +128,11 @@ pub fn err_log_entry(dir: &Path) -> String {
     )
 }
 
+/// The unit's `ExecStart=` up to the program `exe`: which binary an installed unit runs.
+pub fn program_entry(exe: &str) -> String {
+    format!("ExecStart={}", exec_word(exe))
+}
+
 /// `systemctl --user restart` of the unit (starts it when stopped).
 pub fn restart() -> super::Ran {
     systemctl(&["restart", UNIT])
