@@ -551,7 +551,6 @@ pub(crate) fn target(host: &str, port: u16) -> Target {
     }
 }
 
-/// The backend gate: no QR before a healthy Hermes-compatible API answers `/api/health`.
 /// The backend pairing will use.
 pub(crate) struct Backend {
     /// Where the bridge sends requests.
@@ -559,6 +558,9 @@ pub(crate) struct Backend {
     /// The daemon starts the built-in backend on `target` (nothing listened there).
     pub(crate) builtin: bool,
 }
+
+/// How long pairing waits for another daemon's built-in backend to leave the port.
+const FOREIGN_BUILTIN_WAIT: Duration = Duration::from_secs(15);
 
 /// The backend gate: no QR before a healthy Hermes-compatible API answers `/api/health`, or
 /// the built-in backend is to be started on a free port.
@@ -575,6 +577,24 @@ pub(crate) fn backend_gate(args: &Args, config: &Config, out: &Out) -> Result<Ba
             if !args.no_server {
                 // Said once the daemon (kept or restarted) serves it: `wait_backend_ready`.
                 return Ok(Backend { target: target(&host, port), builtin: true });
+            }
+        }
+        // The built-in backend of a daemon no command can find (its state directory was
+        // deleted: it stops within seconds) or of another state directory's daemon: waited
+        // for, so that this pairing does not take it for the user's own API.
+        Health::Ready if !args.no_server && answers_as_builtin(&host, port) => {
+            out.info(&format!(
+                "Port {port} is served by another hermeschat-pair daemon's built-in backend; \
+                 waiting up to {} s for it to stop",
+                FOREIGN_BUILTIN_WAIT.as_secs()
+            ));
+            let deadline = Instant::now() + FOREIGN_BUILTIN_WAIT;
+            while bridge::poller::probe(&host, port, "/api/health") != Health::NotListening {
+                if Instant::now() >= deadline {
+                    out.ok(&format!("Local Hermes API ready ({})", http_url(&host, port)));
+                    return external(target(&host, port));
+                }
+                std::thread::sleep(Duration::from_millis(250));
             }
         }
         Health::Ready => {

@@ -71,7 +71,11 @@ impl PidLock {
     /// Removes the pid file on a clean exit (the lock goes with the descriptor).
     pub fn release(self) {
         let _ = self.file.set_len(0);
-        let _ = std::fs::remove_file(&self.path);
+        // Only our own file: a daemon whose state directory was deleted and made anew leaves
+        // the new daemon's pid file where it is.
+        if same_file(&self.file, &self.path) {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 

@@ -1005,6 +1005,31 @@ fn the_built_in_backend_is_served_over_the_lan() {
     assert_eq!(w.status, 200, "{:?}", String::from_utf8_lossy(&w.body));
 }
 
+/// Another state directory's daemon serving its built-in backend on the port (here, one whose
+/// directory was deleted, which stops within seconds) is waited for, not taken for the user's
+/// own API: the new daemon then runs the built-in backend itself.
+#[test]
+fn another_daemons_built_in_backend_is_waited_for() {
+    let old = Env::new();
+    let bp = listen_port().to_string();
+    let lp = old.lan_port.to_string();
+    old.run(&old.local_args(&bp, &lp, &["--json"])).assert_code(0, "first --local");
+    while let Err(e) = std::fs::remove_dir_all(&old.home)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {}
+    let env = Env::new();
+    let lp = env.lan_port.to_string();
+    let run = env.run(&env.local_args(&bp, &lp, &[]));
+    run.assert_code(0, "--local on the port of another daemon's built-in backend");
+    assert!(
+        run.all().contains("another hermeschat-pair daemon's built-in backend"),
+        "{}",
+        run.all()
+    );
+    let config = std::fs::read_to_string(env.home.join("config.json")).unwrap();
+    assert!(!config.contains("externalBackend"), "taken for the user's own API: {config}");
+}
+
 /// A TCP connection to `127.0.0.1:port` from the loopback address `127.0.0.<n>`, as another
 /// host of the LAN would open one (each has its own address). Linux only: elsewhere loopback
 /// has 127.0.0.1 alone.

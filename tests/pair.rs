@@ -1221,11 +1221,18 @@ fn a_daemon_whose_state_directory_is_deleted_stops() {
     {
         assert!(Instant::now() < deadline, "cannot delete the state directory: {e}");
     }
+    // Paired again at once into a new directory at the same path: the orphan, stopping,
+    // leaves the new daemon's pid file alone.
+    s.env.pair_json(&s.relay, &s.backend, &[]);
+    let new_pid = s.env.daemon_pid();
     let deadline = Instant::now() + Duration::from_secs(20);
     while alive(pid) {
         assert!(Instant::now() < deadline, "the orphaned daemon {pid} still runs");
         std::thread::sleep(Duration::from_millis(100));
     }
+    std::thread::sleep(Duration::from_secs(11));
+    assert_eq!(s.env.daemon_pid(), new_pid, "the new daemon lost its pid file or stopped");
+    s.env.run(&["--status"]).assert_code(0, "--status after the orphan left");
 }
 
 #[test]
