@@ -1391,6 +1391,9 @@ fn stop() -> Result<(), Exit> {
     let out = Out::new(false);
     // Not `state_dir()`: stopping must work even where the directory is refused for use.
     let dir = state::state_dir();
+    // After a pairing running now, not in the middle of it (it would fail halfway, or its
+    // daemon start after this stop). Where the lock cannot be taken, stop all the same.
+    let _lock = command_lock(&dir, &out).ok();
     match daemon::stop(&dir, Duration::from_secs(5)).map_err(fail)? {
         Stopped::NotRunning => out.ok("No bridge daemon was running"),
         Stopped::Terminated(pid) => out.ok(&format!("Stopped the bridge daemon (pid {pid})")),

@@ -730,6 +730,35 @@ fn pairings_started_at_once_take_turns() {
     registry.wait_bridge_online(&valid[0].g, &secret, true);
 }
 
+/// `--stop` during a pairing waits for it: the pairing never fails halfway, and the daemon it
+/// started is stopped.
+#[test]
+fn stop_during_a_pairing_waits_for_it() {
+    let relay = Relay::start(&[]);
+    let backend = Backend::start();
+    let env = Env::new();
+    let (server, port) = (relay.url(), backend.port.to_string());
+    let pairing = env
+        .cmd(&["--json", "--server", &server, "--port", &port])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once the pairing holds the command lock (it takes it first thing).
+    let lock = env.home.join("command.lock");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !lock.exists() {
+        assert!(Instant::now() < deadline, "the pairing never took the command lock");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let stop = env.run(&["--stop"]);
+    let out = pairing.wait_with_output().unwrap();
+    assert!(out.status.success(), "the pairing failed: {}", String::from_utf8_lossy(&out.stderr));
+    stop.assert_code(0, "--stop");
+    assert!(stop.stdout.contains("Stopped the bridge daemon"), "{}", stop.all());
+    assert!(!env.lock_held(), "the daemon the pairing started still runs");
+}
+
 /// A relay behind a proxy started without `--public-url` announces its loopback address: the
 /// pairing says so and saves nothing (no QR a phone could never use). `127.1` reaches the
 /// relay as `127.0.0.1` does, but is not the loopback address the relay announces.

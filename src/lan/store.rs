@@ -310,9 +310,13 @@ fn lock_within(dir: &Path, wait: std::time::Duration) -> Result<FileLock, StoreE
             StoreError::Read(io::Error::new(
                 io::ErrorKind::WouldBlock,
                 format!(
-                    "{} stayed locked for {} s (a hermeschat-pair command suspended with Ctrl-Z?)",
+                    "{} {} (a hermeschat-pair command suspended with Ctrl-Z?)",
                     path.display(),
-                    wait.as_secs()
+                    if wait.is_zero() {
+                        "is locked by another process".to_owned()
+                    } else {
+                        format!("stayed locked for {} s", wait.as_secs())
+                    }
                 ),
             ))
         })
