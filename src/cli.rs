@@ -843,15 +843,15 @@ pub(crate) fn start_through_service(
     fits: &dyn Fn(&Status) -> bool,
     out: &Out,
 ) -> Option<u32> {
-    let platform = crate::service::installed_for(dir)?;
-    let manager = platform.manager();
-    if !crate::service::runs_this_binary(platform) {
+    let service = crate::service::installed_for(dir)?;
+    let manager = service.platform.manager();
+    if !service.runs_this_binary() {
         out.warn(&format!(
             "The {manager} service runs another copy of hermeschat-pair than this one; \
              hermeschat-pair --install makes it run this one"
         ));
     }
-    if let Err(e) = crate::service::restart(platform) {
+    if let Err(e) = crate::service::restart(service.platform) {
         out.warn(&format!(
             "The {manager} service did not start the bridge ({e}); starting it outside the service"
         ));

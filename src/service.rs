@@ -124,9 +124,7 @@ impl Spec {
     /// Builds the spec for this process: this binary, the state dir, and the flags and
     /// environment that shape the bridge.
     fn current(args: &Args, dir: &Path) -> Result<Spec, Exit> {
-        let exe = std::env::current_exe()
-            .map_err(|e| fail(format!("cannot find this program's path: {e}")))?;
-        let exe = std::fs::canonicalize(&exe).unwrap_or(exe);
+        let exe = this_exe()?;
         let mut bridge_args = vec!["--foreground".to_owned()];
         if let Some(port) = args.port {
             bridge_args.extend(["--port".to_owned(), port.to_string()]);
@@ -389,10 +387,18 @@ fn require_pairing(args: &Args, dir: &Path, out: &Out) -> Result<(), Exit> {
     )))
 }
 
+/// A boot service (launchd or systemd) installed for a state directory ([`installed_for`]).
+pub(crate) struct Installed {
+    /// Which manager runs it.
+    pub platform: Platform,
+    /// Its unit file or plist, as written by `--install`.
+    text: String,
+}
+
 /// The boot service (launchd or systemd) installed for the state directory `dir`, if any:
 /// pairing starts the bridge through it, so the bridge keeps the service's restart on
 /// failure. (cron starts nothing on demand.) The service file names `dir` in its log paths.
-pub(crate) fn installed_for(dir: &Path) -> Option<Platform> {
+pub(crate) fn installed_for(dir: &Path) -> Option<Installed> {
     let platform = Platform::detect().ok()?;
     let home = home().ok()?;
     let (path, marker) = match platform {
@@ -401,21 +407,30 @@ pub(crate) fn installed_for(dir: &Path) -> Option<Platform> {
         Platform::Cron => return None,
     };
     let text = std::fs::read_to_string(path).ok()?;
-    text.contains(&marker).then_some(platform)
+    text.contains(&marker).then_some(Installed { platform, text })
 }
 
-/// Whether the service installed for `platform` runs this very binary (its unit or plist
-/// names this executable first): one installed from an older copy keeps running that copy.
-pub(crate) fn runs_this_binary(platform: Platform) -> bool {
-    let Ok(home) = home() else { return true };
-    let exe = std::env::current_exe().ok().map(|e| std::fs::canonicalize(&e).unwrap_or(e));
-    let Some(exe) = exe.and_then(|e| e.to_str().map(str::to_owned)) else { return true };
-    let (path, entry) = match platform {
-        Platform::Launchd => (launchd::plist_path(&home), launchd::program_entry(&exe)),
-        Platform::Systemd => (systemd::unit_path(&home), systemd::program_entry(&exe)),
-        Platform::Cron => return true,
-    };
-    std::fs::read_to_string(path).is_ok_and(|text| text.contains(&entry))
+impl Installed {
+    /// Whether the service runs this very binary (its unit or plist names this executable
+    /// first): one installed from an older copy keeps running that copy.
+    pub(crate) fn runs_this_binary(&self) -> bool {
+        let Some(exe) = this_exe().ok().and_then(|e| e.to_str().map(str::to_owned)) else {
+            return true;
+        };
+        let entry = match self.platform {
+            Platform::Launchd => launchd::program_entry(&exe),
+            Platform::Systemd => systemd::program_entry(&exe),
+            Platform::Cron => return true,
+        };
+        self.text.contains(&entry)
+    }
+}
+
+/// This program's absolute path, symlinks resolved: what a service runs.
+fn this_exe() -> Result<PathBuf, Exit> {
+    let exe = std::env::current_exe()
+        .map_err(|e| fail(format!("cannot find this program's path: {e}")))?;
+    Ok(std::fs::canonicalize(&exe).unwrap_or(exe))
 }
 
 /// Starts the installed service's bridge, or restarts it: `systemctl --user restart`,

@@ -296,11 +296,6 @@ fn load(dir: &Path) -> Result<(LanState, Option<String>), StoreError> {
 /// freeze it).
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Takes `lan.lock`, waiting at most [`LOCK_WAIT`].
-fn lock(dir: &Path) -> Result<FileLock, StoreError> {
-    lock_within(dir, LOCK_WAIT)
-}
-
 /// Takes `lan.lock`, waiting at most `wait`.
 fn lock_within(dir: &Path, wait: std::time::Duration) -> Result<FileLock, StoreError> {
     let path = lan_lock(dir);
@@ -328,7 +323,7 @@ pub fn update<R>(
     dir: &Path,
     f: impl FnOnce(&mut LanState) -> (R, bool),
 ) -> Result<(R, Option<String>), StoreError> {
-    let _lock = lock(dir)?;
+    let _lock = lock_within(dir, LOCK_WAIT)?;
     let (mut s, note) = load(dir)?;
     let (value, changed) = f(&mut s);
     if changed {
