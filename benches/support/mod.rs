@@ -50,15 +50,20 @@ pub fn open_fds(pid: u32) -> usize {
 /// CPU time of a process (all its threads, user and system), in seconds: its CPU-time clock,
 /// which counts nanoseconds, or else utime + stime from `/proc`, in 10 ms clock ticks.
 pub fn cpu_secs(pid: u32) -> f64 {
-    let mut clock: libc::clockid_t = 0;
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: `clock` and `ts` are valid and writable for the duration of each call.
-    let read = unsafe {
-        libc::clock_getcpuclockid(pid as libc::pid_t, &mut clock) == 0
-            && libc::clock_gettime(clock, &mut ts) == 0
-    };
-    if read {
-        return ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9;
+    // Another process's CPU-time clock is Linux's (macOS has no `clock_getcpuclockid`); the
+    // benches read /proc anyway, so they measure on Linux only.
+    #[cfg(target_os = "linux")]
+    {
+        let mut clock: libc::clockid_t = 0;
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: `clock` and `ts` are valid and writable for the duration of each call.
+        let read = unsafe {
+            libc::clock_getcpuclockid(pid as libc::pid_t, &mut clock) == 0
+                && libc::clock_gettime(clock, &mut ts) == 0
+        };
+        if read {
+            return ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9;
+        }
     }
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = text.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
