@@ -1420,6 +1420,7 @@ fn bridge_run(args: &Args, ready_fd: Option<i32>) -> Result<(), Exit> {
 /// Runs the bridge in this process. `detached`: log to `bridge.log` instead of stderr.
 fn run_bridge(args: &Args, mut ready: Readiness, detached: bool) -> Result<(), Exit> {
     crate::limit_allocator_retention();
+    crate::poll::raise_open_file_limit();
     let prepared: Result<_, Exit> = (|| {
         let dir = state_dir()?;
         if detached {

@@ -156,13 +156,40 @@ pub fn running(dir: &Path) -> Option<u32> {
 }
 
 /// Whether process `pid` is stopped (SIGSTOP, Ctrl-Z) or held by a debugger: its state in
-/// `/proc/<pid>/stat` is `T` or `t` (Linux; `false` elsewhere).
+/// `/proc/<pid>/stat` is `T` or `t` (Linux), its BSD status `SSTOP` (macOS); `false` elsewhere.
+#[cfg(not(target_os = "macos"))]
 pub fn suspended(pid: u32) -> bool {
     // The state follows the command name, which is in parentheses and may hold anything.
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
         stat.rsplit_once(')')
             .is_some_and(|(_, rest)| matches!(rest.trim_start().chars().next(), Some('T' | 't')))
     })
+}
+
+/// Whether process `pid` is stopped (SIGSTOP, Ctrl-Z): its BSD status is `SSTOP`.
+#[cfg(target_os = "macos")]
+pub fn suspended(pid: u32) -> bool {
+    let Ok(pid) = libc::c_int::try_from(pid) else { return false };
+    // SAFETY: proc_bsdinfo is plain old data, for which all-zero bytes are a valid value.
+    let mut info: libc::proc_bsdinfo = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::proc_bsdinfo>() as libc::c_int;
+    // SAFETY: `info` is valid and writable for `size` bytes for the duration of the call.
+    let n =
+        unsafe { libc::proc_pidinfo(pid, libc::PROC_PIDTBSDINFO, 0, (&raw mut info).cast(), size) };
+    n == size && info.pbi_status == libc::SSTOP
+}
+
+/// The path of process `pid`'s executable (macOS: `proc_pidpath`).
+#[cfg(target_os = "macos")]
+fn executable_of(pid: u32) -> Option<PathBuf> {
+    use std::os::unix::ffi::OsStringExt;
+    let pid = libc::c_int::try_from(pid).ok()?;
+    let mut buf = vec![0u8; libc::PROC_PIDPATHINFO_MAXSIZE as usize];
+    let len = u32::try_from(buf.len()).ok()?;
+    // SAFETY: `buf` is valid and writable for `len` bytes for the duration of the call.
+    let n = unsafe { libc::proc_pidpath(pid, buf.as_mut_ptr().cast(), len) };
+    buf.truncate(usize::try_from(n).ok().filter(|&n| n > 0)?);
+    Some(PathBuf::from(std::ffi::OsString::from_vec(buf)))
 }
 
 /// The pid holding an exclusive `flock` on `path` (open as `file`), from `/proc/locks`
@@ -385,6 +412,7 @@ pub fn stop(dir: &Path, grace: Duration) -> Result<Stopped, String> {
 /// False when `pid` is known to run another program than a bridge daemon (Linux: neither the
 /// command name nor the executable is this program's, and its arguments are not a bridge's:
 /// a CLI run through a renamed link still stops its daemon); true when it cannot be told.
+#[cfg(not(target_os = "macos"))]
 fn same_program(pid: u32) -> bool {
     let proc = |what: &str| format!("/proc/{pid}/{what}");
     let Ok(comm) = std::fs::read_to_string(proc("comm")) else { return true };
@@ -397,6 +425,17 @@ fn same_program(pid: u32) -> bool {
     }
     let args = std::fs::read(proc("cmdline")).unwrap_or_default();
     args.split(|&b| b == 0).any(|a| a == b"__bridge-run" || a == b"--foreground")
+}
+
+/// False when `pid` is known to run another program than a bridge daemon (macOS: its
+/// executable has neither this program's path nor its file name, as Linux compares the command
+/// name); true when it cannot be told.
+#[cfg(target_os = "macos")]
+fn same_program(pid: u32) -> bool {
+    let (Some(theirs), Some(ours)) = (executable_of(pid), executable_of(std::process::id())) else {
+        return true;
+    };
+    theirs == ours || theirs.file_name() == ours.file_name()
 }
 
 #[cfg(test)]

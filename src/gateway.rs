@@ -469,14 +469,7 @@ pub fn key_trouble(
 /// How to restart a running gateway by hand: `hermes gateway restart` when `hermes` is on
 /// `PATH`, else the app's gateway restart (which runs the wake chain's stop and start).
 pub fn restart_hint(platform: Platform) -> String {
-    let service = match platform {
-        Platform::Linux => {
-            which("systemctl").map(|_| format!("systemctl --user restart {SYSTEMD_UNIT}"))
-        }
-        Platform::MacOs => which("launchctl")
-            .map(|_| format!("launchctl kickstart -k gui/{}/{LAUNCHD_LABEL}", Chain::uid())),
-        Platform::Other => None,
-    };
+    let service = service_command(platform, "restart");
     match (which("hermes"), service) {
         (Some(_), _) => "`hermes gateway restart`, or the app's gateway restart".into(),
         (None, Some(service)) => {
@@ -1386,20 +1379,34 @@ impl fmt::Display for StartCommand {
     }
 }
 
-/// The commands a user can run by hand to start the gateway here, only those whose program
-/// exists: the service manager's (with `hermes gateway start`, which uses it) when there is
-/// one, then `hermes gateway run` in the foreground (what Hermes itself suggests on machines
-/// without a service), else the venv's python when `hermes` is not on `PATH`. Empty when
-/// none of them exists. Serves the pairing line, `--doctor` and the chat error alike.
-pub fn manual_commands(config: &HermesConfig, platform: Platform) -> Vec<StartCommand> {
-    let service = match platform {
-        Platform::MacOs => which("launchctl")
-            .map(|_| format!("launchctl kickstart -k gui/{}/{LAUNCHD_LABEL}", Chain::uid())),
+/// The service manager's command that starts (`verb` "start") or restarts the gateway's
+/// service, when `hermes gateway install` installed one here (its unit or LaunchAgent file
+/// exists) and the manager's program is on `PATH`: suggesting it otherwise only earns "Unit
+/// not found" or "Could not find service".
+fn service_command(platform: Platform, verb: &str) -> Option<String> {
+    match platform {
         Platform::Linux => {
-            which("systemctl").map(|_| format!("systemctl --user start {SYSTEMD_UNIT}"))
+            let unit = format!(".config/systemd/user/{SYSTEMD_UNIT}.service");
+            (home_dir().join(unit).is_file() && which("systemctl").is_some())
+                .then(|| format!("systemctl --user {verb} {SYSTEMD_UNIT}"))
+        }
+        Platform::MacOs => {
+            let plist = format!("Library/LaunchAgents/{LAUNCHD_LABEL}.plist");
+            (home_dir().join(plist).is_file() && which("launchctl").is_some())
+                .then(|| format!("launchctl kickstart -k gui/{}/{LAUNCHD_LABEL}", Chain::uid()))
         }
         Platform::Other => None,
-    };
+    }
+}
+
+/// The commands a user can run by hand to start the gateway here, only those whose program
+/// exists: the service manager's (with `hermes gateway start`, which uses it) when the
+/// gateway's service is installed (its unit or LaunchAgent file exists), then `hermes gateway
+/// run` in the foreground (what Hermes itself suggests on machines without a service), else
+/// the venv's python when `hermes` is not on `PATH`. Empty when none of them exists. Serves
+/// the pairing line, `--doctor` and the chat error alike.
+pub fn manual_commands(config: &HermesConfig, platform: Platform) -> Vec<StartCommand> {
+    let service = service_command(platform, "start");
     let hermes = which("hermes").is_some();
     let background = |command: String| StartCommand { command, foreground: false };
     let mut cmds = Vec::new();

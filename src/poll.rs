@@ -10,6 +10,32 @@
 #[cfg(not(target_os = "linux"))]
 pub use polling::{Event, Events, PollMode, Poller};
 
+/// Raises the soft open-file limit (`ulimit -n`) to the hard one, as Go's runtime does for
+/// servers, and returns the soft limit then in force (`None` when it cannot be read). macOS
+/// starts programs with a soft limit of 256, which a busy bridge (backend connections hold two
+/// descriptors each, LAN apps, uploads, logs) can reach; it reports an unlimited hard limit
+/// but refuses a soft one above `OPEN_MAX` (10240), which is tried next.
+pub fn raise_open_file_limit() -> Option<u64> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `lim` is a valid, writable rlimit for the duration of the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return None;
+    }
+    for want in [lim.rlim_max, lim.rlim_max.min(10_240)] {
+        if lim.rlim_cur >= want {
+            break;
+        }
+        let raised = libc::rlimit { rlim_cur: want, rlim_max: lim.rlim_max };
+        // SAFETY: `raised` is a valid rlimit; raising the soft limit up to the hard one needs
+        // no privilege, and failure leaves the limit as it was.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim = raised;
+            break;
+        }
+    }
+    Some(lim.rlim_cur)
+}
+
 #[cfg(target_os = "linux")]
 pub use linux::{Event, Events, PollMode, Poller};
 

@@ -302,12 +302,20 @@ fn write_file(path: &Path, text: &str, home: &Path) -> Result<(), Exit> {
         let link = std::fs::symlink_metadata(dir).map_err(check)?;
         let link_ok = !link.file_type().is_symlink() || link.uid() == me || link.uid() == 0;
         let meta = std::fs::metadata(dir).map_err(check)?;
-        if !link_ok || meta.uid() != me || state::writable_by_others(&meta) {
+        if !link_ok || meta.uid() != me {
+            // Often left by a `sudo` install (e.g. `sudo brew services` owns LaunchAgents).
             return Err(fail(format!(
-                "{} is {}: anyone who can write there can replace the service. Check what is \
-                 in it, then run: chmod go-w {}; and run --install again",
+                "{} is not yours: whoever owns it can replace the service. Check what is in \
+                 it, then run: sudo chown \"$USER\" {}; and run --install again",
                 dir.display(),
-                if !link_ok || meta.uid() != me { "not yours" } else { "writable by other users" },
+                dir.display()
+            )));
+        }
+        if state::writable_by_others(&meta) {
+            return Err(fail(format!(
+                "{} is writable by other users: anyone who can write there can replace the \
+                 service. Check what is in it, then run: chmod go-w {}; and run --install again",
+                dir.display(),
                 dir.display()
             )));
         }
@@ -592,15 +600,7 @@ pub(crate) fn user_name() -> String {
     if let Some(u) = std::env::var("USER").ok().filter(|u| !u.is_empty()) {
         return u;
     }
-    // SAFETY: getpwuid returns a pointer into static storage or null; we copy the name out
-    // at once and this program calls no other getpw* function concurrently.
-    unsafe {
-        let pw = libc::getpwuid(libc::getuid());
-        if !pw.is_null() && !(*pw).pw_name.is_null() {
-            return std::ffi::CStr::from_ptr((*pw).pw_name).to_string_lossy().into_owned();
-        }
-    }
-    "$USER".to_owned()
+    state::account_name(uid()).unwrap_or_else(|| "$USER".to_owned())
 }
 
 /// The numeric user id.

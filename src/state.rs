@@ -163,12 +163,33 @@ fn ensure_dir_raw(dir: &Path) -> io::Result<()> {
 
 /// True when users other than the owner may write to the file or directory: anyone may, or
 /// its group may and that group is not this process's own (with a group per user and umask
-/// 002, the user's group is the user).
+/// 002, the user's group is the user). On macOS every account's group is `staff`, shared by
+/// all of them: there any group write counts.
 pub fn writable_by_others(meta: &fs::Metadata) -> bool {
     use std::os::unix::fs::MetadataExt;
     // SAFETY: getegid has no preconditions and cannot fail.
     let my_group = unsafe { libc::getegid() };
-    meta.mode() & 0o002 != 0 || (meta.mode() & 0o020 != 0 && meta.gid() != my_group)
+    let group_is_mine = meta.gid() == my_group && !cfg!(target_os = "macos");
+    meta.mode() & 0o002 != 0 || (meta.mode() & 0o020 != 0 && !group_is_mine)
+}
+
+/// The account name of user `uid` from the system's user database (`getpwuid_r`: files,
+/// directory services on macOS, NSS on glibc), `None` when it has none.
+pub fn account_name(uid: u32) -> Option<String> {
+    // SAFETY: passwd is plain old data, for which all-zero bytes are a valid value.
+    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    let mut buf = vec![0 as libc::c_char; 16 << 10];
+    // SAFETY: every pointer is valid and writable for the duration of the call, `buf` for its
+    // length; on success `found` points to `pw`, whose strings point into `buf`, which outlives
+    // their use below.
+    let rc = unsafe { libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr(), buf.len(), &mut found) };
+    if rc != 0 || found.is_null() || pw.pw_name.is_null() {
+        return None;
+    }
+    // SAFETY: `pw_name` is a NUL-terminated string inside `buf` (checked non-null above).
+    let name = unsafe { std::ffi::CStr::from_ptr(pw.pw_name) };
+    Some(name.to_string_lossy().into_owned()).filter(|n| !n.is_empty())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -976,6 +997,13 @@ impl Write for RotatingLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn account_name_reads_the_user_database() {
+        // uid 0 is root on every Unix; an unused uid has no name.
+        assert_eq!(account_name(0).as_deref(), Some("root"));
+        assert_eq!(account_name(u32::MAX - 7), None);
+    }
 
     /// A fresh directory under the system temp dir, removed on drop.
     struct TestDir(PathBuf);

@@ -950,15 +950,12 @@ fn e2e_wake_failures_are_diagnosed_by_name_and_never_block_pairing() {
             assert!(!run.stdout.contains("~/.hermes"), "{tag}: {}", run.stdout);
         }
         // Only the commands whose program exists are suggested: the venv's python where the
-        // case made one, systemctl where the system has it, never `hermes` (not installed).
+        // case made one, never `hermes` (not installed), never systemctl (no gateway unit is
+        // installed in this HOME, whether or not the system has systemctl).
         let hints = manual_hints(&run.stdout);
         let venv = u.venv_python().exists();
         assert_eq!(hints.contains("-m hermes_cli.main gateway run"), venv, "{tag}: {hints}");
-        assert_eq!(
-            hints.contains("systemctl --user start hermes-gateway"),
-            on_system_path("systemctl"),
-            "{tag}: {hints}"
-        );
+        assert!(!hints.contains("systemctl"), "{tag}: {hints}");
         if !on_system_path("hermes") {
             assert!(!hints.contains("hermes gateway"), "{tag}: {hints}");
         }
@@ -966,8 +963,8 @@ fn e2e_wake_failures_are_diagnosed_by_name_and_never_block_pairing() {
         u.kill_gateway();
     }
 
-    // `hermes` on PATH and a service manager: the service commands, and `hermes gateway run`
-    // in the foreground for a machine without the service; no venv python (there is none).
+    // `hermes` on PATH and a service manager, but no gateway service installed: only
+    // `hermes gateway run` in the foreground (the service commands would find no unit).
     let u = User::new("hermes-on-path");
     u.write_dotenv("# nothing here\n");
     u.script(&u.bin.join("hermes"), "#!/bin/sh\necho 'Not supported' >&2\nexit 1\n");
@@ -975,9 +972,25 @@ fn e2e_wake_failures_are_diagnosed_by_name_and_never_block_pairing() {
     u.script(&u.bin.join("launchctl"), "#!/bin/sh\nexit 1\n");
     let (_, run) = u.pair(&relay.url(), free_port());
     let hints = manual_hints(&run.stdout);
-    assert!(hints.contains("  hermes gateway start\n"), "{hints}");
+    assert!(!hints.contains("hermes gateway start"), "{hints}");
+    assert!(!hints.contains("systemctl"), "{hints}");
     assert!(hints.contains("hermes gateway run  # in the foreground"), "{hints}");
     assert!(!hints.contains("venv"), "{hints}");
+    drop(u);
+
+    // With the gateway's unit installed (`hermes gateway install`): the service commands too.
+    let u = User::new("hermes-service");
+    u.write_dotenv("# nothing here\n");
+    u.script(&u.bin.join("hermes"), "#!/bin/sh\necho 'Not supported' >&2\nexit 1\n");
+    u.script(&u.bin.join("systemctl"), "#!/bin/sh\nexit 1\n");
+    let units = u.home.join(".config/systemd/user");
+    std::fs::create_dir_all(&units).unwrap();
+    std::fs::write(units.join("hermes-gateway.service"), "[Service]\n").unwrap();
+    let (_, run) = u.pair(&relay.url(), free_port());
+    let hints = manual_hints(&run.stdout);
+    assert!(hints.contains("  hermes gateway start\n"), "{hints}");
+    assert!(hints.contains("  systemctl --user start hermes-gateway\n"), "{hints}");
+    assert!(hints.contains("hermes gateway run  # in the foreground"), "{hints}");
 
     // Nothing that could start it (an empty PATH, no venv): no command is suggested, the line
     // says what is missing.

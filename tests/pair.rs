@@ -1689,3 +1689,41 @@ fn a_damaged_pid_file_does_not_hide_the_daemon() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// The daemon raises its soft open-file limit to the hard one: macOS starts programs with 256
+/// descriptors, which a busy bridge (two per backend connection, LAN apps, uploads) can use up.
+#[test]
+fn the_daemon_raises_its_open_file_limit() {
+    use std::os::unix::process::CommandExt;
+    let soft_and_hard = |pid: &str| -> (String, String) {
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+        let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap().to_owned();
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f[3].to_owned(), f[4].to_owned())
+    };
+    let (_, hard) = soft_and_hard("self");
+    if hard.parse::<u64>().is_ok_and(|h| h <= 256) {
+        eprintln!("SKIPPED: the hard open-file limit is {hard}, no room above 256");
+        return;
+    }
+    let relay = Relay::start(&[]);
+    let backend = Backend::start();
+    let env = Env::new();
+    let (server, port) = (relay.url(), backend.port.to_string());
+    let mut cmd = env.cmd(&["--json", "--server", &server, "--port", &port]);
+    // SAFETY: setrlimit is async-signal-safe, and only lowers the child's soft limit.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+            lim.rlim_cur = 256;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    run_cmd(cmd, Duration::from_secs(60)).assert_code(0, "pairing with ulimit -n 256");
+    let pid = env.daemon_pid().to_string();
+    assert_eq!(soft_and_hard(&pid), (hard.clone(), hard), "daemon {pid}");
+}

@@ -500,32 +500,14 @@ fn lock_data_dir(dir: &Path) -> io::Result<File> {
 /// log and TLS files, worker threads' sockets.
 const FD_RESERVE: u64 = 64;
 
-/// Raises the soft open-file limit to the hard one (as Go's runtime does for servers) and
-/// lowers `max_connections` to what it allows, so that the connection cap, not `accept`
-/// failing for want of descriptors, is what turns clients away. Lowering a cap the operator
-/// `set` is logged; lowering the default is not (a common `ulimit -n` of 20 000 is 64 short of
-/// it on every start), and the `listening` line shows the cap in use either way.
+/// Raises the soft open-file limit ([`crate::poll::raise_open_file_limit`]) and lowers
+/// `max_connections` to what it allows, so that the connection cap, not `accept` failing for
+/// want of descriptors, is what turns clients away. Lowering a cap the operator `set` is
+/// logged; lowering the default is not (a common `ulimit -n` of 20 000 is 64 short of it on
+/// every start), and the `listening` line shows the cap in use either way.
 fn fit_to_fd_limit(max_connections: usize, set: bool) -> usize {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: `lim` is a valid, writable rlimit for the duration of the call.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return max_connections;
-    }
-    // macOS reports an unlimited hard limit but refuses a soft one above OPEN_MAX (10240):
-    // that is tried next, as Go's runtime does.
-    for want in [lim.rlim_max, lim.rlim_max.min(10_240)] {
-        if lim.rlim_cur >= want {
-            break;
-        }
-        let raised = libc::rlimit { rlim_cur: want, rlim_max: lim.rlim_max };
-        // SAFETY: `raised` is a valid rlimit; raising the soft limit up to the hard one needs
-        // no privilege, and failure leaves the limit as it was.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
-            lim = raised;
-            break;
-        }
-    }
-    let room = usize::try_from(lim.rlim_cur.saturating_sub(FD_RESERVE)).unwrap_or(usize::MAX);
+    let Some(limit) = crate::poll::raise_open_file_limit() else { return max_connections };
+    let room = usize::try_from(limit.saturating_sub(FD_RESERVE)).unwrap_or(usize::MAX);
     if room >= max_connections {
         return max_connections;
     }

@@ -244,15 +244,9 @@ fn create_error(path: &Path, e: &std::io::Error) -> StoreError {
     ))
 }
 
-/// `uid N (name)`, the name from /etc/passwd when it is there.
+/// `uid N (name)`, with the name when the user database has one.
 fn user_label(uid: u32) -> String {
-    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-    let name = passwd.lines().find_map(|line| {
-        let mut fields = line.split(':');
-        let name = fields.next()?;
-        (fields.nth(1)?.parse::<u32>().ok()? == uid).then(|| name.to_owned())
-    });
-    match name {
+    match crate::state::account_name(uid) {
         Some(name) => format!("uid {uid} ({name})"),
         None => format!("uid {uid}"),
     }
