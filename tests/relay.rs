@@ -1420,7 +1420,7 @@ fn malformed_requests_are_answered_and_bodies_measured_decoded() {
     // 6.5 MiB of `"`: 13 MiB as JSON text, 6.5 MiB decoded.
     let quotes = "\"".repeat(13 << 19);
     p.app.send(&req("quotes", "POST", "/api/raw", Some(&quotes)));
-    p.bridge.wait_requests(1);
+    p.bridge.wait_requests_within(1, Duration::from_secs(60));
     let r = p.bridge.requests().into_iter().find(|r| r.id == "quotes").unwrap();
     assert_eq!(r.body.as_deref().map(str::len), Some(13 << 19));
 }

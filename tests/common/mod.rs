@@ -1195,7 +1195,14 @@ impl ServedBridge {
     /// Waits until `n` requests have arrived.
     #[track_caller]
     pub fn wait_requests(&self, n: usize) {
-        let deadline = Instant::now() + RECV_TIMEOUT;
+        self.wait_requests_within(n, RECV_TIMEOUT);
+    }
+
+    /// [`ServedBridge::wait_requests`] with its own deadline, for frames of many MiB (a debug
+    /// build on a loaded machine takes seconds to pass and decode them).
+    #[track_caller]
+    pub fn wait_requests_within(&self, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
         let (m, cv) = &*self.seen;
         let mut g = m.lock().unwrap();
         loop {
