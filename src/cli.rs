@@ -789,15 +789,25 @@ pub(crate) fn ensure_daemon(
             && status_builtin(s) == builtin
     };
     let current = running_status(dir);
-    if let Some(s) = current.as_ref().filter(|s| fits(s)) {
+    let replaced = current.as_ref().is_some_and(|s| replaced_program(s, out));
+    if let Some(s) = current.as_ref().filter(|s| fits(s) && !replaced) {
         out.ok(&format!("Bridge daemon already running (pid {})", s.pid));
         return Ok(s.pid);
     }
     // A LAN pairing has said what changes already (`ensure_lan_daemon`).
-    if let Some(s) = current.as_ref().filter(|_| lan_url.is_none()) {
-        out.warn(&format!("The running bridge daemon {}; restarting it", differs(s, bridge_id)));
-    } else if lan_url.is_none() && daemon::running(dir).is_some() {
-        out.warn("The running bridge daemon's status cannot be read; restarting it");
+    if lan_url.is_none() {
+        match &current {
+            Some(s) if !fits(s) => out.warn(&format!(
+                "The running bridge daemon {}; restarting it",
+                differs(s, bridge_id)
+            )),
+            // Only its program replaced: `replaced_program` said so.
+            Some(_) => {}
+            None if daemon::running(dir).is_some() => {
+                out.warn("The running bridge daemon's status cannot be read; restarting it")
+            }
+            None => {}
+        }
     }
     if daemon::running(dir).is_some() {
         daemon::stop(dir, Duration::from_secs(5)).map_err(fail)?;
@@ -814,6 +824,22 @@ pub(crate) fn ensure_daemon(
         .map_err(|e| fail(format!("the bridge daemon did not start: {e}")))?;
     out.ok(&format!("Bridge daemon started (pid {pid})"));
     Ok(pid)
+}
+
+/// Whether the daemon `s` describes runs a program file that an upgrade has replaced since it
+/// started (it still runs the old code), said to the user: it is then restarted, with the new
+/// one, as `--stop` and pairing again would.
+pub(crate) fn replaced_program(s: &Status, out: &Out) -> bool {
+    let replaced = daemon::runs_replaced_program(s.pid, s.exe.as_ref());
+    if replaced {
+        out.warn(&format!(
+            "The running bridge daemon (pid {}) runs a hermeschat-pair program file that has \
+             been replaced since it started (an upgrade); restarting it so that the new one \
+             runs. Paired apps reconnect by themselves",
+            s.pid
+        ));
+    }
+    replaced
 }
 
 /// What a running relay-mode pairing changes about the daemon `s`, said to the user before
@@ -849,6 +875,11 @@ pub(crate) fn start_through_service(
         out.warn(&format!(
             "The {manager} service runs another copy of hermeschat-pair than this one; \
              hermeschat-pair --install makes it run this one"
+        ));
+    } else if service.outdated() {
+        out.warn(&format!(
+            "The {manager} service file was written by an older hermeschat-pair; \
+             hermeschat-pair --install updates it"
         ));
     }
     if let Err(e) = crate::service::restart(service.platform) {
@@ -1294,12 +1325,20 @@ fn status(args: &Args) -> Result<(), Exit> {
     let lan_ok = lan_mode && crate::lan::address_lost(saved.as_ref()).is_none();
     // A suspended daemon (SIGSTOP, Ctrl-Z) still holds its lock and its last status.json.
     let suspended = pid.is_some_and(|p| p != 0 && daemon::suspended(p));
+    // Serving, but an upgrade has replaced its program: the old code runs until a restart.
+    let replaced =
+        saved.as_ref().is_some_and(|s| daemon::runs_replaced_program(s.pid, s.exe.as_ref()));
     let healthy =
         pid.is_some() && !suspended && (relay_connected || lan_ok) && backend == Health::Ready;
 
     if args.json {
         let value = serde_json::json!({
-            "daemon": { "running": pid.is_some(), "pid": pid, "suspended": suspended },
+            "daemon": {
+                "running": pid.is_some(),
+                "pid": pid,
+                "suspended": suspended,
+                "programReplaced": replaced,
+            },
             "bridgeId": identity.as_ref().map(|i| &i.bridge_id),
             "registryUrl": identity.as_ref().map(|i| &i.registry_url),
             "relay": {
@@ -1327,6 +1366,12 @@ fn status(args: &Args) -> Result<(), Exit> {
                 "Bridge daemon suspended (pid {pid}; SIGSTOP or Ctrl-Z): it serves nothing and \
                  what follows is its last word. Resume it: kill -CONT {pid} (or fg in its \
                  terminal)"
+            )),
+            Some(pid) if replaced => out.warn(&format!(
+                "Bridge daemon running (pid {pid}), but its program file has been replaced \
+                 since it started (an upgrade): it still runs the old code. Restart it with \
+                 the new one: hermeschat-pair{}",
+                if lan_mode { " --local" } else { "" }
             )),
             Some(pid) => out.ok(&format!("Bridge daemon running (pid {pid})")),
             None => out.warn("Bridge daemon not running — start it with: hermeschat-pair"),
@@ -1440,9 +1485,7 @@ fn run_bridge(args: &Args, mut ready: Readiness, detached: bool) -> Result<(), E
         let lock = PidLock::acquire(&dir).map_err(|e| match e {
             // The boot service's bridge, with one started by hand running: it leaves cleanly,
             // or the manager would restart it over and over.
-            daemon::LockError::Held(_)
-                if !detached && std::env::var_os(crate::service::SERVICE_ENV).is_some() =>
-            {
+            daemon::LockError::Held(_) if !detached && crate::service::started_by_a_service() => {
                 Exit {
                     code: 0,
                     message: format!(

@@ -155,6 +155,55 @@ pub fn running(dir: &Path) -> Option<u32> {
     read_pid(&mut file).or_else(|| lock_holder(&file, &path)).or(Some(0))
 }
 
+/// The program file a process runs, as it was when the process started: an upgrade replaces
+/// the file (a new inode, or new contents: another modification time or size), while the
+/// process goes on running the old code until it is restarted.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExeStamp {
+    /// Where the program file is.
+    pub path: PathBuf,
+    /// Its device and inode.
+    pub dev: u64,
+    /// See `dev`.
+    pub ino: u64,
+    /// Its size in bytes.
+    pub len: u64,
+    /// Its modification time, in nanoseconds since the epoch.
+    pub mtime_ns: i128,
+}
+
+impl ExeStamp {
+    /// This process's program file now.
+    pub fn current() -> Option<ExeStamp> {
+        ExeStamp::of(&std::env::current_exe().ok()?)
+    }
+
+    /// The program file at `path` now (`None` when there is none).
+    fn of(path: &Path) -> Option<ExeStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(ExeStamp {
+            path: path.to_path_buf(),
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        })
+    }
+}
+
+/// Whether daemon `pid`, which recorded `stamp` when it started, runs a program file that has
+/// been replaced or removed since (an upgrade: it still runs the old code). Without a stamp
+/// (a daemon older than it) Linux still tells: `/proc/<pid>/exe` then ends in ` (deleted)`.
+pub fn runs_replaced_program(pid: u32, stamp: Option<&ExeStamp>) -> bool {
+    match stamp {
+        Some(stamp) => ExeStamp::of(&stamp.path).as_ref() != Some(stamp),
+        None => std::fs::read_link(format!("/proc/{pid}/exe"))
+            .is_ok_and(|exe| exe.to_string_lossy().ends_with(" (deleted)")),
+    }
+}
+
 /// Whether process `pid` is stopped (SIGSTOP, Ctrl-Z) or held by a debugger: its state in
 /// `/proc/<pid>/stat` is `T` or `t` (Linux), its BSD status `SSTOP` (macOS); `false` elsewhere.
 #[cfg(not(target_os = "macos"))]
@@ -441,6 +490,33 @@ fn same_program(pid: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_program_file_replaced_under_a_process_is_told() {
+        let dir = std::env::temp_dir().join(format!("hc-exe-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let program = dir.join("sleeper");
+        std::fs::copy("/bin/sleep", &program).unwrap();
+        let stamp = ExeStamp::of(&program).unwrap();
+        let mut child = Command::new(&program).arg("30").spawn().unwrap();
+        assert!(!runs_replaced_program(child.id(), Some(&stamp)));
+        #[cfg(target_os = "linux")]
+        assert!(!runs_replaced_program(child.id(), None));
+        // An installer's replacement: a new file renamed over the old one.
+        let fresh = dir.join("sleeper.new");
+        std::fs::copy("/bin/sleep", &fresh).unwrap();
+        std::fs::rename(&fresh, &program).unwrap();
+        assert!(runs_replaced_program(child.id(), Some(&stamp)));
+        // A daemon older than the stamp: Linux names the old file deleted.
+        #[cfg(target_os = "linux")]
+        assert!(runs_replaced_program(child.id(), None));
+        // Removed altogether (uninstalled).
+        std::fs::remove_file(&program).unwrap();
+        assert!(runs_replaced_program(child.id(), Some(&stamp)));
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[cfg(target_os = "linux")]
     #[test]

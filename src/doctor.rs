@@ -436,13 +436,9 @@ fn check_daemon(
     }
     if s.relay_connected {
         let since = crate::cli::local_time(s.relay_since);
-        hop(
-            key,
-            name,
-            HopState::Ok,
-            Some(t),
-            format!("pid {pid}, connected to {} since {since}", s.relay_url),
-        )
+        let detail = format!("pid {pid}, connected to {} since {since}", s.relay_url);
+        replaced_program(key, name, t, s, &detail, "hermeschat-pair")
+            .unwrap_or_else(|| hop(key, name, HopState::Ok, Some(t), detail))
     } else {
         let err = s.relay_error.clone().unwrap_or_else(|| "no error recorded yet".into());
         failed(
@@ -467,6 +463,28 @@ fn has_lan_pairing(dir: &Path) -> bool {
 
 /// The daemon in LAN-only mode: running, serving its LAN address, and that address still
 /// this machine's.
+/// The warning hop of a daemon that serves, but whose program file an upgrade has replaced
+/// since it started (it still runs the old code): `restart` runs the new one.
+fn replaced_program(
+    key: &'static str,
+    name: &'static str,
+    t: Instant,
+    s: &Status,
+    detail: &str,
+    restart: &str,
+) -> Option<Hop> {
+    crate::daemon::runs_replaced_program(s.pid, s.exe.as_ref()).then(|| Hop {
+        fix: Some(format!("restart it so the new one runs: {restart}")),
+        ..hop(
+            key,
+            name,
+            HopState::Warn,
+            Some(t),
+            format!("{detail}; its program file has been replaced since it started (an upgrade)"),
+        )
+    })
+}
+
 /// The failed daemon hop of a suspended daemon (SIGSTOP, Ctrl-Z): its lock and status.json
 /// look alive, but it serves nothing.
 fn suspended_daemon(key: &'static str, name: &'static str, t: Instant, pid: u32) -> Option<Hop> {
@@ -497,7 +515,11 @@ fn check_lan_daemon(pid: Option<u32>, s: &Status) -> Hop {
             format!("pid {pid} serves {url}, but this machine no longer has {lost}"),
             "run hermeschat-pair --local to serve this machine's address now, and scan its QR",
         ),
-        None => hop(key, name, HopState::Ok, Some(t), format!("pid {pid}, LAN server at {url}")),
+        None => {
+            let detail = format!("pid {pid}, LAN server at {url}");
+            replaced_program(key, name, t, s, &detail, "hermeschat-pair --local")
+                .unwrap_or_else(|| hop(key, name, HopState::Ok, Some(t), detail))
+        }
     }
 }
 

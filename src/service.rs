@@ -47,6 +47,14 @@ const PASSED_ENV: &[&str] = &[
 /// hand), leaves with exit 0 instead of 1, so the manager does not restart it over and over.
 pub const SERVICE_ENV: &str = "HERMESCHAT_SERVICE";
 
+/// Whether this process was started by a service manager: [`SERVICE_ENV`] (our unit and
+/// plist set it), or systemd's `INVOCATION_ID`, which every systemd service has (a unit
+/// written by an older hermeschat-pair, or the user's own, as the seed suggests for
+/// `--foreground`).
+pub fn started_by_a_service() -> bool {
+    [SERVICE_ENV, "INVOCATION_ID"].iter().any(|name| std::env::var_os(name).is_some())
+}
+
 /// How long `--install` waits to see the service's bridge take the pid lock.
 const START_WAIT: Duration = Duration::from_secs(3);
 
@@ -421,6 +429,13 @@ pub(crate) fn installed_for(dir: &Path) -> Option<Installed> {
 impl Installed {
     /// Whether the service runs this very binary (its unit or plist names this executable
     /// first): one installed from an older copy keeps running that copy.
+    /// Whether it was written by an older hermeschat-pair, one that did not set
+    /// [`SERVICE_ENV`]: its bridge then fails (and is restarted over and over) whenever a
+    /// bridge started by hand runs. `--install` writes it anew.
+    pub(crate) fn outdated(&self) -> bool {
+        !self.text.contains(SERVICE_ENV)
+    }
+
     pub(crate) fn runs_this_binary(&self) -> bool {
         let Some(exe) = this_exe().ok().and_then(|e| e.to_str().map(str::to_owned)) else {
             return true;
@@ -565,6 +580,12 @@ pub fn status(args: &Args) -> Result<(), Exit> {
             tilde(&state::service_log(&dir), &home),
             tilde(&state::service_error_log(&dir), &home)
         );
+        if installed_for(&dir).is_some_and(|i| i.outdated()) {
+            out.warn(
+                "The service file was written by an older hermeschat-pair: run hermeschat-pair \
+                 --install again to update it",
+            );
+        }
         match daemon_pid {
             // cron only starts the bridge at boot: the one running now is simply the bridge.
             Some(pid) if state.pid != Some(pid) && platform != Platform::Cron => {

@@ -1727,3 +1727,72 @@ fn the_daemon_raises_its_open_file_limit() {
     let pid = env.daemon_pid().to_string();
     assert_eq!(soft_and_hard(&pid), (hard.clone(), hard), "daemon {pid}");
 }
+
+/// An upgrade replaces the program file under a running daemon, which goes on running the old
+/// code: `--status` and `--doctor` say so, and the next pairing restarts it with the new file
+/// (the seed's upgrade steps stop it first; users often skip that). The app keeps its pairing.
+#[test]
+fn a_daemon_whose_program_was_upgraded_is_restarted_by_the_next_pairing() {
+    let relay = Relay::new();
+    let backend = Backend::start();
+    let env = Env::new();
+    // The installed program: a copy, replaced as installers do (a new file renamed over it).
+    let bin = env.root.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let installed = bin.join("hermeschat-pair");
+    let install = || {
+        let fresh = bin.join(".hermeschat-pair.new");
+        std::fs::copy(&*PAIR_BIN, &fresh).unwrap();
+        std::fs::rename(&fresh, &installed).unwrap();
+    };
+    install();
+    let (server, port) = (relay.url(), backend.port.to_string());
+    let pair = || {
+        let cmd = env.cmd_of(&installed, &["--server", &server, "--port", &port]);
+        let run = run_cmd(cmd, Duration::from_secs(60));
+        run.assert_code(0, "pairing");
+        run
+    };
+    let run = env.cmd_of(&installed, &["--json", "--server", &server, "--port", &port]);
+    let run = run_cmd(run, Duration::from_secs(60));
+    run.assert_code(0, "first pairing");
+    let qr = parse_payload(&run.stdout, &server);
+    let (client_id, secret, mut app) = connect_app(&qr, "Phone");
+    assert_echo(&mut app, "before", &client_id);
+    let old = env.daemon_pid();
+
+    // Not replaced: pairing again keeps it, and --status says nothing of the sort.
+    let run = pair();
+    assert!(run.stdout.contains(&format!("already running (pid {old})")), "{}", run.all());
+    let status = run_cmd(env.cmd_of(&installed, &["--status", "--json"]), CMD_TIMEOUT);
+    let v: Value = serde_json::from_str(&status.stdout).unwrap();
+    assert_eq!(v["daemon"]["programReplaced"], false, "{v}");
+
+    install();
+    let status = run_cmd(env.cmd_of(&installed, &["--status", "--json"]), CMD_TIMEOUT);
+    let v: Value = serde_json::from_str(&status.stdout).unwrap();
+    assert_eq!(v["daemon"]["programReplaced"], true, "{v}");
+    let status = run_cmd(env.cmd_of(&installed, &["--status"]), CMD_TIMEOUT);
+    assert!(status.stdout.contains("has been replaced since it started"), "{}", status.all());
+    let doctor = run_cmd(env.cmd_of(&installed, &["--doctor", "--json"]), CMD_TIMEOUT);
+    let v: Value = serde_json::from_str(&doctor.stdout).unwrap();
+    let hop = v["hops"].as_array().unwrap().iter().find(|h| h["id"] == "daemon").unwrap();
+    assert_eq!(hop["state"], "warn", "{hop}");
+    assert!(hop["fix"].as_str().unwrap().contains("hermeschat-pair"), "{hop}");
+
+    let run = pair();
+    assert!(run.stdout.contains("has been replaced since it started"), "{}", run.all());
+    let new = env.daemon_pid();
+    assert_ne!(new, old, "the daemon was not restarted");
+    assert!(!alive(old), "the old daemon {old} still runs");
+    let status = run_cmd(env.cmd_of(&installed, &["--status", "--json"]), CMD_TIMEOUT);
+    let v: Value = serde_json::from_str(&status.stdout).unwrap();
+    assert_eq!(v["daemon"]["programReplaced"], false, "{v}");
+
+    // The app's pairing survives: it connects again with its own secret and is served.
+    drop(app);
+    let mut app = AppClient::connect_url(&app_url(&qr), &secret)
+        .unwrap_or_else(|e| panic!("app connect refused: {e:?}"));
+    app.expect_bridge_status(true);
+    assert_echo(&mut app, "after-upgrade", &client_id);
+}

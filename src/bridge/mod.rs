@@ -142,6 +142,10 @@ pub struct Status {
     /// The LAN server's app URL (`ws://<lan-ip>:<port>/ws/app`) in LAN-only mode (`--local`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lan_url: Option<String>,
+    /// The program file the daemon started from, so that a command can tell when an upgrade
+    /// has replaced it ([`crate::daemon::runs_replaced_program`]). `None` from older daemons.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exe: Option<crate::daemon::ExeStamp>,
     /// Unix ms of the last update.
     pub updated_at: u64,
 }
@@ -289,6 +293,7 @@ pub fn start(
             relay_url: identity.as_ref().map(|i| i.bridge_relay_url.clone()).unwrap_or_default(),
             backend_url,
             builtin_backend: Some(backend.is_some()),
+            exe: crate::daemon::ExeStamp::current(),
             ..Status::default()
         },
         state::status_json(&state_dir),

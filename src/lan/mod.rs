@@ -271,13 +271,16 @@ fn ensure_lan_daemon(
                 && s.backend_url == target.url()
                 && cli::status_builtin(s) == builtin
         });
-        if same {
+        let replaced = current.as_ref().is_some_and(|s| cli::replaced_program(s, out));
+        if same && !replaced {
             out.ok(&format!(
                 "Bridge daemon already serving the LAN (pid {pid}); paired devices keep working"
             ));
             return Ok(());
         }
-        if current.as_ref().is_some_and(|s| !s.bridge_id.is_empty()) {
+        if same {
+            // Only its program replaced: `replaced_program` said so.
+        } else if current.as_ref().is_some_and(|s| !s.bridge_id.is_empty()) {
             out.warn(&format!(
                 "A relay-mode bridge daemon (pid {pid}) was running; restarting it in LAN-only \
                  mode (relay-paired apps reconnect after you run hermeschat-pair without --local)"

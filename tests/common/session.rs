@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -144,7 +144,12 @@ impl Env {
 
     /// The CLI with a clean environment: only what the test passes configures it.
     pub fn cmd(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(&*PAIR_BIN);
+        self.cmd_of(Path::new(&*PAIR_BIN), args)
+    }
+
+    /// [`Env::cmd`] running the program at `program` (a copy of the CLI).
+    pub fn cmd_of(&self, program: &Path, args: &[&str]) -> Command {
+        let mut cmd = Command::new(program);
         cmd.args(args)
             .env("HERMESCHAT_HOME", &self.home)
             // Pairing and a `--foreground` bridge wake the Hermes gateway: never the real one
