@@ -24,23 +24,110 @@ use serde_json::Value;
 const PAIR_BIN: &str = env!("CARGO_BIN_EXE_hermeschat-pair");
 const RELAY_BIN: &str = env!("CARGO_BIN_EXE_hermeschat-relay");
 
-/// The fake service managers: each appends `name args…` to `$FAKE_LOG`, fails when its
-/// subcommand is listed in `$FAKE_FAIL`, and prints `$FAKE_<NAME>_<SUBCOMMAND>` (if set).
-const FAKE: &str = r#"#!/bin/sh
+/// The fake service managers: each appends `name args…` to `$FAKE_LOG` and fails as
+/// `$FAKE_FAIL` says: its words are `name:sub` (that subcommand fails, exit 1) or
+/// `name:sub:prefix` (only when one of its arguments starts with `prefix`), either followed by
+/// `=code` for another exit code. The rest is [`FAKE_TAIL`] or, for `launchctl`,
+/// [`FAKE_LAUNCHD`].
+const FAKE_HEAD: &str = r#"#!/bin/sh
 name=$(basename "$0")
 echo "$name $*" >> "$FAKE_LOG"
 sub=$1
 [ "$sub" = "--user" ] && sub=$2
-for f in $FAKE_FAIL; do
-  if [ "$f" = "$name:$sub" ]; then echo "$name $sub: failed (fake)" >&2; exit 1; fi
+for f in ${FAKE_FAIL:-}; do
+  spec=${f%%=*}; code=1
+  [ "$spec" != "$f" ] && code=${f#*=}
+  case "$spec" in
+    "$name:$sub") ;;
+    "$name:$sub:"*)
+      prefix=${spec#"$name:$sub:"}; hit=
+      for a in "$@"; do case "$a" in "$prefix"*) hit=1;; esac; done
+      [ -n "$hit" ] || continue;;
+    *) continue;;
+  esac
+  echo "$name $sub: failed (fake)" >&2; exit "$code"
 done
-# `restart`/`kickstart` start the service's bridge when the test says how ($FAKE_START).
-if [ -n "${FAKE_START:-}" ] && { [ "$sub" = restart ] || [ "$sub" = kickstart ]; }; then
-  sh -c "$FAKE_START" </dev/null >/dev/null 2>&1 &
-fi
+start() {
+  if [ -n "${FAKE_START:-}" ]; then sh -c "$FAKE_START" </dev/null >/dev/null 2>&1 & fi
+}
+"#;
+
+/// `systemctl`, `loginctl`, `crontab`: print `$FAKE_<NAME>_<SUBCOMMAND>` (if set); `restart`
+/// starts the service's bridge when the test says how (`$FAKE_START`).
+const FAKE_TAIL: &str = r#"[ "$sub" = restart ] && start
 var=$(echo "FAKE_${name}_${sub}" | tr 'a-z-' 'A-Z_')
 eval "out=\${$var:-}"
 [ -n "$out" ] && printf '%s\n' "$out"
+exit 0
+"#;
+
+/// `launchctl`, with as much of launchd as these tests need: the jobs loaded, one
+/// `domain/label` a line in `$FAKE_LOG.jobs` (`legacy/label`: loaded by a `launchctl load` that
+/// no domain shows); the labels disabled (by `unload -w`) in `$FAKE_LOG.disabled`. The GUI
+/// domain exists unless `FAKE_GUI=0` (nobody logged in at the desktop: an SSH session). A job
+/// booted out is still there for the next `$FAKE_TEARDOWN` prints of it (launchd tearing it
+/// down). `print` of a job prints `$FAKE_LAUNCHCTL_PRINT`, `list` `$FAKE_LAUNCHCTL_LIST`;
+/// `bootstrap` and `kickstart` start the bridge as `$FAKE_START` says.
+const FAKE_LAUNCHD: &str = r#"jobs="$FAKE_LOG.jobs"; disabled="$FAKE_LOG.disabled"
+touch "$jobs" "$disabled"
+uid=$(id -u)
+has() { grep -qxF "$1" "$2"; }
+drop() { grep -vxF "$1" "$2" > "$2.new"; mv "$2.new" "$2"; }
+gui_ok() { [ "${FAKE_GUI:-1}" != 0 ]; }
+domain_ok() { case "$1" in gui/*) gui_ok;; *) true;; esac; }
+label_of() { b=$(basename "$1"); echo "${b%.plist}"; }
+eval "last=\${$#}"
+case "$sub" in
+  print)
+    case "$2" in
+      */*/*) ;;
+      *) domain_ok "$2" && exit 0; echo "Could not find domain for $2" >&2; exit 113;;
+    esac
+    tearing="$FAKE_LOG.tearing.$(echo "$2" | tr / _)"
+    if [ -f "$tearing" ]; then
+      n=$(cat "$tearing")
+      if [ "$n" -le 0 ]; then drop "$2" "$jobs"; rm -f "$tearing"; else echo $((n - 1)) > "$tearing"; fi
+    fi
+    has "$2" "$jobs" || { echo "Could not find service \"${2##*/}\" in domain for ${2%/*}" >&2; exit 113; }
+    [ -n "${FAKE_LAUNCHCTL_PRINT:-}" ] && printf '%s\n' "$FAKE_LAUNCHCTL_PRINT"
+    exit 0;;
+  bootout)
+    has "$2" "$jobs" || { echo "Boot-out failed: 3: No such process" >&2; exit 3; }
+    if [ "${FAKE_TEARDOWN:-0}" -gt 0 ]; then
+      echo "$FAKE_TEARDOWN" > "$FAKE_LOG.tearing.$(echo "$2" | tr / _)"
+    else
+      drop "$2" "$jobs"
+    fi
+    exit 0;;
+  bootstrap)
+    label=$(label_of "$3")
+    domain_ok "$2" || { echo "Bootstrap failed: 125: Domain does not support specified action" >&2; exit 125; }
+    if has "$label" "$disabled" || has "$2/$label" "$jobs"; then
+      echo "Bootstrap failed: 5: Input/output error" >&2; exit 5
+    fi
+    echo "$2/$label" >> "$jobs"; start; exit 0;;
+  enable)
+    drop "${2##*/}" "$disabled"; exit 0;;
+  kickstart)
+    has "$last" "$jobs" || { echo "Could not find service \"${last##*/}\"" >&2; exit 113; }
+    start; exit 0;;
+  load)
+    label=$(label_of "$last")
+    gui_ok || { echo "Load failed: 5: Input/output error" >&2; exit 5; }
+    has "gui/$uid/$label" "$jobs" && { echo "$label: service already loaded" >&2; exit 5; }
+    [ "$2" = -w ] && drop "$label" "$disabled"
+    echo "gui/$uid/$label" >> "$jobs"; start; exit 0;;
+  unload)
+    label=$(label_of "$last")
+    [ "$2" = -w ] && echo "$label" >> "$disabled"
+    grep -qF "/$label" "$jobs" || { echo "Unload failed: 113: Could not find specified service" >&2; exit 113; }
+    grep -vF "/$label" "$jobs" > "$jobs.new"; mv "$jobs.new" "$jobs"
+    exit 0;;
+  list)
+    grep -qF "/$2" "$jobs" || { echo "Could not find service \"$2\" in domain for port" >&2; exit 113; }
+    [ -n "${FAKE_LAUNCHCTL_LIST:-}" ] && printf '%s\n' "$FAKE_LAUNCHCTL_LIST"
+    exit 0;;
+esac
 exit 0
 "#;
 
@@ -63,7 +150,8 @@ impl Machine {
         std::fs::create_dir_all(&fakes).unwrap();
         for name in ["launchctl", "systemctl", "loginctl", "crontab"] {
             let p = fakes.join(name);
-            std::fs::write(&p, FAKE).unwrap();
+            let tail = if name == "launchctl" { FAKE_LAUNCHD } else { FAKE_TAIL };
+            std::fs::write(&p, format!("{FAKE_HEAD}{tail}")).unwrap();
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
         }
         let log = root.join("calls.log");
@@ -114,6 +202,12 @@ impl Machine {
 
     fn clear_calls(&self) {
         let _ = std::fs::remove_file(&self.log);
+    }
+
+    /// The fake launchd's loaded jobs (`domain/label`), one per line.
+    fn launchd_jobs(&self) -> Vec<String> {
+        let jobs = self.root.join("calls.log.jobs");
+        std::fs::read_to_string(jobs).unwrap_or_default().lines().map(str::to_owned).collect()
     }
 
     fn plist(&self) -> PathBuf {
@@ -325,6 +419,28 @@ fn macos_service_status_and_uninstall() {
     assert!(run.stdout().contains("not installed"), "{}", run.all());
     // Uninstalling twice is fine.
     m.run("macos", &["--uninstall"], &[("FAKE_FAIL", "launchctl:print")]).expect(0, "again");
+}
+
+/// `--service-status` reads the job's own `state` and `pid` from `launchctl print`, not those
+/// of a nested block printed before them (a coalition's `state = active`).
+#[test]
+fn macos_service_status_reads_only_the_jobs_own_lines() {
+    let m = Machine::new();
+    m.paired();
+    m.run("macos", &["--install"], &[]).expect(0, "--install");
+    assert_eq!(m.launchd_jobs(), [format!("gui/{}/ai.hermeschat.bridge", uid())]);
+    let print = "gui/501/ai.hermeschat.bridge = {\n\tactive count = 1\n\tjetsam coalition = \
+                 {\n\t\tID = 7\n\t\tstate = active\n\t\tpid = 99\n\t}\n\tstate = running\n\
+                 \tpid = 4242\n}";
+    let run = m.run("macos", &["--service-status"], &[("FAKE_LAUNCHCTL_PRINT", print)]);
+    run.expect(0, "--service-status (running)");
+    assert!(run.stdout().contains("● launchd service running pid=4242"), "{}", run.all());
+    // A job that is not running: its state, not the coalition's.
+    let print = "gui/501/ai.hermeschat.bridge = {\n\tresource coalition = {\n\t\tstate = \
+                 active\n\t}\n\tstate = not running\n\tlast exit code = 2\n}";
+    let run = m.run("macos", &["--service-status"], &[("FAKE_LAUNCHCTL_PRINT", print)]);
+    run.expect(1, "--service-status (not running)");
+    assert!(run.stdout().contains("not running (not running, last exit code 2)"), "{}", run.all());
 }
 
 #[test]

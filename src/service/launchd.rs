@@ -214,9 +214,12 @@ pub fn state(home: &Path) -> ServiceState {
     s
 }
 
-/// `key = value` from `launchctl print` (top-level lines are indented by one tab).
+/// `key = value` from the job's own lines of `launchctl print`: those indented by exactly one
+/// tab. Nested blocks (a coalition's, say) have keys of the same names (`state = active`),
+/// which are not the job's.
 fn field(text: &str, key: &str) -> Option<String> {
     text.lines().find_map(|line| {
+        let line = line.strip_prefix('\t').filter(|l| !l.starts_with('\t'))?;
         let (k, v) = line.split_once(" = ")?;
         (k.trim() == key).then(|| v.trim().to_owned())
     })
@@ -251,6 +254,10 @@ mod tests {
                      \tpid = 12345\n\tlast exit code = (never exited)\n}";
         assert_eq!(field(print, "pid").as_deref(), Some("12345"));
         assert_eq!(field(print, "state").as_deref(), Some("running"));
+        let nested = "gui/501/ai.hermeschat.bridge = {\n\tjetsam coalition = {\n\t\tstate = \
+                      active\n\t\tpid = 1\n\t}\n\tstate = waiting\n}";
+        assert_eq!(field(nested, "state").as_deref(), Some("waiting"));
+        assert_eq!(field(nested, "pid"), None);
         let list = "{\n\t\"LimitLoadToSessionType\" = \"Aqua\";\n\t\"Label\" = \
                     \"ai.hermeschat.bridge\";\n\t\"PID\" = 4242;\n\t\"LastExitStatus\" = 0;\n};";
         assert_eq!(legacy_field(list, "PID").as_deref(), Some("4242"));
