@@ -351,6 +351,8 @@ fn macos_install_writes_a_launch_agent_and_bootstraps_it() {
     assert!(Path::new(d["ProgramArguments"][0].as_str().unwrap()).is_absolute());
     assert_eq!(d["RunAtLoad"], true, "{d}");
     assert!(d["KeepAlive"] == true || d["KeepAlive"].is_object(), "KeepAlive: {d}");
+    // Not `Background`: launchd would throttle the chat's CPU and I/O (and the gateway's).
+    assert_eq!(d["ProcessType"], "Standard", "{d}");
     let state = m.state.to_string_lossy();
     assert_eq!(d["StandardOutPath"], format!("{state}/service.log"), "{d}");
     assert_eq!(d["StandardErrorPath"], format!("{state}/service-error.log"), "{d}");

@@ -30,8 +30,13 @@ fn target() -> String {
 /// The LaunchAgent property list.
 ///
 /// `KeepAlive` restarts the bridge when it dies, but not after a clean exit
-/// (`SuccessfulExit` false): `hermeschat-pair --stop` stops it for this session, and a
-/// missing pairing (exit 2) does not spin. `ThrottleInterval` spaces restarts 10 s apart.
+/// (`SuccessfulExit` false): `hermeschat-pair --stop` stops it for this session.
+/// `ThrottleInterval` spaces restarts 10 s apart.
+///
+/// `ProcessType` is `Standard`: `Background` would have launchd throttle the job's CPU and
+/// I/O as work the user is not waiting for (launchd.plist(5)), and its children (the Hermes
+/// gateway the bridge may start) inherit that. The bridge serves the user's own chat: every
+/// reply waits on it.
 pub fn plist(spec: &Spec) -> String {
     let mut program = format!("\t\t<string>{}</string>\n", xml_escape(&spec.exe.to_string_lossy()));
     for a in &spec.args {
@@ -71,7 +76,7 @@ pub fn plist(spec: &Spec) -> String {
 	<key>ThrottleInterval</key>
 	<integer>10</integer>
 	<key>ProcessType</key>
-	<string>Background</string>
+	<string>Standard</string>
 	<key>StandardOutPath</key>
 	<string>{out}</string>
 	{err}
