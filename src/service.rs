@@ -45,6 +45,8 @@ const PASSED_ENV: &[&str] = &[
 
 /// Set in the service's environment: its bridge, finding another one running (started by
 /// hand), leaves with exit 0 instead of 1, so the manager does not restart it over and over.
+/// Under launchd, a configuration error (exit 2: no pairing) does the same (systemd is told
+/// `RestartPreventExitStatus=2` instead).
 pub const SERVICE_ENV: &str = "HERMESCHAT_SERVICE";
 
 /// How long `--install` waits to see the service's bridge take the pid lock.
@@ -380,9 +382,8 @@ fn require_pairing(args: &Args, dir: &Path, out: &Out) -> Result<(), Exit> {
     }
     Err(usage_error(format!(
         "--install needs a pairing first: {} is missing.\n  Without it the service's bridge \
-         exits at once for lack of credentials, and the service manager would restart it over \
-         and over (KeepAlive / Restart=).\n  Pair first: hermeschat-pair — then run \
-         hermeschat-pair --install.",
+         could only exit at once for lack of credentials.\n  Pair first: hermeschat-pair — \
+         then run hermeschat-pair --install.",
         state::bridge_json(dir).display()
     )))
 }

@@ -445,6 +445,38 @@ fn macos_service_status_reads_only_the_jobs_own_lines() {
     assert!(run.stdout().contains("not running (not running, last exit code 2)"), "{}", run.all());
 }
 
+/// The launchd service's bridge finding no pairing (bridge.json deleted, or set aside as
+/// damaged) says why in its log and exits 0: launchd's `KeepAlive` would restart any other
+/// exit every 10 s for ever. The systemd unit is told not to restart on exit 2
+/// (`RestartPreventExitStatus=2`), and a bridge run by hand is no service: exit 2 there.
+#[test]
+fn macos_service_bridge_without_a_pairing_exits_0() {
+    let m = Machine::new();
+    m.paired();
+    m.run("macos", &["--install"], &[]).expect(0, "--install");
+    let d = parse_plist(&m.plist());
+    assert_eq!(d["KeepAlive"]["SuccessfulExit"], false, "{d}");
+    assert_eq!(d["EnvironmentVariables"]["HERMESCHAT_SERVICE"], "1", "{d}");
+    std::fs::remove_file(state::bridge_json(&m.state)).unwrap();
+    // The bridge as launchd runs it: the plist's arguments and environment.
+    let args: Vec<&str> =
+        d["ProgramArguments"].as_array().unwrap()[1..].iter().filter_map(Value::as_str).collect();
+    let env: Vec<(&str, &str)> = d["EnvironmentVariables"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter_map(|(k, v)| Some((k.as_str(), v.as_str()?)))
+        .collect();
+    let run = m.run("macos", &args, &env);
+    run.expect(0, "the launchd service's bridge without a pairing");
+    let text = run.all();
+    assert!(text.contains("no pairing yet") && text.contains("exit 0"), "{text}");
+
+    let run = m.run("systemd", &args, &env);
+    run.expect(2, "the systemd service's bridge without a pairing (RestartPreventExitStatus=2)");
+    m.run("macos", &["--foreground"], &[]).expect(2, "a bridge run by hand without a pairing");
+}
+
 #[test]
 fn linux_install_writes_a_verified_unit_and_enables_it() {
     let m = Machine::new();

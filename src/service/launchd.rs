@@ -31,7 +31,11 @@ fn target() -> String {
 ///
 /// `KeepAlive` restarts the bridge when it dies, but not after a clean exit
 /// (`SuccessfulExit` false): `hermeschat-pair --stop` stops it for this session.
-/// `ThrottleInterval` spaces restarts 10 s apart.
+/// `ThrottleInterval` spaces restarts 10 s apart. launchd restarts on *any* other exit, a
+/// configuration error (exit 2: no pairing) too, which systemd is told not to
+/// (`RestartPreventExitStatus=2`): so the plist sets `HERMESCHAT_SERVICE` (added here if the
+/// spec lacks it), and the bridge it runs leaves with exit 0 on such an error, saying why in
+/// `service-error.log` (`run_bridge`).
 ///
 /// `ProcessType` is `Standard`: `Background` would have launchd throttle the job's CPU and
 /// I/O as work the user is not waiting for (launchd.plist(5)), and its children (the Hermes
@@ -43,7 +47,9 @@ pub fn plist(spec: &Spec) -> String {
         program.push_str(&format!("\t\t<string>{}</string>\n", xml_escape(a)));
     }
     let mut env = String::new();
-    for (k, v) in &spec.env {
+    let service = [(super::SERVICE_ENV.to_owned(), "1".to_owned())];
+    let missing = !spec.env.iter().any(|(k, _)| k == super::SERVICE_ENV);
+    for (k, v) in spec.env.iter().chain(service.iter().filter(|_| missing)) {
         env.push_str(&format!(
             "\t\t<key>{}</key>\n\t\t<string>{}</string>\n",
             xml_escape(k),
@@ -251,6 +257,8 @@ mod tests {
         assert!(text.contains("<string>/home/u/.hermeschat/service-error.log</string>"));
         assert!(text.contains("https://relay.example.com/?a=1&amp;b=&lt;2&gt;"));
         assert!(text.contains("<key>RunAtLoad</key>\n\t<true/>"));
+        // The bridge must know it runs under launchd (a configuration error exits 0).
+        assert!(text.contains("<key>HERMESCHAT_SERVICE</key>\n\t\t<string>1</string>"));
     }
 
     #[test]
