@@ -210,6 +210,12 @@ impl Machine {
         std::fs::read_to_string(jobs).unwrap_or_default().lines().map(str::to_owned).collect()
     }
 
+    /// Sets the fake launchd's loaded jobs.
+    fn set_launchd_jobs(&self, jobs: &[&str]) {
+        let text: String = jobs.iter().map(|j| format!("{j}\n")).collect();
+        std::fs::write(self.root.join("calls.log.jobs"), text).unwrap();
+    }
+
     fn plist(&self) -> PathBuf {
         self.home.join("Library/LaunchAgents/ai.hermeschat.bridge.plist")
     }
@@ -614,6 +620,68 @@ fn install_hands_a_running_detached_daemon_over_to_the_service() {
     // It was stopped before the service was started.
     let calls = m.calls();
     assert!(calls.iter().any(|c| c.contains("enable --now")), "{calls:?}");
+}
+
+/// launchctl is asked about the job in the GUI domain, then in the user domain (where an SSH
+/// session loads it): `--service-status` and `--uninstall` find it there. A job loaded the
+/// legacy way (`launchctl load`), which no domain shows, is unloaded by `--uninstall` all the
+/// same: it must not keep running after the user was told it is gone.
+#[test]
+fn macos_finds_the_job_in_the_user_domain_and_a_legacy_loaded_one() {
+    let m = Machine::new();
+    m.paired();
+    m.run("macos", &["--install"], &[]).expect(0, "--install");
+    let user_job = format!("user/{}/ai.hermeschat.bridge", uid());
+    m.set_launchd_jobs(&[&user_job]);
+    let print = "user/501/ai.hermeschat.bridge = {\n\tstate = running\n\tpid = 4242\n}";
+    let vars = [("FAKE_LAUNCHCTL_PRINT", print), ("FAKE_GUI", "0")];
+    let run = m.run("macos", &["--service-status"], &vars);
+    run.expect(0, "--service-status (loaded in the user domain)");
+    assert!(run.stdout().contains("● launchd service running pid=4242"), "{}", run.all());
+
+    m.clear_calls();
+    let run = m.run("macos", &["--uninstall"], &[("FAKE_GUI", "0")]);
+    run.expect(0, "--uninstall (loaded in the user domain)");
+    assert!(m.calls().contains(&format!("launchctl bootout {user_job}")), "{:?}", m.calls());
+    assert!(m.launchd_jobs().is_empty(), "still loaded: {:?}", m.launchd_jobs());
+    assert!(!m.plist().exists());
+
+    m.run("macos", &["--install"], &[]).expect(0, "--install again");
+    m.set_launchd_jobs(&["legacy/ai.hermeschat.bridge"]);
+    m.clear_calls();
+    let run = m.run("macos", &["--uninstall"], &[]);
+    run.expect(0, "--uninstall (loaded with launchctl load)");
+    let calls = m.calls();
+    assert!(calls.contains(&format!("launchctl unload {}", m.plist().display())), "{calls:?}");
+    assert!(m.launchd_jobs().is_empty(), "still loaded: {:?}", m.launchd_jobs());
+    assert!(!m.plist().exists());
+    assert!(run.stdout().contains("Stopped and unloaded"), "{}", run.all());
+}
+
+/// Pairing restarts the bridge through the LaunchAgent loaded in the user domain (an SSH
+/// session's): `launchctl kickstart` is tried in the GUI domain, then there.
+#[test]
+fn pairing_kickstarts_the_launch_agent_in_the_user_domain() {
+    let m = Machine::new();
+    m.paired();
+    m.run("macos", &["--install"], &[]).expect(0, "--install");
+    let user_job = format!("user/{}/ai.hermeschat.bridge", uid());
+    m.set_launchd_jobs(&[&user_job]);
+    std::fs::write(m.state.join("lan.json"), "{}").unwrap();
+    m.clear_calls();
+    let (backend, lan) = (free_port().to_string(), free_port().to_string());
+    let service_bridge = format!(
+        "HERMESCHAT_SERVICE=1 '{PAIR_BIN}' --foreground --local --host 127.0.0.1 --local-port \
+         {lan} --port {backend}"
+    );
+    let pair = ["--local", "--host", "127.0.0.1", "--local-port", &lan, "--port", &backend];
+    let run = m.run("macos", &pair, &[("FAKE_START", &service_bridge), ("FAKE_GUI", "0")]);
+    run.expect(0, "--local with the LaunchAgent in the user domain");
+    let text = run.all();
+    assert!(text.contains("Bridge daemon started by the launchd service (pid"), "{text}");
+    let kickstart = format!("launchctl kickstart -k {user_job}");
+    assert!(m.calls().contains(&kickstart), "{:?}", m.calls());
+    m.run("macos", &["--stop"], &[]).expect(0, "--stop");
 }
 
 /// A free loopback port.

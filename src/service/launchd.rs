@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use super::{
-    ServiceState, Spec, report_started, run, stop_detached, tilde, touch_logs, uid,
+    Ran, ServiceState, Spec, report_started, run, stop_detached, tilde, touch_logs, uid,
     warn_build_tree, write_file, xml_escape,
 };
 use crate::cli::{Exit, Out, fail};
@@ -17,14 +17,36 @@ pub fn plist_path(home: &Path) -> PathBuf {
     home.join("Library/LaunchAgents").join(format!("{LABEL}.plist"))
 }
 
-/// `gui/<uid>`: the per-user GUI domain.
-fn domain() -> String {
-    format!("gui/{}", uid())
+/// The domains the job can be loaded in, in the order they are tried: `gui/<uid>`, the
+/// user's login session at the desktop, then `user/<uid>`, the user's background domain (all
+/// an SSH login has: there is no GUI domain while nobody is logged in at the desktop).
+fn domains() -> [String; 2] {
+    let uid = uid();
+    [format!("gui/{uid}"), format!("user/{uid}")]
 }
 
-/// `gui/<uid>/ai.hermeschat.bridge`.
-fn target() -> String {
-    format!("{}/{LABEL}", domain())
+/// `<domain>/ai.hermeschat.bridge`.
+fn target(domain: &str) -> String {
+    format!("{domain}/{LABEL}")
+}
+
+/// The domains that have the job loaded (`launchctl print` of it succeeds), GUI domain first,
+/// each with what `launchctl print` said.
+fn loaded() -> Vec<(String, Ran)> {
+    domains()
+        .into_iter()
+        .filter_map(|d| {
+            let print = run("launchctl", ["print", &target(&d)]);
+            print.ok.then_some((d, print))
+        })
+        .collect()
+}
+
+/// Whether a legacy `launchctl load`/`unload` did it: these may exit 0 when they fail, saying
+/// so on stderr ("Load failed: 5: Input/output error").
+fn legacy_ok(ran: &Ran) -> bool {
+    let said = format!("{}{}", ran.stdout, ran.stderr).to_ascii_lowercase();
+    ran.ok && !said.contains("failed") && !said.contains("could not find")
 }
 
 /// The LaunchAgent property list.
@@ -109,9 +131,18 @@ pub fn program_entry(exe: &str) -> String {
     format!("<array>\n\t\t<string>{}</string>", xml_escape(exe))
 }
 
-/// `launchctl kickstart -k` of the job (kills a running one first, starts it either way).
-pub fn restart() -> super::Ran {
-    run("launchctl", ["kickstart", "-k", &target()])
+/// `launchctl kickstart -k` of the job (kills a running one first, starts it either way), in
+/// the GUI domain, else in the user domain.
+pub fn restart() -> Ran {
+    let mut failed = Vec::new();
+    for domain in domains() {
+        let ran = run("launchctl", ["kickstart", "-k", &target(&domain)]);
+        if ran.ok {
+            return ran;
+        }
+        failed.push(format!("{}: {}", target(&domain), ran.why()));
+    }
+    Ran { ok: false, stdout: String::new(), stderr: failed.join("; ") }
 }
 
 /// `--install` on macOS.
@@ -120,17 +151,17 @@ pub fn install(spec: &Spec, out: &Out) -> Result<(), Exit> {
     warn_build_tree(spec, out);
     touch_logs(spec)?;
     // A previous version of the job may be loaded: unload it so the new plist takes effect.
-    let was_loaded = run("launchctl", ["print", &target()]).ok;
-    if was_loaded {
-        let _ = run("launchctl", ["bootout", &target()]);
+    for (domain, _) in loaded() {
+        let _ = run("launchctl", ["bootout", &target(&domain)]);
     }
     write_file(&path, &plist(spec), &spec.home)?;
     out.ok(&format!("LaunchAgent written: {}", tilde(&path, &spec.home)));
     stop_detached(&spec.state_dir, out)?;
     let path_str = path.to_string_lossy();
-    let boot = run("launchctl", ["bootstrap", &domain(), &path_str]);
+    let domain = &domains()[0];
+    let boot = run("launchctl", ["bootstrap", domain, &path_str]);
     if boot.ok {
-        out.ok(&format!("Loaded with launchctl bootstrap {} ({LABEL})", domain()));
+        out.ok(&format!("Loaded with launchctl bootstrap {domain} ({LABEL})"));
     } else {
         let load = run("launchctl", ["load", "-w", &path_str]);
         if !load.ok {
@@ -140,7 +171,7 @@ pub fn install(spec: &Spec, out: &Out) -> Result<(), Exit> {
                 tilde(&path, &spec.home),
                 boot.why(),
                 load.why(),
-                domain()
+                domain
             )));
         }
         out.ok(&format!("Loaded with launchctl load -w ({LABEL})"));
@@ -155,27 +186,38 @@ pub fn install(spec: &Spec, out: &Out) -> Result<(), Exit> {
     Ok(())
 }
 
-/// `--uninstall` on macOS.
+/// `--uninstall` on macOS: boots the job out of each domain that has it. A job no domain shows
+/// may still run, loaded the legacy way (`launchctl load`): with the plist there, it is
+/// unloaded that way too, so that it does not keep running after the user was told it is gone.
 pub fn uninstall(home: &Path, out: &Out) -> Result<(), Exit> {
     let path = plist_path(home);
-    let loaded = run("launchctl", ["print", &target()]).ok;
-    if !path.exists() && !loaded {
+    let path_str = path.to_string_lossy();
+    let loaded = loaded();
+    if !path.exists() && loaded.is_empty() {
         out.ok("No LaunchAgent installed; nothing to do");
         return Ok(());
     }
-    if loaded {
-        let bootout = run("launchctl", ["bootout", &target()]);
-        if !bootout.ok {
-            let unload = run("launchctl", ["unload", "-w", &path.to_string_lossy()]);
-            if !unload.ok {
-                return Err(fail(format!(
-                    "launchctl could not stop {LABEL}:\n  bootout: {}\n  unload -w: {}",
-                    bootout.why(),
-                    unload.why()
-                )));
-            }
+    for (domain, _) in &loaded {
+        let bootout = run("launchctl", ["bootout", &target(domain)]);
+        if bootout.ok {
+            out.ok(&format!("Stopped and unloaded {LABEL} ({domain})"));
+            continue;
         }
-        out.ok(&format!("Stopped and unloaded {LABEL}"));
+        let unload = run("launchctl", ["unload", &path_str]);
+        if !legacy_ok(&unload) {
+            return Err(fail(format!(
+                "launchctl could not stop {LABEL} in {domain}:\n  bootout {}: {}\n  unload: \
+                 {}\n  The plist stays in place. Log out and in again at the desktop (or \
+                 restart the Mac), then run hermeschat-pair --uninstall again.",
+                target(domain),
+                bootout.why(),
+                unload.why()
+            )));
+        }
+        out.ok(&format!("Stopped and unloaded {LABEL} (launchctl unload)"));
+    }
+    if loaded.is_empty() && legacy_ok(&run("launchctl", ["unload", &path_str])) {
+        out.ok(&format!("Stopped and unloaded {LABEL} (loaded with launchctl load)"));
     }
     if path.exists() {
         std::fs::remove_file(&path)
@@ -196,8 +238,7 @@ pub fn state(home: &Path) -> ServiceState {
         installed: path.exists(),
         ..ServiceState::default()
     };
-    let print = run("launchctl", ["print", &target()]);
-    if print.ok {
+    if let Some((_, print)) = loaded().into_iter().next() {
         s.enabled = true;
         s.pid = field(&print.stdout, "pid").and_then(|v| v.parse().ok());
         let st = field(&print.stdout, "state").unwrap_or_default();
