@@ -684,6 +684,47 @@ fn pairing_kickstarts_the_launch_agent_in_the_user_domain() {
     m.run("macos", &["--stop"], &[]).expect(0, "--stop");
 }
 
+/// `--install` over a loaded job boots it out and waits until launchd has torn it down before
+/// it bootstraps the new plist (a bootstrap meanwhile fails: "5: Input/output error").
+#[test]
+fn macos_reinstall_waits_for_the_old_job_to_be_torn_down() {
+    let m = Machine::new();
+    m.paired();
+    m.run("macos", &["--install"], &[]).expect(0, "--install");
+    m.clear_calls();
+    let run = m.run("macos", &["--install"], &[("FAKE_TEARDOWN", "3")]);
+    run.expect(0, "--install over a loaded job that takes a while to go");
+    let calls = m.calls();
+    let job = format!("gui/{}/ai.hermeschat.bridge", uid());
+    let bootout = calls.iter().position(|c| *c == format!("launchctl bootout {job}"));
+    let bootstrap = calls.iter().position(|c| c.starts_with("launchctl bootstrap gui/"));
+    assert!(bootout.is_some() && bootout < bootstrap, "{calls:?}");
+    let polls =
+        calls[bootout.unwrap()..].iter().filter(|c| **c == format!("launchctl print {job}"));
+    assert!(polls.count() >= 4, "launchctl print polled until the job is gone: {calls:?}");
+    assert!(!calls.iter().any(|c| c.contains("load -w")), "{calls:?}");
+    assert!(run.stdout().contains("Loaded with launchctl bootstrap gui/"), "{}", run.all());
+    assert_eq!(m.launchd_jobs(), [job]);
+}
+
+/// A label left disabled (by a legacy `launchctl unload -w`) is enabled before the bootstrap,
+/// which refuses a disabled job.
+#[test]
+fn macos_install_enables_a_disabled_label_before_bootstrap() {
+    let m = Machine::new();
+    m.paired();
+    std::fs::write(m.root.join("calls.log.disabled"), "ai.hermeschat.bridge\n").unwrap();
+    let run = m.run("macos", &["--install"], &[]);
+    run.expect(0, "--install with the label disabled");
+    let calls = m.calls();
+    let job = format!("gui/{}/ai.hermeschat.bridge", uid());
+    let enable = calls.iter().position(|c| *c == format!("launchctl enable {job}"));
+    let bootstrap = calls.iter().position(|c| c.starts_with("launchctl bootstrap gui/"));
+    assert!(enable.is_some() && enable < bootstrap, "{calls:?}");
+    assert!(!calls.iter().any(|c| c.contains("load -w")), "no fallback needed: {calls:?}");
+    assert!(run.stdout().contains("Loaded with launchctl bootstrap gui/"), "{}", run.all());
+}
+
 /// A free loopback port.
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()

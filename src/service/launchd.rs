@@ -2,6 +2,7 @@
 //! `launchctl bootstrap gui/<uid>` (falling back to the legacy `load -w`).
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use super::{
     Ran, ServiceState, Spec, report_started, run, stop_detached, tilde, touch_logs, uid,
@@ -40,6 +41,28 @@ fn loaded() -> Vec<(String, Ran)> {
             print.ok.then_some((d, print))
         })
         .collect()
+}
+
+/// How long `--install` and `--uninstall` wait for launchd to finish tearing a job down.
+const TEARDOWN_WAIT: Duration = Duration::from_secs(5);
+
+/// Boots the job out of `domain` and waits (up to [`TEARDOWN_WAIT`]) until `launchctl print`
+/// no longer finds it there: launchd may still be tearing it down when `bootout` returns, and
+/// a `bootstrap` meanwhile fails ("5: Input/output error", "37: Operation already in
+/// progress"). Polled even when `bootout` failed: it may say so of a teardown under way.
+/// Returns what `bootout` did and whether the job is gone.
+fn bootout(domain: &str) -> (Ran, bool) {
+    let ran = run("launchctl", ["bootout", &target(domain)]);
+    let deadline = Instant::now() + TEARDOWN_WAIT;
+    loop {
+        if !run("launchctl", ["print", &target(domain)]).ok {
+            return (ran, true);
+        }
+        if Instant::now() >= deadline {
+            return (ran, false);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Whether a legacy `launchctl load`/`unload` did it: these may exit 0 when they fail, saying
@@ -152,13 +175,23 @@ pub fn install(spec: &Spec, out: &Out) -> Result<(), Exit> {
     touch_logs(spec)?;
     // A previous version of the job may be loaded: unload it so the new plist takes effect.
     for (domain, _) in loaded() {
-        let _ = run("launchctl", ["bootout", &target(&domain)]);
+        if let (ran, false) = bootout(&domain) {
+            out.warn(&format!(
+                "{LABEL} is still loaded in {domain} {} s after launchctl bootout ({}); \
+                 loading the new plist all the same",
+                TEARDOWN_WAIT.as_secs(),
+                if ran.ok { "it said nothing".to_owned() } else { ran.why() }
+            ));
+        }
     }
     write_file(&path, &plist(spec), &spec.home)?;
     out.ok(&format!("LaunchAgent written: {}", tilde(&path, &spec.home)));
     stop_detached(&spec.state_dir, out)?;
     let path_str = path.to_string_lossy();
     let domain = &domains()[0];
+    // A legacy `unload -w` (or `launchctl disable`) leaves the label disabled in the domain,
+    // and bootstrap refuses a disabled job.
+    let _ = run("launchctl", ["enable", &target(domain)]);
     let boot = run("launchctl", ["bootstrap", domain, &path_str]);
     if boot.ok {
         out.ok(&format!("Loaded with launchctl bootstrap {domain} ({LABEL})"));
@@ -198,19 +231,23 @@ pub fn uninstall(home: &Path, out: &Out) -> Result<(), Exit> {
         return Ok(());
     }
     for (domain, _) in &loaded {
-        let bootout = run("launchctl", ["bootout", &target(domain)]);
-        if bootout.ok {
+        let (bootout, gone) = bootout(domain);
+        if gone {
             out.ok(&format!("Stopped and unloaded {LABEL} ({domain})"));
             continue;
         }
         let unload = run("launchctl", ["unload", &path_str]);
         if !legacy_ok(&unload) {
+            let bootout = if bootout.ok {
+                format!("the job is still loaded {} s later", TEARDOWN_WAIT.as_secs())
+            } else {
+                bootout.why()
+            };
             return Err(fail(format!(
-                "launchctl could not stop {LABEL} in {domain}:\n  bootout {}: {}\n  unload: \
-                 {}\n  The plist stays in place. Log out and in again at the desktop (or \
-                 restart the Mac), then run hermeschat-pair --uninstall again.",
+                "launchctl could not stop {LABEL} in {domain}:\n  bootout {}: {bootout}\n  \
+                 unload: {}\n  The plist stays in place. Log out and in again at the desktop \
+                 (or restart the Mac), then run hermeschat-pair --uninstall again.",
                 target(domain),
-                bootout.why(),
                 unload.why()
             )));
         }
