@@ -319,14 +319,33 @@ fn write_file(path: &Path, text: &str, home: &Path) -> Result<(), Exit> {
 }
 
 /// Stops a detached daemon (one daemon per state dir: the service's bridge needs the lock).
-fn stop_detached(dir: &Path, out: &Out) -> Result<(), Exit> {
+/// Returns whether one was running.
+fn stop_detached(dir: &Path, out: &Out) -> Result<bool, Exit> {
     match daemon::stop(dir, Duration::from_secs(5)).map_err(fail)? {
-        Stopped::NotRunning => {}
-        Stopped::Terminated(pid) | Stopped::Killed(pid) => out.ok(&format!(
-            "Stopped the running bridge daemon (pid {pid}); the service runs the bridge from now on"
-        )),
+        Stopped::NotRunning => Ok(false),
+        Stopped::Terminated(pid) | Stopped::Killed(pid) => {
+            out.ok(&format!(
+                "Stopped the running bridge daemon (pid {pid}); the service runs the bridge from \
+                 now on"
+            ));
+            Ok(true)
+        }
     }
-    Ok(())
+}
+
+/// Starts the bridge daemon outside the service, as pairing does ([`daemon::spawn`]), with the
+/// settings the service was to run it with: when the service did not start after `--install`
+/// stopped the running daemon for it, the bridge runs on all the same. Returns its pid.
+fn start_detached(spec: &Spec) -> Result<u32, String> {
+    let mut args: Vec<String> =
+        spec.args.iter().filter(|a| *a != "--foreground").cloned().collect();
+    // A daemon goes by the backend choice it is given, not by config.json's (`run_bridge`).
+    let external =
+        crate::cli::load_config(&spec.state_dir, &Out::new(true)).is_ok_and(|c| c.external_backend);
+    if external && !args.iter().any(|a| a == "--no-server") {
+        args.push("--no-server".to_owned());
+    }
+    daemon::spawn(&spec.state_dir, &args)
 }
 
 /// Waits briefly for the service's bridge to hold the pid lock.

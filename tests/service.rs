@@ -725,6 +725,66 @@ fn macos_install_enables_a_disabled_label_before_bootstrap() {
     assert!(run.stdout().contains("Loaded with launchctl bootstrap gui/"), "{}", run.all());
 }
 
+/// Over SSH with nobody logged in at the desktop there is no `gui/<uid>` domain: `--install`
+/// loads the job into `user/<uid>` (where it runs now), and says that launchd loads it by
+/// itself only at a desktop login.
+#[test]
+fn macos_install_over_ssh_loads_into_the_user_domain() {
+    let m = Machine::new();
+    m.paired();
+    let run = m.run("macos", &["--install"], &[("FAKE_GUI", "0")]);
+    run.expect(0, "--install with no desktop session");
+    let calls = m.calls();
+    let user = format!("user/{}", uid());
+    let bootstrap = format!("launchctl bootstrap {user} {}", m.plist().display());
+    assert!(calls.contains(&bootstrap), "{calls:?}");
+    assert!(!calls.iter().any(|c| c.starts_with("launchctl bootstrap gui/")), "{calls:?}");
+    assert_eq!(m.launchd_jobs(), [format!("{user}/ai.hermeschat.bridge")]);
+    let text = run.all();
+    assert!(text.contains(&format!("Loaded with launchctl bootstrap {user}")), "{text}");
+    assert!(text.contains("only at a desktop login"), "{text}");
+}
+
+/// When launchd loads the job neither way after `--install` stopped the running bridge for it
+/// (no desktop session, "Allow in the Background" off), the bridge is started again outside
+/// the service, and the error says why and what to do next, not the command that just failed.
+#[test]
+fn macos_install_that_launchd_refuses_keeps_the_bridge_running() {
+    let m = Machine::new();
+    m.paired();
+    let closed = free_port().to_string();
+    let bridge_args = ["--no-server", "--port", closed.as_str()];
+    let mut bridge = m
+        .cmd("macos", &[&["--foreground"][..], &bridge_args].concat())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lock = m.state.join("bridge.pid");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(&lock).map_or(true, |s| s.trim() != bridge.id().to_string()) {
+        assert!(Instant::now() < deadline, "the foreground bridge never took the pid lock");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let install = [&["--install"][..], &bridge_args].concat();
+    let vars = [("FAKE_GUI", "0"), ("FAKE_FAIL", "launchctl:bootstrap=5")];
+    let run = m.run("macos", &install, &vars);
+    run.expect(1, "--install that launchd refuses");
+    let text = run.all();
+    let stopped = bridge.wait().unwrap();
+    assert!(stopped.success(), "the old bridge stops cleanly: {stopped}");
+    assert!(text.contains("Allow in the Background") && text.contains("desktop"), "{text}");
+    assert!(text.contains("runs again, outside the service (pid"), "{text}");
+    let next = text.lines().find(|l| l.contains("Next:")).unwrap_or_else(|| panic!("{text}"));
+    assert!(!next.contains("launchctl"), "the next step is not what just failed: {next}");
+    // A daemon serves again.
+    let pid: u32 = std::fs::read_to_string(&lock).unwrap().trim().parse().unwrap();
+    assert_ne!(pid, bridge.id());
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    assert_eq!(unsafe { libc::kill(pid as libc::pid_t, 0) }, 0, "pid {pid} is not running");
+    m.run("macos", &["--stop"], &[]).expect(0, "--stop");
+}
+
 /// A free loopback port.
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()

@@ -1,12 +1,15 @@
 //! macOS: the LaunchAgent `ai.hermeschat.bridge` in `~/Library/LaunchAgents`, loaded with
-//! `launchctl bootstrap gui/<uid>` (falling back to the legacy `load -w`).
+//! `launchctl bootstrap` (falling back to the legacy `load -w`) into `gui/<uid>`, the user's
+//! desktop session, or, with nobody logged in at the desktop (an SSH session), into
+//! `user/<uid>`: there it runs now, and launchd loads the plist itself at the next desktop
+//! login. A LaunchAgent starts at login, not at boot.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::{
-    Ran, ServiceState, Spec, report_started, run, stop_detached, tilde, touch_logs, uid,
-    warn_build_tree, write_file, xml_escape,
+    Ran, ServiceState, Spec, report_started, run, start_detached, stop_detached, tilde, touch_logs,
+    uid, user_name, warn_build_tree, write_file, xml_escape,
 };
 use crate::cli::{Exit, Out, fail};
 
@@ -168,16 +171,26 @@ pub fn restart() -> Ran {
     Ran { ok: false, stdout: String::new(), stderr: failed.join("; ") }
 }
 
+/// The domain to load the job into: `gui/<uid>` when it exists (the user is logged in at the
+/// desktop), else `user/<uid>` (an SSH session with nobody logged in at the desktop). Decided
+/// before anything is stopped or unloaded.
+fn session_domain() -> String {
+    let [gui, user] = domains();
+    if run("launchctl", ["print", &gui]).ok { gui } else { user }
+}
+
 /// `--install` on macOS.
 pub fn install(spec: &Spec, out: &Out) -> Result<(), Exit> {
     let path = plist_path(&spec.home);
     warn_build_tree(spec, out);
     touch_logs(spec)?;
+    let domain = session_domain();
+    let gui = domain == domains()[0];
     // A previous version of the job may be loaded: unload it so the new plist takes effect.
-    for (domain, _) in loaded() {
-        if let (ran, false) = bootout(&domain) {
+    for (loaded_in, _) in loaded() {
+        if let (ran, false) = bootout(&loaded_in) {
             out.warn(&format!(
-                "{LABEL} is still loaded in {domain} {} s after launchctl bootout ({}); \
+                "{LABEL} is still loaded in {loaded_in} {} s after launchctl bootout ({}); \
                  loading the new plist all the same",
                 TEARDOWN_WAIT.as_secs(),
                 if ran.ok { "it said nothing".to_owned() } else { ran.why() }
@@ -186,37 +199,75 @@ pub fn install(spec: &Spec, out: &Out) -> Result<(), Exit> {
     }
     write_file(&path, &plist(spec), &spec.home)?;
     out.ok(&format!("LaunchAgent written: {}", tilde(&path, &spec.home)));
-    stop_detached(&spec.state_dir, out)?;
+    let stopped = stop_detached(&spec.state_dir, out)?;
     let path_str = path.to_string_lossy();
-    let domain = &domains()[0];
     // A legacy `unload -w` (or `launchctl disable`) leaves the label disabled in the domain,
     // and bootstrap refuses a disabled job.
-    let _ = run("launchctl", ["enable", &target(domain)]);
-    let boot = run("launchctl", ["bootstrap", domain, &path_str]);
+    let _ = run("launchctl", ["enable", &target(&domain)]);
+    let boot = run("launchctl", ["bootstrap", &domain, &path_str]);
     if boot.ok {
         out.ok(&format!("Loaded with launchctl bootstrap {domain} ({LABEL})"));
     } else {
         let load = run("launchctl", ["load", "-w", &path_str]);
-        if !load.ok {
-            return Err(fail(format!(
-                "launchctl could not load {}:\n  bootstrap: {}\n  load -w: {}\n  The plist stays \
-                 in place; try: launchctl bootstrap {} {path_str}",
-                tilde(&path, &spec.home),
-                boot.why(),
-                load.why(),
-                domain
-            )));
+        if !legacy_ok(&load) {
+            return Err(not_loaded(spec, &domain, &boot, &load, stopped));
         }
         out.ok(&format!("Loaded with launchctl load -w ({LABEL})"));
     }
     report_started(spec, out);
-    out.info(&format!(
-        "Starts at login and restarts if it crashes. Logs: {}, {}",
+    let logs = format!(
+        "Logs: {}, {}",
         tilde(&spec.out_log(), &spec.home),
         tilde(&spec.err_log(), &spec.home)
-    ));
+    );
+    if gui {
+        out.info(&format!(
+            "Starts when you log in at the desktop (not at boot) and restarts if it crashes. \
+             {logs}"
+        ));
+    } else {
+        let user = user_name();
+        out.warn(&format!(
+            "Nobody is logged in at this Mac's desktop as {user} (no {} domain: an SSH session), \
+             so the LaunchAgent was loaded into {domain}: the bridge runs now, but launchd loads \
+             it by itself only at a desktop login. After the Mac restarts, the bridge starts when \
+             {user} logs in at the desktop (on a headless Mac: turn on automatic login).",
+            domains()[0]
+        ));
+        out.info(&format!("Restarts if it crashes. {logs}"));
+    }
     out.info("After upgrading the binary: hermeschat-pair --install again.");
     Ok(())
+}
+
+/// The error when launchd loaded the job neither way. The bridge daemon `--install` stopped
+/// for the service (`stopped`) is started again outside it first, so that the bridge runs on.
+fn not_loaded(spec: &Spec, domain: &str, boot: &Ran, load: &Ran, stopped: bool) -> Exit {
+    let user = user_name();
+    let bridge = if !stopped {
+        "Meanwhile, run the bridge outside the service: hermeschat-pair".to_owned()
+    } else {
+        match start_detached(spec) {
+            Ok(pid) => {
+                format!("The bridge daemon it stopped runs again, outside the service (pid {pid}).")
+            }
+            Err(e) => format!(
+                "The bridge daemon it stopped did not start again ({e}); start it with: \
+                 hermeschat-pair"
+            ),
+        }
+    };
+    fail(format!(
+        "launchd did not load {} into {domain}:\n  launchctl bootstrap: {}\n  launchctl load \
+         -w: {}\n  Likely causes: nobody is logged in at this Mac's desktop as {user} (an SSH \
+         login alone has no desktop session), or System Settings › General › Login Items › \
+         \"Allow in the Background\" is turned off for hermeschat-pair.\n  {bridge}\n  Next: log \
+         in at the desktop as {user} (at the Mac, or with Screen Sharing), check that setting, \
+         then run hermeschat-pair --install again. The plist stays in place.",
+        tilde(&plist_path(&spec.home), &spec.home),
+        boot.why(),
+        load.why(),
+    ))
 }
 
 /// `--uninstall` on macOS: boots the job out of each domain that has it. A job no domain shows
