@@ -46,8 +46,9 @@ COMMANDS:
     --json               print only the QR payload as JSON (after pairing) and exit
     --local              LAN-only mode: no registry, no relay; the phone connects over the same
                          Wi-Fi (with --refresh-code: new LAN QR; with --reset: forget LAN devices)
-    --install            start the bridge at boot: launchd LaunchAgent (macOS), systemd user
-                         unit (Linux), else prints a cron @reboot line; needs a pairing first
+    --install            run the bridge as a service: launchd LaunchAgent (macOS: starts at
+                         desktop login, not at boot), systemd user unit (Linux), else prints a
+                         cron @reboot line; needs a pairing first
     --uninstall          stop and remove the boot service
     --service-status     is the boot service installed and running? (with --json)
     --doctor             a real request app → relay → bridge → backend → gateway, each hop timed,
