@@ -228,10 +228,10 @@ pub fn install(spec: &Spec, out: &Out) -> Result<(), Exit> {
     } else {
         let user = user_name();
         out.warn(&format!(
-            "Nobody is logged in at this Mac's desktop as {user} (no {} domain: an SSH session), \
-             so the LaunchAgent was loaded into {domain}: the bridge runs now, but launchd loads \
-             it by itself only at a desktop login. After the Mac restarts, the bridge starts when \
-             {user} logs in at the desktop (on a headless Mac: turn on automatic login).",
+            "Nobody is logged in at this Mac's desktop as {user} (no {} domain: an SSH \
+             session): the LaunchAgent is loaded now, but launchd loads it by itself only at a \
+             desktop login. After the Mac restarts, the bridge starts when {user} logs in at \
+             the desktop (on a headless Mac: turn on automatic login).",
             domains()[0]
         ));
         out.info(&format!("Restarts if it crashes. {logs}"));
