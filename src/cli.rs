@@ -46,8 +46,9 @@ COMMANDS:
     --json               print only the QR payload as JSON (after pairing) and exit
     --local              LAN-only mode: no registry, no relay; the phone connects over the same
                          Wi-Fi (with --refresh-code: new LAN QR; with --reset: forget LAN devices)
-    --install            start the bridge at boot: launchd LaunchAgent (macOS), systemd user
-                         unit (Linux), else prints a cron @reboot line; needs a pairing first
+    --install            run the bridge as a service: launchd LaunchAgent (macOS: starts at
+                         desktop login, not at boot), systemd user unit (Linux), else prints a
+                         cron @reboot line; needs a pairing first
     --uninstall          stop and remove the boot service
     --service-status     is the boot service installed and running? (with --json)
     --doctor             a real request app → relay → bridge → backend → gateway, each hop timed,
@@ -1529,7 +1530,7 @@ fn run_bridge(args: &Args, mut ready: Readiness, detached: bool) -> Result<(), E
         Ok(v) => v,
         Err(e) => {
             ready.error(&e.message);
-            return Err(e);
+            return Err(if detached { e } else { launchd_config_exit(e) });
         }
     };
     let stop = Arc::new(AtomicBool::new(false));
@@ -1563,6 +1564,30 @@ fn run_bridge(args: &Args, mut ready: Readiness, detached: bool) -> Result<(), E
     let result = bridge.run();
     lock.release();
     result.map_err(fail)
+}
+
+/// A configuration error (exit 2: no pairing, bridge.json set aside, …) of the bridge the
+/// launchd service runs (`HERMESCHAT_SERVICE` set, the platform launchd): it leaves with exit 0
+/// instead, its reason in `service-error.log`. Restarting cannot fix such an error, and a
+/// LaunchAgent's `KeepAlive` (`SuccessfulExit` false) restarts on any other exit, every 10 s
+/// for ever; the systemd unit says the same with `RestartPreventExitStatus=2`. Any other error
+/// is returned as it is.
+fn launchd_config_exit(e: Exit) -> Exit {
+    let service = std::env::var_os(crate::service::SERVICE_ENV).is_some_and(|v| !v.is_empty());
+    let launchd =
+        matches!(crate::service::Platform::detect(), Ok(crate::service::Platform::Launchd));
+    if e.code != 2 || !service || !launchd {
+        return e;
+    }
+    Exit {
+        code: 0,
+        message: format!(
+            "{}\n  The launchd service's bridge stops here with exit 0, so that launchd does not \
+             restart it over and over: restarting cannot fix this. Once fixed, hermeschat-pair \
+             starts the bridge again through the service.",
+            e.message
+        ),
+    }
 }
 
 /// Why `relay_url`, a socket URL the relay announced, cannot work when it was reached at

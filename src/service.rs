@@ -45,6 +45,8 @@ const PASSED_ENV: &[&str] = &[
 
 /// Set in the service's environment: its bridge, finding another one running (started by
 /// hand), leaves with exit 0 instead of 1, so the manager does not restart it over and over.
+/// Under launchd, a configuration error (exit 2: no pairing) does the same (systemd is told
+/// `RestartPreventExitStatus=2` instead).
 pub const SERVICE_ENV: &str = "HERMESCHAT_SERVICE";
 
 /// Whether this process was started by a service manager: [`SERVICE_ENV`] (our unit and
@@ -333,14 +335,33 @@ fn write_file(path: &Path, text: &str, home: &Path) -> Result<(), Exit> {
 }
 
 /// Stops a detached daemon (one daemon per state dir: the service's bridge needs the lock).
-fn stop_detached(dir: &Path, out: &Out) -> Result<(), Exit> {
+/// Returns whether one was running.
+fn stop_detached(dir: &Path, out: &Out) -> Result<bool, Exit> {
     match daemon::stop(dir, Duration::from_secs(5)).map_err(fail)? {
-        Stopped::NotRunning => {}
-        Stopped::Terminated(pid) | Stopped::Killed(pid) => out.ok(&format!(
-            "Stopped the running bridge daemon (pid {pid}); the service runs the bridge from now on"
-        )),
+        Stopped::NotRunning => Ok(false),
+        Stopped::Terminated(pid) | Stopped::Killed(pid) => {
+            out.ok(&format!(
+                "Stopped the running bridge daemon (pid {pid}); the service runs the bridge from \
+                 now on"
+            ));
+            Ok(true)
+        }
     }
-    Ok(())
+}
+
+/// Starts the bridge daemon outside the service, as pairing does ([`daemon::spawn`]), with the
+/// settings the service was to run it with: when the service did not start after `--install`
+/// stopped the running daemon for it, the bridge runs on all the same. Returns its pid.
+fn start_detached(spec: &Spec) -> Result<u32, String> {
+    let mut args: Vec<String> =
+        spec.args.iter().filter(|a| *a != "--foreground").cloned().collect();
+    // A daemon goes by the backend choice it is given, not by config.json's (`run_bridge`).
+    let external =
+        crate::cli::load_config(&spec.state_dir, &Out::new(true)).is_ok_and(|c| c.external_backend);
+    if external && !args.iter().any(|a| a == "--no-server") {
+        args.push("--no-server".to_owned());
+    }
+    daemon::spawn(&spec.state_dir, &args)
 }
 
 /// Waits briefly for the service's bridge to hold the pid lock.
@@ -396,9 +417,8 @@ fn require_pairing(args: &Args, dir: &Path, out: &Out) -> Result<(), Exit> {
     }
     Err(usage_error(format!(
         "--install needs a pairing first: {} is missing.\n  Without it the service's bridge \
-         exits at once for lack of credentials, and the service manager would restart it over \
-         and over (KeepAlive / Restart=).\n  Pair first: hermeschat-pair — then run \
-         hermeschat-pair --install.",
+         could only exit at once for lack of credentials.\n  Pair first: hermeschat-pair — \
+         then run hermeschat-pair --install.",
         state::bridge_json(dir).display()
     )))
 }

@@ -24,23 +24,110 @@ use serde_json::Value;
 const PAIR_BIN: &str = env!("CARGO_BIN_EXE_hermeschat-pair");
 const RELAY_BIN: &str = env!("CARGO_BIN_EXE_hermeschat-relay");
 
-/// The fake service managers: each appends `name args…` to `$FAKE_LOG`, fails when its
-/// subcommand is listed in `$FAKE_FAIL`, and prints `$FAKE_<NAME>_<SUBCOMMAND>` (if set).
-const FAKE: &str = r#"#!/bin/sh
+/// The fake service managers: each appends `name args…` to `$FAKE_LOG` and fails as
+/// `$FAKE_FAIL` says: its words are `name:sub` (that subcommand fails, exit 1) or
+/// `name:sub:prefix` (only when one of its arguments starts with `prefix`), either followed by
+/// `=code` for another exit code. The rest is [`FAKE_TAIL`] or, for `launchctl`,
+/// [`FAKE_LAUNCHD`].
+const FAKE_HEAD: &str = r#"#!/bin/sh
 name=$(basename "$0")
 echo "$name $*" >> "$FAKE_LOG"
 sub=$1
 [ "$sub" = "--user" ] && sub=$2
-for f in $FAKE_FAIL; do
-  if [ "$f" = "$name:$sub" ]; then echo "$name $sub: failed (fake)" >&2; exit 1; fi
+for f in ${FAKE_FAIL:-}; do
+  spec=${f%%=*}; code=1
+  [ "$spec" != "$f" ] && code=${f#*=}
+  case "$spec" in
+    "$name:$sub") ;;
+    "$name:$sub:"*)
+      prefix=${spec#"$name:$sub:"}; hit=
+      for a in "$@"; do case "$a" in "$prefix"*) hit=1;; esac; done
+      [ -n "$hit" ] || continue;;
+    *) continue;;
+  esac
+  echo "$name $sub: failed (fake)" >&2; exit "$code"
 done
-# `restart`/`kickstart` start the service's bridge when the test says how ($FAKE_START).
-if [ -n "${FAKE_START:-}" ] && { [ "$sub" = restart ] || [ "$sub" = kickstart ]; }; then
-  sh -c "$FAKE_START" </dev/null >/dev/null 2>&1 &
-fi
+start() {
+  if [ -n "${FAKE_START:-}" ]; then sh -c "$FAKE_START" </dev/null >/dev/null 2>&1 & fi
+}
+"#;
+
+/// `systemctl`, `loginctl`, `crontab`: print `$FAKE_<NAME>_<SUBCOMMAND>` (if set); `restart`
+/// starts the service's bridge when the test says how (`$FAKE_START`).
+const FAKE_TAIL: &str = r#"[ "$sub" = restart ] && start
 var=$(echo "FAKE_${name}_${sub}" | tr 'a-z-' 'A-Z_')
 eval "out=\${$var:-}"
 [ -n "$out" ] && printf '%s\n' "$out"
+exit 0
+"#;
+
+/// `launchctl`, with as much of launchd as these tests need: the jobs loaded, one
+/// `domain/label` a line in `$FAKE_LOG.jobs` (`legacy/label`: loaded by a `launchctl load` that
+/// no domain shows); the labels disabled (by `unload -w`) in `$FAKE_LOG.disabled`. The GUI
+/// domain exists unless `FAKE_GUI=0` (nobody logged in at the desktop: an SSH session). A job
+/// booted out is still there for the next `$FAKE_TEARDOWN` prints of it (launchd tearing it
+/// down). `print` of a job prints `$FAKE_LAUNCHCTL_PRINT`, `list` `$FAKE_LAUNCHCTL_LIST`;
+/// `bootstrap` and `kickstart` start the bridge as `$FAKE_START` says.
+const FAKE_LAUNCHD: &str = r#"jobs="$FAKE_LOG.jobs"; disabled="$FAKE_LOG.disabled"
+touch "$jobs" "$disabled"
+uid=$(id -u)
+has() { grep -qxF "$1" "$2"; }
+drop() { grep -vxF "$1" "$2" > "$2.new"; mv "$2.new" "$2"; }
+gui_ok() { [ "${FAKE_GUI:-1}" != 0 ]; }
+domain_ok() { case "$1" in gui/*) gui_ok;; *) true;; esac; }
+label_of() { b=$(basename "$1"); echo "${b%.plist}"; }
+eval "last=\${$#}"
+case "$sub" in
+  print)
+    case "$2" in
+      */*/*) ;;
+      *) domain_ok "$2" && exit 0; echo "Could not find domain for $2" >&2; exit 113;;
+    esac
+    tearing="$FAKE_LOG.tearing.$(echo "$2" | tr / _)"
+    if [ -f "$tearing" ]; then
+      n=$(cat "$tearing")
+      if [ "$n" -le 0 ]; then drop "$2" "$jobs"; rm -f "$tearing"; else echo $((n - 1)) > "$tearing"; fi
+    fi
+    has "$2" "$jobs" || { echo "Could not find service \"${2##*/}\" in domain for ${2%/*}" >&2; exit 113; }
+    [ -n "${FAKE_LAUNCHCTL_PRINT:-}" ] && printf '%s\n' "$FAKE_LAUNCHCTL_PRINT"
+    exit 0;;
+  bootout)
+    has "$2" "$jobs" || { echo "Boot-out failed: 3: No such process" >&2; exit 3; }
+    if [ "${FAKE_TEARDOWN:-0}" -gt 0 ]; then
+      echo "$FAKE_TEARDOWN" > "$FAKE_LOG.tearing.$(echo "$2" | tr / _)"
+    else
+      drop "$2" "$jobs"
+    fi
+    exit 0;;
+  bootstrap)
+    label=$(label_of "$3")
+    domain_ok "$2" || { echo "Bootstrap failed: 125: Domain does not support specified action" >&2; exit 125; }
+    if has "$label" "$disabled" || has "$2/$label" "$jobs"; then
+      echo "Bootstrap failed: 5: Input/output error" >&2; exit 5
+    fi
+    echo "$2/$label" >> "$jobs"; start; exit 0;;
+  enable)
+    drop "${2##*/}" "$disabled"; exit 0;;
+  kickstart)
+    has "$last" "$jobs" || { echo "Could not find service \"${last##*/}\"" >&2; exit 113; }
+    start; exit 0;;
+  load)
+    label=$(label_of "$last")
+    gui_ok || { echo "Load failed: 5: Input/output error" >&2; exit 5; }
+    has "gui/$uid/$label" "$jobs" && { echo "$label: service already loaded" >&2; exit 5; }
+    [ "$2" = -w ] && drop "$label" "$disabled"
+    echo "gui/$uid/$label" >> "$jobs"; start; exit 0;;
+  unload)
+    label=$(label_of "$last")
+    [ "$2" = -w ] && echo "$label" >> "$disabled"
+    grep -qF "/$label" "$jobs" || { echo "Unload failed: 113: Could not find specified service" >&2; exit 113; }
+    grep -vF "/$label" "$jobs" > "$jobs.new"; mv "$jobs.new" "$jobs"
+    exit 0;;
+  list)
+    grep -qF "/$2" "$jobs" || { echo "Could not find service \"$2\" in domain for port" >&2; exit 113; }
+    [ -n "${FAKE_LAUNCHCTL_LIST:-}" ] && printf '%s\n' "$FAKE_LAUNCHCTL_LIST"
+    exit 0;;
+esac
 exit 0
 "#;
 
@@ -63,7 +150,8 @@ impl Machine {
         std::fs::create_dir_all(&fakes).unwrap();
         for name in ["launchctl", "systemctl", "loginctl", "crontab"] {
             let p = fakes.join(name);
-            std::fs::write(&p, FAKE).unwrap();
+            let tail = if name == "launchctl" { FAKE_LAUNCHD } else { FAKE_TAIL };
+            std::fs::write(&p, format!("{FAKE_HEAD}{tail}")).unwrap();
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
         }
         let log = root.join("calls.log");
@@ -114,6 +202,18 @@ impl Machine {
 
     fn clear_calls(&self) {
         let _ = std::fs::remove_file(&self.log);
+    }
+
+    /// The fake launchd's loaded jobs (`domain/label`), one per line.
+    fn launchd_jobs(&self) -> Vec<String> {
+        let jobs = self.root.join("calls.log.jobs");
+        std::fs::read_to_string(jobs).unwrap_or_default().lines().map(str::to_owned).collect()
+    }
+
+    /// Sets the fake launchd's loaded jobs.
+    fn set_launchd_jobs(&self, jobs: &[&str]) {
+        let text: String = jobs.iter().map(|j| format!("{j}\n")).collect();
+        std::fs::write(self.root.join("calls.log.jobs"), text).unwrap();
     }
 
     fn plist(&self) -> PathBuf {
@@ -257,6 +357,8 @@ fn macos_install_writes_a_launch_agent_and_bootstraps_it() {
     assert!(Path::new(d["ProgramArguments"][0].as_str().unwrap()).is_absolute());
     assert_eq!(d["RunAtLoad"], true, "{d}");
     assert!(d["KeepAlive"] == true || d["KeepAlive"].is_object(), "KeepAlive: {d}");
+    // Not `Background`: launchd would throttle the chat's CPU and I/O (and the gateway's).
+    assert_eq!(d["ProcessType"], "Standard", "{d}");
     let state = m.state.to_string_lossy();
     assert_eq!(d["StandardOutPath"], format!("{state}/service.log"), "{d}");
     assert_eq!(d["StandardErrorPath"], format!("{state}/service-error.log"), "{d}");
@@ -325,6 +427,60 @@ fn macos_service_status_and_uninstall() {
     assert!(run.stdout().contains("not installed"), "{}", run.all());
     // Uninstalling twice is fine.
     m.run("macos", &["--uninstall"], &[("FAKE_FAIL", "launchctl:print")]).expect(0, "again");
+}
+
+/// `--service-status` reads the job's own `state` and `pid` from `launchctl print`, not those
+/// of a nested block printed before them (a coalition's `state = active`).
+#[test]
+fn macos_service_status_reads_only_the_jobs_own_lines() {
+    let m = Machine::new();
+    m.paired();
+    m.run("macos", &["--install"], &[]).expect(0, "--install");
+    assert_eq!(m.launchd_jobs(), [format!("gui/{}/ai.hermeschat.bridge", uid())]);
+    let print = "gui/501/ai.hermeschat.bridge = {\n\tactive count = 1\n\tjetsam coalition = \
+                 {\n\t\tID = 7\n\t\tstate = active\n\t\tpid = 99\n\t}\n\tstate = running\n\
+                 \tpid = 4242\n}";
+    let run = m.run("macos", &["--service-status"], &[("FAKE_LAUNCHCTL_PRINT", print)]);
+    run.expect(0, "--service-status (running)");
+    assert!(run.stdout().contains("● launchd service running pid=4242"), "{}", run.all());
+    // A job that is not running: its state, not the coalition's.
+    let print = "gui/501/ai.hermeschat.bridge = {\n\tresource coalition = {\n\t\tstate = \
+                 active\n\t}\n\tstate = not running\n\tlast exit code = 2\n}";
+    let run = m.run("macos", &["--service-status"], &[("FAKE_LAUNCHCTL_PRINT", print)]);
+    run.expect(1, "--service-status (not running)");
+    assert!(run.stdout().contains("not running (not running, last exit code 2)"), "{}", run.all());
+}
+
+/// The launchd service's bridge finding no pairing (bridge.json deleted, or set aside as
+/// damaged) says why in its log and exits 0: launchd's `KeepAlive` would restart any other
+/// exit every 10 s for ever. The systemd unit is told not to restart on exit 2
+/// (`RestartPreventExitStatus=2`), and a bridge run by hand is no service: exit 2 there.
+#[test]
+fn macos_service_bridge_without_a_pairing_exits_0() {
+    let m = Machine::new();
+    m.paired();
+    m.run("macos", &["--install"], &[]).expect(0, "--install");
+    let d = parse_plist(&m.plist());
+    assert_eq!(d["KeepAlive"]["SuccessfulExit"], false, "{d}");
+    assert_eq!(d["EnvironmentVariables"]["HERMESCHAT_SERVICE"], "1", "{d}");
+    std::fs::remove_file(state::bridge_json(&m.state)).unwrap();
+    // The bridge as launchd runs it: the plist's arguments and environment.
+    let args: Vec<&str> =
+        d["ProgramArguments"].as_array().unwrap()[1..].iter().filter_map(Value::as_str).collect();
+    let env: Vec<(&str, &str)> = d["EnvironmentVariables"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter_map(|(k, v)| Some((k.as_str(), v.as_str()?)))
+        .collect();
+    let run = m.run("macos", &args, &env);
+    run.expect(0, "the launchd service's bridge without a pairing");
+    let text = run.all();
+    assert!(text.contains("no pairing yet") && text.contains("exit 0"), "{text}");
+
+    let run = m.run("systemd", &args, &env);
+    run.expect(2, "the systemd service's bridge without a pairing (RestartPreventExitStatus=2)");
+    m.run("macos", &["--foreground"], &[]).expect(2, "a bridge run by hand without a pairing");
 }
 
 #[test]
@@ -464,6 +620,169 @@ fn install_hands_a_running_detached_daemon_over_to_the_service() {
     // It was stopped before the service was started.
     let calls = m.calls();
     assert!(calls.iter().any(|c| c.contains("enable --now")), "{calls:?}");
+}
+
+/// launchctl is asked about the job in the GUI domain, then in the user domain (where an SSH
+/// session loads it): `--service-status` and `--uninstall` find it there. A job loaded the
+/// legacy way (`launchctl load`), which no domain shows, is unloaded by `--uninstall` all the
+/// same: it must not keep running after the user was told it is gone.
+#[test]
+fn macos_finds_the_job_in_the_user_domain_and_a_legacy_loaded_one() {
+    let m = Machine::new();
+    m.paired();
+    m.run("macos", &["--install"], &[]).expect(0, "--install");
+    let user_job = format!("user/{}/ai.hermeschat.bridge", uid());
+    m.set_launchd_jobs(&[&user_job]);
+    let print = "user/501/ai.hermeschat.bridge = {\n\tstate = running\n\tpid = 4242\n}";
+    let vars = [("FAKE_LAUNCHCTL_PRINT", print), ("FAKE_GUI", "0")];
+    let run = m.run("macos", &["--service-status"], &vars);
+    run.expect(0, "--service-status (loaded in the user domain)");
+    assert!(run.stdout().contains("● launchd service running pid=4242"), "{}", run.all());
+
+    m.clear_calls();
+    let run = m.run("macos", &["--uninstall"], &[("FAKE_GUI", "0")]);
+    run.expect(0, "--uninstall (loaded in the user domain)");
+    assert!(m.calls().contains(&format!("launchctl bootout {user_job}")), "{:?}", m.calls());
+    assert!(m.launchd_jobs().is_empty(), "still loaded: {:?}", m.launchd_jobs());
+    assert!(!m.plist().exists());
+
+    m.run("macos", &["--install"], &[]).expect(0, "--install again");
+    m.set_launchd_jobs(&["legacy/ai.hermeschat.bridge"]);
+    m.clear_calls();
+    let run = m.run("macos", &["--uninstall"], &[]);
+    run.expect(0, "--uninstall (loaded with launchctl load)");
+    let calls = m.calls();
+    assert!(calls.contains(&format!("launchctl unload {}", m.plist().display())), "{calls:?}");
+    assert!(m.launchd_jobs().is_empty(), "still loaded: {:?}", m.launchd_jobs());
+    assert!(!m.plist().exists());
+    assert!(run.stdout().contains("Stopped and unloaded"), "{}", run.all());
+}
+
+/// Pairing restarts the bridge through the LaunchAgent loaded in the user domain (an SSH
+/// session's): `launchctl kickstart` is tried in the GUI domain, then there.
+#[test]
+fn pairing_kickstarts_the_launch_agent_in_the_user_domain() {
+    let m = Machine::new();
+    m.paired();
+    m.run("macos", &["--install"], &[]).expect(0, "--install");
+    let user_job = format!("user/{}/ai.hermeschat.bridge", uid());
+    m.set_launchd_jobs(&[&user_job]);
+    std::fs::write(m.state.join("lan.json"), "{}").unwrap();
+    m.clear_calls();
+    let (backend, lan) = (free_port().to_string(), free_port().to_string());
+    let service_bridge = format!(
+        "HERMESCHAT_SERVICE=1 '{PAIR_BIN}' --foreground --local --host 127.0.0.1 --local-port \
+         {lan} --port {backend}"
+    );
+    let pair = ["--local", "--host", "127.0.0.1", "--local-port", &lan, "--port", &backend];
+    let run = m.run("macos", &pair, &[("FAKE_START", &service_bridge), ("FAKE_GUI", "0")]);
+    run.expect(0, "--local with the LaunchAgent in the user domain");
+    let text = run.all();
+    assert!(text.contains("Bridge daemon started by the launchd service (pid"), "{text}");
+    let kickstart = format!("launchctl kickstart -k {user_job}");
+    assert!(m.calls().contains(&kickstart), "{:?}", m.calls());
+    m.run("macos", &["--stop"], &[]).expect(0, "--stop");
+}
+
+/// `--install` over a loaded job boots it out and waits until launchd has torn it down before
+/// it bootstraps the new plist (a bootstrap meanwhile fails: "5: Input/output error").
+#[test]
+fn macos_reinstall_waits_for_the_old_job_to_be_torn_down() {
+    let m = Machine::new();
+    m.paired();
+    m.run("macos", &["--install"], &[]).expect(0, "--install");
+    m.clear_calls();
+    let run = m.run("macos", &["--install"], &[("FAKE_TEARDOWN", "3")]);
+    run.expect(0, "--install over a loaded job that takes a while to go");
+    let calls = m.calls();
+    let job = format!("gui/{}/ai.hermeschat.bridge", uid());
+    let bootout = calls.iter().position(|c| *c == format!("launchctl bootout {job}"));
+    let bootstrap = calls.iter().position(|c| c.starts_with("launchctl bootstrap gui/"));
+    assert!(bootout.is_some() && bootout < bootstrap, "{calls:?}");
+    let polls =
+        calls[bootout.unwrap()..].iter().filter(|c| **c == format!("launchctl print {job}"));
+    assert!(polls.count() >= 4, "launchctl print polled until the job is gone: {calls:?}");
+    assert!(!calls.iter().any(|c| c.contains("load -w")), "{calls:?}");
+    assert!(run.stdout().contains("Loaded with launchctl bootstrap gui/"), "{}", run.all());
+    assert_eq!(m.launchd_jobs(), [job]);
+}
+
+/// A label left disabled (by a legacy `launchctl unload -w`) is enabled before the bootstrap,
+/// which refuses a disabled job.
+#[test]
+fn macos_install_enables_a_disabled_label_before_bootstrap() {
+    let m = Machine::new();
+    m.paired();
+    std::fs::write(m.root.join("calls.log.disabled"), "ai.hermeschat.bridge\n").unwrap();
+    let run = m.run("macos", &["--install"], &[]);
+    run.expect(0, "--install with the label disabled");
+    let calls = m.calls();
+    let job = format!("gui/{}/ai.hermeschat.bridge", uid());
+    let enable = calls.iter().position(|c| *c == format!("launchctl enable {job}"));
+    let bootstrap = calls.iter().position(|c| c.starts_with("launchctl bootstrap gui/"));
+    assert!(enable.is_some() && enable < bootstrap, "{calls:?}");
+    assert!(!calls.iter().any(|c| c.contains("load -w")), "no fallback needed: {calls:?}");
+    assert!(run.stdout().contains("Loaded with launchctl bootstrap gui/"), "{}", run.all());
+}
+
+/// Over SSH with nobody logged in at the desktop there is no `gui/<uid>` domain: `--install`
+/// loads the job into `user/<uid>` (where it runs now), and says that launchd loads it by
+/// itself only at a desktop login.
+#[test]
+fn macos_install_over_ssh_loads_into_the_user_domain() {
+    let m = Machine::new();
+    m.paired();
+    let run = m.run("macos", &["--install"], &[("FAKE_GUI", "0")]);
+    run.expect(0, "--install with no desktop session");
+    let calls = m.calls();
+    let user = format!("user/{}", uid());
+    let bootstrap = format!("launchctl bootstrap {user} {}", m.plist().display());
+    assert!(calls.contains(&bootstrap), "{calls:?}");
+    assert!(!calls.iter().any(|c| c.starts_with("launchctl bootstrap gui/")), "{calls:?}");
+    assert_eq!(m.launchd_jobs(), [format!("{user}/ai.hermeschat.bridge")]);
+    let text = run.all();
+    assert!(text.contains(&format!("Loaded with launchctl bootstrap {user}")), "{text}");
+    assert!(text.contains("only at a desktop login"), "{text}");
+}
+
+/// When launchd loads the job neither way after `--install` stopped the running bridge for it
+/// (no desktop session, "Allow in the Background" off), the bridge is started again outside
+/// the service, and the error says why and what to do next, not the command that just failed.
+#[test]
+fn macos_install_that_launchd_refuses_keeps_the_bridge_running() {
+    let m = Machine::new();
+    m.paired();
+    let closed = free_port().to_string();
+    let bridge_args = ["--no-server", "--port", closed.as_str()];
+    let mut bridge = m
+        .cmd("macos", &[&["--foreground"][..], &bridge_args].concat())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lock = m.state.join("bridge.pid");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(&lock).map_or(true, |s| s.trim() != bridge.id().to_string()) {
+        assert!(Instant::now() < deadline, "the foreground bridge never took the pid lock");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let install = [&["--install"][..], &bridge_args].concat();
+    let vars = [("FAKE_GUI", "0"), ("FAKE_FAIL", "launchctl:bootstrap=5")];
+    let run = m.run("macos", &install, &vars);
+    run.expect(1, "--install that launchd refuses");
+    let text = run.all();
+    let stopped = bridge.wait().unwrap();
+    assert!(stopped.success(), "the old bridge stops cleanly: {stopped}");
+    assert!(text.contains("Allow in the Background") && text.contains("desktop"), "{text}");
+    assert!(text.contains("runs again, outside the service (pid"), "{text}");
+    let next = text.lines().find(|l| l.contains("Next:")).unwrap_or_else(|| panic!("{text}"));
+    assert!(!next.contains("launchctl"), "the next step is not what just failed: {next}");
+    // A daemon serves again.
+    let pid: u32 = std::fs::read_to_string(&lock).unwrap().trim().parse().unwrap();
+    assert_ne!(pid, bridge.id());
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    assert_eq!(unsafe { libc::kill(pid as libc::pid_t, 0) }, 0, "pid {pid} is not running");
+    m.run("macos", &["--stop"], &[]).expect(0, "--stop");
 }
 
 /// A free loopback port.

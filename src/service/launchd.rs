@@ -1,11 +1,15 @@
 //! macOS: the LaunchAgent `ai.hermeschat.bridge` in `~/Library/LaunchAgents`, loaded with
-//! `launchctl bootstrap gui/<uid>` (falling back to the legacy `load -w`).
+//! `launchctl bootstrap` (falling back to the legacy `load -w`) into `gui/<uid>`, the user's
+//! desktop session, or, with nobody logged in at the desktop (an SSH session), into
+//! `user/<uid>`: there it runs now, and launchd loads the plist itself at the next desktop
+//! login. A LaunchAgent starts at login, not at boot.
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use super::{
-    ServiceState, Spec, report_started, run, stop_detached, tilde, touch_logs, uid,
-    warn_build_tree, write_file, xml_escape,
+    Ran, ServiceState, Spec, report_started, run, start_detached, stop_detached, tilde, touch_logs,
+    uid, user_name, warn_build_tree, write_file, xml_escape,
 };
 use crate::cli::{Exit, Out, fail};
 
@@ -17,28 +21,83 @@ pub fn plist_path(home: &Path) -> PathBuf {
     home.join("Library/LaunchAgents").join(format!("{LABEL}.plist"))
 }
 
-/// `gui/<uid>`: the per-user GUI domain.
-fn domain() -> String {
-    format!("gui/{}", uid())
+/// The domains the job can be loaded in, in the order they are tried: `gui/<uid>`, the
+/// user's login session at the desktop, then `user/<uid>`, the user's background domain (all
+/// an SSH login has: there is no GUI domain while nobody is logged in at the desktop).
+fn domains() -> [String; 2] {
+    let uid = uid();
+    [format!("gui/{uid}"), format!("user/{uid}")]
 }
 
-/// `gui/<uid>/ai.hermeschat.bridge`.
-fn target() -> String {
-    format!("{}/{LABEL}", domain())
+/// `<domain>/ai.hermeschat.bridge`.
+fn target(domain: &str) -> String {
+    format!("{domain}/{LABEL}")
+}
+
+/// The domains that have the job loaded (`launchctl print` of it succeeds), GUI domain first,
+/// each with what `launchctl print` said.
+fn loaded() -> Vec<(String, Ran)> {
+    domains()
+        .into_iter()
+        .filter_map(|d| {
+            let print = run("launchctl", ["print", &target(&d)]);
+            print.ok.then_some((d, print))
+        })
+        .collect()
+}
+
+/// How long `--install` and `--uninstall` wait for launchd to finish tearing a job down.
+const TEARDOWN_WAIT: Duration = Duration::from_secs(5);
+
+/// Boots the job out of `domain` and waits (up to [`TEARDOWN_WAIT`]) until `launchctl print`
+/// no longer finds it there: launchd may still be tearing it down when `bootout` returns, and
+/// a `bootstrap` meanwhile fails ("5: Input/output error", "37: Operation already in
+/// progress"). Polled even when `bootout` failed: it may say so of a teardown under way.
+/// Returns what `bootout` did and whether the job is gone.
+fn bootout(domain: &str) -> (Ran, bool) {
+    let ran = run("launchctl", ["bootout", &target(domain)]);
+    let deadline = Instant::now() + TEARDOWN_WAIT;
+    loop {
+        if !run("launchctl", ["print", &target(domain)]).ok {
+            return (ran, true);
+        }
+        if Instant::now() >= deadline {
+            return (ran, false);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Whether a legacy `launchctl load`/`unload` did it: these may exit 0 when they fail, saying
+/// so on stderr ("Load failed: 5: Input/output error").
+fn legacy_ok(ran: &Ran) -> bool {
+    let said = format!("{}{}", ran.stdout, ran.stderr).to_ascii_lowercase();
+    ran.ok && !said.contains("failed") && !said.contains("could not find")
 }
 
 /// The LaunchAgent property list.
 ///
 /// `KeepAlive` restarts the bridge when it dies, but not after a clean exit
-/// (`SuccessfulExit` false): `hermeschat-pair --stop` stops it for this session, and a
-/// missing pairing (exit 2) does not spin. `ThrottleInterval` spaces restarts 10 s apart.
+/// (`SuccessfulExit` false): `hermeschat-pair --stop` stops it for this session.
+/// `ThrottleInterval` spaces restarts 10 s apart. launchd restarts on *any* other exit, a
+/// configuration error (exit 2: no pairing) too, which systemd is told not to
+/// (`RestartPreventExitStatus=2`): so the plist sets `HERMESCHAT_SERVICE` (added here if the
+/// spec lacks it), and the bridge it runs leaves with exit 0 on such an error, saying why in
+/// `service-error.log` (`run_bridge`).
+///
+/// `ProcessType` is `Standard`: `Background` would have launchd throttle the job's CPU and
+/// I/O as work the user is not waiting for (launchd.plist(5)), and its children (the Hermes
+/// gateway the bridge may start) inherit that. The bridge serves the user's own chat: every
+/// reply waits on it.
 pub fn plist(spec: &Spec) -> String {
     let mut program = format!("\t\t<string>{}</string>\n", xml_escape(&spec.exe.to_string_lossy()));
     for a in &spec.args {
         program.push_str(&format!("\t\t<string>{}</string>\n", xml_escape(a)));
     }
     let mut env = String::new();
-    for (k, v) in &spec.env {
+    let service = [(super::SERVICE_ENV.to_owned(), "1".to_owned())];
+    let missing = !spec.env.iter().any(|(k, _)| k == super::SERVICE_ENV);
+    for (k, v) in spec.env.iter().chain(service.iter().filter(|_| missing)) {
         env.push_str(&format!(
             "\t\t<key>{}</key>\n\t\t<string>{}</string>\n",
             xml_escape(k),
@@ -71,7 +130,7 @@ pub fn plist(spec: &Spec) -> String {
 	<key>ThrottleInterval</key>
 	<integer>10</integer>
 	<key>ProcessType</key>
-	<string>Background</string>
+	<string>Standard</string>
 	<key>StandardOutPath</key>
 	<string>{out}</string>
 	{err}
@@ -98,9 +157,26 @@ pub fn program_entry(exe: &str) -> String {
     format!("<array>\n\t\t<string>{}</string>", xml_escape(exe))
 }
 
-/// `launchctl kickstart -k` of the job (kills a running one first, starts it either way).
-pub fn restart() -> super::Ran {
-    run("launchctl", ["kickstart", "-k", &target()])
+/// `launchctl kickstart -k` of the job (kills a running one first, starts it either way), in
+/// the GUI domain, else in the user domain.
+pub fn restart() -> Ran {
+    let mut failed = Vec::new();
+    for domain in domains() {
+        let ran = run("launchctl", ["kickstart", "-k", &target(&domain)]);
+        if ran.ok {
+            return ran;
+        }
+        failed.push(format!("{}: {}", target(&domain), ran.why()));
+    }
+    Ran { ok: false, stdout: String::new(), stderr: failed.join("; ") }
+}
+
+/// The domain to load the job into: `gui/<uid>` when it exists (the user is logged in at the
+/// desktop), else `user/<uid>` (an SSH session with nobody logged in at the desktop). Decided
+/// before anything is stopped or unloaded.
+fn session_domain() -> String {
+    let [gui, user] = domains();
+    if run("launchctl", ["print", &gui]).ok { gui } else { user }
 }
 
 /// `--install` on macOS.
@@ -108,63 +184,128 @@ pub fn install(spec: &Spec, out: &Out) -> Result<(), Exit> {
     let path = plist_path(&spec.home);
     warn_build_tree(spec, out);
     touch_logs(spec)?;
+    let domain = session_domain();
+    let gui = domain == domains()[0];
     // A previous version of the job may be loaded: unload it so the new plist takes effect.
-    let was_loaded = run("launchctl", ["print", &target()]).ok;
-    if was_loaded {
-        let _ = run("launchctl", ["bootout", &target()]);
+    for (loaded_in, _) in loaded() {
+        if let (ran, false) = bootout(&loaded_in) {
+            out.warn(&format!(
+                "{LABEL} is still loaded in {loaded_in} {} s after launchctl bootout ({}); \
+                 loading the new plist all the same",
+                TEARDOWN_WAIT.as_secs(),
+                if ran.ok { "it said nothing".to_owned() } else { ran.why() }
+            ));
+        }
     }
     write_file(&path, &plist(spec), &spec.home)?;
     out.ok(&format!("LaunchAgent written: {}", tilde(&path, &spec.home)));
-    stop_detached(&spec.state_dir, out)?;
+    let stopped = stop_detached(&spec.state_dir, out)?;
     let path_str = path.to_string_lossy();
-    let boot = run("launchctl", ["bootstrap", &domain(), &path_str]);
+    // A legacy `unload -w` (or `launchctl disable`) leaves the label disabled in the domain,
+    // and bootstrap refuses a disabled job.
+    let _ = run("launchctl", ["enable", &target(&domain)]);
+    let boot = run("launchctl", ["bootstrap", &domain, &path_str]);
     if boot.ok {
-        out.ok(&format!("Loaded with launchctl bootstrap {} ({LABEL})", domain()));
+        out.ok(&format!("Loaded with launchctl bootstrap {domain} ({LABEL})"));
     } else {
         let load = run("launchctl", ["load", "-w", &path_str]);
-        if !load.ok {
-            return Err(fail(format!(
-                "launchctl could not load {}:\n  bootstrap: {}\n  load -w: {}\n  The plist stays \
-                 in place; try: launchctl bootstrap {} {path_str}",
-                tilde(&path, &spec.home),
-                boot.why(),
-                load.why(),
-                domain()
-            )));
+        if !legacy_ok(&load) {
+            return Err(not_loaded(spec, &domain, &boot, &load, stopped));
         }
         out.ok(&format!("Loaded with launchctl load -w ({LABEL})"));
     }
     report_started(spec, out);
-    out.info(&format!(
-        "Starts at login and restarts if it crashes. Logs: {}, {}",
+    let logs = format!(
+        "Logs: {}, {}",
         tilde(&spec.out_log(), &spec.home),
         tilde(&spec.err_log(), &spec.home)
-    ));
+    );
+    if gui {
+        out.info(&format!(
+            "Starts when you log in at the desktop (not at boot) and restarts if it crashes. \
+             {logs}"
+        ));
+    } else {
+        let user = user_name();
+        out.warn(&format!(
+            "Nobody is logged in at this Mac's desktop as {user} (no {} domain: an SSH \
+             session): the LaunchAgent is loaded now, but launchd loads it by itself only at a \
+             desktop login. After the Mac restarts, the bridge starts when {user} logs in at \
+             the desktop (on a headless Mac: turn on automatic login).",
+            domains()[0]
+        ));
+        out.info(&format!("Restarts if it crashes. {logs}"));
+    }
     out.info("After upgrading the binary: hermeschat-pair --install again.");
     Ok(())
 }
 
-/// `--uninstall` on macOS.
+/// The error when launchd loaded the job neither way. The bridge daemon `--install` stopped
+/// for the service (`stopped`) is started again outside it first, so that the bridge runs on.
+fn not_loaded(spec: &Spec, domain: &str, boot: &Ran, load: &Ran, stopped: bool) -> Exit {
+    let user = user_name();
+    let bridge = if !stopped {
+        "Meanwhile, run the bridge outside the service: hermeschat-pair".to_owned()
+    } else {
+        match start_detached(spec) {
+            Ok(pid) => {
+                format!("The bridge daemon it stopped runs again, outside the service (pid {pid}).")
+            }
+            Err(e) => format!(
+                "The bridge daemon it stopped did not start again ({e}); start it with: \
+                 hermeschat-pair"
+            ),
+        }
+    };
+    fail(format!(
+        "launchd did not load {} into {domain}:\n  launchctl bootstrap: {}\n  launchctl load \
+         -w: {}\n  Likely causes: nobody is logged in at this Mac's desktop as {user} (an SSH \
+         login alone has no desktop session), or System Settings › General › Login Items › \
+         \"Allow in the Background\" is turned off for hermeschat-pair.\n  {bridge}\n  Next: log \
+         in at the desktop as {user} (at the Mac, or with Screen Sharing), check that setting, \
+         then run hermeschat-pair --install again. The plist stays in place.",
+        tilde(&plist_path(&spec.home), &spec.home),
+        boot.why(),
+        load.why(),
+    ))
+}
+
+/// `--uninstall` on macOS: boots the job out of each domain that has it. A job no domain shows
+/// may still run, loaded the legacy way (`launchctl load`): with the plist there, it is
+/// unloaded that way too, so that it does not keep running after the user was told it is gone.
 pub fn uninstall(home: &Path, out: &Out) -> Result<(), Exit> {
     let path = plist_path(home);
-    let loaded = run("launchctl", ["print", &target()]).ok;
-    if !path.exists() && !loaded {
+    let path_str = path.to_string_lossy();
+    let loaded = loaded();
+    if !path.exists() && loaded.is_empty() {
         out.ok("No LaunchAgent installed; nothing to do");
         return Ok(());
     }
-    if loaded {
-        let bootout = run("launchctl", ["bootout", &target()]);
-        if !bootout.ok {
-            let unload = run("launchctl", ["unload", "-w", &path.to_string_lossy()]);
-            if !unload.ok {
-                return Err(fail(format!(
-                    "launchctl could not stop {LABEL}:\n  bootout: {}\n  unload -w: {}",
-                    bootout.why(),
-                    unload.why()
-                )));
-            }
+    for (domain, _) in &loaded {
+        let (bootout, gone) = bootout(domain);
+        if gone {
+            out.ok(&format!("Stopped and unloaded {LABEL} ({domain})"));
+            continue;
         }
-        out.ok(&format!("Stopped and unloaded {LABEL}"));
+        let unload = run("launchctl", ["unload", &path_str]);
+        if !legacy_ok(&unload) {
+            let bootout = if bootout.ok {
+                format!("the job is still loaded {} s later", TEARDOWN_WAIT.as_secs())
+            } else {
+                bootout.why()
+            };
+            return Err(fail(format!(
+                "launchctl could not stop {LABEL} in {domain}:\n  bootout {}: {bootout}\n  \
+                 unload: {}\n  The plist stays in place. Log out and in again at the desktop \
+                 (or restart the Mac), then run hermeschat-pair --uninstall again.",
+                target(domain),
+                unload.why()
+            )));
+        }
+        out.ok(&format!("Stopped and unloaded {LABEL} (launchctl unload)"));
+    }
+    if loaded.is_empty() && legacy_ok(&run("launchctl", ["unload", &path_str])) {
+        out.ok(&format!("Stopped and unloaded {LABEL} (loaded with launchctl load)"));
     }
     if path.exists() {
         std::fs::remove_file(&path)
@@ -185,8 +326,7 @@ pub fn state(home: &Path) -> ServiceState {
         installed: path.exists(),
         ..ServiceState::default()
     };
-    let print = run("launchctl", ["print", &target()]);
-    if print.ok {
+    if let Some((_, print)) = loaded().into_iter().next() {
         s.enabled = true;
         s.pid = field(&print.stdout, "pid").and_then(|v| v.parse().ok());
         let st = field(&print.stdout, "state").unwrap_or_default();
@@ -214,9 +354,12 @@ pub fn state(home: &Path) -> ServiceState {
     s
 }
 
-/// `key = value` from `launchctl print` (top-level lines are indented by one tab).
+/// `key = value` from the job's own lines of `launchctl print`: those indented by exactly one
+/// tab. Nested blocks (a coalition's, say) have keys of the same names (`state = active`),
+/// which are not the job's.
 fn field(text: &str, key: &str) -> Option<String> {
     text.lines().find_map(|line| {
+        let line = line.strip_prefix('\t').filter(|l| !l.starts_with('\t'))?;
         let (k, v) = line.split_once(" = ")?;
         (k.trim() == key).then(|| v.trim().to_owned())
     })
@@ -243,6 +386,8 @@ mod tests {
         assert!(text.contains("<string>/home/u/.hermeschat/service-error.log</string>"));
         assert!(text.contains("https://relay.example.com/?a=1&amp;b=&lt;2&gt;"));
         assert!(text.contains("<key>RunAtLoad</key>\n\t<true/>"));
+        // The bridge must know it runs under launchd (a configuration error exits 0).
+        assert!(text.contains("<key>HERMESCHAT_SERVICE</key>\n\t\t<string>1</string>"));
     }
 
     #[test]
@@ -251,6 +396,10 @@ mod tests {
                      \tpid = 12345\n\tlast exit code = (never exited)\n}";
         assert_eq!(field(print, "pid").as_deref(), Some("12345"));
         assert_eq!(field(print, "state").as_deref(), Some("running"));
+        let nested = "gui/501/ai.hermeschat.bridge = {\n\tjetsam coalition = {\n\t\tstate = \
+                      active\n\t\tpid = 1\n\t}\n\tstate = waiting\n}";
+        assert_eq!(field(nested, "state").as_deref(), Some("waiting"));
+        assert_eq!(field(nested, "pid"), None);
         let list = "{\n\t\"LimitLoadToSessionType\" = \"Aqua\";\n\t\"Label\" = \
                     \"ai.hermeschat.bridge\";\n\t\"PID\" = 4242;\n\t\"LastExitStatus\" = 0;\n};";
         assert_eq!(legacy_field(list, "PID").as_deref(), Some("4242"));
