@@ -166,6 +166,7 @@ impl Machine {
             .env("HERMES_HOME", &self.hermes)
             .env("NO_COLOR", "1")
             .env_remove("HERMESCHAT_REGISTRY_URL")
+            .env_remove("INVOCATION_ID")
             .env_remove("HERMESCHAT_LOCAL_HOST")
             .env_remove("HERMESCHAT_LOCAL_PORT")
             .env_remove("API_SERVER_KEY")

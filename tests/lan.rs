@@ -55,6 +55,7 @@ impl Env {
             .env("HERMESCHAT_HOME", &self.home)
             .env("NO_COLOR", "1")
             .env_remove("HERMESCHAT_REGISTRY_URL")
+            .env_remove("INVOCATION_ID")
             .env_remove("HERMESCHAT_LOCAL_HOST")
             .env_remove("HERMESCHAT_LOCAL_PORT")
             .env_remove("HERMESCHAT_LAN_TOKEN_TTL_SECS")

@@ -560,6 +560,25 @@ fn linux_service_status_and_uninstall() {
     let text = run.stdout();
     assert!(text.contains("● systemd service running pid=4242"), "{text}");
     assert!(text.contains("hermeschat-bridge.service"), "{text}");
+    assert!(!text.contains("older hermeschat-pair"), "{text}");
+    // A unit written by an older hermeschat-pair (before HERMESCHAT_SERVICE): named, with the
+    // fix.
+    let unit = std::fs::read_to_string(m.unit()).unwrap();
+    let old: String = unit
+        .lines()
+        .filter(|l| !l.contains("HERMESCHAT_SERVICE"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_ne!(old, unit);
+    std::fs::write(m.unit(), &old).unwrap();
+    let run = m.run("systemd", &["--service-status"], &[("FAKE_SYSTEMCTL_SHOW", show)]);
+    assert!(
+        run.stdout()
+            .contains("written by an older hermeschat-pair: run hermeschat-pair --install again"),
+        "{}",
+        run.all()
+    );
+    std::fs::write(m.unit(), &unit).unwrap();
     let dead = "ActiveState=inactive\nSubState=dead\nMainPID=0\nUnitFileState=enabled";
     let run = m.run("systemd", &["--service-status"], &[("FAKE_SYSTEMCTL_SHOW", dead)]);
     run.expect(1, "--service-status (stopped)");

@@ -79,6 +79,7 @@ fn pair_run(home: &Path, cert: &Path, args: &[&str]) -> std::process::Output {
         .env("HERMESCHAT_HOME", home)
         .env("SSL_CERT_FILE", cert)
         .env_remove("HERMESCHAT_REGISTRY_URL")
+        .env_remove("INVOCATION_ID")
         .env_remove("HERMESCHAT_LOCAL_PORT")
         .current_dir(home.parent().unwrap_or(home))
         .output()

@@ -159,6 +159,9 @@ impl Env {
             .env_remove("HERMESCHAT_REGISTRY_URL")
             .env_remove("HERMESCHAT_LOCAL_HOST")
             .env_remove("HERMESCHAT_LOCAL_PORT")
+            // Not a service's bridge, even when the tests run under a service manager.
+            .env_remove("HERMESCHAT_SERVICE")
+            .env_remove("INVOCATION_ID")
             .current_dir(&self.cwd);
         cmd
     }

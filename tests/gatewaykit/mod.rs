@@ -264,6 +264,7 @@ impl User {
             .current_dir(&self.cwd);
         for v in [
             "HERMESCHAT_REGISTRY_URL",
+            "INVOCATION_ID",
             "HERMESCHAT_LOCAL_HOST",
             "HERMESCHAT_LOCAL_PORT",
             "HERMESCHAT_GATEWAY_URL",
