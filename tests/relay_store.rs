@@ -410,3 +410,35 @@ fn sighup_stops_the_relay_cleanly_unless_under_nohup() {
     let help = String::from_utf8_lossy(&help.stdout);
     assert!(help.contains("SIGHUP") && help.contains("exit status 0"), "{help}");
 }
+
+/// The store's format number is kept in SQLite's `user_version`: a relay writes its own into
+/// a store that has none (an older relay's), and refuses (exit 1, the store untouched) one a
+/// newer relay wrote in a format it does not know.
+#[test]
+fn a_store_from_a_newer_relay_is_refused_untouched() {
+    let mut relay = Relay::new();
+    let reg = relay.registry().register_ok("kept");
+    relay.terminate();
+    let format = |data: &Path| -> i64 {
+        let db = rusqlite::Connection::open(data.join("relay.db")).unwrap();
+        db.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap()
+    };
+    assert_eq!(format(&relay.data_dir), 1);
+    {
+        let db = rusqlite::Connection::open(relay.data_dir.join("relay.db")).unwrap();
+        db.pragma_update(None, "user_version", 7).unwrap();
+    }
+    let (code, stderr) = run_relay_on(&relay.data_dir, &["--listen", "127.0.0.1:0"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("written by a newer hermeschat-relay (store format 7"), "{stderr}");
+    assert_eq!(format(&relay.data_dir), 7, "the store was changed");
+    assert_eq!(rows_in_db_file_alone(&relay.data_dir, "bridges"), 1);
+    // Back to a format this relay knows (as an older store has): it starts and serves it.
+    {
+        let db = rusqlite::Connection::open(relay.data_dir.join("relay.db")).unwrap();
+        db.pragma_update(None, "user_version", 0).unwrap();
+    }
+    relay.restart();
+    assert_eq!(relay.registry().access_code(&reg.bridge_id, &reg.relay_secret).0, 200);
+    assert_eq!(format(&relay.data_dir), 1);
+}

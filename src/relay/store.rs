@@ -114,6 +114,11 @@ pub enum Verify {
 /// Brings a store written by an older relay up to [`SCHEMA`]: `connected_at` came later; the
 /// bridges already there count as connected at their registration (none is taken for an
 /// unfinished one).
+/// The store's format, kept in SQLite's `user_version`: a relay refuses a store a newer relay
+/// has written in a format it does not know (0 is a store from before the number was kept,
+/// which [`migrate`] brings up to date).
+const STORE_FORMAT: i64 = 1;
+
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     let has_connected_at = conn
         .prepare("SELECT 1 FROM pragma_table_info('bridges') WHERE name = 'connected_at'")?
@@ -125,6 +130,10 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
              UPDATE bridges SET connected_at = created_at;
              COMMIT;",
         )?;
+    }
+    // Written once: every worker thread opens the store, and this is a write.
+    if conn.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))? < STORE_FORMAT {
+        conn.pragma_update(None, "user_version", STORE_FORMAT)?;
     }
     Ok(())
 }
@@ -259,7 +268,8 @@ impl Store {
         private_file(&path).map_err(|e| create_error(&path, &e))?;
         let conn = Connection::open(&path)
             .map_err(|e| StoreError::new(format!("cannot open {}: {e}", path.display())))?;
-        let setup = || -> rusqlite::Result<()> {
+        // `Some(format)`: a newer relay's store, not touched.
+        let setup = || -> rusqlite::Result<Option<i64>> {
             conn.busy_timeout(Duration::from_secs(5))?;
             conn.pragma_update(None, "journal_mode", "WAL")?;
             // FULL syncs the WAL on every commit: a pairing confirmed to a caller survives a
@@ -267,10 +277,23 @@ impl Store {
             // matters.
             conn.pragma_update(None, "synchronous", "FULL")?;
             conn.pragma_update(None, "foreign_keys", "ON")?;
+            let format: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+            if format > STORE_FORMAT {
+                return Ok(Some(format));
+            }
             conn.execute_batch(SCHEMA)?;
-            migrate(&conn)
+            migrate(&conn).map(|()| None)
         };
-        if let Err(e) = setup() {
+        let newer = setup();
+        if let Ok(Some(format)) = newer {
+            return Err(StoreError::new(format!(
+                "{} was written by a newer hermeschat-relay (store format {format}; this one \
+                 reads format {STORE_FORMAT} and older), and was left as it is: run that \
+                 newer relay, or give this one a --data directory of its own",
+                path.display()
+            )));
+        }
+        if let Err(e) = newer {
             // SAFETY: the handle is valid while `conn` lives; sqlite3_system_errno only reads
             // the error number its last failed call recorded.
             let errno = unsafe { rusqlite::ffi::sqlite3_system_errno(conn.handle()) };
