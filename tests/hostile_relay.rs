@@ -141,3 +141,57 @@ fn a_hostile_relay_cannot_grow_the_bridge_or_forge_its_log() {
     assert!(log.len() < 1 << 20, "the log holds the megabyte client");
     drop(bridge);
 }
+
+/// A relay (and app) newer than the bridge send a frame type the bridge does not know about a
+/// request: the bridge answers that request `response.error BAD_REQUEST` naming the type and
+/// the update, with the request's `client` and `conn`, so the app does not wait for ever. A
+/// frame of an unknown type that names no request, or an open request, gets no answer; the
+/// socket goes on serving.
+#[test]
+fn a_frame_type_from_a_newer_protocol_is_answered_on_its_request() {
+    let backend = Backend::start();
+    let env = Env::new();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let _bridge = Bridge::start(&env, listener.local_addr().unwrap().port(), &backend);
+    let mut ws = accept(&listener);
+    let client = "hcl_0123456789abcdef";
+    for f in [
+        json!({"type": "request", "id": "slow", "client": client, "conn": 7,
+               "method": "GET", "path": "/api/slow?secs=1"}),
+        json!({"type": "request.pause", "id": "slow", "client": client, "conn": 7}),
+        json!({"type": "telemetry.v9", "data": 1}),
+        json!({"type": "request.resume", "id": "new1", "client": client, "conn": 7, "offset": 0}),
+        json!({"type": "request", "id": "plain", "client": client, "conn": 7,
+               "method": "GET", "path": "/api/health"}),
+    ] {
+        ws.send(Message::text(f.to_string())).unwrap();
+    }
+    let mut answers = Vec::new();
+    let done = |answers: &[serde_json::Value], id: &str| {
+        answers.iter().any(|a| a["id"] == id && a["type"] == "response")
+    };
+    while !done(&answers, "plain") || !done(&answers, "slow") {
+        match ws.read().unwrap() {
+            Message::Text(t) => answers.push(serde_json::from_str(t.as_str()).unwrap()),
+            _ => continue,
+        }
+    }
+    let new1: Vec<_> = answers.iter().filter(|a| a["id"] == "new1").collect();
+    assert_eq!(new1.len(), 1, "{answers:?}");
+    let a = new1[0];
+    assert_eq!(
+        (&a["type"], &a["code"], &a["client"], &a["conn"]),
+        (&json!("response.error"), &json!("BAD_REQUEST"), &json!(client), &json!(7)),
+        "{a}"
+    );
+    let message = a["message"].as_str().unwrap();
+    assert!(
+        message.contains("request.resume") && message.contains("update hermeschat-pair"),
+        "{a}"
+    );
+    // The open request goes on to its own answer; nothing else is answered.
+    let slow: Vec<_> = answers.iter().filter(|a| a["id"] == "slow").collect();
+    assert_eq!(slow.len(), 1, "{answers:?}");
+    assert_eq!(slow[0]["status"], 200, "{answers:?}");
+    assert_eq!(answers.len(), 3, "{answers:?}");
+}

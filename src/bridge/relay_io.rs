@@ -554,6 +554,11 @@ impl RelayIo {
             Ok(f) => f,
             Err(msg) => {
                 log(&format!("ignoring a frame from the relay: {}", p::shown(&msg)));
+                if let Some((answer, client, id)) = unknown_request_answer(text)
+                    && !self.pool.is_open(Some(&client), &id)
+                {
+                    out.push(Message::text(answer));
+                }
                 return;
             }
         };
@@ -1014,6 +1019,36 @@ pub fn open_socket(
             Err(failed("WebSocket handshake timed out with", &"no answer"))
         }
     }
+}
+
+/// The `response.error` that answers a frame of a type this bridge does not know (one a newer
+/// app and relay use, e.g. `request.start` before streamed uploads) when it is about a
+/// request: it names an app (`client`) and a request `id`, returned with the answer. Sent
+/// when that request is not open here (a frame about an open one is only logged, its request
+/// going on), the app gets a terminal frame instead of waiting for ever, and learns why.
+/// `None` for anything else (it is only logged).
+fn unknown_request_answer(text: &str) -> Option<(String, String, String)> {
+    let raw = p::parse_raw(text).ok()?;
+    let kind = p::raw_str(&raw, "type").ok()??;
+    let id = p::raw_str(&raw, "id").ok()??;
+    let client = p::raw_str(&raw, "client").ok()??;
+    if !p::is_request_id(&id) || !p::is_client_id(&client) {
+        return None;
+    }
+    let mut answer = Frame::error(
+        &id,
+        Some(&client),
+        p::ErrorCode::BadRequest,
+        format!(
+            "this bridge does not know {:?} frames: update hermeschat-pair on the machine \
+             that runs Hermes",
+            p::shown(&kind)
+        ),
+    );
+    if let Frame::ResponseError { conn, .. } = &mut answer {
+        *conn = p::raw_conn(&raw).ok()?;
+    }
+    Some((answer.to_json(), client.into_owned(), id.into_owned()))
 }
 
 #[cfg(test)]

@@ -806,6 +806,11 @@ impl Pool {
         lock(&self.shared.queue).running
     }
 
+    /// Whether request `id` of app `client` is open (accepted, its terminal frame not sent).
+    pub fn is_open(&self, client: Option<&str>, id: &str) -> bool {
+        lock(&self.shared.open).map.keys().any(|(c, i)| c.as_deref() == client && i == id)
+    }
+
     /// Requests accepted and not yet answered with their terminal frame.
     pub fn open_requests(&self) -> usize {
         lock(&self.shared.open).map.len()
