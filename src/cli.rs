@@ -325,7 +325,7 @@ pub fn run(args: Args) -> Result<(), Exit> {
             Ok(())
         }
         Command::Version => {
-            println!("hermeschat-pair {}", env!("CARGO_PKG_VERSION"));
+            println!("hermeschat-pair {}", crate::VERSION);
             Ok(())
         }
         Command::Pair if args.local => crate::lan::pair(&args, PairMode::Pair),

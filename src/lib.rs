@@ -37,3 +37,7 @@ pub mod wsout;
 pub mod wsread;
 
 pub use memory::limit_allocator_retention;
+
+/// This build: the package version, and the git commit it was built from when there was one
+/// (`0.1.0 (161f33e2a1b0)`; see `build.rs`).
+pub const VERSION: &str = env!("HERMESCHAT_VERSION");

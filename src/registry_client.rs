@@ -179,7 +179,7 @@ impl Registry {
     pub fn register(&self, display_name: &str) -> Result<p::RegisterResponse, RegistryError> {
         let body = p::RegisterRequest {
             display_name: Some(display_name.to_owned()),
-            version: Some(env!("CARGO_PKG_VERSION").to_owned()),
+            version: Some(crate::VERSION.to_owned()),
         };
         self.call("POST", "/v1/bridge/register", None, Some(&body))
     }

@@ -125,7 +125,7 @@ fn health_reports_gateway_online_offline_and_direct() {
     assert_eq!(header(&h, "content-type"), Some("application/json"));
     let v = json_of(&body);
     assert_eq!((v["status"].as_str(), v["gateway"].as_str()), (Some("ok"), Some("online")), "{v}");
-    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(v["version"], hermeschat_pair::VERSION);
     let v = json_of(&http(b.port, "GET", "/api/gateway/health", &[], b"").2);
     assert_eq!(v["backend"], "gateway", "{v}");
     assert_eq!(v["keyAccepted"], true, "{v}");

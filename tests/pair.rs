@@ -1163,7 +1163,7 @@ fn usage_help_version_and_unavailable_commands() {
     }
     let run = env.run(&["--version"]);
     run.assert_code(0, "--version");
-    assert_eq!(run.stdout.trim(), format!("hermeschat-pair {}", env!("CARGO_PKG_VERSION")));
+    assert_eq!(run.stdout.trim(), format!("hermeschat-pair {}", hermeschat_pair::VERSION));
     env.run(&["--bogus"]).assert_code(2, "--bogus");
     env.run(&["--port", "70000"]).assert_code(2, "--port 70000");
     env.run(&["--stop", "--reset"]).assert_code(2, "two commands");
@@ -1437,7 +1437,7 @@ fn pairing_again_without_your_backend_switches_to_the_built_in_one() {
     wait_bridge_status(&mut app, true, Duration::from_secs(10));
     let w = fetch(&mut app, &request("h-builtin", "GET", "/api/health", &[], None));
     assert_eq!(w.status, 200);
-    assert_eq!(w.json()["version"], env!("CARGO_PKG_VERSION"), "the built-in backend answers");
+    assert_eq!(w.json()["version"], hermeschat_pair::VERSION, "the built-in backend answers");
 }
 
 /// A first pairing that registered but did not finish (config.json without the registry URL)
@@ -1528,7 +1528,7 @@ fn a_bracketed_ipv6_backend_host_gets_the_built_in_backend_there() {
     wait_bridge_status(&mut app, true, Duration::from_secs(10));
     let w = fetch(&mut app, &request("h-v6", "GET", "/api/health", &[], None));
     assert_eq!(w.status, 200);
-    assert_eq!(w.json()["version"], env!("CARGO_PKG_VERSION"), "the built-in backend answers");
+    assert_eq!(w.json()["version"], hermeschat_pair::VERSION, "the built-in backend answers");
     // --status names it as a URL and finds it healthy (without the variable: status.json).
     let status = s.env.run(&["--status", "--json"]);
     status.assert_code(0, "--status");

@@ -52,7 +52,7 @@ pub fn health(shared: &Arc<Shared>, req: &Request, c: &mut Conn, close: bool) ->
     };
     let body = json!({
         "status": "ok",
-        "version": env!("CARGO_PKG_VERSION"),
+        "version": crate::VERSION,
         "server": "hermeschat-pair",
         "gateway": if g == Health::Ready { "online" } else { "offline" },
         "backend": backend_kind(shared, usable),

@@ -182,7 +182,7 @@ fn parse_args() -> Result<Options, String> {
                 std::process::exit(0);
             }
             Short('V') | Long("version") => {
-                println!("hermeschat-relay {}", env!("CARGO_PKG_VERSION"));
+                println!("hermeschat-relay {}", hermeschat_pair::VERSION);
                 std::process::exit(0);
             }
             other => return Err(other.unexpected().to_string()),

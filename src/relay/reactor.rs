@@ -398,7 +398,7 @@ impl Reactor {
         let mut fields = vec![
             ("addr", addr.as_str()),
             ("publicUrl", &self.shared.public_url),
-            ("version", env!("CARGO_PKG_VERSION")),
+            ("version", crate::VERSION),
         ];
         fields.extend(settings.iter().map(|(k, v)| (*k, v.as_str())));
         log_event("listening", &fields);

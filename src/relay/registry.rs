@@ -337,7 +337,7 @@ fn health(store: &Store, shared: &Shared) -> Reply {
         shared.store_failed(&e);
         log_event("error", &[("message", &e.to_string())]);
     }
-    let version = env!("CARGO_PKG_VERSION");
+    let version = crate::VERSION;
     if !shared.store_failing() {
         return ok(200, &p::HealthResponse { ok: true, version: version.into() });
     }
