@@ -793,6 +793,7 @@ pub(crate) fn ensure_daemon(
     let replaced = current.as_ref().is_some_and(|s| replaced_program(s, out));
     if let Some(s) = current.as_ref().filter(|s| fits(s) && !replaced) {
         out.ok(&format!("Bridge daemon already running (pid {})", s.pid));
+        other_copy_note(s, out);
         return Ok(s.pid);
     }
     // A LAN pairing has said what changes already (`ensure_lan_daemon`).
@@ -841,6 +842,23 @@ pub(crate) fn replaced_program(s: &Status, out: &Out) -> bool {
         ));
     }
     replaced
+}
+
+/// Says so when the daemon `s` describes runs another copy of the program than this one (two
+/// installs, e.g. `cargo install` and a static binary in /usr/local/bin): it is kept, and the
+/// user told how to run this copy instead.
+pub(crate) fn other_copy_note(s: &Status, out: &Out) {
+    let ours = daemon::ExeStamp::current();
+    if let (Some(theirs), Some(ours)) = (&s.exe, ours)
+        && theirs.path != ours.path
+    {
+        out.info(&format!(
+            "It runs {}, not this program ({}); to run this one: hermeschat-pair --stop, then \
+             this command again (with the boot service: --install)",
+            theirs.path.display(),
+            ours.path.display()
+        ));
+    }
 }
 
 /// What a running relay-mode pairing changes about the daemon `s`, said to the user before

@@ -176,7 +176,9 @@ pub struct ExeStamp {
 impl ExeStamp {
     /// This process's program file now.
     pub fn current() -> Option<ExeStamp> {
-        ExeStamp::of(&std::env::current_exe().ok()?)
+        let exe = std::env::current_exe().ok()?;
+        // Symlinks resolved (macOS reports the path as run), as Linux's /proc/self/exe is.
+        ExeStamp::of(&std::fs::canonicalize(&exe).unwrap_or(exe))
     }
 
     /// The program file at `path` now (`None` when there is none).

@@ -1789,6 +1789,12 @@ fn a_daemon_whose_program_was_upgraded_is_restarted_by_the_next_pairing() {
     let v: Value = serde_json::from_str(&status.stdout).unwrap();
     assert_eq!(v["daemon"]["programReplaced"], false, "{v}");
 
+    // Another copy of the program (two installs) finds it running and says whose it is.
+    let run = env.run(&["--server", &server, "--port", &port]);
+    run.assert_code(0, "pairing with another copy");
+    assert!(run.stdout.contains(&format!("already running (pid {new})")), "{}", run.all());
+    assert!(run.stdout.contains(&format!("It runs {}", installed.display())), "{}", run.all());
+
     // The app's pairing survives: it connects again with its own secret and is served.
     drop(app);
     let mut app = AppClient::connect_url(&app_url(&qr), &secret)

@@ -276,6 +276,9 @@ fn ensure_lan_daemon(
             out.ok(&format!(
                 "Bridge daemon already serving the LAN (pid {pid}); paired devices keep working"
             ));
+            if let Some(s) = &current {
+                cli::other_copy_note(s, out);
+            }
             return Ok(());
         }
         if same {
