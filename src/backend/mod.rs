@@ -15,7 +15,7 @@
 //! - [`peer`] and [`key`] — who may use it: this user's own clients only. Where the system
 //!   tells who connects (Linux), other accounts are refused; where it cannot (macOS), a request
 //!   must carry the backend key of this state directory, which the bridge sends
-//!   ([`serve_connection`] has the rules).
+//!   (what each kind of client may do: [`peer::Access`]).
 //!
 //! Logs go to `server.log` in the state directory (size-rotated); never secrets or bodies.
 
@@ -390,18 +390,18 @@ fn key_refusal(
 
 /// The 403 for a request without the backend key.
 const KEY_REQUIRED: &str = "this backend serves only the hermeschat-pair of the account that \
-    started it, and this system cannot tell which account this connection comes from, so a \
-    request must carry the X-Hermeschat-Backend-Key header with the key in backend.key of that \
-    hermeschat-pair's state directory (the bridge sends it by itself). From another account, run \
-    your own: hermeschat-pair --port <a free port>. If this is your own bridge, restart it \
-    (hermeschat-pair --stop, then hermeschat-pair) so that it serves the backend it started";
+    started it, and this system cannot tell which account a connection comes from, so a request \
+    must carry the key in backend.key of that hermeschat-pair's state directory in the \
+    X-Hermeschat-Backend-Key header, as its bridge does. From another account (or state \
+    directory), run your own backend: hermeschat-pair --port <a free port>; a script of yours \
+    sends the header with the contents of backend.key";
 
 /// The 403 for a request with a key that is not this backend's.
 const KEY_WRONG: &str = "this backend serves only the hermeschat-pair of the account that \
-    started it, and the X-Hermeschat-Backend-Key header is not its key (backend.key in the state \
-    directory of the hermeschat-pair running it; a new one is made when that file goes \
-    missing). If this is your own bridge, restart it (hermeschat-pair --stop, then \
-    hermeschat-pair); from another account, run your own: hermeschat-pair --port <a free port>";
+    started it, and the X-Hermeschat-Backend-Key header does not hold its key (another state \
+    directory's, or backend.key was replaced after this backend started: restart it with \
+    hermeschat-pair --stop, then hermeschat-pair). From another account, run your own backend: \
+    hermeschat-pair --port <a free port>";
 
 /// True for a loopback host name, with or without a port (an IPv6 literal bracketed, or bare
 /// without a port).
