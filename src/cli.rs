@@ -549,6 +549,7 @@ pub(crate) fn target(host: &str, port: u16) -> Target {
         host: host.to_owned(),
         port,
         allowed_prefixes: DEFAULT_ALLOWED_PREFIXES.iter().map(|s| (*s).to_owned()).collect(),
+        backend_key: None,
     }
 }
 

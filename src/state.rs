@@ -95,6 +95,12 @@ pub fn server_log(dir: &Path) -> PathBuf {
     dir.join("server.log")
 }
 
+/// `backend.key`: the built-in backend's key, which this state directory's own parts (the
+/// bridge) present to it where it cannot tell who connects ([`crate::backend::key`]).
+pub fn backend_key(dir: &Path) -> PathBuf {
+    dir.join("backend.key")
+}
+
 /// `gateway.log`: output of a gateway we started.
 pub fn gateway_log(dir: &Path) -> PathBuf {
     dir.join("gateway.log")
@@ -367,18 +373,29 @@ pub fn write_json<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<(), S
 /// `Ok(false)` when `path` exists. Where hard links are not supported, the file is created
 /// exclusively and written in place.
 pub fn write_json_new<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<bool, StateError> {
-    let io_err = |source| StateError::Io { path: path.to_path_buf(), source };
     let mut bytes = serde_json::to_vec_pretty(value).map_err(|e| StateError::Json {
         path: path.to_path_buf(),
         message: redact_secrets(&e.to_string()),
     })?;
     bytes.push(b'\n');
-    let name = path.file_name().ok_or_else(|| {
-        io_err(io::Error::new(io::ErrorKind::InvalidInput, "the path has no file name"))
-    })?;
+    write_new_raw(path, &bytes)
+        .map_err(|source| StateError::Io { path: path.to_path_buf(), source })
+}
+
+/// [`write_atomic`] that never replaces a file (as [`write_json_new`]): `Ok(false)` when
+/// `path` exists, and then it is left as it is. Mode 0600.
+pub fn write_new(path: &Path, bytes: &[u8]) -> io::Result<bool> {
+    write_new_raw(path, bytes).map_err(|e| with_path(path, e))
+}
+
+/// [`write_new`] without the path added to errors.
+fn write_new_raw(path: &Path, bytes: &[u8]) -> io::Result<bool> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the path has no file name"))?;
     let dir = parent_dir(path);
-    let (tmp, mut file) = create_temp(dir, name).map_err(io_err)?;
-    let placed = file.write_all(&bytes).and_then(|()| file.sync_all()).and_then(|()| {
+    let (tmp, mut file) = create_temp(dir, name)?;
+    let placed = file.write_all(bytes).and_then(|()| file.sync_all()).and_then(|()| {
         match fs::hard_link(&tmp, path) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
@@ -388,7 +405,7 @@ pub fn write_json_new<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<b
                 let new =
                     OpenOptions::new().write(true).create_new(true).mode(FILE_MODE).open(path);
                 match new {
-                    Ok(mut f) => f.write_all(&bytes).and_then(|()| f.sync_all()).map(|()| true),
+                    Ok(mut f) => f.write_all(bytes).and_then(|()| f.sync_all()).map(|()| true),
                     Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
                     Err(e) => Err(e),
                 }
@@ -396,9 +413,9 @@ pub fn write_json_new<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<b
         }
     });
     let _ = fs::remove_file(&tmp);
-    let placed = placed.map_err(io_err)?;
+    let placed = placed?;
     if placed {
-        sync_dir(dir).map_err(io_err)?;
+        sync_dir(dir)?;
     }
     Ok(placed)
 }

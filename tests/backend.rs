@@ -673,6 +673,121 @@ fn connections_are_capped() {
 }
 
 // =============================================================================================
+// The backend key (where the owner of a connection cannot be looked up)
+
+/// The backend key header.
+const KEY_HEADER: &str = hermeschat_pair::backend::key::HEADER;
+
+/// The key in `<dir>/backend.key`, after checking the file is 0600.
+#[track_caller]
+fn backend_key_of(dir: &std::path::Path) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("backend.key");
+    let meta = std::fs::metadata(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600, "backend.key is not 0600");
+    let key = std::fs::read_to_string(&path).unwrap().trim().to_owned();
+    assert!(key.len() == 64 && key.bytes().all(|b| b.is_ascii_hexdigit()), "not a key: {key:?}");
+    key
+}
+
+/// Asserts a 403 naming the missing (or wrong) backend key and the next step.
+#[track_caller]
+fn assert_key_refusal(status: u16, body: &[u8], code: &str, what: &str) {
+    assert_eq!(status, 403, "{what}: {}", String::from_utf8_lossy(body));
+    let v = json_of(body);
+    assert_eq!(v["error"]["code"], code, "{what}: {v}");
+    let msg = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("serves only the hermeschat-pair of the account that started it")
+            && msg.contains("--port <a free port>"),
+        "{what}: {msg}"
+    );
+}
+
+/// Where the owner of a connection cannot be looked up (macOS; here the lookup is turned off),
+/// a request without this state directory's backend key, or with another, is refused 403 and
+/// reaches nothing; the health check stays open. With the key it is served, and the key goes
+/// no further than the backend.
+#[test]
+fn without_the_owner_lookup_only_requests_with_the_backend_key_are_served() {
+    let stub = StubGateway::start(0, KEY);
+    let b = backend(stub.port, KEY, |s| s.peer_lookup = false);
+    let key = backend_key_of(&b.dir);
+    let chat = chat_body(None, "hi");
+    let json_ct = ("Content-Type", "application/json");
+    let wrong = "0".repeat(64);
+    let routes: [(&str, &str, &[u8]); 6] = [
+        ("POST", "/api/chat", &chat),
+        ("GET", "/v1/models", b""),
+        ("POST", "/api/sessions/s1/chat", b"{}"),
+        ("GET", "/api/gateway/health", b""),
+        ("POST", "/api/gateway/restart?action=stop", b""),
+        ("GET", "/api/uploads", b""),
+    ];
+    for (presented, code) in [(None, "backend_key_required"), (Some(&wrong), "backend_key_wrong")] {
+        for (method, path, body) in routes {
+            let mut headers = vec![json_ct];
+            headers.extend(presented.map(|k| (KEY_HEADER, k.as_str())));
+            let (status, _, out) = http(b.port, method, path, &headers, body);
+            assert_key_refusal(status, &out, code, &format!("{method} {path} ({code})"));
+        }
+    }
+    let stats = stub.stats();
+    assert_eq!(stats["requests"], 0, "a refused request reached the gateway: {stats}");
+    // The health check needs no key (the commands that look for a backend ask it).
+    let (status, _, body) = http(b.port, "GET", "/api/health", &[], b"");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(json_of(&body)["server"], "hermeschat-pair");
+
+    // With the key (in any case of the header's name): served, and not passed on.
+    let (status, h, pieces) = chat_pieces(b.port, &chat, &[("x-hermeschat-backend-key", &key)]);
+    assert_eq!(status, 200);
+    assert_eq!(header(&h, "x-hermeschat-backend"), Some("gateway"));
+    let text: String = pieces.iter().map(|(_, t)| t.as_str()).collect();
+    assert_eq!(sse_content(&text), "Hello from the stub gateway.", "{text}");
+    let (status, _, body) =
+        http(b.port, "POST", "/api/sessions/s1/chat", &[json_ct, (KEY_HEADER, &key)], b"{}");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let (status, _, _) = http(b.port, "GET", "/v1/models", &[(KEY_HEADER, &key)], b"");
+    assert_eq!(status, 200);
+    // Every request the gateway saw (the health check's and key check's too), and none with
+    // the key.
+    let stats = stub.stats();
+    assert_eq!(stats["chats"], 1, "{stats}");
+    let seen = stats["request_headers"].to_string();
+    assert!(!seen.contains("backend-key") && !seen.contains(&key), "key passed on: {seen}");
+    let log = std::fs::read_to_string(b.dir.join("server.log")).unwrap();
+    assert!(log.contains("refused a request without the backend key (403)"), "{log}");
+    assert!(!log.contains(&key) && !log.contains(&wrong), "a key in server.log: {log}");
+}
+
+/// Where the owner of a connection is looked up (Linux), this user's own clients are served
+/// as they always were: no key needed, and a key header sent along (any value) is taken out
+/// before the gateway.
+#[test]
+fn with_the_owner_lookup_this_users_keyless_clients_are_served_as_before() {
+    if !std::path::Path::new("/proc/net/tcp").exists() {
+        eprintln!("skipped: no /proc/net/tcp, so the owner of a connection may not be known");
+        return;
+    }
+    let stub = StubGateway::start(0, KEY);
+    let b = backend(stub.port, KEY, |_| {});
+    let (status, _, pieces) = chat_pieces(b.port, &chat_body(None, "hi"), &[]);
+    assert_eq!(status, 200);
+    let text: String = pieces.iter().map(|(_, t)| t.as_str()).collect();
+    assert_eq!(sse_content(&text), "Hello from the stub gateway.", "{text}");
+    assert_eq!(http(b.port, "GET", "/v1/models", &[], b"").0, 200);
+    assert_eq!(http(b.port, "GET", "/api/gateway/health", &[], b"").0, 200);
+    let sent = [(KEY_HEADER, "not-the-key"), ("Content-Type", "application/json")];
+    let (status, _, body) = http(b.port, "POST", "/api/sessions/s1/chat", &sent, b"{}");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let stats = stub.stats();
+    assert_eq!(stats["chats"], 1, "{stats}");
+    let seen = stats["request_headers"].to_string();
+    assert!(!seen.contains("backend-key"), "the key header was passed on: {seen}");
+}
+
+// =============================================================================================
 // End to end: app → relay → daemon → built-in backend → (woken) stub gateway
 
 #[test]
@@ -797,6 +912,94 @@ fn e2e_a_foreground_bridge_wakes_the_gateway() {
     assert_eq!(sse_content(&r.text()), "Hello from the stub gateway.", "{r:?}");
     let _ = bridge.kill();
     let _ = bridge.wait();
+}
+
+/// Where the owner of a connection cannot be looked up (macOS; here turned off with the
+/// test-only `HERMESCHAT_PEER_LOOKUP=off`), the daemon's bridge brings the built-in backend
+/// its key: the app's requests through the relay reach the gateway, `--status` and `--doctor`
+/// find the backend, while a client of this machine without the key gets 403 and nothing
+/// reaches the gateway. The key is in `backend.key` (0600) and nowhere else: not in a log, the
+/// daemon's argv, or what the CLI prints.
+#[test]
+fn e2e_without_the_owner_lookup_the_bridge_brings_the_backend_key() {
+    let relay = Relay::new();
+    let stub = StubGateway::start(0, KEY);
+    let mut u = User::new("backend-key");
+    u.write_dotenv(&format!(
+        "API_SERVER_ENABLED=true\nAPI_SERVER_KEY={KEY}\nAPI_SERVER_PORT={}\n",
+        stub.port
+    ));
+    u.env.push((hermeschat_pair::backend::peer::LOOKUP_ENV.into(), "off".into()));
+    let port = free_port();
+    let (qr, run) = u.pair(&relay.url(), port);
+    assert!(run.stdout.contains("Built-in Hermes backend ready"), "{}", run.stdout);
+    let key = backend_key_of(&u.state);
+
+    // The app, through relay → bridge → built-in backend → gateway.
+    let mut app = connect_app(&qr);
+    let body = String::from_utf8(chat_body(None, "hello")).unwrap();
+    let json_ct = ("Content-Type", "application/json");
+    let r = app_fetch(
+        &mut app,
+        &request("c1", "POST", "/api/chat", &[json_ct], Some(&body)),
+        Duration::from_secs(20),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(sse_content(&r.text()), "Hello from the stub gateway.", "{r:?}");
+    // A key header from the app is not the bridge's: dropped, the bridge's own sent.
+    let r = app_fetch(
+        &mut app,
+        &request("m1", "GET", "/v1/models", &[(KEY_HEADER, "from-the-app")], None),
+        Duration::from_secs(20),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["data"][0]["id"], "hermes-agent", "{r:?}");
+    let chats = stub.stats()["chats"].as_u64().unwrap();
+    assert_eq!(chats, 1);
+
+    // Anyone else on this machine, without the key: 403, and nothing reaches the gateway.
+    let (status, _, out) = http(port, "POST", "/api/chat", &[json_ct], body.as_bytes());
+    assert_key_refusal(status, &out, "backend_key_required", "keyless chat");
+    let (status, _, out) = http(port, "GET", "/v1/models", &[], b"");
+    assert_key_refusal(status, &out, "backend_key_required", "keyless /v1/models");
+    let (status, _, out) = http(port, "GET", "/v1/models", &[(KEY_HEADER, "from-the-app")], b"");
+    assert_key_refusal(status, &out, "backend_key_wrong", "/v1/models with a wrong key");
+    let stats = stub.stats();
+    assert_eq!(stats["chats"], 1, "a keyless chat reached the gateway: {stats}");
+    let seen = stats["request_headers"].to_string();
+    assert!(!seen.contains("backend-key") && !seen.contains(&key), "key passed on: {seen}");
+    assert!(!seen.contains("from-the-app"), "the app's key header passed on: {seen}");
+
+    // The commands that look for the backend need no key.
+    u.run(&["--status"]).assert_code(0, "--status");
+    let doctor = u.run(&["--doctor", "--json"]);
+    let v: Value = serde_json::from_str(doctor.stdout.trim())
+        .unwrap_or_else(|e| panic!("--doctor --json ({e}): {}", doctor.stdout));
+    for hop in ["relay", "backend"] {
+        let found = v["hops"].as_array().unwrap().iter().find(|h| h["id"] == hop).cloned();
+        assert_eq!(found.as_ref().map(|h| h["state"].clone()), Some(json!("ok")), "{hop}: {v}");
+    }
+
+    // The key: nowhere but backend.key.
+    let pid = std::fs::read_to_string(u.state.join("bridge.pid")).unwrap();
+    let argv = std::fs::read(format!("/proc/{}/cmdline", pid.trim())).unwrap_or_default();
+    let bridge_log = std::fs::read_to_string(u.state.join("bridge.log")).unwrap_or_default();
+    let everything = format!(
+        "{}{}{}{}{}{}{}",
+        run.stdout,
+        run.stderr,
+        doctor.stdout,
+        doctor.stderr,
+        u.server_log(),
+        bridge_log,
+        String::from_utf8_lossy(&argv)
+    );
+    assert!(!everything.contains(&key), "the backend key leaked");
+    assert!(
+        u.server_log().contains("refused a request without the backend key"),
+        "{}",
+        u.server_log()
+    );
 }
 
 /// A gateway that is up but refuses the key (the key changed in `.env` while it runs), or

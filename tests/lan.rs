@@ -1006,6 +1006,46 @@ fn the_built_in_backend_is_served_over_the_lan() {
     assert_eq!(w.status, 200, "{:?}", String::from_utf8_lossy(&w.body));
 }
 
+/// `GET path` straight at `127.0.0.1:port` (no key): the status line and the body.
+fn plain_get(port: u16, path: &str) -> (String, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(RECV)).unwrap();
+    let head =
+        format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (line, rest) = text.split_once("\r\n").unwrap_or((&text, ""));
+    (line.to_owned(), rest.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned())
+}
+
+/// Where the owner of a connection cannot be looked up (macOS; here turned off with the
+/// test-only `HERMESCHAT_PEER_LOOKUP=off`), the LAN bridge brings the built-in backend its
+/// key: a LAN app's request is served, while one straight from this machine without the key
+/// is refused 403 (the health check aside).
+#[test]
+fn the_lan_bridge_brings_the_built_in_backend_its_key() {
+    let env = Env::new();
+    let bp = listen_port();
+    let (bps, lp) = (bp.to_string(), env.lan_port.to_string());
+    let run = env.run_env(
+        &env.local_args(&bps, &lp, &["--json"]),
+        &[(hermeschat_pair::backend::peer::LOOKUP_ENV, "off")],
+    );
+    run.assert_code(0, "--local with the built-in backend, without the owner lookup");
+    let qr = parse_local_payload(&run.stdout);
+    let (_, _, mut app) = pair_app(&qr.url, &qr.token);
+    let w = app.fetch(&request("u", "GET", "/api/uploads", &[], None));
+    assert_eq!(w.status, 200, "{:?}", String::from_utf8_lossy(&w.body));
+    let (line, body) = plain_get(bp, "/api/uploads");
+    assert_eq!(line, "HTTP/1.1 403 Forbidden", "{body}");
+    assert!(body.contains("backend_key_required"), "{body}");
+    assert_eq!(plain_get(bp, "/api/health").0, "HTTP/1.1 200 OK");
+    let mode = std::fs::metadata(env.home.join("backend.key")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
+
 /// Another state directory's daemon serving its built-in backend on the port (here, one whose
 /// directory was deleted, which stops within seconds) is waited for, not taken for the user's
 /// own API: the new daemon then runs the built-in backend itself.

@@ -11,13 +11,18 @@
 //!   arrives, errors as SSE events;
 //! - [`uploads`] — storing, listing and fetching uploaded files;
 //! - [`proxy`] — `/v1/*` and `/api/sessions*` passed to the gateway unchanged;
-//! - [`upstream`] — the gateway's address and key, and the direct provider.
+//! - [`upstream`] — the gateway's address and key, and the direct provider;
+//! - [`peer`] and [`key`] — who may use it: this user's own clients only. Where the system
+//!   tells who connects (Linux), other accounts are refused; where it cannot (macOS), a request
+//!   must carry the backend key of this state directory, which the bridge sends
+//!   (what each kind of client may do: [`peer::Access`]).
 //!
 //! Logs go to `server.log` in the state directory (size-rotated); never secrets or bodies.
 
 pub mod chat;
 pub mod conn;
 pub mod control;
+pub mod key;
 pub mod peer;
 pub mod proxy;
 pub mod uploads;
@@ -35,6 +40,8 @@ use crate::bridge::local_http::Timeouts;
 use crate::http::Head;
 use crate::state::{self, RotatingLog};
 use conn::{Conn, Next};
+use key::BackendKey;
+use peer::Access;
 use upstream::{Direct, GatewaySource, Upstream};
 
 /// Where the built-in backend listens and keeps its files.
@@ -72,6 +79,10 @@ pub struct Settings {
     pub max_upload: usize,
     /// Deadline of one `POST /api/gateway/restart`.
     pub restart_deadline: Duration,
+    /// Whether the owner of each connection is looked up ([`peer::access`]); when false, every
+    /// connection is treated as on a system that cannot tell (the backend key required).
+    /// From [`peer::LOOKUP_ENV`], which only tests set.
+    pub peer_lookup: bool,
 }
 
 impl Settings {
@@ -96,6 +107,7 @@ impl Settings {
             max_body: 16 << 20,
             max_upload: 10 << 20,
             restart_deadline: Duration::from_secs(30),
+            peer_lookup: peer::lookup_enabled(),
         }
     }
 }
@@ -118,6 +130,8 @@ pub struct Shared {
     pub restarting: Mutex<()>,
     /// Connections open now.
     active: AtomicUsize,
+    /// The backend key (`backend.key`), required where the client's owner is not known.
+    key: BackendKey,
 }
 
 impl Shared {
@@ -141,8 +155,8 @@ pub fn available() -> bool {
 
 /// Binds `<host>:<port>` (loopback) now, so a busy port is reported at once, and serves on a
 /// thread until `stop` is set.
-pub fn start(config: &BackendConfig, stop: Arc<AtomicBool>) -> io::Result<JoinHandle<()>> {
-    start_with(Settings::from_env(config), stop).map(|s| s.thread)
+pub fn start(config: &BackendConfig, stop: Arc<AtomicBool>) -> io::Result<Started> {
+    start_with(Settings::from_env(config), stop)
 }
 
 /// A running backend.
@@ -153,6 +167,8 @@ pub struct Started {
     pub thread: JoinHandle<()>,
     /// The shared state (for tests and diagnostics).
     pub shared: Arc<Shared>,
+    /// Its key (`backend.key`): what this state directory's bridge presents to it.
+    pub key: BackendKey,
 }
 
 /// [`start`] with explicit settings.
@@ -160,6 +176,7 @@ pub fn start_with(settings: Settings, stop: Arc<AtomicBool>) -> io::Result<Start
     let listener = TcpListener::bind((settings.host, settings.port))?;
     let port = listener.local_addr()?.port();
     state::ensure_dir(&settings.state_dir)?;
+    let (key, key_note) = key::load_or_create(&settings.state_dir)?;
     let log = match RotatingLog::open(&state::server_log(&settings.state_dir)) {
         Ok(l) => Some(l),
         Err(e) => {
@@ -178,7 +195,11 @@ pub fn start_with(settings: Settings, stop: Arc<AtomicBool>) -> io::Result<Start
         stop: stop.clone(),
         restarting: Mutex::new(()),
         active: AtomicUsize::new(0),
+        key: key.clone(),
     });
+    if let Some(note) = key_note {
+        shared.log(&note);
+    }
     let poller = crate::poll::Poller::new()?;
     // SAFETY: the listener outlives its registration: it is deleted from the poller before
     // the acceptor thread drops either.
@@ -200,7 +221,7 @@ pub fn start_with(settings: Settings, stop: Arc<AtomicBool>) -> io::Result<Start
     let thread = std::thread::Builder::new()
         .name("backend-accept".into())
         .spawn(move || accept_loop(&listener, &poller, &s2))?;
-    Ok(Started { port, thread, shared })
+    Ok(Started { port, thread, shared, key })
 }
 
 /// Accepts until `stop`, then waits briefly for open connections to finish.
@@ -241,8 +262,9 @@ fn spawn_connection(stream: TcpStream, peer: std::net::SocketAddr, shared: &Arc<
     }
     let s2 = shared.clone();
     let spawned = std::thread::Builder::new().name("backend-conn".into()).spawn(move || {
-        let stranger = peer::is_another_user(&stream, peer);
-        serve_connection(Conn::new(stream), &s2, stranger);
+        let access =
+            if s2.settings.peer_lookup { peer::access(&stream, peer) } else { Access::Unsupported };
+        serve_connection(Conn::new(stream), &s2, access);
         s2.active.fetch_sub(1, Ordering::SeqCst);
     });
     if let Err(e) = spawned {
@@ -261,12 +283,30 @@ fn body_cap(shared: &Shared, head: &Head) -> usize {
 }
 
 /// Serves requests on one connection until it closes.
-fn serve_connection(mut c: Conn, shared: &Arc<Shared>, stranger: bool) {
-    if stranger {
-        // Another account of this machine (or a client gone already): the gateway key this
-        // backend adds is not its, and its health check would make its own pairing take this
-        // backend for its own. Answered at once, then its request is drained for a moment
-        // (so that closing does not reset the answer away): a silent one holds a slot 0.2 s.
+///
+/// Who may use it, by what [`peer::access`] found out about the client:
+/// - this user's own ([`Access::Ours`]): everything, as it always was; a backend key sent
+///   along is taken out and not checked, so the user's own scripts need none;
+/// - another account's ([`Access::Stranger`]): nothing, refused at once;
+/// - a client the system knows of but has no owner for ([`Access::Unknown`]: gone, an
+///   orphan): only requests with the backend key, the health check too (as it was refused
+///   before there was a key);
+/// - on a system that cannot tell ([`Access::Unsupported`]): requests with the backend key,
+///   and the health check without one. `GET /api/health` stays open there because the
+///   commands that look for a backend before any key exists or is theirs ask it (pairing's
+///   backend check, which also recognises another state directory's built-in backend by it,
+///   `--status`, the doctor's backend hop), and it drives nothing: it tells whether the
+///   gateway is up, never sends a request of the caller's on, and starts at most one check of
+///   the gateway key every 30 s.
+///
+/// The key header is removed from every request before it is routed, so it never reaches the
+/// gateway, a log or anything else.
+fn serve_connection(mut c: Conn, shared: &Arc<Shared>, access: Access) {
+    if access == Access::Stranger {
+        // Another account of this machine: the gateway key this backend adds is not its, and
+        // its health check would make its own pairing take this backend for its own.
+        // Answered at once, then its request is drained for a moment (so that closing does
+        // not reset the answer away): a silent one holds a slot 0.2 s.
         shared.log("refused a connection of another user of this machine (403)");
         let msg = "this is another user's built-in backend: only the user running that \
                    hermeschat-pair may use it; pass --port <another port>";
@@ -275,7 +315,7 @@ fn serve_connection(mut c: Conn, shared: &Arc<Shared>, stranger: bool) {
         return;
     }
     loop {
-        let req = match c.next(&shared.stop, |h| body_cap(shared, h)) {
+        let mut req = match c.next(&shared.stop, |h| body_cap(shared, h)) {
             Next::Request(r) => r,
             Next::Closed => return,
             Next::Refuse(status, msg) => {
@@ -285,8 +325,14 @@ fn serve_connection(mut c: Conn, shared: &Arc<Shared>, stranger: bool) {
             }
         };
         let started = Instant::now();
-        let close = req.head.wants_close() || shared.stop.load(Ordering::SeqCst);
-        let outcome = route(shared, &req, &mut c, close);
+        let presented = key::take_from(&mut req.head.headers);
+        let refusal = key_refusal(shared, access, &req.head, presented.as_deref());
+        let close =
+            refusal.is_some() || req.head.wants_close() || shared.stop.load(Ordering::SeqCst);
+        let outcome = match refusal {
+            Some((code, msg)) => c.error(403, code, msg, close).map(|()| 403),
+            None => route(shared, &req, &mut c, close),
+        };
         // Only a health check can keep itself out of the log (the header passes through the
         // bridge from apps like any other).
         let probe = req.head.method == "GET"
@@ -310,6 +356,52 @@ fn serve_connection(mut c: Conn, shared: &Arc<Shared>, stranger: bool) {
         }
     }
 }
+
+/// Why a request on a connection with `access` is refused for its backend key (`presented`,
+/// if any): the error code and message of the 403, `None` when it may be served
+/// ([`serve_connection`] has the rules).
+fn key_refusal(
+    shared: &Shared,
+    access: Access,
+    head: &Head,
+    presented: Option<&str>,
+) -> Option<(&'static str, &'static str)> {
+    let open = match access {
+        Access::Ours => return None,
+        Access::Unsupported => {
+            matches!(head.method.as_str(), "GET" | "HEAD")
+                && matches!(head.path(), "/api/health" | "/health")
+        }
+        Access::Unknown | Access::Stranger => false,
+    };
+    match presented {
+        Some(k) if shared.key.matches(k) => None,
+        _ if open => None,
+        None => {
+            shared.log("refused a request without the backend key (403): its sender is unknown");
+            Some(("backend_key_required", KEY_REQUIRED))
+        }
+        Some(_) => {
+            shared.log("refused a request with a wrong backend key (403)");
+            Some(("backend_key_wrong", KEY_WRONG))
+        }
+    }
+}
+
+/// The 403 for a request without the backend key.
+const KEY_REQUIRED: &str = "this backend serves only the hermeschat-pair of the account that \
+    started it, and this system cannot tell which account a connection comes from, so a request \
+    must carry the key in backend.key of that hermeschat-pair's state directory in the \
+    X-Hermeschat-Backend-Key header, as its bridge does. From another account (or state \
+    directory), run your own backend: hermeschat-pair --port <a free port>; a script of yours \
+    sends the header with the contents of backend.key";
+
+/// The 403 for a request with a key that is not this backend's.
+const KEY_WRONG: &str = "this backend serves only the hermeschat-pair of the account that \
+    started it, and the X-Hermeschat-Backend-Key header does not hold its key (another state \
+    directory's, or backend.key was replaced after this backend started: restart it with \
+    hermeschat-pair --stop, then hermeschat-pair). From another account, run your own backend: \
+    hermeschat-pair --port <a free port>";
 
 /// True for a loopback host name, with or without a port (an IPv6 literal bracketed, or bare
 /// without a port).

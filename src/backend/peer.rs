@@ -10,7 +10,8 @@
 //! found (it reset the connection already) or is an orphan the kernel keeps after its owner
 //! closed it (FIN-WAIT-2, TIME-WAIT: no inode, uid 0) is not taken for ours. Where the system
 //! tells nothing (macOS; no netlink and no `/proc`; this process running as the overflow uid,
-//! which every unmapped user looks like) nobody is refused.
+//! which every unmapped user looks like), and for such a client of nobody's, the backend asks
+//! for its key instead ([`Access`], [`super::key`]).
 
 use std::net::{SocketAddr, TcpStream};
 
@@ -36,18 +37,47 @@ pub fn client(stream: &TcpStream, peer: SocketAddr) -> Client {
     }
 }
 
-/// True unless the client end of `stream` (accepted from `peer`) is known to be this user's
-/// own, or this system cannot tell.
-pub fn is_another_user(stream: &TcpStream, peer: SocketAddr) -> bool {
+/// How the built-in backend treats a connection, from what the system tells of its client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// This user's own client: served (the backend key is taken but not required).
+    Ours,
+    /// Another account's: refused at once.
+    Stranger,
+    /// The system was asked and has no owner for it (gone already, or an orphan): served only
+    /// with the backend key ([`super::key`]), its health check too.
+    Unknown,
+    /// This system cannot tell (macOS; no netlink and no `/proc/net`; this process running as
+    /// the overflow uid, which every unmapped user looks like): served only with the backend
+    /// key, but for the health check.
+    Unsupported,
+}
+
+/// Turns the lookup of a connection's owner off, as on a system that has none: set to `off`
+/// (`HERMESCHAT_PEER_LOOKUP=off`). Test-only: the suites use it to run on Linux the path macOS
+/// takes (the backend key required). It can only make the backend stricter, never let another
+/// account in: without the lookup every client needs the key, which only this account can
+/// read. [`foreign_listener`] is not affected.
+pub const LOOKUP_ENV: &str = "HERMESCHAT_PEER_LOOKUP";
+
+/// False when [`LOOKUP_ENV`] turns the lookup off.
+pub fn lookup_enabled() -> bool {
+    std::env::var(LOOKUP_ENV).map_or(true, |v| v.trim() != "off")
+}
+
+/// What the built-in backend may do for the client end of the accepted `stream` (from
+/// `peer`).
+pub fn access(stream: &TcpStream, peer: SocketAddr) -> Access {
     // SAFETY: geteuid has no preconditions and cannot fail.
     let ours = unsafe { libc::geteuid() };
     if ours == OVERFLOW_UID {
-        return false;
+        return Access::Unsupported;
     }
     match client(stream, peer) {
-        Client::Owner(uid) => uid != ours,
-        Client::Unknown => true,
-        Client::Unsupported => false,
+        Client::Owner(uid) if uid == ours => Access::Ours,
+        Client::Owner(_) => Access::Stranger,
+        Client::Unknown => Access::Unknown,
+        Client::Unsupported => Access::Unsupported,
     }
 }
 
@@ -495,7 +525,9 @@ mod tests {
             if std::path::Path::new("/proc/net/tcp").exists() {
                 assert_eq!(proc_owner(peer, local), Client::Owner(ours()), "{bind} /proc");
             }
-            assert!(!is_another_user(&served, peer));
+            if ours() != OVERFLOW_UID {
+                assert_eq!(access(&served, peer), Access::Ours, "{bind}");
+            }
             drop(client);
         }
     }
@@ -532,7 +564,7 @@ mod tests {
             let proc = proc_owner(peer, local);
             assert!(!known(proc) || proc == Client::Unknown, "reset {reset}: /proc {proc:?}");
             if ours() != OVERFLOW_UID && known(client_of(&served, peer)) {
-                assert!(is_another_user(&served, peer), "reset {reset}: taken for ours");
+                assert_ne!(access(&served, peer), Access::Ours, "reset {reset}: taken for ours");
             }
         }
     }

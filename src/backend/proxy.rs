@@ -24,8 +24,9 @@ pub fn is_proxied(path: &str) -> bool {
         || path.starts_with("/api/sessions/")
 }
 
-/// Request headers for the gateway: hop-by-hop headers, `Host`, the bridge's client header and
-/// (when we have a key) the app's `Authorization` dropped; the gateway key added.
+/// Request headers for the gateway: hop-by-hop headers, `Host`, the bridge's client header, the
+/// backend key header (taken out on arrival already: [`super::key::take_from`]) and (when we
+/// have a key) the app's `Authorization` dropped; the gateway key added.
 pub fn upstream_headers(head: &Head, config: &HermesConfig) -> Vec<(String, String)> {
     let auth = Upstream::auth_header(config);
     let mut out: Vec<(String, String)> = head
@@ -33,8 +34,10 @@ pub fn upstream_headers(head: &Head, config: &HermesConfig) -> Vec<(String, Stri
         .iter()
         .filter(|(n, _)| {
             let replaced = auth.is_some() && n.eq_ignore_ascii_case("authorization");
-            let dropped =
-                is_hop_by_hop(n) || is_client_header(n) || n.eq_ignore_ascii_case("expect");
+            let dropped = is_hop_by_hop(n)
+                || is_client_header(n)
+                || super::key::is_key_header(n)
+                || n.eq_ignore_ascii_case("expect");
             !(replaced || dropped)
         })
         .cloned()

@@ -469,6 +469,8 @@ pub struct LocalClient {
     idle: Arc<Mutex<IdlePool>>,
     /// Deadlines.
     timeouts: Timeouts,
+    /// The built-in backend's key, sent with every request ([`LocalClient::with_backend_key`]).
+    backend_key: Option<crate::backend::key::BackendKey>,
 }
 
 impl LocalClient {
@@ -487,7 +489,16 @@ impl LocalClient {
             authority,
             idle: Arc::new(Mutex::new(Vec::new())),
             timeouts,
+            backend_key: None,
         }
+    }
+
+    /// Sends `key` in [`crate::backend::key::HEADER`] with every request: only for the
+    /// built-in backend this process started (never to another backend, which has no use for
+    /// it). A header of that name among a request's own is the caller's to drop.
+    pub fn with_backend_key(mut self, key: crate::backend::key::BackendKey) -> LocalClient {
+        self.backend_key = Some(key);
+        self
     }
 
     /// Names what this client talks to in its errors ("Hermes gateway" instead of "backend").
@@ -686,7 +697,8 @@ impl LocalClient {
         // One allocation for the head and a small body.
         let header_bytes: usize =
             headers.iter().map(|(n, v)| n.as_ref().len() + v.as_ref().len() + 4).sum();
-        let room = method.len() + path.len() + self.authority.len() + header_bytes + 64;
+        let key_bytes = self.backend_key.as_ref().map_or(0, |k| k.expose().len() + 30);
+        let room = method.len() + path.len() + self.authority.len() + header_bytes + key_bytes + 64;
         let mut head = String::with_capacity(room + if coalesce { body.len() } else { 0 });
         let authority = &self.authority;
         let line = format_args!("{method} {path} HTTP/1.1\r\nHost: {authority}\r\n");
@@ -697,6 +709,12 @@ impl LocalClient {
             head.push_str(name);
             head.push_str(": ");
             head.push_str(value);
+            head.push_str("\r\n");
+        }
+        if let Some(key) = &self.backend_key {
+            head.push_str(crate::backend::key::HEADER);
+            head.push_str(": ");
+            head.push_str(key.expose());
             head.push_str("\r\n");
         }
         let needs_length = !body.is_empty()

@@ -299,11 +299,16 @@ pub fn start(
         state::status_json(&state_dir),
     ));
     let mut threads = Vec::new();
+    let mut target = target;
     if let Some(config) = &backend {
-        threads.push(
-            crate::backend::start(config, stop.clone())
-                .map_err(|e| format!("the built-in backend cannot start: {e}"))?,
-        );
+        let started = crate::backend::start(config, stop.clone()).map_err(|e| {
+            format!("the built-in backend cannot start: {e}{}", state::write_hint(&e))
+        })?;
+        threads.push(started.thread);
+        // This bridge started the backend at `target`: it is the built-in one, so it gets the
+        // key (required where the backend cannot tell who connects). A bridge that did not
+        // start it (the user's own backend, or nothing yet) never sends it.
+        target.backend_key = Some(started.key);
         let addr = std::net::SocketAddr::new(config.host, config.port);
         log(&format!("built-in backend listening on http://{addr}"));
     }

@@ -81,6 +81,9 @@ pub struct Target {
     pub port: u16,
     /// Path prefixes forwarded (PROTOCOL §7); anything else is `FORBIDDEN_PATH`.
     pub allowed_prefixes: Vec<String>,
+    /// The built-in backend's key, sent with every request, when this bridge started the
+    /// built-in backend at this address itself; `None` for any other backend.
+    pub backend_key: Option<crate::backend::key::BackendKey>,
 }
 
 impl Target {
@@ -90,6 +93,7 @@ impl Target {
             host: host.to_owned(),
             port,
             allowed_prefixes: DEFAULT_ALLOWED_PREFIXES.iter().map(|p| (*p).to_owned()).collect(),
+            backend_key: None,
         }
     }
 
@@ -487,7 +491,10 @@ impl Pool {
     /// As [`Pool::new`], with workers that leave after `idle_for` without a job.
     pub fn with_idle(target: Target, workers: usize, limits: Limits, idle_for: Duration) -> Pool {
         let shared = Arc::new(Shared {
-            client: LocalClient::new(&target.host, target.port),
+            client: match target.backend_key {
+                Some(key) => LocalClient::new(&target.host, target.port).with_backend_key(key),
+                None => LocalClient::new(&target.host, target.port),
+            },
             allowed: target.allowed_prefixes,
             limits,
             open: Mutex::new(OpenState { map: FastMap::default(), closing: None }),
@@ -1110,12 +1117,15 @@ fn request_body<'a>(req: &'a RequestFrame, limits: &Limits) -> Result<Body<'a>, 
     Ok(body)
 }
 
-/// The headers sent to the backend: hop-by-hop, Host, Content-Length and any client-supplied
-/// client header dropped (an app must not speak for another), ours added.
+/// The headers sent to the backend: hop-by-hop, Host, Content-Length, any client-supplied
+/// client header (an app must not speak for another) and backend key header (the client adds
+/// the key itself, for the built-in backend only) dropped, ours added.
 fn backend_headers(req: &RequestFrame) -> Vec<(&str, &str)> {
     let mut headers: Vec<(&str, &str)> = Vec::with_capacity(req.headers.len() + 1);
     let passed = req.headers.iter().map(|(n, v)| (n.as_str(), v.as_str()));
-    headers.extend(passed.filter(|(n, _)| !is_hop_by_hop(n) && !is_client_header(n)));
+    headers.extend(passed.filter(|(n, _)| {
+        !is_hop_by_hop(n) && !is_client_header(n) && !crate::backend::key::is_key_header(n)
+    }));
     if let Some(client) = &req.client {
         headers.push((CLIENT_HEADER, client));
     }
