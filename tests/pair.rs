@@ -852,7 +852,11 @@ fn status_json_reports_daemon_relay_and_backend() {
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    assert_eq!(v["daemon"], json!({"running": true, "pid": pid, "suspended": false}), "{v}");
+    assert_eq!(
+        v["daemon"],
+        json!({"running": true, "pid": pid, "suspended": false, "programReplaced": false}),
+        "{v}"
+    );
     assert_eq!(v["bridgeId"], s.qr.g.as_str(), "{v}");
     assert_eq!(v["relay"]["connected"], true, "{v}");
     assert_eq!(v["backend"]["state"], "ready", "{v}");
