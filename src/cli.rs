@@ -1516,6 +1516,11 @@ fn run_bridge(args: &Args, mut ready: Readiness, detached: bool) -> Result<(), E
             }
             e => fail(e.to_string()),
         })?;
+        // Temp files of an earlier daemon killed mid-write (SIGKILL, a power cut).
+        let stale = state::remove_stale_temps(&dir);
+        if stale > 0 {
+            bridge::log(&format!("removed {stale} temp file(s) left by processes that died"));
+        }
         let (host, port) = backend_address(args, &config)?;
         // The built-in backend runs when nothing serves the port (loopback only), unless the
         // pairing chose the user's own backend: that one may just not be up yet. A daemon the

@@ -210,17 +210,24 @@ static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 ///
 /// On any error the temp file is removed and the old `path`, if any, is left as it was.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    write_atomic_raw(path, bytes, FILE_MODE).map_err(|e| with_path(path, e))
+    write_atomic_raw(path, bytes, FILE_MODE, Durable::Yes).map_err(|e| with_path(path, e))
 }
 
 /// [`write_atomic`] for a file others may read (`mode`, whatever the umask: a service file is
 /// 0644).
 pub fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
-    write_atomic_raw(path, bytes, mode).map_err(|e| with_path(path, e))
+    write_atomic_raw(path, bytes, mode, Durable::Yes).map_err(|e| with_path(path, e))
 }
 
 /// [`write_atomic`] without the path added to errors.
-fn write_atomic_raw(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+/// Whether an atomic write is also flushed to the disk (the file, then its directory).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Durable {
+    Yes,
+    No,
+}
+
+fn write_atomic_raw(path: &Path, bytes: &[u8], mode: u32, durable: Durable) -> io::Result<()> {
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the path has no file name"))?;
@@ -232,9 +239,12 @@ fn write_atomic_raw(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
         let _ = fs::remove_file(&tmp);
         return Err(e);
     }
-    if let Err(e) = fill_and_rename(file, &tmp, path, bytes) {
+    if let Err(e) = fill_and_rename(file, &tmp, path, bytes, durable) {
         let _ = fs::remove_file(&tmp);
         return Err(e);
+    }
+    if durable == Durable::No {
+        return Ok(());
     }
     sync_dir(dir)
 }
@@ -270,11 +280,50 @@ fn create_temp(dir: &Path, name: &std::ffi::OsStr) -> io::Result<(PathBuf, File)
 }
 
 /// Writes and fsyncs `file`, closes it, and renames `tmp` over `path`.
-fn fill_and_rename(mut file: File, tmp: &Path, path: &Path, bytes: &[u8]) -> io::Result<()> {
+fn fill_and_rename(
+    mut file: File,
+    tmp: &Path,
+    path: &Path,
+    bytes: &[u8],
+    durable: Durable,
+) -> io::Result<()> {
     file.write_all(bytes)?;
-    file.sync_all()?;
+    if durable == Durable::Yes {
+        file.sync_all()?;
+    }
     drop(file);
     fs::rename(tmp, path)
+}
+
+/// Removes the temp files of the atomic writes (`.<name>.<pid>.<n>.tmp`) in `dir` that a
+/// process no longer alive left behind (killed between creating and renaming one: SIGKILL,
+/// the OOM killer, a power cut). Those of live processes are left alone. Returns how many
+/// went.
+pub fn remove_stale_temps(dir: &Path) -> usize {
+    let Ok(entries) = fs::read_dir(dir) else { return 0 };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(temp_owner) else { continue };
+        // SAFETY: kill with signal 0 only checks whether the process exists.
+        let gone = unsafe { libc::kill(pid, 0) } != 0
+            && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone && fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// The pid in a temp file's name `.<name>.<pid>.<n>.tmp`, if it is one.
+fn temp_owner(name: &str) -> Option<libc::pid_t> {
+    let rest = name.strip_prefix('.')?.strip_suffix(".tmp")?;
+    let mut parts = rest.rsplitn(3, '.');
+    let n = parts.next()?;
+    let pid = parts.next()?;
+    let _file = parts.next().filter(|f| !f.is_empty())?;
+    n.parse::<u64>().ok()?;
+    pid.parse::<libc::pid_t>().ok().filter(|&p| p > 0)
 }
 
 /// Fsyncs a directory so a rename inside it is durable. Filesystems that cannot fsync a
@@ -358,12 +407,30 @@ impl std::error::Error for StateError {
 
 /// Writes `value` to `path` as pretty JSON with a trailing newline, atomically, mode 0600.
 pub fn write_json<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<(), StateError> {
+    write_json_as(path, value, Durable::Yes)
+}
+
+/// [`write_json`] for a snapshot rewritten often and written again by its writer whenever it
+/// is lost (the daemon's `status.json`): still atomic (a reader sees the old file or the new
+/// one), but not fsynced, so a burst of changes costs no disk flushes.
+pub fn write_json_snapshot<T: Serialize + ?Sized>(
+    path: &Path,
+    value: &T,
+) -> Result<(), StateError> {
+    write_json_as(path, value, Durable::No)
+}
+
+fn write_json_as<T: Serialize + ?Sized>(
+    path: &Path,
+    value: &T,
+    durable: Durable,
+) -> Result<(), StateError> {
     let mut bytes = serde_json::to_vec_pretty(value).map_err(|e| StateError::Json {
         path: path.to_path_buf(),
         message: redact_secrets(&e.to_string()),
     })?;
     bytes.push(b'\n');
-    write_atomic_raw(path, &bytes, FILE_MODE)
+    write_atomic_raw(path, &bytes, FILE_MODE, durable)
         .map_err(|source| StateError::Io { path: path.to_path_buf(), source })
 }
 
@@ -1014,6 +1081,25 @@ impl Write for RotatingLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn temp_files_of_dead_processes_are_removed() {
+        let dir = std::env::temp_dir().join(format!("hc-stale-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        // A pid that cannot be alive (above pid_max) and this process's own.
+        let dead = dir.join(".status.json.2147483646.3.tmp");
+        let ours = dir.join(format!(".status.json.{}.4.tmp", std::process::id()));
+        let other = dir.join("status.json.1.2.tmp.keep");
+        for f in [&dead, &ours, &other] {
+            fs::write(f, "x").unwrap();
+        }
+        assert_eq!(remove_stale_temps(&dir), 1);
+        assert!(!dead.exists() && ours.exists() && other.exists());
+        assert_eq!(temp_owner(".bridge.json.12.0.tmp"), Some(12));
+        assert_eq!(temp_owner("..12.0.tmp"), None);
+        assert_eq!(temp_owner(".x.y.tmp"), None);
+        let _ = fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn account_name_reads_the_user_database() {

@@ -195,3 +195,62 @@ fn a_frame_type_from_a_newer_protocol_is_answered_on_its_request() {
     assert_eq!(slow[0]["status"], 200, "{answers:?}");
     assert_eq!(answers.len(), 3, "{answers:?}");
 }
+
+/// Apps that connect and leave as fast as the relay can say so (a flapping app, two phones
+/// sharing one device credential): the bridge keeps answering requests in between, within the
+/// relay's idle cut-off (a bridge that sends nothing for 60 s is dropped: it used to fsync
+/// status.json four times per pair and flush nothing until the flood ended, about 70 s for
+/// these 60,000 pairs here), and status.json ends with the apps online that are.
+#[test]
+fn a_flood_of_app_presence_frames_does_not_stall_the_bridge() {
+    let backend = Backend::start();
+    let env = Env::new();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let _bridge = Bridge::start(&env, listener.local_addr().unwrap().port(), &backend);
+    let mut ws = accept(&listener);
+    let stays = "hcl_ffffffffffffffff";
+    let mut tcp = ws.get_ref().try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let mut w = WebSocket::from_raw_socket(&mut tcp, tungstenite::protocol::Role::Server, None);
+        let send = |w: &mut WebSocket<_>, f: serde_json::Value| {
+            w.write(Message::text(f.to_string())).unwrap();
+        };
+        send(&mut w, json!({"type": "client.connected", "client": stays, "deviceName": "d"}));
+        for i in 0..60_000u32 {
+            let client = format!("hcl_{i:016x}");
+            send(&mut w, json!({"type": "client.connected", "client": client, "deviceName": "d"}));
+            send(&mut w, json!({"type": "client.disconnected", "client": client}));
+            if i % 3000 == 2999 {
+                send(
+                    &mut w,
+                    json!({"type": "request", "id": format!("r{i}"), "client": stays,
+                                    "method": "GET", "path": "/api/health"}),
+                );
+            }
+        }
+        w.flush().unwrap();
+    });
+    // Every request is answered (the reading goes on while the answers are read here).
+    let t0 = Instant::now();
+    let mut answered = 0;
+    while answered < 20 {
+        assert!(t0.elapsed() < Duration::from_secs(60), "{answered} of 20 answered in 60 s");
+        if let Message::Text(t) = ws.read().unwrap()
+            && t.as_str().contains("\"type\":\"response\"")
+        {
+            answered += 1;
+        }
+    }
+    writer.join().unwrap();
+    // status.json: the one app that stayed, soon.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(env.home.join("status.json")).unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        if v["appsOnline"] == json!([stays]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "appsOnline: {}", v["appsOnline"]);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

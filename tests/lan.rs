@@ -1149,9 +1149,20 @@ fn a_lan_device_is_listed_and_revoked_on_its_own() {
     let token = env.pair_json(&backend, &["--refresh-code"], &[]).token;
     let (kept_id, _, mut kept) = pair_app(&qr.url, &token);
 
-    let devices = env.run(&["--devices", "--json"]);
-    devices.assert_code(0, "--devices with LAN devices only");
-    let v: Value = serde_json::from_str(&devices.stdout).unwrap();
+    // Both listed, and online (status.json has the apps online within a moment).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let v = loop {
+        let devices = env.run(&["--devices", "--json"]);
+        devices.assert_code(0, "--devices with LAN devices only");
+        let v: Value = serde_json::from_str(&devices.stdout).unwrap();
+        let all_online = v["lanDevices"]
+            .as_array()
+            .is_some_and(|d| d.len() == 2 && d.iter().all(|d| d["online"] == true));
+        if all_online || Instant::now() >= deadline {
+            break v;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     let listed: BTreeSet<&str> = v["lanDevices"]
         .as_array()
         .unwrap()

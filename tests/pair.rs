@@ -1823,3 +1823,19 @@ fn a_service_bridge_leaves_quietly_when_one_already_runs() {
         assert!(run.all().contains("The service leaves it running"), "{var}: {}", run.all());
     }
 }
+
+/// A daemon killed while it wrote a state file leaves its temp file behind; the next daemon
+/// removes those of dead processes (and only those).
+#[test]
+fn a_starting_daemon_removes_temp_files_of_dead_processes() {
+    let s = setup();
+    let stale = s.env.home.join(".status.json.2147483646.7.tmp");
+    let live = s.env.home.join(format!(".status.json.{}.7.tmp", std::process::id()));
+    std::fs::write(&stale, "{").unwrap();
+    std::fs::write(&live, "{").unwrap();
+    s.env.run(&["--stop"]).assert_code(0, "--stop");
+    s.env.pair_json(&s.relay, &s.backend, &[]);
+    assert!(!stale.exists(), "the dead process's temp file is still there");
+    assert!(live.exists(), "a live process's temp file was removed");
+    assert!(s.env.log().contains("removed 1 temp file(s)"), "{}", s.env.log());
+}

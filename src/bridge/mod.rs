@@ -19,7 +19,7 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::SyncSender;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use crate::poll::Poller;
 use serde::{Deserialize, Serialize};
@@ -150,31 +150,93 @@ pub struct Status {
     pub updated_at: u64,
 }
 
-/// The daemon's live status, shared by its threads and saved on every change.
+/// The daemon's live status, shared by its threads and saved to `status.json` (a snapshot:
+/// atomic, not fsynced) on every change, or soon after one ([`LiveStatus::update_soon`]).
 pub struct LiveStatus {
-    status: Mutex<Status>,
+    state: Mutex<Kept>,
+    /// Signalled by [`LiveStatus::update_soon`] and [`LiveStatus::close`].
+    changed: Condvar,
     path: PathBuf,
 }
+
+/// The status and what [`LiveStatus::run_saver`] has left to do.
+struct Kept {
+    status: Status,
+    /// A change made by [`LiveStatus::update_soon`] is not on disk yet.
+    unsaved: bool,
+    /// The saver is to save what is left and return.
+    closed: bool,
+}
+
+/// The least time between two saves of [`LiveStatus::run_saver`]: a burst of changes is one
+/// write, and the changes it makes wait at most this long.
+const SAVE_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl LiveStatus {
     /// Starts from `initial`, saving to `path`.
     pub fn new(initial: Status, path: PathBuf) -> LiveStatus {
-        let live = LiveStatus { status: Mutex::new(initial), path };
+        let kept = Kept { status: initial, unsaved: false, closed: false };
+        let live = LiveStatus { state: Mutex::new(kept), changed: Condvar::new(), path };
         live.update(|_| {});
         live
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, Kept> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Applies `f` and saves the result (only when it changed something).
     pub fn update(&self, f: impl FnOnce(&mut Status)) {
-        let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
-        let before = serde_json::to_string(&*s).unwrap_or_default();
-        f(&mut s);
-        let after = serde_json::to_string(&*s).unwrap_or_default();
-        if before != after || s.updated_at == 0 {
-            s.updated_at = crate::relay::now_ms();
-            if let Err(e) = state::write_json(&self.path, &*s) {
-                log(&format!("cannot write {}: {e}", self.path.display()));
+        let mut k = self.lock();
+        let before = serde_json::to_string(&k.status).unwrap_or_default();
+        f(&mut k.status);
+        let after = serde_json::to_string(&k.status).unwrap_or_default();
+        if before != after || k.status.updated_at == 0 || k.unsaved {
+            k.unsaved = false;
+            self.save(&mut k.status);
+        }
+    }
+
+    /// Applies `f` now and leaves the saving to [`LiveStatus::run_saver`]'s thread: for
+    /// changes that come in bursts (apps connecting and leaving, as fast as a flapping app
+    /// likes), so that the thread serving the sockets never waits on the disk for them.
+    pub fn update_soon(&self, f: impl FnOnce(&mut Status)) {
+        let mut k = self.lock();
+        f(&mut k.status);
+        k.unsaved = true;
+        self.changed.notify_one();
+    }
+
+    /// Saves what [`LiveStatus::update_soon`] changes, at most every 100 ms, until
+    /// [`LiveStatus::close`]. Runs on a thread of its own, asleep while nothing changes.
+    pub fn run_saver(&self) {
+        loop {
+            let mut k = self.lock();
+            while !k.unsaved && !k.closed {
+                k = self.changed.wait(k).unwrap_or_else(|p| p.into_inner());
             }
+            if k.unsaved {
+                k.unsaved = false;
+                self.save(&mut k.status);
+            }
+            if k.closed {
+                return;
+            }
+            drop(k);
+            std::thread::sleep(SAVE_EVERY);
+        }
+    }
+
+    /// Makes [`LiveStatus::run_saver`] save what is left and return.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.changed.notify_all();
+    }
+
+    fn save(&self, s: &mut Status) {
+        s.updated_at = crate::relay::now_ms();
+        if let Err(e) = state::write_json_snapshot(&self.path, s) {
+            log(&format!("cannot write {}: {e}", self.path.display()));
         }
     }
 
@@ -182,19 +244,19 @@ impl LiveStatus {
     /// a stale copy put back): it is otherwise written only on a change, and `--status` reads
     /// it.
     pub fn keep_on_disk(&self) {
-        let s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        let k = self.lock();
         let on_disk = state::read_json::<serde_json::Value>(&self.path).ok().flatten();
-        if on_disk.is_some() && on_disk == serde_json::to_value(&*s).ok() {
+        if on_disk.is_some() && on_disk == serde_json::to_value(&k.status).ok() {
             return;
         }
-        if let Err(e) = state::write_json(&self.path, &*s) {
+        if let Err(e) = state::write_json_snapshot(&self.path, &k.status) {
             log(&format!("cannot write {}: {e}", self.path.display()));
         }
     }
 
     /// A copy of the current status.
     pub fn get(&self) -> Status {
-        self.status.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.lock().status.clone()
     }
 }
 
@@ -321,6 +383,15 @@ pub fn start(
         );
     }
     {
+        let status = status.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("status".into())
+                .spawn(move || status.run_saver())
+                .map_err(|e| format!("cannot start the status saver: {e}"))?,
+        );
+    }
+    {
         let (status, stop, target) = (status.clone(), stop.clone(), target.clone());
         let (dir, identity) = (state_dir.clone(), identity.clone());
         threads.push(
@@ -368,6 +439,7 @@ impl Bridge {
         }
         self.stop.store(true, Ordering::SeqCst);
         self.pool.shutdown(crate::protocol::ErrorCode::ShuttingDown);
+        self.status.close();
         for t in self.threads {
             let _ = t.join();
         }

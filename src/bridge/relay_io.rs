@@ -256,9 +256,10 @@ impl RelayIo {
         // Registered interest: (readable, writable).
         let mut interest = (true, false);
         // Read the relay socket only when it was reported readable: `read_frames` reads until
-        // it would block, so nothing is left behind in between.
+        // it would block, or stops early and says so (`held`), so nothing is left behind.
         let mut relay_ready = true;
-        // Reading stopped at the pause ([`READ_PAUSE`]) and is to go on once the queue drains.
+        // Reading stopped early ([`FRAMES_PER_READ`], [`READ_PAUSE`]) and is to go on (once the
+        // queue drains below the pause).
         let mut held = false;
         // Terminal frames of inline requests, sent with the next flush.
         let mut answers: Vec<String> = Vec::new();
@@ -319,8 +320,8 @@ impl RelayIo {
                 let ev = Event::new(SOCKET, interest.0, interest.1);
                 let _ = self.poller.modify_with_mode(tcp, ev, PollMode::Level);
             }
-            // Reading stopped at the pause with frames maybe left in the reader's buffer, which
-            // no readiness event announces; the queue has drained since: read again at once.
+            // Reading stopped early with frames maybe left in the reader's buffer, which no
+            // readiness event announces; the queue is below the pause: read again at once.
             let resume = held && wanted.0;
             if resume {
                 held = false;
@@ -502,8 +503,9 @@ impl RelayIo {
         earliest
     }
 
-    /// Reads every frame available now and dispatches it. `Ok(true)` when it stopped at
-    /// [`READ_PAUSE`] with frames maybe still in the reader's buffer.
+    /// Reads the frames available now, up to [`FRAMES_PER_READ`], and dispatches them.
+    /// `Ok(true)` when it stopped early (at that count, or at [`READ_PAUSE`]) with frames maybe
+    /// still in the reader's buffer.
     fn read_frames(
         &self,
         ws: &mut Ws,
@@ -512,7 +514,7 @@ impl RelayIo {
         outbox: &Outbox,
         inlines: &mut Inlines,
     ) -> Result<bool, Ended> {
-        loop {
+        for _ in 0..FRAMES_PER_READ {
             // Answers the relay does not take (a relay that sends without reading) stop the
             // reading here, so TCP pushes back on it instead of the queue growing for ever.
             if out.bytes() >= READ_PAUSE {
@@ -547,6 +549,7 @@ impl RelayIo {
                 Err(e) => return Err(Ended::Lost(e.to_string())),
             }
         }
+        Ok(true)
     }
 
     fn dispatch(&self, out: &mut WsOut, outbox: &Outbox, inlines: &mut Inlines, text: &Utf8Bytes) {
@@ -612,7 +615,7 @@ impl RelayIo {
             Frame::Cancel { id, client, .. } => self.pool.cancel(client.as_deref(), &id),
             Frame::ClientConnected { client, device_name } => {
                 log(&format!("app connected: {client} ({})", p::shown(&device_name)));
-                self.status.update(|s| {
+                self.status.update_soon(|s| {
                     if s.apps_online.len() < MAX_APPS_SHOWN {
                         s.apps_online.insert(client);
                     }
@@ -621,7 +624,7 @@ impl RelayIo {
             Frame::ClientDisconnected { client } => {
                 self.pool.cancel_client(&client);
                 log(&format!("app disconnected: {client}"));
-                self.status.update(|s| {
+                self.status.update_soon(|s| {
                     s.apps_online.remove(&client);
                 });
             }
@@ -778,6 +781,12 @@ const OUT_LIMIT: usize = 4 << 20;
 /// well above what the workers can queue (they wait at [`OUT_LIMIT`], one frame each past it),
 /// so only answers to a relay that sends without reading reach it.
 const READ_PAUSE: usize = 32 << 20;
+
+/// Frames read from the relay per turn of the I/O loop, which then flushes what is queued (its
+/// pongs and pings among it) and drives the backend sockets before it reads on: a relay that
+/// sends without pause (app presence frames from an app that reconnects in a loop) never keeps
+/// the bridge from answering, or from proving it is alive.
+const FRAMES_PER_READ: usize = 64;
 
 /// Apps listed online in `status.json` at most (the relay tells; a bridge has a handful).
 const MAX_APPS_SHOWN: usize = 1024;

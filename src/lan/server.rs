@@ -854,7 +854,7 @@ impl Server {
         let ip = conn.ip;
         self.conns.insert(id, conn);
         self.clients.insert(client_id.clone(), id);
-        self.status.update(|s| {
+        self.status.update_soon(|s| {
             s.apps_online.insert(client_id.clone());
         });
         log(&format!(
@@ -1090,7 +1090,7 @@ impl Server {
         if self.clients.get(&client) == Some(&id) {
             self.clients.remove(&client);
             self.pool.cancel_client(&client);
-            self.status.update(|s| {
+            self.status.update_soon(|s| {
                 s.apps_online.remove(&client);
             });
             log(&format!("lan: app {client} disconnected ({ip})"));
