@@ -158,7 +158,7 @@ impl AppUpgradeLimiter {
     }
 
     /// Forgets the credentials whose bucket is full again (as good as never seen), once per
-    /// [`PRUNE_EVERY`] (and when the cap is reached). The reactor calls it every second.
+    /// minute (and when the cap is reached). The reactor calls it every second.
     pub fn prune_if_due(&mut self, now: Instant) {
         if now.saturating_duration_since(self.pruned) >= PRUNE_EVERY {
             self.prune(now);
