@@ -293,7 +293,7 @@ impl WsOut {
                 };
             };
             if matches!(queued, Queued::Withdrawn) {
-                self.withdrawn -= 1;
+                self.withdrawn = self.withdrawn.saturating_sub(1);
                 continue;
             }
             let size = queued.len();
