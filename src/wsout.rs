@@ -14,6 +14,10 @@
 //! back writes through tungstenite (a close the bridge sends straight through it on the way
 //! out), so they cannot land in the middle of it. Pongs wait here, one at most
 //! ([`WsOut::push_pong`]), and go out between frames.
+//!
+//! A message queued with [`WsOut::push_withdrawable`] can be taken back while no byte of it
+//! has left ([`WsOut::withdraw`]): the relay drops a bridge's `client.connected` that is still
+//! waiting when that app's socket is already gone, together with its `client.disconnected`.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
@@ -45,6 +49,8 @@ enum Queued {
         /// Keep the payload's buffer for [`WsOut::take_spare`] once written.
         recycle: bool,
     },
+    /// A message taken back by [`WsOut::withdraw`]: skipped when its turn comes.
+    Withdrawn,
 }
 
 impl Queued {
@@ -53,6 +59,7 @@ impl Queued {
         match self {
             Queued::Message(m) => m.len(),
             Queued::Frame { payload, .. } => *payload,
+            Queued::Withdrawn => 0,
         }
     }
 }
@@ -75,7 +82,12 @@ const SPARE_MAX: usize = 1 << 20;
 /// half-written frame.
 #[derive(Default)]
 pub struct WsOut {
-    queue: VecDeque<Queued>,
+    /// Messages in order, each with its sequence number (increasing from front to back).
+    queue: VecDeque<(u64, Queued)>,
+    /// The sequence number of the next message queued.
+    next_seq: u64,
+    /// Entries of `queue` that are [`Queued::Withdrawn`].
+    withdrawn: usize,
     bytes: usize,
     blocked: bool,
     vectored: Option<Vectored>,
@@ -92,9 +104,50 @@ pub struct Broken(pub String);
 impl WsOut {
     /// Queues a message (sent by the next [`WsOut::flush`]).
     pub fn push(&mut self, msg: Message) {
+        self.push_withdrawable(msg);
+    }
+
+    /// Queues a message like [`WsOut::push`] and returns its ticket for [`WsOut::withdraw`].
+    pub fn push_withdrawable(&mut self, msg: Message) -> u64 {
         note_if_large(msg.len());
         self.bytes += msg.len();
-        self.queue.push_back(Queued::Message(msg));
+        self.push_back(Queued::Message(msg))
+    }
+
+    /// Takes back the message queued with `ticket` if none of it was handed to the socket (or
+    /// to tungstenite) yet: true when it will never be sent, false when it already left (or
+    /// was withdrawn before). O(log n): the queue is ordered by ticket.
+    pub fn withdraw(&mut self, ticket: u64) -> bool {
+        let Ok(i) = self.queue.binary_search_by_key(&ticket, |(seq, _)| *seq) else {
+            return false;
+        };
+        if matches!(self.queue[i].1, Queued::Withdrawn) {
+            return false;
+        }
+        if i + 1 == self.queue.len() {
+            if let Some((_, queued)) = self.queue.pop_back() {
+                self.bytes = self.bytes.saturating_sub(queued.len());
+            }
+            return true;
+        }
+        let queued = std::mem::replace(&mut self.queue[i].1, Queued::Withdrawn);
+        self.bytes = self.bytes.saturating_sub(queued.len());
+        self.withdrawn += 1;
+        // Placeholders are dropped once they are a quarter of the queue: the queue's length
+        // stays within 4/3 of its messages, at O(1) amortised per withdrawal.
+        if self.withdrawn > 64 && self.withdrawn * 4 > self.queue.len() {
+            self.queue.retain(|(_, q)| !matches!(q, Queued::Withdrawn));
+            self.withdrawn = 0;
+        }
+        true
+    }
+
+    /// Appends to the queue under the next sequence number, which it returns.
+    fn push_back(&mut self, queued: Queued) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.queue.push_back((seq, queued));
+        seq
     }
 
     /// Answers a ping: a pong with its payload goes out before the next queued message. Only
@@ -143,7 +196,7 @@ impl WsOut {
     fn push_frame(&mut self, pieces: Vec<Bytes>, payload: usize, recycle: bool) {
         note_if_large(payload);
         self.bytes += payload;
-        self.queue.push_back(Queued::Frame { pieces, payload, recycle });
+        self.push_back(Queued::Frame { pieces, payload, recycle });
     }
 
     /// The emptied buffer of the last frame queued with `recycle` and written since, if any:
@@ -229,7 +282,7 @@ impl WsOut {
                     Err(e) => return Err(Broken(e.to_string())),
                 }
             }
-            let Some(queued) = self.queue.pop_front() else {
+            let Some((seq, queued)) = self.queue.pop_front() else {
                 return match flushed(ws.flush()) {
                     Ok(true) => Ok(()),
                     Ok(false) => {
@@ -239,6 +292,10 @@ impl WsOut {
                     Err(e) => Err(e),
                 };
             };
+            if matches!(queued, Queued::Withdrawn) {
+                self.withdrawn = self.withdrawn.saturating_sub(1);
+                continue;
+            }
             let size = queued.len();
             // Queued large frames are freed as they are written, which a slow reader can
             // spread over seconds: the heap is trimmed only after the last one.
@@ -254,7 +311,7 @@ impl WsOut {
                     }
                     Err(tungstenite::Error::WriteBufferFull(msg)) => {
                         self.bytes += msg.len();
-                        self.queue.push_front(Queued::Message(*msg));
+                        self.queue.push_front((seq, Queued::Message(*msg)));
                         self.blocked = true;
                         return Ok(());
                     }
@@ -271,7 +328,8 @@ impl WsOut {
                         Ok(true) => {}
                         Ok(false) => {
                             self.bytes += size;
-                            self.queue.push_front(Queued::Frame { pieces, payload, recycle });
+                            let queued = Queued::Frame { pieces, payload, recycle };
+                            self.queue.push_front((seq, queued));
                             self.blocked = true;
                             return Ok(());
                         }
@@ -281,6 +339,8 @@ impl WsOut {
                     self.vectored = Some(Vectored { pieces, written: 0, recycle });
                     self.blocked = true;
                 }
+                // Skipped above.
+                Queued::Withdrawn => {}
             }
         }
     }
@@ -400,6 +460,48 @@ mod tests {
         let mut client = WebSocket::from_raw_socket(peer, Role::Client, None);
         assert_eq!(client.read().unwrap(), Message::Pong(Bytes::from_static(b"ping 999")));
         assert_eq!(client.read().unwrap(), Message::text("queued"));
+    }
+
+    /// A withdrawn message never leaves and no longer counts; one already handed to the
+    /// socket cannot be withdrawn; the others go out in order, also after the placeholders of
+    /// many withdrawn messages were compacted away.
+    #[test]
+    fn a_withdrawn_message_never_leaves_and_the_rest_keep_their_order() {
+        let (ours, peer) = socket_pair();
+        peer.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+        let mut server = WebSocket::from_raw_socket(ours, Role::Server, None);
+        let mut out = WsOut::default();
+        let sent = out.push_withdrawable(Message::text("sent"));
+        out.flush(&mut server).unwrap();
+        assert!(!out.withdraw(sent), "already written");
+        let mut want = Vec::new();
+        for n in 0..300 {
+            let text = format!("m{n}");
+            let ticket = out.push_withdrawable(Message::text(text.clone()));
+            // Some are taken back: in the middle of the queue, and at its back.
+            let kept = out.push_withdrawable(Message::text(format!("k{n}")));
+            if n % 3 == 0 {
+                assert!(out.withdraw(kept));
+                assert!(!out.withdraw(kept), "twice");
+            } else {
+                want.push(format!("k{n}"));
+            }
+            if n % 2 == 0 {
+                assert!(out.withdraw(ticket));
+            } else {
+                want.insert(want.len() - usize::from(n % 3 != 0), text);
+            }
+        }
+        let queued: usize = want.iter().map(String::len).sum();
+        assert_eq!(out.bytes(), queued);
+        assert!(out.queue.len() <= want.len() * 4 / 3 + 65, "{} entries", out.queue.len());
+        out.flush(&mut server).unwrap();
+        assert!(out.is_idle());
+        let mut client = WebSocket::from_raw_socket(peer, Role::Client, None);
+        assert_eq!(client.read().unwrap(), Message::text("sent"));
+        for w in &want {
+            assert_eq!(client.read().unwrap(), Message::text(w.as_str()));
+        }
     }
 
     /// Frames from pieces, of every header size and around a plain message, arrive whole and

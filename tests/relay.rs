@@ -6,13 +6,14 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use common::*;
 use hermeschat_pair::protocol::{
-    self, ErrorCode, Frame, Headers, RequestFrame, ResponseFrame, is_access_code, is_bridge_id,
-    is_client_id, is_client_secret, is_relay_secret,
+    self, ErrorCode, Frame, Headers, RequestFrame, ResponseFrame, VerifyResponse, is_access_code,
+    is_bridge_id, is_client_id, is_client_secret, is_relay_secret,
 };
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -2512,4 +2513,255 @@ fn behind_a_trusted_proxy_websockets_are_capped_per_client() {
     // The refusal is counted under the client it names.
     let line = relay.wait_event("accept.refused", "for the capped client", |_| true);
     assert_eq!((&line["ip"], &line["sources"]), (&json!("198.51.100.7"), &json!("1")), "{line}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// An app credential that reconnects in a loop (PROTOCOL §4.2 check 11, §6)
+
+/// The burst of app sockets one credential may open (`ratelimit::APP_UPGRADE_BURST`) and the
+/// time per further socket (`APP_UPGRADE_REFILL`).
+const APP_BURST: u32 = 20;
+const APP_REFILL: Duration = Duration::from_secs(2);
+
+/// The most sockets one credential can have attached in `elapsed` (its burst, one per refill
+/// after it, and one for the refill under way).
+fn app_sockets_allowed(elapsed: Duration) -> u32 {
+    APP_BURST + (elapsed.as_secs_f64() / APP_REFILL.as_secs_f64()) as u32 + 1
+}
+
+/// The raw answer to an upgrade of `/ws/app` with `secret`.
+fn raw_app_upgrade(relay: &Relay, bridge_id: &str, secret: &str) -> String {
+    let head = format!(
+        "GET /ws/app?bridgeId={bridge_id} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {secret}\r\n\r\n",
+        relay.addr
+    );
+    String::from_utf8_lossy(&raw_exchange(&relay.addr, head.as_bytes(), Duration::from_secs(3)))
+        .into_owned()
+}
+
+/// An app credential reconnecting in a tight loop (a buggy app; two installs sharing one
+/// pairing that replace each other with 4002) gets its burst of sockets, then `429
+/// RATE_LIMITED` with `Retry-After` before the upgrade: its last socket is not replaced and
+/// keeps working, another app of the same bridge is not affected, the relay's log names the
+/// credential, and once the wait is over the credential connects again.
+#[test]
+fn an_app_reconnecting_in_a_loop_is_refused_429_and_its_socket_stays() {
+    let relay = Relay::new();
+    let p = pair(&relay);
+    let other = pair_another(&relay, &p.reg, "Other Phone");
+    let mut steady = AppClient::connect_ok(&relay, &p.reg.bridge_id, &other.client_secret, true);
+    let started = Instant::now();
+    // `pair` attached the first socket.
+    let mut attached = 1;
+    let mut last = None;
+    let refusal = loop {
+        match AppClient::connect(&relay, &p.reg.bridge_id, &p.client.client_secret) {
+            Ok(mut app) => {
+                app.expect_bridge_status(true);
+                attached += 1;
+                // The one it replaced closes 4002.
+                last = Some(app);
+            }
+            Err(ConnectError::Http(429, body)) => break body,
+            Err(e) => panic!("reconnect {attached}: {e:?}"),
+        }
+        let allowed = app_sockets_allowed(started.elapsed());
+        assert!(attached <= allowed, "{attached} sockets attached, {allowed} allowed");
+    };
+    assert!(attached >= APP_BURST, "refused after only {attached} sockets: {refusal}");
+    let v: Value = serde_json::from_str(&refusal).unwrap_or_else(|e| panic!("{refusal}: {e}"));
+    assert_eq!(v["error"]["code"], "RATE_LIMITED", "{refusal}");
+    let message = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("Retry in") && message.contains("pair the second"), "{message}");
+    // The answer says how long to wait.
+    let raw = raw_app_upgrade(&relay, &p.reg.bridge_id, &p.client.client_secret);
+    assert!(raw.starts_with("HTTP/1.1 429 "), "{raw}");
+    let retry_after: u64 = raw
+        .lines()
+        .find_map(|l| l.strip_prefix("Retry-After: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no Retry-After: {raw}"));
+    assert!((1..=APP_REFILL.as_secs()).contains(&retry_after), "{raw}");
+    // The refused upgrades replaced nothing: the last socket still carries requests.
+    let mut last = last.expect("a socket attached");
+    last.assert_round_trip("still-attached");
+    // Another app of the same bridge is untouched, and may reconnect.
+    steady.assert_round_trip("steady");
+    let mut steady = AppClient::connect_ok(&relay, &p.reg.bridge_id, &other.client_secret, true);
+    steady.assert_round_trip("steady-again");
+    // The log names the credential, with what to do.
+    let client = p.client.client_id.clone();
+    let line = relay
+        .wait_event("ws.app_limited", "for the flapping app", |v| v["client"] == client.as_str());
+    assert_eq!(line["bridge"], p.reg.bridge_id.as_str(), "{line}");
+    assert!(line["next"].as_str().is_some_and(|n| n.contains("re-pair")), "{line}");
+    // Once the wait is over, the credential connects again (replacing its socket: 4002).
+    std::thread::sleep(Duration::from_secs(retry_after));
+    let mut again = AppClient::connect_ok(&relay, &p.reg.bridge_id, &p.client.client_secret, true);
+    assert_eq!(last.wait_close(), Some(4002));
+    again.assert_round_trip("after-the-wait");
+    drop(p.app);
+}
+
+/// What a bridge socket that the test reads itself got, up to and including the request
+/// `until`: the presence frames (`client.connected` as `+client`, `client.disconnected` as
+/// `-client`) and request ids (`>id`, from `client`) in order, and how many requests of more
+/// than 1 MiB (not parsed: a debug build takes long to).
+fn bridge_frames_until(bridge: &mut BridgePeer, until: &str) -> (Vec<String>, usize) {
+    bridge.ws.get_ref().set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let (mut seen, mut large) = (Vec::new(), 0);
+    loop {
+        let msg = bridge.ws.read().unwrap_or_else(|e| panic!("bridge socket after {seen:?}: {e}"));
+        let tungstenite::Message::Text(t) = msg else { continue };
+        if t.len() > 1 << 20 {
+            large += 1;
+            continue;
+        }
+        match protocol::parse_frame(t.as_str()) {
+            Ok(Frame::ClientConnected { client, .. }) => seen.push(format!("+{client}")),
+            Ok(Frame::ClientDisconnected { client }) => seen.push(format!("-{client}")),
+            Ok(Frame::Request(r)) => {
+                seen.push(format!(">{}:{}", r.client.unwrap_or_default(), r.id));
+                if r.id == until {
+                    return (seen, large);
+                }
+            }
+            other => panic!("bridge got {other:?}"),
+        }
+    }
+}
+
+/// The clients a bridge holds online after `frames` (of [`bridge_frames_until`]), from
+/// `online` on.
+fn online_after(online: &[&str], frames: &[String]) -> std::collections::BTreeSet<String> {
+    let mut set: std::collections::BTreeSet<String> =
+        online.iter().map(|s| (*s).to_owned()).collect();
+    for f in frames {
+        if let Some(c) = f.strip_prefix('+') {
+            set.insert(c.to_owned());
+        } else if let Some(c) = f.strip_prefix('-') {
+            set.remove(c);
+        }
+    }
+    set
+}
+
+/// Apps that connect and disconnect in a loop while their bridge reads slowly (here not at
+/// all, its socket full of two 12 MiB requests) cost it a bounded number of presence frames:
+/// a `client.connected` still waiting for the bridge when its socket is gone is dropped with
+/// its `client.disconnected`, so the bridge never hears of the sockets that came and went.
+/// The bridge still ends with the right clients online, hears `client.disconnected` for a
+/// socket whose request it got (to cancel it), and hears of the last socket of an app that
+/// was replaced over and over (4002). A credential flapping as fast as it can from four
+/// threads is refused (429) after its burst, and the relay's memory stays put.
+#[test]
+fn apps_flapping_while_their_bridge_is_slow_cost_it_a_bounded_number_of_presence_frames() {
+    let relay = Relay::start(&["--rate-verify", "0"]);
+    let (reg, mut bridge) = registered_bridge(&relay);
+    let pid = relay.pid();
+    let steady = pair_another(&relay, &reg, "steady");
+    let mut steady_app = AppClient::connect_ok(&relay, &reg.bridge_id, &steady.client_secret, true);
+    // The bridge stops reading: its socket fills, and what follows waits in the relay's queue.
+    let body = "b".repeat(12 << 20);
+    for i in 0..2 {
+        steady_app.send(&req(&format!("big{i}"), "POST", "/api/echo", Some(&body)));
+    }
+    drop(body);
+    let flappers: Vec<VerifyResponse> =
+        (0..10).map(|i| pair_another(&relay, &reg, &format!("flapper {i}"))).collect();
+    let (replaced, requester, looper) = (
+        pair_another(&relay, &reg, "replaced"),
+        pair_another(&relay, &reg, "requester"),
+        pair_another(&relay, &reg, "looper"),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let rss_before = rss_kib(pid);
+
+    // One credential as fast as it can, from four threads, for 3 s.
+    let started = Instant::now();
+    let (ok, limited) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let url = relay.app_ws_url(&reg.bridge_id);
+            let secret = looper.client_secret.clone();
+            let (ok, limited) = (ok.clone(), limited.clone());
+            std::thread::spawn(move || {
+                while started.elapsed() < Duration::from_secs(3) {
+                    match AppClient::connect_url(&url, &secret) {
+                        Ok(app) => {
+                            ok.fetch_add(1, Ordering::SeqCst);
+                            drop(app);
+                        }
+                        Err(ConnectError::Http(429, _)) => {
+                            limited.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(e) => panic!("{e:?}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let (ok, limited) = (ok.load(Ordering::SeqCst), limited.load(Ordering::SeqCst));
+    let allowed = u64::from(app_sockets_allowed(started.elapsed()));
+    assert!(
+        ok <= allowed && limited > 0,
+        "{ok} sockets attached ({allowed} allowed), {limited} refused"
+    );
+    // Ten credentials, each connecting and closing 15 times (within their burst).
+    for f in &flappers {
+        for _ in 0..15 {
+            AppClient::connect_ok(&relay, &reg.bridge_id, &f.client_secret, true).close();
+        }
+    }
+    // One replaced ten times over (4002); its last socket stays.
+    let mut replaced_app = None;
+    for _ in 0..10 {
+        replaced_app =
+            Some(AppClient::connect_ok(&relay, &reg.bridge_id, &replaced.client_secret, true));
+    }
+    // One sends a request and leaves: the bridge must hear that it left, to cancel it.
+    let mut req_app = AppClient::connect_ok(&relay, &reg.bridge_id, &requester.client_secret, true);
+    req_app.send(&req("orphan", "GET", "/api/hang", None));
+    req_app.close();
+    // The last socket of the replaced app carries a request; then the steady app's marker.
+    let mut replaced_app = replaced_app.unwrap();
+    replaced_app.send(&req("from-last", "GET", "/api/health", None));
+    std::thread::sleep(Duration::from_millis(300));
+    steady_app.send(&req("marker", "GET", "/api/health", None));
+    std::thread::sleep(Duration::from_millis(300));
+    let grown = rss_kib(pid).saturating_sub(rss_before);
+
+    let (frames, large) = bridge_frames_until(&mut bridge, "marker");
+    assert_eq!(large, 2, "{frames:?}");
+    let presence = frames.iter().filter(|f| !f.starts_with('>')).count();
+    // Without dropping: 2 per socket, over 350 here. With it: the requester's two, the
+    // replaced app's last `client.connected`, and a few that left before the bridge stopped.
+    assert!(presence <= 10, "the bridge got {presence} presence frames: {frames:?}");
+    let pos = |f: &str| frames.iter().position(|g| g == f);
+    let r = &requester.client_id;
+    let (c, q, d) = (pos(&format!("+{r}")), pos(&format!(">{r}:orphan")), pos(&format!("-{r}")));
+    assert!(c < q && q < d && c.is_some(), "requester: {frames:?}");
+    let last = &replaced.client_id;
+    let (c, q) = (pos(&format!("+{last}")), pos(&format!(">{last}:from-last")));
+    assert!(c.is_some() && c < q, "replaced: {frames:?}");
+    // The bridge's view: the steady app (announced before it stopped reading) and the last
+    // socket of the replaced one.
+    let online = online_after(&[&steady.client_id], &frames);
+    let want: std::collections::BTreeSet<String> =
+        [steady.client_id.clone(), replaced.client_id.clone()].into();
+    assert_eq!(online, want, "{frames:?}");
+    eprintln!(
+        "flapping: {ok} sockets of the looping credential attached, {limited} refused; the \
+         bridge got {presence} presence frames; relay RSS +{grown} KiB"
+    );
+    // Hundreds of sockets came and went: the relay holds a few of their frames, not all.
+    assert!(grown < 8 << 10, "relay RSS grew {grown} KiB while apps flapped");
+    let _ = relay.wait_event("ws.app_limited", "for the looping credential", |v| {
+        v["client"] == looper.client_id.as_str()
+    });
 }

@@ -1,11 +1,17 @@
 //! Per-IP token buckets for the unauthenticated registry routes (register, verify). An IPv6
 //! client is counted by its /64: one host usually holds a whole /64, so counting addresses
 //! would give it billions of buckets.
+//!
+//! Also the per-credential bucket of app sockets ([`AppUpgradeLimiter`]): an app credential
+//! that opens sockets in a loop would otherwise have the relay queue a `client.connected` and
+//! a `client.disconnected` to its bridge for every one.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use crate::fasthash::FastMap;
 
 /// Buckets tracked before idle ones are pruned; bounds memory under address floods.
 const MAX_TRACKED: usize = 50_000;
@@ -50,6 +56,124 @@ impl RateLimiter {
         } else {
             Err(((1.0 - *tokens) * 60.0 / self.per_minute).ceil() as u64)
         }
+    }
+}
+
+/// App sockets one credential may open at once before it is limited ([`AppUpgradeLimiter`]).
+pub const APP_UPGRADE_BURST: u32 = 20;
+
+/// One more app socket is allowed per this much time once the burst is spent: 30 a minute.
+pub const APP_UPGRADE_REFILL: Duration = Duration::from_secs(2);
+
+/// Credentials tracked before full buckets are pruned; bounds memory (credentials are paired
+/// ones, so this is reached only by a relay with that many apps reconnecting at once).
+const MAX_CREDENTIALS: usize = 50_000;
+
+/// How often full buckets are forgotten ([`AppUpgradeLimiter::prune`]).
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+/// How often at most one credential's refusals are told in a `ws.app_limited` line.
+pub const LIMITED_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// One credential's bucket.
+#[derive(Debug)]
+struct AppBucket {
+    /// Sockets it may still open now (refilled continuously up to the burst).
+    tokens: f64,
+    /// When `tokens` was last brought up to date.
+    at: Instant,
+    /// Refusals not yet told in a log line.
+    untold: u64,
+    /// When its last `ws.app_limited` line was written.
+    logged: Option<Instant>,
+}
+
+impl AppBucket {
+    /// Its tokens at `now`.
+    fn refilled(&self, now: Instant) -> f64 {
+        let per_sec = 1.0 / APP_UPGRADE_REFILL.as_secs_f64();
+        (self.tokens + now.saturating_duration_since(self.at).as_secs_f64() * per_sec)
+            .min(f64::from(APP_UPGRADE_BURST))
+    }
+}
+
+/// An app socket refused by [`AppUpgradeLimiter::check`].
+#[derive(Debug, PartialEq, Eq)]
+pub struct AppLimited {
+    /// Whole seconds until the credential may open a socket again (at least 1).
+    pub retry_after: u64,
+    /// Refusals of this credential to tell in a log line now (`None`: one was written less
+    /// than [`LIMITED_LOG_EVERY`] ago; these are told in the next).
+    pub log: Option<u64>,
+}
+
+/// A token bucket per app credential (clientId): [`APP_UPGRADE_BURST`] sockets, then one per
+/// [`APP_UPGRADE_REFILL`]. Checked by the reactor on an authenticated upgrade that would
+/// attach, so a refused upgrade costs no token and one user's app never spends another's.
+/// Single-threaded (the reactor owns it).
+#[derive(Debug)]
+pub struct AppUpgradeLimiter {
+    buckets: FastMap<String, AppBucket>,
+    pruned: Instant,
+}
+
+impl Default for AppUpgradeLimiter {
+    fn default() -> Self {
+        AppUpgradeLimiter { buckets: FastMap::default(), pruned: Instant::now() }
+    }
+}
+
+impl AppUpgradeLimiter {
+    /// Takes a token for a socket of `client_id` opened at `now`, or says when to retry.
+    pub fn check(&mut self, client_id: &str, now: Instant) -> Result<(), AppLimited> {
+        if !self.buckets.contains_key(client_id) {
+            if self.buckets.len() >= MAX_CREDENTIALS {
+                self.prune(now);
+                // More credentials reconnecting at once than tracked: forget them all rather
+                // than grow (the limit fails open for a moment, memory stays bounded).
+                if self.buckets.len() >= MAX_CREDENTIALS {
+                    self.buckets.clear();
+                }
+            }
+            let full = f64::from(APP_UPGRADE_BURST);
+            let fresh = AppBucket { tokens: full, at: now, untold: 0, logged: None };
+            self.buckets.insert(client_id.to_owned(), fresh);
+        }
+        let Some(bucket) = self.buckets.get_mut(client_id) else { return Ok(()) };
+        bucket.tokens = bucket.refilled(now);
+        bucket.at = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            return Ok(());
+        }
+        let wait = (1.0 - bucket.tokens) * APP_UPGRADE_REFILL.as_secs_f64();
+        bucket.untold += 1;
+        let log =
+            bucket.logged.is_none_or(|t| now.saturating_duration_since(t) >= LIMITED_LOG_EVERY);
+        let log = log.then(|| {
+            bucket.logged = Some(now);
+            std::mem::take(&mut bucket.untold)
+        });
+        Err(AppLimited { retry_after: (wait.ceil() as u64).max(1), log })
+    }
+
+    /// Forgets the credentials whose bucket is full again (as good as never seen), once per
+    /// minute (and when the cap is reached). The reactor calls it every second.
+    pub fn prune_if_due(&mut self, now: Instant) {
+        if now.saturating_duration_since(self.pruned) >= PRUNE_EVERY {
+            self.prune(now);
+        }
+    }
+
+    fn prune(&mut self, now: Instant) {
+        let full = f64::from(APP_UPGRADE_BURST);
+        self.buckets.retain(|_, b| b.refilled(now) < full);
+        self.pruned = now;
+    }
+
+    /// Credentials tracked now.
+    pub fn tracked(&self) -> usize {
+        self.buckets.len()
     }
 }
 
@@ -108,6 +232,53 @@ mod tests {
         assert!(l.check(v4).is_ok());
         assert!(l.check(mapped).is_ok());
         assert!(l.check(v4).is_err());
+    }
+
+    #[test]
+    fn an_app_credential_gets_its_burst_then_one_socket_per_refill() {
+        let mut l = AppUpgradeLimiter::default();
+        let t0 = Instant::now();
+        for _ in 0..APP_UPGRADE_BURST {
+            assert_eq!(l.check("hcl_a", t0), Ok(()));
+        }
+        let first = l.check("hcl_a", t0).unwrap_err();
+        assert_eq!(first, AppLimited { retry_after: 2, log: Some(1) });
+        // Further refusals within the minute are counted, not logged.
+        let second = l.check("hcl_a", t0 + Duration::from_millis(500)).unwrap_err();
+        assert_eq!(second, AppLimited { retry_after: 2, log: None });
+        // Another credential is not touched.
+        assert_eq!(l.check("hcl_b", t0), Ok(()));
+        // One refill later, one socket (and only one).
+        let t1 = t0 + APP_UPGRADE_REFILL;
+        assert_eq!(l.check("hcl_a", t1), Ok(()));
+        assert!(l.check("hcl_a", t1).is_err());
+        // A minute on, the next line tells what the last one left out: the two refusals
+        // counted since, and its own.
+        let t2 = t0 + LIMITED_LOG_EVERY;
+        let refused = loop {
+            if let Err(e) = l.check("hcl_a", t2) {
+                break e;
+            }
+        };
+        assert_eq!(refused.log, Some(3));
+        assert_eq!(l.check("hcl_a", t2).unwrap_err().log, None);
+        // Refilled to the full burst, a credential is forgotten.
+        let refilled = t2 + APP_UPGRADE_REFILL * APP_UPGRADE_BURST;
+        l.prune_if_due(refilled);
+        assert_eq!(l.tracked(), 0);
+        for _ in 0..APP_UPGRADE_BURST {
+            assert_eq!(l.check("hcl_a", refilled), Ok(()));
+        }
+    }
+
+    #[test]
+    fn the_app_credentials_tracked_are_bounded() {
+        let mut l = AppUpgradeLimiter::default();
+        let t0 = Instant::now();
+        for n in 0..MAX_CREDENTIALS + 10 {
+            let _ = l.check(&format!("hcl_{n}"), t0);
+        }
+        assert!(l.tracked() <= MAX_CREDENTIALS, "{}", l.tracked());
     }
 
     #[test]

@@ -29,7 +29,9 @@ use crate::wsout::{WsOut, would_block};
 use crate::wsread::{Ended, Incoming, ReadError, WsReader, close_reply};
 
 use super::kicks::{self, Kicks};
-use super::ratelimit::{source, source_label};
+use super::ratelimit::{
+    APP_UPGRADE_BURST, APP_UPGRADE_REFILL, AppLimited, AppUpgradeLimiter, source, source_label,
+};
 use super::registry::{Job, JobSender, Outcome, Refused, access_log, shutting_down_response};
 use super::{ConnId, Peer, Shared, ToReactor, log_event};
 use crate::http::{self, Head, Parsed};
@@ -302,6 +304,10 @@ struct AppRoute {
     /// This socket's number, stamped as `conn` on its requests: the bridge's answers that carry
     /// another one are for a socket it replaced (PROTOCOL §5.3).
     number: u64,
+    /// The bridge socket told `client.connected` for this socket, and the ticket of that frame
+    /// in its queue ([`WsOut::withdraw`]): while it waits there, the bridge knows nothing of
+    /// this socket, so if it leaves first both frames are dropped ([`Reactor::detach`]).
+    announced: Option<(ConnId, u64)>,
 }
 
 /// The routing core.
@@ -332,6 +338,8 @@ pub struct Reactor {
     accept_paused_until: Option<Instant>,
     /// Recent revocations: upgrades checked before them are refused.
     kicks: Kicks,
+    /// App sockets per credential ([`AppUpgradeLimiter`]).
+    app_limit: AppUpgradeLimiter,
     /// Open connections per counted source (`--max-connections-per-ip`).
     per_source: FastMap<IpAddr, u32>,
     /// Connections closed at accept since the last `accept.refused` line.
@@ -344,6 +352,8 @@ pub struct Reactor {
     reading: Option<ConnId>,
     ws_config: WebSocketConfig,
     dropped_frames: u64,
+    /// `client.connected` frames taken back, each with the `client.disconnected` it spared.
+    presence_withdrawn: u64,
 }
 
 impl Reactor {
@@ -381,6 +391,7 @@ impl Reactor {
             read_texts: Vec::new(),
             accept_paused_until: None,
             kicks: Kicks::default(),
+            app_limit: AppUpgradeLimiter::default(),
             per_source: FastMap::default(),
             refused: AcceptRefusals::default(),
             refused_logged: None,
@@ -388,6 +399,7 @@ impl Reactor {
             reading: None,
             ws_config,
             dropped_frames: 0,
+            presence_withdrawn: 0,
         })
     }
 
@@ -920,6 +932,19 @@ impl Reactor {
             self.http_respond(id, http::json_response(status, &body, true), After::Close);
             return;
         }
+        // Last, so that only a socket that would attach spends a token: the one it would
+        // replace stays.
+        if let Peer::App { bridge_id, client_id, .. } = &peer
+            && let Err(limited) = self.app_limit.check(client_id, Instant::now())
+        {
+            let response = app_limited_response(&limited);
+            if let Some(refused) = limited.log {
+                log_app_limited(bridge_id, client_id, refused);
+            }
+            access_log(&self.shared, &head, 429, ip, started);
+            self.http_respond(id, response, After::Close);
+            return;
+        }
         access_log(&self.shared, &head, 101, ip, started);
         if let Some(s) = client
             && let Some(conn) = self.conns.get_mut(&id)
@@ -1374,6 +1399,8 @@ impl Reactor {
         }
         if let Some(app) = self.apps.get_mut(client_id) {
             app.open.insert(req.id.clone());
+            // The bridge will hear of this socket: its `client.connected` stays.
+            app.announced = None;
         }
         if let Some(r) = self.bridges.get_mut(bridge_id) {
             r.open += 1;
@@ -1540,7 +1567,10 @@ impl Reactor {
             };
             let (app_conn, device_name) = (app.conn, app.device_name.clone());
             self.send_frame(app_conn, &Frame::BridgeStatus { online: true });
-            self.send_frame(id, &Frame::ClientConnected { client, device_name });
+            let announced = self.send_presence(id, &client, device_name);
+            if let Some(app) = self.apps.get_mut(&client) {
+                app.announced = announced;
+            }
         }
     }
 
@@ -1570,6 +1600,7 @@ impl Reactor {
                 device_name: device_name.clone(),
                 open: FastSet::default(),
                 number: self.app_numbers,
+                announced: None,
             },
         );
         self.shared.presence().apps.insert(client_id.clone());
@@ -1577,10 +1608,39 @@ impl Reactor {
         log_event("ws.open", &[("role", "app"), ("bridge", &bridge_id), ("client", &client_id)]);
         self.send_frame(id, &Frame::BridgeStatus { online: bridge_conn.is_some() });
         if let Some(bridge_conn) = bridge_conn {
-            self.send_frame(
-                bridge_conn,
-                &Frame::ClientConnected { client: client_id, device_name },
-            );
+            let announced = self.send_presence(bridge_conn, &client_id, device_name);
+            if let Some(app) = self.apps.get_mut(&client_id) {
+                app.announced = announced;
+            }
+        }
+    }
+
+    /// Queues `client.connected` for `client` to bridge socket `bridge_conn`; returns where,
+    /// with the frame's ticket (`None` when it was not queued: the socket is leaving).
+    fn send_presence(
+        &mut self,
+        bridge_conn: ConnId,
+        client: &str,
+        device_name: String,
+    ) -> Option<(ConnId, u64)> {
+        let frame = Frame::ClientConnected { client: client.to_owned(), device_name };
+        let mut ticket = None;
+        self.queue(bridge_conn, |out| {
+            ticket = Some(out.push_withdrawable(Message::text(frame.to_json())));
+        });
+        ticket.map(|t| (bridge_conn, t))
+    }
+
+    /// True when the `client.connected` announced as `announced` still waits, whole, in the
+    /// queue of bridge socket `bridge_conn`, and was taken back: that bridge never heard of
+    /// the app socket it announced.
+    fn withdraw_presence(&mut self, bridge_conn: ConnId, announced: Option<(ConnId, u64)>) -> bool {
+        let Some((conn, ticket)) = announced.filter(|&(c, _)| c == bridge_conn) else {
+            return false;
+        };
+        match self.conns.get_mut(&conn) {
+            Some(Conn { io: Io::Ws(w), .. }) if !w.detached => w.out.withdraw(ticket),
+            _ => false,
         }
     }
 
@@ -1641,8 +1701,19 @@ impl Reactor {
                     r.open = r.open.saturating_sub(app.open.len());
                     r.conn
                 });
+                // A socket that leaves before its bridge read `client.connected` (an app
+                // reconnecting in a loop, two installs replacing each other with 4002, a bridge
+                // that reads slowly) costs the bridge nothing: both frames are dropped, so its
+                // queue holds at most one of each per client, however fast the app flaps. Never
+                // once a request of the socket was forwarded (`announced` is cleared then): the
+                // bridge must hear `client.disconnected` to cancel it.
                 if let Some(bridge_conn) = bridge_conn {
-                    self.send_frame(bridge_conn, &Frame::ClientDisconnected { client: client_id });
+                    if self.withdraw_presence(bridge_conn, app.announced) {
+                        self.presence_withdrawn += 1;
+                    } else {
+                        let frame = Frame::ClientDisconnected { client: client_id };
+                        self.send_frame(bridge_conn, &frame);
+                    }
                 }
                 self.gc_bridge(&bridge_id);
             }
@@ -1696,6 +1767,7 @@ impl Reactor {
     fn timers(&mut self) {
         let now = Instant::now();
         self.kicks.prune(now);
+        self.app_limit.prune_if_due(now);
         if now >= self.next_sweep {
             // A full queue skips this sweep; the next one comes an hour later.
             let _ = self.jobs.try_send(Job::Sweep);
@@ -1897,10 +1969,51 @@ impl Reactor {
         for id in left {
             self.remove(id);
         }
-        if self.dropped_frames > 0 {
-            log_event("stats", &[("droppedFrames", &self.dropped_frames.to_string())]);
+        if self.dropped_frames > 0 || self.presence_withdrawn > 0 {
+            log_event(
+                "stats",
+                &[
+                    ("droppedFrames", &self.dropped_frames.to_string()),
+                    ("presenceWithdrawn", &self.presence_withdrawn.to_string()),
+                ],
+            );
         }
     }
+}
+
+/// The answer to an app upgrade refused by its credential's [`AppUpgradeLimiter`]: `429
+/// RATE_LIMITED` with `Retry-After`, saying why and what to do.
+fn app_limited_response(limited: &AppLimited) -> Vec<u8> {
+    let wait = limited.retry_after.to_string();
+    let message = format!(
+        "this app opened more than {APP_UPGRADE_BURST} connections in a short time (then 1 \
+         per {} s is allowed); its open connection, if any, is kept. Retry in {wait} s, with \
+         backoff. Two devices sharing one pairing (a phone restored from another's backup) \
+         replace each other in a loop: pair the second device anew",
+        APP_UPGRADE_REFILL.as_secs()
+    );
+    let body = serde_json::to_string(&p::ApiError::new(p::api_code::RATE_LIMITED, message))
+        .unwrap_or_default();
+    let headers = [("Cache-Control", "no-store"), ("Retry-After", wait.as_str())];
+    http::response(429, "application/json", body.as_bytes(), &headers, true)
+}
+
+/// Writes the `ws.app_limited` line: app `client_id` of `bridge_id` had `refused` upgrades
+/// refused by its credential's limit since its last such line.
+fn log_app_limited(bridge_id: &str, client_id: &str, refused: u64) {
+    log_event(
+        "ws.app_limited",
+        &[
+            ("bridge", bridge_id),
+            ("client", client_id),
+            ("refused", &refused.to_string()),
+            (
+                "next",
+                "this app reconnects in a loop: a bug in the app, or two devices sharing one \
+                 pairing (re-pair one of them; revoke the client if it is not yours)",
+            ),
+        ],
+    );
 }
 
 /// Frame types a bridge sends about a request.
