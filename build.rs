@@ -1,37 +1,48 @@
 //! Names the build: `HERMESCHAT_VERSION` is the package version, followed by the git commit it
-//! was built from when built from a git checkout (`0.1.0 (161f33e2a1b0)`), so that `--version`,
-//! the relay's health and the bridge's registration tell two builds of one version apart (an
-//! upgraded daemon from the one it replaced).
+//! was built from when built from this package's own git checkout (`0.1.0 (161f33e2a1b0)`),
+//! so that `--version`, the relay's health and the bridge's registration tell two builds of
+//! one version apart (an upgraded daemon from the one it replaced).
 
-use std::path::Path;
+use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     let version = std::env::var("CARGO_PKG_VERSION").unwrap_or_default();
-    let git = Path::new(".git");
-    let commit = git.is_dir().then(head_commit).flatten();
-    if git.is_dir() {
-        // A new commit moves the branch HEAD names (a loose ref or packed-refs).
-        println!("cargo:rerun-if-changed=.git/HEAD");
-        println!("cargo:rerun-if-changed=.git/packed-refs");
-        if let Some(branch) = std::fs::read_to_string(".git/HEAD")
-            .ok()
-            .and_then(|h| h.trim().strip_prefix("ref: ").map(str::to_owned))
+    // Only this package's own checkout (a worktree too): not a repository around it (a home
+    // directory kept in git, a project that vendors this crate).
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from);
+    let own_checkout = git(&["rev-parse", "--show-toplevel"]).is_some_and(|top| {
+        let canonical = |p: PathBuf| std::fs::canonicalize(&p).unwrap_or(p);
+        manifest_dir.is_some_and(|m| canonical(m) == canonical(PathBuf::from(top)))
+    });
+    let commit = own_checkout
+        .then(|| git(&["rev-parse", "--short=12", "HEAD"]))
+        .flatten()
+        .filter(|c| c.bytes().all(|b| b.is_ascii_hexdigit()));
+    let Some(commit) = commit else {
+        println!("cargo:rustc-env=HERMESCHAT_VERSION={version}");
+        return;
+    };
+    // A commit, checkout or reset moves HEAD or the branch it names (a loose ref, or
+    // packed-refs after a gc) and appends to HEAD's reflog. Only files that exist are watched:
+    // cargo takes a missing one for changed, and would rebuild every time.
+    let mut watched = vec!["HEAD".to_owned(), "logs/HEAD".to_owned(), "packed-refs".to_owned()];
+    watched.extend(git(&["symbolic-ref", "-q", "HEAD"]));
+    for name in watched {
+        if let Some(path) = git(&["rev-parse", "--git-path", &name]).map(PathBuf::from)
+            && path.exists()
         {
-            println!("cargo:rerun-if-changed=.git/{branch}");
+            println!("cargo:rerun-if-changed={}", path.display());
         }
     }
-    match commit {
-        Some(commit) => println!("cargo:rustc-env=HERMESCHAT_VERSION={version} ({commit})"),
-        None => println!("cargo:rustc-env=HERMESCHAT_VERSION={version}"),
-    }
+    println!("cargo:rustc-env=HERMESCHAT_VERSION={version} ({commit})");
 }
 
-/// The commit checked out, abbreviated to 12 hex digits; `None` without a usable `git`.
-fn head_commit() -> Option<String> {
-    let out = Command::new("git").args(["rev-parse", "--short=12", "HEAD"]).output().ok()?;
-    let commit = String::from_utf8(out.stdout).ok()?.trim().to_owned();
-    (out.status.success() && !commit.is_empty() && commit.bytes().all(|b| b.is_ascii_hexdigit()))
-        .then_some(commit)
+/// What `git <args>` prints (trimmed), run in the package directory; `None` without a usable
+/// `git` or outside a checkout.
+fn git(args: &[&str]) -> Option<String> {
+    let out = Command::new("git").args(args).output().ok()?;
+    let text = String::from_utf8(out.stdout).ok()?.trim().to_owned();
+    (out.status.success() && !text.is_empty()).then_some(text)
 }

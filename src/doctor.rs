@@ -461,8 +461,6 @@ fn has_lan_pairing(dir: &Path) -> bool {
         .is_ok_and(|(lan, _)| !lan.devices.is_empty() || lan.token.is_some())
 }
 
-/// The daemon in LAN-only mode: running, serving its LAN address, and that address still
-/// this machine's.
 /// The warning hop of a daemon that serves, but whose program file an upgrade has replaced
 /// since it started (it still runs the old code): `restart` runs the new one.
 fn replaced_program(
@@ -499,6 +497,8 @@ fn suspended_daemon(key: &'static str, name: &'static str, t: Instant, pid: u32)
     })
 }
 
+/// The daemon in LAN-only mode: running, serving its LAN address, and that address still
+/// this machine's.
 fn check_lan_daemon(pid: Option<u32>, s: &Status) -> Hop {
     let (key, name) = LAN_DAEMON;
     let t = Instant::now();

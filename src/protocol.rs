@@ -1176,12 +1176,16 @@ pub fn base64_chunk_json(
     out
 }
 
+/// How [`parse_frame`]'s error for a frame of a type this program does not know begins (one
+/// a newer peer speaks), as apart from a malformed frame of a known type.
+pub const UNKNOWN_FRAME_TYPE: &str = "unknown frame type: ";
+
 /// Parses a text frame. Errors are worded for a `BAD_FRAME` message.
 pub fn parse_frame(text: &str) -> Result<Frame, String> {
     serde_json::from_str(text).map_err(|e| {
         let msg = e.to_string();
         if msg.contains("unknown variant") {
-            format!("unknown frame type: {msg}")
+            format!("{UNKNOWN_FRAME_TYPE}{msg}")
         } else {
             format!("malformed frame: {msg}")
         }

@@ -50,11 +50,19 @@ const PASSED_ENV: &[&str] = &[
 pub const SERVICE_ENV: &str = "HERMESCHAT_SERVICE";
 
 /// Whether this process was started by a service manager: [`SERVICE_ENV`] (our unit and
-/// plist set it), or systemd's `INVOCATION_ID`, which every systemd service has (a unit
-/// written by an older hermeschat-pair, or the user's own, as the seed suggests for
-/// `--foreground`).
+/// plist set it), or systemd's `INVOCATION_ID` with systemd itself as the parent: every
+/// systemd service has it (a unit written by an older hermeschat-pair, or the user's own, as
+/// the seed suggests for `--foreground`), and so do the programs a service starts (a tmux
+/// server's shells), which are not services.
 pub fn started_by_a_service() -> bool {
-    [SERVICE_ENV, "INVOCATION_ID"].iter().any(|name| std::env::var_os(name).is_some())
+    if std::env::var_os(SERVICE_ENV).is_some() {
+        return true;
+    }
+    // SAFETY: getppid has no preconditions and cannot fail.
+    let parent = unsafe { libc::getppid() };
+    std::env::var_os("INVOCATION_ID").is_some()
+        && std::fs::read_to_string(format!("/proc/{parent}/comm"))
+            .is_ok_and(|comm| comm.trim() == "systemd")
 }
 
 /// How long `--install` waits to see the service's bridge take the pid lock.
@@ -316,7 +324,7 @@ fn write_file(path: &Path, text: &str, home: &Path) -> Result<(), Exit> {
             // Often left by a `sudo` install (e.g. `sudo brew services` owns LaunchAgents).
             return Err(fail(format!(
                 "{} is not yours: whoever owns it can replace the service. Check what is in \
-                 it, then run: sudo chown \"$USER\" {}; and run --install again",
+                 it, then run: sudo chown -h \"$USER\" {}; and run --install again",
                 dir.display(),
                 dir.display()
             )));
@@ -447,8 +455,6 @@ pub(crate) fn installed_for(dir: &Path) -> Option<Installed> {
 }
 
 impl Installed {
-    /// Whether the service runs this very binary (its unit or plist names this executable
-    /// first): one installed from an older copy keeps running that copy.
     /// Whether it was written by an older hermeschat-pair, one that did not set
     /// [`SERVICE_ENV`]: its bridge then fails (and is restarted over and over) whenever a
     /// bridge started by hand runs. `--install` writes it anew.
@@ -456,6 +462,8 @@ impl Installed {
         !self.text.contains(SERVICE_ENV)
     }
 
+    /// Whether the service runs this very binary (its unit or plist names this executable
+    /// first): one installed from an older copy keeps running that copy.
     pub(crate) fn runs_this_binary(&self) -> bool {
         let Some(exe) = this_exe().ok().and_then(|e| e.to_str().map(str::to_owned)) else {
             return true;

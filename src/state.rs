@@ -219,7 +219,6 @@ pub fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()>
     write_atomic_raw(path, bytes, mode, Durable::Yes).map_err(|e| with_path(path, e))
 }
 
-/// [`write_atomic`] without the path added to errors.
 /// Whether an atomic write is also flushed to the disk (the file, then its directory).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Durable {
@@ -227,6 +226,7 @@ enum Durable {
     No,
 }
 
+/// [`write_atomic`] without the path added to errors.
 fn write_atomic_raw(path: &Path, bytes: &[u8], mode: u32, durable: Durable) -> io::Result<()> {
     let name = path
         .file_name()

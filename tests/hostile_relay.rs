@@ -145,8 +145,8 @@ fn a_hostile_relay_cannot_grow_the_bridge_or_forge_its_log() {
 /// A relay (and app) newer than the bridge send a frame type the bridge does not know about a
 /// request: the bridge answers that request `response.error BAD_REQUEST` naming the type and
 /// the update, with the request's `client` and `conn`, so the app does not wait for ever. A
-/// frame of an unknown type that names no request, or an open request, gets no answer; the
-/// socket goes on serving.
+/// frame of an unknown type that names no request, or an open request, gets no answer, nor
+/// does a malformed frame of a known type; the socket goes on serving.
 #[test]
 fn a_frame_type_from_a_newer_protocol_is_answered_on_its_request() {
     let backend = Backend::start();
@@ -160,6 +160,8 @@ fn a_frame_type_from_a_newer_protocol_is_answered_on_its_request() {
                "method": "GET", "path": "/api/slow?secs=1"}),
         json!({"type": "request.pause", "id": "slow", "client": client, "conn": 7}),
         json!({"type": "telemetry.v9", "data": 1}),
+        // A known type, malformed: not a newer protocol, so not answered as one.
+        json!({"type": "request", "id": "bad1", "client": client, "method": 5, "path": "/x"}),
         json!({"type": "request.resume", "id": "new1", "client": client, "conn": 7, "offset": 0}),
         json!({"type": "request", "id": "plain", "client": client, "conn": 7,
                "method": "GET", "path": "/api/health"}),

@@ -558,10 +558,18 @@ fn pair_with_the_token_then_reconnect_with_the_secret() {
     assert_eq!(q.recv(), Frame::BridgeStatus { online: true });
     assert_echo(&mut q, "r2", &client_id);
 
-    // --status shows LAN mode, the address and the device.
-    let run = env.run(&["--status", "--json", "--port", &backend.port.to_string()]);
-    run.assert_code(0, "--status --json in LAN mode");
-    let v: Value = serde_json::from_str(run.stdout.trim()).unwrap();
+    // --status shows LAN mode, the address and the device, online (status.json has the apps
+    // online within a moment).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let v = loop {
+        let run = env.run(&["--status", "--json", "--port", &backend.port.to_string()]);
+        run.assert_code(0, "--status --json in LAN mode");
+        let v: Value = serde_json::from_str(run.stdout.trim()).unwrap();
+        if v["lan"]["devices"][0]["online"] == true || Instant::now() >= deadline {
+            break v;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert_eq!(v["healthy"], true, "{v}");
     assert_eq!(v["lan"]["serving"], true, "{v}");
     assert_eq!(v["lan"]["url"], qr.url, "{v}");

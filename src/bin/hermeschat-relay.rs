@@ -430,18 +430,6 @@ WantedBy=multi-user.target
     ))
 }
 
-/// Raises the soft open-file limit to the hard limit: each connection is a descriptor.
-fn raise_fd_limit() {
-    // SAFETY: getrlimit/setrlimit only read and write the struct we pass; no memory is shared.
-    unsafe {
-        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
-}
-
 /// `--print-systemd-unit`: the unit on stdout, or why there is none (exit 2); a warning on
 /// stderr when the sandbox it sets up could not reach this binary.
 fn print_unit(options: &Options) -> ExitCode {
@@ -549,7 +537,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    raise_fd_limit();
+    // (Relay::bind raises the open-file limit, and fits the connection cap to it.)
     hermeschat_pair::limit_allocator_retention();
     let relay = match Relay::bind(options.config) {
         Ok(r) => r,

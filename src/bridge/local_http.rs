@@ -469,8 +469,11 @@ pub struct LocalClient {
     idle: Arc<Mutex<IdlePool>>,
     /// Deadlines.
     timeouts: Timeouts,
-    /// The built-in backend's key, sent with every request ([`LocalClient::with_backend_key`]).
+    /// The built-in backend's key, sent with every request, and the one address it is sent to
+    /// ([`LocalClient::with_backend_key`]).
     backend_key: Option<crate::backend::key::BackendKey>,
+    /// The only address connected to, when set (the built-in backend's, with its key).
+    only_addr: Option<SocketAddr>,
 }
 
 impl LocalClient {
@@ -490,14 +493,21 @@ impl LocalClient {
             idle: Arc::new(Mutex::new(Vec::new())),
             timeouts,
             backend_key: None,
+            only_addr: None,
         }
     }
 
-    /// Sends `key` in [`crate::backend::key::HEADER`] with every request: only for the
-    /// built-in backend this process started (never to another backend, which has no use for
-    /// it). A header of that name among a request's own is the caller's to drop.
-    pub fn with_backend_key(mut self, key: crate::backend::key::BackendKey) -> LocalClient {
+    /// Sends `key` in [`crate::backend::key::HEADER`] with every request, connecting to `addr`
+    /// only: for the built-in backend this process started there (never to another backend,
+    /// which has no use for it, nor to another address the host name resolves to). A header of
+    /// that name among a request's own is the caller's to drop.
+    pub fn with_backend_key(
+        mut self,
+        key: crate::backend::key::BackendKey,
+        addr: SocketAddr,
+    ) -> LocalClient {
         self.backend_key = Some(key);
+        self.only_addr = Some(addr);
         self
     }
 
@@ -754,13 +764,16 @@ impl LocalClient {
 
     /// Opens a fresh connection (trying every resolved address within the connect timeout).
     fn connect(&self) -> Result<Conn, LocalError> {
-        let addrs: Vec<SocketAddr> = (self.host.as_str(), self.port)
-            .to_socket_addrs()
-            .map_err(|e| LocalError::Connect {
-                addr: self.peer.clone(),
-                detail: format!("cannot resolve the host: {e}"),
-            })?
-            .collect();
+        let addrs: Vec<SocketAddr> = match self.only_addr {
+            Some(addr) => vec![addr],
+            None => (self.host.as_str(), self.port)
+                .to_socket_addrs()
+                .map_err(|e| LocalError::Connect {
+                    addr: self.peer.clone(),
+                    detail: format!("cannot resolve the host: {e}"),
+                })?
+                .collect(),
+        };
         let mut last = None;
         for addr in &addrs {
             match TcpStream::connect_timeout(addr, self.timeouts.connect) {

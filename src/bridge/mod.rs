@@ -20,6 +20,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use crate::poll::Poller;
 use serde::{Deserialize, Serialize};
@@ -156,12 +157,18 @@ pub struct LiveStatus {
     state: Mutex<Kept>,
     /// Signalled by [`LiveStatus::update_soon`] and [`LiveStatus::close`].
     changed: Condvar,
+    /// The number of the last snapshot written: held while writing, so that the file is
+    /// written outside `state` (a thread changing the status never waits on the disk) and an
+    /// older snapshot never replaces a newer one.
+    written: Mutex<u64>,
     path: PathBuf,
 }
 
 /// The status and what [`LiveStatus::run_saver`] has left to do.
 struct Kept {
     status: Status,
+    /// Snapshots taken so far (see `LiveStatus::written`).
+    taken: u64,
     /// A change made by [`LiveStatus::update_soon`] is not on disk yet.
     unsaved: bool,
     /// The saver is to save what is left and return.
@@ -170,13 +177,18 @@ struct Kept {
 
 /// The least time between two saves of [`LiveStatus::run_saver`]: a burst of changes is one
 /// write, and the changes it makes wait at most this long.
-const SAVE_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+const SAVE_EVERY: Duration = Duration::from_millis(100);
 
 impl LiveStatus {
     /// Starts from `initial`, saving to `path`.
     pub fn new(initial: Status, path: PathBuf) -> LiveStatus {
-        let kept = Kept { status: initial, unsaved: false, closed: false };
-        let live = LiveStatus { state: Mutex::new(kept), changed: Condvar::new(), path };
+        let kept = Kept { status: initial, taken: 0, unsaved: false, closed: false };
+        let live = LiveStatus {
+            state: Mutex::new(kept),
+            changed: Condvar::new(),
+            written: Mutex::new(0),
+            path,
+        };
         live.update(|_| {});
         live
     }
@@ -192,8 +204,9 @@ impl LiveStatus {
         f(&mut k.status);
         let after = serde_json::to_string(&k.status).unwrap_or_default();
         if before != after || k.status.updated_at == 0 || k.unsaved {
-            k.unsaved = false;
-            self.save(&mut k.status);
+            let snapshot = Self::snapshot(&mut k);
+            drop(k);
+            self.write(snapshot);
         }
     }
 
@@ -210,20 +223,26 @@ impl LiveStatus {
     /// Saves what [`LiveStatus::update_soon`] changes, at most every 100 ms, until
     /// [`LiveStatus::close`]. Runs on a thread of its own, asleep while nothing changes.
     pub fn run_saver(&self) {
+        let mut k = self.lock();
         loop {
-            let mut k = self.lock();
             while !k.unsaved && !k.closed {
                 k = self.changed.wait(k).unwrap_or_else(|p| p.into_inner());
             }
             if k.unsaved {
-                k.unsaved = false;
-                self.save(&mut k.status);
+                let snapshot = Self::snapshot(&mut k);
+                drop(k);
+                self.write(snapshot);
+                k = self.lock();
             }
             if k.closed {
                 return;
             }
-            drop(k);
-            std::thread::sleep(SAVE_EVERY);
+            // The pause between two saves, cut short by `close`.
+            let until = Instant::now() + SAVE_EVERY;
+            while !k.closed && Instant::now() < until {
+                let left = until.saturating_duration_since(Instant::now());
+                k = self.changed.wait_timeout(k, left).unwrap_or_else(|p| p.into_inner()).0;
+            }
         }
     }
 
@@ -233,9 +252,22 @@ impl LiveStatus {
         self.changed.notify_all();
     }
 
-    fn save(&self, s: &mut Status) {
-        s.updated_at = crate::relay::now_ms();
-        if let Err(e) = state::write_json_snapshot(&self.path, s) {
+    /// The status to write now, numbered; the change it holds is saved from here on.
+    fn snapshot(k: &mut Kept) -> (u64, Status) {
+        k.unsaved = false;
+        k.taken += 1;
+        k.status.updated_at = crate::relay::now_ms();
+        (k.taken, k.status.clone())
+    }
+
+    /// Writes `snapshot` unless a newer one has been written already.
+    fn write(&self, (number, status): (u64, Status)) {
+        let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        if number <= *written {
+            return;
+        }
+        *written = number;
+        if let Err(e) = state::write_json_snapshot(&self.path, &status) {
             log(&format!("cannot write {}: {e}", self.path.display()));
         }
     }
@@ -244,14 +276,14 @@ impl LiveStatus {
     /// a stale copy put back): it is otherwise written only on a change, and `--status` reads
     /// it.
     pub fn keep_on_disk(&self) {
-        let k = self.lock();
+        let mut k = self.lock();
         let on_disk = state::read_json::<serde_json::Value>(&self.path).ok().flatten();
         if on_disk.is_some() && on_disk == serde_json::to_value(&k.status).ok() {
             return;
         }
-        if let Err(e) = state::write_json_snapshot(&self.path, &k.status) {
-            log(&format!("cannot write {}: {e}", self.path.display()));
-        }
+        let snapshot = Self::snapshot(&mut k);
+        drop(k);
+        self.write(snapshot);
     }
 
     /// A copy of the current status.
@@ -370,8 +402,8 @@ pub fn start(
         // This bridge started the backend at `target`: it is the built-in one, so it gets the
         // key (required where the backend cannot tell who connects). A bridge that did not
         // start it (the user's own backend, or nothing yet) never sends it.
-        target.backend_key = Some(started.key);
         let addr = std::net::SocketAddr::new(config.host, config.port);
+        target.backend_key = Some((started.key, addr));
         log(&format!("built-in backend listening on http://{addr}"));
     }
     let pool =
@@ -433,7 +465,7 @@ impl Bridge {
                 while !self.stop.load(Ordering::SeqCst) {
                     events.clear();
                     // Woken by the signal handler; the timeout is only a safety net.
-                    let _ = self.waker.wait(&mut events, Some(std::time::Duration::from_secs(1)));
+                    let _ = self.waker.wait(&mut events, Some(Duration::from_secs(1)));
                 }
             }
         }

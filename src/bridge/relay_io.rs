@@ -557,7 +557,8 @@ impl RelayIo {
             Ok(f) => f,
             Err(msg) => {
                 log(&format!("ignoring a frame from the relay: {}", p::shown(&msg)));
-                if let Some((answer, client, id)) = unknown_request_answer(text)
+                if msg.starts_with(p::UNKNOWN_FRAME_TYPE)
+                    && let Some((answer, client, id)) = unknown_request_answer(text)
                     && !self.pool.is_open(Some(&client), &id)
                 {
                     out.push(Message::text(answer));

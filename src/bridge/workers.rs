@@ -81,9 +81,11 @@ pub struct Target {
     pub port: u16,
     /// Path prefixes forwarded (PROTOCOL §7); anything else is `FORBIDDEN_PATH`.
     pub allowed_prefixes: Vec<String>,
-    /// The built-in backend's key, sent with every request, when this bridge started the
-    /// built-in backend at this address itself; `None` for any other backend.
-    pub backend_key: Option<crate::backend::key::BackendKey>,
+    /// The built-in backend's key and the exact address it listens on, when this bridge
+    /// started the built-in backend itself: the key is sent with every request, and only to
+    /// that address (a `localhost` that resolves to `::1` first never hands it to whoever
+    /// listens there). `None` for any other backend.
+    pub backend_key: Option<(crate::backend::key::BackendKey, std::net::SocketAddr)>,
 }
 
 impl Target {
@@ -492,7 +494,9 @@ impl Pool {
     pub fn with_idle(target: Target, workers: usize, limits: Limits, idle_for: Duration) -> Pool {
         let shared = Arc::new(Shared {
             client: match target.backend_key {
-                Some(key) => LocalClient::new(&target.host, target.port).with_backend_key(key),
+                Some((key, addr)) => {
+                    LocalClient::new(&target.host, target.port).with_backend_key(key, addr)
+                }
                 None => LocalClient::new(&target.host, target.port),
             },
             allowed: target.allowed_prefixes,

@@ -111,14 +111,14 @@ pub enum Verify {
     TooManyAttempts,
 }
 
-/// Brings a store written by an older relay up to [`SCHEMA`]: `connected_at` came later; the
-/// bridges already there count as connected at their registration (none is taken for an
-/// unfinished one).
 /// The store's format, kept in SQLite's `user_version`: a relay refuses a store a newer relay
 /// has written in a format it does not know (0 is a store from before the number was kept,
 /// which [`migrate`] brings up to date).
 const STORE_FORMAT: i64 = 1;
 
+/// Brings a store written by an older relay up to [`SCHEMA`] and [`STORE_FORMAT`]:
+/// `connected_at` came later; the bridges already there count as connected at their
+/// registration (none is taken for an unfinished one).
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     let has_connected_at = conn
         .prepare("SELECT 1 FROM pragma_table_info('bridges') WHERE name = 'connected_at'")?
@@ -271,16 +271,17 @@ impl Store {
         // `Some(format)`: a newer relay's store, not touched.
         let setup = || -> rusqlite::Result<Option<i64>> {
             conn.busy_timeout(Duration::from_secs(5))?;
+            // Before anything writes: a newer relay's store is left exactly as it is.
+            let format: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+            if format > STORE_FORMAT {
+                return Ok(Some(format));
+            }
             conn.pragma_update(None, "journal_mode", "WAL")?;
             // FULL syncs the WAL on every commit: a pairing confirmed to a caller survives a
             // crash or power cut. Registry writes are rare, so the fsync costs nothing that
             // matters.
             conn.pragma_update(None, "synchronous", "FULL")?;
             conn.pragma_update(None, "foreign_keys", "ON")?;
-            let format: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-            if format > STORE_FORMAT {
-                return Ok(Some(format));
-            }
             conn.execute_batch(SCHEMA)?;
             migrate(&conn).map(|()| None)
         };
