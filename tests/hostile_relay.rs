@@ -57,6 +57,17 @@ impl Drop for Bridge {
     }
 }
 
+/// A backend, and the bridge in the foreground with its relay socket accepted by the test,
+/// which plays the relay on it.
+fn bridge_on_a_test_relay() -> (Backend, Env, Bridge, WebSocket<TcpStream>) {
+    let backend = Backend::start();
+    let env = Env::new();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let bridge = Bridge::start(&env, listener.local_addr().unwrap().port(), &backend);
+    let ws = accept(&listener);
+    (backend, env, bridge, ws)
+}
+
 /// Accepts the bridge's socket on `listener` (the bridge dials in after its first probes).
 fn accept(listener: &TcpListener) -> WebSocket<TcpStream> {
     listener.set_nonblocking(false).unwrap();
@@ -72,11 +83,7 @@ fn accept(listener: &TcpListener) -> WebSocket<TcpStream> {
 /// bound, so its memory stays bounded.
 #[test]
 fn a_hostile_relay_cannot_grow_the_bridge_or_forge_its_log() {
-    let backend = Backend::start();
-    let env = Env::new();
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let bridge = Bridge::start(&env, listener.local_addr().unwrap().port(), &backend);
-    let mut ws = accept(&listener);
+    let (_backend, env, bridge, mut ws) = bridge_on_a_test_relay();
 
     let huge = format!("hcl_{}", "x".repeat(1 << 20));
     let frames = [
@@ -149,11 +156,7 @@ fn a_hostile_relay_cannot_grow_the_bridge_or_forge_its_log() {
 /// does a malformed frame of a known type; the socket goes on serving.
 #[test]
 fn a_frame_type_from_a_newer_protocol_is_answered_on_its_request() {
-    let backend = Backend::start();
-    let env = Env::new();
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let _bridge = Bridge::start(&env, listener.local_addr().unwrap().port(), &backend);
-    let mut ws = accept(&listener);
+    let (_backend, _env, _bridge, mut ws) = bridge_on_a_test_relay();
     let client = "hcl_0123456789abcdef";
     for f in [
         json!({"type": "request", "id": "slow", "client": client, "conn": 7,
@@ -205,11 +208,7 @@ fn a_frame_type_from_a_newer_protocol_is_answered_on_its_request() {
 /// these 60,000 pairs here), and status.json ends with the apps online that are.
 #[test]
 fn a_flood_of_app_presence_frames_does_not_stall_the_bridge() {
-    let backend = Backend::start();
-    let env = Env::new();
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let _bridge = Bridge::start(&env, listener.local_addr().unwrap().port(), &backend);
-    let mut ws = accept(&listener);
+    let (_backend, env, _bridge, mut ws) = bridge_on_a_test_relay();
     let stays = "hcl_ffffffffffffffff";
     let mut tcp = ws.get_ref().try_clone().unwrap();
     let writer = std::thread::spawn(move || {

@@ -1567,10 +1567,7 @@ impl Reactor {
             };
             let (app_conn, device_name) = (app.conn, app.device_name.clone());
             self.send_frame(app_conn, &Frame::BridgeStatus { online: true });
-            let announced = self.send_presence(id, &client, device_name);
-            if let Some(app) = self.apps.get_mut(&client) {
-                app.announced = announced;
-            }
+            self.announce(id, &client, device_name);
         }
     }
 
@@ -1608,27 +1605,22 @@ impl Reactor {
         log_event("ws.open", &[("role", "app"), ("bridge", &bridge_id), ("client", &client_id)]);
         self.send_frame(id, &Frame::BridgeStatus { online: bridge_conn.is_some() });
         if let Some(bridge_conn) = bridge_conn {
-            let announced = self.send_presence(bridge_conn, &client_id, device_name);
-            if let Some(app) = self.apps.get_mut(&client_id) {
-                app.announced = announced;
-            }
+            self.announce(bridge_conn, &client_id, device_name);
         }
     }
 
-    /// Queues `client.connected` for `client` to bridge socket `bridge_conn`; returns where,
-    /// with the frame's ticket (`None` when it was not queued: the socket is leaving).
-    fn send_presence(
-        &mut self,
-        bridge_conn: ConnId,
-        client: &str,
-        device_name: String,
-    ) -> Option<(ConnId, u64)> {
+    /// Queues `client.connected` for `client` to bridge socket `bridge_conn`, and records in
+    /// the app's route where, with the frame's ticket (`None` when it was not queued: the
+    /// socket is leaving), for [`Reactor::withdraw_presence`].
+    fn announce(&mut self, bridge_conn: ConnId, client: &str, device_name: String) {
         let frame = Frame::ClientConnected { client: client.to_owned(), device_name };
         let mut ticket = None;
         self.queue(bridge_conn, |out| {
             ticket = Some(out.push_withdrawable(Message::text(frame.to_json())));
         });
-        ticket.map(|t| (bridge_conn, t))
+        if let Some(app) = self.apps.get_mut(client) {
+            app.announced = ticket.map(|t| (bridge_conn, t));
+        }
     }
 
     /// True when the `client.connected` announced as `announced` still waits, whole, in the
