@@ -1107,8 +1107,20 @@ impl Chain {
             Ok(f) => f,
             Err(e) => return Launched::Failed(format!("cannot open gateway.log: {e}")),
         };
-        let child =
-            Command::new(&path).args(args).stdin(Stdio::null()).stdout(log).stderr(err).spawn();
+        let mut cmd = Command::new(&path);
+        cmd.args(args).stdin(Stdio::null()).stdout(log).stderr(err);
+        {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: restore_open_file_limit is async-signal-safe (get/setrlimit only). A
+            // `hermes gateway start` may leave a gateway running with what it inherits.
+            unsafe {
+                cmd.pre_exec(|| {
+                    crate::poll::restore_open_file_limit();
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd.spawn();
         let mut child = match child {
             Ok(c) => c,
             Err(e) => return Launched::Failed(format!("cannot run {shown}: {e}")),
@@ -1165,11 +1177,14 @@ impl Chain {
             .current_dir(&self.config.home);
         {
             use std::os::unix::process::CommandExt;
-            // SAFETY: setsid is async-signal-safe and touches no memory of ours; it detaches
-            // the gateway from our session so a terminal hang-up or our exit leaves it running.
+            // SAFETY: setsid and restore_open_file_limit (get/setrlimit) are async-signal-safe
+            // and touch no memory of ours. setsid detaches the gateway from our session so a
+            // terminal hang-up or our exit leaves it running; the gateway gets the open-file
+            // limit we started with, not the one the bridge raised for itself.
             unsafe {
                 cmd.pre_exec(|| {
                     libc::setsid();
+                    crate::poll::restore_open_file_limit();
                     Ok(())
                 });
             }

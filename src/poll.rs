@@ -7,6 +7,8 @@
 //! per-request cost of the relay and the daemon. Elsewhere `polling` itself is used, behind the
 //! same names.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 #[cfg(not(target_os = "linux"))]
 pub use polling::{Event, Events, PollMode, Poller};
 
@@ -21,6 +23,14 @@ pub fn raise_open_file_limit() -> Option<u64> {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         return None;
     }
+    #[allow(clippy::unnecessary_cast)] // `rlim_t` is 32 bits on some targets (armv7)
+    let soft = lim.rlim_cur as u64;
+    let _ = ORIGINAL_SOFT_LIMIT.compare_exchange(
+        NOT_RAISED,
+        soft,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
     for want in [lim.rlim_max, lim.rlim_max.min(10_240)] {
         if lim.rlim_cur >= want {
             break;
@@ -34,6 +44,35 @@ pub fn raise_open_file_limit() -> Option<u64> {
         }
     }
     Some(lim.rlim_cur)
+}
+
+/// The soft open-file limit before [`raise_open_file_limit`] first ran; `NOT_RAISED` until then.
+static ORIGINAL_SOFT_LIMIT: AtomicU64 = AtomicU64::new(NOT_RAISED);
+
+/// [`ORIGINAL_SOFT_LIMIT`] before the limit was raised.
+const NOT_RAISED: u64 = u64::MAX;
+
+/// Puts back the soft open-file limit this process started with, for a program it starts (the
+/// Hermes gateway, `hermes gateway start`): the raised limit is for the bridge's own sockets,
+/// and a child that still uses `select()` fails on descriptors above 1023. Meant for
+/// `Command::pre_exec`: it only reads an atomic and calls `getrlimit`/`setrlimit`, which are
+/// async-signal-safe, and allocates nothing. Does nothing when the limit was never raised.
+pub fn restore_open_file_limit() {
+    let original = ORIGINAL_SOFT_LIMIT.load(Ordering::Relaxed);
+    if original == NOT_RAISED {
+        return;
+    }
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `lim` is a valid, writable rlimit for the duration of the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    let lowered = libc::rlimit { rlim_cur: (original as libc::rlim_t).min(lim.rlim_max), ..lim };
+    // SAFETY: `lowered` is a valid rlimit; lowering the soft limit needs no privilege, and a
+    // failure leaves the raised limit, which is harmless.
+    unsafe {
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lowered);
+    }
 }
 
 #[cfg(target_os = "linux")]

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use common::{Relay, fresh_dir};
 use gatewaykit::{
-    KEY, StubGateway, User, app_fetch, connect_app, free_port, header, http, request, sse_content,
-    sse_error, stub_user,
+    KEY, STUB_GATEWAY, StubGateway, User, app_fetch, connect_app, free_port, header, http, request,
+    sse_content, sse_error, stub_user,
 };
 use hermeschat_pair::backend::upstream::{Direct, GatewaySource};
 use hermeschat_pair::backend::{BackendConfig, Settings, start_with};
@@ -881,12 +881,21 @@ fn e2e_pairing_wakes_the_gateway_chat_streams_and_restart_brings_it_back() {
 }
 
 /// After a reboot the boot service runs `hermeschat-pair --foreground`: that bridge wakes the
-/// gateway itself (nothing else would), so chat works without the pairing command.
+/// gateway itself (nothing else would), so chat works without the pairing command. The bridge
+/// raises its own open-file limit; the gateway it starts gets the one the bridge started with.
 #[test]
 fn e2e_a_foreground_bridge_wakes_the_gateway() {
     let relay = Relay::new();
     let gw_port = free_port();
     let u = stub_user("fg-wake", gw_port);
+    let nofile = u.root.join("gateway.nofile");
+    u.script(
+        &u.venv_python(),
+        &format!(
+            "#!/bin/sh\nulimit -Sn > {}\nexec python3 {STUB_GATEWAY} \"$@\"\n",
+            nofile.display()
+        ),
+    );
     let (qr, _) = u.pair(&relay.url(), free_port());
     let mut app = connect_app(&qr);
     // As after a reboot: no daemon, no gateway.
@@ -898,8 +907,26 @@ fn e2e_a_foreground_bridge_wakes_the_gateway() {
         assert!(Instant::now() < deadline, "the stub gateway did not go away");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let mut bridge =
-        u.cmd(&["--foreground"]).stdin(Stdio::null()).stdout(Stdio::null()).spawn().unwrap();
+    let _ = std::fs::remove_file(&nofile);
+    let mut cmd = u.cmd(&["--foreground"]);
+    cmd.stdin(Stdio::null()).stdout(Stdio::null());
+    // Start the bridge with a soft limit below the hard one, as macOS does (256).
+    let mut hard = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: a valid, writable rlimit.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut hard) }, 0);
+    let soft = 512.min(hard.rlim_max);
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: only setrlimit, async-signal-safe, runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let lim = libc::rlimit { rlim_cur: soft, rlim_max: hard.rlim_max };
+                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+                Ok(())
+            });
+        }
+    }
+    let mut bridge = cmd.spawn().unwrap();
     assert_eq!(app.recv(), Frame::BridgeStatus { online: true });
     // It waits 10 s for the gateway to come up by itself first.
     let deadline = Instant::now() + Duration::from_secs(45);
@@ -912,8 +939,14 @@ fn e2e_a_foreground_bridge_wakes_the_gateway() {
         request("c1", "POST", "/api/chat", &[("Content-Type", "application/json")], Some(&body));
     let r = app_fetch(&mut app, &chat, Duration::from_secs(20));
     assert_eq!(sse_content(&r.text()), "Hello from the stub gateway.", "{r:?}");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", bridge.id())).unwrap();
     let _ = bridge.kill();
     let _ = bridge.wait();
+    let bridge_soft = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    let bridge_soft: u64 = bridge_soft.split_whitespace().nth(3).unwrap().parse().unwrap();
+    assert_eq!(bridge_soft, hard.rlim_max, "the bridge did not raise its limit: {limits}");
+    let gateway_soft = std::fs::read_to_string(&nofile).unwrap();
+    assert_eq!(gateway_soft.trim(), soft.to_string(), "the gateway got the bridge's raised limit");
 }
 
 /// Where the owner of a connection cannot be looked up (macOS; here turned off with the
