@@ -24,6 +24,7 @@ pub mod lan;
 pub mod logs;
 pub mod memory;
 pub mod netif;
+pub mod netproxy;
 pub mod poll;
 pub mod protocol;
 pub mod qr;

@@ -82,18 +82,21 @@ fn plain_cause(url: &str, cause: String) -> String {
 /// responses (error bodies carry the protocol's codes), and a global deadline per call.
 /// `local` agents ignore proxy settings from the environment (they only talk to loopback).
 pub fn agent(timeout: Duration, local: bool) -> Agent {
+    agent_with(timeout, if local { None } else { ureq::Proxy::try_from_env() })
+}
+
+/// [`agent`] with the proxy given (`None`: every call goes direct).
+fn agent_with(timeout: Duration, proxy: Option<ureq::Proxy>) -> Agent {
     let tls = TlsConfig::builder()
         .provider(TlsProvider::NativeTls)
         .root_certs(RootCerts::PlatformVerifier)
         .build();
-    let mut config = Agent::config_builder()
+    let config = Agent::config_builder()
         .tls_config(tls)
         .http_status_as_error(false)
         .timeout_global(Some(timeout))
-        .timeout_connect(Some(Duration::from_secs(5)));
-    if local {
-        config = config.proxy(None);
-    }
+        .timeout_connect(Some(Duration::from_secs(5)))
+        .proxy(proxy);
     config.build().new_agent()
 }
 
@@ -101,15 +104,26 @@ pub fn agent(timeout: Duration, local: bool) -> Agent {
 pub struct Registry {
     base: String,
     agent: Agent,
+    /// Why the proxy the environment names for `base` cannot be used: every call fails with it.
+    proxy_error: Option<String>,
 }
 
 impl Registry {
     /// A client for the registry at `base`.
+    ///
+    /// The proxy is the one the relay socket uses for the same host (`crate::netproxy`:
+    /// `https_proxy`/`http_proxy`/`all_proxy` by scheme, `no_proxy`, loopback always direct).
     pub fn new(base: &str) -> Registry {
-        Registry {
-            base: base.trim_end_matches('/').to_owned(),
-            agent: agent(Duration::from_secs(15), false),
-        }
+        let base = base.trim_end_matches('/').to_owned();
+        let target = base.parse::<ureq::http::Uri>().ok();
+        let scheme = target.as_ref().and_then(|u| u.scheme_str()).unwrap_or("https").to_owned();
+        let host = target.as_ref().and_then(|u| u.host()).unwrap_or_default();
+        let host = host.trim_matches(['[', ']']).to_owned();
+        let (proxy, proxy_error) = match crate::netproxy::for_target(&scheme, &host) {
+            Ok(p) => (p.and_then(|p| ureq::Proxy::new(&p.url()).ok()), None),
+            Err(e) => (None, Some(e)),
+        };
+        Registry { base, agent: agent_with(Duration::from_secs(15), proxy), proxy_error }
     }
 
     /// The base URL.
@@ -127,6 +141,9 @@ impl Registry {
         let url = format!("{}{path}", self.base);
         // The query (ids only) is logged nowhere; secrets travel only in the header.
         let shown = url.split('?').next().unwrap_or(&url).to_owned();
+        if let Some(cause) = &self.proxy_error {
+            return Err(RegistryError::Unreachable { url: shown, cause: cause.clone() });
+        }
         let auth = bearer.map(|s| format!("Bearer {s}"));
         let result = if method == "GET" {
             let mut req = self.agent.get(&url).header("Accept", "application/json");

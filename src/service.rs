@@ -43,6 +43,20 @@ const PASSED_ENV: &[&str] = &[
     "HERMES_HOME",
 ];
 
+/// The proxy variables (`crate::netproxy`), copied into the service like [`PASSED_ENV`] but
+/// only without credentials (`user:pass@`): service files are world-readable. A proxy that
+/// needs credentials goes in the service manager's own environment (README, Troubleshooting).
+const PROXY_ENV: &[&str] = &[
+    "https_proxy",
+    "HTTPS_PROXY",
+    "http_proxy",
+    "HTTP_PROXY",
+    "all_proxy",
+    "ALL_PROXY",
+    "no_proxy",
+    "NO_PROXY",
+];
+
 /// Set in the service's environment: its bridge, finding another one running (started by
 /// hand), leaves with exit 0 instead of 1, so the manager does not restart it over and over.
 /// Under launchd, a configuration error (exit 2: no pairing) does the same (systemd is told
@@ -167,6 +181,13 @@ impl Spec {
             if let Some(v) = std::env::var(name).ok().filter(|v| !v.trim().is_empty()) {
                 // The state dir is passed absolute: the service does not start where we are.
                 let v = if *name == state::HOME_ENV { dir.display().to_string() } else { v };
+                env.push(((*name).to_owned(), v));
+            }
+        }
+        for name in PROXY_ENV {
+            if let Some(v) =
+                std::env::var(name).ok().filter(|v| !v.trim().is_empty() && !v.contains('@'))
+            {
                 env.push(((*name).to_owned(), v));
             }
         }

@@ -804,6 +804,25 @@ fn macos_install_that_launchd_refuses_keeps_the_bridge_running() {
     m.run("macos", &["--stop"], &[]).expect(0, "--stop");
 }
 
+/// The proxy variables reach the service's bridge (it would connect to no relay behind a
+/// proxy otherwise), but only without credentials: the unit file is world-readable.
+#[test]
+fn install_passes_proxy_variables_without_credentials() {
+    let m = Machine::new();
+    m.paired();
+    let vars = [
+        ("https_proxy", "http://proxy.corp:3128"),
+        ("NO_PROXY", ".corp,10.0.0.0"),
+        ("ALL_PROXY", "http://user:pr0xy-s3cret@proxy.corp:3128"),
+    ];
+    m.run("systemd", &["--install"], &vars).expect(0, "--install");
+    let unit = std::fs::read_to_string(m.unit()).unwrap();
+    assert!(unit.contains("Environment=\"https_proxy=http://proxy.corp:3128\""), "{unit}");
+    assert!(unit.contains("Environment=\"NO_PROXY=.corp,10.0.0.0\""), "{unit}");
+    assert!(!unit.contains("pr0xy-s3cret") && !unit.contains("ALL_PROXY"), "{unit}");
+    m.run("systemd", &["--uninstall"], &[]).expect(0, "--uninstall");
+}
+
 /// A free loopback port.
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
