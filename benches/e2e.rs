@@ -35,12 +35,15 @@ use tungstenite::{Message, Utf8Bytes};
 
 use common::{Ws, b64, random_bytes, ws_connect};
 use support::{
-    DOWNLOAD, Daemon, InFrame, RelayProc, SSE_EVENTS, bin_path, cpu_secs, download_blob, fmt_num,
-    loadavg, median, origin_server, pct, proc_status,
+    DOWNLOAD, Daemon, HEALTH_BODY, InFrame, RelayProc, SSE_EVENTS, TWO_WRITES_BODY, bin_path,
+    cpu_secs, download_blob, fmt_num, loadavg, median, origin_server, pct, proc_status,
 };
 
 const WARMUP: usize = 200;
 const SEQUENTIAL: usize = 2_000;
+/// Requests measured in the two-writes phase (a client that delays its ACKs waits 40 ms on
+/// each, so fewer than [`SEQUENTIAL`]).
+const TWO_WRITES_REQUESTS: usize = 50;
 const CONCURRENCY: usize = 16;
 const C16_SECS: f64 = 2.0;
 /// The upload size: 16 MiB, streamed through hermeschat (`request.start` and
@@ -453,6 +456,8 @@ struct Rep {
     peak16_kib: (u64, u64),
     /// Peak VmRSS during the 12 MiB uploads (one request frame through hermeschat), KiB.
     peak12_kib: (u64, u64),
+    /// p50 µs of `GET /api/two-writes`: an answer in two writes without `TCP_NODELAY`.
+    two_writes_p50: f64,
 }
 
 /// Our path: the paired app sockets and the two processes.
@@ -471,14 +476,19 @@ struct HttpSide {
 }
 
 fn lat_http(port: u16) -> (f64, f64) {
+    lat_http_of(port, "/api/health", HEALTH_BODY, WARMUP, SEQUENTIAL)
+}
+
+/// p50 and p99 µs of `measured` sequential `GET path`s on one connection, after `warmup`.
+fn lat_http_of(port: u16, path: &str, want: &[u8], warmup: usize, measured: usize) -> (f64, f64) {
     let mut c = Http::connect(port);
-    let mut v = Vec::with_capacity(SEQUENTIAL);
-    for i in 0..WARMUP + SEQUENTIAL {
+    let mut v = Vec::with_capacity(measured);
+    for i in 0..warmup + measured {
         let t0 = Instant::now();
-        let b = c.request("GET", "/api/health", None);
+        let b = c.request("GET", path, None);
         let dt = t0.elapsed();
-        assert_eq!(b, b"{\"ok\":true}");
-        if i >= WARMUP {
+        assert_eq!(b, want);
+        if i >= warmup {
             v.push(dt.as_nanos() as u64);
         }
     }
@@ -487,14 +497,25 @@ fn lat_http(port: u16) -> (f64, f64) {
 }
 
 fn lat_path(p: &mut PathSide) -> (f64, f64) {
+    lat_path_of(p, "/api/health", HEALTH_BODY, WARMUP, SEQUENTIAL)
+}
+
+/// [`lat_http_of`] through our path.
+fn lat_path_of(
+    p: &mut PathSide,
+    path: &str,
+    want: &[u8],
+    warmup: usize,
+    measured: usize,
+) -> (f64, f64) {
     let app = &mut p.apps[0];
-    let mut v = Vec::with_capacity(SEQUENTIAL);
-    for i in 0..WARMUP + SEQUENTIAL {
+    let mut v = Vec::with_capacity(measured);
+    for i in 0..warmup + measured {
         let id = app.next_id("lat");
-        let frame = request_frame(&id, "GET", "/api/health", None);
+        let frame = request_frame(&id, "GET", path, None);
         let (dt, status, body) = app.request(&frame, &id);
-        assert!(status == 200 && body == "{\"ok\":true}", "{status} {body}");
-        if i >= WARMUP {
+        assert!(status == 200 && body.as_bytes() == want, "{status} {body}");
+        if i >= warmup {
             v.push(dt.as_nanos() as u64);
         }
     }
@@ -805,6 +826,14 @@ fn measure(t: usize, path: &mut PathSide, http: HttpSide, bodies: (&[u8], &[u8],
         .map(|_| if t == PATH { sse_path(path) } else { Http::connect(http.port).sse() })
         .collect();
     (r.ttfe, r.max_gap, r.events_min, r.sse_total) = sse_agg(&runs);
+    // Last: its connections to the origin have Nagle on until their next request.
+    progress(&format!("  {} two writes", NAMES[t]));
+    let (w, n) = (5, TWO_WRITES_REQUESTS);
+    r.two_writes_p50 = if t == PATH {
+        lat_path_of(path, "/api/two-writes", TWO_WRITES_BODY, w, n).0
+    } else {
+        lat_http_of(http.port, "/api/two-writes", TWO_WRITES_BODY, w, n).0
+    };
     r
 }
 
@@ -1012,6 +1041,11 @@ fn main() {
     };
     row("small request p50 µs", &|r| r.p50, Better::Lower);
     row("small request p99 µs", &|r| r.p99, Better::Lower);
+    row(
+        "small request p50 µs, an answer in two writes without TCP_NODELAY (uvicorn)",
+        &|r| r.two_writes_p50,
+        Better::Lower,
+    );
     row(&format!("c16 req/s ({CONCURRENCY} connections, closed loop)"), &|r| r.c16, Better::Higher);
     row("c16 p99 µs", &|r| r.c16_p99, Better::Lower);
     row("upload 16 MiB MiB/s (hermeschat: streamed)", &|r| r.upload16, Better::Higher);

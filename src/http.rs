@@ -214,6 +214,36 @@ const NO_SIGPIPE: libc::c_int = libc::MSG_NOSIGNAL;
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
 const NO_SIGPIPE: libc::c_int = 0;
 
+/// Sends at once the ACK the kernel holds back for what `stream` has received, before a read
+/// that waits for the rest of a response already begun.
+///
+/// A server that writes a response in two pieces without `TCP_NODELAY` (uvicorn does: the
+/// original tool's FastAPI backend) holds the second piece until the first is acknowledged
+/// (Nagle), and Linux delays that ACK by 40 ms on a connection in use: every request on a
+/// kept-alive connection paid it. `TCP_QUICKACK` set while an ACK is pending sends it now;
+/// after a read that already holds the whole answer nothing calls this. Elsewhere a no-op
+/// (macOS has no such option).
+pub fn ack_now(stream: &TcpStream) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let on: libc::c_int = 1;
+        // SAFETY: a valid socket descriptor and an int option of the right size; a failure
+        // only leaves the ACK delayed.
+        unsafe {
+            libc::setsockopt(
+                stream.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_QUICKACK,
+                (&raw const on).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = stream;
+}
+
 /// One `send` of `data` that never waits: the bytes the socket took now (`WouldBlock` when it
 /// took none). No SIGPIPE on a closed peer: that is an `EPIPE` error.
 pub fn send_now(stream: &TcpStream, data: &[u8]) -> io::Result<usize> {

@@ -210,6 +210,9 @@ pub const SSE_GAP: Duration = Duration::from_millis(5);
 /// The body `GET /api/health` answers.
 pub const HEALTH_BODY: &[u8] = b"{\"ok\":true}";
 
+/// The body `GET /api/two-writes` answers, in a write of its own after the head.
+pub const TWO_WRITES_BODY: &[u8] = b"{\"status\":\"ok\"}";
+
 /// The text of `GET /api/stream`'s event `i`.
 pub fn sse_event(i: usize) -> String {
     format!("data: {{\"n\":{i}}}\n\n")
@@ -218,8 +221,9 @@ pub fn sse_event(i: usize) -> String {
 /// Starts the origin on a loopback port (a thread per connection, keep-alive HTTP/1.1) and
 /// returns the port. It serves `GET /api/health`, `POST /api/echo` (the body back, with its
 /// content type), `POST /api/count` (reads the body, answers `{"bytes":N}`), `GET /api/blob`
-/// ([`DOWNLOAD`] bytes of binary) and `GET /api/stream` (SSE, chunked: [`SSE_EVENTS`] events
-/// [`SSE_GAP`] apart, the first at once).
+/// ([`DOWNLOAD`] bytes of binary), `GET /api/stream` (SSE, chunked: [`SSE_EVENTS`] events
+/// [`SSE_GAP`] apart, the first at once) and `GET /api/two-writes` (as uvicorn answers: the
+/// head, then [`TWO_WRITES_BODY`] in a second write, without `TCP_NODELAY`).
 pub fn origin_server() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
@@ -241,6 +245,7 @@ pub fn download_blob() -> &'static [u8] {
 
 fn origin_conn(s: TcpStream) -> std::io::Result<()> {
     s.set_nodelay(true)?;
+    let mut nodelay = true;
     let mut w = s.try_clone()?;
     let mut r = BufReader::with_capacity(64 << 10, s);
     let mut line = String::new();
@@ -273,7 +278,23 @@ fn origin_conn(s: TcpStream) -> std::io::Result<()> {
             }
         }
         let path = path.split('?').next().unwrap_or("");
+        // Nagle only for the two-writes answer; turned off again by the next request, once
+        // the client has the whole of it (turning it off earlier would push the body out).
+        let two_writes = path == "/api/two-writes";
+        if nodelay == two_writes {
+            w.set_nodelay(!two_writes)?;
+            nodelay = !two_writes;
+        }
         match (method.as_str(), path) {
+            ("GET", "/api/two-writes") => {
+                write!(
+                    w,
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                     content-length: {}\r\n\r\n",
+                    TWO_WRITES_BODY.len()
+                )?;
+                w.write_all(TWO_WRITES_BODY)?;
+            }
             ("GET", "/api/health") => {
                 // One write, as a server answers a small request.
                 let mut out = format!(

@@ -871,6 +871,9 @@ impl LocalClient {
                     .map(|body| Response { status, headers, body })
                     .map_err(Attempt::Failed);
             }
+            if received_any {
+                crate::http::ack_now(&conn.stream);
+            }
             // A passed deadline comes back as a `TimedOut` error.
             let room = MAX_HEAD - buf.len();
             let read = conn.append_by(&mut buf, room, deadline);
@@ -1157,6 +1160,7 @@ impl Pending {
                     }
                     Ok(_) => continue,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        crate::http::ack_now(&self.socket);
                         return Progress::Wait { writable: false };
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -1197,6 +1201,9 @@ impl Pending {
                 }
                 Ok(_) => self.received_any = true,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if self.received_any {
+                        crate::http::ack_now(&self.socket);
+                    }
                     return Progress::Wait { writable: false };
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -1599,6 +1606,8 @@ impl BodyReader {
             self.compact();
         }
         let Some(conn) = self.conn.as_mut() else { return Ok(0) };
+        // The head has come: what is read now is more of a response already begun.
+        crate::http::ack_now(&conn.stream);
         // The body gap bounds each read on its own.
         let deadline = deadline_after(self.gap);
         let r = if to_rbuf {
