@@ -74,8 +74,26 @@ fn plain_cause(url: &str, cause: String) -> String {
     if url.starts_with("https://") && cause.contains("wrong version number") {
         "the server does not speak TLS there (is it http://?)".to_owned()
     } else {
-        cause
+        with_trust_hint(cause)
     }
+}
+
+/// `cause` with the next step added when it is a certificate this machine does not trust (a
+/// relay behind `tls internal` or another private CA): where the CA has to go.
+pub fn with_trust_hint(cause: String) -> String {
+    let untrusted = ["self-signed certificate", "unable to get local issuer certificate"];
+    if !untrusted.iter().any(|u| cause.contains(u)) {
+        return cause;
+    }
+    let place = if cfg!(target_os = "macos") {
+        "trust its CA in Keychain Access"
+    } else {
+        "add its CA to the system store (/usr/local/share/ca-certificates, then \
+         update-ca-certificates) or name its PEM file in SSL_CERT_FILE"
+    };
+    format!(
+        "{cause}; this machine does not trust the relay's certificate: if it comes from a private CA, {place}"
+    )
 }
 
 /// What an answer without the relay's JSON error body most likely is, for the statuses a

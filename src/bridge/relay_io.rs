@@ -982,7 +982,8 @@ pub fn open_socket(
                 return Err(failed("TLS handshake timed out with", &"no answer"));
             }
             Err(native_tls::HandshakeError::Failure(e)) => {
-                return Err(failed("TLS handshake failed with", &e));
+                let why = crate::registry_client::with_trust_hint(e.to_string());
+                return Err(failed("TLS handshake failed with", &why));
             }
         }
     } else {
