@@ -74,8 +74,45 @@ fn plain_cause(url: &str, cause: String) -> String {
     if url.starts_with("https://") && cause.contains("wrong version number") {
         "the server does not speak TLS there (is it http://?)".to_owned()
     } else {
-        cause
+        with_trust_hint(cause)
     }
+}
+
+/// `cause` with the next step added when it is a certificate this machine does not trust (a
+/// relay behind `tls internal` or another private CA): where the CA has to go.
+pub fn with_trust_hint(cause: String) -> String {
+    let untrusted = ["self-signed certificate", "unable to get local issuer certificate"];
+    if !untrusted.iter().any(|u| cause.contains(u)) {
+        return cause;
+    }
+    let place = if cfg!(target_os = "macos") {
+        "trust its CA in Keychain Access"
+    } else {
+        "add its CA to the system store (/usr/local/share/ca-certificates, then \
+         update-ca-certificates) or name its PEM file in SSL_CERT_FILE"
+    };
+    format!(
+        "{cause}; this machine does not trust the relay's certificate: if it comes from a private CA, {place}"
+    )
+}
+
+/// What an answer without the relay's JSON error body most likely is, for the statuses a
+/// reverse proxy gives when it cannot reach the relay behind it (nginx and Caddy answer
+/// `502 Bad Gateway` while the relay is stopped, `504` when it does not answer in time, and a
+/// `503` page when the upstream is marked down). `None` for any other status. The relay's own
+/// answers always carry a JSON error, so such a page comes from something in front of it.
+pub fn proxy_page(status: u16) -> Option<String> {
+    let reason = match status {
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => return None,
+    };
+    Some(format!(
+        "the proxy in front of the relay answered HTTP {status} ({reason}): the relay behind it \
+         is not running, or the proxy cannot reach it (is hermeschat-relay started, on the \
+         address the proxy's configuration names?)"
+    ))
 }
 
 /// Builds the crate's one HTTP agent: native-tls with platform roots, status codes returned as
@@ -180,9 +217,13 @@ impl Registry {
             Ok(e) => {
                 Err(RegistryError::Api { status, code: e.error.code, message: e.error.message })
             }
-            Err(_) => Err(RegistryError::BadResponse {
-                url: shown,
-                cause: format!("HTTP {status} without an error body"),
+            // A proxy's error page: the registry is out of reach behind it, not wrong.
+            Err(_) => Err(match proxy_page(status) {
+                Some(cause) => RegistryError::Unreachable { url: shown, cause },
+                None => RegistryError::BadResponse {
+                    url: shown,
+                    cause: format!("HTTP {status} without an error body"),
+                },
             }),
         }
     }

@@ -41,6 +41,10 @@ const PASSED_ENV: &[&str] = &[
     "HERMESCHAT_GATEWAY_URL",
     crate::backend::peer::TRUSTED_UIDS_ENV,
     "HERMES_HOME",
+    // The CA store OpenSSL reads on Linux: a relay with a private CA is trusted through them,
+    // by the service's bridge as by the one started by hand (macOS reads the Keychain).
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
 ];
 
 /// The proxy variables (`crate::netproxy`), copied into the service like [`PASSED_ENV`] but

@@ -1931,3 +1931,111 @@ fn a_starting_daemon_removes_temp_files_of_dead_processes() {
     assert!(live.exists(), "a live process's temp file was removed");
     assert!(s.env.log().contains("removed 1 temp file(s)"), "{}", s.env.log());
 }
+
+// =============================================================================================
+// Behind a reverse proxy
+
+/// A stand-in for nginx or Caddy in front of the relay (plain HTTP, no TLS): each connection is
+/// passed on to `127.0.0.1:upstream` byte for byte, WebSocket upgrades included; while nothing
+/// listens there (the relay stopped or restarting) it answers as those proxies do, `502 Bad
+/// Gateway` with an HTML page, and closes. Stops with the test process.
+fn front_proxy(upstream: u16) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(mut client) = client else { continue };
+            std::thread::spawn(move || {
+                match std::net::TcpStream::connect(("127.0.0.1", upstream)) {
+                    Ok(relay) => {
+                        let (mut c2, mut r2) =
+                            (client.try_clone().unwrap(), relay.try_clone().unwrap());
+                        let (mut relay, mut client) = (relay, client);
+                        let up = std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut c2, &mut r2);
+                            let _ = r2.shutdown(std::net::Shutdown::Write);
+                        });
+                        let _ = std::io::copy(&mut relay, &mut client);
+                        let _ = client.shutdown(std::net::Shutdown::Both);
+                        let _ = up.join();
+                    }
+                    Err(_) => {
+                        // Read the request head, then answer like nginx does.
+                        let _ = client.set_read_timeout(Some(Duration::from_secs(2)));
+                        let mut head = Vec::new();
+                        let mut buf = [0u8; 4096];
+                        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match client.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => head.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        let page = "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n\
+                                <center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx\
+                                </center>\r\n</body>\r\n</html>\r\n";
+                        let _ = write!(
+                            client,
+                            "HTTP/1.1 502 Bad Gateway\r\nServer: nginx\r\nContent-Type: text/html\r\n\
+                         Content-Length: {}\r\nConnection: close\r\n\r\n{page}",
+                            page.len()
+                        );
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// A relay behind a proxy, stopped and started again: the proxy answers `502 Bad Gateway`
+/// meanwhile. The CLI and the daemon say that the relay behind the proxy is down (not that the
+/// URL is wrong, nor that the relay refused the bridge), and the daemon retries at its usual
+/// pace instead of the 30 s it waits after a real refusal, so it is back within seconds of the
+/// relay.
+#[test]
+fn a_proxys_502_while_the_relay_restarts_is_retried_at_once_and_named() {
+    let relay_port = listen_port();
+    let proxy = front_proxy(relay_port);
+    let public = format!("http://127.0.0.1:{proxy}");
+    let mut relay = Relay::start_on(&format!("127.0.0.1:{relay_port}"), &["--public-url", &public]);
+    let backend = Backend::start();
+    let env = Env::new();
+    let port = backend.port.to_string();
+    let run = env.run(&["--json", "--server", &public, "--port", &port]);
+    run.assert_code(0, "pairing through the proxy");
+    let qr = parse_payload(&run.stdout, &public);
+    assert_eq!(qr.u, format!("ws://127.0.0.1:{proxy}/ws/app"), "the relay hands out the proxy");
+    let (client_id, secret, app) = connect_app(&qr, "Proxied Phone");
+    drop(app);
+
+    relay.kill();
+    let run = env.run(&["--refresh-code"]);
+    assert_ne!(run.code, Some(0), "{}", run.all());
+    let said = run.all();
+    assert!(
+        said.contains("cannot reach the registry")
+            && said.contains("the proxy in front of the relay answered HTTP 502 (Bad Gateway)")
+            && !said.contains("did not answer like a HermesChat registry"),
+        "{said}"
+    );
+    // The daemon meets the 502 too, and says what it is.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !env.log().contains("the proxy in front of the relay answered HTTP 502") {
+        assert!(Instant::now() < deadline, "no 502 in the daemon's log:\n{}", env.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!env.log().contains("refused the bridge (502)"), "{}", env.log());
+
+    relay.restart();
+    let back = Instant::now();
+    let registry = Registry::new(&public);
+    while registry.bridge_status(&qr.g, Some(&secret)).1["online"] != true {
+        assert!(back.elapsed() < Duration::from_secs(35), "the bridge never came back");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let took = back.elapsed();
+    assert!(took < Duration::from_secs(10), "the bridge took {took:?} to come back");
+    let mut app = AppClient::connect_url(&app_url(&qr), &secret).unwrap();
+    app.expect_bridge_status(true);
+    assert_echo(&mut app, "after", &client_id);
+}

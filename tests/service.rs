@@ -1244,3 +1244,21 @@ fn install_refuses_what_would_let_others_write_the_unit() {
     run.expect(1, "a symlinked ~/.config inside a world-writable directory");
     assert!(run.all().contains("writable by other users"), "{}", run.all());
 }
+
+/// A relay whose certificate comes from a private CA is trusted on Linux through
+/// `SSL_CERT_FILE` (or `SSL_CERT_DIR`): the boot service's bridge gets them too, or it would
+/// fail every TLS handshake with the relay after a reboot while the bridge started by hand works.
+#[test]
+fn the_service_keeps_the_ca_settings_of_a_private_relay() {
+    let m = Machine::new();
+    m.paired();
+    let (file, dir) = ("/etc/hermeschat/relay-ca.pem", "/etc/hermeschat/certs");
+    let vars = [("SSL_CERT_FILE", file), ("SSL_CERT_DIR", dir)];
+    m.run("systemd", &["--install"], &vars).expect(0, "--install");
+    let unit = std::fs::read_to_string(m.unit()).unwrap();
+    assert!(unit.contains(&format!("Environment=\"SSL_CERT_FILE={file}\"")), "{unit}");
+    assert!(unit.contains(&format!("Environment=\"SSL_CERT_DIR={dir}\"")), "{unit}");
+    m.run("macos", &["--install"], &vars).expect(0, "--install (launchd)");
+    let d = parse_plist(&m.plist());
+    assert_eq!(d["EnvironmentVariables"]["SSL_CERT_FILE"], file, "{d}");
+}

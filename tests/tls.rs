@@ -145,6 +145,12 @@ fn an_untrusted_certificate_is_refused_with_a_clear_error() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot reach the registry"), "{err}");
+    // The next step for a relay whose CA is private (Caddy's `tls internal`, a test CA).
+    assert!(
+        err.contains("this machine does not trust the relay's certificate")
+            && err.contains("SSL_CERT_FILE"),
+        "{err}"
+    );
     assert!(!dir.join("hermeschat_pair.png").exists(), "no QR may be written on failure");
     let _ = std::fs::remove_dir_all(&dir);
 }

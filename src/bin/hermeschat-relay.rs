@@ -28,7 +28,8 @@ OPTIONS (each also as an environment variable):
     --tls-cert FILE          PEM certificate chain: serve TLS directly (otherwise use a reverse proxy)
                                                              [HERMESCHAT_RELAY_TLS_CERT]
     --tls-key FILE           PEM PKCS#8 private key          [HERMESCHAT_RELAY_TLS_KEY]
-    --trust-proxy            take client IPs from X-Forwarded-For (only behind your own proxy)
+    --trust-proxy            take client IPs from X-Forwarded-For (only behind your own proxy;
+                             believed from loopback and private addresses only)
                                                              [HERMESCHAT_RELAY_TRUST_PROXY=1/true/yes/on,
                                                               0/false/no/off or unset: off]
     --rate-register N        registrations per minute per IP, 0 is unlimited

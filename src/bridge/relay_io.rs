@@ -980,7 +980,8 @@ pub fn open_socket(
                 return Err(failed("TLS handshake timed out with", &"no answer"));
             }
             Err(native_tls::HandshakeError::Failure(e)) => {
-                return Err(failed("TLS handshake failed with", &e));
+                let why = crate::registry_client::with_trust_hint(e.to_string());
+                return Err(failed("TLS handshake failed with", &why));
             }
         }
     } else {
@@ -1001,15 +1002,33 @@ pub fn open_socket(
         Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(resp))) => {
             let status = resp.status().as_u16();
             let body = resp.body().as_deref().map(String::from_utf8_lossy).unwrap_or_default();
-            let (code, message) = serde_json::from_str::<p::ApiError>(&body)
+            let api = serde_json::from_str::<p::ApiError>(&body).ok();
+            // A proxy's page (the relay behind it is stopped or restarting), or the relay's own
+            // 503 while it shuts down or is overloaded: retried at the usual pace, like a
+            // refused connection, never at the cap a refusal of this bridge gets.
+            if status >= 500 {
+                let why = match &api {
+                    Some(e) => format!("the relay answered {status}: {}", e.error.message),
+                    None => crate::registry_client::proxy_page(status)
+                        .unwrap_or_else(|| format!("the relay answered HTTP {status}")),
+                };
+                return Err(ConnectError::Failed(why));
+            }
+            let (code, message) = api
                 .map(|e| (e.error.code, e.error.message))
-                .unwrap_or_else(|_| (String::new(), format!("HTTP {status}")));
+                .unwrap_or_else(|| (String::new(), format!("HTTP {status}")));
             // The next step, for --status and the log.
             let message = match code.as_str() {
                 "BRIDGE_NOT_FOUND" => "the relay no longer knows this bridge; run \
                                        hermeschat-pair to register anew (phones then scan its \
                                        new QR)"
                     .to_owned(),
+                // The upgrade headers were lost on the way: a proxy that does not pass them on.
+                "UPGRADE_REQUIRED" => format!(
+                    "{message}: the proxy in front of the relay does not pass the WebSocket \
+                     upgrade on (nginx needs proxy_http_version 1.1, proxy_set_header Upgrade \
+                     $http_upgrade and proxy_set_header Connection \"upgrade\"; see the README)"
+                ),
                 "BRIDGE_OWNED" => {
                     format!("{message}; hermeschat-pair --reset gives this machine its own bridge")
                 }

@@ -51,7 +51,8 @@ pub struct RelayConfig {
     pub code_ttl: Duration,
     /// Deadline for a connection to send a complete request head (and TLS handshake).
     pub handshake_timeout: Duration,
-    /// Take the client address from `X-Forwarded-For` (behind Caddy or nginx).
+    /// Take the client address from `X-Forwarded-For` (behind Caddy or nginx), on connections
+    /// from loopback or a private network only (where the proxy is).
     pub trust_proxy: bool,
     /// Registry worker threads.
     pub workers: usize,
@@ -62,8 +63,8 @@ pub struct RelayConfig {
     /// worth a warning. The default is "as many as the open-file limit allows, up to 20 000".
     pub max_connections_set: bool,
     /// Open connections from one source (an IPv4 address, an IPv6 /64) at most; more are
-    /// closed at accept. Loopback sources are not counted, nor any with `trust_proxy` (every
-    /// connection then comes from the proxy). 0: no cap.
+    /// closed at accept. Loopback sources are not counted, nor, with `trust_proxy`, a proxy's
+    /// (loopback or private). 0: no cap.
     pub max_connections_per_ip: u32,
     /// Frame and queue limits.
     pub limits: Limits,

@@ -552,10 +552,18 @@ impl Reactor {
         hop.parse().ok().or_else(|| hop.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))
     }
 
+    /// Whether a connection from `peer` is believed when it names its client in
+    /// `X-Forwarded-For`: with `--trust-proxy`, a peer on loopback or a private network only
+    /// (where the operator's proxy is). Anyone on the internet who reaches the relay's port
+    /// directly would otherwise pick any address per request, out of every per-IP limit.
+    fn trusts(&self, peer: IpAddr) -> bool {
+        self.shared.config.trust_proxy && may_be_a_proxy(peer)
+    }
+
     /// The source `--max-connections-per-ip` counts a connection accepted from `ip` under, if
-    /// any (none behind a trusted proxy: its WebSockets are counted by client, on upgrade).
+    /// any (none from a trusted proxy: its WebSockets are counted by client, on upgrade).
     fn counted_source(&self, ip: IpAddr) -> Option<IpAddr> {
-        (!self.shared.config.trust_proxy).then(|| self.per_ip_source(ip)).flatten()
+        (!self.trusts(ip)).then(|| self.per_ip_source(ip)).flatten()
     }
 
     /// The source a connection from client `ip` counts under: none for loopback, or with the
@@ -774,7 +782,7 @@ impl Reactor {
     /// The client address: the socket peer, or the last `X-Forwarded-For` hop when the relay
     /// sits behind a trusted proxy.
     fn client_ip(&self, peer: IpAddr, head: &Head) -> IpAddr {
-        if !self.shared.config.trust_proxy {
+        if !self.trusts(peer) {
             return peer;
         }
         Self::forwarded_for(head).unwrap_or(peer)
@@ -889,7 +897,8 @@ impl Reactor {
             return;
         };
         // Logged as registry requests are: the forwarded client behind a trusted proxy.
-        let ip = self.client_ip(*ip, &head);
+        let peer_ip = *ip;
+        let ip = self.client_ip(peer_ip, &head);
         let refusal = if self.kicks.refuses(&peer, epoch) {
             Some((401, p::api_code::UNAUTHORIZED, "missing or wrong credentials for this endpoint"))
         } else if let Peer::Bridge { bridge_id, instance } = &peer {
@@ -911,7 +920,7 @@ impl Reactor {
         };
         // Behind a trusted proxy, WebSockets are counted by client from here on (not when the
         // proxy named none: every such socket would count under the proxy's own address).
-        let client = (self.shared.config.trust_proxy && refusal.is_none())
+        let client = (self.trusts(peer_ip) && refusal.is_none())
             .then(|| Self::forwarded_for(&head).and_then(|c| self.per_ip_source(c)))
             .flatten();
         let cap = self.shared.config.max_connections_per_ip;
@@ -2068,6 +2077,16 @@ fn without_stamp<'a>(
     Some((before, rest))
 }
 
+/// Whether `peer` may be the operator's proxy: loopback, a private network (`10/8`,
+/// `172.16/12`, `192.168/16`, IPv6 `fc00::/7`), or link-local, IPv4-mapped addresses as their
+/// IPv4 address. A public address never is: it is a client that reached the relay directly.
+fn may_be_a_proxy(peer: IpAddr) -> bool {
+    match peer.to_canonical() {
+        IpAddr::V4(v4) => v4.is_loopback() || v4.is_private() || v4.is_link_local(),
+        IpAddr::V6(v6) => v6.is_loopback() || v6.is_unique_local() || v6.is_unicast_link_local(),
+    }
+}
+
 /// `{"client":"…","conn":N,`, how a request frame forwarded to its bridge begins, in a string
 /// with room for `rest` more bytes.
 fn client_prefix(client_id: &str, number: u64, rest: usize) -> String {
@@ -2128,6 +2147,18 @@ mod tests {
         let raw = parse_raw(text).unwrap();
         let (before, after) = without_member(text, "client", raw.get("client")?)?;
         Some(format!("{before}{after}"))
+    }
+
+    #[test]
+    fn only_a_local_or_private_peer_is_believed_as_a_proxy() {
+        for local in ["127.0.0.1", "::1", "10.1.2.3", "172.17.0.2", "192.168.1.9", "fd00::7"] {
+            assert!(may_be_a_proxy(local.parse().unwrap()), "{local}");
+        }
+        for direct in ["203.0.113.7", "8.8.8.8", "2001:db8::1", "::ffff:198.51.100.7", "172.32.0.1"]
+        {
+            assert!(!may_be_a_proxy(direct.parse().unwrap()), "{direct}");
+        }
+        assert!(may_be_a_proxy("::ffff:10.0.0.1".parse().unwrap()));
     }
 
     #[test]
