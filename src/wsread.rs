@@ -100,6 +100,9 @@ pub enum ReadError {
     },
     /// The peer broke RFC 6455; the connection is unusable.
     Protocol(&'static str),
+    /// A text message, or a close frame's reason, that is not UTF-8 (RFC 6455 §8.1); the
+    /// connection is unusable.
+    NotUtf8(&'static str),
     /// The peer closed the connection without a close frame.
     Eof,
     /// The socket failed.
@@ -113,9 +116,25 @@ impl std::fmt::Display for ReadError {
             ReadError::TooLarge { size, max } => {
                 write!(f, "a message of {size} bytes is over the {max}-byte limit")
             }
-            ReadError::Protocol(what) => write!(f, "WebSocket protocol error: {what}"),
+            ReadError::Protocol(what) | ReadError::NotUtf8(what) => {
+                write!(f, "WebSocket protocol error: {what}")
+            }
             ReadError::Eof => f.write_str("the connection closed without a close frame"),
             ReadError::Io(e) => write!(f, "socket: {e}"),
+        }
+    }
+}
+
+impl ReadError {
+    /// The close code that tells the peer why its stream was refused (RFC 6455 §7.4.1): 1007
+    /// for text that is not UTF-8, 1002 for any other breach of the rules, `too_large` for a
+    /// message over the limit; `None` when the stream ended or broke (nobody to tell).
+    pub fn close_code(&self, too_large: u16) -> Option<u16> {
+        match self {
+            ReadError::NotUtf8(_) => Some(1007),
+            ReadError::Protocol(_) => Some(1002),
+            ReadError::TooLarge { .. } => Some(too_large),
+            ReadError::WouldBlock | ReadError::Eof | ReadError::Io(_) => None,
         }
     }
 }
@@ -467,7 +486,7 @@ impl WsReader {
         }
         match Utf8Bytes::try_from(bytes) {
             Ok(text) => Ok(Incoming::Text(text)),
-            Err(_) => Err(ReadError::Protocol("a text message that is not UTF-8")),
+            Err(_) => Err(ReadError::NotUtf8("a text message that is not UTF-8")),
         }
     }
 }
@@ -492,7 +511,7 @@ fn close_frame(payload: &[u8]) -> Result<Option<CloseFrame>, ReadError> {
         [_] => Err(ReadError::Protocol("a close frame with a one-byte payload")),
         [hi, lo, reason @ ..] => {
             let Ok(reason) = std::str::from_utf8(reason) else {
-                return Err(ReadError::Protocol("a close reason that is not UTF-8"));
+                return Err(ReadError::NotUtf8("a close reason that is not UTF-8"));
             };
             let code = CloseCode::from(u16::from_be_bytes([*hi, *lo]));
             Ok(Some(CloseFrame { code, reason: reason.into() }))
@@ -603,7 +622,8 @@ mod tests {
         }
         let bad = frame(0x81, &[0xFF, 0xFE], true);
         let (_, end) = read_all(Role::Server, &bad, 64);
-        assert!(matches!(end, ReadError::Protocol(m) if m.contains("UTF-8")), "{end}");
+        assert!(matches!(end, ReadError::NotUtf8(m) if m.contains("UTF-8")), "{end}");
+        assert_eq!(end.close_code(4008), Some(1007));
     }
 
     #[test]
@@ -622,6 +642,7 @@ mod tests {
         for (role, bytes, want) in cases {
             let (_, end) = read_all(role, &bytes, 64);
             assert!(matches!(end, ReadError::Protocol(m) if m.contains(want)), "{want}: {end}");
+            assert_eq!(end.close_code(4008), Some(1002), "{want}");
         }
         // Over the limit, announced by one frame or reached by fragments: refused from the
         // header, before the payload is read.

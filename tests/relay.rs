@@ -2765,3 +2765,161 @@ fn apps_flapping_while_their_bridge_is_slow_cost_it_a_bounded_number_of_presence
         v["client"] == looper.client_id.as_str()
     });
 }
+
+// =============================================================================================
+// Refused streams: the peer hears why
+
+/// An app socket opened over a raw TCP stream (as a client library would open it, with
+/// `permessage-deflate` offered, which the relay declines), after its `bridge.status` frame.
+fn raw_app_socket(relay: &Relay, bridge_id: &str, secret: &str) -> TcpStream {
+    let mut s = TcpStream::connect(&relay.addr).unwrap();
+    let head = format!(
+        "GET /ws/app?bridgeId={bridge_id} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\n\
+         Connection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\
+         Authorization: Bearer {secret}\r\n\r\n",
+        relay.addr
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.set_read_timeout(Some(RECV_TIMEOUT)).unwrap();
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).unwrap(), 1, "the relay closed during the handshake");
+        got.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(!head.contains("sec-websocket-extensions"), "no extension is agreed: {head}");
+    let (op, payload) = read_raw_frame(&mut s).expect("bridge.status");
+    assert_eq!(op, 1, "{}", String::from_utf8_lossy(&payload));
+    s
+}
+
+/// One unmasked frame from the relay: its opcode and payload; the error when the stream ended
+/// (`UnexpectedEof` for a clean end) or broke before a whole frame.
+fn read_raw_frame(s: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
+    let mut head = [0u8; 2];
+    s.read_exact(&mut head)?;
+    let len = match head[1] & 0x7F {
+        126 => {
+            let mut n = [0u8; 2];
+            s.read_exact(&mut n)?;
+            u64::from(u16::from_be_bytes(n))
+        }
+        127 => {
+            let mut n = [0u8; 8];
+            s.read_exact(&mut n)?;
+            u64::from_be_bytes(n)
+        }
+        n => u64::from(n),
+    };
+    let mut payload = vec![0u8; len as usize];
+    s.read_exact(&mut payload)?;
+    Ok((head[0] & 0x0F, payload))
+}
+
+/// A client frame: FIN and opcode in `first`, masked with a zero key (the payload goes as is)
+/// unless `masked` is false; its header may announce `announced` bytes instead of the
+/// payload's length.
+fn client_frame(first: u8, payload: &[u8], masked: bool, announced: Option<u64>) -> Vec<u8> {
+    let len = announced.unwrap_or(payload.len() as u64);
+    let mask_bit = if masked { 0x80 } else { 0 };
+    let mut f = vec![first];
+    match len {
+        0..=125 => f.push(mask_bit | len as u8),
+        126..=0xFFFF => {
+            f.push(mask_bit | 126);
+            f.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        _ => {
+            f.push(mask_bit | 127);
+            f.extend_from_slice(&len.to_be_bytes());
+        }
+    }
+    if masked {
+        f.extend_from_slice(&[0; 4]);
+    }
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Reads until the relay's close frame: its code and reason; then the stream must end cleanly
+/// (FIN): a reset would make the peer's stack drop the close frame before the app read it.
+fn expect_close_then_fin(s: &mut TcpStream, what: &str) -> (u16, String) {
+    loop {
+        match read_raw_frame(s) {
+            Ok((8, payload)) => {
+                assert!(payload.len() >= 2, "{what}: a close frame without a code");
+                let code = u16::from_be_bytes([payload[0], payload[1]]);
+                let reason = String::from_utf8_lossy(&payload[2..]).into_owned();
+                let mut rest = [0u8; 64];
+                match s.read(&mut rest) {
+                    Ok(0) => {}
+                    other => panic!("{what}: after the close frame, {other:?} instead of the end"),
+                }
+                return (code, reason);
+            }
+            Ok(_) => {}
+            Err(e) => panic!("{what}: no close frame, the stream ended with {e}"),
+        }
+    }
+}
+
+/// A frame that breaks RFC 6455 used to drop the TCP connection without a close frame, while
+/// what the app had sent after it was still unread, so the app's stack got a reset: every
+/// client library saw 1006 ("connection lost") and could not tell a bug of its own from a
+/// network failure. Now the relay closes 1002 (1007 for text that is not UTF-8), drops what
+/// follows unread, and ends the stream cleanly once the close frame has left.
+#[test]
+fn a_broken_frame_is_answered_with_a_close_code_before_the_stream_ends() {
+    let relay = Relay::new();
+    let (reg, bridge) = registered_bridge(&relay);
+    let _bridge = bridge.serve();
+    let junk = client_frame(0x81, &vec![b'j'; 256 << 10], true, None);
+    let cases: [(&str, Vec<u8>, u16); 6] = [
+        ("text that is not UTF-8", client_frame(0x81, &[0xFF, 0xFE], true, None), 1007),
+        ("a close reason that is not UTF-8", client_frame(0x88, &[3, 232, 0xFF], true, None), 1007),
+        ("an unmasked frame", client_frame(0x81, b"{}", false, None), 1002),
+        ("a reserved bit (compression was not agreed)", client_frame(0xC1, b"x", true, None), 1002),
+        ("an unknown opcode", client_frame(0x83, b"x", true, None), 1002),
+        ("a ping of 126 bytes", client_frame(0x89, &[b'p'; 126], true, None), 1002),
+    ];
+    for (what, bad, want) in cases {
+        let client = pair_another(&relay, &reg, "Raw Phone");
+        let mut s = raw_app_socket(&relay, &reg.bridge_id, &client.client_secret);
+        // The broken frame and 256 KiB behind it, in one write, as a client sends them.
+        s.write_all(&[bad, junk.clone()].concat()).unwrap();
+        let (code, _) = expect_close_then_fin(&mut s, what);
+        assert_eq!(code, want, "{what}");
+    }
+    let line = relay.wait_event("ws.close", "a close for a broken frame", |e| e["code"] == "1007");
+    assert_eq!(line["by"], "relay", "{line}");
+}
+
+/// A message over the 16 MiB limit closes its socket with 4008 (PROTOCOL §6), but the relay
+/// dropped the connection right after writing the close frame, with the rest of the message
+/// unread: the app's stack got a reset, its send of the message failed, and no client library
+/// (Python websockets, websocket-client, aiohttp) surfaced the 4008, only a lost connection.
+/// Now the rest is read and dropped while the close frame leaves, and the stream ends cleanly.
+#[test]
+fn a_message_over_the_limit_lets_its_sender_finish_and_read_4008() {
+    let relay = Relay::new();
+    let (reg, bridge) = registered_bridge(&relay);
+    let _bridge = bridge.serve();
+    let client = pair_another(&relay, &reg, "Raw Phone");
+    let mut s = raw_app_socket(&relay, &reg.bridge_id, &client.client_secret);
+    // A frame announcing one byte over the limit, and 4 MiB of its payload.
+    let over = (16u64 << 20) + 1;
+    let frame = client_frame(0x81, &vec![b'a'; 4 << 20], true, Some(over));
+    let mut writer = s.try_clone().unwrap();
+    let sender = std::thread::spawn(move || writer.write_all(&frame));
+    let (code, reason) = expect_close_then_fin(&mut s, "a message over the limit");
+    assert_eq!((code, reason.as_str()), (4008, "message too large"));
+    let sent = sender.join().unwrap();
+    assert!(sent.is_ok(), "the app's send failed: {sent:?}");
+    // The same app comes back and is served.
+    let mut again = AppClient::connect_ok(&relay, &reg.bridge_id, &client.client_secret, true);
+    again.assert_round_trip("again");
+}

@@ -259,6 +259,14 @@ struct WsConn {
     detached: bool,
     /// A close frame was sent; the connection is dropped at this instant at the latest.
     closing: Option<Instant>,
+    /// The peer's stream was refused (a breach of RFC 6455, a message over the limit): what
+    /// it sends is read and dropped unparsed until it closes or the close grace ends, so that
+    /// the close frame telling it why is not lost to a reset (a socket closed with unread
+    /// bytes sends RST, and the peer's stack may discard what it had not read yet).
+    draining: bool,
+    /// Its write side was shut once the close frame left (a draining socket's peer then
+    /// closes without waiting for a reply that will never be parsed).
+    write_shut: bool,
     /// Frames were queued since the last flush (listed in `Reactor::dirty`).
     dirty: bool,
     /// Reads its messages (tungstenite only writes).
@@ -991,6 +999,8 @@ impl Reactor {
             bad_frames: 0,
             detached: false,
             closing: None,
+            draining: false,
+            write_shut: false,
             dirty: false,
             reader,
         }));
@@ -1009,6 +1019,9 @@ impl Reactor {
     // -- WebSocket I/O -------------------------------------------------------------------------
 
     fn ws_read(&mut self, id: ConnId) {
+        if matches!(self.conns.get(&id), Some(Conn { io: Io::Ws(w), .. }) if w.draining) {
+            return self.ws_drain(id);
+        }
         let mut texts = std::mem::take(&mut self.read_texts);
         let mut ended = None;
         let mut more = false;
@@ -1061,10 +1074,20 @@ impl Reactor {
         self.reading = None;
         self.read_texts = texts;
         match ended {
-            // A message over the frame limit: the stream cannot be resynchronised.
-            Some(Ended::Failed(ReadError::TooLarge { .. })) => {
-                self.close_ws(id, close_code::LIMIT, "message too large");
-                self.remove(id);
+            // A message over the frame limit, or a breach of RFC 6455: the stream cannot be
+            // resynchronised. The peer is told why (4008, 1002, 1007) unless a close of ours
+            // is already on its way.
+            Some(Ended::Failed(e))
+                if matches!(self.conns.get(&id), Some(Conn { io: Io::Ws(w), .. }) if w.closing.is_none())
+                    && e.close_code(close_code::LIMIT).is_some() =>
+            {
+                let code = e.close_code(close_code::LIMIT).unwrap_or(1002);
+                let reason = match e {
+                    ReadError::TooLarge { .. } => "message too large",
+                    ReadError::NotUtf8(_) => "invalid UTF-8",
+                    _ => "WebSocket protocol error",
+                };
+                self.fail_ws(id, code, reason);
                 return;
             }
             Some(Ended::Failed(e)) => {
@@ -1180,6 +1203,10 @@ impl Reactor {
             w.stalled_since = Some(Instant::now());
         }
         let resume = if after <= limit / 2 { std::mem::take(&mut w.waiters) } else { Vec::new() };
+        if !broken && w.draining && !w.write_shut && w.out.is_idle() {
+            w.write_shut = true;
+            let _ = w.ws.get_ref().tcp().shutdown(Shutdown::Write);
+        }
         if broken {
             self.detach(id, Closed::Dropped("writing to the socket failed"));
             self.remove(id);
@@ -1242,6 +1269,42 @@ impl Reactor {
         w.out.push(Message::Close(Some(frame)));
         self.ws_flush(id);
         self.set_interest(id);
+    }
+
+    /// Refuses the rest of a peer's stream: closes with `code` ([`Reactor::close_ws`]), then
+    /// reads and drops whatever the peer sends until it closes or the close grace ends, and
+    /// shuts the write side once the close frame has left.
+    fn fail_ws(&mut self, id: ConnId, code: u16, reason: &str) {
+        if let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) {
+            w.draining = true;
+        }
+        self.close_ws(id, code, reason);
+        self.ws_drain(id);
+    }
+
+    /// Reads and drops what a draining socket's peer sends (at most [`READ_BATCH_BYTES`] a
+    /// turn); drops the connection when the peer has closed.
+    fn ws_drain(&mut self, id: ConnId) {
+        let mut scratch = [0u8; 16 << 10];
+        let mut read = 0;
+        let gone = loop {
+            let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) else {
+                return;
+            };
+            if read >= READ_BATCH_BYTES {
+                self.ready.push(id);
+                break false;
+            }
+            match w.ws.get_mut().read(&mut scratch) {
+                Ok(0) => break true,
+                Ok(n) => read += n,
+                Err(e) if would_block(&e) => break false,
+                Err(_) => break true,
+            }
+        };
+        if gone {
+            self.remove(id);
+        }
     }
 
     // -- routing -------------------------------------------------------------------------------
