@@ -139,6 +139,39 @@ impl ReadError {
     }
 }
 
+/// What [`discard_input`] left the socket in.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Discarded {
+    /// The peer closed (or the socket failed): the connection can go.
+    Closed,
+    /// Nothing more to read now.
+    Drained,
+    /// `budget` bytes were dropped and more may wait: call again on a later turn.
+    Budget,
+}
+
+/// Reads and drops what a refused peer still sends (the rest of a message over the limit, or
+/// whatever follows a breach of RFC 6455), at most `budget` bytes a call. A socket closed with
+/// unread bytes sends a reset, and the peer's stack may then throw away the close frame that
+/// says why (4008, 1002, 1007) before its application reads it: so the refused socket is read
+/// dry until the peer closes or the close grace ends.
+pub fn discard_input(r: &mut impl Read, budget: usize) -> Discarded {
+    let mut scratch = [0u8; 16 << 10];
+    let mut dropped = 0;
+    loop {
+        if dropped >= budget {
+            return Discarded::Budget;
+        }
+        match r.read(&mut scratch) {
+            Ok(0) => return Discarded::Closed,
+            Ok(n) => dropped += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Discarded::Drained,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return Discarded::Closed,
+        }
+    }
+}
+
 /// Why a socket's reading ended.
 #[derive(Debug)]
 pub enum Ended {

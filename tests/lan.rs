@@ -22,8 +22,8 @@ use common::session::{
     CMD_TIMEOUT, FrameIo, PAIR_BIN, Run, closed_port, listen_port, stream_upload, try_run,
 };
 use common::{
-    ConnectError, Relay, Ws, b64, fresh_dir, random_bytes, rss_growth_settles, rss_kib, unb64,
-    ws_connect,
+    ConnectError, Relay, Ws, b64, client_frame, expect_close_then_fin, fresh_dir, random_bytes,
+    rss_growth_settles, rss_kib, unb64, ws_connect,
 };
 use hermeschat_pair::protocol::{ErrorCode, Frame, Headers, RequestFrame};
 use serde_json::{Value, json};
@@ -710,6 +710,54 @@ fn an_app_socket_gives_back_its_read_buffer_after_a_large_upload() {
     assert!(grown < 8 << 10, "the daemon holds {grown} KiB more after a 12 MiB upload");
     let v: Value = serde_json::from_slice(&app.fetch(&up).body).unwrap();
     assert_eq!(v["size"], bytes.len(), "the socket still carries large requests");
+}
+
+/// A message over the limit, or a frame that breaks RFC 6455, used to drop the socket right
+/// after the close frame, with what the app had sent still unread: its stack got a reset and
+/// no client library showed the 4008 (or 1002, 1007), only a lost connection. Now what follows
+/// is dropped unread and the stream ends cleanly once the close frame has left.
+#[test]
+fn a_refused_stream_is_told_why_before_it_ends() {
+    let env = Env::new();
+    let backend = Backend::start();
+    let qr = env.pair_json(&backend, &[], &[]);
+    let (client_id, secret, app) = pair_app(&qr.url, &qr.token);
+    drop(app);
+    let cases: [(&str, Vec<u8>, u16, &str); 3] = [
+        (
+            "a message over the limit (4 MiB of it sent)",
+            client_frame(0x81, &vec![b'a'; 4 << 20], true, Some((16u64 << 20) + 1)),
+            4008,
+            "message too large",
+        ),
+        (
+            "text that is not UTF-8",
+            client_frame(0x81, &[0xFF, 0xFE], true, None),
+            1007,
+            "invalid UTF-8",
+        ),
+        (
+            "an unmasked frame",
+            client_frame(0x81, b"{}", false, None),
+            1002,
+            "WebSocket protocol error",
+        ),
+    ];
+    for (what, bad, want, why) in cases {
+        let mut app = reconnect(&qr.url, &secret);
+        let mut s = app.ws.get_mut().try_clone().unwrap();
+        let mut bytes = bad;
+        bytes.extend(client_frame(0x81, &vec![b'j'; 256 << 10], true, None));
+        let mut writer = s.try_clone().unwrap();
+        let sender = std::thread::spawn(move || writer.write_all(&bytes));
+        let (code, reason) = expect_close_then_fin(&mut s, what);
+        assert_eq!((code, reason.as_str()), (want, why), "{what}");
+        let sent = sender.join().unwrap();
+        assert!(sent.is_ok(), "{what}: the app's send failed: {sent:?}");
+    }
+    // The app comes back and is served.
+    let mut app = reconnect(&qr.url, &secret);
+    assert_echo(&mut app, "again", &client_id);
 }
 
 #[test]

@@ -45,7 +45,7 @@ use tungstenite::{Message, Utf8Bytes, WebSocket};
 
 use crate::stream::Stream;
 use crate::wsout::{WsOut, would_block};
-use crate::wsread::{Ended, Incoming, ReadError, WsReader, close_reply};
+use crate::wsread::{Discarded, Ended, Incoming, ReadError, WsReader, close_reply};
 
 use super::store::{self, Authorized, PendingToken, Refused};
 use crate::bridge::workers::{Pool, SHUTDOWN_GRACE};
@@ -85,6 +85,10 @@ const TICK: Duration = Duration::from_millis(250);
 
 /// Messages read from one socket before others get a turn.
 const READ_BATCH: usize = 32;
+
+/// Bytes of a refused app's stream dropped per turn (`WsConn::discarding`), so one app that
+/// sends without pause cannot hold the server's thread.
+const DISCARD_BUDGET: usize = 256 << 10;
 
 /// Bytes waiting for one app socket past which it is not read until they drain: above what
 /// the workers' frames fill it to (`max_queued_bytes`, 32 MiB, and one frame past it), so only
@@ -149,6 +153,12 @@ struct WsConn {
     detached: bool,
     /// A close frame was sent; dropped at this instant at the latest.
     closing: Option<Instant>,
+    /// Its stream was refused (a message over the limit, a breach of RFC 6455): what it sends
+    /// is dropped unread ([`crate::wsread::discard_input`]) until it closes or the close grace
+    /// ends, so the close frame telling it why is not lost to a reset.
+    discarding: bool,
+    /// The write side was shut once the close frame of a refused stream left.
+    write_shut: bool,
     /// Reads its messages (tungstenite only writes).
     reader: WsReader,
     /// A new pairing until the app's first frame shows that `paired` reached it: the token it
@@ -846,6 +856,8 @@ impl Server {
             bad_frames: 0,
             detached: false,
             closing: None,
+            discarding: false,
+            write_shut: false,
             reader,
             unconfirmed: session.pairing.as_ref().map(|(_, token)| token.clone()),
             paused: false,
@@ -881,6 +893,16 @@ impl Server {
     // -- WebSocket I/O -------------------------------------------------------------------------
 
     fn ws_read(&mut self, id: usize) {
+        if let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id)
+            && w.discarding
+        {
+            match crate::wsread::discard_input(w.ws.get_mut(), DISCARD_BUDGET) {
+                Discarded::Closed => drop(self.remove(id)),
+                Discarded::Budget => self.ready.push(id),
+                Discarded::Drained => {}
+            }
+            return;
+        }
         let mut texts = Vec::new();
         let (mut ended, mut more, mut batch) = (None, false, 0);
         {
@@ -926,10 +948,30 @@ impl Server {
             }
         }
         match ended {
-            Some(Ended::Failed(ReadError::TooLarge { .. })) => {
-                self.close_ws(id, close_code::LIMIT, "message too large");
-                self.detach(id);
-                self.remove(id);
+            // A message over the limit, or a breach of RFC 6455: the stream cannot be
+            // resynchronised. The app is told why (4008, 1002, 1007), then what it still sends
+            // is dropped until it closes (`discarding`).
+            Some(Ended::Failed(e)) if e.close_code(close_code::LIMIT).is_some() => {
+                let code = e.close_code(close_code::LIMIT).unwrap_or(1002);
+                let reason = match e {
+                    ReadError::TooLarge { .. } => "message too large",
+                    ReadError::NotUtf8(_) => "invalid UTF-8",
+                    _ => "WebSocket protocol error",
+                };
+                let fresh = matches!(
+                    self.conns.get(&id),
+                    Some(Conn { io: Io::Ws(w), .. }) if w.closing.is_none()
+                );
+                if !fresh {
+                    self.detach(id);
+                    self.remove(id);
+                    return;
+                }
+                if let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) {
+                    w.discarding = true;
+                }
+                self.close_ws(id, code, reason);
+                self.ready.push(id);
                 return;
             }
             Some(Ended::Failed(_)) => {
@@ -1063,6 +1105,10 @@ impl Server {
     fn ws_flush(&mut self, id: usize) {
         let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) else { return };
         let broken = w.out.flush(&mut w.ws).is_err();
+        if !broken && w.discarding && !w.write_shut && w.out.is_idle() {
+            w.write_shut = true;
+            let _ = w.ws.get_ref().tcp().shutdown(Shutdown::Write);
+        }
         let resume = w.paused && w.out.bytes() < READ_PAUSE;
         if resume {
             w.paused = false;

@@ -26,7 +26,7 @@ use tungstenite::{Bytes, Message, Utf8Bytes, WebSocket};
 
 use crate::stream::{Stream, TlsSocket};
 use crate::wsout::{WsOut, would_block};
-use crate::wsread::{Ended, Incoming, ReadError, WsReader, close_reply};
+use crate::wsread::{Discarded, Ended, Incoming, ReadError, WsReader, close_reply};
 
 use super::kicks::{self, Kicks};
 use super::ratelimit::{
@@ -1282,28 +1282,14 @@ impl Reactor {
         self.ws_drain(id);
     }
 
-    /// Reads and drops what a draining socket's peer sends (at most [`READ_BATCH_BYTES`] a
-    /// turn); drops the connection when the peer has closed.
+    /// Reads and drops what a draining socket's peer sends ([`crate::wsread::discard_input`],
+    /// at most [`READ_BATCH_BYTES`] a turn); drops the connection when the peer has closed.
     fn ws_drain(&mut self, id: ConnId) {
-        let mut scratch = [0u8; 16 << 10];
-        let mut read = 0;
-        let gone = loop {
-            let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) else {
-                return;
-            };
-            if read >= READ_BATCH_BYTES {
-                self.ready.push(id);
-                break false;
-            }
-            match w.ws.get_mut().read(&mut scratch) {
-                Ok(0) => break true,
-                Ok(n) => read += n,
-                Err(e) if would_block(&e) => break false,
-                Err(_) => break true,
-            }
-        };
-        if gone {
-            self.remove(id);
+        let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) else { return };
+        match crate::wsread::discard_input(w.ws.get_mut(), READ_BATCH_BYTES) {
+            Discarded::Closed => drop(self.remove(id)),
+            Discarded::Budget => self.ready.push(id),
+            Discarded::Drained => {}
         }
     }
 

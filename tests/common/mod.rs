@@ -1350,3 +1350,76 @@ pub fn run_to_exit(cmd: &mut Command) -> (Option<i32>, String) {
     child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
     (code, stderr)
 }
+
+// =============================================================================================
+// Raw WebSocket frames (what no client library would send)
+
+/// One unmasked frame from a server (the relay, the LAN server): its opcode and payload; the error when the stream ended
+/// (`UnexpectedEof` for a clean end) or broke before a whole frame.
+pub fn read_raw_frame(s: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
+    let mut head = [0u8; 2];
+    s.read_exact(&mut head)?;
+    let len = match head[1] & 0x7F {
+        126 => {
+            let mut n = [0u8; 2];
+            s.read_exact(&mut n)?;
+            u64::from(u16::from_be_bytes(n))
+        }
+        127 => {
+            let mut n = [0u8; 8];
+            s.read_exact(&mut n)?;
+            u64::from_be_bytes(n)
+        }
+        n => u64::from(n),
+    };
+    let mut payload = vec![0u8; len as usize];
+    s.read_exact(&mut payload)?;
+    Ok((head[0] & 0x0F, payload))
+}
+
+/// A client frame: FIN and opcode in `first`, masked with a zero key (the payload goes as is)
+/// unless `masked` is false; its header may announce `announced` bytes instead of the
+/// payload's length.
+pub fn client_frame(first: u8, payload: &[u8], masked: bool, announced: Option<u64>) -> Vec<u8> {
+    let len = announced.unwrap_or(payload.len() as u64);
+    let mask_bit = if masked { 0x80 } else { 0 };
+    let mut f = vec![first];
+    match len {
+        0..=125 => f.push(mask_bit | len as u8),
+        126..=0xFFFF => {
+            f.push(mask_bit | 126);
+            f.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        _ => {
+            f.push(mask_bit | 127);
+            f.extend_from_slice(&len.to_be_bytes());
+        }
+    }
+    if masked {
+        f.extend_from_slice(&[0; 4]);
+    }
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Reads until the server's close frame: its code and reason; then the stream must end cleanly
+/// (FIN): a reset would make the peer's stack drop the close frame before the app read it.
+pub fn expect_close_then_fin(s: &mut TcpStream, what: &str) -> (u16, String) {
+    loop {
+        match read_raw_frame(s) {
+            Ok((8, payload)) => {
+                assert!(payload.len() >= 2, "{what}: a close frame without a code");
+                let code = u16::from_be_bytes([payload[0], payload[1]]);
+                let reason = String::from_utf8_lossy(&payload[2..]).into_owned();
+                let mut rest = [0u8; 64];
+                match s.read(&mut rest) {
+                    Ok(0) => {}
+                    other => panic!("{what}: after the close frame, {other:?} instead of the end"),
+                }
+                return (code, reason);
+            }
+            Ok(_) => {}
+            Err(e) => panic!("{what}: no close frame, the stream ended with {e}"),
+        }
+    }
+}
