@@ -1095,9 +1095,10 @@ pub(crate) fn wait_online(
 
 /// `HH:MM` in local time, for the access-code expiry.
 pub(crate) fn local_time(ms: u64) -> String {
-    // The type is inferred from `localtime_r` (time_t, i64 everywhere we build): naming the
-    // alias is deprecated on musl.
-    let secs = (ms / 1000) as _;
+    // The type is inferred from `localtime_r` (`time_t`; naming the alias is deprecated on
+    // musl). It is 32 bits on 32-bit glibc (armv7 Raspberry Pi OS): a time past 2038-01-19
+    // does not fit there and is shown in UTC rather than wrapped to 1901.
+    let Ok(secs) = (ms / 1000).try_into() else { return bridge::format_ts(ms) };
     // SAFETY: localtime_r reads `secs` and writes only into the `tm` we own; a zeroed tm is a
     // valid initial value.
     let tm = unsafe {
@@ -1653,6 +1654,14 @@ pub(crate) fn is_loopback(host: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_time_past_2038_is_not_wrapped() {
+        // 2040-06-02 03:57:02 UTC: past what a 32-bit `time_t` holds (armv7 glibc), where a
+        // wrapped value reads 1904 and its seconds 46.
+        let shown = local_time(2_222_222_222_000);
+        assert!(shown.ends_with(":02") || shown.ends_with(":02.000Z"), "{shown}");
+    }
 
     #[test]
     fn a_loopback_relay_url_is_refused_only_for_a_registry_elsewhere() {

@@ -42,13 +42,15 @@ fn registry_error(e: &RegistryError, registry: &Registry) -> Exit {
 
 /// `2026-11-24 21:30` in local time.
 pub(crate) fn local_date_time(ms: u64) -> String {
-    let secs = (ms / 1000) as i64;
+    // `time_t` (inferred from `localtime_r`) is 32 bits on 32-bit glibc (armv7 Raspberry Pi
+    // OS): a date past 2038-01-19 does not fit there and is shown in UTC rather than wrapped
+    // to 1901.
+    let Ok(secs) = (ms / 1000).try_into() else { return crate::bridge::format_ts(ms) };
     // SAFETY: localtime_r reads `secs` and writes only into the `tm` we own; a zeroed tm is a
     // valid initial value.
     let tm = unsafe {
-        let t = secs as _;
         let mut tm: libc::tm = std::mem::zeroed();
-        if libc::localtime_r(&t, &mut tm).is_null() {
+        if libc::localtime_r(&secs, &mut tm).is_null() {
             return crate::bridge::format_ts(ms);
         }
         tm
@@ -378,6 +380,13 @@ pub fn revoke(args: &Args, client_id: &str) -> Result<(), Exit> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_date_past_2038_is_not_wrapped() {
+        // 2040-06-02 03:57:02 UTC: past what a 32-bit `time_t` holds (armv7 glibc).
+        let shown = local_date_time(2_222_222_222_000);
+        assert!(shown.starts_with("2040-"), "{shown}");
+    }
 
     #[test]
     fn table_aligns_columns_and_words_times() {

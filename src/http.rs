@@ -104,7 +104,9 @@ impl Head {
         scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
     }
 
-    /// The declared body length. Chunked request bodies are refused (`Err`).
+    /// The declared body length. Chunked request bodies are refused (`Err`). A length that
+    /// fits a `u64` but not a `usize` (past 4 GiB on a 32-bit target) is `usize::MAX`, which
+    /// every caller refuses as too large, as it would that length on a 64-bit target.
     pub fn content_length(&self) -> Result<usize, &'static str> {
         if self.header("transfer-encoding").is_some() {
             return Err("chunked request bodies are not supported; send Content-Length");
@@ -121,7 +123,8 @@ impl Head {
         if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
             return Err("invalid Content-Length");
         }
-        value.parse().map_err(|_| "invalid Content-Length")
+        let len: u64 = value.parse().map_err(|_| "invalid Content-Length")?;
+        Ok(usize::try_from(len).unwrap_or(usize::MAX))
     }
 
     /// True when the client asked to close the connection after this exchange.
@@ -310,6 +313,16 @@ mod tests {
             assert!(len(&format!("Content-Length: {bad}\r\n")).is_err(), "{bad:?}");
         }
         assert!(len("Transfer-Encoding: chunked\r\n").is_err());
+    }
+
+    #[test]
+    fn a_length_past_32_bits_is_too_large_not_invalid_or_wrapped() {
+        // 2^32 + 1: on a 32-bit target (armv7) it neither wraps to 1 nor reads as malformed,
+        // so the caller refuses it as too large (413), as on a 64-bit one.
+        let raw = "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4294967297\r\n\r\n";
+        let Parsed::Complete(head) = parse_head(raw.as_bytes()) else { panic!("{raw}") };
+        let len = head.content_length();
+        assert!(len.is_ok_and(|n| n >= u32::MAX as usize), "{len:?}");
     }
 
     #[test]

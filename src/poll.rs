@@ -43,7 +43,9 @@ pub fn raise_open_file_limit() -> Option<u64> {
             break;
         }
     }
-    Some(lim.rlim_cur)
+    #[allow(clippy::useless_conversion, reason = "`rlim_t` is `u32` on 32-bit Linux (armv7)")]
+    let cur = u64::from(lim.rlim_cur);
+    Some(cur)
 }
 
 /// The soft open-file limit before [`raise_open_file_limit`] first ran; `NOT_RAISED` until then.
