@@ -23,11 +23,9 @@ pub fn raise_open_file_limit() -> Option<u64> {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         return None;
     }
-    #[allow(clippy::unnecessary_cast)] // `rlim_t` is 32 bits on some targets (armv7)
-    let soft = lim.rlim_cur as u64;
     let _ = ORIGINAL_SOFT_LIMIT.compare_exchange(
         NOT_RAISED,
-        soft,
+        as_u64(lim.rlim_cur),
         Ordering::Relaxed,
         Ordering::Relaxed,
     );
@@ -43,9 +41,13 @@ pub fn raise_open_file_limit() -> Option<u64> {
             break;
         }
     }
-    #[allow(clippy::useless_conversion, reason = "`rlim_t` is `u32` on 32-bit Linux (armv7)")]
-    let cur = u64::from(lim.rlim_cur);
-    Some(cur)
+    Some(as_u64(lim.rlim_cur))
+}
+
+/// An `rlim_t` as `u64`: it is `u32` on 32-bit Linux (armv7).
+#[allow(clippy::useless_conversion, reason = "`rlim_t` is `u32` on 32-bit Linux (armv7)")]
+fn as_u64(limit: libc::rlim_t) -> u64 {
+    u64::from(limit)
 }
 
 /// The soft open-file limit before [`raise_open_file_limit`] first ran; `NOT_RAISED` until then.

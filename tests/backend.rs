@@ -943,7 +943,7 @@ fn e2e_a_foreground_bridge_wakes_the_gateway() {
     let _ = bridge.kill();
     let _ = bridge.wait();
     let bridge_soft = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
-    let bridge_soft: u64 = bridge_soft.split_whitespace().nth(3).unwrap().parse().unwrap();
+    let bridge_soft: libc::rlim_t = bridge_soft.split_whitespace().nth(3).unwrap().parse().unwrap();
     assert_eq!(bridge_soft, hard.rlim_max, "the bridge did not raise its limit: {limits}");
     let gateway_soft = std::fs::read_to_string(&nofile).unwrap();
     assert_eq!(gateway_soft.trim(), soft.to_string(), "the gateway got the bridge's raised limit");
