@@ -75,15 +75,28 @@ pub fn run_cmd(cmd: Command, timeout: Duration) -> Run {
     try_run(cmd, timeout).unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// Spawns `cmd`, again while its program file is busy (`ETXTBSY`, for up to a second): a
+/// test that has just written a copy of a binary (an upgrade) may find the copy's write
+/// descriptor inherited, for the instant until it execs, by a process another test thread is
+/// starting.
+pub fn spawn_retrying(cmd: &mut Command) -> std::io::Result<Child> {
+    let mut tries = 0;
+    loop {
+        match cmd.spawn() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 50 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// [`run_cmd`] without panicking (for `Drop`).
 pub fn try_run(mut cmd: Command, timeout: Duration) -> Result<Run, String> {
     let shown = format!("{cmd:?}");
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run {shown}: {e}"))?;
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = spawn_retrying(&mut cmd).map_err(|e| format!("cannot run {shown}: {e}"))?;
     let out = read_all(child.stdout.take().unwrap());
     let err = read_all(child.stderr.take().unwrap());
     let deadline = Instant::now() + timeout;
