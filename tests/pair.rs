@@ -126,6 +126,22 @@ fn text_round_trip_reaches_backend_with_client_header() {
 }
 
 #[test]
+fn latin1_header_values_reach_the_app_as_the_backend_meant_them() {
+    // Starlette (FastAPI), Werkzeug and Node write a header value given as a string in
+    // Latin-1: "café" leaves uvicorn as the bytes `caf\xE9`, which are not UTF-8.
+    let s = setup();
+    let mut app = s.app;
+    let w = fetch(&mut app, &request("n1", "GET", "/api/named", &[], None));
+    assert_eq!(w.status, 200, "{w:?}");
+    assert_eq!(header(&w.headers, "x-name"), Some("café"), "{w:?}");
+    assert_eq!(
+        header(&w.headers, "content-disposition"),
+        Some("attachment; filename=\"résumé.pdf\""),
+        "{w:?}"
+    );
+}
+
+#[test]
 fn binary_8_mib_round_trips_byte_exact() {
     let s = setup();
     let mut app = s.app;
