@@ -621,7 +621,15 @@ pub(crate) fn backend_gate(args: &Args, config: &Config, out: &Out) -> Result<Ba
                  one, for the built-in backend), then run hermeschat-pair again."
             )));
         }
-        Health::NotListening | Health::Unknown => {}
+        Health::NotListening | Health::Unknown => {
+            // A server told to listen on `localhost` may take ::1 alone (Node 17 and later,
+            // where `localhost` resolves to ::1 first): then 127.0.0.1 looks free, and the
+            // built-in backend would take the same port number there while the user's API goes
+            // unused, unnoticed.
+            if let Some(message) = ipv6_only_listener(&host, port) {
+                return Err(fail(message));
+            }
+        }
     }
     // Nothing on the port: the daemon starts the built-in backend there...
     if !args.no_server && crate::backend::available() && is_loopback(&host) {
@@ -974,6 +982,27 @@ pub(crate) fn settle_daemon(dir: &Path) {
             Some(_) => std::thread::sleep(Duration::from_millis(100)),
         }
     }
+}
+
+/// When the backend host is 127.0.0.1 and nothing listens there, but something listens on
+/// the port on ::1 (IPv6 loopback): what to tell the user.
+fn ipv6_only_listener(host: &str, port: u16) -> Option<String> {
+    if host != "127.0.0.1" {
+        return None;
+    }
+    let answers = match bridge::poller::probe("::1", port, "/api/health") {
+        Health::NotListening | Health::Unknown => return None,
+        Health::Ready => "answers GET /api/health",
+        Health::Unhealthy => "does not answer GET /api/health like a Hermes API",
+        Health::Foreign => "is another user's program",
+    };
+    Some(format!(
+        "port {port} is in use on ::1 (IPv6 loopback) only, not on 127.0.0.1, where the bridge \
+         looks; what listens there {answers}.\n  A server told to listen on \"localhost\" may \
+         take ::1 alone (Node 17 and later do). Make your backend listen on 127.0.0.1 (or on \
+         both), or set HERMESCHAT_LOCAL_HOST=::1, then run hermeschat-pair again; or pass \
+         --port <a free port> for the built-in backend."
+    ))
 }
 
 /// True when `/api/health` at `host:port` says it is our built-in backend

@@ -126,6 +126,22 @@ fn text_round_trip_reaches_backend_with_client_header() {
 }
 
 #[test]
+fn latin1_header_values_reach_the_app_as_the_backend_meant_them() {
+    // Starlette (FastAPI), Werkzeug and Node write a header value given as a string in
+    // Latin-1: "café" leaves uvicorn as the bytes `caf\xE9`, which are not UTF-8.
+    let s = setup();
+    let mut app = s.app;
+    let w = fetch(&mut app, &request("n1", "GET", "/api/named", &[], None));
+    assert_eq!(w.status, 200, "{w:?}");
+    assert_eq!(header(&w.headers, "x-name"), Some("café"), "{w:?}");
+    assert_eq!(
+        header(&w.headers, "content-disposition"),
+        Some("attachment; filename=\"résumé.pdf\""),
+        "{w:?}"
+    );
+}
+
+#[test]
 fn binary_8_mib_round_trips_byte_exact() {
     let s = setup();
     let mut app = s.app;
@@ -1078,6 +1094,46 @@ fn busy_port_without_health_exits_1_and_prints_no_qr() {
         let run = env.run(&["--json", "--server", &relay.url(), "--port", &port_s]);
         run.assert_code(1, "busy port --json");
         assert!(run.stdout.trim().is_empty(), "--json printed on failure: {}", run.stdout);
+    }
+}
+
+#[test]
+fn an_api_listening_on_ipv6_loopback_only_is_named_not_replaced_by_the_built_in_backend() {
+    // Node 17 and later listen on ::1 alone when told "localhost" (where it resolves to ::1
+    // first). 127.0.0.1:port is then free: the built-in backend was started there, and the
+    // app talked to it instead of the user's API, without a word.
+    let Ok(listener) = TcpListener::bind("[::1]:0") else {
+        eprintln!("skipped: no IPv6 loopback here");
+        return;
+    };
+    let port = listener.local_addr().unwrap().port();
+    if TcpListener::bind(("127.0.0.1", port)).is_err() {
+        eprintln!("skipped: 127.0.0.1:{port} is taken");
+        return;
+    }
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let mut buf = [0u8; 1024];
+            let _ = conn.read(&mut buf);
+            let _ = conn.write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 15\r\n\
+                  Connection: close\r\n\r\n{\"status\":\"ok\"}",
+            );
+        }
+    });
+    let relay = Relay::new();
+    let env = Env::new();
+    let (url, port_s) = (relay.url(), port.to_string());
+    for extra in [&[][..], &["--no-server"][..]] {
+        let mut args = vec!["--json", "--server", &url, "--port", &port_s];
+        args.extend_from_slice(extra);
+        let run = env.run(&args);
+        run.assert_code(1, "an API on ::1 only");
+        let all = run.all();
+        assert!(all.contains(&format!("port {port}")) && all.contains("::1"), "{all}");
+        assert!(all.contains("HERMESCHAT_LOCAL_HOST=::1"), "the way out: {all}");
+        assert!(run.stdout.trim().is_empty(), "--json printed on failure: {}", run.stdout);
+        assert!(!env.lock_held(), "a daemon was started");
     }
 }
 

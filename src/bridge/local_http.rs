@@ -434,7 +434,7 @@ impl Abort {
 pub struct Response {
     /// HTTP status code.
     pub status: u16,
-    /// Header names as sent and values (lossy UTF-8), in order.
+    /// Header names as sent and values (UTF-8 when valid, else Latin-1), in order.
     pub headers: Vec<(String, String)>,
     /// The body.
     pub body: BodyReader,
@@ -1443,18 +1443,30 @@ fn parse_head(buf: &[u8], addr: &str) -> Result<Option<ParsedHead>, LocalError> 
     let mut resp = httparse::Response::new(&mut slots);
     match resp.parse(buf) {
         Ok(httparse::Status::Complete(consumed)) => {
-            let headers = resp
-                .headers
-                .iter()
-                .map(|h| (h.name.to_owned(), String::from_utf8_lossy(h.value).into_owned()))
-                .collect();
+            let headers =
+                resp.headers.iter().map(|h| (h.name.to_owned(), header_text(h.value))).collect();
             Ok(Some((consumed, resp.code.unwrap_or(0), headers, resp.version.unwrap_or(1))))
         }
         Ok(httparse::Status::Partial) => Ok(None),
+        Err(httparse::Error::TooManyHeaders) => Err(LocalError::Protocol {
+            addr: addr.to_owned(),
+            detail: format!("response head has more than {MAX_HEADERS} header fields"),
+        }),
         Err(e) => Err(LocalError::Protocol {
             addr: addr.to_owned(),
             detail: format!("malformed response head: {e}"),
         }),
+    }
+}
+
+/// A header value as text: UTF-8 when it is valid UTF-8, else Latin-1, one character per byte
+/// (how HTTP clients read obs-text). Starlette, Werkzeug and Node write a header value given as
+/// a string in Latin-1 (`café` goes out as `caf\xE9`), which lossy UTF-8 would turn into
+/// `caf\u{FFFD}`; aiohttp writes UTF-8. Either way the app gets the text the backend meant.
+fn header_text(value: &[u8]) -> String {
+    match std::str::from_utf8(value) {
+        Ok(text) => text.to_owned(),
+        Err(_) => value.iter().map(|&b| char::from(b)).collect(),
     }
 }
 
@@ -2086,6 +2098,27 @@ mod tests {
         assert_eq!(r.status, 200);
         assert_eq!(body_of(&mut r), br#"{"ok":true}"#);
         assert_eq!(o.accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn header_values_are_utf8_else_latin1_and_too_many_fields_are_named() {
+        // What Starlette, Werkzeug and Node send for a header given as "café" (Latin-1), and
+        // what aiohttp sends (UTF-8).
+        let head = b"HTTP/1.1 200 OK\r\nX-Latin: caf\xe9\r\nX-Utf8: caf\xc3\xa9 \xe2\x9c\x93\r\n\
+                     Content-Disposition: attachment; filename=\"r\xe9sum\xe9.pdf\"\r\n\r\n";
+        let (_, status, headers, _) = parse_head(head, "b").unwrap().unwrap();
+        assert_eq!(status, 200);
+        let value = |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str());
+        assert_eq!(value("X-Latin"), Some("café"));
+        assert_eq!(value("X-Utf8"), Some("café ✓"));
+        assert_eq!(value("Content-Disposition"), Some("attachment; filename=\"résumé.pdf\""));
+        let mut many = b"HTTP/1.1 200 OK\r\n".to_vec();
+        for i in 0..=MAX_HEADERS {
+            many.extend_from_slice(format!("X-H{i}: v\r\n").as_bytes());
+        }
+        many.extend_from_slice(b"\r\n");
+        let e = parse_head(&many, "the backend").unwrap_err().to_string();
+        assert!(e.contains(&format!("more than {MAX_HEADERS} header fields")), "{e}");
     }
 
     #[test]

@@ -170,22 +170,78 @@ fn probe_addr(addr: SocketAddr, authority: &str, path: &str) -> Health {
     if tcp.write_all(request.as_bytes()).is_err() {
         return Health::Unhealthy;
     }
-    let mut head = [0u8; 64];
-    let mut got = 0;
-    while got < 12 {
-        match tcp.read(&mut head[got..]) {
+    let deadline = Instant::now() + PROBE_TIMEOUT;
+    let mut answer = Vec::with_capacity(1024);
+    while answer.len() < 12 {
+        match read_some(&mut tcp, &mut answer, deadline) {
             Ok(0) | Err(_) => break,
-            Ok(n) => got += n,
+            Ok(_) => {}
         }
     }
-    let line = String::from_utf8_lossy(&head[..got]);
+    let line = String::from_utf8_lossy(answer.get(..12).unwrap_or(&answer));
     let status: Option<u16> = line
         .strip_prefix("HTTP/1.")
         .and_then(|rest| rest.get(2..5))
         .and_then(|code| code.parse().ok());
+    if status.is_some() {
+        drain(&mut tcp, &mut answer, deadline);
+    }
     match status {
         Some(200..=299) => Health::Ready,
         _ => Health::Unhealthy,
+    }
+}
+
+/// Most of an answer a probe reads ([`drain`]).
+const PROBE_DRAIN: usize = 64 << 10;
+
+/// One read appended to `buf`, waiting until `deadline` at most (then `TimedOut`).
+fn read_some(tcp: &mut TcpStream, buf: &mut Vec<u8>, deadline: Instant) -> std::io::Result<usize> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(std::io::ErrorKind::TimedOut.into());
+    }
+    tcp.set_read_timeout(Some(left))?;
+    let mut chunk = [0u8; 4096];
+    let n = tcp.read(&mut chunk)?;
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(n)
+}
+
+/// Reads the rest of an HTTP answer (`buf` holds its start) to its end: its `Content-Length`,
+/// else the close an answer to HTTP/1.0 ends with; at most [`PROBE_DRAIN`] bytes, until
+/// `deadline`. Closing a socket with bytes unread makes the kernel reset the connection instead
+/// of closing it: a backend that writes its body after its head (Python's `http.server`) then
+/// fails that write with ECONNRESET and logs a traceback, at every probe (each 5 s) for as
+/// long as the daemon runs.
+fn drain(tcp: &mut TcpStream, buf: &mut Vec<u8>, deadline: Instant) {
+    let mut end = None;
+    while end.is_none_or(|end| buf.len() < end) && buf.len() < PROBE_DRAIN {
+        if end.is_none() {
+            let mut slots = [httparse::EMPTY_HEADER; 64];
+            let mut head = httparse::Response::new(&mut slots);
+            match head.parse(buf) {
+                Ok(httparse::Status::Complete(n)) => {
+                    let length = head
+                        .headers
+                        .iter()
+                        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                        .and_then(|h| std::str::from_utf8(h.value).ok())
+                        .and_then(|v| v.trim().parse::<usize>().ok());
+                    let bodiless = matches!(head.code, Some(204 | 304));
+                    // Without a length the body ends with the connection.
+                    end = Some(if bodiless { n } else { length.map_or(usize::MAX, |l| n + l) });
+                    continue;
+                }
+                Ok(httparse::Status::Partial) => {}
+                // Not HTTP after all: nothing more is worth waiting for.
+                Err(_) => return,
+            }
+        }
+        match read_some(tcp, buf, deadline) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
     }
 }
 
@@ -245,6 +301,54 @@ mod tests {
         keep_identity(&dir, &id);
         assert_eq!(restored(), other.bridge_id);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Serves one probe like Python's `http.server` (head and body in separate writes, and no
+    /// `Content-Length` with `length: false`), then tells how the probe's connection ended:
+    /// `Ok(0)` for a clean close, an error for a reset.
+    fn serve_in_two_writes(
+        length: bool,
+    ) -> (u16, std::sync::mpsc::Receiver<std::io::Result<usize>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let Ok((mut s, _)) = listener.accept() else { return };
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf);
+            let body =
+                br#"{"status":"ok","server":"a Hermes-compatible API","padding":"xxxxxxxx"}"#;
+            let mut head = b"HTTP/1.0 200 OK\r\nServer: SimpleHTTP/0.6 Python/3.11.7\r\n\
+                             Date: Mon, 07 Dec 2026 18:00:00 GMT\r\nContent-Type: application/json\r\n"
+                .to_vec();
+            if length {
+                head.extend_from_slice(format!("Content-Length: {}\r\n", body.len()).as_bytes());
+            }
+            head.extend_from_slice(b"\r\n");
+            let _ = s.write_all(&head);
+            std::thread::sleep(Duration::from_millis(20));
+            let written = s.write_all(body);
+            // With a length the server need not close (it might keep the connection); without
+            // one, the close ends the body.
+            if !length {
+                let _ = s.shutdown(std::net::Shutdown::Write);
+            }
+            let _ = tx.send(written.and_then(|()| s.read(&mut buf)));
+        });
+        (port, rx)
+    }
+
+    #[test]
+    fn a_probe_reads_the_whole_answer_and_closes_without_a_reset() {
+        for length in [true, false] {
+            let (port, ended) = serve_in_two_writes(length);
+            assert_eq!(probe("127.0.0.1", port, "/api/health"), Health::Ready);
+            let ended = ended.recv_timeout(Duration::from_secs(10)).unwrap();
+            assert!(
+                matches!(ended, Ok(0)),
+                "with Content-Length: {length}: the backend saw {ended:?}, not a clean close"
+            );
+        }
     }
 
     #[test]
