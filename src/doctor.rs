@@ -638,7 +638,7 @@ fn snippet(body: &str) -> String {
 
 /// `GET url` on loopback with an optional bearer; `(status, body)` or the transport error.
 fn local_get(url: &str, bearer: Option<&str>) -> Result<(u16, String), String> {
-    let agent = crate::registry_client::agent(LOCAL_TIMEOUT, true);
+    let agent = crate::registry_client::local_agent(LOCAL_TIMEOUT);
     let mut req = agent.get(url).header("Accept", "application/json");
     if let Some(key) = bearer {
         req = req.header("Authorization", &format!("Bearer {key}"));

@@ -25,6 +25,7 @@ use base64::Engine as _;
 pub struct Proxy {
     /// Host name or IP address (IPv6 without brackets).
     pub host: String,
+    /// Its port (1080, curl's default, when the URL names none).
     pub port: u16,
     /// `user:password`, percent-decoded, when the URL carried them.
     credentials: Option<String>,
@@ -93,7 +94,8 @@ impl Proxy {
             if answer.len() >= 16 << 10 {
                 return Err(format!("the proxy {shown} sent an answer head over 16 KiB"));
             }
-            if Instant::now() >= deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || tcp.set_read_timeout(Some(left)).is_err() {
                 return Err(format!("the proxy {shown} did not answer CONNECT in time"));
             }
             match tcp.read(&mut byte) {
@@ -190,6 +192,14 @@ fn bypassed(list: &str, host: &str) -> bool {
             return true;
         }
         let entry = entry.to_ascii_lowercase();
+        // A network (`10.0.0.0/8`, `fd00::/8`), as curl 7.86+, Python and Go read it.
+        if let Some((net, bits)) = entry.split_once('/') {
+            let net = net.trim_matches(['[', ']']).parse::<IpAddr>();
+            return match (net, bits.parse::<u32>(), host_ip) {
+                (Ok(net), Ok(bits), Some(ip)) => in_network(ip, net, bits),
+                _ => false,
+            };
+        }
         // An address (IPv6 possibly in brackets, with or without a port).
         let bare = entry.trim_start_matches('[');
         let bare = bare.split(']').next().unwrap_or(bare);
@@ -204,6 +214,21 @@ fn bypassed(list: &str, host: &str) -> bool {
                     && host.ends_with(name)
                     && host.as_bytes()[host.len() - name.len() - 1] == b'.'))
     })
+}
+
+/// Whether `ip` lies in `net`/`bits` (families must match; `bits` past the address's width
+/// never matches).
+fn in_network(ip: IpAddr, net: IpAddr, bits: u32) -> bool {
+    let (ip, net, width) = match (ip.to_canonical(), net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) => (u128::from(a.to_bits()), u128::from(n.to_bits()), 32),
+        (IpAddr::V6(a), IpAddr::V6(n)) => (a.to_bits(), n.to_bits(), 128),
+        _ => return false,
+    };
+    if bits > width {
+        return false;
+    }
+    let mask = if bits == 0 { 0 } else { (u128::MAX >> (128 - bits)) << (width - bits) };
+    ip & mask == net & mask
 }
 
 /// Parses a proxy URL: `http://[user[:pass]@]host[:port][/]`, or `host[:port]` (http).
@@ -337,6 +362,18 @@ mod tests {
         }
         let all = [("https_proxy", "proxy:3128"), ("no_proxy", "*")];
         assert!(choose("wss", "relay.example.com", &env(&all)).unwrap().is_none());
+        // Networks, as curl 7.86+ reads them.
+        let nets =
+            [("https_proxy", "proxy:3128"), ("no_proxy", "192.168.0.0/16,fd00::/8,0.0.0.0/0x")];
+        let e = env(&nets);
+        for host in ["192.168.4.2", "fd12::1", "::ffff:192.168.0.9"] {
+            assert!(choose("wss", host, &e).unwrap().is_none(), "{host} must go direct");
+        }
+        for host in ["192.169.0.1", "fe80::1", "relay.example.com"] {
+            assert!(choose("wss", host, &e).unwrap().is_some(), "{host} must be proxied");
+        }
+        assert!(in_network("10.1.2.3".parse().unwrap(), "0.0.0.0".parse().unwrap(), 0));
+        assert!(!in_network("10.1.2.3".parse().unwrap(), "10.0.0.0".parse().unwrap(), 33));
     }
 
     #[test]

@@ -81,7 +81,15 @@ fn plain_cause(url: &str, cause: String) -> String {
 /// `cause` with the next step added when it is a certificate this machine does not trust (a
 /// relay behind `tls internal` or another private CA): where the CA has to go.
 pub fn with_trust_hint(cause: String) -> String {
-    let untrusted = ["self-signed certificate", "unable to get local issuer certificate"];
+    // OpenSSL 3 and 1.1 spell the first differently; macOS's Security framework says "not
+    // trusted".
+    let untrusted = [
+        "self-signed certificate",
+        "self signed certificate",
+        "unable to get local issuer certificate",
+        "certificate verify failed",
+        "not trusted",
+    ];
     if !untrusted.iter().any(|u| cause.contains(u)) {
         return cause;
     }
@@ -115,14 +123,15 @@ pub fn proxy_page(status: u16) -> Option<String> {
     ))
 }
 
-/// Builds the crate's one HTTP agent: native-tls with platform roots, status codes returned as
-/// responses (error bodies carry the protocol's codes), and a global deadline per call.
-/// `local` agents ignore proxy settings from the environment (they only talk to loopback).
-pub fn agent(timeout: Duration, local: bool) -> Agent {
-    agent_with(timeout, if local { None } else { ureq::Proxy::try_from_env() })
+/// An HTTP agent for loopback only (without a proxy: proxy settings from the
+/// environment never apply to this machine's own servers).
+pub fn local_agent(timeout: Duration) -> Agent {
+    agent_with(timeout, None)
 }
 
-/// [`agent`] with the proxy given (`None`: every call goes direct).
+/// Builds the crate's one kind of HTTP agent: native-tls with platform roots, status codes
+/// returned as responses (error bodies carry the protocol's codes), a global deadline per
+/// call, and the proxy given (`None`: every call goes direct).
 fn agent_with(timeout: Duration, proxy: Option<ureq::Proxy>) -> Agent {
     let tls = TlsConfig::builder()
         .provider(TlsProvider::NativeTls)
@@ -156,8 +165,14 @@ impl Registry {
         let scheme = target.as_ref().and_then(|u| u.scheme_str()).unwrap_or("https").to_owned();
         let host = target.as_ref().and_then(|u| u.host()).unwrap_or_default();
         let host = host.trim_matches(['[', ']']).to_owned();
+        // A proxy the relay socket would use but ureq cannot is an error, never a silent
+        // direct connection.
         let (proxy, proxy_error) = match crate::netproxy::for_target(&scheme, &host) {
-            Ok(p) => (p.and_then(|p| ureq::Proxy::new(&p.url()).ok()), None),
+            Ok(None) => (None, None),
+            Ok(Some(p)) => match ureq::Proxy::new(&p.url()) {
+                Ok(proxy) => (Some(proxy), None),
+                Err(e) => (None, Some(format!("the proxy {} from {}: {e}", p.shown(), p.var))),
+            },
             Err(e) => (None, Some(e)),
         };
         Registry { base, agent: agent_with(Duration::from_secs(15), proxy), proxy_error }

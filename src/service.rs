@@ -539,6 +539,19 @@ pub fn install(args: &Args) -> Result<(), Exit> {
     let _lock = crate::cli::command_lock(&dir, &out)?;
     require_pairing(args, &dir, &out)?;
     let spec = Spec::current(args, &dir)?;
+    // A proxy variable with credentials is not written into the (world-readable) service
+    // file: say so, or its bridge would try to connect directly without a word.
+    let withheld: Vec<&str> = PROXY_ENV
+        .iter()
+        .copied()
+        .filter(|name| std::env::var(name).is_ok_and(|v| v.contains('@')))
+        .collect();
+    if !withheld.is_empty() {
+        out.warn(&format!(
+            "{} holds a password and is not written into the service file (other users can              read it): give the service its proxy another way (README, Troubleshooting,              \"Behind an HTTP proxy\")",
+            withheld.join(", ")
+        ));
+    }
     match platform {
         Platform::Launchd => launchd::install(&spec, &out),
         Platform::Systemd => systemd::install(&spec, &out),

@@ -126,6 +126,15 @@ impl std::fmt::Display for ReadError {
 }
 
 impl ReadError {
+    /// The reason sent with [`ReadError::close_code`].
+    pub fn close_reason(&self) -> &'static str {
+        match self {
+            ReadError::TooLarge { .. } => "message too large",
+            ReadError::NotUtf8(_) => "invalid UTF-8",
+            _ => "WebSocket protocol error",
+        }
+    }
+
     /// The close code that tells the peer why its stream was refused (RFC 6455 §7.4.1): 1007
     /// for text that is not UTF-8, 1002 for any other breach of the rules, `too_large` for a
     /// message over the limit; `None` when the stream ended or broke (nobody to tell).

@@ -983,6 +983,7 @@ fn busy_port(answer: &'static [u8]) -> u16 {
 /// head is acknowledged. It sends the body once its head is acknowledged (`TIOCOUTQ` at 0),
 /// or after 35 ms, and records for every `GET /api/two-writes` whether the ACK came first.
 /// Every other request gets the body at once. Returns the port and the records.
+#[cfg(target_os = "linux")]
 fn two_writes_backend() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<bool>>>) {
     use std::os::fd::AsRawFd;
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();

@@ -815,7 +815,13 @@ fn install_passes_proxy_variables_without_credentials() {
         ("NO_PROXY", ".corp,10.0.0.0"),
         ("ALL_PROXY", "http://user:pr0xy-s3cret@proxy.corp:3128"),
     ];
-    m.run("systemd", &["--install"], &vars).expect(0, "--install");
+    let run = m.run("systemd", &["--install"], &vars);
+    run.expect(0, "--install");
+    // The one left out is named (its bridge would otherwise go direct without a word), never
+    // its password.
+    let said = run.all();
+    assert!(said.contains("ALL_PROXY holds a password and is not written"), "{said}");
+    assert!(!said.contains("pr0xy-s3cret"), "{said}");
     let unit = std::fs::read_to_string(m.unit()).unwrap();
     assert!(unit.contains("Environment=\"https_proxy=http://proxy.corp:3128\""), "{unit}");
     assert!(unit.contains("Environment=\"NO_PROXY=.corp,10.0.0.0\""), "{unit}");

@@ -46,7 +46,8 @@ OPTIONS (each also as an environment variable):
     --max-connections-per-ip N
                              open connections from one address (an IPv6 /64) at most,
                              0 is no cap; loopback is not counted; with --trust-proxy,
-                             WebSockets count per forwarded client (429 past the cap)
+                             WebSockets through a local or private proxy count per
+                             forwarded client (429 past the cap)
                                                              [HERMESCHAT_RELAY_MAX_CONNECTIONS_PER_IP, default 256]
     --print-systemd-unit     print a hardened systemd unit running this binary with these settings
                              (the store in /var/lib/hermeschat-relay, or --data /var/lib/NAME)

@@ -230,7 +230,11 @@ fn drain(tcp: &mut TcpStream, buf: &mut Vec<u8>, deadline: Instant) {
                         .and_then(|v| v.trim().parse::<usize>().ok());
                     let bodiless = matches!(head.code, Some(204 | 304));
                     // Without a length the body ends with the connection.
-                    end = Some(if bodiless { n } else { length.map_or(usize::MAX, |l| n + l) });
+                    end = Some(if bodiless {
+                        n
+                    } else {
+                        length.map_or(usize::MAX, |l| n.saturating_add(l))
+                    });
                     continue;
                 }
                 Ok(httparse::Status::Partial) => {}

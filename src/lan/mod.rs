@@ -155,7 +155,7 @@ fn register_with_backend(
     ttl_secs: u64,
     out: &Out,
 ) -> Option<String> {
-    let agent = crate::registry_client::agent(Duration::from_secs(5), true);
+    let agent = crate::registry_client::local_agent(Duration::from_secs(5));
     let endpoint = format!("{}{REGISTER_TOKEN_PATH}", target.url());
     let body =
         serde_json::json!({ "token": token, "expiresAt": expires_at, "ttlSeconds": ttl_secs });

@@ -953,11 +953,7 @@ impl Server {
             // is dropped until it closes (`discarding`).
             Some(Ended::Failed(e)) if e.close_code(close_code::LIMIT).is_some() => {
                 let code = e.close_code(close_code::LIMIT).unwrap_or(1002);
-                let reason = match e {
-                    ReadError::TooLarge { .. } => "message too large",
-                    ReadError::NotUtf8(_) => "invalid UTF-8",
-                    _ => "WebSocket protocol error",
-                };
+                let reason = e.close_reason();
                 let fresh = matches!(
                     self.conns.get(&id),
                     Some(Conn { io: Io::Ws(w), .. }) if w.closing.is_none()

@@ -1082,11 +1082,7 @@ impl Reactor {
                     && e.close_code(close_code::LIMIT).is_some() =>
             {
                 let code = e.close_code(close_code::LIMIT).unwrap_or(1002);
-                let reason = match e {
-                    ReadError::TooLarge { .. } => "message too large",
-                    ReadError::NotUtf8(_) => "invalid UTF-8",
-                    _ => "WebSocket protocol error",
-                };
+                let reason = e.close_reason();
                 self.fail_ws(id, code, reason);
                 return;
             }
