@@ -348,6 +348,8 @@ pub struct Reactor {
     kicks: Kicks,
     /// App sockets per credential ([`AppUpgradeLimiter`]).
     app_limit: AppUpgradeLimiter,
+    /// Public peers whose `X-Forwarded-For` was ignored under `--trust-proxy`, told once each.
+    ignored_forwarders: IgnoredForwarders,
     /// Open connections per counted source (`--max-connections-per-ip`).
     per_source: FastMap<IpAddr, u32>,
     /// Connections closed at accept since the last `accept.refused` line.
@@ -400,6 +402,7 @@ impl Reactor {
             accept_paused_until: None,
             kicks: Kicks::default(),
             app_limit: AppUpgradeLimiter::default(),
+            ignored_forwarders: IgnoredForwarders::default(),
             per_source: FastMap::default(),
             refused: AcceptRefusals::default(),
             refused_logged: None,
@@ -767,6 +770,21 @@ impl Reactor {
         let rest = h.inbuf.split_off(head.len + body_len);
         let body = h.inbuf[head.len..].to_vec();
         h.inbuf = rest;
+        if self.shared.config.trust_proxy
+            && !may_be_a_proxy(ip)
+            && Self::forwarded_for(&head).is_some()
+            && self.ignored_forwarders.first(ip)
+        {
+            // The operator asked for the header and it is dropped: say why, once per peer (a
+            // CDN in front of the relay reaches it from public addresses).
+            log_event(
+                "forwarded.ignored",
+                &[
+                    ("ip", &source_label(source(ip))),
+                    ("why", "X-Forwarded-For is believed from loopback and private peers only"),
+                ],
+            );
+        }
         let ip = self.client_ip(ip, &head);
         let Some(Conn { io: Io::Http(h), .. }) = self.conns.get_mut(&id) else {
             return;
@@ -2122,6 +2140,23 @@ fn without_stamp<'a>(
     Some((before, rest))
 }
 
+/// Public peers that sent `X-Forwarded-For` to a relay run with `--trust-proxy` (the header is
+/// ignored from them: [`may_be_a_proxy`]), by source ([`source`]: an IPv6 /64 is one), so
+/// that each is logged once. At most [`IgnoredForwarders::MAX`] are remembered; past them
+/// nothing more is logged.
+#[derive(Default)]
+struct IgnoredForwarders(std::collections::HashSet<IpAddr>);
+
+impl IgnoredForwarders {
+    /// Sources remembered at most.
+    const MAX: usize = 64;
+
+    /// True the first time `peer`'s source is seen (while fewer than [`Self::MAX`] are known).
+    fn first(&mut self, peer: IpAddr) -> bool {
+        self.0.len() < Self::MAX && self.0.insert(source(peer))
+    }
+}
+
 /// Whether `peer` may be the operator's proxy: loopback, a private network (`10/8`,
 /// `172.16/12`, `192.168/16`, IPv6 `fc00::/7`), or link-local, IPv4-mapped addresses as their
 /// IPv4 address. A public address never is: it is a client that reached the relay directly.
@@ -2192,6 +2227,22 @@ mod tests {
         let raw = parse_raw(text).unwrap();
         let (before, after) = without_member(text, "client", raw.get("client")?)?;
         Some(format!("{before}{after}"))
+    }
+
+    #[test]
+    fn an_ignored_forwarder_is_told_once_and_the_list_is_bounded() {
+        let mut seen = IgnoredForwarders::default();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(seen.first(ip("203.0.113.7")));
+        assert!(!seen.first(ip("203.0.113.7")));
+        // One /64 is one source.
+        assert!(seen.first(ip("2001:db8::1")));
+        assert!(!seen.first(ip("2001:db8::2")));
+        for n in 0..200u32 {
+            seen.first(IpAddr::V4(std::net::Ipv4Addr::from(0x0800_0000 + n)));
+        }
+        assert_eq!(seen.0.len(), IgnoredForwarders::MAX);
+        assert!(!seen.first(ip("198.51.100.1")), "past the bound nothing more is logged");
     }
 
     #[test]
