@@ -189,6 +189,24 @@ impl Machine {
         cmd
     }
 
+    /// Starts `hermeschat-pair --foreground <args>` as a bridge started by hand and waits
+    /// until it holds the state dir's pid lock.
+    fn foreground_bridge(&self, platform: &str, args: &[&str]) -> std::process::Child {
+        let bridge = self
+            .cmd(platform, &[&["--foreground"][..], args].concat())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let lock = self.state.join("bridge.pid");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::fs::read_to_string(&lock).map_or(true, |s| s.trim() != bridge.id().to_string()) {
+            assert!(Instant::now() < deadline, "the foreground bridge never took the pid lock");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bridge
+    }
+
     fn run(&self, platform: &str, args: &[&str], vars: &[(&str, &str)]) -> Out {
         let mut cmd = self.cmd(platform, args);
         cmd.envs(vars.iter().copied());
@@ -605,18 +623,8 @@ fn install_hands_a_running_detached_daemon_over_to_the_service() {
     // A bridge holding the state dir's pid lock (its relay and backend are unreachable; it
     // keeps retrying, as a real daemon would).
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut bridge = m
-        .cmd("systemd", &["--foreground", "--no-server", "--port", &closed.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let lock = m.state.join("bridge.pid");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::fs::read_to_string(&lock).map_or(true, |s| s.trim() != bridge.id().to_string()) {
-        assert!(Instant::now() < deadline, "the foreground bridge never took the pid lock");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut bridge =
+        m.foreground_bridge("systemd", &["--no-server", "--port", &closed.to_string()]);
     let run = m.run("systemd", &["--install"], &[]);
     run.expect(0, "--install with a running daemon");
     assert!(
@@ -773,18 +781,7 @@ fn macos_install_that_launchd_refuses_keeps_the_bridge_running() {
     m.paired();
     let closed = free_port().to_string();
     let bridge_args = ["--no-server", "--port", closed.as_str()];
-    let mut bridge = m
-        .cmd("macos", &[&["--foreground"][..], &bridge_args].concat())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let lock = m.state.join("bridge.pid");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::fs::read_to_string(&lock).map_or(true, |s| s.trim() != bridge.id().to_string()) {
-        assert!(Instant::now() < deadline, "the foreground bridge never took the pid lock");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut bridge = m.foreground_bridge("macos", &bridge_args);
     let install = [&["--install"][..], &bridge_args].concat();
     let vars = [("FAKE_GUI", "0"), ("FAKE_FAIL", "launchctl:bootstrap=5")];
     let run = m.run("macos", &install, &vars);
@@ -797,7 +794,8 @@ fn macos_install_that_launchd_refuses_keeps_the_bridge_running() {
     let next = text.lines().find(|l| l.contains("Next:")).unwrap_or_else(|| panic!("{text}"));
     assert!(!next.contains("launchctl"), "the next step is not what just failed: {next}");
     // A daemon serves again.
-    let pid: u32 = std::fs::read_to_string(&lock).unwrap().trim().parse().unwrap();
+    let pid: u32 =
+        std::fs::read_to_string(m.state.join("bridge.pid")).unwrap().trim().parse().unwrap();
     assert_ne!(pid, bridge.id());
     // SAFETY: kill with signal 0 only checks that the process exists.
     assert_eq!(unsafe { libc::kill(pid as libc::pid_t, 0) }, 0, "pid {pid} is not running");
