@@ -1122,22 +1122,25 @@ pub(crate) fn wait_online(
     }
 }
 
-/// `HH:MM` in local time, for the access-code expiry.
+/// `HH:MM:SS` in local time, for the access-code expiry.
 pub(crate) fn local_time(ms: u64) -> String {
+    let Some(tm) = local_tm(ms) else { return bridge::format_ts(ms) };
+    format!("{:02}:{:02}:{:02}", tm.tm_hour, tm.tm_min, tm.tm_sec)
+}
+
+/// The local calendar time of `ms` (Unix milliseconds); `None` when it cannot be told, and
+/// the caller shows UTC ([`bridge::format_ts`]) instead.
+pub(crate) fn local_tm(ms: u64) -> Option<libc::tm> {
     // The type is inferred from `localtime_r` (`time_t`; naming the alias is deprecated on
     // musl). It is 32 bits on 32-bit glibc (armv7 Raspberry Pi OS): a time past 2038-01-19
     // does not fit there and is shown in UTC rather than wrapped to 1901.
-    let Ok(secs) = (ms / 1000).try_into() else { return bridge::format_ts(ms) };
+    let secs = (ms / 1000).try_into().ok()?;
     // SAFETY: localtime_r reads `secs` and writes only into the `tm` we own; a zeroed tm is a
     // valid initial value.
-    let tm = unsafe {
+    unsafe {
         let mut tm: libc::tm = std::mem::zeroed();
-        if libc::localtime_r(&secs, &mut tm).is_null() {
-            return bridge::format_ts(ms);
-        }
-        tm
-    };
-    format!("{:02}:{:02}:{:02}", tm.tm_hour, tm.tm_min, tm.tm_sec)
+        (!libc::localtime_r(&secs, &mut tm).is_null()).then_some(tm)
+    }
 }
 
 /// Which pairing command runs.

@@ -42,19 +42,7 @@ fn registry_error(e: &RegistryError, registry: &Registry) -> Exit {
 
 /// `2026-11-24 21:30` in local time.
 pub(crate) fn local_date_time(ms: u64) -> String {
-    // `time_t` (inferred from `localtime_r`) is 32 bits on 32-bit glibc (armv7 Raspberry Pi
-    // OS): a date past 2038-01-19 does not fit there and is shown in UTC rather than wrapped
-    // to 1901.
-    let Ok(secs) = (ms / 1000).try_into() else { return crate::bridge::format_ts(ms) };
-    // SAFETY: localtime_r reads `secs` and writes only into the `tm` we own; a zeroed tm is a
-    // valid initial value.
-    let tm = unsafe {
-        let mut tm: libc::tm = std::mem::zeroed();
-        if libc::localtime_r(&secs, &mut tm).is_null() {
-            return crate::bridge::format_ts(ms);
-        }
-        tm
-    };
+    let Some(tm) = crate::cli::local_tm(ms) else { return crate::bridge::format_ts(ms) };
     format!(
         "{:04}-{:02}-{:02} {:02}:{:02}",
         tm.tm_year + 1900,
