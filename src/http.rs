@@ -144,6 +144,16 @@ impl Head {
     }
 }
 
+/// The status code of an answer that starts with an HTTP/1.x status line (`HTTP/1.1 200 …`);
+/// `None` when it does not (yet) start with one.
+pub fn status_of(answer: &[u8]) -> Option<u16> {
+    let rest = answer.strip_prefix(b"HTTP/1.")?;
+    if !rest.get(..2)?.is_ascii() {
+        return None;
+    }
+    std::str::from_utf8(rest.get(2..5)?).ok()?.parse().ok()
+}
+
 /// The reason phrase for the status codes this crate sends.
 pub fn reason(status: u16) -> &'static str {
     match status {
@@ -296,6 +306,16 @@ pub fn json_response(status: u16, body: &str, close: bool) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_of_reads_an_http_1_status_line_only() {
+        assert_eq!(status_of(b"HTTP/1.1 200 OK\r\n\r\n"), Some(200));
+        assert_eq!(status_of(b"HTTP/1.0 502 Bad Gateway"), Some(502));
+        assert_eq!(status_of(b"HTTP/1.1 20"), None);
+        assert_eq!(status_of(b"HTTP/2 200 OK"), None);
+        assert_eq!(status_of(b"SSH-2.0-OpenSSH_9.6"), None);
+        assert_eq!(status_of("HTTP/1.\u{fffd}200 OK".as_bytes()), None);
+    }
 
     #[test]
     fn one_content_length_of_digits_only() {

@@ -117,10 +117,7 @@ impl Proxy {
         }
         let line = answer.split(|&b| b == b'\r').next().unwrap_or_default();
         let line = String::from_utf8_lossy(line);
-        let status = line
-            .strip_prefix("HTTP/1.")
-            .and_then(|rest| rest.get(2..5))
-            .and_then(|s| s.parse::<u16>().ok())
+        let status = crate::http::status_of(&answer)
             .ok_or_else(|| format!("the proxy {shown} did not answer in HTTP"))?;
         match status {
             200..=299 => Ok(()),

@@ -178,11 +178,7 @@ fn probe_addr(addr: SocketAddr, authority: &str, path: &str) -> Health {
             Ok(_) => {}
         }
     }
-    let line = String::from_utf8_lossy(answer.get(..12).unwrap_or(&answer));
-    let status: Option<u16> = line
-        .strip_prefix("HTTP/1.")
-        .and_then(|rest| rest.get(2..5))
-        .and_then(|code| code.parse().ok());
+    let status = crate::http::status_of(&answer);
     if status.is_some() {
         drain(&mut tcp, &mut answer, deadline);
     }
