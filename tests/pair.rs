@@ -46,6 +46,11 @@ fn text_round_trip_reaches_backend_with_client_header() {
     // A plain GET.
     let w = fetch(&mut app, &request("h1", "GET", "/api/health", &[], None));
     assert_eq!((w.status, w.json()), (200, json!({"status": "ok"})));
+    assert_eq!(header(&w.headers, "content-length"), None, "the frame's body is the length");
+    // HEAD: no body, and the size a GET gets, the one way to learn it without the body.
+    let w = fetch(&mut app, &request("h2", "HEAD", "/api/health", &[], None));
+    assert_eq!((w.status, w.body.as_slice()), (200, &b""[..]), "{w:?}");
+    assert_eq!(header(&w.headers, "content-length"), Some("15"), "{w:?}");
     // JSON through /api/echo, with headers an app must not be able to forge or smuggle.
     let body = json!({"msg": "bonjour — 你好 ✓", "n": 42}).to_string();
     let f = request(

@@ -1139,10 +1139,15 @@ fn backend_headers(req: &RequestFrame) -> Vec<(&str, &str)> {
 /// Response headers for frames, taken from the response (moved, not copied): hop-by-hop
 /// dropped; repeated names joined with ", " because frames carry one value per name (the first
 /// spelling of the name is kept).
-fn frame_headers(headers: Vec<(String, String)>) -> Headers {
+///
+/// `Content-Length` is dropped too (the frame's body is the length), except in the answer to
+/// `HEAD`, whose body is empty and whose `Content-Length` is the size a `GET` would get: the
+/// one way an app learns a size without fetching it.
+fn frame_headers(method: &str, headers: Vec<(String, String)>) -> Headers {
+    let head = method == "HEAD";
     let mut out: Headers = BTreeMap::new();
     for (name, value) in headers {
-        if is_hop_by_hop(&name) {
+        if is_hop_by_hop(&name) && !(head && name.eq_ignore_ascii_case("content-length")) {
             continue;
         }
         match out.iter_mut().find(|(k, _)| k.eq_ignore_ascii_case(&name)) {
@@ -1189,7 +1194,7 @@ fn whole_frame(shared: &Shared, req: &RequestFrame, resp: &mut Response) -> Resu
         client: req.client.clone(),
         conn: req.conn,
         status: resp.status,
-        headers: frame_headers(std::mem::take(&mut resp.headers)),
+        headers: frame_headers(&req.method, std::mem::take(&mut resp.headers)),
         body,
         body_base64,
     }))
@@ -1256,7 +1261,7 @@ fn exchange(shared: &Shared, job: &mut Job) -> Result<(), Fail> {
         client: client.clone(),
         conn,
         status: resp.status,
-        headers: frame_headers(std::mem::take(&mut resp.headers)),
+        headers: frame_headers(&req.method, std::mem::take(&mut resp.headers)),
     })?;
     let text = |body: String| Frame::ResponseChunk {
         id: id.clone(),
