@@ -11,7 +11,7 @@
 //! may hold decrypted bytes the socket no longer shows.
 
 use std::io::{self, Read, Write};
-use std::net::TcpStream;
+use std::net::{Shutdown, TcpStream};
 
 /// A plain or TLS byte stream.
 pub struct Stream {
@@ -104,6 +104,17 @@ impl Stream {
             Inner::Plain(s) => s,
             Inner::Tls(s) => &s.get_ref().0,
         }
+    }
+
+    /// Ends our side of the stream once everything has been written. A TLS stream first sends
+    /// its close_notify alert: a peer that meets a bare FIN in TLS cannot tell it from a cut
+    /// connection, and OpenSSL 3 reports "unexpected eof while reading". Best effort: a socket
+    /// that cannot take the alert now still gets its FIN.
+    pub fn shutdown_write(&mut self) {
+        if let Inner::Tls(s) = &mut self.inner {
+            let _ = s.shutdown();
+        }
+        let _ = self.tcp().shutdown(Shutdown::Write);
     }
 
     /// Keeps the bytes that the next reads bring after an HTTP head (a client's side: the

@@ -220,6 +220,31 @@ fn plain_http_to_the_tls_port_does_not_break_the_relay() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[test]
+fn an_answer_that_closes_the_connection_ends_with_close_notify() {
+    // A TLS peer that closes with a bare FIN cannot be told from a cut connection: OpenSSL 3
+    // reports "unexpected eof while reading" (rust-openssl hides it, so `openssl s_client`).
+    let dir = fresh_dir("notify");
+    let (cert, key) = make_cert(&dir);
+    let relay = start_tls_relay(&dir, &cert, &key);
+    let mut client = Command::new("openssl")
+        .args(["s_client", "-quiet", "-ign_eof", "-connect", &relay.addr])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("openssl must be installed for the TLS tests");
+    let mut stdin = client.stdin.take().unwrap();
+    stdin.write_all(b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    drop(stdin);
+    let out = client.wait_with_output().unwrap();
+    let (stdout, stderr) =
+        (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("\"ok\":true"), "{stdout}\n{stderr}");
+    assert!(!stderr.contains("unexpected eof"), "the relay closed without close_notify: {stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A backend that answers `GET /api/blob/N` with N bytes of [`blob`], and every other request
 /// with 200 and, as JSON, the size of its body and the wrapping sum of its bytes.
 fn counting_backend() -> u16 {

@@ -852,8 +852,8 @@ impl Reactor {
         // Stopping: the connection closes once its answer is written.
         match h.after.take().filter(|_| !self.stop.load(Ordering::SeqCst)) {
             Some(After::Close) | None => {
-                if let Some(conn) = self.remove(id) {
-                    let _ = conn.tcp().shutdown(Shutdown::Write);
+                if let Some(mut conn) = self.remove(id) {
+                    conn.shutdown_write();
                 }
             }
             Some(After::KeepAlive) => {
@@ -1219,7 +1219,7 @@ impl Reactor {
         let resume = if after <= limit / 2 { std::mem::take(&mut w.waiters) } else { Vec::new() };
         if !broken && w.draining && !w.write_shut && w.out.is_idle() {
             w.write_shut = true;
-            let _ = w.ws.get_ref().tcp().shutdown(Shutdown::Write);
+            w.ws.get_mut().shutdown_write();
         }
         if broken {
             self.detach(id, Closed::Dropped("writing to the socket failed"));
@@ -2214,6 +2214,15 @@ impl Conn {
             Io::TlsHandshake(mid) => &mid.get_ref().0,
             Io::Http(h) => h.stream.tcp(),
             Io::Ws(w) => w.ws.get_ref().tcp(),
+        }
+    }
+
+    /// Ends our side once everything is written ([`Stream::shutdown_write`]).
+    fn shutdown_write(&mut self) {
+        match &mut self.io {
+            Io::TlsHandshake(mid) => drop(mid.get_ref().0.shutdown(Shutdown::Write)),
+            Io::Http(h) => h.stream.shutdown_write(),
+            Io::Ws(w) => w.ws.get_mut().shutdown_write(),
         }
     }
 }
