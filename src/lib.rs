@@ -35,6 +35,7 @@ pub mod service;
 pub mod state;
 pub mod stream;
 pub mod tcp_connect;
+pub mod tls_probe;
 pub mod wsout;
 pub mod wsread;
 
