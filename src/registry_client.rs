@@ -480,7 +480,8 @@ impl Registry {
     }
 }
 
-#[cfg(test)]
+/// Linux only: the black hole is a Linux listen queue, the refusal's words Linux's.
+#[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
     use std::net::SocketAddr;
@@ -549,7 +550,6 @@ mod tests {
     /// IPv4 one (a AAAA answer whose route drops everything): the call goes through at once.
     /// Tried one after another, the dead addresses would take ureq's whole 5 s connect budget
     /// before the live one got its turn; the bound is 4 s.
-    #[cfg(target_os = "linux")]
     #[test]
     fn a_black_holed_first_address_costs_the_attempt_delay_not_the_connect_timeout() {
         let relay = InProcessRelay::start();
@@ -567,7 +567,6 @@ mod tests {
 
     /// Through an HTTP proxy from the environment, the registry is reached in a CONNECT
     /// tunnel, the proxy's own addresses raced the same way (its first one black-holed).
-    #[cfg(target_os = "linux")]
     #[test]
     fn a_proxy_from_the_environment_tunnels_the_call() {
         use std::io::BufRead;
@@ -607,7 +606,6 @@ mod tests {
     }
 
     /// Every address refusing: the last refusal, in ureq's own words, as before.
-    #[cfg(target_os = "linux")]
     #[test]
     fn refused_everywhere_reads_as_before() {
         let closed = {

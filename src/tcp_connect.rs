@@ -39,7 +39,7 @@ pub fn connect_addrs(
 }
 
 /// The addresses with the families alternating, the first address's family first, each
-/// family in the resolver's order; at most [`MAX_ADDRESSES`].
+/// family in the resolver's order; at most 8.
 pub fn interleave_families(addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
     let first_v6 = addrs.first().is_some_and(|a| a.is_ipv6());
     let (mut a, mut b): (Vec<_>, Vec<_>) = addrs.into_iter().partition(|x| x.is_ipv6() == first_v6);
