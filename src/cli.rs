@@ -603,6 +603,13 @@ pub(crate) fn backend_gate(args: &Args, config: &Config, out: &Out) -> Result<Ba
             out.ok(&format!("Local Hermes API ready ({})", http_url(&host, port)));
             return external(target(&host, port));
         }
+        Health::Unhealthy if crate::tls_probe::speaks_tls(&host, port) => {
+            let peer = format!("the backend at {}", bridge::workers::authority(&host, port));
+            return Err(fail(format!(
+                "{}.\n  Then run hermeschat-pair again.",
+                crate::tls_probe::hint(&peer)
+            )));
+        }
         Health::Unhealthy => {
             return Err(fail(format!(
                 "port {port} on {host} is in use, but it does not answer GET /api/health like a \

@@ -249,14 +249,12 @@ pub fn run(args: &Args) -> Result<(), Exit> {
 
     // 5. The backend, directly.
     // Written anew: an older daemon wrote an IPv6 host without brackets.
-    let backend_url = match status.as_ref().and_then(|s| Target::parse_url(&s.backend_url)) {
-        Some((host, port)) => http_url(&host, port),
-        None => {
-            let (host, port) = backend_address(args, &config)?;
-            http_url(&host, port)
-        }
-    };
-    report.add(check_backend(&backend_url, &dir));
+    let (backend_host, backend_port) =
+        match status.as_ref().and_then(|s| Target::parse_url(&s.backend_url)) {
+            Some(target) => target,
+            None => backend_address(args, &config)?,
+        };
+    report.add(check_backend(&backend_host, backend_port, &dir));
 
     // 6.-7. The gateway.
     let gw = HermesConfig::load();
@@ -653,11 +651,27 @@ fn refused(e: &str) -> bool {
     e.contains("refused") || e.contains("Connection refused")
 }
 
-fn check_backend(base: &str, dir: &Path) -> Hop {
+fn check_backend(host: &str, port: u16, dir: &Path) -> Hop {
     let (key, name) = BACKEND;
     let t = Instant::now();
+    let base = http_url(host, port);
     let url = format!("{base}/api/health");
-    match local_get(&url, None) {
+    let answer = local_get(&url, None);
+    // A TLS server answers plain HTTP with a close, an alert or a 400 page: asked in TLS, it
+    // says what it is.
+    let failed_plain = !matches!(&answer, Ok((status, _)) if (200..300).contains(status))
+        && !matches!(&answer, Err(e) if refused(e));
+    if failed_plain && crate::tls_probe::speaks_tls(host, port) {
+        let peer = format!("the backend at {}", crate::bridge::workers::authority(host, port));
+        return failed(
+            key,
+            name,
+            Some(t),
+            format!("{base} speaks HTTPS, not plain HTTP"),
+            crate::tls_probe::hint(&peer),
+        );
+    }
+    match answer {
         Ok((status, body)) if (200..300).contains(&status) => {
             hop(key, name, HopState::Ok, Some(t), format!("{base} → {status} {}", snippet(&body)))
         }

@@ -34,6 +34,8 @@ pub mod secret;
 pub mod service;
 pub mod state;
 pub mod stream;
+pub mod tcp_connect;
+pub mod tls_probe;
 pub mod wsout;
 pub mod wsread;
 

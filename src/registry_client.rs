@@ -3,12 +3,19 @@
 //! The agent uses native-tls with the platform's roots, the same trust policy tungstenite's
 //! default connector uses for the relay socket, so registry and relay agree on what is trusted.
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use ureq::Agent;
 use ureq::tls::{RootCerts, TlsConfig, TlsProvider};
+use ureq::unversioned::resolver::{DefaultResolver, Resolver};
+use ureq::unversioned::transport::{
+    Buffers, ConnectProxyConnector, ConnectionDetails, Connector, Either, LazyBuffers,
+    NativeTlsConnector, NextTimeout, Transport,
+};
 
 use crate::protocol::{self as p, ApiError};
 
@@ -131,8 +138,18 @@ pub fn local_agent(timeout: Duration) -> Agent {
 
 /// Builds the crate's one kind of HTTP agent: native-tls with platform roots, status codes
 /// returned as responses (error bodies carry the protocol's codes), a global deadline per
-/// call, and the proxy given (`None`: every call goes direct).
+/// call, and the proxy given (`None`: every call goes direct). TCP connections are opened
+/// Happy Eyeballs style by [`crate::tcp_connect`], as the relay socket's are.
 fn agent_with(timeout: Duration, proxy: Option<ureq::Proxy>) -> Agent {
+    agent_resolving(timeout, proxy, DefaultResolver::default())
+}
+
+/// [`agent_with`] with the given resolver (the system's, but for tests).
+fn agent_resolving(
+    timeout: Duration,
+    proxy: Option<ureq::Proxy>,
+    resolver: impl Resolver,
+) -> Agent {
     let tls = TlsConfig::builder()
         .provider(TlsProvider::NativeTls)
         .root_certs(RootCerts::PlatformVerifier)
@@ -141,9 +158,127 @@ fn agent_with(timeout: Duration, proxy: Option<ureq::Proxy>) -> Agent {
         .tls_config(tls)
         .http_status_as_error(false)
         .timeout_global(Some(timeout))
-        .timeout_connect(Some(Duration::from_secs(5)))
+        .timeout_connect(Some(CONNECT_TIMEOUT))
         .proxy(proxy);
-    config.build().new_agent()
+    // ureq's default chain with our TCP connector in place of its own, which tries the
+    // addresses one after another (a dead first address costs most of the connect timeout).
+    // No SOCKS connector: `netproxy` refuses every proxy but http://.
+    let connector =
+        ().chain(ConnectProxyConnector::default())
+            .chain(HappyEyeballsConnector)
+            .chain(NativeTlsConnector::default());
+    Agent::with_parts(config.build(), connector, resolver)
+}
+
+/// ureq's TCP step through [`crate::tcp_connect::connect_addrs`]: the addresses ureq resolved
+/// (the proxy's, for a CONNECT tunnel) raced Happy Eyeballs style, each attempt given the
+/// call's connect timeout. Failures read as ureq's own (`io: …`, `timeout: connect`).
+#[derive(Debug)]
+struct HappyEyeballsConnector;
+
+impl<In: Transport> Connector<In> for HappyEyeballsConnector {
+    type Out = Either<In, TcpTransport>;
+
+    fn connect(
+        &self,
+        details: &ConnectionDetails,
+        chained: Option<In>,
+    ) -> Result<Option<Self::Out>, ureq::Error> {
+        // A CONNECT tunnel made before this step is the connection.
+        if let Some(tunnel) = chained {
+            return Ok(Some(Either::A(tunnel)));
+        }
+        let timeout = details.timeout.not_zero().map_or(CONNECT_TIMEOUT, |t| *t);
+        let stream = crate::tcp_connect::connect_addrs(details.addrs.to_vec(), timeout).map_err(
+            |e| match e {
+                Some(e) if is_timeout(&e) => ureq::Error::Timeout(details.timeout.reason),
+                Some(e) => ureq::Error::Io(e),
+                None => ureq::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionRefused,
+                    "Connection refused",
+                )),
+            },
+        )?;
+        let config = details.config;
+        let buffers = LazyBuffers::new(config.input_buffer_size(), config.output_buffer_size());
+        // Not registered with `register_shutdown`: that serves `Agent::shutdown`, never called.
+        Ok(Some(Either::B(TcpTransport { stream, buffers })))
+    }
+}
+
+/// The connect timeout of every call (the global deadline is the agent's).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A timed-out socket operation (`SO_RCVTIMEO` surfaces as `WouldBlock` on Unix).
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(e.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock)
+}
+
+/// A plain TCP socket as ureq's transport (ureq does not export its own): blocking I/O with
+/// each call's remaining deadline as the socket's timeout.
+#[derive(Debug)]
+struct TcpTransport {
+    stream: TcpStream,
+    buffers: LazyBuffers,
+}
+
+impl TcpTransport {
+    /// `timeout` as a socket timeout (`None`: no deadline), or the timeout error when it has
+    /// already passed.
+    fn deadline(timeout: NextTimeout) -> Result<Option<Duration>, ureq::Error> {
+        if timeout.after.is_zero() {
+            return Err(ureq::Error::Timeout(timeout.reason));
+        }
+        Ok(timeout.not_zero().map(|t| *t))
+    }
+}
+
+impl Transport for TcpTransport {
+    fn buffers(&mut self) -> &mut dyn Buffers {
+        &mut self.buffers
+    }
+
+    fn transmit_output(&mut self, amount: usize, timeout: NextTimeout) -> Result<(), ureq::Error> {
+        let timeout = timeout.for_write();
+        self.stream.set_write_timeout(Self::deadline(timeout)?)?;
+        match self.stream.write_all(&self.buffers.output()[..amount]) {
+            Ok(()) => Ok(()),
+            Err(e) if is_timeout(&e) => Err(ureq::Error::Timeout(timeout.reason)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn await_input(&mut self, timeout: NextTimeout) -> Result<bool, ureq::Error> {
+        let timeout = timeout.for_read();
+        self.stream.set_read_timeout(Self::deadline(timeout)?)?;
+        let read = loop {
+            match self.stream.read(self.buffers.input_append_buf()) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                other => break other,
+            }
+        };
+        match read {
+            Ok(n) => {
+                self.buffers.input_appended(n);
+                Ok(n > 0)
+            }
+            Err(e) if is_timeout(&e) => Err(ureq::Error::Timeout(timeout.reason)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Open when a non-blocking read finds nothing waiting: a pooled connection the server
+    /// closed (or sent stray bytes on) is not reused.
+    fn is_open(&mut self) -> bool {
+        if self.stream.set_nonblocking(true).is_err() {
+            return false;
+        }
+        let idle = matches!(
+            self.stream.read(&mut [0u8; 1]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+        );
+        self.stream.set_nonblocking(false).is_ok() && idle
+    }
 }
 
 /// A registry at a base URL (`https://relay.example.com`).
@@ -160,6 +295,16 @@ impl Registry {
     /// The proxy is the one the relay socket uses for the same host (`crate::netproxy`:
     /// `https_proxy`/`http_proxy`/`all_proxy` by scheme, `no_proxy`, loopback always direct).
     pub fn new(base: &str) -> Registry {
+        Registry::with_parts(base, &|name| std::env::var(name).ok(), DefaultResolver::default())
+    }
+
+    /// [`Registry::new`] with the environment read by `var` and the given resolver (the
+    /// process's and the system's, but for tests).
+    fn with_parts(
+        base: &str,
+        var: &dyn Fn(&str) -> Option<String>,
+        resolver: impl Resolver,
+    ) -> Registry {
         let base = base.trim_end_matches('/').to_owned();
         let target = base.parse::<ureq::http::Uri>().ok();
         let scheme = target.as_ref().and_then(|u| u.scheme_str()).unwrap_or("https").to_owned();
@@ -167,7 +312,7 @@ impl Registry {
         let host = host.trim_matches(['[', ']']).to_owned();
         // A proxy the relay socket would use but ureq cannot is an error, never a silent
         // direct connection.
-        let (proxy, proxy_error) = match crate::netproxy::for_target(&scheme, &host) {
+        let (proxy, proxy_error) = match crate::netproxy::choose(&scheme, &host, var) {
             Ok(None) => (None, None),
             Ok(Some(p)) => match ureq::Proxy::new(&p.url()) {
                 Ok(proxy) => (Some(proxy), None),
@@ -175,7 +320,8 @@ impl Registry {
             },
             Err(e) => (None, Some(e)),
         };
-        Registry { base, agent: agent_with(Duration::from_secs(15), proxy), proxy_error }
+        let agent = agent_resolving(Duration::from_secs(15), proxy, resolver);
+        Registry { base, agent, proxy_error }
     }
 
     /// The base URL.
@@ -331,5 +477,148 @@ impl Registry {
     ) -> Result<p::BridgeStatusResponse, RegistryError> {
         let path = format!("/v1/internal/hermes/bridge-status?bridgeId={bridge_id}");
         self.call::<(), _>("GET", &path, Some(secret), None)
+    }
+}
+
+/// Linux only: the black hole is a Linux listen queue, the refusal's words Linux's.
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+    use std::time::Instant;
+    use ureq::unversioned::resolver::ResolvedSocketAddrs;
+
+    /// A DNS answer fixed in advance, whatever the name.
+    #[derive(Debug)]
+    struct Answer(Vec<SocketAddr>);
+
+    impl Resolver for Answer {
+        fn resolve(
+            &self,
+            _uri: &ureq::http::Uri,
+            _config: &ureq::config::Config,
+            _timeout: NextTimeout,
+        ) -> Result<ResolvedSocketAddrs, ureq::Error> {
+            let mut addrs = self.empty();
+            for a in &self.0 {
+                addrs.push(*a);
+            }
+            Ok(addrs)
+        }
+    }
+
+    /// A relay running in this process on a loopback port, stopped and its data removed on drop.
+    struct InProcessRelay {
+        addr: SocketAddr,
+        stop: crate::relay::StopHandle,
+        running: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+        dir: std::path::PathBuf,
+    }
+
+    impl InProcessRelay {
+        fn start() -> InProcessRelay {
+            let dir = std::env::temp_dir().join(format!(
+                "hc-registry-client-{}-{}",
+                std::process::id(),
+                u64::from_le_bytes(crate::secret::random_bytes::<8>())
+            ));
+            let listen = "127.0.0.1:0".parse().unwrap();
+            let relay =
+                crate::relay::Relay::bind(crate::relay::RelayConfig::new(listen, dir.clone()))
+                    .unwrap();
+            let addr = relay.local_addr().unwrap();
+            let flag = Arc::new(AtomicBool::new(false));
+            let stop = relay.stop_handle(flag.clone());
+            let running = Some(std::thread::spawn(move || relay.run(flag)));
+            InProcessRelay { addr, stop, running, dir }
+        }
+    }
+
+    impl Drop for InProcessRelay {
+        fn drop(&mut self) {
+            self.stop.stop();
+            if let Some(r) = self.running.take() {
+                let _ = r.join();
+            }
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    /// A registry whose name resolves to seven black-holed IPv6 addresses, then the relay's
+    /// IPv4 one (a AAAA answer whose route drops everything): the call goes through at once.
+    /// Tried one after another, the dead addresses would take ureq's whole 5 s connect budget
+    /// before the live one got its turn; the bound is 4 s.
+    #[test]
+    fn a_black_holed_first_address_costs_the_attempt_delay_not_the_connect_timeout() {
+        let relay = InProcessRelay::start();
+        let (_listener, _filler, dead) = crate::tcp_connect::black_hole("::1".parse().unwrap());
+        let mut answer = vec![dead; 7];
+        answer.push(relay.addr);
+        let base = format!("http://localhost:{}", relay.addr.port());
+        let registry = Registry::with_parts(&base, &|_| None, Answer(answer));
+        let started = Instant::now();
+        let health = registry.health();
+        let took = started.elapsed();
+        assert!(health.is_ok(), "{:?}", health.err());
+        assert!(took < Duration::from_secs(4), "took {took:?}");
+    }
+
+    /// Through an HTTP proxy from the environment, the registry is reached in a CONNECT
+    /// tunnel, the proxy's own addresses raced the same way (its first one black-holed).
+    #[test]
+    fn a_proxy_from_the_environment_tunnels_the_call() {
+        use std::io::BufRead;
+        let relay = InProcessRelay::start();
+        let proxy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let proxy_addr = proxy.local_addr().unwrap();
+        let relay_addr = relay.addr;
+        let proxied = std::thread::spawn(move || {
+            let (client, _) = proxy.accept().unwrap();
+            let mut reader = std::io::BufReader::new(client.try_clone().unwrap());
+            let mut head = String::new();
+            while !head.ends_with("\r\n\r\n") {
+                if reader.read_line(&mut head).unwrap() == 0 {
+                    break;
+                }
+            }
+            let upstream = TcpStream::connect(relay_addr).unwrap();
+            (&client).write_all(b"HTTP/1.1 200 Connection established\r\n\r\n").unwrap();
+            let (mut down, mut up) = (upstream.try_clone().unwrap(), client.try_clone().unwrap());
+            let back = std::thread::spawn(move || std::io::copy(&mut down, &mut up));
+            let _ = std::io::copy(&mut reader, &mut &upstream);
+            let _ = upstream.shutdown(std::net::Shutdown::Write);
+            let _ = back.join();
+            head
+        });
+        let (_listener, _filler, dead) = crate::tcp_connect::black_hole("::1".parse().unwrap());
+        let proxy_url = format!("http://proxy.invalid:{}", proxy_addr.port());
+        let env = move |name: &str| (name == "http_proxy").then(|| proxy_url.clone());
+        let base = format!("http://relay.invalid:{}", relay_addr.port());
+        let registry = Registry::with_parts(&base, &env, Answer(vec![dead, proxy_addr]));
+        let health = registry.health();
+        drop(registry);
+        assert!(health.is_ok(), "{:?}", health.err());
+        let head = proxied.join().unwrap();
+        let want = format!("CONNECT relay.invalid:{} HTTP/1.1\r\n", relay_addr.port());
+        assert!(head.starts_with(&want), "{head}");
+    }
+
+    /// Every address refusing: the last refusal, in ureq's own words, as before.
+    #[test]
+    fn refused_everywhere_reads_as_before() {
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let registry =
+            Registry::with_parts("http://localhost:9", &|_| None, Answer(vec![closed, closed]));
+        let e = registry.health().unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "cannot reach the registry at http://localhost:9/v1/health: io: Connection refused \
+             (os error 111)"
+        );
     }
 }

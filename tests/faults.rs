@@ -466,3 +466,94 @@ fn gateway_killed_mid_stream_ends_the_chat_with_one_terminal_frame() {
     assert_ne!(u.gateway_pid(), Some(gw_pid), "the restart reused the killed pid");
     assert!(alive(daemon_pid), "the daemon changed during the test");
 }
+
+/// What an HTTPS server on the backend's port sends back to a plain HTTP request.
+#[derive(Clone, Copy)]
+enum PlainAnswer {
+    /// Nothing: the connection is closed (OpenSSL behind uvicorn, Node, `openssl s_server`).
+    Close,
+    /// nginx's 400 page for an `ssl` port.
+    NginxPage,
+}
+
+/// An HTTPS server on loopback `port`, as a backend configured with a certificate is: a
+/// ClientHello gets a real TLS handshake (the test certificate), plain HTTP gets `plain`.
+fn https_backend(port: u16, dir: &Path, plain: PlainAnswer) {
+    let (cert, key) = common::make_cert(dir);
+    let identity = native_tls::Identity::from_pkcs8(
+        &std::fs::read(cert).unwrap(),
+        &std::fs::read(key).unwrap(),
+    )
+    .unwrap();
+    let acceptor = native_tls::TlsAcceptor::new(identity).unwrap();
+    let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+    thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut first = [0u8; 1];
+            if stream.peek(&mut first).is_ok_and(|n| n == 1) && first[0] == 0x16 {
+                let _ = acceptor.accept(stream);
+                continue;
+            }
+            let mut s = stream;
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            if let PlainAnswer::NginxPage = plain {
+                let body = "<html>\r\n<head><title>400 The plain HTTP request was sent to HTTPS \
+                            port</title></head>\r\n</html>\r\n";
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 400 Bad Request\r\nServer: nginx\r\nContent-Type: text/html\r\n\
+                     Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        }
+    });
+}
+
+/// Expectation: the backend on the bridge's port starts speaking HTTPS (a certificate added to
+/// its configuration). The app's request ends in BACKEND_UNREACHABLE whose message says the
+/// backend speaks HTTPS and what to do; the daemon's log says the same, and so does
+/// `--doctor`; pairing against another such backend (nginx's 400 page this time) refuses with
+/// it, before anything is registered.
+#[test]
+fn a_backend_that_speaks_https_is_named_as_such() {
+    let mut s = setup();
+    let port = s.backend.port;
+    s.backend.kill();
+    https_backend(port, &common::fresh_dir("https-backend"), PlainAnswer::Close);
+
+    s.app.send(&request("tls-1", "GET", "/api/health", &[], None));
+    let frames = s.app.recv_until_terminal("tls-1");
+    match frames.last() {
+        Some(Frame::ResponseError { code: ErrorCode::BackendUnreachable, message, .. }) => {
+            assert!(
+                message.contains(&format!("the backend at 127.0.0.1:{port} speaks HTTPS"))
+                    && message.contains("serve it over plain HTTP on loopback"),
+                "{message}"
+            );
+        }
+        other => panic!("expected BACKEND_UNREACHABLE, got {other:?}"),
+    }
+    // The daemon's health probe, every 5 s.
+    wait_for(Duration::from_secs(15), "the daemon's log to name HTTPS", || {
+        s.env.log().contains(&format!("the backend at 127.0.0.1:{port} speaks HTTPS"))
+    });
+
+    let doctor = s.env.run(&["--doctor", "--json"]);
+    let report: Value = serde_json::from_str(doctor.stdout.trim()).unwrap();
+    let hop = report["hops"].as_array().unwrap().iter().find(|h| h["id"] == "backend").unwrap();
+    assert_eq!(hop["state"], "fail", "{hop}");
+    assert!(hop["detail"].as_str().unwrap().contains("speaks HTTPS"), "{hop}");
+    assert!(hop["fix"].as_str().unwrap().contains("serve it over plain HTTP"), "{hop}");
+
+    let nginx = free_port();
+    https_backend(nginx, &common::fresh_dir("https-nginx"), PlainAnswer::NginxPage);
+    let run = s.env.run(&["--server", &s.relay.url(), "--port", &nginx.to_string(), "--no-server"]);
+    run.assert_code(1, "pairing against an HTTPS backend");
+    assert!(
+        run.all().contains(&format!("the backend at 127.0.0.1:{nginx} speaks HTTPS")),
+        "{}",
+        run.all()
+    );
+}

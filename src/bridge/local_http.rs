@@ -102,6 +102,12 @@ pub enum LocalError {
         /// What was wrong.
         detail: String,
     },
+    /// What answers is a TLS server: it sent a TLS record, or it closed the connection without
+    /// a byte and answers a TLS ClientHello ([`crate::tls_probe`]).
+    SpeaksTls {
+        /// What was talked to: "the backend at host:port".
+        addr: String,
+    },
     /// The connection broke mid-exchange.
     Io {
         /// What was talked to: "the backend at host:port".
@@ -134,6 +140,7 @@ impl LocalError {
             LocalError::Connect { .. }
             | LocalError::Foreign { .. }
             | LocalError::Protocol { .. }
+            | LocalError::SpeaksTls { .. }
             | LocalError::Io { .. } => ErrorCode::BackendUnreachable,
             LocalError::BadBody { .. } => ErrorCode::BadRequest,
         }
@@ -154,7 +161,9 @@ impl LocalError {
         let kind = match self {
             LocalError::Timeout { .. } => io::ErrorKind::TimedOut,
             LocalError::Aborted => io::ErrorKind::ConnectionAborted,
-            LocalError::Protocol { .. } | LocalError::BadBody { .. } => io::ErrorKind::InvalidData,
+            LocalError::Protocol { .. }
+            | LocalError::SpeaksTls { .. }
+            | LocalError::BadBody { .. } => io::ErrorKind::InvalidData,
             LocalError::Connect { .. } | LocalError::Io { .. } => io::ErrorKind::BrokenPipe,
             LocalError::Foreign { .. } => io::ErrorKind::PermissionDenied,
         };
@@ -175,6 +184,7 @@ impl fmt::Display for LocalError {
             LocalError::Protocol { addr, detail } => {
                 write!(f, "{addr} sent an invalid response: {detail}")
             }
+            LocalError::SpeaksTls { addr } => f.write_str(&crate::tls_probe::hint(addr)),
             LocalError::Io { addr, detail } => {
                 write!(f, "the connection to {addr} broke: {detail}")
             }
@@ -596,6 +606,7 @@ impl LocalClient {
                 Some(c) => c,
                 None => self.connect()?,
             };
+            let peer_addr = conn.stream.peer_addr().ok();
             abort.register(&conn.stream)?;
             match self.exchange(conn, &request, body, head_only, abort) {
                 Ok(response) => return Ok(response),
@@ -605,6 +616,15 @@ impl LocalClient {
                 }
                 Err(Attempt::Stale) => {
                     abort.release();
+                    // A TLS server closes on a plain request without a byte (OpenSSL's "http
+                    // request" error): asked in TLS, it says so.
+                    if !reused
+                        && peer_addr.is_some_and(|a| {
+                            crate::tls_probe::answers_tls(a, self.timeouts.connect)
+                        })
+                    {
+                        return Err(LocalError::SpeaksTls { addr: self.peer.clone() });
+                    }
                     return Err(LocalError::Io {
                         addr: self.peer.clone(),
                         detail: "connection closed before a response".into(),
@@ -1452,6 +1472,10 @@ fn parse_head(buf: &[u8], addr: &str) -> Result<Option<ParsedHead>, LocalError> 
             addr: addr.to_owned(),
             detail: format!("response head has more than {MAX_HEADERS} header fields"),
         }),
+        // A TLS alert in answer to plain HTTP.
+        Err(_) if crate::tls_probe::is_tls_record(buf) => {
+            Err(LocalError::SpeaksTls { addr: addr.to_owned() })
+        }
         Err(e) => Err(LocalError::Protocol {
             addr: addr.to_owned(),
             detail: format!("malformed response head: {e}"),
@@ -2008,6 +2032,28 @@ mod tests {
         let mut v = Vec::new();
         r.body.read_to_end(&mut v).unwrap();
         v
+    }
+
+    /// A server that answers plain HTTP with a TLS alert (as rustls-based servers do) is named
+    /// as speaking HTTPS, not as sending a malformed head.
+    #[test]
+    fn a_tls_alert_in_answer_is_named_https() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf);
+            // A fatal protocol_version alert, TLS 1.2 record.
+            s.write_all(b"\x15\x03\x03\x00\x02\x02\x46").unwrap();
+        });
+        let e = get(&LocalClient::new("127.0.0.1", port), "/api/health").unwrap_err();
+        server.join().unwrap();
+        assert!(matches!(e, LocalError::SpeaksTls { .. }), "{e:?}");
+        assert_eq!(e.code(), ErrorCode::BackendUnreachable);
+        assert!(
+            e.to_string().starts_with(&format!("the backend at 127.0.0.1:{port} speaks HTTPS"))
+        );
     }
 
     #[test]

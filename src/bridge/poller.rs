@@ -43,6 +43,10 @@ pub fn run(
     // Rounds in a row that found it gone or another file: two, so that one look in the middle
     // of something odd (a restore of the directory, say) does not stop the bridge.
     let mut lost = 0;
+    // The backend's health at the last probe: a TLS server is looked for (and said in the log)
+    // once each time it turns unhealthy, so a backend's own log does not get a stray
+    // ClientHello every round.
+    let mut last_backend = Health::Unknown;
     while !stop.load(Ordering::SeqCst) {
         lost = match pid_file_id(state_dir) {
             // A stat that fails otherwise (EIO, ESTALE on a network home) proves nothing.
@@ -72,6 +76,14 @@ pub fn run(
         }
         round = round.wrapping_add(1);
         let backend = probe(&target.host, target.port, "/api/health");
+        if backend == Health::Unhealthy
+            && last_backend != Health::Unhealthy
+            && crate::tls_probe::speaks_tls(&target.host, target.port)
+        {
+            let authority = super::workers::authority(&target.host, target.port);
+            super::log(&crate::tls_probe::hint(&format!("the backend at {authority}")));
+        }
+        last_backend = backend;
         // Re-read each round: the user may change API_SERVER_PORT or the key meanwhile.
         let gateway = crate::gateway::probe(&crate::gateway::HermesConfig::load());
         status.update(|s| {

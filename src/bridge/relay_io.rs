@@ -16,7 +16,7 @@
 //! case costs no registration and no liveness check.
 
 use std::io;
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
@@ -960,14 +960,14 @@ pub fn open_socket(
     let proxy = crate::netproxy::for_target(scheme, &host).map_err(ConnectError::Failed)?;
     let tcp = match &proxy {
         Some(proxy) => {
-            let mut tcp = tcp_connect(&proxy.host, proxy.port, timeout)
+            let mut tcp = crate::tcp_connect::connect(&proxy.host, proxy.port, timeout)
                 .map_err(|e| ConnectError::Failed(format!("{e} (the proxy from {})", proxy.var)))?;
             tcp.set_read_timeout(Some(timeout)).map_err(|e| failed("socket", &e))?;
             tcp.set_write_timeout(Some(timeout)).map_err(|e| failed("socket", &e))?;
             proxy.tunnel(&mut tcp, &host, port, timeout).map_err(ConnectError::Failed)?;
             tcp
         }
-        None => tcp_connect(&host, port, timeout).map_err(ConnectError::Failed)?,
+        None => crate::tcp_connect::connect(&host, port, timeout).map_err(ConnectError::Failed)?,
     };
     let _ = tcp.set_nodelay(true);
     tcp.set_read_timeout(Some(timeout)).map_err(|e| failed("socket", &e))?;
@@ -1046,99 +1046,6 @@ pub fn open_socket(
             Err(failed("WebSocket handshake timed out with", &"no answer"))
         }
     }
-}
-
-/// How long a connection attempt has alone before the next address is tried alongside it
-/// (RFC 8305's "Connection Attempt Delay").
-const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
-
-/// A TCP connection to `host:port` (a name, or an IP address without brackets), with
-/// `TCP_NODELAY`; the error names the cause. The resolved addresses are tried as Happy
-/// Eyeballs does (RFC 8305): families alternating, the next attempt started when the previous
-/// one failed or after [`ATTEMPT_DELAY`], the first connection that succeeds kept. One
-/// black-holed address (an IPv6 route that drops everything) so costs 250 ms, not `timeout`.
-fn tcp_connect(host: &str, port: u16, timeout: Duration) -> Result<TcpStream, String> {
-    let failed = |what: &str, e: &dyn std::fmt::Display| format!("{what} {host}:{port}: {e}");
-    let resolved = (host, port).to_socket_addrs().map_err(|e| failed("cannot resolve", &e))?;
-    let addrs = interleave_families(resolved.collect());
-    connect_first(&addrs, timeout, ATTEMPT_DELAY).map_err(|e| match e {
-        Some(e) => failed("cannot connect to", &e),
-        None => failed("no address for", &"empty DNS answer"),
-    })
-}
-
-/// The addresses with the families alternating, the first address's family first, each
-/// family in the resolver's order; at most 8.
-fn interleave_families(addrs: Vec<std::net::SocketAddr>) -> Vec<std::net::SocketAddr> {
-    let first_v6 = addrs.first().is_some_and(|a| a.is_ipv6());
-    let (mut a, mut b): (Vec<_>, Vec<_>) = addrs.into_iter().partition(|x| x.is_ipv6() == first_v6);
-    let mut out = Vec::with_capacity(a.len() + b.len());
-    a.reverse();
-    b.reverse();
-    while let Some(x) = a.pop() {
-        out.push(x);
-        if let Some(y) = b.pop() {
-            out.push(y);
-        }
-    }
-    out.extend(b.into_iter().rev());
-    out.truncate(8);
-    out
-}
-
-/// Connects to the first of `addrs` that answers (see [`tcp_connect`]); `Err(None)` when there
-/// is none. Each attempt runs on its own short-lived thread with `timeout`; one that connects
-/// after another won closes its socket as its thread ends.
-fn connect_first(
-    addrs: &[std::net::SocketAddr],
-    timeout: Duration,
-    attempt_delay: Duration,
-) -> Result<TcpStream, Option<io::Error>> {
-    use std::sync::mpsc;
-    if addrs.is_empty() {
-        return Err(None);
-    }
-    if let [only] = addrs {
-        let s = TcpStream::connect_timeout(only, timeout).map_err(Some)?;
-        let _ = s.set_nodelay(true);
-        return Ok(s);
-    }
-    let (tx, rx) = mpsc::channel();
-    let (mut started, mut ended, mut last) = (0, 0, None);
-    let deadline = Instant::now() + timeout + attempt_delay * addrs.len() as u32;
-    while ended < addrs.len() {
-        if started < addrs.len() {
-            let (addr, tx) = (addrs[started], tx.clone());
-            let spawned =
-                std::thread::Builder::new().name("relay-connect".into()).spawn(move || {
-                    let _ = tx.send(TcpStream::connect_timeout(&addr, timeout));
-                });
-            if let Err(e) = spawned {
-                ended += 1;
-                last = Some(e);
-            }
-            started += 1;
-        }
-        let now = Instant::now();
-        let wait = if started < addrs.len() {
-            attempt_delay
-        } else {
-            deadline.saturating_duration_since(now)
-        };
-        match rx.recv_timeout(wait) {
-            Ok(Ok(s)) => {
-                let _ = s.set_nodelay(true);
-                return Ok(s);
-            }
-            Ok(Err(e)) => {
-                ended += 1;
-                last = Some(e);
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) if started < addrs.len() => {}
-            Err(_) => break,
-        }
-    }
-    Err(last.or_else(|| Some(io::Error::new(io::ErrorKind::TimedOut, "connection timed out"))))
 }
 
 /// The `response.error` that answers a frame of a type this bridge does not know (one a newer
@@ -1289,39 +1196,6 @@ mod tests {
         health_inline(&io, &mut inlines, "d");
         assert!(o.accepted.load(Ordering::SeqCst) > accepted);
         let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn a_black_holed_address_costs_the_attempt_delay_not_the_timeout() {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let good = l.local_addr().unwrap();
-        // TEST-NET-1 is not routed anywhere: its SYNs go unanswered (or fail at once).
-        let dead: std::net::SocketAddr = "192.0.2.1:9".parse().unwrap();
-        let started = Instant::now();
-        let s = connect_first(&[dead, good], Duration::from_secs(10), ATTEMPT_DELAY).unwrap();
-        assert_eq!(s.peer_addr().unwrap(), good);
-        assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
-        // Nothing answers: the last error, within the timeout.
-        let closed = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap()
-        };
-        assert!(connect_first(&[closed, closed], Duration::from_secs(1), ATTEMPT_DELAY).is_err());
-        assert!(matches!(connect_first(&[], Duration::from_secs(1), ATTEMPT_DELAY), Err(None)));
-    }
-
-    #[test]
-    fn families_alternate_from_the_first() {
-        let a = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
-        let got = interleave_families(vec![
-            a("[2001:db8::1]:1"),
-            a("[2001:db8::2]:1"),
-            a("[2001:db8::3]:1"),
-            a("192.0.2.1:1"),
-        ]);
-        let want =
-            [a("[2001:db8::1]:1"), a("192.0.2.1:1"), a("[2001:db8::2]:1"), a("[2001:db8::3]:1")];
-        assert_eq!(got, want);
     }
 
     #[test]

@@ -1423,3 +1423,21 @@ pub fn expect_close_then_fin(s: &mut TcpStream, what: &str) -> (u16, String) {
         }
     }
 }
+
+/// A self-signed certificate for 127.0.0.1 and localhost (PEM chain, PKCS#8 key).
+pub fn make_cert(dir: &std::path::Path) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let status = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl must be installed for the TLS tests");
+    assert!(status.success(), "openssl could not make a test certificate");
+    (cert, key)
+}
