@@ -405,6 +405,50 @@ fn large_requests_cross_a_tls_relay_intact() {
     }
     assert!(got == blob(len), "the download changed on the way ({} bytes)", got.len());
     assert!(largest >= 64 << 10, "no chunk frame took the masked path: largest {largest} bytes");
+
+    // An app that closes its socket: after the close handshake the relay ends the TLS stream
+    // with close_notify, which Python's ssl (unlike rust-openssl) tells from a bare FIN.
+    let closed = Command::new("python3")
+        .arg("-c")
+        .arg(CLOSE_AND_READ_TO_END)
+        .arg(&relay.addr)
+        .arg(format!("/ws/app?bridgeId={}", qr.g))
+        .arg(&cert)
+        .env("APP_SECRET", secret)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&closed.stdout);
+    assert!(said.trim() == "clean", "{said}{}", String::from_utf8_lossy(&closed.stderr));
     assert!(run(&["--stop"]).status.success());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An app socket over TLS (argv: host:port, path, CA file; `APP_SECRET` in the environment)
+/// that sends a close frame and reads to the end: prints `clean` when the stream ended with
+/// close_notify, `ragged` when with a bare FIN.
+const CLOSE_AND_READ_TO_END: &str = r#"
+import base64, os, socket, ssl, sys
+addr, path, ca = sys.argv[1:4]
+host, port = addr.rsplit(":", 1)
+ctx = ssl.create_default_context(cafile=ca)
+s = ctx.wrap_socket(socket.create_connection((host, int(port)), timeout=10),
+                    server_hostname=host, suppress_ragged_eofs=False)
+key = base64.b64encode(os.urandom(16)).decode()
+s.sendall((f"GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n"
+           f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+           f"Authorization: Bearer {os.environ['APP_SECRET']}\r\n\r\n").encode())
+head = b""
+while b"\r\n\r\n" not in head:
+    head += s.recv(4096)
+assert head.startswith(b"HTTP/1.1 101"), head
+mask = os.urandom(4)
+payload = (1000).to_bytes(2, "big")
+s.sendall(bytes([0x88, 0x80 | len(payload)]) + mask
+          + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+try:
+    while s.recv(65536):
+        pass
+    print("clean")
+except ssl.SSLEOFError as e:
+    print("ragged", e)
+"#;

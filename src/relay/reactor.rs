@@ -1118,7 +1118,10 @@ impl Reactor {
                     w.out.push(Message::Close(close_reply(&frame)));
                 }
                 self.ws_flush(id);
-                self.remove(id);
+                // Over TLS, close_notify ends the stream cleanly after the close handshake.
+                if let Some(mut conn) = self.remove(id) {
+                    conn.shutdown_write();
+                }
                 return;
             }
             None => {}
