@@ -155,6 +155,29 @@ fn an_untrusted_certificate_is_refused_with_a_clear_error() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `SSL_CERT_FILE` naming a file that is not there (a typo, a path from another machine) is
+/// ignored by OpenSSL without a word; the error names the variable and the path.
+#[test]
+fn a_cert_file_variable_naming_nothing_is_named_in_the_error() {
+    let dir = fresh_dir("nocafile");
+    let (cert, key) = make_cert(&dir);
+    let relay = start_tls_relay(&dir, &cert, &key);
+    let home = dir.join("home");
+    let missing = dir.join("no-such-ca.pem");
+    let port = counting_backend().to_string();
+    let out = pair_run(
+        &home,
+        &missing,
+        &["--server", &format!("https://{}", relay.addr), "--port", &port],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let named = format!("SSL_CERT_FILE names {}, which does not exist here", missing.display());
+    assert!(err.contains(&named), "{err}");
+    assert!(!home.join("bridge.json").exists(), "nothing may be registered");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A key in SEC1 form (`BEGIN EC PRIVATE KEY`, what `openssl ecparam -genkey` and `openssl ec`
 /// write) is refused at start (exit 1) with the command that converts it; that command, run
 /// as given, yields a key the relay serves with.

@@ -1059,7 +1059,9 @@ const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
 /// black-holed address (an IPv6 route that drops everything) so costs 250 ms, not `timeout`.
 fn tcp_connect(host: &str, port: u16, timeout: Duration) -> Result<TcpStream, String> {
     let failed = |what: &str, e: &dyn std::fmt::Display| format!("{what} {host}:{port}: {e}");
-    let resolved = (host, port).to_socket_addrs().map_err(|e| failed("cannot resolve", &e))?;
+    let resolved = (host, port).to_socket_addrs().map_err(|e| {
+        failed("cannot resolve", &crate::registry_client::with_dns_hint(e.to_string()))
+    })?;
     let addrs = interleave_families(resolved.collect());
     connect_first(&addrs, timeout, ATTEMPT_DELAY).map_err(|e| match e {
         Some(e) => failed("cannot connect to", &e),
