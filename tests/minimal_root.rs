@@ -2,9 +2,9 @@
 //! scratch`, a bare chroot): no CA store, no `/etc/resolv.conf` or `/etc/hosts`, no `/proc`,
 //! no `/dev`. Each missing piece either does not matter or is named with the next step.
 //!
-//! Needs root (chroot) and the static build: `HERMESCHAT_TEST_BIN_DIR=<dir of the musl
-//! release binaries>`, as `.ci/run` sets it. Without them every test here is skipped with the
-//! reason printed.
+//! The chroot tests need root and the static build: `HERMESCHAT_TEST_BIN_DIR=<dir of the musl
+//! release binaries>`, as `.ci/run` sets it; the one of an account without a home needs root
+//! and `setpriv`. Without them a test is skipped with the reason printed.
 
 mod common;
 
@@ -195,4 +195,37 @@ fn without_proc_the_daemon_starts_and_without_dev_null_the_error_names_it() {
     assert!(err.contains("Bridge online at the relay"), "{err}");
     assert!(stopped.status.success(), "{}", String::from_utf8_lossy(&stopped.stderr));
     let _ = std::fs::remove_dir_all(root.parent().unwrap());
+}
+
+/// A container's arbitrary uid (no passwd entry, no `HOME`) started in a directory it cannot
+/// write: the error says why the state directory is there and names `HERMESCHAT_HOME`. Any
+/// build; needs root and `setpriv` (util-linux).
+#[test]
+fn an_account_without_a_home_is_told_to_set_hermeschat_home() {
+    const UID: u32 = 54321;
+    // SAFETY: geteuid has no preconditions and cannot fail; getpwuid only reads.
+    let (root, listed) = unsafe { (libc::geteuid() == 0, !libc::getpwuid(UID).is_null()) };
+    let setpriv = ["/usr/bin/setpriv", "/bin/setpriv"].into_iter().find(|p| Path::new(p).is_file());
+    let (true, false, Some(setpriv)) = (root, listed, setpriv) else {
+        eprintln!("SKIPPED: needs root, setpriv, and uid {UID} without a passwd entry");
+        return;
+    };
+    // Root's, 0755: the uid may read it, not write it (as / in a container).
+    let dir = fresh_dir("homeless");
+    let pair = common::our_binary("hermeschat-pair", env!("CARGO_BIN_EXE_hermeschat-pair"));
+    let id = UID.to_string();
+    let out = Command::new(setpriv)
+        .args([format!("--reuid={id}"), format!("--regid={id}"), "--clear-groups".into()])
+        .arg(&pair)
+        .args(["--server", "http://127.0.0.1:9", "--port", "9"])
+        .env_clear()
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&format!("uid {UID} has no passwd entry")), "{err}");
+    assert!(err.contains("set HERMESCHAT_HOME"), "{err}");
+    assert!(!dir.join(".hermeschat").exists());
+    let _ = std::fs::remove_dir_all(&dir);
 }
