@@ -214,6 +214,18 @@ fn trust_hint(cause: String, trust: &TrustEnv, usable: &dyn Fn(&Path) -> bool) -
     }
 }
 
+/// Whether `cause` is one [`with_trust_hint`] or [`with_dns_hint`] explained as this
+/// machine's side (its CA store, its resolver), where checking the relay is no help.
+pub fn is_this_machines_side(cause: &str) -> bool {
+    [
+        "this machine does not trust the relay's certificate",
+        "this machine has no CA certificates at all",
+        "the host name did not resolve",
+    ]
+    .iter()
+    .any(|marker| cause.contains(marker))
+}
+
 /// What an answer without the relay's JSON error body most likely is, for the statuses a
 /// reverse proxy gives when it cannot reach the relay behind it (nginx and Caddy answer
 /// `502 Bad Gateway` while the relay is stopped, `504` when it does not answer in time, and a
