@@ -735,6 +735,12 @@ fn register(
 
 fn registry_failure(e: &RegistryError, registry: &Registry) -> Exit {
     match e {
+        // The cause names the step on this machine (its CA store, its resolver).
+        RegistryError::Unreachable { cause, .. }
+            if crate::registry_client::is_this_machines_side(cause) =>
+        {
+            fail(format!("{e}\n  Then run hermeschat-pair again. Nothing was changed."))
+        }
         RegistryError::Unreachable { .. } => fail(format!(
             "{e}\n  Check the URL and that your relay is running (curl {}/v1/health), then run \
              hermeschat-pair again. Nothing was changed.",
