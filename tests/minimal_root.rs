@@ -28,6 +28,10 @@ fn bare_root(tag: &str) -> Option<PathBuf> {
         eprintln!("SKIPPED: chroot needs root");
         return None;
     }
+    if chroot_program().is_none() {
+        eprintln!("SKIPPED: no chroot program (coreutils) here");
+        return None;
+    }
     let root = fresh_dir(tag).join("root");
     std::fs::create_dir_all(root.join("st")).unwrap();
     std::fs::copy(Path::new(&bins).join("hermeschat-pair"), root.join("hermeschat-pair"))
@@ -45,13 +49,17 @@ fn bare_root(tag: &str) -> Option<PathBuf> {
     Some(root)
 }
 
+/// The `chroot` program of coreutils, where this system has it.
+fn chroot_program() -> Option<&'static str> {
+    ["/usr/sbin/chroot", "/usr/bin/chroot", "/sbin/chroot", "/bin/chroot"]
+        .into_iter()
+        .find(|p| Path::new(p).is_file())
+}
+
 /// `hermeschat-pair args` run inside `root` with an empty environment besides `env` and the
 /// state in `/st`, the gateway pointed at a port nothing serves.
 fn in_root(root: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
-    let chroot = ["/usr/sbin/chroot", "/usr/bin/chroot"]
-        .into_iter()
-        .find(|p| Path::new(p).is_file())
-        .unwrap_or("chroot");
+    let chroot = chroot_program().expect("bare_root checked for chroot");
     Command::new(chroot)
         .arg(root)
         .arg("/hermeschat-pair")
