@@ -168,15 +168,23 @@ fn trust_hint(cause: String, trust: &TrustEnv, usable: &dyn Fn(&Path) -> bool) -
             "{cause}; {distrust}: if it comes from a private CA, trust its CA in Keychain Access"
         );
     }
-    // A variable naming nothing is ignored by OpenSSL without a word: say it.
-    for (name, path) in [("SSL_CERT_FILE", &trust.cert_file), ("SSL_CERT_DIR", &trust.cert_dir)] {
-        if let Some(path) = path.as_deref().filter(|p| !usable(p)) {
-            return format!(
-                "{cause}; {distrust}: {name} names {}, which does not exist here (or is empty): \
-                 point it at the PEM file of the relay's CA, or unset it to use the system store",
-                path.display()
-            );
-        }
+    // A variable naming nothing is ignored by OpenSSL without a word: say it. SSL_CERT_DIR
+    // may list several directories, as PATH does.
+    let named_nothing = |name: &str, path: &Path, fix: &str| {
+        format!(
+            "{cause}; {distrust}: {name} names {}, which does not exist here (or is empty): \
+             {fix}, or unset it to use the system store",
+            path.display()
+        )
+    };
+    if let Some(file) = trust.cert_file.as_deref().filter(|f| !usable(f)) {
+        return named_nothing("SSL_CERT_FILE", file, "point it at the PEM file of the relay's CA");
+    }
+    if let Some(dirs) = &trust.cert_dir
+        && !std::env::split_paths(dirs).any(|d| usable(&d))
+    {
+        let fix = "point it at a directory of hashed CA certificates (openssl rehash)";
+        return named_nothing("SSL_CERT_DIR", dirs, fix);
     }
     if let Some(file) = &trust.cert_file {
         return format!(
@@ -487,6 +495,9 @@ mod tests {
         assert!(h.contains("SSL_CERT_FILE names /nope.pem, which does not exist here"), "{h}");
         let h = hint(None, Some("/nodir"), &[]);
         assert!(h.contains("SSL_CERT_DIR names /nodir, which does not exist here"), "{h}");
+        // A list of directories, one of which is there, names something.
+        let h = hint(None, Some("/nodir:/certs"), &["/certs"]);
+        assert!(!h.contains("SSL_CERT_DIR names"), "{h}");
         // One that exists but lacks the CA: add the CA to it.
         let h = hint(Some("/ca.pem"), None, &["/ca.pem"]);
         assert!(h.contains("SSL_CERT_FILE names /ca.pem, which does not hold the CA"), "{h}");
