@@ -52,7 +52,10 @@ pub fn state_dir() -> PathBuf {
 /// arbitrary uid).
 pub fn state_dir_is_fallback() -> bool {
     let unset = |name| std::env::var_os(name).is_none_or(|v| v.is_empty());
-    unset(HOME_ENV) && unset("HOME") && std::env::home_dir().is_none()
+    // As `resolve_state_dir` reads it: an empty home is none.
+    unset(HOME_ENV)
+        && unset("HOME")
+        && std::env::home_dir().is_none_or(|h| h.as_os_str().is_empty())
 }
 
 /// [`state_dir`] with its inputs passed in, so tests need not mutate the process environment.
