@@ -401,6 +401,16 @@ impl Out {
 pub(crate) fn state_dir() -> Result<PathBuf, Exit> {
     let dir = state::state_dir();
     state::ensure_dir(&dir).map_err(|e| {
+        if state::state_dir_is_fallback() {
+            // SAFETY: getuid has no preconditions and cannot fail.
+            let uid = unsafe { libc::getuid() };
+            return fail(format!(
+                "cannot use the state directory: {e}; this account has no home directory (HOME \
+                 is not set and uid {uid} has no passwd entry, as in a container), so it is \
+                 .hermeschat under the current directory: set HERMESCHAT_HOME to a directory \
+                 this uid may write (a volume)"
+            ));
+        }
         fail(format!(
             "cannot use the state directory (HERMESCHAT_HOME, default ~/.hermeschat): {e}"
         ))
@@ -732,6 +742,12 @@ fn register(
 
 fn registry_failure(e: &RegistryError, registry: &Registry) -> Exit {
     match e {
+        // The cause names the step on this machine (its CA store, its resolver).
+        RegistryError::Unreachable { cause, .. }
+            if crate::registry_client::is_this_machines_side(cause) =>
+        {
+            fail(format!("{e}\n  Then run hermeschat-pair again. Nothing was changed."))
+        }
         RegistryError::Unreachable { .. } => fail(format!(
             "{e}\n  Check the URL and that your relay is running (curl {}/v1/health), then run \
              hermeschat-pair again. Nothing was changed.",

@@ -176,7 +176,7 @@ pub struct ExeStamp {
 impl ExeStamp {
     /// This process's program file now.
     pub fn current() -> Option<ExeStamp> {
-        let exe = std::env::current_exe().ok()?;
+        let exe = this_program().ok()?;
         // Symlinks resolved (macOS reports the path as run), as Linux's /proc/self/exe is.
         ExeStamp::of(&std::fs::canonicalize(&exe).unwrap_or(exe))
     }
@@ -273,10 +273,33 @@ pub(crate) fn lock_holder(_file: &File, _path: &Path) -> Option<u32> {
     None
 }
 
+/// This program's path: what `current_exe` says (on Linux, `/proc/self/exe`), else the path
+/// it was started by (`argv[0]`, or where `PATH` finds that name), so that a bare chroot or
+/// sandbox without `/proc` can still start the daemon.
+pub fn this_program() -> io::Result<PathBuf> {
+    std::env::current_exe().or_else(|e| {
+        let argv0 = PathBuf::from(std::env::args_os().next().unwrap_or_default());
+        let found = if argv0.components().count() > 1 {
+            std::path::absolute(&argv0).ok().filter(|p| p.is_file())
+        } else {
+            argv0.to_str().filter(|name| !name.is_empty()).and_then(crate::gateway::which)
+        };
+        found.ok_or(e)
+    })
+}
+
 /// Starts the daemon detached and waits for its readiness line. `args` follow `__bridge-run`.
 pub fn spawn(dir: &Path, args: &[String]) -> Result<u32, String> {
-    let exe =
-        std::env::current_exe().map_err(|e| format!("cannot find this program's path: {e}"))?;
+    let exe = this_program().map_err(|e| format!("cannot find this program's path: {e}"))?;
+    // The daemon's stdio is /dev/null: without it (a bare chroot) the spawn would fail with a
+    // bare "No such file or directory", as if the program were missing.
+    if let Err(e) = OpenOptions::new().read(true).write(true).open("/dev/null") {
+        return Err(format!(
+            "cannot start the daemon: /dev/null cannot be opened ({e}); this system has no \
+             usable /dev (a bare chroot?): mount one, or create it with \
+             mknod -m 666 /dev/null c 1 3"
+        ));
+    }
     let (mut reader, writer) = io::pipe().map_err(|e| format!("cannot create a pipe: {e}"))?;
     let writer_fd = writer.as_raw_fd();
     let mut cmd = Command::new(exe);

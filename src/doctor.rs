@@ -319,6 +319,20 @@ fn check_registry(registry: &Registry) -> Hop {
             Some(t),
             format!("{} (relay {})", registry.base(), h.version),
         ),
+        // A certificate this machine does not trust, a name it cannot resolve: the detail
+        // names the step on this machine; the relay may be fine.
+        Err(e @ RegistryError::Unreachable { .. })
+            if crate::registry_client::is_this_machines_side(&e.to_string()) =>
+        {
+            failed(
+                id,
+                name,
+                Some(t),
+                e.to_string(),
+                "on this machine, not the relay: take the step named above, then run \
+                 hermeschat-pair --doctor again",
+            )
+        }
         Err(e @ RegistryError::Unreachable { .. }) => failed(
             id,
             name,

@@ -5,6 +5,7 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -81,13 +82,81 @@ fn plain_cause(url: &str, cause: String) -> String {
     if url.starts_with("https://") && cause.contains("wrong version number") {
         "the server does not speak TLS there (is it http://?)".to_owned()
     } else {
-        with_trust_hint(cause)
+        with_dns_hint(with_trust_hint(cause))
+    }
+}
+
+/// `cause` with the next step added when it is a host name that did not resolve: on a machine
+/// with no `/etc/resolv.conf` (a container `FROM scratch`, a bare chroot) the static build's
+/// resolver asks 127.0.0.1, which says only "Try again".
+pub fn with_dns_hint(cause: String) -> String {
+    dns_hint(cause, &|p: &Path| p.exists())
+}
+
+/// [`with_dns_hint`] with the filesystem passed in.
+fn dns_hint(cause: String, exists: &dyn Fn(&Path) -> bool) -> String {
+    // Rust's own words for a failed getaddrinfo, whatever the C library adds.
+    if !cause.contains("failed to lookup address information") {
+        return cause;
+    }
+    let (resolv, hosts) = (Path::new("/etc/resolv.conf"), Path::new("/etc/hosts"));
+    match (exists(resolv), exists(hosts)) {
+        (false, false) => format!(
+            "{cause}; the host name did not resolve: this machine has neither /etc/resolv.conf \
+             (no DNS server) nor /etc/hosts (a minimal container or chroot?): add them, or use \
+             the relay's IP address"
+        ),
+        (false, true) => format!(
+            "{cause}; the host name did not resolve: this machine has no /etc/resolv.conf (no \
+             DNS server), only /etc/hosts: add the one, a line for the name to the other, or use \
+             the relay's IP address"
+        ),
+        _ => format!(
+            "{cause}; the host name did not resolve: check its spelling and this machine's DNS \
+             (/etc/resolv.conf)"
+        ),
     }
 }
 
 /// `cause` with the next step added when it is a certificate this machine does not trust (a
-/// relay behind `tls internal` or another private CA): where the CA has to go.
+/// relay behind `tls internal` or another private CA, or a machine with no CA store at all):
+/// where the CA has to go, for the store this machine has now.
 pub fn with_trust_hint(cause: String) -> String {
+    let var = |name| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let trust = TrustEnv { cert_file: var("SSL_CERT_FILE"), cert_dir: var("SSL_CERT_DIR") };
+    trust_hint(cause, &trust, &|path: &Path| {
+        std::fs::read_dir(path).map_or(path.is_file(), |mut entries| entries.next().is_some())
+    })
+}
+
+/// What OpenSSL is told to trust through the environment (`SSL_CERT_FILE`, `SSL_CERT_DIR`).
+struct TrustEnv {
+    /// `SSL_CERT_FILE`, when set and not empty.
+    cert_file: Option<PathBuf>,
+    /// `SSL_CERT_DIR`, when set and not empty.
+    cert_dir: Option<PathBuf>,
+}
+
+/// The CA bundle files native-tls loads on Linux when `SSL_CERT_FILE` names none (the list
+/// of `openssl-probe`, in its order: the first that exists is used). A static build has no
+/// compiled-in OpenSSL directory worth the name, so these are all it looks at.
+const CA_BUNDLES: &[&str] = &[
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/pki/tls/cacert.pem",
+    "/etc/ssl/cert.pem",
+    "/opt/etc/ssl/certs/ca-certificates.crt",
+    "/etc/ssl/certs/cacert.pem",
+];
+
+/// The CA directories (one certificate per hashed name) native-tls loads on Linux besides.
+const CA_DIRS: &[&str] = &["/etc/ssl/certs", "/etc/pki/tls/certs", "/etc/security/certificates"];
+
+/// [`with_trust_hint`] with its inputs passed in: `usable` tells whether a path is a file or a
+/// directory with something in it.
+fn trust_hint(cause: String, trust: &TrustEnv, usable: &dyn Fn(&Path) -> bool) -> String {
     // OpenSSL 3 and 1.1 spell the first differently; macOS's Security framework says "not
     // trusted".
     let untrusted = [
@@ -100,15 +169,76 @@ pub fn with_trust_hint(cause: String) -> String {
     if !untrusted.iter().any(|u| cause.contains(u)) {
         return cause;
     }
-    let place = if cfg!(target_os = "macos") {
-        "trust its CA in Keychain Access"
-    } else {
-        "add its CA to the system store (/usr/local/share/ca-certificates, then \
-         update-ca-certificates) or name its PEM file in SSL_CERT_FILE"
+    let distrust = "this machine does not trust the relay's certificate";
+    if cfg!(target_os = "macos") {
+        return format!(
+            "{cause}; {distrust}: if it comes from a private CA, trust its CA in Keychain Access"
+        );
+    }
+    // A variable naming nothing is ignored by OpenSSL without a word: say it. SSL_CERT_DIR
+    // may list several directories, as PATH does.
+    let named_nothing = |name: &str, path: &Path, fix: &str| {
+        format!(
+            "{cause}; {distrust}: {name} names {}, which does not exist here (or is empty): \
+             {fix}, or unset it to use the system store",
+            path.display()
+        )
     };
-    format!(
-        "{cause}; this machine does not trust the relay's certificate: if it comes from a private CA, {place}"
-    )
+    if let Some(file) = trust.cert_file.as_deref().filter(|f| !usable(f)) {
+        return named_nothing("SSL_CERT_FILE", file, "point it at the PEM file of the relay's CA");
+    }
+    if let Some(dirs) = &trust.cert_dir
+        && !std::env::split_paths(dirs).any(|d| usable(&d))
+    {
+        let fix = "point it at a directory of hashed CA certificates (openssl rehash)";
+        return named_nothing("SSL_CERT_DIR", dirs, fix);
+    }
+    if let Some(file) = &trust.cert_file {
+        return format!(
+            "{cause}; {distrust}: SSL_CERT_FILE names {}, which does not hold the CA that \
+             signed it: add that CA's PEM to the file",
+            file.display()
+        );
+    }
+    let bundle = CA_BUNDLES.iter().map(Path::new).find(|p| usable(p));
+    let any_dir = CA_DIRS.iter().map(Path::new).any(usable);
+    match bundle {
+        None if !any_dir && trust.cert_dir.is_none() => format!(
+            "{cause}; this machine has no CA certificates at all (no {}, {} or {}, nor the other \
+             usual places; a minimal container?), so it trusts no relay, public or private: \
+             install the ca-certificates package, or copy a CA bundle (with the relay's CA in \
+             it, if that is private) to {}, or name a PEM file in SSL_CERT_FILE",
+            CA_BUNDLES[0], CA_BUNDLES[2], CA_BUNDLES[5], CA_BUNDLES[0]
+        ),
+        // Fedora, RHEL and their kin build the bundle from their own anchors directory.
+        Some(file) if file.starts_with("/etc/pki") => format!(
+            "{cause}; {distrust} (this machine's store: {}): if it comes from a private CA, \
+             add its CA to /etc/pki/ca-trust/source/anchors, then update-ca-trust, or name its \
+             PEM file in SSL_CERT_FILE",
+            file.display()
+        ),
+        _ => {
+            let store = bundle.map(|f| format!(" (this machine's store: {})", f.display()));
+            format!(
+                "{cause}; {distrust}{}: if it comes from a private CA, add its CA to the system \
+                 store (/usr/local/share/ca-certificates, then update-ca-certificates) or name \
+                 its PEM file in SSL_CERT_FILE",
+                store.unwrap_or_default()
+            )
+        }
+    }
+}
+
+/// Whether `cause` is one [`with_trust_hint`] or [`with_dns_hint`] explained as this
+/// machine's side (its CA store, its resolver), where checking the relay is no help.
+pub fn is_this_machines_side(cause: &str) -> bool {
+    [
+        "this machine does not trust the relay's certificate",
+        "this machine has no CA certificates at all",
+        "the host name did not resolve",
+    ]
+    .iter()
+    .any(|marker| cause.contains(marker))
 }
 
 /// What an answer without the relay's JSON error body most likely is, for the statuses a
@@ -620,5 +750,79 @@ mod tests {
             "cannot reach the registry at http://localhost:9/v1/health: io: Connection refused \
              (os error 111)"
         );
+    }
+}
+
+/// Not on macOS: there the platform verifies certificates, not OpenSSL.
+#[cfg(all(test, not(target_os = "macos")))]
+mod trust_tests {
+    use super::*;
+
+    /// OpenSSL 3's words for a certificate no trusted CA signed.
+    const UNTRUSTED: &str = "certificate verify failed (unable to get local issuer certificate)";
+
+    /// [`trust_hint`] on a machine where exactly `present` exist.
+    fn hint(file: Option<&str>, dir: Option<&str>, present: &[&str]) -> String {
+        let trust =
+            TrustEnv { cert_file: file.map(PathBuf::from), cert_dir: dir.map(PathBuf::from) };
+        trust_hint(UNTRUSTED.to_owned(), &trust, &|p: &Path| {
+            present.iter().any(|q| p == Path::new(q))
+        })
+    }
+
+    #[test]
+    fn a_machine_without_any_ca_store_is_told_so_not_sent_to_update_ca_certificates() {
+        let h = hint(None, None, &[]);
+        assert!(h.starts_with(UNTRUSTED), "{h}");
+        assert!(h.contains("no CA certificates at all") && h.contains("public or private"), "{h}");
+        assert!(h.contains("install the ca-certificates package"), "{h}");
+        assert!(h.contains("SSL_CERT_FILE") && !h.contains("update-ca-certificates"), "{h}");
+    }
+
+    #[test]
+    fn a_cert_variable_naming_nothing_is_named() {
+        let h = hint(Some("/nope.pem"), None, &["/etc/ssl/certs/ca-certificates.crt"]);
+        assert!(h.contains("SSL_CERT_FILE names /nope.pem, which does not exist here"), "{h}");
+        let h = hint(None, Some("/nodir"), &[]);
+        assert!(h.contains("SSL_CERT_DIR names /nodir, which does not exist here"), "{h}");
+        // A list of directories, one of which is there, names something.
+        let h = hint(None, Some("/nodir:/certs"), &["/certs"]);
+        assert!(!h.contains("SSL_CERT_DIR names"), "{h}");
+        // One that exists but lacks the CA: add the CA to it.
+        let h = hint(Some("/ca.pem"), None, &["/ca.pem"]);
+        assert!(h.contains("SSL_CERT_FILE names /ca.pem, which does not hold the CA"), "{h}");
+    }
+
+    #[test]
+    fn the_next_step_fits_the_store_this_machine_has() {
+        let h = hint(None, None, &["/etc/ssl/certs/ca-certificates.crt", "/etc/ssl/certs"]);
+        assert!(h.contains("store: /etc/ssl/certs/ca-certificates.crt"), "{h}");
+        assert!(h.contains("update-ca-certificates"), "{h}");
+        let h = hint(None, None, &["/etc/pki/tls/certs/ca-bundle.crt"]);
+        assert!(h.contains("/etc/pki/ca-trust/source/anchors, then update-ca-trust"), "{h}");
+        let h = hint(None, None, &["/etc/ssl/cert.pem"]);
+        assert!(h.contains("store: /etc/ssl/cert.pem") && h.contains("update-ca-certificates"));
+        // A hashed directory alone is a store too.
+        let h = hint(None, None, &["/etc/ssl/certs"]);
+        assert!(!h.contains("no CA certificates") && h.contains("update-ca-certificates"), "{h}");
+    }
+
+    #[test]
+    fn a_name_that_does_not_resolve_names_what_the_resolver_lacks() {
+        let cause = || "io: failed to lookup address information: Try again".to_owned();
+        let h = dns_hint(cause(), &|_: &Path| false);
+        assert!(h.contains("neither /etc/resolv.conf (no DNS server) nor /etc/hosts"), "{h}");
+        let h = dns_hint(cause(), &|p: &Path| p == Path::new("/etc/hosts"));
+        assert!(h.contains("no /etc/resolv.conf (no DNS server), only /etc/hosts"), "{h}");
+        let h = dns_hint(cause(), &|_: &Path| true);
+        assert!(h.contains("check its spelling and this machine's DNS"), "{h}");
+        assert_eq!(dns_hint("refused".to_owned(), &|_: &Path| false), "refused");
+    }
+
+    #[test]
+    fn other_tls_errors_are_left_as_they_are() {
+        let trust = TrustEnv { cert_file: None, cert_dir: None };
+        let cause = "handshake failure".to_owned();
+        assert_eq!(trust_hint(cause.clone(), &trust, &|_: &Path| false), cause);
     }
 }

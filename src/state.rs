@@ -47,6 +47,17 @@ pub fn state_dir() -> PathBuf {
     resolve_state_dir(std::env::var_os(HOME_ENV), std::env::var_os("HOME"), std::env::home_dir)
 }
 
+/// Whether [`state_dir`] fell back to `.hermeschat` under the current directory: no
+/// `$HERMESCHAT_HOME`, no `$HOME` and no passwd entry for this uid (a container running as an
+/// arbitrary uid).
+pub fn state_dir_is_fallback() -> bool {
+    let unset = |name| std::env::var_os(name).is_none_or(|v| v.is_empty());
+    // As `resolve_state_dir` reads it: an empty home is none.
+    unset(HOME_ENV)
+        && unset("HOME")
+        && std::env::home_dir().is_none_or(|h| h.as_os_str().is_empty())
+}
+
 /// [`state_dir`] with its inputs passed in, so tests need not mutate the process environment.
 fn resolve_state_dir(
     override_dir: Option<OsString>,

@@ -20,7 +20,9 @@ const MAX_ADDRESSES: usize = 8;
 /// Eyeballs does (see [`connect_addrs`]).
 pub fn connect(host: &str, port: u16, timeout: Duration) -> Result<TcpStream, String> {
     let failed = |what: &str, e: &dyn std::fmt::Display| format!("{what} {host}:{port}: {e}");
-    let resolved = (host, port).to_socket_addrs().map_err(|e| failed("cannot resolve", &e))?;
+    let resolved = (host, port).to_socket_addrs().map_err(|e| {
+        failed("cannot resolve", &crate::registry_client::with_dns_hint(e.to_string()))
+    })?;
     connect_addrs(resolved.collect(), timeout).map_err(|e| match e {
         Some(e) => failed("cannot connect to", &e),
         None => failed("no address for", &"empty DNS answer"),

@@ -42,6 +42,19 @@ fn a_second_relay_on_one_data_directory_is_refused() {
     assert_eq!(first.registry().health().0, 200);
 }
 
+/// A data directory that cannot be made (a read-only root, here a file in the way) exits 1
+/// naming the flag that moves it.
+#[test]
+fn a_data_directory_that_cannot_be_made_names_the_flag() {
+    let dir = fresh_dir("data-blocked");
+    std::fs::write(dir.join("file"), "x").unwrap();
+    let (code, stderr) = run_relay_on(&dir.join("file/relay-data"), &["--listen", "127.0.0.1:0"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("cannot use the data dir"), "{stderr}");
+    assert!(stderr.contains("--data (or HERMESCHAT_RELAY_DATA)"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Counts the rows of `table` in a copy of `relay.db` alone (no `-wal`, no `-shm`): what a
 /// backup that copies only that file would hold.
 fn rows_in_db_file_alone(data: &Path, table: &str) -> i64 {

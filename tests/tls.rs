@@ -133,7 +133,58 @@ fn an_untrusted_certificate_is_refused_with_a_clear_error() {
             && err.contains("SSL_CERT_FILE"),
         "{err}"
     );
+    // The relay runs: the user is not sent to check it.
+    assert!(!err.contains("that your relay is running"), "{err}");
     assert!(!dir.join("hermeschat_pair.png").exists(), "no QR may be written on failure");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `--doctor` against a relay whose certificate this machine does not trust: the fix is on
+/// this machine (the detail says which step), not "check that your relay runs".
+#[test]
+fn doctor_puts_an_untrusted_certificate_on_this_machines_side() {
+    let dir = fresh_dir("doctor-untrusted");
+    let (cert, key) = make_cert(&dir);
+    let relay = start_tls_relay(&dir, &cert, &key);
+    let out = Command::new(env!("CARGO_BIN_EXE_hermeschat-pair"))
+        .args(["--doctor", "--json", "--server", &format!("https://{}", relay.addr)])
+        .args(["--port", &counting_backend().to_string()])
+        .env("HERMESCHAT_HOME", dir.join("home"))
+        .env("HERMESCHAT_GATEWAY_URL", "http://127.0.0.1:9")
+        .env_remove("SSL_CERT_FILE")
+        .env_remove("HERMESCHAT_REGISTRY_URL")
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let hop = &report["hops"][0];
+    assert_eq!(hop["state"], "fail", "{hop}");
+    let (detail, fix) = (hop["detail"].as_str().unwrap(), hop["fix"].as_str().unwrap());
+    assert!(detail.contains("this machine does not trust the relay's certificate"), "{detail}");
+    assert!(fix.contains("on this machine, not the relay"), "{fix}");
+    assert!(!fix.contains("that your relay runs"), "{fix}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `SSL_CERT_FILE` naming a file that is not there (a typo, a path from another machine) is
+/// ignored by OpenSSL without a word; the error names the variable and the path.
+#[test]
+fn a_cert_file_variable_naming_nothing_is_named_in_the_error() {
+    let dir = fresh_dir("nocafile");
+    let (cert, key) = make_cert(&dir);
+    let relay = start_tls_relay(&dir, &cert, &key);
+    let home = dir.join("home");
+    let missing = dir.join("no-such-ca.pem");
+    let port = counting_backend().to_string();
+    let out = pair_run(
+        &home,
+        &missing,
+        &["--server", &format!("https://{}", relay.addr), "--port", &port],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let named = format!("SSL_CERT_FILE names {}, which does not exist here", missing.display());
+    assert!(err.contains(&named), "{err}");
+    assert!(!home.join("bridge.json").exists(), "nothing may be registered");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -345,7 +345,13 @@ impl Relay {
                 log_event("data_dir.unsafe", &[("warning", &why)]);
             }
             Err(e) => {
-                return Err(io::Error::new(e.kind(), format!("cannot use the data dir: {e}")));
+                // The default is relative (./relay-data): a read-only root or working directory
+                // (a container) fails here, and the way out is the flag.
+                let msg = format!(
+                    "cannot use the data dir: {e}: choose a writable one with --data (or \
+                     HERMESCHAT_RELAY_DATA)"
+                );
+                return Err(io::Error::new(e.kind(), msg));
             }
         }
         // Before the store is touched: a second relay must not open it at all.
