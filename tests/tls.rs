@@ -190,6 +190,63 @@ fn a_sec1_key_is_refused_with_the_command_that_converts_it() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Runs the relay with `cert` and `key`, which must keep it from starting, and returns its
+/// exit code and stderr (a relay still running after 20 s is killed: exit code `None`).
+fn refused_tls_relay(dir: &Path, cert: &Path, key: &Path) -> (Option<i32>, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hermeschat-relay"))
+        .args(["--listen", "127.0.0.1:0", "--data"])
+        .arg(dir.join("data"))
+        .arg("--tls-cert")
+        .arg(cert)
+        .arg("--tls-key")
+        .arg(key)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    (code, err)
+}
+
+/// A key from another certificate used to start a relay whose every TLS handshake then
+/// failed, with nothing in its log; swapped files got a message naming neither.
+#[test]
+fn a_key_of_another_certificate_or_swapped_files_keep_the_relay_from_starting() {
+    let dir = fresh_dir("tls-mismatch");
+    let (cert, key) = make_cert(&dir);
+    let other = dir.join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    let (_, other_key) = make_cert(&other);
+    let (code, err) = refused_tls_relay(&dir, &cert, &other_key);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("the key does not belong to the certificate"), "{err}");
+    assert!(err.contains(&other_key.display().to_string()), "{err}");
+    assert!(!err.contains("\"listening\""), "{err}");
+    let (code, err) = refused_tls_relay(&dir, &key, &cert);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("holds no PEM certificate"), "{err}");
+    assert!(err.contains("were --tls-cert and --tls-key swapped?"), "{err}");
+    let (code, err) = refused_tls_relay(&dir, &cert, &dir.join("missing.pem"));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("--tls-key ") && err.contains("missing.pem: cannot read it"), "{err}");
+    // The matching pair still serves.
+    drop(start_tls_relay(&dir, &cert, &key));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn plain_http_to_the_tls_port_does_not_break_the_relay() {
     let dir = fresh_dir("plain");
