@@ -190,35 +190,13 @@ fn a_sec1_key_is_refused_with_the_command_that_converts_it() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Runs the relay with `cert` and `key`, which must keep it from starting, and returns its
-/// exit code and stderr (a relay still running after 20 s is killed: exit code `None`).
+/// Runs the relay with `cert` and `key`, which must keep it from starting: its exit code and
+/// stderr ([`common::run_to_exit`]).
 fn refused_tls_relay(dir: &Path, cert: &Path, key: &Path) -> (Option<i32>, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hermeschat-relay"))
-        .args(["--listen", "127.0.0.1:0", "--data"])
-        .arg(dir.join("data"))
-        .arg("--tls-cert")
-        .arg(cert)
-        .arg("--tls-key")
-        .arg(key)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let code = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status.code();
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        thread::sleep(Duration::from_millis(20));
-    };
-    let mut err = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
-    (code, err)
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hermeschat-relay"));
+    cmd.args(["--listen", "127.0.0.1:0", "--data"]).arg(dir.join("data"));
+    cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
+    common::run_to_exit(&mut cmd)
 }
 
 /// A key from another certificate used to start a relay whose every TLS handshake then
