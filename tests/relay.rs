@@ -2406,6 +2406,22 @@ fn wildcard_listen_needs_a_public_url() {
     }
 }
 
+/// A `--public-url` without a host (`https://`) started a relay that handed apps and bridges
+/// `wss:/ws/app`; one with a query or a space, URLs as broken. Each is refused (exit 2).
+#[test]
+fn a_public_url_apps_cannot_dial_is_refused_at_start() {
+    for url in
+        ["https://", "http:///ws", "https://relay.example.com?x=1", "https://relay example.com"]
+    {
+        let (code, stderr) = run_relay(&["--listen", "127.0.0.1:0", "--public-url", url], &[]);
+        assert_eq!(code, Some(2), "--public-url {url}: {stderr}");
+        assert!(stderr.contains("--public-url") && stderr.contains("scheme and host"), "{stderr}");
+    }
+    let relay = Relay::start(&["--public-url", "https://relay.example.com/prefix/"]);
+    let reg = relay.registry().register_ok("prefix");
+    assert_eq!(reg.app_relay_url, "wss://relay.example.com/prefix/ws/app");
+}
+
 /// A `relay.db` that is not a database stops the relay with the file's path and what to do
 /// (restore a backup, or move it aside to start empty); the file is left as it was.
 #[test]

@@ -215,9 +215,20 @@ fn config_from(given: &Given) -> Result<RelayConfig, String> {
     let mut config = RelayConfig::new(listen, data);
     if let Some(s) = &given.public_url {
         let url = &s.value;
-        if !(url.starts_with("https://") || url.starts_with("http://")) {
+        let Some(rest) = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://"))
+        else {
             return Err(format!(
                 "{}: {url:?} must start with https:// (or http:// for tests)",
+                s.from
+            ));
+        };
+        // Apps and bridges are handed `wss://<rest>/ws/…`: without a host, or with a query or
+        // a space in it, that is no URL they can dial.
+        let host = rest.split('/').next().unwrap_or_default();
+        if host.is_empty() || rest.contains(['?', '#']) || rest.chars().any(char::is_whitespace) {
+            return Err(format!(
+                "{}: {url:?} is not a base URL apps can reach: give the scheme and host (and \
+                 port, and path prefix, if any) only, e.g. https://relay.example.com",
                 s.from
             ));
         }
