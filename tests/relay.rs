@@ -2422,6 +2422,24 @@ fn a_public_url_apps_cannot_dial_is_refused_at_start() {
     assert_eq!(reg.app_relay_url, "wss://relay.example.com/prefix/ws/app");
 }
 
+/// A `--data` that is a file, or lies under one, was "cannot use the data dir: …: File
+/// exists": it is now named as a file, with what to pass instead (exit 1, the file untouched).
+#[test]
+fn a_data_path_that_is_a_file_is_named_as_such() {
+    let dir = fresh_dir("datafile");
+    let file = dir.join("relay-data");
+    std::fs::write(&file, b"mine").unwrap();
+    let (code, stderr) = run_relay_on(&file, &["--listen", "127.0.0.1:0"], &[]);
+    assert_eq!(code, Some(1), "{stderr}");
+    let named = format!("--data {} is a file, not a directory", file.display());
+    assert!(stderr.contains(&named), "{stderr}");
+    let (code, stderr) = run_relay_on(&file.join("sub"), &["--listen", "127.0.0.1:0"], &[]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("part of that path is a file, not a directory"), "{stderr}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"mine");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A `relay.db` that is not a database stops the relay with the file's path and what to do
 /// (restore a backup, or move it aside to start empty); the file is left as it was.
 #[test]

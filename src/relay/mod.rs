@@ -344,9 +344,7 @@ impl Relay {
                 let why = e.to_string();
                 log_event("data_dir.unsafe", &[("warning", &why)]);
             }
-            Err(e) => {
-                return Err(io::Error::new(e.kind(), format!("cannot use the data dir: {e}")));
-            }
+            Err(e) => return Err(data_dir_error(&config.data, e)),
         }
         // Before the store is touched: a second relay must not open it at all.
         let data_lock = lock_data_dir(&config.data)?;
@@ -470,7 +468,14 @@ fn lock_data_dir(dir: &Path) -> io::Result<File> {
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW)
         .open(&path)
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot open {}: {e}", path.display())))?;
+        .map_err(|e| {
+            let next = if e.kind() == io::ErrorKind::PermissionDenied {
+                format!(": {}", not_writable_hint(dir))
+            } else {
+                String::new()
+            };
+            io::Error::new(e.kind(), format!("cannot open {}: {e}{next}", path.display()))
+        })?;
     if let Err(e) = crate::state::flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
         if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
             return Err(io::Error::new(e.kind(), format!("cannot lock {}: {e}", path.display())));
@@ -495,6 +500,42 @@ fn lock_data_dir(dir: &Path) -> io::Result<File> {
     // Best effort: only the refusal message above reads it.
     let _ = file.set_len(0).and_then(|()| writeln!(file, "{}", std::process::id()));
     Ok(file)
+}
+
+/// Why the `--data` directory `dir` cannot be used (`e`, from creating it), and what to do.
+fn data_dir_error(dir: &Path, e: io::Error) -> io::Error {
+    let d = dir.display();
+    // What the system said, without the path [`crate::state::ensure_dir`] put in front.
+    let said = e.to_string();
+    let cause = said.strip_prefix(&format!("{d}: ")).unwrap_or(&said);
+    let message = match e.kind() {
+        io::ErrorKind::AlreadyExists => format!(
+            "--data {d} is a file, not a directory: pass a directory (one that does not exist \
+             yet is created)"
+        ),
+        io::ErrorKind::NotADirectory => format!(
+            "--data {d}: part of that path is a file, not a directory ({cause}): pass another \
+             --data directory"
+        ),
+        io::ErrorKind::PermissionDenied => {
+            format!("--data {d}: {cause}: {}", not_writable_hint(dir))
+        }
+        _ => format!("cannot use the data dir: {said}"),
+    };
+    io::Error::new(e.kind(), message)
+}
+
+/// The next step when the relay may not create or write the `--data` directory `dir`.
+fn not_writable_hint(dir: &Path) -> String {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    format!(
+        "the relay runs as {} and may not write there: create the directory for that user \
+         (sudo install -d -m 700 -o {me} {}), run the relay as the directory's owner, or pass \
+         --data a directory of this user's",
+        store::user_label(me),
+        dir.display()
+    )
 }
 
 /// Descriptors kept for what is not a client connection: the listener, the poller, SQLite,
