@@ -653,8 +653,14 @@ pub(crate) fn backend_gate(args: &Args, config: &Config, out: &Out) -> Result<Ba
             }
         })
         .collect();
+    // Why the built-in backend was not started there (`--no-server` says it itself).
     let bundled = if args.no_server {
         String::new()
+    } else if !is_loopback(&host) {
+        format!(
+            "\n  The built-in backend listens on loopback only, and HERMESCHAT_LOCAL_HOST is \
+             {host}: unset it (or set 127.0.0.1) to have it started for you."
+        )
     } else {
         "\n  This build has no bundled backend to start for you yet (--no-server is implied)."
             .to_owned()

@@ -1138,6 +1138,46 @@ fn an_api_listening_on_ipv6_loopback_only_is_named_not_replaced_by_the_built_in_
     }
 }
 
+/// A port no one listens on that the built-in backend cannot take either (here: the local end
+/// of a connection, which holds it without SO_REUSEADDR). Pairing checked the port free, then
+/// the daemon said "Address already in use (os error 98) (the state directory must be writable
+/// by you …)": no port, and the wrong thing blamed. The port and the way out are named now.
+#[test]
+fn a_backend_port_the_daemon_cannot_take_is_named_not_blamed_on_the_state_directory() {
+    let relay = Relay::new();
+    let env = Env::new();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let holder = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let port = holder.local_addr().unwrap().port();
+    let run = env.run(&["--json", "--server", &relay.url(), "--port", &port.to_string()]);
+    run.assert_code(1, "a port the daemon cannot take");
+    let all = run.all();
+    assert!(all.contains(&format!("cannot listen on 127.0.0.1:{port}")), "{all}");
+    assert!(all.contains("--port <a free port>"), "the way out: {all}");
+    assert!(!all.contains("state directory"), "the wrong thing blamed: {all}");
+    assert!(run.stdout.trim().is_empty(), "--json printed on failure: {}", run.stdout);
+    assert!(!env.lock_held(), "a daemon runs");
+    drop(holder);
+}
+
+/// A backend host that is not loopback (`HERMESCHAT_LOCAL_HOST`) with nothing listening was
+/// blamed on the build ("This build has no bundled backend"): the host is named instead.
+#[test]
+fn a_backend_host_off_loopback_is_named_when_nothing_answers_there() {
+    let relay = Relay::new();
+    let env = Env::new();
+    let port = closed_port().to_string();
+    let run = env.run_env(
+        &["--server", &relay.url(), "--port", &port],
+        &[("HERMESCHAT_LOCAL_HOST", "0.0.0.0")],
+    );
+    run.assert_code(1, "a backend host off loopback");
+    let all = run.all();
+    assert!(all.contains("loopback only, and HERMESCHAT_LOCAL_HOST is 0.0.0.0"), "{all}");
+    assert!(!all.contains("no bundled backend"), "{all}");
+    assert!(!env.lock_held(), "a daemon was started");
+}
+
 #[test]
 fn no_backend_anywhere_exits_1_and_prints_no_qr() {
     // With --no-server nothing is started for us: no API anywhere means no QR.
