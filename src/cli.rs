@@ -319,6 +319,11 @@ fn check_combination(a: &Args) -> Result<(), Exit> {
 
 /// Runs a parsed command.
 pub fn run(args: Args) -> Result<(), Exit> {
+    use Command::*;
+    // The commands that reach the gateway, or hand the environment to a bridge that does.
+    if matches!(args.command, Pair | RefreshCode | Reset | Status | Doctor | Foreground | Install) {
+        check_environment()?;
+    }
     match args.command.clone() {
         Command::Help => {
             print!("{USAGE}");
@@ -346,6 +351,32 @@ pub fn run(args: Args) -> Result<(), Exit> {
         Command::Foreground => foreground(&args),
         Command::BridgeRun { ready_fd } => bridge_run(&args, ready_fd),
     }
+}
+
+/// Refuses an environment variable that is set but cannot be read (exit 2): it would be
+/// ignored without a word (the default gateway probed, no account trusted) while the user who
+/// set it expects it to act.
+fn check_environment() -> Result<(), Exit> {
+    use crate::backend::peer::TRUSTED_UIDS_ENV;
+    use crate::gateway::URL_ENV;
+    let set = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    if let Some(v) = set(URL_ENV)
+        && crate::gateway::parse_http_url(&v).is_none()
+    {
+        return Err(usage_error(format!(
+            "{URL_ENV}: {v:?} is not an address like http://127.0.0.1:8642 (http://, a host \
+             and a port): fix it, or unset it to use the gateway's address from ~/.hermes"
+        )));
+    }
+    if let Some(v) = set(TRUSTED_UIDS_ENV)
+        && v.split(',').map(str::trim).any(|uid| !uid.is_empty() && uid.parse::<u32>().is_err())
+    {
+        return Err(usage_error(format!(
+            "{TRUSTED_UIDS_ENV}: {v:?} is not a list of uids: give numbers separated by commas \
+             (id -u <account> prints one), or unset it"
+        )));
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1395,6 +1395,41 @@ fn environment_and_saved_config_are_honoured() {
     assert_echo(&mut app, "cfg", &client_id);
 }
 
+/// `HERMESCHAT_GATEWAY_URL` without a port (or with https://, or no URL at all) was ignored
+/// without a word, the default gateway probed and reported instead; an uid list with a word in
+/// it trusted no one. Each is refused (exit 2) naming the variable, before anything is done;
+/// `--stop` still works.
+#[test]
+fn environment_variables_that_cannot_be_read_are_refused_not_ignored() {
+    let relay = Relay::new();
+    let env = Env::new();
+    let port = closed_port().to_string();
+    for (name, value) in [
+        ("HERMESCHAT_GATEWAY_URL", "http://127.0.0.1"),
+        ("HERMESCHAT_GATEWAY_URL", "https://gateway:8642"),
+        ("HERMESCHAT_TRUSTED_UIDS", "1001,hermes"),
+    ] {
+        for args in [&["--server", &relay.url(), "--port", &port][..], &["--status"], &["--doctor"]]
+        {
+            let run = env.run_env(args, &[(name, value)]);
+            run.assert_code(2, &format!("{name}={value} {args:?}"));
+            let all = run.all();
+            assert!(all.contains(name) && all.contains(value), "{all}");
+        }
+        assert!(!env.home.join("bridge.json").exists(), "pairing went ahead");
+        env.run_env(&["--stop"], &[(name, value)]).assert_code(0, "--stop");
+    }
+    // What they should be is taken.
+    let run = env.run_env(
+        &["--status"],
+        &[
+            ("HERMESCHAT_GATEWAY_URL", "http://127.0.0.1:1"),
+            ("HERMESCHAT_TRUSTED_UIDS", "1001, 1002"),
+        ],
+    );
+    assert!(run.all().contains("127.0.0.1:1"), "{}", run.all());
+}
+
 /// Two copies of one `bridge.json` (a copied state directory) take the relay connection from
 /// each other (4001): the one replaced says why and what to do, and does not take it back at
 /// once.
