@@ -538,6 +538,12 @@ pub(crate) fn normalized_registry_url(url: &str) -> Result<String, String> {
             "the registry URL {url:?} must start with https:// (http:// only for local testing)"
         )
     };
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "the registry URL {url:?} holds a space or a control character: \
+             https://relay.yourdomain.com"
+        ));
+    }
     let (scheme, rest) = url.split_once("://").ok_or_else(must)?;
     let rest = rest.trim_end_matches('/');
     let scheme = scheme.to_ascii_lowercase();
@@ -765,6 +771,12 @@ fn registry_failure(e: &RegistryError, registry: &Registry) -> Exit {
         RegistryError::Unreachable { .. } => fail(format!(
             "{e}\n  Check the URL and that your relay is running (curl {}/v1/health), then run \
              hermeschat-pair again. Nothing was changed.",
+            registry.base()
+        )),
+        // Something else answers there (a web server, another service's API).
+        RegistryError::BadResponse { .. } => fail(format!(
+            "{e}\n  Check that the URL is your hermeschat-relay (curl {}/v1/health answers \
+             {{\"ok\":true,…}}), then run hermeschat-pair again. Nothing was changed.",
             registry.base()
         )),
         _ => fail(format!("{e}\n  Nothing was changed locally.")),
@@ -1773,6 +1785,7 @@ mod tests {
         assert!(n("https://").unwrap_err().contains("no host"));
         assert!(n("ftp://x").unwrap_err().contains("must start with https://"));
         assert!(n("relay.example.com").unwrap_err().contains("must start with https://"));
+        assert!(n("https://relay example.com").unwrap_err().contains("holds a space"));
     }
 
     #[test]

@@ -1213,6 +1213,23 @@ fn unreachable_registry_exits_1() {
     let run = env.run(&["--server", &server, "--port", &port]);
     run.assert_code(1, "https:// to a plain relay");
     assert!(run.all().contains("does not speak TLS there (is it http://?)"), "{}", run.all());
+
+    // A web server that is not the relay (a wrong port, a site's catch-all page): named, with
+    // the check that tells (it said only "Nothing was changed locally").
+    for answer in [
+        &b"HTTP/1.1 404 Not Found\r\nContent-Type: text/html\r\nContent-Length: 9\r\n\
+           Connection: close\r\n\r\nnot found"[..],
+        &b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 13\r\n\
+           Connection: close\r\n\r\n<html></html>"[..],
+    ] {
+        let server = format!("http://127.0.0.1:{}", busy_port(answer));
+        let run = env.run(&["--server", &server, "--port", &port]);
+        run.assert_code(1, "a web server that is not the relay");
+        let all = run.all();
+        assert!(all.contains("did not answer like a HermesChat registry"), "{all}");
+        assert!(all.contains(&format!("curl {server}/v1/health")), "the check: {all}");
+        assert!(!env.home.join("bridge.json").exists(), "nothing should change locally");
+    }
 }
 
 #[test]
