@@ -1203,6 +1203,9 @@ fn unreachable_registry_exits_1() {
     let run = env.run(&["--server", &server, "--port", &port]);
     run.assert_code(1, "unreachable registry");
     assert!(run.all().contains("cannot reach the registry"), "{}", run.all());
+    // The system's words, without the HTTP client's "io: " in front.
+    assert!(run.all().contains(": Connection refused"), "{}", run.all());
+    assert!(!run.all().contains("io: "), "{}", run.all());
     assert!(!env.png().exists());
     assert!(!env.lock_held(), "a daemon was started");
     assert!(!env.home.join("bridge.json").exists(), "nothing should change locally");
