@@ -1613,6 +1613,27 @@ fn run_bridge(args: &Args, mut ready: Readiness, detached: bool) -> Result<(), E
             && crate::backend::available()
             && is_loopback(&host)
             && bridge::poller::probe(&host, port, "/api/health") == Health::NotListening;
+        // A bridge started by hand or by the boot service passed no backend gate (pairing's):
+        // what is on the backend's port is said once, so that a wrong --port is not silent.
+        if !detached && !builtin {
+            let url = http_url(&host, port);
+            match bridge::poller::probe(&host, port, "/api/health") {
+                Health::Ready => {}
+                Health::NotListening | Health::Unknown => bridge::log(&format!(
+                    "nothing listens on the backend {url} yet: requests fail until it starts \
+                     there"
+                )),
+                Health::Unhealthy => bridge::log(&format!(
+                    "the backend {url} answers, but not GET /api/health like a Hermes API: \
+                     requests go there all the same; is --port (or HERMESCHAT_LOCAL_PORT) the \
+                     port of your backend?"
+                )),
+                Health::Foreign => bridge::log(&format!(
+                    "the backend {url} is another user's program: nothing is sent there (stop \
+                     it, or pass --port <your backend's port>)"
+                )),
+            }
+        }
         // `localhost` (the only name `is_loopback` takes) is served on 127.0.0.1.
         let loopback = host.parse().unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
         let backend = builtin.then(|| crate::backend::BackendConfig {

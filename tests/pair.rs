@@ -1629,6 +1629,44 @@ fn foreground_logs_to_stderr_and_stops_cleanly_on_ctrl_c() {
     assert!(!s.env.lock_held(), "bridge.pid still locked after Ctrl-C");
 }
 
+/// `--foreground` (the boot service's bridge) passes no backend gate: pointed at a port that is
+/// not a Hermes API it served it without a word. It says so now, once, and keeps running.
+#[test]
+fn a_foreground_bridge_names_a_backend_port_that_is_not_a_hermes_api() {
+    let relay = Relay::new();
+    let backend = Backend::start();
+    let env = Env::new();
+    env.pair_json(&relay, &backend, &[]);
+    env.run(&["--stop"]).assert_code(0, "--stop");
+    let id = env.bridge_json();
+    let (bridge_id, secret) =
+        (id["bridgeId"].as_str().unwrap(), id["relaySecret"].as_str().unwrap());
+    relay.registry().wait_bridge_online(bridge_id, secret, false);
+    let port =
+        busy_port(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            .to_string();
+    let mut child = env
+        .cmd(&["--foreground", "--port", &port])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let err = read_all(child.stderr.take().unwrap());
+    let mut child = Reap(child);
+    // Online at the relay: past its start, and what it found said.
+    relay.registry().wait_bridge_online(bridge_id, secret, true);
+    assert!(child.0.try_wait().unwrap().is_none(), "--foreground exited");
+    // SAFETY: SIGINT (Ctrl-C) to the child this test started.
+    unsafe {
+        libc::kill(pid as libc::pid_t, libc::SIGINT);
+    }
+    let stderr = err.recv_timeout(Duration::from_secs(10)).unwrap();
+    let said = format!("the backend http://127.0.0.1:{port} answers, but not GET /api/health");
+    assert!(stderr.contains(&said) && stderr.contains("--port"), "{stderr}");
+}
+
 /// A pairing made with the user's own backend is remembered: a later start without flags (the
 /// boot service's `--foreground`), here before that backend is up, never puts the built-in
 /// backend on its port, and requests reach the user's backend once it is back.
