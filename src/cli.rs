@@ -1212,7 +1212,9 @@ const COMMAND_LOCK_WAIT: Duration = Duration::from_secs(120);
 /// serves. The lock (`command.lock`) ends with the process.
 pub(crate) fn command_lock(dir: &Path, out: &Out) -> Result<state::FileLock, Exit> {
     let path = dir.join("command.lock");
-    let cannot = |e: std::io::Error| fail(format!("cannot take the command lock: {e}"));
+    let cannot = |e: std::io::Error| {
+        fail(format!("cannot take the command lock: {e}{}", state::write_hint(&e)))
+    };
     if let Some(lock) = state::FileLock::acquire_until(&path, Instant::now()).map_err(cannot)? {
         return Ok(lock);
     }

@@ -1235,6 +1235,36 @@ fn unreachable_registry_exits_1() {
     }
 }
 
+/// A state directory whose `command.lock` cannot be opened (a read-only mount, another
+/// account's file) said only "cannot take the command lock: …: Permission denied": the way out
+/// is added as for the other state files.
+#[test]
+fn a_command_lock_that_cannot_be_opened_names_the_way_out() {
+    use std::os::unix::process::CommandExt;
+    let env = Env::new();
+    std::fs::create_dir_all(&env.home).unwrap();
+    std::fs::set_permissions(&env.home, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let lock = env.home.join("command.lock");
+    std::fs::write(&lock, b"").unwrap();
+    std::fs::set_permissions(&lock, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let mut cmd = env.cmd(&["--server", "http://127.0.0.1:9", "--port", "9"]);
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        // Root opens any file: the command runs as nobody, in a state directory of its own
+        // whose lock is root's.
+        for dir in [&env.root, &env.cwd] {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        std::os::unix::fs::chown(&env.home, Some(65534), Some(65534)).unwrap();
+        cmd.uid(65534).gid(65534);
+    }
+    let run = run_cmd(cmd, Duration::from_secs(30));
+    run.assert_code(1, "a command lock that cannot be opened");
+    let all = run.all();
+    assert!(all.contains("cannot take the command lock"), "{all}");
+    assert!(all.contains("set HERMESCHAT_HOME to a directory that is"), "the way out: {all}");
+}
+
 #[test]
 fn no_registry_configured_exits_2() {
     let env = Env::new();
