@@ -225,6 +225,9 @@ fn config_from(given: &Given) -> Result<RelayConfig, String> {
         // Apps and bridges are handed `wss://<rest>/ws/…`: without a host, or with a query or
         // a space in it, that is no URL they can dial.
         let host = rest.split('/').next().unwrap_or_default();
+        if url.chars().any(char::is_control) {
+            return Err(format!("{}: {url:?} holds a control character: fix the value", s.from));
+        }
         if host.is_empty() || rest.contains(['?', '#']) || rest.chars().any(char::is_whitespace) {
             return Err(format!(
                 "{}: {url:?} is not a base URL apps can reach: give the scheme and host (and \
