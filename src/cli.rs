@@ -804,15 +804,33 @@ fn access_code(
         }
         // The bridge exists there, but its secret was not taken: registering anew would strand
         // every paired app. A proxy that drops the Authorization header does this.
-        Err(e) if e.code() == Some("UNAUTHORIZED") => Err(fail(format!(
-            "{e}\n  The registry knows bridge {} but did not accept its secret. If a proxy sits \
-             in front of the relay, make it pass the Authorization header on. Nothing was \
-             changed; hermeschat-pair --reset gives this machine a new bridge (your apps must \
-             then scan a new QR code).",
-            identity.bridge_id
-        ))),
+        Err(e) if e.code() == Some("UNAUTHORIZED") => {
+            Err(fail(format!("{e}\n  {}", sentence(&secret_refused(&identity.bridge_id)))))
+        }
         Err(e) => Err(registry_failure(&e, registry)),
     }
+}
+
+/// What to do when the registry knows `bridge_id` but refuses its relay secret (401): never
+/// register anew by itself, which would strand every paired app. A clause: [`sentence`] makes
+/// it one.
+pub(crate) fn secret_refused(bridge_id: &str) -> String {
+    format!(
+        "the registry knows bridge {bridge_id} but did not accept its secret: if a proxy sits in \
+         front of the relay, make it pass the Authorization header on. Nothing was changed; \
+         hermeschat-pair --reset gives this machine a new bridge (your apps must then scan a new \
+         QR code)"
+    )
+}
+
+/// `clause` as a sentence of its own: its first letter upper case, a full stop at the end.
+pub(crate) fn sentence(clause: &str) -> String {
+    let mut s = clause.to_owned();
+    if let Some(first) = s.get_mut(..1) {
+        first.make_ascii_uppercase();
+    }
+    s.push('.');
+    s
 }
 
 pub(crate) fn read_status(dir: &Path) -> Option<Status> {

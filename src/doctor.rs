@@ -366,19 +366,34 @@ fn check_bridge(registry: &Registry, id: &BridgeIdentity, daemon_running: bool) 
                 format!("bridge {} is registered but not connected to the relay", id.bridge_id);
             (failed(key, name, Some(t), detail, fix), false)
         }
-        Ok(_) => (
-            failed(
-                key,
-                name,
-                Some(t),
-                format!(
-                    "the registry does not know bridge {} (deleted, or its data was lost)",
-                    id.bridge_id
+        // bridge-status answers an unknown bridge and a refused secret alike (no oracle for
+        // others); an endpoint that needs the secret tells them apart for its owner.
+        Ok(_) => match registry.clients(&id.bridge_id, &id.relay_secret) {
+            Err(e) if e.code() == Some("UNAUTHORIZED") => (
+                failed(
+                    key,
+                    name,
+                    Some(t),
+                    format!("{e}"),
+                    crate::cli::secret_refused(&id.bridge_id),
                 ),
-                "run hermeschat-pair: it registers anew and prints a new QR code (apps must scan it)",
+                false,
             ),
-            false,
-        ),
+            _ => (
+                failed(
+                    key,
+                    name,
+                    Some(t),
+                    format!(
+                        "the registry does not know bridge {} (deleted, or its data was lost)",
+                        id.bridge_id
+                    ),
+                    "run hermeschat-pair: it registers anew and prints a new QR code (apps must \
+                     scan it)",
+                ),
+                false,
+            ),
+        },
         Err(e) => (
             failed(
                 key,
