@@ -1496,13 +1496,20 @@ fn status(args: &Args) -> Result<(), Exit> {
                 if lan_mode { " --local" } else { "" }
             )),
             Some(pid) => out.ok(&format!("Bridge daemon running (pid {pid})")),
+            // With no relay pairing but a LAN one, the stopped daemon was a LAN-only one: plain
+            // pairing would ask for a registry.
+            None if identity.is_none() && crate::lan::has_pairing(&dir) => {
+                out.warn("Bridge daemon not running — start it with: hermeschat-pair --local")
+            }
             None => out.warn("Bridge daemon not running — start it with: hermeschat-pair"),
         }
         match &identity {
             Some(id) => {
                 out.info(&format!("Bridge ID: {} · registry {}", id.bridge_id, id.registry_url))
             }
-            None if !lan_mode => out.info("No pairing yet — run: hermeschat-pair"),
+            None if !lan_mode && !crate::lan::has_pairing(&dir) => {
+                out.info("No pairing yet — run: hermeschat-pair")
+            }
             None => {}
         }
         crate::lan::print_status(&dir, saved.as_ref(), &out);

@@ -173,7 +173,7 @@ pub fn run(args: &Args) -> Result<(), Exit> {
     let lan = status.as_ref().filter(|s| crate::lan::serving(Some(s)));
     // A stopped daemon with LAN devices and no relay pairing was a LAN-only one: its hops are
     // the same, the daemon is reported stopped.
-    let lan_stopped = pid.is_none() && identity.is_none() && has_lan_pairing(&dir);
+    let lan_stopped = pid.is_none() && identity.is_none() && crate::lan::has_pairing(&dir);
     if lan.is_some() || lan_stopped {
         for (id, name) in [REGISTRY, BRIDGE, RELAY] {
             report.add(skipped(id, name, "LAN-only mode (--local): no relay"));
@@ -468,12 +468,6 @@ fn check_daemon(
             ),
         )
     }
-}
-
-/// lan.json holds a LAN device or an unused pairing code (it cannot be read: no).
-fn has_lan_pairing(dir: &Path) -> bool {
-    crate::lan::store::read(dir)
-        .is_ok_and(|(lan, _)| !lan.devices.is_empty() || lan.token.is_some())
 }
 
 /// The warning hop of a daemon that serves, but whose program file an upgrade has replaced
