@@ -2389,6 +2389,21 @@ fn max_connections_zero_is_refused_at_start() {
     assert_eq!(relay.registry().health().0, 200);
 }
 
+/// A number setting out of its type's range was "not a valid number", a number too large or
+/// negative included: each is named for what it is (exit 2).
+#[test]
+fn number_settings_say_what_is_wrong_with_the_value() {
+    for (args, why) in [
+        (["--rate-register", "99999999999"], "is too large"),
+        (["--max-connections-per-ip", "-1"], "is negative"),
+        (["--rate-verify", "ten"], "is not a whole number"),
+    ] {
+        let (code, stderr) = run_relay(&[&["--listen", "127.0.0.1:0"][..], &args].concat(), &[]);
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(args[0]) && stderr.contains(why), "{args:?}: {stderr}");
+    }
+}
+
 /// A wildcard `--listen` without `--public-url` would hand apps `ws://0.0.0.0:PORT/…`: it is
 /// refused (exit 2) saying to pass `--public-url`; with one it starts and hands out that URL.
 #[test]

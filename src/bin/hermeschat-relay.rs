@@ -117,9 +117,17 @@ fn env_bool(name: &str) -> Result<bool, String> {
     }
 }
 
-/// A number setting, or an error naming where it came from.
+/// A number setting, or an error naming where it came from and what is wrong with it.
 fn parse_num<T: std::str::FromStr>(s: &Setting) -> Result<T, String> {
-    s.value.parse().map_err(|_| format!("{}: {:?} is not a valid number", s.from, s.value))
+    s.value.parse().map_err(|_| {
+        let whole = |v: &str| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit());
+        let why = match s.value.strip_prefix('-') {
+            Some(v) if whole(v) => "is negative: give a whole number, 0 or more",
+            _ if whole(&s.value) => "is too large",
+            _ => "is not a whole number",
+        };
+        format!("{}: {:?} {why}", s.from, s.value)
+    })
 }
 
 /// Longest duration a `--*-secs` option takes: one day. Larger values would make no sense and
