@@ -502,8 +502,12 @@ pub(crate) fn load_identity(dir: &Path, out: &Out) -> Result<Option<BridgeIdenti
         Ok(Loaded::Ok(id)) => Ok(Some(id)),
         Ok(Loaded::Missing) => Ok(None),
         Ok(Loaded::MovedAside { reason, moved_to }) => {
+            // Said by every command that loads it (--devices, --revoke too), not only pairing,
+            // which is what registers anew.
             out.warn(&format!(
-                "bridge.json was unusable ({reason}); kept it as {} and will register anew",
+                "bridge.json was unusable ({reason}); kept it as {}. Pairing (hermeschat-pair) \
+                 registers this machine anew: apps paired with the old bridge must scan its new \
+                 QR code",
                 moved_to.display()
             ));
             Ok(None)

@@ -351,6 +351,19 @@ fn doctor_before_pairing_says_to_pair() {
     assert_hop(&report, "relay", "skip");
     // --devices needs a pairing: a configuration error.
     m.run(&["--devices"]).expect(2, "--devices before pairing");
+    // A damaged bridge.json is kept aside by --devices too, which said it "will register anew"
+    // and did not: what does is named.
+    std::fs::create_dir_all(&m.state).unwrap();
+    std::fs::write(m.state.join("bridge.json"), "{\"v\":2,").unwrap();
+    let run = m.run(&["--devices"]);
+    run.expect(2, "--devices with a damaged bridge.json");
+    assert!(run.all().contains("bridge.json.corrupt-"), "{}", run.all());
+    assert!(
+        run.all().contains("Pairing (hermeschat-pair) registers this machine anew"),
+        "{}",
+        run.all()
+    );
+    assert!(!run.all().contains("will register anew"), "{}", run.all());
 }
 
 #[test]
