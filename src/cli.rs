@@ -319,6 +319,11 @@ fn check_combination(a: &Args) -> Result<(), Exit> {
 
 /// Runs a parsed command.
 pub fn run(args: Args) -> Result<(), Exit> {
+    use Command::*;
+    // The commands that reach the gateway, or hand the environment to a bridge that does.
+    if matches!(args.command, Pair | RefreshCode | Reset | Status | Doctor | Foreground | Install) {
+        check_environment()?;
+    }
     match args.command.clone() {
         Command::Help => {
             print!("{USAGE}");
@@ -346,6 +351,32 @@ pub fn run(args: Args) -> Result<(), Exit> {
         Command::Foreground => foreground(&args),
         Command::BridgeRun { ready_fd } => bridge_run(&args, ready_fd),
     }
+}
+
+/// Refuses an environment variable that is set but cannot be read (exit 2): it would be
+/// ignored without a word (the default gateway probed, no account trusted) while the user who
+/// set it expects it to act.
+fn check_environment() -> Result<(), Exit> {
+    use crate::backend::peer::TRUSTED_UIDS_ENV;
+    use crate::gateway::URL_ENV;
+    let set = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    if let Some(v) = set(URL_ENV)
+        && crate::gateway::parse_http_url(&v).is_none()
+    {
+        return Err(usage_error(format!(
+            "{URL_ENV}: {v:?} is not an address like http://127.0.0.1:8642 (http://, a host \
+             and a port): fix it, or unset it to use the gateway's address from ~/.hermes"
+        )));
+    }
+    if let Some(v) = set(TRUSTED_UIDS_ENV)
+        && v.split(',').map(str::trim).any(|uid| !uid.is_empty() && uid.parse::<u32>().is_err())
+    {
+        return Err(usage_error(format!(
+            "{TRUSTED_UIDS_ENV}: {v:?} is not a list of uids: give numbers separated by commas \
+             (id -u <account> prints one), or unset it"
+        )));
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -481,8 +512,12 @@ pub(crate) fn load_identity(dir: &Path, out: &Out) -> Result<Option<BridgeIdenti
         Ok(Loaded::Ok(id)) => Ok(Some(id)),
         Ok(Loaded::Missing) => Ok(None),
         Ok(Loaded::MovedAside { reason, moved_to }) => {
+            // Said by every command that loads it (--devices, --revoke too), not only pairing,
+            // which is what registers anew.
             out.warn(&format!(
-                "bridge.json was unusable ({reason}); kept it as {} and will register anew",
+                "bridge.json was unusable ({reason}); kept it as {}. Pairing (hermeschat-pair) \
+                 registers this machine anew: apps paired with the old bridge must scan its new \
+                 QR code",
                 moved_to.display()
             ));
             Ok(None)
@@ -517,6 +552,12 @@ pub(crate) fn normalized_registry_url(url: &str) -> Result<String, String> {
             "the registry URL {url:?} must start with https:// (http:// only for local testing)"
         )
     };
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "the registry URL {url:?} holds a space or a control character: \
+             https://relay.yourdomain.com"
+        ));
+    }
     let (scheme, rest) = url.split_once("://").ok_or_else(must)?;
     let rest = rest.trim_end_matches('/');
     let scheme = scheme.to_ascii_lowercase();
@@ -670,8 +711,14 @@ pub(crate) fn backend_gate(args: &Args, config: &Config, out: &Out) -> Result<Ba
             }
         })
         .collect();
+    // Why the built-in backend was not started there (`--no-server` says it itself).
     let bundled = if args.no_server {
         String::new()
+    } else if !is_loopback(&host) {
+        format!(
+            "\n  The built-in backend listens on loopback only, and HERMESCHAT_LOCAL_HOST is \
+             {host}: unset it (or set 127.0.0.1) to have it started for you."
+        )
     } else {
         "\n  This build has no bundled backend to start for you yet (--no-server is implied)."
             .to_owned()
@@ -753,6 +800,12 @@ fn registry_failure(e: &RegistryError, registry: &Registry) -> Exit {
              hermeschat-pair again. Nothing was changed.",
             registry.base()
         )),
+        // Something else answers there (a web server, another service's API).
+        RegistryError::BadResponse { .. } => fail(format!(
+            "{e}\n  Check that the URL is your hermeschat-relay (curl {}/v1/health answers \
+             {{\"ok\":true,…}}), then run hermeschat-pair again. Nothing was changed.",
+            registry.base()
+        )),
         _ => fail(format!("{e}\n  Nothing was changed locally.")),
     }
 }
@@ -778,15 +831,33 @@ fn access_code(
         }
         // The bridge exists there, but its secret was not taken: registering anew would strand
         // every paired app. A proxy that drops the Authorization header does this.
-        Err(e) if e.code() == Some("UNAUTHORIZED") => Err(fail(format!(
-            "{e}\n  The registry knows bridge {} but did not accept its secret. If a proxy sits \
-             in front of the relay, make it pass the Authorization header on. Nothing was \
-             changed; hermeschat-pair --reset gives this machine a new bridge (your apps must \
-             then scan a new QR code).",
-            identity.bridge_id
-        ))),
+        Err(e) if e.code() == Some("UNAUTHORIZED") => {
+            Err(fail(format!("{e}\n  {}", sentence(&secret_refused(&identity.bridge_id)))))
+        }
         Err(e) => Err(registry_failure(&e, registry)),
     }
+}
+
+/// What to do when the registry knows `bridge_id` but refuses its relay secret (401): never
+/// register anew by itself, which would strand every paired app. A clause: [`sentence`] makes
+/// it one.
+pub(crate) fn secret_refused(bridge_id: &str) -> String {
+    format!(
+        "the registry knows bridge {bridge_id} but did not accept its secret: if a proxy sits in \
+         front of the relay, make it pass the Authorization header on. Nothing was changed; \
+         hermeschat-pair --reset gives this machine a new bridge (your apps must then scan a new \
+         QR code)"
+    )
+}
+
+/// `clause` as a sentence of its own: its first letter upper case, a full stop at the end.
+pub(crate) fn sentence(clause: &str) -> String {
+    let mut s = clause.to_owned();
+    if let Some(first) = s.get_mut(..1) {
+        first.make_ascii_uppercase();
+    }
+    s.push('.');
+    s
 }
 
 pub(crate) fn read_status(dir: &Path) -> Option<Status> {
@@ -1186,7 +1257,9 @@ const COMMAND_LOCK_WAIT: Duration = Duration::from_secs(120);
 /// serves. The lock (`command.lock`) ends with the process.
 pub(crate) fn command_lock(dir: &Path, out: &Out) -> Result<state::FileLock, Exit> {
     let path = dir.join("command.lock");
-    let cannot = |e: std::io::Error| fail(format!("cannot take the command lock: {e}"));
+    let cannot = |e: std::io::Error| {
+        fail(format!("cannot take the command lock: {e}{}", state::write_hint(&e)))
+    };
     if let Some(lock) = state::FileLock::acquire_until(&path, Instant::now()).map_err(cannot)? {
         return Ok(lock);
     }
@@ -1450,13 +1523,20 @@ fn status(args: &Args) -> Result<(), Exit> {
                 if lan_mode { " --local" } else { "" }
             )),
             Some(pid) => out.ok(&format!("Bridge daemon running (pid {pid})")),
+            // With no relay pairing but a LAN one, the stopped daemon was a LAN-only one: plain
+            // pairing would ask for a registry.
+            None if identity.is_none() && crate::lan::has_pairing(&dir) => {
+                out.warn("Bridge daemon not running — start it with: hermeschat-pair --local")
+            }
             None => out.warn("Bridge daemon not running — start it with: hermeschat-pair"),
         }
         match &identity {
             Some(id) => {
                 out.info(&format!("Bridge ID: {} · registry {}", id.bridge_id, id.registry_url))
             }
-            None if !lan_mode => out.info("No pairing yet — run: hermeschat-pair"),
+            None if !lan_mode && !crate::lan::has_pairing(&dir) => {
+                out.info("No pairing yet — run: hermeschat-pair")
+            }
             None => {}
         }
         crate::lan::print_status(&dir, saved.as_ref(), &out);
@@ -1587,6 +1667,27 @@ fn run_bridge(args: &Args, mut ready: Readiness, detached: bool) -> Result<(), E
             && crate::backend::available()
             && is_loopback(&host)
             && bridge::poller::probe(&host, port, "/api/health") == Health::NotListening;
+        // A bridge started by hand or by the boot service passed no backend gate (pairing's):
+        // what is on the backend's port is said once, so that a wrong --port is not silent.
+        if !detached && !builtin {
+            let url = http_url(&host, port);
+            match bridge::poller::probe(&host, port, "/api/health") {
+                Health::Ready => {}
+                Health::NotListening | Health::Unknown => bridge::log(&format!(
+                    "nothing listens on the backend {url} yet: requests fail until it starts \
+                     there"
+                )),
+                Health::Unhealthy => bridge::log(&format!(
+                    "the backend {url} answers, but not GET /api/health like a Hermes API: \
+                     requests go there all the same; is --port (or HERMESCHAT_LOCAL_PORT) the \
+                     port of your backend?"
+                )),
+                Health::Foreign => bridge::log(&format!(
+                    "the backend {url} is another user's program: nothing is sent there (stop \
+                     it, or pass --port <your backend's port>)"
+                )),
+            }
+        }
         // `localhost` (the only name `is_loopback` takes) is served on 127.0.0.1.
         let loopback = host.parse().unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
         let backend = builtin.then(|| crate::backend::BackendConfig {
@@ -1759,6 +1860,7 @@ mod tests {
         assert!(n("https://").unwrap_err().contains("no host"));
         assert!(n("ftp://x").unwrap_err().contains("must start with https://"));
         assert!(n("relay.example.com").unwrap_err().contains("must start with https://"));
+        assert!(n("https://relay example.com").unwrap_err().contains("holds a space"));
     }
 
     #[test]

@@ -10,32 +10,29 @@ use crate::protocol::{ClientInfo, is_client_id};
 use crate::registry_client::{Registry, RegistryError};
 
 /// What to do about a registry error: the next step, for the error or the warning line.
-fn registry_hint(e: &RegistryError, registry: &Registry) -> Option<String> {
+fn registry_hint(e: &RegistryError, registry: &Registry, bridge_id: &str) -> Option<String> {
     match e {
         RegistryError::Unreachable { .. } => Some(format!(
             "check that your relay runs (curl {}/v1/health), then try again",
             registry.base()
         )),
-        RegistryError::Api { code, .. } if code == "UNAUTHORIZED" || code == "BRIDGE_NOT_FOUND" => {
-            Some(
-                "the registry no longer knows this bridge; run hermeschat-pair to register anew \
-                 (apps must scan the new QR code)"
-                    .to_owned(),
-            )
+        // The bridge is there, its secret refused (a proxy that drops the Authorization
+        // header): registering anew would strand every paired app.
+        RegistryError::Api { code, .. } if code == "UNAUTHORIZED" => {
+            Some(crate::cli::secret_refused(bridge_id))
         }
+        RegistryError::Api { code, .. } if code == "BRIDGE_NOT_FOUND" => Some(
+            "the registry no longer knows this bridge; run hermeschat-pair to register anew \
+                 (apps must scan the new QR code)"
+                .to_owned(),
+        ),
         _ => None,
     }
 }
 
-fn registry_error(e: &RegistryError, registry: &Registry) -> Exit {
-    match registry_hint(e, registry) {
-        Some(hint) => {
-            let mut hint = hint;
-            if let Some(first) = hint.get_mut(..1) {
-                first.make_ascii_uppercase();
-            }
-            fail(format!("{e}\n  {hint}."))
-        }
+fn registry_error(e: &RegistryError, registry: &Registry, bridge_id: &str) -> Exit {
+    match registry_hint(e, registry, bridge_id) {
+        Some(hint) => fail(format!("{e}\n  {}", crate::cli::sentence(&hint))),
         None => fail(e.to_string()),
     }
 }
@@ -170,14 +167,16 @@ pub fn list(args: &Args) -> Result<(), Exit> {
     let mut relay_error = None;
     let clients = match relay {
         Some((id, Ok(clients))) => Some((id, clients)),
-        Some((_, Err((e, registry)))) => {
+        Some((id, Err((e, registry)))) => {
             if lan.devices.is_empty() {
                 if let Some(lan_error) = &lan.error {
                     out.warn(lan_error);
                 }
-                return Err(registry_error(&e, &registry));
+                return Err(registry_error(&e, &registry, &id.bridge_id));
             }
-            let hint = registry_hint(&e, &registry).map(|h| format!("; {h}")).unwrap_or_default();
+            let hint = registry_hint(&e, &registry, &id.bridge_id)
+                .map(|h| format!("; {h}"))
+                .unwrap_or_default();
             relay_error = Some(e.to_string());
             out.warn(&format!("the apps paired through the relay are unknown: {e}{hint}"));
             None
@@ -352,7 +351,7 @@ pub fn revoke(args: &Args, client_id: &str) -> Result<(), Exit> {
             if let Some(unsaved) = &lan_unsaved {
                 out.warn(&format!("LAN devices unchanged: {unsaved}"));
             }
-            return Err(registry_error(&e, &registry));
+            return Err(registry_error(&e, &registry, &id.bridge_id));
         }
     }
     if args.json {

@@ -173,7 +173,7 @@ pub fn run(args: &Args) -> Result<(), Exit> {
     let lan = status.as_ref().filter(|s| crate::lan::serving(Some(s)));
     // A stopped daemon with LAN devices and no relay pairing was a LAN-only one: its hops are
     // the same, the daemon is reported stopped.
-    let lan_stopped = pid.is_none() && identity.is_none() && has_lan_pairing(&dir);
+    let lan_stopped = pid.is_none() && identity.is_none() && crate::lan::has_pairing(&dir);
     if lan.is_some() || lan_stopped {
         for (id, name) in [REGISTRY, BRIDGE, RELAY] {
             report.add(skipped(id, name, "LAN-only mode (--local): no relay"));
@@ -378,19 +378,34 @@ fn check_bridge(registry: &Registry, id: &BridgeIdentity, daemon_running: bool) 
                 format!("bridge {} is registered but not connected to the relay", id.bridge_id);
             (failed(key, name, Some(t), detail, fix), false)
         }
-        Ok(_) => (
-            failed(
-                key,
-                name,
-                Some(t),
-                format!(
-                    "the registry does not know bridge {} (deleted, or its data was lost)",
-                    id.bridge_id
+        // bridge-status answers an unknown bridge and a refused secret alike (no oracle for
+        // others); an endpoint that needs the secret tells them apart for its owner.
+        Ok(_) => match registry.clients(&id.bridge_id, &id.relay_secret) {
+            Err(e) if e.code() == Some("UNAUTHORIZED") => (
+                failed(
+                    key,
+                    name,
+                    Some(t),
+                    format!("{e}"),
+                    crate::cli::secret_refused(&id.bridge_id),
                 ),
-                "run hermeschat-pair: it registers anew and prints a new QR code (apps must scan it)",
+                false,
             ),
-            false,
-        ),
+            _ => (
+                failed(
+                    key,
+                    name,
+                    Some(t),
+                    format!(
+                        "the registry does not know bridge {} (deleted, or its data was lost)",
+                        id.bridge_id
+                    ),
+                    "run hermeschat-pair: it registers anew and prints a new QR code (apps must \
+                     scan it)",
+                ),
+                false,
+            ),
+        },
         Err(e) => (
             failed(
                 key,
@@ -465,12 +480,6 @@ fn check_daemon(
             ),
         )
     }
-}
-
-/// lan.json holds a LAN device or an unused pairing code (it cannot be read: no).
-fn has_lan_pairing(dir: &Path) -> bool {
-    crate::lan::store::read(dir)
-        .is_ok_and(|(lan, _)| !lan.devices.is_empty() || lan.token.is_some())
 }
 
 /// The warning hop of a daemon that serves, but whose program file an upgrade has replaced

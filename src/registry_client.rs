@@ -77,8 +77,13 @@ impl std::fmt::Display for RegistryError {
 impl std::error::Error for RegistryError {}
 
 /// OpenSSL's words for an https:// URL whose server answers in plain HTTP ("wrong version
-/// number"), said plainly; other causes as they are.
+/// number"), said plainly; other causes as they are, without the HTTP client's name for the
+/// kind of error in front ("io: Connection refused").
 fn plain_cause(url: &str, cause: String) -> String {
+    let cause = match cause.strip_prefix("io: ") {
+        Some(said) => said.to_owned(),
+        None => cause,
+    };
     if url.starts_with("https://") && cause.contains("wrong version number") {
         "the server does not speak TLS there (is it http://?)".to_owned()
     } else {

@@ -351,6 +351,19 @@ fn doctor_before_pairing_says_to_pair() {
     assert_hop(&report, "relay", "skip");
     // --devices needs a pairing: a configuration error.
     m.run(&["--devices"]).expect(2, "--devices before pairing");
+    // A damaged bridge.json is kept aside by --devices too, which said it "will register anew"
+    // and did not: what does is named.
+    std::fs::create_dir_all(&m.state).unwrap();
+    std::fs::write(m.state.join("bridge.json"), "{\"v\":2,").unwrap();
+    let run = m.run(&["--devices"]);
+    run.expect(2, "--devices with a damaged bridge.json");
+    assert!(run.all().contains("bridge.json.corrupt-"), "{}", run.all());
+    assert!(
+        run.all().contains("Pairing (hermeschat-pair) registers this machine anew"),
+        "{}",
+        run.all()
+    );
+    assert!(!run.all().contains("will register anew"), "{}", run.all());
 }
 
 #[test]
@@ -404,6 +417,38 @@ fn devices_lists_paired_apps_and_revoke_cuts_one_off() {
     // Again: not paired any more (exit 1); garbage: a usage error (exit 2).
     m.run(&["--revoke", &phone.client_id]).expect(1, "--revoke twice");
     m.run(&["--revoke", "hcl_nothex"]).expect(2, "--revoke garbage");
+}
+
+/// A relay secret the registry refuses (401: a proxy that drops the Authorization header, a
+/// bridge.json edited by hand) was reported by `--doctor` and `--devices` as a bridge the
+/// registry "does not know", with "run hermeschat-pair to register anew" as the fix, which
+/// pairing then refused. Both now name the refused secret and the way out pairing names.
+#[test]
+fn a_refused_relay_secret_is_not_taken_for_a_forgotten_bridge() {
+    let relay = Relay::new();
+    let backend = Backend::start();
+    let m = Machine::new(1, GATEWAY_KEY);
+    let qr = m.pair(&relay, &backend);
+    m.run(&["--stop"]).expect(0, "--stop");
+    let path = m.state.join("bridge.json");
+    let mut id: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    id["relaySecret"] = Value::from(format!("hrs_{}", "0".repeat(64)));
+    std::fs::write(&path, id.to_string()).unwrap();
+    let report = m.doctor(1);
+    assert_hop(&report, "bridge", "fail");
+    let bridge = hop(&report, "bridge");
+    let (detail, fix) = (bridge["detail"].as_str().unwrap(), bridge["fix"].as_str().unwrap());
+    assert!(detail.contains("401") && !detail.contains("does not know"), "{bridge}");
+    assert!(fix.contains(&format!("knows bridge {}", qr.g)) && fix.contains("--reset"), "{bridge}");
+    let run = m.run(&["--devices"]);
+    run.expect(1, "--devices with a refused secret");
+    assert!(run.all().contains("did not accept its secret"), "{}", run.all());
+    assert!(!run.all().contains("no longer knows"), "{}", run.all());
+    // Pairing gives the same way out, and keeps the identity.
+    let run = m.run(&["--json", "--server", &relay.url(), "--port", &backend.port.to_string()]);
+    run.expect(1, "pairing with a refused secret");
+    assert!(run.all().contains("did not accept its secret"), "{}", run.all());
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), id.to_string(), "bridge.json changed");
 }
 
 #[test]

@@ -788,6 +788,13 @@ fn stop_closes_the_lan_socket_and_the_port() {
     assert_eq!(hop("daemon")["state"], "fail", "{v}");
     assert_eq!(hop("daemon")["name"], "daemon LAN server alive", "{v}");
     assert!(hop("daemon")["fix"].as_str().is_some_and(|f| f.contains("--local")), "{v}");
+
+    // --status too: it said "start it with: hermeschat-pair" and "No pairing yet", and plain
+    // pairing asks for a registry a LAN-only machine has not got.
+    let run = env.run(&["--status"]);
+    run.assert_code(1, "--status with the LAN daemon stopped");
+    assert!(run.stdout.contains("start it with: hermeschat-pair --local"), "{}", run.all());
+    assert!(!run.stdout.contains("No pairing yet"), "{}", run.all());
 }
 
 /// A suspended daemon (SIGSTOP, Ctrl-Z) keeps its lock and its last status.json: --status and

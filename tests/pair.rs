@@ -1143,6 +1143,46 @@ fn an_api_listening_on_ipv6_loopback_only_is_named_not_replaced_by_the_built_in_
     }
 }
 
+/// A port no one listens on that the built-in backend cannot take either (here: the local end
+/// of a connection, which holds it without SO_REUSEADDR). Pairing checked the port free, then
+/// the daemon said "Address already in use (os error 98) (the state directory must be writable
+/// by you …)": no port, and the wrong thing blamed. The port and the way out are named now.
+#[test]
+fn a_backend_port_the_daemon_cannot_take_is_named_not_blamed_on_the_state_directory() {
+    let relay = Relay::new();
+    let env = Env::new();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let holder = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let port = holder.local_addr().unwrap().port();
+    let run = env.run(&["--json", "--server", &relay.url(), "--port", &port.to_string()]);
+    run.assert_code(1, "a port the daemon cannot take");
+    let all = run.all();
+    assert!(all.contains(&format!("cannot listen on 127.0.0.1:{port}")), "{all}");
+    assert!(all.contains("--port <a free port>"), "the way out: {all}");
+    assert!(!all.contains("state directory"), "the wrong thing blamed: {all}");
+    assert!(run.stdout.trim().is_empty(), "--json printed on failure: {}", run.stdout);
+    assert!(!env.lock_held(), "a daemon runs");
+    drop(holder);
+}
+
+/// A backend host that is not loopback (`HERMESCHAT_LOCAL_HOST`) with nothing listening was
+/// blamed on the build ("This build has no bundled backend"): the host is named instead.
+#[test]
+fn a_backend_host_off_loopback_is_named_when_nothing_answers_there() {
+    let relay = Relay::new();
+    let env = Env::new();
+    let port = closed_port().to_string();
+    let run = env.run_env(
+        &["--server", &relay.url(), "--port", &port],
+        &[("HERMESCHAT_LOCAL_HOST", "0.0.0.0")],
+    );
+    run.assert_code(1, "a backend host off loopback");
+    let all = run.all();
+    assert!(all.contains("loopback only, and HERMESCHAT_LOCAL_HOST is 0.0.0.0"), "{all}");
+    assert!(!all.contains("no bundled backend"), "{all}");
+    assert!(!env.lock_held(), "a daemon was started");
+}
+
 #[test]
 fn no_backend_anywhere_exits_1_and_prints_no_qr() {
     // With --no-server nothing is started for us: no API anywhere means no QR.
@@ -1168,6 +1208,9 @@ fn unreachable_registry_exits_1() {
     let run = env.run(&["--server", &server, "--port", &port]);
     run.assert_code(1, "unreachable registry");
     assert!(run.all().contains("cannot reach the registry"), "{}", run.all());
+    // The system's words, without the HTTP client's "io: " in front.
+    assert!(run.all().contains(": Connection refused"), "{}", run.all());
+    assert!(!run.all().contains("io: "), "{}", run.all());
     assert!(!env.png().exists());
     assert!(!env.lock_held(), "a daemon was started");
     assert!(!env.home.join("bridge.json").exists(), "nothing should change locally");
@@ -1178,6 +1221,53 @@ fn unreachable_registry_exits_1() {
     let run = env.run(&["--server", &server, "--port", &port]);
     run.assert_code(1, "https:// to a plain relay");
     assert!(run.all().contains("does not speak TLS there (is it http://?)"), "{}", run.all());
+
+    // A web server that is not the relay (a wrong port, a site's catch-all page): named, with
+    // the check that tells (it said only "Nothing was changed locally").
+    for answer in [
+        &b"HTTP/1.1 404 Not Found\r\nContent-Type: text/html\r\nContent-Length: 9\r\n\
+           Connection: close\r\n\r\nnot found"[..],
+        &b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 13\r\n\
+           Connection: close\r\n\r\n<html></html>"[..],
+    ] {
+        let server = format!("http://127.0.0.1:{}", busy_port(answer));
+        let run = env.run(&["--server", &server, "--port", &port]);
+        run.assert_code(1, "a web server that is not the relay");
+        let all = run.all();
+        assert!(all.contains("did not answer like a HermesChat registry"), "{all}");
+        assert!(all.contains(&format!("curl {server}/v1/health")), "the check: {all}");
+        assert!(!env.home.join("bridge.json").exists(), "nothing should change locally");
+    }
+}
+
+/// A state directory whose `command.lock` cannot be opened (a read-only mount, another
+/// account's file) said only "cannot take the command lock: …: Permission denied": the way out
+/// is added as for the other state files.
+#[test]
+fn a_command_lock_that_cannot_be_opened_names_the_way_out() {
+    use std::os::unix::process::CommandExt;
+    let env = Env::new();
+    std::fs::create_dir_all(&env.home).unwrap();
+    std::fs::set_permissions(&env.home, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let lock = env.home.join("command.lock");
+    std::fs::write(&lock, b"").unwrap();
+    std::fs::set_permissions(&lock, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let mut cmd = env.cmd(&["--server", "http://127.0.0.1:9", "--port", "9"]);
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        // Root opens any file: the command runs as nobody, in a state directory of its own
+        // whose lock is root's.
+        for dir in [&env.root, &env.cwd] {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        std::os::unix::fs::chown(&env.home, Some(65534), Some(65534)).unwrap();
+        cmd.uid(65534).gid(65534);
+    }
+    let run = run_cmd(cmd, Duration::from_secs(30));
+    run.assert_code(1, "a command lock that cannot be opened");
+    let all = run.all();
+    assert!(all.contains("cannot take the command lock"), "{all}");
+    assert!(all.contains("set HERMESCHAT_HOME to a directory that is"), "the way out: {all}");
 }
 
 #[test]
@@ -1360,6 +1450,41 @@ fn environment_and_saved_config_are_honoured() {
     assert_echo(&mut app, "cfg", &client_id);
 }
 
+/// `HERMESCHAT_GATEWAY_URL` without a port (or with https://, or no URL at all) was ignored
+/// without a word, the default gateway probed and reported instead; an uid list with a word in
+/// it trusted no one. Each is refused (exit 2) naming the variable, before anything is done;
+/// `--stop` still works.
+#[test]
+fn environment_variables_that_cannot_be_read_are_refused_not_ignored() {
+    let relay = Relay::new();
+    let env = Env::new();
+    let port = closed_port().to_string();
+    for (name, value) in [
+        ("HERMESCHAT_GATEWAY_URL", "http://127.0.0.1"),
+        ("HERMESCHAT_GATEWAY_URL", "https://gateway:8642"),
+        ("HERMESCHAT_TRUSTED_UIDS", "1001,hermes"),
+    ] {
+        for args in [&["--server", &relay.url(), "--port", &port][..], &["--status"], &["--doctor"]]
+        {
+            let run = env.run_env(args, &[(name, value)]);
+            run.assert_code(2, &format!("{name}={value} {args:?}"));
+            let all = run.all();
+            assert!(all.contains(name) && all.contains(value), "{all}");
+        }
+        assert!(!env.home.join("bridge.json").exists(), "pairing went ahead");
+        env.run_env(&["--stop"], &[(name, value)]).assert_code(0, "--stop");
+    }
+    // What they should be is taken.
+    let run = env.run_env(
+        &["--status"],
+        &[
+            ("HERMESCHAT_GATEWAY_URL", "http://127.0.0.1:1"),
+            ("HERMESCHAT_TRUSTED_UIDS", "1001, 1002"),
+        ],
+    );
+    assert!(run.all().contains("127.0.0.1:1"), "{}", run.all());
+}
+
 /// Two copies of one `bridge.json` (a copied state directory) take the relay connection from
 /// each other (4001): the one replaced says why and what to do, and does not take it back at
 /// once.
@@ -1537,6 +1662,44 @@ fn foreground_logs_to_stderr_and_stops_cleanly_on_ctrl_c() {
     assert!(stderr.contains(&s.qr.g), "the foreground bridge logs to stderr: {stderr:?}");
     wait_bridge_status(&mut app, false, Duration::from_secs(5));
     assert!(!s.env.lock_held(), "bridge.pid still locked after Ctrl-C");
+}
+
+/// `--foreground` (the boot service's bridge) passes no backend gate: pointed at a port that is
+/// not a Hermes API it served it without a word. It says so now, once, and keeps running.
+#[test]
+fn a_foreground_bridge_names_a_backend_port_that_is_not_a_hermes_api() {
+    let relay = Relay::new();
+    let backend = Backend::start();
+    let env = Env::new();
+    env.pair_json(&relay, &backend, &[]);
+    env.run(&["--stop"]).assert_code(0, "--stop");
+    let id = env.bridge_json();
+    let (bridge_id, secret) =
+        (id["bridgeId"].as_str().unwrap(), id["relaySecret"].as_str().unwrap());
+    relay.registry().wait_bridge_online(bridge_id, secret, false);
+    let port =
+        busy_port(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            .to_string();
+    let mut child = env
+        .cmd(&["--foreground", "--port", &port])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let err = read_all(child.stderr.take().unwrap());
+    let mut child = Reap(child);
+    // Online at the relay: past its start, and what it found said.
+    relay.registry().wait_bridge_online(bridge_id, secret, true);
+    assert!(child.0.try_wait().unwrap().is_none(), "--foreground exited");
+    // SAFETY: SIGINT (Ctrl-C) to the child this test started.
+    unsafe {
+        libc::kill(pid as libc::pid_t, libc::SIGINT);
+    }
+    let stderr = err.recv_timeout(Duration::from_secs(10)).unwrap();
+    let said = format!("the backend http://127.0.0.1:{port} answers, but not GET /api/health");
+    assert!(stderr.contains(&said) && stderr.contains("--port"), "{stderr}");
 }
 
 /// A pairing made with the user's own backend is remembered: a later start without flags (the

@@ -2389,6 +2389,21 @@ fn max_connections_zero_is_refused_at_start() {
     assert_eq!(relay.registry().health().0, 200);
 }
 
+/// A number setting out of its type's range was "not a valid number", a number too large or
+/// negative included: each is named for what it is (exit 2).
+#[test]
+fn number_settings_say_what_is_wrong_with_the_value() {
+    for (args, why) in [
+        (["--rate-register", "99999999999"], "is too large"),
+        (["--max-connections-per-ip", "-1"], "is negative"),
+        (["--rate-verify", "ten"], "is not a whole number"),
+    ] {
+        let (code, stderr) = run_relay(&[&["--listen", "127.0.0.1:0"][..], &args].concat(), &[]);
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(args[0]) && stderr.contains(why), "{args:?}: {stderr}");
+    }
+}
+
 /// A wildcard `--listen` without `--public-url` would hand apps `ws://0.0.0.0:PORT/…`: it is
 /// refused (exit 2) saying to pass `--public-url`; with one it starts and hands out that URL.
 #[test]
@@ -2404,6 +2419,40 @@ fn wildcard_listen_needs_a_public_url() {
     for url in [&reg.bridge_relay_url, &reg.app_relay_url] {
         assert!(url.starts_with("wss://relay.example.com/"), "handed out {url}");
     }
+}
+
+/// A `--public-url` without a host (`https://`) started a relay that handed apps and bridges
+/// `wss:/ws/app`; one with a query or a space, URLs as broken. Each is refused (exit 2).
+#[test]
+fn a_public_url_apps_cannot_dial_is_refused_at_start() {
+    for url in
+        ["https://", "http:///ws", "https://relay.example.com?x=1", "https://relay example.com"]
+    {
+        let (code, stderr) = run_relay(&["--listen", "127.0.0.1:0", "--public-url", url], &[]);
+        assert_eq!(code, Some(2), "--public-url {url}: {stderr}");
+        assert!(stderr.contains("--public-url") && stderr.contains("scheme and host"), "{stderr}");
+    }
+    let relay = Relay::start(&["--public-url", "https://relay.example.com/prefix/"]);
+    let reg = relay.registry().register_ok("prefix");
+    assert_eq!(reg.app_relay_url, "wss://relay.example.com/prefix/ws/app");
+}
+
+/// A `--data` that is a file, or lies under one, was "cannot use the data dir: …: File
+/// exists": it is now named as a file, with what to pass instead (exit 1, the file untouched).
+#[test]
+fn a_data_path_that_is_a_file_is_named_as_such() {
+    let dir = fresh_dir("datafile");
+    let file = dir.join("relay-data");
+    std::fs::write(&file, b"mine").unwrap();
+    let (code, stderr) = run_relay_on(&file, &["--listen", "127.0.0.1:0"], &[]);
+    assert_eq!(code, Some(1), "{stderr}");
+    let named = format!("--data {} is a file, not a directory", file.display());
+    assert!(stderr.contains(&named), "{stderr}");
+    let (code, stderr) = run_relay_on(&file.join("sub"), &["--listen", "127.0.0.1:0"], &[]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("part of that path is a file, not a directory"), "{stderr}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"mine");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A `relay.db` that is not a database stops the relay with the file's path and what to do

@@ -50,8 +50,8 @@ fn a_data_directory_that_cannot_be_made_names_the_flag() {
     std::fs::write(dir.join("file"), "x").unwrap();
     let (code, stderr) = run_relay_on(&dir.join("file/relay-data"), &["--listen", "127.0.0.1:0"]);
     assert_eq!(code, Some(1), "{stderr}");
-    assert!(stderr.contains("cannot use the data dir"), "{stderr}");
-    assert!(stderr.contains("--data (or HERMESCHAT_RELAY_DATA)"), "{stderr}");
+    assert!(stderr.contains("part of that path is a file"), "{stderr}");
+    assert!(stderr.contains("pass another --data directory"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -296,6 +296,36 @@ fn a_store_the_relay_may_not_write_is_named_with_its_owner() {
         assert!(line.contains("belongs to you") && line.contains("chmod 600"), "{line}");
     }
     let _ = std::fs::remove_dir_all(&data);
+}
+
+/// A `--data` directory the relay may not create (as root, the relay run as nobody) was
+/// "cannot use the data dir: …: Permission denied", with no way out: it now names the user
+/// the relay runs as and the command that gives it the directory.
+#[test]
+fn a_data_directory_the_relay_may_not_create_is_named_with_the_way_out() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let parent = fresh_dir("nocreate");
+    let data = parent.join("data");
+    let mut cmd = Command::new(bin_path());
+    cmd.args(["--listen", "127.0.0.1:0", "--data"]).arg(&data);
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if me == 0 {
+        // Root may create anything: the relay runs as nobody, below root's directory.
+        cmd.uid(65534).gid(65534);
+    } else {
+        std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o500)).unwrap();
+    }
+    let (code, stderr) = run_to_exit(&mut cmd);
+    assert_eq!(code, Some(1), "{stderr}");
+    let line = stderr.lines().find(|l| l.starts_with("hermeschat-relay:")).unwrap_or_default();
+    assert!(line.contains(&format!("--data {}", data.display())), "{line}");
+    let uid = if me == 0 { 65534 } else { me };
+    assert!(line.contains(&format!("the relay runs as uid {uid}")), "{line}");
+    assert!(line.contains(&format!("install -d -m 700 -o {uid} {}", data.display())), "{line}");
+    std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let _ = std::fs::remove_dir_all(&parent);
 }
 
 /// On a full disk the relay says so and how to get out, whether SQLite reports it as "full"

@@ -223,6 +223,41 @@ fn a_sec1_key_is_refused_with_the_command_that_converts_it() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Runs the relay with `cert` and `key`, which must keep it from starting: its exit code and
+/// stderr ([`common::run_to_exit`]).
+fn refused_tls_relay(dir: &Path, cert: &Path, key: &Path) -> (Option<i32>, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hermeschat-relay"));
+    cmd.args(["--listen", "127.0.0.1:0", "--data"]).arg(dir.join("data"));
+    cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
+    common::run_to_exit(&mut cmd)
+}
+
+/// A key from another certificate used to start a relay whose every TLS handshake then
+/// failed, with nothing in its log; swapped files got a message naming neither.
+#[test]
+fn a_key_of_another_certificate_or_swapped_files_keep_the_relay_from_starting() {
+    let dir = fresh_dir("tls-mismatch");
+    let (cert, key) = make_cert(&dir);
+    let other = dir.join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    let (_, other_key) = make_cert(&other);
+    let (code, err) = refused_tls_relay(&dir, &cert, &other_key);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("the key does not belong to the certificate"), "{err}");
+    assert!(err.contains(&other_key.display().to_string()), "{err}");
+    assert!(!err.contains("\"listening\""), "{err}");
+    let (code, err) = refused_tls_relay(&dir, &key, &cert);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("holds no PEM certificate"), "{err}");
+    assert!(err.contains("were --tls-cert and --tls-key swapped?"), "{err}");
+    let (code, err) = refused_tls_relay(&dir, &cert, &dir.join("missing.pem"));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("--tls-key ") && err.contains("missing.pem: cannot read it"), "{err}");
+    // The matching pair still serves.
+    drop(start_tls_relay(&dir, &cert, &key));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn plain_http_to_the_tls_port_does_not_break_the_relay() {
     let dir = fresh_dir("plain");

@@ -29,7 +29,7 @@ pub mod uploads;
 pub mod upstream;
 
 use std::io;
-use std::net::{IpAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -171,12 +171,37 @@ pub struct Started {
     pub key: BackendKey,
 }
 
+/// Why the backend cannot listen on `addr`, and what to do: pairing found the port free a moment
+/// ago, so another program took it since, or it needs a privilege this user lacks.
+fn bind_error(addr: SocketAddr, e: io::Error) -> io::Error {
+    let port = addr.port();
+    let next = match e.kind() {
+        io::ErrorKind::AddrInUse => format!(
+            "another program holds port {port} (lsof -nP -iTCP:{port} -sTCP:LISTEN shows \
+             which): stop it, or pass --port <a free port>"
+        ),
+        io::ErrorKind::PermissionDenied if port < 1024 => {
+            "ports below 1024 need root: pass --port <a port from 1024 up>".to_owned()
+        }
+        io::ErrorKind::AddrNotAvailable => format!(
+            "{} is not an address of this machine: unset HERMESCHAT_LOCAL_HOST, or set it to \
+             127.0.0.1 or ::1",
+            addr.ip()
+        ),
+        _ => "pass --port <a free port>".to_owned(),
+    };
+    io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}: {next}"))
+}
+
 /// [`start`] with explicit settings.
 pub fn start_with(settings: Settings, stop: Arc<AtomicBool>) -> io::Result<Started> {
-    let listener = TcpListener::bind((settings.host, settings.port))?;
+    let addr = SocketAddr::new(settings.host, settings.port);
+    let listener = TcpListener::bind(addr).map_err(|e| bind_error(addr, e))?;
     let port = listener.local_addr()?.port();
-    state::ensure_dir(&settings.state_dir)?;
-    let (key, key_note) = key::load_or_create(&settings.state_dir)?;
+    let in_state_dir =
+        |e: io::Error| io::Error::new(e.kind(), format!("{e}{}", state::write_hint(&e)));
+    state::ensure_dir(&settings.state_dir).map_err(in_state_dir)?;
+    let (key, key_note) = key::load_or_create(&settings.state_dir).map_err(in_state_dir)?;
     let log = match RotatingLog::open(&state::server_log(&settings.state_dir)) {
         Ok(l) => Some(l),
         Err(e) => {
@@ -213,7 +238,7 @@ pub fn start_with(settings: Settings, stop: Arc<AtomicBool>) -> io::Result<Start
     listener.set_nonblocking(true)?;
     shared.log(&format!(
         "built-in backend listening on http://{} (gateway {}, direct fallback {})",
-        std::net::SocketAddr::new(shared.settings.host, port),
+        SocketAddr::new(shared.settings.host, port),
         shared.upstream.config().addr(),
         if shared.settings.direct.is_some() { "on" } else { "off" }
     ));
@@ -471,7 +496,20 @@ fn route(shared: &Arc<Shared>, req: &conn::Request, c: &mut Conn, close: bool) -
 
 #[cfg(test)]
 mod tests {
-    use super::loopback_host;
+    use super::{bind_error, loopback_host};
+    use std::io;
+
+    #[test]
+    fn a_port_the_backend_cannot_take_is_named_with_the_way_out() {
+        let err = |kind, addr: &str| bind_error(addr.parse().unwrap(), io::Error::from(kind));
+        let busy = err(io::ErrorKind::AddrInUse, "127.0.0.1:8765").to_string();
+        assert!(busy.starts_with("cannot listen on 127.0.0.1:8765: "), "{busy}");
+        assert!(busy.contains("lsof -nP -iTCP:8765") && busy.contains("--port"), "{busy}");
+        let low = err(io::ErrorKind::PermissionDenied, "127.0.0.1:81").to_string();
+        assert!(low.contains("ports below 1024 need root") && low.contains("--port"), "{low}");
+        let gone = err(io::ErrorKind::AddrNotAvailable, "[::1]:8765").to_string();
+        assert!(gone.contains("HERMESCHAT_LOCAL_HOST"), "{gone}");
+    }
 
     #[test]
     fn loopback_hosts_with_and_without_ports() {

@@ -117,9 +117,17 @@ fn env_bool(name: &str) -> Result<bool, String> {
     }
 }
 
-/// A number setting, or an error naming where it came from.
+/// A number setting, or an error naming where it came from and what is wrong with it.
 fn parse_num<T: std::str::FromStr>(s: &Setting) -> Result<T, String> {
-    s.value.parse().map_err(|_| format!("{}: {:?} is not a valid number", s.from, s.value))
+    s.value.parse().map_err(|_| {
+        let whole = |v: &str| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit());
+        let why = match s.value.strip_prefix('-') {
+            Some(v) if whole(v) => "is negative: give a whole number, 0 or more",
+            _ if whole(&s.value) => "is too large",
+            _ => "is not a whole number",
+        };
+        format!("{}: {:?} {why}", s.from, s.value)
+    })
 }
 
 /// Longest duration a `--*-secs` option takes: one day. Larger values would make no sense and
@@ -215,9 +223,23 @@ fn config_from(given: &Given) -> Result<RelayConfig, String> {
     let mut config = RelayConfig::new(listen, data);
     if let Some(s) = &given.public_url {
         let url = &s.value;
-        if !(url.starts_with("https://") || url.starts_with("http://")) {
+        let Some(rest) = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://"))
+        else {
             return Err(format!(
                 "{}: {url:?} must start with https:// (or http:// for tests)",
+                s.from
+            ));
+        };
+        // Apps and bridges are handed `wss://<rest>/ws/…`: without a host, or with a query or
+        // a space in it, that is no URL they can dial.
+        let host = rest.split('/').next().unwrap_or_default();
+        if url.chars().any(char::is_control) {
+            return Err(format!("{}: {url:?} holds a control character: fix the value", s.from));
+        }
+        if host.is_empty() || rest.contains(['?', '#']) || rest.chars().any(char::is_whitespace) {
+            return Err(format!(
+                "{}: {url:?} is not a base URL apps can reach: give the scheme and host (and \
+                 port, and path prefix, if any) only, e.g. https://relay.example.com",
                 s.from
             ));
         }

@@ -395,9 +395,8 @@ pub fn start(
     let mut threads = Vec::new();
     let mut target = target;
     if let Some(config) = &backend {
-        let started = crate::backend::start(config, stop.clone()).map_err(|e| {
-            format!("the built-in backend cannot start: {e}{}", state::write_hint(&e))
-        })?;
+        let started = crate::backend::start(config, stop.clone())
+            .map_err(|e| format!("the built-in backend cannot start: {e}"))?;
         threads.push(started.thread);
         // This bridge started the backend at `target`: it is the built-in one, so it gets the
         // key (required where the backend cannot tell who connects). A bridge that did not

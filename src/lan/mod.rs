@@ -429,6 +429,12 @@ pub fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
 // ---------------------------------------------------------------------------------------------
 // --status
 
+/// lan.json holds a LAN device or an unused pairing code (it cannot be read: no): with no
+/// relay pairing, a stopped daemon was a LAN-only one, started again with `--local`.
+pub fn has_pairing(dir: &Path) -> bool {
+    store::read(dir).is_ok_and(|(lan, _)| !lan.devices.is_empty() || lan.token.is_some())
+}
+
 /// True when the daemon whose status this is serves the LAN.
 pub fn serving(saved: Option<&Status>) -> bool {
     saved.is_some_and(|s| s.lan_url.is_some())

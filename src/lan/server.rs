@@ -1312,28 +1312,47 @@ fn log_note(note: Option<String>) {
 
 /// Binds `addr` and prepares the server; errors name the address and what to do.
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    let listener = TcpListener::bind(addr).map_err(|e| {
-        let hint = match e.kind() {
-            io::ErrorKind::AddrInUse => format!(
-                "port {} is in use on {}; free it or pick another with --local-port",
-                addr.port(),
-                addr.ip()
-            ),
-            io::ErrorKind::AddrNotAvailable => format!(
-                "{} is not an address of this machine; pass --host <one of its LAN addresses>",
-                addr.ip()
-            ),
-            _ => format!("cannot listen on {addr}"),
-        };
-        io::Error::new(e.kind(), format!("{hint} ({e})"))
-    })?;
+    let listener = TcpListener::bind(addr).map_err(|e| bind_error(addr, e))?;
     listener.set_nonblocking(true)?;
     Ok(listener)
+}
+
+/// Why the LAN server cannot listen on `addr` (`e`), and what to do.
+fn bind_error(addr: SocketAddr, e: io::Error) -> io::Error {
+    let hint = match e.kind() {
+        io::ErrorKind::AddrInUse => format!(
+            "port {} is in use on {}; free it or pick another with --local-port",
+            addr.port(),
+            addr.ip()
+        ),
+        io::ErrorKind::AddrNotAvailable => format!(
+            "{} is not an address of this machine; pass --host <one of its LAN addresses>",
+            addr.ip()
+        ),
+        io::ErrorKind::PermissionDenied if addr.port() < 1024 => format!(
+            "cannot listen on {addr}: ports below 1024 need root; pick one from 1024 up with \
+             --local-port"
+        ),
+        _ => format!("cannot listen on {addr}"),
+    };
+    io::Error::new(e.kind(), format!("{hint} ({e})"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_privileged_port_is_named_with_the_flag_that_moves_it() {
+        let denied = || io::Error::from(io::ErrorKind::PermissionDenied);
+        let low = bind_error("192.168.1.5:80".parse().unwrap(), denied()).to_string();
+        assert!(
+            low.contains("ports below 1024 need root") && low.contains("--local-port"),
+            "{low}"
+        );
+        let high = bind_error("192.168.1.5:8766".parse().unwrap(), denied()).to_string();
+        assert!(high.starts_with("cannot listen on 192.168.1.5:8766 ("), "{high}");
+    }
 
     #[test]
     fn strips_only_the_client_field() {

@@ -344,15 +344,7 @@ impl Relay {
                 let why = e.to_string();
                 log_event("data_dir.unsafe", &[("warning", &why)]);
             }
-            Err(e) => {
-                // The default is relative (./relay-data): a read-only root or working directory
-                // (a container) fails here, and the way out is the flag.
-                let msg = format!(
-                    "cannot use the data dir: {e}: choose a writable one with --data (or \
-                     HERMESCHAT_RELAY_DATA)"
-                );
-                return Err(io::Error::new(e.kind(), msg));
-            }
+            Err(e) => return Err(data_dir_error(&config.data, e)),
         }
         // Before the store is touched: a second relay must not open it at all.
         let data_lock = lock_data_dir(&config.data)?;
@@ -476,7 +468,14 @@ fn lock_data_dir(dir: &Path) -> io::Result<File> {
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW)
         .open(&path)
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot open {}: {e}", path.display())))?;
+        .map_err(|e| {
+            let next = if e.kind() == io::ErrorKind::PermissionDenied {
+                format!(": {}", not_writable_hint(dir))
+            } else {
+                String::new()
+            };
+            io::Error::new(e.kind(), format!("cannot open {}: {e}{next}", path.display()))
+        })?;
     if let Err(e) = crate::state::flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
         if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
             return Err(io::Error::new(e.kind(), format!("cannot lock {}: {e}", path.display())));
@@ -501,6 +500,47 @@ fn lock_data_dir(dir: &Path) -> io::Result<File> {
     // Best effort: only the refusal message above reads it.
     let _ = file.set_len(0).and_then(|()| writeln!(file, "{}", std::process::id()));
     Ok(file)
+}
+
+/// Why the `--data` directory `dir` cannot be used (`e`, from creating it), and what to do.
+fn data_dir_error(dir: &Path, e: io::Error) -> io::Error {
+    let d = dir.display();
+    // What the system said, without the path [`crate::state::ensure_dir`] put in front.
+    let said = e.to_string();
+    let cause = said.strip_prefix(&format!("{d}: ")).unwrap_or(&said);
+    let message = match e.kind() {
+        io::ErrorKind::AlreadyExists => format!(
+            "--data {d} is a file, not a directory: pass a directory (one that does not exist \
+             yet is created)"
+        ),
+        io::ErrorKind::NotADirectory => format!(
+            "--data {d}: part of that path is a file, not a directory ({cause}): pass another \
+             --data directory"
+        ),
+        io::ErrorKind::PermissionDenied => {
+            format!("--data {d}: {cause}: {}", not_writable_hint(dir))
+        }
+        // E.g. the relative default (./relay-data) in a read-only root or working directory
+        // (a container): the way out is the flag.
+        _ => format!(
+            "cannot use the data dir: {said}: choose a writable one with --data (or \
+             HERMESCHAT_RELAY_DATA)"
+        ),
+    };
+    io::Error::new(e.kind(), message)
+}
+
+/// The next step when the relay may not create or write the `--data` directory `dir`.
+fn not_writable_hint(dir: &Path) -> String {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    format!(
+        "the relay runs as {} and may not write there: create the directory for that user \
+         (sudo install -d -m 700 -o {me} {}), run the relay as the directory's owner, or pass \
+         --data a directory of this user's",
+        store::user_label(me),
+        dir.display()
+    )
 }
 
 /// Descriptors kept for what is not a client connection: the listener, the poller, SQLite,
@@ -555,22 +595,88 @@ fn listen_error(addr: SocketAddr, e: io::Error) -> io::Error {
 }
 
 fn load_tls(cert: &std::path::Path, key: &std::path::Path) -> io::Result<native_tls::TlsAcceptor> {
-    let read = |p: &std::path::Path| {
-        std::fs::read(p)
-            .map_err(|e| io::Error::new(e.kind(), format!("cannot read {}: {e}", p.display())))
+    let read = |flag: &str, p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| {
+            io::Error::new(e.kind(), format!("{flag} {}: cannot read it: {e}", p.display()))
+        })
     };
-    let key_pem = read(key)?;
+    let key_pem = read("--tls-key", key)?;
+    let cert_pem = read("--tls-cert", cert)?;
+    // The file that holds the other one's kind of block was most likely given to the wrong flag.
+    let swapped =
+        find(&cert_pem, b"PRIVATE KEY-----").is_some() && find(&key_pem, CERT_LABEL).is_some();
+    let swap_hint = if swapped { " (were --tls-cert and --tls-key swapped?)" } else { "" };
+    if find(&cert_pem, CERT_LABEL).is_none() {
+        return Err(io::Error::other(format!(
+            "--tls-cert {} holds no PEM certificate (BEGIN CERTIFICATE){swap_hint}: pass the \
+             certificate chain, e.g. certbot's fullchain.pem",
+            cert.display()
+        )));
+    }
+    if find(&key_pem, b"PRIVATE KEY-----").is_none() {
+        return Err(io::Error::other(format!(
+            "--tls-key {} holds no PEM private key (BEGIN PRIVATE KEY){swap_hint}: pass the key \
+             issued with the certificate, e.g. certbot's privkey.pem",
+            key.display()
+        )));
+    }
     // native-tls wants the key's PEM block first in the file: text before it (openssl's "Bag
     // Attributes", an "EC PARAMETERS" block) is skipped rather than refused.
     let pkcs8 = find(&key_pem, PKCS8_LABEL).map_or(&key_pem[..], |at| &key_pem[at..]);
-    let identity = native_tls::Identity::from_pkcs8(&read(cert)?, pkcs8).map_err(|e| {
+    let identity = native_tls::Identity::from_pkcs8(&cert_pem, pkcs8).map_err(|e| {
         io::Error::other(match key_form_hint(&key_pem, key) {
             Some(hint) => hint,
-            None => format!("invalid TLS certificate or key (PEM, PKCS#8 key expected): {e}"),
+            None => format!(
+                "--tls-cert {} and --tls-key {}: invalid TLS certificate or key (PEM, PKCS#8 \
+                 key expected): {e}",
+                cert.display(),
+                key.display()
+            ),
         })
     })?;
-    native_tls::TlsAcceptor::new(identity)
-        .map_err(|e| io::Error::other(format!("TLS setup failed: {e}")))
+    let acceptor = native_tls::TlsAcceptor::new(identity)
+        .map_err(|e| io::Error::other(format!("TLS setup failed: {e}")))?;
+    self_handshake(&acceptor).map_err(|e| {
+        io::Error::other(format!(
+            "a TLS handshake with --tls-cert {} and --tls-key {} fails ({e}): the key does not \
+             belong to the certificate's first entry. Pass the key issued with this certificate \
+             (certbot: privkey.pem beside fullchain.pem in the same live/ directory)",
+            cert.display(),
+            key.display()
+        ))
+    })?;
+    Ok(acceptor)
+}
+
+/// How a PEM certificate begins.
+const CERT_LABEL: &[u8] = b"-----BEGIN CERTIFICATE-----";
+
+/// One TLS handshake of `acceptor` with ourselves over a socket pair. The TLS library takes a
+/// key that does not match the certificate without a word; the relay would then start and fail
+/// every client's handshake, logging nothing, so that is found out here, before it starts.
+fn self_handshake(acceptor: &native_tls::TlsAcceptor) -> Result<(), String> {
+    let (server, client) = std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
+    for s in [&server, &client] {
+        // Bounded: a stuck handshake must not keep the relay from starting or failing.
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
+    }
+    let acceptor = acceptor.clone();
+    let accepting = std::thread::Builder::new()
+        .name("tls-check".into())
+        .spawn(move || acceptor.accept(server).map(drop).map_err(|e| e.to_string()))
+        .map_err(|e| e.to_string())?;
+    // Only whether the key signs for the certificate is checked: not its name or its issuer.
+    let connected = native_tls::TlsConnector::builder()
+        .danger_accept_invalid_certs(true)
+        .danger_accept_invalid_hostnames(true)
+        .build()
+        .map_err(|e| e.to_string())?
+        .connect("localhost", client)
+        .map(drop)
+        .map_err(|e| e.to_string());
+    let accepted = accepting.join().unwrap_or_else(|_| Err("the check panicked".into()));
+    accepted.and(connected)
 }
 
 /// How a PKCS#8 PEM key begins, the only form native-tls loads.

@@ -254,7 +254,7 @@ fn create_error(path: &Path, e: &std::io::Error) -> StoreError {
 }
 
 /// `uid N (name)`, with the name when the user database has one.
-fn user_label(uid: u32) -> String {
+pub(crate) fn user_label(uid: u32) -> String {
     match crate::state::account_name(uid) {
         Some(name) => format!("uid {uid} ({name})"),
         None => format!("uid {uid}"),
