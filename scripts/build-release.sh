@@ -54,10 +54,8 @@ report() {
   printf '  %-62s %10d bytes  %6s MiB  %s\n' "$path" "$size" "$mib" "$verdict"
 }
 
-# The relay's SQLite without the extensions it never uses (full-text search, R-tree, JSON,
-# stat4, soundex, the dbstat table): about 0.4 MiB less, which keeps the static relay under the
-# goal. Set LIBSQLITE3_FLAGS yourself to override.
-export LIBSQLITE3_FLAGS="${LIBSQLITE3_FLAGS:--USQLITE_ENABLE_FTS3 -USQLITE_ENABLE_FTS3_PARENTHESIS -USQLITE_ENABLE_FTS5 -USQLITE_ENABLE_RTREE -USQLITE_ENABLE_DBSTAT_VTAB -USQLITE_ENABLE_STAT4 -USQLITE_SOUNDEX -DSQLITE_OMIT_JSON -DSQLITE_OMIT_DEPRECATED -DSQLITE_OMIT_SHARED_CACHE -DSQLITE_DEFAULT_MEMSTATUS=0}"
+# The relay's SQLite is built without the extensions it never uses by LIBSQLITE3_FLAGS in
+# .cargo/config.toml, which every build from this directory reads (set it yourself to override).
 
 # The static binaries without unwind tables (panic=abort never unwinds; C code included) and
 # with their relative relocations packed (DT_RELR): about 1.1 MiB less per binary, which pays

@@ -1731,8 +1731,10 @@ fn run_bridge(args: &Args, mut ready: Readiness, detached: bool) -> Result<(), E
     let bridge = match started {
         Ok(b) => b,
         Err(msg) => {
-            ready.error(&msg);
+            // Released before the waiting command hears of the failure, so a `--status` run
+            // right after it finds no daemon rather than the lock of one that never started.
             lock.release();
+            ready.error(&msg);
             return Err(fail(msg));
         }
     };
