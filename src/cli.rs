@@ -1157,26 +1157,79 @@ pub enum PairMode {
 /// How long a command waits for another one of the same state directory to finish.
 const COMMAND_LOCK_WAIT: Duration = Duration::from_secs(120);
 
+/// Why [`command_lock`] was not taken.
+pub(crate) enum CommandLockError {
+    /// The command holding it is suspended (Ctrl-Z, SIGSTOP): waiting would only hang until
+    /// it is resumed. Its pid.
+    Suspended(u32),
+    /// Anything else (another command kept it too long, the file cannot be opened).
+    Failed(Exit),
+}
+
+impl CommandLockError {
+    /// The error of a command that needs the lock.
+    fn exit(self) -> Exit {
+        match self {
+            CommandLockError::Suspended(pid) => fail(format!(
+                "another hermeschat-pair command (pid {pid}) is suspended (Ctrl-Z) in the middle \
+                 of its work for this state directory, and holds it until it ends: resume it (fg \
+                 in its terminal, or kill -CONT {pid}) and let it finish, or end it (kill \
+                 {pid}), then run this again. Nothing was changed"
+            )),
+            CommandLockError::Failed(e) => e,
+        }
+    }
+}
+
 /// One command at a time per state directory for what registers, issues codes and starts or
 /// replaces the daemon (pairing in both modes, `--refresh-code`, `--reset`, `--install`): two
 /// run at once would replace each other's identity, code or daemon and print QR codes nothing
 /// serves. The lock (`command.lock`) ends with the process.
 pub(crate) fn command_lock(dir: &Path, out: &Out) -> Result<state::FileLock, Exit> {
+    command_lock_unless_suspended(dir, out).map_err(CommandLockError::exit)
+}
+
+/// [`command_lock`], telling a holder that is suspended apart: it is named at once instead of
+/// waited for (a command suspended with Ctrl-Z in another terminal would otherwise hold every
+/// other one for [`COMMAND_LOCK_WAIT`]).
+pub(crate) fn command_lock_unless_suspended(
+    dir: &Path,
+    out: &Out,
+) -> Result<state::FileLock, CommandLockError> {
     let path = dir.join("command.lock");
-    let cannot = |e: std::io::Error| fail(format!("cannot take the command lock: {e}"));
-    if let Some(lock) = state::FileLock::acquire_until(&path, Instant::now()).map_err(cannot)? {
-        return Ok(lock);
-    }
-    out.info("Another hermeschat-pair command is running for this state directory; waiting for it");
-    state::FileLock::acquire_until(&path, Instant::now() + COMMAND_LOCK_WAIT)
-        .map_err(cannot)?
-        .ok_or_else(|| {
-            fail(format!(
-                "another hermeschat-pair command kept running for {} s (a suspended one? ps -ef \
-                 | grep hermeschat-pair); run this again once it has ended. Nothing was changed",
+    let cannot = |e: std::io::Error| {
+        CommandLockError::Failed(fail(format!("cannot take the command lock: {e}")))
+    };
+    let deadline = Instant::now() + COMMAND_LOCK_WAIT;
+    let mut told = false;
+    loop {
+        if let Some(lock) = state::FileLock::acquire_until(&path, Instant::now()).map_err(cannot)? {
+            // Read by the next command that finds it held (where the kernel does not say).
+            let _ = lock.record_pid();
+            return Ok(lock);
+        }
+        let holder = state::FileLock::holder(&path);
+        if let Some(pid) = holder.filter(|&pid| daemon::suspended(pid)) {
+            return Err(CommandLockError::Suspended(pid));
+        }
+        if Instant::now() >= deadline {
+            return Err(CommandLockError::Failed(fail(format!(
+                "another hermeschat-pair command{} kept running for {} s; run this again once \
+                 it has ended. Nothing was changed",
+                holder.map(|pid| format!(" (pid {pid})")).unwrap_or_default(),
                 COMMAND_LOCK_WAIT.as_secs()
-            ))
-        })
+            ))));
+        }
+        if !told {
+            told = true;
+            out.info(&format!(
+                "Another hermeschat-pair command{} is running for this state directory; waiting \
+                 for it",
+                holder.map(|pid| format!(" (pid {pid})")).unwrap_or_default()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
@@ -1490,8 +1543,20 @@ fn stop() -> Result<(), Exit> {
     // Not `state_dir()`: stopping must work even where the directory is refused for use.
     let dir = state::state_dir();
     // After a pairing running now, not in the middle of it (it would fail halfway, or its
-    // daemon start after this stop). Where the lock cannot be taken, stop all the same.
-    let _lock = command_lock(&dir, &out).ok();
+    // daemon start after this stop). Where the lock cannot be taken, stop all the same; at
+    // once when its holder is suspended, which may be for ever.
+    let _lock = match command_lock_unless_suspended(&dir, &out) {
+        Ok(lock) => Some(lock),
+        Err(CommandLockError::Suspended(pid)) => {
+            out.warn(&format!(
+                "Another hermeschat-pair command (pid {pid}) is suspended (Ctrl-Z) in the middle \
+                 of its work; stopping the daemon without waiting for it (resumed, it may start \
+                 the daemon again: end it with kill {pid})"
+            ));
+            None
+        }
+        Err(CommandLockError::Failed(_)) => None,
+    };
     match daemon::stop(&dir, Duration::from_secs(5)).map_err(fail)? {
         Stopped::NotRunning => out.ok("No bridge daemon was running"),
         Stopped::Terminated(pid) => out.ok(&format!("Stopped the bridge daemon (pid {pid})")),

@@ -775,6 +775,87 @@ fn stop_during_a_pairing_waits_for_it() {
     assert!(!env.lock_held(), "the daemon the pairing started still runs");
 }
 
+/// A command suspended (Ctrl-Z) while it holds the command lock is named at once, not waited
+/// for (which would hang until it is resumed, up to two minutes): `--stop` stops the daemon
+/// without it, a pairing refuses and says how to resume it.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_command_suspended_with_the_lock_is_named_not_waited_for() {
+    let relay = Relay::start(&[]);
+    let backend = Backend::start();
+    let env = Env::new();
+    env.pair_json(&relay, &backend, &[]);
+    let daemon = env.daemon_pid();
+    // A registry that takes the connection and never answers: the pairing holds the command
+    // lock for its whole request (15 s).
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let server = format!("http://{}", silent.local_addr().unwrap());
+    let port = backend.port.to_string();
+    /// Kills the suspended pairing even when an assertion fails.
+    struct Reap(Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut pairing = Reap(
+        env.cmd(&["--reset", "--server", &server, "--port", &port])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = pairing.0.id();
+    let lock = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(env.home.join("command.lock"))
+        .unwrap();
+    let held = || {
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a descriptor we own; a lock we get is given back at once.
+        unsafe {
+            if libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 {
+                libc::flock(lock.as_raw_fd(), libc::LOCK_UN);
+                return false;
+            }
+        }
+        true
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !held() {
+        assert!(pairing.0.try_wait().unwrap().is_none(), "the pairing ended early");
+        assert!(Instant::now() < deadline, "the pairing never took the command lock");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // SAFETY: SIGSTOP to the pairing this test started (Ctrl-Z in its terminal).
+    unsafe {
+        libc::kill(pid as libc::pid_t, libc::SIGSTOP);
+    }
+    let stat = || std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    while !stat().rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('T')) {
+        assert!(Instant::now() < deadline, "the pairing was not suspended: {}", stat());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let again = env.run(&["--json", "--server", &relay.url(), "--port", &port]);
+    again.assert_code(1, "a pairing behind a suspended one");
+    assert!(again.all().contains(&format!("(pid {pid}) is suspended")), "{}", again.all());
+    assert!(again.all().contains(&format!("kill -CONT {pid}")), "{}", again.all());
+    assert!(again.all().contains("Nothing was changed"), "{}", again.all());
+    let stop = env.run(&["--stop"]);
+    stop.assert_code(0, "--stop behind a suspended command");
+    assert!(stop.all().contains(&format!("(pid {pid}) is suspended")), "{}", stop.all());
+    let stopped = format!("Stopped the bridge daemon (pid {daemon})");
+    assert!(stop.stdout.contains(&stopped), "{}", stop.all());
+    assert!(!env.lock_held(), "the daemon still runs");
+    drop(pairing);
+    // Once it has ended, the lock is free again.
+    env.pair_json(&relay, &backend, &[]);
+}
+
 /// A relay behind a proxy started without `--public-url` announces its loopback address: the
 /// pairing says so and saves nothing (no QR a phone could never use). `127.1` reaches the
 /// relay as `127.0.0.1` does, but is not the loopback address the relay announces.
