@@ -1151,6 +1151,48 @@ fn an_answer_in_two_writes_is_acknowledged_at_once() {
     assert!(prompt >= 4, "heads acknowledged before the 40 ms delayed ACK: {acked:?}");
 }
 
+/// A port found free but taken before the built-in backend binds it (another program started
+/// listening there in between): the pairing names that race and what to do, and prints no QR.
+#[test]
+fn a_port_taken_between_the_probe_and_the_built_in_backend_is_named() {
+    /// A socket bound to a loopback port but not listening: a connection to it is refused (the
+    /// port looks free to the probe) while a bind fails, as with a program that binds between
+    /// the two. Closed when dropped.
+    struct BoundOnly(libc::c_int);
+    impl Drop for BoundOnly {
+        fn drop(&mut self) {
+            // SAFETY: closes the descriptor this value owns.
+            unsafe { libc::close(self.0) };
+        }
+    }
+    // SAFETY: plain socket calls on a descriptor owned by `BoundOnly`; the address structures
+    // are valid for the sizes passed.
+    let (socket, port) = unsafe {
+        let socket = BoundOnly(libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0));
+        assert!(socket.0 >= 0, "socket: {}", std::io::Error::last_os_error());
+        let mut addr: libc::sockaddr_in = std::mem::zeroed();
+        addr.sin_family = libc::AF_INET as libc::sa_family_t;
+        addr.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let bound = libc::bind(socket.0, (&raw const addr).cast(), len);
+        assert_eq!(bound, 0, "bind: {}", std::io::Error::last_os_error());
+        let mut len = len;
+        libc::getsockname(socket.0, (&raw mut addr).cast(), &mut len);
+        (socket, u16::from_be(addr.sin_port))
+    };
+    let relay = Relay::new();
+    let env = Env::new();
+    let run = env.run(&["--server", &relay.url(), "--port", &port.to_string()]);
+    run.assert_code(1, "a port taken before the backend binds it");
+    let all = run.all();
+    let named = format!("port {port} on 127.0.0.1 was taken right after it was found free");
+    assert!(all.contains(&named), "{all}");
+    assert!(all.contains("--port"), "{all}");
+    assert!(!all.contains('█') && !all.contains('▀'), "a QR was printed: {all}");
+    assert!(!env.lock_held(), "a daemon runs");
+    drop(socket);
+}
+
 #[test]
 fn busy_port_without_health_exits_1_and_prints_no_qr() {
     let relay = Relay::new();

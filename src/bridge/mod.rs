@@ -396,6 +396,17 @@ pub fn start(
     let mut target = target;
     if let Some(config) = &backend {
         let started = crate::backend::start(config, stop.clone()).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AddrInUse {
+                // Free when probed a moment ago: another program (or another state
+                // directory's bridge) took it since.
+                return format!(
+                    "the built-in backend cannot start: port {} on {} was taken right after it \
+                     was found free (another program started listening there meanwhile). Run \
+                     this again: a Hermes API there is then used; or pick a free port with \
+                     --port",
+                    config.port, config.host
+                );
+            }
             format!("the built-in backend cannot start: {e}{}", state::write_hint(&e))
         })?;
         threads.push(started.thread);
