@@ -800,7 +800,8 @@ pub(crate) fn ensure_daemon(
     };
     let current = running_status(dir);
     let replaced = current.as_ref().is_some_and(|s| replaced_program(s, out));
-    if let Some(s) = current.as_ref().filter(|s| fits(s) && !replaced) {
+    let suspended = current.as_ref().is_some_and(|s| suspended_daemon(s, out));
+    if let Some(s) = current.as_ref().filter(|s| fits(s) && !replaced && !suspended) {
         out.ok(&format!("Bridge daemon already running (pid {})", s.pid));
         other_copy_note(s, out);
         return Ok(s.pid);
@@ -812,7 +813,8 @@ pub(crate) fn ensure_daemon(
                 "The running bridge daemon {}; restarting it",
                 differs(s, bridge_id)
             )),
-            // Only its program replaced: `replaced_program` said so.
+            // Only its program replaced, or it is suspended: `replaced_program` or
+            // `suspended_daemon` said so.
             Some(_) => {}
             None if daemon::running(dir).is_some() => {
                 out.warn("The running bridge daemon's status cannot be read; restarting it")
@@ -851,6 +853,20 @@ pub(crate) fn replaced_program(s: &Status, out: &Out) -> bool {
         ));
     }
     replaced
+}
+
+/// Whether the daemon `s` describes is suspended (SIGSTOP, Ctrl-Z), said to the user: it
+/// serves nothing, so a pairing restarts it rather than print a QR code nothing answers.
+pub(crate) fn suspended_daemon(s: &Status, out: &Out) -> bool {
+    let suspended = daemon::suspended(s.pid);
+    if suspended {
+        out.warn(&format!(
+            "The running bridge daemon (pid {}) is suspended (SIGSTOP or Ctrl-Z) and serves \
+             nothing; restarting it",
+            s.pid
+        ));
+    }
+    suspended
 }
 
 /// Says so when the daemon `s` describes runs another copy of the program than this one (two
@@ -1322,6 +1338,7 @@ fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
         mode == PairMode::RefreshCode
             && s.bridge_id == identity.bridge_id
             && s.backend_url == target.url()
+            && !daemon::suspended(s.pid)
     });
     let builtin = kept.as_ref().map_or(backend.builtin, status_builtin);
     // Saved before the daemon starts: a boot service's bridge reads the backend choice from

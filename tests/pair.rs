@@ -786,8 +786,9 @@ fn a_command_suspended_with_the_lock_is_named_not_waited_for() {
     let env = Env::new();
     env.pair_json(&relay, &backend, &[]);
     let daemon = env.daemon_pid();
-    // A registry that takes the connection and never answers: the pairing holds the command
-    // lock for its whole request (15 s).
+    // A registry that takes the connection and never answers: the pairing (moving to it, so
+    // registering anew before it touches the daemon) holds the command lock for its whole
+    // request (15 s).
     let silent = TcpListener::bind("127.0.0.1:0").unwrap();
     let server = format!("http://{}", silent.local_addr().unwrap());
     let port = backend.port.to_string();
@@ -800,7 +801,7 @@ fn a_command_suspended_with_the_lock_is_named_not_waited_for() {
         }
     }
     let mut pairing = Reap(
-        env.cmd(&["--reset", "--server", &server, "--port", &port])
+        env.cmd(&["--server", &server, "--port", &port])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -1537,6 +1538,47 @@ fn a_daemon_whose_state_directory_is_deleted_stops() {
     std::thread::sleep(Duration::from_secs(11));
     assert_eq!(s.env.daemon_pid(), new_pid, "the new daemon lost its pid file or stopped");
     s.env.run(&["--status"]).assert_code(0, "--status after the orphan left");
+}
+
+/// A suspended daemon (SIGSTOP, Ctrl-Z) serves nothing: pairing again restarts it instead of
+/// printing a QR code nothing answers, and `--stop` stops it cleanly (resumed to act on its
+/// SIGTERM), instead of killing it after the grace period.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_suspended_daemon_is_restarted_by_pairing_and_stopped_cleanly() {
+    let s = setup();
+    let mut app = s.app;
+    let suspend = |pid: u32| {
+        // SAFETY: SIGSTOP to the daemon this test started (Ctrl-Z).
+        unsafe {
+            libc::kill(pid as libc::pid_t, libc::SIGSTOP);
+        }
+        let stat = || std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !stat().rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('T')) {
+            assert!(Instant::now() < deadline, "pid {pid} was not suspended: {}", stat());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    let pid = s.env.daemon_pid();
+    suspend(pid);
+    let server = s.relay.url();
+    let port = s.backend.port.to_string();
+    let run = s.env.run(&["--server", &server, "--port", &port]);
+    run.assert_code(0, "pairing with a suspended daemon");
+    assert!(run.all().contains(&format!("(pid {pid}) is suspended")), "{}", run.all());
+    let pid2 = s.env.daemon_pid();
+    assert_ne!(pid2, pid, "the suspended daemon was kept: {}", run.all());
+    assert!(!alive(pid), "the suspended daemon still runs");
+    wait_bridge_status(&mut app, true, Duration::from_secs(10));
+    assert_echo(&mut app, "after-suspend", &s.client_id);
+    suspend(pid2);
+    let stop = s.env.run(&["--stop"]);
+    stop.assert_code(0, "--stop of a suspended daemon");
+    let stopped = format!("Stopped the bridge daemon (pid {pid2})");
+    assert!(stop.stdout.contains(&stopped), "{}", stop.all());
+    let log = s.env.log();
+    assert!(log.trim_end().ends_with("bridge stopped"), "no clean shutdown: {log}");
 }
 
 #[test]
