@@ -894,7 +894,8 @@ pub(crate) fn ensure_daemon(
     };
     let current = running_status(dir);
     let replaced = current.as_ref().is_some_and(|s| replaced_program(s, out));
-    if let Some(s) = current.as_ref().filter(|s| fits(s) && !replaced) {
+    let suspended = current.as_ref().is_some_and(|s| suspended_daemon(s, out));
+    if let Some(s) = current.as_ref().filter(|s| fits(s) && !replaced && !suspended) {
         out.ok(&format!("Bridge daemon already running (pid {})", s.pid));
         other_copy_note(s, out);
         return Ok(s.pid);
@@ -906,7 +907,8 @@ pub(crate) fn ensure_daemon(
                 "The running bridge daemon {}; restarting it",
                 differs(s, bridge_id)
             )),
-            // Only its program replaced: `replaced_program` said so.
+            // Only its program replaced, or it is suspended: `replaced_program` or
+            // `suspended_daemon` said so.
             Some(_) => {}
             None if daemon::running(dir).is_some() => {
                 out.warn("The running bridge daemon's status cannot be read; restarting it")
@@ -945,6 +947,20 @@ pub(crate) fn replaced_program(s: &Status, out: &Out) -> bool {
         ));
     }
     replaced
+}
+
+/// Whether the daemon `s` describes is suspended (SIGSTOP, Ctrl-Z), said to the user: it
+/// serves nothing, so a pairing restarts it rather than print a QR code nothing answers.
+pub(crate) fn suspended_daemon(s: &Status, out: &Out) -> bool {
+    let suspended = daemon::suspended(s.pid);
+    if suspended {
+        out.warn(&format!(
+            "The running bridge daemon (pid {}) is suspended (SIGSTOP or Ctrl-Z) and serves \
+             nothing; restarting it",
+            s.pid
+        ));
+    }
+    suspended
 }
 
 /// Says so when the daemon `s` describes runs another copy of the program than this one (two
@@ -1251,28 +1267,82 @@ pub enum PairMode {
 /// How long a command waits for another one of the same state directory to finish.
 const COMMAND_LOCK_WAIT: Duration = Duration::from_secs(120);
 
+/// Why [`command_lock`] was not taken.
+pub(crate) enum CommandLockError {
+    /// The command holding it is suspended (Ctrl-Z, SIGSTOP): waiting would only hang until
+    /// it is resumed. Its pid.
+    Suspended(u32),
+    /// Anything else (another command kept it too long, the file cannot be opened).
+    Failed(Exit),
+}
+
+impl CommandLockError {
+    /// The error of a command that needs the lock.
+    fn exit(self) -> Exit {
+        match self {
+            CommandLockError::Suspended(pid) => fail(format!(
+                "another hermeschat-pair command (pid {pid}) is suspended (Ctrl-Z) in the middle \
+                 of its work for this state directory, and holds it until it ends: resume it (fg \
+                 in its terminal, or kill -CONT {pid}) and let it finish, or end it (kill \
+                 {pid}), then run this again. Nothing was changed"
+            )),
+            CommandLockError::Failed(e) => e,
+        }
+    }
+}
+
 /// One command at a time per state directory for what registers, issues codes and starts or
 /// replaces the daemon (pairing in both modes, `--refresh-code`, `--reset`, `--install`): two
 /// run at once would replace each other's identity, code or daemon and print QR codes nothing
 /// serves. The lock (`command.lock`) ends with the process.
 pub(crate) fn command_lock(dir: &Path, out: &Out) -> Result<state::FileLock, Exit> {
+    command_lock_unless_suspended(dir, out).map_err(CommandLockError::exit)
+}
+
+/// [`command_lock`], telling a holder that is suspended apart: it is named at once instead of
+/// waited for (a command suspended with Ctrl-Z in another terminal would otherwise hold every
+/// other one for [`COMMAND_LOCK_WAIT`]).
+pub(crate) fn command_lock_unless_suspended(
+    dir: &Path,
+    out: &Out,
+) -> Result<state::FileLock, CommandLockError> {
     let path = dir.join("command.lock");
     let cannot = |e: std::io::Error| {
-        fail(format!("cannot take the command lock: {e}{}", state::write_hint(&e)))
+        CommandLockError::Failed(fail(format!(
+            "cannot take the command lock: {e}{}",
+            state::write_hint(&e)
+        )))
     };
-    if let Some(lock) = state::FileLock::acquire_until(&path, Instant::now()).map_err(cannot)? {
-        return Ok(lock);
-    }
-    out.info("Another hermeschat-pair command is running for this state directory; waiting for it");
-    state::FileLock::acquire_until(&path, Instant::now() + COMMAND_LOCK_WAIT)
-        .map_err(cannot)?
-        .ok_or_else(|| {
-            fail(format!(
-                "another hermeschat-pair command kept running for {} s (a suspended one? ps -ef \
-                 | grep hermeschat-pair); run this again once it has ended. Nothing was changed",
+    let deadline = Instant::now() + COMMAND_LOCK_WAIT;
+    let mut told = false;
+    loop {
+        if let Some(lock) = state::FileLock::acquire_until(&path, Instant::now()).map_err(cannot)? {
+            // Read by the next command that finds it held (where the kernel does not say).
+            let _ = lock.record_pid();
+            return Ok(lock);
+        }
+        let holder = state::FileLock::holder(&path);
+        if let Some(pid) = holder.filter(|&pid| daemon::suspended(pid)) {
+            return Err(CommandLockError::Suspended(pid));
+        }
+        if Instant::now() >= deadline {
+            return Err(CommandLockError::Failed(fail(format!(
+                "another hermeschat-pair command{} kept running for {} s; run this again once \
+                 it has ended. Nothing was changed",
+                holder.map(|pid| format!(" (pid {pid})")).unwrap_or_default(),
                 COMMAND_LOCK_WAIT.as_secs()
-            ))
-        })
+            ))));
+        }
+        if !told {
+            told = true;
+            out.info(&format!(
+                "Another hermeschat-pair command{} is running for this state directory; waiting \
+                 for it",
+                holder.map(|pid| format!(" (pid {pid})")).unwrap_or_default()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
@@ -1365,6 +1435,7 @@ fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
         mode == PairMode::RefreshCode
             && s.bridge_id == identity.bridge_id
             && s.backend_url == target.url()
+            && !daemon::suspended(s.pid)
     });
     let builtin = kept.as_ref().map_or(backend.builtin, status_builtin);
     // Saved before the daemon starts: a boot service's bridge reads the backend choice from
@@ -1593,8 +1664,20 @@ fn stop() -> Result<(), Exit> {
     // Not `state_dir()`: stopping must work even where the directory is refused for use.
     let dir = state::state_dir();
     // After a pairing running now, not in the middle of it (it would fail halfway, or its
-    // daemon start after this stop). Where the lock cannot be taken, stop all the same.
-    let _lock = command_lock(&dir, &out).ok();
+    // daemon start after this stop). Where the lock cannot be taken, stop all the same; at
+    // once when its holder is suspended, which may be for ever.
+    let _lock = match command_lock_unless_suspended(&dir, &out) {
+        Ok(lock) => Some(lock),
+        Err(CommandLockError::Suspended(pid)) => {
+            out.warn(&format!(
+                "Another hermeschat-pair command (pid {pid}) is suspended (Ctrl-Z) in the middle \
+                 of its work; stopping the daemon without waiting for it (resumed, it may start \
+                 the daemon again: end it with kill {pid})"
+            ));
+            None
+        }
+        Err(CommandLockError::Failed(_)) => None,
+    };
     match daemon::stop(&dir, Duration::from_secs(5)).map_err(fail)? {
         Stopped::NotRunning => out.ok("No bridge daemon was running"),
         Stopped::Terminated(pid) => out.ok(&format!("Stopped the bridge daemon (pid {pid})")),

@@ -458,6 +458,9 @@ pub fn stop(dir: &Path, grace: Duration) -> Result<Stopped, String> {
             return Err(format!("cannot signal the daemon (pid {pid}): {e}"));
         }
     }
+    // A suspended daemon (SIGSTOP, Ctrl-Z) acts on the SIGTERM only once resumed: without
+    // this it would be killed after `grace`, its sockets and files left as they were.
+    signal(libc::SIGCONT);
     // Gone once `pid` no longer holds the lock: another daemon (one a concurrent command
     // started) may hold it by then, which is not this one failing to exit.
     let released = || running(dir) != Some(pid);

@@ -548,7 +548,9 @@ pub fn install(args: &Args) -> Result<(), Exit> {
         .collect();
     if !withheld.is_empty() {
         out.warn(&format!(
-            "{} holds a password and is not written into the service file (other users can              read it): give the service its proxy another way (README, Troubleshooting,              \"Behind an HTTP proxy\")",
+            "{} holds a password and is not written into the service file (other users can \
+             read it): give the service its proxy another way (README, Troubleshooting, \
+             \"Behind an HTTP proxy\")",
             withheld.join(", ")
         ));
     }

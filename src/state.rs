@@ -848,7 +848,7 @@ pub struct Config {
 #[derive(Debug)]
 pub struct FileLock {
     /// Held open for the lock's life: the lock ends when it is closed.
-    _file: File,
+    file: File,
 }
 
 impl FileLock {
@@ -869,6 +869,26 @@ impl FileLock {
         }
     }
 
+    /// Writes this process's pid into the lock file, for [`FileLock::holder`] where the
+    /// kernel does not name a lock's holder.
+    pub fn record_pid(&self) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.file.set_len(0)?;
+        self.file.write_all_at(format!("{}\n", std::process::id()).as_bytes(), 0)
+    }
+
+    /// The pid of the process holding the lock on `path`: the kernel's lock table (Linux),
+    /// else the pid its holder recorded ([`FileLock::record_pid`]). `None` when not told.
+    pub fn holder(path: &Path) -> Option<u32> {
+        let file = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path).ok()?;
+        crate::daemon::lock_holder(&file, path).or_else(|| {
+            use std::io::Read;
+            let mut text = String::new();
+            (&file).take(32).read_to_string(&mut text).ok()?;
+            text.trim().parse().ok()
+        })
+    }
+
     fn take(path: &Path, deadline: Option<std::time::Instant>) -> io::Result<FileLock> {
         let file = OpenOptions::new()
             .read(true)
@@ -881,7 +901,7 @@ impl FileLock {
         let op = if deadline.is_some() { libc::LOCK_EX | libc::LOCK_NB } else { libc::LOCK_EX };
         loop {
             let Err(e) = flock(&file, op) else {
-                return Ok(FileLock { _file: file });
+                return Ok(FileLock { file });
             };
             match deadline {
                 _ if e.kind() == io::ErrorKind::Interrupted => {}

@@ -780,6 +780,88 @@ fn stop_during_a_pairing_waits_for_it() {
     assert!(!env.lock_held(), "the daemon the pairing started still runs");
 }
 
+/// A command suspended (Ctrl-Z) while it holds the command lock is named at once, not waited
+/// for (which would hang until it is resumed, up to two minutes): `--stop` stops the daemon
+/// without it, a pairing refuses and says how to resume it.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_command_suspended_with_the_lock_is_named_not_waited_for() {
+    let relay = Relay::start(&[]);
+    let backend = Backend::start();
+    let env = Env::new();
+    env.pair_json(&relay, &backend, &[]);
+    let daemon = env.daemon_pid();
+    // A registry that takes the connection and never answers: the pairing (moving to it, so
+    // registering anew before it touches the daemon) holds the command lock for its whole
+    // request (15 s).
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let server = format!("http://{}", silent.local_addr().unwrap());
+    let port = backend.port.to_string();
+    /// Kills the suspended pairing even when an assertion fails.
+    struct Reap(Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut pairing = Reap(
+        env.cmd(&["--server", &server, "--port", &port])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = pairing.0.id();
+    let lock = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(env.home.join("command.lock"))
+        .unwrap();
+    let held = || {
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a descriptor we own; a lock we get is given back at once.
+        unsafe {
+            if libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 {
+                libc::flock(lock.as_raw_fd(), libc::LOCK_UN);
+                return false;
+            }
+        }
+        true
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !held() {
+        assert!(pairing.0.try_wait().unwrap().is_none(), "the pairing ended early");
+        assert!(Instant::now() < deadline, "the pairing never took the command lock");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // SAFETY: SIGSTOP to the pairing this test started (Ctrl-Z in its terminal).
+    unsafe {
+        libc::kill(pid as libc::pid_t, libc::SIGSTOP);
+    }
+    let stat = || std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    while !stat().rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('T')) {
+        assert!(Instant::now() < deadline, "the pairing was not suspended: {}", stat());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let again = env.run(&["--json", "--server", &relay.url(), "--port", &port]);
+    again.assert_code(1, "a pairing behind a suspended one");
+    assert!(again.all().contains(&format!("(pid {pid}) is suspended")), "{}", again.all());
+    assert!(again.all().contains(&format!("kill -CONT {pid}")), "{}", again.all());
+    assert!(again.all().contains("Nothing was changed"), "{}", again.all());
+    let stop = env.run(&["--stop"]);
+    stop.assert_code(0, "--stop behind a suspended command");
+    assert!(stop.all().contains(&format!("(pid {pid}) is suspended")), "{}", stop.all());
+    let stopped = format!("Stopped the bridge daemon (pid {daemon})");
+    assert!(stop.stdout.contains(&stopped), "{}", stop.all());
+    assert!(!env.lock_held(), "the daemon still runs");
+    drop(pairing);
+    // Once it has ended, the lock is free again.
+    env.pair_json(&relay, &backend, &[]);
+}
+
 /// A relay behind a proxy started without `--public-url` announces its loopback address: the
 /// pairing says so and saves nothing (no QR a phone could never use). `127.1` reaches the
 /// relay as `127.0.0.1` does, but is not the loopback address the relay announces.
@@ -1073,6 +1155,48 @@ fn an_answer_in_two_writes_is_acknowledged_at_once() {
     let acked = acked.lock().unwrap().clone();
     let prompt = acked.iter().skip(2).filter(|&&a| a).count();
     assert!(prompt >= 4, "heads acknowledged before the 40 ms delayed ACK: {acked:?}");
+}
+
+/// A port found free but taken before the built-in backend binds it (another program started
+/// listening there in between): the pairing names that race and what to do, and prints no QR.
+#[test]
+fn a_port_taken_between_the_probe_and_the_built_in_backend_is_named() {
+    /// A socket bound to a loopback port but not listening: a connection to it is refused (the
+    /// port looks free to the probe) while a bind fails, as with a program that binds between
+    /// the two. Closed when dropped.
+    struct BoundOnly(libc::c_int);
+    impl Drop for BoundOnly {
+        fn drop(&mut self) {
+            // SAFETY: closes the descriptor this value owns.
+            unsafe { libc::close(self.0) };
+        }
+    }
+    // SAFETY: plain socket calls on a descriptor owned by `BoundOnly`; the address structures
+    // are valid for the sizes passed.
+    let (socket, port) = unsafe {
+        let socket = BoundOnly(libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0));
+        assert!(socket.0 >= 0, "socket: {}", std::io::Error::last_os_error());
+        let mut addr: libc::sockaddr_in = std::mem::zeroed();
+        addr.sin_family = libc::AF_INET as libc::sa_family_t;
+        addr.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let bound = libc::bind(socket.0, (&raw const addr).cast(), len);
+        assert_eq!(bound, 0, "bind: {}", std::io::Error::last_os_error());
+        let mut len = len;
+        libc::getsockname(socket.0, (&raw mut addr).cast(), &mut len);
+        (socket, u16::from_be(addr.sin_port))
+    };
+    let relay = Relay::new();
+    let env = Env::new();
+    let run = env.run(&["--server", &relay.url(), "--port", &port.to_string()]);
+    run.assert_code(1, "a port taken before the backend binds it");
+    let all = run.all();
+    let named = format!("port {port} on 127.0.0.1 was taken right after it was found free");
+    assert!(all.contains(&named), "{all}");
+    assert!(all.contains("--port"), "{all}");
+    assert!(!all.contains('█') && !all.contains('▀'), "a QR was printed: {all}");
+    assert!(!env.lock_held(), "a daemon runs");
+    drop(socket);
 }
 
 #[test]
@@ -1544,6 +1668,52 @@ fn a_daemon_whose_state_directory_is_deleted_stops() {
     std::thread::sleep(Duration::from_secs(11));
     assert_eq!(s.env.daemon_pid(), new_pid, "the new daemon lost its pid file or stopped");
     s.env.run(&["--status"]).assert_code(0, "--status after the orphan left");
+}
+
+/// A suspended daemon (SIGSTOP, Ctrl-Z) serves nothing: pairing again restarts it instead of
+/// printing a QR code nothing answers, and `--stop` stops it cleanly (resumed to act on its
+/// SIGTERM), instead of killing it after the grace period.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_suspended_daemon_is_restarted_by_pairing_and_stopped_cleanly() {
+    let s = setup();
+    let mut app = s.app;
+    let suspend = |pid: u32| {
+        // SAFETY: SIGSTOP to the daemon this test started (Ctrl-Z).
+        unsafe {
+            libc::kill(pid as libc::pid_t, libc::SIGSTOP);
+        }
+        let stat = || std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !stat().rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('T')) {
+            assert!(Instant::now() < deadline, "pid {pid} was not suspended: {}", stat());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    let pid = s.env.daemon_pid();
+    suspend(pid);
+    let server = s.relay.url();
+    let port = s.backend.port.to_string();
+    let run = s.env.run(&["--server", &server, "--port", &port]);
+    run.assert_code(0, "pairing with a suspended daemon");
+    assert!(run.all().contains(&format!("(pid {pid}) is suspended")), "{}", run.all());
+    let pid2 = s.env.daemon_pid();
+    assert_ne!(pid2, pid, "the suspended daemon was kept: {}", run.all());
+    // It gave its lock back on the way out, and may not have ended yet.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while alive(pid) {
+        assert!(Instant::now() < deadline, "the suspended daemon still runs");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    wait_bridge_status(&mut app, true, Duration::from_secs(10));
+    assert_echo(&mut app, "after-suspend", &s.client_id);
+    suspend(pid2);
+    let stop = s.env.run(&["--stop"]);
+    stop.assert_code(0, "--stop of a suspended daemon");
+    let stopped = format!("Stopped the bridge daemon (pid {pid2})");
+    assert!(stop.stdout.contains(&stopped), "{}", stop.all());
+    let log = s.env.log();
+    assert!(log.trim_end().ends_with("bridge stopped"), "no clean shutdown: {log}");
 }
 
 #[test]

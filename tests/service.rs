@@ -819,6 +819,7 @@ fn install_passes_proxy_variables_without_credentials() {
     // its password.
     let said = run.all();
     assert!(said.contains("ALL_PROXY holds a password and is not written"), "{said}");
+    assert!(said.contains("(other users can read it): give the service"), "{said}");
     assert!(!said.contains("pr0xy-s3cret"), "{said}");
     let unit = std::fs::read_to_string(m.unit()).unwrap();
     assert!(unit.contains("Environment=\"https_proxy=http://proxy.corp:3128\""), "{unit}");

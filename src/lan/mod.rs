@@ -272,7 +272,8 @@ fn ensure_lan_daemon(
                 && cli::status_builtin(s) == builtin
         });
         let replaced = current.as_ref().is_some_and(|s| cli::replaced_program(s, out));
-        if same && !replaced {
+        let suspended = current.as_ref().is_some_and(|s| cli::suspended_daemon(s, out));
+        if same && !replaced && !suspended {
             out.ok(&format!(
                 "Bridge daemon already serving the LAN (pid {pid}); paired devices keep working"
             ));
@@ -282,7 +283,8 @@ fn ensure_lan_daemon(
             return Ok(());
         }
         if same {
-            // Only its program replaced: `replaced_program` said so.
+            // Only its program replaced, or it is suspended: `replaced_program` or
+            // `suspended_daemon` said so.
         } else if current.as_ref().is_some_and(|s| !s.bridge_id.is_empty()) {
             out.warn(&format!(
                 "A relay-mode bridge daemon (pid {pid}) was running; restarting it in LAN-only \

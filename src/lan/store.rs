@@ -296,23 +296,30 @@ fn load(dir: &Path) -> Result<(LanState, Option<String>), StoreError> {
 /// freeze it).
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Takes `lan.lock`, waiting at most `wait`.
+/// Takes `lan.lock`, waiting at most `wait`. When it stays held, the error names the holder
+/// (and whether it is suspended, which is the one holder that keeps it for more than an
+/// instant) where that can be told.
 fn lock_within(dir: &Path, wait: std::time::Duration) -> Result<FileLock, StoreError> {
     let path = lan_lock(dir);
     FileLock::acquire_until(&path, std::time::Instant::now() + wait)
         .map_err(StoreError::Read)?
         .ok_or_else(|| {
+            let held = if wait.is_zero() {
+                "is locked by another process".to_owned()
+            } else {
+                format!("stayed locked for {} s", wait.as_secs())
+            };
+            let who = match FileLock::holder(&path) {
+                Some(pid) if crate::daemon::suspended(pid) => format!(
+                    " (pid {pid}, suspended with Ctrl-Z: resume it with fg in its terminal, or \
+                     kill -CONT {pid})"
+                ),
+                Some(pid) => format!(" (pid {pid})"),
+                None => " (a hermeschat-pair command suspended with Ctrl-Z?)".to_owned(),
+            };
             StoreError::Read(io::Error::new(
                 io::ErrorKind::WouldBlock,
-                format!(
-                    "{} {} (a hermeschat-pair command suspended with Ctrl-Z?)",
-                    path.display(),
-                    if wait.is_zero() {
-                        "is locked by another process".to_owned()
-                    } else {
-                        format!("stayed locked for {} s", wait.as_secs())
-                    }
-                ),
+                format!("{} {held}{who}", path.display()),
             ))
         })
 }
@@ -562,6 +569,22 @@ mod tests {
         let _ = std::fs::remove_dir_all(&d);
         state::ensure_dir(&d).unwrap();
         d
+    }
+
+    /// A holder that is not suspended (a command holding the lock for an instant) is named,
+    /// not taken for one suspended with Ctrl-Z.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_held_lock_names_its_holder() {
+        let d = dir("held");
+        state::ensure_dir(&d).unwrap();
+        let held = FileLock::acquire(&lan_lock(&d)).unwrap();
+        let e = lock_within(&d, std::time::Duration::ZERO).unwrap_err().to_string();
+        assert!(e.contains(&format!("(pid {})", std::process::id())), "{e}");
+        assert!(!e.contains("Ctrl-Z"), "{e}");
+        drop(held);
+        assert!(lock_within(&d, std::time::Duration::ZERO).is_ok());
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
