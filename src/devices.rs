@@ -12,6 +12,12 @@ use crate::registry_client::{Registry, RegistryError};
 /// What to do about a registry error: the next step, for the error or the warning line.
 fn registry_hint(e: &RegistryError, registry: &Registry, bridge_id: &str) -> Option<String> {
     match e {
+        // This machine's CA store or resolver: the cause already says what to do.
+        RegistryError::Unreachable { cause, .. }
+            if crate::registry_client::is_this_machines_side(cause) =>
+        {
+            None
+        }
         RegistryError::Unreachable { .. } => Some(format!(
             "check that your relay runs (curl {}/v1/health), then try again",
             registry.base()

@@ -109,12 +109,12 @@ fn dns_hint(cause: String, exists: &dyn Fn(&Path) -> bool) -> String {
         (false, false) => format!(
             "{cause}; the host name did not resolve: this machine has neither /etc/resolv.conf \
              (no DNS server) nor /etc/hosts (a minimal container or chroot?): add them, or use \
-             the relay's IP address"
+             an IP address instead of the name"
         ),
         (false, true) => format!(
             "{cause}; the host name did not resolve: this machine has no /etc/resolv.conf (no \
              DNS server), only /etc/hosts: add the one, a line for the name to the other, or use \
-             the relay's IP address"
+             an IP address instead of the name"
         ),
         _ => format!(
             "{cause}; the host name did not resolve: check its spelling and this machine's DNS \
@@ -307,7 +307,8 @@ fn agent_resolving(
 
 /// ureq's TCP step through [`crate::tcp_connect::connect_addrs`]: the addresses ureq resolved
 /// (the proxy's, for a CONNECT tunnel) raced Happy Eyeballs style, each attempt given the
-/// call's connect timeout. Failures read as ureq's own (`io: …`, `timeout: connect`).
+/// call's connect timeout. Failures are ureq's own kinds (`Error::Io`, `Error::Timeout`), so
+/// they read as ureq's connector's did.
 #[derive(Debug)]
 struct HappyEyeballsConnector;
 
@@ -681,14 +682,16 @@ mod tests {
         }
     }
 
-    /// A registry whose name resolves to seven black-holed IPv6 addresses, then the relay's
-    /// IPv4 one (a AAAA answer whose route drops everything): the call goes through at once.
+    /// A registry whose name resolves to seven black-holed addresses, then the relay's (as a
+    /// AAAA answer whose route drops everything would; IPv4 here, so that hosts without IPv6
+    /// loopback run it too): the call goes through at once.
     /// Tried one after another, the dead addresses would take ureq's whole 5 s connect budget
     /// before the live one got its turn; the bound is 4 s.
     #[test]
     fn a_black_holed_first_address_costs_the_attempt_delay_not_the_connect_timeout() {
         let relay = InProcessRelay::start();
-        let (_listener, _filler, dead) = crate::tcp_connect::black_hole("::1".parse().unwrap());
+        let (_listener, _filler, dead) =
+            crate::tcp_connect::black_hole("127.0.0.1".parse().unwrap());
         let mut answer = vec![dead; 7];
         answer.push(relay.addr);
         let base = format!("http://localhost:{}", relay.addr.port());
@@ -727,7 +730,8 @@ mod tests {
             let _ = back.join();
             head
         });
-        let (_listener, _filler, dead) = crate::tcp_connect::black_hole("::1".parse().unwrap());
+        let (_listener, _filler, dead) =
+            crate::tcp_connect::black_hole("127.0.0.1".parse().unwrap());
         let proxy_url = format!("http://proxy.invalid:{}", proxy_addr.port());
         let env = move |name: &str| (name == "http_proxy").then(|| proxy_url.clone());
         let base = format!("http://relay.invalid:{}", relay_addr.port());
@@ -740,7 +744,7 @@ mod tests {
         assert!(head.starts_with(&want), "{head}");
     }
 
-    /// Every address refusing: the last refusal, in ureq's own words, as before.
+    /// Every address refusing: the last refusal, in the system's words, as before.
     #[test]
     fn refused_everywhere_reads_as_before() {
         let closed = {
@@ -752,8 +756,8 @@ mod tests {
         let e = registry.health().unwrap_err().to_string();
         assert_eq!(
             e,
-            "cannot reach the registry at http://localhost:9/v1/health: io: Connection refused \
-             (os error 111)"
+            "cannot reach the registry at http://localhost:9/v1/health: Connection refused (os \
+             error 111)"
         );
     }
 }

@@ -176,9 +176,13 @@ pub struct Started {
 fn bind_error(addr: SocketAddr, e: io::Error) -> io::Error {
     let port = addr.port();
     let next = match e.kind() {
+        // The backend starts only where a probe found nothing listening: another program (or
+        // another state directory's bridge) took the port since.
         io::ErrorKind::AddrInUse => format!(
-            "another program holds port {port} (lsof -nP -iTCP:{port} -sTCP:LISTEN shows \
-             which): stop it, or pass --port <a free port>"
+            "port {port} on {} was taken right after it was found free (another program started \
+             listening there meanwhile; lsof -nP -iTCP:{port} -sTCP:LISTEN shows which). Run \
+             this again: a Hermes API there is then used; or pass --port <a free port>",
+            addr.ip()
         ),
         io::ErrorKind::PermissionDenied if port < 1024 => {
             "ports below 1024 need root: pass --port <a port from 1024 up>".to_owned()

@@ -395,21 +395,8 @@ pub fn start(
     let mut threads = Vec::new();
     let mut target = target;
     if let Some(config) = &backend {
-        let started = crate::backend::start(config, stop.clone()).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::AddrInUse {
-                // Free when probed a moment ago: another program (or another state
-                // directory's bridge) took it since.
-                let (host, port) = (config.host, config.port);
-                return format!(
-                    "the built-in backend cannot start: cannot listen on {}: port {port} on \
-                     {host} was taken right after it was found free (another program started \
-                     listening there meanwhile; lsof -nP -iTCP:{port} -sTCP:LISTEN shows which). \
-                     Run this again: a Hermes API there is then used; or pass --port <a free port>",
-                    std::net::SocketAddr::new(host, port)
-                );
-            }
-            format!("the built-in backend cannot start: {e}")
-        })?;
+        let started = crate::backend::start(config, stop.clone())
+            .map_err(|e| format!("the built-in backend cannot start: {e}"))?;
         threads.push(started.thread);
         // This bridge started the backend at `target`: it is the built-in one, so it gets the
         // key (required where the backend cannot tell who connects). A bridge that did not

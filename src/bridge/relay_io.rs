@@ -914,7 +914,16 @@ fn backoff(attempt: u32) -> Duration {
 pub fn connect(identity: &BridgeIdentity) -> Result<(Ws, Vec<u8>), ConnectError> {
     let url = format!("{}?bridgeId={}", identity.bridge_relay_url, identity.bridge_id);
     let headers = [(p::INSTANCE_HEADER, identity.instance_id.as_str())];
-    let (ws, already) = open_socket(&url, &identity.relay_secret, &headers, CONNECT_TIMEOUT)?;
+    let (ws, already) = open_socket(&url, &identity.relay_secret, &headers, CONNECT_TIMEOUT)
+        .map_err(|e| match e {
+            // The bridge is known (an unknown one is 404), its secret refused: the same cause
+            // and way out as the registry's 401 (`--doctor`, `--devices`).
+            ConnectError::Refused(401, message) => ConnectError::Refused(
+                401,
+                format!("{message}; {}", crate::cli::secret_refused(&identity.bridge_id)),
+            ),
+            e => e,
+        })?;
     let tcp = tcp_of(&ws);
     let _ = tcp.set_read_timeout(None);
     let _ = tcp.set_write_timeout(None);
@@ -1031,9 +1040,6 @@ pub fn open_socket(
                 ),
                 "BRIDGE_OWNED" => {
                     format!("{message}; hermeschat-pair --reset gives this machine its own bridge")
-                }
-                _ if status == 401 => {
-                    format!("{message}; hermeschat-pair --reset registers this machine anew")
                 }
                 _ => message,
             };
