@@ -773,10 +773,7 @@ fn register(
         Err(e) => return Err(fail(format!("cannot keep the previous bridge identity: {e}"))),
     }
     state::write_json(&path, &identity).map_err(|e| {
-        let hint = match &e {
-            state::StateError::Io { source, .. } => state::write_hint(source),
-            state::StateError::Json { .. } => "",
-        };
+        let hint = e.write_hint();
         fail(format!(
             "cannot save the bridge identity: {e}{hint}. Bridge {} is registered but unsaved; \
              run hermeschat-pair again once that is fixed",
@@ -1142,8 +1139,14 @@ pub(crate) fn save_backend_choice(
 ) {
     config.port = Some(port);
     config.external_backend = !builtin;
+    save_config(dir, config, out);
+}
+
+/// Saves config.json. A failure is a warning, with the way out: the pairing stands, but a
+/// later run must be told the registry and port again.
+fn save_config(dir: &Path, config: &Config, out: &Out) {
     if let Err(e) = state::write_json(&state::config_json(dir), config) {
-        out.warn(&format!("cannot save config.json: {e}"));
+        out.warn(&format!("cannot save config.json: {e}{}", e.write_hint()));
     }
 }
 
@@ -1454,9 +1457,7 @@ fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
     out.ok(&format!("Bridge online at the relay ({})", identity.app_relay_url));
 
     config.registry_url = Some(url.clone());
-    if let Err(e) = state::write_json(&state::config_json(&dir), &config) {
-        out.warn(&format!("cannot save config.json: {e}"));
-    }
+    save_config(&dir, &config, &out);
 
     let payload = RelayQr::new(&identity.bridge_id, &code, &url, &identity.app_relay_url, &name);
     let json = serde_json::to_string(&payload).map_err(|e| fail(e.to_string()))?;

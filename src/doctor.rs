@@ -165,6 +165,18 @@ pub fn run(args: &Args) -> Result<(), Exit> {
     if !args.json {
         println!("hermeschat-pair doctor: app → relay → bridge → backend → gateway");
     }
+    // The checks follow the pairing: a --server naming another registry is said, not dropped.
+    if let (Some(id), Some(server)) = (&identity, &args.server)
+        && crate::cli::normalized_registry_url(server).ok()
+            != crate::cli::normalized_registry_url(&id.registry_url).ok()
+    {
+        out.warn(&format!(
+            "--server {server} is not the registry this bridge is paired with ({}): these checks \
+             are of that one. hermeschat-pair --server {server} moves the bridge there (your \
+             apps must then scan a new QR code)",
+            id.registry_url
+        ));
+    }
 
     let pid = daemon::running(&dir).filter(|p| *p != 0);
     let status = pid.and_then(|_| settled_status(&dir));

@@ -396,6 +396,16 @@ pub enum StateError {
     },
 }
 
+impl StateError {
+    /// [`write_hint`] for a failed write (nothing for a value that could not be encoded).
+    pub fn write_hint(&self) -> &'static str {
+        match self {
+            StateError::Io { source, .. } => write_hint(source),
+            StateError::Json { .. } => "",
+        }
+    }
+}
+
 impl fmt::Display for StateError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -1724,5 +1734,17 @@ mod tests {
         assert_eq!(gateway_log(d), Path::new("/s/gateway.log"));
         assert_eq!(numbered(d, 0), Path::new("/s"));
         assert_eq!(numbered(Path::new("/s/x.log"), 2), Path::new("/s/x.log.2"));
+    }
+
+    #[test]
+    fn a_failed_write_says_what_to_do_about_a_full_disk_or_a_read_only_directory() {
+        let io = |kind: io::ErrorKind| StateError::Io {
+            path: "/s/config.json".into(),
+            source: kind.into(),
+        };
+        assert!(io(io::ErrorKind::StorageFull).write_hint().contains("the disk is full"));
+        assert!(io(io::ErrorKind::ReadOnlyFilesystem).write_hint().contains("HERMESCHAT_HOME"));
+        let json = StateError::Json { path: "/s/config.json".into(), message: "x".into() };
+        assert_eq!(json.write_hint(), "");
     }
 }

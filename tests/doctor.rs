@@ -296,6 +296,18 @@ fn doctor_walks_the_whole_path_and_pinpoints_each_broken_hop() {
         let line = text.lines().find(|l| l.contains(name)).unwrap_or_else(|| panic!("{text}"));
         assert!(line.starts_with('✓') && line.ends_with(" ms)"), "{line}");
     }
+    // A --server naming another registry is said, not silently dropped: the checks follow the
+    // pairing.
+    let run = m.run(&["--doctor", "--server", "http://127.0.0.1:9"]);
+    run.expect(0, "--doctor with another --server");
+    assert!(
+        run.all().contains(&format!(
+            "--server http://127.0.0.1:9 is not the registry this bridge is paired with ({})",
+            relay.url()
+        )),
+        "{}",
+        run.all()
+    );
 
     // The doctor's diagnostic credential is nobody's device: it is never listed.
     let devices = m.run(&["--devices", "--json"]);
