@@ -1746,16 +1746,20 @@ fn run_bridge(args: &Args, mut ready: Readiness, detached: bool) -> Result<(), E
         // pairing chose the user's own backend: that one may just not be up yet. A daemon the
         // pairing started (`detached`) was told its choice (`--no-server`); a bridge started
         // otherwise (the boot service) reads it from config.json.
+        // Probed at most once: both questions below are about the same port, now.
+        let mut health = None;
+        let mut probe =
+            || *health.get_or_insert_with(|| bridge::poller::probe(&host, port, "/api/health"));
         let builtin = !args.no_server
             && (detached || !config.external_backend)
             && crate::backend::available()
             && is_loopback(&host)
-            && bridge::poller::probe(&host, port, "/api/health") == Health::NotListening;
+            && probe() == Health::NotListening;
         // A bridge started by hand or by the boot service passed no backend gate (pairing's):
         // what is on the backend's port is said once, so that a wrong --port is not silent.
         if !detached && !builtin {
             let url = http_url(&host, port);
-            match bridge::poller::probe(&host, port, "/api/health") {
+            match probe() {
                 Health::Ready => {}
                 Health::NotListening | Health::Unknown => bridge::log(&format!(
                     "nothing listens on the backend {url} yet: requests fail until it starts \
