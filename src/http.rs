@@ -227,6 +227,12 @@ const NO_SIGPIPE: libc::c_int = libc::MSG_NOSIGNAL;
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
 const NO_SIGPIPE: libc::c_int = 0;
 
+/// A timeout on a blocking socket (`SO_RCVTIMEO`/`SO_SNDTIMEO` surface as `WouldBlock` on
+/// Unix, `TimedOut` elsewhere).
+pub fn is_timeout(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+}
+
 /// Sends at once the ACK the kernel holds back for what `stream` has received, before a read
 /// that waits for the rest of a response already begun.
 ///

@@ -18,6 +18,7 @@ use ureq::unversioned::transport::{
     NativeTlsConnector, NextTimeout, Transport,
 };
 
+use crate::http::is_timeout;
 use crate::protocol::{self as p, ApiError};
 
 /// Why a registry call failed.
@@ -107,17 +108,17 @@ fn dns_hint(cause: String, exists: &dyn Fn(&Path) -> bool) -> String {
     let (resolv, hosts) = (Path::new("/etc/resolv.conf"), Path::new("/etc/hosts"));
     match (exists(resolv), exists(hosts)) {
         (false, false) => format!(
-            "{cause}; the host name did not resolve: this machine has neither /etc/resolv.conf \
-             (no DNS server) nor /etc/hosts (a minimal container or chroot?): add them, or use \
+            "{cause}; {UNRESOLVED}: this machine has neither /etc/resolv.conf (no DNS server) \
+             nor /etc/hosts (a minimal container or chroot?): add them, or use \
              an IP address instead of the name"
         ),
         (false, true) => format!(
-            "{cause}; the host name did not resolve: this machine has no /etc/resolv.conf (no \
-             DNS server), only /etc/hosts: add the one, a line for the name to the other, or use \
+            "{cause}; {UNRESOLVED}: this machine has no /etc/resolv.conf (no DNS server), \
+             only /etc/hosts: add the one, a line for the name to the other, or use \
              an IP address instead of the name"
         ),
         _ => format!(
-            "{cause}; the host name did not resolve: check its spelling and this machine's DNS \
+            "{cause}; {UNRESOLVED}: check its spelling and this machine's DNS \
              (/etc/resolv.conf)"
         ),
     }
@@ -174,17 +175,16 @@ fn trust_hint(cause: String, trust: &TrustEnv, usable: &dyn Fn(&Path) -> bool) -
     if !untrusted.iter().any(|u| cause.contains(u)) {
         return cause;
     }
-    let distrust = "this machine does not trust the relay's certificate";
     if cfg!(target_os = "macos") {
         return format!(
-            "{cause}; {distrust}: if it comes from a private CA, trust its CA in Keychain Access"
+            "{cause}; {DISTRUST}: if it comes from a private CA, trust its CA in Keychain Access"
         );
     }
     // A variable naming nothing is ignored by OpenSSL without a word: say it. SSL_CERT_DIR
     // may list several directories, as PATH does.
     let named_nothing = |name: &str, path: &Path, fix: &str| {
         format!(
-            "{cause}; {distrust}: {name} names {}, which does not exist here (or is empty): \
+            "{cause}; {DISTRUST}: {name} names {}, which does not exist here (or is empty): \
              {fix}, or unset it to use the system store",
             path.display()
         )
@@ -200,7 +200,7 @@ fn trust_hint(cause: String, trust: &TrustEnv, usable: &dyn Fn(&Path) -> bool) -
     }
     if let Some(file) = &trust.cert_file {
         return format!(
-            "{cause}; {distrust}: SSL_CERT_FILE names {}, which does not hold the CA that \
+            "{cause}; {DISTRUST}: SSL_CERT_FILE names {}, which does not hold the CA that \
              signed it: add that CA's PEM to the file",
             file.display()
         );
@@ -209,7 +209,7 @@ fn trust_hint(cause: String, trust: &TrustEnv, usable: &dyn Fn(&Path) -> bool) -
     let any_dir = CA_DIRS.iter().map(Path::new).any(usable);
     match bundle {
         None if !any_dir && trust.cert_dir.is_none() => format!(
-            "{cause}; this machine has no CA certificates at all (no {}, {} or {}, nor the other \
+            "{cause}; {NO_CA_STORE} (no {}, {} or {}, nor the other \
              usual places; a minimal container?), so it trusts no relay, public or private: \
              install the ca-certificates package, or copy a CA bundle (with the relay's CA in \
              it, if that is private) to {}, or name a PEM file in SSL_CERT_FILE",
@@ -217,7 +217,7 @@ fn trust_hint(cause: String, trust: &TrustEnv, usable: &dyn Fn(&Path) -> bool) -
         ),
         // Fedora, RHEL and their kin build the bundle from their own anchors directory.
         Some(file) if file.starts_with("/etc/pki") => format!(
-            "{cause}; {distrust} (this machine's store: {}): if it comes from a private CA, \
+            "{cause}; {DISTRUST} (this machine's store: {}): if it comes from a private CA, \
              add its CA to /etc/pki/ca-trust/source/anchors, then update-ca-trust, or name its \
              PEM file in SSL_CERT_FILE",
             file.display()
@@ -225,7 +225,7 @@ fn trust_hint(cause: String, trust: &TrustEnv, usable: &dyn Fn(&Path) -> bool) -
         _ => {
             let store = bundle.map(|f| format!(" (this machine's store: {})", f.display()));
             format!(
-                "{cause}; {distrust}{}: if it comes from a private CA, add its CA to the system \
+                "{cause}; {DISTRUST}{}: if it comes from a private CA, add its CA to the system \
                  store (/usr/local/share/ca-certificates, then update-ca-certificates) or name \
                  its PEM file in SSL_CERT_FILE",
                 store.unwrap_or_default()
@@ -237,14 +237,15 @@ fn trust_hint(cause: String, trust: &TrustEnv, usable: &dyn Fn(&Path) -> bool) -
 /// Whether `cause` is one [`with_trust_hint`] or [`with_dns_hint`] explained as this
 /// machine's side (its CA store, its resolver), where checking the relay is no help.
 pub fn is_this_machines_side(cause: &str) -> bool {
-    [
-        "this machine does not trust the relay's certificate",
-        "this machine has no CA certificates at all",
-        "the host name did not resolve",
-    ]
-    .iter()
-    .any(|marker| cause.contains(marker))
+    [DISTRUST, NO_CA_STORE, UNRESOLVED].iter().any(|marker| cause.contains(marker))
 }
+
+/// How [`with_trust_hint`] begins its explanation of a certificate this machine's store lacks.
+const DISTRUST: &str = "this machine does not trust the relay's certificate";
+/// How [`with_trust_hint`] says that this machine has no CA store at all.
+const NO_CA_STORE: &str = "this machine has no CA certificates at all";
+/// How [`with_dns_hint`] begins its explanation of a name that did not resolve.
+const UNRESOLVED: &str = "the host name did not resolve";
 
 /// What an answer without the relay's JSON error body most likely is, for the statuses a
 /// reverse proxy gives when it cannot reach the relay behind it (nginx and Caddy answer
@@ -344,11 +345,6 @@ impl<In: Transport> Connector<In> for HappyEyeballsConnector {
 
 /// The connect timeout of every call (the global deadline is the agent's).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// A timed-out socket operation (`SO_RCVTIMEO` surfaces as `WouldBlock` on Unix).
-fn is_timeout(e: &std::io::Error) -> bool {
-    matches!(e.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock)
-}
 
 /// A plain TCP socket as ureq's transport (ureq does not export its own): blocking I/O with
 /// each call's remaining deadline as the socket's timeout.

@@ -24,6 +24,7 @@ use base64::Engine;
 use base64::engine::DecodePaddingMode;
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
 
+use crate::http::is_timeout;
 use crate::protocol::{ErrorCode, check_header, contains_ignore_ascii_case};
 
 /// Idle keep-alive connections kept for reuse.
@@ -811,13 +812,11 @@ impl LocalClient {
             }
         }
         Err(match last {
-            Some(e) if matches!(e.kind(), io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock) => {
-                LocalError::Timeout {
-                    addr: self.peer.clone(),
-                    phase: "connecting",
-                    after: self.timeouts.connect,
-                }
-            }
+            Some(e) if is_timeout(&e) => LocalError::Timeout {
+                addr: self.peer.clone(),
+                phase: "connecting",
+                after: self.timeouts.connect,
+            },
             Some(e) => LocalError::Connect { addr: self.peer.clone(), detail: e.to_string() },
             None => LocalError::Connect {
                 addr: self.peer.clone(),
@@ -1253,11 +1252,6 @@ enum Attempt {
     Stale,
     /// A real failure.
     Failed(LocalError),
-}
-
-/// A read timeout on a blocking socket shows up as `WouldBlock` (Unix) or `TimedOut`.
-fn is_timeout(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
 }
 
 /// Errors a connection closed by the peer while idle produces.
