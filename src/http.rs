@@ -227,6 +227,37 @@ const NO_SIGPIPE: libc::c_int = libc::MSG_NOSIGNAL;
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
 const NO_SIGPIPE: libc::c_int = 0;
 
+/// True when an idle socket has neither been closed by the peer nor received stray bytes: a
+/// one-byte peek that would block. One `recv(MSG_PEEK | MSG_DONTWAIT)`, which leaves the
+/// socket blocking (no `set_nonblocking` round trip).
+pub fn still_open(stream: &TcpStream) -> bool {
+    let mut probe = [0u8; 1];
+    loop {
+        // SAFETY: `stream` is borrowed for the whole call, so its descriptor stays open and
+        // refers to this socket; `probe` is a live, writable local buffer of exactly the 1 byte
+        // passed as the length, and `recv` writes at most that many bytes into it. MSG_PEEK
+        // consumes nothing and MSG_DONTWAIT applies to this call only, so neither the socket's
+        // data nor its flags change.
+        let n = unsafe {
+            libc::recv(
+                stream.as_raw_fd(),
+                probe.as_mut_ptr().cast(),
+                probe.len(),
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        if n >= 0 {
+            // 0: the peer closed it; more: stray bytes no request asked for. Stale either way.
+            return false;
+        }
+        match io::Error::last_os_error().kind() {
+            io::ErrorKind::WouldBlock => return true,
+            io::ErrorKind::Interrupted => {}
+            _ => return false,
+        }
+    }
+}
+
 /// A timeout on a blocking socket (`SO_RCVTIMEO`/`SO_SNDTIMEO` surface as `WouldBlock` on
 /// Unix, `TimedOut` elsewhere).
 pub fn is_timeout(e: &io::Error) -> bool {

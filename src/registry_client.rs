@@ -399,17 +399,9 @@ impl Transport for TcpTransport {
         }
     }
 
-    /// Open when a non-blocking read finds nothing waiting: a pooled connection the server
-    /// closed (or sent stray bytes on) is not reused.
+    /// A pooled connection the server closed (or sent stray bytes on) is not reused.
     fn is_open(&mut self) -> bool {
-        if self.stream.set_nonblocking(true).is_err() {
-            return false;
-        }
-        let idle = matches!(
-            self.stream.read(&mut [0u8; 1]),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
-        );
-        self.stream.set_nonblocking(false).is_ok() && idle
+        crate::http::still_open(&self.stream)
     }
 }
 

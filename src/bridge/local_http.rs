@@ -15,7 +15,6 @@
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -24,7 +23,7 @@ use base64::Engine;
 use base64::engine::DecodePaddingMode;
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
 
-use crate::http::is_timeout;
+use crate::http::{is_timeout, still_open};
 use crate::protocol::{ErrorCode, check_header, contains_ignore_ascii_case};
 
 /// Idle keep-alive connections kept for reuse.
@@ -1263,37 +1262,6 @@ fn is_stale(e: &io::Error) -> bool {
             | io::ErrorKind::BrokenPipe
             | io::ErrorKind::UnexpectedEof
     )
-}
-
-/// True when an idle socket has neither been closed by the peer nor received stray bytes: a
-/// one-byte peek that would block. One `recv(MSG_PEEK | MSG_DONTWAIT)`, which leaves the
-/// socket blocking (no `set_nonblocking` round trip).
-fn still_open(stream: &TcpStream) -> bool {
-    let mut probe = [0u8; 1];
-    loop {
-        // SAFETY: `stream` is borrowed for the whole call, so its descriptor stays open and
-        // refers to this socket; `probe` is a live, writable local buffer of exactly the 1 byte
-        // passed as the length, and `recv` writes at most that many bytes into it. MSG_PEEK
-        // consumes nothing and MSG_DONTWAIT applies to this call only, so neither the socket's
-        // data nor its flags change.
-        let n = unsafe {
-            libc::recv(
-                stream.as_raw_fd(),
-                probe.as_mut_ptr().cast(),
-                probe.len(),
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        if n >= 0 {
-            // 0: the peer closed it; more: stray bytes no request asked for. Stale either way.
-            return false;
-        }
-        match io::Error::last_os_error().kind() {
-            io::ErrorKind::WouldBlock => return true,
-            io::ErrorKind::Interrupted => {}
-            _ => return false,
-        }
-    }
 }
 
 /// The instant `after` from now; `None` (no deadline) when that is beyond what `Instant`
