@@ -85,7 +85,7 @@ ENVIRONMENT:
     NO_COLOR                  no colours in the output
 
 FILES (in ~/.hermeschat): bridge.json (identity, 0600), config.json, bridge.pid, status.json,
-bridge.log, lan.json (--local token and devices, digests only). The QR image is written to ./hermeschat_pair.png.
+bridge.log, lan.json (--local token and devices, digests only). The QR image is written to ./hermeschat_pair.png (to the state directory where the current directory cannot be written).
 ";
 
 /// What the user asked for.
@@ -1465,7 +1465,7 @@ fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
         println!("{json}");
         return Ok(());
     }
-    print_qr(&json, &out);
+    print_qr(&json, &dir, &out);
     println!();
     out.info(&format!("Bridge ID : {}", identity.bridge_id));
     out.info(&format!("Relay     : {}", identity.app_relay_url));
@@ -1481,16 +1481,34 @@ fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
     Ok(())
 }
 
-pub(crate) fn print_qr(json: &str, out: &Out) {
+/// The QR image's file name.
+const QR_PNG: &str = "hermeschat_pair.png";
+
+/// Prints the QR in the terminal and writes it as `hermeschat_pair.png` in the current
+/// directory, or, where that cannot be written (a read-only container root, a service's
+/// working directory), in the state directory `dir`, saying where it went. The temp files a
+/// run killed while writing it left in either are removed first.
+pub(crate) fn print_qr(json: &str, dir: &Path, out: &Out) {
     match qr::render_terminal(json, out.colour) {
         Ok(text) => println!("{text}"),
         Err(e) => out.warn(&format!("cannot draw the QR code in the terminal: {e}")),
     }
-    let name = Path::new("hermeschat_pair.png");
-    let png = std::path::absolute(name).unwrap_or_else(|_| name.to_path_buf());
-    match qr::write_png(json, &png) {
-        Ok(()) => out.ok(&format!("QR image: {}", png.display())),
-        Err(e) => out.warn(&format!("no QR image: {e}; scan the QR above")),
+    let cwd = std::path::absolute(".").unwrap_or_else(|_| PathBuf::from("."));
+    let write = |place: &Path| {
+        state::remove_stale_temps_of(place, QR_PNG);
+        let png = place.join(QR_PNG);
+        qr::write_png(json, &png).map(|()| png)
+    };
+    let cwd_error = match write(&cwd) {
+        Ok(png) => return out.ok(&format!("QR image: {}", png.display())),
+        Err(e) => e,
+    };
+    match write(dir) {
+        Ok(png) => out.ok(&format!(
+            "QR image: {} (not in the current directory: {cwd_error})",
+            png.display()
+        )),
+        Err(e) => out.warn(&format!("no QR image: {cwd_error}; {e}; scan the QR above")),
     }
 }
 

@@ -311,11 +311,25 @@ fn fill_and_rename(
 /// the OOM killer, a power cut). Those of live processes are left alone. Returns how many
 /// went.
 pub fn remove_stale_temps(dir: &Path) -> usize {
+    remove_stale_temps_where(dir, |_| true)
+}
+
+/// [`remove_stale_temps`] for the temp files of `name` only: in a directory that is not ours
+/// (the current directory), another program's files of the same shape are left alone.
+pub fn remove_stale_temps_of(dir: &Path, name: &str) -> usize {
+    remove_stale_temps_where(dir, |file| file == name)
+}
+
+/// [`remove_stale_temps`] for the temp files whose target's name `wanted` accepts.
+fn remove_stale_temps_where(dir: &Path, wanted: impl Fn(&str) -> bool) -> usize {
     let Ok(entries) = fs::read_dir(dir) else { return 0 };
     let mut removed = 0;
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(pid) = name.to_str().and_then(temp_owner) else { continue };
+        let Some((file, pid)) = name.to_str().and_then(temp_parts) else { continue };
+        if !wanted(file) {
+            continue;
+        }
         // SAFETY: kill with signal 0 only checks whether the process exists.
         let gone = unsafe { libc::kill(pid, 0) } != 0
             && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
@@ -326,15 +340,15 @@ pub fn remove_stale_temps(dir: &Path) -> usize {
     removed
 }
 
-/// The pid in a temp file's name `.<name>.<pid>.<n>.tmp`, if it is one.
-fn temp_owner(name: &str) -> Option<libc::pid_t> {
+/// The target's name and the pid in a temp file's name `.<name>.<pid>.<n>.tmp`, if it is one.
+fn temp_parts(name: &str) -> Option<(&str, libc::pid_t)> {
     let rest = name.strip_prefix('.')?.strip_suffix(".tmp")?;
     let mut parts = rest.rsplitn(3, '.');
     let n = parts.next()?;
     let pid = parts.next()?;
-    let _file = parts.next().filter(|f| !f.is_empty())?;
+    let file = parts.next().filter(|f| !f.is_empty())?;
     n.parse::<u64>().ok()?;
-    pid.parse::<libc::pid_t>().ok().filter(|&p| p > 0)
+    Some((file, pid.parse::<libc::pid_t>().ok().filter(|&p| p > 0)?))
 }
 
 /// Fsyncs a directory so a rename inside it is durable. Filesystems that cannot fsync a
@@ -1136,9 +1150,15 @@ mod tests {
         }
         assert_eq!(remove_stale_temps(&dir), 1);
         assert!(!dead.exists() && ours.exists() && other.exists());
-        assert_eq!(temp_owner(".bridge.json.12.0.tmp"), Some(12));
-        assert_eq!(temp_owner("..12.0.tmp"), None);
-        assert_eq!(temp_owner(".x.y.tmp"), None);
+        assert_eq!(temp_parts(".bridge.json.12.0.tmp"), Some(("bridge.json", 12)));
+        assert_eq!(temp_parts("..12.0.tmp"), None);
+        assert_eq!(temp_parts(".x.y.tmp"), None);
+        // Only the named file's: another program's of the same shape stay.
+        let png = dir.join(".hermeschat_pair.png.2147483646.0.tmp");
+        fs::write(&dead, "x").unwrap();
+        fs::write(&png, "x").unwrap();
+        assert_eq!(remove_stale_temps_of(&dir, "hermeschat_pair.png"), 1);
+        assert!(!png.exists() && dead.exists());
         let _ = fs::remove_dir_all(&dir);
     }
 

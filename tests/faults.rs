@@ -20,7 +20,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::session::*;
-use common::{AppClient, Event, Registry, Relay, unb64};
+use common::{AppClient, Event, Registry, Relay, unb64, with_immutable_dir};
 use gatewaykit::{app_fetch, free_port, sse_content, sse_error, stub_user};
 use hermeschat_pair::protocol::{ErrorCode, Frame};
 use serde_json::{Value, json};
@@ -255,19 +255,6 @@ fn daemon_paused_90s_recovers_on_its_own() {
     assert_eq!(s.env.daemon_pid(), pid, "the same daemon recovered");
     let echo = fetch(&mut s.app, &request("z", "POST", "/api/echo", &[], Some("{}")));
     assert_eq!(echo.status, 200);
-}
-
-/// Runs `f` with `dir` made immutable (`chattr +i`: even root cannot create or rename files in
-/// it). Returns None, with a note, where the filesystem does not support it.
-fn with_immutable_dir<T>(dir: &Path, f: impl FnOnce() -> T) -> Option<T> {
-    let ok = Command::new("chattr").arg("+i").arg(dir).status().is_ok_and(|s| s.success());
-    if !ok {
-        eprintln!("note: chattr +i is not supported here; skipping the read-only state check");
-        return None;
-    }
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-    let _ = Command::new("chattr").arg("-i").arg(dir).status();
-    Some(result.unwrap_or_else(|p| std::panic::resume_unwind(p)))
 }
 
 /// Expectation: when `bridge.json` cannot be written (read-only state directory), the command

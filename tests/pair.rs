@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use common::session::*;
 use common::{
     AppClient, ConnectError, Event, Registry, Relay, b64, hwm_kib, random_bytes,
-    rss_growth_settles, rss_kib, unb64, ws_read,
+    rss_growth_settles, rss_kib, unb64, with_immutable_dir, ws_read,
 };
 use hermeschat_pair::protocol::{ErrorCode, Frame, RequestFrame};
 use serde_json::{Value, json};
@@ -1423,6 +1423,40 @@ fn decode_png(path: &Path) -> String {
     let grids = img.detect_grids();
     assert_eq!(grids.len(), 1, "QR codes found in the PNG");
     grids[0].decode().unwrap().1
+}
+
+/// The QR image: the temp file a run killed while writing it left (its pid is dead) is removed
+/// by the next run, another program's file of the same shape stays; and where the current
+/// directory cannot be written, the image goes to the state directory and the output says
+/// where.
+#[test]
+fn the_qr_image_cleans_up_after_a_killed_run_and_falls_back_to_the_state_directory() {
+    let relay = Relay::new();
+    let backend = Backend::start();
+    let env = Env::new();
+    // A pid above pid_max: never alive.
+    let stale = env.cwd.join(".hermeschat_pair.png.2147483646.0.tmp");
+    let others = env.cwd.join(".notes.txt.2147483646.0.tmp");
+    std::fs::write(&stale, "half a png").unwrap();
+    std::fs::write(&others, "not ours").unwrap();
+    let (server, port) = (relay.url(), backend.port.to_string());
+    let run = env.run(&["--server", &server, "--port", &port]);
+    run.assert_code(0, "pairing");
+    assert!(!stale.exists(), "the killed run's temp file is still there");
+    assert!(others.exists(), "another program's file was removed");
+    assert!(env.png().exists(), "no QR image in the current directory: {}", run.all());
+    std::fs::remove_file(env.png()).unwrap();
+
+    let run = with_immutable_dir(&env.cwd, || {
+        env.run(&["--refresh-code", "--server", &server, "--port", &port])
+    });
+    let Some(run) = run else { return };
+    run.assert_code(0, "--refresh-code in a read-only current directory");
+    let png = env.home.join("hermeschat_pair.png");
+    assert!(run.stdout.contains(&format!("QR image: {}", png.display())), "{}", run.all());
+    let qr = parse_payload(&decode_png(&png), &server);
+    assert_eq!(qr.g, env.bridge_json()["bridgeId"].as_str().unwrap());
+    assert_eq!(std::fs::metadata(&png).unwrap().permissions().mode() & 0o777, 0o600);
 }
 
 #[test]

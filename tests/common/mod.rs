@@ -11,7 +11,7 @@ pub mod session;
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -1440,4 +1440,17 @@ pub fn make_cert(dir: &std::path::Path) -> (PathBuf, PathBuf) {
         .expect("openssl must be installed for the TLS tests");
     assert!(status.success(), "openssl could not make a test certificate");
     (cert, key)
+}
+
+/// Runs `f` with `dir` made immutable (`chattr +i`: even root cannot create or rename files in
+/// it). Returns None, with a note, where the filesystem does not support it.
+pub fn with_immutable_dir<T>(dir: &Path, f: impl FnOnce() -> T) -> Option<T> {
+    let ok = Command::new("chattr").arg("+i").arg(dir).status().is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("note: chattr +i is not supported here; skipping this read-only directory check");
+        return None;
+    }
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    let _ = Command::new("chattr").arg("-i").arg(dir).status();
+    Some(result.unwrap_or_else(|p| std::panic::resume_unwind(p)))
 }
