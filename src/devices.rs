@@ -162,7 +162,7 @@ pub fn list(args: &Args) -> Result<(), Exit> {
     }
     match (&identity, &lan.error) {
         (None, Some(e)) => return Err(fail(e.clone())),
-        (None, None) if lan.devices.is_empty() => return Err(no_pairing()),
+        (None, None) if lan.devices.is_empty() => return Err(no_pairing("no devices")),
         _ => {}
     }
     let relay = identity.as_ref().map(|id| {
@@ -251,12 +251,13 @@ fn print_lan(lan: &[ClientInfo], out: &Out) {
     print!("{}", table(lan, crate::relay::now_ms()));
 }
 
-/// Exit 2: nothing is paired, through the relay or on the LAN.
-fn no_pairing() -> Exit {
-    usage_error(
-        "no pairing yet (bridge.json is missing, and no LAN device), so no devices: run \
-         hermeschat-pair (or hermeschat-pair --local)",
-    )
+/// Exit 2: nothing is paired, through the relay or on the LAN, so there is `what` (`"no
+/// devices"`, `"no app to revoke"`).
+fn no_pairing(what: &str) -> Exit {
+    usage_error(format!(
+        "no pairing yet (bridge.json is missing, and no LAN device), so {what}: run \
+         hermeschat-pair (or hermeschat-pair --local)"
+    ))
 }
 
 /// `--revoke <clientId>`: a LAN device is forgotten (the running LAN server closes its socket
@@ -334,6 +335,15 @@ pub fn revoke(args: &Args, client_id: &str) -> Result<(), Exit> {
         return Ok(());
     }
     let Some(id) = load_identity(&dir, &out)? else {
+        // Nothing paired at all is the configuration error --devices reports (exit 2).
+        let lan = lan_devices(&dir);
+        let nothing_paired = lan_problem.is_none()
+            && lan_unsaved.is_none()
+            && lan.error.is_none()
+            && lan.devices.is_empty();
+        if nothing_paired {
+            return Err(no_pairing("no app to revoke"));
+        }
         return Err(not_found("this machine"));
     };
     let registry = Registry::new(&id.registry_url);

@@ -363,6 +363,10 @@ fn doctor_before_pairing_says_to_pair() {
     assert_hop(&report, "relay", "skip");
     // --devices needs a pairing: a configuration error.
     m.run(&["--devices"]).expect(2, "--devices before pairing");
+    // So does --revoke (it said "already revoked?" and exited 1).
+    let run = m.run(&["--revoke", "hcl_0123456789abcdef"]);
+    run.expect(2, "--revoke before pairing");
+    assert!(run.all().contains("no pairing yet"), "{}", run.all());
     // A damaged bridge.json is kept aside by --devices too, which said it "will register anew"
     // and did not: what does is named.
     std::fs::create_dir_all(&m.state).unwrap();
