@@ -632,23 +632,43 @@ pub(crate) fn backend_gate(args: &Args, config: &Config, out: &Out) -> Result<Ba
                 return Ok(Backend { target: target(&host, port), builtin: true });
             }
         }
-        // The built-in backend of a daemon no command can find (its state directory was
-        // deleted: it stops within seconds) or of another state directory's daemon: waited
-        // for, so that this pairing does not take it for the user's own API.
-        Health::Ready if !args.no_server && answers_as_builtin(&host, port) => {
-            out.info(&format!(
-                "Port {port} is served by another hermeschat-pair daemon's built-in backend; \
-                 waiting up to {} s for it to stop",
-                FOREIGN_BUILTIN_WAIT.as_secs()
-            ));
-            let deadline = Instant::now() + FOREIGN_BUILTIN_WAIT;
-            while bridge::poller::probe(&host, port, "/api/health") != Health::NotListening {
-                if Instant::now() >= deadline {
-                    out.ok(&format!("Local Hermes API ready ({})", http_url(&host, port)));
-                    return external(target(&host, port));
+        // Another state directory's daemon's built-in backend. One whose state directory was
+        // deleted (no command can find that daemon; it stops within seconds) is waited for;
+        // one that stays is not taken for the user's own API without a word: this bridge
+        // would lose its backend, silently, whenever that daemon stops.
+        // (A pairing that chose the backend on this port as the user's own, --no-server or
+        // not, is warned below instead.)
+        Health::Ready
+            if !args.no_server
+                && !(config.external_backend && config.port == Some(port))
+                && let Some(answer) = builtin_health(&host, port) =>
+        {
+            if answer["stateDir"] == "gone" || answer.get("stateDir").is_none() {
+                out.info(&format!(
+                    "Port {port} is served by another hermeschat-pair daemon's built-in \
+                     backend; waiting up to {} s for it to stop",
+                    FOREIGN_BUILTIN_WAIT.as_secs()
+                ));
+                let deadline = Instant::now() + FOREIGN_BUILTIN_WAIT;
+                while bridge::poller::probe(&host, port, "/api/health") != Health::NotListening {
+                    if Instant::now() >= deadline {
+                        return Err(fail(shared_builtin(&host, port)));
+                    }
+                    std::thread::sleep(Duration::from_millis(250));
                 }
-                std::thread::sleep(Duration::from_millis(250));
+            } else {
+                return Err(fail(shared_builtin(&host, port)));
             }
+        }
+        Health::Ready if ours != Some(port) && builtin_health(&host, port).is_some() => {
+            // --no-server (now or at the pairing that chose it): that one is used, knowingly;
+            // what follows is said.
+            out.warn(&format!(
+                "Port {port} is another state directory's hermeschat-pair daemon's built-in \
+                 backend ({}): this bridge uses it, and chat stops whenever that daemon stops",
+                http_url(&host, port)
+            ));
+            return external(target(&host, port));
         }
         Health::Ready => {
             out.ok(&format!("Local Hermes API ready ({})", http_url(&host, port)));
@@ -1115,16 +1135,32 @@ fn ipv6_only_listener(host: &str, port: u16) -> Option<String> {
 /// True when `/api/health` at `host:port` says it is our built-in backend
 /// (`"server":"hermeschat-pair"`).
 fn answers_as_builtin(host: &str, port: u16) -> bool {
+    builtin_health(host, port).is_some()
+}
+
+/// The `/api/health` answer at `host:port` when it says it is our built-in backend
+/// (`"server":"hermeschat-pair"`).
+fn builtin_health(host: &str, port: u16) -> Option<serde_json::Value> {
     use crate::bridge::local_http::{LocalClient, Timeouts};
     let wait = Duration::from_secs(2);
     let timeouts = Timeouts { connect: wait, head: wait, body_gap: wait };
     let client = LocalClient::with_timeouts(host, port, timeouts);
     // Kept out of server.log like the bridge's own health probes.
-    client.get_small("/api/health", &[(bridge::poller::PROBE_HEADER, "1")]).is_ok_and(
-        |(_, body)| {
-            serde_json::from_slice::<serde_json::Value>(&body)
-                .is_ok_and(|v| v["server"] == "hermeschat-pair")
-        },
+    let (_, body) = client.get_small("/api/health", &[(bridge::poller::PROBE_HEADER, "1")]).ok()?;
+    serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .filter(|v| v["server"] == "hermeschat-pair")
+}
+
+/// Why a pairing does not take the built-in backend another state directory's daemon serves on
+/// `port` for its own, and the ways on.
+fn shared_builtin(host: &str, port: u16) -> String {
+    format!(
+        "port {port} on {host} is served by the built-in backend of another state directory's \
+         hermeschat-pair daemon (another HERMESCHAT_HOME): this bridge would lose its backend, \
+         without a word, whenever that daemon stops.\n  Pass --port <a free port> to have this \
+         state directory's own built-in backend, or --no-server to use that one all the same; \
+         then run hermeschat-pair again. Nothing was changed."
     )
 }
 

@@ -862,6 +862,27 @@ fn a_command_suspended_with_the_lock_is_named_not_waited_for() {
     env.pair_json(&relay, &backend, &[]);
 }
 
+/// A second state directory pairing on the port where the first one's daemon serves its
+/// built-in backend is told so at once (exit 1, nothing registered) instead of sharing it
+/// without a word (it waited 15 s, then took it for the user's own API, and lost it when the
+/// first daemon stopped); with --no-server it shares it, warned.
+#[test]
+fn a_second_state_directory_is_told_about_the_first_ones_built_in_backend() {
+    let relay = Relay::new();
+    let (first, second) = (Env::new(), Env::new());
+    let (server, bp) = (relay.url(), listen_port().to_string());
+    let args = ["--json", "--server", server.as_str(), "--port", bp.as_str()];
+    first.run(&args).assert_code(0, "the first state directory's pairing");
+    let run = second.run(&args);
+    run.assert_code(1, "a second state directory on the same backend port");
+    assert!(run.all().contains("another state directory's"), "{}", run.all());
+    assert!(run.all().contains("--no-server"), "no way on: {}", run.all());
+    assert!(!second.home.join("bridge.json").exists(), "it registered all the same");
+    let run = second.run(&["--server", &server, "--port", &bp, "--no-server"]);
+    run.assert_code(0, "--no-server: shared, knowingly");
+    assert!(run.all().contains("chat stops whenever that daemon stops"), "{}", run.all());
+}
+
 /// A relay behind a proxy started without `--public-url` announces its loopback address: the
 /// pairing says so and saves nothing (no QR a phone could never use). `127.1` reaches the
 /// relay as `127.0.0.1` does, but is not the loopback address the relay announces.

@@ -14,6 +14,7 @@ use super::Shared;
 use super::conn::{Conn, Request};
 use crate::bridge::Health;
 use crate::gateway::{self, Action, Chain, HermesConfig};
+use crate::state;
 
 /// Bytes of `gateway.log` returned by a restart.
 pub const LOG_TAIL: u64 = 4096;
@@ -56,6 +57,10 @@ pub fn health(shared: &Arc<Shared>, req: &Request, c: &mut Conn, close: bool) ->
         "server": "hermeschat-pair",
         "gateway": if g == Health::Ready { "online" } else { "offline" },
         "backend": backend_kind(shared, usable),
+        // Whether the daemon serving this is about to stop (its state directory deleted or
+        // moved: it stops within seconds), for a pairing of another state directory that
+        // finds this port taken ([`crate::cli::backend_gate`]).
+        "stateDir": if state::pid_file(&shared.settings.state_dir).exists() { "kept" } else { "gone" },
     })
     .to_string();
     if req.head.method == "HEAD" {
