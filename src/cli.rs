@@ -944,10 +944,46 @@ pub(crate) fn ensure_daemon(
     if !builtin {
         args.push("--no-server".to_owned());
     }
-    let pid = daemon::spawn(dir, &args)
-        .map_err(|e| fail(format!("the bridge daemon did not start: {e}")))?;
+    let pid = match daemon::spawn(dir, &args) {
+        Ok(pid) => pid,
+        Err(e) => return adopt_restarted(dir, &fits, &e, out),
+    };
     out.ok(&format!("Bridge daemon started (pid {pid})"));
     Ok(pid)
+}
+
+/// After the daemon this pairing started failed (`spawn_error`): a daemon that something else
+/// started in the meantime (a service manager or supervisor restarting the one just stopped)
+/// holds the state directory. One that serves what `fits` accepts (it read the identity and
+/// backend this pairing saved) is kept; with one that serves other settings, or none, the
+/// pairing fails naming the cause, without stopping it again (its restarter would only start it
+/// once more).
+fn adopt_restarted(
+    dir: &Path,
+    fits: &dyn Fn(&Status) -> bool,
+    spawn_error: &str,
+    out: &Out,
+) -> Result<u32, Exit> {
+    settle_daemon(dir);
+    let Some(s) = running_status(dir) else {
+        return Err(fail(format!("the bridge daemon did not start: {spawn_error}")));
+    };
+    if fits(&s) && !daemon::suspended(s.pid) {
+        out.ok(&format!(
+            "Bridge daemon started meanwhile by something else (pid {}: a service manager or \
+             supervisor restarting the one stopped?); it serves this pairing, so it is kept",
+            s.pid
+        ));
+        return Ok(s.pid);
+    }
+    Err(fail(format!(
+        "the bridge daemon did not start: {spawn_error}\n  Another one (pid {}) was started \
+         meanwhile, with other settings than this pairing's, by something that restarts it \
+         (a service manager or supervisor running hermeschat-pair --foreground?). Stop it \
+         there, or have it run this state directory's saved settings, then run \
+         hermeschat-pair again.",
+        s.pid
+    )))
 }
 
 /// Whether the daemon `s` describes runs a program file that an upgrade has replaced since it

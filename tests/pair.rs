@@ -883,6 +883,75 @@ fn a_second_state_directory_is_told_about_the_first_ones_built_in_backend() {
     assert!(run.all().contains("chat stops whenever that daemon stops"), "{}", run.all());
 }
 
+/// Sends `sig` to `pid`, a process this test started.
+fn send_signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill only sends a signal, to a process of this test's.
+    unsafe {
+        libc::kill(pid as libc::pid_t, sig);
+    }
+}
+
+/// A supervisor (a service manager, or the user's own running `--foreground`) that restarts the
+/// bridge the moment a pairing has stopped it takes the state directory before the daemon the
+/// pairing starts: the pairing keeps that bridge, which serves the identity and backend the
+/// pairing saved, instead of failing once. The pairing is held (SIGSTOP) while the supervisor
+/// restarts the bridge, so the supervisor wins every time.
+#[test]
+fn a_bridge_its_supervisor_restarts_during_a_pairing_is_kept() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let relay = Relay::new();
+    let env = Env::new();
+    let (server, first, second) = (relay.url(), listen_port(), listen_port());
+    let pair = |port: u16| env.cmd(&["--server", &server, "--port", &port.to_string()]);
+    run_cmd(pair(first), CMD_TIMEOUT).assert_code(0, "the first pairing");
+    env.run(&["--stop"]).assert_code(0, "--stop");
+    let foreground =
+        || env.cmd(&["--foreground"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    // Holds the state directory once bridge.pid names it and status.json is its own.
+    let serving = |pid: u32| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = || {
+            let text = std::fs::read_to_string(env.home.join("status.json")).unwrap_or_default();
+            serde_json::from_str::<Value>(&text).unwrap_or(Value::Null)
+        };
+        while !(env.pid() == Some(pid) && status()["pid"] == pid) {
+            assert!(Instant::now() < deadline, "the supervised bridge {pid} never served");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let pairing_pid = &AtomicU32::new(0);
+    let restarted = std::thread::scope(|scope| {
+        let mut supervised = foreground();
+        serving(supervised.id());
+        let supervisor = scope.spawn(move || {
+            supervised.wait().unwrap();
+            let pairing = pairing_pid.load(Ordering::SeqCst);
+            assert_ne!(pairing, 0, "the bridge stopped before the pairing ran");
+            send_signal(pairing, libc::SIGSTOP);
+            let again = foreground();
+            serving(again.id());
+            send_signal(pairing, libc::SIGCONT);
+            again
+        });
+        let child = pair(second).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        pairing_pid.store(child.id(), Ordering::SeqCst);
+        let out = child.wait_with_output().unwrap();
+        let mut again = supervisor.join().unwrap();
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let kept = env.pid();
+        env.run(&["--stop"]).assert_code(0, "--stop");
+        again.wait().unwrap();
+        assert!(out.status.success(), "the pairing failed: {said}");
+        assert!(said.contains("so it is kept"), "{said}");
+        (kept, again.id())
+    });
+    assert_eq!(restarted.0, Some(restarted.1), "the supervisor's bridge is not the one kept");
+}
+
 /// A relay behind a proxy started without `--public-url` announces its loopback address: the
 /// pairing says so and saves nothing (no QR a phone could never use). `127.1` reaches the
 /// relay as `127.0.0.1` does, but is not the loopback address the relay announces.
