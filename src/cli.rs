@@ -623,6 +623,8 @@ pub(crate) fn backend_gate(args: &Args, config: &Config, out: &Out) -> Result<Ba
     // The one port, if any, where our running daemon serves its built-in backend: never "your
     // API".
     let ours = builtin_port(&host);
+    // The backend on this port is the one an earlier pairing chose as the user's own.
+    let chosen_own = config.external_backend && config.port == Some(port);
     match bridge::poller::probe(&host, port, "/api/health") {
         // Our own daemon's built-in backend, from an earlier pairing: still the built-in one
         // (with --no-server, the user's own API is looked for elsewhere, below).
@@ -640,7 +642,7 @@ pub(crate) fn backend_gate(args: &Args, config: &Config, out: &Out) -> Result<Ba
         // not, is warned below instead.)
         Health::Ready
             if !args.no_server
-                && !(config.external_backend && config.port == Some(port))
+                && !chosen_own
                 && let Some(answer) = builtin_health(&host, port) =>
         {
             if answer["stateDir"] == "gone" || answer.get("stateDir").is_none() {
