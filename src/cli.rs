@@ -172,6 +172,9 @@ pub(crate) fn usage_error(message: impl Into<String>) -> Exit {
     Exit { code: 2, message: message.into() }
 }
 
+/// The environment variable naming the backend's port (as `--port` does).
+const LOCAL_PORT_ENV: &str = "HERMESCHAT_LOCAL_PORT";
+
 /// Parses a port number for `flag`.
 fn parse_port(flag: &str, v: &str) -> Result<u16, Exit> {
     v.parse()
@@ -360,6 +363,11 @@ fn check_environment() -> Result<(), Exit> {
     use crate::backend::peer::TRUSTED_UIDS_ENV;
     use crate::gateway::URL_ENV;
     let set = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    // `--doctor` reads it only when no daemon tells it the backend: checked here, it is
+    // refused before a half-printed report, and whether a daemon runs or not.
+    if let Some(v) = set(LOCAL_PORT_ENV) {
+        parse_port(LOCAL_PORT_ENV, v.trim())?;
+    }
     if let Some(v) = set(URL_ENV)
         && crate::gateway::parse_http_url(&v).is_none()
     {
@@ -581,8 +589,8 @@ pub(crate) fn backend_address(args: &Args, config: &Config) -> Result<(String, u
         .map(|h| h.trim().trim_start_matches('[').trim_end_matches(']').to_owned())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "127.0.0.1".into());
-    let env_port = match std::env::var("HERMESCHAT_LOCAL_PORT") {
-        Ok(v) if !v.trim().is_empty() => Some(parse_port("HERMESCHAT_LOCAL_PORT", v.trim())?),
+    let env_port = match std::env::var(LOCAL_PORT_ENV) {
+        Ok(v) if !v.trim().is_empty() => Some(parse_port(LOCAL_PORT_ENV, v.trim())?),
         _ => None,
     };
     let given = args.port.or(env_port);
