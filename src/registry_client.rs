@@ -243,9 +243,13 @@ fn trust_hint(cause: String, trust: &TrustEnv, usable: &dyn Fn(&Path) -> bool) -
 }
 
 /// Whether `cause` is one [`with_trust_hint`] or [`with_dns_hint`] explained as this
-/// machine's side (its CA store, its resolver), where checking the relay is no help.
+/// machine's side (its CA store, its resolver), or a proxy variable that cannot be used, where
+/// checking the relay is no help.
 pub fn is_this_machines_side(cause: &str) -> bool {
-    [DISTRUST, NO_CA_STORE, UNRESOLVED].iter().any(|marker| cause.contains(marker))
+    use crate::netproxy::{UNSUPPORTED_SCHEME, UNUSABLE_URL};
+    [DISTRUST, NO_CA_STORE, UNRESOLVED, UNSUPPORTED_SCHEME, UNUSABLE_URL]
+        .iter()
+        .any(|marker| cause.contains(marker))
 }
 
 /// How [`with_trust_hint`] begins its explanation of a certificate this machine's store lacks.
