@@ -60,7 +60,8 @@ COMMANDS:
 OPTIONS:
     --server URL         your registry, e.g. https://relay.yourdomain.com
                          (else $HERMESCHAT_REGISTRY_URL, else the one saved at the last pairing)
-    --port N             the local Hermes API port (default 8765, or $HERMESCHAT_LOCAL_PORT)
+    --port N             the local Hermes API port (else $HERMESCHAT_LOCAL_PORT, else the one
+                         saved at the last pairing, else 8765)
     --no-server          do not start a bundled backend; use a healthy API on --port or a common port
     --host ADDR          with --local: the LAN address to serve and put in the QR (default: detected)
     --local-port N       with --local: the LAN server's port (default 8766)
@@ -83,6 +84,8 @@ ENVIRONMENT:
     HERMESCHAT_TRUSTED_UIDS   uids (comma-separated) whose gateway or backend you run on
                               purpose; any other account's program on those ports gets nothing
     NO_COLOR                  no colours in the output
+    https_proxy, http_proxy, all_proxy, no_proxy
+                              an http:// proxy for the registry and the relay (README)
 
 FILES (in ~/.hermeschat): bridge.json (identity, 0600), config.json, bridge.pid, status.json,
 bridge.log, lan.json (--local token and devices, digests only). The QR image is written to ./hermeschat_pair.png.
