@@ -60,7 +60,8 @@ COMMANDS:
 OPTIONS:
     --server URL         your registry, e.g. https://relay.yourdomain.com
                          (else $HERMESCHAT_REGISTRY_URL, else the one saved at the last pairing)
-    --port N             the local Hermes API port (default 8765, or $HERMESCHAT_LOCAL_PORT)
+    --port N             the local Hermes API port (else $HERMESCHAT_LOCAL_PORT, else the one
+                         saved at the last pairing, else 8765)
     --no-server          do not start a bundled backend; use a healthy API on --port or a common port
     --host ADDR          with --local: the LAN address to serve and put in the QR (default: detected)
     --local-port N       with --local: the LAN server's port (default 8766)
@@ -83,6 +84,8 @@ ENVIRONMENT:
     HERMESCHAT_TRUSTED_UIDS   uids (comma-separated) whose gateway or backend you run on
                               purpose; any other account's program on those ports gets nothing
     NO_COLOR                  no colours in the output
+    https_proxy, http_proxy, all_proxy, no_proxy
+                              an http:// proxy for the registry and the relay (README)
 
 FILES (in ~/.hermeschat): bridge.json (identity, 0600), config.json, bridge.pid, status.json,
 bridge.log, lan.json (--local token and devices, digests only). The QR image is written to ./hermeschat_pair.png (to the state directory where the current directory cannot be written).
@@ -171,6 +174,9 @@ pub(crate) fn fail(message: impl Into<String>) -> Exit {
 pub(crate) fn usage_error(message: impl Into<String>) -> Exit {
     Exit { code: 2, message: message.into() }
 }
+
+/// The environment variable naming the backend's port (as `--port` does).
+const LOCAL_PORT_ENV: &str = "HERMESCHAT_LOCAL_PORT";
 
 /// Parses a port number for `flag`.
 fn parse_port(flag: &str, v: &str) -> Result<u16, Exit> {
@@ -360,6 +366,11 @@ fn check_environment() -> Result<(), Exit> {
     use crate::backend::peer::TRUSTED_UIDS_ENV;
     use crate::gateway::URL_ENV;
     let set = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    // `--doctor` reads it only when no daemon tells it the backend: checked here, it is
+    // refused before a half-printed report, and whether a daemon runs or not.
+    if let Some(v) = set(LOCAL_PORT_ENV) {
+        parse_port(LOCAL_PORT_ENV, v.trim())?;
+    }
     if let Some(v) = set(URL_ENV)
         && crate::gateway::parse_http_url(&v).is_none()
     {
@@ -581,8 +592,8 @@ pub(crate) fn backend_address(args: &Args, config: &Config) -> Result<(String, u
         .map(|h| h.trim().trim_start_matches('[').trim_end_matches(']').to_owned())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "127.0.0.1".into());
-    let env_port = match std::env::var("HERMESCHAT_LOCAL_PORT") {
-        Ok(v) if !v.trim().is_empty() => Some(parse_port("HERMESCHAT_LOCAL_PORT", v.trim())?),
+    let env_port = match std::env::var(LOCAL_PORT_ENV) {
+        Ok(v) if !v.trim().is_empty() => Some(parse_port(LOCAL_PORT_ENV, v.trim())?),
         _ => None,
     };
     let given = args.port.or(env_port);

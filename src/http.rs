@@ -335,6 +335,16 @@ pub fn response(
     out
 }
 
+/// `response` (as [`response`] builds it) cut after its head: the answer to `HEAD`, whose
+/// `Content-Length` gives the size a `GET` would get but which carries no body (RFC 9110 §9.3.2;
+/// on a kept-alive connection a body would be read as the start of the next response).
+pub fn head_only(mut response: Vec<u8>) -> Vec<u8> {
+    if let Some(end) = response.windows(4).position(|w| w == b"\r\n\r\n") {
+        response.truncate(end + 4);
+    }
+    response
+}
+
 /// Builds a JSON response with `Cache-Control: no-store`.
 pub fn json_response(status: u16, body: &str, close: bool) -> Vec<u8> {
     response(status, "application/json", body.as_bytes(), &[("Cache-Control", "no-store")], close)

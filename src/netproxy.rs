@@ -228,15 +228,21 @@ fn in_network(ip: IpAddr, net: IpAddr, bits: u32) -> bool {
     ip & mask == net & mask
 }
 
+/// How a proxy variable of another scheme is refused (also how callers tell the cause is this
+/// machine's setting, not the relay).
+pub const UNSUPPORTED_SCHEME: &str = "only http:// proxies are supported";
+/// How a proxy variable that does not parse is refused (see [`UNSUPPORTED_SCHEME`]).
+pub const UNUSABLE_URL: &str = "is not a usable proxy URL";
+
 /// Parses a proxy URL: `http://[user[:pass]@]host[:port][/]`, or `host[:port]` (http).
 fn parse(var: &'static str, value: &str) -> Result<Proxy, String> {
-    let bad = |why: &str| format!("{var} is not a usable proxy URL: {why}");
+    let bad = |why: &str| format!("{var} {UNUSABLE_URL}: {why}");
     let rest = match value.split_once("://") {
         Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => rest,
         Some((scheme, _)) => {
             return Err(format!(
-                "{var} names a {scheme}:// proxy; only http:// proxies are supported \
-                 (set {var} to one, or unset it)"
+                "{var} names a {scheme}:// proxy; {UNSUPPORTED_SCHEME} (set {var} to one, or \
+                 unset it)"
             ));
         }
         None => value,

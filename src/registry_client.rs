@@ -175,6 +175,14 @@ fn trust_hint(cause: String, trust: &TrustEnv, usable: &dyn Fn(&Path) -> bool) -
     if !untrusted.iter().any(|u| cause.contains(u)) {
         return cause;
     }
+    // OpenSSL's words for a certificate of another name: no CA store change helps there.
+    if ["hostname mismatch", "IP address mismatch"].iter().any(|m| cause.contains(m)) {
+        return format!(
+            "{cause}; the relay's certificate is not issued for the host in this URL: use the \
+             name it is issued for (the relay's --public-url, and the same in --server), or \
+             give the relay a certificate for this name"
+        );
+    }
     if cfg!(target_os = "macos") {
         return format!(
             "{cause}; {DISTRUST}: if it comes from a private CA, trust its CA in Keychain Access"
@@ -235,9 +243,13 @@ fn trust_hint(cause: String, trust: &TrustEnv, usable: &dyn Fn(&Path) -> bool) -
 }
 
 /// Whether `cause` is one [`with_trust_hint`] or [`with_dns_hint`] explained as this
-/// machine's side (its CA store, its resolver), where checking the relay is no help.
+/// machine's side (its CA store, its resolver), or a proxy variable that cannot be used, where
+/// checking the relay is no help.
 pub fn is_this_machines_side(cause: &str) -> bool {
-    [DISTRUST, NO_CA_STORE, UNRESOLVED].iter().any(|marker| cause.contains(marker))
+    use crate::netproxy::{UNSUPPORTED_SCHEME, UNUSABLE_URL};
+    [DISTRUST, NO_CA_STORE, UNRESOLVED, UNSUPPORTED_SCHEME, UNUSABLE_URL]
+        .iter()
+        .any(|marker| cause.contains(marker))
 }
 
 /// How [`with_trust_hint`] begins its explanation of a certificate this machine's store lacks.
@@ -774,6 +786,20 @@ mod trust_tests {
         assert!(h.contains("no CA certificates at all") && h.contains("public or private"), "{h}");
         assert!(h.contains("install the ca-certificates package"), "{h}");
         assert!(h.contains("SSL_CERT_FILE") && !h.contains("update-ca-certificates"), "{h}");
+    }
+
+    /// A certificate for another name is the relay's URL or certificate to fix: sending the
+    /// user to add a CA they already trust helped nothing.
+    #[test]
+    fn a_certificate_for_another_name_is_not_called_untrusted() {
+        let trust = TrustEnv { cert_file: Some("/ca.pem".into()), cert_dir: None };
+        for why in ["hostname mismatch", "IP address mismatch"] {
+            let cause = format!("certificate verify failed: ({why})");
+            let h = trust_hint(cause.clone(), &trust, &|_| true);
+            assert!(h.starts_with(&cause), "{h}");
+            assert!(h.contains("not issued for the host in this URL"), "{h}");
+            assert!(!h.contains(DISTRUST) && !is_this_machines_side(&h), "{h}");
+        }
     }
 
     #[test]

@@ -1700,8 +1700,9 @@ fn environment_and_saved_config_are_honoured() {
 
 /// `HERMESCHAT_GATEWAY_URL` without a port (or with https://, or no URL at all) was ignored
 /// without a word, the default gateway probed and reported instead; an uid list with a word in
-/// it trusted no one. Each is refused (exit 2) naming the variable, before anything is done;
-/// `--stop` still works.
+/// it trusted no one; a backend port that is not a number was refused by `--doctor` only after
+/// half its report (and not at all while a daemon ran). Each is refused (exit 2) naming the
+/// variable, before anything is done; `--stop` still works.
 #[test]
 fn environment_variables_that_cannot_be_read_are_refused_not_ignored() {
     let relay = Relay::new();
@@ -1711,6 +1712,7 @@ fn environment_variables_that_cannot_be_read_are_refused_not_ignored() {
         ("HERMESCHAT_GATEWAY_URL", "http://127.0.0.1"),
         ("HERMESCHAT_GATEWAY_URL", "https://gateway:8642"),
         ("HERMESCHAT_TRUSTED_UIDS", "1001,hermes"),
+        ("HERMESCHAT_LOCAL_PORT", "abc"),
     ] {
         for args in [&["--server", &relay.url(), "--port", &port][..], &["--status"], &["--doctor"]]
         {
@@ -1718,6 +1720,8 @@ fn environment_variables_that_cannot_be_read_are_refused_not_ignored() {
             run.assert_code(2, &format!("{name}={value} {args:?}"));
             let all = run.all();
             assert!(all.contains(name) && all.contains(value), "{all}");
+            // Refused before anything is done: --doctor printed half its report first.
+            assert!(run.stdout.trim().is_empty(), "{name}={value} {args:?}: {}", run.stdout);
         }
         assert!(!env.home.join("bridge.json").exists(), "pairing went ahead");
         env.run_env(&["--stop"], &[(name, value)]).assert_code(0, "--stop");

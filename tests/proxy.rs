@@ -120,6 +120,23 @@ fn the_relay_socket_goes_through_the_proxy_and_loopback_never_does() {
     thread::sleep(Duration::from_millis(50));
 }
 
+/// A proxy variable that cannot be used is this machine's setting to fix: pairing said to check
+/// that the relay runs (curl …/v1/health), which it may well do.
+#[test]
+fn an_unusable_proxy_is_not_blamed_on_the_relay() {
+    let env = Env::new();
+    for value in ["socks5://127.0.0.1:9", "http://proxy:notaport"] {
+        let run = env.run_env(
+            &["--json", "--server", "http://relay.invalid:9", "--port", "9"],
+            &[("ALL_PROXY", value)],
+        );
+        run.assert_code(1, value);
+        let all = run.all();
+        assert!(all.contains("ALL_PROXY"), "{all}");
+        assert!(!all.contains("relay is running"), "{value}: {all}");
+    }
+}
+
 #[test]
 fn an_unusable_proxy_is_named_not_bypassed() {
     let port = listen_port();

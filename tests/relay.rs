@@ -2902,3 +2902,26 @@ fn a_message_over_the_limit_lets_its_sender_finish_and_read_4008() {
     let mut again = AppClient::connect_ok(&relay, &reg.bridge_id, &client.client_secret, true);
     again.assert_round_trip("again");
 }
+
+/// `HEAD /v1/health` (what many uptime monitors send) is answered as `GET` is, without a body:
+/// it was a 405 carrying one, whose bytes a kept-alive client read as the start of its next
+/// response. A `HEAD` the relay refuses carries none either.
+#[test]
+fn head_is_answered_like_get_without_a_body() {
+    let relay = Relay::start(&[]);
+    for (path, status) in [("/v1/health", "200"), ("/v1/nothing", "404")] {
+        let requests = format!(
+            "HEAD {path} HTTP/1.1\r\nHost: relay\r\n\r\n\
+             GET {path} HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n"
+        );
+        let answer = raw_exchange(&relay.addr, requests.as_bytes(), RECV_TIMEOUT);
+        let answer = String::from_utf8_lossy(&answer).into_owned();
+        let (head, get) = answer.split_once("\r\n\r\n").expect("a response head");
+        assert!(head.starts_with(&format!("HTTP/1.1 {status} ")), "{answer}");
+        // The GET's response follows the HEAD's head at once, and has the length announced.
+        assert!(get.starts_with(&format!("HTTP/1.1 {status} ")), "{answer}");
+        let get_body = get.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        let length = head.lines().find_map(|l| l.strip_prefix("Content-Length: "));
+        assert_eq!(length, Some(get_body.len().to_string().as_str()), "{answer}");
+    }
+}

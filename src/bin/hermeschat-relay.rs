@@ -23,7 +23,7 @@ OPTIONS (each also as an environment variable):
     --public-url URL         public https URL apps and bridges use, e.g. https://relay.example.com;
                              required with a wildcard --listen (0.0.0.0, [::]) and with
                              --print-systemd-unit
-                                                             [HERMESCHAT_RELAY_PUBLIC_URL, default http://<listen>]
+                                                             [HERMESCHAT_RELAY_PUBLIC_URL, default http(s)://<listen>]
     --data DIR               directory for the SQLite store  [HERMESCHAT_RELAY_DATA, default ./relay-data]
     --tls-cert FILE          PEM certificate chain: serve TLS directly (otherwise use a reverse proxy)
                                                              [HERMESCHAT_RELAY_TLS_CERT]

@@ -277,6 +277,9 @@ fn handle(
                 bytes =
                     json_response_with(status, &json, close, &[("Sec-WebSocket-Version", "13")]);
             }
+            if head.method == "HEAD" {
+                bytes = crate::http::head_only(bytes);
+            }
             (Outcome::Respond { conn, bytes, close }, status)
         }
         Reply::Upgrade(accept, peer, epoch) => {
@@ -296,7 +299,8 @@ type Handled = Result<Reply, super::store::StoreError>;
 fn route(store: &mut Store, shared: &Shared, head: &Head, body: &[u8], ip: IpAddr) -> Handled {
     let method = head.method.as_str();
     let path = head.path();
-    let expect = |m: &str| method == m;
+    // HEAD is answered wherever GET is (monitors use it), without the body (`handle`).
+    let expect = |m: &str| method == m || (m == "GET" && method == "HEAD");
     Ok(match path {
         "/v1/health" if expect("GET") => health(store, shared),
         "/v1/bridge/register" if expect("POST") => return register(store, shared, body, ip),
