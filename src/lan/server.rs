@@ -154,8 +154,7 @@ struct WsConn {
     /// A close frame was sent; dropped at this instant at the latest.
     closing: Option<Instant>,
     /// Its stream was refused (a message over the limit, a breach of RFC 6455): what it sends
-    /// is dropped unread ([`crate::wsread::discard_input`]) until it closes or the close grace
-    /// ends, so the close frame telling it why is not lost to a reset.
+    /// is read dry unparsed ([`crate::wsread::discard_input`] says why).
     discarding: bool,
     /// The write side was shut once the close frame of a refused stream left.
     write_shut: bool,
