@@ -74,6 +74,10 @@ impl Default for Timeouts {
     }
 }
 
+/// The [`LocalError::Timeout`] phase of a connection that was never established (a silent
+/// port: a full accept queue, a dropped SYN).
+pub const CONNECTING: &str = "connecting";
+
 /// Why an exchange with the backend failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LocalError {
@@ -484,6 +488,10 @@ pub struct LocalClient {
     backend_key: Option<crate::backend::key::BackendKey>,
     /// The only address connected to, when set (the built-in backend's, with its key).
     only_addr: Option<SocketAddr>,
+    /// Whether a fresh connection closed without a byte is asked in TLS what it is
+    /// ([`LocalError::SpeaksTls`]); off for a periodic probe, which would leave a stray
+    /// handshake in a TLS backend's log every round.
+    tls_check: bool,
 }
 
 impl LocalClient {
@@ -504,6 +512,7 @@ impl LocalClient {
             timeouts,
             backend_key: None,
             only_addr: None,
+            tls_check: true,
         }
     }
 
@@ -518,6 +527,13 @@ impl LocalClient {
     ) -> LocalClient {
         self.backend_key = Some(key);
         self.only_addr = Some(addr);
+        self
+    }
+
+    /// Does not ask a server that closed without a byte whether it speaks TLS (its error is
+    /// then [`LocalError::Io`]): for a probe repeated every few seconds.
+    pub fn without_tls_check(mut self) -> LocalClient {
+        self.tls_check = false;
         self
     }
 
@@ -619,6 +635,7 @@ impl LocalClient {
                     // A TLS server closes on a plain request without a byte (OpenSSL's "http
                     // request" error): asked in TLS, it says so.
                     if !reused
+                        && self.tls_check
                         && peer_addr.is_some_and(|a| {
                             crate::tls_probe::answers_tls(a, self.timeouts.connect)
                         })
@@ -813,7 +830,7 @@ impl LocalClient {
         Err(match last {
             Some(e) if is_timeout(&e) => LocalError::Timeout {
                 addr: self.peer.clone(),
-                phase: "connecting",
+                phase: CONNECTING,
                 after: self.timeouts.connect,
             },
             Some(e) => LocalError::Connect { addr: self.peer.clone(), detail: e.to_string() },
