@@ -2,6 +2,9 @@
 //!
 //! The agent uses native-tls with the platform's roots, the same trust policy tungstenite's
 //! default connector uses for the relay socket, so registry and relay agree on what is trusted.
+//! Its TCP step is [`crate::tcp_connect`]'s (Happy Eyeballs). An error this machine causes (a
+//! certificate its store does not trust, a name its resolver cannot find) says so and what to
+//! do ([`with_trust_hint`], [`with_dns_hint`], [`is_this_machines_side`]).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

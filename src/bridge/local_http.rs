@@ -1,4 +1,5 @@
-//! A minimal HTTP/1.1 client for the bridge's one fixed local backend.
+//! A minimal HTTP/1.1 client for servers on this machine: the bridge's backend (its requests
+//! and health probes), the Hermes gateway (the built-in backend's upstream, and its probes).
 //!
 //! Why not `ureq`: a cancel or an app disconnect must abort a blocked backend read at once, from
 //! another thread, and ureq has no per-request abort. Here every exchange registers its socket
@@ -23,17 +24,11 @@ use base64::Engine;
 use base64::engine::DecodePaddingMode;
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
 
-use crate::http::{is_timeout, still_open};
+use crate::http::{MAX_HEAD, MAX_HEADERS, is_timeout, still_open};
 use crate::protocol::{ErrorCode, check_header, contains_ignore_ascii_case};
 
 /// Idle keep-alive connections kept for reuse.
 pub const MAX_IDLE: usize = 16;
-
-/// Largest response head accepted, in bytes.
-pub const MAX_HEAD: usize = 16 << 10;
-
-/// Most headers accepted in a response head.
-pub const MAX_HEADERS: usize = 64;
 
 /// Longest chunk-size or trailer line accepted, in bytes.
 const MAX_LINE: usize = 8 << 10;
