@@ -272,11 +272,10 @@ fn handle(
         Reply::Json(status, json) => {
             // Refused upgrades close: the client expected a different protocol on this socket.
             let close = close || head.path().starts_with("/ws/");
-            let mut bytes = json_response(status, &json, close);
-            if status == 426 {
-                bytes =
-                    json_response_with(status, &json, close, &[("Sec-WebSocket-Version", "13")]);
-            }
+            // A 426 names the version it speaks (RFC 6455 §4.4).
+            let version: &[_] =
+                if status == 426 { &[("Sec-WebSocket-Version", "13")] } else { &[] };
+            let bytes = json_response_with(status, &json, close, version);
             (Outcome::Respond { conn, bytes, close }, status)
         }
         Reply::Upgrade(accept, peer, epoch) => {
@@ -285,6 +284,7 @@ fn handle(
     }
 }
 
+/// [`json_response`] with `extra` headers.
 fn json_response_with(status: u16, body: &str, close: bool, extra: &[(&str, &str)]) -> Vec<u8> {
     let mut headers = vec![("Cache-Control", "no-store")];
     headers.extend_from_slice(extra);
