@@ -949,23 +949,16 @@ impl Server {
         match ended {
             // A message over the limit, or a breach of RFC 6455: the stream cannot be
             // resynchronised. The app is told why (4008, 1002, 1007), then what it still sends
-            // is dropped until it closes (`discarding`).
-            Some(Ended::Failed(e)) if e.close_code(close_code::LIMIT).is_some() => {
-                let code = e.close_code(close_code::LIMIT).unwrap_or(1002);
-                let reason = e.close_reason();
-                let fresh = matches!(
-                    self.conns.get(&id),
-                    Some(Conn { io: Io::Ws(w), .. }) if w.closing.is_none()
-                );
-                if !fresh {
-                    self.detach(id);
-                    self.remove(id);
-                    return;
-                }
+            // is dropped until it closes (`discarding`), unless a close of ours is already on
+            // its way.
+            Some(Ended::Failed(e))
+                if matches!(self.conns.get(&id), Some(Conn { io: Io::Ws(w), .. }) if w.closing.is_none())
+                    && let Some(code) = e.close_code(close_code::LIMIT) =>
+            {
                 if let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) {
                     w.discarding = true;
                 }
-                self.close_ws(id, code, reason);
+                self.close_ws(id, code, e.close_reason());
                 self.ready.push(id);
                 return;
             }

@@ -1095,11 +1095,9 @@ impl Reactor {
             // is already on its way.
             Some(Ended::Failed(e))
                 if matches!(self.conns.get(&id), Some(Conn { io: Io::Ws(w), .. }) if w.closing.is_none())
-                    && e.close_code(close_code::LIMIT).is_some() =>
+                    && let Some(code) = e.close_code(close_code::LIMIT) =>
             {
-                let code = e.close_code(close_code::LIMIT).unwrap_or(1002);
-                let reason = e.close_reason();
-                self.fail_ws(id, code, reason);
+                self.fail_ws(id, code, e.close_reason());
                 return;
             }
             Some(Ended::Failed(e)) => {
