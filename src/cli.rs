@@ -441,9 +441,9 @@ impl Out {
 // Shared steps
 
 pub(crate) fn state_dir() -> Result<PathBuf, Exit> {
-    let dir = state::state_dir();
+    let (dir, fallback) = state::located_state_dir();
     state::ensure_dir(&dir).map_err(|e| {
-        if state::state_dir_is_fallback() {
+        if fallback {
             // SAFETY: getuid has no preconditions and cannot fail.
             let uid = unsafe { libc::getuid() };
             return fail(format!(

@@ -15,6 +15,8 @@
 //!
 //! The gateway is found, and its key read, the way the built-in backend does it
 //! ([`crate::gateway::HermesConfig`]): so the doctor checks the gateway chat will really use.
+//!
+//! The phone's side of the relay hop (the app socket and its request frames) is `app.rs`.
 
 mod app;
 

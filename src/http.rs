@@ -1,5 +1,7 @@
-//! Minimal HTTP/1.1 message handling for the crate's own servers: parse a request head out of a
-//! byte buffer (so non-blocking readers can call it again as bytes arrive) and build responses.
+//! Minimal HTTP/1.1 message handling for the crate's own servers and clients: parse a request
+//! head out of a byte buffer (so non-blocking readers can call it again as bytes arrive), build
+//! responses, read a status line; and the socket calls they share (reads into spare capacity,
+//! a send that never waits, an idle socket's liveness, a prompt ACK, what a timeout looks like).
 //!
 //! Deliberately small: heads are parsed with `httparse`, bodies are `Content-Length` only.
 
@@ -8,10 +10,11 @@ use std::io;
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 
-/// Largest request head accepted, in bytes.
+/// Largest head accepted, in bytes: a request's by the crate's servers, a response's by the
+/// bridge's client ([`crate::bridge::local_http`]).
 pub const MAX_HEAD: usize = 16 << 10;
 
-/// Most headers accepted in a request head.
+/// Most header fields accepted in a head (request or response, as [`MAX_HEAD`]).
 pub const MAX_HEADERS: usize = 64;
 
 /// A parsed request head.

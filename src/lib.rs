@@ -6,9 +6,19 @@
 //!   [`daemon`]);
 //! - `hermeschat-relay` — the self-hosted registry + relay ([`relay`]).
 //!
-//! [`protocol`] holds the wire contract both sides speak, as plain serde types; [`http`] the
-//! small HTTP/1.1 helpers the servers share; [`state`] the local state files; [`qr`] the QR
-//! codes; [`secret`] identifiers and secrets.
+//! The modules, one role each, by the side they serve:
+//! - the wire: [`protocol`] is the contract both sides speak (plain serde types, no I/O);
+//!   [`jsonscan`], [`wsread`], [`wsout`], [`stream`], [`poll`] and [`http`] read and write it
+//!   on the readiness-driven threads of both binaries, with [`fasthash`] for their maps and
+//!   [`memory`] for their allocator;
+//! - the user's machine: [`cli`] and its commands ([`devices`], [`doctor`], [`logs`],
+//!   [`service`], [`lan`] with [`netif`]), [`daemon`] and [`bridge`], the built-in
+//!   [`backend`], the Hermes [`gateway`], [`tls_probe`] for a local server that speaks HTTPS,
+//!   and [`state`], the files all of them keep;
+//! - the way out to the registry and relay: [`registry_client`], [`tcp_connect`],
+//!   [`netproxy`];
+//! - small parts both sides use: [`qr`] (the pairing codes), [`secret`] (identifiers and
+//!   secrets).
 
 pub mod backend;
 pub mod bridge;

@@ -2,6 +2,9 @@
 //!
 //! The agent uses native-tls with the platform's roots, the same trust policy tungstenite's
 //! default connector uses for the relay socket, so registry and relay agree on what is trusted.
+//! Its TCP step is [`crate::tcp_connect`]'s (Happy Eyeballs). An error this machine causes (a
+//! certificate its store does not trust, a name its resolver cannot find) says so and what to
+//! do ([`with_trust_hint`], [`with_dns_hint`], [`is_this_machines_side`]).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -20,6 +23,7 @@ use ureq::unversioned::transport::{
 
 use crate::http::is_timeout;
 use crate::protocol::{self as p, ApiError};
+use crate::tcp_connect::{UNRESOLVED, with_dns_hint};
 
 /// Why a registry call failed.
 #[derive(Debug)]
@@ -89,38 +93,6 @@ fn plain_cause(url: &str, cause: String) -> String {
         "the server does not speak TLS there (is it http://?)".to_owned()
     } else {
         with_dns_hint(with_trust_hint(cause))
-    }
-}
-
-/// `cause` with the next step added when it is a host name that did not resolve: on a machine
-/// with no `/etc/resolv.conf` (a container `FROM scratch`, a bare chroot) the static build's
-/// resolver asks 127.0.0.1, which says only "Try again".
-pub fn with_dns_hint(cause: String) -> String {
-    dns_hint(cause, &|p: &Path| p.exists())
-}
-
-/// [`with_dns_hint`] with the filesystem passed in.
-fn dns_hint(cause: String, exists: &dyn Fn(&Path) -> bool) -> String {
-    // Rust's own words for a failed getaddrinfo, whatever the C library adds.
-    if !cause.contains("failed to lookup address information") {
-        return cause;
-    }
-    let (resolv, hosts) = (Path::new("/etc/resolv.conf"), Path::new("/etc/hosts"));
-    match (exists(resolv), exists(hosts)) {
-        (false, false) => format!(
-            "{cause}; {UNRESOLVED}: this machine has neither /etc/resolv.conf (no DNS server) \
-             nor /etc/hosts (a minimal container or chroot?): add them, or use \
-             an IP address instead of the name"
-        ),
-        (false, true) => format!(
-            "{cause}; {UNRESOLVED}: this machine has no /etc/resolv.conf (no DNS server), \
-             only /etc/hosts: add the one, a line for the name to the other, or use \
-             an IP address instead of the name"
-        ),
-        _ => format!(
-            "{cause}; {UNRESOLVED}: check its spelling and this machine's DNS \
-             (/etc/resolv.conf)"
-        ),
     }
 }
 
@@ -256,8 +228,6 @@ pub fn is_this_machines_side(cause: &str) -> bool {
 const DISTRUST: &str = "this machine does not trust the relay's certificate";
 /// How [`with_trust_hint`] says that this machine has no CA store at all.
 const NO_CA_STORE: &str = "this machine has no CA certificates at all";
-/// How [`with_dns_hint`] begins its explanation of a name that did not resolve.
-const UNRESOLVED: &str = "the host name did not resolve";
 
 /// What an answer without the relay's JSON error body most likely is, for the statuses a
 /// reverse proxy gives when it cannot reach the relay behind it (nginx and Caddy answer
@@ -828,18 +798,6 @@ mod trust_tests {
         // A hashed directory alone is a store too.
         let h = hint(None, None, &["/etc/ssl/certs"]);
         assert!(!h.contains("no CA certificates") && h.contains("update-ca-certificates"), "{h}");
-    }
-
-    #[test]
-    fn a_name_that_does_not_resolve_names_what_the_resolver_lacks() {
-        let cause = || "io: failed to lookup address information: Try again".to_owned();
-        let h = dns_hint(cause(), &|_: &Path| false);
-        assert!(h.contains("neither /etc/resolv.conf (no DNS server) nor /etc/hosts"), "{h}");
-        let h = dns_hint(cause(), &|p: &Path| p == Path::new("/etc/hosts"));
-        assert!(h.contains("no /etc/resolv.conf (no DNS server), only /etc/hosts"), "{h}");
-        let h = dns_hint(cause(), &|_: &Path| true);
-        assert!(h.contains("check its spelling and this machine's DNS"), "{h}");
-        assert_eq!(dns_hint("refused".to_owned(), &|_: &Path| false), "refused");
     }
 
     #[test]

@@ -44,36 +44,32 @@ const FILE_MODE: u32 = 0o600;
 /// entry) it falls back to `.hermeschat` under the current directory rather than guessing a
 /// shared location such as `/tmp`.
 pub fn state_dir() -> PathBuf {
+    located_state_dir().0
+}
+
+/// [`state_dir`], and whether it is the last resort: `.hermeschat` under the current directory
+/// because there is no `$HERMESCHAT_HOME`, no `$HOME` and no passwd entry for this uid (a
+/// container running as an arbitrary uid).
+pub fn located_state_dir() -> (PathBuf, bool) {
     resolve_state_dir(std::env::var_os(HOME_ENV), std::env::var_os("HOME"), std::env::home_dir)
 }
 
-/// Whether [`state_dir`] fell back to `.hermeschat` under the current directory: no
-/// `$HERMESCHAT_HOME`, no `$HOME` and no passwd entry for this uid (a container running as an
-/// arbitrary uid).
-pub fn state_dir_is_fallback() -> bool {
-    let unset = |name| std::env::var_os(name).is_none_or(|v| v.is_empty());
-    // As `resolve_state_dir` reads it: an empty home is none.
-    unset(HOME_ENV)
-        && unset("HOME")
-        && std::env::home_dir().is_none_or(|h| h.as_os_str().is_empty())
-}
-
-/// [`state_dir`] with its inputs passed in, so tests need not mutate the process environment.
+/// [`located_state_dir`] with its inputs passed in, so tests need not mutate the process
+/// environment.
 fn resolve_state_dir(
     override_dir: Option<OsString>,
     home: Option<OsString>,
     passwd_home: impl FnOnce() -> Option<PathBuf>,
-) -> PathBuf {
-    let dir = match override_dir.filter(|d| !d.is_empty()) {
-        Some(dir) => PathBuf::from(dir),
-        None => home
-            .filter(|h| !h.is_empty())
-            .map(PathBuf::from)
-            .or_else(passwd_home)
-            .unwrap_or_default()
-            .join(".hermeschat"),
+) -> (PathBuf, bool) {
+    let (dir, fallback) = match override_dir.filter(|d| !d.is_empty()) {
+        Some(dir) => (PathBuf::from(dir), false),
+        None => {
+            let home = home.filter(|h| !h.is_empty()).map(PathBuf::from).or_else(passwd_home);
+            let fallback = home.as_ref().is_none_or(|h| h.as_os_str().is_empty());
+            (home.unwrap_or_default().join(".hermeschat"), fallback)
+        }
     };
-    std::path::absolute(&dir).unwrap_or(dir)
+    (std::path::absolute(&dir).unwrap_or(dir), fallback)
 }
 
 /// `bridge.json`: the bridge's identity and relay secret.
@@ -1235,26 +1231,31 @@ mod tests {
     fn state_dir_prefers_the_override_then_home() {
         let none = || None;
         let passwd = || Some(PathBuf::from("/home/pw"));
+        let chosen = |dir: &str| (PathBuf::from(dir), false);
         assert_eq!(
             resolve_state_dir(Some("/srv/hc".into()), Some("/home/u".into()), none),
-            PathBuf::from("/srv/hc")
+            chosen("/srv/hc")
         );
         assert_eq!(
             resolve_state_dir(Some("".into()), Some("/home/u".into()), none),
-            PathBuf::from("/home/u/.hermeschat")
+            chosen("/home/u/.hermeschat")
         );
         assert_eq!(
             resolve_state_dir(None, Some("/home/u".into()), none),
-            PathBuf::from("/home/u/.hermeschat")
+            chosen("/home/u/.hermeschat")
         );
         assert_eq!(
             resolve_state_dir(None, Some("".into()), passwd),
-            PathBuf::from("/home/pw/.hermeschat")
+            chosen("/home/pw/.hermeschat")
         );
-        let relative = resolve_state_dir(Some("rel/dir".into()), None, none);
-        assert!(relative.is_absolute(), "{relative:?}");
+        let (relative, fallback) = resolve_state_dir(Some("rel/dir".into()), None, none);
+        assert!(relative.is_absolute() && !fallback, "{relative:?}");
         assert!(relative.ends_with("rel/dir"));
-        assert!(resolve_state_dir(None, None, none).is_absolute());
+        // No home anywhere (an empty passwd home is none): the last resort, and said so.
+        for passwd in [None, Some(PathBuf::new())] {
+            let (dir, fallback) = resolve_state_dir(None, Some("".into()), || passwd);
+            assert!(dir.is_absolute() && dir.ends_with(".hermeschat") && fallback, "{dir:?}");
+        }
     }
 
     #[test]

@@ -1,10 +1,13 @@
 //! Outbound TCP connections to hosts with several addresses, Happy Eyeballs style (RFC 8305):
 //! the one connect routine of the bridge's relay socket ([`crate::bridge::relay_io`]) and the
 //! registry calls ([`crate::registry_client`]), so a black-holed address (an IPv6 route that
-//! drops everything) costs either of them the attempt delay, not the connect timeout.
+//! drops everything) costs either of them the attempt delay, not the connect timeout. A name
+//! that does not resolve is explained by what this machine's resolver lacks
+//! ([`with_dns_hint`]), which the registry client adds to its own resolver's errors too.
 
 use std::io;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -20,14 +23,49 @@ const MAX_ADDRESSES: usize = 8;
 /// Eyeballs does (see [`connect_addrs`]).
 pub fn connect(host: &str, port: u16, timeout: Duration) -> Result<TcpStream, String> {
     let failed = |what: &str, e: &dyn std::fmt::Display| format!("{what} {host}:{port}: {e}");
-    let resolved = (host, port).to_socket_addrs().map_err(|e| {
-        failed("cannot resolve", &crate::registry_client::with_dns_hint(e.to_string()))
-    })?;
+    let resolved = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| failed("cannot resolve", &with_dns_hint(e.to_string())))?;
     connect_addrs(resolved.collect(), timeout).map_err(|e| match e {
         Some(e) => failed("cannot connect to", &e),
         None => failed("no address for", &"empty DNS answer"),
     })
 }
+
+/// `cause` with the next step added when it is a host name that did not resolve: on a machine
+/// with no `/etc/resolv.conf` (a container `FROM scratch`, a bare chroot) the static build's
+/// resolver asks 127.0.0.1, which says only "Try again".
+pub fn with_dns_hint(cause: String) -> String {
+    dns_hint(cause, &|p: &Path| p.exists())
+}
+
+/// [`with_dns_hint`] with the filesystem passed in.
+fn dns_hint(cause: String, exists: &dyn Fn(&Path) -> bool) -> String {
+    // Rust's own words for a failed getaddrinfo, whatever the C library adds.
+    if !cause.contains("failed to lookup address information") {
+        return cause;
+    }
+    let (resolv, hosts) = (Path::new("/etc/resolv.conf"), Path::new("/etc/hosts"));
+    match (exists(resolv), exists(hosts)) {
+        (false, false) => format!(
+            "{cause}; {UNRESOLVED}: this machine has neither /etc/resolv.conf (no DNS server) \
+             nor /etc/hosts (a minimal container or chroot?): add them, or use \
+             an IP address instead of the name"
+        ),
+        (false, true) => format!(
+            "{cause}; {UNRESOLVED}: this machine has no /etc/resolv.conf (no DNS server), \
+             only /etc/hosts: add the one, a line for the name to the other, or use \
+             an IP address instead of the name"
+        ),
+        _ => format!(
+            "{cause}; {UNRESOLVED}: check its spelling and this machine's DNS \
+             (/etc/resolv.conf)"
+        ),
+    }
+}
+
+/// How [`with_dns_hint`] begins its explanation of a name that did not resolve.
+pub(crate) const UNRESOLVED: &str = "the host name did not resolve";
 
 /// A TCP connection, with `TCP_NODELAY`, to the first of the resolved `addrs` that answers:
 /// families alternating from the resolver's first ([`interleave_families`]), the next attempt
@@ -181,5 +219,17 @@ mod tests {
         assert_eq!(got, want);
         let many: Vec<_> = (1..=12).map(|i| a(&format!("192.0.2.{i}:1"))).collect();
         assert_eq!(interleave_families(many).len(), MAX_ADDRESSES);
+    }
+
+    #[test]
+    fn a_name_that_does_not_resolve_names_what_the_resolver_lacks() {
+        let cause = || "io: failed to lookup address information: Try again".to_owned();
+        let h = dns_hint(cause(), &|_: &Path| false);
+        assert!(h.contains("neither /etc/resolv.conf (no DNS server) nor /etc/hosts"), "{h}");
+        let h = dns_hint(cause(), &|p: &Path| p == Path::new("/etc/hosts"));
+        assert!(h.contains("no /etc/resolv.conf (no DNS server), only /etc/hosts"), "{h}");
+        let h = dns_hint(cause(), &|_: &Path| true);
+        assert!(h.contains("check its spelling and this machine's DNS"), "{h}");
+        assert_eq!(dns_hint("refused".to_owned(), &|_: &Path| false), "refused");
     }
 }

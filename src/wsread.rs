@@ -6,8 +6,9 @@
 //!   brings a 200-byte frame or nothing at all: about a tenth of the relay's user time at c16.
 //!   [`WsReader`] reads small frames into a buffer that is zeroed when it is renewed (once
 //!   per 12–16 KiB read on a busy connection), not per read, and hands each message out as a
-//!   slice of it (no copy, no allocation); it reads a large frame's payload straight into a buffer of that frame's
-//!   size, zeroed a step ahead of the reads (as tungstenite zeroes ahead of each of its own).
+//!   slice of it (no copy, no allocation); it reads a large frame's payload straight into a
+//!   buffer of that frame's size, zeroed a step ahead of the reads (as tungstenite zeroes
+//!   ahead of each of its own).
 //! - tungstenite keeps its read buffer at the size of the largest message for as long as the
 //!   connection lives (tungstenite-rs #480): 12 MiB for every peer that once sent a 12 MiB
 //!   request. Here a large payload's buffer is the message itself. The buffer of a message of
@@ -18,7 +19,8 @@
 //!   frames and messages, checked from a frame's header, masking by role, no extensions.
 //!
 //! Control frames are returned to the caller, who answers them: a ping with a pong, a close
-//! with a close ([`close_reply`]).
+//! with a close ([`close_reply`]). A stream refused for breaking these rules is read dry
+//! ([`discard_input`]), so the close frame telling the peer why is not lost to a reset.
 
 use std::io::{self, Read};
 use std::time::{Duration, Instant};

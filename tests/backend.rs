@@ -123,6 +123,8 @@ fn health_reports_gateway_online_offline_and_direct() {
     let (s, h, body) = http(b.port, "GET", "/api/health", &[], b"");
     assert_eq!(s, 200);
     assert_eq!(header(&h, "content-type"), Some("application/json"));
+    // Health changes from one moment to the next: no cache may keep it.
+    assert_eq!(header(&h, "cache-control"), Some("no-store"));
     let v = json_of(&body);
     assert_eq!((v["status"].as_str(), v["gateway"].as_str()), (Some("ok"), Some("online")), "{v}");
     assert_eq!(v["version"], hermeschat_pair::VERSION);

@@ -809,12 +809,21 @@ fn a_suspended_daemon_is_not_reported_serving() {
         // SAFETY: a signal to the daemon this test started.
         unsafe { libc::kill(pid as libc::pid_t, sig) }
     };
-    signal(libc::SIGSTOP);
+    // kill(2) returns before the stop takes hold of every thread: on a busy machine --status
+    // could look first and see it running. Wait until the kernel says it is stopped.
+    let suspend = || {
+        signal(libc::SIGSTOP);
+        let until = Instant::now() + Duration::from_secs(10);
+        while !hermeschat_pair::daemon::suspended(pid) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    suspend();
     let run = env.run(&["--status", "--port", &backend.port.to_string()]);
     signal(libc::SIGCONT);
     run.assert_code(1, "--status with the daemon suspended");
     assert!(run.stdout.contains(&format!("kill -CONT {pid}")), "{}", run.stdout);
-    signal(libc::SIGSTOP);
+    suspend();
     let run = env.run(&["--doctor", "--json"]);
     signal(libc::SIGCONT);
     let v: Value = serde_json::from_str(run.stdout.trim()).unwrap_or(Value::Null);

@@ -1001,6 +1001,9 @@ fn ws_app_without_upgrade_is_426() {
         None,
     );
     assert_eq!((r.status, r.code()), (426, "UPGRADE_REQUIRED"), "{}", r.raw);
+    // RFC 6455 §4.4: the refusal names the version the relay speaks, and is JSON like the rest.
+    assert_eq!(r.header("sec-websocket-version"), Some("13"), "{}", r.raw);
+    assert_eq!(r.header("cache-control"), Some("no-store"), "{}", r.raw);
     let r = api.call_full(
         "GET",
         &format!("/ws/bridge?bridgeId={}", p.reg.bridge_id),

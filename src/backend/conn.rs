@@ -153,14 +153,7 @@ impl Conn {
 
     /// Writes a JSON response (`Cache-Control: no-store`).
     pub fn json(&mut self, status: u16, value: &serde_json::Value, close: bool) -> io::Result<()> {
-        let body = value.to_string();
-        self.respond(
-            status,
-            "application/json",
-            body.as_bytes(),
-            &[("Cache-Control", "no-store")],
-            close,
-        )
+        self.stream.write_all(&crate::http::json_response(status, &value.to_string(), close))
     }
 
     /// A JSON error body `{"error":{"message","type","code"}}` (OpenAI style).

@@ -61,19 +61,12 @@ pub fn health(shared: &Arc<Shared>, req: &Request, c: &mut Conn, close: bool) ->
         // moved: it stops within seconds), for a pairing of another state directory that
         // finds this port taken ([`crate::cli::backend_gate`]).
         "stateDir": if state::pid_file(&shared.settings.state_dir).exists() { "kept" } else { "gone" },
-    })
-    .to_string();
+    });
     if req.head.method == "HEAD" {
         let headers = [("Content-Type".to_owned(), "application/json".to_owned())];
-        c.start_fixed(200, &headers, Some(body.len() as u64), close)?;
+        c.start_fixed(200, &headers, Some(body.to_string().len() as u64), close)?;
     } else {
-        c.respond(
-            200,
-            "application/json",
-            body.as_bytes(),
-            &[("Cache-Control", "no-store")],
-            close,
-        )?;
+        c.json(200, &body, close)?;
     }
     Ok(200)
 }

@@ -1,4 +1,5 @@
-//! A minimal HTTP/1.1 client for the bridge's one fixed local backend.
+//! A minimal HTTP/1.1 client for servers on this machine: the bridge's backend (its requests
+//! and health probes), the Hermes gateway (the built-in backend's upstream, and its probes).
 //!
 //! Why not `ureq`: a cancel or an app disconnect must abort a blocked backend read at once, from
 //! another thread, and ureq has no per-request abort. Here every exchange registers its socket
@@ -23,17 +24,11 @@ use base64::Engine;
 use base64::engine::DecodePaddingMode;
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
 
-use crate::http::{is_timeout, still_open};
+use crate::http::{MAX_HEAD, MAX_HEADERS, is_timeout, still_open};
 use crate::protocol::{ErrorCode, check_header, contains_ignore_ascii_case};
 
 /// Idle keep-alive connections kept for reuse.
 pub const MAX_IDLE: usize = 16;
-
-/// Largest response head accepted, in bytes.
-pub const MAX_HEAD: usize = 16 << 10;
-
-/// Most headers accepted in a response head.
-pub const MAX_HEADERS: usize = 64;
 
 /// Longest chunk-size or trailer line accepted, in bytes.
 const MAX_LINE: usize = 8 << 10;
@@ -73,6 +68,10 @@ impl Default for Timeouts {
         }
     }
 }
+
+/// The [`LocalError::Timeout`] phase of a connection that was never established (a silent
+/// port: a full accept queue, a dropped SYN).
+pub const CONNECTING: &str = "connecting";
 
 /// Why an exchange with the backend failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -484,6 +483,10 @@ pub struct LocalClient {
     backend_key: Option<crate::backend::key::BackendKey>,
     /// The only address connected to, when set (the built-in backend's, with its key).
     only_addr: Option<SocketAddr>,
+    /// Whether a fresh connection closed without a byte is asked in TLS what it is
+    /// ([`LocalError::SpeaksTls`]); off for a periodic probe, which would leave a stray
+    /// handshake in a TLS backend's log every round.
+    tls_check: bool,
 }
 
 impl LocalClient {
@@ -504,6 +507,7 @@ impl LocalClient {
             timeouts,
             backend_key: None,
             only_addr: None,
+            tls_check: true,
         }
     }
 
@@ -518,6 +522,13 @@ impl LocalClient {
     ) -> LocalClient {
         self.backend_key = Some(key);
         self.only_addr = Some(addr);
+        self
+    }
+
+    /// Does not ask a server that closed without a byte whether it speaks TLS (its error is
+    /// then [`LocalError::Io`]): for a probe repeated every few seconds.
+    pub fn without_tls_check(mut self) -> LocalClient {
+        self.tls_check = false;
         self
     }
 
@@ -619,6 +630,7 @@ impl LocalClient {
                     // A TLS server closes on a plain request without a byte (OpenSSL's "http
                     // request" error): asked in TLS, it says so.
                     if !reused
+                        && self.tls_check
                         && peer_addr.is_some_and(|a| {
                             crate::tls_probe::answers_tls(a, self.timeouts.connect)
                         })
@@ -813,7 +825,7 @@ impl LocalClient {
         Err(match last {
             Some(e) if is_timeout(&e) => LocalError::Timeout {
                 addr: self.peer.clone(),
-                phase: "connecting",
+                phase: CONNECTING,
                 after: self.timeouts.connect,
             },
             Some(e) => LocalError::Connect { addr: self.peer.clone(), detail: e.to_string() },

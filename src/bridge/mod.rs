@@ -1,4 +1,4 @@
-//! The bridge daemon: one process, a thread per role.
+//! The bridge daemon: one process, a thread per role, started by [`start`].
 //!
 //! - [`relay_io`] — owns the relay WebSocket: reads frames, pings, reconnects with jittered
 //!   backoff. A small request runs right there, without blocking, on a keep-alive backend
@@ -7,8 +7,14 @@
 //! - [`workers`] — a bounded pool, started on demand; each worker runs one local HTTP exchange
 //!   ([`local_http`]) and streams the response back as frames: uploads, event streams, large
 //!   or chunked responses, and requests that found no idle connection;
-//! - [`poller`] — keeps backend and gateway health current in `status.json`;
-//! - signals — `ctrlc`: stop, answer open requests `SHUTTING_DOWN`, close the socket 1001.
+//! - [`poller`] — keeps backend and gateway health current in `status.json` ([`Status`]);
+//! - in LAN mode, the LAN server ([`crate::lan::server`]) in place of the relay socket; and the
+//!   built-in backend ([`crate::backend`]) when this bridge runs it.
+//!
+//! A stop (SIGTERM, SIGINT: the handler the daemon's command installs in [`crate::cli`]) sets
+//! the shared flag and wakes [`Bridge::run`], which answers open requests `SHUTTING_DOWN` (and
+//! closes the relay socket 1001). This file holds what the roles share: the frame sink
+//! ([`Outbox`]), the status ([`LiveStatus`]) and the daemon's log ([`log`]).
 
 pub mod local_http;
 pub mod poller;

@@ -4,12 +4,11 @@
 //! ([`crate::logs::trim_written_by_others`]): a bridge runs for months. And each round it
 //! writes `bridge.json` again if it went missing or was damaged ([`keep_identity`]).
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use super::local_http::{CONNECTING, LocalClient, LocalError, Timeouts};
 use super::workers::Target;
 use super::{Health, LiveStatus};
 use crate::state::{self, BridgeIdentity, Loaded};
@@ -152,114 +151,30 @@ pub fn keep_identity(state_dir: &Path, identity: &BridgeIdentity) {
 /// leaves the successful ones out of `server.log`, where they would be nearly every line.
 pub const PROBE_HEADER: &str = "X-Hermeschat-Probe";
 
-/// Probes `GET http://host:port{path}`: 2xx is ready, any other answer unhealthy, a refused or
-/// silent port not listening / unhealthy. A plain HTTP/1.0 exchange keeps this independent of
-/// proxies and connection pools.
+/// Probes `GET http://host:port{path}` with the bridge's own client ([`LocalClient`], which
+/// checks who listens before it sends): 2xx is ready, any other answer unhealthy, a refused or
+/// silent port (every address the name resolves to) not listening. The answer is read to its
+/// end (64 KiB at most) before the connection closes: closing a socket with bytes unread makes
+/// the kernel reset the connection, and a backend that writes its body after its head (Python's
+/// `http.server`) then logs a traceback at every probe, for as long as the daemon runs.
 pub fn probe(host: &str, port: u16, path: &str) -> Health {
-    let Ok(addrs) = (host, port).to_socket_addrs() else {
-        return Health::NotListening;
-    };
-    let authority = super::workers::authority(host, port);
-    // Each address of a name in turn (`localhost` may be `::1` first, and the built-in backend
-    // on 127.0.0.1), as a client connecting to it would.
-    addrs
-        .map(|addr| probe_addr(addr, &authority, path))
-        .find(|health| *health != Health::NotListening)
-        .unwrap_or(Health::NotListening)
-}
-
-fn probe_addr(addr: SocketAddr, authority: &str, path: &str) -> Health {
-    let mut tcp = match TcpStream::connect_timeout(&addr, PROBE_TIMEOUT) {
-        Ok(_) if crate::backend::peer::foreign_listener(addr).is_some() => return Health::Foreign,
-        Ok(t) => t,
-        Err(_) => return Health::NotListening,
-    };
-    let _ = tcp.set_read_timeout(Some(PROBE_TIMEOUT));
-    let _ = tcp.set_write_timeout(Some(PROBE_TIMEOUT));
-    let request = format!(
-        "GET {path} HTTP/1.0\r\nHost: {authority}\r\nAccept: application/json\r\n{PROBE_HEADER}: 1\r\n\r\n"
-    );
-    if tcp.write_all(request.as_bytes()).is_err() {
-        return Health::Unhealthy;
-    }
-    let deadline = Instant::now() + PROBE_TIMEOUT;
-    let mut answer = Vec::with_capacity(1024);
-    while answer.len() < 12 {
-        match read_some(&mut tcp, &mut answer, deadline) {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
-        }
-    }
-    let status = crate::http::status_of(&answer);
-    if status.is_some() {
-        drain(&mut tcp, &mut answer, deadline);
-    }
-    match status {
-        Some(200..=299) => Health::Ready,
-        _ => Health::Unhealthy,
-    }
-}
-
-/// Most of an answer a probe reads ([`drain`]).
-const PROBE_DRAIN: usize = 64 << 10;
-
-/// One read appended to `buf`, waiting until `deadline` at most (then `TimedOut`).
-fn read_some(tcp: &mut TcpStream, buf: &mut Vec<u8>, deadline: Instant) -> std::io::Result<usize> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    if left.is_zero() {
-        return Err(std::io::ErrorKind::TimedOut.into());
-    }
-    tcp.set_read_timeout(Some(left))?;
-    let mut chunk = [0u8; 4096];
-    let n = tcp.read(&mut chunk)?;
-    buf.extend_from_slice(&chunk[..n]);
-    Ok(n)
-}
-
-/// Reads the rest of an HTTP answer (`buf` holds its start) to its end: its `Content-Length`,
-/// else the close an answer to HTTP/1.0 ends with; at most [`PROBE_DRAIN`] bytes, until
-/// `deadline`. Closing a socket with bytes unread makes the kernel reset the connection instead
-/// of closing it: a backend that writes its body after its head (Python's `http.server`) then
-/// fails that write with ECONNRESET and logs a traceback, at every probe (each 5 s) for as
-/// long as the daemon runs.
-fn drain(tcp: &mut TcpStream, buf: &mut Vec<u8>, deadline: Instant) {
-    let mut end = None;
-    while end.is_none_or(|end| buf.len() < end) && buf.len() < PROBE_DRAIN {
-        if end.is_none() {
-            let mut slots = [httparse::EMPTY_HEADER; 64];
-            let mut head = httparse::Response::new(&mut slots);
-            match head.parse(buf) {
-                Ok(httparse::Status::Complete(n)) => {
-                    let length = head
-                        .headers
-                        .iter()
-                        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-                        .and_then(|h| std::str::from_utf8(h.value).ok())
-                        .and_then(|v| v.trim().parse::<usize>().ok());
-                    let bodiless = matches!(head.code, Some(204 | 304));
-                    // Without a length the body ends with the connection.
-                    end = Some(if bodiless {
-                        n
-                    } else {
-                        length.map_or(usize::MAX, |l| n.saturating_add(l))
-                    });
-                    continue;
-                }
-                Ok(httparse::Status::Partial) => {}
-                // Not HTTP after all: nothing more is worth waiting for.
-                Err(_) => return,
-            }
-        }
-        match read_some(tcp, buf, deadline) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
+    let timeouts =
+        Timeouts { connect: PROBE_TIMEOUT, head: PROBE_TIMEOUT, body_gap: PROBE_TIMEOUT };
+    // A fresh client each time: no pooled connection outlives the probe.
+    let client = LocalClient::with_timeouts(host, port, timeouts).without_tls_check();
+    match client.get_small(path, &[("Accept", "application/json"), (PROBE_HEADER, "1")]) {
+        Ok((200..=299, _)) => Health::Ready,
+        Err(LocalError::Connect { .. }) => Health::NotListening,
+        Err(LocalError::Timeout { phase, .. }) if phase == CONNECTING => Health::NotListening,
+        Err(LocalError::Foreign { .. }) => Health::Foreign,
+        Ok(_) | Err(_) => Health::Unhealthy,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
     use std::net::TcpListener;
 
     fn serve_once(reply: &'static [u8]) -> u16 {
@@ -338,7 +253,15 @@ mod tests {
             }
             head.extend_from_slice(b"\r\n");
             let _ = s.write_all(&head);
-            std::thread::sleep(Duration::from_millis(20));
+            // A probe that closes before the body comes (its FIN arrives at once) would make
+            // the body's write meet a reset: told as an error. One that waits for the body
+            // leaves this read to time out.
+            let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+            if let Ok(0) = s.read(&mut buf) {
+                let _ = tx.send(Err(std::io::ErrorKind::ConnectionReset.into()));
+                return;
+            }
+            let _ = s.set_read_timeout(None);
             let written = s.write_all(body);
             // With a length the server need not close (it might keep the connection); without
             // one, the close ends the body.
@@ -373,5 +296,31 @@ mod tests {
         assert_eq!(probe("127.0.0.1", garbage, "/api/health"), Health::Unhealthy);
         let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         assert_eq!(probe("127.0.0.1", closed, "/api/health"), Health::NotListening);
+    }
+
+    /// A server that closes without a byte (as a TLS server does on a plain request) is
+    /// unhealthy, and is not asked in TLS what it is: every round would leave a stray
+    /// handshake in its log.
+    #[test]
+    fn a_probe_does_not_ask_in_tls() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let _ = s.read(&mut [0u8; 1024]);
+            listener
+        });
+        assert_eq!(probe("127.0.0.1", port, "/api/health"), Health::Unhealthy);
+        let listener = server.join().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        assert!(listener.accept().is_err(), "the probe connected a second time");
+    }
+
+    /// A port whose connections hang (a full accept queue) is not listening, as a refused one.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_silent_port_is_not_listening() {
+        let (_listener, _queued, addr) = crate::tcp_connect::black_hole([127, 0, 0, 1].into());
+        assert_eq!(probe("127.0.0.1", addr.port(), "/api/health"), Health::NotListening);
     }
 }

@@ -154,8 +154,7 @@ struct WsConn {
     /// A close frame was sent; dropped at this instant at the latest.
     closing: Option<Instant>,
     /// Its stream was refused (a message over the limit, a breach of RFC 6455): what it sends
-    /// is dropped unread ([`crate::wsread::discard_input`]) until it closes or the close grace
-    /// ends, so the close frame telling it why is not lost to a reset.
+    /// is read dry unparsed ([`crate::wsread::discard_input`] says why).
     discarding: bool,
     /// The write side was shut once the close frame of a refused stream left.
     write_shut: bool,
@@ -950,23 +949,16 @@ impl Server {
         match ended {
             // A message over the limit, or a breach of RFC 6455: the stream cannot be
             // resynchronised. The app is told why (4008, 1002, 1007), then what it still sends
-            // is dropped until it closes (`discarding`).
-            Some(Ended::Failed(e)) if e.close_code(close_code::LIMIT).is_some() => {
-                let code = e.close_code(close_code::LIMIT).unwrap_or(1002);
-                let reason = e.close_reason();
-                let fresh = matches!(
-                    self.conns.get(&id),
-                    Some(Conn { io: Io::Ws(w), .. }) if w.closing.is_none()
-                );
-                if !fresh {
-                    self.detach(id);
-                    self.remove(id);
-                    return;
-                }
+            // is dropped until it closes (`discarding`), unless a close of ours is already on
+            // its way.
+            Some(Ended::Failed(e))
+                if matches!(self.conns.get(&id), Some(Conn { io: Io::Ws(w), .. }) if w.closing.is_none())
+                    && let Some(code) = e.close_code(close_code::LIMIT) =>
+            {
                 if let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) {
                     w.discarding = true;
                 }
-                self.close_ws(id, code, reason);
+                self.close_ws(id, code, e.close_reason());
                 self.ready.push(id);
                 return;
             }

@@ -260,11 +260,9 @@ struct WsConn {
     /// A close frame was sent; the connection is dropped at this instant at the latest.
     closing: Option<Instant>,
     /// The peer's stream was refused (a breach of RFC 6455, a message over the limit): what
-    /// it sends is read and dropped unparsed until it closes or the close grace ends, so that
-    /// the close frame telling it why is not lost to a reset (a socket closed with unread
-    /// bytes sends RST, and the peer's stack may discard what it had not read yet).
-    draining: bool,
-    /// Its write side was shut once the close frame left (a draining socket's peer then
+    /// it sends is read dry unparsed ([`crate::wsread::discard_input`] says why).
+    discarding: bool,
+    /// Its write side was shut once the close frame left (a discarding socket's peer then
     /// closes without waiting for a reply that will never be parsed).
     write_shut: bool,
     /// Frames were queued since the last flush (listed in `Reactor::dirty`).
@@ -1017,7 +1015,7 @@ impl Reactor {
             bad_frames: 0,
             detached: false,
             closing: None,
-            draining: false,
+            discarding: false,
             write_shut: false,
             dirty: false,
             reader,
@@ -1037,8 +1035,8 @@ impl Reactor {
     // -- WebSocket I/O -------------------------------------------------------------------------
 
     fn ws_read(&mut self, id: ConnId) {
-        if matches!(self.conns.get(&id), Some(Conn { io: Io::Ws(w), .. }) if w.draining) {
-            return self.ws_drain(id);
+        if matches!(self.conns.get(&id), Some(Conn { io: Io::Ws(w), .. }) if w.discarding) {
+            return self.ws_discard(id);
         }
         let mut texts = std::mem::take(&mut self.read_texts);
         let mut ended = None;
@@ -1097,11 +1095,9 @@ impl Reactor {
             // is already on its way.
             Some(Ended::Failed(e))
                 if matches!(self.conns.get(&id), Some(Conn { io: Io::Ws(w), .. }) if w.closing.is_none())
-                    && e.close_code(close_code::LIMIT).is_some() =>
+                    && let Some(code) = e.close_code(close_code::LIMIT) =>
             {
-                let code = e.close_code(close_code::LIMIT).unwrap_or(1002);
-                let reason = e.close_reason();
-                self.fail_ws(id, code, reason);
+                self.fail_ws(id, code, e.close_reason());
                 return;
             }
             Some(Ended::Failed(e)) => {
@@ -1220,7 +1216,7 @@ impl Reactor {
             w.stalled_since = Some(Instant::now());
         }
         let resume = if after <= limit / 2 { std::mem::take(&mut w.waiters) } else { Vec::new() };
-        if !broken && w.draining && !w.write_shut && w.out.is_idle() {
+        if !broken && w.discarding && !w.write_shut && w.out.is_idle() {
             w.write_shut = true;
             w.ws.get_mut().shutdown_write();
         }
@@ -1293,15 +1289,15 @@ impl Reactor {
     /// shuts the write side once the close frame has left.
     fn fail_ws(&mut self, id: ConnId, code: u16, reason: &str) {
         if let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) {
-            w.draining = true;
+            w.discarding = true;
         }
         self.close_ws(id, code, reason);
-        self.ws_drain(id);
+        self.ws_discard(id);
     }
 
-    /// Reads and drops what a draining socket's peer sends ([`crate::wsread::discard_input`],
+    /// Reads and drops what a discarding socket's peer sends ([`crate::wsread::discard_input`],
     /// at most [`READ_BATCH_BYTES`] a turn); drops the connection when the peer has closed.
-    fn ws_drain(&mut self, id: ConnId) {
+    fn ws_discard(&mut self, id: ConnId) {
         let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) else { return };
         match crate::wsread::discard_input(w.ws.get_mut(), READ_BATCH_BYTES) {
             Discarded::Closed => drop(self.remove(id)),

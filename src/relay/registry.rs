@@ -272,11 +272,10 @@ fn handle(
         Reply::Json(status, json) => {
             // Refused upgrades close: the client expected a different protocol on this socket.
             let close = close || head.path().starts_with("/ws/");
-            let mut bytes = json_response(status, &json, close);
-            if status == 426 {
-                bytes =
-                    json_response_with(status, &json, close, &[("Sec-WebSocket-Version", "13")]);
-            }
+            // A 426 names the version it speaks (RFC 6455 §4.4).
+            let version: &[_] =
+                if status == 426 { &[("Sec-WebSocket-Version", "13")] } else { &[] };
+            let mut bytes = json_response_with(status, &json, close, version);
             if head.method == "HEAD" {
                 bytes = crate::http::head_only(bytes);
             }
@@ -288,6 +287,7 @@ fn handle(
     }
 }
 
+/// [`json_response`] with `extra` headers.
 fn json_response_with(status: u16, body: &str, close: bool, extra: &[(&str, &str)]) -> Vec<u8> {
     let mut headers = vec![("Cache-Control", "no-store")];
     headers.extend_from_slice(extra);
