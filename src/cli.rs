@@ -636,10 +636,17 @@ pub(crate) fn backend_gate(args: &Args, config: &Config, out: &Out) -> Result<Ba
     let ours = builtin_port(&host);
     // The backend on this port is the one an earlier pairing chose as the user's own.
     let chosen_own = config.external_backend && config.port == Some(port);
-    match bridge::poller::probe(&host, port, "/api/health") {
+    let health = bridge::poller::probe(&host, port, "/api/health");
+    // Another state directory's daemon's built-in backend on this port, asked once.
+    let foreign = if health == Health::Ready && ours != Some(port) {
+        builtin_health(&host, port)
+    } else {
+        None
+    };
+    match (health, foreign) {
         // Our own daemon's built-in backend, from an earlier pairing: still the built-in one
         // (with --no-server, the user's own API is looked for elsewhere, below).
-        Health::Ready if ours == Some(port) => {
+        (Health::Ready, _) if ours == Some(port) => {
             if !args.no_server {
                 // Said once the daemon (kept or restarted) serves it: `wait_backend_ready`.
                 return Ok(Backend { target: target(&host, port), builtin: true });
@@ -651,11 +658,7 @@ pub(crate) fn backend_gate(args: &Args, config: &Config, out: &Out) -> Result<Ba
         // would lose its backend, silently, whenever that daemon stops.
         // (A pairing that chose the backend on this port as the user's own, --no-server or
         // not, is warned below instead.)
-        Health::Ready
-            if !args.no_server
-                && !chosen_own
-                && let Some(answer) = builtin_health(&host, port) =>
-        {
+        (Health::Ready, Some(answer)) if !args.no_server && !chosen_own => {
             if answer["stateDir"] == "gone" || answer.get("stateDir").is_none() {
                 out.info(&format!(
                     "Port {port} is served by another hermeschat-pair daemon's built-in \
@@ -673,7 +676,7 @@ pub(crate) fn backend_gate(args: &Args, config: &Config, out: &Out) -> Result<Ba
                 return Err(fail(shared_builtin(&host, port)));
             }
         }
-        Health::Ready if ours != Some(port) && builtin_health(&host, port).is_some() => {
+        (Health::Ready, Some(_)) => {
             // --no-server (now or at the pairing that chose it): that one is used, knowingly;
             // what follows is said.
             out.warn(&format!(
@@ -683,18 +686,18 @@ pub(crate) fn backend_gate(args: &Args, config: &Config, out: &Out) -> Result<Ba
             ));
             return external(target(&host, port));
         }
-        Health::Ready => {
+        (Health::Ready, None) => {
             out.ok(&format!("Local Hermes API ready ({})", http_url(&host, port)));
             return external(target(&host, port));
         }
-        Health::Unhealthy if crate::tls_probe::speaks_tls(&host, port) => {
+        (Health::Unhealthy, _) if crate::tls_probe::speaks_tls(&host, port) => {
             let peer = format!("the backend at {}", bridge::workers::authority(&host, port));
             return Err(fail(format!(
                 "{}.\n  Then run hermeschat-pair again.",
                 crate::tls_probe::hint(&peer)
             )));
         }
-        Health::Unhealthy => {
+        (Health::Unhealthy, _) => {
             return Err(fail(format!(
                 "port {port} on {host} is in use, but it does not answer GET /api/health like a \
                  Hermes API.\n  Stop \
@@ -702,7 +705,7 @@ pub(crate) fn backend_gate(args: &Args, config: &Config, out: &Out) -> Result<Ba
                  (or a free one, for the built-in backend), then run hermeschat-pair again."
             )));
         }
-        Health::Foreign => {
+        (Health::Foreign, _) => {
             let uid = crate::backend::peer::foreign_listener_at(&host, port)
                 .map_or_else(String::new, |uid| format!(" (uid {uid})"));
             return Err(fail(format!(
@@ -712,7 +715,7 @@ pub(crate) fn backend_gate(args: &Args, config: &Config, out: &Out) -> Result<Ba
                  one, for the built-in backend), then run hermeschat-pair again."
             )));
         }
-        Health::NotListening | Health::Unknown => {
+        (Health::NotListening | Health::Unknown, _) => {
             // A server told to listen on `localhost` may take ::1 alone (Node 17 and later,
             // where `localhost` resolves to ::1 first): then 127.0.0.1 looks free, and the
             // built-in backend would take the same port number there while the user's API goes

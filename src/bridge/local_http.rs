@@ -743,8 +743,10 @@ impl LocalClient {
         let room = method.len() + path.len() + self.authority.len() + header_bytes + key_bytes + 64;
         let mut head = String::with_capacity(room + if coalesce { body.len() } else { 0 });
         let authority = &self.authority;
-        let line = format_args!("{method} {path} HTTP/1.1\r\nHost: {authority}\r\n");
-        let _ = fmt::Write::write_fmt(&mut head, line);
+        let _ = fmt::Write::write_fmt(
+            &mut head,
+            format_args!("{method} {path} HTTP/1.1\r\nHost: {authority}\r\n"),
+        );
         for (name, value) in headers {
             let (name, value) = (name.as_ref(), value.as_ref());
             check_header(name, value).map_err(bad)?;
@@ -809,11 +811,11 @@ impl LocalClient {
         let mut last = None;
         for addr in &addrs {
             match TcpStream::connect_timeout(addr, self.timeouts.connect) {
-                // Checked once per connection (they are pooled), before a byte is sent.
-                Ok(_) if let Some(uid) = crate::backend::peer::foreign_listener(*addr) => {
-                    return Err(LocalError::Foreign { addr: self.peer.clone(), uid });
-                }
                 Ok(stream) => {
+                    // Checked once per connection (they are pooled), before a byte is sent.
+                    if let Some(uid) = crate::backend::peer::foreign_listener(*addr) {
+                        return Err(LocalError::Foreign { addr: self.peer.clone(), uid });
+                    }
                     // Small frames (SSE events, JSON) must not wait for Nagle. Set once: the
                     // option stays with the socket across reuses.
                     let _ = stream.set_nodelay(true);

@@ -946,22 +946,24 @@ impl Server {
                 None => self.bad_frame(id, "binary frames are not accepted; send JSON text frames"),
             }
         }
-        match ended {
-            // A message over the limit, or a breach of RFC 6455: the stream cannot be
-            // resynchronised. The app is told why (4008, 1002, 1007), then what it still sends
-            // is dropped until it closes (`discarding`), unless a close of ours is already on
-            // its way.
-            Some(Ended::Failed(e))
-                if matches!(self.conns.get(&id), Some(Conn { io: Io::Ws(w), .. }) if w.closing.is_none())
-                    && let Some(code) = e.close_code(close_code::LIMIT) =>
-            {
-                if let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) {
-                    w.discarding = true;
-                }
-                self.close_ws(id, code, e.close_reason());
-                self.ready.push(id);
-                return;
+        // A message over the limit, or a breach of RFC 6455: the stream cannot be
+        // resynchronised. The app is told why (4008, 1002, 1007), then what it still sends is
+        // dropped until it closes (`discarding`), unless a close of ours is already on its way.
+        let refusal = match &ended {
+            Some(Ended::Failed(e)) if matches!(self.conns.get(&id), Some(Conn { io: Io::Ws(w), .. }) if w.closing.is_none()) => {
+                e.close_code(close_code::LIMIT).map(|code| (code, e.close_reason()))
             }
+            _ => None,
+        };
+        if let Some((code, reason)) = refusal {
+            if let Some(Conn { io: Io::Ws(w), .. }) = self.conns.get_mut(&id) {
+                w.discarding = true;
+            }
+            self.close_ws(id, code, reason);
+            self.ready.push(id);
+            return;
+        }
+        match ended {
             Some(Ended::Failed(_)) => {
                 self.detach(id);
                 self.remove(id);

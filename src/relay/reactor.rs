@@ -1089,17 +1089,20 @@ impl Reactor {
         }
         self.reading = None;
         self.read_texts = texts;
-        match ended {
-            // A message over the frame limit, or a breach of RFC 6455: the stream cannot be
-            // resynchronised. The peer is told why (4008, 1002, 1007) unless a close of ours
-            // is already on its way.
-            Some(Ended::Failed(e))
-                if matches!(self.conns.get(&id), Some(Conn { io: Io::Ws(w), .. }) if w.closing.is_none())
-                    && let Some(code) = e.close_code(close_code::LIMIT) =>
-            {
-                self.fail_ws(id, code, e.close_reason());
-                return;
+        // A message over the frame limit, or a breach of RFC 6455: the stream cannot be
+        // resynchronised. The peer is told why (4008, 1002, 1007) unless a close of ours is
+        // already on its way.
+        let refusal = match &ended {
+            Some(Ended::Failed(e)) if matches!(self.conns.get(&id), Some(Conn { io: Io::Ws(w), .. }) if w.closing.is_none()) => {
+                e.close_code(close_code::LIMIT).map(|code| (code, e.close_reason()))
             }
+            _ => None,
+        };
+        if let Some((code, reason)) = refusal {
+            self.fail_ws(id, code, reason);
+            return;
+        }
+        match ended {
             Some(Ended::Failed(e)) => {
                 self.detach(id, Closed::Dropped(&e.to_string()));
                 self.remove(id);
