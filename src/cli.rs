@@ -1553,7 +1553,7 @@ fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
         println!("{json}");
         return Ok(());
     }
-    print_qr(&json, &dir, &out);
+    print_qr(&json, &dir, &out, "hermeschat-pair --refresh-code");
     println!();
     out.info(&format!("Bridge ID : {}", identity.bridge_id));
     out.info(&format!("Relay     : {}", identity.app_relay_url));
@@ -1569,17 +1569,41 @@ fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
     Ok(())
 }
 
+/// The width in columns of the terminal on stdout; `None` when stdout is not a terminal or
+/// the terminal does not know its size.
+fn stdout_columns() -> Option<usize> {
+    if !std::io::stdout().is_terminal() {
+        return None;
+    }
+    let mut size = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCGWINSZ writes one `winsize` into the struct it is given, which outlives the
+    // call; on failure it writes nothing.
+    let ok = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut size) } == 0;
+    (ok && size.ws_col > 0).then_some(usize::from(size.ws_col))
+}
+
 /// The QR image's file name.
 const QR_PNG: &str = "hermeschat_pair.png";
 
 /// Prints the QR in the terminal and writes it as `hermeschat_pair.png` in the current
 /// directory, or, where that cannot be written (a read-only container root, a service's
 /// working directory), in the state directory `dir`, saying where it went. The temp files a
-/// run killed while writing it left in either are removed first.
-pub(crate) fn print_qr(json: &str, dir: &Path, out: &Out) {
-    match qr::render_terminal(json, out.colour) {
-        Ok(text) => println!("{text}"),
-        Err(e) => out.warn(&format!("cannot draw the QR code in the terminal: {e}")),
+/// run killed while writing it left in either are removed first. A terminal too narrow for the
+/// code gets no drawing, but the command (`refresh`) that prints a new code once it is wider.
+pub(crate) fn print_qr(json: &str, dir: &Path, out: &Out, refresh: &str) {
+    // A terminal narrower than the code wraps every line: what it shows is no QR code at all.
+    let narrow = qr::terminal_columns(json)
+        .ok()
+        .zip(stdout_columns())
+        .filter(|(needed, columns)| columns < needed);
+    match (narrow, qr::render_terminal(json, out.colour)) {
+        (Some((needed, columns)), _) => out.warn(&format!(
+            "no QR code drawn here: it needs a terminal {needed} columns wide and this one is \
+             {columns}. Scan the QR image below, or widen the window (or make the font \
+             smaller) and run {refresh} for a new code here"
+        )),
+        (None, Ok(text)) => println!("{text}"),
+        (None, Err(e)) => out.warn(&format!("cannot draw the QR code in the terminal: {e}")),
     }
     let cwd = std::path::absolute(".").unwrap_or_else(|_| PathBuf::from("."));
     let write = |place: &Path| {

@@ -163,6 +163,12 @@ pub fn render_terminal(payload: &str, colour: bool) -> Result<String, QrError> {
     Ok(out)
 }
 
+/// The character cells one line of [`render_terminal`]'s drawing of `payload` takes: one per
+/// module, the quiet zone included.
+pub fn terminal_columns(payload: &str) -> Result<usize, QrError> {
+    Ok(Grid::new(&encode(payload)?).size)
+}
+
 /// Encodes `payload` as an 8-bit greyscale PNG, [`PNG_SCALE`] pixels per module, with the
 /// quiet zone.
 fn png_bytes(payload: &str) -> Result<Vec<u8>, QrError> {

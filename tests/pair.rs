@@ -1549,6 +1549,72 @@ fn the_qr_image_cleans_up_after_a_killed_run_and_falls_back_to_the_state_directo
     assert_eq!(std::fs::metadata(&png).unwrap().permissions().mode() & 0o777, 0o600);
 }
 
+/// Runs `cmd` with its stdout on a pseudo-terminal `columns` wide (stderr apart); returns what
+/// it printed there once it has exited.
+fn run_on_terminal(mut cmd: std::process::Command, columns: u16) -> (String, bool) {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let size = libc::winsize { ws_row: 50, ws_col: columns, ws_xpixel: 0, ws_ypixel: 0 };
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: openpty writes the two descriptors it opens into the ints given; the name
+    // pointer may be null; the termios pointer is null (defaults); `size` outlives the call.
+    let rc = unsafe {
+        libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), &size)
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors were just opened by openpty and are owned by nothing else.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    cmd.stdout(Stdio::from(slave)).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    drop(cmd); // the parent's copy of the terminal's slave side
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the command did not finish in 60 s");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // What it wrote is in the terminal's buffer (a few KiB; the buffer holds 64): read it
+    // without blocking, as the daemon it started may hold the terminal open.
+    let mut master = std::fs::File::from(master);
+    // SAFETY: fcntl on a descriptor this function owns.
+    unsafe {
+        libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&master), libc::F_SETFL, libc::O_NONBLOCK)
+    };
+    let mut said = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n @ 1..) = master.read(&mut buf) {
+        said.extend_from_slice(&buf[..n]);
+    }
+    (String::from_utf8_lossy(&said).into_owned(), status.success())
+}
+
+/// A terminal narrower than the QR code would wrap every line of it into something no phone
+/// can scan: the code is not drawn, the user is told the width it needs and where the image
+/// is; a terminal wide enough gets the drawing.
+#[test]
+fn a_terminal_too_narrow_for_the_qr_code_is_told_so_instead_of_shown_a_broken_one() {
+    let relay = Relay::new();
+    let backend = Backend::start();
+    let env = Env::new();
+    let (server, port) = (relay.url(), backend.port.to_string());
+    let blocks = |s: &str| s.contains(['▀', '▄', '█']);
+
+    let (said, ok) = run_on_terminal(env.cmd(&["--server", &server, "--port", &port]), 40);
+    assert!(ok, "pairing on a narrow terminal failed: {said}");
+    assert!(!blocks(&said), "a QR code was drawn on a 40-column terminal: {said}");
+    assert!(said.contains("this one is 40"), "{said}");
+    assert!(said.contains(&format!("QR image: {}", env.png().display())), "{said}");
+    let qr = parse_payload(&decode_png(&env.png()), &server);
+    assert_eq!(qr.g, env.bridge_json()["bridgeId"].as_str().unwrap());
+
+    let refresh = ["--refresh-code", "--server", &server, "--port", &port];
+    let (said, ok) = run_on_terminal(env.cmd(&refresh), 200);
+    assert!(ok, "--refresh-code on a wide terminal failed: {said}");
+    assert!(blocks(&said), "no QR code drawn on a 200-column terminal: {said}");
+    assert!(!said.contains("columns wide"), "{said}");
+}
+
 #[test]
 fn corrupt_bridge_json_is_moved_aside_and_pairing_succeeds() {
     let relay = Relay::new();

@@ -412,7 +412,7 @@ pub fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
         println!("{json}");
         return Ok(());
     }
-    cli::print_qr(&json, &dir, &out);
+    cli::print_qr(&json, &dir, &out, "hermeschat-pair --refresh-code --local");
     println!();
     out.info(&format!("LAN URL   : {url}"));
     out.info(&format!(
