@@ -1553,12 +1553,13 @@ fn the_qr_image_cleans_up_after_a_killed_run_and_falls_back_to_the_state_directo
 /// it printed there once it has exited.
 fn run_on_terminal(mut cmd: std::process::Command, columns: u16) -> (String, bool) {
     use std::os::fd::{FromRawFd, OwnedFd};
-    let size = libc::winsize { ws_row: 50, ws_col: columns, ws_xpixel: 0, ws_ypixel: 0 };
+    let mut size = libc::winsize { ws_row: 50, ws_col: columns, ws_xpixel: 0, ws_ypixel: 0 };
     let (mut master, mut slave) = (-1, -1);
     // SAFETY: openpty writes the two descriptors it opens into the ints given; the name
     // pointer may be null; the termios pointer is null (defaults); `size` outlives the call.
     let rc = unsafe {
-        libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), &size)
+        let (name, termios) = (std::ptr::null_mut(), std::ptr::null_mut());
+        libc::openpty(&mut master, &mut slave, name, termios, std::ptr::addr_of_mut!(size))
     };
     assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
     // SAFETY: both descriptors were just opened by openpty and are owned by nothing else.
