@@ -1835,6 +1835,8 @@ impl Reactor {
         let now = Instant::now();
         self.kicks.prune(now);
         self.app_limit.prune_if_due(now);
+        self.shared.register_limit.prune_if_due(now);
+        self.shared.verify_limit.prune_if_due(now);
         if now >= self.next_sweep {
             // A full queue skips this sweep; the next one comes an hour later.
             let _ = self.jobs.try_send(Job::Sweep);
