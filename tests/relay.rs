@@ -472,6 +472,53 @@ fn access_code_expires() {
     api.verify_ok(&reg.bridge_id, &code.access_code, "P");
 }
 
+/// libfaketime's preload library (Debian/Ubuntu package `faketime`), if installed.
+fn libfaketime() -> Option<std::path::PathBuf> {
+    let multiarch = std::fs::read_dir("/usr/lib").ok()?.flatten().map(|e| e.path());
+    multiarch
+        .chain([std::path::PathBuf::from("/usr/lib")])
+        .map(|dir| dir.join("faketime/libfaketime.so.1"))
+        .find(|lib| lib.exists())
+}
+
+#[test]
+fn a_wall_clock_set_back_withdraws_the_access_codes_it_would_prolong() {
+    let Some(lib) = libfaketime() else {
+        eprintln!("skipped: libfaketime is not installed (apt-get install faketime)");
+        return;
+    };
+    // The relay's wall clock follows this file; its monotonic clock is left alone, as a real
+    // clock step leaves it.
+    let offset = fresh_dir("faketime").join("offset");
+    std::fs::write(&offset, "+0\n").unwrap();
+    let env = [
+        ("LD_PRELOAD", lib.to_str().unwrap()),
+        ("FAKETIME_TIMESTAMP_FILE", offset.to_str().unwrap()),
+        ("FAKETIME_NO_CACHE", "1"),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+    ];
+    let relay = Relay::start_env("127.0.0.1:0", &env, &[]);
+    let api = relay.registry();
+    let reg = api.register_ok("B");
+    let code = api.access_code_ok(&reg.bridge_id, &reg.relay_secret);
+    api.probe_client_ok(&reg.bridge_id, &reg.relay_secret);
+    // An hour back: the 10-minute code would pair for 70 minutes.
+    std::fs::write(&offset, "-1h\n").unwrap();
+    let step = relay.wait_event("clock.stepped_back", "after the step", |_| true);
+    let secs: u64 = step["secs"].as_str().unwrap().parse().unwrap();
+    assert!((3590..=3600).contains(&secs), "{step}");
+    let withdrawn = relay.wait_event("codes.withdrawn", "after the step", |_| true);
+    assert_eq!((&withdrawn["accessCodes"], &withdrawn["probeClients"]), (&json!("1"), &json!("1")));
+    assert_api_error(
+        &api.verify(&reg.bridge_id, &code.access_code, None),
+        410,
+        "ACCESS_CODE_EXPIRED",
+    );
+    // A code issued after the step lives its full lifetime.
+    let code = api.access_code_ok(&reg.bridge_id, &reg.relay_secret);
+    api.verify_ok(&reg.bridge_id, &code.access_code, "P");
+}
+
 #[test]
 fn five_wrong_codes_burn_the_code() {
     let relay = Relay::new();

@@ -33,7 +33,7 @@ use super::ratelimit::{
     APP_UPGRADE_BURST, APP_UPGRADE_REFILL, AppLimited, AppUpgradeLimiter, source, source_label,
 };
 use super::registry::{Job, JobSender, Outcome, Refused, access_log, shutting_down_response};
-use super::{ConnId, Peer, Shared, ToReactor, log_event};
+use super::{ConnId, Peer, Shared, ToReactor, log_event, now_ms};
 use crate::http::{self, Head, Parsed};
 use crate::protocol::{
     self as p, ErrorCode, Frame, LARGE_FRAME, RawFrame, SharedStr, close_code, parse_raw, raw_str,
@@ -118,6 +118,11 @@ const FIRST_SWEEP_AFTER: Duration = Duration::from_secs(600);
 // Bridges retry at most this far apart: many times over before the first sweep.
 const _: () =
     assert!(FIRST_SWEEP_AFTER.as_secs() >= 10 * crate::bridge::relay_io::BACKOFF_CAP.as_secs());
+
+/// A wall clock set back by more than this between two timer ticks withdraws the access codes
+/// and diagnostic credentials outstanding ([`Job::WithdrawCodes`]). Far above what NTP slews
+/// in a second (0.5 ms), and a code kept a few seconds longer matters to no one.
+const CLOCK_STEP_BACK: Duration = Duration::from_secs(5);
 
 /// How often at most an `accept.refused` line counts the connections closed at accept.
 const REFUSED_LOG_EVERY: Duration = Duration::from_secs(60);
@@ -358,6 +363,12 @@ pub struct Reactor {
     refused_logged: Option<Instant>,
     /// When the next [`Job::Sweep`] is due.
     next_sweep: Instant,
+    /// The wall clock (Unix ms) and the monotonic clock at the last timer tick: a wall clock
+    /// set back between two ticks is noticed ([`CLOCK_STEP_BACK`]).
+    clocks: (u64, Instant),
+    /// The wall-clock time of a step back whose [`Job::WithdrawCodes`] is still to be queued
+    /// (the job queue was full).
+    withdraw_due: Option<u64>,
     /// The socket whose messages are being routed: what is queued to it now is an answer.
     reading: Option<ConnId>,
     ws_config: WebSocketConfig,
@@ -407,6 +418,8 @@ impl Reactor {
             refused: AcceptRefusals::default(),
             refused_logged: None,
             next_sweep: Instant::now() + FIRST_SWEEP_AFTER,
+            clocks: (now_ms(), Instant::now()),
+            withdraw_due: None,
             reading: None,
             ws_config,
             dropped_frames: 0,
@@ -1831,6 +1844,37 @@ impl Reactor {
 
     // -- timers and shutdown -------------------------------------------------------------------
 
+    /// Notices a wall clock set back since the last tick (an NTP step, a VM restored, a wrong
+    /// hardware clock corrected) and has the outstanding access codes withdrawn: their expiry
+    /// is a wall-clock time, so each would otherwise stay valid its lifetime plus the step (an
+    /// hour back, a 10-minute code pairs for 70 minutes). A clock set forward only shortens
+    /// them.
+    fn watch_the_wall_clock(&mut self, now: Instant) {
+        let wall = now_ms();
+        let (last_wall, last_mono) = self.clocks;
+        self.clocks = (wall, now);
+        if let Some(back) = stepped_back(last_wall, wall, now.saturating_duration_since(last_mono))
+        {
+            log_event(
+                "clock.stepped_back",
+                &[
+                    ("secs", &back.as_secs().to_string()),
+                    (
+                        "effect",
+                        "access codes and diagnostic credentials issued before are withdrawn: \
+                         pairing needs a new code (hermeschat-pair --refresh-code)",
+                    ),
+                ],
+            );
+            self.withdraw_due = Some(wall);
+        }
+        if let Some(at) = self.withdraw_due
+            && self.jobs.try_send(Job::WithdrawCodes { now_ms: at }).is_ok()
+        {
+            self.withdraw_due = None;
+        }
+    }
+
     fn timers(&mut self) {
         let now = Instant::now();
         self.kicks.prune(now);
@@ -1842,6 +1886,7 @@ impl Reactor {
             let _ = self.jobs.try_send(Job::Sweep);
             self.next_sweep = now + SWEEP_EVERY;
         }
+        self.watch_the_wall_clock(now);
         // Refusals are counted, and told at most once a minute: a flood must not flood the log.
         if (self.refused.over_total, self.refused.over_per_ip) != (0, 0)
             && self.refused_logged.is_none_or(|t| now.duration_since(t) >= REFUSED_LOG_EVERY)
@@ -2143,6 +2188,15 @@ fn without_stamp<'a>(
         return Some((before, rest.strip_prefix(',').unwrap_or(rest)));
     }
     Some((before, rest))
+}
+
+/// How far the wall clock was set back between two readings `mono_elapsed` apart, when by
+/// more than [`CLOCK_STEP_BACK`]: wall-clock time (Unix ms) that should have moved on by the
+/// monotonic time elapsed but reads earlier than that.
+fn stepped_back(last_wall_ms: u64, wall_ms: u64, mono_elapsed: Duration) -> Option<Duration> {
+    let expected = last_wall_ms.saturating_add(mono_elapsed.as_millis() as u64);
+    let back = Duration::from_millis(expected.saturating_sub(wall_ms));
+    (back > CLOCK_STEP_BACK).then_some(back)
 }
 
 /// Public peers that sent `X-Forwarded-For` to a relay run with `--trust-proxy` (the header is
