@@ -2290,6 +2290,22 @@ impl Conn {
 mod tests {
     use super::*;
 
+    #[test]
+    fn only_a_wall_clock_set_back_past_the_threshold_counts_as_a_step() {
+        let second = Duration::from_secs(1);
+        let t = 1_800_000_000_000;
+        // Ticking along, slewed a little, or late: no step.
+        assert_eq!(stepped_back(t, t + 1_000, second), None);
+        assert_eq!(stepped_back(t, t + 999, second), None);
+        assert_eq!(stepped_back(t, t + 30_000, Duration::from_secs(30)), None);
+        assert_eq!(stepped_back(t, t - 4_000, second), None);
+        // Forward a day: codes only end sooner.
+        assert_eq!(stepped_back(t, t + 86_400_000, second), None);
+        // Back an hour.
+        assert_eq!(stepped_back(t, t - 3_599_000, second), Some(Duration::from_secs(3_600)));
+        assert_eq!(stepped_back(t, 0, second), Some(Duration::from_millis(t + 1_000)));
+    }
+
     /// What `without_member` leaves of `text` once `client` is cut out (None: not found).
     fn cut(text: &str) -> Option<String> {
         let raw = parse_raw(text).unwrap();
