@@ -353,7 +353,8 @@ pub struct Reactor {
     kicks: Kicks,
     /// App sockets per credential ([`AppUpgradeLimiter`]).
     app_limit: AppUpgradeLimiter,
-    /// Public peers whose `X-Forwarded-For` was ignored under `--trust-proxy`, told once each.
+    /// Public peers whose `X-Forwarded-For` was ignored under `--trust-proxy`, told once a day
+    /// each.
     ignored_forwarders: IgnoredForwarders,
     /// Open connections per counted source (`--max-connections-per-ip`).
     per_source: FastMap<IpAddr, u32>,
@@ -786,10 +787,10 @@ impl Reactor {
         if self.shared.config.trust_proxy
             && !may_be_a_proxy(ip)
             && Self::forwarded_for(&head).is_some()
-            && self.ignored_forwarders.first(ip)
+            && self.ignored_forwarders.first(ip, Instant::now())
         {
-            // The operator asked for the header and it is dropped: say why, once per peer (a
-            // CDN in front of the relay reaches it from public addresses).
+            // The operator asked for the header and it is dropped: say why, once a day per
+            // peer (a CDN in front of the relay reaches it from public addresses).
             log_event(
                 "forwarded.ignored",
                 &[
@@ -2201,18 +2202,37 @@ fn stepped_back(last_wall_ms: u64, wall_ms: u64, mono_elapsed: Duration) -> Opti
 
 /// Public peers that sent `X-Forwarded-For` to a relay run with `--trust-proxy` (the header is
 /// ignored from them: [`may_be_a_proxy`]), by source ([`source`]: an IPv6 /64 is one), so
-/// that each is logged once. At most [`IgnoredForwarders::MAX`] are remembered; past them
-/// nothing more is logged.
-#[derive(Default)]
-struct IgnoredForwarders(std::collections::HashSet<IpAddr>);
+/// that each is logged once a day. At most [`IgnoredForwarders::MAX`] are remembered; past
+/// them nothing more is logged that day. Forgotten daily: on a public relay scanners fill the
+/// set within weeks, and an operator's proxy moved to a public address later must still be
+/// told.
+struct IgnoredForwarders {
+    seen: std::collections::HashSet<IpAddr>,
+    /// When `seen` was last emptied.
+    since: Instant,
+}
+
+impl Default for IgnoredForwarders {
+    fn default() -> Self {
+        IgnoredForwarders { seen: Default::default(), since: Instant::now() }
+    }
+}
 
 impl IgnoredForwarders {
     /// Sources remembered at most.
     const MAX: usize = 64;
 
-    /// True the first time `peer`'s source is seen (while fewer than [`Self::MAX`] are known).
-    fn first(&mut self, peer: IpAddr) -> bool {
-        self.0.len() < Self::MAX && self.0.insert(source(peer))
+    /// How long a source told stays untold again.
+    const FORGET_AFTER: Duration = Duration::from_secs(24 * 3600);
+
+    /// True the first time in [`Self::FORGET_AFTER`] that `peer`'s source is seen at `now`
+    /// (while fewer than [`Self::MAX`] are known).
+    fn first(&mut self, peer: IpAddr, now: Instant) -> bool {
+        if now.saturating_duration_since(self.since) >= Self::FORGET_AFTER {
+            self.seen = Default::default();
+            self.since = now;
+        }
+        self.seen.len() < Self::MAX && self.seen.insert(source(peer))
     }
 }
 
@@ -2314,19 +2334,26 @@ mod tests {
     }
 
     #[test]
-    fn an_ignored_forwarder_is_told_once_and_the_list_is_bounded() {
+    fn an_ignored_forwarder_is_told_once_a_day_and_the_list_is_bounded() {
         let mut seen = IgnoredForwarders::default();
+        let t0 = Instant::now();
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        assert!(seen.first(ip("203.0.113.7")));
-        assert!(!seen.first(ip("203.0.113.7")));
+        assert!(seen.first(ip("203.0.113.7"), t0));
+        assert!(!seen.first(ip("203.0.113.7"), t0));
         // One /64 is one source.
-        assert!(seen.first(ip("2001:db8::1")));
-        assert!(!seen.first(ip("2001:db8::2")));
+        assert!(seen.first(ip("2001:db8::1"), t0));
+        assert!(!seen.first(ip("2001:db8::2"), t0));
         for n in 0..200u32 {
-            seen.first(IpAddr::V4(std::net::Ipv4Addr::from(0x0800_0000 + n)));
+            seen.first(IpAddr::V4(std::net::Ipv4Addr::from(0x0800_0000 + n)), t0);
         }
-        assert_eq!(seen.0.len(), IgnoredForwarders::MAX);
-        assert!(!seen.first(ip("198.51.100.1")), "past the bound nothing more is logged");
+        assert_eq!(seen.seen.len(), IgnoredForwarders::MAX);
+        assert!(!seen.first(ip("198.51.100.1"), t0), "past the bound nothing more is logged");
+        // A day later (scanners filled the list long ago), a new source is told, and an old
+        // one again.
+        let day = t0 + IgnoredForwarders::FORGET_AFTER;
+        assert!(seen.first(ip("198.51.100.1"), day));
+        assert!(seen.first(ip("203.0.113.7"), day));
+        assert!(!seen.first(ip("203.0.113.7"), day));
     }
 
     #[test]
