@@ -830,7 +830,9 @@ fn clock_with_sleep() -> Option<Duration> {
     return None;
     #[cfg(any(target_os = "linux", target_os = "macos"))]
     {
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: timespec is plain integers (and, on some 32-bit targets, private padding, so
+        // it is zeroed rather than built), for which all zeroes is valid.
+        let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
         // SAFETY: clock_gettime writes only the timespec it is given, which outlives the call.
         let ok = unsafe { libc::clock_gettime(id, &mut ts) } == 0;
         let secs = u64::try_from(ts.tv_sec).ok()?;
