@@ -91,7 +91,7 @@ impl Store {
 
     /// Removes what an earlier bridge killed mid-upload (SIGKILL, a power cut) left here: the
     /// temp files of its writes, and stored bytes whose metadata was never written. Neither is
-    /// listed, so neither would ever be pruned or counted against [`MAX_BYTES`]. Returns how
+    /// listed, so neither would ever be pruned or counted against the bytes kept. Returns how
     /// many files went. Called once at start.
     pub fn remove_leftovers(&self) -> usize {
         let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());

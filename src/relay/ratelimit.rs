@@ -50,7 +50,7 @@ impl RateLimiter {
         RateLimiter { per_minute: per_minute as f64, buckets: Mutex::new(buckets) }
     }
 
-    /// Forgets the sources whose bucket is full again, once per [`PRUNE_EVERY`]: a relay that
+    /// Forgets the sources whose bucket is full again, once a minute: a relay that
     /// saw many addresses once (a scan, a busy day behind a proxy) does not keep a bucket for
     /// each until the cap. The reactor calls it every second.
     pub fn prune_if_due(&self, now: Instant) {
