@@ -593,6 +593,31 @@ fn uploads_multipart_and_raw_hostile_names_types_and_sizes() {
 }
 
 #[test]
+fn uploads_a_killed_bridge_left_unfinished_are_removed_at_start() {
+    use hermeschat_pair::backend::uploads;
+    let mut planted = None;
+    let b = backend(closed_port(), KEY, |s| {
+        let dir = s.state_dir.join("uploads");
+        let kept = uploads::Store::new(dir.clone(), 1 << 20).put("kept.txt", "text/plain", b"k");
+        // Killed mid-write (a dead pid's temp), and between the bytes and their metadata.
+        let temp = dir.join(format!(".{}.2147483646.0.tmp", "ab".repeat(16)));
+        let orphan = dir.join("cd".repeat(16));
+        std::fs::write(&temp, vec![1u8; 256 << 10]).unwrap();
+        std::fs::write(&orphan, vec![2u8; 256 << 10]).unwrap();
+        planted = Some((kept.unwrap(), temp, orphan));
+    });
+    let (kept, temp, orphan) = planted.unwrap();
+    assert!(!temp.exists(), "the dead bridge's temp file is removed");
+    assert!(!orphan.exists(), "bytes without metadata are removed");
+    let list = json_of(&http(b.port, "GET", "/api/uploads", &[], b"").2);
+    assert_eq!(list["files"].as_array().unwrap().len(), 1, "{list}");
+    let (status, _, bytes) = http(b.port, "GET", &kept.url, &[], b"");
+    assert_eq!((status, bytes.as_slice()), (200, b"k".as_slice()), "a whole upload is kept");
+    let log = std::fs::read_to_string(b.dir.join("server.log")).unwrap();
+    assert!(log.contains("removed 2 unfinished upload file(s)"), "{log}");
+}
+
+#[test]
 fn v1_and_sessions_are_proxied_unchanged_with_the_key_added() {
     let stub = StubGateway::start(0, KEY);
     let b = backend(stub.port, KEY, |_| {});

@@ -472,6 +472,77 @@ fn access_code_expires() {
     api.verify_ok(&reg.bridge_id, &code.access_code, "P");
 }
 
+/// libfaketime's preload library (Debian/Ubuntu package `faketime`), if installed.
+fn libfaketime() -> Option<std::path::PathBuf> {
+    let multiarch = std::fs::read_dir("/usr/lib").ok()?.flatten().map(|e| e.path());
+    multiarch
+        .chain([std::path::PathBuf::from("/usr/lib")])
+        .map(|dir| dir.join("faketime/libfaketime.so.1"))
+        .find(|lib| lib.exists())
+}
+
+/// True when the ELF file at `path` names a dynamic loader (`PT_INTERP`): a preload library
+/// such as libfaketime reaches only such a binary, not the static release build.
+fn dynamically_linked(path: &str) -> bool {
+    let Ok(elf) = std::fs::read(path) else { return false };
+    let field = |at: usize, len: usize| -> Option<usize> {
+        let bytes = elf.get(at..at + len)?;
+        Some(bytes.iter().rev().fold(0usize, |n, &b| n << 8 | usize::from(b)))
+    };
+    // ELF32 or ELF64 (little-endian, as on every target we build): where the program headers
+    // are, how large each is, how many.
+    let (phoff, phentsize, phnum) = match elf.get(4) {
+        Some(1) => (field(0x1c, 4), field(0x2a, 2), field(0x2c, 2)),
+        Some(2) => (field(0x20, 8), field(0x36, 2), field(0x38, 2)),
+        _ => return false,
+    };
+    let (Some(phoff), Some(size), Some(count)) = (phoff, phentsize, phnum) else { return false };
+    const PT_INTERP: usize = 3;
+    (0..count).any(|i| field(phoff + i * size, 4) == Some(PT_INTERP))
+}
+
+#[test]
+fn a_wall_clock_set_back_withdraws_the_access_codes_it_would_prolong() {
+    let Some(lib) = libfaketime() else {
+        eprintln!("skipped: libfaketime is not installed (apt-get install faketime)");
+        return;
+    };
+    if !dynamically_linked(bin_path()) {
+        eprintln!("skipped: {} is statically linked, out of libfaketime's reach", bin_path());
+        return;
+    }
+    // The relay's wall clock follows this file; its monotonic clock is left alone, as a real
+    // clock step leaves it.
+    let offset = fresh_dir("faketime").join("offset");
+    std::fs::write(&offset, "+0\n").unwrap();
+    let env = [
+        ("LD_PRELOAD", lib.to_str().unwrap()),
+        ("FAKETIME_TIMESTAMP_FILE", offset.to_str().unwrap()),
+        ("FAKETIME_NO_CACHE", "1"),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+    ];
+    let relay = Relay::start_env("127.0.0.1:0", &env, &[]);
+    let api = relay.registry();
+    let reg = api.register_ok("B");
+    let code = api.access_code_ok(&reg.bridge_id, &reg.relay_secret);
+    api.probe_client_ok(&reg.bridge_id, &reg.relay_secret);
+    // An hour back: the 10-minute code would pair for 70 minutes.
+    std::fs::write(&offset, "-1h\n").unwrap();
+    let step = relay.wait_event("clock.stepped_back", "after the step", |_| true);
+    let secs: u64 = step["secs"].as_str().unwrap().parse().unwrap();
+    assert!((3590..=3600).contains(&secs), "{step}");
+    let withdrawn = relay.wait_event("codes.withdrawn", "after the step", |_| true);
+    assert_eq!((&withdrawn["accessCodes"], &withdrawn["probeClients"]), (&json!("1"), &json!("1")));
+    assert_api_error(
+        &api.verify(&reg.bridge_id, &code.access_code, None),
+        410,
+        "ACCESS_CODE_EXPIRED",
+    );
+    // A code issued after the step lives its full lifetime.
+    let code = api.access_code_ok(&reg.bridge_id, &reg.relay_secret);
+    api.verify_ok(&reg.bridge_id, &code.access_code, "P");
+}
+
 #[test]
 fn five_wrong_codes_burn_the_code() {
     let relay = Relay::new();

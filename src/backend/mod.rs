@@ -229,6 +229,12 @@ pub fn start_with(settings: Settings, stop: Arc<AtomicBool>) -> io::Result<Start
     if let Some(note) = key_note {
         shared.log(&note);
     }
+    let leftovers = shared.uploads.remove_leftovers();
+    if leftovers > 0 {
+        shared.log(&format!(
+            "removed {leftovers} unfinished upload file(s) left by a bridge that died"
+        ));
+    }
     let poller = crate::poll::Poller::new()?;
     // SAFETY: the listener outlives its registration: it is deleted from the poller before
     // the acceptor thread drops either.

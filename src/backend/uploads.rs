@@ -89,6 +89,25 @@ impl Store {
         Store { dir, max_bytes, keep: (MAX_FILES, MAX_BYTES), lock: Mutex::new(()) }
     }
 
+    /// Removes what an earlier bridge killed mid-upload (SIGKILL, a power cut) left here: the
+    /// temp files of its writes, and stored bytes whose metadata was never written. Neither is
+    /// listed, so neither would ever be pruned or counted against the bytes kept. Returns how
+    /// many files went. Called once at start.
+    pub fn remove_leftovers(&self) -> usize {
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut removed = crate::state::remove_stale_temps(&self.dir);
+        let Ok(entries) = fs::read_dir(&self.dir) else { return removed };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(id) = name.to_str().filter(|n| is_id(n)) else { continue };
+            let has_meta = self.dir.join(format!("{id}.json")).exists();
+            if !has_meta && fs::remove_file(entry.path()).is_ok() {
+                removed += 1;
+            }
+        }
+        removed
+    }
+
     /// Stores `bytes` under a fresh id.
     pub fn put(&self, name: &str, declared: &str, bytes: &[u8]) -> Result<Meta, Refused> {
         if bytes.len() > self.max_bytes {

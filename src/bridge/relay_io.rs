@@ -19,7 +19,7 @@ use std::io;
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use crate::poll::{Event, Events, PollMode, Poller};
 use tungstenite::client::IntoClientRequest;
@@ -221,7 +221,7 @@ impl RelayIo {
         let mut conn_state = ConnState {
             last_rx: Instant::now(),
             last_ping: Instant::now(),
-            last_ping_wall: SystemTime::now(),
+            last_ping_with_sleep: clock_with_sleep(),
             reader,
         };
         let mut inlines = Inlines::default();
@@ -286,9 +286,11 @@ impl RelayIo {
                 t.reader.release_kept(now);
                 let tick = now.duration_since(t.last_ping) >= ping_every;
                 if tick {
-                    let wall = SystemTime::now();
+                    let with_sleep = clock_with_sleep();
                     let asleep = slept(
-                        wall.duration_since(t.last_ping_wall).ok(),
+                        with_sleep
+                            .zip(t.last_ping_with_sleep)
+                            .map(|(now, then)| now.saturating_sub(then)),
                         now.duration_since(t.last_ping),
                     );
                     if asleep >= SLEEP_RECONNECT {
@@ -298,7 +300,7 @@ impl RelayIo {
                         ));
                     }
                     t.last_ping = now;
-                    t.last_ping_wall = wall;
+                    t.last_ping_with_sleep = with_sleep;
                     out.push(Message::Ping(Default::default()));
                 }
                 if let Err(e) = link.flush(&mut st) {
@@ -797,8 +799,8 @@ const MAX_APPS_SHOWN: usize = 1024;
 struct ConnState {
     last_rx: Instant,
     last_ping: Instant,
-    /// The wall clock at `last_ping`: how a sleep of the machine is noticed (below).
-    last_ping_wall: SystemTime,
+    /// [`clock_with_sleep`] at `last_ping`: how a sleep of the machine is noticed (below).
+    last_ping_with_sleep: Option<Duration>,
     reader: WsReader,
 }
 
@@ -808,11 +810,35 @@ struct ConnState {
 /// waking time, as `Instant` stops during sleep) passes, with `--status` saying connected.
 const SLEEP_RECONNECT: Duration = Duration::from_secs(30);
 
-/// How long the machine was suspended between two readings of both clocks: wall-clock time
-/// that passed while monotonic time (`Instant`, stopped during sleep on Linux and macOS) did
-/// not. A wall clock set backwards reads as no sleep.
-fn slept(wall_elapsed: Option<Duration>, mono_elapsed: Duration) -> Duration {
-    wall_elapsed.unwrap_or_default().saturating_sub(mono_elapsed)
+/// How long the machine was suspended between two readings of both clocks: time
+/// [`clock_with_sleep`] counted while monotonic time (`Instant`, stopped during sleep on Linux
+/// and macOS) did not. Unknown (`None`) reads as no sleep.
+fn slept(with_sleep_elapsed: Option<Duration>, mono_elapsed: Duration) -> Duration {
+    with_sleep_elapsed.unwrap_or_default().saturating_sub(mono_elapsed)
+}
+
+/// A clock that runs on while the machine sleeps and that nobody sets (Linux `CLOCK_BOOTTIME`,
+/// macOS `CLOCK_MONOTONIC`), as time since an arbitrary start; `None` where there is none.
+/// Not the wall clock: one set forward (an NTP step, a Raspberry Pi without a hardware clock
+/// finding the time after boot) would read as a sleep, and a working connection be dropped.
+fn clock_with_sleep() -> Option<Duration> {
+    #[cfg(target_os = "linux")]
+    let id = libc::CLOCK_BOOTTIME;
+    #[cfg(target_os = "macos")]
+    let id = libc::CLOCK_MONOTONIC;
+    #[cfg(not(any(target_os = "linux", target_os = "macos")))]
+    return None;
+    #[cfg(any(target_os = "linux", target_os = "macos"))]
+    {
+        // SAFETY: timespec is plain integers (and, on some 32-bit targets, private padding, so
+        // it is zeroed rather than built), for which all zeroes is valid.
+        let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+        // SAFETY: clock_gettime writes only the timespec it is given, which outlives the call.
+        let ok = unsafe { libc::clock_gettime(id, &mut ts) } == 0;
+        let secs = u64::try_from(ts.tv_sec).ok()?;
+        let nanos = u32::try_from(ts.tv_nsec).ok()?;
+        ok.then(|| Duration::new(secs, nanos))
+    }
 }
 
 /// One live relay connection, shared by the I/O thread and the workers that answer its
@@ -1091,7 +1117,7 @@ mod tests {
     use crate::bridge::workers::Target;
 
     #[test]
-    fn a_sleep_is_wall_time_that_monotonic_time_did_not_see() {
+    fn a_sleep_is_time_the_boot_clock_counted_and_monotonic_time_did_not() {
         let s = Duration::from_secs;
         // Awake: both clocks agree (give or take).
         assert_eq!(slept(Some(s(20)), s(20)), Duration::ZERO);
@@ -1099,9 +1125,19 @@ mod tests {
         let asleep = slept(Some(s(140)), s(20));
         assert_eq!(asleep, s(120));
         assert!(asleep >= SLEEP_RECONNECT);
-        // A short nap keeps the connection; a wall clock set backwards is no sleep.
+        // A short nap keeps the connection; an unreadable clock is no sleep.
         assert!(slept(Some(s(40)), s(20)) < SLEEP_RECONNECT);
         assert_eq!(slept(None, s(20)), Duration::ZERO);
+    }
+
+    #[test]
+    fn the_clock_with_sleep_runs_with_monotonic_time_while_awake() {
+        let (before, mono) = (clock_with_sleep(), Instant::now());
+        std::thread::sleep(Duration::from_millis(50));
+        let elapsed = clock_with_sleep().zip(before).map(|(now, then)| now - then);
+        let asleep = slept(elapsed, mono.elapsed());
+        assert!(elapsed.is_some_and(|e| e >= Duration::from_millis(50)), "{elapsed:?}");
+        assert!(asleep < Duration::from_secs(1), "{asleep:?} read as a sleep");
     }
     use crate::protocol::{Headers, Limits, RequestFrame};
     use std::sync::atomic::Ordering;

@@ -19,13 +19,50 @@ const MAX_TRACKED: usize = 50_000;
 /// A token bucket per source IP: `per_minute` requests a minute, bursting to `per_minute`.
 pub struct RateLimiter {
     per_minute: f64,
-    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+    buckets: Mutex<Buckets>,
+}
+
+/// A [`RateLimiter`]'s buckets, and when full ones were last forgotten.
+struct Buckets {
+    /// Source → (tokens, when they were last brought up to date).
+    by_source: HashMap<IpAddr, (f64, Instant)>,
+    /// When [`RateLimiter::prune_if_due`] last forgot full buckets.
+    pruned: Instant,
+}
+
+impl Buckets {
+    /// Forgets the buckets refilled to the full `per_minute` by `now` (as good as never seen),
+    /// and gives back the table's memory once most of it is empty.
+    fn prune(&mut self, per_minute: f64, now: Instant) {
+        self.by_source.retain(|_, (tokens, at)| {
+            *tokens + now.saturating_duration_since(*at).as_secs_f64() * per_minute / 60.0
+                < per_minute
+        });
+        shrink_if_sparse(&mut self.by_source);
+        self.pruned = now;
+    }
 }
 
 impl RateLimiter {
     /// A limiter allowing `per_minute` requests a minute per IP (0 disables the limit).
     pub fn new(per_minute: u32) -> Self {
-        RateLimiter { per_minute: per_minute as f64, buckets: Mutex::new(HashMap::new()) }
+        let buckets = Buckets { by_source: HashMap::new(), pruned: Instant::now() };
+        RateLimiter { per_minute: per_minute as f64, buckets: Mutex::new(buckets) }
+    }
+
+    /// Forgets the sources whose bucket is full again, once a minute: a relay that
+    /// saw many addresses once (a scan, a busy day behind a proxy) does not keep a bucket for
+    /// each until the cap. The reactor calls it every second.
+    pub fn prune_if_due(&self, now: Instant) {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if now.saturating_duration_since(buckets.pruned) >= PRUNE_EVERY {
+            buckets.prune(self.per_minute, now);
+        }
+    }
+
+    /// Sources tracked now.
+    pub fn tracked(&self) -> usize {
+        self.buckets.lock().unwrap_or_else(|p| p.into_inner()).by_source.len()
     }
 
     /// Takes one token for `ip`. `Err(seconds)` says how long until one is available.
@@ -33,21 +70,23 @@ impl RateLimiter {
         if self.per_minute <= 0.0 {
             return Ok(());
         }
-        let now = Instant::now();
+        self.check_at(ip, Instant::now())
+    }
+
+    /// [`RateLimiter::check`] at `now`.
+    fn check_at(&self, ip: IpAddr, now: Instant) -> Result<(), u64> {
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        if buckets.len() >= MAX_TRACKED {
-            let per_minute = self.per_minute;
-            buckets.retain(|_, (tokens, at)| {
-                *tokens + at.elapsed().as_secs_f64() * per_minute / 60.0 < per_minute
-            });
+        if buckets.by_source.len() >= MAX_TRACKED {
+            buckets.prune(self.per_minute, now);
             // A flood from more distinct addresses than we track: forget them all rather than
             // grow without bound (the limit fails open for a moment, memory stays bounded).
-            if buckets.len() >= MAX_TRACKED {
-                buckets.clear();
+            if buckets.by_source.len() >= MAX_TRACKED {
+                buckets.by_source.clear();
             }
         }
-        let (tokens, at) = buckets.entry(source(ip)).or_insert((self.per_minute, now));
-        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.per_minute / 60.0)
+        let (tokens, at) = buckets.by_source.entry(source(ip)).or_insert((self.per_minute, now));
+        *tokens = (*tokens
+            + now.saturating_duration_since(*at).as_secs_f64() * self.per_minute / 60.0)
             .min(self.per_minute);
         *at = now;
         if *tokens >= 1.0 {
@@ -69,7 +108,8 @@ pub const APP_UPGRADE_REFILL: Duration = Duration::from_secs(2);
 /// ones, so this is reached only by a relay with that many apps reconnecting at once).
 const MAX_CREDENTIALS: usize = 50_000;
 
-/// How often full buckets are forgotten ([`AppUpgradeLimiter::prune`]).
+/// How often full buckets are forgotten ([`RateLimiter::prune_if_due`],
+/// [`AppUpgradeLimiter::prune_if_due`]).
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// How often at most one credential's refusals are told in a `ws.app_limited` line.
@@ -168,12 +208,23 @@ impl AppUpgradeLimiter {
     fn prune(&mut self, now: Instant) {
         let full = f64::from(APP_UPGRADE_BURST);
         self.buckets.retain(|_, b| b.refilled(now) < full);
+        shrink_if_sparse(&mut self.buckets);
         self.pruned = now;
     }
 
     /// Credentials tracked now.
     pub fn tracked(&self) -> usize {
         self.buckets.len()
+    }
+}
+
+/// Gives back most of a map's table when under a quarter of it is used: `retain` empties
+/// entries but keeps the table, so one busy hour would otherwise hold its memory for good.
+fn shrink_if_sparse<K: Eq + std::hash::Hash, V, S: std::hash::BuildHasher>(
+    map: &mut HashMap<K, V, S>,
+) {
+    if map.capacity() > 64 && map.len() < map.capacity() / 4 {
+        map.shrink_to(map.len() * 2);
     }
 }
 
@@ -213,6 +264,27 @@ mod tests {
         assert!((1..=20).contains(&wait));
         assert!(l.check(b).is_ok());
         assert!(RateLimiter::new(0).check(a).is_ok());
+    }
+
+    #[test]
+    fn sources_seen_once_are_forgotten_when_their_bucket_is_full_again() {
+        let l = RateLimiter::new(2);
+        let t0 = Instant::now();
+        for n in 0..5_000u32 {
+            assert!(l.check_at(IpAddr::from((0x0a00_0000 + n).to_be_bytes()), t0).is_ok());
+        }
+        assert_eq!(l.tracked(), 5_000);
+        // A minute on, a source that is spending its tokens now.
+        let busy: IpAddr = "203.0.113.9".parse().unwrap();
+        let t1 = t0 + PRUNE_EVERY + Duration::from_secs(1);
+        assert!(l.check_at(busy, t1).is_ok());
+        assert!(l.check_at(busy, t1).is_ok());
+        assert!(l.check_at(busy, t1).is_err());
+        l.prune_if_due(t1);
+        assert_eq!(l.tracked(), 1, "only the source still limited is kept");
+        assert!(l.check_at(busy, t1).is_err(), "and it is still limited");
+        let table = l.buckets.lock().unwrap().by_source.capacity();
+        assert!(table < 64, "the table's memory is given back: room for {table}");
     }
 
     #[test]
@@ -279,6 +351,12 @@ mod tests {
             let _ = l.check(&format!("hcl_{n}"), t0);
         }
         assert!(l.tracked() <= MAX_CREDENTIALS, "{}", l.tracked());
+        // Once their buckets are full again, they are forgotten and the table's memory given
+        // back.
+        l.prune_if_due(t0 + PRUNE_EVERY + APP_UPGRADE_REFILL);
+        assert_eq!(l.tracked(), 0);
+        let table = l.buckets.capacity();
+        assert!(table < 64, "room for {table}");
     }
 
     #[test]

@@ -33,7 +33,7 @@ use super::ratelimit::{
     APP_UPGRADE_BURST, APP_UPGRADE_REFILL, AppLimited, AppUpgradeLimiter, source, source_label,
 };
 use super::registry::{Job, JobSender, Outcome, Refused, access_log, shutting_down_response};
-use super::{ConnId, Peer, Shared, ToReactor, log_event};
+use super::{ConnId, Peer, Shared, ToReactor, log_event, now_ms};
 use crate::http::{self, Head, Parsed};
 use crate::protocol::{
     self as p, ErrorCode, Frame, LARGE_FRAME, RawFrame, SharedStr, close_code, parse_raw, raw_str,
@@ -118,6 +118,11 @@ const FIRST_SWEEP_AFTER: Duration = Duration::from_secs(600);
 // Bridges retry at most this far apart: many times over before the first sweep.
 const _: () =
     assert!(FIRST_SWEEP_AFTER.as_secs() >= 10 * crate::bridge::relay_io::BACKOFF_CAP.as_secs());
+
+/// A wall clock set back by more than this between two timer ticks withdraws the access codes
+/// and diagnostic credentials outstanding ([`Job::WithdrawCodes`]). Far above what NTP slews
+/// in a second (0.5 ms), and a code kept a few seconds longer matters to no one.
+const CLOCK_STEP_BACK: Duration = Duration::from_secs(5);
 
 /// How often at most an `accept.refused` line counts the connections closed at accept.
 const REFUSED_LOG_EVERY: Duration = Duration::from_secs(60);
@@ -346,7 +351,8 @@ pub struct Reactor {
     kicks: Kicks,
     /// App sockets per credential ([`AppUpgradeLimiter`]).
     app_limit: AppUpgradeLimiter,
-    /// Public peers whose `X-Forwarded-For` was ignored under `--trust-proxy`, told once each.
+    /// Public peers whose `X-Forwarded-For` was ignored under `--trust-proxy`, told once a day
+    /// each.
     ignored_forwarders: IgnoredForwarders,
     /// Open connections per counted source (`--max-connections-per-ip`).
     per_source: FastMap<IpAddr, u32>,
@@ -356,6 +362,12 @@ pub struct Reactor {
     refused_logged: Option<Instant>,
     /// When the next [`Job::Sweep`] is due.
     next_sweep: Instant,
+    /// The wall clock (Unix ms) and the monotonic clock at the last timer tick: a wall clock
+    /// set back between two ticks is noticed ([`CLOCK_STEP_BACK`]).
+    clocks: (u64, Instant),
+    /// The wall-clock time of a step back whose [`Job::WithdrawCodes`] is still to be queued
+    /// (the job queue was full).
+    withdraw_due: Option<u64>,
     /// The socket whose messages are being routed: what is queued to it now is an answer.
     reading: Option<ConnId>,
     ws_config: WebSocketConfig,
@@ -405,6 +417,8 @@ impl Reactor {
             refused: AcceptRefusals::default(),
             refused_logged: None,
             next_sweep: Instant::now() + FIRST_SWEEP_AFTER,
+            clocks: (now_ms(), Instant::now()),
+            withdraw_due: None,
             reading: None,
             ws_config,
             dropped_frames: 0,
@@ -771,10 +785,10 @@ impl Reactor {
         if self.shared.config.trust_proxy
             && !may_be_a_proxy(ip)
             && Self::forwarded_for(&head).is_some()
-            && self.ignored_forwarders.first(ip)
+            && self.ignored_forwarders.first(ip, Instant::now())
         {
-            // The operator asked for the header and it is dropped: say why, once per peer (a
-            // CDN in front of the relay reaches it from public addresses).
+            // The operator asked for the header and it is dropped: say why, once a day per
+            // peer (a CDN in front of the relay reaches it from public addresses).
             log_event(
                 "forwarded.ignored",
                 &[
@@ -1830,15 +1844,49 @@ impl Reactor {
 
     // -- timers and shutdown -------------------------------------------------------------------
 
+    /// Notices a wall clock set back since the last tick (an NTP step, a VM restored, a wrong
+    /// hardware clock corrected) and has the outstanding access codes withdrawn: their expiry
+    /// is a wall-clock time, so each would otherwise stay valid its lifetime plus the step (an
+    /// hour back, a 10-minute code pairs for 70 minutes). A clock set forward only shortens
+    /// them.
+    fn watch_the_wall_clock(&mut self, now: Instant) {
+        let wall = now_ms();
+        let (last_wall, last_mono) = self.clocks;
+        self.clocks = (wall, now);
+        if let Some(back) = stepped_back(last_wall, wall, now.saturating_duration_since(last_mono))
+        {
+            log_event(
+                "clock.stepped_back",
+                &[
+                    ("secs", &back.as_secs().to_string()),
+                    (
+                        "effect",
+                        "access codes and diagnostic credentials issued before are withdrawn: \
+                         pairing needs a new code (hermeschat-pair --refresh-code)",
+                    ),
+                ],
+            );
+            self.withdraw_due = Some(wall);
+        }
+        if let Some(at) = self.withdraw_due
+            && self.jobs.try_send(Job::WithdrawCodes { now_ms: at }).is_ok()
+        {
+            self.withdraw_due = None;
+        }
+    }
+
     fn timers(&mut self) {
         let now = Instant::now();
         self.kicks.prune(now);
         self.app_limit.prune_if_due(now);
+        self.shared.register_limit.prune_if_due(now);
+        self.shared.verify_limit.prune_if_due(now);
         if now >= self.next_sweep {
             // A full queue skips this sweep; the next one comes an hour later.
             let _ = self.jobs.try_send(Job::Sweep);
             self.next_sweep = now + SWEEP_EVERY;
         }
+        self.watch_the_wall_clock(now);
         // Refusals are counted, and told at most once a minute: a flood must not flood the log.
         if (self.refused.over_total, self.refused.over_per_ip) != (0, 0)
             && self.refused_logged.is_none_or(|t| now.duration_since(t) >= REFUSED_LOG_EVERY)
@@ -2142,20 +2190,48 @@ fn without_stamp<'a>(
     Some((before, rest))
 }
 
+/// How far the wall clock was set back between two readings `mono_elapsed` apart, when by
+/// more than [`CLOCK_STEP_BACK`]: wall-clock time (Unix ms) that should have moved on by the
+/// monotonic time elapsed but reads earlier than that.
+fn stepped_back(last_wall_ms: u64, wall_ms: u64, mono_elapsed: Duration) -> Option<Duration> {
+    let expected = last_wall_ms.saturating_add(mono_elapsed.as_millis() as u64);
+    let back = Duration::from_millis(expected.saturating_sub(wall_ms));
+    (back > CLOCK_STEP_BACK).then_some(back)
+}
+
 /// Public peers that sent `X-Forwarded-For` to a relay run with `--trust-proxy` (the header is
 /// ignored from them: [`may_be_a_proxy`]), by source ([`source`]: an IPv6 /64 is one), so
-/// that each is logged once. At most [`IgnoredForwarders::MAX`] are remembered; past them
-/// nothing more is logged.
-#[derive(Default)]
-struct IgnoredForwarders(std::collections::HashSet<IpAddr>);
+/// that each is logged once a day. At most [`IgnoredForwarders::MAX`] are remembered; past
+/// them nothing more is logged that day. Forgotten daily: on a public relay scanners fill the
+/// set within weeks, and an operator's proxy moved to a public address later must still be
+/// told.
+struct IgnoredForwarders {
+    seen: std::collections::HashSet<IpAddr>,
+    /// When `seen` was last emptied.
+    since: Instant,
+}
+
+impl Default for IgnoredForwarders {
+    fn default() -> Self {
+        IgnoredForwarders { seen: Default::default(), since: Instant::now() }
+    }
+}
 
 impl IgnoredForwarders {
     /// Sources remembered at most.
     const MAX: usize = 64;
 
-    /// True the first time `peer`'s source is seen (while fewer than [`Self::MAX`] are known).
-    fn first(&mut self, peer: IpAddr) -> bool {
-        self.0.len() < Self::MAX && self.0.insert(source(peer))
+    /// How long a source told stays untold again.
+    const FORGET_AFTER: Duration = Duration::from_secs(24 * 3600);
+
+    /// True the first time in [`Self::FORGET_AFTER`] that `peer`'s source is seen at `now`
+    /// (while fewer than [`Self::MAX`] are known).
+    fn first(&mut self, peer: IpAddr, now: Instant) -> bool {
+        if now.saturating_duration_since(self.since) >= Self::FORGET_AFTER {
+            self.seen = Default::default();
+            self.since = now;
+        }
+        self.seen.len() < Self::MAX && self.seen.insert(source(peer))
     }
 }
 
@@ -2233,6 +2309,22 @@ impl Conn {
 mod tests {
     use super::*;
 
+    #[test]
+    fn only_a_wall_clock_set_back_past_the_threshold_counts_as_a_step() {
+        let second = Duration::from_secs(1);
+        let t = 1_800_000_000_000;
+        // Ticking along, slewed a little, or late: no step.
+        assert_eq!(stepped_back(t, t + 1_000, second), None);
+        assert_eq!(stepped_back(t, t + 999, second), None);
+        assert_eq!(stepped_back(t, t + 30_000, Duration::from_secs(30)), None);
+        assert_eq!(stepped_back(t, t - 4_000, second), None);
+        // Forward a day: codes only end sooner.
+        assert_eq!(stepped_back(t, t + 86_400_000, second), None);
+        // Back an hour.
+        assert_eq!(stepped_back(t, t - 3_599_000, second), Some(Duration::from_secs(3_600)));
+        assert_eq!(stepped_back(t, 0, second), Some(Duration::from_millis(t + 1_000)));
+    }
+
     /// What `without_member` leaves of `text` once `client` is cut out (None: not found).
     fn cut(text: &str) -> Option<String> {
         let raw = parse_raw(text).unwrap();
@@ -2241,19 +2333,26 @@ mod tests {
     }
 
     #[test]
-    fn an_ignored_forwarder_is_told_once_and_the_list_is_bounded() {
+    fn an_ignored_forwarder_is_told_once_a_day_and_the_list_is_bounded() {
         let mut seen = IgnoredForwarders::default();
+        let t0 = Instant::now();
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        assert!(seen.first(ip("203.0.113.7")));
-        assert!(!seen.first(ip("203.0.113.7")));
+        assert!(seen.first(ip("203.0.113.7"), t0));
+        assert!(!seen.first(ip("203.0.113.7"), t0));
         // One /64 is one source.
-        assert!(seen.first(ip("2001:db8::1")));
-        assert!(!seen.first(ip("2001:db8::2")));
+        assert!(seen.first(ip("2001:db8::1"), t0));
+        assert!(!seen.first(ip("2001:db8::2"), t0));
         for n in 0..200u32 {
-            seen.first(IpAddr::V4(std::net::Ipv4Addr::from(0x0800_0000 + n)));
+            seen.first(IpAddr::V4(std::net::Ipv4Addr::from(0x0800_0000 + n)), t0);
         }
-        assert_eq!(seen.0.len(), IgnoredForwarders::MAX);
-        assert!(!seen.first(ip("198.51.100.1")), "past the bound nothing more is logged");
+        assert_eq!(seen.seen.len(), IgnoredForwarders::MAX);
+        assert!(!seen.first(ip("198.51.100.1"), t0), "past the bound nothing more is logged");
+        // A day later (scanners filled the list long ago), a new source is told, and an old
+        // one again.
+        let day = t0 + IgnoredForwarders::FORGET_AFTER;
+        assert!(seen.first(ip("198.51.100.1"), day));
+        assert!(seen.first(ip("203.0.113.7"), day));
+        assert!(!seen.first(ip("203.0.113.7"), day));
     }
 
     #[test]

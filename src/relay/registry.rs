@@ -40,6 +40,12 @@ pub enum Job {
     /// Delete the unfinished registrations older than [`UNFINISHED_TTL_MS`]
     /// ([`Store::expire_unfinished`]).
     Sweep,
+    /// The wall clock was set back: end the access codes and diagnostic credentials still valid
+    /// at `now_ms` (Unix ms, after the step) now ([`Store::withdraw_codes`]).
+    WithdrawCodes {
+        /// The wall-clock time the step was noticed.
+        now_ms: u64,
+    },
 }
 
 /// How long a registered bridge whose socket never connected, and that has no client, is
@@ -169,6 +175,23 @@ pub fn worker(jobs: Arc<JobReceiver>, shared: Arc<Shared>) -> Option<Store> {
                     }
                 }
             }
+            Job::WithdrawCodes { now_ms } => match store.withdraw_codes(now_ms) {
+                Ok((0, 0)) => {}
+                Ok((codes, probes)) => {
+                    shared.store_wrote();
+                    log_event(
+                        "codes.withdrawn",
+                        &[
+                            ("accessCodes", &codes.to_string()),
+                            ("probeClients", &probes.to_string()),
+                        ],
+                    );
+                }
+                Err(e) => {
+                    shared.store_failed(&e);
+                    log_event("error", &[("message", &e.to_string())]);
+                }
+            },
             Job::Http { conn, head, body, ip } => {
                 let started = Instant::now();
                 // Counts as running until its answer is sent (end of this arm).

@@ -392,6 +392,23 @@ impl Store {
         Ok(expired)
     }
 
+    /// Ends, as of `now_ms`, every access code not yet redeemed and every diagnostic client
+    /// credential still valid then: the wall clock was set back, so each would stay valid its
+    /// lifetime plus the step. A code ended so is answered `ACCESS_CODE_EXPIRED` (its bridge
+    /// gets a new one with `--refresh-code`). Returns `(codes, probe credentials)` ended.
+    pub fn withdraw_codes(&self, now_ms: u64) -> StoreResult<(usize, usize)> {
+        let codes = self.conn.execute(
+            "UPDATE bridges SET code_expires_at = ?1
+             WHERE code_used = 0 AND code_hash IS NOT NULL AND code_expires_at > ?1",
+            params![now_ms as i64],
+        )?;
+        let probes = self.conn.execute(
+            "UPDATE clients SET probe_expires_at = ?1 WHERE probe_expires_at > ?1",
+            params![now_ms as i64],
+        )?;
+        Ok((codes, probes))
+    }
+
     /// Registers a new bridge and returns `(bridgeId, relaySecret)`.
     pub fn register(
         &self,
