@@ -1620,6 +1620,11 @@ pub(crate) fn print_qr(json: &str, dir: &Path, out: &Out, refresh: &str) {
             "QR image: {} (not in the current directory: {cwd_error})",
             png.display()
         )),
+        // Without a drawing either, the wider terminal is the only way on.
+        Err(e) if narrow.is_some() => out.warn(&format!(
+            "no QR image: {cwd_error}; {e}. Widen the window (or make the font smaller) and \
+             run {refresh} for a code drawn here"
+        )),
         Err(e) => out.warn(&format!("no QR image: {cwd_error}; {e}; scan the QR above")),
     }
 }

@@ -125,6 +125,10 @@ fn health_reports_gateway_online_offline_and_direct() {
     assert_eq!(header(&h, "content-type"), Some("application/json"));
     // Health changes from one moment to the next: no cache may keep it.
     assert_eq!(header(&h, "cache-control"), Some("no-store"));
+    // HEAD gets the headers GET gets (RFC 9110 §9.3.2), the no-store among them.
+    let (s, h, head_body) = http(b.port, "HEAD", "/api/health", &[], b"");
+    assert_eq!((s, head_body.len()), (200, 0));
+    assert_eq!(header(&h, "cache-control"), Some("no-store"), "{h:?}");
     let v = json_of(&body);
     assert_eq!((v["status"].as_str(), v["gateway"].as_str()), (Some("ok"), Some("online")), "{v}");
     assert_eq!(v["version"], hermeschat_pair::VERSION);

@@ -1616,6 +1616,26 @@ fn a_terminal_too_narrow_for_the_qr_code_is_told_so_instead_of_shown_a_broken_on
     assert!(!said.contains("columns wide"), "{said}");
 }
 
+/// On a terminal too narrow for the drawing, where no QR image can be written either (here a
+/// directory holds its name in both places), the user is not sent to "the QR above", which
+/// was never drawn: widening the terminal and --refresh-code is the way on.
+#[test]
+fn a_narrow_terminal_without_a_qr_image_is_told_the_way_on() {
+    use std::os::unix::fs::DirBuilderExt;
+    let relay = Relay::new();
+    let backend = Backend::start();
+    let env = Env::new();
+    std::fs::DirBuilder::new().mode(0o700).create(&env.home).unwrap();
+    std::fs::create_dir(env.png()).unwrap();
+    std::fs::create_dir(env.home.join("hermeschat_pair.png")).unwrap();
+    let (server, port) = (relay.url(), backend.port.to_string());
+    let (said, ok) = run_on_terminal(env.cmd(&["--server", &server, "--port", &port]), 40);
+    assert!(ok, "pairing on a narrow terminal failed: {said}");
+    assert!(said.contains("no QR image"), "{said}");
+    assert!(!said.contains("scan the QR above"), "sent to a QR never drawn: {said}");
+    assert!(said.contains("run hermeschat-pair --refresh-code for a code drawn here"), "{said}");
+}
+
 #[test]
 fn corrupt_bridge_json_is_moved_aside_and_pairing_succeeds() {
     let relay = Relay::new();

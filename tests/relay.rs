@@ -2998,4 +2998,10 @@ fn head_is_answered_like_get_without_a_body() {
         let length = head.lines().find_map(|l| l.strip_prefix("Content-Length: "));
         assert_eq!(length, Some(get_body.len().to_string().as_str()), "{answer}");
     }
+    // Refused before any route is asked (a chunked body: 411), the HEAD gets no body either.
+    let request = b"HEAD /v1/health HTTP/1.1\r\nHost: relay\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let answer = raw_exchange(&relay.addr, request, RECV_TIMEOUT);
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 411 "), "{answer}");
+    assert!(answer.ends_with("\r\n\r\n"), "a body came with the HEAD's refusal: {answer}");
 }

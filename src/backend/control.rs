@@ -63,7 +63,11 @@ pub fn health(shared: &Arc<Shared>, req: &Request, c: &mut Conn, close: bool) ->
         "stateDir": if state::pid_file(&shared.settings.state_dir).exists() { "kept" } else { "gone" },
     });
     if req.head.method == "HEAD" {
-        let headers = [("Content-Type".to_owned(), "application/json".to_owned())];
+        // The headers a GET gets (as `Conn::json` writes them), without the body.
+        let headers = [
+            ("Content-Type".to_owned(), "application/json".to_owned()),
+            ("Cache-Control".to_owned(), "no-store".to_owned()),
+        ];
         c.start_fixed(200, &headers, Some(body.to_string().len() as u64), close)?;
     } else {
         c.json(200, &body, close)?;

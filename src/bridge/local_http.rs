@@ -30,6 +30,9 @@ use crate::protocol::{ErrorCode, check_header, contains_ignore_ascii_case};
 /// Idle keep-alive connections kept for reuse.
 pub const MAX_IDLE: usize = 16;
 
+/// Most of a body [`LocalClient::get_small`] reads, in bytes.
+const SMALL_BODY: usize = 64 << 10;
+
 /// Longest chunk-size or trailer line accepted, in bytes.
 const MAX_LINE: usize = 8 << 10;
 
@@ -574,7 +577,7 @@ impl LocalClient {
     }
 
     /// GETs a small document (a health or status answer): its status code and at most 64 KiB
-    /// of its body.
+    /// of its body, read for one head timeout at most (what came by then is the body).
     pub fn get_small(
         &self,
         path: &str,
@@ -582,8 +585,18 @@ impl LocalClient {
     ) -> Result<(u16, Vec<u8>), LocalError> {
         let mut response = self.send("GET", path, headers, Body::Bytes(b""), &Abort::new())?;
         let mut body = Vec::new();
-        // What a probe needs is the status; a body cut short is judged as read.
-        let _ = (&mut response.body).take(64 << 10).read_to_end(&mut body);
+        // What a probe needs is the status; a body cut short is judged as read. A body that
+        // trickles in (a byte now and then, each within the gap timeout) must not hold the
+        // caller, a poller's round say, for hours: the whole body gets one timeout.
+        let until = Instant::now() + self.timeouts.head;
+        let mut chunk = [0u8; 4096];
+        while body.len() < SMALL_BODY && Instant::now() < until {
+            let room = chunk.len().min(SMALL_BODY - body.len());
+            match response.body.read(&mut chunk[..room]) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => body.extend_from_slice(&chunk[..n]),
+            }
+        }
         Ok((response.status, body))
     }
 

@@ -298,6 +298,29 @@ mod tests {
         assert_eq!(probe("127.0.0.1", closed, "/api/health"), Health::NotListening);
     }
 
+    /// A 2xx whose body trickles in (a byte every 20 ms, each well within the read timeout)
+    /// is judged once the probe's timeout is spent: the probe, and the poller's round with it,
+    /// is not held until 64 KiB have come (over 20 minutes).
+    #[test]
+    fn a_trickling_answer_does_not_hold_the_probe() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let Ok((mut s, _)) = listener.accept() else { return };
+            let _ = s.read(&mut [0u8; 1024]);
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n");
+            // Until the probe hangs up.
+            while s.write_all(b" ").is_ok() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(probe("127.0.0.1", port, "/api/health")));
+        // Not a timing assertion: a guard against a probe that never returns.
+        let health = rx.recv_timeout(Duration::from_secs(60));
+        assert_eq!(health, Ok(Health::Ready), "the probe was still reading after 60 s");
+    }
+
     /// A server that closes without a byte (as a TLS server does on a plain request) is
     /// unhealthy, and is not asked in TLS what it is: every round would leave a stray
     /// handshake in its log.

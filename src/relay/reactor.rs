@@ -32,7 +32,9 @@ use super::kicks::{self, Kicks};
 use super::ratelimit::{
     APP_UPGRADE_BURST, APP_UPGRADE_REFILL, AppLimited, AppUpgradeLimiter, source, source_label,
 };
-use super::registry::{Job, JobSender, Outcome, Refused, access_log, shutting_down_response};
+use super::registry::{
+    Job, JobSender, Outcome, Refused, access_log, for_method, shutting_down_response,
+};
 use super::{ConnId, Peer, Shared, ToReactor, log_event, now_ms};
 use crate::http::{self, Head, Parsed};
 use crate::protocol::{
@@ -755,9 +757,12 @@ impl Reactor {
             }
             Parsed::Complete(head) => head,
         };
+        // Refusals too are answered without a body to a HEAD.
+        let head_request = head.method == "HEAD";
         let refuse = |status, code, msg: &str| {
             let body = serde_json::to_string(&p::ApiError::new(code, msg)).unwrap_or_default();
-            http::json_response(status, &body, true)
+            let response = http::json_response(status, &body, true);
+            if head_request { http::head_only(response) } else { response }
         };
         let body_len = match head.content_length() {
             Ok(n) if n > MAX_HTTP_BODY => {
@@ -922,7 +927,7 @@ impl Reactor {
         };
         let ip = self.client_ip(*ip, &head);
         access_log(&self.shared, &head, 503, ip, started);
-        self.http_respond(id, shutting_down_response(), After::Close);
+        self.http_respond(id, for_method(&head, shutting_down_response()), After::Close);
     }
 
     /// Completes an authenticated upgrade, unless its credential was revoked after the check

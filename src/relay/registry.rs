@@ -198,7 +198,7 @@ pub fn worker(jobs: Arc<JobReceiver>, shared: Arc<Shared>) -> Option<Store> {
                 let Some(_running) = shared.begin_request() else {
                     // Not logged here: the reactor answered and logged this request when it
                     // closed the gate (`refuse_stopping`).
-                    let bytes = shutting_down_response();
+                    let bytes = for_method(&head, shutting_down_response());
                     shared.send(ToReactor::Outcome(Outcome::Respond { conn, bytes, close: true }));
                     continue;
                 };
@@ -254,6 +254,12 @@ pub fn shutting_down_response() -> Vec<u8> {
     json_response(503, &serde_json::to_string(&body).unwrap_or_default(), true)
 }
 
+/// `response` as the request `head` gets it: without its body when the request is a `HEAD`,
+/// whatever the status (PROTOCOL §3.1).
+pub fn for_method(head: &Head, response: Vec<u8>) -> Vec<u8> {
+    if head.method == "HEAD" { crate::http::head_only(response) } else { response }
+}
+
 /// A handler's reply: status and JSON body, or an authenticated upgrade.
 enum Reply {
     Json(u16, String),
@@ -298,10 +304,7 @@ fn handle(
             // A 426 names the version it speaks (RFC 6455 §4.4).
             let version: &[_] =
                 if status == 426 { &[("Sec-WebSocket-Version", "13")] } else { &[] };
-            let mut bytes = json_response_with(status, &json, close, version);
-            if head.method == "HEAD" {
-                bytes = crate::http::head_only(bytes);
-            }
+            let bytes = for_method(head, json_response_with(status, &json, close, version));
             (Outcome::Respond { conn, bytes, close }, status)
         }
         Reply::Upgrade(accept, peer, epoch) => {
