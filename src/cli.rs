@@ -986,8 +986,9 @@ fn adopt_restarted(
     };
     if fits(&s) && !daemon::suspended(s.pid) {
         out.ok(&format!(
-            "Bridge daemon started meanwhile by something else (pid {}: a service manager or \
-             supervisor restarting the one stopped?); it serves this pairing, so it is kept",
+            "Bridge daemon running (pid {}; started meanwhile by a service manager or \
+             supervisor, or this pairing's own, ready late); it serves this pairing, so it is \
+             kept",
             s.pid
         ));
         return Ok(s.pid);
