@@ -3,7 +3,6 @@
 //! Exit codes: 0 success, 1 failure, 2 usage or configuration error. Every error says what
 //! happened and what to run next.
 
-use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -83,7 +82,7 @@ ENVIRONMENT:
                               the built-in backend's direct fallback when the gateway is down
     HERMESCHAT_TRUSTED_UIDS   uids (comma-separated) whose gateway or backend you run on
                               purpose; any other account's program on those ports gets nothing
-    NO_COLOR                  no colours in the output
+    NO_COLOR                  no colours in the output (TERM=dumb: none either)
     https_proxy, http_proxy, all_proxy, no_proxy
                               an http:// proxy for the registry and the relay (README)
 
@@ -393,17 +392,17 @@ fn check_environment() -> Result<(), Exit> {
 // ---------------------------------------------------------------------------------------------
 // Output
 
-/// Status-line printer: ✓ / ⚠ / ✗ with colour only on a TTY and never with `NO_COLOR`.
+/// Status-line printer: ✓ / ⚠ / ✗ with colour only on a terminal that shows it
+/// ([`crate::term::colour_on_stdout`]).
 pub struct Out {
-    /// Colours on (a TTY without `NO_COLOR`).
+    /// Colours on (a terminal, not `TERM=dumb`, without `NO_COLOR`).
     pub colour: bool,
     quiet: bool,
 }
 
 impl Out {
     pub fn new(quiet: bool) -> Out {
-        let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-        Out { colour, quiet }
+        Out { colour: crate::term::colour_on_stdout(), quiet }
     }
 
     pub fn line(&self, mark: &str, colour: &str, text: &str) {
@@ -1268,26 +1267,20 @@ pub(crate) fn wait_online(
     dir: &Path,
     quiet: bool,
 ) -> Result<(), Exit> {
-    let spin = !quiet && std::io::stderr().is_terminal();
-    let frames = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
+    let mut spinner = crate::term::Spinner::new(quiet);
     let started = Instant::now();
     let mut last_error = String::new();
-    let mut i = 0;
     loop {
         match registry.bridge_status(&identity.bridge_id, &identity.relay_secret) {
             Ok(s) if s.online => {
-                if spin {
-                    eprint!("\r\x1b[K");
-                }
+                spinner.clear();
                 return Ok(());
             }
             Ok(_) => last_error.clear(),
             Err(e) => last_error = e.to_string(),
         }
         if started.elapsed() >= ONLINE_TIMEOUT {
-            if spin {
-                eprint!("\r\x1b[K");
-            }
+            spinner.clear();
             // A bridge registered before `register` checked this: the cause, and the way out.
             if let Some(why) =
                 unreachable_relay_url(&identity.registry_url, &identity.bridge_relay_url)
@@ -1311,14 +1304,7 @@ pub(crate) fn wait_online(
                 state::bridge_log(dir).display()
             )));
         }
-        if spin {
-            eprint!(
-                "\r{} Waiting for the bridge to come online at the relay…",
-                frames[i % frames.len()]
-            );
-            let _ = std::io::stderr().flush();
-            i += 1;
-        }
+        spinner.tick("Waiting for the bridge to come online at the relay…");
         std::thread::sleep(Duration::from_millis(150));
     }
 }
@@ -1569,19 +1555,6 @@ fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
     Ok(())
 }
 
-/// The width in columns of the terminal on stdout; `None` when stdout is not a terminal or
-/// the terminal does not know its size.
-fn stdout_columns() -> Option<usize> {
-    if !std::io::stdout().is_terminal() {
-        return None;
-    }
-    let mut size = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
-    // SAFETY: TIOCGWINSZ writes one `winsize` into the struct it is given, which outlives the
-    // call; on failure it writes nothing.
-    let ok = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut size) } == 0;
-    (ok && size.ws_col > 0).then_some(usize::from(size.ws_col))
-}
-
 /// The QR image's file name.
 const QR_PNG: &str = "hermeschat_pair.png";
 
@@ -1591,10 +1564,11 @@ const QR_PNG: &str = "hermeschat_pair.png";
 /// run killed while writing it left in either are removed first. A terminal too narrow for the
 /// code gets no drawing, but the command (`refresh`) that prints a new code once it is wider.
 pub(crate) fn print_qr(json: &str, dir: &Path, out: &Out, refresh: &str) {
+    let terminal = crate::term::size(libc::STDOUT_FILENO);
     // A terminal narrower than the code wraps every line: what it shows is no QR code at all.
     let narrow = qr::terminal_columns(json)
         .ok()
-        .zip(stdout_columns())
+        .zip(terminal.map(|(columns, _)| columns))
         .filter(|(needed, columns)| columns < needed);
     match (narrow, qr::render_terminal(json, out.colour)) {
         (Some((needed, columns)), _) => out.warn(&format!(
@@ -1602,7 +1576,21 @@ pub(crate) fn print_qr(json: &str, dir: &Path, out: &Out, refresh: &str) {
              {columns}. Scan the QR image below, or widen the window (or make the font \
              smaller) and run {refresh} for a new code here"
         )),
-        (None, Ok(text)) => println!("{text}"),
+        (None, Ok(text)) => {
+            println!("{text}");
+            // A terminal shorter than the code never shows all of it at once: no phone can
+            // scan it there. (Its rows are 0 when the terminal does not know them.)
+            let tall = text.lines().count();
+            if let Some((_, rows @ 1..)) = terminal
+                && rows < tall
+            {
+                out.warn(&format!(
+                    "the QR code above is {tall} lines tall and this terminal shows {rows}: \
+                     make the window taller (or the font smaller) and scroll back to it, or \
+                     scan the QR image below"
+                ));
+            }
+        }
         (None, Err(e)) => out.warn(&format!("cannot draw the QR code in the terminal: {e}")),
     }
     let cwd = std::path::absolute(".").unwrap_or_else(|_| PathBuf::from("."));
