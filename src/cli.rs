@@ -3,6 +3,7 @@
 //! Exit codes: 0 success, 1 failure, 2 usage or configuration error. Every error says what
 //! happened and what to run next.
 
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -1260,6 +1261,47 @@ pub(crate) fn wait_backend_ready(target: &Target, dir: &Path, out: &Out) -> Resu
     }
 }
 
+/// Makes Ctrl-C (SIGINT from the terminal), a closing terminal (SIGHUP) and SIGTERM end a
+/// pairing command saying what it leaves: the daemon it may have started is detached and keeps
+/// running, which a user who interrupted a pairing would not guess. Exits 130. A signal
+/// ignored on entry (`nohup`, a script's `&`) stays ignored.
+pub(crate) fn say_what_an_interruption_leaves(dir: &Path) {
+    let signals = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+    let ignored = signals.map(|sig| {
+        // SAFETY: sigaction with a null new action only reads this process's disposition of
+        // `sig` into `old`, plain data zeroed before.
+        unsafe {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            libc::sigaction(sig, std::ptr::null(), &mut old);
+            old.sa_sigaction == libc::SIG_IGN
+        }
+    });
+    let dir = dir.to_path_buf();
+    // Fails only when a handler is set already: the command then ends as it did before.
+    let _ = ctrlc::set_handler(move || {
+        // The terminal echoed `^C` after whatever the cursor followed, unless that was the
+        // spinner's line, now erased.
+        let erased = crate::term::erase_progress();
+        let newline = if !erased && std::io::stderr().is_terminal() { "\n" } else { "" };
+        let left = match daemon::running(&dir) {
+            Some(pid) => format!(
+                "the bridge daemon (pid {pid}) keeps running (hermeschat-pair --stop stops \
+                 it); run the command again for a QR code"
+            ),
+            None => "no bridge daemon runs; run the command again".to_owned(),
+        };
+        // A terminal that is gone (SIGHUP) fails the write: it must not stop the exit.
+        let _ = writeln!(std::io::stderr(), "{newline}✗ Interrupted: {left}");
+        std::process::exit(130);
+    });
+    for (sig, ignored) in signals.into_iter().zip(ignored) {
+        if ignored {
+            // SAFETY: signal() only sets this process's disposition of `sig` back to ignored.
+            unsafe { libc::signal(sig, libc::SIG_IGN) };
+        }
+    }
+}
+
 /// Polls bridge-status until the relay reports the bridge online.
 pub(crate) fn wait_online(
     registry: &Registry,
@@ -1425,6 +1467,7 @@ pub(crate) fn command_lock_unless_suspended(
 fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
     let out = Out::new(args.json);
     let dir = state_dir()?;
+    say_what_an_interruption_leaves(&dir);
     let _lock = command_lock(&dir, &out)?;
     // Before the registry is asked for anything: what it answers must be saved.
     state::check_writable(&dir).map_err(|e| {

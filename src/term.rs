@@ -7,6 +7,11 @@
 
 use std::io::{IsTerminal, Write};
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// A [`Spinner`] frame is on the screen: what [`erase_progress`] erases when the command is
+/// interrupted while it waits.
+static PROGRESS_DRAWN: AtomicBool = AtomicBool::new(false);
 
 /// Whether `TERM` says the terminal interprets no escape sequences (`dumb`), or says nothing.
 fn dumb() -> bool {
@@ -72,6 +77,7 @@ impl Spinner {
         if !in_foreground(libc::STDERR_FILENO) {
             // The shell has moved on to a new line (Ctrl-Z): nothing of ours to erase there.
             self.drawn = false;
+            PROGRESS_DRAWN.store(false, Ordering::SeqCst);
             return;
         }
         let columns = size(libc::STDERR_FILENO).map_or(80, |(columns, _)| columns);
@@ -83,18 +89,30 @@ impl Spinner {
         let _ = write!(err, "\r{line}\x1b[K");
         let _ = err.flush();
         self.drawn = true;
+        PROGRESS_DRAWN.store(true, Ordering::SeqCst);
         self.frame += 1;
     }
 
     /// Erases the frame on the screen, if any, leaving the cursor at the start of its line.
     pub fn clear(&mut self) {
-        if self.drawn && in_foreground(libc::STDERR_FILENO) {
-            let mut err = std::io::stderr().lock();
-            let _ = write!(err, "\r\x1b[K");
-            let _ = err.flush();
+        if self.drawn {
+            erase_progress();
         }
         self.drawn = false;
     }
+}
+
+/// Erases the spinner's frame on the screen, if any (and this process is in the terminal's
+/// foreground), leaving the cursor at the start of its line; says whether it did. Callable
+/// from any thread.
+pub fn erase_progress() -> bool {
+    let erase = PROGRESS_DRAWN.swap(false, Ordering::SeqCst) && in_foreground(libc::STDERR_FILENO);
+    if erase {
+        let mut err = std::io::stderr().lock();
+        let _ = write!(err, "\r\x1b[K");
+        let _ = err.flush();
+    }
+    erase
 }
 
 impl Drop for Spinner {

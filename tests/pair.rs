@@ -1552,7 +1552,8 @@ fn the_qr_image_cleans_up_after_a_killed_run_and_falls_back_to_the_state_directo
 /// Runs `cmd` with its stdout on a pseudo-terminal `columns` wide and 50 rows (stderr apart);
 /// returns what it printed there once it has exited.
 fn run_on_terminal(cmd: std::process::Command, columns: u16) -> (String, bool) {
-    on_terminal(cmd, (columns, 50), Streams::Stdout, None)
+    let (said, status) = on_terminal(cmd, (columns, 50), Streams::Stdout, None);
+    (said, status.success())
 }
 
 /// A terminal narrower than the QR code would wrap every line of it into something no phone
@@ -1591,15 +1592,15 @@ fn a_terminal_shorter_than_the_qr_code_is_told_so() {
     let env = Env::new();
     let (server, port) = (relay.url(), backend.port.to_string());
     let pairing = ["--server", &server, "--port", &port];
-    let (said, ok) = on_terminal(env.cmd(&pairing), (200, 20), Streams::Stdout, None);
-    assert!(ok, "pairing on a short terminal failed: {said}");
+    let (said, status) = on_terminal(env.cmd(&pairing), (200, 20), Streams::Stdout, None);
+    assert!(status.success(), "pairing on a short terminal failed: {said}");
     assert!(said.contains(['▀', '▄', '█']), "the code is still drawn: {said}");
     assert!(said.contains("this terminal shows 20"), "{said}");
     assert!(said.contains(&format!("QR image: {}", env.png().display())), "{said}");
 
     let refresh = ["--refresh-code", "--server", &server, "--port", &port];
-    let (said, ok) = on_terminal(env.cmd(&refresh), (200, 50), Streams::Stdout, None);
-    assert!(ok, "--refresh-code on a tall terminal failed: {said}");
+    let (said, status) = on_terminal(env.cmd(&refresh), (200, 50), Streams::Stdout, None);
+    assert!(status.success(), "--refresh-code on a tall terminal failed: {said}");
     assert!(!said.contains("lines tall"), "{said}");
 }
 
@@ -1615,8 +1616,8 @@ fn a_dumb_terminal_gets_no_escape_sequences_and_an_empty_no_color_is_ignored() {
     let on_a = |term: &str| {
         let mut cmd = env.cmd(&pairing);
         cmd.env("TERM", term).env("NO_COLOR", "");
-        let (said, ok) = on_terminal(cmd, (200, 50), Streams::Both, None);
-        assert!(ok, "pairing on TERM={term} failed: {said}");
+        let (said, status) = on_terminal(cmd, (200, 50), Streams::Both, None);
+        assert!(status.success(), "pairing on TERM={term} failed: {said}");
         assert!(said.contains(['▀', '▄', '█']), "no QR code drawn on TERM={term}: {said}");
         said
     };
@@ -1629,9 +1630,9 @@ fn a_dumb_terminal_gets_no_escape_sequences_and_an_empty_no_color_is_ignored() {
 /// The spinner while pairing waits for the bridge to come online (here: never, the relay
 /// announces a socket address where nothing listens) stays on one line of a 40-column terminal:
 /// a frame wider than the terminal wraps, and `\r` then redraws only its last part, so every
-/// frame scrolled up a new line.
+/// frame scrolled up a new line. Ctrl-C there says what the interrupted pairing leaves.
 #[test]
-fn the_spinner_fits_a_narrow_terminal() {
+fn the_spinner_fits_a_narrow_terminal_and_ctrl_c_says_the_daemon_keeps_running() {
     let nowhere = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let relay = Relay::start(&["--public-url", &format!("http://{nowhere}")]);
     let backend = Backend::start();
@@ -1646,12 +1647,23 @@ fn the_spinner_fits_a_narrow_terminal() {
     };
     let enough = |said: &str| frames(said).len() >= 3;
     let cmd = env.cmd(&["--server", &server, "--port", &port]);
-    let (said, _) = on_terminal(cmd, (40, 50), Streams::Both, Some(&enough));
+    let (said, status) = on_terminal(cmd, (40, 50), Streams::Both, Some((&enough, libc::SIGINT)));
     let frames = frames(&said);
     assert!(frames.len() >= 3, "no spinner drawn: {said:?}");
     for frame in frames {
         assert!(frame.chars().count() < 40, "a frame wider than the terminal: {frame:?}");
     }
+
+    // Ctrl-C there: the spinner's line is erased and the user told that the daemon the
+    // pairing started (detached from the terminal) keeps running, and how to stop it.
+    assert_eq!(status.code(), Some(130), "{said:?}");
+    let pid = std::fs::read_to_string(env.home.join("bridge.pid")).unwrap();
+    let told = format!(
+        "\r\x1b[K✗ Interrupted: the bridge daemon (pid {}) keeps running (hermeschat-pair --stop",
+        pid.trim()
+    );
+    assert!(said.contains(&told), "{said:?}");
+    assert!(alive(pid.trim().parse().unwrap()), "the daemon did not survive the Ctrl-C");
 }
 
 #[test]

@@ -721,17 +721,20 @@ pub enum Streams {
     Both,
 }
 
+/// For [`on_terminal`]: when the command has written `enough`, the signal it gets.
+pub type Until<'a> = (&'a dyn Fn(&str) -> bool, libc::c_int);
+
 /// Runs `cmd` with a pseudo-terminal of `columns` × `rows` (stdin too), as it runs in a
-/// terminal window, and returns what the terminal received (escapes included) and whether it
-/// succeeded. The terminal is not the command's controlling one (that would take a session of
-/// its own). With `enough`, the command is killed as soon as what it wrote satisfies it
-/// (`ok` is then false): a command that waits for something that never comes.
+/// terminal window, and returns what the terminal received (escapes included) and how it
+/// ended. The terminal is not the command's controlling one (that would take a session of its
+/// own). With `until` (`(enough, signal)`), the command gets `signal` as soon as what it wrote
+/// is `enough` (a command that waits for something that never comes; SIGINT is Ctrl-C).
 pub fn on_terminal(
     mut cmd: Command,
     (columns, rows): (u16, u16),
     streams: Streams,
-    enough: Option<&dyn Fn(&str) -> bool>,
-) -> (String, bool) {
+    until: Option<Until>,
+) -> (String, std::process::ExitStatus) {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     let mut size = libc::winsize { ws_row: rows, ws_col: columns, ws_xpixel: 0, ws_ypixel: 0 };
     let (mut master, mut slave) = (-1, -1);
@@ -764,19 +767,29 @@ pub fn on_terminal(
         }
     };
     let deadline = Instant::now() + CMD_TIMEOUT;
-    let ok = loop {
+    let mut until = until;
+    let status = loop {
         drain(&mut said);
         if let Some(status) = child.try_wait().unwrap() {
             drain(&mut said);
-            break status.success();
+            break status;
         }
-        if enough.is_some_and(|enough| enough(&String::from_utf8_lossy(&said))) {
+        if let Some((enough, signal)) = until
+            && enough(&String::from_utf8_lossy(&said))
+        {
+            let pid = libc::pid_t::try_from(child.id()).unwrap();
+            // SAFETY: kill only sends a signal, to the child this function started.
+            unsafe { libc::kill(pid, signal) };
+            until = None;
+        }
+        if Instant::now() >= deadline {
             let _ = child.kill();
-            let _ = child.wait();
-            break false;
+            panic!(
+                "the command did not finish in {CMD_TIMEOUT:?}: {}",
+                String::from_utf8_lossy(&said)
+            );
         }
-        assert!(Instant::now() < deadline, "the command did not finish in {CMD_TIMEOUT:?}");
         std::thread::sleep(Duration::from_millis(50));
     };
-    (String::from_utf8_lossy(&said).into_owned(), ok)
+    (String::from_utf8_lossy(&said).into_owned(), status)
 }
