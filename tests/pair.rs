@@ -1664,6 +1664,12 @@ fn the_spinner_fits_a_narrow_terminal_and_ctrl_c_says_the_daemon_keeps_running()
     );
     assert!(said.contains(&told), "{said:?}");
     assert!(alive(pid.trim().parse().unwrap()), "the daemon did not survive the Ctrl-C");
+    // Out of the terminal's reach: a session of its own (no Ctrl-C from a terminal nor the
+    // SIGHUP of one that closes gets to it) and no controlling terminal.
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    assert_eq!(fields[3], pid.trim(), "the daemon's session is not its own: {stat}");
+    assert_eq!(fields[4], "0", "the daemon has a controlling terminal: {stat}");
 }
 
 #[test]
