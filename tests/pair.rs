@@ -1646,7 +1646,8 @@ fn the_spinner_fits_a_narrow_terminal_and_ctrl_c_says_the_daemon_keeps_running()
         frames.filter(|f| f.starts_with(GLYPHS)).map(str::to_owned).collect()
     };
     let enough = |said: &str| frames(said).len() >= 3;
-    let cmd = env.cmd(&["--server", &server, "--port", &port]);
+    let mut cmd = env.cmd(&["--server", &server, "--port", &port]);
+    cmd.env("TERM", "xterm-256color"); // CI may run without TERM: that gets no spinner
     let (said, status) = on_terminal(cmd, (40, 50), Streams::Both, Some((&enough, libc::SIGINT)));
     let frames = frames(&said);
     assert!(frames.len() >= 3, "no spinner drawn: {said:?}");
