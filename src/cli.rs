@@ -83,7 +83,7 @@ ENVIRONMENT:
                               the built-in backend's direct fallback when the gateway is down
     HERMESCHAT_TRUSTED_UIDS   uids (comma-separated) whose gateway or backend you run on
                               purpose; any other account's program on those ports gets nothing
-    NO_COLOR                  no colours in the output
+    NO_COLOR                  no colours in the output (TERM=dumb: none either)
     https_proxy, http_proxy, all_proxy, no_proxy
                               an http:// proxy for the registry and the relay (README)
 
@@ -393,17 +393,17 @@ fn check_environment() -> Result<(), Exit> {
 // ---------------------------------------------------------------------------------------------
 // Output
 
-/// Status-line printer: ✓ / ⚠ / ✗ with colour only on a TTY and never with `NO_COLOR`.
+/// Status-line printer: ✓ / ⚠ / ✗ with colour only on a terminal that shows it
+/// ([`crate::term::colour_on_stdout`]).
 pub struct Out {
-    /// Colours on (a TTY without `NO_COLOR`).
+    /// Colours on (a terminal, not `TERM=dumb`, without `NO_COLOR`).
     pub colour: bool,
     quiet: bool,
 }
 
 impl Out {
     pub fn new(quiet: bool) -> Out {
-        let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-        Out { colour, quiet }
+        Out { colour: crate::term::colour_on_stdout(), quiet }
     }
 
     pub fn line(&self, mark: &str, colour: &str, text: &str) {
@@ -1262,6 +1262,47 @@ pub(crate) fn wait_backend_ready(target: &Target, dir: &Path, out: &Out) -> Resu
     }
 }
 
+/// Makes Ctrl-C (SIGINT from the terminal), a closing terminal (SIGHUP) and SIGTERM end a
+/// pairing command saying what it leaves: the daemon it may have started is detached and keeps
+/// running, which a user who interrupted a pairing would not guess. Exits 130. A signal
+/// ignored on entry (`nohup`, a script's `&`) stays ignored.
+pub(crate) fn say_what_an_interruption_leaves(dir: &Path) {
+    let signals = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+    let ignored = signals.map(|sig| {
+        // SAFETY: sigaction with a null new action only reads this process's disposition of
+        // `sig` into `old`, plain data zeroed before.
+        unsafe {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            libc::sigaction(sig, std::ptr::null(), &mut old);
+            old.sa_sigaction == libc::SIG_IGN
+        }
+    });
+    let dir = dir.to_path_buf();
+    // Fails only when a handler is set already: the command then ends as it did before.
+    let _ = ctrlc::set_handler(move || {
+        // The terminal echoed `^C` after whatever the cursor followed, unless that was the
+        // spinner's line, now erased.
+        let erased = crate::term::erase_progress();
+        let newline = if !erased && std::io::stderr().is_terminal() { "\n" } else { "" };
+        let left = match daemon::running(&dir) {
+            Some(pid) => format!(
+                "the bridge daemon (pid {pid}) keeps running (hermeschat-pair --stop stops \
+                 it); run the command again for a QR code"
+            ),
+            None => "no bridge daemon runs; run the command again".to_owned(),
+        };
+        // A terminal that is gone (SIGHUP) fails the write: it must not stop the exit.
+        let _ = writeln!(std::io::stderr(), "{newline}✗ Interrupted: {left}");
+        std::process::exit(130);
+    });
+    for (sig, ignored) in signals.into_iter().zip(ignored) {
+        if ignored {
+            // SAFETY: signal() only sets this process's disposition of `sig` back to ignored.
+            unsafe { libc::signal(sig, libc::SIG_IGN) };
+        }
+    }
+}
+
 /// Polls bridge-status until the relay reports the bridge online.
 pub(crate) fn wait_online(
     registry: &Registry,
@@ -1269,26 +1310,20 @@ pub(crate) fn wait_online(
     dir: &Path,
     quiet: bool,
 ) -> Result<(), Exit> {
-    let spin = !quiet && std::io::stderr().is_terminal();
-    let frames = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
+    let mut spinner = crate::term::Spinner::new(quiet);
     let started = Instant::now();
     let mut last_error = String::new();
-    let mut i = 0;
     loop {
         match registry.bridge_status(&identity.bridge_id, &identity.relay_secret) {
             Ok(s) if s.online => {
-                if spin {
-                    eprint!("\r\x1b[K");
-                }
+                spinner.clear();
                 return Ok(());
             }
             Ok(_) => last_error.clear(),
             Err(e) => last_error = e.to_string(),
         }
         if started.elapsed() >= ONLINE_TIMEOUT {
-            if spin {
-                eprint!("\r\x1b[K");
-            }
+            spinner.clear();
             // A bridge registered before `register` checked this: the cause, and the way out.
             if let Some(why) =
                 unreachable_relay_url(&identity.registry_url, &identity.bridge_relay_url)
@@ -1312,14 +1347,7 @@ pub(crate) fn wait_online(
                 state::bridge_log(dir).display()
             )));
         }
-        if spin {
-            eprint!(
-                "\r{} Waiting for the bridge to come online at the relay…",
-                frames[i % frames.len()]
-            );
-            let _ = std::io::stderr().flush();
-            i += 1;
-        }
+        spinner.tick("Waiting for the bridge to come online at the relay…");
         std::thread::sleep(Duration::from_millis(150));
     }
 }
@@ -1440,6 +1468,7 @@ pub(crate) fn command_lock_unless_suspended(
 fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
     let out = Out::new(args.json);
     let dir = state_dir()?;
+    say_what_an_interruption_leaves(&dir);
     let _lock = command_lock(&dir, &out)?;
     // Before the registry is asked for anything: what it answers must be saved.
     state::check_writable(&dir).map_err(|e| {
@@ -1570,19 +1599,6 @@ fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
     Ok(())
 }
 
-/// The width in columns of the terminal on stdout; `None` when stdout is not a terminal or
-/// the terminal does not know its size.
-fn stdout_columns() -> Option<usize> {
-    if !std::io::stdout().is_terminal() {
-        return None;
-    }
-    let mut size = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
-    // SAFETY: TIOCGWINSZ writes one `winsize` into the struct it is given, which outlives the
-    // call; on failure it writes nothing.
-    let ok = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut size) } == 0;
-    (ok && size.ws_col > 0).then_some(usize::from(size.ws_col))
-}
-
 /// The QR image's file name.
 const QR_PNG: &str = "hermeschat_pair.png";
 
@@ -1592,10 +1608,11 @@ const QR_PNG: &str = "hermeschat_pair.png";
 /// run killed while writing it left in either are removed first. A terminal too narrow for the
 /// code gets no drawing, but the command (`refresh`) that prints a new code once it is wider.
 pub(crate) fn print_qr(json: &str, dir: &Path, out: &Out, refresh: &str) {
+    let terminal = crate::term::size(libc::STDOUT_FILENO);
     // A terminal narrower than the code wraps every line: what it shows is no QR code at all.
     let narrow = qr::terminal_columns(json)
         .ok()
-        .zip(stdout_columns())
+        .zip(terminal.map(|(columns, _)| columns))
         .filter(|(needed, columns)| columns < needed);
     match (narrow, qr::render_terminal(json, out.colour)) {
         (Some((needed, columns)), _) => out.warn(&format!(
@@ -1603,7 +1620,21 @@ pub(crate) fn print_qr(json: &str, dir: &Path, out: &Out, refresh: &str) {
              {columns}. Scan the QR image below, or widen the window (or make the font \
              smaller) and run {refresh} for a new code here"
         )),
-        (None, Ok(text)) => println!("{text}"),
+        (None, Ok(text)) => {
+            println!("{text}");
+            // A terminal shorter than the code never shows all of it at once: no phone can
+            // scan it there. (Its rows are 0 when the terminal does not know them.)
+            let tall = text.lines().count();
+            if let Some((_, rows @ 1..)) = terminal
+                && rows < tall
+            {
+                out.warn(&format!(
+                    "the QR code above is {tall} lines tall and this terminal shows {rows}: \
+                     make the window taller (or the font smaller) and scroll back to it, or \
+                     scan the QR image below"
+                ));
+            }
+        }
         (None, Err(e)) => out.warn(&format!("cannot draw the QR code in the terminal: {e}")),
     }
     let cwd = std::path::absolute(".").unwrap_or_else(|_| PathBuf::from("."));

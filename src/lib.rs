@@ -14,7 +14,7 @@
 //! - the user's machine: [`cli`] and its commands ([`devices`], [`doctor`], [`logs`],
 //!   [`service`], [`lan`] with [`netif`]), [`daemon`] and [`bridge`], the built-in
 //!   [`backend`], the Hermes [`gateway`], [`tls_probe`] for a local server that speaks HTTPS,
-//!   and [`state`], the files all of them keep;
+//!   [`state`], the files all of them keep, and [`term`], what they may draw on the terminal;
 //! - the way out to the registry and relay: [`registry_client`], [`tcp_connect`],
 //!   [`netproxy`];
 //! - small parts both sides use: [`qr`] (the pairing codes), [`secret`] (identifiers and
@@ -45,6 +45,7 @@ pub mod service;
 pub mod state;
 pub mod stream;
 pub mod tcp_connect;
+pub mod term;
 pub mod tls_probe;
 pub mod wsout;
 pub mod wsread;

@@ -1564,45 +1564,11 @@ fn the_qr_image_cleans_up_after_a_killed_run_and_falls_back_to_the_state_directo
     assert_eq!(std::fs::metadata(&png).unwrap().permissions().mode() & 0o777, 0o600);
 }
 
-/// Runs `cmd` with its stdout on a pseudo-terminal `columns` wide (stderr apart); returns what
-/// it printed there once it has exited.
-fn run_on_terminal(mut cmd: std::process::Command, columns: u16) -> (String, bool) {
-    use std::os::fd::{FromRawFd, OwnedFd};
-    let mut size = libc::winsize { ws_row: 50, ws_col: columns, ws_xpixel: 0, ws_ypixel: 0 };
-    let (mut master, mut slave) = (-1, -1);
-    // SAFETY: openpty writes the two descriptors it opens into the ints given; the name
-    // pointer may be null; the termios pointer is null (defaults); `size` outlives the call.
-    let rc = unsafe {
-        let (name, termios) = (std::ptr::null_mut(), std::ptr::null_mut());
-        libc::openpty(&mut master, &mut slave, name, termios, std::ptr::addr_of_mut!(size))
-    };
-    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
-    // SAFETY: both descriptors were just opened by openpty and are owned by nothing else.
-    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
-    cmd.stdout(Stdio::from(slave)).stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
-    drop(cmd); // the parent's copy of the terminal's slave side
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "the command did not finish in 60 s");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    // What it wrote is in the terminal's buffer (a few KiB; the buffer holds 64): read it
-    // without blocking, as the daemon it started may hold the terminal open.
-    let mut master = std::fs::File::from(master);
-    // SAFETY: fcntl on a descriptor this function owns.
-    unsafe {
-        libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&master), libc::F_SETFL, libc::O_NONBLOCK)
-    };
-    let mut said = Vec::new();
-    let mut buf = [0u8; 4096];
-    while let Ok(n @ 1..) = master.read(&mut buf) {
-        said.extend_from_slice(&buf[..n]);
-    }
-    (String::from_utf8_lossy(&said).into_owned(), status.success())
+/// Runs `cmd` with its stdout on a pseudo-terminal `columns` wide and 50 rows (stderr apart);
+/// returns what it printed there once it has exited.
+fn run_on_terminal(cmd: std::process::Command, columns: u16) -> (String, bool) {
+    let (said, status) = on_terminal(cmd, (columns, 50), Streams::Stdout, None);
+    (said, status.success())
 }
 
 /// A terminal narrower than the QR code would wrap every line of it into something no phone
@@ -1649,6 +1615,97 @@ fn a_narrow_terminal_without_a_qr_image_is_told_the_way_on() {
     assert!(said.contains("no QR image"), "{said}");
     assert!(!said.contains("scan the QR above"), "sent to a QR never drawn: {said}");
     assert!(said.contains("run hermeschat-pair --refresh-code for a code drawn here"), "{said}");
+}
+
+/// The QR code's rows against the terminal's: a terminal shorter than the code never shows it
+/// whole, so the user is told (the drawing stays, for a window made taller); one tall enough
+/// is not.
+#[test]
+fn a_terminal_shorter_than_the_qr_code_is_told_so() {
+    let relay = Relay::new();
+    let backend = Backend::start();
+    let env = Env::new();
+    let (server, port) = (relay.url(), backend.port.to_string());
+    let pairing = ["--server", &server, "--port", &port];
+    let (said, status) = on_terminal(env.cmd(&pairing), (200, 20), Streams::Stdout, None);
+    assert!(status.success(), "pairing on a short terminal failed: {said}");
+    assert!(said.contains(['▀', '▄', '█']), "the code is still drawn: {said}");
+    assert!(said.contains("this terminal shows 20"), "{said}");
+    assert!(said.contains(&format!("QR image: {}", env.png().display())), "{said}");
+
+    let refresh = ["--refresh-code", "--server", &server, "--port", &port];
+    let (said, status) = on_terminal(env.cmd(&refresh), (200, 50), Streams::Stdout, None);
+    assert!(status.success(), "--refresh-code on a tall terminal failed: {said}");
+    assert!(!said.contains("lines tall"), "{said}");
+}
+
+/// Escapes only where a terminal shows them as colours: `TERM=dumb` (Emacs' shell) gets the
+/// plain drawing and status marks, and an empty `NO_COLOR` does not count (no-color.org).
+#[test]
+fn a_dumb_terminal_gets_no_escape_sequences_and_an_empty_no_color_is_ignored() {
+    let relay = Relay::new();
+    let backend = Backend::start();
+    let env = Env::new();
+    let (server, port) = (relay.url(), backend.port.to_string());
+    let pairing = ["--server", &server, "--port", &port];
+    let on_a = |term: &str| {
+        let mut cmd = env.cmd(&pairing);
+        cmd.env("TERM", term).env("NO_COLOR", "");
+        let (said, status) = on_terminal(cmd, (200, 50), Streams::Both, None);
+        assert!(status.success(), "pairing on TERM={term} failed: {said}");
+        assert!(said.contains(['▀', '▄', '█']), "no QR code drawn on TERM={term}: {said}");
+        said
+    };
+    let said = on_a("dumb");
+    assert!(!said.contains('\x1b'), "escape sequences on a dumb terminal: {said:?}");
+    let said = on_a("xterm-256color");
+    assert!(said.contains("\x1b[38;5;16;48;5;231m"), "no colours with NO_COLOR empty: {said:?}");
+}
+
+/// The spinner while pairing waits for the bridge to come online (here: never, the relay
+/// announces a socket address where nothing listens) stays on one line of a 40-column terminal:
+/// a frame wider than the terminal wraps, and `\r` then redraws only its last part, so every
+/// frame scrolled up a new line. Ctrl-C there says what the interrupted pairing leaves.
+#[test]
+fn the_spinner_fits_a_narrow_terminal_and_ctrl_c_says_the_daemon_keeps_running() {
+    let nowhere = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let relay = Relay::start(&["--public-url", &format!("http://{nowhere}")]);
+    let backend = Backend::start();
+    let env = Env::new();
+    let (server, port) = (relay.url(), backend.port.to_string());
+    const GLYPHS: [char; 10] = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
+    // What the terminal got after the daemon started, cut into what each `\r` began.
+    let frames = |said: &str| -> Vec<String> {
+        let waiting = said.split_once("Bridge daemon started").map_or("", |(_, s)| s);
+        let frames = waiting.split('\r').map(|f| f.trim_end_matches("\x1b[K"));
+        frames.filter(|f| f.starts_with(GLYPHS)).map(str::to_owned).collect()
+    };
+    let enough = |said: &str| frames(said).len() >= 3;
+    let mut cmd = env.cmd(&["--server", &server, "--port", &port]);
+    cmd.env("TERM", "xterm-256color"); // CI may run without TERM: that gets no spinner
+    let (said, status) = on_terminal(cmd, (40, 50), Streams::Both, Some((&enough, libc::SIGINT)));
+    let frames = frames(&said);
+    assert!(frames.len() >= 3, "no spinner drawn: {said:?}");
+    for frame in frames {
+        assert!(frame.chars().count() < 40, "a frame wider than the terminal: {frame:?}");
+    }
+
+    // Ctrl-C there: the spinner's line is erased and the user told that the daemon the
+    // pairing started (detached from the terminal) keeps running, and how to stop it.
+    assert_eq!(status.code(), Some(130), "{said:?}");
+    let pid = std::fs::read_to_string(env.home.join("bridge.pid")).unwrap();
+    let told = format!(
+        "\r\x1b[K✗ Interrupted: the bridge daemon (pid {}) keeps running (hermeschat-pair --stop",
+        pid.trim()
+    );
+    assert!(said.contains(&told), "{said:?}");
+    assert!(alive(pid.trim().parse().unwrap()), "the daemon did not survive the Ctrl-C");
+    // Out of the terminal's reach: a session of its own (no Ctrl-C from a terminal nor the
+    // SIGHUP of one that closes gets to it) and no controlling terminal.
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    assert_eq!(fields[3], pid.trim(), "the daemon's session is not its own: {stat}");
+    assert_eq!(fields[4], "0", "the daemon has a controlling terminal: {stat}");
 }
 
 #[test]

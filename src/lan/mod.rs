@@ -322,6 +322,7 @@ fn ensure_lan_daemon(
 pub fn pair(args: &Args, mode: PairMode) -> Result<(), Exit> {
     let out = Out::new(args.json);
     let dir = cli::state_dir()?;
+    cli::say_what_an_interruption_leaves(&dir);
     let _lock = cli::command_lock(&dir, &out)?;
     cli::settle_daemon(&dir);
     let mut config = cli::load_config(&dir, &out)?;

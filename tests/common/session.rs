@@ -708,3 +708,88 @@ pub fn setup() -> Setup {
 
 // =============================================================================================
 // Pairing and passthrough
+
+// =============================================================================================
+// On a terminal
+
+/// Where a command run by [`on_terminal`] writes: which of its streams go to the terminal.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Streams {
+    /// stdout on the terminal, stderr piped (and dropped).
+    Stdout,
+    /// stdout and stderr both on the terminal, as in an interactive shell.
+    Both,
+}
+
+/// For [`on_terminal`]: when the command has written `enough`, the signal it gets.
+pub type Until<'a> = (&'a dyn Fn(&str) -> bool, libc::c_int);
+
+/// Runs `cmd` with a pseudo-terminal of `columns` × `rows` (stdin too), as it runs in a
+/// terminal window, and returns what the terminal received (escapes included) and how it
+/// ended. The terminal is not the command's controlling one (that would take a session of its
+/// own). With `until` (`(enough, signal)`), the command gets `signal` as soon as what it wrote
+/// is `enough` (a command that waits for something that never comes; SIGINT is Ctrl-C).
+pub fn on_terminal(
+    mut cmd: Command,
+    (columns, rows): (u16, u16),
+    streams: Streams,
+    until: Option<Until>,
+) -> (String, std::process::ExitStatus) {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let mut size = libc::winsize { ws_row: rows, ws_col: columns, ws_xpixel: 0, ws_ypixel: 0 };
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: openpty writes the two descriptors it opens into the ints given; the name
+    // pointer may be null; the termios pointer is null (defaults); `size` outlives the call.
+    let rc = unsafe {
+        let (name, termios) = (std::ptr::null_mut(), std::ptr::null_mut());
+        libc::openpty(&mut master, &mut slave, name, termios, std::ptr::addr_of_mut!(size))
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors were just opened by openpty and are owned by nothing else.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let stderr = match streams {
+        Streams::Both => Stdio::from(slave.try_clone().unwrap()),
+        Streams::Stdout => Stdio::null(),
+    };
+    cmd.stdin(Stdio::from(slave.try_clone().unwrap())).stdout(Stdio::from(slave)).stderr(stderr);
+    let mut child = spawn_retrying(&mut cmd).unwrap();
+    drop(cmd); // the parent's copies of the terminal's slave side
+    // Read as it comes (a spinner writes more than the terminal's buffer holds in 20 s), and
+    // without blocking: the daemon the command starts may hold the terminal open.
+    let mut master = std::fs::File::from(master);
+    // SAFETY: fcntl on a descriptor this function owns.
+    unsafe { libc::fcntl(master.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+    let mut said = Vec::new();
+    let mut drain = |said: &mut Vec<u8>| {
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = master.read(&mut buf) {
+            said.extend_from_slice(&buf[..n]);
+        }
+    };
+    let deadline = Instant::now() + CMD_TIMEOUT;
+    let mut until = until;
+    let status = loop {
+        drain(&mut said);
+        if let Some(status) = child.try_wait().unwrap() {
+            drain(&mut said);
+            break status;
+        }
+        if let Some((enough, signal)) = until
+            && enough(&String::from_utf8_lossy(&said))
+        {
+            let pid = libc::pid_t::try_from(child.id()).unwrap();
+            // SAFETY: kill only sends a signal, to the child this function started.
+            unsafe { libc::kill(pid, signal) };
+            until = None;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!(
+                "the command did not finish in {CMD_TIMEOUT:?}: {}",
+                String::from_utf8_lossy(&said)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    (String::from_utf8_lossy(&said).into_owned(), status)
+}
