@@ -1,7 +1,8 @@
 //! The `hermeschat-pair` command line: parsing, and one function per command.
 //!
-//! Exit codes: 0 success, 1 failure, 2 usage or configuration error. Every error says what
-//! happened and what to run next.
+//! Exit codes: 0 success, 1 failure, 2 usage or configuration error, 130 a pairing
+//! interrupted (Ctrl-C, a closing terminal, SIGTERM). Every error says what happened and what
+//! to run next.
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
