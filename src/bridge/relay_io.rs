@@ -111,11 +111,16 @@ impl RelayIo {
     /// Connects, serves and reconnects until the stop flag is set.
     pub fn run(&self) {
         let mut attempt: u32 = 0;
+        let mut failures = FailureLog::default();
         while !self.stop.load(Ordering::SeqCst) {
             match connect(&self.identity) {
                 Ok((ws, already)) => {
                     let connected = Instant::now();
-                    log(&format!("relay connected: {}", self.identity.bridge_relay_url));
+                    log(&format!(
+                        "relay connected: {}{}",
+                        self.identity.bridge_relay_url,
+                        failures.recovered()
+                    ));
                     self.status.update(|s| {
                         s.relay_connected = true;
                         s.relay_since = crate::relay::now_ms();
@@ -154,8 +159,10 @@ impl RelayIo {
                     }
                 }
                 Err(e) => {
-                    log(&format!("cannot connect to the relay: {e}"));
                     let msg = e.to_string();
+                    if let Some(line) = failures.failed(&msg, Instant::now()) {
+                        log(&format!("cannot connect to the relay: {line}"));
+                    }
                     self.status.update(|s| s.relay_error = Some(msg));
                     if let ConnectError::Refused(..) = e {
                         // Will not fix itself quickly (deleted bridge, another instance):
@@ -927,6 +934,67 @@ pub fn tcp_of(ws: &Ws) -> &TcpStream {
     ws.get_ref().tcp()
 }
 
+/// "1 failed attempt", "2 failed attempts" (`kind` "failed ").
+fn attempts(n: u64, kind: &str) -> String {
+    format!("{n} {kind}attempt{}", if n == 1 { "" } else { "s" })
+}
+
+/// How often a failure to connect that repeats itself is told again in the log.
+const RETELL_FAILURE_EVERY: Duration = Duration::from_secs(3600);
+
+/// The log's account of failed connection attempts. A relay down for days is retried every
+/// 15 s on average, and one line per attempt (about 0.7 MB a day) would rotate everything
+/// before the outage out of `bridge.log`. So a failure is logged when it first happens or
+/// changes, and then, while it repeats, once an hour with the number of repeats; the
+/// connection that ends the spell says how many went untold.
+#[derive(Default)]
+struct FailureLog {
+    /// The last failure logged.
+    last: Option<String>,
+    /// Repeats of it not yet told.
+    untold: u64,
+    /// When it was last told.
+    told: Option<Instant>,
+}
+
+impl FailureLog {
+    /// The line to log for the failure `msg` at `now`, if any.
+    fn failed(&mut self, msg: &str, now: Instant) -> Option<String> {
+        let due =
+            self.told.is_none_or(|t| now.saturating_duration_since(t) >= RETELL_FAILURE_EVERY);
+        if self.last.as_deref() == Some(msg) && !due {
+            self.untold += 1;
+            return None;
+        }
+        let line = match (self.last.as_deref() == Some(msg), self.untold) {
+            (true, n) => {
+                format!("{msg} ({} since it was last logged)", attempts(n + 1, "failed "))
+            }
+            (false, 0) => msg.to_owned(),
+            (false, n) => format!(
+                "{msg} (the failure before it: {} not logged one by one)",
+                attempts(n, "more failed ")
+            ),
+        };
+        self.last = Some(msg.to_owned());
+        self.untold = 0;
+        self.told = Some(now);
+        Some(line)
+    }
+
+    /// What the connection that ends a spell of failures adds to its log line: the repeats
+    /// not yet told. Starts the account over.
+    fn recovered(&mut self) -> String {
+        let untold = std::mem::take(&mut self.untold);
+        *self = FailureLog::default();
+        if untold == 0 {
+            String::new()
+        } else {
+            format!(" (after {} not logged one by one)", attempts(untold, "more failed "))
+        }
+    }
+}
+
 /// A full-jitter delay for the given attempt.
 fn backoff(attempt: u32) -> Duration {
     let ceiling = BACKOFF_BASE.saturating_mul(1u32 << attempt.min(16)).min(BACKOFF_CAP);
@@ -1238,6 +1306,32 @@ mod tests {
         health_inline(&io, &mut inlines, "d");
         assert!(o.accepted.load(Ordering::SeqCst) > accepted);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_repeated_failure_is_logged_once_an_hour_and_the_reconnect_counts_the_rest() {
+        let mut log = FailureLog::default();
+        let t0 = Instant::now();
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        let refused = "connection refused (os error 111)";
+        assert_eq!(log.failed(refused, at(0)).as_deref(), Some(refused));
+        // A day of retries every 15 s: one line an hour, not 240.
+        let told: Vec<String> =
+            (1..=5760).filter_map(|i| log.failed(refused, at(15 * i))).collect();
+        assert_eq!(told.len(), 24, "{told:?}");
+        assert_eq!(told[0], format!("{refused} (240 failed attempts since it was last logged)"));
+        // Another failure is told at once, with what the last one left untold.
+        assert_eq!(log.failed(refused, at(86_415)), None);
+        let timeout = "timed out";
+        let line = log.failed(timeout, at(86_430)).unwrap();
+        let before = "the failure before it: 1 more failed attempt not logged one by one";
+        assert_eq!(line, format!("{timeout} ({before})"));
+        assert_eq!(log.failed(timeout, at(86_445)), None);
+        assert_eq!(log.failed(timeout, at(86_460)), None);
+        assert_eq!(log.recovered(), " (after 2 more failed attempts not logged one by one)");
+        // The next spell starts afresh.
+        assert_eq!(log.recovered(), "");
+        assert_eq!(log.failed(timeout, at(90_000)).as_deref(), Some(timeout));
     }
 
     #[test]
