@@ -54,6 +54,15 @@ pub struct PendingToken {
     pub expires_at: u64,
 }
 
+impl PendingToken {
+    /// Whether the token may pair at `now_ms` (wall clock): issued by then and not expired. A
+    /// clock set back to before its issue ends it, instead of adding the step to its lifetime
+    /// (an hour back would let a 10-minute code pair for 70 minutes).
+    pub fn live_at(&self, now_ms: u64) -> bool {
+        (self.issued_at..self.expires_at).contains(&now_ms)
+    }
+}
+
 /// A device paired over the LAN.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -485,7 +494,7 @@ pub fn undo_pairing(
         // a new QR code, maybe because the old one was seen.
         let restored = s.token.is_none()
             && s.last_token_issued_at.is_none_or(|at| at == token.issued_at)
-            && now_ms < token.expires_at;
+            && token.live_at(now_ms);
         if restored {
             s.token = Some(token);
         }
@@ -513,7 +522,7 @@ pub fn authorize(
             if !matches_hex(credential, &pending.digest) {
                 return (Err(Refused::Invalid), false);
             }
-            if now_ms >= pending.expires_at {
+            if !pending.live_at(now_ms) {
                 return (Err(Refused::Expired), false);
             }
             // Single use: gone before the device exists.
@@ -610,6 +619,11 @@ mod tests {
         let t2 = secret::new_pairing_token();
         set_token(&d, &t2, 10_000, 11_000).unwrap();
         assert_eq!(authorize(&d, &t2, "x", 11_000).unwrap().0, Err(Refused::Expired));
+        // A clock set back to before the token was issued ends it, rather than add the step
+        // to its lifetime.
+        let t3 = secret::new_pairing_token();
+        set_token(&d, &t3, 20_000, 620_000).unwrap();
+        assert_eq!(authorize(&d, &t3, "x", 19_999).unwrap().0, Err(Refused::Expired));
         assert_eq!(forget_all(&d).unwrap().0, 1);
         assert_eq!(authorize(&d, &client_secret, "", 12_000).unwrap().0, Err(Refused::Invalid));
         let _ = std::fs::remove_dir_all(&d);
