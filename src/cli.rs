@@ -1610,34 +1610,40 @@ const QR_PNG: &str = "hermeschat_pair.png";
 /// code gets no drawing, but the command (`refresh`) that prints a new code once it is wider.
 pub(crate) fn print_qr(json: &str, dir: &Path, out: &Out, refresh: &str) {
     let terminal = crate::term::size(libc::STDOUT_FILENO);
-    // A terminal narrower than the code wraps every line: what it shows is no QR code at all.
-    let narrow = qr::terminal_columns(json)
-        .ok()
-        .zip(terminal.map(|(columns, _)| columns))
-        .filter(|(needed, columns)| columns < needed);
-    match (narrow, qr::render_terminal(json, out.colour)) {
-        (Some((needed, columns)), _) => out.warn(&format!(
-            "no QR code drawn here: it needs a terminal {needed} columns wide and this one is \
-             {columns}. Scan the QR image below, or widen the window (or make the font \
-             smaller) and run {refresh} for a new code here"
-        )),
-        (None, Ok(text)) => {
-            println!("{text}");
+    // Whether the terminal is too narrow for the drawing.
+    let narrow = match (qr::render_terminal(json, out.colour), terminal) {
+        // A terminal narrower than the code wraps every line: what it shows is no QR code at
+        // all.
+        (Ok(drawing), Some((columns, _))) if columns < drawing.columns => {
+            out.warn(&format!(
+                "no QR code drawn here: it needs a terminal {} columns wide and this one is \
+                 {columns}. Scan the QR image below, or widen the window (or make the font \
+                 smaller) and run {refresh} for a new code here",
+                drawing.columns
+            ));
+            true
+        }
+        (Ok(drawing), _) => {
+            println!("{}", drawing.text);
             // A terminal shorter than the code never shows all of it at once: no phone can
             // scan it there. (Its rows are 0 when the terminal does not know them.)
-            let tall = text.lines().count();
             if let Some((_, rows @ 1..)) = terminal
-                && rows < tall
+                && rows < drawing.rows
             {
                 out.warn(&format!(
-                    "the QR code above is {tall} lines tall and this terminal shows {rows}: \
+                    "the QR code above is {} lines tall and this terminal shows {rows}: \
                      make the window taller (or the font smaller) and scroll back to it, or \
-                     scan the QR image below"
+                     scan the QR image below",
+                    drawing.rows
                 ));
             }
+            false
         }
-        (None, Err(e)) => out.warn(&format!("cannot draw the QR code in the terminal: {e}")),
-    }
+        (Err(e), _) => {
+            out.warn(&format!("cannot draw the QR code in the terminal: {e}"));
+            false
+        }
+    };
     let cwd = std::path::absolute(".").unwrap_or_else(|_| PathBuf::from("."));
     let write = |place: &Path| {
         state::remove_stale_temps_of(place, QR_PNG);
@@ -1654,7 +1660,7 @@ pub(crate) fn print_qr(json: &str, dir: &Path, out: &Out, refresh: &str) {
             png.display()
         )),
         // Without a drawing either, the wider terminal is the only way on.
-        Err(e) if narrow.is_some() => out.warn(&format!(
+        Err(e) if narrow => out.warn(&format!(
             "no QR image: {cwd_error}; {e}. Widen the window (or make the font smaller) and \
              run {refresh} for a code drawn here"
         )),

@@ -142,7 +142,7 @@ fn half_block(upper: bool, lower: bool) -> char {
 /// glyphs ink the *light* modules (drawn in the light foreground) and the dark modules are the
 /// terminal's dark background. On a light theme this form shows inverted, which some scanners
 /// read and some do not; the PNG written beside it is the fallback that always works.
-pub fn render_terminal(payload: &str, colour: bool) -> Result<String, QrError> {
+pub fn render_terminal(payload: &str, colour: bool) -> Result<Drawing, QrError> {
     let grid = Grid::new(&encode(payload)?);
     let rows = grid.size.div_ceil(2);
     let mut out = String::with_capacity(rows * (grid.size * 3 + 32));
@@ -160,13 +160,18 @@ pub fn render_terminal(payload: &str, colour: bool) -> Result<String, QrError> {
         }
         out.push('\n');
     }
-    Ok(out)
+    Ok(Drawing { text: out, columns: grid.size, rows })
 }
 
-/// The character cells one line of [`render_terminal`]'s drawing of `payload` takes: one per
-/// module, the quiet zone included.
-pub fn terminal_columns(payload: &str) -> Result<usize, QrError> {
-    Ok(Grid::new(&encode(payload)?).size)
+/// A QR code drawn for a terminal ([`render_terminal`]).
+#[derive(Debug)]
+pub struct Drawing {
+    /// The lines, each ending in `\n`.
+    pub text: String,
+    /// The character cells each line takes: one per module, the quiet zone included.
+    pub columns: usize,
+    /// The lines.
+    pub rows: usize,
 }
 
 /// Encodes `payload` as an 8-bit greyscale PNG, [`PNG_SCALE`] pixels per module, with the
@@ -371,7 +376,7 @@ mod tests {
     #[test]
     fn colour_terminal_rendering_decodes() {
         let payload = realistic_payload();
-        let text = render_terminal(&payload, true).unwrap();
+        let text = render_terminal(&payload, true).unwrap().text;
         for line in text.lines() {
             assert!(line.starts_with(INK_ON_PAPER), "line lacks colours: {line:?}");
             assert!(line.ends_with(RESET), "line does not reset: {line:?}");
@@ -386,7 +391,7 @@ mod tests {
     #[test]
     fn plain_terminal_rendering_inks_the_light_modules() {
         let payload = realistic_payload();
-        let text = render_terminal(&payload, false).unwrap();
+        let text = render_terminal(&payload, false).unwrap().text;
         assert!(!text.contains('\x1b'), "plain output must carry no escapes");
         // Quiet zone is light, so on a dark theme it is drawn as full blocks.
         for line in text.lines().take(QUIET_ZONE / 2) {
@@ -402,7 +407,9 @@ mod tests {
     fn terminal_lines_are_square_with_the_symbol() {
         let code = encode("hello").unwrap();
         let size = code.width() + 2 * QUIET_ZONE;
-        let text = render_terminal("hello", false).unwrap();
+        let drawing = render_terminal("hello", false).unwrap();
+        assert_eq!((drawing.columns, drawing.rows), (size, size.div_ceil(2)));
+        let text = drawing.text;
         assert_eq!(text.lines().count(), size.div_ceil(2));
         assert!(text.lines().all(|l| l.chars().count() == size));
         assert!(text.ends_with('\n'));
@@ -416,7 +423,7 @@ mod tests {
         assert_eq!(code.version(), Version::Normal(2));
         assert_eq!(code.error_correction_level(), EcLevel::M);
 
-        let text = render_terminal("12345678901234567890", true).unwrap();
+        let text = render_terminal("12345678901234567890", true).unwrap().text;
         let modules = terminal_to_modules(&text, true);
         let mut img = rqrr::PreparedImage::prepare_from_greyscale(
             modules[0].len() * 4,
