@@ -1269,15 +1269,7 @@ pub(crate) fn wait_backend_ready(target: &Target, dir: &Path, out: &Out) -> Resu
 /// ignored on entry (`nohup`, a script's `&`) stays ignored.
 pub(crate) fn say_what_an_interruption_leaves(dir: &Path) {
     let signals = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
-    let ignored = signals.map(|sig| {
-        // SAFETY: sigaction with a null new action only reads this process's disposition of
-        // `sig` into `old`, plain data zeroed before.
-        unsafe {
-            let mut old: libc::sigaction = std::mem::zeroed();
-            libc::sigaction(sig, std::ptr::null(), &mut old);
-            old.sa_sigaction == libc::SIG_IGN
-        }
-    });
+    let ignored = signals.map(daemon::signal_ignored);
     let dir = dir.to_path_buf();
     // Fails only when a handler is set already: the command then ends as it did before.
     let _ = ctrlc::set_handler(move || {

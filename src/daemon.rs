@@ -24,6 +24,18 @@ use std::time::{Duration, Instant};
 
 use crate::state;
 
+/// Whether this process ignores `sig` (`nohup` ignores SIGHUP, a non-interactive shell's `&`
+/// SIGINT): what a handler installed later must keep as it found it.
+pub fn signal_ignored(sig: libc::c_int) -> bool {
+    // SAFETY: sigaction with a null new action only reads this process's disposition of `sig`
+    // into `old`, plain data zeroed before.
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(sig, std::ptr::null(), &mut old);
+        old.sa_sigaction == libc::SIG_IGN
+    }
+}
+
 /// The descriptor number the readiness pipe gets in the daemon.
 const READY_FD: i32 = 3;
 

@@ -490,17 +490,14 @@ const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHU
 /// ignored when it was on entry (`nohup`); SIGTERM and SIGINT are always taken (a shell
 /// script's `relay &` starts with SIGINT ignored).
 fn block_stop_signals() -> std::io::Result<libc::sigset_t> {
-    // SAFETY: sigset_t and sigaction are plain data: the set is initialised by sigemptyset
-    // before any other use, `old` is only written by sigaction. signal() and pthread_sigmask
-    // change this process's dispositions and this thread's mask, nothing else; no other
-    // thread runs yet.
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset before any other use.
+    // signal() and pthread_sigmask change this process's dispositions and this thread's mask,
+    // nothing else; no other thread runs yet.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         for sig in STOP_SIGNALS {
-            let mut old: libc::sigaction = std::mem::zeroed();
-            libc::sigaction(sig, std::ptr::null(), &mut old);
-            if old.sa_sigaction == libc::SIG_IGN {
+            if hermeschat_pair::daemon::signal_ignored(sig) {
                 if sig == libc::SIGHUP {
                     continue;
                 }
