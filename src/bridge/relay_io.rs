@@ -985,7 +985,7 @@ impl FailureLog {
     /// What the connection that ends a spell of failures adds to its log line: the repeats
     /// not yet told. Starts the account over.
     fn recovered(&mut self) -> String {
-        let untold = std::mem::take(&mut self.untold);
+        let untold = self.untold;
         *self = FailureLog::default();
         if untold == 0 {
             String::new()
